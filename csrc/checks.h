@@ -1,0 +1,67 @@
+// Argument checks shared by every op. Each failure raises a Python exception
+// (ValueError or TypeError through c10's typed errors) that names the argument
+// and says what is wrong, so a bad call never reaches a kernel.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+
+#include <limits>
+#include <string>
+
+namespace fusedlm {
+
+// ValueError: a value or shape is wrong.
+#define FUSEDLM_CHECK_VALUE(cond, ...) TORCH_CHECK_VALUE(cond, "fusedlm: ", __VA_ARGS__)
+// TypeError: a dtype is wrong.
+#define FUSEDLM_CHECK_TYPE(cond, ...) TORCH_CHECK_TYPE(cond, "fusedlm: ", __VA_ARGS__)
+
+inline void check_defined(const at::Tensor& t, const char* name) {
+  FUSEDLM_CHECK_VALUE(t.defined(), "argument '", name, "' is an undefined tensor");
+}
+
+inline void check_dim(const at::Tensor& t, const char* name, int64_t dim) {
+  check_defined(t, name);
+  FUSEDLM_CHECK_VALUE(t.dim() == dim, "argument '", name, "' must be ", dim,
+                      "-D, got shape ", t.sizes());
+}
+
+inline void check_floating(const at::Tensor& t, const char* name) {
+  auto s = t.scalar_type();
+  FUSEDLM_CHECK_TYPE(s == at::kFloat || s == at::kDouble || s == at::kBFloat16 || s == at::kHalf,
+                     "argument '", name, "' must be float64, float32, float16 or bfloat16, got ",
+                     s);
+}
+
+inline void check_same_dtype(const at::Tensor& t, const char* name, const at::Tensor& ref,
+                             const char* ref_name) {
+  FUSEDLM_CHECK_TYPE(t.scalar_type() == ref.scalar_type(), "argument '", name,
+                     "' has dtype ", t.scalar_type(), " but '", ref_name, "' has dtype ",
+                     ref.scalar_type(), "; they must match");
+}
+
+inline void check_same_device(const at::Tensor& t, const char* name, const at::Tensor& ref,
+                              const char* ref_name) {
+  FUSEDLM_CHECK_VALUE(t.device() == ref.device(), "argument '", name, "' is on ", t.device(),
+                      " but '", ref_name, "' is on ", ref.device(),
+                      "; all tensors must be on one device");
+}
+
+inline void check_shape(const at::Tensor& t, const char* name, at::IntArrayRef expected) {
+  FUSEDLM_CHECK_VALUE(t.sizes() == expected, "argument '", name, "' must have shape ", expected,
+                      ", got ", t.sizes());
+}
+
+inline void check_cpu(const at::Tensor& t, const char* name) {
+  FUSEDLM_CHECK_VALUE(t.device().is_cpu(), "argument '", name,
+                      "' must be a CPU tensor for the cpu kernels, got ", t.device());
+}
+
+// Kernels index with int64_t; sizes past this would overflow offsets computed
+// as products of sizes and strides.
+inline void check_fits_index(const at::Tensor& t, const char* name) {
+  FUSEDLM_CHECK_VALUE(t.numel() < (int64_t{1} << 62), "argument '", name,
+                      "' has too many elements (", t.numel(), ") for the kernel's index type");
+}
+
+}  // namespace fusedlm

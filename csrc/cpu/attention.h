@@ -1,0 +1,34 @@
+// Flash-attention (tiled, online softmax) on the CPU. Memory is O(T) per
+// (batch, head): no T x T score matrix is ever materialised.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <tuple>
+
+namespace fusedlm::cpu {
+
+// Key j is visible to query i iff !causal || j <= i + causal_offset.
+//   causal_offset = Tk - Tq  -> bottom-right alignment (FlashAttention, fusedlm.attention)
+//   causal_offset = 0        -> top-left alignment (torch SDPA is_causal)
+// A query row that sees no key gets out = 0 and lse = -inf.
+//
+// q:   (B, Hq, Tq, D)   any strides
+// k:   (B, Hkv, Tk, D)  any strides, Hq % Hkv == 0
+// v:   (B, Hkv, Tk, D)  any strides
+// returns out: (B, Hq, Tq, D) contiguous, dtype of q
+//         lse: (B, Hq, Tq) contiguous, float32 (float64 when q is float64), natural log
+// dtypes: float64, float32, bfloat16, float16 (low precision computed in float32).
+std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q, const at::Tensor& k,
+                                                 const at::Tensor& v, double scale, bool causal,
+                                                 int64_t causal_offset);
+
+// grad_out: (B, Hq, Tq, D) any strides; out, lse as returned by attention_fwd.
+// returns dq: (B, Hq, Tq, D), dk: (B, Hkv, Tk, D), dv: (B, Hkv, Tk, D), contiguous,
+//         dtypes of q, k, v. dk/dv sum over the Hq / Hkv query heads sharing a kv head.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& out, const at::Tensor& lse, double scale, bool causal,
+    int64_t causal_offset);
+
+}  // namespace fusedlm::cpu

@@ -1,0 +1,32 @@
+"""fusedlm: fused attention, LayerNorm/RMSNorm and AdamW kernels (C++, CUDA, Triton) as drop-in
+replacements for their PyTorch counterparts.
+
+    fusedlm.attention(q, k, v, causal=False, scale=None, backend="auto")
+    fusedlm.scaled_dot_product_attention(...)      # torch's exact signature
+    fusedlm.layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5, backend="auto")
+    fusedlm.rms_norm(x, normalized_shape, weight=None, eps=None, backend="auto")
+    fusedlm.nn.LayerNorm, fusedlm.nn.RMSNorm, fusedlm.nn.CausalSelfAttention
+    fusedlm.optim.AdamW
+    fusedlm.backends()                             # which backends work here, and why not
+
+Importing registers the custom ops (torch.ops.fusedlm.*); the compiled extension loads on first
+use.
+"""
+
+from . import nn, optim, reference
+from .backends import BackendNotSupportedError, backends
+from .ops import attention, layer_norm, rms_norm, scaled_dot_product_attention
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BackendNotSupportedError",
+    "attention",
+    "backends",
+    "layer_norm",
+    "nn",
+    "optim",
+    "reference",
+    "rms_norm",
+    "scaled_dot_product_attention",
+]

@@ -1,0 +1,66 @@
+"""Loads the compiled extension ``fusedlm._C`` on first use, never at import.
+
+If the extension is missing, fails to load, or was built against another torch (loading
+it then could crash the interpreter), :func:`load` returns ``None`` and :func:`why_unavailable`
+says why; ``fusedlm.backends()`` reports it and ``"auto"`` falls back to other backends.
+Set ``FUSEDLM_DISABLE_EXTENSION=1`` to act as if it were absent.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+_PACKAGE_DIR = Path(__file__).resolve().parent
+_NOT_LOADED = object()
+_module: object = _NOT_LOADED
+_reason: str | None = None
+
+REBUILD_HINT = "rebuild it with: pip install --no-build-isolation -e ."
+
+
+def load() -> ModuleType | None:
+    """Return ``fusedlm._C``, or ``None`` when it cannot be used here (see :func:`why_unavailable`)."""
+    global _module, _reason
+    if _module is _NOT_LOADED:
+        _module, _reason = _try_load()
+    return _module  # type: ignore[return-value]
+
+
+def why_unavailable() -> str | None:
+    """``None`` when ``fusedlm._C`` loads, else the reason it does not."""
+    load()
+    return _reason
+
+
+def _try_load() -> tuple[ModuleType | None, str | None]:
+    if os.environ.get("FUSEDLM_DISABLE_EXTENSION", "") not in ("", "0"):
+        return None, "disabled by FUSEDLM_DISABLE_EXTENSION"
+    if not any(_PACKAGE_DIR.glob("_C*.so")) and not any(_PACKAGE_DIR.glob("_C*.pyd")):
+        return None, f"fusedlm._C is not built; {REBUILD_HINT}"
+    stamp = _PACKAGE_DIR / "_C_build.json"
+    if stamp.exists():
+        try:
+            built_for = json.loads(stamp.read_text()).get("torch_version")
+        except (OSError, ValueError) as error:
+            return None, f"cannot read {stamp}: {error}; {REBUILD_HINT}"
+        if built_for != torch.__version__:
+            return None, (
+                f"fusedlm._C was built for torch {built_for} but torch {torch.__version__} "
+                f"is running; {REBUILD_HINT}"
+            )
+    try:
+        module = importlib.import_module("fusedlm._C")
+    except (ImportError, OSError) as error:
+        return None, f"fusedlm._C failed to load ({error}); {REBUILD_HINT}"
+    if module.torch_version() != torch.__version__:
+        return None, (
+            f"fusedlm._C was built for torch {module.torch_version()} but torch "
+            f"{torch.__version__} is running; {REBUILD_HINT}"
+        )
+    return module, None

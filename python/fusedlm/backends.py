@@ -1,0 +1,212 @@
+"""Backend registry: which implementation serves each call.
+
+Backends: ``"cuda"`` (C++/CUDA kernels in ``fusedlm._C``), ``"triton"``, ``"cpu"`` (C++ CPU
+kernels in ``fusedlm._C``), ``"torch"`` (``fusedlm.reference``, pure PyTorch, always there).
+``"auto"`` tries, in order, ``cuda, triton, torch`` for CUDA tensors and ``cpu, torch`` for CPU
+tensors, and takes the first that supports the call, so it never gives a wrong answer; each
+skipped backend is logged once with the reason. ``FUSEDLM_BACKEND=<name>`` replaces ``"auto"``
+everywhere and then behaves like naming that backend: a call it cannot serve raises
+:class:`BackendNotSupportedError` saying why.
+
+Each op module (``fusedlm/ops/*.py``) owns an :class:`OpDispatch` and registers one
+implementation per backend, with a predicate for the cases it supports.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from . import _ext
+
+logger = logging.getLogger("fusedlm")
+
+BACKEND_NAMES = ("cuda", "triton", "cpu", "torch")
+_AUTO_ORDER = {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpu", "torch")}
+# Which device type each backend can run on; None means any.
+_BACKEND_DEVICE = {"cuda": "cuda", "triton": "cuda", "cpu": "cpu", "torch": None}
+
+
+class BackendNotSupportedError(ValueError):
+    """A backend named by the caller (argument ``backend`` or ``FUSEDLM_BACKEND``) cannot
+    serve this call."""
+
+
+def _backend_reason(name: str) -> str | None:
+    """Why backend ``name`` cannot run anything on this machine, or None if it can."""
+    if name == "torch":
+        return None
+    if name in ("cpu", "cuda"):
+        reason = _ext.why_unavailable()
+        if reason is not None:
+            return reason
+        if name == "cuda":
+            module = _ext.load()
+            if not module.built_with_cuda():
+                return "fusedlm._C was built without CUDA (a CPU-only torch or no nvcc at build time)"
+            if not torch.cuda.is_available():
+                return "torch.cuda.is_available() is False"
+            if not module.cuda_ops():
+                return "this build has no CUDA kernels yet"
+        return None
+    if name == "triton":
+        if importlib.util.find_spec("triton") is None:
+            return "triton is not installed"
+        if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+            return "no CUDA GPU (set TRITON_INTERPRET=1 to run Triton kernels on the CPU)"
+        return None
+    raise ValueError(f"unknown backend {name!r}")
+
+
+@functools.cache
+def _cached_backend_reason(name: str) -> str | None:
+    return _backend_reason(name)
+
+
+@dataclass(frozen=True)
+class BackendInfo:
+    available: bool
+    reason: str  # why not, or what it is
+    ops: tuple[str, ...] = ()
+
+
+class BackendReport(dict):
+    """``{backend name: BackendInfo}`` that prints as a table."""
+
+    def __repr__(self) -> str:
+        lines = []
+        for name, info in self.items():
+            status = "ok" if info.available else "unavailable"
+            ops = f" [{', '.join(info.ops)}]" if info.available and info.ops else ""
+            lines.append(f"{name:<7} {status:<12} {info.reason}{ops}")
+        return "\n".join(lines)
+
+    __str__ = __repr__
+
+
+_DESCRIPTION = {
+    "cuda": "C++/CUDA kernels in fusedlm._C",
+    "triton": "Triton kernels",
+    "cpu": "C++ CPU kernels in fusedlm._C",
+    "torch": "pure-PyTorch reference (fusedlm.reference)",
+}
+
+
+def backends() -> BackendReport:
+    """Which backends work here, for which ops, and why the others do not."""
+    report = BackendReport()
+    for name in BACKEND_NAMES:
+        reason = _backend_reason(name)
+        ops = tuple(sorted(op for op, d in OpDispatch.registry.items() if name in d.impls))
+        if reason is None and not ops:
+            reason = "no kernels registered for any op yet"
+        report[name] = BackendInfo(reason is None, reason or _DESCRIPTION[name], ops)
+    return report
+
+
+def check_backend_name(backend: str) -> None:
+    if not isinstance(backend, str) or backend not in (*BACKEND_NAMES, "auto"):
+        raise ValueError(
+            f"argument 'backend' must be one of {', '.join(repr(n) for n in (*BACKEND_NAMES, 'auto'))}; "
+            f"got {backend!r}"
+        )
+
+
+def requested_backend(backend: str) -> str:
+    """The backend asked for once ``FUSEDLM_BACKEND`` has replaced ``"auto"``."""
+    check_backend_name(backend)
+    if backend == "auto":
+        env = os.environ.get("FUSEDLM_BACKEND", "auto").strip() or "auto"
+        if env not in (*BACKEND_NAMES, "auto"):
+            raise ValueError(
+                f"environment variable FUSEDLM_BACKEND must be one of {', '.join(BACKEND_NAMES)} "
+                f"or auto; got {env!r}"
+            )
+        return env
+    return backend
+
+
+Supports = Callable[..., "str | None"]
+
+
+class OpDispatch:
+    """Implementations of one op, one per backend, each with an optional ``supports(*args)``
+    predicate returning ``None`` when it can serve the call or the reason it cannot."""
+
+    registry: ClassVar[dict[str, OpDispatch]] = {}  # op name -> dispatch, for backends()
+    last_choice: ClassVar[dict[str, str]] = {}  # op name -> backend of its latest call
+    _logged: ClassVar[set[tuple]] = set()
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.impls: dict[str, tuple[Callable, Supports | None]] = {}
+        OpDispatch.registry[name] = self
+
+    def register(self, backend: str, supports: Supports | None = None):
+        if backend not in BACKEND_NAMES:
+            raise ValueError(f"unknown backend {backend!r}")
+
+        def decorator(fn: Callable) -> Callable:
+            self.impls[backend] = (fn, supports)
+            return fn
+
+        return decorator
+
+    def _why_not(self, backend: str, device: torch.device, args: tuple) -> str | None:
+        reason = _cached_backend_reason(backend)
+        if reason is not None:
+            return reason
+        wanted_device = _BACKEND_DEVICE[backend]
+        if wanted_device is not None and device.type != wanted_device:
+            return f"it runs on {wanted_device} tensors and the inputs are on {device}"
+        if backend not in self.impls:
+            return f"it has no {self.name} kernel"
+        _, supports = self.impls[backend]
+        return supports(*args) if supports is not None else None
+
+    def select(self, backend: str, device: torch.device, *args) -> Callable:
+        """The implementation that serves this call. ``args`` go to the support predicates."""
+        requested = requested_backend(backend)
+        if requested != "auto":
+            reason = self._why_not(requested, device, args)
+            if reason is not None:
+                source = "argument 'backend'" if backend != "auto" else "FUSEDLM_BACKEND"
+                raise BackendNotSupportedError(
+                    f"fusedlm.{self.name}: {source} asks for backend {requested!r}, which cannot "
+                    f"serve this call: {reason}"
+                )
+            OpDispatch.last_choice[self.name] = requested
+            return self.impls[requested][0]
+        for candidate in _AUTO_ORDER.get(device.type, ("torch",)):
+            reason = self._why_not(candidate, device, args)
+            if reason is None:
+                OpDispatch.last_choice[self.name] = candidate
+                return self.impls[candidate][0]
+            self._log_once(candidate, device, reason)
+        raise AssertionError(f"{self.name}: the torch backend must serve every call")
+
+    def auto_choice(self, device: torch.device, *args) -> str:
+        """The backend ``"auto"`` would pick for this call, without logging."""
+        for candidate in _AUTO_ORDER.get(device.type, ("torch",)):
+            if self._why_not(candidate, device, args) is None:
+                return candidate
+        return "torch"
+
+    def _log_once(self, backend: str, device: torch.device, reason: str) -> None:
+        key = (self.name, backend, device.type, reason)
+        if key not in OpDispatch._logged:
+            OpDispatch._logged.add(key)
+            # A kernel backend missing for the very device it serves is worth a warning; a
+            # backend skipped for one unsupported case (or another device) is routine.
+            missing = _BACKEND_DEVICE[backend] == device.type and reason == _cached_backend_reason(backend)
+            logger.log(
+                logging.WARNING if missing else logging.INFO,
+                "fusedlm.%s on %s: skipping backend %r: %s", self.name, device, backend, reason,
+            )

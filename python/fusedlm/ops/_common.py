@@ -1,0 +1,69 @@
+"""Argument checks shared by the public functions in ``fusedlm.ops``: every bad input gets an
+exception that names the argument and says what is wrong."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+FLOAT_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
+
+
+def check_float_tensor(t: object, name: str) -> Tensor:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"argument '{name}' must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(
+            f"argument '{name}' must be float64, float32, float16 or bfloat16, got {t.dtype}"
+        )
+    if t.is_sparse or t.layout != torch.strided:
+        raise ValueError(f"argument '{name}' must be a dense (strided) tensor, got {t.layout}")
+    return t
+
+
+def check_same_device(t: Tensor, name: str, ref: Tensor, ref_name: str) -> None:
+    if t.device != ref.device:
+        raise ValueError(
+            f"argument '{name}' is on {t.device} but '{ref_name}' is on {ref.device}; "
+            "all tensors must be on one device"
+        )
+
+
+def check_finite_float(value: object, name: str, minimum: float | None = None) -> float:
+    if isinstance(value, Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"argument '{name}' must be a number or a 1-element tensor")
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"argument '{name}' must be a number, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"argument '{name}' must be finite, got {value}")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"argument '{name}' must be >= {minimum}, got {value}")
+    return value
+
+
+def stat_dtype(dtype: torch.dtype) -> torch.dtype:
+    """dtype of the statistics (mean, rstd, lse) the kernels return for inputs of ``dtype``."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def register_extension_kernels(dispatch, entry_point: str, supports=None) -> None:
+    """Register ``fusedlm._C.<entry_point>`` as the ``cpu`` and ``cuda`` implementations of
+    ``dispatch`` (the extension dispatches on the tensors' device). The ``cuda`` one serves
+    only when this build has a CUDA kernel for the op (``fusedlm._C.cuda_ops()``)."""
+    from .. import _ext
+
+    def call(*args):
+        return getattr(_ext.load(), entry_point)(*args)
+
+    def cuda_supports(*args) -> str | None:
+        if entry_point not in _ext.load().cuda_ops():
+            return f"this build of fusedlm._C has no CUDA kernel for {entry_point}"
+        return supports(*args) if supports is not None else None
+
+    dispatch.register("cpu", supports=supports)(call)
+    dispatch.register("cuda", supports=cuda_supports)(call)

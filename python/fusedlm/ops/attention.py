@@ -1,0 +1,206 @@
+"""Attention: custom ops ``fusedlm::attention_fwd/bwd`` (flash-attention algorithm: output and
+logsumexp forward, recomputation backward), their autograd, and the public
+``fusedlm.attention`` and ``fusedlm.scaled_dot_product_attention``."""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .. import reference
+from ..backends import OpDispatch, check_backend_name, requested_backend
+from ._common import (
+    FLOAT_DTYPES,
+    check_finite_float,
+    check_float_tensor,
+    check_same_device,
+    register_extension_kernels,
+    stat_dtype,
+)
+
+logger = logging.getLogger("fusedlm")
+
+MAX_HEAD_DIM = 256
+
+ATTENTION_FWD = OpDispatch("attention_fwd")
+ATTENTION_BWD = OpDispatch("attention_bwd")
+ATTENTION_FWD.register("torch")(reference.attention_fwd)
+ATTENTION_BWD.register("torch")(reference.attention_bwd)
+register_extension_kernels(ATTENTION_FWD, "attention_fwd")
+register_extension_kernels(ATTENTION_BWD, "attention_bwd")
+
+
+@torch.library.custom_op("fusedlm::attention_fwd", mutates_args=())
+def attention_fwd(
+    q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool, causal_offset: int,
+    backend: str,
+) -> tuple[Tensor, Tensor]:
+    """q (B, Hq, Tq, D), k/v (B, Hkv, Tk, D), any strides. Key j is visible to query i iff
+    not causal or j <= i + causal_offset. Returns out (B, Hq, Tq, D) in q's dtype and
+    lse (B, Hq, Tq) float32 (float64 for float64 inputs); rows that see no key get 0 and -inf."""
+    impl = ATTENTION_FWD.select(backend, q.device, q, k, v)
+    return impl(q, k, v, scale, causal, causal_offset)
+
+
+@attention_fwd.register_fake
+def _(q, k, v, scale, causal, causal_offset, backend):
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    return out, q.new_empty(q.shape[:3], dtype=stat_dtype(q.dtype))
+
+
+@torch.library.custom_op("fusedlm::attention_bwd", mutates_args=())
+def attention_bwd(
+    grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, scale: float,
+    causal: bool, causal_offset: int, backend: str,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Returns dq, dk, dv in the shapes and dtypes of q, k, v; dk and dv are summed over the
+    query heads that share a kv head (GQA/MQA)."""
+    impl = ATTENTION_BWD.select(backend, q.device, q, k, v)
+    return impl(grad_out, q, k, v, out, lse, scale, causal, causal_offset)
+
+
+@attention_bwd.register_fake
+def _(grad_out, q, k, v, out, lse, scale, causal, causal_offset, backend):
+    return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
+
+
+def _attention_setup_context(ctx, inputs, output):
+    q, k, v, scale, causal, causal_offset, backend = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse)
+    ctx.scale, ctx.causal, ctx.causal_offset, ctx.backend = scale, causal, causal_offset, backend
+    ctx.mark_non_differentiable(lse)
+
+
+def _attention_backward(ctx, grad_out, grad_lse):
+    q, k, v, out, lse = ctx.saved_tensors
+    dq, dk, dv = torch.ops.fusedlm.attention_bwd(
+        grad_out, q, k, v, out, lse, ctx.scale, ctx.causal, ctx.causal_offset, ctx.backend
+    )
+    return dq, dk, dv, None, None, None, None
+
+
+attention_fwd.register_autograd(_attention_backward, setup_context=_attention_setup_context)
+
+
+# ---- public API -----------------------------------------------------------------------------
+
+
+def _check_qkv(q: Tensor, k: Tensor, v: Tensor) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        check_float_tensor(t, name)
+        if t.dim() != 4:
+            raise ValueError(
+                f"argument '{name}' must be 4-D (B, H, T, D), got shape {list(t.shape)}"
+            )
+    for name, t in (("k", k), ("v", v)):
+        check_same_device(t, name, q, "q")
+        if t.dtype != q.dtype:
+            raise TypeError(f"argument '{name}' has dtype {t.dtype} but 'q' has {q.dtype}; they must match")
+    if k.shape != v.shape:
+        raise ValueError(f"argument 'v' must have the shape of 'k' {list(k.shape)}, got {list(v.shape)}")
+    if k.shape[0] != q.shape[0]:
+        raise ValueError(f"batch sizes differ: 'q' has {q.shape[0]}, 'k' and 'v' have {k.shape[0]}")
+    if k.shape[3] != q.shape[3]:
+        raise ValueError(f"head dims differ: 'q' has D = {q.shape[3]}, 'k' and 'v' have {k.shape[3]}")
+    if q.shape[3] > MAX_HEAD_DIM:
+        raise ValueError(f"head dim D = {q.shape[3]} is over the supported maximum of {MAX_HEAD_DIM}")
+    hq, hkv = q.shape[1], k.shape[1]
+    if (hkv == 0 and hq != 0) or (hkv != 0 and hq % hkv != 0):
+        raise ValueError(
+            f"the number of query heads ({hq}) must be a multiple of the number of key/value "
+            f"heads ({hkv})"
+        )
+
+
+def _attention(q, k, v, scale, causal, causal_offset, backend):
+    if q.numel() == 0 or k.numel() == 0:  # empty results; the reference's torch ops give autograd
+        return reference.attention_fwd(q, k, v, scale, causal, causal_offset)[0]
+    out, _ = torch.ops.fusedlm.attention_fwd(q, k, v, scale, causal, causal_offset, backend)
+    return out
+
+
+def attention(
+    q: Tensor, k: Tensor, v: Tensor, causal: bool = False, scale: float | None = None,
+    backend: str = "auto",
+) -> Tensor:
+    """Fused (flash) attention: softmax(q k^T * scale) v.
+
+    q: (B, Hq, Tq, D); k, v: (B, Hkv, Tk, D) with Hq % Hkv == 0 (GQA/MQA); any T; D <= 256;
+    any strides; float64/float32/float16/bfloat16, all one dtype. ``scale`` defaults to
+    1/sqrt(D). ``causal=True`` aligns the mask bottom-right, as FlashAttention does: query i
+    sees keys j <= i + Tk - Tq, so the last query sees every key (rows that see none give 0).
+    Returns (B, Hq, Tq, D) in q's dtype.
+    """
+    _check_qkv(q, k, v)
+    if not isinstance(causal, bool):
+        raise TypeError(f"argument 'causal' must be a bool, got {type(causal).__name__}")
+    scale = 1.0 / math.sqrt(q.shape[3]) if scale is None else check_finite_float(scale, "scale")
+    check_backend_name(backend)
+    return _attention(q, k, v, scale, causal, k.shape[2] - q.shape[2], backend)
+
+
+_sdpa_logged: set[str] = set()
+
+
+def _sdpa_unsupported(query, key, value, attn_mask, dropout_p, enable_gqa) -> str | None:
+    """Why our kernels cannot take this SDPA call (it then goes to torch's), or None."""
+    if attn_mask is not None:
+        return "an attn_mask"
+    if dropout_p != 0.0:
+        return "dropout_p > 0"
+    tensors = (query, key, value)
+    if not all(isinstance(t, Tensor) and t.dtype in FLOAT_DTYPES for t in tensors):
+        return "non-floating or non-tensor inputs"
+    if len({t.dtype for t in tensors}) != 1 or len({t.device for t in tensors}) != 1:
+        return "mixed dtypes or devices"
+    if not (query.dim() == key.dim() == value.dim() and query.dim() in (3, 4)):
+        return "inputs that are not all 3-D or all 4-D"
+    if key.shape != value.shape:
+        return "value shaped unlike key"
+    if query.shape[0] != key.shape[0] or query.shape[-1] != key.shape[-1]:
+        return "batch or head-dim mismatch"
+    if query.shape[-1] > MAX_HEAD_DIM:
+        return f"head dim over {MAX_HEAD_DIM}"
+    if query.dim() == 4 and query.shape[1] != key.shape[1]:
+        if not enable_gqa or key.shape[1] == 0 or query.shape[1] % key.shape[1] != 0:
+            return "different head counts without enable_gqa"
+    if any(t.numel() == 0 for t in tensors):
+        return "empty inputs"
+    return None
+
+
+def scaled_dot_product_attention(
+    query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor | None = None,
+    dropout_p: float = 0.0, is_causal: bool = False, scale: float | None = None,
+    enable_gqa: bool = False,
+) -> Tensor:
+    """Drop-in for ``torch.nn.functional.scaled_dot_product_attention``: same signature, same
+    meaning of every argument (``is_causal`` is aligned top-left when L != S, as in torch).
+
+    query (N, H, L, E) or (N, L, E); key/value (N, Hkv, S, E) or (N, S, E). Calls our kernels
+    when they can take the call; an ``attn_mask``, dropout, or anything else they cannot do
+    goes to torch's SDPA (logged once per reason)."""
+    reason = _sdpa_unsupported(query, key, value, attn_mask, dropout_p, enable_gqa)
+    if reason is None and not torch.compiler.is_compiling():
+        # Our reference is no faster than torch's SDPA: use ours only where a kernel serves.
+        auto = requested_backend("auto") == "auto"
+        if auto and ATTENTION_FWD.auto_choice(query.device, query, key, value) == "torch":
+            reason = "no fusedlm kernel backend for these inputs"
+    if reason is not None:
+        if reason not in _sdpa_logged and not torch.compiler.is_compiling():
+            _sdpa_logged.add(reason)
+            logger.info("fusedlm.scaled_dot_product_attention: %s -> torch's SDPA", reason)
+        return F.scaled_dot_product_attention(
+            query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
+            scale=scale, enable_gqa=enable_gqa,
+        )
+    three_d = query.dim() == 3
+    q, k, v = (t.unsqueeze(1) for t in (query, key, value)) if three_d else (query, key, value)
+    scale = 1.0 / math.sqrt(q.shape[3]) if scale is None else float(scale)
+    out = _attention(q, k, v, scale, bool(is_causal), 0, "auto")
+    return out.squeeze(1) if three_d else out

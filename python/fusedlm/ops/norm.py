@@ -1,0 +1,247 @@
+"""LayerNorm and RMSNorm: custom ops ``fusedlm::layer_norm_fwd/bwd`` and
+``fusedlm::rms_norm_fwd/bwd`` over 2-D ``(M, N)`` inputs, their autograd, and the public
+``fusedlm.layer_norm`` / ``fusedlm.rms_norm`` (any leading shape, torch's arguments)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .. import reference
+from ..backends import OpDispatch, check_backend_name
+from ._common import (
+    check_finite_float,
+    check_float_tensor,
+    check_same_device,
+    register_extension_kernels,
+    stat_dtype,
+)
+
+LAYER_NORM_FWD = OpDispatch("layer_norm_fwd")
+LAYER_NORM_BWD = OpDispatch("layer_norm_bwd")
+RMS_NORM_FWD = OpDispatch("rms_norm_fwd")
+RMS_NORM_BWD = OpDispatch("rms_norm_bwd")
+
+LAYER_NORM_FWD.register("torch")(reference.layer_norm_fwd)
+LAYER_NORM_BWD.register("torch")(reference.layer_norm_bwd)
+RMS_NORM_FWD.register("torch")(reference.rms_norm_fwd)
+RMS_NORM_BWD.register("torch")(reference.rms_norm_bwd)
+for _dispatch in (LAYER_NORM_FWD, LAYER_NORM_BWD, RMS_NORM_FWD, RMS_NORM_BWD):
+    register_extension_kernels(_dispatch, _dispatch.name)
+
+
+def _present(*tensors: Tensor | None) -> list[Tensor]:
+    return [t for t in tensors if t is not None]
+
+
+# ---- LayerNorm ------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("fusedlm::layer_norm_fwd", mutates_args=())
+def layer_norm_fwd(
+    x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, backend: str
+) -> tuple[Tensor, Tensor, Tensor]:
+    """x (M, N), weight/bias (N) or None -> y (M, N) in x's dtype, mean (M), rstd (M) float32
+    (float64 for float64 x)."""
+    impl = LAYER_NORM_FWD.select(backend, x.device, x, weight, bias)
+    return impl(x, weight, bias, eps)
+
+
+@layer_norm_fwd.register_fake
+def _(x, weight, bias, eps, backend):
+    stats = x.new_empty(x.shape[:1], dtype=stat_dtype(x.dtype))
+    return torch.empty_like(x, memory_format=torch.contiguous_format), stats, torch.empty_like(stats)
+
+
+@torch.library.custom_op("fusedlm::layer_norm_bwd", mutates_args=())
+def layer_norm_bwd(
+    grad_y: Tensor, x: Tensor, mean: Tensor, rstd: Tensor, weight: Tensor | None,
+    has_bias: bool, backend: str,
+) -> list[Tensor]:
+    """Returns [dx (M, N)] + [dweight (N)] if weight + [dbias (N)] if has_bias."""
+    impl = LAYER_NORM_BWD.select(backend, x.device, grad_y, x, weight)
+    return _present(*impl(grad_y, x, mean, rstd, weight, has_bias))
+
+
+@layer_norm_bwd.register_fake
+def _(grad_y, x, mean, rstd, weight, has_bias, backend):
+    grads = [torch.empty_like(x, memory_format=torch.contiguous_format)]
+    param_dtype = weight.dtype if weight is not None else x.dtype
+    if weight is not None:
+        grads.append(x.new_empty(x.shape[1:], dtype=param_dtype))
+    if has_bias:
+        grads.append(x.new_empty(x.shape[1:], dtype=param_dtype))
+    return grads
+
+
+def _layer_norm_setup_context(ctx, inputs, output):
+    x, weight, bias, eps, backend = inputs
+    _, mean, rstd = output
+    ctx.save_for_backward(x, weight, mean, rstd)
+    ctx.has_bias = bias is not None
+    ctx.backend = backend
+    ctx.mark_non_differentiable(mean, rstd)
+
+
+def _layer_norm_backward(ctx, grad_y, grad_mean, grad_rstd):
+    x, weight, mean, rstd = ctx.saved_tensors
+    grads = iter(torch.ops.fusedlm.layer_norm_bwd(
+        grad_y, x, mean, rstd, weight, ctx.has_bias, ctx.backend
+    ))
+    dx = next(grads)
+    dweight = next(grads) if weight is not None else None
+    dbias = next(grads) if ctx.has_bias else None
+    return dx, dweight, dbias, None, None
+
+
+layer_norm_fwd.register_autograd(_layer_norm_backward, setup_context=_layer_norm_setup_context)
+
+
+# ---- RMSNorm --------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("fusedlm::rms_norm_fwd", mutates_args=())
+def rms_norm_fwd(x: Tensor, weight: Tensor | None, eps: float, backend: str) -> tuple[Tensor, Tensor]:
+    """x (M, N), weight (N) or None -> y (M, N) in x's dtype, rstd (M) float32 (float64 for
+    float64 x)."""
+    impl = RMS_NORM_FWD.select(backend, x.device, x, weight)
+    return impl(x, weight, eps)
+
+
+@rms_norm_fwd.register_fake
+def _(x, weight, eps, backend):
+    return (torch.empty_like(x, memory_format=torch.contiguous_format),
+            x.new_empty(x.shape[:1], dtype=stat_dtype(x.dtype)))
+
+
+@torch.library.custom_op("fusedlm::rms_norm_bwd", mutates_args=())
+def rms_norm_bwd(
+    grad_y: Tensor, x: Tensor, rstd: Tensor, weight: Tensor | None, backend: str
+) -> list[Tensor]:
+    """Returns [dx (M, N)] + [dweight (N)] if weight."""
+    impl = RMS_NORM_BWD.select(backend, x.device, grad_y, x, weight)
+    return _present(*impl(grad_y, x, rstd, weight))
+
+
+@rms_norm_bwd.register_fake
+def _(grad_y, x, rstd, weight, backend):
+    grads = [torch.empty_like(x, memory_format=torch.contiguous_format)]
+    if weight is not None:
+        grads.append(x.new_empty(x.shape[1:], dtype=weight.dtype))
+    return grads
+
+
+def _rms_norm_setup_context(ctx, inputs, output):
+    x, weight, eps, backend = inputs
+    _, rstd = output
+    ctx.save_for_backward(x, weight, rstd)
+    ctx.backend = backend
+    ctx.mark_non_differentiable(rstd)
+
+
+def _rms_norm_backward(ctx, grad_y, grad_rstd):
+    x, weight, rstd = ctx.saved_tensors
+    grads = torch.ops.fusedlm.rms_norm_bwd(grad_y, x, rstd, weight, ctx.backend)
+    return grads[0], (grads[1] if weight is not None else None), None, None
+
+
+rms_norm_fwd.register_autograd(_rms_norm_backward, setup_context=_rms_norm_setup_context)
+
+
+# ---- public API -----------------------------------------------------------------------------
+
+
+def _check_norm_args(
+    x: Tensor, normalized_shape: int | Sequence[int], weight: Tensor | None,
+    bias: Tensor | None,
+) -> tuple[int, ...]:
+    check_float_tensor(x, "x")
+    if isinstance(normalized_shape, int):
+        normalized_shape = (normalized_shape,)
+    try:
+        normalized_shape = tuple(int(s) for s in normalized_shape)
+    except TypeError:
+        raise TypeError(
+            "argument 'normalized_shape' must be an int or a sequence of ints, got "
+            f"{type(normalized_shape).__name__}"
+        ) from None
+    n = len(normalized_shape)
+    if n == 0 or n > x.dim() or tuple(x.shape[x.dim() - n:]) != normalized_shape:
+        raise ValueError(
+            f"argument 'normalized_shape' {list(normalized_shape)} does not match the last "
+            f"dimensions of 'x', which has shape {list(x.shape)}"
+        )
+    for name, param in (("weight", weight), ("bias", bias)):
+        if param is None:
+            continue
+        check_float_tensor(param, name)
+        check_same_device(param, name, x, "x")
+        if tuple(param.shape) != normalized_shape:
+            raise ValueError(
+                f"argument '{name}' must have shape normalized_shape = {list(normalized_shape)}, "
+                f"got {list(param.shape)}"
+            )
+        if param.dtype not in (x.dtype, torch.float32):
+            raise TypeError(
+                f"argument '{name}' must have the dtype of 'x' ({x.dtype}) or float32, got "
+                f"{param.dtype}"
+            )
+    if weight is not None and bias is not None and weight.dtype != bias.dtype:
+        raise TypeError(
+            f"argument 'bias' has dtype {bias.dtype} but 'weight' has {weight.dtype}; they must match"
+        )
+    return normalized_shape
+
+
+def _flat(param: Tensor | None) -> Tensor | None:
+    return None if param is None else param.reshape(-1)
+
+
+def layer_norm(
+    x: Tensor,
+    normalized_shape: int | Sequence[int],
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    eps: float = 1e-5,
+    backend: str = "auto",
+) -> Tensor:
+    """``torch.nn.functional.layer_norm`` with fused kernels.
+
+    x: (*, *normalized_shape), float64/float32/float16/bfloat16. weight, bias:
+    normalized_shape, in x's dtype or float32. Returns y with x's shape and dtype.
+    Statistics are computed in float32 (float64 for float64 x).
+    """
+    normalized_shape = _check_norm_args(x, normalized_shape, weight, bias)
+    eps = check_finite_float(eps, "eps", minimum=0.0)
+    check_backend_name(backend)
+    if x.numel() == 0:
+        return F.layer_norm(x, normalized_shape, weight, bias, eps)
+    x2d = x.reshape(-1, math.prod(normalized_shape))
+    y, _, _ = torch.ops.fusedlm.layer_norm_fwd(x2d, _flat(weight), _flat(bias), eps, backend)
+    return y.view(x.shape)
+
+
+def rms_norm(
+    x: Tensor,
+    normalized_shape: int | Sequence[int],
+    weight: Tensor | None = None,
+    eps: float | None = None,
+    backend: str = "auto",
+) -> Tensor:
+    """``torch.nn.functional.rms_norm`` with fused kernels: y = x / sqrt(mean(x^2) + eps) * weight.
+
+    x: (*, *normalized_shape); weight: normalized_shape in x's dtype or float32. ``eps=None``
+    means ``torch.finfo(x.dtype).eps``, as in torch. Returns y with x's shape and dtype.
+    """
+    normalized_shape = _check_norm_args(x, normalized_shape, weight, None)
+    eps = torch.finfo(x.dtype).eps if eps is None else check_finite_float(eps, "eps", minimum=0.0)
+    check_backend_name(backend)
+    if x.numel() == 0:
+        return F.rms_norm(x, normalized_shape, weight, eps)
+    x2d = x.reshape(-1, math.prod(normalized_shape))
+    y, _ = torch.ops.fusedlm.rms_norm_fwd(x2d, _flat(weight), eps, backend)
+    return y.view(x.shape)
