@@ -1,0 +1,56 @@
+"""The ``fusedlm`` command. Subcommands: ``info`` (what this install can run and why).
+``train``, ``sample``, ``prepare`` and ``bench`` arrive with the trainer and benchmark work."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+
+
+def _info(args: argparse.Namespace) -> int:
+    import torch
+
+    import fusedlm
+    from fusedlm import _ext
+
+    report = fusedlm.backends()
+    extension = _ext.load()
+    facts = {
+        "fusedlm": fusedlm.__version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "cuda_device": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "cpu_threads": torch.get_num_threads(),
+        "extension": "loaded" if extension is not None else _ext.why_unavailable(),
+        "extension_cuda_kernels": list(extension.cuda_ops()) if extension is not None else [],
+        "backends": {
+            name: {"available": b.available, "reason": b.reason, "ops": list(b.ops)}
+            for name, b in report.items()
+        },
+    }
+    if args.json:
+        print(json.dumps(facts, indent=2))
+        return 0
+    for key, value in facts.items():
+        if key != "backends":
+            print(f"{key:<24}{value}")
+    print("\nbackends:")
+    print(report)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="fusedlm", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    info = commands.add_parser("info", help="versions, devices and which backends work here")
+    info.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    info.set_defaults(run=_info)
+    args = parser.parse_args(argv)
+    return args.run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
