@@ -7,7 +7,6 @@ pyproject.toml. Environment knobs:
   FUSEDLM_BUILD_DIR=path        CMake build folder (default: build/cmake-<python>)
 """
 
-import json
 import os
 import shutil
 import subprocess
@@ -47,13 +46,6 @@ class CMakeBuild(build_ext):
             raise RuntimeError(f"CMake finished but produced no _C*.so under {build_dir / 'lib'}")
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(built[-1], target)
-        # Read by fusedlm/_ext.py before it loads _C, so a torch upgrade is reported, not a crash.
-        info = {
-            "torch_version": torch.__version__,
-            "torch_cuda": torch.version.cuda,
-            "sanitize": os.environ.get("FUSEDLM_SANITIZE", ""),
-        }
-        (target.parent / "_C_build.json").write_text(json.dumps(info, indent=1) + "\n")
 
 
 setup(

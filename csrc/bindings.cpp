@@ -15,6 +15,12 @@
 #include "cpu/norm.h"
 
 namespace fusedlm {
+
+// The torch this extension was compiled against, findable in the .so's bytes: _ext.py reads it
+// before loading the module, because loading against another torch's ABI can crash.
+extern "C" __attribute__((used)) const char fusedlm_build_stamp[] =
+    "FUSEDLM_BUILT_FOR_TORCH=" FUSEDLM_TORCH_VERSION;
+
 namespace {
 
 // Ops that have a CUDA kernel in this build; the CUDA issue fills this in.

@@ -9,14 +9,14 @@ Set ``FUSEDLM_DISABLE_EXTENSION=1`` to act as if it were absent.
 from __future__ import annotations
 
 import importlib
-import json
+import importlib.util
 import os
+import re
 from pathlib import Path
 from types import ModuleType
 
 import torch
 
-_PACKAGE_DIR = Path(__file__).resolve().parent
 _NOT_LOADED = object()
 _module: object = _NOT_LOADED
 _reason: str | None = None
@@ -41,19 +41,14 @@ def why_unavailable() -> str | None:
 def _try_load() -> tuple[ModuleType | None, str | None]:
     if os.environ.get("FUSEDLM_DISABLE_EXTENSION", "") not in ("", "0"):
         return None, "disabled by FUSEDLM_DISABLE_EXTENSION"
-    if not any(_PACKAGE_DIR.glob("_C*.so")) and not any(_PACKAGE_DIR.glob("_C*.pyd")):
+    if _extension_file() is None:
         return None, f"fusedlm._C is not built; {REBUILD_HINT}"
-    stamp = _PACKAGE_DIR / "_C_build.json"
-    if stamp.exists():
-        try:
-            built_for = json.loads(stamp.read_text()).get("torch_version")
-        except (OSError, ValueError) as error:
-            return None, f"cannot read {stamp}: {error}; {REBUILD_HINT}"
-        if built_for != torch.__version__:
-            return None, (
-                f"fusedlm._C was built for torch {built_for} but torch {torch.__version__} "
-                f"is running; {REBUILD_HINT}"
-            )
+    built_for = _built_for_torch()
+    if built_for is not None and built_for != torch.__version__:
+        return None, (
+            f"fusedlm._C was built for torch {built_for} but torch {torch.__version__} "
+            f"is running; {REBUILD_HINT}"
+        )
     try:
         module = importlib.import_module("fusedlm._C")
     except (ImportError, OSError) as error:
@@ -64,3 +59,20 @@ def _try_load() -> tuple[ModuleType | None, str | None]:
             f"{torch.__version__} is running; {REBUILD_HINT}"
         )
     return module, None
+
+
+def _extension_file() -> Path | None:
+    spec = importlib.util.find_spec("fusedlm._C")
+    return Path(spec.origin) if spec is not None and spec.origin else None
+
+
+def _built_for_torch() -> str | None:
+    """The torch version stamped into the extension's bytes (csrc/bindings.cpp), read without
+    loading it."""
+    path = _extension_file()
+    try:
+        data = path.read_bytes() if path is not None else b""
+    except OSError:
+        return None
+    match = re.search(rb"FUSEDLM_BUILT_FOR_TORCH=([^\x00]+)\x00", data)
+    return match.group(1).decode() if match else None
