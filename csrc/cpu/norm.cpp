@@ -1,0 +1,682 @@
+// LayerNorm and RMSNorm over the last dimension on the CPU.
+//
+// Layout: every kernel works on a contiguous (M, N) view, one row at a time,
+// rows split across threads with at::parallel_for. A 16-bit row is first
+// widened into a per-thread acc_t buffer so that the statistics passes and the
+// output pass read cached floats instead of re-converting.
+//
+// Vectorization: the build compiles for the baseline x86-64 ISA, so the row
+// kernels are written as plain `omp simd` loops and instantiated twice: once
+// inside a target("avx2,fma,f16c") wrapper and once for the baseline; the
+// wrapper is picked at run time from cpuid. The loop bodies are always_inline
+// so GCC vectorizes them with the ISA of whichever wrapper they land in.
+#include "norm.h"
+
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/macros/Macros.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <optional>
+#include <tuple>
+#include <type_traits>
+#include <vector>
+
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+#include <immintrin.h>
+#define FUSEDLM_NORM_X86 1
+#define FUSEDLM_NORM_AVX2 __attribute__((target("avx2,fma,f16c")))
+#else
+#define FUSEDLM_NORM_X86 0
+#endif
+
+namespace fusedlm::cpu {
+namespace {
+
+// Rows per task are chosen so one task touches at least this many elements:
+// below it the fork/join cost of a parallel region outweighs the work.
+constexpr int64_t kGrainElems = 32768;
+
+// Reductions keep kLanes partial sums (below) over blocks of kSumBlock
+// elements, so each partial adds at most 32 terms before the block total is
+// folded into a double: a single running float sum over 65536 values that
+// share a large offset (x = 1000 + noise) would lose ~1e-4 of the mean, while
+// this stays near float rounding.
+constexpr int64_t kSumBlock = 1024;
+
+bool cpu_has_avx2() {
+#if FUSEDLM_NORM_X86
+  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                          __builtin_cpu_supports("f16c");
+  return has;
+#else
+  return false;
+#endif
+}
+
+#if FUSEDLM_NORM_X86
+// 16-bit <-> float row conversions. GCC does not vectorize c10's scalar
+// conversions (bfloat16 rounding branches on NaN, half goes through bit
+// tricks), and they run on every element, so AVX2 gets explicit versions.
+
+// src: (n) bfloat16; dst: (n) float
+FUSEDLM_NORM_AVX2 void convert_avx2(const c10::BFloat16* src, float* dst, int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    // bfloat16 is the top half of a float: widen and shift into place.
+    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i));
+    const __m256i w = _mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16);
+    _mm256_storeu_ps(dst + i, _mm256_castsi256_ps(w));
+  }
+  for (; i < n; ++i) dst[i] = static_cast<float>(src[i]);
+}
+
+// src: (n) float; dst: (n) bfloat16, round to nearest even like c10::BFloat16
+FUSEDLM_NORM_AVX2 void convert_avx2(const float* src, c10::BFloat16* dst, int64_t n) {
+  int64_t i = 0;
+  const __m256i one = _mm256_set1_epi32(1);
+  const __m256i bias = _mm256_set1_epi32(0x7FFF);
+  const __m256i nan16 = _mm256_set1_epi32(0x7FC0);
+  for (; i + 8 <= n; i += 8) {
+    const __m256 v = _mm256_loadu_ps(src + i);
+    const __m256i u = _mm256_castps_si256(v);
+    const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), one);
+    __m256i r = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(bias, lsb)), 16);
+    // Rounding a NaN's payload could carry into the exponent; c10 writes a
+    // canonical quiet NaN instead, and so do we.
+    const __m256i is_nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+    r = _mm256_blendv_epi8(r, nan16, is_nan);
+    const __m128i packed =
+        _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i), packed);
+  }
+  for (; i < n; ++i) dst[i] = static_cast<c10::BFloat16>(src[i]);
+}
+
+// src: (n) float16; dst: (n) float
+FUSEDLM_NORM_AVX2 void convert_avx2(const c10::Half* src, float* dst, int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i));
+    _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(h));
+  }
+  for (; i < n; ++i) dst[i] = static_cast<float>(src[i]);
+}
+
+// src: (n) float; dst: (n) float16
+FUSEDLM_NORM_AVX2 void convert_avx2(const float* src, c10::Half* dst, int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m128i h = _mm256_cvtps_ph(_mm256_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i), h);
+  }
+  for (; i < n; ++i) dst[i] = static_cast<c10::Half>(src[i]);
+}
+#endif
+
+template <typename T>
+constexpr bool kIs16Bit = std::is_same_v<T, c10::BFloat16> || std::is_same_v<T, c10::Half>;
+
+// src: (n); dst: (n)
+template <bool kAvx2, typename src_t, typename dst_t>
+C10_ALWAYS_INLINE void convert_row(const src_t* src, dst_t* dst, int64_t n) {
+#if FUSEDLM_NORM_X86
+  if constexpr (kAvx2 && std::is_same_v<dst_t, float> && kIs16Bit<src_t>) {
+    convert_avx2(src, dst, n);
+    return;
+  }
+  if constexpr (kAvx2 && std::is_same_v<src_t, float> && kIs16Bit<dst_t>) {
+    convert_avx2(src, dst, n);
+    return;
+  }
+#endif
+  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<dst_t>(src[i]);
+}
+
+// Gives a row as acc_t: the row itself when it already is acc_t, otherwise
+// its conversion into buf.
+// row: (N); buf: (N) scratch, unused when scalar_t == acc_t
+template <bool kAvx2, typename scalar_t, typename acc_t>
+C10_ALWAYS_INLINE const acc_t* row_as_acc(const scalar_t* row, acc_t* buf, int64_t N) {
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    return row;
+  } else {
+    convert_row<kAvx2>(row, buf, N);
+    return buf;
+  }
+}
+
+// Independent partial sums per reduction: 32 floats are four AVX2 vectors,
+// enough to hide the add latency that a single vector accumulator (what
+// `omp simd reduction` gives) serializes on.
+constexpr int64_t kLanes = 32;
+
+// Sums term(i) over [0, N) in blocks of kSumBlock, kLanes partial sums per
+// block. term: (int64_t) -> acc_t, inlined into the vector loop.
+template <typename acc_t, typename Term>
+C10_ALWAYS_INLINE double blocked_sum(int64_t N, const Term& term) {
+  double total = 0;
+  for (int64_t b = 0; b < N; b += kSumBlock) {
+    const int64_t e = std::min(N, b + kSumBlock);
+    acc_t lanes[kLanes] = {};  // (kLanes)
+    int64_t i = b;
+    for (; i + kLanes <= e; i += kLanes) {
+#pragma omp simd
+      for (int64_t j = 0; j < kLanes; ++j) lanes[j] += term(i + j);
+    }
+    // Pairwise fold of the partials: vector adds down to 8 lanes instead of
+    // a serial chain of kLanes scalar adds per block.
+    for (int64_t width = kLanes / 2; width >= 1; width /= 2) {
+#pragma omp simd
+      for (int64_t j = 0; j < width; ++j) lanes[j] += lanes[j + width];
+    }
+    acc_t tail = 0;
+#pragma omp simd reduction(+ : tail)
+    for (int64_t k = i; k < e; ++k) tail += term(k);
+    total += static_cast<double>(lanes[0]) + static_cast<double>(tail);
+  }
+  return total;
+}
+
+// Sum of x. x: (N)
+template <typename acc_t>
+C10_ALWAYS_INLINE double sum_row(const acc_t* x, int64_t N) {
+  return blocked_sum<acc_t>(N, [x](int64_t i) { return x[i]; });
+}
+
+// Sum of (x - shift)^2. x: (N)
+template <typename acc_t>
+C10_ALWAYS_INLINE double sum_sq_row(const acc_t* x, acc_t shift, int64_t N) {
+  return blocked_sum<acc_t>(N, [x, shift](int64_t i) {
+    const acc_t d = x[i] - shift;
+    return d * d;
+  });
+}
+
+// Sums of g and g * xhat with g = dy * w (dy when w is null) and
+// xhat = (x - shift) * rstd, the two row reductions of both backward passes.
+// g is also stored: dx_row then subtracts mean(g) from the same rounded g
+// rather than from a freshly recomputed product the compiler may fuse into
+// an FMA, which would leave a rounding residual where g - mean(g) is exactly
+// 0 (N = 1, constant rows) and scale it by rstd.
+// dy, x: (N); w: (N) or nullptr; g: (N) written when w is given
+template <bool kHasWeight, typename acc_t>
+C10_ALWAYS_INLINE void sum_g_gxhat_row(const acc_t* dy, const acc_t* x, const acc_t* w,
+                                       acc_t shift, acc_t rstd, acc_t* g, int64_t N,
+                                       double& sum_g, double& sum_gxhat) {
+  // One vector accumulator per sum here (the loop body is long enough to
+  // hide add latency), so blocks are kLanes / 8 = 4x shorter than
+  // kSumBlock to keep the same <= 32 terms per partial.
+  constexpr int64_t kBlock = kSumBlock * 8 / kLanes;
+  sum_g = 0;
+  sum_gxhat = 0;
+  for (int64_t b = 0; b < N; b += kBlock) {
+    const int64_t e = std::min(N, b + kBlock);
+    acc_t s_g = 0;
+    acc_t s_gx = 0;
+#pragma omp simd reduction(+ : s_g, s_gx)
+    for (int64_t i = b; i < e; ++i) {
+      acc_t gi = dy[i];
+      if constexpr (kHasWeight) {
+        gi = dy[i] * w[i];
+        g[i] = gi;
+      }
+      s_g += gi;
+      s_gx += gi * ((x[i] - shift) * rstd);
+    }
+    sum_g += s_g;
+    sum_gxhat += s_gx;
+  }
+}
+
+// dx = rstd * (g - c_g - xhat * c_gxhat), the shared tail of both backward
+// passes (RMSNorm has shift = 0, c_g = 0).
+// g, x, dx: (N). dx may alias g.
+template <typename acc_t>
+C10_ALWAYS_INLINE void dx_row(const acc_t* g, const acc_t* x, acc_t shift, acc_t rstd,
+                              acc_t c_g, acc_t c_gxhat, acc_t* dx, int64_t N) {
+#pragma omp simd
+  for (int64_t i = 0; i < N; ++i) {
+    const acc_t xhat = (x[i] - shift) * rstd;
+    dx[i] = rstd * ((g[i] - c_g) - xhat * c_gxhat);
+  }
+}
+
+// Accumulates this row's dweight (dy * xhat) and dbias (dy) terms into the
+// task's partial sums.
+// dy, x: (N); dw_part, db_part: (N) or nullptr
+template <typename acc_t>
+C10_ALWAYS_INLINE void accumulate_param_grads(const acc_t* dy, const acc_t* x, acc_t shift,
+                                              acc_t rstd, acc_t* dw_part, acc_t* db_part,
+                                              int64_t N) {
+  if (dw_part != nullptr) {
+#pragma omp simd
+    for (int64_t i = 0; i < N; ++i) dw_part[i] += dy[i] * ((x[i] - shift) * rstd);
+  }
+  if (db_part != nullptr) {
+#pragma omp simd
+    for (int64_t i = 0; i < N; ++i) db_part[i] += dy[i];
+  }
+}
+
+// y = (x - shift) * rstd * w + b with w, b optional; shift = 0 for RMSNorm.
+// x, y: (N); w, b: (N) or nullptr. y may alias x.
+template <bool kHasWeight, bool kHasBias, typename acc_t>
+C10_ALWAYS_INLINE void normalize_row_impl(const acc_t* x, const acc_t* w, const acc_t* b,
+                                          acc_t shift, acc_t rstd, acc_t* y, int64_t N) {
+#pragma omp simd
+  for (int64_t i = 0; i < N; ++i) {
+    acc_t v = (x[i] - shift) * rstd;
+    if constexpr (kHasWeight) v = v * w[i];
+    if constexpr (kHasBias) v = v + b[i];
+    y[i] = v;
+  }
+}
+
+// x, y: (N); w, b: (N) or nullptr
+template <typename acc_t>
+C10_ALWAYS_INLINE void normalize_row(const acc_t* x, const acc_t* w, const acc_t* b, acc_t shift,
+                                     acc_t rstd, acc_t* y, int64_t N) {
+  if (w != nullptr && b != nullptr) {
+    normalize_row_impl<true, true>(x, w, b, shift, rstd, y, N);
+  } else if (w != nullptr) {
+    normalize_row_impl<true, false>(x, w, b, shift, rstd, y, N);
+  } else if (b != nullptr) {
+    normalize_row_impl<false, true>(x, w, b, shift, rstd, y, N);
+  } else {
+    normalize_row_impl<false, false>(x, w, b, shift, rstd, y, N);
+  }
+}
+
+// Writes an acc_t row result to the output row; a no-op when the result was
+// computed in place in the output.
+// src: (N); dst: (N)
+template <bool kAvx2, typename scalar_t, typename acc_t>
+C10_ALWAYS_INLINE void store_row(const acc_t* src, scalar_t* dst, int64_t N) {
+  if constexpr (!std::is_same_v<scalar_t, acc_t>) convert_row<kAvx2>(src, dst, N);
+}
+
+// Where a row result is computed: straight into the output row when it is
+// acc_t, else into the scratch buffer and converted by store_row.
+// out_row: (N); buf: (N)
+template <typename scalar_t, typename acc_t>
+C10_ALWAYS_INLINE acc_t* result_row(scalar_t* out_row, acc_t* buf) {
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    return out_row;
+  } else {
+    return buf;
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Row kernels. Each is a struct with an Args bundle and a run<kAvx2>(args,
+// rows) body; run_rows picks the ISA wrapper.
+
+template <typename scalar_t, typename acc_t>
+struct LayerNormFwd {
+  struct Args {
+    const scalar_t* x;     // (M, N)
+    const acc_t* weight;   // (N) or nullptr
+    const acc_t* bias;     // (N) or nullptr
+    scalar_t* y;           // (M, N)
+    acc_t* mean;           // (M)
+    acc_t* rstd;           // (M)
+    int64_t N;
+    acc_t eps;
+  };
+
+  template <bool kAvx2>
+  static C10_ALWAYS_INLINE void run(const Args& a, int64_t row_begin, int64_t row_end) {
+    const int64_t N = a.N;
+    // (N) x row widened to acc_t, overwritten in place by the y row
+    std::vector<acc_t> buf(std::is_same_v<scalar_t, acc_t> ? 0 : N);
+    for (int64_t r = row_begin; r < row_end; ++r) {
+      const acc_t* x = row_as_acc<kAvx2>(a.x + r * N, buf.data(), N);
+      // Two passes over the cached row: the mean first, then squared
+      // deviations from it, so a large common offset does not cancel.
+      const acc_t mean = static_cast<acc_t>(sum_row(x, N) / N);
+      const double var = sum_sq_row(x, mean, N) / N;
+      const acc_t rstd = static_cast<acc_t>(1.0 / std::sqrt(var + static_cast<double>(a.eps)));
+      acc_t* y = result_row(a.y + r * N, buf.data());
+      normalize_row(x, a.weight, a.bias, mean, rstd, y, N);
+      store_row<kAvx2>(y, a.y + r * N, N);
+      a.mean[r] = mean;
+      a.rstd[r] = rstd;
+    }
+  }
+};
+
+template <typename scalar_t, typename acc_t>
+struct RmsNormFwd {
+  struct Args {
+    const scalar_t* x;     // (M, N)
+    const acc_t* weight;   // (N) or nullptr
+    scalar_t* y;           // (M, N)
+    acc_t* rstd;           // (M)
+    int64_t N;
+    acc_t eps;
+  };
+
+  template <bool kAvx2>
+  static C10_ALWAYS_INLINE void run(const Args& a, int64_t row_begin, int64_t row_end) {
+    const int64_t N = a.N;
+    // (N) x row widened to acc_t, overwritten in place by the y row
+    std::vector<acc_t> buf(std::is_same_v<scalar_t, acc_t> ? 0 : N);
+    for (int64_t r = row_begin; r < row_end; ++r) {
+      const acc_t* x = row_as_acc<kAvx2>(a.x + r * N, buf.data(), N);
+      const double ms = sum_sq_row(x, acc_t(0), N) / N;
+      const acc_t rstd = static_cast<acc_t>(1.0 / std::sqrt(ms + static_cast<double>(a.eps)));
+      acc_t* y = result_row(a.y + r * N, buf.data());
+      normalize_row(x, a.weight, static_cast<const acc_t*>(nullptr), acc_t(0), rstd, y, N);
+      store_row<kAvx2>(y, a.y + r * N, N);
+      a.rstd[r] = rstd;
+    }
+  }
+};
+
+// Backward of both norms; RMSNorm is LayerNorm with mean = 0 and without the
+// mean(g) term, selected by kRms.
+template <typename scalar_t, typename acc_t, bool kRms>
+struct NormBwd {
+  struct Args {
+    const scalar_t* dy;    // (M, N)
+    const scalar_t* x;     // (M, N)
+    const acc_t* mean;     // (M) or nullptr for RMSNorm
+    const acc_t* rstd;     // (M)
+    const acc_t* weight;   // (N) or nullptr
+    scalar_t* dx;          // (M, N)
+    int64_t N;
+  };
+
+  // dw_part, db_part: (N) this task's partial sums, or nullptr when not wanted
+  template <bool kAvx2>
+  static C10_ALWAYS_INLINE void run(const Args& a, int64_t row_begin, int64_t row_end,
+                                    acc_t* dw_part, acc_t* db_part) {
+    if (a.weight != nullptr) {
+      rows<kAvx2, true>(a, row_begin, row_end, dw_part, db_part);
+    } else {
+      rows<kAvx2, false>(a, row_begin, row_end, dw_part, db_part);
+    }
+  }
+
+  template <bool kAvx2, bool kHasWeight>
+  static C10_ALWAYS_INLINE void rows(const Args& a, int64_t row_begin, int64_t row_end,
+                                     acc_t* dw_part, acc_t* db_part) {
+    constexpr bool kConvert = !std::is_same_v<scalar_t, acc_t>;
+    const int64_t N = a.N;
+    // (N) each: dy and x rows widened to acc_t; g = dy * w (when weighted)
+    // and then dx are written over whichever of dy_buf / g_buf holds g
+    std::vector<acc_t> dy_buf(kConvert ? N : 0);
+    std::vector<acc_t> x_buf(kConvert ? N : 0);
+    std::vector<acc_t> g_buf(kHasWeight ? N : 0);
+    const double inv_n = 1.0 / static_cast<double>(N);
+    for (int64_t r = row_begin; r < row_end; ++r) {
+      const acc_t* dy = row_as_acc<kAvx2>(a.dy + r * N, dy_buf.data(), N);
+      const acc_t* x = row_as_acc<kAvx2>(a.x + r * N, x_buf.data(), N);
+      const acc_t shift = kRms ? acc_t(0) : a.mean[r];
+      const acc_t rstd = a.rstd[r];
+      double sum_g = 0;
+      double sum_gxhat = 0;
+      sum_g_gxhat_row<kHasWeight>(dy, x, a.weight, shift, rstd, g_buf.data(), N, sum_g,
+                                  sum_gxhat);
+      const acc_t* g = kHasWeight ? g_buf.data() : dy;
+      const acc_t c_g = kRms ? acc_t(0) : static_cast<acc_t>(sum_g * inv_n);
+      const acc_t c_gxhat = static_cast<acc_t>(sum_gxhat * inv_n);
+      // Parameter grads read dy before dx_row may overwrite its buffer.
+      accumulate_param_grads(dy, x, shift, rstd, dw_part, db_part, N);
+      acc_t* dx = result_row(a.dx + r * N, kHasWeight ? g_buf.data() : dy_buf.data());
+      dx_row(g, x, shift, rstd, c_g, c_gxhat, dx, N);
+      store_row<kAvx2>(dx, a.dx + r * N, N);
+    }
+  }
+};
+
+#if FUSEDLM_NORM_X86
+template <typename Kernel, typename... Extra>
+FUSEDLM_NORM_AVX2 void run_rows_avx2(const typename Kernel::Args& a, int64_t row_begin,
+                                     int64_t row_end, Extra... extra) {
+  Kernel::template run<true>(a, row_begin, row_end, extra...);
+}
+#endif
+
+template <typename Kernel, typename... Extra>
+void run_rows_baseline(const typename Kernel::Args& a, int64_t row_begin, int64_t row_end,
+                       Extra... extra) {
+  Kernel::template run<false>(a, row_begin, row_end, extra...);
+}
+
+// Runs Kernel over rows [row_begin, row_end) with the best ISA this CPU has.
+template <typename Kernel, typename... Extra>
+void run_rows(const typename Kernel::Args& a, int64_t row_begin, int64_t row_end,
+              Extra... extra) {
+#if FUSEDLM_NORM_X86
+  if (cpu_has_avx2()) {
+    run_rows_avx2<Kernel>(a, row_begin, row_end, extra...);
+    return;
+  }
+#endif
+  run_rows_baseline<Kernel>(a, row_begin, row_end, extra...);
+}
+
+int64_t rows_per_task(int64_t N) { return std::max<int64_t>(1, kGrainElems / N); }
+
+at::ScalarType acc_dtype(const at::Tensor& x) {
+  return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// weight (N) or None -> (N) contiguous acc dtype copy, or undefined.
+at::Tensor weight_as_acc(const std::optional<at::Tensor>& w, at::ScalarType acc) {
+  if (!w.has_value() || !w->defined()) return at::Tensor();
+  return w->to(acc).contiguous();
+}
+
+template <typename acc_t>
+const acc_t* data_or_null(const at::Tensor& t) {
+  return t.defined() ? t.const_data_ptr<acc_t>() : nullptr;
+}
+
+// Runs the backward kernel over all rows and reduces the per-task dweight /
+// dbias partials. Rows are cut into one contiguous block per thread, each
+// block owning a row of the partial buffers, and the partials are summed in
+// block order afterwards: deterministic for a given thread count, no atomics.
+// dw_acc, db_acc: (N) acc dtype outputs, or undefined when not wanted
+template <typename scalar_t, typename acc_t, bool kRms>
+void norm_bwd_driver(const typename NormBwd<scalar_t, acc_t, kRms>::Args& args, int64_t M,
+                     at::Tensor& dw_acc, at::Tensor& db_acc) {
+  using Kernel = NormBwd<scalar_t, acc_t, kRms>;
+  const int64_t N = args.N;
+  const bool want_dw = dw_acc.defined();
+  const bool want_db = db_acc.defined();
+  if (!want_dw && !want_db) {
+    at::parallel_for(0, M, rows_per_task(N), [&](int64_t begin, int64_t end) {
+      run_rows<Kernel>(args, begin, end, static_cast<acc_t*>(nullptr),
+                       static_cast<acc_t*>(nullptr));
+    });
+    return;
+  }
+  // Fewer blocks when there is too little work per thread to split.
+  const int64_t max_blocks = std::max<int64_t>(1, (M * N) / kGrainElems);
+  const int64_t blocks =
+      std::max<int64_t>(1, std::min<int64_t>({M, at::get_num_threads(), max_blocks}));
+  const at::TensorOptions acc_opts = dw_acc.defined() ? dw_acc.options() : db_acc.options();
+  // (blocks, N) each: per-block partial sums of dy * xhat and dy
+  at::Tensor dw_part = want_dw ? at::empty({blocks, N}, acc_opts) : at::Tensor();
+  at::Tensor db_part = want_db ? at::empty({blocks, N}, acc_opts) : at::Tensor();
+  acc_t* dw_part_ptr = want_dw ? dw_part.mutable_data_ptr<acc_t>() : nullptr;
+  acc_t* db_part_ptr = want_db ? db_part.mutable_data_ptr<acc_t>() : nullptr;
+  at::parallel_for(0, blocks, 1, [&](int64_t block_begin, int64_t block_end) {
+    for (int64_t blk = block_begin; blk < block_end; ++blk) {
+      acc_t* dw_row = want_dw ? dw_part_ptr + blk * N : nullptr;
+      acc_t* db_row = want_db ? db_part_ptr + blk * N : nullptr;
+      if (want_dw) std::fill(dw_row, dw_row + N, acc_t(0));
+      if (want_db) std::fill(db_row, db_row + N, acc_t(0));
+      run_rows<Kernel>(args, blk * M / blocks, (blk + 1) * M / blocks, dw_row, db_row);
+    }
+  });
+  // Column sums of the partials, in fixed block order.
+  auto reduce = [&](const acc_t* part, acc_t* out) {
+    at::parallel_for(0, N, kGrainElems / std::max<int64_t>(1, blocks),
+                     [&](int64_t begin, int64_t end) {
+                       for (int64_t j = begin; j < end; ++j) out[j] = part[j];
+                       for (int64_t blk = 1; blk < blocks; ++blk) {
+                         const acc_t* p = part + blk * N;
+                         for (int64_t j = begin; j < end; ++j) out[j] += p[j];
+                       }
+                     });
+  };
+  if (want_dw) reduce(dw_part_ptr, dw_acc.mutable_data_ptr<acc_t>());
+  if (want_db) reduce(db_part_ptr, db_acc.mutable_data_ptr<acc_t>());
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd(
+    const at::Tensor& x,                        // (M, N)
+    const std::optional<at::Tensor>& weight,    // (N) or None
+    const std::optional<at::Tensor>& bias,      // (N) or None
+    double eps) {
+  const at::Tensor x_c = x.contiguous();  // (M, N)
+  const int64_t M = x_c.size(0);
+  const int64_t N = x_c.size(1);
+  const at::ScalarType acc = acc_dtype(x_c);
+  at::Tensor y = at::empty({M, N}, x_c.options());                // (M, N)
+  at::Tensor mean = at::empty({M}, x_c.options().dtype(acc));     // (M)
+  at::Tensor rstd = at::empty({M}, x_c.options().dtype(acc));     // (M)
+  if (M == 0) return {y, mean, rstd};
+  const at::Tensor w = weight_as_acc(weight, acc);  // (N) or undefined
+  const at::Tensor b = weight_as_acc(bias, acc);    // (N) or undefined
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x_c.scalar_type(), "layer_norm_fwd",
+                                  [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    using Kernel = LayerNormFwd<scalar_t, acc_t>;
+    const typename Kernel::Args args{x_c.const_data_ptr<scalar_t>(),
+                                     data_or_null<acc_t>(w),
+                                     data_or_null<acc_t>(b),
+                                     y.mutable_data_ptr<scalar_t>(),
+                                     mean.mutable_data_ptr<acc_t>(),
+                                     rstd.mutable_data_ptr<acc_t>(),
+                                     N,
+                                     static_cast<acc_t>(eps)};
+    at::parallel_for(0, M, rows_per_task(N),
+                     [&](int64_t begin, int64_t end) { run_rows<Kernel>(args, begin, end); });
+  });
+  return {y, mean, rstd};
+}
+
+std::tuple<at::Tensor, std::optional<at::Tensor>, std::optional<at::Tensor>> layer_norm_bwd(
+    const at::Tensor& grad_y,                   // (M, N)
+    const at::Tensor& x,                        // (M, N)
+    const at::Tensor& mean,                     // (M)
+    const at::Tensor& rstd,                     // (M)
+    const std::optional<at::Tensor>& weight,    // (N) or None
+    bool has_bias) {
+  const at::Tensor x_c = x.contiguous();        // (M, N)
+  const at::Tensor dy_c = grad_y.contiguous();  // (M, N)
+  const int64_t M = x_c.size(0);
+  const int64_t N = x_c.size(1);
+  const at::ScalarType acc = acc_dtype(x_c);
+  const at::Tensor mean_c = mean.to(acc).contiguous();  // (M)
+  const at::Tensor rstd_c = rstd.to(acc).contiguous();  // (M)
+  const at::Tensor w = weight_as_acc(weight, acc);      // (N) or undefined
+  at::Tensor dx = at::empty({M, N}, x_c.options());     // (M, N)
+  const at::TensorOptions acc_opts = x_c.options().dtype(acc);
+  // (N) each: parameter grads in acc dtype, cast to the parameter dtype at the end
+  at::Tensor dw_acc = w.defined() ? at::empty({N}, acc_opts) : at::Tensor();
+  at::Tensor db_acc = has_bias ? at::empty({N}, acc_opts) : at::Tensor();
+  if (M == 0) {
+    if (dw_acc.defined()) dw_acc.zero_();
+    if (db_acc.defined()) db_acc.zero_();
+  } else {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x_c.scalar_type(),
+                                    "layer_norm_bwd", [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      const typename NormBwd<scalar_t, acc_t, false>::Args args{
+          dy_c.const_data_ptr<scalar_t>(), x_c.const_data_ptr<scalar_t>(),
+          mean_c.const_data_ptr<acc_t>(),  rstd_c.const_data_ptr<acc_t>(),
+          data_or_null<acc_t>(w),          dx.mutable_data_ptr<scalar_t>(),
+          N};
+      norm_bwd_driver<scalar_t, acc_t, false>(args, M, dw_acc, db_acc);
+    });
+  }
+  std::optional<at::Tensor> dweight;
+  std::optional<at::Tensor> dbias;
+  if (dw_acc.defined()) dweight = dw_acc.to(weight->scalar_type());
+  // Without a weight the bias has nothing to take its dtype from, so its
+  // grad follows x.
+  if (db_acc.defined()) {
+    dbias = db_acc.to(w.defined() ? weight->scalar_type() : x_c.scalar_type());
+  }
+  return {dx, dweight, dbias};
+}
+
+std::tuple<at::Tensor, at::Tensor> rms_norm_fwd(
+    const at::Tensor& x,                        // (M, N)
+    const std::optional<at::Tensor>& weight,    // (N) or None
+    double eps) {
+  const at::Tensor x_c = x.contiguous();  // (M, N)
+  const int64_t M = x_c.size(0);
+  const int64_t N = x_c.size(1);
+  const at::ScalarType acc = acc_dtype(x_c);
+  at::Tensor y = at::empty({M, N}, x_c.options());              // (M, N)
+  at::Tensor rstd = at::empty({M}, x_c.options().dtype(acc));   // (M)
+  if (M == 0) return {y, rstd};
+  const at::Tensor w = weight_as_acc(weight, acc);  // (N) or undefined
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x_c.scalar_type(), "rms_norm_fwd",
+                                  [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    using Kernel = RmsNormFwd<scalar_t, acc_t>;
+    const typename Kernel::Args args{x_c.const_data_ptr<scalar_t>(),
+                                     data_or_null<acc_t>(w),
+                                     y.mutable_data_ptr<scalar_t>(),
+                                     rstd.mutable_data_ptr<acc_t>(),
+                                     N,
+                                     static_cast<acc_t>(eps)};
+    at::parallel_for(0, M, rows_per_task(N),
+                     [&](int64_t begin, int64_t end) { run_rows<Kernel>(args, begin, end); });
+  });
+  return {y, rstd};
+}
+
+std::tuple<at::Tensor, std::optional<at::Tensor>> rms_norm_bwd(
+    const at::Tensor& grad_y,                   // (M, N)
+    const at::Tensor& x,                        // (M, N)
+    const at::Tensor& rstd,                     // (M)
+    const std::optional<at::Tensor>& weight) {  // (N) or None
+  const at::Tensor x_c = x.contiguous();        // (M, N)
+  const at::Tensor dy_c = grad_y.contiguous();  // (M, N)
+  const int64_t M = x_c.size(0);
+  const int64_t N = x_c.size(1);
+  const at::ScalarType acc = acc_dtype(x_c);
+  const at::Tensor rstd_c = rstd.to(acc).contiguous();  // (M)
+  const at::Tensor w = weight_as_acc(weight, acc);      // (N) or undefined
+  at::Tensor dx = at::empty({M, N}, x_c.options());     // (M, N)
+  // (N) weight grad in acc dtype, cast to the weight's dtype at the end
+  at::Tensor dw_acc = w.defined() ? at::empty({N}, x_c.options().dtype(acc)) : at::Tensor();
+  at::Tensor no_db;  // RMSNorm has no bias
+  if (M == 0) {
+    if (dw_acc.defined()) dw_acc.zero_();
+  } else {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x_c.scalar_type(), "rms_norm_bwd",
+                                    [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      const typename NormBwd<scalar_t, acc_t, true>::Args args{
+          dy_c.const_data_ptr<scalar_t>(), x_c.const_data_ptr<scalar_t>(),
+          nullptr,                         rstd_c.const_data_ptr<acc_t>(),
+          data_or_null<acc_t>(w),          dx.mutable_data_ptr<scalar_t>(),
+          N};
+      norm_bwd_driver<scalar_t, acc_t, true>(args, M, dw_acc, no_db);
+    });
+  }
+  std::optional<at::Tensor> dweight;
+  if (dw_acc.defined()) dweight = dw_acc.to(weight->scalar_type());
+  return {dx, dweight};
+}
+
+}  // namespace fusedlm::cpu
