@@ -1,0 +1,809 @@
+// Flash attention on the CPU: tiled forward with an online softmax, and a
+// backward that recomputes the probabilities from the saved logsumexp. No
+// T x T matrix is ever stored: scratch is a few (block x block) tiles per
+// thread, plus O(T) per head for lse / Delta and the per-split dq partials.
+//
+// Layout conventions used throughout (all scratch is row-major):
+//   a "block" of a (T, D) matrix is `rows` consecutive rows of it, copied into
+//   a thread-local buffer of the compute type (float, or double for float64
+//   inputs). Copying is what lets every input have arbitrary strides (transposed
+//   views, stride-0 expands, offsets) and converts bf16/fp16 to float once per
+//   block instead of once per multiply-add. Blocks that already are row-major
+//   in the compute type (float32 with unit stride along D) are read in place.
+//   The block GEMMs run on at::native::cpublas::brgemm (MKL / oneDNN); the
+//   softmax exp, row reductions and tile transposes have AVX2 versions chosen
+//   at runtime.
+
+#include "cpu/attention.h"
+
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/native/CPUBlas.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <c10/util/Exception.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define FUSEDLM_ATTENTION_HAVE_AVX2_PATH 1
+#include <immintrin.h>
+// The project is compiled for baseline x86-64, so the AVX2 helpers opt in per
+// function and are only called after a runtime CPU check.
+#define FUSEDLM_TARGET_AVX2 __attribute__((target("avx2,fma")))
+#else
+#define FUSEDLM_ATTENTION_HAVE_AVX2_PATH 0
+#endif
+
+namespace fusedlm::cpu {
+namespace {
+
+// Tile sizes. A query block is the unit of forward parallelism and of the
+// inner backward loop; a key block is the unit the online softmax advances by
+// and the unit of dk/dv ownership in the backward.
+// Sizes measured on AVX2 (B=1..4, H=4..8, T=1024, D=64): in the forward larger
+// tiles amortise the K/V block copies over more queries; in the backward a
+// taller key tile amortises the per-pair Q^T / dO^T transposes.
+constexpr int64_t kBlockQuery = 128;
+constexpr int64_t kBlockKey = 128;
+constexpr int64_t kBwdBlockQuery = 64;
+constexpr int64_t kBwdBlockKey = 128;
+// Upper bound on the backward's per-split dq partial buffers beyond the first.
+constexpr int64_t kDqPartialBudgetBytes = int64_t(1) << 30;
+
+// float64 inputs are computed in float64 (gradcheck); everything else in float32.
+template <typename scalar_t>
+struct ComputeTypeOf {
+  using type = float;
+};
+template <>
+struct ComputeTypeOf<double> {
+  using type = double;
+};
+template <typename scalar_t>
+using compute_t = typename ComputeTypeOf<scalar_t>::type;
+
+constexpr double kNegInf = -std::numeric_limits<double>::infinity();
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Maps 0, 1, 2, 3, ... to 0, n-1, 1, n-2, ...: under causal masking block
+// costs grow (or shrink) with the index, and at::parallel_for hands each thread
+// one contiguous range, so interleaving cheap and expensive blocks balances it.
+int64_t zigzag(int64_t index, int64_t n) {
+  return (index % 2 == 0) ? index / 2 : n - 1 - index / 2;
+}
+
+// A read-only (B, H, T, D) tensor seen through its strides.
+template <typename scalar_t>
+struct StridedHeads {
+  const scalar_t* data;
+  int64_t stride_batch, stride_head, stride_time, stride_dim;
+
+  explicit StridedHeads(const at::Tensor& t)
+      : data(t.const_data_ptr<scalar_t>()),
+        stride_batch(t.stride(0)),
+        stride_head(t.stride(1)),
+        stride_time(t.stride(2)),
+        stride_dim(t.stride(3)) {}
+
+  // First element of row `time` of head (batch, head).
+  const scalar_t* row(int64_t batch, int64_t head, int64_t time) const {
+    return data + batch * stride_batch + head * stride_head + time * stride_time;
+  }
+};
+
+// dst (rows, D) = multiplier * src rows, converted to the compute type.
+template <typename scalar_t, typename acc_t>
+void copy_rows(const StridedHeads<scalar_t>& src, int64_t batch, int64_t head, int64_t time_start,
+               int64_t rows, int64_t D, acc_t multiplier, acc_t* dst) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const scalar_t* in = src.row(batch, head, time_start + r);
+    acc_t* out = dst + r * D;
+    if (src.stride_dim == 1) {
+      for (int64_t d = 0; d < D; ++d) out[d] = static_cast<acc_t>(in[d]) * multiplier;
+    } else {
+      for (int64_t d = 0; d < D; ++d)
+        out[d] = static_cast<acc_t>(in[d * src.stride_dim]) * multiplier;
+    }
+  }
+}
+
+// dst (D, rows) with leading dimension ld_dst = transpose of src (rows, D) with
+// leading dimension ld_src. Portable version.
+template <typename acc_t>
+void transpose_generic(const acc_t* src, int64_t ld_src, int64_t rows, int64_t D, acc_t* dst,
+                       int64_t ld_dst) {
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t d = 0; d < D; ++d) dst[d * ld_dst + r] = src[r * ld_src + d];
+}
+
+#if FUSEDLM_ATTENTION_HAVE_AVX2_PATH
+namespace avx2 {
+// Same contract as transpose_generic, in 8 x 8 register tiles: a scalar
+// transpose writes one float per cache line and was a large share of the runtime.
+FUSEDLM_TARGET_AVX2 void transpose(const float* src, int64_t ld_src, int64_t rows, int64_t D,
+                                   float* dst, int64_t ld_dst) {
+  int64_t r0 = 0;
+  for (; r0 + 8 <= rows; r0 += 8) {
+    int64_t d0 = 0;
+    for (; d0 + 8 <= D; d0 += 8) {
+      const float* s = src + r0 * ld_src + d0;
+      __m256 r[8];
+      for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(s + i * ld_src);
+      const __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]);
+      const __m256 t2 = _mm256_unpacklo_ps(r[2], r[3]), t3 = _mm256_unpackhi_ps(r[2], r[3]);
+      const __m256 t4 = _mm256_unpacklo_ps(r[4], r[5]), t5 = _mm256_unpackhi_ps(r[4], r[5]);
+      const __m256 t6 = _mm256_unpacklo_ps(r[6], r[7]), t7 = _mm256_unpackhi_ps(r[6], r[7]);
+      const __m256 u0 = _mm256_shuffle_ps(t0, t2, 0x44), u1 = _mm256_shuffle_ps(t0, t2, 0xEE);
+      const __m256 u2 = _mm256_shuffle_ps(t1, t3, 0x44), u3 = _mm256_shuffle_ps(t1, t3, 0xEE);
+      const __m256 u4 = _mm256_shuffle_ps(t4, t6, 0x44), u5 = _mm256_shuffle_ps(t4, t6, 0xEE);
+      const __m256 u6 = _mm256_shuffle_ps(t5, t7, 0x44), u7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+      float* o = dst + d0 * ld_dst + r0;
+      _mm256_storeu_ps(o + 0 * ld_dst, _mm256_permute2f128_ps(u0, u4, 0x20));
+      _mm256_storeu_ps(o + 1 * ld_dst, _mm256_permute2f128_ps(u1, u5, 0x20));
+      _mm256_storeu_ps(o + 2 * ld_dst, _mm256_permute2f128_ps(u2, u6, 0x20));
+      _mm256_storeu_ps(o + 3 * ld_dst, _mm256_permute2f128_ps(u3, u7, 0x20));
+      _mm256_storeu_ps(o + 4 * ld_dst, _mm256_permute2f128_ps(u0, u4, 0x31));
+      _mm256_storeu_ps(o + 5 * ld_dst, _mm256_permute2f128_ps(u1, u5, 0x31));
+      _mm256_storeu_ps(o + 6 * ld_dst, _mm256_permute2f128_ps(u2, u6, 0x31));
+      _mm256_storeu_ps(o + 7 * ld_dst, _mm256_permute2f128_ps(u3, u7, 0x31));
+    }
+    for (; d0 < D; ++d0)
+      for (int64_t r = r0; r < r0 + 8; ++r) dst[d0 * ld_dst + r] = src[r * ld_src + d0];
+  }
+  for (; r0 < rows; ++r0)
+    for (int64_t d = 0; d < D; ++d) dst[d * ld_dst + r0] = src[r0 * ld_src + d];
+}
+}  // namespace avx2
+bool cpu_has_avx2();
+#endif
+
+void transpose(const double* src, int64_t ld_src, int64_t rows, int64_t D, double* dst,
+               int64_t ld_dst) {
+  transpose_generic(src, ld_src, rows, D, dst, ld_dst);
+}
+void transpose(const float* src, int64_t ld_src, int64_t rows, int64_t D, float* dst,
+               int64_t ld_dst) {
+#if FUSEDLM_ATTENTION_HAVE_AVX2_PATH
+  if (cpu_has_avx2()) return avx2::transpose(src, ld_src, rows, D, dst, ld_dst);
+#endif
+  transpose_generic(src, ld_src, rows, D, dst, ld_dst);
+}
+
+// `rows` rows of head (batch, head) as a (rows, D) row-major matrix of the
+// compute type with leading dimension *ld: the tensor memory itself when it
+// already has that form (no copy), else `buffer` (rows, D) after a converting copy.
+template <typename scalar_t, typename acc_t>
+const acc_t* rows_view(const StridedHeads<scalar_t>& src, int64_t batch, int64_t head,
+                       int64_t time_start, int64_t rows, int64_t D, acc_t* buffer, int64_t* ld) {
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    // The GEMM wants ld >= D; a single row is contiguous whatever its row stride.
+    if (src.stride_dim == 1 && (rows == 1 || src.stride_time >= D)) {
+      *ld = rows == 1 ? D : src.stride_time;
+      return src.row(batch, head, time_start);
+    }
+  }
+  copy_rows(src, batch, head, time_start, rows, D, acc_t(1), buffer);
+  *ld = D;
+  return buffer;
+}
+
+// dst (D, rows) = transpose of `rows` rows of head (batch, head), in the compute
+// type. scratch (rows, D) holds the converted rows when they cannot be read in place.
+template <typename scalar_t, typename acc_t>
+void copy_rows_transposed(const StridedHeads<scalar_t>& src, int64_t batch, int64_t head,
+                          int64_t time_start, int64_t rows, int64_t D, acc_t* dst, acc_t* scratch) {
+  int64_t ld = 0;
+  const acc_t* block = rows_view(src, batch, head, time_start, rows, D, scratch, &ld);
+  transpose(block, ld, rows, D, dst, rows);
+}
+
+// ---- block matrix multiply: C (M, N) (+)= A (M, K) @ B (K, N), row-major ----
+
+// float: torch's exported small-GEMM entry point (MKL / oneDNN underneath).
+void matmul(int64_t M, int64_t N, int64_t K, const float* A, int64_t ld_a, const float* B,
+            int64_t ld_b, float* C, int64_t ld_c, bool accumulate) {
+  at::native::cpublas::brgemm(M, N, K, ld_a, ld_b, ld_c, accumulate, A, B, C);
+}
+
+// double: plain loops; float64 exists for gradcheck, where speed does not matter.
+void matmul(int64_t M, int64_t N, int64_t K, const double* A, int64_t ld_a, const double* B,
+            int64_t ld_b, double* C, int64_t ld_c, bool accumulate) {
+  for (int64_t m = 0; m < M; ++m) {
+    double* c = C + m * ld_c;
+    if (!accumulate) std::fill(c, c + N, 0.0);
+    for (int64_t k = 0; k < K; ++k) {
+      const double a = A[m * ld_a + k];
+      const double* b = B + k * ld_b;
+      for (int64_t n = 0; n < N; ++n) c[n] += a * b[n];
+    }
+  }
+}
+
+// ---- row helpers: portable versions (used for double and as the fallback) ----
+
+template <typename acc_t>
+acc_t row_max_generic(const acc_t* x, int64_t n) {
+  acc_t result = static_cast<acc_t>(kNegInf);
+  for (int64_t i = 0; i < n; ++i) result = std::max(result, x[i]);
+  return result;
+}
+
+// x = exp(x - shift) in place; returns the sum of the new values.
+template <typename acc_t>
+acc_t exp_shift_sum_generic(acc_t* x, int64_t n, acc_t shift) {
+  acc_t sum = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    x[i] = std::exp(x[i] - shift);
+    sum += x[i];
+  }
+  return sum;
+}
+
+// x[i] = exp(x[i] * scale - shift[i]) in place (shift = +inf gives exactly 0).
+template <typename acc_t>
+void exp_scale_shift_generic(acc_t* x, int64_t n, acc_t scale, const acc_t* shift) {
+  for (int64_t i = 0; i < n; ++i) x[i] = std::exp(x[i] * scale - shift[i]);
+}
+
+// grad[i] = probs[i] * (grad[i] - delta[i]) in place: the softmax backward.
+template <typename acc_t>
+void softmax_grad_generic(const acc_t* probs, acc_t* grad, int64_t n, const acc_t* delta) {
+  for (int64_t i = 0; i < n; ++i) grad[i] = probs[i] * (grad[i] - delta[i]);
+}
+
+// ---- AVX2 versions for float: the exp is what the softmax spends its time on ----
+
+#if FUSEDLM_ATTENTION_HAVE_AVX2_PATH
+namespace avx2 {
+
+// exp(x) with a Cephes-style degree-6 polynomial (about 1 ulp on [-87, 88]).
+// Inputs below -87.3 (including -inf) give exactly 0; NaN stays NaN.
+FUSEDLM_TARGET_AVX2 inline __m256 exp(__m256 x) {
+  const __m256 underflow = _mm256_cmp_ps(x, _mm256_set1_ps(-87.3f), _CMP_LT_OQ);
+  // Operand order keeps NaN: min/max return the second operand when either is NaN.
+  x = _mm256_min_ps(_mm256_set1_ps(88.0f), x);
+  x = _mm256_max_ps(_mm256_set1_ps(-87.3f), x);
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  // r = x - n * ln2 in two parts, so r keeps full precision.
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), r);
+  p = _mm256_add_ps(p, _mm256_set1_ps(1.0f));
+  // 2^n built directly in the exponent field; n is in [-126, 127] after the clamp.
+  const __m256i exponent = _mm256_slli_epi32(
+      _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  const __m256 result = _mm256_mul_ps(p, _mm256_castsi256_ps(exponent));
+  return _mm256_andnot_ps(underflow, result);
+}
+
+FUSEDLM_TARGET_AVX2 inline float horizontal_max(__m256 v) {
+  __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+  m = _mm_max_ss(m, _mm_shuffle_ps(m, m, 1));
+  return _mm_cvtss_f32(m);
+}
+
+FUSEDLM_TARGET_AVX2 inline float horizontal_sum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+  return _mm_cvtss_f32(s);
+}
+
+// Lane mask with the first `count` (0..8) lanes set, for row tails.
+FUSEDLM_TARGET_AVX2 inline __m256i tail_mask(int64_t count) {
+  const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(count)), lanes);
+}
+
+FUSEDLM_TARGET_AVX2 float row_max(const float* x, int64_t n) {
+  __m256 best = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) best = _mm256_max_ps(best, _mm256_loadu_ps(x + i));
+  float result = horizontal_max(best);
+  for (; i < n; ++i) result = std::max(result, x[i]);
+  return result;
+}
+
+FUSEDLM_TARGET_AVX2 float exp_shift_sum(float* x, int64_t n, float shift) {
+  const __m256 shift_v = _mm256_set1_ps(shift);
+  __m256 sum = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 e = exp(_mm256_sub_ps(_mm256_loadu_ps(x + i), shift_v));
+    _mm256_storeu_ps(x + i, e);
+    sum = _mm256_add_ps(sum, e);
+  }
+  if (i < n) {
+    const __m256i mask = tail_mask(n - i);
+    // Masked-off lanes load 0 and give exp(-shift); they are dropped before summing.
+    const __m256 e = exp(_mm256_sub_ps(_mm256_maskload_ps(x + i, mask), shift_v));
+    _mm256_maskstore_ps(x + i, mask, e);
+    sum = _mm256_add_ps(sum, _mm256_and_ps(e, _mm256_castsi256_ps(mask)));
+  }
+  return horizontal_sum(sum);
+}
+
+FUSEDLM_TARGET_AVX2 void exp_scale_shift(float* x, int64_t n, float scale, const float* shift) {
+  const __m256 scale_v = _mm256_set1_ps(scale);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 arg = _mm256_fmsub_ps(_mm256_loadu_ps(x + i), scale_v, _mm256_loadu_ps(shift + i));
+    _mm256_storeu_ps(x + i, exp(arg));
+  }
+  if (i < n) {
+    const __m256i mask = tail_mask(n - i);
+    const __m256 arg = _mm256_fmsub_ps(_mm256_maskload_ps(x + i, mask), scale_v,
+                                       _mm256_maskload_ps(shift + i, mask));
+    _mm256_maskstore_ps(x + i, mask, exp(arg));
+  }
+}
+
+FUSEDLM_TARGET_AVX2 void softmax_grad(const float* probs, float* grad, int64_t n,
+                                      const float* delta) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 diff = _mm256_sub_ps(_mm256_loadu_ps(grad + i), _mm256_loadu_ps(delta + i));
+    _mm256_storeu_ps(grad + i, _mm256_mul_ps(_mm256_loadu_ps(probs + i), diff));
+  }
+  for (; i < n; ++i) grad[i] = probs[i] * (grad[i] - delta[i]);
+}
+
+}  // namespace avx2
+
+bool cpu_has_avx2() {
+  static const bool value = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  }();
+  return value;
+}
+#endif
+
+// Overloads the kernels call: float goes to AVX2 when the CPU has it.
+double row_max(const double* x, int64_t n) { return row_max_generic(x, n); }
+double exp_shift_sum(double* x, int64_t n, double shift) {
+  return exp_shift_sum_generic(x, n, shift);
+}
+void exp_scale_shift(double* x, int64_t n, double scale, const double* shift) {
+  exp_scale_shift_generic(x, n, scale, shift);
+}
+void softmax_grad(const double* probs, double* grad, int64_t n, const double* delta) {
+  softmax_grad_generic(probs, grad, n, delta);
+}
+
+float row_max(const float* x, int64_t n) {
+#if FUSEDLM_ATTENTION_HAVE_AVX2_PATH
+  if (cpu_has_avx2()) return avx2::row_max(x, n);
+#endif
+  return row_max_generic(x, n);
+}
+float exp_shift_sum(float* x, int64_t n, float shift) {
+#if FUSEDLM_ATTENTION_HAVE_AVX2_PATH
+  if (cpu_has_avx2()) return avx2::exp_shift_sum(x, n, shift);
+#endif
+  return exp_shift_sum_generic(x, n, shift);
+}
+void exp_scale_shift(float* x, int64_t n, float scale, const float* shift) {
+#if FUSEDLM_ATTENTION_HAVE_AVX2_PATH
+  if (cpu_has_avx2()) return avx2::exp_scale_shift(x, n, scale, shift);
+#endif
+  exp_scale_shift_generic(x, n, scale, shift);
+}
+void softmax_grad(const float* probs, float* grad, int64_t n, const float* delta) {
+#if FUSEDLM_ATTENTION_HAVE_AVX2_PATH
+  if (cpu_has_avx2()) return avx2::softmax_grad(probs, grad, n, delta);
+#endif
+  softmax_grad_generic(probs, grad, n, delta);
+}
+
+// Visible keys of query `query` under the mask: keys [0, visible_end). The
+// offset is pre-clamped to [-Tq, Tk] so this never overflows.
+int64_t visible_end(int64_t query, bool causal, int64_t causal_offset, int64_t Tk) {
+  if (!causal) return Tk;
+  return std::clamp<int64_t>(query + causal_offset + 1, 0, Tk);
+}
+
+// ---------------------------------------------------------------------------------------
+// Forward
+// ---------------------------------------------------------------------------------------
+
+// q: (B, Hq, Tq, D), k/v: (B, Hkv, Tk, D) any strides; out: (B, Hq, Tq, D) and
+// lse: (B, Hq, Tq) contiguous. Requires Tq, Tk, D >= 1.
+template <typename scalar_t>
+void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                    at::Tensor& out, at::Tensor& lse, double scale, bool causal,
+                    int64_t causal_offset) {
+  using acc_t = compute_t<scalar_t>;
+  const int64_t B = q.size(0), Hq = q.size(1), Tq = q.size(2), D = q.size(3);
+  const int64_t Hkv = k.size(1), Tk = k.size(2);
+  const int64_t group = Hq / Hkv;
+  const StridedHeads<scalar_t> query(q), key(k), value(v);
+  scalar_t* out_data = out.data_ptr<scalar_t>();  // (B, Hq, Tq, D)
+  acc_t* lse_data = lse.data_ptr<acc_t>();        // (B, Hq, Tq)
+  const int64_t query_blocks = ceil_div(Tq, kBlockQuery);
+  const acc_t scale_value = static_cast<acc_t>(scale);
+  const acc_t neg_inf = static_cast<acc_t>(kNegInf);
+
+  at::parallel_for(0, B * Hq * query_blocks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> query_block(kBlockQuery * D);      // (BQ, D), pre-scaled
+    std::vector<acc_t> key_block_t(D * kBlockKey);        // (D, BK): K^T for Q @ K^T
+    std::vector<acc_t> key_block(kBlockKey * D);    // (BK, D): K rows unless read in place
+    std::vector<acc_t> value_block(kBlockKey * D);  // (BK, D): V rows unless read in place
+    std::vector<acc_t> scores(kBlockQuery * kBlockKey);   // (BQ, BK): S, then P in place
+    std::vector<acc_t> out_acc(kBlockQuery * D);          // (BQ, D): unnormalised output
+    std::vector<acc_t> running_max(kBlockQuery);          // (BQ)
+    std::vector<acc_t> running_sum(kBlockQuery);          // (BQ)
+
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t head_index = item / query_blocks;  // b * Hq + h
+      const int64_t batch = head_index / Hq, head = head_index % Hq;
+      const int64_t kv_head = head / group;
+      const int64_t query_start = zigzag(item % query_blocks, query_blocks) * kBlockQuery;
+      const int64_t rows = std::min(kBlockQuery, Tq - query_start);
+      // The last query row of the block sees the most keys.
+      const int64_t kv_end = visible_end(query_start + rows - 1, causal, causal_offset, Tk);
+
+      std::fill(out_acc.begin(), out_acc.begin() + rows * D, acc_t(0));
+      std::fill(running_max.begin(), running_max.end(), neg_inf);
+      std::fill(running_sum.begin(), running_sum.end(), acc_t(0));
+      if (kv_end > 0) {
+        // Scaling q once here is cheaper than scaling every score tile.
+        copy_rows(query, batch, head, query_start, rows, D, scale_value, query_block.data());
+      }
+
+      for (int64_t key_start = 0; key_start < kv_end; key_start += kBlockKey) {
+        const int64_t cols = std::min(kBlockKey, kv_end - key_start);
+        copy_rows_transposed(key, batch, kv_head, key_start, cols, D, key_block_t.data(),
+                             key_block.data());
+        int64_t value_ld = 0;
+        const acc_t* value_rows =
+            rows_view(value, batch, kv_head, key_start, cols, D, value_block.data(), &value_ld);
+        // S (rows, cols) = (scale * Q) (rows, D) @ K^T (D, cols)
+        matmul(rows, cols, D, query_block.data(), D, key_block_t.data(), cols, scores.data(),
+               cols, /*accumulate=*/false);
+
+        for (int64_t r = 0; r < rows; ++r) {
+          acc_t* s = scores.data() + r * cols;
+          // Keys past the causal limit are treated as absent: only the visible
+          // prefix enters the softmax, the rest of P is zero.
+          const int64_t row_end = visible_end(query_start + r, causal, causal_offset, Tk);
+          const int64_t visible = std::clamp<int64_t>(row_end - key_start, 0, cols);
+          std::fill(s + visible, s + cols, acc_t(0));
+          if (visible == 0) continue;
+          const acc_t old_max = running_max[r];
+          const acc_t new_max = std::max(old_max, row_max(s, visible));
+          const acc_t block_sum = exp_shift_sum(s, visible, new_max);
+          if (old_max == neg_inf) {
+            // First visible keys of this row: nothing accumulated to rescale.
+            running_sum[r] = block_sum;
+          } else if (new_max != old_max) {
+            const acc_t correction = std::exp(old_max - new_max);
+            running_sum[r] = running_sum[r] * correction + block_sum;
+            acc_t* o = out_acc.data() + r * D;
+            for (int64_t d = 0; d < D; ++d) o[d] *= correction;
+          } else {
+            running_sum[r] += block_sum;
+          }
+          running_max[r] = new_max;
+        }
+        // O (rows, D) += P (rows, cols) @ V (cols, D)
+        matmul(rows, D, cols, scores.data(), cols, value_rows, value_ld, out_acc.data(), D,
+               /*accumulate=*/true);
+      }
+
+      scalar_t* out_rows = out_data + (head_index * Tq + query_start) * D;
+      acc_t* lse_rows = lse_data + head_index * Tq + query_start;
+      for (int64_t r = 0; r < rows; ++r) {
+        const acc_t sum = running_sum[r];
+        const acc_t* o = out_acc.data() + r * D;
+        scalar_t* dst = out_rows + r * D;
+        if (sum > 0) {
+          const acc_t inverse = acc_t(1) / sum;
+          for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<scalar_t>(o[d] * inverse);
+          lse_rows[r] = running_max[r] + std::log(sum);
+        } else {
+          // A row that sees no key: defined as zero output and lse = -inf.
+          for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<scalar_t>(0);
+          lse_rows[r] = neg_inf;
+        }
+      }
+    }
+  });
+}
+
+// ---------------------------------------------------------------------------------------
+// Backward
+// ---------------------------------------------------------------------------------------
+
+// Delta (B, Hq, Tq) = rowsum(grad_out * out): the softmax-backward correction term.
+template <typename scalar_t>
+void compute_delta(const at::Tensor& grad_out, const at::Tensor& out, compute_t<scalar_t>* delta) {
+  using acc_t = compute_t<scalar_t>;
+  const int64_t Hq = out.size(1), Tq = out.size(2), D = out.size(3);
+  const StridedHeads<scalar_t> grad_view(grad_out), out_view(out);
+  const int64_t total_rows = out.size(0) * Hq * Tq;
+  at::parallel_for(0, total_rows, 256, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t time = row % Tq, head = (row / Tq) % Hq, batch = row / (Tq * Hq);
+      const scalar_t* g = grad_view.row(batch, head, time);
+      const scalar_t* o = out_view.row(batch, head, time);
+      acc_t sum = 0;
+      for (int64_t d = 0; d < D; ++d)
+        sum += static_cast<acc_t>(g[d * grad_view.stride_dim]) *
+               static_cast<acc_t>(o[d * out_view.stride_dim]);
+      delta[row] = sum;
+    }
+  });
+}
+
+// All Tq, Tk, D >= 1. dk/dv: (B, Hkv, Tk, D) contiguous, fully written here.
+// dq_partial: (splits, B, Hq, D, Tq) zero-initialised; split s accumulates the
+// dq^T contributions of its key range (transposed so that dQ^T += K^T @ dS^T
+// needs no transpose of the dS tile). The caller reduces it into dq.
+template <typename scalar_t>
+void backward_kernel(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
+                     const at::Tensor& v, const compute_t<scalar_t>* lse,
+                     const compute_t<scalar_t>* delta, compute_t<scalar_t>* dq_partial,
+                     int64_t splits, at::Tensor& dk, at::Tensor& dv, double scale, bool causal,
+                     int64_t causal_offset) {
+  using acc_t = compute_t<scalar_t>;
+  const int64_t B = q.size(0), Hq = q.size(1), Tq = q.size(2), D = q.size(3);
+  const int64_t Hkv = k.size(1), Tk = k.size(2);
+  const int64_t group = Hq / Hkv;
+  const StridedHeads<scalar_t> query(q), key(k), value(v), grad_view(grad_out);
+  scalar_t* dk_data = dk.data_ptr<scalar_t>();  // (B, Hkv, Tk, D)
+  scalar_t* dv_data = dv.data_ptr<scalar_t>();  // (B, Hkv, Tk, D)
+  const int64_t key_blocks = ceil_div(Tk, kBwdBlockKey);
+  const acc_t scale_value = static_cast<acc_t>(scale);
+  const acc_t pos_inf = std::numeric_limits<acc_t>::infinity();
+
+  at::parallel_for(0, B * Hkv * splits, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> key_block(kBwdBlockKey * D);             // (BK, D)
+    std::vector<acc_t> key_block_t(D * kBwdBlockKey);           // (D, BK)
+    std::vector<acc_t> value_block(kBwdBlockKey * D);           // (BK, D)
+    std::vector<acc_t> query_block(kBwdBlockQuery * D);         // (BQ, D)
+    std::vector<acc_t> query_block_t(D * kBwdBlockQuery);       // (D, BQ)
+    std::vector<acc_t> grad_block(kBwdBlockQuery * D);          // (BQ, D): dO
+    std::vector<acc_t> grad_block_t(D * kBwdBlockQuery);        // (D, BQ): dO^T
+    std::vector<acc_t> probs_t(kBwdBlockKey * kBwdBlockQuery);     // (BK, BQ): P^T
+    std::vector<acc_t> grad_scores_t(kBwdBlockKey * kBwdBlockQuery);  // (BK, BQ): dP^T, then dS^T
+    std::vector<acc_t> lse_shift(kBwdBlockQuery);               // (BQ)
+    std::vector<acc_t> delta_block(kBwdBlockQuery);             // (BQ)
+    std::vector<acc_t> dk_acc(kBwdBlockKey * D);                // (BK, D), unscaled
+    std::vector<acc_t> dv_acc(kBwdBlockKey * D);                // (BK, D)
+
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t kv_head_index = item / splits;  // b * Hkv + h_kv
+      const int64_t batch = kv_head_index / Hkv, kv_head = kv_head_index % Hkv;
+      const int64_t split = zigzag(item % splits, splits);
+      const int64_t block_begin = split * key_blocks / splits;
+      const int64_t block_end = (split + 1) * key_blocks / splits;
+
+      for (int64_t key_block_index = block_begin; key_block_index < block_end;
+           ++key_block_index) {
+        const int64_t key_start = key_block_index * kBwdBlockKey;
+        const int64_t cols = std::min(kBwdBlockKey, Tk - key_start);
+        // First query that sees key key_start (key j is visible to i iff i >= j - offset).
+        const int64_t query_begin =
+            causal ? std::clamp<int64_t>(key_start - causal_offset, 0, Tq) : int64_t(0);
+        std::fill(dk_acc.begin(), dk_acc.begin() + cols * D, acc_t(0));
+        std::fill(dv_acc.begin(), dv_acc.begin() + cols * D, acc_t(0));
+
+        const acc_t* key_rows = nullptr;    // (cols, D), leading dimension key_ld
+        const acc_t* value_rows = nullptr;  // (cols, D), leading dimension value_ld
+        int64_t key_ld = 0, value_ld = 0;
+        if (query_begin < Tq) {
+          key_rows = rows_view(key, batch, kv_head, key_start, cols, D, key_block.data(), &key_ld);
+          transpose(key_rows, key_ld, cols, D, key_block_t.data(), cols);
+          value_rows =
+              rows_view(value, batch, kv_head, key_start, cols, D, value_block.data(), &value_ld);
+        }
+
+        for (int64_t head = kv_head * group; head < (kv_head + 1) * group && query_begin < Tq;
+             ++head) {
+          const int64_t head_index = batch * Hq + head;
+          acc_t* dq_transposed = dq_partial + ((split * B * Hq) + head_index) * D * Tq;  // (D, Tq)
+          const int64_t first_block_start = query_begin / kBwdBlockQuery * kBwdBlockQuery;
+          for (int64_t query_start = first_block_start; query_start < Tq;
+               query_start += kBwdBlockQuery) {
+            const int64_t rows = std::min(kBwdBlockQuery, Tq - query_start);
+            int64_t query_ld = 0, grad_ld = 0;
+            const acc_t* query_rows =  // (rows, D), leading dimension query_ld
+                rows_view(query, batch, head, query_start, rows, D, query_block.data(), &query_ld);
+            transpose(query_rows, query_ld, rows, D, query_block_t.data(), rows);
+            const acc_t* grad_rows =  // (rows, D), leading dimension grad_ld
+                rows_view(grad_view, batch, head, query_start, rows, D, grad_block.data(),
+                          &grad_ld);
+            transpose(grad_rows, grad_ld, rows, D, grad_block_t.data(), rows);
+            for (int64_t r = 0; r < rows; ++r) {
+              const acc_t row_lse = lse[head_index * Tq + query_start + r];
+              // lse = -inf marks a row that saw no key: shifting by +inf makes
+              // its probabilities exactly 0 instead of exp(+inf).
+              lse_shift[r] = (row_lse == -pos_inf) ? pos_inf : row_lse;
+              delta_block[r] = delta[head_index * Tq + query_start + r];
+            }
+
+            // S^T (cols, rows) = K (cols, D) @ Q^T (D, rows)
+            matmul(cols, rows, D, key_rows, key_ld, query_block_t.data(), rows,
+                   probs_t.data(), rows, /*accumulate=*/false);
+            for (int64_t c = 0; c < cols; ++c) {
+              acc_t* p = probs_t.data() + c * rows;
+              exp_scale_shift(p, rows, scale_value, lse_shift.data());
+              if (causal) {
+                // Queries before key_start + c - offset do not see key key_start + c.
+                const int64_t masked =
+                    std::clamp<int64_t>(key_start + c - causal_offset - query_start, 0, rows);
+                std::fill(p, p + masked, acc_t(0));
+              }
+            }
+            // dV (cols, D) += P^T (cols, rows) @ dO (rows, D)
+            matmul(cols, D, rows, probs_t.data(), rows, grad_rows, grad_ld, dv_acc.data(), D,
+                   /*accumulate=*/true);
+            // dP^T (cols, rows) = V (cols, D) @ dO^T (D, rows)
+            matmul(cols, rows, D, value_rows, value_ld, grad_block_t.data(), rows,
+                   grad_scores_t.data(), rows, /*accumulate=*/false);
+            // dS^T = P^T * (dP^T - Delta), the scale is applied to dk / dq at the end.
+            for (int64_t c = 0; c < cols; ++c) {
+              softmax_grad(probs_t.data() + c * rows, grad_scores_t.data() + c * rows, rows,
+                           delta_block.data());
+            }
+            // dK (cols, D) += dS^T (cols, rows) @ Q (rows, D)
+            matmul(cols, D, rows, grad_scores_t.data(), rows, query_rows, query_ld,
+                   dk_acc.data(), D, /*accumulate=*/true);
+            // dQ^T (D, rows) += K^T (D, cols) @ dS^T (cols, rows), rows query_start.. of (D, Tq)
+            matmul(D, rows, cols, key_block_t.data(), cols, grad_scores_t.data(), rows,
+                   dq_transposed + query_start, Tq, /*accumulate=*/true);
+          }
+        }
+
+        scalar_t* dk_rows = dk_data + (kv_head_index * Tk + key_start) * D;
+        scalar_t* dv_rows = dv_data + (kv_head_index * Tk + key_start) * D;
+        for (int64_t i = 0; i < cols * D; ++i) {
+          dk_rows[i] = static_cast<scalar_t>(dk_acc[i] * scale_value);
+          dv_rows[i] = static_cast<scalar_t>(dv_acc[i]);
+        }
+      }
+    }
+  });
+}
+
+// dq (B, Hq, Tq, D) = scale * sum over splits of dq_partial (splits, B, Hq, D, Tq)^T.
+template <typename scalar_t>
+void reduce_dq(const compute_t<scalar_t>* dq_partial, int64_t splits, double scale,
+               at::Tensor& dq) {
+  using acc_t = compute_t<scalar_t>;
+  const int64_t heads = dq.size(0) * dq.size(1), Tq = dq.size(2), D = dq.size(3);
+  scalar_t* dq_data = dq.data_ptr<scalar_t>();
+  const acc_t scale_value = static_cast<acc_t>(scale);
+  const int64_t time_blocks = ceil_div(Tq, kBlockQuery);
+  at::parallel_for(0, heads * time_blocks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> tile(kBlockQuery * D);  // (BQ, D)
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t head_index = item / time_blocks;
+      const int64_t time_start = (item % time_blocks) * kBlockQuery;
+      const int64_t rows = std::min(kBlockQuery, Tq - time_start);
+      std::fill(tile.begin(), tile.end(), acc_t(0));
+      for (int64_t split = 0; split < splits; ++split) {
+        const acc_t* src = dq_partial + (split * heads + head_index) * D * Tq;  // (D, Tq)
+        for (int64_t d = 0; d < D; ++d)
+          for (int64_t r = 0; r < rows; ++r) tile[r * D + d] += src[d * Tq + time_start + r];
+      }
+      scalar_t* dst = dq_data + (head_index * Tq + time_start) * D;
+      for (int64_t i = 0; i < rows * D; ++i) dst[i] = static_cast<scalar_t>(tile[i] * scale_value);
+    }
+  });
+}
+
+int64_t clamp_offset(int64_t causal_offset, int64_t Tq, int64_t Tk) {
+  // Beyond these bounds the mask is all-visible / all-hidden anyway; clamping
+  // keeps every index computation far from overflow.
+  return std::clamp<int64_t>(causal_offset, -Tq, Tk);
+}
+
+at::ScalarType lse_dtype(const at::Tensor& q) {
+  return q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q, const at::Tensor& k,
+                                                 const at::Tensor& v, double scale, bool causal,
+                                                 int64_t causal_offset) {
+  const int64_t B = q.size(0), Hq = q.size(1), Tq = q.size(2), D = q.size(3);
+  const int64_t Hkv = k.size(1), Tk = k.size(2);
+  TORCH_CHECK(Hkv > 0 ? Hq % Hkv == 0 : Hq == 0, "attention_fwd: Hq must be a multiple of Hkv");
+  causal_offset = clamp_offset(causal_offset, Tq, Tk);
+  at::Tensor out = at::empty({B, Hq, Tq, D}, q.options());                       // (B, Hq, Tq, D)
+  at::Tensor lse = at::empty({B, Hq, Tq}, q.options().dtype(lse_dtype(q)));  // (B, Hq, Tq)
+  if (out.numel() == 0 && lse.numel() == 0) return {out, lse};
+
+  if (Tk == 0 || D == 0) {
+    // Every score is 0 (D == 0) or there is no key (Tk == 0): the output is
+    // zero and lse = log(number of visible keys), -inf when there are none.
+    out.zero_();
+    AT_DISPATCH_FLOATING_TYPES(lse.scalar_type(), "fusedlm_attention_fwd_degenerate", [&] {
+      scalar_t* lse_data = lse.data_ptr<scalar_t>();
+      for (int64_t row = 0; row < lse.numel(); ++row) {
+        const int64_t visible = visible_end(row % Tq, causal, causal_offset, Tk);
+        lse_data[row] = visible > 0 ? static_cast<scalar_t>(std::log(static_cast<double>(visible)))
+                                    : static_cast<scalar_t>(kNegInf);
+      }
+    });
+    return {out, lse};
+  }
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(),
+                                  "fusedlm_attention_fwd", [&] {
+    forward_kernel<scalar_t>(q, k, v, out, lse, scale, causal, causal_offset);
+  });
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& out, const at::Tensor& lse, double scale, bool causal,
+    int64_t causal_offset) {
+  const int64_t B = q.size(0), Hq = q.size(1), Tq = q.size(2), D = q.size(3);
+  const int64_t Hkv = k.size(1), Tk = k.size(2);
+  TORCH_CHECK(Hkv > 0 ? Hq % Hkv == 0 : Hq == 0, "attention_bwd: Hq must be a multiple of Hkv");
+  causal_offset = clamp_offset(causal_offset, Tq, Tk);
+  at::Tensor dq = at::empty({B, Hq, Tq, D}, q.options());   // (B, Hq, Tq, D)
+  at::Tensor dk = at::empty({B, Hkv, Tk, D}, k.options());  // (B, Hkv, Tk, D)
+  at::Tensor dv = at::empty({B, Hkv, Tk, D}, v.options());  // (B, Hkv, Tk, D)
+  if (B == 0 || Hq == 0 || Tq == 0 || Tk == 0 || D == 0) {
+    // No (query, key) pair contributes: every gradient is zero.
+    dq.zero_();
+    dk.zero_();
+    dv.zero_();
+    return {dq, dk, dv};
+  }
+
+  // Splitting each kv head's key range gives enough work items to fill the
+  // threads even when B * Hkv is small; each split owns its dk/dv rows and
+  // writes its own dq partial, so the result is deterministic.
+  // The partials cost splits * |dq| floats, so the split count is also capped by
+  // a memory budget (at least one split always fits: it is dq itself in float).
+  const int64_t key_blocks = ceil_div(Tk, kBwdBlockKey);
+  const int64_t wanted_items = 2 * static_cast<int64_t>(at::get_num_threads());
+  const int64_t partial_bytes = B * Hq * Tq * D * static_cast<int64_t>(sizeof(float));
+  const int64_t max_splits_by_memory = std::max<int64_t>(1, kDqPartialBudgetBytes / partial_bytes);
+  const int64_t splits = std::clamp<int64_t>(ceil_div(wanted_items, B * Hkv), 1,
+                                             std::min(key_blocks, max_splits_by_memory));
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(),
+                                  "fusedlm_attention_bwd", [&] {
+    using acc_t = compute_t<scalar_t>;
+    const at::ScalarType acc_dtype = lse_dtype(q);
+    // lse may come in with any strides (or dtype): one contiguous copy, O(T) per head.
+    const at::Tensor lse_c = lse.to(acc_dtype).contiguous();  // (B, Hq, Tq)
+    // The kernels read grad_out / out as q's dtype; .to is a no-op when they already are.
+    const at::Tensor grad_out_c = grad_out.to(q.scalar_type());  // (B, Hq, Tq, D)
+    const at::Tensor out_c = out.to(q.scalar_type());            // (B, Hq, Tq, D)
+    at::Tensor delta = at::empty({B, Hq, Tq}, q.options().dtype(acc_dtype));  // (B, Hq, Tq)
+    compute_delta<scalar_t>(grad_out_c, out_c, delta.data_ptr<acc_t>());
+    at::Tensor dq_partial =
+        at::zeros({splits, B, Hq, D, Tq}, q.options().dtype(acc_dtype));  // (splits, B, Hq, D, Tq)
+    backward_kernel<scalar_t>(grad_out_c, q, k, v, lse_c.const_data_ptr<acc_t>(),
+                              delta.const_data_ptr<acc_t>(), dq_partial.data_ptr<acc_t>(),
+                              splits, dk, dv, scale, causal, causal_offset);
+    reduce_dq<scalar_t>(dq_partial.const_data_ptr<acc_t>(), splits, scale, dq);
+  });
+  return {dq, dk, dv};
+}
+
+}  // namespace fusedlm::cpu
