@@ -11,6 +11,7 @@
 // function chosen at run time from cpuid; everything else (tails, float64,
 // CPUs without AVX2) runs the scalar reference loop.
 #include "adamw.h"
+#include "simd.h"
 
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -26,13 +27,6 @@
 #include <type_traits>
 #include <vector>
 
-#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
-#include <immintrin.h>
-#define FUSEDLM_ADAMW_X86 1
-#define FUSEDLM_ADAMW_AVX2 __attribute__((target("avx2,fma,f16c")))
-#else
-#define FUSEDLM_ADAMW_X86 0
-#endif
 
 namespace fusedlm::cpu {
 namespace {
@@ -41,16 +35,6 @@ namespace {
 // overhead vanishes, small enough that GPT-2-sized lists give hundreds of
 // chunks to balance across threads.
 constexpr int64_t kChunkElems = 32768;
-
-bool cpu_has_avx2() {
-#if FUSEDLM_ADAMW_X86
-  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-                          __builtin_cpu_supports("f16c");
-  return has;
-#else
-  return false;
-#endif
-}
 
 // Scalars of one tensor's update, rounded to the compute type the way the
 // Python scalars of torch.optim.AdamW are when they meet a tensor op.
@@ -108,42 +92,12 @@ C10_ALWAYS_INLINE void update_scalar(p_t* p, const p_t* g, s_t* m, s_t* v, s_t* 
   }
 }
 
-#if FUSEDLM_ADAMW_X86
-// 8-lane loads and stores that widen 16-bit types to float and round back
-// (nearest even, NaN kept quiet, like c10's conversions).
-FUSEDLM_ADAMW_AVX2 C10_ALWAYS_INLINE __m256 load8(const float* src) {
-  return _mm256_loadu_ps(src);
-}
-FUSEDLM_ADAMW_AVX2 C10_ALWAYS_INLINE __m256 load8(const c10::BFloat16* src) {
-  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
-}
-FUSEDLM_ADAMW_AVX2 C10_ALWAYS_INLINE __m256 load8(const c10::Half* src) {
-  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src)));
-}
-FUSEDLM_ADAMW_AVX2 C10_ALWAYS_INLINE void store8(float* dst, __m256 v) {
-  _mm256_storeu_ps(dst, v);
-}
-FUSEDLM_ADAMW_AVX2 C10_ALWAYS_INLINE void store8(c10::BFloat16* dst, __m256 v) {
-  const __m256i u = _mm256_castps_si256(v);
-  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
-  __m256i r = _mm256_srli_epi32(
-      _mm256_add_epi32(u, _mm256_add_epi32(_mm256_set1_epi32(0x7FFF), lsb)), 16);
-  const __m256i is_nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
-  r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7FC0), is_nan);
-  _mm_storeu_si128(reinterpret_cast<__m128i*>(dst),
-                   _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1)));
-}
-FUSEDLM_ADAMW_AVX2 C10_ALWAYS_INLINE void store8(c10::Half* dst, __m256 v) {
-  _mm_storeu_si128(reinterpret_cast<__m128i*>(dst),
-                   _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
-}
-
+#if FUSEDLM_X86
 // AVX2 update of elements [begin, end) for float compute; same op order as
 // update_scalar, which finishes the tail.
 // p, g: (numel) param dtype; m, v, vmax: (numel) state dtype
 template <typename p_t, typename s_t>
-FUSEDLM_ADAMW_AVX2 void update_avx2(p_t* p, const p_t* g, s_t* m, s_t* v, s_t* vmax,
+FUSEDLM_TARGET_AVX2 void update_avx2(p_t* p, const p_t* g, s_t* m, s_t* v, s_t* vmax,
                                     const UpdateScalars<float>& s, int64_t begin,
                                     int64_t end) {
   const __m256 decay = _mm256_set1_ps(s.decay);
@@ -158,29 +112,29 @@ FUSEDLM_ADAMW_AVX2 void update_avx2(p_t* p, const p_t* g, s_t* m, s_t* v, s_t* v
   const __m256 grad_sign = _mm256_set1_ps(s.maximize ? -0.0f : 0.0f);
   int64_t i = begin;
   for (; i + 8 <= end; i += 8) {
-    const __m256 grad = _mm256_xor_ps(load8(g + i), grad_sign);
-    const __m256 param = _mm256_mul_ps(load8(p + i), decay);
-    const __m256 m_old = load8(m + i);
+    const __m256 grad = _mm256_xor_ps(simd::load8(g + i), grad_sign);
+    const __m256 param = _mm256_mul_ps(simd::load8(p + i), decay);
+    const __m256 m_old = simd::load8(m + i);
     const __m256 diff = _mm256_sub_ps(grad, m_old);
     const __m256 m_new =
         s.lerp_weight_small ? _mm256_add_ps(m_old, _mm256_mul_ps(lerp_weight, diff))
                             : _mm256_sub_ps(grad, _mm256_mul_ps(diff, one_minus_lerp_weight));
-    const __m256 v_new = _mm256_add_ps(_mm256_mul_ps(load8(v + i), beta2),
+    const __m256 v_new = _mm256_add_ps(_mm256_mul_ps(simd::load8(v + i), beta2),
                                        _mm256_mul_ps(_mm256_mul_ps(one_minus_beta2, grad), grad));
     __m256 v_used = v_new;
     if (s.amsgrad) {
-      const __m256 vmax_old = load8(vmax + i);
+      const __m256 vmax_old = simd::load8(vmax + i);
       // max_ps returns its second operand when either is NaN, which keeps a
       // NaN v_new; the blend keeps a NaN vmax_old, as torch.maximum does.
       v_used = _mm256_max_ps(vmax_old, v_new);
       v_used = _mm256_blendv_ps(v_used, vmax_old, _mm256_cmp_ps(vmax_old, vmax_old, _CMP_UNORD_Q));
-      store8(vmax + i, v_used);
+      simd::store8(vmax + i, v_used);
     }
     const __m256 denom = _mm256_add_ps(_mm256_div_ps(_mm256_sqrt_ps(v_used), bc2_sqrt), eps);
-    store8(p + i,
+    simd::store8(p + i,
            _mm256_add_ps(param, _mm256_div_ps(_mm256_mul_ps(neg_step_size, m_new), denom)));
-    store8(m + i, m_new);
-    store8(v + i, v_new);
+    simd::store8(m + i, m_new);
+    simd::store8(v + i, v_new);
   }
   update_scalar(p, g, m, v, vmax, s, i, end);
 }
@@ -196,7 +150,7 @@ void update_range(const TensorPtrs& t, const UpdateScalars<at::opmath_type<p_t>>
   auto* m = static_cast<s_t*>(t.exp_avg);                // (numel)
   auto* v = static_cast<s_t*>(t.exp_avg_sq);             // (numel)
   auto* vmax = static_cast<s_t*>(t.max_exp_avg_sq);      // (numel) or nullptr
-#if FUSEDLM_ADAMW_X86
+#if FUSEDLM_X86
   if constexpr (std::is_same_v<opmath_t, float>) {
     if (cpu_has_avx2()) {
       update_avx2(p, g, m, v, vmax, s, begin, end);

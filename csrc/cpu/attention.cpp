@@ -15,6 +15,7 @@
 //   at runtime.
 
 #include "cpu/attention.h"
+#include "cpu/simd.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -30,15 +31,6 @@
 #include <type_traits>
 #include <vector>
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#define FUSEDLM_ATTENTION_HAVE_AVX2_PATH 1
-#include <immintrin.h>
-// The project is compiled for baseline x86-64, so the AVX2 helpers opt in per
-// function and are only called after a runtime CPU check.
-#define FUSEDLM_TARGET_AVX2 __attribute__((target("avx2,fma")))
-#else
-#define FUSEDLM_ATTENTION_HAVE_AVX2_PATH 0
-#endif
 
 namespace fusedlm::cpu {
 namespace {
@@ -123,7 +115,7 @@ void transpose_generic(const acc_t* src, int64_t ld_src, int64_t rows, int64_t D
     for (int64_t d = 0; d < D; ++d) dst[d * ld_dst + r] = src[r * ld_src + d];
 }
 
-#if FUSEDLM_ATTENTION_HAVE_AVX2_PATH
+#if FUSEDLM_X86
 namespace avx2 {
 // Same contract as transpose_generic, in 8 x 8 register tiles: a scalar
 // transpose writes one float per cache line and was a large share of the runtime.
@@ -161,7 +153,6 @@ FUSEDLM_TARGET_AVX2 void transpose(const float* src, int64_t ld_src, int64_t row
     for (int64_t d = 0; d < D; ++d) dst[d * ld_dst + r0] = src[r0 * ld_src + d];
 }
 }  // namespace avx2
-bool cpu_has_avx2();
 #endif
 
 void transpose(const double* src, int64_t ld_src, int64_t rows, int64_t D, double* dst,
@@ -170,7 +161,7 @@ void transpose(const double* src, int64_t ld_src, int64_t rows, int64_t D, doubl
 }
 void transpose(const float* src, int64_t ld_src, int64_t rows, int64_t D, float* dst,
                int64_t ld_dst) {
-#if FUSEDLM_ATTENTION_HAVE_AVX2_PATH
+#if FUSEDLM_X86
   if (cpu_has_avx2()) return avx2::transpose(src, ld_src, rows, D, dst, ld_dst);
 #endif
   transpose_generic(src, ld_src, rows, D, dst, ld_dst);
@@ -260,7 +251,7 @@ void softmax_grad_generic(const acc_t* probs, acc_t* grad, int64_t n, const acc_
 
 // ---- AVX2 versions for float: the exp is what the softmax spends its time on ----
 
-#if FUSEDLM_ATTENTION_HAVE_AVX2_PATH
+#if FUSEDLM_X86
 namespace avx2 {
 
 // exp(x) with a Cephes-style degree-6 polynomial (about 1 ulp on [-87, 88]).
@@ -365,13 +356,6 @@ FUSEDLM_TARGET_AVX2 void softmax_grad(const float* probs, float* grad, int64_t n
 
 }  // namespace avx2
 
-bool cpu_has_avx2() {
-  static const bool value = [] {
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  }();
-  return value;
-}
 #endif
 
 // Overloads the kernels call: float goes to AVX2 when the CPU has it.
@@ -387,25 +371,25 @@ void softmax_grad(const double* probs, double* grad, int64_t n, const double* de
 }
 
 float row_max(const float* x, int64_t n) {
-#if FUSEDLM_ATTENTION_HAVE_AVX2_PATH
+#if FUSEDLM_X86
   if (cpu_has_avx2()) return avx2::row_max(x, n);
 #endif
   return row_max_generic(x, n);
 }
 float exp_shift_sum(float* x, int64_t n, float shift) {
-#if FUSEDLM_ATTENTION_HAVE_AVX2_PATH
+#if FUSEDLM_X86
   if (cpu_has_avx2()) return avx2::exp_shift_sum(x, n, shift);
 #endif
   return exp_shift_sum_generic(x, n, shift);
 }
 void exp_scale_shift(float* x, int64_t n, float scale, const float* shift) {
-#if FUSEDLM_ATTENTION_HAVE_AVX2_PATH
+#if FUSEDLM_X86
   if (cpu_has_avx2()) return avx2::exp_scale_shift(x, n, scale, shift);
 #endif
   exp_scale_shift_generic(x, n, scale, shift);
 }
 void softmax_grad(const float* probs, float* grad, int64_t n, const float* delta) {
-#if FUSEDLM_ATTENTION_HAVE_AVX2_PATH
+#if FUSEDLM_X86
   if (cpu_has_avx2()) return avx2::softmax_grad(probs, grad, n, delta);
 #endif
   softmax_grad_generic(probs, grad, n, delta);

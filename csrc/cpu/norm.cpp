@@ -11,6 +11,7 @@
 // wrapper is picked at run time from cpuid. The loop bodies are always_inline
 // so GCC vectorizes them with the ISA of whichever wrapper they land in.
 #include "norm.h"
+#include "simd.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -29,13 +30,6 @@
 #include <type_traits>
 #include <vector>
 
-#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
-#include <immintrin.h>
-#define FUSEDLM_NORM_X86 1
-#define FUSEDLM_NORM_AVX2 __attribute__((target("avx2,fma,f16c")))
-#else
-#define FUSEDLM_NORM_X86 0
-#endif
 
 namespace fusedlm::cpu {
 namespace {
@@ -51,73 +45,14 @@ constexpr int64_t kGrainElems = 32768;
 // this stays near float rounding.
 constexpr int64_t kSumBlock = 1024;
 
-bool cpu_has_avx2() {
-#if FUSEDLM_NORM_X86
-  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-                          __builtin_cpu_supports("f16c");
-  return has;
-#else
-  return false;
-#endif
-}
-
-#if FUSEDLM_NORM_X86
-// 16-bit <-> float row conversions. GCC does not vectorize c10's scalar
-// conversions (bfloat16 rounding branches on NaN, half goes through bit
-// tricks), and they run on every element, so AVX2 gets explicit versions.
-
-// src: (n) bfloat16; dst: (n) float
-FUSEDLM_NORM_AVX2 void convert_avx2(const c10::BFloat16* src, float* dst, int64_t n) {
+#if FUSEDLM_X86
+// 16-bit <-> float row conversions, 8 lanes at a time.
+// src: (n); dst: (n)
+template <typename src_t, typename dst_t>
+FUSEDLM_TARGET_AVX2 void convert_avx2(const src_t* src, dst_t* dst, int64_t n) {
   int64_t i = 0;
-  for (; i + 8 <= n; i += 8) {
-    // bfloat16 is the top half of a float: widen and shift into place.
-    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i));
-    const __m256i w = _mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16);
-    _mm256_storeu_ps(dst + i, _mm256_castsi256_ps(w));
-  }
-  for (; i < n; ++i) dst[i] = static_cast<float>(src[i]);
-}
-
-// src: (n) float; dst: (n) bfloat16, round to nearest even like c10::BFloat16
-FUSEDLM_NORM_AVX2 void convert_avx2(const float* src, c10::BFloat16* dst, int64_t n) {
-  int64_t i = 0;
-  const __m256i one = _mm256_set1_epi32(1);
-  const __m256i bias = _mm256_set1_epi32(0x7FFF);
-  const __m256i nan16 = _mm256_set1_epi32(0x7FC0);
-  for (; i + 8 <= n; i += 8) {
-    const __m256 v = _mm256_loadu_ps(src + i);
-    const __m256i u = _mm256_castps_si256(v);
-    const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), one);
-    __m256i r = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(bias, lsb)), 16);
-    // Rounding a NaN's payload could carry into the exponent; c10 writes a
-    // canonical quiet NaN instead, and so do we.
-    const __m256i is_nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
-    r = _mm256_blendv_epi8(r, nan16, is_nan);
-    const __m128i packed =
-        _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i), packed);
-  }
-  for (; i < n; ++i) dst[i] = static_cast<c10::BFloat16>(src[i]);
-}
-
-// src: (n) float16; dst: (n) float
-FUSEDLM_NORM_AVX2 void convert_avx2(const c10::Half* src, float* dst, int64_t n) {
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8) {
-    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i));
-    _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(h));
-  }
-  for (; i < n; ++i) dst[i] = static_cast<float>(src[i]);
-}
-
-// src: (n) float; dst: (n) float16
-FUSEDLM_NORM_AVX2 void convert_avx2(const float* src, c10::Half* dst, int64_t n) {
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8) {
-    const __m128i h = _mm256_cvtps_ph(_mm256_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT);
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i), h);
-  }
-  for (; i < n; ++i) dst[i] = static_cast<c10::Half>(src[i]);
+  for (; i + 8 <= n; i += 8) simd::store8(dst + i, simd::load8(src + i));
+  for (; i < n; ++i) dst[i] = static_cast<dst_t>(src[i]);
 }
 #endif
 
@@ -127,7 +62,7 @@ constexpr bool kIs16Bit = std::is_same_v<T, c10::BFloat16> || std::is_same_v<T, 
 // src: (n); dst: (n)
 template <bool kAvx2, typename src_t, typename dst_t>
 C10_ALWAYS_INLINE void convert_row(const src_t* src, dst_t* dst, int64_t n) {
-#if FUSEDLM_NORM_X86
+#if FUSEDLM_X86
   if constexpr (kAvx2 && std::is_same_v<dst_t, float> && kIs16Bit<src_t>) {
     convert_avx2(src, dst, n);
     return;
@@ -438,9 +373,9 @@ struct NormBwd {
   }
 };
 
-#if FUSEDLM_NORM_X86
+#if FUSEDLM_X86
 template <typename Kernel, typename... Extra>
-FUSEDLM_NORM_AVX2 void run_rows_avx2(const typename Kernel::Args& a, int64_t row_begin,
+FUSEDLM_TARGET_AVX2 void run_rows_avx2(const typename Kernel::Args& a, int64_t row_begin,
                                      int64_t row_end, Extra... extra) {
   Kernel::template run<true>(a, row_begin, row_end, extra...);
 }
@@ -456,7 +391,7 @@ void run_rows_baseline(const typename Kernel::Args& a, int64_t row_begin, int64_
 template <typename Kernel, typename... Extra>
 void run_rows(const typename Kernel::Args& a, int64_t row_begin, int64_t row_end,
               Extra... extra) {
-#if FUSEDLM_NORM_X86
+#if FUSEDLM_X86
   if (cpu_has_avx2()) {
     run_rows_avx2<Kernel>(a, row_begin, row_end, extra...);
     return;
