@@ -543,11 +543,9 @@ std::tuple<at::Tensor, std::optional<at::Tensor>, std::optional<at::Tensor>> lay
   std::optional<at::Tensor> dweight;
   std::optional<at::Tensor> dbias;
   if (dw_acc.defined()) dweight = dw_acc.to(weight->scalar_type());
-  // Without a weight the bias has nothing to take its dtype from, so its
-  // grad follows x.
-  if (db_acc.defined()) {
-    dbias = db_acc.to(w.defined() ? weight->scalar_type() : x_c.scalar_type());
-  }
+  // Without a weight the bias dtype is unknown here (x's or float32), so its grad stays in
+  // the accumulation dtype and the caller rounds it once to the bias's dtype.
+  if (db_acc.defined()) dbias = w.defined() ? db_acc.to(weight->scalar_type()) : db_acc;
   return {dx, dweight, dbias};
 }
 

@@ -18,7 +18,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd(
     const std::optional<at::Tensor>& bias, double eps);
 
 // grad_y: (M, N); x, mean, rstd, weight as in layer_norm_fwd.
-// returns dx: (M, N) dtype of x; dweight: (N) dtype of weight or None; dbias: (N) or None
+// returns dx: (M, N) dtype of x; dweight: (N) dtype of weight or None; dbias: (N) or None,
+//         in weight's dtype, or float32 (float64 for float64 x) when there is no weight
 std::tuple<at::Tensor, std::optional<at::Tensor>, std::optional<at::Tensor>> layer_norm_bwd(
     const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& mean,
     const at::Tensor& rstd, const std::optional<at::Tensor>& weight, bool has_bias);

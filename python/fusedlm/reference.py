@@ -42,7 +42,8 @@ def layer_norm_fwd(
 def layer_norm_bwd(
     grad_y: Tensor, x: Tensor, mean: Tensor, rstd: Tensor, weight: Tensor | None, has_bias: bool
 ) -> tuple[Tensor, Tensor | None, Tensor | None]:
-    """Returns dx (M, N), dweight (N) or None, dbias (N) or None."""
+    """Returns dx (M, N), dweight (N) or None, dbias (N) or None; dweight and dbias in the
+    weight's dtype (dbias in the compute dtype when there is no weight)."""
     dtype = compute_dtype(x.dtype)
     xc, dy = x.to(dtype), grad_y.to(dtype)
     xhat = (xc - mean[:, None].to(dtype)) * rstd[:, None].to(dtype)
@@ -50,7 +51,7 @@ def layer_norm_bwd(
     dx = rstd[:, None].to(dtype) * (
         g - g.mean(dim=-1, keepdim=True) - xhat * (g * xhat).mean(dim=-1, keepdim=True)
     )
-    param_dtype = weight.dtype if weight is not None else x.dtype
+    param_dtype = weight.dtype if weight is not None else dtype
     dweight = (dy * xhat).sum(dim=0).to(param_dtype) if weight is not None else None
     dbias = dy.sum(dim=0).to(param_dtype) if has_bias else None
     return dx.to(x.dtype), dweight, dbias

@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Sequence
 
 import torch
@@ -62,7 +63,8 @@ def layer_norm_bwd(
     grad_y: Tensor, x: Tensor, mean: Tensor, rstd: Tensor, weight: Tensor | None,
     has_bias: bool, backend: str,
 ) -> list[Tensor]:
-    """Returns [dx (M, N)] + [dweight (N)] if weight + [dbias (N)] if has_bias."""
+    """Returns [dx (M, N)] + [dweight (N)] if weight + [dbias (N)] if has_bias; dweight and
+    dbias in the weight's dtype (dbias in float32/float64 when there is no weight)."""
     impl = LAYER_NORM_BWD.select(backend, x.device, grad_y, x, weight)
     return _present(*impl(grad_y, x, mean, rstd, weight, has_bias))
 
@@ -70,7 +72,7 @@ def layer_norm_bwd(
 @layer_norm_bwd.register_fake
 def _(grad_y, x, mean, rstd, weight, has_bias, backend):
     grads = [torch.empty_like(x, memory_format=torch.contiguous_format)]
-    param_dtype = weight.dtype if weight is not None else x.dtype
+    param_dtype = weight.dtype if weight is not None else stat_dtype(x.dtype)
     if weight is not None:
         grads.append(x.new_empty(x.shape[1:], dtype=param_dtype))
     if has_bias:
@@ -83,6 +85,7 @@ def _layer_norm_setup_context(ctx, inputs, output):
     _, mean, rstd = output
     ctx.save_for_backward(x, weight, mean, rstd)
     ctx.has_bias = bias is not None
+    ctx.bias_dtype = bias.dtype if bias is not None else None
     ctx.backend = backend
     ctx.mark_non_differentiable(mean, rstd)
 
@@ -94,7 +97,7 @@ def _layer_norm_backward(ctx, grad_y, grad_mean, grad_rstd):
     ))
     dx = next(grads)
     dweight = next(grads) if weight is not None else None
-    dbias = next(grads) if ctx.has_bias else None
+    dbias = next(grads).to(ctx.bias_dtype) if ctx.has_bias else None
     return dx, dweight, dbias, None, None
 
 
@@ -163,11 +166,13 @@ def _check_norm_args(
     if isinstance(normalized_shape, int):
         normalized_shape = (normalized_shape,)
     try:
-        normalized_shape = tuple(int(s) for s in normalized_shape)
+        if isinstance(normalized_shape, (str, bytes)) or any(isinstance(s, bool) for s in normalized_shape):
+            raise TypeError
+        normalized_shape = tuple(operator.index(s) for s in normalized_shape)
     except TypeError:
         raise TypeError(
             "argument 'normalized_shape' must be an int or a sequence of ints, got "
-            f"{type(normalized_shape).__name__}"
+            f"{normalized_shape!r}"
         ) from None
     n = len(normalized_shape)
     if n == 0 or n > x.dim() or tuple(x.shape[x.dim() - n:]) != normalized_shape:

@@ -1,0 +1,37 @@
+"""Fixtures shared by the whole suite.
+
+* ``available_backends(device="cpu")`` (from tests/helpers.py): the backends to parametrize over.
+* every test runs with a fixed seed derived from its node id (reproducible, yet each test draws
+  different inputs).
+* tests marked ``gpu`` are skipped when torch.cuda.is_available() is False.
+"""
+
+from __future__ import annotations
+
+import zlib
+
+import pytest
+import torch
+
+from tests.helpers import available_backends, device_of  # noqa: F401  (re-exported)
+
+
+@pytest.fixture(autouse=True)
+def fixed_seed(request):
+    """torch.manual_seed(crc32(test id)) before each test; the seed is returned for reuse."""
+    seed = zlib.crc32(request.node.nodeid.encode())
+    torch.manual_seed(seed)
+    return seed
+
+
+@pytest.fixture(autouse=True)
+def _skip_gpu_without_cuda(request):
+    if request.node.get_closest_marker("gpu") is not None and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU (torch.cuda.is_available() is False)")
+
+
+@pytest.fixture(autouse=True)
+def _no_backend_env(monkeypatch):
+    """Tests choose backends explicitly; an FUSEDLM_BACKEND from the caller's shell must not
+    change what "auto" means inside them."""
+    monkeypatch.delenv("FUSEDLM_BACKEND", raising=False)

@@ -1,0 +1,190 @@
+"""Shared test helpers: backend parametrization and the numerics rule of DESIGN.md.
+
+The rule (FlashAttention's): a kernel's output ``out`` passes when
+
+    max|out - truth| <= 2 * max|out_torch - truth| + atol
+
+where ``truth`` is the op computed in float64 and ``out_torch`` is PyTorch's own computation at
+the input's precision. ``atol`` scales with the magnitude of the truth.
+
+The truths used here are computed independently of ``fusedlm.reference`` (torch's own
+functions in float64, or the naive math written out in this file), so that the ``"torch"``
+backend, which *is* ``fusedlm.reference``, is tested too.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fusedlm
+
+DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
+
+# Absolute slack of the rule, relative to max(1, max|truth|).
+ATOL = {
+    torch.float64: 1e-12,
+    torch.float32: 1e-5,
+    torch.float16: 1e-3,
+    torch.bfloat16: 1e-3,
+}
+
+# Backends that run on a device other than the CPU.
+_GPU_BACKENDS = ("cuda", "triton")
+
+
+def device_of(backend: str) -> str:
+    """The device the tests feed ``backend``'s kernels with."""
+    return "cuda" if backend in _GPU_BACKENDS else "cpu"
+
+
+def available_backends(device: str = "cpu") -> list:
+    """``pytest.param`` per backend to test: "cpu" (skipped with fusedlm.backends()'s reason when
+    the extension is not usable) and "torch" always; "triton"/"cuda" only when available (they
+    run on CUDA tensors and carry the ``gpu`` mark). ``device="cuda"`` lists the GPU ones."""
+    report = fusedlm.backends()
+    params = []
+    if device == "cpu":
+        info = report["cpu"]
+        params.append(
+            pytest.param(
+                "cpu",
+                marks=pytest.mark.skipif(not info.available, reason=f"cpu backend: {info.reason}"),
+                id="cpu",
+            )
+        )
+    for name in _GPU_BACKENDS:
+        if report[name].available:
+            params.append(pytest.param(name, marks=pytest.mark.gpu, id=name))
+    params.append(pytest.param("torch", id="torch"))
+    return params
+
+
+def kernel_backends() -> list:
+    """Backends for tests that need the compiled extension itself (opcheck, gradcheck of "cpu")."""
+    info = fusedlm.backends()["cpu"]
+    return [
+        pytest.param(
+            "cpu",
+            marks=pytest.mark.skipif(not info.available, reason=f"cpu backend: {info.reason}"),
+            id="cpu",
+        )
+    ]
+
+
+def cpu_backend_available() -> bool:
+    return fusedlm.backends()["cpu"].available
+
+
+def cpu_unavailable_reason() -> str:
+    return f"cpu backend: {fusedlm.backends()['cpu'].reason}"
+
+
+def atol_for(dtype: torch.dtype, truth: torch.Tensor, factor: float = 1.0) -> float:
+    """``ATOL[dtype] * factor`` scaled by max(1, max|finite truth|)."""
+    magnitude = truth.detach().abs()
+    if not torch.isfinite(magnitude).all():
+        magnitude = magnitude[torch.isfinite(magnitude)]
+    scale = max(1.0, magnitude.max().item()) if magnitude.numel() else 1.0
+    return ATOL[dtype] * scale * factor
+
+
+def assert_close_rule(
+    out: torch.Tensor,
+    out_torch: torch.Tensor,
+    truth: torch.Tensor,
+    atol: float | None = None,
+    name: str = "output",
+    factor: float = 2.0,
+) -> None:
+    """max|out - truth| <= factor * max|out_torch - truth| + atol, with both errors reported.
+
+    ``out`` and ``out_torch`` must have truth's shape; NaN/Inf must sit where the truth has them
+    (and match its sign for Inf). ``atol`` defaults to ``ATOL[out.dtype]`` times the truth's scale.
+    """
+    assert isinstance(out, torch.Tensor), f"{name}: expected a tensor, got {type(out).__name__}"
+    assert out.shape == truth.shape, (
+        f"{name}: shape {tuple(out.shape)} != expected {tuple(truth.shape)}"
+    )
+    assert out_torch.shape == truth.shape, (
+        f"{name}: torch baseline shape {tuple(out_torch.shape)} != {tuple(truth.shape)}"
+    )
+    out64, torch64, truth64 = (t.detach().to("cpu", torch.float64) for t in (out, out_torch, truth))
+    if atol is None:
+        atol = atol_for(out.dtype, truth64)
+    if out64.numel() == 0:
+        return
+    if torch.isfinite(truth64).all():
+        bad = ~torch.isfinite(out64)
+        assert not bad.any(), (
+            f"{name}: {int(bad.sum())} non-finite values where the truth is finite, first at "
+            f"{tuple(torch.nonzero(bad)[0].tolist())}"
+        )
+        err = (out64 - truth64).abs().max().item()
+        torch_err = torch.nan_to_num((torch64 - truth64).abs(), nan=0.0, posinf=0.0).max().item()
+    else:
+        nan_truth, nan_out = torch.isnan(truth64), torch.isnan(out64)
+        assert torch.equal(nan_out, nan_truth), (
+            f"{name}: NaN pattern differs from the truth: {int(nan_out.sum())} NaN in output, "
+            f"{int(nan_truth.sum())} in truth, first mismatch at "
+            f"{tuple(torch.nonzero(nan_out != nan_truth)[0].tolist())}"
+        )
+        inf_truth = torch.isinf(truth64)
+        assert torch.equal(torch.isinf(out64), inf_truth) and torch.equal(
+            out64[inf_truth], truth64[inf_truth]
+        ), f"{name}: Inf entries differ from the truth"
+        finite = torch.isfinite(truth64)
+        if not finite.any():
+            return
+        err = (out64[finite] - truth64[finite]).abs().max().item()
+        torch_err = (
+            torch.nan_to_num((torch64[finite] - truth64[finite]).abs(), nan=0.0, posinf=0.0)
+            .max()
+            .item()
+        )
+    bound = factor * torch_err + atol
+    assert err <= bound, (
+        f"{name} ({out.dtype}): max|out - truth| = {err:.3e} exceeds {factor} * "
+        f"max|torch - truth| + atol = {factor} * {torch_err:.3e} + {atol:.1e} = {bound:.3e}"
+    )
+
+
+# ---- independent truths --------------------------------------------------------------------
+
+
+def naive_attention(q, k, v, scale=None, causal=False, causal_offset=None):
+    """softmax(q k^T * scale) v written out with torch ops in q's dtype (autograd-able).
+
+    q (B, Hq, Tq, D), k/v (B, Hkv, Tk, D). Key j is visible to query i iff not causal or
+    j <= i + causal_offset (default Tk - Tq, bottom-right). Rows that see no key give 0."""
+    B, Hq, Tq, D = q.shape
+    Tk = k.shape[2]
+    if scale is None:
+        scale = 1.0 / math.sqrt(D)
+    if causal_offset is None:
+        causal_offset = Tk - Tq
+    group = Hq // k.shape[1]
+    k = k.repeat_interleave(group, dim=1)
+    v = v.repeat_interleave(group, dim=1)
+    scores = (q @ k.transpose(-1, -2)) * scale
+    if causal:
+        rows = torch.arange(Tq, device=q.device)[:, None]
+        cols = torch.arange(Tk, device=q.device)[None, :]
+        visible = cols <= rows + causal_offset
+        scores = scores.masked_fill(~visible, float("-inf"))
+        probs = torch.softmax(scores, dim=-1)
+        probs = probs.masked_fill(~visible.any(dim=-1)[:, None], 0.0)
+    else:
+        probs = torch.softmax(scores, dim=-1)
+    return probs @ v
+
+
+def sdpa_truth_and_torch(q, k, v, **kwargs):
+    """(truth in float64, torch's own at q's dtype) for F.scaled_dot_product_attention."""
+    with torch.no_grad():
+        truth = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), **kwargs)
+        same = F.scaled_dot_product_attention(q, k, v, **kwargs)
+    return truth, same

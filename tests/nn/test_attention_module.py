@@ -1,0 +1,83 @@
+"""fusedlm.nn.CausalSelfAttention against the same computation written with torch
+(F.linear + F.scaled_dot_product_attention(is_causal=True))."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fusedlm
+from tests.helpers import assert_close_rule, available_backends, device_of
+
+BACKENDS = available_backends()
+
+
+def _torch_attention_block(module, x):
+    B, T, C = x.shape
+    H, Hkv, D = module.n_head, module.n_kv_head, module.head_dim
+    w, b = module.c_attn.weight.to(x.dtype), module.c_attn.bias
+    qkv = F.linear(x, w, None if b is None else b.to(x.dtype))
+    q, k, v = qkv.split([H * D, Hkv * D, Hkv * D], dim=-1)
+    q = q.view(B, T, H, D).transpose(1, 2)
+    k = k.view(B, T, Hkv, D).transpose(1, 2)
+    v = v.view(B, T, Hkv, D).transpose(1, 2)
+    y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=Hkv != H)
+    wp, bp = module.c_proj.weight.to(x.dtype), module.c_proj.bias
+    return F.linear(y.transpose(1, 2).reshape(B, T, C), wp, None if bp is None else bp.to(x.dtype))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize(
+    ("n_embd", "n_head", "n_kv_head", "bias"),
+    [(64, 4, None, True), (96, 6, 2, False), (48, 4, 1, True), (40, 1, None, True)],
+    ids=["mha", "gqa", "mqa", "one_head"],
+)
+@pytest.mark.parametrize("T", [1, 17, 70])
+def test_causal_self_attention_matches_torch(T, n_embd, n_head, n_kv_head, bias, dtype, backend):
+    device = device_of(backend)
+    module = fusedlm.nn.CausalSelfAttention(
+        n_embd, n_head, n_kv_head, bias=bias, device=device, dtype=dtype, backend=backend
+    )
+    x = torch.randn(2, T, n_embd, device=device, dtype=dtype, requires_grad=True)
+    y = module(x)
+    assert y.shape == x.shape and y.dtype == dtype
+    grad = torch.randn_like(y)
+    params = list(module.parameters())
+    ours = torch.autograd.grad(y, [x, *params], grad)
+
+    y_torch = _torch_attention_block(module, x)
+    theirs = torch.autograd.grad(y_torch, [x, *params], grad)
+    x64 = x.detach().double().requires_grad_(True)
+    module64 = fusedlm.nn.CausalSelfAttention(
+        n_embd, n_head, n_kv_head, bias=bias, device=device, dtype=torch.float64
+    )
+    module64.load_state_dict(module.state_dict())
+    params64 = list(module64.parameters())
+    y_truth = _torch_attention_block(module64, x64)
+    truth = torch.autograd.grad(y_truth, [x64, *params64], grad.double())
+
+    assert_close_rule(y, y_torch, y_truth, name="y")
+    names = ["dx"] + [f"d{n}" for n, _ in module.named_parameters()]
+    for name, g, gt, g64 in zip(names, ours, theirs, truth, strict=True):
+        assert_close_rule(g, gt, g64, name=name)
+
+
+def test_causal_self_attention_is_causal():
+    """Changing a later token does not change earlier outputs."""
+    module = fusedlm.nn.CausalSelfAttention(32, 4)
+    x = torch.randn(1, 10, 32)
+    x2 = x.clone()
+    x2[:, 6:] = torch.randn(1, 4, 32)
+    y, y2 = module(x), module(x2)
+    torch.testing.assert_close(y[:, :6], y2[:, :6], rtol=0, atol=0)
+    assert not torch.allclose(y[:, 6:], y2[:, 6:])
+
+
+@pytest.mark.parametrize(
+    ("args", "match"), [((30, 4), "n_embd"), ((32, 4, 3), "n_kv_head"), ((32, 4, 0), "n_kv_head")]
+)
+def test_causal_self_attention_bad_config(args, match):
+    with pytest.raises(ValueError, match=match):
+        fusedlm.nn.CausalSelfAttention(*args)

@@ -1,0 +1,497 @@
+"""fusedlm.attention / fusedlm.scaled_dot_product_attention and the attention custom ops.
+
+Truth: the naive softmax(q k^T * scale) v of tests/helpers.py in float64 (or torch's SDPA in
+float64); baseline: the same naive math at the input's dtype (or torch's SDPA at that dtype)."""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fusedlm
+from fusedlm.backends import OpDispatch
+from tests.helpers import (
+    assert_close_rule,
+    atol_for,
+    available_backends,
+    device_of,
+    naive_attention,
+)
+
+BACKENDS = available_backends()
+
+# (B, Hq, Hkv, Tq, Tk, D)
+SHAPES = [
+    (1, 1, 1, 1, 1, 8),
+    (2, 2, 2, 17, 17, 40),
+    (1, 2, 2, 113, 113, 64),
+    (1, 2, 2, 17, 113, 72),  # Tq < Tk
+    (1, 2, 2, 113, 17, 64),  # Tq > Tk: causal rows that see no key
+    (1, 2, 2, 1, 33, 8),  # one query (decoding)
+    (1, 6, 2, 17, 40, 64),  # GQA
+    (2, 4, 1, 33, 17, 40),  # MQA, Tq > Tk
+    (1, 1, 1, 17, 17, 256),  # largest head dim
+    (1, 2, 1, 150, 270, 40),  # several (partial) query and key tiles, MQA
+    (1, 2, 2, 270, 140, 72),  # several tiles, Tq > Tk
+]
+SHAPE_IDS = ["B{}-Hq{}-Hkv{}-Tq{}-Tk{}-D{}".format(*s) for s in SHAPES]
+
+
+def _randn(shape, dtype, device, scale=1.0):
+    return (scale * torch.randn(shape, dtype=torch.float64)).to(device, dtype)
+
+
+def _qkv(shape, dtype, device):
+    B, Hq, Hkv, Tq, Tk, D = shape
+    return (
+        _randn((B, Hq, Tq, D), dtype, device),
+        _randn((B, Hkv, Tk, D), dtype, device),
+        _randn((B, Hkv, Tk, D), dtype, device),
+    )
+
+
+def _identity(leaves):
+    return leaves
+
+
+def _check_attention(
+    q,
+    k,
+    v,
+    causal,
+    backend,
+    scale=None,
+    backward=True,
+    leaves=None,
+    rebuild=_identity,
+    grad_atol_factor=1.0,
+):
+    """fusedlm.attention vs the naive truth (float64) and the naive baseline (q's dtype), forward
+    and backward.
+
+    Gradients are taken with respect to ``leaves`` (default: q, k, v); ``rebuild(leaves)`` gives
+    q, k, v (views such as transposes or expands of the leaves)."""
+    if leaves is None:
+        leaves = (q, k, v)
+    dtype = q.dtype
+
+    def run(fn, cast):
+        ls = tuple(t.detach().to(cast).requires_grad_(backward) for t in leaves)
+        return ls, fn(*rebuild(ls))
+
+    ours_leaves, out = run(
+        lambda a, b, c: fusedlm.attention(a, b, c, causal=causal, scale=scale, backend=backend),
+        dtype,
+    )
+    base_leaves, out_torch = run(
+        lambda a, b, c: naive_attention(a, b, c, scale=scale, causal=causal), dtype
+    )
+    truth_leaves, out_truth = run(
+        lambda a, b, c: naive_attention(a, b, c, scale=scale, causal=causal), torch.float64
+    )
+    assert out.dtype == dtype and out.shape == q.shape and out.device == q.device
+    # bfloat16 (forward only): a looser absolute term, its 8-bit mantissa dominates.
+    atol = 1e-2 * max(1.0, out_truth.abs().max().item()) if dtype == torch.bfloat16 else None
+    assert_close_rule(out, out_torch, out_truth, atol=atol, name="out")
+    if not backward:
+        return
+    grad_out = _randn(out.shape, torch.float64, "cpu").to(q.device, dtype)
+    ours = torch.autograd.grad(out, ours_leaves, grad_out)
+    theirs = torch.autograd.grad(out_torch, base_leaves, grad_out)
+    truth = torch.autograd.grad(out_truth, truth_leaves, grad_out.double())
+    for name, g, g_torch, g_truth, src in zip(
+        ("dq", "dk", "dv"), ours, theirs, truth, leaves, strict=True
+    ):
+        assert g.dtype == src.dtype and g.shape == src.shape, f"{name}: {g.dtype} {tuple(g.shape)}"
+        assert_close_rule(
+            g, g_torch, g_truth, atol=atol_for(dtype, g_truth, grad_atol_factor), name=name
+        )
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
+def test_attention(shape, causal, dtype, backend):
+    q, k, v = _qkv(shape, dtype, device_of(backend))
+    _check_attention(q, k, v, causal, backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
+def test_attention_bfloat16_forward(shape, causal, backend):
+    q, k, v = _qkv(shape, torch.bfloat16, device_of(backend))
+    _check_attention(q, k, v, causal, backend, backward=False)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_attention_long_sequence(causal, backend):
+    q, k, v = _qkv((1, 1, 1, 1000, 1000, 64), torch.float32, device_of(backend))
+    _check_attention(q, k, v, causal, backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("scale", [0.05, 1.0, 3.0])
+def test_attention_scale(scale, dtype, backend):
+    q, k, v = _qkv((1, 2, 2, 20, 31, 16), dtype, device_of(backend))
+    _check_attention(q, k, v, True, backend, scale=scale)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_attention_large_logits(dtype, backend):
+    """Scores of magnitude ~100 overflow exp() without a running-max softmax. The backward
+    recomputes the probabilities from a float32 logsumexp of magnitude ~100, whose rounding
+    (~1e-5 relative) the naive softmax does not have: its absolute term is 10x the default."""
+    q, k, v = _qkv((1, 2, 2, 70, 90, 32), dtype, device_of(backend))
+    _check_attention(
+        q * 4,
+        k * 4,
+        v,
+        False,
+        backend,
+        scale=1.0,
+        backward=dtype == torch.float32,
+        grad_atol_factor=10.0,
+    )
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("layout", ["bthd_transposed", "expanded_kv", "sliced"])
+def test_attention_strided_inputs(layout, causal, dtype, backend):
+    """Non-contiguous q/k/v: (B, T, H, D) tensors viewed as (B, H, T, D); k/v expanded from one
+    head (stride 0); slices with a storage offset."""
+    device = device_of(backend)
+    B, Hq, Hkv, Tq, Tk, D = 2, 4, 2, 19, 23, 40
+    if layout == "bthd_transposed":
+        leaves = (
+            _randn((B, Tq, Hq, D), dtype, device),
+            _randn((B, Tk, Hkv, D), dtype, device),
+            _randn((B, Tk, Hkv, D), dtype, device),
+        )
+        rebuild = lambda ls: tuple(t.transpose(1, 2) for t in ls)  # noqa: E731
+    elif layout == "expanded_kv":
+        leaves = (
+            _randn((B, Hq, Tq, D), dtype, device),
+            _randn((B, 1, Tk, D), dtype, device),
+            _randn((B, 1, Tk, D), dtype, device),
+        )
+        rebuild = lambda ls: (ls[0], ls[1].expand(B, Hkv, Tk, D), ls[2].expand(B, Hkv, Tk, D))  # noqa: E731
+    else:
+        leaves = (
+            _randn((B, Hq, Tq + 3, 2 * D), dtype, device),
+            _randn((B, Hkv, Tk + 1, 2 * D), dtype, device),
+            _randn((B, Hkv, Tk + 1, 2 * D), dtype, device),
+        )
+        rebuild = lambda ls: (ls[0][:, :, 3:, D:], ls[1][:, :, 1:, :D], ls[2][:, :, 1:, 3 : D + 3])  # noqa: E731
+    q, k, v = rebuild(leaves)
+    assert not (q.is_contiguous() and k.is_contiguous() and v.is_contiguous())
+    _check_attention(q, k, v, causal, backend, leaves=leaves, rebuild=rebuild)
+
+
+# ---- causal alignment ----------------------------------------------------------------------
+
+
+def _visibility_probe(Tq, Tk, dtype, device):
+    """q = 0 gives uniform attention over the visible keys; v = one-hot of the key index, so
+    out[i, j] = 1 / (number of keys row i sees) if j is visible to i, else 0."""
+    q = torch.zeros(1, 1, Tq, Tk, dtype=dtype, device=device)
+    k = torch.randn(1, 1, Tk, Tk, dtype=dtype, device=device)
+    v = torch.eye(Tk, dtype=dtype, device=device)[None, None]
+    return q, k, v
+
+
+def _expected_visibility(Tq, Tk, offset):
+    visible = torch.arange(Tk)[None, :] <= torch.arange(Tq)[:, None] + offset
+    counts = visible.sum(-1, keepdim=True).clamp(min=1)
+    return visible.double() / counts
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(("Tq", "Tk"), [(3, 5), (5, 3), (4, 4), (1, 7), (70, 130), (130, 70)])
+def test_attention_causal_is_bottom_right(Tq, Tk, backend):
+    q, k, v = _visibility_probe(Tq, Tk, torch.float64, device_of(backend))
+    out = fusedlm.attention(q, k, v, causal=True, backend=backend)[0, 0].cpu()
+    torch.testing.assert_close(out, _expected_visibility(Tq, Tk, Tk - Tq), rtol=1e-12, atol=1e-12)
+    if Tq > Tk:  # the first Tq - Tk queries see no key: their output is exactly 0
+        assert torch.equal(out[: Tq - Tk], torch.zeros(Tq - Tk, Tk, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_attention_fully_masked_rows_have_zero_grads(backend):
+    device = device_of(backend)
+    q, k, v = (t.requires_grad_(True) for t in _qkv((1, 2, 2, 9, 4, 8), torch.float32, device))
+    out = fusedlm.attention(q, k, v, causal=True, backend=backend)
+    (dq,) = torch.autograd.grad(out, q, torch.randn_like(out))
+    assert torch.equal(out[:, :, :5], torch.zeros_like(out[:, :, :5]))
+    assert torch.equal(dq[:, :, :5], torch.zeros_like(dq[:, :, :5]))
+    assert torch.isfinite(dq).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(("Tq", "Tk"), [(3, 5), (5, 3), (70, 130), (130, 70)])
+def test_sdpa_is_causal_is_top_left(Tq, Tk, backend, monkeypatch):
+    monkeypatch.setenv("FUSEDLM_BACKEND", backend)
+    q, k, v = _visibility_probe(Tq, Tk, torch.float64, device_of(backend))
+    OpDispatch.last_choice.pop("attention_fwd", None)
+    out = fusedlm.scaled_dot_product_attention(q, k, v, is_causal=True)[0, 0].cpu()
+    assert OpDispatch.last_choice.get("attention_fwd") == backend, (
+        "the call did not reach fusedlm's kernels"
+    )
+    torch.testing.assert_close(out, _expected_visibility(Tq, Tk, 0), rtol=1e-12, atol=1e-12)
+
+
+# ---- fusedlm.scaled_dot_product_attention == torch's ---------------------------------------
+
+# (query shape, key shape, kwargs)
+SDPA_CASES = [
+    ((2, 3, 17, 32), (2, 3, 17, 32), {}),
+    ((2, 3, 17, 32), (2, 3, 29, 32), {"is_causal": True}),
+    ((2, 3, 29, 32), (2, 3, 17, 32), {"is_causal": True}),
+    ((1, 2, 40, 64), (1, 2, 40, 64), {"is_causal": True, "scale": 0.3}),
+    ((1, 2, 11, 40), (1, 2, 23, 40), {"scale": 2.0}),
+    ((2, 6, 21, 16), (2, 2, 33, 16), {"is_causal": True, "enable_gqa": True}),
+    ((1, 4, 9, 16), (1, 1, 9, 16), {"enable_gqa": True}),
+    ((3, 17, 24), (3, 25, 24), {}),
+    ((3, 25, 24), (3, 17, 24), {"is_causal": True}),
+]
+SDPA_IDS = [
+    "q{}-k{}-{}".format(
+        "x".join(map(str, q)), "x".join(map(str, k)), "-".join(f"{a}={b}" for a, b in kw.items())
+    )
+    for q, k, kw in SDPA_CASES
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize(("q_shape", "k_shape", "kwargs"), SDPA_CASES, ids=SDPA_IDS)
+def test_sdpa_matches_torch(q_shape, k_shape, kwargs, dtype, backend, monkeypatch):
+    monkeypatch.setenv("FUSEDLM_BACKEND", backend)
+    device = device_of(backend)
+    q = _randn(q_shape, dtype, device).requires_grad_(True)
+    k = _randn(k_shape, dtype, device).requires_grad_(True)
+    v = _randn(k_shape, dtype, device).requires_grad_(True)
+    OpDispatch.last_choice.pop("attention_fwd", None)
+    out = fusedlm.scaled_dot_product_attention(q, k, v, **kwargs)
+    assert OpDispatch.last_choice.get("attention_fwd") == backend, (
+        "the call did not reach fusedlm's kernels"
+    )
+
+    q64, k64, v64 = (t.detach().double().requires_grad_(True) for t in (q, k, v))
+    qt, kt, vt = (t.detach().clone().requires_grad_(True) for t in (q, k, v))
+    truth = F.scaled_dot_product_attention(q64, k64, v64, **kwargs)
+    same = F.scaled_dot_product_attention(qt, kt, vt, **kwargs)
+    assert out.shape == same.shape and out.dtype == same.dtype
+    assert_close_rule(out, same, truth, name="out")
+    grad = torch.randn_like(out)
+    ours = torch.autograd.grad(out, (q, k, v), grad)
+    theirs = torch.autograd.grad(same, (qt, kt, vt), grad)
+    truths = torch.autograd.grad(truth, (q64, k64, v64), grad.double())
+    for name, g, gt, g64 in zip("qkv", ours, theirs, truths, strict=True):
+        assert_close_rule(g, gt, g64, name=f"d{name}")
+
+
+@pytest.mark.parametrize("backend", ["auto", *BACKENDS])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"attn_mask": "bool"},
+        {"attn_mask": "float"},
+        {"attn_mask": "bool", "scale": 0.5},
+        {"dropout_p": 0.3},
+        {"dropout_p": 0.5, "is_causal": True},
+    ],
+    ids=["bool_mask", "float_mask", "bool_mask_scale", "dropout", "dropout_causal"],
+)
+def test_sdpa_falls_back_to_torch(kwargs, backend, monkeypatch):
+    """What the kernels cannot do (masks, dropout) gives exactly torch's result."""
+    if backend != "auto":
+        monkeypatch.setenv("FUSEDLM_BACKEND", backend)
+    device = device_of(backend) if backend != "auto" else "cpu"
+    q, k, v = _qkv((2, 2, 2, 13, 17, 16), torch.float32, device)
+    kwargs = dict(kwargs)
+    if kwargs.get("attn_mask") == "bool":
+        kwargs["attn_mask"] = torch.rand(13, 17, device=device) > 0.3
+    elif kwargs.get("attn_mask") == "float":
+        kwargs["attn_mask"] = torch.randn(2, 1, 13, 17, device=device)
+    torch.manual_seed(1234)
+    ours = fusedlm.scaled_dot_product_attention(q, k, v, **kwargs)
+    torch.manual_seed(1234)
+    theirs = F.scaled_dot_product_attention(q, k, v, **kwargs)
+    assert torch.equal(torch.isnan(ours), torch.isnan(theirs))
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=0, equal_nan=True)
+
+
+def test_sdpa_head_mismatch_without_enable_gqa_raises_like_torch():
+    q, k, v = _qkv((1, 4, 2, 5, 5, 8), torch.float32, "cpu")
+    with pytest.raises(RuntimeError) as theirs:
+        F.scaled_dot_product_attention(q, k, v)
+    with pytest.raises(type(theirs.value)):
+        fusedlm.scaled_dot_product_attention(q, k, v)
+
+
+def test_sdpa_signature_is_torchs():
+    import inspect
+
+    ours = inspect.signature(fusedlm.scaled_dot_product_attention)
+    names = list(ours.parameters)
+    assert names == [
+        "query",
+        "key",
+        "value",
+        "attn_mask",
+        "dropout_p",
+        "is_causal",
+        "scale",
+        "enable_gqa",
+    ]
+    defaults = {
+        n: p.default for n, p in ours.parameters.items() if p.default is not inspect.Parameter.empty
+    }
+    assert defaults == {
+        "attn_mask": None,
+        "dropout_p": 0.0,
+        "is_causal": False,
+        "scale": None,
+        "enable_gqa": False,
+    }
+
+
+# ---- gradcheck / opcheck -------------------------------------------------------------------
+
+
+GRADCHECK_SHAPES = [(1, 2, 1, 3, 5, 4), (1, 2, 2, 5, 3, 4), (2, 1, 1, 4, 4, 3)]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize(
+    "shape",
+    GRADCHECK_SHAPES,
+    ids=["B{}-Hq{}-Hkv{}-Tq{}-Tk{}-D{}".format(*s) for s in GRADCHECK_SHAPES],
+)
+def test_attention_gradcheck(shape, causal, backend):
+    q, k, v = (t.requires_grad_(True) for t in _qkv(shape, torch.float64, device_of(backend)))
+    assert torch.autograd.gradcheck(
+        lambda a, b, c: fusedlm.attention(a, b, c, causal=causal, backend=backend), (q, k, v)
+    )
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_opcheck_attention(causal, dtype, backend):
+    device = device_of(backend)
+    q, k, v = (t.requires_grad_(True) for t in _qkv((1, 4, 2, 7, 9, 16), dtype, device))
+    scale, offset = 0.25, 9 - 7
+    torch.library.opcheck(
+        torch.ops.fusedlm.attention_fwd.default, (q, k, v, scale, causal, offset, backend)
+    )
+    with torch.no_grad():
+        out, lse = torch.ops.fusedlm.attention_fwd(q, k, v, scale, causal, offset, backend)
+    grad_out = torch.randn_like(out)
+    torch.library.opcheck(
+        torch.ops.fusedlm.attention_bwd.default,
+        (grad_out, q.detach(), k.detach(), v.detach(), out, lse, scale, causal, offset, backend),
+    )
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+def test_attention_fwd_op_lse(dtype, backend):
+    """The op's lse is logsumexp of the visible scores (float32, float64 for float64 inputs),
+    -inf on rows that see no key, for any causal_offset (top-left 0 included)."""
+    device = device_of(backend)
+    q, k, v = _qkv((1, 2, 2, 9, 6, 8), dtype, device)
+    for offset in (-3, 0, 6 - 9):
+        out, lse = torch.ops.fusedlm.attention_fwd(q, k, v, 0.5, True, offset, backend)
+        assert lse.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+        scores = (q.double() @ k.double().transpose(-1, -2)) * 0.5
+        visible = torch.arange(6)[None, :] <= torch.arange(9)[:, None] + offset
+        expected = scores.masked_fill(~visible.to(device), -math.inf).logsumexp(-1)
+        tol = 1e-12 if dtype == torch.float64 else 1e-5
+        torch.testing.assert_close(lse.double(), expected, rtol=tol, atol=tol)
+        truth = naive_attention(
+            q.double(), k.double(), v.double(), scale=0.5, causal=True, causal_offset=offset
+        )
+        base = naive_attention(q, k, v, scale=0.5, causal=True, causal_offset=offset)
+        atol = 1e-2 if dtype == torch.bfloat16 else None
+        assert_close_rule(out, base, truth, atol=atol, name=f"out (offset {offset})")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_attention_empty_inputs(backend):
+    device = device_of(backend)
+    for shape in [(0, 2, 2, 5, 5, 8), (1, 2, 2, 0, 5, 8), (1, 2, 2, 5, 0, 8)]:
+        q, k, v = (t.requires_grad_(True) for t in _qkv(shape, torch.float32, device))
+        out = fusedlm.attention(q, k, v, causal=False, backend=backend)
+        assert out.shape == q.shape
+        out.sum().backward()
+        if shape[4] == 0:  # no keys: every row sees nothing and gives 0
+            assert torch.equal(out, torch.zeros_like(out))
+
+
+# ---- memory: the cpu kernels never hold a T x T matrix ---------------------------------------
+
+_MEMORY_SCRIPT = textwrap.dedent(
+    """
+    import resource, sys, torch, fusedlm
+    backend, backward = sys.argv[1], sys.argv[2] == "1"
+    T = 8192
+    q, k, v = (torch.randn(1, 1, T, 64, requires_grad=backward) for _ in range(3))
+    fusedlm.attention(q[:, :, :64], k[:, :, :64], v[:, :, :64], causal=True, backend=backend)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    out = fusedlm.attention(q, k, v, causal=True, backend=backend)
+    if backward:
+        out.sum().backward()
+    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print((after - before) * 1024)  # ru_maxrss is in KiB on Linux
+    """
+)
+
+
+def _peak_rss_growth(backend: str, backward: bool) -> int:
+    env = {**os.environ, "OMP_NUM_THREADS": "2"}
+    env.pop("FUSEDLM_BACKEND", None)
+    result = subprocess.run(
+        [sys.executable, "-c", _MEMORY_SCRIPT, backend, "1" if backward else "0"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    return int(result.stdout.strip().splitlines()[-1])
+
+
+TXT_BYTES = 8192 * 8192 * 4  # one float32 T x T matrix: 256 MiB
+
+
+@pytest.mark.parametrize("backend", [p for p in BACKENDS if p.values[0] == "cpu"])
+def test_cpu_attention_memory_is_not_quadratic(backend):
+    growth = _peak_rss_growth(backend, backward=True)
+    assert growth < TXT_BYTES // 4, (
+        f"attention forward+backward at T=8192 grew peak RSS by {growth / 2**20:.0f} MiB; a T x T "
+        f"float32 buffer is {TXT_BYTES / 2**20:.0f} MiB"
+    )
+
+
+@pytest.mark.slow
+def test_memory_probe_sees_a_quadratic_buffer():
+    """Control for the test above: the torch reference materialises the T x T scores, and the
+    same measurement reports it."""
+    growth = _peak_rss_growth("torch", backward=False)
+    assert growth >= TXT_BYTES, f"peak RSS grew by only {growth / 2**20:.0f} MiB"

@@ -1,0 +1,475 @@
+"""Every bad input gets a clear exception that names the offending argument: the public API
+(fusedlm.layer_norm / rms_norm / attention) and the C++ entry points of fusedlm._C."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fusedlm
+from tests.helpers import cpu_backend_available, cpu_unavailable_reason
+
+
+def _raises(exc, argument, fn, *args, **kwargs):
+    """fn(*args, **kwargs) raises ``exc`` whose message names ``argument`` (in quotes)."""
+    with pytest.raises(exc) as info:
+        fn(*args, **kwargs)
+    message = str(info.value)
+    assert argument in message, f"{type(info.value).__name__} does not name {argument!r}: {message}"
+    return message
+
+
+X = lambda: torch.randn(3, 8)  # noqa: E731
+W = lambda dtype=torch.float32, n=8: torch.randn(n, dtype=dtype)  # noqa: E731
+META = "meta"
+
+# ---- layer_norm / rms_norm ---------------------------------------------------------------------
+
+NORM_CASES = [
+    # (id, exception, argument, call)
+    ("int_x", TypeError, "'x'", lambda f: f(torch.ones(3, 8, dtype=torch.int64), 8)),
+    ("bool_x", TypeError, "'x'", lambda f: f(torch.ones(3, 8, dtype=torch.bool), 8)),
+    ("complex_x", TypeError, "'x'", lambda f: f(torch.ones(3, 8, dtype=torch.complex64), 8)),
+    ("list_x", TypeError, "'x'", lambda f: f([[1.0] * 8], 8)),
+    ("numpy_x", TypeError, "'x'", lambda f: f(X().numpy(), 8)),
+    ("shape_mismatch", ValueError, "'normalized_shape'", lambda f: f(X(), 7)),
+    ("shape_too_long", ValueError, "'normalized_shape'", lambda f: f(X(), (2, 3, 8))),
+    (
+        "shape_2d_mismatch",
+        ValueError,
+        "'normalized_shape'",
+        lambda f: f(torch.randn(2, 4, 6), (6, 4)),
+    ),
+    ("shape_empty", ValueError, "'normalized_shape'", lambda f: f(X(), ())),
+    ("shape_none", TypeError, "'normalized_shape'", lambda f: f(X(), None)),
+    ("shape_float", TypeError, "'normalized_shape'", lambda f: f(X(), 8.0)),
+    ("weight_shape", ValueError, "'weight'", lambda f: f(X(), 8, W(n=7))),
+    ("weight_2d", ValueError, "'weight'", lambda f: f(X(), 8, torch.randn(1, 8))),
+    ("weight_int", TypeError, "'weight'", lambda f: f(X(), 8, torch.ones(8, dtype=torch.int32))),
+    ("weight_float64_x_float32", TypeError, "'weight'", lambda f: f(X(), 8, W(torch.float64))),
+    ("weight_bf16_x_float32", TypeError, "'weight'", lambda f: f(X(), 8, W(torch.bfloat16))),
+    ("weight_not_tensor", TypeError, "'weight'", lambda f: f(X(), 8, [1.0] * 8)),
+    ("weight_on_meta", ValueError, "'weight'", lambda f: f(X(), 8, torch.randn(8, device=META))),
+    ("x_on_meta", ValueError, "'weight'", lambda f: f(torch.randn(3, 8, device=META), 8, W())),
+    ("eps_negative", ValueError, "'eps'", lambda f: f(X(), 8, eps=-1e-5)),
+    ("eps_nan", ValueError, "'eps'", lambda f: f(X(), 8, eps=float("nan"))),
+    ("eps_inf", ValueError, "'eps'", lambda f: f(X(), 8, eps=float("inf"))),
+    ("eps_str", TypeError, "'eps'", lambda f: f(X(), 8, eps="1e-5")),
+    ("eps_bool", TypeError, "'eps'", lambda f: f(X(), 8, eps=True)),
+    ("eps_tensor_2", ValueError, "'eps'", lambda f: f(X(), 8, eps=torch.tensor([1e-5, 1e-5]))),
+    ("backend_unknown", ValueError, "'backend'", lambda f: f(X(), 8, backend="gpu")),
+]
+
+
+@pytest.mark.parametrize(
+    "fn", [fusedlm.layer_norm, fusedlm.rms_norm], ids=["layer_norm", "rms_norm"]
+)
+@pytest.mark.parametrize(
+    ("exc", "argument", "call"), [c[1:] for c in NORM_CASES], ids=[c[0] for c in NORM_CASES]
+)
+def test_norm_bad_input(call, argument, exc, fn):
+    _raises(exc, argument, call, fn)
+
+
+LN_ONLY_CASES = [
+    ("bias_shape", ValueError, "'bias'", lambda: fusedlm.layer_norm(X(), 8, W(), W(n=4))),
+    (
+        "bias_int",
+        TypeError,
+        "'bias'",
+        lambda: fusedlm.layer_norm(X(), 8, W(), torch.ones(8, dtype=torch.int64)),
+    ),
+    (
+        "bias_dtype_differs_from_weight",
+        TypeError,
+        "'bias'",
+        lambda: fusedlm.layer_norm(X().double(), 8, W(torch.float64), W(torch.float32)),
+    ),
+    (
+        "bias_on_meta",
+        ValueError,
+        "'bias'",
+        lambda: fusedlm.layer_norm(X(), 8, W(), torch.randn(8, device=META)),
+    ),
+    (
+        "bias_float64_no_weight",
+        TypeError,
+        "'bias'",
+        lambda: fusedlm.layer_norm(X(), 8, None, W(torch.float64)),
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("exc", "argument", "call"), [c[1:] for c in LN_ONLY_CASES], ids=[c[0] for c in LN_ONLY_CASES]
+)
+def test_layer_norm_bad_bias(call, argument, exc):
+    _raises(exc, argument, call)
+
+
+@pytest.mark.parametrize(
+    "fn", [fusedlm.layer_norm, fusedlm.rms_norm], ids=["layer_norm", "rms_norm"]
+)
+def test_norm_string_normalized_shape_names_argument(fn):
+    _raises(TypeError, "'normalized_shape'", fn, torch.randn(3, 3), "abc")
+
+
+@pytest.mark.parametrize(
+    "fn", [fusedlm.layer_norm, fusedlm.rms_norm], ids=["layer_norm", "rms_norm"]
+)
+def test_norm_float_entries_in_normalized_shape_rejected(fn):
+    _raises(TypeError, "'normalized_shape'", fn, torch.randn(3, 2), [2.7])
+
+
+# ---- attention ---------------------------------------------------------------------------------
+
+
+def _qkv(B=1, Hq=2, Hkv=2, Tq=5, Tk=6, D=8, dtype=torch.float32):
+    return (
+        torch.randn(B, Hq, Tq, D, dtype=dtype),
+        torch.randn(B, Hkv, Tk, D, dtype=dtype),
+        torch.randn(B, Hkv, Tk, D, dtype=dtype),
+    )
+
+
+def _with(index, value):
+    q, k, v = _qkv()
+    args = [q, k, v]
+    args[index] = value(args[index]) if callable(value) else value
+    return args
+
+
+ATTENTION_CASES = [
+    ("int_q", TypeError, "'q'", lambda: fusedlm.attention(*_with(0, lambda t: t.int()))),
+    ("int_k", TypeError, "'k'", lambda: fusedlm.attention(*_with(1, lambda t: t.long()))),
+    ("q32_k64", TypeError, "'k'", lambda: fusedlm.attention(*_with(1, lambda t: t.double()))),
+    ("q32_v16", TypeError, "'v'", lambda: fusedlm.attention(*_with(2, lambda t: t.half()))),
+    ("k_on_meta", ValueError, "'k'", lambda: fusedlm.attention(*_with(1, lambda t: t.to(META)))),
+    ("v_on_meta", ValueError, "'v'", lambda: fusedlm.attention(*_with(2, lambda t: t.to(META)))),
+    ("q_3d", ValueError, "'q'", lambda: fusedlm.attention(*_with(0, lambda t: t[0]))),
+    ("k_5d", ValueError, "'k'", lambda: fusedlm.attention(*_with(1, lambda t: t[None]))),
+    ("q_not_tensor", TypeError, "'q'", lambda: fusedlm.attention(*_with(0, [[1.0]]))),
+    ("v_none", TypeError, "'v'", lambda: fusedlm.attention(*_with(2, None))),
+    ("v_shape", ValueError, "'v'", lambda: fusedlm.attention(*_with(2, lambda t: t[:, :, :-1]))),
+    ("heads_not_divisible", ValueError, "heads", lambda: fusedlm.attention(*_qkv(Hq=3, Hkv=2))),
+    ("head_dim_257", ValueError, "head dim", lambda: fusedlm.attention(*_qkv(D=257))),
+    (
+        "head_dims_differ",
+        ValueError,
+        "head dim",
+        lambda: fusedlm.attention(_qkv()[0], *_qkv(D=4)[1:]),
+    ),
+    ("batch_differs", ValueError, "batch", lambda: fusedlm.attention(_qkv(B=2)[0], *_qkv(B=1)[1:])),
+    ("causal_int", TypeError, "'causal'", lambda: fusedlm.attention(*_qkv(), causal=1)),
+    ("scale_nan", ValueError, "'scale'", lambda: fusedlm.attention(*_qkv(), scale=float("nan"))),
+    ("scale_str", TypeError, "'scale'", lambda: fusedlm.attention(*_qkv(), scale="0.1")),
+    (
+        "backend_unknown",
+        ValueError,
+        "'backend'",
+        lambda: fusedlm.attention(*_qkv(), backend="flash"),
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("exc", "argument", "call"),
+    [c[1:] for c in ATTENTION_CASES],
+    ids=[c[0] for c in ATTENTION_CASES],
+)
+def test_attention_bad_input(call, argument, exc):
+    _raises(exc, argument, call)
+
+
+def test_attention_head_dim_256_is_accepted():
+    q, k, v = _qkv(Tq=2, Tk=3, D=256)
+    assert fusedlm.attention(q, k, v).shape == q.shape
+
+
+# ---- C++ entry points --------------------------------------------------------------------------
+
+needs_ext = pytest.mark.skipif(not cpu_backend_available(), reason=cpu_unavailable_reason())
+
+
+def _ext():
+    return fusedlm._ext.load()
+
+
+def _ln_stats(x):
+    return torch.zeros(x.shape[0]), torch.ones(x.shape[0])
+
+
+def _q():
+    return torch.randn(1, 2, 3, 4)
+
+
+EXT_CASES = [
+    # layer_norm_fwd(x, weight, bias, eps)
+    ("ln_fwd_int_x", TypeError, "'x'", lambda e: e.layer_norm_fwd(X().int(), None, None, 1e-5)),
+    (
+        "ln_fwd_3d_x",
+        ValueError,
+        "'x'",
+        lambda e: e.layer_norm_fwd(torch.randn(2, 3, 8), None, None, 1e-5),
+    ),
+    (
+        "ln_fwd_empty_row",
+        ValueError,
+        "'x'",
+        lambda e: e.layer_norm_fwd(torch.randn(3, 0), None, None, 1e-5),
+    ),
+    (
+        "ln_fwd_x_meta",
+        ValueError,
+        "'x'",
+        lambda e: e.layer_norm_fwd(X().to(META), None, None, 1e-5),
+    ),
+    (
+        "ln_fwd_weight_shape",
+        ValueError,
+        "'weight'",
+        lambda e: e.layer_norm_fwd(X(), W(n=9), None, 1e-5),
+    ),
+    (
+        "ln_fwd_weight_dtype",
+        TypeError,
+        "'weight'",
+        lambda e: e.layer_norm_fwd(X(), W(torch.float64), None, 1e-5),
+    ),
+    (
+        "ln_fwd_weight_meta",
+        ValueError,
+        "'weight'",
+        lambda e: e.layer_norm_fwd(X(), W().to(META), None, 1e-5),
+    ),
+    (
+        "ln_fwd_bias_dtype",
+        TypeError,
+        "'bias'",
+        lambda e: e.layer_norm_fwd(X().half(), W().half(), W(), 1e-5),
+    ),
+    ("ln_fwd_bias_shape", ValueError, "'bias'", lambda e: e.layer_norm_fwd(X(), W(), W(n=2), 1e-5)),
+    ("ln_fwd_eps_negative", ValueError, "'eps'", lambda e: e.layer_norm_fwd(X(), None, None, -1.0)),
+    (
+        "ln_fwd_eps_nan",
+        ValueError,
+        "'eps'",
+        lambda e: e.layer_norm_fwd(X(), None, None, float("nan")),
+    ),
+    ("ln_fwd_x_not_tensor", TypeError, "x", lambda e: e.layer_norm_fwd("x", None, None, 1e-5)),
+    # layer_norm_bwd(grad_y, x, mean, rstd, weight, has_bias)
+    (
+        "ln_bwd_grad_shape",
+        ValueError,
+        "'grad_y'",
+        lambda e: e.layer_norm_bwd(torch.randn(3, 7), X(), *_ln_stats(X()), None, False),
+    ),
+    (
+        "ln_bwd_grad_dtype",
+        TypeError,
+        "'grad_y'",
+        lambda e: e.layer_norm_bwd(X().double(), X(), *_ln_stats(X()), None, False),
+    ),
+    (
+        "ln_bwd_mean_dtype",
+        TypeError,
+        "'mean'",
+        lambda e: e.layer_norm_bwd(
+            X(), X(), torch.zeros(3, dtype=torch.float64), torch.ones(3), None, False
+        ),
+    ),
+    (
+        "ln_bwd_rstd_shape",
+        ValueError,
+        "'rstd'",
+        lambda e: e.layer_norm_bwd(X(), X(), torch.zeros(3), torch.ones(4), None, False),
+    ),
+    (
+        "ln_bwd_mean_meta",
+        ValueError,
+        "'mean'",
+        lambda e: e.layer_norm_bwd(
+            X(), X(), torch.zeros(3, device=META), torch.ones(3), None, False
+        ),
+    ),
+    (
+        "ln_bwd_weight_shape",
+        ValueError,
+        "'weight'",
+        lambda e: e.layer_norm_bwd(X(), X(), *_ln_stats(X()), W(n=3), True),
+    ),
+    # rms_norm_fwd(x, weight, eps) / rms_norm_bwd(grad_y, x, rstd, weight)
+    ("rms_fwd_int_x", TypeError, "'x'", lambda e: e.rms_norm_fwd(X().long(), None, 1e-6)),
+    ("rms_fwd_1d_x", ValueError, "'x'", lambda e: e.rms_norm_fwd(torch.randn(8), None, 1e-6)),
+    (
+        "rms_fwd_weight_dtype",
+        TypeError,
+        "'weight'",
+        lambda e: e.rms_norm_fwd(X().bfloat16(), W(torch.float16), 1e-6),
+    ),
+    ("rms_fwd_eps", ValueError, "'eps'", lambda e: e.rms_norm_fwd(X(), None, -1e-6)),
+    (
+        "rms_bwd_rstd_dtype",
+        TypeError,
+        "'rstd'",
+        lambda e: e.rms_norm_bwd(X(), X(), torch.ones(3, dtype=torch.float16), None),
+    ),
+    (
+        "rms_bwd_grad_meta",
+        ValueError,
+        "'grad_y'",
+        lambda e: e.rms_norm_bwd(X().to(META), X(), torch.ones(3), None),
+    ),
+    # attention_fwd(q, k, v, scale, causal, causal_offset)
+    (
+        "att_fwd_q_3d",
+        ValueError,
+        "'q'",
+        lambda e: e.attention_fwd(_q()[0], _q(), _q(), 0.5, False, 0),
+    ),
+    (
+        "att_fwd_q_int",
+        TypeError,
+        "'q'",
+        lambda e: e.attention_fwd(_q().int(), _q().int(), _q().int(), 0.5, False, 0),
+    ),
+    (
+        "att_fwd_k_dtype",
+        TypeError,
+        "'k'",
+        lambda e: e.attention_fwd(_q(), _q().double(), _q(), 0.5, False, 0),
+    ),
+    (
+        "att_fwd_v_shape",
+        ValueError,
+        "'v'",
+        lambda e: e.attention_fwd(_q(), _q(), _q()[:, :, :2], 0.5, False, 0),
+    ),
+    (
+        "att_fwd_k_meta",
+        ValueError,
+        "'k'",
+        lambda e: e.attention_fwd(_q(), _q().to(META), _q(), 0.5, False, 0),
+    ),
+    (
+        "att_fwd_heads",
+        ValueError,
+        "heads",
+        lambda e: e.attention_fwd(torch.randn(1, 3, 3, 4), _q(), _q(), 0.5, False, 0),
+    ),
+    (
+        "att_fwd_d257",
+        ValueError,
+        "head dim",
+        lambda e: e.attention_fwd(*(torch.randn(1, 1, 2, 257),) * 3, 0.5, False, 0),
+    ),
+    # attention_bwd(grad_out, q, k, v, out, lse, scale, causal, causal_offset)
+    (
+        "att_bwd_lse_dtype",
+        TypeError,
+        "'lse'",
+        lambda e: e.attention_bwd(
+            *(_q(),) * 5, torch.zeros(1, 2, 3, dtype=torch.float64), 0.5, False, 0
+        ),
+    ),
+    (
+        "att_bwd_lse_shape",
+        ValueError,
+        "'lse'",
+        lambda e: e.attention_bwd(*(_q(),) * 5, torch.zeros(1, 2, 4), 0.5, False, 0),
+    ),
+    (
+        "att_bwd_out_shape",
+        ValueError,
+        "'out'",
+        lambda e: e.attention_bwd(*(_q(),) * 4, _q()[:, :1], torch.zeros(1, 2, 3), 0.5, False, 0),
+    ),
+    (
+        "att_bwd_grad_dtype",
+        TypeError,
+        "'grad_out'",
+        lambda e: e.attention_bwd(_q().half(), *(_q(),) * 4, torch.zeros(1, 2, 3), 0.5, False, 0),
+    ),
+    (
+        "att_bwd_grad_meta",
+        ValueError,
+        "'grad_out'",
+        lambda e: e.attention_bwd(_q().to(META), *(_q(),) * 4, torch.zeros(1, 2, 3), 0.5, False, 0),
+    ),
+]
+
+
+def _adamw_args(**overrides):
+    p = torch.randn(4)
+    args = {
+        "params": [p],
+        "grads": [torch.randn(4)],
+        "exp_avgs": [torch.zeros(4)],
+        "exp_avg_sqs": [torch.zeros(4)],
+        "max_exp_avg_sqs": [],
+        "steps": [1.0],
+        "lr": 1e-3,
+        "beta1": 0.9,
+        "beta2": 0.999,
+        "eps": 1e-8,
+        "weight_decay": 0.0,
+        "amsgrad": False,
+        "maximize": False,
+    }
+    args.update(overrides)
+    return list(args.values())
+
+
+ADAMW_CASES = [
+    ("grads_count", ValueError, "'grads'", {"grads": []}),
+    ("grads_shape", ValueError, "'grads[0]'", {"grads": [torch.randn(5)]}),
+    ("grads_dtype", TypeError, "'grads[0]'", {"grads": [torch.randn(4, dtype=torch.float64)]}),
+    ("grads_meta", ValueError, "'grads[0]'", {"grads": [torch.randn(4, device=META)]}),
+    (
+        "exp_avgs_dtype",
+        TypeError,
+        "'exp_avgs[0]'",
+        {"exp_avgs": [torch.zeros(4, dtype=torch.float64)]},
+    ),
+    ("exp_avg_sqs_shape", ValueError, "'exp_avg_sqs[0]'", {"exp_avg_sqs": [torch.zeros(2, 2)]}),
+    ("exp_avgs_non_contiguous", ValueError, "'exp_avgs[0]'", {"exp_avgs": [torch.zeros(8)[::2]]}),
+    ("params_int", TypeError, "'params[0]'", {"params": [torch.ones(4, dtype=torch.int32)]}),
+    ("params_non_contiguous", ValueError, "'params[0]'", {"params": [torch.randn(8)[::2]]}),
+    (
+        "max_sqs_without_amsgrad",
+        ValueError,
+        "'max_exp_avg_sqs'",
+        {"max_exp_avg_sqs": [torch.zeros(4)]},
+    ),
+    ("max_sqs_missing_with_amsgrad", ValueError, "'max_exp_avg_sqs'", {"amsgrad": True}),
+    ("steps_count", ValueError, "'steps'", {"steps": [1.0, 2.0]}),
+    ("steps_zero", ValueError, "steps", {"steps": [0.0]}),
+    ("lr_negative", ValueError, "'lr'", {"lr": -1.0}),
+    ("beta1_one", ValueError, "'beta1'", {"beta1": 1.0}),
+    ("beta2_negative", ValueError, "'beta2'", {"beta2": -0.1}),
+    ("eps_negative", ValueError, "'eps'", {"eps": -1e-8}),
+    ("weight_decay_negative", ValueError, "'weight_decay'", {"weight_decay": -0.1}),
+]
+
+EXT_CASES += [
+    (f"adamw_{name}", exc, arg, lambda e, o=o: e.adamw_step(*_adamw_args(**o)))
+    for name, exc, arg, o in ADAMW_CASES
+]
+
+
+@needs_ext
+@pytest.mark.parametrize(
+    ("exc", "argument", "call"), [c[1:] for c in EXT_CASES], ids=[c[0] for c in EXT_CASES]
+)
+def test_extension_entry_point_bad_input(call, argument, exc):
+    _raises(exc, argument, call, _ext())
+
+
+@needs_ext
+def test_extension_bad_input_leaves_tensors_untouched():
+    """A rejected AdamW call updates nothing (checks run before any kernel)."""
+    args = _adamw_args(exp_avg_sqs=[torch.zeros(5)])
+    before = args[0][0].clone()
+    with pytest.raises(ValueError):
+        _ext().adamw_step(*args)
+    assert torch.equal(args[0][0], before)
