@@ -18,6 +18,7 @@ from ._common import (
     check_finite_float,
     check_float_tensor,
     check_same_device,
+    eager_autograd_function,
     register_extension_kernels,
     stat_dtype,
 )
@@ -34,6 +35,16 @@ register_extension_kernels(ATTENTION_FWD, "attention_fwd")
 register_extension_kernels(ATTENTION_BWD, "attention_bwd")
 
 
+def _attention_fwd(q, k, v, scale, causal, causal_offset, backend):
+    impl = ATTENTION_FWD.select(backend, q.device, q, k, v)
+    return impl(q, k, v, scale, causal, causal_offset)
+
+
+def _attention_bwd(grad_out, q, k, v, out, lse, scale, causal, causal_offset, backend):
+    impl = ATTENTION_BWD.select(backend, q.device, q, k, v)
+    return impl(grad_out, q, k, v, out, lse, scale, causal, causal_offset)
+
+
 @torch.library.custom_op("fusedlm::attention_fwd", mutates_args=())
 def attention_fwd(
     q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool, causal_offset: int,
@@ -42,8 +53,7 @@ def attention_fwd(
     """q (B, Hq, Tq, D), k/v (B, Hkv, Tk, D), any strides. Key j is visible to query i iff
     not causal or j <= i + causal_offset. Returns out (B, Hq, Tq, D) in q's dtype and
     lse (B, Hq, Tq) float32 (float64 for float64 inputs); rows that see no key get 0 and -inf."""
-    impl = ATTENTION_FWD.select(backend, q.device, q, k, v)
-    return impl(q, k, v, scale, causal, causal_offset)
+    return _attention_fwd(q, k, v, scale, causal, causal_offset, backend)
 
 
 @attention_fwd.register_fake
@@ -59,8 +69,7 @@ def attention_bwd(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Returns dq, dk, dv in the shapes and dtypes of q, k, v; dk and dv are summed over the
     query heads that share a kv head (GQA/MQA)."""
-    impl = ATTENTION_BWD.select(backend, q.device, q, k, v)
-    return impl(grad_out, q, k, v, out, lse, scale, causal, causal_offset)
+    return _attention_bwd(grad_out, q, k, v, out, lse, scale, causal, causal_offset, backend)
 
 
 @attention_bwd.register_fake
@@ -78,13 +87,15 @@ def _attention_setup_context(ctx, inputs, output):
 
 def _attention_backward(ctx, grad_out, grad_lse):
     q, k, v, out, lse = ctx.saved_tensors
-    dq, dk, dv = torch.ops.fusedlm.attention_bwd(
-        grad_out, q, k, v, out, lse, ctx.scale, ctx.causal, ctx.causal_offset, ctx.backend
-    )
+    bwd = _attention_bwd if getattr(ctx, "eager", False) else torch.ops.fusedlm.attention_bwd
+    dq, dk, dv = bwd(grad_out, q, k, v, out, lse, ctx.scale, ctx.causal, ctx.causal_offset, ctx.backend)
     return dq, dk, dv, None, None, None, None
 
 
 attention_fwd.register_autograd(_attention_backward, setup_context=_attention_setup_context)
+_AttentionEager = eager_autograd_function(
+    "_AttentionEager", _attention_fwd, _attention_setup_context, _attention_backward
+)
 
 
 # ---- public API -----------------------------------------------------------------------------
@@ -120,7 +131,8 @@ def _check_qkv(q: Tensor, k: Tensor, v: Tensor) -> None:
 def _attention(q, k, v, scale, causal, causal_offset, backend):
     if q.numel() == 0 or k.numel() == 0:  # empty results; the reference's torch ops give autograd
         return reference.attention_fwd(q, k, v, scale, causal, causal_offset)[0]
-    out, _ = torch.ops.fusedlm.attention_fwd(q, k, v, scale, causal, causal_offset, backend)
+    fwd = torch.ops.fusedlm.attention_fwd if torch.compiler.is_compiling() else _AttentionEager.apply
+    out, _ = fwd(q, k, v, scale, causal, causal_offset, backend)
     return out
 
 

@@ -18,6 +18,7 @@ from ._common import (
     check_finite_float,
     check_float_tensor,
     check_same_device,
+    eager_autograd_function,
     register_extension_kernels,
     stat_dtype,
 )
@@ -42,14 +43,22 @@ def _present(*tensors: Tensor | None) -> list[Tensor]:
 # ---- LayerNorm ------------------------------------------------------------------------------
 
 
+def _layer_norm_fwd(x, weight, bias, eps, backend):
+    return LAYER_NORM_FWD.select(backend, x.device, x, weight, bias)(x, weight, bias, eps)
+
+
+def _layer_norm_bwd(grad_y, x, mean, rstd, weight, has_bias, backend):
+    impl = LAYER_NORM_BWD.select(backend, x.device, grad_y, x, weight)
+    return _present(*impl(grad_y, x, mean, rstd, weight, has_bias))
+
+
 @torch.library.custom_op("fusedlm::layer_norm_fwd", mutates_args=())
 def layer_norm_fwd(
     x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, backend: str
 ) -> tuple[Tensor, Tensor, Tensor]:
     """x (M, N), weight/bias (N) or None -> y (M, N) in x's dtype, mean (M), rstd (M) float32
     (float64 for float64 x)."""
-    impl = LAYER_NORM_FWD.select(backend, x.device, x, weight, bias)
-    return impl(x, weight, bias, eps)
+    return _layer_norm_fwd(x, weight, bias, eps, backend)
 
 
 @layer_norm_fwd.register_fake
@@ -65,8 +74,7 @@ def layer_norm_bwd(
 ) -> list[Tensor]:
     """Returns [dx (M, N)] + [dweight (N)] if weight + [dbias (N)] if has_bias; dweight and
     dbias in the weight's dtype (dbias in float32/float64 when there is no weight)."""
-    impl = LAYER_NORM_BWD.select(backend, x.device, grad_y, x, weight)
-    return _present(*impl(grad_y, x, mean, rstd, weight, has_bias))
+    return _layer_norm_bwd(grad_y, x, mean, rstd, weight, has_bias, backend)
 
 
 @layer_norm_bwd.register_fake
@@ -92,9 +100,8 @@ def _layer_norm_setup_context(ctx, inputs, output):
 
 def _layer_norm_backward(ctx, grad_y, grad_mean, grad_rstd):
     x, weight, mean, rstd = ctx.saved_tensors
-    grads = iter(torch.ops.fusedlm.layer_norm_bwd(
-        grad_y, x, mean, rstd, weight, ctx.has_bias, ctx.backend
-    ))
+    bwd = _layer_norm_bwd if getattr(ctx, "eager", False) else torch.ops.fusedlm.layer_norm_bwd
+    grads = iter(bwd(grad_y, x, mean, rstd, weight, ctx.has_bias, ctx.backend))
     dx = next(grads)
     dweight = next(grads) if weight is not None else None
     dbias = next(grads).to(ctx.bias_dtype) if ctx.has_bias else None
@@ -102,17 +109,28 @@ def _layer_norm_backward(ctx, grad_y, grad_mean, grad_rstd):
 
 
 layer_norm_fwd.register_autograd(_layer_norm_backward, setup_context=_layer_norm_setup_context)
+_LayerNormEager = eager_autograd_function(
+    "_LayerNormEager", _layer_norm_fwd, _layer_norm_setup_context, _layer_norm_backward
+)
 
 
 # ---- RMSNorm --------------------------------------------------------------------------------
+
+
+def _rms_norm_fwd(x, weight, eps, backend):
+    return RMS_NORM_FWD.select(backend, x.device, x, weight)(x, weight, eps)
+
+
+def _rms_norm_bwd(grad_y, x, rstd, weight, backend):
+    impl = RMS_NORM_BWD.select(backend, x.device, grad_y, x, weight)
+    return _present(*impl(grad_y, x, rstd, weight))
 
 
 @torch.library.custom_op("fusedlm::rms_norm_fwd", mutates_args=())
 def rms_norm_fwd(x: Tensor, weight: Tensor | None, eps: float, backend: str) -> tuple[Tensor, Tensor]:
     """x (M, N), weight (N) or None -> y (M, N) in x's dtype, rstd (M) float32 (float64 for
     float64 x)."""
-    impl = RMS_NORM_FWD.select(backend, x.device, x, weight)
-    return impl(x, weight, eps)
+    return _rms_norm_fwd(x, weight, eps, backend)
 
 
 @rms_norm_fwd.register_fake
@@ -126,8 +144,7 @@ def rms_norm_bwd(
     grad_y: Tensor, x: Tensor, rstd: Tensor, weight: Tensor | None, backend: str
 ) -> list[Tensor]:
     """Returns [dx (M, N)] + [dweight (N)] if weight."""
-    impl = RMS_NORM_BWD.select(backend, x.device, grad_y, x, weight)
-    return _present(*impl(grad_y, x, rstd, weight))
+    return _rms_norm_bwd(grad_y, x, rstd, weight, backend)
 
 
 @rms_norm_bwd.register_fake
@@ -148,11 +165,15 @@ def _rms_norm_setup_context(ctx, inputs, output):
 
 def _rms_norm_backward(ctx, grad_y, grad_rstd):
     x, weight, rstd = ctx.saved_tensors
-    grads = torch.ops.fusedlm.rms_norm_bwd(grad_y, x, rstd, weight, ctx.backend)
+    bwd = _rms_norm_bwd if getattr(ctx, "eager", False) else torch.ops.fusedlm.rms_norm_bwd
+    grads = bwd(grad_y, x, rstd, weight, ctx.backend)
     return grads[0], (grads[1] if weight is not None else None), None, None
 
 
 rms_norm_fwd.register_autograd(_rms_norm_backward, setup_context=_rms_norm_setup_context)
+_RmsNormEager = eager_autograd_function(
+    "_RmsNormEager", _rms_norm_fwd, _rms_norm_setup_context, _rms_norm_backward
+)
 
 
 # ---- public API -----------------------------------------------------------------------------
@@ -202,8 +223,19 @@ def _check_norm_args(
     return normalized_shape
 
 
+# Reshape only when needed: each view adds an autograd node, which costs more than the kernel
+# on small inputs.
 def _flat(param: Tensor | None) -> Tensor | None:
-    return None if param is None else param.reshape(-1)
+    return param if param is None or param.dim() == 1 else param.reshape(-1)
+
+
+def _as_rows(x: Tensor, normalized_shape: tuple[int, ...]) -> Tensor:
+    """x (*, *normalized_shape) -> (M, N)."""
+    return x if x.dim() == 2 and len(normalized_shape) == 1 else x.reshape(-1, math.prod(normalized_shape))
+
+
+def _like(y: Tensor, x: Tensor) -> Tensor:
+    return y if y.shape == x.shape else y.view(x.shape)
 
 
 def layer_norm(
@@ -225,9 +257,9 @@ def layer_norm(
     check_backend_name(backend)
     if x.numel() == 0:
         return F.layer_norm(x, normalized_shape, weight, bias, eps)
-    x2d = x.reshape(-1, math.prod(normalized_shape))
-    y, _, _ = torch.ops.fusedlm.layer_norm_fwd(x2d, _flat(weight), _flat(bias), eps, backend)
-    return y.view(x.shape)
+    fwd = torch.ops.fusedlm.layer_norm_fwd if torch.compiler.is_compiling() else _LayerNormEager.apply
+    y, _, _ = fwd(_as_rows(x, normalized_shape), _flat(weight), _flat(bias), eps, backend)
+    return _like(y, x)
 
 
 def rms_norm(
@@ -247,6 +279,6 @@ def rms_norm(
     check_backend_name(backend)
     if x.numel() == 0:
         return F.rms_norm(x, normalized_shape, weight, eps)
-    x2d = x.reshape(-1, math.prod(normalized_shape))
-    y, _ = torch.ops.fusedlm.rms_norm_fwd(x2d, _flat(weight), eps, backend)
-    return y.view(x.shape)
+    fwd = torch.ops.fusedlm.rms_norm_fwd if torch.compiler.is_compiling() else _RmsNormEager.apply
+    y, _ = fwd(_as_rows(x, normalized_shape), _flat(weight), eps, backend)
+    return _like(y, x)
