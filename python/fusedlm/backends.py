@@ -105,6 +105,8 @@ def backends() -> BackendReport:
     for name in BACKEND_NAMES:
         reason = _backend_reason(name)
         ops = tuple(sorted(op for op, d in OpDispatch.registry.items() if name in d.impls))
+        if name == "cuda" and _ext.load() is not None:  # registered for every op; built for some
+            ops = tuple(op for op in ops if op in _ext.load().cuda_ops())
         if reason is None and not ops:
             reason = "no kernels registered for any op yet"
         report[name] = BackendInfo(reason is None, reason or _DESCRIPTION[name], ops)

@@ -301,3 +301,26 @@ def test_bf16_state_dict_round_trip_keeps_float32_states(backend):
         torch.testing.assert_close(
             theirs.state[p]["exp_avg"].float(), opt.state[p]["exp_avg"], rtol=1e-2, atol=1e-6
         )
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_grad_scaler_with_fused_matches_torch(backend):
+    """fused=True makes GradScaler hand the optimizer grad_scale/found_inf (as with torch's fused
+    AdamW): grads are unscaled in the step, and a step with inf/NaN grads is skipped entirely."""
+    device = device_of(backend)
+    ours_model, theirs_model = _mlp(device), _mlp(device)
+    ours = fusedlm.optim.AdamW(ours_model.parameters(), lr=1e-2, fused=True, backend=backend)
+    theirs = torch.optim.AdamW(theirs_model.parameters(), lr=1e-2, fused=True)
+    scalers = [torch.amp.GradScaler(device, init_scale=1024.0) for _ in range(2)]
+    for step, (x, y) in enumerate(_batches(5, device)):
+        for model, opt, scaler in zip((ours_model, theirs_model), (ours, theirs), scalers):
+            opt.zero_grad()
+            loss = torch.nn.functional.mse_loss(model(x), y)
+            if step == 2:
+                loss = loss * float("inf")
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+    _assert_same_params(ours_model, theirs_model)
+    assert scalers[0].get_scale() == scalers[1].get_scale() == 512.0  # halved once, at the inf
+    assert float(ours.state[ours_model[0].weight]["step"]) == 4.0  # the inf step did not count
