@@ -89,5 +89,8 @@ def test_compile_functional_ops_fullgraph():
     explanation = torch._dynamo.explain(fn)(*args)
     assert explanation.graph_break_count == 0, explanation.break_reasons
     assert explanation.graph_count == 1
+    code = explanation.graphs[0].code  # our ops stay opaque custom ops in the graph
+    for op in ("fusedlm.layer_norm_fwd", "fusedlm.rms_norm_fwd", "fusedlm.attention_fwd"):
+        assert op in code, f"{op} missing from the traced graph:\n{code}"
     compiled = torch.compile(fn, backend="aot_eager", fullgraph=True)
     torch.testing.assert_close(compiled(*args), fn(*args), rtol=1e-5, atol=1e-5)
