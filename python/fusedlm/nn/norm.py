@@ -10,6 +10,17 @@ from torch import Tensor
 from ..ops.norm import layer_norm, rms_norm
 
 
+def _rebind(cls, module: torch.nn.Module, backend: str):
+    """A ``cls`` instance with ``module``'s attributes and the very same parameter tensors; the
+    module containers are copied so that later changes to one module do not reach the other."""
+    new = cls.__new__(cls)
+    new.__dict__.update(module.__dict__)
+    for container in ("_parameters", "_buffers", "_modules"):
+        new.__dict__[container] = type(module.__dict__[container])(module.__dict__[container])
+    new.backend = backend
+    return new
+
+
 class LayerNorm(torch.nn.LayerNorm):
     """``torch.nn.LayerNorm`` on fused kernels. Extra argument: ``backend``."""
 
@@ -24,10 +35,7 @@ class LayerNorm(torch.nn.LayerNorm):
     @classmethod
     def from_torch(cls, module: torch.nn.LayerNorm, backend: str = "auto") -> LayerNorm:
         """A fusedlm LayerNorm sharing ``module``'s parameters."""
-        new = cls.__new__(cls)
-        new.__dict__.update(module.__dict__)
-        new.backend = backend
-        return new
+        return _rebind(cls, module, backend)
 
 
 class RMSNorm(torch.nn.RMSNorm):
@@ -44,7 +52,4 @@ class RMSNorm(torch.nn.RMSNorm):
     @classmethod
     def from_torch(cls, module: torch.nn.RMSNorm, backend: str = "auto") -> RMSNorm:
         """A fusedlm RMSNorm sharing ``module``'s parameters."""
-        new = cls.__new__(cls)
-        new.__dict__.update(module.__dict__)
-        new.backend = backend
-        return new
+        return _rebind(cls, module, backend)
