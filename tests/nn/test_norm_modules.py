@@ -98,6 +98,9 @@ def test_from_torch_shares_parameters(ours_cls, theirs_cls):
     assert ours.weight is theirs.weight
     x = torch.randn(3, 16)
     torch.testing.assert_close(ours(x), theirs(x), rtol=1e-5, atol=1e-6)
+    # the two modules share tensors, not containers: rebinding one leaves the other alone
+    ours.weight = torch.nn.Parameter(torch.zeros(16))
+    assert theirs.weight is not ours.weight and theirs.weight.abs().sum() > 0
 
 
 @pytest.mark.parametrize(("ours_cls", "theirs_cls"), PAIRS, ids=PAIR_IDS)
