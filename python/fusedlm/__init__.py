@@ -8,6 +8,8 @@ replacements for their PyTorch counterparts.
     fusedlm.nn.LayerNorm, fusedlm.nn.RMSNorm, fusedlm.nn.CausalSelfAttention
     fusedlm.optim.AdamW
     fusedlm.backends()                             # which backends work here, and why not
+    fusedlm.patch(model), fusedlm.unpatch(model)   # swap a model's norms for ours, and back
+    fusedlm.integrations.transformers.apply(model) # a Hugging Face model: attention + norms
 
 Importing registers the custom ops (torch.ops.fusedlm.*); the compiled extension loads on first
 use.
@@ -15,6 +17,7 @@ use.
 
 from . import nn, optim, reference
 from .backends import BackendNotSupportedError, backends
+from .integrations.patch import patch, unpatch  # torch only; transformers is not imported
 from .ops import attention, layer_norm, rms_norm, scaled_dot_product_attention
 
 __version__ = "0.1.0"
@@ -26,7 +29,9 @@ __all__ = [
     "layer_norm",
     "nn",
     "optim",
+    "patch",
     "reference",
     "rms_norm",
     "scaled_dot_product_attention",
+    "unpatch",
 ]

@@ -1,0 +1,290 @@
+"""Swap the norm layers of any ``torch.nn.Module`` for fusedlm's, in place, and back.
+
+``patch(model)`` replaces every ``torch.nn.LayerNorm`` / ``torch.nn.RMSNorm`` (and subclasses
+that keep torch's ``forward``) by ``fusedlm.nn.LayerNorm`` / ``fusedlm.nn.RMSNorm`` objects that
+hold the very same parameter tensors, so ``state_dict`` keys, optimizer state and weight tying
+are untouched. ``unpatch(model)`` puts modules of the original classes back.
+
+With ``custom_rmsnorm=True`` (what ``fusedlm.integrations.transformers.apply`` uses) it also
+swaps a model's own RMSNorm classes (``LlamaRMSNorm``, ``GemmaRMSNorm``, ...): modules with one
+1-D ``weight`` parameter, no bias, no children and an ``eps`` / ``variance_epsilon`` attribute,
+whose ``forward`` a numeric probe shows to be ``rms_norm(x) * weight`` or, Gemma-style,
+``rms_norm(x) * (1 + weight)``. Anything else is left alone, and the report says why.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..backends import check_backend_name
+from ..nn.norm import LayerNorm, RMSNorm
+from ..ops.norm import rms_norm
+
+# The __dict__ key under which a swapped module remembers how to undo the swap:
+# (original class, keys the swap added, {key: original value} for keys it overwrote).
+_RESTORE_KEY = "_fusedlm_restore"
+# Set on a transformers model by apply(): the attention implementation it had before.
+ATTN_PREVIOUS_KEY = "_fusedlm_attn_previous"
+
+
+@dataclass
+class Swap:
+    name: str
+    original: str
+    replacement: str
+    note: str = ""
+
+
+@dataclass
+class LeftAlone:
+    name: str
+    cls: str
+    reason: str
+
+
+@dataclass
+class PatchReport:
+    """What ``patch`` / ``apply`` did: ``swapped`` modules, modules ``left`` alone and why, and
+    free-form ``notes`` (e.g. which attention implementation a model now uses)."""
+
+    swapped: list[Swap] = field(default_factory=list)
+    left: list[LeftAlone] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        lines = [f"fusedlm: swapped {len(self.swapped)} module(s), left {len(self.left)} alone"]
+        lines += [f"  swapped {s.name}: {s.original} -> {s.replacement}"
+                  + (f" ({s.note})" if s.note else "") for s in self.swapped]
+        lines += [f"  left    {m.name}: {m.cls}: {m.reason}" for m in self.left]
+        lines += [f"  note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+
+# ---- replacement modules --------------------------------------------------------------------
+
+
+class ModelRMSNorm(RMSNorm):
+    """Stands in for a model's own RMSNorm class (found by :func:`patch`'s probe): same
+    parameter objects, same ``state_dict`` keys, and the original module's attributes.
+
+    ``offset`` is 0 for ``x_hat * weight`` and 1 for Gemma's ``x_hat * (1 + weight)`` (computed
+    in float32 on the fly; the stored parameter is unchanged). Inputs whose dtype differs from
+    the weight's, which the probe did not check, run the original class's ``forward``."""
+
+    offset: float = 0.0
+
+    def forward(self, x: Tensor) -> Tensor:
+        weight = self.weight
+        if weight is None or x.dtype != weight.dtype or x.dim() == 0:
+            original_cls = self.__dict__[_RESTORE_KEY][0]
+            return original_cls.forward(self, x)
+        if self.offset:
+            weight = weight.float() + self.offset
+        return rms_norm(x, self.normalized_shape, weight, self.eps, self.backend)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + (f", offset={self.offset}" if self.offset else "")
+
+
+def _swap_object(module: torch.nn.Module, new_cls: type, attrs: dict) -> torch.nn.Module:
+    """A ``new_cls`` object sharing ``module``'s state (parameters, buffers, hooks, flags), with
+    ``attrs`` set on top, that remembers how to turn back into ``module``'s class."""
+    new = new_cls.__new__(new_cls)
+    old = module.__dict__
+    new.__dict__.update(old)
+    new.__dict__.update(attrs)
+    added = tuple(k for k in attrs if k not in old)
+    overwritten = {k: old[k] for k in attrs if k in old}
+    new.__dict__[_RESTORE_KEY] = (type(module), added, overwritten)
+    return new
+
+
+def _restore_object(module: torch.nn.Module) -> torch.nn.Module:
+    original_cls, added, overwritten = module.__dict__[_RESTORE_KEY]
+    state = dict(module.__dict__)
+    del state[_RESTORE_KEY]
+    for key in added:
+        state.pop(key, None)
+    state.update(overwritten)
+    old = original_cls.__new__(original_cls)
+    old.__dict__.update(state)
+    return old
+
+
+# ---- recognising norms ----------------------------------------------------------------------
+
+
+def _qualname(obj) -> str:
+    cls = obj if isinstance(obj, type) else type(obj)
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _own_forward(module: torch.nn.Module, base: type) -> bool:
+    return type(module).forward is not base.forward
+
+
+def _eps_of(module: torch.nn.Module) -> float | None:
+    for attr in ("variance_epsilon", "eps"):
+        value = module.__dict__.get(attr)
+        if isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value):
+            return float(value)
+    return None
+
+
+_PROBE_TOL = {torch.float64: 1e-9, torch.float32: 2e-5, torch.float16: 2e-2, torch.bfloat16: 4e-2}
+
+
+def _probe_rmsnorm(module: torch.nn.Module, weight: Tensor, eps: float) -> tuple[float | None, str]:
+    """(offset, detail): offset 0.0 / 1.0 if ``module(x)`` equals ``rms_norm(x) * (offset +
+    weight)`` on random inputs and a random weight (put in with ``functional_call``, so the
+    real parameter is not touched), else (None, why not)."""
+    if weight.device.type == "meta":
+        return None, "its parameters are on the meta device (cannot probe)"
+    if weight.dtype not in _PROBE_TOL:
+        return None, f"weight dtype {weight.dtype} is not a floating type fusedlm supports"
+    n = weight.shape[0]
+    gen = torch.Generator().manual_seed(0)
+    probe_weight = (torch.rand(n, generator=gen) + 0.5).to(weight.device, weight.dtype)
+    tol = _PROBE_TOL[weight.dtype]
+    errors = {0.0: 0.0, 1.0: 0.0}
+    try:
+        with torch.no_grad():
+            # A unit-scale input, and one at the scale of eps, so a wrong eps shows.
+            for scale in (1.0, math.sqrt(eps) if eps > 0 else 1e-3):
+                x = (torch.randn(2, 3, n, generator=gen, dtype=torch.float64) * scale)
+                x = x.to(weight.device, weight.dtype)
+                y = torch.func.functional_call(module, {"weight": probe_weight}, (x,))
+                if not isinstance(y, Tensor) or y.shape != x.shape:
+                    return None, "its forward does not return a tensor of the input's shape"
+                y = y.double()
+                for offset in errors:
+                    want = F.rms_norm(x.double(), (n,), probe_weight.double() + offset, eps)
+                    err = ((y - want).abs().max() / want.abs().max().clamp_min(1e-30)).item()
+                    errors[offset] = max(errors[offset], err)
+    except Exception as exc:  # a module whose forward needs more than one tensor, etc.
+        return None, f"probing its forward raised {type(exc).__name__}: {exc}"
+    for offset, err in errors.items():
+        if err <= tol:
+            return offset, f"probe error {err:.1e}"
+    return None, (f"its forward is not rms_norm(x) * weight nor rms_norm(x) * (1 + weight) with "
+                  f"eps={eps:g} (probe relative errors {errors[0.0]:.1e}, {errors[1.0]:.1e})")
+
+
+def _looks_like_norm(module: torch.nn.Module) -> bool:
+    return "norm" in type(module).__name__.lower()
+
+
+def _replacement(module: torch.nn.Module, backend: str, custom_rmsnorm: bool):
+    """(new module, note) or (None, reason it is left alone) or (None, None) if not a norm."""
+    if _RESTORE_KEY in module.__dict__ or isinstance(module, (LayerNorm, RMSNorm)):
+        return None, "already a fusedlm module"
+    if isinstance(module, torch.nn.LayerNorm):
+        if _own_forward(module, torch.nn.LayerNorm):
+            return None, "subclass of torch.nn.LayerNorm with its own forward"
+        return _swap_object(module, LayerNorm, {"backend": backend}), ""
+    if isinstance(module, torch.nn.RMSNorm):
+        if _own_forward(module, torch.nn.RMSNorm):
+            return None, "subclass of torch.nn.RMSNorm with its own forward"
+        return _swap_object(module, RMSNorm, {"backend": backend}), ""
+    if not custom_rmsnorm:
+        if _looks_like_norm(module):
+            return None, "not torch.nn.LayerNorm / torch.nn.RMSNorm"
+        return None, None
+    params = dict(module.named_parameters(recurse=False))
+    eps = _eps_of(module)
+    weight = params.get("weight")
+    shaped_like_rmsnorm = (
+        set(params) == {"weight"} and weight is not None and weight.dim() == 1
+        and eps is not None and not module._modules
+    )
+    if not shaped_like_rmsnorm:
+        if _looks_like_norm(module):
+            return None, ("not an RMSNorm by its parameters (needs exactly one 1-D 'weight', no "
+                          "bias, an 'eps' or 'variance_epsilon' attribute, no submodules)")
+        return None, None
+    offset, detail = _probe_rmsnorm(module, weight, eps)
+    if offset is None:
+        return None, detail
+    new = _swap_object(module, ModelRMSNorm, {
+        "normalized_shape": (weight.shape[0],), "eps": eps, "elementwise_affine": True,
+        "backend": backend, "offset": offset,
+    })
+    return new, ("weight offset 1 (Gemma-style), " if offset else "") + detail
+
+
+def swap_norms(model: torch.nn.Module, backend: str = "auto", custom_rmsnorm: bool = False,
+               report: PatchReport | None = None) -> PatchReport:
+    """Replace norm modules of ``model`` in place; returns (or extends) the report."""
+    check_backend_name(backend)
+    report = PatchReport() if report is None else report
+    names = {}
+    for name, mod in model.named_modules(remove_duplicate=False):
+        names.setdefault(id(mod), name)
+    if _replacement(model, backend, custom_rmsnorm)[0] is not None:
+        report.left.append(LeftAlone("", _qualname(model), "the root module itself cannot be "
+                                     "swapped in place; wrap it in a container first"))
+    done: dict[int, torch.nn.Module | None] = {}
+    for parent in list(model.modules()):
+        for attr, child in list(parent._modules.items()):
+            if child is None:
+                continue
+            key = id(child)
+            if key not in done:
+                new, why = _replacement(child, backend, custom_rmsnorm)
+                done[key] = new
+                name = names.get(key, attr)
+                if new is not None:
+                    report.swapped.append(Swap(name, _qualname(child), _qualname(new), why))
+                elif why is not None:
+                    report.left.append(LeftAlone(name, _qualname(child), why))
+            if done[key] is not None:
+                parent._modules[attr] = done[key]
+    return report
+
+
+def patch(
+    model: torch.nn.Module, backend: str = "auto", custom_rmsnorm: bool = False
+) -> PatchReport:
+    """Swap every ``torch.nn.LayerNorm`` / ``torch.nn.RMSNorm`` in ``model`` (in place) for
+    ``fusedlm.nn.LayerNorm`` / ``fusedlm.nn.RMSNorm`` holding the same parameter tensors.
+
+    ``custom_rmsnorm=True`` also swaps model-specific RMSNorm classes recognised by their
+    parameters and a numeric probe. Returns a :class:`PatchReport`; ``unpatch`` undoes it."""
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"argument 'model' must be a torch.nn.Module, got {type(model).__name__}")
+    return swap_norms(model, backend, custom_rmsnorm)
+
+
+def unpatch(model: torch.nn.Module) -> PatchReport:
+    """Undo :func:`patch` (and ``fusedlm.integrations.transformers.apply``): put modules of the
+    original classes, with the same parameters, back; restore a transformers model's previous
+    attention implementation. Returns a report of what was restored."""
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"argument 'model' must be a torch.nn.Module, got {type(model).__name__}")
+    report = PatchReport()
+    names = {}
+    for name, mod in model.named_modules(remove_duplicate=False):
+        names.setdefault(id(mod), name)
+    done: dict[int, torch.nn.Module] = {}
+    for parent in list(model.modules()):
+        for attr, child in list(parent._modules.items()):
+            if child is None or _RESTORE_KEY not in child.__dict__:
+                continue
+            if id(child) not in done:
+                done[id(child)] = _restore_object(child)
+                report.swapped.append(Swap(names.get(id(child), attr), _qualname(child),
+                                           _qualname(done[id(child)])))
+            parent._modules[attr] = done[id(child)]
+    previous = model.__dict__.pop(ATTN_PREVIOUS_KEY, None)
+    if previous is not None:
+        from .transformers import set_attention_implementation  # only reached for HF models
+
+        set_attention_implementation(model, previous)
+        report.notes.append(f"attention implementation restored to {previous!r}")
+    return report

@@ -1,0 +1,267 @@
+"""fusedlm for Hugging Face ``transformers`` models, with one line and no model code copied:
+
+    report = fusedlm.integrations.transformers.apply(model)
+
+* Attention: registers ``fusedlm_attention_forward`` with ``transformers.AttentionInterface``
+  (and transformers' SDPA mask builder with ``AttentionMaskInterface``) under the name
+  ``"fusedlm"`` (``"fusedlm_<backend>"`` for a named backend) and switches the model to it with
+  ``model.set_attn_implementation``. No model class or forward method is patched.
+  Each call takes the semantics of transformers' ``sdpa_attention_forward`` exactly: when the
+  mask is absent (no padding: transformers then relies on ``is_causal``) or is an all-visible or
+  pure causal mask, our fused kernels run; any other mask (padding, sliding windows, custom
+  patterns), dropout, ``position_bias``, paged caches, and inputs the kernels cannot take go,
+  per call, to transformers' own ``sdpa_attention_forward``. :func:`attention_calls` counts both.
+* Norms: ``torch.nn.LayerNorm`` / ``torch.nn.RMSNorm`` and the model's own RMSNorm classes
+  (found by parameters, ``eps`` and a numeric probe; Gemma's ``1 + weight`` handled) become
+  fusedlm modules holding the same parameter tensors (``state_dict`` unchanged). See
+  :mod:`fusedlm.integrations.patch`. ``fusedlm.unpatch(model)`` undoes all of it.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import weakref
+
+import torch
+from torch import Tensor
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+from ..backends import check_backend_name, requested_backend
+from ..ops._common import FLOAT_DTYPES
+from ..ops.attention import ATTENTION_FWD, MAX_HEAD_DIM
+from ..ops.attention import attention as fused_attention
+from .patch import ATTN_PREVIOUS_KEY, LeftAlone, PatchReport, swap_norms
+
+try:  # transformers >= 4.53 builds masks through AttentionMaskInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+except ImportError:  # older versions build SDPA-style 4-D masks for any custom name
+    AttentionMaskInterface = sdpa_mask = None
+
+logger = logging.getLogger("fusedlm")
+
+ATTENTION_NAME = "fusedlm"
+
+_CALLS: collections.Counter = collections.Counter()
+
+
+def attention_calls() -> collections.Counter:
+    """Calls of the registered attention function since the last :func:`reset_attention_calls`:
+    ``"fused"`` for calls our kernels served, ``"sdpa: <reason>"`` for per-call fallbacks."""
+    return collections.Counter(_CALLS)
+
+
+def reset_attention_calls() -> None:
+    _CALLS.clear()
+
+
+# ---- mask recognition -----------------------------------------------------------------------
+
+_mask_cache: list = [None]  # (weakref to mask, mask._version, q_len, kv_len, kind): one entry
+
+
+def _mask_kind(mask: Tensor, q_len: int, kv_len: int) -> str | None:
+    """"full" if ``mask`` lets every query see every key, "causal" if it is exactly the
+    bottom-right causal mask (query i sees keys j <= i + kv_len - q_len, q_len <= kv_len), else
+    None. Boolean masks (True = visible) and additive float masks (0 visible, -inf or the
+    dtype's min hidden). Cached for the mask object, which every layer of a forward shares."""
+    if mask.dim() != 4 or mask.shape[1] != 1 or tuple(mask.shape[2:]) != (q_len, kv_len):
+        return None
+    cached = _mask_cache[0]
+    if cached is not None and cached[0]() is mask and cached[1:4] == (mask._version, q_len, kv_len):
+        return cached[4]
+    if mask.dtype == torch.bool:
+        visible = mask
+    elif mask.is_floating_point():
+        visible = mask == 0
+        hidden = mask[~visible]
+        if hidden.numel() and not bool(
+            ((hidden == float("-inf")) | (hidden == torch.finfo(mask.dtype).min)).all()
+        ):
+            visible = None
+    else:
+        visible = None
+    kind = None
+    if visible is not None:
+        if bool(visible.all()):
+            kind = "full"
+        elif q_len <= kv_len:
+            rows = torch.arange(q_len, device=mask.device)[:, None] + (kv_len - q_len)
+            causal = torch.arange(kv_len, device=mask.device)[None, :] <= rows
+            if bool((visible == causal).all()):
+                kind = "causal"
+    _mask_cache[0] = (weakref.ref(mask), mask._version, q_len, kv_len, kind)
+    return kind
+
+
+# ---- the attention function -----------------------------------------------------------------
+
+
+def _unsupported(query, key, value, dropout, kwargs) -> str | None:
+    if kwargs.get("softcap") is not None:
+        return "softcap"
+    if kwargs.get("position_bias") is not None:
+        return "position_bias"
+    if kwargs.get("cache") is not None:
+        return "paged cache"
+    if dropout:
+        return "dropout > 0"
+    if torch.jit.is_tracing():
+        return "torch.jit tracing"
+    tensors = (query, key, value)
+    if not all(isinstance(t, Tensor) and t.dim() == 4 for t in tensors):
+        return "inputs that are not 4-D tensors"
+    if not all(t.dtype in FLOAT_DTYPES for t in tensors) or len({t.dtype for t in tensors}) != 1:
+        return "mixed or unsupported dtypes"
+    if len({t.device for t in tensors}) != 1:
+        return "mixed devices"
+    if key.shape != value.shape:
+        return "value shaped unlike key (e.g. a different value head dim)"
+    if query.shape[0] != key.shape[0] or query.shape[3] != key.shape[3]:
+        return "batch or head-dim mismatch"
+    if query.shape[3] > MAX_HEAD_DIM:
+        return f"head dim over {MAX_HEAD_DIM}"
+    hq, hkv = query.shape[1], key.shape[1]
+    if hkv == 0 or hq % hkv != 0:
+        return "query heads not a multiple of key/value heads"
+    if any(t.numel() == 0 for t in tensors):
+        return "empty inputs"
+    return None
+
+
+def fusedlm_attention_forward(
+    module: torch.nn.Module,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attention_mask: Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    is_causal: bool | None = None,
+    *,
+    backend: str = "auto",
+    **kwargs,
+) -> tuple[Tensor, None]:
+    """transformers attention function (``AttentionInterface``): query (B, Hq, Tq, D),
+    key/value (B, Hkv, Tk, D) -> (attn_output (B, Tq, Hq, D), None), with the semantics of
+    ``transformers.integrations.sdpa_attention.sdpa_attention_forward``, which serves every call
+    our kernels cannot."""
+    reason = _unsupported(query, key, value, dropout, kwargs)
+    causal = False
+    if reason is None:
+        q_len, kv_len = query.shape[2], key.shape[2]
+        if attention_mask is None:
+            # sdpa_attention_forward: is_causal only for q_len > 1 (a single query sees every
+            # cached key, i.e. bottom-right); a causal prefill with kv_len > q_len (an empty
+            # static cache) is top-left aligned, so the keys past q_len are dropped.
+            if is_causal is None:
+                is_causal = getattr(module, "is_causal", True)
+            causal = bool(q_len > 1 and is_causal)
+            if causal and kv_len > q_len:
+                key, value = key[:, :, :q_len], value[:, :, :q_len]
+        elif torch.compiler.is_compiling() or not isinstance(attention_mask, Tensor):
+            reason = "an attention mask (not inspected under torch.compile)"
+        else:
+            kind = _mask_kind(attention_mask, q_len, kv_len)
+            if kind is None:
+                reason = "an attention mask with padding or a custom pattern"
+            else:
+                causal = kind == "causal" and q_len > 1
+    compiling = torch.compiler.is_compiling()
+    if reason is None and requested_backend(backend) == "auto" and not compiling:
+        # Our reference is no faster than torch's SDPA: use ours only where a kernel serves.
+        if ATTENTION_FWD.auto_choice(query.device, query, key, value) == "torch":
+            reason = "no fusedlm kernel backend for these inputs"
+    if reason is not None:
+        if not torch.compiler.is_compiling():
+            _CALLS[f"sdpa: {reason}"] += 1
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+            is_causal=is_causal, **kwargs,
+        )
+    if not torch.compiler.is_compiling():
+        _CALLS["fused"] += 1
+    out = fused_attention(query, key, value, causal=causal, scale=scaling, backend=backend)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def attention_name(backend: str = "auto") -> str:
+    """Register (idempotently) and return the implementation name for ``backend``."""
+    check_backend_name(backend)
+    name = ATTENTION_NAME if backend == "auto" else f"{ATTENTION_NAME}_{backend}"
+    if backend == "auto":
+        fn = fusedlm_attention_forward
+    else:
+        def fn(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
+               is_causal=None, **kwargs):
+            return fusedlm_attention_forward(
+                module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                is_causal=is_causal, backend=backend, **kwargs,
+            )
+        fn.__name__ = f"fusedlm_attention_forward_{backend}"
+    AttentionInterface.register(name, fn)
+    if AttentionMaskInterface is not None:
+        # Masks exactly as for "sdpa": None where is_causal suffices, else a boolean 4-D mask.
+        AttentionMaskInterface.register(name, sdpa_mask)
+    return name
+
+
+def set_attention_implementation(model, name: str) -> None:
+    if hasattr(model, "set_attn_implementation"):
+        model.set_attn_implementation(name)
+    else:  # older transformers: set it on every config of the model
+        for module in model.modules():
+            config = getattr(module, "config", None)
+            if config is not None and hasattr(config, "_attn_implementation"):
+                config._attn_implementation = name
+
+
+def apply(model: torch.nn.Module, attention: bool = True, norms: bool = True,
+          backend: str = "auto") -> PatchReport:
+    """Make a transformers model run fusedlm's kernels, in place.
+
+    ``attention``: switch the model to fusedlm's attention (registered with
+    ``AttentionInterface``; masks it cannot take fall back per call to transformers' SDPA).
+    ``norms``: swap LayerNorm / RMSNorm modules (torch's and the model's own RMSNorm classes)
+    for fusedlm modules holding the same parameters. ``backend``: as in every fusedlm op.
+    Returns a :class:`~fusedlm.integrations.patch.PatchReport`; ``fusedlm.unpatch`` undoes it."""
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"argument 'model' must be a torch.nn.Module, got {type(model).__name__}")
+    check_backend_name(backend)
+    report = PatchReport()
+    if attention:
+        config = getattr(model, "config", None)
+        if config is None or not hasattr(config, "_attn_implementation"):
+            report.left.append(LeftAlone("", type(model).__qualname__,
+                                         "attention: not a transformers model (no config)"))
+        else:
+            name = attention_name(backend)
+            previous = config._attn_implementation
+            if previous != name:
+                set_attention_implementation(model, name)
+            if config._attn_implementation == name:
+                if previous != name:
+                    model.__dict__.setdefault(ATTN_PREVIOUS_KEY, previous)
+                report.notes.append(
+                    f"attention: implementation {previous!r} -> {name!r}; calls with no mask (or "
+                    "an all-visible / pure causal one) run fusedlm's kernels, others (padding "
+                    "masks, dropout, position_bias, ...) fall back per call to transformers' "
+                    "sdpa_attention_forward; see attention_calls()"
+                )
+            else:
+                report.left.append(LeftAlone(
+                    "", type(model).__qualname__,
+                    f"attention: {type(model).__name__} cannot switch its attention "
+                    f"implementation (it does not use transformers' AttentionInterface); still "
+                    f"{config._attn_implementation!r}",
+                ))
+    if norms:
+        swap_norms(model, backend, custom_rmsnorm=True, report=report)
+    return report
+
+
+__all__ = [
+    "apply", "attention_calls", "attention_name", "fusedlm_attention_forward",
+    "reset_attention_calls", "set_attention_implementation",
+]

@@ -1,0 +1,146 @@
+"""fusedlm.patch / fusedlm.unpatch on a plain torch.nn.Module (no transformers needed)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import fusedlm
+from fusedlm.backends import OpDispatch
+from tests.helpers import assert_close_rule, cpu_backend_available, cpu_unavailable_reason
+
+needs_cpu = pytest.mark.skipif(not cpu_backend_available(), reason=cpu_unavailable_reason())
+
+
+class ScaleNorm(torch.nn.Module):
+    """Has the shape of an RMSNorm (1-D weight, eps) but is not one: the probe must refuse it."""
+
+    def __init__(self, n, eps=1e-6):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.ones(n))
+        self.eps = eps
+
+    def forward(self, x):
+        return x * self.weight / (x.abs().amax(-1, keepdim=True) + self.eps)
+
+
+class Net(torch.nn.Module):
+    def __init__(self, n=24):
+        super().__init__()
+        self.inp = torch.nn.Linear(n, n)
+        self.ln = torch.nn.LayerNorm(n)
+        self.ln_nobias = torch.nn.LayerNorm(n, bias=False)
+        self.rms = torch.nn.RMSNorm(n, eps=1e-6)
+        self.shared = torch.nn.RMSNorm(n)
+        self.blocks = torch.nn.ModuleList([self.shared, torch.nn.Linear(n, n), self.shared])
+        self.group = torch.nn.GroupNorm(4, n)
+        self.scale = ScaleNorm(n)
+        with torch.no_grad():
+            for p in self.parameters():
+                if p.dim() == 1:
+                    p.uniform_(0.5, 1.5)
+
+    def forward(self, x):
+        x = self.ln_nobias(self.ln(self.inp(x)))
+        x = self.rms(x)
+        for block in self.blocks:
+            x = block(x)
+        x = self.group(x.transpose(1, 2)).transpose(1, 2)
+        return self.scale(x)
+
+
+@needs_cpu
+def test_patch_unpatch_round_trip():
+    model = Net()
+    truth, same = copy.deepcopy(model).double(), copy.deepcopy(model)
+    params_before = dict(model.named_parameters())
+    keys_before = list(model.state_dict())
+
+    report = fusedlm.patch(model)
+    swapped = {s.name for s in report.swapped}
+    assert swapped == {"ln", "ln_nobias", "rms", "shared"}, report
+    left = {m.name: m.reason for m in report.left}
+    assert set(left) == {"group", "scale"}  # reported as norm-like, not swapped
+    assert type(model.ln) is fusedlm.nn.LayerNorm and type(model.ln_nobias) is fusedlm.nn.LayerNorm
+    assert type(model.rms) is fusedlm.nn.RMSNorm
+    assert model.blocks[0] is model.blocks[2] is model.shared  # sharing is kept
+    assert type(model.group) is torch.nn.GroupNorm
+    for name, p in model.named_parameters():
+        assert p is params_before[name], name
+    assert list(model.state_dict()) == keys_before
+    assert "fusedlm" in str(report)
+
+    x = torch.randn(3, 7, 24)
+    xt, xs = x.double().requires_grad_(), x.clone().requires_grad_()
+    x.requires_grad_()
+    OpDispatch.last_choice.clear()
+    out, out_same, out_truth = model(x), same(xs), truth(xt)
+    assert OpDispatch.last_choice["layer_norm_fwd"] == "cpu"
+    assert OpDispatch.last_choice["rms_norm_fwd"] == "cpu"
+    assert_close_rule(out, out_same, out_truth)
+    grad = torch.randn_like(out)
+    for y in (out, out_same, out_truth):
+        y.backward(grad.to(y.dtype))
+    assert_close_rule(x.grad, xs.grad, xt.grad, name="dx")
+    params_same, params_truth = dict(same.named_parameters()), dict(truth.named_parameters())
+    for name, p in model.named_parameters():
+        assert_close_rule(p.grad, params_same[name].grad, params_truth[name].grad, name=name)
+
+    assert fusedlm.patch(model).swapped == []  # patching twice is a no-op
+    restored = fusedlm.unpatch(model)
+    assert len(restored.swapped) == 4
+    assert type(model.ln) is torch.nn.LayerNorm and type(model.rms) is torch.nn.RMSNorm
+    assert model.blocks[0] is model.blocks[2] is model.shared
+    assert type(model.shared) is torch.nn.RMSNorm
+    for name, p in model.named_parameters():
+        assert p is params_before[name], name
+    assert not any("fusedlm" in k or "backend" in vars(m) for m in model.modules() for k in vars(m))
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), same(x), rtol=0, atol=0)
+
+
+@needs_cpu
+def test_patch_custom_rmsnorm_probe():
+    class MyRMSNorm(torch.nn.Module):
+        def __init__(self, n, eps=1e-5):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.rand(n) + 0.5)
+            self.variance_epsilon = eps
+
+        def forward(self, x):
+            var = x.float().pow(2).mean(-1, keepdim=True)
+            return self.weight * (x.float() * torch.rsqrt(var + self.variance_epsilon)).to(x.dtype)
+
+    class WrongEps(MyRMSNorm):
+        def forward(self, x):  # ignores its eps: the small-scale probe must notice
+            return self.weight * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-2)
+
+    model = torch.nn.Sequential(MyRMSNorm(16), WrongEps(16), ScaleNorm(16))
+    same = copy.deepcopy(model)
+    report = fusedlm.patch(model, custom_rmsnorm=True)
+    assert [s.name for s in report.swapped] == ["0"]
+    assert {m.name for m in report.left} == {"1", "2"}
+    assert "probe" in str(report)
+    x = torch.randn(4, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), same(x))
+    assert list(model.state_dict()) == list(same.state_dict())
+    fusedlm.unpatch(model)
+    assert type(model[0]) is MyRMSNorm
+
+
+def test_patch_bad_arguments():
+    with pytest.raises(TypeError, match="model"):
+        fusedlm.patch(object())
+    with pytest.raises(ValueError, match="backend"):
+        fusedlm.patch(torch.nn.Sequential(torch.nn.LayerNorm(4)), backend="gpu")
+
+
+def test_import_does_not_import_transformers():
+    import subprocess
+    import sys
+
+    code = "import sys, fusedlm; fusedlm.patch; assert 'transformers' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -1,0 +1,281 @@
+"""fusedlm.integrations.transformers.apply on small random-init Hugging Face models.
+
+Truth is the unpatched model in float64, torch's own computation the unpatched float32 model,
+and the patched float32 model must pass tests/helpers.assert_close_rule against them."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from transformers.integrations.sdpa_attention import sdpa_attention_forward  # noqa: E402
+
+import fusedlm  # noqa: E402
+from fusedlm.backends import OpDispatch  # noqa: E402
+from fusedlm.integrations import transformers as fhf  # noqa: E402
+from tests.helpers import (  # noqa: E402
+    assert_close_rule,
+    cpu_backend_available,
+    cpu_unavailable_reason,
+)
+
+pytestmark = pytest.mark.skipif(not cpu_backend_available(), reason=cpu_unavailable_reason())
+
+VOCAB = 100
+COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+              num_attention_heads=4, max_position_embeddings=64)
+
+
+def _gpt2():
+    cfg = transformers.GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=64,
+                                  resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    return transformers.GPT2LMHeadModel(cfg)
+
+
+def _llama():  # GQA: 4 query heads, 2 key/value heads
+    return transformers.LlamaForCausalLM(transformers.LlamaConfig(**COMMON, num_key_value_heads=2))
+
+
+def _qwen2():  # GQA with qkv biases
+    return transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**COMMON, num_key_value_heads=2))
+
+
+def _gemma():  # MQA and the (1 + weight) RMSNorm
+    return transformers.GemmaForCausalLM(
+        transformers.GemmaConfig(**COMMON, num_key_value_heads=1, head_dim=16)
+    )
+
+
+def _bert():
+    cfg = transformers.BertConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2,
+                                  num_attention_heads=4, intermediate_size=96,
+                                  hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+                                  max_position_embeddings=64)
+    return transformers.BertModel(cfg, add_pooling_layer=False)
+
+
+CAUSAL = {"gpt2": _gpt2, "llama": _llama, "qwen2": _qwen2, "gemma": _gemma}
+ALL = {**CAUSAL, "bert": _bert}
+
+
+def _randomize_norms(model):
+    """Random-init norms have weight 1 (0 for Gemma) and bias 0; make them non-trivial."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name or "ln" in name.split(".")[-2].lower():
+                p.add_(torch.randn_like(p) * 0.2)
+
+
+def _build(name):
+    model = ALL[name]()
+    _randomize_norms(model)
+    return model.eval()
+
+
+def _triple(name, **apply_kwargs):
+    """(patched float32, unpatched float32, unpatched float64) copies of one model."""
+    model = _build(name)
+    same, truth = copy.deepcopy(model), copy.deepcopy(model).double()
+    report = fhf.apply(model, **apply_kwargs)
+    return model, same, truth, report
+
+
+def _out(model, name, **inputs):
+    out = model(**inputs)
+    return out.last_hidden_state if name == "bert" else out.logits
+
+
+@pytest.fixture(autouse=True)
+def _fresh_counters():
+    fhf.reset_attention_calls()
+    OpDispatch.last_choice.clear()
+
+
+@pytest.mark.parametrize("name", list(ALL))
+def test_logits_and_grads_match(name):
+    model, same, truth, report = _triple(name)
+    assert model.config._attn_implementation == "fusedlm"
+    ids = torch.randint(0, VOCAB, (2, 13))
+    outs = [_out(m, name, input_ids=ids) for m in (model, same, truth)]
+    assert fhf.attention_calls() == {"fused": 2}  # two layers, no fallback
+    assert OpDispatch.last_choice["attention_fwd"] == "cpu"
+    norm_op = "layer_norm_fwd" if name in ("gpt2", "bert") else "rms_norm_fwd"
+    assert OpDispatch.last_choice[norm_op] == "cpu"
+    assert_close_rule(outs[0], outs[1], outs[2], name=f"{name} output")
+
+    weight = torch.randn_like(outs[0])
+    for out in outs:
+        (out * weight.to(out.dtype)).sum().backward()
+    assert OpDispatch.last_choice["attention_bwd"] == "cpu"
+    same_params, truth_params = dict(same.named_parameters()), dict(truth.named_parameters())
+    checked = 0
+    for pname, p in model.named_parameters():
+        if p.grad is None:
+            assert same_params[pname].grad is None, pname
+            continue
+        assert_close_rule(p.grad, same_params[pname].grad, truth_params[pname].grad, name=pname)
+        checked += 1
+    assert checked >= 10
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+@pytest.mark.parametrize("name", list(ALL))
+def test_padding_falls_back_and_matches(name, side):
+    model, same, truth, _ = _triple(name)
+    lengths = [13, 8, 5]
+    ids = torch.randint(1, VOCAB, (3, 13))
+    mask = torch.zeros(3, 13, dtype=torch.long)
+    for row, n in enumerate(lengths):
+        if side == "left":
+            mask[row, 13 - n:] = 1
+        else:
+            mask[row, :n] = 1
+    outs = [_out(m, name, input_ids=ids, attention_mask=mask) for m in (model, same, truth)]
+    calls = fhf.attention_calls()
+    assert calls["fused"] == 0 and sum(calls.values()) == 2, calls
+    assert OpDispatch.last_choice.get("attention_fwd") is None  # our kernels did not run
+    real = mask.bool()
+    assert_close_rule(outs[0][real], outs[1][real], outs[2][real], name=f"{name} {side} padded")
+
+    # A batch without padding still runs our kernels, with an all-ones mask passed.
+    fhf.reset_attention_calls()
+    full = torch.ones_like(mask)
+    outs = [_out(m, name, input_ids=ids, attention_mask=full) for m in (model, same, truth)]
+    assert fhf.attention_calls() == {"fused": 2}
+    assert_close_rule(outs[0], outs[1], outs[2], name=f"{name} unpadded")
+
+
+@pytest.mark.parametrize("padded", [False, True], ids=["no_padding", "left_padding"])
+@pytest.mark.parametrize("name", list(CAUSAL))
+def test_generate_greedy_same_tokens(name, padded):
+    model, same, _, _ = _triple(name)
+    ids = torch.randint(1, VOCAB, (2, 7))
+    mask = torch.ones_like(ids)
+    if padded:
+        mask[1, :3] = 0
+        ids[1, :3] = 0
+    kwargs = dict(attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        ours = model.generate(ids, **kwargs)
+        theirs = same.generate(ids, **kwargs)
+    assert ours.shape == (2, 15)
+    assert torch.equal(ours, theirs), (ours, theirs)
+    calls = fhf.attention_calls()
+    if padded:
+        assert calls["fused"] == 0 and sum(calls.values()) == 2 * 8
+    else:  # prefill (causal, Tq = Tk) and 7 decode steps (Tq = 1 < Tk), all ours
+        assert calls == {"fused": 2 * 8}
+        assert OpDispatch.last_choice["attention_fwd"] == "cpu"
+
+
+@pytest.mark.parametrize("name", list(ALL))
+def test_state_dict_loads_into_unpatched_model(name):
+    model, same, _, _ = _triple(name)
+    state = model.state_dict()
+    assert list(state) == list(same.state_dict())
+    fresh = ALL[name]().eval()
+    fresh.load_state_dict(state, strict=True)
+    ids = torch.randint(0, VOCAB, (2, 9))
+    with torch.no_grad():
+        expected = _out(same, name, input_ids=ids)
+        torch.testing.assert_close(_out(fresh, name, input_ids=ids), expected)
+
+
+def test_apply_keeps_parameters_and_reports():
+    model = _build("gemma")
+    params = dict(model.named_parameters())
+    report = fhf.apply(model)
+    for pname, p in model.named_parameters():
+        assert p is params[pname], pname
+    assert len(report.swapped) == 5 and not report.left
+    assert all("Gemma-style" in s.note for s in report.swapped)
+    assert "GemmaRMSNorm" in str(report) and "sdpa_attention_forward" in str(report)
+
+    gpt2 = _build("gpt2")
+    report = fhf.apply(gpt2, attention=False)
+    assert gpt2.config._attn_implementation == "sdpa"
+    assert {s.name for s in report.swapped} == {"transformer.h.0.ln_1", "transformer.h.0.ln_2",
+                                                "transformer.h.1.ln_1", "transformer.h.1.ln_2",
+                                                "transformer.ln_f"}
+    assert all(type(m) is not torch.nn.LayerNorm for m in gpt2.modules())
+
+    llama = _build("llama")
+    report = fhf.apply(llama, norms=False, backend="cpu")
+    assert llama.config._attn_implementation == "fusedlm_cpu" and not report.swapped
+    llama(torch.randint(0, VOCAB, (1, 5)))
+    assert fhf.attention_calls() == {"fused": 2}
+
+    restored = fusedlm.unpatch(model)
+    assert len(restored.swapped) == 5
+    assert model.config._attn_implementation == "sdpa"
+    assert all(type(m).__name__ != "ModelRMSNorm" for m in model.modules())
+
+
+def _qkv(b, hq, hkv, tq, tk, d=16):
+    return (torch.randn(b, hq, tq, d), torch.randn(b, hkv, tk, d), torch.randn(b, hkv, tk, d))
+
+
+class _Module(torch.nn.Module):
+    def __init__(self, is_causal=True, groups=1):
+        super().__init__()
+        self.is_causal, self.num_key_value_groups = is_causal, groups
+
+
+@pytest.mark.parametrize(
+    ("case", "tq", "tk", "expect"),
+    [
+        ("no mask, prefill", 9, 9, "fused"),
+        ("no mask, decode", 1, 9, "fused"),
+        ("no mask, static-cache prefill (top-left)", 5, 9, "fused"),
+        ("bool causal mask, Tq < Tk (bottom-right)", 4, 9, "fused"),
+        ("float all-visible mask", 4, 9, "fused"),
+        ("bool padding mask", 4, 9, "sdpa"),
+        ("sliding-window mask", 9, 9, "sdpa"),
+    ],
+)
+def test_attention_function_matches_sdpa(case, tq, tk, expect):
+    q, k, v = _qkv(2, 4, 2, tq, tk)
+    mask = None
+    rows = torch.arange(tq)[:, None] + (tk - tq)
+    cols = torch.arange(tk)[None, :]
+    if "bool causal" in case:
+        mask = (cols <= rows).expand(2, 1, tq, tk)
+    elif "float all-visible" in case:
+        mask = torch.zeros(1, 1, tq, tk)
+    elif "padding" in case:
+        mask = torch.ones(2, 1, tq, tk, dtype=torch.bool)
+        mask[1, :, :, :3] = False
+    elif "sliding" in case:
+        mask = ((cols <= rows) & (cols > rows - 3)).expand(2, 1, tq, tk)
+    module = _Module(groups=2)
+    ours, _ = fhf.fusedlm_attention_forward(module, q, k, v, mask, scaling=0.3)
+    theirs, _ = sdpa_attention_forward(module, q, k, v, mask, scaling=0.3)
+    mask64 = mask.double() if mask is not None and mask.is_floating_point() else mask
+    truth, _ = sdpa_attention_forward(module, q.double(), k.double(), v.double(), mask64,
+                                      scaling=0.3)
+    assert ours.shape == (2, tq, 4, 16)
+    assert_close_rule(ours, theirs, truth)
+    calls = fhf.attention_calls()
+    assert (calls["fused"] == 1) == (expect == "fused"), calls
+
+
+@pytest.mark.gpu
+def test_llama_bf16_on_gpu():
+    model = _build("llama").cuda()
+    same, truth = copy.deepcopy(model).bfloat16(), copy.deepcopy(model).double()
+    model = model.bfloat16()
+    fhf.apply(model)
+    ids = torch.randint(0, VOCAB, (2, 33), device="cuda")
+    outs = [m(input_ids=ids).logits for m in (model, same, truth)]
+    assert fhf.attention_calls() == {"fused": 2}
+    assert_close_rule(outs[0], outs[1], outs[2], name="bf16 logits")
+    weight = torch.randn_like(outs[2])
+    for out in outs:
+        (out * weight.to(out.dtype)).sum().backward()
+    same_params, truth_params = dict(same.named_parameters()), dict(truth.named_parameters())
+    for pname, p in model.named_parameters():
+        assert_close_rule(p.grad, same_params[pname].grad, truth_params[pname].grad, name=pname)
