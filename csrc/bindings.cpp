@@ -59,12 +59,17 @@ void check_attention_inputs(const at::Tensor& q, const at::Tensor& k, const at::
                       ") must be a multiple of the number of key/value heads (", k.size(1), ")");
   check_fits_index(q, "q");
   check_fits_index(k, "k");
+  check_fits_index(v, "v");
+  check_fits_strides(q, "q");
+  check_fits_strides(k, "k");
+  check_fits_strides(v, "v");
 }
 
 std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q, const at::Tensor& k,
                                                  const at::Tensor& v, double scale, bool causal,
                                                  int64_t causal_offset) {
   check_attention_inputs(q, k, v);
+  check_finite(scale, "scale");
   require_cpu_kernel(q, "q", "attention_fwd");
   return cpu::attention_fwd(q, k, v, scale, causal, causal_offset);
 }
@@ -74,10 +79,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
     const at::Tensor& out, const at::Tensor& lse, double scale, bool causal,
     int64_t causal_offset) {
   check_attention_inputs(q, k, v);
+  check_finite(scale, "scale");
   check_defined(grad_out, "grad_out");
+  check_defined(out, "out");
+  check_defined(lse, "lse");
   check_shape(grad_out, "grad_out", q.sizes());
   check_shape(out, "out", q.sizes());
   check_shape(lse, "lse", q.sizes().slice(0, 3));
+  check_fits_strides(grad_out, "grad_out");
+  check_fits_strides(out, "out");
   check_same_dtype(grad_out, "grad_out", q, "q");
   check_same_dtype(out, "out", q, "q");
   FUSEDLM_CHECK_TYPE(lse.scalar_type() == (q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat),
@@ -137,7 +147,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd(
   check_norm_input(x);
   check_norm_param(weight, "weight", x, std::nullopt);
   check_norm_param(bias, "bias", x, weight);
-  FUSEDLM_CHECK_VALUE(eps >= 0, "argument 'eps' must be >= 0, got ", eps);
+  FUSEDLM_CHECK_VALUE(eps >= 0 && std::isfinite(eps), "argument 'eps' must be finite and >= 0, got ", eps);
   require_cpu_kernel(x, "x", "layer_norm_fwd");
   return cpu::layer_norm_fwd(x, weight, bias, eps);
 }
@@ -159,7 +169,7 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_fwd(const at::Tensor& x,
                                                 double eps) {
   check_norm_input(x);
   check_norm_param(weight, "weight", x, std::nullopt);
-  FUSEDLM_CHECK_VALUE(eps >= 0, "argument 'eps' must be >= 0, got ", eps);
+  FUSEDLM_CHECK_VALUE(eps >= 0 && std::isfinite(eps), "argument 'eps' must be finite and >= 0, got ", eps);
   require_cpu_kernel(x, "x", "rms_norm_fwd");
   return cpu::rms_norm_fwd(x, weight, eps);
 }
@@ -220,14 +230,27 @@ void adamw_step(const std::vector<at::Tensor>& params, const std::vector<at::Ten
   check_tensor_list(exp_avg_sqs, "exp_avg_sqs", params, true);
   if (amsgrad) {
     check_tensor_list(max_exp_avg_sqs, "max_exp_avg_sqs", params, true);
-  } else {
+  }
+  // The kernel reads every state tensor of param i with the element type of exp_avgs[i]:
+  // a float32 exp_avgs[i] with a 16-bit exp_avg_sqs[i] would be read and written past its end.
+  for (size_t i = 0; i < params.size(); ++i) {
+    const std::string avg = "exp_avgs[" + std::to_string(i) + "]";
+    const std::string sq = "exp_avg_sqs[" + std::to_string(i) + "]";
+    check_same_dtype(exp_avg_sqs[i], sq.c_str(), exp_avgs[i], avg.c_str());
+    if (amsgrad) {
+      const std::string mx = "max_exp_avg_sqs[" + std::to_string(i) + "]";
+      check_same_dtype(max_exp_avg_sqs[i], mx.c_str(), exp_avgs[i], avg.c_str());
+    }
+  }
+  if (!amsgrad) {
     FUSEDLM_CHECK_VALUE(max_exp_avg_sqs.empty(),
                         "argument 'max_exp_avg_sqs' must be empty when amsgrad is False");
   }
   FUSEDLM_CHECK_VALUE(steps.size() == params.size(), "argument 'steps' has ", steps.size(),
                       " entries but 'params' has ", params.size());
   for (size_t i = 0; i < steps.size(); ++i) {
-    FUSEDLM_CHECK_VALUE(steps[i] >= 1, "argument 'steps[", i, "]' must be >= 1, got ", steps[i]);
+    FUSEDLM_CHECK_VALUE(steps[i] >= 1 && std::isfinite(steps[i]), "argument 'steps[", i,
+                        "]' must be finite and >= 1, got ", steps[i]);
   }
   FUSEDLM_CHECK_VALUE(lr >= 0, "argument 'lr' must be >= 0, got ", lr);
   FUSEDLM_CHECK_VALUE(eps >= 0, "argument 'eps' must be >= 0, got ", eps);

@@ -6,6 +6,7 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
+#include <cmath>
 #include <limits>
 #include <string>
 
@@ -62,6 +63,28 @@ inline void check_cpu(const at::Tensor& t, const char* name) {
 inline void check_fits_index(const at::Tensor& t, const char* name) {
   FUSEDLM_CHECK_VALUE(t.numel() < (int64_t{1} << 62), "argument '", name,
                       "' has too many elements (", t.numel(), ") for the kernel's index type");
+}
+
+// A scalar argument that must be a finite number (NaN and +-inf rejected).
+inline void check_finite(double value, const char* name) {
+  FUSEDLM_CHECK_VALUE(std::isfinite(value), "argument '", name, "' must be finite, got ", value);
+}
+
+// Kernels index every size and stride with int64_t; a tensor whose largest reachable element
+// offset (sum of (size - 1) * stride) does not fit would make that arithmetic overflow.
+inline void check_fits_strides(const at::Tensor& t, const char* name) {
+  if (t.numel() == 0) return;
+  int64_t reach = 0;
+  for (int64_t d = 0; d < t.dim(); ++d) {
+    const int64_t step = t.size(d) - 1;
+    const int64_t stride = t.stride(d);
+    FUSEDLM_CHECK_VALUE(stride >= 0, "argument '", name, "' has a negative stride ", stride,
+                        " in dim ", d);
+    FUSEDLM_CHECK_VALUE(stride == 0 || step <= (std::numeric_limits<int64_t>::max() - reach) / stride,
+                        "argument '", name, "' has strides ", t.strides(), " and sizes ",
+                        t.sizes(), " whose offsets overflow the kernel's index type");
+    reach += step * stride;
+  }
 }
 
 }  // namespace fusedlm

@@ -16,6 +16,15 @@ import torch
 from tests.helpers import available_backends, device_of  # noqa: F401  (re-exported)
 
 
+def pytest_addoption(parser):
+    parser.addoption(
+        "--fuzz-long", dest="fuzz_long", nargs="?", type=int, const=5000, default=None,
+        metavar="N",
+        help="tests/test_fuzz.py: draw N random examples per fuzz test (5000 when N is omitted) "
+        "instead of the bounded, derandomized default",
+    )
+
+
 @pytest.fixture(autouse=True)
 def fixed_seed(request):
     """torch.manual_seed(crc32(test id)) before each test; the seed is returned for reuse."""

@@ -138,9 +138,9 @@ def attention_bwd(
     dscores = probs * (dprobs - delta) * scale
     dq = torch.matmul(dscores, k_full)
     dk_full = torch.matmul(dscores.transpose(-1, -2), q.to(dtype))
-    group = Hq // Hkv if Hkv else 1
-    dk = dk_full.reshape(B, Hkv, group, -1, D).sum(dim=2)
-    dv = dv_full.reshape(B, Hkv, group, -1, D).sum(dim=2)
+    group, Tk = (Hq // Hkv if Hkv else 1), k.shape[2]
+    dk = dk_full.reshape(B, Hkv, group, Tk, D).sum(dim=2)
+    dv = dv_full.reshape(B, Hkv, group, Tk, D).sum(dim=2)
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 

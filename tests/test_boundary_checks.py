@@ -1,0 +1,190 @@
+"""The invariants csrc/bindings.cpp enforces before a tensor reaches a C++ kernel, each shown to
+fire: the entry points of fusedlm._C are called directly with one bad argument, and must raise
+the expected exception type with a message naming that argument.
+
+Complements tests/test_bad_inputs.py (which covers dims, dtypes, devices and shapes of most
+arguments) with the checks it does not: finiteness of scalars, the stride/offset range of
+every tensor, per-parameter AdamW state dtypes (a float32 exp_avgs[i] with a 16-bit
+exp_avg_sqs[i] made the kernel read and write past the end of the 16-bit tensor), and the
+remaining arguments of the attention entry points."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import fusedlm
+from tests.helpers import cpu_backend_available, cpu_unavailable_reason
+
+pytestmark = pytest.mark.skipif(not cpu_backend_available(), reason=cpu_unavailable_reason())
+
+META = "meta"
+BIG = 2**62  # a stride whose offsets overflow int64 once multiplied by a size of 3
+
+
+def _ext():
+    return fusedlm._ext.load()
+
+
+def _q(dtype=torch.float32, device="cpu"):
+    return torch.randn(1, 2, 3, 4, dtype=dtype, device=device)
+
+
+def _lse():
+    return torch.zeros(1, 2, 3)
+
+
+def _huge_strides(shape=(3, 2, 3, 4)):
+    """A meta tensor (no storage) whose largest element offset does not fit in int64."""
+    return torch.empty_strided(shape, (BIG, 1, 1, 1), device=META)
+
+
+def _bwd(**bad):
+    args = {"grad_out": _q(), "q": _q(), "k": _q(), "v": _q(), "out": _q(), "lse": _lse(),
+            "scale": 0.5, "causal": False, "causal_offset": 0}
+    args.update(bad)
+    return lambda e: e.attention_bwd(*args.values())
+
+
+def _fwd(**bad):
+    args = {"q": _q(), "k": _q(), "v": _q(), "scale": 0.5, "causal": False, "causal_offset": 0}
+    args.update(bad)
+    return lambda e: e.attention_fwd(*args.values())
+
+
+X = lambda: torch.randn(3, 8)  # noqa: E731
+
+
+def _adamw(**overrides):
+    args = {
+        "params": [torch.randn(4, dtype=torch.bfloat16)],
+        "grads": [torch.randn(4, dtype=torch.bfloat16)],
+        "exp_avgs": [torch.zeros(4)],
+        "exp_avg_sqs": [torch.zeros(4)],
+        "max_exp_avg_sqs": [],
+        "steps": [1.0],
+        "lr": 1e-3, "beta1": 0.9, "beta2": 0.999, "eps": 1e-8, "weight_decay": 0.0,
+        "amsgrad": False, "maximize": False,
+    }
+    args.update(overrides)
+    return list(args.values())
+
+
+CASES = [
+    # attention: the softmax scale must be a finite number
+    ("att_fwd_scale_nan", ValueError, "'scale'", _fwd(scale=math.nan)),
+    ("att_fwd_scale_inf", ValueError, "'scale'", _fwd(scale=math.inf)),
+    ("att_fwd_scale_neg_inf", ValueError, "'scale'", _fwd(scale=-math.inf)),
+    ("att_bwd_scale_nan", ValueError, "'scale'", _bwd(scale=math.nan)),
+    ("att_bwd_scale_inf", ValueError, "'scale'", _bwd(scale=math.inf)),
+    # attention: arguments tests/test_bad_inputs.py leaves out
+    ("att_fwd_v_dtype", TypeError, "'v'", _fwd(v=_q(torch.float64))),
+    ("att_fwd_v_meta", ValueError, "'v'", _fwd(v=_q(device=META))),
+    ("att_fwd_q_meta", ValueError, "'q'", _fwd(q=_q(device=META))),
+    ("att_fwd_k_2d", ValueError, "'k'", _fwd(k=torch.randn(3, 4))),
+    ("att_fwd_batch", ValueError, "batch", _fwd(k=torch.randn(2, 2, 3, 4), v=torch.randn(2, 2, 3, 4))),
+    ("att_fwd_head_dims", ValueError, "head dim", _fwd(k=torch.randn(1, 2, 3, 5), v=torch.randn(1, 2, 3, 5))),
+    ("att_fwd_zero_kv_heads", ValueError, "heads", _fwd(k=torch.randn(1, 0, 3, 4), v=torch.randn(1, 0, 3, 4))),
+    ("att_bwd_grad_shape", ValueError, "'grad_out'", _bwd(grad_out=torch.randn(1, 2, 4, 4))),
+    ("att_bwd_out_dtype", TypeError, "'out'", _bwd(out=_q(torch.float16))),
+    ("att_bwd_out_meta", ValueError, "'out'", _bwd(out=_q(device=META))),
+    ("att_bwd_lse_meta", ValueError, "'lse'", _bwd(lse=torch.zeros(1, 2, 3, device=META))),
+    ("att_bwd_q_dtype", TypeError, "'k'", _bwd(q=_q(torch.float64), grad_out=_q(torch.float64),
+                                               out=_q(torch.float64),
+                                               lse=torch.zeros(1, 2, 3, dtype=torch.float64))),
+    ("att_bwd_v_shape", ValueError, "'v'", _bwd(v=torch.randn(1, 2, 2, 4))),
+    # attention: every tensor's offsets must fit the kernels' int64 index arithmetic
+    ("att_fwd_q_strides", ValueError, "'q'",
+     lambda e: e.attention_fwd(_huge_strides(), *(torch.empty(3, 2, 3, 4, device=META),) * 2,
+                               0.5, False, 0)),
+    ("att_fwd_k_strides", ValueError, "'k'",
+     lambda e: e.attention_fwd(torch.empty(3, 2, 3, 4, device=META), _huge_strides(),
+                               torch.empty(3, 2, 3, 4, device=META), 0.5, False, 0)),
+    ("att_fwd_v_strides", ValueError, "'v'",
+     lambda e: e.attention_fwd(*(torch.empty(3, 2, 3, 4, device=META),) * 2, _huge_strides(),
+                               0.5, False, 0)),
+    # norms: eps must be finite (NaN and negative are in tests/test_bad_inputs.py)
+    ("ln_fwd_eps_inf", ValueError, "'eps'", lambda e: e.layer_norm_fwd(X(), None, None, math.inf)),
+    ("rms_fwd_eps_inf", ValueError, "'eps'", lambda e: e.rms_norm_fwd(X(), None, math.inf)),
+    ("rms_fwd_eps_nan", ValueError, "'eps'", lambda e: e.rms_norm_fwd(X(), None, math.nan)),
+    ("rms_bwd_x_int", TypeError, "'x'", lambda e: e.rms_norm_bwd(X(), X().int(), torch.ones(3), None)),
+    ("rms_bwd_weight_shape", ValueError, "'weight'",
+     lambda e: e.rms_norm_bwd(X(), X(), torch.ones(3), torch.ones(5))),
+    ("ln_bwd_rstd_meta", ValueError, "'rstd'",
+     lambda e: e.layer_norm_bwd(X(), X(), torch.zeros(3), torch.ones(3, device=META), None, False)),
+    # AdamW: the state tensors of one parameter must share one dtype (the kernel reads them all
+    # with exp_avgs[i]'s element type)
+    ("adamw_exp_avg_sqs_16bit_under_float32_exp_avgs", TypeError, "'exp_avg_sqs[0]'",
+     lambda e: e.adamw_step(*_adamw(exp_avg_sqs=[torch.zeros(4, dtype=torch.bfloat16)]))),
+    ("adamw_exp_avg_sqs_float32_under_16bit_exp_avgs", TypeError, "'exp_avg_sqs[0]'",
+     lambda e: e.adamw_step(*_adamw(exp_avgs=[torch.zeros(4, dtype=torch.bfloat16)]))),
+    ("adamw_max_exp_avg_sqs_dtype", TypeError, "'max_exp_avg_sqs[0]'",
+     lambda e: e.adamw_step(*_adamw(amsgrad=True,
+                                    max_exp_avg_sqs=[torch.zeros(4, dtype=torch.bfloat16)]))),
+    ("adamw_steps_nan", ValueError, "steps[0]", lambda e: e.adamw_step(*_adamw(steps=[math.nan]))),
+    ("adamw_steps_inf", ValueError, "steps[0]", lambda e: e.adamw_step(*_adamw(steps=[math.inf]))),
+    ("adamw_params_meta_vs_cpu_grads", ValueError, "'grads[0]'",
+     lambda e: e.adamw_step(*_adamw(params=[torch.randn(4, dtype=torch.bfloat16, device=META)]))),
+    ("adamw_params_devices_differ", ValueError, "'params[1]'",
+     lambda e: e.adamw_step(*_adamw(
+         params=[torch.randn(4, dtype=torch.bfloat16), torch.randn(4, dtype=torch.bfloat16, device=META)],
+         grads=[torch.randn(4, dtype=torch.bfloat16)] * 2, exp_avgs=[torch.zeros(4)] * 2,
+         exp_avg_sqs=[torch.zeros(4)] * 2, steps=[1.0, 1.0]))),
+]
+
+
+@pytest.mark.parametrize(("exc", "argument", "call"), [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_entry_point_check_fires(exc, argument, call):
+    with pytest.raises(exc) as info:
+        call(_ext())
+    message = str(info.value)
+    assert argument in message, f"{type(info.value).__name__} does not name {argument!r}: {message}"
+
+
+def test_rejected_adamw_state_dtypes_leave_everything_untouched():
+    """The state-dtype check runs before the kernel: nothing is written."""
+    args = _adamw(exp_avg_sqs=[torch.zeros(4, dtype=torch.bfloat16)])
+    before = [t.clone() for t in (args[0][0], args[2][0], args[3][0])]
+    with pytest.raises(TypeError):
+        _ext().adamw_step(*args)
+    for t, b in zip((args[0][0], args[2][0], args[3][0]), before):
+        assert torch.equal(t, b)
+
+
+def test_matching_mixed_precision_states_are_accepted():
+    """bfloat16 params with float32 states (what fusedlm.optim.AdamW keeps) still work."""
+    args = _adamw()
+    before = args[0][0].clone()
+    _ext().adamw_step(*args)
+    assert not torch.equal(args[0][0], before)
+
+
+@pytest.mark.parametrize("layout", ["transposed", "expanded", "offset"])
+def test_entry_points_take_any_layout(layout):
+    """What the kernels cannot read in place is converted at the boundary, not rejected:
+    every entry point gives the result of the same call on contiguous copies."""
+    e = _ext()
+    base = torch.randn(2, 3, 5, 8, dtype=torch.float64)
+    if layout == "transposed":
+        q = base.transpose(2, 3).contiguous().transpose(2, 3)
+    elif layout == "expanded":
+        q = base[:, :, :1].expand(2, 3, 5, 8)
+    else:
+        q = torch.randn(base.numel() + 3, dtype=torch.float64)[3:].view(base.shape)
+    out, lse = e.attention_fwd(q, q, q, 0.3, True, 0)
+    ref_out, ref_lse = e.attention_fwd(*(q.contiguous(),) * 3, 0.3, True, 0)
+    torch.testing.assert_close(out, ref_out, rtol=0, atol=1e-12)
+    torch.testing.assert_close(lse, ref_lse, rtol=0, atol=1e-12)
+    grads = e.attention_bwd(q, q, q, q, out, lse, 0.3, True, 0)
+    ref = e.attention_bwd(*(q.contiguous(),) * 4, ref_out, ref_lse, 0.3, True, 0)
+    for g, r in zip(grads, ref):
+        torch.testing.assert_close(g, r, rtol=0, atol=1e-12)
+    x = q.reshape(-1, 8) if layout != "expanded" else q[0, 0]
+    y, mean, rstd = e.layer_norm_fwd(x, x[0], x[1], 1e-5)
+    ry, rmean, rrstd = e.layer_norm_fwd(x.contiguous(), x[0].contiguous(), x[1].contiguous(), 1e-5)
+    torch.testing.assert_close(y, ry, rtol=0, atol=1e-12)
+    dx = e.rms_norm_bwd(x, x, rrstd, x[0])[0]
+    rdx = e.rms_norm_bwd(x.contiguous(), x.contiguous(), rrstd, x[0].contiguous())[0]
+    torch.testing.assert_close(dx, rdx, rtol=0, atol=1e-12)
