@@ -159,39 +159,16 @@ def test_backend_not_supported_is_a_value_error():
 def test_cpu_backend_refuses_non_contiguous_adamw_but_auto_serves_it():
     p = torch.nn.Parameter(torch.randn(4, 3).t())
     p.grad = torch.randn(3, 4)
-    with pytest.raises(fusedlm.BackendNotSupportedError, match="non-contiguous"):
+
+    def step(backend):
+        states = [torch.zeros(3, 4)], [torch.zeros(3, 4)]
         torch.ops.fusedlm.adamw_step(
-            [p.data],
-            [p.grad],
-            [torch.zeros(3, 4)],
-            [torch.zeros(3, 4)],
-            [],
-            [1.0],
-            0.1,
-            0.9,
-            0.999,
-            1e-8,
-            0.0,
-            False,
-            False,
-            "cpu",
+            [p.data], [p.grad], *states, [], [1.0], 0.1, 0.9, 0.999, 1e-8, 0.0, False, False, backend
         )
-    torch.ops.fusedlm.adamw_step(
-        [p.data],
-        [p.grad],
-        [torch.zeros(3, 4)],
-        [torch.zeros(3, 4)],
-        [],
-        [1.0],
-        0.1,
-        0.9,
-        0.999,
-        1e-8,
-        0.0,
-        False,
-        False,
-        "auto",
-    )
+
+    with pytest.raises(fusedlm.BackendNotSupportedError, match="non-contiguous"):
+        step("cpu")
+    step("auto")
     assert OpDispatch.last_choice["adamw_step"] == "torch"
 
 
