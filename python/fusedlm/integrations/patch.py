@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..backends import check_backend_name
-from ..nn.norm import LayerNorm, RMSNorm
+from ..nn.norm import LayerNorm, RMSNorm, _rebind
 from ..ops.norm import rms_norm
 
 # The __dict__ key under which a swapped module remembers how to undo the swap:
@@ -94,10 +94,10 @@ class ModelRMSNorm(RMSNorm):
 
 def _swap_object(module: torch.nn.Module, new_cls: type, attrs: dict) -> torch.nn.Module:
     """A ``new_cls`` object sharing ``module``'s state (parameters, buffers, hooks, flags), with
-    ``attrs`` set on top, that remembers how to turn back into ``module``'s class."""
-    new = new_cls.__new__(new_cls)
+    ``attrs`` (which hold ``backend``) set on top, that remembers how to turn back into
+    ``module``'s class."""
     old = module.__dict__
-    new.__dict__.update(old)
+    new = _rebind(new_cls, module, attrs["backend"])
     new.__dict__.update(attrs)
     added = tuple(k for k in attrs if k not in old)
     overwritten = {k: old[k] for k in attrs if k in old}
