@@ -4,14 +4,20 @@
 * every test runs with a fixed seed derived from its node id (reproducible, yet each test draws
   different inputs).
 * tests marked ``gpu`` are skipped when torch.cuda.is_available() is False.
+* without a GPU, ``TRITON_INTERPRET=1`` is set before anything imports triton, so the Triton
+  kernels run on CPU tensors through Triton's interpreter (tests/triton).
 """
 
 from __future__ import annotations
 
+import os
 import zlib
 
 import pytest
 import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from tests.helpers import available_backends, device_of  # noqa: F401  (re-exported)
 

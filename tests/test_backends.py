@@ -125,6 +125,19 @@ def test_env_backend_bad_value_raises(monkeypatch):
         fusedlm.layer_norm(torch.randn(2, 4), 4)
 
 
+@pytest.fixture
+def without_triton_interpreter(monkeypatch):
+    """The suite sets TRITON_INTERPRET=1 without a GPU (conftest); these tests check what a user
+    without it sees: GPU backends refuse CPU tensors."""
+    from fusedlm.backends import _cached_backend_reason
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    _cached_backend_reason.cache_clear()
+    yield
+    _cached_backend_reason.cache_clear()
+
+
+@pytest.mark.usefixtures("without_triton_interpreter")
 @pytest.mark.parametrize("name", ["cuda", "triton"])
 def test_env_backend_gpu_on_cpu_tensors_raises(name, monkeypatch):
     monkeypatch.setenv("FUSEDLM_BACKEND", name)
@@ -146,6 +159,7 @@ def test_env_backend_gpu_on_cpu_tensors_raises(name, monkeypatch):
     ],
     ids=["layer_norm", "rms_norm", "attention"],
 )
+@pytest.mark.usefixtures("without_triton_interpreter")
 def test_gpu_backend_on_cpu_tensors_raises(op, name):
     with pytest.raises(fusedlm.BackendNotSupportedError, match="argument 'backend'"):
         op(name)

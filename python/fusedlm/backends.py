@@ -34,6 +34,19 @@ _AUTO_ORDER = {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpu", "torch")}
 _BACKEND_DEVICE = {"cuda": "cuda", "triton": "cuda", "cpu": "cpu", "torch": None}
 
 
+def triton_interpreted() -> bool:
+    """True when ``TRITON_INTERPRET=1``: Triton kernels then run on CPU tensors through Triton's
+    interpreter (slow; for tests without a GPU), so the ``triton`` backend accepts CPU tensors
+    when named. ``"auto"`` still never picks it for CPU tensors."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _backend_device(name: str) -> str | None:
+    if name == "triton" and triton_interpreted():
+        return None
+    return _BACKEND_DEVICE[name]
+
+
 class BackendNotSupportedError(ValueError):
     """A backend named by the caller (argument ``backend`` or ``FUSEDLM_BACKEND``) cannot
     serve this call."""
@@ -59,7 +72,7 @@ def _backend_reason(name: str) -> str | None:
     if name == "triton":
         if importlib.util.find_spec("triton") is None:
             return "triton is not installed"
-        if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        if not torch.cuda.is_available() and not triton_interpreted():
             return "no CUDA GPU (set TRITON_INTERPRET=1 to run Triton kernels on the CPU)"
         return None
     raise ValueError(f"unknown backend {name!r}")
@@ -165,7 +178,7 @@ class OpDispatch:
         reason = _cached_backend_reason(backend)
         if reason is not None:
             return reason
-        wanted_device = _BACKEND_DEVICE[backend]
+        wanted_device = _backend_device(backend)
         if wanted_device is not None and device.type != wanted_device:
             return f"it runs on {wanted_device} tensors and the inputs are on {device}"
         if backend not in self.impls:
