@@ -1,9 +1,10 @@
-"""The ``fusedlm`` command. Subcommands: ``info`` (what this install can run and why).
-``train``, ``sample``, ``prepare`` and ``bench`` arrive with the trainer and benchmark work."""
+"""The ``fusedlm`` command: ``info`` (what this install can run and why), ``train``,
+``sample``, ``prepare`` (fusedlm.train.cli) and ``bench`` (fusedlm.bench.cli)."""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import platform
 import sys
@@ -48,6 +49,10 @@ def main(argv: list[str] | None = None) -> int:
     info = commands.add_parser("info", help="versions, devices and which backends work here")
     info.add_argument("--json", action="store_true", help="print JSON instead of a table")
     info.set_defaults(run=_info)
+    # Each package owns its subcommands: add_commands(subparsers) adds parsers whose ``run``
+    # imports the heavy parts only when the command runs.
+    for module in ("fusedlm.train.cli", "fusedlm.bench.cli"):
+        importlib.import_module(module).add_commands(commands)
     args = parser.parse_args(argv)
     return args.run(args)
 

@@ -1,0 +1,1 @@
+"""Training: config, data (token shards), trainer, checkpoint, distributed."""
