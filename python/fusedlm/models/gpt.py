@@ -1,0 +1,388 @@
+"""A thin GPT: GPT-2 (learned positions, pre-norm LayerNorm, GELU MLP, tied embeddings) and a
+Llama-style variant (RMSNorm, rotary positions, SwiGLU, grouped kv heads), built on
+``fusedlm.nn`` and ``fusedlm.attention`` with ``kernels="fused"``, or on plain PyTorch with
+``kernels="torch"`` so the two can be compared step for step.
+
+    model = GPT(GPTConfig.preset("gpt2-124m"), kernels="fused")
+    logits, loss = model(idx, targets)      # idx, targets: (B, T) int64 -> logits (B, T, V)
+    tokens = model.generate(idx, 100, temperature=0.8, top_k=40)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .. import nn as fused_nn
+from ..ops.attention import attention as fused_attention
+
+KERNELS = ("fused", "torch")
+ARCHS = ("gpt2", "llama")
+
+
+@dataclass
+class GPTConfig:
+    """Model shape. ``arch="gpt2"``: LayerNorm, learned positions, GELU (tanh) MLP of width
+    ``4 * n_embd``; ``arch="llama"``: RMSNorm, rotary positions, SwiGLU MLP of width
+    ``intermediate_size`` (default ~8/3 n_embd rounded up to 64), ``n_kv_head`` kv heads."""
+
+    vocab_size: int = 50304
+    block_size: int = 1024
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    n_kv_head: int | None = None  # None: n_head (no GQA)
+    bias: bool = True
+    dropout: float = 0.0
+    arch: str = "gpt2"
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    intermediate_size: int | None = None
+    tie_embeddings: bool = True
+
+    def __post_init__(self) -> None:
+        if self.arch not in ARCHS:
+            raise ValueError(f"GPTConfig 'arch' must be one of {ARCHS}, got {self.arch!r}")
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"GPTConfig '{name}' must be a positive integer, got {value!r}")
+        if self.n_embd % self.n_head != 0:
+            raise ValueError(
+                f"GPTConfig 'n_embd' ({self.n_embd}) must be divisible by 'n_head' ({self.n_head})"
+            )
+        if self.n_kv_head is not None and (self.n_kv_head < 1 or self.n_head % self.n_kv_head):
+            raise ValueError(
+                f"GPTConfig 'n_head' ({self.n_head}) must be a multiple of 'n_kv_head' "
+                f"({self.n_kv_head})"
+            )
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"GPTConfig 'dropout' must be in [0, 1), got {self.dropout}")
+        if self.arch == "llama" and (self.n_embd // self.n_head) % 2:
+            raise ValueError("GPTConfig: rotary positions need an even head dim (n_embd / n_head)")
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_head if self.n_kv_head is None else self.n_kv_head
+
+    @property
+    def mlp_width(self) -> int:
+        if self.arch == "gpt2":
+            return 4 * self.n_embd
+        if self.intermediate_size is not None:
+            return self.intermediate_size
+        return 64 * math.ceil(8 * self.n_embd / 3 / 64)
+
+    @classmethod
+    def preset(cls, name: str, **overrides) -> GPTConfig:
+        """A named shape (see ``PRESETS``) with ``overrides`` applied."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+        return cls.from_dict({**PRESETS[name], **overrides})
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> GPTConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"GPTConfig has no field(s) {', '.join(unknown)}")
+        return cls(**values)
+
+
+PRESETS: dict[str, dict] = {
+    # Byte-level, CPU-sized: the embedded default of `fusedlm train`.
+    "tiny": dict(vocab_size=256, block_size=128, n_layer=4, n_head=4, n_embd=128),
+    # Byte-level, one GPU for a few minutes (the GPU default of `fusedlm train`).
+    "small": dict(vocab_size=256, block_size=512, n_layer=8, n_head=8, n_embd=512),
+    "gpt2-124m": dict(n_layer=12, n_head=12, n_embd=768),
+    "gpt2-350m": dict(n_layer=24, n_head=16, n_embd=1024),
+    "gpt2-774m": dict(n_layer=36, n_head=20, n_embd=1280),
+    "gpt2-1.5b": dict(n_layer=48, n_head=25, n_embd=1600),
+    "llama-tiny": dict(vocab_size=256, block_size=128, n_layer=4, n_head=4, n_kv_head=2,
+                       n_embd=128, arch="llama", bias=False, norm_eps=1e-6),
+}
+
+
+def _check_kernels(kernels: str) -> str:
+    if kernels not in KERNELS:
+        raise ValueError(f"argument 'kernels' must be one of {KERNELS}, got {kernels!r}")
+    return kernels
+
+
+def _norm(config: GPTConfig, kernels: str) -> nn.Module:
+    if config.arch == "llama":
+        cls = fused_nn.RMSNorm if kernels == "fused" else nn.RMSNorm
+        return cls(config.n_embd, eps=config.norm_eps)
+    cls = fused_nn.LayerNorm if kernels == "fused" else nn.LayerNorm
+    return cls(config.n_embd, eps=config.norm_eps, bias=config.bias)
+
+
+def _rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """x (B, H, T, D) rotated by position: pairs (x[:D/2], x[D/2:]) as in Llama's HF layout."""
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
+
+
+def _torch_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """Causal attention, bottom-right aligned (so a query block at the end of a kv cache sees
+    every earlier key), on torch's SDPA."""
+    Tq, Tk = q.shape[2], k.shape[2]
+    if q.shape[1] != k.shape[1]:
+        repeat = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
+    if Tq == Tk:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    visible = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device).tril(Tk - Tq)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=visible)
+
+
+class KVCache:
+    """Keys and values of the positions seen so far, per layer: (B, Hkv, T, D) each."""
+
+    def __init__(self, n_layer: int) -> None:
+        self.keys: list[Tensor | None] = [None] * n_layer
+        self.values: list[Tensor | None] = [None] * n_layer
+
+    @property
+    def length(self) -> int:
+        return 0 if self.keys[0] is None else self.keys[0].shape[2]
+
+    def append(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        if self.keys[layer] is not None:
+            k = torch.cat((self.keys[layer], k), dim=2)
+            v = torch.cat((self.values[layer], v), dim=2)
+        self.keys[layer], self.values[layer] = k, v
+        return k, v
+
+
+class Attention(nn.Module):
+    def __init__(self, config: GPTConfig, kernels: str, layer: int) -> None:
+        super().__init__()
+        self.config, self.kernels, self.layer = config, kernels, layer
+        self.head_dim = config.n_embd // config.n_head
+        qkv = (config.n_head + 2 * config.kv_heads) * self.head_dim
+        self.c_attn = nn.Linear(config.n_embd, qkv, bias=config.bias)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: Tensor, rotary: tuple[Tensor, Tensor] | None,
+                cache: KVCache | None) -> Tensor:
+        B, T, C = x.shape
+        H, Hkv, D = self.config.n_head, self.config.kv_heads, self.head_dim
+        q, k, v = self.c_attn(x).split([H * D, Hkv * D, Hkv * D], dim=-1)
+        # (B, T, H, D) -> (B, H, T, D) views: fusedlm.attention takes any strides.
+        q = q.view(B, T, H, D).transpose(1, 2)
+        k = k.view(B, T, Hkv, D).transpose(1, 2)
+        v = v.view(B, T, Hkv, D).transpose(1, 2)
+        if rotary is not None:
+            q, k = _rotary(q, *rotary), _rotary(k, *rotary)
+        if cache is not None:
+            k, v = cache.append(self.layer, k, v)
+        if self.kernels == "fused":
+            y = fused_attention(q, k, v, causal=True)
+        else:
+            y = _torch_attention(q, k, v)
+        return self.dropout(self.c_proj(y.transpose(1, 2).reshape(B, T, C)))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.arch = config.arch
+        width = config.mlp_width
+        if config.arch == "llama":
+            self.gate_proj = nn.Linear(config.n_embd, width, bias=config.bias)
+        self.c_fc = nn.Linear(config.n_embd, width, bias=config.bias)
+        self.c_proj = nn.Linear(width, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.arch == "llama":
+            h = F.silu(self.gate_proj(x)) * self.c_fc(x)
+        else:
+            h = F.gelu(self.c_fc(x), approximate="tanh")  # GPT-2's "gelu_new"
+        return self.dropout(self.c_proj(h))
+
+
+class Block(nn.Module):
+    def __init__(self, config: GPTConfig, kernels: str, layer: int) -> None:
+        super().__init__()
+        self.ln_1 = _norm(config, kernels)
+        self.attn = Attention(config, kernels, layer)
+        self.ln_2 = _norm(config, kernels)
+        self.mlp = MLP(config)
+
+    def forward(self, x: Tensor, rotary=None, cache: KVCache | None = None) -> Tensor:
+        x = x + self.attn(self.ln_1(x), rotary, cache)
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+    """GPT language model. ``kernels="fused"`` runs fusedlm's norms and attention (whichever
+    backend ``auto`` picks for the device), ``"torch"`` plain PyTorch; parameter names and
+    state_dicts are the same for both."""
+
+    def __init__(self, config: GPTConfig, kernels: str = "fused") -> None:
+        super().__init__()
+        self.config, self.kernels = config, _check_kernels(kernels)
+        self.activation_checkpointing = False
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
+        if config.arch == "gpt2":
+            self.wpe = nn.Embedding(config.block_size, config.n_embd)
+        self.drop = nn.Dropout(config.dropout)
+        self.h = nn.ModuleList(Block(config, kernels, i) for i in range(config.n_layer))
+        self.ln_f = _norm(config, kernels)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.wte.weight
+        if config.arch == "llama":
+            head_dim = config.n_embd // config.n_head
+            inv_freq = config.rope_theta ** (-torch.arange(0, head_dim, 2).double() / head_dim)
+            angles = torch.outer(torch.arange(config.block_size).double(), inv_freq)  # (T, D/2)
+            self.register_buffer("rope_cos", angles.cos().float(), persistent=False)
+            self.register_buffer("rope_sin", angles.sin().float(), persistent=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """GPT-2 initialisation: N(0, 0.02), residual projections scaled by 1/sqrt(2 n_layer)."""
+        for name, module in self.named_modules():
+            if isinstance(module, nn.Linear):
+                std = 0.02 / math.sqrt(2 * self.config.n_layer) if name.endswith("c_proj") else 0.02
+                nn.init.normal_(module.weight, 0.0, std)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, 0.0, 0.02)
+
+    def num_parameters(self, non_embedding: bool = True) -> int:
+        """Parameter count; ``non_embedding`` leaves out the position table (and the token
+        table only when it is not tied to the output head, which does real work)."""
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding and self.config.arch == "gpt2":
+            n -= self.wpe.weight.numel()
+        return n
+
+    def flops_per_token(self, seq_len: int | None = None) -> float:
+        """Training FLOPs per token, forward + backward: ``6 N + 6 L T C`` with N the
+        non-embedding parameters, L layers, T the sequence length and C the width (the
+        attention scores and weighted sum, 12 L T C halved because causal attention computes
+        half the score matrix; the PaLM appendix formula with the causal half)."""
+        T = self.config.block_size if seq_len is None else seq_len
+        return 6 * self.num_parameters() + 6 * self.config.n_layer * T * self.config.n_embd
+
+    def hidden_states(self, idx: Tensor, cache: KVCache | None = None) -> Tensor:
+        """idx (B, T) int64 token ids -> the final-norm hidden states (B, T, n_embd), in the
+        parameters' dtype (or autocast's): what ``lm_head`` maps to logits, and what a task
+        head (``fusedlm.train.classify``) reads. Position t depends on positions <= t only.
+        With ``cache``, idx continues the cached positions."""
+        if idx.dim() != 2:
+            raise ValueError(f"argument 'idx' must be (B, T) token ids, got {list(idx.shape)}")
+        B, T = idx.shape
+        start = cache.length if cache is not None else 0
+        if start + T > self.config.block_size:
+            raise ValueError(
+                f"sequence of {start + T} tokens is longer than block_size "
+                f"{self.config.block_size}"
+            )
+        x = self.wte(idx)
+        rotary = None
+        if self.config.arch == "gpt2":
+            x = x + self.wpe(torch.arange(start, start + T, device=idx.device))
+        else:
+            rotary = (self.rope_cos[start:start + T].to(x.dtype),
+                      self.rope_sin[start:start + T].to(x.dtype))
+        x = self.drop(x)
+        for block in self.h:
+            if self.activation_checkpointing and self.training and cache is None:
+                x = torch.utils.checkpoint.checkpoint(block, x, rotary, use_reentrant=False)
+            else:
+                x = block(x, rotary, cache)
+        return self.ln_f(x)
+
+    def forward(self, idx: Tensor, targets: Tensor | None = None,
+                cache: KVCache | None = None) -> tuple[Tensor, Tensor | None]:
+        """idx (B, T) int64 token ids -> logits (B, T, vocab_size) and the mean cross-entropy
+        against ``targets`` (B, T) (ignoring -1), or None without targets. With ``cache``
+        (``generate``), idx continues the cached positions."""
+        logits = self.lm_head(self.hidden_states(idx, cache))
+        if targets is None:
+            return logits, None
+        loss = F.cross_entropy(
+            logits.view(-1, logits.shape[-1]).float(), targets.reshape(-1), ignore_index=-1
+        )
+        return logits, loss
+
+    @torch.no_grad()
+    def generate(self, idx: Tensor, max_new_tokens: int, temperature: float = 1.0,
+                 top_k: int | None = None, generator: torch.Generator | None = None) -> Tensor:
+        """Samples ``max_new_tokens`` tokens after idx (B, T) with a KV cache; temperature 0
+        is greedy. Returns (B, T + max_new_tokens). Past ``block_size`` the cache restarts
+        from the last ``block_size // 2`` tokens."""
+        if temperature < 0:
+            raise ValueError(f"argument 'temperature' must be >= 0, got {temperature}")
+        if top_k is not None and top_k < 1:
+            raise ValueError(f"argument 'top_k' must be >= 1, got {top_k}")
+        was_training = self.training
+        self.eval()
+        cache, pending = KVCache(self.config.n_layer), idx[:, -self.config.block_size:]
+        for _ in range(max_new_tokens):
+            if cache.length + pending.shape[1] > self.config.block_size:
+                cache = KVCache(self.config.n_layer)
+                pending = idx[:, -(self.config.block_size // 2):]
+            logits, _ = self(pending, cache=cache)
+            logits = logits[:, -1, :].float()
+            if temperature == 0:
+                next_token = logits.argmax(dim=-1, keepdim=True)
+            else:
+                logits = logits / temperature
+                if top_k is not None:
+                    kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
+                    logits = logits.masked_fill(logits < kth, float("-inf"))
+                probs = F.softmax(logits, dim=-1)
+                next_token = torch.multinomial(probs, 1, generator=generator)
+            idx = torch.cat((idx, next_token), dim=1)
+            pending = next_token
+        self.train(was_training)
+        return idx
+
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        """config.json + model.safetensors (the tied output head is stored once)."""
+        from safetensors.torch import save_file
+
+        os.makedirs(directory, exist_ok=True)
+        with open(os.path.join(directory, "config.json"), "w") as f:
+            json.dump({"fusedlm_gpt": self.config.to_dict()}, f, indent=2)
+        save_file(weights_for_saving(self), os.path.join(directory, "model.safetensors"))
+
+    @classmethod
+    def from_hf(cls, path: str | os.PathLike, kernels: str = "fused", **overrides) -> GPT:
+        """A GPT with the weights of a Hugging Face GPT-2 checkpoint saved in the local
+        directory ``path`` (config.json + model.safetensors or pytorch_model.bin; nothing is
+        downloaded)."""
+        from .hf import load_hf_gpt2
+
+        return load_hf_gpt2(cls, path, kernels, **overrides)
+
+
+def weights_for_saving(model: nn.Module) -> dict[str, Tensor]:
+    """The model's state_dict with tied tensors stored once (safetensors refuses shared
+    storage) and every tensor contiguous."""
+    seen: set[int] = set()
+    weights = {}
+    for name, tensor in model.state_dict().items():
+        if tensor.data_ptr() in seen and tensor.numel() > 0:
+            continue
+        seen.add(tensor.data_ptr())
+        weights[name] = tensor.detach().contiguous()
+    return weights

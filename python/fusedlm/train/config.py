@@ -1,0 +1,119 @@
+"""``TrainConfig``: every knob of a training run, from defaults, a TOML file and flags (in that
+order of precedence, flags last)."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from dataclasses import dataclass, field
+
+SCHEDULES = ("cosine", "wsd", "constant")
+NAN_POLICIES = ("skip", "stop")
+TASKS = ("lm", "classify")
+
+
+class ConfigError(ValueError):
+    """A bad setting; the message names it."""
+
+
+@dataclass
+class TrainConfig:
+    out: str = "out"
+    data: str | None = None  # shards (file, glob or directory); None: the embedded default
+    val_data: str | None = None  # classify: a separate (text, label) file; default: 10% split
+    preset: str | None = None  # None: "tiny" on CPU, "small" on GPU
+    model: dict = field(default_factory=dict)  # GPTConfig overrides
+    kernels: str = "fused"
+    device: str = "auto"
+    task: str = "lm"
+    init_from: str | None = None  # a checkpoint (dir) or a local Hugging Face GPT-2 directory
+    resume: bool = False
+    seed: int = 1337
+    # batch: batch_size rows of block_size tokens per micro-step and process
+    batch_size: int | None = None
+    grad_accum: int = 1
+    max_steps: int | None = None
+    data_mode: str = "random"
+    # optimizer and schedule
+    lr: float | None = None
+    min_lr_ratio: float = 0.1
+    warmup_steps: int | None = None
+    schedule: str = "cosine"
+    decay_fraction: float = 0.2  # wsd: the share of steps spent decaying
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    # what runs around the step
+    eval_every: int | None = None
+    eval_batches: int = 20
+    sample_every: int = 0
+    sample_tokens: int = 200
+    sample_prompt: str = "def "
+    ckpt_every: int | None = None
+    keep_checkpoints: int = 3
+    log_every: int = 10
+    compile: bool = False
+    activation_checkpointing: bool = False
+    fsdp: bool = False
+    nan_policy: str = "skip"
+    max_bad_steps: int = 5
+    progress: bool | None = None  # None: when the terminal is a TTY
+
+    def validate(self) -> TrainConfig:
+        choices = {"kernels": ("fused", "torch"), "schedule": SCHEDULES, "task": TASKS,
+                   "nan_policy": NAN_POLICIES, "data_mode": ("random", "sequential")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"'{name}' must be one of {', '.join(allowed)}; "
+                                  f"got {getattr(self, name)!r}")
+        for name in ("batch_size", "max_steps", "eval_every", "ckpt_every"):
+            value = getattr(self, name)
+            if value is not None and value < (0 if name in ("eval_every", "ckpt_every") else 1):
+                raise ConfigError(f"'{name}' must be positive, got {value}")
+        if self.grad_accum < 1:
+            raise ConfigError(f"'grad_accum' must be >= 1, got {self.grad_accum}")
+        if self.keep_checkpoints < 1:
+            raise ConfigError(f"'keep_checkpoints' must be >= 1, got {self.keep_checkpoints}")
+        if self.lr is not None and not self.lr > 0:
+            raise ConfigError(f"'lr' must be > 0, got {self.lr}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ConfigError(f"'min_lr_ratio' must be in [0, 1], got {self.min_lr_ratio}")
+        if self.grad_clip < 0:
+            raise ConfigError(f"'grad_clip' must be >= 0 (0 disables it), got {self.grad_clip}")
+        if self.resume and self.init_from:
+            raise ConfigError("'resume' and 'init_from' exclude each other: resume continues a "
+                              "run in --out, init_from starts a new one from weights")
+        if self.task == "classify" and not self.data:
+            raise ConfigError("'task = classify' needs 'data': a CSV or JSONL of (text, label)")
+        return self
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def load_toml(path: str) -> dict:
+    if not os.path.isfile(path):
+        raise ConfigError(f"{path}: no such config file")
+    try:
+        with open(path, "rb") as f:
+            values = tomllib.load(f)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML: {e}") from e
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(f"{path}: unknown setting(s) {', '.join(unknown)}")
+    return values
+
+
+def make_config(toml_path: str | None = None, **flags) -> TrainConfig:
+    """Defaults, then the TOML file, then the flags that are not None."""
+    values = load_toml(toml_path) if toml_path else {}
+    values.update({k: v for k, v in flags.items() if v is not None})
+    try:
+        config = TrainConfig(**values)
+    except TypeError as e:
+        raise ConfigError(str(e)) from e
+    return config.validate()

@@ -1,0 +1,485 @@
+"""The training loop behind ``fusedlm train``: language-model pretraining or continued training
+of ``fusedlm.models.GPT`` on token shards.
+
+Per step: ``grad_accum`` micro-batches (bf16 autocast on GPU; under DDP the gradient all-reduce
+runs on the last micro-step only), the NaN/Inf check, global-norm clipping, one
+``fusedlm.optim.AdamW`` step (weight decay on matrices and embeddings only), the learning rate
+from warmup + cosine, WSD or constant. Every step is logged to ``OUT/metrics.jsonl``; validation,
+samples and checkpoints come every ``eval_every``/``sample_every``/``ckpt_every`` steps.
+
+NaN policy: a step whose loss or gradient norm is not finite is never applied. With
+``nan_policy="skip"`` the step's gradients are dropped (logged with ``"skipped": true``) and the
+run stops after ``max_bad_steps`` consecutive bad steps; with ``"stop"`` it stops at the first.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import random
+import sys
+import time
+
+import numpy as np
+import torch
+
+from ..models.gpt import GPT, GPTConfig
+from ..optim import AdamW
+from . import checkpoint as ckpt
+from .config import ConfigError, TrainConfig
+from .data import TokenBatches, find_shards
+from .distributed import (
+    DistInfo,
+    barrier,
+    init_distributed,
+    mean_across_ranks,
+    shutdown_distributed,
+    wrap_model,
+)
+from .hardware import peak_flops
+from .prepare import stdlib_corpus_dir, tokenizer_for_data
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss or the gradients stopped being finite (see the NaN policy)."""
+
+
+# What `fusedlm train` picks when a setting is not given: CPU-sized for the embedded default
+# (under 5 minutes on 2 cores), bigger on a GPU.
+DEVICE_DEFAULTS = {
+    "cpu": dict(preset="tiny", batch_size=16, max_steps=500, lr=2e-3, warmup_steps=30,
+                eval_every=100, ckpt_every=100),
+    "cuda": dict(preset="small", batch_size=32, max_steps=2000, lr=1e-3, warmup_steps=100,
+                 eval_every=250, ckpt_every=500),
+}
+
+
+def learning_rate(step: int, cfg: TrainConfig) -> float:
+    """lr of step ``step`` (0-based): linear warmup, then cosine to ``min_lr_ratio * lr``, or WSD
+    (constant, then linear decay over the last ``decay_fraction`` of the steps), or constant."""
+    peak, total, warmup = cfg.lr, cfg.max_steps, cfg.warmup_steps
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    low = peak * cfg.min_lr_ratio
+    if cfg.schedule == "constant":
+        return peak
+    if cfg.schedule == "wsd":
+        decay_start = total - int(cfg.decay_fraction * total)
+        if step < decay_start:
+            return peak
+        return peak - (peak - low) * (step - decay_start + 1) / max(1, total - decay_start)
+    progress = min(1.0, (step - warmup) / max(1, total - warmup - 1))
+    return low + 0.5 * (peak - low) * (1 + math.cos(math.pi * progress))
+
+
+def _rng_state() -> dict:
+    kind, key, pos, has_gauss, gauss = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "numpy": (kind, key.tolist(), pos, has_gauss, gauss)}  # plain types: weights_only
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    kind, key, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, np.asarray(key, dtype=np.uint32), pos, has_gauss, gauss))
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class Progress:
+    """One terminal line redrawn in place (a TTY), or a log line every ``log_every`` steps."""
+
+    def __init__(self, total: int, start: int, enabled: bool, log_every: int, stream=sys.stderr):
+        self.total, self.start, self.enabled = total, start, enabled
+        self.log_every, self.stream, self.t0 = max(1, log_every), stream, time.perf_counter()
+
+    def update(self, step: int, text: str) -> None:
+        done = step + 1
+        if self.enabled:
+            width = 24
+            filled = int(width * done / self.total)
+            elapsed = time.perf_counter() - self.t0
+            rate = (done - self.start) / elapsed if elapsed > 0 else 0.0
+            eta = (self.total - done) / rate if rate > 0 else 0.0
+            bar = "#" * filled + "-" * (width - filled)
+            self.stream.write(f"\r[{bar}] {done}/{self.total} {text} eta {eta:4.0f}s ")
+            self.stream.flush()
+        elif done % self.log_every == 0 or done == self.total:
+            print(f"step {done}/{self.total} {text}", flush=True)
+
+    def message(self, text: str) -> None:
+        if self.enabled:
+            self.stream.write("\r\033[K")
+        print(text, flush=True)
+
+    def close(self) -> None:
+        if self.enabled:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, log=print) -> None:
+        self.cfg, self.log = cfg, log
+        self.device = self._pick_device(cfg.device)
+        self.dist: DistInfo = init_distributed(self.device.type)
+        if self.dist.enabled and self.device.type == "cuda":
+            self.device = torch.device("cuda", self.dist.local_rank)
+        self.is_main = self.dist.is_main
+        self._fill_device_defaults()
+        if not self.is_main:
+            self.log = lambda *a, **k: None
+        torch.manual_seed(cfg.seed)
+        self.data_dir = cfg.data
+        if self.data_dir is None:
+            if self.is_main:
+                self.data_dir = stdlib_corpus_dir(log=self.log)
+            barrier(self.dist)
+            self.data_dir = stdlib_corpus_dir(log=self.log)
+        self.tokenizer = tokenizer_for_data(self.data_dir)
+        self.autocast_dtype = torch.bfloat16 if self.device.type == "cuda" else None
+
+        resume_state = None
+        if cfg.resume:
+            found = ckpt.latest_checkpoint(cfg.out)
+            if found is None:
+                raise ckpt.CheckpointError(f"--resume: no checkpoint in {cfg.out}/checkpoints")
+            resume_state = ckpt.load_checkpoint(found)
+        self.model_config = self._model_config(resume_state)
+        self.model = self._build_model(resume_state)
+        self.raw_model = self.model
+        self.optimizer = self._build_optimizer()
+        self.step = 0
+        self.train_batches = TokenBatches(
+            find_shards(self.data_dir, "train"), cfg.batch_size, self.model_config.block_size,
+            mode=cfg.data_mode, seed=cfg.seed, rank=self.dist.rank,
+            world_size=self.dist.world_size, vocab_size=self.model_config.vocab_size,
+        )
+        self.val_shards = find_shards(self.data_dir, "val")
+        self._val_batches()  # a val shard shorter than one window fails now, not at step N
+        self.best_val_loss = None
+        if resume_state is not None:
+            self._restore(resume_state)
+        self.model = wrap_model(self.model, self.dist, self.device, cfg.fsdp)
+        if cfg.compile:
+            self.model = torch.compile(self.model)
+        self.peak_flops, self.device_name = peak_flops(self.device)
+        self.flops_per_token = self.raw_model.flops_per_token()
+
+    # ---- setup ----------------------------------------------------------------------------
+
+    @staticmethod
+    def _pick_device(name: str) -> torch.device:
+        if name == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = torch.device(name)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ConfigError(f"'device' is {name!r} but torch.cuda.is_available() is False")
+        return device
+
+    def _fill_device_defaults(self) -> None:
+        defaults = DEVICE_DEFAULTS["cuda" if self.device.type == "cuda" else "cpu"]
+        chosen = []
+        for key, value in defaults.items():
+            if getattr(self.cfg, key) is None:
+                setattr(self.cfg, key, value)
+                chosen.append(f"{key}={value}")
+        if self.cfg.warmup_steps >= self.cfg.max_steps:
+            self.cfg.warmup_steps = max(0, self.cfg.max_steps // 10)
+        if chosen:
+            self.log(f"defaults for {self.device.type}: {', '.join(chosen)}")
+
+    def _model_config(self, resume_state) -> GPTConfig:
+        if resume_state is not None:
+            return GPTConfig.from_dict(resume_state["config"]["model"])
+        if self.cfg.init_from:
+            return None  # comes with the weights
+        try:
+            config = GPTConfig.preset(self.cfg.preset, **self.cfg.model)
+        except ValueError as e:
+            raise ConfigError(str(e)) from e
+        if config.vocab_size < self.tokenizer.vocab_size:
+            raise ConfigError(f"model vocab_size {config.vocab_size} is smaller than the data's "
+                              f"tokenizer vocab {self.tokenizer.vocab_size}")
+        return config
+
+    def _build_model(self, resume_state) -> GPT:
+        cfg = self.cfg
+        if cfg.init_from and resume_state is None:
+            model = load_pretrained(cfg.init_from, cfg.kernels, cfg.model)
+            self.model_config = model.config
+            self.log(f"initialised from {cfg.init_from}")
+        else:
+            model = GPT(self.model_config, kernels=cfg.kernels)
+            if resume_state is not None:
+                model.load_state_dict(_with_tied(resume_state["model"], model), strict=True)
+        model.activation_checkpointing = cfg.activation_checkpointing
+        model.to(self.device)
+        n = model.num_parameters()
+        self.log(f"model: {n / 1e6:.2f}M parameters ({self.model_config.arch}, "
+                 f"{self.model_config.n_layer} layers, width {self.model_config.n_embd}, "
+                 f"block {self.model_config.block_size}), kernels={cfg.kernels}, "
+                 f"device={self.device}, world size {self.dist.world_size}")
+        return model
+
+    def _build_optimizer(self) -> AdamW:
+        decay, no_decay = [], []
+        for p in self.model.parameters():
+            if p.requires_grad:
+                (decay if p.dim() >= 2 else no_decay).append(p)
+        groups = [{"params": decay, "weight_decay": self.cfg.weight_decay},
+                  {"params": no_decay, "weight_decay": 0.0}]
+        return AdamW(groups, lr=self.cfg.lr, betas=(self.cfg.beta1, self.cfg.beta2), eps=1e-8)
+
+    def _restore(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        trainer = state["trainer"]
+        self.step = trainer["step"]
+        self.train_batches.load_state_dict(trainer["data"])
+        _set_rng_state(trainer["rng"][min(self.dist.rank, len(trainer["rng"]) - 1)])
+        self.best_val_loss = trainer.get("best_val_loss")
+        self.log(f"resumed from {state['path']} at step {self.step}")
+        _truncate_metrics(os.path.join(self.cfg.out, "metrics.jsonl"), self.step)
+
+    # ---- the loop -------------------------------------------------------------------------
+
+    def _autocast(self):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    def train_step(self, step: int) -> dict:
+        cfg = self.cfg
+        lr = learning_rate(step, cfg)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        total_loss = torch.zeros((), device=self.device)
+        for micro in range(cfg.grad_accum):
+            x, y = self.train_batches.next_batch(self.device)
+            last = micro == cfg.grad_accum - 1
+            sync = contextlib.nullcontext()
+            if self.dist.enabled and not last and hasattr(self.model, "no_sync"):
+                sync = self.model.no_sync()
+            with sync, self._autocast():
+                _, loss = self.model(x, y)
+                loss = loss * (self.loss_multiplier / cfg.grad_accum)
+            loss.backward()
+            total_loss += loss.detach()
+        loss_value = mean_across_ranks(total_loss, self.dist)
+        # max_norm=inf measures the norm without clipping.
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(),
+                                                   cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+        finite = bool(torch.isfinite(loss_value).item() and torch.isfinite(grad_norm).item())
+        if finite:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return {"loss": float(loss_value), "lr": lr, "grad_norm": float(grad_norm),
+                "finite": finite}
+
+    # A test hook: multiplies the loss before backward (e.g. by NaN to exercise the policy).
+    loss_multiplier = 1.0
+
+    def _val_batches(self) -> TokenBatches:
+        return TokenBatches(self.val_shards, self.cfg.batch_size, self.model_config.block_size,
+                            mode="sequential", rank=self.dist.rank,
+                            world_size=self.dist.world_size)
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean loss over the first ``eval_batches`` sequential windows of the val shards
+        (the same windows every time, and no RNG is touched)."""
+        batches = self._val_batches()
+        self.model.eval()
+        total = torch.zeros((), device=self.device)
+        for _ in range(self.cfg.eval_batches):
+            x, y = batches.next_batch(self.device)
+            with self._autocast():
+                _, loss = self.model(x, y)
+            total += loss.float()
+        self.model.train()
+        return float(mean_across_ranks(total / self.cfg.eval_batches, self.dist))
+
+    def sample(self, prompt: str | None = None, tokens: int | None = None) -> str:
+        prompt = self.cfg.sample_prompt if prompt is None else prompt
+        ids = torch.as_tensor(self.tokenizer.encode(prompt).astype(np.int64),
+                              device=self.device)[None]
+        generator = torch.Generator(device=self.device).manual_seed(self.cfg.seed + self.step)
+        with self._autocast():
+            out = self.raw_model.generate(ids, tokens or self.cfg.sample_tokens, temperature=0.8,
+                                          top_k=40, generator=generator)
+        return self.tokenizer.decode(out[0].tolist())
+
+    def save(self) -> str | None:
+        if not self.is_main:
+            return None
+        from ..models.gpt import weights_for_saving
+
+        trainer_state = {
+            "step": self.step, "data": self.train_batches.state_dict(),
+            "rng": self._all_rng_states(), "best_val_loss": self.best_val_loss,
+        }
+        config = {"model": self.model_config.to_dict(), "train": self.cfg.to_dict(),
+                  "tokenizer": self.tokenizer.name}
+        return ckpt.save_checkpoint(
+            self.cfg.out, self.step, weights_for_saving(self.raw_model),
+            self.optimizer.state_dict(), trainer_state, config, keep=self.cfg.keep_checkpoints,
+        )
+
+    def _all_rng_states(self) -> list[dict]:
+        """Every rank's RNG state (gathered to rank 0), so each rank resumes its own."""
+        state = _rng_state()
+        if not self.dist.enabled:
+            return [state]
+        import torch.distributed as dist
+
+        gathered = [None] * self.dist.world_size
+        dist.all_gather_object(gathered, state)
+        return gathered
+
+    def train(self) -> dict:
+        cfg, out = self.cfg, self.cfg.out
+        os.makedirs(out, exist_ok=True)
+        metrics_path = os.path.join(out, "metrics.jsonl")
+        writer = _tensorboard(out) if self.is_main else None
+        tokens_per_step = cfg.batch_size * cfg.grad_accum * self.dist.world_size * \
+            self.model_config.block_size
+        progress = Progress(cfg.max_steps, self.step, self._progress_enabled(), cfg.log_every)
+        if self.step == 0 and cfg.eval_every:
+            self.best_val_loss = self.evaluate()
+            progress.message(f"step 0: val_loss {self.best_val_loss:.4f}")
+            self._write(metrics_path, {"step": 0, "val_loss": self.best_val_loss}, writer)
+        self.model.train()
+        bad_steps, first_val = 0, self.best_val_loss
+        summary = {}
+        try:
+            while self.step < cfg.max_steps:
+                t0 = time.perf_counter()
+                result = self.train_step(self.step)
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)
+                dt = time.perf_counter() - t0
+                self.step += 1
+                tokens_per_s = tokens_per_step / dt
+                record = {"step": self.step, "loss": result["loss"], "lr": result["lr"],
+                          "grad_norm": result["grad_norm"], "tokens_per_s": tokens_per_s,
+                          "mfu": (self.flops_per_token * tokens_per_s / self.dist.world_size /
+                                  self.peak_flops) if self.peak_flops else None}
+                if not result["finite"]:
+                    bad_steps += 1
+                    record["skipped"] = True
+                    reason = (f"step {self.step}: loss {result['loss']} / grad norm "
+                              f"{result['grad_norm']} is not finite")
+                    if cfg.nan_policy == "stop" or bad_steps >= cfg.max_bad_steps:
+                        self._write(metrics_path, record, writer)
+                        raise TrainingDiverged(
+                            f"{reason}; stopping (nan_policy={cfg.nan_policy!r}, "
+                            f"{bad_steps} bad step(s) in a row, max_bad_steps={cfg.max_bad_steps})")
+                    progress.message(f"{reason}: step skipped (nan_policy='skip')")
+                else:
+                    bad_steps = 0
+                if cfg.eval_every and (self.step % cfg.eval_every == 0 or self.step == cfg.max_steps):
+                    record["val_loss"] = self.evaluate()
+                    self.best_val_loss = min(record["val_loss"], self.best_val_loss or math.inf)
+                    progress.message(f"step {self.step}: val_loss {record['val_loss']:.4f}")
+                self._write(metrics_path, record, writer)
+                mfu = f" mfu {record['mfu']:.1%}" if record["mfu"] is not None else ""
+                progress.update(self.step - 1, f"loss {result['loss']:.4f} "
+                                f"{tokens_per_s / 1e3:.1f}k tok/s{mfu}")
+                if (cfg.sample_every and self.step % cfg.sample_every == 0 and self.is_main
+                        and not cfg.fsdp):  # FSDP would need every rank in the forward
+                    progress.message(f"sample at step {self.step}: {self.sample()!r}")
+                if cfg.ckpt_every and (self.step % cfg.ckpt_every == 0 or self.step == cfg.max_steps):
+                    self.save()
+                summary = record
+        finally:
+            progress.close()
+            if writer is not None:
+                writer.close()
+        summary = dict(summary)
+        summary["first_val_loss"] = first_val
+        summary["best_val_loss"] = self.best_val_loss
+        return summary
+
+    def _progress_enabled(self) -> bool:
+        if self.cfg.progress is not None:
+            return self.cfg.progress and self.is_main
+        return self.is_main and sys.stderr.isatty()
+
+    def _write(self, path: str, record: dict, writer) -> None:
+        if not self.is_main:
+            return
+        with open(path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if writer is not None:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)) and value is not None:
+                    writer.add_scalar(key, value, record["step"])
+
+    def close(self) -> None:
+        shutdown_distributed()
+
+
+def _with_tied(weights: dict, model: GPT) -> dict:
+    """Adds the tensors ``weights_for_saving`` left out because they are tied."""
+    weights = dict(weights)
+    if model.config.tie_embeddings and "lm_head.weight" not in weights:
+        weights["lm_head.weight"] = weights["wte.weight"]
+    return weights
+
+
+# GPTConfig fields that loaded weights fix, and those a fine-tuning run may still set.
+_FREE_FIELDS = ("dropout", "norm_eps", "rope_theta")
+_SHAPE_FIELDS = {f.name for f in dataclasses.fields(GPTConfig)} - set(_FREE_FIELDS)
+
+
+def load_pretrained(path: str, kernels: str = "fused", overrides: dict | None = None) -> GPT:
+    """A GPT from a fusedlm checkpoint (a step directory or a run directory) or a local Hugging
+    Face GPT-2 directory."""
+    from ..models.hf import is_hf_gpt2_dir
+
+    overrides = overrides or {}
+    fixed = sorted(set(overrides) & _SHAPE_FIELDS)
+    if fixed:
+        raise ConfigError(f"'model' settings {', '.join(fixed)} would change the shape of the "
+                          f"weights loaded from {path}; only {', '.join(_FREE_FIELDS)} may change")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: no such checkpoint or model directory")
+    if is_hf_gpt2_dir(path):
+        return GPT.from_hf(path, kernels=kernels, **overrides)
+    state = ckpt.load_checkpoint(path)
+    config = GPTConfig.from_dict({**state["config"]["model"], **overrides})
+    model = GPT(config, kernels=kernels)
+    model.load_state_dict(_with_tied(state["model"], model), strict=True)
+    return model
+
+
+def _truncate_metrics(path: str, step: int) -> None:
+    """Drops the records a killed run wrote after the checkpoint it resumes from."""
+    if not os.path.isfile(path):
+        return
+    with open(path) as f:
+        lines = [line for line in f if line.strip()]
+    kept = []
+    for line in lines:
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line)
+        except (json.JSONDecodeError, KeyError):
+            break  # a line cut by the kill: everything after it is gone too
+    with open(path, "w") as f:
+        f.writelines(kept)
+
+
+def _tensorboard(out: str):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except Exception:  # tensorboard not installed
+        return None
+    return SummaryWriter(os.path.join(out, "tensorboard"))

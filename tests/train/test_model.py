@@ -1,0 +1,178 @@
+"""fusedlm.models.GPT: fused vs torch kernels, presets, KV-cache generation, HF GPT-2 loading."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import fusedlm
+from fusedlm.models import GPT, PRESETS, GPTConfig
+
+SMALL = dict(n_layer=2, n_head=4, n_embd=64, block_size=48, vocab_size=97)
+
+
+def _pair(arch: str, **overrides):
+    config = GPTConfig(**{**SMALL, "arch": arch, **overrides})
+    torch.manual_seed(0)
+    fused = GPT(config, kernels="fused")
+    torch.manual_seed(0)
+    reference = GPT(config, kernels="torch")
+    return config, fused, reference
+
+
+@pytest.mark.parametrize("arch, overrides", [
+    ("gpt2", {}),
+    ("gpt2", {"bias": False}),
+    ("llama", {"n_kv_head": 2, "bias": False}),
+    ("llama", {"n_kv_head": 1, "bias": False, "tie_embeddings": False}),
+])
+def test_fused_and_torch_kernels_train_to_matching_losses(arch, overrides):
+    """20 AdamW steps: the fused model's losses track plain PyTorch's step for step."""
+    config, fused, reference = _pair(arch, **overrides)
+    assert fused.state_dict().keys() == reference.state_dict().keys()
+    opts = [fusedlm.optim.AdamW(m.parameters(), lr=3e-3) for m in (fused, reference)]
+    losses = {0: [], 1: []}
+    batches = torch.randint(0, config.vocab_size, (4, 3, 41))  # revisited: the loss must fall
+    for step in range(20):
+        idx = batches[step % 4]
+        for i, (model, opt) in enumerate(zip((fused, reference), opts)):
+            _, loss = model(idx[:, :-1], idx[:, 1:])
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            losses[i].append(loss.item())
+    torch.testing.assert_close(losses[0], losses[1], rtol=1e-4, atol=1e-5)
+    assert losses[0][-1] < losses[0][0]
+
+
+def test_loss_is_cross_entropy_and_ignores_minus_one():
+    config, model, _ = _pair("gpt2")
+    idx = torch.randint(0, config.vocab_size, (2, 9))
+    targets = idx.clone()
+    targets[:, :3] = -1
+    logits, loss = model(idx, targets)
+    assert logits.shape == (2, 9, config.vocab_size)
+    expected = torch.nn.functional.cross_entropy(logits[:, 3:].reshape(-1, config.vocab_size),
+                                                 idx[:, 3:].reshape(-1))
+    torch.testing.assert_close(loss, expected)
+    assert model(idx)[1] is None
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+@pytest.mark.parametrize("kernels", ["fused", "torch"])
+def test_generate_with_kv_cache_matches_full_recompute(arch, kernels):
+    config = GPTConfig(**{**SMALL, "arch": arch, "block_size": 24})
+    model = GPT(config, kernels=kernels).eval()
+    prompt = torch.randint(0, config.vocab_size, (2, 5))
+    out = model.generate(prompt, 30, temperature=0)  # passes block_size: the cache restarts
+    assert out.shape == (2, 35)
+    assert torch.equal(out[:, :5], prompt)
+    # Greedy without cache for the first tokens that fit in one block.
+    x = prompt
+    with torch.no_grad():
+        for _ in range(config.block_size - 5):
+            logits, _ = model(x)
+            x = torch.cat((x, logits[:, -1].argmax(-1, keepdim=True)), dim=1)
+    assert torch.equal(out[:, :config.block_size], x)
+
+
+def test_generate_sampling_is_seeded_and_respects_top_k():
+    config, model, _ = _pair("gpt2")
+    prompt = torch.zeros(1, 1, dtype=torch.long)
+    a = model.generate(prompt, 12, temperature=1.0, top_k=3, generator=torch.Generator().manual_seed(1))
+    b = model.generate(prompt, 12, temperature=1.0, top_k=3, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="top_k"):
+        model.generate(prompt, 1, top_k=0)
+    with pytest.raises(ValueError, match="temperature"):
+        model.generate(prompt, 1, temperature=-1)
+
+
+def test_sequence_longer_than_block_size_raises():
+    config, model, _ = _pair("gpt2")
+    with pytest.raises(ValueError, match="block_size"):
+        model(torch.zeros(1, config.block_size + 1, dtype=torch.long))
+
+
+@pytest.mark.parametrize("name, millions", [("gpt2-124m", 124.4), ("gpt2-350m", 354.8),
+                                            ("gpt2-774m", 773.9), ("gpt2-1.5b", 1557.6)])
+def test_gpt2_presets_have_the_published_sizes(name, millions):
+    with torch.device("meta"):
+        model = GPT(GPTConfig.preset(name, vocab_size=50257))
+    total = sum(p.numel() for p in model.parameters())  # tied head counted once
+    assert total / 1e6 == pytest.approx(millions, rel=2e-3)
+
+
+def test_every_preset_builds_and_bad_configs_raise():
+    for name in PRESETS:
+        with torch.device("meta"):
+            GPT(GPTConfig.preset(name))
+    with pytest.raises(ValueError, match="unknown preset"):
+        GPTConfig.preset("gpt5")
+    with pytest.raises(ValueError, match="n_embd"):
+        GPTConfig(n_embd=100, n_head=3)
+    with pytest.raises(ValueError, match="n_kv_head"):
+        GPTConfig(n_head=4, n_kv_head=3)
+    with pytest.raises(ValueError, match="arch"):
+        GPTConfig(arch="mamba")
+    with pytest.raises(ValueError, match="kernels"):
+        GPT(GPTConfig(**SMALL), kernels="cuda")
+    with pytest.raises(ValueError, match="no field"):
+        GPTConfig.from_dict({"n_layers": 3})
+
+
+def test_flops_per_token_formula():
+    model = GPT(GPTConfig(**SMALL))
+    c = model.config
+    assert model.flops_per_token() == 6 * model.num_parameters() + 6 * c.n_layer * c.block_size * c.n_embd
+    assert model.num_parameters() == sum(p.numel() for p in model.parameters()) - c.block_size * c.n_embd
+
+
+def test_save_pretrained_round_trip(tmp_path):
+    config, model, _ = _pair("llama", n_kv_head=2)
+    model.save_pretrained(tmp_path)
+    from safetensors.torch import load_file
+
+    weights = load_file(tmp_path / "model.safetensors")
+    assert "lm_head.weight" not in weights  # tied: stored once
+    other = GPT(config)
+    other.load_state_dict({**weights, "lm_head.weight": weights["wte.weight"]})
+    idx = torch.randint(0, config.vocab_size, (1, 7))
+    torch.testing.assert_close(other(idx)[0], model(idx)[0], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kernels", ["fused", "torch"])
+def test_from_hf_gives_the_same_logits_as_transformers(tmp_path, kernels):
+    transformers = pytest.importorskip("transformers")
+    hf_config = transformers.GPT2Config(vocab_size=101, n_positions=40, n_embd=48, n_layer=2,
+                                        n_head=4, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    torch.manual_seed(0)
+    hf_model = transformers.GPT2LMHeadModel(hf_config).eval()
+    hf_model.save_pretrained(tmp_path)  # safetensors, as a downloaded checkpoint is
+    model = GPT.from_hf(tmp_path, kernels=kernels).eval()
+    assert model.config.block_size == 40 and model.config.vocab_size == 101
+    idx = torch.randint(0, 101, (2, 33))
+    with torch.no_grad():
+        expected = hf_model(idx).logits
+        got, _ = model(idx)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    greedy_hf = hf_model.generate(idx[:1, :5], max_new_tokens=8, do_sample=False,
+                                  pad_token_id=0)
+    assert torch.equal(model.generate(idx[:1, :5], 8, temperature=0), greedy_hf)
+
+
+def test_from_hf_errors_name_the_directory(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not a directory"):
+        GPT.from_hf(tmp_path / "missing")
+    (tmp_path / "config.json").write_text('{"model_type": "llama"}')
+    with pytest.raises(ValueError, match="not a GPT-2 config"):
+        GPT.from_hf(tmp_path)
+
+
+def test_initial_loss_is_near_log_vocab():
+    config, model, _ = _pair("gpt2")
+    idx, targets = torch.randint(0, config.vocab_size, (2, 4, 32))
+    _, loss = model(idx, targets)
+    assert abs(loss.item() - math.log(config.vocab_size)) < 0.3

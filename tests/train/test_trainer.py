@@ -1,0 +1,263 @@
+"""The trainer: metrics, schedules, checkpoints (atomic, verified, keep-K), exact resume after
+SIGKILL, the NaN policy, fine-tuning from weights, and the CLI's one-line errors."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from fusedlm.cli import main
+from fusedlm.train import checkpoint as ckpt
+from fusedlm.train.config import ConfigError, TrainConfig, make_config
+from fusedlm.train.trainer import Trainer, TrainingDiverged, learning_rate
+
+from .conftest import TINY_MODEL, read_metrics, train_flags
+
+
+def test_metrics_record_every_step(data_dir, tmp_path):
+    out = tmp_path / "run"
+    assert main(train_flags(data_dir, out, steps=4, eval_every=2)) == 0
+    records = read_metrics(out)
+    assert [r["step"] for r in records] == [0, 1, 2, 3, 4]
+    assert math.isclose(records[0]["val_loss"], math.log(256), rel_tol=0.05)  # untrained
+    for r in records[1:]:
+        assert {"loss", "lr", "grad_norm", "tokens_per_s", "mfu"} <= r.keys()
+        assert r["mfu"] is None  # a CPU has no peak in the table: MFU is not made up
+    assert "val_loss" in records[2] and "val_loss" in records[4] and "val_loss" not in records[3]
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "wsd", "constant"])
+def test_learning_rate_schedules(schedule):
+    cfg = TrainConfig(lr=1.0, warmup_steps=10, max_steps=100, min_lr_ratio=0.1,
+                      schedule=schedule, decay_fraction=0.2)
+    lrs = [learning_rate(s, cfg) for s in range(100)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert max(lrs) == pytest.approx(1.0)
+    if schedule == "constant":
+        assert lrs[-1] == 1.0
+    elif schedule == "cosine":
+        assert lrs[-1] == pytest.approx(0.1) and all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+    else:
+        assert lrs[79] == 1.0 and lrs[-1] == pytest.approx(0.1)
+        assert lrs[85] == pytest.approx(1.0 - 0.9 * 6 / 20)
+
+
+def _run(args: list[str], **kwargs) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "fusedlm.cli", *args], env=env,
+                          capture_output=True, text=True, **kwargs)
+
+
+def test_sigkill_and_resume_is_bit_identical(data_dir, tmp_path):
+    """A run killed with SIGKILL after a checkpoint and resumed with --resume logs exactly the
+    losses of the run that never stopped."""
+    steps = 30
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    assert _run(train_flags(data_dir, full, steps=steps)).returncode == 0
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    args = train_flags(data_dir, killed, steps=steps, ckpt_every=10)
+    proc = subprocess.Popen([sys.executable, "-m", "fusedlm.cli", *args], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    target = killed / "checkpoints" / "step_0000010" / "manifest.json"
+    deadline = time.time() + 120
+    while not target.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert target.exists(), "the run never wrote its step-10 checkpoint"
+    resumed = _run(args + ["--resume"])
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resumed from" in resumed.stdout
+    want = [(r["step"], r["loss"]) for r in read_metrics(full)]
+    got = [(r["step"], r["loss"]) for r in read_metrics(killed)]
+    assert got == want  # bit-identical floats, no step twice
+
+
+def test_checkpoints_keep_the_last_k_and_point_to_the_latest(data_dir, tmp_path):
+    out = tmp_path / "run"
+    (tmp_path / "run" / "checkpoints" / ".step_0000002.tmp-999").mkdir(parents=True)  # a crash
+    assert main(train_flags(data_dir, out, steps=8, ckpt_every=2)) == 0
+    names = [os.path.basename(p) for p in ckpt.list_checkpoints(str(out))]
+    assert names == ["step_0000004", "step_0000006", "step_0000008"]  # keep_checkpoints = 3
+    assert ckpt.latest_checkpoint(str(out)).endswith("step_0000008")
+    state = ckpt.load_checkpoint(str(out))
+    assert state["trainer"]["step"] == 8 and state["config"]["tokenizer"] == "byte"
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "delete", "manifest"])
+def test_corrupt_checkpoint_gives_one_line_naming_the_file(data_dir, tmp_path, capsys, damage):
+    out = tmp_path / "run"
+    assert main(train_flags(data_dir, out, steps=2, ckpt_every=2)) == 0
+    path = ckpt.latest_checkpoint(str(out))
+    victim = os.path.join(path, "manifest.json" if damage == "manifest" else "optimizer.pt")
+    if damage == "flip":
+        with open(victim, "r+b") as f:
+            f.seek(100)
+            byte = f.read(1)
+            f.seek(100)
+            f.write(bytes([byte[0] ^ 0xFF]))
+    elif damage in ("truncate", "manifest"):
+        with open(victim, "r+b") as f:
+            f.truncate(os.path.getsize(victim) // 2)
+    else:
+        os.remove(victim)
+    capsys.readouterr()
+    assert main(train_flags(data_dir, out, steps=4) + ["--resume"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fusedlm train: error:") and err.count("\n") == 1
+    assert victim in err
+    with pytest.raises(ckpt.CheckpointError, match=os.path.basename(victim)):
+        ckpt.load_checkpoint(path)
+
+
+def _trainer(data_dir, out, **overrides) -> Trainer:
+    values = dict(data=data_dir, out=str(out), model=json.loads(TINY_MODEL), batch_size=4,
+                  max_steps=6, eval_every=0, ckpt_every=0, warmup_steps=2, seed=3)
+    values.update(overrides)
+    return Trainer(make_config(**values), log=lambda *a: None)
+
+
+def _poison(trainer: Trainer, bad_steps: set[int]) -> None:
+    """Makes the loss NaN on the given (0-based) steps."""
+    step_fn = trainer.train_step
+
+    def poisoned(step):
+        trainer.loss_multiplier = math.nan if step in bad_steps else 1.0
+        return step_fn(step)
+
+    trainer.train_step = poisoned
+
+
+def test_nan_policy_skip_drops_the_step_and_goes_on(data_dir, tmp_path):
+    trainer = _trainer(data_dir, tmp_path / "run")
+    _poison(trainer, {2})
+    before = {}
+
+    step_fn = trainer.train_step
+
+    def watch(step):
+        if step == 2:
+            before.update({k: v.clone() for k, v in trainer.raw_model.state_dict().items()})
+        result = step_fn(step)
+        if step == 2:
+            for k, v in trainer.raw_model.state_dict().items():
+                assert torch.equal(v, before[k]), f"{k} changed on a skipped step"
+        return result
+
+    trainer.train_step = watch
+    trainer.train()
+    records = read_metrics(tmp_path / "run")
+    assert [r.get("skipped", False) for r in records] == [False, False, True, False, False, False]
+    assert all(math.isfinite(r["loss"]) for i, r in enumerate(records) if i != 2)
+
+
+def test_nan_policy_stops_after_max_bad_steps(data_dir, tmp_path):
+    trainer = _trainer(data_dir, tmp_path / "run", max_bad_steps=2)
+    _poison(trainer, {1, 2})
+    with pytest.raises(TrainingDiverged, match="2 bad step"):
+        trainer.train()
+    stop = _trainer(data_dir, tmp_path / "run2", nan_policy="stop")
+    _poison(stop, {0})
+    with pytest.raises(TrainingDiverged, match="nan_policy='stop'"):
+        stop.train()
+    assert read_metrics(tmp_path / "run2")[-1]["skipped"] is True
+
+
+def test_init_from_checkpoint_and_hf_directory(data_dir, tmp_path):
+    first = tmp_path / "first"
+    assert main(train_flags(data_dir, first, steps=6, ckpt_every=6)) == 0
+    second = tmp_path / "second"
+    assert main(train_flags(data_dir, second, steps=2, model=None)
+                + ["--init-from", str(first)]) == 0
+    # Continued training starts from the trained weights: its first loss is the first run's
+    # level, well below an untrained model's ln(256).
+    assert read_metrics(second)[0]["loss"] < read_metrics(first)[0]["loss"] - 0.3
+
+    transformers = pytest.importorskip("transformers")
+    hf_dir = tmp_path / "hf"
+    transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        vocab_size=256, n_positions=32, n_embd=32, n_layer=1, n_head=2)).save_pretrained(hf_dir)
+    assert main(train_flags(data_dir, tmp_path / "third", steps=2, model='{"dropout": 0.1}')
+                + ["--init-from", str(hf_dir)]) == 0
+    assert main(train_flags(data_dir, tmp_path / "fourth", steps=2)
+                + ["--init-from", str(hf_dir)]) == 2  # --model n_layer etc. vs loaded weights
+
+
+def test_embedded_default_corpus_is_prepared_once(tmp_path, monkeypatch):
+    from fusedlm.train.prepare import stdlib_corpus_dir
+
+    monkeypatch.setenv("FUSEDLM_CACHE", str(tmp_path))
+    messages = []
+    path = stdlib_corpus_dir(max_bytes=300_000, log=messages.append)
+    assert os.path.isfile(os.path.join(path, "train_000.bin")) and messages
+    meta = json.load(open(os.path.join(path, "meta.json")))
+    assert meta["tokenizer"] == "byte" and 50_000 < meta["train_tokens"] + meta["val_tokens"] <= 300_000 + 2 * meta["files"]
+    messages.clear()
+    assert stdlib_corpus_dir(max_bytes=300_000, log=messages.append) == path and not messages
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--max-steps", "0"], "'max_steps' must be positive"),
+    (["--data", "/nonexistent/shards"], "/nonexistent/shards: no such file"),
+    (["--resume"], "no checkpoint in"),
+    (["--model", "{bad json"], "--model must be a JSON object"),
+    (["--model", '{"n_layers": 2}'], "no field(s) n_layers"),
+    (["--preset", "gpt5"], "unknown preset 'gpt5'"),
+    (["--model", '{"block_size": 100000}'], "shorter than one window"),
+    (["--init-from", "/nonexistent/ckpt"], "/nonexistent/ckpt: no such checkpoint"),
+])
+def test_cli_errors_are_one_line(data_dir, tmp_path, capsys, args, message):
+    flags = train_flags(data_dir, tmp_path / "run",
+                        model=None if "--init-from" in args else TINY_MODEL)
+    if args[0] == "--data":
+        flags[flags.index("--data") + 1] = args[1]
+        args = []
+    if args[0:1] == ["--model"]:
+        flags[flags.index("--model") + 1] = args[1]
+        args = []
+    assert main(flags + args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fusedlm train: error:") and err.count("\n") == 1, err
+    assert message in err
+
+
+def test_toml_config_and_flag_precedence(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text('preset = "tiny"\nlr = 0.01\nmax_steps = 7\n[model]\nn_layer = 1\n')
+    cfg = make_config(str(path), lr=0.02)
+    assert cfg.lr == 0.02 and cfg.max_steps == 7 and cfg.model == {"n_layer": 1}
+    path.write_text("learning_rate = 1\n")
+    with pytest.raises(ConfigError, match="unknown setting.*learning_rate"):
+        make_config(str(path))
+    path.write_text("lr = \n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        make_config(str(path))
+    with pytest.raises(ConfigError, match="resume.*init_from"):
+        make_config(resume=True, init_from="x")
+
+
+def test_help_of_every_command(capsys):
+    for command in ("train", "sample", "prepare", "info"):
+        with pytest.raises(SystemExit) as info:
+            main([command, "--help"])
+        assert info.value.code == 0
+        assert "usage: fusedlm " + command in capsys.readouterr().out
+
+
+def test_sample_command(data_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(train_flags(data_dir, out, steps=2, ckpt_every=2)) == 0
+    capsys.readouterr()
+    assert main(["sample", str(out), "--prompt", "import ", "--max-new-tokens", "20"]) == 0
+    assert capsys.readouterr().out.startswith("import ")
+    shutil.rmtree(out / "checkpoints")
+    assert main(["sample", str(out)]) == 2
