@@ -8,7 +8,7 @@ from torch import Tensor
 
 from .. import reference
 from ..backends import OpDispatch
-from ._common import register_extension_kernels
+from ._common import FLOAT_DTYPES, register_extension_kernels
 
 ADAMW_STEP = OpDispatch("adamw_step")
 ADAMW_STEP.register("torch")(reference.adamw_step)
@@ -22,6 +22,22 @@ def _kernel_supports(*tensor_lists: list[Tensor]) -> str | None:
 
 
 register_extension_kernels(ADAMW_STEP, "adamw_step", supports=_kernel_supports)
+
+
+def _triton_supports(*tensor_lists: list[Tensor]) -> str | None:
+    # Non-contiguous tensors are fine: the Triton launcher updates them through contiguous copies.
+    for tensors in tensor_lists:
+        for t in tensors:
+            if t.dtype not in FLOAT_DTYPES:
+                return f"{t.dtype} is not supported by the Triton kernels"
+    return None
+
+
+@ADAMW_STEP.register("triton", supports=_triton_supports)
+def _triton_adamw_step(*args):
+    from ..triton import adamw  # imports triton: only when the backend is used
+
+    return adamw.adamw_step(*args)
 
 
 @torch.library.custom_op(

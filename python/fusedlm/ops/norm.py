@@ -15,6 +15,7 @@ from torch import Tensor
 from .. import reference
 from ..backends import OpDispatch, check_backend_name
 from ._common import (
+    FLOAT_DTYPES,
     check_finite_float,
     check_float_tensor,
     check_same_device,
@@ -34,6 +35,26 @@ RMS_NORM_FWD.register("torch")(reference.rms_norm_fwd)
 RMS_NORM_BWD.register("torch")(reference.rms_norm_bwd)
 for _dispatch in (LAYER_NORM_FWD, LAYER_NORM_BWD, RMS_NORM_FWD, RMS_NORM_BWD):
     register_extension_kernels(_dispatch, _dispatch.name)
+
+
+def _triton_supports(*tensors: Tensor | None) -> str | None:
+    for t in tensors:
+        if t is not None and t.dtype not in FLOAT_DTYPES:
+            return f"{t.dtype} is not supported by the Triton kernels"
+    return None
+
+
+def _triton_impl(name: str):
+    def call(*args):
+        from ..triton import norm  # imports triton: only when the backend is used
+
+        return getattr(norm, name)(*args)
+
+    return call
+
+
+for _dispatch in (LAYER_NORM_FWD, LAYER_NORM_BWD, RMS_NORM_FWD, RMS_NORM_BWD):
+    _dispatch.register("triton", supports=_triton_supports)(_triton_impl(_dispatch.name))
 
 
 def _present(*tensors: Tensor | None) -> list[Tensor]:
