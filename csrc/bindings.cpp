@@ -14,6 +14,16 @@
 #include "cpu/attention.h"
 #include "cpu/norm.h"
 
+#ifdef FUSEDLM_WITH_CUDA
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include <map>
+#include <utility>
+
+#include "cuda/launchers.h"
+#endif
+
 namespace fusedlm {
 
 // The torch this extension was compiled against, findable in the .so's bytes: _ext.py reads it
@@ -23,9 +33,14 @@ extern "C" __attribute__((used)) const char fusedlm_build_stamp[] =
 
 namespace {
 
-// Ops that have a CUDA kernel in this build; the CUDA issue fills this in.
+// Ops that have a CUDA kernel in this build: exactly the entry points below that dispatch CUDA
+// tensors to csrc/cuda (python/fusedlm/ops routes the "cuda" backend by this list).
 const std::vector<std::string>& cuda_ops() {
-  static const std::vector<std::string> ops{};
+  static const std::vector<std::string> ops{
+#ifdef FUSEDLM_WITH_CUDA
+      "layer_norm_fwd", "layer_norm_bwd", "rms_norm_fwd", "rms_norm_bwd", "adamw_step",
+#endif
+  };
   return ops;
 }
 
@@ -100,6 +115,221 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
   return cpu::attention_bwd(grad_out, q, k, v, out, lse, scale, causal, causal_offset);
 }
 
+// ---- CUDA glue: torch tensors -> raw pointers, the current stream, errors -> exceptions ---------
+//
+// Each function runs after its entry point validated the arguments (checks.h), under a guard
+// for the tensors' device, on that device's current stream (c10::cuda::getCurrentCUDAStream),
+// and raises with the op's name if the launcher reports a CUDA error.
+#ifdef FUSEDLM_WITH_CUDA
+namespace cuda_glue {
+
+cuda::DType dtype_of(at::ScalarType s) {
+  switch (s) {
+    case at::kDouble:
+      return cuda::DType::kFloat64;
+    case at::kFloat:
+      return cuda::DType::kFloat32;
+    case at::kHalf:
+      return cuda::DType::kFloat16;
+    case at::kBFloat16:
+      return cuda::DType::kBFloat16;
+    default:
+      FUSEDLM_CHECK_TYPE(false, "no CUDA kernel for dtype ", s);
+  }
+  return cuda::DType::kFloat32;
+}
+
+cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
+
+template <typename T = void>
+T* ptr_or_null(const at::Tensor& t) {
+  return t.defined() ? static_cast<T*>(t.data_ptr()) : nullptr;
+}
+
+// Scratch the norm launchers request (per-block partial sums): a byte tensor from the caching
+// allocator on the current device, kept alive until the end of the call (the stream-ordered
+// allocator makes freeing it after the launch safe).
+struct Workspace {
+  at::TensorOptions options;
+  at::Tensor buffer;
+};
+
+void* alloc_workspace(size_t bytes, void* context) {
+  auto* workspace = static_cast<Workspace*>(context);
+  workspace->buffer =
+      at::empty({static_cast<int64_t>(bytes)}, workspace->options.dtype(at::kByte));
+  return workspace->buffer.data_ptr();
+}
+
+// weight / bias (N) as the kernels read them: contiguous, float64 for float64 x (which may come
+// with float32 params). Undefined when absent.
+at::Tensor norm_param(const std::optional<at::Tensor>& p, const at::Tensor& x) {
+  if (!p.has_value() || !p->defined()) return at::Tensor();
+  at::Tensor t = p->contiguous();
+  if (x.scalar_type() == at::kDouble && t.scalar_type() != at::kDouble) t = t.to(at::kDouble);
+  return t;
+}
+
+at::ScalarType acc_dtype(const at::Tensor& x) {
+  return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// Forward of both norms; mean is returned undefined for RMSNorm.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_fwd(
+    const at::Tensor& x,                        // (M, N)
+    const std::optional<at::Tensor>& weight,    // (N) or None
+    const std::optional<at::Tensor>& bias,      // (N) or None
+    double eps, bool rms, const char* op) {
+  const c10::cuda::CUDAGuard guard(x.device());
+  check_fits_int32(x.size(1), "x", "normalized size");
+  const at::Tensor x_c = x.contiguous();  // (M, N)
+  const int64_t M = x_c.size(0);
+  const int64_t N = x_c.size(1);
+  const at::Tensor w = norm_param(weight, x_c);  // (N) or undefined
+  const at::Tensor b = norm_param(bias, x_c);    // (N) or undefined
+  const at::TensorOptions acc_opts = x_c.options().dtype(acc_dtype(x_c));
+  at::Tensor y = at::empty({M, N}, x_c.options());                    // (M, N)
+  at::Tensor mean = rms ? at::Tensor() : at::empty({M}, acc_opts);  // (M)
+  at::Tensor rstd = at::empty({M}, acc_opts);                        // (M)
+  if (M == 0) return {y, mean, rstd};
+  cuda::NormFwdArgs args{};
+  args.x = x_c.data_ptr();
+  args.weight = ptr_or_null(w);
+  args.bias = ptr_or_null(b);
+  args.y = y.data_ptr();
+  args.mean = ptr_or_null(mean);
+  args.rstd = rstd.data_ptr();
+  args.M = M;
+  args.N = N;
+  args.eps = eps;
+  args.x_dtype = dtype_of(x_c.scalar_type());
+  args.param_dtype = dtype_of(w.defined() ? w.scalar_type()
+                              : b.defined() ? b.scalar_type()
+                                            : x_c.scalar_type());
+  args.rms = rms;
+  check_cuda_status(cuda::norm_fwd(args, current_stream()), op);
+  return {y, mean, rstd};
+}
+
+// Backward of both norms: dx, dweight (weight's dtype) or undefined, dbias (weight's dtype, or
+// the acc dtype without a weight) or undefined.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_bwd(
+    const at::Tensor& grad_y,                   // (M, N)
+    const at::Tensor& x,                        // (M, N)
+    const at::Tensor& mean,                     // (M), undefined for RMSNorm
+    const at::Tensor& rstd,                     // (M)
+    const std::optional<at::Tensor>& weight,    // (N) or None
+    bool has_bias, bool rms, const char* op) {
+  const c10::cuda::CUDAGuard guard(x.device());
+  check_fits_int32(x.size(1), "x", "normalized size");
+  const at::Tensor x_c = x.contiguous();        // (M, N)
+  const at::Tensor dy_c = grad_y.contiguous();  // (M, N)
+  const at::Tensor mean_c = rms ? at::Tensor() : mean.contiguous();  // (M)
+  const at::Tensor rstd_c = rstd.contiguous();                       // (M)
+  const int64_t M = x_c.size(0);
+  const int64_t N = x_c.size(1);
+  const at::Tensor w = norm_param(weight, x_c);  // (N) or undefined
+  const at::ScalarType param_dtype = w.defined() ? w.scalar_type() : x_c.scalar_type();
+  at::Tensor dx = at::empty({M, N}, x_c.options());  // (M, N)
+  // (N) each, in the dtypes the kernels write
+  at::Tensor dw = w.defined() ? at::empty({N}, x_c.options().dtype(param_dtype)) : at::Tensor();
+  at::Tensor db = has_bias ? at::empty({N}, x_c.options().dtype(w.defined() ? param_dtype
+                                                                             : acc_dtype(x_c)))
+                           : at::Tensor();
+  if (M == 0) {
+    if (dw.defined()) dw.zero_();
+    if (db.defined()) db.zero_();
+  } else {
+    Workspace workspace{x_c.options(), at::Tensor()};
+    cuda::NormBwdArgs args{};
+    args.grad_y = dy_c.data_ptr();
+    args.x = x_c.data_ptr();
+    args.mean = ptr_or_null(mean_c);
+    args.rstd = rstd_c.data_ptr();
+    args.weight = ptr_or_null(w);
+    args.dx = dx.data_ptr();
+    args.dweight = ptr_or_null(dw);
+    args.dbias = ptr_or_null(db);
+    args.M = M;
+    args.N = N;
+    args.x_dtype = dtype_of(x_c.scalar_type());
+    args.param_dtype = dtype_of(param_dtype);
+    args.rms = rms;
+    args.alloc = &alloc_workspace;
+    args.alloc_context = &workspace;
+    check_cuda_status(cuda::norm_bwd(args, current_stream()), op);
+  }
+  // float64 x with float32 params: the kernels computed in float64; round once here.
+  if (dw.defined() && dw.scalar_type() != weight->scalar_type()) dw = dw.to(weight->scalar_type());
+  if (db.defined() && weight.has_value() && db.scalar_type() != weight->scalar_type()) {
+    db = db.to(weight->scalar_type());
+  }
+  return {dx, dw, db};
+}
+
+// One AdamW step over CUDA tensors: one launcher call per (param dtype, state dtype) group.
+void adamw_step(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
+                const std::vector<at::Tensor>& exp_avgs,
+                const std::vector<at::Tensor>& exp_avg_sqs,
+                const std::vector<at::Tensor>& max_exp_avg_sqs, const std::vector<double>& steps,
+                double lr, double beta1, double beta2, double eps, double weight_decay,
+                bool amsgrad, bool maximize, const std::vector<at::Tensor>& master_params,
+                const std::vector<at::Tensor>& step_tensors,
+                const std::optional<at::Tensor>& lr_tensor,
+                const std::optional<at::Tensor>& grad_scale,
+                const std::optional<at::Tensor>& found_inf) {
+  const c10::cuda::CUDAGuard guard(params[0].device());
+  for (size_t i = 0; i < params.size(); ++i) check_fits_chunked_index(params[i], "params", i);
+  cuda::AdamWHyper hyper{};
+  hyper.lr = lr;
+  hyper.lr_ptr = nullptr;
+  if (lr_tensor.has_value()) {
+    if (lr_tensor->device().is_cpu()) {
+      hyper.lr = lr_tensor->item<double>();
+      FUSEDLM_CHECK_VALUE(hyper.lr >= 0 && std::isfinite(hyper.lr),
+                          "argument 'lr_tensor' must be finite and >= 0, got ", hyper.lr);
+    } else {
+      hyper.lr_ptr = lr_tensor->data_ptr<float>();
+    }
+  }
+  hyper.beta1 = beta1;
+  hyper.beta2 = beta2;
+  hyper.eps = eps;
+  hyper.weight_decay = weight_decay;
+  hyper.amsgrad = amsgrad;
+  hyper.maximize = maximize;
+  hyper.grad_scale = grad_scale.has_value() ? grad_scale->data_ptr<float>() : nullptr;
+  hyper.found_inf = found_inf.has_value() ? found_inf->data_ptr<float>() : nullptr;
+  // Tensors grouped by (param dtype, state dtype), in a fixed order.
+  std::map<std::pair<int, int>, std::vector<cuda::AdamWTensor>> groups;
+  for (size_t i = 0; i < params.size(); ++i) {
+    cuda::AdamWTensor t{};
+    t.param = params[i].data_ptr();
+    t.grad = grads[i].data_ptr();
+    t.exp_avg = exp_avgs[i].data_ptr();
+    t.exp_avg_sq = exp_avg_sqs[i].data_ptr();
+    t.max_exp_avg_sq = amsgrad ? max_exp_avg_sqs[i].data_ptr() : nullptr;
+    t.master = master_params.empty() ? nullptr : master_params[i].data_ptr<float>();
+    t.numel = params[i].numel();
+    t.step = step_tensors.empty() ? steps[i] : 0.0;
+    t.step_ptr = step_tensors.empty() ? nullptr : step_tensors[i].data_ptr<float>();
+    const std::pair<int, int> key{static_cast<int>(params[i].scalar_type()),
+                                  static_cast<int>(exp_avgs[i].scalar_type())};
+    groups[key].push_back(t);
+  }
+  const cudaStream_t stream = current_stream();
+  for (const auto& [key, tensors] : groups) {
+    check_cuda_status(
+        cuda::adamw_step(dtype_of(static_cast<at::ScalarType>(key.first)),
+                         dtype_of(static_cast<at::ScalarType>(key.second)), tensors.data(),
+                         static_cast<int64_t>(tensors.size()), hyper, stream),
+        "adamw_step");
+  }
+}
+
+}  // namespace cuda_glue
+#endif  // FUSEDLM_WITH_CUDA
+
 // ---- LayerNorm / RMSNorm --------------------------------------------------------------------
 
 void check_norm_input(const at::Tensor& x) {
@@ -148,6 +378,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd(
   check_norm_param(weight, "weight", x, std::nullopt);
   check_norm_param(bias, "bias", x, weight);
   FUSEDLM_CHECK_VALUE(eps >= 0 && std::isfinite(eps), "argument 'eps' must be finite and >= 0, got ", eps);
+#ifdef FUSEDLM_WITH_CUDA
+  if (x.is_cuda()) return cuda_glue::norm_fwd(x, weight, bias, eps, false, "layer_norm_fwd");
+#endif
   require_cpu_kernel(x, "x", "layer_norm_fwd");
   return cpu::layer_norm_fwd(x, weight, bias, eps);
 }
@@ -160,6 +393,14 @@ std::tuple<at::Tensor, std::optional<at::Tensor>, std::optional<at::Tensor>> lay
   check_stats(mean, "mean", x);
   check_stats(rstd, "rstd", x);
   check_norm_param(weight, "weight", x, std::nullopt);
+#ifdef FUSEDLM_WITH_CUDA
+  if (x.is_cuda()) {
+    auto [dx, dw, db] =
+        cuda_glue::norm_bwd(grad_y, x, mean, rstd, weight, has_bias, false, "layer_norm_bwd");
+    return {dx, dw.defined() ? std::optional<at::Tensor>(dw) : std::nullopt,
+            db.defined() ? std::optional<at::Tensor>(db) : std::nullopt};
+  }
+#endif
   require_cpu_kernel(x, "x", "layer_norm_bwd");
   return cpu::layer_norm_bwd(grad_y, x, mean, rstd, weight, has_bias);
 }
@@ -170,6 +411,12 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_fwd(const at::Tensor& x,
   check_norm_input(x);
   check_norm_param(weight, "weight", x, std::nullopt);
   FUSEDLM_CHECK_VALUE(eps >= 0 && std::isfinite(eps), "argument 'eps' must be finite and >= 0, got ", eps);
+#ifdef FUSEDLM_WITH_CUDA
+  if (x.is_cuda()) {
+    auto [y, mean, rstd] = cuda_glue::norm_fwd(x, weight, std::nullopt, eps, true, "rms_norm_fwd");
+    return {y, rstd};
+  }
+#endif
   require_cpu_kernel(x, "x", "rms_norm_fwd");
   return cpu::rms_norm_fwd(x, weight, eps);
 }
@@ -181,6 +428,13 @@ std::tuple<at::Tensor, std::optional<at::Tensor>> rms_norm_bwd(
   check_grad_y(grad_y, x);
   check_stats(rstd, "rstd", x);
   check_norm_param(weight, "weight", x, std::nullopt);
+#ifdef FUSEDLM_WITH_CUDA
+  if (x.is_cuda()) {
+    auto [dx, dw, db] =
+        cuda_glue::norm_bwd(grad_y, x, at::Tensor(), rstd, weight, false, true, "rms_norm_bwd");
+    return {dx, dw.defined() ? std::optional<at::Tensor>(dw) : std::nullopt};
+  }
+#endif
   require_cpu_kernel(x, "x", "rms_norm_bwd");
   return cpu::rms_norm_bwd(grad_y, x, rstd, weight);
 }
@@ -211,12 +465,65 @@ void check_tensor_list(const std::vector<at::Tensor>& list, const char* name,
   }
 }
 
+// The extensions over the CPU kernel's arguments (master weights, device step counts, a device
+// lr, GradScaler's grad_scale / found_inf) on the CPU: done around cpu::adamw_step with tensor
+// ops, same semantics as the CUDA kernel (which handles them in the kernel).
+void adamw_step_cpu(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
+                    const std::vector<at::Tensor>& exp_avgs,
+                    const std::vector<at::Tensor>& exp_avg_sqs,
+                    const std::vector<at::Tensor>& max_exp_avg_sqs,
+                    const std::vector<double>& steps, double lr, double beta1, double beta2,
+                    double eps, double weight_decay, bool amsgrad, bool maximize,
+                    const std::vector<at::Tensor>& master_params,
+                    const std::vector<at::Tensor>& step_tensors,
+                    const std::optional<at::Tensor>& lr_tensor,
+                    const std::optional<at::Tensor>& grad_scale,
+                    const std::optional<at::Tensor>& found_inf) {
+  if (found_inf.has_value() && found_inf->item<double>() != 0) return;
+  if (lr_tensor.has_value()) {
+    lr = lr_tensor->item<double>();
+    FUSEDLM_CHECK_VALUE(lr >= 0 && std::isfinite(lr),
+                        "argument 'lr_tensor' must be finite and >= 0, got ", lr);
+  }
+  std::vector<double> step_values = steps;  // [n]
+  if (!step_tensors.empty()) {
+    step_values.clear();
+    for (size_t i = 0; i < step_tensors.size(); ++i) {
+      const double step = step_tensors[i].item<double>();
+      FUSEDLM_CHECK_VALUE(step >= 1 && std::isfinite(step), "argument 'step_tensors[", i,
+                          "]' must be finite and >= 1, got ", step);
+      step_values.push_back(step);
+    }
+  }
+  if (grad_scale.has_value()) {
+    // In place, as torch's fused AdamW stores the unscaled grads; a 0-d divisor keeps the grad's
+    // dtype (computed in float32, rounded once).
+    const at::Tensor scale = grad_scale->reshape({});
+    for (const at::Tensor& g : grads) g.div_(scale);
+  }
+  if (master_params.empty()) {
+    cpu::adamw_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, step_values, lr, beta1,
+                    beta2, eps, weight_decay, amsgrad, maximize);
+    return;
+  }
+  std::vector<at::Tensor> grads_f32;  // [n] float32 copies for the float32 master update
+  grads_f32.reserve(grads.size());
+  for (const at::Tensor& g : grads) grads_f32.push_back(g.to(at::kFloat).contiguous());
+  cpu::adamw_step(master_params, grads_f32, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, step_values,
+                  lr, beta1, beta2, eps, weight_decay, amsgrad, maximize);
+  for (size_t i = 0; i < params.size(); ++i) params[i].copy_(master_params[i]);
+}
+
 void adamw_step(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
                 const std::vector<at::Tensor>& exp_avgs,
                 const std::vector<at::Tensor>& exp_avg_sqs,
                 const std::vector<at::Tensor>& max_exp_avg_sqs, const std::vector<double>& steps,
                 double lr, double beta1, double beta2, double eps, double weight_decay,
-                bool amsgrad, bool maximize) {
+                bool amsgrad, bool maximize, const std::vector<at::Tensor>& master_params,
+                const std::vector<at::Tensor>& step_tensors,
+                const std::optional<at::Tensor>& lr_tensor,
+                const std::optional<at::Tensor>& grad_scale,
+                const std::optional<at::Tensor>& found_inf) {
   for (size_t i = 0; i < params.size(); ++i) {
     const std::string where = "params[" + std::to_string(i) + "]";
     check_defined(params[i], where.c_str());
@@ -246,8 +553,49 @@ void adamw_step(const std::vector<at::Tensor>& params, const std::vector<at::Ten
     FUSEDLM_CHECK_VALUE(max_exp_avg_sqs.empty(),
                         "argument 'max_exp_avg_sqs' must be empty when amsgrad is False");
   }
-  FUSEDLM_CHECK_VALUE(steps.size() == params.size(), "argument 'steps' has ", steps.size(),
-                      " entries but 'params' has ", params.size());
+  if (step_tensors.empty()) {
+    FUSEDLM_CHECK_VALUE(steps.size() == params.size(), "argument 'steps' has ", steps.size(),
+                        " entries but 'params' has ", params.size());
+  } else {
+    FUSEDLM_CHECK_VALUE(steps.empty(), "arguments 'steps' and 'step_tensors' exclude each other; "
+                        "'steps' must be empty when 'step_tensors' is given");
+    FUSEDLM_CHECK_VALUE(step_tensors.size() == params.size(), "argument 'step_tensors' has ",
+                        step_tensors.size(), " tensors but 'params' has ", params.size());
+    for (size_t i = 0; i < step_tensors.size(); ++i) {
+      const std::string where = "step_tensors[" + std::to_string(i) + "]";
+      check_scalar_tensor(step_tensors[i], where.c_str(), params[i].device(), false, true);
+    }
+  }
+  if (!master_params.empty()) {
+    FUSEDLM_CHECK_VALUE(master_params.size() == params.size(), "argument 'master_params' has ",
+                        master_params.size(), " tensors but 'params' has ", params.size());
+    for (size_t i = 0; i < params.size(); ++i) {
+      const std::string where = "master_params[" + std::to_string(i) + "]";
+      const at::Tensor& m = master_params[i];
+      check_defined(m, where.c_str());
+      FUSEDLM_CHECK_TYPE(params[i].scalar_type() == at::kBFloat16 ||
+                             params[i].scalar_type() == at::kHalf,
+                         "master weights are for bfloat16/float16 params; params[", i, "] is ",
+                         params[i].scalar_type());
+      FUSEDLM_CHECK_TYPE(m.scalar_type() == at::kFloat, "argument '", where,
+                         "' must be float32, got ", m.scalar_type());
+      FUSEDLM_CHECK_TYPE(exp_avgs[i].scalar_type() == at::kFloat, "with master weights the states "
+                         "must be float32; exp_avgs[", i, "] is ", exp_avgs[i].scalar_type());
+      FUSEDLM_CHECK_VALUE(m.sizes() == params[i].sizes(), "argument '", where, "' has shape ",
+                          m.sizes(), " but params[", i, "] has ", params[i].sizes());
+      FUSEDLM_CHECK_VALUE(m.is_contiguous(), "argument '", where, "' must be contiguous");
+      check_same_device(m, where.c_str(), params[i], "params");
+    }
+  }
+  if (!params.empty()) {
+    const at::Device device = params[0].device();
+    // A device lr is read by the kernel as float32; a CPU one is read on the host.
+    const bool lr_on_device = lr_tensor.has_value() && lr_tensor->defined() &&
+                              !lr_tensor->device().is_cpu();
+    check_scalar_tensor(lr_tensor, "lr_tensor", device, true, lr_on_device);
+    check_scalar_tensor(grad_scale, "grad_scale", device, false, true);
+    check_scalar_tensor(found_inf, "found_inf", device, false, true);
+  }
   for (size_t i = 0; i < steps.size(); ++i) {
     FUSEDLM_CHECK_VALUE(steps[i] >= 1 && std::isfinite(steps[i]), "argument 'steps[", i,
                         "]' must be finite and >= 1, got ", steps[i]);
@@ -258,9 +606,18 @@ void adamw_step(const std::vector<at::Tensor>& params, const std::vector<at::Ten
   FUSEDLM_CHECK_VALUE(beta2 >= 0 && beta2 < 1, "argument 'beta2' must be in [0, 1), got ", beta2);
   FUSEDLM_CHECK_VALUE(weight_decay >= 0, "argument 'weight_decay' must be >= 0, got ", weight_decay);
   if (params.empty()) return;
+#ifdef FUSEDLM_WITH_CUDA
+  if (params[0].is_cuda()) {
+    cuda_glue::adamw_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr, beta1,
+                          beta2, eps, weight_decay, amsgrad, maximize, master_params,
+                          step_tensors, lr_tensor, grad_scale, found_inf);
+    return;
+  }
+#endif
   require_cpu_kernel(params[0], "params", "adamw_step");
-  cpu::adamw_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr, beta1, beta2,
-                  eps, weight_decay, amsgrad, maximize);
+  adamw_step_cpu(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr, beta1, beta2,
+                 eps, weight_decay, amsgrad, maximize, master_params, step_tensors, lr_tensor,
+                 grad_scale, found_inf);
 }
 
 }  // namespace
@@ -308,9 +665,21 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("x"), py::arg("rstd"), py::arg("weight"));
   m.def("adamw_step", &fusedlm::adamw_step,
         "One AdamW step over a whole list of tensors, in place (torch.optim.AdamW's arithmetic).\n"
-        "steps[i] is param i's step count after this step's increment.",
+        "steps[i] is param i's step count after this step's increment.\n"
+        "Keyword-only extensions (CPU and CUDA, same semantics):\n"
+        "  master_params: float32 master weights of bfloat16/float16 params (float32 states): the\n"
+        "    update runs on them and params get their rounding.\n"
+        "  step_tensors: one-element float32 step counts on the params' device (after the\n"
+        "    increment), instead of 'steps' (which must then be empty).\n"
+        "  lr_tensor: a one-element lr tensor (float32 on the params' device, or on the CPU) that\n"
+        "    replaces 'lr'; read in the kernel, so the step can be captured in a CUDA graph.\n"
+        "  grad_scale, found_inf: GradScaler's one-element float32 tensors, as torch's fused AdamW\n"
+        "    takes them: grads are divided by grad_scale in place (the unscaled grads are stored\n"
+        "    back); nothing changes when found_inf is nonzero (step counts are the caller's).",
         py::arg("params"), py::arg("grads"), py::arg("exp_avgs"), py::arg("exp_avg_sqs"),
         py::arg("max_exp_avg_sqs"), py::arg("steps"), py::arg("lr"), py::arg("beta1"),
         py::arg("beta2"), py::arg("eps"), py::arg("weight_decay"), py::arg("amsgrad"),
-        py::arg("maximize"));
+        py::arg("maximize"), py::kw_only(), py::arg("master_params") = py::list(),
+        py::arg("step_tensors") = py::list(), py::arg("lr_tensor") = py::none(),
+        py::arg("grad_scale") = py::none(), py::arg("found_inf") = py::none());
 }

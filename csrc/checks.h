@@ -7,8 +7,14 @@
 #include <c10/util/Exception.h>
 
 #include <cmath>
+#include <cstdint>
 #include <limits>
+#include <optional>
 #include <string>
+
+#ifdef FUSEDLM_WITH_CUDA
+#include <cuda_runtime_api.h>
+#endif
 
 namespace fusedlm {
 
@@ -86,5 +92,49 @@ inline void check_fits_strides(const at::Tensor& t, const char* name) {
     reach += step * stride;
   }
 }
+
+// A size the kernel indexes with a 32-bit int (e.g. a row length of the CUDA norm kernels).
+inline void check_fits_int32(int64_t value, const char* name, const char* what) {
+  FUSEDLM_CHECK_VALUE(value <= std::numeric_limits<int32_t>::max(), "argument '", name, "' has ",
+                      what, " ", value, ", over the kernel's limit of ",
+                      std::numeric_limits<int32_t>::max());
+}
+
+// An optional one-element tensor argument (a device scalar such as a learning rate or
+// GradScaler's grad_scale / found_inf): defined, one element, dense, on `device` (or, when
+// allow_cpu, on the CPU), float32 when require_float32 (else any floating dtype).
+inline void check_scalar_tensor(const std::optional<at::Tensor>& t, const char* name,
+                                const at::Device& device, bool allow_cpu, bool require_float32) {
+  if (!t.has_value()) return;
+  check_defined(*t, name);
+  FUSEDLM_CHECK_VALUE(t->numel() == 1, "argument '", name,
+                      "' must be a one-element tensor, got shape ", t->sizes());
+  FUSEDLM_CHECK_VALUE(t->layout() == at::kStrided, "argument '", name, "' must be dense");
+  FUSEDLM_CHECK_VALUE(t->device() == device || (allow_cpu && t->device().is_cpu()), "argument '",
+                      name, "' is on ", t->device(), " but must be on ", device,
+                      allow_cpu ? " (or the CPU)" : "");
+  if (require_float32) {
+    FUSEDLM_CHECK_TYPE(t->scalar_type() == at::kFloat, "argument '", name,
+                       "' must be float32, got ", t->scalar_type());
+  } else {
+    check_floating(*t, name);
+  }
+}
+
+// The CUDA AdamW kernel indexes a tensor's 64K-element chunks with a 32-bit int.
+// t is list[index] of the argument `list`.
+inline void check_fits_chunked_index(const at::Tensor& t, const char* list, size_t index) {
+  constexpr int64_t kMaxNumel = int64_t{std::numeric_limits<int32_t>::max()} * 65536;
+  FUSEDLM_CHECK_VALUE(t.numel() <= kMaxNumel, "argument '", list, "[", index,
+                      "]' has too many elements (", t.numel(), ") for the CUDA kernel's chunk index");
+}
+
+#ifdef FUSEDLM_WITH_CUDA
+// Raises (RuntimeError) with the op's name when a CUDA launcher reports an error.
+inline void check_cuda_status(cudaError_t status, const char* op) {
+  TORCH_CHECK(status == cudaSuccess, "fusedlm: ", op, ": CUDA error ", cudaGetErrorName(status),
+              ": ", cudaGetErrorString(status));
+}
+#endif
 
 }  // namespace fusedlm

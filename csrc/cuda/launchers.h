@@ -1,0 +1,110 @@
+// The raw-pointer launchers of the CUDA kernels in csrc/cuda: the whole interface between the
+// torch-facing binding layer (csrc/bindings.cpp) and the kernels. Torch-free: only the CUDA
+// runtime API, so the kernels compile without torch (the fusedlm_cuda_kernels CMake target).
+//
+// Conventions: every launcher runs on the stream it is given (the caller's current stream),
+// checks the error of every launch it makes and returns the first one (cudaSuccess otherwise);
+// it never synchronizes. Tensors are passed as contiguous device pointers; shapes are in the
+// comments, as everywhere in csrc/. Validation (devices, dtypes, shapes, contiguity) is the
+// caller's: see csrc/checks.h and csrc/bindings.cpp.
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <cstddef>
+#include <cstdint>
+
+namespace fusedlm::cuda {
+
+// Element types the kernels accept.
+enum class DType : int8_t { kFloat64, kFloat32, kFloat16, kBFloat16 };
+
+// ---- LayerNorm / RMSNorm (norm.cu) ------------------------------------------------------------
+//
+// x dtype float64/float32/float16/bfloat16; "param" dtype (of weight and bias) is x's dtype or,
+// for float16/bfloat16 x, float32. float64 x needs float64 params. Statistics (mean, rstd) and
+// all accumulation are float32 (float64 for float64 x): the "acc" dtype.
+
+struct NormFwdArgs {
+  const void* x;       // (M, N) x dtype
+  const void* weight;  // (N) param dtype, or nullptr
+  const void* bias;    // (N) param dtype, or nullptr (always nullptr for RMSNorm)
+  void* y;             // (M, N) x dtype
+  void* mean;          // (M) acc dtype; nullptr for RMSNorm
+  void* rstd;          // (M) acc dtype
+  int64_t M;
+  int64_t N;           // >= 1
+  double eps;
+  DType x_dtype;
+  DType param_dtype;   // x_dtype when there is neither weight nor bias
+  bool rms;            // RMSNorm (no mean, no bias) instead of LayerNorm
+};
+
+// y = (x - mean) * rstd * weight + bias per row (RMSNorm: x * rstd * weight), with
+// rstd = 1 / sqrt(var + eps) (RMSNorm: 1 / sqrt(mean(x^2) + eps)).
+cudaError_t norm_fwd(const NormFwdArgs& args, cudaStream_t stream);
+
+// Allocates `bytes` of device memory that stays valid for the kernels the launcher enqueues on
+// its stream (a caching-allocator block freed after the launch is fine); nullptr on failure.
+using WorkspaceAlloc = void* (*)(size_t bytes, void* context);
+
+struct NormBwdArgs {
+  const void* grad_y;  // (M, N) x dtype
+  const void* x;       // (M, N) x dtype
+  const void* mean;    // (M) acc dtype; nullptr for RMSNorm
+  const void* rstd;    // (M) acc dtype
+  const void* weight;  // (N) param dtype, or nullptr
+  void* dx;            // (M, N) x dtype
+  void* dweight;       // (N) param dtype, or nullptr when not wanted (must be nullptr without weight)
+  void* dbias;         // (N) param dtype with a weight, acc dtype without; or nullptr when not wanted
+  int64_t M;
+  int64_t N;           // >= 1
+  DType x_dtype;
+  DType param_dtype;   // x_dtype when there is no weight
+  bool rms;
+  // Scratch for the per-block partial sums of dweight / dbias, requested at most once per call.
+  WorkspaceAlloc alloc;
+  void* alloc_context;
+};
+
+// dx, and dweight = sum over rows of grad_y * xhat, dbias = sum over rows of grad_y, reduced in
+// two deterministic stages (per-block partial sums into the workspace, then a final pass).
+cudaError_t norm_bwd(const NormBwdArgs& args, cudaStream_t stream);
+
+// ---- AdamW (adamw.cu) -------------------------------------------------------------------------
+
+// One parameter of a multi-tensor AdamW step; every pointer addresses `numel` contiguous elements.
+struct AdamWTensor {
+  void* param;            // (numel) param dtype
+  void* grad;             // (numel) param dtype; overwritten with the unscaled grad when grad_scale
+  void* exp_avg;          // (numel) state dtype
+  void* exp_avg_sq;       // (numel) state dtype
+  void* max_exp_avg_sq;   // (numel) state dtype when amsgrad, else nullptr
+  float* master;          // (numel) float32 master weights, or nullptr (then every tensor has none)
+  int64_t numel;
+  double step;            // the step count after this step's increment, when step_ptr is nullptr
+  const float* step_ptr;  // () float32 device step count (after the increment), or nullptr
+};
+
+struct AdamWHyper {
+  double lr;
+  const float* lr_ptr;      // () float32 device learning rate that replaces lr, or nullptr
+  double beta1;
+  double beta2;
+  double eps;
+  double weight_decay;
+  bool amsgrad;
+  bool maximize;
+  const float* grad_scale;  // () float32 device: grads are divided by it (and stored back), or nullptr
+  const float* found_inf;   // () float32 device: when nonzero the step changes nothing, or nullptr
+};
+
+// One AdamW step (torch.optim.AdamW's arithmetic) over `count` tensors that share param_dtype and
+// state_dtype (the param's dtype or float32) and either all have master weights or none (master
+// weights: 16-bit params with float32 states; the update runs on the master copy and the param
+// gets its rounding). Each tensor's step count is *step_ptr when set, else step. Computed in
+// float32 (float64 for float64 params), in a handful of launches of one multi-tensor kernel.
+cudaError_t adamw_step(DType param_dtype, DType state_dtype, const AdamWTensor* tensors,
+                       int64_t count, const AdamWHyper& hyper, cudaStream_t stream);
+
+}  // namespace fusedlm::cuda
