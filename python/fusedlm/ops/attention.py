@@ -35,6 +35,28 @@ register_extension_kernels(ATTENTION_FWD, "attention_fwd")
 register_extension_kernels(ATTENTION_BWD, "attention_bwd")
 
 
+def _triton_supports(q: Tensor, k: Tensor, v: Tensor) -> str | None:
+    if q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        return f"the Triton kernels take float32, float16 or bfloat16, not {q.dtype}"
+    if q.shape[-1] > MAX_HEAD_DIM:
+        return f"head dim {q.shape[-1]} is over the Triton kernels' maximum of {MAX_HEAD_DIM}"
+    return None
+
+
+@ATTENTION_FWD.register("triton", supports=_triton_supports)
+def _triton_attention_fwd(*args):
+    from ..triton import attention as kernels  # imports triton: only on first use
+
+    return kernels.attention_fwd(*args)
+
+
+@ATTENTION_BWD.register("triton", supports=_triton_supports)
+def _triton_attention_bwd(*args):
+    from ..triton import attention as kernels
+
+    return kernels.attention_bwd(*args)
+
+
 def _attention_fwd(q, k, v, scale, causal, causal_offset, backend):
     impl = ATTENTION_FWD.select(backend, q.device, q, k, v)
     return impl(q, k, v, scale, causal, causal_offset)

@@ -1,0 +1,719 @@
+"""Flash attention in Triton (FlashAttention-2): forward (output and logsumexp) and backward
+(dq, dk, dv by recomputation), the ``"triton"`` backend of ``fusedlm.attention``.
+
+Semantics are those of ``fusedlm.reference.attention_fwd/attention_bwd``: q (B, Hq, Tq, D),
+k/v (B, Hkv, Tk, D) with Hq % Hkv == 0 (query head h reads kv head h // (Hq // Hkv)), any
+strides (every stride goes to the kernels; nothing is copied), key j visible to query i iff not
+causal or j <= i + causal_offset; rows that see no key give out 0, lse -inf and zero gradients.
+D is 1..256 (padded to a power of two >= 16 in registers, masked in memory); float32, float16
+and bfloat16. lse is float32, natural log.
+
+Numerics: scores are kept in float32 and pre-multiplied by scale * log2(e) so the softmax uses
+exp2 (FlashAttention-2's trick); accumulators are float32; p and ds are rounded to the input
+dtype for the tensor-core dots, as FlashAttention does; float32 inputs use IEEE dots.
+
+Launch configs: on a GPU, 16-bit inputs with sequences of at least ``AUTOTUNE_MIN_SEQLEN`` are
+autotuned (``triton.autotune`` over ``HOPPER_CONFIGS``, keyed on the padded head dim, causal,
+a power-of-two sequence-length bucket and the dtypes; configs over the device's shared memory
+are pruned); shorter sequences, float32 and ``FUSEDLM_TRITON_AUTOTUNE=0`` use a fixed config
+that fits. Under ``TRITON_INTERPRET=1`` (tests without a GPU) one small config per kernel
+(``INTERPRETER_CONFIGS``). All paths launch the same ``@triton.jit`` kernels.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from .. import reference
+from ..backends import triton_interpreted
+from .norm import patch_interpreter_index
+
+LOG2E = 1.4426950408889634
+_LOG2E = tl.constexpr(LOG2E)
+_LN2 = tl.constexpr(0.6931471805599453)
+
+MAX_HEAD_DIM = 256
+AUTOTUNE_MIN_SEQLEN = 512  # shorter sequences: a fixed config (tuning them is not worth it)
+_SEQ_BUCKET_MAX = 16384
+
+
+# ---- kernels --------------------------------------------------------------------------------
+
+
+@triton.jit
+def _load_tile(ptrs, rows, n_rows, offs_d, head_dim, MASK_ROWS: tl.constexpr, EVEN_D: tl.constexpr):
+    """A (rows, BLOCK_D) tile; out-of-range rows (MASK_ROWS) and padded columns read 0."""
+    if MASK_ROWS:
+        if EVEN_D:
+            tile = tl.load(ptrs, mask=rows[:, None] < n_rows, other=0.0)
+        else:
+            mask = (rows[:, None] < n_rows) & (offs_d[None, :] < head_dim)
+            tile = tl.load(ptrs, mask=mask, other=0.0)
+    else:
+        if EVEN_D:
+            tile = tl.load(ptrs)
+        else:
+            tile = tl.load(ptrs, mask=offs_d[None, :] < head_dim, other=0.0)
+    return tile
+
+
+@triton.jit
+def _kv_range(start_m, seqlen_k, causal_offset, CAUSAL: tl.constexpr,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """For the query rows [start_m, start_m + BLOCK_M): keys [0, full_end) are visible to every
+    row and lie in whole blocks (no mask needed); keys [full_end, end) need the mask (causal
+    diagonal, ragged end of the sequence); keys from `end` on are visible to none (skipped)."""
+    if CAUSAL:
+        end = tl.minimum(seqlen_k, tl.maximum(start_m + BLOCK_M + causal_offset, 0))
+        full_end = tl.minimum(seqlen_k, tl.maximum(start_m + causal_offset + 1, 0))
+    else:
+        end = seqlen_k
+        full_end = seqlen_k
+    full_end = (full_end // BLOCK_N) * BLOCK_N
+    return full_end, end
+
+
+@triton.jit
+def _attention_fwd_block(
+    acc, m_i, l_i, q, K_head, V_head, start_n, offs_m, offs_n, offs_d,
+    stride_kn, stride_kd, stride_vn, stride_vd, seqlen_k, head_dim, causal_offset, qk_scale,
+    MASKED: tl.constexpr, CAUSAL: tl.constexpr, EVEN_D: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """One key block of the online softmax; m_i is the running max in the log2 domain."""
+    cols = start_n + offs_n
+    k = _load_tile(K_head + cols[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+                   cols, seqlen_k, offs_d, head_dim, MASKED, EVEN_D)
+    v = _load_tile(V_head + cols[:, None] * stride_vn + offs_d[None, :] * stride_vd,
+                   cols, seqlen_k, offs_d, head_dim, MASKED, EVEN_D)
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+    if MASKED:
+        visible = cols[None, :] < seqlen_k
+        if CAUSAL:
+            visible = visible & (cols[None, :] <= offs_m[:, None] + causal_offset)
+        s = tl.where(visible, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    if MASKED:
+        # A row that has seen no key yet keeps m = -inf; subtract 0 instead (-inf - -inf is NaN).
+        m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
+    else:
+        m_sub = m_new
+    p = tl.exp2(s - m_sub[:, None])
+    alpha = tl.exp2(m_i - m_sub)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None]
+    acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
+    return acc, m_new, l_i
+
+
+@triton.jit
+def attention_fwd_kernel(
+    Q, K, V, Out, Lse,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_ob, stride_oh, stride_om, stride_od,
+    n_heads, group, seqlen_q, seqlen_k, head_dim, causal_offset, qk_scale,
+    seq_bucket,  # autotuning key only
+    CAUSAL: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """Out (B, Hq, Tq, D) in Q's dtype and Lse (B, Hq, Tq) float32 (contiguous) from Q
+    (B, Hq, Tq, D), K/V (B, Hkv, Tk, D). One program per BLOCK_M query rows of one head;
+    grid (cdiv(Tq, BLOCK_M) * B * Hq,). qk_scale = scale * log2(e)."""
+    num_m = tl.cdiv(seqlen_q, BLOCK_M)
+    pid = tl.program_id(0)
+    # The last query blocks see the most keys under the causal mask: run them first.
+    start_m = (num_m - 1 - pid % num_m) * BLOCK_M
+    bh = pid // num_m
+    b = bh // n_heads
+    h = bh % n_heads
+    hk = h // group
+    # int64 head offsets: B * H * T * D may pass 2**31 elements.
+    Q_head = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
+    K_head = K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
+    V_head = V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
+    O_head = Out + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
+
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    q = _load_tile(Q_head + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+                   offs_m, seqlen_q, offs_d, head_dim, True, EVEN_D)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    full_end, end = _kv_range(start_m, seqlen_k, causal_offset, CAUSAL, BLOCK_M, BLOCK_N)
+    for start_n in range(0, full_end, BLOCK_N):
+        acc, m_i, l_i = _attention_fwd_block(
+            acc, m_i, l_i, q, K_head, V_head, start_n, offs_m, offs_n, offs_d,
+            stride_kn, stride_kd, stride_vn, stride_vd, seqlen_k, head_dim, causal_offset,
+            qk_scale, False, CAUSAL, EVEN_D, DOT_PRECISION)
+    for start_n in range(full_end, end, BLOCK_N):
+        acc, m_i, l_i = _attention_fwd_block(
+            acc, m_i, l_i, q, K_head, V_head, start_n, offs_m, offs_n, offs_d,
+            stride_kn, stride_kd, stride_vn, stride_vd, seqlen_k, head_dim, causal_offset,
+            qk_scale, True, CAUSAL, EVEN_D, DOT_PRECISION)
+
+    # l_i is 0 exactly for rows that see no key (the max term alone contributes 1).
+    empty = l_i == 0.0
+    l_safe = tl.where(empty, 1.0, l_i)
+    out = acc / l_safe[:, None]
+    lse = tl.where(empty, float("-inf"), (m_i + tl.log2(l_safe)) * _LN2)
+    row_ok = offs_m < seqlen_q
+    tl.store(Lse + bh.to(tl.int64) * seqlen_q + offs_m, lse, mask=row_ok)
+    o_ptrs = O_head + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od
+    if EVEN_D:
+        o_mask = row_ok[:, None]
+    else:
+        o_mask = row_ok[:, None] & (offs_d[None, :] < head_dim)
+    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=o_mask)
+
+
+@triton.jit
+def attention_bwd_preprocess_kernel(
+    Out, DO, Delta,
+    stride_ob, stride_oh, stride_om, stride_od,
+    stride_dob, stride_doh, stride_dom, stride_dod,
+    n_heads, seqlen_q, head_dim,
+    BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    """Delta (B, Hq, Tq) float32 (contiguous) = rowsum(DO * Out), the softmax-backward term
+    sum_j P_ij dP_ij. Grid (cdiv(Tq, BLOCK_M) * B * Hq,)."""
+    num_m = tl.cdiv(seqlen_q, BLOCK_M)
+    pid = tl.program_id(0)
+    start_m = (pid % num_m) * BLOCK_M
+    bh = pid // num_m
+    b = bh // n_heads
+    h = bh % n_heads
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    o = _load_tile(Out + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
+                   + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od,
+                   offs_m, seqlen_q, offs_d, head_dim, True, EVEN_D)
+    do = _load_tile(DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
+                    + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod,
+                    offs_m, seqlen_q, offs_d, head_dim, True, EVEN_D)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(Delta + bh.to(tl.int64) * seqlen_q + offs_m, delta, mask=offs_m < seqlen_q)
+
+
+@triton.jit
+def _attention_bwd_dkdv_block(
+    dk, dv, k, v, Q_head, DO_head, Lse_row, Delta_row, start_m, offs_m, offs_n, offs_d,
+    stride_qm, stride_qd, stride_dom, stride_dod, seqlen_q, head_dim, causal_offset, qk_scale,
+    MASKED: tl.constexpr, CAUSAL: tl.constexpr, EVEN_D: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """One query block's contribution to dk (unscaled) and dv of a key block, transposed
+    (keys along rows) so no accumulator needs a transpose."""
+    rows = start_m + offs_m
+    q = _load_tile(Q_head + rows[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+                   rows, seqlen_q, offs_d, head_dim, MASKED, EVEN_D)
+    do = _load_tile(DO_head + rows[:, None] * stride_dom + offs_d[None, :] * stride_dod,
+                    rows, seqlen_q, offs_d, head_dim, MASKED, EVEN_D)
+    if MASKED:
+        # Rows past the end: lse = +inf gives p = 0.
+        lse = tl.load(Lse_row + rows, mask=rows < seqlen_q, other=float("inf"))
+        delta = tl.load(Delta_row + rows, mask=rows < seqlen_q, other=0.0)
+    else:
+        lse = tl.load(Lse_row + rows)
+        delta = tl.load(Delta_row + rows)
+    s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)  # (BLOCK_N, BLOCK_M)
+    p_t = tl.exp2(s_t * qk_scale - lse[None, :] * _LOG2E)
+    if MASKED:
+        # Also zeroes rows with lse = -inf (they see no key, so only masked blocks have them).
+        visible = rows[None, :] < seqlen_q
+        if CAUSAL:
+            visible = visible & (offs_n[:, None] <= rows[None, :] + causal_offset)
+        p_t = tl.where(visible, p_t, 0.0)
+    dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
+    dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+    ds_t = p_t * (dp_t - delta[None, :])
+    dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=DOT_PRECISION)
+    return dk, dv
+
+
+@triton.jit
+def attention_bwd_dkdv_kernel(
+    Q, K, V, DO, Lse, Delta, DK, DV,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_dob, stride_doh, stride_dom, stride_dod,
+    stride_dkb, stride_dkh, stride_dkn, stride_dkd,
+    stride_dvb, stride_dvh, stride_dvn, stride_dvd,
+    n_kv_heads, group, seqlen_q, seqlen_k, head_dim, causal_offset, sm_scale, qk_scale,
+    seq_bucket,  # autotuning key only
+    CAUSAL: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """DK, DV (B, Hkv, Tk, D) in K's/V's dtype from Q, DO (B, Hq, Tq, D), K, V, Lse and Delta
+    (B, Hq, Tq) float32 contiguous. One program per BLOCK_N keys of one kv head; it loops over
+    the Hq / Hkv query heads of its group and their query blocks, so the GQA sum happens in
+    registers (deterministic, no atomics). Grid (cdiv(Tk, BLOCK_N) * B * Hkv,)."""
+    num_n = tl.cdiv(seqlen_k, BLOCK_N)
+    pid = tl.program_id(0)
+    start_n = (pid % num_n) * BLOCK_N  # causal: the first key blocks are the busiest, run first
+    bh = pid // num_n
+    b = bh // n_kv_heads
+    hk = bh % n_kv_heads
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    k = _load_tile(K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
+                   + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+                   offs_n, seqlen_k, offs_d, head_dim, True, EVEN_D)
+    v = _load_tile(V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
+                   + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
+                   offs_n, seqlen_k, offs_d, head_dim, True, EVEN_D)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+
+    # Query blocks: [full, even_end) see all these keys and are whole: no mask. The rest need
+    # the mask: [lo, diag_end) straddle the causal diagonal, [tail, end) is the ragged last
+    # block; one masked loop walks both (a third loop costs registers: ptxas spills).
+    # Keys past Tk need no mask here: their k, v read 0 and their dk, dv rows are not stored.
+    end = tl.cdiv(seqlen_q, BLOCK_M) * BLOCK_M
+    even_end = (seqlen_q // BLOCK_M) * BLOCK_M
+    if CAUSAL:
+        lo = (tl.maximum(start_n - causal_offset, 0) // BLOCK_M) * BLOCK_M
+        full = tl.cdiv(tl.maximum(start_n + BLOCK_N - 1 - causal_offset, 0), BLOCK_M) * BLOCK_M
+    else:
+        lo = 0
+        full = 0
+    tail = tl.maximum(full, even_end)
+    n_diag = tl.maximum(tl.minimum(full, end) - lo, 0) // BLOCK_M
+    n_masked = n_diag + tl.maximum(end - tail, 0) // BLOCK_M
+
+    for g in range(group):
+        h = hk * group + g
+        bhq = b * (n_kv_heads * group) + h
+        Q_head = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
+        DO_head = DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
+        Lse_row = Lse + bhq.to(tl.int64) * seqlen_q
+        Delta_row = Delta + bhq.to(tl.int64) * seqlen_q
+        for start_m in range(full, even_end, BLOCK_M):
+            dk, dv = _attention_bwd_dkdv_block(
+                dk, dv, k, v, Q_head, DO_head, Lse_row, Delta_row, start_m, offs_m, offs_n,
+                offs_d, stride_qm, stride_qd, stride_dom, stride_dod, seqlen_q, head_dim,
+                causal_offset, qk_scale, False, CAUSAL, EVEN_D, DOT_PRECISION)
+        for i in range(0, n_masked):
+            start_m = tl.where(i < n_diag, lo + i * BLOCK_M, tail)
+            dk, dv = _attention_bwd_dkdv_block(
+                dk, dv, k, v, Q_head, DO_head, Lse_row, Delta_row, start_m, offs_m, offs_n,
+                offs_d, stride_qm, stride_qd, stride_dom, stride_dod, seqlen_q, head_dim,
+                causal_offset, qk_scale, True, CAUSAL, EVEN_D, DOT_PRECISION)
+
+    dk = dk * sm_scale
+    row_ok = offs_n < seqlen_k
+    if EVEN_D:
+        mask = row_ok[:, None]
+    else:
+        mask = row_ok[:, None] & (offs_d[None, :] < head_dim)
+    tl.store(DK + b.to(tl.int64) * stride_dkb + hk.to(tl.int64) * stride_dkh
+             + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd,
+             dk.to(DK.dtype.element_ty), mask=mask)
+    tl.store(DV + b.to(tl.int64) * stride_dvb + hk.to(tl.int64) * stride_dvh
+             + offs_n[:, None] * stride_dvn + offs_d[None, :] * stride_dvd,
+             dv.to(DV.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _attention_bwd_dq_block(
+    dq, q, do, lse2, delta, K_head, V_head, start_n, offs_m, offs_n, offs_d,
+    stride_kn, stride_kd, stride_vn, stride_vd, seqlen_k, head_dim, causal_offset, qk_scale,
+    MASKED: tl.constexpr, CAUSAL: tl.constexpr, EVEN_D: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """One key block's contribution to dq (unscaled); lse2 = lse * log2(e)."""
+    cols = start_n + offs_n
+    k = _load_tile(K_head + cols[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+                   cols, seqlen_k, offs_d, head_dim, MASKED, EVEN_D)
+    v = _load_tile(V_head + cols[:, None] * stride_vn + offs_d[None, :] * stride_vd,
+                   cols, seqlen_k, offs_d, head_dim, MASKED, EVEN_D)
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+    p = tl.exp2(s * qk_scale - lse2[:, None])
+    if MASKED:
+        visible = cols[None, :] < seqlen_k
+        if CAUSAL:
+            visible = visible & (cols[None, :] <= offs_m[:, None] + causal_offset)
+        p = tl.where(visible, p, 0.0)
+    dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+    ds = p * (dp - delta[:, None])
+    dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
+    return dq
+
+
+@triton.jit
+def attention_bwd_dq_kernel(
+    Q, K, V, DO, Lse, Delta, DQ,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_dob, stride_doh, stride_dom, stride_dod,
+    stride_dqb, stride_dqh, stride_dqm, stride_dqd,
+    n_heads, group, seqlen_q, seqlen_k, head_dim, causal_offset, sm_scale, qk_scale,
+    seq_bucket,  # autotuning key only
+    CAUSAL: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """DQ (B, Hq, Tq, D) in Q's dtype from Q, DO, K, V, Lse and Delta (B, Hq, Tq) float32
+    contiguous. One program per BLOCK_M query rows of one head, looping over key blocks.
+    Grid (cdiv(Tq, BLOCK_M) * B * Hq,)."""
+    num_m = tl.cdiv(seqlen_q, BLOCK_M)
+    pid = tl.program_id(0)
+    start_m = (num_m - 1 - pid % num_m) * BLOCK_M
+    bh = pid // num_m
+    b = bh // n_heads
+    h = bh % n_heads
+    hk = h // group
+    K_head = K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
+    V_head = V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    q = _load_tile(Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
+                   + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+                   offs_m, seqlen_q, offs_d, head_dim, True, EVEN_D)
+    do = _load_tile(DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
+                    + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod,
+                    offs_m, seqlen_q, offs_d, head_dim, True, EVEN_D)
+    row_ok = offs_m < seqlen_q
+    # Rows past the end read lse = +inf (p = 0). Rows that see no key (lse = -inf) meet only
+    # masked blocks, where p is zeroed.
+    lse = tl.load(Lse + bh.to(tl.int64) * seqlen_q + offs_m, mask=row_ok, other=float("inf"))
+    lse2 = lse * _LOG2E
+    delta = tl.load(Delta + bh.to(tl.int64) * seqlen_q + offs_m, mask=row_ok, other=0.0)
+
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    full_end, end = _kv_range(start_m, seqlen_k, causal_offset, CAUSAL, BLOCK_M, BLOCK_N)
+    for start_n in range(0, full_end, BLOCK_N):
+        dq = _attention_bwd_dq_block(
+            dq, q, do, lse2, delta, K_head, V_head, start_n, offs_m, offs_n, offs_d,
+            stride_kn, stride_kd, stride_vn, stride_vd, seqlen_k, head_dim, causal_offset,
+            qk_scale, False, CAUSAL, EVEN_D, DOT_PRECISION)
+    for start_n in range(full_end, end, BLOCK_N):
+        dq = _attention_bwd_dq_block(
+            dq, q, do, lse2, delta, K_head, V_head, start_n, offs_m, offs_n, offs_d,
+            stride_kn, stride_kd, stride_vn, stride_vd, seqlen_k, head_dim, causal_offset,
+            qk_scale, True, CAUSAL, EVEN_D, DOT_PRECISION)
+
+    dq = dq * sm_scale
+    if EVEN_D:
+        mask = row_ok[:, None]
+    else:
+        mask = row_ok[:, None] & (offs_d[None, :] < head_dim)
+    tl.store(DQ + b.to(tl.int64) * stride_dqb + h.to(tl.int64) * stride_dqh
+             + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd,
+             dq.to(DQ.dtype.element_ty), mask=mask)
+
+
+# ---- launch configs -------------------------------------------------------------------------
+
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel and BLOCK_D (16 and 32 use the 64 list);
+# BLOCK_M tiles queries and BLOCK_N keys in every kernel (the dk/dv kernel's program owns
+# BLOCK_N keys and walks the queries). Picked from sm_90a builds by ptxas -v: configs that
+# spill registers (beyond a few bytes) are left out. The first of each list is the untuned one.
+HOPPER_CONFIGS = {
+    "fwd": {
+        64: [(64, 64, 4, 3), (128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3),
+             (128, 128, 8, 2), (64, 128, 4, 3)],
+        128: [(64, 64, 4, 3), (64, 64, 4, 2), (128, 64, 8, 3), (128, 64, 8, 4),
+              (128, 128, 8, 2), (128, 32, 8, 3)],
+        256: [(64, 32, 4, 2), (64, 32, 4, 3), (64, 32, 8, 3), (64, 64, 8, 2), (128, 32, 8, 2),
+              (128, 64, 8, 2)],
+    },
+    "bwd_dkdv": {
+        64: [(32, 64, 4, 2), (32, 64, 4, 3), (32, 128, 8, 2), (32, 128, 8, 3), (16, 128, 8, 2),
+             (64, 64, 8, 2)],
+        128: [(32, 64, 8, 2), (32, 32, 4, 2), (32, 64, 8, 3), (32, 128, 8, 2), (16, 128, 8, 2),
+              (16, 128, 8, 3)],
+        256: [(16, 32, 8, 2), (32, 32, 8, 2), (16, 16, 4, 2), (16, 64, 8, 2)],
+    },
+    "bwd_dq": {
+        64: [(64, 32, 4, 2), (64, 32, 4, 3), (64, 64, 4, 3), (128, 32, 4, 3), (128, 32, 8, 3),
+             (128, 64, 8, 3)],
+        128: [(64, 32, 4, 2), (64, 32, 4, 3), (64, 64, 4, 3), (128, 32, 8, 2), (128, 32, 8, 3),
+              (128, 64, 8, 2)],
+        256: [(64, 32, 8, 2), (64, 16, 8, 2), (64, 32, 8, 3), (128, 16, 8, 2), (128, 32, 8, 2)],
+    },
+}
+# float32 (IEEE dots on the FMA units: correct, not fast; untuned): one config each, small
+# tiles, as the FMA dot holds operand rows in registers (larger ones spill in sm_90a builds).
+FLOAT32_CONFIGS = {
+    "fwd": {64: (32, 32, 4, 2), 128: (16, 16, 4, 2), 256: (16, 32, 8, 2)},
+    "bwd_dkdv": {64: (16, 32, 4, 2), 128: (16, 16, 4, 2), 256: (16, 16, 8, 2)},
+    "bwd_dq": {64: (32, 32, 4, 2), 128: (16, 32, 4, 2), 256: (16, 32, 8, 2)},
+}
+_SMALLEST = (16, 16, 4, 1)  # when nothing else fits the device's shared memory
+# Under the interpreter: the cost is per tile op, not per element, so tiles as large as the
+# test sequences allow (they still get several, ragged, blocks), with BLOCK_M != BLOCK_N so the
+# causal block arithmetic runs off the square case. tests/triton varies them.
+INTERPRETER_CONFIGS = {
+    "fwd": {"BLOCK_M": 64, "BLOCK_N": 32},
+    "bwd_dkdv": {"BLOCK_M": 32, "BLOCK_N": 64},
+    "bwd_dq": {"BLOCK_M": 64, "BLOCK_N": 32},
+    "bwd_preprocess": {"BLOCK_M": 64},
+}
+_PREPROCESS_BLOCK_M = 64
+
+
+def _shared_bytes(kernel: str, cfg: tuple, block_d: int, elem: int) -> int:
+    """Shared memory a config needs: the tiles loaded once plus `num_stages` buffers of the
+    tiles the loop streams (matches the sm_90a builds' metadata within 1 KiB)."""
+    block_m, block_n, _, stages = cfg
+    if kernel == "fwd":  # q once; k, v streamed
+        tiles = block_m * block_d + stages * 2 * block_n * block_d
+    elif kernel == "bwd_dkdv":  # k, v once; q, do streamed
+        tiles = 2 * block_n * block_d + stages * 2 * block_m * block_d
+    else:  # dq: q, do once; k, v streamed
+        tiles = 2 * block_m * block_d + stages * 2 * block_n * block_d
+    return tiles * elem + 1024
+
+
+def _fits(kernel: str, cfg: tuple, block_d: int, elem: int, max_shared: int) -> bool:
+    return _shared_bytes(kernel, cfg, block_d, elem) <= max_shared
+
+
+@functools.cache
+def _max_shared_memory(device_index: int) -> int:
+    props = triton.runtime.driver.active.utils.get_device_properties(device_index)
+    return int(props["max_shared_mem"])
+
+
+def _config_kwargs(cfg: tuple) -> dict:
+    block_m, block_n, warps, stages = cfg
+    return {"BLOCK_M": block_m, "BLOCK_N": block_n, "num_warps": warps, "num_stages": stages}
+
+
+def _fixed_config(kernel: str, block_d: int, dtype: torch.dtype, max_shared: int) -> dict:
+    """The untuned config: the first of the list that fits the device."""
+    size = max(block_d, 64)
+    if dtype == torch.float32:
+        candidates = [FLOAT32_CONFIGS[kernel][size]]
+    else:
+        candidates = HOPPER_CONFIGS[kernel][size]
+    elem = torch.empty((), dtype=dtype).element_size()
+    for cfg in candidates:
+        if _fits(kernel, cfg, block_d, elem, max_shared):
+            return _config_kwargs(cfg)
+    return _config_kwargs(_SMALLEST)
+
+
+def _prune_configs(kernel: str):
+    """early_config_prune for triton.autotune: drop configs over the device's shared memory."""
+
+    def prune(configs, named_args, **kwargs):
+        q = named_args["Q"]
+        block_d = kwargs["BLOCK_D"] if "BLOCK_D" in kwargs else named_args["BLOCK_D"]
+        max_shared = _max_shared_memory(q.device.index)
+        kept = [
+            c for c in configs
+            if _fits(kernel, (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages),
+                     block_d, q.element_size(), max_shared)
+        ]
+        if kept:
+            return kept
+        block_m, block_n, warps, stages = _SMALLEST
+        meta = {"BLOCK_M": block_m, "BLOCK_N": block_n}
+        return [triton.Config(meta, num_warps=warps, num_stages=stages)]
+
+    return prune
+
+
+_KERNELS = {
+    "fwd": attention_fwd_kernel,
+    "bwd_dkdv": attention_bwd_dkdv_kernel,
+    "bwd_dq": attention_bwd_dq_kernel,
+}
+
+
+@functools.cache
+def _autotuned(kernel: str, size: int):
+    """``triton.autotune`` over HOPPER_CONFIGS[kernel][size], built on first use (GPU only)."""
+    configs = [
+        triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
+        for m, n, w, s in HOPPER_CONFIGS[kernel][size]
+    ]
+    return triton.autotune(
+        configs=configs,
+        key=["BLOCK_D", "CAUSAL", "seq_bucket"],  # the autotuner adds the tensors' dtypes
+        prune_configs_by={"early_config_prune": _prune_configs(kernel)},
+        cache_results=True,  # timings kept in Triton's disk cache: later processes skip them
+    )(_KERNELS[kernel])
+
+
+def _autotune_enabled() -> bool:
+    value = os.environ.get("FUSEDLM_TRITON_AUTOTUNE", "1").strip().lower()
+    return value not in ("0", "false", "no", "off")
+
+
+def _seq_bucket(seqlen_q: int, seqlen_k: int) -> int:
+    """Autotuning key: the longer length's power of two, capped (longer ones tune alike)."""
+    return min(triton.next_power_of_2(max(seqlen_q, seqlen_k, 1)), _SEQ_BUCKET_MAX)
+
+
+def _interpreter_ready(fn) -> None:
+    """Triton decides at decoration time whether a kernel is interpreted: this module must
+    first be imported with TRITON_INTERPRET=1 already set."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    if not isinstance(fn, InterpretedFunction):
+        raise RuntimeError(
+            "fusedlm.triton.attention was imported before TRITON_INTERPRET=1 was set, so its "
+            "kernels are compiled for a GPU; set TRITON_INTERPRET=1 before the first Triton call"
+        )
+    patch_interpreter_index()  # numpy >= 2.4 vs triton 3.6's interpreter (see norm.py)
+
+
+def _launch(
+    kernel: str, grid_size, args: tuple, constexprs: dict, q: Tensor, seq_bucket: int
+) -> None:
+    """Run `kernel` on `grid_size(BLOCK_M, BLOCK_N)` programs with the config the situation
+    calls for: the interpreter's, autotuned (16-bit inputs, long sequences) or fixed."""
+    fn = _KERNELS[kernel]
+    if triton_interpreted():
+        _interpreter_ready(fn)
+        cfg = INTERPRETER_CONFIGS[kernel]
+        fn[(grid_size(cfg["BLOCK_M"], cfg["BLOCK_N"]),)](*args, **constexprs, **cfg)
+        return
+    block_d = constexprs["BLOCK_D"]
+    with torch.cuda.device(q.device):
+        if q.dtype != torch.float32 and seq_bucket >= AUTOTUNE_MIN_SEQLEN and _autotune_enabled():
+            tuned = _autotuned(kernel, max(block_d, 64))
+            tuned[lambda meta: (grid_size(meta["BLOCK_M"], meta["BLOCK_N"]),)](*args, **constexprs)
+        else:
+            cfg = _fixed_config(kernel, block_d, q.dtype, _max_shared_memory(q.device.index))
+            try:
+                fn[(grid_size(cfg["BLOCK_M"], cfg["BLOCK_N"]),)](*args, **constexprs, **cfg)
+            except triton.runtime.errors.OutOfResources:
+                # The estimate let through a config the device cannot hold (raised when the
+                # kernel loads, before it runs): the smallest one.
+                cfg = _config_kwargs(_SMALLEST)
+                fn[(grid_size(cfg["BLOCK_M"], cfg["BLOCK_N"]),)](*args, **constexprs, **cfg)
+
+
+def _block_d(head_dim: int) -> int:
+    return max(16, triton.next_power_of_2(head_dim))
+
+
+def _common_constexprs(q: Tensor, causal: bool) -> dict:
+    head_dim = q.shape[3]
+    block_d = _block_d(head_dim)
+    return {
+        "CAUSAL": bool(causal),
+        "BLOCK_D": block_d,
+        "EVEN_D": block_d == head_dim,
+        # float32: TF32 (and even 3xTF32, ~10x float32's rounding per product) would lose to
+        # torch's float32 matmul on large logits; IEEE it is. 16-bit dots ignore the setting.
+        "DOT_PRECISION": "ieee" if q.dtype == torch.float32 else "tf32",
+    }
+
+
+def _check(q: Tensor, k: Tensor, v: Tensor) -> None:
+    if q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise TypeError(f"fusedlm.triton.attention: float32/float16/bfloat16 only, got {q.dtype}")
+    if q.shape[3] > MAX_HEAD_DIM:
+        raise ValueError(f"fusedlm.triton.attention: head dim {q.shape[3]} > {MAX_HEAD_DIM}")
+    if k.shape[1] == 0 or q.shape[1] % k.shape[1] != 0:
+        raise ValueError(
+            f"fusedlm.triton.attention: Hq = {q.shape[1]} is not a multiple of Hkv = {k.shape[1]}"
+        )
+
+
+# ---- entry points ---------------------------------------------------------------------------
+
+
+def attention_fwd(
+    q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool, causal_offset: int
+) -> tuple[Tensor, Tensor]:
+    """q (B, Hq, Tq, D), k/v (B, Hkv, Tk, D), any strides. Returns out (B, Hq, Tq, D)
+    contiguous in q's dtype and lse (B, Hq, Tq) float32 (natural log; -inf for rows that see
+    no key, whose out is 0)."""
+    if q.numel() == 0 or k.numel() == 0:  # nothing to launch; the reference's empty results
+        return reference.attention_fwd(q, k, v, scale, causal, causal_offset)
+    _check(q, k, v)
+    B, Hq, Tq, D = q.shape
+    Hkv, Tk = k.shape[1], k.shape[2]
+    out = torch.empty((B, Hq, Tq, D), dtype=q.dtype, device=q.device)
+    lse = torch.empty((B, Hq, Tq), dtype=torch.float32, device=q.device)
+    constexprs = _common_constexprs(q, causal)
+    args = (
+        q, k, v, out, lse, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+        Hq, Hq // Hkv, Tq, Tk, D, int(causal_offset), float(scale) * LOG2E, _seq_bucket(Tq, Tk),
+    )
+    grid_size = lambda bm, bn: triton.cdiv(Tq, bm) * B * Hq  # noqa: E731
+    _launch("fwd", grid_size, args, constexprs, q, _seq_bucket(Tq, Tk))
+    return out, lse
+
+
+def attention_bwd(
+    grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+    scale: float, causal: bool, causal_offset: int,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients of attention_fwd's out: dq, dk, dv (contiguous) in the shapes and dtypes of
+    q, k, v; dk, dv summed over the query heads sharing a kv head. lse is attention_fwd's."""
+    if q.numel() == 0 or k.numel() == 0:
+        return reference.attention_bwd(grad_out, q, k, v, out, lse, scale, causal, causal_offset)
+    _check(q, k, v)
+    B, Hq, Tq, D = q.shape
+    Hkv, Tk = k.shape[1], k.shape[2]
+    group = Hq // Hkv
+    lse = lse.to(torch.float32).contiguous()  # ours already is: no copy
+    delta = torch.empty((B, Hq, Tq), dtype=torch.float32, device=q.device)
+    dq = torch.empty((B, Hq, Tq, D), dtype=q.dtype, device=q.device)
+    dk = torch.empty((B, Hkv, Tk, D), dtype=k.dtype, device=q.device)
+    dv = torch.empty((B, Hkv, Tk, D), dtype=v.dtype, device=q.device)
+    constexprs = _common_constexprs(q, causal)
+    block_d, even_d = constexprs["BLOCK_D"], constexprs["EVEN_D"]
+    bucket = _seq_bucket(Tq, Tk)
+    qk_scale = float(scale) * LOG2E
+
+    pre_args = (out, grad_out, delta, *out.stride(), *grad_out.stride(), Hq, Tq, D)
+    if triton_interpreted():
+        _interpreter_ready(attention_bwd_preprocess_kernel)
+        block_m = INTERPRETER_CONFIGS["bwd_preprocess"]["BLOCK_M"]
+        attention_bwd_preprocess_kernel[(triton.cdiv(Tq, block_m) * B * Hq,)](
+            *pre_args, BLOCK_D=block_d, EVEN_D=even_d, BLOCK_M=block_m
+        )
+    else:
+        block_m = _PREPROCESS_BLOCK_M
+        with torch.cuda.device(q.device):
+            attention_bwd_preprocess_kernel[(triton.cdiv(Tq, block_m) * B * Hq,)](
+                *pre_args, BLOCK_D=block_d, EVEN_D=even_d, BLOCK_M=block_m,
+                num_warps=4 if block_d <= 64 else 8,
+            )
+
+    dkdv_args = (
+        q, k, v, grad_out, lse, delta, dk, dv,
+        *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dk.stride(), *dv.stride(),
+        Hkv, group, Tq, Tk, D, int(causal_offset), float(scale), qk_scale, bucket,
+    )
+    grid_size = lambda bm, bn: triton.cdiv(Tk, bn) * B * Hkv  # noqa: E731
+    _launch("bwd_dkdv", grid_size, dkdv_args, constexprs, q, bucket)
+    dq_args = (
+        q, k, v, grad_out, lse, delta, dq,
+        *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dq.stride(),
+        Hq, group, Tq, Tk, D, int(causal_offset), float(scale), qk_scale, bucket,
+    )
+    grid_size = lambda bm, bn: triton.cdiv(Tq, bm) * B * Hq  # noqa: E731
+    _launch("bwd_dq", grid_size, dq_args, constexprs, q, bucket)
+    return dq, dk, dv
+
+
+__all__ = [
+    "attention_bwd",
+    "attention_bwd_dkdv_kernel",
+    "attention_bwd_dq_kernel",
+    "attention_bwd_preprocess_kernel",
+    "attention_fwd",
+    "attention_fwd_kernel",
+]
