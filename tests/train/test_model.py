@@ -176,3 +176,16 @@ def test_initial_loss_is_near_log_vocab():
     idx, targets = torch.randint(0, config.vocab_size, (2, 4, 32))
     _, loss = model(idx, targets)
     assert abs(loss.item() - math.log(config.vocab_size)) < 0.3
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    config, model, _ = _pair("gpt2")
+    idx, targets = torch.randint(0, config.vocab_size, (2, 2, 16))
+    grads = []
+    for checkpointing in (False, True):
+        model.zero_grad()
+        model.activation_checkpointing = checkpointing
+        model(idx, targets)[1].backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
