@@ -1,0 +1,152 @@
+"""Runs every fusedlm GPU kernel once on tiny inputs, for compute-sanitizer.
+
+    compute-sanitizer --tool memcheck  python benchmarks/sanitizer_cases.py --backend cuda
+    compute-sanitizer --tool racecheck python benchmarks/sanitizer_cases.py --backend triton
+
+Each case (attention forward + backward for each dtype, causal and not, GQA, odd lengths and
+head dims; LayerNorm and RMSNorm forward + backward, with and without affine parameters, odd
+widths; the AdamW step for float32 and bfloat16 parameters, with and without amsgrad) runs
+through the public API with ``backend=<name>``, then the device is synchronized so that an
+asynchronous fault lands on its case. A case the backend does not support (it raises
+fusedlm.BackendNotSupportedError) is recorded as unsupported, not as a failure; a backend that
+is not available here (``fusedlm.backends()``) is skipped whole.
+
+Under memcheck, set PYTORCH_NO_CUDA_MEMORY_CACHING=1 (benchmarks/gpu_check does): each tensor
+is then its own allocation, so an out-of-bounds access cannot hide inside the caching
+allocator's blocks. Exit status: 1 if any case raised anything but BackendNotSupportedError.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import traceback
+
+import torch
+
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# (B, Hq, Hkv, Tq, Tk, D): square, GQA with Tq != Tk and odd sizes, a longer block-crossing one
+ATTENTION_SHAPES = ((1, 2, 2, 17, 17, 64), (2, 4, 2, 5, 33, 40), (1, 2, 1, 130, 130, 128))
+NORM_SHAPES = ((7, 127), (4, 1024), (3, 4099))
+ADAMW_SHAPES = ((127,), (33, 65), (4099,))
+
+
+def _param(n: int, dev: str, dtype: torch.dtype) -> torch.Tensor:
+    return torch.randn(n, device=dev, dtype=dtype, requires_grad=True)
+
+
+def _cases(backend: str, dev: str = "cuda"):
+    import fusedlm
+
+    for dtype in DTYPES:
+        dn = str(dtype).removeprefix("torch.")
+        for causal in (False, True):
+            for B, Hq, Hkv, Tq, Tk, D in ATTENTION_SHAPES:
+                def attention(B=B, Hq=Hq, Hkv=Hkv, Tq=Tq, Tk=Tk, D=D, dtype=dtype, causal=causal):
+                    q = torch.randn(B, Hq, Tq, D, device=dev, dtype=dtype, requires_grad=True)
+                    k = torch.randn(B, Hkv, Tk, D, device=dev, dtype=dtype, requires_grad=True)
+                    v = torch.randn(B, Hkv, Tk, D, device=dev, dtype=dtype, requires_grad=True)
+                    out = fusedlm.attention(q, k, v, causal=causal, backend=backend)
+                    out.backward(torch.randn_like(out))
+
+                yield (f"attention fwd+bwd {dn} {'causal' if causal else 'full'} "
+                       f"B={B} Hq={Hq} Hkv={Hkv} Tq={Tq} Tk={Tk} D={D}", attention)
+        for M, N in NORM_SHAPES:
+            for affine in (True, False):
+                def layer_norm(M=M, N=N, dtype=dtype, affine=affine):
+                    x = torch.randn(M, N, device=dev, dtype=dtype, requires_grad=True)
+                    w = _param(N, dev, dtype) if affine else None
+                    b = _param(N, dev, dtype) if affine else None
+                    y = fusedlm.layer_norm(x, (N,), w, b, 1e-5, backend=backend)
+                    y.backward(torch.randn_like(y))
+
+                def rms_norm(M=M, N=N, dtype=dtype, affine=affine):
+                    x = torch.randn(M, N, device=dev, dtype=dtype, requires_grad=True)
+                    w = _param(N, dev, dtype) if affine else None
+                    y = fusedlm.rms_norm(x, (N,), w, 1e-6, backend=backend)
+                    y.backward(torch.randn_like(y))
+
+                tag = "affine" if affine else "no-affine"
+                yield f"layer_norm fwd+bwd {dn} {M}x{N} {tag}", layer_norm
+                yield f"rms_norm fwd+bwd {dn} {M}x{N} {tag}", rms_norm
+    for dtype in (torch.float32, torch.bfloat16):
+        dn = str(dtype).removeprefix("torch.")
+        for amsgrad in (False, True):
+            def adamw(dtype=dtype, amsgrad=amsgrad):
+                params = [torch.nn.Parameter(torch.randn(s, device=dev, dtype=dtype))
+                          for s in ADAMW_SHAPES]
+                opt = fusedlm.optim.AdamW(params, lr=1e-3, amsgrad=amsgrad, backend=backend)
+                for _ in range(2):
+                    for p in params:
+                        p.grad = torch.randn_like(p)
+                    opt.step()
+
+            yield f"adamw 2 steps {dn}{' amsgrad' if amsgrad else ''}", adamw
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def run(backend: str, device: str = "cuda") -> dict:
+    import fusedlm
+
+    result = {"backend": backend, "device": device, "cases": [], "ok": 0, "unsupported": 0,
+              "failed": 0}
+    info = fusedlm.backends().get(backend)
+    if device == "cuda" and not torch.cuda.is_available():
+        result["status"] = "skipped: no CUDA GPU"
+        return result
+    if info is None or not info.available:
+        result["status"] = f"skipped: backend {backend!r} unavailable: " + \
+            (info.reason if info is not None else "unknown backend")
+        return result
+    torch.manual_seed(0)
+    for name, case in _cases(backend, device):
+        t0 = time.perf_counter()
+        entry = {"case": name}
+        try:
+            case()
+            _sync(device)
+            entry["status"] = "ok"
+        except fusedlm.BackendNotSupportedError as why:
+            entry["status"] = "unsupported"
+            entry["reason"] = str(why).splitlines()[0][:300]
+        except Exception as error:  # noqa: BLE001 - recorded; the run goes on
+            entry["status"] = "failed"
+            entry["reason"] = f"{type(error).__name__}: {str(error).strip()[:500]}"
+            entry["traceback"] = traceback.format_exc(limit=6)[-2000:]
+        entry["seconds"] = round(time.perf_counter() - t0, 3)
+        result["cases"].append(entry)
+        result[entry["status"]] += 1
+        print(f"[{backend}] {entry['status']:<11} {name}"
+              + (f": {entry.get('reason', '')[:160]}" if entry["status"] != "ok" else ""),
+              flush=True)
+    result["status"] = "failed" if result["failed"] else "ok"
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--backend", default="cuda,triton",
+                        help="comma-separated backends (default: cuda,triton)")
+    parser.add_argument("--json", default=None, help="write the per-case results here")
+    parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"),
+                        help="cuda (default); cpu runs the same cases on CPU tensors (a smoke "
+                             "test of this script, e.g. --backend cpu)")
+    args = parser.parse_args(argv)
+    results = [run(b.strip(), args.device) for b in args.backend.split(",") if b.strip()]
+    for r in results:
+        print(f"[{r['backend']}] {r['status']}: {r['ok']} ok, {r['unsupported']} unsupported, "
+              f"{r['failed']} failed", flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+    return 1 if any(r["failed"] for r in results) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,710 @@
+"""What is benchmarked: per op, the sizes (cases) and the providers (implementations).
+
+A :class:`Case` is one op at one size, dtype and pass, with its FLOP and byte counts and a
+function that draws one input set. A :class:`Provider` is one implementation; ``build(case,
+ctx)`` returns ``fn(inputs)`` that runs the case once on one input set (forward, forward and
+backward, or an optimizer / training step). ``torch-eager`` is every op's baseline.
+
+Providers, each only where it can run (the output says why the others did not):
+    torch-eager      eager PyTorch (attention written out: q k^T, mask, softmax in float32, p v;
+                     F.layer_norm / F.rms_norm; torch.optim.AdamW(foreach=False, fused=False);
+                     the GPT with kernels="torch" and torch.optim.AdamW's default)
+    torch-compile    torch.compile of the eager version
+    sdpa-<backend>   F.scaled_dot_product_attention under sdpa_kernel(<backend>) for each of
+                     flash, efficient, cudnn, math that runs on the device
+    torch-foreach, torch-fused   torch.optim.AdamW(foreach=True) / (fused=True)
+    liger            Liger-Kernel's LayerNorm / RMSNorm functions (when installed, GPU)
+    fusedlm-<name>   fusedlm with backend=<name> for cuda, triton, cpu (and torch, the
+                     reference, on the CPU); for the GPT, the model with kernels="fused",
+                     FUSEDLM_BACKEND=<name> and fusedlm.optim.AdamW(backend=<name>)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import math
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from . import counting
+
+BASELINE = "torch-eager"
+OPS = ("attention", "layer_norm", "rms_norm", "adamw", "gpt")
+NORM_EPS = 1e-5
+SDPA_BACKENDS = ("flash", "efficient", "cudnn", "math")
+
+
+class Unsupported(Exception):
+    """This provider cannot run this case (the row says why); not a failure."""
+
+
+@dataclass
+class Context:
+    device: torch.device
+    quick: bool
+    compile: bool = True
+    compile_note: str | None = None
+    backends: dict = field(default_factory=dict)  # fusedlm.backends()
+
+    @property
+    def cuda(self) -> bool:
+        return self.device.type == "cuda"
+
+
+@dataclass
+class Case:
+    op: str
+    variant: str  # pass, dtype and options: one plot panel, one line per provider
+    pass_: str
+    dtype: str
+    size_label: str
+    size: dict
+    x: float
+    flops: float | None
+    bytes: float | None
+    make_inputs: Callable[[], dict]
+    causal: bool | None = None
+    tokens: int | None = None  # tokens per call (gpt)
+    check_output: bool = False  # compare the output with eager's (forward cases)
+    extra: dict = field(default_factory=dict)  # not in the JSON (e.g. the GPT's config)
+
+
+@dataclass
+class Provider:
+    name: str
+    description: str
+    why_not: Callable[[Context], str | None]
+    build: Callable[[Case, Context], Callable[[dict], object]]
+    compiles: bool = False  # pays a compile on first use (skipped when the budget is short)
+    max_input_sets: int | None = None
+
+
+@dataclass
+class OpSpec:
+    name: str
+    description: str
+    metric: str  # "TFLOP/s" or "GB/s"
+    ceiling: str  # "matmul" or "bandwidth"
+    x_name: str
+    cases: Callable[[Context], list[Case]]
+    providers: list[Provider]
+    flops_formula: str
+    bytes_formula: str
+    max_input_sets: int | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _randn(*shape, ctx: Context, dtype, requires_grad=False):
+    return torch.randn(*shape, device=ctx.device, dtype=dtype).requires_grad_(requires_grad)
+
+
+# ---- shared provider helpers ----------------------------------------------------------------
+
+def _always(ctx: Context) -> str | None:
+    return None
+
+
+def _compile_why_not(ctx: Context) -> str | None:
+    if not ctx.compile:
+        return ctx.compile_note or "torch.compile left out (--compile off)"
+    return None
+
+
+_compiled: dict = {}
+
+
+def _raise_recompile_limits() -> None:
+    """A sweep recompiles per size, causal flag and grad mode: more than dynamo's default 8."""
+    for name in ("cache_size_limit", "recompile_limit", "accumulated_cache_size_limit",
+                 "accumulated_recompile_limit"):
+        if hasattr(torch._dynamo.config, name):
+            setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), 256))
+
+
+def compiled(fn):
+    """One torch.compile wrapper per function, reused across sizes (dynamic after the first
+    recompile, so a sweep compiles a few graphs, not one per size)."""
+    if fn not in _compiled:
+        _raise_recompile_limits()
+        _compiled[fn] = torch.compile(fn)
+    return _compiled[fn]
+
+
+def _fusedlm_why_not(backend: str, kernels: tuple[str, ...]) -> Callable[[Context], str | None]:
+    def why_not(ctx: Context) -> str | None:
+        if backend in ("cuda", "triton") and not ctx.cuda:
+            return ("no CUDA GPU in this run" if backend == "cuda" else
+                    "Triton kernels need a CUDA GPU here (TRITON_INTERPRET is for tests only)")
+        if backend == "cpu" and ctx.cuda:
+            return "the cpu backend takes CPU tensors; this run is on the GPU (--device cpu)"
+        if backend == "torch" and ctx.cuda:
+            return "the pure-PyTorch reference; left out on the GPU (torch-eager covers it)"
+        info = ctx.backends.get(backend)
+        if info is None:
+            return "fusedlm.backends() does not list it"
+        if not info.available:
+            return info.reason
+        missing = [k for k in kernels if k not in info.ops]
+        if missing:
+            return f"no {', '.join(missing)} kernel in this backend yet"
+        return None
+
+    return why_not
+
+
+def _needs(ctx: Context, backend: str, kernel: str) -> None:
+    info = ctx.backends.get(backend)
+    if info is not None and kernel not in info.ops:
+        raise Unsupported(f"backend {backend!r} has no {kernel} kernel yet")
+
+
+def _run_pass(case: Case, forward: Callable[[dict], torch.Tensor], leaves: tuple[str, ...]):
+    """fn(inputs) for a forward (no autograd) or forward+backward case."""
+    if case.pass_ == "fwd":
+        def fwd(inputs):
+            with torch.no_grad():
+                return forward(inputs)
+        return fwd
+
+    def fwd_bwd(inputs):
+        for name in leaves:
+            inputs[name].grad = None
+        forward(inputs).backward(inputs["grad"])
+
+    return fwd_bwd
+
+
+# ---- attention ------------------------------------------------------------------------------
+
+_masks: dict = {}
+
+
+def _causal_mask(Tq: int, Tk: int, device) -> torch.Tensor:
+    key = (Tq, Tk, str(device))
+    if key not in _masks:  # bottom-right aligned, as fusedlm.attention(causal=True)
+        _masks[key] = torch.ones(Tq, Tk, dtype=torch.bool, device=device).triu(Tk - Tq + 1)
+    return _masks[key]
+
+
+def eager_attention(q, k, v, mask: torch.Tensor | None):
+    """Attention written out in PyTorch ops: the eager baseline (scores in float32)."""
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    if k.shape[1] != q.shape[1]:
+        rep = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+    s = torch.matmul(q, k.transpose(-2, -1)).float() * scale
+    if mask is not None:
+        s = s.masked_fill(mask, float("-inf"))
+    return torch.matmul(torch.softmax(s, dim=-1).to(q.dtype), v)
+
+
+def _attention_cases(ctx: Context) -> list[Case]:
+    if ctx.cuda:
+        H, D, tokens = 16, 128, 16384
+        seqs = [1024, 4096] if ctx.quick else [512, 1024, 2048, 4096, 8192]
+    else:
+        H, D = (4, 64) if ctx.quick else (8, 64)
+        tokens = 512 if ctx.quick else 2048
+        seqs = [128, 256] if ctx.quick else [128, 256, 512, 1024]
+    dtype = torch.bfloat16 if ctx.cuda else torch.float32
+    cases = []
+    for pass_ in counting.PASSES:
+        for causal in (False, True):
+            for T in seqs:
+                B = max(tokens // T, 1)
+
+                def make(B=B, T=T, pass_=pass_):
+                    grad = pass_ == "fwd+bwd"
+                    inputs = {n: _randn(B, H, T, D, ctx=ctx, dtype=dtype, requires_grad=grad)
+                              for n in ("q", "k", "v")}
+                    if grad:
+                        inputs["grad"] = _randn(B, H, T, D, ctx=ctx, dtype=dtype)
+                    return inputs
+
+                cases.append(Case(
+                    op="attention",
+                    variant=f"{pass_} {dtype_name(dtype)} {'causal' if causal else 'full'}",
+                    pass_=pass_, dtype=dtype_name(dtype), causal=causal,
+                    size_label=f"B={B} H={H} T={T} D={D}", size=dict(B=B, H=H, T=T, D=D),
+                    x=T,
+                    flops=counting.attention_flops(B, H, T, T, D, causal, pass_),
+                    bytes=counting.attention_bytes(B, H, T, T, D, dtype, pass_),
+                    make_inputs=make, check_output=pass_ == "fwd",
+                ))
+    return cases
+
+
+_QKV = ("q", "k", "v")
+
+
+def _attention_provider(name, description, forward, why_not=_always, compiles=False,
+                        kernel_backend=None):
+    def build(case: Case, ctx: Context):
+        if kernel_backend is not None and case.pass_ == "fwd+bwd":
+            _needs(ctx, kernel_backend, "attention_bwd")
+        causal = case.causal
+        return _run_pass(case, lambda i: forward(i["q"], i["k"], i["v"], causal, ctx), _QKV)
+
+    return Provider(name, description, why_not, build, compiles=compiles)
+
+
+def _eager_attention_call(q, k, v, causal, ctx):
+    mask = _causal_mask(q.shape[2], k.shape[2], q.device) if causal else None
+    return eager_attention(q, k, v, mask)
+
+
+def _compiled_attention_call(q, k, v, causal, ctx):
+    mask = _causal_mask(q.shape[2], k.shape[2], q.device) if causal else None
+    return compiled(eager_attention)(q, k, v, mask)
+
+
+def _sdpa_backend(name: str):
+    from torch.nn.attention import SDPBackend
+
+    return {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+            "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}[name]
+
+
+_sdpa_probe: dict = {}
+
+
+def _sdpa_why_not(name: str) -> Callable[[Context], str | None]:
+    def why_not(ctx: Context) -> str | None:
+        key = (name, str(ctx.device))
+        if key not in _sdpa_probe:  # a small forward+backward, causal, in the bench dtype
+            try:
+                from torch.nn.attention import sdpa_kernel
+
+                dtype = torch.bfloat16 if ctx.cuda else torch.float32
+                q, k, v = (_randn(1, 2, 64, 64, ctx=ctx, dtype=dtype, requires_grad=True)
+                           for _ in range(3))
+                with sdpa_kernel([_sdpa_backend(name)]):
+                    F.scaled_dot_product_attention(q, k, v, is_causal=True).sum().backward()
+                _sdpa_probe[key] = None
+            except Exception as error:  # noqa: BLE001 - any failure means "not on this device"
+                first = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
+                _sdpa_probe[key] = f"torch's SDPA {name} backend does not run here: {first[:200]}"
+        return _sdpa_probe[key]
+
+    return why_not
+
+
+def _sdpa_call(name: str):
+    def call(q, k, v, causal, ctx):
+        from torch.nn.attention import sdpa_kernel
+
+        with sdpa_kernel([_sdpa_backend(name)]):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+
+    return call
+
+
+def _fusedlm_attention_call(backend: str):
+    def call(q, k, v, causal, ctx):
+        import fusedlm
+
+        return fusedlm.attention(q, k, v, causal=causal, backend=backend)
+
+    return call
+
+
+def _attention_providers() -> list[Provider]:
+    providers = [_attention_provider(
+        BASELINE, "PyTorch ops: q k^T, mask, softmax (float32), p v", _eager_attention_call)]
+    for backend in ("cuda", "triton", "cpu", "torch"):
+        providers.append(_attention_provider(
+            f"fusedlm-{backend}", f"fusedlm.attention(backend={backend!r})",
+            _fusedlm_attention_call(backend), _fusedlm_why_not(backend, ("attention_fwd",)),
+            kernel_backend=backend))
+    for name in SDPA_BACKENDS:
+        providers.append(_attention_provider(
+            f"sdpa-{name}", f"F.scaled_dot_product_attention under sdpa_kernel({name})",
+            _sdpa_call(name), _sdpa_why_not(name)))
+    providers.append(_attention_provider(
+        "torch-compile", "torch.compile of the torch-eager attention", _compiled_attention_call,
+        _compile_why_not, compiles=True))
+    return providers
+
+
+# ---- layer_norm / rms_norm ------------------------------------------------------------------
+
+def _norm_cases(op: str) -> Callable[[Context], list[Case]]:
+    def cases(ctx: Context) -> list[Case]:
+        if ctx.cuda:
+            M, widths = 16384, ([1024, 4096] if ctx.quick else [512, 1024, 2048, 4096, 8192, 16384])
+            dtype = torch.bfloat16
+        else:
+            M, widths = (512, [256, 1024]) if ctx.quick else (4096, [256, 1024, 4096])
+            dtype = torch.float32
+        count = counting.layer_norm_bytes if op == "layer_norm" else counting.rms_norm_bytes
+        leaves = ("x", "weight", "bias") if op == "layer_norm" else ("x", "weight")
+        out = []
+        for pass_ in counting.PASSES:
+            for N in widths:
+                def make(N=N, pass_=pass_):
+                    grad = pass_ == "fwd+bwd"
+                    weight = 1 + 0.1 * _randn(N, ctx=ctx, dtype=dtype)
+                    inputs = {"x": _randn(M, N, ctx=ctx, dtype=dtype, requires_grad=grad),
+                              "weight": weight.requires_grad_(grad)}
+                    if "bias" in leaves:
+                        bias = 0.1 * _randn(N, ctx=ctx, dtype=dtype)
+                        inputs["bias"] = bias.requires_grad_(grad)
+                    if grad:
+                        inputs["grad"] = _randn(M, N, ctx=ctx, dtype=dtype)
+                    return inputs
+
+                out.append(Case(
+                    op=op, variant=f"{pass_} {dtype_name(dtype)}", pass_=pass_,
+                    dtype=dtype_name(dtype), size_label=f"M={M} N={N}", size=dict(M=M, N=N), x=N,
+                    flops=None, bytes=count(M, N, dtype, pass_), make_inputs=make,
+                    check_output=pass_ == "fwd",
+                ))
+        return out
+
+    return cases
+
+
+def _eager_layer_norm(x, w, b):
+    return F.layer_norm(x, (x.shape[-1],), w, b, NORM_EPS)
+
+
+def _eager_rms_norm(x, w, b):
+    return F.rms_norm(x, (x.shape[-1],), w, NORM_EPS)
+
+
+_EAGER_NORMS = {"layer_norm": _eager_layer_norm, "rms_norm": _eager_rms_norm}
+
+
+def _liger_why_not(ctx: Context) -> str | None:
+    if importlib.util.find_spec("liger_kernel") is None:
+        return "liger-kernel is not installed"
+    if not ctx.cuda:
+        return "Liger's kernels are Triton kernels and need a CUDA GPU"
+    return None
+
+
+def _liger_norm(op):
+    def call(x, w, b):
+        if op == "layer_norm":
+            from liger_kernel.ops.layer_norm import LigerLayerNormFunction
+
+            return LigerLayerNormFunction.apply(x, w, b, NORM_EPS)
+        from liger_kernel.ops.rms_norm import LigerRMSNormFunction
+
+        return LigerRMSNormFunction.apply(x, w, NORM_EPS)
+
+    return call
+
+
+def _fusedlm_norm(op, backend):
+    def call(x, w, b):
+        import fusedlm
+
+        if op == "layer_norm":
+            return fusedlm.layer_norm(x, (x.shape[-1],), w, b, NORM_EPS, backend=backend)
+        return fusedlm.rms_norm(x, (x.shape[-1],), w, NORM_EPS, backend=backend)
+
+    return call
+
+
+def _norm_providers(op: str) -> list[Provider]:
+    leaves = ("x", "weight", "bias") if op == "layer_norm" else ("x", "weight")
+
+    def provider(name, description, fn, why_not=_always, compiles=False, kernel_backend=None):
+        def build(case: Case, ctx: Context):
+            if kernel_backend is not None and case.pass_ == "fwd+bwd":
+                _needs(ctx, kernel_backend, f"{op}_bwd")
+            f = fn() if compiles else fn
+            return _run_pass(case, lambda i: f(i["x"], i["weight"], i.get("bias")), leaves)
+
+        return Provider(name, description, why_not, build, compiles=compiles)
+
+    torch_fn = "F.layer_norm" if op == "layer_norm" else "F.rms_norm"
+    providers = [provider(BASELINE, torch_fn, _EAGER_NORMS[op])]
+    for backend in ("cuda", "triton", "cpu", "torch"):
+        providers.append(provider(
+            f"fusedlm-{backend}", f"fusedlm.{op}(backend={backend!r})", _fusedlm_norm(op, backend),
+            _fusedlm_why_not(backend, (f"{op}_fwd",)), kernel_backend=backend))
+    providers.append(provider("liger", f"Liger-Kernel {op} function", _liger_norm(op),
+                              _liger_why_not))
+    providers.append(provider("torch-compile", f"torch.compile({torch_fn})",
+                              lambda: compiled(_EAGER_NORMS[op]), _compile_why_not, compiles=True))
+    return providers
+
+
+# ---- adamw ----------------------------------------------------------------------------------
+
+def gpt2_param_shapes(d: int, layers: int, vocab: int = 50257, ctx: int = 1024) -> list[tuple]:
+    shapes = [(vocab, d), (ctx, d)]
+    for _ in range(layers):
+        shapes += [(d,), (d,), (3 * d, d), (3 * d,), (d, d), (d,), (d,), (d,), (4 * d, d),
+                   (4 * d,), (d, 4 * d), (d,)]
+    return shapes + [(d,), (d,)]
+
+
+def _adamw_cases(ctx: Context) -> list[Case]:
+    if ctx.cuda:
+        configs = [("16 x 1M", [(1 << 20,)] * 16), ("gpt2-124m", gpt2_param_shapes(768, 12))]
+        if not ctx.quick:
+            configs = [("64 x 16K", [(1 << 14,)] * 64)] + configs + \
+                      [("gpt2-350m", gpt2_param_shapes(1024, 24))]
+    elif ctx.quick:
+        configs = [("16 x 16K", [(1 << 14,)] * 16), ("4 x 256K", [(1 << 18,)] * 4)]
+    else:
+        configs = [("64 x 16K", [(1 << 14,)] * 64), ("16 x 1M", [(1 << 20,)] * 16),
+                   ("gpt2-124m", gpt2_param_shapes(768, 12))]
+    cases = []
+    for label, shapes in configs:
+        numel = sum(math.prod(s) for s in shapes)
+
+        def make(shapes=shapes):
+            params = [torch.nn.Parameter(torch.randn(s, device=ctx.device)) for s in shapes]
+            for p in params:
+                p.grad = torch.randn_like(p)
+            return {"params": params}
+
+        cases.append(Case(
+            op="adamw", variant="step float32", pass_="step", dtype="float32",
+            size_label=f"{label} ({len(shapes)} tensors, {numel / 1e6:.1f}M params)",
+            size=dict(tensors=len(shapes), params=numel), x=numel,
+            flops=counting.adamw_flops(numel), bytes=counting.adamw_bytes(numel), make_inputs=make,
+        ))
+    return cases
+
+
+_torch_fused_probe: dict = {}
+
+
+def _torch_fused_why_not(ctx: Context) -> str | None:
+    key = str(ctx.device)
+    if key not in _torch_fused_probe:
+        try:
+            p = torch.nn.Parameter(torch.ones(4, device=ctx.device))
+            p.grad = torch.ones_like(p)
+            torch.optim.AdamW([p], fused=True).step()
+            _torch_fused_probe[key] = None
+        except Exception as error:  # noqa: BLE001
+            _torch_fused_probe[key] = f"torch.optim.AdamW(fused=True) does not run here: {error}"
+    return _torch_fused_probe[key]
+
+
+def _adamw_provider(name, description, make_opt, why_not=_always, compiles=False,
+                    max_input_sets=None):
+    def build(case: Case, ctx: Context):
+        opts: dict[int, Callable] = {}
+
+        def step(inputs):
+            key = id(inputs["params"])
+            if key not in opts:
+                opt = make_opt(inputs["params"])
+                opts[key] = compiled_step(opt) if compiles else opt.step
+            opts[key]()
+
+        return step
+
+    return Provider(name, description, why_not, build, compiles=compiles,
+                    max_input_sets=max_input_sets)
+
+
+def compiled_step(opt):
+    _raise_recompile_limits()
+
+    @torch.compile(fullgraph=False)
+    def step():
+        opt.step()
+
+    return step
+
+
+def _adamw_providers() -> list[Provider]:
+    lr = 1e-3
+    providers = [_adamw_provider(
+        BASELINE, "torch.optim.AdamW(foreach=False, fused=False): one tensor at a time",
+        lambda ps: torch.optim.AdamW(ps, lr=lr, foreach=False, fused=False))]
+    for backend in ("cuda", "triton", "cpu", "torch"):
+        def make(ps, backend=backend):
+            import fusedlm
+
+            return fusedlm.optim.AdamW(ps, lr=lr, backend=backend)
+
+        providers.append(_adamw_provider(
+            f"fusedlm-{backend}", f"fusedlm.optim.AdamW(backend={backend!r})", make,
+            _fusedlm_why_not(backend, ("adamw_step",))))
+    providers += [
+        _adamw_provider("torch-foreach", "torch.optim.AdamW(foreach=True)",
+                        lambda ps: torch.optim.AdamW(ps, lr=lr, foreach=True)),
+        _adamw_provider("torch-fused", "torch.optim.AdamW(fused=True)",
+                        lambda ps: torch.optim.AdamW(ps, lr=lr, fused=True), _torch_fused_why_not),
+        _adamw_provider("torch-compile", "torch.compile of torch.optim.AdamW(foreach=False).step",
+                        lambda ps: torch.optim.AdamW(ps, lr=lr, foreach=False, fused=False),
+                        _compile_why_not, compiles=True, max_input_sets=1),
+    ]
+    return providers
+
+
+# ---- gpt training step ----------------------------------------------------------------------
+
+_GPT_IMPORT_ERROR: list[str] = []
+
+
+def gpt_module():
+    """fusedlm.models, or None (with the reason in gpt_unavailable()) while it does not exist."""
+    try:
+        from fusedlm import models
+
+        models.GPT, models.GPTConfig  # noqa: B018 - both must exist
+        return models
+    except Exception as error:  # noqa: BLE001 - a missing or half-written module
+        why = f"{type(error).__name__}: {error}"
+        _GPT_IMPORT_ERROR[:] = [f"fusedlm.models is not available ({why})"]
+        return None
+
+
+def gpt_unavailable() -> str | None:
+    return None if gpt_module() is not None else _GPT_IMPORT_ERROR[0]
+
+
+def _gpt_cases(ctx: Context) -> list[Case]:
+    models = gpt_module()
+    if models is None:
+        return []
+    if ctx.cuda:
+        configs = [("gpt2-124m", 8, 1024)] if ctx.quick else \
+            [("small", 16, 512), ("gpt2-124m", 8, 1024), ("gpt2-350m", 4, 1024)]
+    else:
+        configs = [("tiny", 4, 64)] if ctx.quick else [("tiny", 8, 128), ("small", 2, 256)]
+    cases = []
+    for preset, B, T in configs:
+        cfg = models.GPTConfig.preset(preset)
+        with torch.device("meta"):
+            meta = models.GPT(cfg, kernels="torch")
+        n_params = meta.num_parameters() if hasattr(meta, "num_parameters") else \
+            sum(p.numel() for p in meta.parameters())
+        if hasattr(meta, "flops_per_token"):
+            per_token = meta.flops_per_token(T)
+        else:
+            per_token = counting.gpt_flops_per_token(n_params, cfg.n_layer, T, cfg.n_embd)
+        del meta
+
+        def make(cfg=cfg, B=B, T=T):
+            idx = torch.randint(0, cfg.vocab_size, (B, T), device=ctx.device)
+            targets = torch.randint(0, cfg.vocab_size, (B, T), device=ctx.device)
+            return {"idx": idx, "targets": targets}
+
+        dtype = "bfloat16 autocast" if ctx.cuda else "float32"
+        cases.append(Case(
+            op="gpt", variant=f"train step {dtype}", pass_="train step", dtype=dtype,
+            size_label=f"{preset} B={B} T={T} ({n_params / 1e6:.1f}M params)",
+            size=dict(preset=preset, B=B, T=T, params=n_params), x=n_params,
+            flops=counting.gpt_step_flops(per_token, B, T), bytes=None, make_inputs=make,
+            tokens=B * T, extra={"config": cfg},
+        ))
+    return cases
+
+
+@contextlib.contextmanager
+def _backend_env(backend: str | None):
+    if backend is None:
+        yield
+        return
+    old = os.environ.get("FUSEDLM_BACKEND")
+    os.environ["FUSEDLM_BACKEND"] = backend
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("FUSEDLM_BACKEND", None)
+        else:
+            os.environ["FUSEDLM_BACKEND"] = old
+
+
+_GPT_KERNELS = ("attention_fwd", "attention_bwd", "layer_norm_fwd", "layer_norm_bwd", "adamw_step")
+
+
+def _gpt_provider(name, description, kernels, backend=None, compile_model=False, why_not=_always):
+    def build(case: Case, ctx: Context):
+        models = gpt_module()
+        cfg = case.extra["config"]
+        with _backend_env(backend), torch.device(ctx.device):
+            model = models.GPT(cfg, kernels=kernels)
+        if backend is not None:
+            import fusedlm
+
+            opt = fusedlm.optim.AdamW(model.parameters(), lr=1e-4, backend=backend)
+        else:
+            opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        forward = torch.compile(model) if compile_model else model
+        autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if ctx.cuda else \
+            contextlib.nullcontext
+
+        def step(inputs):
+            with _backend_env(backend):
+                with autocast():
+                    _, loss = forward(inputs["idx"], inputs["targets"])
+                loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+
+        return step
+
+    def available(ctx: Context) -> str | None:
+        reason = gpt_unavailable() or why_not(ctx)
+        return reason
+
+    return Provider(name, description, available, build, compiles=compile_model, max_input_sets=1)
+
+
+def _gpt_providers() -> list[Provider]:
+    providers = [_gpt_provider(BASELINE, 'GPT(kernels="torch") + torch.optim.AdamW()', "torch")]
+    for backend in ("cuda", "triton", "cpu"):
+        providers.append(_gpt_provider(
+            f"fusedlm-{backend}",
+            f'GPT(kernels="fused"), FUSEDLM_BACKEND={backend}, fusedlm.optim.AdamW',
+            "fused", backend=backend, why_not=_fusedlm_why_not(backend, _GPT_KERNELS)))
+    providers.append(_gpt_provider(
+        "torch-compile", 'torch.compile(GPT(kernels="torch")) + torch.optim.AdamW()', "torch",
+        compile_model=True, why_not=_compile_why_not))
+    return providers
+
+
+# ---- the registry ---------------------------------------------------------------------------
+
+def specs() -> dict[str, OpSpec]:
+    attn_flops = "4*B*H*Tq*Tk*D forward, 2.5x that backward, half of each when causal"
+    return {
+        "attention": OpSpec(
+            "attention", "softmax(q k^T / sqrt(D)) v, (B, H, T, D), forward and forward+backward",
+            "TFLOP/s", "matmul", "sequence length T (B*T fixed)", _attention_cases,
+            _attention_providers(), attn_flops,
+            "fwd: q, k, v read, out written; fwd+bwd adds out, dout, logsumexp read, "
+            "dq, dk, dv written"),
+        "layer_norm": OpSpec(
+            "layer_norm", "LayerNorm over the last dim of (M, N), weight and bias",
+            "GB/s", "bandwidth", "hidden size N", _norm_cases("layer_norm"),
+            _norm_providers("layer_norm"), "not counted (memory-bound)",
+            "fwd: (2MN + 2N) elements; bwd: (3MN + 3N) elements"),
+        "rms_norm": OpSpec(
+            "rms_norm", "RMSNorm over the last dim of (M, N), weight",
+            "GB/s", "bandwidth", "hidden size N", _norm_cases("rms_norm"),
+            _norm_providers("rms_norm"), "not counted (memory-bound)",
+            "fwd: (2MN + N) elements; bwd: (3MN + 2N) elements"),
+        "adamw": OpSpec(
+            "adamw", "one AdamW step over a list of float32 parameters (lr 1e-3, wd 1e-2)",
+            "GB/s", "bandwidth", "parameters", _adamw_cases, _adamw_providers(),
+            "about 16 per parameter (memory-bound)",
+            "28 bytes per parameter: param, exp_avg, exp_avg_sq read and written, grad read"),
+        "gpt": OpSpec(
+            "gpt", "one GPT training step: forward, backward, AdamW step, zero_grad",
+            "TFLOP/s", "matmul", "non-embedding parameters", _gpt_cases, _gpt_providers(),
+            "model.flops_per_token(T) * B * T (6 N + 6 L T C per token)", "not counted",
+            max_input_sets=1),
+    }

@@ -1,0 +1,101 @@
+"""FLOPs and the fewest bytes each benchmarked op must move through memory.
+
+FLOPs count multiply-adds as two. Bytes count every input read once and every output written
+once (what a perfect fused kernel moves); anything a kernel saves for later (statistics,
+logsumexp) is left out when the backward could recompute it, so these are lower bounds.
+
+attention, q (B, H, Tq, D), k/v (B, Hkv, Tk, D):
+    forward  4 * B * H * Tq * Tk * D           (q k^T and p v, 2 FLOPs per multiply-add)
+    backward 2.5 * forward                      (dv, dp, ds->dq, ds->dk; the scores recomputed)
+    causal   half of each (Tq == Tk)
+    bytes    forward: q, k, v read, out written; backward: q, k, v, out, dout read,
+             logsumexp (B, H, Tq) float32 read, dq, dk, dv written (forward+backward adds the
+             forward's logsumexp write)
+layer_norm, x (M, N), weight and bias (N):
+    forward  read x, weight, bias; write y                      (2 M N + 2 N elements)
+    backward read dy, x, weight; write dx, dweight, dbias        (3 M N + 3 N elements)
+rms_norm, x (M, N), weight (N):
+    forward  (2 M N + N) elements; backward (3 M N + 2 N) elements
+adamw, per parameter element:
+    read param, grad, exp_avg, exp_avg_sq; write param, exp_avg, exp_avg_sq
+    (float32 everything: 28 bytes per element)
+gpt training step: the model's ``flops_per_token(T)`` (6 N + 6 L T C) times the tokens of
+    the step.
+"""
+
+from __future__ import annotations
+
+import torch
+
+PASSES = ("fwd", "fwd+bwd")
+
+
+def itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def _check_pass(pass_: str) -> None:
+    if pass_ not in PASSES:
+        raise ValueError(f"pass must be one of {PASSES}, got {pass_!r}")
+
+
+def attention_flops(B: int, H: int, Tq: int, Tk: int, D: int, causal: bool, pass_: str) -> float:
+    """4*B*H*Tq*Tk*D forward, 2.5x that backward, half of each when causal."""
+    _check_pass(pass_)
+    fwd = 4.0 * B * H * Tq * Tk * D
+    total = fwd if pass_ == "fwd" else fwd * (1 + 2.5)
+    return total / 2 if causal else total
+
+
+def attention_bytes(B: int, H: int, Tq: int, Tk: int, D: int, dtype: torch.dtype, pass_: str,
+                    Hkv: int | None = None) -> float:
+    _check_pass(pass_)
+    Hkv = H if Hkv is None else Hkv
+    e = itemsize(dtype)
+    q = o = B * H * Tq * D * e
+    kv = 2 * B * Hkv * Tk * D * e
+    fwd = q + kv + o
+    if pass_ == "fwd":
+        return float(fwd)
+    lse = B * H * Tq * 4
+    # forward: q, k, v read, out + lse written; backward: q, k, v, out, dout, lse read,
+    # dq, dk, dv written
+    return float(fwd + lse + (q + kv + o + o + lse) + (q + kv))
+
+
+def layer_norm_bytes(M: int, N: int, dtype: torch.dtype, pass_: str) -> float:
+    _check_pass(pass_)
+    e = itemsize(dtype)
+    fwd = (2 * M * N + 2 * N) * e
+    return float(fwd if pass_ == "fwd" else fwd + (3 * M * N + 3 * N) * e)
+
+
+def rms_norm_bytes(M: int, N: int, dtype: torch.dtype, pass_: str) -> float:
+    _check_pass(pass_)
+    e = itemsize(dtype)
+    fwd = (2 * M * N + N) * e
+    return float(fwd if pass_ == "fwd" else fwd + (3 * M * N + 2 * N) * e)
+
+
+def adamw_bytes(numel: int, param_dtype: torch.dtype = torch.float32,
+                state_dtype: torch.dtype = torch.float32) -> float:
+    """param read+write, grad read (param dtype), exp_avg and exp_avg_sq read+write."""
+    p, s = itemsize(param_dtype), itemsize(state_dtype)
+    return float(numel * (3 * p + 4 * s))
+
+
+def adamw_flops(numel: int) -> float:
+    """About 16 FLOPs per element (moments, bias corrections, sqrt, division, decay, update);
+    reported for completeness: the step is memory-bound and measured in GB/s."""
+    return 16.0 * numel
+
+
+def gpt_step_flops(flops_per_token: float, batch: int, seq_len: int) -> float:
+    return float(flops_per_token) * batch * seq_len
+
+
+def gpt_flops_per_token(n_params_non_embedding: int, n_layer: int, seq_len: int,
+                        n_embd: int) -> float:
+    """6 N + 6 L T C (the PaLM appendix formula with causal attention's half), used when the
+    model has no ``flops_per_token``."""
+    return 6.0 * n_params_non_embedding + 6.0 * n_layer * seq_len * n_embd

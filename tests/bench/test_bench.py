@@ -1,0 +1,343 @@
+"""The benchmark harness (fusedlm.bench): FLOP and byte counts, timing statistics, the JSON
+schema, ratios computed from measured rows, `fusedlm bench --quick` end to end on the CPU, and
+the README section rendered from recorded runs."""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from fusedlm.bench import cases as C
+from fusedlm.bench import counting, runner, schema, timing
+from fusedlm.bench.env import tree_hash
+
+ROOT = Path(__file__).resolve().parents[2]
+OPS = ("attention", "layer_norm", "rms_norm", "adamw", "gpt")
+
+
+# ---- counting -------------------------------------------------------------------------------
+
+def test_attention_flops_follow_the_issue_formula():
+    B, H, T, D = 2, 3, 5, 7
+    fwd = 4 * B * H * T * T * D
+    assert counting.attention_flops(B, H, T, T, D, False, "fwd") == fwd
+    assert counting.attention_flops(B, H, T, T, D, False, "fwd+bwd") == fwd + 2.5 * fwd
+    assert counting.attention_flops(B, H, T, T, D, True, "fwd") == fwd / 2
+    assert counting.attention_flops(B, H, T, T, D, True, "fwd+bwd") == 3.5 * fwd / 2
+    with pytest.raises(ValueError, match="pass"):
+        counting.attention_flops(B, H, T, T, D, False, "bwd")
+
+
+def test_bytes_are_each_input_read_once_and_each_output_written_once():
+    B, H, T, D, e = 2, 3, 5, 8, 2  # bfloat16
+    qkvo = 4 * B * H * T * D * e
+    assert counting.attention_bytes(B, H, T, T, D, torch.bfloat16, "fwd") == qkvo
+    lse = B * H * T * 4
+    # fwd (q k v read, o lse written) + bwd (q k v o do lse read, dq dk dv written)
+    assert counting.attention_bytes(B, H, T, T, D, torch.bfloat16, "fwd+bwd") == \
+        qkvo + lse + (5 * B * H * T * D * e + lse) + 3 * B * H * T * D * e
+    # GQA: k and v have Hkv heads
+    assert counting.attention_bytes(B, 4, T, T, D, torch.float32, "fwd", Hkv=1) == \
+        (2 * B * 4 * T * D + 2 * B * 1 * T * D) * 4
+    M, N = 6, 10
+    assert counting.layer_norm_bytes(M, N, torch.float32, "fwd") == (2 * M * N + 2 * N) * 4
+    assert counting.layer_norm_bytes(M, N, torch.float32, "fwd+bwd") == \
+        (2 * M * N + 2 * N + 3 * M * N + 3 * N) * 4
+    assert counting.rms_norm_bytes(M, N, torch.float16, "fwd") == (2 * M * N + N) * 2
+    assert counting.rms_norm_bytes(M, N, torch.float16, "fwd+bwd") == \
+        (2 * M * N + N + 3 * M * N + 2 * N) * 2
+    assert counting.adamw_bytes(1000) == 28 * 1000
+    assert counting.adamw_bytes(1000, torch.bfloat16) == (3 * 2 + 4 * 4) * 1000
+
+
+def test_gpt_flops():
+    assert counting.gpt_flops_per_token(100, 2, 8, 4) == 6 * 100 + 6 * 2 * 8 * 4
+    assert counting.gpt_step_flops(10.0, 3, 4) == 120.0
+
+
+def test_every_case_counts_what_its_metric_needs():
+    ctx = C.Context(device=torch.device("cpu"), quick=True, backends={})
+    for op, spec in C.specs().items():
+        for case in spec.cases(ctx):
+            needed = case.flops if spec.metric == "TFLOP/s" else case.bytes
+            assert needed is not None and needed > 0, (op, case.size_label)
+
+
+# ---- timing ---------------------------------------------------------------------------------
+
+def test_quantile_interpolates_like_numpy():
+    values = [5.0, 1.0, 3.0, 2.0, 4.0]
+    assert timing.quantile(values, 0.5) == 3.0
+    assert timing.quantile(values, 0.2) == pytest.approx(1.8)
+    assert timing.quantile(values, 0.8) == pytest.approx(4.2)
+    assert timing.quantile([7.0], 0.2) == 7.0
+
+
+def test_measure_rotates_input_sets_and_reports_percentiles():
+    seen = []
+    calls = [lambda i=i: (seen.append(i), time.sleep(0.001)) for i in range(3)]
+    t = timing.measure(calls, "cpu", warmup_ms=2, rep_ms=10, min_reps=4)
+    assert t.reps >= 4 and t.input_sets == 3 and t.clock == "perf_counter"
+    assert 0 < t.p20_ms <= t.median_ms <= t.p80_ms
+    assert t.median_ms >= 0.9  # each call sleeps 1 ms
+    assert set(seen) == {0, 1, 2}
+
+
+def test_input_sets_cover_three_caches_within_the_memory_budget():
+    assert timing.input_sets_for(10 << 20, 50 << 20, 1 << 40) == 15
+    assert timing.input_sets_for(1 << 30, 50 << 20, 1 << 40) == 1
+    assert timing.input_sets_for(1 << 10, 50 << 20, 1 << 40) == 32  # max_sets
+    assert timing.input_sets_for(10 << 20, 50 << 20, 30 << 20) == 3  # the budget
+
+
+# ---- ratios and schema ----------------------------------------------------------------------
+
+def _fake_row(provider, median, variant="fwd", size="s1", status="ok"):
+    return {"op": "layer_norm", "variant": variant, "size_label": size, "provider": provider,
+            "status": status, "time_ms": {"median": median} if status == "ok" else None}
+
+
+def test_add_ratios_uses_the_eager_row_of_the_same_case():
+    rows = [_fake_row("torch-eager", 2.0), _fake_row("fusedlm-cpu", 0.5),
+            _fake_row("torch-eager", 8.0, size="s2"), _fake_row("fusedlm-cpu", 4.0, size="s2"),
+            _fake_row("fusedlm-cpu", 1.0, variant="fwd+bwd"),  # no eager row for this case
+            _fake_row("liger", None, status="error")]
+    runner.add_ratios(rows)
+    assert [r["ratio_to_eager"] for r in rows] == [1.0, 4.0, 1.0, 2.0, None, None]
+
+
+# ---- end to end: fusedlm bench --quick on the CPU -------------------------------------------
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    pytest.importorskip("matplotlib")  # the test extra installs both
+    pytest.importorskip("rich")
+    from fusedlm import cli
+
+    out = tmp_path_factory.mktemp("benchq")
+    t0 = time.monotonic()
+    threads = torch.get_num_threads()
+    try:  # one thread: tiny ops on a busy 2-core machine stall on their OpenMP barriers
+        rc = cli.main(["bench", "--quick", "--device", "cpu", "--out", str(out), "--rep-ms", "1",
+                       "--warmup-ms", "0", "--threads", "1"])
+    finally:
+        torch.set_num_threads(threads)
+    elapsed = time.monotonic() - t0
+    results = json.loads((out / "bench.json").read_text())
+    return rc, out, results, elapsed
+
+
+def test_quick_run_writes_json_and_a_plot_per_op(quick_run):
+    rc, out, results, _ = quick_run
+    assert rc == 0
+    assert set(results["ops"]) == set(OPS)
+    for op in OPS:
+        if any(r["op"] == op and r["status"] == "ok" for r in results["rows"]):
+            png = out / f"{op}.png"
+            assert png.exists() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", op
+
+
+def test_quick_run_matches_the_schema(quick_run):
+    _, _, results, _ = quick_run
+    assert schema.validate(results) == []
+    assert results["schema"] == schema.SCHEMA
+    env = results["environment"]
+    for key in ("device_name", "torch", "triton", "cuda_runtime"):
+        assert key in env
+    assert results["code"]["kernel_trees"].keys() == {"csrc", "python/fusedlm/triton"}
+    assert results["ceilings"]["bandwidth"]["unit"] == "GB/s"
+    assert results["ceilings"]["matmul"]["unit"] == "TFLOP/s"
+    assert results["units"]["ratio_to_eager"]
+    if not torch.cuda.is_available():
+        assert results["gpu_found"] is False and "No CUDA GPU found" in results["note"]
+
+
+def test_quick_run_ratios_come_from_measured_rows(quick_run):
+    _, _, results, _ = quick_run
+    rows = results["rows"]
+    eager = {(r["op"], r["variant"], r["size_label"]): r["time_ms"]["median"]
+             for r in rows if r["provider"] == "torch-eager" and r["status"] == "ok"}
+    checked = 0
+    for r in rows:
+        key = (r["op"], r["variant"], r["size_label"])
+        if r["status"] != "ok":
+            assert r["ratio_to_eager"] is None and r["reason"]
+            continue
+        assert r["ratio_to_eager"] == pytest.approx(eager[key] / r["time_ms"]["median"], rel=1e-12)
+        if r["provider"] == "torch-eager":
+            assert r["ratio_to_eager"] == 1.0
+        checked += 1
+    assert checked >= 20
+    # CPU competitors: eager PyTorch and fusedlm's cpu backend measured for every op
+    for op in ("attention", "layer_norm", "rms_norm", "adamw"):
+        measured = {r["provider"] for r in rows if r["op"] == op and r["status"] == "ok"}
+        assert "torch-eager" in measured
+        if results["environment"]["backends"]["cpu"]["available"]:
+            assert "fusedlm-cpu" in measured, op
+    # every unavailable provider says why
+    for op, info in results["ops"].items():
+        for name, p in info["providers"].items():
+            assert p["available"] or p["reason"], (op, name)
+
+
+def test_schema_catches_a_ratio_not_computed_from_the_rows(quick_run):
+    _, _, results, _ = quick_run
+    bad = copy.deepcopy(results)
+    row = next(r for r in bad["rows"] if r["status"] == "ok" and r["provider"] != "torch-eager")
+    row["ratio_to_eager"] *= 1.5
+    assert any("ratio_to_eager" in p for p in schema.validate(bad))
+    bad = copy.deepcopy(results)
+    row = next(r for r in bad["rows"] if r["status"] == "ok")
+    row["value"] = (row["value"] or 1.0) * 2
+    assert schema.validate(bad)
+    bad = copy.deepcopy(results)
+    del bad["ceilings"]
+    assert schema.validate(bad) == ["missing top-level key 'ceilings'"]
+
+
+def test_quick_run_is_quick(quick_run):
+    *_, elapsed = quick_run
+    assert elapsed < 90, f"fusedlm bench --quick took {elapsed:.0f} s"
+
+
+def test_merge_recomputes_ratios(quick_run):
+    _, _, results, _ = quick_run
+    parts = []
+    for op in ("attention", "adamw"):
+        part = copy.deepcopy(results)
+        part["ops"] = {op: results["ops"][op]}
+        part["rows"] = [r for r in part["rows"] if r["op"] == op]
+        parts.append(part)
+    merged = runner.merge(parts)
+    assert set(merged["ops"]) == {"attention", "adamw"}
+    assert schema.validate(merged) == []
+
+
+def test_gpt_is_skipped_with_a_reason_without_fusedlm_models(monkeypatch, quick_run):
+    import fusedlm
+
+    _, _, results, _ = quick_run
+    monkeypatch.setitem(sys.modules, "fusedlm.models", None)
+    monkeypatch.delattr(fusedlm, "models", raising=False)
+    out = runner.run(runner.Options(ops=("gpt",), quick=True, device="cpu",
+                                    ceilings=results["ceilings"], log=lambda msg: None))
+    assert out["rows"] == []
+    assert any("fusedlm.models is not available" in n for n in out["ops"]["gpt"]["notes"])
+    assert schema.validate(out) == []
+
+
+# ---- stamps, CLI import cost, README --------------------------------------------------------
+
+@pytest.mark.skipif(shutil.which("git") is None, reason="git is not installed")
+def test_tree_hash_equals_gits(tmp_path):
+    (tmp_path / "d" / "sub").mkdir(parents=True)
+    (tmp_path / "d" / "a.cu").write_text("kernel\n")
+    (tmp_path / "d" / "sub" / "b.h").write_text("header\n")
+    (tmp_path / "d" / "sub" / "run").write_text("#!/bin/sh\n")
+    (tmp_path / "d" / "sub" / "run").chmod(0o755)
+    (tmp_path / "d" / "a-b.txt").write_text("sorts before a.cu's directory twin\n")
+    (tmp_path / "d" / "__pycache__").mkdir()
+    (tmp_path / "d" / "__pycache__" / "x.pyc").write_bytes(b"ignored")
+
+    def git(*args):
+        return subprocess.run(["git", "-C", str(tmp_path), *args], capture_output=True,
+                              text=True, check=True).stdout.strip()
+
+    git("init", "-q")
+    (tmp_path / ".gitignore").write_text("__pycache__/\n")
+    git("add", "d", ".gitignore")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "t")
+    assert tree_hash(tmp_path / "d") == git("rev-parse", "HEAD:d")
+
+
+def test_cli_help_does_not_import_the_heavy_parts():
+    code = ("import sys, fusedlm; before = set(sys.modules); "
+            "import fusedlm.bench, fusedlm.bench.cli, fusedlm.cli; "
+            "print(sorted(m for m in ('matplotlib', 'rich', 'triton') "
+            "if m in sys.modules and m not in before))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def _load_render_readme():
+    spec = importlib.util.spec_from_file_location("render_readme",
+                                                  ROOT / "benchmarks" / "render_readme.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_readme_section_is_rendered_from_recorded_results(tmp_path, quick_run):
+    render_readme = _load_render_readme()
+    _, out, results, _ = quick_run
+    (tmp_path / "README.md").write_text(
+        f"# x\n\n{render_readme.BEGIN}\nstale, typed by hand\n{render_readme.END}\n\nafter\n")
+    folder = tmp_path / "benchmarks" / "results" / "some-device"
+    folder.mkdir(parents=True)
+    shutil.copy(out / "bench.json", folder / "bench.json")
+    shutil.copy(out / "attention.png", folder / "attention.png")
+    assert render_readme.main(["--root", str(tmp_path), "--check"]) == 1
+    assert render_readme.main(["--root", str(tmp_path)]) == 0
+    text = (tmp_path / "README.md").read_text()
+    assert "stale" not in text and text.endswith("after\n")
+    assert "![attention](benchmarks/results/some-device/attention.png)" in text
+    assert "![adamw]" not in text  # not recorded, not linked
+    assert "| variant | size | torch-eager |" in text
+    assert render_readme.main(["--root", str(tmp_path), "--check"]) == 0
+
+
+def test_repository_readme_is_up_to_date_with_benchmarks_results():
+    render_readme = _load_render_readme()
+    assert render_readme.main(["--check"]) == 0, "run python benchmarks/render_readme.py"
+
+
+def test_failing_and_unsupported_providers_are_rows_with_reasons(monkeypatch, quick_run):
+    _, _, results, _ = quick_run
+    real_specs = C.specs
+
+    def boom(case, ctx):
+        raise RuntimeError("kernel exploded")
+
+    def unsupported(case, ctx):
+        raise C.Unsupported("no such kernel")
+
+    def specs():
+        spec = real_specs()["rms_norm"]
+        spec.providers = [spec.providers[0],
+                          C.Provider("broken", "raises", C._always, boom),
+                          C.Provider("partial", "unsupported", C._always, unsupported)]
+        return {"rms_norm": spec}
+
+    monkeypatch.setattr(C, "specs", specs)
+    snapshots = []
+    out = runner.run(runner.Options(ops=("rms_norm",), quick=True, device="cpu", rep_ms=1,
+                                    warmup_ms=0, ceilings=results["ceilings"],
+                                    log=lambda msg: None, progress=snapshots.append))
+    assert schema.validate(out) == []
+    by_provider = {}
+    for r in out["rows"]:
+        by_provider.setdefault(r["provider"], set()).add((r["status"], r["reason"]))
+    assert {s for s, _ in by_provider["torch-eager"]} == {"ok"}
+    assert by_provider["broken"] == {("error", "RuntimeError: kernel exploded")}
+    assert by_provider["partial"] == {("unsupported", "no such kernel")}
+    assert len(snapshots) == len(out["rows"]) // 3  # one per case
+    assert [schema.validate(s) for s in snapshots] == [[]] * len(snapshots)
+
+
+def test_a_spent_budget_skips_rows_and_says_why(quick_run):
+    _, _, results, _ = quick_run
+    out = runner.run(runner.Options(ops=("layer_norm", "adamw"), quick=True, device="cpu",
+                                    budget_s=1e-6, ceilings=results["ceilings"],
+                                    log=lambda msg: None))
+    assert out["rows"] and all(r["status"] == "skipped" for r in out["rows"])
+    assert all("budget" in r["reason"] for r in out["rows"])
+    assert schema.validate(out) == []
