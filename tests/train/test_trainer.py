@@ -261,3 +261,12 @@ def test_sample_command(data_dir, tmp_path, capsys):
     assert capsys.readouterr().out.startswith("import ")
     shutil.rmtree(out / "checkpoints")
     assert main(["sample", str(out)]) == 2
+
+
+def test_a_new_run_never_overwrites_checkpoints(data_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(train_flags(data_dir, out, steps=2, ckpt_every=2)) == 0
+    capsys.readouterr()
+    assert main(train_flags(data_dir, out, steps=2)) == 2
+    assert "already holds a run" in capsys.readouterr().err
+    assert ckpt.latest_checkpoint(str(out)).endswith("step_0000002")

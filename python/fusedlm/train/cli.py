@@ -13,7 +13,7 @@ EPILOG_TRAIN = """\
 With no --data, trains the 'tiny' preset on an embedded default corpus (the running Python's
 standard-library sources, prepared once and cached) - a few minutes on a CPU - or a bigger
 preset on a GPU. Settings: defaults < TOML config file < flags. Under torchrun every process
-takes its slice of each global batch (DDP; --fsdp for FSDP2).
+takes its slice of each global batch (DDP).
 examples:
   fusedlm train
   fusedlm train --data shards/ --preset gpt2-124m --batch-size 16 --grad-accum 32 --out runs/124m
@@ -91,12 +91,12 @@ def _train_lm(cfg) -> int:
 def _sample(args: argparse.Namespace) -> int:
     import torch
 
-    from .prepare import load_tokenizer
+    from .prepare import checkpoint_tokenizer, load_tokenizer
     from .trainer import load_pretrained
 
     try:
         model = load_pretrained(args.checkpoint, args.kernels)
-        tokenizer = load_tokenizer(args.tokenizer or _run_tokenizer(args.checkpoint))
+        tokenizer = load_tokenizer(args.tokenizer or checkpoint_tokenizer(args.checkpoint))
     except (*_user_errors(), ValueError) as e:
         return _fail("sample", e)
     device = torch.device(args.device if args.device != "auto"
@@ -110,18 +110,6 @@ def _sample(args: argparse.Namespace) -> int:
         print(tokenizer.decode(out[0].tolist()))
         print("-" * 40)
     return 0
-
-
-def _run_tokenizer(path: str) -> str:
-    """The tokenizer a fusedlm checkpoint was trained with ("byte" for anything else)."""
-    from ..models.hf import is_hf_gpt2_dir
-    from .checkpoint import resolve_checkpoint
-
-    if is_hf_gpt2_dir(path):
-        tokenizer = os.path.join(path, "tokenizer.json")
-        return tokenizer if os.path.isfile(tokenizer) else "byte"
-    with open(os.path.join(resolve_checkpoint(path), "config.json")) as f:
-        return json.load(f).get("tokenizer", "byte")
 
 
 def _prepare(args: argparse.Namespace) -> int:
@@ -166,7 +154,7 @@ def add_commands(commands) -> None:
     train.add_argument("--compile", action="store_true", default=None, help="torch.compile")
     train.add_argument("--activation-checkpointing", action="store_true", default=None)
     train.add_argument("--fsdp", action="store_true", default=None,
-                       help="under torchrun: FSDP2 instead of DDP")
+                       help="under torchrun: FSDP2 instead of DDP (not supported yet: refused)")
     train.add_argument("--nan-policy", choices=("skip", "stop"))
     train.set_defaults(run=_train)
 

@@ -69,6 +69,19 @@ def tokenizer_for_data(data_dir: str | None):
     return ByteTokenizer()
 
 
+def checkpoint_tokenizer(path: str) -> str:
+    """The tokenizer a fusedlm checkpoint (or run directory) was trained with; for a Hugging
+    Face GPT-2 directory its tokenizer.json when present; "byte" otherwise."""
+    from ..models.hf import is_hf_gpt2_dir
+    from .checkpoint import resolve_checkpoint
+
+    if is_hf_gpt2_dir(path):
+        tokenizer = os.path.join(path, "tokenizer.json")
+        return tokenizer if os.path.isfile(tokenizer) else "byte"
+    with open(os.path.join(resolve_checkpoint(path), "config.json")) as f:
+        return json.load(f).get("tokenizer", "byte")
+
+
 def text_files(inputs: Sequence[str]) -> list[str]:
     """Files named in ``inputs``, and the text files under the directories named there, sorted."""
     files = []
@@ -91,8 +104,9 @@ def prepare(inputs: Sequence[str], out_dir: str, tokenizer: str = "byte",
             val_fraction: float = 0.05, shard_tokens: int = 100_000_000, fmt: str = "llmc",
             max_bytes: int | None = None, log=print) -> dict:
     """Tokenizes ``inputs`` (files or folders) into ``out_dir/{train,val}_NNN.bin`` shards plus
-    ``meta.json``. Documents are joined by a blank line; the last ``val_fraction`` of the
-    tokens form the validation split. Returns the meta dict."""
+    ``meta.json``. Documents are joined by a blank line. The validation split is every
+    ``round(1/val_fraction)``-th document when there are enough of them, else the last
+    ``val_fraction`` of the tokens. Returns the meta dict."""
     if not 0.0 < val_fraction < 1.0:
         raise ValueError(f"argument 'val_fraction' must be in (0, 1), got {val_fraction}")
     tok = load_tokenizer(tokenizer)
@@ -107,10 +121,17 @@ def prepare(inputs: Sequence[str], out_dir: str, tokenizer: str = "byte",
         pieces.append(tok.encode(text + "\n\n"))
     if not pieces:
         raise DataError(f"the inputs ({len(files)} files) hold no text within max_bytes")
-    tokens = np.concatenate(pieces)
-    n_val = max(1, int(len(tokens) * val_fraction))
+    every = round(1 / val_fraction)
+    if len(pieces) >= 2 * every:
+        # Every k-th document goes to val, so both splits sample the same mix of sources (the
+        # last files of a sorted tree are often of one kind).
+        splits = {"train": np.concatenate([p for i, p in enumerate(pieces) if i % every != every // 2]),
+                  "val": np.concatenate([p for i, p in enumerate(pieces) if i % every == every // 2])}
+    else:  # few documents: the last val_fraction of the tokens
+        tokens = np.concatenate(pieces)
+        n_val = max(1, int(len(tokens) * val_fraction))
+        splits = {"train": tokens[:-n_val], "val": tokens[-n_val:]}
     os.makedirs(out_dir, exist_ok=True)
-    splits = {"train": tokens[:-n_val], "val": tokens[-n_val:]}
     for split, split_tokens in splits.items():
         for i, start in enumerate(range(0, len(split_tokens), shard_tokens)):
             write_shard(os.path.join(out_dir, f"{split}_{i:03d}.bin"),
@@ -137,7 +158,7 @@ def stdlib_corpus_dir(max_bytes: int = 8_000_000, log=print) -> str:
     )
     if not files:
         raise DataError(f"{stdlib}: no Python sources found for the embedded default corpus")
-    key = hashlib.sha256(f"{sys.version}|{stdlib}|{max_bytes}|{len(files)}".encode()).hexdigest()[:12]
+    key = hashlib.sha256(f"v2|{sys.version}|{stdlib}|{max_bytes}|{len(files)}".encode()).hexdigest()[:12]
     cache = os.environ.get("FUSEDLM_CACHE") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "fusedlm")
     out_dir = os.path.join(cache, f"stdlib-py{sys.version_info.major}{sys.version_info.minor}-{key}")

@@ -50,7 +50,7 @@ class TrainingDiverged(RuntimeError):
 # What `fusedlm train` picks when a setting is not given: CPU-sized for the embedded default
 # (under 5 minutes on 2 cores), bigger on a GPU.
 DEVICE_DEFAULTS = {
-    "cpu": dict(preset="tiny", batch_size=16, max_steps=500, lr=2e-3, warmup_steps=30,
+    "cpu": dict(preset="tiny", batch_size=16, max_steps=600, lr=2e-3, warmup_steps=30,
                 eval_every=100, ckpt_every=100),
     "cuda": dict(preset="small", batch_size=32, max_steps=2000, lr=1e-3, warmup_steps=100,
                  eval_every=250, ckpt_every=500),
@@ -94,14 +94,19 @@ def _set_rng_state(state: dict) -> None:
 
 
 class Progress:
-    """One terminal line redrawn in place (a TTY), or a log line every ``log_every`` steps."""
+    """One terminal line redrawn in place (a TTY), or a log line every ``log_every`` steps;
+    nothing at all when ``quiet`` (the ranks other than 0)."""
 
-    def __init__(self, total: int, start: int, enabled: bool, log_every: int, stream=sys.stderr):
-        self.total, self.start, self.enabled = total, start, enabled
+    def __init__(self, total: int, start: int, enabled: bool, log_every: int, stream=sys.stderr,
+                 quiet: bool = False):
+        self.total, self.start, self.enabled = total, start, enabled and not quiet
         self.log_every, self.stream, self.t0 = max(1, log_every), stream, time.perf_counter()
+        self.quiet = quiet
 
     def update(self, step: int, text: str) -> None:
         done = step + 1
+        if self.quiet:
+            return
         if self.enabled:
             width = 24
             filled = int(width * done / self.total)
@@ -115,6 +120,8 @@ class Progress:
             print(f"step {done}/{self.total} {text}", flush=True)
 
     def message(self, text: str) -> None:
+        if self.quiet:
+            return
         if self.enabled:
             self.stream.write("\r\033[K")
         print(text, flush=True)
@@ -130,12 +137,17 @@ class Trainer:
         self.cfg, self.log = cfg, log
         self.device = self._pick_device(cfg.device)
         self.dist: DistInfo = init_distributed(self.device.type)
+        if cfg.fsdp and self.dist.enabled:
+            # fully_shard makes the parameters DTensors, which fusedlm's AdamW op and the
+            # rank-0 safetensors checkpoints do not handle yet: refuse rather than fail later.
+            raise ConfigError("--fsdp is not supported yet (fusedlm.optim.AdamW and the "
+                              "checkpoints do not handle FSDP2's DTensor parameters); use DDP")
         if self.dist.enabled and self.device.type == "cuda":
             self.device = torch.device("cuda", self.dist.local_rank)
         self.is_main = self.dist.is_main
-        self._fill_device_defaults()
         if not self.is_main:
             self.log = lambda *a, **k: None
+        self._fill_device_defaults()
         torch.manual_seed(cfg.seed)
         self.data_dir = cfg.data
         if self.data_dir is None:
@@ -147,6 +159,9 @@ class Trainer:
         self.autocast_dtype = torch.bfloat16 if self.device.type == "cuda" else None
 
         resume_state = None
+        if not cfg.resume and ckpt.latest_checkpoint(cfg.out) is not None:
+            raise ConfigError(f"{cfg.out} already holds a run with checkpoints: pass --resume to "
+                              "continue it, or choose another --out")
         if cfg.resume:
             found = ckpt.latest_checkpoint(cfg.out)
             if found is None:
@@ -155,7 +170,6 @@ class Trainer:
         self.model_config = self._model_config(resume_state)
         self.model = self._build_model(resume_state)
         self.raw_model = self.model
-        self.optimizer = self._build_optimizer()
         self.step = 0
         self.train_batches = TokenBatches(
             find_shards(self.data_dir, "train"), cfg.batch_size, self.model_config.block_size,
@@ -165,9 +179,12 @@ class Trainer:
         self.val_shards = find_shards(self.data_dir, "val")
         self._val_batches()  # a val shard shorter than one window fails now, not at step N
         self.best_val_loss = None
+        self.model = wrap_model(self.model, self.dist, self.device, cfg.fsdp)
+        # After wrapping: FSDP2's fully_shard replaces the parameters with sharded ones, and an
+        # optimizer holding the old ones would never update the model.
+        self.optimizer = self._build_optimizer()
         if resume_state is not None:
             self._restore(resume_state)
-        self.model = wrap_model(self.model, self.dist, self.device, cfg.fsdp)
         if cfg.compile:
             self.model = torch.compile(self.model)
         self.peak_flops, self.device_name = peak_flops(self.device)
@@ -230,13 +247,7 @@ class Trainer:
         return model
 
     def _build_optimizer(self) -> AdamW:
-        decay, no_decay = [], []
-        for p in self.model.parameters():
-            if p.requires_grad:
-                (decay if p.dim() >= 2 else no_decay).append(p)
-        groups = [{"params": decay, "weight_decay": self.cfg.weight_decay},
-                  {"params": no_decay, "weight_decay": 0.0}]
-        return AdamW(groups, lr=self.cfg.lr, betas=(self.cfg.beta1, self.cfg.beta2), eps=1e-8)
+        return make_optimizer(self.model, self.cfg)
 
     def _restore(self, state: dict) -> None:
         self.optimizer.load_state_dict(state["optimizer"])
@@ -317,13 +328,15 @@ class Trainer:
         return self.tokenizer.decode(out[0].tolist())
 
     def save(self) -> str | None:
+        # A collective: every rank must take part (rank 0 alone would wait forever).
+        rng_states = self._all_rng_states()
         if not self.is_main:
             return None
         from ..models.gpt import weights_for_saving
 
         trainer_state = {
             "step": self.step, "data": self.train_batches.state_dict(),
-            "rng": self._all_rng_states(), "best_val_loss": self.best_val_loss,
+            "rng": rng_states, "best_val_loss": self.best_val_loss,
         }
         config = {"model": self.model_config.to_dict(), "train": self.cfg.to_dict(),
                   "tokenizer": self.tokenizer.name}
@@ -347,10 +360,13 @@ class Trainer:
         cfg, out = self.cfg, self.cfg.out
         os.makedirs(out, exist_ok=True)
         metrics_path = os.path.join(out, "metrics.jsonl")
+        if self.step == 0 and self.is_main and os.path.exists(metrics_path):
+            os.remove(metrics_path)  # a new run (a resumed one was truncated in _restore)
         writer = _tensorboard(out) if self.is_main else None
         tokens_per_step = cfg.batch_size * cfg.grad_accum * self.dist.world_size * \
             self.model_config.block_size
-        progress = Progress(cfg.max_steps, self.step, self._progress_enabled(), cfg.log_every)
+        progress = Progress(cfg.max_steps, self.step, self._progress_enabled(), cfg.log_every,
+                            quiet=not self.is_main)
         if self.step == 0 and cfg.eval_every:
             self.best_val_loss = self.evaluate()
             progress.message(f"step 0: val_loss {self.best_val_loss:.4f}")
@@ -423,7 +439,22 @@ class Trainer:
                     writer.add_scalar(key, value, record["step"])
 
     def close(self) -> None:
+        # Drop the DDP wrapper before the process group: DDP's reducer holds the group, and a
+        # gloo group freed there (with the GIL held) joins its worker threads, one of which may
+        # need the GIL to free the tensors of a finished all_gather_object (save()) - a deadlock
+        # at the end of a CPU run (torch 2.13). destroy_process_group frees it without the GIL.
+        self.model = self.raw_model
         shutdown_distributed()
+
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> AdamW:
+    """fusedlm's AdamW with weight decay on matrices and embeddings only (not on biases and
+    norm weights)."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    return AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8)
 
 
 def _with_tied(weights: dict, model: GPT) -> dict:

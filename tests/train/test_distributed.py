@@ -1,0 +1,177 @@
+"""Data parallelism on the CPU: 2 processes (gloo, on 127.0.0.1) training with batch b each must
+log the losses of one process with batch 2b, the same seed, data and model (TokenBatches gives
+each rank its slice of the same global batch); only the order of the gradient all-reduce
+differs, so they agree to float32 rounding, not bitwise.
+
+The two ranks are started once, with torch.multiprocessing and the environment torchrun gives
+its workers (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR=127.0.0.1, MASTER_PORT and
+TORCHELASTIC_USE_AGENT_STORE), and each runs every configuration below in turn through
+``fusedlm.cli.main(["train", ...])`` - the code path of ``torchrun --nproc_per_node 2 -m
+fusedlm.cli train`` without paying for the imports of three process pairs on a 2-core machine.
+As under torchrun, this process (the "agent") hosts the rendezvous store, a fresh one per run:
+a store hosted by rank 0 would go away with rank 0's process group while rank 1 still tears
+its own down, and rank 1 would then wait for it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import time
+import traceback
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from fusedlm.cli import main
+from fusedlm.train.checkpoint import load_checkpoint
+from tests.train.conftest import TINY_MODEL, read_metrics
+
+pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
+                                reason="torch.distributed with the gloo backend is not available")
+
+STEPS = 5
+WORLD_SIZE = 2
+TIMEOUT_S = 180  # a normal run takes 15-40 s on a busy 2-core machine
+# name -> (per-process batch, grad_accum, extra flags); the single process runs 2x the batch.
+CONFIGS = {
+    "ddp": (2, 1, ()),
+    "ddp_grad_accum": (2, 2, ()),
+    "fsdp": (2, 1, ("--fsdp",)),
+}
+
+
+def flags(toml: str, data_dir: str, out, batch_size: int, grad_accum: int, *extra) -> list[str]:
+    """A 5-step run that evaluates and checkpoints at its last step."""
+    return ["train", toml, "--data", data_dir, "--out", str(out), "--model", TINY_MODEL,
+            "--device", "cpu", "--batch-size", str(batch_size), "--grad-accum", str(grad_accum),
+            "--max-steps", str(STEPS), "--warmup-steps", "2", "--seed", "3",
+            "--eval-every", str(STEPS), "--ckpt-every", str(STEPS), *extra]
+
+
+def _rank_main(rank: int, runs: list[tuple[int, list[str], str]], outcome_path: str) -> None:
+    """One rank: each (port, CLI flags, log file) in turn, as torchrun would start it; writes
+    the exit codes (or the exception) to ``outcome_path.<rank>``."""
+    torch.set_num_threads(1)
+    outcomes = []
+    for port, cli_flags, log in runs:
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                          LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD_SIZE),
+                          TORCHELASTIC_USE_AGENT_STORE="True")
+        with open(f"{log}.{rank}", "w") as f, contextlib.redirect_stdout(f), \
+                contextlib.redirect_stderr(f):
+            try:
+                outcomes.append(main(cli_flags))
+            except Exception as e:  # reported to the test, which shows the log
+                traceback.print_exc()
+                outcomes.append(f"{type(e).__name__}: {e}")
+        if dist.is_initialized():  # a run that failed before closing its process group
+            dist.destroy_process_group()
+    with open(f"{outcome_path}.{rank}", "w") as f:
+        json.dump(outcomes, f)
+
+
+@pytest.fixture(scope="module")
+def runs(data_dir, tmp_path_factory):
+    """{name: {"out", "single", "outcomes": [per rank], "logs": [per rank]}} for CONFIGS, plus
+    the single-process runs they are compared with (this process, batch 2b)."""
+    root = tmp_path_factory.mktemp("distributed")
+    toml = root / "fast.toml"
+    toml.write_text("sample_tokens = 1\nprogress = false\n")  # no flag for these
+    singles = {}
+    # One rendezvous store per run, on a free loopback port, alive until every rank is done.
+    stores = [dist.TCPStore("127.0.0.1", 0, WORLD_SIZE, is_master=True, wait_for_workers=False)
+              for _ in CONFIGS]
+    plan = [(store.port, flags(str(toml), data_dir, root / name, batch, grad_accum, *extra),
+             str(root / f"{name}.log"))
+            for store, (name, (batch, grad_accum, extra)) in zip(stores, CONFIGS.items(),
+                                                                  strict=True)]
+    outcome_path = str(root / "outcome")
+    threads = torch.get_num_threads()
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("OMP_NUM_THREADS", "1")
+        env.delenv("FUSEDLM_BACKEND", raising=False)
+        if os.path.exists("/sys/class/net/lo"):
+            env.setenv("GLOO_SOCKET_IFNAME", "lo")  # loopback only
+        torch.set_num_threads(1)  # as the ranks; a 2-core machine oversubscribed is 5-10x slower
+        try:
+            for batch, grad_accum, _ in CONFIGS.values():
+                if grad_accum not in singles:
+                    singles[grad_accum] = root / f"single_accum{grad_accum}"
+                    code = main(flags(str(toml), data_dir, singles[grad_accum],
+                                      WORLD_SIZE * batch, grad_accum))
+                    assert code == 0
+        finally:
+            torch.set_num_threads(threads)
+        context = mp.start_processes(_rank_main, args=(plan, outcome_path), nprocs=WORLD_SIZE,
+                                     join=False, start_method="spawn")
+    deadline = time.monotonic() + TIMEOUT_S
+    try:
+        while not context.join(timeout=5):
+            if time.monotonic() > deadline:
+                pytest.fail(f"the {WORLD_SIZE} ranks did not finish in {TIMEOUT_S} s")
+    finally:
+        for process in context.processes:
+            if process.is_alive():
+                process.kill()
+        del stores
+    results = {}
+    for i, name in enumerate(CONFIGS):
+        outcomes, logs = [], []
+        for rank in range(WORLD_SIZE):
+            with open(f"{outcome_path}.{rank}") as f:
+                outcomes.append(json.load(f)[i])
+            with open(f"{plan[i][2]}.{rank}") as f:
+                logs.append(f.read())
+        results[name] = {"out": root / name, "single": singles[CONFIGS[name][1]],
+                         "outcomes": outcomes, "logs": logs}
+    return results
+
+
+def assert_same_run(parallel, single) -> None:
+    """Same steps, lr, and loss / grad norm / val loss to float32 rounding; the same
+    checkpoint weights at the last step, holding one RNG state per rank."""
+    got_metrics, expected_metrics = read_metrics(parallel), read_metrics(single)
+    assert [r["step"] for r in got_metrics] == [r["step"] for r in expected_metrics]
+    assert [r["step"] for r in got_metrics] == list(range(STEPS + 1))
+    for got, expected in zip(got_metrics, expected_metrics, strict=True):
+        for key in ("loss", "grad_norm", "val_loss"):
+            if key in expected:
+                assert got[key] == pytest.approx(expected[key], rel=1e-5), (got["step"], key)
+        assert got.get("lr") == expected.get("lr")
+    got, expected = load_checkpoint(str(parallel)), load_checkpoint(str(single))
+    assert got["trainer"]["step"] == STEPS and len(got["trainer"]["rng"]) == WORLD_SIZE
+    assert got["model"].keys() == expected["model"].keys()
+    for name, tensor in expected["model"].items():
+        torch.testing.assert_close(got["model"][name], tensor, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def assert_succeeded(result: dict) -> None:
+    assert result["outcomes"] == [0] * WORLD_SIZE, "\n".join(
+        f"--- rank {rank}: {outcome}\n{log[-3000:]}"
+        for rank, (outcome, log) in enumerate(zip(result["outcomes"], result["logs"],
+                                                  strict=True)))
+
+
+@pytest.mark.parametrize("name", ["ddp", "ddp_grad_accum"])
+def test_ddp_matches_one_process_with_the_global_batch(name, runs):
+    result = runs[name]
+    assert_succeeded(result)
+    rank0, rank1 = result["logs"]
+    assert rank0.count("model: ") == 1 and "world size 2" in rank0
+    assert f"step {STEPS}/{STEPS} " in rank0
+    assert "model: " not in rank1 and "step " not in rank1, "only rank 0 reports"
+    assert_same_run(result["out"], result["single"])
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "--fsdp is refused (ConfigError): FSDP2 turns the parameters into DTensors, fusedlm's "
+    "adamw_step op has no DTensor sharding strategy, and Trainer.save writes state_dict() "
+    "DTensors with safetensors on rank 0 alone"))
+def test_fsdp_matches_one_process_with_the_global_batch(runs):
+    result = runs["fsdp"]
+    assert_succeeded(result)
+    assert_same_run(result["out"], result["single"])
