@@ -56,6 +56,7 @@ from .config import ConfigError, TrainConfig
 from .data import DataError
 from .prepare import ByteTokenizer, load_tokenizer
 from .trainer import (
+    NanPolicy,
     Progress,
     Trainer,
     TrainingDiverged,
@@ -461,7 +462,7 @@ class ClassifierTrainer:
                              f"val_accuracy {first['val_accuracy']:.3f}")
             _append(metrics_path, {"step": 0, **first})
         self.model.train()
-        bad_steps, record = 0, {}
+        nan_guard, record = NanPolicy(cfg), {}
         try:
             while self.step < cfg.max_steps:
                 t0 = time.perf_counter()
@@ -473,19 +474,11 @@ class ClassifierTrainer:
                 record = {"step": self.step, "loss": result["loss"],
                           "accuracy": result["accuracy"], "lr": result["lr"],
                           "grad_norm": result["grad_norm"], "tokens_per_s": result["tokens"] / dt}
-                if not result["finite"]:
-                    bad_steps += 1
-                    record["skipped"] = True
-                    reason = (f"step {self.step}: loss {result['loss']} / grad norm "
-                              f"{result['grad_norm']} is not finite")
-                    if cfg.nan_policy == "stop" or bad_steps >= cfg.max_bad_steps:
-                        _append(metrics_path, record)
-                        raise TrainingDiverged(
-                            f"{reason}; stopping (nan_policy={cfg.nan_policy!r}, "
-                            f"{bad_steps} bad step(s) in a row, max_bad_steps={cfg.max_bad_steps})")
-                    progress.message(f"{reason}: step skipped (nan_policy='skip')")
-                else:
-                    bad_steps = 0
+                try:
+                    nan_guard.check(self.step, result, record, progress)
+                except TrainingDiverged:
+                    _append(metrics_path, record)
+                    raise
                 if self.step == cfg.max_steps or (cfg.eval_every and
                                                   self.step % cfg.eval_every == 0):
                     record.update(self.evaluate())

@@ -93,6 +93,29 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+class NanPolicy:
+    """The NaN policy of a run: a step whose loss or gradient norm is not finite is marked
+    skipped; ``check`` raises TrainingDiverged at once with ``nan_policy="stop"``, or after
+    ``max_bad_steps`` such steps in a row with ``"skip"``."""
+
+    def __init__(self, cfg: TrainConfig) -> None:
+        self.policy, self.max_bad_steps, self.bad_steps = cfg.nan_policy, cfg.max_bad_steps, 0
+
+    def check(self, step: int, result: dict, record: dict, progress: Progress) -> None:
+        if result["finite"]:
+            self.bad_steps = 0
+            return
+        self.bad_steps += 1
+        record["skipped"] = True
+        reason = (f"step {step}: loss {result['loss']} / grad norm {result['grad_norm']} "
+                  "is not finite")
+        if self.policy == "stop" or self.bad_steps >= self.max_bad_steps:
+            raise TrainingDiverged(
+                f"{reason}; stopping (nan_policy={self.policy!r}, {self.bad_steps} bad step(s) "
+                f"in a row, max_bad_steps={self.max_bad_steps})")
+        progress.message(f"{reason}: step skipped (nan_policy='skip')")
+
+
 class Progress:
     """One terminal line redrawn in place (a TTY), or a log line every ``log_every`` steps;
     nothing at all when ``quiet`` (the ranks other than 0)."""
@@ -372,7 +395,7 @@ class Trainer:
             progress.message(f"step 0: val_loss {self.best_val_loss:.4f}")
             self._write(metrics_path, {"step": 0, "val_loss": self.best_val_loss}, writer)
         self.model.train()
-        bad_steps, first_val = 0, self.best_val_loss
+        nan_guard, first_val = NanPolicy(cfg), self.best_val_loss
         summary = {}
         try:
             while self.step < cfg.max_steps:
@@ -387,19 +410,11 @@ class Trainer:
                           "grad_norm": result["grad_norm"], "tokens_per_s": tokens_per_s,
                           "mfu": (self.flops_per_token * tokens_per_s / self.dist.world_size /
                                   self.peak_flops) if self.peak_flops else None}
-                if not result["finite"]:
-                    bad_steps += 1
-                    record["skipped"] = True
-                    reason = (f"step {self.step}: loss {result['loss']} / grad norm "
-                              f"{result['grad_norm']} is not finite")
-                    if cfg.nan_policy == "stop" or bad_steps >= cfg.max_bad_steps:
-                        self._write(metrics_path, record, writer)
-                        raise TrainingDiverged(
-                            f"{reason}; stopping (nan_policy={cfg.nan_policy!r}, "
-                            f"{bad_steps} bad step(s) in a row, max_bad_steps={cfg.max_bad_steps})")
-                    progress.message(f"{reason}: step skipped (nan_policy='skip')")
-                else:
-                    bad_steps = 0
+                try:
+                    nan_guard.check(self.step, result, record, progress)
+                except TrainingDiverged:
+                    self._write(metrics_path, record, writer)
+                    raise
                 if cfg.eval_every and (self.step % cfg.eval_every == 0 or self.step == cfg.max_steps):
                     record["val_loss"] = self.evaluate()
                     self.best_val_loss = min(record["val_loss"], self.best_val_loss or math.inf)
