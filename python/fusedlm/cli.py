@@ -44,7 +44,10 @@ def _info(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="fusedlm", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="fusedlm",
+        description="fusedlm: fused attention, LayerNorm/RMSNorm and AdamW kernels, a GPT "
+        "trainer and benchmarks. Each command has --help.")
     commands = parser.add_subparsers(dest="command", required=True)
     info = commands.add_parser("info", help="versions, devices and which backends work here")
     info.add_argument("--json", action="store_true", help="print JSON instead of a table")
