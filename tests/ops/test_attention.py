@@ -183,14 +183,10 @@ def test_attention_large_logits(dtype, backend):
     )
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16], ids=str)
-@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
-@pytest.mark.parametrize("layout", ["bthd_transposed", "expanded_kv", "sliced"])
-def test_attention_strided_inputs(layout, causal, dtype, backend):
-    """Non-contiguous q/k/v: (B, T, H, D) tensors viewed as (B, H, T, D); k/v expanded from one
-    head (stride 0); slices with a storage offset."""
-    device = device_of(backend)
+def strided_layout(layout: str, dtype, device):
+    """Leaf tensors and the function that views them as non-contiguous (q, k, v) of shape
+    (2, 4|2, 19|23, 40): "bthd_transposed" ((B, T, H, D) viewed as (B, H, T, D)),
+    "expanded_kv" (k/v expanded from one head: stride 0) or sliced (storage offsets)."""
     B, Hq, Hkv, Tq, Tk, D = 2, 4, 2, 19, 23, 40
     if layout == "bthd_transposed":
         leaves = (
@@ -213,6 +209,17 @@ def test_attention_strided_inputs(layout, causal, dtype, backend):
             _randn((B, Hkv, Tk + 1, 2 * D), dtype, device),
         )
         rebuild = lambda ls: (ls[0][:, :, 3:, D:], ls[1][:, :, 1:, :D], ls[2][:, :, 1:, 3 : D + 3])  # noqa: E731
+    return leaves, rebuild
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("layout", ["bthd_transposed", "expanded_kv", "sliced"])
+def test_attention_strided_inputs(layout, causal, dtype, backend):
+    """Non-contiguous q/k/v: (B, T, H, D) tensors viewed as (B, H, T, D); k/v expanded from one
+    head (stride 0); slices with a storage offset."""
+    leaves, rebuild = strided_layout(layout, dtype, device_of(backend))
     q, k, v = rebuild(leaves)
     assert not (q.is_contiguous() and k.is_contiguous() and v.is_contiguous())
     _check_attention(q, k, v, causal, backend, leaves=leaves, rebuild=rebuild)

@@ -31,6 +31,7 @@ from tests.ops.test_attention import (  # noqa: E402
     _qkv,
     _randn,
     _visibility_probe,
+    strided_layout,
 )
 
 ON_GPU = torch.cuda.is_available()
@@ -96,29 +97,7 @@ def test_attention_other_head_dims(head_dim):
 def test_attention_strided_inputs(layout, causal):
     """Non-contiguous q/k/v reach the kernels as they are: (B, T, H, D) tensors viewed as
     (B, H, T, D); k/v expanded from one head (stride 0); slices with a storage offset."""
-    dtype = torch.float32
-    B, Hq, Hkv, Tq, Tk, D = 2, 4, 2, 19, 23, 40
-    if layout == "bthd_transposed":
-        leaves = (
-            _randn((B, Tq, Hq, D), dtype, DEVICE),
-            _randn((B, Tk, Hkv, D), dtype, DEVICE),
-            _randn((B, Tk, Hkv, D), dtype, DEVICE),
-        )
-        rebuild = lambda ls: tuple(t.transpose(1, 2) for t in ls)  # noqa: E731
-    elif layout == "expanded_kv":
-        leaves = (
-            _randn((B, Hq, Tq, D), dtype, DEVICE),
-            _randn((B, 1, Tk, D), dtype, DEVICE),
-            _randn((B, 1, Tk, D), dtype, DEVICE),
-        )
-        rebuild = lambda ls: (ls[0], ls[1].expand(B, Hkv, Tk, D), ls[2].expand(B, Hkv, Tk, D))  # noqa: E731
-    else:
-        leaves = (
-            _randn((B, Hq, Tq + 3, 2 * D), dtype, DEVICE),
-            _randn((B, Hkv, Tk + 1, 2 * D), dtype, DEVICE),
-            _randn((B, Hkv, Tk + 1, 2 * D), dtype, DEVICE),
-        )
-        rebuild = lambda ls: (ls[0][:, :, 3:, D:], ls[1][:, :, 1:, :D], ls[2][:, :, 1:, 3 : D + 3])  # noqa: E731
+    leaves, rebuild = strided_layout(layout, torch.float32, DEVICE)
     q, k, v = rebuild(leaves)
     assert not (q.is_contiguous() and k.is_contiguous() and v.is_contiguous())
     _check_attention(q, k, v, causal, BACKEND, leaves=leaves, rebuild=rebuild)
