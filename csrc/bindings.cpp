@@ -38,7 +38,8 @@ namespace {
 const std::vector<std::string>& cuda_ops() {
   static const std::vector<std::string> ops{
 #ifdef FUSEDLM_WITH_CUDA
-      "layer_norm_fwd", "layer_norm_bwd", "rms_norm_fwd", "rms_norm_bwd", "adamw_step",
+      "attention_fwd", "attention_bwd", "layer_norm_fwd", "layer_norm_bwd", "rms_norm_fwd",
+      "rms_norm_bwd", "adamw_step",
 #endif
   };
   return ops;
@@ -48,71 +49,6 @@ void require_cpu_kernel(const at::Tensor& t, const char* name, const char* op) {
   FUSEDLM_CHECK_VALUE(t.device().is_cpu(), op, ": argument '", name, "' is on ", t.device(),
                       ", and this build of fusedlm._C has no ", t.device().type(),
                       " kernel for it");
-}
-
-// ---- attention ------------------------------------------------------------------------------
-
-void check_attention_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
-  check_dim(q, "q", 4);  // (B, Hq, Tq, D)
-  check_dim(k, "k", 4);  // (B, Hkv, Tk, D)
-  check_dim(v, "v", 4);  // (B, Hkv, Tk, D)
-  check_floating(q, "q");
-  check_same_dtype(k, "k", q, "q");
-  check_same_dtype(v, "v", q, "q");
-  check_same_device(k, "k", q, "q");
-  check_same_device(v, "v", q, "q");
-  FUSEDLM_CHECK_VALUE(k.size(0) == q.size(0) && v.size(0) == q.size(0),
-                      "batch sizes differ: q ", q.sizes(), ", k ", k.sizes(), ", v ", v.sizes());
-  FUSEDLM_CHECK_VALUE(k.sizes() == v.sizes(), "argument 'v' must have the shape of 'k' ",
-                      k.sizes(), ", got ", v.sizes());
-  FUSEDLM_CHECK_VALUE(k.size(3) == q.size(3), "argument 'k' has head dim ", k.size(3),
-                      " but 'q' has ", q.size(3));
-  FUSEDLM_CHECK_VALUE(q.size(3) <= 256, "head dim D = ", q.size(3),
-                      " is over the supported maximum of 256");
-  FUSEDLM_CHECK_VALUE(k.size(1) > 0 ? q.size(1) % k.size(1) == 0 : q.size(1) == 0,
-                      "the number of query heads (", q.size(1),
-                      ") must be a multiple of the number of key/value heads (", k.size(1), ")");
-  check_fits_index(q, "q");
-  check_fits_index(k, "k");
-  check_fits_index(v, "v");
-  check_fits_strides(q, "q");
-  check_fits_strides(k, "k");
-  check_fits_strides(v, "v");
-}
-
-std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q, const at::Tensor& k,
-                                                 const at::Tensor& v, double scale, bool causal,
-                                                 int64_t causal_offset) {
-  check_attention_inputs(q, k, v);
-  check_finite(scale, "scale");
-  require_cpu_kernel(q, "q", "attention_fwd");
-  return cpu::attention_fwd(q, k, v, scale, causal, causal_offset);
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
-    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-    const at::Tensor& out, const at::Tensor& lse, double scale, bool causal,
-    int64_t causal_offset) {
-  check_attention_inputs(q, k, v);
-  check_finite(scale, "scale");
-  check_defined(grad_out, "grad_out");
-  check_defined(out, "out");
-  check_defined(lse, "lse");
-  check_shape(grad_out, "grad_out", q.sizes());
-  check_shape(out, "out", q.sizes());
-  check_shape(lse, "lse", q.sizes().slice(0, 3));
-  check_fits_strides(grad_out, "grad_out");
-  check_fits_strides(out, "out");
-  check_same_dtype(grad_out, "grad_out", q, "q");
-  check_same_dtype(out, "out", q, "q");
-  FUSEDLM_CHECK_TYPE(lse.scalar_type() == (q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat),
-                     "argument 'lse' must be float32 (float64 for float64 inputs), got ",
-                     lse.scalar_type());
-  check_same_device(grad_out, "grad_out", q, "q");
-  check_same_device(out, "out", q, "q");
-  check_same_device(lse, "lse", q, "q");
-  require_cpu_kernel(q, "q", "attention_bwd");
-  return cpu::attention_bwd(grad_out, q, k, v, out, lse, scale, causal, causal_offset);
 }
 
 // ---- CUDA glue: torch tensors -> raw pointers, the current stream, errors -> exceptions ---------
@@ -149,16 +85,18 @@ T* ptr_or_null(const at::Tensor& t) {
 // Scratch the norm launchers request (per-block partial sums): a byte tensor from the caching
 // allocator on the current device, kept alive until the end of the call (the stream-ordered
 // allocator makes freeing it after the launch safe).
+// Every buffer handed out stays referenced until the call returns, so two requests of one call
+// never share memory.
 struct Workspace {
   at::TensorOptions options;
-  at::Tensor buffer;
+  std::vector<at::Tensor> buffers;
 };
 
 void* alloc_workspace(size_t bytes, void* context) {
   auto* workspace = static_cast<Workspace*>(context);
-  workspace->buffer =
-      at::empty({static_cast<int64_t>(bytes)}, workspace->options.dtype(at::kByte));
-  return workspace->buffer.data_ptr();
+  workspace->buffers.push_back(
+      at::empty({static_cast<int64_t>(bytes)}, workspace->options.dtype(at::kByte)));
+  return workspace->buffers.back().data_ptr();
 }
 
 // weight / bias (N) as the kernels read them: contiguous, float64 for float64 x (which may come
@@ -240,7 +178,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_bwd(
     if (dw.defined()) dw.zero_();
     if (db.defined()) db.zero_();
   } else {
-    Workspace workspace{x_c.options(), at::Tensor()};
+    Workspace workspace{x_c.options(), {}};
     cuda::NormBwdArgs args{};
     args.grad_y = dy_c.data_ptr();
     args.x = x_c.data_ptr();
@@ -265,6 +203,138 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_bwd(
     db = db.to(weight->scalar_type());
   }
   return {dx, dw, db};
+}
+
+// ---- attention --------------------------------------------------------------------------------
+
+// D rounded up to a multiple of 8: the kernels fetch rows in 16-byte pieces.
+int64_t attention_padded_dim(int64_t D) { return (D + 7) / 8 * 8; }
+
+// A (B, H, T, D) attention input as the CUDA kernels read it: the tensor itself when its head dim
+// is contiguous, its other strides are multiples of 8 elements and its data 16-byte aligned;
+// otherwise a contiguous copy (zero-padded to `padded_dim` columns when D is not a multiple of 8).
+at::Tensor attention_readable(const at::Tensor& t, int64_t padded_dim) {
+  if (t.size(3) != padded_dim) return at::constant_pad_nd(t, {0, padded_dim - t.size(3)}, 0);
+  bool readable = t.stride(3) == 1 && reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
+  for (int dim = 0; dim < 3; ++dim) {
+    readable = readable && (t.size(dim) == 1 || t.stride(dim) % 8 == 0);  // size 1: never used
+  }
+  return readable ? t : t.clone(at::MemoryFormat::Contiguous);  // clone: fresh, aligned storage
+}
+
+cuda::AttentionInput attention_input(const at::Tensor& t) {  // (B, H, T, D), readable
+  auto stride = [&](int dim) { return t.size(dim) == 1 ? int64_t{0} : t.stride(dim); };
+  return cuda::AttentionInput{t.data_ptr(), stride(0), stride(1), stride(2)};
+}
+
+void check_attention_cuda(const at::Tensor& q, const at::Tensor& k, const char* op) {
+  FUSEDLM_CHECK_TYPE(q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16, op,
+                     ": the CUDA attention kernels take float16 or bfloat16, got ",
+                     q.scalar_type(), " for argument 'q' (use backend='triton' or 'torch')");
+  check_fits_int32(q.size(2), "q", "sequence length");
+  check_fits_int32(k.size(2), "k", "sequence length");
+  FUSEDLM_CHECK_VALUE(q.size(0) <= 65535, op, ": argument 'q' has batch size ", q.size(0),
+                      ", over the CUDA kernels' limit of 65535");
+  FUSEDLM_CHECK_VALUE(q.size(1) <= 65535 && 2 * k.size(1) <= 65535, op,
+                      ": the CUDA kernels take at most 65535 query heads and 32767 key/value "
+                      "heads, got ", q.size(1), " and ", k.size(1));
+}
+
+cuda::AttentionShape attention_shape(const at::Tensor& q, const at::Tensor& k, int64_t padded_dim,
+                                     double scale, bool causal, int64_t causal_offset) {
+  cuda::AttentionShape shape{};
+  shape.B = q.size(0);
+  shape.Hq = q.size(1);
+  shape.Hkv = k.size(1);
+  shape.Tq = q.size(2);
+  shape.Tk = k.size(2);
+  shape.D = padded_dim;
+  shape.scale = scale;
+  shape.causal = causal;
+  shape.causal_offset = causal_offset;
+  shape.dtype = dtype_of(q.scalar_type());
+  return shape;
+}
+
+// Drops the zero columns a padded head dim added.
+at::Tensor attention_unpad(const at::Tensor& t, int64_t D) {
+  return t.size(3) == D ? t : t.narrow(3, 0, D).contiguous();
+}
+
+std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q,  // (B, Hq, Tq, D)
+                                                 const at::Tensor& k,  // (B, Hkv, Tk, D)
+                                                 const at::Tensor& v,  // (B, Hkv, Tk, D)
+                                                 double scale, bool causal,
+                                                 int64_t causal_offset) {
+  const char* op = "attention_fwd";
+  check_attention_cuda(q, k, op);
+  const c10::cuda::CUDAGuard guard(q.device());
+  const int64_t D = q.size(3);
+  at::Tensor lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::kFloat));
+  if (q.numel() == 0 || k.numel() == 0) {  // no key to see: zeros and -inf (or empty)
+    lse.fill_(-std::numeric_limits<float>::infinity());
+    return {at::zeros(q.sizes(), q.options()), lse};
+  }
+  const int64_t Dp = attention_padded_dim(D);
+  const at::Tensor q_r = attention_readable(q, Dp);
+  const at::Tensor k_r = attention_readable(k, Dp);
+  const at::Tensor v_r = attention_readable(v, Dp);
+  at::Tensor out = at::empty({q.size(0), q.size(1), q.size(2), Dp}, q.options());  // (B, Hq, Tq, Dp)
+  cuda::AttentionFwdArgs args{};
+  args.shape = attention_shape(q, k, Dp, scale, causal, causal_offset);
+  args.q = attention_input(q_r);
+  args.k = attention_input(k_r);
+  args.v = attention_input(v_r);
+  args.out = out.data_ptr();
+  args.lse = lse.data_ptr<float>();
+  check_cuda_status(cuda::attention_fwd(args, current_stream()), op);
+  return {attention_unpad(out, D), lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
+    const at::Tensor& grad_out,  // (B, Hq, Tq, D)
+    const at::Tensor& q,         // (B, Hq, Tq, D)
+    const at::Tensor& k,         // (B, Hkv, Tk, D)
+    const at::Tensor& v,         // (B, Hkv, Tk, D)
+    const at::Tensor& out,       // (B, Hq, Tq, D)
+    const at::Tensor& lse,       // (B, Hq, Tq) float32
+    double scale, bool causal, int64_t causal_offset) {
+  const char* op = "attention_bwd";
+  check_attention_cuda(q, k, op);
+  const c10::cuda::CUDAGuard guard(q.device());
+  const int64_t D = q.size(3);
+  if (q.numel() == 0 || k.numel() == 0) {
+    return {at::zeros(q.sizes(), q.options()), at::zeros(k.sizes(), k.options()),
+            at::zeros(v.sizes(), v.options())};
+  }
+  const int64_t Dp = attention_padded_dim(D);
+  const at::Tensor q_r = attention_readable(q, Dp);
+  const at::Tensor k_r = attention_readable(k, Dp);
+  const at::Tensor v_r = attention_readable(v, Dp);
+  const at::Tensor out_r = attention_readable(out, Dp);
+  const at::Tensor grad_out_r = attention_readable(grad_out, Dp);
+  const at::Tensor lse_c = lse.contiguous();  // (B, Hq, Tq)
+  at::Tensor dq = at::empty({q.size(0), q.size(1), q.size(2), Dp}, q.options());  // (B, Hq, Tq, Dp)
+  at::Tensor dk = at::empty({k.size(0), k.size(1), k.size(2), Dp}, k.options());  // (B, Hkv, Tk, Dp)
+  at::Tensor dv = at::empty({v.size(0), v.size(1), v.size(2), Dp}, v.options());  // (B, Hkv, Tk, Dp)
+  Workspace workspace{q.options(), {}};
+  cuda::AttentionBwdArgs args{};
+  args.shape = attention_shape(q, k, Dp, scale, causal, causal_offset);
+  args.q = attention_input(q_r);
+  args.k = attention_input(k_r);
+  args.v = attention_input(v_r);
+  args.out = attention_input(out_r);
+  args.grad_out = attention_input(grad_out_r);
+  args.lse = lse_c.data_ptr<float>();
+  args.dq = dq.data_ptr();
+  args.dk = dk.data_ptr();
+  args.dv = dv.data_ptr();
+  // torch.use_deterministic_algorithms(True) asks for bitwise-reproducible gradients.
+  args.deterministic = at::globalContext().deterministicAlgorithms();
+  args.alloc = &alloc_workspace;
+  args.alloc_context = &workspace;
+  check_cuda_status(cuda::attention_bwd(args, current_stream()), op);
+  return {attention_unpad(dq, D), attention_unpad(dk, D), attention_unpad(dv, D)};
 }
 
 // One AdamW step over CUDA tensors: one launcher call per (param dtype, state dtype) group.
@@ -329,6 +399,79 @@ void adamw_step(const std::vector<at::Tensor>& params, const std::vector<at::Ten
 
 }  // namespace cuda_glue
 #endif  // FUSEDLM_WITH_CUDA
+
+// ---- attention ------------------------------------------------------------------------------
+
+void check_attention_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+  check_dim(q, "q", 4);  // (B, Hq, Tq, D)
+  check_dim(k, "k", 4);  // (B, Hkv, Tk, D)
+  check_dim(v, "v", 4);  // (B, Hkv, Tk, D)
+  check_floating(q, "q");
+  check_same_dtype(k, "k", q, "q");
+  check_same_dtype(v, "v", q, "q");
+  check_same_device(k, "k", q, "q");
+  check_same_device(v, "v", q, "q");
+  FUSEDLM_CHECK_VALUE(k.size(0) == q.size(0) && v.size(0) == q.size(0),
+                      "batch sizes differ: q ", q.sizes(), ", k ", k.sizes(), ", v ", v.sizes());
+  FUSEDLM_CHECK_VALUE(k.sizes() == v.sizes(), "argument 'v' must have the shape of 'k' ",
+                      k.sizes(), ", got ", v.sizes());
+  FUSEDLM_CHECK_VALUE(k.size(3) == q.size(3), "argument 'k' has head dim ", k.size(3),
+                      " but 'q' has ", q.size(3));
+  FUSEDLM_CHECK_VALUE(q.size(3) <= 256, "head dim D = ", q.size(3),
+                      " is over the supported maximum of 256");
+  FUSEDLM_CHECK_VALUE(k.size(1) > 0 ? q.size(1) % k.size(1) == 0 : q.size(1) == 0,
+                      "the number of query heads (", q.size(1),
+                      ") must be a multiple of the number of key/value heads (", k.size(1), ")");
+  check_fits_index(q, "q");
+  check_fits_index(k, "k");
+  check_fits_index(v, "v");
+  check_fits_strides(q, "q");
+  check_fits_strides(k, "k");
+  check_fits_strides(v, "v");
+}
+
+std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q, const at::Tensor& k,
+                                                 const at::Tensor& v, double scale, bool causal,
+                                                 int64_t causal_offset) {
+  check_attention_inputs(q, k, v);
+  check_finite(scale, "scale");
+#ifdef FUSEDLM_WITH_CUDA
+  if (q.is_cuda()) return cuda_glue::attention_fwd(q, k, v, scale, causal, causal_offset);
+#endif
+  require_cpu_kernel(q, "q", "attention_fwd");
+  return cpu::attention_fwd(q, k, v, scale, causal, causal_offset);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& out, const at::Tensor& lse, double scale, bool causal,
+    int64_t causal_offset) {
+  check_attention_inputs(q, k, v);
+  check_finite(scale, "scale");
+  check_defined(grad_out, "grad_out");
+  check_defined(out, "out");
+  check_defined(lse, "lse");
+  check_shape(grad_out, "grad_out", q.sizes());
+  check_shape(out, "out", q.sizes());
+  check_shape(lse, "lse", q.sizes().slice(0, 3));
+  check_fits_strides(grad_out, "grad_out");
+  check_fits_strides(out, "out");
+  check_same_dtype(grad_out, "grad_out", q, "q");
+  check_same_dtype(out, "out", q, "q");
+  FUSEDLM_CHECK_TYPE(lse.scalar_type() == (q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat),
+                     "argument 'lse' must be float32 (float64 for float64 inputs), got ",
+                     lse.scalar_type());
+  check_same_device(grad_out, "grad_out", q, "q");
+  check_same_device(out, "out", q, "q");
+  check_same_device(lse, "lse", q, "q");
+#ifdef FUSEDLM_WITH_CUDA
+  if (q.is_cuda()) {
+    return cuda_glue::attention_bwd(grad_out, q, k, v, out, lse, scale, causal, causal_offset);
+  }
+#endif
+  require_cpu_kernel(q, "q", "attention_bwd");
+  return cpu::attention_bwd(grad_out, q, k, v, out, lse, scale, causal, causal_offset);
+}
 
 // ---- LayerNorm / RMSNorm --------------------------------------------------------------------
 

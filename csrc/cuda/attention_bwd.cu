@@ -1,4 +1,485 @@
-// CUDA kernels for attention bwd land with the CUDA issue (#4). Until then this file only
-// proves the toolchain: CI compiles it, torch-free, for sm_80 and sm_90a, and _C reports
-// no CUDA kernels (fusedlm.backends() says so), so "auto" never routes here.
-#include "cuda/common.cuh"
+// Flash-attention backward for sm_80 and newer (mma.sync / ldmatrix / cp.async), FlashAttention-2's
+// algorithm. Three steps:
+//   1. delta = rowsum(dO * O)                                   (attention_bwd_delta_kernel)
+//   2. one CTA per (key tile, kv head, column split, batch) keeps K, V and its dK, dV
+//      accumulators on chip and streams the query tiles of every query head sharing the kv head
+//      (so GQA sums happen in registers, deterministically):
+//        S = Q K^T, P = exp(S * scale - lse), dP = dO V^T, dS = P * (dP - delta),
+//        dV += P^T dO, dK += dS^T Q * scale, and (non-deterministic mode) dQ += dS K * scale with
+//        float32 atomics into a workspace                     (attention_bwd_dkdv_kernel)
+//   3. dQ: either the workspace rounded to the output dtype (attention_bwd_convert_dq_kernel),
+//      or, deterministic, one CTA per query tile recomputing S and dP over the key tiles
+//      (attention_bwd_dq_kernel).
+// Head dims above 128 split the dK/dV/dQ columns over two CTAs (each recomputes S and dP over
+// the full head dim) so the accumulators fit in registers.
+#include "cuda/attention_sm80.cuh"
+
+namespace fusedlm::cuda {
+namespace attention {
+namespace {
+
+// delta[row] = sum_d dO[row, d] * O[row, d] (float32), one warp per (b, h, token) row.
+// grid (ceil(B Hq Tq / 8)), 256 threads.
+template <typename T>
+__global__ void __launch_bounds__(256)
+    attention_bwd_delta_kernel(const AttentionInput out,       // (B, Hq, Tq, D)
+                               const AttentionInput grad_out,  // (B, Hq, Tq, D)
+                               float* __restrict__ delta,      // (B, Hq, Tq)
+                               int64_t Hq, int64_t Tq, int D, int64_t rows) {
+  const int64_t row = int64_t{blockIdx.x} * (blockDim.x / 32) + threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  if (row >= rows) return;
+  const int64_t b = row / (Hq * Tq);
+  const int64_t h = (row / Tq) % Hq;
+  const int64_t token = row % Tq;
+  const T* o = static_cast<const T*>(out.data) + b * out.batch_stride + h * out.head_stride +
+               token * out.token_stride;
+  const T* dout = static_cast<const T*>(grad_out.data) + b * grad_out.batch_stride +
+                  h * grad_out.head_stride + token * grad_out.token_stride;
+  float acc = 0.f;
+  for (int d = lane; d < D; d += 32) acc += convert<float>(o[d]) * convert<float>(dout[d]);
+  acc = warp_reduce_sum(acc);
+  if (lane == 0) delta[row] = acc;
+}
+
+// dq = dq_accumulator rounded to T, grid-stride.
+template <typename T>
+__global__ void attention_bwd_convert_dq_kernel(const float* __restrict__ dq_accumulator,  // (n)
+                                                T* __restrict__ dq,                         // (n)
+                                                int64_t n) {
+  for (int64_t i = int64_t{blockIdx.x} * blockDim.x + threadIdx.x; i < n;
+       i += int64_t{gridDim.x} * blockDim.x) {
+    dq[i] = convert<T>(dq_accumulator[i]);
+  }
+}
+
+// Per-row softmax statistics of one warp's two query rows (g and g + 8 of its 16): lse in log2
+// units (+inf for rows past Tq or that see no key, so their probabilities are 0) and delta.
+struct RowStats {
+  float lse_log2[2];
+  float delta[2];
+};
+
+__device__ __forceinline__ RowStats load_row_stats(const float* lse, const float* delta,
+                                                   int64_t row0, int64_t Tq) {
+  RowStats stats;
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int64_t row = row0 + 8 * r;
+    const float l = row < Tq ? lse[row] : INFINITY;
+    stats.lse_log2[r] = l == -INFINITY ? INFINITY : l * kLog2e;
+    stats.delta[r] = row < Tq ? delta[row] : 0.f;
+  }
+  return stats;
+}
+
+// One warp's probabilities and score gradients from its scores S and dP (C layout, 16 rows
+// starting at query row0, kNBlocks * 8 keys starting at key n0), in place:
+// scores <- P = exp(S * scale - lse), dp <- dS = P * (dP - delta); masked entries get 0.
+template <int kNBlocks>
+__device__ __forceinline__ void probabilities_and_score_grads(
+    float (&scores)[kNBlocks][4], float (&dp)[kNBlocks][4], const RowStats& stats,
+    float scale_log2, int64_t row0, int64_t n0, int t, bool need_mask, const AttentionShape& s) {
+#pragma unroll
+  for (int nb = 0; nb < kNBlocks; ++nb) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int r = i >> 1;
+      float p = exp2f(scores[nb][i] * scale_log2 - stats.lse_log2[r]);
+      if (need_mask) {
+        const int64_t row = row0 + 8 * r;
+        const int64_t col = n0 + nb * 8 + 2 * t + (i & 1);
+        if (row >= s.Tq || col >= s.Tk || (s.causal && col > row + s.causal_offset)) p = 0.f;
+      }
+      scores[nb][i] = p;
+      dp[nb][i] = p * (dp[nb][i] - stats.delta[r]);
+    }
+  }
+}
+
+// Stores one warp's C-layout values (16 rows from row0, kNBlocks * 8 columns) into a row-major
+// shared tile as T, two elements per 32-bit store.
+template <typename T, int kNBlocks>
+__device__ __forceinline__ void store_accumulators(T* smem, int stride, int row0,
+                                                   const float (&c)[kNBlocks][4], int g, int t) {
+#pragma unroll
+  for (int nb = 0; nb < kNBlocks; ++nb) {
+    *reinterpret_cast<uint32_t*>(smem + (row0 + g) * stride + nb * 8 + 2 * t) =
+        pack2<T>(c[nb][0], c[nb][1]);
+    *reinterpret_cast<uint32_t*>(smem + (row0 + g + 8) * stride + nb * 8 + 2 * t) =
+        pack2<T>(c[nb][2], c[nb][3]);
+  }
+}
+
+// Writes one warp's C-layout accumulator (16 rows from row0, columns col0 + 8 kNBlocks) times
+// `factor` as T into a contiguous (rows, D) matrix; rows >= rows_valid and columns >= D skipped.
+template <typename T, int kNBlocks>
+__device__ __forceinline__ void write_rows(T* dst, int64_t row0, int64_t rows_valid, int col0,
+                                           int D, const float (&c)[kNBlocks][4], float factor,
+                                           int g, int t) {
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int64_t row = row0 + g + 8 * r;
+    if (row >= rows_valid) continue;
+#pragma unroll
+    for (int nb = 0; nb < kNBlocks; ++nb) {
+      const int col = col0 + nb * 8 + 2 * t;
+      if (col < D) {
+        *reinterpret_cast<uint32_t*>(dst + row * D + col) =
+            pack2<T>(c[nb][2 * r] * factor, c[nb][2 * r + 1] * factor);
+      }
+    }
+  }
+}
+
+template <int kHeadDim, int kBlock>
+constexpr size_t dkdv_shared_bytes() {
+  // sK, sV (kBlock rows) + double-buffered sQ, sdO (kBlock rows) + sP, sdS (kBlock x kBlock)
+  return size_t{2} * (6 * kBlock * (kHeadDim + kPad) + 2 * kBlock * (kBlock + kPad));
+}
+
+// grid (ceil(Tk / kBlock), Hkv * kHeadDim / kOutDim, B), kWarps * 32 threads, kBlock = 16 kWarps
+// keys and queries per tile. blockIdx.y = kv head * splits + split; the split owns output
+// columns [split * kOutDim, (split + 1) * kOutDim).
+template <typename T, int kHeadDim, int kWarps, int kOutDim, bool kAtomicDq>
+__global__ void __launch_bounds__(kWarps * 32)
+    attention_bwd_dkdv_kernel(const AttentionBwdArgs args,
+                              const float* __restrict__ delta,   // (B, Hq, Tq)
+                              float* __restrict__ dq_accumulator) {  // (B, Hq, Tq, D) or null
+  constexpr int kThreads = kWarps * 32;
+  constexpr int kBlock = 16 * kWarps;
+  constexpr int kSplits = kHeadDim / kOutDim;
+  constexpr int kStride = kHeadDim + kPad;
+  constexpr int kPStride = kBlock + kPad;
+  constexpr int kNBlocks = kBlock / 8;   // 8-key score blocks per query row slab
+  constexpr int kOBlocks = kOutDim / 8;  // 8-column output blocks
+  constexpr int kDqCols = 32;            // dQ columns per atomic pass (bounds registers)
+  static_assert(kHeadDim % kOutDim == 0 && kOutDim % kDqCols == 0);
+
+  extern __shared__ __align__(16) unsigned char shared_raw[];
+  T* sK = reinterpret_cast<T*>(shared_raw);  // (kBlock, kStride)
+  T* sV = sK + kBlock * kStride;             // (kBlock, kStride)
+  T* sQ = sV + kBlock * kStride;             // (2, kBlock, kStride)
+  T* sdO = sQ + 2 * kBlock * kStride;        // (2, kBlock, kStride)
+  T* sP = sdO + 2 * kBlock * kStride;        // (kBlock, kPStride): P, queries x keys
+  T* sdS = sP + kBlock * kPStride;           // (kBlock, kPStride): dS, queries x keys
+
+  const AttentionShape& s = args.shape;
+  const int64_t Tq = s.Tq;
+  const int64_t Tk = s.Tk;
+  const int D = static_cast<int>(s.D);
+  const int64_t group = s.Hq / s.Hkv;
+  const int64_t n0 = int64_t{blockIdx.x} * kBlock;
+  const int split = blockIdx.y % kSplits;
+  const int64_t h_kv = blockIdx.y / kSplits;
+  const int64_t b = blockIdx.z;
+  const int col0 = split * kOutDim;
+  const int tid = threadIdx.x;
+  const int warp = tid / 32;
+  const int lane = tid % 32;
+  const int g = lane / 4;
+  const int t = lane % 4;
+  const float scale = static_cast<float>(s.scale);
+  const float scale_log2 = scale * kLog2e;
+
+  const T* k = static_cast<const T*>(args.k.data) + b * args.k.batch_stride + h_kv * args.k.head_stride;
+  const T* v = static_cast<const T*>(args.v.data) + b * args.v.batch_stride + h_kv * args.v.head_stride;
+
+  // Query tiles that see any key of this tile: from the first row i with n0 <= i + offset.
+  int64_t m_block_min = 0;
+  if (s.causal) m_block_min = std::max<int64_t>(0, n0 - s.causal_offset) / kBlock;
+  const int64_t per_head = std::max<int64_t>(0, ceil_div(Tq, kBlock) - m_block_min);
+  const int64_t iterations = group * per_head;  // (query head of the group, query tile) pairs
+
+  // The query-side pointers of iteration `it`.
+  auto query_head = [&](int64_t it) { return h_kv * group + it / per_head; };
+  auto query_row0 = [&](int64_t it) { return (m_block_min + it % per_head) * kBlock; };
+  auto load_query_tiles = [&](int64_t it, int buf) {
+    const int64_t h = query_head(it);
+    const int64_t m0 = query_row0(it);
+    const T* q = static_cast<const T*>(args.q.data) + b * args.q.batch_stride + h * args.q.head_stride;
+    const T* dout = static_cast<const T*>(args.grad_out.data) + b * args.grad_out.batch_stride +
+                    h * args.grad_out.head_stride;
+    load_tile_async<kBlock, kHeadDim, kThreads>(sQ + buf * kBlock * kStride,
+                                                q + m0 * args.q.token_stride,
+                                                args.q.token_stride, Tq - m0, D, q, tid);
+    load_tile_async<kBlock, kHeadDim, kThreads>(sdO + buf * kBlock * kStride,
+                                                dout + m0 * args.grad_out.token_stride,
+                                                args.grad_out.token_stride, Tq - m0, D, dout, tid);
+  };
+
+  float dk[kOBlocks][4] = {};  // this warp's 16 keys x kOutDim columns (C layout)
+  float dv[kOBlocks][4] = {};
+
+  if (iterations > 0) {
+    load_tile_async<kBlock, kHeadDim, kThreads>(sK, k + n0 * args.k.token_stride,
+                                                args.k.token_stride, Tk - n0, D, k, tid);
+    load_tile_async<kBlock, kHeadDim, kThreads>(sV, v + n0 * args.v.token_stride,
+                                                args.v.token_stride, Tk - n0, D, v, tid);
+    load_query_tiles(0, 0);
+    cp_async_commit();
+
+    for (int64_t it = 0; it < iterations; ++it) {
+      const int buf = static_cast<int>(it & 1);
+      if (it + 1 < iterations) load_query_tiles(it + 1, buf ^ 1);
+      cp_async_commit();
+      cp_async_wait<1>();
+      __syncthreads();
+
+      const T* sQb = sQ + buf * kBlock * kStride;
+      const T* sdOb = sdO + buf * kBlock * kStride;
+      const int64_t h = query_head(it);
+      const int64_t m0 = query_row0(it);
+      const int64_t row0 = m0 + warp * 16 + g;  // this thread's first query row
+
+      // Phase A, warps over query rows: S = Q K^T and dP = dO V^T for the warp's 16 rows.
+      float scores[1][kNBlocks][4] = {};
+      float dp[1][kNBlocks][4] = {};
+      warp_gemm_rows_rows<T, 1, kNBlocks, kHeadDim>(scores, sQb, kStride, warp * 16, sK,
+                                                    kStride, 0, lane);
+      warp_gemm_rows_rows<T, 1, kNBlocks, kHeadDim>(dp, sdOb, kStride, warp * 16, sV, kStride,
+                                                    0, lane);
+      const RowStats stats = load_row_stats(args.lse + (b * s.Hq + h) * Tq,
+                                            delta + (b * s.Hq + h) * Tq, row0, Tq);
+      const bool need_mask = m0 + kBlock > Tq || n0 + kBlock > Tk ||
+                             (s.causal && n0 + kBlock - 1 > m0 + s.causal_offset);
+      probabilities_and_score_grads<kNBlocks>(scores[0], dp[0], stats, scale_log2, row0, n0, t,
+                                              need_mask, s);
+      store_accumulators<T, kNBlocks>(sP, kPStride, warp * 16, scores[0], g, t);
+      store_accumulators<T, kNBlocks>(sdS, kPStride, warp * 16, dp[0], g, t);
+
+      if constexpr (kAtomicDq) {
+        // dQ[rows, split columns] += dS K * scale, straight from the dS registers.
+        uint32_t ds_frag[1][kBlock / 16][4];
+        accumulators_to_a_fragments<T, kBlock / 16>(dp[0], ds_frag[0]);
+        float* dq_rows = dq_accumulator + (b * s.Hq + h) * Tq * D;
+#pragma unroll
+        for (int c = 0; c < kOutDim; c += kDqCols) {
+          const int c0 = col0 + c;
+          float dq[1][kDqCols / 8][4] = {};
+          warp_gemm_regs_rows<T, 1, kDqCols / 8, kBlock / 16>(dq, ds_frag, sK, kStride, 0, c0,
+                                                              lane);
+#pragma unroll
+          for (int r = 0; r < 2; ++r) {
+            const int64_t row = row0 + 8 * r;
+            if (row >= Tq) continue;
+#pragma unroll
+            for (int nb = 0; nb < kDqCols / 8; ++nb) {
+              const int col = c0 + nb * 8 + 2 * t;
+              if (col < D) {
+                atomicAdd(dq_rows + row * D + col, dq[0][nb][2 * r] * scale);
+                atomicAdd(dq_rows + row * D + col + 1, dq[0][nb][2 * r + 1] * scale);
+              }
+            }
+          }
+        }
+      }
+      __syncthreads();
+
+      // Phase B, warps over key rows: dV += P^T dO, dK += dS^T Q (this split's columns).
+      warp_gemm_cols_cols<T, kOBlocks, kBlock / 16>(dv, sP, kPStride, warp * 16, sdOb, kStride,
+                                                    col0, lane);
+      warp_gemm_cols_cols<T, kOBlocks, kBlock / 16>(dk, sdS, kPStride, warp * 16, sQb, kStride,
+                                                    col0, lane);
+      __syncthreads();  // sP, sdS and this query buffer are rewritten by the next iterations
+    }
+  }
+
+  // Keys no query sees (causal) get zero gradients: the loop above did not run for them.
+  const int64_t kv_offset = (b * s.Hkv + h_kv) * Tk * D;
+  write_rows<T, kOBlocks>(static_cast<T*>(args.dk) + kv_offset, n0 + warp * 16, Tk, col0, D, dk,
+                          scale, g, t);
+  write_rows<T, kOBlocks>(static_cast<T*>(args.dv) + kv_offset, n0 + warp * 16, Tk, col0, D, dv,
+                          1.f, g, t);
+}
+
+template <int kHeadDim, int kBlockN, int kWarps>
+constexpr size_t dq_shared_bytes() {
+  // sQ, sdO (16 kWarps rows) + double-buffered sK, sV (kBlockN rows)
+  return size_t{2} * (2 * 16 * kWarps + 4 * kBlockN) * (kHeadDim + kPad);
+}
+
+// Deterministic dQ: grid (ceil(Tq / (16 kWarps)), Hq, B). Each warp owns 16 query rows, streams
+// the key tiles its rows see, recomputes S, P, dP and dS, and accumulates dQ = dS K * scale.
+template <typename T, int kHeadDim, int kBlockN, int kWarps>
+__global__ void __launch_bounds__(kWarps * 32)
+    attention_bwd_dq_kernel(const AttentionBwdArgs args,
+                            const float* __restrict__ delta) {  // (B, Hq, Tq)
+  constexpr int kThreads = kWarps * 32;
+  constexpr int kBlockM = 16 * kWarps;
+  constexpr int kStride = kHeadDim + kPad;
+  constexpr int kNBlocks = kBlockN / 8;
+  constexpr int kDBlocks = kHeadDim / 8;
+
+  extern __shared__ __align__(16) unsigned char shared_raw[];
+  T* sQ = reinterpret_cast<T*>(shared_raw);  // (kBlockM, kStride)
+  T* sdO = sQ + kBlockM * kStride;           // (kBlockM, kStride)
+  T* sK = sdO + kBlockM * kStride;           // (2, kBlockN, kStride)
+  T* sV = sK + 2 * kBlockN * kStride;        // (2, kBlockN, kStride)
+
+  const AttentionShape& s = args.shape;
+  const int64_t Tq = s.Tq;
+  const int64_t Tk = s.Tk;
+  const int D = static_cast<int>(s.D);
+  const int64_t m0 = int64_t{gridDim.x - 1 - blockIdx.x} * kBlockM;
+  const int64_t h = blockIdx.y;
+  const int64_t b = blockIdx.z;
+  const int64_t h_kv = h / (s.Hq / s.Hkv);
+  const int tid = threadIdx.x;
+  const int warp = tid / 32;
+  const int lane = tid % 32;
+  const int g = lane / 4;
+  const int t = lane % 4;
+  const float scale = static_cast<float>(s.scale);
+  const float scale_log2 = scale * kLog2e;
+
+  const T* q = static_cast<const T*>(args.q.data) + b * args.q.batch_stride + h * args.q.head_stride;
+  const T* dout = static_cast<const T*>(args.grad_out.data) + b * args.grad_out.batch_stride +
+                  h * args.grad_out.head_stride;
+  const T* k = static_cast<const T*>(args.k.data) + b * args.k.batch_stride + h_kv * args.k.head_stride;
+  const T* v = static_cast<const T*>(args.v.data) + b * args.v.batch_stride + h_kv * args.v.head_stride;
+
+  int64_t n_blocks = ceil_div(Tk, kBlockN);
+  if (s.causal) {
+    const int64_t last_visible = std::min(m0 + kBlockM, Tq) - 1 + s.causal_offset;
+    n_blocks = last_visible < 0 ? 0 : std::min(n_blocks, last_visible / kBlockN + 1);
+  }
+  const int64_t row0 = m0 + warp * 16 + g;
+
+  float dq[1][kDBlocks][4] = {};
+  if (n_blocks > 0) {
+    load_tile_async<kBlockM, kHeadDim, kThreads>(sQ, q + m0 * args.q.token_stride,
+                                                 args.q.token_stride, Tq - m0, D, q, tid);
+    load_tile_async<kBlockM, kHeadDim, kThreads>(sdO, dout + m0 * args.grad_out.token_stride,
+                                                 args.grad_out.token_stride, Tq - m0, D, dout, tid);
+    load_tile_async<kBlockN, kHeadDim, kThreads>(sK, k, args.k.token_stride, Tk, D, k, tid);
+    load_tile_async<kBlockN, kHeadDim, kThreads>(sV, v, args.v.token_stride, Tk, D, v, tid);
+    cp_async_commit();
+    const RowStats stats = load_row_stats(args.lse + (b * s.Hq + h) * Tq,
+                                          delta + (b * s.Hq + h) * Tq, row0, Tq);
+
+    for (int64_t n = 0; n < n_blocks; ++n) {
+      const int buf = static_cast<int>(n & 1);
+      if (n + 1 < n_blocks) {
+        const int64_t next0 = (n + 1) * kBlockN;
+        load_tile_async<kBlockN, kHeadDim, kThreads>(
+            sK + (buf ^ 1) * kBlockN * kStride, k + next0 * args.k.token_stride,
+            args.k.token_stride, Tk - next0, D, k, tid);
+        load_tile_async<kBlockN, kHeadDim, kThreads>(
+            sV + (buf ^ 1) * kBlockN * kStride, v + next0 * args.v.token_stride,
+            args.v.token_stride, Tk - next0, D, v, tid);
+      }
+      cp_async_commit();
+      cp_async_wait<1>();
+      __syncthreads();
+
+      const T* sKb = sK + buf * kBlockN * kStride;
+      const T* sVb = sV + buf * kBlockN * kStride;
+      const int64_t n0 = n * kBlockN;
+      float scores[1][kNBlocks][4] = {};
+      float dp[1][kNBlocks][4] = {};
+      warp_gemm_rows_rows<T, 1, kNBlocks, kHeadDim>(scores, sQ, kStride, warp * 16, sKb, kStride,
+                                                    0, lane);
+      warp_gemm_rows_rows<T, 1, kNBlocks, kHeadDim>(dp, sdO, kStride, warp * 16, sVb, kStride, 0,
+                                                    lane);
+      const bool need_mask = m0 + kBlockM > Tq || n0 + kBlockN > Tk ||
+                             (s.causal && n0 + kBlockN - 1 > m0 + s.causal_offset);
+      probabilities_and_score_grads<kNBlocks>(scores[0], dp[0], stats, scale_log2, row0, n0, t,
+                                              need_mask, s);
+      uint32_t ds_frag[1][kBlockN / 16][4];
+      accumulators_to_a_fragments<T, kBlockN / 16>(dp[0], ds_frag[0]);
+      warp_gemm_regs_rows<T, 1, kDBlocks, kBlockN / 16>(dq, ds_frag, sKb, kStride, 0, 0, lane);
+      __syncthreads();
+    }
+  }
+  write_rows<T, kDBlocks>(static_cast<T*>(args.dq) + (b * s.Hq + h) * Tq * D, m0 + warp * 16, Tq,
+                          0, D, dq[0], scale, g, t);
+}
+
+// One backward with the dK/dV kernel of (kHeadDim, kWarps, kOutDim) and the deterministic dQ
+// kernel of (kHeadDim, kDqBlockN, 4 warps).
+template <typename T, int kHeadDim, int kWarps, int kOutDim, int kDqBlockN>
+cudaError_t launch_bwd(const AttentionBwdArgs& args, cudaStream_t stream) {
+  const AttentionShape& s = args.shape;
+  constexpr int kSplits = kHeadDim / kOutDim;
+  constexpr int kBlock = 16 * kWarps;
+  if (!fits_grid(s, std::max<int64_t>(s.Hq, s.Hkv * kSplits))) return cudaErrorInvalidValue;
+
+  const int64_t rows = s.B * s.Hq * s.Tq;
+  auto* delta = static_cast<float*>(args.alloc(sizeof(float) * rows, args.alloc_context));
+  if (delta == nullptr) return cudaErrorMemoryAllocation;
+  attention_bwd_delta_kernel<T><<<static_cast<unsigned>(ceil_div(rows, 8)), 256, 0, stream>>>(
+      args.out, args.grad_out, delta, s.Hq, s.Tq, static_cast<int>(s.D), rows);
+  FUSEDLM_RETURN_IF_LAUNCH_FAILED();
+
+  const dim3 dkdv_grid(static_cast<unsigned>(ceil_div(s.Tk, kBlock)),
+                       static_cast<unsigned>(s.Hkv * kSplits), static_cast<unsigned>(s.B));
+  constexpr size_t dkdv_bytes = dkdv_shared_bytes<kHeadDim, kBlock>();
+  if (args.deterministic) {
+    auto dkdv = attention_bwd_dkdv_kernel<T, kHeadDim, kWarps, kOutDim, false>;
+    FUSEDLM_RETURN_IF_ERROR(prepare_shared_memory(dkdv, dkdv_bytes));
+    dkdv<<<dkdv_grid, kWarps * 32, dkdv_bytes, stream>>>(args, delta, nullptr);
+    FUSEDLM_RETURN_IF_LAUNCH_FAILED();
+
+    constexpr int kDqWarps = 4;
+    auto dq = attention_bwd_dq_kernel<T, kHeadDim, kDqBlockN, kDqWarps>;
+    constexpr size_t dq_bytes = dq_shared_bytes<kHeadDim, kDqBlockN, kDqWarps>();
+    FUSEDLM_RETURN_IF_ERROR(prepare_shared_memory(dq, dq_bytes));
+    const dim3 dq_grid(static_cast<unsigned>(ceil_div(s.Tq, 16 * kDqWarps)),
+                       static_cast<unsigned>(s.Hq), static_cast<unsigned>(s.B));
+    dq<<<dq_grid, kDqWarps * 32, dq_bytes, stream>>>(args, delta);
+    FUSEDLM_RETURN_IF_LAUNCH_FAILED();
+    return cudaSuccess;
+  }
+
+  const int64_t dq_numel = rows * s.D;
+  auto* dq_accumulator =
+      static_cast<float*>(args.alloc(sizeof(float) * dq_numel, args.alloc_context));
+  if (dq_accumulator == nullptr) return cudaErrorMemoryAllocation;
+  FUSEDLM_RETURN_IF_ERROR(
+      cudaMemsetAsync(dq_accumulator, 0, sizeof(float) * dq_numel, stream));
+  auto dkdv = attention_bwd_dkdv_kernel<T, kHeadDim, kWarps, kOutDim, true>;
+  FUSEDLM_RETURN_IF_ERROR(prepare_shared_memory(dkdv, dkdv_bytes));
+  dkdv<<<dkdv_grid, kWarps * 32, dkdv_bytes, stream>>>(args, delta, dq_accumulator);
+  FUSEDLM_RETURN_IF_LAUNCH_FAILED();
+  const int64_t convert_blocks = std::min<int64_t>(ceil_div(dq_numel, 256), kMaxGridBlocks);
+  attention_bwd_convert_dq_kernel<T><<<static_cast<unsigned>(convert_blocks), 256, 0, stream>>>(
+      dq_accumulator, static_cast<T*>(args.dq), dq_numel);
+  FUSEDLM_RETURN_IF_LAUNCH_FAILED();
+  return cudaSuccess;
+}
+
+}  // namespace
+}  // namespace attention
+
+cudaError_t attention_bwd(const AttentionBwdArgs& args, cudaStream_t stream) {
+  using namespace attention;
+  const AttentionShape& s = args.shape;
+  // Empty shapes are the caller's (their gradients are zeros or empty without any kernel).
+  if (s.B == 0 || s.Hq == 0 || s.Hkv == 0 || s.Tq == 0 || s.Tk == 0 || s.D % 8 != 0 || s.D < 8 || s.D > 256 || s.Hq % s.Hkv != 0 ||
+      args.alloc == nullptr) {
+    return cudaErrorInvalidValue;
+  }
+  // (kHeadDim, kWarps, kOutDim, kDqBlockN): 64 x 64 tiles with 4 warps up to D = 128; 32 x 32
+  // tiles with 2 warps and the output columns split over two CTAs above, so that the dK and dV
+  // accumulators stay in registers and shared memory stays under an A100's 163 KiB.
+  return dispatch_half_types(s.dtype, [&](auto tag) -> cudaError_t {
+    using T = decltype(tag);
+    switch (padded_head_dim(s.D)) {
+      case 32:
+        return launch_bwd<T, 32, 4, 32, 64>(args, stream);
+      case 64:
+        return launch_bwd<T, 64, 4, 64, 64>(args, stream);
+      case 96:
+        return launch_bwd<T, 96, 4, 96, 64>(args, stream);
+      case 128:
+        return launch_bwd<T, 128, 4, 128, 64>(args, stream);
+      case 192:
+        return launch_bwd<T, 192, 2, 96, 32>(args, stream);
+      default:
+        return launch_bwd<T, 256, 2, 128, 32>(args, stream);
+    }
+  });
+}
+
+}  // namespace fusedlm::cuda

@@ -1,4 +1,234 @@
-// CUDA kernels for attention fwd land with the CUDA issue (#4). Until then this file only
-// proves the toolchain: CI compiles it, torch-free, for sm_80 and sm_90a, and _C reports
-// no CUDA kernels (fusedlm.backends() says so), so "auto" never routes here.
-#include "cuda/common.cuh"
+// Flash-attention forward for sm_80 and newer (mma.sync / ldmatrix / cp.async), FlashAttention-2's
+// algorithm: one CTA per (query tile, query head, batch); K and V tiles stream through
+// double-buffered shared memory while each warp keeps its query rows' output accumulator and
+// online-softmax statistics in registers. Q, K, V are read in place through their strides.
+#include "cuda/attention_sm80.cuh"
+
+namespace fusedlm::cuda {
+namespace attention {
+namespace {
+
+template <int kHeadDim, int kBlockM, int kBlockN>
+constexpr size_t fwd_shared_bytes() {
+  // sQ (kBlockM rows) + double-buffered sK and sV (kBlockN rows each), rows of kHeadDim + kPad
+  return size_t{2} * (kBlockM + 4 * kBlockN) * (kHeadDim + kPad);
+}
+
+// grid (ceil(Tq / kBlockM), Hq, B), kWarps * 32 threads; each warp owns kBlockM / kWarps rows.
+template <typename T, int kHeadDim, int kBlockM, int kBlockN, int kWarps>
+__global__ void __launch_bounds__(kWarps * 32)
+    attention_fwd_kernel(const AttentionFwdArgs args) {
+  constexpr int kThreads = kWarps * 32;
+  constexpr int kMTiles = kBlockM / (16 * kWarps);  // 16-row MMA tiles per warp
+  constexpr int kNBlocks = kBlockN / 8;              // 8-column score blocks of a K tile
+  constexpr int kDBlocks = kHeadDim / 8;             // 8-column output blocks
+  constexpr int kStride = kHeadDim + kPad;           // shared-memory row stride (elements)
+  static_assert(kMTiles >= 1 && kBlockM == 16 * kWarps * kMTiles);
+  static_assert(kBlockN % 16 == 0 && kHeadDim % 16 == 0);
+
+  extern __shared__ __align__(16) unsigned char shared_raw[];
+  T* sQ = reinterpret_cast<T*>(shared_raw);  // (kBlockM, kStride)
+  T* sK = sQ + kBlockM * kStride;            // (2, kBlockN, kStride)
+  T* sV = sK + 2 * kBlockN * kStride;        // (2, kBlockN, kStride)
+
+  const AttentionShape& s = args.shape;
+  const int64_t Tq = s.Tq;
+  const int64_t Tk = s.Tk;
+  const int D = static_cast<int>(s.D);
+  const int m_block = gridDim.x - 1 - blockIdx.x;  // the longest (causal) rows start first
+  const int64_t h = blockIdx.y;
+  const int64_t b = blockIdx.z;
+  const int64_t h_kv = h / (s.Hq / s.Hkv);
+  const int64_t m0 = int64_t{m_block} * kBlockM;
+  const int tid = threadIdx.x;
+  const int warp = tid / 32;
+  const int lane = tid % 32;
+  const int g = lane / 4;
+  const int t = lane % 4;
+
+  const T* q = static_cast<const T*>(args.q.data) + b * args.q.batch_stride + h * args.q.head_stride;
+  const T* k = static_cast<const T*>(args.k.data) + b * args.k.batch_stride + h_kv * args.k.head_stride;
+  const T* v = static_cast<const T*>(args.v.data) + b * args.v.batch_stride + h_kv * args.v.head_stride;
+
+  // Key tiles this query tile sees: all of them, or (causal) up to its last row's last key.
+  int64_t n_blocks = ceil_div(Tk, kBlockN);
+  if (s.causal) {
+    const int64_t last_visible = std::min(m0 + kBlockM, Tq) - 1 + s.causal_offset;
+    n_blocks = last_visible < 0 ? 0 : std::min(n_blocks, last_visible / kBlockN + 1);
+  }
+
+  float o[kMTiles][kDBlocks][4] = {};  // output accumulator (C layout)
+  float row_max[kMTiles][2];           // running max of the scaled scores, log2 units
+  float row_sum[kMTiles][2] = {};      // this thread's part of the running softmax denominator
+#pragma unroll
+  for (int mt = 0; mt < kMTiles; ++mt) row_max[mt][0] = row_max[mt][1] = -INFINITY;
+  const float scale_log2 = static_cast<float>(s.scale) * kLog2e;
+
+  if (n_blocks > 0) {
+    load_tile_async<kBlockM, kHeadDim, kThreads>(sQ, q + m0 * args.q.token_stride,
+                                                 args.q.token_stride, Tq - m0, D, q, tid);
+    load_tile_async<kBlockN, kHeadDim, kThreads>(sK, k, args.k.token_stride, Tk, D, k, tid);
+    load_tile_async<kBlockN, kHeadDim, kThreads>(sV, v, args.v.token_stride, Tk, D, v, tid);
+    cp_async_commit();
+
+    for (int64_t n = 0; n < n_blocks; ++n) {
+      const int buf = static_cast<int>(n & 1);
+      if (n + 1 < n_blocks) {  // prefetch the next K and V tiles into the other buffer
+        const int64_t next0 = (n + 1) * kBlockN;
+        load_tile_async<kBlockN, kHeadDim, kThreads>(
+            sK + (buf ^ 1) * kBlockN * kStride, k + next0 * args.k.token_stride,
+            args.k.token_stride, Tk - next0, D, k, tid);
+        load_tile_async<kBlockN, kHeadDim, kThreads>(
+            sV + (buf ^ 1) * kBlockN * kStride, v + next0 * args.v.token_stride,
+            args.v.token_stride, Tk - next0, D, v, tid);
+      }
+      cp_async_commit();
+      cp_async_wait<1>();  // everything but the prefetch just issued has landed
+      __syncthreads();
+
+      const T* sKb = sK + buf * kBlockN * kStride;
+      const T* sVb = sV + buf * kBlockN * kStride;
+      float scores[kMTiles][kNBlocks][4] = {};  // S = Q K^T for this warp's rows (C layout)
+      warp_gemm_rows_rows<T, kMTiles, kNBlocks, kHeadDim>(scores, sQ, kStride,
+                                                          warp * 16 * kMTiles, sKb, kStride, 0,
+                                                          lane);
+
+      // Scale to log2 units and mask: past Tk, and (causal) keys after the row's last visible.
+      const int64_t n0 = n * kBlockN;
+      const bool need_mask =
+          n0 + kBlockN > Tk || (s.causal && n0 + kBlockN - 1 > m0 + s.causal_offset);
+#pragma unroll
+      for (int mt = 0; mt < kMTiles; ++mt) {
+#pragma unroll
+        for (int nb = 0; nb < kNBlocks; ++nb) {
+#pragma unroll
+          for (int i = 0; i < 4; ++i) {
+            float x = scores[mt][nb][i] * scale_log2;
+            if (need_mask) {
+              const int64_t row = m0 + warp * 16 * kMTiles + mt * 16 + g + (i >= 2 ? 8 : 0);
+              const int64_t col = n0 + nb * 8 + 2 * t + (i & 1);
+              if (col >= Tk || (s.causal && col > row + s.causal_offset)) x = -INFINITY;
+            }
+            scores[mt][nb][i] = x;
+          }
+        }
+      }
+
+      // Online softmax: new row max (over the 4 lanes sharing a row), rescale, exponentiate.
+#pragma unroll
+      for (int mt = 0; mt < kMTiles; ++mt) {
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+          float m_new = row_max[mt][r];
+#pragma unroll
+          for (int nb = 0; nb < kNBlocks; ++nb) {
+            m_new = fmaxf(m_new, fmaxf(scores[mt][nb][2 * r], scores[mt][nb][2 * r + 1]));
+          }
+          m_new = fmaxf(m_new, __shfl_xor_sync(0xffffffffu, m_new, 1));
+          m_new = fmaxf(m_new, __shfl_xor_sync(0xffffffffu, m_new, 2));
+          // A row that has seen only masked keys keeps max -inf; subtract 0 then (no inf - inf).
+          const float m_use = m_new == -INFINITY ? 0.f : m_new;
+          const float alpha = exp2f(row_max[mt][r] - m_use);
+          row_max[mt][r] = m_new;
+          float sum = 0.f;
+#pragma unroll
+          for (int nb = 0; nb < kNBlocks; ++nb) {
+            const float p0 = exp2f(scores[mt][nb][2 * r] - m_use);
+            const float p1 = exp2f(scores[mt][nb][2 * r + 1] - m_use);
+            scores[mt][nb][2 * r] = p0;
+            scores[mt][nb][2 * r + 1] = p1;
+            sum += p0 + p1;
+          }
+          row_sum[mt][r] = row_sum[mt][r] * alpha + sum;
+#pragma unroll
+          for (int db = 0; db < kDBlocks; ++db) {
+            o[mt][db][2 * r] *= alpha;
+            o[mt][db][2 * r + 1] *= alpha;
+          }
+        }
+      }
+
+      // O += P V, P rounded to T as the A operand.
+      uint32_t p_frag[kMTiles][kBlockN / 16][4];
+#pragma unroll
+      for (int mt = 0; mt < kMTiles; ++mt) {
+        accumulators_to_a_fragments<T, kBlockN / 16>(scores[mt], p_frag[mt]);
+      }
+      warp_gemm_regs_rows<T, kMTiles, kDBlocks, kBlockN / 16>(o, p_frag, sVb, kStride, 0, 0, lane);
+      __syncthreads();  // the next iteration's prefetch overwrites this buffer
+    }
+  }
+
+  // Epilogue: out = O / l, lse = max + log(l) (natural log); rows that saw no key: 0 and -inf.
+  T* out = static_cast<T*>(args.out) + (b * s.Hq + h) * Tq * D;
+  float* lse = args.lse + (b * s.Hq + h) * Tq;
+#pragma unroll
+  for (int mt = 0; mt < kMTiles; ++mt) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      float l = row_sum[mt][r];
+      l += __shfl_xor_sync(0xffffffffu, l, 1);
+      l += __shfl_xor_sync(0xffffffffu, l, 2);
+      const int64_t row = m0 + warp * 16 * kMTiles + mt * 16 + g + 8 * r;
+      if (row >= Tq) continue;
+      const float inv = l > 0.f ? 1.f / l : 0.f;
+#pragma unroll
+      for (int db = 0; db < kDBlocks; ++db) {
+        const int col = db * 8 + 2 * t;
+        if (col < D) {
+          *reinterpret_cast<uint32_t*>(out + row * D + col) =
+              pack2<T>(o[mt][db][2 * r] * inv, o[mt][db][2 * r + 1] * inv);
+        }
+      }
+      if (t == 0) lse[row] = l > 0.f ? row_max[mt][r] * kLn2 + logf(l) : -INFINITY;
+    }
+  }
+}
+
+template <typename T, int kHeadDim, int kBlockM, int kBlockN, int kWarps>
+cudaError_t launch_fwd(const AttentionFwdArgs& args, cudaStream_t stream) {
+  const AttentionShape& s = args.shape;
+  constexpr size_t bytes = fwd_shared_bytes<kHeadDim, kBlockM, kBlockN>();
+  auto kernel = attention_fwd_kernel<T, kHeadDim, kBlockM, kBlockN, kWarps>;
+  FUSEDLM_RETURN_IF_ERROR(prepare_shared_memory(kernel, bytes));
+  const dim3 grid(static_cast<unsigned>(ceil_div(s.Tq, kBlockM)), static_cast<unsigned>(s.Hq),
+                  static_cast<unsigned>(s.B));
+  kernel<<<grid, kWarps * 32, bytes, stream>>>(args);
+  FUSEDLM_RETURN_IF_LAUNCH_FAILED();
+  return cudaSuccess;
+}
+
+}  // namespace
+}  // namespace attention
+
+cudaError_t attention_fwd(const AttentionFwdArgs& args, cudaStream_t stream) {
+  using namespace attention;
+  const AttentionShape& s = args.shape;
+  // Empty shapes are the caller's (out is empty or zeros, lse empty or -inf, without a kernel).
+  if (s.B == 0 || s.Hq == 0 || s.Tq == 0 || s.Tk == 0 || s.Hkv == 0 || s.D % 8 != 0 || s.D < 8 || s.D > 256 || s.Hq % s.Hkv != 0 ||
+      !fits_grid(s, s.Hq)) {
+    return cudaErrorInvalidValue;
+  }
+  // (kHeadDim, kBlockM, kBlockN, kWarps): 128 x 64 tiles with 4 warps (2 MMA row tiles each) up
+  // to D = 128 (FlashAttention-2's sm80 choice for D = 128); 64-row tiles above, whose
+  // double-buffered K/V tiles must fit the 163 KiB an A100 CTA can have.
+  return dispatch_half_types(s.dtype, [&](auto tag) -> cudaError_t {
+    using T = decltype(tag);
+    switch (padded_head_dim(s.D)) {
+      case 32:
+        return launch_fwd<T, 32, 128, 64, 4>(args, stream);
+      case 64:
+        return launch_fwd<T, 64, 128, 64, 4>(args, stream);
+      case 96:
+        return launch_fwd<T, 96, 128, 64, 4>(args, stream);
+      case 128:
+        return launch_fwd<T, 128, 128, 64, 4>(args, stream);
+      case 192:
+        return launch_fwd<T, 192, 64, 64, 4>(args, stream);
+      default:
+        return launch_fwd<T, 256, 64, 32, 4>(args, stream);
+    }
+  });
+}
+
+}  // namespace fusedlm::cuda

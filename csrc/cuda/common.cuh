@@ -141,7 +141,7 @@ inline cudaError_t current_sm_count(int* sms) {
   return cudaDeviceGetAttribute(sms, cudaDevAttrMultiProcessorCount, device);
 }
 
-inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+__host__ __device__ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // Grid sizes above this run as grid-stride loops (kernels loop over their rows).
 constexpr int64_t kMaxGridBlocks = int64_t{1} << 20;

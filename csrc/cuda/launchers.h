@@ -71,6 +71,73 @@ struct NormBwdArgs {
 // two deterministic stages (per-block partial sums into the workspace, then a final pass).
 cudaError_t norm_bwd(const NormBwdArgs& args, cudaStream_t stream);
 
+// ---- attention (attention_fwd.cu, attention_bwd.cu) --------------------------------------------
+//
+// Flash attention on tensor cores (mma.sync m16n8k16, ldmatrix, cp.async: sm_80 and newer),
+// float16/bfloat16 in, float32 accumulation and statistics. Key j is visible to query i iff
+// !causal || j <= i + causal_offset. A query row that sees no key gets out = 0, lse = -inf.
+//
+// Inputs are read in place through their batch, head and token strides (in elements): the
+// head dim must be contiguous, D a multiple of 8 (1..256), every stride a multiple of 8 and the
+// base pointer 16-byte aligned (each row is fetched with 16-byte copies). The caller copies or
+// pads what does not meet that (csrc/bindings.cpp). T and the grid sizes fit in int32.
+
+// A (B, H, T, D) input: base pointer and its batch, head and token strides in elements.
+struct AttentionInput {
+  const void* data;
+  int64_t batch_stride;
+  int64_t head_stride;
+  int64_t token_stride;
+};
+
+struct AttentionShape {
+  int64_t B;
+  int64_t Hq;
+  int64_t Hkv;            // Hq % Hkv == 0: query head h reads kv head h / (Hq / Hkv)
+  int64_t Tq;
+  int64_t Tk;
+  int64_t D;              // multiple of 8, <= 256
+  double scale;           // multiplies q . k
+  bool causal;
+  int64_t causal_offset;  // Tk - Tq for bottom-right alignment, 0 for top-left
+  DType dtype;            // kFloat16 or kBFloat16
+};
+
+struct AttentionFwdArgs {
+  AttentionShape shape;
+  AttentionInput q;  // (B, Hq, Tq, D)
+  AttentionInput k;  // (B, Hkv, Tk, D)
+  AttentionInput v;  // (B, Hkv, Tk, D)
+  void* out;         // (B, Hq, Tq, D) contiguous, dtype
+  float* lse;        // (B, Hq, Tq) contiguous, natural log
+};
+
+// out = softmax(q k^T * scale) v per (batch, query head), and its logsumexp.
+cudaError_t attention_fwd(const AttentionFwdArgs& args, cudaStream_t stream);
+
+struct AttentionBwdArgs {
+  AttentionShape shape;
+  AttentionInput q;         // (B, Hq, Tq, D)
+  AttentionInput k;         // (B, Hkv, Tk, D)
+  AttentionInput v;         // (B, Hkv, Tk, D)
+  AttentionInput out;       // (B, Hq, Tq, D) as returned by attention_fwd
+  AttentionInput grad_out;  // (B, Hq, Tq, D)
+  const float* lse;         // (B, Hq, Tq) contiguous, as returned by attention_fwd
+  void* dq;                 // (B, Hq, Tq, D) contiguous, dtype
+  void* dk;                 // (B, Hkv, Tk, D) contiguous, dtype; summed over the query heads
+  void* dv;                 // (B, Hkv, Tk, D) contiguous, dtype;   that share each kv head
+  // Deterministic: dq by a second kernel that recomputes the probabilities (no atomics, about
+  // 1.4x the backward's FLOPs); otherwise dq is accumulated with float32 atomics.
+  bool deterministic;
+  // Scratch (delta = rowsum(grad_out * out), and the float32 dq accumulator when not
+  // deterministic), requested at most twice per call.
+  WorkspaceAlloc alloc;
+  void* alloc_context;
+};
+
+// dq, dk, dv of attention_fwd (the flash-attention backward: probabilities recomputed from lse).
+cudaError_t attention_bwd(const AttentionBwdArgs& args, cudaStream_t stream);
+
 // ---- AdamW (adamw.cu) -------------------------------------------------------------------------
 
 // One parameter of a multi-tensor AdamW step; every pointer addresses `numel` contiguous elements.

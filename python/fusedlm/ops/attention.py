@@ -31,8 +31,22 @@ ATTENTION_FWD = OpDispatch("attention_fwd")
 ATTENTION_BWD = OpDispatch("attention_bwd")
 ATTENTION_FWD.register("torch")(reference.attention_fwd)
 ATTENTION_BWD.register("torch")(reference.attention_bwd)
-register_extension_kernels(ATTENTION_FWD, "attention_fwd")
-register_extension_kernels(ATTENTION_BWD, "attention_bwd")
+
+
+def _extension_supports(q: Tensor, k: Tensor, v: Tensor) -> str | None:
+    """The CPU kernels take every case; the CUDA ones (tensor-core mma.sync) fp16/bf16 on sm_80+."""
+    if q.device.type != "cuda":
+        return None
+    if q.dtype not in (torch.float16, torch.bfloat16):
+        return f"the CUDA attention kernels take float16 or bfloat16, not {q.dtype}"
+    major, minor = torch.cuda.get_device_capability(q.device)
+    if major < 8:
+        return f"the CUDA attention kernels need compute capability 8.0 or newer, not {major}.{minor}"
+    return None
+
+
+register_extension_kernels(ATTENTION_FWD, "attention_fwd", supports=_extension_supports)
+register_extension_kernels(ATTENTION_BWD, "attention_bwd", supports=_extension_supports)
 
 
 def _triton_supports(q: Tensor, k: Tensor, v: Tensor) -> str | None:

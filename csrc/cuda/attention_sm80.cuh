@@ -1,0 +1,262 @@
+// Building blocks of the sm_80-class flash-attention kernels (attention_fwd.cu, attention_bwd.cu):
+// 16-byte cp.async tile copies into padded shared memory, ldmatrix fragment loads and
+// mma.sync.m16n8k16 (float16/bfloat16 in, float32 accumulate) warp-level GEMMs. They run on
+// every GPU from Ampere on (sm_80, sm_86, sm_89, sm_90).
+//
+// Fragment layouts (PTX ISA, "mma.m16n8k16"): lane = 4 * g + t (g = lane / 4, t = lane % 4).
+//   A (16 x 16, row-major), 4 registers of 2 elements: a0 (row g, k 2t..2t+1), a1 (row g+8,
+//     k 2t..), a2 (row g, k 8+2t..), a3 (row g+8, k 8+2t..).
+//   B (16 x 8, k x n), 2 registers: b0 (k 2t..2t+1, col g), b1 (k 8+2t.., col g).
+//   C (16 x 8, float32), 4 values: c0, c1 (row g, cols 2t, 2t+1), c2, c3 (row g+8, same cols).
+// ldmatrix.x4 loads four 8 x 8 matrices; lanes 8i..8i+7 give the row addresses of matrix i and
+// each lane receives (row g, cols 2t..2t+1) of every matrix (with .trans: rows 2t..2t+1 of
+// column g), which is exactly one register of the fragments above.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cstdint>
+#include <type_traits>
+
+#include "cuda/common.cuh"
+
+namespace fusedlm::cuda::attention {
+
+// Elements of padding after each shared-memory row: rows then start 16 bytes apart modulo 128,
+// so the 8 row addresses of an ldmatrix hit 8 different 16-byte bank groups (no conflicts), for
+// every head dim used here (32..256), and the 16-byte cp.async destinations stay aligned.
+constexpr int kPad = 8;
+
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+
+__device__ __forceinline__ uint32_t shared_address(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// Copies 16 bytes global -> shared asynchronously; with valid == false it reads nothing and
+// zero-fills the 16 bytes (src-size 0), which is how tiles are padded past T and D.
+__device__ __forceinline__ void cp_async_16(void* smem, const void* gmem, bool valid) {
+  const int src_bytes = valid ? 16 : 0;
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(shared_address(smem)),
+               "l"(gmem), "r"(src_bytes)
+               : "memory");
+}
+
+__device__ __forceinline__ void cp_async_commit() {
+  asm volatile("cp.async.commit_group;\n" ::: "memory");
+}
+
+// Waits until at most kPending of this thread's committed copy groups are still in flight.
+template <int kPending>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending) : "memory");
+}
+
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* smem) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(shared_address(smem))
+               : "memory");
+}
+
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* smem) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(shared_address(smem))
+               : "memory");
+}
+
+// c (16 x 8) += a (16 x 16) * b (16 x 8), float32 accumulation.
+template <typename T>
+__device__ __forceinline__ void mma_16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
+                                          uint32_t b1) {
+  static_assert(std::is_same_v<T, __half> || std::is_same_v<T, __nv_bfloat16>);
+  if constexpr (std::is_same_v<T, __half>) {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
+        "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  } else {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
+        "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+}
+
+// Two floats rounded to T and packed into one 32-bit register, `lo` in the low half (the
+// lower column index, as the fragments and little-endian memory want).
+template <typename T>
+__device__ __forceinline__ uint32_t pack2(float lo, float hi) {
+  if constexpr (std::is_same_v<T, __half>) {
+    const __half2 v = __floats2half2_rn(lo, hi);
+    return *reinterpret_cast<const uint32_t*>(&v);
+  } else {
+    const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<const uint32_t*>(&v);
+  }
+}
+
+// Accumulator fragments (C layout) of one warp's rows, as the A fragments of the next GEMM:
+// the float32 scores/probabilities of 16 rows x (16 kChunks) columns -> T, in registers.
+template <typename T, int kChunks>
+__device__ __forceinline__ void accumulators_to_a_fragments(const float (&c)[2 * kChunks][4],
+                                                            uint32_t (&a)[kChunks][4]) {
+#pragma unroll
+  for (int kc = 0; kc < kChunks; ++kc) {
+    a[kc][0] = pack2<T>(c[2 * kc][0], c[2 * kc][1]);
+    a[kc][1] = pack2<T>(c[2 * kc][2], c[2 * kc][3]);
+    a[kc][2] = pack2<T>(c[2 * kc + 1][0], c[2 * kc + 1][1]);
+    a[kc][3] = pack2<T>(c[2 * kc + 1][2], c[2 * kc + 1][3]);
+  }
+}
+
+// Copies a (kRows, kCols) tile of a row-major global matrix (rows `row_stride` elements apart,
+// columns contiguous) into shared memory with rows kCols + kPad apart, asynchronously (the
+// caller commits the group). Rows >= rows_valid and columns >= cols_valid are zero-filled
+// without being read; `fallback` is any valid global address given to the zero-filling copies.
+template <int kRows, int kCols, int kThreads, typename T>
+__device__ __forceinline__ void load_tile_async(T* smem, const T* gmem, int64_t row_stride,
+                                                int64_t rows_valid, int cols_valid,
+                                                const T* fallback, int tid) {
+  constexpr int kChunksPerRow = kCols / 8;  // 16-byte chunks
+  constexpr int kChunks = kRows * kChunksPerRow;
+  constexpr int kIters = (kChunks + kThreads - 1) / kThreads;
+#pragma unroll
+  for (int it = 0; it < kIters; ++it) {
+    const int chunk = tid + it * kThreads;
+    if (kChunks % kThreads == 0 || chunk < kChunks) {
+      const int row = chunk / kChunksPerRow;
+      const int col = (chunk % kChunksPerRow) * 8;
+      const bool valid = row < rows_valid && col < cols_valid;
+      cp_async_16(smem + row * (kCols + kPad) + col, valid ? gmem + row * row_stride + col : fallback,
+                  valid);
+    }
+  }
+}
+
+// acc[mt][nb] (16 x 8) += A[a_row0 + 16 mt + i][0:kK] . B[b_row0 + 8 nb + j][0:kK] for one warp:
+// "rows times rows", A and B both row-major in shared memory (e.g. S = Q K^T, dP = dO V^T).
+template <typename T, int kMTiles, int kNBlocks, int kK>
+__device__ __forceinline__ void warp_gemm_rows_rows(float (&acc)[kMTiles][kNBlocks][4],
+                                                    const T* sA, int a_stride, int a_row0,
+                                                    const T* sB, int b_stride, int b_row0,
+                                                    int lane) {
+  static_assert(kNBlocks % 2 == 0 && kK % 16 == 0);
+#pragma unroll
+  for (int kk = 0; kk < kK / 16; ++kk) {
+    uint32_t a[kMTiles][4];
+#pragma unroll
+    for (int mt = 0; mt < kMTiles; ++mt) {
+      ldmatrix_x4(a[mt], sA + (a_row0 + 16 * mt + (lane & 15)) * a_stride + 16 * kk + (lane >> 4) * 8);
+    }
+#pragma unroll
+    for (int np = 0; np < kNBlocks / 2; ++np) {
+      // matrices: (rows 0-7, k 0-7), (rows 0-7, k 8-15), (rows 8-15, k 0-7), (rows 8-15, k 8-15)
+      uint32_t b[4];
+      ldmatrix_x4(b, sB + (b_row0 + 16 * np + (lane & 7) + ((lane >> 4) << 3)) * b_stride + 16 * kk +
+                         ((lane >> 3) & 1) * 8);
+#pragma unroll
+      for (int mt = 0; mt < kMTiles; ++mt) {
+        mma_16816<T>(acc[mt][2 * np], a[mt], b[0], b[1]);
+        mma_16816<T>(acc[mt][2 * np + 1], a[mt], b[2], b[3]);
+      }
+    }
+  }
+}
+
+// acc[mt][nb] (16 x 8) += A_mt (registers, 16 x 16 kChunks) . B[b_row0 + k][b_col0 + 8 nb + j]:
+// A from registers, B row-major (k x n) in shared memory read transposed (e.g. O += P V,
+// dQ += dS K).
+template <typename T, int kMTiles, int kNBlocks, int kChunks>
+__device__ __forceinline__ void warp_gemm_regs_rows(float (&acc)[kMTiles][kNBlocks][4],
+                                                    const uint32_t (&a)[kMTiles][kChunks][4],
+                                                    const T* sB, int b_stride, int b_row0,
+                                                    int b_col0, int lane) {
+  static_assert(kNBlocks % 2 == 0);
+#pragma unroll
+  for (int kc = 0; kc < kChunks; ++kc) {
+#pragma unroll
+    for (int np = 0; np < kNBlocks / 2; ++np) {
+      // matrices: (k 0-7, n 0-7), (k 8-15, n 0-7), (k 0-7, n 8-15), (k 8-15, n 8-15)
+      uint32_t b[4];
+      ldmatrix_x4_trans(b, sB + (b_row0 + 16 * kc + (lane & 15)) * b_stride + b_col0 + 16 * np +
+                               (lane >> 4) * 8);
+#pragma unroll
+      for (int mt = 0; mt < kMTiles; ++mt) {
+        mma_16816<T>(acc[mt][2 * np], a[mt][kc], b[0], b[1]);
+        mma_16816<T>(acc[mt][2 * np + 1], a[mt][kc], b[2], b[3]);
+      }
+    }
+  }
+}
+
+// acc[nb] (16 x 8) += sum over k < 16 kChunks of A[k][a_col0 + i] * B[k][b_col0 + 8 nb + j]:
+// "columns times columns", both row-major (k x .) in shared memory, both read transposed
+// (e.g. dV += P^T dO, dK += dS^T Q, where k runs over the query rows).
+template <typename T, int kNBlocks, int kChunks>
+__device__ __forceinline__ void warp_gemm_cols_cols(float (&acc)[kNBlocks][4], const T* sA,
+                                                    int a_stride, int a_col0, const T* sB,
+                                                    int b_stride, int b_col0, int lane) {
+  static_assert(kNBlocks % 2 == 0);
+#pragma unroll
+  for (int kc = 0; kc < kChunks; ++kc) {
+    // A^T fragment from the transposed matrices (k 0-7, m 0-7), (k 0-7, m 8-15),
+    // (k 8-15, m 0-7), (k 8-15, m 8-15): registers a0..a3 of the A layout.
+    uint32_t a[4];
+    ldmatrix_x4_trans(a, sA + (16 * kc + (lane & 7) + ((lane >> 4) << 3)) * a_stride + a_col0 +
+                             ((lane >> 3) & 1) * 8);
+#pragma unroll
+    for (int np = 0; np < kNBlocks / 2; ++np) {
+      uint32_t b[4];
+      ldmatrix_x4_trans(b, sB + (16 * kc + (lane & 15)) * b_stride + b_col0 + 16 * np +
+                               (lane >> 4) * 8);
+      mma_16816<T>(acc[2 * np], a, b[0], b[1]);
+      mma_16816<T>(acc[2 * np + 1], a, b[2], b[3]);
+    }
+  }
+}
+
+// The head dim a kernel instance is compiled for: D rounded up to one of the tuned sizes
+// (columns past D are zero-filled in shared memory and never written back).
+inline int padded_head_dim(int64_t D) {
+  return D <= 32 ? 32 : D <= 64 ? 64 : D <= 96 ? 96 : D <= 128 ? 128 : D <= 192 ? 192 : 256;
+}
+
+// Raises the kernel's dynamic shared memory limit to `bytes` (needed above 48 KiB), or fails
+// with cudaErrorInvalidConfiguration when the device has less than that per block.
+template <typename Kernel>
+cudaError_t prepare_shared_memory(Kernel kernel, size_t bytes) {
+  int device = 0;
+  FUSEDLM_RETURN_IF_ERROR(cudaGetDevice(&device));
+  int max_bytes = 0;
+  FUSEDLM_RETURN_IF_ERROR(
+      cudaDeviceGetAttribute(&max_bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  if (bytes > static_cast<size_t>(max_bytes)) return cudaErrorInvalidConfiguration;
+  return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                              static_cast<int>(bytes));
+}
+
+// Calls f(T{}) with T the CUDA element type of dtype (float16 or bfloat16 only).
+template <typename F>
+cudaError_t dispatch_half_types(DType dtype, F&& f) {
+  switch (dtype) {
+    case DType::kFloat16:
+      return f(__half{});
+    case DType::kBFloat16:
+      return f(__nv_bfloat16{});
+    default:
+      return cudaErrorInvalidValue;
+  }
+}
+
+// Grid limits of the launches: T and the block counts in int32, heads and batch in the y/z
+// dimensions (at most 65535).
+inline bool fits_grid(const AttentionShape& s, int64_t y_blocks) {
+  constexpr int64_t kMaxInt = 2147483647;
+  return s.Tq <= kMaxInt && s.Tk <= kMaxInt && y_blocks <= 65535 && s.B <= 65535;
+}
+
+}  // namespace fusedlm::cuda::attention
