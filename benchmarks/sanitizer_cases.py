@@ -4,10 +4,11 @@
     compute-sanitizer --tool racecheck python benchmarks/sanitizer_cases.py --backend triton
 
 Each case (attention forward + backward for each dtype, causal and not, GQA, odd lengths and
-head dims; LayerNorm and RMSNorm forward + backward, with and without affine parameters, odd
-widths; the AdamW step for float32 and bfloat16 parameters, with and without amsgrad) runs
-through the public API with ``backend=<name>``, then the device is synchronized so that an
-asynchronous fault lands on its case. A case the backend does not support (it raises
+head dims, rows that see no key, strided and misaligned inputs, the deterministic backward;
+LayerNorm and RMSNorm forward + backward, with and without affine parameters, odd widths; the
+AdamW step for float32 and bfloat16 parameters, with and without amsgrad) runs through the
+public API with ``backend=<name>``, then the device is synchronized so that an asynchronous
+fault lands on its case. A case the backend does not support (it raises
 fusedlm.BackendNotSupportedError) is recorded as unsupported, not as a failure; a backend that
 is not available here (``fusedlm.backends()``) is skipped whole.
 
@@ -27,8 +28,10 @@ import traceback
 import torch
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-# (B, Hq, Hkv, Tq, Tk, D): square, GQA with Tq != Tk and odd sizes, a longer block-crossing one
-ATTENTION_SHAPES = ((1, 2, 2, 17, 17, 64), (2, 4, 2, 5, 33, 40), (1, 2, 1, 130, 130, 128))
+# (B, Hq, Hkv, Tq, Tk, D): square, GQA with Tq != Tk and odd sizes, a longer block-crossing one,
+# Tq > Tk (causal rows that see no key) at the largest head dim, one query row at an odd head dim
+ATTENTION_SHAPES = ((1, 2, 2, 17, 17, 64), (2, 4, 2, 5, 33, 40), (1, 2, 1, 130, 130, 128),
+                    (2, 4, 1, 150, 40, 256), (1, 3, 3, 1, 77, 33))
 NORM_SHAPES = ((7, 127), (4, 1024), (3, 4099))
 ADAMW_SHAPES = ((127,), (33, 65), (4099,))
 
@@ -53,6 +56,24 @@ def _cases(backend: str, dev: str = "cuda"):
 
                 yield (f"attention fwd+bwd {dn} {'causal' if causal else 'full'} "
                        f"B={B} Hq={Hq} Hkv={Hkv} Tq={Tq} Tk={Tk} D={D}", attention)
+
+        def attention_layouts(dtype=dtype):
+            # q, k from a packed (B, T, 3, H, D) tensor (strided views), v at a 1-element
+            # storage offset (misaligned: copied), under the deterministic backward
+            B, T, H, D = 2, 37, 4, 64
+            qkv = torch.randn(B, T, 3, H, D, device=dev, dtype=dtype, requires_grad=True)
+            q, k, _ = (t.transpose(1, 2) for t in qkv.unbind(2))
+            flat = torch.randn(B * H * T * D + 1, device=dev, dtype=dtype)[1:]
+            v = flat.view(B, H, T, D).requires_grad_(True)
+            was = torch.are_deterministic_algorithms_enabled()
+            torch.use_deterministic_algorithms(True)
+            try:
+                out = fusedlm.attention(q, k, v, causal=True, backend=backend)
+                out.backward(torch.randn_like(out))
+            finally:
+                torch.use_deterministic_algorithms(was)
+
+        yield f"attention fwd+bwd {dn} strided/misaligned, deterministic", attention_layouts
         for M, N in NORM_SHAPES:
             for affine in (True, False):
                 def layer_norm(M=M, N=N, dtype=dtype, affine=affine):
