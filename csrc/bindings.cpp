@@ -233,11 +233,12 @@ void check_attention_cuda(const at::Tensor& q, const at::Tensor& k, const char* 
                      q.scalar_type(), " for argument 'q' (use backend='triton' or 'torch')");
   check_fits_int32(q.size(2), "q", "sequence length");
   check_fits_int32(k.size(2), "k", "sequence length");
-  FUSEDLM_CHECK_VALUE(q.size(0) <= 65535, op, ": argument 'q' has batch size ", q.size(0),
-                      ", over the CUDA kernels' limit of 65535");
-  FUSEDLM_CHECK_VALUE(q.size(1) <= 65535 && 2 * k.size(1) <= 65535, op,
-                      ": the CUDA kernels take at most 65535 query heads and 32767 key/value "
-                      "heads, got ", q.size(1), " and ", k.size(1));
+  const int64_t query_tiles = (q.size(2) + 63) / 64;  // the kernels' smallest query tile is 64
+  const int64_t key_tiles = (k.size(2) + 31) / 32;     // and their smallest key tile 32
+  FUSEDLM_CHECK_VALUE(std::max(query_tiles * q.size(1), key_tiles * 2 * k.size(1)) * q.size(0) <=
+                          std::numeric_limits<int32_t>::max(),
+                      op, ": B * H * T = ", q.size(0), " * ", q.size(1), " * ", q.size(2),
+                      " is over the CUDA kernels' grid limit");
 }
 
 cuda::AttentionShape attention_shape(const at::Tensor& q, const at::Tensor& k, int64_t padded_dim,

@@ -138,9 +138,9 @@ constexpr size_t dkdv_shared_bytes() {
   return size_t{2} * (6 * kBlock * (kHeadDim + kPad) + 2 * kBlock * (kBlock + kPad));
 }
 
-// grid (ceil(Tk / kBlock), Hkv * kHeadDim / kOutDim, B), kWarps * 32 threads, kBlock = 16 kWarps
-// keys and queries per tile. blockIdx.y = kv head * splits + split; the split owns output
-// columns [split * kOutDim, (split + 1) * kOutDim).
+// grid (ceil(Tk / kBlock) * Hkv * kHeadDim / kOutDim * B), kWarps * 32 threads, kBlock = 16 kWarps
+// keys and queries per tile. The "head" coordinate is kv head * splits + split; the split owns
+// output columns [split * kOutDim, (split + 1) * kOutDim).
 template <typename T, int kHeadDim, int kWarps, int kOutDim, bool kAtomicDq>
 __global__ void __launch_bounds__(kWarps * 32)
     attention_bwd_dkdv_kernel(const AttentionBwdArgs args,
@@ -169,10 +169,11 @@ __global__ void __launch_bounds__(kWarps * 32)
   const int64_t Tk = s.Tk;
   const int D = static_cast<int>(s.D);
   const int64_t group = s.Hq / s.Hkv;
-  const int64_t n0 = int64_t{blockIdx.x} * kBlock;
-  const int split = blockIdx.y % kSplits;
-  const int64_t h_kv = blockIdx.y / kSplits;
-  const int64_t b = blockIdx.z;
+  const BlockCoordinates block = block_coordinates(ceil_div(Tk, kBlock), s.Hkv * kSplits);
+  const int64_t n0 = block.tile * kBlock;
+  const int split = static_cast<int>(block.head % kSplits);
+  const int64_t h_kv = block.head / kSplits;
+  const int64_t b = block.batch;
   const int col0 = split * kOutDim;
   const int tid = threadIdx.x;
   const int warp = tid / 32;
@@ -299,7 +300,7 @@ constexpr size_t dq_shared_bytes() {
   return size_t{2} * (2 * 16 * kWarps + 4 * kBlockN) * (kHeadDim + kPad);
 }
 
-// Deterministic dQ: grid (ceil(Tq / (16 kWarps)), Hq, B). Each warp owns 16 query rows, streams
+// Deterministic dQ: grid (ceil(Tq / (16 kWarps)) * Hq * B). Each warp owns 16 query rows, streams
 // the key tiles its rows see, recomputes S, P, dP and dS, and accumulates dQ = dS K * scale.
 template <typename T, int kHeadDim, int kBlockN, int kWarps>
 __global__ void __launch_bounds__(kWarps * 32)
@@ -321,9 +322,11 @@ __global__ void __launch_bounds__(kWarps * 32)
   const int64_t Tq = s.Tq;
   const int64_t Tk = s.Tk;
   const int D = static_cast<int>(s.D);
-  const int64_t m0 = int64_t{gridDim.x - 1 - blockIdx.x} * kBlockM;
-  const int64_t h = blockIdx.y;
-  const int64_t b = blockIdx.z;
+  const int64_t m_blocks = ceil_div(Tq, kBlockM);
+  const BlockCoordinates block = block_coordinates(m_blocks, s.Hq);
+  const int64_t m0 = (m_blocks - 1 - block.tile) * kBlockM;  // the longest (causal) rows first
+  const int64_t h = block.head;
+  const int64_t b = block.batch;
   const int64_t h_kv = h / (s.Hq / s.Hkv);
   const int tid = threadIdx.x;
   const int warp = tid / 32;
@@ -403,7 +406,10 @@ cudaError_t launch_bwd(const AttentionBwdArgs& args, cudaStream_t stream) {
   const AttentionShape& s = args.shape;
   constexpr int kSplits = kHeadDim / kOutDim;
   constexpr int kBlock = 16 * kWarps;
-  if (!fits_grid(s, std::max<int64_t>(s.Hq, s.Hkv * kSplits))) return cudaErrorInvalidValue;
+  constexpr int kDqWarps = 4;
+  const int64_t dkdv_blocks = ceil_div(s.Tk, kBlock) * s.Hkv * kSplits * s.B;
+  const int64_t dq_blocks = ceil_div(s.Tq, 16 * kDqWarps) * s.Hq * s.B;
+  if (!fits_grid(s, std::max(dkdv_blocks, dq_blocks))) return cudaErrorInvalidValue;
 
   const int64_t rows = s.B * s.Hq * s.Tq;
   auto* delta = static_cast<float*>(args.alloc(sizeof(float) * rows, args.alloc_context));
@@ -412,8 +418,7 @@ cudaError_t launch_bwd(const AttentionBwdArgs& args, cudaStream_t stream) {
       args.out, args.grad_out, delta, s.Hq, s.Tq, static_cast<int>(s.D), rows);
   FUSEDLM_RETURN_IF_LAUNCH_FAILED();
 
-  const dim3 dkdv_grid(static_cast<unsigned>(ceil_div(s.Tk, kBlock)),
-                       static_cast<unsigned>(s.Hkv * kSplits), static_cast<unsigned>(s.B));
+  const auto dkdv_grid = static_cast<unsigned>(dkdv_blocks);
   constexpr size_t dkdv_bytes = dkdv_shared_bytes<kHeadDim, kBlock>();
   if (args.deterministic) {
     auto dkdv = attention_bwd_dkdv_kernel<T, kHeadDim, kWarps, kOutDim, false>;
@@ -421,13 +426,10 @@ cudaError_t launch_bwd(const AttentionBwdArgs& args, cudaStream_t stream) {
     dkdv<<<dkdv_grid, kWarps * 32, dkdv_bytes, stream>>>(args, delta, nullptr);
     FUSEDLM_RETURN_IF_LAUNCH_FAILED();
 
-    constexpr int kDqWarps = 4;
     auto dq = attention_bwd_dq_kernel<T, kHeadDim, kDqBlockN, kDqWarps>;
     constexpr size_t dq_bytes = dq_shared_bytes<kHeadDim, kDqBlockN, kDqWarps>();
     FUSEDLM_RETURN_IF_ERROR(prepare_shared_memory(dq, dq_bytes));
-    const dim3 dq_grid(static_cast<unsigned>(ceil_div(s.Tq, 16 * kDqWarps)),
-                       static_cast<unsigned>(s.Hq), static_cast<unsigned>(s.B));
-    dq<<<dq_grid, kDqWarps * 32, dq_bytes, stream>>>(args, delta);
+    dq<<<static_cast<unsigned>(dq_blocks), kDqWarps * 32, dq_bytes, stream>>>(args, delta);
     FUSEDLM_RETURN_IF_LAUNCH_FAILED();
     return cudaSuccess;
   }

@@ -14,7 +14,7 @@ constexpr size_t fwd_shared_bytes() {
   return size_t{2} * (kBlockM + 4 * kBlockN) * (kHeadDim + kPad);
 }
 
-// grid (ceil(Tq / kBlockM), Hq, B), kWarps * 32 threads; each warp owns kBlockM / kWarps rows.
+// grid (ceil(Tq / kBlockM) * Hq * B), kWarps * 32 threads; each warp owns kBlockM / kWarps rows.
 template <typename T, int kHeadDim, int kBlockM, int kBlockN, int kWarps>
 __global__ void __launch_bounds__(kWarps * 32)
     attention_fwd_kernel(const AttentionFwdArgs args) {
@@ -35,11 +35,13 @@ __global__ void __launch_bounds__(kWarps * 32)
   const int64_t Tq = s.Tq;
   const int64_t Tk = s.Tk;
   const int D = static_cast<int>(s.D);
-  const int m_block = gridDim.x - 1 - blockIdx.x;  // the longest (causal) rows start first
-  const int64_t h = blockIdx.y;
-  const int64_t b = blockIdx.z;
+  const int64_t m_blocks = ceil_div(s.Tq, kBlockM);
+  const BlockCoordinates block = block_coordinates(m_blocks, s.Hq);
+  const int64_t m_block = m_blocks - 1 - block.tile;  // the longest (causal) rows start first
+  const int64_t h = block.head;
+  const int64_t b = block.batch;
   const int64_t h_kv = h / (s.Hq / s.Hkv);
-  const int64_t m0 = int64_t{m_block} * kBlockM;
+  const int64_t m0 = m_block * kBlockM;
   const int tid = threadIdx.x;
   const int warp = tid / 32;
   const int lane = tid % 32;
@@ -191,9 +193,9 @@ cudaError_t launch_fwd(const AttentionFwdArgs& args, cudaStream_t stream) {
   constexpr size_t bytes = fwd_shared_bytes<kHeadDim, kBlockM, kBlockN>();
   auto kernel = attention_fwd_kernel<T, kHeadDim, kBlockM, kBlockN, kWarps>;
   FUSEDLM_RETURN_IF_ERROR(prepare_shared_memory(kernel, bytes));
-  const dim3 grid(static_cast<unsigned>(ceil_div(s.Tq, kBlockM)), static_cast<unsigned>(s.Hq),
-                  static_cast<unsigned>(s.B));
-  kernel<<<grid, kWarps * 32, bytes, stream>>>(args);
+  const int64_t blocks = ceil_div(s.Tq, kBlockM) * s.Hq * s.B;
+  if (!fits_grid(s, blocks)) return cudaErrorInvalidValue;
+  kernel<<<static_cast<unsigned>(blocks), kWarps * 32, bytes, stream>>>(args);
   FUSEDLM_RETURN_IF_LAUNCH_FAILED();
   return cudaSuccess;
 }
@@ -205,8 +207,7 @@ cudaError_t attention_fwd(const AttentionFwdArgs& args, cudaStream_t stream) {
   using namespace attention;
   const AttentionShape& s = args.shape;
   // Empty shapes are the caller's (out is empty or zeros, lse empty or -inf, without a kernel).
-  if (s.B == 0 || s.Hq == 0 || s.Tq == 0 || s.Tk == 0 || s.Hkv == 0 || s.D % 8 != 0 || s.D < 8 || s.D > 256 || s.Hq % s.Hkv != 0 ||
-      !fits_grid(s, s.Hq)) {
+  if (s.B == 0 || s.Hq == 0 || s.Tq == 0 || s.Tk == 0 || s.Hkv == 0 || s.D % 8 != 0 || s.D < 8 || s.D > 256 || s.Hq % s.Hkv != 0) {
     return cudaErrorInvalidValue;
   }
   // (kHeadDim, kBlockM, kBlockN, kWarps): 128 x 64 tiles with 4 warps (2 MMA row tiles each) up

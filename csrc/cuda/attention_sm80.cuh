@@ -252,11 +252,24 @@ cudaError_t dispatch_half_types(DType dtype, F&& f) {
   }
 }
 
-// Grid limits of the launches: T and the block counts in int32, heads and batch in the y/z
-// dimensions (at most 65535).
-inline bool fits_grid(const AttentionShape& s, int64_t y_blocks) {
+// The launches use one-dimensional grids (2^31 - 1 blocks, unlike the 65535 of y and z, so any
+// batch x heads fits): the block count must fit, and so must T in int32.
+inline bool fits_grid(const AttentionShape& s, int64_t blocks) {
   constexpr int64_t kMaxInt = 2147483647;
-  return s.Tq <= kMaxInt && s.Tk <= kMaxInt && y_blocks <= 65535 && s.B <= 65535;
+  return s.Tq <= kMaxInt && s.Tk <= kMaxInt && blocks <= kMaxInt;
+}
+
+// Splits a one-dimensional block index into (tile, head, batch), tile fastest: the CTAs that run
+// together work on one head's tiles and share its K/V (or Q/dO) in L2.
+struct BlockCoordinates {
+  int64_t tile;
+  int64_t head;
+  int64_t batch;
+};
+
+__device__ __forceinline__ BlockCoordinates block_coordinates(int64_t tiles, int64_t heads) {
+  const int64_t index = blockIdx.x;
+  return BlockCoordinates{index % tiles, (index / tiles) % heads, index / (tiles * heads)};
 }
 
 }  // namespace fusedlm::cuda::attention

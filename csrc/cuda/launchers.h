@@ -80,7 +80,7 @@ cudaError_t norm_bwd(const NormBwdArgs& args, cudaStream_t stream);
 // Inputs are read in place through their batch, head and token strides (in elements): the
 // head dim must be contiguous, D a multiple of 8 (1..256), every stride a multiple of 8 and the
 // base pointer 16-byte aligned (each row is fetched with 16-byte copies). The caller copies or
-// pads what does not meet that (csrc/bindings.cpp). T and the grid sizes fit in int32.
+// pads what does not meet that (csrc/bindings.cpp). T and the block counts fit in int32.
 
 // A (B, H, T, D) input: base pointer and its batch, head and token strides in elements.
 struct AttentionInput {

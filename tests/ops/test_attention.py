@@ -115,21 +115,27 @@ def _check_attention(
         )
 
 
-# Tests that feed float64 to the backend whatever their dtype parameter says.
+# Tests that feed float64 (or float32) to the backend whatever their dtype parameter says.
 _FLOAT64_ONLY = ("test_attention_causal_is_bottom_right", "test_sdpa_is_causal_is_top_left",
                  "test_attention_gradcheck")
+_FLOAT32_ONLY = ("test_attention_long_sequence", "test_attention_fully_masked_rows_have_zero_grads",
+                 "test_attention_empty_inputs")
 
 
 @pytest.fixture(autouse=True)
-def _triton_has_no_float64(request):
-    """The Triton attention kernels refuse float64 (BackendNotSupportedError, tested in
-    tests/triton): skip the float64 cases of this file for that backend."""
+def _skip_dtypes_a_gpu_backend_refuses(request):
+    """The Triton attention kernels refuse float64 and the CUDA ones take only float16/bfloat16
+    (BackendNotSupportedError, tested in tests/triton and tests/cuda, which also cover the
+    long-sequence, fully-masked and empty cases in half precision): skip those cases here."""
     callspec = getattr(request.node, "callspec", None)
     params = callspec.params if callspec is not None else {}
-    if params.get("backend") == "triton" and (
-        params.get("dtype") == torch.float64 or request.node.originalname in _FLOAT64_ONLY
-    ):
+    backend, dtype, name = params.get("backend"), params.get("dtype"), request.node.originalname
+    if backend == "triton" and (dtype == torch.float64 or name in _FLOAT64_ONLY):
         pytest.skip("the triton attention backend does not take float64")
+    if backend == "cuda" and (
+        dtype in (torch.float64, torch.float32) or name in _FLOAT64_ONLY + _FLOAT32_ONLY
+    ):
+        pytest.skip("the cuda attention backend takes float16 and bfloat16 only")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
