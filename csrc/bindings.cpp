@@ -214,7 +214,11 @@ int64_t attention_padded_dim(int64_t D) { return (D + 7) / 8 * 8; }
 // is contiguous, its other strides are multiples of 8 elements and its data 16-byte aligned;
 // otherwise a contiguous copy (zero-padded to `padded_dim` columns when D is not a multiple of 8).
 at::Tensor attention_readable(const at::Tensor& t, int64_t padded_dim) {
-  if (t.size(3) != padded_dim) return at::constant_pad_nd(t, {0, padded_dim - t.size(3)}, 0);
+  if (t.size(3) != padded_dim) {
+    // constant_pad_nd keeps a channels-last-like input's layout (heads innermost: head dim
+    // strided), which the kernels cannot read; .contiguous() is free for every other input.
+    return at::constant_pad_nd(t, {0, padded_dim - t.size(3)}, 0).contiguous();
+  }
   bool readable = t.stride(3) == 1 && reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
   for (int dim = 0; dim < 3; ++dim) {
     readable = readable && (t.size(dim) == 1 || t.stride(dim) % 8 == 0);  // size 1: never used
