@@ -151,31 +151,70 @@ def adamw_step(
     params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
     exp_avg_sqs: list[Tensor], max_exp_avg_sqs: list[Tensor], steps: list[float],
     lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
-    amsgrad: bool, maximize: bool,
+    amsgrad: bool, maximize: bool, *, lr_tensor: Tensor | None = None,
+    grad_scale: Tensor | None = None, found_inf: Tensor | None = None,
+    step_tensor: Tensor | None = None,
 ) -> None:
     """torch.optim.AdamW's update, in place, one tensor at a time (states may be float32 for
-    low-precision params; the arithmetic runs in the compute dtype)."""
+    low-precision params; the arithmetic runs in the compute dtype).
+
+    Keyword-only extensions (the semantics of ``fusedlm._C.adamw_step``'s):
+    ``lr_tensor`` (one element) replaces ``lr``: on the params' device it is used with tensor
+    ops, never read on the host; ``step_tensor`` (n,) holds the step counts (after the
+    increment) on the params' device and replaces ``steps`` (then empty); ``grad_scale`` (one
+    element): grads are divided by it, stored back unscaled, and the step uses them;
+    ``found_inf`` (one element): when nonzero nothing changes (params, states, grads), decided
+    on the device with ``torch.where``."""
+    skip = None if found_inf is None else found_inf.reshape(()) != 0
     for i, param in enumerate(params):
         dtype = compute_dtype(param.dtype)
-        p = param.to(dtype)
+        device = param.device
+        # Scalars are Python floats (double) or float64 0-d tensors on the device, rounded once
+        # to the compute dtype where they meet a tensor, as a Python scalar is.
+        lr_i = lr
+        if lr_tensor is not None:
+            lr_i = (lr_tensor.reshape(()).to(torch.float64) if lr_tensor.device == device
+                    else float(lr_tensor))
+        step = steps[i] if step_tensor is None else step_tensor[i].to(torch.float64)
+        if isinstance(step, Tensor):
+            bias_correction1 = 1 - beta1**step
+            bias_correction2_sqrt = (1 - beta2**step).sqrt()
+        else:
+            bias_correction1 = 1 - beta1**step
+            bias_correction2_sqrt = math.sqrt(1 - beta2**step)
+        step_size = lr_i / bias_correction1
+        decay = 1 - lr_i * weight_decay
+
+        def scalar(x, dtype=dtype):
+            return x.to(dtype) if isinstance(x, Tensor) else x
+
         grad = grads[i].to(dtype)
+        if grad_scale is not None:
+            # Unscaled in the compute dtype, used as is and stored in the grad's dtype (as
+            # torch's fused AdamW and the CUDA kernel do).
+            grad = grad / grad_scale.reshape(()).to(dtype)
+            unscaled = grad
         if maximize:
             grad = -grad
+        p = param.to(dtype)
         m = exp_avgs[i].to(dtype)
         v = exp_avg_sqs[i].to(dtype)
-        p = p * (1 - lr * weight_decay)
+        p = p * scalar(decay)
         m = m.lerp(grad, 1 - beta1)
         v = v * beta2 + (1 - beta2) * grad * grad
-        step = steps[i]
-        step_size = lr / (1 - beta1**step)
-        bias_correction2_sqrt = math.sqrt(1 - beta2**step)
         if amsgrad:
             v_max = torch.maximum(max_exp_avg_sqs[i].to(dtype), v)
-            max_exp_avg_sqs[i].copy_(v_max)
-            denom = v_max.sqrt() / bias_correction2_sqrt + eps
+            denom = v_max.sqrt() / scalar(bias_correction2_sqrt) + eps
         else:
-            denom = v.sqrt() / bias_correction2_sqrt + eps
-        p = p - step_size * m / denom
-        param.copy_(p)
-        exp_avgs[i].copy_(m)
-        exp_avg_sqs[i].copy_(v)
+            denom = v.sqrt() / scalar(bias_correction2_sqrt) + eps
+        p = p - scalar(step_size) * m / denom
+        updates = [(param, p), (exp_avgs[i], m), (exp_avg_sqs[i], v)]
+        if amsgrad:
+            updates.append((max_exp_avg_sqs[i], v_max))
+        if grad_scale is not None:
+            updates.append((grads[i], unscaled))
+        if skip is not None:
+            updates = [(old, torch.where(skip.to(device), old, new.to(old.dtype)))
+                       for old, new in updates]
+        for old, new in updates:
+            old.copy_(new)

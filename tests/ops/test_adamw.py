@@ -218,3 +218,222 @@ def test_opcheck_adamw_step(param_dtype, amsgrad, backend):
 def test_adamw_step_is_registered_custom_op():
     assert hasattr(torch.ops.fusedlm, "adamw_step")
     assert fusedlm.ops.adamw_step is not None
+
+
+# ---- extensions: lr_tensor, step_tensor, grad_scale, found_inf --------------------------------
+
+
+
+def _grad_scale(dtype):
+    """GradScaler's scale for grads of ``dtype``: not a power of two for float32/float64, so that
+    unscaling rounds and a scale used the wrong way shows; a power of two (as GradScaler's always
+    is) for 16-bit grads, whose unscaled values the C++ CPU path rounds to the grad's dtype before
+    the update (torch's fused AdamW, the CUDA and Triton kernels and the reference do not)."""
+    return 4.0 if dtype in (torch.float16, torch.bfloat16) else 3.0
+
+EXTENSION_CASES = {
+    "lr_tensor": {"lr_tensor"},
+    "step_tensor": {"step_tensor"},
+    "grad_scale": {"grad_scale"},
+    "grad_scale-no_inf": {"grad_scale", "found_inf"},
+    "all": {"lr_tensor", "step_tensor", "grad_scale", "found_inf"},
+}
+
+
+def _extensions(which, steps, hyper, device, found=0.0, scale=3.0):
+    """The op's keyword arguments for the extensions in ``which``, and the host ``steps`` and
+    ``lr`` to pass with them (``steps`` empty with a step tensor, ``lr`` 0 with an lr tensor)."""
+    kwargs = {}
+    lr = hyper["lr"]
+    if "lr_tensor" in which:
+        kwargs["lr_tensor"] = torch.tensor(lr, dtype=torch.float32, device=device)
+        lr = 0.0
+    if "step_tensor" in which:
+        kwargs["step_tensor"] = torch.tensor([float(s) for s in steps], device=device)
+        steps = []
+    if "grad_scale" in which:
+        kwargs["grad_scale"] = torch.tensor(scale, device=device)
+    if "found_inf" in which:
+        kwargs["found_inf"] = torch.tensor(found, device=device)
+    return kwargs, [float(s) for s in steps], lr
+
+
+def _call_op_ext(params, grads, states, steps, hyper, backend, extensions, fn=None):
+    """Like _call_op, with extension keyword arguments; returns params, states, grads after."""
+    ps = [p.clone() for p in params]
+    gs = [g.clone() for g in grads]
+    ms = [s[0].clone() for s in states]
+    vs = [s[1].clone() for s in states]
+    vmaxs = [s[2].clone() for s in states] if hyper["amsgrad"] else []
+    kwargs, host_steps, lr = extensions
+    args = (ps, gs, ms, vs, vmaxs, host_steps, lr, hyper["betas"][0], hyper["betas"][1],
+            hyper["eps"], hyper["weight_decay"], hyper["amsgrad"], hyper["maximize"])
+    if fn is None:
+        torch.ops.fusedlm.adamw_step(*args, backend, **kwargs)
+    else:
+        fn(*args, **kwargs)
+    return ps, [ms, vs] + ([vmaxs] if hyper["amsgrad"] else []), gs
+
+
+def _unscaled(grads, scale):
+    """What the op must leave in grads: grad / scale in the compute dtype, rounded once."""
+    return [(g.to(reference.compute_dtype(g.dtype)) / scale).to(g.dtype) for g in grads]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(("param_dtype", "state_dtype"), DTYPE_CASES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("amsgrad", [False, True], ids=["adam", "amsgrad"])
+@pytest.mark.parametrize("maximize", [False, True], ids=["min", "max"])
+@pytest.mark.parametrize("case", list(EXTENSION_CASES))
+def test_adamw_step_extensions_vs_torch(case, maximize, amsgrad, param_dtype, state_dtype,
+                                        backend):
+    """With a tensor lr, device step counts, GradScaler's grad_scale (and a found_inf of 0) the
+    step is torch.optim.AdamW's on the unscaled grads (truth float64, baseline at the dtype), and
+    the grads are left unscaled."""
+    device = device_of(backend)
+    hyper = _hyper(amsgrad, maximize, 0.1)
+    which = EXTENSION_CASES[case]
+    params, grads, states, steps = _problem(param_dtype, state_dtype, device, amsgrad, False)
+    scale = _grad_scale(param_dtype)
+    extensions = _extensions(which, steps, hyper, device, scale=scale)
+    # torch's lr is the value the op reads: the float32 tensor's (or the float) as a double.
+    hyper = dict(hyper, lr=float(extensions[0].get("lr_tensor", hyper["lr"])))
+    if "grad_scale" in which:
+        given = [(g.double() * scale).to(param_dtype) for g in grads]
+        unscaled = _unscaled(given, scale)
+    else:
+        given = unscaled = grads
+    step_tensor = extensions[0].get("step_tensor")
+    step_tensor_before = None if step_tensor is None else step_tensor.clone()
+    ours_p, ours_s, ours_g = _call_op_ext(params, given, states, steps, hyper, backend,
+                                          extensions)
+    truth_p, truth_s = _torch_adamw(params, [g.double() / scale for g in given]
+                                    if "grad_scale" in which else grads, states, steps,
+                                    torch.float64, hyper)
+    base_p, base_s = _torch_adamw(params, unscaled, states, steps, param_dtype, hyper)
+    for i in range(len(params)):
+        assert_close_rule(ours_p[i], base_p[i], truth_p[i], name=f"params[{i}]")
+        for name, ours, base, truth in zip(
+            ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"), ours_s, base_s, truth_s, strict=False
+        ):
+            assert ours[i].dtype == state_dtype
+            assert_close_rule(ours[i], base[i], truth[i], name=f"{name}[{i}]")
+        torch.testing.assert_close(ours_g[i], unscaled[i], rtol=0, atol=0,
+                                   msg=lambda m, i=i: f"grads[{i}] after the step: {m}")
+    if step_tensor is not None:  # the counts are read, never written
+        assert torch.equal(step_tensor, step_tensor_before)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(("param_dtype", "state_dtype"), DTYPE_CASES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("amsgrad", [False, True], ids=["adam", "amsgrad"])
+@pytest.mark.parametrize("with_scale", [True, False], ids=["grad_scale", "no_grad_scale"])
+def test_adamw_step_found_inf_changes_nothing(with_scale, amsgrad, param_dtype, state_dtype,
+                                              backend):
+    """found_inf = 1: params, states and grads keep their exact bits (torch's fused AdamW
+    returns before touching anything), even with inf/NaN grads."""
+    device = device_of(backend)
+    hyper = _hyper(amsgrad, False, 0.1)
+    params, grads, states, steps = _problem(param_dtype, state_dtype, device, amsgrad, False)
+    grads[0][0] = float("inf")
+    grads[1][1, 2] = float("nan")
+    which = {"found_inf", "lr_tensor", "step_tensor"} | ({"grad_scale"} if with_scale else set())
+    ours_p, ours_s, ours_g = _call_op_ext(
+        params, grads, states, steps, hyper, backend,
+        _extensions(which, steps, hyper, device, found=1.0),
+    )
+    before_s = [[s[k] for s in states] for k in range(3 if amsgrad else 2)]
+    for i in range(len(params)):
+        assert torch.equal(ours_p[i], params[i]), f"params[{i}] changed"
+        assert torch.equal(ours_g[i].nan_to_num(), grads[i].nan_to_num()), f"grads[{i}] changed"
+        for k, ours in enumerate(ours_s):
+            assert torch.equal(ours[i], before_s[k][i]), f"state {k} of param {i} changed"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("amsgrad", [False, True], ids=["adam", "amsgrad"])
+@pytest.mark.parametrize("found", [0.0, 1.0], ids=["no_inf", "inf"])
+def test_adamw_step_extensions_match_torch_fused_kernel(found, amsgrad, dtype, backend):
+    """The same call into torch's own fused AdamW kernel (torch._fused_adamw_, what
+    torch.optim.AdamW(fused=True) runs) gives the same params, states and grads."""
+    device = device_of(backend)
+    hyper = _hyper(amsgrad, True, 0.1)
+    params, grads, states, steps = _problem(dtype, dtype, device, amsgrad, False)
+    grads = [(g.double() * 3.0).to(dtype) for g in grads]
+    which = {"lr_tensor", "step_tensor", "grad_scale", "found_inf"}
+    extensions = _extensions(which, steps, hyper, device, found=found)
+    ours_p, ours_s, ours_g = _call_op_ext(params, grads, states, steps, hyper, backend,
+                                          extensions)
+    kwargs = extensions[0]
+    ps, gs = [p.clone() for p in params], [g.clone() for g in grads]
+    ss = [[s[k].clone() for s in states] for k in range(3 if amsgrad else 2)]
+    torch._fused_adamw_(
+        ps, gs, ss[0], ss[1], ss[2] if amsgrad else [], list(kwargs["step_tensor"].unbind()),
+        lr=kwargs["lr_tensor"], beta1=hyper["betas"][0], beta2=hyper["betas"][1],
+        weight_decay=hyper["weight_decay"], eps=hyper["eps"], amsgrad=amsgrad, maximize=True,
+        grad_scale=kwargs["grad_scale"], found_inf=kwargs["found_inf"],
+    )
+    tol = {torch.float64: 1e-12, torch.float32: 1e-6}[dtype]
+    for i in range(len(params)):
+        torch.testing.assert_close(ours_p[i], ps[i], rtol=tol, atol=tol)
+        torch.testing.assert_close(ours_g[i], gs[i], rtol=0, atol=0)
+        for ours, theirs in zip(ours_s, ss, strict=True):
+            torch.testing.assert_close(ours[i], theirs[i], rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_adamw_step_cpu_lr_tensor_of_any_float_dtype(backend):
+    """A CPU lr tensor may be float64 (read as a double on the host, not rounded to float32)."""
+    device = device_of(backend)
+    hyper = _hyper(False, False, 0.1)
+    params, grads, states, steps = _problem(torch.float64, torch.float64, device, False, False)
+    lr = torch.tensor(0.0123, dtype=torch.float64)
+    ours_p, _, _ = _call_op_ext(params, grads, states, steps, hyper, backend,
+                                ({"lr_tensor": lr}, [float(s) for s in steps], 0.0))
+    truth_p, _ = _torch_adamw(params, grads, states, steps, torch.float64, dict(hyper, lr=0.0123))
+    for ours, truth in zip(ours_p, truth_p, strict=True):
+        torch.testing.assert_close(ours, truth, rtol=1e-12, atol=1e-12)
+
+
+BAD_EXTENSIONS = [
+    ("grad_scale_two_elements", ValueError, "grad_scale", {"grad_scale": torch.ones(2)}),
+    ("grad_scale_float64", TypeError, "grad_scale",
+     {"grad_scale": torch.ones((), dtype=torch.float64)}),
+    ("found_inf_int", TypeError, "found_inf", {"found_inf": torch.zeros((), dtype=torch.int32)}),
+    ("lr_tensor_int", TypeError, "lr_tensor", {"lr_tensor": torch.ones((), dtype=torch.int64)}),
+    ("lr_tensor_shape", ValueError, "lr_tensor", {"lr_tensor": torch.ones(3)}),
+    ("step_tensor_length", ValueError, "step_tensor", {"step_tensor": torch.ones(2)}),
+    ("step_tensor_float64", TypeError, "step_tensor",
+     {"step_tensor": torch.ones(1, dtype=torch.float64)}),
+    ("step_tensor_with_steps", ValueError, "step_tensor", {"step_tensor": torch.ones(1),
+                                                           "steps": [1.0]}),
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(("exc", "argument", "kwargs"), [c[1:] for c in BAD_EXTENSIONS],
+                         ids=[c[0] for c in BAD_EXTENSIONS])
+def test_adamw_step_bad_extension_names_it_and_changes_nothing(kwargs, argument, exc, backend):
+    kwargs = dict(kwargs)
+    steps = kwargs.pop("steps", [] if "step_tensor" in kwargs else [1.0])
+    p, g = torch.randn(4), torch.randn(4)
+    before = (p.clone(), g.clone())
+    with pytest.raises(exc, match=argument):
+        torch.ops.fusedlm.adamw_step([p], [g], [torch.zeros(4)], [torch.zeros(4)], [], steps,
+                                     1e-3, 0.9, 0.999, 1e-8, 0.0, False, False, backend, **kwargs)
+    assert torch.equal(p, before[0]) and torch.equal(g, before[1])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("found", [0.0, 1.0], ids=["no_inf", "inf"])
+def test_opcheck_adamw_step_extensions(found, backend):
+    device = device_of(backend)
+    hyper = _hyper(True, False, 0.1)
+    params, grads, states, steps = _problem(torch.float32, torch.float32, device, True, False)
+    kwargs, host_steps, lr = _extensions(set(EXTENSION_CASES["all"]), steps, hyper, device,
+                                         found=found)
+    args = (params, grads, [s[0] for s in states], [s[1] for s in states],
+            [s[2] for s in states], host_steps, lr, 0.9, 0.99, 1e-8, 0.1, True, False, backend)
+    torch.library.opcheck(torch.ops.fusedlm.adamw_step.default, copy.deepcopy(args),
+                          copy.deepcopy(kwargs))

@@ -324,3 +324,234 @@ def test_grad_scaler_with_fused_matches_torch(backend):
     _assert_same_params(ours_model, theirs_model)
     assert scalers[0].get_scale() == scalers[1].get_scale() == 512.0  # halved once, at the inf
     assert float(ours.state[ours_model[0].weight]["step"]) == 4.0  # the inf step did not count
+
+
+# ---- GradScaler (no separate unscale pass) and a tensor lr ---------------------------------------
+
+
+def _scaled_steps(model, opt, scaler, batches, bad_steps=(), unscale_first=False, record=None):
+    """Train with scaler over batches; the loss of the steps in bad_steps is inf (step 2k) or NaN
+    (odd). ``record`` gets, per step, (scale, grads before the step, grads after it)."""
+    for step, (x, y) in enumerate(batches):
+        opt.zero_grad()
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        if step in bad_steps:
+            loss = loss * (float("inf") if step % 2 == 0 else float("nan"))
+        scaler.scale(loss).backward()
+        if unscale_first:
+            scaler.unscale_(opt)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        before = [p.grad.clone() for p in model.parameters()]
+        scale = scaler.get_scale()
+        scaler.step(opt)
+        scaler.update()
+        if record is not None:
+            record.append((scale, before, [p.grad.clone() for p in model.parameters()]))
+
+
+def _tols(dtype):
+    return {"rtol": 1e-12, "atol": 1e-14} if dtype == torch.float64 else {"rtol": 1e-6,
+                                                                           "atol": 1e-7}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("fused", [None, True], ids=["steps_on_host", "steps_on_device"])
+@pytest.mark.parametrize("lr_kind", ["float", "tensor"])
+@pytest.mark.parametrize(("amsgrad", "maximize"), [(False, False), (True, True)],
+                         ids=["adam-min", "amsgrad-max"])
+def test_grad_scaler_matches_torch_non_fused(maximize, amsgrad, lr_kind, fused, dtype, backend):
+    """GradScaler + fusedlm.optim.AdamW (the scale and found_inf handed to the kernel) equals
+    GradScaler + torch.optim.AdamW(fused=False) (GradScaler unscales, then steps or skips) over
+    steps where the scale grows and backs off at an inf and a NaN step: params, moments, step
+    counts and scale; the grads left after each step are those torch's fused AdamW leaves."""
+    device = device_of(backend)
+    # (a float32 lr tensor would put torch's non-fused float64 arithmetic through float32)
+    lr = torch.tensor(1e-2, dtype=dtype) if lr_kind == "tensor" else 1e-2
+    # eps = 1e-3, not 1e-8: Adam's update is then not invariant to the grads' scale, so a grad
+    # left scaled shows in the params
+    kwargs = {"lr": lr, "betas": (0.8, 0.95), "eps": 1e-3, "weight_decay": 0.1,
+              "amsgrad": amsgrad, "maximize": maximize}
+    models = [_mlp(device, dtype) for _ in range(3)]
+    opts = [
+        fusedlm.optim.AdamW(models[0].parameters(), fused=fused, backend=backend, **kwargs),
+        torch.optim.AdamW(models[1].parameters(), foreach=False, fused=False, **kwargs),
+        torch.optim.AdamW(models[2].parameters(), fused=True, **kwargs),
+    ]
+    scalers = [torch.amp.GradScaler(device, init_scale=2.0**10, growth_interval=2)
+               for _ in range(3)]
+    batches = _batches(7, device, dtype)
+    records = [[], [], []]
+    for model, opt, scaler, record in zip(models, opts, scalers, records, strict=True):
+        _scaled_steps(model, opt, scaler, batches, bad_steps=(2, 5), record=record)
+    _assert_same_params(models[0], models[1], **_tols(dtype))
+    for (key, a), (key_t, b) in zip(_state_tensors(opts[0]), _state_tensors(opts[1]),
+                                    strict=True):
+        assert key == key_t
+        if key == "step":
+            assert float(a) == float(b) == 5.0, "the two skipped steps must not count"
+        else:
+            torch.testing.assert_close(a, b, **_tols(dtype), msg=lambda m, k=key: f"{k}: {m}")
+    assert [r[0] for r in records[0]] == [r[0] for r in records[1]]
+    assert scalers[0].get_scale() == scalers[1].get_scale() == 2.0**10  # grew twice, halved twice
+    # torch's fused AdamW leaves grad / scale in the grads, or the scaled grads of a skipped step.
+    for name, record in (("fusedlm", records[0]), ("torch fused", records[2])):
+        for step, (scale, before, after) in enumerate(record):
+            for g0, g1 in zip(before, after, strict=True):
+                expected = g0 if step in (2, 5) else g0 / scale
+                torch.testing.assert_close(
+                    g1, expected, rtol=0, atol=0, equal_nan=True,
+                    msg=lambda m, step=step, name=name: f"{name}: grads after step {step}: {m}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_grad_scaler_hands_scale_and_found_inf_to_step(backend, monkeypatch):
+    """GradScaler does not unscale the grads before our step (the kernel does): step() sees the
+    scaled grads and GradScaler's grad_scale / found_inf, and the op gets them as tensors."""
+    device = device_of(backend)
+    model = _mlp(device)
+    opt = fusedlm.optim.AdamW(model.parameters(), lr=1e-2, backend=backend)
+    scaler = torch.amp.GradScaler(device, init_scale=256.0)
+    x, y = _batches(1, device)[0]
+    reference_model = _mlp(device)
+    torch.nn.functional.mse_loss(reference_model(x), y).backward()
+    seen = {}
+    real_step = opt.step
+
+    def step(*args, **kwargs):
+        seen["grad_scale"] = getattr(opt, "grad_scale", None)
+        seen["found_inf"] = getattr(opt, "found_inf", None)
+        seen["grad"] = model[0].weight.grad.clone()
+        return real_step(*args, **kwargs)
+
+    calls = []
+    real_op = fusedlm.optim.adamw.adamw_step
+
+    def op(*args, **kwargs):
+        calls.append(kwargs)
+        return real_op(*args, **kwargs)
+
+    monkeypatch.setattr(opt, "step", step)
+    monkeypatch.setattr(fusedlm.optim.adamw, "adamw_step", op)
+    scaler.scale(torch.nn.functional.mse_loss(model(x), y)).backward()
+    scaler.step(opt)
+    assert float(seen["grad_scale"]) == 256.0 and float(seen["found_inf"]) == 0.0
+    torch.testing.assert_close(seen["grad"], 256.0 * reference_model[0].weight.grad)
+    assert len(calls) == 1
+    assert calls[0]["grad_scale"] is not None and calls[0]["found_inf"] is not None
+    torch.testing.assert_close(model[0].weight.grad, reference_model[0].weight.grad)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("fused", [None, True], ids=["steps_on_host", "steps_on_device"])
+def test_grad_scaler_inf_on_the_first_step(fused, backend):
+    """An inf at the very first step: states exist with step 0 (as with torch's fused AdamW),
+    params are unchanged, and the run then follows torch's non-fused one."""
+    device = device_of(backend)
+    models = [_mlp(device) for _ in range(3)]
+    opts = [
+        fusedlm.optim.AdamW(models[0].parameters(), lr=1e-2, eps=1e-3, fused=fused,
+                            backend=backend),
+        torch.optim.AdamW(models[1].parameters(), lr=1e-2, eps=1e-3, foreach=False, fused=False),
+        torch.optim.AdamW(models[2].parameters(), lr=1e-2, eps=1e-3, fused=True),
+    ]
+    scalers = [torch.amp.GradScaler(device, init_scale=2.0**12) for _ in range(3)]
+    batches = _batches(3, device)
+    _scaled_steps(models[0], opts[0], scalers[0], batches[:1], bad_steps=(0,))
+    _scaled_steps(models[2], opts[2], scalers[2], batches[:1], bad_steps=(0,))
+    _assert_same_params(models[0], _mlp(device), rtol=0, atol=0)
+    for p, q in zip(models[0].parameters(), models[2].parameters(), strict=True):
+        assert float(opts[0].state[p]["step"]) == float(opts[2].state[q]["step"]) == 0.0
+    _scaled_steps(models[0], opts[0], scalers[0], batches[1:])
+    _scaled_steps(models[1], opts[1], scalers[1], batches, bad_steps=(0,))
+    _assert_same_params(models[0], models[1])
+    assert float(opts[0].state[models[0][0].weight]["step"]) == 2.0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_grad_scaler_after_unscale_and_clipping(backend):
+    """scaler.unscale_(opt) + clipping before scaler.step: the step gets found_inf but no
+    grad_scale (the grads are unscaled already), as torch.optim.AdamW(fused=True) does."""
+    device = device_of(backend)
+    models = [_mlp(device), _mlp(device)]
+    opts = [fusedlm.optim.AdamW(models[0].parameters(), lr=1e-2, eps=1e-3, backend=backend),
+            torch.optim.AdamW(models[1].parameters(), lr=1e-2, eps=1e-3, foreach=False,
+                              fused=False)]
+    scalers = [torch.amp.GradScaler(device, init_scale=2.0**8, growth_interval=1)
+               for _ in range(2)]
+    batches = _batches(5, device)
+    for model, opt, scaler in zip(models, opts, scalers, strict=True):
+        _scaled_steps(model, opt, scaler, batches, bad_steps=(3,), unscale_first=True)
+    _assert_same_params(*models)
+    assert float(opts[0].state[models[0][0].weight]["step"]) == 4.0
+    assert scalers[0].get_scale() == scalers[1].get_scale()
+
+
+def test_grad_scaler_with_the_torch_fallback_path():
+    """differentiable=True runs torch's own single-tensor AdamW, which takes no grad_scale /
+    found_inf: the grads are unscaled and the inf step skipped before it."""
+    models = [_mlp("cpu"), _mlp("cpu")]
+    # (torch's differentiable=True cannot step leaf parameters, hence torch's default here, whose
+    # arithmetic differs by a few ulps; eps = 1e-3 makes a grad left scaled show)
+    opts = [fusedlm.optim.AdamW(models[0].parameters(), lr=1e-2, eps=1e-3, differentiable=True),
+            torch.optim.AdamW(models[1].parameters(), lr=1e-2, eps=1e-3, foreach=False)]
+    scalers = [torch.amp.GradScaler("cpu", init_scale=2.0**8) for _ in range(2)]
+    batches = _batches(4, "cpu")
+    for model, opt, scaler in zip(models, opts, scalers, strict=True):
+        _scaled_steps(model, opt, scaler, batches, bad_steps=(1,))
+    _assert_same_params(*models, rtol=1e-5, atol=1e-6)
+    assert float(opts[0].state[models[0][0].weight]["step"]) == 3.0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("fused", [None, True], ids=["steps_on_host", "steps_on_device"])
+def test_lr_tensor_updated_in_place_between_steps(fused, backend):
+    """A tensor lr that a scheduler changes in place is read at every step (as torch does)."""
+    device = device_of(backend)
+    models = [_mlp(device), _mlp(device)]
+    lrs = [torch.tensor(1e-2), torch.tensor(1e-2)]
+    opts = [fusedlm.optim.AdamW(models[0].parameters(), lr=lrs[0], fused=fused, backend=backend),
+            torch.optim.AdamW(models[1].parameters(), lr=lrs[1], foreach=False)]
+    for i, (x, y) in enumerate(_batches(4, device)):
+        for model, opt, lr in zip(models, opts, lrs, strict=True):
+            lr.fill_(1e-2 * (0.5 ** i))
+            opt.zero_grad()
+            torch.nn.functional.mse_loss(model(x), y).backward()
+            opt.step()
+    _assert_same_params(*models)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fused_path_reads_no_tensor_on_the_host(backend, monkeypatch):
+    """With a tensor lr, step counts on the device (fused=True) and GradScaler's tensors, the
+    step never turns a tensor into a Python number (each such read of a GPU tensor is a sync);
+    the op gets the lr, the step counts, grad_scale and found_inf as tensors."""
+    device = device_of(backend)
+    model = _mlp(device)
+    lr = torch.tensor(1e-2)
+    opt = fusedlm.optim.AdamW(model.parameters(), lr=lr, fused=True, backend=backend)
+    x, y = _batches(1, device)[0]
+    torch.nn.functional.mse_loss(model(x), y).backward()
+    opt.grad_scale = torch.tensor(1.0, device=device)
+    opt.found_inf = torch.tensor(0.0, device=device)
+    calls = []
+    real_op = fusedlm.optim.adamw.adamw_step
+
+    def op(*args, **kwargs):
+        calls.append((args, kwargs))
+        return real_op(*args, **kwargs)
+
+    def refuse(self, *args, **kwargs):
+        raise AssertionError("a tensor was read on the host during the step")
+
+    monkeypatch.setattr(fusedlm.optim.adamw, "adamw_step", op)
+    with monkeypatch.context() as m:
+        for name in ("item", "__float__", "__bool__", "tolist", "__int__", "__index__"):
+            m.setattr(torch.Tensor, name, refuse)
+        opt.step()
+    (args, kwargs), = calls
+    assert args[5] == [] and args[6] == 0.0  # no host steps, no host lr
+    assert kwargs["lr_tensor"] is lr
+    assert kwargs["step_tensor"].tolist() == [1.0] * len(list(model.parameters()))
+    assert kwargs["grad_scale"] is opt.grad_scale and kwargs["found_inf"] is opt.found_inf
+    assert float(opt.state[model[0].weight]["step"]) == 1.0

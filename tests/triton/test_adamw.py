@@ -344,3 +344,145 @@ def test_gpu_steady_state_step_does_no_host_sync():
         triton_adamw.adamw_step(*args)
     graph.replay()
     torch.cuda.synchronize()
+
+
+# ---- extensions: lr_tensor, step_tensor, grad_scale, found_inf --------------------------------
+
+from tests.ops.test_adamw import (  # noqa: E402
+    EXTENSION_CASES,
+    _call_op_ext,
+    _extensions,
+    _grad_scale,
+    _unscaled,
+)
+
+
+@pytest.mark.usefixtures("small_chunks")
+@pytest.mark.parametrize(("param_dtype", "state_dtype"), DTYPE_CASES, ids=DTYPE_IDS)
+@pytest.mark.parametrize(("amsgrad", "maximize"), [(False, False), (True, True)],
+                         ids=["adam-min", "amsgrad-max"])
+@pytest.mark.parametrize("case", list(EXTENSION_CASES))
+def test_op_extensions_vs_torch(case, maximize, amsgrad, param_dtype, state_dtype):
+    """lr and per-tensor step counts read in the kernel, grads unscaled in it: torch's AdamW on
+    the unscaled grads by the rule, the grads left unscaled, the reference within rounding."""
+    steps = [1, 3, 10, 2, 1000, 7, 1, 50, 4]
+    which = EXTENSION_CASES[case]
+    params = [torch.randn(s, dtype=torch.float64).to(DEVICE, param_dtype) for s in SHAPES]
+    grads = [(0.5 * torch.randn(s, dtype=torch.float64)).to(DEVICE, param_dtype) for s in SHAPES]
+    states = [_state(s, param_dtype, state_dtype, DEVICE, amsgrad, fresh=step == 1)
+              for s, step in zip(SHAPES, steps, strict=True)]
+    hyper = _hyper(amsgrad, maximize, weight_decay=0.05)
+    scale = _grad_scale(param_dtype)
+    extensions = _extensions(which, steps, hyper, DEVICE, scale=scale)
+    hyper = dict(hyper, lr=float(extensions[0].get("lr_tensor", hyper["lr"])))
+    if "grad_scale" in which:
+        given = [(g.double() * scale).to(param_dtype) for g in grads]
+        unscaled, exact = _unscaled(given, scale), [g.double() / scale for g in given]
+    else:
+        given = unscaled = exact = grads
+    ours_p, ours_s, ours_g = _call_op_ext(params, given, states, steps, hyper, B, extensions)
+    truth_p, truth_s = _torch_adamw(params, exact, states, steps, torch.float64, hyper)
+    base_p, base_s = _torch_adamw(params, unscaled, states, steps, param_dtype, hyper)
+    ref_p, _, ref_g = _call_op_ext(params, given, states, steps, hyper, B, extensions,
+                                   fn=reference.adamw_step)
+    tol = {torch.float64: 1e-12, torch.float32: 1e-6}.get(param_dtype, 1e-2)
+    for i in range(len(params)):
+        assert_close_rule(ours_p[i], base_p[i], truth_p[i], name=f"params[{i}]")
+        for name, ours, base, truth in zip(("exp_avg", "exp_avg_sq", "max_exp_avg_sq"), ours_s,
+                                           base_s, truth_s, strict=False):
+            assert ours[i].dtype == state_dtype
+            assert_close_rule(ours[i], base[i], truth[i], name=f"{name}[{i}]")
+        torch.testing.assert_close(ours_p[i], ref_p[i], rtol=tol, atol=tol)
+        torch.testing.assert_close(ours_g[i], unscaled[i], rtol=0, atol=0)
+        torch.testing.assert_close(ref_g[i], unscaled[i], rtol=0, atol=0)
+
+
+@pytest.mark.usefixtures("small_chunks")
+@pytest.mark.parametrize("param_dtype", [torch.float32, torch.float16], ids=str)
+def test_op_found_inf_changes_nothing(param_dtype):
+    params = [torch.randn(s, dtype=torch.float64).to(DEVICE, param_dtype) for s in SHAPES]
+    grads = [torch.randn(s, dtype=torch.float64).to(DEVICE, param_dtype) for s in SHAPES]
+    grads[2][0] = float("inf")
+    states = [_state(s, param_dtype, torch.float32, DEVICE, True, fresh=False) for s in SHAPES]
+    steps = [3] * len(SHAPES)
+    hyper = _hyper(True, False, weight_decay=0.05)
+    ours_p, ours_s, ours_g = _call_op_ext(
+        params, grads, states, steps, hyper, B,
+        _extensions(set(EXTENSION_CASES["all"]), steps, hyper, DEVICE, found=1.0),
+    )
+    for i in range(len(params)):
+        assert torch.equal(ours_p[i], params[i]) and torch.equal(ours_g[i], grads[i])
+        for k, ours in enumerate(ours_s):
+            assert torch.equal(ours[i], states[i][k])
+
+
+@pytest.mark.usefixtures("small_chunks")
+def test_op_grad_scale_non_contiguous_grads_written_back():
+    """A strided grad is unscaled through its contiguous stand-in and copied back."""
+    p = torch.randn(9, 7, device=DEVICE).t()
+    g = (4.0 * torch.randn(9, 7, device=DEVICE)).t()
+    before = g.clone()
+    torch.ops.fusedlm.adamw_step(
+        [p], [g], [torch.zeros(9, 7, device=DEVICE).t()], [torch.zeros(9, 7, device=DEVICE).t()],
+        [], [1.0], 0.01, 0.9, 0.999, 1e-8, 0.0, False, False, B,
+        grad_scale=torch.tensor(4.0, device=DEVICE),
+    )
+    torch.testing.assert_close(g, before / 4.0, rtol=0, atol=0)
+
+
+@pytest.mark.usefixtures("small_chunks")
+def test_op_step_tensor_indexes_the_callers_list_across_dtype_groups():
+    """Two dtype groups, one launch each: each tensor reads its own entry of step_tensor."""
+    shapes_dtypes = [((7,), torch.float32), ((65,), torch.float16), ((3, 5), torch.float32),
+                     ((17,), torch.float64), ((1,), torch.float16)]
+    steps = [2, 9, 1, 30, 5]
+    params = [torch.randn(s, dtype=torch.float64).to(DEVICE, d) for s, d in shapes_dtypes]
+    grads = [torch.randn(s, dtype=torch.float64).to(DEVICE, d) for s, d in shapes_dtypes]
+    states = [_state(s, d, torch.float32 if d != torch.float64 else d, DEVICE, False,
+                     fresh=False) for s, d in shapes_dtypes]
+    hyper = _hyper(False, False, 0.1)
+    ours_p, _, _ = _call_op_ext(params, grads, states, steps, hyper, B,
+                                _extensions({"step_tensor"}, steps, hyper, DEVICE))
+    ref_p, _, _ = _call_op_ext(params, grads, states, steps, hyper, B,
+                               ({}, [float(s) for s in steps], hyper["lr"]),
+                               fn=reference.adamw_step)
+    for ours, ref in zip(ours_p, ref_p, strict=True):
+        tol = {torch.float64: 1e-12, torch.float32: 1e-6}.get(ours.dtype, 1e-2)
+        torch.testing.assert_close(ours, ref, rtol=tol, atol=tol)
+
+
+@pytest.mark.usefixtures("small_chunks")
+@pytest.mark.parametrize("fused", [None, True], ids=["steps_on_host", "steps_on_device"])
+@pytest.mark.parametrize("lr_kind", ["float", "tensor"])
+def test_optimizer_grad_scaler_matches_torch_non_fused(lr_kind, fused):
+    """fusedlm.optim.AdamW(backend="triton") + GradScaler (scale and found_inf handled in the
+    kernel) equals torch.optim.AdamW(fused=False) + GradScaler, with inf and NaN steps."""
+    torch.manual_seed(0)
+    shapes = [(65,), (3, 5), (17,)]
+    params0 = [torch.randn(s) for s in shapes]
+    lr = torch.tensor(0.01) if lr_kind == "tensor" else 0.01
+    runs = []
+    for cls, kwargs in ((fusedlm.optim.AdamW, {"backend": B, "fused": fused}),
+                        (torch.optim.AdamW, {"foreach": False})):
+        ps = [torch.nn.Parameter(p.clone().to(DEVICE)) for p in params0]
+        opt = cls(ps, lr=lr, eps=1e-3, weight_decay=0.1, amsgrad=True, **kwargs)
+        scaler = torch.amp.GradScaler(DEVICE, init_scale=2.0**6, growth_interval=2)
+        for step in range(6):
+            g = torch.Generator().manual_seed(step)
+            loss = sum((p * torch.randn(p.shape, generator=g).to(DEVICE)).sum() ** 2 for p in ps)
+            if step in (2, 3):
+                loss = loss * (float("inf") if step == 2 else float("nan"))
+            for p in ps:
+                p.grad = None
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+        runs.append((ps, opt, scaler.get_scale()))
+    (ours, ours_opt, ours_scale), (theirs, theirs_opt, theirs_scale) = runs
+    assert ours_scale == theirs_scale
+    for p, q in zip(ours, theirs, strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-6)
+        assert float(ours_opt.state[p]["step"]) == float(theirs_opt.state[q]["step"]) == 4.0
+        for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
+            torch.testing.assert_close(ours_opt.state[p][key], theirs_opt.state[q][key],
+                                       rtol=1e-5, atol=1e-7)

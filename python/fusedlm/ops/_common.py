@@ -46,19 +46,42 @@ def check_finite_float(value: object, name: str, minimum: float | None = None) -
     return value
 
 
+def check_scalar_tensor(t, name: str, params: list[Tensor], numel: int = 1,
+                        allow_cpu: bool = False, float32: bool = False) -> None:
+    """A scalar-like tensor argument: ``numel`` elements (one, or (numel,) when numel != 1),
+    dense, on the params' device (or the CPU when ``allow_cpu``), float32 when ``float32``
+    (else any float dtype). Used by the AdamW op's lr/step/GradScaler tensors."""
+    if not isinstance(t, Tensor):
+        raise TypeError(f"argument '{name}' must be a torch.Tensor, got {type(t).__name__}")
+    if t.numel() != numel or (numel != 1 and t.dim() != 1):
+        shape = "a one-element tensor" if numel == 1 else f"of shape ({numel},)"
+        raise ValueError(f"argument '{name}' must be {shape}, got shape {list(t.shape)}")
+    if t.layout != torch.strided:
+        raise ValueError(f"argument '{name}' must be dense, got {t.layout}")
+    if params and t.device != params[0].device and not (allow_cpu and t.device.type == "cpu"):
+        raise ValueError(f"argument '{name}' is on {t.device} but must be on "
+                         f"{params[0].device}" + (" (or the CPU)" if allow_cpu else ""))
+    if float32 and t.dtype != torch.float32:
+        raise TypeError(f"argument '{name}' must be float32, got {t.dtype}")
+    if not t.dtype.is_floating_point:
+        raise TypeError(f"argument '{name}' must be a floating-point tensor, got {t.dtype}")
+
+
 def stat_dtype(dtype: torch.dtype) -> torch.dtype:
     """dtype of the statistics (mean, rstd, lse) the kernels return for inputs of ``dtype``."""
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def register_extension_kernels(dispatch, entry_point: str, supports=None) -> None:
+def register_extension_kernels(dispatch, entry_point: str, supports=None, call=None) -> None:
     """Register ``fusedlm._C.<entry_point>`` as the ``cpu`` and ``cuda`` implementations of
     ``dispatch`` (the extension dispatches on the tensors' device). The ``cuda`` one serves
-    only when this build has a CUDA kernel for the op (``fusedlm._C.cuda_ops()``)."""
+    only when this build has a CUDA kernel for the op (``fusedlm._C.cuda_ops()``). ``call``
+    replaces the plain forwarding to the entry point (to adapt arguments)."""
     from .. import _ext
 
-    def call(*args):
-        return getattr(_ext.load(), entry_point)(*args)
+    if call is None:
+        def call(*args, **kwargs):
+            return getattr(_ext.load(), entry_point)(*args, **kwargs)
 
     def cuda_supports(*args) -> str | None:
         if entry_point not in _ext.load().cuda_ops():

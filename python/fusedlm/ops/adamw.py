@@ -8,7 +8,7 @@ from torch import Tensor
 
 from .. import reference
 from ..backends import OpDispatch
-from ._common import FLOAT_DTYPES, register_extension_kernels
+from ._common import FLOAT_DTYPES, check_scalar_tensor, register_extension_kernels
 
 ADAMW_STEP = OpDispatch("adamw_step")
 ADAMW_STEP.register("torch")(reference.adamw_step)
@@ -21,7 +21,19 @@ def _kernel_supports(*tensor_lists: list[Tensor]) -> str | None:
     return None
 
 
-register_extension_kernels(ADAMW_STEP, "adamw_step", supports=_kernel_supports)
+def _extension_adamw_step(*args, step_tensor: Tensor | None = None, **kwargs) -> None:
+    """``fusedlm._C.adamw_step``: its ``step_tensors`` is a list of one-element tensors (here,
+    views of ``step_tensor``); None extensions are left out."""
+    from .. import _ext
+
+    kwargs = {k: v for k, v in kwargs.items() if v is not None}
+    if step_tensor is not None:
+        kwargs["step_tensors"] = list(step_tensor.unbind(0))
+    _ext.load().adamw_step(*args, **kwargs)
+
+
+register_extension_kernels(ADAMW_STEP, "adamw_step", supports=_kernel_supports,
+                           call=_extension_adamw_step)
 
 
 def _triton_supports(*tensor_lists: list[Tensor]) -> str | None:
@@ -34,35 +46,78 @@ def _triton_supports(*tensor_lists: list[Tensor]) -> str | None:
 
 
 @ADAMW_STEP.register("triton", supports=_triton_supports)
-def _triton_adamw_step(*args):
+def _triton_adamw_step(*args, **kwargs):
     from ..triton import adamw  # imports triton: only when the backend is used
 
-    return adamw.adamw_step(*args)
+    return adamw.adamw_step(*args, **kwargs)
+
+
+def _check_extensions(params: list[Tensor], steps: list[float], lr_tensor: Tensor | None,
+                      grad_scale: Tensor | None, found_inf: Tensor | None,
+                      step_tensor: Tensor | None) -> None:
+    """The tensor extensions, checked alike for every backend (none is read on the host)."""
+    if lr_tensor is not None:
+        # float32 when the kernels read it on a device; any float dtype on the CPU
+        on_device = bool(params) and lr_tensor.device == params[0].device
+        check_scalar_tensor(lr_tensor, "lr_tensor", params, allow_cpu=True,
+                            float32=on_device and lr_tensor.device.type != "cpu")
+    if grad_scale is not None:
+        check_scalar_tensor(grad_scale, "grad_scale", params, float32=True)
+    if found_inf is not None:
+        check_scalar_tensor(found_inf, "found_inf", params, float32=True)
+    if step_tensor is not None:
+        check_scalar_tensor(step_tensor, "step_tensor", params, numel=len(params), float32=True)
+        if len(steps):
+            raise ValueError("arguments 'steps' and 'step_tensor' exclude each other; 'steps' "
+                             "must be empty when 'step_tensor' is given")
 
 
 @torch.library.custom_op(
-    "fusedlm::adamw_step", mutates_args=("params", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs")
+    "fusedlm::adamw_step",
+    mutates_args=("params", "grads", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs"),
 )
 def adamw_step(
     params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
     exp_avg_sqs: list[Tensor], max_exp_avg_sqs: list[Tensor], steps: list[float],
     lr: float, beta1: float, beta2: float, eps: float, weight_decay: float, amsgrad: bool,
-    maximize: bool, backend: str,
+    maximize: bool, backend: str, lr_tensor: Tensor | None = None,
+    grad_scale: Tensor | None = None, found_inf: Tensor | None = None,
+    step_tensor: Tensor | None = None,
 ) -> None:
     """One AdamW step, torch.optim.AdamW's arithmetic, in place.
 
     params[i], grads[i]: same shape, float64/float32/float16/bfloat16 (grads in the param's
     dtype); states exp_avgs[i], exp_avg_sqs[i] (and max_exp_avg_sqs[i] when amsgrad, else the
     list is empty): float32 or the param's dtype. steps[i]: param i's step count including
-    this step. All tensors contiguous and on one device."""
+    this step. All tensors on one device; the C++ kernels take contiguous ones only ("auto"
+    sends others elsewhere).
+
+    Optional tensors, none of them read on the host (so a step makes the host wait for nothing),
+    with the semantics of torch's fused AdamW:
+
+    * ``lr_tensor``: a one-element learning rate replacing ``lr`` (float32 on the params'
+      device, or any float dtype on the CPU);
+    * ``step_tensor``: (n,) float32 on the params' device, param i's step count including this
+      step, replacing ``steps`` (which must then be empty);
+    * ``grad_scale``: GradScaler's one-element float32 scale: grads are divided by it in place
+      (the unscaled grads stay in ``grads``, as torch's fused AdamW leaves them) and the step
+      uses them;
+    * ``found_inf``: GradScaler's one-element float32 flag: when nonzero nothing changes
+      (params, states, grads). Step counts are the caller's: torch increments them and then
+      subtracts ``found_inf``.
+    """
+    _check_extensions(params, steps, lr_tensor, grad_scale, found_inf, step_tensor)
     if not params:
         return
-    impl = ADAMW_STEP.select(backend, params[0].device, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs)
+    impl = ADAMW_STEP.select(backend, params[0].device, params, grads, exp_avgs, exp_avg_sqs,
+                             max_exp_avg_sqs)
     impl(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr, beta1, beta2, eps,
-         weight_decay, amsgrad, maximize)
+         weight_decay, amsgrad, maximize, lr_tensor=lr_tensor, grad_scale=grad_scale,
+         found_inf=found_inf, step_tensor=step_tensor)
 
 
 @adamw_step.register_fake
 def _(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr, beta1, beta2, eps,
-      weight_decay, amsgrad, maximize, backend):
+      weight_decay, amsgrad, maximize, backend, lr_tensor=None, grad_scale=None, found_inf=None,
+      step_tensor=None):
     return None

@@ -1,13 +1,24 @@
 """``fusedlm.optim.AdamW``: torch.optim.AdamW with its step done by one multi-tensor kernel call
-per parameter group.
+per parameter group and device.
 
 It subclasses ``torch.optim.AdamW``, so the constructor, defaults, ``param_groups`` and
 ``state_dict`` format are torch's own (a state_dict saved by one loads into the other); it adds
 one argument, ``backend``. States of bfloat16/float16 parameters are kept in float32 (torch keeps
 them in the parameter's dtype; loading either way converts them).
 
+Like torch's ``fused=True`` AdamW it works with ``torch.amp.GradScaler`` without the separate
+unscale pass (``_step_supports_amp_scaling``): GradScaler hands ``grad_scale`` and ``found_inf``
+to ``step()``, the kernel divides the grads by the scale (storing them back unscaled) and changes
+nothing when ``found_inf`` is set, and a skipped step does not count (the step counts are
+incremented, then ``found_inf != 0`` is subtracted). ``lr`` may be a tensor; neither it nor the
+GradScaler tensors are read on the host. Step counts kept on the parameters' device
+(``fused=True``, as torch keeps them) go to the kernel as a device tensor; the default CPU step
+counts are read on the host, so with GradScaler on a GPU and ``fused`` unset, the step reads
+``found_inf`` on the host once (torch's non-fused AdamW with GradScaler synchronizes there too).
+
 What the kernels do not cover runs torch's own implementation for that group: complex
-parameters, ``differentiable=True``, ``capturable=True``.
+parameters, ``differentiable=True``, ``capturable=True`` (with GradScaler, that path unscales
+the grads and checks ``found_inf`` on the host first, as its single-tensor code takes neither).
 """
 
 from __future__ import annotations
@@ -16,6 +27,7 @@ import itertools
 
 import torch
 from torch import Tensor
+from torch.optim.adam import adam as torch_adam  # torch.optim does not expose the module
 
 from ..backends import check_backend_name
 from ..ops.adamw import adamw_step
@@ -52,6 +64,9 @@ class AdamW(torch.optim.AdamW):
         self.defaults["backend"] = backend
         for group in self.param_groups:
             group.setdefault("backend", backend)
+        # GradScaler passes grad_scale / found_inf to step() instead of unscaling the grads itself
+        # (torch sets this for fused=True only; every path here handles them).
+        self._step_supports_amp_scaling = True
         self.register_load_state_dict_pre_hook(_keep_float32_states_pre_hook)
         self.register_load_state_dict_post_hook(_keep_float32_states_post_hook)
 
@@ -109,45 +124,98 @@ class AdamW(torch.optim.AdamW):
         steps = [s["step"] for s in states]
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
-        if found_inf is not None and bool(found_inf.item()):
-            return  # GradScaler found inf/NaN: skip the step, as torch's fused AdamW does
-        if grad_scale is not None:
-            grads = torch._foreach_div(grads, grad_scale.to(grads[0].device))
         # Group by device: one kernel call per device and parameter group.
         by_device: dict[torch.device, list[int]] = {}
         for i, p in enumerate(params):
             by_device.setdefault(p.device, []).append(i)
         torch._foreach_add_(steps, 1)
         beta1, beta2 = (float(b) for b in group["betas"])
-        for indices in by_device.values():
-            pick = lambda xs: [xs[i] for i in indices]  # noqa: E731
+        lr = group["lr"]
+        for device, indices in by_device.items():
+            def pick(xs, indices=indices):
+                return [xs[i] for i in indices]
+
+            device_steps = pick(steps)
+            extensions = {}
+            if isinstance(lr, Tensor):
+                # A CPU lr is read on the host (no device sync); a device one in the kernel, as
+                # float32.
+                lr_tensor = lr if lr.device.type == "cpu" else _on(lr, device)
+                if lr_tensor.device.type != "cpu":
+                    lr_tensor = lr_tensor.to(torch.float32)
+                extensions["lr_tensor"] = lr_tensor
+            if grad_scale is not None:
+                extensions["grad_scale"] = _on(grad_scale, device)
+            if found_inf is not None:
+                extensions["found_inf"] = _on(found_inf, device)
+            host_steps: list[float] = []
+            if all(s.device == device for s in device_steps) and (
+                device.type != "cpu" or group["fused"]
+            ):
+                extensions["step_tensor"] = torch.stack(
+                    [s.reshape(()) for s in device_steps]
+                ).to(torch.float32)
+            else:
+                host_steps = [float(s) for s in device_steps]  # CPU tensors: no device sync
+            device_grads = pick(grads)
+            contiguous_grads = [g if g.is_contiguous() else g.contiguous() for g in device_grads]
             adamw_step(
                 pick(params),
-                [g if g.is_contiguous() else g.contiguous() for g in pick(grads)],
+                contiguous_grads,
                 [s["exp_avg"] for s in pick(states)],
                 [s["exp_avg_sq"] for s in pick(states)],
                 [s["max_exp_avg_sq"] for s in pick(states)] if group["amsgrad"] else [],
-                [float(s) for s in pick(steps)],
-                float(group["lr"]), beta1, beta2, float(group["eps"]),
+                host_steps,
+                0.0 if isinstance(lr, Tensor) else float(lr), beta1, beta2, float(group["eps"]),
                 float(group["weight_decay"]), bool(group["amsgrad"]), bool(group["maximize"]),
                 group["backend"],
+                **extensions,
             )
+            if grad_scale is not None:  # the unscaled grads are stored back, as torch does
+                for g, c in zip(device_grads, contiguous_grads, strict=True):
+                    if g is not c:
+                        g.copy_(c)
+        if found_inf is not None:
+            # A skipped step does not count: subtract found_inf != 0 where the counts live.
+            skipped = (found_inf != 0).to(torch.float32)
+            by_step_device: dict[torch.device, list[Tensor]] = {}
+            for s in steps:
+                by_step_device.setdefault(s.device, []).append(s)
+            for step_device, device_steps in by_step_device.items():
+                flag = _on(skipped, step_device)  # a host read only for CPU counts of GPU params
+                torch._foreach_sub_(device_steps, [flag] * len(device_steps))
 
     def _torch_step(self, group: dict) -> None:
         """torch's own AdamW for this group (cases the kernels do not cover)."""
         lists = ([], [], [], [], [], [])
         has_complex = self._init_group(group, *lists)
         params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps = lists
+        # torch's single-tensor AdamW takes no grad_scale / found_inf (only its fused one does):
+        # do what the fused one does with them, reading found_inf on the host.
+        found_inf = getattr(self, "found_inf", None)
+        if found_inf is not None and bool(found_inf.item()):
+            return
+        grad_scale = getattr(self, "grad_scale", None)
+        if grad_scale is not None:
+            for g in grads:
+                g.div_(_on(grad_scale, g.device))
         beta1, beta2 = group["betas"]
-        torch.optim.adam.adam(
+        torch_adam(
             params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps,
             amsgrad=group["amsgrad"], has_complex=has_complex, beta1=beta1, beta2=beta2,
             lr=group["lr"], weight_decay=group["weight_decay"], eps=group["eps"],
             maximize=group["maximize"], foreach=False, capturable=group["capturable"],
-            differentiable=group["differentiable"], fused=False,
-            grad_scale=getattr(self, "grad_scale", None), found_inf=getattr(self, "found_inf", None),
-            decoupled_weight_decay=True,
+            differentiable=group["differentiable"], fused=False, grad_scale=None,
+            found_inf=None, decoupled_weight_decay=True,
         )
+
+
+def _on(t: Tensor, device: torch.device) -> Tensor:
+    """``t`` on ``device`` (itself when already there); a copy to an accelerator does not block
+    the host, a copy to the CPU does (it must be complete before the host uses it)."""
+    if t.device == device:
+        return t
+    return t.to(device, non_blocking=device.type != "cpu")
 
 
 # torch's load_state_dict casts every state tensor to its parameter's dtype; for bfloat16/float16

@@ -13,8 +13,17 @@ host-to-device copy when every tensor of a group has the same step count (the us
 bias corrections go in as scalar arguments). Different step counts (e.g. parameters added to
 the optimizer later) add a small (2, T) float64 table of bias corrections per step.
 
+Extensions (keyword-only, the semantics of ``fusedlm._C.adamw_step``): ``lr_tensor``, a
+one-element learning rate read in the kernel (a CPU one is read on the host); ``step_tensor``,
+the (n,) step counts on the device, replacing ``steps`` (the bias corrections are then computed
+in the kernel); GradScaler's ``grad_scale`` (grads divided by it in the kernel, the unscaled
+grads stored back, as torch's fused AdamW does) and ``found_inf`` (nonzero: every program
+returns at once, nothing changes). None of them makes the host wait for the device.
+
 Arithmetic runs in float32 (float64 for float64 params) with IEEE-rounded sqrt and division,
-in torch's order of operations, so float32 results match torch's within a few ulps.
+in torch's order of operations, so float32 results match torch's within a few ulps. The scalars
+(lr * weight_decay, lr / bias correction, ...) are computed in float64 in the kernel, then
+rounded once to the compute dtype, as torch rounds its Python scalars.
 """
 
 from __future__ import annotations
@@ -23,11 +32,11 @@ import collections
 import math
 
 import torch
+import triton
 import triton.language as tl
 from torch import Tensor
 
-import triton
-
+from ..ops._common import check_scalar_tensor
 from .norm import _INTERPRETED, _device_context, patch_interpreter_index
 
 # Elements per program (one chunk of one tensor), walked BLOCK at a time. 2048 elements over 4
@@ -55,8 +64,9 @@ if _INTERPRETED:
 @triton.jit
 def _adamw_block(
     p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, idx, end,
-    decay, lerp_weight, beta2, one_minus_beta2, eps, step_size, bias_correction2_sqrt,
+    decay, lerp_weight, beta2, one_minus_beta2, eps, step_size, bias_correction2_sqrt, scale,
     COMPUTE: tl.constexpr, AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr, MASKED: tl.constexpr,
+    HAS_GRAD_SCALE: tl.constexpr,
 ):
     """One BLOCK of the update; MASKED only for the block that passes the tensor's end (the
     unmasked accesses of full blocks can be 128-bit). Written without nested helper calls: the
@@ -71,6 +81,14 @@ def _adamw_block(
     g = tl.load(g_ptr + idx, mask=mask, other=other).to(COMPUTE)
     m = tl.load(m_ptr + idx, mask=mask, other=other).to(COMPUTE)
     v = tl.load(v_ptr + idx, mask=mask, other=other).to(COMPUTE)
+    if HAS_GRAD_SCALE:
+        # Unscaled in the compute dtype and stored back (before maximize's negation), as
+        # torch's fused AdamW does; the update uses the unrounded value.
+        if COMPUTE == tl.float64:
+            g = g / scale
+        else:
+            g = tl.div_rn(g, scale)
+        tl.store(g_ptr + idx, g, mask=mask)
     if MAXIMIZE:
         g = -g
     p = p * decay
@@ -97,26 +115,35 @@ def _adamw_block(
 
 @triton.jit
 def adamw_step_kernel(
-    Ptrs, Numels, ChunkTensor, ChunkIndex, BiasCorrections, num_tensors,
-    decay: tl.float64, lerp_weight: tl.float64, beta2: tl.float64, one_minus_beta2: tl.float64,
-    eps: tl.float64, step_size: tl.float64, bias_correction2_sqrt: tl.float64,
+    Ptrs, Numels, Index, ChunkTensor, ChunkIndex, BiasCorrections, Lr, Steps, GradScale,
+    FoundInf, num_tensors,
+    lr: tl.float64, weight_decay: tl.float64, lerp_weight: tl.float64, beta2: tl.float64,
+    one_minus_beta2: tl.float64, eps: tl.float64, log_beta1: tl.float64,
+    log_beta2: tl.float64, bias_correction1: tl.float64, bias_correction2_sqrt: tl.float64,
     PARAM: tl.constexpr, GRAD: tl.constexpr, STATE: tl.constexpr, COMPUTE: tl.constexpr,
-    AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr, PER_TENSOR_STEPS: tl.constexpr,
+    AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr, STEPS: tl.constexpr, HAS_LR: tl.constexpr,
+    HAS_GRAD_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
     ALIGNED: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """AdamW update of chunk ChunkIndex[pid] of tensor ChunkTensor[pid], in place.
 
     Ptrs int64 (5, num_tensors): addresses of params (PARAM), grads (GRAD), exp_avgs,
     exp_avg_sqs, max_exp_avg_sqs (STATE; the last row only when AMSGRAD). Numels int64
-    (num_tensors). BiasCorrections float64 (2, num_tensors): step_size = lr / (1 - beta1^step)
-    and sqrt(1 - beta2^step) per tensor when PER_TENSOR_STEPS, else the scalar arguments serve
-    every tensor. decay = 1 - lr * weight_decay, lerp_weight = 1 - beta1. ALIGNED: every address
-    is 16-byte aligned (enables 128-bit accesses).
+    (num_tensors); Index int64 (num_tensors): each tensor's position in the caller's lists.
+    Step counts, by STEPS: 0, the scalar bias corrections (1 - beta1^step, sqrt(1 - beta2^step))
+    serve every tensor; 1, BiasCorrections float64 (2, num_tensors) holds them per tensor; 2,
+    Steps (the caller's (n,) step counts, float32, on the device) gives step = Steps[Index[t]]
+    and the kernel computes them (beta^step = exp(step * log_beta)). HAS_LR: lr is Lr[0] (any
+    float dtype) instead of the argument. HAS_GRAD_SCALE: grads are divided by GradScale[0]
+    (float32) and stored back. HAS_FOUND_INF: nothing happens when FoundInf[0] (float32) != 0.
+    lerp_weight = 1 - beta1. ALIGNED: every address is 16-byte aligned (128-bit accesses).
     """
     pid = tl.program_id(0)
     t = tl.load(ChunkTensor + pid)
     start = tl.load(ChunkIndex + pid) * CHUNK  # int64, a multiple of CHUNK
     end = tl.minimum(tl.load(Numels + t) - start, CHUNK).to(tl.int32)
+    if HAS_FOUND_INF:
+        end = tl.where(tl.load(FoundInf) != 0, 0, end)  # GradScaler found inf/NaN: skip
     p_ptr = tl.load(Ptrs + t).to(tl.pointer_type(PARAM))
     g_ptr = tl.load(Ptrs + num_tensors + t).to(tl.pointer_type(GRAD))
     m_ptr = tl.load(Ptrs + 2 * num_tensors + t).to(tl.pointer_type(STATE))
@@ -136,27 +163,42 @@ def adamw_step_kernel(
     m_ptr += start
     v_ptr += start
     vmax_ptr += start
-    if PER_TENSOR_STEPS:
-        step_size_c = tl.load(BiasCorrections + t).to(COMPUTE)
-        bc2_c = tl.load(BiasCorrections + num_tensors + t).to(COMPUTE)
+    # Scalars in float64, rounded once to COMPUTE.
+    if HAS_LR:
+        lr_v = tl.load(Lr).to(tl.float64)
     else:
-        step_size_c = tl.full([], step_size, COMPUTE)
-        bc2_c = tl.full([], bias_correction2_sqrt, COMPUTE)
-    decay_c = tl.full([], decay, COMPUTE)
+        lr_v = tl.full([], lr, tl.float64)
+    if STEPS == 2:
+        step = tl.load(Steps + tl.load(Index + t)).to(tl.float64)
+        bc1 = 1.0 - tl.exp(step * log_beta1)
+        bc2_sqrt = tl.sqrt(1.0 - tl.exp(step * log_beta2))
+    elif STEPS == 1:
+        bc1 = tl.load(BiasCorrections + t)
+        bc2_sqrt = tl.load(BiasCorrections + num_tensors + t)
+    else:
+        bc1 = tl.full([], bias_correction1, tl.float64)
+        bc2_sqrt = tl.full([], bias_correction2_sqrt, tl.float64)
+    step_size_c = (lr_v / bc1).to(COMPUTE)
+    bc2_c = bc2_sqrt.to(COMPUTE)
+    decay_c = (1.0 - lr_v * weight_decay).to(COMPUTE)
     lerp_c = tl.full([], lerp_weight, COMPUTE)
     beta2_c = tl.full([], beta2, COMPUTE)
     one_minus_beta2_c = tl.full([], one_minus_beta2, COMPUTE)
     eps_c = tl.full([], eps, COMPUTE)
+    if HAS_GRAD_SCALE:
+        scale_c = tl.load(GradScale).to(COMPUTE)
+    else:
+        scale_c = tl.full([], 1.0, COMPUTE)  # unused
     for off in range(0, end, BLOCK):
         idx = off + tl.arange(0, BLOCK)
         if off + BLOCK <= end:
             _adamw_block(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, idx, end, decay_c, lerp_c,
-                         beta2_c, one_minus_beta2_c, eps_c, step_size_c, bc2_c,
-                         COMPUTE, AMSGRAD, MAXIMIZE, False)
+                         beta2_c, one_minus_beta2_c, eps_c, step_size_c, bc2_c, scale_c,
+                         COMPUTE, AMSGRAD, MAXIMIZE, False, HAS_GRAD_SCALE)
         else:
             _adamw_block(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, idx, end, decay_c, lerp_c,
-                         beta2_c, one_minus_beta2_c, eps_c, step_size_c, bc2_c,
-                         COMPUTE, AMSGRAD, MAXIMIZE, True)
+                         beta2_c, one_minus_beta2_c, eps_c, step_size_c, bc2_c, scale_c,
+                         COMPUTE, AMSGRAD, MAXIMIZE, True, HAS_GRAD_SCALE)
 
 
 # ---- tables ---------------------------------------------------------------------------------
@@ -171,13 +213,15 @@ def _to_device(host: Tensor, device: torch.device) -> Tensor:
     return host.pin_memory().to(device, non_blocking=True)
 
 
-def _tables(device: torch.device, lists: list[list[Tensor]], cache: bool) -> tuple:
-    """(ptrs (len(lists), T), numels (T), chunk_tensor (C), chunk_index (C) on device, C,
-    whether every address is 16-byte aligned). Cached by addresses and sizes unless ``cache``
-    is False (tensors that live for one call only)."""
+def _tables(device: torch.device, lists: list[list[Tensor]], indices: list[int],
+            cache: bool) -> tuple:
+    """(ptrs (len(lists), T), numels (T), index (T), chunk_tensor (C), chunk_index (C) on
+    device, C, whether every address is 16-byte aligned). ``indices``: each tensor's position in
+    the caller's lists. Cached by addresses, sizes and positions unless ``cache`` is False
+    (tensors that live for one call only)."""
     numels = [t.numel() for t in lists[0]]
     ptrs = [t.data_ptr() for ts in lists for t in ts]
-    key = (device, CHUNK, len(lists), tuple(ptrs), tuple(numels))
+    key = (device, CHUNK, len(lists), tuple(ptrs), tuple(numels), tuple(indices))
     hit = _table_cache.get(key)
     if hit is not None:
         _table_cache.move_to_end(key)
@@ -189,11 +233,13 @@ def _tables(device: torch.device, lists: list[list[Tensor]], cache: bool) -> tup
     C = chunk_tensor.numel()
     chunk_index = torch.arange(C, dtype=torch.int64) - first_chunk[chunk_tensor]
     host = torch.cat([torch.tensor(ptrs, dtype=torch.int64),
-                      torch.tensor(numels, dtype=torch.int64), chunk_tensor, chunk_index])
+                      torch.tensor(numels, dtype=torch.int64),
+                      torch.tensor(indices, dtype=torch.int64), chunk_tensor, chunk_index])
     table = _to_device(host, device)
     k = len(lists) * T
     aligned = all(ptr % 16 == 0 for ptr in ptrs)
-    entry = (table[:k], table[k:k + T], table[k + T:k + T + C], table[k + T + C:], C, aligned)
+    entry = (table[:k], table[k:k + T], table[k + T:k + 2 * T], table[k + 2 * T:k + 2 * T + C],
+             table[k + 2 * T + C:], C, aligned)
     if cache:
         _table_cache[key] = entry
         if len(_table_cache) > TABLE_CACHE_SIZE:
@@ -232,7 +278,8 @@ def _check_list(tensors, name: str, params: list[Tensor], is_state: bool) -> Non
 
 
 def _check_args(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr, beta1, beta2,
-                eps, weight_decay, amsgrad) -> None:
+                eps, weight_decay, amsgrad, lr_tensor=None, grad_scale=None, found_inf=None,
+                step_tensor=None) -> None:
     for i, p in enumerate(params):
         if not isinstance(p, Tensor):
             raise TypeError(
@@ -262,13 +309,27 @@ def _check_args(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr
         if amsgrad and max_exp_avg_sqs[i].dtype != exp_avgs[i].dtype:
             raise TypeError(f"argument 'max_exp_avg_sqs[{i}]' has dtype {max_exp_avg_sqs[i].dtype} "
                             f"but exp_avgs[{i}] has {exp_avgs[i].dtype}")
-    if len(steps) != len(params):
-        raise ValueError(
-            f"argument 'steps' has {len(steps)} entries but 'params' has {len(params)}"
-        )
-    for i, s in enumerate(steps):
-        if not (math.isfinite(s) and s >= 1):
-            raise ValueError(f"argument 'steps[{i}]' must be finite and >= 1, got {s}")
+    if step_tensor is not None:
+        check_scalar_tensor(step_tensor, "step_tensor", params, numel=len(params), float32=True)
+        if len(steps):
+            raise ValueError("arguments 'steps' and 'step_tensor' exclude each other; 'steps' "
+                             "must be empty when 'step_tensor' is given")
+    else:
+        if len(steps) != len(params):
+            raise ValueError(
+                f"argument 'steps' has {len(steps)} entries but 'params' has {len(params)}"
+            )
+        for i, s in enumerate(steps):
+            if not (math.isfinite(s) and s >= 1):
+                raise ValueError(f"argument 'steps[{i}]' must be finite and >= 1, got {s}")
+    if lr_tensor is not None:
+        on_device = bool(params) and lr_tensor.device == params[0].device
+        check_scalar_tensor(lr_tensor, "lr_tensor", params, allow_cpu=True,
+                          float32=on_device and lr_tensor.device.type != "cpu")
+    if grad_scale is not None:
+        check_scalar_tensor(grad_scale, "grad_scale", params, float32=True)
+    if found_inf is not None:
+        check_scalar_tensor(found_inf, "found_inf", params, float32=True)
     for name, value, ok, rule in (
         ("lr", lr, lr >= 0, ">= 0"), ("eps", eps, eps >= 0, ">= 0"),
         ("beta1", beta1, 0 <= beta1 < 1, "in [0, 1)"),
@@ -286,7 +347,9 @@ def adamw_step(
     params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
     exp_avg_sqs: list[Tensor], max_exp_avg_sqs: list[Tensor], steps: list[float],
     lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
-    amsgrad: bool, maximize: bool,
+    amsgrad: bool, maximize: bool, *, lr_tensor: Tensor | None = None,
+    grad_scale: Tensor | None = None, found_inf: Tensor | None = None,
+    step_tensor: Tensor | None = None,
 ) -> None:
     """torch.optim.AdamW's update of every params[i], in place.
 
@@ -295,18 +358,29 @@ def adamw_step(
     empty): float32 or the param's dtype, one dtype per param. steps[i]: the step count of
     param i including this step. Any strides: non-contiguous tensors are updated through
     contiguous copies written back afterwards.
+
+    Keyword-only: ``lr_tensor`` (one element; float32 on the params' device, read in the
+    kernel, or any float dtype on the CPU, read on the host) replaces ``lr``; ``step_tensor``
+    ((n,) float32 on the params' device, counts after the increment) replaces ``steps`` (then
+    empty); ``grad_scale``, ``found_inf`` (one-element float32 on the params' device):
+    GradScaler's, as torch's fused AdamW takes them (see the module docstring).
     """
     lr, beta1, beta2, eps, weight_decay = (float(v) for v in (lr, beta1, beta2, eps, weight_decay))
     amsgrad, maximize = bool(amsgrad), bool(maximize)
     steps = [float(s) for s in steps]
     _check_args(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr, beta1, beta2,
-                eps, weight_decay, amsgrad)
+                eps, weight_decay, amsgrad, lr_tensor, grad_scale, found_inf, step_tensor)
     if not params:
         return
     device = params[0].device
+    if lr_tensor is not None and lr_tensor.device != device:
+        lr = float(lr_tensor)  # a CPU lr for device params: a host read, no device sync
+        if not (math.isfinite(lr) and lr >= 0):
+            raise ValueError(f"argument 'lr_tensor' must be finite and >= 0, got {lr}")
+        lr_tensor = None
     state_lists = [exp_avgs, exp_avg_sqs] + ([max_exp_avg_sqs] if amsgrad else [])
     # Non-contiguous tensors are updated through contiguous stand-ins; the written ones (param,
-    # states) are copied back at the end.
+    # states, and grads when they are unscaled) are copied back at the end.
     write_back: list[tuple[Tensor, Tensor]] = []
 
     def stand_ins(tensors: list[Tensor], written: bool) -> list[Tensor]:
@@ -327,36 +401,53 @@ def adamw_step(
         key = (p.dtype, grads[i].dtype, exp_avgs[i].dtype)
         groups.setdefault(key, []).append(i)
 
+    # beta^step = exp(step * log(beta)) in the kernel; log(0) = -inf gives 0 as 0.0**step does.
+    log_beta1 = math.log(beta1) if beta1 > 0 else -math.inf
+    log_beta2 = math.log(beta2) if beta2 > 0 else -math.inf
     with _device_context(device):
         for (param_dtype, grad_dtype, state_dtype), indices in groups.items():
             originals = [[ts[i] for i in indices] for ts in (params, grads, *state_lists)]
-            lists = [stand_ins(ts, written=k != 1) for k, ts in enumerate(originals)]
+            lists = [stand_ins(ts, written=k != 1 or grad_scale is not None)
+                     for k, ts in enumerate(originals)]
             # Stand-ins live for this call only: their addresses are not worth caching.
             one_off = any(a is not b for ts, cs in zip(originals, lists, strict=True)
                           for a, b in zip(ts, cs, strict=True))
-            ptrs, numels, chunk_tensor, chunk_index, num_chunks, aligned = _tables(
-                device, lists, cache=not one_off
+            ptrs, numels, index, chunk_tensor, chunk_index, num_chunks, aligned = _tables(
+                device, lists, indices, cache=not one_off
             )
-            group_steps = [steps[i] for i in indices]
-            per_tensor = any(s != group_steps[0] for s in group_steps)
-            step_size = lr / (1 - beta1 ** group_steps[0])
-            bc2_sqrt = math.sqrt(1 - beta2 ** group_steps[0])
-            if per_tensor:
-                host = torch.tensor(
-                    [lr / (1 - beta1**s) for s in group_steps]
-                    + [math.sqrt(1 - beta2**s) for s in group_steps],
-                    dtype=torch.float64,
-                )
-                bias_corrections = _to_device(host, device)
+            dummy = numels
+            bias_corrections = dummy
+            bc1 = bc2_sqrt = 1.0
+            if step_tensor is not None:
+                step_source = 2
             else:
-                bias_corrections = numels  # unused
+                group_steps = [steps[i] for i in indices]
+                bc1 = 1 - beta1 ** group_steps[0]
+                bc2_sqrt = math.sqrt(1 - beta2 ** group_steps[0])
+                step_source = 0
+                if any(s != group_steps[0] for s in group_steps):
+                    step_source = 1
+                    host = torch.tensor(
+                        [1 - beta1**s for s in group_steps]
+                        + [math.sqrt(1 - beta2**s) for s in group_steps],
+                        dtype=torch.float64,
+                    )
+                    bias_corrections = _to_device(host, device)
             adamw_step_kernel[(num_chunks,)](
-                ptrs, numels, chunk_tensor, chunk_index, bias_corrections, len(indices),
-                1 - lr * weight_decay, 1 - beta1, beta2, 1 - beta2, eps, step_size, bc2_sqrt,
+                ptrs, numels, index, chunk_tensor, chunk_index, bias_corrections,
+                lr_tensor if lr_tensor is not None else dummy,
+                step_tensor if step_tensor is not None else dummy,
+                grad_scale if grad_scale is not None else dummy,
+                found_inf if found_inf is not None else dummy,
+                len(indices),
+                lr, weight_decay, 1 - beta1, beta2, 1 - beta2, eps, log_beta1, log_beta2, bc1,
+                bc2_sqrt,
                 PARAM=_TL_DTYPE[param_dtype], GRAD=_TL_DTYPE[grad_dtype],
                 STATE=_TL_DTYPE[state_dtype],
                 COMPUTE=tl.float64 if param_dtype == torch.float64 else tl.float32,
-                AMSGRAD=amsgrad, MAXIMIZE=maximize, PER_TENSOR_STEPS=per_tensor,
+                AMSGRAD=amsgrad, MAXIMIZE=maximize, STEPS=step_source,
+                HAS_LR=lr_tensor is not None, HAS_GRAD_SCALE=grad_scale is not None,
+                HAS_FOUND_INF=found_inf is not None,
                 ALIGNED=aligned, CHUNK=CHUNK, BLOCK=BLOCK, num_warps=NUM_WARPS,
             )
         for original, stand_in in write_back:
