@@ -156,8 +156,7 @@ __global__ void __launch_bounds__(kWarps * 32)
   constexpr int kDqCols = 32;            // dQ columns per atomic pass (bounds registers)
   static_assert(kHeadDim % kOutDim == 0 && kOutDim % kDqCols == 0);
 
-  extern __shared__ __align__(16) unsigned char shared_raw[];
-  T* sK = reinterpret_cast<T*>(shared_raw);  // (kBlock, kStride)
+  T* sK = reinterpret_cast<T*>(dynamic_shared_memory());  // (kBlock, kStride)
   T* sV = sK + kBlock * kStride;             // (kBlock, kStride)
   T* sQ = sV + kBlock * kStride;             // (2, kBlock, kStride)
   T* sdO = sQ + 2 * kBlock * kStride;        // (2, kBlock, kStride)
@@ -312,8 +311,7 @@ __global__ void __launch_bounds__(kWarps * 32)
   constexpr int kNBlocks = kBlockN / 8;
   constexpr int kDBlocks = kHeadDim / 8;
 
-  extern __shared__ __align__(16) unsigned char shared_raw[];
-  T* sQ = reinterpret_cast<T*>(shared_raw);  // (kBlockM, kStride)
+  T* sQ = reinterpret_cast<T*>(dynamic_shared_memory());  // (kBlockM, kStride)
   T* sdO = sQ + kBlockM * kStride;           // (kBlockM, kStride)
   T* sK = sdO + kBlockM * kStride;           // (2, kBlockN, kStride)
   T* sV = sK + 2 * kBlockN * kStride;        // (2, kBlockN, kStride)
@@ -414,7 +412,8 @@ cudaError_t launch_bwd(const AttentionBwdArgs& args, cudaStream_t stream) {
   const int64_t rows = s.B * s.Hq * s.Tq;
   auto* delta = static_cast<float*>(args.alloc(sizeof(float) * rows, args.alloc_context));
   if (delta == nullptr) return cudaErrorMemoryAllocation;
-  attention_bwd_delta_kernel<T><<<static_cast<unsigned>(ceil_div(rows, 8)), 256, 0, stream>>>(
+  auto delta_kernel = attention_bwd_delta_kernel<T>;
+  FUSEDLM_LAUNCH(delta_kernel, static_cast<unsigned>(ceil_div(rows, 8)), 256, 0, stream)(
       args.out, args.grad_out, delta, s.Hq, s.Tq, static_cast<int>(s.D), rows);
   FUSEDLM_RETURN_IF_LAUNCH_FAILED();
 
@@ -423,13 +422,13 @@ cudaError_t launch_bwd(const AttentionBwdArgs& args, cudaStream_t stream) {
   if (args.deterministic) {
     auto dkdv = attention_bwd_dkdv_kernel<T, kHeadDim, kWarps, kOutDim, false>;
     FUSEDLM_RETURN_IF_ERROR(prepare_shared_memory(dkdv, dkdv_bytes));
-    dkdv<<<dkdv_grid, kWarps * 32, dkdv_bytes, stream>>>(args, delta, nullptr);
+    FUSEDLM_LAUNCH(dkdv, dkdv_grid, kWarps * 32, dkdv_bytes, stream)(args, delta, nullptr);
     FUSEDLM_RETURN_IF_LAUNCH_FAILED();
 
     auto dq = attention_bwd_dq_kernel<T, kHeadDim, kDqBlockN, kDqWarps>;
     constexpr size_t dq_bytes = dq_shared_bytes<kHeadDim, kDqBlockN, kDqWarps>();
     FUSEDLM_RETURN_IF_ERROR(prepare_shared_memory(dq, dq_bytes));
-    dq<<<static_cast<unsigned>(dq_blocks), kDqWarps * 32, dq_bytes, stream>>>(args, delta);
+    FUSEDLM_LAUNCH(dq, static_cast<unsigned>(dq_blocks), kDqWarps * 32, dq_bytes, stream)(args, delta);
     FUSEDLM_RETURN_IF_LAUNCH_FAILED();
     return cudaSuccess;
   }
@@ -442,10 +441,11 @@ cudaError_t launch_bwd(const AttentionBwdArgs& args, cudaStream_t stream) {
       cudaMemsetAsync(dq_accumulator, 0, sizeof(float) * dq_numel, stream));
   auto dkdv = attention_bwd_dkdv_kernel<T, kHeadDim, kWarps, kOutDim, true>;
   FUSEDLM_RETURN_IF_ERROR(prepare_shared_memory(dkdv, dkdv_bytes));
-  dkdv<<<dkdv_grid, kWarps * 32, dkdv_bytes, stream>>>(args, delta, dq_accumulator);
+  FUSEDLM_LAUNCH(dkdv, dkdv_grid, kWarps * 32, dkdv_bytes, stream)(args, delta, dq_accumulator);
   FUSEDLM_RETURN_IF_LAUNCH_FAILED();
   const int64_t convert_blocks = std::min<int64_t>(ceil_div(dq_numel, 256), kMaxGridBlocks);
-  attention_bwd_convert_dq_kernel<T><<<static_cast<unsigned>(convert_blocks), 256, 0, stream>>>(
+  auto convert_kernel = attention_bwd_convert_dq_kernel<T>;
+  FUSEDLM_LAUNCH(convert_kernel, static_cast<unsigned>(convert_blocks), 256, 0, stream)(
       dq_accumulator, static_cast<T*>(args.dq), dq_numel);
   FUSEDLM_RETURN_IF_LAUNCH_FAILED();
   return cudaSuccess;

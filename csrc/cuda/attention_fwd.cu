@@ -26,8 +26,7 @@ __global__ void __launch_bounds__(kWarps * 32)
   static_assert(kMTiles >= 1 && kBlockM == 16 * kWarps * kMTiles);
   static_assert(kBlockN % 16 == 0 && kHeadDim % 16 == 0);
 
-  extern __shared__ __align__(16) unsigned char shared_raw[];
-  T* sQ = reinterpret_cast<T*>(shared_raw);  // (kBlockM, kStride)
+  T* sQ = reinterpret_cast<T*>(dynamic_shared_memory());  // (kBlockM, kStride)
   T* sK = sQ + kBlockM * kStride;            // (2, kBlockN, kStride)
   T* sV = sK + 2 * kBlockN * kStride;        // (2, kBlockN, kStride)
 
@@ -195,7 +194,7 @@ cudaError_t launch_fwd(const AttentionFwdArgs& args, cudaStream_t stream) {
   FUSEDLM_RETURN_IF_ERROR(prepare_shared_memory(kernel, bytes));
   const int64_t blocks = ceil_div(s.Tq, kBlockM) * s.Hq * s.B;
   if (!fits_grid(s, blocks)) return cudaErrorInvalidValue;
-  kernel<<<static_cast<unsigned>(blocks), kWarps * 32, bytes, stream>>>(args);
+  FUSEDLM_LAUNCH(kernel, static_cast<unsigned>(blocks), kWarps * 32, bytes, stream)(args);
   FUSEDLM_RETURN_IF_LAUNCH_FAILED();
   return cudaSuccess;
 }

@@ -31,6 +31,14 @@ constexpr int kPad = 8;
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 
+// The kernel's dynamic shared memory (size given at launch), 16-byte aligned.
+__device__ __forceinline__ unsigned char* dynamic_shared_memory() {
+  extern __shared__ __align__(16) unsigned char shared_raw[];
+  return shared_raw;
+}
+
+#ifndef FUSEDLM_WARP_EMULATION  // tests/cuda_emulation supplies these for CPU threads instead
+
 __device__ __forceinline__ uint32_t shared_address(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
 }
@@ -85,6 +93,8 @@ __device__ __forceinline__ void mma_16816(float (&c)[4], const uint32_t (&a)[4],
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
   }
 }
+
+#endif  // FUSEDLM_WARP_EMULATION
 
 // Two floats rounded to T and packed into one 32-bit register, `lo` in the low half (the
 // lower column index, as the fragments and little-endian memory want).

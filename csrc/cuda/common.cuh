@@ -24,6 +24,14 @@ inline cudaError_t last_launch_error() { return cudaGetLastError(); }
     if (fusedlm_launch_error_ != cudaSuccess) return fusedlm_launch_error_; \
   } while (0)
 
+// kernel<<<grid, block, shared_bytes, stream>>>(args...) spelled as
+// FUSEDLM_LAUNCH(kernel, grid, block, shared_bytes, stream)(args...), so that the CPU emulation of
+// tests/cuda_emulation can run the same launchers (it defines this macro before including).
+#ifndef FUSEDLM_LAUNCH
+#define FUSEDLM_LAUNCH(kernel, grid, block, shared_bytes, stream) \
+  kernel<<<(grid), (block), (shared_bytes), (stream)>>>
+#endif
+
 #define FUSEDLM_RETURN_IF_ERROR(expr)                          \
   do {                                                         \
     const cudaError_t fusedlm_error_ = (expr);                 \

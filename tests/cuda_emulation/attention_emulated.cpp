@@ -1,0 +1,123 @@
+// csrc/cuda's attention launchers and kernels, unchanged, compiled for the CPU emulation of
+// warp_emulation.h, behind a C ABI that tests/cuda_emulation/test_attention_emulated.py calls
+// through ctypes. Build: g++ -std=c++20 -O2 -shared -fPIC -I<repo>/csrc -I<cuda>/include.
+#include "warp_emulation.h"
+
+#include "cuda/attention_bwd.cu"
+#include "cuda/attention_fwd.cu"
+
+// The CUDA runtime calls the launchers make, answered for the emulated device (an H100's
+// 227 KiB of opt-in shared memory per block; the emulation has 256 KiB).
+extern "C" {
+cudaError_t cudaGetLastError(void) {
+  return emu::fault().empty() ? cudaSuccess : cudaErrorLaunchFailure;
+}
+cudaError_t cudaGetDevice(int* device) {
+  *device = 0;
+  return cudaSuccess;
+}
+cudaError_t cudaDeviceGetAttribute(int* value, enum cudaDeviceAttr attr, int) {
+  if (attr == cudaDevAttrMaxSharedMemoryPerBlockOptin) {
+    *value = 232448;
+  } else if (attr == cudaDevAttrMultiProcessorCount) {
+    *value = 132;
+  } else {
+    return cudaErrorInvalidValue;
+  }
+  return cudaSuccess;
+}
+cudaError_t cudaFuncSetAttribute(const void*, enum cudaFuncAttribute, int) { return cudaSuccess; }
+cudaError_t cudaMemsetAsync(void* ptr, int value, size_t count, cudaStream_t) {
+  std::memset(ptr, value, count);
+  return cudaSuccess;
+}
+}
+
+namespace {
+
+fusedlm::cuda::AttentionInput input(const void* data, const int64_t* strides) {
+  return fusedlm::cuda::AttentionInput{data, strides[0], strides[1], strides[2]};
+}
+
+// shape: B, Hq, Hkv, Tq, Tk, D, causal, causal_offset; dtype 0 float16, 1 bfloat16.
+fusedlm::cuda::AttentionShape make_shape(const int64_t* shape, double scale, int dtype) {
+  fusedlm::cuda::AttentionShape s{};
+  s.B = shape[0];
+  s.Hq = shape[1];
+  s.Hkv = shape[2];
+  s.Tq = shape[3];
+  s.Tk = shape[4];
+  s.D = shape[5];
+  s.causal = shape[6] != 0;
+  s.causal_offset = shape[7];
+  s.scale = scale;
+  s.dtype = dtype == 0 ? fusedlm::cuda::DType::kFloat16 : fusedlm::cuda::DType::kBFloat16;
+  return s;
+}
+
+struct Scratch {
+  std::vector<std::vector<unsigned char>> buffers;
+};
+
+void* allocate(size_t bytes, void* context) {
+  auto* scratch = static_cast<Scratch*>(context);
+  // Garbage, as from a caching allocator: a kernel relying on zeroed scratch shows.
+  scratch->buffers.emplace_back(bytes + 16, static_cast<unsigned char>(0x7f));
+  auto address = reinterpret_cast<uintptr_t>(scratch->buffers.back().data());
+  return reinterpret_cast<void*>((address + 15) / 16 * 16);
+}
+
+}  // namespace
+
+extern "C" {
+
+// late_copies: cp.async lands at the wait (1) or at issue (0); schedule: 0 lockstep, 1 warps
+// first to last, 2 warps last to first (warp_emulation.h). For the calls that follow.
+void emulated_configure(int late_copies, int schedule) {
+  emu::fault().clear();
+  emu::late_copies() = late_copies != 0;
+  emu::schedule() = static_cast<emu::Schedule>(schedule);
+}
+
+// The fault that failed the last launch ("" when none), e.g. a shared-memory access out of range.
+const char* emulated_fault() { return emu::fault().c_str(); }
+
+// Strides: 3 per tensor (batch, head, token), in elements. Returns the cudaError_t.
+int emulated_attention_fwd(const int64_t* shape, double scale, int dtype,
+                           const void* q, const int64_t* q_strides, const void* k,
+                           const int64_t* k_strides, const void* v, const int64_t* v_strides,
+                           void* out, float* lse) {
+  fusedlm::cuda::AttentionFwdArgs args{};
+  args.shape = make_shape(shape, scale, dtype);
+  args.q = input(q, q_strides);
+  args.k = input(k, k_strides);
+  args.v = input(v, v_strides);
+  args.out = out;
+  args.lse = lse;
+  return static_cast<int>(fusedlm::cuda::attention_fwd(args, nullptr));
+}
+
+int emulated_attention_bwd(const int64_t* shape, double scale, int dtype, int deterministic, const void* q, const int64_t* q_strides,
+                           const void* k, const int64_t* k_strides, const void* v,
+                           const int64_t* v_strides, const void* out, const int64_t* out_strides,
+                           const void* grad_out, const int64_t* grad_out_strides,
+                           const float* lse, void* dq, void* dk, void* dv) {
+  Scratch scratch;
+  fusedlm::cuda::AttentionBwdArgs args{};
+  args.shape = make_shape(shape, scale, dtype);
+  args.q = input(q, q_strides);
+  args.k = input(k, k_strides);
+  args.v = input(v, v_strides);
+  args.out = input(out, out_strides);
+  args.grad_out = input(grad_out, grad_out_strides);
+  args.lse = lse;
+  args.dq = dq;
+  args.dk = dk;
+  args.dv = dv;
+  args.deterministic = deterministic != 0;
+  args.alloc = &allocate;
+  args.alloc_context = &scratch;
+  return static_cast<int>(fusedlm::cuda::attention_bwd(args, nullptr));
+}
+
+}  // extern "C"

@@ -1,0 +1,248 @@
+"""The CUDA attention kernels of csrc/cuda (sm_80 path: mma.sync, ldmatrix, cp.async), run
+unchanged on the CPU by the warp-level emulation of warp_emulation.h, against the float64 truth
+by the rule of tests/helpers.py.
+
+Why: CI has no GPU, and these kernels' correctness hangs on fragment layouts, shared-memory
+address formulas and a cp.async double-buffering protocol that only run on a GPU otherwise. The
+emulation implements each PTX instruction from its ISA definition, so a wrong formula gives a
+wrong answer here. Every tensor sits inside a NaN-filled guard buffer: a read outside a tensor
+poisons the result, a write outside it shows in the guard. Copies land late (at cp.async's wait)
+or early (at issue): the first catches a tile read before its wait, the second a tile
+overwritten while still being read. What the emulation cannot show: timing, performance,
+bank conflicts, and inter-block races (blocks run one after another).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import math
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.helpers import assert_close_rule, naive_attention
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parents[1]
+SOURCES = [
+    HERE / "warp_emulation.h",
+    HERE / "attention_emulated.cpp",
+    *sorted((REPO / "csrc" / "cuda").glob("*.cuh")),
+    REPO / "csrc" / "cuda" / "launchers.h",
+    REPO / "csrc" / "cuda" / "attention_fwd.cu",
+    REPO / "csrc" / "cuda" / "attention_bwd.cu",
+]
+
+
+def _cuda_include() -> Path | None:
+    candidates = [os.environ.get("CUDA_HOME", ""), "/usr/local/cuda"]
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        candidates.append(str(Path(os.path.realpath(nvcc)).parents[1]))
+    for root in candidates:
+        if root and (Path(root) / "include" / "cuda_fp16.h").exists():
+            return Path(root) / "include"
+    return None
+
+
+@pytest.fixture(scope="module")
+def library():
+    """The emulated kernels as a shared library, built once per source hash (about 20 s)."""
+    include = _cuda_include()
+    compiler = shutil.which("g++")
+    if include is None or compiler is None:
+        pytest.skip("needs g++ and the CUDA toolkit's headers (cuda_fp16.h) to build the emulation")
+    digest = hashlib.sha256(b"".join(p.read_bytes() for p in SOURCES)).hexdigest()[:16]
+    cache = Path(os.environ.get("FUSEDLM_EMULATION_CACHE", Path.home() / ".cache" / "fusedlm"))
+    target = cache / f"attention_emulated_{digest}.so"
+    if not target.exists():
+        cache.mkdir(parents=True, exist_ok=True)
+        partial = target.with_suffix(f".{os.getpid()}.tmp")
+        subprocess.run(
+            [compiler, "-std=c++20", "-O1", "-shared", "-fPIC", f"-I{HERE}",
+             f"-I{REPO / 'csrc'}", f"-I{include}", str(HERE / "attention_emulated.cpp"),
+             "-o", str(partial)],
+            check=True,
+        )
+        partial.rename(target)
+    lib = ctypes.CDLL(str(target))
+    lib.emulated_attention_fwd.restype = ctypes.c_int
+    lib.emulated_attention_bwd.restype = ctypes.c_int
+    lib.emulated_fault.restype = ctypes.c_char_p
+    return lib
+
+
+GUARD = 64  # elements of NaN before and after every tensor
+
+
+def _guarded(values: torch.Tensor, layout: str = "contiguous") -> tuple[torch.Tensor, torch.Tensor]:
+    """(view, buffer): ``values`` copied into a NaN-filled buffer, 16-byte aligned, as a
+    (B, H, T, D) view in ``layout``: "contiguous" or "bthd" (memory (B, T, H, D), the layout of
+    a transposed projection)."""
+    B, H, T, D = values.shape
+    buffer = torch.full((values.numel() + 2 * GUARD,), float("nan"), dtype=values.dtype)
+    assert buffer.data_ptr() % 16 == 0
+    if layout == "contiguous":
+        strides = (H * T * D, T * D, D, 1)
+    else:
+        strides = (T * H * D, D, H * D, 1)
+    view = buffer.as_strided(values.shape, strides, GUARD)
+    view.copy_(values)
+    return view, buffer
+
+
+def _output(shape, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """A contiguous (shape) output inside a NaN guard buffer (its body NaN too: unwritten shows)."""
+    numel = math.prod(shape)
+    buffer = torch.full((numel + 2 * GUARD,), float("nan"), dtype=dtype)
+    return buffer[GUARD:GUARD + numel].view(shape), buffer
+
+
+def _check_guard(buffer: torch.Tensor, numel: int, name: str) -> None:
+    head, tail = buffer[:GUARD], buffer[GUARD + numel:]
+    assert torch.isnan(head).all() and torch.isnan(tail).all(), f"{name}: written outside"
+
+
+def _ptr(t: torch.Tensor):
+    return ctypes.c_void_p(t.data_ptr())
+
+
+def _strides(t: torch.Tensor):
+    return (ctypes.c_int64 * 3)(*[0 if t.shape[i] == 1 else t.stride(i) for i in range(3)])
+
+
+def _shape_arg(B, Hq, Hkv, Tq, Tk, D, causal, offset):
+    return (ctypes.c_int64 * 8)(B, Hq, Hkv, Tq, Tk, D, int(causal), offset)
+
+
+LOCKSTEP, WARPS_FORWARD, WARPS_BACKWARD = 0, 1, 2  # emu::Schedule
+
+
+def _run(lib, q, k, v, grad_out, causal, offset, late, deterministic, schedule=WARPS_FORWARD):
+    """Forward and backward through the emulated launchers. Returns out, lse, dq, dk, dv."""
+    lib.emulated_configure(int(late), schedule)
+    B, Hq, Tq, D = q.shape
+    Hkv, Tk = k.shape[1], k.shape[2]
+    dtype_code = 0 if q.dtype == torch.float16 else 1
+    scale = 1.0 / math.sqrt(D)
+    shape = _shape_arg(B, Hq, Hkv, Tq, Tk, D, causal, offset)
+    out, out_buffer = _output((B, Hq, Tq, D), q.dtype)
+    lse, lse_buffer = _output((B, Hq, Tq), torch.float32)
+    status = lib.emulated_attention_fwd(
+        shape, ctypes.c_double(scale), dtype_code, _ptr(q), _strides(q), _ptr(k),
+        _strides(k), _ptr(v), _strides(v), _ptr(out), ctypes.cast(_ptr(lse), ctypes.POINTER(ctypes.c_float)))
+    assert status == 0, f"attention_fwd: cudaError {status}: {lib.emulated_fault().decode()}"
+    _check_guard(out_buffer, out.numel(), "out")
+    _check_guard(lse_buffer, lse.numel(), "lse")
+    grads = [_output(t.shape, t.dtype) for t in (q, k, v)]
+    status = lib.emulated_attention_bwd(
+        shape, ctypes.c_double(scale), dtype_code, int(deterministic), _ptr(q),
+        _strides(q), _ptr(k), _strides(k), _ptr(v), _strides(v), _ptr(out), _strides(out),
+        _ptr(grad_out), _strides(grad_out), ctypes.cast(_ptr(lse), ctypes.POINTER(ctypes.c_float)),
+        *[_ptr(g) for g, _ in grads])
+    assert status == 0, f"attention_bwd: cudaError {status}: {lib.emulated_fault().decode()}"
+    for name, (g, buffer) in zip(("dq", "dk", "dv"), grads, strict=True):
+        _check_guard(buffer, g.numel(), name)
+    return out, lse, *[g for g, _ in grads]
+
+
+def _check(lib, shape, causal, dtype, layout="contiguous", late=True, deterministic=False,
+           offset=None, schedule=WARPS_FORWARD):
+    B, Hq, Hkv, Tq, Tk, D = shape
+    offset = Tk - Tq if offset is None else offset
+    gen = torch.Generator().manual_seed(hash((shape, causal, str(dtype))) % 2**31)
+    values = [torch.randn(s, generator=gen, dtype=torch.float64)
+              for s in ((B, Hq, Tq, D), (B, Hkv, Tk, D), (B, Hkv, Tk, D), (B, Hq, Tq, D))]
+    q64, k64, v64, do64 = (t.to(dtype).double() for t in values)  # the values the kernel sees
+    q, k, v, grad_out = (_guarded(t.to(dtype), layout)[0] for t in (q64, k64, v64, do64))
+    out, lse, dq, dk, dv = _run(lib, q, k, v, grad_out, causal, offset, late, deterministic,
+                                schedule)
+
+    leaves64 = [t.clone().requires_grad_(True) for t in (q64, k64, v64)]
+    truth = naive_attention(*leaves64, causal=causal, causal_offset=offset)
+    truth_grads = torch.autograd.grad(truth, leaves64, do64)
+    leaves = [t.to(dtype).requires_grad_(True) for t in (q64, k64, v64)]
+    baseline = naive_attention(*leaves, causal=causal, causal_offset=offset)
+    baseline_grads = torch.autograd.grad(baseline, leaves, do64.to(dtype))
+
+    assert_close_rule(out, baseline, truth, name="out")
+    scores = (q64 @ k64.repeat_interleave(Hq // Hkv, 1).transpose(-1, -2)) / math.sqrt(D)
+    if causal:
+        rows = torch.arange(Tq)[:, None]
+        scores = scores.masked_fill(torch.arange(Tk)[None, :] > rows + offset, float("-inf"))
+    lse_truth = torch.logsumexp(scores, dim=-1)
+    seen = torch.isfinite(lse_truth)
+    assert torch.equal(torch.isfinite(lse), seen), "lse: -inf rows differ"
+    assert (lse[~seen] == float("-inf")).all()
+    torch.testing.assert_close(lse[seen].double(), lse_truth[seen], rtol=0, atol=2e-3)
+    for name, g, g_base, g_truth in zip(("dq", "dk", "dv"), (dq, dk, dv), baseline_grads,
+                                        truth_grads, strict=True):
+        assert_close_rule(g, g_base, g_truth, name=name)
+
+
+# (B, Hq, Hkv, Tq, Tk, D): every head-dim template (32, 64, 96, 128, 192, 256, D padded up to
+# it), ragged tiles on both sides, Tq > Tk and Tq < Tk, GQA and MQA, several query/key tiles.
+SHAPES = [
+    (1, 1, 1, 1, 1, 8),
+    (2, 2, 1, 17, 40, 40),
+    (1, 1, 1, 150, 150, 64),
+    (1, 2, 2, 70, 33, 72),
+    (1, 3, 1, 33, 100, 128),
+    (1, 1, 1, 20, 37, 160),
+    (1, 1, 1, 40, 70, 256),
+]
+IDS = ["B{}-Hq{}-Hkv{}-Tq{}-Tk{}-D{}".format(*s) for s in SHAPES]
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("shape", SHAPES, ids=IDS)
+def test_attention_float16(library, shape, causal):
+    _check(library, shape, causal, torch.float16)
+
+
+@pytest.mark.parametrize("shape", [SHAPES[1], SHAPES[3], SHAPES[5]], ids=[IDS[1], IDS[3], IDS[5]])
+def test_attention_bfloat16(library, shape):
+    _check(library, shape, True, torch.bfloat16)
+
+
+# (copies land at the wait, schedule): late copies catch a tile read before its wait; copies at
+# issue with warps drifting apart (either order) catch a buffer refilled while still being read.
+TIMINGS = [(True, LOCKSTEP), (True, WARPS_BACKWARD), (False, WARPS_FORWARD), (False, WARPS_BACKWARD)]
+TIMING_IDS = ["at_wait-lockstep", "at_wait-warps_backward", "at_issue-warps_forward",
+              "at_issue-warps_backward"]
+
+
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic_dq", "deterministic"])
+@pytest.mark.parametrize("timing", TIMINGS, ids=TIMING_IDS)
+def test_copy_timing_and_schedules(library, timing, deterministic):
+    """The cp.async/__syncthreads protocol under every copy timing and warp schedule, over
+    several key and query tiles, both dQ paths."""
+    late, schedule = timing
+    _check(library, (1, 2, 1, 150, 130, 64), True, torch.float16, late=late,
+           deterministic=deterministic, schedule=schedule)
+
+
+def test_strided_layout(library):
+    """q, k, v, grad_out read in place from (B, T, H, D) memory through their strides."""
+    _check(library, (2, 2, 2, 40, 50, 64), True, torch.float16, layout="bthd")
+
+
+@pytest.mark.parametrize("offset", [-20, 0, 90], ids=["offset-20", "offset0", "offset90"])
+def test_causal_offsets(library, offset):
+    """Top-left (0), rows that see nothing (negative) and offsets past Tk."""
+    _check(library, (1, 1, 1, 70, 60, 32), True, torch.float16, offset=offset)
+
+
+def test_deterministic_backward_is_bitwise_repeatable(library):
+    gen = torch.Generator().manual_seed(7)
+    q, k, v, do = (_guarded(torch.randn(s, generator=gen).half())[0]
+                   for s in ((1, 2, 80, 64), (1, 1, 90, 64), (1, 1, 90, 64), (1, 2, 80, 64)))
+    first = _run(library, q, k, v, do, True, 10, True, True, LOCKSTEP)
+    second = _run(library, q, k, v, do, True, 10, False, True, WARPS_BACKWARD)
+    for a, b in zip(first, second, strict=True):
+        assert torch.equal(a, b)

@@ -1,0 +1,497 @@
+// A CPU emulation of the CUDA execution model, enough to run csrc/cuda's attention kernels and
+// launchers unchanged on a machine with no GPU: every CUDA thread of a block is a coroutine
+// (ucontext) on one OS thread; __syncthreads and the warp-collective instructions (shfl,
+// ldmatrix, mma.sync) are barriers over the block or warp at which the coroutines switch; blocks
+// run one after another with one shared-memory buffer.
+//
+// The collective instructions are implemented from the PTX ISA's definitions (fragment layouts
+// of mma.m16n8k16 and ldmatrix), independently of how the kernels use them, so a wrong address
+// formula or fragment mapping in a kernel gives wrong numbers here as it would on a GPU. Checks
+// a GPU would not make loudly are made here and abort with a message: shared-memory accesses
+// outside the launch's dynamic size, misaligned ldmatrix/cp.async addresses, a cp.async group
+// never waited for. cp.async copies land either at issue or as late as the protocol allows
+// (at the wait), selected per run, so reading a tile before its wait and overwriting a tile
+// still being read both show up as wrong results in one of the two modes.
+//
+// Include this before the .cu files; compile as C++20 with the CUDA toolkit's include directory.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#include <ucontext.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <functional>
+#include <string>
+#include <type_traits>
+#include <vector>
+
+#undef __global__
+#undef __device__
+#undef __host__
+#undef __forceinline__
+#undef __launch_bounds__
+#undef __shared__
+#undef __align__
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __launch_bounds__(...)
+#define __shared__
+#define __align__(n) __attribute__((aligned(n)))
+
+#define FUSEDLM_WARP_EMULATION 1
+
+namespace emu {
+
+// The first fault of the current launch ("" when none): a check that failed, or a deadlock.
+inline std::string& fault() {
+  static std::string message;
+  return message;
+}
+inline bool& in_thread() {  // running on a CUDA thread's coroutine (not the scheduler)
+  static bool value = false;
+  return value;
+}
+void fail(const char* what);
+
+struct Copy {
+  void* dst;
+  const void* src;
+  bool valid;
+};
+
+struct Thread {
+  ucontext_t context;
+  std::vector<char> stack;
+  dim3 index;
+  int warp = 0;
+  int lane = 0;
+  bool done = false;
+  const void* waiting_on = nullptr;  // the barrier this thread waits at, and its generation then
+  unsigned waiting_generation = 0;
+  std::vector<Copy> open_group;                 // cp.async issued since the last commit
+  std::vector<std::vector<Copy>> groups;        // committed, not yet waited for
+};
+
+constexpr size_t kSharedBytes = 256 * 1024;
+constexpr size_t kStackBytes = 256 * 1024;
+
+struct Barrier {
+  int arrived = 0;
+  unsigned generation = 0;
+};
+
+// One 32-lane exchange slot per lane: what each lane contributes to a collective.
+struct Slot {
+  uint32_t words[8];
+  const void* address;
+};
+
+struct Block {
+  std::vector<Thread> threads;
+  ucontext_t scheduler;
+  int current = 0;
+  dim3 block_dim;
+  dim3 block_index;
+  dim3 grid_dim;
+  size_t shared_bytes = 0;
+  Barrier block_barrier;
+  std::vector<Barrier> warp_barriers;
+  std::vector<Slot> slots;  // (warps * 32)
+  std::function<void()> body;
+};
+
+}  // namespace emu
+
+// The kernels' dynamic shared memory (csrc/cuda/attention_sm80.cuh declares it extern in this
+// namespace, as `extern __shared__ __align__(16) unsigned char shared_raw[]`).
+namespace fusedlm::cuda::attention {
+__attribute__((aligned(16))) inline unsigned char shared_raw[256 * 1024];
+}  // namespace fusedlm::cuda::attention
+
+namespace emu {
+
+inline unsigned char* const shared_memory = fusedlm::cuda::attention::shared_raw;
+
+inline Block*& current_block() {
+  static Block* block = nullptr;
+  return block;
+}
+inline bool& late_copies() {  // cp.async lands at the wait (true) or at issue (false)
+  static bool late = true;
+  return late;
+}
+// How the threads of a block take turns. kLockstep: every thread runs to its next collective or
+// barrier in turn, so warps stay in step. kWarpsForward / kWarpsBackward: one warp runs until
+// all its threads wait at __syncthreads (or exit) before the next one starts, first to last or
+// last to first, so warps drift as far apart as the barriers allow: a buffer refilled while
+// another warp still reads it shows.
+enum class Schedule { kLockstep, kWarpsForward, kWarpsBackward };
+inline Schedule& schedule() {
+  static Schedule value = Schedule::kLockstep;
+  return value;
+}
+
+// Records the fault and abandons the block: the faulting thread never resumes, the launch stops
+// and cudaGetLastError reports it (attention_emulated.cpp), as a GPU fault would.
+inline void fail(const char* what) {
+  if (fault().empty()) fault() = what;
+  Block* block = current_block();
+  if (block != nullptr && in_thread()) {
+    swapcontext(&block->threads[block->current].context, &block->scheduler);
+  }
+  if (block == nullptr) std::abort();  // outside any launch: a bug of the emulation itself
+}
+
+inline Thread& self() { return current_block()->threads[current_block()->current]; }
+
+inline void yield() {
+  Block* block = current_block();
+  swapcontext(&block->threads[block->current].context, &block->scheduler);
+}
+
+// Waits until every live thread of the set (all of the block, or one warp) has arrived.
+inline void wait_barrier(Barrier& barrier, int first, int count) {
+  Block* block = current_block();
+  const unsigned generation = barrier.generation;
+  ++barrier.arrived;
+  Thread& me = block->threads[block->current];
+  me.waiting_on = &barrier;
+  me.waiting_generation = generation;
+  while (barrier.generation == generation) {
+    int live = 0;
+    for (int i = first; i < first + count && i < static_cast<int>(block->threads.size()); ++i) {
+      live += block->threads[i].done ? 0 : 1;
+    }
+    if (barrier.arrived >= live) {
+      barrier.arrived = 0;
+      ++barrier.generation;
+      break;
+    }
+    yield();
+  }
+  block->threads[block->current].waiting_on = nullptr;
+}
+
+inline void sync_block() {
+  wait_barrier(current_block()->block_barrier, 0, static_cast<int>(current_block()->threads.size()));
+}
+
+inline void sync_warp() {
+  Thread& me = self();
+  wait_barrier(current_block()->warp_barriers[me.warp], me.warp * 32, 32);
+}
+
+inline Slot* warp_slots() { return &current_block()->slots[self().warp * 32]; }
+
+inline void check_shared(const void* p, size_t bytes, size_t alignment, const char* what) {
+  const auto* c = static_cast<const unsigned char*>(p);
+  if (c < shared_memory || c + bytes > shared_memory + current_block()->shared_bytes) {
+    fail(what);
+  }
+  if (reinterpret_cast<uintptr_t>(p) % alignment != 0) fail(what);
+}
+
+inline void trampoline() {
+  current_block()->body();
+  self().done = true;
+  // Empty groups may stay outstanding (a pipeline's last commit); copies may not.
+  bool pending = false;
+  for (const Copy& c : self().open_group) pending = pending || c.dst != nullptr;
+  for (const auto& group : self().groups) {
+    for (const Copy& c : group) pending = pending || c.dst != nullptr;
+  }
+  if (pending && late_copies()) fail("a thread exited with cp.async copies it never waited for");
+  self().open_group.clear();
+  self().groups.clear();
+}
+
+// Resumes thread i until it next yields.
+inline void resume(Block& b, int i) {
+  b.current = i;
+  in_thread() = true;
+  swapcontext(&b.scheduler, &b.threads[i].context);
+  in_thread() = false;
+}
+
+inline bool blocked_at_syncthreads(const Block& b, const Thread& t) {
+  return t.waiting_on == &b.block_barrier && b.block_barrier.generation == t.waiting_generation;
+}
+
+inline void run_block(Block& b) {
+  const int threads = static_cast<int>(b.threads.size());
+  const int warps = threads / 32;
+  bool running = true;
+  while (running) {
+    running = false;
+    if (schedule() == Schedule::kLockstep) {
+      for (int i = 0; i < threads; ++i) {
+        if (b.threads[i].done) continue;
+        running = true;
+        resume(b, i);
+        if (!fault().empty()) return;
+      }
+      continue;
+    }
+    for (int n = 0; n < warps; ++n) {
+      const int w = schedule() == Schedule::kWarpsForward ? n : warps - 1 - n;
+      for (bool progressed = true; progressed;) {  // this warp, until it waits or exits
+        progressed = false;
+        for (int i = 32 * w; i < 32 * w + 32; ++i) {
+          Thread& t = b.threads[i];
+          if (t.done || blocked_at_syncthreads(b, t)) continue;
+          progressed = running = true;
+          resume(b, i);
+          if (!fault().empty()) return;
+        }
+      }
+    }
+    if (!running) {
+      for (const Thread& t : b.threads) {
+        if (!t.done) {
+          fail("deadlock: threads wait at a barrier the others never reach");
+          return;
+        }
+      }
+    }
+  }
+}
+
+// Runs kernel(args...) for every block of the grid, one block at a time.
+template <typename Kernel>
+struct Launch {
+  Kernel kernel;
+  dim3 grid;
+  dim3 block;
+  size_t shared_bytes;
+
+  template <typename... Args>
+  void operator()(Args... args) const {
+    if (shared_bytes > kSharedBytes) fail("more dynamic shared memory than the emulation has");
+    const int threads = static_cast<int>(block.x * block.y * block.z);
+    if (threads % 32 != 0) fail("block size not a multiple of 32 (not emulated)");
+    Block b;
+    b.block_dim = block;
+    b.grid_dim = grid;
+    b.shared_bytes = shared_bytes;
+    b.threads.resize(threads);
+    b.warp_barriers.resize(threads / 32);
+    b.slots.resize(threads);
+    b.body = [&] { kernel(args...); };
+    for (auto& t : b.threads) t.stack.resize(kStackBytes);
+    current_block() = &b;
+    for (unsigned z = 0; z < grid.z; ++z) {
+      for (unsigned y = 0; y < grid.y; ++y) {
+        for (unsigned x = 0; x < grid.x; ++x) {
+          b.block_index = dim3(x, y, z);
+          // Garbage in shared memory, as on a GPU: reading what was never written shows.
+          std::memset(shared_memory, 0x7f, kSharedBytes);
+          for (int i = 0; i < threads; ++i) {
+            Thread& t = b.threads[i];
+            t.index = dim3(i % block.x, (i / block.x) % block.y, i / (block.x * block.y));
+            t.warp = i / 32;
+            t.lane = i % 32;
+            t.done = false;
+            getcontext(&t.context);
+            t.context.uc_stack.ss_sp = t.stack.data();
+            t.context.uc_stack.ss_size = t.stack.size();
+            t.context.uc_link = &b.scheduler;
+            makecontext(&t.context, trampoline, 0);
+          }
+          run_block(b);
+          if (!fault().empty()) {
+            current_block() = nullptr;
+            return;
+          }
+        }
+      }
+    }
+    current_block() = nullptr;
+  }
+};
+
+inline uint3 thread_index() {
+  const dim3 d = self().index;
+  return uint3{d.x, d.y, d.z};
+}
+inline uint3 block_index() {
+  const dim3 d = current_block()->block_index;
+  return uint3{d.x, d.y, d.z};
+}
+inline dim3 block_dim() { return current_block()->block_dim; }
+inline dim3 grid_dim() { return current_block()->grid_dim; }
+
+template <typename T>
+T shfl_xor(T value, int offset) {
+  static_assert(sizeof(T) <= 8);
+  Slot* slots = warp_slots();
+  const int lane = self().lane;
+  std::memcpy(slots[lane].words, &value, sizeof(T));
+  sync_warp();
+  T result;
+  std::memcpy(&result, slots[lane ^ offset].words, sizeof(T));
+  sync_warp();
+  return result;
+}
+
+inline void perform(const Copy& c) {
+  if (c.valid) {
+    std::memcpy(c.dst, c.src, 16);
+  } else {
+    std::memset(c.dst, 0, 16);
+  }
+}
+
+}  // namespace emu
+
+#define threadIdx (::emu::thread_index())
+#define blockIdx (::emu::block_index())
+#define blockDim (::emu::block_dim())
+#define gridDim (::emu::grid_dim())
+#define FUSEDLM_LAUNCH(kernel, grid, block, shared_bytes, stream)                        \
+  ::emu::Launch<decltype(kernel)>{kernel, dim3(grid), dim3(block),                      \
+                                  static_cast<size_t>(shared_bytes)}
+
+// cuda_runtime.h has this template only for nvcc; the emulated device takes any size.
+template <typename T>
+cudaError_t cudaFuncSetAttribute(T*, enum cudaFuncAttribute, int) {
+  return cudaSuccess;
+}
+
+inline void __syncthreads() { ::emu::sync_block(); }
+
+template <typename T>
+T __shfl_xor_sync(unsigned mask, T value, int offset, int width = 32) {
+  if (mask != 0xffffffffu || width != 32) ::emu::fail("__shfl_xor_sync: only full warps emulated");
+  return ::emu::shfl_xor(value, offset);
+}
+
+inline float atomicAdd(float* address, float value) {  // one OS thread: a plain add is atomic
+  const float old = *address;
+  *address = old + value;
+  return old;
+}
+
+// The PTX wrappers of csrc/cuda/attention_sm80.cuh (compiled out under FUSEDLM_WARP_EMULATION).
+namespace fusedlm::cuda::attention {
+
+inline void cp_async_16(void* smem, const void* gmem, bool valid) {
+  ::emu::check_shared(smem, 16, 16, "cp.async destination outside shared memory or misaligned");
+  if (valid && reinterpret_cast<uintptr_t>(gmem) % 16 != 0) ::emu::fail("cp.async source misaligned");
+  const ::emu::Copy copy{smem, gmem, valid};
+  if (::emu::late_copies()) {
+    ::emu::self().open_group.push_back(copy);
+  } else {
+    ::emu::perform(copy);
+    ::emu::self().open_group.push_back(::emu::Copy{nullptr, nullptr, false});  // keeps the count
+  }
+}
+
+inline void cp_async_commit() {
+  ::emu::Thread& me = ::emu::self();
+  me.groups.push_back(std::move(me.open_group));
+  me.open_group.clear();
+}
+
+template <int kPending>
+inline void cp_async_wait() {
+  ::emu::Thread& me = ::emu::self();
+  while (static_cast<int>(me.groups.size()) > kPending) {
+    for (const ::emu::Copy& c : me.groups.front()) {
+      if (c.dst != nullptr) ::emu::perform(c);
+    }
+    me.groups.erase(me.groups.begin());
+  }
+}
+
+// ldmatrix.m8n8.x4(.trans).b16: lanes 8i..8i+7 address the rows of matrix i; lane 4g + t
+// receives (row g, columns 2t, 2t+1) of each matrix, or with .trans (rows 2t, 2t+1, column g).
+inline void ldmatrix_emulated(uint32_t (&r)[4], const void* smem, bool trans) {
+  ::emu::check_shared(smem, 16, 16, "ldmatrix row address outside shared memory or misaligned");
+  ::emu::Slot* slots = ::emu::warp_slots();
+  const int lane = ::emu::self().lane;
+  slots[lane].address = smem;
+  ::emu::sync_warp();
+  const int g = lane / 4;
+  const int t = lane % 4;
+  for (int i = 0; i < 4; ++i) {
+    uint16_t lo;
+    uint16_t hi;
+    if (!trans) {
+      const auto* row = static_cast<const uint16_t*>(slots[8 * i + g].address);
+      lo = row[2 * t];
+      hi = row[2 * t + 1];
+    } else {
+      lo = static_cast<const uint16_t*>(slots[8 * i + 2 * t].address)[g];
+      hi = static_cast<const uint16_t*>(slots[8 * i + 2 * t + 1].address)[g];
+    }
+    r[i] = static_cast<uint32_t>(lo) | (static_cast<uint32_t>(hi) << 16);
+  }
+  ::emu::sync_warp();
+}
+
+inline void ldmatrix_x4(uint32_t (&r)[4], const void* smem) { ldmatrix_emulated(r, smem, false); }
+inline void ldmatrix_x4_trans(uint32_t (&r)[4], const void* smem) {
+  ldmatrix_emulated(r, smem, true);
+}
+
+template <typename T>
+inline float half_bits_to_float(uint16_t bits) {
+  T v;
+  std::memcpy(&v, &bits, 2);
+  if constexpr (std::is_same_v<T, __half>) {
+    return __half2float(v);
+  } else {
+    return __bfloat162float(v);
+  }
+}
+
+// mma.sync.m16n8k16.row.col.f32.{f16,bf16}: lane 4g + t holds A (row g, k 2t..2t+1),
+// (row g+8, k 2t..), (row g, k 2t+8..), (row g+8, k 2t+8..); B (k 2t..2t+1, col g),
+// (k 2t+8.., col g); C/D (row g, cols 2t, 2t+1), (row g+8, cols 2t, 2t+1).
+template <typename T>
+inline void mma_16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  ::emu::Slot* slots = ::emu::warp_slots();
+  const int lane = ::emu::self().lane;
+  for (int i = 0; i < 4; ++i) slots[lane].words[i] = a[i];
+  slots[lane].words[4] = b0;
+  slots[lane].words[5] = b1;
+  ::emu::sync_warp();
+  float A[16][16];
+  float B[16][8];
+  for (int l = 0; l < 32; ++l) {
+    const int g = l / 4;
+    const int t = l % 4;
+    const uint32_t* w = slots[l].words;
+    const int rows[4] = {g, g + 8, g, g + 8};
+    const int ks[4] = {2 * t, 2 * t, 2 * t + 8, 2 * t + 8};
+    for (int i = 0; i < 4; ++i) {
+      A[rows[i]][ks[i]] = half_bits_to_float<T>(static_cast<uint16_t>(w[i] & 0xffff));
+      A[rows[i]][ks[i] + 1] = half_bits_to_float<T>(static_cast<uint16_t>(w[i] >> 16));
+    }
+    for (int j = 0; j < 2; ++j) {
+      B[2 * t + 8 * j][g] = half_bits_to_float<T>(static_cast<uint16_t>(w[4 + j] & 0xffff));
+      B[2 * t + 8 * j + 1][g] = half_bits_to_float<T>(static_cast<uint16_t>(w[4 + j] >> 16));
+    }
+  }
+  const int g = lane / 4;
+  const int t = lane % 4;
+  for (int i = 0; i < 4; ++i) {
+    const int row = g + (i >= 2 ? 8 : 0);
+    const int col = 2 * t + (i & 1);
+    float acc = c[i];
+    for (int k = 0; k < 16; ++k) acc += A[row][k] * B[k][col];
+    c[i] = acc;
+  }
+  ::emu::sync_warp();
+}
+
+}  // namespace fusedlm::cuda::attention
+
