@@ -31,12 +31,6 @@ constexpr int kPad = 8;
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 
-// The kernel's dynamic shared memory (size given at launch), 16-byte aligned.
-__device__ __forceinline__ unsigned char* dynamic_shared_memory() {
-  extern __shared__ __align__(16) unsigned char shared_raw[];
-  return shared_raw;
-}
-
 #ifndef FUSEDLM_WARP_EMULATION  // tests/cuda_emulation supplies these for CPU threads instead
 
 __device__ __forceinline__ uint32_t shared_address(const void* p) {

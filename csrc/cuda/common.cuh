@@ -140,6 +140,22 @@ __device__ __forceinline__ void block_allreduce(A (&v)[kN], A* scratch) {
   for (int i = 0; i < kN; ++i) v[i] = scratch[i * 33 + 32];
 }
 
+// ---- shared memory ------------------------------------------------------------------------------
+
+#ifdef FUSEDLM_WARP_EMULATION
+unsigned char* emulated_dynamic_shared_memory();  // tests/cuda_emulation
+#endif
+
+// The kernel's dynamic shared memory (size given at launch), 16-byte aligned.
+__device__ __forceinline__ unsigned char* dynamic_shared_memory() {
+#ifdef FUSEDLM_WARP_EMULATION
+  return emulated_dynamic_shared_memory();
+#else
+  extern __shared__ __align__(16) unsigned char shared_raw[];
+  return shared_raw;
+#endif
+}
+
 // ---- launch geometry -----------------------------------------------------------------------------
 
 // Streaming multiprocessors of the current device.

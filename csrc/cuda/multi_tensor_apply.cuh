@@ -121,8 +121,8 @@ cudaError_t multi_tensor_apply(const TensorListEntry<kDepth, Extra>* tensors, in
   static_assert(Meta::kMaxTensors >= 8, "multi_tensor_apply: table too small");
   return plan_multi_tensor_launches(
       tensors, count, chunk_size, [&](const Meta& meta, int blocks) -> cudaError_t {
-        multi_tensor_kernel<Meta, Functor>
-            <<<blocks, kMtaThreads, 0, stream>>>(chunk_size, meta, functor);
+        auto kernel = multi_tensor_kernel<Meta, Functor>;
+        FUSEDLM_LAUNCH(kernel, blocks, kMtaThreads, 0, stream)(chunk_size, meta, functor);
         return cudaGetLastError();
       });
 }

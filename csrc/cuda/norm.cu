@@ -266,7 +266,7 @@ norm_bwd_cached_kernel(
   using XPack = Pack<T, kVec>;
   using WPack = Pack<W, kVec>;
   // Warp rows with partial sums: (warps per block, N) staging of each warp's sums.
-  extern __shared__ float stage[];
+  float* stage = reinterpret_cast<float*>(dynamic_shared_memory());
   __shared__ float scratch[2 * 33];
   const RowGroup<kWarpRows> group;
   const int nvec = N / kVec;
@@ -617,9 +617,9 @@ cudaError_t norm_fwd_typed(const NormFwdArgs& a, cudaStream_t stream) {
       if (nvec <= 32 * kMaxIters) {
         const int64_t grid = std::min(ceil_div(M, kFwdWarpsPerBlock), kMaxGridBlocks);
         return dispatch_iters<1, kMaxIters>(warp_iters(nvec), [&](auto iters) {
-          norm_fwd_cached_kernel<T, W, kRms, decltype(iters)::value, true>
-              <<<grid, 32 * kFwdWarpsPerBlock, 0, stream>>>(x, weight, bias, y, mean, rstd, M, n,
-                                                            eps);
+          auto kernel = norm_fwd_cached_kernel<T, W, kRms, decltype(iters)::value, true>;
+          FUSEDLM_LAUNCH(kernel, grid, 32 * kFwdWarpsPerBlock, 0, stream)(x, weight, bias, y, mean,
+                                                                         rstd, M, n, eps);
           return cudaGetLastError();
         });
       }
@@ -628,8 +628,9 @@ cudaError_t norm_fwd_typed(const NormFwdArgs& a, cudaStream_t stream) {
       if (block_config(nvec, kMaxIters, kFwdMaxThreads, &iters, &threads)) {
         const int64_t grid = std::min(M, kMaxGridBlocks);
         return dispatch_iters<1, kMaxIters>(iters, [&](auto kiters) {
-          norm_fwd_cached_kernel<T, W, kRms, decltype(kiters)::value, false>
-              <<<grid, threads, 0, stream>>>(x, weight, bias, y, mean, rstd, M, n, eps);
+          auto kernel = norm_fwd_cached_kernel<T, W, kRms, decltype(kiters)::value, false>;
+          FUSEDLM_LAUNCH(kernel, grid, threads, 0, stream)(x, weight, bias, y, mean, rstd, M, n,
+                                                           eps);
           return cudaGetLastError();
         });
       }
@@ -641,11 +642,13 @@ cudaError_t norm_fwd_typed(const NormFwdArgs& a, cudaStream_t stream) {
   if (N % kVec == 0 && is_aligned(x, 16) && is_aligned(y, 16) &&
       (weight == nullptr || is_aligned(weight, sizeof(W) * kVec)) &&
       (bias == nullptr || is_aligned(bias, sizeof(W) * kVec))) {
-    norm_fwd_generic_kernel<T, W, kRms, kVec><<<grid, generic_threads(N / kVec), 0, stream>>>(
-        x, weight, bias, y, mean, rstd, M, N, eps);
+    auto kernel = norm_fwd_generic_kernel<T, W, kRms, kVec>;
+    FUSEDLM_LAUNCH(kernel, grid, generic_threads(N / kVec), 0, stream)(x, weight, bias, y, mean,
+                                                                       rstd, M, N, eps);
   } else {
-    norm_fwd_generic_kernel<T, W, kRms, 1><<<grid, generic_threads(N), 0, stream>>>(
-        x, weight, bias, y, mean, rstd, M, N, eps);
+    auto kernel = norm_fwd_generic_kernel<T, W, kRms, 1>;
+    FUSEDLM_LAUNCH(kernel, grid, generic_threads(N), 0, stream)(x, weight, bias, y, mean, rstd, M,
+                                                                N, eps);
   }
   return cudaGetLastError();
 }
@@ -658,17 +661,17 @@ cudaError_t finish_param_grads(const NormBwdArgs& a, const A* dw_part, const A* 
   const dim3 block(kColTile, kFinalRowsPerBlock);
   const int64_t grid = ceil_div(N, kColTile);
   if (dw_part != nullptr) {
-    norm_param_grad_final_kernel<A, W>
-        <<<grid, block, 0, stream>>>(dw_part, static_cast<W*>(a.dweight), P, N);
+    auto kernel = norm_param_grad_final_kernel<A, W>;
+    FUSEDLM_LAUNCH(kernel, grid, block, 0, stream)(dw_part, static_cast<W*>(a.dweight), P, N);
     FUSEDLM_RETURN_IF_LAUNCH_FAILED();
   }
   if (db_part != nullptr) {
     if (a.weight != nullptr) {
-      norm_param_grad_final_kernel<A, W>
-          <<<grid, block, 0, stream>>>(db_part, static_cast<W*>(a.dbias), P, N);
+      auto kernel = norm_param_grad_final_kernel<A, W>;
+      FUSEDLM_LAUNCH(kernel, grid, block, 0, stream)(db_part, static_cast<W*>(a.dbias), P, N);
     } else {
-      norm_param_grad_final_kernel<A, A>
-          <<<grid, block, 0, stream>>>(db_part, static_cast<A*>(a.dbias), P, N);
+      auto kernel = norm_param_grad_final_kernel<A, A>;
+      FUSEDLM_LAUNCH(kernel, grid, block, 0, stream)(db_part, static_cast<A*>(a.dbias), P, N);
     }
     FUSEDLM_RETURN_IF_LAUNCH_FAILED();
   }
@@ -719,7 +722,7 @@ cudaError_t run_cached_bwd(const NormBwdArgs& a, CachedBwdKernel<T, W> kernel, i
   float* dw_part = nullptr;
   float* db_part = nullptr;
   FUSEDLM_RETURN_IF_ERROR(alloc_partials<float>(a, grid, &dw_part, &db_part));
-  kernel<<<grid, threads, smem, stream>>>(
+  FUSEDLM_LAUNCH(kernel, grid, threads, smem, stream)(
       static_cast<const T*>(a.grad_y), static_cast<const T*>(a.x),
       static_cast<const float*>(a.mean), static_cast<const float*>(a.rstd),
       static_cast<const W*>(a.weight), static_cast<T*>(a.dx), dw_part, db_part, M, n);
@@ -769,11 +772,13 @@ cudaError_t norm_bwd_typed(const NormBwdArgs& a, cudaStream_t stream) {
   const int64_t grid = std::min(M, kMaxGridBlocks);
   if (N % kVec == 0 && is_aligned(grad_y, 16) && is_aligned(x, 16) && is_aligned(dx, 16) &&
       (weight == nullptr || is_aligned(weight, sizeof(W) * kVec))) {
-    norm_bwd_generic_kernel<T, W, kRms, kVec><<<grid, generic_threads(N / kVec), 0, stream>>>(
-        grad_y, x, mean, rstd, weight, dx, M, N);
+    auto kernel = norm_bwd_generic_kernel<T, W, kRms, kVec>;
+    FUSEDLM_LAUNCH(kernel, grid, generic_threads(N / kVec), 0, stream)(grad_y, x, mean, rstd,
+                                                                       weight, dx, M, N);
   } else {
-    norm_bwd_generic_kernel<T, W, kRms, 1><<<grid, generic_threads(N), 0, stream>>>(
-        grad_y, x, mean, rstd, weight, dx, M, N);
+    auto kernel = norm_bwd_generic_kernel<T, W, kRms, 1>;
+    FUSEDLM_LAUNCH(kernel, grid, generic_threads(N), 0, stream)(grad_y, x, mean, rstd, weight, dx,
+                                                                M, N);
   }
   FUSEDLM_RETURN_IF_LAUNCH_FAILED();
   if (a.dweight == nullptr && a.dbias == nullptr) return cudaSuccess;
@@ -788,10 +793,11 @@ cudaError_t norm_bwd_typed(const NormBwdArgs& a, cudaStream_t stream) {
   A* dw_part = nullptr;
   A* db_part = nullptr;
   FUSEDLM_RETURN_IF_ERROR(alloc_partials<A>(a, parts, &dw_part, &db_part));
-  norm_param_grad_partial_kernel<T, kRms>
-      <<<dim3(static_cast<unsigned>(col_blocks), static_cast<unsigned>(parts)),
-         dim3(kColTile, kPartialRowsPerBlock), 0, stream>>>(grad_y, x, mean, rstd, dw_part,
-                                                            db_part, M, N, rows_per_part);
+  auto partial_kernel = norm_param_grad_partial_kernel<T, kRms>;
+  FUSEDLM_LAUNCH(partial_kernel,
+                 dim3(static_cast<unsigned>(col_blocks), static_cast<unsigned>(parts)),
+                 dim3(kColTile, kPartialRowsPerBlock), 0, stream)(grad_y, x, mean, rstd, dw_part,
+                                                                  db_part, M, N, rows_per_part);
   FUSEDLM_RETURN_IF_LAUNCH_FAILED();
   return finish_param_grads<A, W>(a, dw_part, db_part, parts, stream);
 }

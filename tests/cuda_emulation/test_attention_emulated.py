@@ -15,69 +15,16 @@ bank conflicts, and inter-block races (blocks run one after another).
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import math
-import os
-import shutil
-import subprocess
-from pathlib import Path
 
 import pytest
 import torch
 
 from tests.helpers import assert_close_rule, naive_attention
 
-HERE = Path(__file__).resolve().parent
-REPO = HERE.parents[1]
-SOURCES = [
-    HERE / "warp_emulation.h",
-    HERE / "attention_emulated.cpp",
-    *sorted((REPO / "csrc" / "cuda").glob("*.cuh")),
-    REPO / "csrc" / "cuda" / "launchers.h",
-    REPO / "csrc" / "cuda" / "attention_fwd.cu",
-    REPO / "csrc" / "cuda" / "attention_bwd.cu",
-]
+from .conftest import GUARD, check_guard as _check_guard, guarded_output as _output
 
 
-def _cuda_include() -> Path | None:
-    candidates = [os.environ.get("CUDA_HOME", ""), "/usr/local/cuda"]
-    nvcc = shutil.which("nvcc")
-    if nvcc:
-        candidates.append(str(Path(os.path.realpath(nvcc)).parents[1]))
-    for root in candidates:
-        if root and (Path(root) / "include" / "cuda_fp16.h").exists():
-            return Path(root) / "include"
-    return None
-
-
-@pytest.fixture(scope="module")
-def library():
-    """The emulated kernels as a shared library, built once per source hash (about 20 s)."""
-    include = _cuda_include()
-    compiler = shutil.which("g++")
-    if include is None or compiler is None:
-        pytest.skip("needs g++ and the CUDA toolkit's headers (cuda_fp16.h) to build the emulation")
-    digest = hashlib.sha256(b"".join(p.read_bytes() for p in SOURCES)).hexdigest()[:16]
-    cache = Path(os.environ.get("FUSEDLM_EMULATION_CACHE", Path.home() / ".cache" / "fusedlm"))
-    target = cache / f"attention_emulated_{digest}.so"
-    if not target.exists():
-        cache.mkdir(parents=True, exist_ok=True)
-        partial = target.with_suffix(f".{os.getpid()}.tmp")
-        subprocess.run(
-            [compiler, "-std=c++20", "-O1", "-shared", "-fPIC", f"-I{HERE}",
-             f"-I{REPO / 'csrc'}", f"-I{include}", str(HERE / "attention_emulated.cpp"),
-             "-o", str(partial)],
-            check=True,
-        )
-        partial.rename(target)
-    lib = ctypes.CDLL(str(target))
-    lib.emulated_attention_fwd.restype = ctypes.c_int
-    lib.emulated_attention_bwd.restype = ctypes.c_int
-    lib.emulated_fault.restype = ctypes.c_char_p
-    return lib
-
-
-GUARD = 64  # elements of NaN before and after every tensor
 
 
 def _guarded(values: torch.Tensor, layout: str = "contiguous") -> tuple[torch.Tensor, torch.Tensor]:
@@ -94,18 +41,6 @@ def _guarded(values: torch.Tensor, layout: str = "contiguous") -> tuple[torch.Te
     view = buffer.as_strided(values.shape, strides, GUARD)
     view.copy_(values)
     return view, buffer
-
-
-def _output(shape, dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """A contiguous (shape) output inside a NaN guard buffer (its body NaN too: unwritten shows)."""
-    numel = math.prod(shape)
-    buffer = torch.full((numel + 2 * GUARD,), float("nan"), dtype=dtype)
-    return buffer[GUARD:GUARD + numel].view(shape), buffer
-
-
-def _check_guard(buffer: torch.Tensor, numel: int, name: str) -> None:
-    head, tail = buffer[:GUARD], buffer[GUARD + numel:]
-    assert torch.isnan(head).all() and torch.isnan(tail).all(), f"{name}: written outside"
 
 
 def _ptr(t: torch.Tensor):

@@ -27,6 +27,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <functional>
+#include <memory>
 #include <string>
 #include <type_traits>
 #include <vector>
@@ -43,7 +44,7 @@
 #define __host__
 #define __forceinline__ inline
 #define __launch_bounds__(...)
-#define __shared__
+#define __shared__ static  // one block runs at a time: a static is the block's shared copy
 #define __align__(n) __attribute__((aligned(n)))
 
 #define FUSEDLM_WARP_EMULATION 1
@@ -69,7 +70,7 @@ struct Copy {
 
 struct Thread {
   ucontext_t context;
-  std::vector<char> stack;
+  std::unique_ptr<char[]> stack;  // uninitialized: a 1024-thread block needs 64 MiB
   dim3 index;
   int warp = 0;
   int lane = 0;
@@ -81,7 +82,7 @@ struct Thread {
 };
 
 constexpr size_t kSharedBytes = 256 * 1024;
-constexpr size_t kStackBytes = 256 * 1024;
+constexpr size_t kStackBytes = 64 * 1024;
 
 struct Barrier {
   int arrived = 0;
@@ -110,15 +111,10 @@ struct Block {
 
 }  // namespace emu
 
-// The kernels' dynamic shared memory (csrc/cuda/attention_sm80.cuh declares it extern in this
-// namespace, as `extern __shared__ __align__(16) unsigned char shared_raw[]`).
-namespace fusedlm::cuda::attention {
-__attribute__((aligned(16))) inline unsigned char shared_raw[256 * 1024];
-}  // namespace fusedlm::cuda::attention
-
 namespace emu {
 
-inline unsigned char* const shared_memory = fusedlm::cuda::attention::shared_raw;
+// The kernels' dynamic shared memory (csrc/cuda/common.cuh's dynamic_shared_memory()).
+alignas(128) inline unsigned char shared_memory[kSharedBytes];
 
 inline Block*& current_block() {
   static Block* block = nullptr;
@@ -285,7 +281,7 @@ struct Launch {
     b.warp_barriers.resize(threads / 32);
     b.slots.resize(threads);
     b.body = [&] { kernel(args...); };
-    for (auto& t : b.threads) t.stack.resize(kStackBytes);
+    for (auto& t : b.threads) t.stack.reset(new char[kStackBytes]);
     current_block() = &b;
     for (unsigned z = 0; z < grid.z; ++z) {
       for (unsigned y = 0; y < grid.y; ++y) {
@@ -300,8 +296,8 @@ struct Launch {
             t.lane = i % 32;
             t.done = false;
             getcontext(&t.context);
-            t.context.uc_stack.ss_sp = t.stack.data();
-            t.context.uc_stack.ss_size = t.stack.size();
+            t.context.uc_stack.ss_sp = t.stack.get();
+            t.context.uc_stack.ss_size = kStackBytes;
             t.context.uc_link = &b.scheduler;
             makecontext(&t.context, trampoline, 0);
           }
@@ -359,11 +355,26 @@ inline void perform(const Copy& c) {
   ::emu::Launch<decltype(kernel)>{kernel, dim3(grid), dim3(block),                      \
                                   static_cast<size_t>(shared_bytes)}
 
+namespace fusedlm::cuda {
+unsigned char* emulated_dynamic_shared_memory() { return ::emu::shared_memory; }  // one TU
+}  // namespace fusedlm::cuda
+
+template <typename T>
+cudaError_t cudaOccupancyMaxActiveBlocksPerMultiprocessor(int* blocks, T*, int, size_t) {
+  *blocks = 1;
+  return cudaSuccess;
+}
+
 // cuda_runtime.h has this template only for nvcc; the emulated device takes any size.
 template <typename T>
 cudaError_t cudaFuncSetAttribute(T*, enum cudaFuncAttribute, int) {
   return cudaSuccess;
 }
+
+// CUDA's math functions live in the global namespace.
+using std::isfinite;
+using std::isinf;
+using std::isnan;
 
 inline void __syncthreads() { ::emu::sync_block(); }
 

@@ -1,10 +1,12 @@
-// csrc/cuda's attention launchers and kernels, unchanged, compiled for the CPU emulation of
-// warp_emulation.h, behind a C ABI that tests/cuda_emulation/test_attention_emulated.py calls
-// through ctypes. Build: g++ -std=c++20 -O2 -shared -fPIC -I<repo>/csrc -I<cuda>/include.
+// csrc/cuda's launchers and kernels (attention, LayerNorm/RMSNorm, AdamW), unchanged, compiled
+// for the CPU emulation of warp_emulation.h, behind a C ABI that tests/cuda_emulation calls
+// through ctypes. Build: g++ -std=c++20 -O1 -shared -fPIC -I<repo>/csrc -I<cuda>/include.
 #include "warp_emulation.h"
 
+#include "cuda/adamw.cu"
 #include "cuda/attention_bwd.cu"
 #include "cuda/attention_fwd.cu"
+#include "cuda/norm.cu"
 
 // The CUDA runtime calls the launchers make, answered for the emulated device (an H100's
 // 227 KiB of opt-in shared memory per block; the emulation has 256 KiB).
@@ -118,6 +120,88 @@ int emulated_attention_bwd(const int64_t* shape, double scale, int dtype, int de
   args.alloc = &allocate;
   args.alloc_context = &scratch;
   return static_cast<int>(fusedlm::cuda::attention_bwd(args, nullptr));
+}
+
+// LayerNorm / RMSNorm: dtype codes 0 float16, 1 bfloat16, 2 float32, 3 float64.
+static fusedlm::cuda::DType dtype_of(int code) {
+  using fusedlm::cuda::DType;
+  return code == 0 ? DType::kFloat16 : code == 1 ? DType::kBFloat16 : code == 2 ? DType::kFloat32
+                                                                      : DType::kFloat64;
+}
+
+int emulated_norm_fwd(const void* x, const void* weight, const void* bias, void* y, void* mean,
+                      void* rstd, int64_t M, int64_t N, double eps, int x_dtype, int param_dtype,
+                      int rms) {
+  fusedlm::cuda::NormFwdArgs args{};
+  args.x = x;
+  args.weight = weight;
+  args.bias = bias;
+  args.y = y;
+  args.mean = mean;
+  args.rstd = rstd;
+  args.M = M;
+  args.N = N;
+  args.eps = eps;
+  args.x_dtype = dtype_of(x_dtype);
+  args.param_dtype = dtype_of(param_dtype);
+  args.rms = rms != 0;
+  return static_cast<int>(fusedlm::cuda::norm_fwd(args, nullptr));
+}
+
+int emulated_norm_bwd(const void* grad_y, const void* x, const void* mean, const void* rstd,
+                      const void* weight, void* dx, void* dweight, void* dbias, int64_t M,
+                      int64_t N, int x_dtype, int param_dtype, int rms) {
+  Scratch scratch;
+  fusedlm::cuda::NormBwdArgs args{};
+  args.grad_y = grad_y;
+  args.x = x;
+  args.mean = mean;
+  args.rstd = rstd;
+  args.weight = weight;
+  args.dx = dx;
+  args.dweight = dweight;
+  args.dbias = dbias;
+  args.M = M;
+  args.N = N;
+  args.x_dtype = dtype_of(x_dtype);
+  args.param_dtype = dtype_of(param_dtype);
+  args.rms = rms != 0;
+  args.alloc = &allocate;
+  args.alloc_context = &scratch;
+  return static_cast<int>(fusedlm::cuda::norm_bwd(args, nullptr));
+}
+
+// AdamW over `count` tensors: pointer arrays (masters may be null), numels, one step count.
+int emulated_adamw_step(int param_dtype, int state_dtype, int count, void** params, void** grads,
+                        void** exp_avgs, void** exp_avg_sqs, void** max_exp_avg_sqs,
+                        const int64_t* numels, double step, double lr, double beta1,
+                        double beta2, double eps, double weight_decay, int amsgrad, int maximize,
+                        const float* grad_scale, const float* found_inf) {
+  std::vector<fusedlm::cuda::AdamWTensor> tensors(count);
+  for (int i = 0; i < count; ++i) {
+    tensors[i].param = params[i];
+    tensors[i].grad = grads[i];
+    tensors[i].exp_avg = exp_avgs[i];
+    tensors[i].exp_avg_sq = exp_avg_sqs[i];
+    tensors[i].max_exp_avg_sq = amsgrad ? max_exp_avg_sqs[i] : nullptr;
+    tensors[i].master = nullptr;
+    tensors[i].numel = numels[i];
+    tensors[i].step = step;
+    tensors[i].step_ptr = nullptr;
+  }
+  fusedlm::cuda::AdamWHyper hyper{};
+  hyper.lr = lr;
+  hyper.lr_ptr = nullptr;
+  hyper.beta1 = beta1;
+  hyper.beta2 = beta2;
+  hyper.eps = eps;
+  hyper.weight_decay = weight_decay;
+  hyper.amsgrad = amsgrad != 0;
+  hyper.maximize = maximize != 0;
+  hyper.grad_scale = grad_scale;
+  hyper.found_inf = found_inf;
+  return static_cast<int>(fusedlm::cuda::adamw_step(dtype_of(param_dtype), dtype_of(state_dtype),
+                                                    tensors.data(), count, hyper, nullptr));
 }
 
 }  // extern "C"

@@ -1,0 +1,87 @@
+"""The CPU emulation of csrc/cuda (warp_emulation.h): the shared library every test here calls,
+built once per source hash, and NaN-guarded buffers."""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import math
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parents[1]
+SOURCES = [
+    HERE / "warp_emulation.h",
+    HERE / "kernels_emulated.cpp",
+    *sorted((REPO / "csrc" / "cuda").glob("*.cuh")),
+    REPO / "csrc" / "cuda" / "launchers.h",
+    *sorted((REPO / "csrc" / "cuda").glob("*.cu")),
+]
+GUARD = 64  # elements of NaN before and after every tensor
+
+
+def _cuda_include() -> Path | None:
+    candidates = [os.environ.get("CUDA_HOME", ""), "/usr/local/cuda"]
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        candidates.append(str(Path(os.path.realpath(nvcc)).parents[1]))
+    for root in candidates:
+        if root and (Path(root) / "include" / "cuda_fp16.h").exists():
+            return Path(root) / "include"
+    return None
+
+
+@pytest.fixture(scope="session")
+def library():
+    """csrc/cuda's launchers compiled for the emulation, as a ctypes library (about 40 s to build
+    once per source hash, cached in ~/.cache/fusedlm or $FUSEDLM_EMULATION_CACHE)."""
+    include = _cuda_include()
+    compiler = shutil.which("g++")
+    if include is None or compiler is None:
+        pytest.skip("needs g++ and the CUDA toolkit's headers (cuda_fp16.h) to build the emulation")
+    digest = hashlib.sha256(b"".join(p.read_bytes() for p in SOURCES)).hexdigest()[:16]
+    cache = Path(os.environ.get("FUSEDLM_EMULATION_CACHE", Path.home() / ".cache" / "fusedlm"))
+    target = cache / f"kernels_emulated_{digest}.so"
+    if not target.exists():
+        cache.mkdir(parents=True, exist_ok=True)
+        partial = target.with_suffix(f".{os.getpid()}.tmp")
+        subprocess.run(
+            [compiler, "-std=c++20", "-O1", "-shared", "-fPIC", f"-I{HERE}",
+             f"-I{REPO / 'csrc'}", f"-I{include}", str(HERE / "kernels_emulated.cpp"),
+             "-o", str(partial)],
+            check=True,
+        )
+        partial.rename(target)
+    lib = ctypes.CDLL(str(target))
+    for name in ("emulated_attention_fwd", "emulated_attention_bwd", "emulated_norm_fwd",
+                 "emulated_norm_bwd", "emulated_adamw_step"):
+        getattr(lib, name).restype = ctypes.c_int
+    lib.emulated_fault.restype = ctypes.c_char_p
+    lib.emulated_configure(1, 1)  # copies at the wait, warps drifting apart
+    return lib
+
+
+def guarded_output(shape, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """A contiguous (shape) tensor inside a NaN guard buffer, its body NaN too (so an element the
+    kernel never writes shows), 16-byte aligned. Returns (view, buffer)."""
+    numel = math.prod(shape)
+    buffer = torch.full((numel + 2 * GUARD,), float("nan"), dtype=dtype)
+    assert buffer.data_ptr() % 16 == 0
+    return buffer[GUARD:GUARD + numel].view(shape), buffer
+
+
+def guarded_copy(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    view, buffer = guarded_output(values.shape, values.dtype)
+    view.copy_(values)
+    return view, buffer
+
+
+def check_guard(buffer: torch.Tensor, numel: int, name: str) -> None:
+    head, tail = buffer[:GUARD], buffer[GUARD + numel:]
+    assert torch.isnan(head).all() and torch.isnan(tail).all(), f"{name}: written outside"
