@@ -555,3 +555,63 @@ def test_fused_path_reads_no_tensor_on_the_host(backend, monkeypatch):
     assert kwargs["step_tensor"].tolist() == [1.0] * len(list(model.parameters()))
     assert kwargs["grad_scale"] is opt.grad_scale and kwargs["found_inf"] is opt.found_inf
     assert float(opt.state[model[0].weight]["step"]) == 1.0
+
+
+# ---- DTensor parameters (FSDP2, tensor parallelism) -------------------------------------------
+
+
+@pytest.fixture
+def one_rank_mesh():
+    """A 1-rank gloo process group in this process and its CPU device mesh (sharding over
+    several ranks is tested end to end by tests/train/test_distributed.py)."""
+    dist = pytest.importorskip("torch.distributed")
+    if not (dist.is_available() and dist.is_gloo_available()):
+        pytest.skip("torch.distributed with the gloo backend is not available")
+    from torch.distributed.device_mesh import init_device_mesh
+
+    assert not dist.is_initialized()
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        yield init_device_mesh("cpu", (1,))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("amsgrad", [False, True], ids=["adam", "amsgrad"])
+def test_dtensor_params_match_torch(amsgrad, backend, one_rank_mesh):
+    """DTensor parameters and grads: the kernel updates their local shards; the states are
+    DTensors laid out like the parameters (as torch.optim.AdamW makes them), and params,
+    states and state_dict() equal torch's."""
+    from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
+
+    device = device_of(backend)
+    placements = [(Shard(0),), (Replicate(),), (Shard(1),)]
+    shapes = [(6, 5), (7,), (3, 4)]
+    values = [torch.randn(s, device=device) for s in shapes]
+    runs = []
+    for cls, kwargs in ((fusedlm.optim.AdamW, {"backend": backend}),
+                        (torch.optim.AdamW, {"foreach": False})):
+        params = [torch.nn.Parameter(distribute_tensor(v.clone(), one_rank_mesh, p))
+                  for v, p in zip(values, placements, strict=True)]
+        opt = cls(params, lr=1e-2, weight_decay=0.1, amsgrad=amsgrad, **kwargs)
+        for step in range(3):
+            g = torch.Generator().manual_seed(step)
+            for p, v, pl in zip(params, values, placements, strict=True):
+                grad = torch.randn(v.shape, generator=g).to(device)
+                p.grad = distribute_tensor(grad, one_rank_mesh, pl)
+            opt.step()
+        runs.append((params, opt))
+    (ours, ours_opt), (theirs, theirs_opt) = runs
+    for p, q in zip(ours, theirs, strict=True):
+        assert isinstance(p, DTensor) and p.placements == q.placements
+        torch.testing.assert_close(p.full_tensor(), q.full_tensor(), rtol=1e-6, atol=1e-7)
+        for key, value in theirs_opt.state[q].items():
+            mine = ours_opt.state[p][key]
+            assert type(mine) is type(value), key
+            if isinstance(value, DTensor):
+                assert mine.placements == value.placements, key
+                mine, value = mine.full_tensor(), value.full_tensor()
+            torch.testing.assert_close(mine, value, rtol=1e-6, atol=1e-9)
+    sd_ours, sd_theirs = ours_opt.state_dict(), theirs_opt.state_dict()
+    assert sd_ours["state"].keys() == sd_theirs["state"].keys()

@@ -1,7 +1,10 @@
 """Data parallelism on the CPU: 2 processes (gloo, on 127.0.0.1) training with batch b each must
 log the losses of one process with batch 2b, the same seed, data and model (TokenBatches gives
 each rank its slice of the same global batch); only the order of the gradient all-reduce
-differs, so they agree to float32 rounding, not bitwise.
+differs, so they agree to float32 rounding, not bitwise. The same holds for FSDP2 (``--fsdp``:
+torch's ``fully_shard``, parameters and AdamW states sharded as DTensors), whose checkpoints hold
+the full weights, and a run resumed from one under FSDP2 logs the losses of the run that did not
+stop.
 
 The two ranks are started once, with torch.multiprocessing and the environment torchrun gives
 its workers (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR=127.0.0.1, MASTER_PORT and
@@ -18,6 +21,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
+import shutil
 import time
 import traceback
 
@@ -35,13 +40,18 @@ pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_availa
 
 STEPS = 5
 WORLD_SIZE = 2
-TIMEOUT_S = 180  # a normal run takes 15-40 s on a busy 2-core machine
+TIMEOUT_S = 300  # a normal run takes 15-40 s on a busy 2-core machine
+RESUME_FROM = 2  # fsdp_resume continues the fsdp run from its step-2 checkpoint
 # name -> (per-process batch, grad_accum, extra flags); the single process runs 2x the batch.
 CONFIGS = {
     "ddp": (2, 1, ()),
     "ddp_grad_accum": (2, 2, ()),
-    "fsdp": (2, 1, ("--fsdp",)),
+    "fsdp": (2, 2, ("--fsdp", "--ckpt-every", str(RESUME_FROM))),
+    "fsdp_resume": (2, 2, ("--fsdp", "--ckpt-every", str(RESUME_FROM), "--resume")),
 }
+# name -> (function, args) that rank 0 runs before that run (the other rank waits for it in
+# the process group's rendezvous, before it reads the run directory).
+PREPARE = {"fsdp_resume": ("_interrupted_copy", ("fsdp", "fsdp_resume", RESUME_FROM))}
 
 
 def flags(toml: str, data_dir: str, out, batch_size: int, grad_accum: int, *extra) -> list[str]:
@@ -52,18 +62,34 @@ def flags(toml: str, data_dir: str, out, batch_size: int, grad_accum: int, *extr
             "--eval-every", str(STEPS), "--ckpt-every", str(STEPS), *extra]
 
 
-def _rank_main(rank: int, runs: list[tuple[int, list[str], str]], outcome_path: str) -> None:
-    """One rank: each (port, CLI flags, log file) in turn, as torchrun would start it; writes
-    the exit codes (or the exception) to ``outcome_path.<rank>``."""
+def _interrupted_copy(root: str, src: str, dst: str, step: int) -> None:
+    """``root/dst``: the run ``root/src`` as it was when killed just after its step-``step``
+    checkpoint (later checkpoints gone; later metrics records left for --resume to drop)."""
+    shutil.copytree(os.path.join(root, src), os.path.join(root, dst))
+    checkpoints = os.path.join(root, dst, "checkpoints")
+    keep = f"step_{step:07d}"
+    for name in os.listdir(checkpoints):
+        if name.startswith("step_") and name != keep:
+            shutil.rmtree(os.path.join(checkpoints, name))
+    with open(os.path.join(checkpoints, "latest"), "w") as f:
+        f.write(keep)
+
+
+def _rank_main(rank: int, runs: list[tuple], outcome_path: str) -> None:
+    """One rank: each (port, CLI flags, log file, preparation) in turn, as torchrun would start
+    it; writes the exit codes (or the exception) to ``outcome_path.<rank>``."""
     torch.set_num_threads(1)
     outcomes = []
-    for port, cli_flags, log in runs:
+    for port, cli_flags, log, prepare in runs:
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                           LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD_SIZE),
                           TORCHELASTIC_USE_AGENT_STORE="True")
         with open(f"{log}.{rank}", "w") as f, contextlib.redirect_stdout(f), \
                 contextlib.redirect_stderr(f):
             try:
+                if prepare is not None and rank == 0:
+                    function, args = prepare
+                    globals()[function](*args)
                 outcomes.append(main(cli_flags))
             except Exception as e:  # reported to the test, which shows the log
                 traceback.print_exc()
@@ -86,7 +112,8 @@ def runs(data_dir, tmp_path_factory):
     stores = [dist.TCPStore("127.0.0.1", 0, WORLD_SIZE, is_master=True, wait_for_workers=False)
               for _ in CONFIGS]
     plan = [(store.port, flags(str(toml), data_dir, root / name, batch, grad_accum, *extra),
-             str(root / f"{name}.log"))
+             str(root / f"{name}.log"),
+             (PREPARE[name][0], (str(root), *PREPARE[name][1])) if name in PREPARE else None)
             for store, (name, (batch, grad_accum, extra)) in zip(stores, CONFIGS.items(),
                                                                   strict=True)]
     outcome_path = str(root / "outcome")
@@ -167,11 +194,42 @@ def test_ddp_matches_one_process_with_the_global_batch(name, runs):
     assert_same_run(result["out"], result["single"])
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "--fsdp is refused (ConfigError): FSDP2 turns the parameters into DTensors, fusedlm's "
-    "adamw_step op has no DTensor sharding strategy, and Trainer.save writes state_dict() "
-    "DTensors with safetensors on rank 0 alone"))
 def test_fsdp_matches_one_process_with_the_global_batch(runs):
+    """FSDP2 with gradient accumulation: the losses, grad norms and val losses of one process
+    with the global batch, and a rank-0 checkpoint with the full weights (safetensors, the
+    single run's names and shapes) and full AdamW states."""
     result = runs["fsdp"]
     assert_succeeded(result)
+    assert "world size 2" in result["logs"][0] and "model: " not in result["logs"][1]
+    sharded = re.search(r"FSDP2: (\d+) of (\d+) parameter tensors sharded over 2 ranks",
+                        result["logs"][0])
+    assert sharded and sharded[1] == sharded[2] != "0", "every parameter is a DTensor"
     assert_same_run(result["out"], result["single"])
+    got, expected = load_checkpoint(str(result["out"])), load_checkpoint(str(result["single"]))
+    assert got["optimizer"]["state"].keys() == expected["optimizer"]["state"].keys()
+    for name, state in expected["optimizer"]["state"].items():
+        assert float(got["optimizer"]["state"][name]["step"]) == float(state["step"]) == STEPS
+        for key in ("exp_avg", "exp_avg_sq"):
+            ours = got["optimizer"]["state"][name][key]
+            assert type(ours) is torch.Tensor and ours.shape == state[key].shape, (name, key)
+            # Adam's moments, after a few steps, to the precision of the reduction order
+            torch.testing.assert_close(ours, state[key], rtol=1e-3, atol=1e-6,
+                                       msg=lambda m, n=name, k=key: f"{n} {k}: {m}")
+
+
+def test_fsdp_resume_continues_with_the_same_losses(runs):
+    """A run killed after its step-2 checkpoint and resumed under FSDP2 (weights and sharded
+    AdamW states loaded back with set_model_state_dict / set_optimizer_state_dict) logs the
+    losses of the run that did not stop, and ends with the same weights."""
+    result = runs["fsdp_resume"]
+    assert_succeeded(result)
+    assert "resumed from" in result["logs"][0]
+    got, want = read_metrics(result["out"]), read_metrics(runs["fsdp"]["out"])
+    assert [r["step"] for r in got] == [r["step"] for r in want] == list(range(STEPS + 1))
+    for mine, theirs in zip(got, want, strict=True):
+        for key in ("loss", "grad_norm", "val_loss", "lr"):
+            assert mine.get(key) == theirs.get(key), (mine["step"], key)
+    resumed, straight = load_checkpoint(str(result["out"])), load_checkpoint(
+        str(runs["fsdp"]["out"]))
+    for name, tensor in straight["model"].items():
+        torch.testing.assert_close(resumed["model"][name], tensor, rtol=0, atol=0, msg=name)

@@ -270,3 +270,36 @@ def test_a_new_run_never_overwrites_checkpoints(data_dir, tmp_path, capsys):
     assert main(train_flags(data_dir, out, steps=2)) == 2
     assert "already holds a run" in capsys.readouterr().err
     assert ckpt.latest_checkpoint(str(out)).endswith("step_0000002")
+
+
+def test_resume_from_an_index_keyed_optimizer_state(data_dir, tmp_path):
+    """Checkpoints hold the optimizer state keyed by parameter name (torch.distributed.checkpoint's
+    full state dict, the same under DDP and FSDP2); one written before, keyed by index
+    (optimizer.state_dict()), still resumes exactly."""
+    steps = 6
+    full, run = tmp_path / "full", tmp_path / "run"
+    assert main(train_flags(data_dir, full, steps=steps)) == 0
+    args = train_flags(data_dir, run, steps=steps, ckpt_every=3)
+    assert main(args) == 0
+    path = str(run / "checkpoints" / "step_0000003")
+    by_name = torch.load(os.path.join(path, "optimizer.pt"), weights_only=True)
+    assert all(isinstance(name, str) for name in by_name["state"])
+    index = {}
+    for group in by_name["param_groups"]:
+        for name in group["params"]:
+            index[name] = len(index)
+    by_index = {"state": {index[name]: s for name, s in by_name["state"].items()},
+                "param_groups": [{**g, "params": [index[n] for n in g["params"]]}
+                                 for g in by_name["param_groups"]]}
+    torch.save(by_index, os.path.join(path, "optimizer.pt"))
+    with open(os.path.join(path, "manifest.json")) as f:
+        manifest = json.load(f)
+    manifest["optimizer.pt"] = {"bytes": os.path.getsize(os.path.join(path, "optimizer.pt")),
+                                "sha256": ckpt._sha256(os.path.join(path, "optimizer.pt"))}
+    with open(os.path.join(path, "manifest.json"), "w") as f:
+        json.dump(manifest, f)
+    shutil.rmtree(run / "checkpoints" / "step_0000006")
+    (run / "checkpoints" / "latest").write_text("step_0000003")
+    assert main(args + ["--resume"]) == 0
+    want = [(r["step"], r["loss"]) for r in read_metrics(full)]
+    assert [(r["step"], r["loss"]) for r in read_metrics(run)] == want

@@ -375,9 +375,22 @@ class GPT(nn.Module):
         return load_hf_gpt2(cls, path, kernels, **overrides)
 
 
-def weights_for_saving(model: nn.Module) -> dict[str, Tensor]:
+def weights_for_saving(model: nn.Module, state_dict: dict[str, Tensor] | None = None
+                       ) -> dict[str, Tensor]:
     """The model's state_dict with tied tensors stored once (safetensors refuses shared
-    storage) and every tensor contiguous."""
+    storage) and every tensor contiguous. ``state_dict``: one of the model's taken another way
+    (e.g. the full one gathered from FSDP2's shards, where tied tensors no longer share
+    storage): the names of parameters tied to an earlier one are left out."""
+    if state_dict is not None:
+        first: dict[int, str] = {}
+        tied = set()
+        for name, param in model.named_parameters(remove_duplicate=False):
+            if id(param) in first:
+                tied.add(name)
+            else:
+                first[id(param)] = name
+        return {name: t.detach().contiguous() for name, t in state_dict.items()
+                if name not in tied}
     seen: set[int] = set()
     weights = {}
     for name, tensor in model.state_dict().items():

@@ -24,6 +24,7 @@ the grads and checks ``found_inf`` on the host first, as its single-tensor code 
 from __future__ import annotations
 
 import itertools
+import sys
 
 import torch
 from torch import Tensor
@@ -119,8 +120,13 @@ class AdamW(torch.optim.AdamW):
         return loss
 
     def _fused_step(self, group: dict, params: list[Tensor]) -> None:
-        grads = [p.grad for p in params]
+        grads = [_local_grad(p) for p in params]
         states = [self._init_state(group, p) for p in params]
+        # DTensor parameters (FSDP2, tensor parallelism): their states are DTensors laid out
+        # alike (as torch.optim.AdamW makes them, so state_dict() gathers them); the update is
+        # elementwise, so the kernel runs on the local shards, in place.
+        local_states = [{k: _local(v) for k, v in s.items()} for s in states]
+        params = [_local(p) for p in params]
         steps = [s["step"] for s in states]
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
@@ -162,9 +168,9 @@ class AdamW(torch.optim.AdamW):
             adamw_step(
                 pick(params),
                 contiguous_grads,
-                [s["exp_avg"] for s in pick(states)],
-                [s["exp_avg_sq"] for s in pick(states)],
-                [s["max_exp_avg_sq"] for s in pick(states)] if group["amsgrad"] else [],
+                [s["exp_avg"] for s in pick(local_states)],
+                [s["exp_avg_sq"] for s in pick(local_states)],
+                [s["max_exp_avg_sq"] for s in pick(local_states)] if group["amsgrad"] else [],
                 host_steps,
                 0.0 if isinstance(lr, Tensor) else float(lr), beta1, beta2, float(group["eps"]),
                 float(group["weight_decay"]), bool(group["amsgrad"]), bool(group["maximize"]),
@@ -208,6 +214,30 @@ class AdamW(torch.optim.AdamW):
             differentiable=group["differentiable"], fused=False, grad_scale=None,
             found_inf=None, decoupled_weight_decay=True,
         )
+
+
+def _dtensor_class():
+    """torch's DTensor class, or None while nothing has imported torch.distributed.tensor (then
+    no DTensor exists; importing it here would slow down every step of a plain run)."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return None if module is None else module.DTensor
+
+
+def _local(t: Tensor) -> Tensor:
+    """The local shard of a DTensor (a view: writing it writes the DTensor), else ``t``."""
+    dtensor = _dtensor_class()
+    return t.to_local() if dtensor is not None and isinstance(t, dtensor) else t
+
+
+def _local_grad(param: Tensor) -> Tensor:
+    """``param.grad``, as the local shard laid out like ``param``'s when they are DTensors."""
+    grad = param.grad
+    dtensor = _dtensor_class()
+    if dtensor is None or not isinstance(grad, dtensor):
+        return grad
+    if isinstance(param, dtensor) and grad.placements != param.placements:
+        grad = grad.redistribute(param.device_mesh, param.placements)
+    return grad.to_local()
 
 
 def _on(t: Tensor, device: torch.device) -> Tensor:

@@ -1,7 +1,9 @@
 """Checkpoints: ``OUT/checkpoints/step_NNNNNNN/`` with
 
-    model.safetensors   the weights (tied tensors once)
-    optimizer.pt        the optimizer's state_dict
+    model.safetensors   the full weights (tied tensors once), whatever the wrapping (FSDP2 too)
+    optimizer.pt        the optimizer's full state dict keyed by parameter name (what
+                        torch.distributed.checkpoint.state_dict's get_optimizer_state_dict
+                        returns; older checkpoints: optimizer.state_dict(), keyed by index)
     trainer.pt          step, schedule, data position, RNG states, metrics
     config.json         the model and training configs
     manifest.json       size and sha256 of each file above, written last

@@ -154,7 +154,9 @@ def add_commands(commands) -> None:
     train.add_argument("--compile", action="store_true", default=None, help="torch.compile")
     train.add_argument("--activation-checkpointing", action="store_true", default=None)
     train.add_argument("--fsdp", action="store_true", default=None,
-                       help="under torchrun: FSDP2 instead of DDP (not supported yet: refused)")
+                       help="under torchrun: FSDP2 (torch's fully_shard, per transformer block "
+                       "and the root) instead of DDP; checkpoints hold the full weights and "
+                       "optimizer state; no samples during training")
     train.add_argument("--nan-policy", choices=("skip", "stop"))
     train.set_defaults(run=_train)
 

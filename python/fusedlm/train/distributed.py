@@ -1,5 +1,6 @@
 """Data parallelism with torch.distributed (DDP, or FSDP2's ``fully_shard`` as an option) when
-the process was started by ``torchrun``; a no-op otherwise."""
+the process was started by ``torchrun``; a no-op otherwise. Full (unsharded) state dicts for
+checkpoints come from ``torch.distributed.checkpoint.state_dict``, whatever the wrapping."""
 
 from __future__ import annotations
 
@@ -61,7 +62,10 @@ def mean_across_ranks(value: torch.Tensor, info: DistInfo) -> torch.Tensor:
 
 
 def wrap_model(model: torch.nn.Module, info: DistInfo, device: torch.device, fsdp: bool):
-    """DDP (gradients all-reduced during backward) or FSDP2 (parameters sharded per block)."""
+    """DDP (gradients all-reduced during backward) or FSDP2 (torch's ``fully_shard``: each
+    transformer block, then the root for the rest - embeddings, final norm, head - so their
+    parameters become DTensors sharded over the ranks on dim 0; the model object stays the
+    same)."""
     if not info.enabled:
         return model
     if fsdp:
@@ -76,3 +80,59 @@ def wrap_model(model: torch.nn.Module, info: DistInfo, device: torch.device, fsd
     return DistributedDataParallel(
         model, device_ids=[info.local_rank] if device.type == "cuda" else None
     )
+
+
+def full_state_dicts(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
+    """(model state dict, optimizer state dict), full (FSDP2's shards gathered) and on the CPU,
+    the optimizer's keyed by parameter name: ``get_model_state_dict`` /
+    ``get_optimizer_state_dict(full_state_dict=True, cpu_offload=True)``. A collective under
+    torch.distributed: every rank must call it; rank 0 gets the dicts (the others may get empty
+    ones). ``model`` is the module itself, not a DDP or torch.compile wrapper."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return (get_model_state_dict(model, options=options),
+            get_optimizer_state_dict(model, optimizer, options=options))
+
+
+def load_full_state_dicts(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                          model_state: dict, optimizer_state: dict) -> None:
+    """Loads what :func:`full_state_dicts` returned (every rank holds the full dicts) with
+    ``set_model_state_dict`` / ``set_optimizer_state_dict``: each rank keeps its shard under
+    FSDP2. An optimizer state keyed by parameter index (``optimizer.state_dict()``'s format, the
+    checkpoints written before) is converted to names first."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    options = StateDictOptions(full_state_dict=True, strict=True)
+    set_model_state_dict(model, model_state, options=options)
+    set_optimizer_state_dict(model, optimizer, _keyed_by_name(optimizer_state, optimizer, model),
+                             options=options)
+
+
+def _keyed_by_name(state: dict, optimizer: torch.optim.Optimizer, model: torch.nn.Module) -> dict:
+    """``state`` with parameter names instead of the indices of ``optimizer.state_dict()``
+    (the optimizer's parameters, in order, are those the indices count)."""
+    saved_groups = state.get("param_groups", [])
+    if not any(isinstance(i, int) for group in saved_groups for i in group["params"]):
+        return state
+    names = {id(p): name for name, p in model.named_parameters()}
+    index_to_name = {}
+    for saved, live in zip(saved_groups, optimizer.param_groups, strict=True):
+        if len(saved["params"]) != len(live["params"]):
+            raise ValueError(f"the saved optimizer state has a group of {len(saved['params'])} "
+                             f"parameters where the optimizer has {len(live['params'])}")
+        for index, param in zip(saved["params"], live["params"], strict=True):
+            index_to_name[index] = names[id(param)]
+    return {
+        "state": {index_to_name[i]: s for i, s in state["state"].items()},
+        "param_groups": [{**g, "params": [index_to_name[i] for i in g["params"]]}
+                         for g in saved_groups],
+    }

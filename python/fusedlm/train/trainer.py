@@ -1,8 +1,9 @@
 """The training loop behind ``fusedlm train``: language-model pretraining or continued training
 of ``fusedlm.models.GPT`` on token shards.
 
-Per step: ``grad_accum`` micro-batches (bf16 autocast on GPU; under DDP the gradient all-reduce
-runs on the last micro-step only), the NaN/Inf check, global-norm clipping, one
+Per step: ``grad_accum`` micro-batches (bf16 autocast on GPU; under DDP the gradient all-reduce,
+under FSDP2 (``--fsdp``) the reduce-scatter, runs on the last micro-step only), the NaN/Inf
+check, global-norm clipping, one
 ``fusedlm.optim.AdamW`` step (weight decay on matrices and embeddings only), the learning rate
 from warmup + cosine, WSD or constant. Every step is logged to ``OUT/metrics.jsonl``; validation,
 samples and checkpoints come every ``eval_every``/``sample_every``/``ckpt_every`` steps.
@@ -34,7 +35,9 @@ from .data import TokenBatches, find_shards
 from .distributed import (
     DistInfo,
     barrier,
+    full_state_dicts,
     init_distributed,
+    load_full_state_dicts,
     mean_across_ranks,
     shutdown_distributed,
     wrap_model,
@@ -160,11 +163,6 @@ class Trainer:
         self.cfg, self.log = cfg, log
         self.device = self._pick_device(cfg.device)
         self.dist: DistInfo = init_distributed(self.device.type)
-        if cfg.fsdp and self.dist.enabled:
-            # fully_shard makes the parameters DTensors, which fusedlm's AdamW op and the
-            # rank-0 safetensors checkpoints do not handle yet: refuse rather than fail later.
-            raise ConfigError("--fsdp is not supported yet (fusedlm.optim.AdamW and the "
-                              "checkpoints do not handle FSDP2's DTensor parameters); use DDP")
         if self.dist.enabled and self.device.type == "cuda":
             self.device = torch.device("cuda", self.dist.local_rank)
         self.is_main = self.dist.is_main
@@ -203,6 +201,13 @@ class Trainer:
         self._val_batches()  # a val shard shorter than one window fails now, not at step N
         self.best_val_loss = None
         self.model = wrap_model(self.model, self.dist, self.device, cfg.fsdp)
+        if cfg.fsdp and self.dist.enabled:
+            from torch.distributed.tensor import DTensor
+
+            params = list(self.raw_model.parameters())
+            sharded = sum(isinstance(p, DTensor) for p in params)
+            self.log(f"FSDP2: {sharded} of {len(params)} parameter tensors sharded over "
+                     f"{self.dist.world_size} ranks")
         # After wrapping: FSDP2's fully_shard replaces the parameters with sharded ones, and an
         # optimizer holding the old ones would never update the model.
         self.optimizer = self._build_optimizer()
@@ -257,9 +262,8 @@ class Trainer:
             self.model_config = model.config
             self.log(f"initialised from {cfg.init_from}")
         else:
+            # A resumed run's weights are loaded in _restore, once the model is wrapped.
             model = GPT(self.model_config, kernels=cfg.kernels)
-            if resume_state is not None:
-                model.load_state_dict(_with_tied(resume_state["model"], model), strict=True)
         model.activation_checkpointing = cfg.activation_checkpointing
         model.to(self.device)
         n = model.num_parameters()
@@ -273,7 +277,9 @@ class Trainer:
         return make_optimizer(self.model, self.cfg)
 
     def _restore(self, state: dict) -> None:
-        self.optimizer.load_state_dict(state["optimizer"])
+        # Every rank holds the full state; under FSDP2 each keeps its shard.
+        load_full_state_dicts(self.raw_model, self.optimizer,
+                              _with_tied(state["model"], self.raw_model), state["optimizer"])
         trainer = state["trainer"]
         self.step = trainer["step"]
         self.train_batches.load_state_dict(trainer["data"])
@@ -300,7 +306,10 @@ class Trainer:
             last = micro == cfg.grad_accum - 1
             sync = contextlib.nullcontext()
             if self.dist.enabled and not last and hasattr(self.model, "no_sync"):
-                sync = self.model.no_sync()
+                sync = self.model.no_sync()  # DDP
+            if self.dist.enabled and hasattr(self.raw_model, "set_requires_gradient_sync"):
+                # FSDP2: accumulate unsharded gradients, reduce-scatter on the last micro-step
+                self.raw_model.set_requires_gradient_sync(last)
             with sync, self._autocast():
                 _, loss = self.model(x, y)
                 loss = loss * (self.loss_multiplier / cfg.grad_accum)
@@ -351,8 +360,11 @@ class Trainer:
         return self.tokenizer.decode(out[0].tolist())
 
     def save(self) -> str | None:
-        # A collective: every rank must take part (rank 0 alone would wait forever).
+        # A collective: every rank must take part (rank 0 alone would wait forever). The state
+        # dicts are full ones (FSDP2's shards gathered), so a checkpoint does not depend on the
+        # world size or the wrapping; rank 0 writes it.
         rng_states = self._all_rng_states()
+        model_state, optimizer_state = full_state_dicts(self.raw_model, self.optimizer)
         if not self.is_main:
             return None
         from ..models.gpt import weights_for_saving
@@ -364,8 +376,8 @@ class Trainer:
         config = {"model": self.model_config.to_dict(), "train": self.cfg.to_dict(),
                   "tokenizer": self.tokenizer.name}
         return ckpt.save_checkpoint(
-            self.cfg.out, self.step, weights_for_saving(self.raw_model),
-            self.optimizer.state_dict(), trainer_state, config, keep=self.cfg.keep_checkpoints,
+            self.cfg.out, self.step, weights_for_saving(self.raw_model, model_state),
+            optimizer_state, trainer_state, config, keep=self.cfg.keep_checkpoints,
         )
 
     def _all_rng_states(self) -> list[dict]:
