@@ -286,7 +286,8 @@ class Trainer:
         _set_rng_state(trainer["rng"][min(self.dist.rank, len(trainer["rng"]) - 1)])
         self.best_val_loss = trainer.get("best_val_loss")
         self.log(f"resumed from {state['path']} at step {self.step}")
-        _truncate_metrics(os.path.join(self.cfg.out, "metrics.jsonl"), self.step)
+        if self.is_main:  # only rank 0 writes the file: two ranks rewriting it race
+            _truncate_metrics(os.path.join(self.cfg.out, "metrics.jsonl"), self.step)
 
     # ---- the loop -------------------------------------------------------------------------
 
