@@ -464,7 +464,13 @@ cudaError_t attention_bwd(const AttentionBwdArgs& args, cudaStream_t stream) {
   }
   // (kHeadDim, kWarps, kOutDim, kDqBlockN): 64 x 64 tiles with 4 warps up to D = 128; 32 x 32
   // tiles with 2 warps and the output columns split over two CTAs above, so that the dK and dV
-  // accumulators stay in registers and shared memory stays under an A100's 163 KiB.
+  // accumulators stay in registers and shared memory stays under an A100's 163 KiB. Devices with
+  // 99 KiB (sm_86, sm_89) get half the tiles at D >= 128.
+  size_t max_bytes = 0;
+  FUSEDLM_RETURN_IF_ERROR(max_shared_bytes(&max_bytes));
+  auto fits = [&](size_t dkdv_bytes, size_t dq_bytes) {
+    return dkdv_bytes <= max_bytes && dq_bytes <= max_bytes;
+  };
   return dispatch_half_types(s.dtype, [&](auto tag) -> cudaError_t {
     using T = decltype(tag);
     switch (padded_head_dim(s.D)) {
@@ -475,11 +481,17 @@ cudaError_t attention_bwd(const AttentionBwdArgs& args, cudaStream_t stream) {
       case 96:
         return launch_bwd<T, 96, 4, 96, 64>(args, stream);
       case 128:
-        return launch_bwd<T, 128, 4, 128, 64>(args, stream);
+        return fits(dkdv_shared_bytes<128, 64>(), dq_shared_bytes<128, 64, 4>())
+                   ? launch_bwd<T, 128, 4, 128, 64>(args, stream)
+                   : launch_bwd<T, 128, 2, 128, 32>(args, stream);
       case 192:
-        return launch_bwd<T, 192, 2, 96, 32>(args, stream);
+        return fits(dkdv_shared_bytes<192, 32>(), dq_shared_bytes<192, 32, 4>())
+                   ? launch_bwd<T, 192, 2, 96, 32>(args, stream)
+                   : launch_bwd<T, 192, 2, 96, 16>(args, stream);
       default:
-        return launch_bwd<T, 256, 2, 128, 32>(args, stream);
+        return fits(dkdv_shared_bytes<256, 32>(), dq_shared_bytes<256, 32, 4>())
+                   ? launch_bwd<T, 256, 2, 128, 32>(args, stream)
+                   : launch_bwd<T, 256, 1, 128, 16>(args, stream);
     }
   });
 }

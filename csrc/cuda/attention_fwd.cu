@@ -211,7 +211,10 @@ cudaError_t attention_fwd(const AttentionFwdArgs& args, cudaStream_t stream) {
   }
   // (kHeadDim, kBlockM, kBlockN, kWarps): 128 x 64 tiles with 4 warps (2 MMA row tiles each) up
   // to D = 128 (FlashAttention-2's sm80 choice for D = 128); 64-row tiles above, whose
-  // double-buffered K/V tiles must fit the 163 KiB an A100 CTA can have.
+  // double-buffered K/V tiles must fit the 163 KiB an A100 CTA can have. Devices with 99 KiB
+  // (sm_86, sm_89) get 64-row tiles at D = 128 and 32-key tiles at D = 192.
+  size_t max_bytes = 0;
+  FUSEDLM_RETURN_IF_ERROR(max_shared_bytes(&max_bytes));
   return dispatch_half_types(s.dtype, [&](auto tag) -> cudaError_t {
     using T = decltype(tag);
     switch (padded_head_dim(s.D)) {
@@ -222,9 +225,13 @@ cudaError_t attention_fwd(const AttentionFwdArgs& args, cudaStream_t stream) {
       case 96:
         return launch_fwd<T, 96, 128, 64, 4>(args, stream);
       case 128:
-        return launch_fwd<T, 128, 128, 64, 4>(args, stream);
+        return fwd_shared_bytes<128, 128, 64>() <= max_bytes
+                   ? launch_fwd<T, 128, 128, 64, 4>(args, stream)
+                   : launch_fwd<T, 128, 64, 64, 4>(args, stream);
       case 192:
-        return launch_fwd<T, 192, 64, 64, 4>(args, stream);
+        return fwd_shared_bytes<192, 64, 64>() <= max_bytes
+                   ? launch_fwd<T, 192, 64, 64, 4>(args, stream)
+                   : launch_fwd<T, 192, 64, 32, 4>(args, stream);
       default:
         return launch_fwd<T, 256, 64, 32, 4>(args, stream);
     }

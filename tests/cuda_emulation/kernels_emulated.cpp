@@ -8,8 +8,10 @@
 #include "cuda/attention_fwd.cu"
 #include "cuda/norm.cu"
 
-// The CUDA runtime calls the launchers make, answered for the emulated device (an H100's
-// 227 KiB of opt-in shared memory per block; the emulation has 256 KiB).
+// The CUDA runtime calls the launchers make, answered for the emulated device: an H100's 227 KiB
+// of opt-in shared memory per block unless emulated_configure says otherwise.
+static int emulated_max_shared_bytes = 232448;
+
 extern "C" {
 cudaError_t cudaGetLastError(void) {
   return emu::fault().empty() ? cudaSuccess : cudaErrorLaunchFailure;
@@ -20,7 +22,7 @@ cudaError_t cudaGetDevice(int* device) {
 }
 cudaError_t cudaDeviceGetAttribute(int* value, enum cudaDeviceAttr attr, int) {
   if (attr == cudaDevAttrMaxSharedMemoryPerBlockOptin) {
-    *value = 232448;
+    *value = emulated_max_shared_bytes;
   } else if (attr == cudaDevAttrMultiProcessorCount) {
     *value = 132;
   } else {
@@ -74,8 +76,10 @@ void* allocate(size_t bytes, void* context) {
 extern "C" {
 
 // late_copies: cp.async lands at the wait (1) or at issue (0); schedule: 0 lockstep, 1 warps
-// first to last, 2 warps last to first (warp_emulation.h). For the calls that follow.
-void emulated_configure(int late_copies, int schedule) {
+// first to last, 2 warps last to first (warp_emulation.h); max_shared_bytes: the device's opt-in
+// shared memory per block (232448 H100, 166912 A100, 101376 sm_86/sm_89). For the calls after.
+void emulated_configure(int late_copies, int schedule, int max_shared_bytes) {
+  emulated_max_shared_bytes = max_shared_bytes;
   emu::fault().clear();
   emu::late_copies() = late_copies != 0;
   emu::schedule() = static_cast<emu::Schedule>(schedule);

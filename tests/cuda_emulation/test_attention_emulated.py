@@ -22,9 +22,13 @@ import torch
 
 from tests.helpers import assert_close_rule, naive_attention
 
-from .conftest import GUARD, check_guard as _check_guard, guarded_output as _output
-
-
+from .conftest import (
+    GUARD,
+    H100_SHARED_BYTES,
+    SM86_SHARED_BYTES,
+)
+from .conftest import check_guard as _check_guard
+from .conftest import guarded_output as _output
 
 
 def _guarded(values: torch.Tensor, layout: str = "contiguous") -> tuple[torch.Tensor, torch.Tensor]:
@@ -58,9 +62,10 @@ def _shape_arg(B, Hq, Hkv, Tq, Tk, D, causal, offset):
 LOCKSTEP, WARPS_FORWARD, WARPS_BACKWARD = 0, 1, 2  # emu::Schedule
 
 
-def _run(lib, q, k, v, grad_out, causal, offset, late, deterministic, schedule=WARPS_FORWARD):
+def _run(lib, q, k, v, grad_out, causal, offset, late, deterministic, schedule=WARPS_FORWARD,
+         shared_bytes=H100_SHARED_BYTES):
     """Forward and backward through the emulated launchers. Returns out, lse, dq, dk, dv."""
-    lib.emulated_configure(int(late), schedule)
+    lib.emulated_configure(int(late), schedule, shared_bytes)
     B, Hq, Tq, D = q.shape
     Hkv, Tk = k.shape[1], k.shape[2]
     dtype_code = 0 if q.dtype == torch.float16 else 1
@@ -69,8 +74,8 @@ def _run(lib, q, k, v, grad_out, causal, offset, late, deterministic, schedule=W
     out, out_buffer = _output((B, Hq, Tq, D), q.dtype)
     lse, lse_buffer = _output((B, Hq, Tq), torch.float32)
     status = lib.emulated_attention_fwd(
-        shape, ctypes.c_double(scale), dtype_code, _ptr(q), _strides(q), _ptr(k),
-        _strides(k), _ptr(v), _strides(v), _ptr(out), ctypes.cast(_ptr(lse), ctypes.POINTER(ctypes.c_float)))
+        shape, ctypes.c_double(scale), dtype_code, _ptr(q), _strides(q), _ptr(k), _strides(k),
+        _ptr(v), _strides(v), _ptr(out), ctypes.cast(_ptr(lse), ctypes.POINTER(ctypes.c_float)))
     assert status == 0, f"attention_fwd: cudaError {status}: {lib.emulated_fault().decode()}"
     _check_guard(out_buffer, out.numel(), "out")
     _check_guard(lse_buffer, lse.numel(), "lse")
@@ -87,7 +92,7 @@ def _run(lib, q, k, v, grad_out, causal, offset, late, deterministic, schedule=W
 
 
 def _check(lib, shape, causal, dtype, layout="contiguous", late=True, deterministic=False,
-           offset=None, schedule=WARPS_FORWARD):
+           offset=None, schedule=WARPS_FORWARD, shared_bytes=H100_SHARED_BYTES):
     B, Hq, Hkv, Tq, Tk, D = shape
     offset = Tk - Tq if offset is None else offset
     gen = torch.Generator().manual_seed(hash((shape, causal, str(dtype))) % 2**31)
@@ -96,7 +101,7 @@ def _check(lib, shape, causal, dtype, layout="contiguous", late=True, determinis
     q64, k64, v64, do64 = (t.to(dtype).double() for t in values)  # the values the kernel sees
     q, k, v, grad_out = (_guarded(t.to(dtype), layout)[0] for t in (q64, k64, v64, do64))
     out, lse, dq, dk, dv = _run(lib, q, k, v, grad_out, causal, offset, late, deterministic,
-                                schedule)
+                                schedule, shared_bytes)
 
     leaves64 = [t.clone().requires_grad_(True) for t in (q64, k64, v64)]
     truth = naive_attention(*leaves64, causal=causal, causal_offset=offset)
@@ -147,7 +152,8 @@ def test_attention_bfloat16(library, shape):
 
 # (copies land at the wait, schedule): late copies catch a tile read before its wait; copies at
 # issue with warps drifting apart (either order) catch a buffer refilled while still being read.
-TIMINGS = [(True, LOCKSTEP), (True, WARPS_BACKWARD), (False, WARPS_FORWARD), (False, WARPS_BACKWARD)]
+TIMINGS = [(True, LOCKSTEP), (True, WARPS_BACKWARD), (False, WARPS_FORWARD),
+           (False, WARPS_BACKWARD)]
 TIMING_IDS = ["at_wait-lockstep", "at_wait-warps_backward", "at_issue-warps_forward",
               "at_issue-warps_backward"]
 
@@ -181,3 +187,13 @@ def test_deterministic_backward_is_bitwise_repeatable(library):
     second = _run(library, q, k, v, do, True, 10, False, True, WARPS_BACKWARD)
     for a, b in zip(first, second, strict=True):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic_dq", "deterministic"])
+@pytest.mark.parametrize("shape", [(1, 2, 1, 70, 90, 128), (1, 1, 1, 40, 50, 160),
+                                   (1, 1, 1, 35, 45, 256)], ids=["D128", "D160", "D256"])
+def test_small_shared_memory_tiles(library, shape, deterministic):
+    """A device with 99 KiB of shared memory per block (sm_86, sm_89) gets the smaller tiles at
+    D = 128, 192 and 256; they too must be right (on an H100 they never run)."""
+    _check(library, shape, True, torch.float16, deterministic=deterministic,
+           shared_bytes=SM86_SHARED_BYTES)
