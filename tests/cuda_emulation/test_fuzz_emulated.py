@@ -1,0 +1,106 @@
+"""Shape fuzzing of the CUDA kernels under the CPU emulation (hypothesis; issue 8's fuzzing for
+the backend CI cannot otherwise run): attention over sequence lengths around every tile size the
+launchers use (16, 32, 64, 128), head dims 8..256 in steps of 8 (every template and the padded
+ones between), GQA/MQA, arbitrary causal offsets, both memory layouts, both dQ paths, both
+shared-memory sizes; LayerNorm/RMSNorm over hidden sizes 1..70000 around every launch-path
+boundary, every dtype, with and without weight/bias.
+
+Derandomized with a few examples by default (CI); ``--fuzz-long[=N]`` as for tests/test_fuzz.py.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from hypothesis import given
+from hypothesis import strategies as st
+
+from tests.helpers import assert_close_rule
+from tests.test_fuzz import fuzz  # noqa: F401  (the fixture)
+
+from .conftest import H100_SHARED_BYTES, SM86_SHARED_BYTES, guarded_copy
+from .test_attention_emulated import LOCKSTEP, WARPS_BACKWARD, WARPS_FORWARD, _check
+from .test_norm_adamw_emulated import _norm
+
+SEQ_LENS = [1, 2, 15, 16, 17, 31, 32, 33, 63, 64, 65, 127, 128, 129, 200]
+HIDDEN = [1, 2, 7, 8, 9, 31, 33, 127, 256, 257, 512, 513, 1023, 1024, 1025, 4099, 8192, 8193,
+          12289, 32768, 32769, 65536, 70000]
+
+
+def test_fuzz_attention(library, fuzz):  # noqa: F811
+    @fuzz(16)
+    @given(data=st.data())
+    def run(data):
+        Hkv = data.draw(st.integers(1, 2), label="Hkv")
+        group = data.draw(st.integers(1, 3), label="group")
+        Tq = data.draw(st.sampled_from(SEQ_LENS), label="Tq")
+        Tk = data.draw(st.sampled_from(SEQ_LENS), label="Tk")
+        D = data.draw(st.integers(1, 32), label="D / 8") * 8
+        causal = data.draw(st.booleans(), label="causal")
+        offset = Tk - Tq
+        if causal and data.draw(st.booleans(), label="random offset"):
+            offset = data.draw(st.integers(-Tq, Tk), label="offset")
+        dtype = data.draw(st.sampled_from([torch.float16, torch.bfloat16]), label="dtype")
+        layout = data.draw(st.sampled_from(["contiguous", "bthd"]), label="layout")
+        late = data.draw(st.booleans(), label="copies at the wait")
+        schedule = data.draw(st.sampled_from([LOCKSTEP, WARPS_FORWARD, WARPS_BACKWARD]),
+                             label="schedule")
+        deterministic = data.draw(st.booleans(), label="deterministic")
+        shared = data.draw(st.sampled_from([H100_SHARED_BYTES, SM86_SHARED_BYTES]),
+                           label="shared bytes")
+        _check(library, (1, Hkv * group, Hkv, Tq, Tk, D), causal, dtype, layout=layout,
+               late=late, deterministic=deterministic, offset=offset, schedule=schedule,
+               shared_bytes=shared)
+
+    run()
+
+
+def test_fuzz_norm(library, fuzz):  # noqa: F811
+    @fuzz(20)
+    @given(data=st.data())
+    def run(data):
+        N = data.draw(st.sampled_from(HIDDEN), label="N")
+        M = data.draw(st.integers(1, 3 if N > 8192 else 9), label="M")
+        dtype = data.draw(st.sampled_from([torch.float32, torch.float16, torch.bfloat16,
+                                           torch.float64]), label="dtype")
+        rms = data.draw(st.booleans(), label="rms")
+        has_weight = data.draw(st.booleans(), label="weight")
+        has_bias = not rms and has_weight and data.draw(st.booleans(), label="bias")
+        # float32 weights with 16-bit input are allowed (mixed precision)
+        param_dtype = dtype
+        if has_weight and dtype in (torch.float16, torch.bfloat16):
+            param_dtype = data.draw(st.sampled_from([dtype, torch.float32]), label="param dtype")
+        gen = torch.Generator().manual_seed(N * 31 + M)
+        x64 = (torch.randn(M, N, generator=gen, dtype=torch.float64) * 3 - 1).to(dtype).double()
+        dy64 = torch.randn(M, N, generator=gen, dtype=torch.float64).to(dtype).double()
+        w64 = (1 + 0.2 * torch.randn(N, generator=gen, dtype=torch.float64)).to(param_dtype)
+        b64 = (0.1 * torch.randn(N, generator=gen, dtype=torch.float64)).to(param_dtype)
+        w64, b64 = w64.double(), b64.double()
+        x, dy = guarded_copy(x64.to(dtype))[0], guarded_copy(dy64.to(dtype))[0]
+        w = guarded_copy(w64.to(param_dtype))[0] if has_weight else None
+        b = guarded_copy(b64.to(param_dtype))[0] if has_bias else None
+        y, dx, dw, db = _norm(library, x, w, b, dy, rms)
+
+        def torch_norm(xx, ww, bb):
+            if rms:
+                return F.rms_norm(xx, (N,), ww, eps=1e-5)
+            return F.layer_norm(xx, (N,), ww, bb, eps=1e-5)
+
+        params64 = [w64 if has_weight else None, b64 if has_bias else None]
+        leaves64 = [x64.clone().requires_grad_(True)] + [
+            None if p is None else p.clone().requires_grad_(True) for p in params64]
+        truth = torch_norm(*leaves64)
+        wanted64 = [t for t in leaves64 if t is not None]
+        truth_grads = torch.autograd.grad(truth, wanted64, dy64)
+        leaves = [x64.to(dtype).requires_grad_(True)] + [
+            None if p is None else p.to(param_dtype).requires_grad_(True) for p in params64]
+        base = torch_norm(*leaves)
+        base_grads = torch.autograd.grad(base, [t for t in leaves if t is not None],
+                                         dy64.to(dtype))
+        assert_close_rule(y, base, truth, name="y")
+        ours = [dx] + [g for g, p in ((dw, w), (db, b)) if p is not None]
+        for name, g, gb, gt in zip(("dx", "dweight", "dbias"), ours, base_grads, truth_grads,
+                                   strict=False):
+            assert_close_rule(g, gb, gt, name=name)
+
+    run()
