@@ -177,7 +177,8 @@ def test_cpu_backend_refuses_non_contiguous_adamw_but_auto_serves_it():
     def step(backend):
         states = [torch.zeros(3, 4)], [torch.zeros(3, 4)]
         torch.ops.fusedlm.adamw_step(
-            [p.data], [p.grad], *states, [], [1.0], 0.1, 0.9, 0.999, 1e-8, 0.0, False, False, backend
+            [p.data], [p.grad], *states, [], [1.0], 0.1, 0.9, 0.999, 1e-8, 0.0, False, False,
+            backend, [],
         )
 
     with pytest.raises(fusedlm.BackendNotSupportedError, match="non-contiguous"):

@@ -153,10 +153,14 @@ def adamw_step(
     lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
     amsgrad: bool, maximize: bool, *, lr_tensor: Tensor | None = None,
     grad_scale: Tensor | None = None, found_inf: Tensor | None = None,
-    step_tensor: Tensor | None = None,
+    step_tensor: Tensor | None = None, master_params: list[Tensor] | tuple = (),
 ) -> None:
     """torch.optim.AdamW's update, in place, one tensor at a time (states may be float32 for
     low-precision params; the arithmetic runs in the compute dtype).
+
+    ``master_params`` (empty, or float32 master weights of bfloat16/float16 params, float32
+    states): the update runs in float32 on master_params[i], which stores it, and params[i]
+    receives its rounding (``param.copy_(master)``).
 
     Keyword-only extensions (the semantics of ``fusedlm._C.adamw_step``'s):
     ``lr_tensor`` (one element) replaces ``lr``: on the params' device it is used with tensor
@@ -196,7 +200,9 @@ def adamw_step(
             unscaled = grad
         if maximize:
             grad = -grad
-        p = param.to(dtype)
+        # A master (of a 16-bit param: the compute dtype is float32) replaces the param's value.
+        master = master_params[i] if master_params else None
+        p = (param if master is None else master).to(dtype)
         m = exp_avgs[i].to(dtype)
         v = exp_avg_sqs[i].to(dtype)
         p = p * scalar(decay)
@@ -209,6 +215,8 @@ def adamw_step(
             denom = v.sqrt() / scalar(bias_correction2_sqrt) + eps
         p = p - scalar(step_size) * m / denom
         updates = [(param, p), (exp_avgs[i], m), (exp_avg_sqs[i], v)]
+        if master is not None:  # the master stores the update; the param gets its rounding
+            updates.append((master, p))
         if amsgrad:
             updates.append((max_exp_avg_sqs[i], v_max))
         if grad_scale is not None:

@@ -591,5 +591,6 @@ def test_ops_layer_routes_cuda_tensors_to_the_kernel():
         False,
         False,
         "auto",
+        [],
     )
     assert OpDispatch.last_choice["adamw_step"] == "cuda"

@@ -84,7 +84,7 @@ def _call_op(params, grads, states, steps, hyper, backend, fn=None):
         hyper["maximize"],
     )
     if fn is None:
-        torch.ops.fusedlm.adamw_step(*args, backend)
+        torch.ops.fusedlm.adamw_step(*args, backend, [])
     else:
         fn(*args)
     return ps, [ms, vs] + ([vmaxs] if hyper["amsgrad"] else [])
@@ -184,7 +184,7 @@ def test_adamw_step_non_contiguous_goes_to_torch_under_auto():
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_adamw_step_empty_list_is_a_no_op(backend):
     torch.ops.fusedlm.adamw_step(
-        [], [], [], [], [], [], 0.1, 0.9, 0.999, 1e-8, 0.0, False, False, backend
+        [], [], [], [], [], [], 0.1, 0.9, 0.999, 1e-8, 0.0, False, False, backend, []
     )
 
 
@@ -211,6 +211,7 @@ def test_opcheck_adamw_step(param_dtype, amsgrad, backend):
         amsgrad,
         False,
         backend,
+        [],
     )
     torch.library.opcheck(torch.ops.fusedlm.adamw_step.default, copy.deepcopy(args))
 
@@ -269,7 +270,7 @@ def _call_op_ext(params, grads, states, steps, hyper, backend, extensions, fn=No
     args = (ps, gs, ms, vs, vmaxs, host_steps, lr, hyper["betas"][0], hyper["betas"][1],
             hyper["eps"], hyper["weight_decay"], hyper["amsgrad"], hyper["maximize"])
     if fn is None:
-        torch.ops.fusedlm.adamw_step(*args, backend, **kwargs)
+        torch.ops.fusedlm.adamw_step(*args, backend, [], **kwargs)
     else:
         fn(*args, **kwargs)
     return ps, [ms, vs] + ([vmaxs] if hyper["amsgrad"] else []), gs
@@ -421,7 +422,8 @@ def test_adamw_step_bad_extension_names_it_and_changes_nothing(kwargs, argument,
     before = (p.clone(), g.clone())
     with pytest.raises(exc, match=argument):
         torch.ops.fusedlm.adamw_step([p], [g], [torch.zeros(4)], [torch.zeros(4)], [], steps,
-                                     1e-3, 0.9, 0.999, 1e-8, 0.0, False, False, backend, **kwargs)
+                                     1e-3, 0.9, 0.999, 1e-8, 0.0, False, False, backend, [],
+                                     **kwargs)
     assert torch.equal(p, before[0]) and torch.equal(g, before[1])
 
 
@@ -434,6 +436,221 @@ def test_opcheck_adamw_step_extensions(found, backend):
     kwargs, host_steps, lr = _extensions(set(EXTENSION_CASES["all"]), steps, hyper, device,
                                          found=found)
     args = (params, grads, [s[0] for s in states], [s[1] for s in states],
-            [s[2] for s in states], host_steps, lr, 0.9, 0.99, 1e-8, 0.1, True, False, backend)
+            [s[2] for s in states], host_steps, lr, 0.9, 0.99, 1e-8, 0.1, True, False, backend,
+            [])
     torch.library.opcheck(torch.ops.fusedlm.adamw_step.default, copy.deepcopy(args),
                           copy.deepcopy(kwargs))
+
+
+# ---- master_params: float32 master weights of bfloat16/float16 params -------------------------
+
+# The Triton kernel has no master weights (see test_triton_backend_refuses_master_params).
+MASTER_BACKENDS = [b for b in BACKENDS if b.id != "triton"]
+TRITON_BACKENDS = [b for b in BACKENDS if b.id == "triton"]
+MASTER_DTYPES = [torch.bfloat16, torch.float16]
+
+
+def _master_problem(param_dtype, device, n_steps, seed=0):
+    """16-bit params and a sequence of 16-bit grads (one list per step)."""
+    g = torch.Generator().manual_seed(seed)
+    params = [torch.randn(s, dtype=torch.float64, generator=g).to(device, param_dtype)
+              for s in SHAPES]
+    grads_seq = [[(0.5 * torch.randn(s, dtype=torch.float64, generator=g)).to(device, param_dtype)
+                  for s in SHAPES] for _ in range(n_steps)]
+    return params, grads_seq
+
+
+def _torch_run(params, grads_seq, dtype, hyper):
+    """torch.optim.AdamW (single-tensor) over the grads, on ``dtype`` copies of the params."""
+    ps = [p.detach().to(dtype).clone() for p in params]
+    opt = torch.optim.AdamW(ps, foreach=False, **hyper)
+    for grads in grads_seq:
+        for p, grad in zip(ps, grads, strict=True):
+            p.grad = grad.to(dtype)
+        opt.step()
+    return ps
+
+
+def _op_run_with_masters(params, grads_seq, hyper, backend, extended=False, fn=None):
+    """The op over the grads, with float32 masters (copies of the params) and float32 states;
+    ``extended``: a tensor lr, device step counts and GradScaler's tensors (scale 4, no inf).
+    Returns params, masters, states after the last step."""
+    device = params[0].device
+    ps = [p.clone() for p in params]
+    masters = [p.float() for p in params]
+    ms = [torch.zeros_like(m) for m in masters]
+    vs = [torch.zeros_like(m) for m in masters]
+    vmaxs = [torch.zeros_like(m) for m in masters] if hyper["amsgrad"] else []
+    for step, grads in enumerate(grads_seq, start=1):
+        kwargs, steps, lr, gs = {}, [float(step)] * len(ps), hyper["lr"], [g.clone() for g in grads]
+        if extended:
+            kwargs = {"lr_tensor": torch.tensor(lr, device=device),
+                      "step_tensor": torch.full((len(ps),), float(step), device=device),
+                      "grad_scale": torch.tensor(4.0, device=device),
+                      "found_inf": torch.tensor(0.0, device=device)}
+            steps, lr, gs = [], 0.0, [g * 4 for g in gs]  # exact: a power of two
+        args = (ps, gs, ms, vs, vmaxs, steps, lr, hyper["betas"][0], hyper["betas"][1],
+                hyper["eps"], hyper["weight_decay"], hyper["amsgrad"], hyper["maximize"])
+        if fn is None:
+            torch.ops.fusedlm.adamw_step(*args, backend, masters, **kwargs)
+        else:
+            fn(*args, master_params=masters, **kwargs)
+    return ps, masters, [ms, vs] + ([vmaxs] if hyper["amsgrad"] else [])
+
+
+@pytest.mark.parametrize("backend", MASTER_BACKENDS)
+@pytest.mark.parametrize("param_dtype", MASTER_DTYPES, ids=str)
+@pytest.mark.parametrize("amsgrad", [False, True], ids=["adam", "amsgrad"])
+@pytest.mark.parametrize("maximize", [False, True], ids=["min", "max"])
+@pytest.mark.parametrize("extended", [False, True], ids=["plain", "extensions"])
+def test_adamw_step_master_params_follow_torch_float32(extended, maximize, amsgrad, param_dtype,
+                                                       backend):
+    """Over several steps the float32 master is torch.optim.AdamW's float32 run on float32 copies
+    of the 16-bit params (the rule: truth float64), and each 16-bit param is its master rounded."""
+    device = device_of(backend)
+    hyper = _hyper(amsgrad, maximize, 0.1)
+    params, grads_seq = _master_problem(param_dtype, device, n_steps=5)
+    ours_p, ours_m, ours_s = _op_run_with_masters(params, grads_seq, hyper, backend, extended)
+    if extended:  # the lr the op reads is the float32 tensor's
+        hyper = dict(hyper, lr=float(torch.tensor(hyper["lr"])))
+    truth = _torch_run(params, grads_seq, torch.float64, hyper)
+    base = _torch_run(params, grads_seq, torch.float32, hyper)
+    for i in range(len(params)):
+        assert ours_m[i].dtype == torch.float32 and ours_p[i].dtype == param_dtype
+        assert_close_rule(ours_m[i], base[i], truth[i], name=f"master_params[{i}]")
+        assert torch.equal(ours_p[i], ours_m[i].to(param_dtype)), f"params[{i}] != its master"
+        for state in ours_s:
+            assert state[i].dtype == torch.float32
+        # the masters moved (the test is not vacuous)
+        assert not torch.equal(ours_m[i], params[i].float())
+
+
+@pytest.mark.parametrize("backend", MASTER_BACKENDS)
+@pytest.mark.parametrize("param_dtype", MASTER_DTYPES, ids=str)
+@pytest.mark.parametrize("amsgrad", [False, True], ids=["adam", "amsgrad"])
+def test_adamw_step_master_params_vs_reference(amsgrad, param_dtype, backend):
+    device = device_of(backend)
+    hyper = _hyper(amsgrad, True, 0.05)
+    params, grads_seq = _master_problem(param_dtype, device, n_steps=3)
+    ours = _op_run_with_masters(params, grads_seq, hyper, backend, extended=True)
+    ref = _op_run_with_masters(params, grads_seq, hyper, backend, extended=True,
+                               fn=reference.adamw_step)
+    for i in range(len(params)):
+        torch.testing.assert_close(ours[1][i], ref[1][i], rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(ours[0][i].float(), ref[0][i].float(), rtol=1e-2, atol=1e-2)
+        for a, b in zip(ours[2], ref[2], strict=True):
+            torch.testing.assert_close(a[i], b[i], rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("backend", MASTER_BACKENDS)
+@pytest.mark.parametrize("param_dtype", MASTER_DTYPES, ids=str)
+def test_adamw_step_master_params_found_inf_changes_nothing(param_dtype, backend):
+    device = device_of(backend)
+    params, (grads,) = _master_problem(param_dtype, device, n_steps=1)
+    grads[0][0] = float("inf")
+    masters = [(p.double() + 1e-4).float() for p in params]  # not the params' values
+    states = [torch.full_like(m, 0.1) for m in masters], [torch.full_like(m, 0.01) for m in masters]
+    before = [[t.clone() for t in ts] for ts in (params, masters, grads, *states)]
+    torch.ops.fusedlm.adamw_step(
+        params, grads, *states, [], [2.0] * len(params), 0.01, 0.9, 0.99, 1e-8, 0.1, False, False,
+        backend, masters, grad_scale=torch.tensor(4.0, device=device),
+        found_inf=torch.tensor(1.0, device=device),
+    )
+    for name, now, then in zip(("params", "master_params", "grads", "exp_avgs", "exp_avg_sqs"),
+                               (params, masters, grads, *states), before, strict=True):
+        for i, (a, b) in enumerate(zip(now, then, strict=True)):
+            assert torch.equal(a.nan_to_num(), b.nan_to_num()), f"{name}[{i}] changed"
+
+
+def _bad_master_case(param_dtype=torch.bfloat16, state_dtype=torch.float32, masters=None):
+    p = torch.randn(4).to(param_dtype)
+    if masters is None:
+        masters = [p.float()]
+    return p, torch.randn(4).to(param_dtype), state_dtype, masters
+
+
+BAD_MASTERS = [
+    ("count", ValueError, r"'master_params' has 2 tensors", {"masters": [torch.zeros(4)] * 2}),
+    ("float64", TypeError, r"'master_params\[0\]' must be float32",
+     {"masters": [torch.zeros(4, dtype=torch.float64)]}),
+    ("bfloat16", TypeError, r"'master_params\[0\]' must be float32",
+     {"masters": [torch.zeros(4, dtype=torch.bfloat16)]}),
+    ("shape", ValueError, r"'master_params\[0\]' has shape", {"masters": [torch.zeros(2, 2)]}),
+    ("float32_param", TypeError, r"'master_params'.*params\[0\] is torch.float32",
+     {"param_dtype": torch.float32}),
+    ("16bit_states", TypeError, r"'master_params' the states must be float32",
+     {"state_dtype": torch.bfloat16}),
+    ("not_a_tensor", TypeError, r"master_params", {"masters": [[0.0] * 4]}),
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(("exc", "match", "kwargs"), [c[1:] for c in BAD_MASTERS],
+                         ids=[c[0] for c in BAD_MASTERS])
+def test_adamw_step_bad_master_params_names_it_and_changes_nothing(kwargs, match, exc, backend):
+    p, g, state_dtype, masters = _bad_master_case(**kwargs)
+    before = [t.clone() for t in (p, g, *masters) if isinstance(t, torch.Tensor)]
+    with pytest.raises((exc, RuntimeError), match=match) as info:
+        torch.ops.fusedlm.adamw_step([p], [g], [torch.zeros(4, dtype=state_dtype)],
+                                     [torch.zeros(4, dtype=state_dtype)], [], [1.0], 1e-3, 0.9,
+                                     0.999, 1e-8, 0.0, False, False, backend, masters)
+    if kwargs.get("masters") != [[0.0] * 4]:  # a list of numbers fails the schema (RuntimeError)
+        assert info.type is exc
+    after = [t for t in (p, g, *masters) if isinstance(t, torch.Tensor)]
+    assert all(torch.equal(a, b) for a, b in zip(after, before, strict=True))
+
+
+def test_adamw_step_master_params_on_another_device_names_it():
+    """(Checked on the op's own check: a meta tensor in the call would dispatch to the fake
+    implementation, and this machine may have no second device.)"""
+    from fusedlm.ops.adamw import _check_master_params
+
+    p = torch.zeros(4, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match=r"'master_params\[0\]' is on meta"):
+        _check_master_params([p], [torch.zeros(4)], [torch.zeros(4)], [],
+                             [torch.zeros(4, device="meta")])
+
+
+@pytest.mark.parametrize("backend", MASTER_BACKENDS)
+@pytest.mark.parametrize("amsgrad", [False, True], ids=["adam", "amsgrad"])
+@pytest.mark.parametrize("extended", [False, True], ids=["plain", "extensions"])
+def test_opcheck_adamw_step_master_params(extended, amsgrad, backend):
+    device = device_of(backend)
+    hyper = _hyper(amsgrad, False, 0.1)
+    params, grads, states, steps = _problem(torch.bfloat16, torch.float32, device, amsgrad, False)
+    kwargs, host_steps, lr = _extensions(set(EXTENSION_CASES["all"]) if extended else set(),
+                                         steps, hyper, device, scale=4.0)
+    masters = [(p.double() + 1e-3).float() for p in params]
+    args = (params, grads, [s[0] for s in states], [s[1] for s in states],
+            [s[2] for s in states] if amsgrad else [], host_steps, lr, 0.9, 0.99, 1e-8, 0.1,
+            amsgrad, False, backend, masters)
+    torch.library.opcheck(torch.ops.fusedlm.adamw_step.default, copy.deepcopy(args),
+                          copy.deepcopy(kwargs))
+
+
+def test_triton_supports_refuses_master_params():
+    """The Triton kernel has no master weights: its support check says so, so "auto" moves on
+    and backend="triton" raises BackendNotSupportedError (on a GPU: the test below)."""
+    from fusedlm.ops.adamw import _triton_supports
+
+    p = torch.zeros(3, dtype=torch.bfloat16)
+    lists = ([p], [p.clone()], [torch.zeros(3)], [torch.zeros(3)], [])
+    assert _triton_supports(*lists) is None
+    assert _triton_supports(*lists, []) is None
+    assert _triton_supports(*lists, [torch.zeros(3)]) == (
+        "the Triton AdamW kernel has no master weights"
+    )
+
+
+@pytest.mark.parametrize("backend", TRITON_BACKENDS)
+def test_triton_backend_refuses_master_params(backend):
+    device = device_of(backend)
+    hyper = _hyper(False, False, 0.1)
+    params, grads_seq = _master_problem(torch.bfloat16, device, n_steps=1)
+    with pytest.raises(fusedlm.BackendNotSupportedError, match="no master weights"):
+        _op_run_with_masters(params, grads_seq, hyper, backend)
+    ours = _op_run_with_masters(params, grads_seq, hyper, "auto")
+    assert OpDispatch.last_choice["adamw_step"] != "triton"
+    ref = _op_run_with_masters(params, grads_seq, hyper, "torch")
+    for a, b in zip(ours[1], ref[1], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)

@@ -11,7 +11,7 @@ import torch
 
 import fusedlm
 from fusedlm.backends import OpDispatch
-from tests.helpers import available_backends, device_of
+from tests.helpers import assert_close_rule, available_backends, device_of
 
 BACKENDS = available_backends()
 
@@ -67,13 +67,15 @@ def test_signature_and_defaults_are_torchs():
     ours = inspect.signature(fusedlm.optim.AdamW.__init__).parameters
     theirs = inspect.signature(torch.optim.AdamW.__init__).parameters
     assert list(ours)[: len(theirs)] == list(theirs)
-    assert list(ours)[len(theirs) :] == ["backend"]
+    assert list(ours)[len(theirs) :] == ["backend", "master_weights"]
     for name, param in theirs.items():
         assert ours[name].default == param.default, name
         assert ours[name].kind == param.kind, name
     assert (
         ours["backend"].kind == inspect.Parameter.KEYWORD_ONLY and ours["backend"].default == "auto"
     )
+    assert ours["master_weights"].kind == inspect.Parameter.KEYWORD_ONLY
+    assert ours["master_weights"].default is False
 
 
 def test_is_a_torch_adamw_with_torchs_defaults():
@@ -81,7 +83,8 @@ def test_is_a_torch_adamw_with_torchs_defaults():
     ours = fusedlm.optim.AdamW(model.parameters())
     theirs = torch.optim.AdamW(model.parameters())
     assert isinstance(ours, torch.optim.AdamW)
-    assert {k: v for k, v in ours.defaults.items() if k != "backend"} == theirs.defaults
+    assert {k: v for k, v in ours.defaults.items()
+            if k not in ("backend", "master_weights")} == theirs.defaults
 
 
 def test_bad_backend_name_raises():
@@ -277,7 +280,8 @@ def test_state_dict_format_matches_torch(backend):
         for name in b:
             assert a[name].dtype == b[name].dtype and a[name].shape == b[name].shape
             assert a[name].device == b[name].device, name
-    group_ours = {k: v for k, v in sd_ours["param_groups"][0].items() if k != "backend"}
+    group_ours = {k: v for k, v in sd_ours["param_groups"][0].items()
+                  if k not in ("backend", "master_weights")}
     assert group_ours == sd_theirs["param_groups"][0]
 
 
@@ -615,3 +619,263 @@ def test_dtensor_params_match_torch(amsgrad, backend, one_rank_mesh):
             torch.testing.assert_close(mine, value, rtol=1e-6, atol=1e-9)
     sd_ours, sd_theirs = ours_opt.state_dict(), theirs_opt.state_dict()
     assert sd_ours["state"].keys() == sd_theirs["state"].keys()
+
+
+# ---- master_weights: float32 masters of bfloat16/float16 params ---------------------------------
+
+# The Triton kernel has no master weights (tests/ops/test_adamw.py checks that it refuses them).
+MASTER_BACKENDS = [b for b in BACKENDS if b.id != "triton"]
+MASTER_DTYPES = [torch.bfloat16, torch.float16]
+
+
+def _mixed_params(device, dtype, shift=0.0, seed=0):
+    """Values for two 16-bit params and one float32 param (which gets no master)."""
+    g = torch.Generator().manual_seed(seed)
+    values = [shift + torch.randn(s, generator=g) for s in ((7, 5), (33,), (4,))]
+    return [v.to(device, dtype if i < 2 else torch.float32) for i, v in enumerate(values)]
+
+
+def _grad_seq(params, n_steps, seed=1, mean=0.0):
+    """Per-step grads in each param's dtype."""
+    g = torch.Generator().manual_seed(seed)
+    return [[(mean + torch.randn(p.shape, generator=g)).to(p.device, p.dtype) for p in params]
+            for _ in range(n_steps)]
+
+
+def _step_with(opt, params, grads_seq):
+    for grads in grads_seq:
+        for p, grad in zip(params, grads, strict=True):
+            p.grad = grad.clone()
+        opt.step()
+
+
+def _run(cls, values, grads_seq, dtype=None, **kwargs):
+    """An optimizer of ``cls`` over copies of ``values`` (cast to ``dtype``), stepped over the
+    grads (cast alike); returns the params and the optimizer."""
+    params = [torch.nn.Parameter(v.detach().to(dtype or v.dtype).clone()) for v in values]
+    grads_seq = [[g.to(dtype or g.dtype) for g in grads] for grads in grads_seq]
+    opt = cls(params, **kwargs)
+    _step_with(opt, params, grads_seq)
+    return params, opt
+
+
+@pytest.mark.parametrize("backend", MASTER_BACKENDS)
+@pytest.mark.parametrize("dtype", MASTER_DTYPES, ids=str)
+@pytest.mark.parametrize("amsgrad", [False, True], ids=["adam", "amsgrad"])
+def test_master_weights_follow_torch_float32(amsgrad, dtype, backend, monkeypatch):
+    """bf16/fp16 params with master_weights=True: the float32 masters are torch.optim.AdamW's
+    float32 run on float32 copies of the params (same grads), within the rule of tests/helpers
+    (truth: float64); each 16-bit param is its master rounded; a float32 param has no master
+    and matches torch's. Each step makes one op call with masters and one without."""
+    device = device_of(backend)
+    values = _mixed_params(device, dtype)
+    grads_seq = _grad_seq(values, 6)
+    hyper = {"lr": 1e-2, "weight_decay": 0.1, "amsgrad": amsgrad, "betas": (0.9, 0.99)}
+    calls = []
+    real_op = fusedlm.optim.adamw.adamw_step
+
+    def op(*args, **kwargs):
+        calls.append(args[14])  # master_params
+        return real_op(*args, **kwargs)
+
+    monkeypatch.setattr(fusedlm.optim.adamw, "adamw_step", op)
+    ours, opt = _run(fusedlm.optim.AdamW, values, grads_seq, master_weights=True,
+                     backend=backend, **hyper)
+    monkeypatch.undo()
+    assert OpDispatch.last_choice["adamw_step"] == backend
+    assert len(calls) == 2 * len(grads_seq)
+    assert sorted(len(c) for c in calls[:2]) == [0, 2]
+    base, _ = _run(torch.optim.AdamW, values, grads_seq, torch.float32, foreach=False, **hyper)
+    truth, _ = _run(torch.optim.AdamW, values, grads_seq, torch.float64, foreach=False, **hyper)
+    for i, (p, b, t) in enumerate(zip(ours, base, truth, strict=True)):
+        state = opt.state[p]
+        if i == 2:
+            assert p.dtype == torch.float32 and "master" not in state
+            torch.testing.assert_close(p, b, rtol=1e-6, atol=1e-7)
+            continue
+        master = state["master"]
+        assert master.dtype == torch.float32 and master.shape == p.shape
+        assert state["exp_avg"].dtype == torch.float32
+        assert_close_rule(master, b, t, name=f"master of param {i}")
+        assert torch.equal(p.detach(), master.to(dtype)), f"param {i} is not its master rounded"
+        assert not torch.equal(master, values[i].float())  # it moved
+
+
+@pytest.mark.parametrize("backend", MASTER_BACKENDS)
+@pytest.mark.parametrize("dtype", MASTER_DTYPES, ids=str)
+def test_master_weights_keep_updates_below_the_params_resolution(dtype, backend):
+    """lr 1e-5 on values near 1 (bf16's spacing there is 2^-7, fp16's 2^-10): every update is
+    below half a unit, so without masters the 16-bit params never move and drift away from
+    torch's float32 run; with masters the masters follow it."""
+    device = device_of(backend)
+    values = _mixed_params(device, dtype, shift=0.0)
+    values = [(1.0 + 0.01 * v.float()).to(v.dtype) for v in values]  # near 1
+    grads_seq = _grad_seq(values, 20, mean=1.0)  # mostly positive: the params walk one way
+    hyper = {"lr": 1e-5, "weight_decay": 0.0}
+    base, _ = _run(torch.optim.AdamW, values, grads_seq, torch.float32, foreach=False, **hyper)
+    plain, _ = _run(fusedlm.optim.AdamW, values, grads_seq, backend=backend, **hyper)
+    ours, opt = _run(fusedlm.optim.AdamW, values, grads_seq, backend=backend,
+                     master_weights=True, **hyper)
+    for i in range(2):
+        moved = (base[i] - values[i].float()).abs().max().item()
+        assert moved > 1e-4  # torch's float32 run moved by ~20 * lr
+        # without masters: stuck at the start, off torch's run by all of its movement
+        assert torch.equal(plain[i].detach(), values[i])
+        assert (plain[i].float() - base[i]).abs().max().item() > 0.9 * moved
+        # with masters: the master follows torch's float32 run
+        master = opt.state[ours[i]]["master"]
+        assert (master - base[i]).abs().max().item() < 1e-3 * moved
+        torch.testing.assert_close(master, base[i].detach(), rtol=1e-6, atol=1e-7)
+        assert torch.equal(ours[i].detach(), master.to(dtype))
+
+
+@pytest.mark.parametrize("backend", MASTER_BACKENDS)
+@pytest.mark.parametrize("dtype", MASTER_DTYPES, ids=str)
+@pytest.mark.parametrize("fused", [None, True], ids=["steps_on_host", "steps_on_device"])
+def test_master_weights_state_dict_round_trip_continues_exactly(fused, dtype, backend):
+    """Save after 3 steps, load into a fresh optimizer over copies of the params, 3 more steps:
+    params, masters and states are bit-identical to an uninterrupted run; the saved masters are
+    float32 (torch's load would round them to the params' dtype)."""
+    device = device_of(backend)
+    values = _mixed_params(device, dtype)
+    grads_seq = _grad_seq(values, 6)
+    kwargs = {"lr": 1e-2, "weight_decay": 0.1, "amsgrad": True, "fused": fused,
+              "backend": backend, "master_weights": True}
+    ref, ref_opt = _run(fusedlm.optim.AdamW, values, grads_seq, **kwargs)
+    params, opt = _run(fusedlm.optim.AdamW, values, grads_seq[:3], **kwargs)
+    saved = copy.deepcopy(opt.state_dict())
+    for i in range(2):
+        assert saved["state"][i]["master"].dtype == torch.float32
+        assert torch.equal(saved["state"][i]["master"], opt.state[params[i]]["master"])
+    assert "master" not in saved["state"][2]
+    assert all(g["master_weights"] is True for g in saved["param_groups"])
+    resumed = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    opt2 = fusedlm.optim.AdamW(resumed, **kwargs)
+    opt2.load_state_dict(saved)
+    for p in resumed[:2]:
+        assert opt2.state[p]["master"].dtype == torch.float32
+    _step_with(opt2, resumed, grads_seq[3:])
+    for p, q in zip(resumed, ref, strict=True):
+        assert torch.equal(p, q)
+        mine, theirs = opt2.state[p], ref_opt.state[q]
+        assert mine.keys() == theirs.keys()
+        for key in theirs:
+            assert mine[key].dtype == theirs[key].dtype, key
+            assert torch.equal(mine[key], theirs[key]), key
+
+
+@pytest.mark.parametrize("backend", MASTER_BACKENDS)
+def test_master_weights_from_a_state_dict_without_masters(backend):
+    """A state_dict of torch.optim.AdamW (or of master_weights=False) has no masters: loading it
+    with master_weights=True makes them from the params; the run then continues as a float32
+    torch run from the params' values would (states float32)."""
+    device = device_of(backend)
+    values = _mixed_params(device, torch.bfloat16)
+    grads_seq = _grad_seq(values, 4)
+    theirs, theirs_opt = _run(torch.optim.AdamW, values, grads_seq[:2], lr=1e-2)
+    params = [torch.nn.Parameter(p.detach().clone()) for p in theirs]
+    opt = fusedlm.optim.AdamW(params, lr=1e-2, backend=backend, master_weights=True)
+    opt.load_state_dict(copy.deepcopy(theirs_opt.state_dict()))
+    for p in params[:2]:
+        state = opt.state[p]
+        assert state["master"].dtype == torch.float32
+        assert torch.equal(state["master"], p.detach().float())
+        assert state["exp_avg"].dtype == torch.float32
+    assert "master" not in opt.state[params[2]]
+    _step_with(opt, params, grads_seq[2:])
+    for p in params[:2]:
+        assert torch.equal(p.detach(), opt.state[p]["master"].bfloat16())
+    # and the other way: a state_dict with masters loaded with master_weights=False groups drops
+    # them (the saved groups say True: torch's load takes the hyperparameters from the saved
+    # groups, so the flag is switched off after loading here)
+    plain = fusedlm.optim.AdamW(params, lr=1e-2, backend=backend)
+    sd = copy.deepcopy(opt.state_dict())
+    for group in sd["param_groups"]:
+        group["master_weights"] = False
+    plain.load_state_dict(sd)
+    assert all("master" not in plain.state[p] for p in params)
+
+
+@pytest.mark.parametrize("backend", MASTER_BACKENDS)
+@pytest.mark.parametrize("fused", [None, True], ids=["steps_on_host", "steps_on_device"])
+def test_master_weights_with_grad_scaler(fused, backend):
+    """GradScaler with bf16 params and masters: the step with found_inf leaves masters, params
+    and states unchanged and does not count; the others match a run without the scaler (the
+    scale is a power of two: unscaling is exact)."""
+    device = device_of(backend)
+    models = [_mlp(device, torch.bfloat16) for _ in range(2)]
+    opts = [fusedlm.optim.AdamW(m.parameters(), lr=1e-2, fused=fused, backend=backend,
+                                master_weights=True) for m in models]
+    batches = [(x.bfloat16(), y.bfloat16()) for x, y in _batches(4, device)]
+    scaler = torch.amp.GradScaler(device, init_scale=2.0**10)
+    snapshots = []
+
+    def snapshot():
+        return [(p.detach().clone(), {k: v.clone() for k, v in opts[0].state[p].items()})
+                for p in models[0].parameters()]
+
+    for step, (x, y) in enumerate(batches):
+        opts[0].zero_grad()
+        loss = torch.nn.functional.mse_loss(models[0](x).float(), y.float())
+        if step == 2:
+            loss = loss * float("inf")
+        scaler.scale(loss).backward()
+        before = snapshot() if step == 2 else None
+        scaler.step(opts[0])
+        scaler.update()
+        if step == 2:
+            snapshots = (before, snapshot())
+    (before, after) = snapshots
+    for (p0, s0), (p1, s1) in zip(before, after, strict=True):
+        assert torch.equal(p0, p1)
+        assert s0.keys() == s1.keys() and "master" in s1
+        for key in s0:
+            assert torch.equal(s0[key], s1[key]), key
+    weight = models[0][0].weight
+    assert float(opts[0].state[weight]["step"]) == 3.0
+    # the same steps without the scaler (and without the skipped batch)
+    _train(models[1], opts[1], [b for i, b in enumerate(batches) if i != 2])
+    for p, q in zip(models[0].parameters(), models[1].parameters(), strict=True):
+        torch.testing.assert_close(opts[0].state[p]["master"], opts[1].state[q]["master"],
+                                   rtol=1e-6, atol=1e-7)
+        assert torch.equal(p.detach(), opts[0].state[p]["master"].bfloat16())
+
+
+def test_master_weights_refused_with_capturable_or_differentiable():
+    model = _mlp("cpu", torch.bfloat16)
+    for kwargs in ({"capturable": True}, {"differentiable": True}):
+        with pytest.raises(ValueError, match="master_weights"):
+            fusedlm.optim.AdamW(model.parameters(), master_weights=True, **kwargs)
+
+
+@pytest.mark.parametrize("backend", MASTER_BACKENDS)
+def test_master_weights_dtensor_params(backend, one_rank_mesh):
+    """bf16 DTensor params: the masters are DTensors laid out like the params and follow torch's
+    float32 run on float32 DTensors."""
+    from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
+
+    device = device_of(backend)
+    placements = [(Shard(0),), (Replicate(),)]
+    values = [torch.randn(6, 5, device=device), torch.randn(7, device=device)]
+    runs = []
+    for cls, dtype, kwargs in ((fusedlm.optim.AdamW, torch.bfloat16,
+                                {"backend": backend, "master_weights": True}),
+                               (torch.optim.AdamW, torch.float32, {"foreach": False})):
+        params = [torch.nn.Parameter(distribute_tensor(v.to(torch.bfloat16).to(dtype),
+                                                       one_rank_mesh, pl))
+                  for v, pl in zip(values, placements, strict=True)]
+        opt = cls(params, lr=1e-2, weight_decay=0.1, **kwargs)
+        for step in range(3):
+            g = torch.Generator().manual_seed(step)
+            for p, v, pl in zip(params, values, placements, strict=True):
+                grad = torch.randn(v.shape, generator=g).to(device, torch.bfloat16).to(dtype)
+                p.grad = distribute_tensor(grad, one_rank_mesh, pl)
+            opt.step()
+        runs.append((params, opt))
+    (ours, opt), (theirs, _) = runs
+    for p, q in zip(ours, theirs, strict=True):
+        master = opt.state[p]["master"]
+        assert isinstance(master, DTensor) and master.placements == p.placements
+        assert master.dtype == torch.float32
+        torch.testing.assert_close(master.full_tensor(), q.full_tensor(), rtol=1e-6, atol=1e-7)
+        assert torch.equal(p.full_tensor(), master.full_tensor().bfloat16())

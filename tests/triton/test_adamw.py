@@ -207,12 +207,12 @@ def test_op_per_tensor_steps(amsgrad, param_dtype, state_dtype):
 @pytest.mark.usefixtures("small_chunks")
 def test_op_zero_size_and_empty_list():
     torch.ops.fusedlm.adamw_step([], [], [], [], [], [], 0.1, 0.9, 0.999, 1e-8, 0.0, False,
-                                 False, B)
+                                 False, B, [])
     empty, one = torch.empty(0, device=DEVICE), torch.ones(1, device=DEVICE)
     torch.ops.fusedlm.adamw_step(
         [empty, one], [empty.clone(), one.clone()], [empty.clone(), torch.zeros(1, device=DEVICE)],
         [empty.clone(), torch.zeros(1, device=DEVICE)], [], [1.0, 1.0], 0.1, 0.9, 0.999, 1e-8,
-        0.0, False, False, B,
+        0.0, False, False, B, [],
     )
     # First step, zero states: p - lr * g / (|g| + eps) = 1 - 0.1 * 1 / (1 + 1e-8).
     torch.testing.assert_close(one, torch.full((1,), 0.9, device=DEVICE), rtol=1e-6, atol=1e-7)
@@ -424,7 +424,7 @@ def test_op_grad_scale_non_contiguous_grads_written_back():
     before = g.clone()
     torch.ops.fusedlm.adamw_step(
         [p], [g], [torch.zeros(9, 7, device=DEVICE).t()], [torch.zeros(9, 7, device=DEVICE).t()],
-        [], [1.0], 0.01, 0.9, 0.999, 1e-8, 0.0, False, False, B,
+        [], [1.0], 0.01, 0.9, 0.999, 1e-8, 0.0, False, False, B, [],
         grad_scale=torch.tensor(4.0, device=DEVICE),
     )
     torch.testing.assert_close(g, before / 4.0, rtol=0, atol=0)

@@ -37,6 +37,10 @@ register_extension_kernels(ADAMW_STEP, "adamw_step", supports=_kernel_supports,
 
 
 def _triton_supports(*tensor_lists: list[Tensor]) -> str | None:
+    """``tensor_lists``: params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs and (optionally)
+    master_params, as the op passes them to ``select``."""
+    if len(tensor_lists) > 5 and len(tensor_lists[5]):
+        return "the Triton AdamW kernel has no master weights"
     # Non-contiguous tensors are fine: the Triton launcher updates them through contiguous copies.
     for tensors in tensor_lists:
         for t in tensors:
@@ -72,17 +76,55 @@ def _check_extensions(params: list[Tensor], steps: list[float], lr_tensor: Tenso
                              "must be empty when 'step_tensor' is given")
 
 
+_MASTER_PARAM_DTYPES = (torch.bfloat16, torch.float16)
+
+
+def _check_master_params(params: list[Tensor], exp_avgs: list[Tensor],
+                         exp_avg_sqs: list[Tensor], max_exp_avg_sqs: list[Tensor],
+                         master_params: list[Tensor]) -> None:
+    """float32 master weights of 16-bit params, checked alike for every backend."""
+    if not master_params:
+        return
+    if len(master_params) != len(params):
+        raise ValueError(f"argument 'master_params' has {len(master_params)} tensors but "
+                         f"'params' has {len(params)}; it must be empty or have one per param")
+    states = {"exp_avgs": exp_avgs, "exp_avg_sqs": exp_avg_sqs,
+              "max_exp_avg_sqs": max_exp_avg_sqs}
+    for i, (p, m) in enumerate(zip(params, master_params, strict=True)):
+        where = f"master_params[{i}]"
+        if not isinstance(m, Tensor):
+            raise TypeError(f"argument '{where}' must be a torch.Tensor, got {type(m).__name__}")
+        if p.dtype not in _MASTER_PARAM_DTYPES:
+            raise TypeError(f"argument 'master_params' holds float32 master weights of bfloat16/"
+                            f"float16 params, but params[{i}] is {p.dtype}")
+        if m.dtype != torch.float32:
+            raise TypeError(f"argument '{where}' must be float32, got {m.dtype}")
+        if m.shape != p.shape:
+            raise ValueError(f"argument '{where}' has shape {list(m.shape)} but params[{i}] has "
+                             f"{list(p.shape)}")
+        if m.device != p.device:
+            raise ValueError(f"argument '{where}' is on {m.device} but params[{i}] is on "
+                             f"{p.device}")
+        if m.layout != torch.strided:
+            raise ValueError(f"argument '{where}' must be dense, got {m.layout}")
+        for name, tensors in states.items():
+            if i < len(tensors) and tensors[i].dtype != torch.float32:
+                raise TypeError(f"with argument 'master_params' the states must be float32; "
+                                f"{name}[{i}] is {tensors[i].dtype}")
+
+
 @torch.library.custom_op(
     "fusedlm::adamw_step",
-    mutates_args=("params", "grads", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs"),
+    mutates_args=("params", "grads", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs",
+                  "master_params"),
 )
 def adamw_step(
     params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
     exp_avg_sqs: list[Tensor], max_exp_avg_sqs: list[Tensor], steps: list[float],
     lr: float, beta1: float, beta2: float, eps: float, weight_decay: float, amsgrad: bool,
-    maximize: bool, backend: str, lr_tensor: Tensor | None = None,
-    grad_scale: Tensor | None = None, found_inf: Tensor | None = None,
-    step_tensor: Tensor | None = None,
+    maximize: bool, backend: str, master_params: list[Tensor],
+    lr_tensor: Tensor | None = None, grad_scale: Tensor | None = None,
+    found_inf: Tensor | None = None, step_tensor: Tensor | None = None,
 ) -> None:
     """One AdamW step, torch.optim.AdamW's arithmetic, in place.
 
@@ -91,6 +133,13 @@ def adamw_step(
     list is empty): float32 or the param's dtype. steps[i]: param i's step count including
     this step. All tensors on one device; the C++ kernels take contiguous ones only ("auto"
     sends others elsewhere).
+
+    ``master_params``: empty, or float32 master weights of bfloat16/float16 params (one per
+    param, same shape and device; the states must then be float32): the update runs in float32
+    on the master and the param receives its rounding (``param.copy_(master)``), so updates
+    below the param's resolution accumulate. Required (torch.library has no default for a
+    tensor list): pass ``[]`` for none. The "triton" backend has no master weights ("auto"
+    moves on to the next backend).
 
     Optional tensors, none of them read on the host (so a step makes the host wait for nothing),
     with the semantics of torch's fused AdamW:
@@ -107,17 +156,20 @@ def adamw_step(
       subtracts ``found_inf``.
     """
     _check_extensions(params, steps, lr_tensor, grad_scale, found_inf, step_tensor)
+    _check_master_params(params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params)
     if not params:
         return
     impl = ADAMW_STEP.select(backend, params[0].device, params, grads, exp_avgs, exp_avg_sqs,
-                             max_exp_avg_sqs)
+                             max_exp_avg_sqs, master_params)
+    # Only when there are masters: the Triton launcher takes no master_params.
+    masters = {"master_params": master_params} if master_params else {}
     impl(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr, beta1, beta2, eps,
          weight_decay, amsgrad, maximize, lr_tensor=lr_tensor, grad_scale=grad_scale,
-         found_inf=found_inf, step_tensor=step_tensor)
+         found_inf=found_inf, step_tensor=step_tensor, **masters)
 
 
 @adamw_step.register_fake
 def _(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr, beta1, beta2, eps,
-      weight_decay, amsgrad, maximize, backend, lr_tensor=None, grad_scale=None, found_inf=None,
-      step_tensor=None):
+      weight_decay, amsgrad, maximize, backend, master_params, lr_tensor=None, grad_scale=None,
+      found_inf=None, step_tensor=None):
     return None

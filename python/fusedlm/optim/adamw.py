@@ -3,8 +3,8 @@ per parameter group and device.
 
 It subclasses ``torch.optim.AdamW``, so the constructor, defaults, ``param_groups`` and
 ``state_dict`` format are torch's own (a state_dict saved by one loads into the other); it adds
-one argument, ``backend``. States of bfloat16/float16 parameters are kept in float32 (torch keeps
-them in the parameter's dtype; loading either way converts them).
+two arguments, ``backend`` and ``master_weights``. States of bfloat16/float16 parameters are kept
+in float32 (torch keeps them in the parameter's dtype; loading either way converts them).
 
 Like torch's ``fused=True`` AdamW it works with ``torch.amp.GradScaler`` without the separate
 unscale pass (``_step_supports_amp_scaling``): GradScaler hands ``grad_scale`` and ``found_inf``
@@ -39,7 +39,23 @@ _STATE_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 
 class AdamW(torch.optim.AdamW):
     """Drop-in for ``torch.optim.AdamW`` (same arguments and defaults) plus
-    ``backend`` ("auto", "cpu", "cuda", "triton", "torch")."""
+    ``backend`` ("auto", "cpu", "cuda", "triton", "torch") and ``master_weights``.
+
+    ``master_weights=True`` (default False; also a per-group option): every bfloat16/float16
+    parameter gets a float32 master copy, ``state["master"]``, made from the parameter when its
+    state is created. The step updates the master in float32 and writes its rounding into the
+    parameter, so updates smaller than the parameter's resolution (e.g. lr 1e-5 on bfloat16
+    values near 1) accumulate instead of being rounded away; the float32 master follows a float32
+    run of torch.optim.AdamW. Parameters of other dtypes get no master. The master is in
+    ``state_dict()``, so a resumed run continues exactly; loading a state_dict without masters
+    (e.g. one of torch.optim.AdamW, or one saved with ``master_weights=False``) creates them from
+    the parameters. The master is the value the optimizer trusts: a change made to such a
+    parameter outside the optimizer is overwritten at the next step (load weights before
+    creating the optimizer state, or load the optimizer state after). Not available with
+    ``capturable=True`` / ``differentiable=True`` (torch's own implementation runs those) nor
+    with ``backend="triton"`` (raises ``BackendNotSupportedError``; "auto" uses another kernel).
+    Costs 4 bytes per parameter element of the 16-bit parameters.
+    """
 
     def __init__(
         self,
@@ -56,15 +72,21 @@ class AdamW(torch.optim.AdamW):
         differentiable: bool = False,
         fused: bool | None = None,
         backend: str = "auto",
+        master_weights: bool = False,
     ) -> None:
         check_backend_name(backend)
+        if master_weights and (capturable or differentiable):
+            raise ValueError("argument 'master_weights' is not supported with capturable=True or "
+                             "differentiable=True (torch's own AdamW runs those)")
         super().__init__(
             params, lr, betas, eps, weight_decay, amsgrad, maximize=maximize, foreach=foreach,
             capturable=capturable, differentiable=differentiable, fused=fused,
         )
         self.defaults["backend"] = backend
+        self.defaults["master_weights"] = bool(master_weights)
         for group in self.param_groups:
             group.setdefault("backend", backend)
+            group.setdefault("master_weights", bool(master_weights))
         # GradScaler passes grad_scale / found_inf to step() instead of unscaling the grads itself
         # (torch sets this for fused=True only; every path here handles them).
         self._step_supports_amp_scaling = True
@@ -75,6 +97,7 @@ class AdamW(torch.optim.AdamW):
         super().__setstate__(state)
         for group in self.param_groups:
             group.setdefault("backend", self.defaults.get("backend", "auto"))
+            group.setdefault("master_weights", self.defaults.get("master_weights", False))
 
     @staticmethod
     def _uses_torch_implementation(group: dict, has_complex: bool) -> bool:
@@ -94,6 +117,7 @@ class AdamW(torch.optim.AdamW):
             keys = _STATE_KEYS if group["amsgrad"] else _STATE_KEYS[:2]
             for key in keys:
                 state[key] = torch.zeros_like(param, dtype=state_dtype, memory_format=torch.contiguous_format)
+        _sync_master(group, param, state)
         return state
 
     @torch.no_grad()
@@ -108,6 +132,12 @@ class AdamW(torch.optim.AdamW):
                 continue
             has_complex = any(torch.is_complex(p) for p in params)
             if self._uses_torch_implementation(group, has_complex):
+                if group.get("master_weights") and any(p.dtype in _LOW_PRECISION for p in params):
+                    raise RuntimeError(
+                        "fusedlm.optim.AdamW: master_weights=True is not supported for a group "
+                        "that runs torch's own AdamW (capturable, differentiable or complex "
+                        "parameters)"
+                    )
                 self._torch_step(group)
                 continue
             for p in params:
@@ -130,14 +160,14 @@ class AdamW(torch.optim.AdamW):
         steps = [s["step"] for s in states]
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
-        # Group by device: one kernel call per device and parameter group.
-        by_device: dict[torch.device, list[int]] = {}
+        # Group by device and by whether the params have float32 masters: one kernel call each.
+        by_device: dict[tuple[torch.device, bool], list[int]] = {}
         for i, p in enumerate(params):
-            by_device.setdefault(p.device, []).append(i)
+            by_device.setdefault((p.device, "master" in local_states[i]), []).append(i)
         torch._foreach_add_(steps, 1)
         beta1, beta2 = (float(b) for b in group["betas"])
         lr = group["lr"]
-        for device, indices in by_device.items():
+        for (device, has_master), indices in by_device.items():
             def pick(xs, indices=indices):
                 return [xs[i] for i in indices]
 
@@ -175,6 +205,7 @@ class AdamW(torch.optim.AdamW):
                 0.0 if isinstance(lr, Tensor) else float(lr), beta1, beta2, float(group["eps"]),
                 float(group["weight_decay"]), bool(group["amsgrad"]), bool(group["maximize"]),
                 group["backend"],
+                [s["master"] for s in pick(local_states)] if has_master else [],
                 **extensions,
             )
             if grad_scale is not None:  # the unscaled grads are stored back, as torch does
@@ -248,11 +279,27 @@ def _on(t: Tensor, device: torch.device) -> Tensor:
     return t.to(device, non_blocking=device.type != "cpu")
 
 
+def _sync_master(group: dict, param: Tensor, state: dict) -> None:
+    """Give a bfloat16/float16 param of a ``master_weights`` group its float32 master (a copy of
+    the param) if it has none; drop the master of a param that should have none."""
+    if group.get("master_weights") and param.dtype in _LOW_PRECISION:
+        if "master" not in state:
+            state["master"] = param.detach().to(
+                torch.float32, memory_format=torch.contiguous_format, copy=True
+            )
+    elif "master" in state:
+        del state["master"]
+
+
 # torch's load_state_dict casts every state tensor to its parameter's dtype; for bfloat16/float16
-# parameters that would round our float32 moments. Keep the saved float32 values instead.
+# parameters that would round our float32 moments and masters. Keep the saved float32 values
+# instead.
+_FLOAT32_KEYS = (*_STATE_KEYS, "master")
+
+
 def _keep_float32_states_pre_hook(optimizer: AdamW, state_dict: dict) -> None:
     optimizer._float32_states_being_loaded = {
-        param_id: {k: v for k, v in s.items() if k in _STATE_KEYS and isinstance(v, Tensor)
+        param_id: {k: v for k, v in s.items() if k in _FLOAT32_KEYS and isinstance(v, Tensor)
                    and v.dtype == torch.float32}
         for param_id, s in state_dict["state"].items()
     }
@@ -262,14 +309,19 @@ def _keep_float32_states_pre_hook(optimizer: AdamW, state_dict: dict) -> None:
 def _keep_float32_states_post_hook(optimizer: AdamW) -> None:
     saved = optimizer.__dict__.pop("_float32_states_being_loaded", {})
     saved_ids = optimizer.__dict__.pop("_saved_param_ids", [])
-    params = itertools.chain.from_iterable(g["params"] for g in optimizer.param_groups)
-    for param_id, param in zip(saved_ids, params):
+    params = itertools.chain.from_iterable(
+        ((g, p) for p in g["params"]) for g in optimizer.param_groups
+    )
+    for param_id, (group, param) in zip(saved_ids, params, strict=False):
         state = optimizer.state.get(param)
         if not state or param.dtype not in _LOW_PRECISION:
             continue
-        for key in _STATE_KEYS:
+        for key in _FLOAT32_KEYS:
             if key in state:
                 value = saved.get(param_id, {}).get(key)
                 state[key] = (value if value is not None else state[key]).to(
                     device=param.device, dtype=torch.float32
                 ).contiguous()
+        # A state_dict without masters (torch's, or master_weights=False) gets them from the
+        # params; one with masters loaded where none are wanted drops them.
+        _sync_master(group, param, state)
