@@ -82,11 +82,10 @@ T* ptr_or_null(const at::Tensor& t) {
   return t.defined() ? static_cast<T*>(t.data_ptr()) : nullptr;
 }
 
-// Scratch the norm launchers request (per-block partial sums): a byte tensor from the caching
-// allocator on the current device, kept alive until the end of the call (the stream-ordered
-// allocator makes freeing it after the launch safe).
-// Every buffer handed out stays referenced until the call returns, so two requests of one call
-// never share memory.
+// Scratch the launchers request (norm: per-block partial sums; attention backward: delta and the
+// float32 dQ accumulator): byte tensors from the caching allocator on the current device, all
+// kept alive until the end of the call, so two requests of one call never share memory (the
+// stream-ordered allocator makes freeing them after the launches safe).
 struct Workspace {
   at::TensorOptions options;
   std::vector<at::Tensor> buffers;
@@ -238,7 +237,7 @@ void check_attention_cuda(const at::Tensor& q, const at::Tensor& k, const char* 
   check_fits_int32(q.size(2), "q", "sequence length");
   check_fits_int32(k.size(2), "k", "sequence length");
   const int64_t query_tiles = (q.size(2) + 63) / 64;  // the kernels' smallest query tile is 64
-  const int64_t key_tiles = (k.size(2) + 31) / 32;     // and their smallest key tile 32
+  const int64_t key_tiles = (k.size(2) + 15) / 16;     // and their smallest key tile 16
   FUSEDLM_CHECK_VALUE(std::max(query_tiles * q.size(1), key_tiles * 2 * k.size(1)) * q.size(0) <=
                           std::numeric_limits<int32_t>::max(),
                       op, ": B * H * T = ", q.size(0), " * ", q.size(1), " * ", q.size(2),
