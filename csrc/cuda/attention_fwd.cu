@@ -212,20 +212,26 @@ cudaError_t attention_fwd(const AttentionFwdArgs& args, cudaStream_t stream) {
   // (kHeadDim, kBlockM, kBlockN, kWarps): 128 x 64 tiles with 4 warps (2 MMA row tiles each) up
   // to D = 128 (FlashAttention-2's sm80 choice for D = 128); 64-row tiles above, whose
   // double-buffered K/V tiles must fit the 163 KiB an A100 CTA can have. Devices with 99 KiB
-  // (sm_86, sm_89) get 64-row tiles at D = 128 and 32-key tiles at D = 192.
+  // (sm_86, sm_89) get 64-row tiles at D = 128 and 32-key tiles at D = 192. At most 64 query
+  // rows (short prompts, decoding with a KV cache) take 64-row tiles: a 128-row tile would be
+  // mostly empty rows.
   size_t max_bytes = 0;
   FUSEDLM_RETURN_IF_ERROR(max_shared_bytes(&max_bytes));
+  const bool short_queries = s.Tq <= 64;
   return dispatch_half_types(s.dtype, [&](auto tag) -> cudaError_t {
     using T = decltype(tag);
     switch (padded_head_dim(s.D)) {
       case 32:
-        return launch_fwd<T, 32, 128, 64, 4>(args, stream);
+        return short_queries ? launch_fwd<T, 32, 64, 64, 4>(args, stream)
+                             : launch_fwd<T, 32, 128, 64, 4>(args, stream);
       case 64:
-        return launch_fwd<T, 64, 128, 64, 4>(args, stream);
+        return short_queries ? launch_fwd<T, 64, 64, 64, 4>(args, stream)
+                             : launch_fwd<T, 64, 128, 64, 4>(args, stream);
       case 96:
-        return launch_fwd<T, 96, 128, 64, 4>(args, stream);
+        return short_queries ? launch_fwd<T, 96, 64, 64, 4>(args, stream)
+                             : launch_fwd<T, 96, 128, 64, 4>(args, stream);
       case 128:
-        return fwd_shared_bytes<128, 128, 64>() <= max_bytes
+        return !short_queries && fwd_shared_bytes<128, 128, 64>() <= max_bytes
                    ? launch_fwd<T, 128, 128, 64, 4>(args, stream)
                    : launch_fwd<T, 128, 64, 64, 4>(args, stream);
       case 192:
