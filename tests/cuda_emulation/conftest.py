@@ -70,21 +70,23 @@ def library():
     return lib
 
 
-def guarded_output(shape, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def guarded_output(shape, dtype, misalign: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """A contiguous (shape) tensor inside a NaN guard buffer, its body NaN too (so an element the
-    kernel never writes shows), 16-byte aligned. Returns (view, buffer)."""
+    kernel never writes shows), 16-byte aligned, or `misalign` elements past that (for the
+    kernels' unaligned paths). Returns (view, buffer)."""
     numel = math.prod(shape)
     buffer = torch.full((numel + 2 * GUARD,), float("nan"), dtype=dtype)
     assert buffer.data_ptr() % 16 == 0
-    return buffer[GUARD:GUARD + numel].view(shape), buffer
+    start = GUARD + misalign
+    return buffer[start:start + numel].view(shape), buffer
 
 
-def guarded_copy(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    view, buffer = guarded_output(values.shape, values.dtype)
+def guarded_copy(values: torch.Tensor, misalign: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    view, buffer = guarded_output(values.shape, values.dtype, misalign)
     view.copy_(values)
     return view, buffer
 
 
-def check_guard(buffer: torch.Tensor, numel: int, name: str) -> None:
-    head, tail = buffer[:GUARD], buffer[GUARD + numel:]
+def check_guard(buffer: torch.Tensor, numel: int, name: str, misalign: int = 0) -> None:
+    head, tail = buffer[:GUARD + misalign], buffer[GUARD + misalign + numel:]
     assert torch.isnan(head).all() and torch.isnan(tail).all(), f"{name}: written outside"

@@ -175,10 +175,10 @@ int emulated_norm_bwd(const void* grad_y, const void* x, const void* mean, const
   return static_cast<int>(fusedlm::cuda::norm_bwd(args, nullptr));
 }
 
-// AdamW over `count` tensors: pointer arrays (masters may be null), numels, one step count.
+// AdamW over `count` tensors: pointer arrays (`masters` null for none), numels, one step count.
 int emulated_adamw_step(int param_dtype, int state_dtype, int count, void** params, void** grads,
                         void** exp_avgs, void** exp_avg_sqs, void** max_exp_avg_sqs,
-                        const int64_t* numels, double step, double lr, double beta1,
+                        void** masters, const int64_t* numels, double step, double lr, double beta1,
                         double beta2, double eps, double weight_decay, int amsgrad, int maximize,
                         const float* grad_scale, const float* found_inf) {
   std::vector<fusedlm::cuda::AdamWTensor> tensors(count);
@@ -188,7 +188,7 @@ int emulated_adamw_step(int param_dtype, int state_dtype, int count, void** para
     tensors[i].exp_avg = exp_avgs[i];
     tensors[i].exp_avg_sq = exp_avg_sqs[i];
     tensors[i].max_exp_avg_sq = amsgrad ? max_exp_avg_sqs[i] : nullptr;
-    tensors[i].master = nullptr;
+    tensors[i].master = masters == nullptr ? nullptr : static_cast<float*>(masters[i]);
     tensors[i].numel = numels[i];
     tensors[i].step = step;
     tensors[i].step_ptr = nullptr;

@@ -3,7 +3,7 @@ the backend CI cannot otherwise run): attention over sequence lengths around eve
 launchers use (16, 32, 64, 128), head dims 8..256 in steps of 8 (every template and the padded
 ones between), GQA/MQA, arbitrary causal offsets, both memory layouts, both dQ paths, both
 shared-memory sizes; LayerNorm/RMSNorm over hidden sizes 1..70000 around every launch-path
-boundary, every dtype, with and without weight/bias.
+boundary, every dtype, with and without weight/bias, aligned or not.
 
 Derandomized with a few examples by default (CI); ``--fuzz-long[=N]`` as for tests/test_fuzz.py.
 """
@@ -76,10 +76,13 @@ def test_fuzz_norm(library, fuzz):  # noqa: F811
         w64 = (1 + 0.2 * torch.randn(N, generator=gen, dtype=torch.float64)).to(param_dtype)
         b64 = (0.1 * torch.randn(N, generator=gen, dtype=torch.float64)).to(param_dtype)
         w64, b64 = w64.double(), b64.double()
-        x, dy = guarded_copy(x64.to(dtype))[0], guarded_copy(dy64.to(dtype))[0]
+        # Off 16-byte alignment (x, grad_y, y, dx by one element): the unvectorized paths.
+        misalign = data.draw(st.sampled_from([0, 0, 1]), label="misalign")
+        x = guarded_copy(x64.to(dtype), misalign)[0]
+        dy = guarded_copy(dy64.to(dtype), misalign)[0]
         w = guarded_copy(w64.to(param_dtype))[0] if has_weight else None
         b = guarded_copy(b64.to(param_dtype))[0] if has_bias else None
-        y, dx, dw, db = _norm(library, x, w, b, dy, rms)
+        y, dx, dw, db = _norm(library, x, w, b, dy, rms, misalign=misalign)
 
         def torch_norm(xx, ww, bb):
             if rms:

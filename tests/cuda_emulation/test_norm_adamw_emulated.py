@@ -23,12 +23,13 @@ def _p(t):
     return ctypes.c_void_p(0 if t is None else t.data_ptr())
 
 
-def _norm(lib, x, weight, bias, grad_y, rms, eps=1e-5):
-    """Forward and backward through the emulated launchers: y, dx, dweight, dbias."""
+def _norm(lib, x, weight, bias, grad_y, rms, eps=1e-5, misalign=0):
+    """Forward and backward through the emulated launchers: y, dx, dweight, dbias (y and dx
+    `misalign` elements off 16-byte alignment)."""
     M, N = x.shape
     stat = torch.float64 if x.dtype == torch.float64 else torch.float32
     param_dtype = weight.dtype if weight is not None else x.dtype
-    y, y_buffer = guarded_output((M, N), x.dtype)
+    y, y_buffer = guarded_output((M, N), x.dtype, misalign)
     mean, _ = guarded_output((M,), stat)
     rstd, _ = guarded_output((M,), stat)
     status = lib.emulated_norm_fwd(
@@ -36,8 +37,8 @@ def _norm(lib, x, weight, bias, grad_y, rms, eps=1e-5):
         ctypes.c_int64(M), ctypes.c_int64(N), ctypes.c_double(eps), DTYPE_CODES[x.dtype],
         DTYPE_CODES[param_dtype], int(rms))
     assert status == 0, f"norm_fwd: cudaError {status}: {lib.emulated_fault().decode()}"
-    check_guard(y_buffer, y.numel(), "y")
-    dx, dx_buffer = guarded_output((M, N), x.dtype)
+    check_guard(y_buffer, y.numel(), "y", misalign)
+    dx, dx_buffer = guarded_output((M, N), x.dtype, misalign)
     dweight = guarded_output((N,), param_dtype) if weight is not None else (None, None)
     dbias = guarded_output((N,), param_dtype) if bias is not None else (None, None)
     status = lib.emulated_norm_bwd(
@@ -45,7 +46,7 @@ def _norm(lib, x, weight, bias, grad_y, rms, eps=1e-5):
         _p(dweight[0]), _p(dbias[0]), ctypes.c_int64(M), ctypes.c_int64(N),
         DTYPE_CODES[x.dtype], DTYPE_CODES[param_dtype], int(rms))
     assert status == 0, f"norm_bwd: cudaError {status}: {lib.emulated_fault().decode()}"
-    check_guard(dx_buffer, dx.numel(), "dx")
+    check_guard(dx_buffer, dx.numel(), "dx", misalign)
     return y, dx, dweight[0], dbias[0]
 
 
@@ -59,14 +60,27 @@ NORM_SHAPES = [(5, 1), (9, 127), (33, 256), (4, 1000), (3, 4096), (2, 4099), (2,
                          ids=str)
 @pytest.mark.parametrize("shape", NORM_SHAPES, ids=[f"M{m}-N{n}" for m, n in NORM_SHAPES])
 def test_norm(library, shape, dtype, rms):
+    _check_norm(library, shape, dtype, rms)
+
+
+@pytest.mark.parametrize("rms", [False, True], ids=["layer_norm", "rms_norm"])
+@pytest.mark.parametrize("shape", [(3, 1024), (2, 4096)], ids=["M3-N1024", "M2-N4096"])
+def test_norm_misaligned_rows(library, shape, rms):
+    """x, grad_y, y and dx one element off 16-byte alignment: sizes the vectorized kernels take,
+    pointers they cannot, so the generic scalar path runs."""
+    _check_norm(library, shape, torch.float16, rms, misalign=1)
+
+
+def _check_norm(library, shape, dtype, rms, misalign=0):
     M, N = shape
     gen = torch.Generator().manual_seed(M * 1000 + N)
     x64 = (torch.randn(M, N, generator=gen, dtype=torch.float64) * 2 + 0.5).to(dtype).double()
     w64 = (1 + 0.3 * torch.randn(N, generator=gen, dtype=torch.float64)).to(dtype).double()
     b64 = (0.2 * torch.randn(N, generator=gen, dtype=torch.float64)).to(dtype).double()
     dy64 = torch.randn(M, N, generator=gen, dtype=torch.float64).to(dtype).double()
-    x, w, b, dy = (guarded_copy(t.to(dtype))[0] for t in (x64, w64, b64, dy64))
-    y, dx, dw, db = _norm(library, x, w, None if rms else b, dy, rms)
+    x, dy = (guarded_copy(t.to(dtype), misalign)[0] for t in (x64, dy64))
+    w, b = (guarded_copy(t.to(dtype))[0] for t in (w64, b64))
+    y, dx, dw, db = _norm(library, x, w, None if rms else b, dy, rms, misalign=misalign)
 
     def torch_norm(xx, ww, bb):
         if rms:
@@ -87,12 +101,14 @@ def test_norm(library, shape, dtype, rms):
 
 
 def _adamw(lib, params, grads, states, step, lr, betas, eps, wd, amsgrad, maximize,
-           grad_scale=None, found_inf=None):
+           grad_scale=None, found_inf=None, masters=None):
     count = len(params)
     arrays = []
     for tensors in (params, grads, states["exp_avg"], states["exp_avg_sq"],
                     states["max_exp_avg_sq"] if amsgrad else params):
         arrays.append((ctypes.c_void_p * count)(*[t.data_ptr() for t in tensors]))
+    arrays.append(None if masters is None else
+                  (ctypes.c_void_p * count)(*[t.data_ptr() for t in masters]))
     numels = (ctypes.c_int64 * count)(*[t.numel() for t in params])
     as_float = ctypes.POINTER(ctypes.c_float)
     status = lib.emulated_adamw_step(
@@ -164,3 +180,40 @@ def test_adamw_found_inf_changes_nothing_and_grad_scale_unscales(library):
         torch.testing.assert_close(g, u, rtol=0, atol=0)
     for p, b in zip(params, before, strict=True):
         assert not torch.equal(p, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_adamw_master_weights(library, dtype):
+    """16-bit params with float32 master weights: the update runs on the master, which follows
+    torch's float32 AdamW on float32 copies of the params, and each param is its master rounded.
+    At lr 1e-4 on values near 1 most updates are below bfloat16's resolution, so a master-less
+    16-bit run could not follow."""
+    gen = torch.Generator().manual_seed(5)
+    init = [torch.randn(n, generator=gen, dtype=torch.float64).to(dtype).float()
+            for n in ADAMW_NUMELS]
+    params = [guarded_copy(p.to(dtype))[0] for p in init]
+    masters = [guarded_copy(p)[0] for p in init]
+    states = {name: [guarded_copy(torch.zeros(n))[0] for n in ADAMW_NUMELS]
+              for name in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")}
+    hyper = {"lr": 1e-4, "betas": (0.9, 0.99), "eps": 1e-8, "weight_decay": 0.1}
+    truth_params = [p.double().requires_grad_(True) for p in init]
+    base_params = [p.clone().requires_grad_(True) for p in init]  # float32: the baseline
+    truth_opt = torch.optim.AdamW(truth_params, **hyper)
+    base_opt = torch.optim.AdamW(base_params, foreach=False, **hyper)
+    for step in range(1, 5):
+        grads32 = [torch.randn(n, generator=gen).to(dtype).float() for n in ADAMW_NUMELS]
+        grads = [guarded_copy(g.to(dtype))[0] for g in grads32]
+        _adamw(library, params, grads, states, float(step), hyper["lr"], hyper["betas"],
+               hyper["eps"], hyper["weight_decay"], False, False, masters=masters)
+        for p, g in zip(truth_params, grads32, strict=True):
+            p.grad = g.double()
+        for p, g in zip(base_params, grads32, strict=True):
+            p.grad = g.clone()
+        truth_opt.step()
+        base_opt.step()
+    for i, (param, master, base, truth) in enumerate(
+            zip(params, masters, base_params, truth_params, strict=True)):
+        assert_close_rule(master, base.detach(), truth.detach(), name=f"master[{i}]")
+        assert torch.equal(param, master.to(dtype)), f"param[{i}] is not its master rounded"
+        moved = (master.double() - init[i].double()).abs().max()
+        assert moved > 0, f"master[{i}] did not move"
