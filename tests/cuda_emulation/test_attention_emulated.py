@@ -6,7 +6,9 @@ Why: CI has no GPU, and these kernels' correctness hangs on fragment layouts, sh
 address formulas and a cp.async double-buffering protocol that only run on a GPU otherwise. The
 emulation implements each PTX instruction from its ISA definition, so a wrong formula gives a
 wrong answer here. Every tensor sits inside a NaN-filled guard buffer: a read outside a tensor
-poisons the result, a write outside it shows in the guard. Copies land late (at cp.async's wait)
+poisons the result, a write outside it shows in the guard. A racecheck on the cp.async/ldmatrix
+traffic faults a tile read before its wait or without a barrier after it, and a tile refilled
+while another warp may still read it, whatever the schedule. Copies land late (at cp.async's wait)
 or early (at issue): the first catches a tile read before its wait, the second a tile
 overwritten while still being read. What the emulation cannot show: timing, performance,
 bank conflicts, and inter-block races (blocks run one after another).

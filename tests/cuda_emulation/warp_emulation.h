@@ -26,6 +26,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <algorithm>
 #include <functional>
 #include <memory>
 #include <string>
@@ -66,6 +67,7 @@ struct Copy {
   void* dst;
   const void* src;
   bool valid;
+  bool landed;  // copied already (copies landing at issue); the wait still retires it
 };
 
 struct Thread {
@@ -200,13 +202,72 @@ inline void trampoline() {
   self().done = true;
   // Empty groups may stay outstanding (a pipeline's last commit); copies may not.
   bool pending = false;
-  for (const Copy& c : self().open_group) pending = pending || c.dst != nullptr;
+  for (const Copy& c : self().open_group) pending = true, (void)c;
   for (const auto& group : self().groups) {
-    for (const Copy& c : group) pending = pending || c.dst != nullptr;
+    for (const Copy& c : group) pending = true, (void)c;
   }
-  if (pending && late_copies()) fail("a thread exited with cp.async copies it never waited for");
+  if (pending) fail("a thread exited with cp.async copies it never waited for");
   self().open_group.clear();
   self().groups.clear();
+}
+
+// ---- shared-memory hazard tracking (a racecheck for the cp.async / ldmatrix traffic) -----------
+//
+// Per 16-byte chunk of dynamic shared memory: the copy in flight to it (from cp.async's issue
+// until the issuing thread's wait retires it), the __syncthreads epoch and warp of its last
+// landed copy, and the epoch and warps of its reads. Epoch = how many __syncthreads the block
+// has passed. Hazards (each a fault): a read of a chunk whose copy is in flight (read before the
+// wait); a read in the same epoch as another warp's copy landed (no barrier between); a copy
+// issued into a chunk another warp read in the same epoch (overwritten while being read), or
+// into a chunk with a copy still in flight. Plain C++ loads and stores are not tracked.
+struct ChunkState {
+  int in_flight = 0;  // issuing thread + 1, or 0
+  unsigned write_epoch = ~0u;
+  int write_warp = -1;
+  unsigned read_epoch = ~0u;
+  uint64_t read_warps = 0;
+};
+
+inline std::vector<ChunkState>& chunks() {
+  static std::vector<ChunkState> states(kSharedBytes / 16);
+  return states;
+}
+
+inline ChunkState& chunk_of(const void* p) {
+  return chunks()[(static_cast<const unsigned char*>(p) - shared_memory) / 16];
+}
+
+inline unsigned epoch() { return current_block()->block_barrier.generation; }
+
+inline void track_copy_issue(const void* dst) {
+  ChunkState& c = chunk_of(dst);
+  const int warp = self().warp;
+  if (c.in_flight != 0) fail("racecheck: cp.async into shared memory that a copy is still in flight to");
+  if (c.read_epoch == epoch() && (c.read_warps & ~(uint64_t{1} << warp)) != 0) {
+    fail("racecheck: cp.async overwrites shared memory another warp read since the last __syncthreads");
+  }
+  c.in_flight = self().index.x + 1;
+}
+
+inline void track_copy_retired(const void* dst) {
+  ChunkState& c = chunk_of(dst);
+  c.in_flight = 0;
+  c.write_epoch = epoch();
+  c.write_warp = self().warp;
+}
+
+inline void track_read(const void* p) {
+  ChunkState& c = chunk_of(p);
+  const int warp = self().warp;
+  if (c.in_flight != 0) fail("racecheck: ldmatrix reads shared memory whose cp.async has not been waited for");
+  if (c.write_epoch == epoch() && c.write_warp != warp) {
+    fail("racecheck: ldmatrix reads another warp's copy without a __syncthreads after its wait");
+  }
+  if (c.read_epoch != epoch()) {
+    c.read_epoch = epoch();
+    c.read_warps = 0;
+  }
+  c.read_warps |= uint64_t{1} << warp;
 }
 
 // Resumes thread i until it next yields.
@@ -289,6 +350,8 @@ struct Launch {
           b.block_index = dim3(x, y, z);
           // Garbage in shared memory, as on a GPU: reading what was never written shows.
           std::memset(shared_memory, 0x7f, kSharedBytes);
+          std::fill(chunks().begin(), chunks().end(), ChunkState{});
+          b.block_barrier = Barrier{};
           for (int i = 0; i < threads; ++i) {
             Thread& t = b.threads[i];
             t.index = dim3(i % block.x, (i / block.x) % block.y, i / (block.x * block.y));
@@ -345,6 +408,7 @@ inline void perform(const Copy& c) {
   }
 }
 
+
 }  // namespace emu
 
 #define threadIdx (::emu::thread_index())
@@ -396,13 +460,13 @@ namespace fusedlm::cuda::attention {
 inline void cp_async_16(void* smem, const void* gmem, bool valid) {
   ::emu::check_shared(smem, 16, 16, "cp.async destination outside shared memory or misaligned");
   if (valid && reinterpret_cast<uintptr_t>(gmem) % 16 != 0) ::emu::fail("cp.async source misaligned");
-  const ::emu::Copy copy{smem, gmem, valid};
-  if (::emu::late_copies()) {
-    ::emu::self().open_group.push_back(copy);
-  } else {
+  ::emu::track_copy_issue(smem);
+  ::emu::Copy copy{smem, gmem, valid, false};
+  if (!::emu::late_copies()) {
     ::emu::perform(copy);
-    ::emu::self().open_group.push_back(::emu::Copy{nullptr, nullptr, false});  // keeps the count
+    copy.landed = true;
   }
+  ::emu::self().open_group.push_back(copy);
 }
 
 inline void cp_async_commit() {
@@ -416,7 +480,8 @@ inline void cp_async_wait() {
   ::emu::Thread& me = ::emu::self();
   while (static_cast<int>(me.groups.size()) > kPending) {
     for (const ::emu::Copy& c : me.groups.front()) {
-      if (c.dst != nullptr) ::emu::perform(c);
+      if (!c.landed) ::emu::perform(c);
+      ::emu::track_copy_retired(c.dst);
     }
     me.groups.erase(me.groups.begin());
   }
@@ -426,6 +491,7 @@ inline void cp_async_wait() {
 // receives (row g, columns 2t, 2t+1) of each matrix, or with .trans (rows 2t, 2t+1, column g).
 inline void ldmatrix_emulated(uint32_t (&r)[4], const void* smem, bool trans) {
   ::emu::check_shared(smem, 16, 16, "ldmatrix row address outside shared memory or misaligned");
+  ::emu::track_read(smem);
   ::emu::Slot* slots = ::emu::warp_slots();
   const int lane = ::emu::self().lane;
   slots[lane].address = smem;
