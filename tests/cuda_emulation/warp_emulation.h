@@ -1,17 +1,18 @@
-// A CPU emulation of the CUDA execution model, enough to run csrc/cuda's attention kernels and
-// launchers unchanged on a machine with no GPU: every CUDA thread of a block is a coroutine
-// (ucontext) on one OS thread; __syncthreads and the warp-collective instructions (shfl,
-// ldmatrix, mma.sync) are barriers over the block or warp at which the coroutines switch; blocks
-// run one after another with one shared-memory buffer.
+// A CPU emulation of the CUDA execution model, enough to run csrc/cuda's kernels and launchers
+// (attention, norms, AdamW) unchanged on a machine with no GPU: every CUDA thread of a block is a
+// coroutine (ucontext) on one OS thread; __syncthreads and the warp-collective instructions
+// (shfl, ldmatrix, mma.sync) are barriers over the block or warp at which the coroutines switch;
+// blocks run one after another with one shared-memory buffer (static __shared__ arrays become
+// function statics, which is the same thing when one block runs at a time).
 //
 // The collective instructions are implemented from the PTX ISA's definitions (fragment layouts
 // of mma.m16n8k16 and ldmatrix), independently of how the kernels use them, so a wrong address
 // formula or fragment mapping in a kernel gives wrong numbers here as it would on a GPU. Checks
-// a GPU would not make loudly are made here and abort with a message: shared-memory accesses
-// outside the launch's dynamic size, misaligned ldmatrix/cp.async addresses, a cp.async group
-// never waited for. cp.async copies land either at issue or as late as the protocol allows
-// (at the wait), selected per run, so reading a tile before its wait and overwriting a tile
-// still being read both show up as wrong results in one of the two modes.
+// a GPU would not make loudly fault the launch with a message (cudaGetLastError then reports
+// it): shared-memory accesses outside the launch's dynamic size, misaligned ldmatrix/cp.async
+// addresses, a cp.async never waited for, a deadlock at a barrier, and the hazards of the
+// racecheck below. cp.async copies land either at issue or as late as the protocol allows (at
+// the wait), and warps run in lockstep or one after another between barriers, selected per run.
 //
 // Include this before the .cu files; compile as C++20 with the CUDA toolkit's include directory.
 #pragma once
@@ -21,12 +22,12 @@
 #include <cuda_runtime.h>
 #include <ucontext.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
-#include <algorithm>
 #include <functional>
 #include <memory>
 #include <string>
@@ -61,7 +62,7 @@ inline bool& in_thread() {  // running on a CUDA thread's coroutine (not the sch
   static bool value = false;
   return value;
 }
-void fail(const char* what);
+inline void fail(const char* what);
 
 struct Copy {
   void* dst;
@@ -111,10 +112,6 @@ struct Block {
   std::function<void()> body;
 };
 
-}  // namespace emu
-
-namespace emu {
-
 // The kernels' dynamic shared memory (csrc/cuda/common.cuh's dynamic_shared_memory()).
 alignas(128) inline unsigned char shared_memory[kSharedBytes];
 
@@ -138,7 +135,7 @@ inline Schedule& schedule() {
 }
 
 // Records the fault and abandons the block: the faulting thread never resumes, the launch stops
-// and cudaGetLastError reports it (attention_emulated.cpp), as a GPU fault would.
+// and cudaGetLastError reports it (kernels_emulated.cpp), as a GPU fault would.
 inline void fail(const char* what) {
   if (fault().empty()) fault() = what;
   Block* block = current_block();
