@@ -182,8 +182,8 @@ __global__ void __launch_bounds__(kWarps * 32)
   const float scale = static_cast<float>(s.scale);
   const float scale_log2 = scale * kLog2e;
 
-  const T* k = static_cast<const T*>(args.k.data) + b * args.k.batch_stride + h_kv * args.k.head_stride;
-  const T* v = static_cast<const T*>(args.v.data) + b * args.v.batch_stride + h_kv * args.v.head_stride;
+  const T* k = head_pointer<T>(args.k, b, h_kv);
+  const T* v = head_pointer<T>(args.v, b, h_kv);
 
   // Query tiles that see any key of this tile: from the first row i with n0 <= i + offset.
   int64_t m_block_min = 0;
@@ -197,9 +197,8 @@ __global__ void __launch_bounds__(kWarps * 32)
   auto load_query_tiles = [&](int64_t it, int buf) {
     const int64_t h = query_head(it);
     const int64_t m0 = query_row0(it);
-    const T* q = static_cast<const T*>(args.q.data) + b * args.q.batch_stride + h * args.q.head_stride;
-    const T* dout = static_cast<const T*>(args.grad_out.data) + b * args.grad_out.batch_stride +
-                    h * args.grad_out.head_stride;
+    const T* q = head_pointer<T>(args.q, b, h);
+    const T* dout = head_pointer<T>(args.grad_out, b, h);
     load_tile_async<kBlock, kHeadDim, kThreads>(sQ + buf * kBlock * kStride,
                                                 q + m0 * args.q.token_stride,
                                                 args.q.token_stride, Tq - m0, D, q, tid);
@@ -334,11 +333,10 @@ __global__ void __launch_bounds__(kWarps * 32)
   const float scale = static_cast<float>(s.scale);
   const float scale_log2 = scale * kLog2e;
 
-  const T* q = static_cast<const T*>(args.q.data) + b * args.q.batch_stride + h * args.q.head_stride;
-  const T* dout = static_cast<const T*>(args.grad_out.data) + b * args.grad_out.batch_stride +
-                  h * args.grad_out.head_stride;
-  const T* k = static_cast<const T*>(args.k.data) + b * args.k.batch_stride + h_kv * args.k.head_stride;
-  const T* v = static_cast<const T*>(args.v.data) + b * args.v.batch_stride + h_kv * args.v.head_stride;
+  const T* q = head_pointer<T>(args.q, b, h);
+  const T* dout = head_pointer<T>(args.grad_out, b, h);
+  const T* k = head_pointer<T>(args.k, b, h_kv);
+  const T* v = head_pointer<T>(args.v, b, h_kv);
 
   int64_t n_blocks = ceil_div(Tk, kBlockN);
   if (s.causal) {
@@ -428,7 +426,8 @@ cudaError_t launch_bwd(const AttentionBwdArgs& args, cudaStream_t stream) {
     auto dq = attention_bwd_dq_kernel<T, kHeadDim, kDqBlockN, kDqWarps>;
     constexpr size_t dq_bytes = dq_shared_bytes<kHeadDim, kDqBlockN, kDqWarps>();
     FUSEDLM_RETURN_IF_ERROR(prepare_shared_memory(dq, dq_bytes));
-    FUSEDLM_LAUNCH(dq, static_cast<unsigned>(dq_blocks), kDqWarps * 32, dq_bytes, stream)(args, delta);
+    FUSEDLM_LAUNCH(dq, static_cast<unsigned>(dq_blocks), kDqWarps * 32, dq_bytes, stream)(args,
+                                                                                       delta);
     FUSEDLM_RETURN_IF_LAUNCH_FAILED();
     return cudaSuccess;
   }
@@ -457,11 +456,7 @@ cudaError_t launch_bwd(const AttentionBwdArgs& args, cudaStream_t stream) {
 cudaError_t attention_bwd(const AttentionBwdArgs& args, cudaStream_t stream) {
   using namespace attention;
   const AttentionShape& s = args.shape;
-  // Empty shapes are the caller's (their gradients are zeros or empty without any kernel).
-  if (s.B == 0 || s.Hq == 0 || s.Hkv == 0 || s.Tq == 0 || s.Tk == 0 || s.D % 8 != 0 || s.D < 8 || s.D > 256 || s.Hq % s.Hkv != 0 ||
-      args.alloc == nullptr) {
-    return cudaErrorInvalidValue;
-  }
+  if (!valid_shape(s) || args.alloc == nullptr) return cudaErrorInvalidValue;
   // (kHeadDim, kWarps, kOutDim, kDqBlockN): 64 x 64 tiles with 4 warps up to D = 128; 32 x 32
   // tiles with 2 warps and the output columns split over two CTAs above, so that the dK and dV
   // accumulators stay in registers and shared memory stays under an A100's 163 KiB. Devices with

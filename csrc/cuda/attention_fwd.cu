@@ -47,9 +47,9 @@ __global__ void __launch_bounds__(kWarps * 32)
   const int g = lane / 4;
   const int t = lane % 4;
 
-  const T* q = static_cast<const T*>(args.q.data) + b * args.q.batch_stride + h * args.q.head_stride;
-  const T* k = static_cast<const T*>(args.k.data) + b * args.k.batch_stride + h_kv * args.k.head_stride;
-  const T* v = static_cast<const T*>(args.v.data) + b * args.v.batch_stride + h_kv * args.v.head_stride;
+  const T* q = head_pointer<T>(args.q, b, h);
+  const T* k = head_pointer<T>(args.k, b, h_kv);
+  const T* v = head_pointer<T>(args.v, b, h_kv);
 
   // Key tiles this query tile sees: all of them, or (causal) up to its last row's last key.
   int64_t n_blocks = ceil_div(Tk, kBlockN);
@@ -205,10 +205,7 @@ cudaError_t launch_fwd(const AttentionFwdArgs& args, cudaStream_t stream) {
 cudaError_t attention_fwd(const AttentionFwdArgs& args, cudaStream_t stream) {
   using namespace attention;
   const AttentionShape& s = args.shape;
-  // Empty shapes are the caller's (out is empty or zeros, lse empty or -inf, without a kernel).
-  if (s.B == 0 || s.Hq == 0 || s.Tq == 0 || s.Tk == 0 || s.Hkv == 0 || s.D % 8 != 0 || s.D < 8 || s.D > 256 || s.Hq % s.Hkv != 0) {
-    return cudaErrorInvalidValue;
-  }
+  if (!valid_shape(s)) return cudaErrorInvalidValue;
   // (kHeadDim, kBlockM, kBlockN, kWarps): 128 x 64 tiles with 4 warps (2 MMA row tiles each) up
   // to D = 128 (FlashAttention-2's sm80 choice for D = 128); 64-row tiles above, whose
   // double-buffered K/V tiles must fit the 163 KiB an A100 CTA can have. Devices with 99 KiB

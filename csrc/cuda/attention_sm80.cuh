@@ -135,8 +135,8 @@ __device__ __forceinline__ void load_tile_async(T* smem, const T* gmem, int64_t 
       const int row = chunk / kChunksPerRow;
       const int col = (chunk % kChunksPerRow) * 8;
       const bool valid = row < rows_valid && col < cols_valid;
-      cp_async_16(smem + row * (kCols + kPad) + col, valid ? gmem + row * row_stride + col : fallback,
-                  valid);
+      const T* source = valid ? gmem + row * row_stride + col : fallback;
+      cp_async_16(smem + row * (kCols + kPad) + col, source, valid);
     }
   }
 }
@@ -154,14 +154,15 @@ __device__ __forceinline__ void warp_gemm_rows_rows(float (&acc)[kMTiles][kNBloc
     uint32_t a[kMTiles][4];
 #pragma unroll
     for (int mt = 0; mt < kMTiles; ++mt) {
-      ldmatrix_x4(a[mt], sA + (a_row0 + 16 * mt + (lane & 15)) * a_stride + 16 * kk + (lane >> 4) * 8);
+      ldmatrix_x4(a[mt],
+                  sA + (a_row0 + 16 * mt + (lane & 15)) * a_stride + 16 * kk + (lane >> 4) * 8);
     }
 #pragma unroll
     for (int np = 0; np < kNBlocks / 2; ++np) {
       // matrices: (rows 0-7, k 0-7), (rows 0-7, k 8-15), (rows 8-15, k 0-7), (rows 8-15, k 8-15)
       uint32_t b[4];
-      ldmatrix_x4(b, sB + (b_row0 + 16 * np + (lane & 7) + ((lane >> 4) << 3)) * b_stride + 16 * kk +
-                         ((lane >> 3) & 1) * 8);
+      ldmatrix_x4(b, sB + (b_row0 + 16 * np + (lane & 7) + ((lane >> 4) << 3)) * b_stride +
+                         16 * kk + ((lane >> 3) & 1) * 8);
 #pragma unroll
       for (int mt = 0; mt < kMTiles; ++mt) {
         mma_16816<T>(acc[mt][2 * np], a[mt], b[0], b[1]);
@@ -263,6 +264,19 @@ cudaError_t dispatch_half_types(DType dtype, F&& f) {
     default:
       return cudaErrorInvalidValue;
   }
+}
+
+// Element (b, h, 0, 0) of a (B, H, T, D) input.
+template <typename T>
+__device__ __forceinline__ const T* head_pointer(const AttentionInput& in, int64_t b, int64_t h) {
+  return static_cast<const T*>(in.data) + b * in.batch_stride + h * in.head_stride;
+}
+
+// The shapes the launchers take: nonempty (empty ones are the caller's: zeros, -inf or empty
+// results without a kernel), D a multiple of 8 up to 256, whole GQA groups.
+inline bool valid_shape(const AttentionShape& s) {
+  return s.B > 0 && s.Hq > 0 && s.Hkv > 0 && s.Tq > 0 && s.Tk > 0 && s.D % 8 == 0 && s.D >= 8 &&
+         s.D <= 256 && s.Hq % s.Hkv == 0;
 }
 
 // The launches use one-dimensional grids (2^31 - 1 blocks, unlike the 65535 of y and z, so any
