@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 import traceback
@@ -29,9 +30,10 @@ import torch
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # (B, Hq, Hkv, Tq, Tk, D): square, GQA with Tq != Tk and odd sizes, a longer block-crossing one,
-# Tq > Tk (causal rows that see no key) at the largest head dim, one query row at an odd head dim
+# Tq > Tk (causal rows that see no key) at the largest head dim, one query row at an odd head dim,
+# more key tiles than the Hopper forward's 2-stage ring holds
 ATTENTION_SHAPES = ((1, 2, 2, 17, 17, 64), (2, 4, 2, 5, 33, 40), (1, 2, 1, 130, 130, 128),
-                    (2, 4, 1, 150, 40, 256), (1, 3, 3, 1, 77, 33))
+                    (2, 4, 1, 150, 40, 256), (1, 3, 3, 1, 77, 33), (1, 2, 1, 70, 300, 64))
 NORM_SHAPES = ((7, 127), (4, 1024), (3, 4099))
 ADAMW_SHAPES = ((127,), (33, 65), (4099,))
 
@@ -74,6 +76,19 @@ def _cases(backend: str, dev: str = "cuda"):
                 torch.use_deterministic_algorithms(was)
 
         yield f"attention fwd+bwd {dn} strided/misaligned, deterministic", attention_layouts
+
+        def attention_sm80_forward(dtype=dtype):
+            # on an sm_90 GPU the forward above is the sm_90a kernel: the sm_80 one too
+            q, k, v = (torch.randn(1, 2, 130, 128, device=dev, dtype=dtype) for _ in range(3))
+            os.environ["FUSEDLM_ATTENTION_SM90"] = "0"
+            try:
+                fusedlm.attention(q, k, v, causal=True, backend=backend)
+            finally:
+                del os.environ["FUSEDLM_ATTENTION_SM90"]
+
+        if backend == "cuda":
+            yield (f"attention fwd {dn} sm_80 kernel (FUSEDLM_ATTENTION_SM90=0)",
+                   attention_sm80_forward)
         for M, N in NORM_SHAPES:
             for affine in (True, False):
                 def layer_norm(M=M, N=N, dtype=dtype, affine=affine):

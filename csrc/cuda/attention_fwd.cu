@@ -3,6 +3,7 @@
 // double-buffered shared memory while each warp keeps its query rows' output accumulator and
 // online-softmax statistics in registers. Q, K, V are read in place through their strides.
 #include "cuda/attention_sm80.cuh"
+#include "cuda/attention_sm90.cuh"
 
 namespace fusedlm::cuda {
 namespace attention {
@@ -206,6 +207,9 @@ cudaError_t attention_fwd(const AttentionFwdArgs& args, cudaStream_t stream) {
   using namespace attention;
   const AttentionShape& s = args.shape;
   if (!valid_shape(s)) return cudaErrorInvalidValue;
+  // Hopper: the wgmma/TMA kernel where it applies.
+  const cudaError_t hopper = sm90::attention_fwd_sm90(args, stream);
+  if (hopper != cudaErrorNotSupported || sm90::sm90_required()) return hopper;
   // (kHeadDim, kBlockM, kBlockN, kWarps): 128 x 64 tiles with 4 warps (2 MMA row tiles each) up
   // to D = 128 (FlashAttention-2's sm80 choice for D = 128); 64-row tiles above, whose
   // double-buffered K/V tiles must fit the 163 KiB an A100 CTA can have. Devices with 99 KiB

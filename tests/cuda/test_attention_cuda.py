@@ -808,3 +808,69 @@ def test_sdpa_drop_in_reaches_cuda(Tq, Tk):
     assert_close_rule(out, out_base, truth, name="out")
     for name, g, gb, gt in zip(("dq", "dk", "dv"), grads, base_grads, truth_grads, strict=True):
         assert_close_rule(g, gb, gt, atol=atol_for(q.dtype, gt), name=name)
+
+
+# ---- the Hopper forward (attention_fwd_sm90.cu: TMA, mbarriers, wgmma) -------------------------
+# On a compute capability 9.0 GPU the forward takes the sm_90a kernel for D <= 128 (the tests
+# above then run it too); FUSEDLM_ATTENTION_SM90=require makes a forward that would fall back to
+# the sm_80 kernel fail instead, so these prove which kernel ran. The backward is sm_80's.
+
+HOPPER = pytest.mark.skipif(
+    not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0),
+    reason="the sm_90a forward runs on compute capability 9.0 devices only")
+
+HOPPER_SHAPES = [
+    (1, 1, 1, 1, 1, 64),
+    (2, 2, 2, 17, 17, 40),
+    (1, 3, 3, 113, 113, 72),
+    (3, 4, 2, 1000, 1000, 8),
+    (1, 2, 2, 1, 1000, 128),  # decoding: one query tile, mostly empty
+    (1, 6, 2, 200, 333, 96),
+    (4, 8, 2, 3000, 1000, 64),  # Tq > Tk: causal CTAs without a key tile
+    (1, 16, 16, 16384, 16384, 128),
+    (4, 16, 4, 4096, 4096, 64),
+    (2, 8, 1, 4096, 8192, 128),
+]
+
+
+@HOPPER
+@DTYPE
+@CAUSAL
+@pytest.mark.parametrize("shape", HOPPER_SHAPES, ids=_ids(HOPPER_SHAPES))
+def test_hopper_forward(shape, causal, dtype, monkeypatch):
+    monkeypatch.setenv("FUSEDLM_ATTENTION_SM90", "require")
+    check_attention(*_qkv(shape, dtype), causal)
+
+
+@HOPPER
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_hopper_forward_strided(head_dim, monkeypatch):
+    """q, k, v as (B, T, H, D) memory viewed as (B, H, T, D): TMA reads them through strides."""
+    monkeypatch.setenv("FUSEDLM_ATTENTION_SM90", "require")
+    q, k, v = (_randn((2, 300, 4, head_dim), torch.bfloat16).transpose(1, 2) for _ in range(3))
+    check_attention(q, k, v, True)
+
+
+@HOPPER
+@DTYPE
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_hopper_and_sm80_forwards_agree(head_dim, dtype, monkeypatch):
+    """The two kernels on one input: both by the rule, and their logsumexps within float32
+    rounding of each other."""
+    q, k, v = _qkv((2, 4, 2, 777, 1500, head_dim), dtype)
+    results = {}
+    for setting in ("require", "0"):
+        monkeypatch.setenv("FUSEDLM_ATTENTION_SM90", setting)
+        out, lse = torch.ops.fusedlm.attention_fwd(q, k, v, _default_scale(q), True, 1500 - 777,
+                                                   "cuda")
+        compare_op(q, k, v, _default_scale(q), True, 1500 - 777, out)
+        results[setting] = lse
+    torch.testing.assert_close(results["require"], results["0"], rtol=0, atol=1e-4)
+
+
+@HOPPER
+def test_hopper_require_fails_where_it_does_not_apply(monkeypatch):
+    monkeypatch.setenv("FUSEDLM_ATTENTION_SM90", "require")
+    q, k, v = _qkv((1, 2, 2, 64, 64, 192), torch.float16)
+    with pytest.raises(RuntimeError, match="not supported"):
+        fusedlm.attention(q, k, v, causal=True, backend="cuda")

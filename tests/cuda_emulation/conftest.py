@@ -18,10 +18,19 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 SOURCES = [
     HERE / "warp_emulation.h",
+    HERE / "sm90_emulation.h",
     HERE / "kernels_emulated.cpp",
     *sorted((REPO / "csrc" / "cuda").glob("*.cuh")),
     REPO / "csrc" / "cuda" / "launchers.h",
     *sorted((REPO / "csrc" / "cuda").glob("*.cu")),
+]
+# The Hopper primitives' test kernels (test_sm90_primitives_emulated.py).
+SM90_SOURCES = [
+    HERE / "warp_emulation.h",
+    HERE / "sm90_emulation.h",
+    HERE / "sm90_primitives_emulated.cpp",
+    *sorted((REPO / "csrc" / "cuda").glob("*.cuh")),
+    REPO / "csrc" / "cuda" / "launchers.h",
 ]
 GUARD = 64  # elements of NaN before and after every tensor
 # Opt-in shared memory per block the emulated device reports (the launchers pick tiles by it).
@@ -40,33 +49,47 @@ def _cuda_include() -> Path | None:
     return None
 
 
-@pytest.fixture(scope="session")
-def library():
-    """csrc/cuda's launchers compiled for the emulation, as a ctypes library (about 40 s to build
-    once per source hash, cached in ~/.cache/fusedlm or $FUSEDLM_EMULATION_CACHE)."""
+def _build(source: Path, sources: list[Path], stem: str) -> ctypes.CDLL:
+    """`source` compiled for the emulation into a cached shared library, keyed by the hash of
+    `sources`."""
     include = _cuda_include()
     compiler = shutil.which("g++")
     if include is None or compiler is None:
         pytest.skip("needs g++ and the CUDA toolkit's headers (cuda_fp16.h) to build the emulation")
-    digest = hashlib.sha256(b"".join(p.read_bytes() for p in SOURCES)).hexdigest()[:16]
+    digest = hashlib.sha256(b"".join(p.read_bytes() for p in sources)).hexdigest()[:16]
     cache = Path(os.environ.get("FUSEDLM_EMULATION_CACHE", Path.home() / ".cache" / "fusedlm"))
-    target = cache / f"kernels_emulated_{digest}.so"
+    target = cache / f"{stem}_{digest}.so"
     if not target.exists():
         cache.mkdir(parents=True, exist_ok=True)
         partial = target.with_suffix(f".{os.getpid()}.tmp")
         subprocess.run(
             [compiler, "-std=c++20", "-O1", "-shared", "-fPIC", f"-I{HERE}",
-             f"-I{REPO / 'csrc'}", f"-I{include}", str(HERE / "kernels_emulated.cpp"),
-             "-o", str(partial)],
+             f"-I{REPO / 'csrc'}", f"-I{include}", str(source), "-o", str(partial)],
             check=True,
         )
         partial.rename(target)
-    lib = ctypes.CDLL(str(target))
+    return ctypes.CDLL(str(target))
+
+
+@pytest.fixture(scope="session")
+def library():
+    """csrc/cuda's launchers compiled for the emulation, as a ctypes library (about 40 s to build
+    once per source hash, cached in ~/.cache/fusedlm or $FUSEDLM_EMULATION_CACHE)."""
+    lib = _build(HERE / "kernels_emulated.cpp", SOURCES, "kernels_emulated")
     for name in ("emulated_attention_fwd", "emulated_attention_bwd", "emulated_norm_fwd",
                  "emulated_norm_bwd", "emulated_adamw_step"):
         getattr(lib, name).restype = ctypes.c_int
     lib.emulated_fault.restype = ctypes.c_char_p
     lib.emulated_configure(1, 1, H100_SHARED_BYTES)  # copies at the wait, warps drifting apart
+    return lib
+
+
+@pytest.fixture(scope="session")
+def sm90_library():
+    """The small test kernels over the emulated Hopper primitives (sm90_primitives_emulated.cpp),
+    built and cached like `library`."""
+    lib = _build(HERE / "sm90_primitives_emulated.cpp", SM90_SOURCES, "sm90_primitives_emulated")
+    lib.sm90_fault.restype = ctypes.c_char_p
     return lib
 
 

@@ -6,11 +6,15 @@
 #include "cuda/adamw.cu"
 #include "cuda/attention_bwd.cu"
 #include "cuda/attention_fwd.cu"
+#include "cuda/attention_fwd_sm90.cu"
 #include "cuda/norm.cu"
 
 // The CUDA runtime calls the launchers make, answered for the emulated device: an H100's 227 KiB
 // of opt-in shared memory per block unless emulated_configure says otherwise.
 static int emulated_max_shared_bytes = 232448;
+// Compute capability 10 * major + minor: 80 runs the sm_80 kernels everywhere; 90 lets the
+// launchers take the Hopper (sm_90a) forward where it applies.
+static int emulated_compute_capability = 80;
 
 extern "C" {
 cudaError_t cudaGetLastError(void) {
@@ -25,6 +29,10 @@ cudaError_t cudaDeviceGetAttribute(int* value, enum cudaDeviceAttr attr, int) {
     *value = emulated_max_shared_bytes;
   } else if (attr == cudaDevAttrMultiProcessorCount) {
     *value = 132;
+  } else if (attr == cudaDevAttrComputeCapabilityMajor) {
+    *value = emulated_compute_capability / 10;
+  } else if (attr == cudaDevAttrComputeCapabilityMinor) {
+    *value = emulated_compute_capability % 10;
   } else {
     return cudaErrorInvalidValue;
   }
@@ -85,11 +93,16 @@ void emulated_configure(int late_copies, int schedule, int max_shared_bytes) {
   emu::schedule() = static_cast<emu::Schedule>(schedule);
 }
 
+// 80 (sm_80 kernels, the default) or 90 (Hopper forward where it applies), for the calls after.
+void emulated_set_compute_capability(int capability) { emulated_compute_capability = capability; }
+
 // The fault that failed the last launch ("" when none), e.g. a shared-memory access out of range.
 const char* emulated_fault() { return emu::fault().c_str(); }
 
 // Strides: 3 per tensor (batch, head, token), in elements. Returns the cudaError_t.
-int emulated_attention_fwd(const int64_t* shape, double scale, int dtype,
+// hopper: 0 the launcher the bindings call (attention_fwd), 1 the sm_90a kernel alone
+// (cudaErrorNotSupported when it does not apply).
+int emulated_attention_fwd(const int64_t* shape, double scale, int dtype, int hopper,
                            const void* q, const int64_t* q_strides, const void* k,
                            const int64_t* k_strides, const void* v, const int64_t* v_strides,
                            void* out, float* lse) {
@@ -100,7 +113,8 @@ int emulated_attention_fwd(const int64_t* shape, double scale, int dtype,
   args.v = input(v, v_strides);
   args.out = out;
   args.lse = lse;
-  return static_cast<int>(fusedlm::cuda::attention_fwd(args, nullptr));
+  return static_cast<int>(hopper ? fusedlm::cuda::attention::sm90::attention_fwd_sm90(args, nullptr)
+                                  : fusedlm::cuda::attention_fwd(args, nullptr));
 }
 
 int emulated_attention_bwd(const int64_t* shape, double scale, int dtype, int deterministic, const void* q, const int64_t* q_strides,

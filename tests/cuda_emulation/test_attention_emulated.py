@@ -62,12 +62,15 @@ def _shape_arg(B, Hq, Hkv, Tq, Tk, D, causal, offset):
 
 
 LOCKSTEP, WARPS_FORWARD, WARPS_BACKWARD = 0, 1, 2  # emu::Schedule
+CUDA_ERROR_NOT_SUPPORTED = 801  # cudaErrorNotSupported
 
 
 def _run(lib, q, k, v, grad_out, causal, offset, late, deterministic, schedule=WARPS_FORWARD,
-         shared_bytes=H100_SHARED_BYTES):
-    """Forward and backward through the emulated launchers. Returns out, lse, dq, dk, dv."""
+         shared_bytes=H100_SHARED_BYTES, hopper=False):
+    """Forward and backward through the emulated launchers (the forward on the sm_90a kernel
+    alone with ``hopper``, on an emulated sm_90 device). Returns out, lse, dq, dk, dv."""
     lib.emulated_configure(int(late), schedule, shared_bytes)
+    lib.emulated_set_compute_capability(90 if hopper else 80)
     B, Hq, Tq, D = q.shape
     Hkv, Tk = k.shape[1], k.shape[2]
     dtype_code = 0 if q.dtype == torch.float16 else 1
@@ -76,8 +79,9 @@ def _run(lib, q, k, v, grad_out, causal, offset, late, deterministic, schedule=W
     out, out_buffer = _output((B, Hq, Tq, D), q.dtype)
     lse, lse_buffer = _output((B, Hq, Tq), torch.float32)
     status = lib.emulated_attention_fwd(
-        shape, ctypes.c_double(scale), dtype_code, _ptr(q), _strides(q), _ptr(k), _strides(k),
-        _ptr(v), _strides(v), _ptr(out), ctypes.cast(_ptr(lse), ctypes.POINTER(ctypes.c_float)))
+        shape, ctypes.c_double(scale), dtype_code, int(hopper), _ptr(q), _strides(q), _ptr(k),
+        _strides(k), _ptr(v), _strides(v), _ptr(out),
+        ctypes.cast(_ptr(lse), ctypes.POINTER(ctypes.c_float)))
     assert status == 0, f"attention_fwd: cudaError {status}: {lib.emulated_fault().decode()}"
     _check_guard(out_buffer, out.numel(), "out")
     _check_guard(lse_buffer, lse.numel(), "lse")
@@ -94,7 +98,7 @@ def _run(lib, q, k, v, grad_out, causal, offset, late, deterministic, schedule=W
 
 
 def _check(lib, shape, causal, dtype, layout="contiguous", late=True, deterministic=False,
-           offset=None, schedule=WARPS_FORWARD, shared_bytes=H100_SHARED_BYTES):
+           offset=None, schedule=WARPS_FORWARD, shared_bytes=H100_SHARED_BYTES, hopper=False):
     B, Hq, Hkv, Tq, Tk, D = shape
     offset = Tk - Tq if offset is None else offset
     gen = torch.Generator().manual_seed(hash((shape, causal, str(dtype))) % 2**31)
@@ -103,7 +107,7 @@ def _check(lib, shape, causal, dtype, layout="contiguous", late=True, determinis
     q64, k64, v64, do64 = (t.to(dtype).double() for t in values)  # the values the kernel sees
     q, k, v, grad_out = (_guarded(t.to(dtype), layout)[0] for t in (q64, k64, v64, do64))
     out, lse, dq, dk, dv = _run(lib, q, k, v, grad_out, causal, offset, late, deterministic,
-                                schedule, shared_bytes)
+                                schedule, shared_bytes, hopper)
 
     leaves64 = [t.clone().requires_grad_(True) for t in (q64, k64, v64)]
     truth = naive_attention(*leaves64, causal=causal, causal_offset=offset)
@@ -199,3 +203,69 @@ def test_small_shared_memory_tiles(library, shape, deterministic):
     D = 128, 192 and 256; they too must be right (on an H100 they never run)."""
     _check(library, shape, True, torch.float16, deterministic=deterministic,
            shared_bytes=SM86_SHARED_BYTES)
+
+
+# ---- the Hopper forward (attention_fwd_sm90.cu: TMA, mbarriers, wgmma) -------------------------
+# Its forward, then the sm_80 backward from its out and lse. (B, Hq, Hkv, Tq, Tk, D): both
+# head-dim templates (64, 128; D padded up by TMA's zero fill), ragged query and key tiles, more
+# key tiles than ring stages (the producer waits for the consumers to free a buffer), GQA, MQA.
+HOPPER_SHAPES = [
+    (1, 1, 1, 1, 1, 8),
+    (2, 2, 1, 17, 40, 40),
+    (1, 1, 1, 150, 300, 64),
+    (1, 2, 2, 70, 33, 72),
+    (1, 3, 1, 33, 100, 128),
+    (1, 1, 1, 200, 520, 128),
+]
+HOPPER_IDS = ["B{}-Hq{}-Hkv{}-Tq{}-Tk{}-D{}".format(*s) for s in HOPPER_SHAPES]
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("shape", HOPPER_SHAPES, ids=HOPPER_IDS)
+def test_hopper_forward_float16(library, shape, causal):
+    _check(library, shape, causal, torch.float16, hopper=True)
+
+
+@pytest.mark.parametrize("shape", [HOPPER_SHAPES[1], HOPPER_SHAPES[5]],
+                         ids=[HOPPER_IDS[1], HOPPER_IDS[5]])
+def test_hopper_forward_bfloat16(library, shape):
+    _check(library, shape, True, torch.bfloat16, hopper=True)
+
+
+@pytest.mark.parametrize("timing", TIMINGS, ids=TIMING_IDS)
+def test_hopper_copy_timing_and_schedules(library, timing):
+    """The mbarrier ring under every timing (TMA tiles and wgmma results landing at issue or as
+    late as the protocol allows) and warp schedule, over more key tiles than stages."""
+    late, schedule = timing
+    _check(library, (1, 2, 1, 130, 400, 64), True, torch.float16, late=late, schedule=schedule,
+           hopper=True)
+
+
+def test_hopper_strided_layout(library):
+    """q, k, v read through a tensor map over (B, T, H, D) memory."""
+    _check(library, (2, 2, 2, 40, 150, 128), True, torch.float16, layout="bthd", hopper=True)
+
+
+@pytest.mark.parametrize("offset", [-20, 0, 90], ids=["offset-20", "offset0", "offset90"])
+def test_hopper_causal_offsets(library, offset):
+    """Top-left (0), rows that see nothing (negative: whole CTAs without a key tile) and offsets
+    past Tk."""
+    _check(library, (1, 1, 1, 70, 160, 64), True, torch.float16, offset=offset, hopper=True)
+
+
+def test_hopper_is_not_taken_where_it_does_not_apply(library):
+    """D > 128 and non-Hopper devices get cudaErrorNotSupported (the launcher then runs the sm_80
+    kernel): nothing is launched, nothing written."""
+    q = _guarded(torch.randn(1, 1, 16, 160).half())[0]
+    out, _ = _output((1, 1, 16, 160), torch.float16)
+    lse, _ = _output((1, 1, 16), torch.float32)
+    strides = _strides(q)
+    for capability, D in ((90, 160), (80, 64)):
+        library.emulated_set_compute_capability(capability)
+        status = library.emulated_attention_fwd(
+            _shape_arg(1, 1, 1, 16, 16, D, False, 0), ctypes.c_double(0.1), 0, 1, _ptr(q), strides,
+            _ptr(q), strides, _ptr(q), strides, _ptr(out),
+            ctypes.cast(_ptr(lse), ctypes.POINTER(ctypes.c_float)))
+        assert status == CUDA_ERROR_NOT_SUPPORTED
+        assert torch.isnan(out).all() and torch.isnan(lse).all()
+    library.emulated_set_compute_capability(80)

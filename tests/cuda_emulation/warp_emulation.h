@@ -13,6 +13,7 @@
 // addresses, a cp.async never waited for, a deadlock at a barrier, and the hazards of the
 // racecheck below. cp.async copies land either at issue or as late as the protocol allows (at
 // the wait), and warps run in lockstep or one after another between barriers, selected per run.
+// The Hopper primitives (mbarriers, TMA, wgmma) are in sm90_emulation.h, included at the end.
 //
 // Include this before the .cu files; compile as C++20 with the CUDA toolkit's include directory.
 #pragma once
@@ -41,6 +42,7 @@
 #undef __launch_bounds__
 #undef __shared__
 #undef __align__
+#undef __grid_constant__
 #define __global__
 #define __device__
 #define __host__
@@ -48,6 +50,7 @@
 #define __launch_bounds__(...)
 #define __shared__ static  // one block runs at a time: a static is the block's shared copy
 #define __align__(n) __attribute__((aligned(n)))
+#define __grid_constant__  // kernel parameters are plain by-value arguments here
 
 #define FUSEDLM_WARP_EMULATION 1
 
@@ -71,6 +74,12 @@ struct Copy {
   bool landed;  // copied already (copies landing at issue); the wait still retires it
 };
 
+struct Barrier {
+  int arrived = 0;
+  unsigned generation = 0;
+  int live = 0;  // threads of its set that can still arrive (a warpgroup's stays 128: all must)
+};
+
 struct Thread {
   ucontext_t context;
   std::unique_ptr<char[]> stack;  // uninitialized: a 1024-thread block needs 64 MiB
@@ -78,19 +87,17 @@ struct Thread {
   int warp = 0;
   int lane = 0;
   bool done = false;
-  const void* waiting_on = nullptr;  // the barrier this thread waits at, and its generation then
+  Barrier* waiting_on = nullptr;  // the barrier this thread waits at, and its generation then
   unsigned waiting_generation = 0;
+  bool waiting_mbarrier = false;  // in mbarrier_wait on (shared offset, parity)
+  uint32_t mbarrier = 0;
+  unsigned mbarrier_parity = 0;
   std::vector<Copy> open_group;                 // cp.async issued since the last commit
   std::vector<std::vector<Copy>> groups;        // committed, not yet waited for
 };
 
 constexpr size_t kSharedBytes = 256 * 1024;
 constexpr size_t kStackBytes = 64 * 1024;
-
-struct Barrier {
-  int arrived = 0;
-  unsigned generation = 0;
-};
 
 // One 32-lane exchange slot per lane: what each lane contributes to a collective.
 struct Slot {
@@ -108,26 +115,30 @@ struct Block {
   size_t shared_bytes = 0;
   Barrier block_barrier;
   std::vector<Barrier> warp_barriers;
+  std::vector<Barrier> warpgroup_barriers;  // 128 consecutive threads (wgmma's collectives)
   std::vector<Slot> slots;  // (warps * 32)
   std::function<void()> body;
 };
 
 // The kernels' dynamic shared memory (csrc/cuda/common.cuh's dynamic_shared_memory()).
-alignas(128) inline unsigned char shared_memory[kSharedBytes];
+// 1024-aligned: the 128-byte swizzle of TMA and wgmma works on absolute address bits.
+alignas(1024) inline unsigned char shared_memory[kSharedBytes];
 
 inline Block*& current_block() {
   static Block* block = nullptr;
   return block;
 }
-inline bool& late_copies() {  // cp.async lands at the wait (true) or at issue (false)
+// cp.async and TMA copies land, and wgmma computes, at the wait (true) or at issue (false).
+inline bool& late_copies() {
   static bool late = true;
   return late;
 }
 // How the threads of a block take turns. kLockstep: every thread runs to its next collective or
 // barrier in turn, so warps stay in step. kWarpsForward / kWarpsBackward: one warp runs until
-// all its threads wait at __syncthreads (or exit) before the next one starts, first to last or
-// last to first, so warps drift as far apart as the barriers allow: a buffer refilled while
-// another warp still reads it shows.
+// all its threads wait (at __syncthreads, a warpgroup collective, an mbarrier phase) or exit
+// before the next one starts, first to last or last to first, so warps drift as far apart as
+// the barriers allow: a buffer refilled while another warp still reads it shows. Threads that
+// wait are skipped; a pass in which none can run is a deadlock.
 enum class Schedule { kLockstep, kWarpsForward, kWarpsBackward };
 inline Schedule& schedule() {
   static Schedule value = Schedule::kLockstep;
@@ -152,8 +163,17 @@ inline void yield() {
   swapcontext(&block->threads[block->current].context, &block->scheduler);
 }
 
-// Waits until every live thread of the set (all of the block, or one warp) has arrived.
-inline void wait_barrier(Barrier& barrier, int first, int count) {
+// Hooks of sm90_emulation.h (mbarriers, TMA, wgmma), defined there.
+inline void sm90_block_start(Block& block);
+inline void sm90_block_end();
+inline void sm90_thread_exit();
+inline void sm90_syncthreads();
+inline bool mbarrier_ready(uint32_t offset, unsigned parity);
+inline std::string describe_mbarrier(uint32_t offset, unsigned parity);
+inline void check_tma_visible(size_t chunk, const char* what);
+
+// Waits until every live thread of the barrier's set (block, warp or warpgroup) has arrived.
+inline void wait_barrier(Barrier& barrier) {
   Block* block = current_block();
   const unsigned generation = barrier.generation;
   ++barrier.arrived;
@@ -161,27 +181,29 @@ inline void wait_barrier(Barrier& barrier, int first, int count) {
   me.waiting_on = &barrier;
   me.waiting_generation = generation;
   while (barrier.generation == generation) {
-    int live = 0;
-    for (int i = first; i < first + count && i < static_cast<int>(block->threads.size()); ++i) {
-      live += block->threads[i].done ? 0 : 1;
-    }
-    if (barrier.arrived >= live) {
+    if (barrier.arrived >= barrier.live) {
       barrier.arrived = 0;
       ++barrier.generation;
+      if (&barrier == &block->block_barrier) sm90_syncthreads();
       break;
     }
     yield();
   }
-  block->threads[block->current].waiting_on = nullptr;
+  me.waiting_on = nullptr;
 }
 
-inline void sync_block() {
-  wait_barrier(current_block()->block_barrier, 0, static_cast<int>(current_block()->threads.size()));
-}
+inline void sync_block() { wait_barrier(current_block()->block_barrier); }
 
-inline void sync_warp() {
-  Thread& me = self();
-  wait_barrier(current_block()->warp_barriers[me.warp], me.warp * 32, 32);
+inline void sync_warp() { wait_barrier(current_block()->warp_barriers[self().warp]); }
+
+// Every thread of this thread's warpgroup (threads 128 i .. 128 i + 127) must arrive.
+inline void sync_warpgroup() {
+  Block* block = current_block();
+  const int group = self().warp / 4;
+  if (128 * (group + 1) > static_cast<int>(block->threads.size())) {
+    fail("a warpgroup instruction in a warpgroup the block's threads do not fill");
+  }
+  wait_barrier(block->warpgroup_barriers[group]);
 }
 
 inline Slot* warp_slots() { return &current_block()->slots[self().warp * 32]; }
@@ -197,6 +219,9 @@ inline void check_shared(const void* p, size_t bytes, size_t alignment, const ch
 inline void trampoline() {
   current_block()->body();
   self().done = true;
+  --current_block()->block_barrier.live;
+  --current_block()->warp_barriers[self().warp].live;
+  sm90_thread_exit();
   // Empty groups may stay outstanding (a pipeline's last commit); copies may not.
   bool pending = false;
   for (const Copy& c : self().open_group) pending = true, (void)c;
@@ -219,6 +244,8 @@ inline void trampoline() {
 // into a chunk with a copy still in flight. Plain C++ loads and stores are not tracked.
 struct ChunkState {
   int in_flight = 0;  // issuing thread + 1, or 0
+  int tma = -1;           // the last TMA copy into it (sm90_emulation.h), or -1
+  int wgmma_readers = 0;  // issued, not yet retired wgmmas reading it
   unsigned write_epoch = ~0u;
   int write_warp = -1;
   unsigned read_epoch = ~0u;
@@ -243,6 +270,9 @@ inline void track_copy_issue(const void* dst) {
   if (c.read_epoch == epoch() && (c.read_warps & ~(uint64_t{1} << warp)) != 0) {
     fail("racecheck: cp.async overwrites shared memory another warp read since the last __syncthreads");
   }
+  if (c.wgmma_readers != 0) {
+    fail("racecheck: cp.async overwrites shared memory an in-flight wgmma reads");
+  }
   c.in_flight = self().index.x + 1;
 }
 
@@ -257,6 +287,7 @@ inline void track_read(const void* p) {
   ChunkState& c = chunk_of(p);
   const int warp = self().warp;
   if (c.in_flight != 0) fail("racecheck: ldmatrix reads shared memory whose cp.async has not been waited for");
+  if (c.tma >= 0) check_tma_visible(&c - chunks().data(), "ldmatrix");
   if (c.write_epoch == epoch() && c.write_warp != warp) {
     fail("racecheck: ldmatrix reads another warp's copy without a __syncthreads after its wait");
   }
@@ -275,45 +306,86 @@ inline void resume(Block& b, int i) {
   in_thread() = false;
 }
 
-inline bool blocked_at_syncthreads(const Block& b, const Thread& t) {
-  return t.waiting_on == &b.block_barrier && b.block_barrier.generation == t.waiting_generation;
+// Whether thread t cannot run: at a barrier not yet complete, or in mbarrier_wait on a phase not
+// yet complete with no late TMA copy that its wait would land.
+inline bool blocked(const Thread& t) {
+  if (t.waiting_on != nullptr) {
+    const Barrier& x = *t.waiting_on;
+    return x.generation == t.waiting_generation && x.arrived < x.live;
+  }
+  return t.waiting_mbarrier && !mbarrier_ready(t.mbarrier, t.mbarrier_parity);
+}
+
+inline std::string deadlock_message(const Block& b) {
+  std::vector<std::pair<std::string, int>> waits;  // what, how many threads
+  for (const Thread& t : b.threads) {
+    if (t.done) continue;
+    std::string what;
+    if (t.waiting_on == &b.block_barrier) {
+      what = "at __syncthreads";
+    } else if (t.waiting_on != nullptr && t.waiting_on >= b.warp_barriers.data() &&
+               t.waiting_on < b.warp_barriers.data() + b.warp_barriers.size()) {
+      what = "at a collective of warp " + std::to_string(t.warp);
+    } else if (t.waiting_on != nullptr) {
+      int exited = 0;
+      for (int i = 0; i < 128; ++i) exited += b.threads[(t.warp / 4) * 128 + i].done ? 1 : 0;
+      what = "at a collective of warpgroup " + std::to_string(t.warp / 4) + " (" +
+             std::to_string(exited) + " of its threads exited)";
+    } else {
+      what = describe_mbarrier(t.mbarrier, t.mbarrier_parity);
+    }
+    auto it = std::find_if(waits.begin(), waits.end(),
+                           [&](const auto& w) { return w.first == what; });
+    if (it == waits.end()) {
+      waits.emplace_back(what, 1);
+    } else {
+      ++it->second;
+    }
+  }
+  std::string message = "deadlock: no thread can run;";
+  for (const auto& [what, count] : waits) {
+    message += " " + std::to_string(count) + " thread(s) wait " + what + ";";
+  }
+  return message;
 }
 
 inline void run_block(Block& b) {
   const int threads = static_cast<int>(b.threads.size());
   const int warps = threads / 32;
-  bool running = true;
-  while (running) {
-    running = false;
+  for (;;) {
+    bool live = false;
+    bool ran = false;
+    auto step = [&](int i) {  // false: a fault ended the block
+      Thread& t = b.threads[i];
+      if (t.done) return true;
+      live = true;
+      if (blocked(t)) return true;
+      ran = true;
+      resume(b, i);
+      return fault().empty();
+    };
     if (schedule() == Schedule::kLockstep) {
       for (int i = 0; i < threads; ++i) {
-        if (b.threads[i].done) continue;
-        running = true;
-        resume(b, i);
-        if (!fault().empty()) return;
+        if (!step(i)) return;
       }
-      continue;
-    }
-    for (int n = 0; n < warps; ++n) {
-      const int w = schedule() == Schedule::kWarpsForward ? n : warps - 1 - n;
-      for (bool progressed = true; progressed;) {  // this warp, until it waits or exits
-        progressed = false;
-        for (int i = 32 * w; i < 32 * w + 32; ++i) {
-          Thread& t = b.threads[i];
-          if (t.done || blocked_at_syncthreads(b, t)) continue;
-          progressed = running = true;
-          resume(b, i);
-          if (!fault().empty()) return;
+    } else {
+      for (int n = 0; n < warps; ++n) {
+        const int w = schedule() == Schedule::kWarpsForward ? n : warps - 1 - n;
+        for (bool progressed = true; progressed;) {  // this warp, until it waits or exits
+          const bool before = ran;
+          ran = false;
+          for (int i = 32 * w; i < 32 * w + 32; ++i) {
+            if (!step(i)) return;
+          }
+          progressed = ran;
+          ran = ran || before;
         }
       }
     }
-    if (!running) {
-      for (const Thread& t : b.threads) {
-        if (!t.done) {
-          fail("deadlock: threads wait at a barrier the others never reach");
-          return;
-        }
-      }
+    if (!live) return;
+    if (!ran) {
+      fail(deadlock_message(b).c_str());
+      return;
     }
   }
 }
@@ -337,6 +409,7 @@ struct Launch {
     b.shared_bytes = shared_bytes;
     b.threads.resize(threads);
     b.warp_barriers.resize(threads / 32);
+    b.warpgroup_barriers.resize((threads + 127) / 128);
     b.slots.resize(threads);
     b.body = [&] { kernel(args...); };
     for (auto& t : b.threads) t.stack.reset(new char[kStackBytes]);
@@ -348,7 +421,10 @@ struct Launch {
           // Garbage in shared memory, as on a GPU: reading what was never written shows.
           std::memset(shared_memory, 0x7f, kSharedBytes);
           std::fill(chunks().begin(), chunks().end(), ChunkState{});
-          b.block_barrier = Barrier{};
+          b.block_barrier = Barrier{0, 0, threads};
+          for (Barrier& x : b.warp_barriers) x = Barrier{0, 0, 32};
+          for (Barrier& x : b.warpgroup_barriers) x = Barrier{0, 0, 128};
+          sm90_block_start(b);
           for (int i = 0; i < threads; ++i) {
             Thread& t = b.threads[i];
             t.index = dim3(i % block.x, (i / block.x) % block.y, i / (block.x * block.y));
@@ -362,6 +438,7 @@ struct Launch {
             makecontext(&t.context, trampoline, 0);
           }
           run_block(b);
+          if (fault().empty()) sm90_block_end();
           if (!fault().empty()) {
             current_block() = nullptr;
             return;
@@ -569,3 +646,4 @@ inline void mma_16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32
 
 }  // namespace fusedlm::cuda::attention
 
+#include "sm90_emulation.h"  // NOLINT: the Hopper primitives, after the above

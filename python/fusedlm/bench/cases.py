@@ -17,6 +17,8 @@ Providers, each only where it can run (the output says why the others did not):
     fusedlm-<name>   fusedlm with backend=<name> for cuda, triton, cpu (and torch, the
                      reference, on the CPU); for the GPT, the model with kernels="fused",
                      FUSEDLM_BACKEND=<name> and fusedlm.optim.AdamW(backend=<name>)
+    fusedlm-cuda-sm80  attention only, on sm_90 GPUs: fusedlm-cuda with the Hopper forward off
+                     (FUSEDLM_ATTENTION_SM90=0), what the sm_90a kernel gains over sm_80's
 """
 
 from __future__ import annotations
@@ -317,6 +319,29 @@ def _fusedlm_attention_call(backend: str):
     return call
 
 
+def _sm80_attention_call(q, k, v, causal, ctx):
+    """fusedlm's CUDA attention with the Hopper forward turned off (FUSEDLM_ATTENTION_SM90=0):
+    the sm_80 kernel on an sm_90 GPU, to measure what the sm_90a kernel gains."""
+    import fusedlm
+
+    previous = os.environ.get("FUSEDLM_ATTENTION_SM90")
+    os.environ["FUSEDLM_ATTENTION_SM90"] = "0"
+    try:
+        return fusedlm.attention(q, k, v, causal=causal, backend="cuda")
+    finally:
+        if previous is None:
+            del os.environ["FUSEDLM_ATTENTION_SM90"]
+        else:
+            os.environ["FUSEDLM_ATTENTION_SM90"] = previous
+
+
+def _sm80_on_sm90_why_not(ctx: Context) -> str | None:
+    why = _fusedlm_why_not("cuda", ("attention_fwd",))(ctx)
+    if why is None and torch.cuda.get_device_capability(ctx.device) != (9, 0):
+        why = "not an sm_90 GPU: fusedlm-cuda is the sm_80 kernel already"
+    return why
+
+
 def _attention_providers() -> list[Provider]:
     providers = [_attention_provider(
         BASELINE, "PyTorch ops: q k^T, mask, softmax (float32), p v", _eager_attention_call)]
@@ -325,6 +350,9 @@ def _attention_providers() -> list[Provider]:
             f"fusedlm-{backend}", f"fusedlm.attention(backend={backend!r})",
             _fusedlm_attention_call(backend), _fusedlm_why_not(backend, ("attention_fwd",)),
             kernel_backend=backend))
+    providers.append(_attention_provider(
+        "fusedlm-cuda-sm80", "fusedlm.attention(backend='cuda'), FUSEDLM_ATTENTION_SM90=0",
+        _sm80_attention_call, _sm80_on_sm90_why_not, kernel_backend="cuda"))
     for name in SDPA_BACKENDS:
         providers.append(_attention_provider(
             f"sdpa-{name}", f"F.scaled_dot_product_attention under sdpa_kernel({name})",

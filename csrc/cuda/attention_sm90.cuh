@@ -1,0 +1,270 @@
+// Building blocks of the Hopper (sm_90a) flash-attention forward (attention_fwd_sm90.cu):
+// mbarriers, TMA tile loads (cp.async.bulk.tensor) into 128-byte-swizzled shared memory, and
+// warpgroup MMAs (wgmma.mma_async m64nNk16, float16/bfloat16 in, float32 accumulate) reading
+// their operands from that shared memory through matrix descriptors. The instructions exist only
+// on sm_90a; the kernels built from them are compiled empty for every other architecture and the
+// launchers never pick them there.
+//
+// Shared-memory tiles (PTX ISA, "Asynchronous Warpgroup Level Matrix Shared Memory Layout"): a
+// tile of R rows x 64 columns of 16-bit elements is R rows of 128 bytes, in 1024-byte groups of
+// 8 rows, with the 128-byte swizzle: the 16-byte chunk c of row r sits at chunk c ^ (r % 8). A
+// tile with D = 128 columns is two such 64-column slabs one after the other. TMA writes exactly
+// this layout (CU_TENSOR_MAP_SWIZZLE_128B, a box 64 elements wide), and the descriptors below
+// describe it to wgmma:
+//   K-major operand (Q or K as the A/B of S = Q K^T; rows = M or N, columns = the k dimension):
+//     SBO = 1024 (8-row groups), LBO unused; the k-th 16-column step starts 32 k bytes into the
+//     slab (the hardware applies the swizzle to the address it computes, so the start address
+//     moves by plain bytes as long as the slab is 1024-byte aligned).
+//   MN-major operand (V as the B of O = P V, read transposed: k = the key rows, n = the head dim
+//     columns): SBO = 1024 (8 key rows), LBO = the byte distance between the 64-column slabs;
+//     the k-th 16-key step starts 16 * 128 * k bytes into the tile.
+// Accumulator fragments of wgmma m64nNk16 (float32): warp w of the warpgroup holds rows
+// 16 w .. 16 w + 15; lane 4 g + t holds d[4 j + 0, 1] = (row g, columns 8 j + 2 t, + 1) and
+// d[4 j + 2, 3] = (row g + 8, same columns) for j < N / 8: mma.m16n8's C layout, repeated along
+// n. An A operand from registers uses mma.m16n8k16's A layout for the warp's 16 rows.
+#pragma once
+
+#include <cuda.h>  // CUtensorMap and its enums (header only: the driver is reached at run time)
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cstdint>
+#include <type_traits>
+
+#include "cuda/attention_sm80.cuh"
+#include "cuda/launchers.h"
+
+// The sm_90a instructions compile only in the device pass for sm_90a; the emulation in
+// tests/cuda_emulation supplies them on the CPU.
+#if defined(FUSEDLM_WARP_EMULATION) || \
+    (defined(__CUDA_ARCH__) && __CUDA_ARCH__ == 900 && defined(__CUDA_ARCH_FEAT_SM90_ALL))
+#define FUSEDLM_SM90A_DEVICE 1
+#endif
+
+#ifndef __grid_constant__
+#define __grid_constant__
+#endif
+
+namespace fusedlm::cuda::attention::sm90 {
+
+// Bytes of one 8-row group of a 128-byte-swizzled tile, and the alignment every tile needs.
+constexpr uint32_t kSwizzleGroupBytes = 1024;
+
+// A shared-memory matrix descriptor of a 128-byte-swizzled operand starting at `smem`:
+// bits 0-13 start address >> 4, 16-29 LBO >> 4, 32-45 SBO >> 4, 62-63 layout (1 = 128B swizzle);
+// base offset (49-51) 0, as every tile is 1024-byte aligned.
+__device__ __forceinline__ uint64_t make_smem_descriptor(const void* smem, uint32_t lbo_bytes,
+                                                         uint32_t sbo_bytes) {
+  uint64_t desc = (shared_address(smem) >> 4) & 0x3fffu;
+  desc |= static_cast<uint64_t>((lbo_bytes >> 4) & 0x3fffu) << 16;
+  desc |= static_cast<uint64_t>((sbo_bytes >> 4) & 0x3fffu) << 32;
+  desc |= uint64_t{1} << 62;
+  return desc;
+}
+
+// Pins the accumulators in place around wgmma's issue and wait: they are registers the asm
+// statements do not name, so without this the compiler may read them before the wait that
+// makes them valid (CUTLASS's warpgroup_fence_operand).
+template <int N>
+__device__ __forceinline__ void fence_accumulators(float (&d)[N]) {
+#ifndef FUSEDLM_WARP_EMULATION
+#pragma unroll
+  for (int i = 0; i < N; ++i) asm volatile("" : "+f"(d[i])::"memory");
+#else
+  (void)d;
+#endif
+}
+
+#if !defined(FUSEDLM_WARP_EMULATION) && defined(FUSEDLM_SM90A_DEVICE)
+
+// ---- mbarriers (shared memory, 8 bytes each) --------------------------------------------------
+
+__device__ __forceinline__ void mbarrier_init(uint64_t* barrier, uint32_t arrivals) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(shared_address(barrier)),
+               "r"(arrivals)
+               : "memory");
+}
+
+// Makes the initialized barriers visible to the async proxy (TMA) and the other threads; a
+// __syncthreads follows it.
+__device__ __forceinline__ void fence_barrier_init() {
+  asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+}
+
+// One arrival that also expects `bytes` of TMA traffic to complete the phase.
+__device__ __forceinline__ void mbarrier_arrive_expect_tx(uint64_t* barrier, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(
+                   shared_address(barrier)),
+               "r"(bytes)
+               : "memory");
+}
+
+__device__ __forceinline__ void mbarrier_arrive(uint64_t* barrier) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(shared_address(barrier))
+               : "memory");
+}
+
+// Waits until the phase with parity `phase` of the barrier has completed.
+__device__ __forceinline__ void mbarrier_wait(uint64_t* barrier, uint32_t phase) {
+  asm volatile(
+      "{\n"
+      ".reg .pred done;\n"
+      "wait_loop:\n"
+      "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
+      "@!done bra wait_loop;\n"
+      "}\n" ::"r"(shared_address(barrier)),
+      "r"(phase)
+      : "memory");
+}
+
+// ---- TMA ---------------------------------------------------------------------------------------
+
+// Loads the box of `map` at coordinates (c0 innermost .. c3) into shared memory at `smem`
+// (1024-byte aligned); completes its bytes on `barrier`. Out-of-bounds elements are zeros.
+__device__ __forceinline__ void tma_load_4d(void* smem, const CUtensorMap* map, int c0, int c1,
+                                            int c2, int c3, uint64_t* barrier) {
+  asm volatile(
+      "cp.async.bulk.tensor.4d.shared::cluster.global.tile.mbarrier::complete_tx::bytes"
+      " [%0], [%1, {%2, %3, %4, %5}], [%6];\n" ::"r"(shared_address(smem)),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(c2), "r"(c3),
+      "r"(shared_address(barrier))
+      : "memory");
+}
+
+// ---- register reallocation between warpgroups -----------------------------------------------
+
+template <uint32_t kRegisters>
+__device__ __forceinline__ void registers_decrease() {
+  asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(kRegisters));
+}
+
+template <uint32_t kRegisters>
+__device__ __forceinline__ void registers_increase() {
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(kRegisters));
+}
+
+// ---- wgmma -------------------------------------------------------------------------------------
+
+// Orders this warpgroup's register writes before the next wgmma reads its accumulators.
+__device__ __forceinline__ void warpgroup_fence() {
+  asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+}
+
+__device__ __forceinline__ void warpgroup_commit() {
+  asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+}
+
+// Waits until at most kPending committed wgmma groups of this warpgroup are in flight.
+template <int kPending>
+__device__ __forceinline__ void warpgroup_wait() {
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(kPending) : "memory");
+}
+
+// The accumulators of one wgmma as "+f" operands %0 .. %(n - 1).
+#define FUSEDLM_ACC32_REGS                                                         \
+  "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, "   \
+  "%17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}"
+#define FUSEDLM_ACC64_REGS                                                         \
+  "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, "   \
+  "%17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "    \
+  "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, "     \
+  "%47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, "     \
+  "%62, %63}"
+#define FUSEDLM_ACC_8(i)                                                         \
+  "+f"(d[i + 0]), "+f"(d[i + 1]), "+f"(d[i + 2]), "+f"(d[i + 3]), "+f"(d[i + 4]), \
+      "+f"(d[i + 5]), "+f"(d[i + 6]), "+f"(d[i + 7])
+#define FUSEDLM_ACC32_OPERANDS \
+  FUSEDLM_ACC_8(0), FUSEDLM_ACC_8(8), FUSEDLM_ACC_8(16), FUSEDLM_ACC_8(24)
+#define FUSEDLM_ACC64_OPERANDS                                                 \
+  FUSEDLM_ACC32_OPERANDS, FUSEDLM_ACC_8(32), FUSEDLM_ACC_8(40), FUSEDLM_ACC_8(48), \
+      FUSEDLM_ACC_8(56)
+
+// d (64 x N, float32) (+)= A (64 x 16, K-major in shared memory) . B (16 x N, K-major in shared
+// memory: N rows of k), all operands described by descriptors; accumulate == false overwrites d.
+// N = 128 only (the score tile).
+template <typename T>
+__device__ __forceinline__ void wgmma_m64n128k16_ss(float (&d)[64], uint64_t desc_a,
+                                                    uint64_t desc_b, bool accumulate) {
+  static_assert(std::is_same_v<T, __half> || std::is_same_v<T, __nv_bfloat16>);
+  const int scale_d = accumulate ? 1 : 0;
+  if constexpr (std::is_same_v<T, __half>) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 " FUSEDLM_ACC64_REGS
+        ", %64, %65, p, 1, 1, 0, 0;\n}\n"
+        : FUSEDLM_ACC64_OPERANDS
+        : "l"(desc_a), "l"(desc_b), "r"(scale_d));
+  } else {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 " FUSEDLM_ACC64_REGS
+        ", %64, %65, p, 1, 1, 0, 0;\n}\n"
+        : FUSEDLM_ACC64_OPERANDS
+        : "l"(desc_a), "l"(desc_b), "r"(scale_d));
+  }
+}
+
+// d (64 x N, float32) += A (64 x 16 from registers, this warp's 16 rows in mma's A layout) .
+// B (16 x N, MN-major in shared memory: k rows of N contiguous columns, read transposed).
+// N = 64 or 128 (the head dim of O = P V).
+template <typename T, int N>
+__device__ __forceinline__ void wgmma_rs_transposed_b(float (&d)[N / 2], const uint32_t (&a)[4],
+                                                      uint64_t desc_b) {
+  static_assert(std::is_same_v<T, __half> || std::is_same_v<T, __nv_bfloat16>);
+  static_assert(N == 64 || N == 128);
+  if constexpr (N == 64 && std::is_same_v<T, __half>) {
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 " FUSEDLM_ACC32_REGS
+                 ", {%32, %33, %34, %35}, %36, p, 1, 1, 1;\n}\n"
+                 : FUSEDLM_ACC32_OPERANDS
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(1));
+  } else if constexpr (N == 64) {
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 " FUSEDLM_ACC32_REGS
+                 ", {%32, %33, %34, %35}, %36, p, 1, 1, 1;\n}\n"
+                 : FUSEDLM_ACC32_OPERANDS
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(1));
+  } else if constexpr (std::is_same_v<T, __half>) {
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 " FUSEDLM_ACC64_REGS
+                 ", {%64, %65, %66, %67}, %68, p, 1, 1, 1;\n}\n"
+                 : FUSEDLM_ACC64_OPERANDS
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(1));
+  } else {
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 " FUSEDLM_ACC64_REGS
+                 ", {%64, %65, %66, %67}, %68, p, 1, 1, 1;\n}\n"
+                 : FUSEDLM_ACC64_OPERANDS
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(1));
+  }
+}
+
+#undef FUSEDLM_ACC32_REGS
+#undef FUSEDLM_ACC64_REGS
+#undef FUSEDLM_ACC_8
+#undef FUSEDLM_ACC32_OPERANDS
+#undef FUSEDLM_ACC64_OPERANDS
+
+#endif  // !FUSEDLM_WARP_EMULATION && FUSEDLM_SM90A_DEVICE
+
+// ---- host: TMA descriptors ---------------------------------------------------------------------
+
+#ifndef FUSEDLM_WARP_EMULATION
+// Encodes a 4-D tile map over a (B, H, T, D) input for 128-byte-swizzled boxes of
+// (64 columns of D) x (box_rows tokens) x 1 x 1: dims innermost first (D, T, H, B), strides in
+// bytes for T, H, B (multiples of 16). Out-of-bounds reads of a box are zeros. Fails (without a
+// launch) when the driver or the layout does not allow it; the caller then takes the sm_80 path.
+cudaError_t encode_tile_map(CUtensorMap* map, DType dtype, const void* base,
+                            const uint64_t (&dims)[4], const uint64_t (&strides_bytes)[3],
+                            uint32_t box_rows);
+#endif
+
+// The forward on the sm_90a kernel (attention_fwd_sm90.cu) when this build has it, the device is
+// sm_90, D <= 128 and TMA can describe the inputs; cudaErrorNotSupported (nothing launched)
+// otherwise, and the caller runs the sm_80 kernel.
+cudaError_t attention_fwd_sm90(const AttentionFwdArgs& args, cudaStream_t stream);
+
+// FUSEDLM_ATTENTION_SM90=require: where the sm_90a kernel does not apply, the forward fails.
+bool sm90_required();
+
+}  // namespace fusedlm::cuda::attention::sm90

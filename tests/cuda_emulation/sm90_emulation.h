@@ -1,0 +1,624 @@
+// The Hopper (sm_90a) primitives of csrc/cuda/attention_sm90.cuh for the CPU emulation of
+// warp_emulation.h (which includes this at its end): mbarriers, TMA tile loads with the 128-byte
+// swizzle, and wgmma (SS and RS forms) over warpgroups of 128 threads. Implemented from the PTX
+// ISA (mbarrier phases and tx-counts, cp.async.bulk.tensor, the wgmma matrix descriptors and
+// canonical 128B-swizzle layouts), not from how the kernels use them.
+//
+// Timing follows emu::late_copies(): early, a TMA copy lands at issue and a wgmma computes at
+// issue; late, a TMA copy lands when a thread waits on its mbarrier (the latest point the
+// protocol allows) and a wgmma computes at the warpgroup_wait that retires it. Racecheck
+// (faults): a wgmma (or ldmatrix) reading bytes of a TMA copy whose mbarrier phase no thread of
+// its warpgroup has waited for (a __syncthreads shares what each warpgroup saw), and a TMA copy
+// issued or landing onto bytes an issued, not yet retired wgmma reads.
+#pragma once
+
+#include <cuda.h>  // CUtensorMap
+
+#include <deque>
+#include <map>
+
+#include "cuda/launchers.h"  // DType
+
+namespace emu {
+
+struct MBarrier {
+  uint32_t expected = 0;           // arrivals per phase (mbarrier.init's count)
+  uint32_t pending = 0;            // arrivals the current phase still needs
+  int64_t tx = 0;                  // transaction bytes the current phase still needs
+  uint64_t completed = 0;          // phases completed; the current phase's parity = completed & 1
+  int late_copies = 0;             // TMA copies to it not landed yet
+  std::vector<uint64_t> observed;  // per warpgroup: phases its waits have seen complete
+};
+
+// What encode_tile_map stores in a CUtensorMap's 128 opaque bytes.
+struct TileMap {
+  uint64_t magic;
+  uint64_t base;
+  uint64_t dims[4];     // innermost first
+  uint64_t strides[3];  // bytes, of dims 1..3
+  uint64_t box_rows;    // the box is 64 elements x box_rows x 1 x 1
+};
+static_assert(sizeof(TileMap) <= sizeof(CUtensorMap));
+constexpr uint64_t kTileMapMagic = 0x5a4d54'90'b0c5ULL;
+
+struct TmaCopy {
+  uint32_t dst;  // shared offset, 1024-aligned
+  uint32_t bytes;
+  uint32_t barrier;
+  TileMap map;
+  int coords[4];
+  bool landed = false;
+  uint64_t visible_after = 0;  // completed phases of `barrier` that make it visible (once landed)
+};
+
+struct WgmmaOp {
+  int n;                    // N of m64nNk16
+  bool rs;                  // A from registers (then `a` holds it), else from `desc_a`
+  bool accumulate;          // false: d = A.B
+  bool bf16;
+  uint64_t desc_a;
+  uint64_t desc_b;
+  float a[64][16];          // RS: A captured at issue
+  float* d[128];            // each thread's accumulators
+  std::vector<uint32_t> chunks;  // 16-byte chunks of shared memory it reads
+};
+
+struct Warpgroup {
+  std::vector<WgmmaOp> open;                    // issued since the last commit
+  std::deque<std::vector<WgmmaOp>> committed;  // committed, not yet retired
+  bool fenced = false;                          // a warpgroup_fence since the last wait
+};
+
+// What each thread brings to a warpgroup collective.
+struct WgSlot {
+  const char* what;
+  uint64_t desc_a;
+  uint64_t desc_b;
+  bool accumulate;
+  uint32_t a[4];
+  float* d;
+};
+
+struct Sm90 {
+  std::map<uint32_t, MBarrier> barriers;  // by shared offset; reset per block
+  std::vector<TmaCopy> copies;            // this block's TMA copies
+  std::vector<Warpgroup> warpgroups;
+  std::vector<WgSlot> slots;
+};
+
+inline Sm90& sm90() {
+  static Sm90 state;
+  return state;
+}
+
+inline uint64_t max_observed(const MBarrier& m) {
+  return m.observed.empty() ? 0 : *std::max_element(m.observed.begin(), m.observed.end());
+}
+
+inline void sm90_block_start(Block& block) {
+  Sm90& s = sm90();
+  s.barriers.clear();
+  s.copies.clear();
+  s.warpgroups.assign(block.warpgroup_barriers.size(), Warpgroup{});
+  s.slots.assign(block.threads.size(), WgSlot{});
+}
+
+// A __syncthreads orders every warpgroup after what any warpgroup's waits observed.
+inline void sm90_syncthreads() {
+  for (auto& [offset, m] : sm90().barriers) {
+    std::fill(m.observed.begin(), m.observed.end(), max_observed(m));
+  }
+}
+
+inline void sm90_thread_exit() {
+  const Warpgroup& g = sm90().warpgroups[self().warp / 4];
+  if (!g.open.empty() || !g.committed.empty()) {
+    fail("a thread exited with wgmma operations its warpgroup never waited for");
+  }
+}
+
+inline void sm90_block_end() {
+  for (const TmaCopy& c : sm90().copies) {
+    if (!c.landed || max_observed(sm90().barriers[c.barrier]) < c.visible_after) {
+      fail("a block exited with a TMA copy whose mbarrier phase no thread waited for");
+      return;
+    }
+  }
+}
+
+inline uint32_t shared_offset(const void* p, const char* what) {
+  const auto* c = static_cast<const unsigned char*>(p);
+  if (c < shared_memory || c >= shared_memory + kSharedBytes) fail(what);
+  return static_cast<uint32_t>(c - shared_memory);
+}
+
+// The 128-byte swizzle on shared-window addresses: 16-byte chunk c of a 128-byte row r sits at
+// chunk c ^ (r % 8), r counted from address 0 (so tiles need 1024-byte alignment).
+inline uint32_t swizzle128(uint32_t address) { return address ^ (((address >> 7) & 7) << 4); }
+
+inline uint32_t mbarrier_offset(const uint64_t* barrier) {
+  check_shared(barrier, 8, 8, "mbarrier outside the dynamic shared memory or misaligned");
+  return shared_offset(barrier, "mbarrier outside shared memory");
+}
+
+inline MBarrier& mbarrier_at(uint32_t offset) {
+  auto it = sm90().barriers.find(offset);
+  if (it == sm90().barriers.end()) fail("mbarrier used before mbarrier_init");
+  return it->second;
+}
+
+inline void mbarrier_complete_if_done(MBarrier& m) {
+  if (m.pending == 0 && m.tx == 0) {
+    ++m.completed;
+    m.pending = m.expected;
+  }
+}
+
+inline void mbarrier_arrive_on(MBarrier& m) {
+  if (m.pending == 0) fail("mbarrier: more arrivals than expected in a phase");
+  --m.pending;
+  mbarrier_complete_if_done(m);
+}
+
+inline void mbarrier_complete_tx(MBarrier& m, uint32_t bytes) {
+  m.tx -= bytes;
+  if (m.tx < 0) fail("mbarrier: tx count went negative (more TMA bytes than expect_tx announced)");
+  mbarrier_complete_if_done(m);
+}
+
+inline bool mbarrier_ready(uint32_t offset, unsigned parity) {
+  auto it = sm90().barriers.find(offset);
+  if (it == sm90().barriers.end()) return true;  // it runs, and faults
+  return (it->second.completed & 1) != parity || it->second.late_copies > 0;
+}
+
+inline std::string describe_mbarrier(uint32_t offset, unsigned parity) {
+  char text[200];
+  const MBarrier& m = sm90().barriers[offset];
+  std::snprintf(text, sizeof text,
+                "on the mbarrier at shared offset %u for parity %u (phase %llu: %u arrival(s), "
+                "%lld tx bytes missing)",
+                offset, parity, static_cast<unsigned long long>(m.completed), m.pending,
+                static_cast<long long>(m.tx));
+  return text;
+}
+
+inline void tma_perform(const TmaCopy& c) {
+  const TileMap& t = c.map;
+  const auto* base = reinterpret_cast<const unsigned char*>(t.base);
+  for (uint64_t r = 0; r < t.box_rows; ++r) {
+    for (int col = 0; col < 64; ++col) {
+      const int64_t x[4] = {int64_t{c.coords[0]} + col, c.coords[1] + static_cast<int64_t>(r),
+                            c.coords[2], c.coords[3]};
+      bool inside = true;
+      for (int i = 0; i < 4; ++i) inside = inside && x[i] >= 0 && x[i] < int64_t(t.dims[i]);
+      uint16_t value = 0;  // out of bounds: zeros
+      if (inside) {
+        std::memcpy(&value, base + 2 * x[0] + x[1] * t.strides[0] + x[2] * t.strides[1] +
+                                x[3] * t.strides[2], 2);
+      }
+      const uint32_t address = swizzle128(c.dst + static_cast<uint32_t>(r * 128 + col * 2));
+      std::memcpy(shared_memory + address, &value, 2);
+    }
+  }
+}
+
+inline void tma_check_overwrite(const TmaCopy& c) {
+  for (uint32_t i = c.dst / 16; i < (c.dst + c.bytes) / 16; ++i) {
+    if (chunks()[i].wgmma_readers != 0) {
+      fail("racecheck: TMA overwrites shared memory an in-flight wgmma reads");
+    }
+  }
+}
+
+inline void tma_land(int index) {
+  TmaCopy& c = sm90().copies[index];
+  tma_check_overwrite(c);
+  tma_perform(c);
+  MBarrier& m = mbarrier_at(c.barrier);
+  c.landed = true;
+  c.visible_after = m.completed + 1;  // its bytes count toward the phase in progress
+  mbarrier_complete_tx(m, c.bytes);
+}
+
+// Whether the warpgroup reading chunk `chunk` has waited for the phase of its last TMA copy.
+inline void check_tma_visible(size_t chunk, const char* what) {
+  const TmaCopy& c = sm90().copies[chunks()[chunk].tma];
+  const MBarrier& m = sm90().barriers[c.barrier];
+  if (!c.landed || m.observed[self().warp / 4] < c.visible_after) {
+    std::string message = std::string("racecheck: ") + what +
+                          " reads shared memory whose TMA copy has not completed (no wait on its "
+                          "mbarrier phase)";
+    fail(message.c_str());
+  }
+}
+
+// ---- wgmma --------------------------------------------------------------------------------------
+
+struct Descriptor {
+  uint32_t start;
+  uint32_t lbo;
+  uint32_t sbo;
+};
+
+inline Descriptor decode_descriptor(uint64_t desc) {
+  if (((desc >> 49) & 7) != 0) fail("wgmma descriptor: nonzero base offset (not emulated)");
+  if ((desc >> 62) != 1) fail("wgmma descriptor: layout type is not 128B swizzle (not emulated)");
+  return Descriptor{static_cast<uint32_t>(desc & 0x3fff) << 4,
+                    static_cast<uint32_t>((desc >> 16) & 0x3fff) << 4,
+                    static_cast<uint32_t>((desc >> 32) & 0x3fff) << 4};
+}
+
+// Shared-window address of element (row i, k) of a K-major 128B-swizzled operand
+// ((8,m),(T,2k)):((8T,SBO),(1,T)) and of element (k, n) of an MN-major one
+// ((T,8,m),(8,k)):((1,T,LBO),(8T,SBO)), T = 8 16-bit elements.
+inline uint32_t k_major_address(const Descriptor& d, int i, int k) {
+  return swizzle128(d.start + (i % 8) * 128 + (i / 8) * d.sbo + k * 2);
+}
+inline uint32_t mn_major_address(const Descriptor& d, int k, int n) {
+  return swizzle128(d.start + (n % 64) * 2 + (n / 64) * d.lbo + (k % 8) * 128 + (k / 8) * d.sbo);
+}
+
+inline float bits_to_float(uint16_t bits, bool bf16) {
+  uint32_t word;
+  if (bf16) {
+    word = uint32_t{bits} << 16;
+    float f;
+    std::memcpy(&f, &word, 4);
+    return f;
+  }
+  __half_raw raw;
+  raw.x = bits;
+  return __half2float(__half(raw));
+}
+
+inline float shared_element(uint32_t address, bool bf16) {
+  if (address % 2 != 0 || address + 2 > current_block()->shared_bytes) {
+    fail("wgmma operand outside the dynamic shared memory");
+  }
+  uint16_t bits;
+  std::memcpy(&bits, shared_memory + address, 2);
+  return bits_to_float(bits, bf16);
+}
+
+// Calls f(address) for every shared address the operands of `op` read.
+template <typename F>
+inline void for_each_operand_address(const WgmmaOp& op, F&& f) {
+  if (!op.rs) {
+    const Descriptor a = decode_descriptor(op.desc_a);
+    for (int i = 0; i < 64; ++i) {
+      for (int k = 0; k < 16; ++k) f(k_major_address(a, i, k));
+    }
+  }
+  const Descriptor b = decode_descriptor(op.desc_b);
+  for (int n = 0; n < op.n; ++n) {
+    for (int k = 0; k < 16; ++k) f(op.rs ? mn_major_address(b, k, n) : k_major_address(b, n, k));
+  }
+}
+
+// d (64 x N) (+)= A (64 x 16) . B (16 x N), reading shared memory now.
+inline void wgmma_compute(const WgmmaOp& op) {
+  float A[64][16];
+  std::vector<float> B(16 * op.n);
+  if (op.rs) {
+    std::memcpy(A, op.a, sizeof A);
+  } else {
+    const Descriptor a = decode_descriptor(op.desc_a);
+    for (int i = 0; i < 64; ++i) {
+      for (int k = 0; k < 16; ++k) A[i][k] = shared_element(k_major_address(a, i, k), op.bf16);
+    }
+  }
+  const Descriptor b = decode_descriptor(op.desc_b);
+  for (int n = 0; n < op.n; ++n) {
+    for (int k = 0; k < 16; ++k) {
+      const uint32_t address = op.rs ? mn_major_address(b, k, n) : k_major_address(b, n, k);
+      B[k * op.n + n] = shared_element(address, op.bf16);
+    }
+  }
+  for (int thread = 0; thread < 128; ++thread) {
+    const int w = thread / 32;
+    const int g = thread % 32 / 4;
+    const int t = thread % 4;
+    float* d = op.d[thread];
+    for (int j = 0; j < op.n / 8; ++j) {
+      for (int q = 0; q < 4; ++q) {
+        const int row = 16 * w + g + (q >= 2 ? 8 : 0);
+        const int col = 8 * j + 2 * t + (q & 1);
+        float acc = op.accumulate ? d[4 * j + q] : 0.0f;
+        for (int k = 0; k < 16; ++k) acc += A[row][k] * B[k * op.n + col];
+        d[4 * j + q] = acc;
+      }
+    }
+  }
+}
+
+// A warpgroup collective: every thread brings its slot, then the warpgroup's first thread runs
+// `work` (after checking all 128 execute the same instruction) while the others wait.
+template <typename Work>
+inline void warpgroup_collective(const char* what, Work&& work) {
+  Sm90& s = sm90();
+  const int me = current_block()->current;
+  const int first = me / 128 * 128;
+  s.slots[me].what = what;
+  sync_warpgroup();
+  if (me == first) {
+    for (int i = first; i < first + 128; ++i) {
+      if (std::strcmp(s.slots[i].what, what) != 0) {
+        fail("a warpgroup's threads execute different warpgroup instructions together");
+      }
+    }
+    work(s.warpgroups[first / 128], &s.slots[first]);
+  }
+  sync_warpgroup();
+}
+
+inline void wgmma_issue(WgmmaOp&& op, Warpgroup& group, const WgSlot* slots) {
+  if (!group.fenced) {
+    fail("wgmma without a warpgroup_fence since the warpgroup's start or its last warpgroup_wait");
+  }
+  for (int i = 0; i < 128; ++i) {
+    if (slots[i].desc_a != slots[0].desc_a || slots[i].desc_b != slots[0].desc_b ||
+        slots[i].accumulate != slots[0].accumulate) {
+      fail("wgmma: descriptors or scale-d differ across the warpgroup");
+    }
+    op.d[i] = slots[i].d;
+  }
+  // Accumulators may be shared by in-flight wgmmas only of the same shape (PTX ISA).
+  auto check = [&](const WgmmaOp& other) {
+    for (int i = 0; i < 128; ++i) {
+      const bool overlap = op.d[i] < other.d[i] + other.n / 2 && other.d[i] < op.d[i] + op.n / 2;
+      if (overlap && other.n != op.n) {
+        fail("wgmma accumulators in use by an in-flight wgmma of another shape");
+      }
+    }
+  };
+  for (const WgmmaOp& other : group.open) check(other);
+  for (const auto& g : group.committed) {
+    for (const WgmmaOp& other : g) check(other);
+  }
+  for_each_operand_address(op, [&](uint32_t address) {
+    if (address % 2 != 0 || address + 2 > current_block()->shared_bytes) {
+      fail("wgmma operand outside the dynamic shared memory");
+    }
+    op.chunks.push_back(address / 16);
+  });
+  std::sort(op.chunks.begin(), op.chunks.end());
+  op.chunks.erase(std::unique(op.chunks.begin(), op.chunks.end()), op.chunks.end());
+  for (uint32_t chunk : op.chunks) {
+    const ChunkState& c = chunks()[chunk];
+    if (c.in_flight != 0) fail("racecheck: wgmma reads shared memory whose cp.async is in flight");
+    if (c.tma >= 0) check_tma_visible(chunk, "wgmma");
+  }
+  for (uint32_t chunk : op.chunks) ++chunks()[chunk].wgmma_readers;
+  if (!late_copies()) wgmma_compute(op);
+  group.open.push_back(std::move(op));
+}
+
+inline void wgmma_retire(const WgmmaOp& op) {
+  if (late_copies()) wgmma_compute(op);
+  for (uint32_t chunk : op.chunks) --chunks()[chunk].wgmma_readers;
+}
+
+}  // namespace emu
+
+// The PTX wrappers of csrc/cuda/attention_sm90.cuh (compiled out under FUSEDLM_WARP_EMULATION).
+namespace fusedlm::cuda::attention {
+
+// The shared-window address: the byte offset into the emulated shared memory.
+inline uint32_t shared_address(const void* p) {
+  return ::emu::shared_offset(p, "shared_address of a pointer outside shared memory");
+}
+
+}  // namespace fusedlm::cuda::attention
+
+namespace fusedlm::cuda::attention::sm90 {
+
+inline void mbarrier_init(uint64_t* barrier, uint32_t arrivals) {
+  const uint32_t offset = ::emu::mbarrier_offset(barrier);
+  if (arrivals == 0 || arrivals >= (1u << 20)) ::emu::fail("mbarrier_init: count out of range");
+  ::emu::MBarrier& m = ::emu::sm90().barriers[offset];
+  if (m.late_copies != 0) ::emu::fail("mbarrier_init on an mbarrier with TMA copies in flight");
+  m = ::emu::MBarrier{};
+  m.expected = m.pending = arrivals;
+  m.observed.assign(::emu::sm90().warpgroups.size(), 0);
+}
+
+inline void fence_barrier_init() {}
+
+inline void mbarrier_arrive(uint64_t* barrier) {
+  ::emu::mbarrier_arrive_on(::emu::mbarrier_at(::emu::mbarrier_offset(barrier)));
+}
+
+inline void mbarrier_arrive_expect_tx(uint64_t* barrier, uint32_t bytes) {
+  ::emu::MBarrier& m = ::emu::mbarrier_at(::emu::mbarrier_offset(barrier));
+  m.tx += bytes;  // expect-tx, then the arrive-on
+  ::emu::mbarrier_arrive_on(m);
+}
+
+// mbarrier.try_wait.parity in a loop: returns once the current phase's parity differs from
+// `phase`, i.e. the phase with parity `phase` has completed. Late TMA copies to this barrier
+// land here, before the thread blocks.
+inline void mbarrier_wait(uint64_t* barrier, uint32_t phase) {
+  const uint32_t offset = ::emu::mbarrier_offset(barrier);
+  ::emu::Thread& me = ::emu::self();
+  const unsigned parity = phase & 1;
+  me.waiting_mbarrier = true;
+  me.mbarrier = offset;
+  me.mbarrier_parity = parity;
+  for (;;) {
+    if ((::emu::mbarrier_at(offset).completed & 1) != parity) break;
+    for (int i = 0; i < static_cast<int>(::emu::sm90().copies.size()); ++i) {
+      const ::emu::TmaCopy& c = ::emu::sm90().copies[i];
+      if (c.barrier == offset && !c.landed) {
+        --::emu::mbarrier_at(offset).late_copies;
+        ::emu::tma_land(i);
+      }
+    }
+    if ((::emu::mbarrier_at(offset).completed & 1) != parity) break;
+    ::emu::yield();
+  }
+  me.waiting_mbarrier = false;
+  ::emu::MBarrier& m = ::emu::mbarrier_at(offset);
+  uint64_t& seen = m.observed[me.warp / 4];
+  seen = std::max(seen, m.completed);
+}
+
+inline void tma_load_4d(void* smem, const CUtensorMap* map, int c0, int c1, int c2, int c3,
+                        uint64_t* barrier) {
+  ::emu::TmaCopy copy{};
+  std::memcpy(&copy.map, map, sizeof copy.map);
+  if (copy.map.magic != ::emu::kTileMapMagic) {
+    ::emu::fail("tma_load_4d: a tensor map not made by encode_tile_map");
+  }
+  copy.bytes = static_cast<uint32_t>(copy.map.box_rows * 128);  // the full box, even when clipped
+  ::emu::check_shared(smem, copy.bytes, 1024,
+                      "TMA destination outside the dynamic shared memory or not 1024-byte aligned");
+  copy.dst = ::emu::shared_offset(smem, "TMA destination outside shared memory");
+  copy.barrier = ::emu::mbarrier_offset(barrier);
+  ::emu::MBarrier& m = ::emu::mbarrier_at(copy.barrier);
+  copy.coords[0] = c0;
+  copy.coords[1] = c1;
+  copy.coords[2] = c2;
+  copy.coords[3] = c3;
+  ::emu::tma_check_overwrite(copy);  // it may land at once on a GPU
+  const int index = static_cast<int>(::emu::sm90().copies.size());
+  for (uint32_t i = copy.dst / 16; i < (copy.dst + copy.bytes) / 16; ++i) {
+    ::emu::ChunkState& c = ::emu::chunks()[i];
+    if (c.in_flight != 0) {
+      ::emu::fail("racecheck: TMA into shared memory a cp.async is in flight to");
+    }
+    if (c.tma >= 0 && !::emu::sm90().copies[c.tma].landed) {
+      ::emu::fail("racecheck: TMA into shared memory another TMA copy is still in flight to");
+    }
+    c.tma = index;
+  }
+  for (const auto& [offset, other] : ::emu::sm90().barriers) {
+    if (offset + 8 > copy.dst && offset < copy.dst + copy.bytes) {
+      ::emu::fail("TMA destination overlaps an mbarrier");
+    }
+  }
+  ::emu::sm90().copies.push_back(copy);
+  if (::emu::late_copies()) {
+    ++m.late_copies;
+  } else {
+    ::emu::tma_land(index);
+  }
+}
+
+template <uint32_t kRegisters>
+inline void registers_decrease() {
+  ::emu::warpgroup_collective("setmaxnreg.dec", [](::emu::Warpgroup&, const ::emu::WgSlot*) {});
+}
+
+template <uint32_t kRegisters>
+inline void registers_increase() {
+  ::emu::warpgroup_collective("setmaxnreg.inc", [](::emu::Warpgroup&, const ::emu::WgSlot*) {});
+}
+
+inline void warpgroup_fence() {
+  ::emu::warpgroup_collective("wgmma.fence",
+                              [](::emu::Warpgroup& g, const ::emu::WgSlot*) { g.fenced = true; });
+}
+
+inline void warpgroup_commit() {
+  ::emu::warpgroup_collective("wgmma.commit_group", [](::emu::Warpgroup& g, const ::emu::WgSlot*) {
+    g.committed.push_back(std::move(g.open));
+    g.open.clear();
+  });
+}
+
+template <int kPending>
+inline void warpgroup_wait() {
+  ::emu::warpgroup_collective("wgmma.wait_group", [](::emu::Warpgroup& g, const ::emu::WgSlot*) {
+    while (static_cast<int>(g.committed.size()) > kPending) {
+      for (const ::emu::WgmmaOp& op : g.committed.front()) ::emu::wgmma_retire(op);
+      g.committed.pop_front();
+    }
+    g.fenced = false;  // the threads may touch their registers now: a fence must come first
+  });
+}
+
+template <typename T>
+inline void wgmma_m64n128k16_ss(float (&d)[64], uint64_t desc_a, uint64_t desc_b,
+                                bool accumulate) {
+  static_assert(std::is_same_v<T, __half> || std::is_same_v<T, __nv_bfloat16>);
+  ::emu::WgSlot& slot = ::emu::sm90().slots[::emu::current_block()->current];
+  slot.desc_a = desc_a;
+  slot.desc_b = desc_b;
+  slot.accumulate = accumulate;
+  slot.d = d;
+  ::emu::warpgroup_collective("wgmma.ss.m64n128k16", [&](::emu::Warpgroup& g,
+                                                         const ::emu::WgSlot* slots) {
+    auto op = std::make_unique<::emu::WgmmaOp>();
+    op->n = 128;
+    op->rs = false;
+    op->accumulate = slots[0].accumulate;
+    op->bf16 = std::is_same_v<T, __nv_bfloat16>;
+    op->desc_a = slots[0].desc_a;
+    op->desc_b = slots[0].desc_b;
+    ::emu::wgmma_issue(std::move(*op), g, slots);
+  });
+}
+
+template <typename T, int N>
+inline void wgmma_rs_transposed_b(float (&d)[N / 2], const uint32_t (&a)[4], uint64_t desc_b) {
+  static_assert(std::is_same_v<T, __half> || std::is_same_v<T, __nv_bfloat16>);
+  static_assert(N == 64 || N == 128);
+  ::emu::WgSlot& slot = ::emu::sm90().slots[::emu::current_block()->current];
+  slot.desc_a = 0;
+  slot.desc_b = desc_b;
+  slot.accumulate = true;
+  std::memcpy(slot.a, a, sizeof slot.a);
+  slot.d = d;
+  ::emu::warpgroup_collective(N == 64 ? "wgmma.rs.m64n64k16" : "wgmma.rs.m64n128k16",
+                              [&](::emu::Warpgroup& g, const ::emu::WgSlot* slots) {
+    constexpr bool kBf16 = std::is_same_v<T, __nv_bfloat16>;
+    auto op = std::make_unique<::emu::WgmmaOp>();
+    op->n = N;
+    op->rs = true;
+    op->accumulate = true;
+    op->bf16 = kBf16;
+    op->desc_a = 0;
+    op->desc_b = slots[0].desc_b;
+    // Warp w's lane 4g + t: a[0] (row g, k 2t..2t+1), a[1] (row g+8, k 2t..), a[2] (row g,
+    // k 8+2t..), a[3] (row g+8, k 8+2t..), low half the lower k (mma.m16n8k16's A).
+    for (int i = 0; i < 128; ++i) {
+      const int w = i / 32;
+      const int gr = i % 32 / 4;
+      const int t = i % 4;
+      const int rows[4] = {gr, gr + 8, gr, gr + 8};
+      const int ks[4] = {2 * t, 2 * t, 2 * t + 8, 2 * t + 8};
+      for (int r = 0; r < 4; ++r) {
+        const uint32_t word = slots[i].a[r];
+        op->a[16 * w + rows[r]][ks[r]] = ::emu::bits_to_float(word & 0xffff, kBf16);
+        op->a[16 * w + rows[r]][ks[r] + 1] = ::emu::bits_to_float(word >> 16, kBf16);
+      }
+    }
+    ::emu::wgmma_issue(std::move(*op), g, slots);
+  });
+}
+
+// Host: the emulated cuTensorMapEncodeTiled for a 4-D (D, T, H, B) 16-bit tensor, boxes of
+// (64, box_rows, 1, 1), 128-byte swizzle, out-of-bounds zeros; validated as the driver does.
+inline cudaError_t encode_tile_map(CUtensorMap* map, DType dtype, const void* base,
+                                   const uint64_t (&dims)[4], const uint64_t (&strides_bytes)[3],
+                                   uint32_t box_rows) {
+  const bool sixteen_bit = dtype == DType::kFloat16 || dtype == DType::kBFloat16;
+  bool valid = sixteen_bit && reinterpret_cast<uintptr_t>(map) % 64 == 0 &&
+               reinterpret_cast<uintptr_t>(base) % 16 == 0 && box_rows >= 1 && box_rows <= 256;
+  for (uint64_t d : dims) valid = valid && d >= 1 && d <= (uint64_t{1} << 32);
+  for (uint64_t s : strides_bytes) valid = valid && s % 16 == 0 && s < (uint64_t{1} << 40);
+  // The inner box, 64 elements x 2 bytes, fits the 128-byte swizzle span.
+  if (!valid) return cudaErrorInvalidValue;
+  ::emu::TileMap t{};
+  t.magic = ::emu::kTileMapMagic;
+  t.base = reinterpret_cast<uint64_t>(base);
+  for (int i = 0; i < 4; ++i) t.dims[i] = dims[i];
+  for (int i = 0; i < 3; ++i) t.strides[i] = strides_bytes[i];
+  t.box_rows = box_rows;
+  std::memset(map, 0, sizeof(CUtensorMap));
+  std::memcpy(map, &t, sizeof t);
+  return cudaSuccess;
+}
+
+}  // namespace fusedlm::cuda::attention::sm90
