@@ -1,12 +1,13 @@
-// Flash-attention forward for Hopper (sm_90a): FlashAttention-3's structure without its
-// intra-warpgroup pipelining. One CTA per (128-query tile, query head, batch) with three
-// warpgroups: a producer warpgroup whose one thread streams Q and the K/V tiles into
-// 128-byte-swizzled shared memory with TMA (a 2-stage ring of K/V buffers guarded by mbarriers),
-// and two consumer warpgroups of 64 query rows each that compute S = Q K^T and O += P V with
-// wgmma straight from shared memory (P from registers), keeping the online softmax in registers.
-// The producer gives its registers to the consumers (setmaxnreg). Head dims up to 128 (64 and
-// 128 templates; columns past D are TMA's zero fill); the rest go to the sm_80 kernel
-// (attention_fwd.cu), which also serves every device that is not sm_90.
+// Flash-attention forward for Hopper (sm_90a), FlashAttention-3's structure: one CTA per
+// (128-query tile, query head, batch) with three warpgroups. A producer warpgroup, whose one
+// thread streams Q and the K/V tiles into 128-byte-swizzled shared memory with TMA (a 2-stage
+// ring of K and of V buffers guarded by mbarriers), gives its registers to two consumer
+// warpgroups of 64 query rows each (setmaxnreg). They compute S = Q K^T and O += P V with wgmma
+// straight from shared memory (P from registers), keep the online softmax in registers, and
+// overlap one key tile's softmax with the previous tile's P V GEMM (FA3's intra-warpgroup
+// pipelining; its ping-pong between the two consumer warpgroups is not done). Head dims up to
+// 128 (64 and 128 templates; columns past D are TMA's zero fill); the rest go to the sm_80
+// kernel (attention_fwd.cu), which also serves every device that is not sm_90.
 #include <cstdlib>
 #include <cstring>
 
@@ -37,8 +38,8 @@ struct SharedLayout {
   static constexpr uint32_t kK = kQ + kQBytes;                   // (kStages) K tiles
   static constexpr uint32_t kV = kK + kStages * kKVBytes;        // (kStages) V tiles
   static constexpr uint32_t kBarriers = kV + kStages * kKVBytes;
-  // q_full, k_full[kStages], v_full[kStages], kv_empty[kStages]
-  static constexpr uint32_t kBarrierCount = 1 + 3 * kStages;
+  // q_full, k_full[kStages], v_full[kStages], k_empty[kStages], v_empty[kStages]
+  static constexpr uint32_t kBarrierCount = 1 + 4 * kStages;
   // + slack to align the dynamic shared memory's start to 1024 bytes
   static constexpr size_t kBytes = kBarriers + 8 * kBarrierCount + kSwizzleGroupBytes;
   static_assert(kQBytes % kSwizzleGroupBytes == 0 && kKVBytes % kSwizzleGroupBytes == 0);
@@ -70,7 +71,8 @@ __global__ void __launch_bounds__(kThreads, 1)
   uint64_t* q_full = reinterpret_cast<uint64_t*>(smem + Layout::kBarriers);
   uint64_t* k_full = q_full + 1;
   uint64_t* v_full = k_full + kStages;
-  uint64_t* kv_empty = v_full + kStages;
+  uint64_t* k_empty = v_full + kStages;
+  uint64_t* v_empty = k_empty + kStages;
 
   const AttentionFwdArgs& args = params.args;
   const AttentionShape& s = args.shape;
@@ -98,7 +100,8 @@ __global__ void __launch_bounds__(kThreads, 1)
     for (int stage = 0; stage < kStages; ++stage) {
       mbarrier_init(k_full + stage, 1);
       mbarrier_init(v_full + stage, 1);
-      mbarrier_init(kv_empty + stage, 128 * kConsumers);
+      mbarrier_init(k_empty + stage, 128 * kConsumers);
+      mbarrier_init(v_empty + stage, 128 * kConsumers);
     }
     fence_barrier_init();
   }
@@ -116,18 +119,21 @@ __global__ void __launch_bounds__(kThreads, 1)
       tma_load_4d(sQ + slab * Layout::kQSlabBytes, &params.q_map, slab * kSlabColumns, qm, qh, qb,
                   q_full);
     }
+    // K and V tiles in order; a buffer is refilled once both consumers released it (K tiles
+    // are released a tile earlier than V tiles, so K runs ahead).
     for (int64_t n = 0; n < n_blocks; ++n) {
       const int stage = static_cast<int>(n % kStages);
       const uint32_t phase = static_cast<uint32_t>(n / kStages) & 1u;
-      mbarrier_wait(kv_empty + stage, phase ^ 1u);  // the consumers released this buffer
       const int key0 = static_cast<int>(n * kBlockN);
       unsigned char* k_tile = sK + stage * Layout::kKVBytes;
       unsigned char* v_tile = sV + stage * Layout::kKVBytes;
+      mbarrier_wait(k_empty + stage, phase ^ 1u);
       mbarrier_arrive_expect_tx(k_full + stage, Layout::kKVBytes);
       for (int slab = 0; slab < Layout::kSlabs; ++slab) {
         tma_load_4d(k_tile + slab * Layout::kKVSlabBytes, &params.k_map, slab * kSlabColumns,
                     key0, kvh, qb, k_full + stage);
       }
+      mbarrier_wait(v_empty + stage, phase ^ 1u);
       mbarrier_arrive_expect_tx(v_full + stage, Layout::kKVBytes);
       for (int slab = 0; slab < Layout::kSlabs; ++slab) {
         tma_load_4d(v_tile + slab * Layout::kKVSlabBytes, &params.v_map, slab * kSlabColumns,
@@ -149,20 +155,16 @@ __global__ void __launch_bounds__(kThreads, 1)
   float o[kHeadDim / 2] = {};  // (64, kHeadDim) per warpgroup, accumulator layout
   float row_max[2] = {-INFINITY, -INFINITY};  // rows g, g + 8; log2 units
   float row_sum[2] = {0.f, 0.f};              // this thread's part of the denominators
+  float scores[kBlockN / 2];                  // S, then P, of the current key tile (float32)
+  uint32_t p[kKeyChunks][4];                  // P of the previous key tile, T, A layout
   const float scale_log2 = static_cast<float>(s.scale) * kLog2e;
 
-  if (n_blocks > 0) mbarrier_wait(q_full, 0);
-  for (int64_t n = 0; n < n_blocks; ++n) {
+  // S = Q K^T for key tile n, issued as one wgmma group (not waited for): both operands
+  // K-major, the k-th 16-column step 32 bytes into a 64-column slab.
+  auto issue_scores = [&](int64_t n) {
     const int stage = static_cast<int>(n % kStages);
-    const uint32_t phase = static_cast<uint32_t>(n / kStages) & 1u;
     const unsigned char* k_tile = sK + stage * Layout::kKVBytes;
-    const unsigned char* v_tile = sV + stage * Layout::kKVBytes;
-
-    // S = Q K^T: both K-major; the k-th 16-column step is 32 bytes into a 64-column slab.
-    float scores[kBlockN / 2];
-    mbarrier_wait(k_full + stage, phase);
-    warpgroup_fence();
-    fence_accumulators(scores);
+    mbarrier_wait(k_full + stage, static_cast<uint32_t>(n / kStages) & 1u);
 #pragma unroll
     for (int kk = 0; kk < kHeadDim / 16; ++kk) {
       const uint32_t slab = kk / 4;
@@ -175,10 +177,27 @@ __global__ void __launch_bounds__(kThreads, 1)
       wgmma_m64n128k16_ss<T>(scores, q_desc, k_desc, kk > 0);
     }
     warpgroup_commit();
-    warpgroup_wait<0>();
-    fence_accumulators(scores);
+  };
 
-    // Scale to log2 units and mask: past Tk, and (causal) keys after the row's last visible.
+  // O += P V for key tile n, P from registers, V MN-major (keys = k; slabs of 64 head-dim
+  // columns LBO apart), the k-th 16-key step 16 rows into the tile; one group, not waited for.
+  auto issue_output = [&](int64_t n) {
+    const int stage = static_cast<int>(n % kStages);
+    const unsigned char* v_tile = sV + stage * Layout::kKVBytes;
+    mbarrier_wait(v_full + stage, static_cast<uint32_t>(n / kStages) & 1u);
+#pragma unroll
+    for (int kc = 0; kc < kKeyChunks; ++kc) {
+      const uint64_t v_desc = make_smem_descriptor(v_tile + kc * 16 * kRowBytes,
+                                                   Layout::kKVSlabBytes, kSwizzleGroupBytes);
+      wgmma_rs_transposed_b<T, kHeadDim>(o, p[kc], v_desc);
+    }
+    warpgroup_commit();
+  };
+
+  // Scores of tile n (landed) -> probabilities in place: scale to log2 units, mask (past Tk and,
+  // causal, keys after the row's last visible), new row max over the 4 lanes sharing a row,
+  // exponentiate; returns the factors the output must be rescaled by.
+  auto softmax = [&](int64_t n, float (&alpha)[2]) {
     const int64_t n0 = n * kBlockN;
     const bool need_mask =
         n0 + kBlockN > Tk || (s.causal && n0 + kBlockN - 1 > m0 + consumer * 64 + s.causal_offset);
@@ -195,8 +214,6 @@ __global__ void __launch_bounds__(kThreads, 1)
         scores[4 * nb + i] = x;
       }
     }
-
-    // Online softmax: new row max (over the 4 lanes sharing a row), rescale, exponentiate.
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       float m_new = row_max[r];
@@ -208,7 +225,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       m_new = fmaxf(m_new, __shfl_xor_sync(0xffffffffu, m_new, 2));
       // A row that has seen only masked keys keeps max -inf; subtract 0 then (no inf - inf).
       const float m_use = m_new == -INFINITY ? 0.f : m_new;
-      const float alpha = exp2f(row_max[r] - m_use);
+      alpha[r] = exp2f(row_max[r] - m_use);
       row_max[r] = m_new;
       float sum = 0.f;
 #pragma unroll
@@ -219,17 +236,19 @@ __global__ void __launch_bounds__(kThreads, 1)
         scores[4 * nb + 2 * r + 1] = p1;
         sum += p0 + p1;
       }
-      row_sum[r] = row_sum[r] * alpha + sum;
-#pragma unroll
-      for (int db = 0; db < kDBlocks; ++db) {
-        o[4 * db + 2 * r] *= alpha;
-        o[4 * db + 2 * r + 1] *= alpha;
-      }
+      row_sum[r] = row_sum[r] * alpha[r] + sum;
     }
+  };
 
-    // O += P V: P rounded to T in the A-register layout; V MN-major (keys = k, slabs of 64 head
-    // dim columns LBO apart), the k-th 16-key step 16 rows into the tile.
-    uint32_t p[kKeyChunks][4];
+  auto rescale_output = [&](const float (&alpha)[2]) {
+#pragma unroll
+    for (int db = 0; db < kDBlocks; ++db) {
+#pragma unroll
+      for (int i = 0; i < 4; ++i) o[4 * db + i] *= alpha[i / 2];
+    }
+  };
+
+  auto probabilities_to_registers = [&] {
 #pragma unroll
     for (int kc = 0; kc < kKeyChunks; ++kc) {
       p[kc][0] = pack2<T>(scores[8 * kc + 0], scores[8 * kc + 1]);
@@ -237,19 +256,43 @@ __global__ void __launch_bounds__(kThreads, 1)
       p[kc][2] = pack2<T>(scores[8 * kc + 4], scores[8 * kc + 5]);
       p[kc][3] = pack2<T>(scores[8 * kc + 6], scores[8 * kc + 7]);
     }
-    mbarrier_wait(v_full + stage, phase);
+  };
+
+  // FlashAttention-3's intra-warpgroup overlap: the S GEMM of tile n and the P V GEMM of tile
+  // n - 1 are in flight together, and tile n's softmax runs while the second one still does.
+  if (n_blocks > 0) {
+    float alpha[2];
+    mbarrier_wait(q_full, 0);
+    warpgroup_fence();
+    fence_accumulators(scores);
+    issue_scores(0);
+    warpgroup_wait<0>();
+    fence_accumulators(scores);
+    mbarrier_arrive(k_empty + 0);
+    softmax(0, alpha);
+    probabilities_to_registers();
+    for (int64_t n = 1; n < n_blocks; ++n) {
+      fence_accumulators(scores);
+      fence_accumulators(o);
+      warpgroup_fence();
+      issue_scores(n);
+      issue_output(n - 1);
+      warpgroup_wait<1>();  // S of tile n has landed; P V of tile n - 1 may still run
+      fence_accumulators(scores);
+      mbarrier_arrive(k_empty + n % kStages);
+      softmax(n, alpha);
+      warpgroup_wait<0>();
+      fence_accumulators(o);
+      mbarrier_arrive(v_empty + (n - 1) % kStages);
+      rescale_output(alpha);
+      probabilities_to_registers();
+    }
     fence_accumulators(o);
     warpgroup_fence();
-#pragma unroll
-    for (int kc = 0; kc < kKeyChunks; ++kc) {
-      const uint64_t v_desc = make_smem_descriptor(v_tile + kc * 16 * kRowBytes,
-                                                   Layout::kKVSlabBytes, kSwizzleGroupBytes);
-      wgmma_rs_transposed_b<T, kHeadDim>(o, p[kc], v_desc);
-    }
-    warpgroup_commit();
+    issue_output(n_blocks - 1);
     warpgroup_wait<0>();
     fence_accumulators(o);
-    mbarrier_arrive(kv_empty + stage);  // this thread is done with the stage's K and V
+    mbarrier_arrive(v_empty + (n_blocks - 1) % kStages);
   }
 
   // Epilogue: out = O / l, lse = max + log(l) (natural log); rows that saw no key: 0 and -inf.
