@@ -5,7 +5,7 @@
 // warpgroups of 64 query rows each (setmaxnreg). They compute S = Q K^T and O += P V with wgmma
 // straight from shared memory (P from registers), keep the online softmax in registers, and
 // overlap one key tile's softmax with the previous tile's P V GEMM (FA3's intra-warpgroup
-// pipelining; its ping-pong between the two consumer warpgroups is not done). Head dims up to
+// pipelining) and with the other warpgroup's GEMMs (FA3's ping-pong). Head dims up to
 // 128 (64 and 128 templates; columns past D are TMA's zero fill); the rest go to the sm_80
 // kernel (attention_fwd.cu), which also serves every device that is not sm_90.
 #include <cstdlib>
@@ -25,6 +25,7 @@ constexpr int kConsumers = 2;  // consumer warpgroups, 64 query rows each
 constexpr int kThreads = 128 * (1 + kConsumers);
 constexpr int kSlabColumns = 64;  // 16-bit columns of one 128-byte-swizzled slab
 constexpr uint32_t kRowBytes = 128;
+constexpr uint32_t kTurnBarrier = 1;  // named barriers 1, 2: the consumers' GEMM turns
 
 // Byte offsets of the tiles and barriers in (1024-byte aligned) dynamic shared memory.
 template <int kHeadDim>
@@ -159,12 +160,20 @@ __global__ void __launch_bounds__(kThreads, 1)
   uint32_t p[kKeyChunks][4];                  // P of the previous key tile, T, A layout
   const float scale_log2 = static_cast<float>(s.scale) * kLog2e;
 
+  // Waits until key tile n's K (or V) has landed. Before the fence of the GEMMs that read it:
+  // a wait loop between two wgmmas is a divergent path, over which ptxas serializes them.
+  auto wait_keys = [&](int64_t n) {
+    mbarrier_wait(k_full + n % kStages, static_cast<uint32_t>(n / kStages) & 1u);
+  };
+  auto wait_values = [&](int64_t n) {
+    mbarrier_wait(v_full + n % kStages, static_cast<uint32_t>(n / kStages) & 1u);
+  };
+
   // S = Q K^T for key tile n, issued as one wgmma group (not waited for): both operands
   // K-major, the k-th 16-column step 32 bytes into a 64-column slab.
   auto issue_scores = [&](int64_t n) {
     const int stage = static_cast<int>(n % kStages);
     const unsigned char* k_tile = sK + stage * Layout::kKVBytes;
-    mbarrier_wait(k_full + stage, static_cast<uint32_t>(n / kStages) & 1u);
 #pragma unroll
     for (int kk = 0; kk < kHeadDim / 16; ++kk) {
       const uint32_t slab = kk / 4;
@@ -184,7 +193,6 @@ __global__ void __launch_bounds__(kThreads, 1)
   auto issue_output = [&](int64_t n) {
     const int stage = static_cast<int>(n % kStages);
     const unsigned char* v_tile = sV + stage * Layout::kKVBytes;
-    mbarrier_wait(v_full + stage, static_cast<uint32_t>(n / kStages) & 1u);
 #pragma unroll
     for (int kc = 0; kc < kKeyChunks; ++kc) {
       const uint64_t v_desc = make_smem_descriptor(v_tile + kc * 16 * kRowBytes,
@@ -258,14 +266,29 @@ __global__ void __launch_bounds__(kThreads, 1)
     }
   };
 
+  // Ping-pong: the two consumer warpgroups take turns issuing their GEMMs (named barrier
+  // kTurnBarrier + c is consumer c's turn), so one's softmax runs under the other's GEMMs.
+  // Consumer 0 goes first; each issues n_blocks + 1 times, and consumer 1's last hand-over is
+  // skipped (nobody would take it: a barrier must not be left with pending arrivals).
+  int turns_left = static_cast<int>(n_blocks) + 1;
+  auto take_turn = [&] { named_barrier_sync(kTurnBarrier + consumer, 256); };
+  auto pass_turn = [&] {
+    --turns_left;
+    named_barrier_arrive(kTurnBarrier + (1 - consumer), 256, consumer == 0 || turns_left > 0);
+  };
+
   // FlashAttention-3's intra-warpgroup overlap: the S GEMM of tile n and the P V GEMM of tile
   // n - 1 are in flight together, and tile n's softmax runs while the second one still does.
   if (n_blocks > 0) {
     float alpha[2];
+    named_barrier_arrive(kTurnBarrier, 256, consumer == 1);  // consumer 0 starts
     mbarrier_wait(q_full, 0);
+    wait_keys(0);
+    take_turn();
     warpgroup_fence();
     fence_accumulators(scores);
     issue_scores(0);
+    pass_turn();
     warpgroup_wait<0>();
     fence_accumulators(scores);
     mbarrier_arrive(k_empty + 0);
@@ -274,9 +297,14 @@ __global__ void __launch_bounds__(kThreads, 1)
     for (int64_t n = 1; n < n_blocks; ++n) {
       fence_accumulators(scores);
       fence_accumulators(o);
+      wait_keys(n);
+      wait_values(n - 1);
+      fence_registers(p);
+      take_turn();
       warpgroup_fence();
       issue_scores(n);
       issue_output(n - 1);
+      pass_turn();
       warpgroup_wait<1>();  // S of tile n has landed; P V of tile n - 1 may still run
       fence_accumulators(scores);
       mbarrier_arrive(k_empty + n % kStages);
@@ -288,8 +316,12 @@ __global__ void __launch_bounds__(kThreads, 1)
       probabilities_to_registers();
     }
     fence_accumulators(o);
+    wait_values(n_blocks - 1);
+    fence_registers(p);
+    take_turn();
     warpgroup_fence();
     issue_output(n_blocks - 1);
+    pass_turn();
     warpgroup_wait<0>();
     fence_accumulators(o);
     mbarrier_arrive(v_empty + (n_blocks - 1) % kStages);

@@ -75,6 +75,21 @@ __device__ __forceinline__ void fence_accumulators(float (&d)[N]) {
 #endif
 }
 
+// Pins A-operand registers (P) in place: their values are computed before the wgmma fence
+// rather than sunk past it (ptxas would then insert a fence of its own there).
+template <int M, int N>
+__device__ __forceinline__ void fence_registers(uint32_t (&r)[M][N]) {
+#ifndef FUSEDLM_WARP_EMULATION
+#pragma unroll
+  for (int i = 0; i < M; ++i) {
+#pragma unroll
+    for (int j = 0; j < N; ++j) asm volatile("" : "+r"(r[i][j])::"memory");
+  }
+#else
+  (void)r;
+#endif
+}
+
 #if !defined(FUSEDLM_WARP_EMULATION) && defined(FUSEDLM_SM90A_DEVICE)
 
 // ---- mbarriers (shared memory, 8 bytes each) --------------------------------------------------
@@ -141,6 +156,22 @@ __device__ __forceinline__ void registers_decrease() {
 template <uint32_t kRegisters>
 __device__ __forceinline__ void registers_increase() {
   asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(kRegisters));
+}
+
+// ---- named barriers (0 is __syncthreads') ------------------------------------------------------
+
+// Arrives at barrier `id` and waits until `threads` threads (a multiple of 32) have arrived.
+__device__ __forceinline__ void named_barrier_sync(uint32_t id, uint32_t threads) {
+  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+}
+
+// Arrives at barrier `id` (of `threads` threads) without waiting, when `arrive`: a predicated
+// instruction, not a branch (a divergent path between wgmmas makes ptxas serialize them).
+__device__ __forceinline__ void named_barrier_arrive(uint32_t id, uint32_t threads, bool arrive) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %2, 0;\n@p bar.arrive %0, %1;\n}\n" ::"r"(id),
+      "r"(threads), "r"(static_cast<uint32_t>(arrive))
+      : "memory");
 }
 
 // ---- wgmma -------------------------------------------------------------------------------------

@@ -117,7 +117,28 @@ inline void sm90_thread_exit() {
   }
 }
 
+// bar.sync / bar.arrive on named barrier `id` (1..15; 0 is __syncthreads') completing at
+// `threads` arrivals. A barrier's count may not change while arrivals are pending.
+inline Barrier& named_barrier(int id, int threads) {
+  Block* block = current_block();
+  if (id < 1 || id > 15) fail("named barrier id outside 1..15");
+  if (threads <= 0 || threads % 32 != 0 || threads > static_cast<int>(block->threads.size())) {
+    fail("named barrier thread count not a positive multiple of 32 within the block");
+  }
+  Barrier& x = block->named_barriers[id];
+  if (x.arrived != 0 && x.live != threads) fail("named barrier used with two thread counts");
+  x.live = threads;
+  return x;
+}
+
 inline void sm90_block_end() {
+  for (size_t id = 0; id < current_block()->named_barriers.size(); ++id) {
+    if (current_block()->named_barriers[id].arrived != 0) {
+      fail(("a block exited with arrivals at named barrier " + std::to_string(id) +
+            " that never completed").c_str());
+      return;
+    }
+  }
   for (const TmaCopy& c : sm90().copies) {
     if (!c.landed || max_observed(sm90().barriers[c.barrier]) < c.visible_after) {
       fail("a block exited with a TMA copy whose mbarrier phase no thread waited for");
@@ -513,6 +534,21 @@ inline void registers_decrease() {
 template <uint32_t kRegisters>
 inline void registers_increase() {
   ::emu::warpgroup_collective("setmaxnreg.inc", [](::emu::Warpgroup&, const ::emu::WgSlot*) {});
+}
+
+// bar.sync id, threads: arrive and wait until `threads` threads arrived (bar.arrive counts).
+inline void named_barrier_sync(uint32_t id, uint32_t threads) {
+  ::emu::wait_barrier(::emu::named_barrier(static_cast<int>(id), static_cast<int>(threads)));
+}
+
+// bar.arrive id, threads: arrive without waiting (when `arrive`: the instruction's predicate).
+inline void named_barrier_arrive(uint32_t id, uint32_t threads, bool arrive) {
+  if (!arrive) return;
+  ::emu::Barrier& x = ::emu::named_barrier(static_cast<int>(id), static_cast<int>(threads));
+  if (++x.arrived >= x.live) {
+    x.arrived = 0;
+    ++x.generation;
+  }
 }
 
 inline void warpgroup_fence() {

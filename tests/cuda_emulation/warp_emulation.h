@@ -116,6 +116,7 @@ struct Block {
   Barrier block_barrier;
   std::vector<Barrier> warp_barriers;
   std::vector<Barrier> warpgroup_barriers;  // 128 consecutive threads (wgmma's collectives)
+  std::vector<Barrier> named_barriers;      // bar.sync / bar.arrive 0..15 (live: its count)
   std::vector<Slot> slots;  // (warps * 32)
   std::function<void()> body;
 };
@@ -326,6 +327,11 @@ inline std::string deadlock_message(const Block& b) {
     } else if (t.waiting_on != nullptr && t.waiting_on >= b.warp_barriers.data() &&
                t.waiting_on < b.warp_barriers.data() + b.warp_barriers.size()) {
       what = "at a collective of warp " + std::to_string(t.warp);
+    } else if (t.waiting_on != nullptr && t.waiting_on >= b.named_barriers.data() &&
+               t.waiting_on < b.named_barriers.data() + b.named_barriers.size()) {
+      const Barrier& x = *t.waiting_on;
+      what = "at named barrier " + std::to_string(t.waiting_on - b.named_barriers.data()) +
+             " (" + std::to_string(x.arrived) + " of " + std::to_string(x.live) + " arrived)";
     } else if (t.waiting_on != nullptr) {
       int exited = 0;
       for (int i = 0; i < 128; ++i) exited += b.threads[(t.warp / 4) * 128 + i].done ? 1 : 0;
@@ -424,6 +430,7 @@ struct Launch {
           b.block_barrier = Barrier{0, 0, threads};
           for (Barrier& x : b.warp_barriers) x = Barrier{0, 0, 32};
           for (Barrier& x : b.warpgroup_barriers) x = Barrier{0, 0, 128};
+          b.named_barriers.assign(16, Barrier{0, 0, 0});
           sm90_block_start(b);
           for (int i = 0; i < threads; ++i) {
             Thread& t = b.threads[i];
