@@ -826,11 +826,11 @@ HOPPER_SHAPES = [
     (3, 4, 2, 1000, 1000, 8),
     (1, 2, 2, 1, 1000, 128),  # decoding: one query tile, mostly empty
     (1, 6, 2, 200, 333, 96),
-    (4, 8, 2, 3000, 1000, 64),  # Tq > Tk: causal CTAs without a key tile
-    (1, 16, 16, 16384, 16384, 128),
-    (4, 16, 4, 4096, 4096, 64),
-    (2, 8, 1, 4096, 8192, 128),
+    (2, 4, 2, 700, 300, 64),  # Tq > Tk: causal CTAs without a key tile
+    (1, 4, 1, 1000, 2500, 128),  # MQA, Tq < Tk, many key tiles around the ring
 ]
+# (On an sm_90 GPU every test above with D <= 128 also runs this kernel, by default: these only
+# add the proof that it, and not the sm_80 fallback, ran.)
 
 
 @HOPPER
