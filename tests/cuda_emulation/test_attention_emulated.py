@@ -1,6 +1,7 @@
-"""The CUDA attention kernels of csrc/cuda (sm_80 path: mma.sync, ldmatrix, cp.async), run
-unchanged on the CPU by the warp-level emulation of warp_emulation.h, against the float64 truth
-by the rule of tests/helpers.py.
+"""The CUDA attention kernels of csrc/cuda (sm_80 path: mma.sync, ldmatrix, cp.async; the
+Hopper forward: TMA, mbarriers, wgmma, named barriers), run unchanged on the CPU by the
+warp-level emulation of warp_emulation.h and sm90_emulation.h, against the float64 truth by the
+rule of tests/helpers.py.
 
 Why: CI has no GPU, and these kernels' correctness hangs on fragment layouts, shared-memory
 address formulas and a cp.async double-buffering protocol that only run on a GPU otherwise. The

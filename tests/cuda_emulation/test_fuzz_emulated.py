@@ -2,7 +2,8 @@
 the backend CI cannot otherwise run): attention over sequence lengths around every tile size the
 launchers use (16, 32, 64, 128), head dims 8..256 in steps of 8 (every template and the padded
 ones between), GQA/MQA, arbitrary causal offsets, both memory layouts, both dQ paths, both
-shared-memory sizes; LayerNorm/RMSNorm over hidden sizes 1..70000 around every launch-path
+shared-memory sizes; the Hopper forward over lengths around its 128-row tiles and head dims up
+to 128; LayerNorm/RMSNorm over hidden sizes 1..70000 around every launch-path
 boundary, every dtype, with and without weight/bias, aligned or not.
 
 Derandomized with a few examples by default (CI); ``--fuzz-long[=N]`` as for tests/test_fuzz.py.
@@ -51,6 +52,34 @@ def test_fuzz_attention(library, fuzz):  # noqa: F811
         _check(library, (1, Hkv * group, Hkv, Tq, Tk, D), causal, dtype, layout=layout,
                late=late, deterministic=deterministic, offset=offset, schedule=schedule,
                shared_bytes=shared)
+
+    run()
+
+
+# The Hopper forward's tiles are 128 x 128 (two 64-row consumer halves, a 2-stage K/V ring).
+HOPPER_SEQ_LENS = [1, 2, 63, 64, 65, 127, 128, 129, 255, 256, 257, 300]
+
+
+def test_fuzz_attention_hopper(library, fuzz):  # noqa: F811
+    @fuzz(8)
+    @given(data=st.data())
+    def run(data):
+        Hkv = data.draw(st.integers(1, 2), label="Hkv")
+        group = data.draw(st.integers(1, 3), label="group")
+        Tq = data.draw(st.sampled_from(HOPPER_SEQ_LENS), label="Tq")
+        Tk = data.draw(st.sampled_from(HOPPER_SEQ_LENS), label="Tk")
+        D = data.draw(st.integers(1, 16), label="D / 8") * 8
+        causal = data.draw(st.booleans(), label="causal")
+        offset = Tk - Tq
+        if causal and data.draw(st.booleans(), label="random offset"):
+            offset = data.draw(st.integers(-Tq, Tk), label="offset")
+        dtype = data.draw(st.sampled_from([torch.float16, torch.bfloat16]), label="dtype")
+        layout = data.draw(st.sampled_from(["contiguous", "bthd"]), label="layout")
+        late = data.draw(st.booleans(), label="late TMA/wgmma")
+        schedule = data.draw(st.sampled_from([LOCKSTEP, WARPS_FORWARD, WARPS_BACKWARD]),
+                             label="schedule")
+        _check(library, (1, Hkv * group, Hkv, Tq, Tk, D), causal, dtype, layout=layout,
+               late=late, offset=offset, schedule=schedule, hopper=True)
 
     run()
 
