@@ -13,6 +13,7 @@
 // Head dims above 128 split the dK/dV/dQ columns over two CTAs (each recomputes S and dP over
 // the full head dim) so the accumulators fit in registers.
 #include "cuda/attention_sm80.cuh"
+#include "cuda/attention_sm90.cuh"
 
 namespace fusedlm::cuda {
 namespace attention {
@@ -418,6 +419,7 @@ cudaError_t launch_bwd(const AttentionBwdArgs& args, cudaStream_t stream) {
   const auto dkdv_grid = static_cast<unsigned>(dkdv_blocks);
   constexpr size_t dkdv_bytes = dkdv_shared_bytes<kHeadDim, kBlock>();
   if (args.deterministic) {
+    if (sm90::sm90_required()) return cudaErrorNotSupported;  // no deterministic sm_90a kernel
     auto dkdv = attention_bwd_dkdv_kernel<T, kHeadDim, kWarps, kOutDim, false>;
     FUSEDLM_RETURN_IF_ERROR(prepare_shared_memory(dkdv, dkdv_bytes));
     FUSEDLM_LAUNCH(dkdv, dkdv_grid, kWarps * 32, dkdv_bytes, stream)(args, delta, nullptr);
@@ -438,10 +440,17 @@ cudaError_t launch_bwd(const AttentionBwdArgs& args, cudaStream_t stream) {
   if (dq_accumulator == nullptr) return cudaErrorMemoryAllocation;
   FUSEDLM_RETURN_IF_ERROR(
       cudaMemsetAsync(dq_accumulator, 0, sizeof(float) * dq_numel, stream));
-  auto dkdv = attention_bwd_dkdv_kernel<T, kHeadDim, kWarps, kOutDim, true>;
-  FUSEDLM_RETURN_IF_ERROR(prepare_shared_memory(dkdv, dkdv_bytes));
-  FUSEDLM_LAUNCH(dkdv, dkdv_grid, kWarps * 32, dkdv_bytes, stream)(args, delta, dq_accumulator);
-  FUSEDLM_RETURN_IF_LAUNCH_FAILED();
+  // Hopper: dK, dV and the dQ accumulator on the wgmma/TMA kernel where it applies.
+  const cudaError_t hopper = sm90::attention_bwd_sm90(args, delta, dq_accumulator, stream);
+  if (hopper != cudaErrorNotSupported || sm90::sm90_required()) {
+    FUSEDLM_RETURN_IF_ERROR(hopper);
+  } else {
+    auto dkdv = attention_bwd_dkdv_kernel<T, kHeadDim, kWarps, kOutDim, true>;
+    FUSEDLM_RETURN_IF_ERROR(prepare_shared_memory(dkdv, dkdv_bytes));
+    FUSEDLM_LAUNCH(dkdv, dkdv_grid, kWarps * 32, dkdv_bytes, stream)(args, delta,
+                                                                     dq_accumulator);
+    FUSEDLM_RETURN_IF_LAUNCH_FAILED();
+  }
   const int64_t convert_blocks = std::min<int64_t>(ceil_div(dq_numel, 256), kMaxGridBlocks);
   auto convert_kernel = attention_bwd_convert_dq_kernel<T>;
   FUSEDLM_LAUNCH(convert_kernel, static_cast<unsigned>(convert_blocks), 256, 0, stream)(

@@ -183,7 +183,7 @@ __global__ void __launch_bounds__(kThreads, 1)
           kSwizzleGroupBytes);
       const uint64_t k_desc =
           make_smem_descriptor(k_tile + slab * Layout::kKVSlabBytes + step, 16, kSwizzleGroupBytes);
-      wgmma_m64n128k16_ss<T>(scores, q_desc, k_desc, kk > 0);
+      wgmma_ss<T, kBlockN, 0, 0>(scores, q_desc, k_desc, kk > 0);
     }
     warpgroup_commit();
   };
@@ -352,22 +352,6 @@ __global__ void __launch_bounds__(kThreads, 1)
 #endif  // FUSEDLM_SM90A_DEVICE
 }
 
-// A map over one (B, H, T, D) input with boxes of 64 columns x `rows` tokens.
-cudaError_t encode_input(CUtensorMap* map, const AttentionShape& s, const AttentionInput& in,
-                         int64_t heads, int64_t tokens, uint32_t rows) {
-  const uint64_t element = 2;
-  // A stride of a size-1 dimension is never used; the driver still wants a multiple of 16 > 0.
-  auto stride = [&](int64_t elements, int64_t size) -> uint64_t {
-    const uint64_t bytes = static_cast<uint64_t>(elements) * element;
-    return size == 1 && bytes == 0 ? 16 : bytes;
-  };
-  const uint64_t dims[4] = {static_cast<uint64_t>(s.D), static_cast<uint64_t>(tokens),
-                            static_cast<uint64_t>(heads), static_cast<uint64_t>(s.B)};
-  const uint64_t strides[3] = {stride(in.token_stride, tokens), stride(in.head_stride, heads),
-                               stride(in.batch_stride, s.B)};
-  return encode_tile_map(map, s.dtype, in.data, dims, strides, rows);
-}
-
 template <typename T, int kHeadDim>
 cudaError_t launch_fwd_sm90(const AttentionFwdArgs& args, cudaStream_t stream) {
   const AttentionShape& s = args.shape;
@@ -442,7 +426,7 @@ bool sm90_required() { return std::strcmp(sm90_setting(), "require") == 0; }
 
 // Whether this build and device run the sm_90a kernel: compiled for sm_90a (FUSEDLM_SM90A_KERNELS
 // from CMake), a compute capability 9.0 device, and not turned off.
-static bool sm90_enabled() {
+bool sm90_enabled() {
 #if defined(FUSEDLM_SM90A_KERNELS) || defined(FUSEDLM_WARP_EMULATION)
   if (std::strcmp(sm90_setting(), "0") == 0) return false;
   int device = 0;

@@ -18,6 +18,8 @@
 //   MN-major operand (V as the B of O = P V, read transposed: k = the key rows, n = the head dim
 //     columns): SBO = 1024 (8 key rows), LBO = the byte distance between the 64-column slabs;
 //     the k-th 16-key step starts 16 * 128 * k bytes into the tile.
+//   MN-major A (dS stored (keys, queries) as the A of dQ = dS K: k = keys, m = queries): as
+//     the MN-major B, with the 64 queries of M one slab wide.
 // Accumulator fragments of wgmma m64nNk16 (float32): warp w of the warpgroup holds rows
 // 16 w .. 16 w + 15; lane 4 g + t holds d[4 j + 0, 1] = (row g, columns 8 j + 2 t, + 1) and
 // d[4 j + 2, 3] = (row g + 8, same columns) for j < N / 8: mma.m16n8's C layout, repeated along
@@ -158,6 +160,12 @@ __device__ __forceinline__ void registers_increase() {
   asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(kRegisters));
 }
 
+// Orders this thread's ordinary shared-memory stores before later reads of them by the async
+// proxy (wgmma, TMA); a barrier between the threads follows it.
+__device__ __forceinline__ void fence_view_async_shared() {
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+}
+
 // ---- named barriers (0 is __syncthreads') ------------------------------------------------------
 
 // Arrives at barrier `id` and waits until `threads` threads (a multiple of 32) have arrived.
@@ -210,28 +218,45 @@ __device__ __forceinline__ void warpgroup_wait() {
   FUSEDLM_ACC32_OPERANDS, FUSEDLM_ACC_8(32), FUSEDLM_ACC_8(40), FUSEDLM_ACC_8(48), \
       FUSEDLM_ACC_8(56)
 
-// d (64 x N, float32) (+)= A (64 x 16, K-major in shared memory) . B (16 x N, K-major in shared
-// memory: N rows of k), all operands described by descriptors; accumulate == false overwrites d.
-// N = 128 only (the score tile).
-template <typename T>
-__device__ __forceinline__ void wgmma_m64n128k16_ss(float (&d)[64], uint64_t desc_a,
-                                                    uint64_t desc_b, bool accumulate) {
+// d (64 x N, float32) (+)= A (64 x 16) . B (16 x N), both from shared memory through their
+// descriptors: K-major (kTransA / kTransB = 0: rows of k, e.g. Q and K in S = Q K^T) or
+// MN-major (1: k rows of M / N contiguous elements, e.g. dS stored (keys, queries) as the A of
+// dQ = dS K). accumulate == false overwrites d. N = 64 or 128.
+template <typename T, int N, int kTransA, int kTransB>
+__device__ __forceinline__ void wgmma_ss(float (&d)[N / 2], uint64_t desc_a, uint64_t desc_b,
+                                         bool accumulate) {
   static_assert(std::is_same_v<T, __half> || std::is_same_v<T, __nv_bfloat16>);
+  static_assert(N == 64 || N == 128);
+  static_assert((kTransA == 0 || kTransA == 1) && (kTransB == 0 || kTransB == 1));
   const int scale_d = accumulate ? 1 : 0;
-  if constexpr (std::is_same_v<T, __half>) {
+  if constexpr (N == 64 && std::is_same_v<T, __half>) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 " FUSEDLM_ACC32_REGS
+        ", %32, %33, p, 1, 1, %35, %36;\n}\n"
+        : FUSEDLM_ACC32_OPERANDS
+        : "l"(desc_a), "l"(desc_b), "r"(scale_d), "n"(kTransA), "n"(kTransB));
+  } else if constexpr (N == 64) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 " FUSEDLM_ACC32_REGS
+        ", %32, %33, p, 1, 1, %35, %36;\n}\n"
+        : FUSEDLM_ACC32_OPERANDS
+        : "l"(desc_a), "l"(desc_b), "r"(scale_d), "n"(kTransA), "n"(kTransB));
+  } else if constexpr (std::is_same_v<T, __half>) {
     asm volatile(
         "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
         "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 " FUSEDLM_ACC64_REGS
-        ", %64, %65, p, 1, 1, 0, 0;\n}\n"
+        ", %64, %65, p, 1, 1, %67, %68;\n}\n"
         : FUSEDLM_ACC64_OPERANDS
-        : "l"(desc_a), "l"(desc_b), "r"(scale_d));
+        : "l"(desc_a), "l"(desc_b), "r"(scale_d), "n"(kTransA), "n"(kTransB));
   } else {
     asm volatile(
         "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
         "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 " FUSEDLM_ACC64_REGS
-        ", %64, %65, p, 1, 1, 0, 0;\n}\n"
+        ", %64, %65, p, 1, 1, %67, %68;\n}\n"
         : FUSEDLM_ACC64_OPERANDS
-        : "l"(desc_a), "l"(desc_b), "r"(scale_d));
+        : "l"(desc_a), "l"(desc_b), "r"(scale_d), "n"(kTransA), "n"(kTransB));
   }
 }
 
@@ -290,12 +315,39 @@ cudaError_t encode_tile_map(CUtensorMap* map, DType dtype, const void* base,
                             uint32_t box_rows);
 #endif
 
+// A map over one (B, H, T, D) input with boxes of 64 columns x `rows` tokens.
+inline cudaError_t encode_input(CUtensorMap* map, const AttentionShape& s,
+                                const AttentionInput& in, int64_t heads, int64_t tokens,
+                                uint32_t rows) {
+  const uint64_t element = 2;
+  // A stride of a size-1 dimension is never used; the driver still wants a multiple of 16 > 0.
+  auto stride = [&](int64_t elements, int64_t size) -> uint64_t {
+    const uint64_t bytes = static_cast<uint64_t>(elements) * element;
+    return size == 1 && bytes == 0 ? 16 : bytes;
+  };
+  const uint64_t dims[4] = {static_cast<uint64_t>(s.D), static_cast<uint64_t>(tokens),
+                            static_cast<uint64_t>(heads), static_cast<uint64_t>(s.B)};
+  const uint64_t strides[3] = {stride(in.token_stride, tokens), stride(in.head_stride, heads),
+                               stride(in.batch_stride, s.B)};
+  return encode_tile_map(map, s.dtype, in.data, dims, strides, rows);
+}
+
+// Whether this build and device run the sm_90a kernels (FUSEDLM_SM90A_KERNELS from CMake, a
+// compute capability 9.0 device, FUSEDLM_ATTENTION_SM90 not "0").
+bool sm90_enabled();
+
 // The forward on the sm_90a kernel (attention_fwd_sm90.cu) when this build has it, the device is
 // sm_90, D <= 128 and TMA can describe the inputs; cudaErrorNotSupported (nothing launched)
 // otherwise, and the caller runs the sm_80 kernel.
 cudaError_t attention_fwd_sm90(const AttentionFwdArgs& args, cudaStream_t stream);
 
-// FUSEDLM_ATTENTION_SM90=require: where the sm_90a kernel does not apply, the forward fails.
+// FUSEDLM_ATTENTION_SM90=require: where the sm_90a kernels do not apply, the call fails.
 bool sm90_required();
+
+// dK, dV and the float32 dQ accumulator (added to, zeroed by the caller) on the sm_90a kernel,
+// from delta = rowsum(dO * O) (B * Hq * Tq floats); cudaErrorNotSupported (nothing launched)
+// where it does not apply: not sm_90, D > 128, or inputs TMA cannot describe.
+cudaError_t attention_bwd_sm90(const AttentionBwdArgs& args, const float* delta,
+                               float* dq_accumulator, cudaStream_t stream);
 
 }  // namespace fusedlm::cuda::attention::sm90

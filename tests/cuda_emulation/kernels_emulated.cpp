@@ -5,6 +5,7 @@
 
 #include "cuda/adamw.cu"
 #include "cuda/attention_bwd.cu"
+#include "cuda/attention_bwd_sm90.cu"
 #include "cuda/attention_fwd.cu"
 #include "cuda/attention_fwd_sm90.cu"
 #include "cuda/norm.cu"

@@ -1,6 +1,7 @@
 // The Hopper (sm_90a) primitives of csrc/cuda/attention_sm90.cuh for the CPU emulation of
 // warp_emulation.h (which includes this at its end): mbarriers, TMA tile loads with the 128-byte
-// swizzle, and wgmma (SS and RS forms) over warpgroups of 128 threads. Implemented from the PTX
+// swizzle, and wgmma (SS with K- or MN-major operands, RS) over warpgroups of 128 threads,
+// fence.proxy.async (counted only) and named barriers. Implemented from the PTX
 // ISA (mbarrier phases and tx-counts, cp.async.bulk.tensor, the wgmma matrix descriptors and
 // canonical 128B-swizzle layouts), not from how the kernels use them.
 //
@@ -10,6 +11,12 @@
 // (faults): a wgmma (or ldmatrix) reading bytes of a TMA copy whose mbarrier phase no thread of
 // its warpgroup has waited for (a __syncthreads shares what each warpgroup saw), and a TMA copy
 // issued or landing onto bytes an issued, not yet retired wgmma reads.
+//
+// NOT checked: the ordering of ordinary (generic-proxy) shared-memory stores before async-proxy
+// reads of them (a wgmma or TMA store reading what threads wrote with plain C++ stores). On a GPU
+// that needs fence_view_async_shared (fence.proxy.async.shared::cta) and then a barrier; here
+// plain stores are invisible to the emulation, so a missing fence goes unnoticed. The fence is
+// only counted (Warpgroup::async_fences).
 #pragma once
 
 #include <cuda.h>  // CUtensorMap
@@ -54,6 +61,8 @@ struct TmaCopy {
 struct WgmmaOp {
   int n;                    // N of m64nNk16
   bool rs;                  // A from registers (then `a` holds it), else from `desc_a`
+  bool trans_a;             // imm-trans-a: A MN-major (else K-major); SS only
+  bool trans_b;             // imm-trans-b: B MN-major (else K-major)
   bool accumulate;          // false: d = A.B
   bool bf16;
   uint64_t desc_a;
@@ -67,6 +76,7 @@ struct Warpgroup {
   std::vector<WgmmaOp> open;                    // issued since the last commit
   std::deque<std::vector<WgmmaOp>> committed;  // committed, not yet retired
   bool fenced = false;                          // a warpgroup_fence since the last wait
+  uint64_t async_fences = 0;  // fence_view_async_shared calls by its threads (not checked)
 };
 
 // What each thread brings to a warpgroup collective.
@@ -302,18 +312,27 @@ inline float shared_element(uint32_t address, bool bf16) {
   return bits_to_float(bits, bf16);
 }
 
+// The shared addresses of A (row m < 64, k) and B (k, column n) of `op`, by its transposes.
+// An MN-major A is one 64-element slab wide (M = 64), so its LBO is never used.
+inline uint32_t a_address(const WgmmaOp& op, const Descriptor& a, int m, int k) {
+  return op.trans_a ? mn_major_address(a, k, m) : k_major_address(a, m, k);
+}
+inline uint32_t b_address(const WgmmaOp& op, const Descriptor& b, int k, int n) {
+  return op.trans_b ? mn_major_address(b, k, n) : k_major_address(b, n, k);
+}
+
 // Calls f(address) for every shared address the operands of `op` read.
 template <typename F>
 inline void for_each_operand_address(const WgmmaOp& op, F&& f) {
   if (!op.rs) {
     const Descriptor a = decode_descriptor(op.desc_a);
     for (int i = 0; i < 64; ++i) {
-      for (int k = 0; k < 16; ++k) f(k_major_address(a, i, k));
+      for (int k = 0; k < 16; ++k) f(a_address(op, a, i, k));
     }
   }
   const Descriptor b = decode_descriptor(op.desc_b);
   for (int n = 0; n < op.n; ++n) {
-    for (int k = 0; k < 16; ++k) f(op.rs ? mn_major_address(b, k, n) : k_major_address(b, n, k));
+    for (int k = 0; k < 16; ++k) f(b_address(op, b, k, n));
   }
 }
 
@@ -326,14 +345,13 @@ inline void wgmma_compute(const WgmmaOp& op) {
   } else {
     const Descriptor a = decode_descriptor(op.desc_a);
     for (int i = 0; i < 64; ++i) {
-      for (int k = 0; k < 16; ++k) A[i][k] = shared_element(k_major_address(a, i, k), op.bf16);
+      for (int k = 0; k < 16; ++k) A[i][k] = shared_element(a_address(op, a, i, k), op.bf16);
     }
   }
   const Descriptor b = decode_descriptor(op.desc_b);
   for (int n = 0; n < op.n; ++n) {
     for (int k = 0; k < 16; ++k) {
-      const uint32_t address = op.rs ? mn_major_address(b, k, n) : k_major_address(b, n, k);
-      B[k * op.n + n] = shared_element(address, op.bf16);
+      B[k * op.n + n] = shared_element(b_address(op, b, k, n), op.bf16);
     }
   }
   for (int thread = 0; thread < 128; ++thread) {
@@ -536,6 +554,13 @@ inline void registers_increase() {
   ::emu::warpgroup_collective("setmaxnreg.inc", [](::emu::Warpgroup&, const ::emu::WgSlot*) {});
 }
 
+// fence.proxy.async.shared::cta: orders this thread's generic-proxy shared-memory stores before
+// async-proxy (wgmma, TMA) accesses. Plain C++ stores are invisible here, so the ordering it
+// provides is NOT checked; the calls are only counted per warpgroup.
+inline void fence_view_async_shared() {
+  ++::emu::sm90().warpgroups[::emu::self().warp / 4].async_fences;
+}
+
 // bar.sync id, threads: arrive and wait until `threads` threads arrived (bar.arrive counts).
 inline void named_barrier_sync(uint32_t id, uint32_t threads) {
   ::emu::wait_barrier(::emu::named_barrier(static_cast<int>(id), static_cast<int>(threads)));
@@ -574,20 +599,28 @@ inline void warpgroup_wait() {
   });
 }
 
-template <typename T>
-inline void wgmma_m64n128k16_ss(float (&d)[64], uint64_t desc_a, uint64_t desc_b,
-                                bool accumulate) {
+// wgmma.mma_async m64nNk16 with A and B from shared memory: imm-trans-a / imm-trans-b 0 reads
+// the operand K-major, 1 MN-major (see for_each_operand_address). accumulate == false: d = A.B.
+template <typename T, int N, int kTransA, int kTransB>
+inline void wgmma_ss(float (&d)[N / 2], uint64_t desc_a, uint64_t desc_b, bool accumulate) {
   static_assert(std::is_same_v<T, __half> || std::is_same_v<T, __nv_bfloat16>);
+  static_assert(N == 64 || N == 128);
+  static_assert((kTransA == 0 || kTransA == 1) && (kTransB == 0 || kTransB == 1));
+  // One name per instruction form: a warpgroup's threads must all issue the same one.
+  static const std::string what = "wgmma.ss.m64n" + std::to_string(N) + "k16.trans" +
+                                  std::to_string(kTransA) + std::to_string(kTransB);
   ::emu::WgSlot& slot = ::emu::sm90().slots[::emu::current_block()->current];
   slot.desc_a = desc_a;
   slot.desc_b = desc_b;
   slot.accumulate = accumulate;
   slot.d = d;
-  ::emu::warpgroup_collective("wgmma.ss.m64n128k16", [&](::emu::Warpgroup& g,
-                                                         const ::emu::WgSlot* slots) {
+  ::emu::warpgroup_collective(what.c_str(), [&](::emu::Warpgroup& g,
+                                                const ::emu::WgSlot* slots) {
     auto op = std::make_unique<::emu::WgmmaOp>();
-    op->n = 128;
+    op->n = N;
     op->rs = false;
+    op->trans_a = kTransA == 1;
+    op->trans_b = kTransB == 1;
     op->accumulate = slots[0].accumulate;
     op->bf16 = std::is_same_v<T, __nv_bfloat16>;
     op->desc_a = slots[0].desc_a;
@@ -612,6 +645,8 @@ inline void wgmma_rs_transposed_b(float (&d)[N / 2], const uint32_t (&a)[4], uin
     auto op = std::make_unique<::emu::WgmmaOp>();
     op->n = N;
     op->rs = true;
+    op->trans_a = false;
+    op->trans_b = true;  // imm-trans-b 1: V read MN-major
     op->accumulate = true;
     op->bf16 = kBf16;
     op->desc_a = 0;

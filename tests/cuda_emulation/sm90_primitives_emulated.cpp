@@ -59,15 +59,25 @@ void tma_box_kernel(const __grid_constant__ CUtensorMap map, int c0, int c1, int
   for (unsigned i = tid; i < box_bytes; i += blockDim.x) out[i] = smem[tile_offset + i];
 }
 
-// (b) S (64 x 128) = Q (64 x D) K^T (K: 128 x D), both TMA-loaded as 64-column K-major slabs.
-template <typename T>
-void ss_kernel(const __grid_constant__ CUtensorMap q_map, const __grid_constant__ CUtensorMap k_map,
-               int d_cols, const int* q_coords, const int* k_coords, float* out) {
+// (b) D (64 x N) = A (64 x K) B (K x N), K = k_cols (64 or 128), both TMA-loaded into
+// 128-byte-swizzled 64-column slabs, each operand K-major or MN-major:
+//   A K-major (kTransA 0): 64 rows of K (S = Q K^T's Q), K / 64 slabs of 64 rows;
+//   A MN-major (1): K rows of the 64 M elements (dS stored (keys, queries)), one slab of K rows;
+//   B K-major (kTransB 0): N rows of K (K of Q K^T), K / 64 slabs of N rows;
+//   B MN-major (1): K rows of N elements (K of dQ = dS K), N / 64 slabs of K rows, LBO apart.
+template <typename T, int N, int kTransA, int kTransB>
+void ss_kernel(const __grid_constant__ CUtensorMap a_map, const __grid_constant__ CUtensorMap b_map,
+               int k_cols, const int* a_coords, const int* b_coords, float* out) {
   unsigned char* smem = fusedlm::cuda::dynamic_shared_memory();
   auto* bar = reinterpret_cast<uint64_t*>(smem);
-  const int slabs = d_cols / kSlab;
-  unsigned char* sq = smem + 1024;
-  unsigned char* sk = sq + slabs * 64 * 128;
+  const uint32_t a_bytes = 64 * k_cols * 2;
+  unsigned char* sa = smem + 1024;
+  unsigned char* sb = sa + a_bytes;
+  // Boxes: rows of each, and how many 64-column boxes side by side.
+  const int a_rows = kTransA ? k_cols : 64;
+  const int a_boxes = kTransA ? 1 : k_cols / kSlab;
+  const int b_rows = kTransB ? k_cols : N;
+  const int b_boxes = kTransB ? N / kSlab : k_cols / kSlab;
   const unsigned tid = threadIdx.x;
   if (tid == 0) {
     mbarrier_init(bar, 1);
@@ -75,28 +85,44 @@ void ss_kernel(const __grid_constant__ CUtensorMap q_map, const __grid_constant_
   }
   __syncthreads();
   if (tid == 0) {
-    mbarrier_arrive_expect_tx(bar, slabs * (64 + 128) * 128);
-    for (int s = 0; s < slabs; ++s) {
-      tma_load_4d(sq + s * 64 * 128, &q_map, s * kSlab, q_coords[0], q_coords[1], q_coords[2],
-                  bar);
-      tma_load_4d(sk + s * 128 * 128, &k_map, s * kSlab, k_coords[0], k_coords[1], k_coords[2],
-                  bar);
+    mbarrier_arrive_expect_tx(bar, (64 + N) * k_cols * 2);
+    for (int s = 0; s < a_boxes; ++s) {
+      tma_load_4d(sa + s * a_rows * 128, &a_map, s * kSlab, a_coords[0], a_coords[1],
+                  a_coords[2], bar);
+    }
+    for (int s = 0; s < b_boxes; ++s) {
+      tma_load_4d(sb + s * b_rows * 128, &b_map, s * kSlab, b_coords[0], b_coords[1],
+                  b_coords[2], bar);
     }
   }
   mbarrier_wait(bar, 0);
-  float d[64];
+  float d[N / 2];
   for (float& x : d) x = std::nanf("");  // accumulate == false must ignore it
   warpgroup_fence();
-  for (int step = 0; step < d_cols / 16; ++step) {
+  for (int step = 0; step < k_cols / 16; ++step) {
+    // K-major: slab step / 4, 32 bytes per 16 columns into it; MN-major: 16 rows of 128 bytes.
     const int s = step / 4;
     const int k = step % 4;
-    const uint64_t da = make_smem_descriptor(sq + s * 64 * 128 + 32 * k, 0, 1024);
-    const uint64_t db = make_smem_descriptor(sk + s * 128 * 128 + 32 * k, 0, 1024);
-    wgmma_m64n128k16_ss<T>(d, da, db, step > 0);
+    const uint64_t da = kTransA ? make_smem_descriptor(sa + step * 16 * 128, 0, 1024)
+                                : make_smem_descriptor(sa + s * 64 * 128 + 32 * k, 0, 1024);
+    const uint64_t db = kTransB
+                            ? make_smem_descriptor(sb + step * 16 * 128, k_cols * 128, 1024)
+                            : make_smem_descriptor(sb + s * N * 128 + 32 * k, 0, 1024);
+    wgmma_ss<T, N, kTransA, kTransB>(d, da, db, step > 0);
   }
   warpgroup_commit();
   warpgroup_wait<0>();
-  store_accumulators<128>(d, out);
+  store_accumulators<N>(d, out);
+}
+
+template <typename T, int N, int kTransA>
+auto ss_kernel_for(int trans_b) {
+  return trans_b ? &ss_kernel<T, N, kTransA, 1> : &ss_kernel<T, N, kTransA, 0>;
+}
+
+template <typename T, int N>
+auto ss_kernel_for(int trans_a, int trans_b) {
+  return trans_a ? ss_kernel_for<T, N, 1>(trans_b) : ss_kernel_for<T, N, 0>(trans_b);
 }
 
 // (c) O (64 x N) = P (64 x 64, registers) V (64 keys x N, TMA-loaded MN-major slabs), in two
@@ -192,7 +218,7 @@ void pipeline_kernel(const __grid_constant__ CUtensorMap q_map,
     mbarrier_wait(full + s, (j / 2) & 1);
     warpgroup_fence();
     for (int k = 0; k < 4; ++k) {
-      wgmma_m64n128k16_ss<T>(d, make_smem_descriptor(sq + 32 * k, 0, 1024),
+      wgmma_ss<T, 128, 0, 0>(d, make_smem_descriptor(sq + 32 * k, 0, 1024),
                              make_smem_descriptor(sk + s * kStageBytes + 32 * k, 0, 1024), true);
     }
     warpgroup_commit();
@@ -201,6 +227,29 @@ void pipeline_kernel(const __grid_constant__ CUtensorMap q_map,
     if (!release_early) mbarrier_arrive(empty + s);
   }
   store_accumulators<128>(d, out);
+}
+
+// (f) Two warpgroups taking turns through named barriers 1 and 2 (the forward's consumers):
+// warpgroup w waits at barrier 1 + w (its 128 threads' bar.sync and the other warpgroup's 128
+// bar.arrive), takes its turn, then arrives at the other's. state: [0, 1] the threads of
+// warpgroup 0 / 1 past their turns, [2] ordering errors seen, [3] log length, [4..] the log of
+// turns (warpgroup ids). mode 1: warpgroup 1 never lets warpgroup 0 start (deadlock); 2:
+// warpgroup 1 arrives once more after its last turn (a dangling arrival at exit); 3: warpgroup
+// 0 waits at barrier 1 with 128 threads while it counts to 256 (two thread counts).
+void named_barrier_kernel(int rounds, int mode, int* state) {
+  const unsigned tid = threadIdx.x;
+  const int wg = static_cast<int>(tid / 128);
+  if (wg == 1 && mode != 1) named_barrier_arrive(1, 256, true);  // warpgroup 0 starts
+  for (int r = 0; r < rounds; ++r) {
+    named_barrier_sync(1 + wg, wg == 0 && mode == 3 ? 128 : 256);
+    // Warpgroup 0's turn r follows r whole turns of warpgroup 1; warpgroup 1's, r + 1 of 0's.
+    if (state[1 - wg] != 128 * (wg == 0 ? r : r + 1)) ++state[2];
+    if (tid % 128 == 0) state[4 + state[3]++] = wg;
+    fence_view_async_shared();
+    ++state[wg];
+    const bool more = wg == 0 || r + 1 < rounds || mode == 2;
+    named_barrier_arrive(1 + (1 - wg), 256, more);
+  }
 }
 
 // (e) Misuses, each expected to fault (or, for 9, to return at once).
@@ -226,7 +275,7 @@ void scenario_kernel(const __grid_constant__ CUtensorMap map, int which, int* fl
     float d[64] = {};
     warpgroup_fence();
     const uint64_t desc = make_smem_descriptor(tile, 0, 1024);
-    wgmma_m64n128k16_ss<__half>(d, desc, desc, true);
+    wgmma_ss<__half, 128, 0, 0>(d, desc, desc, true);
     warpgroup_commit();
     warpgroup_wait<0>();
   };
@@ -262,7 +311,7 @@ void scenario_kernel(const __grid_constant__ CUtensorMap map, int which, int* fl
       float d[64] = {};
       warpgroup_fence();
       const uint64_t desc = make_smem_descriptor(tile, 0, 1024);
-      wgmma_m64n128k16_ss<__half>(d, desc, desc, true);
+      wgmma_ss<__half, 128, 0, 0>(d, desc, desc, true);
       warpgroup_commit();
       break;
     }
@@ -271,7 +320,7 @@ void scenario_kernel(const __grid_constant__ CUtensorMap map, int which, int* fl
       mbarrier_wait(bar, 0);
       float d[64] = {};
       const uint64_t desc = make_smem_descriptor(tile, 0, 1024);
-      wgmma_m64n128k16_ss<__half>(d, desc, desc, true);
+      wgmma_ss<__half, 128, 0, 0>(d, desc, desc, true);
       warpgroup_commit();
       warpgroup_wait<0>();
       break;
@@ -337,22 +386,28 @@ int sm90_tma_box(int dtype, const void* base, const uint64_t* dims, const uint64
                 coords[3], bytes, tile_offset, static_cast<unsigned char*>(out));
 }
 
-// q, k: (B, H, T, D) tensors described by dims/strides (D, T, H, B order); coords (t, h, b).
-int sm90_ss(int dtype, const void* q, const uint64_t* q_dims, const uint64_t* q_strides,
-            const void* k, const uint64_t* k_dims, const uint64_t* k_strides, const int* q_coords,
-            const int* k_coords, float* out) {
-  CUtensorMap q_map;
-  CUtensorMap k_map;
-  const uint64_t qd[4] = {q_dims[0], q_dims[1], q_dims[2], q_dims[3]};
-  const uint64_t qs[3] = {q_strides[0], q_strides[1], q_strides[2]};
-  const uint64_t kd[4] = {k_dims[0], k_dims[1], k_dims[2], k_dims[3]};
-  const uint64_t ks[3] = {k_strides[0], k_strides[1], k_strides[2]};
-  if (encode_tile_map(&q_map, dtype_of(dtype), q, qd, qs, 64) != cudaSuccess) return -1;
-  if (encode_tile_map(&k_map, dtype_of(dtype), k, kd, ks, 128) != cudaSuccess) return -1;
-  const int d_cols = static_cast<int>((q_dims[0] + kSlab - 1) / kSlab * kSlab);
-  const size_t shared = 1024 + d_cols / kSlab * (64 + 128) * 128;
-  auto kernel = dtype == 0 ? &ss_kernel<__half> : &ss_kernel<__nv_bfloat16>;
-  return launch(kernel, 128, shared, q_map, k_map, d_cols, q_coords, k_coords, out);
+// a, b: (B, H, T, D) tensors described by dims/strides (D, T, H, B order); coords (t, h, b) of
+// the operand's tile (ss_kernel's layouts); n = 64 or 128, k_cols = 64 or 128.
+int sm90_ss(int dtype, int n, int trans_a, int trans_b, int k_cols, const void* a,
+            const uint64_t* a_dims, const uint64_t* a_strides, const void* b,
+            const uint64_t* b_dims, const uint64_t* b_strides, const int* a_coords,
+            const int* b_coords, float* out) {
+  CUtensorMap a_map;
+  CUtensorMap b_map;
+  const uint64_t ad[4] = {a_dims[0], a_dims[1], a_dims[2], a_dims[3]};
+  const uint64_t as[3] = {a_strides[0], a_strides[1], a_strides[2]};
+  const uint64_t bd[4] = {b_dims[0], b_dims[1], b_dims[2], b_dims[3]};
+  const uint64_t bs[3] = {b_strides[0], b_strides[1], b_strides[2]};
+  const uint32_t a_rows = trans_a ? k_cols : 64;
+  const uint32_t b_rows = trans_b ? k_cols : n;
+  if (encode_tile_map(&a_map, dtype_of(dtype), a, ad, as, a_rows) != cudaSuccess) return -1;
+  if (encode_tile_map(&b_map, dtype_of(dtype), b, bd, bs, b_rows) != cudaSuccess) return -1;
+  const size_t shared = 1024 + (64 + n) * k_cols * 2;
+  auto kernel = dtype == 0 ? (n == 64 ? ss_kernel_for<__half, 64>(trans_a, trans_b)
+                                      : ss_kernel_for<__half, 128>(trans_a, trans_b))
+                           : (n == 64 ? ss_kernel_for<__nv_bfloat16, 64>(trans_a, trans_b)
+                                      : ss_kernel_for<__nv_bfloat16, 128>(trans_a, trans_b));
+  return launch(kernel, 128, shared, a_map, b_map, k_cols, a_coords, b_coords, out);
 }
 
 // p: (64, 64) 16-bit row-major; v as q above; n = 64 or 128 columns of O.
@@ -395,6 +450,16 @@ int sm90_scenario(int which, const void* tensor, int* flag) {
     return -1;
   }
   return launch(&scenario_kernel, 128, 1024 + 128 * 128 + 1024, map, which, flag);
+}
+
+// Runs named_barrier_kernel (256 threads); state as it describes, zeroed by the caller.
+int sm90_named_barriers(int rounds, int mode, int* state) {
+  return launch(&named_barrier_kernel, 256, 1024, rounds, mode, state);
+}
+
+// fence_view_async_shared calls by warpgroup `wg`'s threads in the last launch's block.
+long long sm90_async_fences(int wg) {
+  return static_cast<long long>(emu::sm90().warpgroups[wg].async_fences);
 }
 
 }  // extern "C"

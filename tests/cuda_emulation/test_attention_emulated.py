@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import ctypes
 import math
+import os
 
 import pytest
 import torch
@@ -62,16 +63,22 @@ def _shape_arg(B, Hq, Hkv, Tq, Tk, D, causal, offset):
     return (ctypes.c_int64 * 8)(B, Hq, Hkv, Tq, Tk, D, int(causal), offset)
 
 
-LOCKSTEP, WARPS_FORWARD, WARPS_BACKWARD = 0, 1, 2  # emu::Schedule
+LOCKSTEP, WARPS_FORWARD, WARPS_BACKWARD, WARPGROUPS_FORWARD, WARPGROUPS_BACKWARD = range(5)
 CUDA_ERROR_NOT_SUPPORTED = 801  # cudaErrorNotSupported
 
 
 def _run(lib, q, k, v, grad_out, causal, offset, late, deterministic, schedule=WARPS_FORWARD,
          shared_bytes=H100_SHARED_BYTES, hopper=False):
-    """Forward and backward through the emulated launchers (the forward on the sm_90a kernel
-    alone with ``hopper``, on an emulated sm_90 device). Returns out, lse, dq, dk, dv."""
+    """Forward and backward through the emulated launchers (with ``hopper``, on an emulated
+    sm_90 device: the forward on the sm_90a kernel alone, the backward through the launcher with
+    FUSEDLM_ATTENTION_SM90=require). Returns out, lse, dq, dk, dv."""
     lib.emulated_configure(int(late), schedule, shared_bytes)
     lib.emulated_set_compute_capability(90 if hopper else 80)
+    # Hopper: the backward must take the sm_90a kernel too (it fails rather than fall back).
+    if hopper:
+        os.environ["FUSEDLM_ATTENTION_SM90"] = "require"
+    else:
+        os.environ.pop("FUSEDLM_ATTENTION_SM90", None)
     B, Hq, Tq, D = q.shape
     Hkv, Tk = k.shape[1], k.shape[2]
     dtype_code = 0 if q.dtype == torch.float16 else 1
@@ -233,13 +240,22 @@ def test_hopper_forward_bfloat16(library, shape):
     _check(library, shape, True, torch.bfloat16, hopper=True)
 
 
-@pytest.mark.parametrize("timing", TIMINGS, ids=TIMING_IDS)
-def test_hopper_copy_timing_and_schedules(library, timing):
+# The Hopper kernels' warpgroups also drift apart as whole warpgroups: a consumer reading the
+# other consumer's half of dS^T before it is written shows.
+HOPPER_TIMINGS = TIMINGS + [(True, WARPGROUPS_FORWARD), (False, WARPGROUPS_BACKWARD),
+                            (True, WARPGROUPS_BACKWARD)]
+HOPPER_TIMING_IDS = TIMING_IDS + ["at_wait-warpgroups_forward", "at_issue-warpgroups_backward",
+                                  "at_wait-warpgroups_backward"]
+
+
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("timing", HOPPER_TIMINGS, ids=HOPPER_TIMING_IDS)
+def test_hopper_copy_timing_and_schedules(library, timing, head_dim):
     """The mbarrier ring under every timing (TMA tiles and wgmma results landing at issue or as
     late as the protocol allows) and warp schedule, over more key tiles than stages."""
     late, schedule = timing
-    _check(library, (1, 2, 1, 130, 400, 64), True, torch.float16, late=late, schedule=schedule,
-           hopper=True)
+    _check(library, (1, 2, 1, 130, 400, head_dim), True, torch.float16, late=late,
+           schedule=schedule, hopper=True)
 
 
 def test_hopper_strided_layout(library):

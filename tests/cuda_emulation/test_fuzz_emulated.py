@@ -20,7 +20,14 @@ from tests.helpers import assert_close_rule
 from tests.test_fuzz import fuzz  # noqa: F401  (the fixture)
 
 from .conftest import H100_SHARED_BYTES, SM86_SHARED_BYTES, guarded_copy
-from .test_attention_emulated import LOCKSTEP, WARPS_BACKWARD, WARPS_FORWARD, _check
+from .test_attention_emulated import (
+    LOCKSTEP,
+    WARPGROUPS_BACKWARD,
+    WARPGROUPS_FORWARD,
+    WARPS_BACKWARD,
+    WARPS_FORWARD,
+    _check,
+)
 from .test_norm_adamw_emulated import _norm
 
 SEQ_LENS = [1, 2, 15, 16, 17, 31, 32, 33, 63, 64, 65, 127, 128, 129, 200]
@@ -76,7 +83,8 @@ def test_fuzz_attention_hopper(library, fuzz):  # noqa: F811
         dtype = data.draw(st.sampled_from([torch.float16, torch.bfloat16]), label="dtype")
         layout = data.draw(st.sampled_from(["contiguous", "bthd"]), label="layout")
         late = data.draw(st.booleans(), label="late TMA/wgmma")
-        schedule = data.draw(st.sampled_from([LOCKSTEP, WARPS_FORWARD, WARPS_BACKWARD]),
+        schedule = data.draw(st.sampled_from([LOCKSTEP, WARPS_FORWARD, WARPS_BACKWARD,
+                                              WARPGROUPS_FORWARD, WARPGROUPS_BACKWARD]),
                              label="schedule")
         _check(library, (1, Hkv * group, Hkv, Tq, Tk, D), causal, dtype, layout=layout,
                late=late, offset=offset, schedule=schedule, hopper=True)

@@ -125,24 +125,60 @@ def test_encode_tile_map_validates_like_the_driver(sm90_library):
 
 # ---- (b) SS wgmma ------------------------------------------------------------------------------
 
+def _ss(lib, dtype, N, trans_a, trans_b, K, a, b, a_coords, b_coords):
+    """D (64 x N) = A (64 x K) B (K x N) by sm90_ss from the tiles of a and b at (t, h, b)
+    a_coords / b_coords, laid out as ss_kernel says; returns (status, D, expected)."""
+    a_dims, a_strides = _layout(a)
+    b_dims, b_strides = _layout(b)
+    out = torch.full((64, N), float("nan"))
+    status = lib.sm90_ss(DTYPES[dtype], N, int(trans_a), int(trans_b), K, _ptr(a), a_dims,
+                         a_strides, _ptr(b), b_dims, b_strides, _ints(*a_coords),
+                         _ints(*b_coords), _ptr(out))
+    if trans_a:  # K rows of the 64 M elements
+        a_tile = _box(a, 0, *a_coords, K).T
+    else:  # 64 rows of K
+        a_tile = torch.cat([_box(a, c, *a_coords, 64) for c in range(0, K, 64)], dim=1)
+    if trans_b:  # K rows of N elements, in 64-column slabs
+        b_tile = torch.cat([_box(b, c, *b_coords, K) for c in range(0, N, 64)], dim=1)
+    else:  # N rows of K
+        b_tile = torch.cat([_box(b, c, *b_coords, N) for c in range(0, K, 64)], dim=1).T
+    return status, out, a_tile.double() @ b_tile.double()
+
+
 @pytest.mark.parametrize("schedule", SCHEDULES)
 @pytest.mark.parametrize("late", [False, True])
+@pytest.mark.parametrize("N", [64, 128])
 @pytest.mark.parametrize("D", [64, 128])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_wgmma_ss_matches_q_k_transposed(sm90_library, dtype, D, late, schedule):
+def test_wgmma_ss_matches_q_k_transposed(sm90_library, dtype, D, N, late, schedule):
+    """K-major A and B (kTransA = kTransB = 0): S = Q K^T, Q and K both rows of D."""
     lib = sm90_library
     lib.sm90_configure(int(late), schedule)
     q = torch.randn(1, 2, 70, D).to(dtype)
     k = torch.randn(2, 2, 150, D).to(dtype)
-    q_dims, q_strides = _layout(q)
-    k_dims, k_strides = _layout(k)
-    out = torch.full((64, 128), float("nan"))
-    status = lib.sm90_ss(DTYPES[dtype], _ptr(q), q_dims, q_strides, _ptr(k), k_dims, k_strides,
-                         _ints(10, 1, 0), _ints(40, 0, 1), _ptr(out))
+    status, out, expected = _ss(lib, dtype, N, False, False, D, q, k, (10, 1, 0), (40, 0, 1))
     assert status == 0, _fault(lib)
-    q_tile = torch.cat([_box(q, c, 10, 1, 0, 64) for c in range(0, D, 64)], dim=1)
-    k_tile = torch.cat([_box(k, c, 40, 0, 1, 128) for c in range(0, D, 64)], dim=1)
-    expected = q_tile.double() @ k_tile.double().T
+    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES)
+@pytest.mark.parametrize("late", [False, True])
+@pytest.mark.parametrize("trans_a,trans_b", [(1, 1), (1, 0), (0, 1)])
+@pytest.mark.parametrize("N", [64, 128])
+@pytest.mark.parametrize("K", [64, 128])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_wgmma_ss_mn_major_operands(sm90_library, dtype, K, N, trans_a, trans_b, late,
+                                    schedule):
+    """MN-major ("transposed") operands: an MN-major A is K rows of 64 M-contiguous elements
+    (dS stored (keys, queries) as the A of dQ = dS K), an MN-major B K rows of N contiguous
+    elements in 64-column slabs LBO apart (K as the B of dQ); K-major ones as above."""
+    lib = sm90_library
+    lib.sm90_configure(int(late), schedule)
+    a = torch.randn(1, 2, 150, 64 if trans_a else K).to(dtype)
+    b = torch.randn(2, 2, 150, N if trans_b else K).to(dtype)
+    status, out, expected = _ss(lib, dtype, N, trans_a, trans_b, K, a, b, (100, 1, 0),
+                                (30, 0, 1))
+    assert status == 0, _fault(lib)
     torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-4)
 
 
@@ -254,3 +290,47 @@ def test_correct_uses_do_not_fault(sm90_library, which, late, schedule):
     flag = ctypes.c_int(0)
     assert lib.sm90_scenario(which, _ptr(tensor), ctypes.byref(flag)) == 0, _fault(lib)
     assert flag.value == 1
+
+
+# ---- (f) named barriers ------------------------------------------------------------------------
+
+def _named_barriers(lib, late, schedule, mode, rounds=4):
+    lib.sm90_configure(int(late), schedule)
+    state = torch.zeros(4 + 2 * rounds + 2, dtype=torch.int32)
+    status = lib.sm90_named_barriers(rounds, mode, _ptr(state))
+    return status, state
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_named_barriers_ping_pong_two_warpgroups(sm90_library, schedule):
+    """bar.sync of one warpgroup completes with bar.arrive of the other: the turns alternate,
+    each warpgroup seeing all of the other's previous turn."""
+    lib = sm90_library
+    rounds = 4
+    status, state = _named_barriers(lib, True, schedule, 0, rounds)
+    assert status == 0, _fault(lib)
+    assert state[2].item() == 0, "a turn began before the other warpgroup's previous one ended"
+    assert state[0].item() == state[1].item() == 128 * rounds
+    assert state[3].item() == 2 * rounds
+    assert state[4:4 + 2 * rounds].tolist() == [0, 1] * rounds
+    # fence_view_async_shared is only counted (generic -> async proxy ordering is not checked).
+    lib.sm90_async_fences.restype = ctypes.c_longlong
+    assert lib.sm90_async_fences(0) == lib.sm90_async_fences(1) == 128 * rounds
+
+
+NAMED_BARRIER_MISUSES = {
+    1: "deadlock: no thread can run; 128 thread(s) wait at named barrier 1 (128 of 256 arrived);",
+    2: "a block exited with arrivals at named barrier 1 that never completed",
+    3: "named barrier used with two thread counts",
+}
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES)
+@pytest.mark.parametrize("mode", sorted(NAMED_BARRIER_MISUSES))
+def test_named_barrier_misuses_fault(sm90_library, mode, schedule):
+    """1: the first arrive missing (both warpgroups wait forever); 2: one arrive too many (its
+    arrivals dangle at exit); 3: one barrier used with two thread counts."""
+    lib = sm90_library
+    status, _ = _named_barriers(lib, False, schedule, mode)
+    assert status == 1
+    assert NAMED_BARRIER_MISUSES[mode] in _fault(lib)

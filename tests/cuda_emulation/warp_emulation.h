@@ -140,7 +140,11 @@ inline bool& late_copies() {
 // before the next one starts, first to last or last to first, so warps drift as far apart as
 // the barriers allow: a buffer refilled while another warp still reads it shows. Threads that
 // wait are skipped; a pass in which none can run is a deadlock.
-enum class Schedule { kLockstep, kWarpsForward, kWarpsBackward };
+// kWarpgroupsForward / kWarpgroupsBackward: the same with warpgroups (128 threads) as the unit,
+// so one warpgroup runs ahead of another as far as their barriers allow (a buffer one
+// warpgroup reads before another has written it shows).
+enum class Schedule { kLockstep, kWarpsForward, kWarpsBackward, kWarpgroupsForward,
+                      kWarpgroupsBackward };
 inline Schedule& schedule() {
   static Schedule value = Schedule::kLockstep;
   return value;
@@ -357,7 +361,6 @@ inline std::string deadlock_message(const Block& b) {
 
 inline void run_block(Block& b) {
   const int threads = static_cast<int>(b.threads.size());
-  const int warps = threads / 32;
   for (;;) {
     bool live = false;
     bool ran = false;
@@ -375,12 +378,18 @@ inline void run_block(Block& b) {
         if (!step(i)) return;
       }
     } else {
-      for (int n = 0; n < warps; ++n) {
-        const int w = schedule() == Schedule::kWarpsForward ? n : warps - 1 - n;
-        for (bool progressed = true; progressed;) {  // this warp, until it waits or exits
+      const bool groups = schedule() == Schedule::kWarpgroupsForward ||
+                          schedule() == Schedule::kWarpgroupsBackward;
+      const bool forward = schedule() == Schedule::kWarpsForward ||
+                           schedule() == Schedule::kWarpgroupsForward;
+      const int unit = groups ? 128 : 32;
+      const int units = (threads + unit - 1) / unit;
+      for (int n = 0; n < units; ++n) {
+        const int w = forward ? n : units - 1 - n;
+        for (bool progressed = true; progressed;) {  // this unit, until it waits or exits
           const bool before = ran;
           ran = false;
-          for (int i = 32 * w; i < 32 * w + 32; ++i) {
+          for (int i = unit * w; i < std::min(unit * w + unit, threads); ++i) {
             if (!step(i)) return;
           }
           progressed = ran;
