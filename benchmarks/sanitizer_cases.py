@@ -77,18 +77,20 @@ def _cases(backend: str, dev: str = "cuda"):
 
         yield f"attention fwd+bwd {dn} strided/misaligned, deterministic", attention_layouts
 
-        def attention_sm80_forward(dtype=dtype):
-            # on an sm_90 GPU the forward above is the sm_90a kernel: the sm_80 one too
-            q, k, v = (torch.randn(1, 2, 130, 128, device=dev, dtype=dtype) for _ in range(3))
+        def attention_sm80_kernels(dtype=dtype):
+            # on an sm_90 GPU the cases above run the sm_90a kernels: the sm_80 ones too
+            q, k, v = (torch.randn(1, 2, 130, 128, device=dev, dtype=dtype, requires_grad=True)
+                       for _ in range(3))
             os.environ["FUSEDLM_ATTENTION_SM90"] = "0"
             try:
-                fusedlm.attention(q, k, v, causal=True, backend=backend)
+                out = fusedlm.attention(q, k, v, causal=True, backend=backend)
+                out.backward(torch.randn_like(out))
             finally:
                 del os.environ["FUSEDLM_ATTENTION_SM90"]
 
         if backend == "cuda":
-            yield (f"attention fwd {dn} sm_80 kernel (FUSEDLM_ATTENTION_SM90=0)",
-                   attention_sm80_forward)
+            yield (f"attention fwd+bwd {dn} sm_80 kernels (FUSEDLM_ATTENTION_SM90=0)",
+                   attention_sm80_kernels)
         for M, N in NORM_SHAPES:
             for affine in (True, False):
                 def layer_norm(M=M, N=N, dtype=dtype, affine=affine):

@@ -810,10 +810,11 @@ def test_sdpa_drop_in_reaches_cuda(Tq, Tk):
         assert_close_rule(g, gb, gt, atol=atol_for(q.dtype, gt), name=name)
 
 
-# ---- the Hopper forward (attention_fwd_sm90.cu: TMA, mbarriers, wgmma) -------------------------
-# On a compute capability 9.0 GPU the forward takes the sm_90a kernel for D <= 128 (the tests
-# above then run it too); FUSEDLM_ATTENTION_SM90=require makes a forward that would fall back to
-# the sm_80 kernel fail instead, so these prove which kernel ran. The backward is sm_80's.
+# ---- the Hopper kernels (attention_fwd_sm90.cu, attention_bwd_sm90.cu: TMA, mbarriers, wgmma) --
+# On a compute capability 9.0 GPU the forward and the (non-deterministic) backward take the
+# sm_90a kernels for D <= 128 (the tests above then run them too); FUSEDLM_ATTENTION_SM90=require
+# makes a call that would fall back to the sm_80 kernels fail instead, so these prove which
+# kernels ran.
 
 HOPPER = pytest.mark.skipif(
     not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0),
@@ -869,8 +870,27 @@ def test_hopper_and_sm80_forwards_agree(head_dim, dtype, monkeypatch):
 
 
 @HOPPER
+@DTYPE
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_hopper_and_sm80_backwards_agree(head_dim, dtype, monkeypatch):
+    """Both backwards by the rule on one input (GQA, Tq != Tk)."""
+    q, k, v = _qkv((1, 6, 2, 300, 700, head_dim), dtype)
+    grad_out = _randn(q.shape, dtype)
+    for setting in ("require", "0"):
+        monkeypatch.setenv("FUSEDLM_ATTENTION_SM90", setting)
+        out, grads = _ours(q, k, v, True, grad_out=grad_out)
+        monkeypatch.delenv("FUSEDLM_ATTENTION_SM90")
+        compare(q, k, v, True, out, grads, grad_out)
+
+
+@HOPPER
 def test_hopper_require_fails_where_it_does_not_apply(monkeypatch):
+    """D > 128 (forward), and the deterministic backward (no sm_90a version)."""
     monkeypatch.setenv("FUSEDLM_ATTENTION_SM90", "require")
     q, k, v = _qkv((1, 2, 2, 64, 64, 192), torch.float16)
     with pytest.raises(RuntimeError, match="not supported"):
         fusedlm.attention(q, k, v, causal=True, backend="cuda")
+    q, k, v = (_leaf(t) for t in _qkv((1, 2, 2, 64, 64, 64), torch.float16))
+    out = fusedlm.attention(q, k, v, causal=True, backend="cuda")
+    with deterministic(), pytest.raises(RuntimeError, match="not supported"):
+        out.backward(torch.ones_like(out))

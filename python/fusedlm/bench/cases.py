@@ -17,8 +17,8 @@ Providers, each only where it can run (the output says why the others did not):
     fusedlm-<name>   fusedlm with backend=<name> for cuda, triton, cpu (and torch, the
                      reference, on the CPU); for the GPT, the model with kernels="fused",
                      FUSEDLM_BACKEND=<name> and fusedlm.optim.AdamW(backend=<name>)
-    fusedlm-cuda-sm80  attention only, on sm_90 GPUs: fusedlm-cuda with the Hopper forward off
-                     (FUSEDLM_ATTENTION_SM90=0), what the sm_90a kernel gains over sm_80's
+    fusedlm-cuda-sm80  attention only, on sm_90 GPUs: fusedlm-cuda with the Hopper kernels off
+                     (FUSEDLM_ATTENTION_SM90=0), what the sm_90a kernels gain over sm_80's
 """
 
 from __future__ import annotations
@@ -319,20 +319,40 @@ def _fusedlm_attention_call(backend: str):
     return call
 
 
-def _sm80_attention_call(q, k, v, causal, ctx):
-    """fusedlm's CUDA attention with the Hopper forward turned off (FUSEDLM_ATTENTION_SM90=0):
-    the sm_80 kernel on an sm_90 GPU, to measure what the sm_90a kernel gains."""
-    import fusedlm
-
+@contextlib.contextmanager
+def _hopper_kernels_off():
+    """FUSEDLM_ATTENTION_SM90=0 for the duration: fusedlm's CUDA attention runs its sm_80
+    kernels (forward and backward) on an sm_90 GPU too."""
     previous = os.environ.get("FUSEDLM_ATTENTION_SM90")
     os.environ["FUSEDLM_ATTENTION_SM90"] = "0"
     try:
-        return fusedlm.attention(q, k, v, causal=causal, backend="cuda")
+        yield
     finally:
         if previous is None:
             del os.environ["FUSEDLM_ATTENTION_SM90"]
         else:
             os.environ["FUSEDLM_ATTENTION_SM90"] = previous
+
+
+def _sm80_attention_provider() -> Provider:
+    """fusedlm-cuda with the Hopper kernels off, over the whole pass (the backward runs after
+    the forward returns): what the sm_90a kernels gain over the sm_80 ones on one GPU."""
+    inner = _attention_provider("fusedlm-cuda-sm80", "", _fusedlm_attention_call("cuda"),
+                                kernel_backend="cuda")
+
+    def build(case: Case, ctx: Context):
+        with _hopper_kernels_off():
+            run = inner.build(case, ctx)
+
+        def run_sm80(inputs):
+            with _hopper_kernels_off():
+                return run(inputs)
+
+        return run_sm80
+
+    return Provider("fusedlm-cuda-sm80",
+                    "fusedlm.attention(backend='cuda') under FUSEDLM_ATTENTION_SM90=0",
+                    _sm80_on_sm90_why_not, build)
 
 
 def _sm80_on_sm90_why_not(ctx: Context) -> str | None:
@@ -350,9 +370,7 @@ def _attention_providers() -> list[Provider]:
             f"fusedlm-{backend}", f"fusedlm.attention(backend={backend!r})",
             _fusedlm_attention_call(backend), _fusedlm_why_not(backend, ("attention_fwd",)),
             kernel_backend=backend))
-    providers.append(_attention_provider(
-        "fusedlm-cuda-sm80", "fusedlm.attention(backend='cuda'), FUSEDLM_ATTENTION_SM90=0",
-        _sm80_attention_call, _sm80_on_sm90_why_not, kernel_backend="cuda"))
+    providers.append(_sm80_attention_provider())
     for name in SDPA_BACKENDS:
         providers.append(_attention_provider(
             f"sdpa-{name}", f"F.scaled_dot_product_attention under sdpa_kernel({name})",
