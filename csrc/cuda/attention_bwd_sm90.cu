@@ -29,7 +29,9 @@ constexpr int kConsumers = 2;
 constexpr int kThreads = 128 * (1 + kConsumers);
 constexpr int kSlabColumns = 64;
 constexpr uint32_t kRowBytes = 128;
-constexpr uint32_t kDsBarrier = 1;  // named barriers 1 (D = 128: both consumers) or 1, 2
+// Named barriers 1 (D = 128: both consumers) or 1, 2 (D = 64: one per consumer). Unused in the
+// device passes for other architectures (the kernel is empty there).
+[[maybe_unused]] constexpr uint32_t kDsBarrier = 1;
 
 template <int kHeadDim>
 struct BwdLayout {
@@ -63,7 +65,8 @@ struct BwdParams {
 
 // The first query tile of a key tile starting at key n0: (causal) the first whose last row sees
 // key n0.
-__device__ __forceinline__ int64_t first_query_tile(const AttentionShape& s, int64_t n0) {
+[[maybe_unused]] __device__ __forceinline__ int64_t first_query_tile(const AttentionShape& s,
+                                                                    int64_t n0) {
   if (!s.causal) return 0;
   const int64_t first_row = n0 - s.causal_offset;  // the first query that sees key n0
   return first_row <= 0 ? 0 : first_row / kBlockM;
@@ -324,10 +327,12 @@ __global__ void __launch_bounds__(kThreads, 1)
       if (q >= Tq) continue;
 #pragma unroll
       for (int db = 0; db < kSlabColumns / 8; ++db) {
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          const int64_t col = dq_column_slab * kSlabColumns + db * 8 + 2 * t + e;
-          if (col < s.D) atomicAdd(dq_rows + q * s.D + col, scale * dq[4 * db + 2 * r + e]);
+        // two adjacent columns (both < D or both past it: D is a multiple of 8), one 8-byte
+        // atomic (sm_90's vector atomicAdd)
+        const int64_t col = dq_column_slab * kSlabColumns + db * 8 + 2 * t;
+        if (col < s.D) {
+          atomicAdd(reinterpret_cast<float2*>(dq_rows + q * s.D + col),
+                    make_float2(scale * dq[4 * db + 2 * r], scale * dq[4 * db + 2 * r + 1]));
         }
       }
     }

@@ -25,7 +25,8 @@ constexpr int kConsumers = 2;  // consumer warpgroups, 64 query rows each
 constexpr int kThreads = 128 * (1 + kConsumers);
 constexpr int kSlabColumns = 64;  // 16-bit columns of one 128-byte-swizzled slab
 constexpr uint32_t kRowBytes = 128;
-constexpr uint32_t kTurnBarrier = 1;  // named barriers 1, 2: the consumers' GEMM turns
+// Named barriers 1, 2: the consumers' GEMM turns (unused where the kernel compiles empty).
+[[maybe_unused]] constexpr uint32_t kTurnBarrier = 1;
 
 // Byte offsets of the tiles and barriers in (1024-byte aligned) dynamic shared memory.
 template <int kHeadDim>

@@ -544,6 +544,14 @@ inline float atomicAdd(float* address, float value) {  // one OS thread: a plain
   return old;
 }
 
+inline float2 atomicAdd(float2* address, float2 value) {  // sm_90's 8-byte vector atomic
+  if (reinterpret_cast<uintptr_t>(address) % 8 != 0) ::emu::fail("float2 atomicAdd misaligned");
+  const float2 old = *address;
+  address->x = old.x + value.x;
+  address->y = old.y + value.y;
+  return old;
+}
+
 // The PTX wrappers of csrc/cuda/attention_sm80.cuh (compiled out under FUSEDLM_WARP_EMULATION).
 namespace fusedlm::cuda::attention {
 
