@@ -419,11 +419,16 @@ cudaError_t launch_bwd(const AttentionBwdArgs& args, cudaStream_t stream) {
   const auto dkdv_grid = static_cast<unsigned>(dkdv_blocks);
   constexpr size_t dkdv_bytes = dkdv_shared_bytes<kHeadDim, kBlock>();
   if (args.deterministic) {
-    if (sm90::sm90_required()) return cudaErrorNotSupported;  // no deterministic sm_90a kernel
-    auto dkdv = attention_bwd_dkdv_kernel<T, kHeadDim, kWarps, kOutDim, false>;
-    FUSEDLM_RETURN_IF_ERROR(prepare_shared_memory(dkdv, dkdv_bytes));
-    FUSEDLM_LAUNCH(dkdv, dkdv_grid, kWarps * 32, dkdv_bytes, stream)(args, delta, nullptr);
-    FUSEDLM_RETURN_IF_LAUNCH_FAILED();
+    // dK, dV: on the Hopper kernel where it applies (no atomics there), else sm_80's.
+    const cudaError_t hopper = sm90::attention_bwd_sm90(args, delta, nullptr, stream);
+    if (hopper != cudaErrorNotSupported || sm90::sm90_required()) {
+      FUSEDLM_RETURN_IF_ERROR(hopper);
+    } else {
+      auto dkdv = attention_bwd_dkdv_kernel<T, kHeadDim, kWarps, kOutDim, false>;
+      FUSEDLM_RETURN_IF_ERROR(prepare_shared_memory(dkdv, dkdv_bytes));
+      FUSEDLM_LAUNCH(dkdv, dkdv_grid, kWarps * 32, dkdv_bytes, stream)(args, delta, nullptr);
+      FUSEDLM_RETURN_IF_LAUNCH_FAILED();
+    }
 
     auto dq = attention_bwd_dq_kernel<T, kHeadDim, kDqBlockN, kDqWarps>;
     constexpr size_t dq_bytes = dq_shared_bytes<kHeadDim, kDqBlockN, kDqWarps>();

@@ -10,8 +10,9 @@
 // and add dQ to the float32 accumulator with atomics (the launcher rounds it afterwards). dK and
 // dV stay in registers over the whole GQA group, so they are written once, without atomics. At
 // D = 128 the two consumers split dQ's columns (after a named barrier makes both halves of dS^T
-// visible); at D = 64 each computes dQ over its own 64 keys. The deterministic backward and
-// D > 128 stay on the sm_80 kernels (attention_bwd.cu).
+// visible); at D = 64 each computes dQ over its own 64 keys. The deterministic backward runs
+// this kernel without dQ (then attention_bwd.cu's atomic-free dQ kernel); D > 128 stays on the
+// sm_80 kernels.
 #include <cstring>
 
 #include "cuda/attention_sm90.cuh"
@@ -73,7 +74,9 @@ struct BwdParams {
 }
 
 // grid (ceil(Tk / kBlockN) * Hkv * B), kThreads threads.
-template <typename T, int kHeadDim>
+// kDq: also dQ (into the accumulator); without, dK and dV only (the deterministic backward,
+// whose dQ is attention_bwd.cu's atomic-free kernel).
+template <typename T, int kHeadDim, bool kDq>
 __global__ void __launch_bounds__(kThreads, 1)
     attention_bwd_sm90_kernel(const __grid_constant__ BwdParams params) {
 #ifdef FUSEDLM_SM90A_DEVICE
@@ -259,7 +262,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 
     // dS^T (keys, queries) into shared memory, 128-byte swizzled: the A of dQ = dS K.
 #pragma unroll
-    for (int qb = 0; qb < kQBlocks; ++qb) {
+    for (int qb = 0; qb < (kDq ? kQBlocks : 0); ++qb) {
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
         const uint32_t offset = (key_row0 + g + 8 * r) * kRowBytes + (qb * 8 + 2 * t) * 2;
@@ -291,6 +294,14 @@ __global__ void __launch_bounds__(kThreads, 1)
                                kSwizzleGroupBytes));
     }
     warpgroup_commit();
+
+    if constexpr (!kDq) {
+      warpgroup_wait<0>();
+      fence_accumulators(dv);
+      fence_accumulators(dk);
+      mbarrier_arrive(tile_empty + stage);  // Q and dO of this stage are no longer read
+      continue;
+    }
 
     // dQ (64 queries, 64 columns) = dS K over kDqKeys keys: dS^T MN-major as A, K MN-major as B.
     // Both consumers' dS^T (split) or this one's (keys split) must be in shared memory.
@@ -360,7 +371,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 #endif  // FUSEDLM_SM90A_DEVICE
 }
 
-template <typename T, int kHeadDim>
+template <typename T, int kHeadDim, bool kDq>
 cudaError_t launch_bwd_sm90(const AttentionBwdArgs& args, const float* delta,
                             float* dq_accumulator, cudaStream_t stream) {
   const AttentionShape& s = args.shape;
@@ -376,7 +387,7 @@ cudaError_t launch_bwd_sm90(const AttentionBwdArgs& args, const float* delta,
     return cudaErrorNotSupported;
   }
   constexpr size_t bytes = BwdLayout<kHeadDim>::kBytes;
-  auto kernel = attention_bwd_sm90_kernel<T, kHeadDim>;
+  auto kernel = attention_bwd_sm90_kernel<T, kHeadDim, kDq>;
   FUSEDLM_RETURN_IF_ERROR(prepare_shared_memory(kernel, bytes));
   const int64_t blocks = ceil_div(s.Tk, kBlockN) * s.Hkv * s.B;
   if (!fits_grid(s, blocks)) return cudaErrorInvalidValue;
@@ -391,13 +402,16 @@ cudaError_t launch_bwd_sm90(const AttentionBwdArgs& args, const float* delta,
 cudaError_t attention_bwd_sm90(const AttentionBwdArgs& args, const float* delta,
                                float* dq_accumulator, cudaStream_t stream) {
   const AttentionShape& s = args.shape;
-  if (!valid_shape(s) || s.D > 128 || args.deterministic || !sm90_enabled()) {
-    return cudaErrorNotSupported;
-  }
+  if (!valid_shape(s) || s.D > 128 || !sm90_enabled()) return cudaErrorNotSupported;
+  using backward::launch_bwd_sm90;
   return dispatch_half_types(s.dtype, [&](auto tag) -> cudaError_t {
     using T = decltype(tag);
-    return s.D <= 64 ? backward::launch_bwd_sm90<T, 64>(args, delta, dq_accumulator, stream)
-                     : backward::launch_bwd_sm90<T, 128>(args, delta, dq_accumulator, stream);
+    if (dq_accumulator == nullptr) {
+      return s.D <= 64 ? launch_bwd_sm90<T, 64, false>(args, delta, nullptr, stream)
+                       : launch_bwd_sm90<T, 128, false>(args, delta, nullptr, stream);
+    }
+    return s.D <= 64 ? launch_bwd_sm90<T, 64, true>(args, delta, dq_accumulator, stream)
+                     : launch_bwd_sm90<T, 128, true>(args, delta, dq_accumulator, stream);
   });
 }
 

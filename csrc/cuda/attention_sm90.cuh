@@ -344,9 +344,10 @@ cudaError_t attention_fwd_sm90(const AttentionFwdArgs& args, cudaStream_t stream
 // FUSEDLM_ATTENTION_SM90=require: where the sm_90a kernels do not apply, the call fails.
 bool sm90_required();
 
-// dK, dV and the float32 dQ accumulator (added to, zeroed by the caller) on the sm_90a kernel,
-// from delta = rowsum(dO * O) (B * Hq * Tq floats); cudaErrorNotSupported (nothing launched)
-// where it does not apply: not sm_90, D > 128, or inputs TMA cannot describe.
+// dK, dV and the float32 dQ accumulator (added to, zeroed by the caller; nullptr: no dQ, for
+// the deterministic backward) on the sm_90a kernel, from delta = rowsum(dO * O) (B * Hq * Tq
+// floats); cudaErrorNotSupported (nothing launched) where it does not apply: not sm_90,
+// D > 128, or inputs TMA cannot describe.
 cudaError_t attention_bwd_sm90(const AttentionBwdArgs& args, const float* delta,
                                float* dq_accumulator, cudaStream_t stream);
 

@@ -810,11 +810,11 @@ def test_sdpa_drop_in_reaches_cuda(Tq, Tk):
         assert_close_rule(g, gb, gt, atol=atol_for(q.dtype, gt), name=name)
 
 
-# ---- the Hopper kernels (attention_fwd_sm90.cu, attention_bwd_sm90.cu: TMA, mbarriers, wgmma) --
-# On a compute capability 9.0 GPU the forward and the (non-deterministic) backward take the
-# sm_90a kernels for D <= 128 (the tests above then run them too); FUSEDLM_ATTENTION_SM90=require
-# makes a call that would fall back to the sm_80 kernels fail instead, so these prove which
-# kernels ran.
+# ---- the Hopper kernels (attention_fwd_sm90.cu, attention_bwd_sm90.cu) -------------------------
+# On a compute capability 9.0 GPU the forward and the backward (the deterministic one: its dK
+# and dV) take the sm_90a kernels for D <= 128 (the tests above then run them too);
+# FUSEDLM_ATTENTION_SM90=require makes a call that would fall back to the sm_80 kernels fail
+# instead, so these prove which kernels ran.
 
 HOPPER = pytest.mark.skipif(
     not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0),
@@ -884,13 +884,24 @@ def test_hopper_and_sm80_backwards_agree(head_dim, dtype, monkeypatch):
 
 
 @HOPPER
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_hopper_deterministic_backward(head_dim, monkeypatch):
+    """dK, dV on the Hopper kernel (no dQ), dQ by the atomic-free sm_80 kernel: right, and
+    bitwise repeatable."""
+    monkeypatch.setenv("FUSEDLM_ATTENTION_SM90", "require")
+    q, k, v = _qkv((2, 8, 2, 700, 900, head_dim), torch.bfloat16)
+    grad_out = _randn(q.shape, torch.bfloat16)
+    with deterministic():
+        out, grads = _ours(q, k, v, True, grad_out=grad_out)
+        _, again = _ours(q, k, v, True, grad_out=grad_out)
+    for a, b in zip(grads, again, strict=True):
+        assert torch.equal(a, b)
+    compare(q, k, v, True, out, grads, grad_out)
+
+
+@HOPPER
 def test_hopper_require_fails_where_it_does_not_apply(monkeypatch):
-    """D > 128 (forward), and the deterministic backward (no sm_90a version)."""
     monkeypatch.setenv("FUSEDLM_ATTENTION_SM90", "require")
     q, k, v = _qkv((1, 2, 2, 64, 64, 192), torch.float16)
     with pytest.raises(RuntimeError, match="not supported"):
         fusedlm.attention(q, k, v, causal=True, backend="cuda")
-    q, k, v = (_leaf(t) for t in _qkv((1, 2, 2, 64, 64, 64), torch.float16))
-    out = fusedlm.attention(q, k, v, causal=True, backend="cuda")
-    with deterministic(), pytest.raises(RuntimeError, match="not supported"):
-        out.backward(torch.ones_like(out))

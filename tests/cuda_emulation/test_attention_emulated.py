@@ -258,6 +258,22 @@ def test_hopper_copy_timing_and_schedules(library, timing, head_dim):
            schedule=schedule, hopper=True)
 
 
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_hopper_deterministic_backward(library, head_dim):
+    """dK, dV on the Hopper kernel without dQ, dQ by the atomic-free sm_80 kernel: right, and
+    bitwise the same under two timings and schedules."""
+    shape = (1, 4, 2, 150, 270, head_dim)
+    _check(library, shape, True, torch.float16, deterministic=True, hopper=True)
+    gen = torch.Generator().manual_seed(11)
+    q, k, v, do = (_guarded(torch.randn(s, generator=gen).half())[0]
+                   for s in ((1, 4, 150, head_dim), (1, 2, 270, head_dim), (1, 2, 270, head_dim),
+                             (1, 4, 150, head_dim)))
+    first = _run(library, q, k, v, do, True, 120, True, True, WARPGROUPS_FORWARD, hopper=True)
+    second = _run(library, q, k, v, do, True, 120, False, True, WARPS_BACKWARD, hopper=True)
+    for a, b in zip(first, second, strict=True):
+        assert torch.equal(a, b)
+
+
 def test_hopper_strided_layout(library):
     """q, k, v read through a tensor map over (B, T, H, D) memory."""
     _check(library, (2, 2, 2, 40, 150, 128), True, torch.float16, layout="bthd", hopper=True)
