@@ -2,8 +2,8 @@
 the backend CI cannot otherwise run): attention over sequence lengths around every tile size the
 launchers use (16, 32, 64, 128), head dims 8..256 in steps of 8 (every template and the padded
 ones between), GQA/MQA, arbitrary causal offsets, both memory layouts, both dQ paths, both
-shared-memory sizes; the Hopper forward over lengths around its 128-row tiles and head dims up
-to 128; LayerNorm/RMSNorm over hidden sizes 1..70000 around every launch-path
+shared-memory sizes; the Hopper kernels over lengths around their tiles and head dims up to
+128; LayerNorm/RMSNorm over hidden sizes 1..70000 around every launch-path
 boundary, every dtype, with and without weight/bias, aligned or not.
 
 Derandomized with a few examples by default (CI); ``--fuzz-long[=N]`` as for tests/test_fuzz.py.
@@ -35,59 +35,54 @@ HIDDEN = [1, 2, 7, 8, 9, 31, 33, 127, 256, 257, 512, 513, 1023, 1024, 1025, 4099
           12289, 32768, 32769, 65536, 70000]
 
 
+# The Hopper kernels' tiles: 128 queries x 128 keys forward, 128 keys x 64 queries backward,
+# 2-stage rings.
+HOPPER_SEQ_LENS = [1, 2, 63, 64, 65, 127, 128, 129, 255, 256, 257, 300]
+
+
+def _fuzz_attention(library, data, seq_lens, max_head_dim, schedules, hopper):
+    """One drawn case through _check: shape, causal offset, dtype, layout, timing, schedule,
+    dQ path, and (sm_80 kernels) the device's shared memory."""
+    Hkv = data.draw(st.integers(1, 2), label="Hkv")
+    group = data.draw(st.integers(1, 3), label="group")
+    Tq = data.draw(st.sampled_from(seq_lens), label="Tq")
+    Tk = data.draw(st.sampled_from(seq_lens), label="Tk")
+    D = data.draw(st.integers(1, max_head_dim // 8), label="D / 8") * 8
+    causal = data.draw(st.booleans(), label="causal")
+    offset = Tk - Tq
+    if causal and data.draw(st.booleans(), label="random offset"):
+        offset = data.draw(st.integers(-Tq, Tk), label="offset")
+    dtype = data.draw(st.sampled_from([torch.float16, torch.bfloat16]), label="dtype")
+    layout = data.draw(st.sampled_from(["contiguous", "bthd"]), label="layout")
+    late = data.draw(st.booleans(), label="copies (cp.async, TMA, wgmma) land late")
+    schedule = data.draw(st.sampled_from(schedules), label="schedule")
+    deterministic = data.draw(st.booleans(), label="deterministic")
+    shared = H100_SHARED_BYTES
+    if not hopper:
+        shared = data.draw(st.sampled_from([H100_SHARED_BYTES, SM86_SHARED_BYTES]),
+                           label="shared bytes")
+    _check(library, (1, Hkv * group, Hkv, Tq, Tk, D), causal, dtype, layout=layout, late=late,
+           deterministic=deterministic, offset=offset, schedule=schedule, shared_bytes=shared,
+           hopper=hopper)
+
+
 def test_fuzz_attention(library, fuzz):  # noqa: F811
     @fuzz(16)
     @given(data=st.data())
     def run(data):
-        Hkv = data.draw(st.integers(1, 2), label="Hkv")
-        group = data.draw(st.integers(1, 3), label="group")
-        Tq = data.draw(st.sampled_from(SEQ_LENS), label="Tq")
-        Tk = data.draw(st.sampled_from(SEQ_LENS), label="Tk")
-        D = data.draw(st.integers(1, 32), label="D / 8") * 8
-        causal = data.draw(st.booleans(), label="causal")
-        offset = Tk - Tq
-        if causal and data.draw(st.booleans(), label="random offset"):
-            offset = data.draw(st.integers(-Tq, Tk), label="offset")
-        dtype = data.draw(st.sampled_from([torch.float16, torch.bfloat16]), label="dtype")
-        layout = data.draw(st.sampled_from(["contiguous", "bthd"]), label="layout")
-        late = data.draw(st.booleans(), label="copies at the wait")
-        schedule = data.draw(st.sampled_from([LOCKSTEP, WARPS_FORWARD, WARPS_BACKWARD]),
-                             label="schedule")
-        deterministic = data.draw(st.booleans(), label="deterministic")
-        shared = data.draw(st.sampled_from([H100_SHARED_BYTES, SM86_SHARED_BYTES]),
-                           label="shared bytes")
-        _check(library, (1, Hkv * group, Hkv, Tq, Tk, D), causal, dtype, layout=layout,
-               late=late, deterministic=deterministic, offset=offset, schedule=schedule,
-               shared_bytes=shared)
+        _fuzz_attention(library, data, SEQ_LENS, 256, [LOCKSTEP, WARPS_FORWARD, WARPS_BACKWARD],
+                        hopper=False)
 
     run()
-
-
-# The Hopper forward's tiles are 128 x 128 (two 64-row consumer halves, a 2-stage K/V ring).
-HOPPER_SEQ_LENS = [1, 2, 63, 64, 65, 127, 128, 129, 255, 256, 257, 300]
 
 
 def test_fuzz_attention_hopper(library, fuzz):  # noqa: F811
     @fuzz(8)
     @given(data=st.data())
     def run(data):
-        Hkv = data.draw(st.integers(1, 2), label="Hkv")
-        group = data.draw(st.integers(1, 3), label="group")
-        Tq = data.draw(st.sampled_from(HOPPER_SEQ_LENS), label="Tq")
-        Tk = data.draw(st.sampled_from(HOPPER_SEQ_LENS), label="Tk")
-        D = data.draw(st.integers(1, 16), label="D / 8") * 8
-        causal = data.draw(st.booleans(), label="causal")
-        offset = Tk - Tq
-        if causal and data.draw(st.booleans(), label="random offset"):
-            offset = data.draw(st.integers(-Tq, Tk), label="offset")
-        dtype = data.draw(st.sampled_from([torch.float16, torch.bfloat16]), label="dtype")
-        layout = data.draw(st.sampled_from(["contiguous", "bthd"]), label="layout")
-        late = data.draw(st.booleans(), label="late TMA/wgmma")
-        schedule = data.draw(st.sampled_from([LOCKSTEP, WARPS_FORWARD, WARPS_BACKWARD,
-                                              WARPGROUPS_FORWARD, WARPGROUPS_BACKWARD]),
-                             label="schedule")
-        _check(library, (1, Hkv * group, Hkv, Tq, Tk, D), causal, dtype, layout=layout,
-               late=late, offset=offset, schedule=schedule, hopper=True)
+        _fuzz_attention(library, data, HOPPER_SEQ_LENS, 128,
+                        [LOCKSTEP, WARPS_FORWARD, WARPS_BACKWARD, WARPGROUPS_FORWARD,
+                         WARPGROUPS_BACKWARD], hopper=True)
 
     run()
 
