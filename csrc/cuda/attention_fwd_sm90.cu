@@ -205,7 +205,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 
   // Scores of tile n (landed) -> probabilities in place: scale to log2 units, mask (past Tk and,
   // causal, keys after the row's last visible), new row max over the 4 lanes sharing a row,
-  // exponentiate; returns the factors the output must be rescaled by.
+  // exponentiate; alpha: the factors the output accumulated so far must be rescaled by.
   auto softmax = [&](int64_t n, float (&alpha)[2]) {
     const int64_t n0 = n * kBlockN;
     const bool need_mask =
