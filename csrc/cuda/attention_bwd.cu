@@ -11,7 +11,8 @@
 //      or, deterministic, one CTA per query tile recomputing S and dP over the key tiles
 //      (attention_bwd_dq_kernel).
 // Head dims above 128 split the dK/dV/dQ columns over two CTAs (each recomputes S and dP over
-// the full head dim) so the accumulators fit in registers.
+// the full head dim) so the accumulators fit in registers. On sm_90 step 2 runs on the wgmma/TMA
+// kernel of attention_bwd_sm90.cu where it applies (D <= 128).
 #include "cuda/attention_sm80.cuh"
 #include "cuda/attention_sm90.cuh"
 
