@@ -185,29 +185,27 @@ __global__ void __launch_bounds__(kThreads, 1)
     const unsigned char* do_tile = sDO + stage * Layout::kQBytes;
     unsigned char* ds_tile = sDs + (it & 1) * Layout::kDsBytes;
 
-    // S^T = K Q^T, dP^T = V dO^T: all K-major, the k-th 16-column step 32 bytes into a slab.
+    // S^T = K Q^T, dP^T = V dO^T: all K-major, the k-th 16-column step 32 bytes into a slab;
+    // one wgmma group each.
+    auto issue_keys_times_queries = [&](float (&acc)[kBlockM / 2], const unsigned char* keys,
+                                        const unsigned char* queries) {
+#pragma unroll
+      for (int kk = 0; kk < kHeadDim / 16; ++kk) {
+        const uint32_t step = (kk % 4) * 32;
+        const uint32_t key_offset = (kk / 4) * Layout::kKVSlabBytes + consumer * 64 * kRowBytes;
+        const uint32_t query_offset = (kk / 4) * Layout::kQSlabBytes;
+        wgmma_ss<T, kBlockM, 0, 0>(
+            acc, make_smem_descriptor(keys + key_offset + step, 16, kSwizzleGroupBytes),
+            make_smem_descriptor(queries + query_offset + step, 16, kSwizzleGroupBytes), kk > 0);
+      }
+      warpgroup_commit();
+    };
     mbarrier_wait(tile_full + stage, static_cast<uint32_t>(it / kStages) & 1u);
     fence_accumulators(st);
     fence_accumulators(dpt);
     warpgroup_fence();
-#pragma unroll
-    for (int kk = 0; kk < kHeadDim / 16; ++kk) {
-      const uint32_t offset = (kk / 4) * Layout::kKVSlabBytes + consumer * 64 * kRowBytes;
-      const uint32_t q_offset = (kk / 4) * Layout::kQSlabBytes + (kk % 4) * 32;
-      wgmma_ss<T, kBlockM, 0, 0>(
-          st, make_smem_descriptor(sK + offset + (kk % 4) * 32, 16, kSwizzleGroupBytes),
-          make_smem_descriptor(q_tile + q_offset, 16, kSwizzleGroupBytes), kk > 0);
-    }
-    warpgroup_commit();
-#pragma unroll
-    for (int kk = 0; kk < kHeadDim / 16; ++kk) {
-      const uint32_t offset = (kk / 4) * Layout::kKVSlabBytes + consumer * 64 * kRowBytes;
-      const uint32_t q_offset = (kk / 4) * Layout::kQSlabBytes + (kk % 4) * 32;
-      wgmma_ss<T, kBlockM, 0, 0>(
-          dpt, make_smem_descriptor(sV + offset + (kk % 4) * 32, 16, kSwizzleGroupBytes),
-          make_smem_descriptor(do_tile + q_offset, 16, kSwizzleGroupBytes), kk > 0);
-    }
-    warpgroup_commit();
+    issue_keys_times_queries(st, sK, q_tile);
+    issue_keys_times_queries(dpt, sV, do_tile);
 
     // This thread's query columns: their lse (log2 units; -inf: the row sees no key) and delta.
     const float* lse_row = args.lse + (b * s.Hq + h) * Tq;
