@@ -767,6 +767,38 @@ void adamw_step(const std::vector<at::Tensor>& params, const std::vector<at::Ten
                  grad_scale, found_inf);
 }
 
+// Adds `amount` to every step count and returns the new values: what torch.optim's
+// `torch._foreach_add_(steps, 1)` followed by a host read of each count does, without a
+// dispatcher call per tensor (on the CPU those cost ~2.5 us each, most of a GPT-2-sized
+// optimizer step's host time). Counts are one-element tensors (torch.optim keeps them as
+// float32, or float64 under a float64 default dtype, on the CPU); others go through add_/item.
+std::vector<double> increment_steps(const std::vector<at::Tensor>& steps, double amount) {
+  std::vector<double> values;  // [n]
+  values.reserve(steps.size());
+  for (size_t i = 0; i < steps.size(); ++i) {
+    const at::Tensor& t = steps[i];
+    const std::string where = "steps[" + std::to_string(i) + "]";
+    check_defined(t, where.c_str());
+    FUSEDLM_CHECK_VALUE(t.numel() == 1, "argument '", where,
+                        "' must be a one-element step count, got shape ", t.sizes());
+    if (t.is_cpu() && t.layout() == at::kStrided && t.scalar_type() == at::kFloat) {
+      float* count = t.data_ptr<float>();
+      *count = static_cast<float>(*count + amount);  // float32 + python 1, as foreach_add_ rounds
+      values.push_back(*count);
+      if (!t.is_inference()) t.unsafeGetTensorImpl()->bump_version();
+    } else if (t.is_cpu() && t.layout() == at::kStrided && t.scalar_type() == at::kDouble) {
+      double* count = t.data_ptr<double>();
+      *count += amount;
+      values.push_back(*count);
+      if (!t.is_inference()) t.unsafeGetTensorImpl()->bump_version();
+    } else {
+      t.add_(amount);
+      values.push_back(t.item<double>());
+    }
+  }
+  return values;
+}
+
 }  // namespace
 }  // namespace fusedlm
 
@@ -810,6 +842,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rms_norm_bwd", &fusedlm::rms_norm_bwd,
         "RMSNorm backward. Returns dx (M, N) and dweight (N) or None.", py::arg("grad_y"),
         py::arg("x"), py::arg("rstd"), py::arg("weight"));
+  m.def("increment_steps", &fusedlm::increment_steps,
+        "Adds 'amount' to each one-element step count tensor in place (float32/float64 CPU\n"
+        "counts without a dispatcher call) and returns the new values as floats.",
+        py::arg("steps"), py::arg("amount"));
   m.def("adamw_step", &fusedlm::adamw_step,
         "One AdamW step over a whole list of tensors, in place (torch.optim.AdamW's arithmetic).\n"
         "steps[i] is param i's step count after this step's increment.\n"

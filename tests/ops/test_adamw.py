@@ -221,6 +221,84 @@ def test_adamw_step_is_registered_custom_op():
     assert fusedlm.ops.adamw_step is not None
 
 
+# ---- fusedlm.ops.adamw_step: the eager entry point that skips the dispatcher -----------------
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(("param_dtype", "state_dtype"), DTYPE_CASES[1:4], ids=DTYPE_IDS[1:4])
+@pytest.mark.parametrize("amsgrad", [False, True], ids=["adam", "amsgrad"])
+def test_eager_adamw_step_equals_the_registered_op(amsgrad, param_dtype, state_dtype, backend):
+    """fusedlm.ops.adamw_step (no dispatcher) and torch.ops.fusedlm.adamw_step run the same
+    kernel: bit-identical params and states."""
+    device = device_of(backend)
+    hyper = _hyper(amsgrad, maximize=False, weight_decay=0.1)
+    problem = _problem(param_dtype, state_dtype, device, amsgrad, fresh=False)
+    via_op = _call_op(*problem, hyper, backend)
+    eager = _call_op(*problem, hyper, backend,
+                     fn=lambda *args: fusedlm.ops.adamw_step(*args, backend, []))
+    for ours, theirs in zip([eager[0], *eager[1]], [via_op[0], *via_op[1]], strict=True):
+        for a, b in zip(ours, theirs, strict=True):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("amsgrad", [False, True], ids=["adam", "amsgrad"])
+def test_eager_adamw_step_bumps_every_mutated_version(amsgrad, backend):
+    """The eager entry point marks what it writes as modified, as the dispatcher does for a
+    mutating op: every tensor's version counter moves, and autograd refuses a backward through
+    a parameter value the step overwrote."""
+    device = device_of(backend)
+    hyper = _hyper(amsgrad, maximize=False, weight_decay=0.0)
+    params, grads, states, steps = _problem(torch.float32, torch.float32, device, amsgrad,
+                                            fresh=False)
+    leaf = params[0].clone().requires_grad_(True)
+    params[0] = leaf.detach()  # shares leaf's version counter
+    saved = (leaf * leaf).sum()  # saves leaf for its backward
+    lists = [params, grads, [s[0] for s in states], [s[1] for s in states],
+             [s[2] for s in states] if amsgrad else []]
+    before = [[t._version for t in ts] for ts in lists]
+    fusedlm.ops.adamw_step(*lists, [float(s) for s in steps], hyper["lr"], *hyper["betas"],
+                           hyper["eps"], 0.0, amsgrad, False, backend, [])
+    for name, ts, versions in zip(("params", "grads", "exp_avgs", "exp_avg_sqs",
+                                   "max_exp_avg_sqs"), lists, before, strict=True):
+        for i, (t, version) in enumerate(zip(ts, versions, strict=True)):
+            assert t._version > version, f"{name}[{i}]'s version did not move"
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        saved.backward()
+
+
+def test_eager_adamw_step_under_a_dispatch_mode_goes_through_the_op():
+    """Under a TorchDispatchMode (FakeTensorMode, FlopCounterMode, a tracer) the eager entry
+    point calls the registered op, so the mode sees fusedlm::adamw_step; under FakeTensorMode
+    no kernel touches the fake tensors' (absent) data."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Recorder(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    def step(n):
+        params = [torch.randn(n), torch.randn(3, n)]
+        fusedlm.ops.adamw_step(params, [torch.randn_like(p) for p in params],
+                               [torch.zeros_like(p) for p in params],
+                               [torch.zeros_like(p) for p in params], [], [1.0, 1.0], 1e-3,
+                               0.9, 0.999, 1e-8, 0.0, False, False, "auto", [])
+        return params
+
+    with Recorder() as recorder:
+        step(5)
+    assert "fusedlm.adamw_step.default" in recorder.ops
+    with FakeTensorMode():
+        params = step(7)
+    assert params[1].shape == (3, 7)
+
+
 # ---- extensions: lr_tensor, step_tensor, grad_scale, found_inf --------------------------------
 
 

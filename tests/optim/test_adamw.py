@@ -11,7 +11,13 @@ import torch
 
 import fusedlm
 from fusedlm.backends import OpDispatch
-from tests.helpers import assert_close_rule, available_backends, device_of
+from tests.helpers import (
+    assert_close_rule,
+    available_backends,
+    cpu_backend_available,
+    cpu_unavailable_reason,
+    device_of,
+)
 
 BACKENDS = available_backends()
 
@@ -559,6 +565,72 @@ def test_fused_path_reads_no_tensor_on_the_host(backend, monkeypatch):
     assert kwargs["step_tensor"].tolist() == [1.0] * len(list(model.parameters()))
     assert kwargs["grad_scale"] is opt.grad_scale and kwargs["found_inf"] is opt.found_inf
     assert float(opt.state[model[0].weight]["step"]) == 1.0
+
+
+
+# ---- step counts on the host: one extension call per step, not one torch op per count --------
+
+
+def _counts(dtype):
+    return [torch.tensor(float(v), dtype=dtype) for v in (0, 1, 41)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("with_extension", [True, False], ids=["extension", "torch_ops"])
+def test_increment_steps_adds_in_place_and_returns_the_counts(with_extension, dtype,
+                                                               monkeypatch):
+    """fusedlm.optim.adamw._increment_steps (fusedlm._C.increment_steps, or torch ops without a
+    build) matches torch._foreach_add_ followed by host reads, bumps each count's version
+    (float32/float64 counts are written through their pointer, bfloat16 ones by add_)."""
+    if with_extension and not cpu_backend_available():
+        pytest.skip(cpu_unavailable_reason())
+    if not with_extension:
+        monkeypatch.setattr(fusedlm._ext, "load", lambda: None)
+    counts, expected = _counts(dtype), _counts(dtype)
+    versions = [c._version for c in counts]
+    torch._foreach_add_(expected, 1.0)
+    assert fusedlm.optim.adamw._increment_steps(counts, 1.0) == [float(e) for e in expected]
+    torch.testing.assert_close(counts, expected, rtol=0, atol=0)
+    assert all(c._version > v for c, v in zip(counts, versions, strict=True))
+    assert fusedlm.optim.adamw._increment_steps(counts, -1.0) == [0.0, 1.0, 41.0]
+
+
+def test_increment_steps_names_a_count_that_is_not_one_element():
+    if not cpu_backend_available():
+        pytest.skip(cpu_unavailable_reason())
+    counts = [torch.tensor(1.0), torch.zeros(2)]
+    with pytest.raises(ValueError, match=r"steps\[1\].*one-element"):
+        fusedlm._ext.load().increment_steps(counts, 1.0)
+
+
+def test_default_step_updates_host_counts_without_a_torch_op_per_count(monkeypatch):
+    """The default (non-fused) group keeps its counts on the CPU: a step increments and reads
+    them in one extension call (a foreach op and a host read per count cost ~3 us each, most of
+    a small model's step), and hands the kernel numbers, not a tensor."""
+    if not cpu_backend_available():
+        pytest.skip(cpu_unavailable_reason())
+    model = _mlp("cpu")
+    opt = fusedlm.optim.AdamW(model.parameters(), lr=1e-2, backend="cpu")
+    x, y = _batches(1, "cpu")[0]
+    torch.nn.functional.mse_loss(model(x), y).backward()
+    calls = []
+    real_op = fusedlm.optim.adamw.adamw_step
+    monkeypatch.setattr(fusedlm.optim.adamw, "adamw_step",
+                        lambda *a, **k: calls.append((a, k)) or real_op(*a, **k))
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a torch op per step count ran")
+
+    with monkeypatch.context() as m:
+        for name in ("_foreach_add_", "stack"):
+            m.setattr(torch, name, refuse)
+        m.setattr(torch.Tensor, "item", refuse)
+        m.setattr(torch.Tensor, "__float__", refuse)
+        opt.step()
+    (args, kwargs), = calls
+    n_params = len(list(model.parameters()))
+    assert args[5] == [1.0] * n_params and "step_tensor" not in kwargs
+    assert [float(opt.state[p]["step"]) for p in model.parameters()] == [1.0] * n_params
 
 
 # ---- DTensor parameters (FSDP2, tensor parallelism) -------------------------------------------

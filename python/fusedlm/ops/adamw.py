@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from .. import reference
 from ..backends import OpDispatch
@@ -16,7 +17,7 @@ ADAMW_STEP.register("torch")(reference.adamw_step)
 
 def _kernel_supports(*tensor_lists: list[Tensor]) -> str | None:
     for tensors in tensor_lists:
-        if not all(t.is_contiguous() for t in tensors):
+        if not all(map(Tensor.is_contiguous, tensors)):
             return "non-contiguous tensors"
     return None
 
@@ -113,12 +114,31 @@ def _check_master_params(params: list[Tensor], exp_avgs: list[Tensor],
                                 f"{name}[{i}] is {tensors[i].dtype}")
 
 
+def _adamw_step_impl(
+    params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr, beta1, beta2, eps,
+    weight_decay, amsgrad, maximize, backend, master_params, lr_tensor=None, grad_scale=None,
+    found_inf=None, step_tensor=None,
+) -> None:
+    """The body of the custom op ``fusedlm::adamw_step`` (see :func:`adamw_step_op`)."""
+    _check_extensions(params, steps, lr_tensor, grad_scale, found_inf, step_tensor)
+    _check_master_params(params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params)
+    if not params:
+        return
+    impl = ADAMW_STEP.select(backend, params[0].device, params, grads, exp_avgs, exp_avg_sqs,
+                             max_exp_avg_sqs, master_params)
+    # Only when there are masters: the Triton launcher takes no master_params.
+    masters = {"master_params": master_params} if master_params else {}
+    impl(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr, beta1, beta2, eps,
+         weight_decay, amsgrad, maximize, lr_tensor=lr_tensor, grad_scale=grad_scale,
+         found_inf=found_inf, step_tensor=step_tensor, **masters)
+
+
 @torch.library.custom_op(
     "fusedlm::adamw_step",
     mutates_args=("params", "grads", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs",
                   "master_params"),
 )
-def adamw_step(
+def adamw_step_op(
     params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
     exp_avg_sqs: list[Tensor], max_exp_avg_sqs: list[Tensor], steps: list[float],
     lr: float, beta1: float, beta2: float, eps: float, weight_decay: float, amsgrad: bool,
@@ -155,21 +175,50 @@ def adamw_step(
       (params, states, grads). Step counts are the caller's: torch increments them and then
       subtracts ``found_inf``.
     """
-    _check_extensions(params, steps, lr_tensor, grad_scale, found_inf, step_tensor)
-    _check_master_params(params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params)
-    if not params:
-        return
-    impl = ADAMW_STEP.select(backend, params[0].device, params, grads, exp_avgs, exp_avg_sqs,
-                             max_exp_avg_sqs, master_params)
-    # Only when there are masters: the Triton launcher takes no master_params.
-    masters = {"master_params": master_params} if master_params else {}
-    impl(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr, beta1, beta2, eps,
-         weight_decay, amsgrad, maximize, lr_tensor=lr_tensor, grad_scale=grad_scale,
-         found_inf=found_inf, step_tensor=step_tensor, **masters)
+    _adamw_step_impl(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr, beta1,
+                     beta2, eps, weight_decay, amsgrad, maximize, backend, master_params,
+                     lr_tensor, grad_scale, found_inf, step_tensor)
 
 
-@adamw_step.register_fake
+@adamw_step_op.register_fake
 def _(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr, beta1, beta2, eps,
       weight_decay, amsgrad, maximize, backend, master_params, lr_tensor=None, grad_scale=None,
       found_inf=None, step_tensor=None):
     return None
+
+
+def adamw_step(
+    params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor], max_exp_avg_sqs: list[Tensor], steps: list[float],
+    lr: float, beta1: float, beta2: float, eps: float, weight_decay: float, amsgrad: bool,
+    maximize: bool, backend: str, master_params: list[Tensor],
+    lr_tensor: Tensor | None = None, grad_scale: Tensor | None = None,
+    found_inf: Tensor | None = None, step_tensor: Tensor | None = None,
+) -> None:
+    """:func:`adamw_step_op` (``torch.ops.fusedlm.adamw_step``): same arguments and effect.
+
+    Eager calls skip the custom-op dispatcher and bump the mutated tensors' version counters in
+    one call: the dispatcher's schema handling and per-tensor version bumps cost ~10 us per
+    parameter, several times the step of a small model (benchmarks/NOTES.md). Under
+    ``torch.compile`` or a dispatch mode (FakeTensorMode, FlopCounterMode, ...) the registered
+    op runs, so the step traces and the mode sees it."""
+    if torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None:
+        adamw_step_op(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr, beta1,
+                      beta2, eps, weight_decay, amsgrad, maximize, backend, master_params,
+                      lr_tensor=lr_tensor, grad_scale=grad_scale, found_inf=found_inf,
+                      step_tensor=step_tensor)
+        return
+    _adamw_step_impl(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr, beta1,
+                     beta2, eps, weight_decay, amsgrad, maximize, backend, master_params,
+                     lr_tensor, grad_scale, found_inf, step_tensor)
+    _bump_versions([*params, *grads, *exp_avgs, *exp_avg_sqs, *max_exp_avg_sqs, *master_params])
+
+
+def _bump_versions(tensors: list[Tensor]) -> None:
+    """Marks ``tensors`` as modified in place, as the dispatcher does for a mutating op (so
+    autograd still refuses a backward through a value the step overwrote)."""
+    try:
+        torch._C._increment_version(tensors)  # one call for the list (torch >= 2.6)
+    except TypeError:
+        for t in tensors:
+            torch._C._increment_version(t)

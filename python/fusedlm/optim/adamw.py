@@ -30,6 +30,7 @@ import torch
 from torch import Tensor
 from torch.optim.adam import adam as torch_adam  # torch.optim does not expose the module
 
+from .. import _ext
 from ..backends import check_backend_name
 from ..ops.adamw import adamw_step
 
@@ -130,7 +131,7 @@ class AdamW(torch.optim.AdamW):
             params = [p for p in group["params"] if p.grad is not None]
             if not params:
                 continue
-            has_complex = any(torch.is_complex(p) for p in params)
+            has_complex = any(p.dtype.is_complex for p in params)
             if self._uses_torch_implementation(group, has_complex):
                 if group.get("master_weights") and any(p.dtype in _LOW_PRECISION for p in params):
                     raise RuntimeError(
@@ -140,23 +141,39 @@ class AdamW(torch.optim.AdamW):
                     )
                 self._torch_step(group)
                 continue
-            for p in params:
-                if p.grad.is_sparse:
-                    raise RuntimeError(
-                        "fusedlm.optim.AdamW does not support sparse gradients (parameter of "
-                        f"shape {list(p.shape)}); use torch.optim.SparseAdam"
-                    )
+            if any(p.grad.is_sparse for p in params):
+                p = next(p for p in params if p.grad.is_sparse)
+                raise RuntimeError(
+                    "fusedlm.optim.AdamW does not support sparse gradients (parameter of "
+                    f"shape {list(p.shape)}); use torch.optim.SparseAdam"
+                )
             self._fused_step(group, params)
         return loss
 
     def _fused_step(self, group: dict, params: list[Tensor]) -> None:
-        grads = [_local_grad(p) for p in params]
-        states = [self._init_state(group, p) for p in params]
-        # DTensor parameters (FSDP2, tensor parallelism): their states are DTensors laid out
-        # alike (as torch.optim.AdamW makes them, so state_dict() gathers them); the update is
-        # elementwise, so the kernel runs on the local shards, in place.
-        local_states = [{k: _local(v) for k, v in s.items()} for s in states]
-        params = [_local(p) for p in params]
+        # Every line here runs once per parameter per step: a GPT-2 list has ~150 of them, and
+        # each microsecond spent per parameter is ~0.15 ms of host time a step, against ~1 ms
+        # for the whole update on an H100 (benchmarks/NOTES.md). Hence plain loops, no per-tensor
+        # torch calls, and the step counts kept on the CPU updated by one extension call.
+        state_of = self.state
+        masters_possible = group.get("master_weights", False)
+        states = []
+        for p in params:
+            state = state_of[p]
+            if not state or masters_possible or "master" in state:
+                state = self._init_state(group, p)
+            states.append(state)
+        dtensor = _dtensor_class()
+        if dtensor is None or not any(isinstance(p, dtensor) for p in params):
+            grads = [p.grad for p in params]
+            local_states = states
+        else:
+            # DTensor parameters (FSDP2, tensor parallelism): their states are DTensors laid
+            # out alike (as torch.optim.AdamW makes them, so state_dict() gathers them); the
+            # update is elementwise, so the kernel runs on the local shards, in place.
+            grads = [_local_grad(p) for p in params]
+            local_states = [{k: _local(v) for k, v in s.items()} for s in states]
+            params = [_local(p) for p in params]
         steps = [s["step"] for s in states]
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
@@ -164,14 +181,24 @@ class AdamW(torch.optim.AdamW):
         by_device: dict[tuple[torch.device, bool], list[int]] = {}
         for i, p in enumerate(params):
             by_device.setdefault((p.device, "master" in local_states[i]), []).append(i)
-        torch._foreach_add_(steps, 1)
+        # Step counts on the CPU outside a fused=True group (torch.optim's default) are
+        # incremented and read on the host and reach the kernel as numbers; the counts of a
+        # fused=True group live on the params' device (torch's layout) and reach the kernel as a
+        # tensor, never read on the host, on a CPU device too (so CI tests that path).
+        cpu_steps = [] if group["fused"] else [i for i, s in enumerate(steps) if s.is_cpu]
+        host_step_values: dict[int, float] = {}
+        if cpu_steps:
+            values = _increment_steps([steps[i] for i in cpu_steps], 1.0)
+            host_step_values = dict(zip(cpu_steps, values, strict=True))
+        if len(cpu_steps) != len(steps):
+            torch._foreach_add_([s for i, s in enumerate(steps) if i not in host_step_values], 1)
         beta1, beta2 = (float(b) for b in group["betas"])
         lr = group["lr"]
         for (device, has_master), indices in by_device.items():
             def pick(xs, indices=indices):
                 return [xs[i] for i in indices]
 
-            device_steps = pick(steps)
+            device_states = pick(local_states)
             extensions = {}
             if isinstance(lr, Tensor):
                 # A CPU lr is read on the host (no device sync); a device one in the kernel, as
@@ -184,28 +211,27 @@ class AdamW(torch.optim.AdamW):
                 extensions["grad_scale"] = _on(grad_scale, device)
             if found_inf is not None:
                 extensions["found_inf"] = _on(found_inf, device)
-            host_steps: list[float] = []
-            if all(s.device == device for s in device_steps) and (
-                device.type != "cpu" or group["fused"]
-            ):
-                extensions["step_tensor"] = torch.stack(
-                    [s.reshape(()) for s in device_steps]
-                ).to(torch.float32)
+            if all(i in host_step_values for i in indices):
+                host_steps = [host_step_values[i] for i in indices]
             else:
-                host_steps = [float(s) for s in device_steps]  # CPU tensors: no device sync
+                # Counts on the params' device (a CPU count among them is moved there).
+                host_steps = []
+                extensions["step_tensor"] = torch.stack(
+                    [_on(steps[i], device).reshape(()) for i in indices]
+                ).to(torch.float32)
             device_grads = pick(grads)
             contiguous_grads = [g if g.is_contiguous() else g.contiguous() for g in device_grads]
             adamw_step(
                 pick(params),
                 contiguous_grads,
-                [s["exp_avg"] for s in pick(local_states)],
-                [s["exp_avg_sq"] for s in pick(local_states)],
-                [s["max_exp_avg_sq"] for s in pick(local_states)] if group["amsgrad"] else [],
+                [s["exp_avg"] for s in device_states],
+                [s["exp_avg_sq"] for s in device_states],
+                [s["max_exp_avg_sq"] for s in device_states] if group["amsgrad"] else [],
                 host_steps,
                 0.0 if isinstance(lr, Tensor) else float(lr), beta1, beta2, float(group["eps"]),
                 float(group["weight_decay"]), bool(group["amsgrad"]), bool(group["maximize"]),
                 group["backend"],
-                [s["master"] for s in pick(local_states)] if has_master else [],
+                [s["master"] for s in device_states] if has_master else [],
                 **extensions,
             )
             if grad_scale is not None:  # the unscaled grads are stored back, as torch does
@@ -215,11 +241,14 @@ class AdamW(torch.optim.AdamW):
         if found_inf is not None:
             # A skipped step does not count: subtract found_inf != 0 where the counts live.
             skipped = (found_inf != 0).to(torch.float32)
+            if cpu_steps and bool(_on(skipped, torch.device("cpu"))):  # host read: CPU counts
+                _increment_steps([steps[i] for i in cpu_steps], -1.0)
             by_step_device: dict[torch.device, list[Tensor]] = {}
-            for s in steps:
-                by_step_device.setdefault(s.device, []).append(s)
+            for i, s in enumerate(steps):
+                if i not in host_step_values:
+                    by_step_device.setdefault(s.device, []).append(s)
             for step_device, device_steps in by_step_device.items():
-                flag = _on(skipped, step_device)  # a host read only for CPU counts of GPU params
+                flag = _on(skipped, step_device)
                 torch._foreach_sub_(device_steps, [flag] * len(device_steps))
 
     def _torch_step(self, group: dict) -> None:
@@ -245,6 +274,16 @@ class AdamW(torch.optim.AdamW):
             differentiable=group["differentiable"], fused=False, grad_scale=None,
             found_inf=None, decoupled_weight_decay=True,
         )
+
+
+def _increment_steps(steps: list[Tensor], amount: float) -> list[float]:
+    """Adds ``amount`` to each CPU step count in place; returns the new counts. One extension
+    call when ``fusedlm._C`` is there, else torch ops (the same arithmetic)."""
+    increment = getattr(_ext.load(), "increment_steps", None)  # None: no (or an older) build
+    if increment is not None:
+        return increment(steps, amount)
+    torch._foreach_add_(steps, amount)
+    return [float(s) for s in steps]
 
 
 def _dtensor_class():
