@@ -525,3 +525,53 @@ def test_memory_probe_sees_a_quadratic_buffer():
     same measurement reports it."""
     growth = _peak_rss_growth("torch", backward=False)
     assert growth >= TXT_BYTES, f"peak RSS grew by only {growth / 2**20:.0f} MiB"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_attention_without_autograd_skips_the_function(backend, monkeypatch):
+    """Under torch.no_grad() or with no input requiring grad (inference, generation), the
+    forward runs without an autograd.Function and gives the grad-mode output bit for bit; a
+    key alone requiring grad still gets its gradient."""
+    device = device_of(backend)
+    q, k, v = _qkv((2, 4, 2, 9, 9, 16), torch.float32, device)
+    expected = fusedlm.attention(q.requires_grad_(True), k, v, causal=True,
+                                 backend=backend).detach()
+    q.requires_grad_(False)
+
+    def refuse(*_):
+        raise AssertionError("the autograd.Function ran without autograd")
+
+    with monkeypatch.context() as m:
+        # (fusedlm.ops.attention is the function; the module is in sys.modules)
+        m.setattr(sys.modules["fusedlm.ops.attention"]._AttentionEager, "apply", refuse)
+        with torch.no_grad():
+            no_grad = fusedlm.attention(q.clone().requires_grad_(True), k, v, causal=True,
+                                        backend=backend)
+        plain = fusedlm.attention(q, k, v, causal=True, backend=backend)
+    for out in (no_grad, plain):
+        assert out.grad_fn is None and not out.requires_grad
+        torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    key = k.clone().requires_grad_(True)
+    out = fusedlm.attention(q, key, v, causal=True, backend=backend)
+    out.sum().backward()
+    assert key.grad is not None and key.grad.shape == k.shape
+
+
+def test_attention_refuses_forward_mode_ad():
+    """Forward-mode AD is not implemented: a dual query gets an error, never an output whose
+    tangent was silently dropped."""
+    q, k, v = _qkv((1, 2, 2, 5, 5, 16), torch.float32, "cpu")
+    with torch.autograd.forward_ad.dual_level():
+        dual = torch.autograd.forward_ad.make_dual(q, torch.ones_like(q))
+        with pytest.raises(NotImplementedError, match="jvp"):
+            fusedlm.attention(dual, k, v)
+
+
+def test_attention_gradient_is_not_differentiable_again():
+    """With create_graph=True a first backward works and a second one raises, instead of
+    returning a silently wrong (zero) second derivative."""
+    q, k, v = _qkv((1, 2, 2, 5, 5, 16), torch.float32, "cpu")
+    q.requires_grad_(True)
+    (dq,) = torch.autograd.grad(fusedlm.attention(q, k, v).pow(2).sum(), q, create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        dq.sum().backward()

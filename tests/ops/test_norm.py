@@ -399,3 +399,63 @@ def test_layer_norm_fwd_op_statistics(backend):
     torch.testing.assert_close(
         rstd.double(), (x64.var(-1, unbiased=False) + 1e-5).rsqrt(), rtol=1e-5, atol=1e-6
     )
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("op", ["layer_norm", "rms_norm"])
+def test_norm_without_autograd_skips_the_function(op, backend, monkeypatch):
+    """Under torch.no_grad() or with no input requiring grad, the forward runs without an
+    autograd.Function (it buys nothing there) and gives the grad-mode output
+    bit for bit; a weight that requires grad alone still gets its gradient."""
+    device = device_of(backend)
+    x = _randn((5, 3, 40), torch.float32, device)
+    weight, bias = _params((40,), "weight+bias", torch.float32, device)
+    args = (weight, bias) if op == "layer_norm" else (weight,)
+    fn = getattr(fusedlm, op)
+    function = fusedlm.ops.norm._LayerNormEager if op == "layer_norm" else fusedlm.ops.norm._RmsNormEager
+    expected = fn(x.requires_grad_(True), (40,), *args, backend=backend).detach()
+    x.requires_grad_(False)
+
+    def refuse(*_):
+        raise AssertionError("the autograd.Function ran without autograd")
+
+    with monkeypatch.context() as m:
+        m.setattr(function, "apply", refuse)
+        with torch.no_grad():
+            no_grad = fn(x.clone().requires_grad_(True), (40,), *args, backend=backend)
+        plain = fn(x, (40,), *args, backend=backend)
+    for out in (no_grad, plain):
+        assert out.grad_fn is None and not out.requires_grad
+        torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    leaf = _leaf(weight)
+    y = fn(x, (40,), leaf, *args[1:], backend=backend)
+    assert y.grad_fn is not None
+    y.sum().backward()
+    assert leaf.grad is not None and leaf.grad.shape == (40,)
+
+
+@pytest.mark.parametrize("op", ["layer_norm", "rms_norm"])
+def test_norm_refuses_forward_mode_ad(op):
+    """Forward-mode AD is not implemented: a dual input gets an error, never an output whose
+    tangent was silently dropped (the no-autograd fast path must not swallow dual tensors)."""
+    x = _randn((3, 8), torch.float32, "cpu")
+    with torch.autograd.forward_ad.dual_level():
+        dual = torch.autograd.forward_ad.make_dual(x, torch.ones_like(x))
+        with pytest.raises(NotImplementedError, match="jvp"):
+            getattr(fusedlm, op)(dual, (8,))
+
+
+@pytest.mark.parametrize("op", ["layer_norm", "rms_norm"])
+def test_norm_gradient_is_not_differentiable_again(op):
+    """The kernels' gradients have no second derivative: with create_graph=True a first backward
+    works and a second one raises, instead of returning a silently wrong (zero) Hessian term."""
+    x = _randn((3, 8), torch.float32, "cpu").requires_grad_(True)
+    weight = torch.ones(8, requires_grad=True)
+    y = getattr(fusedlm, op)(x, (8,), weight)
+    (dx,) = torch.autograd.grad(y.pow(2).sum(), x, create_graph=True)
+    expected = torch.autograd.grad(
+        getattr(torch.nn.functional, op)(x, (8,), weight).pow(2).sum(), x
+    )[0]
+    torch.testing.assert_close(dx, expected, rtol=1e-5, atol=1e-5)
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        dx.sum().backward()

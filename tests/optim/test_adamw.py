@@ -66,6 +66,20 @@ def _state_tensors(opt):
     return [(key, value) for state in opt.state.values() for key, value in sorted(state.items())]
 
 
+def _assert_same_state(ours, theirs):
+    """Optimizer states agree to 1e-5 relative, with an absolute floor of 1e-6 of the tensor's
+    largest entry: the two runs' parameters differ in their last bits (different summation
+    orders), so a gradient entry that is a cancellation of larger terms differs relatively by
+    much more than its neighbours, by an amount that depends on the CPU's vector width."""
+    for (key, a), (key_t, b) in zip(_state_tensors(ours), _state_tensors(theirs), strict=True):
+        assert key == key_t
+        scale = b.abs().max().item() if b.numel() and b.is_floating_point() else 0.0
+        torch.testing.assert_close(
+            a, b, rtol=1e-5, atol=max(1e-6 * scale, 1e-12),
+            msg=lambda m, key=key: f"state {key}: {m}",
+        )
+
+
 # ---- signature ---------------------------------------------------------------------------------
 
 
@@ -123,11 +137,7 @@ def test_training_matches_torch(weight_decay, maximize, amsgrad, backend):
     assert OpDispatch.last_choice.get("adamw_step") == backend
     _train(theirs_model, theirs, batches)
     _assert_same_params(ours_model, theirs_model)
-    for (key, a), (key_t, b) in zip(_state_tensors(ours), _state_tensors(theirs), strict=True):
-        assert key == key_t
-        torch.testing.assert_close(
-            a, b, rtol=1e-5, atol=1e-9, msg=lambda m, key=key: f"state {key}: {m}"
-        )
+    _assert_same_state(ours, theirs)
     # the trajectory actually moved the parameters
     assert not torch.equal(ours_model[0].weight, _mlp(device)[0].weight)
 

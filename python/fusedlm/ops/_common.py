@@ -3,6 +3,7 @@ exception that names the argument and says what is wrong."""
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -84,12 +85,31 @@ def register_extension_kernels(dispatch, entry_point: str, supports=None, call=N
             return getattr(_ext.load(), entry_point)(*args, **kwargs)
 
     def cuda_supports(*args) -> str | None:
-        if entry_point not in _ext.load().cuda_ops():
+        if entry_point not in _cuda_entry_points(_ext.load()):
             return f"this build of fusedlm._C has no CUDA kernel for {entry_point}"
         return supports(*args) if supports is not None else None
 
     dispatch.register("cpu", supports=supports)(call)
     dispatch.register("cuda", supports=cuda_supports)(call)
+
+
+@functools.cache
+def _cuda_entry_points(module) -> frozenset[str]:
+    """``module.cuda_ops()`` of a loaded extension, asked once (it is asked on every call)."""
+    return frozenset(module.cuda_ops())
+
+
+def needs_autograd(*tensors: Tensor | None) -> bool:
+    """Whether a call on ``tensors`` must go through the op's ``autograd.Function``: grad mode
+    is on and one of them requires grad, or a forward-AD dual level is open (the Function then
+    refuses dual inputs with a clear error instead of dropping their tangents). When not
+    (inference, ``torch.no_grad()``), the public functions call the forward implementation
+    directly: the ``autograd.Function`` costs ~10 us a call there for nothing
+    (benchmarks/call_overhead.py)."""
+    # (torch keeps the open dual level in this module global; if it ever goes, assume open)
+    if getattr(torch.autograd.forward_ad, "_current_level", 0) >= 0:
+        return True
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 def eager_autograd_function(name: str, forward_impl, setup_context, backward):
@@ -108,10 +128,14 @@ def eager_autograd_function(name: str, forward_impl, setup_context, backward):
         setup_context(ctx, inputs, output)
         return output
 
-    @torch.autograd.function.once_differentiable
-    def backward_once(ctx, *grads):
-        return backward(ctx, *grads)
+    # The kernels' gradients are not differentiable again: with create_graph=True (grad mode on
+    # in backward) once_differentiable makes a second backward raise; without it, its wrapper
+    # (~10 us a call) has nothing to do, so it is skipped.
+    backward_once = torch.autograd.function.once_differentiable(backward)
+
+    def backward_fast(ctx, *grads):
+        return backward_once(ctx, *grads) if torch.is_grad_enabled() else backward(ctx, *grads)
 
     return type(name, (torch.autograd.Function,), {
-        "forward": staticmethod(forward), "backward": staticmethod(backward_once),
+        "forward": staticmethod(forward), "backward": staticmethod(backward_fast),
     })

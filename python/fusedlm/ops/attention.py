@@ -4,6 +4,7 @@ logsumexp forward, recomputation backward), their autograd, and the public
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 
@@ -19,6 +20,7 @@ from ._common import (
     check_float_tensor,
     check_same_device,
     eager_autograd_function,
+    needs_autograd,
     register_extension_kernels,
     stat_dtype,
 )
@@ -33,13 +35,18 @@ ATTENTION_FWD.register("torch")(reference.attention_fwd)
 ATTENTION_BWD.register("torch")(reference.attention_bwd)
 
 
+@functools.cache
+def _capability(device: torch.device) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device)
+
+
 def _extension_supports(q: Tensor, k: Tensor, v: Tensor) -> str | None:
     """The CPU kernels take every case; the CUDA ones (tensor-core mma.sync) fp16/bf16 on sm_80+."""
     if q.device.type != "cuda":
         return None
     if q.dtype not in (torch.float16, torch.bfloat16):
         return f"the CUDA attention kernels take float16 or bfloat16, not {q.dtype}"
-    major, minor = torch.cuda.get_device_capability(q.device)
+    major, minor = _capability(q.device)
     if major < 8:
         return f"the CUDA attention kernels need compute capability 8.0 or newer, not {major}.{minor}"
     return None
@@ -167,7 +174,10 @@ def _check_qkv(q: Tensor, k: Tensor, v: Tensor) -> None:
 def _attention(q, k, v, scale, causal, causal_offset, backend):
     if q.numel() == 0 or k.numel() == 0:  # empty results; the reference's torch ops give autograd
         return reference.attention_fwd(q, k, v, scale, causal, causal_offset)[0]
-    fwd = torch.ops.fusedlm.attention_fwd if torch.compiler.is_compiling() else _AttentionEager.apply
+    if torch.compiler.is_compiling():
+        fwd = torch.ops.fusedlm.attention_fwd
+    else:
+        fwd = _AttentionEager.apply if needs_autograd(q, k, v) else _attention_fwd
     out, _ = fwd(q, k, v, scale, causal, causal_offset, backend)
     return out
 

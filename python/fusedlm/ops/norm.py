@@ -20,6 +20,7 @@ from ._common import (
     check_float_tensor,
     check_same_device,
     eager_autograd_function,
+    needs_autograd,
     register_extension_kernels,
     stat_dtype,
 )
@@ -125,7 +126,9 @@ def _layer_norm_backward(ctx, grad_y, grad_mean, grad_rstd):
     grads = iter(bwd(grad_y, x, mean, rstd, weight, ctx.has_bias, ctx.backend))
     dx = next(grads)
     dweight = next(grads) if weight is not None else None
-    dbias = next(grads).to(ctx.bias_dtype) if ctx.has_bias else None
+    dbias = next(grads) if ctx.has_bias else None
+    if dbias is not None and dbias.dtype != ctx.bias_dtype:  # (no weight: dbias came in float32)
+        dbias = dbias.to(ctx.bias_dtype)
     return dx, dweight, dbias, None, None
 
 
@@ -200,24 +203,34 @@ _RmsNormEager = eager_autograd_function(
 # ---- public API -----------------------------------------------------------------------------
 
 
-def _check_norm_args(
-    x: Tensor, normalized_shape: int | Sequence[int], weight: Tensor | None,
-    bias: Tensor | None,
-) -> tuple[int, ...]:
-    check_float_tensor(x, "x")
-    if isinstance(normalized_shape, int):
-        normalized_shape = (normalized_shape,)
+def _shape_tuple(normalized_shape) -> tuple[int, ...]:
+    if not isinstance(normalized_shape, bool) and hasattr(type(normalized_shape), "__index__"):
+        return (operator.index(normalized_shape),)  # an int-like scalar (numpy's too)
     try:
-        if isinstance(normalized_shape, (str, bytes)) or any(isinstance(s, bool) for s in normalized_shape):
+        if isinstance(normalized_shape, (str, bytes, bool)) or any(
+            isinstance(s, bool) for s in normalized_shape
+        ):
             raise TypeError
-        normalized_shape = tuple(operator.index(s) for s in normalized_shape)
+        return tuple(operator.index(s) for s in normalized_shape)
     except TypeError:
         raise TypeError(
             "argument 'normalized_shape' must be an int or a sequence of ints, got "
             f"{normalized_shape!r}"
         ) from None
+
+
+def _check_norm_args(
+    x: Tensor, normalized_shape: int | Sequence[int], weight: Tensor | None,
+    bias: Tensor | None,
+) -> tuple[int, ...]:
+    check_float_tensor(x, "x")
+    # (the common spellings, an int or a tuple of ints, skip the general conversion)
+    if type(normalized_shape) is int:
+        normalized_shape = (normalized_shape,)
+    elif type(normalized_shape) is not tuple or any(type(s) is not int for s in normalized_shape):
+        normalized_shape = _shape_tuple(normalized_shape)
     n = len(normalized_shape)
-    if n == 0 or n > x.dim() or tuple(x.shape[x.dim() - n:]) != normalized_shape:
+    if n == 0 or n > x.dim() or x.shape[x.dim() - n:] != normalized_shape:
         raise ValueError(
             f"argument 'normalized_shape' {list(normalized_shape)} does not match the last "
             f"dimensions of 'x', which has shape {list(x.shape)}"
@@ -227,7 +240,7 @@ def _check_norm_args(
             continue
         check_float_tensor(param, name)
         check_same_device(param, name, x, "x")
-        if tuple(param.shape) != normalized_shape:
+        if param.shape != normalized_shape:
             raise ValueError(
                 f"argument '{name}' must have shape normalized_shape = {list(normalized_shape)}, "
                 f"got {list(param.shape)}"
@@ -278,7 +291,10 @@ def layer_norm(
     check_backend_name(backend)
     if x.numel() == 0:
         return F.layer_norm(x, normalized_shape, weight, bias, eps)
-    fwd = torch.ops.fusedlm.layer_norm_fwd if torch.compiler.is_compiling() else _LayerNormEager.apply
+    if torch.compiler.is_compiling():
+        fwd = torch.ops.fusedlm.layer_norm_fwd
+    else:
+        fwd = _LayerNormEager.apply if needs_autograd(x, weight, bias) else _layer_norm_fwd
     y, _, _ = fwd(_as_rows(x, normalized_shape), _flat(weight), _flat(bias), eps, backend)
     return _like(y, x)
 
@@ -300,6 +316,9 @@ def rms_norm(
     check_backend_name(backend)
     if x.numel() == 0:
         return F.rms_norm(x, normalized_shape, weight, eps)
-    fwd = torch.ops.fusedlm.rms_norm_fwd if torch.compiler.is_compiling() else _RmsNormEager.apply
+    if torch.compiler.is_compiling():
+        fwd = torch.ops.fusedlm.rms_norm_fwd
+    else:
+        fwd = _RmsNormEager.apply if needs_autograd(x, weight) else _rms_norm_fwd
     y, _ = fwd(_as_rows(x, normalized_shape), _flat(weight), eps, backend)
     return _like(y, x)

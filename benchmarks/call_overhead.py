@@ -1,0 +1,80 @@
+"""Host time of one call of each fused op on a tiny input, against PyTorch's own op, on the CPU,
+one thread, best of 5 rounds of 200 calls, the contenders interleaved so machine noise hits all
+alike.
+
+With inputs this small the kernels do almost nothing, so the time is what the Python checks,
+the backend choice and the autograd machinery cost per call. On a GPU that time is spent before
+each launch: a model whose per-layer kernels take less than it is host-bound.
+
+    python benchmarks/call_overhead.py
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.nn.functional as F
+
+import fusedlm
+
+
+def _cases():
+    x = torch.randn(4, 8)
+    weight, bias = torch.ones(8), torch.zeros(8)
+    q, k, v = (torch.randn(1, 2, 16, 16) for _ in range(3))
+    return {
+        "layer_norm (4, 8)": (
+            (x, weight, bias),
+            lambda x, w, b: fusedlm.layer_norm(x, (8,), w, b, backend="cpu"),
+            lambda x, w, b: F.layer_norm(x, (8,), w, b),
+        ),
+        "rms_norm (4, 8)": (
+            (x, weight),
+            lambda x, w: fusedlm.rms_norm(x, (8,), w, backend="cpu"),
+            lambda x, w: F.rms_norm(x, (8,), w),
+        ),
+        "attention (1, 2, 16, 16) causal": (
+            (q, k, v),
+            lambda q, k, v: fusedlm.attention(q, k, v, causal=True, backend="cpu"),
+            lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True),
+        ),
+    }
+
+
+def _forward_no_grad(fn, inputs):
+    def run():
+        with torch.no_grad():
+            fn(*inputs)
+    return run
+
+
+def _forward_backward(fn, inputs):
+    leaves = [t.clone().requires_grad_(True) for t in inputs]
+
+    def run():
+        fn(*leaves).sum().backward()
+    return run
+
+
+def main(calls: int = 200, rounds: int = 5) -> None:
+    torch.set_num_threads(1)
+    for name, (inputs, ours, theirs) in _cases().items():
+        for mode, wrap in (("fwd no_grad", _forward_no_grad), ("fwd+bwd", _forward_backward)):
+            runs = {"fusedlm": wrap(ours, inputs), "torch": wrap(theirs, inputs)}
+            best = dict.fromkeys(runs, float("inf"))
+            for run in runs.values():  # warm-up: first-call costs, backend lookups
+                for _ in range(20):
+                    run()
+            for _ in range(rounds):
+                for label, run in runs.items():
+                    start = time.perf_counter()
+                    for _ in range(calls):
+                        run()
+                    best[label] = min(best[label], (time.perf_counter() - start) / calls * 1e6)
+            print(f"{name:32s} {mode:11s} "
+                  + "  ".join(f"{label} {us:6.1f} us" for label, us in best.items()))
+
+
+if __name__ == "__main__":
+    main()
