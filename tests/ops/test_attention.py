@@ -557,14 +557,38 @@ def test_attention_without_autograd_skips_the_function(backend, monkeypatch):
     assert key.grad is not None and key.grad.shape == k.shape
 
 
-def test_attention_refuses_forward_mode_ad():
-    """Forward-mode AD is not implemented: a dual query gets an error, never an output whose
-    tangent was silently dropped."""
-    q, k, v = _qkv((1, 2, 2, 5, 5, 16), torch.float32, "cpu")
+def test_attention_under_torch_func_transforms():
+    """vmap, jacrev, jvp and forward-mode AD run the torch reference (the kernels have no
+    batching or forward-mode rules) and agree with the naive softmax(q k^T) v under the same transform."""
+    q, k, v = _qkv((3, 2, 2, 5, 7, 16), torch.float64, "cpu")
+    tangent = torch.randn_like(q)
+
+    def ours(q, k, v):
+        return fusedlm.attention(q[None], k[None], v[None], causal=True)[0]
+
+    def theirs(q, k, v):  # (torch's CPU SDPA has no forward-mode AD)
+        return naive_attention(q[None], k[None], v[None], causal=True)[0]
+
+    for transform in (
+        lambda f: torch.vmap(f)(q, k, v),
+        lambda f: torch.func.jacrev(f, argnums=(0, 1, 2))(q[0], k[0], v[0]),
+        lambda f: torch.func.jvp(lambda qi: f(qi, k[0], v[0]), (q[0],), (tangent[0],))[1],
+    ):
+        torch.testing.assert_close(transform(ours), transform(theirs), rtol=1e-10, atol=1e-12)
     with torch.autograd.forward_ad.dual_level():
-        dual = torch.autograd.forward_ad.make_dual(q, torch.ones_like(q))
-        with pytest.raises(NotImplementedError, match="jvp"):
-            fusedlm.attention(dual, k, v)
+        dual = torch.autograd.forward_ad.make_dual(q[0], tangent[0])
+        got = torch.autograd.forward_ad.unpack_dual(ours(dual, k[0], v[0])).tangent
+    expected = torch.func.jvp(lambda qi: theirs(qi, k[0], v[0]), (q[0],), (tangent[0],))[1]
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b.values[0] != "torch"])
+def test_attention_kernel_backend_named_under_vmap_raises(backend):
+    q, k, v = _qkv((3, 2, 2, 5, 7, 16), torch.float32, device_of(backend))
+    with pytest.raises(fusedlm.BackendNotSupportedError, match="torch.func transforms"):
+        torch.vmap(lambda q, k, v: fusedlm.attention(q[None], k[None], v[None], backend=backend))(
+            q, k, v
+        )
 
 
 def test_attention_gradient_is_not_differentiable_again():

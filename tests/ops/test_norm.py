@@ -434,15 +434,42 @@ def test_norm_without_autograd_skips_the_function(op, backend, monkeypatch):
     assert leaf.grad is not None and leaf.grad.shape == (40,)
 
 
+def _norm_call(op, backend):
+    fn = getattr(fusedlm, op)
+    return lambda x, w: fn(x, (8,), w, backend=backend)
+
+
 @pytest.mark.parametrize("op", ["layer_norm", "rms_norm"])
-def test_norm_refuses_forward_mode_ad(op):
-    """Forward-mode AD is not implemented: a dual input gets an error, never an output whose
-    tangent was silently dropped (the no-autograd fast path must not swallow dual tensors)."""
-    x = _randn((3, 8), torch.float32, "cpu")
+def test_norm_under_torch_func_transforms(op):
+    """vmap, grad (per-sample gradients: vmap of grad), jacrev, jvp and forward-mode AD run the
+    torch reference (the kernels have no batching or forward-mode rules) and agree with
+    torch's own op under the same transform."""
+    x = _randn((3, 4, 8), torch.float64, "cpu")
+    weight = _randn((8,), torch.float64, "cpu")
+    tangent = torch.randn_like(x)
+    ours, theirs = _norm_call(op, "auto"), getattr(F, op)
+    torch_op = lambda x, w: theirs(x, (8,), w)  # noqa: E731
+    for transform in (
+        lambda f: torch.vmap(f, in_dims=(0, None))(x, weight),
+        lambda f: torch.vmap(torch.func.grad(lambda w, xi: f(xi, w).pow(2).sum()),
+                             in_dims=(None, 0))(weight, x),
+        lambda f: torch.func.jacrev(f, argnums=(0, 1))(x[0], weight),
+        lambda f: torch.func.jvp(lambda xi: f(xi, weight), (x,), (tangent,))[1],
+    ):
+        torch.testing.assert_close(transform(ours), transform(torch_op), rtol=1e-12, atol=1e-12)
     with torch.autograd.forward_ad.dual_level():
-        dual = torch.autograd.forward_ad.make_dual(x, torch.ones_like(x))
-        with pytest.raises(NotImplementedError, match="jvp"):
-            getattr(fusedlm, op)(dual, (8,))
+        dual = torch.autograd.forward_ad.make_dual(x, tangent)
+        got = torch.autograd.forward_ad.unpack_dual(ours(dual, weight)).tangent
+    expected = torch.func.jvp(lambda xi: torch_op(xi, weight), (x,), (tangent,))[1]
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b.values[0] != "torch"])
+@pytest.mark.parametrize("op", ["layer_norm", "rms_norm"])
+def test_norm_kernel_backend_named_under_vmap_raises(op, backend):
+    x = _randn((3, 4, 8), torch.float32, device_of(backend))
+    with pytest.raises(fusedlm.BackendNotSupportedError, match="torch.func transforms"):
+        torch.vmap(_norm_call(op, backend), in_dims=(0, None))(x, None)
 
 
 @pytest.mark.parametrize("op", ["layer_norm", "rms_norm"])

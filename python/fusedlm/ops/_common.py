@@ -9,6 +9,8 @@ import math
 import torch
 from torch import Tensor
 
+from ..backends import BackendNotSupportedError, OpDispatch, requested_backend
+
 FLOAT_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -101,15 +103,38 @@ def _cuda_entry_points(module) -> frozenset[str]:
 
 def needs_autograd(*tensors: Tensor | None) -> bool:
     """Whether a call on ``tensors`` must go through the op's ``autograd.Function``: grad mode
-    is on and one of them requires grad, or a forward-AD dual level is open (the Function then
-    refuses dual inputs with a clear error instead of dropping their tangents). When not
-    (inference, ``torch.no_grad()``), the public functions call the forward implementation
-    directly: the ``autograd.Function`` costs ~10 us a call there for nothing
-    (benchmarks/call_overhead.py)."""
-    # (torch keeps the open dual level in this module global; if it ever goes, assume open)
+    is on and one of them requires grad. When not (inference, ``torch.no_grad()``), the public
+    functions call the forward implementation directly: the ``autograd.Function`` costs ~10 us
+    a call there for nothing (benchmarks/call_overhead.py)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def under_transform() -> bool:
+    """Whether a ``torch.func`` transform (vmap, grad, jacrev, jvp, ...) or a forward-mode AD
+    dual level is active. The kernels have no batching or forward-mode rules (their
+    ``autograd.Function`` would refuse the call), so the public functions then run the torch
+    reference, whose ops compose with every transform."""
+    # (torch keeps the open dual level in a module global; if it ever goes, assume one is open)
     if getattr(torch.autograd.forward_ad, "_current_level", 0) >= 0:
         return True
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    peek = getattr(torch._C._functorch, "peek_interpreter_stack", None)
+    return peek is None or peek() is not None
+
+
+def transform_forward(dispatch, backend: str, reference_forward):
+    """The forward to run under a transform (see ``under_transform``): ``reference_forward``
+    (the op's arguments less ``backend``). A kernel backend named by the caller or by
+    ``FUSEDLM_BACKEND`` cannot serve the call and raises, as ``OpDispatch.select`` does."""
+    requested = requested_backend(backend)
+    if requested not in ("auto", "torch"):
+        source = "argument 'backend'" if backend != "auto" else "FUSEDLM_BACKEND"
+        raise BackendNotSupportedError(
+            f"fusedlm.{dispatch.name}: {source} asks for backend {requested!r}, which cannot serve "
+            "this call: under torch.func transforms (vmap, grad, jacrev, jvp) and forward-mode "
+            "AD only the 'torch' backend runs (the kernels have no batching or forward-mode rules)"
+        )
+    OpDispatch.last_choice[dispatch.name] = "torch"
+    return lambda *args: reference_forward(*args[:-1])
 
 
 def eager_autograd_function(name: str, forward_impl, setup_context, backward):

@@ -23,6 +23,8 @@ from ._common import (
     needs_autograd,
     register_extension_kernels,
     stat_dtype,
+    transform_forward,
+    under_transform,
 )
 
 logger = logging.getLogger("fusedlm")
@@ -176,6 +178,8 @@ def _attention(q, k, v, scale, causal, causal_offset, backend):
         return reference.attention_fwd(q, k, v, scale, causal, causal_offset)[0]
     if torch.compiler.is_compiling():
         fwd = torch.ops.fusedlm.attention_fwd
+    elif under_transform():
+        fwd = transform_forward(ATTENTION_FWD, backend, reference.attention_fwd)
     else:
         fwd = _AttentionEager.apply if needs_autograd(q, k, v) else _attention_fwd
     out, _ = fwd(q, k, v, scale, causal, causal_offset, backend)

@@ -23,6 +23,8 @@ from ._common import (
     needs_autograd,
     register_extension_kernels,
     stat_dtype,
+    transform_forward,
+    under_transform,
 )
 
 LAYER_NORM_FWD = OpDispatch("layer_norm_fwd")
@@ -293,6 +295,8 @@ def layer_norm(
         return F.layer_norm(x, normalized_shape, weight, bias, eps)
     if torch.compiler.is_compiling():
         fwd = torch.ops.fusedlm.layer_norm_fwd
+    elif under_transform():
+        fwd = transform_forward(LAYER_NORM_FWD, backend, reference.layer_norm_fwd)
     else:
         fwd = _LayerNormEager.apply if needs_autograd(x, weight, bias) else _layer_norm_fwd
     y, _, _ = fwd(_as_rows(x, normalized_shape), _flat(weight), _flat(bias), eps, backend)
@@ -318,6 +322,8 @@ def rms_norm(
         return F.rms_norm(x, normalized_shape, weight, eps)
     if torch.compiler.is_compiling():
         fwd = torch.ops.fusedlm.rms_norm_fwd
+    elif under_transform():
+        fwd = transform_forward(RMS_NORM_FWD, backend, reference.rms_norm_fwd)
     else:
         fwd = _RmsNormEager.apply if needs_autograd(x, weight) else _rms_norm_fwd
     y, _ = fwd(_as_rows(x, normalized_shape), _flat(weight), eps, backend)
