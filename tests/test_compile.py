@@ -94,3 +94,17 @@ def test_compile_functional_ops_fullgraph():
         assert op in code, f"{op} missing from the traced graph:\n{code}"
     compiled = torch.compile(fn, backend="aot_eager", fullgraph=True)
     torch.testing.assert_close(compiled(*args), fn(*args), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("strict", [False, True], ids=["non-strict", "strict"])
+def test_export_keeps_the_custom_ops(strict):
+    """torch.export (both tracers) records our ops as custom ops, not their decomposition or a
+    kernel call baked in, and the exported program gives eager's logits."""
+    torch.manual_seed(0)
+    model = TinyLM("auto").eval()
+    idx = torch.randint(0, 50, (2, 13))
+    program = torch.export.export(model, (idx,), strict=strict)
+    targets = {str(node.target) for node in program.graph.nodes if node.op == "call_function"}
+    for op in ("fusedlm.layer_norm_fwd", "fusedlm.rms_norm_fwd", "fusedlm.attention_fwd"):
+        assert any(op in t for t in targets), f"{op} missing from the exported graph: {targets}"
+    torch.testing.assert_close(program.module()(idx), model(idx), rtol=1e-5, atol=1e-5)
