@@ -522,9 +522,13 @@ def test_cpu_attention_memory_is_not_quadratic(backend):
 @pytest.mark.slow
 def test_memory_probe_sees_a_quadratic_buffer():
     """Control for the test above: the torch reference materialises the T x T scores, and the
-    same measurement reports it."""
+    same measurement reports it. It holds at least two T x T float32 buffers at once (512 MiB);
+    the bound is a quarter of that, still twice the cpu test's limit: under memory pressure from
+    other processes the kernel evicts this process's file pages (torch's libraries), which lowers
+    its RSS by a few hundred MiB after the import peak that ru_maxrss already counts (seen once:
+    221 MiB with a compiler running beside the suite)."""
     growth = _peak_rss_growth("torch", backward=False)
-    assert growth >= TXT_BYTES, f"peak RSS grew by only {growth / 2**20:.0f} MiB"
+    assert growth >= TXT_BYTES // 2, f"peak RSS grew by only {growth / 2**20:.0f} MiB"
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
