@@ -563,7 +563,8 @@ def test_attention_without_autograd_skips_the_function(backend, monkeypatch):
 
 def test_attention_under_torch_func_transforms():
     """vmap, jacrev, jvp and forward-mode AD run the torch reference (the kernels have no
-    batching or forward-mode rules) and agree with the naive softmax(q k^T) v under the same transform."""
+    batching or forward-mode rules) and agree with the naive softmax(q k^T) v under the same
+    transform."""
     q, k, v = _qkv((3, 2, 2, 5, 7, 16), torch.float64, "cpu")
     tangent = torch.randn_like(q)
 

@@ -412,7 +412,8 @@ def test_norm_without_autograd_skips_the_function(op, backend, monkeypatch):
     weight, bias = _params((40,), "weight+bias", torch.float32, device)
     args = (weight, bias) if op == "layer_norm" else (weight,)
     fn = getattr(fusedlm, op)
-    function = fusedlm.ops.norm._LayerNormEager if op == "layer_norm" else fusedlm.ops.norm._RmsNormEager
+    norm_module = fusedlm.ops.norm
+    function = norm_module._LayerNormEager if op == "layer_norm" else norm_module._RmsNormEager
     expected = fn(x.requires_grad_(True), (40,), *args, backend=backend).detach()
     x.requires_grad_(False)
 

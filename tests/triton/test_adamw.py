@@ -293,6 +293,74 @@ def test_bad_input_names_the_argument_and_changes_nothing(exc, argument, overrid
         assert torch.equal(t, b)
 
 
+# ---- sm_90 builds (no GPU needed) -------------------------------------------------------------
+
+# (param dtype, state dtype, tensors, options): every dtype pair, each option on and off at
+# least once (per_tensor_steps / step_tensor: the three STEPS modes; misaligned: ALIGNED off),
+# one and several tensors (num_tensors 1 is specialized).
+SM90_BUILDS = [
+    (torch.float32, torch.float32, 2, ""),
+    (torch.bfloat16, torch.float32, 1,
+     "amsgrad maximize step_tensor lr_tensor grad_scale found_inf"),
+    (torch.float16, torch.float16, 3, "amsgrad per_tensor_steps grad_scale misaligned"),
+    (torch.bfloat16, torch.bfloat16, 2, "maximize lr_tensor found_inf misaligned"),
+    (torch.float16, torch.float32, 2, "maximize step_tensor grad_scale"),
+    (torch.float64, torch.float64, 2, "amsgrad maximize per_tensor_steps lr_tensor found_inf"),
+    (torch.float64, torch.float32, 1, "step_tensor grad_scale misaligned"),
+]
+
+
+def _launch_for_sm90(param_dtype, state_dtype, tensors, options):
+    """adamw_step on empty CPU tensors (the kernel is recorded, not run)."""
+    options = options.split()
+
+    def make(dtype):  # misaligned: one element past a 16-byte boundary
+        return [torch.empty(1001, dtype=dtype)[1:] if "misaligned" in options
+                else torch.empty(1000, dtype=dtype) for _ in range(tensors)]
+
+    kwargs = {}
+    steps = [3.0] * tensors
+    if "per_tensor_steps" in options:
+        steps = [float(i + 1) for i in range(tensors)]
+    if "step_tensor" in options:
+        steps, kwargs["step_tensor"] = [], torch.full((tensors,), 3.0)
+    for name, value in (("lr_tensor", 1e-3), ("grad_scale", 2.0), ("found_inf", 0.0)):
+        if name in options:
+            kwargs[name] = torch.tensor([value])
+    amsgrad = "amsgrad" in options
+    triton_adamw.adamw_step(
+        make(param_dtype), make(param_dtype), make(state_dtype), make(state_dtype),
+        make(state_dtype) if amsgrad else [], steps, 1e-3, 0.9, 0.999, 1e-8, 0.01, amsgrad,
+        "maximize" in options, **kwargs,
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the gpu tests run the real builds")
+def test_kernels_build_for_sm90(monkeypatch):
+    """The interpreter runs Python, not Triton's compiler: build the kernel as the launcher
+    calls it for sm_90 (MLIR, PTX, ptxas; no GPU needed) to catch what only the compiler
+    rejects, shared memory over the H100's and register spills."""
+    import collections
+    import importlib.util
+
+    if importlib.util.find_spec("triton.backends.nvidia") is None:
+        pytest.skip("triton has no nvidia backend here")
+    from tests.triton.sm90_build import build_for_sm90, problems, record_launches
+
+    monkeypatch.setattr(triton_adamw, "_table_cache", collections.OrderedDict())
+    launches = record_launches(monkeypatch, triton_adamw, "adamw_step_kernel")
+    for case in SM90_BUILDS:
+        _launch_for_sm90(*case)
+    assert len(launches) == len(SM90_BUILDS)
+    flags = ("AMSGRAD", "MAXIMIZE", "HAS_LR", "HAS_GRAD_SCALE", "HAS_FOUND_INF", "ALIGNED")
+    for name in flags:  # the cases reach each value
+        assert {launch["kwargs"][name] for launch in launches} == {False, True}, name
+    assert {launch["kwargs"]["STEPS"] for launch in launches} == {0, 1, 2}
+    failures = problems(launches, build_for_sm90(launches))
+    assert not failures, "\n".join(failures)
+
+
 # ---- GPU: realistic sizes ---------------------------------------------------------------------
 
 

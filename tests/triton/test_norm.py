@@ -390,6 +390,87 @@ def test_auto_does_not_pick_triton_for_cpu_tensors():
     assert OpDispatch.last_choice["layer_norm_fwd"] != "triton"
 
 
+# ---- sm_90 builds (no GPU needed) -------------------------------------------------------------
+
+# (entry point, x dtype, hidden, weight/bias dtype or None, bias): each scheme of each kernel
+# (single tile, the largest single tile, streamed), each dtype, with and without weight and bias
+# (float32 ones for 16-bit and float64 x too).
+SM90_BUILDS = [
+    ("layer_norm_fwd", torch.bfloat16, 16384, torch.bfloat16, True),  # largest forward tile
+    ("layer_norm_fwd", torch.float16, 127, None, True),  # several rows per tile, bias only
+    ("layer_norm_fwd", torch.float16, 4096, torch.float32, True),  # one row per tile
+    ("layer_norm_fwd", torch.float32, 16385, None, False),  # streamed
+    ("layer_norm_fwd", torch.float64, 8192, torch.float32, True),  # largest float64 tile
+    ("layer_norm_fwd", torch.float64, 8193, torch.float64, True),  # float64 streamed
+    ("rms_norm_fwd", torch.float16, 16384, torch.float32, False),
+    ("rms_norm_fwd", torch.bfloat16, 65536, torch.bfloat16, False),
+    ("rms_norm_fwd", torch.float32, 1, None, False),
+    ("rms_norm_fwd", torch.float64, 1, torch.float64, False),
+    ("layer_norm_bwd", torch.float16, 8192, torch.float16, True),  # largest backward tile
+    ("layer_norm_bwd", torch.bfloat16, 16385, torch.float32, True),  # streamed
+    ("layer_norm_bwd", torch.float32, 1024, None, True),
+    ("layer_norm_bwd", torch.bfloat16, 127, torch.float32, True),  # several rows per tile
+    ("layer_norm_bwd", torch.float64, 4096, torch.float64, False),  # largest float64 tile
+    ("layer_norm_bwd", torch.float64, 4096, torch.float32, False),  # 4 bytes of spill
+    ("layer_norm_bwd", torch.float32, 16385, None, True),  # streamed, bias only: 4 bytes
+    ("layer_norm_bwd", torch.float64, 65536, None, False),  # float64 streamed
+    ("rms_norm_bwd", torch.bfloat16, 8192, torch.float32, False),
+    ("rms_norm_bwd", torch.float16, 16385, torch.float16, False),
+    ("rms_norm_bwd", torch.float16, 65536, torch.float32, False),  # 4 bytes of spill
+    ("rms_norm_bwd", torch.float32, 1, torch.float32, False),
+    ("rms_norm_bwd", torch.float64, 8193, None, False),  # float64 streamed
+]
+
+
+def _launch_for_sm90(op, dtype, N, param_dtype, bias, M=1000, strided=False):
+    """Call entry point ``op`` on empty (M, N) CPU tensors (the kernels are recorded, not run)."""
+    x = torch.empty(M, 2 * N, dtype=dtype)[:, ::2] if strided else torch.empty(M, N, dtype=dtype)
+    w = torch.empty(N, dtype=param_dtype) if param_dtype is not None else None
+    b = torch.empty(N, dtype=param_dtype or dtype) if bias else None
+    stats = torch.empty(M, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+    if op == "layer_norm_fwd":
+        triton_norm.layer_norm_fwd(x, w, b, 1e-5)
+    elif op == "rms_norm_fwd":
+        triton_norm.rms_norm_fwd(x, w, 1e-5)
+    elif op == "layer_norm_bwd":
+        triton_norm.layer_norm_bwd(x, x, stats, stats, w, bias)
+    else:
+        triton_norm.rms_norm_bwd(x, x, stats, w)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the gpu tests run the real builds")
+def test_kernels_build_for_sm90(monkeypatch):
+    """The interpreter runs Python, not Triton's compiler: build the kernels as the launchers
+    call them for sm_90 (MLIR, PTX, ptxas; no GPU needed) to catch what only the compiler
+    rejects, shared memory over the H100's and register spills."""
+    import importlib.util
+
+    if importlib.util.find_spec("triton.backends.nvidia") is None:
+        pytest.skip("triton has no nvidia backend here")
+    from tests.triton.sm90_build import build_for_sm90, problems, record_launches
+
+    monkeypatch.setattr(triton_norm, "INTERPRETER_BWD_PROGRAMS", 2 * 132)  # an H100's 132 SMs
+    launches = record_launches(monkeypatch, triton_norm, "norm_fwd_kernel", "norm_bwd_kernel")
+    for case in SM90_BUILDS:
+        _launch_for_sm90(*case)
+    # One row (M and rows per program specialized to 1), strided x.
+    _launch_for_sm90("layer_norm_bwd", torch.bfloat16, 16385, torch.bfloat16, True, M=1)
+    _launch_for_sm90("rms_norm_fwd", torch.float16, 4096, torch.float16, False, strided=True)
+    _launch_for_sm90("layer_norm_bwd", torch.float32, 1024, torch.float32, True, strided=True)
+    assert len(launches) == len(SM90_BUILDS) + 3
+    for kernel, flags in (("norm_fwd_kernel", ("IS_RMS", "HAS_W", "HAS_B", "SINGLE_TILE")),
+                          ("norm_bwd_kernel", ("IS_RMS", "HAS_W", "HAS_DB", "SINGLE_TILE"))):
+        metas = [launch["kwargs"] for launch in launches if launch["kernel"].endswith(kernel)]
+        for name in flags:  # the cases reach each value
+            assert {meta[name] for meta in metas} == {False, True}, (kernel, name)
+        assert {meta["COMPUTE"]["tl"] for meta in metas} == {"fp32", "fp64"}, kernel
+    # The register-capped backward configs spill up to 4 bytes on contiguous inputs (strided
+    # ones: up to 124 bytes in float64, benchmarks/NOTES.md); more would mean a config change.
+    failures = problems(launches, build_for_sm90(launches), max_spill_bytes=8)
+    assert not failures, "\n".join(failures)
+
+
 # ---- GPU: realistic sizes ---------------------------------------------------------------------
 
 

@@ -209,7 +209,7 @@ def _shape_tuple(normalized_shape) -> tuple[int, ...]:
     if not isinstance(normalized_shape, bool) and hasattr(type(normalized_shape), "__index__"):
         return (operator.index(normalized_shape),)  # an int-like scalar (numpy's too)
     try:
-        if isinstance(normalized_shape, (str, bytes, bool)) or any(
+        if isinstance(normalized_shape, str | bytes | bool) or any(
             isinstance(s, bool) for s in normalized_shape
         ):
             raise TypeError

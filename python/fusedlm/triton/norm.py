@@ -337,7 +337,9 @@ def norm_config(N: int, backward: bool, fp64: bool = False) -> NormConfig:
     BWD_TILE_ELEMENTS (2048) // BLOCK_N rows (1..64) per tile; larger rows are streamed in
     LOOP_BLOCK_N (4096) columns, one row per program. num_warps = tile elements / 512,
     clamped to 1..16: 8..32 elements per thread per live tensor, enough loads in flight to
-    cover memory latency on Hopper without spilling (checked with ptxas for sm_90a).
+    cover memory latency on Hopper. ptxas for sm_90a (tests/triton/test_norm.py builds them):
+    no spills forward; backward, the 16-warp (128-register) tiles spill at most 4 bytes on
+    contiguous inputs and up to 124 bytes (float64) on strided ones.
     float64 takes two registers per value, so it gets half of each limit.
     """
     if N < 1:
