@@ -5,9 +5,9 @@ that consecutive calls read different memory and a cache (the GPU's L2, the CPU'
 does not flatter small cases. Each call is timed on its own; the result holds the median and
 the 20th and 80th percentiles of those times, in milliseconds.
 
-The first call is untimed (compilation, autotuning, lazy initialisation), a few calls give
-an estimate of one call's time, then calls run for about ``warmup_ms`` untimed, then for about
-``rep_ms`` timed (at least ``min_reps`` and at most ``max_reps`` calls).
+The first call of each set is untimed (compilation, autotuning, lazy initialisation), a few
+calls give an estimate of one call's time, then calls run for about ``warmup_ms`` untimed, then
+for about ``rep_ms`` timed (at least ``min_reps`` and at most ``max_reps`` calls).
 """
 
 from __future__ import annotations
@@ -114,7 +114,11 @@ def measure(
             return _time_calls_cuda(calls, n, start, device, cap, at_least)
         return _time_calls_cpu(calls, n, start, cap, at_least)
 
-    calls[0]()  # compilation, autotuning, allocation: the other sets have the same shapes
+    # Every set once, untimed: compilation and autotuning happen on the first, and a provider
+    # may set up per set on its first call (an optimizer allocates and zero-fills its state on
+    # its first step), which the timed calls must not include.
+    for call in calls:
+        call()
     _synchronize(device)
     n_est = min(len(calls), 2)
     estimate = timer(n_est, 0, math.inf, n_est)  # one call each of the first two sets
