@@ -465,6 +465,18 @@ def test_norm_under_torch_func_transforms(op):
     torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
 
 
+def test_transform_detection_is_off_in_eager_mode():
+    """The transform check reads torch internals; should they move, eager calls must not
+    silently fall back to the reference (this fails instead)."""
+    from fusedlm.ops._common import under_transform
+
+    assert not under_transform()
+    with torch.autograd.forward_ad.dual_level():
+        assert under_transform()
+    assert torch.vmap(lambda t: torch.tensor(under_transform()))(torch.zeros(2)).all()
+    assert not under_transform()
+
+
 @pytest.mark.parametrize("backend", [b for b in BACKENDS if b.values[0] != "torch"])
 @pytest.mark.parametrize("op", ["layer_norm", "rms_norm"])
 def test_norm_kernel_backend_named_under_vmap_raises(op, backend):

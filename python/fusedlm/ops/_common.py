@@ -114,11 +114,13 @@ def under_transform() -> bool:
     dual level is active. The kernels have no batching or forward-mode rules (their
     ``autograd.Function`` would refuse the call), so the public functions then run the torch
     reference, whose ops compose with every transform."""
-    # (torch keeps the open dual level in a module global; if it ever goes, assume one is open)
+    # Should these torch internals move: a dual level is then assumed open (the kernels would
+    # silently drop tangents; the reference is slow but right), and no functorch transform
+    # active (a kernel handed a batched tensor fails loudly). tests/ops check both in eager mode.
     if getattr(torch.autograd.forward_ad, "_current_level", 0) >= 0:
         return True
     peek = getattr(torch._C._functorch, "peek_interpreter_stack", None)
-    return peek is None or peek() is not None
+    return peek is not None and peek() is not None
 
 
 def transform_forward(dispatch, backend: str, reference_forward):
