@@ -45,6 +45,10 @@ constexpr int64_t kBlockQuery = 128;
 constexpr int64_t kBlockKey = 128;
 constexpr int64_t kBwdBlockQuery = 64;
 constexpr int64_t kBwdBlockKey = 128;
+// Query tiles of at most this many rows (decoding: one new token, or a few) take their scores
+// as dot products with the key rows where they lie, instead of transposing every key tile
+// for the GEMM: the transpose moves the whole tile for one or two rows of work.
+constexpr int64_t kDotProductRowsMax = 4;
 // Upper bound on the backward's per-split dq partial buffers beyond the first.
 constexpr int64_t kDqPartialBudgetBytes = int64_t(1) << 30;
 
@@ -244,6 +248,19 @@ void exp_scale_shift_generic(acc_t* x, int64_t n, acc_t scale, const acc_t* shif
 }
 
 // grad[i] = probs[i] * (grad[i] - delta[i]) in place: the softmax backward.
+// s (rows, cols) = q (rows, D) @ k^T with k (cols, D) of leading dimension ld_k.
+template <typename acc_t>
+void scores_by_dots_generic(const acc_t* q, int64_t rows, const acc_t* k, int64_t ld_k,
+                            int64_t cols, int64_t D, acc_t* s) {
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t c = 0; c < cols; ++c) {
+      acc_t sum = 0;
+      for (int64_t d = 0; d < D; ++d) sum += q[r * D + d] * k[c * ld_k + d];
+      s[r * cols + c] = sum;
+    }
+  }
+}
+
 template <typename acc_t>
 void softmax_grad_generic(const acc_t* probs, acc_t* grad, int64_t n, const acc_t* delta) {
   for (int64_t i = 0; i < n; ++i) grad[i] = probs[i] * (grad[i] - delta[i]);
@@ -354,6 +371,56 @@ FUSEDLM_TARGET_AVX2 void softmax_grad(const float* probs, float* grad, int64_t n
   for (; i < n; ++i) grad[i] = probs[i] * (grad[i] - delta[i]);
 }
 
+// scores_by_dots_generic with four keys per pass over q's row (four accumulators, one
+// horizontal sum each at the end).
+// q: (rows, D); k: (cols, D), leading dimension ld_k; s: (rows, cols)
+FUSEDLM_TARGET_AVX2 void scores_by_dots(const float* q, int64_t rows, const float* k,
+                                        int64_t ld_k, int64_t cols, int64_t D, float* s) {
+  const int64_t full = D - D % 8;
+  const __m256i mask = tail_mask(D - full);
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* qr = q + r * D;
+    float* sr = s + r * cols;
+    int64_t c = 0;
+    for (; c + 4 <= cols; c += 4) {
+      const float* k0 = k + c * ld_k;
+      const float* k1 = k0 + ld_k;
+      const float* k2 = k1 + ld_k;
+      const float* k3 = k2 + ld_k;
+      __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+      __m256 a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
+      for (int64_t d = 0; d < full; d += 8) {
+        const __m256 qv = _mm256_loadu_ps(qr + d);
+        a0 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k0 + d), a0);
+        a1 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k1 + d), a1);
+        a2 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k2 + d), a2);
+        a3 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k3 + d), a3);
+      }
+      if (full < D) {
+        const __m256 qv = _mm256_maskload_ps(qr + full, mask);
+        a0 = _mm256_fmadd_ps(qv, _mm256_maskload_ps(k0 + full, mask), a0);
+        a1 = _mm256_fmadd_ps(qv, _mm256_maskload_ps(k1 + full, mask), a1);
+        a2 = _mm256_fmadd_ps(qv, _mm256_maskload_ps(k2 + full, mask), a2);
+        a3 = _mm256_fmadd_ps(qv, _mm256_maskload_ps(k3 + full, mask), a3);
+      }
+      sr[c] = horizontal_sum(a0);
+      sr[c + 1] = horizontal_sum(a1);
+      sr[c + 2] = horizontal_sum(a2);
+      sr[c + 3] = horizontal_sum(a3);
+    }
+    for (; c < cols; ++c) {
+      const float* kc = k + c * ld_k;
+      __m256 a = _mm256_setzero_ps();
+      for (int64_t d = 0; d < full; d += 8)
+        a = _mm256_fmadd_ps(_mm256_loadu_ps(qr + d), _mm256_loadu_ps(kc + d), a);
+      if (full < D)
+        a = _mm256_fmadd_ps(_mm256_maskload_ps(qr + full, mask),
+                            _mm256_maskload_ps(kc + full, mask), a);
+      sr[c] = horizontal_sum(a);
+    }
+  }
+}
+
 }  // namespace avx2
 
 #endif
@@ -368,6 +435,10 @@ void exp_scale_shift(double* x, int64_t n, double scale, const double* shift) {
 }
 void softmax_grad(const double* probs, double* grad, int64_t n, const double* delta) {
   softmax_grad_generic(probs, grad, n, delta);
+}
+void scores_by_dots(const double* q, int64_t rows, const double* k, int64_t ld_k, int64_t cols,
+                    int64_t D, double* s) {
+  scores_by_dots_generic(q, rows, k, ld_k, cols, D, s);
 }
 
 float row_max(const float* x, int64_t n) {
@@ -393,6 +464,13 @@ void softmax_grad(const float* probs, float* grad, int64_t n, const float* delta
   if (cpu_has_avx2()) return avx2::softmax_grad(probs, grad, n, delta);
 #endif
   softmax_grad_generic(probs, grad, n, delta);
+}
+void scores_by_dots(const float* q, int64_t rows, const float* k, int64_t ld_k, int64_t cols,
+                    int64_t D, float* s) {
+#if FUSEDLM_X86
+  if (cpu_has_avx2()) return avx2::scores_by_dots(q, rows, k, ld_k, cols, D, s);
+#endif
+  scores_by_dots_generic(q, rows, k, ld_k, cols, D, s);
 }
 
 // Visible keys of query `query` under the mask: keys [0, visible_end). The
@@ -452,14 +530,21 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
 
       for (int64_t key_start = 0; key_start < kv_end; key_start += kBlockKey) {
         const int64_t cols = std::min(kBlockKey, kv_end - key_start);
-        copy_rows_transposed(key, batch, kv_head, key_start, cols, D, key_block_t.data(),
-                             key_block.data());
+        // S (rows, cols) = (scale * Q) (rows, D) @ K^T (D, cols)
+        if (rows <= kDotProductRowsMax) {
+          int64_t key_ld = 0;
+          const acc_t* key_rows =
+              rows_view(key, batch, kv_head, key_start, cols, D, key_block.data(), &key_ld);
+          scores_by_dots(query_block.data(), rows, key_rows, key_ld, cols, D, scores.data());
+        } else {
+          copy_rows_transposed(key, batch, kv_head, key_start, cols, D, key_block_t.data(),
+                               key_block.data());
+          matmul(rows, cols, D, query_block.data(), D, key_block_t.data(), cols, scores.data(),
+                 cols, /*accumulate=*/false);
+        }
         int64_t value_ld = 0;
         const acc_t* value_rows =
             rows_view(value, batch, kv_head, key_start, cols, D, value_block.data(), &value_ld);
-        // S (rows, cols) = (scale * Q) (rows, D) @ K^T (D, cols)
-        matmul(rows, cols, D, query_block.data(), D, key_block_t.data(), cols, scores.data(),
-               cols, /*accumulate=*/false);
 
         for (int64_t r = 0; r < rows; ++r) {
           acc_t* s = scores.data() + r * cols;

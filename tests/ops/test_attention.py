@@ -155,6 +155,38 @@ def test_attention_bfloat16_forward(shape, causal, backend):
     _check_attention(q, k, v, causal, backend, backward=False)
 
 
+# A few query rows (decoding) against many keys: the cpu kernels take those scores as dot
+# products with the key rows in place (up to 4 rows), the GEMM path from 5; head dims that are
+# not multiples of 8 reach the vector tail.
+FEW_ROW_SHAPES = [
+    (1, 4, 2, 1, 300, 13),
+    (2, 2, 2, 3, 150, 37),
+    (1, 2, 1, 4, 129, 72),
+    (1, 2, 2, 5, 40, 21),
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("keys", ["contiguous", "transposed", "one_key_expanded"])
+@pytest.mark.parametrize("shape", FEW_ROW_SHAPES,
+                         ids=["B{}-Hq{}-Hkv{}-Tq{}-Tk{}-D{}".format(*s) for s in FEW_ROW_SHAPES])
+def test_attention_few_query_rows(shape, keys, causal, dtype, backend):
+    B, Hq, Hkv, Tq, Tk, D = shape
+    device = device_of(backend)
+    q, k, v = _qkv(shape, dtype, device)
+    if keys == "transposed":  # k with stride 1 along T, not D
+        leaves = (q, _randn((B, Hkv, D, Tk), dtype, device), v)
+        rebuild = lambda ls: (ls[0], ls[1].transpose(-1, -2), ls[2])  # noqa: E731
+    elif keys == "one_key_expanded":  # k with stride 0 along T
+        leaves = (q, _randn((B, Hkv, 1, D), dtype, device), v)
+        rebuild = lambda ls: (ls[0], ls[1].expand(B, Hkv, Tk, D), ls[2])  # noqa: E731
+    else:
+        leaves, rebuild = (q, k, v), _identity
+    _check_attention(*rebuild(leaves), causal, backend, leaves=leaves, rebuild=rebuild)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 def test_attention_long_sequence(causal, backend):
