@@ -44,9 +44,11 @@ def main() -> None:
         mask = torch.ones(Tq, Tk, dtype=torch.bool).tril(Tk - Tq)
         calls = max(5, int(3e7 / (B * Hq * Tk * D)))
         with torch.no_grad():
-            ours = _best_ms(lambda: fusedlm.attention(q, k, v, causal=True, backend="cpu"), calls)
+            ours = _best_ms(
+                lambda: fusedlm.attention(q, k, v, causal=True, backend="cpu"), calls)  # noqa: B023
+            gqa = Hq != Hkv
             theirs = _best_ms(lambda: F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, enable_gqa=Hq != Hkv), calls)
+                q, k, v, attn_mask=mask, enable_gqa=gqa), calls)  # noqa: B023
         print(f"{(B, Hq, Hkv, Tq, Tk, D)} fusedlm {ours:.3f} ms  torch {theirs:.3f} ms  "
               f"ratio {theirs / ours:.2f}")
 
