@@ -41,6 +41,16 @@ def _as_json(value):
     return value
 
 
+def require_nvidia_backend() -> None:
+    """Skip the calling test where this triton has no CUDA backend to compile with."""
+    import importlib.util
+
+    import pytest
+
+    if importlib.util.find_spec("triton.backends.nvidia") is None:
+        pytest.skip("triton has no nvidia backend here")
+
+
 def launch(kernel: str, *args, **kwargs) -> dict:
     """The launch ``kernel[grid](*args, **kwargs)`` of kernel ``"module:name"``, as JSON."""
     return {

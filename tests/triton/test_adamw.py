@@ -342,11 +342,15 @@ def test_kernels_build_for_sm90(monkeypatch):
     calls it for sm_90 (MLIR, PTX, ptxas; no GPU needed) to catch what only the compiler
     rejects, shared memory over the H100's and register spills."""
     import collections
-    import importlib.util
 
-    if importlib.util.find_spec("triton.backends.nvidia") is None:
-        pytest.skip("triton has no nvidia backend here")
-    from tests.triton.sm90_build import build_for_sm90, problems, record_launches
+    from tests.triton.sm90_build import (
+        build_for_sm90,
+        problems,
+        record_launches,
+        require_nvidia_backend,
+    )
+
+    require_nvidia_backend()
 
     monkeypatch.setattr(triton_adamw, "_table_cache", collections.OrderedDict())
     launches = record_launches(monkeypatch, triton_adamw, "adamw_step_kernel")

@@ -355,10 +355,7 @@ def test_kernels_build_for_sm90():
     must not spill more than a few bytes; the odd cases (padded head dims, float32) only have
     to build: their fixed configs spill (D = 72: up to 196 bytes in bwd_dkdv; measured, in
     benchmarks/NOTES.md)."""
-    import importlib.util
-
-    if importlib.util.find_spec("triton.backends.nvidia") is None:
-        pytest.skip("triton has no nvidia backend here")
+    sm90_build.require_nvidia_backend()
     tuned = [[name, "bf16", head_dim, causal] for name in ("fwd", "bwd_dkdv", "bwd_dq")
              for head_dim in (64, 128, 256) for causal in (False, True)]
     odd = [

@@ -444,11 +444,14 @@ def test_kernels_build_for_sm90(monkeypatch):
     """The interpreter runs Python, not Triton's compiler: build the kernels as the launchers
     call them for sm_90 (MLIR, PTX, ptxas; no GPU needed) to catch what only the compiler
     rejects, shared memory over the H100's and register spills."""
-    import importlib.util
+    from tests.triton.sm90_build import (
+        build_for_sm90,
+        problems,
+        record_launches,
+        require_nvidia_backend,
+    )
 
-    if importlib.util.find_spec("triton.backends.nvidia") is None:
-        pytest.skip("triton has no nvidia backend here")
-    from tests.triton.sm90_build import build_for_sm90, problems, record_launches
+    require_nvidia_backend()
 
     monkeypatch.setattr(triton_norm, "INTERPRETER_BWD_PROGRAMS", 2 * 132)  # an H100's 132 SMs
     launches = record_launches(monkeypatch, triton_norm, "norm_fwd_kernel", "norm_bwd_kernel")

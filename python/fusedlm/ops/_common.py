@@ -139,6 +139,20 @@ def transform_forward(dispatch, backend: str, reference_forward):
     return lambda *args: reference_forward(*args[:-1])
 
 
+def forward_for_call(dispatch, backend: str, function, forward_impl, reference_forward,
+                     *tensors: Tensor | None):
+    """The forward a public function runs for this call, each taking the op's arguments:
+    under ``torch.compile`` the registered custom op ``torch.ops.fusedlm.<dispatch.name>`` (what
+    the graph records); under a ``torch.func`` transform or forward-mode AD the torch reference
+    (see ``under_transform``); in eager mode ``function.apply`` (the op's ``autograd.Function``)
+    when ``tensors`` need autograd, else ``forward_impl`` directly."""
+    if torch.compiler.is_compiling():
+        return getattr(torch.ops.fusedlm, dispatch.name)
+    if under_transform():
+        return transform_forward(dispatch, backend, reference_forward)
+    return function.apply if needs_autograd(*tensors) else forward_impl
+
+
 def eager_autograd_function(name: str, forward_impl, setup_context, backward):
     """An ``autograd.Function`` that runs an op's implementation directly, with the same
     ``setup_context``/``backward`` as its custom op (``ctx.eager`` is True, so ``backward`` calls

@@ -20,11 +20,9 @@ from ._common import (
     check_float_tensor,
     check_same_device,
     eager_autograd_function,
-    needs_autograd,
+    forward_for_call,
     register_extension_kernels,
     stat_dtype,
-    transform_forward,
-    under_transform,
 )
 
 logger = logging.getLogger("fusedlm")
@@ -176,12 +174,8 @@ def _check_qkv(q: Tensor, k: Tensor, v: Tensor) -> None:
 def _attention(q, k, v, scale, causal, causal_offset, backend):
     if q.numel() == 0 or k.numel() == 0:  # empty results; the reference's torch ops give autograd
         return reference.attention_fwd(q, k, v, scale, causal, causal_offset)[0]
-    if torch.compiler.is_compiling():
-        fwd = torch.ops.fusedlm.attention_fwd
-    elif under_transform():
-        fwd = transform_forward(ATTENTION_FWD, backend, reference.attention_fwd)
-    else:
-        fwd = _AttentionEager.apply if needs_autograd(q, k, v) else _attention_fwd
+    fwd = forward_for_call(ATTENTION_FWD, backend, _AttentionEager, _attention_fwd,
+                           reference.attention_fwd, q, k, v)
     out, _ = fwd(q, k, v, scale, causal, causal_offset, backend)
     return out
 

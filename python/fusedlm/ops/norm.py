@@ -20,11 +20,9 @@ from ._common import (
     check_float_tensor,
     check_same_device,
     eager_autograd_function,
-    needs_autograd,
+    forward_for_call,
     register_extension_kernels,
     stat_dtype,
-    transform_forward,
-    under_transform,
 )
 
 LAYER_NORM_FWD = OpDispatch("layer_norm_fwd")
@@ -293,12 +291,8 @@ def layer_norm(
     check_backend_name(backend)
     if x.numel() == 0:
         return F.layer_norm(x, normalized_shape, weight, bias, eps)
-    if torch.compiler.is_compiling():
-        fwd = torch.ops.fusedlm.layer_norm_fwd
-    elif under_transform():
-        fwd = transform_forward(LAYER_NORM_FWD, backend, reference.layer_norm_fwd)
-    else:
-        fwd = _LayerNormEager.apply if needs_autograd(x, weight, bias) else _layer_norm_fwd
+    fwd = forward_for_call(LAYER_NORM_FWD, backend, _LayerNormEager, _layer_norm_fwd,
+                           reference.layer_norm_fwd, x, weight, bias)
     y, _, _ = fwd(_as_rows(x, normalized_shape), _flat(weight), _flat(bias), eps, backend)
     return _like(y, x)
 
@@ -320,11 +314,7 @@ def rms_norm(
     check_backend_name(backend)
     if x.numel() == 0:
         return F.rms_norm(x, normalized_shape, weight, eps)
-    if torch.compiler.is_compiling():
-        fwd = torch.ops.fusedlm.rms_norm_fwd
-    elif under_transform():
-        fwd = transform_forward(RMS_NORM_FWD, backend, reference.rms_norm_fwd)
-    else:
-        fwd = _RmsNormEager.apply if needs_autograd(x, weight) else _rms_norm_fwd
+    fwd = forward_for_call(RMS_NORM_FWD, backend, _RmsNormEager, _rms_norm_fwd,
+                           reference.rms_norm_fwd, x, weight)
     y, _ = fwd(_as_rows(x, normalized_shape), _flat(weight), eps, backend)
     return _like(y, x)
