@@ -309,6 +309,11 @@ def test_readme_section_is_rendered_from_recorded_results(tmp_path, quick_run):
     assert "![adamw]" not in text  # not recorded, not linked
     assert "| variant | size | torch-eager |" in text
     assert render_readme.main(["--root", str(tmp_path), "--check"]) == 0
+    # A caveat added to a recorded run afterwards is shown with it.
+    recorded = json.loads((folder / "bench.json").read_text())
+    (folder / "bench.json").write_text(json.dumps({**recorded, "caveats": ["rows X are off"]}))
+    assert render_readme.main(["--root", str(tmp_path)]) == 0
+    assert "**Caveat:** rows X are off" in (tmp_path / "README.md").read_text()
 
 
 def test_repository_readme_is_up_to_date_with_benchmarks_results():

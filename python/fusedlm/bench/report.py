@@ -211,6 +211,9 @@ def markdown(results: dict, image_dir: str | None = None) -> str:
                      "skews CPU timings)" if load else "") + ".", ""]
     if results.get("note"):
         lines += [f"_{results['note']}_", ""]
+    # Added to a recorded run afterwards, when something about it was found wrong.
+    for caveat in results.get("caveats", []):
+        lines += [f"**Caveat:** {caveat}", ""]
     for op, info in results["ops"].items():
         order = [p for p in provider_order(results, op)
                  if any(r["provider"] == p and r["status"] == "ok" and r["op"] == op
