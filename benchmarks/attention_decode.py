@@ -1,12 +1,13 @@
 """CPU attention forward with a few query rows against many keys (KV-cache decoding):
 fusedlm.attention(causal=True, backend="cpu") against torch's SDPA with the same bottom-right
-mask, under torch.no_grad(), one thread, best of 7 loops.
+mask, under torch.no_grad(), one thread (or --threads N), best of 7 loops.
 
-    python benchmarks/attention_decode.py
+    python benchmarks/attention_decode.py [--threads N]
 """
 
 from __future__ import annotations
 
+import argparse
 import time
 
 import torch
@@ -21,6 +22,10 @@ SHAPES = [
     (4, 12, 12, 1, 512, 64),
     (1, 8, 8, 4, 1024, 64),
     (1, 8, 8, 8, 1024, 64),
+    (1, 32, 4, 1, 4096, 128),
+    (1, 8, 1, 1, 2048, 64),
+    (2, 16, 2, 4, 2048, 64),
+    (1, 32, 8, 16, 1024, 128),
 ]
 
 
@@ -37,7 +42,9 @@ def _best_ms(fn, calls: int, loops: int = 7) -> float:
 
 
 def main() -> None:
-    torch.set_num_threads(1)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=1)
+    torch.set_num_threads(parser.parse_args().threads)
     for B, Hq, Hkv, Tq, Tk, D in SHAPES:
         q = torch.randn(B, Hq, Tq, D)
         k, v = torch.randn(B, Hkv, Tk, D), torch.randn(B, Hkv, Tk, D)

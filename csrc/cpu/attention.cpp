@@ -484,6 +484,20 @@ int64_t visible_end(int64_t query, bool causal, int64_t causal_offset, int64_t T
 // Forward
 // ---------------------------------------------------------------------------------------
 
+// Query heads that share one forward tile. The query heads of a GQA group read the same
+// K/V; when the whole query sequence is short enough that several heads' rows fit one
+// tile (KV-cache decoding, chunked prefill), they share the tile, so each K/V block is
+// read and converted once per group instead of once per query head. The count divides the
+// group and leaves at least one tile per thread.
+int64_t heads_per_tile(int64_t B, int64_t Hkv, int64_t group, int64_t Tq) {
+  const int64_t threads = at::get_num_threads();
+  int64_t best = 1;
+  for (int64_t heads = 2; heads <= group && heads * Tq <= kBlockQuery; ++heads) {
+    if (group % heads == 0 && B * Hkv * (group / heads) >= threads) best = heads;
+  }
+  return best;
+}
+
 // q: (B, Hq, Tq, D), k/v: (B, Hkv, Tk, D) any strides; out: (B, Hq, Tq, D) and
 // lse: (B, Hq, Tq) contiguous. Requires Tq, Tk, D >= 1.
 template <typename scalar_t>
@@ -498,10 +512,14 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
   scalar_t* out_data = out.data_ptr<scalar_t>();  // (B, Hq, Tq, D)
   acc_t* lse_data = lse.data_ptr<acc_t>();        // (B, Hq, Tq)
   const int64_t query_blocks = ceil_div(Tq, kBlockQuery);
+  // A tile is `heads` query heads x up to kBlockQuery / heads query rows; heads > 1 only
+  // when Tq fits one block, so a tile's rows are contiguous in out and lse.
+  const int64_t heads = heads_per_tile(B, Hkv, group, Tq);
+  const int64_t head_tiles = Hq / heads;  // per batch
   const acc_t scale_value = static_cast<acc_t>(scale);
   const acc_t neg_inf = static_cast<acc_t>(kNegInf);
 
-  at::parallel_for(0, B * Hq * query_blocks, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, B * head_tiles * query_blocks, 1, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> query_block(kBlockQuery * D);      // (BQ, D), pre-scaled
     std::vector<acc_t> key_block_t(D * kBlockKey);        // (D, BK): K^T for Q @ K^T
     std::vector<acc_t> key_block(kBlockKey * D);    // (BK, D): K rows unless read in place
@@ -512,20 +530,25 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
     std::vector<acc_t> running_sum(kBlockQuery);          // (BQ)
 
     for (int64_t item = begin; item < end; ++item) {
-      const int64_t head_index = item / query_blocks;  // b * Hq + h
-      const int64_t batch = head_index / Hq, head = head_index % Hq;
-      const int64_t kv_head = head / group;
+      const int64_t tile_index = item / query_blocks;  // b * head_tiles + tile of heads
+      const int64_t batch = tile_index / head_tiles;
+      const int64_t first_head = tile_index % head_tiles * heads;
+      const int64_t kv_head = first_head / group;
       const int64_t query_start = zigzag(item % query_blocks, query_blocks) * kBlockQuery;
-      const int64_t rows = std::min(kBlockQuery, Tq - query_start);
-      // The last query row of the block sees the most keys.
-      const int64_t kv_end = visible_end(query_start + rows - 1, causal, causal_offset, Tk);
+      const int64_t head_rows = std::min(kBlockQuery, Tq - query_start);  // rows per head
+      const int64_t rows = heads * head_rows;  // tile row r: head r / head_rows, time r % head_rows
+      // The last query row of each head sees the most keys.
+      const int64_t kv_end = visible_end(query_start + head_rows - 1, causal, causal_offset, Tk);
 
       std::fill(out_acc.begin(), out_acc.begin() + rows * D, acc_t(0));
       std::fill(running_max.begin(), running_max.end(), neg_inf);
       std::fill(running_sum.begin(), running_sum.end(), acc_t(0));
       if (kv_end > 0) {
         // Scaling q once here is cheaper than scaling every score tile.
-        copy_rows(query, batch, head, query_start, rows, D, scale_value, query_block.data());
+        for (int64_t h = 0; h < heads; ++h) {
+          copy_rows(query, batch, first_head + h, query_start, head_rows, D, scale_value,
+                    query_block.data() + h * head_rows * D);
+        }
       }
 
       for (int64_t key_start = 0; key_start < kv_end; key_start += kBlockKey) {
@@ -550,7 +573,8 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
           acc_t* s = scores.data() + r * cols;
           // Keys past the causal limit are treated as absent: only the visible
           // prefix enters the softmax, the rest of P is zero.
-          const int64_t row_end = visible_end(query_start + r, causal, causal_offset, Tk);
+          const int64_t row_end =
+              visible_end(query_start + r % head_rows, causal, causal_offset, Tk);
           const int64_t visible = std::clamp<int64_t>(row_end - key_start, 0, cols);
           std::fill(s + visible, s + cols, acc_t(0));
           if (visible == 0) continue;
@@ -575,8 +599,9 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
                /*accumulate=*/true);
       }
 
-      scalar_t* out_rows = out_data + (head_index * Tq + query_start) * D;
-      acc_t* lse_rows = lse_data + head_index * Tq + query_start;
+      const int64_t first_row = (batch * Hq + first_head) * Tq + query_start;
+      scalar_t* out_rows = out_data + first_row * D;
+      acc_t* lse_rows = lse_data + first_row;
       for (int64_t r = 0; r < rows; ++r) {
         const acc_t sum = running_sum[r];
         const acc_t* o = out_acc.data() + r * D;

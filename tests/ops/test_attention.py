@@ -187,6 +187,42 @@ def test_attention_few_query_rows(shape, keys, causal, dtype, backend):
     _check_attention(*rebuild(leaves), causal, backend, leaves=leaves, rebuild=rebuild)
 
 
+# GQA/MQA with a short query sequence: the cpu forward puts several query heads of a group
+# in one tile (their rows sharing each K/V block) when they fit 128 rows and leave a tile per
+# thread; the head count per tile depends on the thread count, so both are run. Tq = 43 x 3
+# heads is just past one tile, 42 x 3 just inside; 64 x 2 fills it.
+GROUPED_SHAPES = [
+    (1, 8, 1, 1, 200, 16),
+    (2, 12, 2, 3, 70, 24),
+    (1, 6, 2, 43, 90, 8),
+    (1, 6, 2, 42, 42, 8),
+    (1, 4, 1, 64, 64, 8),
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("query_layout", ["BHTD", "BTHD"])
+@pytest.mark.parametrize("shape", GROUPED_SHAPES,
+                         ids=["B{}-Hq{}-Hkv{}-Tq{}-Tk{}-D{}".format(*s) for s in GROUPED_SHAPES])
+def test_attention_grouped_query_heads_short_sequence(shape, query_layout, causal, threads,
+                                                      backend):
+    B, Hq, Hkv, Tq, Tk, D = shape
+    q, k, v = _qkv(shape, torch.float32, device_of(backend))
+    if query_layout == "BTHD":  # q as a transposed view of (B, T, H, D) storage
+        leaves = (q.transpose(1, 2).contiguous(), k, v)
+        rebuild = lambda ls: (ls[0].transpose(1, 2), ls[1], ls[2])  # noqa: E731
+    else:
+        leaves, rebuild = (q, k, v), _identity
+    threads_before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        _check_attention(*rebuild(leaves), causal, backend, leaves=leaves, rebuild=rebuild)
+    finally:
+        torch.set_num_threads(threads_before)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 def test_attention_long_sequence(causal, backend):
