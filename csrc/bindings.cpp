@@ -13,6 +13,7 @@
 #include "cpu/adamw.h"
 #include "cpu/attention.h"
 #include "cpu/norm.h"
+#include "cpu/simd.h"
 
 #ifdef FUSEDLM_WITH_CUDA
 #include <c10/cuda/CUDAGuard.h>
@@ -799,6 +800,27 @@ std::vector<double> increment_steps(const std::vector<at::Tensor>& steps, double
   return values;
 }
 
+constexpr const char* kCpuIsaNames[] = {"generic", "avx2", "avx512"};
+
+std::string cpu_isa() {
+  return kCpuIsaNames[cpu::cpu_isa_in_use().load(std::memory_order_relaxed)];
+}
+
+// Caps the CPU kernels at `name` (generic, avx2 or avx512), which must not exceed what the
+// CPU has. Returns the previous setting.
+std::string set_cpu_isa(const std::string& name) {
+  int level = -1;
+  for (int i = 0; i < 3; ++i) {
+    if (name == kCpuIsaNames[i]) level = i;
+  }
+  FUSEDLM_CHECK_VALUE(level >= 0, "argument 'name' must be one of generic, avx2, avx512, got '",
+                      name, "'");
+  const int detected = static_cast<int>(cpu::cpu_isa_detected());
+  FUSEDLM_CHECK_VALUE(level <= detected, "argument 'name' asks for ", name,
+                      " but this CPU's best is ", kCpuIsaNames[detected]);
+  return kCpuIsaNames[cpu::cpu_isa_in_use().exchange(level)];
+}
+
 }  // namespace
 }  // namespace fusedlm
 
@@ -815,6 +837,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #endif
   }, "Whether csrc/cuda was compiled into this build.");
   m.def("cuda_ops", &fusedlm::cuda_ops, "Names of the ops that have a CUDA kernel in this build.");
+  m.def("cpu_isa", &fusedlm::cpu_isa,
+        "Instruction set the CPU kernels use: 'avx512', 'avx2' or 'generic' (portable C++).");
+  m.def("cpu_isa_detected", [] { return std::string(fusedlm::kCpuIsaNames[static_cast<int>(
+                                     fusedlm::cpu::cpu_isa_detected())]); },
+        "The best instruction set this CPU has that the CPU kernels have code for.");
+  m.def("set_cpu_isa", &fusedlm::set_cpu_isa, py::arg("name"),
+        "Cap the CPU kernels at 'generic', 'avx2' or 'avx512' (at most cpu_isa_detected());\n"
+        "returns the previous setting. FUSEDLM_CPU_ISA sets it when the extension loads.");
 
   m.def("attention_fwd", &fusedlm::attention_fwd,
         "Flash-attention forward.\n"

@@ -423,9 +423,88 @@ FUSEDLM_TARGET_AVX2 void scores_by_dots(const float* q, int64_t rows, const floa
 
 }  // namespace avx2
 
+// ---- AVX-512 versions of the softmax's exp passes: twice the lanes per instruction ----
+// (The forward spends a quarter of its non-GEMM time in exp_shift_sum on AVX2.)
+namespace avx512 {
+
+// avx2::exp on 16 lanes: the same polynomial and clamps, so the same results lane by lane.
+FUSEDLM_TARGET_AVX512 inline __m512 exp(__m512 x) {
+  const __mmask16 underflow = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.3f), _CMP_LT_OQ);
+  x = _mm512_min_ps(_mm512_set1_ps(88.0f), x);
+  x = _mm512_max_ps(_mm512_set1_ps(-87.3f), x);
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), r);
+  p = _mm512_add_ps(p, _mm512_set1_ps(1.0f));
+  const __m512i exponent = _mm512_slli_epi32(
+      _mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
+  const __m512 result = _mm512_mul_ps(p, _mm512_castsi512_ps(exponent));
+  return _mm512_maskz_mov_ps(static_cast<__mmask16>(~underflow), result);
+}
+
+// Lane mask with the first `count` (0..16) lanes set, for row tails.
+inline __mmask16 tail_mask(int64_t count) {
+  return static_cast<__mmask16>((1u << count) - 1u);
+}
+
+FUSEDLM_TARGET_AVX512 float row_max(const float* x, int64_t n) {
+  __m512 best = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) best = _mm512_max_ps(best, _mm512_loadu_ps(x + i));
+  if (i < n) {
+    const __mmask16 mask = tail_mask(n - i);
+    best = _mm512_mask_max_ps(best, mask, best, _mm512_maskz_loadu_ps(mask, x + i));
+  }
+  return _mm512_reduce_max_ps(best);
+}
+
+FUSEDLM_TARGET_AVX512 float exp_shift_sum(float* x, int64_t n, float shift) {
+  const __m512 shift_v = _mm512_set1_ps(shift);
+  __m512 sum = _mm512_setzero_ps();
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    const __m512 e = exp(_mm512_sub_ps(_mm512_loadu_ps(x + i), shift_v));
+    _mm512_storeu_ps(x + i, e);
+    sum = _mm512_add_ps(sum, e);
+  }
+  if (i < n) {
+    const __mmask16 mask = tail_mask(n - i);
+    const __m512 e = exp(_mm512_sub_ps(_mm512_maskz_loadu_ps(mask, x + i), shift_v));
+    _mm512_mask_storeu_ps(x + i, mask, e);
+    sum = _mm512_mask_add_ps(sum, mask, sum, e);
+  }
+  return _mm512_reduce_add_ps(sum);
+}
+
+FUSEDLM_TARGET_AVX512 void exp_scale_shift(float* x, int64_t n, float scale, const float* shift) {
+  const __m512 scale_v = _mm512_set1_ps(scale);
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    const __m512 arg = _mm512_fmsub_ps(_mm512_loadu_ps(x + i), scale_v, _mm512_loadu_ps(shift + i));
+    _mm512_storeu_ps(x + i, exp(arg));
+  }
+  if (i < n) {
+    const __mmask16 mask = tail_mask(n - i);
+    const __m512 arg = _mm512_fmsub_ps(_mm512_maskz_loadu_ps(mask, x + i), scale_v,
+                                       _mm512_maskz_loadu_ps(mask, shift + i));
+    _mm512_mask_storeu_ps(x + i, mask, exp(arg));
+  }
+}
+
+}  // namespace avx512
+
 #endif
 
-// Overloads the kernels call: float goes to AVX2 when the CPU has it.
+// Overloads the kernels call: float goes to AVX-512 or AVX2 when the CPU has it (and
+// FUSEDLM_CPU_ISA allows it).
 double row_max(const double* x, int64_t n) { return row_max_generic(x, n); }
 double exp_shift_sum(double* x, int64_t n, double shift) {
   return exp_shift_sum_generic(x, n, shift);
@@ -443,18 +522,21 @@ void scores_by_dots(const double* q, int64_t rows, const double* k, int64_t ld_k
 
 float row_max(const float* x, int64_t n) {
 #if FUSEDLM_X86
+  if (cpu_has_avx512()) return avx512::row_max(x, n);
   if (cpu_has_avx2()) return avx2::row_max(x, n);
 #endif
   return row_max_generic(x, n);
 }
 float exp_shift_sum(float* x, int64_t n, float shift) {
 #if FUSEDLM_X86
+  if (cpu_has_avx512()) return avx512::exp_shift_sum(x, n, shift);
   if (cpu_has_avx2()) return avx2::exp_shift_sum(x, n, shift);
 #endif
   return exp_shift_sum_generic(x, n, shift);
 }
 void exp_scale_shift(float* x, int64_t n, float scale, const float* shift) {
 #if FUSEDLM_X86
+  if (cpu_has_avx512()) return avx512::exp_scale_shift(x, n, scale, shift);
   if (cpu_has_avx2()) return avx2::exp_scale_shift(x, n, scale, shift);
 #endif
   exp_scale_shift_generic(x, n, scale, shift);

@@ -1,34 +1,61 @@
 // x86 SIMD helpers shared by the CPU kernels. The extension is compiled for baseline x86-64
-// (it must load on any x86-64 CPU), so AVX2 code opts in per function with
-// FUSEDLM_TARGET_AVX2 and runs only after cpu_has_avx2() says the CPU has it.
+// (it must load on any x86-64 CPU), so AVX2 (AVX-512) code opts in per function with
+// FUSEDLM_TARGET_AVX2 (FUSEDLM_TARGET_AVX512) and runs only after cpu_has_avx2()
+// (cpu_has_avx512()) says the CPU has it and the instruction-set cap allows it.
 #pragma once
 
 #include <c10/macros/Macros.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
+#include <atomic>
+
 #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
 #include <immintrin.h>
 #define FUSEDLM_X86 1
 #define FUSEDLM_TARGET_AVX2 __attribute__((target("avx2,fma,f16c")))
+#define FUSEDLM_TARGET_AVX512 __attribute__((target("avx512f,avx2,fma,f16c")))
 #else
 #define FUSEDLM_X86 0
 #endif
 
 namespace fusedlm::cpu {
 
-// AVX2, FMA and F16C (every AVX2 CPU has the other two), checked once.
-inline bool cpu_has_avx2() {
+// Instruction sets the kernels have code paths for, in increasing order.
+enum class CpuIsa : int { generic = 0, avx2 = 1, avx512 = 2 };
+
+// The best of them this CPU runs (AVX2 with FMA and F16C, which every AVX2 CPU has; AVX-512F),
+// detected once.
+inline CpuIsa cpu_isa_detected() {
 #if FUSEDLM_X86
-  static const bool has = [] {
+  static const CpuIsa detected = [] {
     __builtin_cpu_init();
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-           __builtin_cpu_supports("f16c");
+    if (!(__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+          __builtin_cpu_supports("f16c"))) {
+      return CpuIsa::generic;
+    }
+    return __builtin_cpu_supports("avx512f") ? CpuIsa::avx512 : CpuIsa::avx2;
   }();
-  return has;
+  return detected;
 #else
-  return false;
+  return CpuIsa::generic;
 #endif
+}
+
+// The instruction set the kernels use: the detected one unless capped lower (set_cpu_isa in
+// the bindings, from FUSEDLM_CPU_ISA, so the tests reach the AVX2 and portable paths on a CPU
+// that has more). One per process: inline functions share their statics across the library.
+inline std::atomic<int>& cpu_isa_in_use() {
+  static std::atomic<int> in_use{static_cast<int>(cpu_isa_detected())};
+  return in_use;
+}
+
+inline bool cpu_has_avx2() {
+  return cpu_isa_in_use().load(std::memory_order_relaxed) >= static_cast<int>(CpuIsa::avx2);
+}
+
+inline bool cpu_has_avx512() {
+  return cpu_isa_in_use().load(std::memory_order_relaxed) >= static_cast<int>(CpuIsa::avx512);
 }
 
 #if FUSEDLM_X86

@@ -3,7 +3,9 @@
 If the extension is missing, fails to load, or was built against another torch (loading
 it then could crash the interpreter), :func:`load` returns ``None`` and :func:`why_unavailable`
 says why; ``fusedlm.backends()`` reports it and ``"auto"`` falls back to other backends.
-Set ``FUSEDLM_DISABLE_EXTENSION=1`` to act as if it were absent.
+Set ``FUSEDLM_DISABLE_EXTENSION=1`` to act as if it were absent. ``FUSEDLM_CPU_ISA=generic``,
+``avx2`` or ``avx512`` caps the instruction set the CPU kernels use (default: the best the CPU
+has), so their portable and AVX2 paths can be tested and compared on any machine.
 """
 
 from __future__ import annotations
@@ -58,7 +60,19 @@ def _try_load() -> tuple[ModuleType | None, str | None]:
             f"fusedlm._C was built for torch {module.torch_version()} but torch "
             f"{torch.__version__} is running; {REBUILD_HINT}"
         )
+    _apply_cpu_isa(module)
     return module, None
+
+
+def _apply_cpu_isa(module: ModuleType) -> None:
+    requested = os.environ.get("FUSEDLM_CPU_ISA", "")
+    if not requested:
+        return
+    try:
+        module.set_cpu_isa(requested)
+    except ValueError as error:
+        # A typo here would otherwise silently test or time another code path.
+        raise ValueError(f"FUSEDLM_CPU_ISA={requested!r}: {error}") from None
 
 
 def _extension_file() -> Path | None:

@@ -26,6 +26,7 @@ def _info(args: argparse.Namespace) -> int:
         "cuda_device": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
         "cpu_threads": torch.get_num_threads(),
         "extension": "loaded" if extension is not None else _ext.why_unavailable(),
+        "cpu_kernel_isa": _cpu_kernel_isa(extension),
         "extension_cuda_kernels": list(extension.cuda_ops()) if extension is not None else [],
         "backends": {
             name: {"available": b.available, "reason": b.reason, "ops": list(b.ops)}
@@ -41,6 +42,14 @@ def _info(args: argparse.Namespace) -> int:
     print("\nbackends:")
     print(report)
     return 0
+
+
+def _cpu_kernel_isa(extension) -> str | None:
+    """The instruction set the CPU kernels use, and the CPU's best when FUSEDLM_CPU_ISA caps it."""
+    if extension is None:
+        return None
+    used, best = extension.cpu_isa(), extension.cpu_isa_detected()
+    return used if used == best else f"{used} (capped by FUSEDLM_CPU_ISA; the CPU has {best})"
 
 
 def main(argv: list[str] | None = None) -> int:

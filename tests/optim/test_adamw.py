@@ -698,7 +698,10 @@ def test_dtensor_params_match_torch(amsgrad, backend, one_rank_mesh):
             if isinstance(value, DTensor):
                 assert mine.placements == value.placements, key
                 mine, value = mine.full_tensor(), value.full_tensor()
-            torch.testing.assert_close(mine, value, rtol=1e-6, atol=1e-9)
+            # atol as for the params: where exp_avg's lerp cancels (m_old + w * (g - m_old)
+            # much smaller than m_old), torch's fused multiply-add and the portable path's
+            # separate multiply and add (FUSEDLM_CPU_ISA=generic) differ by ~1e-8.
+            torch.testing.assert_close(mine, value, rtol=1e-6, atol=1e-7)
     sd_ours, sd_theirs = ours_opt.state_dict(), theirs_opt.state_dict()
     assert sd_ours["state"].keys() == sd_theirs["state"].keys()
 

@@ -133,6 +133,13 @@ def llc_bytes() -> int:
     return best or 32 << 20
 
 
+def _cpu_kernel_isa() -> str | None:
+    from fusedlm import _ext
+
+    extension = _ext.load()
+    return extension.cpu_isa() if extension is not None else None
+
+
 def environment(device) -> dict:
     """Versions and the device (``device``: a torch.device)."""
     import torch
@@ -155,6 +162,7 @@ def environment(device) -> dict:
         "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
         "cpu": cpu_name(),
         "cpu_threads": torch.get_num_threads(),
+        "cpu_kernel_isa": _cpu_kernel_isa(),  # FUSEDLM_CPU_ISA can cap it: it changes timings
         "load_average": _load_average(),  # at the start: a busy machine skews CPU timings
         "gpu_found": torch.cuda.is_available(),
         "device_type": device.type,
