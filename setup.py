@@ -21,8 +21,6 @@ ROOT = Path(__file__).resolve().parent
 
 class CMakeBuild(build_ext):
     def build_extension(self, ext: Extension) -> None:
-        import torch  # the torch we build against; --no-build-isolation makes it the user's
-
         target = Path(self.get_ext_fullpath(ext.name)).resolve()
         default_dir = ROOT / "build" / f"cmake-py{sys.version_info.major}{sys.version_info.minor}"
         build_dir = Path(os.environ.get("FUSEDLM_BUILD_DIR", default_dir)).resolve()
@@ -30,7 +28,6 @@ class CMakeBuild(build_ext):
         configure = [
             "cmake", "-S", str(ROOT), "-B", str(build_dir),
             f"-DPython3_EXECUTABLE={sys.executable}",
-            f"-DFUSEDLM_TORCH_CMAKE_PREFIX={torch.utils.cmake_prefix_path}",
             f"-DFUSEDLM_CUDA={os.environ.get('FUSEDLM_CUDA', 'AUTO')}",
             f"-DFUSEDLM_SANITIZE={os.environ.get('FUSEDLM_SANITIZE', '')}",
             f"-DCMAKE_LIBRARY_OUTPUT_DIRECTORY={build_dir / 'lib'}",

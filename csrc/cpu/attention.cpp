@@ -425,6 +425,11 @@ FUSEDLM_TARGET_AVX2 void scores_by_dots(const float* q, int64_t rows, const floa
 
 // ---- AVX-512 versions of the softmax's exp passes: twice the lanes per instruction ----
 // (The forward spends a quarter of its non-GEMM time in exp_shift_sum on AVX2.)
+// GCC 12's avx512fintrin.h seeds unmasked intrinsics with a self-initialised "undefined"
+// vector, which -Wall reports as uninitialised once inlined (GCC bug 105593, fixed in 13).
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 namespace avx512 {
 
 // avx2::exp on 16 lanes: the same polynomial and clamps, so the same results lane by lane.
@@ -500,6 +505,7 @@ FUSEDLM_TARGET_AVX512 void exp_scale_shift(float* x, int64_t n, float scale, con
 }
 
 }  // namespace avx512
+#pragma GCC diagnostic pop
 
 #endif
 

@@ -56,14 +56,20 @@ def _build(source: Path, sources: list[Path], stem: str) -> ctypes.CDLL:
     compiler = shutil.which("g++")
     if include is None or compiler is None:
         pytest.skip("needs g++ and the CUDA toolkit's headers (cuda_fp16.h) to build the emulation")
-    digest = hashlib.sha256(b"".join(p.read_bytes() for p in sources)).hexdigest()[:16]
+    # -Bsymbolic: the library's calls to the CUDA runtime API (cudaFuncSetAttribute, ...) bind
+    # to its own emulated definitions even when a CUDA build of torch has loaded the real
+    # libcudart into the process first (without it they reach the real runtime, which fails
+    # with cudaErrorInsufficientDriver where there is no GPU and is worse where there is one).
+    flags = ["-std=c++20", "-O1", "-shared", "-fPIC", "-Wl,-Bsymbolic"]
+    digest = hashlib.sha256(
+        b"".join(p.read_bytes() for p in sources) + " ".join(flags).encode()).hexdigest()[:16]
     cache = Path(os.environ.get("FUSEDLM_EMULATION_CACHE", Path.home() / ".cache" / "fusedlm"))
     target = cache / f"{stem}_{digest}.so"
     if not target.exists():
         cache.mkdir(parents=True, exist_ok=True)
         partial = target.with_suffix(f".{os.getpid()}.tmp")
         subprocess.run(
-            [compiler, "-std=c++20", "-O1", "-shared", "-fPIC", f"-I{HERE}",
+            [compiler, *flags, f"-I{HERE}",
              f"-I{REPO / 'csrc'}", f"-I{include}", str(source), "-o", str(partial)],
             check=True,
         )
