@@ -49,6 +49,9 @@ constexpr int64_t kBwdBlockKey = 128;
 // as dot products with the key rows where they lie, instead of transposing every key tile
 // for the GEMM: the transpose moves the whole tile for one or two rows of work.
 constexpr int64_t kDotProductRowsMax = 4;
+// Fewest keys a forward key split (see key_splits) takes: below that, its merge and its own
+// copy of the query tile cost about what the split saves.
+constexpr int64_t kMinKeysPerSplit = 2 * kBlockKey;
 // Upper bound on the backward's per-split dq partial buffers beyond the first.
 constexpr int64_t kDqPartialBudgetBytes = int64_t(1) << 30;
 
@@ -576,14 +579,27 @@ int64_t visible_end(int64_t query, bool causal, int64_t causal_offset, int64_t T
 // K/V; when the whole query sequence is short enough that several heads' rows fit one
 // tile (KV-cache decoding, chunked prefill), they share the tile, so each K/V block is
 // read and converted once per group instead of once per query head. The count divides the
-// group and leaves at least one tile per thread.
-int64_t heads_per_tile(int64_t B, int64_t Hkv, int64_t group, int64_t Tq) {
+// group, and leaves work for every thread: a tile per thread, or enough keys to split the
+// tiles' keys across the threads (key_splits).
+int64_t heads_per_tile(int64_t B, int64_t Hkv, int64_t group, int64_t Tq, int64_t Tk) {
   const int64_t threads = at::get_num_threads();
+  const int64_t most_splits = std::max<int64_t>(1, Tk / kMinKeysPerSplit);
   int64_t best = 1;
   for (int64_t heads = 2; heads <= group && heads * Tq <= kBlockQuery; ++heads) {
-    if (group % heads == 0 && B * Hkv * (group / heads) >= threads) best = heads;
+    const int64_t tiles = B * Hkv * (group / heads);
+    if (group % heads == 0 && tiles * most_splits >= threads) best = heads;
   }
   return best;
+}
+
+// Key splits per forward tile (flash-decoding). With fewer tiles than threads (decoding a
+// batch of one with few kv heads: every tile is one query block), a tile's keys are split into
+// contiguous runs of whole key blocks, each a work item of its own, and the runs' partial
+// results are merged by their row max and sum afterwards, so every thread has work.
+int64_t key_splits(int64_t tiles, int64_t query_blocks, int64_t Tk) {
+  const int64_t threads = at::get_num_threads();
+  if (query_blocks != 1 || tiles >= threads) return 1;
+  return std::max<int64_t>(1, std::min(ceil_div(threads, tiles), Tk / kMinKeysPerSplit));
 }
 
 // q: (B, Hq, Tq, D), k/v: (B, Hkv, Tk, D) any strides; out: (B, Hq, Tq, D) and
@@ -602,12 +618,43 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
   const int64_t query_blocks = ceil_div(Tq, kBlockQuery);
   // A tile is `heads` query heads x up to kBlockQuery / heads query rows; heads > 1 only
   // when Tq fits one block, so a tile's rows are contiguous in out and lse.
-  const int64_t heads = heads_per_tile(B, Hkv, group, Tq);
+  const int64_t heads = heads_per_tile(B, Hkv, group, Tq, Tk);
   const int64_t head_tiles = Hq / heads;  // per batch
+  const int64_t tiles = B * head_tiles * query_blocks;
+  const int64_t splits = key_splits(tiles, query_blocks, Tk);
+  const int64_t split_keys = ceil_div(ceil_div(Tk, kBlockKey), splits) * kBlockKey;
   const acc_t scale_value = static_cast<acc_t>(scale);
   const acc_t neg_inf = static_cast<acc_t>(kNegInf);
+  // Each split's unnormalised output rows and their running max and sum, for the merge:
+  // (tiles * splits, BQ, D) and (tiles * splits, BQ); empty without splits.
+  const int64_t partials = splits > 1 ? tiles * splits : 0;
+  std::vector<acc_t> partial_out(partials * kBlockQuery * D);
+  std::vector<acc_t> partial_max(partials * kBlockQuery);
+  std::vector<acc_t> partial_sum(partials * kBlockQuery);
 
-  at::parallel_for(0, B * head_tiles * query_blocks, 1, [&](int64_t begin, int64_t end) {
+  // Normalises `rows` accumulated rows (o: (rows, D), their max and sum) into out and lse
+  // from flat row `first_row` of (B * Hq * Tq).
+  const auto write_rows = [&](int64_t first_row, int64_t rows, const acc_t* o_rows,
+                              const acc_t* max_rows, const acc_t* sum_rows) {
+    scalar_t* out_rows = out_data + first_row * D;
+    acc_t* lse_rows = lse_data + first_row;
+    for (int64_t r = 0; r < rows; ++r) {
+      const acc_t sum = sum_rows[r];
+      const acc_t* o = o_rows + r * D;
+      scalar_t* dst = out_rows + r * D;
+      if (sum > 0) {
+        const acc_t inverse = acc_t(1) / sum;
+        for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<scalar_t>(o[d] * inverse);
+        lse_rows[r] = max_rows[r] + std::log(sum);
+      } else {
+        // A row that sees no key: defined as zero output and lse = -inf.
+        for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<scalar_t>(0);
+        lse_rows[r] = neg_inf;
+      }
+    }
+  };
+
+  at::parallel_for(0, tiles * splits, 1, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> query_block(kBlockQuery * D);      // (BQ, D), pre-scaled
     std::vector<acc_t> key_block_t(D * kBlockKey);        // (D, BK): K^T for Q @ K^T
     std::vector<acc_t> key_block(kBlockKey * D);    // (BK, D): K rows unless read in place
@@ -618,20 +665,24 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
     std::vector<acc_t> running_sum(kBlockQuery);          // (BQ)
 
     for (int64_t item = begin; item < end; ++item) {
-      const int64_t tile_index = item / query_blocks;  // b * head_tiles + tile of heads
+      const int64_t tile = item / splits;
+      const int64_t tile_index = tile / query_blocks;  // b * head_tiles + tile of heads
       const int64_t batch = tile_index / head_tiles;
       const int64_t first_head = tile_index % head_tiles * heads;
       const int64_t kv_head = first_head / group;
-      const int64_t query_start = zigzag(item % query_blocks, query_blocks) * kBlockQuery;
+      const int64_t query_start = zigzag(tile % query_blocks, query_blocks) * kBlockQuery;
       const int64_t head_rows = std::min(kBlockQuery, Tq - query_start);  // rows per head
       const int64_t rows = heads * head_rows;  // tile row r: head r / head_rows, time r % head_rows
-      // The last query row of each head sees the most keys.
-      const int64_t kv_end = visible_end(query_start + head_rows - 1, causal, causal_offset, Tk);
+      // The last query row of each head sees the most keys; this split takes keys
+      // [key_begin, kv_end) of them.
+      const int64_t key_begin = item % splits * split_keys;
+      const int64_t kv_end = std::min(
+          key_begin + split_keys, visible_end(query_start + head_rows - 1, causal, causal_offset, Tk));
 
       std::fill(out_acc.begin(), out_acc.begin() + rows * D, acc_t(0));
       std::fill(running_max.begin(), running_max.end(), neg_inf);
       std::fill(running_sum.begin(), running_sum.end(), acc_t(0));
-      if (kv_end > 0) {
+      if (kv_end > key_begin) {
         // Scaling q once here is cheaper than scaling every score tile.
         for (int64_t h = 0; h < heads; ++h) {
           copy_rows(query, batch, first_head + h, query_start, head_rows, D, scale_value,
@@ -639,7 +690,7 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
         }
       }
 
-      for (int64_t key_start = 0; key_start < kv_end; key_start += kBlockKey) {
+      for (int64_t key_start = key_begin; key_start < kv_end; key_start += kBlockKey) {
         const int64_t cols = std::min(kBlockKey, kv_end - key_start);
         // S (rows, cols) = (scale * Q) (rows, D) @ K^T (D, cols)
         if (rows <= kDotProductRowsMax) {
@@ -687,23 +738,48 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
                /*accumulate=*/true);
       }
 
-      const int64_t first_row = (batch * Hq + first_head) * Tq + query_start;
-      scalar_t* out_rows = out_data + first_row * D;
-      acc_t* lse_rows = lse_data + first_row;
-      for (int64_t r = 0; r < rows; ++r) {
-        const acc_t sum = running_sum[r];
-        const acc_t* o = out_acc.data() + r * D;
-        scalar_t* dst = out_rows + r * D;
-        if (sum > 0) {
-          const acc_t inverse = acc_t(1) / sum;
-          for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<scalar_t>(o[d] * inverse);
-          lse_rows[r] = running_max[r] + std::log(sum);
-        } else {
-          // A row that sees no key: defined as zero output and lse = -inf.
-          for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<scalar_t>(0);
-          lse_rows[r] = neg_inf;
-        }
+      if (splits == 1) {
+        write_rows((batch * Hq + first_head) * Tq + query_start, rows, out_acc.data(),
+                   running_max.data(), running_sum.data());
+      } else {
+        std::copy_n(out_acc.data(), rows * D, partial_out.data() + item * kBlockQuery * D);
+        std::copy_n(running_max.data(), rows, partial_max.data() + item * kBlockQuery);
+        std::copy_n(running_sum.data(), rows, partial_sum.data() + item * kBlockQuery);
       }
+    }
+  });
+  if (splits == 1) return;
+
+  // Merge each tile's splits: rescale every split's rows to the largest max, then add.
+  // (Split tiles are one query block each, heads x Tq rows, contiguous in out and lse.)
+  const int64_t rows = heads * Tq;
+  at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> merged_out(rows * D);  // (rows, D)
+    std::vector<acc_t> merged_max(rows);      // (rows)
+    std::vector<acc_t> merged_sum(rows);      // (rows)
+    for (int64_t tile = begin; tile < end; ++tile) {
+      for (int64_t r = 0; r < rows; ++r) {
+        acc_t row_max_all = neg_inf;
+        for (int64_t split = 0; split < splits; ++split) {
+          row_max_all = std::max(row_max_all, partial_max[(tile * splits + split) * kBlockQuery + r]);
+        }
+        acc_t* o = merged_out.data() + r * D;
+        std::fill(o, o + D, acc_t(0));
+        acc_t sum = 0;
+        for (int64_t split = 0; split < splits && row_max_all != neg_inf; ++split) {
+          const int64_t part = tile * splits + split;
+          const acc_t split_max = partial_max[part * kBlockQuery + r];
+          if (split_max == neg_inf) continue;  // no visible key in this split
+          const acc_t weight = std::exp(split_max - row_max_all);
+          sum += partial_sum[part * kBlockQuery + r] * weight;
+          const acc_t* split_out = partial_out.data() + (part * kBlockQuery + r) * D;
+          for (int64_t d = 0; d < D; ++d) o[d] += split_out[d] * weight;
+        }
+        merged_max[r] = row_max_all;
+        merged_sum[r] = sum;
+      }
+      // tile = b * head_tiles + tile of heads (one query block): its first row is tile * rows.
+      write_rows(tile * rows, rows, merged_out.data(), merged_max.data(), merged_sum.data());
     }
   });
 }

@@ -188,8 +188,9 @@ def test_attention_few_query_rows(shape, keys, causal, dtype, backend):
 
 
 # GQA/MQA with a short query sequence: the cpu forward puts several query heads of a group
-# in one tile (their rows sharing each K/V block) when they fit 128 rows and leave a tile per
-# thread; the head count per tile depends on the thread count, so both are run. Tq = 43 x 3
+# in one tile (their rows sharing each K/V block) when they fit 128 rows and leave work for
+# every thread (with these few keys, a tile per thread); the head count per tile depends on
+# the thread count, so both are run. Tq = 43 x 3
 # heads is just past one tile, 42 x 3 just inside; 64 x 2 fills it.
 GROUPED_SHAPES = [
     (1, 8, 1, 1, 200, 16),
@@ -219,6 +220,37 @@ def test_attention_grouped_query_heads_short_sequence(shape, query_layout, causa
     torch.set_num_threads(threads)
     try:
         _check_attention(*rebuild(leaves), causal, backend, leaves=leaves, rebuild=rebuild)
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+# Fewer forward tiles than threads (a batch of one decoding with few kv heads): the cpu forward
+# splits each tile's keys across threads (at least 256 keys a split) and merges the splits'
+# rows by their max and sum. The backward reads the merged logsumexp, so it checks that too.
+# Across 2-4 threads these run with 1 to 4 splits (with as many tiles as threads, none); the
+# last two also put a GQA group's heads in one tile, as long as key splits leave every thread
+# work.
+SPLIT_KEY_SHAPES = [
+    (1, 1, 1, 1, 1000, 16),
+    (1, 2, 1, 3, 700, 24),
+    (1, 4, 2, 1, 2000, 8),
+    (2, 1, 1, 2, 513, 40),
+    (1, 3, 3, 5, 600, 8),
+    (1, 8, 1, 1, 2000, 8),
+    (1, 4, 2, 2, 1500, 16),
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("threads", [2, 3, 4])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("shape", SPLIT_KEY_SHAPES,
+                         ids=["B{}-Hq{}-Hkv{}-Tq{}-Tk{}-D{}".format(*s) for s in SPLIT_KEY_SHAPES])
+def test_attention_keys_split_across_threads(shape, causal, threads, backend):
+    threads_before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        _check_attention(*_qkv(shape, torch.float32, device_of(backend)), causal, backend)
     finally:
         torch.set_num_threads(threads_before)
 
