@@ -274,24 +274,33 @@ void softmax_grad_generic(const acc_t* probs, acc_t* grad, int64_t n, const acc_
 #if FUSEDLM_X86
 namespace avx2 {
 
-// exp(x) with a Cephes-style degree-6 polynomial (about 1 ulp on [-87, 88]).
-// Inputs below -87.3 (including -inf) give exactly 0; NaN stays NaN.
+// exp(x) with a Cephes-style degree-6 polynomial (about 1 ulp on [-87, 88]), the same
+// constants for every vector width (avx512::exp), so both give the same results lane by lane.
+// Inputs below exp_poly::kMin (including -inf) give exactly 0; NaN stays NaN.
+namespace exp_poly {
+constexpr float kMax = 88.0f;
+constexpr float kMin = -87.3f;
+constexpr float kLog2e = 1.44269504088896341f;
+// ln 2 in two parts, so r = x - n * ln2 keeps full precision.
+constexpr float kLn2High = 0.693359375f;
+constexpr float kLn2Low = -2.12194440e-4f;
+// p(r) = kCoefficients[0] r^5 + ... + kCoefficients[5], then exp(r) ~ 1 + r + r^2 p(r).
+constexpr float kCoefficients[6] = {1.9875691500e-4f, 1.3981999507e-3f, 8.3334519073e-3f,
+                                    4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f};
+}  // namespace exp_poly
+
 FUSEDLM_TARGET_AVX2 inline __m256 exp(__m256 x) {
-  const __m256 underflow = _mm256_cmp_ps(x, _mm256_set1_ps(-87.3f), _CMP_LT_OQ);
+  using namespace exp_poly;
+  const __m256 underflow = _mm256_cmp_ps(x, _mm256_set1_ps(kMin), _CMP_LT_OQ);
   // Operand order keeps NaN: min/max return the second operand when either is NaN.
-  x = _mm256_min_ps(_mm256_set1_ps(88.0f), x);
-  x = _mm256_max_ps(_mm256_set1_ps(-87.3f), x);
-  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+  x = _mm256_min_ps(_mm256_set1_ps(kMax), x);
+  x = _mm256_max_ps(_mm256_set1_ps(kMin), x);
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(kLog2e)),
                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  // r = x - n * ln2 in two parts, so r keeps full precision.
-  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(kLn2High), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(kLn2Low), r);
+  __m256 p = _mm256_set1_ps(kCoefficients[0]);
+  for (int i = 1; i < 6; ++i) p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kCoefficients[i]));
   p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), r);
   p = _mm256_add_ps(p, _mm256_set1_ps(1.0f));
   // 2^n built directly in the exponent field; n is in [-126, 127] after the clamp.
@@ -435,21 +444,18 @@ FUSEDLM_TARGET_AVX2 void scores_by_dots(const float* q, int64_t rows, const floa
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 namespace avx512 {
 
-// avx2::exp on 16 lanes: the same polynomial and clamps, so the same results lane by lane.
+// avx2::exp on 16 lanes (exp_poly's constants).
 FUSEDLM_TARGET_AVX512 inline __m512 exp(__m512 x) {
-  const __mmask16 underflow = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.3f), _CMP_LT_OQ);
-  x = _mm512_min_ps(_mm512_set1_ps(88.0f), x);
-  x = _mm512_max_ps(_mm512_set1_ps(-87.3f), x);
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+  using namespace avx2::exp_poly;
+  const __mmask16 underflow = _mm512_cmp_ps_mask(x, _mm512_set1_ps(kMin), _CMP_LT_OQ);
+  x = _mm512_min_ps(_mm512_set1_ps(kMax), x);
+  x = _mm512_max_ps(_mm512_set1_ps(kMin), x);
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(kLog2e)),
                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(kLn2High), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(kLn2Low), r);
+  __m512 p = _mm512_set1_ps(kCoefficients[0]);
+  for (int i = 1; i < 6; ++i) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kCoefficients[i]));
   p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), r);
   p = _mm512_add_ps(p, _mm512_set1_ps(1.0f));
   const __m512i exponent = _mm512_slli_epi32(

@@ -5,6 +5,7 @@ float64); baseline: the same naive math at the input's dtype (or torch's SDPA at
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import subprocess
@@ -55,6 +56,17 @@ def _qkv(shape, dtype, device):
         _randn((B, Hkv, Tk, D), dtype, device),
         _randn((B, Hkv, Tk, D), dtype, device),
     )
+
+
+@contextlib.contextmanager
+def _num_threads(threads: int):
+    """torch's CPU thread count set to `threads` inside the block (the cpu kernels tile by it)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _identity(leaves):
@@ -216,12 +228,8 @@ def test_attention_grouped_query_heads_short_sequence(shape, query_layout, causa
         rebuild = lambda ls: (ls[0].transpose(1, 2), ls[1], ls[2])  # noqa: E731
     else:
         leaves, rebuild = (q, k, v), _identity
-    threads_before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with _num_threads(threads):
         _check_attention(*rebuild(leaves), causal, backend, leaves=leaves, rebuild=rebuild)
-    finally:
-        torch.set_num_threads(threads_before)
 
 
 # Fewer forward tiles than threads (a batch of one decoding with few kv heads): the cpu forward
@@ -247,12 +255,8 @@ SPLIT_KEY_SHAPES = [
 @pytest.mark.parametrize("shape", SPLIT_KEY_SHAPES,
                          ids=["B{}-Hq{}-Hkv{}-Tq{}-Tk{}-D{}".format(*s) for s in SPLIT_KEY_SHAPES])
 def test_attention_keys_split_across_threads(shape, causal, threads, backend):
-    threads_before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with _num_threads(threads):
         _check_attention(*_qkv(shape, torch.float32, device_of(backend)), causal, backend)
-    finally:
-        torch.set_num_threads(threads_before)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
