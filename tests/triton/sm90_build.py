@@ -122,7 +122,9 @@ def build(spec):
         compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
     except Exception as e:
         return {"error": f"{type(e).__name__}: {e}"[-3000:]}
-    result = {"shared": compiled.metadata.shared}
+    ptx_text = compiled.asm["ptx"]
+    result = {"shared": compiled.metadata.shared,
+              "wgmma": ptx_text.count("wgmma.mma_async"), "mma_sync": ptx_text.count("mma.sync")}
     if os.path.exists(PTXAS):
         with tempfile.NamedTemporaryFile("w", suffix=".ptx") as ptx:
             ptx.write(compiled.asm["ptx"])
@@ -142,7 +144,9 @@ print(json.dumps([build(spec) for spec in json.loads(sys.stdin.read())]))
 
 def build_for_sm90(launches: list[dict], timeout: float = 600) -> list[dict]:
     """Compile each launch for sm_90 in one subprocess. Per launch: ``{"error": text}`` when it
-    does not compile, else ``{"shared": bytes, "seconds": ...}`` plus, when ptxas is found,
+    does not compile, else ``{"shared": bytes, "seconds": ...}``, the counts of Hopper
+    (``"wgmma"``) and Ampere (``"mma_sync"``) tensor-core instructions in its PTX, and, when
+    ptxas is found,
     ``"registers"``, ``"spill_stores"`` and ``"spill_loads"`` (bytes) from ``ptxas -v``."""
     result = subprocess.run(
         [sys.executable, "-c", _BUILD_SCRIPT], input=json.dumps(launches),

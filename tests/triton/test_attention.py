@@ -352,9 +352,9 @@ def test_kernels_build_for_sm90():
     """The interpreter runs Python, not Triton's compiler: build each kernel for sm_90 (MLIR,
     PTX, ptxas; no GPU needed) to catch what only the compiler rejects, shared memory over the
     H100's and register spills. Every kernel's fixed config at the tuned head dims in bfloat16
-    must not spill more than a few bytes; the odd cases (padded head dims, float32) only have
-    to build: their fixed configs spill (D = 72: up to 196 bytes in bwd_dkdv; measured, in
-    benchmarks/NOTES.md)."""
+    must not spill more than a few bytes and must use wgmma; the odd cases (padded head dims,
+    float32) only have to build: their fixed configs spill (D = 72: up to 196 bytes in
+    bwd_dkdv; measured, in benchmarks/NOTES.md)."""
     sm90_build.require_nvidia_backend()
     tuned = [[name, "bf16", head_dim, causal] for name in ("fwd", "bwd_dkdv", "bwd_dq")
              for head_dim in (64, 128, 256) for causal in (False, True)]
@@ -371,6 +371,14 @@ def test_kernels_build_for_sm90():
     failures += sm90_build.problems(launches[n:], results[n:], max_spill_bytes=None)
     assert not failures, "\n".join(failures)
     assert all(r["shared"] > 0 for r in results), results
+    # Hopper's speed is in wgmma: a tuned 16-bit kernel that Triton lowered to the Ampere
+    # mma.sync instead (a dot it cannot feed to wgmma, e.g. an M side under 64) would run at a
+    # fraction of the rate. D = 256's dK/dV tiles are the exception (their fixed config keeps
+    # 32 keys per program to hold two (32, 256) float32 accumulators: mma.sync; NOTES.md).
+    for spec, r in zip(launches[:n], results[:n], strict=True):
+        if spec["kwargs"]["BLOCK_D"] == 256 and "dkdv" in spec["kernel"]:
+            continue
+        assert r["wgmma"] > 0 and r["mma_sync"] == 0, (spec["kernel"], spec["kwargs"], r)
 
 
 # ---- GPU: realistic sizes, autotuned configs, bfloat16 ---------------------------------------
