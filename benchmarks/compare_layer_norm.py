@@ -26,28 +26,33 @@ def fastest_ms(fn, runs: int = 15) -> float:
     return min(times) * 1e3
 
 
+def compare(M: int, N: int, dtype: torch.dtype) -> None:
+    """Prints the best fwd+bwd time of fusedlm's CPU LayerNorm and torch's on (M, N)."""
+    x = torch.randn(M, N, dtype=dtype, requires_grad=True)
+    w = torch.randn(N, dtype=dtype, requires_grad=True)
+    b = torch.randn(N, dtype=dtype, requires_grad=True)
+    grad = torch.randn(M, N, dtype=dtype)
+
+    def ours():
+        x.grad = w.grad = b.grad = None
+        fusedlm.layer_norm(x, (N,), w, b, backend="cpu").backward(grad)
+
+    def eager():
+        x.grad = w.grad = b.grad = None
+        F.layer_norm(x, (N,), w, b).backward(grad)
+
+    best = {"ours": float("inf"), "torch": float("inf")}
+    for _ in range(3):  # interleaved, so drifts in machine load hit both
+        best["ours"] = min(best["ours"], fastest_ms(ours))
+        best["torch"] = min(best["torch"], fastest_ms(eager))
+    print(f"layer_norm {M}x{N} {dtype}: fusedlm {best['ours']:.2f} ms, "
+          f"torch {best['torch']:.2f} ms, torch/fusedlm {best['torch'] / best['ours']:.2f}x")
+
+
 def main() -> None:
     for M, N in SHAPES:
         for dtype in (torch.float32, torch.bfloat16):
-            x = torch.randn(M, N, dtype=dtype, requires_grad=True)
-            w = torch.randn(N, dtype=dtype, requires_grad=True)
-            b = torch.randn(N, dtype=dtype, requires_grad=True)
-            grad = torch.randn(M, N, dtype=dtype)
-
-            def ours():
-                x.grad = w.grad = b.grad = None
-                fusedlm.layer_norm(x, (N,), w, b, backend="cpu").backward(grad)
-
-            def eager():
-                x.grad = w.grad = b.grad = None
-                F.layer_norm(x, (N,), w, b).backward(grad)
-
-            best = {"ours": float("inf"), "torch": float("inf")}
-            for _ in range(3):  # interleaved, so drifts in machine load hit both
-                best["ours"] = min(best["ours"], fastest_ms(ours))
-                best["torch"] = min(best["torch"], fastest_ms(eager))
-            print(f"layer_norm {M}x{N} {dtype}: fusedlm {best['ours']:.2f} ms, "
-                  f"torch {best['torch']:.2f} ms, torch/fusedlm {best['torch'] / best['ours']:.2f}x")
+            compare(M, N, dtype)
 
 
 if __name__ == "__main__":

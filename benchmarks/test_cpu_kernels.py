@@ -42,8 +42,8 @@ def test_norm(benchmark, op, provider, shape, dtype):
     grad = torch.randn(M, N, dtype=dtype)
     if op == "layer_norm":
         inputs = (x, w, b)
-        fn = (lambda: fusedlm.layer_norm(x, (N,), w, b, backend="cpu")) if provider == "fusedlm-cpu" \
-            else (lambda: F.layer_norm(x, (N,), w, b))
+        fn = (lambda: fusedlm.layer_norm(x, (N,), w, b, backend="cpu")) \
+            if provider == "fusedlm-cpu" else (lambda: F.layer_norm(x, (N,), w, b))
     else:
         inputs = (x, w)
         fn = (lambda: fusedlm.rms_norm(x, (N,), w, backend="cpu")) if provider == "fusedlm-cpu" \
@@ -59,9 +59,11 @@ def test_attention(benchmark, provider, shape, causal):
     torch.manual_seed(0)
     q, k, v = (torch.randn(shape, requires_grad=True) for _ in range(3))
     grad = torch.randn(shape)
-    fn = (lambda: fusedlm.attention(q, k, v, causal=causal, backend="cpu")) if provider == "fusedlm-cpu" \
+    fn = (lambda: fusedlm.attention(q, k, v, causal=causal, backend="cpu")) \
+        if provider == "fusedlm-cpu" \
         else (lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal))
-    benchmark.group = f"attention {'x'.join(map(str, shape))} {'causal' if causal else 'full'} fwd+bwd"
+    benchmark.group = (f"attention {'x'.join(map(str, shape))} "
+                       f"{'causal' if causal else 'full'} fwd+bwd")
     benchmark.pedantic(_fwd_bwd, args=(fn, (q, k, v), grad), rounds=5, warmup_rounds=1)
 
 
@@ -69,7 +71,8 @@ def _gpt2_124m_shapes():
     d, layers, vocab, ctx = 768, 12, 50257, 1024
     shapes = [(vocab, d), (ctx, d)]
     for _ in range(layers):
-        shapes += [(d,), (d,), (3 * d, d), (3 * d,), (d, d), (d,), (d,), (d,), (4 * d, d), (4 * d,), (d, 4 * d), (d,)]
+        shapes += [(d,), (d,), (3 * d, d), (3 * d,), (d, d), (d,), (d,), (d,), (4 * d, d), (4 * d,),
+                   (d, 4 * d), (d,)]
     return shapes + [(d,), (d,)]
 
 

@@ -84,9 +84,12 @@ CASES = [
     ("att_fwd_v_meta", ValueError, "'v'", _fwd(v=_q(device=META))),
     ("att_fwd_q_meta", ValueError, "'q'", _fwd(q=_q(device=META))),
     ("att_fwd_k_2d", ValueError, "'k'", _fwd(k=torch.randn(3, 4))),
-    ("att_fwd_batch", ValueError, "batch", _fwd(k=torch.randn(2, 2, 3, 4), v=torch.randn(2, 2, 3, 4))),
-    ("att_fwd_head_dims", ValueError, "head dim", _fwd(k=torch.randn(1, 2, 3, 5), v=torch.randn(1, 2, 3, 5))),
-    ("att_fwd_zero_kv_heads", ValueError, "heads", _fwd(k=torch.randn(1, 0, 3, 4), v=torch.randn(1, 0, 3, 4))),
+    ("att_fwd_batch", ValueError, "batch",
+     _fwd(k=torch.randn(2, 2, 3, 4), v=torch.randn(2, 2, 3, 4))),
+    ("att_fwd_head_dims", ValueError, "head dim",
+     _fwd(k=torch.randn(1, 2, 3, 5), v=torch.randn(1, 2, 3, 5))),
+    ("att_fwd_zero_kv_heads", ValueError, "heads",
+     _fwd(k=torch.randn(1, 0, 3, 4), v=torch.randn(1, 0, 3, 4))),
     ("att_bwd_grad_shape", ValueError, "'grad_out'", _bwd(grad_out=torch.randn(1, 2, 4, 4))),
     ("att_bwd_out_dtype", TypeError, "'out'", _bwd(out=_q(torch.float16))),
     ("att_bwd_out_meta", ValueError, "'out'", _bwd(out=_q(device=META))),
@@ -109,7 +112,8 @@ CASES = [
     ("ln_fwd_eps_inf", ValueError, "'eps'", lambda e: e.layer_norm_fwd(X(), None, None, math.inf)),
     ("rms_fwd_eps_inf", ValueError, "'eps'", lambda e: e.rms_norm_fwd(X(), None, math.inf)),
     ("rms_fwd_eps_nan", ValueError, "'eps'", lambda e: e.rms_norm_fwd(X(), None, math.nan)),
-    ("rms_bwd_x_int", TypeError, "'x'", lambda e: e.rms_norm_bwd(X(), X().int(), torch.ones(3), None)),
+    ("rms_bwd_x_int", TypeError, "'x'",
+     lambda e: e.rms_norm_bwd(X(), X().int(), torch.ones(3), None)),
     ("rms_bwd_weight_shape", ValueError, "'weight'",
      lambda e: e.rms_norm_bwd(X(), X(), torch.ones(3), torch.ones(5))),
     ("ln_bwd_rstd_meta", ValueError, "'rstd'",
@@ -129,13 +133,15 @@ CASES = [
      lambda e: e.adamw_step(*_adamw(params=[torch.randn(4, dtype=torch.bfloat16, device=META)]))),
     ("adamw_params_devices_differ", ValueError, "'params[1]'",
      lambda e: e.adamw_step(*_adamw(
-         params=[torch.randn(4, dtype=torch.bfloat16), torch.randn(4, dtype=torch.bfloat16, device=META)],
+         params=[torch.randn(4, dtype=torch.bfloat16),
+                 torch.randn(4, dtype=torch.bfloat16, device=META)],
          grads=[torch.randn(4, dtype=torch.bfloat16)] * 2, exp_avgs=[torch.zeros(4)] * 2,
          exp_avg_sqs=[torch.zeros(4)] * 2, steps=[1.0, 1.0]))),
 ]
 
 
-@pytest.mark.parametrize(("exc", "argument", "call"), [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+@pytest.mark.parametrize(("exc", "argument", "call"), [c[1:] for c in CASES],
+                         ids=[c[0] for c in CASES])
 def test_entry_point_check_fires(exc, argument, call):
     with pytest.raises(exc) as info:
         call(_ext())
@@ -149,7 +155,7 @@ def test_rejected_adamw_state_dtypes_leave_everything_untouched():
     before = [t.clone() for t in (args[0][0], args[2][0], args[3][0])]
     with pytest.raises(TypeError):
         _ext().adamw_step(*args)
-    for t, b in zip((args[0][0], args[2][0], args[3][0]), before):
+    for t, b in zip((args[0][0], args[2][0], args[3][0]), before, strict=True):
         assert torch.equal(t, b)
 
 
@@ -179,7 +185,7 @@ def test_entry_points_take_any_layout(layout):
     torch.testing.assert_close(lse, ref_lse, rtol=0, atol=1e-12)
     grads = e.attention_bwd(q, q, q, q, out, lse, 0.3, True, 0)
     ref = e.attention_bwd(*(q.contiguous(),) * 4, ref_out, ref_lse, 0.3, True, 0)
-    for g, r in zip(grads, ref):
+    for g, r in zip(grads, ref, strict=True):
         torch.testing.assert_close(g, r, rtol=0, atol=1e-12)
     x = q.reshape(-1, 8) if layout != "expanded" else q[0, 0]
     y, mean, rstd = e.layer_norm_fwd(x, x[0], x[1], 1e-5)

@@ -88,8 +88,8 @@ def make_tensor(data, shape, dtype, layout=None, expand_ok=None, device="cpu"):
         return t
     if layout == "padded" and nd:
         steps = [data.draw(st.integers(1, 3), label="step") for _ in shape]
-        big = randn(tuple(s * st_ + 1 for s, st_ in zip(shape, steps)))
-        index = tuple(slice(1, 1 + s * st_, st_) for s, st_ in zip(shape, steps))
+        big = randn(tuple(s * st_ + 1 for s, st_ in zip(shape, steps, strict=True)))
+        index = tuple(slice(1, 1 + s * st_, st_) for s, st_ in zip(shape, steps, strict=True))
         return big[index]
     if layout == "permuted" and nd >= 2:
         perm = data.draw(st.permutations(range(nd)), label="perm")
@@ -139,9 +139,10 @@ def _attention_truths(q, k, v, grad, scale, causal, offset, backward):
         grads = None
         if backward and out.requires_grad and out.numel():
             grads = torch.autograd.grad(out, leaves, grad.to(dtype), allow_unused=True)
-            grads = [g if g is not None else torch.zeros_like(l) for g, l in zip(grads, leaves)]
+            grads = [g if g is not None else torch.zeros_like(leaf)
+                     for g, leaf in zip(grads, leaves, strict=True)]
         elif backward:
-            grads = [torch.zeros_like(l) for l in leaves]
+            grads = [torch.zeros_like(leaf) for leaf in leaves]
         results.append((out.detach(), grads))
     return results
 
@@ -149,12 +150,13 @@ def _attention_truths(q, k, v, grad, scale, causal, offset, backward):
 def _check_attention(out, grads, truths, dtype):
     (truth, truth_grads), (base, base_grads) = truths
     # bfloat16: an 8-bit mantissa dominates; the looser absolute term of tests/ops/test_attention.
-    atol = 1e-2 * max(1.0, truth.abs().max().item()) if truth.numel() and dtype == torch.bfloat16 else None
+    atol = (1e-2 * max(1.0, truth.abs().max().item())
+            if truth.numel() and dtype == torch.bfloat16 else None)
     assert out.dtype == dtype and out.shape == truth.shape
     assert_close_rule(out, base, truth, atol=atol, name="out")
     if grads is None:
         return
-    for name, g, gb, gt in zip(("dq", "dk", "dv"), grads, base_grads, truth_grads):
+    for name, g, gb, gt in zip(("dq", "dk", "dv"), grads, base_grads, truth_grads, strict=True):
         assert g.dtype == dtype and g.shape == gt.shape, f"{name}: {g.dtype} {tuple(g.shape)}"
         g_atol = 2 * atol_for(dtype, gt) if dtype in (torch.float16, torch.bfloat16) else None
         assert_close_rule(g, gb, gt, atol=g_atol, name=name)
@@ -184,7 +186,8 @@ def test_fuzz_attention(backend, fuzz):
             D = data.draw(st.integers(257, 300), label="bad_D")
             Tq, Tk = min(Tq, 3), min(Tk, 3)
         if invalid == "heads":
-            Hkv, Hq = data.draw(st.sampled_from([(2, 3), (3, 4), (0, 1), (4, 2)]), label="bad_heads")
+            Hkv, Hq = data.draw(st.sampled_from([(2, 3), (3, 4), (0, 1), (4, 2)]),
+                                label="bad_heads")
         q = make_tensor(data, (B, Hq, Tq, D), dtype)
         k = make_tensor(data, (B, Hkv, Tk, D), dtype)
         v_dtype = DTYPES[(DTYPES.index(dtype) + 1) % 4] if invalid == "dtype" else dtype
@@ -215,8 +218,8 @@ def test_fuzz_attention(backend, fuzz):
                 if out.numel() == 0 or not out.requires_grad:
                     return out, [torch.zeros_like(t) for t in leaves]
                 grads = torch.autograd.grad(out, leaves, grad, allow_unused=True)
-                return out, [g if g is not None else torch.zeros_like(l)
-                             for g, l in zip(grads, leaves)]
+                return out, [g if g is not None else torch.zeros_like(leaf)
+                             for g, leaf in zip(grads, leaves, strict=True)]
 
         if invalid:
             _expect_clean_error(call)
@@ -265,7 +268,8 @@ def test_fuzz_norm(op, backend, fuzz):
         # rounding noise (not a layout property): expand only the leading dims.
         x = make_tensor(data, x_shape, dtype, expand_ok=list(range(lead)))
         affine = data.draw(st.booleans(), label="affine")
-        w_dtype = data.draw(st.sampled_from([dtype, dtype, torch.float32] + DTYPES), label="w_dtype")
+        w_dtype = data.draw(st.sampled_from([dtype, dtype, torch.float32] + DTYPES),
+                            label="w_dtype")
         weight = make_tensor(data, norm_shape, w_dtype) if affine else None
         use_bias = op == "layer_norm" and data.draw(st.booleans(), label="bias")
         b_dtype = data.draw(st.sampled_from([w_dtype if affine else dtype] * 3 + DTYPES),
@@ -307,7 +311,7 @@ def test_fuzz_norm(op, backend, fuzz):
         base = call(dtype, impl="torch")
         assert ours[0].dtype == dtype
         for name, o, b, t, src in zip(["y", "dx", "dweight", "dbias"], ours, base, truth,
-                                      [x] + leaves):
+                                      [x] + leaves, strict=True):
             assert o.shape == src.shape and o.dtype == src.dtype, f"{name}: {o.dtype} {o.shape}"
             assert_close_rule(o, b, t, name=name)
 
@@ -328,7 +332,8 @@ def test_fuzz_norm_ops_direct(op, backend, fuzz):
         dtype = data.draw(st.sampled_from(DTYPES), label="dtype")
         x = make_tensor(data, (M, N), dtype, expand_ok=[0])
         w = make_tensor(data, (N,), dtype) if data.draw(st.booleans(), label="affine") else None
-        b = make_tensor(data, (N,), dtype) if op == "layer_norm" and data.draw(st.booleans()) else None
+        b = (make_tensor(data, (N,), dtype)
+             if op == "layer_norm" and data.draw(st.booleans()) else None)
         grad = make_tensor(data, (M, N), dtype)
         if op == "layer_norm":
             y, mean, rstd = torch.ops.fusedlm.layer_norm_fwd(x, w, b, 1e-5, backend)
@@ -352,7 +357,7 @@ def test_fuzz_norm_ops_direct(op, backend, fuzz):
         truth, base = torch_run(torch.float64), torch_run(dtype)
         ours = [y] + list(grads)
         assert len(ours) == len(truth)
-        for name, o, bb, t in zip(["y", "dx", "dweight", "dbias"], ours, base, truth):
+        for name, o, bb, t in zip(["y", "dx", "dweight", "dbias"], ours, base, truth, strict=True):
             assert_close_rule(o, bb, t, name=name)
         assert rstd.shape == (M,)
 
@@ -401,11 +406,12 @@ def test_fuzz_adamw(backend, fuzz):
         params = [rand(s, 1.0, param_dtype) for s in shapes]
         grads = [rand(s, 0.5, param_dtype) for s in shapes]
         states = []
-        for s, step in zip(shapes, steps):
+        for s, step in zip(shapes, steps, strict=True):
             fresh = step == 1
             m = torch.zeros(s, dtype=state_dtype) if fresh else rand(s, 0.1, state_dtype)
             v = torch.zeros(s, dtype=state_dtype) if fresh else rand(s, 0.01, state_dtype, True)
-            vmax = (v.double() + rand(s, 0.01, torch.float64, True)).to(state_dtype) if amsgrad else None
+            vmax = ((v.double() + rand(s, 0.01, torch.float64, True)).to(state_dtype)
+                    if amsgrad else None)
             states.append((m, v, vmax))
         ours_p, ours_s = _call_op(params, grads, states, steps, hyper, backend)
         if count == 0:  # a no-op; torch.optim.AdamW refuses an empty parameter list
@@ -416,7 +422,7 @@ def test_fuzz_adamw(backend, fuzz):
             assert ours_p[i].dtype == param_dtype and ours_p[i].shape == params[i].shape
             assert_close_rule(ours_p[i], base_p[i], truth_p[i], name=f"params[{i}]")
             for name, o, b, t in zip(("exp_avg", "exp_avg_sq", "max_exp_avg_sq"), ours_s, base_s,
-                                     truth_s):
+                                     truth_s, strict=True):
                 assert o[i].dtype == state_dtype
                 assert_close_rule(o[i], b[i], t[i], name=f"{name}[{i}]")
 
@@ -455,17 +461,17 @@ def test_fuzz_adamw_optimizer_layouts(backend, fuzz):
                 p.is_contiguous() for p in ps
             ):
                 # The kernel takes contiguous tensors only; naming it for others is an error.
-                for p, g in zip(ps, grads):
+                for p, g in zip(ps, grads, strict=True):
                     p.grad = g.clone()
                 with pytest.raises(ValueError, match="contiguous"):
                     opt.step()
                 return
             for _ in range(2):
-                for p, g in zip(ps, grads):
+                for p, g in zip(ps, grads, strict=True):
                     p.grad = g.clone()
                 opt.step()
             results.append([p.detach().clone() for p in ps])
-        for i, (ours, theirs) in enumerate(zip(*results)):
+        for i, (ours, theirs) in enumerate(zip(*results, strict=True)):
             tol = 1e-12 if dtype == torch.float64 else 1e-5
             torch.testing.assert_close(ours, theirs, atol=tol, rtol=tol, msg=f"param {i}")
 

@@ -27,7 +27,8 @@ REBUILD_HINT = "rebuild it with: pip install --no-build-isolation -e ."
 
 
 def load() -> ModuleType | None:
-    """Return ``fusedlm._C``, or ``None`` when it cannot be used here (see :func:`why_unavailable`)."""
+    """Return ``fusedlm._C``, or ``None`` when it cannot be used here (see
+    :func:`why_unavailable`)."""
     global _module, _reason
     if _module is _NOT_LOADED:
         _module, _reason = _try_load()

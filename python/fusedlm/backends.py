@@ -63,7 +63,8 @@ def _backend_reason(name: str) -> str | None:
         if name == "cuda":
             module = _ext.load()
             if not module.built_with_cuda():
-                return "fusedlm._C was built without CUDA (a CPU-only torch or no nvcc at build time)"
+                return ("fusedlm._C was built without CUDA (a CPU-only torch or no nvcc at build "
+                        "time)")
             if not torch.cuda.is_available():
                 return "torch.cuda.is_available() is False"
             if not module.cuda_ops():
@@ -129,7 +130,8 @@ def backends() -> BackendReport:
 def check_backend_name(backend: str) -> None:
     if not isinstance(backend, str) or backend not in (*BACKEND_NAMES, "auto"):
         raise ValueError(
-            f"argument 'backend' must be one of {', '.join(repr(n) for n in (*BACKEND_NAMES, 'auto'))}; "
+            "argument 'backend' must be one of "
+            f"{', '.join(repr(n) for n in (*BACKEND_NAMES, 'auto'))}; "
             f"got {backend!r}"
         )
 
@@ -220,7 +222,8 @@ class OpDispatch:
             OpDispatch._logged.add(key)
             # A kernel backend missing for the very device it serves is worth a warning; a
             # backend skipped for one unsupported case (or another device) is routine.
-            missing = _BACKEND_DEVICE[backend] == device.type and reason == _cached_backend_reason(backend)
+            missing = (_BACKEND_DEVICE[backend] == device.type
+                       and reason == _cached_backend_reason(backend))
             logger.log(
                 logging.WARNING if missing else logging.INFO,
                 "fusedlm.%s on %s: skipping backend %r: %s", self.name, device, backend, reason,

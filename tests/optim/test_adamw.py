@@ -333,7 +333,8 @@ def test_grad_scaler_with_fused_matches_torch(backend):
     theirs = torch.optim.AdamW(theirs_model.parameters(), lr=1e-2, fused=True)
     scalers = [torch.amp.GradScaler(device, init_scale=1024.0) for _ in range(2)]
     for step, (x, y) in enumerate(_batches(5, device)):
-        for model, opt, scaler in zip((ours_model, theirs_model), (ours, theirs), scalers):
+        for model, opt, scaler in zip((ours_model, theirs_model), (ours, theirs), scalers,
+                                      strict=True):
             opt.zero_grad()
             loss = torch.nn.functional.mse_loss(model(x), y)
             if step == 2:

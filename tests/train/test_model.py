@@ -37,7 +37,7 @@ def test_fused_and_torch_kernels_train_to_matching_losses(arch, overrides):
     batches = torch.randint(0, config.vocab_size, (4, 3, 41))  # revisited: the loss must fall
     for step in range(20):
         idx = batches[step % 4]
-        for i, (model, opt) in enumerate(zip((fused, reference), opts)):
+        for i, (model, opt) in enumerate(zip((fused, reference), opts, strict=True)):
             _, loss = model(idx[:, :-1], idx[:, 1:])
             loss.backward()
             opt.step()
@@ -81,8 +81,10 @@ def test_generate_with_kv_cache_matches_full_recompute(arch, kernels):
 def test_generate_sampling_is_seeded_and_respects_top_k():
     config, model, _ = _pair("gpt2")
     prompt = torch.zeros(1, 1, dtype=torch.long)
-    a = model.generate(prompt, 12, temperature=1.0, top_k=3, generator=torch.Generator().manual_seed(1))
-    b = model.generate(prompt, 12, temperature=1.0, top_k=3, generator=torch.Generator().manual_seed(1))
+    a = model.generate(prompt, 12, temperature=1.0, top_k=3,
+                       generator=torch.Generator().manual_seed(1))
+    b = model.generate(prompt, 12, temperature=1.0, top_k=3,
+                       generator=torch.Generator().manual_seed(1))
     assert torch.equal(a, b)
     with pytest.raises(ValueError, match="top_k"):
         model.generate(prompt, 1, top_k=0)
@@ -126,8 +128,10 @@ def test_every_preset_builds_and_bad_configs_raise():
 def test_flops_per_token_formula():
     model = GPT(GPTConfig(**SMALL))
     c = model.config
-    assert model.flops_per_token() == 6 * model.num_parameters() + 6 * c.n_layer * c.block_size * c.n_embd
-    assert model.num_parameters() == sum(p.numel() for p in model.parameters()) - c.block_size * c.n_embd
+    assert model.flops_per_token() == (6 * model.num_parameters()
+                                       + 6 * c.n_layer * c.block_size * c.n_embd)
+    assert model.num_parameters() == (sum(p.numel() for p in model.parameters())
+                                      - c.block_size * c.n_embd)
 
 
 def test_save_pretrained_round_trip(tmp_path):
@@ -187,5 +191,5 @@ def test_activation_checkpointing_gives_the_same_gradients():
         model.activation_checkpointing = checkpointing
         model(idx, targets)[1].backward()
         grads.append([p.grad.clone() for p in model.parameters()])
-    for a, b in zip(*grads):
+    for a, b in zip(*grads, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)

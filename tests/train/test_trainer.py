@@ -3,6 +3,7 @@ SIGKILL, the NaN policy, fine-tuning from weights, and the CLI's one-line errors
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -45,7 +46,8 @@ def test_learning_rate_schedules(schedule):
     if schedule == "constant":
         assert lrs[-1] == 1.0
     elif schedule == "cosine":
-        assert lrs[-1] == pytest.approx(0.1) and all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+        assert lrs[-1] == pytest.approx(0.1) and all(
+            a >= b for a, b in itertools.pairwise(lrs[10:]))
     else:
         assert lrs[79] == 1.0 and lrs[-1] == pytest.approx(0.1)
         assert lrs[85] == pytest.approx(1.0 - 0.9 * 6 / 20)
@@ -200,7 +202,8 @@ def test_embedded_default_corpus_is_prepared_once(tmp_path, monkeypatch):
     path = stdlib_corpus_dir(max_bytes=300_000, log=messages.append)
     assert os.path.isfile(os.path.join(path, "train_000.bin")) and messages
     meta = json.load(open(os.path.join(path, "meta.json")))
-    assert meta["tokenizer"] == "byte" and 50_000 < meta["train_tokens"] + meta["val_tokens"] <= 300_000 + 2 * meta["files"]
+    assert meta["tokenizer"] == "byte" and (
+        50_000 < meta["train_tokens"] + meta["val_tokens"] <= 300_000 + 2 * meta["files"])
     messages.clear()
     assert stdlib_corpus_dir(max_bytes=300_000, log=messages.append) == path and not messages
 

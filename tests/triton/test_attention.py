@@ -295,6 +295,7 @@ def test_autotune_configs_are_pruned_to_the_device(monkeypatch):
     """Every Hopper config fits an H100 in 16 bits; the pruning drops what a smaller device
     cannot hold and always leaves one."""
     import triton
+
     from fusedlm.triton import attention as kernels
 
     q = torch.empty(1, 1, 1, 1, dtype=torch.float16)

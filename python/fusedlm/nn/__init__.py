@@ -1,4 +1,5 @@
-"""Drop-in modules: ``LayerNorm``, ``RMSNorm`` (subclasses of torch's) and ``CausalSelfAttention``."""
+"""Drop-in modules: ``LayerNorm``, ``RMSNorm`` (subclasses of torch's) and
+``CausalSelfAttention``."""
 
 from .attention import CausalSelfAttention
 from .norm import LayerNorm, RMSNorm

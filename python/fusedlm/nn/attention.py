@@ -17,9 +17,13 @@ class CausalSelfAttention(torch.nn.Module):
         super().__init__()
         n_kv_head = n_head if n_kv_head is None else n_kv_head
         if n_embd % n_head != 0:
-            raise ValueError(f"argument 'n_embd' ({n_embd}) must be divisible by 'n_head' ({n_head})")
+            raise ValueError(
+                f"argument 'n_embd' ({n_embd}) must be divisible by 'n_head' ({n_head})"
+            )
         if n_kv_head < 1 or n_head % n_kv_head != 0:
-            raise ValueError(f"argument 'n_head' ({n_head}) must be a multiple of 'n_kv_head' ({n_kv_head})")
+            raise ValueError(
+                f"argument 'n_head' ({n_head}) must be a multiple of 'n_kv_head' ({n_kv_head})"
+            )
         self.n_head, self.n_kv_head, self.head_dim = n_head, n_kv_head, n_embd // n_head
         self.backend = backend
         qkv_out = (n_head + 2 * n_kv_head) * self.head_dim
@@ -29,7 +33,8 @@ class CausalSelfAttention(torch.nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(
-            [self.n_head * self.head_dim, self.n_kv_head * self.head_dim, self.n_kv_head * self.head_dim],
+            [self.n_head * self.head_dim, self.n_kv_head * self.head_dim,
+             self.n_kv_head * self.head_dim],
             dim=-1,
         )
         # (B, T, H, D) -> (B, H, T, D) views: the kernels take any strides, no copy needed.

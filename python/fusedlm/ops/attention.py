@@ -48,7 +48,8 @@ def _extension_supports(q: Tensor, k: Tensor, v: Tensor) -> str | None:
         return f"the CUDA attention kernels take float16 or bfloat16, not {q.dtype}"
     major, minor = _capability(q.device)
     if major < 8:
-        return f"the CUDA attention kernels need compute capability 8.0 or newer, not {major}.{minor}"
+        return ("the CUDA attention kernels need compute capability 8.0 or newer, not "
+                f"{major}.{minor}")
     return None
 
 
@@ -131,7 +132,8 @@ def _attention_setup_context(ctx, inputs, output):
 def _attention_backward(ctx, grad_out, grad_lse):
     q, k, v, out, lse = ctx.saved_tensors
     bwd = _attention_bwd if getattr(ctx, "eager", False) else torch.ops.fusedlm.attention_bwd
-    dq, dk, dv = bwd(grad_out, q, k, v, out, lse, ctx.scale, ctx.causal, ctx.causal_offset, ctx.backend)
+    dq, dk, dv = bwd(grad_out, q, k, v, out, lse, ctx.scale, ctx.causal, ctx.causal_offset,
+                     ctx.backend)
     return dq, dk, dv, None, None, None, None
 
 
@@ -154,15 +156,23 @@ def _check_qkv(q: Tensor, k: Tensor, v: Tensor) -> None:
     for name, t in (("k", k), ("v", v)):
         check_same_device(t, name, q, "q")
         if t.dtype != q.dtype:
-            raise TypeError(f"argument '{name}' has dtype {t.dtype} but 'q' has {q.dtype}; they must match")
+            raise TypeError(
+                f"argument '{name}' has dtype {t.dtype} but 'q' has {q.dtype}; they must match"
+            )
     if k.shape != v.shape:
-        raise ValueError(f"argument 'v' must have the shape of 'k' {list(k.shape)}, got {list(v.shape)}")
+        raise ValueError(
+            f"argument 'v' must have the shape of 'k' {list(k.shape)}, got {list(v.shape)}"
+        )
     if k.shape[0] != q.shape[0]:
         raise ValueError(f"batch sizes differ: 'q' has {q.shape[0]}, 'k' and 'v' have {k.shape[0]}")
     if k.shape[3] != q.shape[3]:
-        raise ValueError(f"head dims differ: 'q' has D = {q.shape[3]}, 'k' and 'v' have {k.shape[3]}")
+        raise ValueError(
+            f"head dims differ: 'q' has D = {q.shape[3]}, 'k' and 'v' have {k.shape[3]}"
+        )
     if q.shape[3] > MAX_HEAD_DIM:
-        raise ValueError(f"head dim D = {q.shape[3]} is over the supported maximum of {MAX_HEAD_DIM}")
+        raise ValueError(
+            f"head dim D = {q.shape[3]} is over the supported maximum of {MAX_HEAD_DIM}"
+        )
     hq, hkv = q.shape[1], k.shape[1]
     if (hkv == 0 and hq != 0) or (hkv != 0 and hq % hkv != 0):
         raise ValueError(

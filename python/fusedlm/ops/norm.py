@@ -86,7 +86,8 @@ def layer_norm_fwd(
 @layer_norm_fwd.register_fake
 def _(x, weight, bias, eps, backend):
     stats = x.new_empty(x.shape[:1], dtype=stat_dtype(x.dtype))
-    return torch.empty_like(x, memory_format=torch.contiguous_format), stats, torch.empty_like(stats)
+    return (torch.empty_like(x, memory_format=torch.contiguous_format), stats,
+            torch.empty_like(stats))
 
 
 @torch.library.custom_op("fusedlm::layer_norm_bwd", mutates_args=())
@@ -151,7 +152,9 @@ def _rms_norm_bwd(grad_y, x, rstd, weight, backend):
 
 
 @torch.library.custom_op("fusedlm::rms_norm_fwd", mutates_args=())
-def rms_norm_fwd(x: Tensor, weight: Tensor | None, eps: float, backend: str) -> tuple[Tensor, Tensor]:
+def rms_norm_fwd(
+    x: Tensor, weight: Tensor | None, eps: float, backend: str
+) -> tuple[Tensor, Tensor]:
     """x (M, N), weight (N) or None -> y (M, N) in x's dtype, rstd (M) float32 (float64 for
     float64 x)."""
     return _rms_norm_fwd(x, weight, eps, backend)
@@ -252,7 +255,8 @@ def _check_norm_args(
             )
     if weight is not None and bias is not None and weight.dtype != bias.dtype:
         raise TypeError(
-            f"argument 'bias' has dtype {bias.dtype} but 'weight' has {weight.dtype}; they must match"
+            f"argument 'bias' has dtype {bias.dtype} but 'weight' has {weight.dtype}; "
+            "they must match"
         )
     return normalized_shape
 
@@ -265,7 +269,8 @@ def _flat(param: Tensor | None) -> Tensor | None:
 
 def _as_rows(x: Tensor, normalized_shape: tuple[int, ...]) -> Tensor:
     """x (*, *normalized_shape) -> (M, N)."""
-    return x if x.dim() == 2 and len(normalized_shape) == 1 else x.reshape(-1, math.prod(normalized_shape))
+    return (x if x.dim() == 2 and len(normalized_shape) == 1
+            else x.reshape(-1, math.prod(normalized_shape)))
 
 
 def _like(y: Tensor, x: Tensor) -> Tensor:

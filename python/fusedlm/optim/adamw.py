@@ -108,7 +108,8 @@ class AdamW(torch.optim.AdamW):
         state = self.state[param]
         if len(state) == 0:
             on_device = group["capturable"] or group["fused"]
-            # Where torch keeps 'step' (see torch.optim.Adam._init_group), for identical state_dicts.
+            # Where torch keeps 'step' (see torch.optim.Adam._init_group), for identical
+            # state_dicts.
             state["step"] = (
                 torch.zeros((), dtype=torch.float32, device=param.device)
                 if on_device
@@ -117,7 +118,9 @@ class AdamW(torch.optim.AdamW):
             state_dtype = torch.float32 if param.dtype in _LOW_PRECISION else param.dtype
             keys = _STATE_KEYS if group["amsgrad"] else _STATE_KEYS[:2]
             for key in keys:
-                state[key] = torch.zeros_like(param, dtype=state_dtype, memory_format=torch.contiguous_format)
+                state[key] = torch.zeros_like(
+                    param, dtype=state_dtype, memory_format=torch.contiguous_format
+                )
         _sync_master(group, param, state)
         return state
 

@@ -90,7 +90,8 @@ def list_checkpoints(out_dir: str) -> list[str]:
     if not os.path.isdir(root):
         return []
     names = sorted(n for n in os.listdir(root)
-                   if n.startswith("step_") and os.path.isfile(os.path.join(root, n, "manifest.json")))
+                   if n.startswith("step_")
+                   and os.path.isfile(os.path.join(root, n, "manifest.json")))
     return [os.path.join(root, n) for n in names]
 
 
@@ -124,7 +125,9 @@ def verify_checkpoint(path: str) -> dict:
         with open(manifest_path) as f:
             manifest = json.load(f)
     except FileNotFoundError:
-        raise CheckpointError(f"{manifest_path}: missing: {path} is not a complete checkpoint") from None
+        raise CheckpointError(
+            f"{manifest_path}: missing: {path} is not a complete checkpoint"
+        ) from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{manifest_path}: corrupt ({e})") from e
     for name in FILES:

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import tomllib
 from dataclasses import dataclass, field
+
+import tomllib
 
 SCHEDULES = ("cosine", "wsd", "constant")
 NAN_POLICIES = ("skip", "stop")

@@ -118,7 +118,7 @@ class TokenBatches:
         self.paths = list(shards)
         self.tokens = [read_shard(p) for p in self.paths]
         window = block_size + 1
-        for path, tokens in zip(self.paths, self.tokens):
+        for path, tokens in zip(self.paths, self.tokens, strict=True):
             if len(tokens) < window:
                 raise DataError(
                     f"{path}: {len(tokens)} tokens, shorter than one window of block_size + 1 = "
@@ -127,7 +127,9 @@ class TokenBatches:
             if vocab_size is not None and len(tokens):
                 top = int(tokens[: 1 << 20].max())
                 if top >= vocab_size:
-                    raise DataError(f"{path}: token id {top} >= the model's vocab_size {vocab_size}")
+                    raise DataError(
+                        f"{path}: token id {top} >= the model's vocab_size {vocab_size}"
+                    )
         self.batch_size, self.block_size, self.mode = batch_size, block_size, mode
         self.rank, self.world_size, self.seed = rank, world_size, seed
         starts = np.array([len(t) - window + 1 for t in self.tokens], dtype=np.float64)

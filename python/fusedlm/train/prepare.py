@@ -125,8 +125,10 @@ def prepare(inputs: Sequence[str], out_dir: str, tokenizer: str = "byte",
     if len(pieces) >= 2 * every:
         # Every k-th document goes to val, so both splits sample the same mix of sources (the
         # last files of a sorted tree are often of one kind).
-        splits = {"train": np.concatenate([p for i, p in enumerate(pieces) if i % every != every // 2]),
-                  "val": np.concatenate([p for i, p in enumerate(pieces) if i % every == every // 2])}
+        splits = {
+            "train": np.concatenate([p for i, p in enumerate(pieces) if i % every != every // 2]),
+            "val": np.concatenate([p for i, p in enumerate(pieces) if i % every == every // 2]),
+        }
     else:  # few documents: the last val_fraction of the tokens
         tokens = np.concatenate(pieces)
         n_val = max(1, int(len(tokens) * val_fraction))
@@ -158,10 +160,13 @@ def stdlib_corpus_dir(max_bytes: int = 8_000_000, log=print) -> str:
     )
     if not files:
         raise DataError(f"{stdlib}: no Python sources found for the embedded default corpus")
-    key = hashlib.sha256(f"v2|{sys.version}|{stdlib}|{max_bytes}|{len(files)}".encode()).hexdigest()[:12]
+    key = hashlib.sha256(
+        f"v2|{sys.version}|{stdlib}|{max_bytes}|{len(files)}".encode()
+    ).hexdigest()[:12]
     cache = os.environ.get("FUSEDLM_CACHE") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "fusedlm")
-    out_dir = os.path.join(cache, f"stdlib-py{sys.version_info.major}{sys.version_info.minor}-{key}")
+    out_dir = os.path.join(
+        cache, f"stdlib-py{sys.version_info.major}{sys.version_info.minor}-{key}")
     if os.path.isfile(os.path.join(out_dir, "meta.json")):
         return out_dir
     log(f"preparing the embedded default corpus (Python standard library sources in {stdlib}) "

@@ -428,7 +428,8 @@ class Trainer:
                 except TrainingDiverged:
                     self._write(metrics_path, record, writer)
                     raise
-                if cfg.eval_every and (self.step % cfg.eval_every == 0 or self.step == cfg.max_steps):
+                if cfg.eval_every and (self.step % cfg.eval_every == 0
+                                       or self.step == cfg.max_steps):
                     record["val_loss"] = self.evaluate()
                     self.best_val_loss = min(record["val_loss"], self.best_val_loss or math.inf)
                     progress.message(f"step {self.step}: val_loss {record['val_loss']:.4f}")
@@ -439,7 +440,8 @@ class Trainer:
                 if (cfg.sample_every and self.step % cfg.sample_every == 0 and self.is_main
                         and not cfg.fsdp):  # FSDP would need every rank in the forward
                     progress.message(f"sample at step {self.step}: {self.sample()!r}")
-                if cfg.ckpt_every and (self.step % cfg.ckpt_every == 0 or self.step == cfg.max_steps):
+                if cfg.ckpt_every and (self.step % cfg.ckpt_every == 0
+                                       or self.step == cfg.max_steps):
                     self.save()
                 summary = record
         finally:

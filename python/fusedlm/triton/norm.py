@@ -38,10 +38,9 @@ import os
 from dataclasses import dataclass
 
 import torch
+import triton
 import triton.language as tl
 from torch import Tensor
-
-import triton
 
 from .. import reference
 
