@@ -87,7 +87,7 @@ __device__ __forceinline__ void probabilities_and_score_grads(
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
       const int r = i >> 1;
-      float p = exp2f(scores[nb][i] * scale_log2 - stats.lse_log2[r]);
+      float p = fast_exp2(scores[nb][i] * scale_log2 - stats.lse_log2[r]);
       if (need_mask) {
         const int64_t row = row0 + 8 * r;
         const int64_t col = n0 + nb * 8 + 2 * t + (i & 1);

@@ -231,6 +231,9 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
       for (int i = 0; i < 4; ++i) {
         const float l = lse_log2[qb][i & 1];
+        // exp2f, not fast_exp2: with the bare ex2 ptxas schedules more exponentials in flight
+        // and the D = 128 consumer, already at its 240-register cap, spills 16-24 bytes more
+        // (ptxas, sm_90a); here the GEMMs, not the exponentials, bound the loop.
         float prob = l == -INFINITY ? 0.f : exp2f(st[4 * qb + i] * scale_log2 - l);
         if (need_mask) {
           const int64_t key = n0 + key_row0 + g + (i >= 2 ? 8 : 0);

@@ -130,13 +130,13 @@ __global__ void __launch_bounds__(kWarps * 32)
           m_new = fmaxf(m_new, __shfl_xor_sync(0xffffffffu, m_new, 2));
           // A row that has seen only masked keys keeps max -inf; subtract 0 then (no inf - inf).
           const float m_use = m_new == -INFINITY ? 0.f : m_new;
-          const float alpha = exp2f(row_max[mt][r] - m_use);
+          const float alpha = fast_exp2(row_max[mt][r] - m_use);
           row_max[mt][r] = m_new;
           float sum = 0.f;
 #pragma unroll
           for (int nb = 0; nb < kNBlocks; ++nb) {
-            const float p0 = exp2f(scores[mt][nb][2 * r] - m_use);
-            const float p1 = exp2f(scores[mt][nb][2 * r + 1] - m_use);
+            const float p0 = fast_exp2(scores[mt][nb][2 * r] - m_use);
+            const float p1 = fast_exp2(scores[mt][nb][2 * r + 1] - m_use);
             scores[mt][nb][2 * r] = p0;
             scores[mt][nb][2 * r + 1] = p1;
             sum += p0 + p1;

@@ -88,6 +88,17 @@ __device__ __forceinline__ void mma_16816(float (&c)[4], const uint32_t (&a)[4],
   }
 }
 
+// 2^x on the special-function unit (ex2.approx.ftz: ~2 ulp, results below 2^-126 flushed to
+// 0), what exp2f becomes under --use_fast_math. Without that flag (this build keeps IEEE math
+// for the norms) exp2f wraps each MUFU.EX2 in a range test and two predicated multiplies for
+// denormal results: five instructions per softmax element instead of one, in the kernels' most
+// instruction-bound loop. Probabilities under 2^-126 of a row whose largest is 1 change nothing.
+__device__ __forceinline__ float fast_exp2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
+}
+
 #endif  // FUSEDLM_WARP_EMULATION
 
 // Two floats rounded to T and packed into one 32-bit register, `lo` in the low half (the

@@ -668,6 +668,14 @@ inline void mma_16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32
   ::emu::sync_warp();
 }
 
+// ex2.approx.ftz.f32: a denormal input counts as 0 and a result below 2^-126 is flushed to 0
+// (the hardware's ~2 ulp approximation itself is not modelled: exp2 is exact here).
+inline float fast_exp2(float x) {
+  if (std::fpclassify(x) == FP_SUBNORMAL) x = 0.f;
+  const float y = std::exp2(x);
+  return std::fpclassify(y) == FP_SUBNORMAL ? 0.f : y;
+}
+
 }  // namespace fusedlm::cuda::attention
 
 #include "sm90_emulation.h"  // NOLINT: the Hopper primitives, after the above
