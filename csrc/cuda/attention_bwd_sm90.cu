@@ -325,11 +325,14 @@ __global__ void __launch_bounds__(kThreads, 1)
           kk > 0);
     }
     warpgroup_commit();
-    warpgroup_wait<0>();
-    fence_accumulators(dq);
+    // The dV/dK group was the last reader of this stage's Q and dO (dQ reads dS^T and K): hand
+    // the stage back to the producer while the dQ group still runs.
+    warpgroup_wait<1>();
     fence_accumulators(dv);
     fence_accumulators(dk);
-    mbarrier_arrive(tile_empty + stage);  // Q and dO of this stage are no longer read
+    mbarrier_arrive(tile_empty + stage);
+    warpgroup_wait<0>();
+    fence_accumulators(dq);
 
     // dQ += scale * dS K: rows are queries (warp w: 16 w + g, + 8), columns this slab's.
     float* dq_rows = params.dq_accumulator + (b * s.Hq + h) * Tq * s.D;
