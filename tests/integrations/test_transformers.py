@@ -185,6 +185,62 @@ def test_state_dict_loads_into_unpatched_model(name):
         torch.testing.assert_close(_out(fresh, name, input_ids=ids), expected)
 
 
+def test_sliding_window_shorter_than_the_sequence_matches():
+    """Mistral with a 6-token window over 13 tokens: transformers hands the attention function a
+    banded mask (or, where the window covers everything, none); the band must never be run as a
+    plain causal mask."""
+    cfg = transformers.MistralConfig(**COMMON, num_key_value_heads=2, sliding_window=6)
+    torch.manual_seed(0)
+    model = transformers.MistralForCausalLM(cfg)
+    _randomize_norms(model)
+    model.eval()
+    same, truth = copy.deepcopy(model), copy.deepcopy(model).double()
+    fhf.apply(model)
+    assert model.config._attn_implementation == "fusedlm"
+    ids = torch.randint(0, VOCAB, (2, 13))
+    outs = [m(input_ids=ids).logits for m in (model, same, truth)]
+    assert fhf.attention_calls()["fused"] == 0, fhf.attention_calls()
+    assert_close_rule(outs[0], outs[1], outs[2], name="mistral sliding window")
+    # Within the window the mask is plain causal, and our kernels run.
+    fhf.reset_attention_calls()
+    short = ids[:, :5]
+    outs = [m(input_ids=short).logits for m in (model, same, truth)]
+    assert fhf.attention_calls() == {"fused": 2}
+    assert_close_rule(outs[0], outs[1], outs[2], name="mistral inside the window")
+
+
+def test_attention_sinks_left_alone():
+    """gpt-oss adds per-head sink logits (s_aux) to every softmax row: neither our kernels nor
+    the SDPA fallback take them, so apply() leaves its attention alone (norms are swapped) and
+    the attention function refuses s_aux rather than drop it."""
+    if not hasattr(transformers, "GptOssConfig"):
+        pytest.skip("this transformers has no gpt-oss")
+    cfg = transformers.GptOssConfig(**{**COMMON, "intermediate_size": 64}, num_key_value_heads=2,
+                                    head_dim=16, num_local_experts=4, num_experts_per_tok=2,
+                                    sliding_window=8)
+    torch.manual_seed(0)
+    model = transformers.GptOssForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for module in model.modules():
+            if hasattr(module, "sinks"):
+                module.sinks.normal_(0, 2.0)  # zero-init sinks would still matter; make them big
+    same = copy.deepcopy(model)
+    previous = model.config._attn_implementation
+    report = fhf.apply(model)
+    assert model.config._attn_implementation == previous
+    assert any("attention sinks" in left.reason for left in report.left), str(report)
+    assert len(report.swapped) == 5  # the RMSNorms
+    ids = torch.randint(0, VOCAB, (2, 13))
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, same(input_ids=ids).logits)
+    q = torch.randn(1, 4, 5, 16)
+    kv = torch.randn(1, 2, 5, 16)
+    sinks = torch.zeros(4)
+    with pytest.raises(NotImplementedError, match="'s_aux'"):
+        fhf.fusedlm_attention_forward(model.model.layers[0].self_attn, q, kv, kv, None,
+                                      s_aux=sinks)
+
+
 def test_apply_keeps_parameters_and_reports():
     model = _build("gemma")
     params = dict(model.named_parameters())

@@ -147,6 +147,14 @@ def fusedlm_attention_forward(
     key/value (B, Hkv, Tk, D) -> (attn_output (B, Tq, Hq, D), None), with the semantics of
     ``transformers.integrations.sdpa_attention.sdpa_attention_forward``, which serves every call
     our kernels cannot."""
+    if kwargs.get("s_aux") is not None:
+        # Sink logits join every row's softmax denominator; neither our kernels nor the SDPA
+        # fallback take them, and dropping them would be silently wrong.
+        raise NotImplementedError(
+            f"fusedlm attention: argument 's_aux' (attention sinks of "
+            f"{type(module).__name__}) is not supported; keep this model on its 'eager' or "
+            "flash attention implementation (fusedlm.integrations.transformers.apply leaves "
+            "such models' attention alone)")
     reason = _unsupported(query, key, value, dropout, kwargs)
     causal = False
     if reason is None:
@@ -235,6 +243,15 @@ def apply(model: torch.nn.Module, attention: bool = True, norms: bool = True,
         if config is None or not hasattr(config, "_attn_implementation"):
             report.left.append(LeftAlone("", type(model).__qualname__,
                                          "attention: not a transformers model (no config)"))
+        elif getattr(model, "_supports_sdpa", True) is False:
+            # Its attention takes inputs SDPA has no place for (gpt-oss: per-head sink logits,
+            # s_aux): our kernels and the SDPA fallback would both drop them.
+            report.left.append(LeftAlone(
+                "", type(model).__qualname__,
+                f"attention: {type(model).__name__} does not support SDPA-style attention "
+                f"(_supports_sdpa is False, e.g. attention sinks); still "
+                f"{config._attn_implementation!r}",
+            ))
         else:
             name = attention_name(backend)
             previous = config._attn_implementation
