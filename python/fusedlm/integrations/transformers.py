@@ -98,9 +98,13 @@ def _mask_kind(mask: Tensor, q_len: int, kv_len: int) -> str | None:
 # ---- the attention function -----------------------------------------------------------------
 
 
+# Attention-function arguments that change the result and that neither our kernels nor the
+# SDPA fallback take (transformers marks such models _supports_sdpa = False): dropping one would
+# be silently wrong, so a call that passes one fails instead.
+_NO_FALLBACK = {"s_aux": "attention sinks", "softcap": "logit soft-capping"}
+
+
 def _unsupported(query, key, value, dropout, kwargs) -> str | None:
-    if kwargs.get("softcap") is not None:
-        return "softcap"
     if kwargs.get("position_bias") is not None:
         return "position_bias"
     if kwargs.get("cache") is not None:
@@ -147,14 +151,13 @@ def fusedlm_attention_forward(
     key/value (B, Hkv, Tk, D) -> (attn_output (B, Tq, Hq, D), None), with the semantics of
     ``transformers.integrations.sdpa_attention.sdpa_attention_forward``, which serves every call
     our kernels cannot."""
-    if kwargs.get("s_aux") is not None:
-        # Sink logits join every row's softmax denominator; neither our kernels nor the SDPA
-        # fallback take them, and dropping them would be silently wrong.
-        raise NotImplementedError(
-            f"fusedlm attention: argument 's_aux' (attention sinks of "
-            f"{type(module).__name__}) is not supported; keep this model on its 'eager' or "
-            "flash attention implementation (fusedlm.integrations.transformers.apply leaves "
-            "such models' attention alone)")
+    for argument, what in _NO_FALLBACK.items():
+        if kwargs.get(argument) is not None:
+            raise NotImplementedError(
+                f"fusedlm attention: argument {argument!r} ({what}, from "
+                f"{type(module).__name__}) is not supported; keep this model on its 'eager' or "
+                "flash attention implementation (fusedlm.integrations.transformers.apply "
+                "leaves the attention of models without SDPA support alone)")
     reason = _unsupported(query, key, value, dropout, kwargs)
     causal = False
     if reason is None:
@@ -244,12 +247,12 @@ def apply(model: torch.nn.Module, attention: bool = True, norms: bool = True,
             report.left.append(LeftAlone("", type(model).__qualname__,
                                          "attention: not a transformers model (no config)"))
         elif getattr(model, "_supports_sdpa", True) is False:
-            # Its attention takes inputs SDPA has no place for (gpt-oss: per-head sink logits,
-            # s_aux): our kernels and the SDPA fallback would both drop them.
+            # Its attention takes inputs SDPA has no place for (gpt-oss: per-head sink logits;
+            # Gemma 2: logit soft-capping): our kernels and the SDPA fallback would drop them.
             report.left.append(LeftAlone(
                 "", type(model).__qualname__,
                 f"attention: {type(model).__name__} does not support SDPA-style attention "
-                f"(_supports_sdpa is False, e.g. attention sinks); still "
+                f"(_supports_sdpa is False: e.g. attention sinks or logit soft-capping); still "
                 f"{config._attn_implementation!r}",
             ))
         else:
