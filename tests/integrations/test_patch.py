@@ -131,6 +131,54 @@ def test_patch_custom_rmsnorm_probe():
     assert type(model[0]) is MyRMSNorm
 
 
+@needs_cpu
+def test_patch_custom_layernorm_probe():
+    class WeightOnlyLayerNorm(torch.nn.Module):  # as CohereLayerNorm: mean removed, no bias
+        def __init__(self, n, eps=1e-5):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.rand(n) + 0.5)
+            self.variance_epsilon = eps
+
+        def forward(self, x):
+            x32 = x.float()
+            centered = x32 - x32.mean(-1, keepdim=True)
+            var = centered.pow(2).mean(-1, keepdim=True)
+            return (self.weight * centered * torch.rsqrt(var + self.variance_epsilon)).to(x.dtype)
+
+    class AffineLayerNorm(torch.nn.Module):  # as DebertaLayerNorm: weight and bias
+        def __init__(self, n, eps=1e-6):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.rand(n) + 0.5)
+            self.bias = torch.nn.Parameter(torch.randn(n))
+            self.eps = eps
+
+        def forward(self, x):
+            mean = x.mean(-1, keepdim=True)
+            var = (x - mean).pow(2).mean(-1, keepdim=True)
+            return self.weight * (x - mean) / torch.sqrt(var + self.eps) + self.bias
+
+    class NoMeanNorm(AffineLayerNorm):  # an RMSNorm with a bias: neither kind
+        def forward(self, x):
+            return self.weight * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) \
+                + self.bias
+
+    model = torch.nn.Sequential(WeightOnlyLayerNorm(16), AffineLayerNorm(16), NoMeanNorm(16),
+                                ScaleNorm(16))
+    same = copy.deepcopy(model)
+    assert not fusedlm.patch(copy.deepcopy(model), custom_rmsnorm=True).swapped
+    report = fusedlm.patch(model, custom_layernorm=True)
+    assert [s.name for s in report.swapped] == ["0", "1"]
+    assert {m.name for m in report.left} == {"2", "3"}
+    assert "layer_norm(x) * weight + bias" in str(report)
+    assert all(type(m).__name__ == "ModelLayerNorm" for m in model[:2])
+    x = torch.randn(4, 16) * 3 + 1
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), same(x))
+    assert list(model.state_dict()) == list(same.state_dict())
+    fusedlm.unpatch(model)
+    assert [type(m) for m in model[:2]] == [WeightOnlyLayerNorm, AffineLayerNorm]
+
+
 def test_patch_bad_arguments():
     with pytest.raises(TypeError, match="model"):
         fusedlm.patch(object())

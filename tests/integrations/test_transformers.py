@@ -50,6 +50,10 @@ def _gemma():  # MQA and the (1 + weight) RMSNorm
     )
 
 
+def _cohere():  # its own LayerNorm class: mean removed, weight, no bias
+    return transformers.CohereForCausalLM(transformers.CohereConfig(**COMMON, num_key_value_heads=2))
+
+
 def _bert():
     cfg = transformers.BertConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2,
                                   num_attention_heads=4, intermediate_size=96,
@@ -58,7 +62,7 @@ def _bert():
     return transformers.BertModel(cfg, add_pooling_layer=False)
 
 
-CAUSAL = {"gpt2": _gpt2, "llama": _llama, "qwen2": _qwen2, "gemma": _gemma}
+CAUSAL = {"gpt2": _gpt2, "llama": _llama, "qwen2": _qwen2, "gemma": _gemma, "cohere": _cohere}
 ALL = {**CAUSAL, "bert": _bert}
 
 
@@ -103,7 +107,7 @@ def test_logits_and_grads_match(name):
     outs = [_out(m, name, input_ids=ids) for m in (model, same, truth)]
     assert fhf.attention_calls() == {"fused": 2}  # two layers, no fallback
     assert OpDispatch.last_choice["attention_fwd"] == "cpu"
-    norm_op = "layer_norm_fwd" if name in ("gpt2", "bert") else "rms_norm_fwd"
+    norm_op = "layer_norm_fwd" if name in ("gpt2", "bert", "cohere") else "rms_norm_fwd"
     assert OpDispatch.last_choice[norm_op] == "cpu"
     assert_close_rule(outs[0], outs[1], outs[2], name=f"{name} output")
 

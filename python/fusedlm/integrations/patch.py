@@ -9,7 +9,10 @@ With ``custom_rmsnorm=True`` (what ``fusedlm.integrations.transformers.apply`` u
 swaps a model's own RMSNorm classes (``LlamaRMSNorm``, ``GemmaRMSNorm``, ...): modules with one
 1-D ``weight`` parameter, no bias, no children and an ``eps`` / ``variance_epsilon`` attribute,
 whose ``forward`` a numeric probe shows to be ``rms_norm(x) * weight`` or, Gemma-style,
-``rms_norm(x) * (1 + weight)``. Anything else is left alone, and the report says why.
+``rms_norm(x) * (1 + weight)``. ``custom_layernorm=True`` (also used by ``apply``) does the same
+for a model's own LayerNorm classes (``CohereLayerNorm``, ``DebertaLayerNorm``, ...): a 1-D
+``weight`` and optionally a 1-D ``bias``, probed to be ``layer_norm(x) * weight (+ bias)``.
+Anything else is left alone, and the report says why.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from torch import Tensor
 
 from ..backends import check_backend_name
 from ..nn.norm import LayerNorm, RMSNorm, _rebind
-from ..ops.norm import rms_norm
+from ..ops.norm import layer_norm, rms_norm
 
 # The __dict__ key under which a swapped module remembers how to undo the swap:
 # (original class, keys the swap added, {key: original value} for keys it overwrote).
@@ -92,6 +95,25 @@ class ModelRMSNorm(RMSNorm):
         return super().extra_repr() + (f", offset={self.offset}" if self.offset else "")
 
 
+class ModelLayerNorm(LayerNorm):
+    """Stands in for a model's own LayerNorm class (found by :func:`patch`'s probe):
+    ``layer_norm(x) * weight (+ bias)`` with the same parameter objects, ``state_dict`` keys and
+    attributes. Inputs whose dtype differs from the weight's, which the probe did not check,
+    run the original class's ``forward``."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        weight = self._parameters.get("weight")
+        if weight is None or x.dtype != weight.dtype or x.dim() == 0:
+            original_cls = self.__dict__[_RESTORE_KEY][0]
+            return original_cls.forward(self, x)
+        bias = self._parameters.get("bias")  # absent, not None, on e.g. CohereLayerNorm
+        return layer_norm(x, self.normalized_shape, weight, bias, self.eps, self.backend)
+
+    def extra_repr(self) -> str:
+        bias = self._parameters.get("bias") is not None
+        return f"{self.normalized_shape}, eps={self.eps}, bias={bias}"
+
+
 def _swap_object(module: torch.nn.Module, new_cls: type, attrs: dict) -> torch.nn.Module:
     """A ``new_cls`` object sharing ``module``'s state (parameters, buffers, hooks, flags), with
     ``attrs`` (which hold ``backend``) set on top, that remembers how to turn back into
@@ -140,47 +162,62 @@ def _eps_of(module: torch.nn.Module) -> float | None:
 _PROBE_TOL = {torch.float64: 1e-9, torch.float32: 2e-5, torch.float16: 2e-2, torch.bfloat16: 4e-2}
 
 
-def _probe_rmsnorm(module: torch.nn.Module, weight: Tensor, eps: float) -> tuple[float | None, str]:
-    """(offset, detail): offset 0.0 / 1.0 if ``module(x)`` equals ``rms_norm(x) * (offset +
-    weight)`` on random inputs and a random weight (put in with ``functional_call``, so the
-    real parameter is not touched), else (None, why not)."""
+def _probe_norm(module: torch.nn.Module, weight: Tensor, bias: Tensor | None, eps: float,
+                kinds: tuple[str, ...]) -> tuple[str | None, str]:
+    """(kind, detail): the first of ``kinds`` that ``module(x)`` equals on random inputs and
+    random parameters (put in with ``functional_call``, so the real ones are not touched):
+    "rms" ``rms_norm(x) * weight``, "rms+1" ``rms_norm(x) * (1 + weight)`` (Gemma), "layer"
+    ``layer_norm(x) * weight + bias`` (no bias term where the module has none); else
+    (None, why not)."""
     if weight.device.type == "meta":
         return None, "its parameters are on the meta device (cannot probe)"
     if weight.dtype not in _PROBE_TOL:
         return None, f"weight dtype {weight.dtype} is not a floating type fusedlm supports"
     n = weight.shape[0]
     gen = torch.Generator().manual_seed(0)
-    probe_weight = (torch.rand(n, generator=gen) + 0.5).to(weight.device, weight.dtype)
+    probe = {"weight": (torch.rand(n, generator=gen) + 0.5).to(weight.device, weight.dtype)}
+    if bias is not None:
+        probe["bias"] = torch.randn(n, generator=gen).to(bias.device, bias.dtype)
     tol = _PROBE_TOL[weight.dtype]
-    errors = {0.0: 0.0, 1.0: 0.0}
+    errors = dict.fromkeys(kinds, 0.0)
     try:
         with torch.no_grad():
-            # A unit-scale input, and one at the scale of eps, so a wrong eps shows.
+            # A unit-scale input with an offset (a LayerNorm must remove the mean, an RMSNorm
+            # must not), and one at the scale of eps, so a wrong eps shows.
             for scale in (1.0, math.sqrt(eps) if eps > 0 else 1e-3):
-                x = (torch.randn(2, 3, n, generator=gen, dtype=torch.float64) * scale)
-                x = x.to(weight.device, weight.dtype)
-                y = torch.func.functional_call(module, {"weight": probe_weight}, (x,))
+                x = torch.randn(2, 3, n, generator=gen, dtype=torch.float64) + 0.5
+                x = (x * scale).to(weight.device, weight.dtype)
+                y = torch.func.functional_call(module, probe, (x,))
                 if not isinstance(y, Tensor) or y.shape != x.shape:
                     return None, "its forward does not return a tensor of the input's shape"
-                y = y.double()
-                for offset in errors:
-                    want = F.rms_norm(x.double(), (n,), probe_weight.double() + offset, eps)
+                y, x64 = y.double(), x.double()
+                w64 = probe["weight"].double()
+                b64 = probe["bias"].double() if bias is not None else None
+                for kind in kinds:
+                    if kind == "layer":
+                        want = F.layer_norm(x64, (n,), w64, b64, eps)
+                    else:
+                        want = F.rms_norm(x64, (n,), w64 + (1.0 if kind == "rms+1" else 0.0),
+                                          eps)
                     err = ((y - want).abs().max() / want.abs().max().clamp_min(1e-30)).item()
-                    errors[offset] = max(errors[offset], err)
+                    errors[kind] = max(errors[kind], err)
     except Exception as exc:  # a module whose forward needs more than one tensor, etc.
         return None, f"probing its forward raised {type(exc).__name__}: {exc}"
-    for offset, err in errors.items():
+    for kind, err in errors.items():
         if err <= tol:
-            return offset, f"probe error {err:.1e}"
-    return None, (f"its forward is not rms_norm(x) * weight nor rms_norm(x) * (1 + weight) with "
-                  f"eps={eps:g} (probe relative errors {errors[0.0]:.1e}, {errors[1.0]:.1e})")
+            return kind, f"probe error {err:.1e}"
+    names = {"rms": "rms_norm(x) * weight", "rms+1": "rms_norm(x) * (1 + weight)",
+             "layer": "layer_norm(x) * weight" + (" + bias" if bias is not None else "")}
+    return None, (f"its forward is not {' nor '.join(names[k] for k in kinds)} with eps={eps:g} "
+                  f"(probe relative errors {', '.join(f'{errors[k]:.1e}' for k in kinds)})")
 
 
 def _looks_like_norm(module: torch.nn.Module) -> bool:
     return "norm" in type(module).__name__.lower()
 
 
-def _replacement(module: torch.nn.Module, backend: str, custom_rmsnorm: bool):
+def _replacement(module: torch.nn.Module, backend: str, custom_rmsnorm: bool,
+                 custom_layernorm: bool = False):
     """(new module, note) or (None, reason it is left alone) or (None, None) if not a norm."""
     if _RESTORE_KEY in module.__dict__ or isinstance(module, (LayerNorm, RMSNorm)):
         return None, "already a fusedlm module"
@@ -192,41 +229,50 @@ def _replacement(module: torch.nn.Module, backend: str, custom_rmsnorm: bool):
         if _own_forward(module, torch.nn.RMSNorm):
             return None, "subclass of torch.nn.RMSNorm with its own forward"
         return _swap_object(module, RMSNorm, {"backend": backend}), ""
-    if not custom_rmsnorm:
+    if not (custom_rmsnorm or custom_layernorm):
         if _looks_like_norm(module):
             return None, "not torch.nn.LayerNorm / torch.nn.RMSNorm"
         return None, None
     params = dict(module.named_parameters(recurse=False))
     eps = _eps_of(module)
-    weight = params.get("weight")
-    shaped_like_rmsnorm = (
-        set(params) == {"weight"} and weight is not None and weight.dim() == 1
+    weight, bias = params.get("weight"), params.get("bias")
+    shaped_like_norm = (
+        set(params) in ({"weight"}, {"weight", "bias"}) and weight is not None
+        and weight.dim() == 1 and (bias is None or bias.shape == weight.shape)
         and eps is not None and not module._modules
     )
-    if not shaped_like_rmsnorm:
+    kinds = ((("rms", "rms+1") if custom_rmsnorm and bias is None else ())
+             + (("layer",) if custom_layernorm else ()))
+    if not shaped_like_norm or not kinds:
         if _looks_like_norm(module):
-            return None, ("not an RMSNorm by its parameters (needs exactly one 1-D 'weight', no "
-                          "bias, an 'eps' or 'variance_epsilon' attribute, no submodules)")
+            wanted = " or ".join(w for w, on in (("an RMSNorm", custom_rmsnorm),
+                                                 ("a LayerNorm", custom_layernorm)) if on)
+            return None, (f"not {wanted} by its parameters (needs a 1-D 'weight'"
+                          + (", a bias of the same shape or none" if custom_layernorm
+                             else ", no bias")
+                          + ", an 'eps' or 'variance_epsilon' attribute, no submodules)")
         return None, None
-    offset, detail = _probe_rmsnorm(module, weight, eps)
-    if offset is None:
+    kind, detail = _probe_norm(module, weight, bias, eps, kinds)
+    if kind is None:
         return None, detail
-    new = _swap_object(module, ModelRMSNorm, {
-        "normalized_shape": (weight.shape[0],), "eps": eps, "elementwise_affine": True,
-        "backend": backend, "offset": offset,
-    })
-    return new, ("weight offset 1 (Gemma-style), " if offset else "") + detail
+    attrs = {"normalized_shape": (weight.shape[0],), "eps": eps, "elementwise_affine": True,
+             "backend": backend}
+    if kind == "layer":
+        return _swap_object(module, ModelLayerNorm, attrs), detail
+    new = _swap_object(module, ModelRMSNorm, {**attrs, "offset": 1.0 if kind == "rms+1" else 0.0})
+    return new, ("weight offset 1 (Gemma-style), " if kind == "rms+1" else "") + detail
 
 
 def swap_norms(model: torch.nn.Module, backend: str = "auto", custom_rmsnorm: bool = False,
-               report: PatchReport | None = None) -> PatchReport:
+               report: PatchReport | None = None,
+               custom_layernorm: bool = False) -> PatchReport:
     """Replace norm modules of ``model`` in place; returns (or extends) the report."""
     check_backend_name(backend)
     report = PatchReport() if report is None else report
     names = {}
     for name, mod in model.named_modules(remove_duplicate=False):
         names.setdefault(id(mod), name)
-    if _replacement(model, backend, custom_rmsnorm)[0] is not None:
+    if _replacement(model, backend, custom_rmsnorm, custom_layernorm)[0] is not None:
         report.left.append(LeftAlone("", _qualname(model), "the root module itself cannot be "
                                      "swapped in place; wrap it in a container first"))
     done: dict[int, torch.nn.Module | None] = {}
@@ -236,7 +282,7 @@ def swap_norms(model: torch.nn.Module, backend: str = "auto", custom_rmsnorm: bo
                 continue
             key = id(child)
             if key not in done:
-                new, why = _replacement(child, backend, custom_rmsnorm)
+                new, why = _replacement(child, backend, custom_rmsnorm, custom_layernorm)
                 done[key] = new
                 name = names.get(key, attr)
                 if new is not None:
@@ -249,16 +295,18 @@ def swap_norms(model: torch.nn.Module, backend: str = "auto", custom_rmsnorm: bo
 
 
 def patch(
-    model: torch.nn.Module, backend: str = "auto", custom_rmsnorm: bool = False
+    model: torch.nn.Module, backend: str = "auto", custom_rmsnorm: bool = False,
+    custom_layernorm: bool = False,
 ) -> PatchReport:
     """Swap every ``torch.nn.LayerNorm`` / ``torch.nn.RMSNorm`` in ``model`` (in place) for
     ``fusedlm.nn.LayerNorm`` / ``fusedlm.nn.RMSNorm`` holding the same parameter tensors.
 
-    ``custom_rmsnorm=True`` also swaps model-specific RMSNorm classes recognised by their
-    parameters and a numeric probe. Returns a :class:`PatchReport`; ``unpatch`` undoes it."""
+    ``custom_rmsnorm=True`` / ``custom_layernorm=True`` also swap model-specific RMSNorm /
+    LayerNorm classes recognised by their parameters and a numeric probe. Returns a
+    :class:`PatchReport`; ``unpatch`` undoes it."""
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"argument 'model' must be a torch.nn.Module, got {type(model).__name__}")
-    return swap_norms(model, backend, custom_rmsnorm)
+    return swap_norms(model, backend, custom_rmsnorm, custom_layernorm=custom_layernorm)
 
 
 def unpatch(model: torch.nn.Module) -> PatchReport:

@@ -11,8 +11,10 @@
   pure causal mask, our fused kernels run; any other mask (padding, sliding windows, custom
   patterns), dropout, ``position_bias``, paged caches, and inputs the kernels cannot take go,
   per call, to transformers' own ``sdpa_attention_forward``. :func:`attention_calls` counts both.
-* Norms: ``torch.nn.LayerNorm`` / ``torch.nn.RMSNorm`` and the model's own RMSNorm classes
-  (found by parameters, ``eps`` and a numeric probe; Gemma's ``1 + weight`` handled) become
+  Models transformers does not run on SDPA (``_supports_sdpa = False``) keep their attention.
+* Norms: ``torch.nn.LayerNorm`` / ``torch.nn.RMSNorm`` and the model's own RMSNorm and
+  LayerNorm classes (found by parameters, ``eps`` and a numeric probe; Gemma's ``1 + weight``
+  handled) become
   fusedlm modules holding the same parameter tensors (``state_dict`` unchanged). See
   :mod:`fusedlm.integrations.patch`. ``fusedlm.unpatch(model)`` undoes all of it.
 """
@@ -234,8 +236,8 @@ def apply(model: torch.nn.Module, attention: bool = True, norms: bool = True,
 
     ``attention``: switch the model to fusedlm's attention (registered with
     ``AttentionInterface``; masks it cannot take fall back per call to transformers' SDPA).
-    ``norms``: swap LayerNorm / RMSNorm modules (torch's and the model's own RMSNorm classes)
-    for fusedlm modules holding the same parameters. ``backend``: as in every fusedlm op.
+    ``norms``: swap LayerNorm / RMSNorm modules (torch's and the model's own classes, found
+    by a numeric probe) for fusedlm modules holding the same parameters. ``backend``: as in every fusedlm op.
     Returns a :class:`~fusedlm.integrations.patch.PatchReport`; ``fusedlm.unpatch`` undoes it."""
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"argument 'model' must be a torch.nn.Module, got {type(model).__name__}")
@@ -252,7 +254,8 @@ def apply(model: torch.nn.Module, attention: bool = True, norms: bool = True,
             report.left.append(LeftAlone(
                 "", type(model).__qualname__,
                 f"attention: {type(model).__name__} does not support SDPA-style attention "
-                f"(_supports_sdpa is False: e.g. attention sinks or logit soft-capping); still "
+                f"(_supports_sdpa is False: its attention has terms SDPA cannot take, such as "
+                f"attention sinks, logit soft-capping or relative-position scores); still "
                 f"{config._attn_implementation!r}",
             ))
         else:
@@ -277,7 +280,7 @@ def apply(model: torch.nn.Module, attention: bool = True, norms: bool = True,
                     f"{config._attn_implementation!r}",
                 ))
     if norms:
-        swap_norms(model, backend, custom_rmsnorm=True, report=report)
+        swap_norms(model, backend, custom_rmsnorm=True, report=report, custom_layernorm=True)
     return report
 
 
