@@ -51,7 +51,8 @@ def _gemma():  # MQA and the (1 + weight) RMSNorm
 
 
 def _cohere():  # its own LayerNorm class: mean removed, weight, no bias
-    return transformers.CohereForCausalLM(transformers.CohereConfig(**COMMON, num_key_value_heads=2))
+    cfg = transformers.CohereConfig(**COMMON, num_key_value_heads=2)
+    return transformers.CohereForCausalLM(cfg)
 
 
 def _bert():

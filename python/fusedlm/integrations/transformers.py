@@ -237,7 +237,8 @@ def apply(model: torch.nn.Module, attention: bool = True, norms: bool = True,
     ``attention``: switch the model to fusedlm's attention (registered with
     ``AttentionInterface``; masks it cannot take fall back per call to transformers' SDPA).
     ``norms``: swap LayerNorm / RMSNorm modules (torch's and the model's own classes, found
-    by a numeric probe) for fusedlm modules holding the same parameters. ``backend``: as in every fusedlm op.
+    by a numeric probe) for fusedlm modules holding the same parameters. ``backend``: as in
+    every fusedlm op.
     Returns a :class:`~fusedlm.integrations.patch.PatchReport`; ``fusedlm.unpatch`` undoes it."""
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"argument 'model' must be a torch.nn.Module, got {type(model).__name__}")
