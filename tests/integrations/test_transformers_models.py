@@ -1,0 +1,155 @@
+"""fusedlm.integrations.transformers.apply across many Hugging Face architectures, forward only.
+
+test_transformers.py checks six models in depth (gradients, generation, state_dict). This module
+checks breadth: for each architecture, a tiny random model gives the unpatched model's output
+after ``apply`` (DESIGN.md's rule against the unpatched model in float64), with and without a
+padding mask, and the report and the call counts say what ran. Architectures whose attention
+SDPA cannot express (gpt-oss's sinks, Gemma 2's soft-capping, DeBERTa's relative positions) must
+be left on their own attention. A class missing from the installed transformers skips its case.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from fusedlm.integrations import transformers as fhf  # noqa: E402
+from tests.helpers import (  # noqa: E402
+    assert_close_rule,
+    cpu_backend_available,
+    cpu_unavailable_reason,
+)
+
+pytestmark = pytest.mark.skipif(not cpu_backend_available(), reason=cpu_unavailable_reason())
+
+VOCAB = 100
+DECODER = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+               num_attention_heads=4, max_position_embeddings=64)
+SEQ2SEQ = dict(vocab_size=VOCAB, d_model=64, encoder_layers=2, decoder_layers=2,
+               encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=96,
+               decoder_ffn_dim=96)
+
+# name: (model class, config class, config kwargs, input kind, attention switched to fusedlm)
+ARCHITECTURES = {
+    "mistral_window": ("MistralForCausalLM", "MistralConfig",
+                       dict(DECODER, num_key_value_heads=2, sliding_window=6), "text", True),
+    "qwen3": ("Qwen3ForCausalLM", "Qwen3Config",
+              dict(DECODER, num_key_value_heads=2, head_dim=16), "text", True),
+    "gemma3": ("Gemma3ForCausalLM", "Gemma3TextConfig",
+               dict(DECODER, num_key_value_heads=2, head_dim=16, sliding_window=6), "text", True),
+    "phi3": ("Phi3ForCausalLM", "Phi3Config",
+             dict(DECODER, num_key_value_heads=2, pad_token_id=0), "text", True),
+    "olmo2": ("Olmo2ForCausalLM", "Olmo2Config", dict(DECODER, num_key_value_heads=2), "text",
+              True),
+    "gpt_neox": ("GPTNeoXForCausalLM", "GPTNeoXConfig", DECODER, "text", True),
+    "opt": ("OPTForCausalLM", "OPTConfig",
+            dict(vocab_size=VOCAB, hidden_size=64, ffn_dim=96, num_hidden_layers=2,
+                 num_attention_heads=4, max_position_embeddings=64, word_embed_proj_dim=64),
+            "text", True),
+    "mixtral": ("MixtralForCausalLM", "MixtralConfig",
+                dict(DECODER, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2),
+                "text", True),
+    "starcoder2_window": ("Starcoder2ForCausalLM", "Starcoder2Config",
+                          dict(DECODER, num_key_value_heads=2, sliding_window=6), "text", True),
+    "deepseek_v3": ("DeepseekV3ForCausalLM", "DeepseekV3Config",
+                    dict(DECODER, num_key_value_heads=4, kv_lora_rank=16, q_lora_rank=16,
+                         qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16,
+                         n_routed_experts=4, num_experts_per_tok=2, first_k_dense_replace=1,
+                         moe_intermediate_size=32, n_group=1, topk_group=1), "text", True),
+    "roberta": ("RobertaModel", "RobertaConfig",
+                dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                     intermediate_size=96, max_position_embeddings=66), "text", True),
+    "modernbert": ("ModernBertModel", "ModernBertConfig",
+                   dict(DECODER, global_attn_every_n_layers=1, pad_token_id=0), "text", True),
+    "bart": ("BartForConditionalGeneration", "BartConfig",
+             dict(SEQ2SEQ, max_position_embeddings=64), "seq2seq", True),
+    "t5": ("T5ForConditionalGeneration", "T5Config",
+           dict(vocab_size=VOCAB, d_model=64, d_kv=16, d_ff=96, num_layers=2, num_heads=4),
+           "seq2seq", True),
+    "vit": ("ViTModel", "ViTConfig",
+            dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                 intermediate_size=96, image_size=32, patch_size=8), "image", True),
+    "gpt_oss": ("GptOssForCausalLM", "GptOssConfig",
+                dict(DECODER, intermediate_size=64, num_key_value_heads=2, head_dim=16,
+                     num_local_experts=4, num_experts_per_tok=2, sliding_window=8), "text", False),
+    "gemma2": ("Gemma2ForCausalLM", "Gemma2Config",
+               dict(DECODER, num_key_value_heads=2, head_dim=16), "text", False),
+    "deberta": ("DebertaModel", "DebertaConfig",
+                dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                     intermediate_size=96), "text", False),
+}
+
+
+def _build(name):
+    model_name, config_name, kwargs, kind, switched = ARCHITECTURES[name]
+    if not hasattr(transformers, model_name) or not hasattr(transformers, config_name):
+        pytest.skip(f"this transformers has no {model_name}")
+    torch.manual_seed(0)
+    model = getattr(transformers, model_name)(getattr(transformers, config_name)(**kwargs))
+    with torch.no_grad():  # move every parameter off its init (norm weights of 1, zero biases)
+        for p in model.parameters():
+            if p.dim() > 0:
+                p.add_(torch.randn_like(p) * 0.05)
+    return model.eval(), kind, switched
+
+
+def _inputs(kind, padded):
+    ids = torch.randint(3, VOCAB, (2, 13))
+    mask = torch.ones_like(ids)
+    if padded:
+        mask[1, :4] = 0  # left padding of the second row
+    if kind == "image":
+        return {"pixel_values": torch.randn(2, 3, 32, 32)}, None
+    inputs = {"input_ids": ids, "attention_mask": mask}
+    if kind == "seq2seq":
+        inputs["decoder_input_ids"] = torch.randint(3, VOCAB, (2, 7))
+        return inputs, None
+    return inputs, mask.bool()
+
+
+def _output(out):
+    return out.logits if hasattr(out, "logits") else out.last_hidden_state
+
+
+@pytest.mark.parametrize("padded", [False, True], ids=["unpadded", "padded"])
+@pytest.mark.parametrize("name", list(ARCHITECTURES))
+def test_apply_gives_the_unpatched_output(name, padded):
+    model, kind, switched = _build(name)
+    if kind == "image" and padded:
+        pytest.skip("images have no padding")
+    same, truth = copy.deepcopy(model), copy.deepcopy(model).double()
+    previous = model.config._attn_implementation
+    report = fhf.apply(model)
+    assert report.swapped, str(report)  # every one of these has norms we take
+    if switched:
+        assert model.config._attn_implementation == "fusedlm", str(report)
+    else:
+        assert model.config._attn_implementation == previous
+        assert any("_supports_sdpa is False" in left.reason for left in report.left), str(report)
+    inputs, real = _inputs(kind, padded)
+    fhf.reset_attention_calls()
+    with torch.no_grad():
+        ours, theirs = _output(model(**inputs)), _output(same(**inputs))
+        calls = fhf.attention_calls()
+        try:
+            expected = _output(truth(**inputs))
+        except RuntimeError:  # MoE grouped matmuls take no float64
+            expected = None
+    if real is not None:  # outputs at padded positions are not defined the same way
+        ours, theirs = ours[real], theirs[real]
+        expected = expected[real] if expected is not None else None
+    if not switched:
+        assert not calls
+    elif not padded and name in ("qwen3", "phi3", "olmo2", "gpt_neox", "opt", "mixtral",
+                                 "deepseek_v3", "roberta", "modernbert", "bart", "vit"):
+        assert set(calls) == {"fused"}, calls  # no mask our kernels cannot take: all fused
+    if expected is None or expected.isnan().any() and not theirs.isnan().any():
+        # No float64 truth (MoE) or a broken one (Gemma 2's eager soft-capping under left
+        # padding makes NaN in float64): the unpatched float32 model is the reference.
+        torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5)
+    else:
+        assert_close_rule(ours, theirs, expected, name=f"{name} output")
