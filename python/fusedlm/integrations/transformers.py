@@ -14,9 +14,9 @@
   Models transformers does not run on SDPA (``_supports_sdpa = False``) keep their attention.
 * Norms: ``torch.nn.LayerNorm`` / ``torch.nn.RMSNorm`` and the model's own RMSNorm and
   LayerNorm classes (found by parameters, ``eps`` and a numeric probe; Gemma's ``1 + weight``
-  handled) become
-  fusedlm modules holding the same parameter tensors (``state_dict`` unchanged). See
-  :mod:`fusedlm.integrations.patch`. ``fusedlm.unpatch(model)`` undoes all of it.
+  handled) become fusedlm modules holding the same parameter tensors (``state_dict``
+  unchanged). See :mod:`fusedlm.integrations.patch`. ``fusedlm.unpatch(model)`` undoes all of
+  it.
 """
 
 from __future__ import annotations
