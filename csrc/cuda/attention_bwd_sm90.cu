@@ -29,6 +29,10 @@ constexpr int kStages = 2;     // (Q, dO) buffers in the ring
 constexpr int kConsumers = 2;
 constexpr int kThreads = 128 * (1 + kConsumers);
 constexpr int kSlabColumns = 64;
+// setmaxnreg: the producer warpgroup gives registers to the consumers.
+constexpr uint32_t kProducerRegisters = 24;
+constexpr uint32_t kConsumerRegisters = 240;
+static_assert(register_split_fits(kProducerRegisters, kConsumerRegisters, kConsumers));
 constexpr uint32_t kRowBytes = 128;
 // Named barriers 1 (D = 128: both consumers) or 1, 2 (D = 64: one per consumer). Unused in the
 // device passes for other architectures (the kernel is empty there).
@@ -126,7 +130,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   __syncthreads();
 
   if (warpgroup == 0) {  // producer
-    registers_decrease<24>();
+    registers_decrease<kProducerRegisters>();
     if (tid != 0 || tiles == 0) return;
     const int key0 = static_cast<int>(n0);
     const int kvh = static_cast<int>(h_kv);
@@ -158,7 +162,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 
   // Consumers: warpgroup c owns keys 64 c .. 64 c + 63 of the tile; warp w of it keys
   // 16 w .. 16 w + 15 of those (rows of the accumulators); queries are the columns.
-  registers_increase<240>();
+  registers_increase<kConsumerRegisters>();
   const int consumer = warpgroup - 1;
   const int warp = (tid / 32) % 4;
   const int lane = tid % 32;

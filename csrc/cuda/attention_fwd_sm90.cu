@@ -24,6 +24,12 @@ constexpr int kStages = 2;    // K/V buffers in the ring
 constexpr int kConsumers = 2;  // consumer warpgroups, 64 query rows each
 constexpr int kThreads = 128 * (1 + kConsumers);
 constexpr int kSlabColumns = 64;  // 16-bit columns of one 128-byte-swizzled slab
+// setmaxnreg: the producer warpgroup gives registers to the consumers.
+constexpr uint32_t kProducerRegisters = 24;
+constexpr uint32_t kConsumerRegisters = 240;
+static_assert(register_split_fits(kProducerRegisters, kConsumerRegisters, kConsumers));
+// A 128-byte swizzle takes TMA boxes at most 128 bytes wide (one slab of 16-bit columns).
+static_assert(kSlabColumns * 2 <= 128);
 constexpr uint32_t kRowBytes = 128;
 // Named barriers 1, 2: the consumers' GEMM turns (unused where the kernel compiles empty).
 [[maybe_unused]] constexpr uint32_t kTurnBarrier = 1;
@@ -110,7 +116,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   __syncthreads();
 
   if (warpgroup == 0) {  // producer
-    registers_decrease<24>();
+    registers_decrease<kProducerRegisters>();
     if (tid != 0 || n_blocks == 0) return;
     const int qm = static_cast<int>(m0);
     const int qh = static_cast<int>(h);
@@ -147,7 +153,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 
   // Consumers: warpgroup c (0 or 1) owns query rows 64 c .. 64 c + 63 of the tile; warp w of it
   // rows 16 w .. 16 w + 15 of those (the wgmma accumulator layout, attention_sm90.cuh).
-  registers_increase<240>();
+  registers_increase<kConsumerRegisters>();
   const int consumer = warpgroup - 1;
   const int lane = tid % 32;
   const int g = lane / 4;

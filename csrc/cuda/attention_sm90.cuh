@@ -52,6 +52,15 @@ namespace fusedlm::cuda::attention::sm90 {
 // Bytes of one 8-row group of a 128-byte-swizzled tile, and the alignment every tile needs.
 constexpr uint32_t kSwizzleGroupBytes = 1024;
 
+// setmaxnreg's rules (PTX ISA): each count a multiple of 8 in [24, 256], and the warpgroups'
+// counts together within the SM's 64K registers (these kernels run one CTA per SM). The
+// emulation does not model registers, so the kernels check their split here.
+constexpr bool register_split_fits(uint32_t producer, uint32_t consumer, int consumers) {
+  auto valid = [](uint32_t r) { return r % 8 == 0 && r >= 24 && r <= 256; };
+  return valid(producer) && valid(consumer) &&
+         producer * 128 + consumer * 128 * static_cast<uint32_t>(consumers) <= 65536;
+}
+
 // A shared-memory matrix descriptor of a 128-byte-swizzled operand starting at `smem`:
 // bits 0-13 start address >> 4, 16-29 LBO >> 4, 32-45 SBO >> 4, 62-63 layout (1 = 128B swizzle);
 // base offset (49-51) 0, as every tile is 1024-byte aligned.
