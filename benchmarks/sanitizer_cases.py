@@ -91,6 +91,23 @@ def _cases(backend: str, dev: str = "cuda"):
         if backend == "cuda":
             yield (f"attention fwd+bwd {dn} sm_80 kernels (FUSEDLM_ATTENTION_SM90=0)",
                    attention_sm80_kernels)
+
+        def attention_sliding_window(dtype=dtype):
+            # the key loops start past tile 0 and the dK/dV query loop stops early; both dQ paths
+            q = torch.randn(1, 4, 300, 64, device=dev, dtype=dtype, requires_grad=True)
+            k, v = (torch.randn(1, 2, 330, 64, device=dev, dtype=dtype, requires_grad=True)
+                    for _ in range(2))
+            was = torch.are_deterministic_algorithms_enabled()
+            for deterministic in (False, True):
+                torch.use_deterministic_algorithms(deterministic)
+                try:
+                    out = fusedlm.attention(q, k, v, causal=True, window=(100, 0),
+                                            backend=backend)
+                    out.backward(torch.randn_like(out))
+                finally:
+                    torch.use_deterministic_algorithms(was)
+
+        yield f"attention fwd+bwd {dn} sliding window (100, 0)", attention_sliding_window
         for M, N in NORM_SHAPES:
             for affine in (True, False):
                 def layer_norm(M=M, N=N, dtype=dtype, affine=affine):

@@ -246,7 +246,8 @@ void check_attention_cuda(const at::Tensor& q, const at::Tensor& k, const char* 
 }
 
 cuda::AttentionShape attention_shape(const at::Tensor& q, const at::Tensor& k, int64_t padded_dim,
-                                     double scale, bool causal, int64_t causal_offset) {
+                                     double scale, bool causal, int64_t causal_offset,
+                                     std::optional<int64_t> window_offset) {
   cuda::AttentionShape shape{};
   shape.B = q.size(0);
   shape.Hq = q.size(1);
@@ -257,6 +258,9 @@ cuda::AttentionShape attention_shape(const at::Tensor& q, const at::Tensor& k, i
   shape.scale = scale;
   shape.causal = causal;
   shape.causal_offset = causal_offset;
+  shape.windowed = window_offset.has_value();
+  // Past [-Tq, Tk] the window hides every key or none: clamped, as the kernels require.
+  shape.window_offset = std::clamp<int64_t>(window_offset.value_or(0), -q.size(2), k.size(2));
   shape.dtype = dtype_of(q.scalar_type());
   return shape;
 }
@@ -270,7 +274,8 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q,  // (B, Hq
                                                  const at::Tensor& k,  // (B, Hkv, Tk, D)
                                                  const at::Tensor& v,  // (B, Hkv, Tk, D)
                                                  double scale, bool causal,
-                                                 int64_t causal_offset) {
+                                                 int64_t causal_offset,
+                                                 std::optional<int64_t> window_offset) {
   const char* op = "attention_fwd";
   check_attention_cuda(q, k, op);
   const c10::cuda::CUDAGuard guard(q.device());
@@ -286,7 +291,7 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q,  // (B, Hq
   const at::Tensor v_r = attention_readable(v, Dp);
   at::Tensor out = at::empty({q.size(0), q.size(1), q.size(2), Dp}, q.options());  // (B, Hq, Tq, Dp)
   cuda::AttentionFwdArgs args{};
-  args.shape = attention_shape(q, k, Dp, scale, causal, causal_offset);
+  args.shape = attention_shape(q, k, Dp, scale, causal, causal_offset, window_offset);
   args.q = attention_input(q_r);
   args.k = attention_input(k_r);
   args.v = attention_input(v_r);
@@ -303,7 +308,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
     const at::Tensor& v,         // (B, Hkv, Tk, D)
     const at::Tensor& out,       // (B, Hq, Tq, D)
     const at::Tensor& lse,       // (B, Hq, Tq) float32
-    double scale, bool causal, int64_t causal_offset) {
+    double scale, bool causal, int64_t causal_offset, std::optional<int64_t> window_offset) {
   const char* op = "attention_bwd";
   check_attention_cuda(q, k, op);
   const c10::cuda::CUDAGuard guard(q.device());
@@ -324,7 +329,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
   at::Tensor dv = at::empty({v.size(0), v.size(1), v.size(2), Dp}, v.options());  // (B, Hkv, Tk, Dp)
   Workspace workspace{q.options(), {}};
   cuda::AttentionBwdArgs args{};
-  args.shape = attention_shape(q, k, Dp, scale, causal, causal_offset);
+  args.shape = attention_shape(q, k, Dp, scale, causal, causal_offset, window_offset);
   args.q = attention_input(q_r);
   args.k = attention_input(k_r);
   args.v = attention_input(v_r);
@@ -437,20 +442,23 @@ void check_attention_inputs(const at::Tensor& q, const at::Tensor& k, const at::
 
 std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q, const at::Tensor& k,
                                                  const at::Tensor& v, double scale, bool causal,
-                                                 int64_t causal_offset) {
+                                                 int64_t causal_offset,
+                                                 std::optional<int64_t> window_offset) {
   check_attention_inputs(q, k, v);
   check_finite(scale, "scale");
 #ifdef FUSEDLM_WITH_CUDA
-  if (q.is_cuda()) return cuda_glue::attention_fwd(q, k, v, scale, causal, causal_offset);
+  if (q.is_cuda()) {
+    return cuda_glue::attention_fwd(q, k, v, scale, causal, causal_offset, window_offset);
+  }
 #endif
   require_cpu_kernel(q, "q", "attention_fwd");
-  return cpu::attention_fwd(q, k, v, scale, causal, causal_offset);
+  return cpu::attention_fwd(q, k, v, scale, causal, causal_offset, window_offset);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const at::Tensor& out, const at::Tensor& lse, double scale, bool causal,
-    int64_t causal_offset) {
+    int64_t causal_offset, std::optional<int64_t> window_offset) {
   check_attention_inputs(q, k, v);
   check_finite(scale, "scale");
   check_defined(grad_out, "grad_out");
@@ -471,11 +479,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
   check_same_device(lse, "lse", q, "q");
 #ifdef FUSEDLM_WITH_CUDA
   if (q.is_cuda()) {
-    return cuda_glue::attention_bwd(grad_out, q, k, v, out, lse, scale, causal, causal_offset);
+    return cuda_glue::attention_bwd(grad_out, q, k, v, out, lse, scale, causal, causal_offset,
+                                    window_offset);
   }
 #endif
   require_cpu_kernel(q, "q", "attention_bwd");
-  return cpu::attention_bwd(grad_out, q, k, v, out, lse, scale, causal, causal_offset);
+  return cpu::attention_bwd(grad_out, q, k, v, out, lse, scale, causal, causal_offset,
+                            window_offset);
 }
 
 // ---- LayerNorm / RMSNorm --------------------------------------------------------------------
@@ -849,15 +859,17 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("attention_fwd", &fusedlm::attention_fwd,
         "Flash-attention forward.\n"
         "q (B, Hq, Tq, D), k/v (B, Hkv, Tk, D), any strides. Key j is visible to query i iff\n"
-        "not causal or j <= i + causal_offset. Returns out (B, Hq, Tq, D) in q's dtype and\n"
-        "lse (B, Hq, Tq) float32 (float64 for float64 inputs).",
+        "(not causal or j <= i + causal_offset) and (window_offset is None or\n"
+        "j >= i + window_offset). Returns out (B, Hq, Tq, D) in q's dtype and lse (B, Hq, Tq)\n"
+        "float32 (float64 for float64 inputs).",
         py::arg("q"), py::arg("k"), py::arg("v"), py::arg("scale"), py::arg("causal"),
-        py::arg("causal_offset"));
+        py::arg("causal_offset"), py::arg("window_offset") = py::none());
   m.def("attention_bwd", &fusedlm::attention_bwd,
         "Flash-attention backward: recomputes the probabilities from lse. Returns dq, dk, dv\n"
         "in the shapes and dtypes of q, k, v (dk, dv summed over the query heads of a kv head).",
         py::arg("grad_out"), py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"),
-        py::arg("lse"), py::arg("scale"), py::arg("causal"), py::arg("causal_offset"));
+        py::arg("lse"), py::arg("scale"), py::arg("causal"), py::arg("causal_offset"),
+        py::arg("window_offset") = py::none());
   m.def("layer_norm_fwd", &fusedlm::layer_norm_fwd,
         "LayerNorm over the last dim. x (M, N); weight, bias (N) or None (dtype of x or float32).\n"
         "Returns y (M, N) in x's dtype, mean and rstd (M) in float32 (float64 for float64 x).",

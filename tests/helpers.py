@@ -155,11 +155,15 @@ def assert_close_rule(
 # ---- independent truths --------------------------------------------------------------------
 
 
-def naive_attention(q, k, v, scale=None, causal=False, causal_offset=None):
+def naive_attention(q, k, v, scale=None, causal=False, causal_offset=None, window=None,
+                    window_offset=None):
     """softmax(q k^T * scale) v written out with torch ops in q's dtype (autograd-able).
 
     q (B, Hq, Tq, D), k/v (B, Hkv, Tk, D). Key j is visible to query i iff not causal or
-    j <= i + causal_offset (default Tk - Tq, bottom-right). Rows that see no key give 0."""
+    j <= i + causal_offset (default Tk - Tq, bottom-right), and, with ``window=(left, right)``
+    (None or -1: no limit on that side), p - left <= j <= p + right where p = i + Tk - Tq, and
+    with ``window_offset`` (the custom op's form) j >= i + window_offset. Rows that see no key
+    give 0."""
     B, Hq, Tq, D = q.shape
     Tk = k.shape[2]
     if scale is None:
@@ -170,10 +174,15 @@ def naive_attention(q, k, v, scale=None, causal=False, causal_offset=None):
     k = k.repeat_interleave(group, dim=1)
     v = v.repeat_interleave(group, dim=1)
     scores = (q @ k.transpose(-1, -2)) * scale
-    if causal:
+    if causal or window is not None or window_offset is not None:
         rows = torch.arange(Tq, device=q.device)[:, None]
         cols = torch.arange(Tk, device=q.device)[None, :]
-        visible = cols <= rows + causal_offset
+        visible = cols <= rows + causal_offset if causal else torch.ones_like(cols == rows)
+        for side, limit in zip((-1, 1), window or (None, None), strict=True):
+            if limit is not None and limit != -1:  # side -1: j >= p - left; 1: j <= p + right
+                visible = visible & (side * (cols - rows - (Tk - Tq)) <= limit)
+        if window_offset is not None:
+            visible = visible & (cols >= rows + window_offset)
         scores = scores.masked_fill(~visible, float("-inf"))
         probs = torch.softmax(scores, dim=-1)
         probs = probs.masked_fill(~visible.any(dim=-1)[:, None], 0.0)

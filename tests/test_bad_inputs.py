@@ -163,6 +163,11 @@ ATTENTION_CASES = [
     ("causal_int", TypeError, "'causal'", lambda: fusedlm.attention(*_qkv(), causal=1)),
     ("scale_nan", ValueError, "'scale'", lambda: fusedlm.attention(*_qkv(), scale=float("nan"))),
     ("scale_str", TypeError, "'scale'", lambda: fusedlm.attention(*_qkv(), scale="0.1")),
+    ("window_int", TypeError, "'window'", lambda: fusedlm.attention(*_qkv(), window=4)),
+    ("window_triple", TypeError, "'window'", lambda: fusedlm.attention(*_qkv(), window=(1, 2, 3))),
+    ("window_float", TypeError, "'window'", lambda: fusedlm.attention(*_qkv(), window=(1.5, 0))),
+    ("window_bool", TypeError, "'window'", lambda: fusedlm.attention(*_qkv(), window=(True, 0))),
+    ("window_negative", ValueError, "'window'", lambda: fusedlm.attention(*_qkv(), window=(0, -2))),
     (
         "backend_unknown",
         ValueError,

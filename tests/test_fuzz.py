@@ -127,7 +127,8 @@ def _attention_case(data, backend):
     return B, Hkv * group, Hkv, Tq, Tk, D, dtype
 
 
-def _attention_truths(q, k, v, grad, scale, causal, offset, backward):
+def _attention_truths(q, k, v, grad, scale, causal, offset, backward, window=None,
+                      window_offset=None):
     """(truth float64, baseline at q's dtype) outputs and gradients of the naive attention."""
     results = []
     for dtype in (torch.float64, q.dtype):
@@ -135,7 +136,8 @@ def _attention_truths(q, k, v, grad, scale, causal, offset, backward):
         if k.shape[1] == 0:  # no heads at all (Hq = Hkv = 0): the naive math divides by Hkv
             out = torch.zeros(q.shape, dtype=dtype)
         else:
-            out = naive_attention(*leaves, scale=scale, causal=causal, causal_offset=offset)
+            out = naive_attention(*leaves, scale=scale, causal=causal, causal_offset=offset,
+                                  window=window, window_offset=window_offset)
         grads = None
         if backward and out.requires_grad and out.numel():
             grads = torch.autograd.grad(out, leaves, grad.to(dtype), allow_unused=True)
@@ -194,25 +196,33 @@ def test_fuzz_attention(backend, fuzz):
         v = make_tensor(data, (B, Hkv, Tk, D), v_dtype)
         grad = make_tensor(data, (B, Hq, Tq, D), dtype)
 
+        # Sliding windows: the op's window_offset (any int, huge ones included) or the public
+        # (left, right) pair; None most of the time.
+        window = window_offset = None
         if via_op:
-            offset = data.draw(
-                st.one_of(st.integers(-300, 300), st.sampled_from([-(2**62), 2**62])),
-                label="causal_offset",
-            )
+            offsets = st.one_of(st.integers(-300, 300), st.sampled_from([-(2**62), 2**62]))
+            offset = data.draw(offsets, label="causal_offset")
+            window_offset = data.draw(st.one_of(st.none(), st.none(), offsets),
+                                      label="window_offset")
             s = scale if scale is not None else 1.0 / math.sqrt(max(D, 1))
 
             def call():
-                fwd = torch.ops.fusedlm.attention_fwd(q, k, v, s, causal, offset, backend)
+                fwd = torch.ops.fusedlm.attention_fwd(q, k, v, s, causal, offset, backend,
+                                                      window_offset)
                 if not backward:
                     return fwd[0], None
                 return fwd[0], torch.ops.fusedlm.attention_bwd(
-                    grad, q, k, v, fwd[0], fwd[1], s, causal, offset, backend)
+                    grad, q, k, v, fwd[0], fwd[1], s, causal, offset, backend, window_offset)
         else:
             offset, s = Tk - Tq, scale
+            side = st.one_of(st.none(), st.just(-1), st.integers(0, 300))
+            window = data.draw(st.one_of(st.none(), st.none(), st.tuples(side, side)),
+                               label="window")
 
             def call():
                 leaves = [t.detach().requires_grad_(backward) for t in (q, k, v)]
-                out = fusedlm.attention(*leaves, causal=causal, scale=scale, backend=backend)
+                out = fusedlm.attention(*leaves, causal=causal, scale=scale, backend=backend,
+                                        window=window)
                 if not backward:
                     return out, None
                 if out.numel() == 0 or not out.requires_grad:
@@ -225,7 +235,8 @@ def test_fuzz_attention(backend, fuzz):
             _expect_clean_error(call)
             return
         out, grads = call()
-        truths = _attention_truths(q, k, v, grad, s, causal, offset, backward)
+        truths = _attention_truths(q, k, v, grad, s, causal, offset, backward, window,
+                                   window_offset)
         _check_attention(out, grads, truths, dtype)
 
     run()

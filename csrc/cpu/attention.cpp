@@ -570,12 +570,39 @@ void scores_by_dots(const float* q, int64_t rows, const float* k, int64_t ld_k, 
   scores_by_dots_generic(q, rows, k, ld_k, cols, D, s);
 }
 
-// Visible keys of query `query` under the mask: keys [0, visible_end). The
-// offset is pre-clamped to [-Tq, Tk] so this never overflows.
-int64_t visible_end(int64_t query, bool causal, int64_t causal_offset, int64_t Tk) {
-  if (!causal) return Tk;
-  return std::clamp<int64_t>(query + causal_offset + 1, 0, Tk);
-}
+// The mask: key j is visible to query i iff (!causal || j <= i + causal_offset) and
+// (!windowed || j >= i + window_offset), so each query sees one contiguous run of keys and each
+// key is seen by one contiguous run of queries. Offsets are clamped to [-Tq, Tk] (past those
+// bounds the limit excludes everything or nothing), so no index computation overflows.
+struct Visibility {
+  int64_t Tq, Tk;
+  bool causal;
+  int64_t causal_offset;
+  bool windowed;
+  int64_t window_offset;
+
+  Visibility(int64_t Tq_, int64_t Tk_, bool causal_, int64_t causal_offset_,
+             std::optional<int64_t> window_offset_)
+      : Tq(Tq_), Tk(Tk_), causal(causal_),
+        causal_offset(std::clamp<int64_t>(causal_offset_, -Tq_, Tk_)),
+        windowed(window_offset_.has_value()),
+        window_offset(std::clamp<int64_t>(window_offset_.value_or(0), -Tq_, Tk_)) {}
+
+  // Keys [key_begin(i), key_end(i)) are visible to query i (empty when begin >= end).
+  int64_t key_begin(int64_t query) const {
+    return windowed ? std::clamp<int64_t>(query + window_offset, 0, Tk) : 0;
+  }
+  int64_t key_end(int64_t query) const {
+    return causal ? std::clamp<int64_t>(query + causal_offset + 1, 0, Tk) : Tk;
+  }
+  // Queries [query_begin(j), query_end(j)) see key j.
+  int64_t query_begin(int64_t key) const {
+    return causal ? std::clamp<int64_t>(key - causal_offset, 0, Tq) : 0;
+  }
+  int64_t query_end(int64_t key) const {
+    return windowed ? std::clamp<int64_t>(key - window_offset + 1, 0, Tq) : Tq;
+  }
+};
 
 // ---------------------------------------------------------------------------------------
 // Forward
@@ -612,8 +639,7 @@ int64_t key_splits(int64_t tiles, int64_t query_blocks, int64_t Tk) {
 // lse: (B, Hq, Tq) contiguous. Requires Tq, Tk, D >= 1.
 template <typename scalar_t>
 void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                    at::Tensor& out, at::Tensor& lse, double scale, bool causal,
-                    int64_t causal_offset) {
+                    at::Tensor& out, at::Tensor& lse, double scale, const Visibility& mask) {
   using acc_t = compute_t<scalar_t>;
   const int64_t B = q.size(0), Hq = q.size(1), Tq = q.size(2), D = q.size(3);
   const int64_t Hkv = k.size(1), Tk = k.size(2);
@@ -679,11 +705,12 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
       const int64_t query_start = zigzag(tile % query_blocks, query_blocks) * kBlockQuery;
       const int64_t head_rows = std::min(kBlockQuery, Tq - query_start);  // rows per head
       const int64_t rows = heads * head_rows;  // tile row r: head r / head_rows, time r % head_rows
-      // The last query row of each head sees the most keys; this split takes keys
+      // The tile's rows see keys [first row's begin, last row's end); this split takes keys
       // [key_begin, kv_end) of them.
-      const int64_t key_begin = item % splits * split_keys;
-      const int64_t kv_end = std::min(
-          key_begin + split_keys, visible_end(query_start + head_rows - 1, causal, causal_offset, Tk));
+      const int64_t split_begin = item % splits * split_keys;
+      const int64_t key_begin = std::max(split_begin, mask.key_begin(query_start));
+      const int64_t kv_end =
+          std::min(split_begin + split_keys, mask.key_end(query_start + head_rows - 1));
 
       std::fill(out_acc.begin(), out_acc.begin() + rows * D, acc_t(0));
       std::fill(running_max.begin(), running_max.end(), neg_inf);
@@ -716,16 +743,18 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
 
         for (int64_t r = 0; r < rows; ++r) {
           acc_t* s = scores.data() + r * cols;
-          // Keys past the causal limit are treated as absent: only the visible
-          // prefix enters the softmax, the rest of P is zero.
-          const int64_t row_end =
-              visible_end(query_start + r % head_rows, causal, causal_offset, Tk);
-          const int64_t visible = std::clamp<int64_t>(row_end - key_start, 0, cols);
-          std::fill(s + visible, s + cols, acc_t(0));
+          // Keys outside the row's visible run are treated as absent: only the visible
+          // columns [lo, hi) enter the softmax, the rest of P is zero.
+          const int64_t time = query_start + r % head_rows;
+          const int64_t hi = std::clamp<int64_t>(mask.key_end(time) - key_start, 0, cols);
+          const int64_t lo = std::clamp<int64_t>(mask.key_begin(time) - key_start, 0, hi);
+          std::fill(s, s + lo, acc_t(0));
+          std::fill(s + hi, s + cols, acc_t(0));
+          const int64_t visible = hi - lo;
           if (visible == 0) continue;
           const acc_t old_max = running_max[r];
-          const acc_t new_max = std::max(old_max, row_max(s, visible));
-          const acc_t block_sum = exp_shift_sum(s, visible, new_max);
+          const acc_t new_max = std::max(old_max, row_max(s + lo, visible));
+          const acc_t block_sum = exp_shift_sum(s + lo, visible, new_max);
           if (old_max == neg_inf) {
             // First visible keys of this row: nothing accumulated to rescale.
             running_sum[r] = block_sum;
@@ -823,8 +852,8 @@ template <typename scalar_t>
 void backward_kernel(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
                      const at::Tensor& v, const compute_t<scalar_t>* lse,
                      const compute_t<scalar_t>* delta, compute_t<scalar_t>* dq_partial,
-                     int64_t splits, at::Tensor& dk, at::Tensor& dv, double scale, bool causal,
-                     int64_t causal_offset) {
+                     int64_t splits, at::Tensor& dk, at::Tensor& dv, double scale,
+                     const Visibility& mask) {
   using acc_t = compute_t<scalar_t>;
   const int64_t B = q.size(0), Hq = q.size(1), Tq = q.size(2), D = q.size(3);
   const int64_t Hkv = k.size(1), Tk = k.size(2);
@@ -862,28 +891,28 @@ void backward_kernel(const at::Tensor& grad_out, const at::Tensor& q, const at::
            ++key_block_index) {
         const int64_t key_start = key_block_index * kBwdBlockKey;
         const int64_t cols = std::min(kBwdBlockKey, Tk - key_start);
-        // First query that sees key key_start (key j is visible to i iff i >= j - offset).
-        const int64_t query_begin =
-            causal ? std::clamp<int64_t>(key_start - causal_offset, 0, Tq) : int64_t(0);
+        // Queries [query_begin, query_stop) see some key of the block.
+        const int64_t query_begin = mask.query_begin(key_start);
+        const int64_t query_stop = mask.query_end(key_start + cols - 1);
         std::fill(dk_acc.begin(), dk_acc.begin() + cols * D, acc_t(0));
         std::fill(dv_acc.begin(), dv_acc.begin() + cols * D, acc_t(0));
 
         const acc_t* key_rows = nullptr;    // (cols, D), leading dimension key_ld
         const acc_t* value_rows = nullptr;  // (cols, D), leading dimension value_ld
         int64_t key_ld = 0, value_ld = 0;
-        if (query_begin < Tq) {
+        if (query_begin < query_stop) {
           key_rows = rows_view(key, batch, kv_head, key_start, cols, D, key_block.data(), &key_ld);
           transpose(key_rows, key_ld, cols, D, key_block_t.data(), cols);
           value_rows =
               rows_view(value, batch, kv_head, key_start, cols, D, value_block.data(), &value_ld);
         }
 
-        for (int64_t head = kv_head * group; head < (kv_head + 1) * group && query_begin < Tq;
-             ++head) {
+        for (int64_t head = kv_head * group;
+             head < (kv_head + 1) * group && query_begin < query_stop; ++head) {
           const int64_t head_index = batch * Hq + head;
           acc_t* dq_transposed = dq_partial + ((split * B * Hq) + head_index) * D * Tq;  // (D, Tq)
           const int64_t first_block_start = query_begin / kBwdBlockQuery * kBwdBlockQuery;
-          for (int64_t query_start = first_block_start; query_start < Tq;
+          for (int64_t query_start = first_block_start; query_start < query_stop;
                query_start += kBwdBlockQuery) {
             const int64_t rows = std::min(kBwdBlockQuery, Tq - query_start);
             int64_t query_ld = 0, grad_ld = 0;
@@ -908,12 +937,14 @@ void backward_kernel(const at::Tensor& grad_out, const at::Tensor& q, const at::
             for (int64_t c = 0; c < cols; ++c) {
               acc_t* p = probs_t.data() + c * rows;
               exp_scale_shift(p, rows, scale_value, lse_shift.data());
-              if (causal) {
-                // Queries before key_start + c - offset do not see key key_start + c.
-                const int64_t masked =
-                    std::clamp<int64_t>(key_start + c - causal_offset - query_start, 0, rows);
-                std::fill(p, p + masked, acc_t(0));
-              }
+              // Only queries [query_begin(key), query_end(key)) see this key.
+              const int64_t key = key_start + c;
+              const int64_t hidden_end =
+                  std::clamp<int64_t>(mask.query_end(key) - query_start, 0, rows);
+              const int64_t hidden_begin =
+                  std::clamp<int64_t>(mask.query_begin(key) - query_start, 0, hidden_end);
+              std::fill(p, p + hidden_begin, acc_t(0));
+              std::fill(p + hidden_end, p + rows, acc_t(0));
             }
             // dV (cols, D) += P^T (cols, rows) @ dO (rows, D)
             matmul(cols, D, rows, probs_t.data(), rows, grad_rows, grad_ld, dv_acc.data(), D,
@@ -973,12 +1004,6 @@ void reduce_dq(const compute_t<scalar_t>* dq_partial, int64_t splits, double sca
   });
 }
 
-int64_t clamp_offset(int64_t causal_offset, int64_t Tq, int64_t Tk) {
-  // Beyond these bounds the mask is all-visible / all-hidden anyway; clamping
-  // keeps every index computation far from overflow.
-  return std::clamp<int64_t>(causal_offset, -Tq, Tk);
-}
-
 at::ScalarType lse_dtype(const at::Tensor& q) {
   return q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
@@ -987,11 +1012,12 @@ at::ScalarType lse_dtype(const at::Tensor& q) {
 
 std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q, const at::Tensor& k,
                                                  const at::Tensor& v, double scale, bool causal,
-                                                 int64_t causal_offset) {
+                                                 int64_t causal_offset,
+                                                 std::optional<int64_t> window_offset) {
   const int64_t B = q.size(0), Hq = q.size(1), Tq = q.size(2), D = q.size(3);
   const int64_t Hkv = k.size(1), Tk = k.size(2);
   TORCH_CHECK(Hkv > 0 ? Hq % Hkv == 0 : Hq == 0, "attention_fwd: Hq must be a multiple of Hkv");
-  causal_offset = clamp_offset(causal_offset, Tq, Tk);
+  const Visibility mask(Tq, Tk, causal, causal_offset, window_offset);
   at::Tensor out = at::empty({B, Hq, Tq, D}, q.options());                       // (B, Hq, Tq, D)
   at::Tensor lse = at::empty({B, Hq, Tq}, q.options().dtype(lse_dtype(q)));  // (B, Hq, Tq)
   if (out.numel() == 0 && lse.numel() == 0) return {out, lse};
@@ -1003,7 +1029,8 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q, const at::
     AT_DISPATCH_FLOATING_TYPES(lse.scalar_type(), "fusedlm_attention_fwd_degenerate", [&] {
       scalar_t* lse_data = lse.data_ptr<scalar_t>();
       for (int64_t row = 0; row < lse.numel(); ++row) {
-        const int64_t visible = visible_end(row % Tq, causal, causal_offset, Tk);
+        const int64_t visible =
+            std::max<int64_t>(0, mask.key_end(row % Tq) - mask.key_begin(row % Tq));
         lse_data[row] = visible > 0 ? static_cast<scalar_t>(std::log(static_cast<double>(visible)))
                                     : static_cast<scalar_t>(kNegInf);
       }
@@ -1013,7 +1040,7 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q, const at::
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(),
                                   "fusedlm_attention_fwd", [&] {
-    forward_kernel<scalar_t>(q, k, v, out, lse, scale, causal, causal_offset);
+    forward_kernel<scalar_t>(q, k, v, out, lse, scale, mask);
   });
   return {out, lse};
 }
@@ -1021,11 +1048,11 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q, const at::
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const at::Tensor& out, const at::Tensor& lse, double scale, bool causal,
-    int64_t causal_offset) {
+    int64_t causal_offset, std::optional<int64_t> window_offset) {
   const int64_t B = q.size(0), Hq = q.size(1), Tq = q.size(2), D = q.size(3);
   const int64_t Hkv = k.size(1), Tk = k.size(2);
   TORCH_CHECK(Hkv > 0 ? Hq % Hkv == 0 : Hq == 0, "attention_bwd: Hq must be a multiple of Hkv");
-  causal_offset = clamp_offset(causal_offset, Tq, Tk);
+  const Visibility mask(Tq, Tk, causal, causal_offset, window_offset);
   at::Tensor dq = at::empty({B, Hq, Tq, D}, q.options());   // (B, Hq, Tq, D)
   at::Tensor dk = at::empty({B, Hkv, Tk, D}, k.options());  // (B, Hkv, Tk, D)
   at::Tensor dv = at::empty({B, Hkv, Tk, D}, v.options());  // (B, Hkv, Tk, D)
@@ -1064,7 +1091,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
         at::zeros({splits, B, Hq, D, Tq}, q.options().dtype(acc_dtype));  // (splits, B, Hq, D, Tq)
     backward_kernel<scalar_t>(grad_out_c, q, k, v, lse_c.const_data_ptr<acc_t>(),
                               delta.const_data_ptr<acc_t>(), dq_partial.data_ptr<acc_t>(),
-                              splits, dk, dv, scale, causal, causal_offset);
+                              splits, dk, dv, scale, mask);
     reduce_dq<scalar_t>(dq_partial.const_data_ptr<acc_t>(), splits, scale, dq);
   });
   return {dq, dk, dv};

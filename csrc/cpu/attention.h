@@ -4,13 +4,16 @@
 
 #include <ATen/core/Tensor.h>
 
+#include <optional>
 #include <tuple>
 
 namespace fusedlm::cpu {
 
-// Key j is visible to query i iff !causal || j <= i + causal_offset.
+// Key j is visible to query i iff (!causal || j <= i + causal_offset) and
+// (!window_offset || j >= i + *window_offset) (local / sliding-window attention).
 //   causal_offset = Tk - Tq  -> bottom-right alignment (FlashAttention, fusedlm.attention)
 //   causal_offset = 0        -> top-left alignment (torch SDPA is_causal)
+//   window_offset = Tk - Tq - (W - 1) with causal -> each query sees its last W keys
 // A query row that sees no key gets out = 0 and lse = -inf.
 //
 // q:   (B, Hq, Tq, D)   any strides
@@ -21,7 +24,8 @@ namespace fusedlm::cpu {
 // dtypes: float64, float32, bfloat16, float16 (low precision computed in float32).
 std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q, const at::Tensor& k,
                                                  const at::Tensor& v, double scale, bool causal,
-                                                 int64_t causal_offset);
+                                                 int64_t causal_offset,
+                                                 std::optional<int64_t> window_offset);
 
 // grad_out: (B, Hq, Tq, D) any strides; out, lse as returned by attention_fwd.
 // returns dq: (B, Hq, Tq, D), dk: (B, Hkv, Tk, D), dv: (B, Hkv, Tk, D), contiguous,
@@ -29,6 +33,6 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q, const at::
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const at::Tensor& out, const at::Tensor& lse, double scale, bool causal,
-    int64_t causal_offset);
+    int64_t causal_offset, std::optional<int64_t> window_offset);
 
 }  // namespace fusedlm::cpu

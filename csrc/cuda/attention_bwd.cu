@@ -91,7 +91,7 @@ __device__ __forceinline__ void probabilities_and_score_grads(
       if (need_mask) {
         const int64_t row = row0 + 8 * r;
         const int64_t col = n0 + nb * 8 + 2 * t + (i & 1);
-        if (row >= s.Tq || col >= s.Tk || (s.causal && col > row + s.causal_offset)) p = 0.f;
+        if (row >= s.Tq || !key_visible(s, row, col)) p = 0.f;
       }
       scores[nb][i] = p;
       dp[nb][i] = p * (dp[nb][i] - stats.delta[r]);
@@ -187,10 +187,11 @@ __global__ void __launch_bounds__(kWarps * 32)
   const T* k = head_pointer<T>(args.k, b, h_kv);
   const T* v = head_pointer<T>(args.v, b, h_kv);
 
-  // Query tiles that see any key of this tile: from the first row i with n0 <= i + offset.
-  int64_t m_block_min = 0;
-  if (s.causal) m_block_min = std::max<int64_t>(0, n0 - s.causal_offset) / kBlock;
-  const int64_t per_head = std::max<int64_t>(0, ceil_div(Tq, kBlock) - m_block_min);
+  // Query tiles that see any key of this tile: from the first row i with n0 <= i + offset (to,
+  // under a sliding window, the last with i + window_offset <= the tile's last key).
+  int64_t m_block_min = 0, m_block_end = 0;
+  query_tile_range(s, n0, kBlock, kBlock, &m_block_min, &m_block_end);
+  const int64_t per_head = std::max<int64_t>(0, m_block_end - m_block_min);
   const int64_t iterations = group * per_head;  // (query head of the group, query tile) pairs
 
   // The query-side pointers of iteration `it`.
@@ -243,7 +244,8 @@ __global__ void __launch_bounds__(kWarps * 32)
       const RowStats stats = load_row_stats(args.lse + (b * s.Hq + h) * Tq,
                                             delta + (b * s.Hq + h) * Tq, row0, Tq);
       const bool need_mask = m0 + kBlock > Tq || n0 + kBlock > Tk ||
-                             (s.causal && n0 + kBlock - 1 > m0 + s.causal_offset);
+                             (s.causal && n0 + kBlock - 1 > m0 + s.causal_offset) ||
+                             (s.windowed && n0 < m0 + kBlock - 1 + s.window_offset);
       probabilities_and_score_grads<kNBlocks>(scores[0], dp[0], stats, scale_log2, row0, n0, t,
                                               need_mask, s);
       store_accumulators<T, kNBlocks>(sP, kPStride, warp * 16, scores[0], g, t);
@@ -345,22 +347,26 @@ __global__ void __launch_bounds__(kWarps * 32)
     const int64_t last_visible = std::min(m0 + kBlockM, Tq) - 1 + s.causal_offset;
     n_blocks = last_visible < 0 ? 0 : std::min(n_blocks, last_visible / kBlockN + 1);
   }
+  const int64_t n_first = first_key_tile(s, m0, kBlockN);
   const int64_t row0 = m0 + warp * 16 + g;
 
   float dq[1][kDBlocks][4] = {};
-  if (n_blocks > 0) {
+  if (n_blocks > n_first) {
+    const int64_t first0 = n_first * kBlockN;
     load_tile_async<kBlockM, kHeadDim, kThreads>(sQ, q + m0 * args.q.token_stride,
                                                  args.q.token_stride, Tq - m0, D, q, tid);
     load_tile_async<kBlockM, kHeadDim, kThreads>(sdO, dout + m0 * args.grad_out.token_stride,
                                                  args.grad_out.token_stride, Tq - m0, D, dout, tid);
-    load_tile_async<kBlockN, kHeadDim, kThreads>(sK, k, args.k.token_stride, Tk, D, k, tid);
-    load_tile_async<kBlockN, kHeadDim, kThreads>(sV, v, args.v.token_stride, Tk, D, v, tid);
+    load_tile_async<kBlockN, kHeadDim, kThreads>(sK, k + first0 * args.k.token_stride,
+                                                 args.k.token_stride, Tk - first0, D, k, tid);
+    load_tile_async<kBlockN, kHeadDim, kThreads>(sV, v + first0 * args.v.token_stride,
+                                                 args.v.token_stride, Tk - first0, D, v, tid);
     cp_async_commit();
     const RowStats stats = load_row_stats(args.lse + (b * s.Hq + h) * Tq,
                                           delta + (b * s.Hq + h) * Tq, row0, Tq);
 
-    for (int64_t n = 0; n < n_blocks; ++n) {
-      const int buf = static_cast<int>(n & 1);
+    for (int64_t n = n_first; n < n_blocks; ++n) {
+      const int buf = static_cast<int>((n - n_first) & 1);
       if (n + 1 < n_blocks) {
         const int64_t next0 = (n + 1) * kBlockN;
         load_tile_async<kBlockN, kHeadDim, kThreads>(
@@ -384,7 +390,8 @@ __global__ void __launch_bounds__(kWarps * 32)
       warp_gemm_rows_rows<T, 1, kNBlocks, kHeadDim>(dp, sdO, kStride, warp * 16, sVb, kStride, 0,
                                                     lane);
       const bool need_mask = m0 + kBlockM > Tq || n0 + kBlockN > Tk ||
-                             (s.causal && n0 + kBlockN - 1 > m0 + s.causal_offset);
+                             (s.causal && n0 + kBlockN - 1 > m0 + s.causal_offset) ||
+                             (s.windowed && n0 < m0 + kBlockM - 1 + s.window_offset);
       probabilities_and_score_grads<kNBlocks>(scores[0], dp[0], stats, scale_log2, row0, n0, t,
                                               need_mask, s);
       uint32_t ds_frag[1][kBlockN / 16][4];

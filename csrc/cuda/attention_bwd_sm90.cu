@@ -410,7 +410,9 @@ cudaError_t launch_bwd_sm90(const AttentionBwdArgs& args, const float* delta,
 cudaError_t attention_bwd_sm90(const AttentionBwdArgs& args, const float* delta,
                                float* dq_accumulator, cudaStream_t stream) {
   const AttentionShape& s = args.shape;
-  if (!valid_shape(s) || s.D > 128 || !sm90_enabled()) return cudaErrorNotSupported;
+  // Sliding windows: the sm_80 kernels (this one's pipeline walks the query tiles from the
+  // causal start to the end).
+  if (!valid_shape(s) || s.D > 128 || s.windowed || !sm90_enabled()) return cudaErrorNotSupported;
   using backward::launch_bwd_sm90;
   return dispatch_half_types(s.dtype, [&](auto tag) -> cudaError_t {
     using T = decltype(tag);

@@ -52,12 +52,14 @@ __global__ void __launch_bounds__(kWarps * 32)
   const T* k = head_pointer<T>(args.k, b, h_kv);
   const T* v = head_pointer<T>(args.v, b, h_kv);
 
-  // Key tiles this query tile sees: all of them, or (causal) up to its last row's last key.
+  // Key tiles this query tile sees: all of them, or (causal) up to its last row's last key,
+  // from (sliding window) the tile of its first row's first key.
   int64_t n_blocks = ceil_div(Tk, kBlockN);
   if (s.causal) {
     const int64_t last_visible = std::min(m0 + kBlockM, Tq) - 1 + s.causal_offset;
     n_blocks = last_visible < 0 ? 0 : std::min(n_blocks, last_visible / kBlockN + 1);
   }
+  const int64_t n_first = first_key_tile(s, m0, kBlockN);
 
   float o[kMTiles][kDBlocks][4] = {};  // output accumulator (C layout)
   float row_max[kMTiles][2];           // running max of the scaled scores, log2 units
@@ -66,15 +68,18 @@ __global__ void __launch_bounds__(kWarps * 32)
   for (int mt = 0; mt < kMTiles; ++mt) row_max[mt][0] = row_max[mt][1] = -INFINITY;
   const float scale_log2 = static_cast<float>(s.scale) * kLog2e;
 
-  if (n_blocks > 0) {
+  if (n_blocks > n_first) {
+    const int64_t first0 = n_first * kBlockN;
     load_tile_async<kBlockM, kHeadDim, kThreads>(sQ, q + m0 * args.q.token_stride,
                                                  args.q.token_stride, Tq - m0, D, q, tid);
-    load_tile_async<kBlockN, kHeadDim, kThreads>(sK, k, args.k.token_stride, Tk, D, k, tid);
-    load_tile_async<kBlockN, kHeadDim, kThreads>(sV, v, args.v.token_stride, Tk, D, v, tid);
+    load_tile_async<kBlockN, kHeadDim, kThreads>(sK, k + first0 * args.k.token_stride,
+                                                 args.k.token_stride, Tk - first0, D, k, tid);
+    load_tile_async<kBlockN, kHeadDim, kThreads>(sV, v + first0 * args.v.token_stride,
+                                                 args.v.token_stride, Tk - first0, D, v, tid);
     cp_async_commit();
 
-    for (int64_t n = 0; n < n_blocks; ++n) {
-      const int buf = static_cast<int>(n & 1);
+    for (int64_t n = n_first; n < n_blocks; ++n) {
+      const int buf = static_cast<int>((n - n_first) & 1);
       if (n + 1 < n_blocks) {  // prefetch the next K and V tiles into the other buffer
         const int64_t next0 = (n + 1) * kBlockN;
         load_tile_async<kBlockN, kHeadDim, kThreads>(
@@ -95,10 +100,12 @@ __global__ void __launch_bounds__(kWarps * 32)
                                                           warp * 16 * kMTiles, sKb, kStride, 0,
                                                           lane);
 
-      // Scale to log2 units and mask: past Tk, and (causal) keys after the row's last visible.
+      // Scale to log2 units and mask: past Tk, (causal) keys after the row's last visible and
+      // (sliding window) before its first.
       const int64_t n0 = n * kBlockN;
-      const bool need_mask =
-          n0 + kBlockN > Tk || (s.causal && n0 + kBlockN - 1 > m0 + s.causal_offset);
+      const bool need_mask = n0 + kBlockN > Tk ||
+                             (s.causal && n0 + kBlockN - 1 > m0 + s.causal_offset) ||
+                             (s.windowed && n0 < m0 + kBlockM - 1 + s.window_offset);
 #pragma unroll
       for (int mt = 0; mt < kMTiles; ++mt) {
 #pragma unroll
@@ -109,7 +116,7 @@ __global__ void __launch_bounds__(kWarps * 32)
             if (need_mask) {
               const int64_t row = m0 + warp * 16 * kMTiles + mt * 16 + g + (i >= 2 ? 8 : 0);
               const int64_t col = n0 + nb * 8 + 2 * t + (i & 1);
-              if (col >= Tk || (s.causal && col > row + s.causal_offset)) x = -INFINITY;
+              if (!key_visible(s, row, col)) x = -INFINITY;
             }
             scores[mt][nb][i] = x;
           }

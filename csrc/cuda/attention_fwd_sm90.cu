@@ -453,7 +453,8 @@ bool sm90_enabled() {
 
 cudaError_t attention_fwd_sm90(const AttentionFwdArgs& args, cudaStream_t stream) {
   const AttentionShape& s = args.shape;
-  if (!valid_shape(s) || s.D > 128 || !sm90_enabled()) return cudaErrorNotSupported;
+  // Sliding windows: the sm_80 kernel (this one's pipeline walks the key tiles from 0).
+  if (!valid_shape(s) || s.D > 128 || s.windowed || !sm90_enabled()) return cudaErrorNotSupported;
   return dispatch_half_types(s.dtype, [&](auto tag) -> cudaError_t {
     using T = decltype(tag);
     return s.D <= 64 ? launch_fwd_sm90<T, 64>(args, stream) : launch_fwd_sm90<T, 128>(args, stream);

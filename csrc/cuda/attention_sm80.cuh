@@ -284,10 +284,39 @@ __device__ __forceinline__ const T* head_pointer(const AttentionInput& in, int64
 }
 
 // The shapes the launchers take: nonempty (empty ones are the caller's: zeros, -inf or empty
-// results without a kernel), D a multiple of 8 up to 256, whole GQA groups.
+// results without a kernel), D a multiple of 8 up to 256, whole GQA groups, a window offset in
+// [-Tq, Tk].
 inline bool valid_shape(const AttentionShape& s) {
   return s.B > 0 && s.Hq > 0 && s.Hkv > 0 && s.Tq > 0 && s.Tk > 0 && s.D % 8 == 0 && s.D >= 8 &&
-         s.D <= 256 && s.Hq % s.Hkv == 0;
+         s.D <= 256 && s.Hq % s.Hkv == 0 &&
+         (!s.windowed || (s.window_offset >= -s.Tq && s.window_offset <= s.Tk));
+}
+
+// Whether query `row` sees key `col` (both in range): the causal limit and the sliding window.
+__device__ __forceinline__ bool key_visible(const AttentionShape& s, int64_t row, int64_t col) {
+  return col < s.Tk && !(s.causal && col > row + s.causal_offset) &&
+         !(s.windowed && col < row + s.window_offset);
+}
+
+// The first key tile (of `block_n` keys) a query tile starting at row m0 sees: 0, or (sliding
+// window) the tile of its first row's first visible key.
+__device__ __forceinline__ int64_t first_key_tile(const AttentionShape& s, int64_t m0,
+                                                  int64_t block_n) {
+  return s.windowed ? std::max<int64_t>(0, m0 + s.window_offset) / block_n : 0;
+}
+
+// Query tiles (of `block_m` rows) that see a key of the tile [n0, n0 + block_n): from the first
+// whose last row is past the causal limit's start to (sliding window) the last whose first row
+// is before the window's end; empty when first >= end.
+__device__ __forceinline__ void query_tile_range(const AttentionShape& s, int64_t n0,
+                                                 int64_t block_m, int64_t block_n,
+                                                 int64_t* first, int64_t* end) {
+  *first = s.causal ? std::max<int64_t>(0, n0 - s.causal_offset) / block_m : 0;
+  *end = ceil_div(s.Tq, block_m);
+  if (s.windowed) {
+    const int64_t last_row = n0 + block_n - 1 - s.window_offset;  // the last query seeing a key
+    *end = last_row < 0 ? 0 : std::min<int64_t>(*end, last_row / block_m + 1);
+  }
 }
 
 // The launches use one-dimensional grids (2^31 - 1 blocks, unlike the 65535 of y and z, so any

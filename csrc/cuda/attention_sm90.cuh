@@ -346,8 +346,8 @@ inline cudaError_t encode_input(CUtensorMap* map, const AttentionShape& s,
 bool sm90_enabled();
 
 // The forward on the sm_90a kernel (attention_fwd_sm90.cu) when this build has it, the device is
-// sm_90, D <= 128 and TMA can describe the inputs; cudaErrorNotSupported (nothing launched)
-// otherwise, and the caller runs the sm_80 kernel.
+// sm_90, D <= 128, no sliding window and TMA can describe the inputs; cudaErrorNotSupported
+// (nothing launched) otherwise, and the caller runs the sm_80 kernel.
 cudaError_t attention_fwd_sm90(const AttentionFwdArgs& args, cudaStream_t stream);
 
 // FUSEDLM_ATTENTION_SM90=require: where the sm_90a kernels do not apply, the call fails.
@@ -356,7 +356,7 @@ bool sm90_required();
 // dK, dV and the float32 dQ accumulator (added to, zeroed by the caller; nullptr: no dQ, for
 // the deterministic backward) on the sm_90a kernel, from delta = rowsum(dO * O) (B * Hq * Tq
 // floats); cudaErrorNotSupported (nothing launched) where it does not apply: not sm_90,
-// D > 128, or inputs TMA cannot describe.
+// D > 128, a sliding window, or inputs TMA cannot describe.
 cudaError_t attention_bwd_sm90(const AttentionBwdArgs& args, const float* delta,
                                float* dq_accumulator, cudaStream_t stream);
 

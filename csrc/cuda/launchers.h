@@ -75,7 +75,9 @@ cudaError_t norm_bwd(const NormBwdArgs& args, cudaStream_t stream);
 //
 // Flash attention on tensor cores (mma.sync m16n8k16, ldmatrix, cp.async: sm_80 and newer),
 // float16/bfloat16 in, float32 accumulation and statistics. Key j is visible to query i iff
-// !causal || j <= i + causal_offset. A query row that sees no key gets out = 0, lse = -inf.
+// (!causal || j <= i + causal_offset) && (!windowed || j >= i + window_offset). A query row that
+// sees no key gets out = 0, lse = -inf. The sm_90a kernels take no window (the sm_80 ones run
+// windowed calls on Hopper too).
 //
 // Inputs are read in place through their batch, head and token strides (in elements): the
 // head dim must be contiguous, D a multiple of 8 (1..256), every stride a multiple of 8 and the
@@ -100,6 +102,8 @@ struct AttentionShape {
   double scale;           // multiplies q . k
   bool causal;
   int64_t causal_offset;  // Tk - Tq for bottom-right alignment, 0 for top-left
+  bool windowed;          // sliding window: keys before i + window_offset are hidden
+  int64_t window_offset;  // in [-Tq, Tk] (the caller clamps; past that it hides all or none)
   DType dtype;            // kFloat16 or kBFloat16
 };
 

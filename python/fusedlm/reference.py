@@ -83,13 +83,20 @@ def rms_norm_bwd(
 # ---- attention: q (B, Hq, Tq, D), k/v (B, Hkv, Tk, D) ---------------------------------------
 
 
-def _visible(Tq: int, Tk: int, causal: bool, causal_offset: int, device) -> Tensor | None:
-    """(Tq, Tk) bool: key j visible to query i iff j <= i + causal_offset; None if all visible."""
-    if not causal:
+def _visible(Tq: int, Tk: int, causal: bool, causal_offset: int, window_offset: int | None,
+             device) -> Tensor | None:
+    """(Tq, Tk) bool: key j visible to query i iff (not causal or j <= i + causal_offset) and
+    (window_offset is None or j >= i + window_offset); None if all visible."""
+    if not causal and window_offset is None:
         return None
     rows = torch.arange(Tq, device=device)[:, None]
     cols = torch.arange(Tk, device=device)[None, :]
-    return cols <= rows + causal_offset
+    visible = torch.ones(Tq, Tk, dtype=torch.bool, device=device)
+    if causal:
+        visible &= cols <= rows + causal_offset
+    if window_offset is not None:
+        visible &= cols >= rows + window_offset
+    return visible
 
 
 def _expand_kv(t: Tensor, Hq: int) -> Tensor:
@@ -97,12 +104,12 @@ def _expand_kv(t: Tensor, Hq: int) -> Tensor:
     return t.repeat_interleave(Hq // t.shape[1], dim=1) if t.shape[1] != Hq else t
 
 
-def _probabilities(q, k, scale, causal, causal_offset):
+def _probabilities(q, k, scale, causal, causal_offset, window_offset):
     """Scores and log-sum-exp in the compute dtype; fully masked rows get lse = -inf."""
     dtype = compute_dtype(q.dtype)
     k_full = _expand_kv(k, q.shape[1]).to(dtype)
     scores = torch.matmul(q.to(dtype), k_full.transpose(-1, -2)) * scale  # (B, Hq, Tq, Tk)
-    mask = _visible(q.shape[2], k.shape[2], causal, causal_offset, q.device)
+    mask = _visible(q.shape[2], k.shape[2], causal, causal_offset, window_offset, q.device)
     if mask is not None:
         scores = scores.masked_fill(~mask, -math.inf)
     lse = torch.logsumexp(scores, dim=-1)  # (B, Hq, Tq); -inf where no key is visible
@@ -112,20 +119,23 @@ def _probabilities(q, k, scale, causal, causal_offset):
 
 
 def attention_fwd(
-    q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool, causal_offset: int
+    q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool, causal_offset: int,
+    window_offset: int | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """Returns out (B, Hq, Tq, D) in q's dtype and lse (B, Hq, Tq) in the compute dtype."""
-    probs, lse = _probabilities(q, k, scale, causal, causal_offset)
+    """Returns out (B, Hq, Tq, D) in q's dtype and lse (B, Hq, Tq) in the compute dtype. Key j
+    is visible to query i iff (not causal or j <= i + causal_offset) and (window_offset is None
+    or j >= i + window_offset); rows that see no key give 0 and lse -inf."""
+    probs, lse = _probabilities(q, k, scale, causal, causal_offset, window_offset)
     v_full = _expand_kv(v, q.shape[1]).to(probs.dtype)
     return torch.matmul(probs, v_full).to(q.dtype).contiguous(), lse.contiguous()
 
 
 def attention_bwd(
     grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
-    scale: float, causal: bool, causal_offset: int,
+    scale: float, causal: bool, causal_offset: int, window_offset: int | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Returns dq, dk, dv in the shapes and dtypes of q, k, v."""
-    probs, _ = _probabilities(q, k, scale, causal, causal_offset)
+    probs, _ = _probabilities(q, k, scale, causal, causal_offset, window_offset)
     dtype = probs.dtype
     B, Hq, Tq, D = q.shape
     Hkv = k.shape[1]

@@ -905,3 +905,23 @@ def test_hopper_require_fails_where_it_does_not_apply(monkeypatch):
     q, k, v = _qkv((1, 2, 2, 64, 64, 192), torch.float16)
     with pytest.raises(RuntimeError, match="not supported"):
         fusedlm.attention(q, k, v, causal=True, backend="cuda")
+
+
+# Sliding windows run on the sm_80 kernels (Hopper included: the sm_90a ones take none).
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize(
+    ("shape", "window", "causal"),
+    [
+        ((2, 8, 2, 2048, 2048, 128), (511, 0), True),  # Mistral-style causal window
+        ((2, 4, 4, 1024, 1024, 64), (64, 64), False),  # ModernBERT-style two-sided local
+        ((1, 4, 2, 700, 1900, 96), (300, None), True),  # Tq < Tk, padded head dim
+        ((1, 2, 1, 3, 3000, 64), (999, 0), True),  # decoding with a window
+    ],
+    ids=["causal-w512-T2048-D128", "local-64-T1024-D64", "w301-Tq700-Tk1900-D96",
+         "decode-w1000"],
+)
+def test_attention_sliding_window(shape, window, causal, dtype):
+    from tests.ops.test_attention import _check_attention
+
+    q, k, v = _qkv(shape, dtype)
+    _check_attention(q, k, v, causal, "cuda", window=window, backward=dtype == torch.float16)

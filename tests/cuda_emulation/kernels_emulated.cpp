@@ -52,7 +52,8 @@ fusedlm::cuda::AttentionInput input(const void* data, const int64_t* strides) {
   return fusedlm::cuda::AttentionInput{data, strides[0], strides[1], strides[2]};
 }
 
-// shape: B, Hq, Hkv, Tq, Tk, D, causal, causal_offset; dtype 0 float16, 1 bfloat16.
+// shape: B, Hq, Hkv, Tq, Tk, D, causal, causal_offset, windowed, window_offset; dtype 0 float16,
+// 1 bfloat16.
 fusedlm::cuda::AttentionShape make_shape(const int64_t* shape, double scale, int dtype) {
   fusedlm::cuda::AttentionShape s{};
   s.B = shape[0];
@@ -63,6 +64,8 @@ fusedlm::cuda::AttentionShape make_shape(const int64_t* shape, double scale, int
   s.D = shape[5];
   s.causal = shape[6] != 0;
   s.causal_offset = shape[7];
+  s.windowed = shape[8] != 0;
+  s.window_offset = shape[9];
   s.scale = scale;
   s.dtype = dtype == 0 ? fusedlm::cuda::DType::kFloat16 : fusedlm::cuda::DType::kBFloat16;
   return s;

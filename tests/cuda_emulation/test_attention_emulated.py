@@ -59,8 +59,10 @@ def _strides(t: torch.Tensor):
     return (ctypes.c_int64 * 3)(*[0 if t.shape[i] == 1 else t.stride(i) for i in range(3)])
 
 
-def _shape_arg(B, Hq, Hkv, Tq, Tk, D, causal, offset):
-    return (ctypes.c_int64 * 8)(B, Hq, Hkv, Tq, Tk, D, int(causal), offset)
+def _shape_arg(B, Hq, Hkv, Tq, Tk, D, causal, offset, window_offset=None):
+    windowed = window_offset is not None
+    return (ctypes.c_int64 * 10)(B, Hq, Hkv, Tq, Tk, D, int(causal), offset, int(windowed),
+                                 window_offset if windowed else 0)
 
 
 LOCKSTEP, WARPS_FORWARD, WARPS_BACKWARD, WARPGROUPS_FORWARD, WARPGROUPS_BACKWARD = range(5)
@@ -68,7 +70,7 @@ CUDA_ERROR_NOT_SUPPORTED = 801  # cudaErrorNotSupported
 
 
 def _run(lib, q, k, v, grad_out, causal, offset, late, deterministic, schedule=WARPS_FORWARD,
-         shared_bytes=H100_SHARED_BYTES, hopper=False):
+         shared_bytes=H100_SHARED_BYTES, hopper=False, window_offset=None):
     """Forward and backward through the emulated launchers (with ``hopper``, on an emulated
     sm_90 device: the forward on the sm_90a kernel alone, the backward through the launcher with
     FUSEDLM_ATTENTION_SM90=require). Returns out, lse, dq, dk, dv."""
@@ -83,7 +85,7 @@ def _run(lib, q, k, v, grad_out, causal, offset, late, deterministic, schedule=W
     Hkv, Tk = k.shape[1], k.shape[2]
     dtype_code = 0 if q.dtype == torch.float16 else 1
     scale = 1.0 / math.sqrt(D)
-    shape = _shape_arg(B, Hq, Hkv, Tq, Tk, D, causal, offset)
+    shape = _shape_arg(B, Hq, Hkv, Tq, Tk, D, causal, offset, window_offset)
     out, out_buffer = _output((B, Hq, Tq, D), q.dtype)
     lse, lse_buffer = _output((B, Hq, Tq), torch.float32)
     status = lib.emulated_attention_fwd(
@@ -106,7 +108,8 @@ def _run(lib, q, k, v, grad_out, causal, offset, late, deterministic, schedule=W
 
 
 def _check(lib, shape, causal, dtype, layout="contiguous", late=True, deterministic=False,
-           offset=None, schedule=WARPS_FORWARD, shared_bytes=H100_SHARED_BYTES, hopper=False):
+           offset=None, schedule=WARPS_FORWARD, shared_bytes=H100_SHARED_BYTES, hopper=False,
+           window_offset=None):
     B, Hq, Hkv, Tq, Tk, D = shape
     offset = Tk - Tq if offset is None else offset
     gen = torch.Generator().manual_seed(hash((shape, causal, str(dtype))) % 2**31)
@@ -115,20 +118,24 @@ def _check(lib, shape, causal, dtype, layout="contiguous", late=True, determinis
     q64, k64, v64, do64 = (t.to(dtype).double() for t in values)  # the values the kernel sees
     q, k, v, grad_out = (_guarded(t.to(dtype), layout)[0] for t in (q64, k64, v64, do64))
     out, lse, dq, dk, dv = _run(lib, q, k, v, grad_out, causal, offset, late, deterministic,
-                                schedule, shared_bytes, hopper)
+                                schedule, shared_bytes, hopper, window_offset)
 
     leaves64 = [t.clone().requires_grad_(True) for t in (q64, k64, v64)]
-    truth = naive_attention(*leaves64, causal=causal, causal_offset=offset)
+    truth = naive_attention(*leaves64, causal=causal, causal_offset=offset,
+                            window_offset=window_offset)
     truth_grads = torch.autograd.grad(truth, leaves64, do64)
     leaves = [t.to(dtype).requires_grad_(True) for t in (q64, k64, v64)]
-    baseline = naive_attention(*leaves, causal=causal, causal_offset=offset)
+    baseline = naive_attention(*leaves, causal=causal, causal_offset=offset,
+                               window_offset=window_offset)
     baseline_grads = torch.autograd.grad(baseline, leaves, do64.to(dtype))
 
     assert_close_rule(out, baseline, truth, name="out")
     scores = (q64 @ k64.repeat_interleave(Hq // Hkv, 1).transpose(-1, -2)) / math.sqrt(D)
+    rows, cols = torch.arange(Tq)[:, None], torch.arange(Tk)[None, :]
     if causal:
-        rows = torch.arange(Tq)[:, None]
-        scores = scores.masked_fill(torch.arange(Tk)[None, :] > rows + offset, float("-inf"))
+        scores = scores.masked_fill(cols > rows + offset, float("-inf"))
+    if window_offset is not None:
+        scores = scores.masked_fill(cols < rows + window_offset, float("-inf"))
     lse_truth = torch.logsumexp(scores, dim=-1)
     seen = torch.isfinite(lse_truth)
     assert torch.equal(torch.isfinite(lse), seen), "lse: -inf rows differ"
@@ -185,6 +192,37 @@ def test_copy_timing_and_schedules(library, timing, deterministic):
 def test_strided_layout(library):
     """q, k, v, grad_out read in place from (B, T, H, D) memory through their strides."""
     _check(library, (2, 2, 2, 40, 50, 64), True, torch.float16, layout="bthd")
+
+
+# Sliding windows (key j hidden before i + window_offset) on the sm_80 kernels: the forward and
+# dQ kernels start at the window's first key tile (the double buffer's parity counted from
+# there), the dK/dV kernel stops at the window's last query tile; the window's edge cuts tiles
+# (masked) and leaves rows with no key. (B, Hq, Hkv, Tq, Tk, D, causal, window_offset)
+WINDOW_CASES = [
+    (1, 2, 1, 300, 300, 64, True, -100),  # Mistral-style: 101 keys, 128-row tiles
+    (1, 1, 1, 150, 260, 128, False, 60),  # Tq < Tk, two-sided with the causal limit off
+    (1, 2, 2, 260, 150, 32, True, -130),  # Tq > Tk: rows that see no key
+    (1, 3, 1, 5, 400, 96, True, 300),  # decoding: 64-row tiles, the window's last 100 keys
+    (2, 2, 2, 70, 70, 72, False, -5),  # padded head dim, window only
+]
+
+
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic_dq", "deterministic"])
+@pytest.mark.parametrize("case", WINDOW_CASES,
+                         ids=["Tq{}-Tk{}-D{}-{}-w{}".format(*c[3:6], "causal" if c[6] else "full",
+                                                            c[7]) for c in WINDOW_CASES])
+def test_sliding_window(library, case, deterministic):
+    *shape, causal, window_offset = case
+    _check(library, tuple(shape), causal, torch.float16, deterministic=deterministic,
+           window_offset=window_offset)
+
+
+@pytest.mark.parametrize("timing", TIMINGS, ids=TIMING_IDS)
+def test_sliding_window_copy_timing(library, timing):
+    """The prefetch protocol when the key loop starts past tile 0 (buffer parity from there)."""
+    late, schedule = timing
+    _check(library, (1, 2, 1, 300, 300, 64), True, torch.float16, late=late, schedule=schedule,
+           window_offset=-90)
 
 
 @pytest.mark.parametrize("offset", [-20, 0, 90], ids=["offset-20", "offset0", "offset90"])

@@ -192,8 +192,8 @@ def test_state_dict_loads_into_unpatched_model(name):
 
 def test_sliding_window_shorter_than_the_sequence_matches():
     """Mistral with a 6-token window over 13 tokens: transformers hands the attention function a
-    banded mask (or, where the window covers everything, none); the band must never be run as a
-    plain causal mask."""
+    banded mask (or, where the window covers everything, none); our kernels run it as a sliding
+    window, never as a plain causal mask."""
     cfg = transformers.MistralConfig(**COMMON, num_key_value_heads=2, sliding_window=6)
     torch.manual_seed(0)
     model = transformers.MistralForCausalLM(cfg)
@@ -204,7 +204,7 @@ def test_sliding_window_shorter_than_the_sequence_matches():
     assert model.config._attn_implementation == "fusedlm"
     ids = torch.randint(0, VOCAB, (2, 13))
     outs = [m(input_ids=ids).logits for m in (model, same, truth)]
-    assert fhf.attention_calls()["fused"] == 0, fhf.attention_calls()
+    assert fhf.attention_calls() == {"fused": 2}
     assert_close_rule(outs[0], outs[1], outs[2], name="mistral sliding window")
     # Within the window the mask is plain causal, and our kernels run.
     fhf.reset_attention_calls()
@@ -282,7 +282,11 @@ class _Module(torch.nn.Module):
         ("bool causal mask, Tq < Tk (bottom-right)", 4, 9, "fused"),
         ("float all-visible mask", 4, 9, "fused"),
         ("bool padding mask", 4, 9, "sdpa"),
-        ("sliding-window mask", 9, 9, "sdpa"),
+        ("sliding-window mask", 9, 9, "fused"),
+        ("float sliding-window mask, Tq < Tk", 4, 9, "fused"),
+        ("two-sided local mask (ModernBERT)", 9, 9, "fused"),
+        ("band with a hole", 9, 9, "sdpa"),
+        ("strictly causal mask (no diagonal)", 9, 9, "sdpa"),
     ],
 )
 def test_attention_function_matches_sdpa(case, tq, tk, expect):
@@ -297,8 +301,18 @@ def test_attention_function_matches_sdpa(case, tq, tk, expect):
     elif "padding" in case:
         mask = torch.ones(2, 1, tq, tk, dtype=torch.bool)
         mask[1, :, :, :3] = False
+    elif "float sliding" in case:
+        visible = (cols <= rows) & (cols > rows - 3)
+        mask = torch.zeros(1, 1, tq, tk).masked_fill(~visible, torch.finfo(torch.float32).min)
     elif "sliding" in case:
         mask = ((cols <= rows) & (cols > rows - 3)).expand(2, 1, tq, tk)
+    elif "two-sided" in case:
+        mask = ((cols - rows).abs() <= 2).expand(2, 1, tq, tk)
+    elif "hole" in case:
+        mask = ((cols <= rows) & (cols > rows - 3)).expand(2, 1, tq, tk).clone()
+        mask[:, :, 6, 5] = False
+    elif "strictly" in case:
+        mask = (cols < rows).expand(2, 1, tq, tk)
     module = _Module(groups=2)
     ours, _ = fhf.fusedlm_attention_forward(module, q, k, v, mask, scaling=0.3)
     theirs, _ = sdpa_attention_forward(module, q, k, v, mask, scaling=0.3)

@@ -65,6 +65,10 @@ ARCHITECTURES = {
                      intermediate_size=96, max_position_embeddings=66), "text", True),
     "modernbert": ("ModernBertModel", "ModernBertConfig",
                    dict(DECODER, global_attn_every_n_layers=1, pad_token_id=0), "text", True),
+    # Local attention (every layer but the first) over +-2 tokens: a two-sided band mask.
+    "modernbert_local": ("ModernBertModel", "ModernBertConfig",
+                         dict(DECODER, global_attn_every_n_layers=2, local_attention=4,
+                              pad_token_id=0), "text", True),
     "bart": ("BartForConditionalGeneration", "BartConfig",
              dict(SEQ2SEQ, max_position_embeddings=64), "seq2seq", True),
     "t5": ("T5ForConditionalGeneration", "T5Config",
@@ -145,8 +149,11 @@ def test_apply_gives_the_unpatched_output(name, padded):
     if not switched:
         assert not calls
     elif not padded and name in ("qwen3", "phi3", "olmo2", "gpt_neox", "opt", "mixtral",
-                                 "deepseek_v3", "roberta", "modernbert", "bart", "vit"):
-        assert set(calls) == {"fused"}, calls  # no mask our kernels cannot take: all fused
+                                 "deepseek_v3", "roberta", "modernbert", "bart", "vit",
+                                 "mistral_window", "gemma3", "starcoder2_window",
+                                 "modernbert_local"):
+        # No mask our kernels cannot take (sliding windows included): all fused.
+        assert set(calls) == {"fused"}, calls
     if expected is None or expected.isnan().any() and not theirs.isnan().any():
         # No float64 truth (MoE) or a broken one (Gemma 2's eager soft-capping under left
         # padding makes NaN in float64): the unpatched float32 model is the reference.

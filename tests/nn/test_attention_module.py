@@ -22,7 +22,12 @@ def _torch_attention_block(module, x):
     q = q.view(B, T, H, D).transpose(1, 2)
     k = k.view(B, T, Hkv, D).transpose(1, 2)
     v = v.view(B, T, Hkv, D).transpose(1, 2)
-    y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=Hkv != H)
+    if module.sliding_window is None:
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=Hkv != H)
+    else:  # position t sees t - W + 1 .. t
+        visible = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
+        visible = visible.triu(1 - module.sliding_window)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=visible, enable_gqa=Hkv != H)
     wp, bp = module.c_proj.weight.to(x.dtype), module.c_proj.bias
     return F.linear(y.transpose(1, 2).reshape(B, T, C), wp, None if bp is None else bp.to(x.dtype))
 
@@ -34,11 +39,14 @@ def _torch_attention_block(module, x):
     [(64, 4, None, True), (96, 6, 2, False), (48, 4, 1, True), (40, 1, None, True)],
     ids=["mha", "gqa", "mqa", "one_head"],
 )
+@pytest.mark.parametrize("window", [None, 5], ids=["full", "window5"])
 @pytest.mark.parametrize("T", [1, 17, 70])
-def test_causal_self_attention_matches_torch(T, n_embd, n_head, n_kv_head, bias, dtype, backend):
+def test_causal_self_attention_matches_torch(T, window, n_embd, n_head, n_kv_head, bias, dtype,
+                                             backend):
     device = device_of(backend)
     module = fusedlm.nn.CausalSelfAttention(
-        n_embd, n_head, n_kv_head, bias=bias, device=device, dtype=dtype, backend=backend
+        n_embd, n_head, n_kv_head, bias=bias, device=device, dtype=dtype, backend=backend,
+        sliding_window=window,
     )
     x = torch.randn(2, T, n_embd, device=device, dtype=dtype, requires_grad=True)
     y = module(x)
@@ -51,7 +59,8 @@ def test_causal_self_attention_matches_torch(T, n_embd, n_head, n_kv_head, bias,
     theirs = torch.autograd.grad(y_torch, [x, *params], grad)
     x64 = x.detach().double().requires_grad_(True)
     module64 = fusedlm.nn.CausalSelfAttention(
-        n_embd, n_head, n_kv_head, bias=bias, device=device, dtype=torch.float64
+        n_embd, n_head, n_kv_head, bias=bias, device=device, dtype=torch.float64,
+        sliding_window=window,
     )
     module64.load_state_dict(module.state_dict())
     params64 = list(module64.parameters())
@@ -81,3 +90,9 @@ def test_causal_self_attention_is_causal():
 def test_causal_self_attention_bad_config(args, match):
     with pytest.raises(ValueError, match=match):
         fusedlm.nn.CausalSelfAttention(*args)
+
+
+@pytest.mark.parametrize("window", [0, -3, 2.5, True])
+def test_causal_self_attention_bad_sliding_window(window):
+    with pytest.raises(ValueError, match="'sliding_window'"):
+        fusedlm.nn.CausalSelfAttention(32, 4, sliding_window=window)

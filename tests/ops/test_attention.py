@@ -84,9 +84,10 @@ def _check_attention(
     leaves=None,
     rebuild=_identity,
     grad_atol_factor=1.0,
+    window=None,
 ):
     """fusedlm.attention vs the naive truth (float64) and the naive baseline (q's dtype), forward
-    and backward.
+    and backward (with ``window``, sliding-window attention).
 
     Gradients are taken with respect to ``leaves`` (default: q, k, v); ``rebuild(leaves)`` gives
     q, k, v (views such as transposes or expands of the leaves)."""
@@ -99,14 +100,16 @@ def _check_attention(
         return ls, fn(*rebuild(ls))
 
     ours_leaves, out = run(
-        lambda a, b, c: fusedlm.attention(a, b, c, causal=causal, scale=scale, backend=backend),
+        lambda a, b, c: fusedlm.attention(a, b, c, causal=causal, scale=scale, backend=backend,
+                                          window=window),
         dtype,
     )
     base_leaves, out_torch = run(
-        lambda a, b, c: naive_attention(a, b, c, scale=scale, causal=causal), dtype
+        lambda a, b, c: naive_attention(a, b, c, scale=scale, causal=causal, window=window), dtype
     )
     truth_leaves, out_truth = run(
-        lambda a, b, c: naive_attention(a, b, c, scale=scale, causal=causal), torch.float64
+        lambda a, b, c: naive_attention(a, b, c, scale=scale, causal=causal, window=window),
+        torch.float64,
     )
     assert out.dtype == dtype and out.shape == q.shape and out.device == q.device
     # bfloat16 (forward only): a looser absolute term, its 8-bit mantissa dominates.
@@ -257,6 +260,53 @@ SPLIT_KEY_SHAPES = [
 def test_attention_keys_split_across_threads(shape, causal, threads, backend):
     with _num_threads(threads):
         _check_attention(*_qkv(shape, torch.float32, device_of(backend)), causal, backend)
+
+
+# Sliding-window (local) attention, FlashAttention's window_size: (left, right) keys around each
+# query's bottom-right-aligned position. Shapes with several (ragged) query and key tiles, so
+# the window's edges cut through tiles, skip whole ones, and leave rows with no key (Tq > Tk).
+WINDOW_SHAPES = [
+    (2, 2, 2, 17, 17, 40),
+    (1, 2, 1, 150, 270, 40),  # Tq < Tk, MQA
+    (1, 2, 2, 270, 140, 72),  # Tq > Tk
+    (1, 6, 2, 1, 300, 16),  # decoding, GQA
+]
+WINDOWS = [(0, 0), (7, None), (None, 5), (33, 2), (64, -1), (1000, 1000)]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("window", WINDOWS, ids=str)
+@pytest.mark.parametrize("shape", WINDOW_SHAPES,
+                         ids=["B{}-Hq{}-Hkv{}-Tq{}-Tk{}-D{}".format(*s) for s in WINDOW_SHAPES])
+def test_attention_sliding_window(shape, window, causal, dtype, backend):
+    q, k, v = _qkv(shape, dtype, device_of(backend))
+    _check_attention(q, k, v, causal, backend, window=window)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("threads", [2, 3])
+@pytest.mark.parametrize("window", [(100, 0), (300, 40)], ids=str)
+def test_attention_sliding_window_keys_split_across_threads(window, threads, backend):
+    """Decoding over 1500 keys: the cpu forward splits the keys across threads; the window
+    leaves some splits with no visible key at all."""
+    with _num_threads(threads):
+        _check_attention(*_qkv((1, 2, 1, 2, 1500, 16), torch.float32, device_of(backend)),
+                         True, backend, window=window)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_attention_sliding_window_is_mistral_sliding_window(backend):
+    """causal=True, window=(W - 1, 0) is a causal sliding window of W keys: each query sees
+    itself and the W - 1 keys before it, and no more (Mistral's sliding_window = W). With v
+    the identity, each output row is that query's probabilities: positive exactly there."""
+    device = device_of(backend)
+    q, k, _ = _qkv((1, 1, 1, 12, 12, 12), torch.float32, device)
+    v = torch.eye(12, device=device)[None, None]
+    out = fusedlm.attention(q, k, v, causal=True, window=(3, 0), backend=backend)
+    expected = torch.tensor([[0 <= i - j <= 3 for j in range(12)] for i in range(12)])
+    assert torch.equal(out[0, 0].cpu() > 0, expected)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -540,6 +590,20 @@ def test_opcheck_attention(causal, dtype, backend):
     torch.library.opcheck(
         torch.ops.fusedlm.attention_bwd.default,
         (grad_out, q.detach(), k.detach(), v.detach(), out, lse, scale, causal, offset, backend),
+    )
+    # A sliding window: the optional last argument, key j visible only from i + window_offset.
+    window_offset = offset - 3
+    torch.library.opcheck(
+        torch.ops.fusedlm.attention_fwd.default,
+        (q, k, v, scale, causal, offset, backend, window_offset),
+    )
+    with torch.no_grad():
+        out, lse = torch.ops.fusedlm.attention_fwd(q, k, v, scale, causal, offset, backend,
+                                                   window_offset)
+    torch.library.opcheck(
+        torch.ops.fusedlm.attention_bwd.default,
+        (grad_out, q.detach(), k.detach(), v.detach(), out, lse, scale, causal, offset, backend,
+         window_offset),
     )
 
 

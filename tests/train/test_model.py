@@ -27,6 +27,7 @@ def _pair(arch: str, **overrides):
     ("gpt2", {"bias": False}),
     ("llama", {"n_kv_head": 2, "bias": False}),
     ("llama", {"n_kv_head": 1, "bias": False, "tie_embeddings": False}),
+    ("llama", {"n_kv_head": 2, "bias": False, "sliding_window": 8}),
 ])
 def test_fused_and_torch_kernels_train_to_matching_losses(arch, overrides):
     """20 AdamW steps: the fused model's losses track plain PyTorch's step for step."""
@@ -60,10 +61,11 @@ def test_loss_is_cross_entropy_and_ignores_minus_one():
     assert model(idx)[1] is None
 
 
+@pytest.mark.parametrize("window", [None, 6], ids=["full", "window6"])
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
 @pytest.mark.parametrize("kernels", ["fused", "torch"])
-def test_generate_with_kv_cache_matches_full_recompute(arch, kernels):
-    config = GPTConfig(**{**SMALL, "arch": arch, "block_size": 24})
+def test_generate_with_kv_cache_matches_full_recompute(arch, kernels, window):
+    config = GPTConfig(**{**SMALL, "arch": arch, "block_size": 24, "sliding_window": window})
     model = GPT(config, kernels=kernels).eval()
     prompt = torch.randint(0, config.vocab_size, (2, 5))
     out = model.generate(prompt, 30, temperature=0)  # passes block_size: the cache restarts
@@ -119,6 +121,8 @@ def test_every_preset_builds_and_bad_configs_raise():
         GPTConfig(n_head=4, n_kv_head=3)
     with pytest.raises(ValueError, match="arch"):
         GPTConfig(arch="mamba")
+    with pytest.raises(ValueError, match="sliding_window"):
+        GPTConfig(sliding_window=0)
     with pytest.raises(ValueError, match="kernels"):
         GPT(GPTConfig(**SMALL), kernels="cuda")
     with pytest.raises(ValueError, match="no field"):
@@ -193,3 +197,18 @@ def test_activation_checkpointing_gives_the_same_gradients():
         grads.append([p.grad.clone() for p in model.parameters()])
     for a, b in zip(*grads, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_sliding_window_limits_what_a_position_sees():
+    """With sliding_window W, the logits at position t do not depend on tokens before t - W + 1
+    (one layer: no receptive-field growth through depth), and do on the ones inside."""
+    config = GPTConfig(**{**SMALL, "n_layer": 1, "arch": "llama", "sliding_window": 4})
+    model = GPT(config, kernels="fused").eval()
+    idx = torch.randint(0, config.vocab_size, (1, 12))
+    changed_outside, changed_inside = idx.clone(), idx.clone()
+    changed_outside[0, 7] = (idx[0, 7] + 1) % config.vocab_size  # 11 - 4 = 7: just outside
+    changed_inside[0, 8] = (idx[0, 8] + 1) % config.vocab_size
+    with torch.no_grad():
+        base, outside, inside = (model(x)[0][0, 11] for x in (idx, changed_outside, changed_inside))
+    torch.testing.assert_close(outside, base, rtol=0, atol=0)
+    assert not torch.allclose(inside, base)

@@ -226,6 +226,40 @@ def test_attention_other_tiles(tiles, shape, monkeypatch):
     _check_attention(q, k, v, True, BACKEND)
 
 
+# Sliding windows: the window's lower edge cuts through tiles (masked), skips whole key blocks
+# in the forward and dq kernels and whole query blocks in the dk/dv kernel, and leaves rows
+# with no key; tile ratios both ways, so the edge blocks are counted off the square case.
+WINDOW_CASES = [
+    ((64, 32), (1, 2, 1, 150, 150, 40), (20, 0), True),
+    ((64, 32), (1, 2, 2, 70, 130, 16), (7, None), False),
+    ((64, 32), (1, 2, 2, 130, 70, 16), (33, 2), False),
+    ((16, 32), (1, 2, 1, 100, 100, 16), (40, 9), True),
+    ((32, 16), (2, 2, 2, 45, 70, 16), (0, 0), False),
+    ((16, 16), (1, 1, 1, 1, 90, 16), (30, -1), True),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize(
+    ("tiles", "shape", "window", "causal"), WINDOW_CASES,
+    ids=["M{}-N{}-Tq{}-Tk{}-w{}-{}".format(*t, *s[3:5], w, "causal" if c else "full")
+         for t, s, w, c in WINDOW_CASES],
+)
+@pytest.mark.skipif(ON_GPU, reason="the interpreter's tile config")
+def test_attention_sliding_window(tiles, shape, window, causal, dtype, monkeypatch):
+    from fusedlm.triton import attention as kernels
+
+    m, n = tiles
+    configs = {
+        "fwd": {"BLOCK_M": m, "BLOCK_N": n},
+        "bwd_dq": {"BLOCK_M": m, "BLOCK_N": n},
+        "bwd_dkdv": {"BLOCK_M": n, "BLOCK_N": m},
+    }
+    monkeypatch.setattr(kernels, "INTERPRETER_CONFIGS", {**kernels.INTERPRETER_CONFIGS, **configs})
+    q, k, v = _qkv(shape, dtype, DEVICE)
+    _check_attention(q, k, v, causal, BACKEND, window=window)
+
+
 # ---- dispatch ------------------------------------------------------------------------------
 
 
@@ -320,7 +354,7 @@ def test_autotune_configs_are_pruned_to_the_device(monkeypatch):
 _SM90_TYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
-def _sm90_launch(name, dtype, head_dim, causal, seqlen=2048):
+def _sm90_launch(name, dtype, head_dim, causal, window=False, seqlen=2048):
     """The launch of kernel ``name`` ("preprocess" or a key of _KERNELS) on an H100 with the
     fixed config, on contiguous (B, H, T, D) tensors: unit head-dim strides, row strides D, the
     others T * D, 16-byte aligned pointers; lengths and head counts 17 (Triton specializes ints
@@ -334,7 +368,8 @@ def _sm90_launch(name, dtype, head_dim, causal, seqlen=2048):
         meta.update(BLOCK_M=64, num_warps=8, num_stages=1)
     else:
         cfg = kernels._fixed_config(name, block_d, _SM90_TYPES[dtype], H100_SHARED)
-        meta.update(CAUSAL=causal, DOT_PRECISION="ieee" if dtype == "fp32" else "tf32", **cfg)
+        meta.update(CAUSAL=causal, WINDOW=window,
+                    DOT_PRECISION="ieee" if dtype == "fp32" else "tf32", **cfg)
     for arg in fn.arg_names:
         if arg in meta:
             continue
@@ -359,6 +394,9 @@ def test_kernels_build_for_sm90():
     sm90_build.require_nvidia_backend()
     tuned = [[name, "bf16", head_dim, causal] for name in ("fwd", "bwd_dkdv", "bwd_dq")
              for head_dim in (64, 128, 256) for causal in (False, True)]
+    # Sliding windows (Mistral's, Gemma 3's local layers): causal, at the common head dims.
+    tuned += [[name, "bf16", head_dim, True, True] for name in ("fwd", "bwd_dkdv", "bwd_dq")
+              for head_dim in (64, 128)]
     odd = [
         ["fwd", "bf16", 72, True],
         ["bwd_dkdv", "fp16", 96, True],
@@ -414,6 +452,23 @@ GPU_SHAPE_IDS = ["B{}-Hq{}-Hkv{}-Tq{}-Tk{}-D{}".format(*s) for s in GPU_SHAPES]
 def test_attention_gpu(shape, causal, dtype):
     q, k, v = _qkv(shape, dtype, "cuda")
     _check_attention(q, k, v, causal, BACKEND)
+
+
+@pytest.mark.gpu
+@pytest.mark.usefixtures("untuned")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize(
+    ("shape", "window", "causal"),
+    [
+        ((4, 8, 2, 4096, 4096, 128), (1023, 0), True),  # Mistral-style causal window
+        ((4, 4, 4, 2048, 2048, 64), (127, 128), False),  # ModernBERT-style two-sided local
+        ((2, 4, 2, 1000, 3000, 64), (511, None), True),  # Tq < Tk, ragged
+    ],
+    ids=["causal-w1024-T4096-D128", "local-128-T2048-D64", "causal-w512-Tq1000-Tk3000"],
+)
+def test_attention_gpu_sliding_window(shape, window, causal, dtype):
+    q, k, v = _qkv(shape, dtype, "cuda")
+    _check_attention(q, k, v, causal, BACKEND, window=window)
 
 
 @pytest.mark.gpu

@@ -7,10 +7,12 @@
   ``"fusedlm"`` (``"fusedlm_<backend>"`` for a named backend) and switches the model to it with
   ``model.set_attn_implementation``. No model class or forward method is patched.
   Each call takes the semantics of transformers' ``sdpa_attention_forward`` exactly: when the
-  mask is absent (no padding: transformers then relies on ``is_causal``) or is an all-visible or
-  pure causal mask, our fused kernels run; any other mask (padding, sliding windows, custom
-  patterns), dropout, ``position_bias``, paged caches, and inputs the kernels cannot take go,
-  per call, to transformers' own ``sdpa_attention_forward``. :func:`attention_calls` counts both.
+  mask is absent (no padding: transformers then relies on ``is_causal``) or is a band of keys
+  around each query the same for every batch row (all-visible, causal, a causal sliding window
+  as Mistral's, Gemma 3's and Qwen's local layers, or ModernBERT's two-sided local window), our
+  fused kernels run; any other mask (padding, custom patterns), dropout, ``position_bias``,
+  paged caches, and inputs the kernels cannot take go, per call, to transformers' own
+  ``sdpa_attention_forward``. :func:`attention_calls` counts both.
   Models transformers does not run on SDPA (``_supports_sdpa = False``) keep their attention.
 * Norms: ``torch.nn.LayerNorm`` / ``torch.nn.RMSNorm`` and the model's own RMSNorm and
   LayerNorm classes (found by parameters, ``eps`` and a numeric probe; Gemma's ``1 + weight``
@@ -32,7 +34,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from ..backends import check_backend_name, requested_backend
 from ..ops._common import FLOAT_DTYPES
-from ..ops.attention import ATTENTION_FWD, MAX_HEAD_DIM
+from ..ops.attention import ATTENTION_FWD, MAX_HEAD_DIM, attention_mask_bounds
 from ..ops.attention import attention as fused_attention
 from .patch import ATTN_PREVIOUS_KEY, LeftAlone, PatchReport, swap_norms
 
@@ -60,19 +62,25 @@ def reset_attention_calls() -> None:
 
 # ---- mask recognition -----------------------------------------------------------------------
 
-_mask_cache: list = [None]  # (weakref to mask, mask._version, q_len, kv_len, kind): one entry
+# (weakref to mask, mask._version, q_len, kv_len, band), newest last: a forward's layers share
+# one mask object per kind (Gemma 3 alternates a sliding-window and a causal one).
+_mask_cache: collections.deque = collections.deque(maxlen=4)
+
+Band = tuple  # (left, right): key j visible to query i iff p - left <= j <= p + right
 
 
-def _mask_kind(mask: Tensor, q_len: int, kv_len: int) -> str | None:
-    """"full" if ``mask`` lets every query see every key, "causal" if it is exactly the
-    bottom-right causal mask (query i sees keys j <= i + kv_len - q_len, q_len <= kv_len), else
-    None. Boolean masks (True = visible) and additive float masks (0 visible, -inf or the
-    dtype's min hidden). Cached for the mask object, which every layer of a forward shares."""
+def _mask_band(mask: Tensor, q_len: int, kv_len: int) -> Band | None:
+    """(left, right) if ``mask`` is a band, the same for every batch row: query i, at position
+    p = i + kv_len - q_len (bottom-right aligned), sees exactly the keys p - left <= j <= p +
+    right, a side being None where it cuts nothing (all-visible: (None, None); causal:
+    (None, 0); a causal sliding window of W keys: (W - 1, 0)). Else None. Boolean masks
+    (True = visible) and additive float masks (0 visible, -inf or the dtype's min hidden).
+    Cached for the mask object, which every layer of a forward shares."""
     if mask.dim() != 4 or mask.shape[1] != 1 or tuple(mask.shape[2:]) != (q_len, kv_len):
         return None
-    cached = _mask_cache[0]
-    if cached is not None and cached[0]() is mask and cached[1:4] == (mask._version, q_len, kv_len):
-        return cached[4]
+    for cached in _mask_cache:
+        if cached[0]() is mask and cached[1:4] == (mask._version, q_len, kv_len):
+            return cached[4]
     if mask.dtype == torch.bool:
         visible = mask
     elif mask.is_floating_point():
@@ -84,17 +92,30 @@ def _mask_kind(mask: Tensor, q_len: int, kv_len: int) -> str | None:
             visible = None
     else:
         visible = None
-    kind = None
-    if visible is not None:
-        if bool(visible.all()):
-            kind = "full"
-        elif q_len <= kv_len:
-            rows = torch.arange(q_len, device=mask.device)[:, None] + (kv_len - q_len)
-            causal = torch.arange(kv_len, device=mask.device)[None, :] <= rows
-            if bool((visible == causal).all()):
-                kind = "causal"
-    _mask_cache[0] = (weakref.ref(mask), mask._version, q_len, kv_len, kind)
-    return kind
+    band = None if visible is None else _band_of(visible, q_len, kv_len)
+    _mask_cache.append((weakref.ref(mask), mask._version, q_len, kv_len, band))
+    return band
+
+
+def _band_of(visible: Tensor, q_len: int, kv_len: int) -> Band | None:
+    """The band (see _mask_band) a (N, 1, q_len, kv_len) boolean mask is, or None."""
+    if bool(visible.all()):
+        return (None, None)
+    # relative[i, j] = j - p(i); the band's sides are the extremes over the visible entries.
+    device = visible.device
+    relative = (torch.arange(kv_len, device=device)[None, :]
+                - torch.arange(q_len, device=device)[:, None] - (kv_len - q_len))
+    if not bool(visible.any()):
+        return None
+    left = -int(relative.masked_fill(~visible, kv_len).amin())
+    right = int(relative.masked_fill(~visible, -kv_len - q_len).amax())
+    if left < 0 or right < 0:  # every query sees only keys strictly after (before) itself
+        return None
+    band = (relative >= -left) & (relative <= right)
+    if not bool((visible == band).all()):
+        return None
+    # Sides that cut no key of any row: unbounded.
+    return (None if left >= kv_len - 1 else left, None if right >= q_len - 1 else right)
 
 
 # ---- the attention function -----------------------------------------------------------------
@@ -161,7 +182,7 @@ def fusedlm_attention_forward(
                 "flash attention implementation (fusedlm.integrations.transformers.apply "
                 "leaves the attention of models without SDPA support alone)")
     reason = _unsupported(query, key, value, dropout, kwargs)
-    causal = False
+    causal, window = False, None
     if reason is None:
         q_len, kv_len = query.shape[2], key.shape[2]
         if attention_mask is None:
@@ -176,15 +197,16 @@ def fusedlm_attention_forward(
         elif torch.compiler.is_compiling() or not isinstance(attention_mask, Tensor):
             reason = "an attention mask (not inspected under torch.compile)"
         else:
-            kind = _mask_kind(attention_mask, q_len, kv_len)
-            if kind is None:
+            window = _mask_band(attention_mask, q_len, kv_len)
+            if window is None:
                 reason = "an attention mask with padding or a custom pattern"
-            else:
-                causal = kind == "causal" and q_len > 1
+            elif window == (None, None):
+                window = None
     compiling = torch.compiler.is_compiling()
     if reason is None and requested_backend(backend) == "auto" and not compiling:
         # Our reference is no faster than torch's SDPA: use ours only where a kernel serves.
-        if ATTENTION_FWD.auto_choice(query.device, query, key, value) == "torch":
+        _, _, window_offset = attention_mask_bounds(q_len, key.shape[2], causal, window)
+        if ATTENTION_FWD.auto_choice(query.device, query, key, value, window_offset) == "torch":
             reason = "no fusedlm kernel backend for these inputs"
     if reason is not None:
         if not torch.compiler.is_compiling():
@@ -195,7 +217,8 @@ def fusedlm_attention_forward(
         )
     if not torch.compiler.is_compiling():
         _CALLS["fused"] += 1
-    out = fused_attention(query, key, value, causal=causal, scale=scaling, backend=backend)
+    out = fused_attention(query, key, value, causal=causal, scale=scaling, backend=backend,
+                          window=window)
     return out.transpose(1, 2).contiguous(), None
 
 

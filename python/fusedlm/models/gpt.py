@@ -31,7 +31,9 @@ ARCHS = ("gpt2", "llama")
 class GPTConfig:
     """Model shape. ``arch="gpt2"``: LayerNorm, learned positions, GELU (tanh) MLP of width
     ``4 * n_embd``; ``arch="llama"``: RMSNorm, rotary positions, SwiGLU MLP of width
-    ``intermediate_size`` (default ~8/3 n_embd rounded up to 64), ``n_kv_head`` kv heads."""
+    ``intermediate_size`` (default ~8/3 n_embd rounded up to 64), ``n_kv_head`` kv heads.
+    ``sliding_window`` W (either arch): each position attends to at most the last W positions,
+    itself included (Mistral's sliding window); None: every earlier position."""
 
     vocab_size: int = 50304
     block_size: int = 1024
@@ -46,6 +48,7 @@ class GPTConfig:
     rope_theta: float = 10000.0
     intermediate_size: int | None = None
     tie_embeddings: bool = True
+    sliding_window: int | None = None
 
     def __post_init__(self) -> None:
         if self.arch not in ARCHS:
@@ -54,6 +57,11 @@ class GPTConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"GPTConfig '{name}' must be a positive integer, got {value!r}")
+        window = self.sliding_window
+        if window is not None and (not isinstance(window, int) or isinstance(window, bool)
+                                   or window < 1):
+            raise ValueError(
+                f"GPTConfig 'sliding_window' must be None or a positive integer, got {window!r}")
         if self.n_embd % self.n_head != 0:
             raise ValueError(
                 f"GPTConfig 'n_embd' ({self.n_embd}) must be divisible by 'n_head' ({self.n_head})"
@@ -134,16 +142,18 @@ def _rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
 
 
-def _torch_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+def _torch_attention(q: Tensor, k: Tensor, v: Tensor, sliding_window: int | None) -> Tensor:
     """Causal attention, bottom-right aligned (so a query block at the end of a kv cache sees
-    every earlier key), on torch's SDPA."""
+    every earlier key), within the last ``sliding_window`` keys if set, on torch's SDPA."""
     Tq, Tk = q.shape[2], k.shape[2]
     if q.shape[1] != k.shape[1]:
         repeat = q.shape[1] // k.shape[1]
         k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
-    if Tq == Tk:
+    if Tq == Tk and (sliding_window is None or sliding_window >= Tk):
         return F.scaled_dot_product_attention(q, k, v, is_causal=True)
     visible = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device).tril(Tk - Tq)
+    if sliding_window is not None:
+        visible = visible.triu(Tk - Tq - sliding_window + 1)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=visible)
 
 
@@ -189,10 +199,12 @@ class Attention(nn.Module):
             q, k = _rotary(q, *rotary), _rotary(k, *rotary)
         if cache is not None:
             k, v = cache.append(self.layer, k, v)
+        window = self.config.sliding_window
         if self.kernels == "fused":
-            y = fused_attention(q, k, v, causal=True)
+            y = fused_attention(q, k, v, causal=True,
+                                window=None if window is None else (window - 1, 0))
         else:
-            y = _torch_attention(q, k, v)
+            y = _torch_attention(q, k, v, window)
         return self.dropout(self.c_proj(y.transpose(1, 2).reshape(B, T, C)))
 
 

@@ -10,11 +10,20 @@ from ..ops.attention import attention
 
 
 class CausalSelfAttention(torch.nn.Module):
-    """x (B, T, C) -> (B, T, C). ``n_kv_head`` < ``n_head`` gives GQA (MQA at 1)."""
+    """x (B, T, C) -> (B, T, C). ``n_kv_head`` < ``n_head`` gives GQA (MQA at 1).
+    ``sliding_window`` W: each position attends to at most the last W positions, itself
+    included (Mistral's sliding window); None: every earlier position."""
 
     def __init__(self, n_embd: int, n_head: int, n_kv_head: int | None = None, bias: bool = True,
-                 device=None, dtype=None, *, backend: str = "auto") -> None:
+                 device=None, dtype=None, *, backend: str = "auto",
+                 sliding_window: int | None = None) -> None:
         super().__init__()
+        if sliding_window is not None and (not isinstance(sliding_window, int)
+                                           or isinstance(sliding_window, bool)
+                                           or sliding_window < 1):
+            raise ValueError("argument 'sliding_window' must be None or a positive integer, got "
+                             f"{sliding_window!r}")
+        self.sliding_window = sliding_window
         n_kv_head = n_head if n_kv_head is None else n_kv_head
         if n_embd % n_head != 0:
             raise ValueError(
@@ -41,5 +50,6 @@ class CausalSelfAttention(torch.nn.Module):
         q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
         k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
-        y = attention(q, k, v, causal=True, backend=self.backend)  # (B, H, T, D)
+        window = None if self.sliding_window is None else (self.sliding_window - 1, 0)
+        y = attention(q, k, v, causal=True, backend=self.backend, window=window)  # (B, H, T, D)
         return self.c_proj(y.transpose(1, 2).reshape(B, T, C))

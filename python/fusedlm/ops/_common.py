@@ -123,10 +123,11 @@ def under_transform() -> bool:
     return peek is not None and peek() is not None
 
 
-def transform_forward(dispatch, backend: str, reference_forward):
+def transform_forward(dispatch, backend: str, reference_forward, backend_index: int = -1):
     """The forward to run under a transform (see ``under_transform``): ``reference_forward``
-    (the op's arguments less ``backend``). A kernel backend named by the caller or by
-    ``FUSEDLM_BACKEND`` cannot serve the call and raises, as ``OpDispatch.select`` does."""
+    (the op's arguments less ``backend``, at ``backend_index`` of them). A kernel backend
+    named by the caller or by ``FUSEDLM_BACKEND`` cannot serve the call and raises, as
+    ``OpDispatch.select`` does."""
     requested = requested_backend(backend)
     if requested not in ("auto", "torch"):
         source = "argument 'backend'" if backend != "auto" else "FUSEDLM_BACKEND"
@@ -136,11 +137,17 @@ def transform_forward(dispatch, backend: str, reference_forward):
             "AD only the 'torch' backend runs (the kernels have no batching or forward-mode rules)"
         )
     OpDispatch.last_choice[dispatch.name] = "torch"
-    return lambda *args: reference_forward(*args[:-1])
+
+    def forward(*args):
+        arguments = list(args)
+        del arguments[backend_index]
+        return reference_forward(*arguments)
+
+    return forward
 
 
 def forward_for_call(dispatch, backend: str, function, forward_impl, reference_forward,
-                     *tensors: Tensor | None):
+                     *tensors: Tensor | None, backend_index: int = -1):
     """The forward a public function runs for this call, each taking the op's arguments:
     under ``torch.compile`` the registered custom op ``torch.ops.fusedlm.<dispatch.name>`` (what
     the graph records); under a ``torch.func`` transform or forward-mode AD the torch reference
@@ -149,7 +156,7 @@ def forward_for_call(dispatch, backend: str, function, forward_impl, reference_f
     if torch.compiler.is_compiling():
         return getattr(torch.ops.fusedlm, dispatch.name)
     if under_transform():
-        return transform_forward(dispatch, backend, reference_forward)
+        return transform_forward(dispatch, backend, reference_forward, backend_index)
     return function.apply if needs_autograd(*tensors) else forward_impl
 
 

@@ -40,8 +40,10 @@ def _capability(device: torch.device) -> tuple[int, int]:
     return torch.cuda.get_device_capability(device)
 
 
-def _extension_supports(q: Tensor, k: Tensor, v: Tensor) -> str | None:
-    """The CPU kernels take every case; the CUDA ones (tensor-core mma.sync) fp16/bf16 on sm_80+."""
+def _extension_supports(q: Tensor, k: Tensor, v: Tensor,
+                        window_offset: int | None = None) -> str | None:
+    """The CPU kernels take every case; the CUDA ones (tensor-core mma.sync) fp16/bf16 on sm_80+
+    (sliding windows on the sm_80 kernels, Hopper included)."""
     if q.device.type != "cuda":
         return None
     if q.dtype not in (torch.float16, torch.bfloat16):
@@ -57,7 +59,8 @@ register_extension_kernels(ATTENTION_FWD, "attention_fwd", supports=_extension_s
 register_extension_kernels(ATTENTION_BWD, "attention_bwd", supports=_extension_supports)
 
 
-def _triton_supports(q: Tensor, k: Tensor, v: Tensor) -> str | None:
+def _triton_supports(q: Tensor, k: Tensor, v: Tensor,
+                     window_offset: int | None = None) -> str | None:
     if q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         return f"the Triton kernels take float32, float16 or bfloat16, not {q.dtype}"
     if q.shape[-1] > MAX_HEAD_DIM:
@@ -79,29 +82,35 @@ def _triton_attention_bwd(*args):
     return kernels.attention_bwd(*args)
 
 
-def _attention_fwd(q, k, v, scale, causal, causal_offset, backend):
-    impl = ATTENTION_FWD.select(backend, q.device, q, k, v)
-    return impl(q, k, v, scale, causal, causal_offset)
+def _attention_fwd(q, k, v, scale, causal, causal_offset, backend, window_offset=None):
+    impl = ATTENTION_FWD.select(backend, q.device, q, k, v, window_offset)
+    if window_offset is None:  # the kernels' original signature: no window argument to pass
+        return impl(q, k, v, scale, causal, causal_offset)
+    return impl(q, k, v, scale, causal, causal_offset, window_offset)
 
 
-def _attention_bwd(grad_out, q, k, v, out, lse, scale, causal, causal_offset, backend):
-    impl = ATTENTION_BWD.select(backend, q.device, q, k, v)
-    return impl(grad_out, q, k, v, out, lse, scale, causal, causal_offset)
+def _attention_bwd(grad_out, q, k, v, out, lse, scale, causal, causal_offset, backend,
+                   window_offset=None):
+    impl = ATTENTION_BWD.select(backend, q.device, q, k, v, window_offset)
+    if window_offset is None:
+        return impl(grad_out, q, k, v, out, lse, scale, causal, causal_offset)
+    return impl(grad_out, q, k, v, out, lse, scale, causal, causal_offset, window_offset)
 
 
 @torch.library.custom_op("fusedlm::attention_fwd", mutates_args=())
 def attention_fwd(
     q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool, causal_offset: int,
-    backend: str,
+    backend: str, window_offset: int | None = None,
 ) -> tuple[Tensor, Tensor]:
     """q (B, Hq, Tq, D), k/v (B, Hkv, Tk, D), any strides. Key j is visible to query i iff
-    not causal or j <= i + causal_offset. Returns out (B, Hq, Tq, D) in q's dtype and
-    lse (B, Hq, Tq) float32 (float64 for float64 inputs); rows that see no key get 0 and -inf."""
-    return _attention_fwd(q, k, v, scale, causal, causal_offset, backend)
+    (not causal or j <= i + causal_offset) and (window_offset is None or j >= i +
+    window_offset). Returns out (B, Hq, Tq, D) in q's dtype and lse (B, Hq, Tq) float32
+    (float64 for float64 inputs); rows that see no key get 0 and -inf."""
+    return _attention_fwd(q, k, v, scale, causal, causal_offset, backend, window_offset)
 
 
 @attention_fwd.register_fake
-def _(q, k, v, scale, causal, causal_offset, backend):
+def _(q, k, v, scale, causal, causal_offset, backend, window_offset=None):
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     return out, q.new_empty(q.shape[:3], dtype=stat_dtype(q.dtype))
 
@@ -109,23 +118,25 @@ def _(q, k, v, scale, causal, causal_offset, backend):
 @torch.library.custom_op("fusedlm::attention_bwd", mutates_args=())
 def attention_bwd(
     grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, scale: float,
-    causal: bool, causal_offset: int, backend: str,
+    causal: bool, causal_offset: int, backend: str, window_offset: int | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Returns dq, dk, dv in the shapes and dtypes of q, k, v; dk and dv are summed over the
     query heads that share a kv head (GQA/MQA)."""
-    return _attention_bwd(grad_out, q, k, v, out, lse, scale, causal, causal_offset, backend)
+    return _attention_bwd(grad_out, q, k, v, out, lse, scale, causal, causal_offset, backend,
+                          window_offset)
 
 
 @attention_bwd.register_fake
-def _(grad_out, q, k, v, out, lse, scale, causal, causal_offset, backend):
+def _(grad_out, q, k, v, out, lse, scale, causal, causal_offset, backend, window_offset=None):
     return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
 
 
 def _attention_setup_context(ctx, inputs, output):
-    q, k, v, scale, causal, causal_offset, backend = inputs
+    q, k, v, scale, causal, causal_offset, backend, *window = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse)
     ctx.scale, ctx.causal, ctx.causal_offset, ctx.backend = scale, causal, causal_offset, backend
+    ctx.window_offset = window[0] if window else None
     ctx.mark_non_differentiable(lse)
 
 
@@ -133,8 +144,8 @@ def _attention_backward(ctx, grad_out, grad_lse):
     q, k, v, out, lse = ctx.saved_tensors
     bwd = _attention_bwd if getattr(ctx, "eager", False) else torch.ops.fusedlm.attention_bwd
     dq, dk, dv = bwd(grad_out, q, k, v, out, lse, ctx.scale, ctx.causal, ctx.causal_offset,
-                     ctx.backend)
-    return dq, dk, dv, None, None, None, None
+                     ctx.backend, ctx.window_offset)
+    return dq, dk, dv, None, None, None, None, None
 
 
 attention_fwd.register_autograd(_attention_backward, setup_context=_attention_setup_context)
@@ -181,18 +192,53 @@ def _check_qkv(q: Tensor, k: Tensor, v: Tensor) -> None:
         )
 
 
-def _attention(q, k, v, scale, causal, causal_offset, backend):
+def _attention(q, k, v, scale, causal, causal_offset, backend, window_offset=None):
     if q.numel() == 0 or k.numel() == 0:  # empty results; the reference's torch ops give autograd
-        return reference.attention_fwd(q, k, v, scale, causal, causal_offset)[0]
+        return reference.attention_fwd(q, k, v, scale, causal, causal_offset, window_offset)[0]
     fwd = forward_for_call(ATTENTION_FWD, backend, _AttentionEager, _attention_fwd,
-                           reference.attention_fwd, q, k, v)
-    out, _ = fwd(q, k, v, scale, causal, causal_offset, backend)
+                           reference.attention_fwd, q, k, v, backend_index=6)
+    out, _ = fwd(q, k, v, scale, causal, causal_offset, backend, window_offset)
     return out
+
+
+def _window_side(value: object, side: str) -> int | None:
+    """One side of ``window``: a count of keys >= 0, or None / -1 for no limit."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"argument 'window' must hold ints or None, got {type(value).__name__} "
+                        f"for its {side} side")
+    if value < -1:
+        raise ValueError(f"argument 'window' must hold counts >= 0 (or -1 / None for no limit), "
+                         f"got {value} for its {side} side")
+    return None if value == -1 else value
+
+
+def attention_mask_bounds(
+    Tq: int, Tk: int, causal: bool, window: tuple[int | None, int | None] | None
+) -> tuple[bool, int, int | None]:
+    """(causal, causal_offset, window_offset) of the kernels for ``fusedlm.attention``'s
+    ``causal`` and ``window``, both aligned bottom-right (query i sits at key position
+    p = i + Tk - Tq): key j is visible iff p - left <= j <= p + right, and j <= p if causal."""
+    if window is not None and not (isinstance(window, (tuple, list)) and len(window) == 2):
+        raise TypeError("argument 'window' must be None or a pair (left, right) of key counts, "
+                        f"got {window!r}")
+    left, right = (None, None) if window is None else (
+        _window_side(window[0], "left"), _window_side(window[1], "right"))
+    offset = Tk - Tq
+    if right is not None:
+        right = min(right, 0) if causal else right  # the intersection of the two limits
+        causal = True
+        offset = min(offset + right, Tk)  # past Tk - 1 every key is visible anyway
+    window_offset = None
+    if left is not None and Tk - Tq - left > 1 - Tq:  # else no query meets the lower limit
+        window_offset = min(Tk - Tq - left, Tk)
+    return causal, offset, window_offset
 
 
 def attention(
     q: Tensor, k: Tensor, v: Tensor, causal: bool = False, scale: float | None = None,
-    backend: str = "auto",
+    backend: str = "auto", window: tuple[int | None, int | None] | None = None,
 ) -> Tensor:
     """Fused (flash) attention: softmax(q k^T * scale) v.
 
@@ -200,14 +246,20 @@ def attention(
     any strides; float64/float32/float16/bfloat16, all one dtype. ``scale`` defaults to
     1/sqrt(D). ``causal=True`` aligns the mask bottom-right, as FlashAttention does: query i
     sees keys j <= i + Tk - Tq, so the last query sees every key (rows that see none give 0).
-    Returns (B, Hq, Tq, D) in q's dtype.
+    ``window=(left, right)`` (local / sliding-window attention, FlashAttention's
+    ``window_size``) limits query i to keys p - left <= j <= p + right around its position
+    p = i + Tk - Tq; a side that is None or -1 has no limit, and ``causal`` still applies (a
+    causal sliding window of W keys, Mistral's ``sliding_window=W``, is ``causal=True,
+    window=(W - 1, 0)``). Returns (B, Hq, Tq, D) in q's dtype.
     """
     _check_qkv(q, k, v)
     if not isinstance(causal, bool):
         raise TypeError(f"argument 'causal' must be a bool, got {type(causal).__name__}")
     scale = 1.0 / math.sqrt(q.shape[3]) if scale is None else check_finite_float(scale, "scale")
     check_backend_name(backend)
-    return _attention(q, k, v, scale, causal, k.shape[2] - q.shape[2], backend)
+    causal, causal_offset, window_offset = attention_mask_bounds(
+        q.shape[2], k.shape[2], causal, window)
+    return _attention(q, k, v, scale, causal, causal_offset, backend, window_offset)
 
 
 _sdpa_logged: set[str] = set()

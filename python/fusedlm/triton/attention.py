@@ -80,11 +80,28 @@ def _kv_range(start_m, seqlen_k, causal_offset, CAUSAL: tl.constexpr,
 
 
 @triton.jit
+def _kv_window_range(start_m, seqlen_k, causal_offset, window_offset, CAUSAL: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """_kv_range under a sliding window (key j visible to row i only if j >= i + window_offset):
+    whole key blocks [full_start, high) need no mask; the n_low masked blocks from `start` (the
+    window's lower edge) and the masked blocks from `high` to `end` (causal diagonal, ragged
+    end) need it. Returns (start, n_low, full_start, high, end)."""
+    full_end, end = _kv_range(start_m, seqlen_k, causal_offset, CAUSAL, BLOCK_M, BLOCK_N)
+    start = (tl.minimum(tl.maximum(start_m + window_offset, 0), end) // BLOCK_N) * BLOCK_N
+    # Keys from the last row's lower limit on are inside every row's window.
+    full_start = tl.cdiv(tl.maximum(start_m + BLOCK_M - 1 + window_offset, 0), BLOCK_N) * BLOCK_N
+    full_start = tl.minimum(tl.maximum(full_start, start), end)
+    high = tl.maximum(tl.minimum(full_end, end), full_start)
+    n_low = tl.cdiv(full_start - start, BLOCK_N)
+    return start, n_low, full_start, high, end
+
+
+@triton.jit
 def _attention_fwd_block(
     acc, m_i, l_i, q, K_head, V_head, start_n, offs_m, offs_n, offs_d,
-    stride_kn, stride_kd, stride_vn, stride_vd, seqlen_k, head_dim, causal_offset, qk_scale,
-    MASKED: tl.constexpr, CAUSAL: tl.constexpr, EVEN_D: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    stride_kn, stride_kd, stride_vn, stride_vd, seqlen_k, head_dim, causal_offset, window_offset,
+    qk_scale, MASKED: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
+    EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """One key block of the online softmax; m_i is the running max in the log2 domain."""
     cols = start_n + offs_n
@@ -97,6 +114,8 @@ def _attention_fwd_block(
         visible = cols[None, :] < seqlen_k
         if CAUSAL:
             visible = visible & (cols[None, :] <= offs_m[:, None] + causal_offset)
+        if WINDOW:
+            visible = visible & (cols[None, :] >= offs_m[:, None] + window_offset)
         s = tl.where(visible, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
     if MASKED:
@@ -119,9 +138,9 @@ def attention_fwd_kernel(
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_ob, stride_oh, stride_om, stride_od,
-    n_heads, group, seqlen_q, seqlen_k, head_dim, causal_offset, qk_scale,
+    n_heads, group, seqlen_q, seqlen_k, head_dim, causal_offset, window_offset, qk_scale,
     seq_bucket,  # autotuning key only
-    CAUSAL: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
+    CAUSAL: tl.constexpr, WINDOW: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Out (B, Hq, Tq, D) in Q's dtype and Lse (B, Hq, Tq) float32 (contiguous) from Q
@@ -150,17 +169,33 @@ def attention_fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    full_end, end = _kv_range(start_m, seqlen_k, causal_offset, CAUSAL, BLOCK_M, BLOCK_N)
-    for start_n in range(0, full_end, BLOCK_N):
-        acc, m_i, l_i = _attention_fwd_block(
-            acc, m_i, l_i, q, K_head, V_head, start_n, offs_m, offs_n, offs_d,
-            stride_kn, stride_kd, stride_vn, stride_vd, seqlen_k, head_dim, causal_offset,
-            qk_scale, False, CAUSAL, EVEN_D, DOT_PRECISION)
-    for start_n in range(full_end, end, BLOCK_N):
-        acc, m_i, l_i = _attention_fwd_block(
-            acc, m_i, l_i, q, K_head, V_head, start_n, offs_m, offs_n, offs_d,
-            stride_kn, stride_kd, stride_vn, stride_vd, seqlen_k, head_dim, causal_offset,
-            qk_scale, True, CAUSAL, EVEN_D, DOT_PRECISION)
+    if WINDOW:
+        # Masked blocks at both edges share one loop (two masked call sites cost registers).
+        start, n_low, full_start, high, end = _kv_window_range(
+            start_m, seqlen_k, causal_offset, window_offset, CAUSAL, BLOCK_M, BLOCK_N)
+        for start_n in range(full_start, high, BLOCK_N):
+            acc, m_i, l_i = _attention_fwd_block(
+                acc, m_i, l_i, q, K_head, V_head, start_n, offs_m, offs_n, offs_d,
+                stride_kn, stride_kd, stride_vn, stride_vd, seqlen_k, head_dim, causal_offset,
+                window_offset, qk_scale, False, CAUSAL, WINDOW, EVEN_D, DOT_PRECISION)
+        for i in range(0, n_low + tl.cdiv(end - high, BLOCK_N)):
+            start_n = tl.where(i < n_low, start + i * BLOCK_N, high + (i - n_low) * BLOCK_N)
+            acc, m_i, l_i = _attention_fwd_block(
+                acc, m_i, l_i, q, K_head, V_head, start_n, offs_m, offs_n, offs_d,
+                stride_kn, stride_kd, stride_vn, stride_vd, seqlen_k, head_dim, causal_offset,
+                window_offset, qk_scale, True, CAUSAL, WINDOW, EVEN_D, DOT_PRECISION)
+    else:
+        full_end, end = _kv_range(start_m, seqlen_k, causal_offset, CAUSAL, BLOCK_M, BLOCK_N)
+        for start_n in range(0, full_end, BLOCK_N):
+            acc, m_i, l_i = _attention_fwd_block(
+                acc, m_i, l_i, q, K_head, V_head, start_n, offs_m, offs_n, offs_d,
+                stride_kn, stride_kd, stride_vn, stride_vd, seqlen_k, head_dim, causal_offset,
+                window_offset, qk_scale, False, CAUSAL, WINDOW, EVEN_D, DOT_PRECISION)
+        for start_n in range(full_end, end, BLOCK_N):
+            acc, m_i, l_i = _attention_fwd_block(
+                acc, m_i, l_i, q, K_head, V_head, start_n, offs_m, offs_n, offs_d,
+                stride_kn, stride_kd, stride_vn, stride_vd, seqlen_k, head_dim, causal_offset,
+                window_offset, qk_scale, True, CAUSAL, WINDOW, EVEN_D, DOT_PRECISION)
 
     # l_i is 0 exactly for rows that see no key (the max term alone contributes 1).
     empty = l_i == 0.0
@@ -208,9 +243,9 @@ def attention_bwd_preprocess_kernel(
 @triton.jit
 def _attention_bwd_dkdv_block(
     dk, dv, k, v, Q_head, DO_head, Lse_row, Delta_row, start_m, offs_m, offs_n, offs_d,
-    stride_qm, stride_qd, stride_dom, stride_dod, seqlen_q, head_dim, causal_offset, qk_scale,
-    MASKED: tl.constexpr, CAUSAL: tl.constexpr, EVEN_D: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    stride_qm, stride_qd, stride_dom, stride_dod, seqlen_q, head_dim, causal_offset,
+    window_offset, qk_scale, MASKED: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
+    EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """One query block's contribution to dk (unscaled) and dv of a key block, transposed
     (keys along rows) so no accumulator needs a transpose."""
@@ -233,6 +268,8 @@ def _attention_bwd_dkdv_block(
         visible = rows[None, :] < seqlen_q
         if CAUSAL:
             visible = visible & (offs_n[:, None] <= rows[None, :] + causal_offset)
+        if WINDOW:
+            visible = visible & (offs_n[:, None] >= rows[None, :] + window_offset)
         p_t = tl.where(visible, p_t, 0.0)
     dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
     dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
@@ -250,9 +287,10 @@ def attention_bwd_dkdv_kernel(
     stride_dob, stride_doh, stride_dom, stride_dod,
     stride_dkb, stride_dkh, stride_dkn, stride_dkd,
     stride_dvb, stride_dvh, stride_dvn, stride_dvd,
-    n_kv_heads, group, seqlen_q, seqlen_k, head_dim, causal_offset, sm_scale, qk_scale,
+    n_kv_heads, group, seqlen_q, seqlen_k, head_dim, causal_offset, window_offset, sm_scale,
+    qk_scale,
     seq_bucket,  # autotuning key only
-    CAUSAL: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
+    CAUSAL: tl.constexpr, WINDOW: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """DK, DV (B, Hkv, Tk, D) in K's/V's dtype from Q, DO (B, Hq, Tq, D), K, V, Lse and Delta
@@ -289,6 +327,14 @@ def attention_bwd_dkdv_kernel(
     else:
         lo = 0
         full = 0
+    if WINDOW:
+        # Query i sees key j only if i <= j - window_offset: queries past the block's last key's
+        # limit see none of it (end drops to there), and whole query blocks up to the first
+        # key's limit see all of it (unmasked ones stop there).
+        end = tl.minimum(end, tl.cdiv(tl.maximum(start_n + BLOCK_N - window_offset, 0),
+                                      BLOCK_M) * BLOCK_M)
+        even_end = tl.minimum(even_end, (tl.maximum(start_n - window_offset + 1, 0) // BLOCK_M)
+                              * BLOCK_M)
     tail = tl.maximum(full, even_end)
     n_diag = tl.maximum(tl.minimum(full, end) - lo, 0) // BLOCK_M
     n_masked = n_diag + tl.maximum(end - tail, 0) // BLOCK_M
@@ -304,13 +350,18 @@ def attention_bwd_dkdv_kernel(
             dk, dv = _attention_bwd_dkdv_block(
                 dk, dv, k, v, Q_head, DO_head, Lse_row, Delta_row, start_m, offs_m, offs_n,
                 offs_d, stride_qm, stride_qd, stride_dom, stride_dod, seqlen_q, head_dim,
-                causal_offset, qk_scale, False, CAUSAL, EVEN_D, DOT_PRECISION)
+                causal_offset, window_offset, qk_scale, False, CAUSAL, WINDOW, EVEN_D,
+                DOT_PRECISION)
         for i in range(0, n_masked):
-            start_m = tl.where(i < n_diag, lo + i * BLOCK_M, tail)
+            if WINDOW:  # the window's edge can leave several masked blocks from tail on
+                start_m = tl.where(i < n_diag, lo + i * BLOCK_M, tail + (i - n_diag) * BLOCK_M)
+            else:  # only the ragged last block
+                start_m = tl.where(i < n_diag, lo + i * BLOCK_M, tail)
             dk, dv = _attention_bwd_dkdv_block(
                 dk, dv, k, v, Q_head, DO_head, Lse_row, Delta_row, start_m, offs_m, offs_n,
                 offs_d, stride_qm, stride_qd, stride_dom, stride_dod, seqlen_q, head_dim,
-                causal_offset, qk_scale, True, CAUSAL, EVEN_D, DOT_PRECISION)
+                causal_offset, window_offset, qk_scale, True, CAUSAL, WINDOW, EVEN_D,
+                DOT_PRECISION)
 
     dk = dk * sm_scale
     row_ok = offs_n < seqlen_k
@@ -329,9 +380,9 @@ def attention_bwd_dkdv_kernel(
 @triton.jit
 def _attention_bwd_dq_block(
     dq, q, do, lse2, delta, K_head, V_head, start_n, offs_m, offs_n, offs_d,
-    stride_kn, stride_kd, stride_vn, stride_vd, seqlen_k, head_dim, causal_offset, qk_scale,
-    MASKED: tl.constexpr, CAUSAL: tl.constexpr, EVEN_D: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    stride_kn, stride_kd, stride_vn, stride_vd, seqlen_k, head_dim, causal_offset, window_offset,
+    qk_scale, MASKED: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
+    EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """One key block's contribution to dq (unscaled); lse2 = lse * log2(e)."""
     cols = start_n + offs_n
@@ -345,6 +396,8 @@ def _attention_bwd_dq_block(
         visible = cols[None, :] < seqlen_k
         if CAUSAL:
             visible = visible & (cols[None, :] <= offs_m[:, None] + causal_offset)
+        if WINDOW:
+            visible = visible & (cols[None, :] >= offs_m[:, None] + window_offset)
         p = tl.where(visible, p, 0.0)
     dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
     ds = p * (dp - delta[:, None])
@@ -360,9 +413,10 @@ def attention_bwd_dq_kernel(
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_dob, stride_doh, stride_dom, stride_dod,
     stride_dqb, stride_dqh, stride_dqm, stride_dqd,
-    n_heads, group, seqlen_q, seqlen_k, head_dim, causal_offset, sm_scale, qk_scale,
+    n_heads, group, seqlen_q, seqlen_k, head_dim, causal_offset, window_offset, sm_scale,
+    qk_scale,
     seq_bucket,  # autotuning key only
-    CAUSAL: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
+    CAUSAL: tl.constexpr, WINDOW: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """DQ (B, Hq, Tq, D) in Q's dtype from Q, DO, K, V, Lse and Delta (B, Hq, Tq) float32
@@ -394,17 +448,32 @@ def attention_bwd_dq_kernel(
     delta = tl.load(Delta + bh.to(tl.int64) * seqlen_q + offs_m, mask=row_ok, other=0.0)
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    full_end, end = _kv_range(start_m, seqlen_k, causal_offset, CAUSAL, BLOCK_M, BLOCK_N)
-    for start_n in range(0, full_end, BLOCK_N):
-        dq = _attention_bwd_dq_block(
-            dq, q, do, lse2, delta, K_head, V_head, start_n, offs_m, offs_n, offs_d,
-            stride_kn, stride_kd, stride_vn, stride_vd, seqlen_k, head_dim, causal_offset,
-            qk_scale, False, CAUSAL, EVEN_D, DOT_PRECISION)
-    for start_n in range(full_end, end, BLOCK_N):
-        dq = _attention_bwd_dq_block(
-            dq, q, do, lse2, delta, K_head, V_head, start_n, offs_m, offs_n, offs_d,
-            stride_kn, stride_kd, stride_vn, stride_vd, seqlen_k, head_dim, causal_offset,
-            qk_scale, True, CAUSAL, EVEN_D, DOT_PRECISION)
+    if WINDOW:
+        start, n_low, full_start, high, end = _kv_window_range(
+            start_m, seqlen_k, causal_offset, window_offset, CAUSAL, BLOCK_M, BLOCK_N)
+        for start_n in range(full_start, high, BLOCK_N):
+            dq = _attention_bwd_dq_block(
+                dq, q, do, lse2, delta, K_head, V_head, start_n, offs_m, offs_n, offs_d,
+                stride_kn, stride_kd, stride_vn, stride_vd, seqlen_k, head_dim, causal_offset,
+                window_offset, qk_scale, False, CAUSAL, WINDOW, EVEN_D, DOT_PRECISION)
+        for i in range(0, n_low + tl.cdiv(end - high, BLOCK_N)):
+            start_n = tl.where(i < n_low, start + i * BLOCK_N, high + (i - n_low) * BLOCK_N)
+            dq = _attention_bwd_dq_block(
+                dq, q, do, lse2, delta, K_head, V_head, start_n, offs_m, offs_n, offs_d,
+                stride_kn, stride_kd, stride_vn, stride_vd, seqlen_k, head_dim, causal_offset,
+                window_offset, qk_scale, True, CAUSAL, WINDOW, EVEN_D, DOT_PRECISION)
+    else:
+        full_end, end = _kv_range(start_m, seqlen_k, causal_offset, CAUSAL, BLOCK_M, BLOCK_N)
+        for start_n in range(0, full_end, BLOCK_N):
+            dq = _attention_bwd_dq_block(
+                dq, q, do, lse2, delta, K_head, V_head, start_n, offs_m, offs_n, offs_d,
+                stride_kn, stride_kd, stride_vn, stride_vd, seqlen_k, head_dim, causal_offset,
+                window_offset, qk_scale, False, CAUSAL, WINDOW, EVEN_D, DOT_PRECISION)
+        for start_n in range(full_end, end, BLOCK_N):
+            dq = _attention_bwd_dq_block(
+                dq, q, do, lse2, delta, K_head, V_head, start_n, offs_m, offs_n, offs_d,
+                stride_kn, stride_kd, stride_vn, stride_vd, seqlen_k, head_dim, causal_offset,
+                window_offset, qk_scale, True, CAUSAL, WINDOW, EVEN_D, DOT_PRECISION)
 
     dq = dq * sm_scale
     if EVEN_D:
@@ -547,7 +616,7 @@ def _autotuned(kernel: str, size: int):
     ]
     return triton.autotune(
         configs=configs,
-        key=["BLOCK_D", "CAUSAL", "seq_bucket"],  # the autotuner adds the tensors' dtypes
+        key=["BLOCK_D", "CAUSAL", "WINDOW", "seq_bucket"],  # the autotuner adds the dtypes
         prune_configs_by={"early_config_prune": _prune_configs(kernel)},
         cache_results=True,  # timings kept in Triton's disk cache: later processes skip them
     )(_KERNELS[kernel])
@@ -607,11 +676,12 @@ def _block_d(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))
 
 
-def _common_constexprs(q: Tensor, causal: bool) -> dict:
+def _common_constexprs(q: Tensor, causal: bool, window_offset: int | None) -> dict:
     head_dim = q.shape[3]
     block_d = _block_d(head_dim)
     return {
         "CAUSAL": bool(causal),
+        "WINDOW": window_offset is not None,
         "BLOCK_D": block_d,
         "EVEN_D": block_d == head_dim,
         # float32: TF32 (and even 3xTF32, ~10x float32's rounding per product) would lose to
@@ -634,23 +704,32 @@ def _check(q: Tensor, k: Tensor, v: Tensor) -> None:
 # ---- entry points ---------------------------------------------------------------------------
 
 
+def _clamped_offsets(causal_offset: int, window_offset: int | None, Tq: int, Tk: int):
+    """Offsets clamped to [-Tq, Tk] (past those bounds a limit excludes all keys or none), so
+    they fit the kernels' int32 arithmetic; window_offset 0 when there is no window."""
+    clamp = lambda x: max(-Tq, min(Tk, int(x)))  # noqa: E731
+    return clamp(causal_offset), 0 if window_offset is None else clamp(window_offset)
+
+
 def attention_fwd(
-    q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool, causal_offset: int
+    q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool, causal_offset: int,
+    window_offset: int | None = None,
 ) -> tuple[Tensor, Tensor]:
     """q (B, Hq, Tq, D), k/v (B, Hkv, Tk, D), any strides. Returns out (B, Hq, Tq, D)
     contiguous in q's dtype and lse (B, Hq, Tq) float32 (natural log; -inf for rows that see
     no key, whose out is 0)."""
     if q.numel() == 0 or k.numel() == 0:  # nothing to launch; the reference's empty results
-        return reference.attention_fwd(q, k, v, scale, causal, causal_offset)
+        return reference.attention_fwd(q, k, v, scale, causal, causal_offset, window_offset)
     _check(q, k, v)
     B, Hq, Tq, D = q.shape
     Hkv, Tk = k.shape[1], k.shape[2]
     out = torch.empty((B, Hq, Tq, D), dtype=q.dtype, device=q.device)
     lse = torch.empty((B, Hq, Tq), dtype=torch.float32, device=q.device)
-    constexprs = _common_constexprs(q, causal)
+    constexprs = _common_constexprs(q, causal, window_offset)
+    offsets = _clamped_offsets(causal_offset, window_offset, Tq, Tk)
     args = (
         q, k, v, out, lse, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-        Hq, Hq // Hkv, Tq, Tk, D, int(causal_offset), float(scale) * LOG2E, _seq_bucket(Tq, Tk),
+        Hq, Hq // Hkv, Tq, Tk, D, *offsets, float(scale) * LOG2E, _seq_bucket(Tq, Tk),
     )
     grid_size = lambda bm, bn: triton.cdiv(Tq, bm) * B * Hq  # noqa: E731
     _launch("fwd", grid_size, args, constexprs, q, _seq_bucket(Tq, Tk))
@@ -659,12 +738,13 @@ def attention_fwd(
 
 def attention_bwd(
     grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
-    scale: float, causal: bool, causal_offset: int,
+    scale: float, causal: bool, causal_offset: int, window_offset: int | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients of attention_fwd's out: dq, dk, dv (contiguous) in the shapes and dtypes of
     q, k, v; dk, dv summed over the query heads sharing a kv head. lse is attention_fwd's."""
     if q.numel() == 0 or k.numel() == 0:
-        return reference.attention_bwd(grad_out, q, k, v, out, lse, scale, causal, causal_offset)
+        return reference.attention_bwd(grad_out, q, k, v, out, lse, scale, causal, causal_offset,
+                                       window_offset)
     _check(q, k, v)
     B, Hq, Tq, D = q.shape
     Hkv, Tk = k.shape[1], k.shape[2]
@@ -674,7 +754,8 @@ def attention_bwd(
     dq = torch.empty((B, Hq, Tq, D), dtype=q.dtype, device=q.device)
     dk = torch.empty((B, Hkv, Tk, D), dtype=k.dtype, device=q.device)
     dv = torch.empty((B, Hkv, Tk, D), dtype=v.dtype, device=q.device)
-    constexprs = _common_constexprs(q, causal)
+    constexprs = _common_constexprs(q, causal, window_offset)
+    offsets = _clamped_offsets(causal_offset, window_offset, Tq, Tk)
     block_d, even_d = constexprs["BLOCK_D"], constexprs["EVEN_D"]
     bucket = _seq_bucket(Tq, Tk)
     qk_scale = float(scale) * LOG2E
@@ -697,14 +778,14 @@ def attention_bwd(
     dkdv_args = (
         q, k, v, grad_out, lse, delta, dk, dv,
         *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dk.stride(), *dv.stride(),
-        Hkv, group, Tq, Tk, D, int(causal_offset), float(scale), qk_scale, bucket,
+        Hkv, group, Tq, Tk, D, *offsets, float(scale), qk_scale, bucket,
     )
     grid_size = lambda bm, bn: triton.cdiv(Tk, bn) * B * Hkv  # noqa: E731
     _launch("bwd_dkdv", grid_size, dkdv_args, constexprs, q, bucket)
     dq_args = (
         q, k, v, grad_out, lse, delta, dq,
         *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dq.stride(),
-        Hq, group, Tq, Tk, D, int(causal_offset), float(scale), qk_scale, bucket,
+        Hq, group, Tq, Tk, D, *offsets, float(scale), qk_scale, bucket,
     )
     grid_size = lambda bm, bn: triton.cdiv(Tq, bm) * B * Hq  # noqa: E731
     _launch("bwd_dq", grid_size, dq_args, constexprs, q, bucket)
