@@ -83,18 +83,24 @@ __device__ __forceinline__ void probabilities_and_score_grads(
     float (&scores)[kNBlocks][4], float (&dp)[kNBlocks][4], const RowStats& stats,
     float scale_log2, int64_t row0, int64_t n0, int t, bool need_mask, const AttentionShape& s) {
 #pragma unroll
-  for (int nb = 0; nb < kNBlocks; ++nb) {
+  for (int r = 0; r < 2; ++r) {
+    int lo = 0, hi = kNBlocks * 8;  // this row's visible columns of the tile (none past Tq)
+    if (need_mask) {
+      const int64_t row = row0 + 8 * r;
+      visible_columns(s, row, n0, kNBlocks * 8, &lo, &hi);
+      if (row >= s.Tq) hi = 0;
+    }
 #pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const int r = i >> 1;
-      float p = fast_exp2(scores[nb][i] * scale_log2 - stats.lse_log2[r]);
-      if (need_mask) {
-        const int64_t row = row0 + 8 * r;
-        const int64_t col = n0 + nb * 8 + 2 * t + (i & 1);
-        if (row >= s.Tq || !key_visible(s, row, col)) p = 0.f;
+    for (int nb = 0; nb < kNBlocks; ++nb) {
+#pragma unroll
+      for (int j = 0; j < 2; ++j) {
+        const int i = 2 * r + j;
+        float p = fast_exp2(scores[nb][i] * scale_log2 - stats.lse_log2[r]);
+        const int col = nb * 8 + 2 * t + j;
+        if (need_mask && (col < lo || col >= hi)) p = 0.f;
+        scores[nb][i] = p;
+        dp[nb][i] = p * (dp[nb][i] - stats.delta[r]);
       }
-      scores[nb][i] = p;
-      dp[nb][i] = p * (dp[nb][i] - stats.delta[r]);
     }
   }
 }
@@ -365,8 +371,8 @@ __global__ void __launch_bounds__(kWarps * 32)
     const RowStats stats = load_row_stats(args.lse + (b * s.Hq + h) * Tq,
                                           delta + (b * s.Hq + h) * Tq, row0, Tq);
 
-    for (int64_t n = n_first; n < n_blocks; ++n) {
-      const int buf = static_cast<int>((n - n_first) & 1);
+    int buf = 0;  // toggled per tile: (n - n_first) & 1 would keep n_first live (registers)
+    for (int64_t n = n_first; n < n_blocks; ++n, buf ^= 1) {
       if (n + 1 < n_blocks) {
         const int64_t next0 = (n + 1) * kBlockN;
         load_tile_async<kBlockN, kHeadDim, kThreads>(

@@ -16,7 +16,9 @@ constexpr size_t fwd_shared_bytes() {
 }
 
 // grid (ceil(Tq / kBlockM) * Hq * B), kWarps * 32 threads; each warp owns kBlockM / kWarps rows.
-template <typename T, int kHeadDim, int kBlockM, int kBlockN, int kWarps>
+// kWindowed: the sliding-window instance (s.windowed); the plain one keeps the window's code
+// out (its per-row bounds cost the 128-row D = 128 tile 32-80 bytes of spills).
+template <typename T, int kHeadDim, int kBlockM, int kBlockN, int kWarps, bool kWindowed>
 __global__ void __launch_bounds__(kWarps * 32)
     attention_fwd_kernel(const AttentionFwdArgs args) {
   constexpr int kThreads = kWarps * 32;
@@ -59,7 +61,7 @@ __global__ void __launch_bounds__(kWarps * 32)
     const int64_t last_visible = std::min(m0 + kBlockM, Tq) - 1 + s.causal_offset;
     n_blocks = last_visible < 0 ? 0 : std::min(n_blocks, last_visible / kBlockN + 1);
   }
-  const int64_t n_first = first_key_tile(s, m0, kBlockN);
+  const int64_t n_first = kWindowed ? first_key_tile(s, m0, kBlockN) : 0;
 
   float o[kMTiles][kDBlocks][4] = {};  // output accumulator (C layout)
   float row_max[kMTiles][2];           // running max of the scaled scores, log2 units
@@ -105,22 +107,46 @@ __global__ void __launch_bounds__(kWarps * 32)
       const int64_t n0 = n * kBlockN;
       const bool need_mask = n0 + kBlockN > Tk ||
                              (s.causal && n0 + kBlockN - 1 > m0 + s.causal_offset) ||
-                             (s.windowed && n0 < m0 + kBlockM - 1 + s.window_offset);
+                             (kWindowed && n0 < m0 + kBlockM - 1 + s.window_offset);
+      if constexpr (!kWindowed) {
+#pragma unroll
+        for (int mt = 0; mt < kMTiles; ++mt) {
+#pragma unroll
+          for (int nb = 0; nb < kNBlocks; ++nb) {
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+              float x = scores[mt][nb][i] * scale_log2;
+              if (need_mask) {
+                const int64_t row = m0 + warp * 16 * kMTiles + mt * 16 + g + (i >= 2 ? 8 : 0);
+                const int64_t col = n0 + nb * 8 + 2 * t + (i & 1);
+                if (col >= Tk || (s.causal && col > row + s.causal_offset)) x = -INFINITY;
+              }
+              scores[mt][nb][i] = x;
+            }
+          }
+        }
+      } else {
 #pragma unroll
       for (int mt = 0; mt < kMTiles; ++mt) {
 #pragma unroll
-        for (int nb = 0; nb < kNBlocks; ++nb) {
+        for (int r = 0; r < 2; ++r) {
+          int lo = 0, hi = kBlockN;  // this row's visible columns of the tile
+          if (need_mask) {
+            const int64_t row = m0 + warp * 16 * kMTiles + mt * 16 + g + 8 * r;
+            visible_columns(s, row, n0, kBlockN, &lo, &hi);
+          }
 #pragma unroll
-          for (int i = 0; i < 4; ++i) {
-            float x = scores[mt][nb][i] * scale_log2;
-            if (need_mask) {
-              const int64_t row = m0 + warp * 16 * kMTiles + mt * 16 + g + (i >= 2 ? 8 : 0);
-              const int64_t col = n0 + nb * 8 + 2 * t + (i & 1);
-              if (!key_visible(s, row, col)) x = -INFINITY;
+          for (int nb = 0; nb < kNBlocks; ++nb) {
+#pragma unroll
+            for (int j = 0; j < 2; ++j) {
+              float x = scores[mt][nb][2 * r + j] * scale_log2;
+              const int col = nb * 8 + 2 * t + j;
+              if (need_mask && (col < lo || col >= hi)) x = -INFINITY;
+              scores[mt][nb][2 * r + j] = x;
             }
-            scores[mt][nb][i] = x;
           }
         }
+      }
       }
 
       // Online softmax: new row max (over the 4 lanes sharing a row), rescale, exponentiate.
@@ -198,7 +224,8 @@ template <typename T, int kHeadDim, int kBlockM, int kBlockN, int kWarps>
 cudaError_t launch_fwd(const AttentionFwdArgs& args, cudaStream_t stream) {
   const AttentionShape& s = args.shape;
   constexpr size_t bytes = fwd_shared_bytes<kHeadDim, kBlockM, kBlockN>();
-  auto kernel = attention_fwd_kernel<T, kHeadDim, kBlockM, kBlockN, kWarps>;
+  auto kernel = s.windowed ? attention_fwd_kernel<T, kHeadDim, kBlockM, kBlockN, kWarps, true>
+                           : attention_fwd_kernel<T, kHeadDim, kBlockM, kBlockN, kWarps, false>;
   FUSEDLM_RETURN_IF_ERROR(prepare_shared_memory(kernel, bytes));
   const int64_t blocks = ceil_div(s.Tq, kBlockM) * s.Hq * s.B;
   if (!fits_grid(s, blocks)) return cudaErrorInvalidValue;

@@ -292,10 +292,17 @@ inline bool valid_shape(const AttentionShape& s) {
          (!s.windowed || (s.window_offset >= -s.Tq && s.window_offset <= s.Tk));
 }
 
-// Whether query `row` sees key `col` (both in range): the causal limit and the sliding window.
-__device__ __forceinline__ bool key_visible(const AttentionShape& s, int64_t row, int64_t col) {
-  return col < s.Tk && !(s.causal && col > row + s.causal_offset) &&
-         !(s.windowed && col < row + s.window_offset);
+// The columns [*lo, *hi) of the key tile [n0, n0 + block_n) that query `row` sees, relative to
+// n0: before Tk, up to the causal limit, from the sliding window's start. Worked out once per
+// row in int64 so the per-element test is two int32 compares (an int64 test per element costs
+// the sm_80 forward's 128-row tiles registers: spills).
+__device__ __forceinline__ void visible_columns(const AttentionShape& s, int64_t row, int64_t n0,
+                                                int block_n, int* lo, int* hi) {
+  int64_t end = s.Tk;
+  if (s.causal) end = std::min<int64_t>(end, row + s.causal_offset + 1);
+  const int64_t begin = s.windowed ? row + s.window_offset : 0;
+  *hi = static_cast<int>(std::min<int64_t>(std::max<int64_t>(end - n0, 0), block_n));
+  *lo = static_cast<int>(std::min<int64_t>(std::max<int64_t>(begin - n0, 0), block_n));
 }
 
 // The first key tile (of `block_n` keys) a query tile starting at row m0 sees: 0, or (sliding

@@ -37,6 +37,19 @@ def test_attention_flops_follow_the_issue_formula():
         counting.attention_flops(B, H, T, T, D, False, "bwd")
 
 
+@pytest.mark.parametrize(("Tq", "Tk", "window"), [(64, 64, 16), (40, 100, 30), (100, 40, 30),
+                                                   (50, 50, 80), (1, 300, 64)])
+def test_attention_flops_of_a_sliding_window_count_visible_pairs(Tq, Tk, window):
+    """4 * B * H * D per (query, key) pair the causal sliding window shows, bottom-right."""
+    B, H, D = 2, 3, 16
+    p = torch.arange(Tq)[:, None] + (Tk - Tq)
+    j = torch.arange(Tk)[None, :]
+    pairs = int(((j <= p) & (j > p - window)).sum())
+    fwd = 4.0 * B * H * D * pairs
+    assert counting.attention_flops(B, H, Tq, Tk, D, True, "fwd", window=window) == fwd
+    assert counting.attention_flops(B, H, Tq, Tk, D, True, "fwd+bwd", window=window) == 3.5 * fwd
+
+
 def test_bytes_are_each_input_read_once_and_each_output_written_once():
     B, H, T, D, e = 2, 3, 5, 8, 2  # bfloat16
     qkvo = 4 * B * H * T * D * e

@@ -42,7 +42,7 @@ HOPPER_SEQ_LENS = [1, 2, 63, 64, 65, 127, 128, 129, 255, 256, 257, 300]
 
 def _fuzz_attention(library, data, seq_lens, max_head_dim, schedules, hopper):
     """One drawn case through _check: shape, causal offset, dtype, layout, timing, schedule,
-    dQ path, and (sm_80 kernels) the device's shared memory."""
+    dQ path, and (sm_80 kernels) the device's shared memory and a sliding window."""
     Hkv = data.draw(st.integers(1, 2), label="Hkv")
     group = data.draw(st.integers(1, 3), label="group")
     Tq = data.draw(st.sampled_from(seq_lens), label="Tq")
@@ -52,6 +52,9 @@ def _fuzz_attention(library, data, seq_lens, max_head_dim, schedules, hopper):
     offset = Tk - Tq
     if causal and data.draw(st.booleans(), label="random offset"):
         offset = data.draw(st.integers(-Tq, Tk), label="offset")
+    window_offset = None  # sliding windows: the sm_80 kernels only (the sm_90a ones decline)
+    if not hopper and data.draw(st.booleans(), label="sliding window"):
+        window_offset = data.draw(st.integers(-Tq, Tk), label="window offset")
     dtype = data.draw(st.sampled_from([torch.float16, torch.bfloat16]), label="dtype")
     layout = data.draw(st.sampled_from(["contiguous", "bthd"]), label="layout")
     late = data.draw(st.booleans(), label="copies (cp.async, TMA, wgmma) land late")
@@ -63,7 +66,7 @@ def _fuzz_attention(library, data, seq_lens, max_head_dim, schedules, hopper):
                            label="shared bytes")
     _check(library, (1, Hkv * group, Hkv, Tq, Tk, D), causal, dtype, layout=layout, late=late,
            deterministic=deterministic, offset=offset, schedule=schedule, shared_bytes=shared,
-           hopper=hopper)
+           hopper=hopper, window_offset=window_offset)
 
 
 def test_fuzz_attention(library, fuzz):  # noqa: F811

@@ -197,6 +197,21 @@ def _causal_mask(Tq: int, Tk: int, device) -> torch.Tensor:
     return _masks[key]
 
 
+def _window_mask(Tq: int, Tk: int, window: int, device) -> torch.Tensor:
+    """Hidden entries (True) of a causal sliding window of ``window`` keys, bottom-right."""
+    key = (Tq, Tk, window, str(device))
+    if key not in _masks:
+        ones = torch.ones(Tq, Tk, dtype=torch.bool, device=device)
+        _masks[key] = ones.triu(Tk - Tq + 1) | ones.tril(Tk - Tq - window)
+    return _masks[key]
+
+
+def _hidden_mask(Tq: int, Tk: int, causal: bool, window: int | None, device):
+    if window is not None:
+        return _window_mask(Tq, Tk, window, device)
+    return _causal_mask(Tq, Tk, device) if causal else None
+
+
 def eager_attention(q, k, v, mask: torch.Tensor | None):
     """Attention written out in PyTorch ops: the eager baseline (scores in float32)."""
     scale = 1.0 / math.sqrt(q.shape[-1])
@@ -218,10 +233,12 @@ def _attention_cases(ctx: Context) -> list[Case]:
         tokens = 512 if ctx.quick else 2048
         seqs = [128, 256] if ctx.quick else [128, 256, 512, 1024]
     dtype = torch.bfloat16 if ctx.cuda else torch.float32
+    # Causal sliding windows (Mistral's) of `window` keys, on sequences at least twice as long.
+    window = 1024 if ctx.cuda else 64
     cases = []
     for pass_ in counting.PASSES:
-        for causal in (False, True):
-            for T in seqs:
+        for causal, win in ((False, None), (True, None), (True, window)):
+            for T in (seqs if win is None else [T for T in seqs if T >= 2 * win]):
                 B = max(tokens // T, 1)
 
                 def make(B=B, T=T, pass_=pass_):
@@ -232,17 +249,21 @@ def _attention_cases(ctx: Context) -> list[Case]:
                         inputs["grad"] = _randn(B, H, T, D, ctx=ctx, dtype=dtype)
                     return inputs
 
+                mask = "full" if not causal else "causal" if win is None else f"window {win}"
+                size = dict(B=B, H=H, T=T, D=D) if win is None else dict(B=B, H=H, T=T, D=D,
+                                                                         window=win)
                 cases.append(Case(
                     op="attention",
-                    variant=f"{pass_} {dtype_name(dtype)} {'causal' if causal else 'full'}",
+                    variant=f"{pass_} {dtype_name(dtype)} {mask}",
                     pass_=pass_, dtype=dtype_name(dtype), causal=causal,
-                    size_label=f"B={B} H={H} T={T} D={D}", size=dict(B=B, H=H, T=T, D=D),
+                    size_label=" ".join(f"{k}={v}" for k, v in size.items()), size=size,
                     x=T,
-                    flops=counting.attention_flops(B, H, T, T, D, causal, pass_),
+                    flops=counting.attention_flops(B, H, T, T, D, causal, pass_, window=win),
                     bytes=counting.attention_bytes(B, H, T, T, D, dtype, pass_),
                     make_inputs=make, check_output=pass_ == "fwd",
                 ))
-    return cases
+    # Sliding windows last: a run out of time skips them before the plain cases.
+    return sorted(cases, key=lambda case: "window" in case.size)
 
 
 _QKV = ("q", "k", "v")
@@ -253,19 +274,20 @@ def _attention_provider(name, description, forward, why_not=_always, compiles=Fa
     def build(case: Case, ctx: Context):
         if kernel_backend is not None and case.pass_ == "fwd+bwd":
             _needs(ctx, kernel_backend, "attention_bwd")
-        causal = case.causal
-        return _run_pass(case, lambda i: forward(i["q"], i["k"], i["v"], causal, ctx), _QKV)
+        causal, window = case.causal, case.size.get("window")
+        return _run_pass(case, lambda i: forward(i["q"], i["k"], i["v"], causal, ctx, window),
+                         _QKV)
 
     return Provider(name, description, why_not, build, compiles=compiles)
 
 
-def _eager_attention_call(q, k, v, causal, ctx):
-    mask = _causal_mask(q.shape[2], k.shape[2], q.device) if causal else None
-    return eager_attention(q, k, v, mask)
+def _eager_attention_call(q, k, v, causal, ctx, window=None):
+    return eager_attention(q, k, v, _hidden_mask(q.shape[2], k.shape[2], causal, window,
+                                                 q.device))
 
 
-def _compiled_attention_call(q, k, v, causal, ctx):
-    mask = _causal_mask(q.shape[2], k.shape[2], q.device) if causal else None
+def _compiled_attention_call(q, k, v, causal, ctx, window=None):
+    mask = _hidden_mask(q.shape[2], k.shape[2], causal, window, q.device)
     return compiled(eager_attention)(q, k, v, mask)
 
 
@@ -301,20 +323,27 @@ def _sdpa_why_not(name: str) -> Callable[[Context], str | None]:
 
 
 def _sdpa_call(name: str):
-    def call(q, k, v, causal, ctx):
+    def call(q, k, v, causal, ctx, window=None):
         from torch.nn.attention import sdpa_kernel
 
+        if window is None:
+            with sdpa_kernel([_sdpa_backend(name)]):
+                return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+        if name == "flash":
+            raise Unsupported("torch's SDPA flash backend takes no mask (no sliding window)")
+        visible = ~_window_mask(q.shape[2], k.shape[2], window, q.device)
         with sdpa_kernel([_sdpa_backend(name)]):
-            return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=visible)
 
     return call
 
 
 def _fusedlm_attention_call(backend: str):
-    def call(q, k, v, causal, ctx):
+    def call(q, k, v, causal, ctx, window=None):
         import fusedlm
 
-        return fusedlm.attention(q, k, v, causal=causal, backend=backend)
+        return fusedlm.attention(q, k, v, causal=causal, backend=backend,
+                                 window=None if window is None else (window - 1, 0))
 
     return call
 

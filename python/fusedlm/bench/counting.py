@@ -39,10 +39,22 @@ def _check_pass(pass_: str) -> None:
         raise ValueError(f"pass must be one of {PASSES}, got {pass_!r}")
 
 
-def attention_flops(B: int, H: int, Tq: int, Tk: int, D: int, causal: bool, pass_: str) -> float:
-    """4*B*H*Tq*Tk*D forward, 2.5x that backward, half of each when causal."""
+def attention_flops(B: int, H: int, Tq: int, Tk: int, D: int, causal: bool, pass_: str,
+                    window: int | None = None) -> float:
+    """4*B*H*Tq*Tk*D forward, 2.5x that backward, half of each when causal. A causal sliding
+    window of ``window`` keys (bottom-right): 4*B*H*D per visible (query, key) pair, counted
+    exactly."""
     _check_pass(pass_)
-    fwd = 4.0 * B * H * Tq * Tk * D
+    if window is None:
+        fwd = 4.0 * B * H * Tq * Tk * D
+    else:
+        if not causal:
+            raise ValueError("attention_flops: a window is counted for causal attention only")
+        # Query i sits at key position p = i + Tk - Tq and sees keys max(p - window + 1, 0)..p.
+        pairs = sum(max(0, min(p, Tk - 1) - max(p - window + 1, 0) + 1)
+                    for p in range(Tk - Tq, Tk))
+        fwd = 4.0 * B * H * D * pairs
+        causal = False  # counted exactly: no halving
     total = fwd if pass_ == "fwd" else fwd * (1 + 2.5)
     return total / 2 if causal else total
 
