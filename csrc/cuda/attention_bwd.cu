@@ -78,28 +78,49 @@ __device__ __forceinline__ RowStats load_row_stats(const float* lse, const float
 // One warp's probabilities and score gradients from its scores S and dP (C layout, 16 rows
 // starting at query row0, kNBlocks * 8 keys starting at key n0), in place:
 // scores <- P = exp(S * scale - lse), dp <- dS = P * (dP - delta); masked entries get 0.
-template <int kNBlocks>
+// kWindowed: the sliding window's instance (per-row column bounds); the plain one tests each
+// element against Tq, Tk and the causal limit as before windows existed (the per-row bounds
+// cost the plain sm_80 D = 128 dK/dV kernel 16 bytes of spills).
+template <int kNBlocks, bool kWindowed>
 __device__ __forceinline__ void probabilities_and_score_grads(
     float (&scores)[kNBlocks][4], float (&dp)[kNBlocks][4], const RowStats& stats,
     float scale_log2, int64_t row0, int64_t n0, int t, bool need_mask, const AttentionShape& s) {
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    int lo = 0, hi = kNBlocks * 8;  // this row's visible columns of the tile (none past Tq)
-    if (need_mask) {
-      const int64_t row = row0 + 8 * r;
-      visible_columns(s, row, n0, kNBlocks * 8, &lo, &hi);
-      if (row >= s.Tq) hi = 0;
-    }
+  if constexpr (!kWindowed) {
 #pragma unroll
     for (int nb = 0; nb < kNBlocks; ++nb) {
 #pragma unroll
-      for (int j = 0; j < 2; ++j) {
-        const int i = 2 * r + j;
+      for (int i = 0; i < 4; ++i) {
+        const int r = i >> 1;
         float p = fast_exp2(scores[nb][i] * scale_log2 - stats.lse_log2[r]);
-        const int col = nb * 8 + 2 * t + j;
-        if (need_mask && (col < lo || col >= hi)) p = 0.f;
+        if (need_mask) {
+          const int64_t row = row0 + 8 * r;
+          const int64_t col = n0 + nb * 8 + 2 * t + (i & 1);
+          if (row >= s.Tq || col >= s.Tk || (s.causal && col > row + s.causal_offset)) p = 0.f;
+        }
         scores[nb][i] = p;
         dp[nb][i] = p * (dp[nb][i] - stats.delta[r]);
+      }
+    }
+  } else {
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      int lo = 0, hi = kNBlocks * 8;  // this row's visible columns of the tile (none past Tq)
+      if (need_mask) {
+        const int64_t row = row0 + 8 * r;
+        visible_columns(s, row, n0, kNBlocks * 8, &lo, &hi);
+        if (row >= s.Tq) hi = 0;
+      }
+#pragma unroll
+      for (int nb = 0; nb < kNBlocks; ++nb) {
+#pragma unroll
+        for (int j = 0; j < 2; ++j) {
+          const int i = 2 * r + j;
+          float p = fast_exp2(scores[nb][i] * scale_log2 - stats.lse_log2[r]);
+          const int col = nb * 8 + 2 * t + j;
+          if (need_mask && (col < lo || col >= hi)) p = 0.f;
+          scores[nb][i] = p;
+          dp[nb][i] = p * (dp[nb][i] - stats.delta[r]);
+        }
       }
     }
   }
@@ -149,7 +170,7 @@ constexpr size_t dkdv_shared_bytes() {
 // grid (ceil(Tk / kBlock) * Hkv * kHeadDim / kOutDim * B), kWarps * 32 threads, kBlock = 16 kWarps
 // keys and queries per tile. The "head" coordinate is kv head * splits + split; the split owns
 // output columns [split * kOutDim, (split + 1) * kOutDim).
-template <typename T, int kHeadDim, int kWarps, int kOutDim, bool kAtomicDq>
+template <typename T, int kHeadDim, int kWarps, int kOutDim, bool kAtomicDq, bool kWindowed>
 __global__ void __launch_bounds__(kWarps * 32)
     attention_bwd_dkdv_kernel(const AttentionBwdArgs args,
                               const float* __restrict__ delta,   // (B, Hq, Tq)
@@ -196,7 +217,7 @@ __global__ void __launch_bounds__(kWarps * 32)
   // Query tiles that see any key of this tile: from the first row i with n0 <= i + offset (to,
   // under a sliding window, the last with i + window_offset <= the tile's last key).
   int64_t m_block_min = 0, m_block_end = 0;
-  query_tile_range(s, n0, kBlock, kBlock, &m_block_min, &m_block_end);
+  query_tile_range<kWindowed>(s, n0, kBlock, kBlock, &m_block_min, &m_block_end);
   const int64_t per_head = std::max<int64_t>(0, m_block_end - m_block_min);
   const int64_t iterations = group * per_head;  // (query head of the group, query tile) pairs
 
@@ -251,9 +272,9 @@ __global__ void __launch_bounds__(kWarps * 32)
                                             delta + (b * s.Hq + h) * Tq, row0, Tq);
       const bool need_mask = m0 + kBlock > Tq || n0 + kBlock > Tk ||
                              (s.causal && n0 + kBlock - 1 > m0 + s.causal_offset) ||
-                             (s.windowed && n0 < m0 + kBlock - 1 + s.window_offset);
-      probabilities_and_score_grads<kNBlocks>(scores[0], dp[0], stats, scale_log2, row0, n0, t,
-                                              need_mask, s);
+                             (kWindowed && n0 < m0 + kBlock - 1 + s.window_offset);
+      probabilities_and_score_grads<kNBlocks, kWindowed>(scores[0], dp[0], stats, scale_log2,
+                                                         row0, n0, t, need_mask, s);
       store_accumulators<T, kNBlocks>(sP, kPStride, warp * 16, scores[0], g, t);
       store_accumulators<T, kNBlocks>(sdS, kPStride, warp * 16, dp[0], g, t);
 
@@ -310,7 +331,7 @@ constexpr size_t dq_shared_bytes() {
 
 // Deterministic dQ: grid (ceil(Tq / (16 kWarps)) * Hq * B). Each warp owns 16 query rows, streams
 // the key tiles its rows see, recomputes S, P, dP and dS, and accumulates dQ = dS K * scale.
-template <typename T, int kHeadDim, int kBlockN, int kWarps>
+template <typename T, int kHeadDim, int kBlockN, int kWarps, bool kWindowed>
 __global__ void __launch_bounds__(kWarps * 32)
     attention_bwd_dq_kernel(const AttentionBwdArgs args,
                             const float* __restrict__ delta) {  // (B, Hq, Tq)
@@ -353,7 +374,7 @@ __global__ void __launch_bounds__(kWarps * 32)
     const int64_t last_visible = std::min(m0 + kBlockM, Tq) - 1 + s.causal_offset;
     n_blocks = last_visible < 0 ? 0 : std::min(n_blocks, last_visible / kBlockN + 1);
   }
-  const int64_t n_first = first_key_tile(s, m0, kBlockN);
+  const int64_t n_first = kWindowed ? first_key_tile(s, m0, kBlockN) : 0;
   const int64_t row0 = m0 + warp * 16 + g;
 
   float dq[1][kDBlocks][4] = {};
@@ -371,8 +392,8 @@ __global__ void __launch_bounds__(kWarps * 32)
     const RowStats stats = load_row_stats(args.lse + (b * s.Hq + h) * Tq,
                                           delta + (b * s.Hq + h) * Tq, row0, Tq);
 
-    int buf = 0;  // toggled per tile: (n - n_first) & 1 would keep n_first live (registers)
-    for (int64_t n = n_first; n < n_blocks; ++n, buf ^= 1) {
+    for (int64_t n = n_first; n < n_blocks; ++n) {
+      const int buf = static_cast<int>((n - n_first) & 1);
       if (n + 1 < n_blocks) {
         const int64_t next0 = (n + 1) * kBlockN;
         load_tile_async<kBlockN, kHeadDim, kThreads>(
@@ -397,9 +418,9 @@ __global__ void __launch_bounds__(kWarps * 32)
                                                     lane);
       const bool need_mask = m0 + kBlockM > Tq || n0 + kBlockN > Tk ||
                              (s.causal && n0 + kBlockN - 1 > m0 + s.causal_offset) ||
-                             (s.windowed && n0 < m0 + kBlockM - 1 + s.window_offset);
-      probabilities_and_score_grads<kNBlocks>(scores[0], dp[0], stats, scale_log2, row0, n0, t,
-                                              need_mask, s);
+                             (kWindowed && n0 < m0 + kBlockM - 1 + s.window_offset);
+      probabilities_and_score_grads<kNBlocks, kWindowed>(scores[0], dp[0], stats, scale_log2,
+                                                         row0, n0, t, need_mask, s);
       uint32_t ds_frag[1][kBlockN / 16][4];
       accumulators_to_a_fragments<T, kBlockN / 16>(dp[0], ds_frag[0]);
       warp_gemm_regs_rows<T, 1, kDBlocks, kBlockN / 16>(dq, ds_frag, sKb, kStride, 0, 0, lane);
@@ -438,13 +459,16 @@ cudaError_t launch_bwd(const AttentionBwdArgs& args, cudaStream_t stream) {
     if (hopper != cudaErrorNotSupported || sm90::sm90_required()) {
       FUSEDLM_RETURN_IF_ERROR(hopper);
     } else {
-      auto dkdv = attention_bwd_dkdv_kernel<T, kHeadDim, kWarps, kOutDim, false>;
+      auto dkdv = s.windowed
+                      ? attention_bwd_dkdv_kernel<T, kHeadDim, kWarps, kOutDim, false, true>
+                      : attention_bwd_dkdv_kernel<T, kHeadDim, kWarps, kOutDim, false, false>;
       FUSEDLM_RETURN_IF_ERROR(prepare_shared_memory(dkdv, dkdv_bytes));
       FUSEDLM_LAUNCH(dkdv, dkdv_grid, kWarps * 32, dkdv_bytes, stream)(args, delta, nullptr);
       FUSEDLM_RETURN_IF_LAUNCH_FAILED();
     }
 
-    auto dq = attention_bwd_dq_kernel<T, kHeadDim, kDqBlockN, kDqWarps>;
+    auto dq = s.windowed ? attention_bwd_dq_kernel<T, kHeadDim, kDqBlockN, kDqWarps, true>
+                         : attention_bwd_dq_kernel<T, kHeadDim, kDqBlockN, kDqWarps, false>;
     constexpr size_t dq_bytes = dq_shared_bytes<kHeadDim, kDqBlockN, kDqWarps>();
     FUSEDLM_RETURN_IF_ERROR(prepare_shared_memory(dq, dq_bytes));
     FUSEDLM_LAUNCH(dq, static_cast<unsigned>(dq_blocks), kDqWarps * 32, dq_bytes, stream)(args,
@@ -464,7 +488,8 @@ cudaError_t launch_bwd(const AttentionBwdArgs& args, cudaStream_t stream) {
   if (hopper != cudaErrorNotSupported || sm90::sm90_required()) {
     FUSEDLM_RETURN_IF_ERROR(hopper);
   } else {
-    auto dkdv = attention_bwd_dkdv_kernel<T, kHeadDim, kWarps, kOutDim, true>;
+    auto dkdv = s.windowed ? attention_bwd_dkdv_kernel<T, kHeadDim, kWarps, kOutDim, true, true>
+                           : attention_bwd_dkdv_kernel<T, kHeadDim, kWarps, kOutDim, true, false>;
     FUSEDLM_RETURN_IF_ERROR(prepare_shared_memory(dkdv, dkdv_bytes));
     FUSEDLM_LAUNCH(dkdv, dkdv_grid, kWarps * 32, dkdv_bytes, stream)(args, delta,
                                                                      dq_accumulator);

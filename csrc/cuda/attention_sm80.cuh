@@ -314,13 +314,14 @@ __device__ __forceinline__ int64_t first_key_tile(const AttentionShape& s, int64
 
 // Query tiles (of `block_m` rows) that see a key of the tile [n0, n0 + block_n): from the first
 // whose last row is past the causal limit's start to (sliding window) the last whose first row
-// is before the window's end; empty when first >= end.
+// is before the window's end; empty when first >= end. kWindowed: whether the window is taken.
+template <bool kWindowed>
 __device__ __forceinline__ void query_tile_range(const AttentionShape& s, int64_t n0,
                                                  int64_t block_m, int64_t block_n,
                                                  int64_t* first, int64_t* end) {
   *first = s.causal ? std::max<int64_t>(0, n0 - s.causal_offset) / block_m : 0;
   *end = ceil_div(s.Tq, block_m);
-  if (s.windowed) {
+  if (kWindowed) {
     const int64_t last_row = n0 + block_n - 1 - s.window_offset;  // the last query seeing a key
     *end = last_row < 0 ? 0 : std::min<int64_t>(*end, last_row / block_m + 1);
   }
