@@ -456,7 +456,7 @@ cudaError_t launch_bwd(const AttentionBwdArgs& args, cudaStream_t stream) {
   if (args.deterministic) {
     // dK, dV: on the Hopper kernel where it applies (no atomics there), else sm_80's.
     const cudaError_t hopper = sm90::attention_bwd_sm90(args, delta, nullptr, stream);
-    if (hopper != cudaErrorNotSupported || sm90::sm90_required()) {
+    if (hopper != cudaErrorNotSupported || (sm90::sm90_required() && !s.windowed)) {
       FUSEDLM_RETURN_IF_ERROR(hopper);
     } else {
       auto dkdv = s.windowed
@@ -485,7 +485,7 @@ cudaError_t launch_bwd(const AttentionBwdArgs& args, cudaStream_t stream) {
       cudaMemsetAsync(dq_accumulator, 0, sizeof(float) * dq_numel, stream));
   // Hopper: dK, dV and the dQ accumulator on the wgmma/TMA kernel where it applies.
   const cudaError_t hopper = sm90::attention_bwd_sm90(args, delta, dq_accumulator, stream);
-  if (hopper != cudaErrorNotSupported || sm90::sm90_required()) {
+  if (hopper != cudaErrorNotSupported || (sm90::sm90_required() && !s.windowed)) {
     FUSEDLM_RETURN_IF_ERROR(hopper);
   } else {
     auto dkdv = s.windowed ? attention_bwd_dkdv_kernel<T, kHeadDim, kWarps, kOutDim, true, true>

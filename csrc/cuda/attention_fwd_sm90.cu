@@ -60,8 +60,9 @@ struct FwdParams {
   AttentionFwdArgs args;
 };
 
-// grid (ceil(Tq / kBlockM) * Hq * B), kThreads threads.
-template <typename T, int kHeadDim>
+// grid (ceil(Tq / kBlockM) * Hq * B), kThreads threads. kWindowed: the sliding-window instance
+// (its key tiles start at the window's first; the plain instance is the kernel without it).
+template <typename T, int kHeadDim, bool kWindowed>
 __global__ void __launch_bounds__(kThreads, 1)
     attention_fwd_sm90_kernel(const __grid_constant__ FwdParams params) {
 #ifdef FUSEDLM_SM90A_DEVICE
@@ -96,12 +97,16 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int tid = threadIdx.x;
   const int warpgroup = tid / 128;
 
-  // Key tiles this query tile sees: all of them, or (causal) up to its last row's last key.
+  // Key tiles this query tile sees: all of them, or (causal) up to its last row's last key,
+  // from (sliding window) the tile of its first row's first key. The pipeline counts tiles from
+  // 0 (stages, phases, turns): its tile n is key tile n_first + n, and n_blocks counts them.
   int64_t n_blocks = ceil_div(Tk, kBlockN);
   if (s.causal) {
     const int64_t last_visible = std::min(m0 + kBlockM, Tq) - 1 + s.causal_offset;
     n_blocks = last_visible < 0 ? 0 : std::min(n_blocks, last_visible / kBlockN + 1);
   }
+  const int64_t n_first = kWindowed ? first_key_tile(s, m0, kBlockN) : 0;
+  n_blocks = std::max<int64_t>(0, n_blocks - n_first);
 
   if (tid == 0) {
     mbarrier_init(q_full, 1);
@@ -132,7 +137,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     for (int64_t n = 0; n < n_blocks; ++n) {
       const int stage = static_cast<int>(n % kStages);
       const uint32_t phase = static_cast<uint32_t>(n / kStages) & 1u;
-      const int key0 = static_cast<int>(n * kBlockN);
+      const int key0 = static_cast<int>((n_first + n) * kBlockN);
       unsigned char* k_tile = sK + stage * Layout::kKVBytes;
       unsigned char* v_tile = sV + stage * Layout::kKVBytes;
       mbarrier_wait(k_empty + stage, phase ^ 1u);
@@ -213,20 +218,40 @@ __global__ void __launch_bounds__(kThreads, 1)
   // causal, keys after the row's last visible), new row max over the 4 lanes sharing a row,
   // exponentiate; alpha: the factors the output accumulated so far must be rescaled by.
   auto softmax = [&](int64_t n, float (&alpha)[2]) {
-    const int64_t n0 = n * kBlockN;
-    const bool need_mask =
-        n0 + kBlockN > Tk || (s.causal && n0 + kBlockN - 1 > m0 + consumer * 64 + s.causal_offset);
+    const int64_t n0 = (n_first + n) * kBlockN;
+    const int64_t rows0 = m0 + consumer * 64;  // this consumer's first row
+    const bool need_mask = n0 + kBlockN > Tk ||
+                           (s.causal && n0 + kBlockN - 1 > rows0 + s.causal_offset) ||
+                           (kWindowed && n0 < rows0 + 63 + s.window_offset);
+    if constexpr (!kWindowed) {
 #pragma unroll
-    for (int nb = 0; nb < kNBlocks; ++nb) {
+      for (int nb = 0; nb < kNBlocks; ++nb) {
 #pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        float x = scores[4 * nb + i] * scale_log2;
-        if (need_mask) {
-          const int64_t row = m0 + warp_row0 + g + (i >= 2 ? 8 : 0);
-          const int64_t col = n0 + nb * 8 + 2 * t + (i & 1);
-          if (col >= Tk || (s.causal && col > row + s.causal_offset)) x = -INFINITY;
+        for (int i = 0; i < 4; ++i) {
+          float x = scores[4 * nb + i] * scale_log2;
+          if (need_mask) {
+            const int64_t row = m0 + warp_row0 + g + (i >= 2 ? 8 : 0);
+            const int64_t col = n0 + nb * 8 + 2 * t + (i & 1);
+            if (col >= Tk || (s.causal && col > row + s.causal_offset)) x = -INFINITY;
+          }
+          scores[4 * nb + i] = x;
         }
-        scores[4 * nb + i] = x;
+      }
+    } else {  // per-row int32 column bounds (visible_columns), as in the sm_80 kernel
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        int lo = 0, hi = kBlockN;
+        if (need_mask) visible_columns(s, m0 + warp_row0 + g + 8 * r, n0, kBlockN, &lo, &hi);
+#pragma unroll
+        for (int nb = 0; nb < kNBlocks; ++nb) {
+#pragma unroll
+          for (int j = 0; j < 2; ++j) {
+            float x = scores[4 * nb + 2 * r + j] * scale_log2;
+            const int col = nb * 8 + 2 * t + j;
+            if (need_mask && (col < lo || col >= hi)) x = -INFINITY;
+            scores[4 * nb + 2 * r + j] = x;
+          }
+        }
       }
     }
 #pragma unroll
@@ -372,7 +397,8 @@ cudaError_t launch_fwd_sm90(const AttentionFwdArgs& args, cudaStream_t stream) {
     return cudaErrorNotSupported;
   }
   constexpr size_t bytes = SharedLayout<kHeadDim>::kBytes;
-  auto kernel = attention_fwd_sm90_kernel<T, kHeadDim>;
+  auto kernel = args.shape.windowed ? attention_fwd_sm90_kernel<T, kHeadDim, true>
+                                    : attention_fwd_sm90_kernel<T, kHeadDim, false>;
   FUSEDLM_RETURN_IF_ERROR(prepare_shared_memory(kernel, bytes));
   const int64_t blocks = ceil_div(s.Tq, kBlockM) * s.Hq * s.B;
   if (!fits_grid(s, blocks)) return cudaErrorInvalidValue;
@@ -453,8 +479,7 @@ bool sm90_enabled() {
 
 cudaError_t attention_fwd_sm90(const AttentionFwdArgs& args, cudaStream_t stream) {
   const AttentionShape& s = args.shape;
-  // Sliding windows: the sm_80 kernel (this one's pipeline walks the key tiles from 0).
-  if (!valid_shape(s) || s.D > 128 || s.windowed || !sm90_enabled()) return cudaErrorNotSupported;
+  if (!valid_shape(s) || s.D > 128 || !sm90_enabled()) return cudaErrorNotSupported;
   return dispatch_half_types(s.dtype, [&](auto tag) -> cudaError_t {
     using T = decltype(tag);
     return s.D <= 64 ? launch_fwd_sm90<T, 64>(args, stream) : launch_fwd_sm90<T, 128>(args, stream);

@@ -346,11 +346,12 @@ inline cudaError_t encode_input(CUtensorMap* map, const AttentionShape& s,
 bool sm90_enabled();
 
 // The forward on the sm_90a kernel (attention_fwd_sm90.cu) when this build has it, the device is
-// sm_90, D <= 128, no sliding window and TMA can describe the inputs; cudaErrorNotSupported
-// (nothing launched) otherwise, and the caller runs the sm_80 kernel.
+// sm_90, D <= 128 and TMA can describe the inputs; cudaErrorNotSupported (nothing launched)
+// otherwise, and the caller runs the sm_80 kernel.
 cudaError_t attention_fwd_sm90(const AttentionFwdArgs& args, cudaStream_t stream);
 
-// FUSEDLM_ATTENTION_SM90=require: where the sm_90a kernels do not apply, the call fails.
+// FUSEDLM_ATTENTION_SM90=require: where the sm_90a kernels do not apply, the call fails (the
+// backward's sliding windows excepted: no sm_90a kernel takes them, the sm_80 ones run).
 bool sm90_required();
 
 // dK, dV and the float32 dQ accumulator (added to, zeroed by the caller; nullptr: no dQ, for

@@ -76,8 +76,8 @@ cudaError_t norm_bwd(const NormBwdArgs& args, cudaStream_t stream);
 // Flash attention on tensor cores (mma.sync m16n8k16, ldmatrix, cp.async: sm_80 and newer),
 // float16/bfloat16 in, float32 accumulation and statistics. Key j is visible to query i iff
 // (!causal || j <= i + causal_offset) && (!windowed || j >= i + window_offset). A query row that
-// sees no key gets out = 0, lse = -inf. The sm_90a kernels take no window (the sm_80 ones run
-// windowed calls on Hopper too).
+// sees no key gets out = 0, lse = -inf. The sm_90a backward takes no window (the sm_80 one runs
+// windowed backwards on Hopper too).
 //
 // Inputs are read in place through their batch, head and token strides (in elements): the
 // head dim must be contiguous, D a multiple of 8 (1..256), every stride a multiple of 8 and the

@@ -217,6 +217,16 @@ def test_sliding_window(library, case, deterministic):
            window_offset=window_offset)
 
 
+@pytest.mark.parametrize("case", [WINDOW_CASES[0], WINDOW_CASES[1], WINDOW_CASES[3]],
+                         ids=["mistral-D64", "two-sided-D128", "decode-D96"])
+def test_hopper_forward_sliding_window(library, case):
+    """The sm_90a forward (TMA, mbarriers, wgmma emulated) with its pipeline starting at the
+    window's first key tile; the backward runs the sm_80 kernels (the sm_90a one takes no
+    window, FUSEDLM_ATTENTION_SM90=require notwithstanding)."""
+    *shape, causal, window_offset = case
+    _check(library, tuple(shape), causal, torch.float16, hopper=True, window_offset=window_offset)
+
+
 @pytest.mark.parametrize("timing", TIMINGS, ids=TIMING_IDS)
 def test_sliding_window_copy_timing(library, timing):
     """The prefetch protocol when the key loop starts past tile 0 (buffer parity from there)."""

@@ -42,7 +42,7 @@ HOPPER_SEQ_LENS = [1, 2, 63, 64, 65, 127, 128, 129, 255, 256, 257, 300]
 
 def _fuzz_attention(library, data, seq_lens, max_head_dim, schedules, hopper):
     """One drawn case through _check: shape, causal offset, dtype, layout, timing, schedule,
-    dQ path, and (sm_80 kernels) the device's shared memory and a sliding window."""
+    dQ path, a sliding window, and (sm_80 kernels) the device's shared memory."""
     Hkv = data.draw(st.integers(1, 2), label="Hkv")
     group = data.draw(st.integers(1, 3), label="group")
     Tq = data.draw(st.sampled_from(seq_lens), label="Tq")
@@ -52,8 +52,8 @@ def _fuzz_attention(library, data, seq_lens, max_head_dim, schedules, hopper):
     offset = Tk - Tq
     if causal and data.draw(st.booleans(), label="random offset"):
         offset = data.draw(st.integers(-Tq, Tk), label="offset")
-    window_offset = None  # sliding windows: the sm_80 kernels only (the sm_90a ones decline)
-    if not hopper and data.draw(st.booleans(), label="sliding window"):
+    window_offset = None  # sliding windows (on Hopper: the sm_90a forward, the sm_80 backward)
+    if data.draw(st.booleans(), label="sliding window"):
         window_offset = data.draw(st.integers(-Tq, Tk), label="window offset")
     dtype = data.draw(st.sampled_from([torch.float16, torch.bfloat16]), label="dtype")
     layout = data.draw(st.sampled_from(["contiguous", "bthd"]), label="layout")

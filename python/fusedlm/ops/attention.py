@@ -43,7 +43,7 @@ def _capability(device: torch.device) -> tuple[int, int]:
 def _extension_supports(q: Tensor, k: Tensor, v: Tensor,
                         window_offset: int | None = None) -> str | None:
     """The CPU kernels take every case; the CUDA ones (tensor-core mma.sync) fp16/bf16 on sm_80+
-    (sliding windows on the sm_80 kernels, Hopper included)."""
+    (sliding windows included)."""
     if q.device.type != "cuda":
         return None
     if q.dtype not in (torch.float16, torch.bfloat16):
