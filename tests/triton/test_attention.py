@@ -200,6 +200,18 @@ def test_attention_ops_any_causal_offset(offset, dtype):
         assert_close_rule(g, gt, g64, name=f"{name} (offset {offset})")
 
 
+def _use_interpreter_tiles(monkeypatch, m: int, n: int) -> None:
+    """The interpreter's configs with BLOCK_M = m, BLOCK_N = n (the dk/dv kernel transposed)."""
+    from fusedlm.triton import attention as kernels
+
+    configs = {
+        "fwd": {"BLOCK_M": m, "BLOCK_N": n},
+        "bwd_dq": {"BLOCK_M": m, "BLOCK_N": n},
+        "bwd_dkdv": {"BLOCK_M": n, "BLOCK_N": m},
+    }
+    monkeypatch.setattr(kernels, "INTERPRETER_CONFIGS", {**kernels.INTERPRETER_CONFIGS, **configs})
+
+
 @pytest.mark.parametrize(
     ("tiles", "shape"),
     [
@@ -213,15 +225,7 @@ def test_attention_ops_any_causal_offset(offset, dtype):
 def test_attention_other_tiles(tiles, shape, monkeypatch):
     """The causal block ranges for other BLOCK_M/BLOCK_N ratios than the default config
     (the dk/dv kernel gets the transposed ratio)."""
-    from fusedlm.triton import attention as kernels
-
-    m, n = tiles
-    configs = {
-        "fwd": {"BLOCK_M": m, "BLOCK_N": n},
-        "bwd_dq": {"BLOCK_M": m, "BLOCK_N": n},
-        "bwd_dkdv": {"BLOCK_M": n, "BLOCK_N": m},
-    }
-    monkeypatch.setattr(kernels, "INTERPRETER_CONFIGS", {**kernels.INTERPRETER_CONFIGS, **configs})
+    _use_interpreter_tiles(monkeypatch, *tiles)
     q, k, v = _qkv(shape, torch.float32, DEVICE)
     _check_attention(q, k, v, True, BACKEND)
 
@@ -247,15 +251,7 @@ WINDOW_CASES = [
 )
 @pytest.mark.skipif(ON_GPU, reason="the interpreter's tile config")
 def test_attention_sliding_window(tiles, shape, window, causal, dtype, monkeypatch):
-    from fusedlm.triton import attention as kernels
-
-    m, n = tiles
-    configs = {
-        "fwd": {"BLOCK_M": m, "BLOCK_N": n},
-        "bwd_dq": {"BLOCK_M": m, "BLOCK_N": n},
-        "bwd_dkdv": {"BLOCK_M": n, "BLOCK_N": m},
-    }
-    monkeypatch.setattr(kernels, "INTERPRETER_CONFIGS", {**kernels.INTERPRETER_CONFIGS, **configs})
+    _use_interpreter_tiles(monkeypatch, *tiles)
     q, k, v = _qkv(shape, dtype, DEVICE)
     _check_attention(q, k, v, causal, BACKEND, window=window)
 
