@@ -4,6 +4,7 @@
 // layer (python/fusedlm/ops) calls these; users call fusedlm.* instead.
 #include <torch/extension.h>
 
+#include <limits>
 #include <optional>
 #include <string>
 #include <tuple>
@@ -440,26 +441,49 @@ void check_attention_inputs(const at::Tensor& q, const at::Tensor& k, const at::
   check_fits_strides(v, "v");
 }
 
+// key_range (B, 2) integers, or None: checked, and made the contiguous int32 the kernels read.
+std::optional<at::Tensor> attention_key_range(const std::optional<at::Tensor>& key_range,
+                                              const at::Tensor& q) {
+  if (!key_range.has_value() || !key_range->defined()) return std::nullopt;
+  const at::Tensor& range = *key_range;
+  check_dim(range, "key_range", 2);  // (B, 2)
+  FUSEDLM_CHECK_TYPE(at::isIntegralType(range.scalar_type(), /*includeBool=*/false),
+                     "argument 'key_range' must hold integers, got ", range.scalar_type());
+  FUSEDLM_CHECK_VALUE(range.size(0) == q.size(0) && range.size(1) == 2,
+                      "argument 'key_range' must have shape (B, 2) = (", q.size(0),
+                      ", 2), got ", range.sizes());
+  check_same_device(range, "key_range", q, "q");
+  // int64 starts/ends past int32 mean "past every key": clamping keeps their meaning.
+  return range.clamp(0, std::numeric_limits<int32_t>::max()).to(at::kInt).contiguous();
+}
+
 std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q, const at::Tensor& k,
                                                  const at::Tensor& v, double scale, bool causal,
                                                  int64_t causal_offset,
-                                                 std::optional<int64_t> window_offset) {
+                                                 std::optional<int64_t> window_offset,
+                                                 const std::optional<at::Tensor>& key_range) {
   check_attention_inputs(q, k, v);
   check_finite(scale, "scale");
+  const std::optional<at::Tensor> key_ranges = attention_key_range(key_range, q);
 #ifdef FUSEDLM_WITH_CUDA
   if (q.is_cuda()) {
+    FUSEDLM_CHECK_VALUE(!key_ranges.has_value(),
+                        "attention_fwd: the CUDA kernels take no key_range (use the Triton "
+                        "backend for padded batches)");
     return cuda_glue::attention_fwd(q, k, v, scale, causal, causal_offset, window_offset);
   }
 #endif
   require_cpu_kernel(q, "q", "attention_fwd");
-  return cpu::attention_fwd(q, k, v, scale, causal, causal_offset, window_offset);
+  return cpu::attention_fwd(q, k, v, scale, causal, causal_offset, window_offset, key_ranges);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const at::Tensor& out, const at::Tensor& lse, double scale, bool causal,
-    int64_t causal_offset, std::optional<int64_t> window_offset) {
+    int64_t causal_offset, std::optional<int64_t> window_offset,
+    const std::optional<at::Tensor>& key_range) {
   check_attention_inputs(q, k, v);
+  const std::optional<at::Tensor> key_ranges = attention_key_range(key_range, q);
   check_finite(scale, "scale");
   check_defined(grad_out, "grad_out");
   check_defined(out, "out");
@@ -479,13 +503,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
   check_same_device(lse, "lse", q, "q");
 #ifdef FUSEDLM_WITH_CUDA
   if (q.is_cuda()) {
+    FUSEDLM_CHECK_VALUE(!key_ranges.has_value(),
+                        "attention_bwd: the CUDA kernels take no key_range (use the Triton "
+                        "backend for padded batches)");
     return cuda_glue::attention_bwd(grad_out, q, k, v, out, lse, scale, causal, causal_offset,
                                     window_offset);
   }
 #endif
   require_cpu_kernel(q, "q", "attention_bwd");
   return cpu::attention_bwd(grad_out, q, k, v, out, lse, scale, causal, causal_offset,
-                            window_offset);
+                            window_offset, key_ranges);
 }
 
 // ---- LayerNorm / RMSNorm --------------------------------------------------------------------
@@ -860,16 +887,18 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Flash-attention forward.\n"
         "q (B, Hq, Tq, D), k/v (B, Hkv, Tk, D), any strides. Key j is visible to query i iff\n"
         "(not causal or j <= i + causal_offset) and (window_offset is None or\n"
-        "j >= i + window_offset). Returns out (B, Hq, Tq, D) in q's dtype and lse (B, Hq, Tq)\n"
-        "float32 (float64 for float64 inputs).",
+        "j >= i + window_offset) and, given key_range (B, 2) integers (CPU only),\n"
+        "key_range[b, 0] <= j < key_range[b, 1] in batch row b. Returns out (B, Hq, Tq, D) in\n"
+        "q's dtype and lse (B, Hq, Tq) float32 (float64 for float64 inputs).",
         py::arg("q"), py::arg("k"), py::arg("v"), py::arg("scale"), py::arg("causal"),
-        py::arg("causal_offset"), py::arg("window_offset") = py::none());
+        py::arg("causal_offset"), py::arg("window_offset") = py::none(),
+        py::arg("key_range") = py::none());
   m.def("attention_bwd", &fusedlm::attention_bwd,
         "Flash-attention backward: recomputes the probabilities from lse. Returns dq, dk, dv\n"
         "in the shapes and dtypes of q, k, v (dk, dv summed over the query heads of a kv head).",
         py::arg("grad_out"), py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"),
         py::arg("lse"), py::arg("scale"), py::arg("causal"), py::arg("causal_offset"),
-        py::arg("window_offset") = py::none());
+        py::arg("window_offset") = py::none(), py::arg("key_range") = py::none());
   m.def("layer_norm_fwd", &fusedlm::layer_norm_fwd,
         "LayerNorm over the last dim. x (M, N); weight, bias (N) or None (dtype of x or float32).\n"
         "Returns y (M, N) in x's dtype, mean and rstd (M) in float32 (float64 for float64 x).",

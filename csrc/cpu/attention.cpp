@@ -571,36 +571,60 @@ void scores_by_dots(const float* q, int64_t rows, const float* k, int64_t ld_k, 
 }
 
 // The mask: key j is visible to query i iff (!causal || j <= i + causal_offset) and
-// (!windowed || j >= i + window_offset), so each query sees one contiguous run of keys and each
-// key is seen by one contiguous run of queries. Offsets are clamped to [-Tq, Tk] (past those
-// bounds the limit excludes everything or nothing), so no index computation overflows.
+// (!windowed || j >= i + window_offset) and key_lo <= j < key_hi (the batch row's key range:
+// the rest is padding), so each query sees one contiguous run of keys and each key is seen by
+// one contiguous run of queries. Offsets are clamped to [-Tq, Tk] and the key range to
+// [0, Tk] (past those bounds a limit excludes everything or nothing), so no index computation
+// overflows.
 struct Visibility {
   int64_t Tq, Tk;
   bool causal;
   int64_t causal_offset;
   bool windowed;
   int64_t window_offset;
+  int64_t key_lo = 0, key_hi;
 
   Visibility(int64_t Tq_, int64_t Tk_, bool causal_, int64_t causal_offset_,
              std::optional<int64_t> window_offset_)
       : Tq(Tq_), Tk(Tk_), causal(causal_),
         causal_offset(std::clamp<int64_t>(causal_offset_, -Tq_, Tk_)),
         windowed(window_offset_.has_value()),
-        window_offset(std::clamp<int64_t>(window_offset_.value_or(0), -Tq_, Tk_)) {}
+        window_offset(std::clamp<int64_t>(window_offset_.value_or(0), -Tq_, Tk_)),
+        key_hi(Tk_) {}
+
+  // The mask of batch row `batch`: key_ranges (B, 2) int32 [start, end) per row, or nullptr.
+  Visibility for_batch(const int32_t* key_ranges, int64_t batch) const {
+    Visibility row = *this;
+    if (key_ranges != nullptr) {
+      row.key_hi = std::clamp<int64_t>(key_ranges[2 * batch + 1], 0, Tk);
+      row.key_lo = std::clamp<int64_t>(key_ranges[2 * batch], 0, row.key_hi);
+    }
+    return row;
+  }
+
+  bool in_range(int64_t key) const { return key >= key_lo && key < key_hi; }
 
   // Keys [key_begin(i), key_end(i)) are visible to query i (empty when begin >= end).
   int64_t key_begin(int64_t query) const {
-    return windowed ? std::clamp<int64_t>(query + window_offset, 0, Tk) : 0;
+    return std::max(key_lo, windowed ? std::clamp<int64_t>(query + window_offset, 0, Tk) : 0);
   }
   int64_t key_end(int64_t query) const {
-    return causal ? std::clamp<int64_t>(query + causal_offset + 1, 0, Tk) : Tk;
+    return std::min(key_hi, causal ? std::clamp<int64_t>(query + causal_offset + 1, 0, Tk) : Tk);
   }
-  // Queries [query_begin(j), query_end(j)) see key j.
+  // Queries [query_begin(j), query_end(j)) see key j (none for keys outside the range).
   int64_t query_begin(int64_t key) const {
+    if (!in_range(key)) return Tq;
     return causal ? std::clamp<int64_t>(key - causal_offset, 0, Tq) : 0;
   }
   int64_t query_end(int64_t key) const {
+    if (!in_range(key)) return 0;
     return windowed ? std::clamp<int64_t>(key - window_offset + 1, 0, Tq) : Tq;
+  }
+  // Queries that see some key of [key_start, key_stop): [first, second), empty if none.
+  std::pair<int64_t, int64_t> block_queries(int64_t key_start, int64_t key_stop) const {
+    const int64_t first = std::max(key_start, key_lo), last = std::min(key_stop, key_hi) - 1;
+    if (first > last) return {Tq, 0};
+    return {query_begin(first), query_end(last)};
   }
 };
 
@@ -636,10 +660,12 @@ int64_t key_splits(int64_t tiles, int64_t query_blocks, int64_t Tk) {
 }
 
 // q: (B, Hq, Tq, D), k/v: (B, Hkv, Tk, D) any strides; out: (B, Hq, Tq, D) and
-// lse: (B, Hq, Tq) contiguous. Requires Tq, Tk, D >= 1.
+// lse: (B, Hq, Tq) contiguous; key_ranges: (B, 2) int32 [start, end) of each batch row's
+// keys, or nullptr. Requires Tq, Tk, D >= 1.
 template <typename scalar_t>
 void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                    at::Tensor& out, at::Tensor& lse, double scale, const Visibility& mask) {
+                    at::Tensor& out, at::Tensor& lse, double scale, const Visibility& full_mask,
+                    const int32_t* key_ranges) {
   using acc_t = compute_t<scalar_t>;
   const int64_t B = q.size(0), Hq = q.size(1), Tq = q.size(2), D = q.size(3);
   const int64_t Hkv = k.size(1), Tk = k.size(2);
@@ -704,7 +730,8 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
       const int64_t kv_head = first_head / group;
       const int64_t query_start = zigzag(tile % query_blocks, query_blocks) * kBlockQuery;
       const int64_t head_rows = std::min(kBlockQuery, Tq - query_start);  // rows per head
-      const int64_t rows = heads * head_rows;  // tile row r: head r / head_rows, time r % head_rows
+      const int64_t rows = heads * head_rows;
+      const Visibility mask = full_mask.for_batch(key_ranges, batch);  // tile row r: head r / head_rows, time r % head_rows
       // The tile's rows see keys [first row's begin, last row's end); this split takes keys
       // [key_begin, kv_end) of them.
       const int64_t split_begin = item % splits * split_keys;
@@ -853,7 +880,7 @@ void backward_kernel(const at::Tensor& grad_out, const at::Tensor& q, const at::
                      const at::Tensor& v, const compute_t<scalar_t>* lse,
                      const compute_t<scalar_t>* delta, compute_t<scalar_t>* dq_partial,
                      int64_t splits, at::Tensor& dk, at::Tensor& dv, double scale,
-                     const Visibility& mask) {
+                     const Visibility& full_mask, const int32_t* key_ranges) {
   using acc_t = compute_t<scalar_t>;
   const int64_t B = q.size(0), Hq = q.size(1), Tq = q.size(2), D = q.size(3);
   const int64_t Hkv = k.size(1), Tk = k.size(2);
@@ -883,6 +910,7 @@ void backward_kernel(const at::Tensor& grad_out, const at::Tensor& q, const at::
     for (int64_t item = begin; item < end; ++item) {
       const int64_t kv_head_index = item / splits;  // b * Hkv + h_kv
       const int64_t batch = kv_head_index / Hkv, kv_head = kv_head_index % Hkv;
+      const Visibility mask = full_mask.for_batch(key_ranges, batch);
       const int64_t split = zigzag(item % splits, splits);
       const int64_t block_begin = split * key_blocks / splits;
       const int64_t block_end = (split + 1) * key_blocks / splits;
@@ -892,8 +920,7 @@ void backward_kernel(const at::Tensor& grad_out, const at::Tensor& q, const at::
         const int64_t key_start = key_block_index * kBwdBlockKey;
         const int64_t cols = std::min(kBwdBlockKey, Tk - key_start);
         // Queries [query_begin, query_stop) see some key of the block.
-        const int64_t query_begin = mask.query_begin(key_start);
-        const int64_t query_stop = mask.query_end(key_start + cols - 1);
+        const auto [query_begin, query_stop] = mask.block_queries(key_start, key_start + cols);
         std::fill(dk_acc.begin(), dk_acc.begin() + cols * D, acc_t(0));
         std::fill(dv_acc.begin(), dv_acc.begin() + cols * D, acc_t(0));
 
@@ -1004,6 +1031,17 @@ void reduce_dq(const compute_t<scalar_t>* dq_partial, int64_t splits, double sca
   });
 }
 
+// The (B, 2) int32 [start, end) key ranges' data, or nullptr without them. The bindings
+// hand over a contiguous int32 CPU tensor of that shape (checked again here: it is read raw).
+const int32_t* key_range_data(const std::optional<at::Tensor>& key_range, int64_t B) {
+  if (!key_range.has_value() || !key_range->defined()) return nullptr;
+  TORCH_CHECK(key_range->scalar_type() == at::kInt && key_range->is_contiguous() &&
+                  key_range->dim() == 2 && key_range->size(0) == B && key_range->size(1) == 2 &&
+                  key_range->device().is_cpu(),
+              "attention: key_range must be a contiguous (B, 2) int32 CPU tensor");
+  return key_range->const_data_ptr<int32_t>();
+}
+
 at::ScalarType lse_dtype(const at::Tensor& q) {
   return q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
@@ -1013,11 +1051,13 @@ at::ScalarType lse_dtype(const at::Tensor& q) {
 std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q, const at::Tensor& k,
                                                  const at::Tensor& v, double scale, bool causal,
                                                  int64_t causal_offset,
-                                                 std::optional<int64_t> window_offset) {
+                                                 std::optional<int64_t> window_offset,
+                                                 const std::optional<at::Tensor>& key_range) {
   const int64_t B = q.size(0), Hq = q.size(1), Tq = q.size(2), D = q.size(3);
   const int64_t Hkv = k.size(1), Tk = k.size(2);
   TORCH_CHECK(Hkv > 0 ? Hq % Hkv == 0 : Hq == 0, "attention_fwd: Hq must be a multiple of Hkv");
   const Visibility mask(Tq, Tk, causal, causal_offset, window_offset);
+  const int32_t* key_ranges = key_range_data(key_range, B);  // (B, 2) or nullptr
   at::Tensor out = at::empty({B, Hq, Tq, D}, q.options());                       // (B, Hq, Tq, D)
   at::Tensor lse = at::empty({B, Hq, Tq}, q.options().dtype(lse_dtype(q)));  // (B, Hq, Tq)
   if (out.numel() == 0 && lse.numel() == 0) return {out, lse};
@@ -1029,8 +1069,9 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q, const at::
     AT_DISPATCH_FLOATING_TYPES(lse.scalar_type(), "fusedlm_attention_fwd_degenerate", [&] {
       scalar_t* lse_data = lse.data_ptr<scalar_t>();
       for (int64_t row = 0; row < lse.numel(); ++row) {
+        const Visibility row_mask = mask.for_batch(key_ranges, row / (Hq * Tq));
         const int64_t visible =
-            std::max<int64_t>(0, mask.key_end(row % Tq) - mask.key_begin(row % Tq));
+            std::max<int64_t>(0, row_mask.key_end(row % Tq) - row_mask.key_begin(row % Tq));
         lse_data[row] = visible > 0 ? static_cast<scalar_t>(std::log(static_cast<double>(visible)))
                                     : static_cast<scalar_t>(kNegInf);
       }
@@ -1040,7 +1081,7 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q, const at::
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(),
                                   "fusedlm_attention_fwd", [&] {
-    forward_kernel<scalar_t>(q, k, v, out, lse, scale, mask);
+    forward_kernel<scalar_t>(q, k, v, out, lse, scale, mask, key_ranges);
   });
   return {out, lse};
 }
@@ -1048,11 +1089,13 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q, const at::
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const at::Tensor& out, const at::Tensor& lse, double scale, bool causal,
-    int64_t causal_offset, std::optional<int64_t> window_offset) {
+    int64_t causal_offset, std::optional<int64_t> window_offset,
+    const std::optional<at::Tensor>& key_range) {
   const int64_t B = q.size(0), Hq = q.size(1), Tq = q.size(2), D = q.size(3);
   const int64_t Hkv = k.size(1), Tk = k.size(2);
   TORCH_CHECK(Hkv > 0 ? Hq % Hkv == 0 : Hq == 0, "attention_bwd: Hq must be a multiple of Hkv");
   const Visibility mask(Tq, Tk, causal, causal_offset, window_offset);
+  const int32_t* key_ranges = key_range_data(key_range, B);  // (B, 2) or nullptr
   at::Tensor dq = at::empty({B, Hq, Tq, D}, q.options());   // (B, Hq, Tq, D)
   at::Tensor dk = at::empty({B, Hkv, Tk, D}, k.options());  // (B, Hkv, Tk, D)
   at::Tensor dv = at::empty({B, Hkv, Tk, D}, v.options());  // (B, Hkv, Tk, D)
@@ -1091,7 +1134,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
         at::zeros({splits, B, Hq, D, Tq}, q.options().dtype(acc_dtype));  // (splits, B, Hq, D, Tq)
     backward_kernel<scalar_t>(grad_out_c, q, k, v, lse_c.const_data_ptr<acc_t>(),
                               delta.const_data_ptr<acc_t>(), dq_partial.data_ptr<acc_t>(),
-                              splits, dk, dv, scale, mask);
+                              splits, dk, dv, scale, mask, key_ranges);
     reduce_dq<scalar_t>(dq_partial.const_data_ptr<acc_t>(), splits, scale, dq);
   });
   return {dq, dk, dv};

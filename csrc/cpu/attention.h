@@ -10,7 +10,9 @@
 namespace fusedlm::cpu {
 
 // Key j is visible to query i iff (!causal || j <= i + causal_offset) and
-// (!window_offset || j >= i + *window_offset) (local / sliding-window attention).
+// (!window_offset || j >= i + *window_offset) (local / sliding-window attention) and, given
+// key_range (B, 2) int32 contiguous, key_range[b][0] <= j < key_range[b][1] in batch row b
+// (padded batches: the keys outside the range are padding).
 //   causal_offset = Tk - Tq  -> bottom-right alignment (FlashAttention, fusedlm.attention)
 //   causal_offset = 0        -> top-left alignment (torch SDPA is_causal)
 //   window_offset = Tk - Tq - (W - 1) with causal -> each query sees its last W keys
@@ -25,7 +27,8 @@ namespace fusedlm::cpu {
 std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q, const at::Tensor& k,
                                                  const at::Tensor& v, double scale, bool causal,
                                                  int64_t causal_offset,
-                                                 std::optional<int64_t> window_offset);
+                                                 std::optional<int64_t> window_offset,
+                                                 const std::optional<at::Tensor>& key_range);
 
 // grad_out: (B, Hq, Tq, D) any strides; out, lse as returned by attention_fwd.
 // returns dq: (B, Hq, Tq, D), dk: (B, Hkv, Tk, D), dv: (B, Hkv, Tk, D), contiguous,
@@ -33,6 +36,7 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q, const at::
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const at::Tensor& out, const at::Tensor& lse, double scale, bool causal,
-    int64_t causal_offset, std::optional<int64_t> window_offset);
+    int64_t causal_offset, std::optional<int64_t> window_offset,
+    const std::optional<at::Tensor>& key_range);
 
 }  // namespace fusedlm::cpu

@@ -1,7 +1,9 @@
 """fusedlm: fused attention, LayerNorm/RMSNorm and AdamW kernels (C++, CUDA, Triton) as drop-in
 replacements for their PyTorch counterparts.
 
-    fusedlm.attention(q, k, v, causal=False, scale=None, backend="auto")
+    fusedlm.attention(q, k, v, causal=False, scale=None, backend="auto", window=None,
+                      key_range=None)               # key_range: padded batches
+    fusedlm.key_range_from_padding_mask(attention_mask)
     fusedlm.scaled_dot_product_attention(...)      # torch's exact signature
     fusedlm.layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5, backend="auto")
     fusedlm.rms_norm(x, normalized_shape, weight=None, eps=None, backend="auto")
@@ -18,7 +20,13 @@ use.
 from . import nn, optim, reference
 from .backends import BackendNotSupportedError, backends
 from .integrations.patch import patch, unpatch  # torch only; transformers is not imported
-from .ops import attention, layer_norm, rms_norm, scaled_dot_product_attention
+from .ops import (
+    attention,
+    key_range_from_padding_mask,
+    layer_norm,
+    rms_norm,
+    scaled_dot_product_attention,
+)
 
 __version__ = "0.1.0"
 
@@ -26,6 +34,7 @@ __all__ = [
     "BackendNotSupportedError",
     "attention",
     "backends",
+    "key_range_from_padding_mask",
     "layer_norm",
     "nn",
     "optim",

@@ -84,10 +84,12 @@ def rms_norm_bwd(
 
 
 def _visible(Tq: int, Tk: int, causal: bool, causal_offset: int, window_offset: int | None,
-             device) -> Tensor | None:
-    """(Tq, Tk) bool: key j visible to query i iff (not causal or j <= i + causal_offset) and
-    (window_offset is None or j >= i + window_offset); None if all visible."""
-    if not causal and window_offset is None:
+             device, key_range: Tensor | None = None) -> Tensor | None:
+    """Bool mask, True where key j is visible to query i: (not causal or j <= i +
+    causal_offset) and (window_offset is None or j >= i + window_offset) and, with
+    ``key_range`` (B, 2) integers, key_range[b, 0] <= j < key_range[b, 1] in batch row b.
+    (Tq, Tk), or (B, 1, Tq, Tk) with a key range; None if all visible."""
+    if not causal and window_offset is None and key_range is None:
         return None
     rows = torch.arange(Tq, device=device)[:, None]
     cols = torch.arange(Tk, device=device)[None, :]
@@ -96,6 +98,10 @@ def _visible(Tq: int, Tk: int, causal: bool, causal_offset: int, window_offset: 
         visible &= cols <= rows + causal_offset
     if window_offset is not None:
         visible &= cols >= rows + window_offset
+    if key_range is not None:
+        bounds = key_range.to(device=device, dtype=torch.int64)
+        in_range = (cols >= bounds[:, 0, None]) & (cols < bounds[:, 1, None])  # (B, Tk)
+        visible = visible[None, None] & in_range[:, None, None, :]
     return visible
 
 
@@ -104,12 +110,13 @@ def _expand_kv(t: Tensor, Hq: int) -> Tensor:
     return t.repeat_interleave(Hq // t.shape[1], dim=1) if t.shape[1] != Hq else t
 
 
-def _probabilities(q, k, scale, causal, causal_offset, window_offset):
+def _probabilities(q, k, scale, causal, causal_offset, window_offset, key_range=None):
     """Scores and log-sum-exp in the compute dtype; fully masked rows get lse = -inf."""
     dtype = compute_dtype(q.dtype)
     k_full = _expand_kv(k, q.shape[1]).to(dtype)
     scores = torch.matmul(q.to(dtype), k_full.transpose(-1, -2)) * scale  # (B, Hq, Tq, Tk)
-    mask = _visible(q.shape[2], k.shape[2], causal, causal_offset, window_offset, q.device)
+    mask = _visible(q.shape[2], k.shape[2], causal, causal_offset, window_offset, q.device,
+                    key_range)
     if mask is not None:
         scores = scores.masked_fill(~mask, -math.inf)
     lse = torch.logsumexp(scores, dim=-1)  # (B, Hq, Tq); -inf where no key is visible
@@ -120,12 +127,14 @@ def _probabilities(q, k, scale, causal, causal_offset, window_offset):
 
 def attention_fwd(
     q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool, causal_offset: int,
-    window_offset: int | None = None,
+    window_offset: int | None = None, key_range: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Returns out (B, Hq, Tq, D) in q's dtype and lse (B, Hq, Tq) in the compute dtype. Key j
     is visible to query i iff (not causal or j <= i + causal_offset) and (window_offset is None
-    or j >= i + window_offset); rows that see no key give 0 and lse -inf."""
-    probs, lse = _probabilities(q, k, scale, causal, causal_offset, window_offset)
+    or j >= i + window_offset) and, with ``key_range`` (B, 2) integers, key_range[b, 0] <= j <
+    key_range[b, 1] in batch row b (padding keys outside it); rows that see no key give 0 and
+    lse -inf."""
+    probs, lse = _probabilities(q, k, scale, causal, causal_offset, window_offset, key_range)
     v_full = _expand_kv(v, q.shape[1]).to(probs.dtype)
     return torch.matmul(probs, v_full).to(q.dtype).contiguous(), lse.contiguous()
 
@@ -133,9 +142,10 @@ def attention_fwd(
 def attention_bwd(
     grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
     scale: float, causal: bool, causal_offset: int, window_offset: int | None = None,
+    key_range: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Returns dq, dk, dv in the shapes and dtypes of q, k, v."""
-    probs, _ = _probabilities(q, k, scale, causal, causal_offset, window_offset)
+    probs, _ = _probabilities(q, k, scale, causal, causal_offset, window_offset, key_range)
     dtype = probs.dtype
     B, Hq, Tq, D = q.shape
     Hkv = k.shape[1]

@@ -40,12 +40,14 @@ def _capability(device: torch.device) -> tuple[int, int]:
     return torch.cuda.get_device_capability(device)
 
 
-def _extension_supports(q: Tensor, k: Tensor, v: Tensor,
-                        window_offset: int | None = None) -> str | None:
+def _extension_supports(q: Tensor, k: Tensor, v: Tensor, window_offset: int | None = None,
+                        key_range: Tensor | None = None) -> str | None:
     """The CPU kernels take every case; the CUDA ones (tensor-core mma.sync) fp16/bf16 on sm_80+
-    (sliding windows included)."""
+    (sliding windows included, key ranges not: the Triton kernels serve those)."""
     if q.device.type != "cuda":
         return None
+    if key_range is not None:
+        return "the CUDA attention kernels take no key_range (padding); the Triton ones do"
     if q.dtype not in (torch.float16, torch.bfloat16):
         return f"the CUDA attention kernels take float16 or bfloat16, not {q.dtype}"
     major, minor = _capability(q.device)
@@ -59,8 +61,8 @@ register_extension_kernels(ATTENTION_FWD, "attention_fwd", supports=_extension_s
 register_extension_kernels(ATTENTION_BWD, "attention_bwd", supports=_extension_supports)
 
 
-def _triton_supports(q: Tensor, k: Tensor, v: Tensor,
-                     window_offset: int | None = None) -> str | None:
+def _triton_supports(q: Tensor, k: Tensor, v: Tensor, window_offset: int | None = None,
+                     key_range: Tensor | None = None) -> str | None:
     if q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         return f"the Triton kernels take float32, float16 or bfloat16, not {q.dtype}"
     if q.shape[-1] > MAX_HEAD_DIM:
@@ -82,35 +84,43 @@ def _triton_attention_bwd(*args):
     return kernels.attention_bwd(*args)
 
 
-def _attention_fwd(q, k, v, scale, causal, causal_offset, backend, window_offset=None):
-    impl = ATTENTION_FWD.select(backend, q.device, q, k, v, window_offset)
-    if window_offset is None:  # the kernels' original signature: no window argument to pass
-        return impl(q, k, v, scale, causal, causal_offset)
-    return impl(q, k, v, scale, causal, causal_offset, window_offset)
+def _mask_arguments(window_offset, key_range) -> tuple:
+    """The optional trailing mask arguments to hand a kernel: none for the plain case (the
+    kernels' original signature)."""
+    if key_range is not None:
+        return (window_offset, key_range)
+    return () if window_offset is None else (window_offset,)
+
+
+def _attention_fwd(q, k, v, scale, causal, causal_offset, backend, window_offset=None,
+                   key_range=None):
+    impl = ATTENTION_FWD.select(backend, q.device, q, k, v, window_offset, key_range)
+    return impl(q, k, v, scale, causal, causal_offset, *_mask_arguments(window_offset, key_range))
 
 
 def _attention_bwd(grad_out, q, k, v, out, lse, scale, causal, causal_offset, backend,
-                   window_offset=None):
-    impl = ATTENTION_BWD.select(backend, q.device, q, k, v, window_offset)
-    if window_offset is None:
-        return impl(grad_out, q, k, v, out, lse, scale, causal, causal_offset)
-    return impl(grad_out, q, k, v, out, lse, scale, causal, causal_offset, window_offset)
+                   window_offset=None, key_range=None):
+    impl = ATTENTION_BWD.select(backend, q.device, q, k, v, window_offset, key_range)
+    return impl(grad_out, q, k, v, out, lse, scale, causal, causal_offset,
+                *_mask_arguments(window_offset, key_range))
 
 
 @torch.library.custom_op("fusedlm::attention_fwd", mutates_args=())
 def attention_fwd(
     q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool, causal_offset: int,
-    backend: str, window_offset: int | None = None,
+    backend: str, window_offset: int | None = None, key_range: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """q (B, Hq, Tq, D), k/v (B, Hkv, Tk, D), any strides. Key j is visible to query i iff
     (not causal or j <= i + causal_offset) and (window_offset is None or j >= i +
-    window_offset). Returns out (B, Hq, Tq, D) in q's dtype and lse (B, Hq, Tq) float32
+    window_offset) and, with key_range (B, 2) int32, key_range[b, 0] <= j < key_range[b, 1]
+    in batch row b. Returns out (B, Hq, Tq, D) in q's dtype and lse (B, Hq, Tq) float32
     (float64 for float64 inputs); rows that see no key get 0 and -inf."""
-    return _attention_fwd(q, k, v, scale, causal, causal_offset, backend, window_offset)
+    return _attention_fwd(q, k, v, scale, causal, causal_offset, backend, window_offset,
+                          key_range)
 
 
 @attention_fwd.register_fake
-def _(q, k, v, scale, causal, causal_offset, backend, window_offset=None):
+def _(q, k, v, scale, causal, causal_offset, backend, window_offset=None, key_range=None):
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     return out, q.new_empty(q.shape[:3], dtype=stat_dtype(q.dtype))
 
@@ -119,33 +129,36 @@ def _(q, k, v, scale, causal, causal_offset, backend, window_offset=None):
 def attention_bwd(
     grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, scale: float,
     causal: bool, causal_offset: int, backend: str, window_offset: int | None = None,
+    key_range: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Returns dq, dk, dv in the shapes and dtypes of q, k, v; dk and dv are summed over the
     query heads that share a kv head (GQA/MQA)."""
     return _attention_bwd(grad_out, q, k, v, out, lse, scale, causal, causal_offset, backend,
-                          window_offset)
+                          window_offset, key_range)
 
 
 @attention_bwd.register_fake
-def _(grad_out, q, k, v, out, lse, scale, causal, causal_offset, backend, window_offset=None):
+def _(grad_out, q, k, v, out, lse, scale, causal, causal_offset, backend, window_offset=None,
+      key_range=None):
     return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
 
 
 def _attention_setup_context(ctx, inputs, output):
-    q, k, v, scale, causal, causal_offset, backend, *window = inputs
+    q, k, v, scale, causal, causal_offset, backend, *masks = inputs
+    window_offset, key_range = (list(masks) + [None, None])[:2]
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse)
+    ctx.save_for_backward(q, k, v, out, lse, key_range)
     ctx.scale, ctx.causal, ctx.causal_offset, ctx.backend = scale, causal, causal_offset, backend
-    ctx.window_offset = window[0] if window else None
+    ctx.window_offset = window_offset
     ctx.mark_non_differentiable(lse)
 
 
 def _attention_backward(ctx, grad_out, grad_lse):
-    q, k, v, out, lse = ctx.saved_tensors
+    q, k, v, out, lse, key_range = ctx.saved_tensors
     bwd = _attention_bwd if getattr(ctx, "eager", False) else torch.ops.fusedlm.attention_bwd
     dq, dk, dv = bwd(grad_out, q, k, v, out, lse, ctx.scale, ctx.causal, ctx.causal_offset,
-                     ctx.backend, ctx.window_offset)
-    return dq, dk, dv, None, None, None, None, None
+                     ctx.backend, ctx.window_offset, key_range)
+    return dq, dk, dv, None, None, None, None, None, None
 
 
 attention_fwd.register_autograd(_attention_backward, setup_context=_attention_setup_context)
@@ -192,13 +205,32 @@ def _check_qkv(q: Tensor, k: Tensor, v: Tensor) -> None:
         )
 
 
-def _attention(q, k, v, scale, causal, causal_offset, backend, window_offset=None):
+def _attention(q, k, v, scale, causal, causal_offset, backend, window_offset=None,
+               key_range=None):
     if q.numel() == 0 or k.numel() == 0:  # empty results; the reference's torch ops give autograd
-        return reference.attention_fwd(q, k, v, scale, causal, causal_offset, window_offset)[0]
+        return reference.attention_fwd(q, k, v, scale, causal, causal_offset, window_offset,
+                                       key_range)[0]
     fwd = forward_for_call(ATTENTION_FWD, backend, _AttentionEager, _attention_fwd,
                            reference.attention_fwd, q, k, v, backend_index=6)
-    out, _ = fwd(q, k, v, scale, causal, causal_offset, backend, window_offset)
+    out, _ = fwd(q, k, v, scale, causal, causal_offset, backend, window_offset, key_range)
     return out
+
+
+def _check_key_range(key_range: object, q: Tensor, Tk: int) -> Tensor | None:
+    """``key_range`` as the kernels take it: (B, 2) int32, contiguous, clamped to [0, Tk]
+    (clamping changes no visible key), on q's device; None stays None."""
+    if key_range is None:
+        return None
+    if not isinstance(key_range, Tensor):
+        raise TypeError("argument 'key_range' must be a Tensor of (start, end) key indices or "
+                        f"None, got {type(key_range).__name__}")
+    if key_range.is_floating_point() or key_range.is_complex() or key_range.dtype == torch.bool:
+        raise TypeError(f"argument 'key_range' must hold integers, got {key_range.dtype}")
+    if key_range.dim() != 2 or key_range.shape[1] != 2 or key_range.shape[0] != q.shape[0]:
+        raise ValueError(f"argument 'key_range' must have shape (B, 2) = ({q.shape[0]}, 2), "
+                         f"got {list(key_range.shape)}")
+    check_same_device(key_range, "key_range", q, "q")
+    return key_range.clamp(0, Tk).to(torch.int32).contiguous()
 
 
 def _window_side(value: object, side: str) -> int | None:
@@ -239,6 +271,7 @@ def attention_mask_bounds(
 def attention(
     q: Tensor, k: Tensor, v: Tensor, causal: bool = False, scale: float | None = None,
     backend: str = "auto", window: tuple[int | None, int | None] | None = None,
+    key_range: Tensor | None = None,
 ) -> Tensor:
     """Fused (flash) attention: softmax(q k^T * scale) v.
 
@@ -250,7 +283,11 @@ def attention(
     ``window_size``) limits query i to keys p - left <= j <= p + right around its position
     p = i + Tk - Tq; a side that is None or -1 has no limit, and ``causal`` still applies (a
     causal sliding window of W keys, Mistral's ``sliding_window=W``, is ``causal=True,
-    window=(W - 1, 0)``). Returns (B, Hq, Tq, D) in q's dtype.
+    window=(W - 1, 0)``). ``key_range`` (B, 2) integers on q's device (padded batches): batch
+    row b attends only to keys key_range[b, 0] <= j < key_range[b, 1], the rest being padding
+    (left padding moves the start, right padding the end; see ``key_range_from_padding_mask``);
+    positions and the causal / window alignment stay those of all Tk keys. Rows left with no
+    key give 0. Returns (B, Hq, Tq, D) in q's dtype.
     """
     _check_qkv(q, k, v)
     if not isinstance(causal, bool):
@@ -259,7 +296,42 @@ def attention(
     check_backend_name(backend)
     causal, causal_offset, window_offset = attention_mask_bounds(
         q.shape[2], k.shape[2], causal, window)
-    return _attention(q, k, v, scale, causal, causal_offset, backend, window_offset)
+    key_range = _check_key_range(key_range, q, k.shape[2])
+    return _attention(q, k, v, scale, causal, causal_offset, backend, window_offset, key_range)
+
+
+def key_range_from_padding_mask(attention_mask: Tensor) -> Tensor:
+    """(B, 2) int32 ``key_range`` for ``fusedlm.attention`` from a tokenizer's (B, T)
+    ``attention_mask`` (1 / True for tokens, 0 / False for padding), whose tokens must be one
+    contiguous run per row (left or right padding). Reads the mask on the host (one device
+    sync); a row with no token gets the empty range (0, 0)."""
+    if not isinstance(attention_mask, Tensor) or attention_mask.dim() != 2:
+        raise ValueError("argument 'attention_mask' must be a (B, T) tensor, got "
+                         f"{getattr(attention_mask, 'shape', type(attention_mask).__name__)}")
+    if attention_mask.is_floating_point() or attention_mask.is_complex():
+        raise TypeError(f"argument 'attention_mask' must hold 0/1 integers or bools, got "
+                        f"{attention_mask.dtype}")
+    tokens = attention_mask != 0
+    ranges = _token_runs(tokens)
+    if ranges is None:
+        raise ValueError("argument 'attention_mask' must mark one contiguous run of tokens per "
+                         "row (left or right padding); a row has tokens on both sides of a gap")
+    return ranges
+
+
+def _token_runs(tokens: Tensor) -> Tensor | None:
+    """(B, 2) int32 [start, end) of each row's True entries of the (B, T) bool ``tokens``, or
+    None if a row's are not contiguous. Rows with none: (0, 0)."""
+    B, T = tokens.shape
+    positions = torch.arange(T, device=tokens.device)
+    counts = tokens.sum(dim=1)
+    start = torch.where(tokens, positions, T).amin(dim=1) if T else counts
+    start = torch.where(counts > 0, start, 0)
+    end = start + counts
+    run = (positions >= start[:, None]) & (positions < end[:, None])
+    if not bool((run == tokens).all()):
+        return None
+    return torch.stack([start, end], dim=1).to(torch.int32)
 
 
 _sdpa_logged: set[str] = set()
