@@ -156,14 +156,15 @@ def assert_close_rule(
 
 
 def naive_attention(q, k, v, scale=None, causal=False, causal_offset=None, window=None,
-                    window_offset=None):
+                    window_offset=None, key_range=None):
     """softmax(q k^T * scale) v written out with torch ops in q's dtype (autograd-able).
 
     q (B, Hq, Tq, D), k/v (B, Hkv, Tk, D). Key j is visible to query i iff not causal or
     j <= i + causal_offset (default Tk - Tq, bottom-right), and, with ``window=(left, right)``
     (None or -1: no limit on that side), p - left <= j <= p + right where p = i + Tk - Tq, and
-    with ``window_offset`` (the custom op's form) j >= i + window_offset. Rows that see no key
-    give 0."""
+    with ``window_offset`` (the custom op's form) j >= i + window_offset, and with
+    ``key_range`` ((B, 2) integers) key_range[b, 0] <= j < key_range[b, 1] in batch row b. Rows
+    that see no key give 0."""
     B, Hq, Tq, D = q.shape
     Tk = k.shape[2]
     if scale is None:
@@ -174,7 +175,7 @@ def naive_attention(q, k, v, scale=None, causal=False, causal_offset=None, windo
     k = k.repeat_interleave(group, dim=1)
     v = v.repeat_interleave(group, dim=1)
     scores = (q @ k.transpose(-1, -2)) * scale
-    if causal or window is not None or window_offset is not None:
+    if causal or window is not None or window_offset is not None or key_range is not None:
         rows = torch.arange(Tq, device=q.device)[:, None]
         cols = torch.arange(Tk, device=q.device)[None, :]
         visible = cols <= rows + causal_offset if causal else torch.ones_like(cols == rows)
@@ -183,9 +184,12 @@ def naive_attention(q, k, v, scale=None, causal=False, causal_offset=None, windo
                 visible = visible & (side * (cols - rows - (Tk - Tq)) <= limit)
         if window_offset is not None:
             visible = visible & (cols >= rows + window_offset)
+        if key_range is not None:  # (Tq, Tk) -> (B, 1, Tq, Tk)
+            start, end = (key_range[:, i].to(q.device)[:, None, None, None] for i in (0, 1))
+            visible = visible & (cols >= start) & (cols < end)
         scores = scores.masked_fill(~visible, float("-inf"))
         probs = torch.softmax(scores, dim=-1)
-        probs = probs.masked_fill(~visible.any(dim=-1)[:, None], 0.0)
+        probs = probs.masked_fill(~visible.any(dim=-1)[..., None], 0.0)
     else:
         probs = torch.softmax(scores, dim=-1)
     return probs @ v

@@ -85,9 +85,10 @@ def _check_attention(
     rebuild=_identity,
     grad_atol_factor=1.0,
     window=None,
+    key_range=None,
 ):
     """fusedlm.attention vs the naive truth (float64) and the naive baseline (q's dtype), forward
-    and backward (with ``window``, sliding-window attention).
+    and backward (with ``window``, sliding-window attention; with ``key_range``, padding).
 
     Gradients are taken with respect to ``leaves`` (default: q, k, v); ``rebuild(leaves)`` gives
     q, k, v (views such as transposes or expands of the leaves)."""
@@ -101,14 +102,16 @@ def _check_attention(
 
     ours_leaves, out = run(
         lambda a, b, c: fusedlm.attention(a, b, c, causal=causal, scale=scale, backend=backend,
-                                          window=window),
+                                          window=window, key_range=key_range),
         dtype,
     )
     base_leaves, out_torch = run(
-        lambda a, b, c: naive_attention(a, b, c, scale=scale, causal=causal, window=window), dtype
+        lambda a, b, c: naive_attention(a, b, c, scale=scale, causal=causal, window=window,
+                                        key_range=key_range), dtype
     )
     truth_leaves, out_truth = run(
-        lambda a, b, c: naive_attention(a, b, c, scale=scale, causal=causal, window=window),
+        lambda a, b, c: naive_attention(a, b, c, scale=scale, causal=causal, window=window,
+                                        key_range=key_range),
         torch.float64,
     )
     assert out.dtype == dtype and out.shape == q.shape and out.device == q.device
@@ -307,6 +310,105 @@ def test_attention_sliding_window_is_mistral_sliding_window(backend):
     out = fusedlm.attention(q, k, v, causal=True, window=(3, 0), backend=backend)
     expected = torch.tensor([[0 <= i - j <= 3 for j in range(12)] for i in range(12)])
     assert torch.equal(out[0, 0].cpu() > 0, expected)
+
+
+# Padded batches: key_range (B, 2) keeps batch row b to keys [start, end). Left padding moves
+# the start, right padding the end; "mixed" has a row with no key at all, an int64 range past
+# the sequence at both ends (clamped) and an inverted one (empty).
+def key_ranges(kind: str, B: int, Tk: int, device="cpu") -> torch.Tensor:
+    """(B, 2) int64 [start, end) per batch row for the padding ``kind``."""
+    rows = []
+    for b in range(B):
+        if kind == "left":
+            rows.append((b * Tk // (B + 1), Tk))
+        elif kind == "right":
+            rows.append((0, Tk - b * Tk // (B + 1)))
+        else:
+            rows.append([(Tk // 3, Tk - Tk // 4), (-5, Tk + 100), (Tk, Tk), (Tk // 2, 1)][b % 4])
+    return torch.tensor(rows, dtype=torch.int64, device=device)
+
+
+KEY_RANGE_SHAPES = [
+    (3, 2, 2, 17, 17, 40),
+    (2, 2, 1, 150, 270, 40),  # Tq < Tk, MQA, several key tiles
+    (2, 2, 2, 270, 140, 72),  # Tq > Tk: rows that see no key
+    (4, 6, 2, 1, 300, 16),  # decoding over a padded batch, GQA
+]
+KEY_RANGE_MASKS = [(False, None), (True, None), (True, (33, 0)), (False, (20, 9))]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("kind", ["left", "right", "mixed"])
+@pytest.mark.parametrize(("causal", "window"), KEY_RANGE_MASKS,
+                         ids=["full", "causal", "causal-w33", "local-20-9"])
+@pytest.mark.parametrize("shape", KEY_RANGE_SHAPES,
+                         ids=["B{}-Hq{}-Hkv{}-Tq{}-Tk{}-D{}".format(*s) for s in KEY_RANGE_SHAPES])
+def test_attention_key_range(shape, causal, window, kind, dtype, backend):
+    q, k, v = _qkv(shape, dtype, device_of(backend))
+    _check_attention(q, k, v, causal, backend, window=window,
+                     key_range=key_ranges(kind, shape[0], shape[4], q.device))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("threads", [2, 3])
+def test_attention_key_range_keys_split_across_threads(threads, backend):
+    """Decoding a padded batch over 1500 keys: the cpu forward splits the keys across threads,
+    and the padding leaves some splits with no visible key."""
+    with _num_threads(threads):
+        q, k, v = _qkv((3, 2, 1, 2, 1500, 16), torch.float32, device_of(backend))
+        ranges = torch.tensor([[1100, 1500], [0, 90], [700, 701]], device=q.device)
+        _check_attention(q, k, v, True, backend, key_range=ranges)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_attention_key_range_is_padding(backend):
+    """Left padding: a batch row's output equals attention over its tokens alone (the padding
+    keys dropped, the queries at their positions); padding keys get zero dk, dv."""
+    device = device_of(backend)
+    q, k, v = (t.requires_grad_() for t in _qkv((2, 2, 2, 20, 20, 16), torch.float64, device))
+    mask = torch.ones(2, 20, dtype=torch.long)
+    mask[1, :7] = 0  # row 1: seven padding tokens on the left
+    ranges = fusedlm.key_range_from_padding_mask(mask.to(device))
+    out = fusedlm.attention(q, k, v, causal=True, key_range=ranges, backend=backend)
+    alone = fusedlm.attention(q[1:, :, 7:], k[1:, :, 7:], v[1:, :, 7:], causal=True,
+                              backend=backend)
+    torch.testing.assert_close(out[1:, :, 7:], alone, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(out[0], fusedlm.attention(q[:1], k[:1], v[:1], causal=True,
+                                                         backend=backend)[0])
+    assert torch.equal(out[1, :, :7], torch.zeros_like(out[1, :, :7]))  # rows with no key
+    dk, dv = torch.autograd.grad(out.sum(), (k, v))
+    assert torch.equal(dk[1, :, :7], torch.zeros_like(dk[1, :, :7]))
+    assert torch.equal(dv[1, :, :7], torch.zeros_like(dv[1, :, :7]))
+
+
+def test_key_range_from_padding_mask():
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [0, 0, 0, 0, 0]])
+    expected = [[2, 5], [0, 3], [0, 5], [0, 0]]
+    for m in (mask, mask.bool()):
+        ranges = fusedlm.key_range_from_padding_mask(m)
+        assert ranges.dtype == torch.int32 and ranges.tolist() == expected
+    with pytest.raises(ValueError, match="contiguous run"):
+        fusedlm.key_range_from_padding_mask(torch.tensor([[1, 0, 1]]))
+    with pytest.raises(ValueError, match="attention_mask"):
+        fusedlm.key_range_from_padding_mask(torch.ones(2, 3, 4))
+    with pytest.raises(TypeError, match="attention_mask"):
+        fusedlm.key_range_from_padding_mask(torch.ones(2, 3))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_attention_key_range_bad_inputs(backend):
+    q, k, v = _qkv((2, 2, 2, 5, 7, 8), torch.float32, device_of(backend))
+    with pytest.raises(TypeError, match="key_range"):
+        fusedlm.attention(q, k, v, key_range=[[0, 7], [0, 7]], backend=backend)
+    with pytest.raises(TypeError, match="key_range.*integers"):
+        fusedlm.attention(q, k, v, key_range=torch.zeros(2, 2), backend=backend)
+    with pytest.raises(TypeError, match="key_range.*integers"):
+        fusedlm.attention(q, k, v, key_range=torch.ones(2, 2, dtype=torch.bool), backend=backend)
+    for shape in ((2,), (3, 2), (2, 3), (2, 2, 1)):
+        with pytest.raises(ValueError, match=r"key_range.*\(B, 2\)"):
+            fusedlm.attention(q, k, v, key_range=torch.zeros(shape, dtype=torch.long),
+                              backend=backend)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -604,6 +706,20 @@ def test_opcheck_attention(causal, dtype, backend):
         torch.ops.fusedlm.attention_bwd.default,
         (grad_out, q.detach(), k.detach(), v.detach(), out, lse, scale, causal, offset, backend,
          window_offset),
+    )
+    # A key range (padded batch): the optional argument after the window.
+    key_range = torch.tensor([[1, 5]] * q.shape[0], dtype=torch.int32, device=q.device)
+    torch.library.opcheck(
+        torch.ops.fusedlm.attention_fwd.default,
+        (q, k, v, scale, causal, offset, backend, window_offset, key_range),
+    )
+    with torch.no_grad():
+        out, lse = torch.ops.fusedlm.attention_fwd(q, k, v, scale, causal, offset, backend,
+                                                   window_offset, key_range)
+    torch.library.opcheck(
+        torch.ops.fusedlm.attention_bwd.default,
+        (grad_out, q.detach(), k.detach(), v.detach(), out, lse, scale, causal, offset, backend,
+         window_offset, key_range),
     )
 
 

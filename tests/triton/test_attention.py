@@ -28,6 +28,7 @@ from tests.ops.test_attention import (  # noqa: E402
     _qkv,
     _randn,
     _visibility_probe,
+    key_ranges,
     strided_layout,
 )
 from tests.triton import sm90_build  # noqa: E402
@@ -256,6 +257,30 @@ def test_attention_sliding_window(tiles, shape, window, causal, dtype, monkeypat
     _check_attention(q, k, v, causal, BACKEND, window=window)
 
 
+# Padded batches (key_range): ranges that start and end inside key blocks, on block edges,
+# cover none of a block, leave rows (and whole query blocks) with no key, and meet a window.
+KEY_RANGE_CASES = [
+    ((64, 32), (3, 2, 1, 70, 100, 16), False, None, [[5, 100], [0, 64], [32, 33]]),
+    ((64, 32), (3, 2, 2, 100, 70, 40), True, None, [[40, 70], [0, 37], [70, 70]]),
+    ((16, 32), (2, 2, 1, 90, 90, 16), True, (20, 0), [[31, 90], [-4, 200]]),
+    ((32, 16), (2, 2, 2, 45, 70, 16), False, (9, 4), [[16, 48], [60, 3]]),
+    ((16, 16), (3, 1, 1, 1, 90, 16), True, None, [[80, 90], [0, 17], [0, 0]]),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize(
+    ("tiles", "shape", "causal", "window", "ranges"), KEY_RANGE_CASES,
+    ids=["M{}-N{}-Tq{}-Tk{}".format(*t, *s[3:5]) + ("-causal" if c else "-full")
+         + (f"-w{w}" if w else "") for t, s, c, w, _ in KEY_RANGE_CASES],
+)
+@pytest.mark.skipif(ON_GPU, reason="the interpreter's tile config")
+def test_attention_key_range(tiles, shape, causal, window, ranges, dtype, monkeypatch):
+    _use_interpreter_tiles(monkeypatch, *tiles)
+    q, k, v = _qkv(shape, dtype, DEVICE)
+    _check_attention(q, k, v, causal, BACKEND, window=window, key_range=torch.tensor(ranges))
+
+
 # ---- dispatch ------------------------------------------------------------------------------
 
 
@@ -350,7 +375,7 @@ def test_autotune_configs_are_pruned_to_the_device(monkeypatch):
 _SM90_TYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
-def _sm90_launch(name, dtype, head_dim, causal, window=False, seqlen=2048):
+def _sm90_launch(name, dtype, head_dim, causal, window=False, seqlen=2048, key_range=False):
     """The launch of kernel ``name`` ("preprocess" or a key of _KERNELS) on an H100 with the
     fixed config, on contiguous (B, H, T, D) tensors: unit head-dim strides, row strides D, the
     others T * D, 16-byte aligned pointers; lengths and head counts 17 (Triton specializes ints
@@ -364,13 +389,15 @@ def _sm90_launch(name, dtype, head_dim, causal, window=False, seqlen=2048):
         meta.update(BLOCK_M=64, num_warps=8, num_stages=1)
     else:
         cfg = kernels._fixed_config(name, block_d, _SM90_TYPES[dtype], H100_SHARED)
-        meta.update(CAUSAL=causal, WINDOW=window,
+        meta.update(CAUSAL=causal, WINDOW=window, KEY_RANGE=key_range,
                     DOT_PRECISION="ieee" if dtype == "fp32" else "tf32", **cfg)
     for arg in fn.arg_names:
         if arg in meta:
             continue
         if arg.startswith("stride"):
             meta[arg] = {"d": 1, "m": head_dim, "n": head_dim}.get(arg[-1], seqlen * head_dim)
+        elif arg == "KeyRange":
+            meta[arg] = {"ptr": "i32", "aligned": True}
         elif arg[0].isupper():
             meta[arg] = {"ptr": "fp32" if arg in ("Lse", "Delta") else dtype, "aligned": True}
         else:
@@ -393,6 +420,10 @@ def test_kernels_build_for_sm90():
     # Sliding windows (Mistral's, Gemma 3's local layers): causal, at the common head dims.
     tuned += [[name, "bf16", head_dim, True, True] for name in ("fwd", "bwd_dkdv", "bwd_dq")
               for head_dim in (64, 128)]
+    # Padded batches (key ranges), causal and not, at the common head dims.
+    tuned += [[name, "bf16", head_dim, causal, False, 2048, True]
+              for name in ("fwd", "bwd_dkdv", "bwd_dq") for head_dim in (64, 128)
+              for causal in (False, True)]
     odd = [
         ["fwd", "bf16", 72, True],
         ["bwd_dkdv", "fp16", 96, True],
@@ -448,6 +479,21 @@ GPU_SHAPE_IDS = ["B{}-Hq{}-Hkv{}-Tq{}-Tk{}-D{}".format(*s) for s in GPU_SHAPES]
 def test_attention_gpu(shape, causal, dtype):
     q, k, v = _qkv(shape, dtype, "cuda")
     _check_attention(q, k, v, causal, BACKEND)
+
+
+@pytest.mark.gpu
+@pytest.mark.usefixtures("untuned")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("kind", ["left", "right", "mixed"])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("shape", [(8, 8, 2, 2048, 2048, 128), (6, 4, 4, 1000, 1000, 64)],
+                         ids=["B8-T2048-D128-GQA", "B6-T1000-D64"])
+def test_attention_gpu_key_range(shape, causal, kind, dtype):
+    """Padded batches as Hugging Face models run them (left padding for generation, right for
+    training), fixed configs."""
+    q, k, v = _qkv(shape, dtype, "cuda")
+    _check_attention(q, k, v, causal, BACKEND,
+                     key_range=key_ranges(kind, shape[0], shape[4], "cuda"))
 
 
 @pytest.mark.gpu

@@ -4,7 +4,8 @@
 Semantics are those of ``fusedlm.reference.attention_fwd/attention_bwd``: q (B, Hq, Tq, D),
 k/v (B, Hkv, Tk, D) with Hq % Hkv == 0 (query head h reads kv head h // (Hq // Hkv)), any
 strides (every stride goes to the kernels; nothing is copied), key j visible to query i iff not
-causal or j <= i + causal_offset; rows that see no key give out 0, lse -inf and zero gradients.
+causal or j <= i + causal_offset (and the sliding window and per-batch key range, when given);
+rows that see no key give out 0, lse -inf and zero gradients.
 D is 1..256 (padded to a power of two >= 16 in registers, masked in memory); float32, float16
 and bfloat16. lse is float32, natural log.
 
@@ -80,16 +81,36 @@ def _kv_range(start_m, seqlen_k, causal_offset, CAUSAL: tl.constexpr,
 
 
 @triton.jit
-def _kv_window_range(start_m, seqlen_k, causal_offset, window_offset, CAUSAL: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """_kv_range under a sliding window (key j visible to row i only if j >= i + window_offset):
-    whole key blocks [full_start, high) need no mask; the n_low masked blocks from `start` (the
-    window's lower edge) and the masked blocks from `high` to `end` (causal diagonal, ragged
-    end) need it. Returns (start, n_low, full_start, high, end)."""
-    full_end, end = _kv_range(start_m, seqlen_k, causal_offset, CAUSAL, BLOCK_M, BLOCK_N)
-    start = (tl.minimum(tl.maximum(start_m + window_offset, 0), end) // BLOCK_N) * BLOCK_N
-    # Keys from the last row's lower limit on are inside every row's window.
-    full_start = tl.cdiv(tl.maximum(start_m + BLOCK_M - 1 + window_offset, 0), BLOCK_N) * BLOCK_N
+def _key_bounds(KeyRange, b, seqlen_k, KEY_RANGE: tl.constexpr):
+    """Batch row b's keys [kv_lo, kv_hi) (KeyRange (B, 2) int32 [start, end), clamped to the
+    sequence, so no load leaves it); all of [0, Tk) without a key range."""
+    if KEY_RANGE:
+        kv_hi = tl.minimum(tl.maximum(tl.load(KeyRange + b * 2 + 1), 0), seqlen_k)
+        kv_lo = tl.minimum(tl.maximum(tl.load(KeyRange + b * 2), 0), kv_hi)
+    else:
+        kv_lo = 0
+        kv_hi = seqlen_k
+    return kv_lo, kv_hi
+
+
+@triton.jit
+def _kv_window_range(start_m, kv_lo, kv_hi, causal_offset, window_offset, CAUSAL: tl.constexpr,
+                     WINDOW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """_kv_range of the keys [kv_lo, kv_hi) under a lower limit per row (a sliding window: key
+    j visible to row i only if j >= i + window_offset; a key range: j >= kv_lo): whole key
+    blocks [full_start, high) need no mask; the n_low masked blocks from `start` (the lower
+    edge) and the masked blocks from `high` to `end` (causal diagonal, ragged end) need it.
+    Returns (start, n_low, full_start, high, end)."""
+    full_end, end = _kv_range(start_m, kv_hi, causal_offset, CAUSAL, BLOCK_M, BLOCK_N)
+    if WINDOW:
+        first_low = tl.maximum(start_m + window_offset, kv_lo)
+        last_low = tl.maximum(start_m + BLOCK_M - 1 + window_offset, kv_lo)
+    else:
+        first_low = kv_lo
+        last_low = kv_lo
+    start = (tl.minimum(tl.maximum(first_low, 0), end) // BLOCK_N) * BLOCK_N
+    # Keys from the last row's lower limit on are visible to every row (up to the upper one).
+    full_start = tl.cdiv(tl.maximum(last_low, 0), BLOCK_N) * BLOCK_N
     full_start = tl.minimum(tl.maximum(full_start, start), end)
     high = tl.maximum(tl.minimum(full_end, end), full_start)
     n_low = tl.cdiv(full_start - start, BLOCK_N)
@@ -99,11 +120,12 @@ def _kv_window_range(start_m, seqlen_k, causal_offset, window_offset, CAUSAL: tl
 @triton.jit
 def _attention_fwd_block(
     acc, m_i, l_i, q, K_head, V_head, start_n, offs_m, offs_n, offs_d,
-    stride_kn, stride_kd, stride_vn, stride_vd, seqlen_k, head_dim, causal_offset, window_offset,
-    qk_scale, MASKED: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
-    EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    stride_kn, stride_kd, stride_vn, stride_vd, kv_lo, seqlen_k, head_dim, causal_offset,
+    window_offset, qk_scale, MASKED: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
+    KEY_RANGE: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """One key block of the online softmax; m_i is the running max in the log2 domain."""
+    """One key block of the online softmax; m_i is the running max in the log2 domain.
+    seqlen_k is the batch row's key end (loads stop there), kv_lo its start (KEY_RANGE)."""
     cols = start_n + offs_n
     k = _load_tile(K_head + cols[:, None] * stride_kn + offs_d[None, :] * stride_kd,
                    cols, seqlen_k, offs_d, head_dim, MASKED, EVEN_D)
@@ -116,6 +138,8 @@ def _attention_fwd_block(
             visible = visible & (cols[None, :] <= offs_m[:, None] + causal_offset)
         if WINDOW:
             visible = visible & (cols[None, :] >= offs_m[:, None] + window_offset)
+        if KEY_RANGE:
+            visible = visible & (cols[None, :] >= kv_lo)
         s = tl.where(visible, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
     if MASKED:
@@ -133,19 +157,21 @@ def _attention_fwd_block(
 
 @triton.jit
 def attention_fwd_kernel(
-    Q, K, V, Out, Lse,
+    Q, K, V, Out, Lse, KeyRange,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_ob, stride_oh, stride_om, stride_od,
     n_heads, group, seqlen_q, seqlen_k, head_dim, causal_offset, window_offset, qk_scale,
     seq_bucket,  # autotuning key only
-    CAUSAL: tl.constexpr, WINDOW: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr, WINDOW: tl.constexpr, KEY_RANGE: tl.constexpr, BLOCK_D: tl.constexpr,
+    EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     """Out (B, Hq, Tq, D) in Q's dtype and Lse (B, Hq, Tq) float32 (contiguous) from Q
-    (B, Hq, Tq, D), K/V (B, Hkv, Tk, D). One program per BLOCK_M query rows of one head;
-    grid (cdiv(Tq, BLOCK_M) * B * Hq,). qk_scale = scale * log2(e)."""
+    (B, Hq, Tq, D), K/V (B, Hkv, Tk, D) and, with KEY_RANGE, KeyRange (B, 2) int32. One
+    program per BLOCK_M query rows of one head; grid (cdiv(Tq, BLOCK_M) * B * Hq,).
+    qk_scale = scale * log2(e)."""
     num_m = tl.cdiv(seqlen_q, BLOCK_M)
     pid = tl.program_id(0)
     # The last query blocks see the most keys under the causal mask: run them first.
@@ -169,33 +195,39 @@ def attention_fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    if WINDOW:
+    kv_lo, kv_hi = _key_bounds(KeyRange, b, seqlen_k, KEY_RANGE)
+    if WINDOW or KEY_RANGE:
         # Masked blocks at both edges share one loop (two masked call sites cost registers).
         start, n_low, full_start, high, end = _kv_window_range(
-            start_m, seqlen_k, causal_offset, window_offset, CAUSAL, BLOCK_M, BLOCK_N)
+            start_m, kv_lo, kv_hi, causal_offset, window_offset, CAUSAL, WINDOW, BLOCK_M,
+            BLOCK_N)
         for start_n in range(full_start, high, BLOCK_N):
             acc, m_i, l_i = _attention_fwd_block(
                 acc, m_i, l_i, q, K_head, V_head, start_n, offs_m, offs_n, offs_d,
-                stride_kn, stride_kd, stride_vn, stride_vd, seqlen_k, head_dim, causal_offset,
-                window_offset, qk_scale, False, CAUSAL, WINDOW, EVEN_D, DOT_PRECISION)
+                stride_kn, stride_kd, stride_vn, stride_vd, kv_lo, kv_hi, head_dim,
+                causal_offset, window_offset, qk_scale, False, CAUSAL, WINDOW, KEY_RANGE, EVEN_D,
+                DOT_PRECISION)
         for i in range(0, n_low + tl.cdiv(end - high, BLOCK_N)):
             start_n = tl.where(i < n_low, start + i * BLOCK_N, high + (i - n_low) * BLOCK_N)
             acc, m_i, l_i = _attention_fwd_block(
                 acc, m_i, l_i, q, K_head, V_head, start_n, offs_m, offs_n, offs_d,
-                stride_kn, stride_kd, stride_vn, stride_vd, seqlen_k, head_dim, causal_offset,
-                window_offset, qk_scale, True, CAUSAL, WINDOW, EVEN_D, DOT_PRECISION)
+                stride_kn, stride_kd, stride_vn, stride_vd, kv_lo, kv_hi, head_dim,
+                causal_offset, window_offset, qk_scale, True, CAUSAL, WINDOW, KEY_RANGE, EVEN_D,
+                DOT_PRECISION)
     else:
         full_end, end = _kv_range(start_m, seqlen_k, causal_offset, CAUSAL, BLOCK_M, BLOCK_N)
         for start_n in range(0, full_end, BLOCK_N):
             acc, m_i, l_i = _attention_fwd_block(
                 acc, m_i, l_i, q, K_head, V_head, start_n, offs_m, offs_n, offs_d,
-                stride_kn, stride_kd, stride_vn, stride_vd, seqlen_k, head_dim, causal_offset,
-                window_offset, qk_scale, False, CAUSAL, WINDOW, EVEN_D, DOT_PRECISION)
+                stride_kn, stride_kd, stride_vn, stride_vd, kv_lo, seqlen_k, head_dim,
+                causal_offset, window_offset, qk_scale, False, CAUSAL, WINDOW, KEY_RANGE, EVEN_D,
+                DOT_PRECISION)
         for start_n in range(full_end, end, BLOCK_N):
             acc, m_i, l_i = _attention_fwd_block(
                 acc, m_i, l_i, q, K_head, V_head, start_n, offs_m, offs_n, offs_d,
-                stride_kn, stride_kd, stride_vn, stride_vd, seqlen_k, head_dim, causal_offset,
-                window_offset, qk_scale, True, CAUSAL, WINDOW, EVEN_D, DOT_PRECISION)
+                stride_kn, stride_kd, stride_vn, stride_vd, kv_lo, seqlen_k, head_dim,
+                causal_offset, window_offset, qk_scale, True, CAUSAL, WINDOW, KEY_RANGE, EVEN_D,
+                DOT_PRECISION)
 
     # l_i is 0 exactly for rows that see no key (the max term alone contributes 1).
     empty = l_i == 0.0
@@ -245,7 +277,7 @@ def _attention_bwd_dkdv_block(
     dk, dv, k, v, Q_head, DO_head, Lse_row, Delta_row, start_m, offs_m, offs_n, offs_d,
     stride_qm, stride_qd, stride_dom, stride_dod, seqlen_q, head_dim, causal_offset,
     window_offset, qk_scale, MASKED: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
-    EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    KEY_RANGE: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """One query block's contribution to dk (unscaled) and dv of a key block, transposed
     (keys along rows) so no accumulator needs a transpose."""
@@ -261,6 +293,10 @@ def _attention_bwd_dkdv_block(
     else:
         lse = tl.load(Lse_row + rows)
         delta = tl.load(Delta_row + rows)
+    if KEY_RANGE:
+        # Rows that see no key (lse = -inf: e.g. left padding's queries) meet padding keys,
+        # which no mask here hides: p = 0 for them, not inf (those keys' dk, dv are dropped).
+        lse = tl.where(lse == float("-inf"), float("inf"), lse)
     s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)  # (BLOCK_N, BLOCK_M)
     p_t = tl.exp2(s_t * qk_scale - lse[None, :] * _LOG2E)
     if MASKED:
@@ -280,7 +316,7 @@ def _attention_bwd_dkdv_block(
 
 @triton.jit
 def attention_bwd_dkdv_kernel(
-    Q, K, V, DO, Lse, Delta, DK, DV,
+    Q, K, V, DO, Lse, Delta, DK, DV, KeyRange,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -290,13 +326,15 @@ def attention_bwd_dkdv_kernel(
     n_kv_heads, group, seqlen_q, seqlen_k, head_dim, causal_offset, window_offset, sm_scale,
     qk_scale,
     seq_bucket,  # autotuning key only
-    CAUSAL: tl.constexpr, WINDOW: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr, WINDOW: tl.constexpr, KEY_RANGE: tl.constexpr, BLOCK_D: tl.constexpr,
+    EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     """DK, DV (B, Hkv, Tk, D) in K's/V's dtype from Q, DO (B, Hq, Tq, D), K, V, Lse and Delta
-    (B, Hq, Tq) float32 contiguous. One program per BLOCK_N keys of one kv head; it loops over
-    the Hq / Hkv query heads of its group and their query blocks, so the GQA sum happens in
-    registers (deterministic, no atomics). Grid (cdiv(Tk, BLOCK_N) * B * Hkv,)."""
+    (B, Hq, Tq) float32 contiguous (KeyRange (B, 2) int32 with KEY_RANGE). One program per
+    BLOCK_N keys of one kv head; it loops over the Hq / Hkv query heads of its group and their
+    query blocks, so the GQA sum happens in registers (deterministic, no atomics).
+    Grid (cdiv(Tk, BLOCK_N) * B * Hkv,)."""
     num_n = tl.cdiv(seqlen_k, BLOCK_N)
     pid = tl.program_id(0)
     start_n = (pid % num_n) * BLOCK_N  # causal: the first key blocks are the busiest, run first
@@ -335,6 +373,15 @@ def attention_bwd_dkdv_kernel(
                                       BLOCK_M) * BLOCK_M)
         even_end = tl.minimum(even_end, (tl.maximum(start_n - window_offset + 1, 0) // BLOCK_M)
                               * BLOCK_M)
+    kv_lo, kv_hi = _key_bounds(KeyRange, b, seqlen_k, KEY_RANGE)
+    if KEY_RANGE:
+        # Padding keys (outside the batch row's range) get dk = dv = 0 at the store, whatever
+        # was accumulated for them: a key's dk, dv rows depend on its own scores only, and a
+        # key inside the range is visible exactly where the causal / window masks say. So a
+        # block wholly outside needs no query block at all.
+        outside = (start_n + BLOCK_N <= kv_lo) | (start_n >= kv_hi)
+        end = tl.where(outside, 0, end)
+        even_end = tl.where(outside, 0, even_end)
     tail = tl.maximum(full, even_end)
     n_diag = tl.maximum(tl.minimum(full, end) - lo, 0) // BLOCK_M
     n_masked = n_diag + tl.maximum(end - tail, 0) // BLOCK_M
@@ -350,8 +397,8 @@ def attention_bwd_dkdv_kernel(
             dk, dv = _attention_bwd_dkdv_block(
                 dk, dv, k, v, Q_head, DO_head, Lse_row, Delta_row, start_m, offs_m, offs_n,
                 offs_d, stride_qm, stride_qd, stride_dom, stride_dod, seqlen_q, head_dim,
-                causal_offset, window_offset, qk_scale, False, CAUSAL, WINDOW, EVEN_D,
-                DOT_PRECISION)
+                causal_offset, window_offset, qk_scale, False, CAUSAL, WINDOW, KEY_RANGE,
+                EVEN_D, DOT_PRECISION)
         for i in range(0, n_masked):
             if WINDOW:  # the window's edge can leave several masked blocks from tail on
                 start_m = tl.where(i < n_diag, lo + i * BLOCK_M, tail + (i - n_diag) * BLOCK_M)
@@ -360,10 +407,14 @@ def attention_bwd_dkdv_kernel(
             dk, dv = _attention_bwd_dkdv_block(
                 dk, dv, k, v, Q_head, DO_head, Lse_row, Delta_row, start_m, offs_m, offs_n,
                 offs_d, stride_qm, stride_qd, stride_dom, stride_dod, seqlen_q, head_dim,
-                causal_offset, window_offset, qk_scale, True, CAUSAL, WINDOW, EVEN_D,
-                DOT_PRECISION)
+                causal_offset, window_offset, qk_scale, True, CAUSAL, WINDOW, KEY_RANGE,
+                EVEN_D, DOT_PRECISION)
 
     dk = dk * sm_scale
+    if KEY_RANGE:  # (where, not a multiply: a padding key's rows may hold inf or NaN)
+        key_ok = (offs_n[:, None] >= kv_lo) & (offs_n[:, None] < kv_hi)
+        dk = tl.where(key_ok, dk, 0.0)
+        dv = tl.where(key_ok, dv, 0.0)
     row_ok = offs_n < seqlen_k
     if EVEN_D:
         mask = row_ok[:, None]
@@ -380,11 +431,12 @@ def attention_bwd_dkdv_kernel(
 @triton.jit
 def _attention_bwd_dq_block(
     dq, q, do, lse2, delta, K_head, V_head, start_n, offs_m, offs_n, offs_d,
-    stride_kn, stride_kd, stride_vn, stride_vd, seqlen_k, head_dim, causal_offset, window_offset,
-    qk_scale, MASKED: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
-    EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    stride_kn, stride_kd, stride_vn, stride_vd, kv_lo, seqlen_k, head_dim, causal_offset,
+    window_offset, qk_scale, MASKED: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
+    KEY_RANGE: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """One key block's contribution to dq (unscaled); lse2 = lse * log2(e)."""
+    """One key block's contribution to dq (unscaled); lse2 = lse * log2(e). seqlen_k is the
+    batch row's key end, kv_lo its start (KEY_RANGE)."""
     cols = start_n + offs_n
     k = _load_tile(K_head + cols[:, None] * stride_kn + offs_d[None, :] * stride_kd,
                    cols, seqlen_k, offs_d, head_dim, MASKED, EVEN_D)
@@ -398,6 +450,8 @@ def _attention_bwd_dq_block(
             visible = visible & (cols[None, :] <= offs_m[:, None] + causal_offset)
         if WINDOW:
             visible = visible & (cols[None, :] >= offs_m[:, None] + window_offset)
+        if KEY_RANGE:
+            visible = visible & (cols[None, :] >= kv_lo)
         p = tl.where(visible, p, 0.0)
     dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
     ds = p * (dp - delta[:, None])
@@ -407,7 +461,7 @@ def _attention_bwd_dq_block(
 
 @triton.jit
 def attention_bwd_dq_kernel(
-    Q, K, V, DO, Lse, Delta, DQ,
+    Q, K, V, DO, Lse, Delta, DQ, KeyRange,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -416,12 +470,13 @@ def attention_bwd_dq_kernel(
     n_heads, group, seqlen_q, seqlen_k, head_dim, causal_offset, window_offset, sm_scale,
     qk_scale,
     seq_bucket,  # autotuning key only
-    CAUSAL: tl.constexpr, WINDOW: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr, WINDOW: tl.constexpr, KEY_RANGE: tl.constexpr, BLOCK_D: tl.constexpr,
+    EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     """DQ (B, Hq, Tq, D) in Q's dtype from Q, DO, K, V, Lse and Delta (B, Hq, Tq) float32
-    contiguous. One program per BLOCK_M query rows of one head, looping over key blocks.
-    Grid (cdiv(Tq, BLOCK_M) * B * Hq,)."""
+    contiguous (KeyRange (B, 2) int32 with KEY_RANGE). One program per BLOCK_M query rows of
+    one head, looping over key blocks. Grid (cdiv(Tq, BLOCK_M) * B * Hq,)."""
     num_m = tl.cdiv(seqlen_q, BLOCK_M)
     pid = tl.program_id(0)
     start_m = (num_m - 1 - pid % num_m) * BLOCK_M
@@ -448,32 +503,38 @@ def attention_bwd_dq_kernel(
     delta = tl.load(Delta + bh.to(tl.int64) * seqlen_q + offs_m, mask=row_ok, other=0.0)
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    if WINDOW:
+    kv_lo, kv_hi = _key_bounds(KeyRange, b, seqlen_k, KEY_RANGE)
+    if WINDOW or KEY_RANGE:
         start, n_low, full_start, high, end = _kv_window_range(
-            start_m, seqlen_k, causal_offset, window_offset, CAUSAL, BLOCK_M, BLOCK_N)
+            start_m, kv_lo, kv_hi, causal_offset, window_offset, CAUSAL, WINDOW, BLOCK_M,
+            BLOCK_N)
         for start_n in range(full_start, high, BLOCK_N):
             dq = _attention_bwd_dq_block(
                 dq, q, do, lse2, delta, K_head, V_head, start_n, offs_m, offs_n, offs_d,
-                stride_kn, stride_kd, stride_vn, stride_vd, seqlen_k, head_dim, causal_offset,
-                window_offset, qk_scale, False, CAUSAL, WINDOW, EVEN_D, DOT_PRECISION)
+                stride_kn, stride_kd, stride_vn, stride_vd, kv_lo, kv_hi, head_dim,
+                causal_offset, window_offset, qk_scale, False, CAUSAL, WINDOW, KEY_RANGE, EVEN_D,
+                DOT_PRECISION)
         for i in range(0, n_low + tl.cdiv(end - high, BLOCK_N)):
             start_n = tl.where(i < n_low, start + i * BLOCK_N, high + (i - n_low) * BLOCK_N)
             dq = _attention_bwd_dq_block(
                 dq, q, do, lse2, delta, K_head, V_head, start_n, offs_m, offs_n, offs_d,
-                stride_kn, stride_kd, stride_vn, stride_vd, seqlen_k, head_dim, causal_offset,
-                window_offset, qk_scale, True, CAUSAL, WINDOW, EVEN_D, DOT_PRECISION)
+                stride_kn, stride_kd, stride_vn, stride_vd, kv_lo, kv_hi, head_dim,
+                causal_offset, window_offset, qk_scale, True, CAUSAL, WINDOW, KEY_RANGE, EVEN_D,
+                DOT_PRECISION)
     else:
         full_end, end = _kv_range(start_m, seqlen_k, causal_offset, CAUSAL, BLOCK_M, BLOCK_N)
         for start_n in range(0, full_end, BLOCK_N):
             dq = _attention_bwd_dq_block(
                 dq, q, do, lse2, delta, K_head, V_head, start_n, offs_m, offs_n, offs_d,
-                stride_kn, stride_kd, stride_vn, stride_vd, seqlen_k, head_dim, causal_offset,
-                window_offset, qk_scale, False, CAUSAL, WINDOW, EVEN_D, DOT_PRECISION)
+                stride_kn, stride_kd, stride_vn, stride_vd, kv_lo, seqlen_k, head_dim,
+                causal_offset, window_offset, qk_scale, False, CAUSAL, WINDOW, KEY_RANGE, EVEN_D,
+                DOT_PRECISION)
         for start_n in range(full_end, end, BLOCK_N):
             dq = _attention_bwd_dq_block(
                 dq, q, do, lse2, delta, K_head, V_head, start_n, offs_m, offs_n, offs_d,
-                stride_kn, stride_kd, stride_vn, stride_vd, seqlen_k, head_dim, causal_offset,
-                window_offset, qk_scale, True, CAUSAL, WINDOW, EVEN_D, DOT_PRECISION)
+                stride_kn, stride_kd, stride_vn, stride_vd, kv_lo, seqlen_k, head_dim,
+                causal_offset, window_offset, qk_scale, True, CAUSAL, WINDOW, KEY_RANGE, EVEN_D,
+                DOT_PRECISION)
 
     dq = dq * sm_scale
     if EVEN_D:
@@ -616,7 +677,8 @@ def _autotuned(kernel: str, size: int):
     ]
     return triton.autotune(
         configs=configs,
-        key=["BLOCK_D", "CAUSAL", "WINDOW", "seq_bucket"],  # the autotuner adds the dtypes
+        # the autotuner adds the dtypes
+        key=["BLOCK_D", "CAUSAL", "WINDOW", "KEY_RANGE", "seq_bucket"],
         prune_configs_by={"early_config_prune": _prune_configs(kernel)},
         cache_results=True,  # timings kept in Triton's disk cache: later processes skip them
     )(_KERNELS[kernel])
@@ -676,12 +738,14 @@ def _block_d(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))
 
 
-def _common_constexprs(q: Tensor, causal: bool, window_offset: int | None) -> dict:
+def _common_constexprs(q: Tensor, causal: bool, window_offset: int | None,
+                       key_range: Tensor | None) -> dict:
     head_dim = q.shape[3]
     block_d = _block_d(head_dim)
     return {
         "CAUSAL": bool(causal),
         "WINDOW": window_offset is not None,
+        "KEY_RANGE": key_range is not None,
         "BLOCK_D": block_d,
         "EVEN_D": block_d == head_dim,
         # float32: TF32 (and even 3xTF32, ~10x float32's rounding per product) would lose to
@@ -711,24 +775,37 @@ def _clamped_offsets(causal_offset: int, window_offset: int | None, Tq: int, Tk:
     return clamp(causal_offset), 0 if window_offset is None else clamp(window_offset)
 
 
+def _key_range_argument(key_range: Tensor | None, q: Tensor, stand_in: Tensor) -> Tensor:
+    """The KeyRange kernel argument: key_range as contiguous int32 on q's device (the kernels
+    clamp its values), or ``stand_in`` (never read) without one."""
+    if key_range is None:
+        return stand_in
+    if key_range.shape != (q.shape[0], 2) or key_range.is_floating_point():
+        raise ValueError(f"fusedlm.triton.attention: key_range must be (B, 2) = ({q.shape[0]}, "
+                         f"2) integers, got {list(key_range.shape)} {key_range.dtype}")
+    return key_range.to(device=q.device, dtype=torch.int32).contiguous()
+
+
 def attention_fwd(
     q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool, causal_offset: int,
-    window_offset: int | None = None,
+    window_offset: int | None = None, key_range: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """q (B, Hq, Tq, D), k/v (B, Hkv, Tk, D), any strides. Returns out (B, Hq, Tq, D)
-    contiguous in q's dtype and lse (B, Hq, Tq) float32 (natural log; -inf for rows that see
-    no key, whose out is 0)."""
+    """q (B, Hq, Tq, D), k/v (B, Hkv, Tk, D), any strides; key_range (B, 2) integers or None.
+    Returns out (B, Hq, Tq, D) contiguous in q's dtype and lse (B, Hq, Tq) float32 (natural
+    log; -inf for rows that see no key, whose out is 0)."""
     if q.numel() == 0 or k.numel() == 0:  # nothing to launch; the reference's empty results
-        return reference.attention_fwd(q, k, v, scale, causal, causal_offset, window_offset)
+        return reference.attention_fwd(q, k, v, scale, causal, causal_offset, window_offset,
+                                       key_range)
     _check(q, k, v)
     B, Hq, Tq, D = q.shape
     Hkv, Tk = k.shape[1], k.shape[2]
     out = torch.empty((B, Hq, Tq, D), dtype=q.dtype, device=q.device)
     lse = torch.empty((B, Hq, Tq), dtype=torch.float32, device=q.device)
-    constexprs = _common_constexprs(q, causal, window_offset)
+    constexprs = _common_constexprs(q, causal, window_offset, key_range)
     offsets = _clamped_offsets(causal_offset, window_offset, Tq, Tk)
     args = (
-        q, k, v, out, lse, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+        q, k, v, out, lse, _key_range_argument(key_range, q, lse),
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         Hq, Hq // Hkv, Tq, Tk, D, *offsets, float(scale) * LOG2E, _seq_bucket(Tq, Tk),
     )
     grid_size = lambda bm, bn: triton.cdiv(Tq, bm) * B * Hq  # noqa: E731
@@ -739,12 +816,13 @@ def attention_fwd(
 def attention_bwd(
     grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
     scale: float, causal: bool, causal_offset: int, window_offset: int | None = None,
+    key_range: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients of attention_fwd's out: dq, dk, dv (contiguous) in the shapes and dtypes of
     q, k, v; dk, dv summed over the query heads sharing a kv head. lse is attention_fwd's."""
     if q.numel() == 0 or k.numel() == 0:
         return reference.attention_bwd(grad_out, q, k, v, out, lse, scale, causal, causal_offset,
-                                       window_offset)
+                                       window_offset, key_range)
     _check(q, k, v)
     B, Hq, Tq, D = q.shape
     Hkv, Tk = k.shape[1], k.shape[2]
@@ -754,8 +832,9 @@ def attention_bwd(
     dq = torch.empty((B, Hq, Tq, D), dtype=q.dtype, device=q.device)
     dk = torch.empty((B, Hkv, Tk, D), dtype=k.dtype, device=q.device)
     dv = torch.empty((B, Hkv, Tk, D), dtype=v.dtype, device=q.device)
-    constexprs = _common_constexprs(q, causal, window_offset)
+    constexprs = _common_constexprs(q, causal, window_offset, key_range)
     offsets = _clamped_offsets(causal_offset, window_offset, Tq, Tk)
+    key_range_arg = _key_range_argument(key_range, q, lse)
     block_d, even_d = constexprs["BLOCK_D"], constexprs["EVEN_D"]
     bucket = _seq_bucket(Tq, Tk)
     qk_scale = float(scale) * LOG2E
@@ -776,14 +855,14 @@ def attention_bwd(
             )
 
     dkdv_args = (
-        q, k, v, grad_out, lse, delta, dk, dv,
+        q, k, v, grad_out, lse, delta, dk, dv, key_range_arg,
         *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dk.stride(), *dv.stride(),
         Hkv, group, Tq, Tk, D, *offsets, float(scale), qk_scale, bucket,
     )
     grid_size = lambda bm, bn: triton.cdiv(Tk, bn) * B * Hkv  # noqa: E731
     _launch("bwd_dkdv", grid_size, dkdv_args, constexprs, q, bucket)
     dq_args = (
-        q, k, v, grad_out, lse, delta, dq,
+        q, k, v, grad_out, lse, delta, dq, key_range_arg,
         *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dq.stride(),
         Hq, group, Tq, Tk, D, *offsets, float(scale), qk_scale, bucket,
     )
