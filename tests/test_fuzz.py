@@ -128,7 +128,7 @@ def _attention_case(data, backend):
 
 
 def _attention_truths(q, k, v, grad, scale, causal, offset, backward, window=None,
-                      window_offset=None):
+                      window_offset=None, key_range=None):
     """(truth float64, baseline at q's dtype) outputs and gradients of the naive attention."""
     results = []
     for dtype in (torch.float64, q.dtype):
@@ -137,7 +137,8 @@ def _attention_truths(q, k, v, grad, scale, causal, offset, backward, window=Non
             out = torch.zeros(q.shape, dtype=dtype)
         else:
             out = naive_attention(*leaves, scale=scale, causal=causal, causal_offset=offset,
-                                  window=window, window_offset=window_offset)
+                                  window=window, window_offset=window_offset,
+                                  key_range=key_range)
         grads = None
         if backward and out.requires_grad and out.numel():
             grads = torch.autograd.grad(out, leaves, grad.to(dtype), allow_unused=True)
@@ -196,6 +197,16 @@ def test_fuzz_attention(backend, fuzz):
         v = make_tensor(data, (B, Hkv, Tk, D), v_dtype)
         grad = make_tensor(data, (B, Hq, Tq, D), dtype)
 
+        # Padded batches: a (B, 2) key range, int32 or int64, bounds anywhere (past the keys
+        # and inverted included); None most of the time.
+        key_range = None
+        if data.draw(st.integers(0, 2), label="padded") == 0:
+            bound = st.one_of(st.integers(-3, Tk + 3), st.sampled_from([-(2**40), 2**40]))
+            rows = data.draw(st.lists(st.tuples(bound, bound), min_size=B, max_size=B),
+                             label="key_range")
+            key_range = torch.tensor(rows, dtype=torch.int64).reshape(B, 2)
+            if bool((key_range.abs() < 2**31).all()) and data.draw(st.booleans(), label="i32"):
+                key_range = key_range.to(torch.int32)
         # Sliding windows: the op's window_offset (any int, huge ones included) or the public
         # (left, right) pair; None most of the time.
         window = window_offset = None
@@ -208,11 +219,12 @@ def test_fuzz_attention(backend, fuzz):
 
             def call():
                 fwd = torch.ops.fusedlm.attention_fwd(q, k, v, s, causal, offset, backend,
-                                                      window_offset)
+                                                      window_offset, key_range)
                 if not backward:
                     return fwd[0], None
                 return fwd[0], torch.ops.fusedlm.attention_bwd(
-                    grad, q, k, v, fwd[0], fwd[1], s, causal, offset, backend, window_offset)
+                    grad, q, k, v, fwd[0], fwd[1], s, causal, offset, backend, window_offset,
+                    key_range)
         else:
             offset, s = Tk - Tq, scale
             side = st.one_of(st.none(), st.just(-1), st.integers(0, 300))
@@ -222,7 +234,7 @@ def test_fuzz_attention(backend, fuzz):
             def call():
                 leaves = [t.detach().requires_grad_(backward) for t in (q, k, v)]
                 out = fusedlm.attention(*leaves, causal=causal, scale=scale, backend=backend,
-                                        window=window)
+                                        window=window, key_range=key_range)
                 if not backward:
                     return out, None
                 if out.numel() == 0 or not out.requires_grad:
@@ -236,7 +248,7 @@ def test_fuzz_attention(backend, fuzz):
             return
         out, grads = call()
         truths = _attention_truths(q, k, v, grad, s, causal, offset, backward, window,
-                                   window_offset)
+                                   window_offset, key_range)
         _check_attention(out, grads, truths, dtype)
 
     run()

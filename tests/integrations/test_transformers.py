@@ -129,7 +129,9 @@ def test_logits_and_grads_match(name):
 
 @pytest.mark.parametrize("side", ["left", "right"])
 @pytest.mark.parametrize("name", list(ALL))
-def test_padding_falls_back_and_matches(name, side):
+def test_padding_runs_fused_and_matches(name, side):
+    """A tokenizer's padding mask, left or right: each row's keys are one run, which our kernels
+    take as a key range (no fallback)."""
     model, same, truth, _ = _triple(name)
     lengths = [13, 8, 5]
     ids = torch.randint(1, VOCAB, (3, 13))
@@ -140,11 +142,21 @@ def test_padding_falls_back_and_matches(name, side):
         else:
             mask[row, :n] = 1
     outs = [_out(m, name, input_ids=ids, attention_mask=mask) for m in (model, same, truth)]
-    calls = fhf.attention_calls()
-    assert calls["fused"] == 0 and sum(calls.values()) == 2, calls
-    assert OpDispatch.last_choice.get("attention_fwd") is None  # our kernels did not run
+    assert fhf.attention_calls() == {"fused": 2}
+    assert OpDispatch.last_choice["attention_fwd"] == "cpu"
     real = mask.bool()
     assert_close_rule(outs[0][real], outs[1][real], outs[2][real], name=f"{name} {side} padded")
+    weight = torch.randn_like(outs[0]) * real[..., None]  # the loss of the real tokens only
+    for out in outs:
+        (out * weight.to(out.dtype)).sum().backward()
+    assert OpDispatch.last_choice["attention_bwd"] == "cpu"
+    same_params, truth_params = dict(same.named_parameters()), dict(truth.named_parameters())
+    for pname, p in model.named_parameters():
+        if p.grad is not None:
+            assert_close_rule(p.grad, same_params[pname].grad, truth_params[pname].grad,
+                              name=f"{pname} ({side} padded)")
+    for m in (model, same, truth):
+        m.zero_grad(set_to_none=True)
 
     # A batch without padding still runs our kernels, with an all-ones mask passed.
     fhf.reset_attention_calls()
@@ -169,12 +181,10 @@ def test_generate_greedy_same_tokens(name, padded):
         theirs = same.generate(ids, **kwargs)
     assert ours.shape == (2, 15)
     assert torch.equal(ours, theirs), (ours, theirs)
-    calls = fhf.attention_calls()
-    if padded:
-        assert calls["fused"] == 0 and sum(calls.values()) == 2 * 8
-    else:  # prefill (causal, Tq = Tk) and 7 decode steps (Tq = 1 < Tk), all ours
-        assert calls == {"fused": 2 * 8}
-        assert OpDispatch.last_choice["attention_fwd"] == "cpu"
+    # prefill (causal, Tq = Tk) and 7 decode steps (Tq = 1 < Tk), all ours, left padding
+    # (a key range per row) included
+    assert fhf.attention_calls() == {"fused": 2 * 8}
+    assert OpDispatch.last_choice["attention_fwd"] == "cpu"
 
 
 @pytest.mark.parametrize("name", list(ALL))
@@ -281,7 +291,11 @@ class _Module(torch.nn.Module):
         ("no mask, static-cache prefill (top-left)", 5, 9, "fused"),
         ("bool causal mask, Tq < Tk (bottom-right)", 4, 9, "fused"),
         ("float all-visible mask", 4, 9, "fused"),
-        ("bool padding mask", 4, 9, "sdpa"),
+        ("bool padding mask", 4, 9, "fused"),
+        ("padding with a gap", 4, 9, "sdpa"),
+        ("causal mask, left and right padding", 9, 9, "fused"),
+        ("float sliding-window mask, right padding", 9, 9, "fused"),
+        ("key-only padding mask (N, 1, 1, Tk)", 4, 9, "fused"),
         ("sliding-window mask", 9, 9, "fused"),
         ("float sliding-window mask, Tq < Tk", 4, 9, "fused"),
         ("two-sided local mask (ModernBERT)", 9, 9, "fused"),
@@ -298,6 +312,20 @@ def test_attention_function_matches_sdpa(case, tq, tk, expect):
         mask = (cols <= rows).expand(2, 1, tq, tk)
     elif "float all-visible" in case:
         mask = torch.zeros(1, 1, tq, tk)
+    elif "gap" in case:
+        mask = torch.ones(2, 1, tq, tk, dtype=torch.bool)
+        mask[1, :, :, 3:5] = False
+    elif "left and right" in case:
+        mask = (cols <= rows).expand(2, 1, tq, tk).clone()
+        mask[0, :, :, :3] = False
+        mask[1, :, :, 6:] = False
+    elif "float sliding-window mask, right" in case:
+        visible = ((cols <= rows) & (cols > rows - 3)).expand(2, 1, tq, tk).clone()
+        visible[0, :, :, 7:] = False
+        mask = torch.zeros(2, 1, tq, tk).masked_fill(~visible, torch.finfo(torch.float32).min)
+    elif "key-only" in case:
+        mask = torch.ones(2, 1, 1, tk, dtype=torch.bool)
+        mask[0, :, :, :2] = False
     elif "padding" in case:
         mask = torch.ones(2, 1, tq, tk, dtype=torch.bool)
         mask[1, :, :, :3] = False

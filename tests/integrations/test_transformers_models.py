@@ -148,11 +148,11 @@ def test_apply_gives_the_unpatched_output(name, padded):
         expected = expected[real] if expected is not None else None
     if not switched:
         assert not calls
-    elif not padded and name in ("qwen3", "phi3", "olmo2", "gpt_neox", "opt", "mixtral",
-                                 "deepseek_v3", "roberta", "modernbert", "bart", "vit",
-                                 "mistral_window", "gemma3", "starcoder2_window",
-                                 "modernbert_local"):
-        # No mask our kernels cannot take (sliding windows included): all fused.
+    elif name in ("qwen3", "phi3", "olmo2", "gpt_neox", "opt", "mixtral", "deepseek_v3",
+                  "roberta", "modernbert", "bart", "vit", "mistral_window", "gemma3",
+                  "starcoder2_window", "modernbert_local"):
+        # No mask our kernels cannot take (sliding windows and left padding included): all
+        # fused.
         assert set(calls) == {"fused"}, calls
     if expected is None or expected.isnan().any() and not theirs.isnan().any():
         # No float64 truth (MoE) or a broken one (Gemma 2's eager soft-capping under left

@@ -8,11 +8,12 @@
   ``model.set_attn_implementation``. No model class or forward method is patched.
   Each call takes the semantics of transformers' ``sdpa_attention_forward`` exactly: when the
   mask is absent (no padding: transformers then relies on ``is_causal``) or is a band of keys
-  around each query the same for every batch row (all-visible, causal, a causal sliding window
-  as Mistral's, Gemma 3's and Qwen's local layers, or ModernBERT's two-sided local window), our
-  fused kernels run; any other mask (padding, custom patterns), dropout, ``position_bias``,
-  paged caches, and inputs the kernels cannot take go, per call, to transformers' own
-  ``sdpa_attention_forward``. :func:`attention_calls` counts both.
+  around each query (all-visible, causal, a causal sliding window as Mistral's, Gemma 3's and
+  Qwen's local layers, or ModernBERT's two-sided local window) cut, per batch row, to one
+  contiguous run of keys (a tokenizer's left or right padding: ``fusedlm.attention``'s
+  ``key_range``), our fused kernels run; any other mask (padding with gaps, custom patterns),
+  dropout, ``position_bias``, paged caches, and inputs the kernels cannot take go, per call, to
+  transformers' own ``sdpa_attention_forward``. :func:`attention_calls` counts both.
   Models transformers does not run on SDPA (``_supports_sdpa = False``) keep their attention.
 * Norms: ``torch.nn.LayerNorm`` / ``torch.nn.RMSNorm`` and the model's own RMSNorm and
   LayerNorm classes (found by parameters, ``eps`` and a numeric probe; Gemma's ``1 + weight``
@@ -34,7 +35,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from ..backends import check_backend_name, requested_backend
 from ..ops._common import FLOAT_DTYPES
-from ..ops.attention import ATTENTION_FWD, MAX_HEAD_DIM, attention_mask_bounds
+from ..ops.attention import ATTENTION_FWD, MAX_HEAD_DIM, _token_runs, attention_mask_bounds
 from ..ops.attention import attention as fused_attention
 from .patch import ATTN_PREVIOUS_KEY, LeftAlone, PatchReport, swap_norms
 
@@ -62,21 +63,25 @@ def reset_attention_calls() -> None:
 
 # ---- mask recognition -----------------------------------------------------------------------
 
-# (weakref to mask, mask._version, q_len, kv_len, band), newest last: a forward's layers share
+# (weakref to mask, mask._version, q_len, kv_len, layout), newest last: a forward's layers share
 # one mask object per kind (Gemma 3 alternates a sliding-window and a causal one).
 _mask_cache: collections.deque = collections.deque(maxlen=4)
 
 Band = tuple  # (left, right): key j visible to query i iff p - left <= j <= p + right
+Layout = tuple  # (Band, key_range: (N, 2) int32 [start, end) per batch row, or None)
 
 
-def _mask_band(mask: Tensor, q_len: int, kv_len: int) -> Band | None:
-    """(left, right) if ``mask`` is a band, the same for every batch row: query i, at position
-    p = i + kv_len - q_len (bottom-right aligned), sees exactly the keys p - left <= j <= p +
-    right, a side being None where it cuts nothing (all-visible: (None, None); causal:
-    (None, 0); a causal sliding window of W keys: (W - 1, 0)). Else None. Boolean masks
-    (True = visible) and additive float masks (0 visible, -inf or the dtype's min hidden).
-    Cached for the mask object, which every layer of a forward shares."""
-    if mask.dim() != 4 or mask.shape[1] != 1 or tuple(mask.shape[2:]) != (q_len, kv_len):
+def _mask_layout(mask: Tensor, q_len: int, kv_len: int) -> Layout | None:
+    """What ``mask`` (N, 1, q_len or 1, kv_len) is, in the kernels' terms, or None: a band
+    (left, right), where query i at position p = i + kv_len - q_len (bottom-right aligned) sees
+    the keys p - left <= j <= p + right, a side being None where it cuts nothing (all-visible:
+    (None, None); causal: (None, 0); a causal sliding window of W keys: (W - 1, 0)), and, when
+    batch rows differ (padding), the run of keys [start, end) each row keeps (None when every
+    row keeps all). Boolean masks (True = visible) and additive float masks (0 visible, -inf or
+    the dtype's min hidden). Cached for the mask object, which every layer of a forward
+    shares."""
+    if (mask.dim() != 4 or mask.shape[1] != 1 or mask.shape[2] not in (1, q_len)
+            or mask.shape[3] != kv_len):
         return None
     for cached in _mask_cache:
         if cached[0]() is mask and cached[1:4] == (mask._version, q_len, kv_len):
@@ -92,30 +97,50 @@ def _mask_band(mask: Tensor, q_len: int, kv_len: int) -> Band | None:
             visible = None
     else:
         visible = None
-    band = None if visible is None else _band_of(visible, q_len, kv_len)
-    _mask_cache.append((weakref.ref(mask), mask._version, q_len, kv_len, band))
-    return band
+    layout = None
+    if visible is not None:
+        layout = _layout_of(visible.expand(mask.shape[0], 1, q_len, kv_len), q_len, kv_len)
+    _mask_cache.append((weakref.ref(mask), mask._version, q_len, kv_len, layout))
+    return layout
 
 
-def _band_of(visible: Tensor, q_len: int, kv_len: int) -> Band | None:
-    """The band (see _mask_band) a (N, 1, q_len, kv_len) boolean mask is, or None."""
+def _layout_of(visible: Tensor, q_len: int, kv_len: int) -> Layout | None:
+    """The layout (see _mask_layout) of a (N, 1, q_len, kv_len) boolean mask, or None."""
     if bool(visible.all()):
-        return (None, None)
+        return (None, None), None
+    if not bool(visible.any()):
+        return None
     # relative[i, j] = j - p(i); the band's sides are the extremes over the visible entries.
     device = visible.device
     relative = (torch.arange(kv_len, device=device)[None, :]
                 - torch.arange(q_len, device=device)[:, None] - (kv_len - q_len))
-    if not bool(visible.any()):
-        return None
     left = -int(relative.masked_fill(~visible, kv_len).amin())
     right = int(relative.masked_fill(~visible, -kv_len - q_len).amax())
     if left < 0 or right < 0:  # every query sees only keys strictly after (before) itself
         return None
-    band = (relative >= -left) & (relative <= right)
-    if not bool((visible == band).all()):
+    key_range, kept = None, None
+    if not bool((visible == ((relative >= -left) & (relative <= right))).all()):
+        # Rows differ: padding, if each row keeps one run of keys (those some query sees).
+        key_range = _token_runs(visible.any(dim=2)[:, 0])
+        if key_range is None:
+            return None
+        cols = torch.arange(kv_len, device=device)
+        kept = ((cols >= key_range[:, :1]) & (cols < key_range[:, 1:]))[:, None, None, :]
+
+    def matches(lo: int | None, hi: int | None) -> bool:
+        band = torch.ones_like(relative, dtype=torch.bool)
+        if lo is not None:
+            band &= relative >= -lo
+        if hi is not None:
+            band &= relative <= hi
+        return bool((visible == (band if kept is None else band & kept)).all())
+
+    if not matches(left, right):
         return None
-    # Sides that cut no key of any row: unbounded.
-    return (None if left >= kv_len - 1 else left, None if right >= q_len - 1 else right)
+    # A side that cuts no visible key (within the kept runs): unbounded, the kernels' fast path.
+    lo = None if matches(None, right) else left
+    hi = None if matches(lo, None) else right
+    return (lo, hi), key_range
 
 
 # ---- the attention function -----------------------------------------------------------------
@@ -182,7 +207,7 @@ def fusedlm_attention_forward(
                 "flash attention implementation (fusedlm.integrations.transformers.apply "
                 "leaves the attention of models without SDPA support alone)")
     reason = _unsupported(query, key, value, dropout, kwargs)
-    causal, window = False, None
+    causal, window, key_range = False, None, None
     if reason is None:
         q_len, kv_len = query.shape[2], key.shape[2]
         if attention_mask is None:
@@ -197,16 +222,23 @@ def fusedlm_attention_forward(
         elif torch.compiler.is_compiling() or not isinstance(attention_mask, Tensor):
             reason = "an attention mask (not inspected under torch.compile)"
         else:
-            window = _mask_band(attention_mask, q_len, kv_len)
-            if window is None:
-                reason = "an attention mask with padding or a custom pattern"
-            elif window == (None, None):
-                window = None
+            layout = _mask_layout(attention_mask, q_len, kv_len)
+            if layout is None:
+                reason = ("an attention mask that is not a band of keys cut to one run per "
+                          "batch row (padding with gaps, a custom pattern)")
+            elif layout[1] is not None and layout[1].shape[0] not in (1, query.shape[0]):
+                reason = "an attention mask whose batch size is not the query's"
+            else:
+                window, key_range = layout
+                window = None if window == (None, None) else window
+                if key_range is not None:
+                    key_range = key_range.expand(query.shape[0], 2)
     compiling = torch.compiler.is_compiling()
     if reason is None and requested_backend(backend) == "auto" and not compiling:
         # Our reference is no faster than torch's SDPA: use ours only where a kernel serves.
         _, _, window_offset = attention_mask_bounds(q_len, key.shape[2], causal, window)
-        if ATTENTION_FWD.auto_choice(query.device, query, key, value, window_offset) == "torch":
+        if ATTENTION_FWD.auto_choice(query.device, query, key, value, window_offset,
+                                     key_range) == "torch":
             reason = "no fusedlm kernel backend for these inputs"
     if reason is not None:
         if not torch.compiler.is_compiling():
@@ -218,7 +250,7 @@ def fusedlm_attention_forward(
     if not torch.compiler.is_compiling():
         _CALLS["fused"] += 1
     out = fused_attention(query, key, value, causal=causal, scale=scaling, backend=backend,
-                          window=window)
+                          window=window, key_range=key_range)
     return out.transpose(1, 2).contiguous(), None
 
 
@@ -291,9 +323,10 @@ def apply(model: torch.nn.Module, attention: bool = True, norms: bool = True,
                 if previous != name:
                     model.__dict__.setdefault(ATTN_PREVIOUS_KEY, previous)
                 report.notes.append(
-                    f"attention: implementation {previous!r} -> {name!r}; calls with no mask (or "
-                    "an all-visible / pure causal one) run fusedlm's kernels, others (padding "
-                    "masks, dropout, position_bias, ...) fall back per call to transformers' "
+                    f"attention: implementation {previous!r} -> {name!r}; calls with no mask or "
+                    "a causal / sliding-window / all-visible one, with left or right padding, "
+                    "run fusedlm's kernels, others (masks with gaps or custom patterns, "
+                    "dropout, position_bias, ...) fall back per call to transformers' "
                     "sdpa_attention_forward; see attention_calls()"
                 )
             else:
