@@ -300,7 +300,10 @@ class _Module(torch.nn.Module):
         ("float sliding-window mask, Tq < Tk", 4, 9, "fused"),
         ("two-sided local mask (ModernBERT)", 9, 9, "fused"),
         ("band with a hole", 9, 9, "sdpa"),
-        ("strictly causal mask (no diagonal)", 9, 9, "sdpa"),
+        ("strictly causal mask (no diagonal)", 9, 9, "fused"),
+        ("keys strictly after the query", 9, 9, "fused"),
+        ("causal mask, Tq > Tk (bottom-right)", 9, 4, "fused"),
+        ("float bias mask", 4, 9, "sdpa"),
     ],
 )
 def test_attention_function_matches_sdpa(case, tq, tk, expect):
@@ -339,8 +342,14 @@ def test_attention_function_matches_sdpa(case, tq, tk, expect):
     elif "hole" in case:
         mask = ((cols <= rows) & (cols > rows - 3)).expand(2, 1, tq, tk).clone()
         mask[:, :, 6, 5] = False
-    elif "strictly" in case:
+    elif "strictly causal" in case:
         mask = (cols < rows).expand(2, 1, tq, tk)
+    elif "strictly after" in case:
+        mask = (cols > rows).expand(2, 1, tq, tk)
+    elif "Tq > Tk" in case:
+        mask = (cols <= rows).expand(2, 1, tq, tk)
+    elif "bias" in case:
+        mask = torch.randn(2, 1, tq, tk)
     module = _Module(groups=2)
     ours, _ = fhf.fusedlm_attention_forward(module, q, k, v, mask, scaling=0.3)
     theirs, _ = sdpa_attention_forward(module, q, k, v, mask, scaling=0.3)

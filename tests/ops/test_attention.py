@@ -590,6 +590,74 @@ def test_sdpa_matches_torch(q_shape, k_shape, kwargs, dtype, backend, monkeypatc
         assert_close_rule(g, gt, g64, name=f"d{name}")
 
 
+def _sdpa_mask(kind: str, q_shape, k_shape, dtype, device) -> torch.Tensor:
+    """An SDPA attn_mask our kernels take: a band of keys around the diagonal (any alignment),
+    cut to one run of keys per batch row, as a bool or an additive float mask."""
+    L, S, N = q_shape[-2], k_shape[-2], q_shape[0]
+    rows, cols = torch.arange(L)[:, None], torch.arange(S)[None, :]
+    if kind.startswith("causal"):  # top-left, as is_causal
+        visible = (cols <= rows).expand(N, 1, L, S)
+    elif kind.startswith("window"):  # bottom-right causal window of 5 keys
+        visible = ((cols <= rows + S - L) & (cols > rows + S - L - 5)).expand(N, 1, L, S)
+    else:
+        visible = torch.ones(N, 1, L, S, dtype=torch.bool)
+    if "padding" in kind:  # left padding in row 0, right padding in row 1
+        visible = visible.clone()
+        visible[0, ..., :3] = False
+        if N > 1:
+            visible[1, ..., S - 4:] = False
+    if "2d" in kind:
+        visible = visible[0, 0]
+    elif "3d" in kind:
+        visible = visible[:, 0]
+    if kind.endswith("float"):
+        return torch.zeros(visible.shape, dtype=dtype).masked_fill(~visible, -math.inf).to(device)
+    return visible.to(device)
+
+
+SDPA_MASK_CASES = [
+    ((2, 3, 17, 32), (2, 3, 29, 32), "padding"),
+    ((2, 3, 17, 32), (2, 3, 17, 32), "causal-padding-float"),
+    ((2, 3, 29, 32), (2, 3, 17, 32), "causal-2d"),
+    ((2, 6, 21, 16), (2, 2, 33, 16), "window-padding"),
+    ((3, 17, 24), (3, 25, 24), "window-padding-3d-float"),
+    ((1, 2, 40, 64), (1, 2, 40, 64), "all-visible-float"),
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize(("q_shape", "k_shape", "kind"), SDPA_MASK_CASES,
+                         ids=[c[2] for c in SDPA_MASK_CASES])
+def test_sdpa_masks_run_the_kernels(q_shape, k_shape, kind, dtype, backend, monkeypatch):
+    """Causal, sliding-window and padding masks (bool or float, 2-D to 4-D) reach our kernels
+    and give torch's result (rows with no visible key: 0, as torch)."""
+    monkeypatch.setenv("FUSEDLM_BACKEND", backend)
+    device = device_of(backend)
+    q = _randn(q_shape, dtype, device).requires_grad_(True)
+    k = _randn(k_shape, dtype, device).requires_grad_(True)
+    v = _randn(k_shape, dtype, device).requires_grad_(True)
+    mask = _sdpa_mask(kind, q_shape, k_shape, dtype, device)
+    gqa = {"enable_gqa": True} if q_shape[1] != k_shape[1] and len(q_shape) == 4 else {}
+    OpDispatch.last_choice.pop("attention_fwd", None)
+    out = fusedlm.scaled_dot_product_attention(q, k, v, attn_mask=mask, **gqa)
+    assert OpDispatch.last_choice.get("attention_fwd") == backend, (
+        "the call did not reach fusedlm's kernels"
+    )
+    q64, k64, v64 = (t.detach().double().requires_grad_(True) for t in (q, k, v))
+    qt, kt, vt = (t.detach().clone().requires_grad_(True) for t in (q, k, v))
+    mask64 = mask.double() if mask.is_floating_point() else mask
+    truth = F.scaled_dot_product_attention(q64, k64, v64, attn_mask=mask64, **gqa)
+    same = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, **gqa)
+    assert_close_rule(out, same, truth, name="out")
+    grad = torch.randn_like(out)
+    ours = torch.autograd.grad(out, (q, k, v), grad)
+    theirs = torch.autograd.grad(same, (qt, kt, vt), grad)
+    truths = torch.autograd.grad(truth, (q64, k64, v64), grad.double())
+    for name, g, gt, g64 in zip("qkv", ours, theirs, truths, strict=True):
+        assert_close_rule(g, gt, g64, name=f"d{name}")
+
+
 @pytest.mark.parametrize("backend", ["auto", *BACKENDS])
 @pytest.mark.parametrize(
     "kwargs",
@@ -603,7 +671,8 @@ def test_sdpa_matches_torch(q_shape, k_shape, kwargs, dtype, backend, monkeypatc
     ids=["bool_mask", "float_mask", "bool_mask_scale", "dropout", "dropout_causal"],
 )
 def test_sdpa_falls_back_to_torch(kwargs, backend, monkeypatch):
-    """What the kernels cannot do (masks, dropout) gives exactly torch's result."""
+    """What the kernels cannot do (masks that are no band of keys: random patterns, biases;
+    dropout) gives exactly torch's result."""
     if backend != "auto":
         monkeypatch.setenv("FUSEDLM_BACKEND", backend)
     device = device_of(backend) if backend != "auto" else "cpu"

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import collections
 import logging
-import weakref
+import math
 
 import torch
 from torch import Tensor
@@ -35,8 +35,13 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from ..backends import check_backend_name, requested_backend
 from ..ops._common import FLOAT_DTYPES
-from ..ops.attention import ATTENTION_FWD, MAX_HEAD_DIM, _token_runs, attention_mask_bounds
-from ..ops.attention import attention as fused_attention
+from ..ops.attention import (
+    ATTENTION_FWD,
+    MAX_HEAD_DIM,
+    _attention,
+    _check_key_range,
+    mask_layout,
+)
 from .patch import ATTN_PREVIOUS_KEY, LeftAlone, PatchReport, swap_norms
 
 try:  # transformers >= 4.53 builds masks through AttentionMaskInterface
@@ -59,88 +64,6 @@ def attention_calls() -> collections.Counter:
 
 def reset_attention_calls() -> None:
     _CALLS.clear()
-
-
-# ---- mask recognition -----------------------------------------------------------------------
-
-# (weakref to mask, mask._version, q_len, kv_len, layout), newest last: a forward's layers share
-# one mask object per kind (Gemma 3 alternates a sliding-window and a causal one).
-_mask_cache: collections.deque = collections.deque(maxlen=4)
-
-Band = tuple  # (left, right): key j visible to query i iff p - left <= j <= p + right
-Layout = tuple  # (Band, key_range: (N, 2) int32 [start, end) per batch row, or None)
-
-
-def _mask_layout(mask: Tensor, q_len: int, kv_len: int) -> Layout | None:
-    """What ``mask`` (N, 1, q_len or 1, kv_len) is, in the kernels' terms, or None: a band
-    (left, right), where query i at position p = i + kv_len - q_len (bottom-right aligned) sees
-    the keys p - left <= j <= p + right, a side being None where it cuts nothing (all-visible:
-    (None, None); causal: (None, 0); a causal sliding window of W keys: (W - 1, 0)), and, when
-    batch rows differ (padding), the run of keys [start, end) each row keeps (None when every
-    row keeps all). Boolean masks (True = visible) and additive float masks (0 visible, -inf or
-    the dtype's min hidden). Cached for the mask object, which every layer of a forward
-    shares."""
-    if (mask.dim() != 4 or mask.shape[1] != 1 or mask.shape[2] not in (1, q_len)
-            or mask.shape[3] != kv_len):
-        return None
-    for cached in _mask_cache:
-        if cached[0]() is mask and cached[1:4] == (mask._version, q_len, kv_len):
-            return cached[4]
-    if mask.dtype == torch.bool:
-        visible = mask
-    elif mask.is_floating_point():
-        visible = mask == 0
-        hidden = mask[~visible]
-        if hidden.numel() and not bool(
-            ((hidden == float("-inf")) | (hidden == torch.finfo(mask.dtype).min)).all()
-        ):
-            visible = None
-    else:
-        visible = None
-    layout = None
-    if visible is not None:
-        layout = _layout_of(visible.expand(mask.shape[0], 1, q_len, kv_len), q_len, kv_len)
-    _mask_cache.append((weakref.ref(mask), mask._version, q_len, kv_len, layout))
-    return layout
-
-
-def _layout_of(visible: Tensor, q_len: int, kv_len: int) -> Layout | None:
-    """The layout (see _mask_layout) of a (N, 1, q_len, kv_len) boolean mask, or None."""
-    if bool(visible.all()):
-        return (None, None), None
-    if not bool(visible.any()):
-        return None
-    # relative[i, j] = j - p(i); the band's sides are the extremes over the visible entries.
-    device = visible.device
-    relative = (torch.arange(kv_len, device=device)[None, :]
-                - torch.arange(q_len, device=device)[:, None] - (kv_len - q_len))
-    left = -int(relative.masked_fill(~visible, kv_len).amin())
-    right = int(relative.masked_fill(~visible, -kv_len - q_len).amax())
-    if left < 0 or right < 0:  # every query sees only keys strictly after (before) itself
-        return None
-    key_range, kept = None, None
-    if not bool((visible == ((relative >= -left) & (relative <= right))).all()):
-        # Rows differ: padding, if each row keeps one run of keys (those some query sees).
-        key_range = _token_runs(visible.any(dim=2)[:, 0])
-        if key_range is None:
-            return None
-        cols = torch.arange(kv_len, device=device)
-        kept = ((cols >= key_range[:, :1]) & (cols < key_range[:, 1:]))[:, None, None, :]
-
-    def matches(lo: int | None, hi: int | None) -> bool:
-        band = torch.ones_like(relative, dtype=torch.bool)
-        if lo is not None:
-            band &= relative >= -lo
-        if hi is not None:
-            band &= relative <= hi
-        return bool((visible == (band if kept is None else band & kept)).all())
-
-    if not matches(left, right):
-        return None
-    # A side that cuts no visible key (within the kept runs): unbounded, the kernels' fast path.
-    lo = None if matches(None, right) else left
-    hi = None if matches(lo, None) else right
-    return (lo, hi), key_range
 
 
 # ---- the attention function -----------------------------------------------------------------
@@ -207,7 +130,9 @@ def fusedlm_attention_forward(
                 "flash attention implementation (fusedlm.integrations.transformers.apply "
                 "leaves the attention of models without SDPA support alone)")
     reason = _unsupported(query, key, value, dropout, kwargs)
-    causal, window, key_range = False, None, None
+    # The kernels' terms: key j visible to query i iff (not causal or j <= i + causal_offset),
+    # j >= i + window_offset (None: no limit) and, per batch row, inside key_range.
+    causal, causal_offset, window_offset, key_range = False, 0, None, None
     if reason is None:
         q_len, kv_len = query.shape[2], key.shape[2]
         if attention_mask is None:
@@ -222,21 +147,22 @@ def fusedlm_attention_forward(
         elif torch.compiler.is_compiling() or not isinstance(attention_mask, Tensor):
             reason = "an attention mask (not inspected under torch.compile)"
         else:
-            layout = _mask_layout(attention_mask, q_len, kv_len)
+            layout = mask_layout(attention_mask, q_len, kv_len)
             if layout is None:
                 reason = ("an attention mask that is not a band of keys cut to one run per "
                           "batch row (padding with gaps, a custom pattern)")
-            elif layout[1] is not None and layout[1].shape[0] not in (1, query.shape[0]):
+            elif layout[2] is not None and layout[2].shape[0] not in (1, query.shape[0]):
                 reason = "an attention mask whose batch size is not the query's"
             else:
-                window, key_range = layout
-                window = None if window == (None, None) else window
+                mask_causal_offset, window_offset, key_range = layout
+                if mask_causal_offset is not None:
+                    causal, causal_offset = True, mask_causal_offset
                 if key_range is not None:
-                    key_range = key_range.expand(query.shape[0], 2)
+                    key_range = _check_key_range(key_range.expand(query.shape[0], 2), query,
+                                                 kv_len)
     compiling = torch.compiler.is_compiling()
     if reason is None and requested_backend(backend) == "auto" and not compiling:
         # Our reference is no faster than torch's SDPA: use ours only where a kernel serves.
-        _, _, window_offset = attention_mask_bounds(q_len, key.shape[2], causal, window)
         if ATTENTION_FWD.auto_choice(query.device, query, key, value, window_offset,
                                      key_range) == "torch":
             reason = "no fusedlm kernel backend for these inputs"
@@ -249,8 +175,9 @@ def fusedlm_attention_forward(
         )
     if not torch.compiler.is_compiling():
         _CALLS["fused"] += 1
-    out = fused_attention(query, key, value, causal=causal, scale=scaling, backend=backend,
-                          window=window, key_range=key_range)
+    scale = 1.0 / math.sqrt(query.shape[3]) if scaling is None else float(scaling)
+    out = _attention(query, key, value, scale, causal, causal_offset, backend, window_offset,
+                     key_range)
     return out.transpose(1, 2).contiguous(), None
 
 

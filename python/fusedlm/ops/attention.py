@@ -4,9 +4,11 @@ logsumexp forward, recomputation backward), their autograd, and the public
 
 from __future__ import annotations
 
+import collections
 import functools
 import logging
 import math
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -334,13 +336,95 @@ def _token_runs(tokens: Tensor) -> Tensor | None:
     return torch.stack([start, end], dim=1).to(torch.int32)
 
 
+# ---- mask recognition -----------------------------------------------------------------------
+
+# (weakref to mask, mask._version, q_len, kv_len, layout), newest last: a forward's layers share
+# one mask object per kind (Gemma 3 alternates a sliding-window and a causal one).
+_mask_cache: collections.deque = collections.deque(maxlen=4)
+
+# (causal_offset, window_offset, key_range) of the kernels: key j visible to query i iff
+# j <= i + causal_offset (None: no limit), j >= i + window_offset (None: no limit) and, with a
+# key range ((N, 2) int32 [start, end) per batch row), start <= j < end.
+Layout = tuple
+
+
+def mask_layout(mask: Tensor, q_len: int, kv_len: int,
+                as_4d: Tensor | None = None) -> Layout | None:
+    """What ``mask`` (N, 1, q_len or 1, kv_len) is in the kernels' terms (see Layout), or None:
+    a band of keys around each query's diagonal (all-visible, causal with any alignment, a
+    sliding window, a two-sided local window), cut, where batch rows differ (padding), to one
+    run of keys per row (key_range None when every row keeps all). Boolean masks (True =
+    visible) and additive float masks (0 visible, -inf or the dtype's min hidden). Cached for
+    the mask object, which every layer of a forward shares; ``as_4d``: the mask viewed as 4-D,
+    when it is not (the cache keys on ``mask``)."""
+    key, mask = mask, (mask if as_4d is None else as_4d)
+    if (mask.dim() != 4 or mask.shape[1] != 1 or mask.shape[2] not in (1, q_len)
+            or mask.shape[3] != kv_len):
+        return None
+    for cached in _mask_cache:
+        if cached[0]() is key and cached[1:4] == (key._version, q_len, kv_len):
+            return cached[4]
+    if mask.dtype == torch.bool:
+        visible = mask
+    elif mask.is_floating_point():
+        visible = mask == 0
+        hidden = mask[~visible]
+        if hidden.numel() and not bool(
+            ((hidden == float("-inf")) | (hidden == torch.finfo(mask.dtype).min)).all()
+        ):
+            visible = None
+    else:
+        visible = None
+    layout = None
+    if visible is not None:
+        layout = _layout_of(visible.expand(mask.shape[0], 1, q_len, kv_len), q_len, kv_len)
+    _mask_cache.append((weakref.ref(key), key._version, q_len, kv_len, layout))
+    return layout
+
+
+def _layout_of(visible: Tensor, q_len: int, kv_len: int) -> Layout | None:
+    """The layout (see mask_layout) of a (N, 1, q_len, kv_len) boolean mask, or None."""
+    if bool(visible.all()):
+        return None, None, None
+    if not bool(visible.any()):
+        return None
+    # relative[i, j] = j - i; the band's edges are the extremes over the visible entries.
+    device = visible.device
+    relative = (torch.arange(kv_len, device=device)[None, :]
+                - torch.arange(q_len, device=device)[:, None])
+    low = int(relative.masked_fill(~visible, kv_len).amin())
+    high = int(relative.masked_fill(~visible, -q_len).amax())
+    key_range, kept = None, None
+    if not bool((visible == ((relative >= low) & (relative <= high))).all()):
+        # Rows differ: padding, if each row keeps one run of keys (those some query sees).
+        key_range = _token_runs(visible.any(dim=2)[:, 0])
+        if key_range is None:
+            return None
+        cols = torch.arange(kv_len, device=device)
+        kept = ((cols >= key_range[:, :1]) & (cols < key_range[:, 1:]))[:, None, None, :]
+
+    def matches(window_offset: int | None, causal_offset: int | None) -> bool:
+        band = torch.ones_like(relative, dtype=torch.bool)
+        if window_offset is not None:
+            band &= relative >= window_offset
+        if causal_offset is not None:
+            band &= relative <= causal_offset
+        return bool((visible == (band if kept is None else band & kept)).all())
+
+    if not matches(low, high):
+        return None
+    # An edge that cuts no visible key (within the kept runs): no limit, the kernels' fast path.
+    window_offset = None if matches(None, high) else low
+    causal_offset = None if matches(window_offset, None) else high
+    return causal_offset, window_offset, key_range
+
+
 _sdpa_logged: set[str] = set()
 
 
 def _sdpa_unsupported(query, key, value, attn_mask, dropout_p, enable_gqa) -> str | None:
-    """Why our kernels cannot take this SDPA call (it then goes to torch's), or None."""
-    if attn_mask is not None:
-        return "an attn_mask"
+    """Why our kernels cannot take this SDPA call (it then goes to torch's), or None. (An
+    ``attn_mask`` is looked at by _sdpa_mask_layout.)"""
     if dropout_p != 0.0:
         return "dropout_p > 0"
     tensors = (query, key, value)
@@ -364,6 +448,41 @@ def _sdpa_unsupported(query, key, value, attn_mask, dropout_p, enable_gqa) -> st
     return None
 
 
+def _sdpa_mask_layout(attn_mask: object, query: Tensor, key: Tensor,
+                      is_causal: bool) -> Layout | str:
+    """The layout (see mask_layout) of an SDPA ``attn_mask`` for 3-D or 4-D ``query``, its batch
+    rows expanded to the query's, or why our kernels cannot take it."""
+    if not isinstance(attn_mask, Tensor):
+        return "a non-tensor attn_mask"
+    if is_causal:
+        return "attn_mask together with is_causal"  # torch's SDPA raises
+    if torch.compiler.is_compiling():
+        return "an attn_mask (not inspected under torch.compile)"
+    if attn_mask.requires_grad:
+        return "an attn_mask that requires grad"
+    if attn_mask.device != query.device:
+        return "an attn_mask on another device"
+    if attn_mask.dtype != torch.bool and attn_mask.dtype != query.dtype:
+        return "an attn_mask of another dtype"  # torch's SDPA raises
+    L, S = query.shape[-2], key.shape[-2]
+    mask = attn_mask
+    if query.dim() == 3 and mask.dim() == 3:  # (N, L, S): one head
+        mask = mask.unsqueeze(1)
+    while mask.dim() < 4:
+        mask = mask.unsqueeze(0)
+    if (mask.dim() != 4 or mask.shape[1] != 1 or mask.shape[0] not in (1, query.shape[0])
+            or mask.shape[2] not in (1, L) or mask.shape[3] != S):
+        return "an attn_mask with a per-head or unexpected shape"
+    layout = mask_layout(attn_mask, L, S, as_4d=mask)
+    if layout is None:
+        return ("an attn_mask that is not a band of keys cut to one run per batch row (a bias, "
+                "padding with gaps, a custom pattern)")
+    causal_offset, window_offset, key_range = layout
+    if key_range is not None:
+        key_range = key_range.expand(query.shape[0], 2)
+    return causal_offset, window_offset, key_range
+
+
 def scaled_dot_product_attention(
     query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor | None = None,
     dropout_p: float = 0.0, is_causal: bool = False, scale: float | None = None,
@@ -373,13 +492,25 @@ def scaled_dot_product_attention(
     meaning of every argument (``is_causal`` is aligned top-left when L != S, as in torch).
 
     query (N, H, L, E) or (N, L, E); key/value (N, Hkv, S, E) or (N, S, E). Calls our kernels
-    when they can take the call; an ``attn_mask``, dropout, or anything else they cannot do
-    goes to torch's SDPA (logged once per reason)."""
+    when they can take the call: no mask, ``is_causal``, or an ``attn_mask`` (boolean, or
+    float with 0 and -inf / the dtype's min) that is a band of keys around each query (causal,
+    sliding window, all-visible) cut to one run of keys per batch row (padding), shared by the
+    heads. Other masks (biases, gaps, per-head patterns), dropout, or anything else they
+    cannot do go to torch's SDPA (logged once per reason). A mask is inspected on the host
+    once per mask tensor (a device sync), then cached while the tensor lives."""
     reason = _sdpa_unsupported(query, key, value, attn_mask, dropout_p, enable_gqa)
+    causal_offset = window_offset = key_range = None
+    if reason is None and attn_mask is not None:
+        layout = _sdpa_mask_layout(attn_mask, query, key, is_causal)
+        if isinstance(layout, str):
+            reason = layout
+        else:
+            causal_offset, window_offset, key_range = layout
     if reason is None and not torch.compiler.is_compiling():
         # Our reference is no faster than torch's SDPA: use ours only where a kernel serves.
         auto = requested_backend("auto") == "auto"
-        if auto and ATTENTION_FWD.auto_choice(query.device, query, key, value) == "torch":
+        if auto and ATTENTION_FWD.auto_choice(query.device, query, key, value, window_offset,
+                                              key_range) == "torch":
             reason = "no fusedlm kernel backend for these inputs"
     if reason is not None:
         if reason not in _sdpa_logged and not torch.compiler.is_compiling():
@@ -392,5 +523,9 @@ def scaled_dot_product_attention(
     three_d = query.dim() == 3
     q, k, v = (t.unsqueeze(1) for t in (query, key, value)) if three_d else (query, key, value)
     scale = 1.0 / math.sqrt(q.shape[3]) if scale is None else float(scale)
-    out = _attention(q, k, v, scale, bool(is_causal), 0, "auto")
+    if attn_mask is None:
+        out = _attention(q, k, v, scale, bool(is_causal), 0, "auto")
+    else:  # the mask's band and key runs (is_causal is False here)
+        out = _attention(q, k, v, scale, causal_offset is not None, causal_offset or 0, "auto",
+                         window_offset, _check_key_range(key_range, q, k.shape[2]))
     return out.squeeze(1) if three_d else out
