@@ -108,6 +108,24 @@ def _cases(backend: str, dev: str = "cuda"):
                     torch.use_deterministic_algorithms(was)
 
         yield f"attention fwd+bwd {dn} sliding window (100, 0)", attention_sliding_window
+
+        def attention_key_range(dtype=dtype):
+            # padded batch: key loops over each row's range only, tiles cut by it, an empty row
+            q = torch.randn(3, 4, 200, 64, device=dev, dtype=dtype, requires_grad=True)
+            k, v = (torch.randn(3, 2, 200, 64, device=dev, dtype=dtype, requires_grad=True)
+                    for _ in range(2))
+            ranges = torch.tensor([[70, 200], [0, 133], [200, 200]], device=dev)
+            was = torch.are_deterministic_algorithms_enabled()
+            for deterministic in (False, True):
+                torch.use_deterministic_algorithms(deterministic)
+                try:
+                    out = fusedlm.attention(q, k, v, causal=True, key_range=ranges,
+                                            backend=backend)
+                    out.backward(torch.randn_like(out))
+                finally:
+                    torch.use_deterministic_algorithms(was)
+
+        yield f"attention fwd+bwd {dn} key range (padded batch)", attention_key_range
         for M, N in NORM_SHAPES:
             for affine in (True, False):
                 def layer_norm(M=M, N=N, dtype=dtype, affine=affine):

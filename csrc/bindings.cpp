@@ -248,7 +248,8 @@ void check_attention_cuda(const at::Tensor& q, const at::Tensor& k, const char* 
 
 cuda::AttentionShape attention_shape(const at::Tensor& q, const at::Tensor& k, int64_t padded_dim,
                                      double scale, bool causal, int64_t causal_offset,
-                                     std::optional<int64_t> window_offset) {
+                                     std::optional<int64_t> window_offset,
+                                     const std::optional<at::Tensor>& key_range) {
   cuda::AttentionShape shape{};
   shape.B = q.size(0);
   shape.Hq = q.size(1);
@@ -262,6 +263,8 @@ cuda::AttentionShape attention_shape(const at::Tensor& q, const at::Tensor& k, i
   shape.windowed = window_offset.has_value();
   // Past [-Tq, Tk] the window hides every key or none: clamped, as the kernels require.
   shape.window_offset = std::clamp<int64_t>(window_offset.value_or(0), -q.size(2), k.size(2));
+  // (B, 2) int32 contiguous on q's device (attention_key_range made it so); the kernels clamp.
+  shape.key_range = key_range.has_value() ? key_range->const_data_ptr<int32_t>() : nullptr;
   shape.dtype = dtype_of(q.scalar_type());
   return shape;
 }
@@ -276,7 +279,9 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q,  // (B, Hq
                                                  const at::Tensor& v,  // (B, Hkv, Tk, D)
                                                  double scale, bool causal,
                                                  int64_t causal_offset,
-                                                 std::optional<int64_t> window_offset) {
+                                                 std::optional<int64_t> window_offset,
+                                                 // (B, 2) int32 contiguous, q's device
+                                                 const std::optional<at::Tensor>& key_range) {
   const char* op = "attention_fwd";
   check_attention_cuda(q, k, op);
   const c10::cuda::CUDAGuard guard(q.device());
@@ -292,7 +297,7 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q,  // (B, Hq
   const at::Tensor v_r = attention_readable(v, Dp);
   at::Tensor out = at::empty({q.size(0), q.size(1), q.size(2), Dp}, q.options());  // (B, Hq, Tq, Dp)
   cuda::AttentionFwdArgs args{};
-  args.shape = attention_shape(q, k, Dp, scale, causal, causal_offset, window_offset);
+  args.shape = attention_shape(q, k, Dp, scale, causal, causal_offset, window_offset, key_range);
   args.q = attention_input(q_r);
   args.k = attention_input(k_r);
   args.v = attention_input(v_r);
@@ -309,7 +314,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
     const at::Tensor& v,         // (B, Hkv, Tk, D)
     const at::Tensor& out,       // (B, Hq, Tq, D)
     const at::Tensor& lse,       // (B, Hq, Tq) float32
-    double scale, bool causal, int64_t causal_offset, std::optional<int64_t> window_offset) {
+    double scale, bool causal, int64_t causal_offset, std::optional<int64_t> window_offset,
+    const std::optional<at::Tensor>& key_range) {  // (B, 2) int32 contiguous, q's device
   const char* op = "attention_bwd";
   check_attention_cuda(q, k, op);
   const c10::cuda::CUDAGuard guard(q.device());
@@ -330,7 +336,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
   at::Tensor dv = at::empty({v.size(0), v.size(1), v.size(2), Dp}, v.options());  // (B, Hkv, Tk, Dp)
   Workspace workspace{q.options(), {}};
   cuda::AttentionBwdArgs args{};
-  args.shape = attention_shape(q, k, Dp, scale, causal, causal_offset, window_offset);
+  args.shape = attention_shape(q, k, Dp, scale, causal, causal_offset, window_offset, key_range);
   args.q = attention_input(q_r);
   args.k = attention_input(k_r);
   args.v = attention_input(v_r);
@@ -467,10 +473,8 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q, const at::
   const std::optional<at::Tensor> key_ranges = attention_key_range(key_range, q);
 #ifdef FUSEDLM_WITH_CUDA
   if (q.is_cuda()) {
-    FUSEDLM_CHECK_VALUE(!key_ranges.has_value(),
-                        "attention_fwd: the CUDA kernels take no key_range (use the Triton "
-                        "backend for padded batches)");
-    return cuda_glue::attention_fwd(q, k, v, scale, causal, causal_offset, window_offset);
+    return cuda_glue::attention_fwd(q, k, v, scale, causal, causal_offset, window_offset,
+                                    key_ranges);
   }
 #endif
   require_cpu_kernel(q, "q", "attention_fwd");
@@ -503,11 +507,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
   check_same_device(lse, "lse", q, "q");
 #ifdef FUSEDLM_WITH_CUDA
   if (q.is_cuda()) {
-    FUSEDLM_CHECK_VALUE(!key_ranges.has_value(),
-                        "attention_bwd: the CUDA kernels take no key_range (use the Triton "
-                        "backend for padded batches)");
     return cuda_glue::attention_bwd(grad_out, q, k, v, out, lse, scale, causal, causal_offset,
-                                    window_offset);
+                                    window_offset, key_ranges);
   }
 #endif
   require_cpu_kernel(q, "q", "attention_bwd");
@@ -887,7 +888,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Flash-attention forward.\n"
         "q (B, Hq, Tq, D), k/v (B, Hkv, Tk, D), any strides. Key j is visible to query i iff\n"
         "(not causal or j <= i + causal_offset) and (window_offset is None or\n"
-        "j >= i + window_offset) and, given key_range (B, 2) integers (CPU only),\n"
+        "j >= i + window_offset) and, given key_range (B, 2) integers on q's device,\n"
         "key_range[b, 0] <= j < key_range[b, 1] in batch row b. Returns out (B, Hq, Tq, D) in\n"
         "q's dtype and lse (B, Hq, Tq) float32 (float64 for float64 inputs).",
         py::arg("q"), py::arg("k"), py::arg("v"), py::arg("scale"), py::arg("causal"),

@@ -78,13 +78,15 @@ __device__ __forceinline__ RowStats load_row_stats(const float* lse, const float
 // One warp's probabilities and score gradients from its scores S and dP (C layout, 16 rows
 // starting at query row0, kNBlocks * 8 keys starting at key n0), in place:
 // scores <- P = exp(S * scale - lse), dp <- dS = P * (dP - delta); masked entries get 0.
-// kWindowed: the sliding window's instance (per-row column bounds); the plain one tests each
+// kWindowed: the bounded instance (sliding window, key range: per-row column bounds within the
+// batch row's keys); the plain one tests each
 // element against Tq, Tk and the causal limit as before windows existed (the per-row bounds
 // cost the plain sm_80 D = 128 dK/dV kernel 16 bytes of spills).
 template <int kNBlocks, bool kWindowed>
 __device__ __forceinline__ void probabilities_and_score_grads(
     float (&scores)[kNBlocks][4], float (&dp)[kNBlocks][4], const RowStats& stats,
-    float scale_log2, int64_t row0, int64_t n0, int t, bool need_mask, const AttentionShape& s) {
+    float scale_log2, int64_t row0, int64_t n0, int t, bool need_mask, const AttentionShape& s,
+    const KeyBounds& keys) {
   if constexpr (!kWindowed) {
 #pragma unroll
     for (int nb = 0; nb < kNBlocks; ++nb) {
@@ -107,7 +109,7 @@ __device__ __forceinline__ void probabilities_and_score_grads(
       int lo = 0, hi = kNBlocks * 8;  // this row's visible columns of the tile (none past Tq)
       if (need_mask) {
         const int64_t row = row0 + 8 * r;
-        visible_columns(s, row, n0, kNBlocks * 8, &lo, &hi);
+        visible_columns(s, keys, row, n0, kNBlocks * 8, &lo, &hi);
         if (row >= s.Tq) hi = 0;
       }
 #pragma unroll
@@ -215,9 +217,20 @@ __global__ void __launch_bounds__(kWarps * 32)
   const T* v = head_pointer<T>(args.v, b, h_kv);
 
   // Query tiles that see any key of this tile: from the first row i with n0 <= i + offset (to,
-  // under a sliding window, the last with i + window_offset <= the tile's last key).
+  // under a sliding window, the last with i + window_offset <= the tile's last key). With a
+  // key range, of the tile's keys inside it (none: no query tile, zero gradients).
   int64_t m_block_min = 0, m_block_end = 0;
-  query_tile_range<kWindowed>(s, n0, kBlock, kBlock, &m_block_min, &m_block_end);
+  const KeyBounds keys = kWindowed ? key_bounds(s, b) : KeyBounds{0, Tk};
+  if (!kWindowed) {
+    query_tile_range<false>(s, n0, kBlock, kBlock, &m_block_min, &m_block_end);
+  } else {
+    const int64_t first_key = std::max(n0, keys.lo);
+    const int64_t key_end = std::min(n0 + kBlock, keys.hi);
+    if (first_key < key_end) {
+      query_tile_range<true>(s, first_key, kBlock, key_end - first_key, &m_block_min,
+                             &m_block_end);
+    }
+  }
   const int64_t per_head = std::max<int64_t>(0, m_block_end - m_block_min);
   const int64_t iterations = group * per_head;  // (query head of the group, query tile) pairs
 
@@ -270,11 +283,13 @@ __global__ void __launch_bounds__(kWarps * 32)
                                                     0, lane);
       const RowStats stats = load_row_stats(args.lse + (b * s.Hq + h) * Tq,
                                             delta + (b * s.Hq + h) * Tq, row0, Tq);
-      const bool need_mask = m0 + kBlock > Tq || n0 + kBlock > Tk ||
-                             (s.causal && n0 + kBlock - 1 > m0 + s.causal_offset) ||
-                             (kWindowed && n0 < m0 + kBlock - 1 + s.window_offset);
+      const bool need_mask =
+          m0 + kBlock > Tq || n0 + kBlock > Tk ||
+          (s.causal && n0 + kBlock - 1 > m0 + s.causal_offset) ||
+          (kWindowed && ((s.windowed && n0 < m0 + kBlock - 1 + s.window_offset) ||
+                         n0 < keys.lo || n0 + kBlock > keys.hi));
       probabilities_and_score_grads<kNBlocks, kWindowed>(scores[0], dp[0], stats, scale_log2,
-                                                         row0, n0, t, need_mask, s);
+                                                         row0, n0, t, need_mask, s, keys);
       store_accumulators<T, kNBlocks>(sP, kPStride, warp * 16, scores[0], g, t);
       store_accumulators<T, kNBlocks>(sdS, kPStride, warp * 16, dp[0], g, t);
 
@@ -369,12 +384,14 @@ __global__ void __launch_bounds__(kWarps * 32)
   const T* k = head_pointer<T>(args.k, b, h_kv);
   const T* v = head_pointer<T>(args.v, b, h_kv);
 
+  const KeyBounds keys = kWindowed ? key_bounds(s, b) : KeyBounds{0, Tk};
   int64_t n_blocks = ceil_div(Tk, kBlockN);
   if (s.causal) {
     const int64_t last_visible = std::min(m0 + kBlockM, Tq) - 1 + s.causal_offset;
     n_blocks = last_visible < 0 ? 0 : std::min(n_blocks, last_visible / kBlockN + 1);
   }
-  const int64_t n_first = kWindowed ? first_key_tile(s, m0, kBlockN) : 0;
+  if (kWindowed) n_blocks = std::min(n_blocks, ceil_div(keys.hi, kBlockN));
+  const int64_t n_first = kWindowed ? first_key_tile(s, keys, m0, kBlockN) : 0;
   const int64_t row0 = m0 + warp * 16 + g;
 
   float dq[1][kDBlocks][4] = {};
@@ -416,11 +433,13 @@ __global__ void __launch_bounds__(kWarps * 32)
                                                     0, lane);
       warp_gemm_rows_rows<T, 1, kNBlocks, kHeadDim>(dp, sdO, kStride, warp * 16, sVb, kStride, 0,
                                                     lane);
-      const bool need_mask = m0 + kBlockM > Tq || n0 + kBlockN > Tk ||
-                             (s.causal && n0 + kBlockN - 1 > m0 + s.causal_offset) ||
-                             (kWindowed && n0 < m0 + kBlockM - 1 + s.window_offset);
+      const bool need_mask =
+          m0 + kBlockM > Tq || n0 + kBlockN > Tk ||
+          (s.causal && n0 + kBlockN - 1 > m0 + s.causal_offset) ||
+          (kWindowed && ((s.windowed && n0 < m0 + kBlockM - 1 + s.window_offset) ||
+                         n0 < keys.lo || n0 + kBlockN > keys.hi));
       probabilities_and_score_grads<kNBlocks, kWindowed>(scores[0], dp[0], stats, scale_log2,
-                                                         row0, n0, t, need_mask, s);
+                                                         row0, n0, t, need_mask, s, keys);
       uint32_t ds_frag[1][kBlockN / 16][4];
       accumulators_to_a_fragments<T, kBlockN / 16>(dp[0], ds_frag[0]);
       warp_gemm_regs_rows<T, 1, kDBlocks, kBlockN / 16>(dq, ds_frag, sKb, kStride, 0, 0, lane);
@@ -456,10 +475,10 @@ cudaError_t launch_bwd(const AttentionBwdArgs& args, cudaStream_t stream) {
   if (args.deterministic) {
     // dK, dV: on the Hopper kernel where it applies (no atomics there), else sm_80's.
     const cudaError_t hopper = sm90::attention_bwd_sm90(args, delta, nullptr, stream);
-    if (hopper != cudaErrorNotSupported || (sm90::sm90_required() && !s.windowed)) {
+    if (hopper != cudaErrorNotSupported || (sm90::sm90_required() && !bounded(s))) {
       FUSEDLM_RETURN_IF_ERROR(hopper);
     } else {
-      auto dkdv = s.windowed
+      auto dkdv = bounded(s)
                       ? attention_bwd_dkdv_kernel<T, kHeadDim, kWarps, kOutDim, false, true>
                       : attention_bwd_dkdv_kernel<T, kHeadDim, kWarps, kOutDim, false, false>;
       FUSEDLM_RETURN_IF_ERROR(prepare_shared_memory(dkdv, dkdv_bytes));
@@ -467,7 +486,7 @@ cudaError_t launch_bwd(const AttentionBwdArgs& args, cudaStream_t stream) {
       FUSEDLM_RETURN_IF_LAUNCH_FAILED();
     }
 
-    auto dq = s.windowed ? attention_bwd_dq_kernel<T, kHeadDim, kDqBlockN, kDqWarps, true>
+    auto dq = bounded(s) ? attention_bwd_dq_kernel<T, kHeadDim, kDqBlockN, kDqWarps, true>
                          : attention_bwd_dq_kernel<T, kHeadDim, kDqBlockN, kDqWarps, false>;
     constexpr size_t dq_bytes = dq_shared_bytes<kHeadDim, kDqBlockN, kDqWarps>();
     FUSEDLM_RETURN_IF_ERROR(prepare_shared_memory(dq, dq_bytes));
@@ -485,10 +504,10 @@ cudaError_t launch_bwd(const AttentionBwdArgs& args, cudaStream_t stream) {
       cudaMemsetAsync(dq_accumulator, 0, sizeof(float) * dq_numel, stream));
   // Hopper: dK, dV and the dQ accumulator on the wgmma/TMA kernel where it applies.
   const cudaError_t hopper = sm90::attention_bwd_sm90(args, delta, dq_accumulator, stream);
-  if (hopper != cudaErrorNotSupported || (sm90::sm90_required() && !s.windowed)) {
+  if (hopper != cudaErrorNotSupported || (sm90::sm90_required() && !bounded(s))) {
     FUSEDLM_RETURN_IF_ERROR(hopper);
   } else {
-    auto dkdv = s.windowed ? attention_bwd_dkdv_kernel<T, kHeadDim, kWarps, kOutDim, true, true>
+    auto dkdv = bounded(s) ? attention_bwd_dkdv_kernel<T, kHeadDim, kWarps, kOutDim, true, true>
                            : attention_bwd_dkdv_kernel<T, kHeadDim, kWarps, kOutDim, true, false>;
     FUSEDLM_RETURN_IF_ERROR(prepare_shared_memory(dkdv, dkdv_bytes));
     FUSEDLM_LAUNCH(dkdv, dkdv_grid, kWarps * 32, dkdv_bytes, stream)(args, delta,

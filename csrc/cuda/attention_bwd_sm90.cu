@@ -412,7 +412,7 @@ cudaError_t attention_bwd_sm90(const AttentionBwdArgs& args, const float* delta,
   const AttentionShape& s = args.shape;
   // Sliding windows: the sm_80 kernels (this one's pipeline walks the query tiles from the
   // causal start to the end), even under FUSEDLM_ATTENTION_SM90=require (attention_bwd.cu).
-  if (!valid_shape(s) || s.D > 128 || s.windowed || !sm90_enabled()) return cudaErrorNotSupported;
+  if (!valid_shape(s) || s.D > 128 || bounded(s) || !sm90_enabled()) return cudaErrorNotSupported;
   using backward::launch_bwd_sm90;
   return dispatch_half_types(s.dtype, [&](auto tag) -> cudaError_t {
     using T = decltype(tag);

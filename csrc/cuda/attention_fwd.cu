@@ -16,8 +16,8 @@ constexpr size_t fwd_shared_bytes() {
 }
 
 // grid (ceil(Tq / kBlockM) * Hq * B), kWarps * 32 threads; each warp owns kBlockM / kWarps rows.
-// kWindowed: the sliding-window instance (s.windowed); the plain one keeps the window's code
-// out (its per-row bounds cost the 128-row D = 128 tile 32-80 bytes of spills).
+// kWindowed: the bounded instance (a sliding window or a key range: bounded(s)); the plain one
+// keeps their code out (its per-row bounds cost the 128-row D = 128 tile 32-80 bytes of spills).
 template <typename T, int kHeadDim, int kBlockM, int kBlockN, int kWarps, bool kWindowed>
 __global__ void __launch_bounds__(kWarps * 32)
     attention_fwd_kernel(const AttentionFwdArgs args) {
@@ -55,13 +55,16 @@ __global__ void __launch_bounds__(kWarps * 32)
   const T* v = head_pointer<T>(args.v, b, h_kv);
 
   // Key tiles this query tile sees: all of them, or (causal) up to its last row's last key,
-  // from (sliding window) the tile of its first row's first key.
+  // from (sliding window, key range) the tile of its first row's first key to (key range) the
+  // tile of the batch row's last key.
+  const KeyBounds keys = kWindowed ? key_bounds(s, b) : KeyBounds{0, Tk};
   int64_t n_blocks = ceil_div(Tk, kBlockN);
   if (s.causal) {
     const int64_t last_visible = std::min(m0 + kBlockM, Tq) - 1 + s.causal_offset;
     n_blocks = last_visible < 0 ? 0 : std::min(n_blocks, last_visible / kBlockN + 1);
   }
-  const int64_t n_first = kWindowed ? first_key_tile(s, m0, kBlockN) : 0;
+  if (kWindowed) n_blocks = std::min(n_blocks, ceil_div(keys.hi, kBlockN));
+  const int64_t n_first = kWindowed ? first_key_tile(s, keys, m0, kBlockN) : 0;
 
   float o[kMTiles][kDBlocks][4] = {};  // output accumulator (C layout)
   float row_max[kMTiles][2];           // running max of the scaled scores, log2 units
@@ -102,12 +105,13 @@ __global__ void __launch_bounds__(kWarps * 32)
                                                           warp * 16 * kMTiles, sKb, kStride, 0,
                                                           lane);
 
-      // Scale to log2 units and mask: past Tk, (causal) keys after the row's last visible and
-      // (sliding window) before its first.
+      // Scale to log2 units and mask: past Tk, (causal) keys after the row's last visible,
+      // (sliding window) before its first and (key range) padding.
       const int64_t n0 = n * kBlockN;
-      const bool need_mask = n0 + kBlockN > Tk ||
-                             (s.causal && n0 + kBlockN - 1 > m0 + s.causal_offset) ||
-                             (kWindowed && n0 < m0 + kBlockM - 1 + s.window_offset);
+      const bool need_mask =
+          n0 + kBlockN > Tk || (s.causal && n0 + kBlockN - 1 > m0 + s.causal_offset) ||
+          (kWindowed && ((s.windowed && n0 < m0 + kBlockM - 1 + s.window_offset) ||
+                         n0 < keys.lo || n0 + kBlockN > keys.hi));
       if constexpr (!kWindowed) {
 #pragma unroll
         for (int mt = 0; mt < kMTiles; ++mt) {
@@ -133,7 +137,7 @@ __global__ void __launch_bounds__(kWarps * 32)
           int lo = 0, hi = kBlockN;  // this row's visible columns of the tile
           if (need_mask) {
             const int64_t row = m0 + warp * 16 * kMTiles + mt * 16 + g + 8 * r;
-            visible_columns(s, row, n0, kBlockN, &lo, &hi);
+            visible_columns(s, keys, row, n0, kBlockN, &lo, &hi);
           }
 #pragma unroll
           for (int nb = 0; nb < kNBlocks; ++nb) {
@@ -224,7 +228,7 @@ template <typename T, int kHeadDim, int kBlockM, int kBlockN, int kWarps>
 cudaError_t launch_fwd(const AttentionFwdArgs& args, cudaStream_t stream) {
   const AttentionShape& s = args.shape;
   constexpr size_t bytes = fwd_shared_bytes<kHeadDim, kBlockM, kBlockN>();
-  auto kernel = s.windowed ? attention_fwd_kernel<T, kHeadDim, kBlockM, kBlockN, kWarps, true>
+  auto kernel = bounded(s) ? attention_fwd_kernel<T, kHeadDim, kBlockM, kBlockN, kWarps, true>
                            : attention_fwd_kernel<T, kHeadDim, kBlockM, kBlockN, kWarps, false>;
   FUSEDLM_RETURN_IF_ERROR(prepare_shared_memory(kernel, bytes));
   const int64_t blocks = ceil_div(s.Tq, kBlockM) * s.Hq * s.B;

@@ -100,12 +100,14 @@ __global__ void __launch_bounds__(kThreads, 1)
   // Key tiles this query tile sees: all of them, or (causal) up to its last row's last key,
   // from (sliding window) the tile of its first row's first key. The pipeline counts tiles from
   // 0 (stages, phases, turns): its tile n is key tile n_first + n, and n_blocks counts them.
+  const KeyBounds keys = kWindowed ? key_bounds(s, b) : KeyBounds{0, Tk};
   int64_t n_blocks = ceil_div(Tk, kBlockN);
   if (s.causal) {
     const int64_t last_visible = std::min(m0 + kBlockM, Tq) - 1 + s.causal_offset;
     n_blocks = last_visible < 0 ? 0 : std::min(n_blocks, last_visible / kBlockN + 1);
   }
-  const int64_t n_first = kWindowed ? first_key_tile(s, m0, kBlockN) : 0;
+  if (kWindowed) n_blocks = std::min(n_blocks, ceil_div(keys.hi, kBlockN));
+  const int64_t n_first = kWindowed ? first_key_tile(s, keys, m0, kBlockN) : 0;
   n_blocks = std::max<int64_t>(0, n_blocks - n_first);
 
   if (tid == 0) {
@@ -220,9 +222,10 @@ __global__ void __launch_bounds__(kThreads, 1)
   auto softmax = [&](int64_t n, float (&alpha)[2]) {
     const int64_t n0 = (n_first + n) * kBlockN;
     const int64_t rows0 = m0 + consumer * 64;  // this consumer's first row
-    const bool need_mask = n0 + kBlockN > Tk ||
-                           (s.causal && n0 + kBlockN - 1 > rows0 + s.causal_offset) ||
-                           (kWindowed && n0 < rows0 + 63 + s.window_offset);
+    const bool need_mask =
+        n0 + kBlockN > Tk || (s.causal && n0 + kBlockN - 1 > rows0 + s.causal_offset) ||
+        (kWindowed && ((s.windowed && n0 < rows0 + 63 + s.window_offset) || n0 < keys.lo ||
+                       n0 + kBlockN > keys.hi));
     if constexpr (!kWindowed) {
 #pragma unroll
       for (int nb = 0; nb < kNBlocks; ++nb) {
@@ -241,7 +244,9 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
         int lo = 0, hi = kBlockN;
-        if (need_mask) visible_columns(s, m0 + warp_row0 + g + 8 * r, n0, kBlockN, &lo, &hi);
+        if (need_mask) {
+          visible_columns(s, keys, m0 + warp_row0 + g + 8 * r, n0, kBlockN, &lo, &hi);
+        }
 #pragma unroll
         for (int nb = 0; nb < kNBlocks; ++nb) {
 #pragma unroll
@@ -397,7 +402,7 @@ cudaError_t launch_fwd_sm90(const AttentionFwdArgs& args, cudaStream_t stream) {
     return cudaErrorNotSupported;
   }
   constexpr size_t bytes = SharedLayout<kHeadDim>::kBytes;
-  auto kernel = args.shape.windowed ? attention_fwd_sm90_kernel<T, kHeadDim, true>
+  auto kernel = bounded(args.shape) ? attention_fwd_sm90_kernel<T, kHeadDim, true>
                                     : attention_fwd_sm90_kernel<T, kHeadDim, false>;
   FUSEDLM_RETURN_IF_ERROR(prepare_shared_memory(kernel, bytes));
   const int64_t blocks = ceil_div(s.Tq, kBlockM) * s.Hq * s.B;

@@ -292,24 +292,43 @@ inline bool valid_shape(const AttentionShape& s) {
          (!s.windowed || (s.window_offset >= -s.Tq && s.window_offset <= s.Tk));
 }
 
+// Whether a call takes the bounded kernel instances (kWindowed): a sliding window or a key range.
+inline bool bounded(const AttentionShape& s) { return s.windowed || s.key_range != nullptr; }
+
+// Batch row b's keys [lo, hi): its key range clamped to the sequence, or all Tk keys.
+struct KeyBounds {
+  int64_t lo;
+  int64_t hi;
+};
+
+__device__ __forceinline__ KeyBounds key_bounds(const AttentionShape& s, int64_t b) {
+  if (s.key_range == nullptr) return KeyBounds{0, s.Tk};
+  const int64_t end = s.key_range[2 * b + 1], start = s.key_range[2 * b];
+  const int64_t hi = end < 0 ? 0 : (end > s.Tk ? s.Tk : end);
+  const int64_t lo = start < 0 ? 0 : (start > hi ? hi : start);
+  return KeyBounds{lo, hi};
+}
+
 // The columns [*lo, *hi) of the key tile [n0, n0 + block_n) that query `row` sees, relative to
-// n0: before Tk, up to the causal limit, from the sliding window's start. Worked out once per
-// row in int64 so the per-element test is two int32 compares (an int64 test per element costs
-// the sm_80 forward's 128-row tiles registers: spills).
-__device__ __forceinline__ void visible_columns(const AttentionShape& s, int64_t row, int64_t n0,
-                                                int block_n, int* lo, int* hi) {
-  int64_t end = s.Tk;
+// n0: inside the batch row's keys, up to the causal limit, from the sliding window's start.
+// Worked out once per row in int64 so the per-element test is two int32 compares (an int64
+// test per element costs the sm_80 forward's 128-row tiles registers: spills).
+__device__ __forceinline__ void visible_columns(const AttentionShape& s, const KeyBounds& keys,
+                                                int64_t row, int64_t n0, int block_n, int* lo,
+                                                int* hi) {
+  int64_t end = keys.hi;
   if (s.causal) end = std::min<int64_t>(end, row + s.causal_offset + 1);
-  const int64_t begin = s.windowed ? row + s.window_offset : 0;
+  const int64_t begin = std::max<int64_t>(keys.lo, s.windowed ? row + s.window_offset : 0);
   *hi = static_cast<int>(std::min<int64_t>(std::max<int64_t>(end - n0, 0), block_n));
   *lo = static_cast<int>(std::min<int64_t>(std::max<int64_t>(begin - n0, 0), block_n));
 }
 
-// The first key tile (of `block_n` keys) a query tile starting at row m0 sees: 0, or (sliding
-// window) the tile of its first row's first visible key.
-__device__ __forceinline__ int64_t first_key_tile(const AttentionShape& s, int64_t m0,
-                                                  int64_t block_n) {
-  return s.windowed ? std::max<int64_t>(0, m0 + s.window_offset) / block_n : 0;
+// The first key tile (of `block_n` keys) a query tile starting at row m0 sees: the tile of its
+// first row's first visible key (past the sliding window's start and the key range's).
+__device__ __forceinline__ int64_t first_key_tile(const AttentionShape& s, const KeyBounds& keys,
+                                                  int64_t m0, int64_t block_n) {
+  const int64_t window_start = s.windowed ? std::max<int64_t>(0, m0 + s.window_offset) : 0;
+  return std::max<int64_t>(window_start, keys.lo) / block_n;
 }
 
 // Query tiles (of `block_m` rows) that see a key of the tile [n0, n0 + block_n): from the first
@@ -321,7 +340,7 @@ __device__ __forceinline__ void query_tile_range(const AttentionShape& s, int64_
                                                  int64_t* first, int64_t* end) {
   *first = s.causal ? std::max<int64_t>(0, n0 - s.causal_offset) / block_m : 0;
   *end = ceil_div(s.Tq, block_m);
-  if (kWindowed) {
+  if (kWindowed && s.windowed) {
     const int64_t last_row = n0 + block_n - 1 - s.window_offset;  // the last query seeing a key
     *end = last_row < 0 ? 0 : std::min<int64_t>(*end, last_row / block_m + 1);
   }

@@ -75,9 +75,10 @@ cudaError_t norm_bwd(const NormBwdArgs& args, cudaStream_t stream);
 //
 // Flash attention on tensor cores (mma.sync m16n8k16, ldmatrix, cp.async: sm_80 and newer),
 // float16/bfloat16 in, float32 accumulation and statistics. Key j is visible to query i iff
-// (!causal || j <= i + causal_offset) && (!windowed || j >= i + window_offset). A query row that
-// sees no key gets out = 0, lse = -inf. The sm_90a backward takes no window (the sm_80 one runs
-// windowed backwards on Hopper too).
+// (!causal || j <= i + causal_offset) && (!windowed || j >= i + window_offset) and, with a key
+// range (padded batches), key_range[b][0] <= j < key_range[b][1] in batch row b. A query row
+// that sees no key gets out = 0, lse = -inf. The sm_90a backward takes no window and no key
+// range (the sm_80 one runs those backwards on Hopper too).
 //
 // Inputs are read in place through their batch, head and token strides (in elements): the
 // head dim must be contiguous, D a multiple of 8 (1..256), every stride a multiple of 8 and the
@@ -104,6 +105,9 @@ struct AttentionShape {
   int64_t causal_offset;  // Tk - Tq for bottom-right alignment, 0 for top-left
   bool windowed;          // sliding window: keys before i + window_offset are hidden
   int64_t window_offset;  // in [-Tq, Tk] (the caller clamps; past that it hides all or none)
+  // (B, 2) int32 [start, end) of each batch row's keys (the rest is padding), device memory, or
+  // nullptr for all Tk keys. Any values: the kernels clamp them to [0, Tk].
+  const int32_t* key_range;
   DType dtype;            // kFloat16 or kBFloat16
 };
 

@@ -375,3 +375,20 @@ def test_a_spent_budget_skips_rows_and_says_why(quick_run):
     assert out["rows"] and all(r["status"] == "skipped" for r in out["rows"])
     assert all("budget" in r["reason"] for r in out["rows"])
     assert schema.validate(out) == []
+
+
+@pytest.mark.parametrize(("B", "T"), [(2, 64), (5, 37), (8, 128)])
+def test_attention_flops_of_a_padded_batch_count_visible_pairs(B, T):
+    """Causal, left-padded rows of padded_lengths(B, T) tokens: 4 * H * D per visible pair."""
+    from fusedlm.bench.cases import padded_lengths
+
+    H, D = 3, 16
+    lengths = padded_lengths(B, T)
+    assert lengths[0] == T and min(lengths) >= T // 2
+    i, j = torch.arange(T)[:, None], torch.arange(T)[None, :]
+    pairs = sum(int(((j <= i) & (j >= T - n)).sum()) for n in lengths)
+    fwd = 4.0 * H * D * pairs
+    assert counting.attention_flops(B, H, T, T, D, True, "fwd", lengths=lengths) == fwd
+    assert counting.attention_flops(B, H, T, T, D, True, "fwd+bwd", lengths=lengths) == 3.5 * fwd
+    with pytest.raises(ValueError, match="lengths"):
+        counting.attention_flops(B, H, T, T, D, False, "fwd", lengths=lengths)

@@ -925,3 +925,27 @@ def test_attention_sliding_window(shape, window, causal, dtype):
 
     q, k, v = _qkv(shape, dtype)
     _check_attention(q, k, v, causal, "cuda", window=window, backward=dtype == torch.float16)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("kind", ["left", "right", "mixed"])
+@pytest.mark.parametrize(
+    ("shape", "window", "causal"),
+    [
+        ((8, 8, 2, 1024, 1024, 128), None, True),  # padded training batch, GQA
+        ((6, 4, 4, 777, 777, 64), None, False),  # bidirectional (BERT-style), ragged
+        ((4, 4, 2, 2048, 2048, 128), (511, 0), True),  # padding and a sliding window
+        ((8, 2, 1, 1, 3000, 64), None, True),  # decoding a left-padded batch
+    ],
+    ids=["causal-T1024-D128", "full-T777-D64", "causal-w512-T2048-D128", "decode-T3000"],
+)
+def test_attention_key_range(shape, window, causal, kind, dtype):
+    """Padded batches on the bounded (sliding-window) kernel instances, forward on the sm_90a
+    kernel where it applies, backward on sm_80's."""
+    from tests.ops.test_attention import _check_attention, key_ranges
+
+    q, k, v = _qkv(shape, dtype)
+    OpDispatch.last_choice.pop("attention_fwd", None)
+    _check_attention(q, k, v, causal, "cuda", window=window, backward=dtype == torch.float16,
+                     key_range=key_ranges(kind, shape[0], shape[4], "cuda"))
+    assert OpDispatch.last_choice["attention_fwd"] == "cuda"

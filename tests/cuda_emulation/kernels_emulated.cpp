@@ -105,13 +105,14 @@ const char* emulated_fault() { return emu::fault().c_str(); }
 
 // Strides: 3 per tensor (batch, head, token), in elements. Returns the cudaError_t.
 // hopper: 0 the launcher the bindings call (attention_fwd), 1 the sm_90a kernel alone
-// (cudaErrorNotSupported when it does not apply).
+// (cudaErrorNotSupported when it does not apply). key_range: (B, 2) int32 or null.
 int emulated_attention_fwd(const int64_t* shape, double scale, int dtype, int hopper,
                            const void* q, const int64_t* q_strides, const void* k,
                            const int64_t* k_strides, const void* v, const int64_t* v_strides,
-                           void* out, float* lse) {
+                           void* out, float* lse, const int32_t* key_range) {
   fusedlm::cuda::AttentionFwdArgs args{};
   args.shape = make_shape(shape, scale, dtype);
+  args.shape.key_range = key_range;
   args.q = input(q, q_strides);
   args.k = input(k, k_strides);
   args.v = input(v, v_strides);
@@ -125,10 +126,12 @@ int emulated_attention_bwd(const int64_t* shape, double scale, int dtype, int de
                            const void* k, const int64_t* k_strides, const void* v,
                            const int64_t* v_strides, const void* out, const int64_t* out_strides,
                            const void* grad_out, const int64_t* grad_out_strides,
-                           const float* lse, void* dq, void* dk, void* dv) {
+                           const float* lse, void* dq, void* dk, void* dv,
+                           const int32_t* key_range) {
   Scratch scratch;
   fusedlm::cuda::AttentionBwdArgs args{};
   args.shape = make_shape(shape, scale, dtype);
+  args.shape.key_range = key_range;
   args.q = input(q, q_strides);
   args.k = input(k, k_strides);
   args.v = input(v, v_strides);

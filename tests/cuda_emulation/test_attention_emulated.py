@@ -69,11 +69,21 @@ LOCKSTEP, WARPS_FORWARD, WARPS_BACKWARD, WARPGROUPS_FORWARD, WARPGROUPS_BACKWARD
 CUDA_ERROR_NOT_SUPPORTED = 801  # cudaErrorNotSupported
 
 
+def _key_range_arg(key_range):
+    """(B, 2) int32 [start, end) per batch row as the kernels take it (a pointer), or None.
+    The tensor must outlive the call: the caller keeps ``key_range``."""
+    if key_range is None:
+        return None
+    assert key_range.dtype == torch.int32 and key_range.is_contiguous()
+    return ctypes.cast(_ptr(key_range), ctypes.POINTER(ctypes.c_int32))
+
+
 def _run(lib, q, k, v, grad_out, causal, offset, late, deterministic, schedule=WARPS_FORWARD,
-         shared_bytes=H100_SHARED_BYTES, hopper=False, window_offset=None):
+         shared_bytes=H100_SHARED_BYTES, hopper=False, window_offset=None, key_range=None):
     """Forward and backward through the emulated launchers (with ``hopper``, on an emulated
     sm_90 device: the forward on the sm_90a kernel alone, the backward through the launcher with
-    FUSEDLM_ATTENTION_SM90=require). Returns out, lse, dq, dk, dv."""
+    FUSEDLM_ATTENTION_SM90=require). ``key_range``: (B, 2) int32. Returns out, lse, dq, dk,
+    dv."""
     lib.emulated_configure(int(late), schedule, shared_bytes)
     lib.emulated_set_compute_capability(90 if hopper else 80)
     # Hopper: the backward must take the sm_90a kernel too (it fails rather than fall back).
@@ -91,7 +101,7 @@ def _run(lib, q, k, v, grad_out, causal, offset, late, deterministic, schedule=W
     status = lib.emulated_attention_fwd(
         shape, ctypes.c_double(scale), dtype_code, int(hopper), _ptr(q), _strides(q), _ptr(k),
         _strides(k), _ptr(v), _strides(v), _ptr(out),
-        ctypes.cast(_ptr(lse), ctypes.POINTER(ctypes.c_float)))
+        ctypes.cast(_ptr(lse), ctypes.POINTER(ctypes.c_float)), _key_range_arg(key_range))
     assert status == 0, f"attention_fwd: cudaError {status}: {lib.emulated_fault().decode()}"
     _check_guard(out_buffer, out.numel(), "out")
     _check_guard(lse_buffer, lse.numel(), "lse")
@@ -100,7 +110,7 @@ def _run(lib, q, k, v, grad_out, causal, offset, late, deterministic, schedule=W
         shape, ctypes.c_double(scale), dtype_code, int(deterministic), _ptr(q),
         _strides(q), _ptr(k), _strides(k), _ptr(v), _strides(v), _ptr(out), _strides(out),
         _ptr(grad_out), _strides(grad_out), ctypes.cast(_ptr(lse), ctypes.POINTER(ctypes.c_float)),
-        *[_ptr(g) for g, _ in grads])
+        *[_ptr(g) for g, _ in grads], _key_range_arg(key_range))
     assert status == 0, f"attention_bwd: cudaError {status}: {lib.emulated_fault().decode()}"
     for name, (g, buffer) in zip(("dq", "dk", "dv"), grads, strict=True):
         _check_guard(buffer, g.numel(), name)
@@ -109,7 +119,7 @@ def _run(lib, q, k, v, grad_out, causal, offset, late, deterministic, schedule=W
 
 def _check(lib, shape, causal, dtype, layout="contiguous", late=True, deterministic=False,
            offset=None, schedule=WARPS_FORWARD, shared_bytes=H100_SHARED_BYTES, hopper=False,
-           window_offset=None):
+           window_offset=None, key_range=None):
     B, Hq, Hkv, Tq, Tk, D = shape
     offset = Tk - Tq if offset is None else offset
     gen = torch.Generator().manual_seed(hash((shape, causal, str(dtype))) % 2**31)
@@ -117,16 +127,18 @@ def _check(lib, shape, causal, dtype, layout="contiguous", late=True, determinis
               for s in ((B, Hq, Tq, D), (B, Hkv, Tk, D), (B, Hkv, Tk, D), (B, Hq, Tq, D))]
     q64, k64, v64, do64 = (t.to(dtype).double() for t in values)  # the values the kernel sees
     q, k, v, grad_out = (_guarded(t.to(dtype), layout)[0] for t in (q64, k64, v64, do64))
+    if key_range is not None:
+        key_range = torch.tensor(key_range, dtype=torch.int32).reshape(B, 2)
     out, lse, dq, dk, dv = _run(lib, q, k, v, grad_out, causal, offset, late, deterministic,
-                                schedule, shared_bytes, hopper, window_offset)
+                                schedule, shared_bytes, hopper, window_offset, key_range)
 
     leaves64 = [t.clone().requires_grad_(True) for t in (q64, k64, v64)]
     truth = naive_attention(*leaves64, causal=causal, causal_offset=offset,
-                            window_offset=window_offset)
+                            window_offset=window_offset, key_range=key_range)
     truth_grads = torch.autograd.grad(truth, leaves64, do64)
     leaves = [t.to(dtype).requires_grad_(True) for t in (q64, k64, v64)]
     baseline = naive_attention(*leaves, causal=causal, causal_offset=offset,
-                               window_offset=window_offset)
+                               window_offset=window_offset, key_range=key_range)
     baseline_grads = torch.autograd.grad(baseline, leaves, do64.to(dtype))
 
     assert_close_rule(out, baseline, truth, name="out")
@@ -136,6 +148,9 @@ def _check(lib, shape, causal, dtype, layout="contiguous", late=True, determinis
         scores = scores.masked_fill(cols > rows + offset, float("-inf"))
     if window_offset is not None:
         scores = scores.masked_fill(cols < rows + window_offset, float("-inf"))
+    if key_range is not None:
+        start, end = (key_range[:, i, None, None, None].long() for i in (0, 1))
+        scores = scores.masked_fill((cols < start) | (cols >= end), float("-inf"))
     lse_truth = torch.logsumexp(scores, dim=-1)
     seen = torch.isfinite(lse_truth)
     assert torch.equal(torch.isfinite(lse), seen), "lse: -inf rows differ"
@@ -233,6 +248,48 @@ def test_sliding_window_copy_timing(library, timing):
     late, schedule = timing
     _check(library, (1, 2, 1, 300, 300, 64), True, torch.float16, late=late, schedule=schedule,
            window_offset=-90)
+
+
+# Key ranges (padded batches: key j of batch row b visible only in [start, end)) on the bounded
+# kernel instances: the forward and dQ key loops start at the range's first key tile and stop
+# at its last, the dK/dV kernel gives tiles outside the range no query tile (zero gradients)
+# and masks the tiles the range cuts; rows left with no key. With a sliding window too.
+# (B, Hq, Hkv, Tq, Tk, D, causal, window_offset, key_range rows)
+KEY_RANGE_CASES = [
+    (3, 2, 1, 150, 150, 64, True, None, [[70, 150], [0, 41], [150, 150]]),  # left/right/empty
+    (2, 2, 2, 70, 200, 128, False, None, [[65, 130], [-9, 999]]),  # mid-sequence, clamped ends
+    (2, 3, 1, 5, 300, 96, True, 240, [[100, 300], [10, 262]]),  # decoding, window + padding
+    (2, 1, 1, 90, 90, 40, True, -20, [[30, 31], [89, 2]]),  # one key; inverted (empty)
+]
+
+
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic_dq", "deterministic"])
+@pytest.mark.parametrize("case", KEY_RANGE_CASES,
+                         ids=["Tq{}-Tk{}-D{}-{}".format(*c[3:6], "causal" if c[6] else "full")
+                              + ("" if c[7] is None else f"-w{c[7]}") for c in KEY_RANGE_CASES])
+def test_key_range(library, case, deterministic):
+    *shape, causal, window_offset, ranges = case
+    _check(library, tuple(shape), causal, torch.float16, deterministic=deterministic,
+           window_offset=window_offset, key_range=ranges)
+
+
+@pytest.mark.parametrize("case", [KEY_RANGE_CASES[0], KEY_RANGE_CASES[2]],
+                         ids=["padded-D64", "decode-window-D96"])
+def test_hopper_forward_key_range(library, case):
+    """The sm_90a forward's pipeline over the key range's tiles only; the backward on the sm_80
+    kernels (the sm_90a one takes no key range, FUSEDLM_ATTENTION_SM90=require
+    notwithstanding)."""
+    *shape, causal, window_offset, ranges = case
+    _check(library, tuple(shape), causal, torch.float16, hopper=True,
+           window_offset=window_offset, key_range=ranges)
+
+
+@pytest.mark.parametrize("timing", TIMINGS, ids=TIMING_IDS)
+def test_key_range_copy_timing(library, timing):
+    """The prefetch protocol when the key loop starts past tile 0 and stops early."""
+    late, schedule = timing
+    _check(library, (2, 2, 1, 130, 300, 64), True, torch.float16, late=late, schedule=schedule,
+           key_range=[[90, 250], [0, 300]])
 
 
 @pytest.mark.parametrize("offset", [-20, 0, 90], ids=["offset-20", "offset0", "offset90"])
@@ -346,7 +403,7 @@ def test_hopper_is_not_taken_where_it_does_not_apply(library):
         status = library.emulated_attention_fwd(
             _shape_arg(1, 1, 1, 16, 16, D, False, 0), ctypes.c_double(0.1), 0, 1, _ptr(q), strides,
             _ptr(q), strides, _ptr(q), strides, _ptr(out),
-            ctypes.cast(_ptr(lse), ctypes.POINTER(ctypes.c_float)))
+            ctypes.cast(_ptr(lse), ctypes.POINTER(ctypes.c_float)), None)
         assert status == CUDA_ERROR_NOT_SUPPORTED
         assert torch.isnan(out).all() and torch.isnan(lse).all()
     library.emulated_set_compute_capability(80)

@@ -42,7 +42,9 @@ HOPPER_SEQ_LENS = [1, 2, 63, 64, 65, 127, 128, 129, 255, 256, 257, 300]
 
 def _fuzz_attention(library, data, seq_lens, max_head_dim, schedules, hopper):
     """One drawn case through _check: shape, causal offset, dtype, layout, timing, schedule,
-    dQ path, a sliding window, and (sm_80 kernels) the device's shared memory."""
+    dQ path, a sliding window, a padded batch (key ranges), and (sm_80 kernels) the device's
+    shared memory."""
+    B = data.draw(st.integers(1, 2), label="B")
     Hkv = data.draw(st.integers(1, 2), label="Hkv")
     group = data.draw(st.integers(1, 3), label="group")
     Tq = data.draw(st.sampled_from(seq_lens), label="Tq")
@@ -55,6 +57,11 @@ def _fuzz_attention(library, data, seq_lens, max_head_dim, schedules, hopper):
     window_offset = None  # sliding windows (on Hopper: the sm_90a forward, the sm_80 backward)
     if data.draw(st.booleans(), label="sliding window"):
         window_offset = data.draw(st.integers(-Tq, Tk), label="window offset")
+    key_range = None  # padding: each batch row's keys [start, end), any ints (clamped)
+    if data.draw(st.booleans(), label="padded"):
+        bound = st.integers(-2, Tk + 2)
+        key_range = data.draw(st.lists(st.lists(bound, min_size=2, max_size=2), min_size=B,
+                                       max_size=B), label="key range")
     dtype = data.draw(st.sampled_from([torch.float16, torch.bfloat16]), label="dtype")
     layout = data.draw(st.sampled_from(["contiguous", "bthd"]), label="layout")
     late = data.draw(st.booleans(), label="copies (cp.async, TMA, wgmma) land late")
@@ -64,9 +71,9 @@ def _fuzz_attention(library, data, seq_lens, max_head_dim, schedules, hopper):
     if not hopper:
         shared = data.draw(st.sampled_from([H100_SHARED_BYTES, SM86_SHARED_BYTES]),
                            label="shared bytes")
-    _check(library, (1, Hkv * group, Hkv, Tq, Tk, D), causal, dtype, layout=layout, late=late,
+    _check(library, (B, Hkv * group, Hkv, Tq, Tk, D), causal, dtype, layout=layout, late=late,
            deterministic=deterministic, offset=offset, schedule=schedule, shared_bytes=shared,
-           hopper=hopper, window_offset=window_offset)
+           hopper=hopper, window_offset=window_offset, key_range=key_range)
 
 
 def test_fuzz_attention(library, fuzz):  # noqa: F811

@@ -206,10 +206,31 @@ def _window_mask(Tq: int, Tk: int, window: int, device) -> torch.Tensor:
     return _masks[key]
 
 
-def _hidden_mask(Tq: int, Tk: int, causal: bool, window: int | None, device):
+def _hidden_mask(Tq: int, Tk: int, causal: bool, window: int | None, device, padded=None):
+    """Hidden entries (True): (Tq, Tk), or None if none; a padded batch's (B, 1, Tq, Tk)
+    mask (its inputs carry it, built once) when ``padded`` is one."""
+    if padded is not None:
+        return padded["hidden"]
     if window is not None:
         return _window_mask(Tq, Tk, window, device)
     return _causal_mask(Tq, Tk, device) if causal else None
+
+
+def padded_lengths(B: int, T: int) -> list[int]:
+    """The token counts of the padded-batch rows: from T down to about T / 2, evenly."""
+    return [T - b * T // (2 * B) for b in range(B)]
+
+
+def _padding_inputs(B: int, T: int, causal: bool, device) -> dict:
+    """A left-padded batch (as for generation): row b's tokens are its last L_b positions.
+    "key_range" (B, 2) for fusedlm, "hidden" (B, 1, T, T) for the masked providers."""
+    starts = torch.tensor([T - n for n in padded_lengths(B, T)], device=device)
+    key_range = torch.stack([starts, torch.full_like(starts, T)], dim=1)
+    cols = torch.arange(T, device=device)
+    hidden = (cols[None, :] < starts[:, None])[:, None, None, :]  # (B, 1, 1, T)
+    if causal:
+        hidden = hidden | _causal_mask(T, T, device)
+    return {"key_range": key_range, "hidden": hidden.expand(B, 1, T, T).contiguous()}
 
 
 def eager_attention(q, k, v, mask: torch.Tensor | None):
@@ -221,7 +242,10 @@ def eager_attention(q, k, v, mask: torch.Tensor | None):
     s = torch.matmul(q, k.transpose(-2, -1)).float() * scale
     if mask is not None:
         s = s.masked_fill(mask, float("-inf"))
-    return torch.matmul(torch.softmax(s, dim=-1).to(q.dtype), v)
+    p = torch.softmax(s, dim=-1)
+    if mask is not None and mask.dim() == 4:  # padded batch: rows that see no key give 0
+        p = p.nan_to_num(0.0)
+    return torch.matmul(p.to(q.dtype), v)
 
 
 def _attention_cases(ctx: Context) -> list[Case]:
@@ -233,37 +257,49 @@ def _attention_cases(ctx: Context) -> list[Case]:
         tokens = 512 if ctx.quick else 2048
         seqs = [128, 256] if ctx.quick else [128, 256, 512, 1024]
     dtype = torch.bfloat16 if ctx.cuda else torch.float32
-    # Causal sliding windows (Mistral's) of `window` keys, on sequences at least twice as long.
+    # Causal sliding windows (Mistral's) of `window` keys, on sequences at least twice as long;
+    # causal padded batches (left padding, rows of T down to T / 2 tokens, Hugging Face style).
     window = 1024 if ctx.cuda else 64
     cases = []
     for pass_ in counting.PASSES:
-        for causal, win in ((False, None), (True, None), (True, window)):
+        for causal, win, padded in ((False, None, False), (True, None, False),
+                                    (True, window, False), (True, None, True)):
             for T in (seqs if win is None else [T for T in seqs if T >= 2 * win]):
                 B = max(tokens // T, 1)
+                if padded and B < 2:
+                    continue
 
-                def make(B=B, T=T, pass_=pass_):
+                def make(B=B, T=T, pass_=pass_, causal=causal, padded=padded):
                     grad = pass_ == "fwd+bwd"
                     inputs = {n: _randn(B, H, T, D, ctx=ctx, dtype=dtype, requires_grad=grad)
                               for n in ("q", "k", "v")}
                     if grad:
                         inputs["grad"] = _randn(B, H, T, D, ctx=ctx, dtype=dtype)
+                    if padded:
+                        inputs["padded"] = _padding_inputs(B, T, causal, ctx.device)
                     return inputs
 
-                mask = "full" if not causal else "causal" if win is None else f"window {win}"
-                size = dict(B=B, H=H, T=T, D=D) if win is None else dict(B=B, H=H, T=T, D=D,
-                                                                         window=win)
+                mask = ("full" if not causal else f"window {win}" if win is not None
+                        else "causal padded" if padded else "causal")
+                size = dict(B=B, H=H, T=T, D=D)
+                if win is not None:
+                    size["window"] = win
+                if padded:
+                    size["padded"] = "left"
+                lengths = padded_lengths(B, T) if padded else None
                 cases.append(Case(
                     op="attention",
                     variant=f"{pass_} {dtype_name(dtype)} {mask}",
                     pass_=pass_, dtype=dtype_name(dtype), causal=causal,
                     size_label=" ".join(f"{k}={v}" for k, v in size.items()), size=size,
                     x=T,
-                    flops=counting.attention_flops(B, H, T, T, D, causal, pass_, window=win),
+                    flops=counting.attention_flops(B, H, T, T, D, causal, pass_, window=win,
+                                                   lengths=lengths),
                     bytes=counting.attention_bytes(B, H, T, T, D, dtype, pass_),
                     make_inputs=make, check_output=pass_ == "fwd",
                 ))
-    # Sliding windows last: a run out of time skips them before the plain cases.
-    return sorted(cases, key=lambda case: "window" in case.size)
+    # Sliding windows and padded batches last: a run out of time skips them first.
+    return sorted(cases, key=lambda case: "window" in case.size or "padded" in case.size)
 
 
 _QKV = ("q", "k", "v")
@@ -275,19 +311,20 @@ def _attention_provider(name, description, forward, why_not=_always, compiles=Fa
         if kernel_backend is not None and case.pass_ == "fwd+bwd":
             _needs(ctx, kernel_backend, "attention_bwd")
         causal, window = case.causal, case.size.get("window")
-        return _run_pass(case, lambda i: forward(i["q"], i["k"], i["v"], causal, ctx, window),
-                         _QKV)
+        return _run_pass(
+            case, lambda i: forward(i["q"], i["k"], i["v"], causal, ctx, window, i.get("padded")),
+            _QKV)
 
     return Provider(name, description, why_not, build, compiles=compiles)
 
 
-def _eager_attention_call(q, k, v, causal, ctx, window=None):
+def _eager_attention_call(q, k, v, causal, ctx, window=None, padded=None):
     return eager_attention(q, k, v, _hidden_mask(q.shape[2], k.shape[2], causal, window,
-                                                 q.device))
+                                                 q.device, padded))
 
 
-def _compiled_attention_call(q, k, v, causal, ctx, window=None):
-    mask = _hidden_mask(q.shape[2], k.shape[2], causal, window, q.device)
+def _compiled_attention_call(q, k, v, causal, ctx, window=None, padded=None):
+    mask = _hidden_mask(q.shape[2], k.shape[2], causal, window, q.device, padded)
     return compiled(eager_attention)(q, k, v, mask)
 
 
@@ -323,15 +360,16 @@ def _sdpa_why_not(name: str) -> Callable[[Context], str | None]:
 
 
 def _sdpa_call(name: str):
-    def call(q, k, v, causal, ctx, window=None):
+    def call(q, k, v, causal, ctx, window=None, padded=None):
         from torch.nn.attention import sdpa_kernel
 
-        if window is None:
+        if window is None and padded is None:
             with sdpa_kernel([_sdpa_backend(name)]):
                 return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
         if name == "flash":
-            raise Unsupported("torch's SDPA flash backend takes no mask (no sliding window)")
-        visible = ~_window_mask(q.shape[2], k.shape[2], window, q.device)
+            raise Unsupported("torch's SDPA flash backend takes no mask (no sliding window, "
+                              "no padding)")
+        visible = ~_hidden_mask(q.shape[2], k.shape[2], causal, window, q.device, padded)
         with sdpa_kernel([_sdpa_backend(name)]):
             return F.scaled_dot_product_attention(q, k, v, attn_mask=visible)
 
@@ -339,11 +377,12 @@ def _sdpa_call(name: str):
 
 
 def _fusedlm_attention_call(backend: str):
-    def call(q, k, v, causal, ctx, window=None):
+    def call(q, k, v, causal, ctx, window=None, padded=None):
         import fusedlm
 
         return fusedlm.attention(q, k, v, causal=causal, backend=backend,
-                                 window=None if window is None else (window - 1, 0))
+                                 window=None if window is None else (window - 1, 0),
+                                 key_range=None if padded is None else padded["key_range"])
 
     return call
 

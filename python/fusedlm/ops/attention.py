@@ -45,11 +45,9 @@ def _capability(device: torch.device) -> tuple[int, int]:
 def _extension_supports(q: Tensor, k: Tensor, v: Tensor, window_offset: int | None = None,
                         key_range: Tensor | None = None) -> str | None:
     """The CPU kernels take every case; the CUDA ones (tensor-core mma.sync) fp16/bf16 on sm_80+
-    (sliding windows included, key ranges not: the Triton kernels serve those)."""
+    (sliding windows and key ranges included)."""
     if q.device.type != "cuda":
         return None
-    if key_range is not None:
-        return "the CUDA attention kernels take no key_range (padding); the Triton ones do"
     if q.dtype not in (torch.float16, torch.bfloat16):
         return f"the CUDA attention kernels take float16 or bfloat16, not {q.dtype}"
     major, minor = _capability(q.device)
