@@ -483,14 +483,16 @@ def test_attention_gpu(shape, causal, dtype):
 
 @pytest.mark.gpu
 @pytest.mark.usefixtures("untuned")
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("kind", ["left", "right", "mixed"])
+@pytest.mark.parametrize("kind", ["left", "mixed"])
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
-@pytest.mark.parametrize("shape", [(8, 8, 2, 2048, 2048, 128), (6, 4, 4, 1000, 1000, 64)],
-                         ids=["B8-T2048-D128-GQA", "B6-T1000-D64"])
-def test_attention_gpu_key_range(shape, causal, kind, dtype):
-    """Padded batches as Hugging Face models run them (left padding for generation, right for
-    training), fixed configs."""
+@pytest.mark.parametrize(("shape", "dtype"),
+                         [((8, 8, 2, 2048, 2048, 128), torch.bfloat16),
+                          ((6, 4, 4, 1000, 1000, 64), torch.float16)],
+                         ids=["B8-T2048-D128-GQA-bf16", "B6-T1000-D64-fp16"])
+def test_attention_gpu_key_range(shape, dtype, causal, kind):
+    """Padded batches as Hugging Face models run them (left padding for generation; "mixed":
+    ranges inside the sequence, clamped, empty), fixed configs; one dtype per head dim (the
+    compiles dominate gpu_check's pytest step)."""
     q, k, v = _qkv(shape, dtype, "cuda")
     _check_attention(q, k, v, causal, BACKEND,
                      key_range=key_ranges(kind, shape[0], shape[4], "cuda"))
