@@ -32,6 +32,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import fusedlm
+from fusedlm import reference
+from fusedlm.ops.attention import attention_mask_bounds
 from tests.helpers import ATOL, assert_close_rule, atol_for, available_backends, naive_attention
 from tests.ops.test_adamw import _call_op, _torch_adamw
 
@@ -128,8 +130,14 @@ def _attention_case(data, backend):
 
 
 def _attention_truths(q, k, v, grad, scale, causal, offset, backward, window=None,
-                      window_offset=None, key_range=None):
-    """(truth float64, baseline at q's dtype) outputs and gradients of the naive attention."""
+                      window_offset=None, key_range=None, kernel_terms=None):
+    """(truth float64, baseline at q's dtype) outputs and gradients of the naive attention,
+    and for float32 gradients a second baseline: torch computing them by FlashAttention's
+    formula (fusedlm.reference, from the output and lse; ``kernel_terms`` = the kernels'
+    (scale, causal, causal_offset, window_offset)). The two formulas round differently: the
+    naive softmax backward is exact where a row sees one key (or identical ones), while
+    FlashAttention's Delta = rowsum(dO * O) cancels against dP with float32 rounding, so the
+    rule's "torch's own error" is the larger of the two."""
     results = []
     for dtype in (torch.float64, q.dtype):
         leaves = [t.detach().to(dtype).requires_grad_(backward) for t in (q, k, v)]
@@ -147,11 +155,28 @@ def _attention_truths(q, k, v, grad, scale, causal, offset, backward, window=Non
         elif backward:
             grads = [torch.zeros_like(leaf) for leaf in leaves]
         results.append((out.detach(), grads))
+    flash_grads = None
+    if (backward and q.dtype == torch.float32 and kernel_terms is not None and q.numel()
+            and k.numel()):
+        s, c, co, wo = kernel_terms
+        out32, lse32 = reference.attention_fwd(q, k, v, s, c, co, wo, key_range)
+        flash_grads = list(reference.attention_bwd(grad, q, k, v, out32, lse32, s, c, co, wo,
+                                                   key_range))
+    results.append(flash_grads)
     return results
 
 
+def _larger_error(a, b, truth):
+    """Whichever of the baselines a, b (b may be None) is further from the truth."""
+    if b is None or not truth.numel():
+        return a
+    errors = [torch.nan_to_num((x.double() - truth.double()).abs(), nan=0.0, posinf=0.0).max()
+              for x in (a, b)]
+    return b if errors[1] > errors[0] else a
+
+
 def _check_attention(out, grads, truths, dtype):
-    (truth, truth_grads), (base, base_grads) = truths
+    (truth, truth_grads), (base, base_grads), flash_grads = truths
     # bfloat16: an 8-bit mantissa dominates; the looser absolute term of tests/ops/test_attention.
     atol = (1e-2 * max(1.0, truth.abs().max().item())
             if truth.numel() and dtype == torch.bfloat16 else None)
@@ -159,8 +184,10 @@ def _check_attention(out, grads, truths, dtype):
     assert_close_rule(out, base, truth, atol=atol, name="out")
     if grads is None:
         return
-    for name, g, gb, gt in zip(("dq", "dk", "dv"), grads, base_grads, truth_grads, strict=True):
+    for i, (name, g, gb, gt) in enumerate(zip(("dq", "dk", "dv"), grads, base_grads,
+                                               truth_grads, strict=True)):
         assert g.dtype == dtype and g.shape == gt.shape, f"{name}: {g.dtype} {tuple(g.shape)}"
+        gb = _larger_error(gb, None if flash_grads is None else flash_grads[i], gt)
         g_atol = 2 * atol_for(dtype, gt) if dtype in (torch.float16, torch.bfloat16) else None
         assert_close_rule(g, gb, gt, atol=g_atol, name=name)
 
@@ -247,8 +274,13 @@ def test_fuzz_attention(backend, fuzz):
             _expect_clean_error(call)
             return
         out, grads = call()
+        if via_op:
+            terms = (s, causal, offset, window_offset)
+        else:
+            terms = (1.0 / math.sqrt(D) if scale is None else scale,
+                     *attention_mask_bounds(Tq, Tk, causal, window))
         truths = _attention_truths(q, k, v, grad, s, causal, offset, backward, window,
-                                   window_offset, key_range)
+                                   window_offset, key_range, terms)
         _check_attention(out, grads, truths, dtype)
 
     run()
