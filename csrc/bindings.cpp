@@ -459,7 +459,9 @@ std::optional<at::Tensor> attention_key_range(const std::optional<at::Tensor>& k
                       "argument 'key_range' must have shape (B, 2) = (", q.size(0),
                       ", 2), got ", range.sizes());
   check_same_device(range, "key_range", q, "q");
-  // int64 starts/ends past int32 mean "past every key": clamping keeps their meaning.
+  // The kernels clamp int32 values themselves; wider starts/ends past int32 mean "past every
+  // key" (or before all), which clamping to [0, int32 max] keeps.
+  if (range.scalar_type() == at::kInt) return range.contiguous();
   return range.clamp(0, std::numeric_limits<int32_t>::max()).to(at::kInt).contiguous();
 }
 

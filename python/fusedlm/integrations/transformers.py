@@ -39,7 +39,6 @@ from ..ops.attention import (
     ATTENTION_FWD,
     MAX_HEAD_DIM,
     _attention,
-    _check_key_range,
     mask_layout,
 )
 from .patch import ATTN_PREVIOUS_KEY, LeftAlone, PatchReport, swap_norms
@@ -157,9 +156,8 @@ def fusedlm_attention_forward(
                 mask_causal_offset, window_offset, key_range = layout
                 if mask_causal_offset is not None:
                     causal, causal_offset = True, mask_causal_offset
-                if key_range is not None:
-                    key_range = _check_key_range(key_range.expand(query.shape[0], 2), query,
-                                                 kv_len)
+                if key_range is not None:  # int32 within [0, kv_len] already (mask_layout)
+                    key_range = key_range.expand(query.shape[0], 2).contiguous()
     compiling = torch.compiler.is_compiling()
     if reason is None and requested_backend(backend) == "auto" and not compiling:
         # Our reference is no faster than torch's SDPA: use ours only where a kernel serves.
