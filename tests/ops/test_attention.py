@@ -575,10 +575,19 @@ def test_sdpa_matches_torch(q_shape, k_shape, kwargs, dtype, backend, monkeypatc
     assert OpDispatch.last_choice.get("attention_fwd") == backend, (
         "the call did not reach fusedlm's kernels"
     )
+    _check_sdpa_against_torch(out, q, k, v, kwargs)
 
+
+def _check_sdpa_against_torch(out, q, k, v, kwargs) -> None:
+    """Our SDPA output ``out`` and its gradients against torch's SDPA with ``kwargs``, in
+    float64 (truth) and at q's dtype (baseline); a float attn_mask goes to float64 too."""
     q64, k64, v64 = (t.detach().double().requires_grad_(True) for t in (q, k, v))
     qt, kt, vt = (t.detach().clone().requires_grad_(True) for t in (q, k, v))
-    truth = F.scaled_dot_product_attention(q64, k64, v64, **kwargs)
+    kwargs64 = dict(kwargs)
+    mask = kwargs.get("attn_mask")
+    if mask is not None and mask.is_floating_point():
+        kwargs64["attn_mask"] = mask.double()
+    truth = F.scaled_dot_product_attention(q64, k64, v64, **kwargs64)
     same = F.scaled_dot_product_attention(qt, kt, vt, **kwargs)
     assert out.shape == same.shape and out.dtype == same.dtype
     assert_close_rule(out, same, truth, name="out")
@@ -644,18 +653,7 @@ def test_sdpa_masks_run_the_kernels(q_shape, k_shape, kind, dtype, backend, monk
     assert OpDispatch.last_choice.get("attention_fwd") == backend, (
         "the call did not reach fusedlm's kernels"
     )
-    q64, k64, v64 = (t.detach().double().requires_grad_(True) for t in (q, k, v))
-    qt, kt, vt = (t.detach().clone().requires_grad_(True) for t in (q, k, v))
-    mask64 = mask.double() if mask.is_floating_point() else mask
-    truth = F.scaled_dot_product_attention(q64, k64, v64, attn_mask=mask64, **gqa)
-    same = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, **gqa)
-    assert_close_rule(out, same, truth, name="out")
-    grad = torch.randn_like(out)
-    ours = torch.autograd.grad(out, (q, k, v), grad)
-    theirs = torch.autograd.grad(same, (qt, kt, vt), grad)
-    truths = torch.autograd.grad(truth, (q64, k64, v64), grad.double())
-    for name, g, gt, g64 in zip("qkv", ours, theirs, truths, strict=True):
-        assert_close_rule(g, gt, g64, name=f"d{name}")
+    _check_sdpa_against_torch(out, q, k, v, {"attn_mask": mask, **gqa})
 
 
 @pytest.mark.parametrize("backend", ["auto", *BACKENDS])
