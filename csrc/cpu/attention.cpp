@@ -730,8 +730,8 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
       const int64_t kv_head = first_head / group;
       const int64_t query_start = zigzag(tile % query_blocks, query_blocks) * kBlockQuery;
       const int64_t head_rows = std::min(kBlockQuery, Tq - query_start);  // rows per head
-      const int64_t rows = heads * head_rows;
-      const Visibility mask = full_mask.for_batch(key_ranges, batch);  // tile row r: head r / head_rows, time r % head_rows
+      const int64_t rows = heads * head_rows;  // tile row r: head r / head_rows, time r % head_rows
+      const Visibility mask = full_mask.for_batch(key_ranges, batch);
       // The tile's rows see keys [first row's begin, last row's end); this split takes keys
       // [key_begin, kv_end) of them.
       const int64_t split_begin = item % splits * split_keys;
