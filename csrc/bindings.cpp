@@ -264,6 +264,10 @@ cuda::AttentionShape attention_shape(const at::Tensor& q, const at::Tensor& k, i
   // Past [-Tq, Tk] the window hides every key or none: clamped, as the kernels require.
   shape.window_offset = std::clamp<int64_t>(window_offset.value_or(0), -q.size(2), k.size(2));
   // (B, 2) int32 contiguous on q's device (attention_key_range made it so); the kernels clamp.
+  TORCH_CHECK_NOT_IMPLEMENTED(!key_range.has_value() || key_range->dim() == 2,
+                              "fusedlm: the CUDA attention kernels take argument 'key_range' as "
+                              "(B, 2), one range per batch row; per-query ranges (B, Tq, 2) run "
+                              "on backend='triton' (or 'auto', which picks it)");
   shape.key_range = key_range.has_value() ? key_range->const_data_ptr<int32_t>() : nullptr;
   shape.dtype = dtype_of(q.scalar_type());
   return shape;
@@ -281,6 +285,7 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q,  // (B, Hq
                                                  int64_t causal_offset,
                                                  std::optional<int64_t> window_offset,
                                                  // (B, 2) int32 contiguous, q's device
+                                                 // ((B, Tq, 2) is refused by attention_shape)
                                                  const std::optional<at::Tensor>& key_range) {
   const char* op = "attention_fwd";
   check_attention_cuda(q, k, op);
@@ -447,17 +452,23 @@ void check_attention_inputs(const at::Tensor& q, const at::Tensor& k, const at::
   check_fits_strides(v, "v");
 }
 
-// key_range (B, 2) integers, or None: checked, and made the contiguous int32 the kernels read.
+// key_range (B, 2) or (B, Tq, 2) integers, or None: checked, and made the contiguous int32
+// the kernels read.
 std::optional<at::Tensor> attention_key_range(const std::optional<at::Tensor>& key_range,
                                               const at::Tensor& q) {
   if (!key_range.has_value() || !key_range->defined()) return std::nullopt;
   const at::Tensor& range = *key_range;
-  check_dim(range, "key_range", 2);  // (B, 2)
+  FUSEDLM_CHECK_VALUE(range.dim() == 2 || range.dim() == 3,
+                      "argument 'key_range' must be 2-D (B, 2) or 3-D (B, Tq, 2), got ",
+                      range.dim(), "-D");
   FUSEDLM_CHECK_TYPE(at::isIntegralType(range.scalar_type(), /*includeBool=*/false),
                      "argument 'key_range' must hold integers, got ", range.scalar_type());
-  FUSEDLM_CHECK_VALUE(range.size(0) == q.size(0) && range.size(1) == 2,
+  const bool per_query = range.dim() == 3;
+  FUSEDLM_CHECK_VALUE(range.size(0) == q.size(0) && (!per_query || range.size(1) == q.size(2)) &&
+                          range.size(-1) == 2,
                       "argument 'key_range' must have shape (B, 2) = (", q.size(0),
-                      ", 2), got ", range.sizes());
+                      ", 2) or (B, Tq, 2) = (", q.size(0), ", ", q.size(2), ", 2), got ",
+                      range.sizes());
   check_same_device(range, "key_range", q, "q");
   // The kernels clamp int32 values themselves; wider starts/ends past int32 mean "past every
   // key" (or before all), which clamping to [0, int32 max] keeps.

@@ -163,8 +163,9 @@ def naive_attention(q, k, v, scale=None, causal=False, causal_offset=None, windo
     j <= i + causal_offset (default Tk - Tq, bottom-right), and, with ``window=(left, right)``
     (None or -1: no limit on that side), p - left <= j <= p + right where p = i + Tk - Tq, and
     with ``window_offset`` (the custom op's form) j >= i + window_offset, and with
-    ``key_range`` ((B, 2) integers) key_range[b, 0] <= j < key_range[b, 1] in batch row b. Rows
-    that see no key give 0."""
+    ``key_range`` ((B, 2) integers) key_range[b, 0] <= j < key_range[b, 1] in batch row b, or
+    ((B, Tq, 2) integers) key_range[b, i, 0] <= j < key_range[b, i, 1]. Rows that see no key
+    give 0."""
     B, Hq, Tq, D = q.shape
     Tk = k.shape[2]
     if scale is None:
@@ -185,7 +186,8 @@ def naive_attention(q, k, v, scale=None, causal=False, causal_offset=None, windo
         if window_offset is not None:
             visible = visible & (cols >= rows + window_offset)
         if key_range is not None:  # (Tq, Tk) -> (B, 1, Tq, Tk)
-            start, end = (key_range[:, i].to(q.device)[:, None, None, None] for i in (0, 1))
+            per_row = key_range.to(q.device).view(B, -1, 2)  # (B, 1 or Tq, 2)
+            start, end = (per_row[:, None, :, i, None] for i in (0, 1))
             visible = visible & (cols >= start) & (cols < end)
         scores = scores.masked_fill(~visible, float("-inf"))
         probs = torch.softmax(scores, dim=-1)

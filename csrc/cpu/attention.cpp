@@ -570,12 +570,21 @@ void scores_by_dots(const float* q, int64_t rows, const float* k, int64_t ld_k, 
   scores_by_dots_generic(q, rows, k, ld_k, cols, D, s);
 }
 
+// Key ranges: (B, 2) int32 [start, end) per batch row, or (B, Tq, 2) per query (per_query);
+// data nullptr without them.
+struct KeyRanges {
+  const int32_t* data = nullptr;
+  bool per_query = false;
+};
+
 // The mask: key j is visible to query i iff (!causal || j <= i + causal_offset) and
 // (!windowed || j >= i + window_offset) and key_lo <= j < key_hi (the batch row's key range:
-// the rest is padding), so each query sees one contiguous run of keys and each key is seen by
-// one contiguous run of queries. Offsets are clamped to [-Tq, Tk] and the key range to
-// [0, Tk] (past those bounds a limit excludes everything or nothing), so no index computation
-// overflows.
+// the rest is padding) and, with per-query ranges, query_ranges[i] holds j. So each query
+// sees one contiguous run of keys and, without per-query ranges, each key is seen by one
+// contiguous run of queries (with them, the run query_begin/query_end give holds those that
+// do, and each row's range hides the rest). Offsets are clamped to [-Tq, Tk] and the key
+// ranges to [0, Tk] (past those bounds a limit excludes everything or nothing), so no index
+// computation overflows.
 struct Visibility {
   int64_t Tq, Tk;
   bool causal;
@@ -583,6 +592,7 @@ struct Visibility {
   bool windowed;
   int64_t window_offset;
   int64_t key_lo = 0, key_hi;
+  const int32_t* query_ranges = nullptr;  // (Tq, 2) int32 of this batch row, or nullptr
 
   Visibility(int64_t Tq_, int64_t Tk_, bool causal_, int64_t causal_offset_,
              std::optional<int64_t> window_offset_)
@@ -592,26 +602,55 @@ struct Visibility {
         window_offset(std::clamp<int64_t>(window_offset_.value_or(0), -Tq_, Tk_)),
         key_hi(Tk_) {}
 
-  // The mask of batch row `batch`: key_ranges (B, 2) int32 [start, end) per row, or nullptr.
-  Visibility for_batch(const int32_t* key_ranges, int64_t batch) const {
+  // The mask of batch row `batch`.
+  Visibility for_batch(const KeyRanges& ranges, int64_t batch) const {
     Visibility row = *this;
-    if (key_ranges != nullptr) {
-      row.key_hi = std::clamp<int64_t>(key_ranges[2 * batch + 1], 0, Tk);
-      row.key_lo = std::clamp<int64_t>(key_ranges[2 * batch], 0, row.key_hi);
+    if (ranges.data != nullptr && ranges.per_query) {
+      row.query_ranges = ranges.data + 2 * batch * Tq;
+    } else if (ranges.data != nullptr) {
+      row.key_hi = std::clamp<int64_t>(ranges.data[2 * batch + 1], 0, Tk);
+      row.key_lo = std::clamp<int64_t>(ranges.data[2 * batch], 0, row.key_hi);
     }
     return row;
   }
 
+  bool per_query() const { return query_ranges != nullptr; }
   bool in_range(int64_t key) const { return key >= key_lo && key < key_hi; }
 
   // Keys [key_begin(i), key_end(i)) are visible to query i (empty when begin >= end).
   int64_t key_begin(int64_t query) const {
-    return std::max(key_lo, windowed ? std::clamp<int64_t>(query + window_offset, 0, Tk) : 0);
+    int64_t begin =
+        std::max(key_lo, windowed ? std::clamp<int64_t>(query + window_offset, 0, Tk) : 0);
+    if (query_ranges != nullptr) {
+      begin = std::max(begin, std::clamp<int64_t>(query_ranges[2 * query], 0, Tk));
+    }
+    return begin;
   }
   int64_t key_end(int64_t query) const {
-    return std::min(key_hi, causal ? std::clamp<int64_t>(query + causal_offset + 1, 0, Tk) : Tk);
+    int64_t end =
+        std::min(key_hi, causal ? std::clamp<int64_t>(query + causal_offset + 1, 0, Tk) : Tk);
+    if (query_ranges != nullptr) {
+      end = std::min(end, std::clamp<int64_t>(query_ranges[2 * query + 1], 0, Tk));
+    }
+    return end;
   }
-  // Queries [query_begin(j), query_end(j)) see key j (none for keys outside the range).
+  // Keys that some query of [query_start, query_start + rows) sees lie in [first, second)
+  // (empty if first >= second). Without per-query ranges: the first row's begin, the last
+  // row's end.
+  std::pair<int64_t, int64_t> rows_keys(int64_t query_start, int64_t rows) const {
+    if (query_ranges == nullptr) return {key_begin(query_start), key_end(query_start + rows - 1)};
+    int64_t first = Tk, second = 0;
+    for (int64_t query = query_start; query < query_start + rows; ++query) {
+      const int64_t begin = key_begin(query), end = key_end(query);
+      if (begin < end) {
+        first = std::min(first, begin);
+        second = std::max(second, end);
+      }
+    }
+    return {first, second};
+  }
+  // Queries [query_begin(j), query_end(j)) see key j (none for keys outside the batch row's
+  // range); with per-query ranges, some of them may not (their own range hides it).
   int64_t query_begin(int64_t key) const {
     if (!in_range(key)) return Tq;
     return causal ? std::clamp<int64_t>(key - causal_offset, 0, Tq) : 0;
@@ -660,12 +699,11 @@ int64_t key_splits(int64_t tiles, int64_t query_blocks, int64_t Tk) {
 }
 
 // q: (B, Hq, Tq, D), k/v: (B, Hkv, Tk, D) any strides; out: (B, Hq, Tq, D) and
-// lse: (B, Hq, Tq) contiguous; key_ranges: (B, 2) int32 [start, end) of each batch row's
-// keys, or nullptr. Requires Tq, Tk, D >= 1.
+// lse: (B, Hq, Tq) contiguous; key_ranges: see KeyRanges. Requires Tq, Tk, D >= 1.
 template <typename scalar_t>
 void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                     at::Tensor& out, at::Tensor& lse, double scale, const Visibility& full_mask,
-                    const int32_t* key_ranges) {
+                    const KeyRanges& key_ranges) {
   using acc_t = compute_t<scalar_t>;
   const int64_t B = q.size(0), Hq = q.size(1), Tq = q.size(2), D = q.size(3);
   const int64_t Hkv = k.size(1), Tk = k.size(2);
@@ -732,12 +770,12 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
       const int64_t head_rows = std::min(kBlockQuery, Tq - query_start);  // rows per head
       const int64_t rows = heads * head_rows;  // tile row r: head r / head_rows, time r % head_rows
       const Visibility mask = full_mask.for_batch(key_ranges, batch);
-      // The tile's rows see keys [first row's begin, last row's end); this split takes keys
+      // The tile's rows see keys [rows_begin, rows_end); this split takes keys
       // [key_begin, kv_end) of them.
+      const auto [rows_begin, rows_end] = mask.rows_keys(query_start, head_rows);
       const int64_t split_begin = item % splits * split_keys;
-      const int64_t key_begin = std::max(split_begin, mask.key_begin(query_start));
-      const int64_t kv_end =
-          std::min(split_begin + split_keys, mask.key_end(query_start + head_rows - 1));
+      const int64_t key_begin = std::max(split_begin, rows_begin);
+      const int64_t kv_end = std::min(split_begin + split_keys, rows_end);
 
       std::fill(out_acc.begin(), out_acc.begin() + rows * D, acc_t(0));
       std::fill(running_max.begin(), running_max.end(), neg_inf);
@@ -880,7 +918,7 @@ void backward_kernel(const at::Tensor& grad_out, const at::Tensor& q, const at::
                      const at::Tensor& v, const compute_t<scalar_t>* lse,
                      const compute_t<scalar_t>* delta, compute_t<scalar_t>* dq_partial,
                      int64_t splits, at::Tensor& dk, at::Tensor& dv, double scale,
-                     const Visibility& full_mask, const int32_t* key_ranges) {
+                     const Visibility& full_mask, const KeyRanges& key_ranges) {
   using acc_t = compute_t<scalar_t>;
   const int64_t B = q.size(0), Hq = q.size(1), Tq = q.size(2), D = q.size(3);
   const int64_t Hkv = k.size(1), Tk = k.size(2);
@@ -942,6 +980,11 @@ void backward_kernel(const at::Tensor& grad_out, const at::Tensor& q, const at::
           for (int64_t query_start = first_block_start; query_start < query_stop;
                query_start += kBwdBlockQuery) {
             const int64_t rows = std::min(kBwdBlockQuery, Tq - query_start);
+            if (mask.per_query()) {
+              // The band's run of queries may hold whole blocks whose own ranges miss the keys.
+              const auto [rows_begin, rows_end] = mask.rows_keys(query_start, rows);
+              if (rows_end <= key_start || rows_begin >= key_start + cols) continue;
+            }
             int64_t query_ld = 0, grad_ld = 0;
             const acc_t* query_rows =  // (rows, D), leading dimension query_ld
                 rows_view(query, batch, head, query_start, rows, D, query_block.data(), &query_ld);
@@ -972,6 +1015,17 @@ void backward_kernel(const at::Tensor& grad_out, const at::Tensor& q, const at::
                   std::clamp<int64_t>(mask.query_begin(key) - query_start, 0, hidden_end);
               std::fill(p, p + hidden_begin, acc_t(0));
               std::fill(p + hidden_end, p + rows, acc_t(0));
+            }
+            if (mask.per_query()) {
+              // Each query's own range hides the rest of the block's keys from it.
+              for (int64_t r = 0; r < rows; ++r) {
+                const int64_t hidden_from =
+                    std::clamp<int64_t>(mask.key_end(query_start + r) - key_start, 0, cols);
+                const int64_t hidden_to = std::clamp<int64_t>(
+                    mask.key_begin(query_start + r) - key_start, 0, hidden_from);
+                for (int64_t c = 0; c < hidden_to; ++c) probs_t[c * rows + r] = acc_t(0);
+                for (int64_t c = hidden_from; c < cols; ++c) probs_t[c * rows + r] = acc_t(0);
+              }
             }
             // dV (cols, D) += P^T (cols, rows) @ dO (rows, D)
             matmul(cols, D, rows, probs_t.data(), rows, grad_rows, grad_ld, dv_acc.data(), D,
@@ -1031,15 +1085,18 @@ void reduce_dq(const compute_t<scalar_t>* dq_partial, int64_t splits, double sca
   });
 }
 
-// The (B, 2) int32 [start, end) key ranges' data, or nullptr without them. The bindings
-// hand over a contiguous int32 CPU tensor of that shape (checked again here: it is read raw).
-const int32_t* key_range_data(const std::optional<at::Tensor>& key_range, int64_t B) {
-  if (!key_range.has_value() || !key_range->defined()) return nullptr;
-  TORCH_CHECK(key_range->scalar_type() == at::kInt && key_range->is_contiguous() &&
-                  key_range->dim() == 2 && key_range->size(0) == B && key_range->size(1) == 2 &&
-                  key_range->device().is_cpu(),
-              "attention: key_range must be a contiguous (B, 2) int32 CPU tensor");
-  return key_range->const_data_ptr<int32_t>();
+// The (B, 2) or (B, Tq, 2) int32 [start, end) key ranges, or none. The bindings hand over a
+// contiguous int32 CPU tensor of that shape (checked again here: it is read raw).
+KeyRanges key_range_data(const std::optional<at::Tensor>& key_range, int64_t B, int64_t Tq) {
+  if (!key_range.has_value() || !key_range->defined()) return {};
+  const at::Tensor& range = *key_range;
+  const bool per_query = range.dim() == 3;
+  TORCH_CHECK(range.scalar_type() == at::kInt && range.is_contiguous() &&
+                  (range.dim() == 2 || per_query) && range.size(0) == B &&
+                  (!per_query || range.size(1) == Tq) && range.size(-1) == 2 &&
+                  range.device().is_cpu(),
+              "attention: key_range must be a contiguous (B, 2) or (B, Tq, 2) int32 CPU tensor");
+  return {range.const_data_ptr<int32_t>(), per_query};
 }
 
 at::ScalarType lse_dtype(const at::Tensor& q) {
@@ -1057,7 +1114,7 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q, const at::
   const int64_t Hkv = k.size(1), Tk = k.size(2);
   TORCH_CHECK(Hkv > 0 ? Hq % Hkv == 0 : Hq == 0, "attention_fwd: Hq must be a multiple of Hkv");
   const Visibility mask(Tq, Tk, causal, causal_offset, window_offset);
-  const int32_t* key_ranges = key_range_data(key_range, B);  // (B, 2) or nullptr
+  const KeyRanges key_ranges = key_range_data(key_range, B, Tq);
   at::Tensor out = at::empty({B, Hq, Tq, D}, q.options());                       // (B, Hq, Tq, D)
   at::Tensor lse = at::empty({B, Hq, Tq}, q.options().dtype(lse_dtype(q)));  // (B, Hq, Tq)
   if (out.numel() == 0 && lse.numel() == 0) return {out, lse};
@@ -1095,7 +1152,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
   const int64_t Hkv = k.size(1), Tk = k.size(2);
   TORCH_CHECK(Hkv > 0 ? Hq % Hkv == 0 : Hq == 0, "attention_bwd: Hq must be a multiple of Hkv");
   const Visibility mask(Tq, Tk, causal, causal_offset, window_offset);
-  const int32_t* key_ranges = key_range_data(key_range, B);  // (B, 2) or nullptr
+  const KeyRanges key_ranges = key_range_data(key_range, B, Tq);
   at::Tensor dq = at::empty({B, Hq, Tq, D}, q.options());   // (B, Hq, Tq, D)
   at::Tensor dk = at::empty({B, Hkv, Tk, D}, k.options());  // (B, Hkv, Tk, D)
   at::Tensor dv = at::empty({B, Hkv, Tk, D}, v.options());  // (B, Hkv, Tk, D)

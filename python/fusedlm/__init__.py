@@ -2,8 +2,9 @@
 replacements for their PyTorch counterparts.
 
     fusedlm.attention(q, k, v, causal=False, scale=None, backend="auto", window=None,
-                      key_range=None)               # key_range: padded batches
-    fusedlm.key_range_from_padding_mask(attention_mask)
+                      key_range=None)     # key_range: padded batches, packed documents
+    fusedlm.key_range_from_padding_mask(attention_mask)   # (B, T) 0/1 -> (B, 2)
+    fusedlm.key_range_from_document_ids(document_ids)     # (B, T) ids -> (B, T, 2)
     fusedlm.scaled_dot_product_attention(...)      # torch's exact signature
     fusedlm.layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5, backend="auto")
     fusedlm.rms_norm(x, normalized_shape, weight=None, eps=None, backend="auto")
@@ -22,6 +23,7 @@ from .backends import BackendNotSupportedError, backends
 from .integrations.patch import patch, unpatch  # torch only; transformers is not imported
 from .ops import (
     attention,
+    key_range_from_document_ids,
     key_range_from_padding_mask,
     layer_norm,
     rms_norm,
@@ -34,6 +36,7 @@ __all__ = [
     "BackendNotSupportedError",
     "attention",
     "backends",
+    "key_range_from_document_ids",
     "key_range_from_padding_mask",
     "layer_norm",
     "nn",

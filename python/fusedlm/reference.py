@@ -87,7 +87,8 @@ def _visible(Tq: int, Tk: int, causal: bool, causal_offset: int, window_offset: 
              device, key_range: Tensor | None = None) -> Tensor | None:
     """Bool mask, True where key j is visible to query i: (not causal or j <= i +
     causal_offset) and (window_offset is None or j >= i + window_offset) and, with
-    ``key_range`` (B, 2) integers, key_range[b, 0] <= j < key_range[b, 1] in batch row b.
+    ``key_range`` (B, 2) integers, key_range[b, 0] <= j < key_range[b, 1] in batch row b, or
+    (B, Tq, 2), key_range[b, i, 0] <= j < key_range[b, i, 1] for query i of batch row b.
     (Tq, Tk), or (B, 1, Tq, Tk) with a key range; None if all visible."""
     if not causal and window_offset is None and key_range is None:
         return None
@@ -100,8 +101,11 @@ def _visible(Tq: int, Tk: int, causal: bool, causal_offset: int, window_offset: 
         visible &= cols >= rows + window_offset
     if key_range is not None:
         bounds = key_range.to(device=device, dtype=torch.int64)
-        in_range = (cols >= bounds[:, 0, None]) & (cols < bounds[:, 1, None])  # (B, Tk)
-        visible = visible[None, None] & in_range[:, None, None, :]
+        if bounds.dim() == 2:  # one range per batch row: (B, 1, Tk)
+            bounds = bounds[:, None, :]
+        # (B, 1 or Tq, Tk)
+        in_range = (cols >= bounds[..., 0, None]) & (cols < bounds[..., 1, None])
+        visible = visible[None, None] & in_range[:, None]
     return visible
 
 
@@ -132,8 +136,9 @@ def attention_fwd(
     """Returns out (B, Hq, Tq, D) in q's dtype and lse (B, Hq, Tq) in the compute dtype. Key j
     is visible to query i iff (not causal or j <= i + causal_offset) and (window_offset is None
     or j >= i + window_offset) and, with ``key_range`` (B, 2) integers, key_range[b, 0] <= j <
-    key_range[b, 1] in batch row b (padding keys outside it); rows that see no key give 0 and
-    lse -inf."""
+    key_range[b, 1] in batch row b (padding keys outside it), or with (B, Tq, 2) integers,
+    key_range[b, i, 0] <= j < key_range[b, i, 1] (packed documents); rows that see no key give
+    0 and lse -inf."""
     probs, lse = _probabilities(q, k, scale, causal, causal_offset, window_offset, key_range)
     v_full = _expand_kv(v, q.shape[1]).to(probs.dtype)
     return torch.matmul(probs, v_full).to(q.dtype).contiguous(), lse.contiguous()

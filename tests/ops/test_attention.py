@@ -396,6 +396,104 @@ def test_key_range_from_padding_mask():
         fusedlm.key_range_from_padding_mask(torch.ones(2, 3))
 
 
+# Packed documents: key_range (B, Tq, 2) keeps query i of batch row b to its own keys.
+# "documents": runs of tokens of uneven lengths (one token long too), as
+# key_range_from_document_ids makes them, with Tk - Tq extra keys before the first document
+# (a KV cache's); "scattered": any ranges, neither sorted nor inside the sequence (clamped),
+# some inverted (empty).
+def query_key_ranges(kind: str, B: int, Tq: int, Tk: int, device="cpu") -> torch.Tensor:
+    """(B, Tq, 2) int64 [start, end) per query for the ``kind``."""
+    generator = torch.Generator().manual_seed(B * 1000 + Tq * 10 + Tk)
+    if kind == "documents":
+        cuts = torch.rand(B, Tq, generator=generator) < 6.0 / max(Tq, 1)
+        cuts[:, Tq // 2] = True  # at least two documents
+        ids = torch.cumsum(cuts, dim=1)
+        ranges = fusedlm.key_range_from_document_ids(ids).long() + max(Tk - Tq, 0)
+        return ranges.clamp(max=Tk).to(device)
+    ranges = torch.randint(-3, Tk + 4, (B, Tq, 2), generator=generator)
+    return ranges.to(device)
+
+
+QUERY_KEY_RANGE_SHAPES = [
+    (2, 2, 2, 17, 17, 40),
+    (2, 2, 1, 150, 150, 40),  # several query and key tiles, MQA
+    (1, 4, 2, 270, 300, 72),  # Tq < Tk, GQA
+    (2, 2, 2, 130, 60, 16),  # Tq > Tk: rows that see no key
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("kind", ["documents", "scattered"])
+@pytest.mark.parametrize(("causal", "window"), KEY_RANGE_MASKS,
+                         ids=["full", "causal", "causal-w33", "local-20-9"])
+@pytest.mark.parametrize("shape", QUERY_KEY_RANGE_SHAPES,
+                         ids=["B{}-Hq{}-Hkv{}-Tq{}-Tk{}-D{}".format(*s)
+                              for s in QUERY_KEY_RANGE_SHAPES])
+def test_attention_query_key_range(shape, causal, window, kind, dtype, backend):
+    q, k, v = _qkv(shape, dtype, device_of(backend))
+    _check_attention(q, k, v, causal, backend, window=window,
+                     key_range=query_key_ranges(kind, shape[0], shape[3], shape[4], q.device))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("threads", [2, 3])
+def test_attention_query_key_range_keys_split_across_threads(threads, backend):
+    """Decoding two queries over 1500 keys with a range each: the cpu forward splits the keys
+    across threads, and most splits hold no key of one of the rows."""
+    with _num_threads(threads):
+        q, k, v = _qkv((2, 2, 1, 2, 1500, 16), torch.float32, device_of(backend))
+        ranges = torch.tensor([[[1100, 1500], [0, 90]], [[700, 701], [5, 1400]]],
+                              device=q.device)
+        _check_attention(q, k, v, False, backend, key_range=ranges)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_attention_documents_are_independent(backend):
+    """Packed documents with causal=True: each document's output and gradients equal causal
+    attention over that document alone, as if it were its own sequence."""
+    device = device_of(backend)
+    lengths = [1, 40, 7, 70, 2]
+    T = sum(lengths)
+    q, k, v = (t.requires_grad_() for t in _qkv((1, 2, 2, T, T, 16), torch.float64, device))
+    ids = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))[None]
+    ranges = fusedlm.key_range_from_document_ids(ids.to(device))
+    out = fusedlm.attention(q, k, v, causal=True, key_range=ranges, backend=backend)
+    grad_out = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), grad_out)
+    start = 0
+    for length in lengths:
+        piece = slice(start, start + length)
+        alone_leaves = tuple(t[:, :, piece].detach().requires_grad_() for t in (q, k, v))
+        alone = fusedlm.attention(*alone_leaves, causal=True, backend=backend)
+        torch.testing.assert_close(out[:, :, piece], alone, rtol=1e-12, atol=1e-12)
+        alone_grads = torch.autograd.grad(alone, alone_leaves, grad_out[:, :, piece])
+        for g, g_alone in zip(grads, alone_grads, strict=True):
+            torch.testing.assert_close(g[:, :, piece], g_alone, rtol=1e-11, atol=1e-12)
+        start += length
+
+
+def test_key_range_from_document_ids():
+    ids = torch.tensor([[0, 0, 0, 1, 1, 2], [5, 5, 5, 5, 5, 5], [1, 2, 1, 1, 3, 3]])
+    expected = [
+        [[0, 3], [0, 3], [0, 3], [3, 5], [3, 5], [5, 6]],
+        [[0, 6]] * 6,
+        [[0, 1], [1, 2], [2, 4], [2, 4], [4, 6], [4, 6]],  # a repeated id is a new document
+    ]
+    ranges = fusedlm.key_range_from_document_ids(ids)
+    assert ranges.dtype == torch.int32 and ranges.tolist() == expected
+    assert fusedlm.key_range_from_document_ids(ids.int()).tolist() == expected
+    empty = torch.zeros(2, 0, dtype=torch.long)
+    assert fusedlm.key_range_from_document_ids(empty).shape == (2, 0, 2)
+    position_ids = torch.tensor([[0, 1, 2, 0, 1, 0]])  # Hugging Face's packed positions
+    assert fusedlm.key_range_from_document_ids((position_ids == 0).cumsum(-1)).tolist() == [
+        expected[0]]
+    with pytest.raises(ValueError, match="document_ids"):
+        fusedlm.key_range_from_document_ids(torch.zeros(6, dtype=torch.long))
+    with pytest.raises(TypeError, match="document_ids.*integers"):
+        fusedlm.key_range_from_document_ids(torch.zeros(1, 6))
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_attention_key_range_bad_inputs(backend):
     q, k, v = _qkv((2, 2, 2, 5, 7, 8), torch.float32, device_of(backend))
@@ -405,8 +503,8 @@ def test_attention_key_range_bad_inputs(backend):
         fusedlm.attention(q, k, v, key_range=torch.zeros(2, 2), backend=backend)
     with pytest.raises(TypeError, match="key_range.*integers"):
         fusedlm.attention(q, k, v, key_range=torch.ones(2, 2, dtype=torch.bool), backend=backend)
-    for shape in ((2,), (3, 2), (2, 3), (2, 2, 1)):
-        with pytest.raises(ValueError, match=r"key_range.*\(B, 2\)"):
+    for shape in ((2,), (3, 2), (2, 3), (2, 2, 1), (2, 7, 2), (2, 5, 3), (2, 5, 2, 1)):
+        with pytest.raises(ValueError, match=r"key_range.*\(B, 2\).*\(B, Tq, 2\)"):
             fusedlm.attention(q, k, v, key_range=torch.zeros(shape, dtype=torch.long),
                               backend=backend)
 

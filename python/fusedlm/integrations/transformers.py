@@ -11,7 +11,9 @@
   around each query (all-visible, causal, a causal sliding window as Mistral's, Gemma 3's and
   Qwen's local layers, or ModernBERT's two-sided local window) cut, per batch row, to one
   contiguous run of keys (a tokenizer's left or right padding: ``fusedlm.attention``'s
-  ``key_range``), our fused kernels run; any other mask (padding with gaps, custom patterns),
+  ``key_range``), or shows each query one run of keys (packed sequences, whose position_ids
+  restart per document: a block-diagonal causal mask, per-query ``key_range``), our fused
+  kernels run; any other mask (padding with gaps, custom patterns),
   dropout, ``position_bias``, paged caches, and inputs the kernels cannot take go, per call, to
   transformers' own ``sdpa_attention_forward``. :func:`attention_calls` counts both.
   Models transformers does not run on SDPA (``_supports_sdpa = False``) keep their attention.
@@ -39,6 +41,7 @@ from ..ops.attention import (
     ATTENTION_FWD,
     MAX_HEAD_DIM,
     _attention,
+    expand_key_range,
     mask_layout,
 )
 from .patch import ATTN_PREVIOUS_KEY, LeftAlone, PatchReport, swap_norms
@@ -148,8 +151,8 @@ def fusedlm_attention_forward(
         else:
             layout = mask_layout(attention_mask, q_len, kv_len)
             if layout is None:
-                reason = ("an attention mask that is not a band of keys cut to one run per "
-                          "batch row (padding with gaps, a custom pattern)")
+                reason = ("an attention mask that is not one run of keys per query (padding "
+                          "with gaps, a custom pattern)")
             elif layout[2] is not None and layout[2].shape[0] not in (1, query.shape[0]):
                 reason = "an attention mask whose batch size is not the query's"
             else:
@@ -157,7 +160,7 @@ def fusedlm_attention_forward(
                 if mask_causal_offset is not None:
                     causal, causal_offset = True, mask_causal_offset
                 if key_range is not None:  # int32 within [0, kv_len] already (mask_layout)
-                    key_range = key_range.expand(query.shape[0], 2).contiguous()
+                    key_range = expand_key_range(key_range, query.shape[0]).contiguous()
     compiling = torch.compiler.is_compiling()
     if reason is None and requested_backend(backend) == "auto" and not compiling:
         # Our reference is no faster than torch's SDPA: use ours only where a kernel serves.

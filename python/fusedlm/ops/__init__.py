@@ -3,12 +3,18 @@
 Importing this package registers the ops; it runs no kernel."""
 
 from .adamw import adamw_step
-from .attention import attention, key_range_from_padding_mask, scaled_dot_product_attention
+from .attention import (
+    attention,
+    key_range_from_document_ids,
+    key_range_from_padding_mask,
+    scaled_dot_product_attention,
+)
 from .norm import layer_norm, rms_norm
 
 __all__ = [
     "adamw_step",
     "attention",
+    "key_range_from_document_ids",
     "key_range_from_padding_mask",
     "layer_norm",
     "rms_norm",

@@ -45,11 +45,14 @@ def _capability(device: torch.device) -> tuple[int, int]:
 def _extension_supports(q: Tensor, k: Tensor, v: Tensor, window_offset: int | None = None,
                         key_range: Tensor | None = None) -> str | None:
     """The CPU kernels take every case; the CUDA ones (tensor-core mma.sync) fp16/bf16 on sm_80+
-    (sliding windows and key ranges included)."""
+    (sliding windows and per-batch-row key ranges included; per-query key ranges, packed
+    documents, go to the Triton kernels)."""
     if q.device.type != "cuda":
         return None
     if q.dtype not in (torch.float16, torch.bfloat16):
         return f"the CUDA attention kernels take float16 or bfloat16, not {q.dtype}"
+    if key_range is not None and key_range.dim() == 3:
+        return "the CUDA attention kernels take one key range per batch row, not per query"
     major, minor = _capability(q.device)
     if major < 8:
         return ("the CUDA attention kernels need compute capability 8.0 or newer, not "
@@ -113,7 +116,8 @@ def attention_fwd(
     """q (B, Hq, Tq, D), k/v (B, Hkv, Tk, D), any strides. Key j is visible to query i iff
     (not causal or j <= i + causal_offset) and (window_offset is None or j >= i +
     window_offset) and, with key_range (B, 2) int32, key_range[b, 0] <= j < key_range[b, 1]
-    in batch row b. Returns out (B, Hq, Tq, D) in q's dtype and lse (B, Hq, Tq) float32
+    in batch row b, or with key_range (B, Tq, 2) int32, key_range[b, i, 0] <= j <
+    key_range[b, i, 1]. Returns out (B, Hq, Tq, D) in q's dtype and lse (B, Hq, Tq) float32
     (float64 for float64 inputs); rows that see no key get 0 and -inf."""
     return _attention_fwd(q, k, v, scale, causal, causal_offset, backend, window_offset,
                           key_range)
@@ -217,8 +221,8 @@ def _attention(q, k, v, scale, causal, causal_offset, backend, window_offset=Non
 
 
 def _check_key_range(key_range: object, q: Tensor, Tk: int) -> Tensor | None:
-    """``key_range`` as the kernels take it: (B, 2) int32, contiguous, clamped to [0, Tk]
-    (clamping changes no visible key), on q's device; None stays None."""
+    """``key_range`` as the kernels take it: (B, 2) or (B, Tq, 2) int32, contiguous, clamped
+    to [0, Tk] (clamping changes no visible key), on q's device; None stays None."""
     if key_range is None:
         return None
     if not isinstance(key_range, Tensor):
@@ -226,9 +230,10 @@ def _check_key_range(key_range: object, q: Tensor, Tk: int) -> Tensor | None:
                         f"None, got {type(key_range).__name__}")
     if key_range.is_floating_point() or key_range.is_complex() or key_range.dtype == torch.bool:
         raise TypeError(f"argument 'key_range' must hold integers, got {key_range.dtype}")
-    if key_range.dim() != 2 or key_range.shape[1] != 2 or key_range.shape[0] != q.shape[0]:
-        raise ValueError(f"argument 'key_range' must have shape (B, 2) = ({q.shape[0]}, 2), "
-                         f"got {list(key_range.shape)}")
+    B, Tq = q.shape[0], q.shape[2]
+    if list(key_range.shape) not in ([B, 2], [B, Tq, 2]):
+        raise ValueError(f"argument 'key_range' must have shape (B, 2) = ({B}, 2) or "
+                         f"(B, Tq, 2) = ({B}, {Tq}, 2), got {list(key_range.shape)}")
     check_same_device(key_range, "key_range", q, "q")
     return key_range.clamp(0, Tk).to(torch.int32).contiguous()
 
@@ -286,7 +291,10 @@ def attention(
     window=(W - 1, 0)``). ``key_range`` (B, 2) integers on q's device (padded batches): batch
     row b attends only to keys key_range[b, 0] <= j < key_range[b, 1], the rest being padding
     (left padding moves the start, right padding the end; see ``key_range_from_padding_mask``);
-    positions and the causal / window alignment stay those of all Tk keys. Rows left with no
+    or (B, Tq, 2) integers, one range per query (packed documents): query i of batch row b
+    attends only to keys key_range[b, i, 0] <= j < key_range[b, i, 1] (see
+    ``key_range_from_document_ids``; with ``causal=True``, each document's causal attention).
+    Positions and the causal / window alignment stay those of all Tk keys. Rows left with no
     key give 0. Returns (B, Hq, Tq, D) in q's dtype.
     """
     _check_qkv(q, k, v)
@@ -319,6 +327,31 @@ def key_range_from_padding_mask(attention_mask: Tensor) -> Tensor:
     return ranges
 
 
+def key_range_from_document_ids(document_ids: Tensor) -> Tensor:
+    """(B, T, 2) int32 ``key_range`` for ``fusedlm.attention`` (self-attention, Tq = Tk = T)
+    from (B, T) integer ``document_ids`` of packed sequences: each token attends only to the
+    tokens of its own document, a maximal run of equal consecutive ids (with ``causal=True``:
+    to the earlier tokens of its document). From Hugging Face style ``position_ids`` that
+    restart at 0 per document: ``document_ids = (position_ids == 0).cumsum(-1)``. Runs on
+    the ids' device without a host sync."""
+    if not isinstance(document_ids, Tensor) or document_ids.dim() != 2:
+        raise ValueError("argument 'document_ids' must be a (B, T) tensor, got "
+                         f"{getattr(document_ids, 'shape', type(document_ids).__name__)}")
+    if document_ids.is_floating_point() or document_ids.is_complex():
+        raise TypeError(f"argument 'document_ids' must hold integers, got {document_ids.dtype}")
+    B, T = document_ids.shape
+    if T == 0:
+        return document_ids.new_zeros((B, 0, 2), dtype=torch.int32)
+    positions = torch.arange(T, device=document_ids.device).expand(B, T)
+    changes = document_ids[:, 1:] != document_ids[:, :-1]  # (B, T - 1): a new run at t + 1
+    first = torch.ones(B, 1, dtype=torch.bool, device=document_ids.device)
+    starts_run = torch.cat([first, changes], dim=1)  # (B, T)
+    ends_run = torch.cat([changes, first], dim=1)    # (B, T)
+    start = torch.where(starts_run, positions, 0).cummax(dim=1).values
+    end = torch.where(ends_run, positions + 1, T).flip(1).cummin(dim=1).values.flip(1)
+    return torch.stack([start, end], dim=2).to(torch.int32)
+
+
 def _token_runs(tokens: Tensor) -> Tensor | None:
     """(B, 2) int32 [start, end) of each row's True entries of the (B, T) bool ``tokens``, or
     None if a row's are not contiguous. Rows with none: (0, 0)."""
@@ -342,7 +375,8 @@ _mask_cache: collections.deque = collections.deque(maxlen=4)
 
 # (causal_offset, window_offset, key_range) of the kernels: key j visible to query i iff
 # j <= i + causal_offset (None: no limit), j >= i + window_offset (None: no limit) and, with a
-# key range ((N, 2) int32 [start, end) per batch row), start <= j < end.
+# key range ((N, 2) int32 [start, end) per batch row, or (N, q_len, 2) per query), start <= j <
+# end.
 Layout = tuple
 
 
@@ -351,7 +385,10 @@ def mask_layout(mask: Tensor, q_len: int, kv_len: int,
     """What ``mask`` (N, 1, q_len or 1, kv_len) is in the kernels' terms (see Layout), or None:
     a band of keys around each query's diagonal (all-visible, causal with any alignment, a
     sliding window, a two-sided local window), cut, where batch rows differ (padding), to one
-    run of keys per row (key_range None when every row keeps all). Boolean masks (True =
+    run of keys per row (key_range None when every row keeps all); failing that, one run of
+    keys per query (packed documents' block-diagonal masks: key_range (N, q_len, 2), with the
+    band that holds every visible entry as offsets, so the kernels skip what lies outside it).
+    Boolean masks (True =
     visible) and additive float masks (0 visible, -inf or the dtype's min hidden). Cached for
     the mask object, which every layer of a forward shares; ``as_4d``: the mask viewed as 4-D,
     when it is not (the cache keys on ``mask``)."""
@@ -397,7 +434,7 @@ def _layout_of(visible: Tensor, q_len: int, kv_len: int) -> Layout | None:
         # Rows differ: padding, if each row keeps one run of keys (those some query sees).
         key_range = _token_runs(visible.any(dim=2)[:, 0])
         if key_range is None:
-            return None
+            return _query_runs_layout(visible, low, high, q_len, kv_len)
         cols = torch.arange(kv_len, device=device)
         kept = ((cols >= key_range[:, :1]) & (cols < key_range[:, 1:]))[:, None, None, :]
 
@@ -410,11 +447,31 @@ def _layout_of(visible: Tensor, q_len: int, kv_len: int) -> Layout | None:
         return bool((visible == (band if kept is None else band & kept)).all())
 
     if not matches(low, high):
-        return None
+        return _query_runs_layout(visible, low, high, q_len, kv_len)
     # An edge that cuts no visible key (within the kept runs): no limit, the kernels' fast path.
     window_offset = None if matches(None, high) else low
     causal_offset = None if matches(window_offset, None) else high
     return causal_offset, window_offset, key_range
+
+
+def _query_runs_layout(visible: Tensor, low: int, high: int, q_len: int,
+                       kv_len: int) -> Layout | None:
+    """The layout of a (N, 1, q_len, kv_len) boolean mask whose every query row sees one run
+    of keys, as per-query key ranges (N, q_len, 2), or None. Every visible entry has
+    low <= j - i <= high: those edges, where they cut some key, become the band offsets."""
+    runs = _token_runs(visible[:, 0].reshape(-1, kv_len))
+    if runs is None:
+        return None
+    causal_offset = high if high < kv_len - 1 else None
+    window_offset = low if low > 1 - q_len else None
+    return causal_offset, window_offset, runs.view(visible.shape[0], q_len, 2)
+
+
+def expand_key_range(key_range: Tensor | None, batch: int) -> Tensor | None:
+    """A layout's key range (N, 2) or (N, q_len, 2), N = 1 or batch, with `batch` rows."""
+    if key_range is None:
+        return None
+    return key_range.expand(batch, *key_range.shape[1:])
 
 
 _sdpa_logged: set[str] = set()
@@ -473,12 +530,10 @@ def _sdpa_mask_layout(attn_mask: object, query: Tensor, key: Tensor,
         return "an attn_mask with a per-head or unexpected shape"
     layout = mask_layout(attn_mask, L, S, as_4d=mask)
     if layout is None:
-        return ("an attn_mask that is not a band of keys cut to one run per batch row (a bias, "
-                "padding with gaps, a custom pattern)")
+        return ("an attn_mask that is not one run of keys per query (a bias, padding with "
+                "gaps, a custom pattern)")
     causal_offset, window_offset, key_range = layout
-    if key_range is not None:
-        key_range = key_range.expand(query.shape[0], 2)
-    return causal_offset, window_offset, key_range
+    return causal_offset, window_offset, expand_key_range(key_range, query.shape[0])
 
 
 def scaled_dot_product_attention(
@@ -491,9 +546,9 @@ def scaled_dot_product_attention(
 
     query (N, H, L, E) or (N, L, E); key/value (N, Hkv, S, E) or (N, S, E). Calls our kernels
     when they can take the call: no mask, ``is_causal``, or an ``attn_mask`` (boolean, or
-    float with 0 and -inf / the dtype's min) that is a band of keys around each query (causal,
-    sliding window, all-visible) cut to one run of keys per batch row (padding), shared by the
-    heads. Other masks (biases, gaps, per-head patterns), dropout, or anything else they
+    float with 0 and -inf / the dtype's min) that shows each query one run of keys (causal,
+    sliding window, all-visible, padding, packed documents' block-diagonal masks), shared by
+    the heads. Other masks (biases, gaps, per-head patterns), dropout, or anything else they
     cannot do go to torch's SDPA (logged once per reason). A mask is inspected on the host
     once per mask tensor (a device sync), then cached while the tensor lives."""
     reason = _sdpa_unsupported(query, key, value, attn_mask, dropout_p, enable_gqa)
