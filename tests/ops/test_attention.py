@@ -699,7 +699,8 @@ def _check_sdpa_against_torch(out, q, k, v, kwargs) -> None:
 
 def _sdpa_mask(kind: str, q_shape, k_shape, dtype, device) -> torch.Tensor:
     """An SDPA attn_mask our kernels take: a band of keys around the diagonal (any alignment),
-    cut to one run of keys per batch row, as a bool or an additive float mask."""
+    cut to one run of keys per batch row, or to one run per query (packed documents), as a
+    bool or an additive float mask."""
     L, S, N = q_shape[-2], k_shape[-2], q_shape[0]
     rows, cols = torch.arange(L)[:, None], torch.arange(S)[None, :]
     if kind.startswith("causal"):  # top-left, as is_causal
@@ -713,6 +714,9 @@ def _sdpa_mask(kind: str, q_shape, k_shape, dtype, device) -> torch.Tensor:
         visible[0, ..., :3] = False
         if N > 1:
             visible[1, ..., S - 4:] = False
+    if "documents" in kind:  # packed documents (L = S), split differently per batch row
+        document = torch.stack([torch.arange(S) // (4 + b) for b in range(N)])  # (N, S)
+        visible = visible & (document[:, None, :, None] == document[:, None, None, :])
     if "2d" in kind:
         visible = visible[0, 0]
     elif "3d" in kind:
@@ -729,6 +733,9 @@ SDPA_MASK_CASES = [
     ((2, 6, 21, 16), (2, 2, 33, 16), "window-padding"),
     ((3, 17, 24), (3, 25, 24), "window-padding-3d-float"),
     ((1, 2, 40, 64), (1, 2, 40, 64), "all-visible-float"),
+    ((2, 3, 23, 16), (2, 3, 23, 16), "causal-documents"),
+    ((2, 2, 30, 16), (2, 2, 30, 16), "documents-float"),
+    ((2, 2, 30, 16), (2, 2, 30, 16), "window-documents"),
 ]
 
 
@@ -737,8 +744,8 @@ SDPA_MASK_CASES = [
 @pytest.mark.parametrize(("q_shape", "k_shape", "kind"), SDPA_MASK_CASES,
                          ids=[c[2] for c in SDPA_MASK_CASES])
 def test_sdpa_masks_run_the_kernels(q_shape, k_shape, kind, dtype, backend, monkeypatch):
-    """Causal, sliding-window and padding masks (bool or float, 2-D to 4-D) reach our kernels
-    and give torch's result (rows with no visible key: 0, as torch)."""
+    """Causal, sliding-window, padding and packed documents' masks (bool or float, 2-D to 4-D)
+    reach our kernels and give torch's result (rows with no visible key: 0, as torch)."""
     monkeypatch.setenv("FUSEDLM_BACKEND", backend)
     device = device_of(backend)
     q = _randn(q_shape, dtype, device).requires_grad_(True)
@@ -752,6 +759,24 @@ def test_sdpa_masks_run_the_kernels(q_shape, k_shape, kind, dtype, backend, monk
         "the call did not reach fusedlm's kernels"
     )
     _check_sdpa_against_torch(out, q, k, v, {"attn_mask": mask, **gqa})
+
+
+def test_mask_layout_of_packed_documents():
+    """A block-diagonal causal mask (Hugging Face's packed sequences) becomes per-query key
+    ranges plus the causal offset that bounds them; a mask with a gap in a row stays None."""
+    from fusedlm.ops.attention import mask_layout
+
+    document = torch.tensor([0, 0, 0, 1, 1, 2, 2, 2])
+    visible = (document[:, None] == document[None, :]) & torch.ones(8, 8, dtype=torch.bool).tril()
+    causal_offset, window_offset, key_range = mask_layout(visible[None, None], 8, 8)
+    assert (causal_offset, window_offset) == (0, -2)
+    assert key_range.dtype == torch.int32 and key_range.shape == (1, 8, 2)
+    starts = fusedlm.key_range_from_document_ids(document[None])[..., 0]
+    assert torch.equal(key_range[..., 0], starts)  # each query's run: its document's start..
+    assert torch.equal(key_range[0, :, 1], torch.arange(1, 9, dtype=torch.int32))  # ..itself
+    gap = visible.clone()
+    gap[7, 0] = True  # row 7 sees keys 0 and 5..7
+    assert mask_layout(gap[None, None], 8, 8) is None
 
 
 @pytest.mark.parametrize("backend", ["auto", *BACKENDS])

@@ -29,6 +29,7 @@ from tests.ops.test_attention import (  # noqa: E402
     _randn,
     _visibility_probe,
     key_ranges,
+    query_key_ranges,
     strided_layout,
 )
 from tests.triton import sm90_build  # noqa: E402
@@ -281,6 +282,33 @@ def test_attention_key_range(tiles, shape, causal, window, ranges, dtype, monkey
     _check_attention(q, k, v, causal, BACKEND, window=window, key_range=torch.tensor(ranges))
 
 
+# Packed documents (per-query key ranges): document edges inside and on tile edges, one-token
+# documents, Tq != Tk (the documents after Tk - Tq cached keys), and scattered ranges (unsorted,
+# clamped, empty), which leave query blocks that meet no key of a key block (the dK/dV kernel
+# skips them) and rows with no key.
+QUERY_KEY_RANGE_CASES = [
+    ((64, 32), (2, 2, 1, 150, 150, 16), True, None, "documents"),
+    ((16, 32), (1, 2, 2, 100, 100, 40), False, None, "documents"),
+    ((32, 16), (1, 2, 2, 70, 90, 16), True, (20, 0), "documents"),
+    ((64, 32), (2, 2, 1, 70, 100, 16), False, None, "scattered"),
+    ((32, 16), (1, 2, 2, 90, 45, 16), True, (9, 4), "scattered"),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize(
+    ("tiles", "shape", "causal", "window", "kind"), QUERY_KEY_RANGE_CASES,
+    ids=["M{}-N{}-Tq{}-Tk{}".format(*t, *s[3:5]) + ("-causal" if c else "-full")
+         + (f"-w{w}" if w else "") + f"-{kind}" for t, s, c, w, kind in QUERY_KEY_RANGE_CASES],
+)
+@pytest.mark.skipif(ON_GPU, reason="the interpreter's tile config")
+def test_attention_query_key_range(tiles, shape, causal, window, kind, dtype, monkeypatch):
+    _use_interpreter_tiles(monkeypatch, *tiles)
+    q, k, v = _qkv(shape, dtype, DEVICE)
+    _check_attention(q, k, v, causal, BACKEND, window=window,
+                     key_range=query_key_ranges(kind, shape[0], shape[3], shape[4]))
+
+
 # ---- dispatch ------------------------------------------------------------------------------
 
 
@@ -375,7 +403,7 @@ def test_autotune_configs_are_pruned_to_the_device(monkeypatch):
 _SM90_TYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
-def _sm90_launch(name, dtype, head_dim, causal, window=False, seqlen=2048, key_range=False):
+def _sm90_launch(name, dtype, head_dim, causal, window=False, seqlen=2048, key_range=0):
     """The launch of kernel ``name`` ("preprocess" or a key of _KERNELS) on an H100 with the
     fixed config, on contiguous (B, H, T, D) tensors: unit head-dim strides, row strides D, the
     others T * D, 16-byte aligned pointers; lengths and head counts 17 (Triton specializes ints
@@ -421,9 +449,12 @@ def test_kernels_build_for_sm90():
     tuned += [[name, "bf16", head_dim, True, True] for name in ("fwd", "bwd_dkdv", "bwd_dq")
               for head_dim in (64, 128)]
     # Padded batches (key ranges), causal and not, at the common head dims.
-    tuned += [[name, "bf16", head_dim, causal, False, 2048, True]
+    tuned += [[name, "bf16", head_dim, causal, False, 2048, 1]
               for name in ("fwd", "bwd_dkdv", "bwd_dq") for head_dim in (64, 128)
               for causal in (False, True)]
+    # Packed documents (per-query key ranges), causal, at the common head dims.
+    tuned += [[name, "bf16", head_dim, True, False, 2048, 2]
+              for name in ("fwd", "bwd_dkdv", "bwd_dq") for head_dim in (64, 128)]
     odd = [
         ["fwd", "bf16", 72, True],
         ["bwd_dkdv", "fp16", 96, True],
@@ -496,6 +527,20 @@ def test_attention_gpu_key_range(shape, dtype, causal, kind):
     q, k, v = _qkv(shape, dtype, "cuda")
     _check_attention(q, k, v, causal, BACKEND,
                      key_range=key_ranges(kind, shape[0], shape[4], "cuda"))
+
+
+@pytest.mark.gpu
+@pytest.mark.usefixtures("untuned")
+@pytest.mark.parametrize(("shape", "dtype", "kind"),
+                         [((4, 8, 2, 4096, 4096, 128), torch.bfloat16, "documents"),
+                          ((2, 4, 4, 1000, 1500, 64), torch.float16, "scattered")],
+                         ids=["B4-T4096-D128-documents-bf16", "B2-Tq1000-Tk1500-D64-scattered"])
+def test_attention_gpu_query_key_range(shape, dtype, kind):
+    """Packed documents as pretraining runs them (causal, about six documents per sequence),
+    and scattered per-query ranges; fixed configs."""
+    q, k, v = _qkv(shape, dtype, "cuda")
+    _check_attention(q, k, v, kind == "documents", BACKEND,
+                     key_range=query_key_ranges(kind, shape[0], shape[3], shape[4], "cuda"))
 
 
 @pytest.mark.gpu

@@ -81,33 +81,62 @@ def _kv_range(start_m, seqlen_k, causal_offset, CAUSAL: tl.constexpr,
 
 
 @triton.jit
-def _key_bounds(KeyRange, b, seqlen_k, KEY_RANGE: tl.constexpr):
-    """Batch row b's keys [kv_lo, kv_hi) (KeyRange (B, 2) int32 [start, end), clamped to the
-    sequence, so no load leaves it); all of [0, Tk) without a key range."""
-    if KEY_RANGE:
-        kv_hi = tl.minimum(tl.maximum(tl.load(KeyRange + b * 2 + 1), 0), seqlen_k)
-        kv_lo = tl.minimum(tl.maximum(tl.load(KeyRange + b * 2), 0), kv_hi)
-    else:
-        kv_lo = 0
-        kv_hi = seqlen_k
-    return kv_lo, kv_hi
+def _query_key_ranges(KeyRange, b, rows, seqlen_q, seqlen_k):
+    """Per-query key ranges (KeyRange (B, Tq, 2) int32 [start, end)) of batch row b's query
+    rows `rows`, clamped to the sequence (start <= end); rows past Tq get the empty (0, 0)."""
+    row_ok = rows < seqlen_q
+    ptrs = KeyRange + (b.to(tl.int64) * seqlen_q + rows) * 2
+    row_hi = tl.minimum(tl.maximum(tl.load(ptrs + 1, mask=row_ok, other=0), 0), seqlen_k)
+    row_lo = tl.minimum(tl.maximum(tl.load(ptrs, mask=row_ok, other=0), 0), row_hi)
+    return row_lo, row_hi
 
 
 @triton.jit
-def _kv_window_range(start_m, kv_lo, kv_hi, causal_offset, window_offset, CAUSAL: tl.constexpr,
-                     WINDOW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def _key_bounds(KeyRange, b, offs_m, seqlen_q, seqlen_k, KEY_RANGE: tl.constexpr):
+    """The keys of batch row b's query rows offs_m, clamped to the sequence, so no load leaves
+    it: (kv_lo, kv_hi, inner_lo, inner_hi, row_lo, row_hi). No row sees a key outside
+    [kv_lo, kv_hi); every row in the sequence sees [inner_lo, inner_hi) as far as the causal /
+    window band lets it. KEY_RANGE 0: all of [0, Tk). 1: KeyRange (B, 2) int32 [start, end)
+    per batch row. 2: KeyRange (B, Tq, 2) per query; row_lo, row_hi (BLOCK_M) each row's."""
+    if KEY_RANGE == 2:
+        row_lo, row_hi = _query_key_ranges(KeyRange, b, offs_m, seqlen_q, seqlen_k)
+        empty = row_lo >= row_hi
+        # Empty rows (and rows past Tq) widen no loop; a row in the sequence with no key
+        # leaves no block unmasked.
+        kv_lo = tl.min(tl.where(empty, seqlen_k, row_lo), 0)
+        kv_hi = tl.max(tl.where(empty, 0, row_hi), 0)
+        row_ok = offs_m < seqlen_q
+        inner_lo = tl.max(tl.where(row_ok, tl.where(empty, seqlen_k, row_lo), 0), 0)
+        inner_hi = tl.min(tl.where(row_ok, row_hi, seqlen_k), 0)
+    elif KEY_RANGE == 1:
+        kv_hi = tl.minimum(tl.maximum(tl.load(KeyRange + b * 2 + 1), 0), seqlen_k)
+        kv_lo = tl.minimum(tl.maximum(tl.load(KeyRange + b * 2), 0), kv_hi)
+        inner_lo, inner_hi, row_lo, row_hi = kv_lo, kv_hi, kv_lo, kv_hi
+    else:
+        kv_lo = 0
+        kv_hi = seqlen_k
+        inner_lo, inner_hi, row_lo, row_hi = kv_lo, kv_hi, kv_lo, kv_hi
+    return kv_lo, kv_hi, inner_lo, inner_hi, row_lo, row_hi
+
+
+@triton.jit
+def _kv_window_range(start_m, kv_lo, kv_hi, inner_lo, inner_hi, causal_offset, window_offset,
+                     CAUSAL: tl.constexpr, WINDOW: tl.constexpr, BLOCK_M: tl.constexpr,
+                     BLOCK_N: tl.constexpr):
     """_kv_range of the keys [kv_lo, kv_hi) under a lower limit per row (a sliding window: key
-    j visible to row i only if j >= i + window_offset; a key range: j >= kv_lo): whole key
-    blocks [full_start, high) need no mask; the n_low masked blocks from `start` (the lower
-    edge) and the masked blocks from `high` to `end` (causal diagonal, ragged end) need it.
+    j visible to row i only if j >= i + window_offset; a key range: j >= its start), every row
+    seeing [inner_lo, inner_hi) of them (see _key_bounds): whole key blocks [full_start, high)
+    need no mask; the n_low masked blocks from `start` (the lower edge) and the masked blocks
+    from `high` to `end` (causal diagonal, ragged end, key range ends) need it.
     Returns (start, n_low, full_start, high, end)."""
     full_end, end = _kv_range(start_m, kv_hi, causal_offset, CAUSAL, BLOCK_M, BLOCK_N)
+    full_end = tl.minimum(full_end, (inner_hi // BLOCK_N) * BLOCK_N)
     if WINDOW:
         first_low = tl.maximum(start_m + window_offset, kv_lo)
-        last_low = tl.maximum(start_m + BLOCK_M - 1 + window_offset, kv_lo)
+        last_low = tl.maximum(start_m + BLOCK_M - 1 + window_offset, inner_lo)
     else:
         first_low = kv_lo
-        last_low = kv_lo
+        last_low = inner_lo
     start = (tl.minimum(tl.maximum(first_low, 0), end) // BLOCK_N) * BLOCK_N
     # Keys from the last row's lower limit on are visible to every row (up to the upper one).
     full_start = tl.cdiv(tl.maximum(last_low, 0), BLOCK_N) * BLOCK_N
@@ -120,12 +149,14 @@ def _kv_window_range(start_m, kv_lo, kv_hi, causal_offset, window_offset, CAUSAL
 @triton.jit
 def _attention_fwd_block(
     acc, m_i, l_i, q, K_head, V_head, start_n, offs_m, offs_n, offs_d,
-    stride_kn, stride_kd, stride_vn, stride_vd, kv_lo, seqlen_k, head_dim, causal_offset,
-    window_offset, qk_scale, MASKED: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
-    KEY_RANGE: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    stride_kn, stride_kd, stride_vn, stride_vd, kv_lo, row_lo, row_hi, seqlen_k, head_dim,
+    causal_offset, window_offset, qk_scale, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
+    WINDOW: tl.constexpr, KEY_RANGE: tl.constexpr, EVEN_D: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     """One key block of the online softmax; m_i is the running max in the log2 domain.
-    seqlen_k is the batch row's key end (loads stop there), kv_lo its start (KEY_RANGE)."""
+    seqlen_k is the rows' last key end (loads stop there), kv_lo their start (KEY_RANGE 1),
+    row_lo / row_hi each row's range (KEY_RANGE 2)."""
     cols = start_n + offs_n
     k = _load_tile(K_head + cols[:, None] * stride_kn + offs_d[None, :] * stride_kd,
                    cols, seqlen_k, offs_d, head_dim, MASKED, EVEN_D)
@@ -138,7 +169,10 @@ def _attention_fwd_block(
             visible = visible & (cols[None, :] <= offs_m[:, None] + causal_offset)
         if WINDOW:
             visible = visible & (cols[None, :] >= offs_m[:, None] + window_offset)
-        if KEY_RANGE:
+        if KEY_RANGE == 2:
+            visible = visible & ((cols[None, :] >= row_lo[:, None])
+                                 & (cols[None, :] < row_hi[:, None]))
+        elif KEY_RANGE:
             visible = visible & (cols[None, :] >= kv_lo)
         s = tl.where(visible, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -169,7 +203,7 @@ def attention_fwd_kernel(
     BLOCK_N: tl.constexpr,
 ):
     """Out (B, Hq, Tq, D) in Q's dtype and Lse (B, Hq, Tq) float32 (contiguous) from Q
-    (B, Hq, Tq, D), K/V (B, Hkv, Tk, D) and, with KEY_RANGE, KeyRange (B, 2) int32. One
+    (B, Hq, Tq, D), K/V (B, Hkv, Tk, D) and, with KEY_RANGE, KeyRange (see _key_bounds). One
     program per BLOCK_M query rows of one head; grid (cdiv(Tq, BLOCK_M) * B * Hq,).
     qk_scale = scale * log2(e)."""
     num_m = tl.cdiv(seqlen_q, BLOCK_M)
@@ -195,39 +229,40 @@ def attention_fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    kv_lo, kv_hi = _key_bounds(KeyRange, b, seqlen_k, KEY_RANGE)
+    kv_lo, kv_hi, inner_lo, inner_hi, row_lo, row_hi = _key_bounds(
+        KeyRange, b, offs_m, seqlen_q, seqlen_k, KEY_RANGE)
     if WINDOW or KEY_RANGE:
         # Masked blocks at both edges share one loop (two masked call sites cost registers).
         start, n_low, full_start, high, end = _kv_window_range(
-            start_m, kv_lo, kv_hi, causal_offset, window_offset, CAUSAL, WINDOW, BLOCK_M,
-            BLOCK_N)
+            start_m, kv_lo, kv_hi, inner_lo, inner_hi, causal_offset, window_offset, CAUSAL,
+            WINDOW, BLOCK_M, BLOCK_N)
         for start_n in range(full_start, high, BLOCK_N):
             acc, m_i, l_i = _attention_fwd_block(
                 acc, m_i, l_i, q, K_head, V_head, start_n, offs_m, offs_n, offs_d,
-                stride_kn, stride_kd, stride_vn, stride_vd, kv_lo, kv_hi, head_dim,
-                causal_offset, window_offset, qk_scale, False, CAUSAL, WINDOW, KEY_RANGE, EVEN_D,
-                DOT_PRECISION)
+                stride_kn, stride_kd, stride_vn, stride_vd, kv_lo, row_lo, row_hi, kv_hi,
+                head_dim, causal_offset, window_offset, qk_scale, False, CAUSAL, WINDOW,
+                KEY_RANGE, EVEN_D, DOT_PRECISION)
         for i in range(0, n_low + tl.cdiv(end - high, BLOCK_N)):
             start_n = tl.where(i < n_low, start + i * BLOCK_N, high + (i - n_low) * BLOCK_N)
             acc, m_i, l_i = _attention_fwd_block(
                 acc, m_i, l_i, q, K_head, V_head, start_n, offs_m, offs_n, offs_d,
-                stride_kn, stride_kd, stride_vn, stride_vd, kv_lo, kv_hi, head_dim,
-                causal_offset, window_offset, qk_scale, True, CAUSAL, WINDOW, KEY_RANGE, EVEN_D,
-                DOT_PRECISION)
+                stride_kn, stride_kd, stride_vn, stride_vd, kv_lo, row_lo, row_hi, kv_hi,
+                head_dim, causal_offset, window_offset, qk_scale, True, CAUSAL, WINDOW,
+                KEY_RANGE, EVEN_D, DOT_PRECISION)
     else:
         full_end, end = _kv_range(start_m, seqlen_k, causal_offset, CAUSAL, BLOCK_M, BLOCK_N)
         for start_n in range(0, full_end, BLOCK_N):
             acc, m_i, l_i = _attention_fwd_block(
                 acc, m_i, l_i, q, K_head, V_head, start_n, offs_m, offs_n, offs_d,
-                stride_kn, stride_kd, stride_vn, stride_vd, kv_lo, seqlen_k, head_dim,
-                causal_offset, window_offset, qk_scale, False, CAUSAL, WINDOW, KEY_RANGE, EVEN_D,
-                DOT_PRECISION)
+                stride_kn, stride_kd, stride_vn, stride_vd, kv_lo, row_lo, row_hi, seqlen_k,
+                head_dim, causal_offset, window_offset, qk_scale, False, CAUSAL, WINDOW,
+                KEY_RANGE, EVEN_D, DOT_PRECISION)
         for start_n in range(full_end, end, BLOCK_N):
             acc, m_i, l_i = _attention_fwd_block(
                 acc, m_i, l_i, q, K_head, V_head, start_n, offs_m, offs_n, offs_d,
-                stride_kn, stride_kd, stride_vn, stride_vd, kv_lo, seqlen_k, head_dim,
-                causal_offset, window_offset, qk_scale, True, CAUSAL, WINDOW, KEY_RANGE, EVEN_D,
-                DOT_PRECISION)
+                stride_kn, stride_kd, stride_vn, stride_vd, kv_lo, row_lo, row_hi, seqlen_k,
+                head_dim, causal_offset, window_offset, qk_scale, True, CAUSAL, WINDOW,
+                KEY_RANGE, EVEN_D, DOT_PRECISION)
 
     # l_i is 0 exactly for rows that see no key (the max term alone contributes 1).
     empty = l_i == 0.0
@@ -275,12 +310,14 @@ def attention_bwd_preprocess_kernel(
 @triton.jit
 def _attention_bwd_dkdv_block(
     dk, dv, k, v, Q_head, DO_head, Lse_row, Delta_row, start_m, offs_m, offs_n, offs_d,
-    stride_qm, stride_qd, stride_dom, stride_dod, seqlen_q, head_dim, causal_offset,
-    window_offset, qk_scale, MASKED: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
-    KEY_RANGE: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    stride_qm, stride_qd, stride_dom, stride_dod, row_lo, row_hi, seqlen_q, head_dim,
+    causal_offset, window_offset, qk_scale, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
+    WINDOW: tl.constexpr, KEY_RANGE: tl.constexpr, EVEN_D: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     """One query block's contribution to dk (unscaled) and dv of a key block, transposed
-    (keys along rows) so no accumulator needs a transpose."""
+    (keys along rows) so no accumulator needs a transpose. row_lo / row_hi: the block's
+    per-query key ranges (KEY_RANGE 2)."""
     rows = start_m + offs_m
     q = _load_tile(Q_head + rows[:, None] * stride_qm + offs_d[None, :] * stride_qd,
                    rows, seqlen_q, offs_d, head_dim, MASKED, EVEN_D)
@@ -306,6 +343,9 @@ def _attention_bwd_dkdv_block(
             visible = visible & (offs_n[:, None] <= rows[None, :] + causal_offset)
         if WINDOW:
             visible = visible & (offs_n[:, None] >= rows[None, :] + window_offset)
+        if KEY_RANGE == 2:
+            visible = visible & ((offs_n[:, None] >= row_lo[None, :])
+                                 & (offs_n[:, None] < row_hi[None, :]))
         p_t = tl.where(visible, p_t, 0.0)
     dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
     dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
@@ -331,7 +371,7 @@ def attention_bwd_dkdv_kernel(
     BLOCK_N: tl.constexpr,
 ):
     """DK, DV (B, Hkv, Tk, D) in K's/V's dtype from Q, DO (B, Hq, Tq, D), K, V, Lse and Delta
-    (B, Hq, Tq) float32 contiguous (KeyRange (B, 2) int32 with KEY_RANGE). One program per
+    (B, Hq, Tq) float32 contiguous (KeyRange with KEY_RANGE: see _key_bounds). One program per
     BLOCK_N keys of one kv head; it loops over the Hq / Hkv query heads of its group and their
     query blocks, so the GQA sum happens in registers (deterministic, no atomics).
     Grid (cdiv(Tk, BLOCK_N) * B * Hkv,)."""
@@ -373,8 +413,14 @@ def attention_bwd_dkdv_kernel(
                                       BLOCK_M) * BLOCK_M)
         even_end = tl.minimum(even_end, (tl.maximum(start_n - window_offset + 1, 0) // BLOCK_M)
                               * BLOCK_M)
-    kv_lo, kv_hi = _key_bounds(KeyRange, b, seqlen_k, KEY_RANGE)
-    if KEY_RANGE:
+    if KEY_RANGE == 2:
+        # Per-query ranges: every query block goes through the mask (and is skipped when no
+        # row's range meets these keys).
+        full = end
+        even_end = end
+    kv_lo, kv_hi, _, _, _, _ = _key_bounds(KeyRange, b, offs_m, seqlen_q, seqlen_k,
+                                           KEY_RANGE if KEY_RANGE == 1 else 0)
+    if KEY_RANGE == 1:
         # Padding keys (outside the batch row's range) get dk = dv = 0 at the store, whatever
         # was accumulated for them: a key's dk, dv rows depend on its own scores only, and a
         # key inside the range is visible exactly where the causal / window masks say. So a
@@ -396,22 +442,33 @@ def attention_bwd_dkdv_kernel(
         for start_m in range(full, even_end, BLOCK_M):
             dk, dv = _attention_bwd_dkdv_block(
                 dk, dv, k, v, Q_head, DO_head, Lse_row, Delta_row, start_m, offs_m, offs_n,
-                offs_d, stride_qm, stride_qd, stride_dom, stride_dod, seqlen_q, head_dim,
-                causal_offset, window_offset, qk_scale, False, CAUSAL, WINDOW, KEY_RANGE,
-                EVEN_D, DOT_PRECISION)
+                offs_d, stride_qm, stride_qd, stride_dom, stride_dod, kv_lo, kv_hi, seqlen_q,
+                head_dim, causal_offset, window_offset, qk_scale, False, CAUSAL, WINDOW,
+                KEY_RANGE, EVEN_D, DOT_PRECISION)
         for i in range(0, n_masked):
             if WINDOW:  # the window's edge can leave several masked blocks from tail on
                 start_m = tl.where(i < n_diag, lo + i * BLOCK_M, tail + (i - n_diag) * BLOCK_M)
             else:  # only the ragged last block
                 start_m = tl.where(i < n_diag, lo + i * BLOCK_M, tail)
-            dk, dv = _attention_bwd_dkdv_block(
-                dk, dv, k, v, Q_head, DO_head, Lse_row, Delta_row, start_m, offs_m, offs_n,
-                offs_d, stride_qm, stride_qd, stride_dom, stride_dod, seqlen_q, head_dim,
-                causal_offset, window_offset, qk_scale, True, CAUSAL, WINDOW, KEY_RANGE,
-                EVEN_D, DOT_PRECISION)
+            if KEY_RANGE == 2:
+                row_lo, row_hi = _query_key_ranges(KeyRange, b, start_m + offs_m, seqlen_q,
+                                                   seqlen_k)
+                meets = (row_lo < row_hi) & (row_lo < start_n + BLOCK_N) & (row_hi > start_n)
+                if tl.max(meets.to(tl.int32), 0) > 0:
+                    dk, dv = _attention_bwd_dkdv_block(
+                        dk, dv, k, v, Q_head, DO_head, Lse_row, Delta_row, start_m, offs_m,
+                        offs_n, offs_d, stride_qm, stride_qd, stride_dom, stride_dod, row_lo,
+                        row_hi, seqlen_q, head_dim, causal_offset, window_offset, qk_scale,
+                        True, CAUSAL, WINDOW, KEY_RANGE, EVEN_D, DOT_PRECISION)
+            else:
+                dk, dv = _attention_bwd_dkdv_block(
+                    dk, dv, k, v, Q_head, DO_head, Lse_row, Delta_row, start_m, offs_m, offs_n,
+                    offs_d, stride_qm, stride_qd, stride_dom, stride_dod, kv_lo, kv_hi, seqlen_q,
+                    head_dim, causal_offset, window_offset, qk_scale, True, CAUSAL, WINDOW,
+                    KEY_RANGE, EVEN_D, DOT_PRECISION)
 
     dk = dk * sm_scale
-    if KEY_RANGE:  # (where, not a multiply: a padding key's rows may hold inf or NaN)
+    if KEY_RANGE == 1:  # (where, not a multiply: a padding key's rows may hold inf or NaN)
         key_ok = (offs_n[:, None] >= kv_lo) & (offs_n[:, None] < kv_hi)
         dk = tl.where(key_ok, dk, 0.0)
         dv = tl.where(key_ok, dv, 0.0)
@@ -431,12 +488,13 @@ def attention_bwd_dkdv_kernel(
 @triton.jit
 def _attention_bwd_dq_block(
     dq, q, do, lse2, delta, K_head, V_head, start_n, offs_m, offs_n, offs_d,
-    stride_kn, stride_kd, stride_vn, stride_vd, kv_lo, seqlen_k, head_dim, causal_offset,
-    window_offset, qk_scale, MASKED: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
-    KEY_RANGE: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    stride_kn, stride_kd, stride_vn, stride_vd, kv_lo, row_lo, row_hi, seqlen_k, head_dim,
+    causal_offset, window_offset, qk_scale, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
+    WINDOW: tl.constexpr, KEY_RANGE: tl.constexpr, EVEN_D: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
-    """One key block's contribution to dq (unscaled); lse2 = lse * log2(e). seqlen_k is the
-    batch row's key end, kv_lo its start (KEY_RANGE)."""
+    """One key block's contribution to dq (unscaled); lse2 = lse * log2(e). seqlen_k, kv_lo,
+    row_lo, row_hi: as in _attention_fwd_block."""
     cols = start_n + offs_n
     k = _load_tile(K_head + cols[:, None] * stride_kn + offs_d[None, :] * stride_kd,
                    cols, seqlen_k, offs_d, head_dim, MASKED, EVEN_D)
@@ -450,7 +508,10 @@ def _attention_bwd_dq_block(
             visible = visible & (cols[None, :] <= offs_m[:, None] + causal_offset)
         if WINDOW:
             visible = visible & (cols[None, :] >= offs_m[:, None] + window_offset)
-        if KEY_RANGE:
+        if KEY_RANGE == 2:
+            visible = visible & ((cols[None, :] >= row_lo[:, None])
+                                 & (cols[None, :] < row_hi[:, None]))
+        elif KEY_RANGE:
             visible = visible & (cols[None, :] >= kv_lo)
         p = tl.where(visible, p, 0.0)
     dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
@@ -475,7 +536,7 @@ def attention_bwd_dq_kernel(
     BLOCK_N: tl.constexpr,
 ):
     """DQ (B, Hq, Tq, D) in Q's dtype from Q, DO, K, V, Lse and Delta (B, Hq, Tq) float32
-    contiguous (KeyRange (B, 2) int32 with KEY_RANGE). One program per BLOCK_M query rows of
+    contiguous (KeyRange with KEY_RANGE: see _key_bounds). One program per BLOCK_M query rows of
     one head, looping over key blocks. Grid (cdiv(Tq, BLOCK_M) * B * Hq,)."""
     num_m = tl.cdiv(seqlen_q, BLOCK_M)
     pid = tl.program_id(0)
@@ -503,38 +564,39 @@ def attention_bwd_dq_kernel(
     delta = tl.load(Delta + bh.to(tl.int64) * seqlen_q + offs_m, mask=row_ok, other=0.0)
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    kv_lo, kv_hi = _key_bounds(KeyRange, b, seqlen_k, KEY_RANGE)
+    kv_lo, kv_hi, inner_lo, inner_hi, row_lo, row_hi = _key_bounds(
+        KeyRange, b, offs_m, seqlen_q, seqlen_k, KEY_RANGE)
     if WINDOW or KEY_RANGE:
         start, n_low, full_start, high, end = _kv_window_range(
-            start_m, kv_lo, kv_hi, causal_offset, window_offset, CAUSAL, WINDOW, BLOCK_M,
-            BLOCK_N)
+            start_m, kv_lo, kv_hi, inner_lo, inner_hi, causal_offset, window_offset, CAUSAL,
+            WINDOW, BLOCK_M, BLOCK_N)
         for start_n in range(full_start, high, BLOCK_N):
             dq = _attention_bwd_dq_block(
                 dq, q, do, lse2, delta, K_head, V_head, start_n, offs_m, offs_n, offs_d,
-                stride_kn, stride_kd, stride_vn, stride_vd, kv_lo, kv_hi, head_dim,
-                causal_offset, window_offset, qk_scale, False, CAUSAL, WINDOW, KEY_RANGE, EVEN_D,
-                DOT_PRECISION)
+                stride_kn, stride_kd, stride_vn, stride_vd, kv_lo, row_lo, row_hi, kv_hi,
+                head_dim, causal_offset, window_offset, qk_scale, False, CAUSAL, WINDOW,
+                KEY_RANGE, EVEN_D, DOT_PRECISION)
         for i in range(0, n_low + tl.cdiv(end - high, BLOCK_N)):
             start_n = tl.where(i < n_low, start + i * BLOCK_N, high + (i - n_low) * BLOCK_N)
             dq = _attention_bwd_dq_block(
                 dq, q, do, lse2, delta, K_head, V_head, start_n, offs_m, offs_n, offs_d,
-                stride_kn, stride_kd, stride_vn, stride_vd, kv_lo, kv_hi, head_dim,
-                causal_offset, window_offset, qk_scale, True, CAUSAL, WINDOW, KEY_RANGE, EVEN_D,
-                DOT_PRECISION)
+                stride_kn, stride_kd, stride_vn, stride_vd, kv_lo, row_lo, row_hi, kv_hi,
+                head_dim, causal_offset, window_offset, qk_scale, True, CAUSAL, WINDOW,
+                KEY_RANGE, EVEN_D, DOT_PRECISION)
     else:
         full_end, end = _kv_range(start_m, seqlen_k, causal_offset, CAUSAL, BLOCK_M, BLOCK_N)
         for start_n in range(0, full_end, BLOCK_N):
             dq = _attention_bwd_dq_block(
                 dq, q, do, lse2, delta, K_head, V_head, start_n, offs_m, offs_n, offs_d,
-                stride_kn, stride_kd, stride_vn, stride_vd, kv_lo, seqlen_k, head_dim,
-                causal_offset, window_offset, qk_scale, False, CAUSAL, WINDOW, KEY_RANGE, EVEN_D,
-                DOT_PRECISION)
+                stride_kn, stride_kd, stride_vn, stride_vd, kv_lo, row_lo, row_hi, seqlen_k,
+                head_dim, causal_offset, window_offset, qk_scale, False, CAUSAL, WINDOW,
+                KEY_RANGE, EVEN_D, DOT_PRECISION)
         for start_n in range(full_end, end, BLOCK_N):
             dq = _attention_bwd_dq_block(
                 dq, q, do, lse2, delta, K_head, V_head, start_n, offs_m, offs_n, offs_d,
-                stride_kn, stride_kd, stride_vn, stride_vd, kv_lo, seqlen_k, head_dim,
-                causal_offset, window_offset, qk_scale, True, CAUSAL, WINDOW, KEY_RANGE, EVEN_D,
-                DOT_PRECISION)
+                stride_kn, stride_kd, stride_vn, stride_vd, kv_lo, row_lo, row_hi, seqlen_k,
+                head_dim, causal_offset, window_offset, qk_scale, True, CAUSAL, WINDOW,
+                KEY_RANGE, EVEN_D, DOT_PRECISION)
 
     dq = dq * sm_scale
     if EVEN_D:
@@ -745,7 +807,8 @@ def _common_constexprs(q: Tensor, causal: bool, window_offset: int | None,
     return {
         "CAUSAL": bool(causal),
         "WINDOW": window_offset is not None,
-        "KEY_RANGE": key_range is not None,
+        # 0: none; 1: (B, 2) per batch row; 2: (B, Tq, 2) per query
+        "KEY_RANGE": 0 if key_range is None else key_range.dim() - 1,
         "BLOCK_D": block_d,
         "EVEN_D": block_d == head_dim,
         # float32: TF32 (and even 3xTF32, ~10x float32's rounding per product) would lose to
@@ -780,9 +843,11 @@ def _key_range_argument(key_range: Tensor | None, q: Tensor, stand_in: Tensor) -
     clamp its values), or ``stand_in`` (never read) without one."""
     if key_range is None:
         return stand_in
-    if key_range.shape != (q.shape[0], 2) or key_range.is_floating_point():
-        raise ValueError(f"fusedlm.triton.attention: key_range must be (B, 2) = ({q.shape[0]}, "
-                         f"2) integers, got {list(key_range.shape)} {key_range.dtype}")
+    B, Tq = q.shape[0], q.shape[2]
+    if key_range.shape not in ((B, 2), (B, Tq, 2)) or key_range.is_floating_point():
+        raise ValueError(f"fusedlm.triton.attention: key_range must be (B, 2) = ({B}, 2) or "
+                         f"(B, Tq, 2) = ({B}, {Tq}, 2) integers, got {list(key_range.shape)} "
+                         f"{key_range.dtype}")
     return key_range.to(device=q.device, dtype=torch.int32).contiguous()
 
 
@@ -790,7 +855,8 @@ def attention_fwd(
     q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool, causal_offset: int,
     window_offset: int | None = None, key_range: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """q (B, Hq, Tq, D), k/v (B, Hkv, Tk, D), any strides; key_range (B, 2) integers or None.
+    """q (B, Hq, Tq, D), k/v (B, Hkv, Tk, D), any strides; key_range (B, 2) or (B, Tq, 2)
+    integers, or None.
     Returns out (B, Hq, Tq, D) contiguous in q's dtype and lse (B, Hq, Tq) float32 (natural
     log; -inf for rows that see no key, whose out is 0)."""
     if q.numel() == 0 or k.numel() == 0:  # nothing to launch; the reference's empty results
