@@ -186,7 +186,8 @@ def naive_attention(q, k, v, scale=None, causal=False, causal_offset=None, windo
         if window_offset is not None:
             visible = visible & (cols >= rows + window_offset)
         if key_range is not None:  # (Tq, Tk) -> (B, 1, Tq, Tk)
-            per_row = key_range.to(q.device).view(B, -1, 2)  # (B, 1 or Tq, 2)
+            per_row = key_range.to(q.device)  # (B, 1 or Tq, 2)
+            per_row = per_row if per_row.dim() == 3 else per_row[:, None]
             start, end = (per_row[:, None, :, i, None] for i in (0, 1))
             visible = visible & (cols >= start) & (cols < end)
         scores = scores.masked_fill(~visible, float("-inf"))

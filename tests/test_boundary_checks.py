@@ -111,6 +111,13 @@ CASES = [
      _fwd(window_offset=None, key_range=torch.zeros(1, 2, dtype=torch.int32, device=META))),
     ("att_bwd_key_range_shape", ValueError, "'key_range'",
      _bwd(window_offset=None, key_range=torch.zeros(1, 3, dtype=torch.int64))),
+    # ... or (B, Tq, 2) per query (packed documents)
+    ("att_fwd_key_range_rows", ValueError, "'key_range'",
+     _fwd(window_offset=None, key_range=torch.zeros(1, 4, 2, dtype=torch.int32))),
+    ("att_fwd_key_range_4d", ValueError, "'key_range'",
+     _fwd(window_offset=None, key_range=torch.zeros(1, 3, 2, 1, dtype=torch.int32))),
+    ("att_bwd_key_range_pairs", ValueError, "'key_range'",
+     _bwd(window_offset=None, key_range=torch.zeros(1, 3, 3, dtype=torch.int64))),
     # attention: every tensor's offsets must fit the kernels' int64 index arithmetic
     ("att_fwd_q_strides", ValueError, "'q'",
      lambda e: e.attention_fwd(_huge_strides(), *(torch.empty(3, 2, 3, 4, device=META),) * 2,

@@ -224,14 +224,18 @@ def test_fuzz_attention(backend, fuzz):
         v = make_tensor(data, (B, Hkv, Tk, D), v_dtype)
         grad = make_tensor(data, (B, Hq, Tq, D), dtype)
 
-        # Padded batches: a (B, 2) key range, int32 or int64, bounds anywhere (past the keys
-        # and inverted included); None most of the time.
+        # Padded batches: a (B, 2) key range, or packed documents: a (B, Tq, 2) one, int32 or
+        # int64, bounds anywhere (past the keys and inverted included); None most of the time.
         key_range = None
-        if data.draw(st.integers(0, 2), label="padded") == 0:
+        ranged = data.draw(st.integers(0, 3), label="key_range_kind")
+        if ranged < 2:
+            per_query = ranged == 1 and B * Tq <= 400
             bound = st.one_of(st.integers(-3, Tk + 3), st.sampled_from([-(2**40), 2**40]))
-            rows = data.draw(st.lists(st.tuples(bound, bound), min_size=B, max_size=B),
+            count = B * Tq if per_query else B
+            rows = data.draw(st.lists(st.tuples(bound, bound), min_size=count, max_size=count),
                              label="key_range")
-            key_range = torch.tensor(rows, dtype=torch.int64).reshape(B, 2)
+            key_range = torch.tensor(rows, dtype=torch.int64).reshape(
+                (B, Tq, 2) if per_query else (B, 2))
             if bool((key_range.abs() < 2**31).all()) and data.draw(st.booleans(), label="i32"):
                 key_range = key_range.to(torch.int32)
         # Sliding windows: the op's window_offset (any int, huge ones included) or the public

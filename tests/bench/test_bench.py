@@ -392,3 +392,26 @@ def test_attention_flops_of_a_padded_batch_count_visible_pairs(B, T):
     assert counting.attention_flops(B, H, T, T, D, True, "fwd+bwd", lengths=lengths) == 3.5 * fwd
     with pytest.raises(ValueError, match="lengths"):
         counting.attention_flops(B, H, T, T, D, False, "fwd", lengths=lengths)
+
+
+@pytest.mark.parametrize(("B", "T"), [(1, 64), (3, 37), (5, 128)])
+def test_attention_flops_of_packed_documents_count_visible_pairs(B, T):
+    """Packed documents of document_lengths(B, T) tokens, causal within each: the visible
+    pairs of the block-diagonal causal mask the bench's masked providers get, 4 * H * D each;
+    fusedlm's key ranges for them give the same mask."""
+    import fusedlm
+    from fusedlm.bench.cases import _document_inputs, document_lengths
+
+    H, D = 3, 16
+    rows = document_lengths(B, T)
+    assert all(sum(row) == T and min(row) > 0 for row in rows) and len(rows[0]) >= 2
+    packed = _document_inputs(B, T, "cpu")
+    pairs = int((~packed["hidden"]).sum())
+    lengths = [n for row in rows for n in row]
+    fwd = 4.0 * H * D * pairs
+    assert counting.attention_flops(B, H, T, T, D, True, "fwd", lengths=lengths) == fwd
+    assert counting.attention_flops(B, H, T, T, D, True, "fwd+bwd", lengths=lengths) == 3.5 * fwd
+    visible = fusedlm.reference._visible(T, T, True, 0, None, "cpu", packed["key_range"])
+    assert torch.equal(visible, ~packed["hidden"])
+    with pytest.raises(ValueError, match="lengths"):
+        counting.attention_flops(B, H, T, T, D, True, "fwd", lengths=lengths + [1])

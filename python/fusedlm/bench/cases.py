@@ -206,11 +206,12 @@ def _window_mask(Tq: int, Tk: int, window: int, device) -> torch.Tensor:
     return _masks[key]
 
 
-def _hidden_mask(Tq: int, Tk: int, causal: bool, window: int | None, device, padded=None):
-    """Hidden entries (True): (Tq, Tk), or None if none; a padded batch's (B, 1, Tq, Tk)
-    mask (its inputs carry it, built once) when ``padded`` is one."""
-    if padded is not None:
-        return padded["hidden"]
+def _hidden_mask(Tq: int, Tk: int, causal: bool, window: int | None, device, packed=None):
+    """Hidden entries (True): (Tq, Tk), or None if none; a padded batch's or packed
+    documents' (B, 1, Tq, Tk) mask (their inputs carry it, built once) given ``packed``, the
+    inputs' "packed" entry."""
+    if packed is not None:
+        return packed["hidden"]
     if window is not None:
         return _window_mask(Tq, Tk, window, device)
     return _causal_mask(Tq, Tk, device) if causal else None
@@ -231,6 +232,30 @@ def _padding_inputs(B: int, T: int, causal: bool, device) -> dict:
     if causal:
         hidden = hidden | _causal_mask(T, T, device)
     return {"key_range": key_range, "hidden": hidden.expand(B, 1, T, T).contiguous()}
+
+
+def document_lengths(B: int, T: int) -> list[list[int]]:
+    """The packed documents' token counts per row: uneven, about T / 4 tokens on average
+    (lengths T/8, 3T/8, T/4, T/4 rotated by row; the last one takes what is left)."""
+    shares = [1, 3, 2, 2]
+    rows = []
+    for b in range(B):
+        order = shares[b % 4:] + shares[:b % 4]
+        lengths = [T * share // 8 for share in order[:-1]]
+        rows.append([n for n in lengths + [T - sum(lengths)] if n > 0])
+    return rows
+
+
+def _document_inputs(B: int, T: int, device) -> dict:
+    """Packed documents (causal within each): "key_range" (B, T, 2) for fusedlm, "hidden"
+    (B, 1, T, T) (block-diagonal causal) for the masked providers."""
+    from ..ops.attention import key_range_from_document_ids
+
+    ids = torch.tensor([[d for d, n in enumerate(row) for _ in range(n)]
+                        for row in document_lengths(B, T)], device=device)
+    same = ids[:, :, None] == ids[:, None, :]  # (B, T, T)
+    hidden = ~same[:, None] | _causal_mask(T, T, device)
+    return {"key_range": key_range_from_document_ids(ids), "hidden": hidden.contiguous()}
 
 
 def eager_attention(q, k, v, mask: torch.Tensor | None):
@@ -258,35 +283,44 @@ def _attention_cases(ctx: Context) -> list[Case]:
         seqs = [128, 256] if ctx.quick else [128, 256, 512, 1024]
     dtype = torch.bfloat16 if ctx.cuda else torch.float32
     # Causal sliding windows (Mistral's) of `window` keys, on sequences at least twice as long;
-    # causal padded batches (left padding, rows of T down to T / 2 tokens, Hugging Face style).
+    # causal padded batches (left padding, rows of T down to T / 2 tokens, Hugging Face style);
+    # packed documents (about four per sequence, causal within each: pretraining on packed
+    # sequences, Hugging Face's DataCollatorWithFlattening).
     window = 1024 if ctx.cuda else 64
     cases = []
     for pass_ in counting.PASSES:
-        for causal, win, padded in ((False, None, False), (True, None, False),
-                                    (True, window, False), (True, None, True)):
+        for causal, win, packing in ((False, None, None), (True, None, None),
+                                     (True, window, None), (True, None, "padded"),
+                                     (True, None, "documents")):
             for T in (seqs if win is None else [T for T in seqs if T >= 2 * win]):
                 B = max(tokens // T, 1)
-                if padded and B < 2:
+                if packing == "padded" and B < 2:
                     continue
 
-                def make(B=B, T=T, pass_=pass_, causal=causal, padded=padded):
+                def make(B=B, T=T, pass_=pass_, causal=causal, packing=packing):
                     grad = pass_ == "fwd+bwd"
                     inputs = {n: _randn(B, H, T, D, ctx=ctx, dtype=dtype, requires_grad=grad)
                               for n in ("q", "k", "v")}
                     if grad:
                         inputs["grad"] = _randn(B, H, T, D, ctx=ctx, dtype=dtype)
-                    if padded:
-                        inputs["padded"] = _padding_inputs(B, T, causal, ctx.device)
+                    if packing == "padded":
+                        inputs["packed"] = _padding_inputs(B, T, causal, ctx.device)
+                    elif packing == "documents":
+                        inputs["packed"] = _document_inputs(B, T, ctx.device)
                     return inputs
 
                 mask = ("full" if not causal else f"window {win}" if win is not None
-                        else "causal padded" if padded else "causal")
+                        else f"causal {packing}" if packing else "causal")
                 size = dict(B=B, H=H, T=T, D=D)
                 if win is not None:
                     size["window"] = win
-                if padded:
+                lengths = None
+                if packing == "padded":
                     size["padded"] = "left"
-                lengths = padded_lengths(B, T) if padded else None
+                    lengths = padded_lengths(B, T)
+                elif packing == "documents":
+                    size["documents"] = sum(len(row) for row in document_lengths(B, T))
+                    lengths = [n for row in document_lengths(B, T) for n in row]
                 cases.append(Case(
                     op="attention",
                     variant=f"{pass_} {dtype_name(dtype)} {mask}",
@@ -298,8 +332,8 @@ def _attention_cases(ctx: Context) -> list[Case]:
                     bytes=counting.attention_bytes(B, H, T, T, D, dtype, pass_),
                     make_inputs=make, check_output=pass_ == "fwd",
                 ))
-    # Sliding windows and padded batches last: a run out of time skips them first.
-    return sorted(cases, key=lambda case: "window" in case.size or "padded" in case.size)
+    # Sliding windows, padded batches and documents last: a run out of time skips them first.
+    return sorted(cases, key=lambda case: bool({"window", "padded", "documents"} & set(case.size)))
 
 
 _QKV = ("q", "k", "v")
@@ -312,19 +346,19 @@ def _attention_provider(name, description, forward, why_not=_always, compiles=Fa
             _needs(ctx, kernel_backend, "attention_bwd")
         causal, window = case.causal, case.size.get("window")
         return _run_pass(
-            case, lambda i: forward(i["q"], i["k"], i["v"], causal, ctx, window, i.get("padded")),
+            case, lambda i: forward(i["q"], i["k"], i["v"], causal, ctx, window, i.get("packed")),
             _QKV)
 
     return Provider(name, description, why_not, build, compiles=compiles)
 
 
-def _eager_attention_call(q, k, v, causal, ctx, window=None, padded=None):
+def _eager_attention_call(q, k, v, causal, ctx, window=None, packed=None):
     return eager_attention(q, k, v, _hidden_mask(q.shape[2], k.shape[2], causal, window,
-                                                 q.device, padded))
+                                                 q.device, packed))
 
 
-def _compiled_attention_call(q, k, v, causal, ctx, window=None, padded=None):
-    mask = _hidden_mask(q.shape[2], k.shape[2], causal, window, q.device, padded)
+def _compiled_attention_call(q, k, v, causal, ctx, window=None, packed=None):
+    mask = _hidden_mask(q.shape[2], k.shape[2], causal, window, q.device, packed)
     return compiled(eager_attention)(q, k, v, mask)
 
 
@@ -360,16 +394,16 @@ def _sdpa_why_not(name: str) -> Callable[[Context], str | None]:
 
 
 def _sdpa_call(name: str):
-    def call(q, k, v, causal, ctx, window=None, padded=None):
+    def call(q, k, v, causal, ctx, window=None, packed=None):
         from torch.nn.attention import sdpa_kernel
 
-        if window is None and padded is None:
+        if window is None and packed is None:
             with sdpa_kernel([_sdpa_backend(name)]):
                 return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
         if name == "flash":
             raise Unsupported("torch's SDPA flash backend takes no mask (no sliding window, "
-                              "no padding)")
-        visible = ~_hidden_mask(q.shape[2], k.shape[2], causal, window, q.device, padded)
+                              "no padding, no packed documents)")
+        visible = ~_hidden_mask(q.shape[2], k.shape[2], causal, window, q.device, packed)
         with sdpa_kernel([_sdpa_backend(name)]):
             return F.scaled_dot_product_attention(q, k, v, attn_mask=visible)
 
@@ -377,12 +411,15 @@ def _sdpa_call(name: str):
 
 
 def _fusedlm_attention_call(backend: str):
-    def call(q, k, v, causal, ctx, window=None, padded=None):
+    def call(q, k, v, causal, ctx, window=None, packed=None):
         import fusedlm
 
-        return fusedlm.attention(q, k, v, causal=causal, backend=backend,
-                                 window=None if window is None else (window - 1, 0),
-                                 key_range=None if padded is None else padded["key_range"])
+        try:
+            return fusedlm.attention(q, k, v, causal=causal, backend=backend,
+                                     window=None if window is None else (window - 1, 0),
+                                     key_range=None if packed is None else packed["key_range"])
+        except fusedlm.BackendNotSupportedError as why:  # e.g. cuda: per-query key ranges
+            raise Unsupported(str(why).split(": ", 1)[-1]) from why
 
     return call
 

@@ -43,13 +43,15 @@ def attention_flops(B: int, H: int, Tq: int, Tk: int, D: int, causal: bool, pass
                     window: int | None = None, lengths: list[int] | None = None) -> float:
     """4*B*H*Tq*Tk*D forward, 2.5x that backward, half of each when causal. A causal sliding
     window of ``window`` keys (bottom-right): 4*B*H*D per visible (query, key) pair, counted
-    exactly. A causal left-padded batch (``lengths``: each row's token count, its last
-    positions; Tq == Tk): row b's L_b (L_b + 1) / 2 visible pairs, counted exactly."""
+    exactly. Causal runs of tokens (``lengths``; Tq == Tk): a left-padded batch's rows (each
+    row's token count, its last positions) or packed documents (every document of every
+    row): L (L + 1) / 2 visible pairs per run of L tokens, counted exactly."""
     _check_pass(pass_)
     if lengths is not None:
-        if not causal or window is not None or Tq != Tk or len(lengths) != B:
+        if (not causal or window is not None or Tq != Tk or sum(lengths) > B * Tq
+                or min(lengths, default=0) < 0):
             raise ValueError("attention_flops: lengths are counted for causal self-attention "
-                             "of B rows without a window")
+                             "without a window, runs of at most B * T tokens in all")
         pairs = sum(n * (n + 1) // 2 for n in lengths)
         fwd = 4.0 * H * D * pairs
         return fwd if pass_ == "fwd" else fwd * (1 + 2.5)
