@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from .. import nn as fused_nn
 from ..ops.attention import attention as fused_attention
+from ..ops.attention import key_range_from_document_ids
 
 KERNELS = ("fused", "torch")
 ARCHS = ("gpt2", "llama")
@@ -142,18 +143,29 @@ def _rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
 
 
-def _torch_attention(q: Tensor, k: Tensor, v: Tensor, sliding_window: int | None) -> Tensor:
+def document_ids(idx: Tensor, separator: int) -> Tensor:
+    """(B, T) document ids of the token windows ``idx`` (B, T): a document starts at each
+    ``separator`` token (GPT-2's ``<|endoftext|>``, 50256, as llm.c's shards put it before
+    every document), so the separator belongs to the document it opens."""
+    return (idx == separator).cumsum(dim=1)
+
+
+def _torch_attention(q: Tensor, k: Tensor, v: Tensor, sliding_window: int | None,
+                     documents: Tensor | None = None) -> Tensor:
     """Causal attention, bottom-right aligned (so a query block at the end of a kv cache sees
-    every earlier key), within the last ``sliding_window`` keys if set, on torch's SDPA."""
+    every earlier key), within the last ``sliding_window`` keys if set and within each
+    query's document (``documents`` (B, T) ids, Tq = Tk) if given, on torch's SDPA."""
     Tq, Tk = q.shape[2], k.shape[2]
     if q.shape[1] != k.shape[1]:
         repeat = q.shape[1] // k.shape[1]
         k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
-    if Tq == Tk and (sliding_window is None or sliding_window >= Tk):
+    if Tq == Tk and (sliding_window is None or sliding_window >= Tk) and documents is None:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True)
     visible = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device).tril(Tk - Tq)
     if sliding_window is not None:
         visible = visible.triu(Tk - Tq - sliding_window + 1)
+    if documents is not None:  # (B, 1, T, T)
+        visible = visible & (documents[:, None, :, None] == documents[:, None, None, :])
     return F.scaled_dot_product_attention(q, k, v, attn_mask=visible)
 
 
@@ -187,7 +199,9 @@ class Attention(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: Tensor, rotary: tuple[Tensor, Tensor] | None,
-                cache: KVCache | None) -> Tensor:
+                cache: KVCache | None, documents: tuple[Tensor, Tensor] | None = None) -> Tensor:
+        """documents: (document ids (B, T), their key ranges (B, T, 2)) to keep each query
+        to its own document, or None."""
         B, T, C = x.shape
         H, Hkv, D = self.config.n_head, self.config.kv_heads, self.head_dim
         q, k, v = self.c_attn(x).split([H * D, Hkv * D, Hkv * D], dim=-1)
@@ -202,9 +216,10 @@ class Attention(nn.Module):
         window = self.config.sliding_window
         if self.kernels == "fused":
             y = fused_attention(q, k, v, causal=True,
-                                window=None if window is None else (window - 1, 0))
+                                window=None if window is None else (window - 1, 0),
+                                key_range=None if documents is None else documents[1])
         else:
-            y = _torch_attention(q, k, v, window)
+            y = _torch_attention(q, k, v, window, None if documents is None else documents[0])
         return self.dropout(self.c_proj(y.transpose(1, 2).reshape(B, T, C)))
 
 
@@ -235,8 +250,9 @@ class Block(nn.Module):
         self.ln_2 = _norm(config, kernels)
         self.mlp = MLP(config)
 
-    def forward(self, x: Tensor, rotary=None, cache: KVCache | None = None) -> Tensor:
-        x = x + self.attn(self.ln_1(x), rotary, cache)
+    def forward(self, x: Tensor, rotary=None, cache: KVCache | None = None,
+                documents=None) -> Tensor:
+        x = x + self.attn(self.ln_1(x), rotary, cache, documents)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -293,14 +309,25 @@ class GPT(nn.Module):
         T = self.config.block_size if seq_len is None else seq_len
         return 6 * self.num_parameters() + 6 * self.config.n_layer * T * self.config.n_embd
 
-    def hidden_states(self, idx: Tensor, cache: KVCache | None = None) -> Tensor:
+    def hidden_states(self, idx: Tensor, cache: KVCache | None = None,
+                      document_ids: Tensor | None = None) -> Tensor:
         """idx (B, T) int64 token ids -> the final-norm hidden states (B, T, n_embd), in the
         parameters' dtype (or autocast's): what ``lm_head`` maps to logits, and what a task
-        head (``fusedlm.train.classify``) reads. Position t depends on positions <= t only.
-        With ``cache``, idx continues the cached positions."""
+        head (``fusedlm.train.classify``) reads. Position t depends on positions <= t only
+        (and with ``document_ids`` (B, T) integers, only on those of its own document: a run
+        of equal ids, see :func:`document_ids`; positions still count from the window's
+        start). With ``cache``, idx continues the cached positions."""
         if idx.dim() != 2:
             raise ValueError(f"argument 'idx' must be (B, T) token ids, got {list(idx.shape)}")
         B, T = idx.shape
+        documents = None
+        if document_ids is not None:
+            if cache is not None:
+                raise ValueError("argument 'document_ids' cannot be combined with a KV cache")
+            if document_ids.shape != idx.shape:
+                raise ValueError(f"argument 'document_ids' must have the shape of 'idx' "
+                                 f"{list(idx.shape)}, got {list(document_ids.shape)}")
+            documents = (document_ids, key_range_from_document_ids(document_ids))
         start = cache.length if cache is not None else 0
         if start + T > self.config.block_size:
             raise ValueError(
@@ -317,17 +344,20 @@ class GPT(nn.Module):
         x = self.drop(x)
         for block in self.h:
             if self.activation_checkpointing and self.training and cache is None:
-                x = torch.utils.checkpoint.checkpoint(block, x, rotary, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(block, x, rotary, None, documents,
+                                                      use_reentrant=False)
             else:
-                x = block(x, rotary, cache)
+                x = block(x, rotary, cache, documents)
         return self.ln_f(x)
 
     def forward(self, idx: Tensor, targets: Tensor | None = None,
-                cache: KVCache | None = None) -> tuple[Tensor, Tensor | None]:
+                cache: KVCache | None = None,
+                document_ids: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
         """idx (B, T) int64 token ids -> logits (B, T, vocab_size) and the mean cross-entropy
         against ``targets`` (B, T) (ignoring -1), or None without targets. With ``cache``
-        (``generate``), idx continues the cached positions."""
-        logits = self.lm_head(self.hidden_states(idx, cache))
+        (``generate``), idx continues the cached positions; with ``document_ids`` (B, T),
+        packed documents attend only within themselves (see ``hidden_states``)."""
+        logits = self.lm_head(self.hidden_states(idx, cache, document_ids))
         if targets is None:
             return logits, None
         loss = F.cross_entropy(

@@ -46,7 +46,7 @@ def _train(args: argparse.Namespace) -> int:
             "out", "data", "val_data", "preset", "kernels", "device", "task", "init_from",
             "seed", "batch_size", "grad_accum", "max_steps", "lr", "warmup_steps", "schedule",
             "eval_every", "ckpt_every", "sample_every", "compile", "activation_checkpointing",
-            "fsdp", "nan_policy")}
+            "fsdp", "nan_policy", "document_separator")}
         flags["resume"] = args.resume or None
         if args.model:
             flags["model"] = json.loads(args.model)
@@ -158,6 +158,9 @@ def add_commands(commands) -> None:
                        "and the root) instead of DDP; checkpoints hold the full weights and "
                        "optimizer state; no samples during training")
     train.add_argument("--nan-policy", choices=("skip", "stop"))
+    train.add_argument("--document-separator", type=int, metavar="TOKEN_ID",
+                       help="the token that opens each packed document (50256 for GPT-2's "
+                       "<|endoftext|>): attention stays within documents")
     train.set_defaults(run=_train)
 
     sample = commands.add_parser("sample", help="generate text from a checkpoint or HF GPT-2 dir")

@@ -36,6 +36,9 @@ class TrainConfig:
     grad_accum: int = 1
     max_steps: int | None = None
     data_mode: str = "random"
+    # a token id that opens each packed document (GPT-2's <|endoftext|>: 50256): attention stays
+    # within documents (causal within each); None: across the whole window
+    document_separator: int | None = None
     # optimizer and schedule
     lr: float | None = None
     min_lr_ratio: float = 0.1
@@ -73,6 +76,10 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and value < (0 if name in ("eval_every", "ckpt_every") else 1):
                 raise ConfigError(f"'{name}' must be positive, got {value}")
+        separator = self.document_separator
+        if separator is not None and (isinstance(separator, bool) or not isinstance(separator, int)
+                                      or separator < 0):
+            raise ConfigError(f"'document_separator' must be a token id >= 0, got {separator!r}")
         if self.grad_accum < 1:
             raise ConfigError(f"'grad_accum' must be >= 1, got {self.grad_accum}")
         if self.keep_checkpoints < 1:

@@ -27,7 +27,7 @@ import time
 import numpy as np
 import torch
 
-from ..models.gpt import GPT, GPTConfig
+from ..models.gpt import GPT, GPTConfig, document_ids
 from ..optim import AdamW
 from . import checkpoint as ckpt
 from .config import ConfigError, TrainConfig
@@ -265,6 +265,10 @@ class Trainer:
             # A resumed run's weights are loaded in _restore, once the model is wrapped.
             model = GPT(self.model_config, kernels=cfg.kernels)
         model.activation_checkpointing = cfg.activation_checkpointing
+        separator = cfg.document_separator
+        if separator is not None and separator >= self.model_config.vocab_size:
+            raise ConfigError(f"'document_separator' {separator} is not a token id of the model "
+                              f"(vocab_size {self.model_config.vocab_size})")
         model.to(self.device)
         n = model.num_parameters()
         self.log(f"model: {n / 1e6:.2f}M parameters ({self.model_config.arch}, "
@@ -312,7 +316,7 @@ class Trainer:
                 # FSDP2: accumulate unsharded gradients, reduce-scatter on the last micro-step
                 self.raw_model.set_requires_gradient_sync(last)
             with sync, self._autocast():
-                _, loss = self.model(x, y)
+                _, loss = self.model(x, y, document_ids=self._documents(x))
                 loss = loss * (self.loss_multiplier / cfg.grad_accum)
             loss.backward()
             total_loss += loss.detach()
@@ -326,6 +330,12 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         return {"loss": float(loss_value), "lr": lr, "grad_norm": float(grad_norm),
                 "finite": finite}
+
+    def _documents(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The windows' document ids when documents are kept apart (document_separator)."""
+        if self.cfg.document_separator is None:
+            return None
+        return document_ids(x, self.cfg.document_separator)
 
     # A test hook: multiplies the loss before backward (e.g. by NaN to exercise the policy).
     loss_multiplier = 1.0
@@ -345,7 +355,7 @@ class Trainer:
         for _ in range(self.cfg.eval_batches):
             x, y = batches.next_batch(self.device)
             with self._autocast():
-                _, loss = self.model(x, y)
+                _, loss = self.model(x, y, document_ids=self._documents(x))
             total += loss.float()
         self.model.train()
         return float(mean_across_ranks(total / self.cfg.eval_batches, self.dist))
