@@ -749,6 +749,23 @@ def test_cuda_backend_refuses_float32_and_float64(dtype):
         torch.ops.fusedlm.attention_fwd(q, k, v, 0.125, True, 0, "cuda")
 
 
+def test_cuda_backend_refuses_per_query_key_ranges_and_auto_runs_triton():
+    """Packed documents' (B, Tq, 2) key ranges: backend="cuda" refuses them (the Python
+    support check, and the binding's own check behind it), "auto" runs them on Triton."""
+    from tests.ops.test_attention import _check_attention, query_key_ranges
+
+    q, k, v = _qkv((2, 4, 2, 300, 300, 64), torch.float16)
+    ranges = query_key_ranges("documents", 2, 300, 300, "cuda")
+    with pytest.raises(fusedlm.BackendNotSupportedError, match="per query"):
+        fusedlm.attention(q, k, v, causal=True, key_range=ranges, backend="cuda")
+    with pytest.raises(NotImplementedError, match="key_range"):
+        _ext.load().attention_fwd(q, k, v, 0.125, True, 0, None, ranges.int())
+    if fusedlm.backends()["triton"].available:
+        OpDispatch.last_choice.pop("attention_fwd", None)
+        _check_attention(q, k, v, True, "auto", key_range=ranges)
+        assert OpDispatch.last_choice["attention_fwd"] == "triton"
+
+
 @pytest.mark.parametrize("head_dim", [257, 512])
 def test_head_dim_over_256_raises(head_dim):
     q, k, v = _qkv((1, 2, 2, 17, 17, head_dim), torch.float16)
