@@ -309,6 +309,32 @@ def test_attention_query_key_range(tiles, shape, causal, window, kind, dtype, mo
                      key_range=query_key_ranges(kind, shape[0], shape[3], shape[4]))
 
 
+def test_query_extents_bound_the_dkdv_query_loop():
+    """The dK/dV kernel's query rows per 16-key chunk: for packed documents (sorted ranges)
+    exactly the rows whose ranges meet the chunk; for unsorted ranges all rows (a narrower
+    extent would drop gradient terms, a wider one only costs time)."""
+    from fusedlm.triton.attention import _query_extents
+
+    Tq, Tk = 70, 90
+    for kind in ("documents", "scattered"):
+        ranges = query_key_ranges(kind, 2, Tq, Tk).to(torch.int32)
+        extents = _query_extents(ranges, Tq, Tk)
+        assert extents.shape == (2, 6, 2) and extents.dtype == torch.int32
+        ends = ranges[..., 1].clamp(0, Tk)
+        starts = torch.minimum(ranges[..., 0].clamp(0, Tk), ends)
+        for b in range(2):
+            for chunk in range(6):
+                c0, c1 = 16 * chunk, min(16 * chunk + 16, Tk)
+                meets = ((starts[b] < ends[b]) & (starts[b] < c1) & (ends[b] > c0)).nonzero()
+                first, end = extents[b, chunk].tolist()
+                if kind == "scattered":
+                    assert (first, end) == (0, Tq)
+                elif len(meets):
+                    assert (first, end) == (int(meets.min()), int(meets.max()) + 1)
+                else:
+                    assert first >= end
+
+
 # ---- dispatch ------------------------------------------------------------------------------
 
 
@@ -424,7 +450,7 @@ def _sm90_launch(name, dtype, head_dim, causal, window=False, seqlen=2048, key_r
             continue
         if arg.startswith("stride"):
             meta[arg] = {"d": 1, "m": head_dim, "n": head_dim}.get(arg[-1], seqlen * head_dim)
-        elif arg == "KeyRange":
+        elif arg in ("KeyRange", "QueryExtent"):
             meta[arg] = {"ptr": "i32", "aligned": True}
         elif arg[0].isupper():
             meta[arg] = {"ptr": "fp32" if arg in ("Lse", "Delta") else dtype, "aligned": True}

@@ -356,7 +356,7 @@ def _attention_bwd_dkdv_block(
 
 @triton.jit
 def attention_bwd_dkdv_kernel(
-    Q, K, V, DO, Lse, Delta, DK, DV, KeyRange,
+    Q, K, V, DO, Lse, Delta, DK, DV, KeyRange, QueryExtent,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -414,8 +414,15 @@ def attention_bwd_dkdv_kernel(
         even_end = tl.minimum(even_end, (tl.maximum(start_n - window_offset + 1, 0) // BLOCK_M)
                               * BLOCK_M)
     if KEY_RANGE == 2:
-        # Per-query ranges: every query block goes through the mask (and is skipped when no
-        # row's range meets these keys).
+        # Per-query ranges: only the query rows QueryExtent gives for these keys (the first
+        # 16-key chunk's first row to the last chunk's end), every block through the mask,
+        # skipped when no row's range meets these keys.
+        chunks = tl.cdiv(seqlen_k, 16)
+        extent = QueryExtent + b.to(tl.int64) * chunks * 2
+        rows_first = tl.load(extent + (start_n // 16) * 2)
+        rows_end = tl.load(extent + tl.minimum((start_n + BLOCK_N) // 16, chunks) * 2 - 1)
+        lo = tl.maximum(lo, (rows_first // BLOCK_M) * BLOCK_M)
+        end = tl.minimum(end, tl.cdiv(rows_end, BLOCK_M) * BLOCK_M)
         full = end
         even_end = end
     kv_lo, kv_hi, _, _, _, _ = _key_bounds(KeyRange, b, offs_m, seqlen_q, seqlen_k,
@@ -851,6 +858,29 @@ def _key_range_argument(key_range: Tensor | None, q: Tensor, stand_in: Tensor) -
     return key_range.to(device=q.device, dtype=torch.int32).contiguous()
 
 
+def _query_extents(key_range: Tensor, Tq: int, Tk: int) -> Tensor:
+    """The dK/dV kernel's QueryExtent for per-query key ranges (B, Tq, 2) int32: (B,
+    cdiv(Tk, 16), 2) int32, for each chunk of 16 keys the query rows [first, end) whose ranges
+    can meet it. Exact (binary searches) for batch rows whose starts and ends never decrease
+    along the queries (packed documents, padding); all of [0, Tq) for the other rows, which
+    the kernel then scans block by block. On the device, no host sync."""
+    B = key_range.shape[0]
+    ends = key_range[..., 1].clamp(0, Tk)
+    starts = torch.minimum(key_range[..., 0].clamp(0, Tk), ends)
+    sorted_rows = ((starts[:, 1:] >= starts[:, :-1]).all(dim=1)
+                   & (ends[:, 1:] >= ends[:, :-1]).all(dim=1))  # (B,)
+    chunk_start = torch.arange(0, Tk, 16, device=key_range.device, dtype=torch.int32)
+    chunk_start = chunk_start.expand(B, -1).contiguous()
+    chunk_end = (chunk_start + 16).clamp(max=Tk)
+    # First row whose range ends past the chunk's start; first row whose range starts at or
+    # past the chunk's end.
+    first = torch.searchsorted(ends.contiguous(), chunk_start, right=True)
+    end = torch.searchsorted(starts.contiguous(), chunk_end, right=False)
+    first = torch.where(sorted_rows[:, None], first, 0)
+    end = torch.where(sorted_rows[:, None], end, Tq)
+    return torch.stack([first, end], dim=2).to(torch.int32).contiguous()
+
+
 def attention_fwd(
     q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool, causal_offset: int,
     window_offset: int | None = None, key_range: Tensor | None = None,
@@ -920,8 +950,10 @@ def attention_bwd(
                 num_warps=4 if block_d <= 64 else 8,
             )
 
+    extent_arg = lse if key_range is None or key_range.dim() != 3 else _query_extents(
+        key_range_arg, Tq, Tk)
     dkdv_args = (
-        q, k, v, grad_out, lse, delta, dk, dv, key_range_arg,
+        q, k, v, grad_out, lse, delta, dk, dv, key_range_arg, extent_arg,
         *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dk.stride(), *dv.stride(),
         Hkv, group, Tq, Tk, D, *offsets, float(scale), qk_scale, bucket,
     )
