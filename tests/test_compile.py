@@ -108,3 +108,35 @@ def test_export_keeps_the_custom_ops(strict):
     for op in ("fusedlm.layer_norm_fwd", "fusedlm.rms_norm_fwd", "fusedlm.attention_fwd"):
         assert any(op in t for t in targets), f"{op} missing from the exported graph: {targets}"
     torch.testing.assert_close(program.module()(idx), model(idx), rtol=1e-5, atol=1e-5)
+
+
+def test_compile_gpt_with_packed_documents_fullgraph():
+    """The GPT model with document_ids (the key ranges built from the ids inside the graph,
+    then per-query key ranges into the attention op) compiles without a graph break and gives
+    eager's loss and gradients."""
+    from fusedlm.models import GPT, GPTConfig
+    from fusedlm.models.gpt import document_ids
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    config = GPTConfig(n_layer=2, n_head=4, n_embd=32, block_size=24, vocab_size=50,
+                       arch="llama", n_kv_head=2, bias=False)
+    model = GPT(config, kernels="fused")
+    idx = torch.randint(1, 50, (2, 24))
+    idx[:, [7, 8, 15]] = 0
+    documents = document_ids(idx, 0)
+
+    def loss_of(m):
+        return m(idx[:, :-1], idx[:, 1:], document_ids=documents[:, :-1])[1]
+
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    losses, grads = [], []
+    for m in (model, compiled):
+        model.zero_grad()
+        loss = loss_of(m)
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append([p.grad.clone() for p in model.parameters()])
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-6)
+    for a, b in zip(grads[0], grads[1], strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
