@@ -354,17 +354,19 @@ def key_range_from_document_ids(document_ids: Tensor) -> Tensor:
 
 def _token_runs(tokens: Tensor) -> Tensor | None:
     """(B, 2) int32 [start, end) of each row's True entries of the (B, T) bool ``tokens``, or
-    None if a row's are not contiguous. Rows with none: (0, 0)."""
+    None if a row's are not contiguous. Rows with none: (0, 0). Temporaries of one byte per
+    entry (long masks: no (B, T) int64)."""
     B, T = tokens.shape
-    positions = torch.arange(T, device=tokens.device)
     counts = tokens.sum(dim=1)
-    start = torch.where(tokens, positions, T).amin(dim=1) if T else counts
+    if T == 0:
+        return torch.stack([counts, counts], dim=1).to(torch.int32)
+    as_bytes = tokens.to(torch.uint8)
+    start = as_bytes.argmax(dim=1)  # the first True (the first maximum)
+    last = T - 1 - as_bytes.flip(1).argmax(dim=1)  # the last True
     start = torch.where(counts > 0, start, 0)
-    end = start + counts
-    run = (positions >= start[:, None]) & (positions < end[:, None])
-    if not bool((run == tokens).all()):
+    if not bool(((counts == 0) | (last - start + 1 == counts)).all()):
         return None
-    return torch.stack([start, end], dim=1).to(torch.int32)
+    return torch.stack([start, start + counts], dim=1).to(torch.int32)
 
 
 # ---- mask recognition -----------------------------------------------------------------------
@@ -403,10 +405,8 @@ def mask_layout(mask: Tensor, q_len: int, kv_len: int,
         visible = mask
     elif mask.is_floating_point():
         visible = mask == 0
-        hidden = mask[~visible]
-        if hidden.numel() and not bool(
-            ((hidden == float("-inf")) | (hidden == torch.finfo(mask.dtype).min)).all()
-        ):
+        if not bool((visible | (mask == float("-inf"))
+                     | (mask == torch.finfo(mask.dtype).min)).all()):
             visible = None
     else:
         visible = None
@@ -418,53 +418,52 @@ def mask_layout(mask: Tensor, q_len: int, kv_len: int,
 
 
 def _layout_of(visible: Tensor, q_len: int, kv_len: int) -> Layout | None:
-    """The layout (see mask_layout) of a (N, 1, q_len, kv_len) boolean mask, or None."""
-    if bool(visible.all()):
-        return None, None, None
-    if not bool(visible.any()):
-        return None
-    # relative[i, j] = j - i; the band's edges are the extremes over the visible entries.
-    device = visible.device
-    relative = (torch.arange(kv_len, device=device)[None, :]
-                - torch.arange(q_len, device=device)[:, None])
-    low = int(relative.masked_fill(~visible, kv_len).amin())
-    high = int(relative.masked_fill(~visible, -q_len).amax())
-    key_range, kept = None, None
-    if not bool((visible == ((relative >= low) & (relative <= high))).all()):
-        # Rows differ: padding, if each row keeps one run of keys (those some query sees).
-        key_range = _token_runs(visible.any(dim=2)[:, 0])
-        if key_range is None:
-            return _query_runs_layout(visible, low, high, q_len, kv_len)
-        cols = torch.arange(kv_len, device=device)
-        kept = ((cols >= key_range[:, :1]) & (cols < key_range[:, 1:]))[:, None, None, :]
-
-    def matches(window_offset: int | None, causal_offset: int | None) -> bool:
-        band = torch.ones_like(relative, dtype=torch.bool)
-        if window_offset is not None:
-            band &= relative >= window_offset
-        if causal_offset is not None:
-            band &= relative <= causal_offset
-        return bool((visible == (band if kept is None else band & kept)).all())
-
-    if not matches(low, high):
-        return _query_runs_layout(visible, low, high, q_len, kv_len)
-    # An edge that cuts no visible key (within the kept runs): no limit, the kernels' fast path.
-    window_offset = None if matches(None, high) else low
-    causal_offset = None if matches(window_offset, None) else high
-    return causal_offset, window_offset, key_range
-
-
-def _query_runs_layout(visible: Tensor, low: int, high: int, q_len: int,
-                       kv_len: int) -> Layout | None:
-    """The layout of a (N, 1, q_len, kv_len) boolean mask whose every query row sees one run
-    of keys, as per-query key ranges (N, q_len, 2), or None. Every visible entry has
-    low <= j - i <= high: those edges, where they cut some key, become the band offsets."""
-    runs = _token_runs(visible[:, 0].reshape(-1, kv_len))
+    """The layout (see mask_layout) of a (N, 1, q_len, kv_len) boolean mask, or None. Works on
+    each query row's run of visible keys (a row with a gap: None), so its temporaries are
+    (N, q_len) integers and byte copies of the mask."""
+    N = visible.shape[0]
+    runs = _token_runs(visible[:, 0].reshape(N * q_len, kv_len))
     if runs is None:
         return None
-    causal_offset = high if high < kv_len - 1 else None
-    window_offset = low if low > 1 - q_len else None
-    return causal_offset, window_offset, runs.view(visible.shape[0], q_len, 2)
+    runs = runs.view(N, q_len, 2)
+    start, end = runs[..., 0].long(), runs[..., 1].long()  # (N, q_len)
+    seen = end > start
+    if not bool(seen.any()):
+        return None
+    if bool(seen.all() & (start == 0).all() & (end == kv_len).all()):
+        return None, None, None
+    # Every visible entry has low <= j - i <= high (i the query, j the key).
+    rows = torch.arange(q_len, device=visible.device)
+    low = int((start - rows).masked_fill(~seen, kv_len).amin())
+    high = int((end - 1 - rows).masked_fill(~seen, -q_len).amax())
+
+    def matches(window_offset: int | None, causal_offset: int | None,
+                kept: Tensor | None) -> bool:
+        """Whether each row's run is the band's keys (cut to the batch row's ``kept`` run)."""
+        lo = ((rows + window_offset).clamp(0, kv_len) if window_offset is not None
+              else torch.zeros_like(rows))
+        hi = ((rows + causal_offset + 1).clamp(0, kv_len) if causal_offset is not None
+              else torch.full_like(rows, kv_len))
+        lo, hi = lo.expand(N, q_len), hi.expand(N, q_len)
+        if kept is not None:
+            lo = torch.maximum(lo, kept[:, :1].long())
+            hi = torch.minimum(hi, kept[:, 1:].long())
+        band = hi > lo
+        return bool(((band == seen) & (~seen | ((start == lo) & (end == hi)))).all())
+
+    # Rows of the batch differ (padding) when the band alone does not give the mask: then each
+    # batch row must keep one run of keys (those some query sees), else per-query runs.
+    key_range = None
+    if not matches(low, high, None):
+        key_range = _token_runs(visible[:, 0].any(dim=1))
+        if key_range is None or not matches(low, high, key_range):
+            causal_offset = high if high < kv_len - 1 else None
+            window_offset = low if low > 1 - q_len else None
+            return causal_offset, window_offset, runs
+    # An edge that cuts no visible key (within the kept runs): no limit, the kernels' fast path.
+    window_offset = None if matches(None, high, key_range) else low
+    causal_offset = None if matches(window_offset, None, key_range) else high
+    return causal_offset, window_offset, key_range
 
 
 def expand_key_range(key_range: Tensor | None, batch: int) -> Tensor | None:
