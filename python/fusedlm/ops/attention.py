@@ -390,10 +390,9 @@ def mask_layout(mask: Tensor, q_len: int, kv_len: int,
     run of keys per row (key_range None when every row keeps all); failing that, one run of
     keys per query (packed documents' block-diagonal masks: key_range (N, q_len, 2), with the
     band that holds every visible entry as offsets, so the kernels skip what lies outside it).
-    Boolean masks (True =
-    visible) and additive float masks (0 visible, -inf or the dtype's min hidden). Cached for
-    the mask object, which every layer of a forward shares; ``as_4d``: the mask viewed as 4-D,
-    when it is not (the cache keys on ``mask``)."""
+    Boolean masks (True = visible) and additive float masks (0 visible, -inf or the dtype's min
+    hidden). Cached for the mask object, which every layer of a forward shares; ``as_4d``: the
+    mask viewed as 4-D, when it is not (the cache keys on ``mask``)."""
     key, mask = mask, (mask if as_4d is None else as_4d)
     if (mask.dim() != 4 or mask.shape[1] != 1 or mask.shape[2] not in (1, q_len)
             or mask.shape[3] != kv_len):
