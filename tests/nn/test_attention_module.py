@@ -84,6 +84,21 @@ def test_causal_self_attention_is_causal():
     assert not torch.allclose(y[:, 6:], y2[:, 6:])
 
 
+def test_causal_self_attention_keeps_packed_documents_apart():
+    """key_range from document ids: a document's outputs depend on its own tokens only."""
+    module = fusedlm.nn.CausalSelfAttention(32, 4, 2)
+    x = torch.randn(2, 12, 32)
+    ids = torch.tensor([[0] * 5 + [1] * 7, [0] * 12])
+    ranges = fusedlm.key_range_from_document_ids(ids)
+    x2 = x.clone()
+    x2[0, :5] = torch.randn(5, 32)  # the first document of row 0 rewritten
+    y, y2 = module(x, ranges), module(x2, ranges)
+    torch.testing.assert_close(y[0, 5:], y2[0, 5:], rtol=0, atol=0)
+    torch.testing.assert_close(y[1], y2[1], rtol=0, atol=0)
+    torch.testing.assert_close(y[0, 5:], module(x[:1, 5:])[0], rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(module(x)[0, 5:], y[0, 5:])
+
+
 @pytest.mark.parametrize(
     ("args", "match"), [((30, 4), "n_embd"), ((32, 4, 3), "n_kv_head"), ((32, 4, 0), "n_kv_head")]
 )

@@ -39,7 +39,10 @@ class CausalSelfAttention(torch.nn.Module):
         self.c_attn = torch.nn.Linear(n_embd, qkv_out, bias=bias, device=device, dtype=dtype)
         self.c_proj = torch.nn.Linear(n_embd, n_embd, bias=bias, device=device, dtype=dtype)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, key_range: Tensor | None = None) -> Tensor:
+        """x (B, T, C); ``key_range`` as ``fusedlm.attention``'s: (B, 2) keys of each padded
+        batch row, or (B, T, 2) each position's (packed documents:
+        ``fusedlm.key_range_from_document_ids``)."""
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(
             [self.n_head * self.head_dim, self.n_kv_head * self.head_dim,
@@ -51,5 +54,6 @@ class CausalSelfAttention(torch.nn.Module):
         k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         window = None if self.sliding_window is None else (self.sliding_window - 1, 0)
-        y = attention(q, k, v, causal=True, backend=self.backend, window=window)  # (B, H, T, D)
+        y = attention(q, k, v, causal=True, backend=self.backend, window=window,
+                      key_range=key_range)  # (B, H, T, D)
         return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
