@@ -5,6 +5,7 @@ replacements for their PyTorch counterparts.
                       key_range=None)     # key_range: padded batches, packed documents
     fusedlm.key_range_from_padding_mask(attention_mask)   # (B, T) 0/1 -> (B, 2)
     fusedlm.key_range_from_document_ids(document_ids)     # (B, T) ids -> (B, T, 2)
+    fusedlm.attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, ...)  # flash_attn_varlen_func
     fusedlm.scaled_dot_product_attention(...)      # torch's exact signature
     fusedlm.layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5, backend="auto")
     fusedlm.rms_norm(x, normalized_shape, weight=None, eps=None, backend="auto")
@@ -23,6 +24,7 @@ from .backends import BackendNotSupportedError, backends
 from .integrations.patch import patch, unpatch  # torch only; transformers is not imported
 from .ops import (
     attention,
+    attention_varlen,
     key_range_from_document_ids,
     key_range_from_padding_mask,
     layer_norm,
@@ -35,6 +37,7 @@ __version__ = "0.1.0"
 __all__ = [
     "BackendNotSupportedError",
     "attention",
+    "attention_varlen",
     "backends",
     "key_range_from_document_ids",
     "key_range_from_padding_mask",

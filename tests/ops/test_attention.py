@@ -494,6 +494,73 @@ def test_key_range_from_document_ids():
         fusedlm.key_range_from_document_ids(torch.zeros(1, 6))
 
 
+# Variable-length sequences packed without padding (flash_attn_varlen_func's layout): query
+# and key lengths differ per sequence (Tq < Tk, Tq > Tk, an empty one, one token).
+VARLEN_LENGTHS = [([5, 0, 40, 3, 1], [5, 2, 70, 3, 1]), ([33, 17, 70], [20, 17, 70])]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize(("causal", "window"), KEY_RANGE_MASKS,
+                         ids=["full", "causal", "causal-w33", "local-20-9"])
+@pytest.mark.parametrize("lengths", VARLEN_LENGTHS, ids=["ragged", "Tq>Tk"])
+def test_attention_varlen_is_attention_per_sequence(lengths, causal, window, dtype, backend):
+    """fusedlm.attention_varlen: each sequence's rows equal fusedlm.attention over that
+    sequence alone (the reference backend, float64), forward and gradients, by the rule
+    against the naive attention at the input's dtype."""
+    device = device_of(backend)
+    lens_q, lens_k = (torch.tensor(n) for n in lengths)
+    cu_q = torch.cat([torch.zeros(1, dtype=torch.long), lens_q.cumsum(0)]).to(device)
+    cu_k = torch.cat([torch.zeros(1, dtype=torch.long), lens_k.cumsum(0)]).to(device, torch.int32)
+    Hq, Hkv, D = 4, 2, 24
+    q = _randn((int(cu_q[-1]), Hq, D), dtype, device).requires_grad_()
+    k = _randn((int(cu_k[-1]), Hkv, D), dtype, device).requires_grad_()
+    v = _randn((int(cu_k[-1]), Hkv, D), dtype, device).requires_grad_()
+    out = fusedlm.attention_varlen(q, k, v, cu_q, cu_k, int(lens_q.max()), int(lens_k.max()),
+                                   causal=causal, window=window, backend=backend)
+    assert out.shape == q.shape and out.dtype == dtype
+    grad = _randn(out.shape, dtype, device)
+    grads = torch.autograd.grad(out, (q, k, v), grad)
+
+    def per_sequence(cast, attention):
+        leaves = [t.detach().to(cast).requires_grad_() for t in (q, k, v)]
+        pieces = []
+        for s in range(len(lengths[0])):
+            rows, keys = slice(cu_q[s], cu_q[s + 1]), slice(cu_k[s], cu_k[s + 1])
+            qs, ks, vs = (t[r].transpose(0, 1)[None]
+                          for t, r in zip(leaves, (rows, keys, keys), strict=True))
+            pieces.append(attention(qs, ks, vs)[0].transpose(0, 1))
+        result = torch.cat(pieces)
+        return result, torch.autograd.grad(result, leaves, grad.to(cast))
+
+    truth, truth_grads = per_sequence(
+        torch.float64, lambda a, b, c: naive_attention(a, b, c, causal=causal, window=window))
+    base, base_grads = per_sequence(
+        dtype, lambda a, b, c: naive_attention(a, b, c, causal=causal, window=window))
+    assert_close_rule(out, base, truth, name="out")
+    for name, g, gb, gt in zip(("dq", "dk", "dv"), grads, base_grads, truth_grads, strict=True):
+        assert_close_rule(g, gb, gt, name=name)
+
+
+def test_attention_varlen_bad_inputs():
+    q, k, v = torch.randn(7, 2, 8), torch.randn(9, 2, 8), torch.randn(9, 2, 8)
+    cu_q, cu_k = torch.tensor([0, 3, 7]), torch.tensor([0, 4, 9])
+    with pytest.raises(ValueError, match="'q'.*3-D"):
+        fusedlm.attention_varlen(q[None], k, v, cu_q, cu_k)
+    with pytest.raises(ValueError, match="cu_seqlens_q"):
+        fusedlm.attention_varlen(q, k, v, torch.tensor([0, 3, 6]), cu_k)  # ends short of 7
+    with pytest.raises(ValueError, match="cu_seqlens_k"):
+        fusedlm.attention_varlen(q, k, v, cu_q, torch.tensor([0, 5, 4, 9]))  # decreasing
+    with pytest.raises(ValueError, match="same number"):
+        fusedlm.attention_varlen(q, k, v, cu_q, torch.tensor([0, 2, 4, 9]))
+    with pytest.raises(TypeError, match="cu_seqlens_q.*integers"):
+        fusedlm.attention_varlen(q, k, v, cu_q.float(), cu_k)
+    with pytest.raises(ValueError, match="cu_seqlens_k"):
+        fusedlm.attention_varlen(q, k, v, cu_q, cu_k[None])
+    with pytest.raises(TypeError, match="'window'"):
+        fusedlm.attention_varlen(q, k, v, cu_q, cu_k, window=3)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_attention_key_range_bad_inputs(backend):
     q, k, v = _qkv((2, 2, 2, 5, 7, 8), torch.float32, device_of(backend))

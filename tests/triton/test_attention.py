@@ -309,6 +309,28 @@ def test_attention_query_key_range(tiles, shape, causal, window, kind, dtype, mo
                      key_range=query_key_ranges(kind, shape[0], shape[3], shape[4]))
 
 
+@pytest.mark.skipif(ON_GPU, reason="the interpreter's tile config")
+def test_attention_varlen(monkeypatch):
+    """fusedlm.attention_varlen on Triton: the (1, H, total, D) transposed views of packed
+    sequences and their per-query key ranges, against the reference backend (float64 on the
+    same views, rule-free: the reference is exact there)."""
+    _use_interpreter_tiles(monkeypatch, 32, 16)
+    lens_q, lens_k = [20, 1, 45], [30, 1, 45]
+    cu_q = torch.tensor([0, 20, 21, 66])
+    cu_k = torch.tensor([0, 30, 31, 76], dtype=torch.int32)
+    q = _randn((66, 4, 16), torch.float32, DEVICE).requires_grad_()
+    k, v = (_randn((76, 2, 16), torch.float32, DEVICE).requires_grad_() for _ in range(2))
+    grad = _randn((66, 4, 16), torch.float32, DEVICE)
+    results = []
+    for backend, cast in ((BACKEND, torch.float32), ("torch", torch.float64)):
+        leaves = [t.detach().to(cast).requires_grad_() for t in (q, k, v)]
+        out = fusedlm.attention_varlen(*leaves, cu_q, cu_k, max(lens_q), max(lens_k),
+                                       causal=True, backend=backend)
+        results.append([out, *torch.autograd.grad(out, leaves, grad.to(cast))])
+    for name, ours, truth in zip(("out", "dq", "dk", "dv"), *results, strict=True):
+        torch.testing.assert_close(ours.double(), truth, rtol=1e-4, atol=1e-5, msg=name)
+
+
 def test_query_extents_bound_the_dkdv_query_loop():
     """The dK/dV kernel's query rows per 16-key chunk: for packed documents (sorted ranges)
     exactly the rows whose ranges meet the chunk; for unsorted ranges all rows (a narrower

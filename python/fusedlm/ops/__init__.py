@@ -5,6 +5,7 @@ Importing this package registers the ops; it runs no kernel."""
 from .adamw import adamw_step
 from .attention import (
     attention,
+    attention_varlen,
     key_range_from_document_ids,
     key_range_from_padding_mask,
     scaled_dot_product_attention,
@@ -14,6 +15,7 @@ from .norm import layer_norm, rms_norm
 __all__ = [
     "adamw_step",
     "attention",
+    "attention_varlen",
     "key_range_from_document_ids",
     "key_range_from_padding_mask",
     "layer_norm",

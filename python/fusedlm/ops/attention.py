@@ -251,17 +251,23 @@ def _window_side(value: object, side: str) -> int | None:
     return None if value == -1 else value
 
 
+def _window_sides(window: object) -> tuple[int | None, int | None]:
+    """``window`` checked: (left, right) key counts, None for no limit."""
+    if window is not None and not (isinstance(window, (tuple, list)) and len(window) == 2):
+        raise TypeError("argument 'window' must be None or a pair (left, right) of key counts, "
+                        f"got {window!r}")
+    if window is None:
+        return None, None
+    return _window_side(window[0], "left"), _window_side(window[1], "right")
+
+
 def attention_mask_bounds(
     Tq: int, Tk: int, causal: bool, window: tuple[int | None, int | None] | None
 ) -> tuple[bool, int, int | None]:
     """(causal, causal_offset, window_offset) of the kernels for ``fusedlm.attention``'s
     ``causal`` and ``window``, both aligned bottom-right (query i sits at key position
     p = i + Tk - Tq): key j is visible iff p - left <= j <= p + right, and j <= p if causal."""
-    if window is not None and not (isinstance(window, (tuple, list)) and len(window) == 2):
-        raise TypeError("argument 'window' must be None or a pair (left, right) of key counts, "
-                        f"got {window!r}")
-    left, right = (None, None) if window is None else (
-        _window_side(window[0], "left"), _window_side(window[1], "right"))
+    left, right = _window_sides(window)
     offset = Tk - Tq
     if right is not None:
         right = min(right, 0) if causal else right  # the intersection of the two limits
@@ -306,6 +312,75 @@ def attention(
         q.shape[2], k.shape[2], causal, window)
     key_range = _check_key_range(key_range, q, k.shape[2])
     return _attention(q, k, v, scale, causal, causal_offset, backend, window_offset, key_range)
+
+
+def _check_cu_seqlens(cu_seqlens: object, name: str, total: int, device) -> Tensor:
+    """``cu_seqlens`` (S + 1,) integers: 0, then each sequence's end, nondecreasing, ending at
+    ``total`` (checked on the host: one sync)."""
+    if not isinstance(cu_seqlens, Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1:
+        raise ValueError(f"argument '{name}' must be a 1-D tensor of S + 1 offsets, got "
+                         f"{getattr(cu_seqlens, 'shape', type(cu_seqlens).__name__)}")
+    if cu_seqlens.is_floating_point() or cu_seqlens.is_complex() or cu_seqlens.dtype == torch.bool:
+        raise TypeError(f"argument '{name}' must hold integers, got {cu_seqlens.dtype}")
+    if cu_seqlens.device != device:
+        raise ValueError(f"argument '{name}' is on {cu_seqlens.device}, the inputs on {device}")
+    offsets = cu_seqlens.long()
+    if not bool((offsets[0] == 0) & (offsets[-1] == total) & (offsets.diff() >= 0).all()):
+        raise ValueError(f"argument '{name}' must start at 0, never decrease and end at the "
+                         f"number of tokens, {total}")
+    return offsets
+
+
+def attention_varlen(
+    q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
+    max_seqlen_q: int | None = None, max_seqlen_k: int | None = None, causal: bool = False,
+    scale: float | None = None, window: tuple[int | None, int | None] | None = None,
+    backend: str = "auto",
+) -> Tensor:
+    """Attention over variable-length sequences packed without padding, as FlashAttention's
+    ``flash_attn_varlen_func``: q (total_q, Hq, D), k/v (total_k, Hkv, D); sequence s holds
+    queries cu_seqlens_q[s]:cu_seqlens_q[s + 1] and keys cu_seqlens_k[s]:cu_seqlens_k[s + 1]
+    ((S + 1,) integer offsets from 0 to the totals) and its queries see only its keys, with
+    ``causal`` and ``window`` aligned bottom-right within the sequence (as
+    ``fusedlm.attention``). ``max_seqlen_*`` are accepted for compatibility and not needed.
+    Runs ``fusedlm.attention`` on the (1, H, total, D) views with per-query key ranges (the
+    backends that take them: cpu, triton; no copy of q, k, v). Returns (total_q, Hq, D)."""
+    del max_seqlen_q, max_seqlen_k  # the offsets say everything
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        check_float_tensor(t, name)
+        if t.dim() != 3:
+            raise ValueError(f"argument '{name}' must be 3-D (total, H, D), got shape "
+                             f"{list(t.shape)}")
+    if not isinstance(causal, bool):
+        raise TypeError(f"argument 'causal' must be a bool, got {type(causal).__name__}")
+    starts_q = _check_cu_seqlens(cu_seqlens_q, "cu_seqlens_q", q.shape[0], q.device)
+    starts_k = _check_cu_seqlens(cu_seqlens_k, "cu_seqlens_k", k.shape[0], q.device)
+    if starts_q.numel() != starts_k.numel():
+        raise ValueError(f"arguments 'cu_seqlens_q' and 'cu_seqlens_k' must hold the same number "
+                         f"of sequences, got {starts_q.numel() - 1} and {starts_k.numel() - 1}")
+    q4, k4, v4 = (t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))  # (1, H, total, D) views
+    _check_qkv(q4, k4, v4)
+    scale = 1.0 / math.sqrt(q.shape[2]) if scale is None else check_finite_float(scale, "scale")
+    check_backend_name(backend)
+    # Each query's keys: its sequence's, cut by the causal / window limits around its position
+    # p = (i - q_start) + (len_k - len_q) (bottom-right), as attention_mask_bounds aligns them.
+    total_q = q.shape[0]
+    rows = torch.arange(total_q, device=q.device)
+    sequence = torch.searchsorted(starts_q[1:], rows, right=True)  # (total_q,)
+    q_start, k_start, k_end = starts_q[sequence], starts_k[sequence], starts_k[sequence + 1]
+    position = rows - q_start + (k_end - k_start) - (starts_q[sequence + 1] - q_start)
+    left, right = _window_sides(window)
+    if causal:  # the causal limit, and the window's right side if it is tighter
+        right = 0 if right is None else min(right, 0)
+    lo, hi = k_start, k_end
+    if left is not None:
+        lo = torch.maximum(lo, k_start + position - left)
+    if right is not None:
+        hi = torch.minimum(hi, k_start + position + right + 1)
+    key_range = torch.stack([lo, torch.maximum(hi, lo)], dim=1)
+    out = _attention(q4, k4, v4, scale, False, 0, backend, None,
+                     key_range.to(torch.int32)[None])
+    return out[0].transpose(0, 1)
 
 
 def key_range_from_padding_mask(attention_mask: Tensor) -> Tensor:
