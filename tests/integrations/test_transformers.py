@@ -127,6 +127,19 @@ def test_logits_and_grads_match(name):
     assert checked >= 10
 
 
+def _check_gradients(outs, weight, model, same, truth, label: str) -> None:
+    """Backward of sum(out * weight) through the (patched, unpatched, float64) models' outputs
+    ``outs``: our attention backward ran, and every parameter's gradient passes the rule."""
+    for out in outs:
+        (out * weight.to(out.dtype)).sum().backward()
+    assert OpDispatch.last_choice["attention_bwd"] == "cpu"
+    same_params, truth_params = dict(same.named_parameters()), dict(truth.named_parameters())
+    for pname, p in model.named_parameters():
+        if p.grad is not None:
+            assert_close_rule(p.grad, same_params[pname].grad, truth_params[pname].grad,
+                              name=f"{pname} ({label})")
+
+
 @pytest.mark.parametrize("side", ["left", "right"])
 @pytest.mark.parametrize("name", list(ALL))
 def test_padding_runs_fused_and_matches(name, side):
@@ -147,14 +160,7 @@ def test_padding_runs_fused_and_matches(name, side):
     real = mask.bool()
     assert_close_rule(outs[0][real], outs[1][real], outs[2][real], name=f"{name} {side} padded")
     weight = torch.randn_like(outs[0]) * real[..., None]  # the loss of the real tokens only
-    for out in outs:
-        (out * weight.to(out.dtype)).sum().backward()
-    assert OpDispatch.last_choice["attention_bwd"] == "cpu"
-    same_params, truth_params = dict(same.named_parameters()), dict(truth.named_parameters())
-    for pname, p in model.named_parameters():
-        if p.grad is not None:
-            assert_close_rule(p.grad, same_params[pname].grad, truth_params[pname].grad,
-                              name=f"{pname} ({side} padded)")
+    _check_gradients(outs, weight, model, same, truth, f"{side} padded")
     for m in (model, same, truth):
         m.zero_grad(set_to_none=True)
 
@@ -196,15 +202,7 @@ def test_packed_sequences_run_fused_and_match(name):
             torch.testing.assert_close(outs[2][row:row + 1, start:start + n], alone,
                                        rtol=1e-9, atol=1e-9)
             start += n
-    weight = torch.randn_like(outs[0])
-    for out in outs:
-        (out * weight.to(out.dtype)).sum().backward()
-    assert OpDispatch.last_choice["attention_bwd"] == "cpu"
-    same_params, truth_params = dict(same.named_parameters()), dict(truth.named_parameters())
-    for pname, p in model.named_parameters():
-        if p.grad is not None:
-            assert_close_rule(p.grad, same_params[pname].grad, truth_params[pname].grad,
-                              name=f"{pname} (packed)")
+    _check_gradients(outs, torch.randn_like(outs[0]), model, same, truth, "packed")
 
 
 @pytest.mark.parametrize("padded", [False, True], ids=["no_padding", "left_padding"])
