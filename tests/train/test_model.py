@@ -241,7 +241,37 @@ def test_document_ids_keep_packed_documents_apart(arch, kernels):
     torch.testing.assert_close(changed[1], base[1], rtol=0, atol=0)
 
 
-def test_document_ids_fused_and_torch_kernels_agree():
+@pytest.mark.parametrize("kernels", ["fused", "torch"])
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_reset_positions_computes_each_packed_document_as_if_alone(arch, kernels):
+    """With reset_positions, positions restart at each document (learned or rotary), so each
+    packed document's logits are those of the document run alone from position 0; without
+    it, a document later in the window sees shifted positions and differs."""
+    from fusedlm.models.gpt import document_ids
+
+    config = GPTConfig(**{**SMALL, "arch": arch})
+    torch.manual_seed(0)
+    model = GPT(config, kernels=kernels).eval()
+    separator = 0
+    idx = torch.randint(1, config.vocab_size, (2, 37))
+    idx[0, [0, 9, 10, 23]] = separator  # documents 0..8, 9, 10..22, 23..36
+    idx[1, 13] = separator  # 0..12 (no separator first: a document all the same), 13..36
+    documents = document_ids(idx, separator)
+    with torch.no_grad():
+        packed = model(idx, document_ids=documents, reset_positions=True)[0]
+        shifted = model(idx, document_ids=documents)[0]
+        for row, bounds in ((0, [0, 9, 10, 23, 37]), (1, [0, 13, 37])):
+            for start, end in zip(bounds[:-1], bounds[1:], strict=True):
+                alone = model(idx[row:row + 1, start:end])[0][0]
+                torch.testing.assert_close(packed[row, start:end], alone, msg=f"{row} {start}")
+                if start > 0:
+                    assert not torch.allclose(shifted[row, start:end], alone)
+    with pytest.raises(ValueError, match="'reset_positions' needs 'document_ids'"):
+        model(idx, reset_positions=True)
+
+
+@pytest.mark.parametrize("reset_positions", [False, True], ids=["window-positions", "reset"])
+def test_document_ids_fused_and_torch_kernels_agree(reset_positions):
     """Packed documents: the fused model's logits and gradients match plain PyTorch's
     (SDPA with the block-diagonal causal mask)."""
     from fusedlm.models.gpt import document_ids
@@ -250,7 +280,8 @@ def test_document_ids_fused_and_torch_kernels_agree():
     idx = torch.randint(1, config.vocab_size, (3, 41))
     idx[:, [5, 17, 18]] = 0
     documents = document_ids(idx, 0)
-    losses = [model(idx[:, :-1], idx[:, 1:], document_ids=documents[:, :-1])[1]
+    losses = [model(idx[:, :-1], idx[:, 1:], document_ids=documents[:, :-1],
+                    reset_positions=reset_positions)[1]
               for model in (fused, reference)]
     torch.testing.assert_close(losses[0], losses[1], rtol=1e-5, atol=1e-6)
     for loss in losses:

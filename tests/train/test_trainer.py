@@ -139,22 +139,26 @@ def _poison(trainer: Trainer, bad_steps: set[int]) -> None:
     trainer.train_step = poisoned
 
 
-def test_document_separator_keeps_documents_apart_in_training_and_eval(data_dir, tmp_path):
-    """document_separator: every step and evaluation passes the windows' document ids to the
-    model (newline-separated lines as documents here); training still learns."""
+@pytest.mark.parametrize("reset_positions", [False, True], ids=["window-positions", "reset"])
+def test_document_separator_keeps_documents_apart_in_training_and_eval(data_dir, tmp_path,
+                                                                      reset_positions):
+    """document_separator: every step and evaluation passes the windows' document ids (and
+    reset_positions) to the model (newline-separated lines as documents here); training still
+    learns."""
     seen = []
-    trainer = _trainer(data_dir, tmp_path / "run", document_separator=10, eval_every=3)
+    trainer = _trainer(data_dir, tmp_path / "run", document_separator=10, eval_every=3,
+                       reset_positions=reset_positions)
     forward = trainer.raw_model.forward
 
-    def recording(idx, targets=None, cache=None, document_ids=None):
-        seen.append(document_ids)
-        return forward(idx, targets, cache, document_ids)
+    def recording(idx, targets=None, cache=None, document_ids=None, reset_positions=False):
+        seen.append((document_ids, reset_positions))
+        return forward(idx, targets, cache, document_ids, reset_positions)
 
     trainer.raw_model.forward = recording
     trainer.train()
-    assert seen and all(d is not None for d in seen)
+    assert seen and all(d is not None and r is reset_positions for d, r in seen)
     x = trainer.train_batches.next_batch(trainer.device)[0]
-    documents = trainer._documents(x)
+    documents = trainer._packing(x)["document_ids"]
     assert documents.shape == x.shape and int(documents.max()) > 0  # lines split the windows
     records = read_metrics(tmp_path / "run")
     assert records[-1]["val_loss"] < records[0]["val_loss"]
@@ -240,6 +244,7 @@ def test_embedded_default_corpus_is_prepared_once(tmp_path, monkeypatch):
     (["--init-from", "/nonexistent/ckpt"], "/nonexistent/ckpt: no such checkpoint"),
     (["--document-separator", "-1"], "'document_separator' must be a token id"),
     (["--document-separator", "300"], "'document_separator' 300 is not a token id"),
+    (["--reset-positions"], "'reset_positions' needs 'document_separator'"),
 ])
 def test_cli_errors_are_one_line(data_dir, tmp_path, capsys, args, message):
     flags = train_flags(data_dir, tmp_path / "run",

@@ -310,13 +310,16 @@ class GPT(nn.Module):
         return 6 * self.num_parameters() + 6 * self.config.n_layer * T * self.config.n_embd
 
     def hidden_states(self, idx: Tensor, cache: KVCache | None = None,
-                      document_ids: Tensor | None = None) -> Tensor:
+                      document_ids: Tensor | None = None,
+                      reset_positions: bool = False) -> Tensor:
         """idx (B, T) int64 token ids -> the final-norm hidden states (B, T, n_embd), in the
         parameters' dtype (or autocast's): what ``lm_head`` maps to logits, and what a task
         head (``fusedlm.train.classify``) reads. Position t depends on positions <= t only
         (and with ``document_ids`` (B, T) integers, only on those of its own document: a run
-        of equal ids, see :func:`document_ids`; positions still count from the window's
-        start). With ``cache``, idx continues the cached positions."""
+        of equal ids, see :func:`document_ids`). Positions count from the window's start, or
+        with ``reset_positions`` from each document's start (Megatron's reset-position-ids),
+        so that every packed document is computed exactly as it would be alone. With
+        ``cache``, idx continues the cached positions."""
         if idx.dim() != 2:
             raise ValueError(f"argument 'idx' must be (B, T) token ids, got {list(idx.shape)}")
         B, T = idx.shape
@@ -328,19 +331,28 @@ class GPT(nn.Module):
                 raise ValueError(f"argument 'document_ids' must have the shape of 'idx' "
                                  f"{list(idx.shape)}, got {list(document_ids.shape)}")
             documents = (document_ids, key_range_from_document_ids(document_ids))
+        elif reset_positions:
+            raise ValueError("argument 'reset_positions' needs 'document_ids' (where each "
+                             "document starts)")
         start = cache.length if cache is not None else 0
         if start + T > self.config.block_size:
             raise ValueError(
                 f"sequence of {start + T} tokens is longer than block_size "
                 f"{self.config.block_size}"
             )
+        if reset_positions:
+            # A document's keys start where its first query's visible keys start: (B, T).
+            positions = torch.arange(T, device=idx.device) - documents[1][..., 0]
+        else:
+            positions = torch.arange(start, start + T, device=idx.device)  # (T,)
         x = self.wte(idx)
         rotary = None
         if self.config.arch == "gpt2":
-            x = x + self.wpe(torch.arange(start, start + T, device=idx.device))
+            x = x + self.wpe(positions)
         else:
-            rotary = (self.rope_cos[start:start + T].to(x.dtype),
-                      self.rope_sin[start:start + T].to(x.dtype))
+            cos, sin = self.rope_cos[positions].to(x.dtype), self.rope_sin[positions].to(x.dtype)
+            # (T, D/2), or (B, 1, T, D/2) per row against q and k's (B, H, T, D/2) halves
+            rotary = (cos, sin) if positions.dim() == 1 else (cos[:, None], sin[:, None])
         x = self.drop(x)
         for block in self.h:
             if self.activation_checkpointing and self.training and cache is None:
@@ -352,12 +364,14 @@ class GPT(nn.Module):
 
     def forward(self, idx: Tensor, targets: Tensor | None = None,
                 cache: KVCache | None = None,
-                document_ids: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+                document_ids: Tensor | None = None,
+                reset_positions: bool = False) -> tuple[Tensor, Tensor | None]:
         """idx (B, T) int64 token ids -> logits (B, T, vocab_size) and the mean cross-entropy
         against ``targets`` (B, T) (ignoring -1), or None without targets. With ``cache``
         (``generate``), idx continues the cached positions; with ``document_ids`` (B, T),
-        packed documents attend only within themselves (see ``hidden_states``)."""
-        logits = self.lm_head(self.hidden_states(idx, cache, document_ids))
+        packed documents attend only within themselves, and with ``reset_positions`` each
+        one's positions start at 0 (see ``hidden_states``)."""
+        logits = self.lm_head(self.hidden_states(idx, cache, document_ids, reset_positions))
         if targets is None:
             return logits, None
         loss = F.cross_entropy(

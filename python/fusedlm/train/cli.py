@@ -46,7 +46,7 @@ def _train(args: argparse.Namespace) -> int:
             "out", "data", "val_data", "preset", "kernels", "device", "task", "init_from",
             "seed", "batch_size", "grad_accum", "max_steps", "lr", "warmup_steps", "schedule",
             "eval_every", "ckpt_every", "sample_every", "compile", "activation_checkpointing",
-            "fsdp", "nan_policy", "document_separator")}
+            "fsdp", "nan_policy", "document_separator", "reset_positions")}
         flags["resume"] = args.resume or None
         if args.model:
             flags["model"] = json.loads(args.model)
@@ -161,6 +161,9 @@ def add_commands(commands) -> None:
     train.add_argument("--document-separator", type=int, metavar="TOKEN_ID",
                        help="the token that opens each packed document (50256 for GPT-2's "
                        "<|endoftext|>): attention stays within documents")
+    train.add_argument("--reset-positions", action="store_true", default=None,
+                       help="with --document-separator: positions restart at 0 in each "
+                       "document, so each trains exactly as it would alone")
     train.set_defaults(run=_train)
 
     sample = commands.add_parser("sample", help="generate text from a checkpoint or HF GPT-2 dir")

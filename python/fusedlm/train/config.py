@@ -39,6 +39,9 @@ class TrainConfig:
     # a token id that opens each packed document (GPT-2's <|endoftext|>: 50256): attention stays
     # within documents (causal within each); None: across the whole window
     document_separator: int | None = None
+    # with document_separator: positions restart at 0 in each document (learned or rotary),
+    # so a packed document trains exactly as it would alone (Megatron's reset-position-ids)
+    reset_positions: bool = False
     # optimizer and schedule
     lr: float | None = None
     min_lr_ratio: float = 0.1
@@ -80,6 +83,9 @@ class TrainConfig:
         if separator is not None and (isinstance(separator, bool) or not isinstance(separator, int)
                                       or separator < 0):
             raise ConfigError(f"'document_separator' must be a token id >= 0, got {separator!r}")
+        if self.reset_positions and separator is None:
+            raise ConfigError("'reset_positions' needs 'document_separator' (where each packed "
+                              "document starts)")
         if self.grad_accum < 1:
             raise ConfigError(f"'grad_accum' must be >= 1, got {self.grad_accum}")
         if self.keep_checkpoints < 1:

@@ -316,7 +316,7 @@ class Trainer:
                 # FSDP2: accumulate unsharded gradients, reduce-scatter on the last micro-step
                 self.raw_model.set_requires_gradient_sync(last)
             with sync, self._autocast():
-                _, loss = self.model(x, y, document_ids=self._documents(x))
+                _, loss = self.model(x, y, **self._packing(x))
                 loss = loss * (self.loss_multiplier / cfg.grad_accum)
             loss.backward()
             total_loss += loss.detach()
@@ -331,11 +331,13 @@ class Trainer:
         return {"loss": float(loss_value), "lr": lr, "grad_norm": float(grad_norm),
                 "finite": finite}
 
-    def _documents(self, x: torch.Tensor) -> torch.Tensor | None:
-        """The windows' document ids when documents are kept apart (document_separator)."""
+    def _packing(self, x: torch.Tensor) -> dict:
+        """The model's packing arguments for the windows x (B, T): their document ids when
+        documents are kept apart (document_separator), and whether positions restart."""
         if self.cfg.document_separator is None:
-            return None
-        return document_ids(x, self.cfg.document_separator)
+            return {}
+        return {"document_ids": document_ids(x, self.cfg.document_separator),
+                "reset_positions": self.cfg.reset_positions}
 
     # A test hook: multiplies the loss before backward (e.g. by NaN to exercise the policy).
     loss_multiplier = 1.0
@@ -355,7 +357,7 @@ class Trainer:
         for _ in range(self.cfg.eval_batches):
             x, y = batches.next_batch(self.device)
             with self._autocast():
-                _, loss = self.model(x, y, document_ids=self._documents(x))
+                _, loss = self.model(x, y, **self._packing(x))
             total += loss.float()
         self.model.train()
         return float(mean_across_ranks(total / self.cfg.eval_batches, self.dist))
