@@ -24,12 +24,18 @@ import fusedlm
 
 DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
 
-# Absolute slack of the rule, relative to max(1, max|truth|).
+# Absolute slack of the rule, relative to max(1, max|truth|). For the half types it is at
+# least the rounding of the result itself (half an ulp at magnitude 1: 2^-11 float16, 2^-8
+# bfloat16): a result stored in that type cannot be closer to the truth, and on small tensors
+# the torch baseline's max error, taken over few entries, may happen to be smaller. (bfloat16
+# was 1e-3, a quarter of its own rounding: a tiny emulated CUDA backward, Tq=17 Tk=15 D=8,
+# failed with 4.1e-3 where a float64 model of the flash algorithm's bfloat16 roundings gives
+# 4.1e-3 too.)
 ATOL = {
     torch.float64: 1e-12,
     torch.float32: 1e-5,
     torch.float16: 1e-3,
-    torch.bfloat16: 1e-3,
+    torch.bfloat16: 2**-8,
 }
 
 # Backends that run on a device other than the CPU.

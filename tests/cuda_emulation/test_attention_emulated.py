@@ -20,6 +20,7 @@ from __future__ import annotations
 import ctypes
 import math
 import os
+import zlib
 
 import pytest
 import torch
@@ -122,7 +123,8 @@ def _check(lib, shape, causal, dtype, layout="contiguous", late=True, determinis
            window_offset=None, key_range=None):
     B, Hq, Hkv, Tq, Tk, D = shape
     offset = Tk - Tq if offset is None else offset
-    gen = torch.Generator().manual_seed(hash((shape, causal, str(dtype))) % 2**31)
+    # crc32, not hash(): str hashes are salted per process, which drew new inputs every run.
+    gen = torch.Generator().manual_seed(zlib.crc32(repr((shape, causal, dtype)).encode()))
     values = [torch.randn(s, generator=gen, dtype=torch.float64)
               for s in ((B, Hq, Tq, D), (B, Hkv, Tk, D), (B, Hkv, Tk, D), (B, Hq, Tq, D))]
     q64, k64, v64, do64 = (t.to(dtype).double() for t in values)  # the values the kernel sees
