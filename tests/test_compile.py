@@ -110,10 +110,12 @@ def test_export_keeps_the_custom_ops(strict):
     torch.testing.assert_close(program.module()(idx), model(idx), rtol=1e-5, atol=1e-5)
 
 
-def test_compile_gpt_with_packed_documents_fullgraph():
+@pytest.mark.parametrize("reset_positions", [False, True], ids=["window-positions", "reset"])
+def test_compile_gpt_with_packed_documents_fullgraph(reset_positions):
     """The GPT model with document_ids (the key ranges built from the ids inside the graph,
-    then per-query key ranges into the attention op) compiles without a graph break and gives
-    eager's loss and gradients."""
+    then per-query key ranges into the attention op; with reset_positions, the per-document
+    rotary positions gathered from them) compiles without a graph break and gives eager's loss
+    and gradients."""
     from fusedlm.models import GPT, GPTConfig
     from fusedlm.models.gpt import document_ids
 
@@ -127,7 +129,8 @@ def test_compile_gpt_with_packed_documents_fullgraph():
     documents = document_ids(idx, 0)
 
     def loss_of(m):
-        return m(idx[:, :-1], idx[:, 1:], document_ids=documents[:, :-1])[1]
+        return m(idx[:, :-1], idx[:, 1:], document_ids=documents[:, :-1],
+                 reset_positions=reset_positions)[1]
 
     compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
     losses, grads = [], []
