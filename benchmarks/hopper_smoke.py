@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import traceback
 
@@ -51,16 +50,14 @@ def _reference(q, k, v, causal):
 
 def _run(q, k, v, grad_out, causal, setting):
     import fusedlm
+    from fusedlm.bench.cases import attention_sm90_setting
 
-    os.environ["FUSEDLM_ATTENTION_SM90"] = setting
-    try:
+    with attention_sm90_setting(setting):
         leaves = [t.detach().clone().requires_grad_(True) for t in (q, k, v)]
         out = fusedlm.attention(*leaves, causal=causal, backend="cuda")
         out.backward(grad_out)
         torch.cuda.synchronize()
         return [out.detach(), *[t.grad for t in leaves]]
-    finally:
-        del os.environ["FUSEDLM_ATTENTION_SM90"]
 
 
 def check(case) -> dict:

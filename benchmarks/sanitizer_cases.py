@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 import traceback
@@ -44,6 +43,7 @@ def _param(n: int, dev: str, dtype: torch.dtype) -> torch.Tensor:
 
 def _cases(backend: str, dev: str = "cuda"):
     import fusedlm
+    from fusedlm.bench.cases import attention_sm90_setting
 
     for dtype in DTYPES:
         dn = str(dtype).removeprefix("torch.")
@@ -81,12 +81,9 @@ def _cases(backend: str, dev: str = "cuda"):
             # on an sm_90 GPU the cases above run the sm_90a kernels: the sm_80 ones too
             q, k, v = (torch.randn(1, 2, 130, 128, device=dev, dtype=dtype, requires_grad=True)
                        for _ in range(3))
-            os.environ["FUSEDLM_ATTENTION_SM90"] = "0"
-            try:
+            with attention_sm90_setting("0"):
                 out = fusedlm.attention(q, k, v, causal=True, backend=backend)
                 out.backward(torch.randn_like(out))
-            finally:
-                del os.environ["FUSEDLM_ATTENTION_SM90"]
 
         if backend == "cuda":
             yield (f"attention fwd+bwd {dn} sm_80 kernels (FUSEDLM_ATTENTION_SM90=0)",

@@ -425,11 +425,13 @@ def _fusedlm_attention_call(backend: str):
 
 
 @contextlib.contextmanager
-def _hopper_kernels_off():
-    """FUSEDLM_ATTENTION_SM90=0 for the duration: fusedlm's CUDA attention runs its sm_80
-    kernels (forward and backward) on an sm_90 GPU too."""
+def attention_sm90_setting(value: str):
+    """FUSEDLM_ATTENTION_SM90=value for the duration ("0": fusedlm's CUDA attention runs its
+    sm_80 kernels, forward and backward, on an sm_90 GPU too; "require": the sm_90a ones or an
+    error), then the previous value back (benchmarks/gpu_check sets "0" for every later step
+    when the Hopper kernels fail its smoke test, and that must outlive each case)."""
     previous = os.environ.get("FUSEDLM_ATTENTION_SM90")
-    os.environ["FUSEDLM_ATTENTION_SM90"] = "0"
+    os.environ["FUSEDLM_ATTENTION_SM90"] = value
     try:
         yield
     finally:
@@ -446,11 +448,11 @@ def _sm80_attention_provider() -> Provider:
                                 kernel_backend="cuda")
 
     def build(case: Case, ctx: Context):
-        with _hopper_kernels_off():
+        with attention_sm90_setting("0"):
             run = inner.build(case, ctx)
 
         def run_sm80(inputs):
-            with _hopper_kernels_off():
+            with attention_sm90_setting("0"):
                 return run(inputs)
 
         return run_sm80
