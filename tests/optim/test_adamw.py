@@ -323,6 +323,23 @@ def test_bf16_state_dict_round_trip_keeps_float32_states(backend):
         )
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_state_dict_round_trip_of_a_group_torch_runs(dtype):
+    """differentiable=True groups run torch's own AdamW, whose states are in the param's dtype:
+    loading a state_dict keeps them so (a float32 cast made the next step fail) and the run
+    continues exactly as one never saved."""
+    values = _mixed_params("cpu", dtype)
+    grads_seq = _grad_seq(values, 4)
+    ref, _ = _run(fusedlm.optim.AdamW, values, grads_seq, lr=1e-2, differentiable=True)
+    params, opt = _run(fusedlm.optim.AdamW, values, grads_seq[:2], lr=1e-2, differentiable=True)
+    opt.load_state_dict(copy.deepcopy(opt.state_dict()))
+    for p in params:
+        assert opt.state[p]["exp_avg"].dtype == p.dtype
+    _step_with(opt, params, grads_seq[2:])
+    for p, q in zip(params, ref, strict=True):
+        assert torch.equal(p, q)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_grad_scaler_with_fused_matches_torch(backend):
     """fused=True makes GradScaler hand the optimizer grad_scale/found_inf (as with torch's fused

@@ -358,6 +358,10 @@ def _keep_float32_states_post_hook(optimizer: AdamW) -> None:
         state = optimizer.state.get(param)
         if not state or param.dtype not in _LOW_PRECISION:
             continue
+        if optimizer._uses_torch_implementation(group, has_complex=False):
+            # torch's own AdamW keeps its states in the param's dtype (and fails on float32
+            # ones): torch's cast on load is right for these groups.
+            continue
         for key in _FLOAT32_KEYS:
             if key in state:
                 value = saved.get(param_id, {}).get(key)
