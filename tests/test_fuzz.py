@@ -37,7 +37,9 @@ from fusedlm.ops.attention import attention_mask_bounds
 from tests.helpers import ATOL, assert_close_rule, atol_for, available_backends, naive_attention
 from tests.ops.test_adamw import _call_op, _torch_adamw
 
-BACKENDS = available_backends()
+# The CPU backends: the examples are CPU tensors (GPU backends: tests/cuda, tests/triton and the
+# emulated CUDA fuzz, tests/cuda_emulation/test_fuzz_emulated.py).
+BACKENDS = [p for p in available_backends() if p.values[0] in ("cpu", "torch")]
 DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
 LAYOUTS = ["contiguous", "offset", "padded", "permuted", "expanded"]
 # Around the CPU attention tiles (128 forward, 64 / 128 backward) and tiny sizes.

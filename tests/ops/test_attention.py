@@ -133,27 +133,76 @@ def _check_attention(
         )
 
 
-# Tests that feed float64 (or float32) to the backend whatever their dtype parameter says.
-_FLOAT64_ONLY = ("test_attention_causal_is_bottom_right", "test_sdpa_is_causal_is_top_left",
-                 "test_attention_gradcheck")
-_FLOAT32_ONLY = ("test_attention_long_sequence", "test_attention_fully_masked_rows_have_zero_grads",
-                 "test_attention_empty_inputs")
+# The dtype each test with a ``backend`` but no ``dtype`` parameter feeds the backend (checked
+# complete by test_every_backend_test_says_what_it_feeds, so the GPU runs skip the right cases).
+_FEEDS_DTYPE = {
+    "test_attention_bfloat16_forward": torch.bfloat16,
+    **dict.fromkeys((
+        "test_attention_key_range_is_padding", "test_attention_documents_are_independent",
+        "test_attention_causal_is_bottom_right", "test_sdpa_is_causal_is_top_left",
+        "test_attention_gradcheck",
+    ), torch.float64),
+    **dict.fromkeys((
+        "test_attention_grouped_query_heads_short_sequence",
+        "test_attention_keys_split_across_threads",
+        "test_attention_sliding_window_keys_split_across_threads",
+        "test_attention_sliding_window_is_mistral_sliding_window",
+        "test_attention_key_range_keys_split_across_threads",
+        "test_attention_query_key_range_keys_split_across_threads",
+        "test_attention_key_range_bad_inputs", "test_attention_long_sequence",
+        "test_attention_fully_masked_rows_have_zero_grads", "test_sdpa_falls_back_to_torch",
+        "test_attention_empty_inputs", "test_attention_without_autograd_skips_the_function",
+        "test_attention_kernel_backend_named_under_vmap_raises",
+        "test_cpu_attention_memory_is_not_quadratic",
+    ), torch.float32),
+}
+# Tests with per-query key ranges (packed documents), which the CUDA kernels refuse.
+_PER_QUERY_KEY_RANGES = {
+    "test_attention_query_key_range", "test_attention_query_key_range_keys_split_across_threads",
+    "test_attention_documents_are_independent", "test_attention_varlen_is_attention_per_sequence",
+}
 
 
 @pytest.fixture(autouse=True)
-def _skip_dtypes_a_gpu_backend_refuses(request):
-    """The Triton attention kernels refuse float64 and the CUDA ones take only float16/bfloat16
-    (BackendNotSupportedError, tested in tests/triton and tests/cuda, which also cover the
-    long-sequence, fully-masked and empty cases in half precision): skip those cases here."""
+def _skip_cases_a_gpu_backend_refuses(request):
+    """The Triton attention kernels refuse float64; the CUDA ones take only float16/bfloat16
+    and one key range per batch row (BackendNotSupportedError, tested in tests/triton and
+    tests/cuda, which also cover the long-sequence, fully-masked and empty cases in half
+    precision): skip those cases here."""
     callspec = getattr(request.node, "callspec", None)
     params = callspec.params if callspec is not None else {}
-    backend, dtype, name = params.get("backend"), params.get("dtype"), request.node.originalname
-    if backend == "triton" and (dtype == torch.float64 or name in _FLOAT64_ONLY):
+    backend, name = params.get("backend"), request.node.originalname
+    if backend not in ("cuda", "triton"):
+        return
+    dtype = params.get("dtype", _FEEDS_DTYPE.get(name))
+    if backend == "triton" and dtype == torch.float64:
         pytest.skip("the triton attention backend does not take float64")
-    if backend == "cuda" and (
-        dtype in (torch.float64, torch.float32) or name in _FLOAT64_ONLY + _FLOAT32_ONLY
-    ):
-        pytest.skip("the cuda attention backend takes float16 and bfloat16 only")
+    if backend == "cuda" and dtype not in (torch.float16, torch.bfloat16):
+        pytest.skip(f"the cuda attention backend takes float16 and bfloat16 only, not {dtype}")
+    if backend == "cuda" and name in _PER_QUERY_KEY_RANGES:
+        pytest.skip("the cuda attention backend takes one key range per batch row")
+
+
+def test_every_backend_test_says_what_it_feeds():
+    """Runs without a GPU: each test taking a backend declares its dtype (a parameter or
+    _FEEDS_DTYPE), and each calling a per-query key range maker is in _PER_QUERY_KEY_RANGES;
+    otherwise the GPU runs would feed the kernels cases they refuse."""
+    import inspect
+
+    module = sys.modules[__name__]
+    per_query_makers = ("query_key_ranges(", "attention_varlen(", "key_range_from_document_ids(")
+    for name, fn in vars(module).items():
+        if not name.startswith("test_") or not callable(fn):
+            continue
+        arguments = inspect.signature(fn).parameters
+        if "backend" not in arguments:
+            continue
+        if "dtype" not in arguments:
+            assert name in _FEEDS_DTYPE, f"{name}: add the dtype it feeds to _FEEDS_DTYPE"
+        else:
+            assert name not in _FEEDS_DTYPE, f"{name} has a dtype parameter: not in _FEEDS_DTYPE"
+        if any(maker in inspect.getsource(fn) for maker in per_query_makers):
+            assert name in _PER_QUERY_KEY_RANGES, f"{name}: add it to _PER_QUERY_KEY_RANGES"
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
