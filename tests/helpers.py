@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 import fusedlm
+from fusedlm.backends import triton_interpreted
 
 DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
 
@@ -43,7 +44,10 @@ _GPU_BACKENDS = ("cuda", "triton")
 
 
 def device_of(backend: str) -> str:
-    """The device the tests feed ``backend``'s kernels with."""
+    """The device the tests feed ``backend``'s kernels with: CPU tensors for the Triton
+    kernels under ``TRITON_INTERPRET=1`` (see tests/conftest.py's FUSEDLM_TEST_TRITON_ON_CPU)."""
+    if backend == "triton" and triton_interpreted():
+        return "cpu"
     return "cuda" if backend in _GPU_BACKENDS else "cpu"
 
 

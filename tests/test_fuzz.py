@@ -1,4 +1,6 @@
-"""Shape, stride and dtype fuzzing of every op on every available backend (hypothesis).
+"""Shape, stride and dtype fuzzing of every op on every available backend (hypothesis): the
+CPU ones here, cuda and triton on a GPU (pytest -m gpu; triton under the interpreter with
+FUSEDLM_TEST_TRITON_ON_CPU=1).
 
 Each example draws shapes (0 and 1 sizes; sequence lengths around the CPU attention tiles:
 forward 128 x 128, backward 64 x 128; head dims 1..256; hidden sizes 1..70000 with few rows
@@ -33,13 +35,19 @@ from hypothesis import strategies as st
 
 import fusedlm
 from fusedlm import reference
+from fusedlm.backends import triton_interpreted
 from fusedlm.ops.attention import attention_mask_bounds
-from tests.helpers import ATOL, assert_close_rule, atol_for, available_backends, naive_attention
+from tests.helpers import (
+    ATOL,
+    assert_close_rule,
+    atol_for,
+    available_backends,
+    device_of,
+    naive_attention,
+)
 from tests.ops.test_adamw import _call_op, _torch_adamw
 
-# The CPU backends: the examples are CPU tensors (GPU backends: tests/cuda, tests/triton and the
-# emulated CUDA fuzz, tests/cuda_emulation/test_fuzz_emulated.py).
-BACKENDS = [p for p in available_backends() if p.values[0] in ("cpu", "torch")]
+BACKENDS = available_backends()
 DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
 LAYOUTS = ["contiguous", "offset", "padded", "permuted", "expanded"]
 # Around the CPU attention tiles (128 forward, 64 / 128 backward) and tiny sizes.
@@ -117,10 +125,21 @@ def _expect_clean_error(fn):
 # ---- attention ---------------------------------------------------------------------------------
 
 
+def _attention_dtypes(backend):
+    """The dtypes ``backend``'s attention kernels take (the others are refused: tested in
+    tests/cuda and tests/triton), without bfloat16 under Triton's interpreter (its bfloat16
+    tl.dot is wrong)."""
+    if backend == "cuda":
+        return [torch.bfloat16, torch.float16]
+    if backend == "triton":
+        return [torch.float32, torch.float16] + ([] if triton_interpreted() else [torch.bfloat16])
+    return DTYPES
+
+
 def _attention_case(data, backend):
     seq = st.one_of(st.sampled_from(SEQ_LENS), st.integers(0, 300))
     Tq, Tk = data.draw(seq, label="Tq"), data.draw(seq, label="Tk")
-    dtype = data.draw(st.sampled_from(DTYPES), label="dtype")
+    dtype = data.draw(st.sampled_from(_attention_dtypes(backend)), label="dtype")
     # Keep B * Hq * Tq * Tk * D (the work) bounded: big T gets few heads and a small head dim.
     big = max(Tq, 1) * max(Tk, 1) > 128 * 128
     B = data.draw(st.integers(0 if not big else 1, 1 if big else 2), label="B")
@@ -144,7 +163,7 @@ def _attention_truths(q, k, v, grad, scale, causal, offset, backward, window=Non
     for dtype in (torch.float64, q.dtype):
         leaves = [t.detach().to(dtype).requires_grad_(backward) for t in (q, k, v)]
         if k.shape[1] == 0:  # no heads at all (Hq = Hkv = 0): the naive math divides by Hkv
-            out = torch.zeros(q.shape, dtype=dtype)
+            out = torch.zeros(q.shape, dtype=dtype, device=q.device)
         else:
             out = naive_attention(*leaves, scale=scale, causal=causal, causal_offset=offset,
                                   window=window, window_offset=window_offset,
@@ -220,24 +239,26 @@ def test_fuzz_attention(backend, fuzz):
         if invalid == "heads":
             Hkv, Hq = data.draw(st.sampled_from([(2, 3), (3, 4), (0, 1), (4, 2)]),
                                 label="bad_heads")
-        q = make_tensor(data, (B, Hq, Tq, D), dtype)
-        k = make_tensor(data, (B, Hkv, Tk, D), dtype)
+        device = device_of(backend)
+        q = make_tensor(data, (B, Hq, Tq, D), dtype, device=device)
+        k = make_tensor(data, (B, Hkv, Tk, D), dtype, device=device)
         v_dtype = DTYPES[(DTYPES.index(dtype) + 1) % 4] if invalid == "dtype" else dtype
-        v = make_tensor(data, (B, Hkv, Tk, D), v_dtype)
-        grad = make_tensor(data, (B, Hq, Tq, D), dtype)
+        v = make_tensor(data, (B, Hkv, Tk, D), v_dtype, device=device)
+        grad = make_tensor(data, (B, Hq, Tq, D), dtype, device=device)
 
         # Padded batches: a (B, 2) key range, or packed documents: a (B, Tq, 2) one, int32 or
         # int64, bounds anywhere (past the keys and inverted included); None most of the time.
+        # (The cuda kernels take one range per batch row only.)
         key_range = None
         ranged = data.draw(st.integers(0, 3), label="key_range_kind")
         if ranged < 2:
-            per_query = ranged == 1 and B * Tq <= 400
+            per_query = ranged == 1 and B * Tq <= 400 and backend != "cuda"
             bound = st.one_of(st.integers(-3, Tk + 3), st.sampled_from([-(2**40), 2**40]))
             count = B * Tq if per_query else B
             rows = data.draw(st.lists(st.tuples(bound, bound), min_size=count, max_size=count),
                              label="key_range")
             key_range = torch.tensor(rows, dtype=torch.int64).reshape(
-                (B, Tq, 2) if per_query else (B, 2))
+                (B, Tq, 2) if per_query else (B, 2)).to(device)
             if bool((key_range.abs() < 2**31).all()) and data.draw(st.booleans(), label="i32"):
                 key_range = key_range.to(torch.int32)
         # Sliding windows: the op's window_offset (any int, huge ones included) or the public
@@ -327,16 +348,17 @@ def test_fuzz_norm(op, backend, fuzz):
         lead = len(x_shape) - len(norm_shape)
         # Expanding x along the normalized dims makes constant rows, whose variance is pure
         # rounding noise (not a layout property): expand only the leading dims.
-        x = make_tensor(data, x_shape, dtype, expand_ok=list(range(lead)))
+        device = device_of(backend)
+        x = make_tensor(data, x_shape, dtype, expand_ok=list(range(lead)), device=device)
         affine = data.draw(st.booleans(), label="affine")
         w_dtype = data.draw(st.sampled_from([dtype, dtype, torch.float32] + DTYPES),
                             label="w_dtype")
-        weight = make_tensor(data, norm_shape, w_dtype) if affine else None
+        weight = make_tensor(data, norm_shape, w_dtype, device=device) if affine else None
         use_bias = op == "layer_norm" and data.draw(st.booleans(), label="bias")
         b_dtype = data.draw(st.sampled_from([w_dtype if affine else dtype] * 3 + DTYPES),
                             label="b_dtype")
-        bias = make_tensor(data, norm_shape, b_dtype) if use_bias else None
-        grad = make_tensor(data, x_shape, dtype)
+        bias = make_tensor(data, norm_shape, b_dtype, device=device) if use_bias else None
+        grad = make_tensor(data, x_shape, dtype, device=device)
         eps = data.draw(st.sampled_from([1e-5, 1e-6, 1e-3, 0.5]), label="eps")
         valid = (not affine or w_dtype in (dtype, torch.float32)) and (
             not use_bias or b_dtype == (w_dtype if affine else b_dtype)
@@ -392,11 +414,13 @@ def test_fuzz_norm_ops_direct(op, backend, fuzz):
         N = data.draw(st.one_of(st.sampled_from(HIDDEN), st.integers(1, 70000)), label="hidden")
         M = data.draw(st.integers(0, max(1, min(24, 40_000 // N))), label="rows")
         dtype = data.draw(st.sampled_from(DTYPES), label="dtype")
-        x = make_tensor(data, (M, N), dtype, expand_ok=[0])
-        w = make_tensor(data, (N,), dtype) if data.draw(st.booleans(), label="affine") else None
-        b = (make_tensor(data, (N,), dtype)
+        device = device_of(backend)
+        x = make_tensor(data, (M, N), dtype, expand_ok=[0], device=device)
+        w = (make_tensor(data, (N,), dtype, device=device)
+             if data.draw(st.booleans(), label="affine") else None)
+        b = (make_tensor(data, (N,), dtype, device=device)
              if op == "layer_norm" and data.draw(st.booleans()) else None)
-        grad = make_tensor(data, (M, N), dtype)
+        grad = make_tensor(data, (M, N), dtype, device=device)
         if op == "layer_norm":
             y, mean, rstd = torch.ops.fusedlm.layer_norm_fwd(x, w, b, 1e-5, backend)
             grads = torch.ops.fusedlm.layer_norm_bwd(grad, x, mean, rstd, w, b is not None,
@@ -461,18 +485,21 @@ def test_fuzz_adamw(backend, fuzz):
         }
         steps = [data.draw(st.integers(1, 1000), label="step") for _ in shapes]
 
+        device = device_of(backend)
+
         def rand(s, scale, dtype, positive=False):
             t = scale * (torch.rand(s, dtype=torch.float64) if positive
                          else torch.randn(s, dtype=torch.float64))
-            return t.to(dtype)
+            return t.to(device, dtype)
 
         params = [rand(s, 1.0, param_dtype) for s in shapes]
         grads = [rand(s, 0.5, param_dtype) for s in shapes]
         states = []
         for s, step in zip(shapes, steps, strict=True):
             fresh = step == 1
-            m = torch.zeros(s, dtype=state_dtype) if fresh else rand(s, 0.1, state_dtype)
-            v = torch.zeros(s, dtype=state_dtype) if fresh else rand(s, 0.01, state_dtype, True)
+            zeros = torch.zeros(s, dtype=state_dtype, device=device)
+            m = zeros if fresh else rand(s, 0.1, state_dtype)
+            v = zeros.clone() if fresh else rand(s, 0.01, state_dtype, True)
             vmax = ((v.double() + rand(s, 0.01, torch.float64, True)).to(state_dtype)
                     if amsgrad else None)
             states.append((m, v, vmax))
@@ -508,8 +535,9 @@ def test_fuzz_adamw_optimizer_layouts(backend, fuzz):
             cols = data.draw(st.sampled_from([1, 7, 8, 33, 4099]), label="cols")
             layout = data.draw(st.sampled_from(["contiguous", "offset", "padded", "permuted"]),
                                label="layout")
-            base.append(make_tensor(data, (rows, cols), dtype, layout=layout))
-        grads = [torch.randn(p.shape, dtype=dtype) for p in base]
+            base.append(make_tensor(data, (rows, cols), dtype, layout=layout,
+                                    device=device_of(backend)))
+        grads = [torch.randn(p.shape, dtype=dtype).to(p.device) for p in base]
         amsgrad = data.draw(st.booleans(), label="amsgrad")
         results = []
         for cls, kwargs in ((fusedlm.optim.AdamW, {"backend": backend}),
@@ -520,10 +548,11 @@ def test_fuzz_adamw_optimizer_layouts(backend, fuzz):
                 view = buf.as_strided(p.shape, p.stride(), p.storage_offset())
                 ps.append(torch.nn.Parameter(view))
             opt = cls(ps, lr=0.01, weight_decay=0.1, amsgrad=amsgrad, **kwargs)
-            if backend == "cpu" and cls is not torch.optim.AdamW and not all(
+            if backend in ("cpu", "cuda") and cls is not torch.optim.AdamW and not all(
                 p.is_contiguous() for p in ps
             ):
-                # The kernel takes contiguous tensors only; naming it for others is an error.
+                # The extension's kernels take contiguous tensors only (the Triton launcher
+                # copies); naming them for others is an error.
                 for p, g in zip(ps, grads, strict=True):
                     p.grad = g.clone()
                 with pytest.raises(ValueError, match="contiguous"):
