@@ -137,6 +137,7 @@ def _check_attention(
 # complete by test_every_backend_test_says_what_it_feeds, so the GPU runs skip the right cases).
 _FEEDS_DTYPE = {
     "test_attention_bfloat16_forward": torch.bfloat16,
+    "test_attention_under_autocast_is_attention_in_its_dtype": torch.bfloat16,
     **dict.fromkeys((
         "test_attention_key_range_is_padding", "test_attention_documents_are_independent",
         "test_attention_causal_is_bottom_right", "test_sdpa_is_causal_is_top_left",
@@ -1159,6 +1160,33 @@ def test_attention_without_autograd_skips_the_function(backend, monkeypatch):
     out = fusedlm.attention(q, key, v, causal=True, backend=backend)
     out.sum().backward()
     assert key.grad is not None and key.grad.shape == k.shape
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_attention_under_autocast_is_attention_in_its_dtype(backend):
+    """Under bfloat16 autocast, float32 q, k, v are cast to bfloat16 as torch's SDPA casts them,
+    and the result is the plain bfloat16 call's, bit for bit (autocast does not recast what
+    the kernels or the torch reference run inside; the op's lse stays float32); gradients
+    reach the float32 leaves in float32."""
+    device = device_of(backend)
+    device_type = torch.device(device).type
+    leaves = [t.requires_grad_(True) for t in _qkv((2, 4, 2, 21, 21, 16), torch.float32, device)]
+    with torch.autocast(device_type, dtype=torch.bfloat16):
+        out = fusedlm.attention(*leaves, causal=True, backend=backend)
+        sdpa = fusedlm.scaled_dot_product_attention(*leaves, is_causal=True, enable_gqa=True)
+        _, lse = torch.ops.fusedlm.attention_fwd(*(t.detach().bfloat16() for t in leaves),
+                                                 0.25, True, 0, backend)
+    half = [t.detach().bfloat16().requires_grad_(True) for t in leaves]
+    expected = fusedlm.attention(*half, causal=True, backend=backend)
+    assert out.dtype == torch.bfloat16 and sdpa.dtype == torch.bfloat16
+    assert lse.dtype == torch.float32
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    grad = torch.randn_like(out)
+    grads = torch.autograd.grad(out, leaves, grad)
+    expected_grads = torch.autograd.grad(expected, half, grad)
+    for g, g_half in zip(grads, expected_grads, strict=True):
+        assert g.dtype == torch.float32
+        torch.testing.assert_close(g, g_half.float(), rtol=0, atol=0)
 
 
 def test_attention_under_torch_func_transforms():

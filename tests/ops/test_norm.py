@@ -435,6 +435,30 @@ def test_norm_without_autograd_skips_the_function(op, backend, monkeypatch):
     assert leaf.grad is not None and leaf.grad.shape == (40,)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("op", ["layer_norm", "rms_norm"])
+def test_norm_under_autocast_keeps_its_precision(op, backend):
+    """Under autocast the norms run as without it (statistics in float32, output in x's dtype,
+    as Apex's and Liger's fused norms; torch's own LayerNorm returns float32 there), forward
+    and backward, bit for bit."""
+    device = device_of(backend)
+    x = _randn((6, 40), torch.bfloat16, device)
+    weight, bias = _params((40,), "weight+bias", torch.bfloat16, device)
+    args = (weight, bias) if op == "layer_norm" else (weight,)
+    grad = _randn((6, 40), torch.bfloat16, device)
+    results = []
+    for autocast in (False, True):
+        leaves = [t.detach().clone().requires_grad_(True) for t in (x, *args)]
+        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=autocast):
+            y = getattr(fusedlm, op)(leaves[0], (40,), *leaves[1:], backend=backend)
+        results.append((y, torch.autograd.grad(y, leaves, grad)))
+    (y, grads), (y_autocast, grads_autocast) = results
+    assert y_autocast.dtype == torch.bfloat16
+    torch.testing.assert_close(y_autocast, y, rtol=0, atol=0)
+    for g, g_autocast in zip(grads, grads_autocast, strict=True):
+        torch.testing.assert_close(g_autocast, g, rtol=0, atol=0)
+
+
 def _norm_call(op, backend):
     fn = getattr(fusedlm, op)
     return lambda x, w: fn(x, (8,), w, backend=backend)

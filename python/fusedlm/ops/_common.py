@@ -3,6 +3,7 @@ exception that names the argument and says what is wrong."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 
@@ -12,6 +13,27 @@ from torch import Tensor
 from ..backends import BackendNotSupportedError, OpDispatch, requested_backend
 
 FLOAT_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
+
+
+def autocast_off(device: torch.device):
+    """A context that keeps autocast from recasting what an op's implementation runs: the
+    kernels keep their own precision, and the torch reference's matmuls and norms would
+    otherwise run in autocast's dtype (wrong results and a logsumexp dtype that is not the
+    registered fake's). A no-op, and free, when autocast is off."""
+    if torch.is_autocast_enabled(device.type):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
+def autocast_inputs(*tensors: Tensor) -> tuple[Tensor, ...]:
+    """``tensors`` as autocast hands them to an op on its lower-precision list (torch's SDPA is
+    one): under autocast, floating tensors other than float64 cast to autocast's dtype."""
+    device_type = tensors[0].device.type
+    if not torch.is_autocast_enabled(device_type):
+        return tensors
+    dtype = torch.get_autocast_dtype(device_type)
+    return tuple(t.to(dtype) if t.is_floating_point() and t.dtype != torch.float64 else t
+                 for t in tensors)
 
 
 def check_float_tensor(t: object, name: str) -> Tensor:

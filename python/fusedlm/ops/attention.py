@@ -18,6 +18,8 @@ from .. import reference
 from ..backends import OpDispatch, check_backend_name, requested_backend
 from ._common import (
     FLOAT_DTYPES,
+    autocast_inputs,
+    autocast_off,
     check_finite_float,
     check_float_tensor,
     check_same_device,
@@ -98,14 +100,17 @@ def _mask_arguments(window_offset, key_range) -> tuple:
 def _attention_fwd(q, k, v, scale, causal, causal_offset, backend, window_offset=None,
                    key_range=None):
     impl = ATTENTION_FWD.select(backend, q.device, q, k, v, window_offset, key_range)
-    return impl(q, k, v, scale, causal, causal_offset, *_mask_arguments(window_offset, key_range))
+    with autocast_off(q.device):
+        return impl(q, k, v, scale, causal, causal_offset,
+                    *_mask_arguments(window_offset, key_range))
 
 
 def _attention_bwd(grad_out, q, k, v, out, lse, scale, causal, causal_offset, backend,
                    window_offset=None, key_range=None):
     impl = ATTENTION_BWD.select(backend, q.device, q, k, v, window_offset, key_range)
-    return impl(grad_out, q, k, v, out, lse, scale, causal, causal_offset,
-                *_mask_arguments(window_offset, key_range))
+    with autocast_off(q.device):
+        return impl(grad_out, q, k, v, out, lse, scale, causal, causal_offset,
+                    *_mask_arguments(window_offset, key_range))
 
 
 @torch.library.custom_op("fusedlm::attention_fwd", mutates_args=())
@@ -211,6 +216,8 @@ def _check_qkv(q: Tensor, k: Tensor, v: Tensor) -> None:
 
 def _attention(q, k, v, scale, causal, causal_offset, backend, window_offset=None,
                key_range=None):
+    # Under autocast, the inputs in autocast's dtype, as torch's SDPA takes them.
+    q, k, v = autocast_inputs(q, k, v)
     if q.numel() == 0 or k.numel() == 0:  # empty results; the reference's torch ops give autograd
         return reference.attention_fwd(q, k, v, scale, causal, causal_offset, window_offset,
                                        key_range)[0]

@@ -16,6 +16,7 @@ from .. import reference
 from ..backends import OpDispatch, check_backend_name
 from ._common import (
     FLOAT_DTYPES,
+    autocast_off,
     check_finite_float,
     check_float_tensor,
     check_same_device,
@@ -66,12 +67,15 @@ def _present(*tensors: Tensor | None) -> list[Tensor]:
 
 
 def _layer_norm_fwd(x, weight, bias, eps, backend):
-    return LAYER_NORM_FWD.select(backend, x.device, x, weight, bias)(x, weight, bias, eps)
+    impl = LAYER_NORM_FWD.select(backend, x.device, x, weight, bias)
+    with autocast_off(x.device):
+        return impl(x, weight, bias, eps)
 
 
 def _layer_norm_bwd(grad_y, x, mean, rstd, weight, has_bias, backend):
     impl = LAYER_NORM_BWD.select(backend, x.device, grad_y, x, weight)
-    return _present(*impl(grad_y, x, mean, rstd, weight, has_bias))
+    with autocast_off(x.device):
+        return _present(*impl(grad_y, x, mean, rstd, weight, has_bias))
 
 
 @torch.library.custom_op("fusedlm::layer_norm_fwd", mutates_args=())
@@ -143,12 +147,15 @@ _LayerNormEager = eager_autograd_function(
 
 
 def _rms_norm_fwd(x, weight, eps, backend):
-    return RMS_NORM_FWD.select(backend, x.device, x, weight)(x, weight, eps)
+    impl = RMS_NORM_FWD.select(backend, x.device, x, weight)
+    with autocast_off(x.device):
+        return impl(x, weight, eps)
 
 
 def _rms_norm_bwd(grad_y, x, rstd, weight, backend):
     impl = RMS_NORM_BWD.select(backend, x.device, grad_y, x, weight)
-    return _present(*impl(grad_y, x, rstd, weight))
+    with autocast_off(x.device):
+        return _present(*impl(grad_y, x, rstd, weight))
 
 
 @torch.library.custom_op("fusedlm::rms_norm_fwd", mutates_args=())
