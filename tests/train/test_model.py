@@ -136,6 +136,13 @@ def test_flops_per_token_formula():
                                        + 6 * c.n_layer * c.block_size * c.n_embd)
     assert model.num_parameters() == (sum(p.numel() for p in model.parameters())
                                       - c.block_size * c.n_embd)
+    # Untied, the token table is a lookup (no FLOPs) and the output head (counted, as the tied
+    # table is) does the work: the same count.
+    untied = GPT(GPTConfig(**SMALL, tie_embeddings=False))
+    assert sum(p.numel() for p in untied.parameters()) == (sum(p.numel() for p in
+                                                                model.parameters())
+                                                            + c.vocab_size * c.n_embd)
+    assert untied.num_parameters() == model.num_parameters()
 
 
 def test_save_pretrained_round_trip(tmp_path):

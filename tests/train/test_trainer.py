@@ -19,6 +19,7 @@ import torch
 from fusedlm.cli import main
 from fusedlm.train import checkpoint as ckpt
 from fusedlm.train.config import ConfigError, TrainConfig, make_config
+from fusedlm.train.hardware import peak_flops_of
 from fusedlm.train.trainer import Trainer, TrainingDiverged, learning_rate
 
 from .conftest import TINY_MODEL, read_metrics, train_flags
@@ -35,6 +36,17 @@ def test_metrics_record_every_step(data_dir, tmp_path):
         assert r["mfu"] is None  # a CPU has no peak in the table: MFU is not made up
     assert "val_loss" in records[2] and "val_loss" in records[4] and "val_loss" not in records[3]
 
+
+@pytest.mark.parametrize(("name", "peak"), [
+    ("NVIDIA H100 80GB HBM3", 989.4e12), ("NVIDIA H100 PCIe", 756e12),
+    ("NVIDIA H100 NVL", 835e12), ("NVIDIA H200", 989.4e12), ("NVIDIA H200 NVL", 835e12),
+    ("NVIDIA L40S", 362e12), ("NVIDIA L40", 181e12), ("NVIDIA L4", 121e12),
+    ("NVIDIA A100-SXM4-80GB", 312e12), ("NVIDIA GeForce GTX 1080", None),
+])
+def test_peak_flops_by_device_name(name, peak):
+    """MFU's denominator: the most specific name in the table wins (an H200 NVL is not an
+    H200 SXM, an L40 is not an L4); an unknown device has none."""
+    assert peak_flops_of(name) == peak
 
 @pytest.mark.parametrize("schedule", ["cosine", "wsd", "constant"])
 def test_learning_rate_schedules(schedule):

@@ -299,6 +299,8 @@ class GPT(nn.Module):
         n = sum(p.numel() for p in self.parameters())
         if non_embedding and self.config.arch == "gpt2":
             n -= self.wpe.weight.numel()
+        if non_embedding and not self.config.tie_embeddings:  # a lookup: no FLOPs
+            n -= self.wte.weight.numel()
         return n
 
     def flops_per_token(self, seq_len: int | None = None) -> float:

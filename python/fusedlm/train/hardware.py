@@ -8,6 +8,7 @@ import torch
 # (substring of torch.cuda.get_device_name(), dense bf16 FLOP/s from the vendor's datasheet).
 # Order matters: the first match wins, so specific names come before general ones.
 PEAK_BF16_FLOPS: tuple[tuple[str, float], ...] = (
+    ("H200 NVL", 835.0e12),
     ("H200", 989.4e12),
     ("H100 NVL", 835.0e12),
     ("H100 PCIe", 756.0e12),
@@ -18,6 +19,7 @@ PEAK_BF16_FLOPS: tuple[tuple[str, float], ...] = (
     ("A100", 312e12),
     ("A800", 312e12),
     ("L40S", 362e12),
+    ("L40", 181e12),
     ("L4", 121e12),
     ("A10G", 70e12),
     ("A10", 125e12),
@@ -31,7 +33,12 @@ def peak_flops(device: torch.device) -> tuple[float | None, str]:
     if device.type != "cuda":
         return None, "cpu"
     name = torch.cuda.get_device_name(device)
+    return peak_flops_of(name), name
+
+
+def peak_flops_of(name: str) -> float | None:
+    """Peak dense bf16 FLOP/s of the device called ``name`` (as get_device_name gives it)."""
     for key, flops in PEAK_BF16_FLOPS:
         if key in name:
-            return flops, name
-    return None, name
+            return flops
+    return None

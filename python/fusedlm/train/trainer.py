@@ -27,6 +27,7 @@ import time
 import numpy as np
 import torch
 
+from ..backends import OpDispatch
 from ..models.gpt import GPT, GPTConfig, document_ids
 from ..optim import AdamW
 from . import checkpoint as ckpt
@@ -78,22 +79,24 @@ def learning_rate(step: int, cfg: TrainConfig) -> float:
     return low + 0.5 * (peak - low) * (1 + math.cos(math.pi * progress))
 
 
-def _rng_state() -> dict:
+def _rng_state(device: torch.device) -> dict:
+    """This process's RNG states: the CPU generators and, on a GPU, its own device's only (a
+    resume on a machine with fewer GPUs would fail on the others' states)."""
     kind, key, pos, has_gauss, gauss = np.random.get_state()
     state = {"torch": torch.get_rng_state(), "python": random.getstate(),
              "numpy": (kind, key.tolist(), pos, has_gauss, gauss)}  # plain types: weights_only
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def _set_rng_state(state: dict) -> None:
+def _set_rng_state(state: dict, device: torch.device) -> None:
     torch.set_rng_state(state["torch"])
     kind, key, pos, has_gauss, gauss = state["numpy"]
     np.random.set_state((kind, np.asarray(key, dtype=np.uint32), pos, has_gauss, gauss))
     random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if "cuda" in state and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], device)
 
 
 class NanPolicy:
@@ -287,7 +290,8 @@ class Trainer:
         trainer = state["trainer"]
         self.step = trainer["step"]
         self.train_batches.load_state_dict(trainer["data"])
-        _set_rng_state(trainer["rng"][min(self.dist.rank, len(trainer["rng"]) - 1)])
+        _set_rng_state(trainer["rng"][min(self.dist.rank, len(trainer["rng"]) - 1)],
+                       self.device)
         self.best_val_loss = trainer.get("best_val_loss")
         self.log(f"resumed from {state['path']} at step {self.step}")
         if self.is_main:  # only rank 0 writes the file: two ranks rewriting it race
@@ -395,7 +399,7 @@ class Trainer:
 
     def _all_rng_states(self) -> list[dict]:
         """Every rank's RNG state (gathered to rank 0), so each rank resumes its own."""
-        state = _rng_state()
+        state = _rng_state(self.device)
         if not self.dist.enabled:
             return [state]
         import torch.distributed as dist
@@ -422,6 +426,8 @@ class Trainer:
         self.model.train()
         nan_guard, first_val = NanPolicy(cfg), self.best_val_loss
         summary = {}
+        first_step = self.step + 1
+        OpDispatch.last_choice.clear()  # what the first step runs, reported below
         try:
             while self.step < cfg.max_steps:
                 t0 = time.perf_counter()
@@ -435,6 +441,15 @@ class Trainer:
                           "grad_norm": result["grad_norm"], "tokens_per_s": tokens_per_s,
                           "mfu": (self.flops_per_token * tokens_per_s / self.dist.world_size /
                                   self.peak_flops) if self.peak_flops else None}
+                if self.step == first_step:
+                    # Which backend served each fusedlm op ("auto" may pass a case to another
+                    # backend, or to the torch reference), on which device and peak: a
+                    # tokens/s or MFU figure is only read with these.
+                    record.update(backends=dict(sorted(OpDispatch.last_choice.items())),
+                                  device=self.device_name, peak_flops=self.peak_flops)
+                    ops = ", ".join(f"{k}={v}" for k, v in record["backends"].items())
+                    self.log(f"step {self.step} ran on {self.device_name}: {ops or 'no fusedlm op'}"
+                             f"; peak {self.peak_flops or 'unknown'} FLOP/s")
                 try:
                     nan_guard.check(self.step, result, record, progress)
                 except TrainingDiverged:
