@@ -217,6 +217,17 @@ def _hidden_mask(Tq: int, Tk: int, causal: bool, window: int | None, device, pac
     return _causal_mask(Tq, Tk, device) if causal else None
 
 
+def _visible_mask(Tq: int, Tk: int, causal: bool, window: int | None, device, packed=None):
+    """The complement of ``_hidden_mask`` (SDPA's boolean attn_mask: True attends), made once
+    per mask, outside the timed calls."""
+    if packed is not None:
+        return packed["visible"]
+    key = ("visible", Tq, Tk, causal, window, str(device))
+    if key not in _masks:
+        _masks[key] = ~_hidden_mask(Tq, Tk, causal, window, device)
+    return _masks[key]
+
+
 def padded_lengths(B: int, T: int) -> list[int]:
     """The token counts of the padded-batch rows: from T down to about T / 2, evenly."""
     return [T - b * T // (2 * B) for b in range(B)]
@@ -224,14 +235,16 @@ def padded_lengths(B: int, T: int) -> list[int]:
 
 def _padding_inputs(B: int, T: int, causal: bool, device) -> dict:
     """A left-padded batch (as for generation): row b's tokens are its last L_b positions.
-    "key_range" (B, 2) for fusedlm, "hidden" (B, 1, T, T) for the masked providers."""
+    "key_range" (B, 2) for fusedlm, "hidden" (B, 1, T, T) for the masked providers (and
+    "visible", its complement, for SDPA)."""
     starts = torch.tensor([T - n for n in padded_lengths(B, T)], device=device)
     key_range = torch.stack([starts, torch.full_like(starts, T)], dim=1)
     cols = torch.arange(T, device=device)
     hidden = (cols[None, :] < starts[:, None])[:, None, None, :]  # (B, 1, 1, T)
     if causal:
         hidden = hidden | _causal_mask(T, T, device)
-    return {"key_range": key_range, "hidden": hidden.expand(B, 1, T, T).contiguous()}
+    hidden = hidden.expand(B, 1, T, T).contiguous()
+    return {"key_range": key_range, "hidden": hidden, "visible": ~hidden}
 
 
 def document_lengths(B: int, T: int) -> list[list[int]]:
@@ -248,14 +261,16 @@ def document_lengths(B: int, T: int) -> list[list[int]]:
 
 def _document_inputs(B: int, T: int, device) -> dict:
     """Packed documents (causal within each): "key_range" (B, T, 2) for fusedlm, "hidden"
-    (B, 1, T, T) (block-diagonal causal) for the masked providers."""
+    (B, 1, T, T) (block-diagonal causal) for the masked providers ("visible", its complement,
+    for SDPA)."""
     from ..ops.attention import key_range_from_document_ids
 
     ids = torch.tensor([[d for d, n in enumerate(row) for _ in range(n)]
                         for row in document_lengths(B, T)], device=device)
     same = ids[:, :, None] == ids[:, None, :]  # (B, T, T)
     hidden = ~same[:, None] | _causal_mask(T, T, device)
-    return {"key_range": key_range_from_document_ids(ids), "hidden": hidden.contiguous()}
+    hidden = hidden.contiguous()
+    return {"key_range": key_range_from_document_ids(ids), "hidden": hidden, "visible": ~hidden}
 
 
 def eager_attention(q, k, v, mask: torch.Tensor | None):
@@ -403,9 +418,15 @@ def _sdpa_call(name: str):
         if name == "flash":
             raise Unsupported("torch's SDPA flash backend takes no mask (no sliding window, "
                               "no padding, no packed documents)")
-        visible = ~_hidden_mask(q.shape[2], k.shape[2], causal, window, q.device, packed)
-        with sdpa_kernel([_sdpa_backend(name)]):
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=visible)
+        visible = _visible_mask(q.shape[2], k.shape[2], causal, window, q.device, packed)
+        try:
+            with sdpa_kernel([_sdpa_backend(name)]):
+                return F.scaled_dot_product_attention(q, k, v, attn_mask=visible)
+        except RuntimeError as error:  # the one allowed backend refuses this mask or shape
+            if "No available kernel" in str(error) or "No viable backend" in str(error):
+                raise Unsupported(f"torch's SDPA {name} backend refuses it: "
+                                  f"{str(error).strip().splitlines()[0][:200]}") from None
+            raise
 
     return call
 

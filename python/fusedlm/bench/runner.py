@@ -90,8 +90,9 @@ def _first_line(error: BaseException, limit: int = 300) -> str:
 
 def _context_broken(error: BaseException) -> bool:
     text = str(error)
+    # (torch's "CUDA error: ..." and Triton's "Triton Error [CUDA]: ..." wordings alike)
     return any(s in text for s in ("illegal memory access", "device-side assert",
-                                   "CUDA error: unspecified launch failure", "misaligned address",
+                                   "unspecified launch failure", "misaligned address",
                                    "an illegal instruction"))
 
 
@@ -168,9 +169,9 @@ def run(opts: Options) -> dict:
     if opts.threads is not None:
         torch.set_num_threads(max(1, opts.threads))
     if device.type == "cuda":
+        # (TF32 stays at torch's defaults: what an eager user gets, e.g. sdpa-math's float32
+        # matmuls in full float32)
         torch.cuda.set_device(device.index or 0)
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
     gpu_note = None
     if not torch.cuda.is_available():
         gpu_note = ("No CUDA GPU found (torch.cuda.is_available() is False): benchmarking the "
@@ -341,6 +342,9 @@ def run(opts: Options) -> dict:
             except Exception as error:  # noqa: BLE001 - e.g. out of memory for the inputs
                 for p in group:
                     rows.append(_row(case, p.name, "error", f"inputs: {_first_line(error)}"))
+                if device.type == "cuda" and _context_broken(error):  # sticky, from a kernel
+                    broken = (f"not run: the CUDA context broke making the inputs of {op} "
+                              f"{case.size_label}: {_first_line(error)}")
                 _free(device)
                 continue
             for p in group:
