@@ -294,6 +294,10 @@ def test_help_of_every_command(capsys):
             main([command, "--help"])
         assert info.value.code == 0
         assert "usage: fusedlm " + command in capsys.readouterr().out
+    # python -m fusedlm is the same command
+    result = subprocess.run([sys.executable, "-m", "fusedlm", "info"], capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0 and "torch" in result.stdout, result.stderr
 
 
 def test_sample_command(data_dir, tmp_path, capsys):
