@@ -51,6 +51,16 @@ def device_of(backend: str) -> str:
     return "cuda" if backend in _GPU_BACKENDS else "cpu"
 
 
+def attention_refusal(backend: str, dtype: torch.dtype) -> str | None:
+    """Why ``backend``'s attention kernels refuse ``dtype`` (BackendNotSupportedError, tested in
+    tests/cuda and tests/triton), or None: the GPU tests skip those cases."""
+    if backend == "cuda" and dtype not in (torch.float16, torch.bfloat16):
+        return f"the cuda attention backend takes float16 and bfloat16 only, not {dtype}"
+    if backend == "triton" and dtype == torch.float64:
+        return "the triton attention backend does not take float64"
+    return None
+
+
 def available_backends(device: str = "cpu") -> list:
     """``pytest.param`` per backend to test: "cpu" (skipped with fusedlm.backends()'s reason when
     the extension is not usable) and "torch" always; "triton"/"cuda" only when available (they

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import fusedlm
-from tests.helpers import available_backends, device_of
+from tests.helpers import attention_refusal, available_backends, device_of
 
 BACKENDS = available_backends()
 
@@ -65,8 +65,9 @@ def _check_compiled_matches_eager(backend, compile_backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_compile_aot_eager_fullgraph(backend):
-    if backend == "cuda":
-        pytest.skip("the cuda attention backend takes float16 and bfloat16, this model is float32")
+    reason = attention_refusal(backend, torch.float32)  # the model is float32
+    if reason is not None:
+        pytest.skip(reason)
     _check_compiled_matches_eager(backend, "aot_eager")
 
 

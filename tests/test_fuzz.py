@@ -41,6 +41,7 @@ from tests.helpers import (
     ATOL,
     assert_close_rule,
     atol_for,
+    attention_refusal,
     available_backends,
     device_of,
     naive_attention,
@@ -129,11 +130,9 @@ def _attention_dtypes(backend):
     """The dtypes ``backend``'s attention kernels take (the others are refused: tested in
     tests/cuda and tests/triton), without bfloat16 under Triton's interpreter (its bfloat16
     tl.dot is wrong)."""
-    if backend == "cuda":
-        return [torch.bfloat16, torch.float16]
-    if backend == "triton":
-        return [torch.float32, torch.float16] + ([] if triton_interpreted() else [torch.bfloat16])
-    return DTYPES
+    interpreted = backend == "triton" and triton_interpreted()
+    return [d for d in DTYPES if attention_refusal(backend, d) is None
+            and not (interpreted and d == torch.bfloat16)]
 
 
 def _attention_case(data, backend):

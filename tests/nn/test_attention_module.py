@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import fusedlm
-from tests.helpers import assert_close_rule, available_backends, device_of
+from tests.helpers import assert_close_rule, attention_refusal, available_backends, device_of
 
 BACKENDS = available_backends()
 
@@ -43,10 +43,9 @@ def _torch_attention_block(module, x):
 @pytest.mark.parametrize("T", [1, 17, 70])
 def test_causal_self_attention_matches_torch(T, window, n_embd, n_head, n_kv_head, bias, dtype,
                                              backend):
-    if backend == "triton" and dtype == torch.float64:
-        pytest.skip("the triton attention backend does not take float64")
-    if backend == "cuda" and dtype != torch.float16:
-        pytest.skip("the cuda attention backend takes float16 and bfloat16 only")
+    reason = attention_refusal(backend, dtype)
+    if reason is not None:
+        pytest.skip(reason)
     device = device_of(backend)
     module = fusedlm.nn.CausalSelfAttention(
         n_embd, n_head, n_kv_head, bias=bias, device=device, dtype=dtype, backend=backend,

@@ -21,6 +21,7 @@ from fusedlm.backends import OpDispatch
 from tests.helpers import (
     assert_close_rule,
     atol_for,
+    attention_refusal,
     available_backends,
     device_of,
     naive_attention,
@@ -175,11 +176,9 @@ def _skip_cases_a_gpu_backend_refuses(request):
     backend, name = params.get("backend"), request.node.originalname
     if backend not in ("cuda", "triton"):
         return
-    dtype = params.get("dtype", _FEEDS_DTYPE.get(name))
-    if backend == "triton" and dtype == torch.float64:
-        pytest.skip("the triton attention backend does not take float64")
-    if backend == "cuda" and dtype not in (torch.float16, torch.bfloat16):
-        pytest.skip(f"the cuda attention backend takes float16 and bfloat16 only, not {dtype}")
+    reason = attention_refusal(backend, params.get("dtype", _FEEDS_DTYPE.get(name)))
+    if reason is not None:
+        pytest.skip(reason)
     if backend == "cuda" and name in _PER_QUERY_KEY_RANGES:
         pytest.skip("the cuda attention backend takes one key range per batch row")
 
