@@ -350,3 +350,35 @@ def test_resume_from_an_index_keyed_optimizer_state(data_dir, tmp_path):
     assert main(args + ["--resume"]) == 0
     want = [(r["step"], r["loss"]) for r in read_metrics(full)]
     assert [(r["step"], r["loss"]) for r in read_metrics(run)] == want
+
+
+def test_torch_kernels_train_with_torch_adamw(data_dir, tmp_path):
+    """kernels="torch" is plain PyTorch throughout, optimizer included: torch.optim.AdamW with
+    the weight-decay groups of the fused run, whose losses it logs to float32 noise; its
+    checkpoint resumes under kernels="fused" (the two optimizers share one state_dict format)."""
+    import fusedlm
+
+    fused = _trainer(data_dir, tmp_path / "fused")
+    plain = _trainer(data_dir, tmp_path / "torch", kernels="torch")
+    assert type(plain.optimizer) is torch.optim.AdamW
+    assert type(fused.optimizer) is fusedlm.optim.AdamW
+
+    def groups(optimizer):
+        return [(g["weight_decay"], g["lr"], g["betas"], g["eps"], [p.shape for p in g["params"]])
+                for g in optimizer.param_groups]
+
+    assert groups(plain.optimizer) == groups(fused.optimizer)
+    fused.train()
+    plain.train()
+    want = [r["loss"] for r in read_metrics(tmp_path / "fused")]
+    got = [r["loss"] for r in read_metrics(tmp_path / "torch")]
+    assert len(got) == len(want) == 6
+    assert got == pytest.approx(want, rel=1e-4)
+
+    run = tmp_path / "switch"
+    args = train_flags(data_dir, run, steps=6, ckpt_every=3)
+    assert main(args + ["--kernels", "torch"]) == 0
+    shutil.rmtree(run / "checkpoints" / "step_0000006")
+    (run / "checkpoints" / "latest").write_text("step_0000003")
+    assert main(args + ["--kernels", "fused", "--resume"]) == 0
+    assert [r["loss"] for r in read_metrics(run)] == pytest.approx(want, rel=1e-4)

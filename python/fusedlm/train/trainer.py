@@ -4,7 +4,8 @@ of ``fusedlm.models.GPT`` on token shards.
 Per step: ``grad_accum`` micro-batches (bf16 autocast on GPU; under DDP the gradient all-reduce,
 under FSDP2 (``--fsdp``) the reduce-scatter, runs on the last micro-step only), the NaN/Inf
 check, global-norm clipping, one
-``fusedlm.optim.AdamW`` step (weight decay on matrices and embeddings only), the learning rate
+AdamW step (``fusedlm.optim.AdamW``; torch's with ``kernels="torch"``; weight decay on matrices and
+embeddings only), the learning rate
 from warmup + cosine, WSD or constant. Every step is logged to ``OUT/metrics.jsonl``; validation,
 samples and checkpoints come every ``eval_every``/``sample_every``/``ckpt_every`` steps.
 
@@ -280,7 +281,7 @@ class Trainer:
                  f"device={self.device}, world size {self.dist.world_size}")
         return model
 
-    def _build_optimizer(self) -> AdamW:
+    def _build_optimizer(self) -> torch.optim.Optimizer:
         return make_optimizer(self.model, self.cfg)
 
     def _restore(self, state: dict) -> None:
@@ -504,14 +505,21 @@ class Trainer:
         shutdown_distributed()
 
 
-def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> AdamW:
-    """fusedlm's AdamW with weight decay on matrices and embeddings only (not on biases and
-    norm weights)."""
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW with weight decay on matrices and embeddings only (not on biases and norm
+    weights): fusedlm's with ``kernels="fused"``; with ``kernels="torch"`` torch's own
+    (``fused=True`` where every parameter is on a CUDA device, else its default), so a "torch"
+    run is plain PyTorch throughout and compares against a "fused" one step for step. Both
+    keep the same state_dict format: a checkpoint resumes under either."""
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
-    return AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8)
+    hyper = {"lr": cfg.lr, "betas": (cfg.beta1, cfg.beta2), "eps": 1e-8}
+    if cfg.kernels == "torch":
+        on_cuda = all(p.device.type == "cuda" for group in groups for p in group["params"])
+        return torch.optim.AdamW(groups, **hyper, **({"fused": True} if on_cuda else {}))
+    return AdamW(groups, **hyper)
 
 
 def _with_tied(weights: dict, model: GPT) -> dict:
