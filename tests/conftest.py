@@ -3,7 +3,8 @@
 * ``available_backends(device="cpu")`` (from tests/helpers.py): the backends to parametrize over.
 * every test runs with a fixed seed derived from its node id (reproducible, yet each test draws
   different inputs).
-* tests marked ``gpu`` are skipped when torch.cuda.is_available() is False.
+* tests marked ``gpu`` are skipped when torch.cuda.is_available() is False; with CUDA, a test
+  that breaks the CUDA context is contained (tests/cuda_context_guard.py).
 * without a GPU, ``TRITON_INTERPRET=1`` is set before anything imports triton, so the Triton
   kernels run on CPU tensors through Triton's interpreter (tests/triton).
 """
@@ -19,6 +20,11 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+from tests.cuda_context_guard import (  # noqa: F401  (pytest hooks, see its docstring)
+    pytest_configure,
+    pytest_runtest_setup,
+    pytest_runtest_teardown,
+)
 from tests.helpers import available_backends, device_of  # noqa: F401  (re-exported)
 
 

@@ -1,0 +1,43 @@
+"""benchmarks/gpu_check's pytest step, on the CPU: the arguments that contain a broken CUDA
+context or a hung kernel (tests/cuda_context_guard.py), and the quarantine records it reads."""
+
+from __future__ import annotations
+
+import importlib.machinery
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _gpu_check():
+    """benchmarks/gpu_check (a script without a .py suffix) as a module."""
+    loader = importlib.machinery.SourceFileLoader("gpu_check", str(ROOT / "benchmarks" /
+                                                                   "gpu_check"))
+    spec = importlib.util.spec_from_loader("gpu_check", loader)
+    module = importlib.util.module_from_spec(spec)
+    loader.exec_module(module)
+    return module
+
+
+def test_pytest_step_replaces_crashed_workers_and_ends_hangs():
+    pytest.importorskip("xdist")
+    pytest.importorskip("pytest_timeout")
+    args = _gpu_check()._pytest_speedup_args()
+    assert args[args.index("-n") + 1].isdigit()
+    # xdist's default (4 restarts per worker) would end the run after a few faulting families
+    assert int(args[args.index("--max-worker-restart") + 1]) >= 32
+    # the signal method cannot interrupt a test blocked in a CUDA call on a hung kernel
+    assert args[args.index("--timeout-method") + 1] == "thread"
+
+
+def test_quarantine_records_survive_a_half_written_line(tmp_path):
+    path = tmp_path / "quarantine.jsonl"
+    record = {"test": "t.py::test_a[cuda]", "family": "t.py::test_a[backend=cuda]",
+              "error": "RuntimeError: CUDA error: an illegal memory access was encountered"}
+    path.write_text(json.dumps(record) + "\n" + '{"test": "t.py::te')
+    assert _gpu_check()._read_jsonl(path) == [record]
+    assert _gpu_check()._read_jsonl(tmp_path / "missing.jsonl") == []
