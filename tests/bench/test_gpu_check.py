@@ -41,3 +41,21 @@ def test_quarantine_records_survive_a_half_written_line(tmp_path):
     path.write_text(json.dumps(record) + "\n" + '{"test": "t.py::te')
     assert _gpu_check()._read_jsonl(path) == [record]
     assert _gpu_check()._read_jsonl(tmp_path / "missing.jsonl") == []
+
+
+def test_pytest_step_runs_every_gpu_test_the_kernels_own_first():
+    """The ordered targets collect exactly the GPU tests of ``tests`` (none lost, none twice),
+    tests/cuda's first."""
+    import subprocess
+    import sys
+
+    def collected(*targets):
+        out = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-m", "gpu",
+                              "-p", "no:cacheprovider", *targets], cwd=ROOT, capture_output=True,
+                             text=True, timeout=600).stdout
+        return [line for line in out.splitlines() if "::" in line]
+
+    ordered = collected(*_gpu_check()._pytest_targets())
+    assert ordered[0].startswith("tests/cuda/")
+    assert len(ordered) == len(set(ordered))
+    assert sorted(ordered) == sorted(collected("tests"))
