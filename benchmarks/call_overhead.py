@@ -1,6 +1,7 @@
 """Host time of one call of each fused op on a tiny input, against PyTorch's own op, on the CPU,
 one thread, best of 5 rounds of 200 calls, the contenders interleaved so machine noise hits all
-alike.
+alike. For fwd+bwd, "fusedlm-python-node" is the same call with the C++ autograd nodes off (the
+ops' Python autograd.Function, what every eager call used before them).
 
 With inputs this small the kernels do almost nothing, so the time is what the Python checks,
 the backend choice and the autograd machinery cost per call. On a GPU that time is spent before
@@ -11,6 +12,7 @@ each launch: a model whose per-layer kernels take less than it is host-bound.
 
 from __future__ import annotations
 
+import importlib
 import time
 
 import torch
@@ -57,11 +59,31 @@ def _forward_backward(fn, inputs):
     return run
 
 
+def _python_function(fn):
+    """``fn`` with the C++ autograd nodes turned off: the ops' Python autograd.Function runs, as
+    it did for every backend before those nodes existed (the "before" column of a change)."""
+    modules = [importlib.import_module(f"fusedlm.ops.{m}") for m in ("norm", "attention")]
+
+    def run(*args):
+        saved = [m.extension_autograd for m in modules]
+        for m in modules:
+            m.extension_autograd = lambda *a, **k: None
+        try:
+            return fn(*args)
+        finally:
+            for m, f in zip(modules, saved, strict=True):
+                m.extension_autograd = f
+
+    return run
+
+
 def main(calls: int = 200, rounds: int = 5) -> None:
     torch.set_num_threads(1)
     for name, (inputs, ours, theirs) in _cases().items():
         for mode, wrap in (("fwd no_grad", _forward_no_grad), ("fwd+bwd", _forward_backward)):
             runs = {"fusedlm": wrap(ours, inputs), "torch": wrap(theirs, inputs)}
+            if mode == "fwd+bwd":
+                runs["fusedlm-python-node"] = wrap(_python_function(ours), inputs)
             best = dict.fromkeys(runs, float("inf"))
             for run in runs.values():  # warm-up: first-call costs, backend lookups
                 for _ in range(20):

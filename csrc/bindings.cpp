@@ -2,6 +2,7 @@
 // hands a kernel (device, dtype, rank, shape; see checks.h) and dispatches on the device to
 // the CPU kernel (csrc/cpu) or, in a CUDA build, the CUDA kernel (csrc/cuda). Python's op
 // layer (python/fusedlm/ops) calls these; users call fusedlm.* instead.
+#include <torch/csrc/autograd/functions/basic_ops.h>
 #include <torch/extension.h>
 
 #include <limits>
@@ -824,6 +825,157 @@ void adamw_step(const std::vector<at::Tensor>& params, const std::vector<at::Ten
 // dispatcher call per tensor (on the CPU those cost ~2.5 us each, most of a GPT-2-sized
 // optimizer step's host time). Counts are one-element tensors (torch.optim keeps them as
 // float32, or float64 under a float64 default dtype, on the CPU); others go through add_/item.
+// ---- autograd for eager calls ----------------------------------------------------------------
+//
+// The norms' and attention's autograd.Function in C++, for eager calls that python/fusedlm/ops routes to this
+// extension (the "cpu" and "cuda" backends): the same forward and backward entry points as the
+// registered custom ops (which torch.compile records) and the Python autograd.Function (the other
+// backends), without the Python Function's apply and the Python backward callback, which cost more
+// than the kernels on small inputs (benchmarks/NOTES.md, per-call overhead). Undefined tensors
+// stand for None. As with the Python path, the gradients have no second derivative: under
+// create_graph=True a first backward works and differentiating its result raises. None (an
+// optional tensor) is no input of the node; saved, it is an undefined tensor.
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+std::optional<at::Tensor> optional_tensor(const at::Tensor& t) {
+  return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt;
+}
+
+// grads as once_differentiable returns them: when the backward itself is recorded
+// (create_graph=True) and a grad it received requires grad, each output is an alias whose
+// grad_fn raises if anything differentiates through it.
+variable_list once_differentiable(variable_list grads, const variable_list& received) {
+  const bool recorded = at::GradMode::is_enabled();
+  bool differentiable = false;
+  for (const auto& g : received) differentiable = differentiable || (g.defined() && g.requires_grad());
+  if (!recorded || !differentiable) return grads;
+  variable_list aliases;
+  aliases.reserve(grads.size());
+  for (const auto& g : grads) {
+    aliases.push_back(g.defined() ? g.detach().requires_grad_(true) : at::Tensor());
+  }
+  torch::autograd::DelayedError error(
+      "trying to differentiate twice a function that was marked with @once_differentiable",
+      static_cast<int64_t>(aliases.size()));
+  return error(std::move(aliases));
+}
+
+struct LayerNormFunction : public torch::autograd::Function<LayerNormFunction> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x,  // (M, N)
+                            const std::optional<at::Tensor>& weight,    // (N) or None
+                            const std::optional<at::Tensor>& bias,      // (N) or None
+                            double eps) {
+    auto [y, mean, rstd] = layer_norm_fwd(x, weight, bias, eps);
+    ctx->save_for_backward({x, weight.value_or(at::Tensor()), mean, rstd});
+    ctx->saved_data["bias_dtype"] =
+        bias.has_value() ? static_cast<int64_t>(bias->scalar_type()) : int64_t{-1};
+    ctx->mark_non_differentiable({mean, rstd});
+    return y;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const int64_t bias_dtype = ctx->saved_data["bias_dtype"].toInt();
+    at::Tensor dx, dweight, dbias;
+    {
+      at::NoGradGuard no_grad;
+      auto [dx_, dw, db] = layer_norm_bwd(grads[0], saved[0], saved[2], saved[3],
+                                          optional_tensor(saved[1]), bias_dtype >= 0);
+      dx = dx_;
+      dweight = dw.value_or(at::Tensor());
+      dbias = db.value_or(at::Tensor());
+      if (dbias.defined() && dbias.scalar_type() != static_cast<at::ScalarType>(bias_dtype)) {
+        dbias = dbias.to(static_cast<at::ScalarType>(bias_dtype));  // (no weight: float32)
+      }
+    }
+    auto out = once_differentiable({dx, dweight, dbias}, grads);
+    out.push_back(at::Tensor());  // eps
+    return out;
+  }
+};
+
+struct RmsNormFunction : public torch::autograd::Function<RmsNormFunction> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x,  // (M, N)
+                            const std::optional<at::Tensor>& weight,    // (N) or None
+                            double eps) {
+    auto [y, rstd] = rms_norm_fwd(x, weight, eps);
+    ctx->save_for_backward({x, weight.value_or(at::Tensor()), rstd});
+    ctx->mark_non_differentiable({rstd});
+    return y;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    at::Tensor dx, dweight;
+    {
+      at::NoGradGuard no_grad;
+      auto [dx_, dw] = rms_norm_bwd(grads[0], saved[0], saved[2], optional_tensor(saved[1]));
+      dx = dx_;
+      dweight = dw.value_or(at::Tensor());
+    }
+    auto out = once_differentiable({dx, dweight}, grads);
+    out.push_back(at::Tensor());  // eps
+    return out;
+  }
+};
+
+struct AttentionFunction : public torch::autograd::Function<AttentionFunction> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& q,  // (B, Hq, Tq, D)
+                            const at::Tensor& k,                        // (B, Hkv, Tk, D)
+                            const at::Tensor& v,                        // (B, Hkv, Tk, D)
+                            double scale, bool causal, int64_t causal_offset,
+                            std::optional<int64_t> window_offset,
+                            const std::optional<at::Tensor>& key_range) {  // (B, 2), (B, Tq, 2)
+    auto [out, lse] = attention_fwd(q, k, v, scale, causal, causal_offset, window_offset,
+                                    key_range);
+    ctx->save_for_backward({q, k, v, out, lse, key_range.value_or(at::Tensor())});
+    ctx->saved_data["scale"] = scale;
+    ctx->saved_data["causal"] = causal;
+    ctx->saved_data["causal_offset"] = causal_offset;
+    ctx->saved_data["window_offset"] =
+        window_offset.has_value() ? c10::IValue(*window_offset) : c10::IValue();
+    return out;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const c10::IValue& window = ctx->saved_data["window_offset"];
+    at::Tensor dq, dk, dv;
+    {
+      at::NoGradGuard no_grad;
+      std::tie(dq, dk, dv) = attention_bwd(
+          grads[0], saved[0], saved[1], saved[2], saved[3], saved[4],
+          ctx->saved_data["scale"].toDouble(), ctx->saved_data["causal"].toBool(),
+          ctx->saved_data["causal_offset"].toInt(),
+          window.isNone() ? std::nullopt : std::optional<int64_t>(window.toInt()),
+          optional_tensor(saved[5]));
+    }
+    auto out = once_differentiable({dq, dk, dv}, grads);
+    out.resize(8);  // scale, causal, causal_offset, window_offset, key_range: no gradient
+    return out;
+  }
+};
+
+at::Tensor attention_autograd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                              double scale, bool causal, int64_t causal_offset,
+                              std::optional<int64_t> window_offset,
+                              const std::optional<at::Tensor>& key_range) {
+  return AttentionFunction::apply(q, k, v, scale, causal, causal_offset, window_offset,
+                                  key_range);
+}
+
+at::Tensor layer_norm_autograd(const at::Tensor& x, const std::optional<at::Tensor>& weight,
+                               const std::optional<at::Tensor>& bias, double eps) {
+  return LayerNormFunction::apply(x, weight, bias, eps);
+}
+
+at::Tensor rms_norm_autograd(const at::Tensor& x, const std::optional<at::Tensor>& weight,
+                             double eps) {
+  return RmsNormFunction::apply(x, weight, eps);
+}
+
 std::vector<double> increment_steps(const std::vector<at::Tensor>& steps, double amount) {
   std::vector<double> values;  // [n]
   values.reserve(steps.size());
@@ -927,6 +1079,19 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rms_norm_bwd", &fusedlm::rms_norm_bwd,
         "RMSNorm backward. Returns dx (M, N) and dweight (N) or None.", py::arg("grad_y"),
         py::arg("x"), py::arg("rstd"), py::arg("weight"));
+  m.def("attention_autograd", &fusedlm::attention_autograd,
+        "attention_fwd's out with a C++ autograd node whose backward runs attention_bwd (eager\n"
+        "calls of the cpu and cuda backends; no second derivative).",
+        py::arg("q"), py::arg("k"), py::arg("v"), py::arg("scale"), py::arg("causal"),
+        py::arg("causal_offset"), py::arg("window_offset") = py::none(),
+        py::arg("key_range") = py::none());
+  m.def("layer_norm_autograd", &fusedlm::layer_norm_autograd,
+        "layer_norm_fwd's y with a C++ autograd node whose backward runs layer_norm_bwd (eager\n"
+        "calls of the cpu and cuda backends; no second derivative).",
+        py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("eps"));
+  m.def("rms_norm_autograd", &fusedlm::rms_norm_autograd,
+        "rms_norm_fwd's y with a C++ autograd node whose backward runs rms_norm_bwd.",
+        py::arg("x"), py::arg("weight"), py::arg("eps"));
   m.def("increment_steps", &fusedlm::increment_steps,
         "Adds 'amount' to each one-element step count tensor in place (float32/float64 CPU\n"
         "counts without a dispatcher call) and returns the new values as floats.",

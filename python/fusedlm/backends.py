@@ -190,6 +190,10 @@ class OpDispatch:
 
     def select(self, backend: str, device: torch.device, *args) -> Callable:
         """The implementation that serves this call. ``args`` go to the support predicates."""
+        return self.impls[self.choose(backend, device, *args)][0]
+
+    def choose(self, backend: str, device: torch.device, *args) -> str:
+        """The name of the backend that serves this call (what ``select`` runs)."""
         requested = requested_backend(backend)
         if requested != "auto":
             reason = self._why_not(requested, device, args)
@@ -200,12 +204,12 @@ class OpDispatch:
                     f"serve this call: {reason}"
                 )
             OpDispatch.last_choice[self.name] = requested
-            return self.impls[requested][0]
+            return requested
         for candidate in _AUTO_ORDER.get(device.type, ("torch",)):
             reason = self._why_not(candidate, device, args)
             if reason is None:
                 OpDispatch.last_choice[self.name] = candidate
-                return self.impls[candidate][0]
+                return candidate
             self._log_once(candidate, device, reason)
         raise AssertionError(f"{self.name}: the torch backend must serve every call")
 

@@ -182,6 +182,30 @@ def forward_for_call(dispatch, backend: str, function, forward_impl, reference_f
     return function.apply if needs_autograd(*tensors) else forward_impl
 
 
+def runs_eager_function(forward, function) -> bool:
+    """Whether ``forward`` (from ``forward_for_call``) is the op's eager ``autograd.Function``
+    (never under ``torch.compile``, which records the custom op instead)."""
+    return not torch.compiler.is_compiling() and forward == function.apply
+
+
+def extension_autograd(forward_dispatch, backward_dispatch, backend: str, device: torch.device,
+                       forward_args: tuple, backward_args: tuple):
+    """The loaded extension, when an eager call that needs autograd runs both passes on one of
+    its backends (cpu, cuda): the public functions then call its C++ autograd entry point
+    (``fusedlm._C.<op>_autograd``), whose backward runs without a Python callback; else None
+    (the op's Python ``autograd.Function``). ``backward_args`` stand in for the backward's
+    arguments (the gradient as a tensor shaped like the output)."""
+    choice = forward_dispatch.choose(backend, device, *forward_args)
+    if choice not in ("cpu", "cuda"):
+        return None
+    if backward_dispatch._why_not(choice, device, backward_args) is not None:
+        return None
+    OpDispatch.last_choice[backward_dispatch.name] = choice  # what the node's backward runs
+    from .. import _ext
+
+    return _ext.load()
+
+
 def eager_autograd_function(name: str, forward_impl, setup_context, backward):
     """An ``autograd.Function`` that runs an op's implementation directly, with the same
     ``setup_context``/``backward`` as its custom op (``ctx.eager`` is True, so ``backward`` calls

@@ -24,8 +24,10 @@ from ._common import (
     check_float_tensor,
     check_same_device,
     eager_autograd_function,
+    extension_autograd,
     forward_for_call,
     register_extension_kernels,
+    runs_eager_function,
     stat_dtype,
 )
 
@@ -223,6 +225,12 @@ def _attention(q, k, v, scale, causal, causal_offset, backend, window_offset=Non
                                        key_range)[0]
     fwd = forward_for_call(ATTENTION_FWD, backend, _AttentionEager, _attention_fwd,
                            reference.attention_fwd, q, k, v, backend_index=6)
+    if runs_eager_function(fwd, _AttentionEager):  # eager, with autograd: the C++ node if it can
+        args = (q, k, v, window_offset, key_range)
+        module = extension_autograd(ATTENTION_FWD, ATTENTION_BWD, backend, q.device, args, args)
+        if module is not None:
+            return module.attention_autograd(q, k, v, scale, causal, causal_offset, window_offset,
+                                             key_range)
     out, _ = fwd(q, k, v, scale, causal, causal_offset, backend, window_offset, key_range)
     return out
 

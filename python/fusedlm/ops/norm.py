@@ -21,8 +21,10 @@ from ._common import (
     check_float_tensor,
     check_same_device,
     eager_autograd_function,
+    extension_autograd,
     forward_for_call,
     register_extension_kernels,
+    runs_eager_function,
     stat_dtype,
 )
 
@@ -305,7 +307,13 @@ def layer_norm(
         return F.layer_norm(x, normalized_shape, weight, bias, eps)
     fwd = forward_for_call(LAYER_NORM_FWD, backend, _LayerNormEager, _layer_norm_fwd,
                            reference.layer_norm_fwd, x, weight, bias)
-    y, _, _ = fwd(_as_rows(x, normalized_shape), _flat(weight), _flat(bias), eps, backend)
+    rows, weight, bias = _as_rows(x, normalized_shape), _flat(weight), _flat(bias)
+    if runs_eager_function(fwd, _LayerNormEager):  # eager, with autograd: the C++ node if it can
+        module = extension_autograd(LAYER_NORM_FWD, LAYER_NORM_BWD, backend, x.device,
+                                    (rows, weight, bias), (rows, rows, weight))
+        if module is not None:
+            return _like(module.layer_norm_autograd(rows, weight, bias, eps), x)
+    y, _, _ = fwd(rows, weight, bias, eps, backend)
     return _like(y, x)
 
 
@@ -328,5 +336,11 @@ def rms_norm(
         return F.rms_norm(x, normalized_shape, weight, eps)
     fwd = forward_for_call(RMS_NORM_FWD, backend, _RmsNormEager, _rms_norm_fwd,
                            reference.rms_norm_fwd, x, weight)
-    y, _ = fwd(_as_rows(x, normalized_shape), _flat(weight), eps, backend)
+    rows, weight = _as_rows(x, normalized_shape), _flat(weight)
+    if runs_eager_function(fwd, _RmsNormEager):  # eager, with autograd: the C++ node if it can
+        module = extension_autograd(RMS_NORM_FWD, RMS_NORM_BWD, backend, x.device,
+                                    (rows, weight), (rows, rows, weight))
+        if module is not None:
+            return _like(module.rms_norm_autograd(rows, weight, eps), x)
+    y, _ = fwd(rows, weight, eps, backend)
     return _like(y, x)
