@@ -136,7 +136,9 @@ def add_commands(commands) -> None:
     train.add_argument("--preset", help="model shape: tiny, small, gpt2-124m, gpt2-350m, "
                        "gpt2-774m, gpt2-1.5b, llama-tiny")
     train.add_argument("--model", help='GPTConfig overrides as JSON, e.g. \'{"n_layer": 6}\'')
-    train.add_argument("--kernels", choices=("fused", "torch"))
+    train.add_argument("--kernels", choices=("fused", "torch"),
+                       help="fused (default): fusedlm's attention, norms and AdamW; torch: "
+                       "plain PyTorch layers and torch.optim.AdamW, to compare against")
     train.add_argument("--device", help="auto (default), cpu, cuda, cuda:1")
     train.add_argument("--task", choices=("lm", "classify"))
     train.add_argument("--init-from", help="fusedlm checkpoint or local Hugging Face GPT-2 dir")
