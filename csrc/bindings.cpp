@@ -820,21 +820,16 @@ void adamw_step(const std::vector<at::Tensor>& params, const std::vector<at::Ten
                  grad_scale, found_inf);
 }
 
-// Adds `amount` to every step count and returns the new values: what torch.optim's
-// `torch._foreach_add_(steps, 1)` followed by a host read of each count does, without a
-// dispatcher call per tensor (on the CPU those cost ~2.5 us each, most of a GPT-2-sized
-// optimizer step's host time). Counts are one-element tensors (torch.optim keeps them as
-// float32, or float64 under a float64 default dtype, on the CPU); others go through add_/item.
 // ---- autograd for eager calls ----------------------------------------------------------------
 //
-// The norms' and attention's autograd.Function in C++, for eager calls that python/fusedlm/ops routes to this
-// extension (the "cpu" and "cuda" backends): the same forward and backward entry points as the
-// registered custom ops (which torch.compile records) and the Python autograd.Function (the other
-// backends), without the Python Function's apply and the Python backward callback, which cost more
-// than the kernels on small inputs (benchmarks/NOTES.md, per-call overhead). Undefined tensors
-// stand for None. As with the Python path, the gradients have no second derivative: under
-// create_graph=True a first backward works and differentiating its result raises. None (an
-// optional tensor) is no input of the node; saved, it is an undefined tensor.
+// The autograd.Function of the norms and attention in C++, for the eager calls that
+// python/fusedlm/ops routes to this extension (the "cpu" and "cuda" backends): the entry points
+// above, as the registered custom ops (what torch.compile records) and the Python
+// autograd.Function (the other backends) call them, without that Function's apply and Python
+// backward callback, which cost more than the kernels on small inputs (benchmarks/NOTES.md,
+// per-call overhead). None (an optional tensor) is no input of a node; saved, it is an
+// undefined tensor. As on the Python path, the gradients have no second derivative: under
+// create_graph=True a first backward works and differentiating its result raises.
 
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
@@ -849,7 +844,9 @@ std::optional<at::Tensor> optional_tensor(const at::Tensor& t) {
 variable_list once_differentiable(variable_list grads, const variable_list& received) {
   const bool recorded = at::GradMode::is_enabled();
   bool differentiable = false;
-  for (const auto& g : received) differentiable = differentiable || (g.defined() && g.requires_grad());
+  for (const auto& g : received) {
+    differentiable = differentiable || (g.defined() && g.requires_grad());
+  }
   if (!recorded || !differentiable) return grads;
   variable_list aliases;
   aliases.reserve(grads.size());
@@ -976,6 +973,11 @@ at::Tensor rms_norm_autograd(const at::Tensor& x, const std::optional<at::Tensor
   return RmsNormFunction::apply(x, weight, eps);
 }
 
+// Adds `amount` to every step count and returns the new values: what torch.optim's
+// `torch._foreach_add_(steps, 1)` followed by a host read of each count does, without a
+// dispatcher call per tensor (on the CPU those cost ~2.5 us each, most of a GPT-2-sized
+// optimizer step's host time). Counts are one-element tensors (torch.optim keeps them as
+// float32, or float64 under a float64 default dtype, on the CPU); others go through add_/item.
 std::vector<double> increment_steps(const std::vector<at::Tensor>& steps, double amount) {
   std::vector<double> values;  // [n]
   values.reserve(steps.size());
