@@ -868,7 +868,6 @@ struct LayerNormFunction : public torch::autograd::Function<LayerNormFunction> {
     ctx->save_for_backward({x, weight.value_or(at::Tensor()), mean, rstd});
     ctx->saved_data["bias_dtype"] =
         bias.has_value() ? static_cast<int64_t>(bias->scalar_type()) : int64_t{-1};
-    ctx->mark_non_differentiable({mean, rstd});
     return y;
   }
 
@@ -899,7 +898,6 @@ struct RmsNormFunction : public torch::autograd::Function<RmsNormFunction> {
                             double eps) {
     auto [y, rstd] = rms_norm_fwd(x, weight, eps);
     ctx->save_for_backward({x, weight.value_or(at::Tensor()), rstd});
-    ctx->mark_non_differentiable({rstd});
     return y;
   }
 
