@@ -59,3 +59,45 @@ def test_pytest_step_runs_every_gpu_test_the_kernels_own_first():
     assert ordered[0].startswith("tests/cuda/")
     assert len(ordered) == len(set(ordered))
     assert sorted(ordered) == sorted(collected("tests"))
+
+
+@pytest.mark.slow
+def test_gpu_check_runs_end_to_end_on_a_cpu(tmp_path):
+    """benchmarks/gpu_check as the device runs it, less the build (CI built the extension
+    already): every step's code that does not need a GPU runs (a Python error in it would cost
+    the first GPU run that step), and the files it leaves say what ran and why not."""
+    import os
+    import subprocess
+    import sys
+    import tarfile
+
+    from fusedlm.bench import schema
+
+    out = tmp_path / "out"
+    env = {**os.environ, "OUT": str(out)}
+    env.pop("TRITON_INTERPRET", None)  # as on the device: the bench must not run interpreted
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_check"), "--steps",
+                             "pytest,sanitizer,bench", "--quick", "--budget-s", "400"],
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    report = json.loads((out / "gpu_check.json").read_text())
+    steps = report["steps"]
+    assert report["statuses"] == {"pytest": "ok", "sanitizer": steps["sanitizer"]["status"],
+                                  "bench": "ok"}, result.stdout[-3000:]
+    # no GPU: every GPU test skipped, none failed; no broken context to report
+    summary = steps["pytest"]["summary"]
+    assert summary["tests"] > 1000 and summary["failures"] == summary["errors"] == 0
+    assert steps["pytest"]["cuda_context_broken_by"] == []
+    assert steps["sanitizer"]["status"].startswith("skipped")
+    assert {c["backend"]: c["status"] for c in steps["sanitizer"]["plain"]["cases"]} == {
+        "cuda": "skipped: no CUDA GPU", "triton": "skipped: no CUDA GPU"}
+    bench = json.loads((out / "bench.json").read_text())
+    assert schema.validate(bench) == []
+    assert {r["op"] for r in bench["rows"]} == {"attention", "layer_norm", "rms_norm", "adamw",
+                                                 "gpt"}
+    assert {p.name for p in out.glob("*.png")} == {f"{op}.png" for op in
+                                                   ("attention", "layer_norm", "rms_norm",
+                                                    "adamw", "gpt")}
+    with tarfile.open(out / "logs.tar.gz") as tar:
+        names = tar.getnames()
+    assert "logs/pytest-gpu-junit.xml" in names and "logs/pytest.log" in names
+    assert result.returncode == 1  # the sanitizer step did not run: not all ok
