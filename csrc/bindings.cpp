@@ -264,12 +264,10 @@ cuda::AttentionShape attention_shape(const at::Tensor& q, const at::Tensor& k, i
   shape.windowed = window_offset.has_value();
   // Past [-Tq, Tk] the window hides every key or none: clamped, as the kernels require.
   shape.window_offset = std::clamp<int64_t>(window_offset.value_or(0), -q.size(2), k.size(2));
-  // (B, 2) int32 contiguous on q's device (attention_key_range made it so); the kernels clamp.
-  TORCH_CHECK_NOT_IMPLEMENTED(!key_range.has_value() || key_range->dim() == 2,
-                              "fusedlm: the CUDA attention kernels take argument 'key_range' as "
-                              "(B, 2), one range per batch row; per-query ranges (B, Tq, 2) run "
-                              "on backend='triton' (or 'auto', which picks it)");
+  // (B, 2) or (B, Tq, 2) int32 contiguous on q's device (attention_key_range made it so); the
+  // kernels clamp.
   shape.key_range = key_range.has_value() ? key_range->const_data_ptr<int32_t>() : nullptr;
+  shape.key_range_per_query = key_range.has_value() && key_range->dim() == 3;
   shape.dtype = dtype_of(q.scalar_type());
   return shape;
 }
@@ -285,8 +283,8 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q,  // (B, Hq
                                                  double scale, bool causal,
                                                  int64_t causal_offset,
                                                  std::optional<int64_t> window_offset,
-                                                 // (B, 2) int32 contiguous, q's device
-                                                 // ((B, Tq, 2) is refused by attention_shape)
+                                                 // (B, 2) or (B, Tq, 2) int32 contiguous,
+                                                 // q's device
                                                  const std::optional<at::Tensor>& key_range) {
   const char* op = "attention_fwd";
   check_attention_cuda(q, k, op);
@@ -321,7 +319,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
     const at::Tensor& out,       // (B, Hq, Tq, D)
     const at::Tensor& lse,       // (B, Hq, Tq) float32
     double scale, bool causal, int64_t causal_offset, std::optional<int64_t> window_offset,
-    const std::optional<at::Tensor>& key_range) {  // (B, 2) int32 contiguous, q's device
+    const std::optional<at::Tensor>& key_range) {  // (B, 2), (B, Tq, 2) int32, q's device
   const char* op = "attention_bwd";
   check_attention_cuda(q, k, op);
   const c10::cuda::CUDAGuard guard(q.device());
@@ -1054,7 +1052,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "q (B, Hq, Tq, D), k/v (B, Hkv, Tk, D), any strides. Key j is visible to query i iff\n"
         "(not causal or j <= i + causal_offset) and (window_offset is None or\n"
         "j >= i + window_offset) and, given key_range (B, 2) integers on q's device,\n"
-        "key_range[b, 0] <= j < key_range[b, 1] in batch row b. Returns out (B, Hq, Tq, D) in\n"
+        "key_range[b, 0] <= j < key_range[b, 1] in batch row b (with key_range (B, Tq, 2):\n"
+        "key_range[b, i, 0] <= j < key_range[b, i, 1]). Returns out (B, Hq, Tq, D) in\n"
         "q's dtype and lse (B, Hq, Tq) float32 (float64 for float64 inputs).",
         py::arg("q"), py::arg("k"), py::arg("v"), py::arg("scale"), py::arg("causal"),
         py::arg("causal_offset"), py::arg("window_offset") = py::none(),

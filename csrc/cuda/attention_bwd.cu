@@ -55,6 +55,40 @@ __global__ void attention_bwd_convert_dq_kernel(const float* __restrict__ dq_acc
   }
 }
 
+// The query rows [first, end) whose per-query key ranges meet each key tile of kBlock keys:
+// query_extent[b][tile] = (first, end), (0, 0) when no row's range does (the dK/dV kernel then
+// runs no query tile for it). Exact for any ranges; the rows between first and end whose ranges
+// miss the tile are masked. grid (B * ceil(Tk / kBlock)), one warp: lanes split the rows.
+template <int kBlock>
+__global__ void __launch_bounds__(32)
+    attention_bwd_query_extent_kernel(const AttentionShape shape,
+                                      int32_t* __restrict__ query_extent) {  // (B, tiles, 2)
+  const int64_t tiles = ceil_div(shape.Tk, kBlock);
+  const int64_t b = blockIdx.x / tiles;
+  const int64_t n0 = (blockIdx.x % tiles) * kBlock;
+  const int64_t n1 = std::min<int64_t>(n0 + kBlock, shape.Tk);
+  const int lane = threadIdx.x;
+  const KeyBounds none{0, shape.Tk};
+  // int32: Tq fits (fits_grid).
+  int first = static_cast<int>(shape.Tq), last = -1;
+  for (int64_t row = lane; row < shape.Tq; row += 32) {
+    const KeyBounds own = row_key_bounds(shape, none, b, row);
+    if (own.lo < own.hi && own.lo < n1 && own.hi > n0) {
+      first = std::min(first, static_cast<int>(row));
+      last = static_cast<int>(row);
+    }
+  }
+#pragma unroll
+  for (int offset = 16; offset > 0; offset /= 2) {
+    first = std::min(first, __shfl_xor_sync(0xffffffffu, first, offset));
+    last = std::max(last, __shfl_xor_sync(0xffffffffu, last, offset));
+  }
+  if (lane == 0) {
+    query_extent[2 * blockIdx.x] = last < 0 ? 0 : first;
+    query_extent[2 * blockIdx.x + 1] = last + 1;
+  }
+}
+
 // Per-row softmax statistics of one warp's two query rows (g and g + 8 of its 16): lse in log2
 // units (+inf for rows past Tq or that see no key, so their probabilities are 0) and delta.
 struct RowStats {
@@ -79,14 +113,14 @@ __device__ __forceinline__ RowStats load_row_stats(const float* lse, const float
 // starting at query row0, kNBlocks * 8 keys starting at key n0), in place:
 // scores <- P = exp(S * scale - lse), dp <- dS = P * (dP - delta); masked entries get 0.
 // kWindowed: the bounded instance (sliding window, key range: per-row column bounds within the
-// batch row's keys); the plain one tests each
+// row's keys, row_key_bounds of batch row b); the plain one tests each
 // element against Tq, Tk and the causal limit as before windows existed (the per-row bounds
 // cost the plain sm_80 D = 128 dK/dV kernel 16 bytes of spills).
 template <int kNBlocks, bool kWindowed>
 __device__ __forceinline__ void probabilities_and_score_grads(
     float (&scores)[kNBlocks][4], float (&dp)[kNBlocks][4], const RowStats& stats,
     float scale_log2, int64_t row0, int64_t n0, int t, bool need_mask, const AttentionShape& s,
-    const KeyBounds& keys) {
+    const KeyBounds& keys, int64_t b) {
   if constexpr (!kWindowed) {
 #pragma unroll
     for (int nb = 0; nb < kNBlocks; ++nb) {
@@ -109,7 +143,7 @@ __device__ __forceinline__ void probabilities_and_score_grads(
       int lo = 0, hi = kNBlocks * 8;  // this row's visible columns of the tile (none past Tq)
       if (need_mask) {
         const int64_t row = row0 + 8 * r;
-        visible_columns(s, keys, row, n0, kNBlocks * 8, &lo, &hi);
+        visible_columns(s, row_key_bounds(s, keys, b, row), row, n0, kNBlocks * 8, &lo, &hi);
         if (row >= s.Tq) hi = 0;
       }
 #pragma unroll
@@ -176,7 +210,9 @@ template <typename T, int kHeadDim, int kWarps, int kOutDim, bool kAtomicDq, boo
 __global__ void __launch_bounds__(kWarps * 32)
     attention_bwd_dkdv_kernel(const AttentionBwdArgs args,
                               const float* __restrict__ delta,   // (B, Hq, Tq)
-                              float* __restrict__ dq_accumulator) {  // (B, Hq, Tq, D) or null
+                              float* __restrict__ dq_accumulator,  // (B, Hq, Tq, D) or null
+                              // (B, ceil(Tk / kBlock), 2) with per-query key ranges, else null
+                              const int32_t* __restrict__ query_extent) {
   constexpr int kThreads = kWarps * 32;
   constexpr int kBlock = 16 * kWarps;
   constexpr int kSplits = kHeadDim / kOutDim;
@@ -218,7 +254,8 @@ __global__ void __launch_bounds__(kWarps * 32)
 
   // Query tiles that see any key of this tile: from the first row i with n0 <= i + offset (to,
   // under a sliding window, the last with i + window_offset <= the tile's last key). With a
-  // key range, of the tile's keys inside it (none: no query tile, zero gradients).
+  // key range, of the tile's keys inside it (none: no query tile, zero gradients); with
+  // per-query ranges, only the tiles of the rows query_extent gives.
   int64_t m_block_min = 0, m_block_end = 0;
   const KeyBounds keys = kWindowed ? key_bounds(s, b) : KeyBounds{0, Tk};
   if (!kWindowed) {
@@ -230,7 +267,15 @@ __global__ void __launch_bounds__(kWarps * 32)
       query_tile_range<true>(s, first_key, kBlock, key_end - first_key, &m_block_min,
                              &m_block_end);
     }
+    if (s.key_range_per_query) {
+      const int32_t* extent = query_extent + 2 * (b * ceil_div(Tk, kBlock) + block.tile);
+      m_block_min = std::max<int64_t>(m_block_min, extent[0] / kBlock);
+      m_block_end = std::min<int64_t>(m_block_end, ceil_div(extent[1], kBlock));
+    }
   }
+  // Every row's keys, as far as the tile masks go: per-query ranges (their rows vary from one
+  // query tile to the next) always mask.
+  const KeyBounds inner_keys = s.key_range_per_query ? KeyBounds{Tk, 0} : keys;
   const int64_t per_head = std::max<int64_t>(0, m_block_end - m_block_min);
   const int64_t iterations = group * per_head;  // (query head of the group, query tile) pairs
 
@@ -284,12 +329,9 @@ __global__ void __launch_bounds__(kWarps * 32)
       const RowStats stats = load_row_stats(args.lse + (b * s.Hq + h) * Tq,
                                             delta + (b * s.Hq + h) * Tq, row0, Tq);
       const bool need_mask =
-          m0 + kBlock > Tq || n0 + kBlock > Tk ||
-          (s.causal && n0 + kBlock - 1 > m0 + s.causal_offset) ||
-          (kWindowed && ((s.windowed && n0 < m0 + kBlock - 1 + s.window_offset) ||
-                         n0 < keys.lo || n0 + kBlock > keys.hi));
+          tile_needs_mask<kWindowed>(s, inner_keys, m0, kBlock, n0, kBlock);
       probabilities_and_score_grads<kNBlocks, kWindowed>(scores[0], dp[0], stats, scale_log2,
-                                                         row0, n0, t, need_mask, s, keys);
+                                                         row0, n0, t, need_mask, s, keys, b);
       store_accumulators<T, kNBlocks>(sP, kPStride, warp * 16, scores[0], g, t);
       store_accumulators<T, kNBlocks>(sdS, kPStride, warp * 16, dp[0], g, t);
 
@@ -385,13 +427,15 @@ __global__ void __launch_bounds__(kWarps * 32)
   const T* v = head_pointer<T>(args.v, b, h_kv);
 
   const KeyBounds keys = kWindowed ? key_bounds(s, b) : KeyBounds{0, Tk};
+  const TileKeyBounds tile_keys =
+      kWindowed ? tile_key_bounds(s, keys, b, m0, kBlockM, lane) : TileKeyBounds{keys, keys};
   int64_t n_blocks = ceil_div(Tk, kBlockN);
   if (s.causal) {
     const int64_t last_visible = std::min(m0 + kBlockM, Tq) - 1 + s.causal_offset;
     n_blocks = last_visible < 0 ? 0 : std::min(n_blocks, last_visible / kBlockN + 1);
   }
-  if (kWindowed) n_blocks = std::min(n_blocks, ceil_div(keys.hi, kBlockN));
-  const int64_t n_first = kWindowed ? first_key_tile(s, keys, m0, kBlockN) : 0;
+  if (kWindowed) n_blocks = std::min(n_blocks, ceil_div(tile_keys.outer.hi, kBlockN));
+  const int64_t n_first = kWindowed ? first_key_tile(s, tile_keys.outer, m0, kBlockN) : 0;
   const int64_t row0 = m0 + warp * 16 + g;
 
   float dq[1][kDBlocks][4] = {};
@@ -434,12 +478,9 @@ __global__ void __launch_bounds__(kWarps * 32)
       warp_gemm_rows_rows<T, 1, kNBlocks, kHeadDim>(dp, sdO, kStride, warp * 16, sVb, kStride, 0,
                                                     lane);
       const bool need_mask =
-          m0 + kBlockM > Tq || n0 + kBlockN > Tk ||
-          (s.causal && n0 + kBlockN - 1 > m0 + s.causal_offset) ||
-          (kWindowed && ((s.windowed && n0 < m0 + kBlockM - 1 + s.window_offset) ||
-                         n0 < keys.lo || n0 + kBlockN > keys.hi));
+          tile_needs_mask<kWindowed>(s, tile_keys.inner, m0, kBlockM, n0, kBlockN);
       probabilities_and_score_grads<kNBlocks, kWindowed>(scores[0], dp[0], stats, scale_log2,
-                                                         row0, n0, t, need_mask, s, keys);
+                                                         row0, n0, t, need_mask, s, keys, b);
       uint32_t ds_frag[1][kBlockN / 16][4];
       accumulators_to_a_fragments<T, kBlockN / 16>(dp[0], ds_frag[0]);
       warp_gemm_regs_rows<T, 1, kDBlocks, kBlockN / 16>(dq, ds_frag, sKb, kStride, 0, 0, lane);
@@ -470,6 +511,21 @@ cudaError_t launch_bwd(const AttentionBwdArgs& args, cudaStream_t stream) {
       args.out, args.grad_out, delta, s.Hq, s.Tq, static_cast<int>(s.D), rows);
   FUSEDLM_RETURN_IF_LAUNCH_FAILED();
 
+  // Per-query key ranges: which query rows meet each key tile (the sm_90a kernel takes no key
+  // range, so the dK/dV kernel below is sm_80's).
+  int32_t* query_extent = nullptr;
+  if (s.key_range_per_query) {
+    const int64_t extents = s.B * ceil_div(s.Tk, kBlock);
+    query_extent =
+        static_cast<int32_t*>(args.alloc(sizeof(int32_t) * 2 * extents, args.alloc_context));
+    if (query_extent == nullptr) return cudaErrorMemoryAllocation;
+    if (!fits_grid(s, extents)) return cudaErrorInvalidValue;
+    auto extent_kernel = attention_bwd_query_extent_kernel<kBlock>;
+    FUSEDLM_LAUNCH(extent_kernel, static_cast<unsigned>(extents), 32, 0, stream)(s,
+                                                                                 query_extent);
+    FUSEDLM_RETURN_IF_LAUNCH_FAILED();
+  }
+
   const auto dkdv_grid = static_cast<unsigned>(dkdv_blocks);
   constexpr size_t dkdv_bytes = dkdv_shared_bytes<kHeadDim, kBlock>();
   if (args.deterministic) {
@@ -482,7 +538,8 @@ cudaError_t launch_bwd(const AttentionBwdArgs& args, cudaStream_t stream) {
                       ? attention_bwd_dkdv_kernel<T, kHeadDim, kWarps, kOutDim, false, true>
                       : attention_bwd_dkdv_kernel<T, kHeadDim, kWarps, kOutDim, false, false>;
       FUSEDLM_RETURN_IF_ERROR(prepare_shared_memory(dkdv, dkdv_bytes));
-      FUSEDLM_LAUNCH(dkdv, dkdv_grid, kWarps * 32, dkdv_bytes, stream)(args, delta, nullptr);
+      FUSEDLM_LAUNCH(dkdv, dkdv_grid, kWarps * 32, dkdv_bytes, stream)(args, delta, nullptr,
+                                                                       query_extent);
       FUSEDLM_RETURN_IF_LAUNCH_FAILED();
     }
 
@@ -511,7 +568,8 @@ cudaError_t launch_bwd(const AttentionBwdArgs& args, cudaStream_t stream) {
                            : attention_bwd_dkdv_kernel<T, kHeadDim, kWarps, kOutDim, true, false>;
     FUSEDLM_RETURN_IF_ERROR(prepare_shared_memory(dkdv, dkdv_bytes));
     FUSEDLM_LAUNCH(dkdv, dkdv_grid, kWarps * 32, dkdv_bytes, stream)(args, delta,
-                                                                     dq_accumulator);
+                                                                     dq_accumulator,
+                                                                     query_extent);
     FUSEDLM_RETURN_IF_LAUNCH_FAILED();
   }
   const int64_t convert_blocks = std::min<int64_t>(ceil_div(dq_numel, 256), kMaxGridBlocks);

@@ -56,15 +56,17 @@ __global__ void __launch_bounds__(kWarps * 32)
 
   // Key tiles this query tile sees: all of them, or (causal) up to its last row's last key,
   // from (sliding window, key range) the tile of its first row's first key to (key range) the
-  // tile of the batch row's last key.
+  // tile of its rows' last key.
   const KeyBounds keys = kWindowed ? key_bounds(s, b) : KeyBounds{0, Tk};
+  const TileKeyBounds tile_keys =
+      kWindowed ? tile_key_bounds(s, keys, b, m0, kBlockM, lane) : TileKeyBounds{keys, keys};
   int64_t n_blocks = ceil_div(Tk, kBlockN);
   if (s.causal) {
     const int64_t last_visible = std::min(m0 + kBlockM, Tq) - 1 + s.causal_offset;
     n_blocks = last_visible < 0 ? 0 : std::min(n_blocks, last_visible / kBlockN + 1);
   }
-  if (kWindowed) n_blocks = std::min(n_blocks, ceil_div(keys.hi, kBlockN));
-  const int64_t n_first = kWindowed ? first_key_tile(s, keys, m0, kBlockN) : 0;
+  if (kWindowed) n_blocks = std::min(n_blocks, ceil_div(tile_keys.outer.hi, kBlockN));
+  const int64_t n_first = kWindowed ? first_key_tile(s, tile_keys.outer, m0, kBlockN) : 0;
 
   float o[kMTiles][kDBlocks][4] = {};  // output accumulator (C layout)
   float row_max[kMTiles][2];           // running max of the scaled scores, log2 units
@@ -106,12 +108,12 @@ __global__ void __launch_bounds__(kWarps * 32)
                                                           lane);
 
       // Scale to log2 units and mask: past Tk, (causal) keys after the row's last visible,
-      // (sliding window) before its first and (key range) padding.
+      // (sliding window) before its first and (key range) outside the row's range.
       const int64_t n0 = n * kBlockN;
       const bool need_mask =
           n0 + kBlockN > Tk || (s.causal && n0 + kBlockN - 1 > m0 + s.causal_offset) ||
           (kWindowed && ((s.windowed && n0 < m0 + kBlockM - 1 + s.window_offset) ||
-                         n0 < keys.lo || n0 + kBlockN > keys.hi));
+                         n0 < tile_keys.inner.lo || n0 + kBlockN > tile_keys.inner.hi));
       if constexpr (!kWindowed) {
 #pragma unroll
         for (int mt = 0; mt < kMTiles; ++mt) {
@@ -137,7 +139,7 @@ __global__ void __launch_bounds__(kWarps * 32)
           int lo = 0, hi = kBlockN;  // this row's visible columns of the tile
           if (need_mask) {
             const int64_t row = m0 + warp * 16 * kMTiles + mt * 16 + g + 8 * r;
-            visible_columns(s, keys, row, n0, kBlockN, &lo, &hi);
+            visible_columns(s, row_key_bounds(s, keys, b, row), row, n0, kBlockN, &lo, &hi);
           }
 #pragma unroll
           for (int nb = 0; nb < kNBlocks; ++nb) {
@@ -245,9 +247,12 @@ cudaError_t attention_fwd(const AttentionFwdArgs& args, cudaStream_t stream) {
   using namespace attention;
   const AttentionShape& s = args.shape;
   if (!valid_shape(s)) return cudaErrorInvalidValue;
-  // Hopper: the wgmma/TMA kernel where it applies.
+  // Hopper: the wgmma/TMA kernel where it applies (FUSEDLM_ATTENTION_SM90=require: wherever it
+  // can; it takes no per-query key range).
   const cudaError_t hopper = sm90::attention_fwd_sm90(args, stream);
-  if (hopper != cudaErrorNotSupported || sm90::sm90_required()) return hopper;
+  if (hopper != cudaErrorNotSupported || (sm90::sm90_required() && !s.key_range_per_query)) {
+    return hopper;
+  }
   // (kHeadDim, kBlockM, kBlockN, kWarps): 128 x 64 tiles with 4 warps (2 MMA row tiles each) up
   // to D = 128 (FlashAttention-2's sm80 choice for D = 128); 64-row tiles above, whose
   // double-buffered K/V tiles must fit the 163 KiB an A100 CTA can have. Devices with 99 KiB

@@ -454,7 +454,8 @@ cudaError_t encode_tile_map(CUtensorMap* map, DType dtype, const void* base,
 
 // FUSEDLM_ATTENTION_SM90: unset or "1" takes the sm_90a kernel where it applies, "0" never (to
 // compare the two paths on one GPU), "require" makes the forward fail where it does not apply
-// (the GPU tests use it to prove which kernel ran).
+// (the GPU tests use it to prove which kernel ran), per-query key ranges excepted (the sm_80
+// kernel runs those: the kernel has no way to take them).
 static const char* sm90_setting() {
   const char* setting = std::getenv("FUSEDLM_ATTENTION_SM90");
   return setting == nullptr ? "1" : setting;
@@ -484,7 +485,10 @@ bool sm90_enabled() {
 
 cudaError_t attention_fwd_sm90(const AttentionFwdArgs& args, cudaStream_t stream) {
   const AttentionShape& s = args.shape;
-  if (!valid_shape(s) || s.D > 128 || !sm90_enabled()) return cudaErrorNotSupported;
+  // Per-query key ranges (packed documents) run on the sm_80 kernel.
+  if (!valid_shape(s) || s.D > 128 || s.key_range_per_query || !sm90_enabled()) {
+    return cudaErrorNotSupported;
+  }
   return dispatch_half_types(s.dtype, [&](auto tag) -> cudaError_t {
     using T = decltype(tag);
     return s.D <= 64 ? launch_fwd_sm90<T, 64>(args, stream) : launch_fwd_sm90<T, 128>(args, stream);

@@ -295,22 +295,92 @@ inline bool valid_shape(const AttentionShape& s) {
 // Whether a call takes the bounded kernel instances (kWindowed): a sliding window or a key range.
 inline bool bounded(const AttentionShape& s) { return s.windowed || s.key_range != nullptr; }
 
-// Batch row b's keys [lo, hi): its key range clamped to the sequence, or all Tk keys.
+// Batch row b's keys [lo, hi): its key range clamped to the sequence, or all Tk keys (no range,
+// or one per query row: row_key_bounds).
 struct KeyBounds {
   int64_t lo;
   int64_t hi;
 };
 
 __device__ __forceinline__ KeyBounds key_bounds(const AttentionShape& s, int64_t b) {
-  if (s.key_range == nullptr) return KeyBounds{0, s.Tk};
+  if (s.key_range == nullptr || s.key_range_per_query) return KeyBounds{0, s.Tk};
   const int64_t end = s.key_range[2 * b + 1], start = s.key_range[2 * b];
   const int64_t hi = end < 0 ? 0 : (end > s.Tk ? s.Tk : end);
   const int64_t lo = start < 0 ? 0 : (start > hi ? hi : start);
   return KeyBounds{lo, hi};
 }
 
+// Query `row`'s keys [lo, hi): its own key range (per-query ranges, clamped to the sequence; none
+// past Tq), or its batch row's `keys`.
+__device__ __forceinline__ KeyBounds row_key_bounds(const AttentionShape& s, const KeyBounds& keys,
+                                                    int64_t b, int64_t row) {
+  if (!s.key_range_per_query) return keys;
+  if (row >= s.Tq) return KeyBounds{0, 0};
+  const int32_t* range = s.key_range + 2 * (b * s.Tq + row);
+  const int64_t end = range[1], start = range[0];
+  const int64_t hi = end < 0 ? 0 : (end > s.Tk ? s.Tk : end);
+  const int64_t lo = start < 0 ? 0 : (start > hi ? hi : start);
+  return KeyBounds{lo, hi};
+}
+
+// The keys of a tile of query rows: no row sees a key outside `outer` (its loops' bounds), and
+// every row of the sequence sees all of `inner` as far as the causal / window limits let it
+// (tiles inside it need no key-range mask). One range for the batch row: both are it.
+struct TileKeyBounds {
+  KeyBounds outer;
+  KeyBounds inner;
+};
+
+// TileKeyBounds of the query rows [m0, m0 + rows) of batch row b, computed by each warp alone
+// (its lanes split the rows; shuffles combine them), so no shared memory or barrier is needed.
+// Rows past Tq and rows with no key widen nothing; a row of the sequence with no key leaves
+// no tile unmasked.
+__device__ __forceinline__ TileKeyBounds tile_key_bounds(const AttentionShape& s,
+                                                         const KeyBounds& keys, int64_t b,
+                                                         int64_t m0, int rows, int lane) {
+  if (!s.key_range_per_query) return TileKeyBounds{keys, keys};
+  // int32: Tk fits (fits_grid), and the shuffles move one register.
+  const int tk = static_cast<int>(s.Tk);
+  int outer_lo = tk, outer_hi = 0, inner_lo = 0, inner_hi = tk;
+  for (int r = lane; r < rows; r += 32) {
+    const int64_t row = m0 + r;
+    if (row >= s.Tq) break;
+    const KeyBounds own = row_key_bounds(s, keys, b, row);
+    if (own.lo < own.hi) {
+      outer_lo = std::min(outer_lo, static_cast<int>(own.lo));
+      outer_hi = std::max(outer_hi, static_cast<int>(own.hi));
+      inner_lo = std::max(inner_lo, static_cast<int>(own.lo));
+      inner_hi = std::min(inner_hi, static_cast<int>(own.hi));
+    } else {
+      inner_lo = tk;
+    }
+  }
+#pragma unroll
+  for (int offset = 16; offset > 0; offset /= 2) {
+    outer_lo = std::min(outer_lo, __shfl_xor_sync(0xffffffffu, outer_lo, offset));
+    outer_hi = std::max(outer_hi, __shfl_xor_sync(0xffffffffu, outer_hi, offset));
+    inner_lo = std::max(inner_lo, __shfl_xor_sync(0xffffffffu, inner_lo, offset));
+    inner_hi = std::min(inner_hi, __shfl_xor_sync(0xffffffffu, inner_hi, offset));
+  }
+  return TileKeyBounds{KeyBounds{outer_lo, outer_hi}, KeyBounds{inner_lo, inner_hi}};
+}
+
+// Whether some row of the query tile [m0, m0 + block_m) may not see every key of the key tile
+// [n0, n0 + block_n) its loop reaches: past Tq or Tk, the causal diagonal, (kWindowed) the
+// sliding window's edge or a key range's edge.
+template <bool kWindowed>
+__device__ __forceinline__ bool tile_needs_mask(const AttentionShape& s, const KeyBounds& inner,
+                                                int64_t m0, int64_t block_m, int64_t n0,
+                                                int64_t block_n) {
+  return m0 + block_m > s.Tq || n0 + block_n > s.Tk ||
+         (s.causal && n0 + block_n - 1 > m0 + s.causal_offset) ||
+         (kWindowed && ((s.windowed && n0 < m0 + block_m - 1 + s.window_offset) ||
+                        n0 < inner.lo || n0 + block_n > inner.hi));
+}
+
 // The columns [*lo, *hi) of the key tile [n0, n0 + block_n) that query `row` sees, relative to
-// n0: inside the batch row's keys, up to the causal limit, from the sliding window's start.
+// n0: inside the row's keys (row_key_bounds), up to the causal limit, from the sliding window's
+// start.
 // Worked out once per row in int64 so the per-element test is two int32 compares (an int64
 // test per element costs the sm_80 forward's 128-row tiles registers: spills).
 __device__ __forceinline__ void visible_columns(const AttentionShape& s, const KeyBounds& keys,

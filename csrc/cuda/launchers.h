@@ -76,9 +76,10 @@ cudaError_t norm_bwd(const NormBwdArgs& args, cudaStream_t stream);
 // Flash attention on tensor cores (mma.sync m16n8k16, ldmatrix, cp.async: sm_80 and newer),
 // float16/bfloat16 in, float32 accumulation and statistics. Key j is visible to query i iff
 // (!causal || j <= i + causal_offset) && (!windowed || j >= i + window_offset) and, with a key
-// range (padded batches), key_range[b][0] <= j < key_range[b][1] in batch row b. A query row
-// that sees no key gets out = 0, lse = -inf. The sm_90a backward takes no window and no key
-// range (the sm_80 one runs those backwards on Hopper too).
+// range, key_range[b][0] <= j < key_range[b][1] in batch row b (padded batches) or, per query,
+// key_range[b][i][0] <= j < key_range[b][i][1] (packed documents). A query row that sees no key
+// gets out = 0, lse = -inf. The sm_90a forward takes no per-query key range and the sm_90a
+// backward no window and no key range (the sm_80 kernels run those on Hopper too).
 //
 // Inputs are read in place through their batch, head and token strides (in elements): the
 // head dim must be contiguous, D a multiple of 8 (1..256), every stride a multiple of 8 and the
@@ -105,9 +106,11 @@ struct AttentionShape {
   int64_t causal_offset;  // Tk - Tq for bottom-right alignment, 0 for top-left
   bool windowed;          // sliding window: keys before i + window_offset are hidden
   int64_t window_offset;  // in [-Tq, Tk] (the caller clamps; past that it hides all or none)
-  // (B, 2) int32 [start, end) of each batch row's keys (the rest is padding), device memory, or
+  // (B, 2) int32 [start, end) of each batch row's keys (the rest is padding), or with
+  // key_range_per_query (B, Tq, 2) of each query row's (packed documents), device memory; or
   // nullptr for all Tk keys. Any values: the kernels clamp them to [0, Tk].
   const int32_t* key_range;
+  bool key_range_per_query;
   DType dtype;            // kFloat16 or kBFloat16
 };
 
@@ -137,8 +140,9 @@ struct AttentionBwdArgs {
   // Deterministic: dq by a second kernel that recomputes the probabilities (no atomics, about
   // 1.4x the backward's FLOPs); otherwise dq is accumulated with float32 atomics.
   bool deterministic;
-  // Scratch (delta = rowsum(grad_out * out), and the float32 dq accumulator when not
-  // deterministic), requested at most twice per call.
+  // Scratch (delta = rowsum(grad_out * out), the float32 dq accumulator when not
+  // deterministic, and the query extents of per-query key ranges), requested at most three
+  // times per call.
   WorkspaceAlloc alloc;
   void* alloc_context;
 };

@@ -52,8 +52,8 @@ fusedlm::cuda::AttentionInput input(const void* data, const int64_t* strides) {
   return fusedlm::cuda::AttentionInput{data, strides[0], strides[1], strides[2]};
 }
 
-// shape: B, Hq, Hkv, Tq, Tk, D, causal, causal_offset, windowed, window_offset; dtype 0 float16,
-// 1 bfloat16.
+// shape: B, Hq, Hkv, Tq, Tk, D, causal, causal_offset, windowed, window_offset,
+// key_range_per_query; dtype 0 float16, 1 bfloat16.
 fusedlm::cuda::AttentionShape make_shape(const int64_t* shape, double scale, int dtype) {
   fusedlm::cuda::AttentionShape s{};
   s.B = shape[0];
@@ -66,6 +66,7 @@ fusedlm::cuda::AttentionShape make_shape(const int64_t* shape, double scale, int
   s.causal_offset = shape[7];
   s.windowed = shape[8] != 0;
   s.window_offset = shape[9];
+  s.key_range_per_query = shape[10] != 0;
   s.scale = scale;
   s.dtype = dtype == 0 ? fusedlm::cuda::DType::kFloat16 : fusedlm::cuda::DType::kBFloat16;
   return s;
@@ -105,7 +106,8 @@ const char* emulated_fault() { return emu::fault().c_str(); }
 
 // Strides: 3 per tensor (batch, head, token), in elements. Returns the cudaError_t.
 // hopper: 0 the launcher the bindings call (attention_fwd), 1 the sm_90a kernel alone
-// (cudaErrorNotSupported when it does not apply). key_range: (B, 2) int32 or null.
+// (cudaErrorNotSupported when it does not apply). key_range: (B, 2) int32, (B, Tq, 2) when
+// shape says per query, or null.
 int emulated_attention_fwd(const int64_t* shape, double scale, int dtype, int hopper,
                            const void* q, const int64_t* q_strides, const void* k,
                            const int64_t* k_strides, const void* v, const int64_t* v_strides,

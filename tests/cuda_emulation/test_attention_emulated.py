@@ -60,10 +60,10 @@ def _strides(t: torch.Tensor):
     return (ctypes.c_int64 * 3)(*[0 if t.shape[i] == 1 else t.stride(i) for i in range(3)])
 
 
-def _shape_arg(B, Hq, Hkv, Tq, Tk, D, causal, offset, window_offset=None):
+def _shape_arg(B, Hq, Hkv, Tq, Tk, D, causal, offset, window_offset=None, per_query=False):
     windowed = window_offset is not None
-    return (ctypes.c_int64 * 10)(B, Hq, Hkv, Tq, Tk, D, int(causal), offset, int(windowed),
-                                 window_offset if windowed else 0)
+    return (ctypes.c_int64 * 11)(B, Hq, Hkv, Tq, Tk, D, int(causal), offset, int(windowed),
+                                 window_offset if windowed else 0, int(per_query))
 
 
 LOCKSTEP, WARPS_FORWARD, WARPS_BACKWARD, WARPGROUPS_FORWARD, WARPGROUPS_BACKWARD = range(5)
@@ -71,7 +71,8 @@ CUDA_ERROR_NOT_SUPPORTED = 801  # cudaErrorNotSupported
 
 
 def _key_range_arg(key_range):
-    """(B, 2) int32 [start, end) per batch row as the kernels take it (a pointer), or None.
+    """(B, 2) int32 [start, end) per batch row, or (B, Tq, 2) per query, as the kernels take it
+    (a pointer), or None.
     The tensor must outlive the call: the caller keeps ``key_range``."""
     if key_range is None:
         return None
@@ -82,9 +83,9 @@ def _key_range_arg(key_range):
 def _run(lib, q, k, v, grad_out, causal, offset, late, deterministic, schedule=WARPS_FORWARD,
          shared_bytes=H100_SHARED_BYTES, hopper=False, window_offset=None, key_range=None):
     """Forward and backward through the emulated launchers (with ``hopper``, on an emulated
-    sm_90 device: the forward on the sm_90a kernel alone, the backward through the launcher with
-    FUSEDLM_ATTENTION_SM90=require). ``key_range``: (B, 2) int32. Returns out, lse, dq, dk,
-    dv."""
+    sm_90 device with FUSEDLM_ATTENTION_SM90=require: True, the forward on the sm_90a kernel
+    alone; "launcher", the forward through the launcher too; the backward through the launcher).
+    ``key_range``: (B, 2) or (B, Tq, 2) int32. Returns out, lse, dq, dk, dv."""
     lib.emulated_configure(int(late), schedule, shared_bytes)
     lib.emulated_set_compute_capability(90 if hopper else 80)
     # Hopper: the backward must take the sm_90a kernel too (it fails rather than fall back).
@@ -96,11 +97,12 @@ def _run(lib, q, k, v, grad_out, causal, offset, late, deterministic, schedule=W
     Hkv, Tk = k.shape[1], k.shape[2]
     dtype_code = 0 if q.dtype == torch.float16 else 1
     scale = 1.0 / math.sqrt(D)
-    shape = _shape_arg(B, Hq, Hkv, Tq, Tk, D, causal, offset, window_offset)
+    per_query = key_range is not None and key_range.dim() == 3
+    shape = _shape_arg(B, Hq, Hkv, Tq, Tk, D, causal, offset, window_offset, per_query)
     out, out_buffer = _output((B, Hq, Tq, D), q.dtype)
     lse, lse_buffer = _output((B, Hq, Tq), torch.float32)
     status = lib.emulated_attention_fwd(
-        shape, ctypes.c_double(scale), dtype_code, int(hopper), _ptr(q), _strides(q), _ptr(k),
+        shape, ctypes.c_double(scale), dtype_code, int(hopper is True), _ptr(q), _strides(q), _ptr(k),
         _strides(k), _ptr(v), _strides(v), _ptr(out),
         ctypes.cast(_ptr(lse), ctypes.POINTER(ctypes.c_float)), _key_range_arg(key_range))
     assert status == 0, f"attention_fwd: cudaError {status}: {lib.emulated_fault().decode()}"
@@ -129,7 +131,7 @@ def _check(lib, shape, causal, dtype, layout="contiguous", late=True, determinis
               for s in ((B, Hq, Tq, D), (B, Hkv, Tk, D), (B, Hkv, Tk, D), (B, Hq, Tq, D))]
     q64, k64, v64, do64 = (t.to(dtype).double() for t in values)  # the values the kernel sees
     q, k, v, grad_out = (_guarded(t.to(dtype), layout)[0] for t in (q64, k64, v64, do64))
-    if key_range is not None:
+    if key_range is not None and not isinstance(key_range, torch.Tensor):
         key_range = torch.tensor(key_range, dtype=torch.int32).reshape(B, 2)
     out, lse, dq, dk, dv = _run(lib, q, k, v, grad_out, causal, offset, late, deterministic,
                                 schedule, shared_bytes, hopper, window_offset, key_range)
@@ -151,7 +153,8 @@ def _check(lib, shape, causal, dtype, layout="contiguous", late=True, determinis
     if window_offset is not None:
         scores = scores.masked_fill(cols < rows + window_offset, float("-inf"))
     if key_range is not None:
-        start, end = (key_range[:, i, None, None, None].long() for i in (0, 1))
+        per_row = key_range.long() if key_range.dim() == 3 else key_range[:, None].long()
+        start, end = (per_row[:, None, :, i, None] for i in (0, 1))  # (B, 1, Tq or 1, 1)
         scores = scores.masked_fill((cols < start) | (cols >= end), float("-inf"))
     lse_truth = torch.logsumexp(scores, dim=-1)
     seen = torch.isfinite(lse_truth)
@@ -292,6 +295,101 @@ def test_key_range_copy_timing(library, timing):
     late, schedule = timing
     _check(library, (2, 2, 1, 130, 300, 64), True, torch.float16, late=late, schedule=schedule,
            key_range=[[90, 250], [0, 300]])
+
+
+def document_key_ranges(B, Tq, Tk, lengths_per_row):
+    """(B, Tq, 2) int32: packed documents (each query sees its own document's keys, queries and
+    keys aligned bottom-right), from each batch row's document lengths over the keys."""
+    ranges = torch.zeros(B, Tq, 2, dtype=torch.int32)
+    for b, lengths in enumerate(lengths_per_row):
+        assert sum(lengths) == Tk
+        starts = torch.tensor([0, *lengths]).cumsum(0)
+        for i in range(Tq):
+            p = i + Tk - Tq  # the query's key position
+            d = int(torch.searchsorted(starts, torch.tensor(max(p, 0)), right=True)) - 1
+            d = min(d, len(lengths) - 1)
+            ranges[b, i] = torch.tensor([starts[d], starts[d + 1]])
+    return ranges
+
+
+def scattered_key_ranges(B, Tq, Tk, seed):
+    """(B, Tq, 2) int32 of any values per query: unsorted, empty, inverted and out of range."""
+    gen = torch.Generator().manual_seed(seed)
+    ranges = torch.randint(-3, Tk + 3, (B, Tq, 2), generator=gen, dtype=torch.int32)
+    ranges[:, ::7] = torch.tensor([Tk // 3, Tk // 3])  # empty
+    return ranges
+
+
+# Per-query key ranges (packed documents: key j visible to query i only in [start_i, end_i)) on
+# the sm_80 kernels: the forward and dQ kernels bound their key loops by the tile's rows'
+# ranges, the dK/dV kernel runs only the query tiles query_extent gives for its key tile, and
+# every tile a range cuts is masked per row. Documents end inside tiles and on tile edges (16,
+# 32, 64, 128), one-token documents, and scattered ranges that no monotone search would find.
+# (B, Hq, Hkv, Tq, Tk, D, causal, window_offset, key ranges)
+PER_QUERY_CASES = [
+    (2, 2, 1, 150, 150, 64, True, None,
+     document_key_ranges(2, 150, 150, [[37, 27, 86], [1, 128, 21]])),
+    (1, 3, 1, 130, 130, 128, False, None, document_key_ranges(1, 130, 130, [[64, 1, 65]])),
+    (1, 2, 2, 300, 300, 32, True, -40, document_key_ranges(1, 300, 300, [[100, 150, 50]])),
+    (2, 2, 1, 5, 300, 96, True, None, document_key_ranges(2, 5, 300, [[298, 2], [150, 150]])),
+    (2, 3, 1, 70, 200, 128, False, None, scattered_key_ranges(2, 70, 200, 3)),
+    (1, 1, 1, 90, 90, 40, True, -20, scattered_key_ranges(1, 90, 90, 4)),
+]
+PER_QUERY_IDS = ["documents-causal-D64", "documents-full-D128", "documents-window-D32",
+                 "documents-decode-D96", "scattered-full-D128", "scattered-window-D40"]
+
+
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic_dq", "deterministic"])
+@pytest.mark.parametrize("case", PER_QUERY_CASES, ids=PER_QUERY_IDS)
+def test_per_query_key_range(library, case, deterministic):
+    *shape, causal, window_offset, ranges = case
+    _check(library, tuple(shape), causal, torch.float16, deterministic=deterministic,
+           window_offset=window_offset, key_range=ranges)
+
+
+def test_per_query_key_range_bfloat16_small_tiles(library):
+    """bfloat16, and the 99 KiB device's smaller tiles (other tile edges for the documents)."""
+    shape = (1, 2, 1, 150, 150, 128)
+    ranges = document_key_ranges(1, 150, 150, [[31, 33, 86]])
+    _check(library, shape, True, torch.bfloat16, key_range=ranges,
+           shared_bytes=SM86_SHARED_BYTES)
+
+
+@pytest.mark.parametrize("timing", TIMINGS, ids=TIMING_IDS)
+def test_per_query_key_range_copy_timing(library, timing):
+    """The prefetch protocol when each query tile's key loop starts and stops at its own
+    documents' tiles."""
+    late, schedule = timing
+    _check(library, (1, 2, 1, 300, 300, 64), True, torch.float16, late=late, schedule=schedule,
+           key_range=document_key_ranges(1, 300, 300, [[90, 70, 140]]))
+
+
+@pytest.mark.parametrize("case", [PER_QUERY_CASES[0], PER_QUERY_CASES[4]],
+                         ids=["documents-causal-D64", "scattered-full-D128"])
+def test_hopper_per_query_key_range_runs_the_sm80_kernels(library, case):
+    """On an sm_90 device the sm_90a forward refuses per-query ranges (cudaErrorNotSupported,
+    nothing written), and the launcher runs the sm_80 kernels for them even under
+    FUSEDLM_ATTENTION_SM90=require."""
+    *shape, causal, window_offset, ranges = case
+    B, Hq, Hkv, Tq, Tk, D = shape
+    q = _guarded(torch.randn(B, Hq, Tq, D).half())[0]
+    kv = _guarded(torch.randn(B, Hkv, Tk, D).half())[0]
+    out, _ = _output((B, Hq, Tq, D), torch.float16)
+    lse, _ = _output((B, Hq, Tq), torch.float32)
+    library.emulated_configure(1, LOCKSTEP, H100_SHARED_BYTES)
+    library.emulated_set_compute_capability(90)
+    try:
+        status = library.emulated_attention_fwd(
+            _shape_arg(B, Hq, Hkv, Tq, Tk, D, causal, Tk - Tq, window_offset, True),
+            ctypes.c_double(0.1), 0, 1, _ptr(q), _strides(q), _ptr(kv), _strides(kv), _ptr(kv),
+            _strides(kv), _ptr(out), ctypes.cast(_ptr(lse), ctypes.POINTER(ctypes.c_float)),
+            _key_range_arg(ranges))
+    finally:
+        library.emulated_set_compute_capability(80)
+    assert status == CUDA_ERROR_NOT_SUPPORTED
+    assert torch.isnan(out).all() and torch.isnan(lse).all()
+    _check(library, tuple(shape), causal, torch.float16, hopper="launcher",
+           window_offset=window_offset, key_range=ranges)
 
 
 @pytest.mark.parametrize("offset", [-20, 0, 90], ids=["offset-20", "offset0", "offset90"])

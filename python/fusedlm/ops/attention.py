@@ -49,14 +49,11 @@ def _capability(device: torch.device) -> tuple[int, int]:
 def _extension_supports(q: Tensor, k: Tensor, v: Tensor, window_offset: int | None = None,
                         key_range: Tensor | None = None) -> str | None:
     """The CPU kernels take every case; the CUDA ones (tensor-core mma.sync) fp16/bf16 on sm_80+
-    (sliding windows and per-batch-row key ranges included; per-query key ranges, packed
-    documents, go to the Triton kernels)."""
+    (sliding windows and key ranges, per batch row or per query, included)."""
     if q.device.type != "cuda":
         return None
     if q.dtype not in (torch.float16, torch.bfloat16):
         return f"the CUDA attention kernels take float16 or bfloat16, not {q.dtype}"
-    if key_range is not None and key_range.dim() == 3:
-        return "the CUDA attention kernels take one key range per batch row, not per query"
     major, minor = _capability(q.device)
     if major < 8:
         return ("the CUDA attention kernels need compute capability 8.0 or newer, not "
