@@ -125,16 +125,23 @@ def _cases(backend: str, dev: str = "cuda"):
         yield f"attention fwd+bwd {dn} key range (padded batch)", attention_key_range
 
         def attention_documents(dtype=dtype):
-            # packed documents: per-query key ranges (Triton only; the CUDA kernels refuse them)
+            # packed documents: per-query key ranges (the query extent kernel, per-row bounds),
+            # both dQ paths
             q, k, v = (torch.randn(2, 2, 190, 64, device=dev, dtype=dtype, requires_grad=True)
                        for _ in range(3))
             ids = torch.tensor([[0] * 50 + [1] * 3 + [2] * 137, [0] * 190], device=dev)
             ranges = fusedlm.key_range_from_document_ids(ids)
-            out = fusedlm.attention(q, k, v, causal=True, key_range=ranges, backend=backend)
-            out.backward(torch.randn_like(out))
+            was = torch.are_deterministic_algorithms_enabled()
+            for deterministic in (False, True):
+                torch.use_deterministic_algorithms(deterministic)
+                try:
+                    out = fusedlm.attention(q, k, v, causal=True, key_range=ranges,
+                                            backend=backend)
+                    out.backward(torch.randn_like(out))
+                finally:
+                    torch.use_deterministic_algorithms(was)
 
-        if backend == "triton":
-            yield f"attention fwd+bwd {dn} packed documents", attention_documents
+        yield f"attention fwd+bwd {dn} packed documents", attention_documents
         for M, N in NORM_SHAPES:
             for affine in (True, False):
                 def layer_norm(M=M, N=N, dtype=dtype, affine=affine):

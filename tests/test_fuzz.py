@@ -247,11 +247,10 @@ def test_fuzz_attention(backend, fuzz):
 
         # Padded batches: a (B, 2) key range, or packed documents: a (B, Tq, 2) one, int32 or
         # int64, bounds anywhere (past the keys and inverted included); None most of the time.
-        # (The cuda kernels take one range per batch row only.)
         key_range = None
         ranged = data.draw(st.integers(0, 3), label="key_range_kind")
         if ranged < 2:
-            per_query = ranged == 1 and B * Tq <= 400 and backend != "cuda"
+            per_query = ranged == 1 and B * Tq <= 400
             bound = st.one_of(st.integers(-3, Tk + 3), st.sampled_from([-(2**40), 2**40]))
             count = B * Tq if per_query else B
             rows = data.draw(st.lists(st.tuples(bound, bound), min_size=count, max_size=count),

@@ -68,11 +68,12 @@ __global__ void __launch_bounds__(32)
   const int64_t n0 = (blockIdx.x % tiles) * kBlock;
   const int64_t n1 = std::min<int64_t>(n0 + kBlock, shape.Tk);
   const int lane = threadIdx.x;
-  const KeyBounds none{0, shape.Tk};
+  const KeyBounds all_keys{0, shape.Tk};
   // int32: Tq fits (fits_grid).
   int first = static_cast<int>(shape.Tq), last = -1;
+#pragma unroll 8  // independent loads in flight: the scan is latency-bound
   for (int64_t row = lane; row < shape.Tq; row += 32) {
-    const KeyBounds own = row_key_bounds(shape, none, b, row);
+    const KeyBounds own = row_key_bounds<true>(shape, all_keys, b, row);
     if (own.lo < own.hi && own.lo < n1 && own.hi > n0) {
       first = std::min(first, static_cast<int>(row));
       last = static_cast<int>(row);
@@ -113,10 +114,11 @@ __device__ __forceinline__ RowStats load_row_stats(const float* lse, const float
 // starting at query row0, kNBlocks * 8 keys starting at key n0), in place:
 // scores <- P = exp(S * scale - lse), dp <- dS = P * (dP - delta); masked entries get 0.
 // kWindowed: the bounded instance (sliding window, key range: per-row column bounds within the
-// row's keys, row_key_bounds of batch row b); the plain one tests each
+// row's keys, row_key_bounds of batch row b; kPerQuery: the row's own range); the plain one
+// tests each
 // element against Tq, Tk and the causal limit as before windows existed (the per-row bounds
 // cost the plain sm_80 D = 128 dK/dV kernel 16 bytes of spills).
-template <int kNBlocks, bool kWindowed>
+template <int kNBlocks, bool kWindowed, bool kPerQuery>
 __device__ __forceinline__ void probabilities_and_score_grads(
     float (&scores)[kNBlocks][4], float (&dp)[kNBlocks][4], const RowStats& stats,
     float scale_log2, int64_t row0, int64_t n0, int t, bool need_mask, const AttentionShape& s,
@@ -143,7 +145,8 @@ __device__ __forceinline__ void probabilities_and_score_grads(
       int lo = 0, hi = kNBlocks * 8;  // this row's visible columns of the tile (none past Tq)
       if (need_mask) {
         const int64_t row = row0 + 8 * r;
-        visible_columns(s, row_key_bounds(s, keys, b, row), row, n0, kNBlocks * 8, &lo, &hi);
+        visible_columns(s, row_key_bounds<kPerQuery>(s, keys, b, row), row, n0, kNBlocks * 8,
+                        &lo, &hi);
         if (row >= s.Tq) hi = 0;
       }
 #pragma unroll
@@ -206,7 +209,9 @@ constexpr size_t dkdv_shared_bytes() {
 // grid (ceil(Tk / kBlock) * Hkv * kHeadDim / kOutDim * B), kWarps * 32 threads, kBlock = 16 kWarps
 // keys and queries per tile. The "head" coordinate is kv head * splits + split; the split owns
 // output columns [split * kOutDim, (split + 1) * kOutDim).
-template <typename T, int kHeadDim, int kWarps, int kOutDim, bool kAtomicDq, bool kWindowed>
+// kWindowed, kPerQuery: as for attention_fwd_kernel.
+template <typename T, int kHeadDim, int kWarps, int kOutDim, bool kAtomicDq, bool kWindowed,
+          bool kPerQuery>
 __global__ void __launch_bounds__(kWarps * 32)
     attention_bwd_dkdv_kernel(const AttentionBwdArgs args,
                               const float* __restrict__ delta,   // (B, Hq, Tq)
@@ -222,6 +227,7 @@ __global__ void __launch_bounds__(kWarps * 32)
   constexpr int kOBlocks = kOutDim / 8;  // 8-column output blocks
   constexpr int kDqCols = 32;            // dQ columns per atomic pass (bounds registers)
   static_assert(kHeadDim % kOutDim == 0 && kOutDim % kDqCols == 0);
+  static_assert(kWindowed || !kPerQuery);
 
   T* sK = reinterpret_cast<T*>(dynamic_shared_memory());  // (kBlock, kStride)
   T* sV = sK + kBlock * kStride;             // (kBlock, kStride)
@@ -257,7 +263,7 @@ __global__ void __launch_bounds__(kWarps * 32)
   // key range, of the tile's keys inside it (none: no query tile, zero gradients); with
   // per-query ranges, only the tiles of the rows query_extent gives.
   int64_t m_block_min = 0, m_block_end = 0;
-  const KeyBounds keys = kWindowed ? key_bounds(s, b) : KeyBounds{0, Tk};
+  const KeyBounds keys = kWindowed && !kPerQuery ? key_bounds(s, b) : KeyBounds{0, Tk};
   if (!kWindowed) {
     query_tile_range<false>(s, n0, kBlock, kBlock, &m_block_min, &m_block_end);
   } else {
@@ -267,7 +273,7 @@ __global__ void __launch_bounds__(kWarps * 32)
       query_tile_range<true>(s, first_key, kBlock, key_end - first_key, &m_block_min,
                              &m_block_end);
     }
-    if (s.key_range_per_query) {
+    if constexpr (kPerQuery) {
       const int32_t* extent = query_extent + 2 * (b * ceil_div(Tk, kBlock) + block.tile);
       m_block_min = std::max<int64_t>(m_block_min, extent[0] / kBlock);
       m_block_end = std::min<int64_t>(m_block_end, ceil_div(extent[1], kBlock));
@@ -275,7 +281,7 @@ __global__ void __launch_bounds__(kWarps * 32)
   }
   // Every row's keys, as far as the tile masks go: per-query ranges (their rows vary from one
   // query tile to the next) always mask.
-  const KeyBounds inner_keys = s.key_range_per_query ? KeyBounds{Tk, 0} : keys;
+  const KeyBounds inner_keys = kPerQuery ? KeyBounds{Tk, 0} : keys;
   const int64_t per_head = std::max<int64_t>(0, m_block_end - m_block_min);
   const int64_t iterations = group * per_head;  // (query head of the group, query tile) pairs
 
@@ -330,8 +336,8 @@ __global__ void __launch_bounds__(kWarps * 32)
                                             delta + (b * s.Hq + h) * Tq, row0, Tq);
       const bool need_mask =
           tile_needs_mask<kWindowed>(s, inner_keys, m0, kBlock, n0, kBlock);
-      probabilities_and_score_grads<kNBlocks, kWindowed>(scores[0], dp[0], stats, scale_log2,
-                                                         row0, n0, t, need_mask, s, keys, b);
+      probabilities_and_score_grads<kNBlocks, kWindowed, kPerQuery>(
+          scores[0], dp[0], stats, scale_log2, row0, n0, t, need_mask, s, keys, b);
       store_accumulators<T, kNBlocks>(sP, kPStride, warp * 16, scores[0], g, t);
       store_accumulators<T, kNBlocks>(sdS, kPStride, warp * 16, dp[0], g, t);
 
@@ -388,7 +394,7 @@ constexpr size_t dq_shared_bytes() {
 
 // Deterministic dQ: grid (ceil(Tq / (16 kWarps)) * Hq * B). Each warp owns 16 query rows, streams
 // the key tiles its rows see, recomputes S, P, dP and dS, and accumulates dQ = dS K * scale.
-template <typename T, int kHeadDim, int kBlockN, int kWarps, bool kWindowed>
+template <typename T, int kHeadDim, int kBlockN, int kWarps, bool kWindowed, bool kPerQuery>
 __global__ void __launch_bounds__(kWarps * 32)
     attention_bwd_dq_kernel(const AttentionBwdArgs args,
                             const float* __restrict__ delta) {  // (B, Hq, Tq)
@@ -426,9 +432,8 @@ __global__ void __launch_bounds__(kWarps * 32)
   const T* k = head_pointer<T>(args.k, b, h_kv);
   const T* v = head_pointer<T>(args.v, b, h_kv);
 
-  const KeyBounds keys = kWindowed ? key_bounds(s, b) : KeyBounds{0, Tk};
-  const TileKeyBounds tile_keys =
-      kWindowed ? tile_key_bounds(s, keys, b, m0, kBlockM, lane) : TileKeyBounds{keys, keys};
+  const KeyBounds keys = kWindowed && !kPerQuery ? key_bounds(s, b) : KeyBounds{0, Tk};
+  const TileKeyBounds tile_keys = tile_key_bounds<kPerQuery>(s, keys, b, m0, kBlockM, lane);
   int64_t n_blocks = ceil_div(Tk, kBlockN);
   if (s.causal) {
     const int64_t last_visible = std::min(m0 + kBlockM, Tq) - 1 + s.causal_offset;
@@ -479,8 +484,8 @@ __global__ void __launch_bounds__(kWarps * 32)
                                                     lane);
       const bool need_mask =
           tile_needs_mask<kWindowed>(s, tile_keys.inner, m0, kBlockM, n0, kBlockN);
-      probabilities_and_score_grads<kNBlocks, kWindowed>(scores[0], dp[0], stats, scale_log2,
-                                                         row0, n0, t, need_mask, s, keys, b);
+      probabilities_and_score_grads<kNBlocks, kWindowed, kPerQuery>(
+          scores[0], dp[0], stats, scale_log2, row0, n0, t, need_mask, s, keys, b);
       uint32_t ds_frag[1][kBlockN / 16][4];
       accumulators_to_a_fragments<T, kBlockN / 16>(dp[0], ds_frag[0]);
       warp_gemm_regs_rows<T, 1, kDBlocks, kBlockN / 16>(dq, ds_frag, sKb, kStride, 0, 0, lane);
@@ -489,6 +494,16 @@ __global__ void __launch_bounds__(kWarps * 32)
   }
   write_rows<T, kDBlocks>(static_cast<T*>(args.dq) + (b * s.Hq + h) * Tq * D, m0 + warp * 16, Tq,
                           0, D, dq[0], scale, g, t);
+}
+
+// The dK/dV kernel instance for the call's masks: plain, bounded, or per-query ranges.
+template <typename T, int kHeadDim, int kWarps, int kOutDim, bool kAtomicDq>
+auto dkdv_kernel_for(const AttentionShape& s) {
+  return per_query(s)
+             ? attention_bwd_dkdv_kernel<T, kHeadDim, kWarps, kOutDim, kAtomicDq, true, true>
+         : bounded(s)
+             ? attention_bwd_dkdv_kernel<T, kHeadDim, kWarps, kOutDim, kAtomicDq, true, false>
+             : attention_bwd_dkdv_kernel<T, kHeadDim, kWarps, kOutDim, kAtomicDq, false, false>;
 }
 
 // One backward with the dK/dV kernel of (kHeadDim, kWarps, kOutDim) and the deterministic dQ
@@ -514,12 +529,12 @@ cudaError_t launch_bwd(const AttentionBwdArgs& args, cudaStream_t stream) {
   // Per-query key ranges: which query rows meet each key tile (the sm_90a kernel takes no key
   // range, so the dK/dV kernel below is sm_80's).
   int32_t* query_extent = nullptr;
-  if (s.key_range_per_query) {
+  if (per_query(s)) {
     const int64_t extents = s.B * ceil_div(s.Tk, kBlock);
+    if (!fits_grid(s, extents)) return cudaErrorInvalidValue;
     query_extent =
         static_cast<int32_t*>(args.alloc(sizeof(int32_t) * 2 * extents, args.alloc_context));
     if (query_extent == nullptr) return cudaErrorMemoryAllocation;
-    if (!fits_grid(s, extents)) return cudaErrorInvalidValue;
     auto extent_kernel = attention_bwd_query_extent_kernel<kBlock>;
     FUSEDLM_LAUNCH(extent_kernel, static_cast<unsigned>(extents), 32, 0, stream)(s,
                                                                                  query_extent);
@@ -534,17 +549,17 @@ cudaError_t launch_bwd(const AttentionBwdArgs& args, cudaStream_t stream) {
     if (hopper != cudaErrorNotSupported || (sm90::sm90_required() && !bounded(s))) {
       FUSEDLM_RETURN_IF_ERROR(hopper);
     } else {
-      auto dkdv = bounded(s)
-                      ? attention_bwd_dkdv_kernel<T, kHeadDim, kWarps, kOutDim, false, true>
-                      : attention_bwd_dkdv_kernel<T, kHeadDim, kWarps, kOutDim, false, false>;
+      auto dkdv = dkdv_kernel_for<T, kHeadDim, kWarps, kOutDim, false>(s);
       FUSEDLM_RETURN_IF_ERROR(prepare_shared_memory(dkdv, dkdv_bytes));
       FUSEDLM_LAUNCH(dkdv, dkdv_grid, kWarps * 32, dkdv_bytes, stream)(args, delta, nullptr,
                                                                        query_extent);
       FUSEDLM_RETURN_IF_LAUNCH_FAILED();
     }
 
-    auto dq = bounded(s) ? attention_bwd_dq_kernel<T, kHeadDim, kDqBlockN, kDqWarps, true>
-                         : attention_bwd_dq_kernel<T, kHeadDim, kDqBlockN, kDqWarps, false>;
+    auto dq = per_query(s) ? attention_bwd_dq_kernel<T, kHeadDim, kDqBlockN, kDqWarps, true, true>
+              : bounded(s)
+                  ? attention_bwd_dq_kernel<T, kHeadDim, kDqBlockN, kDqWarps, true, false>
+                  : attention_bwd_dq_kernel<T, kHeadDim, kDqBlockN, kDqWarps, false, false>;
     constexpr size_t dq_bytes = dq_shared_bytes<kHeadDim, kDqBlockN, kDqWarps>();
     FUSEDLM_RETURN_IF_ERROR(prepare_shared_memory(dq, dq_bytes));
     FUSEDLM_LAUNCH(dq, static_cast<unsigned>(dq_blocks), kDqWarps * 32, dq_bytes, stream)(args,
@@ -564,8 +579,7 @@ cudaError_t launch_bwd(const AttentionBwdArgs& args, cudaStream_t stream) {
   if (hopper != cudaErrorNotSupported || (sm90::sm90_required() && !bounded(s))) {
     FUSEDLM_RETURN_IF_ERROR(hopper);
   } else {
-    auto dkdv = bounded(s) ? attention_bwd_dkdv_kernel<T, kHeadDim, kWarps, kOutDim, true, true>
-                           : attention_bwd_dkdv_kernel<T, kHeadDim, kWarps, kOutDim, true, false>;
+    auto dkdv = dkdv_kernel_for<T, kHeadDim, kWarps, kOutDim, true>(s);
     FUSEDLM_RETURN_IF_ERROR(prepare_shared_memory(dkdv, dkdv_bytes));
     FUSEDLM_LAUNCH(dkdv, dkdv_grid, kWarps * 32, dkdv_bytes, stream)(args, delta,
                                                                      dq_accumulator,

@@ -18,7 +18,10 @@ constexpr size_t fwd_shared_bytes() {
 // grid (ceil(Tq / kBlockM) * Hq * B), kWarps * 32 threads; each warp owns kBlockM / kWarps rows.
 // kWindowed: the bounded instance (a sliding window or a key range: bounded(s)); the plain one
 // keeps their code out (its per-row bounds cost the 128-row D = 128 tile 32-80 bytes of spills).
-template <typename T, int kHeadDim, int kBlockM, int kBlockN, int kWarps, bool kWindowed>
+// kPerQuery (with kWindowed): per-query key ranges, whose per-row loads and tile bounds the
+// other bounded calls do without (they cost the 128-row D = 128 tile ~170 more bytes of spills).
+template <typename T, int kHeadDim, int kBlockM, int kBlockN, int kWarps, bool kWindowed,
+          bool kPerQuery>
 __global__ void __launch_bounds__(kWarps * 32)
     attention_fwd_kernel(const AttentionFwdArgs args) {
   constexpr int kThreads = kWarps * 32;
@@ -28,6 +31,7 @@ __global__ void __launch_bounds__(kWarps * 32)
   constexpr int kStride = kHeadDim + kPad;           // shared-memory row stride (elements)
   static_assert(kMTiles >= 1 && kBlockM == 16 * kWarps * kMTiles);
   static_assert(kBlockN % 16 == 0 && kHeadDim % 16 == 0);
+  static_assert(kWindowed || !kPerQuery);
 
   T* sQ = reinterpret_cast<T*>(dynamic_shared_memory());  // (kBlockM, kStride)
   T* sK = sQ + kBlockM * kStride;            // (2, kBlockN, kStride)
@@ -57,9 +61,8 @@ __global__ void __launch_bounds__(kWarps * 32)
   // Key tiles this query tile sees: all of them, or (causal) up to its last row's last key,
   // from (sliding window, key range) the tile of its first row's first key to (key range) the
   // tile of its rows' last key.
-  const KeyBounds keys = kWindowed ? key_bounds(s, b) : KeyBounds{0, Tk};
-  const TileKeyBounds tile_keys =
-      kWindowed ? tile_key_bounds(s, keys, b, m0, kBlockM, lane) : TileKeyBounds{keys, keys};
+  const KeyBounds keys = kWindowed && !kPerQuery ? key_bounds(s, b) : KeyBounds{0, Tk};
+  const TileKeyBounds tile_keys = tile_key_bounds<kPerQuery>(s, keys, b, m0, kBlockM, lane);
   int64_t n_blocks = ceil_div(Tk, kBlockN);
   if (s.causal) {
     const int64_t last_visible = std::min(m0 + kBlockM, Tq) - 1 + s.causal_offset;
@@ -139,7 +142,8 @@ __global__ void __launch_bounds__(kWarps * 32)
           int lo = 0, hi = kBlockN;  // this row's visible columns of the tile
           if (need_mask) {
             const int64_t row = m0 + warp * 16 * kMTiles + mt * 16 + g + 8 * r;
-            visible_columns(s, row_key_bounds(s, keys, b, row), row, n0, kBlockN, &lo, &hi);
+            visible_columns(s, row_key_bounds<kPerQuery>(s, keys, b, row), row, n0, kBlockN,
+                            &lo, &hi);
           }
 #pragma unroll
           for (int nb = 0; nb < kNBlocks; ++nb) {
@@ -230,8 +234,10 @@ template <typename T, int kHeadDim, int kBlockM, int kBlockN, int kWarps>
 cudaError_t launch_fwd(const AttentionFwdArgs& args, cudaStream_t stream) {
   const AttentionShape& s = args.shape;
   constexpr size_t bytes = fwd_shared_bytes<kHeadDim, kBlockM, kBlockN>();
-  auto kernel = bounded(s) ? attention_fwd_kernel<T, kHeadDim, kBlockM, kBlockN, kWarps, true>
-                           : attention_fwd_kernel<T, kHeadDim, kBlockM, kBlockN, kWarps, false>;
+  auto kernel =
+      per_query(s) ? attention_fwd_kernel<T, kHeadDim, kBlockM, kBlockN, kWarps, true, true>
+      : bounded(s) ? attention_fwd_kernel<T, kHeadDim, kBlockM, kBlockN, kWarps, true, false>
+                   : attention_fwd_kernel<T, kHeadDim, kBlockM, kBlockN, kWarps, false, false>;
   FUSEDLM_RETURN_IF_ERROR(prepare_shared_memory(kernel, bytes));
   const int64_t blocks = ceil_div(s.Tq, kBlockM) * s.Hq * s.B;
   if (!fits_grid(s, blocks)) return cudaErrorInvalidValue;
@@ -250,7 +256,7 @@ cudaError_t attention_fwd(const AttentionFwdArgs& args, cudaStream_t stream) {
   // Hopper: the wgmma/TMA kernel where it applies (FUSEDLM_ATTENTION_SM90=require: wherever it
   // can; it takes no per-query key range).
   const cudaError_t hopper = sm90::attention_fwd_sm90(args, stream);
-  if (hopper != cudaErrorNotSupported || (sm90::sm90_required() && !s.key_range_per_query)) {
+  if (hopper != cudaErrorNotSupported || (sm90::sm90_required() && !per_query(s))) {
     return hopper;
   }
   // (kHeadDim, kBlockM, kBlockN, kWarps): 128 x 64 tiles with 4 warps (2 MMA row tiles each) up

@@ -486,7 +486,7 @@ bool sm90_enabled() {
 cudaError_t attention_fwd_sm90(const AttentionFwdArgs& args, cudaStream_t stream) {
   const AttentionShape& s = args.shape;
   // Per-query key ranges (packed documents) run on the sm_80 kernel.
-  if (!valid_shape(s) || s.D > 128 || s.key_range_per_query || !sm90_enabled()) {
+  if (!valid_shape(s) || s.D > 128 || per_query(s) || !sm90_enabled()) {
     return cudaErrorNotSupported;
   }
   return dispatch_half_types(s.dtype, [&](auto tag) -> cudaError_t {

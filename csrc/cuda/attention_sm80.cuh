@@ -292,34 +292,41 @@ inline bool valid_shape(const AttentionShape& s) {
          (!s.windowed || (s.window_offset >= -s.Tq && s.window_offset <= s.Tk));
 }
 
-// Whether a call takes the bounded kernel instances (kWindowed): a sliding window or a key range.
+// Whether a call takes the bounded kernel instances (kWindowed): a sliding window or a key range
+// (per-query ranges: the kPerQuery instances, which are bounded ones too).
 inline bool bounded(const AttentionShape& s) { return s.windowed || s.key_range != nullptr; }
+inline bool per_query(const AttentionShape& s) {
+  return s.key_range != nullptr && s.key_range_per_query;
+}
 
-// Batch row b's keys [lo, hi): its key range clamped to the sequence, or all Tk keys (no range,
-// or one per query row: row_key_bounds).
+// Batch row b's keys [lo, hi): its key range clamped to the sequence, or all Tk keys. Not for
+// per-query ranges (row_key_bounds).
 struct KeyBounds {
   int64_t lo;
   int64_t hi;
 };
 
 __device__ __forceinline__ KeyBounds key_bounds(const AttentionShape& s, int64_t b) {
-  if (s.key_range == nullptr || s.key_range_per_query) return KeyBounds{0, s.Tk};
+  if (s.key_range == nullptr) return KeyBounds{0, s.Tk};
   const int64_t end = s.key_range[2 * b + 1], start = s.key_range[2 * b];
   const int64_t hi = end < 0 ? 0 : (end > s.Tk ? s.Tk : end);
   const int64_t lo = start < 0 ? 0 : (start > hi ? hi : start);
   return KeyBounds{lo, hi};
 }
 
-// Query `row`'s keys [lo, hi): its own key range (per-query ranges, clamped to the sequence; none
-// past Tq), or its batch row's `keys`.
+// Query `row`'s keys [lo, hi): kPerQuery, its own key range (clamped to the sequence; none past
+// Tq), else its batch row's `keys`. kPerQuery is a template parameter of the kernels (their
+// per-query instances), so the other bounded instances keep their registers.
+template <bool kPerQuery>
 __device__ __forceinline__ KeyBounds row_key_bounds(const AttentionShape& s, const KeyBounds& keys,
                                                     int64_t b, int64_t row) {
-  if (!s.key_range_per_query) return keys;
+  if constexpr (!kPerQuery) return keys;
   if (row >= s.Tq) return KeyBounds{0, 0};
+  // Clamped in int32 (Tk fits: fits_grid): in the forward's unrolled mask loop, int64 clamps of
+  // the rows' ranges cost the 128-row D = 128 tile ~50 more bytes of spills.
   const int32_t* range = s.key_range + 2 * (b * s.Tq + row);
-  const int64_t end = range[1], start = range[0];
-  const int64_t hi = end < 0 ? 0 : (end > s.Tk ? s.Tk : end);
-  const int64_t lo = start < 0 ? 0 : (start > hi ? hi : start);
+  const int hi = std::min(std::max(range[1], 0), static_cast<int>(s.Tk));
+  const int lo = std::min(std::max(range[0], 0), hi);
   return KeyBounds{lo, hi};
 }
 
@@ -335,17 +342,18 @@ struct TileKeyBounds {
 // (its lanes split the rows; shuffles combine them), so no shared memory or barrier is needed.
 // Rows past Tq and rows with no key widen nothing; a row of the sequence with no key leaves
 // no tile unmasked.
+template <bool kPerQuery>
 __device__ __forceinline__ TileKeyBounds tile_key_bounds(const AttentionShape& s,
                                                          const KeyBounds& keys, int64_t b,
                                                          int64_t m0, int rows, int lane) {
-  if (!s.key_range_per_query) return TileKeyBounds{keys, keys};
+  if constexpr (!kPerQuery) return TileKeyBounds{keys, keys};
   // int32: Tk fits (fits_grid), and the shuffles move one register.
   const int tk = static_cast<int>(s.Tk);
   int outer_lo = tk, outer_hi = 0, inner_lo = 0, inner_hi = tk;
   for (int r = lane; r < rows; r += 32) {
     const int64_t row = m0 + r;
     if (row >= s.Tq) break;
-    const KeyBounds own = row_key_bounds(s, keys, b, row);
+    const KeyBounds own = row_key_bounds<true>(s, keys, b, row);
     if (own.lo < own.hi) {
       outer_lo = std::min(outer_lo, static_cast<int>(own.lo));
       outer_hi = std::max(outer_hi, static_cast<int>(own.hi));

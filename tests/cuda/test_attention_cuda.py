@@ -2,8 +2,8 @@
 ``fusedlm.attention(..., backend="cuda")`` and the ``fusedlm::attention_fwd/bwd`` ops: odd and
 realistic shapes (up to 16k tokens), every head dim template and the padded ones, GQA/MQA,
 Tq != Tk both ways, the logsumexp, rows that see no key, strided/packed/expanded/misaligned
-inputs, 64-bit offsets, many heads, determinism, the current stream, CUDA-graph capture, and
-what the backend refuses.
+inputs, 64-bit offsets, many heads, sliding windows, key ranges per batch row and per query,
+determinism, the current stream, CUDA-graph capture, and what the backend refuses.
 
 Truth: the naive softmax(q k^T * scale) v in float64 on the GPU, computed in chunks of query
 rows (``_truth``): a query row's output, logsumexp and dq depend on that row alone, and dk/dv
@@ -749,23 +749,6 @@ def test_cuda_backend_refuses_float32_and_float64(dtype):
         torch.ops.fusedlm.attention_fwd(q, k, v, 0.125, True, 0, "cuda")
 
 
-def test_cuda_backend_refuses_per_query_key_ranges_and_auto_runs_triton():
-    """Packed documents' (B, Tq, 2) key ranges: backend="cuda" refuses them (the Python
-    support check, and the binding's own check behind it), "auto" runs them on Triton."""
-    from tests.ops.test_attention import _check_attention, query_key_ranges
-
-    q, k, v = _qkv((2, 4, 2, 300, 300, 64), torch.float16)
-    ranges = query_key_ranges("documents", 2, 300, 300, "cuda")
-    with pytest.raises(fusedlm.BackendNotSupportedError, match="per query"):
-        fusedlm.attention(q, k, v, causal=True, key_range=ranges, backend="cuda")
-    with pytest.raises(NotImplementedError, match="key_range"):
-        _ext.load().attention_fwd(q, k, v, 0.125, True, 0, None, ranges.int())
-    if fusedlm.backends()["triton"].available:
-        OpDispatch.last_choice.pop("attention_fwd", None)
-        _check_attention(q, k, v, True, "auto", key_range=ranges)
-        assert OpDispatch.last_choice["attention_fwd"] == "triton"
-
-
 @pytest.mark.parametrize("head_dim", [257, 512])
 def test_head_dim_over_256_raises(head_dim):
     q, k, v = _qkv((1, 2, 2, 17, 17, head_dim), torch.float16)
@@ -966,3 +949,47 @@ def test_attention_key_range(shape, window, causal, kind, dtype):
     _check_attention(q, k, v, causal, "cuda", window=window, backward=dtype == torch.float16,
                      key_range=key_ranges(kind, shape[0], shape[4], "cuda"))
     assert OpDispatch.last_choice["attention_fwd"] == "cuda"
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("kind", ["documents", "scattered"])
+@pytest.mark.parametrize(
+    ("shape", "window", "causal"),
+    [
+        ((2, 8, 2, 2048, 2048, 128), None, True),  # packed pretraining documents, GQA
+        ((4, 4, 4, 777, 777, 64), None, False),  # bidirectional, ragged
+        ((1, 8, 2, 4096, 4096, 64), (1023, 0), True),  # documents and a sliding window
+        ((2, 4, 1, 700, 1900, 96), None, True),  # Tq < Tk, padded head dim
+    ],
+    ids=["causal-T2048-D128", "full-T777-D64", "causal-w1024-T4096-D64", "Tq700-Tk1900-D96"],
+)
+def test_attention_per_query_key_range(shape, window, causal, kind, dtype):
+    """Per-query key ranges (packed documents; scattered ranges that no monotone search finds)
+    on the sm_80 kernels, also on Hopper: forward, dQ, and dK/dV over the query rows the
+    query extents give each key tile; "auto" picks the cuda backend."""
+    from tests.ops.test_attention import _check_attention, query_key_ranges
+
+    q, k, v = _qkv(shape, dtype)
+    OpDispatch.last_choice.pop("attention_fwd", None)
+    ranges = query_key_ranges(kind, shape[0], shape[3], shape[4], "cuda")
+    _check_attention(q, k, v, causal, "auto", window=window, backward=dtype == torch.float16,
+                     key_range=ranges)
+    assert OpDispatch.last_choice["attention_fwd"] == "cuda"
+
+
+def test_attention_per_query_key_range_deterministic_is_repeatable():
+    """torch.use_deterministic_algorithms: the per-query backward (extent kernel, dK/dV, dQ
+    without atomics) gives bitwise the same gradients twice."""
+    from tests.ops.test_attention import query_key_ranges
+
+    q, k, v = (t.requires_grad_() for t in _qkv((2, 4, 2, 1000, 1000, 64), torch.bfloat16))
+    ranges = query_key_ranges("documents", 2, 1000, 1000, "cuda")
+    grad_out = torch.randn_like(q)
+    results = []
+    with deterministic():
+        for _ in range(2):
+            out = fusedlm.attention(q, k, v, causal=True, key_range=ranges, backend="cuda")
+            results.append(torch.autograd.grad(out, (q, k, v), grad_out))
+    for first, second in zip(*results, strict=True):
+        assert torch.equal(first, second)
+

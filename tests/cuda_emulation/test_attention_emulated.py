@@ -102,8 +102,8 @@ def _run(lib, q, k, v, grad_out, causal, offset, late, deterministic, schedule=W
     out, out_buffer = _output((B, Hq, Tq, D), q.dtype)
     lse, lse_buffer = _output((B, Hq, Tq), torch.float32)
     status = lib.emulated_attention_fwd(
-        shape, ctypes.c_double(scale), dtype_code, int(hopper is True), _ptr(q), _strides(q), _ptr(k),
-        _strides(k), _ptr(v), _strides(v), _ptr(out),
+        shape, ctypes.c_double(scale), dtype_code, int(hopper is True), _ptr(q), _strides(q),
+        _ptr(k), _strides(k), _ptr(v), _strides(v), _ptr(out),
         ctypes.cast(_ptr(lse), ctypes.POINTER(ctypes.c_float)), _key_range_arg(key_range))
     assert status == 0, f"attention_fwd: cudaError {status}: {lib.emulated_fault().decode()}"
     _check_guard(out_buffer, out.numel(), "out")
@@ -325,6 +325,16 @@ def scattered_key_ranges(B, Tq, Tk, seed):
 # ranges, the dK/dV kernel runs only the query tiles query_extent gives for its key tile, and
 # every tile a range cuts is masked per row. Documents end inside tiles and on tile edges (16,
 # 32, 64, 128), one-token documents, and scattered ranges that no monotone search would find.
+def edge_key_ranges(Tq, Tk):
+    """(1, Tq, 2) int32: every query sees keys [0, 64) but two, each the only query to see a
+    key tile (64 keys), by one key on its edge: row Tq - 50 sees key 128 (a tile's first), row
+    10 key 127 (a tile's last)."""
+    ranges = torch.tensor([0, 64], dtype=torch.int32).repeat(1, Tq, 1)
+    ranges[0, Tq - 50] = torch.tensor([128, 129])
+    ranges[0, 10] = torch.tensor([127, 128])
+    return ranges
+
+
 # (B, Hq, Hkv, Tq, Tk, D, causal, window_offset, key ranges)
 PER_QUERY_CASES = [
     (2, 2, 1, 150, 150, 64, True, None,
@@ -334,9 +344,11 @@ PER_QUERY_CASES = [
     (2, 2, 1, 5, 300, 96, True, None, document_key_ranges(2, 5, 300, [[298, 2], [150, 150]])),
     (2, 3, 1, 70, 200, 128, False, None, scattered_key_ranges(2, 70, 200, 3)),
     (1, 1, 1, 90, 90, 40, True, -20, scattered_key_ranges(1, 90, 90, 4)),
+    (1, 2, 1, 200, 200, 64, False, None, edge_key_ranges(200, 200)),
 ]
 PER_QUERY_IDS = ["documents-causal-D64", "documents-full-D128", "documents-window-D32",
-                 "documents-decode-D96", "scattered-full-D128", "scattered-window-D40"]
+                 "documents-decode-D96", "scattered-full-D128", "scattered-window-D40",
+                 "single-key-edges-D64"]
 
 
 @pytest.mark.parametrize("deterministic", [False, True], ids=["atomic_dq", "deterministic"])

@@ -42,8 +42,8 @@ HOPPER_SEQ_LENS = [1, 2, 63, 64, 65, 127, 128, 129, 255, 256, 257, 300]
 
 def _fuzz_attention(library, data, seq_lens, max_head_dim, schedules, hopper):
     """One drawn case through _check: shape, causal offset, dtype, layout, timing, schedule,
-    dQ path, a sliding window, a padded batch (key ranges), and (sm_80 kernels) the device's
-    shared memory."""
+    dQ path, a sliding window, key ranges (a padded batch, packed documents, scattered per
+    query), and (sm_80 kernels) the device's shared memory."""
     B = data.draw(st.integers(1, 2), label="B")
     Hkv = data.draw(st.integers(1, 2), label="Hkv")
     group = data.draw(st.integers(1, 3), label="group")
@@ -57,11 +57,31 @@ def _fuzz_attention(library, data, seq_lens, max_head_dim, schedules, hopper):
     window_offset = None  # sliding windows (on Hopper: the sm_90a forward, the sm_80 backward)
     if data.draw(st.booleans(), label="sliding window"):
         window_offset = data.draw(st.integers(-Tq, Tk), label="window offset")
-    key_range = None  # padding: each batch row's keys [start, end), any ints (clamped)
-    if data.draw(st.booleans(), label="padded"):
-        bound = st.integers(-2, Tk + 2)
+    # Padding: each batch row's keys [start, end); packed documents or scattered ranges: each
+    # query row's. Any ints (clamped). The sm_90a forward takes no per-query range: those run
+    # through the launcher, which gives them to the sm_80 kernel.
+    key_range = None
+    kind = data.draw(st.sampled_from(["none", "padded", "per query"]), label="key range kind")
+    bound = st.integers(-2, Tk + 2)
+    if kind == "padded":
         key_range = data.draw(st.lists(st.lists(bound, min_size=2, max_size=2), min_size=B,
                                        max_size=B), label="key range")
+    elif kind == "per query":
+        if data.draw(st.booleans(), label="documents"):
+            cuts = data.draw(st.lists(st.integers(0, Tk), max_size=4), label="cuts")
+            edges = sorted({0, Tk, *cuts})
+            positions = torch.arange(Tq) + (Tk - Tq)  # the queries' key positions, bottom-right
+            document = torch.bucketize(positions.clamp(0, Tk - 1), torch.tensor(edges[1:]),
+                                       right=True)
+            edges = torch.tensor(edges)
+            row = torch.stack([edges[document], edges[document + 1]], dim=1)
+            key_range = row.expand(B, Tq, 2).to(torch.int32).contiguous()
+        else:
+            values = data.draw(st.lists(bound, min_size=2 * B * Tq, max_size=2 * B * Tq),
+                               label="ranges")
+            key_range = torch.tensor(values, dtype=torch.int32).reshape(B, Tq, 2)
+        if hopper:
+            hopper = "launcher"
     dtype = data.draw(st.sampled_from([torch.float16, torch.bfloat16]), label="dtype")
     layout = data.draw(st.sampled_from(["contiguous", "bthd"]), label="layout")
     late = data.draw(st.booleans(), label="copies (cp.async, TMA, wgmma) land late")

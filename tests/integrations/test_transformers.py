@@ -408,7 +408,7 @@ def test_bf16_on_gpu(name, inputs):
     """Each model in bfloat16 on the GPU, patched, against the unpatched bfloat16 model and
     the float64 one, by the rule, logits and every gradient: plain batches, a tokenizer's
     padding (left for the causal models, right for BERT: a key range per row, the cuda
-    kernels) and packed documents (per-query key ranges, the triton kernels)."""
+    kernels) and packed documents (per-query key ranges, the cuda kernels too)."""
     if inputs == "packed" and name not in ("llama", "qwen2", "gemma", "cohere"):
         pytest.skip("transformers builds packed-document masks from position_ids for these")
     model = _build(name).cuda()

@@ -158,19 +158,12 @@ _FEEDS_DTYPE = {
         "test_cpu_attention_memory_is_not_quadratic",
     ), torch.float32),
 }
-# Tests with per-query key ranges (packed documents), which the CUDA kernels refuse.
-_PER_QUERY_KEY_RANGES = {
-    "test_attention_query_key_range", "test_attention_query_key_range_keys_split_across_threads",
-    "test_attention_documents_are_independent", "test_attention_varlen_is_attention_per_sequence",
-}
-
 
 @pytest.fixture(autouse=True)
 def _skip_cases_a_gpu_backend_refuses(request):
     """The Triton attention kernels refuse float64; the CUDA ones take only float16/bfloat16
-    and one key range per batch row (BackendNotSupportedError, tested in tests/triton and
-    tests/cuda, which also cover the long-sequence, fully-masked and empty cases in half
-    precision): skip those cases here."""
+    (BackendNotSupportedError, tested in tests/triton and tests/cuda, which also cover the
+    long-sequence, fully-masked and empty cases in half precision): skip those cases here."""
     callspec = getattr(request.node, "callspec", None)
     params = callspec.params if callspec is not None else {}
     backend, name = params.get("backend"), request.node.originalname
@@ -179,18 +172,14 @@ def _skip_cases_a_gpu_backend_refuses(request):
     reason = attention_refusal(backend, params.get("dtype", _FEEDS_DTYPE.get(name)))
     if reason is not None:
         pytest.skip(reason)
-    if backend == "cuda" and name in _PER_QUERY_KEY_RANGES:
-        pytest.skip("the cuda attention backend takes one key range per batch row")
 
 
 def test_every_backend_test_says_what_it_feeds():
     """Runs without a GPU: each test taking a backend declares its dtype (a parameter or
-    _FEEDS_DTYPE), and each calling a per-query key range maker is in _PER_QUERY_KEY_RANGES;
-    otherwise the GPU runs would feed the kernels cases they refuse."""
+    _FEEDS_DTYPE); otherwise the GPU runs would feed the kernels dtypes they refuse."""
     import inspect
 
     module = sys.modules[__name__]
-    per_query_makers = ("query_key_ranges(", "attention_varlen(", "key_range_from_document_ids(")
     for name, fn in vars(module).items():
         if not name.startswith("test_") or not callable(fn):
             continue
@@ -201,8 +190,6 @@ def test_every_backend_test_says_what_it_feeds():
             assert name in _FEEDS_DTYPE, f"{name}: add the dtype it feeds to _FEEDS_DTYPE"
         else:
             assert name not in _FEEDS_DTYPE, f"{name} has a dtype parameter: not in _FEEDS_DTYPE"
-        if any(maker in inspect.getsource(fn) for maker in per_query_makers):
-            assert name in _PER_QUERY_KEY_RANGES, f"{name}: add it to _PER_QUERY_KEY_RANGES"
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

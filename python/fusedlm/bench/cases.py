@@ -439,7 +439,7 @@ def _fusedlm_attention_call(backend: str):
             return fusedlm.attention(q, k, v, causal=causal, backend=backend,
                                      window=None if window is None else (window - 1, 0),
                                      key_range=None if packed is None else packed["key_range"])
-        except fusedlm.BackendNotSupportedError as why:  # e.g. cuda: per-query key ranges
+        except fusedlm.BackendNotSupportedError as why:  # e.g. triton: head dim over its maximum
             raise Unsupported(str(why).split(": ", 1)[-1]) from why
 
     return call
