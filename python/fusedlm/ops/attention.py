@@ -355,8 +355,8 @@ def attention_varlen(
     ((S + 1,) integer offsets from 0 to the totals) and its queries see only its keys, with
     ``causal`` and ``window`` aligned bottom-right within the sequence (as
     ``fusedlm.attention``). ``max_seqlen_*`` are accepted for compatibility and not needed.
-    Runs ``fusedlm.attention`` on the (1, H, total, D) views with per-query key ranges (the
-    backends that take them: cpu, triton; no copy of q, k, v). Returns (total_q, Hq, D)."""
+    Runs ``fusedlm.attention`` on the (1, H, total, D) views with per-query key ranges (no copy
+    of q, k, v). Returns (total_q, Hq, D)."""
     del max_seqlen_q, max_seqlen_k  # the offsets say everything
     for name, t in (("q", q), ("k", k), ("v", v)):
         check_float_tensor(t, name)
