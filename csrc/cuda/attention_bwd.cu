@@ -55,28 +55,46 @@ __global__ void attention_bwd_convert_dq_kernel(const float* __restrict__ dq_acc
   }
 }
 
-// The query rows [first, end) whose per-query key ranges meet each key tile of kBlock keys:
-// query_extent[b][tile] = (first, end), (0, 0) when no row's range does (the dK/dV kernel then
-// runs no query tile for it). Exact for any ranges; the rows between first and end whose ranges
-// miss the tile are masked. grid (B * ceil(Tk / kBlock)), one warp: lanes split the rows.
+// Per-query key ranges, step 1: the keys [lo, hi) of each query tile of kBlock rows
+// (tile_key_bounds' outer extent; (Tk, 0) for a tile whose rows see no key). One pass over the
+// ranges. grid (B * ceil(Tq / kBlock)), one warp.
+template <int kBlock>
+__global__ void __launch_bounds__(32)
+    attention_bwd_query_tile_keys_kernel(const AttentionShape shape,
+                                         int32_t* __restrict__ query_tile_keys) {  // (B, tiles, 2)
+  const int64_t tiles = ceil_div(shape.Tq, kBlock);
+  const int64_t b = blockIdx.x / tiles;
+  const int64_t m0 = (blockIdx.x % tiles) * kBlock;
+  const TileKeyBounds bounds =
+      tile_key_bounds<true>(shape, KeyBounds{0, shape.Tk}, b, m0, kBlock, threadIdx.x);
+  if (threadIdx.x == 0) {  // int32: Tk fits (fits_grid)
+    query_tile_keys[2 * blockIdx.x] = static_cast<int32_t>(bounds.outer.lo);
+    query_tile_keys[2 * blockIdx.x + 1] = static_cast<int32_t>(bounds.outer.hi);
+  }
+}
+
+// Per-query key ranges, step 2: for each key tile of kBlock keys, the query tiles [first, end)
+// from the first to the last whose keys (step 1) meet it, (0, 0) when none does (the dK/dV
+// kernel then runs no query tile for it, and its rows between first and end are masked). Kept
+// out of the dK/dV kernel: this scan inside it cost the D = 128 instances 100-170 bytes of
+// spills. grid (B * ceil(Tk / kBlock)), one warp: lanes split the query tiles.
 template <int kBlock>
 __global__ void __launch_bounds__(32)
     attention_bwd_query_extent_kernel(const AttentionShape shape,
-                                      int32_t* __restrict__ query_extent) {  // (B, tiles, 2)
-  const int64_t tiles = ceil_div(shape.Tk, kBlock);
-  const int64_t b = blockIdx.x / tiles;
-  const int64_t n0 = (blockIdx.x % tiles) * kBlock;
+                                      const int32_t* __restrict__ query_tile_keys,  // (B, m, 2)
+                                      int32_t* __restrict__ query_extent) {  // (B, n, 2)
+  const int64_t key_tiles = ceil_div(shape.Tk, kBlock);
+  const int64_t b = blockIdx.x / key_tiles;
+  const int64_t n0 = (blockIdx.x % key_tiles) * kBlock;
   const int64_t n1 = std::min<int64_t>(n0 + kBlock, shape.Tk);
+  const int query_tiles = static_cast<int>(ceil_div(shape.Tq, kBlock));  // fits_grid
+  const int32_t* tile_keys = query_tile_keys + 2 * b * query_tiles;
   const int lane = threadIdx.x;
-  const KeyBounds all_keys{0, shape.Tk};
-  // int32: Tq fits (fits_grid).
-  int first = static_cast<int>(shape.Tq), last = -1;
-#pragma unroll 8  // independent loads in flight: the scan is latency-bound
-  for (int64_t row = lane; row < shape.Tq; row += 32) {
-    const KeyBounds own = row_key_bounds<true>(shape, all_keys, b, row);
-    if (own.lo < own.hi && own.lo < n1 && own.hi > n0) {
-      first = std::min(first, static_cast<int>(row));
-      last = static_cast<int>(row);
+  int first = query_tiles, last = -1;
+  for (int m = lane; m < query_tiles; m += 32) {
+    if (tile_keys[2 * m] < n1 && tile_keys[2 * m + 1] > n0) {
+      first = std::min(first, m);
+      last = m;
     }
   }
 #pragma unroll
@@ -261,7 +279,8 @@ __global__ void __launch_bounds__(kWarps * 32)
   // Query tiles that see any key of this tile: from the first row i with n0 <= i + offset (to,
   // under a sliding window, the last with i + window_offset <= the tile's last key). With a
   // key range, of the tile's keys inside it (none: no query tile, zero gradients); with
-  // per-query ranges, only the tiles of the rows query_extent gives.
+  // per-query ranges, from the first to the last query tile whose keys meet the tile's
+  // (query_extent).
   int64_t m_block_min = 0, m_block_end = 0;
   const KeyBounds keys = kWindowed && !kPerQuery ? key_bounds(s, b) : KeyBounds{0, Tk};
   if (!kWindowed) {
@@ -275,8 +294,8 @@ __global__ void __launch_bounds__(kWarps * 32)
     }
     if constexpr (kPerQuery) {
       const int32_t* extent = query_extent + 2 * (b * ceil_div(Tk, kBlock) + block.tile);
-      m_block_min = std::max<int64_t>(m_block_min, extent[0] / kBlock);
-      m_block_end = std::min<int64_t>(m_block_end, ceil_div(extent[1], kBlock));
+      m_block_min = std::max<int64_t>(m_block_min, extent[0]);
+      m_block_end = std::min<int64_t>(m_block_end, extent[1]);
     }
   }
   // Every row's keys, as far as the tile masks go: per-query ranges (their rows vary from one
@@ -526,18 +545,24 @@ cudaError_t launch_bwd(const AttentionBwdArgs& args, cudaStream_t stream) {
       args.out, args.grad_out, delta, s.Hq, s.Tq, static_cast<int>(s.D), rows);
   FUSEDLM_RETURN_IF_LAUNCH_FAILED();
 
-  // Per-query key ranges: which query rows meet each key tile (the sm_90a kernel takes no key
-  // range, so the dK/dV kernel below is sm_80's).
+  // Per-query key ranges: which query tiles meet each key tile, in two steps (the sm_90a kernel
+  // takes no key range, so the dK/dV kernel below is sm_80's).
   int32_t* query_extent = nullptr;
   if (per_query(s)) {
-    const int64_t extents = s.B * ceil_div(s.Tk, kBlock);
-    if (!fits_grid(s, extents)) return cudaErrorInvalidValue;
-    query_extent =
-        static_cast<int32_t*>(args.alloc(sizeof(int32_t) * 2 * extents, args.alloc_context));
-    if (query_extent == nullptr) return cudaErrorMemoryAllocation;
+    const int64_t query_tiles = s.B * ceil_div(s.Tq, kBlock);
+    const int64_t key_tiles = s.B * ceil_div(s.Tk, kBlock);
+    if (!fits_grid(s, std::max(query_tiles, key_tiles))) return cudaErrorInvalidValue;
+    auto* query_tile_keys = static_cast<int32_t*>(
+        args.alloc(sizeof(int32_t) * 2 * (query_tiles + key_tiles), args.alloc_context));
+    if (query_tile_keys == nullptr) return cudaErrorMemoryAllocation;
+    query_extent = query_tile_keys + 2 * query_tiles;
+    auto tile_keys_kernel = attention_bwd_query_tile_keys_kernel<kBlock>;
+    FUSEDLM_LAUNCH(tile_keys_kernel, static_cast<unsigned>(query_tiles), 32, 0, stream)(
+        s, query_tile_keys);
+    FUSEDLM_RETURN_IF_LAUNCH_FAILED();
     auto extent_kernel = attention_bwd_query_extent_kernel<kBlock>;
-    FUSEDLM_LAUNCH(extent_kernel, static_cast<unsigned>(extents), 32, 0, stream)(s,
-                                                                                 query_extent);
+    FUSEDLM_LAUNCH(extent_kernel, static_cast<unsigned>(key_tiles), 32, 0, stream)(
+        s, query_tile_keys, query_extent);
     FUSEDLM_RETURN_IF_LAUNCH_FAILED();
   }
 
