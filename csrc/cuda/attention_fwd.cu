@@ -254,11 +254,9 @@ cudaError_t attention_fwd(const AttentionFwdArgs& args, cudaStream_t stream) {
   const AttentionShape& s = args.shape;
   if (!valid_shape(s)) return cudaErrorInvalidValue;
   // Hopper: the wgmma/TMA kernel where it applies (FUSEDLM_ATTENTION_SM90=require: wherever it
-  // can; it takes no per-query key range).
+  // can).
   const cudaError_t hopper = sm90::attention_fwd_sm90(args, stream);
-  if (hopper != cudaErrorNotSupported || (sm90::sm90_required() && !per_query(s))) {
-    return hopper;
-  }
+  if (hopper != cudaErrorNotSupported || sm90::sm90_required()) return hopper;
   // (kHeadDim, kBlockM, kBlockN, kWarps): 128 x 64 tiles with 4 warps (2 MMA row tiles each) up
   // to D = 128 (FlashAttention-2's sm80 choice for D = 128); 64-row tiles above, whose
   // double-buffered K/V tiles must fit the 163 KiB an A100 CTA can have. Devices with 99 KiB

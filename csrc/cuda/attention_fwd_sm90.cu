@@ -48,8 +48,10 @@ struct SharedLayout {
   static constexpr uint32_t kBarriers = kV + kStages * kKVBytes;
   // q_full, k_full[kStages], v_full[kStages], k_empty[kStages], v_empty[kStages]
   static constexpr uint32_t kBarrierCount = 1 + 4 * kStages;
+  // Per-query key ranges: the tile's outer and inner key bounds (4 int32), from warp 0.
+  static constexpr uint32_t kTileKeys = kBarriers + 8 * kBarrierCount;
   // + slack to align the dynamic shared memory's start to 1024 bytes
-  static constexpr size_t kBytes = kBarriers + 8 * kBarrierCount + kSwizzleGroupBytes;
+  static constexpr size_t kBytes = kTileKeys + 16 + kSwizzleGroupBytes;
   static_assert(kQBytes % kSwizzleGroupBytes == 0 && kKVBytes % kSwizzleGroupBytes == 0);
 };
 
@@ -60,9 +62,11 @@ struct FwdParams {
   AttentionFwdArgs args;
 };
 
-// grid (ceil(Tq / kBlockM) * Hq * B), kThreads threads. kWindowed: the sliding-window instance
-// (its key tiles start at the window's first; the plain instance is the kernel without it).
-template <typename T, int kHeadDim, bool kWindowed>
+// grid (ceil(Tq / kBlockM) * Hq * B), kThreads threads. kWindowed: the bounded instance (a
+// sliding window or key ranges: its key tiles start at the first one a row sees; the plain
+// instance is the kernel without it); kPerQuery (with kWindowed): key ranges per query row
+// (packed documents), each row masked by its own range.
+template <typename T, int kHeadDim, bool kWindowed, bool kPerQuery>
 __global__ void __launch_bounds__(kThreads, 1)
     attention_fwd_sm90_kernel(const __grid_constant__ FwdParams params) {
 #ifdef FUSEDLM_SM90A_DEVICE
@@ -98,18 +102,22 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int warpgroup = tid / 128;
 
   // Key tiles this query tile sees: all of them, or (causal) up to its last row's last key,
-  // from (sliding window) the tile of its first row's first key. The pipeline counts tiles from
-  // 0 (stages, phases, turns): its tile n is key tile n_first + n, and n_blocks counts them.
-  const KeyBounds keys = kWindowed ? key_bounds(s, b) : KeyBounds{0, Tk};
-  int64_t n_blocks = ceil_div(Tk, kBlockN);
-  if (s.causal) {
-    const int64_t last_visible = std::min(m0 + kBlockM, Tq) - 1 + s.causal_offset;
-    n_blocks = last_visible < 0 ? 0 : std::min(n_blocks, last_visible / kBlockN + 1);
+  // from (sliding window, key range) the tile of its first row's first key to (key range) the
+  // tile of its rows' last key. Per-query ranges: warp 0 reduces the tile's rows and hands the
+  // bounds over in shared memory (each warp reducing them alone, as the sm_80 kernel does, cost
+  // the consumers 36-108 bytes of spills: ptxas). The pipeline counts tiles from 0 (stages,
+  // phases, turns): its tile n is key tile n_first + n, and n_blocks counts them.
+  const KeyBounds keys = kWindowed && !kPerQuery ? key_bounds(s, b) : KeyBounds{0, Tk};
+  int* shared_tile_keys = reinterpret_cast<int*>(smem + Layout::kTileKeys);
+  if (kPerQuery && tid < 32) {
+    const TileKeyBounds bounds = tile_key_bounds<true>(s, keys, b, m0, kBlockM, tid);
+    if (tid == 0) {
+      shared_tile_keys[0] = static_cast<int>(bounds.outer.lo);
+      shared_tile_keys[1] = static_cast<int>(bounds.outer.hi);
+      shared_tile_keys[2] = static_cast<int>(bounds.inner.lo);
+      shared_tile_keys[3] = static_cast<int>(bounds.inner.hi);
+    }
   }
-  if (kWindowed) n_blocks = std::min(n_blocks, ceil_div(keys.hi, kBlockN));
-  const int64_t n_first = kWindowed ? first_key_tile(s, keys, m0, kBlockN) : 0;
-  n_blocks = std::max<int64_t>(0, n_blocks - n_first);
-
   if (tid == 0) {
     mbarrier_init(q_full, 1);
     for (int stage = 0; stage < kStages; ++stage) {
@@ -121,6 +129,19 @@ __global__ void __launch_bounds__(kThreads, 1)
     fence_barrier_init();
   }
   __syncthreads();
+
+  const TileKeyBounds tile_keys =
+      kPerQuery ? TileKeyBounds{KeyBounds{shared_tile_keys[0], shared_tile_keys[1]},
+                                KeyBounds{shared_tile_keys[2], shared_tile_keys[3]}}
+                : TileKeyBounds{keys, keys};
+  int64_t n_blocks = ceil_div(Tk, kBlockN);
+  if (s.causal) {
+    const int64_t last_visible = std::min(m0 + kBlockM, Tq) - 1 + s.causal_offset;
+    n_blocks = last_visible < 0 ? 0 : std::min(n_blocks, last_visible / kBlockN + 1);
+  }
+  if (kWindowed) n_blocks = std::min(n_blocks, ceil_div(tile_keys.outer.hi, kBlockN));
+  const int64_t n_first = kWindowed ? first_key_tile(s, tile_keys.outer, m0, kBlockN) : 0;
+  n_blocks = std::max<int64_t>(0, n_blocks - n_first);
 
   if (warpgroup == 0) {  // producer
     registers_decrease<kProducerRegisters>();
@@ -216,16 +237,18 @@ __global__ void __launch_bounds__(kThreads, 1)
     warpgroup_commit();
   };
 
-  // Scores of tile n (landed) -> probabilities in place: scale to log2 units, mask (past Tk and,
-  // causal, keys after the row's last visible), new row max over the 4 lanes sharing a row,
-  // exponentiate; alpha: the factors the output accumulated so far must be rescaled by.
+  // Scores of tile n (landed) -> probabilities in place: scale to log2 units, mask (past Tk,
+  // causal: keys after the row's last visible, bounded: outside the window or the row's key
+  // range), new row max over the 4 lanes sharing a row, exponentiate; alpha: the factors the
+  // output accumulated so far must be rescaled by. tile_keys.inner (the keys every row of the
+  // CTA's tile sees) decides which tiles skip the key-range mask.
   auto softmax = [&](int64_t n, float (&alpha)[2]) {
     const int64_t n0 = (n_first + n) * kBlockN;
     const int64_t rows0 = m0 + consumer * 64;  // this consumer's first row
     const bool need_mask =
         n0 + kBlockN > Tk || (s.causal && n0 + kBlockN - 1 > rows0 + s.causal_offset) ||
-        (kWindowed && ((s.windowed && n0 < rows0 + 63 + s.window_offset) || n0 < keys.lo ||
-                       n0 + kBlockN > keys.hi));
+        (kWindowed && ((s.windowed && n0 < rows0 + 63 + s.window_offset) ||
+                       n0 < tile_keys.inner.lo || n0 + kBlockN > tile_keys.inner.hi));
     if constexpr (!kWindowed) {
 #pragma unroll
       for (int nb = 0; nb < kNBlocks; ++nb) {
@@ -245,7 +268,9 @@ __global__ void __launch_bounds__(kThreads, 1)
       for (int r = 0; r < 2; ++r) {
         int lo = 0, hi = kBlockN;
         if (need_mask) {
-          visible_columns(s, keys, m0 + warp_row0 + g + 8 * r, n0, kBlockN, &lo, &hi);
+          const int64_t row = m0 + warp_row0 + g + 8 * r;
+          visible_columns(s, row_key_bounds<kPerQuery>(s, keys, b, row), row, n0, kBlockN, &lo,
+                          &hi);
         }
 #pragma unroll
         for (int nb = 0; nb < kNBlocks; ++nb) {
@@ -402,8 +427,9 @@ cudaError_t launch_fwd_sm90(const AttentionFwdArgs& args, cudaStream_t stream) {
     return cudaErrorNotSupported;
   }
   constexpr size_t bytes = SharedLayout<kHeadDim>::kBytes;
-  auto kernel = bounded(args.shape) ? attention_fwd_sm90_kernel<T, kHeadDim, true>
-                                    : attention_fwd_sm90_kernel<T, kHeadDim, false>;
+  auto kernel = per_query(s) ? attention_fwd_sm90_kernel<T, kHeadDim, true, true>
+                : bounded(s) ? attention_fwd_sm90_kernel<T, kHeadDim, true, false>
+                             : attention_fwd_sm90_kernel<T, kHeadDim, false, false>;
   FUSEDLM_RETURN_IF_ERROR(prepare_shared_memory(kernel, bytes));
   const int64_t blocks = ceil_div(s.Tq, kBlockM) * s.Hq * s.B;
   if (!fits_grid(s, blocks)) return cudaErrorInvalidValue;
@@ -454,8 +480,7 @@ cudaError_t encode_tile_map(CUtensorMap* map, DType dtype, const void* base,
 
 // FUSEDLM_ATTENTION_SM90: unset or "1" takes the sm_90a kernel where it applies, "0" never (to
 // compare the two paths on one GPU), "require" makes the forward fail where it does not apply
-// (the GPU tests use it to prove which kernel ran), per-query key ranges excepted (the sm_80
-// kernel runs those: the kernel has no way to take them).
+// (the GPU tests use it to prove which kernel ran).
 static const char* sm90_setting() {
   const char* setting = std::getenv("FUSEDLM_ATTENTION_SM90");
   return setting == nullptr ? "1" : setting;
@@ -485,8 +510,7 @@ bool sm90_enabled() {
 
 cudaError_t attention_fwd_sm90(const AttentionFwdArgs& args, cudaStream_t stream) {
   const AttentionShape& s = args.shape;
-  // Per-query key ranges (packed documents) run on the sm_80 kernel.
-  if (!valid_shape(s) || s.D > 128 || per_query(s) || !sm90_enabled()) {
+  if (!valid_shape(s) || s.D > 128 || !sm90_enabled()) {
     return cudaErrorNotSupported;
   }
   return dispatch_half_types(s.dtype, [&](auto tag) -> cudaError_t {

@@ -351,7 +351,8 @@ bool sm90_enabled();
 cudaError_t attention_fwd_sm90(const AttentionFwdArgs& args, cudaStream_t stream);
 
 // FUSEDLM_ATTENTION_SM90=require: where the sm_90a kernels do not apply, the call fails (the
-// backward's sliding windows excepted: no sm_90a kernel takes them, the sm_80 ones run).
+// backward's sliding windows and key ranges excepted: the sm_90a backward takes neither, the
+// sm_80 kernels run them).
 bool sm90_required();
 
 // dK, dV and the float32 dQ accumulator (added to, zeroed by the caller; nullptr: no dQ, for

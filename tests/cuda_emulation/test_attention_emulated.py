@@ -335,6 +335,23 @@ def edge_key_ranges(Tq, Tk):
     return ranges
 
 
+def tile_edge_key_ranges():
+    """(2, 256, 2) int32 over 384 keys whose tile bounds sit one key off the 128-key tile edges
+    of the sm_90a forward (and on the 64-key ones of the sm_80 kernels). Batch row 0: query tile
+    0's rows all start at key 127 (their first key tile is tile 0, by one key), and one row of
+    query tile 1 ends at 255 (key tile 1 needs its mask for that row alone). Batch row 1: one
+    row of query tile 0 starts at 129 (key tile 1 masked for it alone) and query tile 1 reaches
+    key 256 (tile 2, by one key)."""
+    ranges = torch.zeros(2, 256, 2, dtype=torch.int32)
+    ranges[0, :128] = torch.tensor([127, 384])
+    ranges[0, 128:] = torch.tensor([0, 256])
+    ranges[0, 200] = torch.tensor([0, 255])
+    ranges[1, :128] = torch.tensor([0, 384])
+    ranges[1, 7] = torch.tensor([129, 384])
+    ranges[1, 128:] = torch.tensor([0, 257])
+    return ranges
+
+
 # (B, Hq, Hkv, Tq, Tk, D, causal, window_offset, key ranges)
 PER_QUERY_CASES = [
     (2, 2, 1, 150, 150, 64, True, None,
@@ -345,10 +362,11 @@ PER_QUERY_CASES = [
     (2, 3, 1, 70, 200, 128, False, None, scattered_key_ranges(2, 70, 200, 3)),
     (1, 1, 1, 90, 90, 40, True, -20, scattered_key_ranges(1, 90, 90, 4)),
     (1, 2, 1, 200, 200, 64, False, None, edge_key_ranges(200, 200)),
+    (2, 1, 1, 256, 384, 64, False, None, tile_edge_key_ranges()),
 ]
 PER_QUERY_IDS = ["documents-causal-D64", "documents-full-D128", "documents-window-D32",
                  "documents-decode-D96", "scattered-full-D128", "scattered-window-D40",
-                 "single-key-edges-D64"]
+                 "single-key-edges-D64", "tile-bound-edges-D64"]
 
 
 @pytest.mark.parametrize("deterministic", [False, True], ids=["atomic_dq", "deterministic"])
@@ -374,34 +392,6 @@ def test_per_query_key_range_copy_timing(library, timing):
     late, schedule = timing
     _check(library, (1, 2, 1, 300, 300, 64), True, torch.float16, late=late, schedule=schedule,
            key_range=document_key_ranges(1, 300, 300, [[90, 70, 140]]))
-
-
-@pytest.mark.parametrize("case", [PER_QUERY_CASES[0], PER_QUERY_CASES[4]],
-                         ids=["documents-causal-D64", "scattered-full-D128"])
-def test_hopper_per_query_key_range_runs_the_sm80_kernels(library, case):
-    """On an sm_90 device the sm_90a forward refuses per-query ranges (cudaErrorNotSupported,
-    nothing written), and the launcher runs the sm_80 kernels for them even under
-    FUSEDLM_ATTENTION_SM90=require."""
-    *shape, causal, window_offset, ranges = case
-    B, Hq, Hkv, Tq, Tk, D = shape
-    q = _guarded(torch.randn(B, Hq, Tq, D).half())[0]
-    kv = _guarded(torch.randn(B, Hkv, Tk, D).half())[0]
-    out, _ = _output((B, Hq, Tq, D), torch.float16)
-    lse, _ = _output((B, Hq, Tq), torch.float32)
-    library.emulated_configure(1, LOCKSTEP, H100_SHARED_BYTES)
-    library.emulated_set_compute_capability(90)
-    try:
-        status = library.emulated_attention_fwd(
-            _shape_arg(B, Hq, Hkv, Tq, Tk, D, causal, Tk - Tq, window_offset, True),
-            ctypes.c_double(0.1), 0, 1, _ptr(q), _strides(q), _ptr(kv), _strides(kv), _ptr(kv),
-            _strides(kv), _ptr(out), ctypes.cast(_ptr(lse), ctypes.POINTER(ctypes.c_float)),
-            _key_range_arg(ranges))
-    finally:
-        library.emulated_set_compute_capability(80)
-    assert status == CUDA_ERROR_NOT_SUPPORTED
-    assert torch.isnan(out).all() and torch.isnan(lse).all()
-    _check(library, tuple(shape), causal, torch.float16, hopper="launcher",
-           window_offset=window_offset, key_range=ranges)
 
 
 @pytest.mark.parametrize("offset", [-20, 0, 90], ids=["offset-20", "offset0", "offset90"])
@@ -489,6 +479,26 @@ def test_hopper_deterministic_backward(library, head_dim):
     second = _run(library, q, k, v, do, True, 120, False, True, WARPS_BACKWARD, hopper=True)
     for a, b in zip(first, second, strict=True):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("case", PER_QUERY_CASES, ids=PER_QUERY_IDS)
+def test_hopper_per_query_key_range(library, case):
+    """Per-query key ranges on the sm_90a forward (the backward: the sm_80 kernels): warp 0
+    reduces the 128-row tile's ranges into its key-tile bounds for producer and consumers, and
+    each row of a tile a range cuts is masked by its own range."""
+    *shape, causal, window_offset, ranges = case
+    _check(library, tuple(shape), causal, torch.float16, hopper=True,
+           window_offset=window_offset, key_range=ranges)
+
+
+@pytest.mark.parametrize("timing", HOPPER_TIMINGS, ids=HOPPER_TIMING_IDS)
+def test_hopper_per_query_key_range_copy_timing(library, timing):
+    """The mbarrier ring when each query tile's key loop starts and stops at its own documents'
+    tiles (more key tiles than stages), under every timing and warp schedule; bfloat16."""
+    late, schedule = timing
+    ranges = document_key_ranges(1, 260, 520, [[130, 200, 60, 130]])
+    _check(library, (1, 2, 1, 260, 520, 64), True, torch.bfloat16, late=late, schedule=schedule,
+           hopper=True, key_range=ranges)
 
 
 def test_hopper_strided_layout(library):
