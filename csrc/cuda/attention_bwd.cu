@@ -452,7 +452,8 @@ __global__ void __launch_bounds__(kWarps * 32)
   const T* v = head_pointer<T>(args.v, b, h_kv);
 
   const KeyBounds keys = kWindowed && !kPerQuery ? key_bounds(s, b) : KeyBounds{0, Tk};
-  const TileKeyBounds tile_keys = tile_key_bounds<kPerQuery>(s, keys, b, m0, kBlockM, lane);
+  const TileKeyBounds tile_keys = cta_tile_key_bounds<kPerQuery>(
+      s, keys, b, m0, kBlockM, padding_scratch<kHeadDim>(sQ));
   int64_t n_blocks = ceil_div(Tk, kBlockN);
   if (s.causal) {
     const int64_t last_visible = std::min(m0 + kBlockM, Tq) - 1 + s.causal_offset;

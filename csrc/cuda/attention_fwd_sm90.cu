@@ -48,7 +48,7 @@ struct SharedLayout {
   static constexpr uint32_t kBarriers = kV + kStages * kKVBytes;
   // q_full, k_full[kStages], v_full[kStages], k_empty[kStages], v_empty[kStages]
   static constexpr uint32_t kBarrierCount = 1 + 4 * kStages;
-  // Per-query key ranges: the tile's outer and inner key bounds (4 int32), from warp 0.
+  // Per-query key ranges: the tile's outer and inner key bounds (cta_tile_key_bounds).
   static constexpr uint32_t kTileKeys = kBarriers + 8 * kBarrierCount;
   // + slack to align the dynamic shared memory's start to 1024 bytes
   static constexpr size_t kBytes = kTileKeys + 16 + kSwizzleGroupBytes;
@@ -103,21 +103,12 @@ __global__ void __launch_bounds__(kThreads, 1)
 
   // Key tiles this query tile sees: all of them, or (causal) up to its last row's last key,
   // from (sliding window, key range) the tile of its first row's first key to (key range) the
-  // tile of its rows' last key. Per-query ranges: warp 0 reduces the tile's rows and hands the
-  // bounds over in shared memory (each warp reducing them alone, as the sm_80 kernel does, cost
-  // the consumers 36-108 bytes of spills: ptxas). The pipeline counts tiles from 0 (stages,
-  // phases, turns): its tile n is key tile n_first + n, and n_blocks counts them.
+  // tile of its rows' last key (per-query ranges: warp 0 reduces the tile's rows for every warp,
+  // producer and consumers). The pipeline counts tiles from 0 (stages, phases, turns): its tile
+  // n is key tile n_first + n, and n_blocks counts them.
   const KeyBounds keys = kWindowed && !kPerQuery ? key_bounds(s, b) : KeyBounds{0, Tk};
-  int* shared_tile_keys = reinterpret_cast<int*>(smem + Layout::kTileKeys);
-  if (kPerQuery && tid < 32) {
-    const TileKeyBounds bounds = tile_key_bounds<true>(s, keys, b, m0, kBlockM, tid);
-    if (tid == 0) {
-      shared_tile_keys[0] = static_cast<int>(bounds.outer.lo);
-      shared_tile_keys[1] = static_cast<int>(bounds.outer.hi);
-      shared_tile_keys[2] = static_cast<int>(bounds.inner.lo);
-      shared_tile_keys[3] = static_cast<int>(bounds.inner.hi);
-    }
-  }
+  const TileKeyBounds tile_keys = cta_tile_key_bounds<kPerQuery>(
+      s, keys, b, m0, kBlockM, reinterpret_cast<int*>(smem + Layout::kTileKeys));
   if (tid == 0) {
     mbarrier_init(q_full, 1);
     for (int stage = 0; stage < kStages; ++stage) {
@@ -130,10 +121,6 @@ __global__ void __launch_bounds__(kThreads, 1)
   }
   __syncthreads();
 
-  const TileKeyBounds tile_keys =
-      kPerQuery ? TileKeyBounds{KeyBounds{shared_tile_keys[0], shared_tile_keys[1]},
-                                KeyBounds{shared_tile_keys[2], shared_tile_keys[3]}}
-                : TileKeyBounds{keys, keys};
   int64_t n_blocks = ceil_div(Tk, kBlockN);
   if (s.causal) {
     const int64_t last_visible = std::min(m0 + kBlockM, Tq) - 1 + s.causal_offset;

@@ -373,6 +373,37 @@ __device__ __forceinline__ TileKeyBounds tile_key_bounds(const AttentionShape& s
   return TileKeyBounds{KeyBounds{outer_lo, outer_hi}, KeyBounds{inner_lo, inner_hi}};
 }
 
+// tile_key_bounds for a whole CTA: warp 0 reduces the rows and hands the bounds to every warp
+// through `scratch` (4 int32 of shared memory) at a __syncthreads that every thread must reach.
+// (Every warp reducing alone puts the shuffle loop in each warp's code, which cost the 128-row
+// D = 128 forwards spills: sm_80 124 -> 72 bytes of spill stores, sm_90a 108 -> 0; ptxas.)
+template <bool kPerQuery>
+__device__ __forceinline__ TileKeyBounds cta_tile_key_bounds(const AttentionShape& s,
+                                                             const KeyBounds& keys, int64_t b,
+                                                             int64_t m0, int rows, int* scratch) {
+  if constexpr (!kPerQuery) return TileKeyBounds{keys, keys};
+  if (threadIdx.x < 32) {
+    const TileKeyBounds bounds = tile_key_bounds<true>(s, keys, b, m0, rows, threadIdx.x);
+    if (threadIdx.x == 0) {
+      scratch[0] = static_cast<int>(bounds.outer.lo);
+      scratch[1] = static_cast<int>(bounds.outer.hi);
+      scratch[2] = static_cast<int>(bounds.inner.lo);
+      scratch[3] = static_cast<int>(bounds.inner.hi);
+    }
+  }
+  __syncthreads();
+  return TileKeyBounds{KeyBounds{scratch[0], scratch[1]}, KeyBounds{scratch[2], scratch[3]}};
+}
+
+// 4 int32 of shared memory for cta_tile_key_bounds in a tile's padding: the kPad elements after
+// the first row of a (rows, kCols + kPad) tile, which no tile load writes and no ldmatrix reads
+// (so the kernels' shared-memory sizes, and the tiles that fit a device, stay as they are).
+template <int kCols, typename T>
+__device__ __forceinline__ int* padding_scratch(T* tile) {
+  static_assert(kPad * sizeof(T) >= 4 * sizeof(int) && (kCols * sizeof(T)) % 16 == 0);
+  return reinterpret_cast<int*>(tile + kCols);
+}
+
 // Whether some row of the query tile [m0, m0 + block_m) may not see every key of the key tile
 // [n0, n0 + block_n) its loop reaches: past Tq or Tk, the causal diagonal, (kWindowed) the
 // sliding window's edge or a key range's edge.

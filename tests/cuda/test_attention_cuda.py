@@ -964,8 +964,8 @@ def test_attention_key_range(shape, window, causal, kind, dtype):
     ids=["causal-T2048-D128", "full-T777-D64", "causal-w1024-T4096-D64", "Tq700-Tk1900-D96"],
 )
 def test_attention_per_query_key_range(shape, window, causal, kind, dtype):
-    """Per-query key ranges (packed documents; scattered ranges that no monotone search finds)
-    on the sm_80 kernels, also on Hopper: forward, dQ, and dK/dV over the query rows the
+    """Per-query key ranges (packed documents; scattered ranges that no monotone search finds):
+    the forward (on Hopper the sm_90a one for D <= 128), dQ, and dK/dV over the query rows the
     query extents give each key tile; "auto" picks the cuda backend."""
     from tests.ops.test_attention import _check_attention, query_key_ranges
 
@@ -975,6 +975,33 @@ def test_attention_per_query_key_range(shape, window, causal, kind, dtype):
     _check_attention(q, k, v, causal, "auto", window=window, backward=dtype == torch.float16,
                      key_range=ranges)
     assert OpDispatch.last_choice["attention_fwd"] == "cuda"
+
+
+@HOPPER
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize(
+    ("shape", "kind", "causal"),
+    [
+        ((2, 8, 2, 2048, 2048, 128), "documents", True),
+        ((2, 4, 4, 777, 1200, 64), "scattered", False),
+    ],
+    ids=["documents-causal-T2048-D128", "scattered-full-Tq777-Tk1200-D64"],
+)
+def test_hopper_forward_per_query_key_range(shape, kind, causal, dtype, monkeypatch):
+    """Packed documents on the sm_90a forward (require: proof that it ran) by the rule, and its
+    lse equal to the sm_80 forward's within float32 rounding."""
+    from tests.ops.test_attention import _check_attention, query_key_ranges
+
+    q, k, v = _qkv(shape, dtype)
+    ranges = query_key_ranges(kind, shape[0], shape[3], shape[4], "cuda")
+    monkeypatch.setenv("FUSEDLM_ATTENTION_SM90", "require")
+    _check_attention(q, k, v, causal, "cuda", backward=False, key_range=ranges)
+    lse = {}
+    for setting in ("require", "0"):
+        monkeypatch.setenv("FUSEDLM_ATTENTION_SM90", setting)
+        lse[setting] = torch.ops.fusedlm.attention_fwd(
+            q, k, v, _default_scale(q), causal, shape[4] - shape[3], "cuda", None, ranges)[1]
+    torch.testing.assert_close(lse["require"], lse["0"], rtol=0, atol=1e-4)
 
 
 def test_attention_per_query_key_range_deterministic_is_repeatable():

@@ -58,8 +58,7 @@ def _fuzz_attention(library, data, seq_lens, max_head_dim, schedules, hopper):
     if data.draw(st.booleans(), label="sliding window"):
         window_offset = data.draw(st.integers(-Tq, Tk), label="window offset")
     # Padding: each batch row's keys [start, end); packed documents or scattered ranges: each
-    # query row's. Any ints (clamped). The sm_90a forward takes no per-query range: those run
-    # through the launcher, which gives them to the sm_80 kernel.
+    # query row's. Any ints (clamped).
     key_range = None
     kind = data.draw(st.sampled_from(["none", "padded", "per query"]), label="key range kind")
     bound = st.integers(-2, Tk + 2)
@@ -80,8 +79,6 @@ def _fuzz_attention(library, data, seq_lens, max_head_dim, schedules, hopper):
             values = data.draw(st.lists(bound, min_size=2 * B * Tq, max_size=2 * B * Tq),
                                label="ranges")
             key_range = torch.tensor(values, dtype=torch.int32).reshape(B, Tq, 2)
-        if hopper:
-            hopper = "launcher"
     dtype = data.draw(st.sampled_from([torch.float16, torch.bfloat16]), label="dtype")
     layout = data.draw(st.sampled_from(["contiguous", "bthd"]), label="layout")
     late = data.draw(st.booleans(), label="copies (cp.async, TMA, wgmma) land late")
