@@ -18,8 +18,8 @@ constexpr size_t fwd_shared_bytes() {
 // grid (ceil(Tq / kBlockM) * Hq * B), kWarps * 32 threads; each warp owns kBlockM / kWarps rows.
 // kWindowed: the bounded instance (a sliding window or a key range: bounded(s)); the plain one
 // keeps their code out (its per-row bounds cost the 128-row D = 128 tile 32-80 bytes of spills).
-// kPerQuery (with kWindowed): per-query key ranges, whose per-row loads and tile bounds the
-// other bounded calls do without (they cost the 128-row D = 128 tile ~170 more bytes of spills).
+// kPerQuery (with kWindowed): per-query key ranges, whose per-row loads and CTA-wide tile bounds
+// (a shared-memory hand-over and a barrier) the other bounded calls do without.
 template <typename T, int kHeadDim, int kBlockM, int kBlockN, int kWarps, bool kWindowed,
           bool kPerQuery>
 __global__ void __launch_bounds__(kWarps * 32)
