@@ -41,6 +41,29 @@ def _param(n: int, dev: str, dtype: torch.dtype) -> torch.Tensor:
     return torch.randn(n, device=dev, dtype=dtype, requires_grad=True)
 
 
+def _both_dq_paths(forward) -> None:
+    """forward() then its backward, with the atomic dQ and then the deterministic one."""
+    was = torch.are_deterministic_algorithms_enabled()
+    for deterministic in (False, True):
+        torch.use_deterministic_algorithms(deterministic)
+        try:
+            out = forward()
+            out.backward(torch.randn_like(out))
+        finally:
+            torch.use_deterministic_algorithms(was)
+
+
+def _with_sm80_kernels(case):
+    """case() with FUSEDLM_ATTENTION_SM90=0 (the sm_80 kernels on an sm_90 GPU too)."""
+    from fusedlm.bench.cases import attention_sm90_setting
+
+    def run():
+        with attention_sm90_setting("0"):
+            case()
+
+    return run
+
+
 def _cases(backend: str, dev: str = "cuda"):
     import fusedlm
     from fusedlm.bench.cases import attention_sm90_setting
@@ -90,21 +113,12 @@ def _cases(backend: str, dev: str = "cuda"):
                    attention_sm80_kernels)
 
         def attention_sliding_window(dtype=dtype):
-            # the key loops start past tile 0 and the dK/dV query loop stops early; both dQ paths
+            # the key loops start past tile 0 and the dK/dV query loop stops early
             q = torch.randn(1, 4, 300, 64, device=dev, dtype=dtype, requires_grad=True)
             k, v = (torch.randn(1, 2, 330, 64, device=dev, dtype=dtype, requires_grad=True)
                     for _ in range(2))
-            was = torch.are_deterministic_algorithms_enabled()
-            for deterministic in (False, True):
-                torch.use_deterministic_algorithms(deterministic)
-                try:
-                    out = fusedlm.attention(q, k, v, causal=True, window=(100, 0),
-                                            backend=backend)
-                    out.backward(torch.randn_like(out))
-                finally:
-                    torch.use_deterministic_algorithms(was)
-
-        yield f"attention fwd+bwd {dn} sliding window (100, 0)", attention_sliding_window
+            _both_dq_paths(lambda: fusedlm.attention(q, k, v, causal=True, window=(100, 0),
+                                                     backend=backend))
 
         def attention_key_range(dtype=dtype):
             # padded batch: key loops over each row's range only, tiles cut by it, an empty row
@@ -112,36 +126,26 @@ def _cases(backend: str, dev: str = "cuda"):
             k, v = (torch.randn(3, 2, 200, 64, device=dev, dtype=dtype, requires_grad=True)
                     for _ in range(2))
             ranges = torch.tensor([[70, 200], [0, 133], [200, 200]], device=dev)
-            was = torch.are_deterministic_algorithms_enabled()
-            for deterministic in (False, True):
-                torch.use_deterministic_algorithms(deterministic)
-                try:
-                    out = fusedlm.attention(q, k, v, causal=True, key_range=ranges,
-                                            backend=backend)
-                    out.backward(torch.randn_like(out))
-                finally:
-                    torch.use_deterministic_algorithms(was)
-
-        yield f"attention fwd+bwd {dn} key range (padded batch)", attention_key_range
+            _both_dq_paths(lambda: fusedlm.attention(q, k, v, causal=True, key_range=ranges,
+                                                     backend=backend))
 
         def attention_documents(dtype=dtype):
-            # packed documents: per-query key ranges (the query extent kernel, per-row bounds),
-            # both dQ paths
+            # packed documents: per-query key ranges (the query extent kernels, per-row bounds)
             q, k, v = (torch.randn(2, 2, 190, 64, device=dev, dtype=dtype, requires_grad=True)
                        for _ in range(3))
             ids = torch.tensor([[0] * 50 + [1] * 3 + [2] * 137, [0] * 190], device=dev)
             ranges = fusedlm.key_range_from_document_ids(ids)
-            was = torch.are_deterministic_algorithms_enabled()
-            for deterministic in (False, True):
-                torch.use_deterministic_algorithms(deterministic)
-                try:
-                    out = fusedlm.attention(q, k, v, causal=True, key_range=ranges,
-                                            backend=backend)
-                    out.backward(torch.randn_like(out))
-                finally:
-                    torch.use_deterministic_algorithms(was)
+            _both_dq_paths(lambda: fusedlm.attention(q, k, v, causal=True, key_range=ranges,
+                                                     backend=backend))
 
-        yield f"attention fwd+bwd {dn} packed documents", attention_documents
+        for name, case in (("sliding window (100, 0)", attention_sliding_window),
+                           ("key range (padded batch)", attention_key_range),
+                           ("packed documents", attention_documents)):
+            yield f"attention fwd+bwd {dn} {name}", case
+            if backend == "cuda":
+                # on an sm_90 GPU the above runs the sm_90a kernels: the sm_80 bounded ones too
+                yield (f"attention fwd+bwd {dn} {name}, sm_80 kernels (FUSEDLM_ATTENTION_SM90=0)",
+                       _with_sm80_kernels(case))
         for M, N in NORM_SHAPES:
             for affine in (True, False):
                 def layer_norm(M=M, N=N, dtype=dtype, affine=affine):

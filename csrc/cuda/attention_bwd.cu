@@ -546,8 +546,8 @@ cudaError_t launch_bwd(const AttentionBwdArgs& args, cudaStream_t stream) {
       args.out, args.grad_out, delta, s.Hq, s.Tq, static_cast<int>(s.D), rows);
   FUSEDLM_RETURN_IF_LAUNCH_FAILED();
 
-  // Per-query key ranges: which query tiles meet each key tile, in two steps (the sm_90a kernel
-  // takes no key range, so the dK/dV kernel below is sm_80's).
+  // Per-query key ranges: which query tiles meet each key tile of kBlock keys, in two steps
+  // (for the dK/dV kernel below, sm_80's or, at kBlock = 64, the sm_90a one).
   int32_t* query_extent = nullptr;
   if (per_query(s)) {
     const int64_t query_tiles = s.B * ceil_div(s.Tq, kBlock);
@@ -571,8 +571,9 @@ cudaError_t launch_bwd(const AttentionBwdArgs& args, cudaStream_t stream) {
   constexpr size_t dkdv_bytes = dkdv_shared_bytes<kHeadDim, kBlock>();
   if (args.deterministic) {
     // dK, dV: on the Hopper kernel where it applies (no atomics there), else sm_80's.
-    const cudaError_t hopper = sm90::attention_bwd_sm90(args, delta, nullptr, stream);
-    if (hopper != cudaErrorNotSupported || (sm90::sm90_required() && !bounded(s))) {
+    const cudaError_t hopper =
+        sm90::attention_bwd_sm90(args, delta, nullptr, query_extent, kBlock, stream);
+    if (hopper != cudaErrorNotSupported || sm90::sm90_required()) {
       FUSEDLM_RETURN_IF_ERROR(hopper);
     } else {
       auto dkdv = dkdv_kernel_for<T, kHeadDim, kWarps, kOutDim, false>(s);
@@ -601,8 +602,9 @@ cudaError_t launch_bwd(const AttentionBwdArgs& args, cudaStream_t stream) {
   FUSEDLM_RETURN_IF_ERROR(
       cudaMemsetAsync(dq_accumulator, 0, sizeof(float) * dq_numel, stream));
   // Hopper: dK, dV and the dQ accumulator on the wgmma/TMA kernel where it applies.
-  const cudaError_t hopper = sm90::attention_bwd_sm90(args, delta, dq_accumulator, stream);
-  if (hopper != cudaErrorNotSupported || (sm90::sm90_required() && !bounded(s))) {
+  const cudaError_t hopper =
+      sm90::attention_bwd_sm90(args, delta, dq_accumulator, query_extent, kBlock, stream);
+  if (hopper != cudaErrorNotSupported || sm90::sm90_required()) {
     FUSEDLM_RETURN_IF_ERROR(hopper);
   } else {
     auto dkdv = dkdv_kernel_for<T, kHeadDim, kWarps, kOutDim, true>(s);

@@ -12,7 +12,8 @@
 // D = 128 the two consumers split dQ's columns (after a named barrier makes both halves of dS^T
 // visible); at D = 64 each computes dQ over its own 64 keys. The deterministic backward runs
 // this kernel without dQ (then attention_bwd.cu's atomic-free dQ kernel); D > 128 stays on the
-// sm_80 kernels.
+// sm_80 kernels. Sliding windows and key ranges (per batch row, or per query: packed documents)
+// take the bounded instances: fewer query tiles per key tile, and per-element masks.
 #include <cstring>
 
 #include "cuda/attention_sm90.cuh"
@@ -66,6 +67,9 @@ struct BwdParams {
   AttentionBwdArgs args;
   const float* delta;     // (B, Hq, Tq)
   float* dq_accumulator;  // (B, Hq, Tq, D)
+  // Per-query key ranges: for each 64-key tile, the 64-row query tiles [first, end) that meet it
+  // (attention_bwd.cu's attention_bwd_query_extent_kernel<64>).
+  const int32_t* query_extent;  // (B, ceil(Tk / 64), 2)
 };
 
 // The first query tile of a key tile starting at key n0: (causal) the first whose last row sees
@@ -77,10 +81,42 @@ struct BwdParams {
   return first_row <= 0 ? 0 : first_row / kBlockM;
 }
 
+// The 64-row query tiles [*first, *end) that a 128-key tile starting at n0 needs, given the
+// causal start and (kWindowed) the sliding window's end, a batch row's key range, and
+// (kPerQuery) the two 64-key tiles' query extents; empty when *first >= *end.
+template <bool kWindowed, bool kPerQuery>
+[[maybe_unused]] __device__ __forceinline__ void query_tiles_of_key_tile(
+    const AttentionShape& s, const KeyBounds& keys, const int32_t* query_extent, int64_t b,
+    int64_t n0, int64_t* first, int64_t* end) {
+  *first = first_query_tile(s, n0);
+  *end = ceil_div(s.Tq, kBlockM);
+  if constexpr (kWindowed) {
+    int64_t window_first = 0, window_end = 0;
+    query_tile_range<true>(s, n0, kBlockM, kBlockN, &window_first, &window_end);
+    *end = std::min(*end, window_end);
+    if (n0 >= keys.hi || n0 + kBlockN <= keys.lo) *end = 0;  // outside the batch row's keys
+  }
+  if constexpr (kPerQuery) {
+    // The union of the two 64-key tiles' extents (an empty one is (0, 0)).
+    const int64_t key_tiles = ceil_div(s.Tk, 64);
+    const int64_t tile = n0 / 64;
+    const int32_t* extent = query_extent + 2 * (b * key_tiles + tile);
+    int first_meeting = extent[0], end_meeting = extent[1];
+    if (tile + 1 < key_tiles && extent[3] > extent[2]) {
+      first_meeting = end_meeting > first_meeting ? std::min(first_meeting, extent[2]) : extent[2];
+      end_meeting = std::max(end_meeting, extent[3]);
+    }
+    *first = std::max<int64_t>(*first, first_meeting);
+    *end = std::min<int64_t>(*end, end_meeting);
+  }
+}
+
 // grid (ceil(Tk / kBlockN) * Hkv * B), kThreads threads.
 // kDq: also dQ (into the accumulator); without, dK and dV only (the deterministic backward,
-// whose dQ is attention_bwd.cu's atomic-free kernel).
-template <typename T, int kHeadDim, bool kDq>
+// whose dQ is attention_bwd.cu's atomic-free kernel). kWindowed: the bounded instance (a
+// sliding window or key ranges; the plain one keeps their code out); kPerQuery (with kWindowed):
+// per-query key ranges.
+template <typename T, int kHeadDim, bool kDq, bool kWindowed, bool kPerQuery>
 __global__ void __launch_bounds__(kThreads, 1)
     attention_bwd_sm90_kernel(const __grid_constant__ BwdParams params) {
 #ifdef FUSEDLM_SM90A_DEVICE
@@ -113,8 +149,13 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int64_t h_kv = block.head;
   const int64_t b = block.batch;
   const int64_t group = s.Hq / s.Hkv;
-  const int64_t m_first = first_query_tile(s, n0);
-  const int64_t m_count = std::max<int64_t>(ceil_div(Tq, kBlockM) - m_first, 0);
+  // The query tiles this key tile needs: from the causal start to the end, (bounded) only those
+  // inside the window, the batch row's key range, or (per query) the tiles whose rows meet it.
+  const KeyBounds keys = kWindowed && !kPerQuery ? key_bounds(s, b) : KeyBounds{0, Tk};
+  int64_t m_first = 0, m_end = 0;
+  query_tiles_of_key_tile<kWindowed, kPerQuery>(s, keys, params.query_extent, b, n0, &m_first,
+                                                &m_end);
+  const int64_t m_count = std::max<int64_t>(m_end - m_first, 0);
   const int64_t tiles = group * m_count;  // (query head, query tile) pairs, head-major
   const int tid = threadIdx.x;
   const int warpgroup = tid / 128;
@@ -225,8 +266,15 @@ __global__ void __launch_bounds__(kThreads, 1)
         delta[qb][e] = q < Tq ? delta_row[q] : 0.f;
       }
     }
-    const bool need_mask = m0 + kBlockM > Tq || n0 + kBlockN > Tk ||
-                           (s.causal && n0 + key_row0 + 15 > m0 + s.causal_offset);
+    // (Bounded: a window's edge crossing the warp's 16 keys and this query tile, a batch row's
+    // key range cutting the key tile, or per-query ranges, which are masked everywhere.)
+    const int64_t warp_key0 = n0 + key_row0;
+    const bool need_mask =
+        m0 + kBlockM > Tq || n0 + kBlockN > Tk ||
+        (s.causal && warp_key0 + 15 > m0 + s.causal_offset) ||
+        (kWindowed &&
+         (kPerQuery || (s.windowed && warp_key0 < m0 + kBlockM - 1 + s.window_offset) ||
+          n0 < keys.lo || n0 + kBlockN > keys.hi));
 
     warpgroup_wait<1>();  // S^T has landed
     fence_accumulators(st);
@@ -239,12 +287,33 @@ __global__ void __launch_bounds__(kThreads, 1)
         // and the D = 128 consumer, already at its 240-register cap, spills 16-24 bytes more
         // (ptxas, sm_90a); here the GEMMs, not the exponentials, bound the loop.
         float prob = l == -INFINITY ? 0.f : exp2f(st[4 * qb + i] * scale_log2 - l);
-        if (need_mask) {
+        if (!kWindowed && need_mask) {
           const int64_t key = n0 + key_row0 + g + (i >= 2 ? 8 : 0);
           const int64_t q = m0 + qb * 8 + 2 * t + (i & 1);
           if (q >= Tq || key >= Tk || (s.causal && key > q + s.causal_offset)) prob = 0.f;
         }
         st[4 * qb + i] = prob;
+      }
+    }
+    if (kWindowed && need_mask) {
+      // Per query column: which of the warp's 16 keys it sees ([lo, hi): visible_columns with
+      // the query as the "row"), then its element in each of the two key rows g, g + 8.
+#pragma unroll
+      for (int qb = 0; qb < kQBlocks; ++qb) {
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int64_t q = m0 + qb * 8 + 2 * t + e;
+          int lo = 0, hi = 0;
+          if (q < Tq) {
+            visible_columns(s, row_key_bounds<kPerQuery>(s, keys, b, q), q, warp_key0, 16, &lo,
+                            &hi);
+          }
+#pragma unroll
+          for (int r = 0; r < 2; ++r) {
+            const int key = g + 8 * r;
+            if (key < lo || key >= hi) st[4 * qb + 2 * r + e] = 0.f;
+          }
+        }
       }
     }
     warpgroup_wait<0>();  // dP^T has landed
@@ -381,13 +450,15 @@ __global__ void __launch_bounds__(kThreads, 1)
 
 template <typename T, int kHeadDim, bool kDq>
 cudaError_t launch_bwd_sm90(const AttentionBwdArgs& args, const float* delta,
-                            float* dq_accumulator, cudaStream_t stream) {
+                            float* dq_accumulator, const int32_t* query_extent,
+                            cudaStream_t stream) {
   const AttentionShape& s = args.shape;
   BwdParams params;
   std::memset(&params, 0, sizeof(params));
   params.args = args;
   params.delta = delta;
   params.dq_accumulator = dq_accumulator;
+  params.query_extent = query_extent;
   if (encode_input(&params.q_map, s, args.q, s.Hq, s.Tq, kBlockM) != cudaSuccess ||
       encode_input(&params.k_map, s, args.k, s.Hkv, s.Tk, kBlockN) != cudaSuccess ||
       encode_input(&params.v_map, s, args.v, s.Hkv, s.Tk, kBlockN) != cudaSuccess ||
@@ -395,7 +466,9 @@ cudaError_t launch_bwd_sm90(const AttentionBwdArgs& args, const float* delta,
     return cudaErrorNotSupported;
   }
   constexpr size_t bytes = BwdLayout<kHeadDim>::kBytes;
-  auto kernel = attention_bwd_sm90_kernel<T, kHeadDim, kDq>;
+  auto kernel = per_query(s) ? attention_bwd_sm90_kernel<T, kHeadDim, kDq, true, true>
+                : bounded(s) ? attention_bwd_sm90_kernel<T, kHeadDim, kDq, true, false>
+                             : attention_bwd_sm90_kernel<T, kHeadDim, kDq, false, false>;
   FUSEDLM_RETURN_IF_ERROR(prepare_shared_memory(kernel, bytes));
   const int64_t blocks = ceil_div(s.Tk, kBlockN) * s.Hkv * s.B;
   if (!fits_grid(s, blocks)) return cudaErrorInvalidValue;
@@ -408,20 +481,26 @@ cudaError_t launch_bwd_sm90(const AttentionBwdArgs& args, const float* delta,
 }  // namespace
 
 cudaError_t attention_bwd_sm90(const AttentionBwdArgs& args, const float* delta,
-                               float* dq_accumulator, cudaStream_t stream) {
+                               float* dq_accumulator, const int32_t* query_extent,
+                               int query_extent_block, cudaStream_t stream) {
   const AttentionShape& s = args.shape;
-  // Sliding windows: the sm_80 kernels (this one's pipeline walks the query tiles from the
-  // causal start to the end), even under FUSEDLM_ATTENTION_SM90=require (attention_bwd.cu).
-  if (!valid_shape(s) || s.D > 128 || bounded(s) || !sm90_enabled()) return cudaErrorNotSupported;
+  // Per-query ranges need the extents of 64-key tiles (what the sm_80 dK/dV tiles are wherever
+  // the device has an H100's shared memory).
+  if (!valid_shape(s) || s.D > 128 || !sm90_enabled() ||
+      (per_query(s) && (query_extent == nullptr || query_extent_block != 64))) {
+    return cudaErrorNotSupported;
+  }
   using backward::launch_bwd_sm90;
   return dispatch_half_types(s.dtype, [&](auto tag) -> cudaError_t {
     using T = decltype(tag);
     if (dq_accumulator == nullptr) {
-      return s.D <= 64 ? launch_bwd_sm90<T, 64, false>(args, delta, nullptr, stream)
-                       : launch_bwd_sm90<T, 128, false>(args, delta, nullptr, stream);
+      return s.D <= 64
+                 ? launch_bwd_sm90<T, 64, false>(args, delta, nullptr, query_extent, stream)
+                 : launch_bwd_sm90<T, 128, false>(args, delta, nullptr, query_extent, stream);
     }
-    return s.D <= 64 ? launch_bwd_sm90<T, 64, true>(args, delta, dq_accumulator, stream)
-                     : launch_bwd_sm90<T, 128, true>(args, delta, dq_accumulator, stream);
+    return s.D <= 64
+               ? launch_bwd_sm90<T, 64, true>(args, delta, dq_accumulator, query_extent, stream)
+               : launch_bwd_sm90<T, 128, true>(args, delta, dq_accumulator, query_extent, stream);
   });
 }
 

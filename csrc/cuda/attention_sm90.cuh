@@ -350,16 +350,17 @@ bool sm90_enabled();
 // otherwise, and the caller runs the sm_80 kernel.
 cudaError_t attention_fwd_sm90(const AttentionFwdArgs& args, cudaStream_t stream);
 
-// FUSEDLM_ATTENTION_SM90=require: where the sm_90a kernels do not apply, the call fails (the
-// backward's sliding windows and key ranges excepted: the sm_90a backward takes neither, the
-// sm_80 kernels run them).
+// FUSEDLM_ATTENTION_SM90=require: where the sm_90a kernels do not apply, the call fails.
 bool sm90_required();
 
 // dK, dV and the float32 dQ accumulator (added to, zeroed by the caller; nullptr: no dQ, for
 // the deterministic backward) on the sm_90a kernel, from delta = rowsum(dO * O) (B * Hq * Tq
-// floats); cudaErrorNotSupported (nothing launched) where it does not apply: not sm_90,
-// D > 128, a sliding window, or inputs TMA cannot describe.
+// floats) and, for per-query key ranges, the query extents of key tiles of
+// query_extent_block keys (B, ceil(Tk / query_extent_block), 2); cudaErrorNotSupported (nothing
+// launched) where it does not apply: not sm_90, D > 128, per-query ranges without extents of
+// 64-key tiles, or inputs TMA cannot describe.
 cudaError_t attention_bwd_sm90(const AttentionBwdArgs& args, const float* delta,
-                               float* dq_accumulator, cudaStream_t stream);
+                               float* dq_accumulator, const int32_t* query_extent,
+                               int query_extent_block, cudaStream_t stream);
 
 }  // namespace fusedlm::cuda::attention::sm90

@@ -78,8 +78,8 @@ cudaError_t norm_bwd(const NormBwdArgs& args, cudaStream_t stream);
 // (!causal || j <= i + causal_offset) && (!windowed || j >= i + window_offset) and, with a key
 // range, key_range[b][0] <= j < key_range[b][1] in batch row b (padded batches) or, per query,
 // key_range[b][i][0] <= j < key_range[b][i][1] (packed documents). A query row that sees no key
-// gets out = 0, lse = -inf. The sm_90a backward takes no window and no key range (the sm_80
-// kernels run those on Hopper too).
+// gets out = 0, lse = -inf. On Hopper (sm_90a kernels) D <= 128 runs the wgmma/TMA kernels, with
+// every mask, D > 128 the sm_80 ones.
 //
 // Inputs are read in place through their batch, head and token strides (in elements): the
 // head dim must be contiguous, D a multiple of 8 (1..256), every stride a multiple of 8 and the

@@ -907,7 +907,8 @@ def test_hopper_require_fails_where_it_does_not_apply(monkeypatch):
         fusedlm.attention(q, k, v, causal=True, backend="cuda")
 
 
-# Sliding windows run on the sm_80 kernels (Hopper included: the sm_90a ones take none).
+# Sliding windows, padded batches and packed documents: the bounded kernel instances (on Hopper
+# the sm_90a ones for D <= 128, forward and backward).
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize(
     ("shape", "window", "causal"),
@@ -940,8 +941,7 @@ def test_attention_sliding_window(shape, window, causal, dtype):
     ids=["causal-T1024-D128", "full-T777-D64", "causal-w512-T2048-D128", "decode-T3000"],
 )
 def test_attention_key_range(shape, window, causal, kind, dtype):
-    """Padded batches on the bounded (sliding-window) kernel instances, forward on the sm_90a
-    kernel where it applies, backward on sm_80's."""
+    """Padded batches on the bounded (sliding-window) kernel instances."""
     from tests.ops.test_attention import _check_attention, key_ranges
 
     q, k, v = _qkv(shape, dtype)
@@ -965,8 +965,8 @@ def test_attention_key_range(shape, window, causal, kind, dtype):
 )
 def test_attention_per_query_key_range(shape, window, causal, kind, dtype):
     """Per-query key ranges (packed documents; scattered ranges that no monotone search finds):
-    the forward (on Hopper the sm_90a one for D <= 128), dQ, and dK/dV over the query rows the
-    query extents give each key tile; "auto" picks the cuda backend."""
+    the forward, and the backward over the query tiles the query extents give each key tile;
+    "auto" picks the cuda backend."""
     from tests.ops.test_attention import _check_attention, query_key_ranges
 
     q, k, v = _qkv(shape, dtype)
@@ -1002,6 +1002,35 @@ def test_hopper_forward_per_query_key_range(shape, kind, causal, dtype, monkeypa
         lse[setting] = torch.ops.fusedlm.attention_fwd(
             q, k, v, _default_scale(q), causal, shape[4] - shape[3], "cuda", None, ranges)[1]
     torch.testing.assert_close(lse["require"], lse["0"], rtol=0, atol=1e-4)
+
+
+@HOPPER
+@pytest.mark.parametrize("kind", ["window", "padded", "documents"])
+def test_hopper_bounded_backward(kind, monkeypatch):
+    """Windows, padded batches and packed documents through the sm_90a backward (require: proof
+    that it ran) by the rule; under torch.use_deterministic_algorithms (dK, dV on it without dQ,
+    dQ by the sm_80 atomic-free kernel) the same gradients within fp16 rounding of the sums'
+    order."""
+    from tests.ops.test_attention import _check_attention, key_ranges, query_key_ranges
+
+    B, Hq, Hkv, T, D = 2, 8, 2, 1500, 128
+    q, k, v = _qkv((B, Hq, Hkv, T, T, D), torch.float16)
+    options = {
+        "window": {"window": (400, 0)},
+        "padded": {"key_range": key_ranges("mixed", B, T, "cuda")},
+        "documents": {"key_range": query_key_ranges("documents", B, T, T, "cuda")},
+    }[kind]
+    monkeypatch.setenv("FUSEDLM_ATTENTION_SM90", "require")
+    _check_attention(q, k, v, True, "cuda", **options)
+    grad_out = _randn(q.shape, torch.float16)
+    grads = {}
+    for mode in (False, True):
+        leaves = [_leaf(t) for t in (q, k, v)]
+        with deterministic(mode):
+            out = fusedlm.attention(*leaves, causal=True, backend="cuda", **options)
+            grads[mode] = torch.autograd.grad(out, leaves, grad_out)
+    for name, atomic, ordered in zip(("dq", "dk", "dv"), grads[False], grads[True], strict=True):
+        torch.testing.assert_close(ordered, atomic, rtol=2e-3, atol=1e-4, msg=name)
 
 
 def test_attention_per_query_key_range_deterministic_is_repeatable():

@@ -239,10 +239,9 @@ def test_sliding_window(library, case, deterministic):
 
 @pytest.mark.parametrize("case", [WINDOW_CASES[0], WINDOW_CASES[1], WINDOW_CASES[3]],
                          ids=["mistral-D64", "two-sided-D128", "decode-D96"])
-def test_hopper_forward_sliding_window(library, case):
-    """The sm_90a forward (TMA, mbarriers, wgmma emulated) with its pipeline starting at the
-    window's first key tile; the backward runs the sm_80 kernels (the sm_90a one takes no
-    window, FUSEDLM_ATTENTION_SM90=require notwithstanding)."""
+def test_hopper_sliding_window(library, case):
+    """The sm_90a kernels (TMA, mbarriers, wgmma emulated): the forward's pipeline starting at the
+    window's first key tile, the backward's query tiles stopping at the window's last."""
     *shape, causal, window_offset = case
     _check(library, tuple(shape), causal, torch.float16, hopper=True, window_offset=window_offset)
 
@@ -280,10 +279,9 @@ def test_key_range(library, case, deterministic):
 
 @pytest.mark.parametrize("case", [KEY_RANGE_CASES[0], KEY_RANGE_CASES[2]],
                          ids=["padded-D64", "decode-window-D96"])
-def test_hopper_forward_key_range(library, case):
-    """The sm_90a forward's pipeline over the key range's tiles only; the backward on the sm_80
-    kernels (the sm_90a one takes no key range, FUSEDLM_ATTENTION_SM90=require
-    notwithstanding)."""
+def test_hopper_key_range(library, case):
+    """The sm_90a forward's pipeline over the key range's tiles only; the sm_90a backward with no
+    query tile for a key tile outside the range (zero dK, dV) and masks where it cuts one."""
     *shape, causal, window_offset, ranges = case
     _check(library, tuple(shape), causal, torch.float16, hopper=True,
            window_offset=window_offset, key_range=ranges)
@@ -420,8 +418,8 @@ def test_small_shared_memory_tiles(library, shape, deterministic):
            shared_bytes=SM86_SHARED_BYTES)
 
 
-# ---- the Hopper forward (attention_fwd_sm90.cu: TMA, mbarriers, wgmma) -------------------------
-# Its forward, then the sm_80 backward from its out and lse. (B, Hq, Hkv, Tq, Tk, D): both
+# ---- the Hopper kernels (attention_fwd_sm90.cu, attention_bwd_sm90.cu: TMA, mbarriers, wgmma) ---
+# Forward and backward under FUSEDLM_ATTENTION_SM90=require. (B, Hq, Hkv, Tq, Tk, D): both
 # head-dim templates (64, 128; D padded up by TMA's zero fill), ragged query and key tiles, more
 # key tiles than ring stages (the producer waits for the consumers to free a buffer), GQA, MQA.
 HOPPER_SHAPES = [
@@ -483,12 +481,24 @@ def test_hopper_deterministic_backward(library, head_dim):
 
 @pytest.mark.parametrize("case", PER_QUERY_CASES, ids=PER_QUERY_IDS)
 def test_hopper_per_query_key_range(library, case):
-    """Per-query key ranges on the sm_90a forward (the backward: the sm_80 kernels): warp 0
-    reduces the 128-row tile's ranges into its key-tile bounds for producer and consumers, and
-    each row of a tile a range cuts is masked by its own range."""
+    """Per-query key ranges on the sm_90a kernels. Forward: warp 0 reduces the 128-row tile's
+    ranges into its key-tile bounds for producer and consumers, and each row of a tile a range
+    cuts is masked by its own range. Backward: each 128-key tile walks the union of its two
+    64-key tiles' query extents, every element masked by its query's range."""
     *shape, causal, window_offset, ranges = case
     _check(library, tuple(shape), causal, torch.float16, hopper=True,
            window_offset=window_offset, key_range=ranges)
+
+
+@pytest.mark.parametrize("case", [(WINDOW_CASES[1], None), (KEY_RANGE_CASES[1][:-1],
+                                   KEY_RANGE_CASES[1][-1]), (PER_QUERY_CASES[0][:-1],
+                                                             PER_QUERY_CASES[0][-1])],
+                         ids=["window-D128", "padded-D128", "documents-D64"])
+def test_hopper_bounded_deterministic_backward(library, case):
+    """The bounded sm_90a backward without dQ (dK, dV; dQ by the sm_80 atomic-free kernel)."""
+    (*shape, causal, window_offset), key_range = case
+    _check(library, tuple(shape), causal, torch.float16, deterministic=True, hopper=True,
+           window_offset=window_offset, key_range=key_range)
 
 
 @pytest.mark.parametrize("timing", HOPPER_TIMINGS, ids=HOPPER_TIMING_IDS)

@@ -54,7 +54,7 @@ def _fuzz_attention(library, data, seq_lens, max_head_dim, schedules, hopper):
     offset = Tk - Tq
     if causal and data.draw(st.booleans(), label="random offset"):
         offset = data.draw(st.integers(-Tq, Tk), label="offset")
-    window_offset = None  # sliding windows (on Hopper: the sm_90a forward, the sm_80 backward)
+    window_offset = None  # sliding windows
     if data.draw(st.booleans(), label="sliding window"):
         window_offset = data.draw(st.integers(-Tq, Tk), label="window offset")
     # Padding: each batch row's keys [start, end); packed documents or scattered ranges: each
