@@ -286,18 +286,14 @@ __global__ void __launch_bounds__(kThreads, 1)
         // exp2f, not fast_exp2: with the bare ex2 ptxas schedules more exponentials in flight
         // and the D = 128 consumer, already at its 240-register cap, spills 16-24 bytes more
         // (ptxas, sm_90a); here the GEMMs, not the exponentials, bound the loop.
-        float prob = l == -INFINITY ? 0.f : exp2f(st[4 * qb + i] * scale_log2 - l);
-        if (!kWindowed && need_mask) {
-          const int64_t key = n0 + key_row0 + g + (i >= 2 ? 8 : 0);
-          const int64_t q = m0 + qb * 8 + 2 * t + (i & 1);
-          if (q >= Tq || key >= Tk || (s.causal && key > q + s.causal_offset)) prob = 0.f;
-        }
-        st[4 * qb + i] = prob;
+        st[4 * qb + i] = l == -INFINITY ? 0.f : exp2f(st[4 * qb + i] * scale_log2 - l);
       }
     }
-    if (kWindowed && need_mask) {
+    if (need_mask) {
       // Per query column: which of the warp's 16 keys it sees ([lo, hi): visible_columns with
-      // the query as the "row"), then its element in each of the two key rows g, g + 8.
+      // the query as the "row"), then its element in each of the two key rows g, g + 8. (A
+      // loop of its own, after the exponentials: with the test inside theirs the D = 128
+      // consumers spilled 20-36 bytes, none this way; ptxas, sm_90a.)
 #pragma unroll
       for (int qb = 0; qb < kQBlocks; ++qb) {
 #pragma unroll
