@@ -454,12 +454,7 @@ __global__ void __launch_bounds__(kWarps * 32)
   const KeyBounds keys = kWindowed && !kPerQuery ? key_bounds(s, b) : KeyBounds{0, Tk};
   const TileKeyBounds tile_keys = cta_tile_key_bounds<kPerQuery>(
       s, keys, b, m0, kBlockM, padding_scratch<kHeadDim>(sQ));
-  int64_t n_blocks = ceil_div(Tk, kBlockN);
-  if (s.causal) {
-    const int64_t last_visible = std::min(m0 + kBlockM, Tq) - 1 + s.causal_offset;
-    n_blocks = last_visible < 0 ? 0 : std::min(n_blocks, last_visible / kBlockN + 1);
-  }
-  if (kWindowed) n_blocks = std::min(n_blocks, ceil_div(tile_keys.outer.hi, kBlockN));
+  const int64_t n_blocks = key_tile_end<kWindowed>(s, tile_keys.outer, m0, kBlockM, kBlockN);
   const int64_t n_first = kWindowed ? first_key_tile(s, tile_keys.outer, m0, kBlockN) : 0;
   const int64_t row0 = m0 + warp * 16 + g;
 

@@ -121,14 +121,9 @@ __global__ void __launch_bounds__(kThreads, 1)
   }
   __syncthreads();
 
-  int64_t n_blocks = ceil_div(Tk, kBlockN);
-  if (s.causal) {
-    const int64_t last_visible = std::min(m0 + kBlockM, Tq) - 1 + s.causal_offset;
-    n_blocks = last_visible < 0 ? 0 : std::min(n_blocks, last_visible / kBlockN + 1);
-  }
-  if (kWindowed) n_blocks = std::min(n_blocks, ceil_div(tile_keys.outer.hi, kBlockN));
   const int64_t n_first = kWindowed ? first_key_tile(s, tile_keys.outer, m0, kBlockN) : 0;
-  n_blocks = std::max<int64_t>(0, n_blocks - n_first);
+  const int64_t n_blocks = std::max<int64_t>(
+      0, key_tile_end<kWindowed>(s, tile_keys.outer, m0, kBlockM, kBlockN) - n_first);
 
   if (warpgroup == 0) {  // producer
     registers_decrease<kProducerRegisters>();

@@ -432,6 +432,21 @@ __device__ __forceinline__ void visible_columns(const AttentionShape& s, const K
   *lo = static_cast<int>(std::min<int64_t>(std::max<int64_t>(begin - n0, 0), block_n));
 }
 
+// The end (exclusive) of the key tiles (of `block_n` keys) the query tile [m0, m0 + block_m)
+// sees: all of them, or (causal) up to its last row's last key and (kWindowed) up to its rows'
+// last key (`outer`: a key range's end, clamped to Tk). Its first: first_key_tile.
+template <bool kWindowed>
+__device__ __forceinline__ int64_t key_tile_end(const AttentionShape& s, const KeyBounds& outer,
+                                                int64_t m0, int64_t block_m, int64_t block_n) {
+  int64_t end = ceil_div(s.Tk, block_n);
+  if (s.causal) {
+    const int64_t last_visible = std::min(m0 + block_m, s.Tq) - 1 + s.causal_offset;
+    end = last_visible < 0 ? 0 : std::min(end, last_visible / block_n + 1);
+  }
+  if (kWindowed) end = std::min(end, ceil_div(outer.hi, block_n));
+  return end;
+}
+
 // The first key tile (of `block_n` keys) a query tile starting at row m0 sees: the tile of its
 // first row's first visible key (past the sliding window's start and the key range's).
 __device__ __forceinline__ int64_t first_key_tile(const AttentionShape& s, const KeyBounds& keys,
