@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import importlib.util
 import math
 import os
 import shutil
@@ -32,6 +33,8 @@ SM90_SOURCES = [
     *sorted((REPO / "csrc" / "cuda").glob("*.cuh")),
     REPO / "csrc" / "cuda" / "launchers.h",
 ]
+# The Hopper layouts against CUTLASS's CuTe (test_sm90_layouts_cute.py).
+SM90_LAYOUT_SOURCES = [*SM90_SOURCES[:2], HERE / "sm90_layouts_cute.cpp", *SM90_SOURCES[3:]]
 GUARD = 64  # elements of NaN before and after every tensor
 # Opt-in shared memory per block the emulated device reports (the launchers pick tiles by it).
 H100_SHARED_BYTES = 232448
@@ -49,9 +52,10 @@ def _cuda_include() -> Path | None:
     return None
 
 
-def _build(source: Path, sources: list[Path], stem: str) -> ctypes.CDLL:
+def _build(source: Path, sources: list[Path], stem: str,
+           extra_flags: tuple[str, ...] = ()) -> ctypes.CDLL:
     """`source` compiled for the emulation into a cached shared library, keyed by the hash of
-    `sources`."""
+    `sources` and the flags."""
     include = _cuda_include()
     compiler = shutil.which("g++")
     if include is None or compiler is None:
@@ -60,7 +64,7 @@ def _build(source: Path, sources: list[Path], stem: str) -> ctypes.CDLL:
     # to its own emulated definitions even when a CUDA build of torch has loaded the real
     # libcudart into the process first (without it they reach the real runtime, which fails
     # with cudaErrorInsufficientDriver where there is no GPU and is worse where there is one).
-    flags = ["-std=c++20", "-O1", "-shared", "-fPIC", "-Wl,-Bsymbolic"]
+    flags = ["-std=c++20", "-O1", "-shared", "-fPIC", "-Wl,-Bsymbolic", *extra_flags]
     digest = hashlib.sha256(
         b"".join(p.read_bytes() for p in sources) + " ".join(flags).encode()).hexdigest()[:16]
     cache = Path(os.environ.get("FUSEDLM_EMULATION_CACHE", Path.home() / ".cache" / "fusedlm"))
@@ -90,12 +94,42 @@ def library():
     return lib
 
 
+def cute_include() -> Path | None:
+    """CUTLASS's headers (cute/, cutlass/) from the nvidia-cutlass package, or $CUTLASS_INCLUDE."""
+    candidates = [Path(os.environ["CUTLASS_INCLUDE"])] if os.environ.get("CUTLASS_INCLUDE") else []
+    spec = importlib.util.find_spec("cutlass_library")  # locates, does not import
+    for location in (spec.submodule_search_locations or []) if spec is not None else []:
+        candidates.append(Path(location) / "source" / "include")
+    return next((c for c in candidates if (c / "cute" / "tensor.hpp").exists()), None)
+
+
 @pytest.fixture(scope="session")
 def sm90_library():
     """The small test kernels over the emulated Hopper primitives (sm90_primitives_emulated.cpp),
     built and cached like `library`."""
     lib = _build(HERE / "sm90_primitives_emulated.cpp", SM90_SOURCES, "sm90_primitives_emulated")
     lib.sm90_fault.restype = ctypes.c_char_p
+    return lib
+
+
+@pytest.fixture(scope="session")
+def cute_layouts_library():
+    """sm90_layouts_cute.cpp (the emulation's and the kernels' Hopper layouts against CuTe's),
+    built and cached like `library`; skipped without CUTLASS's headers unless
+    FUSEDLM_REQUIRE_CUTE=1 (CI), where their absence fails."""
+    cute = cute_include()
+    cuda = _cuda_include()
+    if cute is None:
+        message = ("needs CUTLASS's CuTe headers: pip install --no-deps nvidia-cutlass==4.2.0.0 "
+                   "(or set CUTLASS_INCLUDE)")
+        if os.environ.get("FUSEDLM_REQUIRE_CUTE") == "1":
+            pytest.fail(message)
+        pytest.skip(message)
+    # CUDA 13 keeps libcu++ (cuda/std/...) under include/cccl; CUDA 12 in include itself.
+    cccl = [f"-I{cuda / 'cccl'}"] if cuda is not None and (cuda / "cccl").is_dir() else []
+    lib = _build(HERE / "sm90_layouts_cute.cpp", SM90_LAYOUT_SOURCES, "sm90_layouts_cute",
+                 (f"-I{cute}", *cccl, "-Wno-deprecated-declarations"))
+    lib.cute_first_mismatch.restype = ctypes.c_char_p
     return lib
 
 

@@ -167,6 +167,12 @@ inline uint32_t shared_offset(const void* p, const char* what) {
 // chunk c ^ (r % 8), r counted from address 0 (so tiles need 1024-byte alignment).
 inline uint32_t swizzle128(uint32_t address) { return address ^ (((address >> 7) & 7) << 4); }
 
+// Where a TMA box load with CU_TENSOR_MAP_SWIZZLE_128B puts element (row, col) of its 64-wide
+// 16-bit box, for a box landing at shared offset `dst` (1024-aligned).
+inline uint32_t tma_box_address(uint32_t dst, uint64_t row, int col) {
+  return swizzle128(dst + static_cast<uint32_t>(row * 128 + col * 2));
+}
+
 inline uint32_t mbarrier_offset(const uint64_t* barrier) {
   check_shared(barrier, 8, 8, "mbarrier outside the dynamic shared memory or misaligned");
   return shared_offset(barrier, "mbarrier outside shared memory");
@@ -228,7 +234,7 @@ inline void tma_perform(const TmaCopy& c) {
         std::memcpy(&value, base + 2 * x[0] + x[1] * t.strides[0] + x[2] * t.strides[1] +
                                 x[3] * t.strides[2], 2);
       }
-      const uint32_t address = swizzle128(c.dst + static_cast<uint32_t>(r * 128 + col * 2));
+      const uint32_t address = tma_box_address(c.dst, r, col);
       std::memcpy(shared_memory + address, &value, 2);
     }
   }
@@ -288,6 +294,27 @@ inline uint32_t k_major_address(const Descriptor& d, int i, int k) {
 }
 inline uint32_t mn_major_address(const Descriptor& d, int k, int n) {
   return swizzle128(d.start + (n % 64) * 2 + (n / 64) * d.lbo + (k % 8) * 128 + (k / 8) * d.sbo);
+}
+
+// The (row, column) of the 64 x N float32 accumulator d[index] of warpgroup thread `thread` (0..127)
+// of wgmma m64nNk16: warp w rows 16 w .., lane 4 g + t: d[4 j + q] = (row g (+ 8 for q >= 2),
+// column 8 j + 2 t (+ 1 for odd q)), mma.m16n8's C layout repeated along n.
+struct MatrixPosition {
+  int row;
+  int column;
+};
+inline MatrixPosition accumulator_position(int thread, int index) {
+  const int w = thread / 32, g = thread % 32 / 4, t = thread % 4, j = index / 4, q = index % 4;
+  return {16 * w + g + (q >= 2 ? 8 : 0), 8 * j + 2 * t + (q & 1)};
+}
+
+// The (row m, column k) of the 64 x 16 A operand held by warpgroup thread `thread` in half
+// `half` (0: low 16 bits) of its register a[reg] for an RS wgmma: warp w's lane 4 g + t holds
+// a[0] (row g, k 2t, 2t + 1), a[1] (row g + 8, same k), a[2] (row g, k 8 + 2t, ..), a[3]
+// (row g + 8, k 8 + 2t, ..), mma.m16n8k16's A layout for the warp's 16 rows.
+inline MatrixPosition a_fragment_position(int thread, int reg, int half) {
+  const int w = thread / 32, g = thread % 32 / 4, t = thread % 4;
+  return {16 * w + g + (reg % 2) * 8, 2 * t + (reg / 2) * 8 + half};
 }
 
 inline float bits_to_float(uint16_t bits, bool bf16) {
@@ -355,18 +382,12 @@ inline void wgmma_compute(const WgmmaOp& op) {
     }
   }
   for (int thread = 0; thread < 128; ++thread) {
-    const int w = thread / 32;
-    const int g = thread % 32 / 4;
-    const int t = thread % 4;
     float* d = op.d[thread];
-    for (int j = 0; j < op.n / 8; ++j) {
-      for (int q = 0; q < 4; ++q) {
-        const int row = 16 * w + g + (q >= 2 ? 8 : 0);
-        const int col = 8 * j + 2 * t + (q & 1);
-        float acc = op.accumulate ? d[4 * j + q] : 0.0f;
-        for (int k = 0; k < 16; ++k) acc += A[row][k] * B[k * op.n + col];
-        d[4 * j + q] = acc;
-      }
+    for (int index = 0; index < op.n / 2; ++index) {
+      const MatrixPosition p = accumulator_position(thread, index);
+      float acc = op.accumulate ? d[index] : 0.0f;
+      for (int k = 0; k < 16; ++k) acc += A[p.row][k] * B[k * op.n + p.column];
+      d[index] = acc;
     }
   }
 }
@@ -651,18 +672,13 @@ inline void wgmma_rs_transposed_b(float (&d)[N / 2], const uint32_t (&a)[4], uin
     op->bf16 = kBf16;
     op->desc_a = 0;
     op->desc_b = slots[0].desc_b;
-    // Warp w's lane 4g + t: a[0] (row g, k 2t..2t+1), a[1] (row g+8, k 2t..), a[2] (row g,
-    // k 8+2t..), a[3] (row g+8, k 8+2t..), low half the lower k (mma.m16n8k16's A).
     for (int i = 0; i < 128; ++i) {
-      const int w = i / 32;
-      const int gr = i % 32 / 4;
-      const int t = i % 4;
-      const int rows[4] = {gr, gr + 8, gr, gr + 8};
-      const int ks[4] = {2 * t, 2 * t, 2 * t + 8, 2 * t + 8};
       for (int r = 0; r < 4; ++r) {
-        const uint32_t word = slots[i].a[r];
-        op->a[16 * w + rows[r]][ks[r]] = ::emu::bits_to_float(word & 0xffff, kBf16);
-        op->a[16 * w + rows[r]][ks[r] + 1] = ::emu::bits_to_float(word >> 16, kBf16);
+        for (int half = 0; half < 2; ++half) {
+          const ::emu::MatrixPosition p = ::emu::a_fragment_position(i, r, half);
+          op->a[p.row][p.column] =
+              ::emu::bits_to_float(static_cast<uint16_t>(slots[i].a[r] >> (16 * half)), kBf16);
+        }
       }
     }
     ::emu::wgmma_issue(std::move(*op), g, slots);
