@@ -33,8 +33,8 @@ SM90_SOURCES = [
     *sorted((REPO / "csrc" / "cuda").glob("*.cuh")),
     REPO / "csrc" / "cuda" / "launchers.h",
 ]
-# The Hopper layouts against CUTLASS's CuTe (test_sm90_layouts_cute.py).
-SM90_LAYOUT_SOURCES = [*SM90_SOURCES[:2], HERE / "sm90_layouts_cute.cpp", *SM90_SOURCES[3:]]
+# The kernels' layouts against CUTLASS's CuTe (test_layouts_cute.py).
+LAYOUT_SOURCES = [*SM90_SOURCES[:2], HERE / "layouts_cute.cpp", *SM90_SOURCES[3:]]
 GUARD = 64  # elements of NaN before and after every tensor
 # Opt-in shared memory per block the emulated device reports (the launchers pick tiles by it).
 H100_SHARED_BYTES = 232448
@@ -114,7 +114,7 @@ def sm90_library():
 
 @pytest.fixture(scope="session")
 def cute_layouts_library():
-    """sm90_layouts_cute.cpp (the emulation's and the kernels' Hopper layouts against CuTe's),
+    """layouts_cute.cpp (the emulation's and the kernels' layouts against CuTe's),
     built and cached like `library`; skipped without CUTLASS's headers unless
     FUSEDLM_REQUIRE_CUTE=1 (CI), where their absence fails."""
     cute = cute_include()
@@ -127,7 +127,7 @@ def cute_layouts_library():
         pytest.skip(message)
     # CUDA 13 keeps libcu++ (cuda/std/...) under include/cccl; CUDA 12 in include itself.
     cccl = [f"-I{cuda / 'cccl'}"] if cuda is not None and (cuda / "cccl").is_dir() else []
-    lib = _build(HERE / "sm90_layouts_cute.cpp", SM90_LAYOUT_SOURCES, "sm90_layouts_cute",
+    lib = _build(HERE / "layouts_cute.cpp", LAYOUT_SOURCES, "layouts_cute",
                  (f"-I{cute}", *cccl, "-Wno-deprecated-declarations"))
     lib.cute_first_mismatch.restype = ctypes.c_char_p
     return lib

@@ -296,25 +296,20 @@ inline uint32_t mn_major_address(const Descriptor& d, int k, int n) {
   return swizzle128(d.start + (n % 64) * 2 + (n / 64) * d.lbo + (k % 8) * 128 + (k / 8) * d.sbo);
 }
 
-// The (row, column) of the 64 x N float32 accumulator d[index] of warpgroup thread `thread` (0..127)
-// of wgmma m64nNk16: warp w rows 16 w .., lane 4 g + t: d[4 j + q] = (row g (+ 8 for q >= 2),
-// column 8 j + 2 t (+ 1 for odd q)), mma.m16n8's C layout repeated along n.
-struct MatrixPosition {
-  int row;
-  int column;
-};
+// The (row, column) of the 64 x N float32 accumulator d[index] of warpgroup thread `thread`
+// (0..127) of wgmma m64nNk16: warp w owns rows 16 w .. 16 w + 15, and d[4 j + q] is
+// mma.m16n8's C element q of the warp's j-th 8-column block.
 inline MatrixPosition accumulator_position(int thread, int index) {
-  const int w = thread / 32, g = thread % 32 / 4, t = thread % 4, j = index / 4, q = index % 4;
-  return {16 * w + g + (q >= 2 ? 8 : 0), 8 * j + 2 * t + (q & 1)};
+  const MatrixPosition p = mma_c_position(thread % 32, index % 4);
+  return {16 * (thread / 32) + p.row, 8 * (index / 4) + p.column};
 }
 
-// The (row m, column k) of the 64 x 16 A operand held by warpgroup thread `thread` in half
-// `half` (0: low 16 bits) of its register a[reg] for an RS wgmma: warp w's lane 4 g + t holds
-// a[0] (row g, k 2t, 2t + 1), a[1] (row g + 8, same k), a[2] (row g, k 8 + 2t, ..), a[3]
-// (row g + 8, k 8 + 2t, ..), mma.m16n8k16's A layout for the warp's 16 rows.
+// The (row m, column k) of the 64 x 16 A operand held in half `half` (0: low 16 bits) of
+// register a[reg] of warpgroup thread `thread` for an RS wgmma: mma.m16n8k16's A layout for
+// warp w's rows 16 w .. 16 w + 15.
 inline MatrixPosition a_fragment_position(int thread, int reg, int half) {
-  const int w = thread / 32, g = thread % 32 / 4, t = thread % 4;
-  return {16 * w + g + (reg % 2) * 8, 2 * t + (reg / 2) * 8 + half};
+  const MatrixPosition p = mma_a_position(thread % 32, reg, half);
+  return {16 * (thread / 32) + p.row, p.column};
 }
 
 inline float bits_to_float(uint16_t bits, bool bf16) {

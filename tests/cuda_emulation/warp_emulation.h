@@ -67,6 +67,42 @@ inline bool& in_thread() {  // running on a CUDA thread's coroutine (not the sch
 }
 inline void fail(const char* what);
 
+// ---- fragment layouts of the warp-level instructions (PTX ISA), one place each ----------------
+
+struct MatrixPosition {
+  int row;
+  int column;
+};
+
+// mma.m16n8k16: lane 4 g + t holds A (16 x 16, row m, column k) a[0] (g, 2t..2t+1), a[1]
+// (g + 8, 2t..), a[2] (g, 2t + 8..), a[3] (g + 8, 2t + 8..); `half` 0 is the low 16 bits.
+inline MatrixPosition mma_a_position(int lane, int reg, int half) {
+  return {lane / 4 + (reg % 2) * 8, 2 * (lane % 4) + (reg / 2) * 8 + half};
+}
+// B (16 x 8, row k, column n): b[0] (2t..2t+1, g), b[1] (2t + 8.., g).
+inline MatrixPosition mma_b_position(int lane, int reg, int half) {
+  return {2 * (lane % 4) + 8 * reg + half, lane / 4};
+}
+// C/D (16 x 8): c[0..1] (g, 2t, 2t + 1), c[2..3] (g + 8, same columns).
+inline MatrixPosition mma_c_position(int lane, int index) {
+  return {lane / 4 + (index >= 2 ? 8 : 0), 2 * (lane % 4) + (index & 1)};
+}
+
+// ldmatrix.m8n8.x4(.trans).b16: lanes 8 i .. 8 i + 7 give the row addresses of matrix i; half
+// `half` of register r[i] of lane 4 g + t is element `element` of the 8-element row whose
+// address lane `lane` gave: (row g, element 2t + half), or with .trans (row 2t + half,
+// element g).
+struct LdmatrixSource {
+  int lane;
+  int element;
+};
+inline LdmatrixSource ldmatrix_source(int lane, int reg, int half, bool trans) {
+  const int g = lane / 4;
+  const int t = lane % 4;
+  return trans ? LdmatrixSource{8 * reg + 2 * t + half, g}
+               : LdmatrixSource{8 * reg + g, 2 * t + half};
+}
+
 struct Copy {
   void* dst;
   const void* src;
@@ -585,8 +621,7 @@ inline void cp_async_wait() {
   }
 }
 
-// ldmatrix.m8n8.x4(.trans).b16: lanes 8i..8i+7 address the rows of matrix i; lane 4g + t
-// receives (row g, columns 2t, 2t+1) of each matrix, or with .trans (rows 2t, 2t+1, column g).
+// ldmatrix.m8n8.x4(.trans).b16 (emu::ldmatrix_source: which lane's row, which element).
 inline void ldmatrix_emulated(uint32_t (&r)[4], const void* smem, bool trans) {
   ::emu::check_shared(smem, 16, 16, "ldmatrix row address outside shared memory or misaligned");
   ::emu::track_read(smem);
@@ -594,20 +629,13 @@ inline void ldmatrix_emulated(uint32_t (&r)[4], const void* smem, bool trans) {
   const int lane = ::emu::self().lane;
   slots[lane].address = smem;
   ::emu::sync_warp();
-  const int g = lane / 4;
-  const int t = lane % 4;
   for (int i = 0; i < 4; ++i) {
-    uint16_t lo;
-    uint16_t hi;
-    if (!trans) {
-      const auto* row = static_cast<const uint16_t*>(slots[8 * i + g].address);
-      lo = row[2 * t];
-      hi = row[2 * t + 1];
-    } else {
-      lo = static_cast<const uint16_t*>(slots[8 * i + 2 * t].address)[g];
-      hi = static_cast<const uint16_t*>(slots[8 * i + 2 * t + 1].address)[g];
+    r[i] = 0;
+    for (int half = 0; half < 2; ++half) {
+      const ::emu::LdmatrixSource s = ::emu::ldmatrix_source(lane, i, half, trans);
+      const uint16_t bits = static_cast<const uint16_t*>(slots[s.lane].address)[s.element];
+      r[i] |= static_cast<uint32_t>(bits) << (16 * half);
     }
-    r[i] = static_cast<uint32_t>(lo) | (static_cast<uint32_t>(hi) << 16);
   }
   ::emu::sync_warp();
 }
@@ -628,9 +656,7 @@ inline float half_bits_to_float(uint16_t bits) {
   }
 }
 
-// mma.sync.m16n8k16.row.col.f32.{f16,bf16}: lane 4g + t holds A (row g, k 2t..2t+1),
-// (row g+8, k 2t..), (row g, k 2t+8..), (row g+8, k 2t+8..); B (k 2t..2t+1, col g),
-// (k 2t+8.., col g); C/D (row g, cols 2t, 2t+1), (row g+8, cols 2t, 2t+1).
+// mma.sync.m16n8k16.row.col.f32.{f16,bf16} (emu::mma_{a,b,c}_position: the fragments).
 template <typename T>
 inline void mma_16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
   ::emu::Slot* slots = ::emu::warp_slots();
@@ -642,27 +668,23 @@ inline void mma_16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32
   float A[16][16];
   float B[16][8];
   for (int l = 0; l < 32; ++l) {
-    const int g = l / 4;
-    const int t = l % 4;
     const uint32_t* w = slots[l].words;
-    const int rows[4] = {g, g + 8, g, g + 8};
-    const int ks[4] = {2 * t, 2 * t, 2 * t + 8, 2 * t + 8};
-    for (int i = 0; i < 4; ++i) {
-      A[rows[i]][ks[i]] = half_bits_to_float<T>(static_cast<uint16_t>(w[i] & 0xffff));
-      A[rows[i]][ks[i] + 1] = half_bits_to_float<T>(static_cast<uint16_t>(w[i] >> 16));
-    }
-    for (int j = 0; j < 2; ++j) {
-      B[2 * t + 8 * j][g] = half_bits_to_float<T>(static_cast<uint16_t>(w[4 + j] & 0xffff));
-      B[2 * t + 8 * j + 1][g] = half_bits_to_float<T>(static_cast<uint16_t>(w[4 + j] >> 16));
+    for (int half = 0; half < 2; ++half) {
+      for (int i = 0; i < 4; ++i) {
+        const ::emu::MatrixPosition p = ::emu::mma_a_position(l, i, half);
+        A[p.row][p.column] = half_bits_to_float<T>(static_cast<uint16_t>(w[i] >> (16 * half)));
+      }
+      for (int j = 0; j < 2; ++j) {
+        const ::emu::MatrixPosition p = ::emu::mma_b_position(l, j, half);
+        B[p.row][p.column] =
+            half_bits_to_float<T>(static_cast<uint16_t>(w[4 + j] >> (16 * half)));
+      }
     }
   }
-  const int g = lane / 4;
-  const int t = lane % 4;
   for (int i = 0; i < 4; ++i) {
-    const int row = g + (i >= 2 ? 8 : 0);
-    const int col = 2 * t + (i & 1);
+    const ::emu::MatrixPosition p = ::emu::mma_c_position(lane, i);
     float acc = c[i];
-    for (int k = 0; k < 16; ++k) acc += A[row][k] * B[k][col];
+    for (int k = 0; k < 16; ++k) acc += A[p.row][k] * B[k][p.column];
     c[i] = acc;
   }
   ::emu::sync_warp();

@@ -1,21 +1,23 @@
-// The Hopper layouts the sm_90a attention kernels rely on, checked against CUTLASS's CuTe
-// (the nvidia-cutlass package's headers, host code only): CuTe's GMMA code runs on H100s every
-// day, so where it and we agree, our reading of the PTX ISA is the hardware's.
+// The layouts the CUDA attention kernels rely on, checked against CUTLASS's CuTe (the
+// nvidia-cutlass package's headers, host code only): CuTe's MMA and copy atoms run on A100s and
+// H100s every day, so where they and we agree, our reading of the PTX ISA is the hardware's.
 //
-// Why: the emulation (sm90_emulation.h) and the kernels (attention_sm90.cuh and the two
-// attention_*_sm90.cu) were both written from one reading of the ISA's descriptor and fragment
-// layouts. The emulated attention tests prove the kernels right under that reading only; a
-// misreading common to both would pass them and fail on a GPU. Here an independent reading is
-// the judge:
+// Why: the emulation (warp_emulation.h, sm90_emulation.h) and the kernels (attention_sm80.cuh,
+// attention_sm90.cuh and the .cu files) were both written from one reading of the ISA's
+// descriptor and fragment layouts. The emulated attention tests prove the kernels right under
+// that reading only; a misreading common to both would pass them and fail on a GPU. Here an
+// independent reading is the judge:
 //   (a) where TMA's 128-byte swizzle puts each element of a box (the emulation's placement)
 //       against CuTe's 128B-swizzled GMMA atoms, K-major and MN-major, at the kernels' tiles;
 //   (b) the descriptors the kernels build (make_smem_descriptor with the kernels' arguments)
 //       against the ones CuTe's make_gmma_desc builds for the same shared-memory tensors, and
 //       the addresses the emulation's wgmma reads through those descriptors against CuTe's;
 //   (c) the wgmma accumulator and register-A fragments (the emulation's, which the kernels'
-//       softmax, masks and stores follow) against CuTe's CLayout_64xN and ALayout_64x16.
+//       softmax, masks and stores follow) against CuTe's CLayout_64xN and ALayout_64x16;
+//   (d) the sm_80 instructions: mma.m16n8k16's A, B and C fragments and ldmatrix.x4 (plain and
+//       transposed) against CuTe's MMA_Traits and Copy_Traits.
 // Build: g++ -std=c++20 -shared -fPIC -I<cutlass>/include -I<cuda>/include -I<cuda>/include/cccl
-// -I<repo>/csrc (test_sm90_layouts_cute.py).
+// -I<repo>/csrc (test_layouts_cute.py).
 #include <cstddef>
 
 // CuTe builds a descriptor's start address with cvta.to.shared, which exists only in device
@@ -24,6 +26,8 @@
 #define CUTE_CVTA_GENERIC_TO_SHARED_ACTIVATED 1
 size_t __cvta_generic_to_shared(const void* pointer);
 
+#include <cute/atom/copy_traits_sm75.hpp>
+#include <cute/atom/mma_traits_sm80.hpp>
 #include <cute/atom/mma_traits_sm90_gmma.hpp>
 #include <cute/tensor.hpp>
 
@@ -221,6 +225,72 @@ int check_a_fragment() {
   return bad;
 }
 
+// The sm_80 kernels' instructions (the emulation's warp_emulation.h), which the Hopper ones
+// build on too: mma.m16n8k16's fragments against CuTe's MMA_Traits (A: m + 16 k, B: n + 8 k,
+// C: m + 16 n), and ldmatrix.x4 (plain and .trans) against CuTe's Copy_Traits, whose source and
+// destination layouts index the same bits: source lane i gives the 128 bits of row i % 8 of
+// matrix i / 8.
+template <typename Mma>
+int check_mma_fragments(const std::string& name) {
+  int bad = 0;
+  using Traits = MMA_Traits<Mma>;
+  const auto a = typename Traits::ALayout{};
+  const auto b = typename Traits::BLayout{};
+  const auto c = typename Traits::CLayout{};
+  auto compare = [&](const char* what, int lane, int v, emu::MatrixPosition ours, int row,
+                     int column) {
+    if (ours.row != row || ours.column != column) {
+      mismatch(bad, name + " " + what + ": lane " + std::to_string(lane) + " value " +
+                        std::to_string(v) + " is (" + std::to_string(ours.row) + ", " +
+                        std::to_string(ours.column) + "), CuTe (" + std::to_string(row) + ", " +
+                        std::to_string(column) + ")");
+    }
+  };
+  for (int lane = 0; lane < 32; ++lane) {
+    for (int v = 0; v < 8; ++v) {
+      const int i = a(lane, v);
+      compare("A", lane, v, emu::mma_a_position(lane, v / 2, v % 2), i % 16, i / 16);
+    }
+    for (int v = 0; v < 4; ++v) {
+      const int i = b(lane, v);  // n + 8 k; ours is (k, n)
+      compare("B", lane, v, emu::mma_b_position(lane, v / 2, v % 2), i / 8, i % 8);
+      const int j = c(lane, v);
+      compare("C", lane, v, emu::mma_c_position(lane, v), j % 16, j / 16);
+    }
+  }
+  return bad;
+}
+
+template <typename Copy>
+int check_ldmatrix(bool trans, const std::string& name) {
+  int bad = 0;
+  const auto source = typename Copy_Traits<Copy>::SrcLayout{};       // (lane, bit) -> bit
+  const auto destination = typename Copy_Traits<Copy>::DstLayout{};  // (lane, bit) -> bit
+  if (source(1, 0) != 128 || source(0, 1) != 1) {
+    mismatch(bad, name + ": CuTe's source layout is not one 128-bit row per lane");
+    return bad;
+  }
+  for (int lane = 0; lane < 32; ++lane) {
+    for (int reg = 0; reg < 4; ++reg) {
+      for (int half = 0; half < 2; ++half) {
+        const emu::LdmatrixSource ours = emu::ldmatrix_source(lane, reg, half, trans);
+        for (int bit = 0; bit < 16; ++bit) {
+          const int index = destination(lane, 32 * reg + 16 * half + bit);
+          if (index / 128 != ours.lane || index % 128 != 16 * ours.element + bit) {
+            mismatch(bad, name + ": lane " + std::to_string(lane) + " r[" +
+                              std::to_string(reg) + "] half " + std::to_string(half) +
+                              " from lane " + std::to_string(ours.lane) + " element " +
+                              std::to_string(ours.element) + ", CuTe lane " +
+                              std::to_string(index / 128) + " bit " +
+                              std::to_string(index % 128));
+          }
+        }
+      }
+    }
+  }
+  return bad;
+}
+
 template <typename T>
 int check_operands() {
   return check_k_major<T, 64, 1, 64>() + check_k_major<T, 64, 2, 64>() +
@@ -255,6 +325,14 @@ int cute_check_accumulators(int n) {
 int cute_check_a_fragment() {
   message().clear();
   return check_a_fragment();
+}
+
+int cute_check_sm80_instructions() {
+  message().clear();
+  return check_mma_fragments<SM80_16x8x16_F32F16F16F32_TN>("mma.m16n8k16 f16") +
+         check_mma_fragments<SM80_16x8x16_F32BF16BF16F32_TN>("mma.m16n8k16 bf16") +
+         check_ldmatrix<SM75_U32x4_LDSM_N>(false, "ldmatrix.x4") +
+         check_ldmatrix<SM75_U16x8_LDSM_T>(true, "ldmatrix.x4.trans");
 }
 
 // The instruction forms: CuTe's Major::MN is the wgmma imm-trans value 1 the kernels pass for

@@ -1,11 +1,12 @@
-"""The Hopper layouts of the sm_90a attention kernels against CUTLASS's CuTe
-(sm90_layouts_cute.cpp, host code only: no GPU needed).
+"""The layouts of the CUDA attention kernels against CUTLASS's CuTe (layouts_cute.cpp,
+host code only: no GPU needed): the Hopper ones, and the sm_80 instructions they build on.
 
-Why: the emulation (sm90_emulation.h) and the kernels were written from one reading of the PTX
-ISA's wgmma descriptors, 128-byte swizzle and fragment layouts, so the emulated attention tests
-cannot catch a misreading the two share. CuTe's GMMA layouts and descriptors run on H100s in
-production: each test here checks one piece of our reading against theirs, at every tile shape
-the kernels use, for both 16-bit types.
+Why: the emulation (warp_emulation.h, sm90_emulation.h) and the kernels were written from one
+reading of the PTX ISA's wgmma descriptors, 128-byte swizzle and fragment layouts (and
+mma.sync's and ldmatrix's), so the emulated attention tests cannot catch a misreading the two
+share. CuTe's layouts and descriptors run on A100s and H100s in production: each test here
+checks one piece of our reading against theirs, at every tile shape the kernels use, for both
+16-bit types.
 """
 
 from __future__ import annotations
@@ -42,3 +43,9 @@ def test_register_a_fragment_matches_cute(cute_layouts_library):
 def test_instruction_forms_match_cute(cute_layouts_library):
     """imm-trans 1 is MN-major and descriptor layout type 1 is the 128B swizzle, in CuTe too."""
     _check(cute_layouts_library, "cute_check_instruction_forms")
+
+
+def test_sm80_instructions_match_cute(cute_layouts_library):
+    """mma.m16n8k16's A, B and C fragments (f16 and bf16) and ldmatrix.x4, plain and .trans, as
+    the emulation runs the sm_80 kernels = CuTe's SM80 MMA_Traits and SM75 LDSM Copy_Traits."""
+    _check(cute_layouts_library, "cute_check_sm80_instructions")
