@@ -337,8 +337,8 @@ __global__ void __launch_bounds__(kThreads, 1)
       for (int r = 0; r < 2; ++r) {
         const uint32_t offset = (key_row0 + g + 8 * r) * kRowBytes + (qb * 8 + 2 * t) * 2;
         const uint32_t swizzled = offset ^ (((offset >> 7) & 7u) << 4);
-        *reinterpret_cast<uint32_t*>(ds_tile + swizzled) =
-            pack2<T>(dpt[4 * qb + 2 * r], dpt[4 * qb + 2 * r + 1]);
+        store_shared_for_async(ds_tile + swizzled,
+                               pack2<T>(dpt[4 * qb + 2 * r], dpt[4 * qb + 2 * r + 1]));
       }
     }
     fence_view_async_shared();

@@ -175,6 +175,13 @@ __device__ __forceinline__ void fence_view_async_shared() {
   asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
 }
 
+// A plain shared-memory store of a value the async proxy (wgmma) reads later: the storing
+// thread's fence_view_async_shared and then a barrier must come before that read (the emulation
+// checks the fence).
+__device__ __forceinline__ void store_shared_for_async(void* smem, uint32_t value) {
+  *static_cast<uint32_t*>(smem) = value;
+}
+
 // ---- named barriers (0 is __syncthreads') ------------------------------------------------------
 
 // Arrives at barrier `id` and waits until `threads` threads (a multiple of 32) have arrived.

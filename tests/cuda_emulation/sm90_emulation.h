@@ -12,11 +12,13 @@
 // its warpgroup has waited for (a __syncthreads shares what each warpgroup saw), and a TMA copy
 // issued or landing onto bytes an issued, not yet retired wgmma reads.
 //
-// NOT checked: the ordering of ordinary (generic-proxy) shared-memory stores before async-proxy
-// reads of them (a wgmma or TMA store reading what threads wrote with plain C++ stores). On a GPU
-// that needs fence_view_async_shared (fence.proxy.async.shared::cta) and then a barrier; here
-// plain stores are invisible to the emulation, so a missing fence goes unnoticed. The fence is
-// only counted (Warpgroup::async_fences).
+// Proxy fences: a value threads store into shared memory for the async proxy to read (dS^T for
+// the wgmma of dQ = dS K) goes through store_shared_for_async, which marks its 16-byte chunk
+// until the storing thread's next fence_view_async_shared (fence.proxy.async.shared::cta); a
+// wgmma reading a marked chunk faults (on a GPU it could read stale bytes). NOT checked: plain
+// C++ stores that bypass store_shared_for_async (invisible here), and whether a barrier sits
+// between the fences and the read (the warpgroup schedules reorder threads, which catches some
+// of it).
 #pragma once
 
 #include <cuda.h>  // CUtensorMap
@@ -76,7 +78,7 @@ struct Warpgroup {
   std::vector<WgmmaOp> open;                    // issued since the last commit
   std::deque<std::vector<WgmmaOp>> committed;  // committed, not yet retired
   bool fenced = false;                          // a warpgroup_fence since the last wait
-  uint64_t async_fences = 0;  // fence_view_async_shared calls by its threads (not checked)
+  uint64_t async_fences = 0;  // fence_view_async_shared calls by its threads
 };
 
 // What each thread brings to a warpgroup collective.
@@ -442,6 +444,10 @@ inline void wgmma_issue(WgmmaOp&& op, Warpgroup& group, const WgSlot* slots) {
   for (uint32_t chunk : op.chunks) {
     const ChunkState& c = chunks()[chunk];
     if (c.in_flight != 0) fail("racecheck: wgmma reads shared memory whose cp.async is in flight");
+    if (c.unfenced_stores != 0) {
+      fail("wgmma reads shared memory that threads stored to (store_shared_for_async) without a "
+           "fence.proxy.async (fence_view_async_shared) since");
+    }
     if (c.tma >= 0) check_tma_visible(chunk, "wgmma");
   }
   for (uint32_t chunk : op.chunks) ++chunks()[chunk].wgmma_readers;
@@ -575,6 +581,18 @@ inline void registers_increase() {
 // provides is NOT checked; the calls are only counted per warpgroup.
 inline void fence_view_async_shared() {
   ++::emu::sm90().warpgroups[::emu::self().warp / 4].async_fences;
+  for (uint32_t chunk : ::emu::self().unfenced_chunks) --::emu::chunks()[chunk].unfenced_stores;
+  ::emu::self().unfenced_chunks.clear();
+}
+
+// A plain shared-memory store of a value the async proxy reads later: marked until this thread's
+// next fence_view_async_shared.
+inline void store_shared_for_async(void* smem, uint32_t value) {
+  ::emu::check_shared(smem, 4, 4, "store_shared_for_async outside shared memory or misaligned");
+  std::memcpy(smem, &value, 4);
+  const uint32_t chunk = ::emu::shared_offset(smem, "store_shared_for_async") / 16;
+  ++::emu::chunks()[chunk].unfenced_stores;
+  ::emu::self().unfenced_chunks.push_back(chunk);
 }
 
 // bar.sync id, threads: arrive and wait until `threads` threads arrived (bar.arrive counts).

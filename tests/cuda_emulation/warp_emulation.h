@@ -130,6 +130,7 @@ struct Thread {
   unsigned mbarrier_parity = 0;
   std::vector<Copy> open_group;                 // cp.async issued since the last commit
   std::vector<std::vector<Copy>> groups;        // committed, not yet waited for
+  std::vector<uint32_t> unfenced_chunks;  // chunks of its store_shared_for_async since its fence
 };
 
 constexpr size_t kSharedBytes = 256 * 1024;
@@ -287,6 +288,8 @@ struct ChunkState {
   int in_flight = 0;  // issuing thread + 1, or 0
   int tma = -1;           // the last TMA copy into it (sm90_emulation.h), or -1
   int wgmma_readers = 0;  // issued, not yet retired wgmmas reading it
+  int unfenced_stores = 0;  // store_shared_for_async stores not yet followed by their thread's
+                            // fence.proxy.async (sm90_emulation.h)
   unsigned write_epoch = ~0u;
   int write_warp = -1;
   unsigned read_epoch = ~0u;
@@ -483,6 +486,7 @@ struct Launch {
             t.warp = i / 32;
             t.lane = i % 32;
             t.done = false;
+            t.unfenced_chunks.clear();
             getcontext(&t.context);
             t.context.uc_stack.ss_sp = t.stack.get();
             t.context.uc_stack.ss_size = kStackBytes;
