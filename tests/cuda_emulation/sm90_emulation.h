@@ -70,6 +70,8 @@ struct WgmmaOp {
   uint64_t desc_a;
   uint64_t desc_b;
   float a[64][16];          // RS: A captured at issue
+  const uint32_t* a_registers[128];  // RS: each thread's A registers, which must not change
+  uint32_t a_words[128][4];          // until the wait that retires it, and their values at issue
   float* d[128];            // each thread's accumulators
   std::vector<uint32_t> chunks;  // 16-byte chunks of shared memory it reads
 };
@@ -88,6 +90,7 @@ struct WgSlot {
   uint64_t desc_b;
   bool accumulate;
   uint32_t a[4];
+  const uint32_t* a_registers;
   float* d;
 };
 
@@ -456,6 +459,13 @@ inline void wgmma_issue(WgmmaOp&& op, Warpgroup& group, const WgSlot* slots) {
 }
 
 inline void wgmma_retire(const WgmmaOp& op) {
+  // PTX ISA: a wgmma's register operands must not be modified before the wait that retires it
+  // (the hardware reads A while it runs; here A was captured at issue, so check it instead).
+  for (int i = 0; op.rs && i < 128; ++i) {
+    if (std::memcmp(op.a_registers[i], op.a_words[i], sizeof op.a_words[i]) != 0) {
+      fail("an RS wgmma's A registers changed before the warpgroup_wait that retires it");
+    }
+  }
   if (late_copies()) wgmma_compute(op);
   for (uint32_t chunk : op.chunks) --chunks()[chunk].wgmma_readers;
 }
@@ -672,6 +682,7 @@ inline void wgmma_rs_transposed_b(float (&d)[N / 2], const uint32_t (&a)[4], uin
   slot.desc_b = desc_b;
   slot.accumulate = true;
   std::memcpy(slot.a, a, sizeof slot.a);
+  slot.a_registers = a;
   slot.d = d;
   ::emu::warpgroup_collective(N == 64 ? "wgmma.rs.m64n64k16" : "wgmma.rs.m64n128k16",
                               [&](::emu::Warpgroup& g, const ::emu::WgSlot* slots) {
@@ -686,6 +697,8 @@ inline void wgmma_rs_transposed_b(float (&d)[N / 2], const uint32_t (&a)[4], uin
     op->desc_a = 0;
     op->desc_b = slots[0].desc_b;
     for (int i = 0; i < 128; ++i) {
+      op->a_registers[i] = slots[i].a_registers;
+      std::memcpy(op->a_words[i], slots[i].a, sizeof op->a_words[i]);
       for (int r = 0; r < 4; ++r) {
         for (int half = 0; half < 2; ++half) {
           const ::emu::MatrixPosition p = ::emu::a_fragment_position(i, r, half);

@@ -154,16 +154,18 @@ void rs_kernel(const __grid_constant__ CUtensorMap v_map, const uint16_t* p, con
   const int g = tid % 32 / 4;
   const int t = tid % 4;
   auto element = [&](int row, int k) { return static_cast<uint32_t>(p[row * 64 + k]); };
+  // Each step's A registers live until the wait that retires its wgmma (PTX ISA).
+  uint32_t a[4][4];
   warpgroup_fence();
   for (int step = 0; step < 4; ++step) {
     const int r = 16 * w + g;
     const int k = 16 * step + 2 * t;
-    const uint32_t a[4] = {
-        element(r, k) | element(r, k + 1) << 16, element(r + 8, k) | element(r + 8, k + 1) << 16,
-        element(r, k + 8) | element(r, k + 9) << 16,
-        element(r + 8, k + 8) | element(r + 8, k + 9) << 16};
-    wgmma_rs_transposed_b<T, N>(d, a, make_smem_descriptor(sv + step * 16 * 128, kSlabBytes,
-                                                           1024));
+    a[step][0] = element(r, k) | element(r, k + 1) << 16;
+    a[step][1] = element(r + 8, k) | element(r + 8, k + 1) << 16;
+    a[step][2] = element(r, k + 8) | element(r, k + 9) << 16;
+    a[step][3] = element(r + 8, k + 8) | element(r + 8, k + 9) << 16;
+    wgmma_rs_transposed_b<T, N>(d, a[step], make_smem_descriptor(sv + step * 16 * 128,
+                                                                 kSlabBytes, 1024));
     if (step == 1) warpgroup_commit();
   }
   warpgroup_commit();
@@ -252,7 +254,7 @@ void named_barrier_kernel(int rounds, int mode, int* state) {
   }
 }
 
-// (e) Misuses, each expected to fault (or, for 9, to return at once).
+// (e) Misuses, each expected to fault (or, for 9, 12 and 15, correct uses: no fault).
 void scenario_kernel(const __grid_constant__ CUtensorMap map, int which, int* flag) {
   unsigned char* smem = fusedlm::cuda::dynamic_shared_memory();
   auto* bar = reinterpret_cast<uint64_t*>(smem);
@@ -343,6 +345,26 @@ void scenario_kernel(const __grid_constant__ CUtensorMap map, int which, int* fl
     case 12:  // the TMA tile read after its barrier wait: no fault
       load(tile, true);
       mbarrier_wait(bar, 0);
+      read_by_wgmma();
+      if (tid == 0) *flag = 1;
+      break;
+    case 13: {  // an RS wgmma's A registers changed before the wait that retires it
+      load(tile, true);
+      mbarrier_wait(bar, 0);
+      float d[32] = {};
+      uint32_t a[4] = {0x3c003c00u, 0x3c003c00u, 0x3c003c00u, 0x3c003c00u};
+      warpgroup_fence();
+      wgmma_rs_transposed_b<__half, 64>(d, a, make_smem_descriptor(tile, 0, 1024));
+      warpgroup_commit();
+      a[0] = 0;
+      warpgroup_wait<0>();
+      break;
+    }
+    case 14:    // threads' stores read by a wgmma with no fence.proxy.async after them
+    case 15:    // the same with the fence: no fault
+      store_shared_for_async(tile + 4 * tid, 0x3c003c00u);
+      if (which == 15) fence_view_async_shared();
+      __syncthreads();
       read_by_wgmma();
       if (tid == 0) *flag = 1;
       break;

@@ -263,6 +263,9 @@ SCENARIOS = {
     10: "racecheck: wgmma reads shared memory whose TMA copy has not completed",
     11: "deadlock: no thread can run; 64 thread(s) wait at a collective of warpgroup 0 "
         "(64 of its threads exited)",
+    13: "an RS wgmma's A registers changed before the warpgroup_wait that retires it",
+    14: "wgmma reads shared memory that threads stored to (store_shared_for_async) without a "
+        "fence.proxy.async",
 }
 
 
@@ -280,10 +283,11 @@ def test_misuse_faults(sm90_library, which, late, schedule):
 
 @pytest.mark.parametrize("schedule", SCHEDULES)
 @pytest.mark.parametrize("late", [False, True])
-@pytest.mark.parametrize("which", [9, 12])
+@pytest.mark.parametrize("which", [9, 12, 15])
 def test_correct_uses_do_not_fault(sm90_library, which, late, schedule):
     """9: waiting for parity 1 of a fresh barrier returns at once (phase 0 is in progress, so
-    the phase with parity 1 counts as completed); 12: a tile read after its wait."""
+    the phase with parity 1 counts as completed); 12: a tile read after its wait; 15: threads'
+    stores read by a wgmma after a fence.proxy.async and a barrier."""
     lib = sm90_library
     lib.sm90_configure(int(late), schedule)
     tensor = torch.randn(128, 64).to(torch.float16)
