@@ -76,11 +76,22 @@ struct WgmmaOp {
   std::vector<uint32_t> chunks;  // 16-byte chunks of shared memory it reads
 };
 
+// The accumulators of a warpgroup's in-flight wgmmas as the wgmmas left them: the threads must
+// not write them before the wait that retires the last wgmma on them (PTX ISA). One per
+// accumulator array (in-flight wgmmas may share one only with the same shape).
+struct AccumulatorWatch {
+  const float* d0;            // thread 0's array: names it
+  int n;                      // floats per thread
+  int in_flight;              // wgmmas on it not yet retired
+  std::vector<float> values;  // 128 x n, as the last wgmma issue or compute left them
+};
+
 struct Warpgroup {
   std::vector<WgmmaOp> open;                    // issued since the last commit
   std::deque<std::vector<WgmmaOp>> committed;  // committed, not yet retired
   bool fenced = false;                          // a warpgroup_fence since the last wait
   uint64_t async_fences = 0;  // fence_view_async_shared calls by its threads
+  std::vector<AccumulatorWatch> watches;
 };
 
 // What each thread brings to a warpgroup collective.
@@ -412,6 +423,31 @@ inline void warpgroup_collective(const char* what, Work&& work) {
   sync_warpgroup();
 }
 
+inline AccumulatorWatch& accumulator_watch(Warpgroup& group, const WgmmaOp& op) {
+  for (AccumulatorWatch& w : group.watches) {
+    if (w.d0 == op.d[0]) return w;
+  }
+  const int n = op.n / 2;
+  group.watches.push_back(AccumulatorWatch{op.d[0], n, 0, std::vector<float>(128 * n)});
+  return group.watches.back();
+}
+
+inline void watch_record(AccumulatorWatch& w, const WgmmaOp& op) {
+  for (int i = 0; i < 128; ++i) std::memcpy(&w.values[i * w.n], op.d[i], sizeof(float) * w.n);
+}
+
+// Faults if a thread wrote the accumulators of an in-flight wgmma since the last issue or
+// compute on them (bitwise: NaNs compare too).
+inline void watch_check(const AccumulatorWatch& w, const WgmmaOp& op) {
+  if (w.in_flight == 0) return;
+  for (int i = 0; i < 128; ++i) {
+    if (std::memcmp(&w.values[i * w.n], op.d[i], sizeof(float) * w.n) != 0) {
+      fail("a thread wrote the accumulators of a wgmma in flight (before the warpgroup_wait "
+           "that retires it)");
+    }
+  }
+}
+
 inline void wgmma_issue(WgmmaOp&& op, Warpgroup& group, const WgSlot* slots) {
   if (!group.fenced) {
     fail("wgmma without a warpgroup_fence since the warpgroup's start or its last warpgroup_wait");
@@ -454,11 +490,15 @@ inline void wgmma_issue(WgmmaOp&& op, Warpgroup& group, const WgSlot* slots) {
     if (c.tma >= 0) check_tma_visible(chunk, "wgmma");
   }
   for (uint32_t chunk : op.chunks) ++chunks()[chunk].wgmma_readers;
+  AccumulatorWatch& watch = accumulator_watch(group, op);
+  watch_check(watch, op);
   if (!late_copies()) wgmma_compute(op);
+  ++watch.in_flight;
+  watch_record(watch, op);
   group.open.push_back(std::move(op));
 }
 
-inline void wgmma_retire(const WgmmaOp& op) {
+inline void wgmma_retire(const WgmmaOp& op, Warpgroup& group) {
   // PTX ISA: a wgmma's register operands must not be modified before the wait that retires it
   // (the hardware reads A while it runs; here A was captured at issue, so check it instead).
   for (int i = 0; op.rs && i < 128; ++i) {
@@ -466,7 +506,13 @@ inline void wgmma_retire(const WgmmaOp& op) {
       fail("an RS wgmma's A registers changed before the warpgroup_wait that retires it");
     }
   }
+  AccumulatorWatch& watch = accumulator_watch(group, op);
+  watch_check(watch, op);
   if (late_copies()) wgmma_compute(op);
+  watch_record(watch, op);
+  if (--watch.in_flight == 0) {
+    group.watches.erase(group.watches.begin() + (&watch - group.watches.data()));
+  }
   for (uint32_t chunk : op.chunks) --chunks()[chunk].wgmma_readers;
 }
 
@@ -636,7 +682,7 @@ template <int kPending>
 inline void warpgroup_wait() {
   ::emu::warpgroup_collective("wgmma.wait_group", [](::emu::Warpgroup& g, const ::emu::WgSlot*) {
     while (static_cast<int>(g.committed.size()) > kPending) {
-      for (const ::emu::WgmmaOp& op : g.committed.front()) ::emu::wgmma_retire(op);
+      for (const ::emu::WgmmaOp& op : g.committed.front()) ::emu::wgmma_retire(op, g);
       g.committed.pop_front();
     }
     g.fenced = false;  // the threads may touch their registers now: a fence must come first

@@ -360,6 +360,18 @@ void scenario_kernel(const __grid_constant__ CUtensorMap map, int which, int* fl
       warpgroup_wait<0>();
       break;
     }
+    case 16: {  // a thread writes the accumulators of a wgmma in flight
+      load(tile, true);
+      mbarrier_wait(bar, 0);
+      float d[64] = {};
+      warpgroup_fence();
+      const uint64_t desc = make_smem_descriptor(tile, 0, 1024);
+      wgmma_ss<__half, 128, 0, 0>(d, desc, desc, true);
+      warpgroup_commit();
+      d[0] += 1.f;
+      warpgroup_wait<0>();
+      break;
+    }
     case 14:    // threads' stores read by a wgmma with no fence.proxy.async after them
     case 15:    // the same with the fence: no fault
       store_shared_for_async(tile + 4 * tid, 0x3c003c00u);

@@ -266,6 +266,7 @@ SCENARIOS = {
     13: "an RS wgmma's A registers changed before the warpgroup_wait that retires it",
     14: "wgmma reads shared memory that threads stored to (store_shared_for_async) without a "
         "fence.proxy.async",
+    16: "a thread wrote the accumulators of a wgmma in flight",
 }
 
 
