@@ -1,7 +1,7 @@
 // The Hopper (sm_90a) primitives of csrc/cuda/attention_sm90.cuh for the CPU emulation of
 // warp_emulation.h (which includes this at its end): mbarriers, TMA tile loads with the 128-byte
 // swizzle, and wgmma (SS with K- or MN-major operands, RS) over warpgroups of 128 threads,
-// fence.proxy.async (counted only) and named barriers. Implemented from the PTX
+// fence.proxy.async and named barriers. Implemented from the PTX
 // ISA (mbarrier phases and tx-counts, cp.async.bulk.tensor, the wgmma matrix descriptors and
 // canonical 128B-swizzle layouts), not from how the kernels use them.
 //
@@ -11,6 +11,9 @@
 // (faults): a wgmma (or ldmatrix) reading bytes of a TMA copy whose mbarrier phase no thread of
 // its warpgroup has waited for (a __syncthreads shares what each warpgroup saw), and a TMA copy
 // issued or landing onto bytes an issued, not yet retired wgmma reads.
+//
+// Registers: a thread that writes a wgmma's accumulators, or an RS wgmma's A registers, before
+// the warpgroup_wait that retires it faults (the hardware reads and writes them while it runs).
 //
 // Proxy fences: a value threads store into shared memory for the async proxy to read (dS^T for
 // the wgmma of dQ = dS K) goes through store_shared_for_async, which marks its 16-byte chunk
