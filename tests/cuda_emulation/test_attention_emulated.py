@@ -82,9 +82,9 @@ def _key_range_arg(key_range):
 
 def _run(lib, q, k, v, grad_out, causal, offset, late, deterministic, schedule=WARPS_FORWARD,
          shared_bytes=H100_SHARED_BYTES, hopper=False, window_offset=None, key_range=None):
-    """Forward and backward through the emulated launchers (with ``hopper``, on an emulated
-    sm_90 device with FUSEDLM_ATTENTION_SM90=require: True, the forward on the sm_90a kernel
-    alone; "launcher", the forward through the launcher too; the backward through the launcher).
+    """Forward and backward through the emulated launchers; with ``hopper``, on an emulated
+    sm_90 device under FUSEDLM_ATTENTION_SM90=require: the forward on the sm_90a kernel alone
+    (no sm_80 fallback), the backward through the launcher, which must take the sm_90a kernel.
     ``key_range``: (B, 2) or (B, Tq, 2) int32. Returns out, lse, dq, dk, dv."""
     lib.emulated_configure(int(late), schedule, shared_bytes)
     lib.emulated_set_compute_capability(90 if hopper else 80)
@@ -102,7 +102,7 @@ def _run(lib, q, k, v, grad_out, causal, offset, late, deterministic, schedule=W
     out, out_buffer = _output((B, Hq, Tq, D), q.dtype)
     lse, lse_buffer = _output((B, Hq, Tq), torch.float32)
     status = lib.emulated_attention_fwd(
-        shape, ctypes.c_double(scale), dtype_code, int(hopper is True), _ptr(q), _strides(q),
+        shape, ctypes.c_double(scale), dtype_code, int(hopper), _ptr(q), _strides(q),
         _ptr(k), _strides(k), _ptr(v), _strides(v), _ptr(out),
         ctypes.cast(_ptr(lse), ctypes.POINTER(ctypes.c_float)), _key_range_arg(key_range))
     assert status == 0, f"attention_fwd: cudaError {status}: {lib.emulated_fault().decode()}"
@@ -490,10 +490,16 @@ def test_hopper_per_query_key_range(library, case):
            window_offset=window_offset, key_range=ranges)
 
 
-@pytest.mark.parametrize("case", [(WINDOW_CASES[1], None), (KEY_RANGE_CASES[1][:-1],
-                                   KEY_RANGE_CASES[1][-1]), (PER_QUERY_CASES[0][:-1],
-                                                             PER_QUERY_CASES[0][-1])],
-                         ids=["window-D128", "padded-D128", "documents-D64"])
+# (shape..., causal, window_offset), key_range: one case of each bounded kind.
+BOUNDED_DETERMINISTIC_CASES = {
+    "window-D128": (WINDOW_CASES[1], None),
+    "padded-D128": (KEY_RANGE_CASES[1][:-1], KEY_RANGE_CASES[1][-1]),
+    "documents-D64": (PER_QUERY_CASES[0][:-1], PER_QUERY_CASES[0][-1]),
+}
+
+
+@pytest.mark.parametrize("case", list(BOUNDED_DETERMINISTIC_CASES.values()),
+                         ids=list(BOUNDED_DETERMINISTIC_CASES))
 def test_hopper_bounded_deterministic_backward(library, case):
     """The bounded sm_90a backward without dQ (dK, dV; dQ by the sm_80 atomic-free kernel)."""
     (*shape, causal, window_offset), key_range = case
