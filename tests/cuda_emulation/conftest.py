@@ -34,7 +34,13 @@ SM90_SOURCES = [
     REPO / "csrc" / "cuda" / "launchers.h",
 ]
 # The kernels' layouts against CUTLASS's CuTe (test_layouts_cute.py).
-LAYOUT_SOURCES = [*SM90_SOURCES[:2], HERE / "layouts_cute.cpp", *SM90_SOURCES[3:]]
+LAYOUT_SOURCES = [
+    HERE / "warp_emulation.h",
+    HERE / "sm90_emulation.h",
+    HERE / "layouts_cute.cpp",
+    *sorted((REPO / "csrc" / "cuda").glob("*.cuh")),
+    REPO / "csrc" / "cuda" / "launchers.h",
+]
 GUARD = 64  # elements of NaN before and after every tensor
 # Opt-in shared memory per block the emulated device reports (the launchers pick tiles by it).
 H100_SHARED_BYTES = 232448
@@ -127,8 +133,9 @@ def cute_layouts_library():
         pytest.skip(message)
     # CUDA 13 keeps libcu++ (cuda/std/...) under include/cccl; CUDA 12 in include itself.
     cccl = [f"-I{cuda / 'cccl'}"] if cuda is not None and (cuda / "cccl").is_dir() else []
-    lib = _build(HERE / "layouts_cute.cpp", LAYOUT_SOURCES, "layouts_cute",
-                 (f"-I{cute}", *cccl, "-Wno-deprecated-declarations"))
+    # (CUTLASS's version header in the hash: another CUTLASS at the same path rebuilds.)
+    lib = _build(HERE / "layouts_cute.cpp", [*LAYOUT_SOURCES, cute / "cutlass" / "version.h"],
+                 "layouts_cute", (f"-I{cute}", *cccl, "-Wno-deprecated-declarations"))
     lib.cute_first_mismatch.restype = ctypes.c_char_p
     return lib
 
