@@ -273,12 +273,16 @@ void scenario_kernel(const __grid_constant__ CUtensorMap map, int which, int* fl
     if (expect) mbarrier_arrive_expect_tx(barrier, 128 * 128);
     tma_load_4d(dst, &map, 0, 0, 0, 0, barrier);
   };
-  auto read_by_wgmma = [&] {
-    float d[64] = {};
+  // One committed wgmma group reading the tile into d, not waited for.
+  auto issue_on_tile = [&](float (&d)[64]) {
     warpgroup_fence();
     const uint64_t desc = make_smem_descriptor(tile, 0, 1024);
     wgmma_ss<__half, 128, 0, 0>(d, desc, desc, true);
     warpgroup_commit();
+  };
+  auto read_by_wgmma = [&] {
+    float d[64] = {};
+    issue_on_tile(d);
     warpgroup_wait<0>();
   };
   switch (which) {
@@ -311,10 +315,7 @@ void scenario_kernel(const __grid_constant__ CUtensorMap map, int which, int* fl
       load(tile, true);
       mbarrier_wait(bar, 0);
       float d[64] = {};
-      warpgroup_fence();
-      const uint64_t desc = make_smem_descriptor(tile, 0, 1024);
-      wgmma_ss<__half, 128, 0, 0>(d, desc, desc, true);
-      warpgroup_commit();
+      issue_on_tile(d);
       break;
     }
     case 7: {  // a wgmma with no warpgroup_fence before it
@@ -364,10 +365,7 @@ void scenario_kernel(const __grid_constant__ CUtensorMap map, int which, int* fl
       load(tile, true);
       mbarrier_wait(bar, 0);
       float d[64] = {};
-      warpgroup_fence();
-      const uint64_t desc = make_smem_descriptor(tile, 0, 1024);
-      wgmma_ss<__half, 128, 0, 0>(d, desc, desc, true);
-      warpgroup_commit();
+      issue_on_tile(d);
       d[0] += 1.f;
       warpgroup_wait<0>();
       break;
