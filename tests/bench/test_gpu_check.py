@@ -101,3 +101,26 @@ def test_gpu_check_runs_end_to_end_on_a_cpu(tmp_path):
         names = tar.getnames()
     assert "logs/pytest-gpu-junit.xml" in names and "logs/pytest.log" in names
     assert result.returncode == 1  # the sanitizer step did not run: not all ok
+
+
+def test_build_step_falls_back_to_cmake_when_pip_fails(tmp_path, monkeypatch):
+    """Should pip fail on the GPU machine (its setuptools, say), the build step builds the
+    extension with CMake directly, and the later steps import it from python/fusedlm (here a
+    temporary folder stands in for it). The CMake folder is the editable install's, so the
+    build is incremental."""
+    gpu_check = _gpu_check()
+    monkeypatch.setenv("FUSEDLM_GPU_CHECK_PIP_FAILS", "1")
+    monkeypatch.setenv("FUSEDLM_CUDA", "OFF")  # CI's torch is a CPU build
+    check = gpu_check.Check(tmp_path / "out", budget_s=600, quick=True)
+    check.extension_dir = tmp_path / "extension"
+    check.extension_dir.mkdir()
+    check.ptxas_report = lambda later: {"skipped": "not this test's concern"}
+    check.build(later=())
+    step = check.report["steps"]["build"]
+    assert "made to fail on purpose" in step["tail"]
+    fallback = step["cmake_fallback"]
+    assert fallback["rc"] == 0, fallback["tail"]
+    assert (check.extension_dir / fallback["copied"]).is_file()
+    assert step["rc"] == 0
+    # no CUDA kernels in a CPU build: the step says so rather than passing
+    assert step["status"] == "failed" and step["extension"]["built_with_cuda"] is False
