@@ -120,15 +120,74 @@ C10_ALWAYS_INLINE double blocked_sum(int64_t N, const Term& term) {
   return total;
 }
 
+#if FUSEDLM_X86
+// blocked_sum of x (kSquare false) or of (x - shift)^2 (true) over a float row on AVX2: the
+// same blocks and kLanes = 32 partial sums, held in four registers and folded in the same
+// pairwise order. The portable loop's compiled form keeps the partials in a stack array and
+// folds them through memory, which cost more than the terms themselves for rows of a few
+// hundred elements (LayerNorm forward at N = 256: benchmarks/NOTES.md).
+// x: (N)
+template <bool kSquare>
+FUSEDLM_TARGET_AVX2 double shifted_sum_avx2(const float* x, float shift, int64_t N) {
+  static_assert(kLanes == 32, "four 8-lane registers");
+  const __m256 shift8 = _mm256_set1_ps(shift);
+  auto term = [&](int64_t i) FUSEDLM_TARGET_AVX2 {
+    const __m256 v = _mm256_loadu_ps(x + i);
+    if constexpr (kSquare) {
+      const __m256 d = _mm256_sub_ps(v, shift8);
+      return _mm256_mul_ps(d, d);
+    } else {
+      return v;
+    }
+  };
+  double total = 0;
+  for (int64_t b = 0; b < N; b += kSumBlock) {
+    const int64_t e = std::min(N, b + kSumBlock);
+    __m256 lanes0 = _mm256_setzero_ps();  // lanes 0-7, then 8-15, 16-23, 24-31
+    __m256 lanes1 = _mm256_setzero_ps();
+    __m256 lanes2 = _mm256_setzero_ps();
+    __m256 lanes3 = _mm256_setzero_ps();
+    int64_t i = b;
+    for (; i + kLanes <= e; i += kLanes) {
+      lanes0 = _mm256_add_ps(lanes0, term(i));
+      lanes1 = _mm256_add_ps(lanes1, term(i + 8));
+      lanes2 = _mm256_add_ps(lanes2, term(i + 16));
+      lanes3 = _mm256_add_ps(lanes3, term(i + 24));
+    }
+    // widths 16 and 8 of blocked_sum's fold, then 4, 2, 1 within a register
+    const __m256 folded = _mm256_add_ps(_mm256_add_ps(lanes0, lanes2),
+                                        _mm256_add_ps(lanes1, lanes3));
+    __m128 four = _mm_add_ps(_mm256_castps256_ps128(folded), _mm256_extractf128_ps(folded, 1));
+    four = _mm_add_ps(four, _mm_movehl_ps(four, four));
+    const float lanes_sum = _mm_cvtss_f32(_mm_add_ss(four, _mm_movehdup_ps(four)));
+    float tail = 0;
+    for (; i < e; ++i) {
+      const float d = x[i] - shift;
+      tail += kSquare ? d * d : x[i];
+    }
+    total += static_cast<double>(lanes_sum) + static_cast<double>(tail);
+  }
+  return total;
+}
+#endif
+
 // Sum of x. x: (N)
-template <typename acc_t>
+template <bool kAvx2, typename acc_t>
 C10_ALWAYS_INLINE double sum_row(const acc_t* x, int64_t N) {
+#if FUSEDLM_X86
+  if constexpr (kAvx2 && std::is_same_v<acc_t, float>) return shifted_sum_avx2<false>(x, 0, N);
+#endif
   return blocked_sum<acc_t>(N, [x](int64_t i) { return x[i]; });
 }
 
 // Sum of (x - shift)^2. x: (N)
-template <typename acc_t>
+template <bool kAvx2, typename acc_t>
 C10_ALWAYS_INLINE double sum_sq_row(const acc_t* x, acc_t shift, int64_t N) {
+#if FUSEDLM_X86
+  if constexpr (kAvx2 && std::is_same_v<acc_t, float>) {
+    return shifted_sum_avx2<true>(x, shift, N);
+  }
+#endif
   return blocked_sum<acc_t>(N, [x, shift](int64_t i) {
     const acc_t d = x[i] - shift;
     return d * d;
@@ -276,8 +335,8 @@ struct LayerNormFwd {
       const acc_t* x = row_as_acc<kAvx2>(a.x + r * N, buf.data(), N);
       // Two passes over the cached row: the mean first, then squared
       // deviations from it, so a large common offset does not cancel.
-      const acc_t mean = static_cast<acc_t>(sum_row(x, N) / N);
-      const double var = sum_sq_row(x, mean, N) / N;
+      const acc_t mean = static_cast<acc_t>(sum_row<kAvx2>(x, N) / N);
+      const double var = sum_sq_row<kAvx2>(x, mean, N) / N;
       const acc_t rstd = static_cast<acc_t>(1.0 / std::sqrt(var + static_cast<double>(a.eps)));
       acc_t* y = result_row(a.y + r * N, buf.data());
       normalize_row(x, a.weight, a.bias, mean, rstd, y, N);
@@ -306,7 +365,7 @@ struct RmsNormFwd {
     std::vector<acc_t> buf(std::is_same_v<scalar_t, acc_t> ? 0 : N);
     for (int64_t r = row_begin; r < row_end; ++r) {
       const acc_t* x = row_as_acc<kAvx2>(a.x + r * N, buf.data(), N);
-      const double ms = sum_sq_row(x, acc_t(0), N) / N;
+      const double ms = sum_sq_row<kAvx2>(x, acc_t(0), N) / N;
       const acc_t rstd = static_cast<acc_t>(1.0 / std::sqrt(ms + static_cast<double>(a.eps)));
       acc_t* y = result_row(a.y + r * N, buf.data());
       normalize_row(x, a.weight, static_cast<const acc_t*>(nullptr), acc_t(0), rstd, y, N);
