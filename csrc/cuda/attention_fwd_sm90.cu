@@ -10,6 +10,7 @@
 // kernel (attention_fwd.cu), which also serves every device that is not sm_90.
 #include <cstdlib>
 #include <cstring>
+#include <cudaTypedefs.h>  // PFN_cuTensorMapEncodeTiled_v12000
 
 #include "cuda/attention_sm90.cuh"
 
@@ -426,10 +427,9 @@ cudaError_t launch_fwd_sm90(const AttentionFwdArgs& args, cudaStream_t stream) {
 cudaError_t encode_tile_map(CUtensorMap* map, DType dtype, const void* base,
                             const uint64_t (&dims)[4], const uint64_t (&strides_bytes)[3],
                             uint32_t box_rows) {
-  using Encode = CUresult (*)(CUtensorMap*, CUtensorMapDataType, cuuint32_t, void*,
-                              const cuuint64_t*, const cuuint64_t*, const cuuint32_t*,
-                              const cuuint32_t*, CUtensorMapInterleave, CUtensorMapSwizzle,
-                              CUtensorMapL2promotion, CUtensorMapFloatOOBfill);
+  // The driver's own type for the version asked for below (cudaTypedefs.h), so the call's
+  // arguments cannot drift from the entry point's.
+  using Encode = PFN_cuTensorMapEncodeTiled_v12000;
   // The driver entry point, looked up once (the extension does not link libcuda itself).
   static Encode encode = [] {
     void* function = nullptr;
