@@ -121,6 +121,13 @@ C10_ALWAYS_INLINE double blocked_sum(int64_t N, const Term& term) {
 }
 
 #if FUSEDLM_X86
+// The sum of a register's 8 lanes, folded pairwise: widths 4, 2, 1 (blocked_sum's order).
+FUSEDLM_TARGET_AVX2 C10_ALWAYS_INLINE float sum8(__m256 v) {
+  __m128 four = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  four = _mm_add_ps(four, _mm_movehl_ps(four, four));
+  return _mm_cvtss_f32(_mm_add_ss(four, _mm_movehdup_ps(four)));
+}
+
 // blocked_sum of x (kSquare false) or of (x - shift)^2 (true) over a float row on AVX2: the
 // same blocks and kLanes = 32 partial sums, held in four registers and folded in the same
 // pairwise order. The portable loop's compiled form keeps the partials in a stack array and
@@ -155,11 +162,8 @@ FUSEDLM_TARGET_AVX2 double shifted_sum_avx2(const float* x, float shift, int64_t
       lanes3 = _mm256_add_ps(lanes3, term(i + 24));
     }
     // widths 16 and 8 of blocked_sum's fold, then 4, 2, 1 within a register
-    const __m256 folded = _mm256_add_ps(_mm256_add_ps(lanes0, lanes2),
-                                        _mm256_add_ps(lanes1, lanes3));
-    __m128 four = _mm_add_ps(_mm256_castps256_ps128(folded), _mm256_extractf128_ps(folded, 1));
-    four = _mm_add_ps(four, _mm_movehl_ps(four, four));
-    const float lanes_sum = _mm_cvtss_f32(_mm_add_ss(four, _mm_movehdup_ps(four)));
+    const float lanes_sum = sum8(_mm256_add_ps(_mm256_add_ps(lanes0, lanes2),
+                                               _mm256_add_ps(lanes1, lanes3)));
     float tail = 0;
     for (; i < e; ++i) {
       const float d = x[i] - shift;
@@ -201,10 +205,72 @@ C10_ALWAYS_INLINE double sum_sq_row(const acc_t* x, acc_t shift, int64_t N) {
 // an FMA, which would leave a rounding residual where g - mean(g) is exactly
 // 0 (N = 1, constant rows) and scale it by rstd.
 // dy, x: (N); w: (N) or nullptr; g: (N) written when w is given
-template <bool kHasWeight, typename acc_t>
+#if FUSEDLM_X86
+// sum_g_gxhat_row for float rows on AVX2 with two registers per sum: with one, each step
+// waited on the previous step's add (4 cycles for 8 elements). Blocks of kSumBlock / 2 keep
+// each of the 16 lanes per sum at <= 32 terms before the block is folded into a double.
+// dy, x: (N); w: (N) or nullptr; g: (N) written when w is given
+template <bool kHasWeight>
+FUSEDLM_TARGET_AVX2 void sum_g_gxhat_avx2(const float* dy, const float* x, const float* w,
+                                          float shift, float rstd, float* g, int64_t N,
+                                          double& sum_g, double& sum_gxhat) {
+  constexpr int64_t kBlock = kSumBlock / 2;
+  const __m256 shift8 = _mm256_set1_ps(shift);
+  const __m256 rstd8 = _mm256_set1_ps(rstd);
+  auto step = [&](int64_t i, __m256& s_g, __m256& s_gx) FUSEDLM_TARGET_AVX2 {
+    __m256 gi = _mm256_loadu_ps(dy + i);
+    if constexpr (kHasWeight) {
+      gi = _mm256_mul_ps(gi, _mm256_loadu_ps(w + i));
+      _mm256_storeu_ps(g + i, gi);
+    }
+    const __m256 xhat = _mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(x + i), shift8), rstd8);
+    s_g = _mm256_add_ps(s_g, gi);
+    s_gx = _mm256_fmadd_ps(gi, xhat, s_gx);
+  };
+  sum_g = 0;
+  sum_gxhat = 0;
+  for (int64_t b = 0; b < N; b += kBlock) {
+    const int64_t e = std::min(N, b + kBlock);
+    __m256 s_g0 = _mm256_setzero_ps();
+    __m256 s_g1 = _mm256_setzero_ps();
+    __m256 s_gx0 = _mm256_setzero_ps();
+    __m256 s_gx1 = _mm256_setzero_ps();
+    int64_t i = b;
+    for (; i + 16 <= e; i += 16) {
+      step(i, s_g0, s_gx0);
+      step(i + 8, s_g1, s_gx1);
+    }
+    if (i + 8 <= e) {
+      step(i, s_g0, s_gx0);
+      i += 8;
+    }
+    float tail_g = 0;
+    float tail_gx = 0;
+    for (; i < e; ++i) {
+      float gi = dy[i];
+      if constexpr (kHasWeight) {
+        gi = dy[i] * w[i];
+        g[i] = gi;
+      }
+      tail_g += gi;
+      tail_gx += gi * ((x[i] - shift) * rstd);
+    }
+    sum_g += static_cast<double>(sum8(_mm256_add_ps(s_g0, s_g1))) + tail_g;
+    sum_gxhat += static_cast<double>(sum8(_mm256_add_ps(s_gx0, s_gx1))) + tail_gx;
+  }
+}
+#endif
+
+template <bool kAvx2, bool kHasWeight, typename acc_t>
 C10_ALWAYS_INLINE void sum_g_gxhat_row(const acc_t* dy, const acc_t* x, const acc_t* w,
                                        acc_t shift, acc_t rstd, acc_t* g, int64_t N,
                                        double& sum_g, double& sum_gxhat) {
+#if FUSEDLM_X86
+  if constexpr (kAvx2 && std::is_same_v<acc_t, float>) {
+    sum_g_gxhat_avx2<kHasWeight>(dy, x, w, shift, rstd, g, N, sum_g, sum_gxhat);
+    return;
+  }
+#endif
   // One vector accumulator per sum here (the loop body is long enough to
   // hide add latency), so blocks are kLanes / 8 = 4x shorter than
   // kSumBlock to keep the same <= 32 terms per partial.
@@ -418,7 +484,7 @@ struct NormBwd {
       const acc_t rstd = a.rstd[r];
       double sum_g = 0;
       double sum_gxhat = 0;
-      sum_g_gxhat_row<kHasWeight>(dy, x, a.weight, shift, rstd, g_buf.data(), N, sum_g,
+      sum_g_gxhat_row<kAvx2, kHasWeight>(dy, x, a.weight, shift, rstd, g_buf.data(), N, sum_g,
                                   sum_gxhat);
       const acc_t* g = kHasWeight ? g_buf.data() : dy;
       const acc_t c_g = kRms ? acc_t(0) : static_cast<acc_t>(sum_g * inv_n);
