@@ -648,8 +648,13 @@ inline void fence_view_async_shared() {
 // next fence_view_async_shared.
 inline void store_shared_for_async(void* smem, uint32_t value) {
   ::emu::check_shared(smem, 4, 4, "store_shared_for_async outside shared memory or misaligned");
-  std::memcpy(smem, &value, 4);
   const uint32_t chunk = ::emu::shared_offset(smem, "store_shared_for_async") / 16;
+  if (::emu::chunks()[chunk].wgmma_readers != 0) {
+    // (dS^T's next tile into the buffer the other consumer's dQ wgmma still reads, say)
+    ::emu::fail("racecheck: store_shared_for_async overwrites shared memory an in-flight wgmma "
+                "reads");
+  }
+  std::memcpy(smem, &value, 4);
   ++::emu::chunks()[chunk].unfenced_stores;
   ::emu::self().unfenced_chunks.push_back(chunk);
 }

@@ -370,6 +370,15 @@ void scenario_kernel(const __grid_constant__ CUtensorMap map, int which, int* fl
       warpgroup_wait<0>();
       break;
     }
+    case 17: {  // threads store into a tile a wgmma in flight reads
+      load(tile, true);
+      mbarrier_wait(bar, 0);
+      float d[64] = {};
+      issue_on_tile(d);
+      store_shared_for_async(tile + 4 * tid, 0x3c003c00u);
+      warpgroup_wait<0>();
+      break;
+    }
     case 14:    // threads' stores read by a wgmma with no fence.proxy.async after them
     case 15:    // the same with the fence: no fault
       store_shared_for_async(tile + 4 * tid, 0x3c003c00u);

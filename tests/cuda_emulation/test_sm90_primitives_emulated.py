@@ -267,6 +267,7 @@ SCENARIOS = {
     14: "wgmma reads shared memory that threads stored to (store_shared_for_async) without a "
         "fence.proxy.async",
     16: "a thread wrote the accumulators of a wgmma in flight",
+    17: "racecheck: store_shared_for_async overwrites shared memory an in-flight wgmma reads",
 }
 
 
