@@ -177,7 +177,7 @@ __device__ __forceinline__ void fence_view_async_shared() {
 
 // A plain shared-memory store of a value the async proxy (wgmma) reads later: the storing
 // thread's fence_view_async_shared and then a barrier must come before that read (the emulation
-// checks the fence).
+// checks both).
 __device__ __forceinline__ void store_shared_for_async(void* smem, uint32_t value) {
   *static_cast<uint32_t*>(smem) = value;
 }

@@ -18,10 +18,12 @@
 // Proxy fences: a value threads store into shared memory for the async proxy to read (dS^T for
 // the wgmma of dQ = dS K) goes through store_shared_for_async, which marks its 16-byte chunk
 // until the storing thread's next fence_view_async_shared (fence.proxy.async.shared::cta); a
-// wgmma reading a marked chunk faults (on a GPU it could read stale bytes). NOT checked: plain
-// C++ stores that bypass store_shared_for_async (invisible here), and whether a barrier sits
-// between the fences and the read (the warpgroup schedules reorder threads, which catches some
-// of it).
+// wgmma reading a marked chunk faults (on a GPU it could read stale bytes). So does a wgmma
+// unless every thread of its warpgroup passed a __syncthreads or named barrier that each
+// storing thread arrived at after its fence (vector clocks, warp_emulation.h), and a store into
+// bytes an in-flight wgmma reads. NOT checked: plain C++ stores that bypass
+// store_shared_for_async (invisible here), and a store into bytes another warpgroup's wgmma has
+// yet to issue a read of (the warpgroup schedules catch some of that through wrong numbers).
 #pragma once
 
 #include <cuda.h>  // CUtensorMap
@@ -108,11 +110,20 @@ struct WgSlot {
   float* d;
 };
 
+// The last store_shared_for_async into a 4-byte word of shared memory: its thread, and that
+// thread's clock at its fence.proxy.async after the store (0 until then).
+struct StoreRecord {
+  int thread = -1;
+  uint32_t fenced_at = 0;
+};
+
 struct Sm90 {
   std::map<uint32_t, MBarrier> barriers;  // by shared offset; reset per block
   std::vector<TmaCopy> copies;            // this block's TMA copies
   std::vector<Warpgroup> warpgroups;
   std::vector<WgSlot> slots;
+  std::vector<StoreRecord> stores;        // per 4-byte word of shared memory
+  bool stores_used = false;               // this block made a StoreRecord
 };
 
 inline Sm90& sm90() {
@@ -130,6 +141,8 @@ inline void sm90_block_start(Block& block) {
   s.copies.clear();
   s.warpgroups.assign(block.warpgroup_barriers.size(), Warpgroup{});
   s.slots.assign(block.threads.size(), WgSlot{});
+  if (s.stores.empty() || s.stores_used) s.stores.assign(kSharedBytes / 4, StoreRecord{});
+  s.stores_used = false;
 }
 
 // A __syncthreads orders every warpgroup after what any warpgroup's waits observed.
@@ -271,6 +284,10 @@ inline void tma_land(int index) {
   TmaCopy& c = sm90().copies[index];
   tma_check_overwrite(c);
   tma_perform(c);
+  if (sm90().stores_used) {  // its bytes are no thread's stores any more
+    std::fill(sm90().stores.begin() + c.dst / 4, sm90().stores.begin() + (c.dst + c.bytes) / 4,
+              StoreRecord{});
+  }
   MBarrier& m = mbarrier_at(c.barrier);
   c.landed = true;
   c.visible_after = m.completed + 1;  // its bytes count toward the phase in progress
@@ -451,6 +468,32 @@ inline void watch_check(const AccumulatorWatch& w, const WgmmaOp& op) {
   }
 }
 
+// Faults unless every thread of the issuing warpgroup (the caller is its first) has passed a
+// barrier that each thread whose store_shared_for_async words the wgmma reads arrived at after
+// its fence.proxy.async: without that barrier the wgmma may read before the store (or its
+// fence) happened. A word not yet fenced faults through unfenced_stores instead.
+inline void check_stores_ordered(const std::vector<uint32_t>& read_chunks) {
+  Block& b = *current_block();
+  const int first = b.current / 128 * 128;
+  std::vector<int64_t> least(b.threads.size(), -1);  // per storing thread: min of readers' view
+  for (uint32_t chunk : read_chunks) {
+    for (uint32_t word = chunk * 4; word < chunk * 4 + 4; ++word) {
+      const StoreRecord& r = sm90().stores[word];
+      if (r.thread < 0 || r.fenced_at == 0) continue;
+      if (least[r.thread] < 0) {
+        uint32_t seen = UINT32_MAX;
+        for (int i = first; i < first + 128; ++i) seen = std::min(seen, b.threads[i].clock[r.thread]);
+        least[r.thread] = seen;
+      }
+      if (least[r.thread] < r.fenced_at) {
+        fail("racecheck: wgmma reads shared memory that threads stored to (store_shared_for_async) "
+             "with no barrier between their fence.proxy.async and every thread of the issuing "
+             "warpgroup");
+      }
+    }
+  }
+}
+
 inline void wgmma_issue(WgmmaOp&& op, Warpgroup& group, const WgSlot* slots) {
   if (!group.fenced) {
     fail("wgmma without a warpgroup_fence since the warpgroup's start or its last warpgroup_wait");
@@ -492,6 +535,7 @@ inline void wgmma_issue(WgmmaOp&& op, Warpgroup& group, const WgSlot* slots) {
     }
     if (c.tma >= 0) check_tma_visible(chunk, "wgmma");
   }
+  if (sm90().stores_used) check_stores_ordered(op.chunks);
   for (uint32_t chunk : op.chunks) ++chunks()[chunk].wgmma_readers;
   AccumulatorWatch& watch = accumulator_watch(group, op);
   watch_check(watch, op);
@@ -639,9 +683,16 @@ inline void registers_increase() {
 // async-proxy (wgmma, TMA) accesses. Plain C++ stores are invisible here, so the ordering it
 // provides is NOT checked; the calls are only counted per warpgroup.
 inline void fence_view_async_shared() {
-  ++::emu::sm90().warpgroups[::emu::self().warp / 4].async_fences;
-  for (uint32_t chunk : ::emu::self().unfenced_chunks) --::emu::chunks()[chunk].unfenced_stores;
-  ::emu::self().unfenced_chunks.clear();
+  ::emu::Thread& me = ::emu::self();
+  ++::emu::sm90().warpgroups[me.warp / 4].async_fences;
+  for (uint32_t chunk : me.unfenced_chunks) --::emu::chunks()[chunk].unfenced_stores;
+  me.unfenced_chunks.clear();
+  const int index = ::emu::current_block()->current;
+  for (uint32_t word : me.unfenced_words) {
+    ::emu::StoreRecord& r = ::emu::sm90().stores[word];
+    if (r.thread == index) r.fenced_at = me.clock[index];
+  }
+  me.unfenced_words.clear();
 }
 
 // A plain shared-memory store of a value the async proxy reads later: marked until this thread's
@@ -657,6 +708,11 @@ inline void store_shared_for_async(void* smem, uint32_t value) {
   std::memcpy(smem, &value, 4);
   ++::emu::chunks()[chunk].unfenced_stores;
   ::emu::self().unfenced_chunks.push_back(chunk);
+  ::emu::clocks_start();
+  const uint32_t word = ::emu::shared_offset(smem, "store_shared_for_async") / 4;
+  ::emu::sm90().stores[word] = ::emu::StoreRecord{::emu::current_block()->current, 0};
+  ::emu::sm90().stores_used = true;
+  ::emu::self().unfenced_words.push_back(word);
 }
 
 // bar.sync id, threads: arrive and wait until `threads` threads arrived (bar.arrive counts).
@@ -668,8 +724,10 @@ inline void named_barrier_sync(uint32_t id, uint32_t threads) {
 inline void named_barrier_arrive(uint32_t id, uint32_t threads, bool arrive) {
   if (!arrive) return;
   ::emu::Barrier& x = ::emu::named_barrier(static_cast<int>(id), static_cast<int>(threads));
+  ::emu::clock_arrive(x);
   if (++x.arrived >= x.live) {
     x.arrived = 0;
+    ::emu::clock_complete(x);
     ++x.generation;
   }
 }

@@ -381,9 +381,12 @@ void scenario_kernel(const __grid_constant__ CUtensorMap map, int which, int* fl
     }
     case 14:    // threads' stores read by a wgmma with no fence.proxy.async after them
     case 15:    // the same with the fence: no fault
+    case 18:    // the fence, but no barrier between it and the other threads' wgmma
+    case 19:    // a barrier, but before the fence
       store_shared_for_async(tile + 4 * tid, 0x3c003c00u);
-      if (which == 15) fence_view_async_shared();
-      __syncthreads();
+      if (which == 15 || which == 18) fence_view_async_shared();
+      if (which != 18) __syncthreads();
+      if (which == 19) fence_view_async_shared();
       read_by_wgmma();
       if (tid == 0) *flag = 1;
       break;

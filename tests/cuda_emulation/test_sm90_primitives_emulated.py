@@ -268,6 +268,10 @@ SCENARIOS = {
         "fence.proxy.async",
     16: "a thread wrote the accumulators of a wgmma in flight",
     17: "racecheck: store_shared_for_async overwrites shared memory an in-flight wgmma reads",
+    18: "racecheck: wgmma reads shared memory that threads stored to (store_shared_for_async) "
+        "with no barrier between their fence.proxy.async and every thread",
+    19: "racecheck: wgmma reads shared memory that threads stored to (store_shared_for_async) "
+        "with no barrier between their fence.proxy.async and every thread",
 }
 
 

@@ -114,7 +114,17 @@ struct Barrier {
   int arrived = 0;
   unsigned generation = 0;
   int live = 0;  // threads of its set that can still arrive (a warpgroup's stays 128: all must)
+  bool orders_memory = false;   // __syncthreads and named barriers (see the vector clocks)
+  std::vector<uint32_t> joined;    // the clocks of this generation's arrivals, joined
+  std::vector<uint32_t> released;  // the join of the last completed generation
 };
+
+inline Barrier fresh_barrier(int live, bool orders_memory) {
+  Barrier barrier;
+  barrier.live = live;
+  barrier.orders_memory = orders_memory;
+  return barrier;
+}
 
 struct Thread {
   ucontext_t context;
@@ -131,6 +141,8 @@ struct Thread {
   std::vector<Copy> open_group;                 // cp.async issued since the last commit
   std::vector<std::vector<Copy>> groups;        // committed, not yet waited for
   std::vector<uint32_t> unfenced_chunks;  // chunks of its store_shared_for_async since its fence
+  std::vector<uint32_t> unfenced_words;   // and their 4-byte words
+  std::vector<uint32_t> clock;  // its vector clock, once the block keeps them (clocks_start)
 };
 
 constexpr size_t kSharedBytes = 256 * 1024;
@@ -154,6 +166,7 @@ struct Block {
   std::vector<Barrier> warp_barriers;
   std::vector<Barrier> warpgroup_barriers;  // 128 consecutive threads (wgmma's collectives)
   std::vector<Barrier> named_barriers;      // bar.sync / bar.arrive 0..15 (live: its count)
+  bool clocks_on = false;                   // vector clocks kept (clocks_start)
   std::vector<Slot> slots;  // (warps * 32)
   std::function<void()> body;
 };
@@ -214,17 +227,62 @@ inline bool mbarrier_ready(uint32_t offset, unsigned parity);
 inline std::string describe_mbarrier(uint32_t offset, unsigned parity);
 inline void check_tma_visible(size_t chunk, const char* what);
 
+// ---- happens-before between threads (vector clocks) -------------------------------------------
+//
+// Kept once a kernel stores shared memory for the async proxy (store_shared_for_async in
+// sm90_emulation.h, which checks that a barrier orders those stores before the wgmma that
+// reads them). Thread t's clock[t] counts its arrivals at __syncthreads and named barriers; a
+// barrier joins the clocks of a generation's arrivals and hands the join to the threads it
+// releases, so thread r has seen thread t's events up to r's clock[t]. mbarriers and warp or
+// warpgroup syncs do not order memory here.
+inline void clocks_start() {
+  Block& b = *current_block();
+  if (b.clocks_on) return;
+  b.clocks_on = true;
+  for (size_t i = 0; i < b.threads.size(); ++i) {
+    b.threads[i].clock.assign(b.threads.size(), 0);
+    b.threads[i].clock[i] = 1;
+  }
+}
+
+inline void clock_join(std::vector<uint32_t>& into, const std::vector<uint32_t>& clock) {
+  if (into.size() != clock.size()) into.assign(clock.size(), 0);
+  for (size_t i = 0; i < clock.size(); ++i) into[i] = std::max(into[i], clock[i]);
+}
+
+inline void clock_arrive(Barrier& barrier) {
+  Block& b = *current_block();
+  if (!b.clocks_on || !barrier.orders_memory) return;
+  Thread& me = b.threads[b.current];
+  clock_join(barrier.joined, me.clock);
+  ++me.clock[b.current];
+}
+
+inline void clock_complete(Barrier& barrier) {
+  if (!current_block()->clocks_on || !barrier.orders_memory) return;
+  barrier.released.swap(barrier.joined);
+  barrier.joined.clear();
+}
+
+inline void clock_depart(Barrier& barrier) {
+  Block& b = *current_block();
+  if (!b.clocks_on || !barrier.orders_memory || barrier.released.empty()) return;
+  clock_join(b.threads[b.current].clock, barrier.released);
+}
+
 // Waits until every live thread of the barrier's set (block, warp or warpgroup) has arrived.
 inline void wait_barrier(Barrier& barrier) {
   Block* block = current_block();
   const unsigned generation = barrier.generation;
   ++barrier.arrived;
+  clock_arrive(barrier);
   Thread& me = block->threads[block->current];
   me.waiting_on = &barrier;
   me.waiting_generation = generation;
   while (barrier.generation == generation) {
     if (barrier.arrived >= barrier.live) {
       barrier.arrived = 0;
+      clock_complete(barrier);
       ++barrier.generation;
       if (&barrier == &block->block_barrier) sm90_syncthreads();
       break;
@@ -232,6 +290,7 @@ inline void wait_barrier(Barrier& barrier) {
     yield();
   }
   me.waiting_on = nullptr;
+  clock_depart(barrier);
 }
 
 inline void sync_block() { wait_barrier(current_block()->block_barrier); }
@@ -475,10 +534,11 @@ struct Launch {
           // Garbage in shared memory, as on a GPU: reading what was never written shows.
           std::memset(shared_memory, 0x7f, kSharedBytes);
           std::fill(chunks().begin(), chunks().end(), ChunkState{});
-          b.block_barrier = Barrier{0, 0, threads};
-          for (Barrier& x : b.warp_barriers) x = Barrier{0, 0, 32};
-          for (Barrier& x : b.warpgroup_barriers) x = Barrier{0, 0, 128};
-          b.named_barriers.assign(16, Barrier{0, 0, 0});
+          b.block_barrier = fresh_barrier(threads, true);
+          for (Barrier& x : b.warp_barriers) x = fresh_barrier(32, false);
+          for (Barrier& x : b.warpgroup_barriers) x = fresh_barrier(128, false);
+          b.named_barriers.assign(16, fresh_barrier(0, true));
+          b.clocks_on = false;
           sm90_block_start(b);
           for (int i = 0; i < threads; ++i) {
             Thread& t = b.threads[i];
@@ -487,6 +547,8 @@ struct Launch {
             t.lane = i % 32;
             t.done = false;
             t.unfenced_chunks.clear();
+            t.unfenced_words.clear();
+            t.clock.clear();
             getcontext(&t.context);
             t.context.uc_stack.ss_sp = t.stack.get();
             t.context.uc_stack.ss_size = kStackBytes;
