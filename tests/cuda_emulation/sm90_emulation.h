@@ -21,9 +21,9 @@
 // wgmma reading a marked chunk faults (on a GPU it could read stale bytes). So does a wgmma
 // unless every thread of its warpgroup passed a __syncthreads or named barrier that each
 // storing thread arrived at after its fence (vector clocks, warp_emulation.h), and a store into
-// bytes an in-flight wgmma reads. NOT checked: plain C++ stores that bypass
-// store_shared_for_async (invisible here), and a store into bytes another warpgroup's wgmma has
-// yet to issue a read of (the warpgroup schedules catch some of that through wrong numbers).
+// bytes an in-flight wgmma reads (a store into bytes a wgmma has yet to read shows as the
+// missing barrier). NOT checked: plain C++ stores that bypass store_shared_for_async
+// (invisible here), and orderings through mbarriers.
 #pragma once
 
 #include <cuda.h>  // CUtensorMap
