@@ -198,13 +198,6 @@ C10_ALWAYS_INLINE double sum_sq_row(const acc_t* x, acc_t shift, int64_t N) {
   });
 }
 
-// Sums of g and g * xhat with g = dy * w (dy when w is null) and
-// xhat = (x - shift) * rstd, the two row reductions of both backward passes.
-// g is also stored: dx_row then subtracts mean(g) from the same rounded g
-// rather than from a freshly recomputed product the compiler may fuse into
-// an FMA, which would leave a rounding residual where g - mean(g) is exactly
-// 0 (N = 1, constant rows) and scale it by rstd.
-// dy, x: (N); w: (N) or nullptr; g: (N) written when w is given
 #if FUSEDLM_X86
 // sum_g_gxhat_row for float rows on AVX2 with two registers per sum: with one, each step
 // waited on the previous step's add (4 cycles for 8 elements). Blocks of kSumBlock / 2 keep
@@ -261,6 +254,13 @@ FUSEDLM_TARGET_AVX2 void sum_g_gxhat_avx2(const float* dy, const float* x, const
 }
 #endif
 
+// Sums of g and g * xhat with g = dy * w (dy when w is null) and
+// xhat = (x - shift) * rstd, the two row reductions of both backward passes.
+// g is also stored: dx_row then subtracts mean(g) from the same rounded g
+// rather than from a freshly recomputed product the compiler may fuse into
+// an FMA, which would leave a rounding residual where g - mean(g) is exactly
+// 0 (N = 1, constant rows) and scale it by rstd.
+// dy, x: (N); w: (N) or nullptr; g: (N) written when w is given
 template <bool kAvx2, bool kHasWeight, typename acc_t>
 C10_ALWAYS_INLINE void sum_g_gxhat_row(const acc_t* dy, const acc_t* x, const acc_t* w,
                                        acc_t shift, acc_t rstd, acc_t* g, int64_t N,
@@ -271,9 +271,9 @@ C10_ALWAYS_INLINE void sum_g_gxhat_row(const acc_t* dy, const acc_t* x, const ac
     return;
   }
 #endif
-  // One vector accumulator per sum here (the loop body is long enough to
-  // hide add latency), so blocks are kLanes / 8 = 4x shorter than
-  // kSumBlock to keep the same <= 32 terms per partial.
+  // One vector accumulator per sum in this portable loop (the AVX2 path
+  // keeps two), so blocks are kLanes / 8 = 4x shorter than kSumBlock to
+  // keep the same <= 32 terms per partial.
   constexpr int64_t kBlock = kSumBlock * 8 / kLanes;
   sum_g = 0;
   sum_gxhat = 0;
@@ -485,7 +485,7 @@ struct NormBwd {
       double sum_g = 0;
       double sum_gxhat = 0;
       sum_g_gxhat_row<kAvx2, kHasWeight>(dy, x, a.weight, shift, rstd, g_buf.data(), N, sum_g,
-                                  sum_gxhat);
+                                         sum_gxhat);
       const acc_t* g = kHasWeight ? g_buf.data() : dy;
       const acc_t c_g = kRms ? acc_t(0) : static_cast<acc_t>(sum_g * inv_n);
       const acc_t c_gxhat = static_cast<acc_t>(sum_gxhat * inv_n);
