@@ -124,3 +124,25 @@ def test_build_step_falls_back_to_cmake_when_pip_fails(tmp_path, monkeypatch):
     assert step["rc"] == 0
     # no CUDA kernels in a CPU build: the step says so rather than passing
     assert step["status"] == "failed" and step["extension"]["built_with_cuda"] is False
+
+
+@pytest.mark.slow
+def test_ptxas_keeps_the_hopper_wgmmas_asynchronous(tmp_path):
+    """gpu_check's ptxas report, run here with CI's nvcc: both sm_90a attention kernels compile
+    and ptxas notes no "Potential Performance Loss" (C7514 and its neighbours: wgmmas
+    serialized because accumulators are touched mid-pipeline, a divergent branch, ...). That
+    would cost the Hopper kernels much of their speed with no error anywhere, so it fails here,
+    without a GPU, rather than showing up as a slow benchmark. (Rescaling O before the P V
+    wgmma's wait, for one, gives C7514.)"""
+    import shutil
+
+    if shutil.which("nvcc") is None and not Path("/usr/local/cuda/bin/nvcc").exists():
+        pytest.skip("nvcc not found")
+    check = _gpu_check().Check(tmp_path / "out", budget_s=600, quick=True)
+    report = check.ptxas_report(later=())
+    assert set(report) == {"attention_fwd_sm90.cu", "attention_bwd_sm90.cu"}, report
+    for source, result in report.items():
+        assert result["rc"] == 0, (source, result)
+        assert result["registers"], (source, result)
+        assert result["performance_loss"] == {}, (source, result)
+        assert result["wgmma_serialized"] == 0, (source, result)
