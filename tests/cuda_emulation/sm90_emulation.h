@@ -482,7 +482,9 @@ inline void check_stores_ordered(const std::vector<uint32_t>& read_chunks) {
       if (r.thread < 0 || r.fenced_at == 0) continue;
       if (least[r.thread] < 0) {
         uint32_t seen = UINT32_MAX;
-        for (int i = first; i < first + 128; ++i) seen = std::min(seen, b.threads[i].clock[r.thread]);
+        for (int i = first; i < first + 128; ++i) {
+          seen = std::min(seen, b.threads[i].clock[r.thread]);
+        }
         least[r.thread] = seen;
       }
       if (least[r.thread] < r.fenced_at) {
@@ -680,8 +682,9 @@ inline void registers_increase() {
 }
 
 // fence.proxy.async.shared::cta: orders this thread's generic-proxy shared-memory stores before
-// async-proxy (wgmma, TMA) accesses. Plain C++ stores are invisible here, so the ordering it
-// provides is NOT checked; the calls are only counted per warpgroup.
+// async-proxy (wgmma, TMA) accesses. Here it clears this thread's store_shared_for_async marks
+// and stamps those words with its clock (the wgmma that reads them checks for a barrier after
+// this stamp); plain C++ stores are invisible here.
 inline void fence_view_async_shared() {
   ::emu::Thread& me = ::emu::self();
   ++::emu::sm90().warpgroups[me.warp / 4].async_fences;
