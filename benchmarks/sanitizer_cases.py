@@ -138,6 +138,18 @@ def _cases(backend: str, dev: str = "cuda"):
             _both_dq_paths(lambda: fusedlm.attention(q, k, v, causal=True, key_range=ranges,
                                                      backend=backend))
 
+        def attention_decode(dtype=dtype):
+            # decoding steps: a GQA group's query heads packed into rows, the keys split over
+            # CTAs and their partial results combined (attention_fwd.cu's plan); a padded batch
+            # row that sees no key
+            q = torch.randn(2, 8, 1, 64, device=dev, dtype=dtype)
+            k, v = (torch.randn(2, 2, 700, 64, device=dev, dtype=dtype) for _ in range(2))
+            ranges = torch.tensor([[100, 700], [0, 0]], device=dev)
+            with torch.no_grad():
+                fusedlm.attention(q, k, v, causal=True, key_range=ranges, backend=backend)
+                fusedlm.attention(q[:, :2], k, v, causal=False, backend=backend)
+
+        yield f"attention fwd {dn} decoding (heads packed, keys split)", attention_decode
         for name, case in (("sliding window (100, 0)", attention_sliding_window),
                            ("key range (padded batch)", attention_key_range),
                            ("packed documents", attention_documents)):

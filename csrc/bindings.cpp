@@ -85,8 +85,8 @@ T* ptr_or_null(const at::Tensor& t) {
   return t.defined() ? static_cast<T*>(t.data_ptr()) : nullptr;
 }
 
-// Scratch the launchers request (norm: per-block partial sums; attention backward: delta and the
-// float32 dQ accumulator): byte tensors from the caching allocator on the current device, all
+// Scratch the launchers request (norm: per-block partial sums; attention forward: a key split's
+// partial outputs; attention backward: delta and the float32 dQ accumulator): byte tensors from the caching allocator on the current device, all
 // kept alive until the end of the call, so two requests of one call never share memory (the
 // stream-ordered allocator makes freeing them after the launches safe).
 struct Workspace {
@@ -307,6 +307,9 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q,  // (B, Hq
   args.v = attention_input(v_r);
   args.out = out.data_ptr();
   args.lse = lse.data_ptr<float>();
+  Workspace workspace{q.options(), {}};
+  args.alloc = &alloc_workspace;
+  args.alloc_context = &workspace;
   check_cuda_status(cuda::attention_fwd(args, current_stream()), op);
   return {attention_unpad(out, D), lse};
 }

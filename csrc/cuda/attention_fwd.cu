@@ -2,12 +2,25 @@
 // algorithm: one CTA per (query tile, query head, batch); K and V tiles stream through
 // double-buffered shared memory while each warp keeps its query rows' output accumulator and
 // online-softmax statistics in registers. Q, K, V are read in place through their strides.
+//
+// Few query rows (decoding with a KV cache) leave most SMs idle: B * Hq CTAs, each walking all
+// the keys. Two rewrites fill them (attention_fwd_plan): with one query row, a GQA group's query
+// heads become the rows of one tile (each K/V tile read once per group, not once per head), and
+// the keys of each query tile split over several CTAs (flash-decoding), whose float32 partial
+// outputs and logsumexps a second kernel combines.
 #include "cuda/attention_sm80.cuh"
 #include "cuda/attention_sm90.cuh"
 
 namespace fusedlm::cuda {
 namespace attention {
 namespace {
+
+// Where the CTAs of a key-split forward put their partial results (split, then row-major).
+struct KeySplit {
+  int count;    // CTAs per query tile, each taking a contiguous share of its key tiles
+  float* out;   // (count, B, Hq, Tq, D) this split's output, normalized by its own softmax sum
+  float* lse;   // (count, B, Hq, Tq) this split's logsumexp (-inf: it saw no key)
+};
 
 template <int kHeadDim, int kBlockM, int kBlockN>
 constexpr size_t fwd_shared_bytes() {
@@ -20,10 +33,12 @@ constexpr size_t fwd_shared_bytes() {
 // keeps their code out (its per-row bounds cost the 128-row D = 128 tile 32-80 bytes of spills).
 // kPerQuery (with kWindowed): per-query key ranges, whose per-row loads and CTA-wide tile bounds
 // (a shared-memory hand-over and a barrier) the other bounded calls do without.
+// kSplitKeys: grid (ceil(Tq / kBlockM) * split.count * Hq * B); CTA `key_split` of a query tile
+// takes the key_split-th share of its key tiles and writes to `split` instead of out and lse.
 template <typename T, int kHeadDim, int kBlockM, int kBlockN, int kWarps, bool kWindowed,
-          bool kPerQuery>
+          bool kPerQuery, bool kSplitKeys>
 __global__ void __launch_bounds__(kWarps * 32)
-    attention_fwd_kernel(const AttentionFwdArgs args) {
+    attention_fwd_kernel(const AttentionFwdArgs args, const KeySplit split) {
   constexpr int kThreads = kWarps * 32;
   constexpr int kMTiles = kBlockM / (16 * kWarps);  // 16-row MMA tiles per warp
   constexpr int kNBlocks = kBlockN / 8;              // 8-column score blocks of a K tile
@@ -32,6 +47,7 @@ __global__ void __launch_bounds__(kWarps * 32)
   static_assert(kMTiles >= 1 && kBlockM == 16 * kWarps * kMTiles);
   static_assert(kBlockN % 16 == 0 && kHeadDim % 16 == 0);
   static_assert(kWindowed || !kPerQuery);
+  static_assert(!(kPerQuery && kSplitKeys));
 
   T* sQ = reinterpret_cast<T*>(dynamic_shared_memory());  // (kBlockM, kStride)
   T* sK = sQ + kBlockM * kStride;            // (2, kBlockN, kStride)
@@ -42,8 +58,10 @@ __global__ void __launch_bounds__(kWarps * 32)
   const int64_t Tk = s.Tk;
   const int D = static_cast<int>(s.D);
   const int64_t m_blocks = ceil_div(s.Tq, kBlockM);
-  const BlockCoordinates block = block_coordinates(m_blocks, s.Hq);
-  const int64_t m_block = m_blocks - 1 - block.tile;  // the longest (causal) rows start first
+  const int splits = kSplitKeys ? split.count : 1;
+  const BlockCoordinates block = block_coordinates(m_blocks * splits, s.Hq);
+  const int64_t m_block = m_blocks - 1 - block.tile / splits;  // the longest (causal) rows first
+  const int key_split = kSplitKeys ? static_cast<int>(block.tile % splits) : 0;
   const int64_t h = block.head;
   const int64_t b = block.batch;
   const int64_t h_kv = h / (s.Hq / s.Hkv);
@@ -64,8 +82,14 @@ __global__ void __launch_bounds__(kWarps * 32)
   const KeyBounds keys = kWindowed && !kPerQuery ? key_bounds(s, b) : KeyBounds{0, Tk};
   const TileKeyBounds tile_keys = cta_tile_key_bounds<kPerQuery>(
       s, keys, b, m0, kBlockM, padding_scratch<kHeadDim>(sQ));
-  const int64_t n_blocks = key_tile_end<kWindowed>(s, tile_keys.outer, m0, kBlockM, kBlockN);
-  const int64_t n_first = kWindowed ? first_key_tile(s, tile_keys.outer, m0, kBlockN) : 0;
+  int64_t n_blocks = key_tile_end<kWindowed>(s, tile_keys.outer, m0, kBlockM, kBlockN);
+  int64_t n_first = kWindowed ? first_key_tile(s, tile_keys.outer, m0, kBlockN) : 0;
+  if constexpr (kSplitKeys) {  // this CTA's contiguous share of the tile's key tiles
+    const int64_t share = ceil_div(n_blocks > n_first ? n_blocks - n_first : 0, splits);
+    const int64_t begin = n_first + key_split * share;
+    n_first = begin < n_blocks ? begin : n_blocks;
+    n_blocks = begin + share < n_blocks ? begin + share : n_blocks;
+  }
 
   float o[kMTiles][kDBlocks][4] = {};  // output accumulator (C layout)
   float row_max[kMTiles][2];           // running max of the scaled scores, log2 units
@@ -210,8 +234,12 @@ __global__ void __launch_bounds__(kWarps * 32)
   }
 
   // Epilogue: out = O / l, lse = max + log(l) (natural log); rows that saw no key: 0 and -inf.
-  T* out = static_cast<T*>(args.out) + (b * s.Hq + h) * Tq * D;
-  float* lse = args.lse + (b * s.Hq + h) * Tq;
+  // A key split writes both to its share of the float32 scratch instead.
+  const int64_t head = b * s.Hq + h;
+  const int64_t split_head = key_split * s.B * s.Hq + head;
+  T* out = static_cast<T*>(args.out) + head * Tq * D;
+  float* split_out = kSplitKeys ? split.out + split_head * Tq * D : nullptr;
+  float* lse = kSplitKeys ? split.lse + split_head * Tq : args.lse + head * Tq;
 #pragma unroll
   for (int mt = 0; mt < kMTiles; ++mt) {
 #pragma unroll
@@ -225,7 +253,11 @@ __global__ void __launch_bounds__(kWarps * 32)
 #pragma unroll
       for (int db = 0; db < kDBlocks; ++db) {
         const int col = db * 8 + 2 * t;
-        if (col < D) {
+        if (col >= D) continue;
+        if constexpr (kSplitKeys) {
+          split_out[row * D + col] = o[mt][db][2 * r] * inv;
+          split_out[row * D + col + 1] = o[mt][db][2 * r + 1] * inv;
+        } else {
           *reinterpret_cast<uint32_t*>(out + row * D + col) =
               pack2<T>(o[mt][db][2 * r] * inv, o[mt][db][2 * r + 1] * inv);
         }
@@ -235,33 +267,182 @@ __global__ void __launch_bounds__(kWarps * 32)
   }
 }
 
-template <typename T, int kHeadDim, int kBlockM, int kBlockN, int kWarps>
-cudaError_t launch_fwd(const AttentionFwdArgs& args, cudaStream_t stream) {
+// out (rows, D) and lse (rows) from a key split's partial results (KeySplit), rows = B * Hq * Tq:
+// lse = log(sum_i exp(lse_i)), out = sum_i exp(lse_i - lse) * out_i, rounded to T once as the
+// unsplit kernel rounds. Rows no split saw a key for: 0 and -inf, as unsplit.
+// grid (ceil(rows / kCombineWarps)), kCombineWarps * 32 threads: a warp per row, lanes over
+// the columns (and over the splits for the logsumexp).
+constexpr int kCombineWarps = 4;
+
+template <typename T>
+__global__ void __launch_bounds__(kCombineWarps * 32)
+    attention_fwd_combine_kernel(const KeySplit split, int64_t rows, int D,
+                                 T* out,      // (rows, D)
+                                 float* lse)  // (rows)
+{
+  const int lane = threadIdx.x % 32;
+  const int64_t row = int64_t{blockIdx.x} * kCombineWarps + threadIdx.x / 32;
+  if (row >= rows) return;  // (whole warps: a row is one warp's)
+  float max_lse = -INFINITY;
+  for (int i = lane; i < split.count; i += 32) max_lse = fmaxf(max_lse, split.lse[i * rows + row]);
+  for (int offset = 16; offset > 0; offset /= 2) {
+    max_lse = fmaxf(max_lse, __shfl_xor_sync(0xffffffffu, max_lse, offset));
+  }
+  float sum = 0.f;
+  if (max_lse != -INFINITY) {
+    for (int i = lane; i < split.count; i += 32) sum += expf(split.lse[i * rows + row] - max_lse);
+  }
+  for (int offset = 16; offset > 0; offset /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, offset);
+  const float total = max_lse == -INFINITY ? -INFINITY : max_lse + logf(sum);
+  if (lane == 0) lse[row] = total;
+  for (int col = 2 * lane; col < D; col += 64) {
+    float a0 = 0.f, a1 = 0.f;
+    for (int i = 0; total != -INFINITY && i < split.count; ++i) {
+      const float weight = expf(split.lse[i * rows + row] - total);  // 0: a split with no key
+      const float* part = split.out + (i * rows + row) * D + col;
+      a0 += weight * part[0];
+      a1 += weight * part[1];
+    }
+    *reinterpret_cast<uint32_t*>(out + row * D + col) = pack2<T>(a0, a1);
+  }
+}
+
+// The forward with each 64-row query tile's keys split over `splits` CTAs, then combined.
+template <typename T, int kHeadDim, int kBlockN, int kWarps>
+cudaError_t launch_fwd_split(const AttentionFwdArgs& args, int splits, cudaStream_t stream) {
+  constexpr int kBlockM = 64;
   const AttentionShape& s = args.shape;
   constexpr size_t bytes = fwd_shared_bytes<kHeadDim, kBlockM, kBlockN>();
   auto kernel =
-      per_query(s) ? attention_fwd_kernel<T, kHeadDim, kBlockM, kBlockN, kWarps, true, true>
-      : bounded(s) ? attention_fwd_kernel<T, kHeadDim, kBlockM, kBlockN, kWarps, true, false>
-                   : attention_fwd_kernel<T, kHeadDim, kBlockM, kBlockN, kWarps, false, false>;
+      bounded(s) ? attention_fwd_kernel<T, kHeadDim, kBlockM, kBlockN, kWarps, true, false, true>
+                 : attention_fwd_kernel<T, kHeadDim, kBlockM, kBlockN, kWarps, false, false, true>;
+  FUSEDLM_RETURN_IF_ERROR(prepare_shared_memory(kernel, bytes));
+  const int64_t blocks = ceil_div(s.Tq, kBlockM) * splits * s.Hq * s.B;
+  if (!fits_grid(s, blocks)) return cudaErrorInvalidValue;
+  const int64_t rows = s.B * s.Hq * s.Tq;
+  const size_t out_floats = static_cast<size_t>(splits) * static_cast<size_t>(rows * s.D);
+  const size_t lse_floats = static_cast<size_t>(splits) * static_cast<size_t>(rows);
+  auto* scratch = static_cast<float*>(
+      args.alloc((out_floats + lse_floats) * sizeof(float), args.alloc_context));
+  if (scratch == nullptr) return cudaErrorMemoryAllocation;
+  const KeySplit split{splits, scratch, scratch + out_floats};
+  FUSEDLM_LAUNCH(kernel, static_cast<unsigned>(blocks), kWarps * 32, bytes, stream)(args, split);
+  FUSEDLM_RETURN_IF_LAUNCH_FAILED();
+  auto combine = attention_fwd_combine_kernel<T>;
+  FUSEDLM_LAUNCH(combine, static_cast<unsigned>(ceil_div(rows, kCombineWarps)),
+                 kCombineWarps * 32, 0, stream)(split, rows, static_cast<int>(s.D),
+                                                static_cast<T*>(args.out), args.lse);
+  FUSEDLM_RETURN_IF_LAUNCH_FAILED();
+  return cudaSuccess;
+}
+
+// key_splits > 1 (64-row tiles only, from attention_fwd_plan): launch_fwd_split.
+template <typename T, int kHeadDim, int kBlockM, int kBlockN, int kWarps>
+cudaError_t launch_fwd(const AttentionFwdArgs& args, int key_splits, cudaStream_t stream) {
+  if constexpr (kBlockM == 64) {
+    if (key_splits > 1) {
+      return launch_fwd_split<T, kHeadDim, kBlockN, kWarps>(args, key_splits, stream);
+    }
+  }
+  const AttentionShape& s = args.shape;
+  constexpr size_t bytes = fwd_shared_bytes<kHeadDim, kBlockM, kBlockN>();
+  auto kernel =
+      per_query(s)
+          ? attention_fwd_kernel<T, kHeadDim, kBlockM, kBlockN, kWarps, true, true, false>
+      : bounded(s)
+          ? attention_fwd_kernel<T, kHeadDim, kBlockM, kBlockN, kWarps, true, false, false>
+          : attention_fwd_kernel<T, kHeadDim, kBlockM, kBlockN, kWarps, false, false, false>;
   FUSEDLM_RETURN_IF_ERROR(prepare_shared_memory(kernel, bytes));
   const int64_t blocks = ceil_div(s.Tq, kBlockM) * s.Hq * s.B;
   if (!fits_grid(s, blocks)) return cudaErrorInvalidValue;
-  FUSEDLM_LAUNCH(kernel, static_cast<unsigned>(blocks), kWarps * 32, bytes, stream)(args);
+  FUSEDLM_LAUNCH(kernel, static_cast<unsigned>(blocks), kWarps * 32, bytes, stream)(args,
+                                                                                   KeySplit{});
   FUSEDLM_RETURN_IF_LAUNCH_FAILED();
   return cudaSuccess;
+}
+
+// ---- decoding: query heads packed into rows, keys split over CTAs --------------------------------
+
+// With one query row and GQA, the group's query heads read the same keys and values: they become
+// the Tq = Hq / Hkv rows of one kv head's query tile. q's heads are read as rows through its head
+// stride; out (B, Hq, 1, D) and lse (B, Hq, 1) are the same memory as (B, Hkv, group, D) and
+// (B, Hkv, group). Only where every packed row sees exactly the keys the one row saw: causal
+// hiding nothing (bottom-right: the last row sees every key), a window hiding nothing, a key
+// range per batch row (or per query, which for one row is the same array).
+AttentionFwdArgs with_query_heads_as_rows(const AttentionFwdArgs& args) {
+  const AttentionShape& s = args.shape;
+  const int64_t group = s.Hq / s.Hkv;
+  if (s.Tq != 1 || group == 1 || (s.causal && s.causal_offset < s.Tk - 1) ||
+      (s.windowed && s.window_offset > 0)) {
+    return args;
+  }
+  AttentionFwdArgs packed = args;
+  packed.shape.Hq = s.Hkv;
+  packed.shape.Tq = group;
+  packed.shape.causal = false;
+  packed.shape.causal_offset = s.Tk - group;
+  packed.shape.windowed = false;
+  packed.shape.window_offset = 0;
+  packed.shape.key_range_per_query = false;
+  packed.q.token_stride = args.q.head_stride;
+  packed.q.head_stride = args.q.head_stride * group;
+  return packed;
+}
+
+// Keys each query row can see at most (for sizing a split; per-row key ranges are on the device
+// and not looked at): all Tk, or what a sliding window leaves.
+int64_t visible_key_span(const AttentionShape& s) {
+  if (!s.windowed) return s.Tk;
+  // rows i see keys from i + window_offset, to i + causal_offset (causal) or the last
+  const int64_t first = s.window_offset > 0 ? s.window_offset : 0;
+  const int64_t last = s.causal ? s.Tq - 1 + s.causal_offset : s.Tk - 1;
+  const int64_t span = (last < s.Tk - 1 ? last : s.Tk - 1) - first + 1;
+  return span < 1 ? 1 : span;
+}
+
+// CTAs per 64-row query tile (1: no split). Splitting pays where the unsplit grid leaves SMs idle
+// and there are keys to share: up to two CTAs per SM in all (what the 64-row tiles' shared memory
+// and registers allow at D <= 128), each split keeping at least kMinKeysPerSplit keys (fewer and
+// the combine kernel's launch costs more than the split saves), at most kMaxKeySplits.
+constexpr int64_t kMinKeysPerSplit = 128;
+constexpr int kMaxKeySplits = 64;
+
+int key_splits(const AttentionShape& s, int sm_count) {
+  if (s.Tq > 64 || per_query(s) || sm_count <= 0) return 1;
+  const int64_t ctas = s.B * s.Hq;  // one 64-row tile per head
+  const int64_t slots = int64_t{2} * sm_count;
+  if (ctas >= sm_count) return 1;
+  const int64_t by_keys = visible_key_span(s) / kMinKeysPerSplit;
+  int64_t splits = slots / ctas;
+  splits = splits < by_keys ? splits : by_keys;
+  splits = splits < kMaxKeySplits ? splits : kMaxKeySplits;
+  return splits > 1 ? static_cast<int>(splits) : 1;
 }
 
 }  // namespace
 }  // namespace attention
 
-cudaError_t attention_fwd(const AttentionFwdArgs& args, cudaStream_t stream) {
+AttentionFwdPlan attention_fwd_plan(const AttentionFwdArgs& args, int sm_count) {
   using namespace attention;
+  const AttentionFwdArgs packed = with_query_heads_as_rows(args);
+  const int splits = args.alloc != nullptr ? key_splits(packed.shape, sm_count) : 1;
+  return AttentionFwdPlan{packed.shape, packed.shape.Hq != args.shape.Hq, splits};
+}
+
+cudaError_t attention_fwd(const AttentionFwdArgs& original, cudaStream_t stream) {
+  using namespace attention;
+  if (!valid_shape(original.shape)) return cudaErrorInvalidValue;
+  const AttentionFwdArgs args = with_query_heads_as_rows(original);
   const AttentionShape& s = args.shape;
-  if (!valid_shape(s)) return cudaErrorInvalidValue;
+  int sm_count = 0;
+  FUSEDLM_RETURN_IF_ERROR(current_sm_count(&sm_count));
+  const int splits = attention_fwd_plan(original, sm_count).key_splits;
   // Hopper: the wgmma/TMA kernel where it applies (FUSEDLM_ATTENTION_SM90=require: wherever it
-  // can).
-  const cudaError_t hopper = sm90::attention_fwd_sm90(args, stream);
-  if (hopper != cudaErrorNotSupported || sm90::sm90_required()) return hopper;
+  // can), except where the keys split: its 128-row tiles would leave the same SMs idle.
+  if (splits == 1 || sm90::sm90_required()) {
+    const cudaError_t hopper = sm90::attention_fwd_sm90(args, stream);
+    if (hopper != cudaErrorNotSupported || sm90::sm90_required()) return hopper;
+  }
   // (kHeadDim, kBlockM, kBlockN, kWarps): 128 x 64 tiles with 4 warps (2 MMA row tiles each) up
   // to D = 128 (FlashAttention-2's sm80 choice for D = 128); 64-row tiles above, whose
   // double-buffered K/V tiles must fit the 163 KiB an A100 CTA can have. Devices with 99 KiB
@@ -275,24 +456,24 @@ cudaError_t attention_fwd(const AttentionFwdArgs& args, cudaStream_t stream) {
     using T = decltype(tag);
     switch (padded_head_dim(s.D)) {
       case 32:
-        return short_queries ? launch_fwd<T, 32, 64, 64, 4>(args, stream)
-                             : launch_fwd<T, 32, 128, 64, 4>(args, stream);
+        return short_queries ? launch_fwd<T, 32, 64, 64, 4>(args, splits, stream)
+                             : launch_fwd<T, 32, 128, 64, 4>(args, splits, stream);
       case 64:
-        return short_queries ? launch_fwd<T, 64, 64, 64, 4>(args, stream)
-                             : launch_fwd<T, 64, 128, 64, 4>(args, stream);
+        return short_queries ? launch_fwd<T, 64, 64, 64, 4>(args, splits, stream)
+                             : launch_fwd<T, 64, 128, 64, 4>(args, splits, stream);
       case 96:
-        return short_queries ? launch_fwd<T, 96, 64, 64, 4>(args, stream)
-                             : launch_fwd<T, 96, 128, 64, 4>(args, stream);
+        return short_queries ? launch_fwd<T, 96, 64, 64, 4>(args, splits, stream)
+                             : launch_fwd<T, 96, 128, 64, 4>(args, splits, stream);
       case 128:
         return !short_queries && fwd_shared_bytes<128, 128, 64>() <= max_bytes
-                   ? launch_fwd<T, 128, 128, 64, 4>(args, stream)
-                   : launch_fwd<T, 128, 64, 64, 4>(args, stream);
+                   ? launch_fwd<T, 128, 128, 64, 4>(args, splits, stream)
+                   : launch_fwd<T, 128, 64, 64, 4>(args, splits, stream);
       case 192:
         return fwd_shared_bytes<192, 64, 64>() <= max_bytes
-                   ? launch_fwd<T, 192, 64, 64, 4>(args, stream)
-                   : launch_fwd<T, 192, 64, 32, 4>(args, stream);
+                   ? launch_fwd<T, 192, 64, 64, 4>(args, splits, stream)
+                   : launch_fwd<T, 192, 64, 32, 4>(args, splits, stream);
       default:
-        return launch_fwd<T, 256, 64, 32, 4>(args, stream);
+        return launch_fwd<T, 256, 64, 32, 4>(args, splits, stream);
     }
   });
 }

@@ -121,10 +121,24 @@ struct AttentionFwdArgs {
   AttentionInput v;  // (B, Hkv, Tk, D)
   void* out;         // (B, Hq, Tq, D) contiguous, dtype
   float* lse;        // (B, Hq, Tq) contiguous, natural log
+  // Scratch for the float32 partial outputs when the keys are split over CTAs (few query rows:
+  // decoding), requested at most once per call; nullptr: never split.
+  WorkspaceAlloc alloc;
+  void* alloc_context;
 };
 
 // out = softmax(q k^T * scale) v per (batch, query head), and its logsumexp.
 cudaError_t attention_fwd(const AttentionFwdArgs& args, cudaStream_t stream);
+
+// How attention_fwd runs a call with few query rows (decoding with a KV cache), for tests and
+// benchmarks: the shape the kernels see once the query heads of a GQA group are packed into rows
+// (one query row, see attention_fwd.cu), and how many CTAs split each query tile's keys (1: none).
+struct AttentionFwdPlan {
+  AttentionShape shape;
+  bool heads_packed;
+  int key_splits;
+};
+AttentionFwdPlan attention_fwd_plan(const AttentionFwdArgs& args, int sm_count);
 
 struct AttentionBwdArgs {
   AttentionShape shape;

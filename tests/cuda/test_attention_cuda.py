@@ -293,6 +293,26 @@ def test_attention_realistic(shape, causal, dtype):
     check_attention(*_qkv(shape, dtype), causal)
 
 
+# Decoding (attention_fwd.cu's plan): with one query row a GQA group's query heads are packed
+# into the rows of one tile, and where the grid leaves SMs idle the keys split over CTAs whose
+# partial results a second kernel combines. (B, Hq, Hkv, Tq, Tk, D)
+DECODE = [
+    (1, 32, 8, 1, 4096, 128),  # Llama-style GQA step: packed, split
+    (1, 12, 12, 1, 2048, 64),  # GPT-2 small step: split
+    (4, 16, 2, 1, 1000, 96),  # packed, split
+    (1, 8, 1, 7, 3000, 256),  # seven rows (speculative decoding), MQA, largest head dim: split
+    (2, 4, 4, 33, 777, 192),  # a short prompt after a cached prefix: split
+    (64, 12, 12, 1, 1024, 64),  # a batch that fills the SMs: neither
+]
+
+
+@DTYPE
+@CAUSAL
+@pytest.mark.parametrize("shape", DECODE, ids=_ids(DECODE))
+def test_decode(shape, causal, dtype):
+    check_attention(*_qkv(shape, dtype), causal)
+
+
 @pytest.mark.parametrize("scale", [0.05, 1.0, 3.0])
 def test_scale(scale):
     check_attention(*_qkv((1, 2, 2, 70, 90, 64), torch.float16), True, scale=scale)
@@ -660,11 +680,14 @@ def test_runs_on_the_current_stream():
         assert torch.equal(got, want)
 
 
-def test_cuda_graph_forward():
+@pytest.mark.parametrize("shape", [(2, 8, 2, 1000, 1200, 64), (1, 32, 8, 1, 4096, 128)],
+                         ids=["prefill", "decode-split"])
+def test_cuda_graph_forward(shape):
     """The forward launches on the capturing stream (a launch on the legacy default stream
-    makes capture fail) and a replay recomputes from the static inputs."""
-    q, k, v = _qkv((2, 8, 2, 1000, 1200, 64), torch.float16)
-    args = (0.125, True, 200)
+    makes capture fail) and a replay recomputes from the static inputs; a decoding step's
+    split-key scratch comes from the graph's memory pool."""
+    q, k, v = _qkv(shape, torch.float16)
+    args = (0.125, True, shape[4] - shape[3])
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):  # warm-up outside the capture

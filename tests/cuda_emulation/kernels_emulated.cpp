@@ -1,6 +1,8 @@
 // csrc/cuda's launchers and kernels (attention, LayerNorm/RMSNorm, AdamW), unchanged, compiled
 // for the CPU emulation of warp_emulation.h, behind a C ABI that tests/cuda_emulation calls
 // through ctypes. Build: g++ -std=c++20 -O1 -shared -fPIC -I<repo>/csrc -I<cuda>/include.
+#include <algorithm>
+
 #include "warp_emulation.h"
 
 #include "cuda/adamw.cu"
@@ -120,8 +122,30 @@ int emulated_attention_fwd(const int64_t* shape, double scale, int dtype, int ho
   args.v = input(v, v_strides);
   args.out = out;
   args.lse = lse;
+  Scratch scratch;
+  args.alloc = &allocate;
+  args.alloc_context = &scratch;
   return static_cast<int>(hopper ? fusedlm::cuda::attention::sm90::attention_fwd_sm90(args, nullptr)
                                   : fusedlm::cuda::attention_fwd(args, nullptr));
+}
+
+// attention_fwd_plan for a call of `shape` (with a key range when has_key_range) on a device of
+// sm_count SMs: the shape the kernels see (B, Hq, Hkv, Tq, Tk, causal, causal_offset, windowed,
+// window_offset, key_range_per_query) to plan[0..9], whether the query heads were packed into
+// rows to plan[10], the key splits to plan[11].
+void emulated_attention_fwd_plan(const int64_t* shape, int has_key_range, int sm_count,
+                                 int64_t* plan) {
+  static const int32_t any_key_range[2] = {0, 0};  // only its presence is looked at
+  fusedlm::cuda::AttentionFwdArgs args{};
+  args.shape = make_shape(shape, 1.0, 0);
+  args.shape.key_range = has_key_range ? any_key_range : nullptr;
+  args.alloc = &allocate;  // (a plan allocates nothing)
+  const fusedlm::cuda::AttentionFwdPlan p = fusedlm::cuda::attention_fwd_plan(args, sm_count);
+  const fusedlm::cuda::AttentionShape& s = p.shape;
+  const int64_t values[12] = {s.B, s.Hq, s.Hkv, s.Tq, s.Tk, s.causal, s.causal_offset,
+                              s.windowed, s.window_offset, s.key_range_per_query,
+                              p.heads_packed, p.key_splits};
+  std::copy(values, values + 12, plan);
 }
 
 int emulated_attention_bwd(const int64_t* shape, double scale, int dtype, int deterministic, const void* q, const int64_t* q_strides,

@@ -418,6 +418,146 @@ def test_small_shared_memory_tiles(library, shape, deterministic):
            shared_bytes=SM86_SHARED_BYTES)
 
 
+# ---- decoding: query heads packed into rows, keys split over CTAs (attention_fwd_plan) ----------
+EMULATED_SMS = 132  # what the emulated device reports (an H100 SXM)
+
+
+def _plan(lib, shape, causal, offset=None, window_offset=None, key_range=None, sms=EMULATED_SMS):
+    """attention_fwd_plan of a call: (the shape the kernels see as a dict, heads packed, key
+    splits). ``key_range``: None, "batch" or "query"."""
+    B, Hq, Hkv, Tq, Tk, D = shape
+    offset = Tk - Tq if offset is None else offset
+    plan = (ctypes.c_int64 * 12)()
+    lib.emulated_attention_fwd_plan(
+        _shape_arg(B, Hq, Hkv, Tq, Tk, D, causal, offset, window_offset, key_range == "query"),
+        int(key_range is not None), sms, plan)
+    names = ("B", "Hq", "Hkv", "Tq", "Tk", "causal", "causal_offset", "windowed",
+             "window_offset", "key_range_per_query")
+    return dict(zip(names, plan[:10], strict=True)), bool(plan[10]), plan[11]
+
+
+def test_decode_plan(library):
+    """Which calls pack a GQA group's query heads into rows and how many CTAs share the keys."""
+    # Llama-style decoding step: 16 query heads on 2 kv heads, one query row, 4096 cached keys
+    # (causal, bottom-right: the row sees every key). Packed: 2 tiles of 8 rows, causal dropped;
+    # 2 CTAs fill nothing of 132 SMs: the keys split 32 ways (4096 / 128 keys per split at least).
+    shape, packed, splits = _plan(library, (1, 16, 2, 1, 4096, 128), True)
+    assert packed and (shape["Hq"], shape["Tq"], shape["causal"]) == (2, 8, 0)
+    assert splits == 32
+    # The split count: two CTAs per SM at most over the unsplit grid (264 // 12 = 22)...
+    assert _plan(library, (1, 12, 12, 1, 8192, 64), True)[2] == 22
+    # ...none once the grid fills the SMs, or with too few keys to share (< 2 x 128)...
+    assert _plan(library, (11, 12, 12, 1, 8192, 64), True)[2] == 1
+    assert _plan(library, (1, 12, 12, 1, 255, 64), True)[2] == 1
+    # ...and none past 64 query rows (prefill: 128-row tiles fill the device their own way) or
+    # with per-query key ranges on more than one row.
+    assert _plan(library, (1, 2, 2, 65, 8192, 64), True)[2] == 1
+    assert _plan(library, (1, 2, 2, 2, 8192, 64), True, key_range="query")[2] == 1
+    # A sliding window caps the keys to share: row i sees [7000 + i, 7995 + i], 1000 in all.
+    assert _plan(library, (1, 2, 2, 5, 8000, 64), True, window_offset=7000)[2] == 7
+    # Packing needs every packed row to see what the one row saw: top-left causal (the row sees
+    # key 0 only) or a window hiding keys would differ row by row; a key range per batch row is
+    # shared, and per-query ranges of one row are the same array.
+    assert not _plan(library, (1, 8, 2, 1, 4096, 64), True, offset=0)[1]
+    assert not _plan(library, (1, 8, 2, 1, 4096, 64), True, window_offset=100)[1]
+    shape, packed, _ = _plan(library, (1, 8, 2, 1, 4096, 64), True, window_offset=-3)
+    assert packed and shape["windowed"] == 0
+    shape, packed, _ = _plan(library, (1, 8, 2, 1, 4096, 64), False, key_range="query")
+    assert packed and shape["key_range_per_query"] == 0
+    assert not _plan(library, (1, 8, 8, 1, 4096, 64), True)[1]  # no GQA: nothing to pack
+    assert not _plan(library, (1, 8, 2, 2, 4096, 64), True)[1]  # two rows: masks differ per row
+
+
+# (B, Hq, Hkv, Tq, Tk, D, causal, causal offset or None (bottom-right), window_offset, key_range
+# rows or "documents", expected (heads packed, key splits) on the emulated 132 SMs)
+DECODE_CASES = {
+    "gqa-D64": (1, 8, 2, 1, 700, 64, True, None, None, None, (True, 5)),
+    "mha-D128": (2, 4, 4, 1, 600, 128, False, None, None, None, (False, 4)),
+    "short-prompt-gqa-D96": (1, 3, 1, 40, 520, 96, True, None, None, None, (False, 4)),
+    # top-left causal: row i sees keys 0..i, all in the first tile: three splits see no key
+    "top-left-empty-splits-D32": (1, 2, 1, 40, 520, 32, True, 0, None, None, (False, 4)),
+    "gqa-D256": (1, 2, 1, 1, 300, 256, True, None, None, None, (True, 2)),
+    "D160": (1, 1, 1, 5, 400, 160, False, None, None, None, (False, 3)),
+    "window-D64": (1, 4, 2, 1, 900, 64, True, None, 300, None, (False, 4)),
+    # padding: batch row 1 sees no key at all (every split's lse -inf: out 0, lse -inf)
+    "padded-gqa-D64": (2, 4, 2, 1, 650, 64, True, None, None, [[100, 650], [0, 0]], (True, 5)),
+    "documents-gqa-D64": (2, 4, 1, 1, 520, 64, True, None, None, "documents", (True, 4)),
+}
+
+
+@pytest.mark.parametrize("case", list(DECODE_CASES.values()), ids=list(DECODE_CASES))
+def test_decode(library, case):
+    """Few query rows over many keys, through the launcher: the plan is the one expected (so the
+    packed and split paths are the ones checked), and out, lse and the backward from that lse
+    match the truth."""
+    *shape, causal, offset, window_offset, ranges, expected = case
+    B, Hq, Hkv, Tq, Tk, D = shape
+    key_range = None
+    if ranges == "documents":  # per query: the query's document is its batch row's last keys
+        key_range = torch.tensor([[[Tk - 200 - 50 * b, Tk]] for b in range(B)], dtype=torch.int32)
+    elif ranges is not None:
+        key_range = torch.tensor(ranges, dtype=torch.int32)
+    kind = None if key_range is None else ("query" if key_range.dim() == 3 else "batch")
+    _, packed, splits = _plan(library, tuple(shape), causal, offset, window_offset, kind)
+    assert (packed, splits) == expected
+    for dtype in (torch.float16, torch.bfloat16):
+        _check(library, tuple(shape), causal, dtype, offset=offset, window_offset=window_offset,
+               key_range=key_range)
+
+
+@pytest.mark.parametrize("timing", TIMINGS, ids=TIMING_IDS)
+def test_decode_copy_timing(library, timing):
+    """The split CTAs' prefetch protocol when a share starts past key tile 0."""
+    late, schedule = timing
+    assert _plan(library, (1, 4, 1, 1, 1000, 64), True)[1:] == (True, 7)
+    _check(library, (1, 4, 1, 1, 1000, 64), True, torch.float16, late=late, schedule=schedule)
+
+
+@pytest.mark.parametrize(("Tk", "setting", "splits"), [(200, None, 1), (200, "require", 1),
+                                                      (700, None, 5), (700, "require", 5)],
+                         ids=["short-cache", "short-cache-require", "split", "split-require"])
+def test_decode_on_hopper(library, Tk, setting, splits):
+    """On an sm_90 device the launcher packs the query heads first, so the sm_90a forward reads
+    the packed rows too (through TMA, the token stride being q's head stride); a call whose keys
+    split takes the sm_80 split kernels unless FUSEDLM_ATTENTION_SM90=require."""
+    B, Hq, Hkv, Tq, D = 1, 8, 2, 1, 64
+    assert _plan(library, (B, Hq, Hkv, Tq, Tk, D), True)[1:] == (True, splits)
+    gen = torch.Generator().manual_seed(Tk)
+    q64, k64, v64 = (torch.randn(s, generator=gen, dtype=torch.float64).half().double()
+                     for s in ((B, Hq, Tq, D), (B, Hkv, Tk, D), (B, Hkv, Tk, D)))
+    q, k, v = (_guarded(t.half())[0] for t in (q64, k64, v64))
+    out, out_buffer = _output((B, Hq, Tq, D), torch.float16)
+    lse, lse_buffer = _output((B, Hq, Tq), torch.float32)
+    library.emulated_configure(1, WARPS_FORWARD, H100_SHARED_BYTES)
+    library.emulated_set_compute_capability(90)
+    if setting is None:
+        os.environ.pop("FUSEDLM_ATTENTION_SM90", None)
+    else:
+        os.environ["FUSEDLM_ATTENTION_SM90"] = setting
+    try:
+        status = library.emulated_attention_fwd(
+            _shape_arg(B, Hq, Hkv, Tq, Tk, D, True, Tk - Tq), ctypes.c_double(D ** -0.5), 0, 0,
+            _ptr(q), _strides(q), _ptr(k), _strides(k), _ptr(v), _strides(v), _ptr(out),
+            ctypes.cast(_ptr(lse), ctypes.POINTER(ctypes.c_float)), None)
+    finally:
+        os.environ.pop("FUSEDLM_ATTENTION_SM90", None)
+        library.emulated_set_compute_capability(80)
+    assert status == 0, f"attention_fwd: cudaError {status}: {library.emulated_fault().decode()}"
+    _check_guard(out_buffer, out.numel(), "out")
+    _check_guard(lse_buffer, lse.numel(), "lse")
+    truth = naive_attention(q64, k64, v64, causal=True)
+    baseline = naive_attention(q64.half(), k64.half(), v64.half(), causal=True)
+    assert_close_rule(out, baseline, truth, name="out")
+    scores = (q64 @ k64.repeat_interleave(Hq // Hkv, 1).transpose(-1, -2)) * D ** -0.5
+    torch.testing.assert_close(lse.double(), torch.logsumexp(scores, -1), rtol=0, atol=2e-3)
+
+
+def test_decode_layouts(library):
+    """Packed query heads read through q's head stride from (B, T, H, D) memory too."""
+    assert _plan(library, (2, 6, 2, 1, 800, 64), True)[1:] == (True, 6)
+    _check(library, (2, 6, 2, 1, 800, 64), True, torch.float16, layout="bthd")
+
+
 # ---- the Hopper kernels (attention_fwd_sm90.cu, attention_bwd_sm90.cu: TMA, mbarriers, wgmma) ---
 # Forward and backward under FUSEDLM_ATTENTION_SM90=require. (B, Hq, Hkv, Tq, Tk, D): both
 # head-dim templates (64, 128; D padded up by TMA's zero fill), ragged query and key tiles, more

@@ -309,6 +309,67 @@ def test_attention_query_key_range(tiles, shape, causal, window, kind, dtype, mo
                      key_range=query_key_ranges(kind, shape[0], shape[3], shape[4]))
 
 
+# Decoding (the plan of csrc/cuda/attention_fwd.cu, in attention_fwd): one query row packs its
+# GQA group's query heads into the rows of one block; where the B * Hq query blocks leave SMs
+# idle (INTERPRETER_SM_COUNT under the interpreter) the keys split over programs whose partial
+# results are combined. (shape, causal, window, key range, expected (packed, splits))
+DECODE_CASES = {
+    "gqa": ((1, 8, 2, 1, 700, 64), True, None, None, (True, 5)),
+    "mha-D40": ((2, 4, 4, 1, 600, 40), False, None, None, (False, 4)),
+    "short-prompt-mqa": ((1, 3, 1, 40, 520, 16), True, None, None, (False, 4)),
+    "window": ((1, 4, 2, 1, 900, 16), True, (599, 0), None, (False, 4)),
+    # batch row 1 sees no key: every split's lse is -inf (out 0, lse -inf, zero gradients)
+    "padded-gqa": ((2, 4, 2, 1, 650, 16), True, None, [[100, 650], [0, 0]], (True, 5)),
+    "query-ranges-one-row": ((2, 4, 1, 1, 520, 16), True, None, [[[320, 520]], [[3, 300]]],
+                             (True, 4)),
+    "query-ranges-three-rows": ((1, 2, 1, 3, 520, 16), False, None,
+                                [[[10, 500], [0, 0], [300, 520]]], (False, 4)),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("case", list(DECODE_CASES.values()), ids=list(DECODE_CASES))
+@pytest.mark.skipif(ON_GPU, reason="the interpreter's SM count and tile config")
+def test_attention_decode(case, dtype):
+    from fusedlm.triton import attention as kernels
+
+    shape, causal, window, ranges, expected = case
+    B, Hq, Hkv, Tq, Tk, D = shape
+    window_offset = None if window is None else Tk - Tq - window[0]
+    packed = kernels._packs_query_heads(Hq, Hkv, Tq, Tk, causal, Tk - Tq, window_offset)
+    rows = Hq // Hkv if packed else Tq
+    splits = kernels._key_splits(torch.device(DEVICE), B, Hkv if packed else Hq, rows, Tk,
+                                 causal and not packed, Tk - Tq, window_offset)
+    assert (packed, splits) == expected
+    q, k, v = _qkv(shape, dtype, DEVICE)
+    _check_attention(q, k, v, causal, BACKEND, window=window,
+                     key_range=None if ranges is None else torch.tensor(ranges))
+
+
+@pytest.mark.parametrize("offset", [0, 30, -5], ids=["top-left", "offset30", "offset-5"])
+@pytest.mark.skipif(ON_GPU, reason="the interpreter's SM count and tile config")
+def test_attention_decode_causal_offsets(offset):
+    """A few query rows against many keys with the causal limit inside the first key blocks:
+    most splits see no key (their lse -inf must weigh nothing), or none does (offset -5: rows
+    0..4 see nothing)."""
+    from fusedlm.triton import attention as kernels
+
+    B, H, Tq, Tk, D = 1, 2, 9, 700, 16
+    assert kernels._key_splits(torch.device(DEVICE), B, H, Tq, Tk, True, offset, None) == 5
+    q, k, v = _qkv((B, H, H, Tq, Tk, D), torch.float32, DEVICE)
+    out, lse = torch.ops.fusedlm.attention_fwd(q, k, v, 0.25, True, offset, BACKEND)
+    leaves = tuple(t.double() for t in (q, k, v))
+    truth = naive_attention(*leaves, scale=0.25, causal=True, causal_offset=offset)
+    base = naive_attention(q, k, v, scale=0.25, causal=True, causal_offset=offset)
+    assert_close_rule(out, base, truth, name="out")
+    scores = (leaves[0] @ leaves[1].transpose(-1, -2)) * 0.25
+    visible = torch.arange(Tk)[None, :] <= torch.arange(Tq)[:, None] + offset
+    expected = scores.masked_fill(~visible, -math.inf).logsumexp(-1)
+    assert torch.equal(torch.isinf(lse), torch.isinf(expected))
+    finite = torch.isfinite(expected)
+    torch.testing.assert_close(lse.double()[finite], expected[finite], rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.skipif(ON_GPU, reason="the interpreter's tile config")
 def test_attention_varlen(monkeypatch):
     """fusedlm.attention_varlen on Triton: the (1, H, total, D) transposed views of packed
@@ -451,7 +512,8 @@ def test_autotune_configs_are_pruned_to_the_device(monkeypatch):
 _SM90_TYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
-def _sm90_launch(name, dtype, head_dim, causal, window=False, seqlen=2048, key_range=0):
+def _sm90_launch(name, dtype, head_dim, causal, window=False, seqlen=2048, key_range=0,
+                 split_keys=False):
     """The launch of kernel ``name`` ("preprocess" or a key of _KERNELS) on an H100 with the
     fixed config, on contiguous (B, H, T, D) tensors: unit head-dim strides, row strides D, the
     others T * D, 16-byte aligned pointers; lengths and head counts 17 (Triton specializes ints
@@ -467,6 +529,8 @@ def _sm90_launch(name, dtype, head_dim, causal, window=False, seqlen=2048, key_r
         cfg = kernels._fixed_config(name, block_d, _SM90_TYPES[dtype], H100_SHARED)
         meta.update(CAUSAL=causal, WINDOW=window, KEY_RANGE=key_range,
                     DOT_PRECISION="ieee" if dtype == "fp32" else "tf32", **cfg)
+        if name == "fwd":
+            meta["SPLIT_KEYS"] = split_keys
     for arg in fn.arg_names:
         if arg in meta:
             continue
@@ -503,6 +567,9 @@ def test_kernels_build_for_sm90():
     # Packed documents (per-query key ranges), causal, at the common head dims.
     tuned += [[name, "bf16", head_dim, True, False, 2048, 2]
               for name in ("fwd", "bwd_dkdv", "bwd_dq") for head_dim in (64, 128)]
+    # Decoding: the forward with its keys split over programs, plain and padded.
+    tuned += [["fwd", "bf16", head_dim, False, False, 2048, key_range, True]
+              for head_dim in (64, 128) for key_range in (0, 1)]
     odd = [
         ["fwd", "bf16", 72, True],
         ["bwd_dkdv", "fp16", 96, True],

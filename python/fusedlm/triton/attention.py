@@ -197,17 +197,27 @@ def attention_fwd_kernel(
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_ob, stride_oh, stride_om, stride_od,
     n_heads, group, seqlen_q, seqlen_k, head_dim, causal_offset, window_offset, qk_scale,
+    n_splits, split_stride_o, split_stride_lse,
     seq_bucket,  # autotuning key only
     CAUSAL: tl.constexpr, WINDOW: tl.constexpr, KEY_RANGE: tl.constexpr, BLOCK_D: tl.constexpr,
-    EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr, SPLIT_KEYS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Out (B, Hq, Tq, D) in Q's dtype and Lse (B, Hq, Tq) float32 (contiguous) from Q
     (B, Hq, Tq, D), K/V (B, Hkv, Tk, D) and, with KEY_RANGE, KeyRange (see _key_bounds). One
     program per BLOCK_M query rows of one head; grid (cdiv(Tq, BLOCK_M) * B * Hq,).
-    qk_scale = scale * log2(e)."""
+    qk_scale = scale * log2(e).
+    SPLIT_KEYS (decoding: few query rows, many keys): grid (n_splits * cdiv(Tq, BLOCK_M) * B
+    * Hq,); program `split` of a query block takes the split-th share of its key blocks and
+    writes Out (n_splits, B, Hq, Tq, D) float32 (normalized by its own softmax sum) and Lse
+    (n_splits, B, Hq, Tq) at split * split_stride_o / split_stride_lse, for _combine_splits."""
     num_m = tl.cdiv(seqlen_q, BLOCK_M)
     pid = tl.program_id(0)
+    split = pid % n_splits
+    if SPLIT_KEYS:
+        pid = pid // n_splits
+        Out += split.to(tl.int64) * split_stride_o
+        Lse += split.to(tl.int64) * split_stride_lse
     # The last query blocks see the most keys under the causal mask: run them first.
     start_m = (num_m - 1 - pid % num_m) * BLOCK_M
     bh = pid // num_m
@@ -231,7 +241,16 @@ def attention_fwd_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     kv_lo, kv_hi, inner_lo, inner_hi, row_lo, row_hi = _key_bounds(
         KeyRange, b, offs_m, seqlen_q, seqlen_k, KEY_RANGE)
-    if WINDOW or KEY_RANGE:
+    if SPLIT_KEYS:
+        # This program's share of the key blocks the query block can see, as the keys' outer
+        # bounds: the loops below start at a block edge >= split_lo, and loads and masks stop at
+        # kv_hi, so the per-row and inner bounds need no cut.
+        split_lo, split_hi = _split_key_range(
+            split, n_splits, start_m, kv_lo, kv_hi, causal_offset, window_offset, CAUSAL, WINDOW,
+            BLOCK_M, BLOCK_N)
+        kv_lo = tl.maximum(kv_lo, split_lo)
+        kv_hi = tl.maximum(tl.minimum(kv_hi, split_hi), kv_lo)
+    if WINDOW or KEY_RANGE or SPLIT_KEYS:
         # Masked blocks at both edges share one loop (two masked call sites cost registers).
         start, n_low, full_start, high, end = _kv_window_range(
             start_m, kv_lo, kv_hi, inner_lo, inner_hi, causal_offset, window_offset, CAUSAL,
@@ -277,6 +296,26 @@ def attention_fwd_kernel(
     else:
         o_mask = row_ok[:, None] & (offs_d[None, :] < head_dim)
     tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=o_mask)
+
+
+@triton.jit
+def _split_key_range(split, n_splits, start_m, kv_lo, kv_hi, causal_offset, window_offset,
+                     CAUSAL: tl.constexpr, WINDOW: tl.constexpr, BLOCK_M: tl.constexpr,
+                     BLOCK_N: tl.constexpr):
+    """Keys [split_lo, split_hi) of program `split` of the n_splits sharing the query rows
+    [start_m, start_m + BLOCK_M): a run of whole key blocks, the runs sharing evenly the blocks
+    from the rows' first visible key (key range start, sliding window) to their last (key
+    range end, causal limit); past those, empty."""
+    hi = kv_hi
+    if CAUSAL:
+        hi = tl.minimum(hi, tl.maximum(start_m + BLOCK_M + causal_offset, 0))
+    lo = kv_lo
+    if WINDOW:
+        lo = tl.maximum(lo, start_m + window_offset)
+    first_block = tl.minimum(tl.maximum(lo, 0), hi) // BLOCK_N
+    share = tl.cdiv(tl.maximum(tl.cdiv(hi, BLOCK_N) - first_block, 0), n_splits)
+    split_lo = (first_block + split * share) * BLOCK_N
+    return split_lo, split_lo + share * BLOCK_N
 
 
 @triton.jit
@@ -747,7 +786,7 @@ def _autotuned(kernel: str, size: int):
     return triton.autotune(
         configs=configs,
         # the autotuner adds the dtypes
-        key=["BLOCK_D", "CAUSAL", "WINDOW", "KEY_RANGE", "seq_bucket"],
+        key=["BLOCK_D", "CAUSAL", "WINDOW", "KEY_RANGE", "SPLIT_KEYS", "seq_bucket"],
         prune_configs_by={"early_config_prune": _prune_configs(kernel)},
         cache_results=True,  # timings kept in Triton's disk cache: later processes skip them
     )(_KERNELS[kernel])
@@ -881,6 +920,61 @@ def _query_extents(key_range: Tensor, Tq: int, Tk: int) -> Tensor:
     return torch.stack([first, end], dim=2).to(torch.int32).contiguous()
 
 
+# ---- decoding: query heads packed into rows, keys split over programs -------------------------
+# The policy of csrc/cuda/attention_fwd.cu (attention_fwd_plan), so both backends run a decoding
+# step alike: a split keeps at least MIN_KEYS_PER_SPLIT keys, at most MAX_KEY_SPLITS splits, and
+# splits fill up to two programs per SM.
+MIN_KEYS_PER_SPLIT = 128
+MAX_KEY_SPLITS = 64
+INTERPRETER_SM_COUNT = 132  # under TRITON_INTERPRET=1 (no GPU): as on an H100 SXM
+
+
+def _packs_query_heads(Hq: int, Hkv: int, Tq: int, Tk: int, causal: bool, causal_offset: int,
+                       window_offset: int | None) -> bool:
+    """Whether a GQA group's query heads become the rows of one kv head's query block: one query
+    row, and every packed row sees what it saw (causal hiding nothing: bottom-right, the row
+    sees every key; no window that hides keys; a key range per batch row, or per query, which
+    for one row is the same array)."""
+    return (Tq == 1 and Hq != Hkv and (not causal or causal_offset >= Tk - 1)
+            and (window_offset is None or window_offset <= 0))
+
+
+@functools.cache
+def _sm_count(device_index: int | None) -> int:
+    if triton_interpreted():
+        return INTERPRETER_SM_COUNT
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _key_splits(device: torch.device, B: int, Hq: int, Tq: int, Tk: int, causal: bool,
+                causal_offset: int, window_offset: int | None) -> int:
+    """Programs sharing each query block's keys (1: none): where the B * Hq blocks of at most 64
+    rows leave SMs idle and there are keys to share. (Unlike the CUDA kernels, per-query key
+    ranges split too: each program cuts every row's range to its share.)"""
+    if Tq > 64:
+        return 1
+    sms = _sm_count(device.index)
+    blocks = B * Hq
+    if blocks >= sms:
+        return 1
+    span = Tk
+    if window_offset is not None:  # what the window leaves of the keys (cf. visible_key_span)
+        first = max(window_offset, 0)
+        last = min(Tq - 1 + causal_offset if causal else Tk - 1, Tk - 1)
+        span = max(last - first + 1, 1)
+    splits = min(2 * sms // blocks, span // MIN_KEYS_PER_SPLIT, MAX_KEY_SPLITS)
+    return max(splits, 1)
+
+
+def _combine_splits(part_out: Tensor, part_lse: Tensor, out: Tensor, lse: Tensor) -> None:
+    """out (B, H, T, D) and lse (B, H, T) from the splits' partial outputs (S, B, H, T, D) and
+    logsumexps (S, B, H, T), float32: lse = log sum_s exp(lse_s), out = sum_s exp(lse_s - lse)
+    out_s, rounded to out's dtype once. Rows no split saw a key for: 0 and -inf."""
+    torch.logsumexp(part_lse, dim=0, out=lse)
+    weights = torch.exp(part_lse - lse.masked_fill(lse == float("-inf"), 0.0))  # -inf parts: 0
+    out.copy_(torch.einsum("sbht,sbhtd->bhtd", weights, part_out))
+
+
 def attention_fwd(
     q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool, causal_offset: int,
     window_offset: int | None = None, key_range: Tensor | None = None,
@@ -888,7 +982,10 @@ def attention_fwd(
     """q (B, Hq, Tq, D), k/v (B, Hkv, Tk, D), any strides; key_range (B, 2) or (B, Tq, 2)
     integers, or None.
     Returns out (B, Hq, Tq, D) contiguous in q's dtype and lse (B, Hq, Tq) float32 (natural
-    log; -inf for rows that see no key, whose out is 0)."""
+    log; -inf for rows that see no key, whose out is 0).
+    Decoding steps (few query rows, many keys) take the plan of csrc/cuda/attention_fwd.cu:
+    one query row packs its GQA group's heads into rows, and the keys of each query block split
+    over several programs whose partial results are combined (_combine_splits)."""
     if q.numel() == 0 or k.numel() == 0:  # nothing to launch; the reference's empty results
         return reference.attention_fwd(q, k, v, scale, causal, causal_offset, window_offset,
                                        key_range)
@@ -897,15 +994,36 @@ def attention_fwd(
     Hkv, Tk = k.shape[1], k.shape[2]
     out = torch.empty((B, Hq, Tq, D), dtype=q.dtype, device=q.device)
     lse = torch.empty((B, Hq, Tq), dtype=torch.float32, device=q.device)
+    key_range = None if key_range is None else _key_range_argument(key_range, q, lse)
+    kernel_out, kernel_lse = out, lse
+    if _packs_query_heads(Hq, Hkv, Tq, Tk, causal, causal_offset, window_offset):
+        group = Hq // Hkv  # query head h = kv head * group + row: rows read through q's head stride
+        q = q.as_strided((B, Hkv, group, D), (q.stride(0), q.stride(1) * group, q.stride(1),
+                                              q.stride(3)))
+        kernel_out, kernel_lse = out.view(B, Hkv, group, D), lse.view(B, Hkv, group)
+        causal, window_offset, Hq, Tq = False, None, Hkv, group
+        if key_range is not None:
+            key_range = key_range.view(B, 2)
+    splits = _key_splits(q.device, B, Hq, Tq, Tk, causal, causal_offset, window_offset)
     constexprs = _common_constexprs(q, causal, window_offset, key_range)
+    constexprs["SPLIT_KEYS"] = splits > 1
+    if splits > 1:
+        part_out = torch.empty((splits, B, Hq, Tq, D), dtype=torch.float32, device=q.device)
+        part_lse = torch.empty((splits, B, Hq, Tq), dtype=torch.float32, device=q.device)
+        target, split_strides = (part_out, part_lse), (part_out.stride(0), part_lse.stride(0))
+    else:
+        target, split_strides = (kernel_out, kernel_lse), (0, 0)
     offsets = _clamped_offsets(causal_offset, window_offset, Tq, Tk)
     args = (
-        q, k, v, out, lse, _key_range_argument(key_range, q, lse),
-        *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-        Hq, Hq // Hkv, Tq, Tk, D, *offsets, float(scale) * LOG2E, _seq_bucket(Tq, Tk),
+        q, k, v, *target, key_range if key_range is not None else lse,
+        *q.stride(), *k.stride(), *v.stride(), *target[0].stride()[-4:],
+        Hq, Hq // Hkv, Tq, Tk, D, *offsets, float(scale) * LOG2E, splits, *split_strides,
+        _seq_bucket(Tq, Tk),
     )
-    grid_size = lambda bm, bn: triton.cdiv(Tq, bm) * B * Hq  # noqa: E731
+    grid_size = lambda bm, bn: splits * triton.cdiv(Tq, bm) * B * Hq  # noqa: E731
     _launch("fwd", grid_size, args, constexprs, q, _seq_bucket(Tq, Tk))
+    if splits > 1:
+        _combine_splits(part_out, part_lse, kernel_out, kernel_lse)
     return out, lse
 
 
