@@ -1,7 +1,7 @@
 """Records a run in the repository: copies bench.json, the PNG plots and gpu_check.json (when
 there) from a ``fusedlm bench --out`` or ``benchmarks/gpu_check`` folder into
-benchmarks/results/<device>/, replacing that device's previous run, then re-renders the
-README's benchmark section.
+benchmarks/results/<device>/, replacing that device's previous run (an op's plot the folder
+lacks is drawn from bench.json), then re-renders the README's benchmark section.
 
     python benchmarks/record_results.py gpu_check_out
     python benchmarks/record_results.py bench-out --device-dir cpu-amd-epyc-2c
@@ -18,6 +18,23 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "python"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
+
+
+def _draw_missing_plots(results: dict, dest: Path) -> list[str]:
+    """The plots of the ops that came without one (benchmarks/gpu_check brings back at most 5
+    PNGs), drawn from bench.json; none without matplotlib."""
+    from fusedlm.bench import report
+
+    missing = [op for op in results["ops"] if not (dest / f"{op}.png").exists()]
+    if not missing:
+        return []
+    try:
+        import matplotlib  # noqa: F401 - the bench extra
+    except ImportError:
+        print(f"matplotlib is not installed: no plot for {', '.join(missing)}", file=sys.stderr)
+        return []
+    return [path.name for op in missing
+            if (path := report.plot_op(results, op, dest / f"{op}.png")) is not None]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -48,7 +65,9 @@ def main(argv: list[str] | None = None) -> int:
         if path.exists():
             shutil.copyfile(path, dest / path.name)
             copied.append(path.name)
-    print(f"recorded {', '.join(copied)} in {dest.relative_to(ROOT)}")
+    drawn = _draw_missing_plots(results, dest)
+    print(f"recorded {', '.join(copied)} in {dest.relative_to(ROOT)}"
+          + (f"; drew {', '.join(drawn)} from bench.json" if drawn else ""))
     if not args.no_readme:
         import render_readme
 

@@ -21,7 +21,7 @@ from fusedlm.bench import counting, runner, schema, timing
 from fusedlm.bench.env import tree_hash
 
 ROOT = Path(__file__).resolve().parents[2]
-OPS = ("attention", "layer_norm", "rms_norm", "adamw", "gpt")
+OPS = ("attention", "attention_decode", "layer_norm", "rms_norm", "adamw", "gpt")
 
 
 # ---- counting -------------------------------------------------------------------------------
@@ -70,6 +70,60 @@ def test_bytes_are_each_input_read_once_and_each_output_written_once():
         (2 * M * N + N + 3 * M * N + 2 * N) * 2
     assert counting.adamw_bytes(1000) == 28 * 1000
     assert counting.adamw_bytes(1000, torch.bfloat16) == (3 * 2 + 4 * 4) * 1000
+
+
+@pytest.mark.parametrize(("device", "quick"), [("cpu", True), ("cpu", False), ("cuda", True),
+                                             ("cuda", False)])
+def test_attention_decode_cases_are_one_query_row_against_a_gqa_cache(device, quick):
+    """q (B, Hq, 1, D), k/v (B, Hkv, Tk, D), not causal, forward only, x = Tk; FLOPs and bytes
+    counted for one query row with k and v read once (Hkv heads)."""
+    ctx = C.Context(device=torch.device(device), quick=quick, backends={})
+    cases = C.specs()["attention_decode"].cases(ctx)
+    expected = {("cpu", True): (8, 2, 64, torch.float32, [1], [512, 2048]),
+                ("cpu", False): (8, 2, 64, torch.float32, [1], [512, 2048, 8192]),
+                ("cuda", True): (32, 8, 128, torch.bfloat16, [1], [4096, 16384]),
+                ("cuda", False): (32, 8, 128, torch.bfloat16, [1, 8],
+                                  [1024, 4096, 16384, 65536])}[(device, quick)]
+    Hq, Hkv, D, dtype, batches, lengths = expected
+    assert [(c.size["B"], c.size["Tk"]) for c in cases] == \
+        [(B, Tk) for B in batches for Tk in lengths]
+    for case in cases:
+        B, Tk = case.size["B"], case.size["Tk"]
+        assert case.size == dict(B=B, Hq=Hq, Hkv=Hkv, Tk=Tk, D=D)
+        assert case.variant == f"fwd {C.dtype_name(dtype)} decode gqa {Hq // Hkv}:1 B={B}"
+        assert (case.pass_, case.causal, case.check_output, case.x) == ("fwd", False, True, Tk)
+        assert case.flops == 4 * B * Hq * Tk * D
+        assert case.bytes == (2 * B * Hq * D + 2 * B * Hkv * Tk * D) * dtype.itemsize
+    if device == "cpu":
+        inputs = cases[0].make_inputs()
+        B, Tk = cases[0].size["B"], cases[0].size["Tk"]
+        assert [tuple(inputs[n].shape) for n in ("q", "k", "v")] == \
+            [(B, Hq, 1, D), (B, Hkv, Tk, D), (B, Hkv, Tk, D)]
+        assert all(t.dtype == dtype and not t.requires_grad for t in inputs.values())
+
+
+def test_sdpa_providers_take_gqa_and_call_a_refusal_unsupported(monkeypatch):
+    """GQA through SDPA's enable_gqa, equal to the eager baseline (which repeats k and v); a
+    backend that refuses an unmasked case ("No available kernel") raises Unsupported, any
+    other error stays an error."""
+    ctx = C.Context(device=torch.device("cpu"), quick=True, backends={})
+    q = torch.randn(2, 8, 1, 32, dtype=torch.float64)
+    k, v = (torch.randn(2, 2, 40, 32, dtype=torch.float64) for _ in range(2))
+    torch.testing.assert_close(C._sdpa_call("math")(q, k, v, False, ctx),
+                               C.eager_attention(q, k, v, None))
+
+    def refuse(message):
+        def sdpa(*args, **kwargs):
+            raise RuntimeError(message)
+        return sdpa
+
+    monkeypatch.setattr(C.F, "scaled_dot_product_attention",
+                        refuse("No available kernel. Aborting execution."))
+    with pytest.raises(C.Unsupported, match="SDPA flash backend refuses it: No available kernel"):
+        C._sdpa_call("flash")(q, k, v, False, ctx)
+    monkeypatch.setattr(C.F, "scaled_dot_product_attention", refuse("something else broke"))
+    with pytest.raises(RuntimeError, match="something else broke"):
+        C._sdpa_call("flash")(q, k, v, False, ctx)
 
 
 def test_gpt_flops():
@@ -207,7 +261,7 @@ def test_quick_run_ratios_come_from_measured_rows(quick_run):
         checked += 1
     assert checked >= 20
     # CPU competitors: eager PyTorch and fusedlm's cpu backend measured for every op
-    for op in ("attention", "layer_norm", "rms_norm", "adamw"):
+    for op in ("attention", "attention_decode", "layer_norm", "rms_norm", "adamw"):
         measured = {r["provider"] for r in rows if r["op"] == op and r["status"] == "ok"}
         assert "torch-eager" in measured
         if results["environment"]["backends"]["cpu"]["available"]:
@@ -216,6 +270,32 @@ def test_quick_run_ratios_come_from_measured_rows(quick_run):
     for op, info in results["ops"].items():
         for name, p in info["providers"].items():
             assert p["available"] or p["reason"], (op, name)
+
+
+def test_quick_run_measures_decoding_against_sdpa(quick_run):
+    """attention_decode's rows: every quick CPU case measured by eager PyTorch and the fusedlm
+    and SDPA providers that run here, outputs matching eager's; SDPA takes the GQA heads
+    (enable_gqa) or says it refuses them, never an error."""
+    _, _, results, _ = quick_run
+    rows = [r for r in results["rows"] if r["op"] == "attention_decode"]
+    info = results["ops"]["attention_decode"]
+    assert (info["metric"], info["ceiling"]) == ("GB/s", "bandwidth")
+    ctx = C.Context(device=torch.device("cpu"), quick=True, backends={})
+    labels = [c.size_label for c in C.specs()["attention_decode"].cases(ctx)]
+    assert sorted({r["size_label"] for r in rows}) == sorted(labels)
+    assert {r["pass"] for r in rows} == {"fwd"} and {r["causal"] for r in rows} == {False}
+    for r in rows:
+        assert r["status"] != "error", r
+        if r["status"] == "ok":
+            assert r["value"] == r["gbps"] > 0 and r["ratio_to_eager"] > 0
+            if r["provider"] != "torch-eager":
+                assert r["rel_err_vs_eager"] < 1e-4, r
+    sdpa = [p for p, v in info["providers"].items() if p.startswith("sdpa-") and v["available"]]
+    for label in labels:
+        ok = {r["provider"] for r in rows if r["size_label"] == label and r["status"] == "ok"}
+        assert "torch-eager" in ok and "sdpa-math" in ok and set(sdpa) <= {
+            r["provider"] for r in rows if r["size_label"] == label
+            and r["status"] in ("ok", "unsupported")}
 
 
 def test_schema_catches_a_ratio_not_computed_from_the_rows(quick_run):
@@ -327,6 +407,24 @@ def test_readme_section_is_rendered_from_recorded_results(tmp_path, quick_run):
     (folder / "bench.json").write_text(json.dumps({**recorded, "caveats": ["rows X are off"]}))
     assert render_readme.main(["--root", str(tmp_path)]) == 0
     assert "**Caveat:** rows X are off" in (tmp_path / "README.md").read_text()
+
+
+def test_recording_draws_the_plots_a_run_did_not_bring(tmp_path, quick_run):
+    """benchmarks/gpu_check brings back 5 PNGs at most: record_results.py draws the others
+    from bench.json (and keeps those that came)."""
+    spec = importlib.util.spec_from_file_location("record_results",
+                                                  ROOT / "benchmarks" / "record_results.py")
+    record_results = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(record_results)
+    _, out, results, _ = quick_run
+    shutil.copy(out / "attention.png", tmp_path / "attention.png")
+    before = (tmp_path / "attention.png").read_bytes()
+    drawn = record_results._draw_missing_plots(results, tmp_path)
+    measured = {r["op"] for r in results["rows"] if r["status"] == "ok"}
+    assert "attention_decode.png" in drawn and "attention.png" not in drawn
+    assert sorted(drawn) == sorted(f"{op}.png" for op in measured - {"attention"})
+    assert (tmp_path / "attention.png").read_bytes() == before
+    assert (tmp_path / "attention_decode.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_repository_readme_is_up_to_date_with_benchmarks_results():

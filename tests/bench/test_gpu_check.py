@@ -93,14 +93,54 @@ def test_gpu_check_runs_end_to_end_on_a_cpu(tmp_path):
     bench = json.loads((out / "bench.json").read_text())
     assert schema.validate(bench) == []
     assert {r["op"] for r in bench["rows"]} == {"attention", "layer_norm", "rms_norm", "adamw",
-                                                 "gpt"}
+                                                 "gpt", "attention_decode"}
+    # $OUT brings back 8 files: the first 5 ops' plots there, the sixth's in logs.tar.gz
     assert {p.name for p in out.glob("*.png")} == {f"{op}.png" for op in
                                                    ("attention", "layer_norm", "rms_norm",
                                                     "adamw", "gpt")}
+    assert len(list(out.iterdir())) <= 8
+    assert steps["bench"]["plots_in_logs"] == ["attention_decode.png"]
     with tarfile.open(out / "logs.tar.gz") as tar:
         names = tar.getnames()
     assert "logs/pytest-gpu-junit.xml" in names and "logs/pytest.log" in names
+    assert "logs/plots/attention_decode.png" in names
     assert result.returncode == 1  # the sanitizer step did not run: not all ok
+
+
+def test_bench_step_runs_every_op_attention_decode_after_attention():
+    """The bench step's ops are fusedlm bench's, each with a share of its time; the decoding
+    rows come after the main attention rows (a step short of time skips them first)."""
+    from fusedlm.bench import cases
+
+    gpu_check = _gpu_check()
+    assert sorted(gpu_check.OPS) == sorted(cases.OPS)
+    assert set(gpu_check.OP_SHARE) == set(gpu_check.OPS)
+    assert sum(gpu_check.OP_SHARE.values()) == pytest.approx(1.0)
+    assert gpu_check.OPS.index("attention_decode") > gpu_check.OPS.index("attention")
+
+
+def test_bench_step_keeps_out_to_eight_files(tmp_path):
+    """gpu_check.json, bench.json, logs.tar.gz and the first MAX_PLOTS plots in $OUT (the
+    device tool brings back 8 files), the other plots in logs.tar.gz."""
+    gpu_check = _gpu_check()
+    check = gpu_check.Check(tmp_path / "out", budget_s=600, quick=True)
+    check.out.mkdir()
+    made = tmp_path / "plots"
+    made.mkdir()
+    plots = []
+    for op in gpu_check.OPS:
+        (made / f"{op}.png").write_bytes(b"png")
+        plots.append(made / f"{op}.png")
+    placed = check.place_plots(plots)
+    assert placed["plots"] == [f"{op}.png" for op in gpu_check.OPS[:gpu_check.MAX_PLOTS]]
+    assert placed["plots_in_logs"] == [f"{op}.png" for op in gpu_check.OPS[gpu_check.MAX_PLOTS:]]
+    check.save()
+    assert 3 + gpu_check.MAX_PLOTS <= 8
+    assert len(list(check.out.iterdir())) == 2 + gpu_check.MAX_PLOTS  # no bench.json here
+    import tarfile
+
+    with tarfile.open(check.out / "logs.tar.gz") as tar:
+        assert {f"logs/plots/{name}" for name in placed["plots_in_logs"]} <= set(tar.getnames())
 
 
 def test_build_step_falls_back_to_cmake_when_pip_fails(tmp_path, monkeypatch):

@@ -5,20 +5,26 @@ function that draws one input set. A :class:`Provider` is one implementation; ``
 ctx)`` returns ``fn(inputs)`` that runs the case once on one input set (forward, forward and
 backward, or an optimizer / training step). ``torch-eager`` is every op's baseline.
 
+attention_decode (one query row per sequence against a KV cache, GQA, forward) has
+attention's providers.
+
 Providers, each only where it can run (the output says why the others did not):
-    torch-eager      eager PyTorch (attention written out: q k^T, mask, softmax in float32, p v;
-                     F.layer_norm / F.rms_norm; torch.optim.AdamW(foreach=False, fused=False);
-                     the GPT with kernels="torch" and torch.optim.AdamW's default)
+    torch-eager      eager PyTorch (attention written out: k, v repeated for GQA, q k^T, mask,
+                     softmax in float32, p v; F.layer_norm / F.rms_norm;
+                     torch.optim.AdamW(foreach=False, fused=False); the GPT with
+                     kernels="torch" and torch.optim.AdamW's default)
     torch-compile    torch.compile of the eager version
     sdpa-<backend>   F.scaled_dot_product_attention under sdpa_kernel(<backend>) for each of
-                     flash, efficient, cudnn, math that runs on the device
+                     flash, efficient, cudnn, math that runs on the device (enable_gqa=True
+                     when k has fewer heads than q; a backend that refuses a case: unsupported)
     torch-foreach, torch-fused   torch.optim.AdamW(foreach=True) / (fused=True)
     liger            Liger-Kernel's LayerNorm / RMSNorm functions (when installed, GPU)
     fusedlm-<name>   fusedlm with backend=<name> for cuda, triton, cpu (and torch, the
                      reference, on the CPU); for the GPT, the model with kernels="fused",
                      FUSEDLM_BACKEND=<name> and fusedlm.optim.AdamW(backend=<name>)
-    fusedlm-cuda-sm80  attention only, on sm_90 GPUs: fusedlm-cuda with the Hopper kernels off
-                     (FUSEDLM_ATTENTION_SM90=0), what the sm_90a kernels gain over sm_80's
+    fusedlm-cuda-sm80  attention and attention_decode, on sm_90 GPUs: fusedlm-cuda with the
+                     Hopper kernels off (FUSEDLM_ATTENTION_SM90=0), what the sm_90a kernels
+                     gain over sm_80's
 """
 
 from __future__ import annotations
@@ -36,7 +42,8 @@ import torch.nn.functional as F
 from . import counting
 
 BASELINE = "torch-eager"
-OPS = ("attention", "layer_norm", "rms_norm", "adamw", "gpt")
+# The ops of ``fusedlm bench`` in run order (its CLI, runner and tests read this one list).
+OPS = ("attention", "attention_decode", "layer_norm", "rms_norm", "adamw", "gpt")
 NORM_EPS = 1e-5
 SDPA_BACKENDS = ("flash", "efficient", "cudnn", "math")
 
@@ -412,16 +419,21 @@ def _sdpa_call(name: str):
     def call(q, k, v, causal, ctx, window=None, packed=None):
         from torch.nn.attention import sdpa_kernel
 
-        if window is None and packed is None:
-            with sdpa_kernel([_sdpa_backend(name)]):
-                return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
-        if name == "flash":
-            raise Unsupported("torch's SDPA flash backend takes no mask (no sliding window, "
-                              "no padding, no packed documents)")
-        visible = _visible_mask(q.shape[2], k.shape[2], causal, window, q.device, packed)
+        # GQA / MQA (k and v with fewer heads than q, as in attention_decode): SDPA's own
+        # grouping, no repeated copies of k and v
+        gqa = {"enable_gqa": True} if k.shape[1] != q.shape[1] else {}
+        if window is not None or packed is not None:
+            if name == "flash":
+                raise Unsupported("torch's SDPA flash backend takes no mask (no sliding window, "
+                                  "no padding, no packed documents)")
+            visible = _visible_mask(q.shape[2], k.shape[2], causal, window, q.device, packed)
+            mask = {"attn_mask": visible}
+        else:  # is_causal is top-left aligned: right for attention's Tq == Tk cases (the
+            # decoding cases, Tq = 1, are not causal)
+            mask = {"is_causal": causal}
         try:
             with sdpa_kernel([_sdpa_backend(name)]):
-                return F.scaled_dot_product_attention(q, k, v, attn_mask=visible)
+                return F.scaled_dot_product_attention(q, k, v, **mask, **gqa)
         except RuntimeError as error:  # the one allowed backend refuses this mask or shape
             if "No available kernel" in str(error) or "No viable backend" in str(error):
                 raise Unsupported(f"torch's SDPA {name} backend refuses it: "
@@ -507,6 +519,42 @@ def _attention_providers() -> list[Provider]:
         "torch-compile", "torch.compile of the torch-eager attention", _compiled_attention_call,
         _compile_why_not, compiles=True))
     return providers
+
+
+# ---- attention_decode -----------------------------------------------------------------------
+
+def _attention_decode_cases(ctx: Context) -> list[Case]:
+    """Decoding: one query row per sequence, q (B, Hq, 1, D), against a KV cache of Tk keys,
+    k/v (B, Hkv, Tk, D), GQA (Llama's 4 query heads per KV head on a GPU). Not causal: the one
+    query sits at the end of the sequence and sees every key (bottom-right causal is no mask;
+    SDPA's is_causal, top-left, would show it key 0 only). Memory-bound: k and v are read once."""
+    if ctx.cuda:
+        Hq, Hkv, D, dtype = 32, 8, 128, torch.bfloat16
+        batches = (1,) if ctx.quick else (1, 8)
+        lengths = (4096, 16384) if ctx.quick else (1024, 4096, 16384, 65536)
+    else:
+        Hq, Hkv, D, dtype = 8, 2, 64, torch.float32
+        batches = (1,)
+        lengths = (512, 2048) if ctx.quick else (512, 2048, 8192)
+    cases = []
+    for B in batches:  # one variant (plot panel) per batch size, x = Tk
+        for Tk in lengths:
+            def make(B=B, Tk=Tk):
+                return {"q": _randn(B, Hq, 1, D, ctx=ctx, dtype=dtype),
+                        "k": _randn(B, Hkv, Tk, D, ctx=ctx, dtype=dtype),
+                        "v": _randn(B, Hkv, Tk, D, ctx=ctx, dtype=dtype)}
+
+            size = dict(B=B, Hq=Hq, Hkv=Hkv, Tk=Tk, D=D)
+            cases.append(Case(
+                op="attention_decode",
+                variant=f"fwd {dtype_name(dtype)} decode gqa {Hq // Hkv}:1 B={B}",
+                pass_="fwd", dtype=dtype_name(dtype), causal=False,
+                size_label=" ".join(f"{k}={v}" for k, v in size.items()), size=size, x=Tk,
+                flops=counting.attention_flops(B, Hq, 1, Tk, D, False, "fwd"),
+                bytes=counting.attention_bytes(B, Hq, 1, Tk, D, dtype, "fwd", Hkv=Hkv),
+                make_inputs=make, check_output=True,
+            ))
+    return cases
 
 
 # ---- layer_norm / rms_norm ------------------------------------------------------------------
@@ -861,6 +909,13 @@ def specs() -> dict[str, OpSpec]:
             _attention_providers(), attn_flops,
             "fwd: q, k, v read, out written; fwd+bwd adds out, dout, logsumexp read, "
             "dq, dk, dv written"),
+        "attention_decode": OpSpec(
+            "attention_decode",
+            "decoding: one query row per sequence, q (B, Hq, 1, D), against a KV cache "
+            "k/v (B, Hkv, Tk, D), GQA, no mask; forward",
+            "GB/s", "bandwidth", "cached keys Tk", _attention_decode_cases,
+            _attention_providers(), "4*B*Hq*Tk*D (one query row)",
+            "q read, k and v read once (Hkv heads, not once per query head), out written"),
         "layer_norm": OpSpec(
             "layer_norm", "LayerNorm over the last dim of (M, N), weight and bias",
             "GB/s", "bandwidth", "hidden size N", _norm_cases("layer_norm"),

@@ -1,14 +1,16 @@
 """``fusedlm bench``: times every op against eager PyTorch and its peers, prints a table per
 op, writes DIR/bench.json and one PNG per op. See fusedlm.bench and benchmarks/README.md.
 
-Only argparse is imported here: ``fusedlm --help`` stays fast; torch, rich and matplotlib load
-when the command runs."""
+Only argparse and the op list (cases.OPS; cases.py imports torch, which ``import fusedlm``
+has loaded already) are imported here: ``fusedlm --help`` stays fast; rich, matplotlib and the
+runner load when the command runs."""
 
 from __future__ import annotations
 
 import argparse
 
-OPS = ("attention", "layer_norm", "rms_norm", "adamw", "gpt")
+from .cases import OPS
+
 DESCRIPTION = ("Times each op against eager PyTorch and its peers (torch.compile, SDPA backends, "
                "torch's AdamW, Liger) and fusedlm's backends; prints a table per op and writes "
                "DIR/bench.json and one PNG plot per op.")
