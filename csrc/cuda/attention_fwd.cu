@@ -8,6 +8,9 @@
 // heads become the rows of one tile (each K/V tile read once per group, not once per head), and
 // the keys of each query tile split over several CTAs (flash-decoding), whose float32 partial
 // outputs and logsumexps a second kernel combines.
+#include <cstdlib>
+#include <cstring>
+
 #include "cuda/attention_sm80.cuh"
 #include "cuda/attention_sm90.cuh"
 
@@ -424,6 +427,9 @@ int key_splits(const AttentionShape& s, int sm_count) {
 
 AttentionFwdPlan attention_fwd_plan(const AttentionFwdArgs& args, int sm_count) {
   using namespace attention;
+  // FUSEDLM_ATTENTION_DECODE=0: neither rewrite (to time the plain kernel on the same build)
+  const char* setting = std::getenv("FUSEDLM_ATTENTION_DECODE");
+  if (setting != nullptr && std::strcmp(setting, "0") == 0) return {args.shape, false, 1};
   const AttentionFwdArgs packed = with_query_heads_as_rows(args);
   const int splits = args.alloc != nullptr ? key_splits(packed.shape, sm_count) : 1;
   return AttentionFwdPlan{packed.shape, packed.shape.Hq != args.shape.Hq, splits};
@@ -432,11 +438,12 @@ AttentionFwdPlan attention_fwd_plan(const AttentionFwdArgs& args, int sm_count) 
 cudaError_t attention_fwd(const AttentionFwdArgs& original, cudaStream_t stream) {
   using namespace attention;
   if (!valid_shape(original.shape)) return cudaErrorInvalidValue;
-  const AttentionFwdArgs args = with_query_heads_as_rows(original);
-  const AttentionShape& s = args.shape;
   int sm_count = 0;
   FUSEDLM_RETURN_IF_ERROR(current_sm_count(&sm_count));
-  const int splits = attention_fwd_plan(original, sm_count).key_splits;
+  const AttentionFwdPlan plan = attention_fwd_plan(original, sm_count);
+  const AttentionFwdArgs args = plan.heads_packed ? with_query_heads_as_rows(original) : original;
+  const AttentionShape& s = args.shape;
+  const int splits = plan.key_splits;
   // Hopper: the wgmma/TMA kernel where it applies (FUSEDLM_ATTENTION_SM90=require: wherever it
   // can), except where the keys split: its 128-row tiles would leave the same SMs idle.
   if (splits == 1 || sm90::sm90_required()) {

@@ -133,6 +133,7 @@ cudaError_t attention_fwd(const AttentionFwdArgs& args, cudaStream_t stream);
 // How attention_fwd runs a call with few query rows (decoding with a KV cache), for tests and
 // benchmarks: the shape the kernels see once the query heads of a GQA group are packed into rows
 // (one query row, see attention_fwd.cu), and how many CTAs split each query tile's keys (1: none).
+// FUSEDLM_ATTENTION_DECODE=0 turns both off.
 struct AttentionFwdPlan {
   AttentionShape shape;
   bool heads_packed;

@@ -466,6 +466,13 @@ def test_decode_plan(library):
     assert packed and shape["key_range_per_query"] == 0
     assert not _plan(library, (1, 8, 8, 1, 4096, 64), True)[1]  # no GQA: nothing to pack
     assert not _plan(library, (1, 8, 2, 2, 4096, 64), True)[1]  # two rows: masks differ per row
+    # FUSEDLM_ATTENTION_DECODE=0 turns both off (fusedlm bench's fusedlm-cuda-no-decode-plan).
+    os.environ["FUSEDLM_ATTENTION_DECODE"] = "0"
+    try:
+        shape, packed, splits = _plan(library, (1, 16, 2, 1, 4096, 128), True)
+    finally:
+        del os.environ["FUSEDLM_ATTENTION_DECODE"]
+    assert (shape["Hq"], shape["Tq"], packed, splits) == (16, 1, False, 1)
 
 
 # (B, Hq, Hkv, Tq, Tk, D, causal, causal offset or None (bottom-right), window_offset, key_range

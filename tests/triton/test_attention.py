@@ -346,6 +346,18 @@ def test_attention_decode(case, dtype):
                      key_range=None if ranges is None else torch.tensor(ranges))
 
 
+@pytest.mark.skipif(ON_GPU, reason="the interpreter's SM count and tile config")
+def test_attention_decode_plan_off(monkeypatch):
+    """FUSEDLM_ATTENTION_DECODE=0: no packed query heads, no key split, the plain kernel."""
+    from fusedlm.triton import attention as kernels
+
+    monkeypatch.setenv("FUSEDLM_ATTENTION_DECODE", "0")
+    assert not kernels._packs_query_heads(8, 2, 1, 700, True, 699, None)
+    assert kernels._key_splits(torch.device(DEVICE), 1, 8, 1, 700, True, 699, None) == 1
+    q, k, v = _qkv((1, 8, 2, 1, 700, 16), torch.float32, DEVICE)
+    _check_attention(q, k, v, True, BACKEND)
+
+
 @pytest.mark.parametrize("offset", [0, 30, -5], ids=["top-left", "offset30", "offset-5"])
 @pytest.mark.skipif(ON_GPU, reason="the interpreter's SM count and tile config")
 def test_attention_decode_causal_offsets(offset):

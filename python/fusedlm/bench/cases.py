@@ -25,6 +25,8 @@ Providers, each only where it can run (the output says why the others did not):
     fusedlm-cuda-sm80  attention and attention_decode, on sm_90 GPUs: fusedlm-cuda with the
                      Hopper kernels off (FUSEDLM_ATTENTION_SM90=0), what the sm_90a kernels
                      gain over sm_80's
+    fusedlm-cuda-no-decode-plan  attention_decode: fusedlm-cuda with its decoding plan off
+                     (FUSEDLM_ATTENTION_DECODE=0: no packed query heads, no key split)
 """
 
 from __future__ import annotations
@@ -458,41 +460,52 @@ def _fusedlm_attention_call(backend: str):
 
 
 @contextlib.contextmanager
+def _environment_setting(name: str, value: str):
+    """Environment variable ``name`` = value for the duration, then the previous value back."""
+    previous = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if previous is None:
+            del os.environ[name]
+        else:
+            os.environ[name] = previous
+
+
 def attention_sm90_setting(value: str):
     """FUSEDLM_ATTENTION_SM90=value for the duration ("0": fusedlm's CUDA attention runs its
     sm_80 kernels, forward and backward, on an sm_90 GPU too; "require": the sm_90a ones or an
     error), then the previous value back (benchmarks/gpu_check sets "0" for every later step
     when the Hopper kernels fail its smoke test, and that must outlive each case)."""
-    previous = os.environ.get("FUSEDLM_ATTENTION_SM90")
-    os.environ["FUSEDLM_ATTENTION_SM90"] = value
-    try:
-        yield
-    finally:
-        if previous is None:
-            del os.environ["FUSEDLM_ATTENTION_SM90"]
-        else:
-            os.environ["FUSEDLM_ATTENTION_SM90"] = previous
+    return _environment_setting("FUSEDLM_ATTENTION_SM90", value)
+
+
+def _setting_provider(name: str, description: str, variable: str, value: str,
+                      why_not: Callable[[Context], str | None]) -> Provider:
+    """fusedlm-cuda under ``variable``=value, over the whole pass (the backward runs after the
+    forward returns, so the setting wraps each run, not just the build)."""
+    inner = _attention_provider(name, "", _fusedlm_attention_call("cuda"), kernel_backend="cuda")
+
+    def build(case: Case, ctx: Context):
+        with _environment_setting(variable, value):
+            run = inner.build(case, ctx)
+
+        def run_with_setting(inputs):
+            with _environment_setting(variable, value):
+                return run(inputs)
+
+        return run_with_setting
+
+    return Provider(name, description, why_not, build)
 
 
 def _sm80_attention_provider() -> Provider:
-    """fusedlm-cuda with the Hopper kernels off, over the whole pass (the backward runs after
-    the forward returns): what the sm_90a kernels gain over the sm_80 ones on one GPU."""
-    inner = _attention_provider("fusedlm-cuda-sm80", "", _fusedlm_attention_call("cuda"),
-                                kernel_backend="cuda")
-
-    def build(case: Case, ctx: Context):
-        with attention_sm90_setting("0"):
-            run = inner.build(case, ctx)
-
-        def run_sm80(inputs):
-            with attention_sm90_setting("0"):
-                return run(inputs)
-
-        return run_sm80
-
-    return Provider("fusedlm-cuda-sm80",
-                    "fusedlm.attention(backend='cuda') under FUSEDLM_ATTENTION_SM90=0",
-                    _sm80_on_sm90_why_not, build)
+    """fusedlm-cuda with the Hopper kernels off: what the sm_90a kernels gain over the sm_80
+    ones on one GPU."""
+    return _setting_provider("fusedlm-cuda-sm80",
+                             "fusedlm.attention(backend='cuda') under FUSEDLM_ATTENTION_SM90=0",
+                             "FUSEDLM_ATTENTION_SM90", "0", _sm80_on_sm90_why_not)
 
 
 def _sm80_on_sm90_why_not(ctx: Context) -> str | None:
@@ -500,6 +513,15 @@ def _sm80_on_sm90_why_not(ctx: Context) -> str | None:
     if why is None and torch.cuda.get_device_capability(ctx.device) != (9, 0):
         why = "not an sm_90 GPU: fusedlm-cuda is the sm_80 kernel already"
     return why
+
+
+def _decode_providers() -> list[Provider]:
+    """attention's, and fusedlm-cuda without its decoding plan (no packed query heads, no key
+    split): what the plan gains on one GPU."""
+    return [*_attention_providers(), _setting_provider(
+        "fusedlm-cuda-no-decode-plan",
+        "fusedlm.attention(backend='cuda') under FUSEDLM_ATTENTION_DECODE=0",
+        "FUSEDLM_ATTENTION_DECODE", "0", _fusedlm_why_not("cuda", ("attention_fwd",)))]
 
 
 def _attention_providers() -> list[Provider]:
@@ -914,7 +936,7 @@ def specs() -> dict[str, OpSpec]:
             "decoding: one query row per sequence, q (B, Hq, 1, D), against a KV cache "
             "k/v (B, Hkv, Tk, D), GQA, no mask; forward",
             "GB/s", "bandwidth", "cached keys Tk", _attention_decode_cases,
-            _attention_providers(), "4*B*Hq*Tk*D (one query row)",
+            _decode_providers(), "4*B*Hq*Tk*D (one query row)",
             "q read, k and v read once (Hkv heads, not once per query head), out written"),
         "layer_norm": OpSpec(
             "layer_norm", "LayerNorm over the last dim of (M, N), weight and bias",

@@ -929,13 +929,20 @@ MAX_KEY_SPLITS = 64
 INTERPRETER_SM_COUNT = 132  # under TRITON_INTERPRET=1 (no GPU): as on an H100 SXM
 
 
+def decode_plan_enabled() -> bool:
+    """False under FUSEDLM_ATTENTION_DECODE=0: no packing, no split (to time the plain kernels
+    on the same build; the CUDA launcher reads the same variable)."""
+    return os.environ.get("FUSEDLM_ATTENTION_DECODE", "1").strip() != "0"
+
+
 def _packs_query_heads(Hq: int, Hkv: int, Tq: int, Tk: int, causal: bool, causal_offset: int,
                        window_offset: int | None) -> bool:
     """Whether a GQA group's query heads become the rows of one kv head's query block: one query
     row, and every packed row sees what it saw (causal hiding nothing: bottom-right, the row
     sees every key; no window that hides keys; a key range per batch row, or per query, which
     for one row is the same array)."""
-    return (Tq == 1 and Hq != Hkv and (not causal or causal_offset >= Tk - 1)
+    return (decode_plan_enabled() and Tq == 1 and Hq != Hkv
+            and (not causal or causal_offset >= Tk - 1)
             and (window_offset is None or window_offset <= 0))
 
 
@@ -951,7 +958,7 @@ def _key_splits(device: torch.device, B: int, Hq: int, Tq: int, Tk: int, causal:
     """Programs sharing each query block's keys (1: none): where the B * Hq blocks of at most 64
     rows leave SMs idle and there are keys to share. (Unlike the CUDA kernels, per-query key
     ranges split too: each program cuts every row's range to its share.)"""
-    if Tq > 64:
+    if Tq > 64 or not decode_plan_enabled():
         return 1
     sms = _sm_count(device.index)
     blocks = B * Hq
