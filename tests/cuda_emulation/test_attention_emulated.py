@@ -512,6 +512,13 @@ def test_decode(library, case):
                key_range=key_range)
 
 
+def test_decode_most_splits(library):
+    """The most splits (64), more than a warp's lanes: the combine's lanes each take two
+    splits' logsumexps, and 64 shares of 2 key tiles each."""
+    assert _plan(library, (1, 1, 1, 1, 8192, 32), False)[1:] == (False, 64)
+    _check(library, (1, 1, 1, 1, 8192, 32), False, torch.float16)
+
+
 @pytest.mark.parametrize("timing", TIMINGS, ids=TIMING_IDS)
 def test_decode_copy_timing(library, timing):
     """The split CTAs' prefetch protocol when a share starts past key tile 0."""
