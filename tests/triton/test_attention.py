@@ -639,6 +639,27 @@ def test_attention_gpu(shape, causal, dtype):
     _check_attention(q, k, v, causal, BACKEND)
 
 
+# Decoding steps on the device's SMs: packed GQA heads and split keys (the combine's float32
+# partials), in bfloat16 (which the interpreter cannot check). (B, Hq, Hkv, Tq, Tk, D)
+GPU_DECODE_SHAPES = [(1, 32, 8, 1, 4096, 128), (4, 16, 2, 1, 1000, 64), (2, 8, 8, 5, 3000, 96)]
+
+
+@pytest.mark.gpu
+@pytest.mark.usefixtures("untuned")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("shape", GPU_DECODE_SHAPES,
+                         ids=["B{}-Hq{}-Hkv{}-Tq{}-Tk{}-D{}".format(*s) for s in GPU_DECODE_SHAPES])
+def test_attention_gpu_decode(shape, dtype):
+    from fusedlm.triton import attention as kernels
+
+    B, Hq, Hkv, Tq, Tk, D = shape
+    heads = Hkv if Tq == 1 else Hq
+    assert kernels._key_splits(torch.device("cuda"), B, heads, Tq * Hq // heads, Tk, Tq > 1,
+                               Tk - Tq, None) > 1  # (on any GPU with more SMs than 16)
+    q, k, v = _qkv(shape, dtype, "cuda")
+    _check_attention(q, k, v, True, BACKEND)
+
+
 @pytest.mark.gpu
 @pytest.mark.usefixtures("untuned")
 @pytest.mark.parametrize("kind", ["left", "mixed"])
