@@ -86,9 +86,10 @@ T* ptr_or_null(const at::Tensor& t) {
 }
 
 // Scratch the launchers request (norm: per-block partial sums; attention forward: a key split's
-// partial outputs; attention backward: delta and the float32 dQ accumulator): byte tensors from the caching allocator on the current device, all
-// kept alive until the end of the call, so two requests of one call never share memory (the
-// stream-ordered allocator makes freeing them after the launches safe).
+// partial outputs; attention backward: delta and the float32 dQ accumulator): byte tensors from
+// the caching allocator on the current device, all kept alive until the end of the call, so two
+// requests of one call never share memory (the stream-ordered allocator makes freeing them after
+// the launches safe).
 struct Workspace {
   at::TensorOptions options;
   std::vector<at::Tensor> buffers;
