@@ -196,19 +196,27 @@ def test_layer_norm_nan_inf_propagate_like_torch(dtype, backend):
     assert torch.equal(y[3:], fusedlm.layer_norm(x[3:], (40,), weight, bias, backend=backend))
 
 
+# Parameters in float32 under an input of another dtype (which the API takes and torch's own
+# norms refuse for float64 input) included: found by `tests/test_fuzz.py --fuzz-long`.
+ZERO_ROWS_DTYPES = [(torch.float32, torch.float32), (torch.float64, torch.float32),
+                    (torch.float16, torch.float32), (torch.bfloat16, torch.float32),
+                    (torch.float64, torch.float64)]
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype, param_dtype", ZERO_ROWS_DTYPES, ids=str)
 @pytest.mark.parametrize("shape", [(0, 8), (2, 0, 8)], ids=str)
-def test_layer_norm_zero_rows(shape, backend):
+def test_layer_norm_zero_rows(shape, dtype, param_dtype, backend):
     device = device_of(backend)
-    x = torch.randn(shape, device=device, requires_grad=True)
-    weight = torch.randn(8, device=device, requires_grad=True)
-    bias = torch.randn(8, device=device, requires_grad=True)
+    x = torch.randn(shape, device=device, dtype=dtype, requires_grad=True)
+    weight = torch.randn(8, device=device, dtype=param_dtype, requires_grad=True)
+    bias = torch.randn(8, device=device, dtype=param_dtype, requires_grad=True)
     y = fusedlm.layer_norm(x, (8,), weight, bias, backend=backend)
     assert y.shape == x.shape and y.dtype == x.dtype
     dx, dw, db = torch.autograd.grad(y.sum(), (x, weight, bias), allow_unused=True)
     assert dx is not None and dx.shape == x.shape
     for g in (dw, db):
-        assert g is None or torch.equal(g, torch.zeros_like(g))
+        assert g is None or (torch.equal(g, torch.zeros_like(g)) and g.dtype == param_dtype)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -304,16 +312,17 @@ def test_rms_norm_nan_inf_propagate_like_torch(dtype, backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype, param_dtype", ZERO_ROWS_DTYPES, ids=str)
 @pytest.mark.parametrize("shape", [(0, 8), (2, 0, 8)], ids=str)
-def test_rms_norm_zero_rows(shape, backend):
+def test_rms_norm_zero_rows(shape, dtype, param_dtype, backend):
     device = device_of(backend)
-    x = torch.randn(shape, device=device, requires_grad=True)
-    weight = torch.randn(8, device=device, requires_grad=True)
+    x = torch.randn(shape, device=device, dtype=dtype, requires_grad=True)
+    weight = torch.randn(8, device=device, dtype=param_dtype, requires_grad=True)
     y = fusedlm.rms_norm(x, (8,), weight, backend=backend)
     assert y.shape == x.shape and y.dtype == x.dtype
     dx, dw = torch.autograd.grad(y.sum(), (x, weight), allow_unused=True)
     assert dx is not None and dx.shape == x.shape
-    assert dw is None or torch.equal(dw, torch.zeros_like(dw))
+    assert dw is None or (torch.equal(dw, torch.zeros_like(dw)) and dw.dtype == param_dtype)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -282,6 +282,12 @@ def _as_rows(x: Tensor, normalized_shape: tuple[int, ...]) -> Tensor:
             else x.reshape(-1, math.prod(normalized_shape)))
 
 
+def _in_dtype(param: Tensor | None, x: Tensor) -> Tensor | None:
+    """A float32 weight or bias of a lower- or higher-precision x, cast to x's dtype where
+    torch's norms would refuse the mix (float64 x; the empty-input path hands them over)."""
+    return param if param is None or param.dtype == x.dtype else param.to(x.dtype)
+
+
 def _like(y: Tensor, x: Tensor) -> Tensor:
     return y if y.shape == x.shape else y.view(x.shape)
 
@@ -303,8 +309,8 @@ def layer_norm(
     normalized_shape = _check_norm_args(x, normalized_shape, weight, bias)
     eps = check_finite_float(eps, "eps", minimum=0.0)
     check_backend_name(backend)
-    if x.numel() == 0:
-        return F.layer_norm(x, normalized_shape, weight, bias, eps)
+    if x.numel() == 0:  # torch's op gives the empty result its autograd
+        return F.layer_norm(x, normalized_shape, _in_dtype(weight, x), _in_dtype(bias, x), eps)
     fwd = forward_for_call(LAYER_NORM_FWD, backend, _LayerNormEager, _layer_norm_fwd,
                            reference.layer_norm_fwd, x, weight, bias)
     rows, weight, bias = _as_rows(x, normalized_shape), _flat(weight), _flat(bias)
@@ -333,7 +339,7 @@ def rms_norm(
     eps = torch.finfo(x.dtype).eps if eps is None else check_finite_float(eps, "eps", minimum=0.0)
     check_backend_name(backend)
     if x.numel() == 0:
-        return F.rms_norm(x, normalized_shape, weight, eps)
+        return F.rms_norm(x, normalized_shape, _in_dtype(weight, x), eps)
     fwd = forward_for_call(RMS_NORM_FWD, backend, _RmsNormEager, _rms_norm_fwd,
                            reference.rms_norm_fwd, x, weight)
     rows, weight = _as_rows(x, normalized_shape), _flat(weight)
