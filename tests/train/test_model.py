@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import fusedlm
-from fusedlm.models import GPT, PRESETS, GPTConfig
+from fusedlm.models import GPT, PRESETS, GPTConfig, KVCache
 
 SMALL = dict(n_layer=2, n_head=4, n_embd=64, block_size=48, vocab_size=97)
 
@@ -78,6 +78,63 @@ def test_generate_with_kv_cache_matches_full_recompute(arch, kernels, window):
             logits, _ = model(x)
             x = torch.cat((x, logits[:, -1].argmax(-1, keepdim=True)), dim=1)
     assert torch.equal(out[:, :config.block_size], x)
+
+
+@pytest.mark.parametrize("capacity", [None, 40], ids=["growing", "capacity40"])
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+@pytest.mark.parametrize("kernels", ["fused", "torch"])
+def test_kv_cache_chunks_match_one_forward(arch, kernels, capacity):
+    """Prefilling in chunks of odd sizes (one token, a growth past the buffers) gives each
+    chunk the logits of one forward over everything; the cache's views share its buffers."""
+    overrides = {"n_kv_head": 2, "bias": False} if arch == "llama" else {}
+    config = GPTConfig(**{**SMALL, "arch": arch, **overrides})
+    model = GPT(config, kernels=kernels).eval()
+    idx = torch.randint(0, config.vocab_size, (2, 40))
+    cache = KVCache(config.n_layer, capacity)
+    with torch.no_grad():
+        full, _ = model(idx)
+        start = 0
+        for size in (5, 1, 11, 1, 1, 17, 4):
+            logits, _ = model(idx[:, start:start + size], cache=cache)
+            torch.testing.assert_close(logits, full[:, start:start + size])
+            start += size
+            assert cache.length == start
+            if capacity is not None:
+                assert cache.keys[0].shape[2] == capacity  # allocated once
+            else:
+                assert start <= cache.keys[0].shape[2] <= max(2 * start, 16)
+        k, _ = cache.append(0, *(torch.zeros(2, config.kv_heads, 0, 16) for _ in range(2)))
+        assert k.shape[2] == 40 and k.data_ptr() == cache.keys[0].data_ptr()  # a view
+
+
+def test_kv_cache_rejects_overflow_and_mismatched_inputs():
+    cache = KVCache(2, capacity=8)
+    k = torch.randn(1, 2, 5, 4)
+    cache.append(0, k, k)
+    with pytest.raises(ValueError, match="capacity 8 exceeded"):
+        cache.append(0, k, k)
+    with pytest.raises(ValueError, match="holds keys"):
+        cache.append(0, torch.randn(2, 2, 1, 4), torch.randn(2, 2, 1, 4))
+    with pytest.raises(ValueError, match="holds keys"):
+        cache.append(0, k[:, :, :1].double(), k[:, :, :1].double())
+    with pytest.raises(ValueError, match="capacity"):
+        KVCache(2, capacity=0)
+    cache.clear()
+    assert cache.length == 0 and cache.append(0, k, k)[0].shape[2] == 5
+
+
+def test_kv_cache_is_differentiable_under_grad_mode():
+    """With grad mode on, the cached keys keep their graph (no writes in place): the gradients of
+    a second chunk's logits equal those of the same logits from one forward."""
+    config, model, _ = _pair("llama", n_kv_head=2, bias=False)
+    idx = torch.randint(0, config.vocab_size, (2, 12))
+    cache = KVCache(config.n_layer, capacity=16)
+    model(idx[:, :7], cache=cache)
+    logits, _ = model(idx[:, 7:], cache=cache)
+    grads = torch.autograd.grad(logits.square().sum(), list(model.parameters()))
+    full, _ = model(idx)
+    expected = torch.autograd.grad(full[:, 7:].square().sum(), list(model.parameters()))
+    torch.testing.assert_close(grads, expected)
 
 
 def test_generate_sampling_is_seeded_and_respects_top_k():

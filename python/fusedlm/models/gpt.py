@@ -170,22 +170,69 @@ def _torch_attention(q: Tensor, k: Tensor, v: Tensor, sliding_window: int | None
 
 
 class KVCache:
-    """Keys and values of the positions seen so far, per layer: (B, Hkv, T, D) each."""
+    """Keys and values of the positions seen so far, per layer.
 
-    def __init__(self, n_layer: int) -> None:
-        self.keys: list[Tensor | None] = [None] * n_layer
+    Each layer's keys and values live in buffers (B, Hkv, capacity, D) allocated at its first
+    ``append``; a step writes its new positions into them in place and attention reads the
+    (B, Hkv, length, D) view of the filled part (the kernels take any strides). So a decoding
+    step moves only its own keys, not the whole past as a concatenation would (at T = 1000 in
+    GPT-2 small, ~74 MB per token). ``capacity=None`` grows the buffers by doubling (amortized
+    O(1) per position); ``generate`` passes the model's ``block_size``, so they never grow."""
+
+    def __init__(self, n_layer: int, capacity: int | None = None) -> None:
+        if capacity is not None and (isinstance(capacity, bool) or not isinstance(capacity, int)
+                                     or capacity < 1):
+            raise ValueError(f"argument 'capacity' must be None or a positive int, got "
+                             f"{capacity!r}")
+        self.capacity = capacity
+        self.keys: list[Tensor | None] = [None] * n_layer  # (B, Hkv, capacity, D) buffers
         self.values: list[Tensor | None] = [None] * n_layer
+        self.lengths = [0] * n_layer  # positions written per layer
+
+    def clear(self) -> None:
+        """Forget every position; the buffers stay for the next ones."""
+        self.lengths = [0] * len(self.lengths)
 
     @property
     def length(self) -> int:
-        return 0 if self.keys[0] is None else self.keys[0].shape[2]
+        """Positions every layer holds (the last layer appends last in a forward)."""
+        return self.lengths[-1]
 
     def append(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        if self.keys[layer] is not None:
-            k = torch.cat((self.keys[layer], k), dim=2)
-            v = torch.cat((self.values[layer], v), dim=2)
-        self.keys[layer], self.values[layer] = k, v
-        return k, v
+        """Store k, v (B, Hkv, T, D) after the layer's cached positions; returns views of all
+        of them, (B, Hkv, length + T, D)."""
+        start, T = self.lengths[layer], k.shape[2]
+        end = start + T
+        keys = self.keys[layer]
+        if keys is not None and (keys.shape[:2] != k.shape[:2] or keys.shape[3] != k.shape[3]
+                                 or keys.dtype != k.dtype or keys.device != k.device):
+            raise ValueError(
+                f"KVCache layer {layer} holds keys {tuple(keys.shape[:2])} x {keys.shape[3]} "
+                f"{keys.dtype} on {keys.device}; got {tuple(k.shape)} {k.dtype} on {k.device}")
+        if self.capacity is not None and end > self.capacity:
+            raise ValueError(f"KVCache capacity {self.capacity} exceeded: layer {layer} would "
+                             f"hold {end} positions")
+        if torch.is_grad_enabled() and (k.requires_grad or v.requires_grad):
+            # Differentiable use (rare): new tensors per step, as writing in place would change
+            # what autograd saved for the earlier steps' backward.
+            if keys is not None:
+                k = torch.cat((keys[:, :, :start], k), dim=2)
+                v = torch.cat((self.values[layer][:, :, :start], v), dim=2)
+            self.keys[layer], self.values[layer], self.lengths[layer] = k, v, end
+            return k, v
+        if keys is None or end > keys.shape[2]:
+            size = self.capacity if self.capacity is not None else max(end, 2 * start, 16)
+            buffers = []
+            for old, new in ((keys, k), (self.values[layer], v)):
+                buffer = new.new_empty((*new.shape[:2], size, new.shape[3]))
+                if old is not None:
+                    buffer[:, :, :start] = old[:, :, :start]
+                buffers.append(buffer)
+            self.keys[layer], self.values[layer] = buffers
+        self.keys[layer][:, :, start:end] = k
+        self.values[layer][:, :, start:end] = v
+        self.lengths[layer] = end
+        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
 
 
 class Attention(nn.Module):
@@ -393,11 +440,12 @@ class GPT(nn.Module):
             raise ValueError(f"argument 'top_k' must be >= 1, got {top_k}")
         was_training = self.training
         self.eval()
-        cache, pending = KVCache(self.config.n_layer), idx[:, -self.config.block_size:]
+        block_size = self.config.block_size
+        cache, pending = KVCache(self.config.n_layer, block_size), idx[:, -block_size:]
         for _ in range(max_new_tokens):
-            if cache.length + pending.shape[1] > self.config.block_size:
-                cache = KVCache(self.config.n_layer)
-                pending = idx[:, -(self.config.block_size // 2):]
+            if cache.length + pending.shape[1] > block_size:
+                cache.clear()
+                pending = idx[:, -(block_size // 2):]
             logits, _ = self(pending, cache=cache)
             logits = logits[:, -1, :].float()
             if temperature == 0:
