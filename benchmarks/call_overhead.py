@@ -7,11 +7,12 @@ With inputs this small the kernels do almost nothing, so the time is what the Py
 the backend choice and the autograd machinery cost per call. On a GPU that time is spent before
 each launch: a model whose per-layer kernels take less than it is host-bound.
 
-    python benchmarks/call_overhead.py
+    python benchmarks/call_overhead.py [--backend auto]
 """
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import time
 
@@ -21,24 +22,24 @@ import torch.nn.functional as F
 import fusedlm
 
 
-def _cases():
+def _cases(backend: str):
     x = torch.randn(4, 8)
     weight, bias = torch.ones(8), torch.zeros(8)
     q, k, v = (torch.randn(1, 2, 16, 16) for _ in range(3))
     return {
         "layer_norm (4, 8)": (
             (x, weight, bias),
-            lambda x, w, b: fusedlm.layer_norm(x, (8,), w, b, backend="cpu"),
+            lambda x, w, b: fusedlm.layer_norm(x, (8,), w, b, backend=backend),
             lambda x, w, b: F.layer_norm(x, (8,), w, b),
         ),
         "rms_norm (4, 8)": (
             (x, weight),
-            lambda x, w: fusedlm.rms_norm(x, (8,), w, backend="cpu"),
+            lambda x, w: fusedlm.rms_norm(x, (8,), w, backend=backend),
             lambda x, w: F.rms_norm(x, (8,), w),
         ),
         "attention (1, 2, 16, 16) causal": (
             (q, k, v),
-            lambda q, k, v: fusedlm.attention(q, k, v, causal=True, backend="cpu"),
+            lambda q, k, v: fusedlm.attention(q, k, v, causal=True, backend=backend),
             lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True),
         ),
     }
@@ -77,9 +78,9 @@ def _python_function(fn):
     return run
 
 
-def main(calls: int = 200, rounds: int = 5) -> None:
+def main(backend: str = "cpu", calls: int = 200, rounds: int = 5) -> None:
     torch.set_num_threads(1)
-    for name, (inputs, ours, theirs) in _cases().items():
+    for name, (inputs, ours, theirs) in _cases(backend).items():
         for mode, wrap in (("fwd no_grad", _forward_no_grad), ("fwd+bwd", _forward_backward)):
             runs = {"fusedlm": wrap(ours, inputs), "torch": wrap(theirs, inputs)}
             if mode == "fwd+bwd":
@@ -99,4 +100,7 @@ def main(calls: int = 200, rounds: int = 5) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--backend", default="cpu", choices=("cpu", "auto", "torch"),
+                        help="the backend fusedlm's calls name (auto: as a user's default call)")
+    main(parser.parse_args().backend)

@@ -237,3 +237,18 @@ def test_disabled_extension_falls_back_to_torch():
         "argument 'backend'" in report["named_cpu"]
         and "FUSEDLM_DISABLE_EXTENSION" in report["named_cpu"]
     )
+
+
+def test_environment_lookup_follows_os_environ(monkeypatch):
+    """backends.environment (the ops' cheap os.environ.get) sees every write to os.environ."""
+    from fusedlm.backends import environment
+
+    monkeypatch.delenv("FUSEDLM_TEST_VARIABLE", raising=False)
+    assert environment("FUSEDLM_TEST_VARIABLE") is None
+    assert environment("FUSEDLM_TEST_VARIABLE", "default") == "default"
+    monkeypatch.setenv("FUSEDLM_TEST_VARIABLE", "a value é")
+    assert environment("FUSEDLM_TEST_VARIABLE") == "a value é"
+    monkeypatch.setenv("FUSEDLM_TEST_VARIABLE", "")
+    assert environment("FUSEDLM_TEST_VARIABLE", "default") == ""
+    monkeypatch.delenv("FUSEDLM_TEST_VARIABLE")
+    assert environment("FUSEDLM_TEST_VARIABLE", "default") == "default"

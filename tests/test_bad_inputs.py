@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 
@@ -478,3 +480,91 @@ def test_extension_bad_input_leaves_tensors_untouched():
     with pytest.raises(ValueError):
         _ext().adamw_step(*args)
     assert torch.equal(args[0][0], before)
+
+
+# ---- the public functions' quick checks agree with their full ones ------------------------------
+
+def _qkv_variants():
+    """(id, q, k, v): valid calls in several layouts and one bad call per check."""
+    def qkv(Hq=4, Hkv=2, D=8, B=1):
+        return [torch.randn(B, H, T, D) for H, T in ((Hq, 3), (Hkv, 5), (Hkv, 5))]
+
+    def replace(index, tensor, base=None):
+        tensors = base or qkv()
+        tensors[index] = tensor
+        return tensors
+
+    return [
+        ("valid", *qkv()),
+        ("valid_mqa_d256", *qkv(Hkv=1, D=256)),
+        ("valid_transposed", *(t.transpose(1, 2).contiguous().transpose(1, 2) for t in qkv())),
+        ("valid_parameter", torch.nn.Parameter(torch.randn(1, 4, 3, 8)), *qkv()[1:]),
+        ("valid_no_heads", *qkv(Hq=0, Hkv=0)),
+        ("k_on_meta", *replace(1, torch.randn(1, 2, 5, 8, device=META))),
+        ("v_on_meta", *replace(2, torch.randn(1, 2, 5, 8, device=META))),
+        ("v_float64", *replace(2, torch.randn(1, 2, 5, 8, dtype=torch.float64))),
+        ("int_q", *replace(0, torch.ones(1, 4, 3, 8, dtype=torch.int64))),
+        ("sparse_k", *replace(1, torch.randn(1, 2, 5, 8).to_sparse())),
+        ("q_3d", *replace(0, torch.randn(4, 3, 8))),
+        ("k_5d", *replace(1, torch.randn(1, 2, 5, 8, 1))),
+        ("v_shape", *replace(2, torch.randn(1, 2, 6, 8))),
+        ("batch", *replace(0, torch.randn(2, 4, 3, 8))),
+        ("head_dim_mismatch", *replace(0, torch.randn(1, 4, 3, 9))),
+        ("head_dim_257", *qkv(D=257)),
+        ("heads_3_on_2", *qkv(Hq=3)),
+        ("no_kv_heads", *qkv(Hkv=0)),
+    ]
+
+
+def _outcome(check, *args):
+    try:
+        check(*args)
+    except (TypeError, ValueError) as error:
+        return type(error).__name__, str(error)
+    return None
+
+
+@pytest.mark.parametrize("case", _qkv_variants(), ids=lambda c: c[0])
+def test_attention_quick_check_agrees_with_full_check(case):
+    """fusedlm.attention's ~1 us check of the usual call passes exactly what the full checks
+    pass (so no bad input gets by it to the kernels), and a bad call gets the full message."""
+    ops = importlib.import_module("fusedlm.ops.attention")  # (the package exports a function)
+    name, q, k, v = case
+    full = _outcome(ops._check_qkv_in_full, q, k, v)
+    assert _outcome(ops._check_qkv, q, k, v) == full
+    assert (full is None) == name.startswith("valid")
+
+
+def _norm_variants():
+    """(id, x, normalized_shape, weight, bias): valid calls and one bad call per check."""
+    x, w = torch.randn(3, 8), torch.randn(8)
+    return [
+        ("valid", x, 8, w, w.clone()),
+        ("valid_tuple", x, (8,), None, None),
+        ("valid_float32_params", x.double(), 8, w, w.clone()),
+        ("valid_parameters", x, [8], torch.nn.Parameter(w), None),
+        ("valid_2d_shape", x.view(3, 2, 4), (2, 4), w.view(2, 4), None),
+        ("weight_on_meta", x, 8, w.to(META), None),
+        ("bias_on_meta", x, 8, None, w.to(META)),
+        ("weight_shape", x, 8, torch.randn(7), None),
+        ("weight_2d", x, 8, w.view(1, 8), None),
+        ("weight_float16", x, 8, w.half(), None),
+        ("weight_int", x, 8, torch.ones(8, dtype=torch.int64), None),
+        ("bias_dtype_differs", x.half(), 8, w, w.half()),
+        ("sparse_weight", x, 8, w.to_sparse(), None),
+        ("shape_mismatch", x, 7, None, None),
+        ("shape_bool", x, True, None, None),
+        ("shape_negative", x, -8, None, None),
+        ("x_int", torch.ones(3, 8, dtype=torch.int64), 8, None, None),
+        ("x_scalar", torch.tensor(1.0), 1, None, None),
+    ]
+
+
+@pytest.mark.parametrize("case", _norm_variants(), ids=lambda c: c[0])
+def test_norm_quick_check_agrees_with_full_check(case):
+    """The norms' quick check of the usual call passes exactly what the full checks pass."""
+    ops = importlib.import_module("fusedlm.ops.norm")
+    name, x, shape, weight, bias = case
+    full = _outcome(ops._check_norm_args_in_full, x, shape, weight, bias)
+    assert _outcome(ops._check_norm_args, x, shape, weight, bias) == full
+    assert (full is None) == name.startswith("valid")

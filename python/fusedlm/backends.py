@@ -34,11 +34,30 @@ _AUTO_ORDER = {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpu", "torch")}
 _BACKEND_DEVICE = {"cuda": "cuda", "triton": "cuda", "cpu": "cpu", "torch": None}
 
 
+_ENVIRONMENT_BYTES = getattr(os.environ, "_data", None)  # CPython's: the encoded copy
+_encode_key = getattr(os.environ, "encodekey", None)
+
+
+@functools.cache
+def _encoded(name: str):
+    return _encode_key(name)
+
+
+def environment(name: str, default: str | None = None) -> str | None:
+    """``os.environ.get(name, default)`` in ~0.1 us instead of ~0.7 us (the ops read
+    FUSEDLM_BACKEND on every call): a direct lookup in os.environ's encoded mapping, which
+    os.environ's own writes (monkeypatch.setenv included) keep current."""
+    if _ENVIRONMENT_BYTES is None or _encode_key is None:
+        return os.environ.get(name, default)
+    value = _ENVIRONMENT_BYTES.get(_encoded(name))
+    return default if value is None else os.environ.decodevalue(value)
+
+
 def triton_interpreted() -> bool:
     """True when ``TRITON_INTERPRET=1``: Triton kernels then run on CPU tensors through Triton's
     interpreter (slow; for tests without a GPU), so the ``triton`` backend accepts CPU tensors
     when named. ``"auto"`` still never picks it for CPU tensors."""
-    return os.environ.get("TRITON_INTERPRET") == "1"
+    return environment("TRITON_INTERPRET") == "1"
 
 
 def _backend_device(name: str) -> str | None:
@@ -140,7 +159,7 @@ def requested_backend(backend: str) -> str:
     """The backend asked for once ``FUSEDLM_BACKEND`` has replaced ``"auto"``."""
     check_backend_name(backend)
     if backend == "auto":
-        env = os.environ.get("FUSEDLM_BACKEND", "auto").strip() or "auto"
+        env = environment("FUSEDLM_BACKEND", "auto").strip() or "auto"
         if env not in (*BACKEND_NAMES, "auto"):
             raise ValueError(
                 f"environment variable FUSEDLM_BACKEND must be one of {', '.join(BACKEND_NAMES)} "
@@ -176,12 +195,15 @@ class OpDispatch:
 
         return decorator
 
-    def _why_not(self, backend: str, device: torch.device, args: tuple) -> str | None:
+    def _why_not(self, backend: str, device: torch.device, args: tuple,
+                 device_type: str | None = None) -> str | None:
         reason = _cached_backend_reason(backend)
         if reason is not None:
             return reason
         wanted_device = _backend_device(backend)
-        if wanted_device is not None and device.type != wanted_device:
+        if device_type is None:
+            device_type = device.type
+        if wanted_device is not None and device_type != wanted_device:
             return f"it runs on {wanted_device} tensors and the inputs are on {device}"
         if backend not in self.impls:
             return f"it has no {self.name} kernel"
@@ -205,8 +227,9 @@ class OpDispatch:
                 )
             OpDispatch.last_choice[self.name] = requested
             return requested
-        for candidate in _AUTO_ORDER.get(device.type, ("torch",)):
-            reason = self._why_not(candidate, device, args)
+        device_type = device.type  # (~0.2 us a read)
+        for candidate in _AUTO_ORDER.get(device_type, ("torch",)):
+            reason = self._why_not(candidate, device, args, device_type)
             if reason is None:
                 OpDispatch.last_choice[self.name] = candidate
                 return candidate

@@ -15,19 +15,27 @@ from ..backends import BackendNotSupportedError, OpDispatch, requested_backend
 FLOAT_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 
 
+_NO_CONTEXT = contextlib.nullcontext()
+# Whether autocast is on for any device type, in one call (torch 2.4+; else assume it may be).
+_any_autocast = getattr(torch._C, "_is_any_autocast_enabled", lambda: True)
+
+
 def autocast_off(device: torch.device):
     """A context that keeps autocast from recasting what an op's implementation runs: the
     kernels keep their own precision, and the torch reference's matmuls and norms would
     otherwise run in autocast's dtype (wrong results and a logsumexp dtype that is not the
     registered fake's). A no-op, and free, when autocast is off."""
-    if torch.is_autocast_enabled(device.type):
+    # (one cheap check for every device type first: `device.type` alone costs ~0.3 us)
+    if _any_autocast() and torch.is_autocast_enabled(device.type):
         return torch.autocast(device.type, enabled=False)
-    return contextlib.nullcontext()
+    return _NO_CONTEXT
 
 
 def autocast_inputs(*tensors: Tensor) -> tuple[Tensor, ...]:
     """``tensors`` as autocast hands them to an op on its lower-precision list (torch's SDPA is
     one): under autocast, floating tensors other than float64 cast to autocast's dtype."""
+    if not _any_autocast():
+        return tensors
     device_type = tensors[0].device.type
     if not torch.is_autocast_enabled(device_type):
         return tensors
@@ -184,8 +192,8 @@ def forward_for_call(dispatch, backend: str, function, forward_impl, reference_f
 
 def runs_eager_function(forward, function) -> bool:
     """Whether ``forward`` (from ``forward_for_call``) is the op's eager ``autograd.Function``
-    (never under ``torch.compile``, which records the custom op instead)."""
-    return not torch.compiler.is_compiling() and forward == function.apply
+    (never under ``torch.compile``, for which ``forward_for_call`` gave the custom op)."""
+    return forward == function.apply
 
 
 def extension_autograd(forward_dispatch, backward_dispatch, backend: str, device: torch.device,

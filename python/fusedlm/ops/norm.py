@@ -231,7 +231,38 @@ def _shape_tuple(normalized_shape) -> tuple[int, ...]:
         ) from None
 
 
+def _usual_parameter(param: Tensor | None, x: Tensor, n: int) -> bool:
+    """Whether ``param`` is None or a 1-D dense (n,) tensor on x's device, in x's dtype or
+    float32 (what every nn.LayerNorm / nn.RMSNorm passes)."""
+    return param is None or (
+        isinstance(param, Tensor) and param.dim() == 1 and param.shape[0] == n
+        and (param.dtype == x.dtype or param.dtype == torch.float32)
+        and param.layout == torch.strided and param.device == x.device)
+
+
 def _check_norm_args(
+    x: Tensor, normalized_shape: int | Sequence[int], weight: Tensor | None,
+    bias: Tensor | None,
+) -> tuple[int, ...]:
+    """normalized_shape as a tuple, the arguments checked. The usual call (one normalized dim
+    given as an int or a 1-tuple, parameters as modules hold them) in ~1 us; anything else
+    takes the checks that name what is wrong."""
+    if type(normalized_shape) is int:
+        shape = (normalized_shape,)
+    elif (type(normalized_shape) is tuple and len(normalized_shape) == 1
+          and type(normalized_shape[0]) is int):
+        shape = normalized_shape
+    else:
+        shape = None
+    if (shape is not None and type(x) is Tensor and x.dtype in FLOAT_DTYPES
+            and x.layout == torch.strided and x.dim() >= 1 and x.shape[-1] == shape[0]
+            and _usual_parameter(weight, x, shape[0]) and _usual_parameter(bias, x, shape[0])
+            and (weight is None or bias is None or weight.dtype == bias.dtype)):
+        return shape
+    return _check_norm_args_in_full(x, normalized_shape, weight, bias)
+
+
+def _check_norm_args_in_full(
     x: Tensor, normalized_shape: int | Sequence[int], weight: Tensor | None,
     bias: Tensor | None,
 ) -> tuple[int, ...]:
@@ -307,7 +338,8 @@ def layer_norm(
     Statistics are computed in float32 (float64 for float64 x).
     """
     normalized_shape = _check_norm_args(x, normalized_shape, weight, bias)
-    eps = check_finite_float(eps, "eps", minimum=0.0)
+    if not (type(eps) is float and 0.0 <= eps < math.inf):  # (the usual eps skips the call)
+        eps = check_finite_float(eps, "eps", minimum=0.0)
     check_backend_name(backend)
     if x.numel() == 0:  # torch's op gives the empty result its autograd
         return F.layer_norm(x, normalized_shape, _in_dtype(weight, x), _in_dtype(bias, x), eps)
@@ -336,7 +368,10 @@ def rms_norm(
     means ``torch.finfo(x.dtype).eps``, as in torch. Returns y with x's shape and dtype.
     """
     normalized_shape = _check_norm_args(x, normalized_shape, weight, None)
-    eps = torch.finfo(x.dtype).eps if eps is None else check_finite_float(eps, "eps", minimum=0.0)
+    if eps is None:
+        eps = torch.finfo(x.dtype).eps
+    elif not (type(eps) is float and 0.0 <= eps < math.inf):
+        eps = check_finite_float(eps, "eps", minimum=0.0)
     check_backend_name(backend)
     if x.numel() == 0:
         return F.rms_norm(x, normalized_shape, _in_dtype(weight, x), eps)

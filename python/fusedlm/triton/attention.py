@@ -24,7 +24,6 @@ that fits. Under ``TRITON_INTERPRET=1`` (tests without a GPU) one small config p
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 import triton
@@ -32,7 +31,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .. import reference
-from ..backends import triton_interpreted
+from ..backends import environment, triton_interpreted
 from .norm import patch_interpreter_index
 
 LOG2E = 1.4426950408889634
@@ -793,7 +792,7 @@ def _autotuned(kernel: str, size: int):
 
 
 def _autotune_enabled() -> bool:
-    value = os.environ.get("FUSEDLM_TRITON_AUTOTUNE", "1").strip().lower()
+    value = environment("FUSEDLM_TRITON_AUTOTUNE", "1").strip().lower()
     return value not in ("0", "false", "no", "off")
 
 
@@ -932,7 +931,7 @@ INTERPRETER_SM_COUNT = 132  # under TRITON_INTERPRET=1 (no GPU): as on an H100 S
 def decode_plan_enabled() -> bool:
     """False under FUSEDLM_ATTENTION_DECODE=0: no packing, no split (to time the plain kernels
     on the same build; the CUDA launcher reads the same variable)."""
-    return os.environ.get("FUSEDLM_ATTENTION_DECODE", "1").strip() != "0"
+    return environment("FUSEDLM_ATTENTION_DECODE", "1").strip() != "0"
 
 
 def _packs_query_heads(Hq: int, Hkv: int, Tq: int, Tk: int, causal: bool, causal_offset: int,
