@@ -38,13 +38,17 @@ from .conftest import guarded_output as _output
 
 def _guarded(values: torch.Tensor, layout: str = "contiguous") -> tuple[torch.Tensor, torch.Tensor]:
     """(view, buffer): ``values`` copied into a NaN-filled buffer, 16-byte aligned, as a
-    (B, H, T, D) view in ``layout``: "contiguous" or "bthd" (memory (B, T, H, D), the layout of
-    a transposed projection)."""
+    (B, H, T, D) view in ``layout``: "contiguous", "bthd" (memory (B, T, H, D), the layout of
+    a transposed projection) or "cache" (the first T positions of a (B, H, T + 40, D) buffer,
+    as GPT's KV cache hands attention; the NaN positions past T must stay unread)."""
     B, H, T, D = values.shape
-    buffer = torch.full((values.numel() + 2 * GUARD,), float("nan"), dtype=values.dtype)
+    capacity = T + 40 if layout == "cache" else T
+    buffer = torch.full((B * H * capacity * D + 2 * GUARD,), float("nan"), dtype=values.dtype)
     assert buffer.data_ptr() % 16 == 0
     if layout == "contiguous":
         strides = (H * T * D, T * D, D, 1)
+    elif layout == "cache":
+        strides = (H * capacity * D, capacity * D, D, 1)
     else:
         strides = (T * H * D, D, H * D, 1)
     view = buffer.as_strided(values.shape, strides, GUARD)
@@ -567,9 +571,11 @@ def test_decode_on_hopper(library, Tk, setting, splits):
 
 
 def test_decode_layouts(library):
-    """Packed query heads read through q's head stride from (B, T, H, D) memory too."""
+    """Packed query heads read through q's head stride from (B, T, H, D) memory too, and a
+    split step reads a KV cache's filled positions only (views of longer buffers)."""
     assert _plan(library, (2, 6, 2, 1, 800, 64), True)[1:] == (True, 6)
     _check(library, (2, 6, 2, 1, 800, 64), True, torch.float16, layout="bthd")
+    _check(library, (2, 6, 2, 1, 800, 64), True, torch.bfloat16, layout="cache")
 
 
 # ---- the Hopper kernels (attention_fwd_sm90.cu, attention_bwd_sm90.cu: TMA, mbarriers, wgmma) ---

@@ -346,6 +346,31 @@ def test_attention_decode(case, dtype):
                      key_range=None if ranges is None else torch.tensor(ranges))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_attention_decode_kv_cache_views(dtype):
+    """A split, packed decoding step on a KV cache's filled positions (views of NaN-filled
+    buffers with room for more, as fusedlm.models.KVCache hands them): the same output and lse
+    as on contiguous copies, and nothing read past the filled part."""
+    from fusedlm.triton import attention as kernels
+
+    B, Hq, Hkv, Tk, D = 2, 8, 2, 700, 32
+    assert kernels._packs_query_heads(Hq, Hkv, 1, Tk, True, Tk - 1, None)
+    assert kernels._key_splits(torch.device(DEVICE), B, Hkv, Hq // Hkv, Tk, False, Tk - 1,
+                               None) > 1
+    q, k, v = _qkv((B, Hq, Hkv, 1, Tk, D), dtype, DEVICE)
+    views = []
+    for t in (k, v):
+        buffer = torch.full((B, Hkv, Tk + 40, D), float("nan"), dtype=dtype, device=DEVICE)
+        buffer[:, :, :Tk] = t
+        views.append(buffer[:, :, :Tk])
+    out, lse = torch.ops.fusedlm.attention_fwd(q, *views, D ** -0.5, True, Tk - 1, BACKEND)
+    out_copy, lse_copy = torch.ops.fusedlm.attention_fwd(q, k, v, D ** -0.5, True, Tk - 1,
+                                                         BACKEND)
+    assert torch.isfinite(out).all() and torch.isfinite(lse).all()
+    torch.testing.assert_close(out, out_copy, rtol=0, atol=0)
+    torch.testing.assert_close(lse, lse_copy, rtol=0, atol=0)
+
+
 @pytest.mark.skipif(ON_GPU, reason="the interpreter's SM count and tile config")
 def test_attention_decode_plan_off(monkeypatch):
     """FUSEDLM_ATTENTION_DECODE=0: no packed query heads, no key split, the plain kernel."""
