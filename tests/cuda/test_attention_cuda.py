@@ -313,6 +313,27 @@ def test_decode(shape, causal, dtype):
     check_attention(*_qkv(shape, dtype), causal)
 
 
+@DTYPE
+@pytest.mark.parametrize("Tk", [700, 16384])
+def test_decode_on_kv_cache_views(Tk, dtype):
+    """Decoding steps (packed, split) on a KV cache's filled positions, views of NaN-filled
+    buffers with room for more (fusedlm.models.KVCache): the output and lse of contiguous copies
+    (within rounding: the launcher may pick another kernel for other strides), and nothing read
+    past the filled part."""
+    B, Hq, Hkv, D = 2, 32, 8, 128
+    q, k, v = _qkv((B, Hq, Hkv, 1, Tk, D), dtype)
+    views = []
+    for t in (k, v):
+        buffer = torch.full((B, Hkv, Tk + 40, D), float("nan"), dtype=dtype, device="cuda")
+        buffer[:, :, :Tk] = t
+        views.append(buffer[:, :, :Tk])
+    out, lse = torch.ops.fusedlm.attention_fwd(q, *views, D ** -0.5, True, Tk - 1, "cuda")
+    out_copy, lse_copy = torch.ops.fusedlm.attention_fwd(q, k, v, D ** -0.5, True, Tk - 1, "cuda")
+    assert torch.isfinite(out).all() and torch.isfinite(lse).all()
+    torch.testing.assert_close(out, out_copy, rtol=0, atol=atol_for(dtype, out_copy))
+    torch.testing.assert_close(lse, lse_copy, rtol=0, atol=1e-4)
+
+
 @pytest.mark.parametrize("scale", [0.05, 1.0, 3.0])
 def test_scale(scale):
     check_attention(*_qkv((1, 2, 2, 70, 90, 64), torch.float16), True, scale=scale)
