@@ -35,7 +35,6 @@ from hypothesis import strategies as st
 
 import fusedlm
 from fusedlm import reference
-from fusedlm.backends import triton_interpreted
 from fusedlm.ops.attention import attention_mask_bounds
 from tests.helpers import (
     ATOL,
@@ -128,11 +127,9 @@ def _expect_clean_error(fn):
 
 def _attention_dtypes(backend):
     """The dtypes ``backend``'s attention kernels take (the others are refused: tested in
-    tests/cuda and tests/triton), without bfloat16 under Triton's interpreter (its bfloat16
-    tl.dot is wrong)."""
-    interpreted = backend == "triton" and triton_interpreted()
-    return [d for d in DTYPES if attention_refusal(backend, d) is None
-            and not (interpreted and d == torch.bfloat16)]
+    tests/cuda and tests/triton); bfloat16 under Triton's interpreter too
+    (fusedlm/triton/interpreter_fixes.py)."""
+    return [d for d in DTYPES if attention_refusal(backend, d) is None]
 
 
 def _attention_case(data, backend):

@@ -79,7 +79,7 @@ def _check_against_torch(params0, grads_seq, dtype, hyper):
 
 
 @pytest.mark.usefixtures("small_chunks")
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("amsgrad", [False, True], ids=["adam", "amsgrad"])
 @pytest.mark.parametrize("maximize", [False, True], ids=["min", "max"])
 @pytest.mark.parametrize("weight_decay", [0.0, 0.1])
@@ -174,6 +174,8 @@ DTYPE_CASES = [
     (torch.float32, torch.float32),
     (torch.float16, torch.float32),
     (torch.float16, torch.float16),
+    (torch.bfloat16, torch.float32),
+    (torch.bfloat16, torch.bfloat16),
     (torch.float64, torch.float64),
 ]
 DTYPE_IDS = [f"{str(p).split('.')[1]}-states_{str(s).split('.')[1]}" for p, s in DTYPE_CASES]

@@ -5,9 +5,9 @@ Truth: the naive softmax(q k^T * scale) v of tests/helpers.py in float64; baseli
 naive math at the input's dtype (the numerics rule of DESIGN.md, as tests/ops/test_attention.py).
 
 Without a GPU the kernels run under TRITON_INTERPRET=1 (set by tests/conftest.py) on CPU
-tensors: small, odd shapes in float32/float16 (the interpreter's bfloat16 dot is wrong), one
-small tile config. The tests marked ``gpu`` run realistic sizes, the autotuned configs and
-bfloat16 on a CUDA device.
+tensors: small, odd shapes in float32, float16 and bfloat16 (interpreter_fixes.py makes the
+interpreter's bfloat16 casts and dots a GPU's), one small tile config. The tests marked
+``gpu`` run realistic sizes, the autotuned configs and bfloat16 at scale on a CUDA device.
 """
 
 from __future__ import annotations
@@ -75,6 +75,15 @@ def test_attention_float32(shape, causal):
 @pytest.mark.parametrize("shape", HALF_SHAPES, ids=HALF_IDS)
 def test_attention_float16(shape, causal):
     q, k, v = _qkv(shape, torch.float16, DEVICE)
+    _check_attention(q, k, v, causal, BACKEND)
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("shape", HALF_SHAPES, ids=HALF_IDS)
+def test_attention_bfloat16(shape, causal):
+    """bfloat16 (under the interpreter too: fusedlm/triton/interpreter_fixes.py makes its
+    bfloat16 casts and dots a GPU's)."""
+    q, k, v = _qkv(shape, torch.bfloat16, DEVICE)
     _check_attention(q, k, v, causal, BACKEND)
 
 
@@ -344,6 +353,30 @@ def test_attention_decode(case, dtype):
     q, k, v = _qkv(shape, dtype, DEVICE)
     _check_attention(q, k, v, causal, BACKEND, window=window,
                      key_range=None if ranges is None else torch.tensor(ranges))
+
+
+@pytest.mark.parametrize("per_query", [False, True], ids=["per_row", "per_query"])
+def test_attention_op_key_range_past_int32(per_query):
+    """The custom op takes int64 key ranges as they come (the public API clamps them; the op
+    does not): bounds past int32 mean "before every key" / "past every key", as on the other
+    backends, not what wrapping to int32 would make of them (2**40 -> 0: found by
+    ``--fuzz-long``). Forward and backward against the reference backend."""
+    B, H, Tq, Tk, D = 3, 2, 5, 9, 16
+    q, k, v = _qkv((B, H, H, Tq, Tk, D), torch.float32, DEVICE)
+    rows = torch.tensor([[0, 2**40], [-(2**40), 4], [2**40, 2**41]], device=DEVICE)
+    key_range = rows[:, None].expand(B, Tq, 2).contiguous() if per_query else rows
+    grad = torch.randn_like(q)
+    results = []
+    for backend in (BACKEND, "torch"):
+        out, lse = torch.ops.fusedlm.attention_fwd(q, k, v, 0.25, False, 0, backend, None,
+                                                   key_range)
+        grads = torch.ops.fusedlm.attention_bwd(grad, q, k, v, out, lse, 0.25, False, 0, backend,
+                                                None, key_range)
+        results.append((out, lse, *grads))
+    for name, ours, reference_value in zip(("out", "lse", "dq", "dk", "dv"), *results,
+                                           strict=True):
+        torch.testing.assert_close(ours, reference_value.to(ours.dtype), rtol=1e-5, atol=1e-5,
+                                   msg=name)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])

@@ -29,7 +29,9 @@ from fusedlm.triton import norm as triton_norm  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 B = "triton"
-DTYPES = [torch.float32, torch.float16]
+# bfloat16 under the interpreter too (fusedlm/triton/interpreter_fixes.py: its casts round as a
+# GPU's do).
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # (rows, hidden): hidden 1, 127 (several rows per tile), 4099 (one row per tile), 8200 (the
 # backward streams), 16411 (both stream); rows 1, 17, 113 (several row blocks per program).
 SHAPES = [(1, 1), (113, 1), (17, 127), (113, 127), (5, 4099), (3, 8200), (2, 16411)]

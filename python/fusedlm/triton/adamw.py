@@ -37,7 +37,8 @@ import triton.language as tl
 from torch import Tensor
 
 from ..ops._common import check_scalar_tensor
-from .norm import _INTERPRETED, _device_context, patch_interpreter_index
+from .interpreter_fixes import patch_interpreter
+from .norm import _INTERPRETED, _device_context
 
 # Elements per program (one chunk of one tensor), walked BLOCK at a time. 2048 elements over 4
 # warps = 16 per thread: four 128-bit accesses per float32 tensor.
@@ -55,7 +56,7 @@ _TL_DTYPE = {
 }
 
 if _INTERPRETED:
-    patch_interpreter_index()
+    patch_interpreter()
 
 
 # ---- kernel ---------------------------------------------------------------------------------

@@ -32,7 +32,7 @@ from torch import Tensor
 
 from .. import reference
 from ..backends import environment, triton_interpreted
-from .norm import patch_interpreter_index
+from .interpreter_fixes import patch_interpreter
 
 LOG2E = 1.4426950408889634
 _LOG2E = tl.constexpr(LOG2E)
@@ -811,7 +811,7 @@ def _interpreter_ready(fn) -> None:
             "fusedlm.triton.attention was imported before TRITON_INTERPRET=1 was set, so its "
             "kernels are compiled for a GPU; set TRITON_INTERPRET=1 before the first Triton call"
         )
-    patch_interpreter_index()  # numpy >= 2.4 vs triton 3.6's interpreter (see norm.py)
+    patch_interpreter()  # triton 3.6's interpreter: see interpreter_fixes.py
 
 
 def _launch(
@@ -885,7 +885,9 @@ def _clamped_offsets(causal_offset: int, window_offset: int | None, Tq: int, Tk:
 
 def _key_range_argument(key_range: Tensor | None, q: Tensor, stand_in: Tensor) -> Tensor:
     """The KeyRange kernel argument: key_range as contiguous int32 on q's device (the kernels
-    clamp its values), or ``stand_in`` (never read) without one."""
+    clamp int32 values themselves), or ``stand_in`` (never read) without one. Wider integers
+    are clamped to [0, int32 max] first, as the C++ bindings do: a bound past int32, such as
+    2**40 for "every key", would wrap in the conversion (found by ``--fuzz-long``)."""
     if key_range is None:
         return stand_in
     B, Tq = q.shape[0], q.shape[2]
@@ -893,6 +895,8 @@ def _key_range_argument(key_range: Tensor | None, q: Tensor, stand_in: Tensor) -
         raise ValueError(f"fusedlm.triton.attention: key_range must be (B, 2) = ({B}, 2) or "
                          f"(B, Tq, 2) = ({B}, {Tq}, 2) integers, got {list(key_range.shape)} "
                          f"{key_range.dtype}")
+    if key_range.dtype != torch.int32:
+        key_range = key_range.clamp(0, torch.iinfo(torch.int32).max)
     return key_range.to(device=q.device, dtype=torch.int32).contiguous()
 
 

@@ -43,6 +43,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .. import reference
+from .interpreter_fixes import patch_interpreter
 
 # Hidden sizes up to which a whole row is held in registers. Backward keeps about three times
 # as many live values per element (x, dy, weight, xhat, partial sums), hence the lower limit.
@@ -65,30 +66,8 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def patch_interpreter_index() -> None:
-    """Make ``TRITON_INTERPRET=1`` work with numpy >= 2.4.
-
-    triton 3.6's interpreter turns a scalar into a Python int with ``int(array of shape (1,))``,
-    which numpy 2.4 rejects, so any ``range`` whose bounds are kernel arguments fails
-    (triton-lang/triton#9171, fixed upstream by #9172). This wraps the interpreter's patch step
-    so ``__index__`` uses ``.item()`` instead. Idempotent; a no-op without the interpreter.
-    """
-    from triton.runtime import interpreter
-
-    original = interpreter._patch_lang_tensor
-    if getattr(original, "_fusedlm_index_fix", False):
-        return
-
-    def patched(tensor, scope):
-        original(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.item()))
-
-    patched._fusedlm_index_fix = True
-    interpreter._patch_lang_tensor = patched
-
-
 if _INTERPRETED:
-    patch_interpreter_index()
+    patch_interpreter()
 
 
 # ---- kernels --------------------------------------------------------------------------------
