@@ -400,8 +400,10 @@ def test_attention_decode_kv_cache_views(dtype):
     out_copy, lse_copy = torch.ops.fusedlm.attention_fwd(q, k, v, D ** -0.5, True, Tk - 1,
                                                          BACKEND)
     assert torch.isfinite(out).all() and torch.isfinite(lse).all()
-    torch.testing.assert_close(out, out_copy, rtol=0, atol=0)
-    torch.testing.assert_close(lse, lse_copy, rtol=0, atol=0)
+    # (bit for bit under the interpreter; on a GPU the autotuner may time another config)
+    atol = 2e-3 if ON_GPU else 0.0
+    torch.testing.assert_close(out, out_copy, rtol=0, atol=atol)
+    torch.testing.assert_close(lse, lse_copy, rtol=0, atol=atol)
 
 
 @pytest.mark.skipif(ON_GPU, reason="the interpreter's SM count and tile config")
