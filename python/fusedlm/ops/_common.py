@@ -192,8 +192,9 @@ def forward_for_call(dispatch, backend: str, function, forward_impl, reference_f
 
 def runs_eager_function(forward, function) -> bool:
     """Whether ``forward`` (from ``forward_for_call``) is the op's eager ``autograd.Function``
-    (never under ``torch.compile``, for which ``forward_for_call`` gave the custom op)."""
-    return forward == function.apply
+    (never under ``torch.compile``, which records the custom op instead). The compile test
+    comes first: Dynamo cannot compare ``function.apply`` and would break the graph."""
+    return not torch.compiler.is_compiling() and forward == function.apply
 
 
 def extension_autograd(forward_dispatch, backward_dispatch, backend: str, device: torch.device,
