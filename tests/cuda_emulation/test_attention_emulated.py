@@ -85,15 +85,18 @@ def _key_range_arg(key_range):
 
 
 def _run(lib, q, k, v, grad_out, causal, offset, late, deterministic, schedule=WARPS_FORWARD,
-         shared_bytes=H100_SHARED_BYTES, hopper=False, window_offset=None, key_range=None):
+         shared_bytes=H100_SHARED_BYTES, hopper=False, window_offset=None, key_range=None,
+         backward=True):
     """Forward and backward through the emulated launchers; with ``hopper``, on an emulated
     sm_90 device under FUSEDLM_ATTENTION_SM90=require: the forward on the sm_90a kernel alone
-    (no sm_80 fallback), the backward through the launcher, which must take the sm_90a kernel.
-    ``key_range``: (B, 2) or (B, Tq, 2) int32. Returns out, lse, dq, dk, dv."""
+    (no sm_80 fallback), the backward through the launcher, which must take the sm_90a kernel;
+    with ``hopper="auto"``, on an emulated sm_90 device through the launchers' own choices.
+    ``key_range``: (B, 2) or (B, Tq, 2) int32. Returns out, lse, dq, dk, dv (the gradients None
+    without ``backward``)."""
     lib.emulated_configure(int(late), schedule, shared_bytes)
     lib.emulated_set_compute_capability(90 if hopper else 80)
     # Hopper: the backward must take the sm_90a kernel too (it fails rather than fall back).
-    if hopper:
+    if hopper is True:
         os.environ["FUSEDLM_ATTENTION_SM90"] = "require"
     else:
         os.environ.pop("FUSEDLM_ATTENTION_SM90", None)
@@ -106,12 +109,14 @@ def _run(lib, q, k, v, grad_out, causal, offset, late, deterministic, schedule=W
     out, out_buffer = _output((B, Hq, Tq, D), q.dtype)
     lse, lse_buffer = _output((B, Hq, Tq), torch.float32)
     status = lib.emulated_attention_fwd(
-        shape, ctypes.c_double(scale), dtype_code, int(hopper), _ptr(q), _strides(q),
+        shape, ctypes.c_double(scale), dtype_code, int(hopper is True), _ptr(q), _strides(q),
         _ptr(k), _strides(k), _ptr(v), _strides(v), _ptr(out),
         ctypes.cast(_ptr(lse), ctypes.POINTER(ctypes.c_float)), _key_range_arg(key_range))
     assert status == 0, f"attention_fwd: cudaError {status}: {lib.emulated_fault().decode()}"
     _check_guard(out_buffer, out.numel(), "out")
     _check_guard(lse_buffer, lse.numel(), "lse")
+    if not backward:
+        return out, lse, None, None, None
     grads = [_output(t.shape, t.dtype) for t in (q, k, v)]
     status = lib.emulated_attention_bwd(
         shape, ctypes.c_double(scale), dtype_code, int(deterministic), _ptr(q),
@@ -126,7 +131,10 @@ def _run(lib, q, k, v, grad_out, causal, offset, late, deterministic, schedule=W
 
 def _check(lib, shape, causal, dtype, layout="contiguous", late=True, deterministic=False,
            offset=None, schedule=WARPS_FORWARD, shared_bytes=H100_SHARED_BYTES, hopper=False,
-           window_offset=None, key_range=None):
+           window_offset=None, key_range=None, backward=True):
+    """Forward (and with ``backward`` the backward from the kernel's own out and lse) of seeded
+    inputs of ``shape`` = (B, Hq, Hkv, Tq, Tk, D) against the float64 truth by DESIGN.md's rule;
+    lse against the float64 logsumexp, -inf exactly where a row sees no key."""
     B, Hq, Hkv, Tq, Tk, D = shape
     offset = Tk - Tq if offset is None else offset
     # crc32, not hash(): str hashes are salted per process, which drew new inputs every run.
@@ -138,16 +146,15 @@ def _check(lib, shape, causal, dtype, layout="contiguous", late=True, determinis
     if key_range is not None and not isinstance(key_range, torch.Tensor):
         key_range = torch.tensor(key_range, dtype=torch.int32).reshape(B, 2)
     out, lse, dq, dk, dv = _run(lib, q, k, v, grad_out, causal, offset, late, deterministic,
-                                schedule, shared_bytes, hopper, window_offset, key_range)
+                                schedule, shared_bytes, hopper, window_offset, key_range,
+                                backward)
 
-    leaves64 = [t.clone().requires_grad_(True) for t in (q64, k64, v64)]
+    leaves64 = [t.clone().requires_grad_(backward) for t in (q64, k64, v64)]
     truth = naive_attention(*leaves64, causal=causal, causal_offset=offset,
                             window_offset=window_offset, key_range=key_range)
-    truth_grads = torch.autograd.grad(truth, leaves64, do64)
-    leaves = [t.to(dtype).requires_grad_(True) for t in (q64, k64, v64)]
+    leaves = [t.to(dtype).requires_grad_(backward) for t in (q64, k64, v64)]
     baseline = naive_attention(*leaves, causal=causal, causal_offset=offset,
                                window_offset=window_offset, key_range=key_range)
-    baseline_grads = torch.autograd.grad(baseline, leaves, do64.to(dtype))
 
     assert_close_rule(out, baseline, truth, name="out")
     scores = (q64 @ k64.repeat_interleave(Hq // Hkv, 1).transpose(-1, -2)) / math.sqrt(D)
@@ -165,6 +172,10 @@ def _check(lib, shape, causal, dtype, layout="contiguous", late=True, determinis
     assert torch.equal(torch.isfinite(lse), seen), "lse: -inf rows differ"
     assert (lse[~seen] == float("-inf")).all()
     torch.testing.assert_close(lse[seen].double(), lse_truth[seen], rtol=0, atol=2e-3)
+    if not backward:
+        return
+    truth_grads = torch.autograd.grad(truth, leaves64, do64)
+    baseline_grads = torch.autograd.grad(baseline, leaves, do64.to(dtype))
     for name, g, g_base, g_truth in zip(("dq", "dk", "dv"), (dq, dk, dv), baseline_grads,
                                         truth_grads, strict=True):
         assert_close_rule(g, g_base, g_truth, name=name)

@@ -27,6 +27,7 @@ from .test_attention_emulated import (
     WARPS_BACKWARD,
     WARPS_FORWARD,
     _check,
+    _plan,
 )
 from .test_norm_adamw_emulated import _norm
 
@@ -40,25 +41,9 @@ HIDDEN = [1, 2, 7, 8, 9, 31, 33, 127, 256, 257, 512, 513, 1023, 1024, 1025, 4099
 HOPPER_SEQ_LENS = [1, 2, 63, 64, 65, 127, 128, 129, 255, 256, 257, 300]
 
 
-def _fuzz_attention(library, data, seq_lens, max_head_dim, schedules, hopper):
-    """One drawn case through _check: shape, causal offset, dtype, layout, timing, schedule,
-    dQ path, a sliding window, key ranges (a padded batch, packed documents, scattered per
-    query), and (sm_80 kernels) the device's shared memory."""
-    B = data.draw(st.integers(1, 2), label="B")
-    Hkv = data.draw(st.integers(1, 2), label="Hkv")
-    group = data.draw(st.integers(1, 3), label="group")
-    Tq = data.draw(st.sampled_from(seq_lens), label="Tq")
-    Tk = data.draw(st.sampled_from(seq_lens), label="Tk")
-    D = data.draw(st.integers(1, max_head_dim // 8), label="D / 8") * 8
-    causal = data.draw(st.booleans(), label="causal")
-    offset = Tk - Tq
-    if causal and data.draw(st.booleans(), label="random offset"):
-        offset = data.draw(st.integers(-Tq, Tk), label="offset")
-    window_offset = None  # sliding windows
-    if data.draw(st.booleans(), label="sliding window"):
-        window_offset = data.draw(st.integers(-Tq, Tk), label="window offset")
-    # Padding: each batch row's keys [start, end); packed documents or scattered ranges: each
-    # query row's. Any ints (clamped).
+def _draw_key_range(data, B, Tq, Tk):
+    """None; each batch row's keys [start, end) (a padded batch); or each query row's (packed
+    documents, or scattered ranges): any ints, the kernels clamp them."""
     key_range = None
     kind = data.draw(st.sampled_from(["none", "padded", "per query"]), label="key range kind")
     bound = st.integers(-2, Tk + 2)
@@ -79,6 +64,27 @@ def _fuzz_attention(library, data, seq_lens, max_head_dim, schedules, hopper):
             values = data.draw(st.lists(bound, min_size=2 * B * Tq, max_size=2 * B * Tq),
                                label="ranges")
             key_range = torch.tensor(values, dtype=torch.int32).reshape(B, Tq, 2)
+    return key_range
+
+
+def _fuzz_attention(library, data, seq_lens, max_head_dim, schedules, hopper):
+    """One drawn case through _check: shape, causal offset, dtype, layout, timing, schedule,
+    dQ path, a sliding window, key ranges (a padded batch, packed documents, scattered per
+    query), and (sm_80 kernels) the device's shared memory."""
+    B = data.draw(st.integers(1, 2), label="B")
+    Hkv = data.draw(st.integers(1, 2), label="Hkv")
+    group = data.draw(st.integers(1, 3), label="group")
+    Tq = data.draw(st.sampled_from(seq_lens), label="Tq")
+    Tk = data.draw(st.sampled_from(seq_lens), label="Tk")
+    D = data.draw(st.integers(1, max_head_dim // 8), label="D / 8") * 8
+    causal = data.draw(st.booleans(), label="causal")
+    offset = Tk - Tq
+    if causal and data.draw(st.booleans(), label="random offset"):
+        offset = data.draw(st.integers(-Tq, Tk), label="offset")
+    window_offset = None  # sliding windows
+    if data.draw(st.booleans(), label="sliding window"):
+        window_offset = data.draw(st.integers(-Tq, Tk), label="window offset")
+    key_range = _draw_key_range(data, B, Tq, Tk)
     dtype = data.draw(st.sampled_from([torch.float16, torch.bfloat16]), label="dtype")
     layout = data.draw(st.sampled_from(["contiguous", "bthd"]), label="layout")
     late = data.draw(st.booleans(), label="copies (cp.async, TMA, wgmma) land late")
@@ -112,6 +118,56 @@ def test_fuzz_attention_hopper(library, fuzz):  # noqa: F811
                          WARPGROUPS_BACKWARD], hopper=True)
 
     run()
+
+
+# Decoding (attention_fwd_plan): few query rows over enough keys that the plan splits them over
+# CTAs (at least 2 x 128 visible keys on the emulated 132 SMs) and packs a GQA group's heads
+# into rows where there is one query row. Keys around the split shares' tile edges.
+DECODE_QUERY_LENS = [1, 1, 2, 5, 63, 64]
+DECODE_KEY_LENS = [256, 257, 383, 384, 385, 511, 640, 700, 1023, 1025]
+
+
+def test_fuzz_decode(library, fuzz):  # noqa: F811
+    """The decoding plan's packed and split forwards (and their combine) on drawn shapes: out and
+    lse against the truth, on an sm_80 device and on an sm_90 one through the launcher's own
+    choice. The draws must reach both rewrites (checked after the run)."""
+    plans = []
+
+    @fuzz(12)
+    @given(data=st.data())
+    def run(data):
+        B = data.draw(st.integers(1, 2), label="B")
+        Hkv = data.draw(st.integers(1, 2), label="Hkv")
+        group = data.draw(st.sampled_from([1, 2, 4, 8]), label="group")
+        Tq = data.draw(st.sampled_from(DECODE_QUERY_LENS), label="Tq")
+        Tk = data.draw(st.sampled_from(DECODE_KEY_LENS), label="Tk")
+        D = data.draw(st.integers(1, 32), label="D / 8") * 8
+        causal = data.draw(st.booleans(), label="causal")
+        offset = Tk - Tq
+        if causal and data.draw(st.booleans(), label="random offset"):
+            offset = data.draw(st.integers(-Tq, Tk), label="offset")
+        window_offset = None
+        if data.draw(st.booleans(), label="sliding window"):
+            window_offset = data.draw(st.integers(-Tq - 2, Tk), label="window offset")
+        key_range = _draw_key_range(data, B, Tq, Tk)
+        if key_range is not None and not isinstance(key_range, torch.Tensor):
+            key_range = torch.tensor(key_range, dtype=torch.int32).reshape(B, 2)
+        kind = None if key_range is None else ("query" if key_range.dim() == 3 else "batch")
+        shape = (B, Hkv * group, Hkv, Tq, Tk, D)
+        _, packed, splits = _plan(library, shape, causal, offset, window_offset, kind)
+        plans.append((packed, splits))
+        _check(library, shape, causal,
+               data.draw(st.sampled_from([torch.float16, torch.bfloat16]), label="dtype"),
+               layout=data.draw(st.sampled_from(["contiguous", "bthd", "cache"]), label="layout"),
+               late=data.draw(st.booleans(), label="copies land late"),
+               schedule=data.draw(st.sampled_from([LOCKSTEP, WARPS_FORWARD, WARPS_BACKWARD]),
+                                  label="schedule"),
+               hopper=data.draw(st.sampled_from([False, "auto"]), label="device sm_90"),
+               offset=offset, window_offset=window_offset, key_range=key_range, backward=False)
+
+    run()
+    assert any(packed for packed, _ in plans), f"no draw packed query heads: {plans}"
+    assert any(splits > 1 for _, splits in plans), f"no draw split the keys: {plans}"
 
 
 def test_fuzz_norm(library, fuzz):  # noqa: F811
