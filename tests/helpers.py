@@ -175,6 +175,18 @@ def assert_close_rule(
 # ---- independent truths --------------------------------------------------------------------
 
 
+def larger_error(a, b, truth):
+    """Whichever of the baselines ``a``, ``b`` (``b`` may be None) is further from ``truth``:
+    the rule's "torch's own error" where torch has two ways to compute a thing (attention
+    gradients: the naive softmax backward, or FlashAttention's formula, whose
+    Delta = rowsum(dO * O) takes O as stored and cancels where a row's softmax is peaked)."""
+    if b is None or not truth.numel():
+        return a
+    errors = [torch.nan_to_num((x.double() - truth.double()).abs(), nan=0.0, posinf=0.0).max()
+              for x in (a, b)]
+    return b if errors[1] > errors[0] else a
+
+
 def naive_attention(q, k, v, scale=None, causal=False, causal_offset=None, window=None,
                     window_offset=None, key_range=None):
     """softmax(q k^T * scale) v written out with torch ops in q's dtype (autograd-able).

@@ -35,6 +35,7 @@ from hypothesis import strategies as st
 
 import fusedlm
 from fusedlm import reference
+from fusedlm.backends import OpDispatch
 from fusedlm.ops.attention import attention_mask_bounds
 from tests.helpers import (
     ATOL,
@@ -43,6 +44,7 @@ from tests.helpers import (
     attention_refusal,
     available_backends,
     device_of,
+    larger_error,
     naive_attention,
 )
 from tests.ops.test_adamw import _call_op, _torch_adamw
@@ -186,15 +188,6 @@ def _attention_truths(q, k, v, grad, scale, causal, offset, backward, window=Non
     return results
 
 
-def _larger_error(a, b, truth):
-    """Whichever of the baselines a, b (b may be None) is further from the truth."""
-    if b is None or not truth.numel():
-        return a
-    errors = [torch.nan_to_num((x.double() - truth.double()).abs(), nan=0.0, posinf=0.0).max()
-              for x in (a, b)]
-    return b if errors[1] > errors[0] else a
-
-
 def _check_attention(out, grads, truths, dtype):
     (truth, truth_grads), (base, base_grads), flash_grads = truths
     # bfloat16: an 8-bit mantissa dominates; the looser absolute term of tests/ops/test_attention.
@@ -207,7 +200,7 @@ def _check_attention(out, grads, truths, dtype):
     for i, (name, g, gb, gt) in enumerate(zip(("dq", "dk", "dv"), grads, base_grads,
                                                truth_grads, strict=True)):
         assert g.dtype == dtype and g.shape == gt.shape, f"{name}: {g.dtype} {tuple(g.shape)}"
-        gb = _larger_error(gb, None if flash_grads is None else flash_grads[i], gt)
+        gb = larger_error(gb, None if flash_grads is None else flash_grads[i], gt)
         g_atol = 2 * atol_for(dtype, gt) if dtype in (torch.float16, torch.bfloat16) else None
         assert_close_rule(g, gb, gt, atol=g_atol, name=name)
 
@@ -309,6 +302,154 @@ def test_fuzz_attention(backend, fuzz):
         _check_attention(out, grads, truths, dtype)
 
     run()
+
+
+# ---- fusedlm.scaled_dot_product_attention's masks ---------------------------------------------
+
+MASK_FORMS = ["bool", "float -inf", "float min", "float -inf and min", "float bias"]
+
+
+def _drawn_visibility(data, N, L, S):
+    """(N, L, S) bool: what a mask shows each query. Mostly what the kernels can take (a band
+    around the diagonal in any alignment, cut to one run of keys per batch row or per query:
+    padding, packed documents), sometimes with one entry flipped (a gap, a stray key, a row
+    left empty) so that it must go to torch."""
+    rows, cols = torch.arange(L)[:, None], torch.arange(S)[None, :]
+    visible = torch.ones(N, L, S, dtype=torch.bool)
+    offsets = st.integers(-L - 1, S + 1)
+    if data.draw(st.booleans(), label="causal band"):
+        visible &= cols <= rows + data.draw(offsets, label="causal offset")
+    if data.draw(st.booleans(), label="window band"):
+        visible &= cols >= rows + data.draw(offsets, label="window offset")
+    cut = data.draw(st.sampled_from(["none", "padding", "documents"]), label="cut")
+    if cut == "padding":  # each batch row's [start, end)
+        for n in range(N):
+            a, b = sorted(data.draw(st.tuples(st.integers(0, S), st.integers(0, S)),
+                                    label="padding"))
+            visible[n, :, :a] = False
+            visible[n, :, b:] = False
+    elif cut == "documents":  # block-diagonal: queries at the last L key positions
+        positions = (torch.arange(L) + S - L).clamp(0, S - 1)
+        for n in range(N):
+            cuts = data.draw(st.lists(st.integers(1, S), max_size=3), label="document cuts")
+            document = torch.bucketize(torch.arange(S), torch.tensor(sorted(cuts)), right=True)
+            visible[n] &= document[positions][:, None] == document[None, :]
+    if data.draw(st.integers(0, 3), label="flip") == 0:
+        n, i, j = (data.draw(st.integers(0, m - 1), label=f"flip {name}")
+                   for m, name in ((N, "n"), (L, "i"), (S, "j")))
+        visible[n, i, j] = ~visible[n, i, j]
+    if data.draw(st.integers(0, 5), label="empty row") == 0:
+        visible[data.draw(st.integers(0, N - 1), label="empty n"),
+                data.draw(st.integers(0, L - 1), label="empty i")] = False
+    return visible
+
+
+def _drawn_mask(data, visible, dtype):
+    """``visible`` as an SDPA attn_mask: bool, or additive float with 0 where visible and -inf,
+    the dtype's min, both, or a bias (any finite value: never the kernels')."""
+    form = data.draw(st.sampled_from(MASK_FORMS), label="mask form")
+    if form == "bool":
+        return visible
+    hidden = {"float -inf": -math.inf, "float min": torch.finfo(dtype).min}.get(form)
+    mask = torch.zeros(visible.shape, dtype=dtype)
+    if hidden is not None:
+        return mask.masked_fill(~visible, hidden)
+    if form == "float -inf and min":
+        pick = torch.rand(visible.shape) < 0.5
+        mask = mask.masked_fill(~visible & pick, -math.inf)
+        return mask.masked_fill(~visible & ~pick, torch.finfo(dtype).min)
+    bias = torch.randn(visible.shape, dtype=torch.float64).to(dtype)
+    return bias.masked_fill(~visible, -math.inf)
+
+
+def _sdpa_flash_grads(q, k, v, kwargs):
+    """For float32/float16 calls our kernels take: dq, dk, dv (a function of the output's
+    gradient) by FlashAttention's formula at q's dtype (fusedlm.reference, the mask's layout
+    in the kernels' terms), the rule's second baseline as in test_fuzz_attention; else None."""
+    from fusedlm.ops.attention import _sdpa_mask_layout
+
+    if q.dtype not in (torch.float32, torch.float16):
+        return None
+    q4, k4, v4 = (t.detach().unsqueeze(1) if t.dim() == 3 else t.detach() for t in (q, k, v))
+    layout = _sdpa_mask_layout(kwargs["attn_mask"], q, k, False)  # 3-D or 4-D
+    if isinstance(layout, str):
+        return None  # torch's SDPA serves the call: its own formula
+    causal_offset, window_offset, key_range = layout
+    scale = kwargs.get("scale")
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    terms = (scale, causal_offset is not None, causal_offset or 0, window_offset, key_range)
+
+    def grads(grad):
+        g4 = grad.unsqueeze(1) if grad.dim() == 3 else grad
+        out, lse = reference.attention_fwd(q4, k4, v4, *terms)
+        result = reference.attention_bwd(g4, q4, k4, v4, out, lse, *terms)
+        return [r.squeeze(1) if q.dim() == 3 else r for r in result]
+
+    return grads
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fuzz_sdpa_masks(backend, fuzz, monkeypatch):
+    """fusedlm.scaled_dot_product_attention against torch's SDPA on drawn masks: bands, padding
+    and documents (our kernels), near misses and biases (torch's), rows with no visible key,
+    as bool or additive float (-inf, the dtype's min), (L, S) to (N, H, L, S), 3-D or 4-D
+    inputs, GQA, any scale. Output and gradients by DESIGN.md's rule against torch's SDPA at
+    the same dtype and in float64."""
+    from tests.ops.test_attention import _check_sdpa_against_torch
+
+    monkeypatch.setenv("FUSEDLM_BACKEND", backend)
+    device = device_of(backend)
+
+    @fuzz(120)
+    @given(data=st.data())
+    def run(data):
+        N = data.draw(st.integers(1, 3), label="N")
+        three_d = data.draw(st.booleans(), label="3-D inputs")
+        H = 1 if three_d else data.draw(st.integers(1, 3), label="H")
+        Hkv = H if three_d else data.draw(st.sampled_from([d for d in (1, H) if H % d == 0]),
+                                           label="Hkv")
+        L = data.draw(st.one_of(st.sampled_from([1, 2, 17]), st.integers(1, 24)), label="L")
+        S = data.draw(st.one_of(st.sampled_from([1, 2, 17]), st.integers(1, 24)), label="S")
+        E = data.draw(st.sampled_from([1, 3, 8, 16, 33]), label="E")
+        dtype = data.draw(st.sampled_from([d for d in _attention_dtypes(backend)
+                                           if d != torch.bfloat16]), label="dtype")
+        visible = _drawn_visibility(data, N, L, S)
+        mask = _drawn_mask(data, visible, dtype)
+        # 3-D inputs take masks up to 3-D (torch broadcasts them as it would the scores).
+        shapes = (["N L S", "1 L S", "N 1 S", "L S"] if three_d
+                  else ["L S", "1 1 L S", "N 1 L S", "N H L S", "N 1 1 S"])
+        shape = data.draw(st.sampled_from(shapes), label="mask shape")
+        if shape.startswith("1 ") or shape == "L S":
+            mask = mask[:1]  # one batch row for all
+        if shape in ("N 1 S", "N 1 1 S"):
+            mask = mask[:, :1]  # one query row for all
+        if shape == "L S":
+            mask = mask[0]
+        elif shape == "N H L S":
+            mask = mask[:, None].expand(N, H, *mask.shape[1:]).clone()
+            if H > 1 and data.draw(st.booleans(), label="a head differs"):
+                mask[:, -1] = mask[:, -1].flip(-1)
+        elif not three_d:
+            mask = mask[:, None]  # (N or 1, 1, L or 1, S)
+        kwargs = {"attn_mask": mask.to(device)}
+        if not three_d and H != Hkv:
+            kwargs["enable_gqa"] = True
+        if data.draw(st.booleans(), label="scale"):
+            kwargs["scale"] = data.draw(st.floats(-2, 2, allow_nan=False), label="scale value")
+        q_shape = (N, L, E) if three_d else (N, H, L, E)
+        k_shape = (N, S, E) if three_d else (N, Hkv, S, E)
+        q = torch.randn(q_shape, dtype=torch.float64).to(device, dtype).requires_grad_(True)
+        k, v = (torch.randn(k_shape, dtype=torch.float64).to(device, dtype).requires_grad_(True)
+                for _ in range(2))
+        OpDispatch.last_choice.pop("attention_fwd", None)
+        out = fusedlm.scaled_dot_product_attention(q, k, v, **kwargs)
+        routes.append(OpDispatch.last_choice.get("attention_fwd", "torch's SDPA"))
+        _check_sdpa_against_torch(out, q, k, v, kwargs, _sdpa_flash_grads(q, k, v, kwargs))
+
+    routes = []
+    run()
+    # The draws must reach both our kernels and torch's SDPA (near misses, biases).
+    assert backend in routes and "torch's SDPA" in routes, sorted(set(routes))
 
 
 # ---- LayerNorm / RMSNorm -----------------------------------------------------------------------

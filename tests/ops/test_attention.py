@@ -24,6 +24,7 @@ from tests.helpers import (
     attention_refusal,
     available_backends,
     device_of,
+    larger_error,
     naive_attention,
 )
 
@@ -153,6 +154,7 @@ _FEEDS_DTYPE = {
         "test_attention_query_key_range_keys_split_across_threads",
         "test_attention_key_range_bad_inputs", "test_attention_long_sequence",
         "test_attention_fully_masked_rows_have_zero_grads", "test_sdpa_falls_back_to_torch",
+        "test_sdpa_float_mask_row_with_no_visible_key",
         "test_attention_empty_inputs", "test_attention_without_autograd_skips_the_function",
         "test_attention_kernel_backend_named_under_vmap_raises",
         "test_cpu_attention_memory_is_not_quadratic",
@@ -779,9 +781,11 @@ def test_sdpa_matches_torch(q_shape, k_shape, kwargs, dtype, backend, monkeypatc
     _check_sdpa_against_torch(out, q, k, v, kwargs)
 
 
-def _check_sdpa_against_torch(out, q, k, v, kwargs) -> None:
+def _check_sdpa_against_torch(out, q, k, v, kwargs, flash_grads=None) -> None:
     """Our SDPA output ``out`` and its gradients against torch's SDPA with ``kwargs``, in
-    float64 (truth) and at q's dtype (baseline); a float attn_mask goes to float64 too."""
+    float64 (truth) and at q's dtype (baseline); a float attn_mask goes to float64 too.
+    ``flash_grads(grad)``: dq, dk, dv by FlashAttention's formula at q's dtype, or None; where
+    given, each gradient's baseline is the further from the truth of the two (larger_error)."""
     q64, k64, v64 = (t.detach().double().requires_grad_(True) for t in (q, k, v))
     qt, kt, vt = (t.detach().clone().requires_grad_(True) for t in (q, k, v))
     kwargs64 = dict(kwargs)
@@ -796,7 +800,9 @@ def _check_sdpa_against_torch(out, q, k, v, kwargs) -> None:
     ours = torch.autograd.grad(out, (q, k, v), grad)
     theirs = torch.autograd.grad(same, (qt, kt, vt), grad)
     truths = torch.autograd.grad(truth, (q64, k64, v64), grad.double())
-    for name, g, gt, g64 in zip("qkv", ours, theirs, truths, strict=True):
+    second = flash_grads(grad) if flash_grads is not None else None
+    for i, (name, g, gt, g64) in enumerate(zip("qkv", ours, theirs, truths, strict=True)):
+        gt = larger_error(gt, None if second is None else second[i], g64)
         assert_close_rule(g, gt, g64, name=f"d{name}")
 
 
@@ -862,6 +868,39 @@ def test_sdpa_masks_run_the_kernels(q_shape, k_shape, kind, dtype, backend, monk
         "the call did not reach fusedlm's kernels"
     )
     _check_sdpa_against_torch(out, q, k, v, {"attn_mask": mask, **gqa})
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("hidden", ["-inf", "min", "-inf and min"])
+def test_sdpa_float_mask_row_with_no_visible_key(hidden, backend, monkeypatch):
+    """An additive mask's row with no 0 entry: torch's SDPA gives 0 where the row is all -inf
+    (our kernels too), but a softmax over the row's finite entries where it holds the dtype's
+    min (about the mean of v, not 0): such a mask goes to torch. (Found by
+    test_fuzz_sdpa_masks: our kernels gave 0 there.)"""
+    monkeypatch.setenv("FUSEDLM_BACKEND", backend)
+    device = device_of(backend)
+    dtype = torch.float32
+    q, k, v = _qkv((2, 2, 2, 5, 7, 16), dtype, device)
+    minimum = torch.finfo(dtype).min
+    visible = torch.ones(5, 7, dtype=torch.bool).tril(2)  # causal (bottom-right)...
+    visible[3] = False  # ...with row 3 empty
+    mask = torch.zeros(5, 7, dtype=dtype).masked_fill(~visible, -math.inf)
+    if hidden == "min":
+        mask = mask.masked_fill(~visible, minimum)
+    elif hidden == "-inf and min":
+        mask[3, :3] = minimum
+    mask = mask.to(device)
+    OpDispatch.last_choice.pop("attention_fwd", None)
+    ours = fusedlm.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    reached_kernels = OpDispatch.last_choice.get("attention_fwd") == backend
+    assert reached_kernels == (hidden == "-inf")
+    theirs = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    if hidden == "-inf":
+        assert (ours[:, :, 3] == 0).all()
+        torch.testing.assert_close(ours, theirs)
+    else:
+        assert (theirs[:, :, 3] != 0).any()
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
 
 
 def test_mask_layout_of_packed_documents():

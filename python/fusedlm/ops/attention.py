@@ -493,7 +493,8 @@ def mask_layout(mask: Tensor, q_len: int, kv_len: int,
     keys per query (packed documents' block-diagonal masks: key_range (N, q_len, 2), with the
     band that holds every visible entry as offsets, so the kernels skip what lies outside it).
     Boolean masks (True = visible) and additive float masks (0 visible, -inf or the dtype's min
-    hidden). Cached for the mask object, which every layer of a forward shares; ``as_4d``: the
+    hidden; a row with no 0 must then be all -inf, as torch's SDPA gives such a row 0 only
+    then). Cached for the mask object, which every layer of a forward shares; ``as_4d``: the
     mask viewed as 4-D, when it is not (the cache keys on ``mask``)."""
     key, mask = mask, (mask if as_4d is None else as_4d)
     if (mask.dim() != 4 or mask.shape[1] != 1 or mask.shape[2] not in (1, q_len)
@@ -506,8 +507,12 @@ def mask_layout(mask: Tensor, q_len: int, kv_len: int,
         visible = mask
     elif mask.is_floating_point():
         visible = mask == 0
-        if not bool((visible | (mask == float("-inf"))
-                     | (mask == torch.finfo(mask.dtype).min)).all()):
+        hidden = mask == float("-inf")
+        if not bool((visible | hidden | (mask == torch.finfo(mask.dtype).min)).all()):
+            visible = None
+        # A row with no 0 entry gets torch's softmax over its finite ones (the dtype's min is
+        # finite: about uniform weights), not the kernels' 0, unless all are -inf.
+        elif not bool((visible.any(dim=-1) | hidden.all(dim=-1)).all()):
             visible = None
     else:
         visible = None
