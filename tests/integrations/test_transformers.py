@@ -9,6 +9,8 @@ import copy
 
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
 transformers = pytest.importorskip("transformers")
 
@@ -22,6 +24,7 @@ from tests.helpers import (  # noqa: E402
     cpu_backend_available,
     cpu_unavailable_reason,
 )
+from tests.test_fuzz import fuzz  # noqa: E402, F401  (the fixture)
 
 pytestmark = pytest.mark.skipif(not cpu_backend_available(), reason=cpu_unavailable_reason())
 
@@ -439,3 +442,96 @@ def test_bf16_on_gpu(name, inputs):
             assert same_params[pname].grad is None, pname
             continue
         assert_close_rule(p.grad, same_params[pname].grad, truth_params[pname].grad, name=pname)
+
+
+# ---- drawn masks through whole models ----------------------------------------------------------
+
+def _mistral_window():  # a 5-token sliding window: banded masks, cut by padding
+    cfg = transformers.MistralConfig(**COMMON, num_key_value_heads=2, sliding_window=5)
+    return transformers.MistralForCausalLM(cfg)
+
+
+FUZZ_MODELS = {"gpt2": _gpt2, "llama": _llama, "bert": _bert, "mistral_window": _mistral_window}
+_fuzz_triples: dict = {}
+
+
+def _fuzz_triple(name):
+    """(patched, unpatched, unpatched float64) of FUZZ_MODELS[name], built once per session."""
+    if name not in _fuzz_triples:
+        torch.manual_seed(0)
+        model = FUZZ_MODELS[name]()
+        _randomize_norms(model)
+        model.eval()
+        same, truth = copy.deepcopy(model), copy.deepcopy(model).double()
+        fhf.apply(model)
+        _fuzz_triples[name] = model, same, truth
+    return _fuzz_triples[name]
+
+
+def test_fuzz_attention_masks_match_the_unpatched_model(fuzz):  # noqa: F811
+    """Drawn batches through patched and unpatched models: each row's tokenizer mask is all
+    ones, left or right padding, or has gaps (which transformers' SDPA must then serve), or the
+    row packs documents (position_ids restarting, no mask). The real tokens' outputs, and
+    every parameter's gradient of a loss over them, pass the rule against the unpatched float32
+    and float64 models (a padded query's output is not defined the same way by every
+    attention); the draws must reach both our kernels and the fallback."""
+    routes = []
+
+    @fuzz(30)
+    @given(data=st.data())
+    def run(data):
+        name = data.draw(st.sampled_from(sorted(FUZZ_MODELS)), label="model")
+        model, same, truth = _fuzz_triple(name)
+        B = data.draw(st.integers(1, 3), label="B")
+        T = data.draw(st.integers(1, 20), label="T")
+        ids = torch.randint(1, VOCAB, (B, T))
+        inputs = {"input_ids": ids}
+        real = torch.ones(B, T, dtype=torch.bool)
+        if name != "bert" and data.draw(st.integers(0, 3), label="packed") == 0:
+            lengths = []
+            for _ in range(B):
+                cuts = sorted(set(data.draw(st.lists(st.integers(1, max(T - 1, 1)),
+                                                     max_size=3 if T > 1 else 0),
+                                            label="document cuts")))
+                edges = [0, *cuts, T]
+                lengths.append([b - a for a, b in zip(edges, edges[1:], strict=False)])
+            inputs.update(position_ids=_packed_position_ids(lengths), use_cache=False)
+        else:
+            mask = torch.ones(B, T, dtype=torch.long)
+            for row in range(B):
+                kind = data.draw(st.sampled_from(["full", "left", "right", "gaps"]),
+                                 label="row mask")
+                n = data.draw(st.integers(1, T), label="tokens")  # at least one real token
+                if kind == "left":
+                    mask[row, :T - n] = 0
+                elif kind == "right":
+                    mask[row, n:] = 0
+                elif kind == "gaps":
+                    bits = data.draw(st.lists(st.booleans(), min_size=T, max_size=T),
+                                     label="bits")
+                    mask[row] = torch.tensor(bits, dtype=torch.long)
+                    mask[row, data.draw(st.integers(0, T - 1), label="one token")] = 1
+            inputs["attention_mask"] = mask
+            real = mask.bool()
+        backward = data.draw(st.booleans(), label="backward")
+        fhf.reset_attention_calls()
+        with torch.set_grad_enabled(backward):
+            outs = [_out(m, name, **inputs) for m in (model, same, truth)]
+        routes.extend(fhf.attention_calls())
+        assert_close_rule(outs[0][real], outs[1][real], outs[2][real],
+                          name=f"{name} {sorted(inputs)}")
+        if backward:  # every parameter's gradient of a loss over the real tokens
+            for m in (model, same, truth):
+                m.zero_grad(set_to_none=True)
+            weight = torch.randn_like(outs[0]) * real[..., None]
+            for out in outs:
+                (out * weight.to(out.dtype)).sum().backward()
+            same_params = dict(same.named_parameters())
+            truth_params = dict(truth.named_parameters())
+            for pname, p in model.named_parameters():
+                if p.grad is not None:
+                    assert_close_rule(p.grad, same_params[pname].grad, truth_params[pname].grad,
+                                      name=f"{name} {pname}")
+
+    run()
+    assert "fused" in routes and any(r.startswith("sdpa") for r in routes), set(routes)
