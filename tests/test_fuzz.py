@@ -382,6 +382,63 @@ def test_fuzz_attention_varlen(backend, fuzz):
     run()
 
 
+# ---- key ranges from masks and document ids -------------------------------------------------
+
+
+def test_fuzz_key_range_builders(fuzz):
+    """key_range_from_padding_mask and key_range_from_document_ids against a loop over the
+    tokens: any (B, T) (0 included), bool or integer masks (any nonzero is a token), rows with
+    no token, gaps (a ValueError naming the argument), ids of any integer dtype and sign."""
+
+    @fuzz(200)
+    @given(data=st.data())
+    def run(data):
+        B, T = data.draw(st.integers(0, 4), label="B"), data.draw(st.integers(0, 40), label="T")
+        rows = data.draw(st.lists(st.lists(st.integers(-3, 3), min_size=T, max_size=T),
+                                  min_size=B, max_size=B), label="values")
+        values = torch.tensor(rows, dtype=torch.long).reshape(B, T)
+        dtype = data.draw(st.sampled_from([torch.bool, torch.int8, torch.int32, torch.int64]),
+                          label="dtype")
+        # padding masks: mostly one run of tokens per row, sometimes anything
+        mask = values != 0
+        if data.draw(st.integers(0, 2), label="one run") > 0:
+            for b in range(B):
+                start, end = sorted(data.draw(st.tuples(st.integers(0, T), st.integers(0, T)),
+                                              label="run"))
+                mask[b] = False
+                mask[b, start:end] = True
+        tokens = [[t for t in range(T) if mask[b, t]] for b in range(B)]
+        contiguous = all(not ts or ts[-1] - ts[0] + 1 == len(ts) for ts in tokens)
+        as_mask = mask.to(dtype) * (values.abs() + 1).to(dtype) if dtype != torch.bool else mask
+        if not contiguous:
+            with pytest.raises(ValueError, match="attention_mask"):
+                fusedlm.key_range_from_padding_mask(as_mask)
+        else:
+            got = fusedlm.key_range_from_padding_mask(as_mask)
+            want = [[ts[0], ts[-1] + 1] if ts else [0, 0] for ts in tokens]
+            assert got.dtype == torch.int32 and got.tolist() == want
+        # document ids: each token's maximal run of equal consecutive ids
+        if dtype == torch.bool:
+            return
+        ids = values.to(dtype)
+        got = fusedlm.key_range_from_document_ids(ids)
+        want = []
+        for b in range(B):
+            row = []
+            for t in range(T):
+                start, end = t, t + 1
+                while start > 0 and ids[b, start - 1] == ids[b, t]:
+                    start -= 1
+                while end < T and ids[b, end] == ids[b, t]:
+                    end += 1
+                row.append([start, end])
+            want.append(row)
+        assert got.dtype == torch.int32 and got.shape == (B, T, 2)
+        assert got.tolist() == want
+
+    run()
+
+
 # ---- fusedlm.scaled_dot_product_attention's masks ---------------------------------------------
 
 MASK_FORMS = ["bool", "float -inf", "float min", "float -inf and min", "float bias"]
