@@ -653,8 +653,9 @@ def scaled_dot_product_attention(
     when they can take the call: no mask, ``is_causal``, or an ``attn_mask`` (boolean, or
     float with 0 and -inf / the dtype's min) that shows each query one run of keys (causal,
     sliding window, all-visible, padding, packed documents' block-diagonal masks), shared by
-    the heads. Other masks (biases, gaps, per-head patterns), dropout, or anything else they
-    cannot do go to torch's SDPA (logged once per reason). A mask is inspected on the host
+    the heads. Other masks (biases, gaps, per-head patterns; a float mask's row holding the
+    dtype's min but no 0, which torch's softmax spreads over the row), dropout, or anything
+    else they cannot do go to torch's SDPA (logged once per reason). A mask is inspected on the host
     once per mask tensor (a device sync), then cached while the tensor lives."""
     reason = _sdpa_unsupported(query, key, value, attn_mask, dropout_p, enable_gqa)
     causal_offset = window_offset = key_range = None
