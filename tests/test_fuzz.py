@@ -575,9 +575,13 @@ def test_fuzz_sdpa_masks(backend, fuzz, monkeypatch):
             kwargs["scale"] = data.draw(st.floats(-2, 2, allow_nan=False), label="scale value")
         q_shape = (N, L, E) if three_d else (N, H, L, E)
         k_shape = (N, S, E) if three_d else (N, Hkv, S, E)
-        q = torch.randn(q_shape, dtype=torch.float64).to(device, dtype).requires_grad_(True)
-        k, v = (torch.randn(k_shape, dtype=torch.float64).to(device, dtype).requires_grad_(True)
-                for _ in range(2))
+        # which of q, k, v require a gradient (all, mostly; any subset, none included)
+        needs = data.draw(st.sampled_from([(True, True, True)] * 4 + [
+            (True, False, False), (False, True, True), (False, False, True),
+            (False, False, False)]), label="requires grad")
+        q = torch.randn(q_shape, dtype=torch.float64).to(device, dtype).requires_grad_(needs[0])
+        k, v = (torch.randn(k_shape, dtype=torch.float64).to(device, dtype).requires_grad_(need)
+                for need in needs[1:])
         OpDispatch.last_choice.pop("attention_fwd", None)
         out = fusedlm.scaled_dot_product_attention(q, k, v, **kwargs)
         routes.append(OpDispatch.last_choice.get("attention_fwd", "torch's SDPA"))
