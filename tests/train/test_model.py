@@ -9,6 +9,8 @@ import torch
 
 import fusedlm
 from fusedlm.models import GPT, PRESETS, GPTConfig, KVCache
+from fusedlm.models.gpt import ARCHS
+from tests.test_fuzz import fuzz  # noqa: F401  (the fixture)
 
 SMALL = dict(n_layer=2, n_head=4, n_embd=64, block_size=48, vocab_size=97)
 
@@ -354,3 +356,75 @@ def test_document_ids_fused_and_torch_kernels_agree(reset_positions):
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-6, msg=name)
     with pytest.raises(ValueError, match="document_ids"):
         fused(idx, document_ids=documents[:, :5])
+
+
+def test_fuzz_fused_and_torch_models_agree(fuzz):  # noqa: F811
+    """Drawn model shapes (either arch, 1-2 layers, head dims 2..16, GQA/MQA, biases, tied or
+    not, sliding windows shorter and longer than the batch) and batches (one token, packed
+    documents with and without position resets, ignored targets): the fused model's logits,
+    loss and every parameter gradient pass DESIGN.md's rule against the same model on plain
+    PyTorch kernels (baseline) and in float64 (truth); and a prefill in drawn chunks through a
+    KV cache gives the one-forward logits."""
+    from hypothesis import given
+    from hypothesis import strategies as st
+
+    from fusedlm.models.gpt import document_ids
+    from tests.helpers import assert_close_rule
+
+    @fuzz(25)
+    @given(data=st.data())
+    def run(data):
+        arch = data.draw(st.sampled_from(ARCHS), label="arch")
+        n_kv_head = data.draw(st.integers(1, 3), label="n_kv_head")
+        n_head = n_kv_head * data.draw(st.integers(1, 3), label="group")
+        head_dim = data.draw(st.sampled_from([2, 4, 8, 16]), label="head dim")
+        block_size = data.draw(st.integers(4, 40), label="block size")
+        config = GPTConfig(
+            arch=arch, n_layer=data.draw(st.integers(1, 2), label="n_layer"), n_head=n_head,
+            n_kv_head=n_kv_head if arch == "llama" else None, n_embd=n_head * head_dim,
+            block_size=block_size, vocab_size=data.draw(st.integers(2, 60), label="vocab"),
+            bias=data.draw(st.booleans(), label="bias"),
+            tie_embeddings=data.draw(st.booleans(), label="tied"),
+            sliding_window=data.draw(st.one_of(st.none(), st.integers(1, block_size + 2)),
+                                     label="window"))
+        torch.manual_seed(data.draw(st.integers(0, 100), label="init seed"))
+        fused = GPT(config, kernels="fused")
+        reference = GPT(config, kernels="torch")
+        reference.load_state_dict(fused.state_dict())
+        truth = GPT(config, kernels="torch").double()
+        truth.load_state_dict(fused.state_dict())
+        B = data.draw(st.integers(1, 3), label="B")
+        T = data.draw(st.integers(1, block_size), label="T")
+        idx = torch.randint(0, config.vocab_size, (B, T))
+        targets = torch.randint(0, config.vocab_size, (B, T))
+        targets[torch.rand(B, T) < 0.2] = -1
+        targets[0, 0] = 0  # at least one counted target
+        kwargs = {}
+        if data.draw(st.booleans(), label="packed documents"):
+            idx[torch.rand(B, T) < 0.25] = 0  # separators
+            kwargs = {"document_ids": document_ids(idx, 0),
+                      "reset_positions": data.draw(st.booleans(), label="reset positions")}
+        outs = [m(idx, targets, **kwargs) for m in (fused, reference, truth)]
+        assert_close_rule(outs[0][0], outs[1][0], outs[2][0], name="logits")
+        assert_close_rule(outs[0][1], outs[1][1], outs[2][1], name="loss")
+        for _, loss in outs:
+            loss.backward()
+        theirs, truths = dict(reference.named_parameters()), dict(truth.named_parameters())
+        for name, p in fused.named_parameters():
+            assert_close_rule(p.grad, theirs[name].grad, truths[name].grad, name=name)
+        if kwargs:
+            return  # (the cache serves generation, which packs no documents)
+        fused.eval()
+        cache = KVCache(config.n_layer, data.draw(st.one_of(st.none(), st.just(T)),
+                                                  label="cache capacity"))
+        with torch.no_grad():
+            full, _ = fused(idx)
+            start = 0
+            while start < T:
+                size = data.draw(st.integers(1, T - start), label="chunk")
+                logits, _ = fused(idx[:, start:start + size], cache=cache)
+                torch.testing.assert_close(logits, full[:, start:start + size],
+                                           rtol=1e-5, atol=1e-5)
+                start += size
+
+    run()
