@@ -10,7 +10,11 @@ stride 0), and a dtype (float64/float32/bfloat16/float16). A valid call must mat
 truth by DESIGN.md's rule (tests/helpers.assert_close_rule); an invalid one (mismatched dtypes,
 head dim over 256, heads not divisible) must raise ValueError or TypeError, nothing else.
 The "cpu" backend is also fuzzed through the custom ops (torch.ops.fusedlm.*) directly, so
-empty tensors and arbitrary ``causal_offset`` reach the C++ kernels.
+empty tensors and arbitrary ``causal_offset`` reach the C++ kernels. The drop-in surfaces too:
+``fusedlm.scaled_dot_product_attention`` on drawn masks against torch's SDPA,
+``fusedlm.attention_varlen`` against per-sequence attention, and the key-range builders
+against loops. (tests/integrations and tests/train fuzz the transformers integration and the
+GPT model with this module's ``fuzz`` fixture.)
 
 Run length:
   * default: derandomized (a fixed seed, the same examples every run) with a small
