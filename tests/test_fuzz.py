@@ -153,17 +153,21 @@ def _attention_case(data, backend):
 
 
 def _attention_truths(q, k, v, grad, scale, causal, offset, backward, window=None,
-                      window_offset=None, key_range=None, kernel_terms=None):
+                      window_offset=None, key_range=None, kernel_terms=None, kernel_out=None):
     """(truth float64, baseline at q's dtype) outputs and gradients of the naive attention,
     and for float32 and float16 gradients a second baseline: torch computing them by
-    FlashAttention's formula (fusedlm.reference, from its output and lse at q's dtype;
-    ``kernel_terms`` = the kernels' (scale, causal, causal_offset, window_offset)), as torch's
-    own flash backends do. The two formulas round differently: the naive softmax backward is
-    exact where a row sees one key (or identical ones), while FlashAttention's
-    Delta = rowsum(dO * O) takes O as stored (rounded to q's dtype) and cancels against dP
-    where the softmax is peaked, so the rule's "torch's own error" is the larger of the two.
-    (In float16 that cancellation is ~1e-2 where a row's softmax is near one-hot: found by
-    ``--fuzz-long``; the kernels match the formula's error there.)"""
+    FlashAttention's formula (fusedlm.reference at q's dtype, from ``kernel_out``, the output
+    the kernels' forward handed their backward; ``kernel_terms`` = the kernels' (scale, causal,
+    causal_offset, window_offset)), as torch's own flash backends do. The two formulas round
+    differently: the naive softmax backward is exact where a row sees one key (or identical
+    ones), while FlashAttention's Delta = rowsum(dO * O) takes O as stored (rounded to q's
+    dtype) and cancels against dP where the softmax is peaked, so the rule's "torch's own
+    error" is the larger of the two. (In float16 that cancellation is ~1e-2 where a row's
+    softmax is near one-hot: found by ``--fuzz-long``; the kernels match the formula's error
+    there.) The formula takes the kernels' own O: its rounding (checked by the forward's rule)
+    reaches dq through Delta, amplified by scale * |k| (``--fuzz-long`` found float32 rows
+    with large same-sign scores where an O within the rule moved dq 2x past the formula's
+    error from torch's O)."""
     results = []
     for dtype in (torch.float64, q.dtype):
         leaves = [t.detach().to(dtype).requires_grad_(backward) for t in (q, k, v)]
@@ -186,6 +190,8 @@ def _attention_truths(q, k, v, grad, scale, causal, offset, backward, window=Non
             and q.numel() and k.numel()):
         s, c, co, wo = kernel_terms
         out32, lse32 = reference.attention_fwd(q, k, v, s, c, co, wo, key_range)
+        if kernel_out is not None:
+            out32 = kernel_out.detach()
         flash_grads = list(reference.attention_bwd(grad, q, k, v, out32, lse32, s, c, co, wo,
                                                    key_range))
     results.append(flash_grads)
@@ -302,7 +308,7 @@ def test_fuzz_attention(backend, fuzz):
             terms = (1.0 / math.sqrt(D) if scale is None else scale,
                      *attention_mask_bounds(Tq, Tk, causal, window))
         truths = _attention_truths(q, k, v, grad, s, causal, offset, backward, window,
-                                   window_offset, key_range, terms)
+                                   window_offset, key_range, terms, out)
         _check_attention(out, grads, truths, dtype)
 
     run()
@@ -503,8 +509,9 @@ def _drawn_mask(data, visible, dtype):
 
 def _sdpa_flash_grads(q, k, v, kwargs):
     """For float32/float16 calls our kernels take: dq, dk, dv (a function of the output's
-    gradient) by FlashAttention's formula at q's dtype (fusedlm.reference, the mask's layout
-    in the kernels' terms), the rule's second baseline as in test_fuzz_attention; else None."""
+    gradient and our output) by FlashAttention's formula at q's dtype (fusedlm.reference, the
+    mask's layout in the kernels' terms), the rule's second baseline as in
+    test_fuzz_attention; else None."""
     from fusedlm.ops.attention import _sdpa_mask_layout
 
     if q.dtype not in (torch.float32, torch.float16):
@@ -518,9 +525,9 @@ def _sdpa_flash_grads(q, k, v, kwargs):
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     terms = (scale, causal_offset is not None, causal_offset or 0, window_offset, key_range)
 
-    def grads(grad):
-        g4 = grad.unsqueeze(1) if grad.dim() == 3 else grad
-        out, lse = reference.attention_fwd(q4, k4, v4, *terms)
+    def grads(grad, ours):
+        g4, out = (t.detach().unsqueeze(1) if t.dim() == 3 else t.detach() for t in (grad, ours))
+        _, lse = reference.attention_fwd(q4, k4, v4, *terms)
         result = reference.attention_bwd(g4, q4, k4, v4, out, lse, *terms)
         return [r.squeeze(1) if q.dim() == 3 else r for r in result]
 

@@ -784,8 +784,9 @@ def test_sdpa_matches_torch(q_shape, k_shape, kwargs, dtype, backend, monkeypatc
 def _check_sdpa_against_torch(out, q, k, v, kwargs, flash_grads=None) -> None:
     """Our SDPA output ``out`` and its gradients against torch's SDPA with ``kwargs``, in
     float64 (truth) and at q's dtype (baseline); a float attn_mask goes to float64 too.
-    ``flash_grads(grad)``: dq, dk, dv by FlashAttention's formula at q's dtype, or None; where
-    given, each gradient's baseline is the further from the truth of the two (larger_error)."""
+    ``flash_grads(grad, out)``: dq, dk, dv by FlashAttention's formula at q's dtype from our
+    ``out``, or None; where given, each gradient's baseline is the further from the truth of
+    the two (larger_error)."""
     q64, k64, v64 = (t.detach().double().requires_grad_(True) for t in (q, k, v))
     qt, kt, vt = (t.detach().clone().requires_grad_(True) for t in (q, k, v))
     kwargs64 = dict(kwargs)
@@ -805,7 +806,7 @@ def _check_sdpa_against_torch(out, q, k, v, kwargs, flash_grads=None) -> None:
     ours = torch.autograd.grad(out, [(q, k, v)[i] for i in wanted], grad)
     theirs = torch.autograd.grad(same, [(qt, kt, vt)[i] for i in wanted], grad)
     truths = torch.autograd.grad(truth, [(q64, k64, v64)[i] for i in wanted], grad.double())
-    second = flash_grads(grad) if flash_grads is not None else None
+    second = flash_grads(grad, out) if flash_grads is not None else None
     for i, g, gt, g64 in zip(wanted, ours, theirs, truths, strict=True):
         gt = larger_error(gt, None if second is None else second[i], g64)
         assert_close_rule(g, gt, g64, name=f"d{'qkv'[i]}")
