@@ -880,6 +880,91 @@ def test_fuzz_adamw_optimizer_layouts(backend, fuzz):
     run()
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fuzz_adamw_trajectory(backend, fuzz):
+    """fusedlm.optim.AdamW against torch.optim.AdamW over a drawn training trajectory: param
+    groups with their own hyper-parameters, params that get no gradient on some steps, lr
+    changes, zero_grad with and without set_to_none, state_dicts swapped between the two
+    optimizers mid-run, a param group added mid-run. The params must stay equal to torch's
+    after every action (float64: to 1e-12, float32: to 1e-5)."""
+
+    @fuzz(25)
+    @given(data=st.data())
+    def run(data):
+        device = device_of(backend)
+        dtype = data.draw(st.sampled_from([torch.float64, torch.float32]), label="dtype")
+        tol = 1e-12 if dtype == torch.float64 else 1e-5
+
+        def hyper(label):
+            return {
+                "lr": data.draw(st.sampled_from([1e-3, 0.05]), label=f"{label} lr"),
+                "betas": data.draw(st.sampled_from([(0.9, 0.999), (0.5, 0.9)]),
+                                   label=f"{label} betas"),
+                "eps": data.draw(st.sampled_from([1e-8, 1e-3]), label=f"{label} eps"),
+                "weight_decay": data.draw(st.sampled_from([0.0, 0.1]), label=f"{label} wd"),
+                "amsgrad": data.draw(st.booleans(), label=f"{label} amsgrad"),
+                "maximize": data.draw(st.booleans(), label=f"{label} maximize"),
+            }
+
+        def new_params(label):
+            count = data.draw(st.integers(1, 3), label=f"{label} count")
+            shapes = [data.draw(st.sampled_from([(), (1,), (7,), (3, 5), (40,)]),
+                                label=f"{label} shape") for _ in range(count)]
+            return [torch.randn(s, dtype=torch.float64).to(device, dtype) for s in shapes]
+
+        groups = [(new_params(f"group {g}"), hyper(f"group {g}"))
+                  for g in range(data.draw(st.integers(1, 2), label="groups"))]
+        pairs = []  # (ours, theirs) params, in creation order
+        optimizers = []
+        for cls, kwargs in ((fusedlm.optim.AdamW, {"backend": backend}),
+                            (torch.optim.AdamW, {"foreach": False})):
+            param_groups = []
+            for params, h in groups:
+                param_groups.append({"params": [torch.nn.Parameter(p.clone()) for p in params],
+                                     **h})
+            optimizers.append(cls(param_groups, **kwargs))
+        ours, theirs = optimizers
+        for group_ours, group_theirs in zip(ours.param_groups, theirs.param_groups, strict=True):
+            pairs += list(zip(group_ours["params"], group_theirs["params"], strict=True))
+        added = False
+        for step in range(data.draw(st.integers(1, 6), label="actions")):
+            action = data.draw(st.sampled_from(["step"] * 4 + ["lr", "zero_grad", "swap state",
+                                                               "add group"]),
+                               label=f"action {step}")
+            if action == "step":
+                for a, b in pairs:
+                    if data.draw(st.integers(0, 4), label="has grad") > 0:
+                        g = torch.randn(a.shape, dtype=torch.float64).to(device, dtype)
+                        a.grad, b.grad = g.clone(), g.clone()
+                ours.step()
+                theirs.step()
+            elif action == "lr":
+                index = data.draw(st.integers(0, len(ours.param_groups) - 1), label="group")
+                lr = data.draw(st.sampled_from([0.0, 3e-4, 0.02]), label="new lr")
+                ours.param_groups[index]["lr"] = theirs.param_groups[index]["lr"] = lr
+            elif action == "zero_grad":
+                set_to_none = data.draw(st.booleans(), label="set_to_none")
+                ours.zero_grad(set_to_none=set_to_none)
+                theirs.zero_grad(set_to_none=set_to_none)
+            elif action == "swap state":  # each loads the other's state_dict
+                state_ours, state_theirs = ours.state_dict(), theirs.state_dict()
+                ours.load_state_dict(state_theirs)
+                theirs.load_state_dict(state_ours)
+            elif not added:  # add a param group
+                added = True
+                params, h = new_params("added"), hyper("added")
+                new_ours = [torch.nn.Parameter(p.clone()) for p in params]
+                new_theirs = [torch.nn.Parameter(p.clone()) for p in params]
+                ours.add_param_group({"params": new_ours, **h})
+                theirs.add_param_group({"params": new_theirs, **h})
+                pairs += list(zip(new_ours, new_theirs, strict=True))
+            for i, (a, b) in enumerate(pairs):
+                torch.testing.assert_close(a.detach(), b.detach(), rtol=tol, atol=tol,
+                                           msg=f"param {i} after action {step} ({action})")
+
+    run()
+
+
 def test_fuzz_is_derandomized_by_default(request, fuzz):
     """CI runs the same examples every time (unless --fuzz-long asks for fresh ones)."""
     if request.config.getoption("fuzz_long", default=None):
