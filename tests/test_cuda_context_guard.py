@@ -84,7 +84,10 @@ def _run_suite(tmp_path: Path, *args: str) -> tuple[dict[str, tuple[str, str]], 
     (suite / "test_suite.py").write_text(textwrap.dedent(SUITE))
     quarantine = tmp_path / "quarantine"
     quarantine.mkdir()
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "FUSEDLM_TEST_QUARANTINE_DIR": str(quarantine)}
+    # Not this run's xdist variables: under `pytest -n`, PYTEST_XDIST_WORKER would make the
+    # plain run's suite take its worker-only branch (os._exit) and leave no junit XML.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_XDIST")}
+    env.update(PYTHONPATH=str(ROOT), FUSEDLM_TEST_QUARANTINE_DIR=str(quarantine))
     junit = tmp_path / "junit.xml"
     subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
                     f"--junitxml={junit}", *args], cwd=suite, env=env, capture_output=True,
