@@ -148,7 +148,9 @@ def test_fuzz_decode(library, fuzz):  # noqa: F811
             offset = data.draw(st.integers(-Tq, Tk), label="offset")
         window_offset = None
         if data.draw(st.booleans(), label="sliding window"):
-            window_offset = data.draw(st.integers(-Tq - 2, Tk), label="window offset")
+            # the launchers' range (csrc/bindings.cpp clamps any offset into it; past it the
+            # window hides every key or none, and the launchers refuse it: cudaErrorInvalidValue)
+            window_offset = data.draw(st.integers(-Tq, Tk), label="window offset")
         key_range = _draw_key_range(data, B, Tq, Tk)
         if key_range is not None and not isinstance(key_range, torch.Tensor):
             key_range = torch.tensor(key_range, dtype=torch.int32).reshape(B, 2)
