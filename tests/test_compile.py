@@ -147,3 +147,28 @@ def test_compile_gpt_with_packed_documents_fullgraph(reset_positions):
     torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-6)
     for a, b in zip(grads[0], grads[1], strict=True):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
+
+
+def test_compile_multihead_attention_fullgraph():
+    """fusedlm.nn.MultiheadAttention's fused path traces to fusedlm's op, forward and backward
+    (the causal hint: no mask to inspect, which compile would hand to torch's SDPA)."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    module = fusedlm.nn.MultiheadAttention(24, 4, batch_first=True)
+    hint = torch.ones(7, 7, dtype=torch.bool).triu(1)
+    targets = []
+
+    def backend(gm, example_inputs):
+        targets.extend(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+        return gm.forward
+
+    compiled = torch.compile(module, backend=backend, fullgraph=True)
+    x = torch.randn(2, 7, 24, requires_grad=True)
+    xc = x.detach().clone().requires_grad_()
+    out = module(x, x, x, need_weights=False, attn_mask=hint, is_causal=True)[0]
+    out_c = compiled(xc, xc, xc, need_weights=False, attn_mask=hint, is_causal=True)[0]
+    assert "fusedlm.attention_fwd" in targets
+    torch.testing.assert_close(out_c, out, rtol=1e-5, atol=1e-6)
+    out.sum().backward()
+    out_c.sum().backward()
+    torch.testing.assert_close(xc.grad, x.grad, rtol=1e-4, atol=1e-5)

@@ -9,10 +9,12 @@ replacements for their PyTorch counterparts.
     fusedlm.scaled_dot_product_attention(...)      # torch's exact signature
     fusedlm.layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5, backend="auto")
     fusedlm.rms_norm(x, normalized_shape, weight=None, eps=None, backend="auto")
-    fusedlm.nn.LayerNorm, fusedlm.nn.RMSNorm, fusedlm.nn.CausalSelfAttention
+    fusedlm.nn.LayerNorm, fusedlm.nn.RMSNorm, fusedlm.nn.MultiheadAttention
+    fusedlm.nn.CausalSelfAttention
     fusedlm.optim.AdamW
     fusedlm.backends()                             # which backends work here, and why not
     fusedlm.patch(model), fusedlm.unpatch(model)   # swap a model's norms for ours, and back
+    fusedlm.patch(model, attention=True)           # also its nn.MultiheadAttention and SDPA calls
     fusedlm.integrations.transformers.apply(model) # a Hugging Face model: attention + norms
 
 Importing registers the custom ops (torch.ops.fusedlm.*); the compiled extension loads on first

@@ -26,8 +26,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..backends import check_backend_name
+from ..nn.multihead_attention import MultiheadAttention
 from ..nn.norm import LayerNorm, RMSNorm, _rebind
 from ..ops.norm import layer_norm, rms_norm
+from .sdpa_mode import route_attention, unroute_attention
 
 # The __dict__ key under which a swapped module remembers how to undo the swap:
 # (original class, keys the swap added, {key: original value} for keys it overwrote).
@@ -263,16 +265,13 @@ def _replacement(module: torch.nn.Module, backend: str, custom_rmsnorm: bool,
     return new, ("weight offset 1 (Gemma-style), " if kind == "rms+1" else "") + detail
 
 
-def swap_norms(model: torch.nn.Module, backend: str = "auto", custom_rmsnorm: bool = False,
-               report: PatchReport | None = None,
-               custom_layernorm: bool = False) -> PatchReport:
-    """Replace norm modules of ``model`` in place; returns (or extends) the report."""
-    check_backend_name(backend)
-    report = PatchReport() if report is None else report
+def _swap_children(model: torch.nn.Module, replacement, report: PatchReport) -> None:
+    """Put ``replacement(module)``'s new module (if any) in place of each module below
+    ``model``, once per module object (shared modules stay shared); report each decision."""
     names = {}
     for name, mod in model.named_modules(remove_duplicate=False):
         names.setdefault(id(mod), name)
-    if _replacement(model, backend, custom_rmsnorm, custom_layernorm)[0] is not None:
+    if replacement(model)[0] is not None:
         report.left.append(LeftAlone("", _qualname(model), "the root module itself cannot be "
                                      "swapped in place; wrap it in a container first"))
     done: dict[int, torch.nn.Module | None] = {}
@@ -282,7 +281,7 @@ def swap_norms(model: torch.nn.Module, backend: str = "auto", custom_rmsnorm: bo
                 continue
             key = id(child)
             if key not in done:
-                new, why = _replacement(child, backend, custom_rmsnorm, custom_layernorm)
+                new, why = replacement(child)
                 done[key] = new
                 name = names.get(key, attr)
                 if new is not None:
@@ -291,28 +290,62 @@ def swap_norms(model: torch.nn.Module, backend: str = "auto", custom_rmsnorm: bo
                     report.left.append(LeftAlone(name, _qualname(child), why))
             if done[key] is not None:
                 parent._modules[attr] = done[key]
+
+
+def swap_norms(model: torch.nn.Module, backend: str = "auto", custom_rmsnorm: bool = False,
+               report: PatchReport | None = None,
+               custom_layernorm: bool = False) -> PatchReport:
+    """Replace norm modules of ``model`` in place; returns (or extends) the report."""
+    check_backend_name(backend)
+    report = PatchReport() if report is None else report
+    _swap_children(model, lambda m: _replacement(m, backend, custom_rmsnorm, custom_layernorm),
+                   report)
     return report
+
+
+def _attention_replacement(module: torch.nn.Module, backend: str):
+    """(new module, note) for a ``torch.nn.MultiheadAttention``, (None, why) for a subclass
+    with its own forward, (None, None) for anything else."""
+    if not isinstance(module, torch.nn.MultiheadAttention) or _RESTORE_KEY in module.__dict__:
+        return None, None
+    if isinstance(module, MultiheadAttention):
+        return None, "already a fusedlm module"
+    if _own_forward(module, torch.nn.MultiheadAttention):
+        return None, "subclass of torch.nn.MultiheadAttention with its own forward"
+    return _swap_object(module, MultiheadAttention, {"backend": backend}), (
+        "calls with need_weights=False run fusedlm's attention")
 
 
 def patch(
     model: torch.nn.Module, backend: str = "auto", custom_rmsnorm: bool = False,
-    custom_layernorm: bool = False,
+    custom_layernorm: bool = False, attention: bool = False,
 ) -> PatchReport:
     """Swap every ``torch.nn.LayerNorm`` / ``torch.nn.RMSNorm`` in ``model`` (in place) for
     ``fusedlm.nn.LayerNorm`` / ``fusedlm.nn.RMSNorm`` holding the same parameter tensors.
 
     ``custom_rmsnorm=True`` / ``custom_layernorm=True`` also swap model-specific RMSNorm /
-    LayerNorm classes recognised by their parameters and a numeric probe. Returns a
-    :class:`PatchReport`; ``unpatch`` undoes it."""
+    LayerNorm classes recognised by their parameters and a numeric probe. ``attention=True``
+    also swaps ``torch.nn.MultiheadAttention`` modules for ``fusedlm.nn.MultiheadAttention``
+    and sends the ``torch.nn.functional.scaled_dot_product_attention`` calls made during the
+    model's forward to ``fusedlm.scaled_dot_product_attention`` (a ``TorchFunctionMode``
+    activated by forward hooks; see ``fusedlm.integrations.sdpa_mode`` for what it costs).
+    Returns a :class:`PatchReport`; ``unpatch`` undoes it."""
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"argument 'model' must be a torch.nn.Module, got {type(model).__name__}")
-    return swap_norms(model, backend, custom_rmsnorm, custom_layernorm=custom_layernorm)
+    if not isinstance(attention, bool):
+        raise TypeError(f"argument 'attention' must be a bool, got {type(attention).__name__}")
+    report = swap_norms(model, backend, custom_rmsnorm, custom_layernorm=custom_layernorm)
+    if attention:  # after the swaps, so the new modules carry the hooks too
+        _swap_children(model, lambda m: _attention_replacement(m, backend), report)
+        report.notes.append(route_attention(model, backend)[1])
+    return report
 
 
 def unpatch(model: torch.nn.Module) -> PatchReport:
     """Undo :func:`patch` (and ``fusedlm.integrations.transformers.apply``): put modules of the
-    original classes, with the same parameters, back; restore a transformers model's previous
-    attention implementation. Returns a report of what was restored."""
+    original classes, with the same parameters, back; remove ``attention=True``'s hooks;
+    restore a transformers model's previous attention implementation. Returns a report of what
+    was restored."""
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"argument 'model' must be a torch.nn.Module, got {type(model).__name__}")
     report = PatchReport()
@@ -329,6 +362,9 @@ def unpatch(model: torch.nn.Module) -> PatchReport:
                 report.swapped.append(Swap(names.get(id(child), attr), _qualname(child),
                                            _qualname(done[id(child)])))
             parent._modules[attr] = done[id(child)]
+    note = unroute_attention(model)
+    if note is not None:
+        report.notes.append(note)
     previous = model.__dict__.pop(ATTN_PREVIOUS_KEY, None)
     if previous is not None:
         from .transformers import set_attention_implementation  # only reached for HF models

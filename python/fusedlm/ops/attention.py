@@ -657,6 +657,18 @@ def scaled_dot_product_attention(
     dtype's min but no 0, which torch's softmax spreads over the row), dropout, or anything
     else they cannot do go to torch's SDPA (logged once per reason). A mask is inspected on the host
     once per mask tensor (a device sync), then cached while the tensor lives."""
+    return sdpa_with_route(query, key, value, attn_mask, dropout_p, is_causal, scale,
+                           enable_gqa)[0]
+
+
+def sdpa_with_route(
+    query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor | None = None,
+    dropout_p: float = 0.0, is_causal: bool = False, scale: float | None = None,
+    enable_gqa: bool = False, backend: str = "auto",
+) -> tuple[Tensor, bool]:
+    """``scaled_dot_product_attention`` that also says which ran: (out, True) for fusedlm's
+    kernels, (out, False) for torch's SDPA. A named ``backend`` (not "auto") runs every call
+    our kernels can take on that backend, and raises where that backend cannot."""
     reason = _sdpa_unsupported(query, key, value, attn_mask, dropout_p, enable_gqa)
     causal_offset = window_offset = key_range = None
     if reason is None and attn_mask is not None:
@@ -667,7 +679,7 @@ def scaled_dot_product_attention(
             causal_offset, window_offset, key_range = layout
     if reason is None and not torch.compiler.is_compiling():
         # Our reference is no faster than torch's SDPA: use ours only where a kernel serves.
-        auto = requested_backend("auto") == "auto"
+        auto = requested_backend(backend) == "auto"
         if auto and ATTENTION_FWD.auto_choice(query.device, query, key, value, window_offset,
                                               key_range) == "torch":
             reason = "no fusedlm kernel backend for these inputs"
@@ -678,13 +690,13 @@ def scaled_dot_product_attention(
         return F.scaled_dot_product_attention(
             query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
             scale=scale, enable_gqa=enable_gqa,
-        )
+        ), False
     three_d = query.dim() == 3
     q, k, v = (t.unsqueeze(1) for t in (query, key, value)) if three_d else (query, key, value)
     scale = 1.0 / math.sqrt(q.shape[3]) if scale is None else float(scale)
     if attn_mask is None:
-        out = _attention(q, k, v, scale, bool(is_causal), 0, "auto")
+        out = _attention(q, k, v, scale, bool(is_causal), 0, backend)
     else:  # the mask's band and key runs (is_causal is False here)
-        out = _attention(q, k, v, scale, causal_offset is not None, causal_offset or 0, "auto",
+        out = _attention(q, k, v, scale, causal_offset is not None, causal_offset or 0, backend,
                          window_offset, _check_key_range(key_range, q, k.shape[2]))
-    return out.squeeze(1) if three_d else out
+    return (out.squeeze(1) if three_d else out), True

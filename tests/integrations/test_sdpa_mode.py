@@ -1,0 +1,334 @@
+"""fusedlm.patch(model, attention=True) and FusedSDPAMode on plain PyTorch models that call
+torch.nn.functional.scaled_dot_product_attention themselves (no transformers needed).
+
+Truth is the unpatched model in float64, torch's own computation the unpatched float32 model;
+the patched model must pass tests/helpers.assert_close_rule against them (DESIGN.md)."""
+
+from __future__ import annotations
+
+import copy
+import threading
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+import fusedlm
+from fusedlm.backends import OpDispatch
+from fusedlm.integrations import FusedSDPAMode, attention_calls
+from fusedlm.integrations.sdpa_mode import ROUTING_KEY
+from tests.helpers import assert_close_rule, cpu_backend_available, cpu_unavailable_reason
+
+pytestmark = pytest.mark.skipif(not cpu_backend_available(), reason=cpu_unavailable_reason())
+
+C, HEADS = 24, 3
+
+
+class SelfAttention(torch.nn.Module):
+    """nanoGPT's attention, with ``kv_heads`` key/value heads (GQA/MQA through SDPA's
+    ``enable_gqa``) and an optional mask passed through to SDPA."""
+
+    def __init__(self, kv_heads: int = HEADS):
+        super().__init__()
+        self.kv_heads = kv_heads
+        head_dim = C // HEADS
+        self.qkv = torch.nn.Linear(C, C + 2 * kv_heads * head_dim)
+        self.proj = torch.nn.Linear(C, C)
+
+    def forward(self, x, mask=None, causal=True):
+        B, T, _ = x.shape
+        head_dim = C // HEADS
+        q, k, v = self.qkv(x).split([C, self.kv_heads * head_dim, self.kv_heads * head_dim], -1)
+        q = q.view(B, T, HEADS, head_dim).transpose(1, 2)
+        k = k.view(B, T, self.kv_heads, head_dim).transpose(1, 2)
+        v = v.view(B, T, self.kv_heads, head_dim).transpose(1, 2)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+                                           is_causal=causal and mask is None,
+                                           enable_gqa=self.kv_heads != HEADS)
+        return self.proj(y.transpose(1, 2).reshape(B, T, C))
+
+
+class Block(torch.nn.Module):
+    def __init__(self, kv_heads: int = HEADS):
+        super().__init__()
+        self.ln_1, self.ln_2 = torch.nn.LayerNorm(C), torch.nn.LayerNorm(C)
+        self.attn = SelfAttention(kv_heads)
+        self.mlp = torch.nn.Sequential(torch.nn.Linear(C, 2 * C), torch.nn.GELU(),
+                                       torch.nn.Linear(2 * C, C))
+
+    def forward(self, x, mask=None, causal=True):
+        x = x + self.attn(self.ln_1(x), mask, causal)
+        return x + self.mlp(self.ln_2(x))
+
+
+class TinyLM(torch.nn.Module):
+    """Two blocks; ``checkpointing`` = None, "non-reentrant" or "reentrant"."""
+
+    def __init__(self, kv_heads: int = HEADS, checkpointing: str | None = None):
+        super().__init__()
+        self.embed = torch.nn.Linear(C, C)
+        self.blocks = torch.nn.ModuleList([Block(kv_heads), Block(kv_heads)])
+        self.checkpointing = checkpointing
+
+    def forward(self, x, mask=None, causal=True):
+        x = self.embed(x)
+        for block in self.blocks:
+            if self.checkpointing and torch.is_grad_enabled():
+                reentrant = self.checkpointing == "reentrant"
+                x = checkpoint(block, x, mask, causal, use_reentrant=reentrant)
+            else:
+                x = block(x, mask, causal)
+        return x
+
+
+def _triple(model):
+    """(patched float32, unpatched float32, unpatched float64) copies of ``model``."""
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    same, truth = copy.deepcopy(model), copy.deepcopy(model).double()
+    report = fusedlm.patch(model, attention=True)
+    return model, same, truth, report
+
+
+def _forward_backward(models, x, **kwargs):
+    outs, inputs = [], []
+    grad = torch.randn(x.shape, dtype=torch.float64)
+    for model in models:
+        xi = x.detach().to(next(model.parameters()).dtype, copy=True).requires_grad_()
+        mask = kwargs.get("mask")
+        call = dict(kwargs, mask=None if mask is None else _mask_like(mask, xi.dtype))
+        out = model(xi, **call)
+        out.backward(grad.to(out.dtype))
+        outs.append(out)
+        inputs.append(xi)
+    return outs, inputs
+
+
+def _mask_like(mask, dtype):
+    return mask if mask.dtype == torch.bool else mask.to(dtype)
+
+
+def _check_grads(models, outs, inputs, what):
+    assert_close_rule(outs[0], outs[1], outs[2], name=f"{what} output")
+    assert_close_rule(inputs[0].grad, inputs[1].grad, inputs[2].grad, name=f"{what} dx")
+    named = [dict(m.named_parameters()) for m in models]
+    for name, p in named[0].items():
+        assert_close_rule(p.grad, named[1][name].grad, named[2][name].grad,
+                          name=f"{what} {name}.grad")
+
+
+def _padding_mask(B, T, kind):
+    """A (B, 1, T, T) mask: causal with the first key of batch row 1 hidden (left padding)."""
+    visible = torch.ones(T, T, dtype=torch.bool).tril().expand(B, 1, T, T).clone()
+    visible[1, :, :, 0] = False
+    visible[1, :, 0, 0] = True  # keep a key for query 0 (torch gives NaN for an empty row)
+    if kind == "bool":
+        return visible
+    if kind == "float":
+        return torch.zeros(B, 1, T, T).masked_fill(~visible, float("-inf"))
+    bias = torch.randn(B, 1, T, T)  # an additive bias: not a run of keys, goes to torch
+    return bias.masked_fill(~visible, float("-inf"))
+
+
+@pytest.mark.parametrize("kv_heads", [HEADS, 1], ids=["mha", "mqa"])
+@pytest.mark.parametrize("mask_kind", [None, "bool", "float", "bias"])
+def test_patched_model_matches_the_unpatched_one(kv_heads, mask_kind):
+    model, same, truth, report = _triple(TinyLM(kv_heads))
+    assert any("scaled_dot_product_attention" in note for note in report.notes), report
+    B, T = 2, 11
+    x = torch.randn(B, T, C, dtype=torch.float64)
+    mask = None if mask_kind is None else _padding_mask(B, T, mask_kind)
+    OpDispatch.last_choice.clear()
+    outs, inputs = _forward_backward((model, same, truth), x, mask=mask)
+    _check_grads((model, same, truth), outs, inputs, f"mask {mask_kind}")
+    expected = {"torch": 2} if mask_kind == "bias" else {"fused": 2}
+    assert attention_calls(model) == expected
+    if mask_kind != "bias":
+        assert OpDispatch.last_choice["attention_fwd"] == "cpu"
+        assert OpDispatch.last_choice["attention_bwd"] == "cpu"
+
+
+def test_discovery_keeps_hooks_on_the_attention_modules_only():
+    model, same, *_ = _triple(TinyLM())
+    x = torch.randn(2, 5, C)
+    routing = model.__dict__[ROUTING_KEY]
+    hooked = [m for m in model.modules() if m._forward_pre_hooks]
+    assert len(hooked) == len(list(model.modules()))  # discovering: every module
+    with torch.no_grad():
+        model(x)
+        assert routing.targets is None  # moves at the start of the next call
+        for _ in range(2):
+            torch.testing.assert_close(model(x), same(x), rtol=1e-5, atol=1e-6)
+    attention = [block.attn for block in model.blocks]
+    assert routing.targets == attention
+    hooked = [m for m in model.modules() if m._forward_pre_hooks or m._forward_hooks]
+    assert hooked == attention
+    assert attention_calls(model) == {"fused": 6}
+    assert torch._C._len_torch_function_stack() == 0
+
+
+@pytest.mark.parametrize("checkpointing", ["non-reentrant", "reentrant"])
+def test_activation_checkpointing_recomputes_on_the_same_route(checkpointing):
+    """The blocks' recomputation in backward runs outside the root's call: the attention
+    modules' own hooks must route it too (torch's non-reentrant checkpoint raises when the
+    recomputation saves other tensors than the forward did)."""
+    model, same, truth, _ = _triple(TinyLM(checkpointing=checkpointing))
+    x = torch.randn(2, 9, C, dtype=torch.float64)
+    for step in range(2):  # the first call discovers, the second runs on the targets' hooks
+        for m in (model, same, truth):
+            m.zero_grad()
+        outs, inputs = _forward_backward((model, same, truth), x)
+        _check_grads((model, same, truth), outs, inputs, f"{checkpointing} step {step}")
+    assert attention_calls(model) == {"fused": 8}  # 2 calls x 2 blocks x (forward + recompute)
+
+
+def test_transformer_encoder_layer_gets_fusedlm_multihead_attention():
+    """nn.MultiheadAttention dispatches F.multi_head_attention_forward as one function, so its
+    inner SDPA call runs with modes off: patch swaps the module for fusedlm's instead."""
+    torch.manual_seed(0)
+    layer = torch.nn.TransformerEncoderLayer(C, HEADS, 2 * C, dropout=0.0, batch_first=True,
+                                             norm_first=True)
+    model, same, truth, report = _triple(torch.nn.Sequential(layer))
+    assert type(model[0].self_attn) is fusedlm.nn.MultiheadAttention
+    assert "0.self_attn" in {s.name for s in report.swapped}, report
+    x = torch.randn(2, 7, C, dtype=torch.float64)
+    padding = torch.zeros(2, 7, dtype=torch.bool)
+    padding[1, 5:] = True  # right padding of row 1
+    for mode in ("train", "eval"):  # 3 heads: torch has no encoder-layer fast path in eval
+        OpDispatch.last_choice.clear()
+        outs = []
+        for m in (model, same, truth):
+            getattr(m, mode)()
+            with torch.set_grad_enabled(mode == "train"):
+                outs.append(m[0](x.to(next(m.parameters()).dtype), src_key_padding_mask=padding))
+        assert OpDispatch.last_choice["attention_fwd"] == "cpu"
+        assert_close_rule(outs[0], outs[1], outs[2], name=f"encoder layer output ({mode})")
+    fusedlm.unpatch(model)
+    assert type(model[0].self_attn) is torch.nn.MultiheadAttention
+
+
+def test_unpatch_removes_the_routing():
+    model, same, *_ = _triple(TinyLM())
+    x = torch.randn(2, 5, C)
+    with torch.no_grad():
+        model(x)
+        model(x)
+    assert attention_calls(model) == {"fused": 4}
+    report = fusedlm.unpatch(model)
+    assert any("torch's again" in note for note in report.notes), report
+    assert ROUTING_KEY not in model.__dict__
+    assert not any(m._forward_pre_hooks or m._forward_hooks for m in model.modules())
+    OpDispatch.last_choice.clear()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), same(x), rtol=0, atol=0)
+    assert "attention_fwd" not in OpDispatch.last_choice
+    assert attention_calls(model) == {}
+
+
+def test_patching_twice_keeps_one_routing():
+    model = TinyLM()
+    fusedlm.patch(model, attention=True)
+    routing = model.__dict__[ROUTING_KEY]
+    report = fusedlm.patch(model, attention=True)
+    assert model.__dict__[ROUTING_KEY] is routing
+    assert any("already routed" in note for note in report.notes), report
+    with torch.no_grad():
+        model(torch.randn(1, 4, C))
+    assert attention_calls(model) == {"fused": 2}
+
+
+def test_an_exception_in_forward_leaves_no_mode_behind():
+    model, *_ = _triple(TinyLM())
+    with pytest.raises(RuntimeError):
+        model(torch.randn(2, 5, C + 1))  # wrong width: the first Linear raises
+    assert torch._C._len_torch_function_stack() == 0
+    with torch.no_grad():
+        model(torch.randn(2, 5, C))  # still routed
+    assert attention_calls(model) == {"fused": 2}
+    assert torch._C._len_torch_function_stack() == 0
+
+
+def test_concurrent_threads_each_get_their_own_mode():
+    model, same, *_ = _triple(TinyLM())
+    x = torch.randn(2, 6, C)
+    with torch.no_grad():
+        want = same(x)
+    errors = []
+
+    def run():
+        try:
+            with torch.no_grad():
+                for _ in range(3):
+                    torch.testing.assert_close(model(x), want, rtol=1e-5, atol=1e-6)
+            assert torch._C._len_torch_function_stack() == 0
+        except Exception as exc:  # reported below: a thread's assert does not fail the test
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert attention_calls(model)["fused"] >= 12  # some calls may have run during discovery
+
+
+def test_mode_as_a_context_manager():
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 9, 8) for _ in range(3))
+    mode = FusedSDPAMode()
+    OpDispatch.last_choice.clear()
+    with mode:
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        dropped = F.scaled_dot_product_attention(q, k, v, dropout_p=0.5)  # torch's
+        added = q + k  # any other call passes through
+    assert mode.calls == {"fused": 1, "torch": 1}
+    assert OpDispatch.last_choice["attention_fwd"] == "cpu"
+    torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v, is_causal=True),
+                               rtol=1e-5, atol=1e-6)
+    assert dropped.shape == out.shape
+    torch.testing.assert_close(added, q + k, rtol=0, atol=0)
+    assert torch._C._len_torch_function_stack() == 0
+
+
+def test_mode_sends_calls_with_unknown_arguments_to_torch(monkeypatch):
+    """A keyword the route does not know (one a newer torch might add) goes to torch as is."""
+    from fusedlm.integrations import sdpa_mode
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("routed a call with an unknown argument")
+
+    monkeypatch.setattr(sdpa_mode, "sdpa_with_route", must_not_run)
+    q, k, v = (torch.randn(1, 2, 4, 8) for _ in range(3))
+    with FusedSDPAMode():
+        with pytest.raises(TypeError, match="future_option"):  # torch's own complaint
+            F.scaled_dot_product_attention(q, k, v, future_option=1)
+        with pytest.raises(TypeError):  # nine positional arguments
+            F.scaled_dot_product_attention(q, k, v, None, 0.0, False, None, False, 1)
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="backend"):
+        FusedSDPAMode(backend="gpu")
+    with pytest.raises(TypeError, match="attention"):
+        fusedlm.patch(TinyLM(), attention="yes")
+
+
+@pytest.mark.slow
+def test_compiled_patched_model_holds_fusedlm_attention():
+    model, same, *_ = _triple(TinyLM())
+    targets = []
+
+    def backend(gm, example_inputs):
+        targets.extend(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+        return gm.forward
+
+    compiled = torch.compile(model, backend=backend, fullgraph=True)
+    x = torch.randn(2, 5, C)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), same(x), rtol=1e-5, atol=1e-6)
+    assert targets.count("fusedlm.attention_fwd") == 2
+    assert torch._C._len_torch_function_stack() == 0

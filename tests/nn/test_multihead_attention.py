@@ -1,0 +1,176 @@
+"""fusedlm.nn.MultiheadAttention against torch.nn.MultiheadAttention holding the same
+parameters: outputs and gradients by DESIGN.md's rule (truth: torch's module in float64), and
+the calls it hands back to torch's forward (need_weights, dropout, bias_k, unbatched)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import fusedlm
+from fusedlm.backends import OpDispatch
+from tests.helpers import assert_close_rule, attention_refusal, available_backends, device_of
+
+BACKENDS = available_backends()
+E, HEADS = 24, 4
+
+
+def _modules(backend, dtype, device, **kwargs):
+    """(fusedlm module in dtype, torch module in dtype, torch module in float64)."""
+    torch.manual_seed(0)
+    reference = torch.nn.MultiheadAttention(E, HEADS, **kwargs)
+    with torch.no_grad():
+        for p in reference.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    fused = fusedlm.nn.MultiheadAttention.from_torch(copy.deepcopy(reference), backend)
+    return (fused.to(device, dtype), copy.deepcopy(reference).to(device, dtype),
+            copy.deepcopy(reference).to(device, torch.float64))
+
+
+def _inputs(kind, batch_first, N, L, S, kdim=E, vdim=E):
+    def shaped(T, width):
+        x = torch.randn(N, T, width, dtype=torch.float64)
+        return x if batch_first else x.transpose(0, 1)
+
+    query = shaped(L, E)
+    if kind == "self":
+        return query, query, query
+    return query, shaped(S, kdim), shaped(S, vdim)
+
+
+def _masks(mask_kind, N, L, S, dtype):
+    """(attn_mask, key_padding_mask, is_causal) for one mask case."""
+    hidden_future = torch.ones(L, S, dtype=torch.bool).triu(1 + S - L)  # True: hidden
+    padding = torch.zeros(N, S, dtype=torch.bool)
+    padding[-1, :2] = True  # left padding of the last row
+    if mask_kind == "none":
+        return None, None, False
+    if mask_kind == "causal_hint":
+        return torch.ones(L, S, dtype=torch.bool).triu(1), None, True
+    if mask_kind == "bool_attn":
+        return hidden_future, None, False
+    if mask_kind == "bool_padding":
+        return None, padding, False
+    if mask_kind == "both_bool":
+        return hidden_future, padding, False
+    if mask_kind == "float_padding":
+        return None, torch.zeros(N, S).masked_fill(padding, float("-inf")).to(dtype), False
+    if mask_kind == "float_bias":  # not a run of keys: the drop-in hands it to torch's SDPA
+        return torch.randn(L, S, dtype=dtype), padding, False
+    raise ValueError(mask_kind)
+
+
+def _run(module, inputs, dtype, device, attn_mask, key_padding_mask, is_causal, **kwargs):
+    params = next(module.parameters()).dtype
+    xs = []
+    for x in inputs:
+        if xs and x is inputs[0]:
+            xs.append(xs[0])  # self-attention: the same tensor object, as callers pass it
+            continue
+        xs.append(x.detach().to(device, params, copy=True).requires_grad_())
+    masks = [None if m is None else m.to(device, params if m.is_floating_point() else m.dtype)
+             for m in (attn_mask, key_padding_mask)]
+    out, weights = module(*xs, key_padding_mask=masks[1], attn_mask=masks[0],
+                          is_causal=is_causal, **kwargs)
+    return out, weights, xs
+
+
+def _check(fused, same, truth, inputs, dtype, device, mask_kind, N, L, S, need_weights=False):
+    attn_mask, key_padding_mask, is_causal = _masks(mask_kind, N, L, S, dtype)
+    results = [_run(m, inputs, dtype, device, attn_mask, key_padding_mask, is_causal,
+                    need_weights=need_weights) for m in (fused, same, truth)]
+    outs = [r[0] for r in results]
+    assert_close_rule(outs[0], outs[1], outs[2], name=f"{mask_kind} output")
+    grad = torch.randn(outs[2].shape, dtype=torch.float64, device=device)
+    for out in outs:
+        out.backward(grad.to(out.dtype))
+    for i in range(len(inputs)):
+        if i and inputs[i] is inputs[0]:
+            continue
+        assert_close_rule(*(r[2][i].grad for r in results), name=f"{mask_kind} input {i} grad")
+    named = [dict(m.named_parameters()) for m in (fused, same, truth)]
+    for name, p in named[0].items():
+        assert_close_rule(p.grad, named[1][name].grad, named[2][name].grad,
+                          name=f"{mask_kind} {name}.grad")
+    return results
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("mask_kind", ["none", "causal_hint", "bool_attn", "bool_padding",
+                                       "both_bool", "float_padding", "float_bias"])
+@pytest.mark.parametrize("kind", ["self", "cross"])
+@pytest.mark.parametrize("batch_first", [True, False], ids=["batch_first", "seq_first"])
+def test_fused_path_matches_torch(batch_first, kind, mask_kind, dtype, backend):
+    if attention_refusal(backend, dtype):
+        pytest.skip(attention_refusal(backend, dtype))
+    device = device_of(backend)
+    N, L = 3, 9
+    S = L if kind == "self" or mask_kind == "causal_hint" else 13
+    fused, same, truth = _modules(backend, dtype, device, batch_first=batch_first)
+    inputs = _inputs(kind, batch_first, N, L, S)
+    OpDispatch.last_choice.clear()
+    _check(fused, same, truth, inputs, dtype, device, mask_kind, N, L, S)
+    if mask_kind != "float_bias":  # the rest are runs of keys: our kernels
+        assert OpDispatch.last_choice["attention_fwd"] == backend
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_separate_projection_weights(bias):
+    """kdim/vdim != embed_dim: q/k/v_proj_weight instead of one in_proj_weight."""
+    fused, same, truth = _modules("cpu", torch.float32, "cpu", kdim=10, vdim=7, bias=bias,
+                                  batch_first=True)
+    assert not fused._qkv_same_embed_dim
+    inputs = _inputs("cross", True, 2, 5, 11, kdim=10, vdim=7)
+    OpDispatch.last_choice.clear()
+    _check(fused, same, truth, inputs, torch.float32, "cpu", "bool_padding", 2, 5, 11)
+    assert OpDispatch.last_choice["attention_fwd"] == "cpu"
+
+
+@pytest.mark.parametrize("case", ["need_weights", "dropout", "bias_kv", "zero_attn",
+                                  "unbatched", "per_head_mask"])
+def test_calls_the_fused_path_cannot_take_run_torchs_forward(case):
+    kwargs = {"batch_first": True}
+    if case == "dropout":
+        kwargs["dropout"] = 0.5
+    if case == "bias_kv":
+        kwargs["add_bias_kv"] = True
+    if case == "zero_attn":
+        kwargs["add_zero_attn"] = True
+    fused, same, _ = _modules("cpu", torch.float32, "cpu", **kwargs)
+    x = torch.randn(2, 6, E)
+    call = {"need_weights": case == "need_weights"}
+    if case == "unbatched":
+        x = x[0]
+    if case == "per_head_mask":
+        call["attn_mask"] = torch.rand(2 * HEADS, 6, 6) > 0.3
+        call["attn_mask"][..., 0] = False  # every query sees key 0
+    OpDispatch.last_choice.clear()
+    for m in (fused, same):
+        m.train(case == "dropout")
+    torch.manual_seed(1)
+    out, weights = fused(x, x, x, **call)
+    torch.manual_seed(1)
+    want, want_weights = same(x, x, x, **call)
+    assert "attention_fwd" not in OpDispatch.last_choice
+    torch.testing.assert_close(out, want, rtol=0, atol=0)
+    if case == "need_weights":
+        torch.testing.assert_close(weights, want_weights, rtol=0, atol=0)
+
+
+def test_state_dict_and_module_api_are_torchs():
+    torch_module = torch.nn.MultiheadAttention(E, HEADS, batch_first=True)
+    fused = fusedlm.nn.MultiheadAttention(E, HEADS, batch_first=True, backend="cpu")
+    assert isinstance(fused, torch.nn.MultiheadAttention)
+    fused.load_state_dict(torch_module.state_dict())
+    assert list(fused.state_dict()) == list(torch_module.state_dict())
+    shared = fusedlm.nn.MultiheadAttention.from_torch(torch_module, "cpu")
+    assert shared.in_proj_weight is torch_module.in_proj_weight
+    x = torch.randn(2, 5, E)
+    with torch.no_grad():
+        out, weights = shared(x, x, x, need_weights=False)
+        want = torch_module(x, x, x, need_weights=False)[0]
+    assert weights is None
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-6)
