@@ -6,6 +6,7 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import fusedlm
 from fusedlm.backends import OpDispatch
@@ -177,6 +178,100 @@ def test_patch_custom_layernorm_probe():
     assert list(model.state_dict()) == list(same.state_dict())
     fusedlm.unpatch(model)
     assert [type(m) for m in model[:2]] == [WeightOnlyLayerNorm, AffineLayerNorm]
+
+
+@needs_cpu
+def test_patch_probes_torch_norm_subclasses_with_their_own_forward():
+    class LayerNorm1P(torch.nn.LayerNorm):  # as Nemotron's: (1 + weight), computed in float32
+        def forward(self, x):
+            return F.layer_norm(x.float(), self.normalized_shape, self.weight.float() + 1,
+                                self.bias.float(), self.eps).to(x.dtype)
+
+    class HalfEpsRMSNorm(torch.nn.RMSNorm):  # its own forward, and not an RMSNorm of its eps
+        def forward(self, x):
+            return F.rms_norm(x, self.normalized_shape, self.weight, self.eps * 100)
+
+    class Fp32LayerNorm(torch.nn.LayerNorm):  # as fairseq's: computes in float32, no offset
+        def forward(self, x):
+            return F.layer_norm(x.float(), self.normalized_shape, self.weight.float(),
+                                self.bias.float(), self.eps).to(x.dtype)
+
+    model = torch.nn.Sequential(LayerNorm1P(16), HalfEpsRMSNorm(16, eps=1e-3),
+                                Fp32LayerNorm(16))
+    _randomize(model)
+    same = copy.deepcopy(model)
+    plain = fusedlm.patch(copy.deepcopy(model))  # torch's classes only: all three left alone
+    assert not plain.swapped
+    assert all("with its own forward" in left.reason for left in plain.left), plain
+    report = fusedlm.patch(model, custom_rmsnorm=True, custom_layernorm=True)
+    assert [s.name for s in report.swapped] == ["0", "2"], report
+    assert "Nemotron-style" in report.swapped[0].note
+    assert [m.name for m in report.left] == ["1"] and "eps=0.001" in report.left[0].reason
+    assert (model[0].offset, model[2].offset) == (1.0, 0.0)
+    x = torch.randn(4, 16) * 2 + 1
+    OpDispatch.last_choice.clear()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), same(x))
+    assert OpDispatch.last_choice["layer_norm_fwd"] == "cpu"
+    fusedlm.unpatch(model)
+    assert [type(m) for m in model] == [LayerNorm1P, HalfEpsRMSNorm, Fp32LayerNorm]
+
+
+@needs_cpu
+def test_patch_probes_norms_without_parameters():
+    class OlmoLikeLayerNorm(torch.nn.Module):  # no parameters, no eps attribute
+        def __init__(self, n):
+            super().__init__()
+            self.normalized_shape = (n,)
+
+        def forward(self, x):
+            return F.layer_norm(x.float(), self.normalized_shape, None, None, 1e-5).to(x.dtype)
+
+    class PlainRMSNorm(torch.nn.Module):  # an int width and an eps attribute
+        def __init__(self, n, eps=1e-6):
+            super().__init__()
+            self.normalized_shape, self.eps = n, eps
+
+        def forward(self, x):
+            return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+
+    class OddEpsNorm(OlmoLikeLayerNorm):  # an eps that is none of the probe's candidates
+        def forward(self, x):
+            return F.layer_norm(x, self.normalized_shape, None, None, 1e-3)
+
+    model = torch.nn.Sequential(OlmoLikeLayerNorm(16), PlainRMSNorm(16), OddEpsNorm(16))
+    same = copy.deepcopy(model)
+    report = fusedlm.patch(model, custom_rmsnorm=True, custom_layernorm=True)
+    assert [s.name for s in report.swapped] == ["0", "1"], report
+    assert "eps 1e-05 found by the probe" in report.swapped[0].note
+    assert "found by the probe" not in report.swapped[1].note  # its own eps attribute
+    assert [m.name for m in report.left] == ["2"] and "none of eps" in report.left[0].reason
+    assert type(model[0]).__name__ == "ModelLayerNorm"
+    assert type(model[1]).__name__ == "ModelRMSNorm"
+    assert model[0].probed_dtypes == (torch.float32, torch.bfloat16, torch.float16)
+    assert list(model.state_dict()) == []
+    for dtype in (torch.float32, torch.bfloat16):
+        x = (torch.randn(3, 5, 16) * 2 + 1).to(dtype)
+        OpDispatch.last_choice.clear()
+        with torch.no_grad():
+            out, want = model[:2](x), same[:2](x)
+        assert OpDispatch.last_choice["layer_norm_fwd"] == "cpu"
+        assert OpDispatch.last_choice["rms_norm_fwd"] == "cpu"
+        tol = {torch.float32: 1e-5, torch.bfloat16: 2e-2}[dtype]
+        torch.testing.assert_close(out, want, rtol=tol, atol=tol)
+    x64 = torch.randn(2, 16, dtype=torch.float64)  # a dtype the probe did not check
+    OpDispatch.last_choice.clear()
+    torch.testing.assert_close(model[0](x64), same[0](x64), rtol=0, atol=0)
+    assert "layer_norm_fwd" not in OpDispatch.last_choice
+    fusedlm.unpatch(model)
+    assert [type(m) for m in model] == [OlmoLikeLayerNorm, PlainRMSNorm, OddEpsNorm]
+    assert model[0].normalized_shape == (16,) and model[1].normalized_shape == 16
+
+
+def _randomize(model):
+    with torch.no_grad():
+        for p in model.parameters():
+            p.uniform_(0.5, 1.5)
 
 
 def test_patch_bad_arguments():

@@ -228,6 +228,35 @@ def test_unpatch_removes_the_routing():
     assert attention_calls(model) == {}
 
 
+@pytest.mark.parametrize("how", ["deepcopy", "torch.save"])
+def test_a_copy_of_a_patched_model_routes_on_its_own(how):
+    """EMA copies and whole-model saves: the copy's hooks and routing are its own."""
+    import io
+
+    model, same, *_ = _triple(TinyLM())
+    x = torch.randn(2, 5, C)
+    with torch.no_grad():
+        model(x)
+        if how == "deepcopy":
+            copied = copy.deepcopy(model)
+        else:
+            buffer = io.BytesIO()
+            torch.save(model, buffer)
+            buffer.seek(0)
+            copied = torch.load(buffer, weights_only=False)
+        before = attention_calls(model).copy()
+        for _ in range(2):
+            torch.testing.assert_close(copied(x), same(x), rtol=1e-5, atol=1e-6)
+    assert attention_calls(model) == before
+    assert attention_calls(copied)["fused"] == before["fused"] + 4
+    assert copied.__dict__[ROUTING_KEY].targets == [block.attn for block in copied.blocks]
+    fusedlm.unpatch(copied)
+    assert not any(m._forward_pre_hooks or m._forward_hooks for m in copied.modules())
+    with torch.no_grad():
+        model(x)  # the original still routes
+    assert attention_calls(model)["fused"] == before["fused"] + 2
+
+
 def test_patching_twice_keeps_one_routing():
     model = TinyLM()
     fusedlm.patch(model, attention=True)

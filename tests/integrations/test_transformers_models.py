@@ -45,6 +45,11 @@ ARCHITECTURES = {
              dict(DECODER, num_key_value_heads=2, pad_token_id=0), "text", True),
     "olmo2": ("Olmo2ForCausalLM", "Olmo2Config", dict(DECODER, num_key_value_heads=2), "text",
               True),
+    # OLMo's LayerNorm has no parameters and no eps attribute (1e-5 in its code).
+    "olmo": ("OlmoForCausalLM", "OlmoConfig", dict(DECODER, num_key_value_heads=2), "text", True),
+    # Nemotron's LayerNorm1P: a torch.nn.LayerNorm subclass computing with (1 + weight).
+    "nemotron": ("NemotronForCausalLM", "NemotronConfig", dict(DECODER, num_key_value_heads=2),
+                 "text", True),
     "gpt_neox": ("GPTNeoXForCausalLM", "GPTNeoXConfig", DECODER, "text", True),
     "opt": ("OPTForCausalLM", "OPTConfig",
             dict(vocab_size=VOCAB, hidden_size=64, ffn_dim=96, num_hidden_layers=2,
@@ -129,6 +134,8 @@ def test_apply_gives_the_unpatched_output(name, padded):
     previous = model.config._attn_implementation
     report = fhf.apply(model)
     assert report.swapped, str(report)  # every one of these has norms we take
+    if name in ("olmo", "nemotron"):  # model-specific classes the probe must take
+        assert not [left for left in report.left if "Norm" in left.cls], str(report)
     if switched:
         assert model.config._attn_implementation == "fusedlm", str(report)
     else:
@@ -148,9 +155,9 @@ def test_apply_gives_the_unpatched_output(name, padded):
         expected = expected[real] if expected is not None else None
     if not switched:
         assert not calls
-    elif name in ("qwen3", "phi3", "olmo2", "gpt_neox", "opt", "mixtral", "deepseek_v3",
-                  "roberta", "modernbert", "bart", "vit", "mistral_window", "gemma3",
-                  "starcoder2_window", "modernbert_local"):
+    elif name in ("qwen3", "phi3", "olmo2", "olmo", "nemotron", "gpt_neox", "opt", "mixtral",
+                  "deepseek_v3", "roberta", "modernbert", "bart", "vit", "mistral_window",
+                  "gemma3", "starcoder2_window", "modernbert_local"):
         # No mask our kernels cannot take (sliding windows and left padding included): all
         # fused.
         assert set(calls) == {"fused"}, calls

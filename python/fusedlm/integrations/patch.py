@@ -11,8 +11,13 @@ swaps a model's own RMSNorm classes (``LlamaRMSNorm``, ``GemmaRMSNorm``, ...): m
 whose ``forward`` a numeric probe shows to be ``rms_norm(x) * weight`` or, Gemma-style,
 ``rms_norm(x) * (1 + weight)``. ``custom_layernorm=True`` (also used by ``apply``) does the same
 for a model's own LayerNorm classes (``CohereLayerNorm``, ``DebertaLayerNorm``, ...): a 1-D
-``weight`` and optionally a 1-D ``bias``, probed to be ``layer_norm(x) * weight (+ bias)``.
-Anything else is left alone, and the report says why.
+``weight`` and optionally a 1-D ``bias``, probed to be ``layer_norm(x) * weight (+ bias)`` or,
+Nemotron-style, ``layer_norm(x) * (1 + weight) (+ bias)``. With these flags, subclasses of
+torch's classes that have their own ``forward`` (``NemotronLayerNorm1P``) go through the same
+probe, and so do norms without parameters that hold a one-dimensional ``normalized_shape``
+(``OlmoLayerNorm``; without an ``eps`` attribute the probe tries 1e-5, 1e-6, 1e-8 and 1e-12).
+Anything else is left alone, and the report says why. ``attention=True`` also routes the
+model's attention (``fusedlm.integrations.sdpa_mode``).
 """
 
 from __future__ import annotations
@@ -80,13 +85,15 @@ class ModelRMSNorm(RMSNorm):
 
     ``offset`` is 0 for ``x_hat * weight`` and 1 for Gemma's ``x_hat * (1 + weight)`` (computed
     in float32 on the fly; the stored parameter is unchanged). Inputs whose dtype differs from
-    the weight's, which the probe did not check, run the original class's ``forward``."""
+    the weight's (for a norm without weight: a dtype the probe did not check) run the original
+    class's ``forward``."""
 
     offset: float = 0.0
+    probed_dtypes: tuple = ()  # a norm without weight: the input dtypes the probe passed
 
     def forward(self, x: Tensor) -> Tensor:
-        weight = self.weight
-        if weight is None or x.dtype != weight.dtype or x.dim() == 0:
+        weight = self._parameters.get("weight")
+        if not _probed_input(x, weight, self.probed_dtypes):
             original_cls = self.__dict__[_RESTORE_KEY][0]
             return original_cls.forward(self, x)
         if self.offset:
@@ -99,21 +106,34 @@ class ModelRMSNorm(RMSNorm):
 
 class ModelLayerNorm(LayerNorm):
     """Stands in for a model's own LayerNorm class (found by :func:`patch`'s probe):
-    ``layer_norm(x) * weight (+ bias)`` with the same parameter objects, ``state_dict`` keys and
-    attributes. Inputs whose dtype differs from the weight's, which the probe did not check,
-    run the original class's ``forward``."""
+    ``layer_norm(x) * (offset + weight) (+ bias)``, or no affine part at all (OLMo's), with the
+    same parameter objects, ``state_dict`` keys and attributes. ``offset`` is 0, or 1 for
+    Nemotron's ``LayerNorm1P``. Inputs whose dtype differs from the weight's (for a norm without
+    weight: a dtype the probe did not check) run the original class's ``forward``."""
+
+    offset: float = 0.0
+    probed_dtypes: tuple = ()
 
     def forward(self, x: Tensor) -> Tensor:
         weight = self._parameters.get("weight")
-        if weight is None or x.dtype != weight.dtype or x.dim() == 0:
+        if not _probed_input(x, weight, self.probed_dtypes):
             original_cls = self.__dict__[_RESTORE_KEY][0]
             return original_cls.forward(self, x)
+        if self.offset:
+            weight = weight.float() + self.offset
         bias = self._parameters.get("bias")  # absent, not None, on e.g. CohereLayerNorm
         return layer_norm(x, self.normalized_shape, weight, bias, self.eps, self.backend)
 
     def extra_repr(self) -> str:
         bias = self._parameters.get("bias") is not None
-        return f"{self.normalized_shape}, eps={self.eps}, bias={bias}"
+        return (f"{self.normalized_shape}, eps={self.eps}, bias={bias}"
+                + (f", offset={self.offset}" if self.offset else ""))
+
+
+def _probed_input(x: Tensor, weight: Tensor | None, probed_dtypes: tuple) -> bool:
+    if not isinstance(x, Tensor) or x.dim() == 0:
+        return False
+    return x.dtype == weight.dtype if weight is not None else x.dtype in probed_dtypes
 
 
 def _swap_object(module: torch.nn.Module, new_cls: type, attrs: dict) -> torch.nn.Module:
@@ -162,25 +182,36 @@ def _eps_of(module: torch.nn.Module) -> float | None:
 
 
 _PROBE_TOL = {torch.float64: 1e-9, torch.float32: 2e-5, torch.float16: 2e-2, torch.bfloat16: 4e-2}
+# A norm without an eps attribute (OLMo's LayerNorm hard-codes 1e-5): the values the probe tries.
+_EPS_CANDIDATES = (1e-5, 1e-6, 1e-8, 1e-12)
+_KIND_FORMULAS = {"rms": "rms_norm(x) * weight", "rms+1": "rms_norm(x) * (1 + weight)",
+                  "layer": "layer_norm(x) * weight", "layer+1": "layer_norm(x) * (1 + weight)"}
 
 
-def _probe_norm(module: torch.nn.Module, weight: Tensor, bias: Tensor | None, eps: float,
-                kinds: tuple[str, ...]) -> tuple[str | None, str]:
+def _probe_norm(module: torch.nn.Module, weight: Tensor | None, bias: Tensor | None, eps: float,
+                kinds: tuple[str, ...], n: int | None = None,
+                dtype: torch.dtype | None = None) -> tuple[str | None, str]:
     """(kind, detail): the first of ``kinds`` that ``module(x)`` equals on random inputs and
     random parameters (put in with ``functional_call``, so the real ones are not touched):
     "rms" ``rms_norm(x) * weight``, "rms+1" ``rms_norm(x) * (1 + weight)`` (Gemma), "layer"
-    ``layer_norm(x) * weight + bias`` (no bias term where the module has none); else
-    (None, why not)."""
-    if weight.device.type == "meta":
+    ``layer_norm(x) * weight + bias`` (no bias term where the module has none), "layer+1"
+    ``layer_norm(x) * (1 + weight) + bias`` (Nemotron); else (None, why not). A module without
+    weight (``weight`` None) is probed on CPU inputs of width ``n`` and ``dtype``, without the
+    weight term."""
+    device = torch.device("cpu") if weight is None else weight.device
+    dtype = weight.dtype if weight is not None else dtype
+    n = weight.shape[0] if weight is not None else n
+    if device.type == "meta":
         return None, "its parameters are on the meta device (cannot probe)"
-    if weight.dtype not in _PROBE_TOL:
-        return None, f"weight dtype {weight.dtype} is not a floating type fusedlm supports"
-    n = weight.shape[0]
+    if dtype not in _PROBE_TOL:
+        return None, f"weight dtype {dtype} is not a floating type fusedlm supports"
     gen = torch.Generator().manual_seed(0)
-    probe = {"weight": (torch.rand(n, generator=gen) + 0.5).to(weight.device, weight.dtype)}
+    probe = {}
+    if weight is not None:
+        probe["weight"] = (torch.rand(n, generator=gen) + 0.5).to(device, dtype)
     if bias is not None:
         probe["bias"] = torch.randn(n, generator=gen).to(bias.device, bias.dtype)
-    tol = _PROBE_TOL[weight.dtype]
+    tol = _PROBE_TOL[dtype]
     errors = dict.fromkeys(kinds, 0.0)
     try:
         with torch.no_grad():
@@ -188,19 +219,19 @@ def _probe_norm(module: torch.nn.Module, weight: Tensor, bias: Tensor | None, ep
             # must not), and one at the scale of eps, so a wrong eps shows.
             for scale in (1.0, math.sqrt(eps) if eps > 0 else 1e-3):
                 x = torch.randn(2, 3, n, generator=gen, dtype=torch.float64) + 0.5
-                x = (x * scale).to(weight.device, weight.dtype)
+                x = (x * scale).to(device, dtype)
                 y = torch.func.functional_call(module, probe, (x,))
                 if not isinstance(y, Tensor) or y.shape != x.shape:
                     return None, "its forward does not return a tensor of the input's shape"
                 y, x64 = y.double(), x.double()
-                w64 = probe["weight"].double()
+                w64 = probe["weight"].double() if weight is not None else None
                 b64 = probe["bias"].double() if bias is not None else None
                 for kind in kinds:
-                    if kind == "layer":
-                        want = F.layer_norm(x64, (n,), w64, b64, eps)
+                    w = w64 + 1.0 if kind.endswith("+1") else w64
+                    if kind.startswith("layer"):
+                        want = F.layer_norm(x64, (n,), w, b64, eps)
                     else:
-                        want = F.rms_norm(x64, (n,), w64 + (1.0 if kind == "rms+1" else 0.0),
-                                          eps)
+                        want = F.rms_norm(x64, (n,), w, eps)
                     err = ((y - want).abs().max() / want.abs().max().clamp_min(1e-30)).item()
                     errors[kind] = max(errors[kind], err)
     except Exception as exc:  # a module whose forward needs more than one tensor, etc.
@@ -208,14 +239,48 @@ def _probe_norm(module: torch.nn.Module, weight: Tensor, bias: Tensor | None, ep
     for kind, err in errors.items():
         if err <= tol:
             return kind, f"probe error {err:.1e}"
-    names = {"rms": "rms_norm(x) * weight", "rms+1": "rms_norm(x) * (1 + weight)",
-             "layer": "layer_norm(x) * weight" + (" + bias" if bias is not None else "")}
-    return None, (f"its forward is not {' nor '.join(names[k] for k in kinds)} with eps={eps:g} "
+    bias_term = " + bias" if bias is not None else ""
+    formulas = [_KIND_FORMULAS[k] + (bias_term if k.startswith("layer") else "") for k in kinds]
+    if weight is None:
+        formulas = [f.split(" * ")[0] for f in formulas]
+    return None, (f"its forward is not {' nor '.join(formulas)} with eps={eps:g} "
                   f"(probe relative errors {', '.join(f'{errors[k]:.1e}' for k in kinds)})")
+
+
+def _probe_weightless(module: torch.nn.Module, n: int, eps: float | None,
+                      kinds: tuple[str, ...]) -> tuple[str | None, str, float, tuple]:
+    """A norm without parameters: (kind, detail, eps, input dtypes it matches). Its eps is the
+    module's, or the first of _EPS_CANDIDATES the probe accepts."""
+    detail = ""
+    for candidate in (eps,) if eps is not None else _EPS_CANDIDATES:
+        kind, detail = _probe_norm(module, None, None, candidate, kinds, n, torch.float32)
+        if kind is None:
+            continue
+        dtypes = [torch.float32]
+        for dtype in (torch.bfloat16, torch.float16):
+            if _probe_norm(module, None, None, candidate, (kind,), n, dtype)[0] == kind:
+                dtypes.append(dtype)
+        found = "" if eps is not None else f"eps {candidate:g} found by the probe, "
+        return kind, found + detail, candidate, tuple(dtypes)
+    if eps is None:
+        detail = ("no 'eps' attribute, and the probe matched none of eps = "
+                  + ", ".join(f"{e:g}" for e in _EPS_CANDIDATES))
+    return None, detail, 0.0, ()
 
 
 def _looks_like_norm(module: torch.nn.Module) -> bool:
     return "norm" in type(module).__name__.lower()
+
+
+def _normalized_width(module: torch.nn.Module) -> int | None:
+    """The width of a parameter-free norm's ``normalized_shape`` attribute (an int or a 1-tuple),
+    or None."""
+    shape = module.__dict__.get("normalized_shape")
+    if isinstance(shape, (tuple, list, torch.Size)) and len(shape) == 1:
+        shape = shape[0]
+    if isinstance(shape, numbers.Integral) and not isinstance(shape, bool) and shape > 0:
+        return int(shape)
+    return None
 
 
 def _replacement(module: torch.nn.Module, backend: str, custom_rmsnorm: bool,
@@ -223,28 +288,40 @@ def _replacement(module: torch.nn.Module, backend: str, custom_rmsnorm: bool,
     """(new module, note) or (None, reason it is left alone) or (None, None) if not a norm."""
     if _RESTORE_KEY in module.__dict__ or isinstance(module, (LayerNorm, RMSNorm)):
         return None, "already a fusedlm module"
+    # torch's classes, and subclasses that keep their forward, are swapped without a probe;
+    # subclasses with their own forward go to the probe when custom classes are asked for.
+    kinds: tuple[str, ...]
     if isinstance(module, torch.nn.LayerNorm):
-        if _own_forward(module, torch.nn.LayerNorm):
+        if not _own_forward(module, torch.nn.LayerNorm):
+            return _swap_object(module, LayerNorm, {"backend": backend}), ""
+        if not custom_layernorm:
             return None, "subclass of torch.nn.LayerNorm with its own forward"
-        return _swap_object(module, LayerNorm, {"backend": backend}), ""
-    if isinstance(module, torch.nn.RMSNorm):
-        if _own_forward(module, torch.nn.RMSNorm):
+        kinds = ("layer", "layer+1")
+    elif isinstance(module, torch.nn.RMSNorm):
+        if not _own_forward(module, torch.nn.RMSNorm):
+            return _swap_object(module, RMSNorm, {"backend": backend}), ""
+        if not custom_rmsnorm:
             return None, "subclass of torch.nn.RMSNorm with its own forward"
-        return _swap_object(module, RMSNorm, {"backend": backend}), ""
-    if not (custom_rmsnorm or custom_layernorm):
+        kinds = ("rms", "rms+1")
+    elif not (custom_rmsnorm or custom_layernorm):
         if _looks_like_norm(module):
             return None, "not torch.nn.LayerNorm / torch.nn.RMSNorm"
         return None, None
+    else:
+        kinds = ((("rms", "rms+1") if custom_rmsnorm else ())
+                 + (("layer", "layer+1") if custom_layernorm else ()))
     params = dict(module.named_parameters(recurse=False))
     eps = _eps_of(module)
     weight, bias = params.get("weight"), params.get("bias")
+    if bias is not None:
+        kinds = tuple(k for k in kinds if k.startswith("layer"))
+    if not params and not module._modules and _normalized_width(module) is not None:
+        return _weightless_replacement(module, backend, eps, kinds)
     shaped_like_norm = (
         set(params) in ({"weight"}, {"weight", "bias"}) and weight is not None
         and weight.dim() == 1 and (bias is None or bias.shape == weight.shape)
         and eps is not None and not module._modules
     )
-    kinds = ((("rms", "rms+1") if custom_rmsnorm and bias is None else ())
-             + (("layer",) if custom_layernorm else ()))
     if not shaped_like_norm or not kinds:
         if _looks_like_norm(module):
             wanted = " or ".join(w for w, on in (("an RMSNorm", custom_rmsnorm),
@@ -252,17 +329,34 @@ def _replacement(module: torch.nn.Module, backend: str, custom_rmsnorm: bool,
             return None, (f"not {wanted} by its parameters (needs a 1-D 'weight'"
                           + (", a bias of the same shape or none" if custom_layernorm
                              else ", no bias")
-                          + ", an 'eps' or 'variance_epsilon' attribute, no submodules)")
+                          + ", an 'eps' or 'variance_epsilon' attribute, no submodules; or no "
+                          "parameters and a one-dimensional 'normalized_shape')")
         return None, None
     kind, detail = _probe_norm(module, weight, bias, eps, kinds)
     if kind is None:
         return None, detail
     attrs = {"normalized_shape": (weight.shape[0],), "eps": eps, "elementwise_affine": True,
-             "backend": backend}
-    if kind == "layer":
-        return _swap_object(module, ModelLayerNorm, attrs), detail
-    new = _swap_object(module, ModelRMSNorm, {**attrs, "offset": 1.0 if kind == "rms+1" else 0.0})
-    return new, ("weight offset 1 (Gemma-style), " if kind == "rms+1" else "") + detail
+             "backend": backend, "offset": 1.0 if kind.endswith("+1") else 0.0}
+    new = _swap_object(module, ModelLayerNorm if kind.startswith("layer") else ModelRMSNorm,
+                       attrs)
+    offset = ("weight offset 1 (" + ("Gemma" if kind == "rms+1" else "Nemotron")
+              + "-style), " if kind.endswith("+1") else "")
+    return new, offset + detail
+
+
+def _weightless_replacement(module: torch.nn.Module, backend: str, eps: float | None,
+                            kinds: tuple[str, ...]):
+    """A parameter-free norm (OLMo's LayerNorm): probed without weight, on CPU inputs."""
+    kinds = tuple(k for k in kinds if not k.endswith("+1"))
+    n = _normalized_width(module)
+    kind, detail, eps, dtypes = _probe_weightless(module, n, eps, kinds)
+    if kind is None:
+        return None, detail
+    attrs = {"normalized_shape": (n,), "eps": eps, "elementwise_affine": False,
+             "backend": backend, "probed_dtypes": dtypes}
+    new = _swap_object(module, ModelLayerNorm if kind == "layer" else ModelRMSNorm, attrs)
+    names = ", ".join(str(d).removeprefix("torch.") for d in dtypes)
+    return new, f"no weight, {detail}; runs fusedlm's kernel for {names} inputs"
 
 
 def _swap_children(model: torch.nn.Module, replacement, report: PatchReport) -> None:

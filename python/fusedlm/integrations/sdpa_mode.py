@@ -99,6 +99,18 @@ class AttentionRouting:
         self._in_flight = 0
         self._attach(modules)
 
+    def __getstate__(self) -> dict:
+        # deepcopy / pickle of a patched model: the copy gets its own lock and per-thread state
+        state = dict(self.__dict__)
+        del state["_thread"], state["_lock"]
+        state["_in_flight"] = 0
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._thread = threading.local()
+        self._lock = threading.Lock()
+
     def _attach(self, modules: list[torch.nn.Module]) -> None:
         for module in modules:
             self._handles.append(module.register_forward_pre_hook(self._enter))
