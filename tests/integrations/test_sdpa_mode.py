@@ -18,11 +18,19 @@ import fusedlm
 from fusedlm.backends import OpDispatch
 from fusedlm.integrations import FusedSDPAMode, attention_calls
 from fusedlm.integrations.sdpa_mode import ROUTING_KEY
-from tests.helpers import assert_close_rule, cpu_backend_available, cpu_unavailable_reason
+from tests.helpers import (
+    assert_close_rule,
+    attention_refusal,
+    available_backends,
+    cpu_backend_available,
+    cpu_unavailable_reason,
+    device_of,
+)
 
 pytestmark = pytest.mark.skipif(not cpu_backend_available(), reason=cpu_unavailable_reason())
 
 C, HEADS = 24, 3
+BACKENDS = available_backends()
 
 
 class SelfAttention(torch.nn.Module):
@@ -149,6 +157,33 @@ def test_patched_model_matches_the_unpatched_one(kv_heads, mask_kind):
     if mask_kind != "bias":
         assert OpDispatch.last_choice["attention_fwd"] == "cpu"
         assert OpDispatch.last_choice["attention_bwd"] == "cpu"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_patched_model_on_each_backend(dtype, backend):
+    """patch(model, attention=True, backend=...) on the backend's device and a training dtype."""
+    if attention_refusal(backend, dtype):
+        pytest.skip(attention_refusal(backend, dtype))
+    device = device_of(backend)
+    torch.manual_seed(0)
+    model = TinyLM(kv_heads=1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    same, truth = copy.deepcopy(model), copy.deepcopy(model).double()
+    model, same, truth = model.to(device, dtype), same.to(device, dtype), truth.to(device)
+    fusedlm.patch(model, attention=True, backend=backend)
+    x = torch.randn(2, 70, C, dtype=torch.float64, device=device)
+    for step in range(2):
+        for m in (model, same, truth):
+            m.zero_grad()
+        OpDispatch.last_choice.clear()
+        outs, inputs = _forward_backward((model, same, truth), x)
+        _check_grads((model, same, truth), outs, inputs, f"{backend} {dtype} step {step}")
+        assert OpDispatch.last_choice["attention_fwd"] == backend
+        assert OpDispatch.last_choice["attention_bwd"] == backend
+    assert attention_calls(model) == {"fused": 4}
 
 
 def test_discovery_keeps_hooks_on_the_attention_modules_only():

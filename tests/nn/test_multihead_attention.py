@@ -98,7 +98,7 @@ def _check(fused, same, truth, inputs, dtype, device, mask_kind, N, L, S, need_w
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("mask_kind", ["none", "causal_hint", "bool_attn", "bool_padding",
                                        "both_bool", "float_padding", "float_bias"])
 @pytest.mark.parametrize("kind", ["self", "cross"])
