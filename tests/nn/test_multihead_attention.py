@@ -174,3 +174,71 @@ def test_state_dict_and_module_api_are_torchs():
         want = torch_module(x, x, x, need_weights=False)[0]
     assert weights is None
     torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-6)
+
+
+def _count_inspections(monkeypatch) -> list:
+    import importlib
+
+    attention_ops = importlib.import_module("fusedlm.ops.attention")  # the module, not the op
+    inspections = []
+    layout_of = attention_ops._layout_of
+    monkeypatch.setattr(attention_ops, "_layout_of",
+                        lambda *a: inspections.append(1) or layout_of(*a))
+    return inspections
+
+
+def test_encoder_layers_share_one_mask_inspection(monkeypatch):
+    """nn.TransformerEncoder converts the key padding mask once per forward and hands each
+    layer that tensor: the merged mask is built and inspected on the host once per forward,
+    not once per layer."""
+    inspections = _count_inspections(monkeypatch)
+    torch.manual_seed(0)
+    layer = torch.nn.TransformerEncoderLayer(E, HEADS, 2 * E, dropout=0.0, batch_first=True)
+    encoder = torch.nn.TransformerEncoder(layer, num_layers=3, enable_nested_tensor=False)
+    same = copy.deepcopy(encoder)
+    report = fusedlm.patch(encoder, attention=True)
+    assert sum("self_attn" in s.name for s in report.swapped) == 3, report
+    x = torch.randn(2, 6, E)
+    padding = torch.zeros(2, 6, dtype=torch.bool)
+    padding[0, 4:] = True
+    with torch.no_grad():
+        for step in range(1, 3):
+            OpDispatch.last_choice.clear()
+            torch.testing.assert_close(encoder(x, src_key_padding_mask=padding),
+                                       same(x, src_key_padding_mask=padding),
+                                       rtol=1e-5, atol=1e-5)
+            assert OpDispatch.last_choice["attention_fwd"] == "cpu"
+            assert len(inspections) == step
+    from fusedlm.nn import multihead_attention
+
+    # The encoder's float copy of the mask is freed after each forward, and with it the merge.
+    assert multihead_attention._merged_masks == []
+
+
+def test_a_modified_mask_is_merged_again(monkeypatch):
+    inspections = _count_inspections(monkeypatch)
+    fused, same, _ = _modules("cpu", torch.float32, "cpu", batch_first=True)
+    x = torch.randn(2, 6, E)
+    padding = torch.zeros(2, 6, dtype=torch.bool)
+    padding[0, 4:] = True
+
+    def check(mask):
+        with torch.no_grad():
+            torch.testing.assert_close(
+                fused(x, x, x, key_padding_mask=mask, need_weights=False)[0],
+                same(x, x, x, key_padding_mask=mask, need_weights=False)[0],
+                rtol=1e-5, atol=1e-5)
+
+    check(padding)
+    check(padding)  # the same tensor, unmodified: no new inspection
+    assert len(inspections) == 1
+    padding[1, :2] = True  # modified in place (left padding of row 1): merged and inspected again
+    check(padding)
+    assert len(inspections) == 2
+    padding = padding.clone()  # a new tensor with the same values
+    check(padding)
+    assert len(inspections) == 3
+    from fusedlm.nn import multihead_attention
+
+    del padding  # the cache holds no merged mask past its inputs
+    assert multihead_attention._merged_masks == []

@@ -4,12 +4,28 @@ kernels when the call lets it (``need_weights=False``, as ``nn.TransformerEncode
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from ..ops.attention import sdpa_with_route
 from .norm import _rebind
+
+# Merged masks of live input masks: [input refs, their _versions, (N, L, S, dtype), merged],
+# newest last. nn.TransformerEncoder hands every layer the same masks: the layers after the
+# first get the same merged tensor, whose layout the drop-in has cached (one host sync per
+# forward, not per layer). An entry leaves when an input mask is freed.
+_merged_masks: list = []
+_MERGED_MASKS_MAX = 4
+
+
+def _forget(entry: list) -> None:
+    for i, cached in enumerate(_merged_masks):
+        if cached is entry:  # identity: list equality would compare the tensors
+            del _merged_masks[i]
+            return
 
 
 class MultiheadAttention(torch.nn.MultiheadAttention):
@@ -26,8 +42,9 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
     torch merges them (additive floats, a boolean mask's True entries -inf) into one
     (N, 1, L, S) mask shared by the heads; the drop-in runs our kernels when that mask shows
     each query one run of keys (causal, padding, windows) and torch's SDPA otherwise. The
-    merged mask is a new tensor each call, inspected on the host: one device sync per call
-    with a mask. ``is_causal=True`` with no
+    merged mask is inspected on the host (a device sync) once per set of input masks: layers
+    given the same, unmodified mask tensors (as ``nn.TransformerEncoder`` gives its layers)
+    reuse the first layer's merge and its inspection. ``is_causal=True`` with no
     ``key_padding_mask`` uses the causal kernel and, as torch does, trusts the hint without
     reading ``attn_mask``. In ``eval()`` without grad, ``nn.TransformerEncoderLayer`` may take
     torch's fused inference path, which does not call its attention module at all.
@@ -97,23 +114,48 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
         else:
             is_causal = False
         if attn_mask is not None or key_padding_mask is not None:
-            mask = self._merged_mask(attn_mask, key_padding_mask, N, L, S, q.dtype)
+            mask = _cached_merged_mask(attn_mask, key_padding_mask, N, L, S, q.dtype)
         out = sdpa_with_route(q, k, v, mask, 0.0, is_causal, backend=self.backend)[0]
         out = self.out_proj(out.transpose(1, 2).reshape(N, L, E))
         return (out if self.batch_first else out.transpose(0, 1)), None
 
-    @staticmethod
-    def _merged_mask(attn_mask: Tensor | None, key_padding_mask: Tensor | None, N: int,
-                     L: int, S: int, dtype: torch.dtype) -> Tensor:
-        """torch's merge of the two masks, shared by the heads: (N or 1, 1, L, S) additive
-        floats, a boolean mask's True entries -inf."""
-        merged = None
-        for mask, shape in ((attn_mask, (1, 1, L, S)), (key_padding_mask, (N, 1, 1, S))):
-            if mask is None:
-                continue
-            if mask.dtype == torch.bool:
-                mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(
-                    mask, float("-inf"))
-            mask = mask.view(shape)
-            merged = mask if merged is None else merged + mask
-        return merged.expand(-1, 1, L, S)
+
+def _merged_mask(attn_mask: Tensor | None, key_padding_mask: Tensor | None, N: int, L: int,
+                 S: int, dtype: torch.dtype) -> Tensor:
+    """torch's merge of the two masks, shared by the heads: (N or 1, 1, L, S) additive floats,
+    a boolean mask's True entries -inf."""
+    merged = None
+    for mask, shape in ((attn_mask, (1, 1, L, S)), (key_padding_mask, (N, 1, 1, S))):
+        if mask is None:
+            continue
+        if mask.dtype == torch.bool:
+            mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(
+                mask, float("-inf"))
+        else:  # a copy: a view would keep the input alive from _merged_masks
+            mask = mask.clone()
+        mask = mask.view(shape)
+        merged = mask if merged is None else merged + mask
+    return merged.expand(-1, 1, L, S)
+
+
+def _cached_merged_mask(attn_mask: Tensor | None, key_padding_mask: Tensor | None, N: int,
+                        L: int, S: int, dtype: torch.dtype) -> Tensor:
+    """_merged_mask, the same tensor again for the same live (unmodified) input masks."""
+    if torch.compiler.is_compiling():
+        return _merged_mask(attn_mask, key_padding_mask, N, L, S, dtype)
+    inputs = (attn_mask, key_padding_mask)
+    versions = tuple(None if m is None else m._version for m in inputs)
+    for refs, cached_versions, shape, merged in _merged_masks:
+        if (shape == (N, L, S, dtype) and cached_versions == versions
+                and all((None if r is None else r()) is m for r, m in zip(refs, inputs,
+                                                                           strict=True))):
+            return merged
+    entry: list = []
+    refs = tuple(None if m is None else weakref.ref(m, lambda _, e=entry: _forget(e))
+                 for m in inputs)
+    merged = _merged_mask(attn_mask, key_padding_mask, N, L, S, dtype)
+    entry.extend((refs, versions, (N, L, S, dtype), merged))
+    _merged_masks.append(entry)
+    if len(_merged_masks) > _MERGED_MASKS_MAX:
+        del _merged_masks[0]
+    return merged
