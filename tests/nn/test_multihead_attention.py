@@ -8,10 +8,13 @@ import copy
 
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
 import fusedlm
 from fusedlm.backends import OpDispatch
 from tests.helpers import assert_close_rule, attention_refusal, available_backends, device_of
+from tests.test_fuzz import fuzz  # noqa: F401, F811  (the fixture)
 
 BACKENDS = available_backends()
 E, HEADS = 24, 4
@@ -242,3 +245,93 @@ def test_a_modified_mask_is_merged_again(monkeypatch):
 
     del padding  # the cache holds no merged mask past its inputs
     assert multihead_attention._merged_masks == []
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fuzz_multihead_attention(backend, fuzz):  # noqa: F811
+    """Drawn modules (heads, head dim, kdim/vdim, bias, batch_first) and calls (self or cross,
+    lengths, need_weights, is_causal, boolean / float / random masks with fully hidden rows,
+    key padding with gaps) against torch's module with the same parameters, in the call's
+    dtype and in float64 (outputs and input gradients)."""
+    device = device_of(backend)
+    routes = {"fused": 0, "torch": 0}
+
+    @fuzz(40)
+    @given(data=st.data())
+    def run(data):
+        dtype = data.draw(st.sampled_from([torch.float64, torch.float32, torch.float16]))
+        if attention_refusal(backend, dtype):
+            dtype = torch.float16 if backend == "cuda" else torch.float32
+        heads = data.draw(st.integers(1, 4))
+        head_dim = data.draw(st.sampled_from([1, 3, 8, 16]))
+        embed = heads * head_dim
+        kdim, vdim = (data.draw(st.sampled_from([embed, 5])) for _ in range(2))
+        kwargs = dict(bias=data.draw(st.booleans()), batch_first=data.draw(st.booleans()),
+                      kdim=kdim, vdim=vdim)
+        torch.manual_seed(data.draw(st.integers(0, 2**16)))
+        reference = torch.nn.MultiheadAttention(embed, heads, **kwargs)
+        with torch.no_grad():
+            for p in reference.parameters():
+                p.add_(torch.randn_like(p) * 0.1)
+        modules = (fusedlm.nn.MultiheadAttention.from_torch(copy.deepcopy(reference), backend),
+                   copy.deepcopy(reference), copy.deepcopy(reference))
+        modules = [m.to(device, d) for m, d in zip(modules, (dtype, dtype, torch.float64),
+                                                   strict=True)]
+        N = data.draw(st.integers(1, 3))
+        self_attention = kdim == vdim == embed and data.draw(st.booleans())
+        L = data.draw(st.sampled_from([1, 2, 5, 17]))
+        S = L if self_attention else data.draw(st.sampled_from([1, 3, 5, 17]))
+        call = {"need_weights": data.draw(st.booleans())}
+        kind = data.draw(st.sampled_from(["none", "causal", "bool", "float", "hint"]))
+        if kind == "hint":  # is_causal with the causal mask it stands for (L == S)
+            S = L if self_attention else S
+            if L == S:
+                call["attn_mask"] = torch.ones(L, S, dtype=torch.bool).triu(1)
+                call["is_causal"] = True
+        elif kind == "causal":
+            call["attn_mask"] = torch.ones(L, S, dtype=torch.bool).triu(1 + S - L)
+        elif kind == "bool":
+            call["attn_mask"] = torch.rand(L, S) < data.draw(st.sampled_from([0.0, 0.3, 1.0]))
+        elif kind == "float":
+            hidden = torch.rand(L, S) < data.draw(st.sampled_from([0.0, 0.3]))
+            values = torch.randn(L, S) if data.draw(st.booleans()) else torch.zeros(L, S)
+            call["attn_mask"] = values.masked_fill(hidden, float("-inf"))
+        padding = data.draw(st.sampled_from(["none", "left", "right", "gaps", "float"]))
+        if padding != "none":
+            hide = torch.zeros(N, S, dtype=torch.bool)
+            cut = data.draw(st.integers(0, S))
+            if padding == "left":
+                hide[-1, :cut] = True
+            elif padding == "right":
+                hide[-1, cut:] = True
+            else:
+                hide = torch.rand(N, S) < 0.3
+            call["key_padding_mask"] = (hide if padding != "float" else
+                                        torch.zeros(N, S).masked_fill(hide, float("-inf")))
+
+        def shaped(T, width):
+            x = torch.randn(N, T, width, dtype=torch.float64)
+            return x if kwargs["batch_first"] else x.transpose(0, 1)
+
+        query = shaped(L, embed)
+        key, value = (query, query) if self_attention else (shaped(S, kdim), shaped(S, vdim))
+        outs, grads = [], []
+        OpDispatch.last_choice.clear()
+        for module in modules:
+            d = next(module.parameters()).dtype
+            q = query.detach().to(device, d, copy=True).requires_grad_()
+            k, v = ((q, q) if self_attention else
+                    (key.to(device, d, copy=True), value.to(device, d, copy=True)))
+            masks = {name: call[name].to(device, d if call[name].is_floating_point() else None)
+                     for name in ("attn_mask", "key_padding_mask") if name in call}
+            out = module(q, k, v, **{**call, **masks})[0]
+            out.backward(torch.ones_like(out))
+            outs.append(out)
+            grads.append(q.grad)
+        assert_close_rule(outs[0], outs[1], outs[2], name="output")
+        assert_close_rule(grads[0], grads[1], grads[2], name="query grad")
+        fused = OpDispatch.last_choice.get("attention_fwd") == backend
+        routes["fused" if fused else "torch"] += 1
+
+    run()
+    assert routes["fused"] and routes["torch"], routes  # the draws reach both paths
