@@ -9,18 +9,24 @@ other torch call passes through unchanged. No function or class of torch or the 
 replaced.
 
 ``patch(model, attention=True)`` activates the mode around the model's calls with forward
-hooks on every submodule: the outermost hooked call of a thread enters it and leaves it when
-that call returns or raises. Hooks on every submodule, not only the root, because activation
-checkpointing re-runs a block's forward during backward, outside the root's call: the block's
-own hooks make the recomputation take the same route as the original forward (torch's
-checkpoint refuses a recomputation that saves other tensors). A checkpointed plain function
-that calls SDPA without going through any module of the model still recomputes on torch's.
+hooks: the outermost hooked call of a thread enters it and leaves it when that call returns or
+raises. The first call has hooks on every module and notes which modules make SDPA calls;
+from the next call on only those keep hooks, so the handler runs for the attention modules'
+own torch calls only. Hooks on the attention modules, not on the root, because activation
+checkpointing re-runs a block's forward during backward, outside the root's call: the
+attention modules' hooks make the recomputation take the same route as the original forward
+(torch's non-reentrant checkpoint raises when the recomputation saves other tensors). A
+checkpointed plain function that calls SDPA without going through any module of the model
+recomputes on torch's SDPA. ``nn.MultiheadAttention`` is not reached this way (it dispatches
+``F.multi_head_attention_forward`` as one function, whose inner SDPA call runs with modes off):
+``patch`` swaps those modules for ``fusedlm.nn.MultiheadAttention`` instead.
 
-The cost: while active, every torch call of the model goes through the mode's Python handler
-(torch's design for function modes), about 2-3 us a call on the CPU measured in
-``benchmarks/NOTES.md``. That is host time, which a GPU hides when its kernels are the longer
-part (large batches), and which shows on small, host-bound steps. Under ``torch.compile`` the
-mode is traced away: the graph holds fusedlm's ops and no handler runs.
+The cost: while active, every torch call goes through the mode's Python handler (torch's
+design for function modes; ~1-2 us a call on this VM), and the drop-in costs more host time
+than torch's SDPA. ``benchmarks/sdpa_mode_overhead.py`` measures a small model; the numbers are
+in ``benchmarks/NOTES.md``. That is host time, which a GPU hides when its kernels are the
+longer part (large batches), and which shows on small, host-bound steps. Under
+``torch.compile`` the mode is traced away: the graph holds fusedlm's ops and no handler runs.
 """
 
 from __future__ import annotations
