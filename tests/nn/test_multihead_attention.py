@@ -256,7 +256,7 @@ def test_fuzz_multihead_attention(backend, fuzz):  # noqa: F811
     device = device_of(backend)
     routes = {"fused": 0, "torch": 0}
 
-    @fuzz(40)
+    @fuzz(40 if backend in ("cpu", "torch") else 15)  # GPU: Triton compiles per shape
     @given(data=st.data())
     def run(data):
         dtype = data.draw(st.sampled_from([torch.float64, torch.float32, torch.float16]))
