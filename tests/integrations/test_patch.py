@@ -103,6 +103,50 @@ def test_patch_unpatch_round_trip():
 
 
 @needs_cpu
+def test_patch_swaps_in_place():
+    """The module objects themselves change class: references held outside ``_modules`` (a
+    plain list, the caller's variable) see fusedlm's modules, and unpatch turns them back."""
+
+    class Holder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.ln = torch.nn.LayerNorm(8)
+            self.by_hand = [self.ln]  # a plain list: not registered, still the same object
+
+        def forward(self, x):
+            return self.by_hand[0](x)
+
+    model = Holder()
+    ln = model.ln
+    report = fusedlm.patch(model)
+    assert [s.name for s in report.swapped] == ["ln"]
+    assert model.ln is ln and model.by_hand[0] is ln and type(ln) is fusedlm.nn.LayerNorm
+    OpDispatch.last_choice.clear()
+    model(torch.randn(2, 8))
+    assert OpDispatch.last_choice["layer_norm_fwd"] == "cpu"
+    fusedlm.unpatch(model)
+    assert model.ln is ln and type(ln) is torch.nn.LayerNorm
+    assert not any("fusedlm" in k or k == "backend" for k in vars(ln))
+
+    root = torch.nn.LayerNorm(8)  # the root module is swapped too
+    report = fusedlm.patch(root)
+    assert [s.name for s in report.swapped] == [""] and type(root) is fusedlm.nn.LayerNorm
+    fusedlm.unpatch(root)
+    assert type(root) is torch.nn.LayerNorm
+
+
+def test_patch_leaves_a_class_with_another_layout():
+    class SlottedLayerNorm(torch.nn.LayerNorm):  # __slots__: its class cannot change in place
+        __slots__ = ("tag",)
+
+    model = torch.nn.Sequential(SlottedLayerNorm(8))
+    report = fusedlm.patch(model)
+    assert not report.swapped and type(model[0]) is SlottedLayerNorm
+    assert "cannot change in place" in report.left[0].reason, report
+    assert "_fusedlm_restore" not in vars(model[0]) and "backend" not in vars(model[0])
+
+
+@needs_cpu
 def test_patch_custom_rmsnorm_probe():
     class MyRMSNorm(torch.nn.Module):
         def __init__(self, n, eps=1e-5):

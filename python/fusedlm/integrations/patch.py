@@ -1,9 +1,10 @@
 """Swap the norm layers of any ``torch.nn.Module`` for fusedlm's, in place, and back.
 
-``patch(model)`` replaces every ``torch.nn.LayerNorm`` / ``torch.nn.RMSNorm`` (and subclasses
-that keep torch's ``forward``) by ``fusedlm.nn.LayerNorm`` / ``fusedlm.nn.RMSNorm`` objects that
-hold the very same parameter tensors, so ``state_dict`` keys, optimizer state and weight tying
-are untouched. ``unpatch(model)`` puts modules of the original classes back.
+``patch(model)`` turns every ``torch.nn.LayerNorm`` / ``torch.nn.RMSNorm`` (and subclasses
+that keep torch's ``forward``) into a ``fusedlm.nn.LayerNorm`` / ``fusedlm.nn.RMSNorm``: the
+module object itself changes class, in place, so every reference to it, its parameter
+tensors, ``state_dict`` keys, hooks, optimizer state and weight tying are untouched.
+``unpatch(model)`` turns the objects back into their original classes.
 
 With ``custom_rmsnorm=True`` (what ``fusedlm.integrations.transformers.apply`` uses) it also
 swaps a model's own RMSNorm classes (``LlamaRMSNorm``, ``GemmaRMSNorm``, ...): modules with one
@@ -32,7 +33,7 @@ from torch import Tensor
 
 from ..backends import check_backend_name
 from ..nn.multihead_attention import MultiheadAttention
-from ..nn.norm import LayerNorm, RMSNorm, _rebind
+from ..nn.norm import LayerNorm, RMSNorm
 from ..ops.norm import layer_norm, rms_norm
 from .sdpa_mode import route_attention, unroute_attention
 
@@ -136,29 +137,36 @@ def _probed_input(x: Tensor, weight: Tensor | None, probed_dtypes: tuple) -> boo
     return x.dtype == weight.dtype if weight is not None else x.dtype in probed_dtypes
 
 
+class _LayoutError(TypeError):
+    """A module whose class cannot be changed in place (``__slots__``, a C layout)."""
+
+
 def _swap_object(module: torch.nn.Module, new_cls: type, attrs: dict) -> torch.nn.Module:
-    """A ``new_cls`` object sharing ``module``'s state (parameters, buffers, hooks, flags), with
-    ``attrs`` (which hold ``backend``) set on top, that remembers how to turn back into
-    ``module``'s class."""
-    old = module.__dict__
-    new = _rebind(new_cls, module, attrs["backend"])
-    new.__dict__.update(attrs)
-    added = tuple(k for k in attrs if k not in old)
-    overwritten = {k: old[k] for k in attrs if k in old}
-    new.__dict__[_RESTORE_KEY] = (type(module), added, overwritten)
-    return new
+    """Turn ``module`` itself into a ``new_cls`` object, with ``attrs`` (which hold ``backend``)
+    set on top, remembering how to turn back. In place: the object keeps its identity, so every
+    reference to it (parents, lists of modules outside ``_modules``, the caller's variables,
+    hooks, optimizers) sees the swap. Raises _LayoutError if the class layouts differ."""
+    original_cls = type(module)
+    try:
+        module.__class__ = new_cls  # first: a layout error leaves the module untouched
+    except TypeError as exc:
+        raise _LayoutError(str(exc)) from exc
+    state = module.__dict__
+    added = tuple(k for k in attrs if k not in state)
+    overwritten = {k: state[k] for k in attrs if k in state}
+    state.update(attrs)
+    state[_RESTORE_KEY] = (original_cls, added, overwritten)
+    return module
 
 
 def _restore_object(module: torch.nn.Module) -> torch.nn.Module:
-    original_cls, added, overwritten = module.__dict__[_RESTORE_KEY]
-    state = dict(module.__dict__)
-    del state[_RESTORE_KEY]
+    """Undo _swap_object on ``module``, in place."""
+    original_cls, added, overwritten = module.__dict__.pop(_RESTORE_KEY)
     for key in added:
-        state.pop(key, None)
-    state.update(overwritten)
-    old = original_cls.__new__(original_cls)
-    old.__dict__.update(state)
-    return old
+        module.__dict__.pop(key, None)
+    module.__dict__.update(overwritten)
+    module.__class__ = original_cls
+    return module
 
 
 # ---- recognising norms ----------------------------------------------------------------------
@@ -359,31 +367,24 @@ def _weightless_replacement(module: torch.nn.Module, backend: str, eps: float | 
     return new, f"no weight, {detail}; runs fusedlm's kernel for {names} inputs"
 
 
-def _swap_children(model: torch.nn.Module, replacement, report: PatchReport) -> None:
-    """Put ``replacement(module)``'s new module (if any) in place of each module below
-    ``model``, once per module object (shared modules stay shared); report each decision."""
+def _swap_modules(model: torch.nn.Module, replacement, report: PatchReport) -> None:
+    """Apply ``replacement`` (which swaps a module in place and returns it with a note, or
+    returns None with why not, or (None, None) for a module it does not concern) to ``model``
+    and each module below it, once per module object; report each decision."""
     names = {}
     for name, mod in model.named_modules(remove_duplicate=False):
         names.setdefault(id(mod), name)
-    if replacement(model)[0] is not None:
-        report.left.append(LeftAlone("", _qualname(model), "the root module itself cannot be "
-                                     "swapped in place; wrap it in a container first"))
-    done: dict[int, torch.nn.Module | None] = {}
-    for parent in list(model.modules()):
-        for attr, child in list(parent._modules.items()):
-            if child is None:
-                continue
-            key = id(child)
-            if key not in done:
-                new, why = replacement(child)
-                done[key] = new
-                name = names.get(key, attr)
-                if new is not None:
-                    report.swapped.append(Swap(name, _qualname(child), _qualname(new), why))
-                elif why is not None:
-                    report.left.append(LeftAlone(name, _qualname(child), why))
-            if done[key] is not None:
-                parent._modules[attr] = done[key]
+    for module in list(model.modules()):
+        original = _qualname(module)  # before the swap: the class changes in place
+        try:
+            new, why = replacement(module)
+        except _LayoutError as exc:
+            new, why = None, f"its class cannot change in place ({exc})"
+        name = names.get(id(module), "")
+        if new is not None:
+            report.swapped.append(Swap(name, original, _qualname(new), why))
+        elif why is not None:
+            report.left.append(LeftAlone(name, original, why))
 
 
 def swap_norms(model: torch.nn.Module, backend: str = "auto", custom_rmsnorm: bool = False,
@@ -392,8 +393,8 @@ def swap_norms(model: torch.nn.Module, backend: str = "auto", custom_rmsnorm: bo
     """Replace norm modules of ``model`` in place; returns (or extends) the report."""
     check_backend_name(backend)
     report = PatchReport() if report is None else report
-    _swap_children(model, lambda m: _replacement(m, backend, custom_rmsnorm, custom_layernorm),
-                   report)
+    _swap_modules(model, lambda m: _replacement(m, backend, custom_rmsnorm, custom_layernorm),
+                  report)
     return report
 
 
@@ -414,8 +415,9 @@ def patch(
     model: torch.nn.Module, backend: str = "auto", custom_rmsnorm: bool = False,
     custom_layernorm: bool = False, attention: bool = False,
 ) -> PatchReport:
-    """Swap every ``torch.nn.LayerNorm`` / ``torch.nn.RMSNorm`` in ``model`` (in place) for
-    ``fusedlm.nn.LayerNorm`` / ``fusedlm.nn.RMSNorm`` holding the same parameter tensors.
+    """Turn every ``torch.nn.LayerNorm`` / ``torch.nn.RMSNorm`` in ``model`` (``model`` itself
+    included) into a ``fusedlm.nn.LayerNorm`` / ``fusedlm.nn.RMSNorm``, in place: the objects
+    change class and keep their identity and parameters.
 
     ``custom_rmsnorm=True`` / ``custom_layernorm=True`` also swap model-specific RMSNorm /
     LayerNorm classes recognised by their parameters and a numeric probe. ``attention=True``
@@ -430,14 +432,14 @@ def patch(
         raise TypeError(f"argument 'attention' must be a bool, got {type(attention).__name__}")
     report = swap_norms(model, backend, custom_rmsnorm, custom_layernorm=custom_layernorm)
     if attention:  # after the swaps, so the new modules carry the hooks too
-        _swap_children(model, lambda m: _attention_replacement(m, backend), report)
+        _swap_modules(model, lambda m: _attention_replacement(m, backend), report)
         report.notes.append(route_attention(model, backend)[1])
     return report
 
 
 def unpatch(model: torch.nn.Module) -> PatchReport:
-    """Undo :func:`patch` (and ``fusedlm.integrations.transformers.apply``): put modules of the
-    original classes, with the same parameters, back; remove ``attention=True``'s hooks;
+    """Undo :func:`patch` (and ``fusedlm.integrations.transformers.apply``): turn the swapped
+    module objects back into their original classes, in place; remove ``attention=True``'s hooks;
     restore a transformers model's previous attention implementation. Returns a report of what
     was restored."""
     if not isinstance(model, torch.nn.Module):
@@ -446,16 +448,11 @@ def unpatch(model: torch.nn.Module) -> PatchReport:
     names = {}
     for name, mod in model.named_modules(remove_duplicate=False):
         names.setdefault(id(mod), name)
-    done: dict[int, torch.nn.Module] = {}
-    for parent in list(model.modules()):
-        for attr, child in list(parent._modules.items()):
-            if child is None or _RESTORE_KEY not in child.__dict__:
-                continue
-            if id(child) not in done:
-                done[id(child)] = _restore_object(child)
-                report.swapped.append(Swap(names.get(id(child), attr), _qualname(child),
-                                           _qualname(done[id(child)])))
-            parent._modules[attr] = done[id(child)]
+    for module in list(model.modules()):
+        if _RESTORE_KEY in module.__dict__:
+            patched = _qualname(module)
+            _restore_object(module)
+            report.swapped.append(Swap(names.get(id(module), ""), patched, _qualname(module)))
     note = unroute_attention(model)
     if note is not None:
         report.notes.append(note)
