@@ -245,6 +245,34 @@ def test_transformer_encoder_layer_gets_fusedlm_multihead_attention():
     assert type(model[0].self_attn) is torch.nn.MultiheadAttention
 
 
+def test_encoder_decoder_transformer_with_every_mask():
+    """nn.Transformer: encoder self-attention with source padding, decoder causal
+    self-attention (a float -inf mask with the tgt_is_causal hint) and cross-attention with
+    memory padding, all on fusedlm.nn.MultiheadAttention after patch."""
+    torch.manual_seed(0)
+    transformer = torch.nn.Transformer(C, HEADS, num_encoder_layers=2, num_decoder_layers=2,
+                                       dim_feedforward=2 * C, dropout=0.0, batch_first=True)
+    model, same, truth, report = _triple(torch.nn.Sequential(transformer))
+    swapped = [s.name for s in report.swapped if s.name.endswith("attn")]
+    assert len(swapped) == 6, report  # 2 encoder self, 2 decoder self, 2 decoder cross
+    N, S, T = 2, 9, 6
+    src, tgt = torch.randn(N, S, C, dtype=torch.float64), torch.randn(N, T, C, dtype=torch.float64)
+    src_padding = torch.zeros(N, S, dtype=torch.bool)
+    src_padding[1, 6:] = True
+    tgt_padding = torch.zeros(N, T, dtype=torch.bool)
+    tgt_padding[0, 5:] = True
+    causal = torch.nn.Transformer.generate_square_subsequent_mask(T)
+    outs = []
+    OpDispatch.last_choice.clear()
+    for m in (model, same, truth):
+        dtype = next(m.parameters()).dtype
+        outs.append(m[0](src.to(dtype), tgt.to(dtype), tgt_mask=causal.to(dtype),
+                         src_key_padding_mask=src_padding, tgt_key_padding_mask=tgt_padding,
+                         memory_key_padding_mask=src_padding, tgt_is_causal=True))
+    assert OpDispatch.last_choice["attention_fwd"] == "cpu"
+    assert_close_rule(outs[0], outs[1], outs[2], name="transformer output")
+
+
 def test_unpatch_removes_the_routing():
     model, same, *_ = _triple(TinyLM())
     x = torch.randn(2, 5, C)
