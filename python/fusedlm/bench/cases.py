@@ -22,6 +22,9 @@ Providers, each only where it can run (the output says why the others did not):
     fusedlm-<name>   fusedlm with backend=<name> for cuda, triton, cpu (and torch, the
                      reference, on the CPU); for the GPT, the model with kernels="fused",
                      FUSEDLM_BACKEND=<name> and fusedlm.optim.AdamW(backend=<name>)
+    fusedlm-patch    the GPT only: GPT(kernels="torch") after fusedlm.patch(model,
+                     attention=True), torch.optim.AdamW (any model's drop-in path, host time
+                     of the SDPA routing included)
     fusedlm-cuda-sm80  attention and attention_decode, on sm_90 GPUs: fusedlm-cuda with the
                      Hopper kernels off (FUSEDLM_ATTENTION_SM90=0), what the sm_90a kernels
                      gain over sm_80's
@@ -874,12 +877,17 @@ def _backend_env(backend: str | None):
 _GPT_KERNELS = ("attention_fwd", "attention_bwd", "layer_norm_fwd", "layer_norm_bwd", "adamw_step")
 
 
-def _gpt_provider(name, description, kernels, backend=None, compile_model=False, why_not=_always):
+def _gpt_provider(name, description, kernels, backend=None, compile_model=False, why_not=_always,
+                  patch_model=False):
     def build(case: Case, ctx: Context):
         models = gpt_module()
         cfg = case.extra["config"]
         with _backend_env(backend), torch.device(ctx.device):
             model = models.GPT(cfg, kernels=kernels)
+        if patch_model:
+            import fusedlm
+
+            fusedlm.patch(model, attention=True)
         if backend is not None:
             import fusedlm
 
@@ -914,6 +922,10 @@ def _gpt_providers() -> list[Provider]:
             f"fusedlm-{backend}",
             f'GPT(kernels="fused"), FUSEDLM_BACKEND={backend}, fusedlm.optim.AdamW',
             "fused", backend=backend, why_not=_fusedlm_why_not(backend, _GPT_KERNELS)))
+    providers.append(_gpt_provider(
+        "fusedlm-patch", 'GPT(kernels="torch") after fusedlm.patch(model, attention=True) '
+        "(the drop-in path for a model's own code), torch.optim.AdamW()", "torch",
+        patch_model=True))
     providers.append(_gpt_provider(
         "torch-compile", 'torch.compile(GPT(kernels="torch")) + torch.optim.AdamW()', "torch",
         compile_model=True, why_not=_compile_why_not))
