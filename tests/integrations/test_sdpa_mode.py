@@ -103,7 +103,7 @@ def _triple(model):
 
 def _forward_backward(models, x, **kwargs):
     outs, inputs = [], []
-    grad = torch.randn(x.shape, dtype=torch.float64)
+    grad = torch.randn(x.shape, dtype=torch.float64, device=x.device)
     for model in models:
         xi = x.detach().to(next(model.parameters()).dtype, copy=True).requires_grad_()
         mask = kwargs.get("mask")
