@@ -93,12 +93,9 @@ class ModelRMSNorm(RMSNorm):
     probed_dtypes: tuple = ()  # a norm without weight: the input dtypes the probe passed
 
     def forward(self, x: Tensor) -> Tensor:
-        weight = self._parameters.get("weight")
-        if not _probed_input(x, weight, self.probed_dtypes):
-            original_cls = self.__dict__[_RESTORE_KEY][0]
-            return original_cls.forward(self, x)
-        if self.offset:
-            weight = weight.float() + self.offset
+        probed, weight = _probed_weight(self, x)
+        if not probed:
+            return self.__dict__[_RESTORE_KEY][0].forward(self, x)
         return rms_norm(x, self.normalized_shape, weight, self.eps, self.backend)
 
     def extra_repr(self) -> str:
@@ -116,12 +113,9 @@ class ModelLayerNorm(LayerNorm):
     probed_dtypes: tuple = ()
 
     def forward(self, x: Tensor) -> Tensor:
-        weight = self._parameters.get("weight")
-        if not _probed_input(x, weight, self.probed_dtypes):
-            original_cls = self.__dict__[_RESTORE_KEY][0]
-            return original_cls.forward(self, x)
-        if self.offset:
-            weight = weight.float() + self.offset
+        probed, weight = _probed_weight(self, x)
+        if not probed:
+            return self.__dict__[_RESTORE_KEY][0].forward(self, x)
         bias = self._parameters.get("bias")  # absent, not None, on e.g. CohereLayerNorm
         return layer_norm(x, self.normalized_shape, weight, bias, self.eps, self.backend)
 
@@ -131,10 +125,18 @@ class ModelLayerNorm(LayerNorm):
                 + (f", offset={self.offset}" if self.offset else ""))
 
 
-def _probed_input(x: Tensor, weight: Tensor | None, probed_dtypes: tuple) -> bool:
+def _probed_weight(module: torch.nn.Module, x: Tensor) -> tuple[bool, Tensor | None]:
+    """(whether ``x`` is an input the probe vouched for, the weight with the module's offset
+    added). The probe checked inputs of the weight's dtype, or for a norm without weight the
+    dtypes in ``probed_dtypes``."""
+    weight = module._parameters.get("weight")
     if not isinstance(x, Tensor) or x.dim() == 0:
-        return False
-    return x.dtype == weight.dtype if weight is not None else x.dtype in probed_dtypes
+        return False, weight
+    if weight is None:
+        return x.dtype in module.probed_dtypes, None
+    if x.dtype != weight.dtype:
+        return False, weight
+    return True, (weight.float() + module.offset) if module.offset else weight
 
 
 class _LayoutError(TypeError):
@@ -367,13 +369,19 @@ def _weightless_replacement(module: torch.nn.Module, backend: str, eps: float | 
     return new, f"no weight, {detail}; runs fusedlm's kernel for {names} inputs"
 
 
+def _module_names(model: torch.nn.Module) -> dict[int, str]:
+    """id(module) -> its first qualified name in ``model`` ("" for the root)."""
+    names: dict[int, str] = {}
+    for name, mod in model.named_modules(remove_duplicate=False):
+        names.setdefault(id(mod), name)
+    return names
+
+
 def _swap_modules(model: torch.nn.Module, replacement, report: PatchReport) -> None:
     """Apply ``replacement`` (which swaps a module in place and returns it with a note, or
     returns None with why not, or (None, None) for a module it does not concern) to ``model``
     and each module below it, once per module object; report each decision."""
-    names = {}
-    for name, mod in model.named_modules(remove_duplicate=False):
-        names.setdefault(id(mod), name)
+    names = _module_names(model)
     for module in list(model.modules()):
         original = _qualname(module)  # before the swap: the class changes in place
         try:
@@ -445,9 +453,7 @@ def unpatch(model: torch.nn.Module) -> PatchReport:
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"argument 'model' must be a torch.nn.Module, got {type(model).__name__}")
     report = PatchReport()
-    names = {}
-    for name, mod in model.named_modules(remove_duplicate=False):
-        names.setdefault(id(mod), name)
+    names = _module_names(model)
     for module in list(model.modules()):
         if _RESTORE_KEY in module.__dict__:
             patched = _qualname(module)

@@ -178,8 +178,7 @@ def route_attention(model: torch.nn.Module, backend: str) -> tuple[AttentionRout
     routing = model.__dict__.get(ROUTING_KEY)
     if routing is not None:
         return routing, "attention: already routed to fusedlm (an earlier patch)"
-    modules = list({id(m): m for m in model.modules()}.values())
-    routing = AttentionRouting(backend, modules)
+    routing = AttentionRouting(backend, list(model.modules()))  # modules() yields each once
     model.__dict__[ROUTING_KEY] = routing
     return routing, (
         f"attention: F.scaled_dot_product_attention calls inside the model's forward go to "
