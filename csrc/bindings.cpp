@@ -1042,6 +1042,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #endif
   }, "Whether csrc/cuda was compiled into this build.");
   m.def("cuda_ops", &fusedlm::cuda_ops, "Names of the ops that have a CUDA kernel in this build.");
+  m.def("cuda_architectures", [] {
+#ifdef FUSEDLM_CUDA_ARCHITECTURES
+    return std::string(FUSEDLM_CUDA_ARCHITECTURES);
+#else
+    return std::string();
+#endif
+  }, "The CUDA architectures compiled in, comma-separated as CMake names them (\"80,90a-real\": "
+     "\"-real\" is machine code only, \"-virtual\" PTX only, neither both); empty without CUDA.");
   m.def("cpu_isa", &fusedlm::cpu_isa,
         "Instruction set the CPU kernels use: 'avx512', 'avx2' or 'generic' (portable C++).");
   m.def("cpu_isa_detected", [] { return std::string(fusedlm::kCpuIsaNames[static_cast<int>(

@@ -252,3 +252,96 @@ def test_environment_lookup_follows_os_environ(monkeypatch):
     assert environment("FUSEDLM_TEST_VARIABLE", "default") == ""
     monkeypatch.delenv("FUSEDLM_TEST_VARIABLE")
     assert environment("FUSEDLM_TEST_VARIABLE", "default") == "default"
+
+
+@pytest.mark.parametrize("architecture, capability, runs", [
+    ("80", (8, 0), True),            # machine code for the same GPU
+    ("80", (8, 6), True),            # ... and later minors of its major
+    ("80", (9, 0), True),            # PTX, compiled by the driver for a newer GPU
+    ("80", (7, 5), False),
+    ("80-real", (8, 9), True),
+    ("80-real", (9, 0), False),      # machine code alone does not cross majors
+    ("86-real", (8, 0), False),
+    ("80-virtual", (8, 0), True),
+    ("80-virtual", (12, 0), True),
+    ("80-virtual", (7, 5), False),
+    ("90a-real", (9, 0), True),
+    ("90a-real", (10, 0), False),    # architecture-specific: exactly 9.0
+    ("90a-real", (8, 0), False),
+    ("90a", (10, 0), False),         # compute_90a PTX is architecture-specific too
+    ("100f-real", (10, 3), True),    # family-specific: 10.x from 10.0
+    ("100f-real", (12, 0), False),
+    ("120", (12, 1), True),
+    ("all", (9, 0), True),           # not a name it knows: assumed to run
+])
+def test_cuda_architecture_rule(architecture, capability, runs):
+    from fusedlm.backends import cuda_architecture_runs_on
+
+    assert cuda_architecture_runs_on(architecture, capability) is runs
+
+
+class _StubExtension:
+    def __init__(self, architectures):
+        self._architectures = architectures
+
+    def cuda_architectures(self):
+        return self._architectures
+
+    def cuda_ops(self):
+        return sorted(ALL_OPS)
+
+
+@pytest.mark.parametrize("architectures, capability, runs", [
+    ("90a-real", (8, 0), False),     # built on an H100 node, run on an A100
+    ("80-real,90a-real", (8, 0), True),
+    ("80,90a-real", (12, 0), True),  # sm_80 PTX for a GPU newer than the build
+    ("80-real,90a-real", (12, 0), False),
+    ("", (8, 0), True),              # unknown (no record): not refused
+])
+def test_cuda_backend_steps_aside_on_a_gpu_the_build_has_no_code_for(
+        monkeypatch, architectures, capability, runs):
+    """On a GPU none of the build's architectures runs on, the "cuda" backend says why and
+    "auto" takes the next one, instead of a launch failing with "no kernel image"."""
+    from fusedlm import _ext
+
+    backends = sys.modules["fusedlm.backends"]  # (fusedlm.backends is also a function)
+
+    monkeypatch.setattr(_ext, "load", lambda: _StubExtension(architectures))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    # As if the build and the machine had everything else the cuda backend needs.
+    monkeypatch.setattr(backends, "_cached_backend_reason",
+                        lambda name: None if name in ("cuda", "torch") else "not here")
+    backends._cuda_device_reason.cache_clear()
+    try:
+        dispatch = OpDispatch.registry["layer_norm_fwd"]
+        device = torch.device("cuda", 1)
+        reason = backends._cuda_device_reason(device)
+        chosen = dispatch.auto_choice(device)
+        named = None
+        try:
+            dispatch.choose("cuda", device)
+        except backends.BackendNotSupportedError as error:
+            named = str(error)
+    finally:
+        backends._cuda_device_reason.cache_clear()
+    if runs:
+        assert reason is None and chosen == "cuda" and named is None
+    else:
+        major, minor = capability
+        assert f"compute capability {major}.{minor}" in reason and architectures in reason
+        assert f'TORCH_CUDA_ARCH_LIST="{major}.{minor}"' in reason
+        assert chosen == "torch"
+        assert "argument 'backend'" in named and "has no code for cuda:1" in named
+
+
+def test_info_reports_the_cuda_architectures(capsys):
+    from fusedlm import _ext
+    from fusedlm.cli import main
+
+    assert main(["info", "--json"]) == 0
+    facts = json.loads(capsys.readouterr().out)
+    module = _ext.load()
+    expected = (module.cuda_architectures() or None) if module is not None else None
+    assert facts["cuda_architectures"] == expected
+    if module is not None and not module.built_with_cuda():
+        assert module.cuda_architectures() == ""

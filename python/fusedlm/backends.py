@@ -88,6 +88,7 @@ def _backend_reason(name: str) -> str | None:
                 return "torch.cuda.is_available() is False"
             if not module.cuda_ops():
                 return "this build has no CUDA kernels yet"
+            return _cuda_device_reason(torch.device("cuda", torch.cuda.current_device()))
         return None
     if name == "triton":
         if importlib.util.find_spec("triton") is None:
@@ -96,6 +97,45 @@ def _backend_reason(name: str) -> str | None:
             return "no CUDA GPU (set TRITON_INTERPRET=1 to run Triton kernels on the CPU)"
         return None
     raise ValueError(f"unknown backend {name!r}")
+
+
+def cuda_architecture_runs_on(architecture: str, capability: tuple[int, int]) -> bool:
+    """Whether code built for ``architecture``, as CMake names it (``"80"``: machine code and
+    PTX; ``"90a-real"``: machine code only; ``"86-virtual"``: PTX only), runs on a GPU of
+    compute ``capability`` (major, minor). Machine code for sm_XY runs on major X with minor
+    >= Y; PTX for compute_XY is compiled by the driver for any capability >= X.Y. An
+    architecture-specific target (``90a``) runs on exactly X.Y, a family one (``100f``) on major
+    X with minor >= Y. A name this does not know (``"all"``) counts as running."""
+    name, _, kind = architecture.strip().partition("-")
+    suffix = name[-1:] if name[-1:] in ("a", "f") else ""
+    digits = name[:len(name) - len(suffix)]
+    if not digits.isdigit() or len(digits) < 2 or kind not in ("", "real", "virtual"):
+        return True
+    built = (int(digits[:-1]), int(digits[-1]))
+    if suffix == "a":
+        return capability == built
+    same_family = capability[0] == built[0] and capability[1] >= built[1]
+    if suffix == "f":
+        return same_family
+    return (kind != "virtual" and same_family) or (kind != "real" and capability >= built)
+
+
+@functools.cache
+def _cuda_device_reason(device: torch.device) -> str | None:
+    """Why the CUDA kernels of this build cannot run on ``device`` (an extension built for
+    sm_90a alone, run on an A100), or None. The launch would fail with "no kernel image is
+    available"; "auto" takes the next backend instead."""
+    # (an extension built before it recorded its architectures has no such function)
+    built = getattr(_ext.load(), "cuda_architectures", str)()
+    if not built:
+        return None
+    capability = tuple(torch.cuda.get_device_capability(device))
+    if any(cuda_architecture_runs_on(a, capability) for a in built.split(",")):
+        return None
+    major, minor = capability
+    return (f"fusedlm._C has no code for {device} (compute capability {major}.{minor}; built "
+            f"for CUDA architectures {built}); rebuild with "
+            f"TORCH_CUDA_ARCH_LIST=\"{major}.{minor}\" pip install --no-build-isolation -e .")
 
 
 @functools.cache
@@ -205,6 +245,8 @@ class OpDispatch:
             device_type = device.type
         if wanted_device is not None and device_type != wanted_device:
             return f"it runs on {wanted_device} tensors and the inputs are on {device}"
+        if backend == "cuda" and (reason := _cuda_device_reason(device)) is not None:
+            return reason
         if backend not in self.impls:
             return f"it has no {self.name} kernel"
         _, supports = self.impls[backend]

@@ -28,6 +28,8 @@ def _info(args: argparse.Namespace) -> int:
         "extension": "loaded" if extension is not None else _ext.why_unavailable(),
         "cpu_kernel_isa": _cpu_kernel_isa(extension),
         "extension_cuda_kernels": list(extension.cuda_ops()) if extension is not None else [],
+        # (None: no extension, a CPU build, or a build from before it recorded them)
+        "cuda_architectures": getattr(extension, "cuda_architectures", str)() or None,
         "backends": {
             name: {"available": b.available, "reason": b.reason, "ops": list(b.ops)}
             for name, b in report.items()
