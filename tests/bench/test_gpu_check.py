@@ -193,3 +193,18 @@ def test_ptxas_keeps_the_hopper_wgmmas_asynchronous(tmp_path):
                for source, result in report.items()}
     assert spilled["attention_fwd_sm90.cu"] == 0, report
     assert spilled["attention_bwd_sm90.cu"] <= 52, report
+
+
+@pytest.mark.parametrize("output, expected", [
+    ("9.0\n", "9.0a"),                 # H100/H200: the Hopper kernels need sm_90a
+    ("8.0\n8.0\n", "8.0"),             # two A100s
+    ("8.6\n9.0\n", "8.6;9.0a"),
+    ("", "9.0a"),                      # nothing said: the lent machines' GPU
+    ("No devices were found\n", "9.0a"),
+])
+def test_build_step_targets_the_gpus_here(tmp_path, output, expected):
+    fake = tmp_path / "nvidia-smi"
+    fake.write_text(f"#!/bin/sh\nprintf '{output}'\n")
+    fake.chmod(0o755)
+    assert _gpu_check()._device_arch_list(str(fake)) == expected
+    assert _gpu_check()._device_arch_list(str(tmp_path / "missing")) == "9.0a"
