@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import threading
+from collections import Counter
 
 import pytest
 import torch
@@ -37,12 +38,15 @@ class SelfAttention(torch.nn.Module):
     """nanoGPT's attention, with ``kv_heads`` key/value heads (GQA/MQA through SDPA's
     ``enable_gqa``) and an optional mask passed through to SDPA."""
 
-    def __init__(self, kv_heads: int = HEADS):
+    def __init__(self, kv_heads: int = HEADS, checkpoint_core: str | None = None):
         super().__init__()
         self.kv_heads = kv_heads
         head_dim = C // HEADS
         self.qkv = torch.nn.Linear(C, C + 2 * kv_heads * head_dim)
         self.proj = torch.nn.Linear(C, C)
+        # "non-reentrant" / "reentrant": the SDPA call checkpointed as a plain method (no
+        # module of the model runs in its recomputation)
+        self.checkpoint_core = checkpoint_core
 
     def forward(self, x, mask=None, causal=True):
         B, T, _ = x.shape
@@ -51,17 +55,24 @@ class SelfAttention(torch.nn.Module):
         q = q.view(B, T, HEADS, head_dim).transpose(1, 2)
         k = k.view(B, T, self.kv_heads, head_dim).transpose(1, 2)
         v = v.view(B, T, self.kv_heads, head_dim).transpose(1, 2)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
-                                           is_causal=causal and mask is None,
-                                           enable_gqa=self.kv_heads != HEADS)
+        if self.checkpoint_core and torch.is_grad_enabled():
+            reentrant = self.checkpoint_core == "reentrant"
+            y = checkpoint(self._core, q, k, v, mask, causal, use_reentrant=reentrant)
+        else:
+            y = self._core(q, k, v, mask, causal)
         return self.proj(y.transpose(1, 2).reshape(B, T, C))
+
+    def _core(self, q, k, v, mask, causal):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+                                              is_causal=causal and mask is None,
+                                              enable_gqa=self.kv_heads != HEADS)
 
 
 class Block(torch.nn.Module):
-    def __init__(self, kv_heads: int = HEADS):
+    def __init__(self, kv_heads: int = HEADS, checkpoint_core: str | None = None):
         super().__init__()
         self.ln_1, self.ln_2 = torch.nn.LayerNorm(C), torch.nn.LayerNorm(C)
-        self.attn = SelfAttention(kv_heads)
+        self.attn = SelfAttention(kv_heads, checkpoint_core)
         self.mlp = torch.nn.Sequential(torch.nn.Linear(C, 2 * C), torch.nn.GELU(),
                                        torch.nn.Linear(2 * C, C))
 
@@ -73,10 +84,11 @@ class Block(torch.nn.Module):
 class TinyLM(torch.nn.Module):
     """Two blocks; ``checkpointing`` = None, "non-reentrant" or "reentrant"."""
 
-    def __init__(self, kv_heads: int = HEADS, checkpointing: str | None = None):
+    def __init__(self, kv_heads: int = HEADS, checkpointing: str | None = None,
+                 checkpoint_core: str | None = None):
         super().__init__()
         self.embed = torch.nn.Linear(C, C)
-        self.blocks = torch.nn.ModuleList([Block(kv_heads), Block(kv_heads)])
+        self.blocks = torch.nn.ModuleList([Block(kv_heads, checkpoint_core) for _ in range(2)])
         self.checkpointing = checkpointing
 
     def forward(self, x, mask=None, causal=True):
@@ -218,6 +230,33 @@ def test_activation_checkpointing_recomputes_on_the_same_route(checkpointing):
         outs, inputs = _forward_backward((model, same, truth), x)
         _check_grads((model, same, truth), outs, inputs, f"{checkpointing} step {step}")
     assert attention_calls(model) == {"fused": 8}  # 2 calls x 2 blocks x (forward + recompute)
+
+
+@pytest.mark.parametrize("blocks", [None, "non-reentrant"])
+@pytest.mark.parametrize("core", ["non-reentrant", "reentrant"])
+def test_checkpointed_plain_function_calling_sdpa(core, blocks):
+    """A checkpointed plain function (no module of the model) that calls SDPA inside an
+    attention module recomputes in backward with no hook of ours running, so on torch's SDPA.
+    Its forward call must take torch's SDPA too, or torch's non-reentrant checkpoint raises
+    ("a different number of tensors was saved"). A reentrant one keeps our kernels (no
+    saved-tensor hooks; its forward runs without grad)."""
+    model, same, truth, _ = _triple(TinyLM(checkpointing=blocks, checkpoint_core=core))
+    x = torch.randn(2, 9, C, dtype=torch.float64)
+    for step in range(2):
+        for m in (model, same, truth):
+            m.zero_grad()
+        outs, inputs = _forward_backward((model, same, truth), x)
+        _check_grads((model, same, truth), outs, inputs, f"{core}/{blocks} step {step}")
+    # Counted: the calls made inside our hooks, 2 steps x 2 blocks, twice with the blocks
+    # checkpointed (their recomputation runs the attention modules again). The core's own
+    # recomputation runs outside them: torch's SDPA, not counted.
+    counted = 4 if blocks is None else 8
+    calls = Counter(attention_calls(model))
+    assert calls == ({"torch": counted} if core == "non-reentrant" else {"fused": counted})
+    # under no_grad (no checkpoint) the same model runs on our kernels
+    with torch.no_grad():
+        model(x.float())
+    assert attention_calls(model) - calls == {"fused": 2}
 
 
 def test_transformer_encoder_layer_gets_fusedlm_multihead_attention():

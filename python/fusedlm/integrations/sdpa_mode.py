@@ -16,10 +16,12 @@ own torch calls only. Hooks on the attention modules, not on the root, because a
 checkpointing re-runs a block's forward during backward, outside the root's call: the
 attention modules' hooks make the recomputation take the same route as the original forward
 (torch's non-reentrant checkpoint raises when the recomputation saves other tensors). A
-checkpointed plain function that calls SDPA without going through any module of the model
-recomputes on torch's SDPA. ``nn.MultiheadAttention`` is not reached this way (it dispatches
-``F.multi_head_attention_forward`` as one function, whose inner SDPA call runs with modes off):
-``patch`` swaps those modules for ``fusedlm.nn.MultiheadAttention`` instead.
+plain function checkpointed inside an attention module (``checkpoint(self._core, q, k, v)``)
+recomputes with none of our hooks running, so on torch's SDPA: its forward call takes torch's
+SDPA too. Such a call is told by torch's saved-tensor hooks: a checkpoint's hooks pushed after
+the innermost hooked module was entered. ``nn.MultiheadAttention`` is not reached this way
+(it dispatches ``F.multi_head_attention_forward`` as one function, whose inner SDPA call runs
+with modes off): ``patch`` swaps those modules for ``fusedlm.nn.MultiheadAttention`` instead.
 
 The cost: while active, every torch call goes through the mode's Python handler (torch's
 design for function modes; ~1-2 us a call on this VM), and the drop-in costs more host time
@@ -46,6 +48,10 @@ _TORCH_SDPA = F.scaled_dot_product_attention
 # The arguments sdpa_with_route understands; a call with others (a newer torch's) goes to torch.
 _SDPA_KEYWORDS = frozenset(("attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa"))
 _SDPA_MAX_POSITIONAL = 8
+# The (pack, unpack) saved-tensor hooks on top of autograd's stack, or None (a private torch
+# binding: without it, no call is taken for a checkpointed plain function's).
+_top_saved_tensors_hooks = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks",
+                                   lambda ignore_is_tracing: None)
 # The __dict__ key under which patch(attention=True) keeps a model's AttentionRouting.
 ROUTING_KEY = "_fusedlm_sdpa_routing"
 
@@ -60,20 +66,21 @@ class FusedSDPAMode(TorchFunctionMode):
     Calls traced by ``torch.compile`` are not counted."""
 
     def __init__(self, backend: str = "auto", calls: Counter | None = None,
-                 on_call: Callable[[], None] | None = None) -> None:
+                 on_call: Callable[[], bool] | None = None) -> None:
         super().__init__()
         check_backend_name(backend)
         self.backend = backend
         self.calls = Counter() if calls is None else calls
-        self.on_call = on_call  # told of each SDPA call (AttentionRouting's discovery)
+        # Told of each SDPA call (AttentionRouting's discovery); True sends it to torch's SDPA.
+        self.on_call = on_call
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is not _TORCH_SDPA:
             return func(*args, **kwargs)
-        if self.on_call is not None:
-            self.on_call()
-        if len(args) > _SDPA_MAX_POSITIONAL or not _SDPA_KEYWORDS.issuperset(kwargs):
+        to_torch = self.on_call is not None and self.on_call()
+        if (to_torch or len(args) > _SDPA_MAX_POSITIONAL
+                or not _SDPA_KEYWORDS.issuperset(kwargs)):
             out, fused = func(*args, **kwargs), False
         else:
             out, fused = sdpa_with_route(*args, **kwargs, backend=self.backend)
@@ -133,10 +140,21 @@ class AttentionRouting:
             stack = self._thread.stack = []
         return stack
 
-    def _note_sdpa_call(self) -> None:
+    def _on_sdpa_call(self) -> bool:
+        """Notes the innermost hooked module (discovery); True when the call must take torch's
+        SDPA: a non-reentrant checkpoint region opened inside that module, whose recomputation
+        in backward will run with none of our hooks (so on torch's SDPA)."""
         stack = self._stack()
-        if stack and self.targets is None:
-            self._found.setdefault(id(stack[-1]), stack[-1])
+        if not stack:
+            return False
+        module, hooks_at_entry = stack[-1]
+        if self.targets is None:
+            self._found.setdefault(id(module), module)
+        if torch.compiler.is_compiling():
+            return False
+        hooks = _top_saved_tensors_hooks(False)
+        return (hooks is not None and (hooks_at_entry is None or hooks[0] is not hooks_at_entry[0])
+                and getattr(hooks[0], "__module__", None) == "torch.utils.checkpoint")
 
     def _enter(self, module, args) -> None:
         stack = self._stack()
@@ -152,10 +170,11 @@ class AttentionRouting:
                         if id(module) not in self._found:
                             return
                     self._in_flight += 1
-            mode = FusedSDPAMode(self.backend, self.calls, on_call=self._note_sdpa_call)
+            mode = FusedSDPAMode(self.backend, self.calls, on_call=self._on_sdpa_call)
             self._thread.mode = mode
             mode.__enter__()
-        stack.append(module)
+        compiling = torch.compiler.is_compiling()
+        stack.append((module, None if compiling else _top_saved_tensors_hooks(False)))
 
     def _leave(self, module, args, output) -> None:
         stack = self._stack()
