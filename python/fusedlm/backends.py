@@ -82,8 +82,8 @@ def _backend_reason(name: str) -> str | None:
         if name == "cuda":
             module = _ext.load()
             if not module.built_with_cuda():
-                return ("fusedlm._C was built without CUDA (a CPU-only torch or no nvcc at build "
-                        "time)")
+                return ("fusedlm._C was built without CUDA (a CPU-only torch, or no nvcc of "
+                        "torch's CUDA major version at build time)")
             if not torch.cuda.is_available():
                 return "torch.cuda.is_available() is False"
             if not module.cuda_ops():
