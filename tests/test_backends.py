@@ -299,7 +299,7 @@ class _StubExtension:
     ("", (8, 0), True),              # unknown (no record): not refused
 ])
 def test_cuda_backend_steps_aside_on_a_gpu_the_build_has_no_code_for(
-        monkeypatch, architectures, capability, runs):
+        monkeypatch, caplog, architectures, capability, runs):
     """On a GPU none of the build's architectures runs on, the "cuda" backend says why and
     "auto" takes the next one, instead of a launch failing with "no kernel image"."""
     from fusedlm import _ext
@@ -311,12 +311,14 @@ def test_cuda_backend_steps_aside_on_a_gpu_the_build_has_no_code_for(
     # As if the build and the machine had everything else the cuda backend needs.
     monkeypatch.setattr(backends, "_cached_backend_reason",
                         lambda name: None if name in ("cuda", "torch") else "not here")
+    monkeypatch.setattr(OpDispatch, "_logged", set())
     backends._cuda_device_reason.cache_clear()
     try:
         dispatch = OpDispatch.registry["layer_norm_fwd"]
         device = torch.device("cuda", 1)
         reason = backends._cuda_device_reason(device)
-        chosen = dispatch.auto_choice(device)
+        with caplog.at_level("INFO", logger="fusedlm"):
+            chosen = dispatch.choose("auto", device)
         named = None
         try:
             dispatch.choose("cuda", device)
@@ -332,6 +334,9 @@ def test_cuda_backend_steps_aside_on_a_gpu_the_build_has_no_code_for(
         assert f'TORCH_CUDA_ARCH_LIST="{major}.{minor}"' in reason
         assert chosen == "torch"
         assert "argument 'backend'" in named and "has no code for cuda:1" in named
+        # a build for the wrong GPU is worth a warning, not the routine info of a skipped case
+        assert any(r.levelname == "WARNING" and "has no code for cuda:1" in r.getMessage()
+                   for r in caplog.records)
 
 
 def test_info_reports_the_cuda_architectures(capsys):

@@ -88,7 +88,6 @@ def _backend_reason(name: str) -> str | None:
                 return "torch.cuda.is_available() is False"
             if not module.cuda_ops():
                 return "this build has no CUDA kernels yet"
-            return _cuda_device_reason(torch.device("cuda", torch.cuda.current_device()))
         return None
     if name == "triton":
         if importlib.util.find_spec("triton") is None:
@@ -177,6 +176,8 @@ def backends() -> BackendReport:
     report = BackendReport()
     for name in BACKEND_NAMES:
         reason = _backend_reason(name)
+        if name == "cuda" and reason is None:  # (per device in dispatch; here the current one)
+            reason = _cuda_device_reason(torch.device("cuda", torch.cuda.current_device()))
         ops = tuple(sorted(op for op, d in OpDispatch.registry.items() if name in d.impls))
         if name == "cuda" and _ext.load() is not None:  # registered for every op; built for some
             ops = tuple(op for op in ops if op in _ext.load().cuda_ops())
@@ -291,8 +292,9 @@ class OpDispatch:
             OpDispatch._logged.add(key)
             # A kernel backend missing for the very device it serves is worth a warning; a
             # backend skipped for one unsupported case (or another device) is routine.
-            missing = (_BACKEND_DEVICE[backend] == device.type
-                       and reason == _cached_backend_reason(backend))
+            missing = _BACKEND_DEVICE[backend] == device.type and (
+                reason == _cached_backend_reason(backend)
+                or (backend == "cuda" and reason == _cuda_device_reason(device)))
             logger.log(
                 logging.WARNING if missing else logging.INFO,
                 "fusedlm.%s on %s: skipping backend %r: %s", self.name, device, backend, reason,
