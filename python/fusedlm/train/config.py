@@ -7,7 +7,10 @@ import dataclasses
 import os
 from dataclasses import dataclass, field
 
-import tomllib
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10: the same parser, packaged as tomli (a dependency there)
+    import tomli as tomllib
 
 SCHEDULES = ("cosine", "wsd", "constant")
 NAN_POLICIES = ("skip", "stop")
