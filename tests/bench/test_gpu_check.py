@@ -162,8 +162,14 @@ def test_build_step_falls_back_to_cmake_when_pip_fails(tmp_path, monkeypatch):
     assert fallback["rc"] == 0, fallback["tail"]
     assert (check.extension_dir / fallback["copied"]).is_file()
     assert step["rc"] == 0
-    # no CUDA kernels in a CPU build: the step says so rather than passing
-    assert step["status"] == "failed" and step["extension"]["built_with_cuda"] is False
+    # The step's status follows the extension the later steps import (ROOT/python/fusedlm's,
+    # not this test's temporary folder): no CUDA kernels, and it says so rather than passing.
+    import torch
+
+    built_with_cuda = step["extension"]["built_with_cuda"]
+    assert step["status"] == ("ok" if built_with_cuda else "failed")
+    if torch.version.cuda is None:  # CI: a CPU torch builds no CUDA kernels
+        assert built_with_cuda is False
 
 
 @pytest.mark.slow
