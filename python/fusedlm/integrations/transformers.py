@@ -107,6 +107,19 @@ def _unsupported(query, key, value, dropout, kwargs) -> str | None:
     return None
 
 
+def _terms_sdpa_cannot_take(model: torch.nn.Module, config) -> str | None:
+    """Why the model's attention has terms neither our kernels nor SDPA take, or None. The
+    class's own ``_supports_sdpa`` says so for most; logit soft-capping is also read from the
+    config, as transformers releases have marked Gemma 2 SDPA-capable (5.20) and not (5.25)."""
+    if getattr(model, "_supports_sdpa", True) is False:
+        return "_supports_sdpa is False"
+    for part in (config, getattr(config, "text_config", None)):
+        softcap = getattr(part, "attn_logit_softcapping", None)
+        if softcap is not None:
+            return f"attn_logit_softcapping is {softcap}"
+    return None
+
+
 def fusedlm_attention_forward(
     module: torch.nn.Module,
     query: Tensor,
@@ -232,14 +245,14 @@ def apply(model: torch.nn.Module, attention: bool = True, norms: bool = True,
         if config is None or not hasattr(config, "_attn_implementation"):
             report.left.append(LeftAlone("", type(model).__qualname__,
                                          "attention: not a transformers model (no config)"))
-        elif getattr(model, "_supports_sdpa", True) is False:
+        elif (why := _terms_sdpa_cannot_take(model, config)) is not None:
             # Its attention takes inputs SDPA has no place for (gpt-oss: per-head sink logits;
             # Gemma 2: logit soft-capping): our kernels and the SDPA fallback would drop them.
             report.left.append(LeftAlone(
                 "", type(model).__qualname__,
                 f"attention: {type(model).__name__} does not support SDPA-style attention "
-                f"(_supports_sdpa is False: its attention has terms SDPA cannot take, such as "
-                f"attention sinks, logit soft-capping or relative-position scores); still "
+                f"({why}: its attention has terms SDPA cannot take, such as attention sinks, "
+                f"logit soft-capping or relative-position scores); still "
                 f"{config._attn_implementation!r}",
             ))
         else:
