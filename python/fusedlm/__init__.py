@@ -9,6 +9,7 @@ replacements for their PyTorch counterparts.
     fusedlm.scaled_dot_product_attention(...)      # torch's exact signature
     fusedlm.layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5, backend="auto")
     fusedlm.rms_norm(x, normalized_shape, weight=None, eps=None, backend="auto")
+    fusedlm.cross_entropy(input, target, ...)     # torch's signature; the LM loss, no float32 copy
     fusedlm.nn.LayerNorm, fusedlm.nn.RMSNorm, fusedlm.nn.MultiheadAttention
     fusedlm.nn.CausalSelfAttention
     fusedlm.optim.AdamW
@@ -27,6 +28,7 @@ from .integrations.patch import patch, unpatch  # torch only; transformers is no
 from .ops import (
     attention,
     attention_varlen,
+    cross_entropy,
     key_range_from_document_ids,
     key_range_from_padding_mask,
     layer_norm,
@@ -41,6 +43,7 @@ __all__ = [
     "attention",
     "attention_varlen",
     "backends",
+    "cross_entropy",
     "key_range_from_document_ids",
     "key_range_from_padding_mask",
     "layer_norm",

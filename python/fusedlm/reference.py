@@ -251,3 +251,61 @@ def adamw_step(
                        for old, new in updates]
         for old, new in updates:
             old.copy_(new)
+
+
+# ---- cross-entropy: logits (N, V), target (N) int64 -----------------------------------------
+
+
+def _target_rows(target: Tensor, V: int, ignore_index: int) -> tuple[Tensor, Tensor, Tensor]:
+    """(valid, in_range, safe target): rows whose target is not ignore_index, rows whose
+    target is a class index in [0, V), and the target with other values replaced by 0."""
+    valid = target != ignore_index
+    in_range = (target >= 0) & (target < V)
+    return valid, in_range, torch.where(in_range, target, 0)
+
+
+def cross_entropy_fwd(
+    logits: Tensor, target: Tensor, ignore_index: int, label_smoothing: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Returns the loss of each row (N), the row's max (N; 0 for a row of -inf) and log_sum,
+    the log of the sum of exp(x - max) (N), in the compute dtype: logsumexp = max + log_sum,
+    kept in two parts so the backward's exp(x - max - log_sum) keeps full precision where the
+    logits are large.
+
+    loss = lse - (1 - label_smoothing) * x[target] - label_smoothing / V * sum(x), which is
+    torch's ``(1 - s) * nll + s * mean over classes of -log_softmax``. A row whose target is
+    ``ignore_index`` has loss 0; one whose target is outside [0, V) otherwise has loss NaN; a
+    row holding +inf or NaN has NaN, as torch's log_softmax gives."""
+    x = logits.to(compute_dtype(logits.dtype))
+    V = x.shape[1]
+    valid, in_range, safe = _target_rows(target, V, ignore_index)
+    row_max = x.amax(dim=1)
+    shift = torch.where(row_max == -torch.inf, 0.0, row_max)
+    log_sum = torch.exp(x - shift[:, None]).sum(dim=1).log()
+    # (each term is small next to the logits: the loss keeps digits the logsumexp would round)
+    loss = (1.0 - label_smoothing) * (shift - x.gather(1, safe[:, None]).squeeze(1)) + log_sum
+    if label_smoothing != 0.0:
+        loss = loss + label_smoothing * (shift - x.mean(dim=1))
+    loss = torch.where(in_range, loss, torch.nan)
+    return torch.where(valid, loss, 0.0), shift, log_sum
+
+
+def cross_entropy_bwd(
+    grad_loss: Tensor, logits: Tensor, target: Tensor, row_max: Tensor, log_sum: Tensor,
+    ignore_index: int, label_smoothing: float,
+) -> Tensor:
+    """grad_loss (N), the gradient of each row's loss (any strides: an expanded scalar for a
+    reduced loss), and the forward's row_max, log_sum (N) -> dlogits (N, V) in the logits'
+    dtype: grad_loss * (softmax(x) - (1 - label_smoothing) * onehot(target) -
+    label_smoothing / V); 0 on ignored rows, NaN on rows whose target is outside [0, V)."""
+    dtype = compute_dtype(logits.dtype)
+    x = logits.to(dtype)
+    V = x.shape[1]
+    valid, in_range, safe = _target_rows(target, V, ignore_index)
+    probs = torch.exp((x - row_max.to(dtype)[:, None]) - log_sum.to(dtype)[:, None])
+    if label_smoothing != 0.0:
+        probs = probs - label_smoothing / V
+    onehot = torch.zeros_like(probs).scatter_(1, safe[:, None], 1.0 - label_smoothing)
+    g = torch.where(in_range, grad_loss.to(dtype), torch.nan)
+    dx = (probs - onehot) * g[:, None]
+    return torch.where(valid[:, None], dx, 0.0).to(logits.dtype)

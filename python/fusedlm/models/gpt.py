@@ -1,7 +1,7 @@
 """A thin GPT: GPT-2 (learned positions, pre-norm LayerNorm, GELU MLP, tied embeddings) and a
 Llama-style variant (RMSNorm, rotary positions, SwiGLU, grouped kv heads), built on
-``fusedlm.nn`` and ``fusedlm.attention`` with ``kernels="fused"``, or on plain PyTorch with
-``kernels="torch"`` so the two can be compared step for step.
+``fusedlm.nn``, ``fusedlm.attention`` and ``fusedlm.cross_entropy`` with ``kernels="fused"``,
+or on plain PyTorch with ``kernels="torch"`` so the two can be compared step for step.
 
     model = GPT(GPTConfig.preset("gpt2-124m"), kernels="fused")
     logits, loss = model(idx, targets)      # idx, targets: (B, T) int64 -> logits (B, T, V)
@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from .. import nn as fused_nn
 from ..ops.attention import attention as fused_attention
 from ..ops.attention import key_range_from_document_ids
+from ..ops.cross_entropy import language_model_loss
 
 KERNELS = ("fused", "torch")
 ARCHS = ("gpt2", "llama")
@@ -425,9 +426,13 @@ class GPT(nn.Module):
         logits = self.lm_head(self.hidden_states(idx, cache, document_ids, reset_positions))
         if targets is None:
             return logits, None
-        loss = F.cross_entropy(
-            logits.view(-1, logits.shape[-1]).float(), targets.reshape(-1), ignore_index=-1
-        )
+        if self.kernels == "fused":  # in float32 from the logits, without a float32 copy
+            loss = language_model_loss(logits.view(-1, logits.shape[-1]), targets.reshape(-1),
+                                       ignore_index=-1)
+        else:
+            loss = F.cross_entropy(
+                logits.view(-1, logits.shape[-1]).float(), targets.reshape(-1), ignore_index=-1
+            )
         return logits, loss
 
     @torch.no_grad()

@@ -10,12 +10,14 @@ from .attention import (
     key_range_from_padding_mask,
     scaled_dot_product_attention,
 )
+from .cross_entropy import cross_entropy
 from .norm import layer_norm, rms_norm
 
 __all__ = [
     "adamw_step",
     "attention",
     "attention_varlen",
+    "cross_entropy",
     "key_range_from_document_ids",
     "key_range_from_padding_mask",
     "layer_norm",

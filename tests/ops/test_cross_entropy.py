@@ -1,0 +1,262 @@
+"""fusedlm.cross_entropy and the custom ops behind it, against torch's F.cross_entropy (truth:
+float64; baseline: torch at the input's dtype). The Triton kernels' own cases (chunked rows,
+odd vocabularies, interpreter runs) are in tests/triton/test_cross_entropy.py."""
+
+from __future__ import annotations
+
+import importlib
+import logging
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fusedlm
+from fusedlm.backends import BackendNotSupportedError, OpDispatch
+from tests.helpers import DTYPES, assert_close_rule, device_of
+
+ce_ops = importlib.import_module("fusedlm.ops.cross_entropy")  # (fusedlm.ops.cross_entropy is
+# also the function's name)
+# The op has no C++ kernels: the torch reference on CPU tensors, Triton on CUDA ones.
+BACKENDS = [pytest.param("triton", marks=pytest.mark.gpu, id="triton"), "torch"]
+REDUCTIONS = ["mean", "sum", "none"]
+# (N, V): one row, one class, odd sizes, a vocabulary past one 4096-column chunk.
+SHAPES = [(1, 1), (1, 7), (17, 127), (113, 64), (5, 4099)]
+
+
+def make_inputs(N, V, dtype, device, ignore_every=0, ignore_index=-100, scale=3.0):
+    """logits (N, V) ~ scale * N(0, 1) as a leaf in ``dtype``, targets (N) in [0, V) with every
+    ``ignore_every``-th one (from the first) set to ignore_index."""
+    logits = (scale * torch.randn(N, V, dtype=torch.float64)).to(device, dtype)
+    target = torch.randint(0, V, (N,), device=device)
+    if ignore_every:
+        target[::ignore_every] = ignore_index
+    return logits.requires_grad_(True), target
+
+
+def check_cross_entropy(logits, target, backend, reduction="mean", label_smoothing=0.0,
+                        ignore_index=-100, backward=True):
+    """Loss and (optionally) dlogits of fusedlm.cross_entropy vs torch's, by the rule."""
+    kwargs = dict(reduction=reduction, label_smoothing=label_smoothing,
+                  ignore_index=ignore_index)
+    x = logits.detach().clone().requires_grad_(True)
+    loss = fusedlm.cross_entropy(x, target, backend=backend, **kwargs)
+    x64 = logits.detach().double().requires_grad_(True)
+    truth = F.cross_entropy(x64, target, **kwargs)
+    xt = logits.detach().clone().requires_grad_(True)
+    baseline = F.cross_entropy(xt, target, **kwargs)
+    assert loss.dtype == baseline.dtype and loss.shape == baseline.shape
+    assert_close_rule(loss, baseline, truth, name="loss")
+    if not backward:
+        return
+    grad = torch.randn_like(truth) if reduction == "none" else torch.ones_like(truth)
+    (dx,) = torch.autograd.grad(loss, x, grad.to(loss.dtype))
+    (dx64,) = torch.autograd.grad(truth, x64, grad)
+    (dxt,) = torch.autograd.grad(baseline, xt, grad.to(baseline.dtype))
+    assert dx.dtype == logits.dtype and dx.shape == logits.shape
+    assert_close_rule(dx, dxt, dx64, name="dlogits")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize(("N", "V"), SHAPES, ids=[f"{n}x{v}" for n, v in SHAPES])
+def test_cross_entropy(N, V, reduction, dtype, backend):
+    logits, target = make_inputs(N, V, dtype, device_of(backend), ignore_every=3)
+    check_cross_entropy(logits, target, backend, reduction)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("label_smoothing", [0.1, 1.0])
+def test_label_smoothing(label_smoothing, reduction, dtype, backend):
+    logits, target = make_inputs(29, 300, dtype, device_of(backend), ignore_every=4)
+    check_cross_entropy(logits, target, backend, reduction, label_smoothing)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("ignore_index", [-1, 0, 5])
+def test_ignore_index_is_any_value(ignore_index, backend):
+    """GPT's -1, and ignore_index values that are also class indices (their rows are ignored)."""
+    logits, target = make_inputs(40, 9, torch.float32, device_of(backend))
+    target[::2] = ignore_index
+    check_cross_entropy(logits, target, backend, ignore_index=ignore_index)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_every_target_ignored_gives_torchs_nan_mean_and_zero_grads(backend):
+    logits, target = make_inputs(6, 11, torch.float32, device_of(backend))
+    target.fill_(-100)
+    loss = fusedlm.cross_entropy(logits, target, backend=backend)
+    assert torch.isnan(loss) and torch.isnan(F.cross_entropy(logits, target))
+    total = fusedlm.cross_entropy(logits, target, reduction="sum", backend=backend)
+    assert total.item() == 0.0
+    (dx,) = torch.autograd.grad(total, logits)
+    assert torch.equal(dx, torch.zeros_like(dx))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("layout", ["transposed", "row_stride", "column_stride"])
+def test_non_contiguous_logits(layout, backend):
+    device = device_of(backend)
+    base = 3 * torch.randn(130, 70, device=device)
+    views = {"transposed": base.t(), "row_stride": base[::2], "column_stride": base[:, ::2]}
+    logits = views[layout]
+    target = torch.randint(0, logits.shape[1], (logits.shape[0],), device=device)
+    assert not logits.is_contiguous()
+    check_cross_entropy(logits.requires_grad_(True), target, backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_infinite_and_nan_logits_like_torch(dtype, backend):
+    """-inf logits (a masked vocabulary) keep finite losses where torch's are; +inf and NaN
+    give NaN where torch's do; an ignored row stays 0 and its gradient exactly 0."""
+    device = device_of(backend)
+    logits = 2 * torch.randn(5, 16, dtype=torch.float64)
+    logits[0, 3:] = float("-inf")  # target 1 among the finite ones
+    logits[1, 5] = float("inf")
+    logits[2, 7] = float("nan")
+    logits[3, :] = float("-inf")
+    logits = logits.to(device, dtype).requires_grad_(True)
+    target = torch.tensor([1, 2, 3, 4, 0], device=device)
+    target_ignoring_bad = target.clone()
+    target_ignoring_bad[1:4] = -100
+    for t in (target, target_ignoring_bad):
+        loss = fusedlm.cross_entropy(logits, t, reduction="none", backend=backend)
+        expected = F.cross_entropy(logits.detach().double(), t, reduction="none")
+        assert torch.equal(loss.isnan(), expected.isnan()), (loss, expected)
+        finite = torch.isfinite(expected)
+        torch.testing.assert_close(loss[finite].double(), expected[finite], atol=2e-3, rtol=2e-3)
+    loss = fusedlm.cross_entropy(logits, target_ignoring_bad, reduction="sum", backend=backend)
+    (dx,) = torch.autograd.grad(loss, logits)
+    assert torch.equal(dx[1:4], torch.zeros_like(dx[1:4]))
+    assert torch.isfinite(dx).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_target_out_of_range_raises(backend):
+    logits, target = make_inputs(4, 10, torch.float32, device_of(backend))
+    for bad in (10, -2):
+        target[1] = bad
+        with pytest.raises(RuntimeError, match="argument 'target' holds a class index outside"):
+            fusedlm.cross_entropy(logits, target, backend=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_op_rows_with_out_of_range_targets_are_nan(backend):
+    """The ops themselves (no public check) mark such rows NaN rather than read out of
+    bounds: the guarantee the kernels give where the device-side assert is compiled out."""
+    device = device_of(backend)
+    logits = torch.randn(3, 8, device=device)
+    target = torch.tensor([2, 8, -100], device=device)
+    loss, row_max, log_sum = torch.ops.fusedlm.cross_entropy_fwd(logits, target, -100, 0.0,
+                                                                 backend)
+    assert torch.isfinite(loss[0]) and torch.isnan(loss[1]) and loss[2].item() == 0.0
+    dx = torch.ops.fusedlm.cross_entropy_bwd(torch.ones(3, device=device), logits, target,
+                                             row_max, log_sum, -100, 0.0, backend)
+    assert torch.isfinite(dx[0]).all() and torch.isnan(dx[1]).all()
+    assert torch.equal(dx[2], torch.zeros_like(dx[2]))
+
+
+# ---- what goes to torch's function ------------------------------------------------------------
+
+FALLBACKS = {
+    "class weights": lambda x, t: dict(input=x, target=t, weight=torch.rand(x.shape[1])),
+    "probability targets": lambda x, t: dict(input=x, target=torch.softmax(torch.randn_like(x), 1)),
+    "(N, C, d) input": lambda x, t: dict(input=x.view(3, 5, 4), target=t.view(3, 4).remainder(5)),
+    "(C) input": lambda x, t: dict(input=x[0], target=t[0].remainder(x.shape[1])),
+    "int32 targets": lambda x, t: dict(input=x, target=t.int()),
+    "deprecated reduce": lambda x, t: dict(input=x, target=t, reduce=False),
+    "label_smoothing > 1": lambda x, t: dict(input=x, target=t, label_smoothing=1.5),
+    "empty input": lambda x, t: dict(input=x[:0], target=t[:0]),
+}
+
+
+@pytest.mark.parametrize("case", FALLBACKS)
+def test_calls_the_kernels_cannot_take_are_torchs_own(case):
+    """Outputs, gradients and errors are exactly F.cross_entropy's, whatever the backend."""
+    x = torch.randn(12, 5, requires_grad=True)
+    t = torch.randint(0, 5, (12,))
+    kwargs = FALLBACKS[case](x, t)
+    try:
+        expected = F.cross_entropy(**kwargs)
+    except Exception as error:
+        with pytest.raises(type(error)):
+            fusedlm.cross_entropy(**kwargs, backend="torch")
+        return
+    for backend in ("auto", "torch"):
+        out = fusedlm.cross_entropy(**kwargs, backend=backend)
+        torch.testing.assert_close(out, expected, rtol=0, atol=0, equal_nan=True)
+
+
+def test_auto_on_cpu_is_torchs_function_and_says_so(caplog):
+    """No C++ kernel: "auto" on CPU tensors calls F.cross_entropy (faster than the reference)."""
+    logits, target = make_inputs(8, 10, torch.float32, "cpu")
+    ce_ops._fallback_logged.clear()
+    OpDispatch.last_choice.pop("cross_entropy_fwd", None)
+    with caplog.at_level(logging.INFO, logger="fusedlm"):
+        out = fusedlm.cross_entropy(logits, target)
+    assert torch.equal(out, F.cross_entropy(logits, target))
+    assert "cross_entropy_fwd" not in OpDispatch.last_choice
+    assert "no fusedlm kernel backend" in caplog.text
+
+
+def test_named_backend_that_cannot_serve_raises():
+    logits, target = make_inputs(4, 10, torch.float32, "cpu")
+    with pytest.raises(BackendNotSupportedError, match="backend 'cpu'.*cross_entropy_fwd kernel"):
+        fusedlm.cross_entropy(logits, target, backend="cpu")
+    with pytest.raises(ValueError, match="argument 'backend'"):
+        fusedlm.cross_entropy(logits, target, backend="fast")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_autocast_gives_a_float32_loss_like_torch(dtype):
+    logits, target = make_inputs(9, 33, dtype, "cpu")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = fusedlm.cross_entropy(logits, target, backend="torch")
+        expected = F.cross_entropy(logits, target)
+    assert loss.dtype == expected.dtype == torch.float32
+    torch.testing.assert_close(loss, expected, atol=1e-5, rtol=1e-5)
+    (dx,) = torch.autograd.grad(loss, logits)
+    assert dx.dtype == dtype
+
+
+def test_gradcheck_float64():
+    logits, target = make_inputs(7, 6, torch.float64, "cpu", ignore_every=3)
+    for reduction in REDUCTIONS:
+        for smoothing in (0.0, 0.3):
+            torch.autograd.gradcheck(
+                lambda x, r=reduction, s=smoothing: fusedlm.cross_entropy(
+                    x, target, reduction=r, label_smoothing=s, backend="torch"),
+                (logits,))
+
+
+def test_opcheck():
+    logits, target = make_inputs(7, 13, torch.float32, "cpu", ignore_every=3)
+    logits = logits.detach().requires_grad_(True)
+    torch.library.opcheck(torch.ops.fusedlm.cross_entropy_fwd,
+                          (logits, target, -100, 0.1, "torch"))
+    _, row_max, log_sum = torch.ops.fusedlm.cross_entropy_fwd(logits.detach(), target, -100, 0.1,
+                                                              "torch")
+    torch.library.opcheck(torch.ops.fusedlm.cross_entropy_bwd,
+                          (torch.ones(7), logits.detach(), target, row_max, log_sum, -100, 0.1,
+                           "torch"))
+
+
+def test_torch_compile_fullgraph():
+    logits, target = make_inputs(10, 17, torch.float32, "cpu", ignore_every=4)
+
+    @torch.compile(fullgraph=True, backend="aot_eager")
+    def loss_fn(x, t):
+        return fusedlm.cross_entropy(x, t, label_smoothing=0.1, backend="torch")
+
+    x = logits.detach().clone().requires_grad_(True)
+    loss = loss_fn(x, target)
+    loss.backward()
+    xr = logits.detach().clone().requires_grad_(True)
+    expected = F.cross_entropy(xr, target, label_smoothing=0.1)
+    expected.backward()
+    torch.testing.assert_close(loss, expected)
+    torch.testing.assert_close(x.grad, xr.grad)
