@@ -315,6 +315,80 @@ def test_apply_keeps_parameters_and_reports():
     assert all(type(m).__name__ != "ModelRMSNorm" for m in model.modules())
 
 
+# ---- the loss -----------------------------------------------------------------------------------
+
+
+def _labels(ids, ignored=3):
+    labels = ids.clone()
+    labels[0, :ignored] = -100  # a prompt not trained on
+    return labels
+
+
+@pytest.mark.parametrize("accumulating", [False, True], ids=["mean", "num_items_in_batch"])
+@pytest.mark.parametrize("name", list(CAUSAL))
+def test_loss_matches_and_runs_fusedlms_cross_entropy(name, accumulating):
+    """A causal LM's loss (labels, -100 ignored; transformers' gradient-accumulation sum over
+    num_items_in_batch) and every parameter's gradient, against the unpatched model by the
+    rule. backend="torch" puts the loss on the op (on CPU "auto" gives transformers' own)."""
+    model, same, truth, report = _triple(name, backend="torch")
+    assert any(n.startswith("loss: loss_function ForCausalLMLoss -> fusedlm's causal_lm_loss")
+               for n in report.notes), report
+    ids = torch.randint(0, VOCAB, (2, 13))
+    extra = {"num_items_in_batch": torch.tensor(30)} if accumulating else {}
+    losses = [m(input_ids=ids, labels=_labels(ids), **extra).loss for m in (model, same, truth)]
+    assert OpDispatch.last_choice["cross_entropy_fwd"] == "torch"
+    assert losses[0].dtype == torch.float32
+    assert_close_rule(losses[0], losses[1], losses[2], name=f"{name} loss")
+    for loss in losses:
+        loss.backward()
+    same_params, truth_params = dict(same.named_parameters()), dict(truth.named_parameters())
+    for pname, p in model.named_parameters():
+        if p.grad is not None:
+            assert_close_rule(p.grad, same_params[pname].grad, truth_params[pname].grad,
+                              name=pname)
+
+
+def test_loss_functions_take_transformers_arguments():
+    """shift_labels given (no shift), and the masked-LM loss (no shift), against transformers'
+    own functions on the same float32 logits."""
+    from transformers.loss.loss_utils import ForCausalLMLoss, ForMaskedLMLoss
+
+    logits = torch.randn(2, 9, VOCAB, dtype=torch.bfloat16)
+    labels = torch.randint(0, VOCAB, (2, 9))
+    labels[1, 4:] = -100
+    for ours, theirs, kwargs in [
+        (fhf.causal_lm_loss, ForCausalLMLoss, {}),
+        (fhf.causal_lm_loss, ForCausalLMLoss, {"shift_labels": labels}),
+        (fhf.masked_lm_loss, ForMaskedLMLoss, {"num_items_in_batch": 11}),
+    ]:
+        args = (logits, labels, VOCAB)
+        got = ours(*args, backend="torch", **kwargs)
+        expected = theirs(*args, **kwargs)
+        assert got.dtype == expected.dtype == torch.float32
+        torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
+
+
+def test_loss_swap_is_reported_undone_and_optional():
+    llama = _build("llama")
+    original = llama.loss_function
+    fhf.apply(llama, loss=False)
+    assert llama.loss_function is original
+    report = fhf.apply(llama)
+    assert llama.loss_function.func is fhf.causal_lm_loss
+    assert "loss: already causal_lm_loss" in fhf.apply(llama).notes
+    restored = fusedlm.unpatch(llama)
+    assert "loss_function restored" in restored.notes and "_loss_function" not in llama.__dict__
+    assert llama.loss_function is original
+    assert report.notes[-1].startswith("loss:")
+
+    classifier = transformers.LlamaForSequenceClassification(
+        transformers.LlamaConfig(**COMMON, num_key_value_heads=2, num_labels=3))
+    report = fhf.apply(classifier)
+    assert [m.reason for m in report.left] == [
+        "loss: ForSequenceClassificationLoss is not a cross-entropy over the vocabulary"]
+    assert "_loss_function" not in classifier.__dict__
+
+
 def _qkv(b, hq, hkv, tq, tk, d=16):
     return (torch.randn(b, hq, tq, d), torch.randn(b, hkv, tk, d), torch.randn(b, hkv, tk, d))
 
@@ -442,6 +516,30 @@ def test_bf16_on_gpu(name, inputs):
             assert same_params[pname].grad is None, pname
             continue
         assert_close_rule(p.grad, same_params[pname].grad, truth_params[pname].grad, name=pname)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", list(CAUSAL))
+def test_bf16_loss_on_gpu(name):
+    """The loss of a bfloat16 causal LM on the GPU (the Triton cross-entropy, from the bf16
+    logits) and every gradient, against the unpatched bf16 model (transformers' float32 copy)
+    and the float64 one, by the rule."""
+    model = _build(name).cuda()
+    same, truth = copy.deepcopy(model).bfloat16(), copy.deepcopy(model).double()
+    model = model.bfloat16()
+    fhf.apply(model)
+    ids = torch.randint(1, VOCAB, (3, 33), device="cuda")
+    losses = [m(input_ids=ids, labels=_labels(ids)).loss for m in (model, same, truth)]
+    assert OpDispatch.last_choice["cross_entropy_fwd"] == "triton"
+    assert losses[0].dtype == torch.float32
+    assert_close_rule(losses[0], losses[1], losses[2], name=f"{name} bf16 loss")
+    for loss in losses:
+        loss.backward()
+    same_params, truth_params = dict(same.named_parameters()), dict(truth.named_parameters())
+    for pname, p in model.named_parameters():
+        if p.grad is not None:
+            assert_close_rule(p.grad, same_params[pname].grad, truth_params[pname].grad,
+                              name=pname)
 
 
 # ---- drawn masks through whole models ----------------------------------------------------------

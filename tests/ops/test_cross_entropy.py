@@ -260,3 +260,19 @@ def test_torch_compile_fullgraph():
     expected.backward()
     torch.testing.assert_close(loss, expected)
     torch.testing.assert_close(x.grad, xr.grad)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+def test_language_model_loss_is_float32_from_bf16_logits(backend, reduction):
+    """The training loss (GPT, the transformers losses): float32 whatever the logits' width,
+    torch's on a float32 copy where no kernel serves ("auto" on CPU), else the op's."""
+    logits, target = make_inputs(40, 77, torch.bfloat16, "cpu", ignore_every=5)
+    loss = ce_ops.language_model_loss(logits, target, reduction=reduction, backend=backend)
+    expected = F.cross_entropy(logits.float(), target, reduction=reduction)
+    assert loss.dtype == torch.float32
+    torch.testing.assert_close(loss, expected, rtol=1e-6, atol=1e-5)
+    if backend == "auto":
+        assert torch.equal(loss, expected)
+    with pytest.raises(ValueError, match="argument 'reduction'"):
+        ce_ops.language_model_loss(logits, target, reduction="none")

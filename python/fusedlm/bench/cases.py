@@ -48,7 +48,8 @@ from . import counting
 
 BASELINE = "torch-eager"
 # The ops of ``fusedlm bench`` in run order (its CLI, runner and tests read this one list).
-OPS = ("attention", "attention_decode", "layer_norm", "rms_norm", "adamw", "gpt")
+OPS = ("attention", "attention_decode", "layer_norm", "rms_norm", "cross_entropy", "adamw",
+       "gpt")
 NORM_EPS = 1e-5
 SDPA_BACKENDS = ("flash", "efficient", "cudnn", "math")
 
@@ -688,6 +689,88 @@ def _norm_providers(op: str) -> list[Provider]:
     return providers
 
 
+# ---- cross_entropy --------------------------------------------------------------------------
+
+def _cross_entropy_cases(ctx: Context) -> list[Case]:
+    if ctx.cuda:  # GPT-2's padded vocabulary, Llama 2's and Llama 3's; 16k / 8k tokens
+        shapes = [(16384, 50304)] if ctx.quick else [(16384, 32000), (16384, 50304),
+                                                     (8192, 128256)]
+        dtype = torch.bfloat16
+    else:
+        shapes = [(512, 256), (512, 4096)] if ctx.quick else [(2048, 256), (2048, 4096),
+                                                              (256, 50304)]
+        dtype = torch.float32
+    out = []
+    for pass_ in counting.PASSES:
+        for N, V in shapes:
+            def make(N=N, V=V, pass_=pass_):
+                logits = 3 * _randn(N, V, ctx=ctx, dtype=dtype)
+                inputs = {"logits": logits.requires_grad_(pass_ == "fwd+bwd"),
+                          "target": torch.randint(0, V, (N,), device=ctx.device)}
+                if pass_ == "fwd+bwd":
+                    inputs["grad"] = torch.ones((), device=ctx.device)
+                return inputs
+
+            out.append(Case(
+                op="cross_entropy", variant=f"{pass_} {dtype_name(dtype)}", pass_=pass_,
+                dtype=dtype_name(dtype), size_label=f"N={N} V={V}", size=dict(N=N, V=V), x=V,
+                flops=None, bytes=counting.cross_entropy_bytes(N, V, dtype, pass_),
+                make_inputs=make, check_output=pass_ == "fwd",
+            ))
+    return out
+
+
+def _eager_cross_entropy(logits, target):
+    return F.cross_entropy(logits.float(), target)
+
+
+_liger_loss: list = []
+
+
+def _liger_cross_entropy(logits, target):
+    if not _liger_loss:  # (its module is the API stable across Liger releases)
+        from liger_kernel.transformers import LigerCrossEntropyLoss
+
+        _liger_loss.append(LigerCrossEntropyLoss())
+    return _liger_loss[0](logits, target)
+
+
+def _fusedlm_cross_entropy(backend):
+    def call(logits, target):
+        import fusedlm
+
+        return fusedlm.cross_entropy(logits, target, backend=backend).float()
+
+    return call
+
+
+def _cross_entropy_providers() -> list[Provider]:
+    def provider(name, description, fn, why_not=_always, compiles=False, kernel_backend=None):
+        def build(case: Case, ctx: Context):
+            if kernel_backend is not None and case.pass_ == "fwd+bwd":
+                _needs(ctx, kernel_backend, "cross_entropy_bwd")
+            f = fn() if compiles else fn
+            return _run_pass(case, lambda i: f(i["logits"], i["target"]), ("logits",))
+
+        return Provider(name, description, why_not, build, compiles=compiles)
+
+    eager = "F.cross_entropy(logits.float(), target)"
+    providers = [provider(BASELINE, f"{eager}: what autocast and HF's loss run",
+                          _eager_cross_entropy)]
+    for backend in ("cuda", "triton", "cpu", "torch"):
+        providers.append(provider(
+            f"fusedlm-{backend}", f"fusedlm.cross_entropy(backend={backend!r})",
+            _fusedlm_cross_entropy(backend),
+            _fusedlm_why_not(backend, ("cross_entropy_fwd",)), kernel_backend=backend))
+    providers.append(provider("liger", "Liger-Kernel LigerCrossEntropyLoss (writes the gradient "
+                              "over the logits in the forward)", _liger_cross_entropy,
+                              _liger_why_not))
+    providers.append(provider("torch-compile", f"torch.compile({eager})",
+                              lambda: compiled(_eager_cross_entropy), _compile_why_not,
+                              compiles=True))
+    return providers
+
+
 # ---- adamw ----------------------------------------------------------------------------------
 
 def gpt2_param_shapes(d: int, layers: int, vocab: int = 50257, ctx: int = 1024) -> list[tuple]:
@@ -960,6 +1043,12 @@ def specs() -> dict[str, OpSpec]:
             "GB/s", "bandwidth", "hidden size N", _norm_cases("rms_norm"),
             _norm_providers("rms_norm"), "not counted (memory-bound)",
             "fwd: (2MN + N) elements; bwd: (3MN + 2N) elements"),
+        "cross_entropy": OpSpec(
+            "cross_entropy", "mean cross-entropy of (N, V) logits against (N) int64 targets",
+            "GB/s", "bandwidth", "vocabulary size V", _cross_entropy_cases,
+            _cross_entropy_providers(), "not counted (memory-bound)",
+            "fwd: logits and targets read (N V elements + 8 N bytes); bwd: logits read, "
+            "dlogits written (2 N V elements + 8 N bytes)"),
         "adamw": OpSpec(
             "adamw", "one AdamW step over a list of float32 parameters (lr 1e-3, wd 1e-2)",
             "GB/s", "bandwidth", "parameters", _adamw_cases, _adamw_providers(),

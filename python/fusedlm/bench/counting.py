@@ -16,6 +16,9 @@ layer_norm, x (M, N), weight and bias (N):
     backward read dy, x, weight; write dx, dweight, dbias        (3 M N + 3 N elements)
 rms_norm, x (M, N), weight (N):
     forward  (2 M N + N) elements; backward (3 M N + 2 N) elements
+cross_entropy, logits (N, V), target (N) int64:
+    forward  read logits and targets                      (N V elements + 8 N bytes)
+    backward read logits and targets; write dlogits        (2 N V elements + 8 N bytes)
 adamw, per parameter element:
     read param, grad, exp_avg, exp_avg_sq; write param, exp_avg, exp_avg_sq
     (float32 everything: 28 bytes per element)
@@ -97,6 +100,15 @@ def rms_norm_bytes(M: int, N: int, dtype: torch.dtype, pass_: str) -> float:
     e = itemsize(dtype)
     fwd = (2 * M * N + N) * e
     return float(fwd if pass_ == "fwd" else fwd + (3 * M * N + 2 * N) * e)
+
+
+def cross_entropy_bytes(N: int, V: int, dtype: torch.dtype, pass_: str) -> float:
+    """The logits read once per pass, dlogits written once, the int64 targets read once per
+    pass; the per-row statistics and the loss are left out (8-12 bytes a row)."""
+    _check_pass(pass_)
+    e = itemsize(dtype)
+    fwd = N * V * e + 8 * N
+    return float(fwd if pass_ == "fwd" else fwd + 2 * N * V * e + 8 * N)
 
 
 def adamw_bytes(numel: int, param_dtype: torch.dtype = torch.float32,

@@ -42,6 +42,8 @@ from .sdpa_mode import route_attention, unroute_attention
 _RESTORE_KEY = "_fusedlm_restore"
 # Set on a transformers model by apply(): the attention implementation it had before.
 ATTN_PREVIOUS_KEY = "_fusedlm_attn_previous"
+# A transformers model's own ``_loss_function`` (None: it had none) before ``apply``'s swap.
+LOSS_PREVIOUS_KEY = "_fusedlm_loss_previous"
 
 
 @dataclass
@@ -448,8 +450,8 @@ def patch(
 def unpatch(model: torch.nn.Module) -> PatchReport:
     """Undo :func:`patch` (and ``fusedlm.integrations.transformers.apply``): turn the swapped
     module objects back into their original classes, in place; remove ``attention=True``'s hooks;
-    restore a transformers model's previous attention implementation. Returns a report of what
-    was restored."""
+    restore a transformers model's previous attention implementation and loss function.
+    Returns a report of what was restored."""
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"argument 'model' must be a torch.nn.Module, got {type(model).__name__}")
     report = PatchReport()
@@ -468,4 +470,11 @@ def unpatch(model: torch.nn.Module) -> PatchReport:
 
         set_attention_implementation(model, previous)
         report.notes.append(f"attention implementation restored to {previous!r}")
+    if LOSS_PREVIOUS_KEY in model.__dict__:
+        previous = model.__dict__.pop(LOSS_PREVIOUS_KEY)
+        if previous is None:
+            model.__dict__.pop("_loss_function", None)
+        else:
+            model.__dict__["_loss_function"] = previous
+        report.notes.append("loss_function restored")
     return report

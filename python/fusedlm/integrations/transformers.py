@@ -17,6 +17,12 @@
   dropout, ``position_bias``, paged caches, and inputs the kernels cannot take go, per call, to
   transformers' own ``sdpa_attention_forward``. :func:`attention_calls` counts both.
   Models transformers does not run on SDPA (``_supports_sdpa = False``) keep their attention.
+* Loss: a model whose ``loss_function`` is transformers' ``ForCausalLMLoss`` or
+  ``ForMaskedLMLoss`` gets :func:`causal_lm_loss` / :func:`masked_lm_loss` instead (set
+  through ``loss_function``'s own setter): the same loss, from the logits as they are
+  (``fusedlm.cross_entropy``'s kernels) instead of from their float32 copy, which for a
+  large vocabulary is the biggest tensor of a training step. Models that compute their loss
+  inline (``CrossEntropyLoss()(...)`` in their forward) are unaffected.
 * Norms: ``torch.nn.LayerNorm`` / ``torch.nn.RMSNorm`` and the model's own RMSNorm and
   LayerNorm classes (found by parameters, ``eps`` and a numeric probe; Gemma's ``1 + weight``
   handled) become fusedlm modules holding the same parameter tensors (``state_dict``
@@ -27,6 +33,7 @@
 from __future__ import annotations
 
 import collections
+import functools
 import logging
 import math
 
@@ -44,7 +51,8 @@ from ..ops.attention import (
     expand_key_range,
     mask_layout,
 )
-from .patch import ATTN_PREVIOUS_KEY, LeftAlone, PatchReport, swap_norms
+from ..ops.cross_entropy import language_model_loss
+from .patch import ATTN_PREVIOUS_KEY, LOSS_PREVIOUS_KEY, LeftAlone, PatchReport, swap_norms
 
 try:  # transformers >= 4.53 builds masks through AttentionMaskInterface
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
@@ -226,15 +234,93 @@ def set_attention_implementation(model, name: str) -> None:
                 config._attn_implementation = name
 
 
+def _vocabulary_loss(logits: Tensor, labels: Tensor, vocab_size: int, num_items_in_batch,
+                     ignore_index: int, backend: str) -> Tensor:
+    """transformers' ``fixed_cross_entropy`` over flattened logits, in float32, on
+    ``language_model_loss``: a mean over the labels not ignored, or with
+    ``num_items_in_batch`` (gradient accumulation) a sum divided by it."""
+    logits = logits.reshape(-1, vocab_size)
+    labels = labels.reshape(-1).to(logits.device)
+    reduction = "sum" if num_items_in_batch is not None else "mean"
+    loss = language_model_loss(logits, labels, ignore_index, reduction, backend)
+    if reduction == "sum":
+        if torch.is_tensor(num_items_in_batch):
+            num_items_in_batch = num_items_in_batch.to(loss.device)
+        loss = loss / num_items_in_batch
+    return loss
+
+
+def causal_lm_loss(logits: Tensor, labels: Tensor, vocab_size: int, num_items_in_batch=None,
+                   ignore_index: int = -100, shift_labels: Tensor | None = None,
+                   backend: str = "auto", **kwargs) -> Tensor:
+    """transformers' ``ForCausalLMLoss`` (same arguments, same result) without its float32
+    copy of the logits: logits (B, T, V) in any float dtype, labels (B, T), each position
+    predicting the next label unless ``shift_labels`` is given."""
+    if shift_labels is None:
+        shift_labels = torch.nn.functional.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+    return _vocabulary_loss(logits, shift_labels, vocab_size, num_items_in_batch, ignore_index,
+                            backend)
+
+
+def masked_lm_loss(logits: Tensor, labels: Tensor, vocab_size: int, num_items_in_batch=None,
+                   ignore_index: int = -100, backend: str = "auto", **kwargs) -> Tensor:
+    """transformers' ``ForMaskedLMLoss`` (same arguments, same result) without its float32
+    copy of the logits: logits (B, T, V), labels (B, T), no shift."""
+    return _vocabulary_loss(logits, labels, vocab_size, num_items_in_batch, ignore_index,
+                            backend)
+
+
+def _current_loss(model: torch.nn.Module):
+    """The function ``model.loss_function`` gives, found as the property finds it but without
+    its warning for a model with no known ``loss_type`` (GPT2LMHeadModel: the property then
+    gives the causal-LM loss), and transformers' vocabulary losses mapped to ours; (None, {})
+    for transformers releases before ``loss_function`` (< 4.46: every loss inline)."""
+    try:
+        from transformers.loss.loss_utils import LOSS_MAPPING, ForCausalLMLoss, ForMaskedLMLoss
+    except ImportError:
+        return None, {}
+    ours = {ForCausalLMLoss: causal_lm_loss, ForMaskedLMLoss: masked_lm_loss}
+    if "_loss_function" in model.__dict__:  # set through the property's setter
+        current = model.__dict__["_loss_function"]
+        return getattr(current, "func", current), ours  # (a partial of ours: an earlier apply)
+    if not hasattr(type(model), "loss_function"):  # (not a PreTrainedModel)
+        return None, ours
+    return LOSS_MAPPING.get(getattr(model, "loss_type", None), ForCausalLMLoss), ours
+
+
+def _swap_loss(model: torch.nn.Module, backend: str, report: PatchReport) -> None:
+    """Point a transformers model's ``loss_function`` at our version of its vocabulary loss,
+    keeping what to restore (``fusedlm.unpatch``)."""
+    current, losses = _current_loss(model)
+    ours = losses.get(current)
+    if current in (causal_lm_loss, masked_lm_loss):
+        report.notes.append(f"loss: already {current.__name__}")
+        return
+    if ours is None:
+        name = getattr(current, "__name__", None)
+        report.left.append(LeftAlone(
+            "", type(model).__qualname__,
+            "loss: " + (f"{name} is not a cross-entropy over the vocabulary" if name else
+                        "no transformers loss_function (no loss_type)")))
+        return
+    model.__dict__.setdefault(LOSS_PREVIOUS_KEY, model.__dict__.get("_loss_function"))
+    model.loss_function = functools.partial(ours, backend=backend)
+    report.notes.append(
+        f"loss: loss_function {current.__name__} -> fusedlm's {ours.__name__} (the same loss "
+        "from the logits as they are, without their float32 copy; used where the model calls "
+        "self.loss_function)")
+
+
 def apply(model: torch.nn.Module, attention: bool = True, norms: bool = True,
-          backend: str = "auto") -> PatchReport:
+          backend: str = "auto", loss: bool = True) -> PatchReport:
     """Make a transformers model run fusedlm's kernels, in place.
 
     ``attention``: switch the model to fusedlm's attention (registered with
     ``AttentionInterface``; masks it cannot take fall back per call to transformers' SDPA).
     ``norms``: swap LayerNorm / RMSNorm modules (torch's and the model's own classes, found
-    by a numeric probe) for fusedlm modules holding the same parameters. ``backend``: as in
-    every fusedlm op.
+    by a numeric probe) for fusedlm modules holding the same parameters. ``loss``: replace a
+    ``ForCausalLMLoss`` / ``ForMaskedLMLoss`` ``loss_function`` by :func:`causal_lm_loss` /
+    :func:`masked_lm_loss`. ``backend``: as in every fusedlm op.
     Returns a :class:`~fusedlm.integrations.patch.PatchReport`; ``fusedlm.unpatch`` undoes it."""
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"argument 'model' must be a torch.nn.Module, got {type(model).__name__}")
@@ -279,10 +365,12 @@ def apply(model: torch.nn.Module, attention: bool = True, norms: bool = True,
                 ))
     if norms:
         swap_norms(model, backend, custom_rmsnorm=True, report=report, custom_layernorm=True)
+    if loss:
+        _swap_loss(model, backend, report)
     return report
 
 
 __all__ = [
-    "apply", "attention_calls", "attention_name", "fusedlm_attention_forward",
-    "reset_attention_calls", "set_attention_implementation",
+    "apply", "attention_calls", "attention_name", "causal_lm_loss", "fusedlm_attention_forward",
+    "masked_lm_loss", "reset_attention_calls", "set_attention_implementation",
 ]

@@ -230,13 +230,17 @@ def _reduced_loss(logits: Tensor, target: Tensor, ignore_index: int, reduction: 
 
 
 def language_model_loss(logits: Tensor, target: Tensor, ignore_index: int = -100,
-                        backend: str = "auto") -> Tensor:
-    """The mean cross-entropy of (N, V) logits against (N) int64 targets as a float32 (float64
-    for float64 logits) scalar, for training loops: ``fusedlm.cross_entropy`` when a kernel
-    backend serves the call (it computes in float32 from logits of any width), else torch's
-    on a float32 copy, which is what eager training code writes (``logits.float()``), so
+                        reduction: str = "mean", backend: str = "auto") -> Tensor:
+    """The cross-entropy of (N, V) logits against (N) int64 targets, reduced by "mean" or
+    "sum", as a float32 (float64 for float64 logits) scalar, for training loops:
+    ``fusedlm.cross_entropy``'s kernels when a kernel backend serves the call (they compute
+    in float32 from logits of any width), else torch's on a float32 copy, which is what
+    eager training code writes (``logits.float()``, as transformers' losses do), so
     bfloat16 logits never give a bfloat16-rounded loss."""
     check_backend_name(backend)
-    if _why_torchs(backend, logits, target, None, None, None, "mean", 0.0) is None:
-        return _reduced_loss(logits, target, int(ignore_index), "mean", 0.0, backend)
-    return F.cross_entropy(logits.to(stat_dtype(logits.dtype)), target, ignore_index=ignore_index)
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"argument 'reduction' must be 'mean' or 'sum', got {reduction!r}")
+    if _why_torchs(backend, logits, target, None, None, None, reduction, 0.0) is None:
+        return _reduced_loss(logits, target, int(ignore_index), reduction, 0.0, backend)
+    return F.cross_entropy(logits.to(stat_dtype(logits.dtype)), target, ignore_index=ignore_index,
+                           reduction=reduction)
