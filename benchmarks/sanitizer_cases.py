@@ -5,10 +5,11 @@
 
 Each case (attention forward + backward for each dtype, causal and not, GQA, odd lengths and
 head dims, rows that see no key, strided and misaligned inputs, the deterministic backward;
-LayerNorm and RMSNorm forward + backward, with and without affine parameters, odd widths; the
-AdamW step for float32 and bfloat16 parameters, with and without amsgrad) runs through the
-public API with ``backend=<name>``, then the device is synchronized so that an asynchronous
-fault lands on its case. A case the backend does not support (it raises
+LayerNorm and RMSNorm forward + backward, with and without affine parameters, odd widths;
+cross-entropy forward + backward on strided logits (Triton); the AdamW step for float32 and
+bfloat16 parameters, with and without amsgrad) runs through the public API with
+``backend=<name>``, then the device is synchronized so that an asynchronous fault lands on its
+case. A case the backend does not support (it raises
 fusedlm.BackendNotSupportedError) is recorded as unsupported, not as a failure; a backend that
 is not available here (``fusedlm.backends()``) is skipped whole.
 
@@ -34,6 +35,8 @@ DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 ATTENTION_SHAPES = ((1, 2, 2, 17, 17, 64), (2, 4, 2, 5, 33, 40), (1, 2, 1, 130, 130, 128),
                     (2, 4, 1, 150, 40, 256), (1, 3, 3, 1, 77, 33), (1, 2, 1, 70, 300, 64))
 NORM_SHAPES = ((7, 127), (4, 1024), (3, 4099))
+# (N, V): several rows per program, a ragged last chunk of 4096 columns
+CROSS_ENTROPY_SHAPES = ((37, 127), (3, 5000))
 ADAMW_SHAPES = ((127,), (33, 65), (4099,))
 
 
@@ -176,6 +179,18 @@ def _cases(backend: str, dev: str = "cuda"):
                 tag = "affine" if affine else "no-affine"
                 yield f"layer_norm fwd+bwd {dn} {M}x{N} {tag}", layer_norm
                 yield f"rms_norm fwd+bwd {dn} {M}x{N} {tag}", rms_norm
+        if backend == "triton":  # (the op has no CUDA C++ kernel)
+            for N, V in CROSS_ENTROPY_SHAPES:
+                def cross_entropy(N=N, V=V, dtype=dtype):
+                    logits = torch.randn(N, 2 * V, device=dev, dtype=dtype)[:, ::2]
+                    logits.requires_grad_(True)
+                    target = torch.randint(0, V, (N,), device=dev)
+                    target[::3] = -100
+                    loss = fusedlm.cross_entropy(logits, target, label_smoothing=0.1,
+                                                 backend=backend)
+                    loss.backward()
+
+                yield f"cross_entropy fwd+bwd {dn} {N}x{V} strided", cross_entropy
     for dtype in (torch.float32, torch.bfloat16):
         dn = str(dtype).removeprefix("torch.")
         for amsgrad in (False, True):

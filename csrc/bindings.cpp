@@ -14,6 +14,7 @@
 #include "checks.h"
 #include "cpu/adamw.h"
 #include "cpu/attention.h"
+#include "cpu/cross_entropy.h"
 #include "cpu/norm.h"
 #include "cpu/simd.h"
 
@@ -641,6 +642,61 @@ std::tuple<at::Tensor, std::optional<at::Tensor>> rms_norm_bwd(
   return cpu::rms_norm_bwd(grad_y, x, rstd, weight);
 }
 
+// ---- cross-entropy (CPU kernels only: CUDA tensors take the Triton ones) ---------------------
+
+at::ScalarType stat_type_of(const at::Tensor& logits) {
+  return logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+void check_cross_entropy_inputs(const at::Tensor& logits, const at::Tensor& target,
+                                const char* op) {
+  check_dim(logits, "logits", 2);  // (N, V)
+  check_floating(logits, "logits");
+  FUSEDLM_CHECK_VALUE(logits.size(1) > 0, "argument 'logits' must have at least one class");
+  check_fits_index(logits, "logits");
+  check_fits_strides(logits, "logits");
+  check_defined(target, "target");
+  check_dim(target, "target", 1);
+  check_shape(target, "target", {logits.size(0)});
+  FUSEDLM_CHECK_TYPE(target.scalar_type() == at::kLong, "argument 'target' must be int64, got ",
+                     target.scalar_type());
+  check_same_device(target, "target", logits, "logits");
+  require_cpu_kernel(logits, "logits", op);
+}
+
+void check_row_stat(const at::Tensor& stat, const char* name, const at::Tensor& logits) {
+  check_defined(stat, name);
+  check_dim(stat, name, 1);
+  check_shape(stat, name, {logits.size(0)});
+  check_same_device(stat, name, logits, "logits");
+  FUSEDLM_CHECK_TYPE(stat.scalar_type() == stat_type_of(logits), "argument '", name,
+                     "' must be float32 (float64 for float64 logits), got ", stat.scalar_type());
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_fwd(const at::Tensor& logits,
+                                                                 const at::Tensor& target,
+                                                                 int64_t ignore_index,
+                                                                 double label_smoothing) {
+  check_cross_entropy_inputs(logits, target, "cross_entropy_fwd");
+  FUSEDLM_CHECK_VALUE(label_smoothing >= 0 && label_smoothing <= 1,
+                      "argument 'label_smoothing' must be in [0, 1], got ", label_smoothing);
+  return cpu::cross_entropy_fwd(logits, target, ignore_index, label_smoothing);
+}
+
+at::Tensor cross_entropy_bwd(const at::Tensor& grad_loss, const at::Tensor& logits,
+                             const at::Tensor& target, const at::Tensor& row_max,
+                             const at::Tensor& log_sum, int64_t ignore_index,
+                             double label_smoothing) {
+  check_cross_entropy_inputs(logits, target, "cross_entropy_bwd");
+  check_row_stat(grad_loss, "grad_loss", logits);  // (any stride: 0 for a reduced loss)
+  check_row_stat(row_max, "row_max", logits);
+  check_row_stat(log_sum, "log_sum", logits);
+  FUSEDLM_CHECK_VALUE(label_smoothing >= 0 && label_smoothing <= 1,
+                      "argument 'label_smoothing' must be in [0, 1], got ", label_smoothing);
+  return cpu::cross_entropy_bwd(grad_loss, logits, target, row_max, log_sum, ignore_index,
+                                label_smoothing);
+}
+
 // ---- AdamW ----------------------------------------------------------------------------------
 
 void check_tensor_list(const std::vector<at::Tensor>& list, const char* name,
@@ -1107,6 +1163,17 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Adds 'amount' to each one-element step count tensor in place (float32/float64 CPU\n"
         "counts without a dispatcher call) and returns the new values as floats.",
         py::arg("steps"), py::arg("amount"));
+  m.def("cross_entropy_fwd", &fusedlm::cross_entropy_fwd,
+        "Cross-entropy of each row. logits (N, V) any strides, float; target (N) int64.\n"
+        "Returns loss, row_max, log_sum (N) in float32 (float64 for float64 logits); loss 0\n"
+        "where target == ignore_index, NaN where it is outside [0, V).",
+        py::arg("logits"), py::arg("target"), py::arg("ignore_index"),
+        py::arg("label_smoothing"));
+  m.def("cross_entropy_bwd", &fusedlm::cross_entropy_bwd,
+        "Cross-entropy backward. grad_loss (N) any stride -> dlogits (N, V) in the logits'\n"
+        "dtype.",
+        py::arg("grad_loss"), py::arg("logits"), py::arg("target"), py::arg("row_max"),
+        py::arg("log_sum"), py::arg("ignore_index"), py::arg("label_smoothing"));
   m.def("adamw_step", &fusedlm::adamw_step,
         "One AdamW step over a whole list of tensors, in place (torch.optim.AdamW's arithmetic).\n"
         "steps[i] is param i's step count after this step's increment.\n"

@@ -72,6 +72,24 @@ def _adamw(**overrides):
     return list(args.values())
 
 
+def _target():
+    return torch.tensor([1, 7, -100])
+
+
+def _ce(**overrides):
+    args = {"logits": X(), "target": _target(), "ignore_index": -100, "label_smoothing": 0.0}
+    args.update(overrides)
+    return list(args.values())
+
+
+def _ce_bwd(**overrides):
+    args = {"grad_loss": torch.ones(3), "logits": X(), "target": _target(),
+            "row_max": torch.zeros(3), "log_sum": torch.zeros(3), "ignore_index": -100,
+            "label_smoothing": 0.0}
+    args.update(overrides)
+    return list(args.values())
+
+
 CASES = [
     # attention: the softmax scale must be a finite number
     ("att_fwd_scale_nan", ValueError, "'scale'", _fwd(scale=math.nan)),
@@ -138,6 +156,38 @@ CASES = [
      lambda e: e.rms_norm_bwd(X(), X(), torch.ones(3), torch.ones(5))),
     ("ln_bwd_rstd_meta", ValueError, "'rstd'",
      lambda e: e.layer_norm_bwd(X(), X(), torch.zeros(3), torch.ones(3, device=META), None, False)),
+    # cross-entropy: logits (N, V) float, target (N) int64, statistics (N) in the compute dtype
+    ("ce_fwd_logits_1d", ValueError, "'logits'",
+     lambda e: e.cross_entropy_fwd(*_ce(logits=X()[0]))),
+    ("ce_fwd_logits_int", TypeError, "'logits'",
+     lambda e: e.cross_entropy_fwd(*_ce(logits=X().long()))),
+    ("ce_fwd_no_classes", ValueError, "'logits'",
+     lambda e: e.cross_entropy_fwd(*_ce(logits=torch.randn(3, 0)))),
+    ("ce_fwd_logits_meta", ValueError, "'logits'",
+     lambda e: e.cross_entropy_fwd(*_ce(logits=X().to(META), target=_target().to(META)))),
+    ("ce_fwd_logits_strides", ValueError, "'logits'",
+     lambda e: e.cross_entropy_fwd(*_ce(logits=torch.empty_strided((3, 8), (BIG, 1),
+                                                                  device=META)))),
+    ("ce_fwd_target_int32", TypeError, "'target'",
+     lambda e: e.cross_entropy_fwd(*_ce(target=_target().int()))),
+    ("ce_fwd_target_shape", ValueError, "'target'",
+     lambda e: e.cross_entropy_fwd(*_ce(target=torch.zeros(4, dtype=torch.int64)))),
+    ("ce_fwd_target_meta", ValueError, "'target'",
+     lambda e: e.cross_entropy_fwd(*_ce(target=_target().to(META)))),
+    ("ce_fwd_smoothing_over_1", ValueError, "'label_smoothing'",
+     lambda e: e.cross_entropy_fwd(*_ce(label_smoothing=1.5))),
+    ("ce_fwd_smoothing_nan", ValueError, "'label_smoothing'",
+     lambda e: e.cross_entropy_fwd(*_ce(label_smoothing=math.nan))),
+    ("ce_bwd_grad_dtype", TypeError, "'grad_loss'",
+     lambda e: e.cross_entropy_bwd(*_ce_bwd(grad_loss=torch.ones(3, dtype=torch.float64)))),
+    ("ce_bwd_grad_shape", ValueError, "'grad_loss'",
+     lambda e: e.cross_entropy_bwd(*_ce_bwd(grad_loss=torch.ones(1, 3)))),
+    ("ce_bwd_row_max_shape", ValueError, "'row_max'",
+     lambda e: e.cross_entropy_bwd(*_ce_bwd(row_max=torch.zeros(4)))),
+    ("ce_bwd_log_sum_meta", ValueError, "'log_sum'",
+     lambda e: e.cross_entropy_bwd(*_ce_bwd(log_sum=torch.zeros(3, device=META)))),
+    ("ce_bwd_target_int32", TypeError, "'target'",
+     lambda e: e.cross_entropy_bwd(*_ce_bwd(target=_target().int()))),
     # AdamW: the state tensors of one parameter must share one dtype (the kernel reads them all
     # with exp_avgs[i]'s element type)
     ("adamw_exp_avg_sqs_16bit_under_float32_exp_avgs", TypeError, "'exp_avg_sqs[0]'",
@@ -214,3 +264,12 @@ def test_entry_points_take_any_layout(layout):
     dx = e.rms_norm_bwd(x, x, rrstd, x[0])[0]
     rdx = e.rms_norm_bwd(x.contiguous(), x.contiguous(), rrstd, x[0].contiguous())[0]
     torch.testing.assert_close(dx, rdx, rtol=0, atol=1e-12)
+    target = torch.arange(x.shape[0]) % 8
+    stats = e.cross_entropy_fwd(x, target, -100, 0.1)
+    for s, r in zip(stats, e.cross_entropy_fwd(x.contiguous(), target, -100, 0.1), strict=True):
+        torch.testing.assert_close(s, r, rtol=0, atol=1e-12)
+    grad = torch.tensor(0.5, dtype=torch.float64).expand(x.shape[0])  # (a reduced loss's)
+    dlogits = e.cross_entropy_bwd(grad, x, target, *stats[1:], -100, 0.1)
+    rdlogits = e.cross_entropy_bwd(grad.contiguous(), x.contiguous(), target, *stats[1:], -100,
+                                   0.1)
+    torch.testing.assert_close(dlogits, rdlogits, rtol=0, atol=1e-12)

@@ -86,8 +86,8 @@ def fuzz(request):
 # ---- layouts -----------------------------------------------------------------------------------
 
 
-def make_tensor(data, shape, dtype, layout=None, expand_ok=None, device="cpu"):
-    """A tensor of ``shape``/``dtype`` in a drawn memory layout, values ~N(0, 1).
+def make_tensor(data, shape, dtype, layout=None, expand_ok=None, device="cpu", scale=1.0):
+    """A tensor of ``shape``/``dtype`` in a drawn memory layout, values ~N(0, scale^2).
 
     ``expand_ok``: the dims that may be stride-0 expanded (default: all)."""
     layout = layout or data.draw(st.sampled_from(LAYOUTS), label="layout")
@@ -95,7 +95,7 @@ def make_tensor(data, shape, dtype, layout=None, expand_ok=None, device="cpu"):
     nd = len(shape)
 
     def randn(s):
-        return torch.randn(s, dtype=torch.float64).to(device, dtype)
+        return (torch.randn(s, dtype=torch.float64) * scale).to(device, dtype)
 
     if layout == "offset":
         numel = math.prod(shape)
@@ -782,6 +782,65 @@ def test_fuzz_norm_ops_direct(op, backend, fuzz):
         for name, o, bb, t, atol in zip(names, ours, base, truth, atols, strict=True):
             assert_close_rule(o, bb, t, atol=atol, name=name)
         assert rstd.shape == (M,)
+
+    run()
+
+
+# ---- cross-entropy -----------------------------------------------------------------------------
+
+# Around SIMD widths, the CPU grain (32768 elements), the Triton chunk (4096) and vocabularies.
+CLASSES = [1, 2, 7, 8, 9, 15, 16, 17, 127, 1024, 4095, 4096, 4097, 32768, 32769, 50257]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fuzz_cross_entropy(backend, fuzz):
+    """fusedlm.cross_entropy forward and backward: logits in random layouts and dtypes, scaled
+    up to large values, targets with ignored rows (ignore_index any value, a class index too),
+    every reduction, label smoothing; against F.cross_entropy by the rule. A target outside
+    [0, V) that is not ignored raises, as in torch."""
+
+    @fuzz(20)
+    @given(data=st.data())
+    def run(data):
+        V = data.draw(st.one_of(st.sampled_from(CLASSES), st.integers(1, 60000)), label="classes")
+        N = data.draw(st.integers(0, max(1, min(40, 120_000 // V))), label="rows")
+        dtype = data.draw(st.sampled_from(DTYPES), label="dtype")
+        device = device_of(backend)
+        scale = data.draw(st.sampled_from([1.0, 4.0, 30.0]), label="scale")
+        logits = make_tensor(data, (N, V), dtype, device=device, scale=scale)
+        ignore_index = data.draw(st.sampled_from([-100, -1, 0, V - 1]), label="ignore_index")
+        target = torch.randint(0, V, (N,), device=device)
+        if N:
+            ignored = data.draw(st.lists(st.integers(0, N - 1), max_size=N), label="ignored")
+            target[ignored] = ignore_index
+        reduction = data.draw(st.sampled_from(["mean", "sum", "none"]), label="reduction")
+        smoothing = data.draw(st.sampled_from([0.0, 0.0, 0.1, 1.0]), label="label_smoothing")
+        kwargs = dict(ignore_index=ignore_index, reduction=reduction, label_smoothing=smoothing)
+        if N and data.draw(st.integers(0, 9), label="bad_target") == 0:
+            bad = target.clone()
+            bad[data.draw(st.integers(0, N - 1))] = data.draw(st.sampled_from([V, V + 7, -2]))
+            if (bad != ignore_index).logical_and((bad < 0) | (bad >= V)).any():
+                with pytest.raises((RuntimeError, IndexError)):
+                    fusedlm.cross_entropy(logits, bad, backend=backend, **kwargs)
+                return
+
+        def run_with(cast, impl):
+            x = logits.detach().to(cast).requires_grad_()
+            out = impl(x, target, **kwargs)
+            grad = torch.randn(out.shape, dtype=torch.float64).to(device, out.dtype)
+            if out.numel() == 0 or not out.requires_grad:
+                return [out, torch.zeros_like(x)]
+            return [out, torch.autograd.grad(out, x, grad)[0]]
+
+        torch.manual_seed(0)
+        ours = run_with(dtype, lambda *a, **k: fusedlm.cross_entropy(*a, backend=backend, **k))
+        torch.manual_seed(0)
+        truth = run_with(torch.float64, F.cross_entropy)
+        torch.manual_seed(0)
+        base = run_with(dtype, F.cross_entropy)
+        assert ours[0].dtype == base[0].dtype and ours[1].dtype == dtype
+        for name, o, b, t in zip(["loss", "dlogits"], ours, base, truth, strict=True):
+            assert_close_rule(o, b, t, name=name)
 
     run()
 

@@ -21,7 +21,7 @@ from fusedlm.bench import counting, runner, schema, timing
 from fusedlm.bench.env import tree_hash
 
 ROOT = Path(__file__).resolve().parents[2]
-OPS = ("attention", "attention_decode", "layer_norm", "rms_norm", "adamw", "gpt")
+OPS = ("attention", "attention_decode", "layer_norm", "rms_norm", "cross_entropy", "adamw", "gpt")
 
 
 # ---- counting -------------------------------------------------------------------------------
@@ -68,6 +68,10 @@ def test_bytes_are_each_input_read_once_and_each_output_written_once():
     assert counting.rms_norm_bytes(M, N, torch.float16, "fwd") == (2 * M * N + N) * 2
     assert counting.rms_norm_bytes(M, N, torch.float16, "fwd+bwd") == \
         (2 * M * N + N + 3 * M * N + 2 * N) * 2
+    # cross-entropy: the logits once forward; once more, and dlogits written, backward
+    assert counting.cross_entropy_bytes(M, N, torch.bfloat16, "fwd") == M * N * 2 + 8 * M
+    assert counting.cross_entropy_bytes(M, N, torch.bfloat16, "fwd+bwd") == \
+        3 * M * N * 2 + 16 * M
     assert counting.adamw_bytes(1000) == 28 * 1000
     assert counting.adamw_bytes(1000, torch.bfloat16) == (3 * 2 + 4 * 4) * 1000
 
@@ -261,7 +265,8 @@ def test_quick_run_ratios_come_from_measured_rows(quick_run):
         checked += 1
     assert checked >= 20
     # CPU competitors: eager PyTorch and fusedlm's cpu backend measured for every op
-    for op in ("attention", "attention_decode", "layer_norm", "rms_norm", "adamw"):
+    for op in ("attention", "attention_decode", "layer_norm", "rms_norm", "cross_entropy",
+               "adamw"):
         measured = {r["provider"] for r in rows if r["op"] == op and r["status"] == "ok"}
         assert "torch-eager" in measured
         if results["environment"]["backends"]["cpu"]["available"]:

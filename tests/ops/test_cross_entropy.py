@@ -13,12 +13,13 @@ import torch.nn.functional as F
 
 import fusedlm
 from fusedlm.backends import BackendNotSupportedError, OpDispatch
-from tests.helpers import DTYPES, assert_close_rule, device_of
+from tests.helpers import DTYPES, assert_close_rule, device_of, kernel_backends
 
 ce_ops = importlib.import_module("fusedlm.ops.cross_entropy")  # (fusedlm.ops.cross_entropy is
 # also the function's name)
-# The op has no C++ kernels: the torch reference on CPU tensors, Triton on CUDA ones.
-BACKENDS = [pytest.param("triton", marks=pytest.mark.gpu, id="triton"), "torch"]
+# The C++ kernels take CPU tensors, the Triton ones CUDA tensors (there is no CUDA C++ kernel).
+BACKENDS = [*kernel_backends(), pytest.param("triton", marks=pytest.mark.gpu, id="triton"),
+            "torch"]
 REDUCTIONS = ["mean", "sum", "none"]
 # (N, V): one row, one class, odd sizes, a vocabulary past one 4096-column chunk.
 SHAPES = [(1, 1), (1, 7), (17, 127), (113, 64), (5, 4099)]
@@ -191,8 +192,19 @@ def test_calls_the_kernels_cannot_take_are_torchs_own(case):
         torch.testing.assert_close(out, expected, rtol=0, atol=0, equal_nan=True)
 
 
-def test_auto_on_cpu_is_torchs_function_and_says_so(caplog):
-    """No C++ kernel: "auto" on CPU tensors calls F.cross_entropy (faster than the reference)."""
+def test_auto_on_cpu_takes_the_cpu_kernels(caplog):
+    logits, target = make_inputs(8, 10, torch.float32, "cpu")
+    OpDispatch.last_choice.pop("cross_entropy_fwd", None)
+    loss = fusedlm.cross_entropy(logits, target)
+    loss.backward()
+    expected = "cpu" if fusedlm.backends()["cpu"].available else None
+    assert OpDispatch.last_choice.get("cross_entropy_fwd") == expected
+
+
+def test_calls_the_auto_choice_gives_the_reference_are_torchs_own(monkeypatch, caplog):
+    """Where "auto" finds no kernel (no extension here), F.cross_entropy itself serves: faster
+    than the reference, and exactly torch's."""
+    monkeypatch.setattr(ce_ops.CROSS_ENTROPY_FWD, "auto_choice", lambda *args: "torch")
     logits, target = make_inputs(8, 10, torch.float32, "cpu")
     ce_ops._fallback_logged.clear()
     OpDispatch.last_choice.pop("cross_entropy_fwd", None)
@@ -205,8 +217,9 @@ def test_auto_on_cpu_is_torchs_function_and_says_so(caplog):
 
 def test_named_backend_that_cannot_serve_raises():
     logits, target = make_inputs(4, 10, torch.float32, "cpu")
-    with pytest.raises(BackendNotSupportedError, match="backend 'cpu'.*cross_entropy_fwd kernel"):
-        fusedlm.cross_entropy(logits, target, backend="cpu")
+    with pytest.raises(BackendNotSupportedError,
+                       match="asks for backend 'cuda', which cannot serve this call"):
+        fusedlm.cross_entropy(logits, target, backend="cuda")
     with pytest.raises(ValueError, match="argument 'backend'"):
         fusedlm.cross_entropy(logits, target, backend="fast")
 
@@ -223,26 +236,28 @@ def test_autocast_gives_a_float32_loss_like_torch(dtype):
     assert dx.dtype == dtype
 
 
-def test_gradcheck_float64():
+@pytest.mark.parametrize("backend", [*kernel_backends(), "torch"])
+def test_gradcheck_float64(backend):
     logits, target = make_inputs(7, 6, torch.float64, "cpu", ignore_every=3)
     for reduction in REDUCTIONS:
         for smoothing in (0.0, 0.3):
             torch.autograd.gradcheck(
                 lambda x, r=reduction, s=smoothing: fusedlm.cross_entropy(
-                    x, target, reduction=r, label_smoothing=s, backend="torch"),
+                    x, target, reduction=r, label_smoothing=s, backend=backend),
                 (logits,))
 
 
-def test_opcheck():
+@pytest.mark.parametrize("backend", [*kernel_backends(), "torch"])
+def test_opcheck(backend):
     logits, target = make_inputs(7, 13, torch.float32, "cpu", ignore_every=3)
     logits = logits.detach().requires_grad_(True)
     torch.library.opcheck(torch.ops.fusedlm.cross_entropy_fwd,
-                          (logits, target, -100, 0.1, "torch"))
+                          (logits, target, -100, 0.1, backend))
     _, row_max, log_sum = torch.ops.fusedlm.cross_entropy_fwd(logits.detach(), target, -100, 0.1,
-                                                              "torch")
+                                                              backend)
     torch.library.opcheck(torch.ops.fusedlm.cross_entropy_bwd,
                           (torch.ones(7), logits.detach(), target, row_max, log_sum, -100, 0.1,
-                           "torch"))
+                           backend))
 
 
 def test_torch_compile_fullgraph():

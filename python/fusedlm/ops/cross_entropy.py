@@ -17,6 +17,7 @@ from ._common import (
     autocast_off,
     eager_autograd_function,
     forward_for_call,
+    register_extension_kernels,
     stat_dtype,
 )
 
@@ -27,6 +28,9 @@ CROSS_ENTROPY_BWD = OpDispatch("cross_entropy_bwd")
 
 CROSS_ENTROPY_FWD.register("torch")(reference.cross_entropy_fwd)
 CROSS_ENTROPY_BWD.register("torch")(reference.cross_entropy_bwd)
+# The C++ CPU kernels (the "cuda" backend steps aside: CUDA tensors take the Triton kernels).
+for _dispatch in (CROSS_ENTROPY_FWD, CROSS_ENTROPY_BWD):
+    register_extension_kernels(_dispatch, _dispatch.name)
 
 
 def _triton_impl(name: str):
