@@ -13,8 +13,10 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <c10/util/Exception.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -49,6 +51,9 @@ void forward(const at::Tensor& logits, const int64_t* target, int64_t ignore_ind
   const int64_t stride_n = logits.stride(0), stride_v = logits.stride(1);
   const scalar_t* x = logits.const_data_ptr<scalar_t>();
   const acc_t nan = std::numeric_limits<acc_t>::quiet_NaN();
+  // The first row (in row order) whose target is neither a class nor ignore_index, N if none:
+  // the entry point raises for it after the loop (its loss is NaN meanwhile).
+  std::atomic<int64_t> first_bad{N};
   at::parallel_for(0, N, grain_rows(V), [&](int64_t begin, int64_t end) {
     std::vector<acc_t> buffer(V);
     acc_t* buf = buffer.data();
@@ -68,11 +73,20 @@ void forward(const at::Tensor& logits, const int64_t* target, int64_t ignore_ind
       // Each term is small next to the logits: the loss keeps digits the logsumexp would round.
       acc_t value = (1 - smoothing) * (shift - x_target) + ls;
       if (smoothing != 0) value += smoothing * (shift - x_sum / static_cast<acc_t>(V));
+      if (valid && !in_range) {
+        int64_t seen = first_bad.load();
+        while (n < seen && !first_bad.compare_exchange_weak(seen, n)) {
+        }
+      }
       loss[n] = valid ? (in_range ? value : nan) : acc_t(0);
       row_max[n] = shift;
       log_sum[n] = ls;
     }
   });
+  const int64_t bad = first_bad.load();
+  TORCH_CHECK_INDEX(bad == N, "fusedlm: argument 'target' holds a class index outside [0, ", V,
+                    ") that is not ignore_index (", ignore_index, "): ",
+                    target[std::min(bad, N - 1)], " at row ", bad);
 }
 
 template <typename scalar_t, typename acc_t>

@@ -12,7 +12,8 @@ namespace fusedlm::cpu {
 // target: (N) int64 contiguous
 // returns loss, row_max, log_sum: (N) float32 (float64 for float64 logits); loss is
 //   (1 - s) * (row_max - x[target]) + s * (row_max - mean(x)) + log_sum, 0 where target is
-//   ignore_index and NaN where it is outside [0, V); logsumexp = row_max + log_sum
+//   ignore_index; logsumexp = row_max + log_sum. A target outside [0, V) that is not
+//   ignore_index raises (c10::IndexError, as torch's CPU cross_entropy does).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_fwd(const at::Tensor& logits,
                                                                  const at::Tensor& target,
                                                                  int64_t ignore_index,
