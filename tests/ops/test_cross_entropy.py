@@ -298,3 +298,21 @@ def test_language_model_loss_is_float32_from_bf16_logits(backend, reduction):
         assert torch.equal(loss, expected)
     with pytest.raises(ValueError, match="argument 'reduction'"):
         ce_ops.language_model_loss(logits, target, reduction="none")
+
+
+def test_torch_func_transforms_run_the_reference():
+    """vmap/grad run the reference (the kernels have no batching rule); there a target outside
+    [0, V) gives its row NaN (vmap has no batching rule for the device-side assert either)."""
+    logits, target = make_inputs(6, 9, torch.float64, "cpu", ignore_every=4)
+    per_row = torch.func.vmap(
+        lambda x, t: fusedlm.cross_entropy(x[None], t[None], reduction="sum"))(logits, target)
+    expected = F.cross_entropy(logits, target, reduction="none")
+    torch.testing.assert_close(per_row, expected)
+    grad = torch.func.grad(lambda x: fusedlm.cross_entropy(x, target))(logits.detach())
+    torch.testing.assert_close(
+        grad, torch.autograd.grad(F.cross_entropy(logits, target), logits)[0])
+    bad = target.clone()
+    bad[1] = 9
+    rows = torch.func.vmap(
+        lambda x, t: fusedlm.cross_entropy(x[None], t[None], reduction="sum"))(logits, bad)
+    assert torch.isnan(rows[1]) and torch.isfinite(rows[[0, 2, 3, 5]]).all()
