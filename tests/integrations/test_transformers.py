@@ -375,7 +375,9 @@ def test_loss_swap_is_reported_undone_and_optional():
     assert llama.loss_function is original
     report = fhf.apply(llama)
     assert llama.loss_function.func is fhf.causal_lm_loss
-    assert "loss: already causal_lm_loss" in fhf.apply(llama).notes
+    assert "loss: already causal_lm_loss (backend 'torch')" in fhf.apply(llama,
+                                                                     backend="torch").notes
+    assert llama.loss_function.keywords == {"backend": "torch"}
     restored = fusedlm.unpatch(llama)
     assert "loss_function restored" in restored.notes and "_loss_function" not in llama.__dict__
     assert llama.loss_function is original

@@ -293,8 +293,9 @@ def _swap_loss(model: torch.nn.Module, backend: str, report: PatchReport) -> Non
     keeping what to restore (``fusedlm.unpatch``)."""
     current, losses = _current_loss(model)
     ours = losses.get(current)
-    if current in (causal_lm_loss, masked_lm_loss):
-        report.notes.append(f"loss: already {current.__name__}")
+    if current in (causal_lm_loss, masked_lm_loss):  # an earlier apply: take this backend
+        model.loss_function = functools.partial(current, backend=backend)
+        report.notes.append(f"loss: already {current.__name__} (backend {backend!r})")
         return
     if ours is None:
         name = getattr(current, "__name__", None)
