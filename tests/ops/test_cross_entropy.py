@@ -316,3 +316,19 @@ def test_torch_func_transforms_run_the_reference():
     rows = torch.func.vmap(
         lambda x, t: fusedlm.cross_entropy(x[None], t[None], reduction="sum"))(logits, bad)
     assert torch.isnan(rows[1]) and torch.isfinite(rows[[0, 2, 3, 5]]).all()
+
+
+def test_language_model_loss_takes_torchs_path_where_the_forced_backend_has_no_kernel(
+        monkeypatch, caplog):
+    """FUSEDLM_BACKEND=cuda (no CUDA C++ cross-entropy; here: no GPU either) must not stop a
+    model from training: the loss takes torch's float32 path and says so once; an explicit
+    fusedlm.cross_entropy(backend="cuda") still raises."""
+    logits, target = make_inputs(12, 30, torch.bfloat16, "cpu", ignore_every=5)
+    monkeypatch.setenv("FUSEDLM_BACKEND", "cuda")
+    ce_ops._fallback_logged.clear()
+    with caplog.at_level(logging.INFO, logger="fusedlm"):
+        loss = ce_ops.language_model_loss(logits, target)
+    assert torch.equal(loss, F.cross_entropy(logits.float(), target))
+    assert "backend 'cuda' cannot serve it" in caplog.text
+    with pytest.raises(BackendNotSupportedError):
+        fusedlm.cross_entropy(logits, target)

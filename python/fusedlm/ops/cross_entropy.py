@@ -247,11 +247,26 @@ def language_model_loss(logits: Tensor, target: Tensor, ignore_index: int = -100
     ``fusedlm.cross_entropy``'s kernels when a kernel backend serves the call (they compute
     in float32 from logits of any width), else torch's on a float32 copy, which is what
     eager training code writes (``logits.float()``, as transformers' losses do), so
-    bfloat16 logits never give a bfloat16-rounded loss."""
+    bfloat16 logits never give a bfloat16-rounded loss.
+
+    Unlike ``fusedlm.cross_entropy``, a backend named here or by FUSEDLM_BACKEND that cannot
+    serve the call (``cuda``: there is no CUDA C++ cross-entropy; Triton serves CUDA tensors)
+    does not raise: the loss then takes torch's path, logged once, so a model run with
+    FUSEDLM_BACKEND=cuda still trains."""
     check_backend_name(backend)
     if reduction not in ("mean", "sum"):
         raise ValueError(f"argument 'reduction' must be 'mean' or 'sum', got {reduction!r}")
-    if _why_torchs(backend, logits, target, None, None, None, reduction, 0.0) is None:
+    reason = _why_torchs(backend, logits, target, None, None, None, reduction, 0.0)
+    if reason is None and not torch.compiler.is_compiling():
+        requested = requested_backend(backend)
+        if requested != "auto":
+            why = CROSS_ENTROPY_FWD._why_not(requested, logits.device, (logits, target))
+            reason = None if why is None else f"backend {requested!r} cannot serve it: {why}"
+    if reason is None:
         return _reduced_loss(logits, target, int(ignore_index), reduction, 0.0, backend)
+    if reason not in _fallback_logged:
+        _fallback_logged.add(reason)
+        logger.info("fusedlm language-model loss: %s -> torch.nn.functional.cross_entropy on a "
+                    "float32 copy", reason)
     return F.cross_entropy(logits.to(stat_dtype(logits.dtype)), target, ignore_index=ignore_index,
                            reduction=reduction)
