@@ -11,6 +11,7 @@ replacements for their PyTorch counterparts.
     fusedlm.rms_norm(x, normalized_shape, weight=None, eps=None, backend="auto")
     fusedlm.cross_entropy(input, target, ...)     # torch's signature; the LM loss, no float32 copy
     fusedlm.nn.LayerNorm, fusedlm.nn.RMSNorm, fusedlm.nn.MultiheadAttention
+    fusedlm.nn.CrossEntropyLoss
     fusedlm.nn.CausalSelfAttention
     fusedlm.optim.AdamW
     fusedlm.backends()                             # which backends work here, and why not

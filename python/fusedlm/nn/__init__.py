@@ -1,8 +1,10 @@
-"""Drop-in modules: ``LayerNorm``, ``RMSNorm``, ``MultiheadAttention`` (subclasses of torch's)
-and ``CausalSelfAttention``."""
+"""Drop-in modules: ``LayerNorm``, ``RMSNorm``, ``MultiheadAttention``, ``CrossEntropyLoss``
+(subclasses of torch's) and ``CausalSelfAttention``."""
 
 from .attention import CausalSelfAttention
+from .loss import CrossEntropyLoss
 from .multihead_attention import MultiheadAttention
 from .norm import LayerNorm, RMSNorm
 
-__all__ = ["CausalSelfAttention", "LayerNorm", "MultiheadAttention", "RMSNorm"]
+__all__ = ["CausalSelfAttention", "CrossEntropyLoss", "LayerNorm", "MultiheadAttention",
+           "RMSNorm"]
