@@ -313,8 +313,9 @@ def test_torch_func_transforms_run_the_reference():
         grad, torch.autograd.grad(F.cross_entropy(logits, target), logits)[0])
     bad = target.clone()
     bad[1] = 9
-    rows = torch.func.vmap(
-        lambda x, t: fusedlm.cross_entropy(x[None], t[None], reduction="sum"))(logits, bad)
+    rows = torch.func.vmap(  # (named: "auto" without the extension would run torch's own)
+        lambda x, t: fusedlm.cross_entropy(x[None], t[None], reduction="sum", backend="torch"))(
+            logits, bad)
     assert torch.isnan(rows[1]) and torch.isfinite(rows[[0, 2, 3, 5]]).all()
 
 
