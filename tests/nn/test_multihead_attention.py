@@ -13,8 +13,18 @@ from hypothesis import strategies as st
 
 import fusedlm
 from fusedlm.backends import OpDispatch
-from tests.helpers import assert_close_rule, attention_refusal, available_backends, device_of
+from tests.helpers import (
+    assert_close_rule,
+    attention_refusal,
+    available_backends,
+    cpu_backend_available,
+    cpu_unavailable_reason,
+    device_of,
+)
 from tests.test_fuzz import fuzz  # noqa: F401, F811  (the fixture)
+
+# Tests that name the cpu backend (the kernels must run, not the torch fallback).
+needs_cpu_backend = pytest.mark.skipif(not cpu_backend_available(), reason=cpu_unavailable_reason())
 
 BACKENDS = available_backends()
 E, HEADS = 24, 4
@@ -120,6 +130,7 @@ def test_fused_path_matches_torch(batch_first, kind, mask_kind, dtype, backend):
         assert OpDispatch.last_choice["attention_fwd"] == backend
 
 
+@needs_cpu_backend
 @pytest.mark.parametrize("bias", [True, False])
 def test_separate_projection_weights(bias):
     """kdim/vdim != embed_dim: q/k/v_proj_weight instead of one in_proj_weight."""
@@ -163,6 +174,7 @@ def test_calls_the_fused_path_cannot_take_run_torchs_forward(case):
         torch.testing.assert_close(weights, want_weights, rtol=0, atol=0)
 
 
+@needs_cpu_backend
 def test_state_dict_and_module_api_are_torchs():
     torch_module = torch.nn.MultiheadAttention(E, HEADS, batch_first=True)
     fused = fusedlm.nn.MultiheadAttention(E, HEADS, batch_first=True, backend="cpu")
@@ -190,6 +202,7 @@ def _count_inspections(monkeypatch) -> list:
     return inspections
 
 
+@needs_cpu_backend
 def test_encoder_layers_share_one_mask_inspection(monkeypatch):
     """nn.TransformerEncoder converts the key padding mask once per forward and hands each
     layer that tensor: the merged mask is built and inspected on the host once per forward,
@@ -218,6 +231,7 @@ def test_encoder_layers_share_one_mask_inspection(monkeypatch):
     assert multihead_attention._merged_masks == []
 
 
+@needs_cpu_backend
 def test_a_modified_mask_is_merged_again(monkeypatch):
     inspections = _count_inspections(monkeypatch)
     fused, same, _ = _modules("cpu", torch.float32, "cpu", batch_first=True)
