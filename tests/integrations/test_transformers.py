@@ -337,8 +337,14 @@ def test_loss_matches_and_runs_fusedlms_cross_entropy(name, accumulating):
     extra = {"num_items_in_batch": torch.tensor(30)} if accumulating else {}
     losses = [m(input_ids=ids, labels=_labels(ids), **extra).loss for m in (model, same, truth)]
     assert OpDispatch.last_choice["cross_entropy_fwd"] == "torch"
+    _check_losses(losses, model, same, truth, f"{name} loss")
+
+
+def _check_losses(losses, model, same, truth, label: str) -> None:
+    """The (patched, unpatched, float64) models' losses, then every parameter's gradient, by
+    the rule; the patched loss in float32, as transformers' own."""
     assert losses[0].dtype == torch.float32
-    assert_close_rule(losses[0], losses[1], losses[2], name=f"{name} loss")
+    assert_close_rule(losses[0], losses[1], losses[2], name=label)
     for loss in losses:
         loss.backward()
     same_params, truth_params = dict(same.named_parameters()), dict(truth.named_parameters())
@@ -533,15 +539,7 @@ def test_bf16_loss_on_gpu(name):
     ids = torch.randint(1, VOCAB, (3, 33), device="cuda")
     losses = [m(input_ids=ids, labels=_labels(ids)).loss for m in (model, same, truth)]
     assert OpDispatch.last_choice["cross_entropy_fwd"] == "triton"
-    assert losses[0].dtype == torch.float32
-    assert_close_rule(losses[0], losses[1], losses[2], name=f"{name} bf16 loss")
-    for loss in losses:
-        loss.backward()
-    same_params, truth_params = dict(same.named_parameters()), dict(truth.named_parameters())
-    for pname, p in model.named_parameters():
-        if p.grad is not None:
-            assert_close_rule(p.grad, same_params[pname].grad, truth_params[pname].grad,
-                              name=pname)
+    _check_losses(losses, model, same, truth, f"{name} bf16 loss")
 
 
 # ---- drawn masks through whole models ----------------------------------------------------------
