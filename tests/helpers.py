@@ -103,6 +103,10 @@ def cpu_unavailable_reason() -> str:
     return f"cpu backend: {fusedlm.backends()['cpu'].reason}"
 
 
+# For tests that name the cpu backend (its kernels must run, not a fallback).
+needs_cpu_backend = pytest.mark.skipif(not cpu_backend_available(), reason=cpu_unavailable_reason())
+
+
 def atol_for(dtype: torch.dtype, truth: torch.Tensor, factor: float = 1.0) -> float:
     """``ATOL[dtype] * factor`` scaled by max(1, max|finite truth|)."""
     magnitude = truth.detach().abs()

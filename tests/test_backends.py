@@ -14,9 +14,7 @@ import torch
 
 import fusedlm
 from fusedlm.backends import OpDispatch
-from tests.helpers import cpu_backend_available, cpu_unavailable_reason
-
-needs_cpu_backend = pytest.mark.skipif(not cpu_backend_available(), reason=cpu_unavailable_reason())
+from tests.helpers import cpu_backend_available, needs_cpu_backend
 
 
 def _call_every_op(backend):

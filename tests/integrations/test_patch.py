@@ -10,9 +10,8 @@ import torch.nn.functional as F
 
 import fusedlm
 from fusedlm.backends import OpDispatch
-from tests.helpers import assert_close_rule, cpu_backend_available, cpu_unavailable_reason
-
-needs_cpu = pytest.mark.skipif(not cpu_backend_available(), reason=cpu_unavailable_reason())
+from tests.helpers import assert_close_rule
+from tests.helpers import needs_cpu_backend as needs_cpu
 
 
 class ScaleNorm(torch.nn.Module):

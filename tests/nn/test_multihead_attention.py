@@ -17,14 +17,10 @@ from tests.helpers import (
     assert_close_rule,
     attention_refusal,
     available_backends,
-    cpu_backend_available,
-    cpu_unavailable_reason,
     device_of,
+    needs_cpu_backend,
 )
 from tests.test_fuzz import fuzz  # noqa: F401, F811  (the fixture)
-
-# Tests that name the cpu backend (the kernels must run, not the torch fallback).
-needs_cpu_backend = pytest.mark.skipif(not cpu_backend_available(), reason=cpu_unavailable_reason())
 
 BACKENDS = available_backends()
 E, HEADS = 24, 4
