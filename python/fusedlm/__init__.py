@@ -10,8 +10,9 @@ replacements for their PyTorch counterparts.
     fusedlm.layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5, backend="auto")
     fusedlm.rms_norm(x, normalized_shape, weight=None, eps=None, backend="auto")
     fusedlm.cross_entropy(input, target, ...)     # torch's signature; the LM loss, no float32 copy
+    fusedlm.linear_cross_entropy(input, weight, target, ...)  # the LM head + loss, no logits
     fusedlm.nn.LayerNorm, fusedlm.nn.RMSNorm, fusedlm.nn.MultiheadAttention
-    fusedlm.nn.CrossEntropyLoss
+    fusedlm.nn.CrossEntropyLoss, fusedlm.nn.LinearCrossEntropyLoss
     fusedlm.nn.CausalSelfAttention
     fusedlm.optim.AdamW
     fusedlm.backends()                             # which backends work here, and why not
@@ -33,6 +34,7 @@ from .ops import (
     key_range_from_document_ids,
     key_range_from_padding_mask,
     layer_norm,
+    linear_cross_entropy,
     rms_norm,
     scaled_dot_product_attention,
 )
@@ -48,6 +50,7 @@ __all__ = [
     "key_range_from_document_ids",
     "key_range_from_padding_mask",
     "layer_norm",
+    "linear_cross_entropy",
     "nn",
     "optim",
     "patch",

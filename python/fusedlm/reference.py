@@ -309,3 +309,16 @@ def cross_entropy_bwd(
     g = torch.where(in_range, grad_loss.to(dtype), torch.nan)
     dx = (probs - onehot) * g[:, None]
     return torch.where(valid[:, None], dx, 0.0).to(logits.dtype)
+
+
+def linear_cross_entropy(input: Tensor, weight: Tensor, bias: Tensor | None, target: Tensor,
+                         ignore_index: int, label_smoothing: float, reduction: str) -> Tensor:
+    """The cross-entropy of ``input @ weight.T + bias`` (N, V) against target (N), reduced by
+    ``reduction`` ("mean" over the rows not ignored, "sum", "none"), in the compute dtype."""
+    logits = torch.nn.functional.linear(input, weight, bias)
+    loss = cross_entropy_fwd(logits, target, ignore_index, label_smoothing)[0]
+    if reduction == "sum":
+        return loss.sum()
+    if reduction == "mean":
+        return loss.sum() / (target != ignore_index).sum()
+    return loss

@@ -1,6 +1,7 @@
 """Drop-in ``CrossEntropyLoss``: a subclass of torch's, so constructor arguments, the ``weight``
 buffer and ``isinstance`` checks are torch's own; only ``forward`` changes, to run
-``fusedlm.cross_entropy``."""
+``fusedlm.cross_entropy``. And ``LinearCrossEntropyLoss``: a language model's head and loss in
+one, without the logits (``fusedlm.linear_cross_entropy``)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import torch
 from torch import Tensor
 
 from ..ops.cross_entropy import cross_entropy
+from ..ops.linear_cross_entropy import linear_cross_entropy
 
 
 class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
@@ -25,3 +27,30 @@ class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
         return cross_entropy(input, target, self.weight, ignore_index=self.ignore_index,
                              reduction=self.reduction, label_smoothing=self.label_smoothing,
                              backend=self.backend)
+
+
+class LinearCrossEntropyLoss(torch.nn.Module):
+    """``loss(input, weight, target, bias=None)`` = the cross-entropy of
+    ``F.linear(input, weight, bias)`` against target, computed in row chunks so the (N, V)
+    logits never exist (see ``fusedlm.linear_cross_entropy``). The head's weight is an
+    argument, not a parameter of this module, so a model keeps (and ties) its own.
+
+    input (..., C), weight (V, C), bias (V), target (...) int64. The loss is float32 (float64
+    for float64 input)."""
+
+    def __init__(self, ignore_index: int = -100, reduction: str = "mean",
+                 label_smoothing: float = 0.0, chunk_size: int | None = None, *,
+                 backend: str = "auto") -> None:
+        super().__init__()
+        self.ignore_index, self.reduction = ignore_index, reduction
+        self.label_smoothing, self.chunk_size, self.backend = label_smoothing, chunk_size, backend
+
+    def forward(self, input: Tensor, weight: Tensor, target: Tensor,
+                bias: Tensor | None = None) -> Tensor:
+        return linear_cross_entropy(input, weight, target, bias, self.ignore_index,
+                                    self.reduction, self.label_smoothing, self.chunk_size,
+                                    self.backend)
+
+    def extra_repr(self) -> str:
+        return (f"ignore_index={self.ignore_index}, reduction={self.reduction!r}, "
+                f"label_smoothing={self.label_smoothing}, chunk_size={self.chunk_size}")

@@ -11,6 +11,7 @@ from .attention import (
     scaled_dot_product_attention,
 )
 from .cross_entropy import cross_entropy
+from .linear_cross_entropy import linear_cross_entropy
 from .norm import layer_norm, rms_norm
 
 __all__ = [
@@ -21,6 +22,7 @@ __all__ = [
     "key_range_from_document_ids",
     "key_range_from_padding_mask",
     "layer_norm",
+    "linear_cross_entropy",
     "rms_norm",
     "scaled_dot_product_attention",
 ]

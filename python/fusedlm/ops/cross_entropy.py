@@ -159,13 +159,14 @@ def _why_torchs(backend: str, input, target, *arguments) -> str | None:
     return reason
 
 
-def _check_targets(target: Tensor, classes: int, ignore_index: int) -> None:
+def _check_targets(target: Tensor, classes: int, ignore_index: int,
+                   op: str = "fusedlm.cross_entropy") -> None:
     """Raises (on the CPU) or asserts on the device, without a host sync (on a GPU, as
     torch's own kernel does), if a target other than ignore_index is outside [0, classes)."""
     bad = (target != ignore_index) & ((target < 0) | (target >= classes))
     torch._assert_async(
         ~bad.any(),
-        f"fusedlm.cross_entropy: argument 'target' holds a class index outside [0, {classes}) "
+        f"{op}: argument 'target' holds a class index outside [0, {classes}) "
         f"that is not ignore_index ({ignore_index})",
     )
 
