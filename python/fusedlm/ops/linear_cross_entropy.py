@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import reference
-from ..backends import check_backend_name
+from ..backends import check_backend_name, requested_backend
 from ._common import (
     autocast_inputs,
     autocast_off,
@@ -36,7 +36,13 @@ from ._common import (
     stat_dtype,
     under_transform,
 )
-from .cross_entropy import _check_targets, _cross_entropy_bwd, _cross_entropy_fwd
+from .cross_entropy import (
+    CROSS_ENTROPY_FWD,
+    _check_targets,
+    _cross_entropy_bwd,
+    _cross_entropy_fwd,
+    language_model_loss,
+)
 
 # Logits per chunk by default: 2**27 elements, 256 MiB in bfloat16 (and as much for their
 # gradient). Fewer rows per chunk save memory but cost time: each chunk adds the (V, C)
@@ -351,3 +357,22 @@ def linear_cross_entropy(
     else:
         loss = _linear_cross_entropy_fwd(*arguments)[0]
     return loss.view(shape) if reduction == "none" else loss
+
+
+def language_model_head_loss(hidden: Tensor, weight: Tensor, target: Tensor,
+                             ignore_index: int = -100, backend: str = "auto") -> Tensor:
+    """The mean cross-entropy of a language model's head, ``hidden @ weight.T`` (hidden (N, C),
+    weight (V, C)), against target (N), as a float32 (float64) scalar, for training loops:
+    ``linear_cross_entropy`` (no logits). A backend named here or by FUSEDLM_BACKEND whose
+    cross-entropy kernels cannot serve the call (``cuda``: there is no CUDA C++
+    cross-entropy) does not raise: the head then makes the logits and takes
+    ``language_model_loss``'s path (torch's, logged once), so a model run with
+    FUSEDLM_BACKEND=cuda still trains."""
+    check_backend_name(backend)
+    requested = requested_backend(backend)
+    if (requested != "auto" and not torch.compiler.is_compiling()
+            and CROSS_ENTROPY_FWD._why_not(requested, hidden.device, ()) is not None):
+        return language_model_loss(F.linear(hidden, weight), target, ignore_index,
+                                   backend=backend)
+    return linear_cross_entropy(hidden, weight, target, ignore_index=ignore_index,
+                                backend=backend)

@@ -321,7 +321,7 @@ class Trainer:
                 # FSDP2: accumulate unsharded gradients, reduce-scatter on the last micro-step
                 self.raw_model.set_requires_gradient_sync(last)
             with sync, self._autocast():
-                _, loss = self.model(x, y, **self._packing(x))
+                _, loss = self.model(x, y, return_logits=False, **self._packing(x))
                 loss = loss * (self.loss_multiplier / cfg.grad_accum)
             loss.backward()
             total_loss += loss.detach()
@@ -362,7 +362,7 @@ class Trainer:
         for _ in range(self.cfg.eval_batches):
             x, y = batches.next_batch(self.device)
             with self._autocast():
-                _, loss = self.model(x, y, **self._packing(x))
+                _, loss = self.model(x, y, return_logits=False, **self._packing(x))
             total += loss.float()
         self.model.train()
         return float(mean_across_ranks(total / self.cfg.eval_batches, self.dist))
