@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import math
 
 import pytest
@@ -61,6 +62,35 @@ def test_loss_is_cross_entropy_and_ignores_minus_one():
                                                  idx[:, 3:].reshape(-1))
     torch.testing.assert_close(loss, expected)
     assert model(idx)[1] is None
+
+
+@pytest.mark.parametrize("autocast", [False, True], ids=["float32", "autocast-bf16"])
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+@pytest.mark.parametrize("kernels", ["fused", "torch"])
+def test_return_logits_false_gives_the_same_loss_and_gradients(kernels, arch, autocast,
+                                                                monkeypatch):
+    """The trainer's call: no logits back, and with kernels="fused" the head and loss run in
+    row chunks (fusedlm.linear_cross_entropy; the chunk budget lowered here so 66 rows take
+    17 chunks). Loss and every parameter's gradient match the call that makes the logits."""
+    monkeypatch.setattr(importlib.import_module("fusedlm.ops.linear_cross_entropy"),
+                        "DEFAULT_CHUNK_ELEMENTS", 4 * 97)
+    overrides = {"n_kv_head": 2, "bias": False} if arch == "llama" else {}
+    config, fused, reference = _pair(arch, **overrides)
+    model = fused if kernels == "fused" else reference
+    idx = torch.randint(0, config.vocab_size, (2, 34))
+    targets = idx[:, 1:].clone()
+    targets[0, :5] = -1
+    results = []
+    for return_logits in (True, False):
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            logits, loss = model(idx[:, :-1], targets, return_logits=return_logits)
+        loss.backward()
+        assert (logits is not None) == return_logits and loss.dtype == torch.float32
+        results.append([loss.detach()] + [p.grad.clone() for p in model.parameters()])
+    tolerance = dict(rtol=2e-2, atol=2e-3) if autocast else dict(rtol=1e-5, atol=1e-6)
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(a, b, **tolerance)
 
 
 @pytest.mark.parametrize("window", [None, 6], ids=["full", "window6"])

@@ -162,9 +162,11 @@ def test_document_separator_keeps_documents_apart_in_training_and_eval(data_dir,
                        reset_positions=reset_positions)
     forward = trainer.raw_model.forward
 
-    def recording(idx, targets=None, cache=None, document_ids=None, reset_positions=False):
+    def recording(idx, targets=None, cache=None, document_ids=None, reset_positions=False,
+                  return_logits=True):
         seen.append((document_ids, reset_positions))
-        return forward(idx, targets, cache, document_ids, reset_positions)
+        assert not return_logits  # the trainer never needs them
+        return forward(idx, targets, cache, document_ids, reset_positions, return_logits)
 
     trainer.raw_model.forward = recording
     trainer.train()
