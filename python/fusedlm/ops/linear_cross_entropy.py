@@ -79,8 +79,11 @@ def _chunk_gradients(dlogits: Tensor, rows: Tensor, weight: Tensor, grads: list,
     if needs[0]:  # each row's gradient is its own
         grads[0][start:start + dlogits.shape[0]] = _product(dlogits, weight, dtype)
     if needs[1]:
-        product = _product(dlogits.t(), rows, dtype)
-        grads[1] = product if grads[1] is None else grads[1].add_(product)
+        if grads[1] is not None and dlogits.dtype == dtype:  # summed in place: no (V, C) temporary
+            grads[1].addmm_(dlogits.t(), rows)
+        else:
+            product = _product(dlogits.t(), rows, dtype)
+            grads[1] = product if grads[1] is None else grads[1].add_(product)
     if needs[2]:
         bias_part = dlogits.sum(dim=0, dtype=dtype)
         grads[2] = bias_part if grads[2] is None else grads[2].add_(bias_part)
