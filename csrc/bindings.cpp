@@ -4,6 +4,7 @@
 // layer (python/fusedlm/ops) calls these; users call fusedlm.* instead.
 #include <torch/csrc/autograd/functions/basic_ops.h>
 #include <torch/extension.h>
+#include <ATen/MemoryOverlap.h>
 
 #include <limits>
 #include <optional>
@@ -686,15 +687,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_fwd(const at::Tenso
 at::Tensor cross_entropy_bwd(const at::Tensor& grad_loss, const at::Tensor& logits,
                              const at::Tensor& target, const at::Tensor& row_max,
                              const at::Tensor& log_sum, int64_t ignore_index,
-                             double label_smoothing) {
+                             double label_smoothing, const std::optional<at::Tensor>& out) {
   check_cross_entropy_inputs(logits, target, "cross_entropy_bwd");
   check_row_stat(grad_loss, "grad_loss", logits);  // (any stride: 0 for a reduced loss)
   check_row_stat(row_max, "row_max", logits);
   check_row_stat(log_sum, "log_sum", logits);
   FUSEDLM_CHECK_VALUE(label_smoothing >= 0 && label_smoothing <= 1,
                       "argument 'label_smoothing' must be in [0, 1], got ", label_smoothing);
+  if (out.has_value()) {  // (N, V) contiguous; the logits themselves, or apart from them
+    check_dim(*out, "out", 2);
+    check_shape(*out, "out", {logits.size(0), logits.size(1)});
+    check_same_dtype(*out, "out", logits, "logits");
+    check_same_device(*out, "out", logits, "logits");
+    FUSEDLM_CHECK_VALUE(out->is_contiguous(), "argument 'out' must be contiguous");
+    const at::MemOverlapStatus overlap = at::get_overlap_status(*out, logits);
+    FUSEDLM_CHECK_VALUE(overlap == at::MemOverlapStatus::Full || overlap == at::MemOverlapStatus::No,
+                        "argument 'out' must be the logits themselves or not overlap them");
+  }
   return cpu::cross_entropy_bwd(grad_loss, logits, target, row_max, log_sum, ignore_index,
-                                label_smoothing);
+                                label_smoothing, out);
 }
 
 // ---- AdamW ----------------------------------------------------------------------------------
@@ -1171,9 +1182,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("label_smoothing"));
   m.def("cross_entropy_bwd", &fusedlm::cross_entropy_bwd,
         "Cross-entropy backward. grad_loss (N) any stride -> dlogits (N, V) in the logits'\n"
-        "dtype.",
+        "dtype, written into 'out' when given: an (N, V) contiguous tensor that is the logits\n"
+        "themselves (the gradient replaces them) or does not overlap them.",
         py::arg("grad_loss"), py::arg("logits"), py::arg("target"), py::arg("row_max"),
-        py::arg("log_sum"), py::arg("ignore_index"), py::arg("label_smoothing"));
+        py::arg("log_sum"), py::arg("ignore_index"), py::arg("label_smoothing"),
+        py::arg("out") = py::none());
   m.def("adamw_step", &fusedlm::adamw_step,
         "One AdamW step over a whole list of tensors, in place (torch.optim.AdamW's arithmetic).\n"
         "steps[i] is param i's step count after this step's increment.\n"

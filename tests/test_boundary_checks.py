@@ -188,6 +188,19 @@ CASES = [
      lambda e: e.cross_entropy_bwd(*_ce_bwd(log_sum=torch.zeros(3, device=META)))),
     ("ce_bwd_target_int32", TypeError, "'target'",
      lambda e: e.cross_entropy_bwd(*_ce_bwd(target=_target().int()))),
+    ("ce_bwd_out_shape", ValueError, "'out'",
+     lambda e: e.cross_entropy_bwd(*_ce_bwd(), out=torch.empty(3, 9))),
+    ("ce_bwd_out_1d", ValueError, "'out'",
+     lambda e: e.cross_entropy_bwd(*_ce_bwd(), out=torch.empty(24))),
+    ("ce_bwd_out_dtype", TypeError, "'out'",
+     lambda e: e.cross_entropy_bwd(*_ce_bwd(), out=X().double())),
+    ("ce_bwd_out_meta", ValueError, "'out'",
+     lambda e: e.cross_entropy_bwd(*_ce_bwd(), out=X().to(META))),
+    ("ce_bwd_out_not_contiguous", ValueError, "'out' must be contiguous",
+     lambda e: e.cross_entropy_bwd(*_ce_bwd(), out=torch.empty(8, 3).t())),
+    ("ce_bwd_out_overlaps_logits", ValueError, "'out' must be the logits themselves",
+     lambda e: (lambda base: e.cross_entropy_bwd(
+         *_ce_bwd(logits=base[:3]), out=base[1:]))(torch.randn(4, 8))),
     # AdamW: the state tensors of one parameter must share one dtype (the kernel reads them all
     # with exp_avgs[i]'s element type)
     ("adamw_exp_avg_sqs_16bit_under_float32_exp_avgs", TypeError, "'exp_avg_sqs[0]'",

@@ -103,7 +103,7 @@ void backward(const at::Tensor& grad_loss, const at::Tensor& logits, const int64
     std::vector<acc_t> buffer(V);
     acc_t* buf = buffer.data();
     for (int64_t n = begin; n < end; ++n) {
-      scalar_t* out = dx + n * V;
+      scalar_t* out = dx + n * V;  // (may be the row of x itself: x is read whole first)
       const int64_t t = target[n];
       if (t == ignore_index) {  // exact zeros, whatever the row's softmax holds
         for (int64_t i = 0; i < V; ++i) out[i] = scalar_t(0);
@@ -146,8 +146,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_fwd(const at::Tenso
 at::Tensor cross_entropy_bwd(const at::Tensor& grad_loss, const at::Tensor& logits,
                              const at::Tensor& target, const at::Tensor& row_max,
                              const at::Tensor& log_sum, int64_t ignore_index,
-                             double label_smoothing) {
-  at::Tensor dlogits = at::empty(logits.sizes(), logits.options());
+                             double label_smoothing, const std::optional<at::Tensor>& out) {
+  at::Tensor dlogits = out.has_value() ? *out : at::empty(logits.sizes(), logits.options());
   const at::Tensor targets = target.contiguous();
   const at::Tensor maxes = row_max.contiguous(), sums = log_sum.contiguous();
   AT_DISPATCH_FLOATING_TYPES_AND2(

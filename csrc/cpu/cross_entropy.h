@@ -4,6 +4,7 @@
 #include <ATen/core/Tensor.h>
 
 #include <cstdint>
+#include <optional>
 #include <tuple>
 
 namespace fusedlm::cpu {
@@ -21,11 +22,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_fwd(const at::Tenso
 
 // grad_loss: (N) any stride (0 for a reduced loss), dtype of row_max
 // logits, target, row_max, log_sum: as in and from cross_entropy_fwd
-// returns dlogits: (N, V) contiguous, dtype of logits:
+// out: (N, V) contiguous, dtype of logits, or none; may be logits itself (each row is read
+//   whole before it is written): the gradient then replaces the logits
+// returns dlogits (out, or a new tensor): (N, V) contiguous, dtype of logits:
 //   grad_loss * (softmax(x) - (1 - s) * onehot(target) - s / V), 0 on ignored rows
 at::Tensor cross_entropy_bwd(const at::Tensor& grad_loss, const at::Tensor& logits,
                              const at::Tensor& target, const at::Tensor& row_max,
                              const at::Tensor& log_sum, int64_t ignore_index,
-                             double label_smoothing);
+                             double label_smoothing, const std::optional<at::Tensor>& out);
 
 }  // namespace fusedlm::cpu

@@ -290,14 +290,38 @@ def cross_entropy_fwd(
     return torch.where(valid, loss, 0.0), shift, log_sum
 
 
+def check_gradient_out(out: Tensor, logits: Tensor) -> None:
+    """``out`` for a cross-entropy backward: (N, V) contiguous in the logits' dtype and device,
+    and either the logits themselves (the gradient replaces them) or apart from them."""
+    if (out.shape != logits.shape or out.dtype != logits.dtype or out.device != logits.device
+            or not out.is_contiguous()):
+        raise ValueError(f"argument 'out' must be a contiguous {logits.dtype} tensor of shape "
+                         f"{list(logits.shape)} on {logits.device}, got {out.dtype} "
+                         f"{list(out.shape)} on {out.device}")
+    if out.data_ptr() == logits.data_ptr() and out.stride() == logits.stride():
+        return
+    spans = []
+    for t in (out, logits):  # the bytes each can reach
+        start = t.data_ptr()
+        reach = sum((size - 1) * stride for size, stride in zip(t.shape, t.stride(), strict=True))
+        spans.append((start, start + (reach + 1) * t.element_size()))
+    if t.numel() and spans[0][0] < spans[1][1] and spans[1][0] < spans[0][1]:
+        raise ValueError("argument 'out' must be the logits themselves or not overlap them")
+
+
 def cross_entropy_bwd(
     grad_loss: Tensor, logits: Tensor, target: Tensor, row_max: Tensor, log_sum: Tensor,
-    ignore_index: int, label_smoothing: float,
+    ignore_index: int, label_smoothing: float, out: Tensor | None = None,
 ) -> Tensor:
     """grad_loss (N), the gradient of each row's loss (any strides: an expanded scalar for a
     reduced loss), and the forward's row_max, log_sum (N) -> dlogits (N, V) in the logits'
     dtype: grad_loss * (softmax(x) - (1 - label_smoothing) * onehot(target) -
-    label_smoothing / V); 0 on ignored rows, NaN on rows whose target is outside [0, V)."""
+    label_smoothing / V); 0 on ignored rows, NaN on rows whose target is outside [0, V).
+    Written into ``out`` when given (see ``check_gradient_out``; it may be the logits)."""
+    if out is not None:
+        check_gradient_out(out, logits)
+        return out.copy_(cross_entropy_bwd(grad_loss, logits, target, row_max, log_sum,
+                                           ignore_index, label_smoothing))
     dtype = compute_dtype(logits.dtype)
     x = logits.to(dtype)
     V = x.shape[1]

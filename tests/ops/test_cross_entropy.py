@@ -98,6 +98,43 @@ def test_every_target_ignored_gives_torchs_nan_mean_and_zero_grads(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_backward_into_out_and_over_the_logits(dtype, backend):
+    """The backward's ``out``: a separate buffer, or the logits themselves (what
+    fusedlm.linear_cross_entropy does with each chunk), gives the same gradient as a fresh
+    one; a V past one 4096-column kernel chunk, ignored rows, an expanded scalar gradient."""
+    logits, target = make_inputs(37, 4099, dtype, device_of(backend), ignore_every=3)
+    logits = logits.detach()
+    _, row_max, log_sum = ce_ops._cross_entropy_fwd(logits, target, -100, 0.1, backend)
+    grad = torch.tensor(0.25, device=logits.device).expand(37)
+    expected = ce_ops._cross_entropy_bwd(grad, logits, target, row_max, log_sum, -100, 0.1,
+                                         backend)
+    out = torch.full_like(logits, float("nan"))
+    assert ce_ops._cross_entropy_bwd(grad, logits, target, row_max, log_sum, -100, 0.1, backend,
+                                     out=out) is out
+    assert torch.equal(out, expected)
+    in_place = logits.clone()
+    result = ce_ops._cross_entropy_bwd(grad, in_place, target, row_max, log_sum, -100, 0.1,
+                                       backend, out=in_place)
+    assert result.data_ptr() == in_place.data_ptr() and torch.equal(in_place, expected)
+
+
+def test_reference_backward_checks_out():
+    logits, target = make_inputs(3, 8, torch.float32, "cpu")
+    logits = logits.detach()
+    stats = fusedlm.reference.cross_entropy_fwd(logits, target, -100, 0.0)[1:]
+    call = fusedlm.reference.cross_entropy_bwd
+    for out, message in [(torch.empty(3, 9), "argument 'out' must be a contiguous"),
+                         (torch.empty(8, 3).t(), "argument 'out' must be a contiguous"),
+                         (logits.double(), "argument 'out' must be a contiguous")]:
+        with pytest.raises(ValueError, match=message):
+            call(torch.ones(3), logits, target, *stats, -100, 0.0, out=out)
+    base = torch.randn(4, 8)
+    with pytest.raises(ValueError, match="'out' must be the logits themselves or not overlap"):
+        call(torch.ones(3), base[:3], target, *stats, -100, 0.0, out=base[1:])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("layout", ["transposed", "row_stride", "column_stride"])
 def test_non_contiguous_logits(layout, backend):
     device = device_of(backend)

@@ -35,10 +35,10 @@ for _dispatch in (CROSS_ENTROPY_FWD, CROSS_ENTROPY_BWD):
 
 
 def _triton_impl(name: str):
-    def call(*args):
+    def call(*args, **kwargs):
         from ..triton import cross_entropy  # imports triton: only when the backend is used
 
-        return getattr(cross_entropy, name)(*args)
+        return getattr(cross_entropy, name)(*args, **kwargs)
 
     return call
 
@@ -54,10 +54,14 @@ def _cross_entropy_fwd(logits, target, ignore_index, label_smoothing, backend):
 
 
 def _cross_entropy_bwd(grad_loss, logits, target, row_max, log_sum, ignore_index,
-                       label_smoothing, backend):
+                       label_smoothing, backend, out=None):
+    """dlogits; written into ``out`` when given, which may be the logits themselves (the
+    gradient then replaces them: fusedlm.linear_cross_entropy's chunks)."""
     impl = CROSS_ENTROPY_BWD.select(backend, logits.device, grad_loss, logits, target)
+    extra = {} if out is None else {"out": out}
     with autocast_off(logits.device):
-        return impl(grad_loss, logits, target, row_max, log_sum, ignore_index, label_smoothing)
+        return impl(grad_loss, logits, target, row_max, log_sum, ignore_index, label_smoothing,
+                    **extra)
 
 
 @torch.library.custom_op("fusedlm::cross_entropy_fwd", mutates_args=())

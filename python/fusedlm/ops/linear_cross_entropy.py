@@ -6,9 +6,10 @@ Why: a language model's head maps (N, C) hidden states to (N, V) logits. For GPT
 vocabulary and 16k tokens those are 1.6 GB in bfloat16, their gradient as much again, and
 eager code adds float32 copies (3.3 GB each) for the loss. Llama 3's vocabulary (128256) makes
 that 2.5x worse. Here the rows go through in chunks: each chunk's logits are computed, turned
-into the loss and, when a gradient will be asked for, straight into the gradient of the hidden
-states, weight and bias, and dropped. The peak is one chunk's logits and their gradient,
-whatever N is.
+into the loss and, when a gradient will be asked for, into its own gradient (written over the
+logits by the cross-entropy backward) and from there into the gradients of the hidden states,
+weight and bias, and dropped. The peak is one chunk's logits, whatever N is, plus the
+float32 gradient sums.
 
 The gradients are computed in the forward (with "mean"/"sum", whose gradient with respect to
 each row's loss is known then), so the head costs three matmuls, as unfused, rather than four;
@@ -132,10 +133,10 @@ def _linear_cross_entropy_fwd(
             part = _cross_entropy_fwd(logits, rows_target, ignore_index, label_smoothing, backend)
             for out, value in zip((losses, row_max, log_sum), part, strict=True):
                 out[start:start + n] = value
-            if any(needs):
+            if any(needs):  # the gradient replaces the logits: one (n, V) buffer a chunk
                 dlogits = _cross_entropy_bwd(row_grad.expand(n), logits, rows_target, part[1],
-                                             part[2], ignore_index, label_smoothing, backend)
-                del logits  # (the chunk's logits and their gradient are the peak)
+                                             part[2], ignore_index, label_smoothing, backend,
+                                             out=logits)
                 _chunk_gradients(dlogits, rows, weight, grads, start, needs)
     if reduction == "sum":
         loss = losses.sum()
@@ -161,8 +162,7 @@ def _linear_cross_entropy_bwd(
             logits = F.linear(rows, weight, bias)
             dlogits = _cross_entropy_bwd(grad_loss[start:stop], logits, rows_target,
                                          row_max[start:stop], log_sum[start:stop], ignore_index,
-                                         label_smoothing, backend)
-            del logits
+                                         label_smoothing, backend, out=logits)
             _chunk_gradients(dlogits, rows, weight, grads, start, needs)
     sums = _gradient_sums(grads, input, weight, bias, needs)
     return tuple(s.to(t.dtype) if need else s
@@ -324,7 +324,8 @@ def linear_cross_entropy(
     (the loss of each row, shaped like target); ``label_smoothing`` as in torch.
 
     The rows go through ``chunk_size`` at a time (default: as many as keep a chunk's logits
-    within 2**27 elements): peak memory is one chunk's logits and their gradient, not N x V.
+    within 2**27 elements): peak memory is one chunk's logits (their gradient is written over
+    them) and the float32 gradient sums, not N x V.
     The loss is float32 (float64 for float64 input), computed from the logits at their own
     width, as ``fusedlm.cross_entropy`` does; gradients come back in each tensor's dtype, the
     weight's summed over chunks in float32. ``backend`` picks the cross-entropy kernels

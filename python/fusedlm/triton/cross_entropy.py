@@ -187,13 +187,19 @@ def cross_entropy_fwd(
 
 def cross_entropy_bwd(
     grad_loss: Tensor, logits: Tensor, target: Tensor, row_max: Tensor, log_sum: Tensor,
-    ignore_index: int, label_smoothing: float,
+    ignore_index: int, label_smoothing: float, out: Tensor | None = None,
 ) -> Tensor:
     """grad_loss (N) any stride, logits (N, V) any strides, target (N) int64, row_max and
-    log_sum (N) from the forward -> dlogits (N, V) contiguous in the logits' dtype."""
+    log_sum (N) from the forward -> dlogits (N, V) contiguous in the logits' dtype: ``out``
+    when given, which may be the logits themselves (each program loads a chunk before it
+    stores the chunk's gradient in its place)."""
     _check(logits, target)
     N, V = logits.shape
-    dlogits = torch.empty((N, V), dtype=logits.dtype, device=logits.device)
+    if out is None:
+        dlogits = torch.empty((N, V), dtype=logits.dtype, device=logits.device)
+    else:
+        reference.check_gradient_out(out, logits)
+        dlogits = out
     rows, block_v, num_warps, programs = _launch_shape(N, V)
     target, row_max, log_sum = target.contiguous(), row_max.contiguous(), log_sum.contiguous()
     with _device_context(logits.device):
