@@ -208,8 +208,8 @@ def test_never_makes_the_logits(reduction, backend, monkeypatch):
 
 
 def test_default_chunk_size():
-    assert lce_ops.default_chunk_size(16384, 50304) == 2048  # GPT-2: 2**27 / 50304 = 2668
-    assert lce_ops.default_chunk_size(16384, 128256) == 1024  # Llama 3
+    assert lce_ops.default_chunk_size(16384, 50304) == 4096  # GPT-2: 2**28 / 50304 = 5336
+    assert lce_ops.default_chunk_size(16384, 128256) == 2048  # Llama 3
     assert lce_ops.default_chunk_size(100, 50304) == 100  # never more rows than there are
     assert lce_ops.default_chunk_size(10**6, 2**28) == 1  # at least one row
     assert lce_ops.default_chunk_size(0, 10) == 1

@@ -45,10 +45,12 @@ from .cross_entropy import (
     language_model_loss,
 )
 
-# Logits per chunk by default: 2**27 elements, 256 MiB in bfloat16 (and as much for their
-# gradient). Fewer rows per chunk save memory but cost time: each chunk adds the (V, C)
-# float32 weight gradient into its sum once, and small matmuls run below peak.
-DEFAULT_CHUNK_ELEMENTS = 1 << 27
+# Logits per chunk by default: 2**28 elements, 512 MiB in bfloat16 (their gradient is written
+# over them). Fewer rows per chunk save memory but cost time: each chunk adds its (V, C) share
+# of the weight gradient into a float32 sum, ~0.6 GB of traffic for GPT-2's head on a GPU
+# (a separate float32 product, then the sum), against ~1.6 ms of matmuls for a 4096-row chunk
+# at 16k tokens; and small matmuls run below peak. (benchmarks/NOTES.md, 2026-12-05.)
+DEFAULT_CHUNK_ELEMENTS = 1 << 28
 
 _REDUCTIONS = ("mean", "sum", "none")
 
@@ -324,7 +326,7 @@ def linear_cross_entropy(
     (the loss of each row, shaped like target); ``label_smoothing`` as in torch.
 
     The rows go through ``chunk_size`` at a time (default: as many as keep a chunk's logits
-    within 2**27 elements): peak memory is one chunk's logits (their gradient is written over
+    within 2**28 elements): peak memory is one chunk's logits (their gradient is written over
     them) and the float32 gradient sums, not N x V.
     The loss is float32 (float64 for float64 input), computed from the logits at their own
     width, as ``fusedlm.cross_entropy`` does; gradients come back in each tensor's dtype, the
