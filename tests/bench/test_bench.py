@@ -21,7 +21,8 @@ from fusedlm.bench import counting, runner, schema, timing
 from fusedlm.bench.env import tree_hash
 
 ROOT = Path(__file__).resolve().parents[2]
-OPS = ("attention", "attention_decode", "layer_norm", "rms_norm", "cross_entropy", "adamw", "gpt")
+OPS = ("attention", "attention_decode", "layer_norm", "rms_norm", "cross_entropy",
+       "linear_cross_entropy", "adamw", "gpt")
 
 
 # ---- counting -------------------------------------------------------------------------------
@@ -128,6 +129,80 @@ def test_sdpa_providers_take_gqa_and_call_a_refusal_unsupported(monkeypatch):
     monkeypatch.setattr(C.F, "scaled_dot_product_attention", refuse("something else broke"))
     with pytest.raises(RuntimeError, match="something else broke"):
         C._sdpa_call("flash")(q, k, v, False, ctx)
+
+
+def test_linear_cross_entropy_flops_are_the_unfused_matmuls():
+    """2 N V C forward (the logits), 3x that forward+backward (dhidden, dweight): the unfused
+    count, whatever an implementation recomputes."""
+    N, C, V = 6, 10, 14
+    assert counting.linear_cross_entropy_flops(N, C, V, "fwd") == 2 * N * V * C
+    assert counting.linear_cross_entropy_flops(N, C, V, "fwd+bwd") == 6 * N * V * C
+    with pytest.raises(ValueError, match="pass"):
+        counting.linear_cross_entropy_flops(N, C, V, "bwd")
+
+
+@pytest.mark.parametrize(("device", "quick"), [("cpu", True), ("cpu", False), ("cuda", True),
+                                             ("cuda", False)])
+def test_linear_cross_entropy_cases_are_lm_heads(device, quick):
+    """hidden (N, C), weight (V, C), target (N): bf16 at 16k tokens on a GPU (GPT-2's and a
+    2048-wide head on GPT-2's padded vocabulary, Llama 3's last), float32 on the CPU; TFLOP/s
+    from the unfused matmul FLOPs, no bytes; x = V * C."""
+    ctx = C.Context(device=torch.device(device), quick=quick, backends={})
+    spec = C.specs()["linear_cross_entropy"]
+    assert (spec.metric, spec.ceiling, spec.peak_memory) == ("TFLOP/s", "matmul", True)
+    cases = spec.cases(ctx)
+    shapes = {("cpu", True): [(256, 64, 2048), (256, 128, 8192)],
+              ("cpu", False): [(512, 128, 4096), (512, 256, 8192), (512, 512, 16384)],
+              ("cuda", True): [(16384, 768, 50304)],
+              ("cuda", False): [(16384, 768, 50304), (16384, 2048, 50304)]}[(device, quick)]
+    expected = [(pass_, shape) for pass_ in counting.PASSES for shape in shapes]
+    if (device, quick) == ("cuda", False):  # the Llama-sized rows last
+        expected += [(pass_, (16384, 4096, 128256)) for pass_ in counting.PASSES]
+    assert [(c.pass_, (c.size["N"], c.size["C"], c.size["V"])) for c in cases] == expected
+    dtype = "bfloat16" if device == "cuda" else "float32"
+    for case in cases:
+        N, C_, V = case.size["N"], case.size["C"], case.size["V"]
+        assert case.variant == f"{case.pass_} {dtype}" and case.dtype == dtype
+        assert case.x == V * C_ and case.bytes is None
+        assert case.flops == counting.linear_cross_entropy_flops(N, C_, V, case.pass_)
+        assert case.check_output == (case.pass_ == "fwd")
+    if device == "cpu":
+        for case in cases[:1] + cases[-1:]:
+            inputs = case.make_inputs()
+            N, C_, V = case.size["N"], case.size["C"], case.size["V"]
+            grad = case.pass_ == "fwd+bwd"
+            assert inputs["hidden"].shape == (N, C_) and inputs["weight"].shape == (V, C_)
+            assert inputs["hidden"].requires_grad == inputs["weight"].requires_grad == grad
+            assert inputs["weight"].is_leaf and inputs["target"].dtype == torch.int64
+            assert ("grad" in inputs) == grad
+
+
+def test_linear_cross_entropy_providers_compute_the_eager_loss_and_gradients():
+    """Every provider that runs on the CPU gives eager's loss, and forward+backward the
+    gradients of the hidden states and the weight. (torch.compile left out: compiling takes
+    20 s on a cold 2-core CPU; its provider is compiled() of the eager function, as every
+    op's.)"""
+    import fusedlm
+
+    ctx = C.Context(device=torch.device("cpu"), quick=True, compile=False,
+                    backends=dict(fusedlm.backends()))
+    spec = C.specs()["linear_cross_entropy"]
+    runnable = [p for p in spec.providers if p.why_not(ctx) is None]
+    assert {p.name for p in runnable} >= {"torch-eager", "fusedlm-torch"}
+    fwd, fwd_bwd = (next(c for c in spec.cases(ctx) if c.pass_ == pass_)
+                    for pass_ in counting.PASSES)
+    torch.manual_seed(0)
+    inputs = fwd_bwd.make_inputs()
+    results = {}
+    for provider in runnable:
+        loss = provider.build(fwd, ctx)(inputs)
+        assert loss.dtype == torch.float32 and not loss.requires_grad
+        provider.build(fwd_bwd, ctx)(inputs)
+        results[provider.name] = (loss, inputs["hidden"].grad, inputs["weight"].grad)
+    eager = results.pop("torch-eager")
+    for name, got in results.items():
+        for a, b in zip(got, eager, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=name)
 
 
 def test_gpt_flops():
@@ -266,7 +341,7 @@ def test_quick_run_ratios_come_from_measured_rows(quick_run):
     assert checked >= 20
     # CPU competitors: eager PyTorch and fusedlm's cpu backend measured for every op
     for op in ("attention", "attention_decode", "layer_norm", "rms_norm", "cross_entropy",
-               "adamw"):
+               "linear_cross_entropy", "adamw"):
         measured = {r["provider"] for r in rows if r["op"] == op and r["status"] == "ok"}
         assert "torch-eager" in measured
         if results["environment"]["backends"]["cpu"]["available"]:
@@ -316,6 +391,87 @@ def test_schema_catches_a_ratio_not_computed_from_the_rows(quick_run):
     bad = copy.deepcopy(results)
     del bad["ceilings"]
     assert schema.validate(bad) == ["missing top-level key 'ceilings'"]
+
+
+def _as_gpu_run(results: dict, peak_memory_bytes) -> dict:
+    """A copy of a CPU run dressed as a GPU run whose measured linear_cross_entropy rows carry
+    ``peak_memory_bytes`` (the CPU cannot measure it)."""
+    gpu = copy.deepcopy(results)
+    gpu["device"] = "cuda"
+    for r in gpu["rows"]:
+        if r["op"] == "linear_cross_entropy" and r["status"] == "ok":
+            r["peak_memory_bytes"] = peak_memory_bytes
+    return gpu
+
+
+def test_peak_memory_is_recorded_on_gpu_rows_only(quick_run):
+    """A CPU run has no peak_memory_bytes; the schema takes a byte count on a measured GPU
+    row and refuses one on a CPU run, a negative or fractional one and one on a row that did
+    not run."""
+    _, _, results, _ = quick_run
+    assert not any("peak_memory_bytes" in r for r in results["rows"])
+    assert results["units"]["peak_memory_bytes"]
+    assert schema.validate(_as_gpu_run(results, 3 << 20)) == []
+    cpu = _as_gpu_run(results, 3 << 20)
+    cpu["device"] = "cpu"
+    for bad in (cpu, _as_gpu_run(results, -1), _as_gpu_run(results, 1.5),
+                _as_gpu_run(results, True)):
+        assert any("peak_memory_bytes" in p for p in schema.validate(bad))
+    skipped = _as_gpu_run(results, None)
+    row = next(r for r in skipped["rows"] if r["op"] == "linear_cross_entropy")
+    row.update(status="skipped", reason="time budget", time_ms=None, value=None,
+               tflops=None, pct_of_ceiling=None, ratio_to_eager=None, peak_memory_bytes=0)
+    runner.add_ratios(skipped["rows"])
+    assert any("peak_memory_bytes" in p for p in schema.validate(skipped))
+
+
+def test_peak_memory_counts_what_one_call_adds(monkeypatch):
+    """runner._peak_memory_bytes: the call's peak over what was allocated before it, with the
+    inputs' old gradients dropped first (torch.cuda's counters faked: no GPU here)."""
+    allocated, peak = [1000], [0]
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: allocated[0])
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats",
+                        lambda device=None: peak.__setitem__(0, allocated[0]))
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: peak[0])
+    hidden = torch.zeros(3, requires_grad=True)
+    hidden.grad = torch.ones(3)
+
+    def call():
+        assert hidden.grad is None  # dropped before the count starts
+        peak[0] = max(peak[0], allocated[0] + 64)  # 64 bytes of intermediates at the peak
+        allocated[0] += 16  # a gradient kept
+
+    inputs = {"hidden": hidden, "target": torch.zeros(3, dtype=torch.int64)}
+    assert runner._peak_memory_bytes(call, inputs, torch.device("cuda")) == 64
+
+
+def test_table_shows_peak_memory_where_rows_have_it(quick_run):
+    """The printed table of an op whose rows carry peak_memory_bytes has a "peak GiB" column
+    (GiB of each row); the other ops' tables, and every table of a CPU run, have none."""
+    pytest.importorskip("rich")
+    from rich.console import Console
+
+    from fusedlm.bench import report
+
+    _, _, results, _ = quick_run
+
+    def printed(res, op):
+        only = copy.deepcopy(res)
+        only["ops"] = {op: res["ops"][op]}
+        only["rows"] = [r for r in res["rows"] if r["op"] == op]
+        console = Console(record=True, width=250)
+        report.print_tables(only, console=console)
+        return console.export_text()
+
+    gpu = _as_gpu_run(results, 3 << 29)  # 1.5 GiB
+    assert "peak GiB" not in printed(results, "linear_cross_entropy")
+    assert "peak GiB" not in printed(gpu, "cross_entropy")
+    table = printed(gpu, "linear_cross_entropy")
+    assert "peak GiB" in table
+    measured = sum(r["op"] == "linear_cross_entropy" and r["status"] == "ok"
+                   for r in gpu["rows"])
+    assert table.count(" 1.5 ") == measured > 0
 
 
 def test_quick_run_is_quick(quick_run):

@@ -93,13 +93,15 @@ def test_gpu_check_runs_end_to_end_on_a_cpu(tmp_path):
     bench = json.loads((out / "bench.json").read_text())
     assert schema.validate(bench) == []
     assert {r["op"] for r in bench["rows"]} == {"attention", "layer_norm", "rms_norm", "adamw",
-                                                 "gpt", "cross_entropy", "attention_decode"}
+                                                 "gpt", "cross_entropy", "linear_cross_entropy",
+                                                 "attention_decode"}
     # $OUT brings back 8 files: the first 5 ops' plots there, the others' in logs.tar.gz
     assert {p.name for p in out.glob("*.png")} == {f"{op}.png" for op in
                                                    ("attention", "layer_norm", "rms_norm",
                                                     "adamw", "gpt")}
     assert len(list(out.iterdir())) <= 8
-    assert steps["bench"]["plots_in_logs"] == ["cross_entropy.png", "attention_decode.png"]
+    assert steps["bench"]["plots_in_logs"] == ["cross_entropy.png", "linear_cross_entropy.png",
+                                               "attention_decode.png"]
     with tarfile.open(out / "logs.tar.gz") as tar:
         names = tar.getnames()
     assert "logs/pytest-gpu-junit.xml" in names and "logs/pytest.log" in names

@@ -6,19 +6,22 @@ ctx)`` returns ``fn(inputs)`` that runs the case once on one input set (forward,
 backward, or an optimizer / training step). ``torch-eager`` is every op's baseline.
 
 attention_decode (one query row per sequence against a KV cache, GQA, forward) has
-attention's providers.
+attention's providers. linear_cross_entropy (the LM head and its loss, forward and
+forward+backward) records each provider's peak GPU memory too.
 
 Providers, each only where it can run (the output says why the others did not):
     torch-eager      eager PyTorch (attention written out: k, v repeated for GQA, q k^T, mask,
                      softmax in float32, p v; F.layer_norm / F.rms_norm;
-                     torch.optim.AdamW(foreach=False, fused=False); the GPT with
-                     kernels="torch" and torch.optim.AdamW's default)
+                     F.cross_entropy(logits.float(), target), after F.linear for
+                     linear_cross_entropy; torch.optim.AdamW(foreach=False, fused=False); the
+                     GPT with kernels="torch" and torch.optim.AdamW's default)
     torch-compile    torch.compile of the eager version
     sdpa-<backend>   F.scaled_dot_product_attention under sdpa_kernel(<backend>) for each of
                      flash, efficient, cudnn, math that runs on the device (enable_gqa=True
                      when k has fewer heads than q; a backend that refuses a case: unsupported)
     torch-foreach, torch-fused   torch.optim.AdamW(foreach=True) / (fused=True)
-    liger            Liger-Kernel's LayerNorm / RMSNorm functions (when installed, GPU)
+    liger            Liger-Kernel's LayerNorm / RMSNorm functions, LigerCrossEntropyLoss,
+                     LigerFusedLinearCrossEntropyLoss (when installed, GPU)
     fusedlm-<name>   fusedlm with backend=<name> for cuda, triton, cpu (and torch, the
                      reference, on the CPU); for the GPT, the model with kernels="fused",
                      FUSEDLM_BACKEND=<name> and fusedlm.optim.AdamW(backend=<name>)
@@ -48,8 +51,8 @@ from . import counting
 
 BASELINE = "torch-eager"
 # The ops of ``fusedlm bench`` in run order (its CLI, runner and tests read this one list).
-OPS = ("attention", "attention_decode", "layer_norm", "rms_norm", "cross_entropy", "adamw",
-       "gpt")
+OPS = ("attention", "attention_decode", "layer_norm", "rms_norm", "cross_entropy",
+       "linear_cross_entropy", "adamw", "gpt")
 NORM_EPS = 1e-5
 SDPA_BACKENDS = ("flash", "efficient", "cudnn", "math")
 
@@ -112,6 +115,9 @@ class OpSpec:
     bytes_formula: str
     max_input_sets: int | None = None
     notes: list[str] = field(default_factory=list)
+    # GPU rows also record peak_memory_bytes (one more untimed call each): for an op whose
+    # point is the memory it does not allocate
+    peak_memory: bool = False
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -771,6 +777,103 @@ def _cross_entropy_providers() -> list[Provider]:
     return providers
 
 
+# ---- linear_cross_entropy -------------------------------------------------------------------
+
+def _linear_cross_entropy_cases(ctx: Context) -> list[Case]:
+    """The LM head and its loss: hidden states (N, C), weight (V, C), target (N); x = V * C.
+    On a GPU, 16k tokens at GPT-2 124M's width and padded vocabulary, a 2048-wide model on the
+    same vocabulary (Pythia 1.4B's) and Llama 3 8B's width and vocabulary."""
+    if ctx.cuda:
+        shapes = [(16384, 768, 50304)] if ctx.quick else [(16384, 768, 50304),
+                                                          (16384, 2048, 50304),
+                                                          (16384, 4096, 128256)]
+        dtype = torch.bfloat16
+    else:
+        shapes = [(256, 64, 2048), (256, 128, 8192)] if ctx.quick else [
+            (512, 128, 4096), (512, 256, 8192), (512, 512, 16384)]
+        dtype = torch.float32
+    out = []
+    for pass_ in counting.PASSES:
+        for N, C, V in shapes:
+            def make(N=N, C=C, V=V, pass_=pass_):
+                grad = pass_ == "fwd+bwd"
+                # weights at 1/sqrt(C): logits of order 1, as a trained head gives
+                weight = _randn(V, C, ctx=ctx, dtype=dtype) / math.sqrt(C)
+                inputs = {"hidden": _randn(N, C, ctx=ctx, dtype=dtype, requires_grad=grad),
+                          "weight": weight.requires_grad_(grad),
+                          "target": torch.randint(0, V, (N,), device=ctx.device)}
+                if grad:
+                    inputs["grad"] = torch.ones((), device=ctx.device)
+                return inputs
+
+            out.append(Case(
+                op="linear_cross_entropy", variant=f"{pass_} {dtype_name(dtype)}", pass_=pass_,
+                dtype=dtype_name(dtype), size_label=f"N={N} C={C} V={V}",
+                size=dict(N=N, C=C, V=V), x=V * C,
+                flops=counting.linear_cross_entropy_flops(N, C, V, pass_), bytes=None,
+                make_inputs=make, check_output=pass_ == "fwd",
+            ))
+    # The Llama-sized rows (each call ~0.1 s on an H100, and the most memory) last: a run
+    # short of time skips them first.
+    return sorted(out, key=lambda case: case.size["V"] > 65536)
+
+
+def _eager_linear_cross_entropy(hidden, weight, target):
+    """What eager training code writes (nanoGPT under autocast, transformers' loss): the
+    (N, V) logits in the hidden states' dtype, a float32 copy, F.cross_entropy."""
+    return F.cross_entropy(F.linear(hidden, weight).float(), target)
+
+
+_liger_linear_loss: list = []
+
+
+def _liger_linear_cross_entropy(hidden, weight, target):
+    if not _liger_linear_loss:  # (its module is the API stable across Liger releases)
+        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+        _liger_linear_loss.append(LigerFusedLinearCrossEntropyLoss())
+    return _liger_linear_loss[0](weight, hidden, target)  # (the weight first, Liger's order)
+
+
+def _fusedlm_linear_cross_entropy(backend):
+    def call(hidden, weight, target):
+        import fusedlm
+
+        return fusedlm.linear_cross_entropy(hidden, weight, target, backend=backend)
+
+    return call
+
+
+def _linear_cross_entropy_providers() -> list[Provider]:
+    def provider(name, description, fn, why_not=_always, compiles=False, kernel_backend=None):
+        def build(case: Case, ctx: Context):
+            if kernel_backend is not None and case.pass_ == "fwd+bwd":
+                _needs(ctx, kernel_backend, "cross_entropy_bwd")
+            f = fn() if compiles else fn
+            return _run_pass(case, lambda i: f(i["hidden"], i["weight"], i["target"]),
+                             ("hidden", "weight"))
+
+        return Provider(name, description, why_not, build, compiles=compiles)
+
+    eager = "F.cross_entropy(F.linear(hidden, weight).float(), target)"
+    providers = [provider(BASELINE, f"{eager}: the (N, V) logits and a float32 copy",
+                          _eager_linear_cross_entropy)]
+    # The matmuls are torch's; the backend serves each chunk's cross-entropy (the cuda backend
+    # has no cross-entropy kernel, so it says so, as for cross_entropy).
+    for backend in ("cuda", "triton", "cpu", "torch"):
+        providers.append(provider(
+            f"fusedlm-{backend}", f"fusedlm.linear_cross_entropy(backend={backend!r})",
+            _fusedlm_linear_cross_entropy(backend),
+            _fusedlm_why_not(backend, ("cross_entropy_fwd",)), kernel_backend=backend))
+    providers.append(provider("liger", "Liger-Kernel LigerFusedLinearCrossEntropyLoss (chunked, "
+                              "the gradients in the forward)", _liger_linear_cross_entropy,
+                              _liger_why_not))
+    providers.append(provider("torch-compile", f"torch.compile({eager})",
+                              lambda: compiled(_eager_linear_cross_entropy), _compile_why_not,
+                              compiles=True))
+    return providers
+
+
 # ---- adamw ----------------------------------------------------------------------------------
 
 def gpt2_param_shapes(d: int, layers: int, vocab: int = 50257, ctx: int = 1024) -> list[tuple]:
@@ -1049,6 +1152,17 @@ def specs() -> dict[str, OpSpec]:
             _cross_entropy_providers(), "not counted (memory-bound)",
             "fwd: logits and targets read (N V elements + 8 N bytes); bwd: logits read, "
             "dlogits written (2 N V elements + 8 N bytes)"),
+        "linear_cross_entropy": OpSpec(
+            "linear_cross_entropy",
+            "the LM head and its mean cross-entropy: hidden states (N, C), weight (V, C), "
+            "(N) int64 targets, no bias; forward and forward+backward (gradients of the hidden "
+            "states and the weight)",
+            "TFLOP/s", "matmul", "LM head size V x C", _linear_cross_entropy_cases,
+            _linear_cross_entropy_providers(),
+            "2*N*V*C forward, 6*N*V*C forward+backward (the three matmuls, unfused: a "
+            "recomputing implementation gets no credit for its extra work)",
+            "not counted (matmul-bound; the GPU rows' peak_memory_bytes is the point)",
+            peak_memory=True),
         "adamw": OpSpec(
             "adamw", "one AdamW step over a list of float32 parameters (lr 1e-3, wd 1e-2)",
             "GB/s", "bandwidth", "parameters", _adamw_cases, _adamw_providers(),

@@ -19,6 +19,12 @@ rms_norm, x (M, N), weight (N):
 cross_entropy, logits (N, V), target (N) int64:
     forward  read logits and targets                      (N V elements + 8 N bytes)
     backward read logits and targets; write dlogits        (2 N V elements + 8 N bytes)
+linear_cross_entropy, hidden states (N, C), the LM head's weight (V, C), target (N) int64:
+    forward  2 N V C            (logits = hidden weight^T)
+    forward+backward 6 N V C    (adds dhidden = dlogits weight, dweight = dlogits^T hidden)
+    The unfused count: an implementation that recomputes the logits gets no credit for it.
+    Bytes are not counted: the matmuls bound it (TFLOP/s), and its point is the memory it
+    does not hold (the (N, V) logits), which the GPU rows report as peak_memory_bytes.
 adamw, per parameter element:
     read param, grad, exp_avg, exp_avg_sq; write param, exp_avg, exp_avg_sq
     (float32 everything: 28 bytes per element)
@@ -109,6 +115,16 @@ def cross_entropy_bytes(N: int, V: int, dtype: torch.dtype, pass_: str) -> float
     e = itemsize(dtype)
     fwd = N * V * e + 8 * N
     return float(fwd if pass_ == "fwd" else fwd + 2 * N * V * e + 8 * N)
+
+
+def linear_cross_entropy_flops(N: int, C: int, V: int, pass_: str) -> float:
+    """The LM head's matmuls, 2 N V C each: one forward (the logits), three forward+backward
+    (and the gradients of the hidden states and the weight). The bias and the cross-entropy
+    itself (O(N V), not O(N V C)) are left out. This is the unfused count: an implementation
+    that recomputes each chunk's logits in its backward does that work uncredited."""
+    _check_pass(pass_)
+    matmul = 2.0 * N * V * C
+    return matmul if pass_ == "fwd" else 3 * matmul
 
 
 def adamw_bytes(numel: int, param_dtype: torch.dtype = torch.float32,

@@ -72,6 +72,9 @@ def print_tables(results: dict, console=None) -> None:
                   f"matmul {ceil['matmul']['value']:.4g} TFLOP/s ({ceil['matmul']['dtype']})")
     for op, info in results["ops"].items():
         gpt = op == "gpt"
+        # GPU rows of an op that records it (linear_cross_entropy): its point is the memory
+        peak = any(r.get("peak_memory_bytes") is not None for r in results["rows"]
+                   if r["op"] == op)
         table = Table(
             title=f"{op}: {info['metric']}, % of the measured {info['ceiling']} ceiling "
                   f"({ceiling_text(results, op)}), x eager = torch-eager time / time",
@@ -83,6 +86,8 @@ def print_tables(results: dict, console=None) -> None:
         table.add_column("p20-p80 ms", justify="right")
         if gpt:
             table.add_column("tokens/s", justify="right")
+        if peak:
+            table.add_column("peak GiB", justify="right")
         table.add_column(info["metric"], justify="right")
         table.add_column("% ceil", justify="right")
         table.add_column("x eager", justify="right")
@@ -100,6 +105,9 @@ def print_tables(results: dict, console=None) -> None:
                     cells = [_fmt(t["median"], 4), f"{_fmt(t['p20'])}-{_fmt(t['p80'])}"]
                     if gpt:
                         cells.append(_fmt(r.get("tokens_per_s")))
+                    if peak:
+                        peak_bytes = r.get("peak_memory_bytes")
+                        cells.append(_fmt(peak_bytes / 2**30) if peak_bytes is not None else "-")
                     shown = f"{ratio:.2f}x" if ratio is not None else "-"
                     err = r.get("rel_err_vs_eager")
                     note = f"[red]rel err {err:.2g} vs eager[/]" if err is not None and err > 0.02 \
@@ -108,7 +116,7 @@ def print_tables(results: dict, console=None) -> None:
                               f"[{style}]{shown}[/]" if style else shown, note]
                 else:
                     reason = escape((r["reason"] or "")[:96])
-                    cells = [f"[dim]{r['status']}[/]"] + [""] * (5 if gpt else 4) + \
+                    cells = [f"[dim]{r['status']}[/]"] + [""] * (4 + gpt + peak) + \
                         [f"[dim]{reason}[/]"]
                 table.add_row(variant if j == 0 else "", size if j == 0 else "", name, *cells,
                               end_section=j == len([p for p in order if p in by_provider]) - 1

@@ -30,6 +30,9 @@ UNITS = {
     "tokens_per_s": "training tokens per second (gpt)",
     "rel_err_vs_eager": "||out - eager|| / ||eager|| of the forward output on one input set",
     "x": "the op's x_name (plot abscissa)",
+    "peak_memory_bytes": "bytes: the most GPU memory one call held at once beyond what was "
+                         "allocated before it (the inputs), torch.cuda.max_memory_allocated; "
+                         "GPU rows of the ops that record it (linear_cross_entropy)",
 }
 STATUSES = ("ok", "error", "unsupported", "skipped")
 
@@ -104,6 +107,22 @@ def _free(device: torch.device) -> None:
             torch.cuda.empty_cache()
         except Exception:  # noqa: BLE001 - a broken CUDA context is reported by the rows
             pass
+
+
+def _peak_memory_bytes(call: Callable[[], object], inputs: dict, device: torch.device) -> int:
+    """The most GPU memory one ``call()`` on ``inputs`` holds at once beyond what was allocated
+    before it (the input sets): its intermediates, output and gradients. The gradients the
+    timed calls left on ``inputs`` are dropped first, so that the call's own are counted (a
+    forward+backward pass drops them itself before it makes new ones)."""
+    for value in inputs.values():
+        if isinstance(value, torch.Tensor) and value.requires_grad:
+            value.grad = None
+    torch.cuda.synchronize(device)
+    before = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    call()
+    torch.cuda.synchronize(device)
+    return torch.cuda.max_memory_allocated(device) - before
 
 
 def _rel_err(out, ref) -> float | None:
@@ -359,6 +378,9 @@ def run(opts: Options) -> dict:
                     calls = [(lambda s=s, f=fn: f(s)) for s in use]
                     timing = measure(calls, device, warmup_ms=warmup_ms, rep_ms=rep_ms,
                                      min_reps=min_reps)
+                    peak = None
+                    if spec.peak_memory and device.type == "cuda":  # warm: one untimed call
+                        peak = _peak_memory_bytes(calls[0], sets[0], device)
                     if case.check_output:  # before the row counts as measured
                         out = fn(sets[0])
                         if p.name == C.BASELINE:
@@ -369,6 +391,8 @@ def run(opts: Options) -> dict:
                             row["rel_err_vs_eager"] = _rel_err(out, eager_out)
                         del out
                     _fill_measurement(row, timing, spec, ceilings)
+                    if peak is not None:
+                        row["peak_memory_bytes"] = peak
                 except C.Unsupported as why:
                     row.update(status="unsupported", reason=str(why))
                 except Exception as error:  # noqa: BLE001 - a failing provider is a result

@@ -13,6 +13,10 @@ A row is one (op, variant, size, provider): ``status`` is "ok" (measured), "erro
 (budget or a broken CUDA context; ``reason``). A measured row has ``time_ms`` {median, p20,
 p80}, ``value`` in the op's metric, ``pct_of_ceiling`` and ``ratio_to_eager`` (the torch-eager
 row's median time for the same op, variant and size over this row's).
+
+Optional row keys: ``causal`` (attention), ``tokens`` and ``tokens_per_s`` (gpt), and
+``peak_memory_bytes`` (measured GPU rows of the ops that record it, linear_cross_entropy: the
+most memory one call held beyond its inputs; absent on the CPU).
 """
 
 from __future__ import annotations
@@ -89,6 +93,12 @@ def validate(results: dict) -> list[str]:
             continue
         if row["status"] not in STATUSES:
             add(f"row {i}: status {row['status']!r}")
+        peak = row.get("peak_memory_bytes")
+        if peak is not None and (row["status"] != "ok" or results["device"] != "cuda"
+                                 or isinstance(peak, bool) or not isinstance(peak, int)
+                                 or peak < 0):
+            add(f"row {i}: peak_memory_bytes must be a count of bytes (>= 0) on a measured "
+                f"GPU row, got {peak!r} on a {row['status']} {results['device']} row")
         if row["status"] != "ok":
             if not row["reason"]:
                 add(f"row {i}: status {row['status']} without a reason")

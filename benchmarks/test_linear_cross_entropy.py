@@ -1,0 +1,20 @@
+"""pytest-benchmark: the LM head and its loss (fusedlm.linear_cross_entropy), forward and
+forward+backward, every provider of `fusedlm bench` (eager PyTorch, its peers and fusedlm's
+backends) on the CPU and, marked ``gpu``, on CUDA.
+
+    python -m pytest benchmarks/test_linear_cross_entropy.py --benchmark-group-by=group -m "not gpu"
+
+Sizes are `fusedlm bench --quick`'s (FUSEDLM_BENCH_FULL=1: the full sweep).
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from fusedlm.bench import pytest_suite
+
+
+@pytest.mark.parametrize(("device", "case_index", "provider"),
+                         pytest_suite.params("linear_cross_entropy"))
+def test_linear_cross_entropy(benchmark, device, case_index, provider):
+    pytest_suite.run(benchmark, "linear_cross_entropy", device, case_index, provider)
