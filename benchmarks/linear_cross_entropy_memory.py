@@ -9,6 +9,7 @@ resident set follows the live tensors closely. Each provider runs in its own pro
 
     python benchmarks/linear_cross_entropy_memory.py                 # GPT-2 head, 4096 tokens
     python benchmarks/linear_cross_entropy_memory.py --tokens 2048 --vocab 128256 --hidden 1024
+    python benchmarks/linear_cross_entropy_memory.py --chunk-size 1024   # rows per chunk
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ def _resident_kib(field: str) -> int:
     raise RuntimeError(f"no {field} in /proc/self/status")
 
 
-def measure(provider: str, tokens: int, hidden: int, vocab: int, repeats: int) -> dict:
+def measure(provider: str, tokens: int, hidden: int, vocab: int, repeats: int,
+            chunk_size: int) -> dict:
     """One provider in this process: peak resident-set growth (bytes) of one forward+backward,
     and the median time of ``repeats`` more."""
     import torch
@@ -50,7 +52,7 @@ def measure(provider: str, tokens: int, hidden: int, vocab: int, repeats: int) -
         elif provider == "fusedlm.cross_entropy":
             loss = fusedlm.cross_entropy(F.linear(x, w), t)
         else:
-            loss = fusedlm.linear_cross_entropy(x, w, t)
+            loss = fusedlm.linear_cross_entropy(x, w, t, chunk_size=chunk_size or None)
         loss.backward()
         x.grad = w.grad = None
         return loss
@@ -76,20 +78,24 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=768)
     parser.add_argument("--vocab", type=int, default=50304)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--chunk-size", type=int, default=0,
+                        help="linear_cross_entropy's rows per chunk (default: its own choice)")
     parser.add_argument("--provider", choices=PROVIDERS, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    sizes = [str(args.tokens), str(args.hidden), str(args.vocab), str(args.repeats)]
+    sizes = [str(args.tokens), str(args.hidden), str(args.vocab), str(args.repeats),
+             str(args.chunk_size)]
     if args.provider:  # the child process
         print(json.dumps(measure(args.provider, *map(int, sizes))))
         return
     logits_mb = args.tokens * args.vocab * 4 / 1e6
     print(f"N={args.tokens} C={args.hidden} V={args.vocab} float32; one (N, V) float32 tensor "
-          f"is {logits_mb:.0f} MB")
+          f"is {logits_mb:.0f} MB; linear_cross_entropy chunk_size "
+          f"{args.chunk_size or 'default'}")
     print(f"{'provider':32} {'peak MB':>9} {'x logits':>9} {'fwd+bwd s':>10}")
     for provider in PROVIDERS:
         out = subprocess.run(
             [sys.executable, __file__, "--provider", provider, "--tokens", sizes[0], "--hidden",
-             sizes[1], "--vocab", sizes[2], "--repeats", sizes[3]],
+             sizes[1], "--vocab", sizes[2], "--repeats", sizes[3], "--chunk-size", sizes[4]],
             check=True, capture_output=True, text=True).stdout
         row = json.loads(out.strip().splitlines()[-1])
         peak_mb = row["peak_bytes"] / 1e6
