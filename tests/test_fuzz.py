@@ -845,6 +845,64 @@ def test_fuzz_cross_entropy(backend, fuzz):
     run()
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fuzz_linear_cross_entropy(backend, fuzz):
+    """fusedlm.linear_cross_entropy forward and backward: hidden states, head weight and bias in
+    random layouts (stride-0 expanded ones too) and dtypes, vocabularies around the kernels'
+    block sizes, any chunk size (one row to more than N), ignored rows, every reduction, label
+    smoothing, with and without bias; loss, dinput, dweight and dbias against
+    F.cross_entropy(F.linear(...)) by the rule (baseline: eager's logits upcast for the loss)."""
+
+    @fuzz(20)
+    @given(data=st.data())
+    def run(data):
+        V = data.draw(st.one_of(st.sampled_from(CLASSES[:-3]), st.integers(1, 20000)),
+                      label="classes")
+        C = data.draw(st.one_of(st.sampled_from([1, 2, 7, 8, 9, 31, 64]), st.integers(1, 200)),
+                      label="features")
+        N = data.draw(st.integers(0, max(1, min(60, 100_000 // V))), label="rows")
+        chunk = data.draw(st.one_of(st.none(), st.integers(1, N + 3)), label="chunk_size")
+        dtype = data.draw(st.sampled_from(DTYPES), label="dtype")
+        device = device_of(backend)
+        x = make_tensor(data, (N, C), dtype, device=device)
+        w = make_tensor(data, (V, C), dtype, device=device, scale=3 / C ** 0.5)
+        b = (make_tensor(data, (V,), dtype, device=device)
+             if data.draw(st.booleans(), label="bias") else None)
+        ignore_index = data.draw(st.sampled_from([-100, -1, 0]), label="ignore_index")
+        target = torch.randint(0, V, (N,), device=device)
+        if N:
+            ignored = data.draw(st.lists(st.integers(0, N - 1), max_size=N), label="ignored")
+            target[ignored] = ignore_index
+        reduction = data.draw(st.sampled_from(["mean", "sum", "none"]), label="reduction")
+        smoothing = data.draw(st.sampled_from([0.0, 0.0, 0.1, 1.0]), label="label_smoothing")
+        kwargs = dict(ignore_index=ignore_index, reduction=reduction, label_smoothing=smoothing)
+        leaves = [t for t in (x, w, b) if t is not None]
+        stat = torch.float64 if dtype == torch.float64 else torch.float32
+        grad = torch.randn(N if reduction == "none" else (), dtype=torch.float64)
+
+        def run_with(cast, loss_fn):
+            args = [t.detach().to(cast).requires_grad_() for t in leaves]
+            bias = args[2] if b is not None else None
+            loss = loss_fn(args[0], args[1], bias)
+            if not loss.requires_grad or loss.numel() == 0:
+                return [loss] + [torch.zeros_like(a) for a in args]
+            return [loss] + list(torch.autograd.grad(loss, args, grad.to(device, loss.dtype)))
+
+        ours = run_with(dtype, lambda xi, wi, bi: fusedlm.linear_cross_entropy(
+            xi, wi, target, bi, chunk_size=chunk, backend=backend, **kwargs))
+        truth = run_with(torch.float64, lambda xi, wi, bi: F.cross_entropy(
+            F.linear(xi, wi, bi), target, **kwargs))
+        base = run_with(dtype, lambda xi, wi, bi: F.cross_entropy(
+            F.linear(xi, wi, bi).to(stat), target, **kwargs))
+        assert ours[0].dtype == stat
+        names = ["loss", "dinput", "dweight", "dbias"][:len(ours)]
+        for name, o, bb, t in zip(names, ours, base, truth, strict=True):
+            assert o.dtype == bb.dtype, name
+            assert_close_rule(o, bb, t, name=name)
+
+    run()
+
+
 # ---- AdamW -------------------------------------------------------------------------------------
 
 
