@@ -6,7 +6,8 @@
 Each case (attention forward + backward for each dtype, causal and not, GQA, odd lengths and
 head dims, rows that see no key, strided and misaligned inputs, the deterministic backward;
 LayerNorm and RMSNorm forward + backward, with and without affine parameters, odd widths;
-cross-entropy forward + backward on strided logits (Triton); the AdamW step for float32 and
+cross-entropy forward + backward on strided logits and linear_cross_entropy in chunks whose
+gradient is written over their logits (Triton); the AdamW step for float32 and
 bfloat16 parameters, with and without amsgrad) runs through the public API with
 ``backend=<name>``, then the device is synchronized so that an asynchronous fault lands on its
 case. A case the backend does not support (it raises
@@ -191,6 +192,18 @@ def _cases(backend: str, dev: str = "cuda"):
                     loss.backward()
 
                 yield f"cross_entropy fwd+bwd {dn} {N}x{V} strided", cross_entropy
+
+                def linear_cross_entropy(N=N, V=V, dtype=dtype):
+                    # the backward kernel writes each chunk's gradient over its logits
+                    hidden = torch.randn(N, 32, device=dev, dtype=dtype, requires_grad=True)
+                    weight = torch.randn(V, 32, device=dev, dtype=dtype, requires_grad=True)
+                    target = torch.randint(0, V, (N,), device=dev)
+                    loss = fusedlm.linear_cross_entropy(hidden, weight, target, chunk_size=3,
+                                                        backend=backend)
+                    loss.backward()
+
+                yield (f"linear_cross_entropy fwd+bwd {dn} {N}x32x{V} chunks of 3",
+                       linear_cross_entropy)
     for dtype in (torch.float32, torch.bfloat16):
         dn = str(dtype).removeprefix("torch.")
         for amsgrad in (False, True):
