@@ -792,6 +792,20 @@ def test_fuzz_norm_ops_direct(op, backend, fuzz):
 CLASSES = [1, 2, 7, 8, 9, 15, 16, 17, 127, 1024, 4095, 4096, 4097, 32768, 32769, 50257]
 
 
+def _draw_loss_arguments(data, N, V, device, ignore_indices):
+    """(target (N) with drawn rows set to a drawn ignore_index, the loss's keyword arguments:
+    ignore_index, reduction, label_smoothing)."""
+    ignore_index = data.draw(st.sampled_from(ignore_indices), label="ignore_index")
+    target = torch.randint(0, V, (N,), device=device)
+    if N:
+        ignored = data.draw(st.lists(st.integers(0, N - 1), max_size=N), label="ignored")
+        target[ignored] = ignore_index
+    reduction = data.draw(st.sampled_from(["mean", "sum", "none"]), label="reduction")
+    smoothing = data.draw(st.sampled_from([0.0, 0.0, 0.1, 1.0]), label="label_smoothing")
+    return target, dict(ignore_index=ignore_index, reduction=reduction,
+                        label_smoothing=smoothing)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_fuzz_cross_entropy(backend, fuzz):
     """fusedlm.cross_entropy forward and backward: logits in random layouts and dtypes, scaled
@@ -808,14 +822,8 @@ def test_fuzz_cross_entropy(backend, fuzz):
         device = device_of(backend)
         scale = data.draw(st.sampled_from([1.0, 4.0, 30.0]), label="scale")
         logits = make_tensor(data, (N, V), dtype, device=device, scale=scale)
-        ignore_index = data.draw(st.sampled_from([-100, -1, 0, V - 1]), label="ignore_index")
-        target = torch.randint(0, V, (N,), device=device)
-        if N:
-            ignored = data.draw(st.lists(st.integers(0, N - 1), max_size=N), label="ignored")
-            target[ignored] = ignore_index
-        reduction = data.draw(st.sampled_from(["mean", "sum", "none"]), label="reduction")
-        smoothing = data.draw(st.sampled_from([0.0, 0.0, 0.1, 1.0]), label="label_smoothing")
-        kwargs = dict(ignore_index=ignore_index, reduction=reduction, label_smoothing=smoothing)
+        target, kwargs = _draw_loss_arguments(data, N, V, device, [-100, -1, 0, V - 1])
+        ignore_index = kwargs["ignore_index"]
         if N and data.draw(st.integers(0, 9), label="bad_target") == 0:
             bad = target.clone()
             bad[data.draw(st.integers(0, N - 1))] = data.draw(st.sampled_from([V, V + 7, -2]))
@@ -868,17 +876,10 @@ def test_fuzz_linear_cross_entropy(backend, fuzz):
         w = make_tensor(data, (V, C), dtype, device=device, scale=3 / C ** 0.5)
         b = (make_tensor(data, (V,), dtype, device=device)
              if data.draw(st.booleans(), label="bias") else None)
-        ignore_index = data.draw(st.sampled_from([-100, -1, 0]), label="ignore_index")
-        target = torch.randint(0, V, (N,), device=device)
-        if N:
-            ignored = data.draw(st.lists(st.integers(0, N - 1), max_size=N), label="ignored")
-            target[ignored] = ignore_index
-        reduction = data.draw(st.sampled_from(["mean", "sum", "none"]), label="reduction")
-        smoothing = data.draw(st.sampled_from([0.0, 0.0, 0.1, 1.0]), label="label_smoothing")
-        kwargs = dict(ignore_index=ignore_index, reduction=reduction, label_smoothing=smoothing)
+        target, kwargs = _draw_loss_arguments(data, N, V, device, [-100, -1, 0])
         leaves = [t for t in (x, w, b) if t is not None]
         stat = torch.float64 if dtype == torch.float64 else torch.float32
-        grad = torch.randn(N if reduction == "none" else (), dtype=torch.float64)
+        grad = torch.randn(N if kwargs["reduction"] == "none" else (), dtype=torch.float64)
 
         def run_with(cast, loss_fn):
             args = [t.detach().to(cast).requires_grad_() for t in leaves]

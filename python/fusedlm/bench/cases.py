@@ -750,31 +750,42 @@ def _fusedlm_cross_entropy(backend):
     return call
 
 
-def _cross_entropy_providers() -> list[Provider]:
+def _loss_providers(function: str, eager: str, eager_note: str, eager_fn, fusedlm_fn,
+                    liger: str, liger_fn, inputs: tuple[str, ...],
+                    differentiable: tuple[str, ...]) -> list[Provider]:
+    """The providers of a loss op (cross_entropy, linear_cross_entropy): ``eager_fn`` (the
+    baseline: the code ``eager``), ``fusedlm.<function>`` on each backend
+    (``fusedlm_fn(backend)``; its cross-entropy kernels decide what serves), Liger's ``liger``
+    module (``liger_fn``) and torch.compile of the eager function. Each takes the case's
+    ``inputs`` in order; forward+backward differentiates ``differentiable``."""
     def provider(name, description, fn, why_not=_always, compiles=False, kernel_backend=None):
         def build(case: Case, ctx: Context):
             if kernel_backend is not None and case.pass_ == "fwd+bwd":
                 _needs(ctx, kernel_backend, "cross_entropy_bwd")
             f = fn() if compiles else fn
-            return _run_pass(case, lambda i: f(i["logits"], i["target"]), ("logits",))
+            return _run_pass(case, lambda i: f(*(i[key] for key in inputs)), differentiable)
 
         return Provider(name, description, why_not, build, compiles=compiles)
 
-    eager = "F.cross_entropy(logits.float(), target)"
-    providers = [provider(BASELINE, f"{eager}: what autocast and HF's loss run",
-                          _eager_cross_entropy)]
+    providers = [provider(BASELINE, f"{eager}: {eager_note}", eager_fn)]
+    # (the cuda backend has no cross-entropy kernel: it says so)
     for backend in ("cuda", "triton", "cpu", "torch"):
         providers.append(provider(
-            f"fusedlm-{backend}", f"fusedlm.cross_entropy(backend={backend!r})",
-            _fusedlm_cross_entropy(backend),
-            _fusedlm_why_not(backend, ("cross_entropy_fwd",)), kernel_backend=backend))
-    providers.append(provider("liger", "Liger-Kernel LigerCrossEntropyLoss (writes the gradient "
-                              "over the logits in the forward)", _liger_cross_entropy,
-                              _liger_why_not))
+            f"fusedlm-{backend}", f"fusedlm.{function}(backend={backend!r})",
+            fusedlm_fn(backend), _fusedlm_why_not(backend, ("cross_entropy_fwd",)),
+            kernel_backend=backend))
+    providers.append(provider("liger", f"Liger-Kernel {liger}", liger_fn, _liger_why_not))
     providers.append(provider("torch-compile", f"torch.compile({eager})",
-                              lambda: compiled(_eager_cross_entropy), _compile_why_not,
-                              compiles=True))
+                              lambda: compiled(eager_fn), _compile_why_not, compiles=True))
     return providers
+
+
+def _cross_entropy_providers() -> list[Provider]:
+    return _loss_providers(
+        "cross_entropy", "F.cross_entropy(logits.float(), target)",
+        "what autocast and HF's loss run", _eager_cross_entropy, _fusedlm_cross_entropy,
+        "LigerCrossEntropyLoss (writes the gradient over the logits in the forward)",
+        _liger_cross_entropy, ("logits", "target"), ("logits",))
 
 
 # ---- linear_cross_entropy -------------------------------------------------------------------
@@ -845,33 +856,14 @@ def _fusedlm_linear_cross_entropy(backend):
 
 
 def _linear_cross_entropy_providers() -> list[Provider]:
-    def provider(name, description, fn, why_not=_always, compiles=False, kernel_backend=None):
-        def build(case: Case, ctx: Context):
-            if kernel_backend is not None and case.pass_ == "fwd+bwd":
-                _needs(ctx, kernel_backend, "cross_entropy_bwd")
-            f = fn() if compiles else fn
-            return _run_pass(case, lambda i: f(i["hidden"], i["weight"], i["target"]),
-                             ("hidden", "weight"))
-
-        return Provider(name, description, why_not, build, compiles=compiles)
-
-    eager = "F.cross_entropy(F.linear(hidden, weight).float(), target)"
-    providers = [provider(BASELINE, f"{eager}: the (N, V) logits and a float32 copy",
-                          _eager_linear_cross_entropy)]
-    # The matmuls are torch's; the backend serves each chunk's cross-entropy (the cuda backend
-    # has no cross-entropy kernel, so it says so, as for cross_entropy).
-    for backend in ("cuda", "triton", "cpu", "torch"):
-        providers.append(provider(
-            f"fusedlm-{backend}", f"fusedlm.linear_cross_entropy(backend={backend!r})",
-            _fusedlm_linear_cross_entropy(backend),
-            _fusedlm_why_not(backend, ("cross_entropy_fwd",)), kernel_backend=backend))
-    providers.append(provider("liger", "Liger-Kernel LigerFusedLinearCrossEntropyLoss (chunked, "
-                              "the gradients in the forward)", _liger_linear_cross_entropy,
-                              _liger_why_not))
-    providers.append(provider("torch-compile", f"torch.compile({eager})",
-                              lambda: compiled(_eager_linear_cross_entropy), _compile_why_not,
-                              compiles=True))
-    return providers
+    # (the matmuls are torch's in every fusedlm provider; the backend serves each chunk's
+    # cross-entropy)
+    return _loss_providers(
+        "linear_cross_entropy", "F.cross_entropy(F.linear(hidden, weight).float(), target)",
+        "the (N, V) logits and a float32 copy", _eager_linear_cross_entropy,
+        _fusedlm_linear_cross_entropy,
+        "LigerFusedLinearCrossEntropyLoss (chunked, the gradients in the forward)",
+        _liger_linear_cross_entropy, ("hidden", "weight", "target"), ("hidden", "weight"))
 
 
 # ---- adamw ----------------------------------------------------------------------------------
