@@ -332,6 +332,10 @@ def linear_cross_entropy(
     width, as ``fusedlm.cross_entropy`` does; gradients come back in each tensor's dtype, the
     weight's summed over chunks in float32. ``backend`` picks the cross-entropy kernels
     (``fusedlm.cross_entropy``'s); the matmuls are torch's.
+
+    With "mean"/"sum" and grad mode on, the gradients are computed in the forward (so the
+    backward is nearly free): a loss computed for evaluation only should be computed under
+    ``torch.no_grad()``, or it pays for two matmuls it never uses.
     """
     check_backend_name(backend)
     _check_arguments(input, weight, target, bias, reduction, label_smoothing, chunk_size)
