@@ -1,5 +1,6 @@
 """fusedlm.nn.CrossEntropyLoss against torch.nn.CrossEntropyLoss: same constructor, state_dict
-and results (DESIGN.md's rule against float64), and the kernels run where they can."""
+and results (DESIGN.md's rule against float64), and the kernels run where they can; and
+fusedlm.nn.LinearCrossEntropyLoss against torch's loss of the head's logits."""
 
 from __future__ import annotations
 
@@ -45,3 +46,29 @@ def test_class_weights_run_torchs_function_and_keep_the_buffer():
     assert ours.state_dict().keys() == theirs.state_dict().keys() == {"weight"}
     logits, target = torch.randn(9, 6), torch.randint(0, 6, (9,))
     assert torch.equal(ours(logits, target), theirs(logits, target))
+
+
+@pytest.mark.parametrize("backend", [*kernel_backends(), "torch"])
+@pytest.mark.parametrize("kwargs", KWARGS, ids=lambda k: ",".join(f"{a}={b}" for a, b in k.items()))
+def test_linear_cross_entropy_loss_is_the_head_and_torchs_loss(kwargs, backend):
+    """fusedlm.nn.LinearCrossEntropyLoss(**kwargs)(hidden, weight, target, bias) is
+    torch.nn.CrossEntropyLoss(**kwargs)(F.linear(hidden, weight, bias), target), gradients
+    included, with a head that lives in the model (a tied embedding here): the module holds no
+    parameters of its own."""
+    criterion = fusedlm.nn.LinearCrossEntropyLoss(**kwargs, chunk_size=5, backend=backend)
+    assert dict(criterion.state_dict()) == {} and not list(criterion.parameters())
+    assert "chunk_size=5" in repr(criterion)
+    embedding = torch.nn.Embedding(37, 12, dtype=torch.float64)
+    bias = torch.randn(37, dtype=torch.float64, requires_grad=True)
+    hidden = torch.randn(2, 11, 12, dtype=torch.float64, requires_grad=True)
+    target = torch.randint(0, 37, (2, 11))
+    target[:, ::4] = kwargs.get("ignore_index", -100)
+    loss = criterion(hidden, embedding.weight, target, bias)
+    expected = torch.nn.CrossEntropyLoss(**kwargs)(
+        torch.nn.functional.linear(hidden, embedding.weight, bias).transpose(1, 2), target)
+    torch.testing.assert_close(loss, expected)
+    grad = torch.randn_like(expected)
+    leaves = (hidden, embedding.weight, bias)
+    for ours, theirs in zip(torch.autograd.grad(loss, leaves, grad),
+                            torch.autograd.grad(expected, leaves, grad), strict=True):
+        torch.testing.assert_close(ours, theirs)
