@@ -298,14 +298,15 @@ def check_gradient_out(out: Tensor, logits: Tensor) -> None:
         raise ValueError(f"argument 'out' must be a contiguous {logits.dtype} tensor of shape "
                          f"{list(logits.shape)} on {logits.device}, got {out.dtype} "
                          f"{list(out.shape)} on {out.device}")
-    if out.data_ptr() == logits.data_ptr() and out.stride() == logits.stride():
+    if logits.numel() == 0 or (out.data_ptr() == logits.data_ptr()
+                               and out.stride() == logits.stride()):
         return
     spans = []
     for t in (out, logits):  # the bytes each can reach
         start = t.data_ptr()
         reach = sum((size - 1) * stride for size, stride in zip(t.shape, t.stride(), strict=True))
         spans.append((start, start + (reach + 1) * t.element_size()))
-    if t.numel() and spans[0][0] < spans[1][1] and spans[1][0] < spans[0][1]:
+    if spans[0][0] < spans[1][1] and spans[1][0] < spans[0][1]:
         raise ValueError("argument 'out' must be the logits themselves or not overlap them")
 
 

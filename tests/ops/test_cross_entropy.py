@@ -132,6 +132,13 @@ def test_reference_backward_checks_out():
     base = torch.randn(4, 8)
     with pytest.raises(ValueError, match="'out' must be the logits themselves or not overlap"):
         call(torch.ones(3), base[:3], target, *stats, -100, 0.0, out=base[1:])
+    # apart (other rows of the same buffer), and no rows at all: accepted
+    rows = torch.randn(6, 8)
+    out = call(torch.ones(3), rows[:3], target, *stats, -100, 0.0, out=rows[3:])
+    assert torch.equal(out, call(torch.ones(3), rows[:3], target, *stats, -100, 0.0))
+    empty = torch.empty(0, 8)
+    assert call(torch.ones(0), empty, target[:0], stats[0][:0], stats[1][:0], -100, 0.0,
+                out=torch.empty(0, 8)).shape == (0, 8)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
