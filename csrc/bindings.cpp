@@ -17,7 +17,9 @@
 #include "cpu/attention.h"
 #include "cpu/cross_entropy.h"
 #include "cpu/norm.h"
+#include "cpu/rotary.h"
 #include "cpu/simd.h"
+#include "cpu/swiglu.h"
 
 #ifdef FUSEDLM_WITH_CUDA
 #include <c10/cuda/CUDAGuard.h>
@@ -708,6 +710,72 @@ at::Tensor cross_entropy_bwd(const at::Tensor& grad_loss, const at::Tensor& logi
                                 label_smoothing, out);
 }
 
+// ---- rotary embeddings and SwiGLU (CPU kernels only: CUDA tensors take the Triton ones) ------
+
+// An angle table as the CPU kernel reads it: (B or 1, T, R/2) contiguous in x's compute dtype.
+at::Tensor angle_table(const at::Tensor& t, const at::Tensor& x) {
+  const at::Tensor table = t.to(stat_type_of(x)).contiguous();
+  return t.dim() == 2 ? table.unsqueeze(0) : table;
+}
+
+at::Tensor rotary_embedding(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin,
+                            bool interleaved, bool conjugate) {
+  check_dim(x, "x", 4);  // (B, H, T, D)
+  check_floating(x, "x");
+  check_fits_index(x, "x");
+  check_fits_strides(x, "x");
+  check_defined(cos, "cos");
+  FUSEDLM_CHECK_VALUE(cos.dim() == 2 || cos.dim() == 3,
+                      "argument 'cos' must be 2-D (T, R/2) or 3-D (B, T, R/2), got shape ",
+                      cos.sizes());
+  check_floating(cos, "cos");
+  check_same_device(cos, "cos", x, "x");
+  FUSEDLM_CHECK_VALUE(cos.size(-2) == x.size(2), "argument 'cos' has ", cos.size(-2),
+                      " positions but 'x' has T = ", x.size(2));
+  FUSEDLM_CHECK_VALUE(cos.dim() == 2 || cos.size(0) == x.size(0), "argument 'cos' has ",
+                      cos.size(0), " batch rows but 'x' has B = ", x.size(0));
+  FUSEDLM_CHECK_VALUE(cos.size(-1) >= 1 && 2 * cos.size(-1) <= x.size(3),
+                      "argument 'cos' must have between 1 and D/2 = ", x.size(3) / 2,
+                      " angles per position, got ", cos.size(-1));
+  check_defined(sin, "sin");
+  check_shape(sin, "sin", cos.sizes());
+  check_floating(sin, "sin");
+  check_same_device(sin, "sin", x, "x");
+  require_cpu_kernel(x, "x", "rotary_embedding");
+  return cpu::rotary_embedding(x, angle_table(cos, x), angle_table(sin, x), interleaved,
+                               conjugate);
+}
+
+void check_swiglu_operand(const at::Tensor& t, const char* name, const at::Tensor& gate) {
+  check_dim(t, name, 2);  // (N, I)
+  check_shape(t, name, gate.sizes());
+  check_same_dtype(t, name, gate, "gate");
+  check_same_device(t, name, gate, "gate");
+  check_fits_strides(t, name);
+}
+
+at::Tensor swiglu_fwd(const at::Tensor& gate, const at::Tensor& up) {
+  check_dim(gate, "gate", 2);
+  check_floating(gate, "gate");
+  check_fits_index(gate, "gate");
+  check_fits_strides(gate, "gate");
+  check_swiglu_operand(up, "up", gate);
+  require_cpu_kernel(gate, "gate", "swiglu_fwd");
+  return cpu::swiglu_fwd(gate, up);
+}
+
+std::tuple<at::Tensor, at::Tensor> swiglu_bwd(const at::Tensor& grad_out, const at::Tensor& gate,
+                                              const at::Tensor& up) {
+  check_dim(gate, "gate", 2);
+  check_floating(gate, "gate");
+  check_fits_index(gate, "gate");
+  check_fits_strides(gate, "gate");
+  check_swiglu_operand(up, "up", gate);
+  check_swiglu_operand(grad_out, "grad_out", gate);
+  require_cpu_kernel(gate, "gate", "swiglu_bwd");
+  return cpu::swiglu_bwd(grad_out, gate, up);
+}
+
 // ---- AdamW ----------------------------------------------------------------------------------
 
 void check_tensor_list(const std::vector<at::Tensor>& list, const char* name,
@@ -1187,6 +1255,21 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("grad_loss"), py::arg("logits"), py::arg("target"), py::arg("row_max"),
         py::arg("log_sum"), py::arg("ignore_index"), py::arg("label_smoothing"),
         py::arg("out") = py::none());
+  m.def("rotary_embedding", &fusedlm::rotary_embedding,
+        "Rotary position embeddings. x (B, H, T, D) any strides; cos, sin (T, R/2) or\n"
+        "(B, T, R/2), R <= D. Returns (B, H, T, D) contiguous in x's dtype: the first R features\n"
+        "rotated pairwise, (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin), pairs (i, i + R/2) or\n"
+        "(2i, 2i + 1) when interleaved, sin negated when conjugate (the backward); the rest\n"
+        "copied. Computed in float32 (float64 for float64 x).",
+        py::arg("x"), py::arg("cos"), py::arg("sin"), py::arg("interleaved"),
+        py::arg("conjugate"));
+  m.def("swiglu_fwd", &fusedlm::swiglu_fwd,
+        "silu(gate) * up. gate, up (N, I) any strides, one float dtype -> (N, I) contiguous.",
+        py::arg("gate"), py::arg("up"));
+  m.def("swiglu_bwd", &fusedlm::swiglu_bwd,
+        "SwiGLU backward. grad_out, gate, up (N, I) any strides -> dgate, dup (N, I)\n"
+        "contiguous in gate's dtype.",
+        py::arg("grad_out"), py::arg("gate"), py::arg("up"));
   m.def("adamw_step", &fusedlm::adamw_step,
         "One AdamW step over a whole list of tensors, in place (torch.optim.AdamW's arithmetic).\n"
         "steps[i] is param i's step count after this step's increment.\n"

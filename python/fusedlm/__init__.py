@@ -11,6 +11,8 @@ replacements for their PyTorch counterparts.
     fusedlm.rms_norm(x, normalized_shape, weight=None, eps=None, backend="auto")
     fusedlm.cross_entropy(input, target, ...)     # torch's signature; the LM loss, no float32 copy
     fusedlm.linear_cross_entropy(input, weight, target, ...)  # the LM head + loss, no logits
+    fusedlm.rotary_embedding(x, cos, sin, interleaved=False)  # RoPE on (B, H, T, D) q or k
+    fusedlm.swiglu(gate, up)                       # silu(gate) * up, the Llama MLP's activation
     fusedlm.nn.LayerNorm, fusedlm.nn.RMSNorm, fusedlm.nn.MultiheadAttention
     fusedlm.nn.CrossEntropyLoss, fusedlm.nn.LinearCrossEntropyLoss
     fusedlm.nn.CausalSelfAttention
@@ -36,7 +38,9 @@ from .ops import (
     layer_norm,
     linear_cross_entropy,
     rms_norm,
+    rotary_embedding,
     scaled_dot_product_attention,
+    swiglu,
 )
 
 __version__ = "0.1.0"
@@ -56,6 +60,8 @@ __all__ = [
     "patch",
     "reference",
     "rms_norm",
+    "rotary_embedding",
     "scaled_dot_product_attention",
+    "swiglu",
     "unpatch",
 ]

@@ -347,3 +347,46 @@ def linear_cross_entropy(input: Tensor, weight: Tensor, bias: Tensor | None, tar
     if reduction == "mean":
         return loss.sum() / (target != ignore_index).sum()
     return loss
+
+
+def rotary_embedding(x: Tensor, cos: Tensor, sin: Tensor, interleaved: bool,
+                     conjugate: bool) -> Tensor:
+    """x (B, H, T, D) with its first R = 2 * cos.shape[-1] features rotated by position: each
+    pair (x1, x2) becomes (x1 * cos - x2 * sin, x2 * cos + x1 * sin), with cos, sin (T, R/2) or
+    (B, T, R/2) of each pair's angle; the other D - R features pass through. Pairs are
+    (i, i + R/2) (GPT-NeoX and Hugging Face Llama) or, when ``interleaved``, (2i, 2i + 1)
+    (GPT-J, Meta's Llama). ``conjugate`` rotates the other way (sin negated): the backward.
+    Returns (B, H, T, D) contiguous in x's dtype, computed in the compute dtype."""
+    dtype = compute_dtype(x.dtype)
+    half = cos.shape[-1]
+    c, s = cos.to(dtype), sin.to(dtype)
+    if conjugate:
+        s = -s
+    if c.dim() == 3:  # (B, T, R/2) -> (B, 1, T, R/2) against the heads
+        c, s = c[:, None], s[:, None]
+    rotated = x[..., :2 * half].to(dtype)
+    if interleaved:
+        x1, x2 = rotated[..., 0::2], rotated[..., 1::2]
+        out = torch.stack((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1).flatten(-2)
+    else:
+        x1, x2 = rotated[..., :half], rotated[..., half:]
+        out = torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1)
+    return torch.cat((out.to(x.dtype), x[..., 2 * half:]), dim=-1).contiguous()
+
+
+def swiglu_fwd(gate: Tensor, up: Tensor) -> Tensor:
+    """silu(gate) * up (any matching shape) in their dtype, computed in the compute dtype."""
+    dtype = compute_dtype(gate.dtype)
+    g = gate.to(dtype)
+    return (g * torch.sigmoid(g) * up.to(dtype)).to(gate.dtype).contiguous()
+
+
+def swiglu_bwd(grad_out: Tensor, gate: Tensor, up: Tensor) -> tuple[Tensor, Tensor]:
+    """grad_out, gate, up (same shape) -> (dgate, dup) in gate's dtype:
+    dgate = grad * up * sigmoid(g) * (1 + g * (1 - sigmoid(g))), dup = grad * silu(g)."""
+    dtype = compute_dtype(gate.dtype)
+    g, u, dy = gate.to(dtype), up.to(dtype), grad_out.to(dtype)
+    sig = torch.sigmoid(g)
+    dgate = dy * u * sig * (1 + g * (1 - sig))
+    dup = dy * g * sig
+    return dgate.to(gate.dtype).contiguous(), dup.to(gate.dtype).contiguous()

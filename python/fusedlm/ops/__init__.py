@@ -13,6 +13,8 @@ from .attention import (
 from .cross_entropy import cross_entropy
 from .linear_cross_entropy import linear_cross_entropy
 from .norm import layer_norm, rms_norm
+from .rotary import rotary_embedding
+from .swiglu import swiglu
 
 __all__ = [
     "adamw_step",
@@ -24,5 +26,7 @@ __all__ = [
     "layer_norm",
     "linear_cross_entropy",
     "rms_norm",
+    "rotary_embedding",
     "scaled_dot_product_attention",
+    "swiglu",
 ]
