@@ -1,7 +1,7 @@
 """A thin GPT: GPT-2 (learned positions, pre-norm LayerNorm, GELU MLP, tied embeddings) and a
 Llama-style variant (RMSNorm, rotary positions, SwiGLU, grouped kv heads), built on
-``fusedlm.nn``, ``fusedlm.attention`` and ``fusedlm.linear_cross_entropy`` with
-``kernels="fused"``, or on plain PyTorch with ``kernels="torch"`` so the two can be compared
+``fusedlm.nn``, ``fusedlm.attention``, ``fusedlm.rotary_embedding``, ``fusedlm.swiglu`` and
+``fusedlm.linear_cross_entropy`` with ``kernels="fused"``, or on plain PyTorch with ``kernels="torch"`` so the two can be compared
 step for step.
 
     model = GPT(GPTConfig.preset("gpt2-124m"), kernels="fused")
@@ -27,6 +27,8 @@ from ..ops.attention import attention as fused_attention
 from ..ops.attention import key_range_from_document_ids
 from ..ops.cross_entropy import language_model_loss
 from ..ops.linear_cross_entropy import language_model_head_loss
+from ..ops.rotary import rotary_embedding as fused_rotary_embedding
+from ..ops.swiglu import swiglu as fused_swiglu
 
 KERNELS = ("fused", "torch")
 ARCHS = ("gpt2", "llama")
@@ -141,7 +143,10 @@ def _norm(config: GPTConfig, kernels: str) -> nn.Module:
 
 
 def _rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """x (B, H, T, D) rotated by position: pairs (x[:D/2], x[D/2:]) as in Llama's HF layout."""
+    """x (B, H, T, D) rotated by position: pairs (x[:D/2], x[D/2:]) as in Llama's HF layout;
+    cos, sin (T, D/2) or (B, T, D/2) per row. (The eager version of fusedlm.rotary_embedding.)"""
+    if cos.dim() == 3:  # (B, 1, T, D/2) against the heads
+        cos, sin = cos[:, None], sin[:, None]
     half = x.shape[-1] // 2
     x1, x2 = x[..., :half], x[..., half:]
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
@@ -263,7 +268,8 @@ class Attention(nn.Module):
         k = k.view(B, T, Hkv, D).transpose(1, 2)
         v = v.view(B, T, Hkv, D).transpose(1, 2)
         if rotary is not None:
-            q, k = _rotary(q, *rotary), _rotary(k, *rotary)
+            rotate = fused_rotary_embedding if self.kernels == "fused" else _rotary
+            q, k = rotate(q, *rotary), rotate(k, *rotary)
         if cache is not None:
             k, v = cache.append(self.layer, k, v)
         window = self.config.sliding_window
@@ -277,9 +283,9 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, config: GPTConfig) -> None:
+    def __init__(self, config: GPTConfig, kernels: str = "torch") -> None:
         super().__init__()
-        self.arch = config.arch
+        self.arch, self.kernels = config.arch, kernels
         width = config.mlp_width
         if config.arch == "llama":
             self.gate_proj = nn.Linear(config.n_embd, width, bias=config.bias)
@@ -289,7 +295,8 @@ class MLP(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if self.arch == "llama":
-            h = F.silu(self.gate_proj(x)) * self.c_fc(x)
+            gate, up = self.gate_proj(x), self.c_fc(x)
+            h = fused_swiglu(gate, up) if self.kernels == "fused" else F.silu(gate) * up
         else:
             h = F.gelu(self.c_fc(x), approximate="tanh")  # GPT-2's "gelu_new"
         return self.dropout(self.c_proj(h))
@@ -301,7 +308,7 @@ class Block(nn.Module):
         self.ln_1 = _norm(config, kernels)
         self.attn = Attention(config, kernels, layer)
         self.ln_2 = _norm(config, kernels)
-        self.mlp = MLP(config)
+        self.mlp = MLP(config, kernels)
 
     def forward(self, x: Tensor, rotary=None, cache: KVCache | None = None,
                 documents=None) -> Tensor:
@@ -406,8 +413,7 @@ class GPT(nn.Module):
             x = x + self.wpe(positions)
         else:
             cos, sin = self.rope_cos[positions].to(x.dtype), self.rope_sin[positions].to(x.dtype)
-            # (T, D/2), or (B, 1, T, D/2) per row against q and k's (B, H, T, D/2) halves
-            rotary = (cos, sin) if positions.dim() == 1 else (cos[:, None], sin[:, None])
+            rotary = (cos, sin)  # (T, D/2), or (B, T, D/2) per row
         x = self.drop(x)
         for block in self.h:
             if self.activation_checkpointing and self.training and cache is None:
