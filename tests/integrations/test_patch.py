@@ -330,3 +330,100 @@ def test_import_does_not_import_transformers():
 
     code = "import sys, fusedlm; fusedlm.patch; assert 'transformers' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# ---- gated MLPs -----------------------------------------------------------------------------
+
+
+class _GatedMLP(torch.nn.Module):
+    """A model's own SwiGLU MLP, as Llama's is written (``act`` swappable, extra children)."""
+
+    def __init__(self, hidden=24, width=40, bias=False, act=None, extra=None):
+        super().__init__()
+        self.gate_proj = torch.nn.Linear(hidden, width, bias=bias)
+        self.up_proj = torch.nn.Linear(hidden, width, bias=bias)
+        self.down_proj = torch.nn.Linear(width, hidden, bias=bias)
+        self.act_fn = torch.nn.SiLU() if act is None else act
+        if extra is not None:
+            self.extra = extra
+
+    def forward(self, x):
+        h = self.act_fn(self.gate_proj(x)) * self.up_proj(x)
+        if hasattr(self, "extra"):
+            h = self.extra(h)
+        return self.down_proj(h)
+
+
+class _UpFirstMLP(_GatedMLP):
+    """The activation on the wrong projection: not SwiGLU as fusedlm.swiglu computes it."""
+
+    def forward(self, x):
+        return self.down_proj(self.gate_proj(x) * self.act_fn(self.up_proj(x)))
+
+
+@needs_cpu
+@pytest.mark.parametrize("bias", [False, True])
+def test_patch_mlp_swaps_swiglu_mlps_and_matches(bias):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(_GatedMLP(bias=bias), torch.nn.ReLU(), _GatedMLP(bias=bias))
+    same, truth = copy.deepcopy(model), copy.deepcopy(model).double()
+    assert not fusedlm.patch(model).swapped  # opt-in for plain models
+    report = fusedlm.patch(model, mlp=True)
+    assert [(s.name, s.note) for s in report.swapped] == [
+        ("0", "silu(gate) * up on fusedlm.swiglu"), ("2", "silu(gate) * up on fusedlm.swiglu")]
+    assert type(model[0]).__name__ == "ModelSwiGLUMLP"
+    assert isinstance(model[0], fusedlm.nn.SwiGLUMLP)
+    x = torch.randn(3, 5, 24, dtype=torch.float64)
+    OpDispatch.last_choice.clear()
+    outs = [m(x.to(dtype)) for m, dtype in ((model, torch.float32), (same, torch.float32),
+                                            (truth, torch.float64))]
+    assert OpDispatch.last_choice["swiglu_fwd"] == "cpu"
+    assert_close_rule(outs[0], outs[1], outs[2], name="output")
+    for out in outs:
+        out.square().sum().backward()
+    assert OpDispatch.last_choice["swiglu_bwd"] == "cpu"
+    truth_params, same_params = dict(truth.named_parameters()), dict(same.named_parameters())
+    for name, p in model.named_parameters():
+        assert_close_rule(p.grad, same_params[name].grad, truth_params[name].grad, name=name)
+    fusedlm.unpatch(model)
+    assert type(model[0]) is _GatedMLP and not fusedlm.patch(model).swapped
+
+
+@pytest.mark.parametrize(
+    "module, reason",
+    [
+        (_GatedMLP(act=torch.nn.GELU(approximate="tanh")),
+         "its forward is not down_proj(silu(gate) * up)"),
+        (_UpFirstMLP(), "its forward is not down_proj(silu(gate) * up)"),
+        (_GatedMLP(extra=torch.nn.Dropout(0.1)), "submodules besides its projections"),
+        (_GatedMLP(extra=torch.nn.LayerNorm(40)), "submodules besides its projections"),
+        (_GatedMLP(extra=torch.nn.Identity()), "submodules besides its projections"),
+    ],
+    ids=["gelu", "activation-on-up", "dropout", "norm-inside", "two-extra-children"],
+)
+def test_patch_mlp_leaves_other_mlps_alone(module, reason):
+    report = fusedlm.patch(module, mlp=True)
+    assert not [s for s in report.swapped if s.name == ""]
+    left = [m for m in report.left if m.name == ""]
+    assert len(left) == 1 and reason in left[0].reason, report
+    assert type(module) in (_GatedMLP, _UpFirstMLP)
+
+
+def test_patch_mlp_shapes_parameters_and_meta_device():
+    mismatched = _GatedMLP()
+    mismatched.down_proj = torch.nn.Linear(24, 24)
+    own_parameter = _GatedMLP()
+    own_parameter.scale = torch.nn.Parameter(torch.ones(1))
+    with torch.device("meta"):
+        on_meta = _GatedMLP()
+    for module, reason in ((mismatched, "shapes do not chain"),
+                           (own_parameter, "parameters of its own"),
+                           (on_meta, "meta device")):
+        report = fusedlm.patch(module, mlp=True)
+        assert [m.reason for m in report.left if m.name == ""][0].count(reason) == 1, report
+        assert not report.swapped
+    already = fusedlm.nn.SwiGLUMLP(8, 12)
+    assert [m.reason for m in fusedlm.patch(already, mlp=True).left] == [
+        "already a fusedlm module"]
+    with pytest.raises(TypeError, match="argument 'mlp' must be a bool"):
+        fusedlm.patch(torch.nn.Linear(2, 2), mlp=1)

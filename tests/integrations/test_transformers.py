@@ -113,12 +113,15 @@ def test_logits_and_grads_match(name):
     assert OpDispatch.last_choice["attention_fwd"] == "cpu"
     norm_op = "layer_norm_fwd" if name in ("gpt2", "bert", "cohere") else "rms_norm_fwd"
     assert OpDispatch.last_choice[norm_op] == "cpu"
+    swiglu_mlps = name in ("llama", "qwen2", "cohere")  # (Gemma's MLP is GeGLU: left alone)
+    assert (OpDispatch.last_choice.get("swiglu_fwd") == "cpu") == swiglu_mlps
     assert_close_rule(outs[0], outs[1], outs[2], name=f"{name} output")
 
     weight = torch.randn_like(outs[0])
     for out in outs:
         (out * weight.to(out.dtype)).sum().backward()
     assert OpDispatch.last_choice["attention_bwd"] == "cpu"
+    assert (OpDispatch.last_choice.get("swiglu_bwd") == "cpu") == swiglu_mlps
     same_params, truth_params = dict(same.named_parameters()), dict(truth.named_parameters())
     checked = 0
     for pname, p in model.named_parameters():
@@ -291,8 +294,11 @@ def test_apply_keeps_parameters_and_reports():
     report = fhf.apply(model)
     for pname, p in model.named_parameters():
         assert p is params[pname], pname
-    assert len(report.swapped) == 5 and not report.left
+    assert len(report.swapped) == 5
     assert all("Gemma-style" in s.note for s in report.swapped)
+    # Gemma's MLP is GeGLU (gelu_pytorch_tanh): the probe leaves it alone.
+    assert {m.name for m in report.left} == {"model.layers.0.mlp", "model.layers.1.mlp"}
+    assert all("not down_proj(silu(gate) * up)" in m.reason for m in report.left)
     assert "GemmaRMSNorm" in str(report) and "sdpa_attention_forward" in str(report)
 
     gpt2 = _build("gpt2")
@@ -305,7 +311,8 @@ def test_apply_keeps_parameters_and_reports():
 
     llama = _build("llama")
     report = fhf.apply(llama, norms=False, backend="cpu")
-    assert llama.config._attn_implementation == "fusedlm_cpu" and not report.swapped
+    assert llama.config._attn_implementation == "fusedlm_cpu"
+    assert {s.name for s in report.swapped} == {"model.layers.0.mlp", "model.layers.1.mlp"}
     llama(torch.randint(0, VOCAB, (1, 5)))
     assert fhf.attention_calls() == {"fused": 2}
 
@@ -395,6 +402,55 @@ def test_loss_swap_is_reported_undone_and_optional():
     assert [m.reason for m in report.left] == [
         "loss: ForSequenceClassificationLoss is not a cross-entropy over the vocabulary"]
     assert "_loss_function" not in classifier.__dict__
+
+
+# ---- the MLPs ------------------------------------------------------------------------------------
+
+
+def test_mlp_swap_is_reported_undone_and_optional():
+    llama = _build("llama")
+    mlps = [layer.mlp for layer in llama.model.layers]
+    keys = list(llama.state_dict())
+    fhf.apply(llama, mlp=False)
+    assert all(type(m).__name__ == "LlamaMLP" for m in mlps)
+    fusedlm.unpatch(llama)
+    report = fhf.apply(llama, attention=False, norms=False, loss=False)
+    assert [(s.name, s.original.rsplit(".", 1)[-1], s.replacement.rsplit(".", 1)[-1])
+            for s in report.swapped] == [
+        (f"model.layers.{i}.mlp", "LlamaMLP", "ModelSwiGLUMLP") for i in range(2)]
+    assert all(s.note == "silu(gate) * up on fusedlm.swiglu" for s in report.swapped)
+    assert [layer.mlp for layer in llama.model.layers] == mlps  # the same objects, in place
+    assert all(isinstance(m, fusedlm.nn.SwiGLUMLP) for m in mlps)
+    assert list(llama.state_dict()) == keys
+    assert not fhf.apply(llama, attention=False, norms=False, loss=False).swapped  # once only
+    restored = fusedlm.unpatch(llama)
+    assert [s.name for s in restored.swapped] == ["model.layers.0.mlp", "model.layers.1.mlp"]
+    assert all(type(m).__name__ == "LlamaMLP" for m in mlps)
+    assert not any("_fusedlm" in key for m in mlps for key in m.__dict__)
+
+
+def test_phi3_fused_gate_up_projection_matches():
+    """Phi-3's MLP computes gate and up with one ``gate_up_proj``: recognised, and its halves
+    read in place."""
+    config = transformers.Phi3Config(**COMMON, num_key_value_heads=2, pad_token_id=0)
+    torch.manual_seed(0)
+    model = transformers.Phi3ForCausalLM(config).eval()
+    same, truth = copy.deepcopy(model), copy.deepcopy(model).double()
+    report = fhf.apply(model, attention=False, norms=False, loss=False)
+    assert [s.note for s in report.swapped] == [
+        "silu(gate) * up on fusedlm.swiglu (fused gate_up_proj)"] * 2
+    ids = torch.randint(0, VOCAB, (2, 11))
+    outs = [m(input_ids=ids).logits for m in (model, same, truth)]
+    assert OpDispatch.last_choice["swiglu_fwd"] == "cpu"
+    assert_close_rule(outs[0], outs[1], outs[2], name="phi3 output")
+    weight = torch.randn_like(outs[0])
+    for out in outs:
+        (out * weight.to(out.dtype)).sum().backward()
+    truth_params = dict(truth.named_parameters())
+    same_params = dict(same.named_parameters())
+    for pname in ("model.layers.0.mlp.gate_up_proj.weight", "model.layers.1.mlp.down_proj.weight"):
+        p = dict(model.named_parameters())[pname]
+        assert_close_rule(p.grad, same_params[pname].grad, truth_params[pname].grad, name=pname)
 
 
 def _qkv(b, hq, hkv, tq, tk, d=16):

@@ -18,7 +18,11 @@ torch's classes that have their own ``forward`` (``NemotronLayerNorm1P``) go thr
 probe, and so do norms without parameters that hold a one-dimensional ``normalized_shape``
 (``OlmoLayerNorm``; without an ``eps`` attribute the probe tries 1e-5, 1e-6, 1e-8 and 1e-12).
 Anything else is left alone, and the report says why. ``attention=True`` also routes the
-model's attention (``fusedlm.integrations.sdpa_mode``).
+model's attention (``fusedlm.integrations.sdpa_mode``). ``mlp=True`` (also used by ``apply``)
+swaps gated MLPs whose children are ``gate_proj``, ``up_proj`` and ``down_proj`` linears (or
+Phi-3's fused ``gate_up_proj`` and ``down_proj``) and at most one parameter-free activation,
+when a numeric probe shows their ``forward`` to be ``down_proj(silu(gate) * up)``: their
+activation then runs on ``fusedlm.swiglu``.
 """
 
 from __future__ import annotations
@@ -32,9 +36,11 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..backends import check_backend_name
+from ..nn.mlp import SwiGLUMLP
 from ..nn.multihead_attention import MultiheadAttention
 from ..nn.norm import LayerNorm, RMSNorm
 from ..ops.norm import layer_norm, rms_norm
+from ..ops.swiglu import swiglu
 from .sdpa_mode import route_attention, unroute_attention
 
 # The __dict__ key under which a swapped module remembers how to undo the swap:
@@ -125,6 +131,22 @@ class ModelLayerNorm(LayerNorm):
         bias = self._parameters.get("bias") is not None
         return (f"{self.normalized_shape}, eps={self.eps}, bias={bias}"
                 + (f", offset={self.offset}" if self.offset else ""))
+
+
+class ModelSwiGLUMLP(SwiGLUMLP):
+    """Stands in for a model's own SwiGLU MLP class (``LlamaMLP``, ``Qwen3MLP``, ``Phi3MLP``,
+    ... found by :func:`patch`'s probe): the same submodules, ``state_dict`` keys and
+    attributes, with the activation on ``fusedlm.swiglu``. ``gate_up`` is True for Phi-3's
+    fused ``gate_up_proj`` (gate first, then up, along its output; read in place)."""
+
+    gate_up: bool = False
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.gate_up:
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(swiglu(gate, up, self.backend))
 
 
 def _probed_weight(module: torch.nn.Module, x: Tensor) -> tuple[bool, Tensor | None]:
@@ -408,6 +430,103 @@ def swap_norms(model: torch.nn.Module, backend: str = "auto", custom_rmsnorm: bo
     return report
 
 
+# ---- recognising gated MLPs ------------------------------------------------------------------
+
+# The linear children of a gated MLP: separate gate and up projections, or Phi-3's fused one.
+_MLP_LAYOUTS = {False: ("gate_proj", "up_proj", "down_proj"), True: ("gate_up_proj", "down_proj")}
+
+
+def _mlp_layout(module: torch.nn.Module) -> tuple[bool | None, str | None]:
+    """(gate_up, None) for a module shaped like a gated MLP, (None, why not) for one with the
+    projections but something else too, (None, None) for any other module."""
+    children = dict(module.named_children())
+    for gate_up, names in _MLP_LAYOUTS.items():
+        if all(isinstance(children.get(n), torch.nn.Linear) for n in names):
+            break
+    else:
+        return None, None
+    others = [n for n in children if n not in names]
+    if len(others) > 1 or any(isinstance(children[n], torch.nn.modules.dropout._DropoutNd)
+                              or any(True for _ in children[n].parameters())
+                              or any(True for _ in children[n].children()) for n in others):
+        return None, ("it has submodules besides its projections and one parameter-free "
+                      f"activation ({', '.join(others)})")
+    if module._parameters:
+        return None, "it has parameters of its own"
+    if gate_up:
+        fused, down = children["gate_up_proj"], children["down_proj"]
+        chained = fused.out_features == 2 * down.in_features
+    else:
+        gate, up, down = (children[n] for n in names)
+        chained = (gate.out_features == up.out_features == down.in_features
+                   and gate.in_features == up.in_features)
+    if not chained:
+        return None, "its projections' shapes do not chain as a gated MLP's"
+    return gate_up, None
+
+
+def _probe_mlp(module: torch.nn.Module, gate_up: bool) -> str | None:
+    """None if ``module(x)`` is ``down_proj(silu(gate) * up)`` on random inputs and random
+    parameters (put in with ``functional_call``, in float64 where the device has it), else why
+    not."""
+    device = module.down_proj.weight.device
+    if device.type == "meta":
+        return "its parameters are on the meta device (cannot probe)"
+    dtype = torch.float64 if device.type in ("cpu", "cuda") else torch.float32
+    gen = torch.Generator().manual_seed(0)
+    probe = {name: (torch.randn(p.shape, generator=gen, dtype=torch.float64)
+                    / math.sqrt(p.shape[-1])).to(device, dtype)
+             for name, p in module.named_parameters()}
+    first = module.gate_up_proj if gate_up else module.gate_proj
+    x = torch.randn(2, 3, first.in_features, generator=gen, dtype=torch.float64).to(device, dtype)
+
+    def linear(name, t):
+        return F.linear(t, probe[f"{name}.weight"], probe.get(f"{name}.bias"))
+
+    try:
+        with torch.no_grad():
+            y = torch.func.functional_call(module, probe, (x,))
+            if gate_up:
+                gate, up = linear("gate_up_proj", x).chunk(2, dim=-1)
+            else:
+                gate, up = linear("gate_proj", x), linear("up_proj", x)
+            want = linear("down_proj", F.silu(gate) * up)
+            if not isinstance(y, Tensor) or y.shape != want.shape:
+                return "its forward does not return a tensor of the input's shape"
+            err = ((y - want).abs().max() / want.abs().max().clamp_min(1e-30)).item()
+    except Exception as exc:  # a forward that needs more arguments, etc.
+        return f"probing its forward raised {type(exc).__name__}: {exc}"
+    if err > _PROBE_TOL[dtype]:
+        return f"its forward is not down_proj(silu(gate) * up) (probe relative error {err:.1e})"
+    return None
+
+
+def _mlp_replacement(module: torch.nn.Module, backend: str):
+    """(new module, note) for a gated MLP the probe recognises, (None, why) for one it does not,
+    (None, None) for anything else."""
+    if isinstance(module, SwiGLUMLP):
+        return (None, None) if _RESTORE_KEY in module.__dict__ else (
+            None, "already a fusedlm module")
+    gate_up, why = _mlp_layout(module)
+    if gate_up is None:
+        return None, why
+    why = _probe_mlp(module, gate_up)
+    if why is not None:
+        return None, why
+    note = "silu(gate) * up on fusedlm.swiglu" + (" (fused gate_up_proj)" if gate_up else "")
+    return _swap_object(module, ModelSwiGLUMLP, {"backend": backend, "gate_up": gate_up}), note
+
+
+def swap_mlps(model: torch.nn.Module, backend: str = "auto",
+              report: PatchReport | None = None) -> PatchReport:
+    """Replace the gated MLPs of ``model`` in place (see the module docstring); returns (or
+    extends) the report."""
+    check_backend_name(backend)
+    report = PatchReport() if report is None else report
+    _swap_modules(model, lambda m: _mlp_replacement(m, backend), report)
+    return report
+
+
 def _attention_replacement(module: torch.nn.Module, backend: str):
     """(new module, note) for a ``torch.nn.MultiheadAttention``, (None, why) for a subclass
     with its own forward, (None, None) for anything else."""
@@ -423,7 +542,7 @@ def _attention_replacement(module: torch.nn.Module, backend: str):
 
 def patch(
     model: torch.nn.Module, backend: str = "auto", custom_rmsnorm: bool = False,
-    custom_layernorm: bool = False, attention: bool = False,
+    custom_layernorm: bool = False, attention: bool = False, mlp: bool = False,
 ) -> PatchReport:
     """Turn every ``torch.nn.LayerNorm`` / ``torch.nn.RMSNorm`` in ``model`` (``model`` itself
     included) into a ``fusedlm.nn.LayerNorm`` / ``fusedlm.nn.RMSNorm``, in place: the objects
@@ -435,12 +554,18 @@ def patch(
     and sends the ``torch.nn.functional.scaled_dot_product_attention`` calls made during the
     model's forward to ``fusedlm.scaled_dot_product_attention`` (a ``TorchFunctionMode``
     activated by forward hooks; see ``fusedlm.integrations.sdpa_mode`` for what it costs).
+    ``mlp=True`` also swaps gated (SwiGLU) MLPs recognised by their children and a numeric
+    probe, so their activation runs on ``fusedlm.swiglu``.
     Returns a :class:`PatchReport`; ``unpatch`` undoes it."""
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"argument 'model' must be a torch.nn.Module, got {type(model).__name__}")
     if not isinstance(attention, bool):
         raise TypeError(f"argument 'attention' must be a bool, got {type(attention).__name__}")
+    if not isinstance(mlp, bool):
+        raise TypeError(f"argument 'mlp' must be a bool, got {type(mlp).__name__}")
     report = swap_norms(model, backend, custom_rmsnorm, custom_layernorm=custom_layernorm)
+    if mlp:
+        swap_mlps(model, backend, report)
     if attention:  # after the swaps, so the new modules carry the hooks too
         _swap_modules(model, lambda m: _attention_replacement(m, backend), report)
         report.notes.append(route_attention(model, backend)[1])

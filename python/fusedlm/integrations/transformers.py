@@ -26,8 +26,12 @@
 * Norms: ``torch.nn.LayerNorm`` / ``torch.nn.RMSNorm`` and the model's own RMSNorm and
   LayerNorm classes (found by parameters, ``eps`` and a numeric probe; Gemma's ``1 + weight``
   handled) become fusedlm modules holding the same parameter tensors (``state_dict``
-  unchanged). See :mod:`fusedlm.integrations.patch`. ``fusedlm.unpatch(model)`` undoes all of
-  it.
+  unchanged). See :mod:`fusedlm.integrations.patch`.
+* MLPs: gated MLPs with ``gate_proj`` / ``up_proj`` / ``down_proj`` (or Phi-3's fused
+  ``gate_up_proj``) whose forward a numeric probe shows to be ``down_proj(silu(gate) * up)``
+  run their activation on ``fusedlm.swiglu`` (same submodules, ``state_dict`` unchanged).
+
+``fusedlm.unpatch(model)`` undoes all of it.
 """
 
 from __future__ import annotations
@@ -52,7 +56,14 @@ from ..ops.attention import (
     mask_layout,
 )
 from ..ops.cross_entropy import language_model_loss
-from .patch import ATTN_PREVIOUS_KEY, LOSS_PREVIOUS_KEY, LeftAlone, PatchReport, swap_norms
+from .patch import (
+    ATTN_PREVIOUS_KEY,
+    LOSS_PREVIOUS_KEY,
+    LeftAlone,
+    PatchReport,
+    swap_mlps,
+    swap_norms,
+)
 
 try:  # transformers >= 4.53 builds masks through AttentionMaskInterface
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
@@ -313,7 +324,7 @@ def _swap_loss(model: torch.nn.Module, backend: str, report: PatchReport) -> Non
 
 
 def apply(model: torch.nn.Module, attention: bool = True, norms: bool = True,
-          backend: str = "auto", loss: bool = True) -> PatchReport:
+          backend: str = "auto", loss: bool = True, mlp: bool = True) -> PatchReport:
     """Make a transformers model run fusedlm's kernels, in place.
 
     ``attention``: switch the model to fusedlm's attention (registered with
@@ -321,7 +332,10 @@ def apply(model: torch.nn.Module, attention: bool = True, norms: bool = True,
     ``norms``: swap LayerNorm / RMSNorm modules (torch's and the model's own classes, found
     by a numeric probe) for fusedlm modules holding the same parameters. ``loss``: replace a
     ``ForCausalLMLoss`` / ``ForMaskedLMLoss`` ``loss_function`` by :func:`causal_lm_loss` /
-    :func:`masked_lm_loss`. ``backend``: as in every fusedlm op.
+    :func:`masked_lm_loss`. ``mlp``: swap gated MLPs (``LlamaMLP``, ``Qwen3MLP``, Phi-3's fused
+    ``gate_up_proj``, ...) whose forward a numeric probe shows to be
+    ``down_proj(silu(gate) * up)``, so their activation runs on ``fusedlm.swiglu`` (GeGLU and
+    other activations are left alone). ``backend``: as in every fusedlm op.
     Returns a :class:`~fusedlm.integrations.patch.PatchReport`; ``fusedlm.unpatch`` undoes it."""
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"argument 'model' must be a torch.nn.Module, got {type(model).__name__}")
@@ -366,6 +380,8 @@ def apply(model: torch.nn.Module, attention: bool = True, norms: bool = True,
                 ))
     if norms:
         swap_norms(model, backend, custom_rmsnorm=True, report=report, custom_layernorm=True)
+    if mlp:
+        swap_mlps(model, backend, report)
     if loss:
         _swap_loss(model, backend, report)
     return report
