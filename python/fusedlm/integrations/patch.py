@@ -440,11 +440,12 @@ def _mlp_layout(module: torch.nn.Module) -> tuple[bool | None, str | None]:
     """(gate_up, None) for a module shaped like a gated MLP, (None, why not) for one with the
     projections but something else too, (None, None) for any other module."""
     children = dict(module.named_children())
-    for gate_up, names in _MLP_LAYOUTS.items():
-        if all(isinstance(children.get(n), torch.nn.Linear) for n in names):
-            break
-    else:
+    found = [gate_up for gate_up, names in _MLP_LAYOUTS.items()
+             if all(isinstance(children.get(n), torch.nn.Linear) for n in names)]
+    if not found:
         return None, None
+    gate_up = found[0]
+    names = _MLP_LAYOUTS[gate_up]
     others = [n for n in children if n not in names]
     if len(others) > 1 or any(isinstance(children[n], torch.nn.modules.dropout._DropoutNd)
                               or any(True for _ in children[n].parameters())

@@ -1,8 +1,8 @@
 """A thin GPT: GPT-2 (learned positions, pre-norm LayerNorm, GELU MLP, tied embeddings) and a
 Llama-style variant (RMSNorm, rotary positions, SwiGLU, grouped kv heads), built on
 ``fusedlm.nn``, ``fusedlm.attention``, ``fusedlm.rotary_embedding``, ``fusedlm.swiglu`` and
-``fusedlm.linear_cross_entropy`` with ``kernels="fused"``, or on plain PyTorch with ``kernels="torch"`` so the two can be compared
-step for step.
+``fusedlm.linear_cross_entropy`` with ``kernels="fused"``, or on plain PyTorch with
+``kernels="torch"`` so the two can be compared step for step.
 
     model = GPT(GPTConfig.preset("gpt2-124m"), kernels="fused")
     logits, loss = model(idx, targets)      # idx, targets: (B, T) int64 -> logits (B, T, V)
