@@ -732,8 +732,9 @@ at::Tensor rotary_embedding(const at::Tensor& x, const at::Tensor& cos, const at
   check_same_device(cos, "cos", x, "x");
   FUSEDLM_CHECK_VALUE(cos.size(-2) == x.size(2), "argument 'cos' has ", cos.size(-2),
                       " positions but 'x' has T = ", x.size(2));
-  FUSEDLM_CHECK_VALUE(cos.dim() == 2 || cos.size(0) == x.size(0), "argument 'cos' has ",
-                      cos.size(0), " batch rows but 'x' has B = ", x.size(0));
+  FUSEDLM_CHECK_VALUE(cos.dim() == 2 || cos.size(0) == x.size(0) || cos.size(0) == 1,
+                      "argument 'cos' has ", cos.size(0), " batch rows but 'x' has B = ",
+                      x.size(0), " (one row is shared by all)");
   FUSEDLM_CHECK_VALUE(cos.size(-1) >= 1 && 2 * cos.size(-1) <= x.size(3),
                       "argument 'cos' must have between 1 and D/2 = ", x.size(3) / 2,
                       " angles per position, got ", cos.size(-1));
@@ -1257,7 +1258,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("out") = py::none());
   m.def("rotary_embedding", &fusedlm::rotary_embedding,
         "Rotary position embeddings. x (B, H, T, D) any strides; cos, sin (T, R/2) or\n"
-        "(B, T, R/2), R <= D. Returns (B, H, T, D) contiguous in x's dtype: the first R features\n"
+        "(B or 1, T, R/2), R <= D. Returns (B, H, T, D) contiguous in x's dtype: the first R features\n"
         "rotated pairwise, (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin), pairs (i, i + R/2) or\n"
         "(2i, 2i + 1) when interleaved, sin negated when conjugate (the backward); the rest\n"
         "copied. Computed in float32 (float64 for float64 x).",

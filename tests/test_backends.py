@@ -28,6 +28,10 @@ def _call_every_op(backend):
     fusedlm.attention(q, k, v, causal=True, backend=backend).sum().backward()
     logits = torch.randn(6, 10, requires_grad=True)
     fusedlm.cross_entropy(logits, torch.randint(0, 10, (6,)), backend=backend).backward()
+    cos, sin = torch.randn(5, 4), torch.randn(5, 4)
+    fusedlm.rotary_embedding(q, cos, sin, backend=backend).sum().backward()
+    gate, up = (torch.randn(4, 6, requires_grad=True) for _ in range(2))
+    fusedlm.swiglu(gate, up, backend=backend).sum().backward()
     p = torch.nn.Parameter(torch.randn(3))
     p.grad = torch.randn(3)
     fusedlm.optim.AdamW([p], backend=backend).step()
@@ -44,6 +48,9 @@ ALL_OPS = {
     "attention_fwd",
     "attention_bwd",
     "adamw_step",
+    "rotary_embedding",
+    "swiglu_fwd",
+    "swiglu_bwd",
 }
 
 
@@ -91,8 +98,12 @@ def test_cpu_reported_with_reason_when_extension_unusable():
         lambda b: fusedlm.attention(*(torch.randn(1, 1, 3, 4) for _ in range(3)), backend=b),
         lambda b: fusedlm.optim.AdamW([torch.nn.Parameter(torch.randn(2))], backend=b),
         lambda b: fusedlm.cross_entropy(torch.randn(2, 3), torch.tensor([0, 2]), backend=b),
+        lambda b: fusedlm.rotary_embedding(torch.randn(1, 1, 3, 4), torch.randn(3, 2),
+                                           torch.randn(3, 2), backend=b),
+        lambda b: fusedlm.swiglu(torch.randn(2, 4), torch.randn(2, 4), backend=b),
     ],
-    ids=["layer_norm", "rms_norm", "attention", "AdamW", "cross_entropy"],
+    ids=["layer_norm", "rms_norm", "attention", "AdamW", "cross_entropy", "rotary_embedding",
+         "swiglu"],
 )
 @pytest.mark.parametrize("name", ["nope", "", "CPU", None, 3])
 def test_unknown_backend_name_raises_value_error(name, op):
@@ -161,8 +172,11 @@ def test_env_backend_gpu_on_cpu_tensors_raises(name, monkeypatch):
         lambda b: fusedlm.layer_norm(torch.randn(2, 4), 4, backend=b),
         lambda b: fusedlm.rms_norm(torch.randn(2, 4), 4, backend=b),
         lambda b: fusedlm.attention(*(torch.randn(1, 1, 3, 4) for _ in range(3)), backend=b),
+        lambda b: fusedlm.rotary_embedding(torch.randn(1, 1, 3, 4), torch.randn(3, 2),
+                                           torch.randn(3, 2), backend=b),
+        lambda b: fusedlm.swiglu(torch.randn(2, 4), torch.randn(2, 4), backend=b),
     ],
-    ids=["layer_norm", "rms_norm", "attention"],
+    ids=["layer_norm", "rms_norm", "attention", "rotary_embedding", "swiglu"],
 )
 @pytest.mark.usefixtures("without_triton_interpreter")
 def test_gpu_backend_on_cpu_tensors_raises(op, name):
@@ -207,6 +221,11 @@ _NO_EXTENSION_SCRIPT = textwrap.dedent(
     q, k, v = (torch.randn(1, 2, 9, 16, dtype=torch.float64) for _ in range(3))
     att = (fusedlm.attention(q, k, v, causal=True)
            - F.scaled_dot_product_attention(q, k, v, is_causal=True)).abs().max().item()
+    c, s = torch.randn(9, 8, dtype=torch.float64), torch.randn(9, 8, dtype=torch.float64)
+    x1, x2 = q[..., :8], q[..., 8:]
+    rot = (fusedlm.rotary_embedding(q, c, s)
+           - torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), -1)).abs().max().item()
+    swi = (fusedlm.swiglu(x, w.expand(6, 32)) - F.silu(x) * w).abs().max().item()
     try:
         fusedlm.layer_norm(x, 32, backend="cpu")
         named = "no error"
@@ -214,7 +233,7 @@ _NO_EXTENSION_SCRIPT = textwrap.dedent(
         named = str(error)
     print(json.dumps({
         "cpu_available": report["cpu"].available, "cpu_reason": report["cpu"].reason,
-        "torch_available": report["torch"].available, "errors": [ln, rms, att],
+        "torch_available": report["torch"].available, "errors": [ln, rms, att, rot, swi],
         "choices": dict(OpDispatch.last_choice), "named_cpu": named,
     }))
     """

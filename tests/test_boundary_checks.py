@@ -5,8 +5,9 @@ the expected exception type with a message naming that argument.
 Complements tests/test_bad_inputs.py (which covers dims, dtypes, devices and shapes of most
 arguments) with the checks it does not: finiteness of scalars, the stride/offset range of
 every tensor, per-parameter AdamW state dtypes (a float32 exp_avgs[i] with a 16-bit
-exp_avg_sqs[i] made the kernel read and write past the end of the 16-bit tensor), and the
-remaining arguments of the attention entry points."""
+exp_avg_sqs[i] made the kernel read and write past the end of the 16-bit tensor), the
+remaining arguments of the attention entry points, and every check of the rotary_embedding and
+swiglu_fwd/bwd entry points (their angle tables' conversion too)."""
 
 from __future__ import annotations
 
@@ -86,6 +87,31 @@ def _ce_bwd(**overrides):
     args = {"grad_loss": torch.ones(3), "logits": X(), "target": _target(),
             "row_max": torch.zeros(3), "log_sum": torch.zeros(3), "ignore_index": -100,
             "label_smoothing": 0.0}
+    args.update(overrides)
+    return list(args.values())
+
+
+def _rot(**overrides):
+    """rotary_embedding's arguments: x (1, 2, 3, 4), cos and sin (T = 3, R/2 = 2)."""
+    args = {"x": _q(), "cos": torch.randn(3, 2), "sin": torch.randn(3, 2), "interleaved": False,
+            "conjugate": False}
+    args.update(overrides)
+    return list(args.values())
+
+
+def _meta(*shape):
+    return torch.empty(shape, device=META)
+
+
+def _many_elements(dim):
+    """A meta tensor of 2^62 elements (stride 0, no storage): past check_fits_index."""
+    shape = (2**30, 2**31, 1, 2)[-dim:] if dim == 4 else (2**31, 2**31)
+    return torch.empty_strided(shape, (0,) * len(shape), device=META)
+
+
+def _sw(**overrides):
+    """swiglu_bwd's arguments (swiglu_fwd's are the last two): (3, 8) float32 operands."""
+    args = {"grad_out": X(), "gate": X(), "up": X()}
     args.update(overrides)
     return list(args.values())
 
@@ -201,6 +227,85 @@ CASES = [
     ("ce_bwd_out_overlaps_logits", ValueError, "'out' must be the logits themselves",
      lambda e: (lambda base: e.cross_entropy_bwd(
          *_ce_bwd(logits=base[:3]), out=base[1:]))(torch.randn(4, 8))),
+    # rotary embeddings: x (B, H, T, D) float; cos and sin (T, R/2) or (B, T, R/2) float with
+    # 1 <= R/2 <= D/2, sin shaped as cos; all on x's device (the tables may be any float dtype:
+    # angle_table converts them)
+    ("rot_x_3d", ValueError, "'x'", lambda e: e.rotary_embedding(*_rot(x=torch.randn(2, 3, 4)))),
+    ("rot_x_int", TypeError, "'x'", lambda e: e.rotary_embedding(*_rot(x=_q().long()))),
+    ("rot_x_too_many_elements", ValueError, "'x'",
+     lambda e: e.rotary_embedding(*_rot(x=_many_elements(4), cos=_meta(1, 1), sin=_meta(1, 1)))),
+    ("rot_x_strides", ValueError, "'x'",
+     lambda e: e.rotary_embedding(*_rot(x=_huge_strides(), cos=_meta(3, 2), sin=_meta(3, 2)))),
+    ("rot_x_meta", ValueError, "'x'",
+     lambda e: e.rotary_embedding(*_rot(x=_q(device=META), cos=_meta(3, 2), sin=_meta(3, 2)))),
+    ("rot_cos_1d", ValueError, "'cos'",
+     lambda e: e.rotary_embedding(*_rot(cos=torch.randn(2), sin=torch.randn(2)))),
+    ("rot_cos_4d", ValueError, "'cos'",
+     lambda e: e.rotary_embedding(*_rot(cos=torch.randn(1, 1, 3, 2)))),
+    ("rot_cos_int", TypeError, "'cos'",
+     lambda e: e.rotary_embedding(*_rot(cos=torch.ones(3, 2, dtype=torch.int32)))),
+    ("rot_cos_meta", ValueError, "'cos'", lambda e: e.rotary_embedding(*_rot(cos=_meta(3, 2)))),
+    ("rot_cos_positions", ValueError, "'cos'",
+     lambda e: e.rotary_embedding(*_rot(cos=torch.randn(4, 2), sin=torch.randn(4, 2)))),
+    ("rot_cos_batch_rows", ValueError, "'cos'",
+     lambda e: e.rotary_embedding(*_rot(cos=torch.randn(2, 3, 2), sin=torch.randn(2, 3, 2)))),
+    ("rot_cos_no_angles", ValueError, "'cos'",
+     lambda e: e.rotary_embedding(*_rot(cos=torch.randn(3, 0), sin=torch.randn(3, 0)))),
+    ("rot_cos_R_over_D", ValueError, "'cos'",
+     lambda e: e.rotary_embedding(*_rot(cos=torch.randn(3, 3), sin=torch.randn(3, 3)))),
+    ("rot_sin_shape", ValueError, "'sin'",
+     lambda e: e.rotary_embedding(*_rot(sin=torch.randn(3, 1)))),
+    ("rot_sin_per_row_cos_shared", ValueError, "'sin'",
+     lambda e: e.rotary_embedding(*_rot(sin=torch.randn(1, 3, 2)))),
+    ("rot_sin_int", TypeError, "'sin'",
+     lambda e: e.rotary_embedding(*_rot(sin=torch.ones(3, 2, dtype=torch.int64)))),
+    ("rot_sin_meta", ValueError, "'sin'", lambda e: e.rotary_embedding(*_rot(sin=_meta(3, 2)))),
+    # SwiGLU: gate (N, I) float; up and grad_out of gate's shape, dtype and device
+    ("swiglu_fwd_gate_1d", ValueError, "'gate'",
+     lambda e: e.swiglu_fwd(torch.randn(8), torch.randn(8))),
+    ("swiglu_fwd_gate_3d", ValueError, "'gate'",
+     lambda e: e.swiglu_fwd(torch.randn(2, 3, 8), torch.randn(2, 3, 8))),
+    ("swiglu_fwd_gate_int", TypeError, "'gate'",
+     lambda e: e.swiglu_fwd(X().int(), X().int())),
+    ("swiglu_fwd_gate_too_many_elements", ValueError, "'gate'",
+     lambda e: e.swiglu_fwd(_many_elements(2), _many_elements(2))),
+    ("swiglu_fwd_gate_strides", ValueError, "'gate'",
+     lambda e: e.swiglu_fwd(torch.empty_strided((3, 8), (BIG, 1), device=META), _meta(3, 8))),
+    ("swiglu_fwd_gate_meta", ValueError, "'gate'",
+     lambda e: e.swiglu_fwd(_meta(3, 8), _meta(3, 8))),
+    ("swiglu_fwd_up_1d", ValueError, "'up'", lambda e: e.swiglu_fwd(X(), torch.randn(24))),
+    ("swiglu_fwd_up_shape", ValueError, "'up'", lambda e: e.swiglu_fwd(X(), torch.randn(3, 9))),
+    ("swiglu_fwd_up_dtype", TypeError, "'up'", lambda e: e.swiglu_fwd(X(), X().double())),
+    ("swiglu_fwd_up_int", TypeError, "'up'", lambda e: e.swiglu_fwd(X(), X().long())),
+    ("swiglu_fwd_up_meta", ValueError, "'up'", lambda e: e.swiglu_fwd(X(), _meta(3, 8))),
+    ("swiglu_fwd_up_strides", ValueError, "'up'",
+     lambda e: e.swiglu_fwd(_meta(3, 8), torch.empty_strided((3, 8), (BIG, 1), device=META))),
+    ("swiglu_bwd_gate_1d", ValueError, "'gate'",
+     lambda e: e.swiglu_bwd(*_sw(gate=torch.randn(8)))),
+    ("swiglu_bwd_gate_int", TypeError, "'gate'",
+     lambda e: e.swiglu_bwd(*_sw(gate=X().int(), up=X().int(), grad_out=X().int()))),
+    ("swiglu_bwd_gate_too_many_elements", ValueError, "'gate'",
+     lambda e: e.swiglu_bwd(*(_many_elements(2),) * 3)),
+    ("swiglu_bwd_gate_strides", ValueError, "'gate'",
+     lambda e: e.swiglu_bwd(*_sw(grad_out=_meta(3, 8), up=_meta(3, 8),
+                                 gate=torch.empty_strided((3, 8), (BIG, 1), device=META)))),
+    ("swiglu_bwd_gate_meta", ValueError, "'gate'",
+     lambda e: e.swiglu_bwd(_meta(3, 8), _meta(3, 8), _meta(3, 8))),
+    ("swiglu_bwd_up_shape", ValueError, "'up'", lambda e: e.swiglu_bwd(*_sw(up=X()[:2]))),
+    ("swiglu_bwd_up_dtype", TypeError, "'up'",
+     lambda e: e.swiglu_bwd(*_sw(up=X().to(torch.bfloat16)))),
+    ("swiglu_bwd_up_meta", ValueError, "'up'", lambda e: e.swiglu_bwd(*_sw(up=_meta(3, 8)))),
+    ("swiglu_bwd_grad_out_1d", ValueError, "'grad_out'",
+     lambda e: e.swiglu_bwd(*_sw(grad_out=torch.randn(24)))),
+    ("swiglu_bwd_grad_out_shape", ValueError, "'grad_out'",
+     lambda e: e.swiglu_bwd(*_sw(grad_out=X().t()))),
+    ("swiglu_bwd_grad_out_dtype", TypeError, "'grad_out'",
+     lambda e: e.swiglu_bwd(*_sw(grad_out=X().half()))),
+    ("swiglu_bwd_grad_out_meta", ValueError, "'grad_out'",
+     lambda e: e.swiglu_bwd(*_sw(grad_out=_meta(3, 8)))),
+    ("swiglu_bwd_grad_out_strides", ValueError, "'grad_out'",
+     lambda e: e.swiglu_bwd(*_sw(grad_out=torch.empty_strided((3, 8), (BIG, 1), device=META),
+                                 gate=_meta(3, 8), up=_meta(3, 8)))),
     # AdamW: the state tensors of one parameter must share one dtype (the kernel reads them all
     # with exp_avgs[i]'s element type)
     ("adamw_exp_avg_sqs_16bit_under_float32_exp_avgs", TypeError, "'exp_avg_sqs[0]'",
@@ -286,3 +391,66 @@ def test_entry_points_take_any_layout(layout):
     rdlogits = e.cross_entropy_bwd(grad.contiguous(), x.contiguous(), target, *stats[1:], -100,
                                    0.1)
     torch.testing.assert_close(dlogits, rdlogits, rtol=0, atol=1e-12)
+
+
+def test_angle_tables_in_any_layout_and_dtype_are_converted():
+    """angle_table: cos and sin in any float dtype and layout, (T, R/2) or (B, T, R/2) (a batch
+    of one, or rows expanded from one), reach the kernel as the compute dtype's contiguous
+    (B or 1, T, R/2) table: every form gives the result of contiguous float32 (T, R/2) tables,
+    bit for bit (float32 x, whose rows take the same loop in every call)."""
+    e = _ext()
+    x = torch.randn(2, 3, 7, 10)
+    cos, sin = torch.randn(7, 4), torch.randn(7, 4)
+    for interleaved in (False, True):
+        expected = e.rotary_embedding(x, cos, sin, interleaved, False)
+        for c, s in [
+            (cos.double(), sin.double()),                                # converted to float32
+            (cos.t().contiguous().t(), sin.t().contiguous().t()),        # transposed
+            (torch.cat((cos, cos), 1)[:, :4], torch.cat((sin, sin), 1)[:, :4]),  # row stride 8
+            (cos[None].expand(2, 7, 4), sin[None].expand(2, 7, 4)),      # per row, stride 0
+        ]:
+            torch.testing.assert_close(e.rotary_embedding(x, c, s, interleaved, False), expected,
+                                       rtol=0, atol=0)
+        # a batch of one: its (1, T, R/2) table is its (T, R/2) one
+        torch.testing.assert_close(
+            e.rotary_embedding(x[:1], cos[None], sin[None].double(), interleaved, False),
+            expected[:1], rtol=0, atol=0)
+    # float16 tables hold rounded angles: the same as passing those values in float32
+    half_cos, half_sin = cos.half(), sin.half()
+    torch.testing.assert_close(e.rotary_embedding(x, half_cos, half_sin, False, False),
+                               e.rotary_embedding(x, half_cos.float(), half_sin.float(), False,
+                                                  False), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("layout", ["transposed", "expanded", "offset", "halves"])
+def test_rotary_and_swiglu_entry_points_take_any_layout(layout):
+    """The rotary and SwiGLU entry points read strided operands in place: each gives the result
+    of the same call on contiguous copies (float64: no vectorized loop, one arithmetic)."""
+    e = _ext()
+    base = torch.randn(2, 3, 5, 8, dtype=torch.float64)
+    if layout == "transposed":
+        x = base.transpose(1, 2).contiguous().transpose(1, 2)
+    elif layout == "expanded":
+        x = base[:, :1].expand(2, 3, 5, 8)
+    elif layout == "offset":
+        x = torch.randn(base.numel() + 3, dtype=torch.float64)[3:].view(base.shape)
+    else:  # every other feature
+        x = torch.randn(2, 3, 5, 16, dtype=torch.float64)[..., ::2]
+    cos, sin = torch.randn(2, 5, 3, dtype=torch.float64), torch.randn(2, 5, 3, dtype=torch.float64)
+    for interleaved in (False, True):
+        out = e.rotary_embedding(x, cos, sin, interleaved, True)
+        ref = e.rotary_embedding(x.contiguous(), cos, sin, interleaved, True)
+        torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    rows = x.reshape(-1, 8) if layout != "expanded" else x[0, 0]
+    if layout == "halves":
+        gate, up = torch.randn(30, 16, dtype=torch.float64).chunk(2, dim=-1)
+    else:
+        gate, up = rows, rows.flip(0)
+    out = e.swiglu_fwd(gate, up)
+    torch.testing.assert_close(out, e.swiglu_fwd(gate.contiguous(), up.contiguous()), rtol=0,
+                               atol=0)
+    grad = torch.tensor(0.5, dtype=torch.float64).expand(gate.shape)  # (a summed loss's)
+    for g, r in zip(e.swiglu_bwd(grad, gate, up),
+                    e.swiglu_bwd(grad.contiguous(), gate.contiguous(), up.contiguous()),
+                    strict=True):
+        torch.testing.assert_close(g, r, rtol=0, atol=0)

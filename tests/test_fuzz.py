@@ -52,6 +52,7 @@ from tests.helpers import (
     naive_attention,
 )
 from tests.ops.test_adamw import _call_op, _torch_adamw
+from tests.ops.test_rotary import eager_rotary
 
 BACKENDS = available_backends()
 DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
@@ -900,6 +901,163 @@ def test_fuzz_linear_cross_entropy(backend, fuzz):
         for name, o, bb, t in zip(names, ours, base, truth, strict=True):
             assert o.dtype == bb.dtype, name
             assert_close_rule(o, bb, t, name=name)
+
+    run()
+
+
+# ---- rotary embeddings and SwiGLU --------------------------------------------------------------
+
+
+def _skip_cuda_backend(backend):
+    """rotary_embedding and swiglu have no CUDA C++ kernel (CUDA tensors take the Triton ones):
+    naming "cuda" raises BackendNotSupportedError (tests/triton/test_rotary.py, test_swiglu.py)."""
+    if backend == "cuda":
+        pytest.skip("no CUDA C++ kernel for this op: CUDA tensors take the Triton one")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fuzz_rotary_embedding(backend, fuzz):
+    """fusedlm.rotary_embedding forward and backward, and the custom op directly (conjugate
+    too, its gradient through the op's own autograd): x, cos, sin and the gradient in random
+    layouts, x in every dtype and the tables in any, (T, R/2) or (B, T, R/2) tables, partial
+    rotary (R < D, odd D), both pairings, empty B, H or T; cos and sin that require grad (the
+    reference path) get dcos and dsin checked too. Against the eager rotation of
+    tests/ops/test_rotary.py by the rule; the features past R come through exactly. Invalid
+    calls (R > D, a table's T or B unlike x's, sin unlike cos) raise ValueError."""
+    _skip_cuda_backend(backend)
+
+    @fuzz(30)
+    @given(data=st.data())
+    def run(data):
+        B = data.draw(st.integers(0, 3), label="B")
+        H = data.draw(st.integers(0, 4), label="H")
+        D = data.draw(st.one_of(st.sampled_from(HEAD_DIMS), st.integers(1, 256)), label="D")
+        cap = max(1, 60_000 // max(1, B * H * D))  # bounded work
+        T = data.draw(st.one_of(st.sampled_from([t for t in SEQ_LENS if t <= cap]),
+                                st.integers(0, min(cap, 300))), label="T")
+        half = data.draw(st.one_of(st.just(max(1, D // 2)), st.integers(1, max(1, D // 2))),
+                         label="half")
+        dtype = data.draw(st.sampled_from(DTYPES), label="dtype")
+        table_dtype = data.draw(st.sampled_from([dtype, torch.float32] + DTYPES),
+                                label="table_dtype")
+        per_row = data.draw(st.booleans(), label="per_row")
+        interleaved = data.draw(st.booleans(), label="interleaved")
+        invalid = data.draw(st.sampled_from([None] * 8 + ["R", "T", "B", "sin"]), label="invalid")
+        table_T, table_B, sin_half = T, B, half
+        if invalid == "R":
+            half = D // 2 + data.draw(st.integers(1, 3), label="bad_half")
+            sin_half = half
+        elif invalid == "T":
+            table_T = T + data.draw(st.sampled_from([-1, 1]), label="bad_T") if T else 1
+        elif invalid == "B":
+            per_row, table_B = True, B + 1
+        elif invalid == "sin":
+            sin_half = half + 1
+        valid = invalid is None and half <= D // 2
+        device = device_of(backend)
+        x = make_tensor(data, (B, H, T, D), dtype, device=device)
+        lead = (table_B, table_T) if per_row else (table_T,)
+        cos = make_tensor(data, (*lead, half), table_dtype, device=device)
+        sin = make_tensor(data, (*lead, sin_half), table_dtype, device=device)
+        if not valid:
+            _expect_clean_error(lambda: fusedlm.rotary_embedding(x, cos, sin, interleaved,
+                                                                 backend=backend))
+            return
+        grad = make_tensor(data, (B, H, T, D), dtype, device=device)
+        via_op = data.draw(st.booleans(), label="via_op")
+        conjugate = via_op and data.draw(st.booleans(), label="conjugate")
+        angles_grad = not via_op and data.draw(st.booleans(), label="angles_grad")
+
+        def run_with(cast, fn):
+            xs = x.detach().to(cast).requires_grad_(True)
+            tables = [t.detach().to(torch.float64 if cast == torch.float64 else t.dtype)
+                      .requires_grad_(angles_grad) for t in (cos, sin)]
+            out = fn(xs, *tables)
+            leaves = [xs, *tables] if angles_grad else [xs]
+            if out.numel() == 0:
+                return [out] + [torch.zeros_like(t) for t in leaves]
+            return [out, *torch.autograd.grad(out, leaves, grad.to(cast))]
+
+        if via_op:
+            ours = run_with(dtype, lambda a, c, s: torch.ops.fusedlm.rotary_embedding(
+                a, c, s, interleaved, conjugate, backend))
+        else:
+            ours = run_with(dtype, lambda a, c, s: fusedlm.rotary_embedding(
+                a, c, s, interleaved, backend=backend))
+        truth = run_with(torch.float64,
+                         lambda a, c, s: eager_rotary(a, c, s, interleaved, conjugate))
+        base = run_with(dtype, lambda a, c, s: eager_rotary(a, c, s, interleaved, conjugate))
+        assert ours[0].dtype == dtype and ours[0].is_contiguous()
+        assert torch.equal(ours[0][..., 2 * half:], x[..., 2 * half:])
+        names = ["out", "dx", "dcos", "dsin"][:len(ours)]
+        for name, o, b, t in zip(names, ours, base, truth, strict=True):
+            assert o.dtype == b.dtype and o.shape == t.shape, name
+            assert_close_rule(o, b, t, name=name)
+
+    run()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fuzz_swiglu(backend, fuzz):
+    """fusedlm.swiglu forward and backward, and the swiglu_fwd/bwd custom ops directly on 2-D
+    operands (empty ones included): gate, up and the gradient in random layouts or as the two
+    halves of one fused projection, 1-D to 3-D, widths around the AVX2 lanes, the Triton
+    column blocks (2048) and the CPU grain (32768), gates up to |30| (the sigmoid's tails),
+    every dtype; against F.silu(gate) * up by the rule. Invalid calls (mismatched dtypes or
+    shapes) raise TypeError / ValueError."""
+    _skip_cuda_backend(backend)
+
+    @fuzz(30)
+    @given(data=st.data())
+    def run(data):
+        W = data.draw(st.one_of(st.sampled_from(HIDDEN), st.integers(1, 70000)), label="width")
+        rank = data.draw(st.integers(1, 3), label="rank")
+        rows = data.draw(st.integers(0, max(1, min(40, 100_000 // W))), label="rows")
+        if rank == 1:
+            shape = (W,)
+        elif rank == 2:
+            shape = (rows, W)
+        else:
+            shape = (data.draw(st.integers(0, 3), label="lead"), max(1, rows // 3), W)
+        dtype = data.draw(st.sampled_from(DTYPES), label="dtype")
+        scale = data.draw(st.sampled_from([1.0, 3.0, 30.0]), label="gate_scale")
+        device = device_of(backend)
+        invalid = data.draw(st.sampled_from([None] * 8 + ["dtype", "shape"]), label="invalid")
+        if data.draw(st.booleans(), label="fused_halves") and invalid is None:
+            fused = make_tensor(data, (*shape[:-1], 2 * W), dtype, device=device, scale=scale)
+            gate, up = fused.chunk(2, dim=-1)
+        else:
+            gate = make_tensor(data, shape, dtype, device=device, scale=scale)
+            up_dtype = DTYPES[(DTYPES.index(dtype) + 1) % 4] if invalid == "dtype" else dtype
+            up_shape = (*shape[:-1], W + 1) if invalid == "shape" else shape
+            up = make_tensor(data, up_shape, up_dtype, device=device)
+        if invalid:
+            _expect_clean_error(lambda: fusedlm.swiglu(gate, up, backend=backend))
+            return
+        grad = make_tensor(data, shape, dtype, device=device)
+        via_op = rank == 2 and data.draw(st.booleans(), label="via_op")
+
+        def eager(cast):
+            leaves = [t.detach().to(cast).requires_grad_(True) for t in (gate, up)]
+            out = F.silu(leaves[0]) * leaves[1]
+            if out.numel() == 0:
+                return [out.detach()] + [torch.zeros_like(t) for t in leaves]
+            return [out.detach(), *torch.autograd.grad(out, leaves, grad.to(cast))]
+
+        if via_op:
+            ours = [torch.ops.fusedlm.swiglu_fwd(gate, up, backend),
+                    *torch.ops.fusedlm.swiglu_bwd(grad, gate, up, backend)]
+        else:
+            leaves = [t.detach().requires_grad_(True) for t in (gate, up)]
+            out = fusedlm.swiglu(*leaves, backend=backend)
+            grads = ([torch.zeros_like(t) for t in leaves] if out.numel() == 0
+                     else torch.autograd.grad(out, leaves, grad))
+            ours = [out.detach(), *grads]
+        truth, base = eager(torch.float64), eager(dtype)
+        assert ours[0].dtype == dtype and ours[0].shape == shape and ours[0].is_contiguous()
+        for name, o, b, t in zip(["out", "dgate", "dup"], ours, base, truth, strict=True):
+            assert o.dtype == b.dtype and o.shape == t.shape, name
+            assert_close_rule(o, b, t, name=name)
 
     run()
 

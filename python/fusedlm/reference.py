@@ -353,7 +353,7 @@ def rotary_embedding(x: Tensor, cos: Tensor, sin: Tensor, interleaved: bool,
                      conjugate: bool) -> Tensor:
     """x (B, H, T, D) with its first R = 2 * cos.shape[-1] features rotated by position: each
     pair (x1, x2) becomes (x1 * cos - x2 * sin, x2 * cos + x1 * sin), with cos, sin (T, R/2) or
-    (B, T, R/2) of each pair's angle; the other D - R features pass through. Pairs are
+    (B or 1, T, R/2) of each pair's angle; the other D - R features pass through. Pairs are
     (i, i + R/2) (GPT-NeoX and Hugging Face Llama) or, when ``interleaved``, (2i, 2i + 1)
     (GPT-J, Meta's Llama). ``conjugate`` rotates the other way (sin negated): the backward.
     Returns (B, H, T, D) contiguous in x's dtype, computed in the compute dtype."""

@@ -8,7 +8,12 @@ import torch
 from torch import Tensor
 
 from .. import reference
-from ..backends import OpDispatch, check_backend_name
+from ..backends import (
+    BackendNotSupportedError,
+    OpDispatch,
+    check_backend_name,
+    requested_backend,
+)
 from ._common import (
     autocast_off,
     check_float_tensor,
@@ -79,8 +84,9 @@ def _check_angles(t: object, name: str, x: Tensor) -> Tensor:
                          f"{list(t.shape)}")
     if t.shape[-2] != T:
         raise ValueError(f"argument '{name}' has {t.shape[-2]} positions but 'x' has T = {T}")
-    if t.dim() == 3 and t.shape[0] != B:
-        raise ValueError(f"argument '{name}' has {t.shape[0]} batch rows but 'x' has B = {B}")
+    if t.dim() == 3 and t.shape[0] not in (1, B):
+        raise ValueError(f"argument '{name}' has {t.shape[0]} batch rows but 'x' has B = {B} "
+                         "(one row is shared by all)")
     if not 1 <= t.shape[-1] <= D // 2:
         raise ValueError(f"argument '{name}' must have between 1 and D/2 = {D // 2} angles per "
                          f"position, got {t.shape[-1]}")
@@ -93,7 +99,8 @@ def rotary_embedding(x: Tensor, cos: Tensor, sin: Tensor, interleaved: bool = Fa
 
     x: (B, H, T, D), any strides (a (B, T, H, D) projection's ``transpose(1, 2)`` view is
     read in place), float64/float32/float16/bfloat16. cos, sin: (T, R/2), or (B, T, R/2) for
-    per-row positions, any float dtype, the cosine and sine of each pair's angle, R <= D.
+    per-row positions ((1, T, R/2): one row for all), any float dtype and strides, the cosine
+    and sine of each pair's angle, R <= D.
     Each pair (x1, x2) of the first R features becomes (x1 * cos - x2 * sin, x2 * cos +
     x1 * sin); the other D - R features pass through (partial rotary, as GPT-NeoX and Phi).
     Pairs are (i, i + R/2), the layout of GPT-NeoX and Hugging Face Llama checkpoints
@@ -102,7 +109,8 @@ def rotary_embedding(x: Tensor, cos: Tensor, sin: Tensor, interleaved: bool = Fa
     Returns (B, H, T, D) contiguous in x's dtype, computed in float32 (float64 for float64 x):
     one rounding, where eager code rounds after each multiply in x's dtype. Gradients flow to
     x through the kernels (the backward rotates the other way); cos or sin that require grad
-    take the torch reference, so their gradients are right too.
+    take the torch reference (a kernel backend named then raises), so their gradients are
+    right too.
     """
     x = check_float_tensor(x, "x")
     if x.dim() != 4:
@@ -115,6 +123,14 @@ def rotary_embedding(x: Tensor, cos: Tensor, sin: Tensor, interleaved: bool = Fa
         raise TypeError(f"argument 'interleaved' must be a bool, got {type(interleaved).__name__}")
     check_backend_name(backend)
     if torch.is_grad_enabled() and (cos.requires_grad or sin.requires_grad):
+        requested = requested_backend(backend)
+        if requested not in ("auto", "torch"):
+            source = "argument 'backend'" if backend != "auto" else "FUSEDLM_BACKEND"
+            raise BackendNotSupportedError(
+                f"fusedlm.rotary_embedding: {source} asks for backend {requested!r}, which "
+                "cannot serve this call: 'cos' or 'sin' requires grad, and only the 'torch' "
+                "backend differentiates the angle tables")
+        OpDispatch.last_choice[ROTARY_EMBEDDING.name] = "torch"
         return reference.rotary_embedding(x, cos, sin, interleaved, False)
     fwd = forward_for_call(ROTARY_EMBEDDING, backend, _RotaryEmbeddingEager, _rotary_embedding,
                            reference.rotary_embedding, x)

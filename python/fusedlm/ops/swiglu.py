@@ -3,6 +3,8 @@ their autograd, and the public ``fusedlm.swiglu`` (any matching shapes)."""
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -113,9 +115,9 @@ def swiglu(gate: Tensor, up: Tensor, backend: str = "auto") -> Tensor:
     if gate.dim() == 0:
         raise ValueError("argument 'gate' must have at least one dimension, got a 0-d tensor")
     check_backend_name(backend)
-    width = gate.shape[-1]
-    rows_gate = gate if gate.dim() == 2 else gate.reshape(-1, width)
-    rows_up = up if up.dim() == 2 else up.reshape(-1, width)
+    rows = (math.prod(gate.shape[:-1]), gate.shape[-1])  # (not -1: a width of 0 is allowed)
+    rows_gate = gate if gate.dim() == 2 else gate.reshape(rows)
+    rows_up = up if up.dim() == 2 else up.reshape(rows)
     fwd = forward_for_call(SWIGLU_FWD, backend, _SwigluEager, _swiglu_fwd, reference.swiglu_fwd,
                            gate, up)
     out = fwd(rows_gate, rows_up, backend)

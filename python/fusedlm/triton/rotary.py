@@ -5,7 +5,7 @@ convention and dtypes of :func:`fusedlm.reference.rotary_embedding`:
 
 * ``rotary_embedding(x, cos, sin, interleaved, conjugate) -> out``
 
-x is (B, H, T, D) with any strides, cos and sin (T, R/2) or (B, T, R/2) with any strides and
+x is (B, H, T, D) with any strides, cos and sin (T, R/2) or (B or 1, T, R/2) with any strides and
 any float dtype (R <= D); out comes back (B, H, T, D) contiguous in x's dtype, computed in
 float32 (float64 for float64 x).
 
@@ -108,7 +108,8 @@ def rotary_embedding(x: Tensor, cos: Tensor, sin: Tensor, interleaved: bool,
     if out.numel() == 0:
         return out
     if cos.dim() == 2:  # one table for every batch row
-        cos, sin = cos.unsqueeze(0).expand(B, -1, -1), sin.unsqueeze(0).expand(B, -1, -1)
+        cos, sin = cos.unsqueeze(0), sin.unsqueeze(0)
+    cos, sin = cos.expand(B, -1, -1), sin.expand(B, -1, -1)  # ((1, T, R/2): stride 0 over B)
     block_half = triton.next_power_of_2(half)
     block_t = max(1, min(TILE_ELEMENTS // (2 * block_half), triton.next_power_of_2(T)))
     rest = D - 2 * half
