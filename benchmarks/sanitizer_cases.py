@@ -7,7 +7,10 @@ Each case (attention forward + backward for each dtype, causal and not, GQA, odd
 head dims, rows that see no key, strided and misaligned inputs, the deterministic backward;
 LayerNorm and RMSNorm forward + backward, with and without affine parameters, odd widths;
 cross-entropy forward + backward on strided logits and linear_cross_entropy in chunks whose
-gradient is written over their logits (Triton); the AdamW step for float32 and
+gradient is written over their logits (Triton); rotary embeddings forward + backward on
+strided q views, partial and interleaved, with per-row angle tables, and SwiGLU forward +
+backward on odd widths and the strided halves of a fused projection (Triton); the AdamW step
+for float32 and
 bfloat16 parameters, with and without amsgrad) runs through the public API with
 ``backend=<name>``, then the device is synchronized so that an asynchronous fault lands on its
 case. A case the backend does not support (it raises
@@ -38,6 +41,13 @@ ATTENTION_SHAPES = ((1, 2, 2, 17, 17, 64), (2, 4, 2, 5, 33, 40), (1, 2, 1, 130, 
 NORM_SHAPES = ((7, 127), (4, 1024), (3, 4099))
 # (N, V): several rows per program, a ragged last chunk of 4096 columns
 CROSS_ENTROPY_SHAPES = ((37, 127), (3, 5000))
+# (B, H, T, D, R, interleaved, per-row angles): a (B, T, H, D) projection's view, full
+# rotary; partial rotary (pass-through features) at an odd T; interleaved pairs with per-row
+# (B, T, R/2) angles; odd T past one tile of positions at a head dim not a power of two
+ROTARY_SHAPES = ((2, 4, 17, 64, 64, False, False), (1, 3, 33, 72, 32, False, False),
+                 (2, 2, 9, 40, 40, True, True), (1, 2, 300, 80, 64, False, True))
+# (N, I): odd widths, one wider than a column block (2048), a row shorter than one tile
+SWIGLU_SHAPES = ((7, 127), (3, 4099), (1, 33))
 ADAMW_SHAPES = ((127,), (33, 65), (4099,))
 
 
@@ -204,6 +214,33 @@ def _cases(backend: str, dev: str = "cuda"):
 
                 yield (f"linear_cross_entropy fwd+bwd {dn} {N}x32x{V} chunks of 3",
                        linear_cross_entropy)
+            for B, H, T, D, R, interleaved, per_row in ROTARY_SHAPES:
+                def rotary(B=B, H=H, T=T, D=D, R=R, dtype=dtype, interleaved=interleaved,
+                           per_row=per_row):
+                    # x a (B, T, H, D) projection's transpose(1, 2) view; float32 angles (any
+                    # float dtype is taken), strided: every other column of a wider table
+                    x = torch.randn(B, T, H, D, device=dev, dtype=dtype).transpose(1, 2)
+                    x.requires_grad_(True)
+                    shape = (B, T, R) if per_row else (T, R)
+                    cos = torch.randn(shape, device=dev)[..., ::2]
+                    sin = torch.randn(shape, device=dev)[..., ::2]
+                    out = fusedlm.rotary_embedding(x, cos, sin, interleaved=interleaved,
+                                                   backend=backend)
+                    out.backward(torch.randn_like(out))
+
+                yield (f"rotary_embedding fwd+bwd {dn} B={B} H={H} T={T} D={D} R={R}"
+                       f"{' interleaved' if interleaved else ''}"
+                       f"{' per-row angles' if per_row else ''}", rotary)
+            for N, width in SWIGLU_SHAPES:
+                def swiglu(N=N, width=width, dtype=dtype):
+                    # gate and up: the two halves of a fused (N, 2I) projection (row stride 2I)
+                    fused = torch.randn(N, 2 * width, device=dev, dtype=dtype,
+                                        requires_grad=True)
+                    gate, up = fused[:, :width], fused[:, width:]
+                    out = fusedlm.swiglu(gate, up, backend=backend)
+                    out.backward(torch.randn_like(out))
+
+                yield f"swiglu fwd+bwd {dn} {N}x{width} halves of a fused projection", swiglu
     for dtype in (torch.float32, torch.bfloat16):
         dn = str(dtype).removeprefix("torch.")
         for amsgrad in (False, True):

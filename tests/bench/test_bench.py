@@ -22,7 +22,7 @@ from fusedlm.bench.env import tree_hash
 
 ROOT = Path(__file__).resolve().parents[2]
 OPS = ("attention", "attention_decode", "layer_norm", "rms_norm", "cross_entropy",
-       "linear_cross_entropy", "adamw", "gpt")
+       "linear_cross_entropy", "rotary_embedding", "swiglu", "adamw", "gpt")
 
 
 # ---- counting -------------------------------------------------------------------------------
@@ -205,6 +205,197 @@ def test_linear_cross_entropy_providers_compute_the_eager_loss_and_gradients():
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=name)
 
 
+def test_rotary_and_swiglu_bytes_are_each_operand_once_per_pass():
+    """rotary_embedding: x read and out written (2 B H T D), cos and sin read once (T R/2
+    each, B times with per-row tables), in their own dtype; the backward the same again.
+    swiglu: 3 N I forward, 5 N I more backward."""
+    B, H, T, D = 2, 3, 5, 8
+    fwd = (2 * B * H * T * D + 2 * T * D // 2) * 2
+    assert counting.rotary_embedding_bytes(B, H, T, D, torch.bfloat16, "fwd") == fwd
+    assert counting.rotary_embedding_bytes(B, H, T, D, torch.bfloat16, "fwd+bwd") == 2 * fwd
+    assert counting.rotary_embedding_bytes(B, H, T, D, torch.bfloat16, "fwd", rotary_dim=4,
+                                           angle_dtype=torch.float32, per_row_angles=True) == \
+        2 * B * H * T * D * 2 + B * 2 * T * 2 * 4
+    with pytest.raises(ValueError, match="rotary_dim"):
+        counting.rotary_embedding_bytes(B, H, T, D, torch.float32, "fwd", rotary_dim=3)
+    with pytest.raises(ValueError, match="pass"):
+        counting.rotary_embedding_bytes(B, H, T, D, torch.float32, "bwd")
+    N, width = 6, 10
+    assert counting.swiglu_bytes(N, width, torch.bfloat16, "fwd") == 3 * N * width * 2
+    assert counting.swiglu_bytes(N, width, torch.float32, "fwd+bwd") == (3 + 5) * N * width * 4
+
+
+@pytest.mark.parametrize(("device", "quick"), [("cpu", True), ("cpu", False), ("cuda", True),
+                                             ("cuda", False)])
+def test_rotary_cases_are_a_layers_q_and_k_in_hugging_face_layout(device, quick):
+    """q (B, Hq, T, D) and k (B, Hkv, T, D) as views of (B, T, H, D) projections, B * T fixed,
+    x = T: Llama 3 8B's heads in bf16 at 16k tokens on a GPU; fusedlm's (T, D/2) tables and
+    Hugging Face's (1, T, D) ones; GB/s of both tensors and one read of the tables."""
+    ctx = C.Context(device=torch.device(device), quick=quick, backends={})
+    spec = C.specs()["rotary_embedding"]
+    assert (spec.metric, spec.ceiling) == ("GB/s", "bandwidth")
+    cases = spec.cases(ctx)
+    Hq, Hkv, D, tokens, seqs = {
+        ("cpu", True): (8, 2, 64, 1024, [128, 512]),
+        ("cpu", False): (32, 8, 128, 2048, [256, 512, 1024, 2048]),
+        ("cuda", True): (32, 8, 128, 16384, [1024, 4096]),
+        ("cuda", False): (32, 8, 128, 16384, [1024, 2048, 4096, 8192, 16384])}[(device, quick)]
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    assert [(c.pass_, c.size["T"]) for c in cases] == \
+        [(pass_, T) for pass_ in counting.PASSES for T in seqs]
+    for case in cases:
+        T = case.size["T"]
+        assert case.size == dict(B=tokens // T, T=T, Hq=Hq, Hkv=Hkv, D=D)
+        assert case.variant == f"{case.pass_} {C.dtype_name(dtype)}" and case.x == T
+        assert case.bytes == counting.rotary_embedding_bytes(tokens // T, Hq + Hkv, T, D, dtype,
+                                                             case.pass_)
+        assert case.flops is None and case.check_output == (case.pass_ == "fwd")
+    if device == "cpu":
+        for case in cases[:1] + cases[-1:]:
+            inputs = case.make_inputs()
+            B, T = case.size["B"], case.size["T"]
+            grad = case.pass_ == "fwd+bwd"
+            for name, H in (("q", Hq), ("k", Hkv)):
+                x = inputs[name]
+                assert x.shape == (B, H, T, D) and x.transpose(1, 2).is_contiguous()
+                assert x.requires_grad == grad and x.is_leaf and x.dtype == dtype
+            assert inputs["cos"].shape == inputs["sin"].shape == (T, D // 2)
+            assert inputs["cos_full"].shape == (1, T, D)
+            torch.testing.assert_close(inputs["cos_full"][0, :, D // 2:], inputs["cos"])
+            torch.testing.assert_close(inputs["cos"] ** 2 + inputs["sin"] ** 2,
+                                       torch.ones(T, D // 2))
+            if grad:
+                assert [g.shape for g in inputs["grad"]] == [(B, Hq, T, D), (B, Hkv, T, D)]
+            else:
+                assert "grad" not in inputs
+
+
+@pytest.mark.parametrize(("device", "quick"), [("cpu", True), ("cpu", False), ("cuda", True),
+                                             ("cuda", False)])
+def test_swiglu_cases_are_llama_mlp_widths(device, quick):
+    ctx = C.Context(device=torch.device(device), quick=quick, backends={})
+    spec = C.specs()["swiglu"]
+    assert (spec.metric, spec.ceiling) == ("GB/s", "bandwidth")
+    cases = spec.cases(ctx)
+    N, widths = {("cpu", True): (256, [512, 2048]), ("cpu", False): (1024, [1024, 4096, 11008]),
+                 ("cuda", True): (16384, [4096, 14336]),
+                 ("cuda", False): (16384, [2048, 4096, 8192, 11008, 14336])}[(device, quick)]
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    assert [(c.pass_, c.size["N"], c.size["I"]) for c in cases] == \
+        [(pass_, N, width) for pass_ in counting.PASSES for width in widths]
+    for case in cases:
+        assert case.x == case.size["I"] and case.variant == f"{case.pass_} {C.dtype_name(dtype)}"
+        assert case.bytes == counting.swiglu_bytes(N, case.size["I"], dtype, case.pass_)
+    if device == "cpu":
+        inputs = cases[-1].make_inputs()
+        assert inputs["gate"].shape == inputs["up"].shape == inputs["grad"].shape == (N, widths[-1])
+        assert inputs["gate"].requires_grad and inputs["up"].is_contiguous()
+
+
+@pytest.mark.parametrize(("op", "leaves"), [("rotary_embedding", ("q", "k")),
+                                            ("swiglu", ("gate", "up"))])
+def test_rotary_and_swiglu_providers_compute_the_eager_outputs_and_gradients(op, leaves):
+    """Every provider that runs on the CPU (torch.compile left out: slow to compile here) gives
+    eager's outputs (rotary: q's and k's, fusedlm's contiguous) and gradients."""
+    import fusedlm
+
+    ctx = C.Context(device=torch.device("cpu"), quick=True, compile=False,
+                    backends=dict(fusedlm.backends()))
+    spec = C.specs()[op]
+    runnable = [p for p in spec.providers if p.why_not(ctx) is None]
+    assert {p.name for p in runnable} >= {"torch-eager", "fusedlm-torch"}
+    fwd, fwd_bwd = (next(c for c in spec.cases(ctx) if c.pass_ == pass_)
+                    for pass_ in counting.PASSES)
+    torch.manual_seed(0)
+    inputs = fwd_bwd.make_inputs()
+    results = {}
+    for provider in runnable:
+        out = provider.build(fwd, ctx)(inputs)
+        outs = out if isinstance(out, tuple) else (out,)
+        assert len(outs) == len(leaves) if op == "rotary_embedding" else len(outs) == 1
+        assert not any(o.requires_grad for o in outs)
+        provider.build(fwd_bwd, ctx)(inputs)
+        results[provider.name] = (*outs, *(inputs[name].grad for name in leaves))
+    eager = results.pop("torch-eager")
+    for name, got in results.items():
+        for a, b in zip(got, eager, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=name)
+
+
+def _fake_liger(monkeypatch, calls: list) -> None:
+    """liger_kernel's rope and swiglu entry points as the bench calls them, in PyTorch, with
+    Liger's side effects: the rotation is written over q's and k's storage (views returned),
+    the SwiGLU backward over gate and up."""
+    import types
+
+    def liger_rotary_pos_emb(q, k, cos, sin, position_ids=None, unsqueeze_dim=1):
+        calls.append(("rope", q.shape, k.shape, cos.shape, sin.shape))
+        assert not torch.is_grad_enabled()  # (the fake does the forward only)
+        for x in (q, k):
+            x.copy_(C.eager_rotary(x, x, cos, sin)[0])
+        return q, k
+
+    class LigerSiLUMulFunction(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, a, b):
+            calls.append(("swiglu", a.shape))
+            ctx.save_for_backward(a, b)
+            return torch.nn.functional.silu(a) * b
+
+        @staticmethod
+        def backward(ctx, dc):
+            a, b = ctx.saved_tensors
+            sig = torch.sigmoid(a)
+            da = dc * b * sig * (1 + a * (1 - sig))
+            db = dc * a * sig
+            a.copy_(da)
+            b.copy_(db)
+            return a, b
+
+    modules = {"liger_kernel": types.ModuleType("liger_kernel")}
+    for name in ("liger_kernel.transformers", "liger_kernel.transformers.rope",
+                 "liger_kernel.ops", "liger_kernel.ops.swiglu"):
+        modules[name] = types.ModuleType(name)
+    modules["liger_kernel.transformers.rope"].liger_rotary_pos_emb = liger_rotary_pos_emb
+    modules["liger_kernel.ops.swiglu"].LigerSiLUMulFunction = LigerSiLUMulFunction
+    for name, module in modules.items():
+        monkeypatch.setitem(sys.modules, name, module)
+
+
+def test_liger_providers_call_liger_as_documented(monkeypatch):
+    """The liger rows (GPU only) call liger_rotary_pos_emb(q, k, cos, sin) with Hugging Face's
+    (1, T, D) tables and LigerSiLUMulFunction.apply(gate, up): a stand-in with Liger's side
+    effects gives eager's results through the providers; both declare that they write over
+    their inputs."""
+    calls = []
+    _fake_liger(monkeypatch, calls)
+    ctx = C.Context(device=torch.device("cpu"), quick=True, compile=False, backends={})
+    for op in ("rotary_embedding", "swiglu"):
+        spec = C.specs()[op]
+        liger = next(p for p in spec.providers if p.name == "liger")
+        assert liger.mutates_inputs
+        eager = spec.providers[0]
+        fwd = next(c for c in spec.cases(ctx) if c.pass_ == "fwd")
+        torch.manual_seed(0)
+        inputs = fwd.make_inputs()
+        expected = eager.build(fwd, ctx)(inputs)
+        got = liger.build(fwd, ctx)(inputs)
+        torch.testing.assert_close(got, expected)
+    size = C.specs()["rotary_embedding"].cases(ctx)[0].size
+    B, T, Hq, Hkv, D = (size[k] for k in ("B", "T", "Hq", "Hkv", "D"))
+    assert calls[0] == ("rope", (B, Hq, T, D), (B, Hkv, T, D), (1, T, D), (1, T, D))
+    assert calls[1][0] == "swiglu"
+    spec = C.specs()["swiglu"]
+    fwd_bwd = next(c for c in spec.cases(ctx) if c.pass_ == "fwd+bwd")
+    inputs = fwd_bwd.make_inputs()
+    gate, up = inputs["gate"].detach().clone(), inputs["up"].detach().clone()
+    spec.providers[0].build(fwd_bwd, ctx)(inputs)
+    expected = inputs["gate"].grad, inputs["up"].grad
+    next(p for p in spec.providers if p.name == "liger").build(fwd_bwd, ctx)(
+        {"gate": gate.requires_grad_(), "up": up.requires_grad_(), "grad": inputs["grad"]})
+    torch.testing.assert_close((gate.grad, up.grad), expected)
+
+
 def test_gpt_flops():
     assert counting.gpt_flops_per_token(100, 2, 8, 4) == 6 * 100 + 6 * 2 * 8 * 4
     assert counting.gpt_step_flops(10.0, 3, 4) == 120.0
@@ -341,7 +532,7 @@ def test_quick_run_ratios_come_from_measured_rows(quick_run):
     assert checked >= 20
     # CPU competitors: eager PyTorch and fusedlm's cpu backend measured for every op
     for op in ("attention", "attention_decode", "layer_norm", "rms_norm", "cross_entropy",
-               "linear_cross_entropy", "adamw"):
+               "linear_cross_entropy", "rotary_embedding", "swiglu", "adamw"):
         measured = {r["provider"] for r in rows if r["op"] == op and r["status"] == "ok"}
         assert "torch-eager" in measured
         if results["environment"]["backends"]["cpu"]["available"]:
@@ -624,6 +815,46 @@ def test_failing_and_unsupported_providers_are_rows_with_reasons(monkeypatch, qu
     assert by_provider["partial"] == {("unsupported", "no such kernel")}
     assert len(snapshots) == len(out["rows"]) // 3  # one per case
     assert [schema.validate(s) for s in snapshots] == [[]] * len(snapshots)
+
+
+def test_a_provider_that_writes_over_its_inputs_is_checked_on_a_copy(monkeypatch, quick_run):
+    """rel_err_vs_eager of a provider marked mutates_inputs (Liger's in-place kernels) is
+    taken on a copy of the first input set made before its timed calls; one that scribbles on
+    its inputs unmarked shows the damage. Several outputs (rotary's q and k) count together."""
+    _, _, results, _ = quick_run
+    real_specs = C.specs
+
+    def scribbling(case, ctx):
+        def fn(inputs):
+            out = C.eager_swiglu(inputs["gate"], inputs["up"])
+            inputs["gate"].mul_(-1.5)  # as an in-place kernel leaves its input
+            return out
+        return fn
+
+    def specs():
+        spec = real_specs()["swiglu"]
+        spec.providers = [spec.providers[0],
+                          C.Provider("marked", "", C._always, scribbling, mutates_inputs=True),
+                          C.Provider("unmarked", "", C._always, scribbling)]
+        return {"swiglu": spec}
+
+    monkeypatch.setattr(C, "specs", specs)
+    out = runner.run(runner.Options(ops=("swiglu",), quick=True, device="cpu", rep_ms=1,
+                                    warmup_ms=0, ceilings=results["ceilings"],
+                                    log=lambda msg: None))
+    assert schema.validate(out) == []
+    checked = [r for r in out["rows"] if r["pass"] == "fwd" and r["provider"] != "torch-eager"]
+    assert checked and all(r["status"] == "ok" for r in checked)
+    for r in checked:
+        if r["provider"] == "marked":
+            assert r["rel_err_vs_eager"] == 0.0, r
+        else:
+            assert r["rel_err_vs_eager"] > 0.1, r
+    ref = (torch.ones(3), torch.full((2, 2), 2.0))
+    assert runner._rel_err(ref, ref) == 0.0
+    off = (torch.ones(3), torch.full((2, 2), 2.0) + torch.tensor([[1.0, 0], [0, 0]]))
+    assert runner._rel_err(off, ref) == pytest.approx(1 / (3 + 16) ** 0.5)
+    assert runner._rel_err(ref[:1], ref) is None
 
 
 def test_a_spent_budget_skips_rows_and_says_why(quick_run):

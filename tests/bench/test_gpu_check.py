@@ -94,13 +94,14 @@ def test_gpu_check_runs_end_to_end_on_a_cpu(tmp_path):
     assert schema.validate(bench) == []
     assert {r["op"] for r in bench["rows"]} == {"attention", "layer_norm", "rms_norm", "adamw",
                                                  "gpt", "cross_entropy", "linear_cross_entropy",
-                                                 "attention_decode"}
+                                                 "rotary_embedding", "swiglu", "attention_decode"}
     # $OUT brings back 8 files: the first 5 ops' plots there, the others' in logs.tar.gz
     assert {p.name for p in out.glob("*.png")} == {f"{op}.png" for op in
                                                    ("attention", "layer_norm", "rms_norm",
                                                     "adamw", "gpt")}
     assert len(list(out.iterdir())) <= 8
     assert steps["bench"]["plots_in_logs"] == ["cross_entropy.png", "linear_cross_entropy.png",
+                                               "rotary_embedding.png", "swiglu.png",
                                                "attention_decode.png"]
     with tarfile.open(out / "logs.tar.gz") as tar:
         names = tar.getnames()
@@ -111,14 +112,16 @@ def test_gpu_check_runs_end_to_end_on_a_cpu(tmp_path):
 
 def test_bench_step_runs_every_op_attention_decode_after_attention():
     """The bench step's ops are fusedlm bench's, each with a share of its time; the decoding
-    rows come after the main attention rows (a step short of time skips them first)."""
+    rows come last, after the main attention rows (a step short of time skips them first)."""
     from fusedlm.bench import cases
 
     gpu_check = _gpu_check()
     assert sorted(gpu_check.OPS) == sorted(cases.OPS)
     assert set(gpu_check.OP_SHARE) == set(gpu_check.OPS)
     assert sum(gpu_check.OP_SHARE.values()) == pytest.approx(1.0)
+    assert all(share > 0 for share in gpu_check.OP_SHARE.values())
     assert gpu_check.OPS.index("attention_decode") > gpu_check.OPS.index("attention")
+    assert gpu_check.OPS[-1] == "attention_decode"
 
 
 def test_bench_step_keeps_out_to_eight_files(tmp_path):

@@ -7,21 +7,26 @@ backward, or an optimizer / training step). ``torch-eager`` is every op's baseli
 
 attention_decode (one query row per sequence against a KV cache, GQA, forward) has
 attention's providers. linear_cross_entropy (the LM head and its loss, forward and
-forward+backward) records each provider's peak GPU memory too.
+forward+backward) records each provider's peak GPU memory too. rotary_embedding rotates one
+attention layer's q and k together (Hugging Face Llama's layout: views of the (B, T, H, D)
+projections), so that Liger's one call for both is timed against the same work.
 
 Providers, each only where it can run (the output says why the others did not):
     torch-eager      eager PyTorch (attention written out: k, v repeated for GQA, q k^T, mask,
                      softmax in float32, p v; F.layer_norm / F.rms_norm;
                      F.cross_entropy(logits.float(), target), after F.linear for
-                     linear_cross_entropy; torch.optim.AdamW(foreach=False, fused=False); the
-                     GPT with kernels="torch" and torch.optim.AdamW's default)
+                     linear_cross_entropy; Hugging Face Llama's apply_rotary_pos_emb
+                     (q * cos + rotate_half(q) * sin, cos and sin (1, T, D)); F.silu(gate) * up;
+                     torch.optim.AdamW(foreach=False, fused=False); the GPT with
+                     kernels="torch" and torch.optim.AdamW's default)
     torch-compile    torch.compile of the eager version
     sdpa-<backend>   F.scaled_dot_product_attention under sdpa_kernel(<backend>) for each of
                      flash, efficient, cudnn, math that runs on the device (enable_gqa=True
                      when k has fewer heads than q; a backend that refuses a case: unsupported)
     torch-foreach, torch-fused   torch.optim.AdamW(foreach=True) / (fused=True)
     liger            Liger-Kernel's LayerNorm / RMSNorm functions, LigerCrossEntropyLoss,
-                     LigerFusedLinearCrossEntropyLoss (when installed, GPU)
+                     LigerFusedLinearCrossEntropyLoss, liger_rotary_pos_emb (q and k in one
+                     call, in place), LigerSiLUMulFunction (when installed, GPU)
     fusedlm-<name>   fusedlm with backend=<name> for cuda, triton, cpu (and torch, the
                      reference, on the CPU); for the GPT, the model with kernels="fused",
                      FUSEDLM_BACKEND=<name> and fusedlm.optim.AdamW(backend=<name>)
@@ -52,7 +57,7 @@ from . import counting
 BASELINE = "torch-eager"
 # The ops of ``fusedlm bench`` in run order (its CLI, runner and tests read this one list).
 OPS = ("attention", "attention_decode", "layer_norm", "rms_norm", "cross_entropy",
-       "linear_cross_entropy", "adamw", "gpt")
+       "linear_cross_entropy", "rotary_embedding", "swiglu", "adamw", "gpt")
 NORM_EPS = 1e-5
 SDPA_BACKENDS = ("flash", "efficient", "cudnn", "math")
 
@@ -100,6 +105,9 @@ class Provider:
     build: Callable[[Case, Context], Callable[[dict], object]]
     compiles: bool = False  # pays a compile on first use (skipped when the budget is short)
     max_input_sets: int | None = None
+    # Writes over its inputs (Liger's in-place kernels): the runner checks its forward output
+    # on a copy of the first input set taken before the timed calls.
+    mutates_inputs: bool = False
 
 
 @dataclass
@@ -189,7 +197,8 @@ def _needs(ctx: Context, backend: str, kernel: str) -> None:
 
 
 def _run_pass(case: Case, forward: Callable[[dict], torch.Tensor], leaves: tuple[str, ...]):
-    """fn(inputs) for a forward (no autograd) or forward+backward case."""
+    """fn(inputs) for a forward (no autograd) or forward+backward case. A forward that returns
+    a tuple of tensors (rotary_embedding's q and k) takes a tuple of gradients, inputs["grad"]."""
     if case.pass_ == "fwd":
         def fwd(inputs):
             with torch.no_grad():
@@ -199,7 +208,11 @@ def _run_pass(case: Case, forward: Callable[[dict], torch.Tensor], leaves: tuple
     def fwd_bwd(inputs):
         for name in leaves:
             inputs[name].grad = None
-        forward(inputs).backward(inputs["grad"])
+        out = forward(inputs)
+        if isinstance(out, tuple):
+            torch.autograd.backward(out, inputs["grad"])
+        else:
+            out.backward(inputs["grad"])
 
     return fwd_bwd
 
@@ -866,6 +879,207 @@ def _linear_cross_entropy_providers() -> list[Provider]:
         _liger_linear_cross_entropy, ("hidden", "weight", "target"), ("hidden", "weight"))
 
 
+# ---- rotary_embedding -----------------------------------------------------------------------
+
+ROPE_THETA = 10000.0
+
+
+def rope_tables(T: int, D: int, dtype: torch.dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin (T, D/2) of Llama's angles (position t, pair i: t / theta^(2i / D)),
+    computed in float32, in ``dtype``."""
+    inv_freq = 1.0 / ROPE_THETA ** (torch.arange(0, D, 2, device=device, dtype=torch.float32) / D)
+    angles = torch.outer(torch.arange(T, device=device, dtype=torch.float32), inv_freq)
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def _rotary_cases(ctx: Context) -> list[Case]:
+    """One attention layer's q (B, Hq, T, D) and k (B, Hkv, T, D) rotated together, each a
+    view of its (B, T, H, D) projection (Hugging Face Llama's ``view(...).transpose(1, 2)``),
+    full rotary (R = D), one angle table for the batch; x = T, B * T fixed. On a GPU, Llama 3
+    8B's heads (32 query, 8 key, D = 128) in bf16 at 16k tokens."""
+    if ctx.cuda:
+        Hq, Hkv, D, tokens, dtype = 32, 8, 128, 16384, torch.bfloat16
+        seqs = [1024, 4096] if ctx.quick else [1024, 2048, 4096, 8192, 16384]
+    elif ctx.quick:
+        Hq, Hkv, D, tokens, dtype = 8, 2, 64, 1024, torch.float32
+        seqs = [128, 512]
+    else:
+        Hq, Hkv, D, tokens, dtype = 32, 8, 128, 2048, torch.float32
+        seqs = [256, 512, 1024, 2048]
+    out = []
+    for pass_ in counting.PASSES:
+        for T in seqs:
+            B = max(tokens // T, 1)
+
+            def make(B=B, T=T, pass_=pass_):
+                grad = pass_ == "fwd+bwd"
+                cos, sin = rope_tables(T, D, dtype, ctx.device)
+                inputs = {
+                    name: _randn(B, T, H, D, ctx=ctx, dtype=dtype).transpose(1, 2)
+                    .requires_grad_(grad) for name, H in (("q", Hq), ("k", Hkv))}
+                # fusedlm's (T, D/2) tables, and Hugging Face's (1, T, D) ones (each angle
+                # twice, as LlamaRotaryEmbedding returns them), which eager code and Liger take
+                inputs.update(cos=cos, sin=sin, cos_full=torch.cat((cos, cos), -1)[None],
+                              sin_full=torch.cat((sin, sin), -1)[None])
+                if grad:
+                    inputs["grad"] = (_randn(B, Hq, T, D, ctx=ctx, dtype=dtype),
+                                      _randn(B, Hkv, T, D, ctx=ctx, dtype=dtype))
+                return inputs
+
+            size = dict(B=B, T=T, Hq=Hq, Hkv=Hkv, D=D)
+            out.append(Case(
+                op="rotary_embedding", variant=f"{pass_} {dtype_name(dtype)}", pass_=pass_,
+                dtype=dtype_name(dtype), size_label=" ".join(f"{k}={v}" for k, v in size.items()),
+                size=size, x=T, flops=None,
+                bytes=counting.rotary_embedding_bytes(B, Hq + Hkv, T, D, dtype, pass_),
+                make_inputs=make, check_output=pass_ == "fwd",
+            ))
+    return out
+
+
+def _rotate_half(x):
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def eager_rotary(q, k, cos, sin):
+    """Hugging Face Llama's apply_rotary_pos_emb: cos and sin (1 or B, T, D)."""
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+
+
+def _liger_rotary(q, k, cos, sin):
+    from liger_kernel.transformers.rope import liger_rotary_pos_emb
+
+    return liger_rotary_pos_emb(q, k, cos, sin)
+
+
+def _fusedlm_rotary(backend):
+    def call(q, k, cos, sin):
+        import fusedlm
+
+        try:
+            return (fusedlm.rotary_embedding(q, cos, sin, backend=backend),
+                    fusedlm.rotary_embedding(k, cos, sin, backend=backend))
+        except fusedlm.BackendNotSupportedError as why:
+            raise Unsupported(str(why).split(": ", 1)[-1]) from why
+
+    return call
+
+
+def _rotary_providers() -> list[Provider]:
+    def provider(name, description, fn, tables, why_not=_always, compiles=False,
+                 mutates_inputs=False):
+        cos, sin = tables
+
+        def build(case: Case, ctx: Context):
+            f = fn() if compiles else fn
+            return _run_pass(case, lambda i: f(i["q"], i["k"], i[cos], i[sin]), ("q", "k"))
+
+        return Provider(name, description, why_not, build, compiles=compiles,
+                        mutates_inputs=mutates_inputs)
+
+    full, half = ("cos_full", "sin_full"), ("cos", "sin")
+    eager = ("Hugging Face Llama's apply_rotary_pos_emb: q * cos + rotate_half(q) * sin (and k), "
+             "cos and sin (1, T, D)")
+    providers = [provider(BASELINE, eager, eager_rotary, full)]
+    for backend in ("cuda", "triton", "cpu", "torch"):
+        providers.append(provider(
+            f"fusedlm-{backend}",
+            f"fusedlm.rotary_embedding(x, cos, sin, backend={backend!r}) for q, then for k "
+            "(cos and sin (T, D/2))", _fusedlm_rotary(backend), half,
+            _fusedlm_why_not(backend, ("rotary_embedding",))))
+    # (last of the first pass: it rotates the shared input sets' q and k in place)
+    providers.append(provider(
+        "liger", "Liger-Kernel liger_rotary_pos_emb(q, k, cos, sin): q and k in one call, "
+        "rotated in place in their (B, T, H, D) storage (cos and sin (1, T, D))", _liger_rotary,
+        full, _liger_why_not, mutates_inputs=True))
+    providers.append(provider("torch-compile", "torch.compile of the torch-eager rotation",
+                              lambda: compiled(eager_rotary), full, _compile_why_not,
+                              compiles=True))
+    return providers
+
+
+# ---- swiglu ---------------------------------------------------------------------------------
+
+def _swiglu_cases(ctx: Context) -> list[Case]:
+    """gate and up (N, I), the outputs of a Llama MLP's gate_proj and up_proj (contiguous);
+    x = I. On a GPU, 16k tokens at intermediate sizes up to Llama 2 7B's (11008) and Llama 3
+    8B's (14336), bf16."""
+    if ctx.cuda:
+        N, dtype = 16384, torch.bfloat16
+        widths = [4096, 14336] if ctx.quick else [2048, 4096, 8192, 11008, 14336]
+    else:
+        N, widths = (256, [512, 2048]) if ctx.quick else (1024, [1024, 4096, 11008])
+        dtype = torch.float32
+    out = []
+    for pass_ in counting.PASSES:
+        for width in widths:
+            def make(width=width, pass_=pass_):
+                grad = pass_ == "fwd+bwd"
+                inputs = {name: _randn(N, width, ctx=ctx, dtype=dtype, requires_grad=grad)
+                          for name in ("gate", "up")}
+                if grad:
+                    inputs["grad"] = _randn(N, width, ctx=ctx, dtype=dtype)
+                return inputs
+
+            out.append(Case(
+                op="swiglu", variant=f"{pass_} {dtype_name(dtype)}", pass_=pass_,
+                dtype=dtype_name(dtype), size_label=f"N={N} I={width}", size=dict(N=N, I=width),
+                x=width, flops=None, bytes=counting.swiglu_bytes(N, width, dtype, pass_),
+                make_inputs=make,
+                check_output=pass_ == "fwd",
+            ))
+    return out
+
+
+def eager_swiglu(gate, up):
+    return F.silu(gate) * up
+
+
+def _liger_swiglu(gate, up):
+    from liger_kernel.ops.swiglu import LigerSiLUMulFunction
+
+    return LigerSiLUMulFunction.apply(gate, up)
+
+
+def _fusedlm_swiglu(backend):
+    def call(gate, up):
+        import fusedlm
+
+        return fusedlm.swiglu(gate, up, backend=backend)
+
+    return call
+
+
+def _swiglu_providers() -> list[Provider]:
+    def provider(name, description, fn, why_not=_always, compiles=False, kernel_backend=None,
+                 mutates_inputs=False):
+        def build(case: Case, ctx: Context):
+            if kernel_backend is not None and case.pass_ == "fwd+bwd":
+                _needs(ctx, kernel_backend, "swiglu_bwd")
+            f = fn() if compiles else fn
+            return _run_pass(case, lambda i: f(i["gate"], i["up"]), ("gate", "up"))
+
+        return Provider(name, description, why_not, build, compiles=compiles,
+                        mutates_inputs=mutates_inputs)
+
+    providers = [provider(BASELINE, "F.silu(gate) * up (autograd keeps silu(gate))",
+                          eager_swiglu)]
+    for backend in ("cuda", "triton", "cpu", "torch"):
+        providers.append(provider(
+            f"fusedlm-{backend}", f"fusedlm.swiglu(gate, up, backend={backend!r})",
+            _fusedlm_swiglu(backend), _fusedlm_why_not(backend, ("swiglu_fwd",)),
+            kernel_backend=backend))
+    # (last of the first pass: its backward writes over the shared input sets' gate and up)
+    providers.append(provider(
+        "liger", "Liger-Kernel LigerSiLUMulFunction.apply(gate, up) (its backward writes dgate "
+        "and dup over gate and up)", _liger_swiglu, _liger_why_not, mutates_inputs=True))
+    providers.append(provider("torch-compile", "torch.compile(F.silu(gate) * up)",
+                              lambda: compiled(eager_swiglu), _compile_why_not, compiles=True))
+    return providers
+
+
 # ---- adamw ----------------------------------------------------------------------------------
 
 def gpt2_param_shapes(d: int, layers: int, vocab: int = 50257, ctx: int = 1024) -> list[tuple]:
@@ -1155,6 +1369,27 @@ def specs() -> dict[str, OpSpec]:
             "recomputing implementation gets no credit for its extra work)",
             "not counted (matmul-bound; the GPU rows' peak_memory_bytes is the point)",
             peak_memory=True),
+        "rotary_embedding": OpSpec(
+            "rotary_embedding",
+            "rotary position embeddings (RoPE, rotate_half pairs, R = D) of one attention "
+            "layer's q (B, Hq, T, D) and k (B, Hkv, T, D), views of the (B, T, H, D) "
+            "projections, one (T, D/2) angle table for the batch; forward and "
+            "forward+backward",
+            "GB/s", "bandwidth", "sequence length T (B*T fixed)", _rotary_cases,
+            _rotary_providers(), "not counted (memory-bound)",
+            "fwd: q and k read, their outputs written (2 B (Hq + Hkv) T D elements), cos and sin "
+            "read once (T D elements); fwd+bwd: twice that (dout read, dx written, the tables "
+            "read again)",
+            notes=["The providers rotate q and k together: fusedlm in two calls (one per "
+                   "tensor), Liger in one (in place, returning views of q's and k's storage); "
+                   "eager and torch.compile write new tensors."]),
+        "swiglu": OpSpec(
+            "swiglu", "silu(gate) * up, gate and up (N, I) (the Llama MLP's activation); "
+            "forward and forward+backward",
+            "GB/s", "bandwidth", "intermediate size I", _swiglu_cases, _swiglu_providers(),
+            "not counted (memory-bound)",
+            "fwd: gate and up read, out written (3 N I elements); bwd: dout, gate, up read, "
+            "dgate, dup written (5 N I elements)"),
         "adamw": OpSpec(
             "adamw", "one AdamW step over a list of float32 parameters (lr 1e-3, wd 1e-2)",
             "GB/s", "bandwidth", "parameters", _adamw_cases, _adamw_providers(),

@@ -25,6 +25,17 @@ linear_cross_entropy, hidden states (N, C), the LM head's weight (V, C), target 
     The unfused count: an implementation that recomputes the logits gets no credit for it.
     Bytes are not counted: the matmuls bound it (TFLOP/s), and its point is the memory it
     does not hold (the (N, V) logits), which the GPU rows report as peak_memory_bytes.
+rotary_embedding, x (B, H, T, D) with its first R features rotated, cos and sin (T, R/2), or
+    (B, T, R/2) with per-row positions:
+    forward  read x, write out                                     (2 B H T D elements)
+             and read the angle tables once                         (2 T R/2 elements of cos,
+                                                                     times B per-row tables)
+    backward the same again (dout rotated the other way: read dout and the tables, write dx)
+    The benchmark rotates a layer's q and k together (H = Hq + Hkv heads, one read of the
+    tables): what Liger's single call does; fusedlm's two calls read the tables twice.
+swiglu, gate and up (N, I):
+    forward  read gate and up; write out                           (3 N I elements)
+    backward read dout, gate and up; write dgate and dup             (5 N I elements)
 adamw, per parameter element:
     read param, grad, exp_avg, exp_avg_sq; write param, exp_avg, exp_avg_sq
     (float32 everything: 28 bytes per element)
@@ -115,6 +126,34 @@ def cross_entropy_bytes(N: int, V: int, dtype: torch.dtype, pass_: str) -> float
     e = itemsize(dtype)
     fwd = N * V * e + 8 * N
     return float(fwd if pass_ == "fwd" else fwd + 2 * N * V * e + 8 * N)
+
+
+def rotary_embedding_bytes(B: int, H: int, T: int, D: int, dtype: torch.dtype, pass_: str,
+                           rotary_dim: int | None = None, angle_dtype: torch.dtype | None = None,
+                           per_row_angles: bool = False) -> float:
+    """x (B, H, T, D) read and the output written once per pass; cos and sin (T, R/2) (B of
+    them with ``per_row_angles``) read once per pass, in ``angle_dtype`` (x's by default). R is
+    ``rotary_dim`` (D by default). H counts every head rotated with one read of the tables
+    (q's and k's together: Hq + Hkv). The backward (dout rotated the other way into dx) moves
+    the same again."""
+    _check_pass(pass_)
+    R = D if rotary_dim is None else rotary_dim
+    if R % 2 or not 2 <= R <= D:
+        raise ValueError(f"rotary_embedding_bytes: rotary_dim must be even and in [2, D], got {R}")
+    e = itemsize(dtype)
+    ea = e if angle_dtype is None else itemsize(angle_dtype)
+    tables = (B if per_row_angles else 1) * 2 * T * (R // 2) * ea
+    fwd = 2 * B * H * T * D * e + tables
+    return float(fwd if pass_ == "fwd" else 2 * fwd)
+
+
+def swiglu_bytes(N: int, width: int, dtype: torch.dtype, pass_: str) -> float:
+    """gate and up (N, I), I = ``width``. Forward: gate and up read, out written (3 N I
+    elements); backward: dout, gate and up read, dgate and dup written (5 N I elements).
+    silu(gate), which eager autograd keeps, is left out: the backward can recompute it."""
+    _check_pass(pass_)
+    elements = N * width * itemsize(dtype)
+    return float(3 * elements if pass_ == "fwd" else 8 * elements)
 
 
 def linear_cross_entropy_flops(N: int, C: int, V: int, pass_: str) -> float:

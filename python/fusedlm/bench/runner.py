@@ -28,7 +28,8 @@ UNITS = {
     "ratio_to_eager": "median time of the torch-eager row of the same op, variant and size "
                       "divided by this row's median time (>1: faster than eager PyTorch)",
     "tokens_per_s": "training tokens per second (gpt)",
-    "rel_err_vs_eager": "||out - eager|| / ||eager|| of the forward output on one input set",
+    "rel_err_vs_eager": "||out - eager|| / ||eager|| of the forward output on one input set "
+                        "(several outputs, e.g. rotary_embedding's q and k, taken together)",
     "x": "the op's x_name (plot abscissa)",
     "peak_memory_bytes": "bytes: the most GPU memory one call held at once beyond what was "
                          "allocated before it (the inputs), torch.cuda.max_memory_allocated; "
@@ -126,12 +127,25 @@ def _peak_memory_bytes(call: Callable[[], object], inputs: dict, device: torch.d
 
 
 def _rel_err(out, ref) -> float | None:
+    """||out - ref|| / ||ref||; a tuple of outputs (rotary_embedding's q and k) as one vector."""
+    if isinstance(out, tuple) and isinstance(ref, tuple) and len(out) == len(ref) and all(
+            isinstance(t, torch.Tensor) and isinstance(r, torch.Tensor) and t.shape == r.shape
+            for t, r in zip(out, ref, strict=True)):
+        out = torch.cat([t.detach().reshape(-1).double() for t in out])
+        ref = torch.cat([r.detach().reshape(-1).double() for r in ref])
     if not isinstance(out, torch.Tensor) or not isinstance(ref, torch.Tensor):
         return None
     ref64 = ref.detach().double()
     denom = ref64.norm().item()
     diff = (out.detach().double() - ref64).norm().item()
     return diff / denom if denom > 0 else diff
+
+
+def _copy_inputs(inputs: dict) -> dict:
+    """A copy of an input set's tensors (strides and requires_grad kept), for a provider that
+    writes over its inputs; anything else (nested dicts, tuples of gradients) is shared."""
+    return {name: value.detach().clone().requires_grad_(value.requires_grad)
+            if isinstance(value, torch.Tensor) else value for name, value in inputs.items()}
 
 
 def add_ratios(rows: list[dict]) -> None:
@@ -371,8 +385,11 @@ def run(opts: Options) -> dict:
                 rows.append(row)
                 if row["reason"] is not None:
                     continue
-                fn = calls = None
+                fn = calls = check_set = None
                 try:
+                    # (taken before the timed calls change the first set)
+                    check_set = _copy_inputs(sets[0]) if case.check_output and \
+                        p.mutates_inputs else sets[0]
                     fn = p.build(case, ctx)
                     use = sets[:p.max_input_sets] if p.max_input_sets else sets
                     calls = [(lambda s=s, f=fn: f(s)) for s in use]
@@ -382,7 +399,7 @@ def run(opts: Options) -> dict:
                     if spec.peak_memory and device.type == "cuda":  # warm: one untimed call
                         peak = _peak_memory_bytes(calls[0], sets[0], device)
                     if case.check_output:  # before the row counts as measured
-                        out = fn(sets[0])
+                        out = fn(check_set)
                         if p.name == C.BASELINE:
                             eager_out = out
                             if keep_eager:
@@ -403,7 +420,7 @@ def run(opts: Options) -> dict:
                         broken = (f"not run: the CUDA context broke at {op} {case.size_label} "
                                   f"{p.name}: {row['reason']}")
                 finally:
-                    fn = calls = None
+                    fn = calls = check_set = None
                     if row["status"] == "error":
                         _free(device)
                 status = row["status"]
