@@ -15,12 +15,13 @@ replacements for their PyTorch counterparts.
     fusedlm.swiglu(gate, up)                       # silu(gate) * up, the Llama MLP's activation
     fusedlm.nn.LayerNorm, fusedlm.nn.RMSNorm, fusedlm.nn.MultiheadAttention
     fusedlm.nn.CrossEntropyLoss, fusedlm.nn.LinearCrossEntropyLoss
-    fusedlm.nn.CausalSelfAttention
+    fusedlm.nn.CausalSelfAttention, fusedlm.nn.SwiGLUMLP
     fusedlm.optim.AdamW
     fusedlm.backends()                             # which backends work here, and why not
     fusedlm.patch(model), fusedlm.unpatch(model)   # swap a model's norms for ours, and back
     fusedlm.patch(model, attention=True)           # also its nn.MultiheadAttention and SDPA calls
-    fusedlm.integrations.transformers.apply(model) # a Hugging Face model: attention + norms
+    fusedlm.patch(model, mlp=True)                 # also its gated (SwiGLU) MLPs
+    fusedlm.integrations.transformers.apply(model) # a Hugging Face model: attention, norms, MLPs
 
 Importing registers the custom ops (torch.ops.fusedlm.*); the compiled extension loads on first
 use.
