@@ -153,20 +153,26 @@ def under_transform() -> bool:
     return peek is not None and peek() is not None
 
 
-def transform_forward(dispatch, backend: str, reference_forward, backend_index: int = -1):
-    """The forward to run under a transform (see ``under_transform``): ``reference_forward``
-    (the op's arguments less ``backend``, at ``backend_index`` of them). A kernel backend
-    named by the caller or by ``FUSEDLM_BACKEND`` cannot serve the call and raises, as
-    ``OpDispatch.select`` does."""
+def reference_only(name: str, backend: str, why: str) -> None:
+    """For a call only the torch reference can serve (``why`` says why): raises, as
+    ``OpDispatch.select`` does, if a kernel backend is named by the caller or by
+    ``FUSEDLM_BACKEND``; else records the choice of ``fusedlm.<name>``'s dispatch."""
     requested = requested_backend(backend)
     if requested not in ("auto", "torch"):
         source = "argument 'backend'" if backend != "auto" else "FUSEDLM_BACKEND"
         raise BackendNotSupportedError(
-            f"fusedlm.{dispatch.name}: {source} asks for backend {requested!r}, which cannot serve "
-            "this call: under torch.func transforms (vmap, grad, jacrev, jvp) and forward-mode "
-            "AD only the 'torch' backend runs (the kernels have no batching or forward-mode rules)"
-        )
-    OpDispatch.last_choice[dispatch.name] = "torch"
+            f"fusedlm.{name}: {source} asks for backend {requested!r}, which cannot serve this "
+            f"call: {why}")
+    OpDispatch.last_choice[name] = "torch"
+
+
+def transform_forward(dispatch, backend: str, reference_forward, backend_index: int = -1):
+    """The forward to run under a transform (see ``under_transform``): ``reference_forward``
+    (the op's arguments less ``backend``, at ``backend_index`` of them). A kernel backend
+    named by the caller or by ``FUSEDLM_BACKEND`` cannot serve the call and raises."""
+    reference_only(dispatch.name, backend,
+                   "under torch.func transforms (vmap, grad, jacrev, jvp) and forward-mode AD only "
+                   "the 'torch' backend runs (the kernels have no batching or forward-mode rules)")
 
     def forward(*args):
         arguments = list(args)

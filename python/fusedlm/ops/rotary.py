@@ -8,18 +8,14 @@ import torch
 from torch import Tensor
 
 from .. import reference
-from ..backends import (
-    BackendNotSupportedError,
-    OpDispatch,
-    check_backend_name,
-    requested_backend,
-)
+from ..backends import OpDispatch, check_backend_name
 from ._common import (
     autocast_off,
     check_float_tensor,
     check_same_device,
     eager_autograd_function,
     forward_for_call,
+    reference_only,
     register_extension_kernels,
 )
 
@@ -123,14 +119,8 @@ def rotary_embedding(x: Tensor, cos: Tensor, sin: Tensor, interleaved: bool = Fa
         raise TypeError(f"argument 'interleaved' must be a bool, got {type(interleaved).__name__}")
     check_backend_name(backend)
     if torch.is_grad_enabled() and (cos.requires_grad or sin.requires_grad):
-        requested = requested_backend(backend)
-        if requested not in ("auto", "torch"):
-            source = "argument 'backend'" if backend != "auto" else "FUSEDLM_BACKEND"
-            raise BackendNotSupportedError(
-                f"fusedlm.rotary_embedding: {source} asks for backend {requested!r}, which "
-                "cannot serve this call: 'cos' or 'sin' requires grad, and only the 'torch' "
-                "backend differentiates the angle tables")
-        OpDispatch.last_choice[ROTARY_EMBEDDING.name] = "torch"
+        reference_only(ROTARY_EMBEDDING.name, backend, "'cos' or 'sin' requires grad, and only "
+                       "the 'torch' backend differentiates the angle tables")
         return reference.rotary_embedding(x, cos, sin, interleaved, False)
     fwd = forward_for_call(ROTARY_EMBEDDING, backend, _RotaryEmbeddingEager, _rotary_embedding,
                            reference.rotary_embedding, x)

@@ -38,7 +38,8 @@ from torch import Tensor
 
 from ..ops._common import check_scalar_tensor
 from .interpreter_fixes import patch_interpreter
-from .norm import _INTERPRETED, _device_context
+from .launch import compute_type, device_context
+from .norm import _INTERPRETED
 
 # Elements per program (one chunk of one tensor), walked BLOCK at a time. 2048 elements over 4
 # warps = 16 per thread: four 128-bit accesses per float32 tensor.
@@ -405,7 +406,7 @@ def adamw_step(
     # beta^step = exp(step * log(beta)) in the kernel; log(0) = -inf gives 0 as 0.0**step does.
     log_beta1 = math.log(beta1) if beta1 > 0 else -math.inf
     log_beta2 = math.log(beta2) if beta2 > 0 else -math.inf
-    with _device_context(device):
+    with device_context(device):
         for (param_dtype, grad_dtype, state_dtype), indices in groups.items():
             originals = [[ts[i] for i in indices] for ts in (params, grads, *state_lists)]
             lists = [stand_ins(ts, written=k != 1 or grad_scale is not None)
@@ -445,7 +446,7 @@ def adamw_step(
                 bc2_sqrt,
                 PARAM=_TL_DTYPE[param_dtype], GRAD=_TL_DTYPE[grad_dtype],
                 STATE=_TL_DTYPE[state_dtype],
-                COMPUTE=tl.float64 if param_dtype == torch.float64 else tl.float32,
+                COMPUTE=compute_type(param_dtype),
                 AMSGRAD=amsgrad, MAXIMIZE=maximize, STEPS=step_source,
                 HAS_LR=lr_tensor is not None, HAS_GRAD_SCALE=grad_scale is not None,
                 HAS_FOUND_INF=found_inf is not None,

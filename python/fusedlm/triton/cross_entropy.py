@@ -26,7 +26,6 @@ thousand elements) and walks V in BLOCK_V-column chunks.
 
 from __future__ import annotations
 
-import contextlib
 import os
 
 import torch
@@ -36,6 +35,7 @@ from torch import Tensor
 
 from .. import reference
 from .interpreter_fixes import patch_interpreter
+from .launch import compute_type, device_context
 
 # Columns per chunk; a program holds (ROWS, BLOCK_V) values at once.
 MAX_BLOCK_V = 4096
@@ -155,15 +155,6 @@ def _check(logits: Tensor, target: Tensor) -> None:
                          f"{target.dtype} {list(target.shape)}")
 
 
-def _device_context(device: torch.device):
-    """Launch on the tensors' GPU, not the current one."""
-    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
-
-
-def _compute(dtype: torch.dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
-
-
 def cross_entropy_fwd(
     logits: Tensor, target: Tensor, ignore_index: int, label_smoothing: float
 ) -> tuple[Tensor, Tensor, Tensor]:
@@ -175,11 +166,11 @@ def cross_entropy_fwd(
     loss, row_max, log_sum = (torch.empty(N, dtype=stat, device=logits.device) for _ in range(3))
     rows, block_v, num_warps, programs = _launch_shape(N, V)
     target = target.contiguous()
-    with _device_context(logits.device):
+    with device_context(logits.device):
         cross_entropy_fwd_kernel[(programs,)](
             logits, target, loss, row_max, log_sum, N, V, logits.stride(0), logits.stride(1),
             ignore_index, label_smoothing,
-            COMPUTE=_compute(logits.dtype), SMOOTHING=label_smoothing != 0.0, ROWS=rows,
+            COMPUTE=compute_type(logits.dtype), SMOOTHING=label_smoothing != 0.0, ROWS=rows,
             BLOCK_V=block_v, num_warps=num_warps,
         )
     return loss, row_max, log_sum
@@ -202,11 +193,11 @@ def cross_entropy_bwd(
         dlogits = out
     rows, block_v, num_warps, programs = _launch_shape(N, V)
     target, row_max, log_sum = target.contiguous(), row_max.contiguous(), log_sum.contiguous()
-    with _device_context(logits.device):
+    with device_context(logits.device):
         cross_entropy_bwd_kernel[(programs,)](
             grad_loss, logits, target, row_max, log_sum, dlogits, N, V, grad_loss.stride(0),
             logits.stride(0), logits.stride(1), ignore_index, label_smoothing,
-            COMPUTE=_compute(logits.dtype), SMOOTHING=label_smoothing != 0.0, ROWS=rows,
+            COMPUTE=compute_type(logits.dtype), SMOOTHING=label_smoothing != 0.0, ROWS=rows,
             BLOCK_V=block_v, num_warps=num_warps,
         )
     return dlogits

@@ -32,7 +32,6 @@ atomics) and cheap because num_programs is about two per SM.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import os
 from dataclasses import dataclass
@@ -44,6 +43,7 @@ from torch import Tensor
 
 from .. import reference
 from .interpreter_fixes import patch_interpreter
+from .launch import compute_type, device_context
 
 # Hidden sizes up to which a whole row is held in registers. Backward keeps about three times
 # as many live values per element (x, dy, weight, xhat, partial sums), hence the lower limit.
@@ -354,15 +354,6 @@ def _bwd_programs(M: int, block_m: int, device: torch.device) -> tuple[int, int]
     return triton.cdiv(M, rows_per_program), rows_per_program
 
 
-def _device_context(device: torch.device):
-    """Triton launches on the current CUDA device; make it the tensors' one."""
-    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
-
-
-def _compute_dtype(dtype: torch.dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
-
-
 # ---- argument checks ------------------------------------------------------------------------
 
 
@@ -446,12 +437,12 @@ def _norm_fwd(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float,
         return y, mean, rstd
     cfg = norm_config(N, backward=False, fp64=x.dtype == torch.float64)
     x, stride_xm, stride_xn = _strides(x)
-    with _device_context(x.device):
+    with device_context(x.device):
         norm_fwd_kernel[(triton.cdiv(M, cfg.block_m),)](
             x, y, weight if weight is not None else x, bias if bias is not None else x,
             mean, rstd, M, N, stride_xm, stride_xn, eps,
             IS_RMS=is_rms, HAS_W=weight is not None, HAS_B=bias is not None,
-            COMPUTE=_compute_dtype(x.dtype), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+            COMPUTE=compute_type(x.dtype), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
             SINGLE_TILE=cfg.single_tile, num_warps=cfg.num_warps,
         )
     return y, mean, rstd
@@ -476,13 +467,13 @@ def _norm_bwd(grad_y, x, mean, rstd, weight, has_bias: bool, is_rms: bool):
         )
         x, stride_xm, stride_xn = _strides(x)
         grad_y, stride_dym, stride_dyn = _strides(grad_y)
-        with _device_context(x.device):
+        with device_context(x.device):
             norm_bwd_kernel[(programs,)](
                 grad_y, x, weight if weight is not None else x,
                 mean if mean is not None else rstd, rstd, dx, partial, row_sums,
                 M, N, stride_dym, stride_dyn, stride_xm, stride_xn, rows_per_program,
                 IS_RMS=is_rms, HAS_W=weight is not None, HAS_DW=weight is not None,
-                HAS_DB=has_bias, COMPUTE=_compute_dtype(x.dtype), BLOCK_M=cfg.block_m,
+                HAS_DB=has_bias, COMPUTE=compute_type(x.dtype), BLOCK_M=cfg.block_m,
                 BLOCK_N=cfg.block_n, SINGLE_TILE=cfg.single_tile, num_warps=cfg.num_warps,
             )
         # One reduction per output: views of one tensor would alias (custom ops forbid that).

@@ -19,7 +19,6 @@ are loaded as their two halves of each pair, the rest copied.
 
 from __future__ import annotations
 
-import contextlib
 import os
 
 import torch
@@ -28,6 +27,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .interpreter_fixes import patch_interpreter
+from .launch import compute_type, device_context
 
 # Elements (pairs x 2) a program holds at once.
 TILE_ELEMENTS = 4096
@@ -86,11 +86,6 @@ def rotary_embedding_kernel(
         tl.store(out_rows + j[None, :], rest, mask=rest_mask)
 
 
-def _device_context(device: torch.device):
-    """Launch on the tensors' GPU, not the current one."""
-    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
-
-
 def rotary_embedding(x: Tensor, cos: Tensor, sin: Tensor, interleaved: bool,
                      conjugate: bool) -> Tensor:
     """x (B, H, T, D) any strides; cos, sin (T, R/2) or (B, T, R/2) any strides -> (B, H, T, D)
@@ -114,8 +109,8 @@ def rotary_embedding(x: Tensor, cos: Tensor, sin: Tensor, interleaved: bool,
     block_t = max(1, min(TILE_ELEMENTS // (2 * block_half), triton.next_power_of_2(T)))
     rest = D - 2 * half
     t_blocks = triton.cdiv(T, block_t)
-    compute = tl.float64 if x.dtype == torch.float64 else tl.float32
-    with _device_context(x.device):
+    compute = compute_type(x.dtype)
+    with device_context(x.device):
         rotary_embedding_kernel[(B * H * t_blocks,)](
             x, cos, sin, out, H, T, D, half, t_blocks, *x.stride(), *cos.stride(), *sin.stride(),
             COMPUTE=compute, INTERLEAVED=interleaved, CONJUGATE=conjugate,

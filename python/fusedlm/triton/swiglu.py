@@ -20,7 +20,6 @@ Layout: a program takes a (ROWS, BLOCK_W) tile; ROWS > 1 when W is small.
 
 from __future__ import annotations
 
-import contextlib
 import os
 
 import torch
@@ -29,6 +28,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .interpreter_fixes import patch_interpreter
+from .launch import compute_type, device_context
 
 TILE_ELEMENTS = 4096
 MAX_BLOCK_W = 2048
@@ -100,15 +100,6 @@ def _launch_shape(N: int, W: int) -> tuple[int, int, int, int]:
     return rows, block_w, col_blocks, triton.cdiv(N, rows) * col_blocks
 
 
-def _device_context(device: torch.device):
-    """Launch on the tensors' GPU, not the current one."""
-    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
-
-
-def _compute(dtype: torch.dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
-
-
 def swiglu_fwd(gate: Tensor, up: Tensor) -> Tensor:
     """gate, up (N, W) any strides -> silu(gate) * up (N, W) contiguous."""
     _check("gate", gate, gate)
@@ -118,10 +109,10 @@ def swiglu_fwd(gate: Tensor, up: Tensor) -> Tensor:
     if out.numel() == 0:
         return out
     rows, block_w, col_blocks, programs = _launch_shape(N, W)
-    with _device_context(gate.device):
+    with device_context(gate.device):
         swiglu_fwd_kernel[(programs,)](
             gate, up, out, N, W, col_blocks, *gate.stride(), *up.stride(),
-            COMPUTE=_compute(gate.dtype), ROWS=rows, BLOCK_W=block_w,
+            COMPUTE=compute_type(gate.dtype), ROWS=rows, BLOCK_W=block_w,
             num_warps=8 if rows * block_w >= 4096 else 4,
         )
     return out
@@ -138,10 +129,10 @@ def swiglu_bwd(grad_out: Tensor, gate: Tensor, up: Tensor) -> tuple[Tensor, Tens
     if dgate.numel() == 0:
         return dgate, dup
     rows, block_w, col_blocks, programs = _launch_shape(N, W)
-    with _device_context(gate.device):
+    with device_context(gate.device):
         swiglu_bwd_kernel[(programs,)](
             grad_out, gate, up, dgate, dup, N, W, col_blocks, *grad_out.stride(), *gate.stride(),
-            *up.stride(), COMPUTE=_compute(gate.dtype), ROWS=rows, BLOCK_W=block_w,
+            *up.stride(), COMPUTE=compute_type(gate.dtype), ROWS=rows, BLOCK_W=block_w,
             num_warps=8 if rows * block_w >= 4096 else 4,
         )
     return dgate, dup
