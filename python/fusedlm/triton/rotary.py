@@ -63,16 +63,18 @@ def rotary_embedding_kernel(
     t64 = t.to(tl.int64)
     x_rows = X + b.to(tl.int64) * stride_xb + h.to(tl.int64) * stride_xh + t64[:, None] * stride_xt
     out_rows = Out + (bh.to(tl.int64) * T + t64)[:, None] * D
+    # (int64: a feature or angle stride other than 1 times D may pass 2**31)
+    i64 = i.to(tl.int64)
     if INTERLEAVED:
-        first, second = 2 * i, 2 * i + 1
+        first, second = 2 * i64, 2 * i64 + 1
     else:
-        first, second = i, i + HALF
+        first, second = i64, i64 + HALF
     x1 = tl.load(x_rows + first[None, :] * stride_xd, mask=mask, other=0.0).to(COMPUTE)
     x2 = tl.load(x_rows + second[None, :] * stride_xd, mask=mask, other=0.0).to(COMPUTE)
     b64 = b.to(tl.int64)
-    cos = tl.load(Cos + b64 * stride_cb + t64[:, None] * stride_ct + i[None, :] * stride_ci,
+    cos = tl.load(Cos + b64 * stride_cb + t64[:, None] * stride_ct + i64[None, :] * stride_ci,
                   mask=mask, other=0.0).to(COMPUTE)
-    sin = tl.load(Sin + b64 * stride_sb + t64[:, None] * stride_st + i[None, :] * stride_si,
+    sin = tl.load(Sin + b64 * stride_sb + t64[:, None] * stride_st + i64[None, :] * stride_si,
                   mask=mask, other=0.0).to(COMPUTE)
     if CONJUGATE:
         sin = -sin
@@ -80,7 +82,7 @@ def rotary_embedding_kernel(
     tl.store(out_rows + first[None, :], (x1 * cos - x2 * sin).to(out_type), mask=mask)
     tl.store(out_rows + second[None, :], (x2 * cos + x1 * sin).to(out_type), mask=mask)
     if PASS_THROUGH:
-        j = 2 * HALF + tl.arange(0, BLOCK_REST)
+        j = 2 * HALF + tl.arange(0, BLOCK_REST).to(tl.int64)
         rest_mask = t_mask[:, None] & (j < D)[None, :]
         rest = tl.load(x_rows + j[None, :] * stride_xd, mask=rest_mask, other=0.0)
         tl.store(out_rows + j[None, :], rest, mask=rest_mask)

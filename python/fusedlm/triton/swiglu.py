@@ -55,9 +55,10 @@ def swiglu_fwd_kernel(
 ):
     """Out = silu(Gate) * Up of one tile. Gate, Up (N, W) strided; Out (N, W) contiguous."""
     rows, cols, mask = _tile(tl.program_id(0), N, W, col_blocks, ROWS, BLOCK_W)
-    g = tl.load(Gate + rows[:, None] * stride_gn + cols[None, :] * stride_gi, mask=mask,
+    cols64 = cols.to(tl.int64)  # (a column stride other than 1 times W may pass 2**31)
+    g = tl.load(Gate + rows[:, None] * stride_gn + cols64[None, :] * stride_gi, mask=mask,
                 other=0.0).to(COMPUTE)
-    u = tl.load(Up + rows[:, None] * stride_un + cols[None, :] * stride_ui, mask=mask,
+    u = tl.load(Up + rows[:, None] * stride_un + cols64[None, :] * stride_ui, mask=mask,
                 other=0.0).to(COMPUTE)
     out = g / (1.0 + tl.exp(-g)) * u
     tl.store(Out + rows[:, None] * W + cols[None, :], out.to(Out.dtype.element_ty), mask=mask)
@@ -72,11 +73,12 @@ def swiglu_bwd_kernel(
     """DGate = DOut * Up * s * (1 + Gate * (1 - s)) with s = sigmoid(Gate), DUp = DOut *
     silu(Gate), of one tile. DOut, Gate, Up (N, W) strided; DGate, DUp (N, W) contiguous."""
     rows, cols, mask = _tile(tl.program_id(0), N, W, col_blocks, ROWS, BLOCK_W)
-    dy = tl.load(DOut + rows[:, None] * stride_dn + cols[None, :] * stride_di, mask=mask,
+    cols64 = cols.to(tl.int64)  # (a column stride other than 1 times W may pass 2**31)
+    dy = tl.load(DOut + rows[:, None] * stride_dn + cols64[None, :] * stride_di, mask=mask,
                  other=0.0).to(COMPUTE)
-    g = tl.load(Gate + rows[:, None] * stride_gn + cols[None, :] * stride_gi, mask=mask,
+    g = tl.load(Gate + rows[:, None] * stride_gn + cols64[None, :] * stride_gi, mask=mask,
                 other=0.0).to(COMPUTE)
-    u = tl.load(Up + rows[:, None] * stride_un + cols[None, :] * stride_ui, mask=mask,
+    u = tl.load(Up + rows[:, None] * stride_un + cols64[None, :] * stride_ui, mask=mask,
                 other=0.0).to(COMPUTE)
     s = 1.0 / (1.0 + tl.exp(-g))
     dgate = dy * u * s * (1.0 + g * (1.0 - s))
