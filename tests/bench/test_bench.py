@@ -177,22 +177,29 @@ def test_linear_cross_entropy_cases_are_lm_heads(device, quick):
             assert ("grad" in inputs) == grad
 
 
-def test_linear_cross_entropy_providers_compute_the_eager_loss_and_gradients():
-    """Every provider that runs on the CPU gives eager's loss, and forward+backward the
-    gradients of the hidden states and the weight. (torch.compile left out: compiling takes
-    20 s on a cold 2-core CPU; its provider is compiled() of the eager function, as every
-    op's.)"""
+def _cpu_providers_and_cases(op: str):
+    """(context, the providers that run on this CPU, the quick forward case, the quick
+    forward+backward case, one seeded input set of the latter) of ``op``; eager and the torch
+    reference must be among the providers. (torch.compile left out: slow to compile here.)"""
     import fusedlm
 
     ctx = C.Context(device=torch.device("cpu"), quick=True, compile=False,
                     backends=dict(fusedlm.backends()))
-    spec = C.specs()["linear_cross_entropy"]
+    spec = C.specs()[op]
     runnable = [p for p in spec.providers if p.why_not(ctx) is None]
     assert {p.name for p in runnable} >= {"torch-eager", "fusedlm-torch"}
     fwd, fwd_bwd = (next(c for c in spec.cases(ctx) if c.pass_ == pass_)
                     for pass_ in counting.PASSES)
     torch.manual_seed(0)
-    inputs = fwd_bwd.make_inputs()
+    return ctx, runnable, fwd, fwd_bwd, fwd_bwd.make_inputs()
+
+
+def test_linear_cross_entropy_providers_compute_the_eager_loss_and_gradients():
+    """Every provider that runs on the CPU gives eager's loss, and forward+backward the
+    gradients of the hidden states and the weight. (torch.compile left out: compiling takes
+    20 s on a cold 2-core CPU; its provider is compiled() of the eager function, as every
+    op's.)"""
+    ctx, runnable, fwd, fwd_bwd, inputs = _cpu_providers_and_cases("linear_cross_entropy")
     results = {}
     for provider in runnable:
         loss = provider.build(fwd, ctx)(inputs)
@@ -297,17 +304,7 @@ def test_swiglu_cases_are_llama_mlp_widths(device, quick):
 def test_rotary_and_swiglu_providers_compute_the_eager_outputs_and_gradients(op, leaves):
     """Every provider that runs on the CPU (torch.compile left out: slow to compile here) gives
     eager's outputs (rotary: q's and k's, fusedlm's contiguous) and gradients."""
-    import fusedlm
-
-    ctx = C.Context(device=torch.device("cpu"), quick=True, compile=False,
-                    backends=dict(fusedlm.backends()))
-    spec = C.specs()[op]
-    runnable = [p for p in spec.providers if p.why_not(ctx) is None]
-    assert {p.name for p in runnable} >= {"torch-eager", "fusedlm-torch"}
-    fwd, fwd_bwd = (next(c for c in spec.cases(ctx) if c.pass_ == pass_)
-                    for pass_ in counting.PASSES)
-    torch.manual_seed(0)
-    inputs = fwd_bwd.make_inputs()
+    ctx, runnable, fwd, fwd_bwd, inputs = _cpu_providers_and_cases(op)
     results = {}
     for provider in runnable:
         out = provider.build(fwd, ctx)(inputs)
