@@ -8,8 +8,9 @@ head dims, rows that see no key, strided and misaligned inputs, the deterministi
 LayerNorm and RMSNorm forward + backward, with and without affine parameters, odd widths;
 cross-entropy forward + backward on strided logits and linear_cross_entropy in chunks whose
 gradient is written over their logits (Triton); rotary embeddings forward + backward on
-strided q views, partial and interleaved, with per-row angle tables, and SwiGLU forward +
-backward on odd widths and the strided halves of a fused projection (Triton); the AdamW step
+strided q views, partial and interleaved, with per-row angle tables, and SwiGLU and GeGLU
+(exact and tanh gelu) forward + backward on odd widths and the strided halves of a fused
+projection (Triton); the AdamW step
 for float32 and
 bfloat16 parameters, with and without amsgrad) runs through the public API with
 ``backend=<name>``, then the device is synchronized so that an asynchronous fault lands on its
@@ -47,7 +48,7 @@ CROSS_ENTROPY_SHAPES = ((37, 127), (3, 5000))
 ROTARY_SHAPES = ((2, 4, 17, 64, 64, False, False), (1, 3, 33, 72, 32, False, False),
                  (2, 2, 9, 40, 40, True, True), (1, 2, 300, 80, 64, False, True))
 # (N, I): odd widths, one wider than a column block (2048), a row shorter than one tile
-SWIGLU_SHAPES = ((7, 127), (3, 4099), (1, 33))
+GLU_SHAPES = ((7, 127), (3, 4099), (1, 33))
 ADAMW_SHAPES = ((127,), (33, 65), (4099,))
 
 
@@ -190,6 +191,22 @@ def _cases(backend: str, dev: str = "cuda"):
                 tag = "affine" if affine else "no-affine"
                 yield f"layer_norm fwd+bwd {dn} {M}x{N} {tag}", layer_norm
                 yield f"rms_norm fwd+bwd {dn} {M}x{N} {tag}", rms_norm
+        if backend == "triton":  # (the residual-add norms have no CUDA C++ kernel)
+            for M, N in NORM_SHAPES:
+                def add_norms(M=M, N=N, dtype=dtype):
+                    # a 16-bit branch on a float32 stream (strided), and same-dtype pairs
+                    for residual_dtype in (torch.float32, dtype):
+                        x = torch.randn(M, N, device=dev, dtype=dtype, requires_grad=True)
+                        r = torch.randn(M, 2 * N, device=dev, dtype=residual_dtype)[:, ::2]
+                        r.requires_grad_(True)
+                        w = _param(N, dev, residual_dtype)
+                        b = _param(N, dev, residual_dtype)
+                        y, h = fusedlm.add_layer_norm(x, r, (N,), w, b, 1e-5, backend=backend)
+                        torch.autograd.backward((y, h), (torch.randn_like(y), torch.randn_like(h)))
+                        y, h = fusedlm.add_rms_norm(x, r, (N,), w, 1e-6, backend=backend)
+                        y.backward(torch.randn_like(y))  # (h unused: no grad_h)
+
+                yield f"add_layer_norm/add_rms_norm fwd+bwd {dn} {M}x{N}", add_norms
         if backend == "triton":  # (the op has no CUDA C++ kernel)
             for N, V in CROSS_ENTROPY_SHAPES:
                 def cross_entropy(N=N, V=V, dtype=dtype):
@@ -231,16 +248,25 @@ def _cases(backend: str, dev: str = "cuda"):
                 yield (f"rotary_embedding fwd+bwd {dn} B={B} H={H} T={T} D={D} R={R}"
                        f"{' interleaved' if interleaved else ''}"
                        f"{' per-row angles' if per_row else ''}", rotary)
-            for N, width in SWIGLU_SHAPES:
-                def swiglu(N=N, width=width, dtype=dtype):
-                    # gate and up: the two halves of a fused (N, 2I) projection (row stride 2I)
-                    fused = torch.randn(N, 2 * width, device=dev, dtype=dtype,
-                                        requires_grad=True)
-                    gate, up = fused[:, :width], fused[:, width:]
-                    out = fusedlm.swiglu(gate, up, backend=backend)
-                    out.backward(torch.randn_like(out))
+            for N, width in GLU_SHAPES:
+                for approximate in (None, "none", "tanh"):  # swiglu; geglu exact and tanh
+                    def glu(N=N, width=width, dtype=dtype, approximate=approximate):
+                        # gate and up: the two halves of a fused (N, 2I) projection (row
+                        # stride 2I)
+                        fused = torch.randn(N, 2 * width, device=dev, dtype=dtype,
+                                            requires_grad=True)
+                        gate, up = fused[:, :width], fused[:, width:]
+                        if approximate is None:
+                            out = fusedlm.swiglu(gate, up, backend=backend)
+                        else:
+                            out = fusedlm.geglu(gate, up, approximate=approximate,
+                                                backend=backend)
+                        out.backward(torch.randn_like(out))
 
-                yield f"swiglu fwd+bwd {dn} {N}x{width} halves of a fused projection", swiglu
+                    name = ("swiglu" if approximate is None
+                            else f"geglu approximate={approximate!r}")
+                    yield (f"{name} fwd+bwd {dn} {N}x{width} halves of a fused projection",
+                           glu)
     for dtype in (torch.float32, torch.bfloat16):
         dn = str(dtype).removeprefix("torch.")
         for amsgrad in (False, True):

@@ -19,7 +19,7 @@
 #include "cpu/norm.h"
 #include "cpu/rotary.h"
 #include "cpu/simd.h"
-#include "cpu/swiglu.h"
+#include "cpu/glu.h"
 
 #ifdef FUSEDLM_WITH_CUDA
 #include <c10/cuda/CUDAGuard.h>
@@ -538,43 +538,48 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
 
 // ---- LayerNorm / RMSNorm --------------------------------------------------------------------
 
-void check_norm_input(const at::Tensor& x) {
-  check_dim(x, "x", 2);  // (M, N)
-  check_floating(x, "x");
-  FUSEDLM_CHECK_VALUE(x.size(1) > 0, "argument 'x' must have a non-empty normalized dimension");
-  check_fits_index(x, "x");
+// x_name: what the norm's input is called in the entry point (x; residual or h for the
+// residual-add norms), for the messages.
+void check_norm_input(const at::Tensor& x, const char* x_name = "x") {
+  check_dim(x, x_name, 2);  // (M, N)
+  check_floating(x, x_name);
+  FUSEDLM_CHECK_VALUE(x.size(1) > 0, "argument '", x_name,
+                      "' must have a non-empty normalized dimension");
+  check_fits_index(x, x_name);
 }
 
 void check_norm_param(const std::optional<at::Tensor>& param, const char* name,
-                      const at::Tensor& x, const std::optional<at::Tensor>& weight) {
+                      const at::Tensor& x, const std::optional<at::Tensor>& weight,
+                      const char* x_name = "x") {
   if (!param.has_value()) return;
   const at::Tensor& p = *param;
   check_dim(p, name, 1);
   check_shape(p, name, {x.size(1)});
-  check_same_device(p, name, x, "x");
+  check_same_device(p, name, x, x_name);
   if (weight.has_value()) {
     check_same_dtype(p, name, *weight, "weight");
   } else {
     FUSEDLM_CHECK_TYPE(p.scalar_type() == x.scalar_type() || p.scalar_type() == at::kFloat,
-                       "argument '", name, "' must have the dtype of 'x' (", x.scalar_type(),
-                       ") or float32, got ", p.scalar_type());
+                       "argument '", name, "' must have the dtype of '", x_name, "' (",
+                       x.scalar_type(), ") or float32, got ", p.scalar_type());
   }
 }
 
-void check_stats(const at::Tensor& stat, const char* name, const at::Tensor& x) {
+void check_stats(const at::Tensor& stat, const char* name, const at::Tensor& x,
+                 const char* x_name = "x") {
   check_dim(stat, name, 1);
   check_shape(stat, name, {x.size(0)});
-  check_same_device(stat, name, x, "x");
+  check_same_device(stat, name, x, x_name);
   FUSEDLM_CHECK_TYPE(stat.scalar_type() == (x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat),
-                     "argument '", name, "' must be float32 (float64 for float64 x), got ",
-                     stat.scalar_type());
+                     "argument '", name, "' must be float32 (float64 for float64 ", x_name,
+                     "), got ", stat.scalar_type());
 }
 
-void check_grad_y(const at::Tensor& grad_y, const at::Tensor& x) {
+void check_grad_y(const at::Tensor& grad_y, const at::Tensor& x, const char* x_name = "x") {
   check_defined(grad_y, "grad_y");
   check_shape(grad_y, "grad_y", x.sizes());
-  check_same_dtype(grad_y, "grad_y", x, "x");
-  check_same_device(grad_y, "grad_y", x, "x");
+  check_same_dtype(grad_y, "grad_y", x, x_name);
+  check_same_device(grad_y, "grad_y", x, x_name);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd(
@@ -645,6 +650,76 @@ std::tuple<at::Tensor, std::optional<at::Tensor>> rms_norm_bwd(
   return cpu::rms_norm_bwd(grad_y, x, rstd, weight);
 }
 
+// ---- residual add + LayerNorm / RMSNorm (CPU kernels only: CUDA tensors take the Triton ones)
+
+void check_residual_pair(const at::Tensor& x, const at::Tensor& residual) {
+  check_norm_input(residual, "residual");
+  check_dim(x, "x", 2);  // (M, N)
+  check_floating(x, "x");
+  check_shape(x, "x", residual.sizes());
+  check_same_device(x, "x", residual, "residual");
+  const at::ScalarType xt = x.scalar_type();
+  FUSEDLM_CHECK_TYPE(xt == residual.scalar_type() ||
+                         (residual.scalar_type() == at::kFloat &&
+                          (xt == at::kBFloat16 || xt == at::kHalf)),
+                     "argument 'x' must have the dtype of 'residual' (", residual.scalar_type(),
+                     "), or be bfloat16/float16 beside a float32 'residual', got ", xt);
+}
+
+void check_grad_h(const std::optional<at::Tensor>& grad_h, const at::Tensor& h) {
+  if (!grad_h.has_value()) return;
+  check_shape(*grad_h, "grad_h", h.sizes());
+  check_same_dtype(*grad_h, "grad_h", h, "h");
+  check_same_device(*grad_h, "grad_h", h, "h");
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_layer_norm_fwd(
+    const at::Tensor& x, const at::Tensor& residual, const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias, double eps) {
+  check_residual_pair(x, residual);
+  check_norm_param(weight, "weight", residual, std::nullopt, "residual");
+  check_norm_param(bias, "bias", residual, weight, "residual");
+  FUSEDLM_CHECK_VALUE(eps >= 0 && std::isfinite(eps), "argument 'eps' must be finite and >= 0, got ", eps);
+  require_cpu_kernel(residual, "residual", "add_layer_norm_fwd");
+  return cpu::add_layer_norm_fwd(x, residual, weight, bias, eps);
+}
+
+std::tuple<at::Tensor, std::optional<at::Tensor>, std::optional<at::Tensor>> add_layer_norm_bwd(
+    const at::Tensor& grad_y, const std::optional<at::Tensor>& grad_h, const at::Tensor& h,
+    const at::Tensor& mean, const at::Tensor& rstd, const std::optional<at::Tensor>& weight,
+    bool has_bias) {
+  check_norm_input(h, "h");
+  check_grad_y(grad_y, h, "h");
+  check_grad_h(grad_h, h);
+  check_stats(mean, "mean", h, "h");
+  check_stats(rstd, "rstd", h, "h");
+  check_norm_param(weight, "weight", h, std::nullopt, "h");
+  require_cpu_kernel(h, "h", "add_layer_norm_bwd");
+  return cpu::add_layer_norm_bwd(grad_y, grad_h, h, mean, rstd, weight, has_bias);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> add_rms_norm_fwd(
+    const at::Tensor& x, const at::Tensor& residual, const std::optional<at::Tensor>& weight,
+    double eps) {
+  check_residual_pair(x, residual);
+  check_norm_param(weight, "weight", residual, std::nullopt, "residual");
+  FUSEDLM_CHECK_VALUE(eps >= 0 && std::isfinite(eps), "argument 'eps' must be finite and >= 0, got ", eps);
+  require_cpu_kernel(residual, "residual", "add_rms_norm_fwd");
+  return cpu::add_rms_norm_fwd(x, residual, weight, eps);
+}
+
+std::tuple<at::Tensor, std::optional<at::Tensor>> add_rms_norm_bwd(
+    const at::Tensor& grad_y, const std::optional<at::Tensor>& grad_h, const at::Tensor& h,
+    const at::Tensor& rstd, const std::optional<at::Tensor>& weight) {
+  check_norm_input(h, "h");
+  check_grad_y(grad_y, h, "h");
+  check_grad_h(grad_h, h);
+  check_stats(rstd, "rstd", h, "h");
+  check_norm_param(weight, "weight", h, std::nullopt, "h");
+  require_cpu_kernel(h, "h", "add_rms_norm_bwd");
+  return cpu::add_rms_norm_bwd(grad_y, grad_h, h, rstd, weight);
+}
+
 // ---- cross-entropy (CPU kernels only: CUDA tensors take the Triton ones) ---------------------
 
 at::ScalarType stat_type_of(const at::Tensor& logits) {
@@ -710,7 +785,7 @@ at::Tensor cross_entropy_bwd(const at::Tensor& grad_loss, const at::Tensor& logi
                                 label_smoothing, out);
 }
 
-// ---- rotary embeddings and SwiGLU (CPU kernels only: CUDA tensors take the Triton ones) ------
+// ---- rotary embeddings and GLUs (CPU kernels only: CUDA tensors take the Triton ones) --------
 
 // An angle table as the CPU kernel reads it: (B or 1, T, R/2) contiguous in x's compute dtype.
 at::Tensor angle_table(const at::Tensor& t, const at::Tensor& x) {
@@ -747,7 +822,7 @@ at::Tensor rotary_embedding(const at::Tensor& x, const at::Tensor& cos, const at
                                conjugate);
 }
 
-void check_swiglu_operand(const at::Tensor& t, const char* name, const at::Tensor& gate) {
+void check_glu_operand(const at::Tensor& t, const char* name, const at::Tensor& gate) {
   check_dim(t, name, 2);  // (N, I)
   check_shape(t, name, gate.sizes());
   check_same_dtype(t, name, gate, "gate");
@@ -755,26 +830,38 @@ void check_swiglu_operand(const at::Tensor& t, const char* name, const at::Tenso
   check_fits_strides(t, name);
 }
 
-at::Tensor swiglu_fwd(const at::Tensor& gate, const at::Tensor& up) {
-  check_dim(gate, "gate", 2);
-  check_floating(gate, "gate");
-  check_fits_index(gate, "gate");
-  check_fits_strides(gate, "gate");
-  check_swiglu_operand(up, "up", gate);
-  require_cpu_kernel(gate, "gate", "swiglu_fwd");
-  return cpu::swiglu_fwd(gate, up);
+// The gate's activation of glu_fwd/bwd, by name.
+cpu::GluActivation glu_activation(const std::string& activation) {
+  if (activation == "silu") return cpu::GluActivation::silu;
+  if (activation == "gelu") return cpu::GluActivation::gelu;
+  FUSEDLM_CHECK_VALUE(activation == "gelu_tanh",
+                      "argument 'activation' must be 'silu', 'gelu' or 'gelu_tanh', got '",
+                      activation, "'");
+  return cpu::GluActivation::gelu_tanh;
 }
 
-std::tuple<at::Tensor, at::Tensor> swiglu_bwd(const at::Tensor& grad_out, const at::Tensor& gate,
-                                              const at::Tensor& up) {
+at::Tensor glu_fwd(const at::Tensor& gate, const at::Tensor& up, const std::string& activation) {
+  const cpu::GluActivation act = glu_activation(activation);
   check_dim(gate, "gate", 2);
   check_floating(gate, "gate");
   check_fits_index(gate, "gate");
   check_fits_strides(gate, "gate");
-  check_swiglu_operand(up, "up", gate);
-  check_swiglu_operand(grad_out, "grad_out", gate);
-  require_cpu_kernel(gate, "gate", "swiglu_bwd");
-  return cpu::swiglu_bwd(grad_out, gate, up);
+  check_glu_operand(up, "up", gate);
+  require_cpu_kernel(gate, "gate", "glu_fwd");
+  return cpu::glu_fwd(gate, up, act);
+}
+
+std::tuple<at::Tensor, at::Tensor> glu_bwd(const at::Tensor& grad_out, const at::Tensor& gate,
+                                           const at::Tensor& up, const std::string& activation) {
+  const cpu::GluActivation act = glu_activation(activation);
+  check_dim(gate, "gate", 2);
+  check_floating(gate, "gate");
+  check_fits_index(gate, "gate");
+  check_fits_strides(gate, "gate");
+  check_glu_operand(up, "up", gate);
+  check_glu_operand(grad_out, "grad_out", gate);
+  require_cpu_kernel(gate, "gate", "glu_bwd");
+  return cpu::glu_bwd(grad_out, gate, up, act);
 }
 
 // ---- AdamW ----------------------------------------------------------------------------------
@@ -1226,6 +1313,22 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rms_norm_bwd", &fusedlm::rms_norm_bwd,
         "RMSNorm backward. Returns dx (M, N) and dweight (N) or None.", py::arg("grad_y"),
         py::arg("x"), py::arg("rstd"), py::arg("weight"));
+  m.def("add_layer_norm_fwd", &fusedlm::add_layer_norm_fwd,
+        "The residual add fused into LayerNorm: h = x + residual (rounded once to residual's\n"
+        "dtype) and y = LayerNorm(h). x (M, N) in residual's dtype, or bfloat16/float16 beside a\n"
+        "float32 residual. Returns y, h (M, N) in residual's dtype, mean and rstd (M).",
+        py::arg("x"), py::arg("residual"), py::arg("weight"), py::arg("bias"), py::arg("eps"));
+  m.def("add_layer_norm_bwd", &fusedlm::add_layer_norm_bwd,
+        "add_layer_norm_fwd's backward. grad_h (M, N) or None is h's own gradient. Returns dh\n"
+        "(M, N) in h's dtype (the gradient of x and residual), dweight and dbias (N) or None.",
+        py::arg("grad_y"), py::arg("grad_h"), py::arg("h"), py::arg("mean"), py::arg("rstd"),
+        py::arg("weight"), py::arg("has_bias"));
+  m.def("add_rms_norm_fwd", &fusedlm::add_rms_norm_fwd,
+        "The residual add fused into RMSNorm. Returns y, h (M, N) in residual's dtype, rstd (M).",
+        py::arg("x"), py::arg("residual"), py::arg("weight"), py::arg("eps"));
+  m.def("add_rms_norm_bwd", &fusedlm::add_rms_norm_bwd,
+        "add_rms_norm_fwd's backward. Returns dh (M, N) in h's dtype and dweight (N) or None.",
+        py::arg("grad_y"), py::arg("grad_h"), py::arg("h"), py::arg("rstd"), py::arg("weight"));
   m.def("attention_autograd", &fusedlm::attention_autograd,
         "attention_fwd's out with a C++ autograd node whose backward runs attention_bwd (eager\n"
         "calls of the cpu and cuda backends; no second derivative).",
@@ -1264,13 +1367,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "copied. Computed in float32 (float64 for float64 x).",
         py::arg("x"), py::arg("cos"), py::arg("sin"), py::arg("interleaved"),
         py::arg("conjugate"));
-  m.def("swiglu_fwd", &fusedlm::swiglu_fwd,
-        "silu(gate) * up. gate, up (N, I) any strides, one float dtype -> (N, I) contiguous.",
-        py::arg("gate"), py::arg("up"));
-  m.def("swiglu_bwd", &fusedlm::swiglu_bwd,
-        "SwiGLU backward. grad_out, gate, up (N, I) any strides -> dgate, dup (N, I)\n"
-        "contiguous in gate's dtype.",
-        py::arg("grad_out"), py::arg("gate"), py::arg("up"));
+  m.def("glu_fwd", &fusedlm::glu_fwd,
+        "Gated linear unit act(gate) * up, activation 'silu' (SwiGLU), 'gelu' (exact, erf) or\n"
+        "'gelu_tanh' (torch's approximate='tanh'). gate, up (N, I) any strides, one float dtype\n"
+        "-> (N, I) contiguous, computed in float32 (float64 for float64 inputs).",
+        py::arg("gate"), py::arg("up"), py::arg("activation"));
+  m.def("glu_bwd", &fusedlm::glu_bwd,
+        "Gated linear unit backward. grad_out, gate, up (N, I) any strides -> dgate =\n"
+        "grad_out * up * act'(gate), dup = grad_out * act(gate), (N, I) contiguous in gate's\n"
+        "dtype.",
+        py::arg("grad_out"), py::arg("gate"), py::arg("up"), py::arg("activation"));
   m.def("adamw_step", &fusedlm::adamw_step,
         "One AdamW step over a whole list of tensors, in place (torch.optim.AdamW's arithmetic).\n"
         "steps[i] is param i's step count after this step's increment.\n"

@@ -24,6 +24,9 @@ def _call_every_op(backend):
     w = torch.randn(8, requires_grad=True)
     fusedlm.layer_norm(x, 8, w, backend=backend).sum().backward()
     fusedlm.rms_norm(x, 8, w, backend=backend).sum().backward()
+    for add_norm in (fusedlm.add_layer_norm, fusedlm.add_rms_norm):
+        y, h = add_norm(x, torch.randn(4, 8), 8, w, backend=backend)
+        (y.sum() + h.pow(2).sum()).backward()
     q, k, v = (torch.randn(1, 2, 5, 8, requires_grad=True) for _ in range(3))
     fusedlm.attention(q, k, v, causal=True, backend=backend).sum().backward()
     logits = torch.randn(6, 10, requires_grad=True)
@@ -32,6 +35,7 @@ def _call_every_op(backend):
     fusedlm.rotary_embedding(q, cos, sin, backend=backend).sum().backward()
     gate, up = (torch.randn(4, 6, requires_grad=True) for _ in range(2))
     fusedlm.swiglu(gate, up, backend=backend).sum().backward()
+    fusedlm.geglu(gate, up, approximate="tanh", backend=backend).sum().backward()
     p = torch.nn.Parameter(torch.randn(3))
     p.grad = torch.randn(3)
     fusedlm.optim.AdamW([p], backend=backend).step()
@@ -45,12 +49,16 @@ ALL_OPS = {
     "layer_norm_bwd",
     "rms_norm_fwd",
     "rms_norm_bwd",
+    "add_layer_norm_fwd",
+    "add_layer_norm_bwd",
+    "add_rms_norm_fwd",
+    "add_rms_norm_bwd",
     "attention_fwd",
     "attention_bwd",
     "adamw_step",
     "rotary_embedding",
-    "swiglu_fwd",
-    "swiglu_bwd",
+    "glu_fwd",
+    "glu_bwd",
 }
 
 
@@ -95,15 +103,19 @@ def test_cpu_reported_with_reason_when_extension_unusable():
     [
         lambda b: fusedlm.layer_norm(torch.randn(2, 4), 4, backend=b),
         lambda b: fusedlm.rms_norm(torch.randn(2, 4), 4, backend=b),
+        lambda b: fusedlm.add_layer_norm(torch.randn(2, 4), torch.randn(2, 4), 4, backend=b),
+        lambda b: fusedlm.add_rms_norm(torch.randn(2, 4), torch.randn(2, 4), 4, backend=b),
         lambda b: fusedlm.attention(*(torch.randn(1, 1, 3, 4) for _ in range(3)), backend=b),
         lambda b: fusedlm.optim.AdamW([torch.nn.Parameter(torch.randn(2))], backend=b),
         lambda b: fusedlm.cross_entropy(torch.randn(2, 3), torch.tensor([0, 2]), backend=b),
         lambda b: fusedlm.rotary_embedding(torch.randn(1, 1, 3, 4), torch.randn(3, 2),
                                            torch.randn(3, 2), backend=b),
         lambda b: fusedlm.swiglu(torch.randn(2, 4), torch.randn(2, 4), backend=b),
+        lambda b: fusedlm.geglu(torch.randn(2, 4), torch.randn(2, 4), backend=b),
     ],
-    ids=["layer_norm", "rms_norm", "attention", "AdamW", "cross_entropy", "rotary_embedding",
-         "swiglu"],
+    ids=["layer_norm", "rms_norm", "add_layer_norm", "add_rms_norm", "attention", "AdamW",
+         "cross_entropy", "rotary_embedding",
+         "swiglu", "geglu"],
 )
 @pytest.mark.parametrize("name", ["nope", "", "CPU", None, 3])
 def test_unknown_backend_name_raises_value_error(name, op):
@@ -171,12 +183,16 @@ def test_env_backend_gpu_on_cpu_tensors_raises(name, monkeypatch):
     [
         lambda b: fusedlm.layer_norm(torch.randn(2, 4), 4, backend=b),
         lambda b: fusedlm.rms_norm(torch.randn(2, 4), 4, backend=b),
+        lambda b: fusedlm.add_layer_norm(torch.randn(2, 4), torch.randn(2, 4), 4, backend=b),
+        lambda b: fusedlm.add_rms_norm(torch.randn(2, 4), torch.randn(2, 4), 4, backend=b),
         lambda b: fusedlm.attention(*(torch.randn(1, 1, 3, 4) for _ in range(3)), backend=b),
         lambda b: fusedlm.rotary_embedding(torch.randn(1, 1, 3, 4), torch.randn(3, 2),
                                            torch.randn(3, 2), backend=b),
         lambda b: fusedlm.swiglu(torch.randn(2, 4), torch.randn(2, 4), backend=b),
+        lambda b: fusedlm.geglu(torch.randn(2, 4), torch.randn(2, 4), backend=b),
     ],
-    ids=["layer_norm", "rms_norm", "attention", "rotary_embedding", "swiglu"],
+    ids=["layer_norm", "rms_norm", "add_layer_norm", "add_rms_norm", "attention",
+         "rotary_embedding", "swiglu", "geglu"],
 )
 @pytest.mark.usefixtures("without_triton_interpreter")
 def test_gpu_backend_on_cpu_tensors_raises(op, name):
@@ -226,6 +242,8 @@ _NO_EXTENSION_SCRIPT = textwrap.dedent(
     rot = (fusedlm.rotary_embedding(q, c, s)
            - torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), -1)).abs().max().item()
     swi = (fusedlm.swiglu(x, w.expand(6, 32)) - F.silu(x) * w).abs().max().item()
+    geg = (fusedlm.geglu(x, w.expand(6, 32), approximate="tanh")
+           - F.gelu(x, approximate="tanh") * w).abs().max().item()
     try:
         fusedlm.layer_norm(x, 32, backend="cpu")
         named = "no error"
@@ -233,7 +251,7 @@ _NO_EXTENSION_SCRIPT = textwrap.dedent(
         named = str(error)
     print(json.dumps({
         "cpu_available": report["cpu"].available, "cpu_reason": report["cpu"].reason,
-        "torch_available": report["torch"].available, "errors": [ln, rms, att, rot, swi],
+        "torch_available": report["torch"].available, "errors": [ln, rms, att, rot, swi, geg],
         "choices": dict(OpDispatch.last_choice), "named_cpu": named,
     }))
     """

@@ -7,7 +7,7 @@ arguments) with the checks it does not: finiteness of scalars, the stride/offset
 every tensor, per-parameter AdamW state dtypes (a float32 exp_avgs[i] with a 16-bit
 exp_avg_sqs[i] made the kernel read and write past the end of the 16-bit tensor), the
 remaining arguments of the attention entry points, and every check of the rotary_embedding and
-swiglu_fwd/bwd entry points (their angle tables' conversion too)."""
+glu_fwd/bwd entry points (their angle tables' conversion too)."""
 
 from __future__ import annotations
 
@@ -110,10 +110,27 @@ def _many_elements(dim):
 
 
 def _sw(**overrides):
-    """swiglu_bwd's arguments (swiglu_fwd's are the last two): (3, 8) float32 operands."""
+    """glu_bwd's tensor arguments (glu_fwd's are the last two): (3, 8) float32 operands."""
     args = {"grad_out": X(), "gate": X(), "up": X()}
     args.update(overrides)
     return list(args.values())
+
+
+def _gf(e, gate, up):
+    """glu_fwd(gate, up, activation) for each activation: each must raise (the checks run
+    whatever the activation); the last error is re-raised for the case to inspect."""
+    for activation in ("gelu", "gelu_tanh", "silu"):
+        with pytest.raises((ValueError, TypeError)) as info:
+            e.glu_fwd(gate, up, activation)
+    raise info.value
+
+
+def _gb(e, grad_out, gate, up):
+    """glu_bwd(grad_out, gate, up, activation) for each activation, as _gf."""
+    for activation in ("gelu", "gelu_tanh", "silu"):
+        with pytest.raises((ValueError, TypeError)) as info:
+            e.glu_bwd(grad_out, gate, up, activation)
+    raise info.value
 
 
 CASES = [
@@ -182,6 +199,38 @@ CASES = [
      lambda e: e.rms_norm_bwd(X(), X(), torch.ones(3), torch.ones(5))),
     ("ln_bwd_rstd_meta", ValueError, "'rstd'",
      lambda e: e.layer_norm_bwd(X(), X(), torch.zeros(3), torch.ones(3, device=META), None, False)),
+    # the residual add fused into the norms (fusedlm._C.add_*: CPU kernels only)
+    ("add_ln_fwd_eps_inf", ValueError, "'eps'",
+     lambda e: e.add_layer_norm_fwd(X(), X(), None, None, math.inf)),
+    ("add_rms_fwd_eps_nan", ValueError, "'eps'",
+     lambda e: e.add_rms_norm_fwd(X(), X(), None, math.nan)),
+    ("add_rms_fwd_eps_inf", ValueError, "'eps'",
+     lambda e: e.add_rms_norm_fwd(X(), X(), None, math.inf)),
+    ("add_ln_fwd_weight_meta", ValueError, "'weight'",
+     lambda e: e.add_layer_norm_fwd(X(), X(), torch.ones(8, device=META), None, 1e-5)),
+    ("add_ln_fwd_bias_meta", ValueError, "'bias'",
+     lambda e: e.add_layer_norm_fwd(X(), X(), None, torch.ones(8, device=META), 1e-5)),
+    ("add_ln_fwd_bias_2d", ValueError, "'bias'",
+     lambda e: e.add_layer_norm_fwd(X(), X(), None, torch.ones(1, 8), 1e-5)),
+    ("add_ln_fwd_residual_too_many_elements", ValueError, "'residual'",
+     lambda e: e.add_layer_norm_fwd(_many_elements(2), _many_elements(2), None, None, 1e-5)),
+    ("add_ln_fwd_on_meta", ValueError, "'residual'",  # (no meta kernel)
+     lambda e: e.add_layer_norm_fwd(_meta(3, 8), _meta(3, 8), None, None, 1e-5)),
+    ("add_rms_bwd_on_meta", ValueError, "'h'",
+     lambda e: e.add_rms_norm_bwd(_meta(3, 8), None, _meta(3, 8), torch.ones(3, device=META),
+                                  None)),
+    ("add_ln_bwd_rstd_meta", ValueError, "'rstd'",
+     lambda e: e.add_layer_norm_bwd(X(), None, X(), torch.zeros(3), torch.ones(3, device=META),
+                                    None, False)),
+    ("add_ln_bwd_mean_1d_wrong_rows", ValueError, "'mean'",
+     lambda e: e.add_layer_norm_bwd(X(), None, X(), torch.zeros(3, 1), torch.ones(3), None,
+                                    False)),
+    ("add_rms_bwd_weight_shape", ValueError, "'weight'",
+     lambda e: e.add_rms_norm_bwd(X(), None, X(), torch.ones(3), torch.ones(5))),
+    ("add_rms_bwd_weight_meta", ValueError, "'weight'",
+     lambda e: e.add_rms_norm_bwd(X(), X(), X(), torch.ones(3), torch.ones(8, device=META))),
+    ("add_rms_bwd_grad_h_int", TypeError, "'grad_h'",
+     lambda e: e.add_rms_norm_bwd(X(), X().int(), X(), torch.ones(3), None)),
     # cross-entropy: logits (N, V) float, target (N) int64, statistics (N) in the compute dtype
     ("ce_fwd_logits_1d", ValueError, "'logits'",
      lambda e: e.cross_entropy_fwd(*_ce(logits=X()[0]))),
@@ -260,52 +309,61 @@ CASES = [
     ("rot_sin_int", TypeError, "'sin'",
      lambda e: e.rotary_embedding(*_rot(sin=torch.ones(3, 2, dtype=torch.int64)))),
     ("rot_sin_meta", ValueError, "'sin'", lambda e: e.rotary_embedding(*_rot(sin=_meta(3, 2)))),
-    # SwiGLU: gate (N, I) float; up and grad_out of gate's shape, dtype and device
-    ("swiglu_fwd_gate_1d", ValueError, "'gate'",
-     lambda e: e.swiglu_fwd(torch.randn(8), torch.randn(8))),
-    ("swiglu_fwd_gate_3d", ValueError, "'gate'",
-     lambda e: e.swiglu_fwd(torch.randn(2, 3, 8), torch.randn(2, 3, 8))),
-    ("swiglu_fwd_gate_int", TypeError, "'gate'",
-     lambda e: e.swiglu_fwd(X().int(), X().int())),
-    ("swiglu_fwd_gate_too_many_elements", ValueError, "'gate'",
-     lambda e: e.swiglu_fwd(_many_elements(2), _many_elements(2))),
-    ("swiglu_fwd_gate_strides", ValueError, "'gate'",
-     lambda e: e.swiglu_fwd(torch.empty_strided((3, 8), (BIG, 1), device=META), _meta(3, 8))),
-    ("swiglu_fwd_gate_meta", ValueError, "'gate'",
-     lambda e: e.swiglu_fwd(_meta(3, 8), _meta(3, 8))),
-    ("swiglu_fwd_up_1d", ValueError, "'up'", lambda e: e.swiglu_fwd(X(), torch.randn(24))),
-    ("swiglu_fwd_up_shape", ValueError, "'up'", lambda e: e.swiglu_fwd(X(), torch.randn(3, 9))),
-    ("swiglu_fwd_up_dtype", TypeError, "'up'", lambda e: e.swiglu_fwd(X(), X().double())),
-    ("swiglu_fwd_up_int", TypeError, "'up'", lambda e: e.swiglu_fwd(X(), X().long())),
-    ("swiglu_fwd_up_meta", ValueError, "'up'", lambda e: e.swiglu_fwd(X(), _meta(3, 8))),
-    ("swiglu_fwd_up_strides", ValueError, "'up'",
-     lambda e: e.swiglu_fwd(_meta(3, 8), torch.empty_strided((3, 8), (BIG, 1), device=META))),
-    ("swiglu_bwd_gate_1d", ValueError, "'gate'",
-     lambda e: e.swiglu_bwd(*_sw(gate=torch.randn(8)))),
-    ("swiglu_bwd_gate_int", TypeError, "'gate'",
-     lambda e: e.swiglu_bwd(*_sw(gate=X().int(), up=X().int(), grad_out=X().int()))),
-    ("swiglu_bwd_gate_too_many_elements", ValueError, "'gate'",
-     lambda e: e.swiglu_bwd(*(_many_elements(2),) * 3)),
-    ("swiglu_bwd_gate_strides", ValueError, "'gate'",
-     lambda e: e.swiglu_bwd(*_sw(grad_out=_meta(3, 8), up=_meta(3, 8),
+    # GLU (SwiGLU, GeGLU): gate (N, I) float; up and grad_out of gate's shape, dtype and device;
+    # activation one of "silu", "gelu", "gelu_tanh"
+    ("glu_fwd_gate_1d", ValueError, "'gate'",
+     lambda e: _gf(e, torch.randn(8), torch.randn(8))),
+    ("glu_fwd_gate_3d", ValueError, "'gate'",
+     lambda e: _gf(e, torch.randn(2, 3, 8), torch.randn(2, 3, 8))),
+    ("glu_fwd_gate_int", TypeError, "'gate'",
+     lambda e: _gf(e, X().int(), X().int())),
+    ("glu_fwd_gate_too_many_elements", ValueError, "'gate'",
+     lambda e: _gf(e, _many_elements(2), _many_elements(2))),
+    ("glu_fwd_gate_strides", ValueError, "'gate'",
+     lambda e: _gf(e, torch.empty_strided((3, 8), (BIG, 1), device=META), _meta(3, 8))),
+    ("glu_fwd_gate_meta", ValueError, "'gate'",
+     lambda e: _gf(e, _meta(3, 8), _meta(3, 8))),
+    ("glu_fwd_up_1d", ValueError, "'up'", lambda e: _gf(e, X(), torch.randn(24))),
+    ("glu_fwd_up_shape", ValueError, "'up'", lambda e: _gf(e, X(), torch.randn(3, 9))),
+    ("glu_fwd_up_dtype", TypeError, "'up'", lambda e: _gf(e, X(), X().double())),
+    ("glu_fwd_up_int", TypeError, "'up'", lambda e: _gf(e, X(), X().long())),
+    ("glu_fwd_up_meta", ValueError, "'up'", lambda e: _gf(e, X(), _meta(3, 8))),
+    ("glu_fwd_up_strides", ValueError, "'up'",
+     lambda e: _gf(e, _meta(3, 8), torch.empty_strided((3, 8), (BIG, 1), device=META))),
+    ("glu_bwd_gate_1d", ValueError, "'gate'",
+     lambda e: _gb(e, *_sw(gate=torch.randn(8)))),
+    ("glu_bwd_gate_int", TypeError, "'gate'",
+     lambda e: _gb(e, *_sw(gate=X().int(), up=X().int(), grad_out=X().int()))),
+    ("glu_bwd_gate_too_many_elements", ValueError, "'gate'",
+     lambda e: _gb(e, *(_many_elements(2),) * 3)),
+    ("glu_bwd_gate_strides", ValueError, "'gate'",
+     lambda e: _gb(e, *_sw(grad_out=_meta(3, 8), up=_meta(3, 8),
                                  gate=torch.empty_strided((3, 8), (BIG, 1), device=META)))),
-    ("swiglu_bwd_gate_meta", ValueError, "'gate'",
-     lambda e: e.swiglu_bwd(_meta(3, 8), _meta(3, 8), _meta(3, 8))),
-    ("swiglu_bwd_up_shape", ValueError, "'up'", lambda e: e.swiglu_bwd(*_sw(up=X()[:2]))),
-    ("swiglu_bwd_up_dtype", TypeError, "'up'",
-     lambda e: e.swiglu_bwd(*_sw(up=X().to(torch.bfloat16)))),
-    ("swiglu_bwd_up_meta", ValueError, "'up'", lambda e: e.swiglu_bwd(*_sw(up=_meta(3, 8)))),
-    ("swiglu_bwd_grad_out_1d", ValueError, "'grad_out'",
-     lambda e: e.swiglu_bwd(*_sw(grad_out=torch.randn(24)))),
-    ("swiglu_bwd_grad_out_shape", ValueError, "'grad_out'",
-     lambda e: e.swiglu_bwd(*_sw(grad_out=X().t()))),
-    ("swiglu_bwd_grad_out_dtype", TypeError, "'grad_out'",
-     lambda e: e.swiglu_bwd(*_sw(grad_out=X().half()))),
-    ("swiglu_bwd_grad_out_meta", ValueError, "'grad_out'",
-     lambda e: e.swiglu_bwd(*_sw(grad_out=_meta(3, 8)))),
-    ("swiglu_bwd_grad_out_strides", ValueError, "'grad_out'",
-     lambda e: e.swiglu_bwd(*_sw(grad_out=torch.empty_strided((3, 8), (BIG, 1), device=META),
+    ("glu_bwd_gate_meta", ValueError, "'gate'",
+     lambda e: _gb(e, _meta(3, 8), _meta(3, 8), _meta(3, 8))),
+    ("glu_bwd_up_shape", ValueError, "'up'", lambda e: _gb(e, *_sw(up=X()[:2]))),
+    ("glu_bwd_up_dtype", TypeError, "'up'",
+     lambda e: _gb(e, *_sw(up=X().to(torch.bfloat16)))),
+    ("glu_bwd_up_meta", ValueError, "'up'", lambda e: _gb(e, *_sw(up=_meta(3, 8)))),
+    ("glu_bwd_grad_out_1d", ValueError, "'grad_out'",
+     lambda e: _gb(e, *_sw(grad_out=torch.randn(24)))),
+    ("glu_bwd_grad_out_shape", ValueError, "'grad_out'",
+     lambda e: _gb(e, *_sw(grad_out=X().t()))),
+    ("glu_bwd_grad_out_dtype", TypeError, "'grad_out'",
+     lambda e: _gb(e, *_sw(grad_out=X().half()))),
+    ("glu_bwd_grad_out_meta", ValueError, "'grad_out'",
+     lambda e: _gb(e, *_sw(grad_out=_meta(3, 8)))),
+    ("glu_bwd_grad_out_strides", ValueError, "'grad_out'",
+     lambda e: _gb(e, *_sw(grad_out=torch.empty_strided((3, 8), (BIG, 1), device=META),
                                  gate=_meta(3, 8), up=_meta(3, 8)))),
+    ("glu_fwd_activation_unknown", ValueError, "'activation'",
+     lambda e: e.glu_fwd(X(), X(), "relu")),
+    ("glu_fwd_activation_case", ValueError, "'activation'",
+     lambda e: e.glu_fwd(X(), X(), "GELU")),
+    ("glu_fwd_activation_empty", ValueError, "'activation'", lambda e: e.glu_fwd(X(), X(), "")),
+    ("glu_bwd_activation_unknown", ValueError, "'activation'",
+     lambda e: e.glu_bwd(X(), X(), X(), "gelu_new")),
+    ("glu_fwd_activation_not_a_string", TypeError, "glu_fwd", lambda e: e.glu_fwd(X(), X(), 1)),
     # AdamW: the state tensors of one parameter must share one dtype (the kernel reads them all
     # with exp_avgs[i]'s element type)
     ("adamw_exp_avg_sqs_16bit_under_float32_exp_avgs", TypeError, "'exp_avg_sqs[0]'",
@@ -423,8 +481,8 @@ def test_angle_tables_in_any_layout_and_dtype_are_converted():
 
 
 @pytest.mark.parametrize("layout", ["transposed", "expanded", "offset", "halves"])
-def test_rotary_and_swiglu_entry_points_take_any_layout(layout):
-    """The rotary and SwiGLU entry points read strided operands in place: each gives the result
+def test_rotary_and_glu_entry_points_take_any_layout(layout):
+    """The rotary and GLU entry points read strided operands in place: each gives the result
     of the same call on contiguous copies (float64: no vectorized loop, one arithmetic)."""
     e = _ext()
     base = torch.randn(2, 3, 5, 8, dtype=torch.float64)
@@ -446,11 +504,12 @@ def test_rotary_and_swiglu_entry_points_take_any_layout(layout):
         gate, up = torch.randn(30, 16, dtype=torch.float64).chunk(2, dim=-1)
     else:
         gate, up = rows, rows.flip(0)
-    out = e.swiglu_fwd(gate, up)
-    torch.testing.assert_close(out, e.swiglu_fwd(gate.contiguous(), up.contiguous()), rtol=0,
-                               atol=0)
     grad = torch.tensor(0.5, dtype=torch.float64).expand(gate.shape)  # (a summed loss's)
-    for g, r in zip(e.swiglu_bwd(grad, gate, up),
-                    e.swiglu_bwd(grad.contiguous(), gate.contiguous(), up.contiguous()),
-                    strict=True):
-        torch.testing.assert_close(g, r, rtol=0, atol=0)
+    for activation in ("silu", "gelu", "gelu_tanh"):
+        out = e.glu_fwd(gate, up, activation)
+        torch.testing.assert_close(out, e.glu_fwd(gate.contiguous(), up.contiguous(), activation),
+                                   rtol=0, atol=0)
+        for g, r in zip(e.glu_bwd(grad, gate, up, activation),
+                        e.glu_bwd(grad.contiguous(), gate.contiguous(), up.contiguous(),
+                                  activation), strict=True):
+            torch.testing.assert_close(g, r, rtol=0, atol=0)

@@ -100,6 +100,47 @@ def test_compile_functional_ops_fullgraph():
     torch.testing.assert_close(compiled(*args), fn(*args), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if getattr(b, "values", (b,))[0]
+                                     != "cuda"])  # (no CUDA C++ kernel: the Triton one serves)
+@pytest.mark.parametrize("pair", [(torch.float32, torch.float32),
+                                  (torch.bfloat16, torch.float32)], ids=["f32", "bf16-f32"])
+@pytest.mark.parametrize("h_used", [True, False], ids=["h_used", "h_unused"])
+def test_compile_add_norms_fullgraph(h_used, pair, backend):
+    """The residual add fused into the norms: add_layer_norm and add_rms_norm (a bfloat16
+    branch beside a float32 residual too) trace into one graph with no break, their custom ops
+    opaque in it, and give eager's outputs and gradients (h's gradient given or not)."""
+    device = device_of(backend)
+
+    def block(x, residual, w, b):
+        y, h = fusedlm.add_layer_norm(x, residual, 16, w, b, backend=backend)
+        z, h2 = fusedlm.add_rms_norm(y.to(x.dtype), h, 16, w, eps=1e-6, backend=backend)
+        out = z.pow(2).sum()
+        return out + (h2 * h).sum() if h_used else out
+
+    torch.manual_seed(0)
+    args = [torch.randn(2, 5, 16, device=device).to(pair[0]),
+            torch.randn(2, 5, 16, device=device).to(pair[1]),
+            torch.randn(16, device=device), torch.randn(16, device=device)]
+    torch._dynamo.reset()
+    explanation = torch._dynamo.explain(block)(*args)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    assert explanation.graph_count == 1
+    code = explanation.graphs[0].code
+    for op in ("fusedlm.add_layer_norm_fwd", "fusedlm.add_rms_norm_fwd"):
+        assert op in code, f"{op} missing from the traced graph:\n{code}"
+    compiled = torch.compile(block, backend="aot_eager", fullgraph=True)
+    results = []
+    for fn in (block, compiled):
+        leaves = [a.clone().requires_grad_(True) for a in args]
+        out = fn(*leaves)
+        results.append((out.detach(), torch.autograd.grad(out, leaves)))
+    (out, grads), (out_c, grads_c) = results
+    torch.testing.assert_close(out_c, out, rtol=1e-5, atol=1e-5)
+    for g, g_c, a in zip(grads, grads_c, args, strict=True):
+        assert g_c.dtype == g.dtype == a.dtype
+        torch.testing.assert_close(g_c, g, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("strict", [False, True], ids=["non-strict", "strict"])
 def test_export_keeps_the_custom_ops(strict):
     """torch.export (both tracers) records our ops as custom ops, not their decomposition or a
@@ -199,7 +240,7 @@ def test_compile_rotary_and_swiglu_fullgraph(backend):
     assert explanation.graph_break_count == 0, explanation.break_reasons
     assert explanation.graph_count == 1
     code = explanation.graphs[0].code
-    for op in ("fusedlm.rotary_embedding", "fusedlm.swiglu_fwd"):
+    for op in ("fusedlm.rotary_embedding", "fusedlm.glu_fwd"):
         assert op in code, f"{op} missing from the traced graph:\n{code}"
     compiled = torch.compile(block, backend="aot_eager", fullgraph=True)
     results = []
@@ -213,3 +254,42 @@ def test_compile_rotary_and_swiglu_fullgraph(backend):
     assert len(grads) == 3
     for g, g_c in zip(grads, grads_c, strict=True):
         torch.testing.assert_close(g_c, g, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b.values[0] != "cuda"])
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+def test_compile_geglu_mlp_fullgraph(approximate, backend):
+    """Gemma's MLP (fusedlm.nn.GeGLUMLP) and fusedlm.geglu on the halves of one fused
+    projection, in one graph with no break, the GLU op opaque in it with its activation;
+    forward and every gradient match eager's (which runs the same kernels)."""
+    device = device_of(backend)
+    torch.manual_seed(0)
+    mlp = fusedlm.nn.GeGLUMLP(24, 40, approximate=approximate, backend=backend).to(device)
+
+    def block(x, h):
+        gate, up = h.chunk(2, dim=-1)
+        return (mlp(x).square().sum()
+                + fusedlm.geglu(gate, up, approximate=approximate, backend=backend).pow(2).sum())
+
+    args = [torch.randn(2, 7, 24, device=device), 2 * torch.randn(2, 7, 2 * 40, device=device)]
+    torch._dynamo.reset()
+    explanation = torch._dynamo.explain(block)(*args)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    assert explanation.graph_count == 1
+    code = explanation.graphs[0].code
+    activation = "gelu" if approximate == "none" else "gelu_tanh"
+    assert code.count("fusedlm.glu_fwd") == 2, code
+    assert f"'{activation}'" in code, code
+    compiled = torch.compile(block, backend="aot_eager", fullgraph=True)
+    results = []
+    for fn in (block, compiled):
+        mlp.zero_grad(set_to_none=True)
+        leaves = [a.clone().requires_grad_() for a in args]
+        out = fn(*leaves)
+        out.backward()
+        results.append((out.detach(), [t.grad for t in leaves],
+                        [p.grad.clone() for p in mlp.parameters()]))
+    (out, grads, pgrads), (out_c, grads_c, pgrads_c) = results
+    torch.testing.assert_close(out_c, out, rtol=1e-5, atol=1e-5)
+    for g, g_c in zip(grads + pgrads, grads_c + pgrads_c, strict=True):
+        torch.testing.assert_close(g_c, g, rtol=1e-5, atol=1e-5)

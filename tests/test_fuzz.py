@@ -29,6 +29,7 @@ Run length:
 
 from __future__ import annotations
 
+import functools
 import math
 
 import pytest
@@ -52,6 +53,7 @@ from tests.helpers import (
     naive_attention,
 )
 from tests.ops.test_adamw import _call_op, _torch_adamw
+from tests.ops.test_add_norm import eager_add_norm
 from tests.ops.test_rotary import eager_rotary
 
 BACKENDS = available_backends()
@@ -787,6 +789,151 @@ def test_fuzz_norm_ops_direct(op, backend, fuzz):
     run()
 
 
+# ---- residual add + LayerNorm / RMSNorm ----------------------------------------------------------
+
+_f64, _f32, _bf16, _f16 = torch.float64, torch.float32, torch.bfloat16, torch.float16
+# (x, residual) dtypes the kernels take as they are: one dtype, or a 16-bit x beside float32.
+ADD_NORM_KERNEL_PAIRS = [(d, d) for d in DTYPES] + [(_bf16, _f32), (_f16, _f32)]
+# ... and pairs the op layer casts first (to torch's promoted dtype).
+ADD_NORM_PAIRS = ADD_NORM_KERNEL_PAIRS + [(_f32, _bf16), (_f16, _bf16), (_f64, _f32),
+                                          (_f32, _f64)]
+# No CUDA C++ kernel for the fused add: on CUDA tensors the Triton one serves.
+ADD_NORM_BACKENDS = [b for b in BACKENDS if getattr(b, "values", (b,))[0] != "cuda"]
+
+
+@pytest.mark.parametrize("backend", ADD_NORM_BACKENDS)
+@pytest.mark.parametrize("op", ["layer_norm", "rms_norm"])
+def test_fuzz_add_norm(op, backend, fuzz):
+    """fusedlm.add_layer_norm / add_rms_norm forward and backward: x, residual, weight, bias,
+    grad_y and grad_h (or h unused) in random shapes (0 and 1 sizes) and layouts; a drawn dtype
+    pair (promoted ones too); weight/bias in h's dtype or float32, invalid parameter dtypes
+    raise TypeError. h is eager's x + residual bit for bit; y and the gradients pass the rule
+    against eager ``h = x + residual; F.layer_norm(h)``."""
+
+    @fuzz(25)
+    @given(data=st.data())
+    def run(data):
+        x_shape, norm_shape = _norm_case(data)
+        x_dtype, r_dtype = data.draw(st.sampled_from(ADD_NORM_PAIRS), label="dtypes")
+        h_dtype = torch.promote_types(x_dtype, r_dtype)
+        lead = list(range(len(x_shape) - len(norm_shape)))
+        device = device_of(backend)
+        # (expanding both along the normalized dims would make constant rows: leading dims only)
+        x = make_tensor(data, x_shape, x_dtype, expand_ok=lead, device=device)
+        residual = make_tensor(data, x_shape, r_dtype, expand_ok=lead, device=device)
+        affine = data.draw(st.booleans(), label="affine")
+        w_dtype = data.draw(st.sampled_from([h_dtype, h_dtype, torch.float32] + DTYPES),
+                            label="w_dtype")
+        weight = make_tensor(data, norm_shape, w_dtype, device=device) if affine else None
+        use_bias = op == "layer_norm" and data.draw(st.booleans(), label="bias")
+        b_dtype = data.draw(st.sampled_from([w_dtype if affine else h_dtype] * 3 + DTYPES),
+                            label="b_dtype")
+        bias = make_tensor(data, norm_shape, b_dtype, device=device) if use_bias else None
+        grad_y = make_tensor(data, x_shape, h_dtype, device=device)
+        grad_h = (make_tensor(data, x_shape, h_dtype, device=device)
+                  if data.draw(st.booleans(), label="h used") else None)
+        eps = data.draw(st.sampled_from([1e-5, 1e-6, 1e-3, 0.5]), label="eps")
+        valid = (not affine or w_dtype in (h_dtype, torch.float32)) and (
+            not use_bias or b_dtype == (w_dtype if affine else b_dtype)
+        ) and (not use_bias or b_dtype in (h_dtype, torch.float32))
+        inputs = [t for t in (x, residual, weight, bias) if t is not None]
+
+        def call(cast=None, impl=None):
+            args = [t.detach().to(cast or t.dtype).requires_grad_() for t in inputs]
+            xs, rs, rest = args[0], args[1], args[2:]
+            ws = rest.pop(0) if affine else None
+            bs = rest.pop(0) if use_bias else None
+            if impl is not None:
+                y, h = eager_add_norm(op, xs, rs, norm_shape, ws, bs, eps)
+            elif op == "rms_norm":
+                y, h = fusedlm.add_rms_norm(xs, rs, norm_shape, ws, eps, backend=backend)
+            else:
+                y, h = fusedlm.add_layer_norm(xs, rs, norm_shape, ws, bs, eps, backend=backend)
+            if y.numel() == 0:
+                return [y, h] + [torch.zeros_like(a) for a in args]
+            outs, grads = ([y, h], [grad_y, grad_h]) if grad_h is not None else ([y], [grad_y])
+            return [y, h] + list(torch.autograd.grad(
+                outs, args, [g.to(cast or o.dtype) for g, o in zip(grads, outs, strict=True)]))
+
+        if not valid:
+            with pytest.raises(TypeError):
+                call()
+            return
+        ours = call()
+        truth = call(torch.float64, impl="torch")
+        base = call(impl="torch")
+        assert ours[0].dtype == ours[1].dtype == h_dtype
+        assert torch.equal(ours[1], base[1]), "h differs from eager x + residual"
+        names = ["y", "h", "dx", "dresidual", "dweight", "dbias"][:len(ours)]
+        atols = _norm_atols(op, ours[1], math.prod(norm_shape), ours, truth, eps)
+        for name, o, b, t, src, atol in zip(names, ours, base, truth, [x, x] + inputs, atols,
+                                            strict=True):
+            want_dtype = h_dtype if name in ("y", "h") else src.dtype
+            assert o.shape == src.shape and o.dtype == want_dtype, f"{name}: {o.dtype} {o.shape}"
+            assert_close_rule(o, b, t, atol=atol, name=name)
+
+    run()
+
+
+@pytest.mark.parametrize("backend", ADD_NORM_BACKENDS)
+@pytest.mark.parametrize("op", ["layer_norm", "rms_norm"])
+def test_fuzz_add_norm_ops_direct(op, backend, fuzz):
+    """The fused custom ops (fusedlm::add_*_fwd/_bwd) with 2-D x and residual straight from
+    random layouts, empty row counts and grad_h None included: what the C++ entry points see."""
+
+    @fuzz(15)
+    @given(data=st.data())
+    def run(data):
+        N = data.draw(st.one_of(st.sampled_from(HIDDEN), st.integers(1, 70000)), label="hidden")
+        M = data.draw(st.integers(0, max(1, min(24, 40_000 // N))), label="rows")
+        x_dtype, dtype = data.draw(st.sampled_from(ADD_NORM_KERNEL_PAIRS), label="dtypes")
+        device = device_of(backend)
+        x = make_tensor(data, (M, N), x_dtype, expand_ok=[0], device=device)
+        residual = make_tensor(data, (M, N), dtype, expand_ok=[0], device=device)
+        w = (make_tensor(data, (N,), dtype, device=device)
+             if data.draw(st.booleans(), label="affine") else None)
+        b = (make_tensor(data, (N,), dtype, device=device)
+             if op == "layer_norm" and data.draw(st.booleans(), label="bias") else None)
+        grad_y = make_tensor(data, (M, N), dtype, device=device)
+        grad_h = (make_tensor(data, (M, N), dtype, device=device)
+                  if data.draw(st.booleans(), label="grad_h") else None)
+        if op == "layer_norm":
+            y, h, mean, rstd = torch.ops.fusedlm.add_layer_norm_fwd(x, residual, w, b, 1e-5,
+                                                                    backend)
+            grads = torch.ops.fusedlm.add_layer_norm_bwd(grad_y, grad_h, h, mean, rstd, w,
+                                                         b is not None, backend)
+        else:
+            y, h, rstd = torch.ops.fusedlm.add_rms_norm_fwd(x, residual, w, 1e-5, backend)
+            grads = torch.ops.fusedlm.add_rms_norm_bwd(grad_y, grad_h, h, rstd, w, backend)
+        assert h.dtype == y.dtype == dtype and torch.equal(h, x + residual)
+        assert rstd.shape == (M,)
+        leaves = [t for t in (residual, w, b) if t is not None]
+
+        def torch_run(cast):
+            # h's gradient is the residual's (x's is it cast to x's dtype)
+            args = [t.detach().to(cast).requires_grad_() for t in leaves]
+            hs = x.to(cast) + args[0]
+            ws = args[1] if w is not None else None
+            bs = args[-1] if b is not None else None
+            out = (F.layer_norm(hs, (N,), ws, bs, 1e-5) if op == "layer_norm"
+                   else F.rms_norm(hs, (N,), ws, 1e-5))
+            if out.numel() == 0:
+                return [out] + [torch.zeros_like(a) for a in args]
+            outs = [out, hs] if grad_h is not None else [out]
+            gs = [grad_y.to(cast), None if grad_h is None else grad_h.to(cast)][:len(outs)]
+            return [out] + list(torch.autograd.grad(outs, args, gs))
+
+        truth, base = torch_run(torch.float64), torch_run(dtype)
+        ours = [y] + list(grads)  # y, dh, [dweight], [dbias]
+        assert len(ours) == len(truth)
+        names = ["y", "dh", "dweight", "dbias"][:len(ours)]
+        atols = _norm_atols(op, h, N, ours, truth, 1e-5)
+        for name, o, bb, t, atol in zip(names, ours, base, truth, atols, strict=True):
+            assert_close_rule(o, bb, t, atol=atol, name=name)
+
+    run()
+
+
 # ---- cross-entropy -----------------------------------------------------------------------------
 
 # Around SIMD widths, the CPU grain (32768 elements), the Triton chunk (4096) and vocabularies.
@@ -905,12 +1052,13 @@ def test_fuzz_linear_cross_entropy(backend, fuzz):
     run()
 
 
-# ---- rotary embeddings and SwiGLU --------------------------------------------------------------
+# ---- rotary embeddings and GLUs (SwiGLU, GeGLU) ----------------------------------------------
 
 
 def _skip_cuda_backend(backend):
-    """rotary_embedding and swiglu have no CUDA C++ kernel (CUDA tensors take the Triton ones):
-    naming "cuda" raises BackendNotSupportedError (tests/triton/test_rotary.py, test_swiglu.py)."""
+    """rotary_embedding and the GLUs have no CUDA C++ kernel (CUDA tensors take the Triton
+    ones): naming "cuda" raises BackendNotSupportedError (tests/triton/test_rotary.py,
+    test_glu.py)."""
     if backend == "cuda":
         pytest.skip("no CUDA C++ kernel for this op: CUDA tensors take the Triton one")
 
@@ -997,19 +1145,37 @@ def test_fuzz_rotary_embedding(backend, fuzz):
     run()
 
 
+_GLU_APPROXIMATE = {"gelu": "none", "gelu_tanh": "tanh"}
+
+
+def _glu_function(activation):
+    """The public function of a GLU activation: fusedlm.swiglu, or fusedlm.geglu."""
+    if activation == "silu":
+        return fusedlm.swiglu
+    return functools.partial(fusedlm.geglu, approximate=_GLU_APPROXIMATE[activation])
+
+
+def _eager_glu_act(g, activation):
+    if activation == "silu":
+        return F.silu(g)
+    return F.gelu(g, approximate=_GLU_APPROXIMATE[activation])
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_fuzz_swiglu(backend, fuzz):
-    """fusedlm.swiglu forward and backward, and the swiglu_fwd/bwd custom ops directly on 2-D
-    operands (empty ones included): gate, up and the gradient in random layouts or as the two
-    halves of one fused projection, 1-D to 3-D, widths around the AVX2 lanes, the Triton
-    column blocks (2048) and the CPU grain (32768), gates up to |30| (the sigmoid's tails),
-    every dtype; against F.silu(gate) * up by the rule. Invalid calls (mismatched dtypes or
-    shapes) raise TypeError / ValueError."""
+def test_fuzz_glu(backend, fuzz):
+    """fusedlm.swiglu / fusedlm.geglu (exact and tanh gelu) forward and backward, and the
+    glu_fwd/bwd custom ops directly on 2-D operands (empty ones included): gate, up and the
+    gradient in random layouts or as the two halves of one fused projection, 1-D to 3-D,
+    widths around the AVX2 lanes, the Triton column blocks (2048) and the CPU grain (32768),
+    gates up to |30| (the activations' tails), every dtype; against F.silu / F.gelu(gate) * up
+    by the rule. Invalid calls (mismatched dtypes or shapes) raise TypeError / ValueError."""
     _skip_cuda_backend(backend)
 
-    @fuzz(30)
+    @fuzz(40)
     @given(data=st.data())
     def run(data):
+        activation = data.draw(st.sampled_from(["silu", "gelu", "gelu_tanh"]), label="activation")
+        function = _glu_function(activation)
         W = data.draw(st.one_of(st.sampled_from(HIDDEN), st.integers(1, 70000)), label="width")
         rank = data.draw(st.integers(1, 3), label="rank")
         rows = data.draw(st.integers(0, max(1, min(40, 100_000 // W))), label="rows")
@@ -1032,24 +1198,24 @@ def test_fuzz_swiglu(backend, fuzz):
             up_shape = (*shape[:-1], W + 1) if invalid == "shape" else shape
             up = make_tensor(data, up_shape, up_dtype, device=device)
         if invalid:
-            _expect_clean_error(lambda: fusedlm.swiglu(gate, up, backend=backend))
+            _expect_clean_error(lambda: function(gate, up, backend=backend))
             return
         grad = make_tensor(data, shape, dtype, device=device)
         via_op = rank == 2 and data.draw(st.booleans(), label="via_op")
 
         def eager(cast):
             leaves = [t.detach().to(cast).requires_grad_(True) for t in (gate, up)]
-            out = F.silu(leaves[0]) * leaves[1]
+            out = _eager_glu_act(leaves[0], activation) * leaves[1]
             if out.numel() == 0:
                 return [out.detach()] + [torch.zeros_like(t) for t in leaves]
             return [out.detach(), *torch.autograd.grad(out, leaves, grad.to(cast))]
 
         if via_op:
-            ours = [torch.ops.fusedlm.swiglu_fwd(gate, up, backend),
-                    *torch.ops.fusedlm.swiglu_bwd(grad, gate, up, backend)]
+            ours = [torch.ops.fusedlm.glu_fwd(gate, up, activation, backend),
+                    *torch.ops.fusedlm.glu_bwd(grad, gate, up, activation, backend)]
         else:
             leaves = [t.detach().requires_grad_(True) for t in (gate, up)]
-            out = fusedlm.swiglu(*leaves, backend=backend)
+            out = function(*leaves, backend=backend)
             grads = ([torch.zeros_like(t) for t in leaves] if out.numel() == 0
                      else torch.autograd.grad(out, leaves, grad))
             ours = [out.detach(), *grads]

@@ -375,19 +375,78 @@ C10_ALWAYS_INLINE acc_t* result_row(scalar_t* out_row, acc_t* buf) {
   }
 }
 
+// h = branch + residual, computed in acc_t and rounded once to scalar_t (eager
+// `branch + residual`), stored to h. Returns the rounded h as acc_t: the h row itself when
+// scalar_t is acc_t, else buf (the statistics must see the values that were stored).
+// branch: (N) scalar_t, or 16-bit beside a float residual; residual, h: (N);
+// buf, buf2: (N) scratch (buf also when branch_t is not acc_t; buf2 when scalar_t is not)
+template <bool kAvx2, typename scalar_t, typename branch_t, typename acc_t>
+C10_ALWAYS_INLINE const acc_t* add_residual_row(const branch_t* branch, const scalar_t* residual,
+                                                scalar_t* h, acc_t* buf, acc_t* buf2,
+                                                int64_t N) {
+  const acc_t* b = row_as_acc<kAvx2>(branch, buf, N);
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+#pragma omp simd
+    for (int64_t i = 0; i < N; ++i) h[i] = b[i] + residual[i];
+    return h;
+  } else {
+    const acc_t* r = row_as_acc<kAvx2>(residual, buf2, N);
+#pragma omp simd
+    for (int64_t i = 0; i < N; ++i) buf[i] = b[i] + r[i];
+    convert_row<kAvx2>(buf, h, N);
+    convert_row<kAvx2>(h, buf, N);
+    return buf;
+  }
+}
+
+// dx += grad_h, in acc_t before dx's one rounding.
+// dx: (N) acc_t; grad_h: (N); buf: (N) scratch when scalar_t is not acc_t
+template <bool kAvx2, typename scalar_t, typename acc_t>
+C10_ALWAYS_INLINE void add_grad_h_row(acc_t* dx, const scalar_t* grad_h, acc_t* buf, int64_t N) {
+  const acc_t* g = row_as_acc<kAvx2>(grad_h, buf, N);
+#pragma omp simd
+  for (int64_t i = 0; i < N; ++i) dx[i] += g[i];
+}
+
 // ---------------------------------------------------------------------------
 // Row kernels. Each is a struct with an Args bundle and a run<kAvx2>(args,
 // rows) body; run_rows picks the ISA wrapper.
 
-template <typename scalar_t, typename acc_t>
+// Scratch of a forward row: buf holds the widened input row (then y), buf2 the widened
+// residual row of a fused add.
+template <typename scalar_t, typename branch_t, typename acc_t>
+struct FwdScratch {
+  std::vector<acc_t> buf, buf2;
+  FwdScratch(bool add, int64_t N)
+      : buf(!std::is_same_v<scalar_t, acc_t> || (add && !std::is_same_v<branch_t, acc_t>) ? N
+                                                                                           : 0),
+        buf2(add && !std::is_same_v<scalar_t, acc_t> ? N : 0) {}
+
+  // Row r of the norm's input as acc_t: x itself, or h = branch + x (stored to h) when the
+  // kernel adds a residual.
+  // x, h: (M, N) scalar_t; branch: (M, N) or nullptr
+  template <bool kAvx2>
+  C10_ALWAYS_INLINE const acc_t* input_row(const scalar_t* x, const branch_t* branch,
+                                           scalar_t* h, int64_t r, int64_t N) {
+    if (branch == nullptr) return row_as_acc<kAvx2>(x + r * N, buf.data(), N);
+    return add_residual_row<kAvx2>(branch + r * N, x + r * N, h + r * N, buf.data(),
+                                   buf2.data(), N);
+  }
+};
+
+// x is the norm's input, or with branch the residual that branch is added to (h = branch + x
+// is normalized and stored).
+template <typename scalar_t, typename acc_t, typename branch_t = scalar_t>
 struct LayerNormFwd {
   struct Args {
-    const scalar_t* x;     // (M, N)
-    const acc_t* weight;   // (N) or nullptr
-    const acc_t* bias;     // (N) or nullptr
-    scalar_t* y;           // (M, N)
-    acc_t* mean;           // (M)
-    acc_t* rstd;           // (M)
+    const scalar_t* x;       // (M, N)
+    const branch_t* branch;  // (M, N) or nullptr
+    const acc_t* weight;     // (N) or nullptr
+    const acc_t* bias;       // (N) or nullptr
+    scalar_t* y;             // (M, N)
+    scalar_t* h;             // (M, N) when branch
+    acc_t* mean;             // (M)
+    acc_t* rstd;             // (M)
     int64_t N;
     acc_t eps;
   };
@@ -395,10 +454,11 @@ struct LayerNormFwd {
   template <bool kAvx2>
   static C10_ALWAYS_INLINE void run(const Args& a, int64_t row_begin, int64_t row_end) {
     const int64_t N = a.N;
-    // (N) x row widened to acc_t, overwritten in place by the y row
-    std::vector<acc_t> buf(std::is_same_v<scalar_t, acc_t> ? 0 : N);
+    // (N) input row widened to acc_t, overwritten in place by the y row
+    FwdScratch<scalar_t, branch_t, acc_t> scratch(a.branch != nullptr, N);
+    std::vector<acc_t>& buf = scratch.buf;
     for (int64_t r = row_begin; r < row_end; ++r) {
-      const acc_t* x = row_as_acc<kAvx2>(a.x + r * N, buf.data(), N);
+      const acc_t* x = scratch.template input_row<kAvx2>(a.x, a.branch, a.h, r, N);
       // Two passes over the cached row: the mean first, then squared
       // deviations from it, so a large common offset does not cancel.
       const acc_t mean = static_cast<acc_t>(sum_row<kAvx2>(x, N) / N);
@@ -413,13 +473,15 @@ struct LayerNormFwd {
   }
 };
 
-template <typename scalar_t, typename acc_t>
+template <typename scalar_t, typename acc_t, typename branch_t = scalar_t>
 struct RmsNormFwd {
   struct Args {
-    const scalar_t* x;     // (M, N)
-    const acc_t* weight;   // (N) or nullptr
-    scalar_t* y;           // (M, N)
-    acc_t* rstd;           // (M)
+    const scalar_t* x;       // (M, N)
+    const branch_t* branch;  // (M, N) or nullptr
+    const acc_t* weight;     // (N) or nullptr
+    scalar_t* y;             // (M, N)
+    scalar_t* h;             // (M, N) when branch
+    acc_t* rstd;             // (M)
     int64_t N;
     acc_t eps;
   };
@@ -427,10 +489,11 @@ struct RmsNormFwd {
   template <bool kAvx2>
   static C10_ALWAYS_INLINE void run(const Args& a, int64_t row_begin, int64_t row_end) {
     const int64_t N = a.N;
-    // (N) x row widened to acc_t, overwritten in place by the y row
-    std::vector<acc_t> buf(std::is_same_v<scalar_t, acc_t> ? 0 : N);
+    // (N) input row widened to acc_t, overwritten in place by the y row
+    FwdScratch<scalar_t, branch_t, acc_t> scratch(a.branch != nullptr, N);
+    std::vector<acc_t>& buf = scratch.buf;
     for (int64_t r = row_begin; r < row_end; ++r) {
-      const acc_t* x = row_as_acc<kAvx2>(a.x + r * N, buf.data(), N);
+      const acc_t* x = scratch.template input_row<kAvx2>(a.x, a.branch, a.h, r, N);
       const double ms = sum_sq_row<kAvx2>(x, acc_t(0), N) / N;
       const acc_t rstd = static_cast<acc_t>(1.0 / std::sqrt(ms + static_cast<double>(a.eps)));
       acc_t* y = result_row(a.y + r * N, buf.data());
@@ -451,6 +514,7 @@ struct NormBwd {
     const acc_t* mean;     // (M) or nullptr for RMSNorm
     const acc_t* rstd;     // (M)
     const acc_t* weight;   // (N) or nullptr
+    const scalar_t* grad_h;  // (M, N) or nullptr: added to dx (the fused residual add's h)
     scalar_t* dx;          // (M, N)
     int64_t N;
   };
@@ -493,6 +557,8 @@ struct NormBwd {
       accumulate_param_grads(dy, x, shift, rstd, dw_part, db_part, N);
       acc_t* dx = result_row(a.dx + r * N, kHasWeight ? g_buf.data() : dy_buf.data());
       dx_row(g, x, shift, rstd, c_g, c_gxhat, dx, N);
+      // (x_buf is free now: x is not read again for this row)
+      if (a.grad_h != nullptr) add_grad_h_row<kAvx2>(dx, a.grad_h + r * N, x_buf.data(), N);
       store_row<kAvx2>(dx, a.dx + r * N, N);
     }
   }
@@ -595,6 +661,129 @@ void norm_bwd_driver(const typename NormBwd<scalar_t, acc_t, kRms>::Args& args, 
   if (want_db) reduce(db_part_ptr, db_acc.mutable_data_ptr<acc_t>());
 }
 
+// Runs fn.template operator()<branch_t>() with branch_t the C++ type of branch's dtype: scalar_t
+// itself (also when there is no branch), or a 16-bit type beside a float residual.
+template <typename scalar_t, typename Fn>
+void dispatch_branch(const at::Tensor& branch, const Fn& fn) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    if (branch.defined() && branch.scalar_type() == at::kBFloat16) {
+      return fn.template operator()<c10::BFloat16>();
+    }
+    if (branch.defined() && branch.scalar_type() == at::kHalf) {
+      return fn.template operator()<c10::Half>();
+    }
+  }
+  fn.template operator()<scalar_t>();
+}
+
+// The forward of both norms (mean undefined for RMSNorm). With branch, x is the residual: the
+// kernel normalizes h = branch + x and returns it, else h is undefined.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> norm_fwd(
+    const at::Tensor& x,                        // (M, N)
+    const at::Tensor& branch,                   // (M, N) or undefined
+    const std::optional<at::Tensor>& weight,    // (N) or None
+    const std::optional<at::Tensor>& bias,      // (N) or None
+    double eps, bool rms) {
+  const at::Tensor x_c = x.contiguous();  // (M, N)
+  const at::Tensor branch_c = branch.defined() ? branch.contiguous() : at::Tensor();  // (M, N)
+  const int64_t M = x_c.size(0);
+  const int64_t N = x_c.size(1);
+  const at::ScalarType acc = acc_dtype(x_c);
+  at::Tensor y = at::empty({M, N}, x_c.options());                                  // (M, N)
+  at::Tensor h = branch.defined() ? at::empty({M, N}, x_c.options()) : at::Tensor();  // (M, N)
+  at::Tensor mean = rms ? at::Tensor() : at::empty({M}, x_c.options().dtype(acc));  // (M)
+  at::Tensor rstd = at::empty({M}, x_c.options().dtype(acc));                      // (M)
+  if (M == 0) return {y, h, mean, rstd};
+  const at::Tensor w = weight_as_acc(weight, acc);  // (N) or undefined
+  const at::Tensor b = weight_as_acc(bias, acc);    // (N) or undefined
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x_c.scalar_type(), "norm_fwd", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    dispatch_branch<scalar_t>(branch_c, [&]<typename branch_t>() {
+      const branch_t* branch_ptr = branch_c.defined() ? branch_c.const_data_ptr<branch_t>()
+                                                      : nullptr;
+      scalar_t* h_ptr = h.defined() ? h.mutable_data_ptr<scalar_t>() : nullptr;
+      if (rms) {
+        using Kernel = RmsNormFwd<scalar_t, acc_t, branch_t>;
+        const typename Kernel::Args args{x_c.const_data_ptr<scalar_t>(), branch_ptr,
+                                         data_or_null<acc_t>(w),
+                                         y.mutable_data_ptr<scalar_t>(), h_ptr,
+                                         rstd.mutable_data_ptr<acc_t>(), N,
+                                         static_cast<acc_t>(eps)};
+        at::parallel_for(0, M, rows_per_task(N),
+                         [&](int64_t begin, int64_t end) { run_rows<Kernel>(args, begin, end); });
+      } else {
+        using Kernel = LayerNormFwd<scalar_t, acc_t, branch_t>;
+        const typename Kernel::Args args{x_c.const_data_ptr<scalar_t>(), branch_ptr,
+                                         data_or_null<acc_t>(w),         data_or_null<acc_t>(b),
+                                         y.mutable_data_ptr<scalar_t>(), h_ptr,
+                                         mean.mutable_data_ptr<acc_t>(),
+                                         rstd.mutable_data_ptr<acc_t>(), N,
+                                         static_cast<acc_t>(eps)};
+        at::parallel_for(0, M, rows_per_task(N),
+                         [&](int64_t begin, int64_t end) { run_rows<Kernel>(args, begin, end); });
+      }
+    });
+  });
+  return {y, h, mean, rstd};
+}
+
+// The backward of both norms: dx (+ grad_h when given), dweight in weight's dtype or
+// undefined, dbias (LayerNorm) in weight's dtype, or the accumulation dtype without a weight
+// (the bias dtype is unknown here: x's or float32; the caller rounds it once).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_bwd(
+    const at::Tensor& grad_y,                   // (M, N)
+    const at::Tensor& x,                        // (M, N)
+    const at::Tensor& mean,                     // (M), undefined for RMSNorm
+    const at::Tensor& rstd,                     // (M)
+    const std::optional<at::Tensor>& weight,    // (N) or None
+    bool has_bias,
+    const at::Tensor& grad_h) {                 // (M, N) or undefined
+  const at::Tensor x_c = x.contiguous();        // (M, N)
+  const at::Tensor dy_c = grad_y.contiguous();  // (M, N)
+  const at::Tensor dh_c = grad_h.defined() ? grad_h.contiguous() : at::Tensor();  // (M, N)
+  const int64_t M = x_c.size(0);
+  const int64_t N = x_c.size(1);
+  const bool rms = !mean.defined();
+  const at::ScalarType acc = acc_dtype(x_c);
+  const at::Tensor mean_c = rms ? at::Tensor() : mean.to(acc).contiguous();  // (M)
+  const at::Tensor rstd_c = rstd.to(acc).contiguous();                       // (M)
+  const at::Tensor w = weight_as_acc(weight, acc);                           // (N) or undefined
+  at::Tensor dx = at::empty({M, N}, x_c.options());                          // (M, N)
+  const at::TensorOptions acc_opts = x_c.options().dtype(acc);
+  // (N) each: parameter grads in acc dtype, cast to the parameter dtype at the end
+  at::Tensor dw_acc = w.defined() ? at::empty({N}, acc_opts) : at::Tensor();
+  at::Tensor db_acc = has_bias ? at::empty({N}, acc_opts) : at::Tensor();
+  if (M == 0) {
+    if (dw_acc.defined()) dw_acc.zero_();
+    if (db_acc.defined()) db_acc.zero_();
+  } else {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x_c.scalar_type(), "norm_bwd",
+                                    [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      auto run = [&]<bool kRms>() {
+        const typename NormBwd<scalar_t, acc_t, kRms>::Args args{
+            dy_c.const_data_ptr<scalar_t>(),  x_c.const_data_ptr<scalar_t>(),
+            data_or_null<acc_t>(mean_c),      rstd_c.const_data_ptr<acc_t>(),
+            data_or_null<acc_t>(w),           data_or_null<scalar_t>(dh_c),
+            dx.mutable_data_ptr<scalar_t>(),  N};
+        norm_bwd_driver<scalar_t, acc_t, kRms>(args, M, dw_acc, db_acc);
+      };
+      if (rms) {
+        run.template operator()<true>();
+      } else {
+        run.template operator()<false>();
+      }
+    });
+  }
+  if (dw_acc.defined()) dw_acc = dw_acc.to(weight->scalar_type());
+  if (db_acc.defined() && w.defined()) db_acc = db_acc.to(weight->scalar_type());
+  return {dx, dw_acc, db_acc};
+}
+
+std::optional<at::Tensor> optional_of(const at::Tensor& t) {
+  return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt;
+}
+
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd(
@@ -602,31 +791,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd(
     const std::optional<at::Tensor>& weight,    // (N) or None
     const std::optional<at::Tensor>& bias,      // (N) or None
     double eps) {
-  const at::Tensor x_c = x.contiguous();  // (M, N)
-  const int64_t M = x_c.size(0);
-  const int64_t N = x_c.size(1);
-  const at::ScalarType acc = acc_dtype(x_c);
-  at::Tensor y = at::empty({M, N}, x_c.options());                // (M, N)
-  at::Tensor mean = at::empty({M}, x_c.options().dtype(acc));     // (M)
-  at::Tensor rstd = at::empty({M}, x_c.options().dtype(acc));     // (M)
-  if (M == 0) return {y, mean, rstd};
-  const at::Tensor w = weight_as_acc(weight, acc);  // (N) or undefined
-  const at::Tensor b = weight_as_acc(bias, acc);    // (N) or undefined
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x_c.scalar_type(), "layer_norm_fwd",
-                                  [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    using Kernel = LayerNormFwd<scalar_t, acc_t>;
-    const typename Kernel::Args args{x_c.const_data_ptr<scalar_t>(),
-                                     data_or_null<acc_t>(w),
-                                     data_or_null<acc_t>(b),
-                                     y.mutable_data_ptr<scalar_t>(),
-                                     mean.mutable_data_ptr<acc_t>(),
-                                     rstd.mutable_data_ptr<acc_t>(),
-                                     N,
-                                     static_cast<acc_t>(eps)};
-    at::parallel_for(0, M, rows_per_task(N),
-                     [&](int64_t begin, int64_t end) { run_rows<Kernel>(args, begin, end); });
-  });
+  auto [y, h, mean, rstd] = norm_fwd(x, at::Tensor(), weight, bias, eps, false);
   return {y, mean, rstd};
 }
 
@@ -637,68 +802,15 @@ std::tuple<at::Tensor, std::optional<at::Tensor>, std::optional<at::Tensor>> lay
     const at::Tensor& rstd,                     // (M)
     const std::optional<at::Tensor>& weight,    // (N) or None
     bool has_bias) {
-  const at::Tensor x_c = x.contiguous();        // (M, N)
-  const at::Tensor dy_c = grad_y.contiguous();  // (M, N)
-  const int64_t M = x_c.size(0);
-  const int64_t N = x_c.size(1);
-  const at::ScalarType acc = acc_dtype(x_c);
-  const at::Tensor mean_c = mean.to(acc).contiguous();  // (M)
-  const at::Tensor rstd_c = rstd.to(acc).contiguous();  // (M)
-  const at::Tensor w = weight_as_acc(weight, acc);      // (N) or undefined
-  at::Tensor dx = at::empty({M, N}, x_c.options());     // (M, N)
-  const at::TensorOptions acc_opts = x_c.options().dtype(acc);
-  // (N) each: parameter grads in acc dtype, cast to the parameter dtype at the end
-  at::Tensor dw_acc = w.defined() ? at::empty({N}, acc_opts) : at::Tensor();
-  at::Tensor db_acc = has_bias ? at::empty({N}, acc_opts) : at::Tensor();
-  if (M == 0) {
-    if (dw_acc.defined()) dw_acc.zero_();
-    if (db_acc.defined()) db_acc.zero_();
-  } else {
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x_c.scalar_type(),
-                                    "layer_norm_bwd", [&] {
-      using acc_t = at::opmath_type<scalar_t>;
-      const typename NormBwd<scalar_t, acc_t, false>::Args args{
-          dy_c.const_data_ptr<scalar_t>(), x_c.const_data_ptr<scalar_t>(),
-          mean_c.const_data_ptr<acc_t>(),  rstd_c.const_data_ptr<acc_t>(),
-          data_or_null<acc_t>(w),          dx.mutable_data_ptr<scalar_t>(),
-          N};
-      norm_bwd_driver<scalar_t, acc_t, false>(args, M, dw_acc, db_acc);
-    });
-  }
-  std::optional<at::Tensor> dweight;
-  std::optional<at::Tensor> dbias;
-  if (dw_acc.defined()) dweight = dw_acc.to(weight->scalar_type());
-  // Without a weight the bias dtype is unknown here (x's or float32), so its grad stays in
-  // the accumulation dtype and the caller rounds it once to the bias's dtype.
-  if (db_acc.defined()) dbias = w.defined() ? db_acc.to(weight->scalar_type()) : db_acc;
-  return {dx, dweight, dbias};
+  auto [dx, dw, db] = norm_bwd(grad_y, x, mean, rstd, weight, has_bias, at::Tensor());
+  return {dx, optional_of(dw), optional_of(db)};
 }
 
 std::tuple<at::Tensor, at::Tensor> rms_norm_fwd(
     const at::Tensor& x,                        // (M, N)
     const std::optional<at::Tensor>& weight,    // (N) or None
     double eps) {
-  const at::Tensor x_c = x.contiguous();  // (M, N)
-  const int64_t M = x_c.size(0);
-  const int64_t N = x_c.size(1);
-  const at::ScalarType acc = acc_dtype(x_c);
-  at::Tensor y = at::empty({M, N}, x_c.options());              // (M, N)
-  at::Tensor rstd = at::empty({M}, x_c.options().dtype(acc));   // (M)
-  if (M == 0) return {y, rstd};
-  const at::Tensor w = weight_as_acc(weight, acc);  // (N) or undefined
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x_c.scalar_type(), "rms_norm_fwd",
-                                  [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    using Kernel = RmsNormFwd<scalar_t, acc_t>;
-    const typename Kernel::Args args{x_c.const_data_ptr<scalar_t>(),
-                                     data_or_null<acc_t>(w),
-                                     y.mutable_data_ptr<scalar_t>(),
-                                     rstd.mutable_data_ptr<acc_t>(),
-                                     N,
-                                     static_cast<acc_t>(eps)};
-    at::parallel_for(0, M, rows_per_task(N),
-                     [&](int64_t begin, int64_t end) { run_rows<Kernel>(args, begin, end); });
-  });
+  auto [y, h, mean, rstd] = norm_fwd(x, at::Tensor(), weight, std::nullopt, eps, true);
   return {y, rstd};
 }
 
@@ -707,34 +819,51 @@ std::tuple<at::Tensor, std::optional<at::Tensor>> rms_norm_bwd(
     const at::Tensor& x,                        // (M, N)
     const at::Tensor& rstd,                     // (M)
     const std::optional<at::Tensor>& weight) {  // (N) or None
-  const at::Tensor x_c = x.contiguous();        // (M, N)
-  const at::Tensor dy_c = grad_y.contiguous();  // (M, N)
-  const int64_t M = x_c.size(0);
-  const int64_t N = x_c.size(1);
-  const at::ScalarType acc = acc_dtype(x_c);
-  const at::Tensor rstd_c = rstd.to(acc).contiguous();  // (M)
-  const at::Tensor w = weight_as_acc(weight, acc);      // (N) or undefined
-  at::Tensor dx = at::empty({M, N}, x_c.options());     // (M, N)
-  // (N) weight grad in acc dtype, cast to the weight's dtype at the end
-  at::Tensor dw_acc = w.defined() ? at::empty({N}, x_c.options().dtype(acc)) : at::Tensor();
-  at::Tensor no_db;  // RMSNorm has no bias
-  if (M == 0) {
-    if (dw_acc.defined()) dw_acc.zero_();
-  } else {
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x_c.scalar_type(), "rms_norm_bwd",
-                                    [&] {
-      using acc_t = at::opmath_type<scalar_t>;
-      const typename NormBwd<scalar_t, acc_t, true>::Args args{
-          dy_c.const_data_ptr<scalar_t>(), x_c.const_data_ptr<scalar_t>(),
-          nullptr,                         rstd_c.const_data_ptr<acc_t>(),
-          data_or_null<acc_t>(w),          dx.mutable_data_ptr<scalar_t>(),
-          N};
-      norm_bwd_driver<scalar_t, acc_t, true>(args, M, dw_acc, no_db);
-    });
-  }
-  std::optional<at::Tensor> dweight;
-  if (dw_acc.defined()) dweight = dw_acc.to(weight->scalar_type());
-  return {dx, dweight};
+  auto [dx, dw, db] = norm_bwd(grad_y, x, at::Tensor(), rstd, weight, false, at::Tensor());
+  return {dx, optional_of(dw)};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_layer_norm_fwd(
+    const at::Tensor& x,                        // (M, N)
+    const at::Tensor& residual,                 // (M, N)
+    const std::optional<at::Tensor>& weight,    // (N) or None
+    const std::optional<at::Tensor>& bias,      // (N) or None
+    double eps) {
+  // (the kernel adds its "branch" to its input: here x to the residual)
+  return norm_fwd(residual, x, weight, bias, eps, false);
+}
+
+std::tuple<at::Tensor, std::optional<at::Tensor>, std::optional<at::Tensor>> add_layer_norm_bwd(
+    const at::Tensor& grad_y,                   // (M, N)
+    const std::optional<at::Tensor>& grad_h,    // (M, N) or None
+    const at::Tensor& h,                        // (M, N)
+    const at::Tensor& mean,                     // (M)
+    const at::Tensor& rstd,                     // (M)
+    const std::optional<at::Tensor>& weight,    // (N) or None
+    bool has_bias) {
+  auto [dh, dw, db] =
+      norm_bwd(grad_y, h, mean, rstd, weight, has_bias, grad_h.value_or(at::Tensor()));
+  return {dh, optional_of(dw), optional_of(db)};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> add_rms_norm_fwd(
+    const at::Tensor& x,                        // (M, N)
+    const at::Tensor& residual,                 // (M, N)
+    const std::optional<at::Tensor>& weight,    // (N) or None
+    double eps) {
+  auto [y, h, mean, rstd] = norm_fwd(residual, x, weight, std::nullopt, eps, true);
+  return {y, h, rstd};
+}
+
+std::tuple<at::Tensor, std::optional<at::Tensor>> add_rms_norm_bwd(
+    const at::Tensor& grad_y,                   // (M, N)
+    const std::optional<at::Tensor>& grad_h,    // (M, N) or None
+    const at::Tensor& h,                        // (M, N)
+    const at::Tensor& rstd,                     // (M)
+    const std::optional<at::Tensor>& weight) {  // (N) or None
+  auto [dh, dw, db] =
+      norm_bwd(grad_y, h, at::Tensor(), rstd, weight, false, grad_h.value_or(at::Tensor()));
+  return {dh, optional_of(dw)};
 }
 
 }  // namespace fusedlm::cpu

@@ -279,6 +279,14 @@ class OpDispatch:
             self._log_once(candidate, device, reason)
         raise AssertionError(f"{self.name}: the torch backend must serve every call")
 
+    def serves_requested(self, backend: str, device: torch.device) -> bool:
+        """Whether the backend asked for (``backend``, or ``FUSEDLM_BACKEND`` for "auto") can
+        serve this op on ``device`` as far as that is known without a call's arguments:
+        always under "auto"; a named backend when it is available there and has the kernel
+        (``cuda`` has no C++ kernel for some ops: Triton serves their CUDA tensors)."""
+        requested = requested_backend(backend)
+        return requested == "auto" or self._why_not(requested, device, ()) is None
+
     def auto_choice(self, device: torch.device, *args) -> str:
         """The backend ``"auto"`` would pick for this call, without logging."""
         for candidate in _AUTO_ORDER.get(device.type, ("torch",)):

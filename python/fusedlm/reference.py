@@ -80,6 +80,63 @@ def rms_norm_bwd(
     return dx.to(x.dtype), dweight
 
 
+
+# ---- residual add + LayerNorm / RMSNorm: h = x + residual, y = norm(h) ----------------------
+# x (M, N) the branch output, in residual's dtype or 16-bit beside a float32 residual;
+# residual (M, N); h and y (M, N) in residual's dtype (torch's promotion of the two).
+
+
+def add_residual(x: Tensor, residual: Tensor) -> Tensor:
+    """h = x + residual, computed in the compute dtype and rounded once to residual's dtype:
+    what eager ``x + residual`` gives for the dtype pairs the kernels take."""
+    dtype = compute_dtype(residual.dtype)
+    return (x.to(dtype) + residual.to(dtype)).to(residual.dtype)
+
+
+def add_layer_norm_fwd(
+    x: Tensor, residual: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Returns y (M, N) and h (M, N) in residual's dtype, mean (M) and rstd (M) in the compute
+    dtype: y is layer_norm_fwd of the rounded h."""
+    h = add_residual(x, residual)
+    y, mean, rstd = layer_norm_fwd(h, weight, bias, eps)
+    return y, h, mean, rstd
+
+
+def _plus_grad_h(dh: Tensor, grad_h: Tensor | None, h: Tensor) -> Tensor:
+    """The norm's gradient (compute dtype) plus h's own gradient, rounded once to h's dtype."""
+    return (dh if grad_h is None else dh + grad_h.to(dh.dtype)).to(h.dtype)
+
+
+def add_layer_norm_bwd(
+    grad_y: Tensor, grad_h: Tensor | None, h: Tensor, mean: Tensor, rstd: Tensor,
+    weight: Tensor | None, has_bias: bool,
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """Returns dh (M, N) in h's dtype: the gradient reaching h through the norm plus grad_h
+    (None: zero), which is the gradient of both x and residual; dweight, dbias as
+    layer_norm_bwd."""
+    dh, dweight, dbias = layer_norm_bwd(grad_y, h.to(compute_dtype(h.dtype)), mean, rstd,
+                                        weight, has_bias)
+    return _plus_grad_h(dh, grad_h, h), dweight, dbias
+
+
+def add_rms_norm_fwd(
+    x: Tensor, residual: Tensor, weight: Tensor | None, eps: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Returns y (M, N) and h (M, N) in residual's dtype and rstd (M) in the compute dtype."""
+    h = add_residual(x, residual)
+    y, rstd = rms_norm_fwd(h, weight, eps)
+    return y, h, rstd
+
+
+def add_rms_norm_bwd(
+    grad_y: Tensor, grad_h: Tensor | None, h: Tensor, rstd: Tensor, weight: Tensor | None
+) -> tuple[Tensor, Tensor | None]:
+    """Returns dh (M, N) in h's dtype (the norm's gradient plus grad_h) and dweight (N) or
+    None."""
+    dh, dweight = rms_norm_bwd(grad_y, h.to(compute_dtype(h.dtype)), rstd, weight)
+    return _plus_grad_h(dh, grad_h, h), dweight
+
 # ---- attention: q (B, Hq, Tq, D), k/v (B, Hkv, Tk, D) ---------------------------------------
 
 
@@ -374,19 +431,62 @@ def rotary_embedding(x: Tensor, cos: Tensor, sin: Tensor, interleaved: bool,
     return torch.cat((out.to(x.dtype), x[..., 2 * half:]), dim=-1).contiguous()
 
 
-def swiglu_fwd(gate: Tensor, up: Tensor) -> Tensor:
-    """silu(gate) * up (any matching shape) in their dtype, computed in the compute dtype."""
+# The gate activations of the gated linear units (glu_fwd/bwd): silu (SwiGLU), exact gelu and
+# tanh-approximated gelu (GeGLU; torch's F.gelu(approximate="tanh")).
+GLU_ACTIVATIONS = ("silu", "gelu", "gelu_tanh")
+_GELU_TANH_CUBIC = 0.044715
+
+
+def check_glu_activation(activation: object) -> None:
+    if not isinstance(activation, str) or activation not in GLU_ACTIVATIONS:
+        raise ValueError("argument 'activation' must be one of "
+                         f"{', '.join(repr(a) for a in GLU_ACTIVATIONS)}; got {activation!r}")
+
+
+def _glu_activation(g: Tensor, activation: str) -> Tensor:
+    if activation == "silu":
+        return g * torch.sigmoid(g)
+    if activation == "gelu":
+        return g * (0.5 * torch.erfc(-g * math.sqrt(0.5)))
+    return g * torch.sigmoid(_gelu_tanh_two_u(g))
+
+
+def _gelu_tanh_two_u(g: Tensor) -> Tensor:
+    """2u of tanh-gelu, 0.5 g (1 + tanh(u)) = g sigmoid(2u): 2 sqrt(2/pi) (g + 0.044715 g^3)."""
+    return 2 * math.sqrt(2 / math.pi) * g * (1 + _GELU_TANH_CUBIC * g * g)
+
+
+def glu_fwd(gate: Tensor, up: Tensor, activation: str) -> Tensor:
+    """act(gate) * up (any matching shape) in their dtype, computed in the compute dtype;
+    act: ``activation``, one of GLU_ACTIVATIONS."""
+    check_glu_activation(activation)
     dtype = compute_dtype(gate.dtype)
     g = gate.to(dtype)
-    return (g * torch.sigmoid(g) * up.to(dtype)).to(gate.dtype).contiguous()
+    return (_glu_activation(g, activation) * up.to(dtype)).to(gate.dtype).contiguous()
 
 
-def swiglu_bwd(grad_out: Tensor, gate: Tensor, up: Tensor) -> tuple[Tensor, Tensor]:
-    """grad_out, gate, up (same shape) -> (dgate, dup) in gate's dtype:
-    dgate = grad * up * sigmoid(g) * (1 + g * (1 - sigmoid(g))), dup = grad * silu(g)."""
+def glu_bwd(grad_out: Tensor, gate: Tensor, up: Tensor,
+            activation: str) -> tuple[Tensor, Tensor]:
+    """grad_out, gate, up (same shape) -> (dgate, dup) in gate's dtype: dgate = grad * up *
+    act'(g), dup = grad * act(g), with act'(g) for silu ``s (1 + g (1 - s))``, s = sigmoid(g);
+    gelu ``Phi(g) + g phi(g)`` (the normal CDF and density); gelu_tanh ``s + g (2u)' s (1 - s)``,
+    s = sigmoid(2u), (2u)' = 2 sqrt(2/pi) (1 + 3 * 0.044715 g^2)."""
+    check_glu_activation(activation)
     dtype = compute_dtype(gate.dtype)
     g, u, dy = gate.to(dtype), up.to(dtype), grad_out.to(dtype)
-    sig = torch.sigmoid(g)
-    dgate = dy * u * sig * (1 + g * (1 - sig))
-    dup = dy * g * sig
+    if activation == "silu":
+        sig = torch.sigmoid(g)
+        act, slope = g * sig, sig * (1 + g * (1 - sig))
+    elif activation == "gelu":
+        cdf = 0.5 * torch.erfc(-g * math.sqrt(0.5))
+        act = g * cdf
+        slope = cdf + g * torch.exp(-0.5 * g * g) / math.sqrt(2 * math.pi)
+    else:
+        two_u = _gelu_tanh_two_u(g)
+        s = torch.sigmoid(two_u)
+        act = g * s
+        two_du = 2 * math.sqrt(2 / math.pi) * (1 + 3 * _GELU_TANH_CUBIC * g * g)
+        slope = s + g * two_du * (s * torch.sigmoid(-two_u))  # (1 - s without cancellation)
+    dgate = dy * u * slope
+    dup = dy * act
     return dgate.to(gate.dtype).contiguous(), dup.to(gate.dtype).contiguous()

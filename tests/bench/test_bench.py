@@ -21,8 +21,8 @@ from fusedlm.bench import counting, runner, schema, timing
 from fusedlm.bench.env import tree_hash
 
 ROOT = Path(__file__).resolve().parents[2]
-OPS = ("attention", "attention_decode", "layer_norm", "rms_norm", "cross_entropy",
-       "linear_cross_entropy", "rotary_embedding", "swiglu", "adamw", "gpt")
+OPS = ("attention", "attention_decode", "layer_norm", "rms_norm", "add_rms_norm", "cross_entropy",
+       "linear_cross_entropy", "rotary_embedding", "swiglu", "geglu", "adamw", "gpt")
 
 
 # ---- counting -------------------------------------------------------------------------------
@@ -215,7 +215,7 @@ def test_linear_cross_entropy_providers_compute_the_eager_loss_and_gradients():
 def test_rotary_and_swiglu_bytes_are_each_operand_once_per_pass():
     """rotary_embedding: x read and out written (2 B H T D), cos and sin read once (T R/2
     each, B times with per-row tables), in their own dtype; the backward the same again.
-    swiglu: 3 N I forward, 5 N I more backward."""
+    swiglu and geglu (glu_bytes): 3 N I forward, 5 N I more backward."""
     B, H, T, D = 2, 3, 5, 8
     fwd = (2 * B * H * T * D + 2 * T * D // 2) * 2
     assert counting.rotary_embedding_bytes(B, H, T, D, torch.bfloat16, "fwd") == fwd
@@ -228,8 +228,11 @@ def test_rotary_and_swiglu_bytes_are_each_operand_once_per_pass():
     with pytest.raises(ValueError, match="pass"):
         counting.rotary_embedding_bytes(B, H, T, D, torch.float32, "bwd")
     N, width = 6, 10
-    assert counting.swiglu_bytes(N, width, torch.bfloat16, "fwd") == 3 * N * width * 2
-    assert counting.swiglu_bytes(N, width, torch.float32, "fwd+bwd") == (3 + 5) * N * width * 4
+    for count in (counting.glu_bytes, counting.swiglu_bytes, counting.geglu_bytes):
+        assert count(N, width, torch.bfloat16, "fwd") == 3 * N * width * 2
+        assert count(N, width, torch.float32, "fwd+bwd") == (3 + 5) * N * width * 4
+    with pytest.raises(ValueError, match="pass"):
+        counting.glu_bytes(N, width, torch.float32, "bwd")
 
 
 @pytest.mark.parametrize(("device", "quick"), [("cpu", True), ("cpu", False), ("cuda", True),
@@ -277,22 +280,33 @@ def test_rotary_cases_are_a_layers_q_and_k_in_hugging_face_layout(device, quick)
                 assert "grad" not in inputs
 
 
+# op -> {(device, quick): (N, intermediate sizes)}: Llama's MLP widths for swiglu, Gemma's
+# (Gemma 3 1B 6912, Gemma 2 2B 9216, Gemma 2B 16384, Gemma 7B 24576) for geglu
+GLU_SIZES = {
+    "swiglu": {("cpu", True): (256, [512, 2048]), ("cpu", False): (1024, [1024, 4096, 11008]),
+               ("cuda", True): (16384, [4096, 14336]),
+               ("cuda", False): (16384, [2048, 4096, 8192, 11008, 14336])},
+    "geglu": {("cpu", True): (256, [512, 2048]), ("cpu", False): (1024, [1024, 4096, 9216]),
+              ("cuda", True): (16384, [6912, 16384]),
+              ("cuda", False): (16384, [2048, 6912, 9216, 16384, 24576])},
+}
+
+
 @pytest.mark.parametrize(("device", "quick"), [("cpu", True), ("cpu", False), ("cuda", True),
                                              ("cuda", False)])
-def test_swiglu_cases_are_llama_mlp_widths(device, quick):
+@pytest.mark.parametrize("op", ["swiglu", "geglu"])
+def test_glu_cases_are_llama_and_gemma_mlp_widths(op, device, quick):
     ctx = C.Context(device=torch.device(device), quick=quick, backends={})
-    spec = C.specs()["swiglu"]
+    spec = C.specs()[op]
     assert (spec.metric, spec.ceiling) == ("GB/s", "bandwidth")
     cases = spec.cases(ctx)
-    N, widths = {("cpu", True): (256, [512, 2048]), ("cpu", False): (1024, [1024, 4096, 11008]),
-                 ("cuda", True): (16384, [4096, 14336]),
-                 ("cuda", False): (16384, [2048, 4096, 8192, 11008, 14336])}[(device, quick)]
+    N, widths = GLU_SIZES[op][(device, quick)]
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    assert [(c.pass_, c.size["N"], c.size["I"]) for c in cases] == \
-        [(pass_, N, width) for pass_ in counting.PASSES for width in widths]
+    assert [(c.op, c.pass_, c.size["N"], c.size["I"]) for c in cases] == \
+        [(op, pass_, N, width) for pass_ in counting.PASSES for width in widths]
     for case in cases:
         assert case.x == case.size["I"] and case.variant == f"{case.pass_} {C.dtype_name(dtype)}"
-        assert case.bytes == counting.swiglu_bytes(N, case.size["I"], dtype, case.pass_)
+        assert case.bytes == counting.glu_bytes(N, case.size["I"], dtype, case.pass_)
     if device == "cpu":
         inputs = cases[-1].make_inputs()
         assert inputs["gate"].shape == inputs["up"].shape == inputs["grad"].shape == (N, widths[-1])
@@ -300,8 +314,8 @@ def test_swiglu_cases_are_llama_mlp_widths(device, quick):
 
 
 @pytest.mark.parametrize(("op", "leaves"), [("rotary_embedding", ("q", "k")),
-                                            ("swiglu", ("gate", "up"))])
-def test_rotary_and_swiglu_providers_compute_the_eager_outputs_and_gradients(op, leaves):
+                                            ("swiglu", ("gate", "up")), ("geglu", ("gate", "up"))])
+def test_rotary_and_glu_providers_compute_the_eager_outputs_and_gradients(op, leaves):
     """Every provider that runs on the CPU (torch.compile left out: slow to compile here) gives
     eager's outputs (rotary: q's and k's, fusedlm's contiguous) and gradients."""
     ctx, runnable, fwd, fwd_bwd, inputs = _cpu_providers_and_cases(op)
@@ -320,9 +334,9 @@ def test_rotary_and_swiglu_providers_compute_the_eager_outputs_and_gradients(op,
 
 
 def _fake_liger(monkeypatch, calls: list) -> None:
-    """liger_kernel's rope and swiglu entry points as the bench calls them, in PyTorch, with
-    Liger's side effects: the rotation is written over q's and k's storage (views returned),
-    the SwiGLU backward over gate and up."""
+    """liger_kernel's rope, swiglu and geglu entry points as the bench calls them, in PyTorch,
+    with Liger's side effects: the rotation is written over q's and k's storage (views
+    returned), the SwiGLU and GeGLU backwards over gate and up."""
     import types
 
     def liger_rotary_pos_emb(q, k, cos, sin, position_ids=None, unsqueeze_dim=1):
@@ -349,25 +363,45 @@ def _fake_liger(monkeypatch, calls: list) -> None:
             b.copy_(db)
             return a, b
 
+    class LigerGELUMulFunction(torch.autograd.Function):  # (tanh gelu, as Liger's)
+        @staticmethod
+        def forward(ctx, a, b):
+            calls.append(("geglu", a.shape))
+            ctx.save_for_backward(a, b)
+            return torch.nn.functional.gelu(a, approximate="tanh") * b
+
+        @staticmethod
+        def backward(ctx, dc):
+            a, b = ctx.saved_tensors
+            with torch.enable_grad():
+                x = a.detach().requires_grad_()
+                act = torch.nn.functional.gelu(x, approximate="tanh")
+                (slope,) = torch.autograd.grad(act.sum(), x)
+            db = dc * act.detach()
+            a.copy_(dc * b * slope)
+            b.copy_(db)
+            return a, b
+
     modules = {"liger_kernel": types.ModuleType("liger_kernel")}
     for name in ("liger_kernel.transformers", "liger_kernel.transformers.rope",
-                 "liger_kernel.ops", "liger_kernel.ops.swiglu"):
+                 "liger_kernel.ops", "liger_kernel.ops.swiglu", "liger_kernel.ops.geglu"):
         modules[name] = types.ModuleType(name)
     modules["liger_kernel.transformers.rope"].liger_rotary_pos_emb = liger_rotary_pos_emb
     modules["liger_kernel.ops.swiglu"].LigerSiLUMulFunction = LigerSiLUMulFunction
+    modules["liger_kernel.ops.geglu"].LigerGELUMulFunction = LigerGELUMulFunction
     for name, module in modules.items():
         monkeypatch.setitem(sys.modules, name, module)
 
 
 def test_liger_providers_call_liger_as_documented(monkeypatch):
     """The liger rows (GPU only) call liger_rotary_pos_emb(q, k, cos, sin) with Hugging Face's
-    (1, T, D) tables and LigerSiLUMulFunction.apply(gate, up): a stand-in with Liger's side
-    effects gives eager's results through the providers; both declare that they write over
-    their inputs."""
+    (1, T, D) tables, LigerSiLUMulFunction.apply(gate, up) and LigerGELUMulFunction.apply(gate,
+    up): a stand-in with Liger's side effects gives eager's results through the providers; all
+    declare that they write over their inputs."""
     calls = []
     _fake_liger(monkeypatch, calls)
     ctx = C.Context(device=torch.device("cpu"), quick=True, compile=False, backends={})
-    for op in ("rotary_embedding", "swiglu"):
+    for op in ("rotary_embedding", "swiglu", "geglu"):
         spec = C.specs()[op]
         liger = next(p for p in spec.providers if p.name == "liger")
         assert liger.mutates_inputs
@@ -381,16 +415,17 @@ def test_liger_providers_call_liger_as_documented(monkeypatch):
     size = C.specs()["rotary_embedding"].cases(ctx)[0].size
     B, T, Hq, Hkv, D = (size[k] for k in ("B", "T", "Hq", "Hkv", "D"))
     assert calls[0] == ("rope", (B, Hq, T, D), (B, Hkv, T, D), (1, T, D), (1, T, D))
-    assert calls[1][0] == "swiglu"
-    spec = C.specs()["swiglu"]
-    fwd_bwd = next(c for c in spec.cases(ctx) if c.pass_ == "fwd+bwd")
-    inputs = fwd_bwd.make_inputs()
-    gate, up = inputs["gate"].detach().clone(), inputs["up"].detach().clone()
-    spec.providers[0].build(fwd_bwd, ctx)(inputs)
-    expected = inputs["gate"].grad, inputs["up"].grad
-    next(p for p in spec.providers if p.name == "liger").build(fwd_bwd, ctx)(
-        {"gate": gate.requires_grad_(), "up": up.requires_grad_(), "grad": inputs["grad"]})
-    torch.testing.assert_close((gate.grad, up.grad), expected)
+    assert [c[0] for c in calls[1:]] == ["swiglu", "geglu"]
+    for op in ("swiglu", "geglu"):
+        spec = C.specs()[op]
+        fwd_bwd = next(c for c in spec.cases(ctx) if c.pass_ == "fwd+bwd")
+        inputs = fwd_bwd.make_inputs()
+        gate, up = inputs["gate"].detach().clone(), inputs["up"].detach().clone()
+        spec.providers[0].build(fwd_bwd, ctx)(inputs)
+        expected = inputs["gate"].grad, inputs["up"].grad
+        next(p for p in spec.providers if p.name == "liger").build(fwd_bwd, ctx)(
+            {"gate": gate.requires_grad_(), "up": up.requires_grad_(), "grad": inputs["grad"]})
+        torch.testing.assert_close((gate.grad, up.grad), expected)
 
 
 def test_gpt_flops():
@@ -528,8 +563,9 @@ def test_quick_run_ratios_come_from_measured_rows(quick_run):
         checked += 1
     assert checked >= 20
     # CPU competitors: eager PyTorch and fusedlm's cpu backend measured for every op
-    for op in ("attention", "attention_decode", "layer_norm", "rms_norm", "cross_entropy",
-               "linear_cross_entropy", "rotary_embedding", "swiglu", "adamw"):
+    for op in ("attention", "attention_decode", "layer_norm", "rms_norm", "add_rms_norm",
+               "cross_entropy", "linear_cross_entropy", "rotary_embedding", "swiglu", "geglu",
+               "adamw"):
         measured = {r["provider"] for r in rows if r["op"] == op and r["status"] == "ok"}
         assert "torch-eager" in measured
         if results["environment"]["backends"]["cpu"]["available"]:

@@ -94,7 +94,8 @@ def test_gpu_check_runs_end_to_end_on_a_cpu(tmp_path):
     assert schema.validate(bench) == []
     assert {r["op"] for r in bench["rows"]} == {"attention", "layer_norm", "rms_norm", "adamw",
                                                  "gpt", "cross_entropy", "linear_cross_entropy",
-                                                 "rotary_embedding", "swiglu", "attention_decode"}
+                                                 "rotary_embedding", "swiglu", "geglu",
+                                                 "add_rms_norm", "attention_decode"}
     # $OUT brings back 8 files: the first 5 ops' plots there, the others' in logs.tar.gz
     assert {p.name for p in out.glob("*.png")} == {f"{op}.png" for op in
                                                    ("attention", "layer_norm", "rms_norm",
@@ -102,6 +103,7 @@ def test_gpu_check_runs_end_to_end_on_a_cpu(tmp_path):
     assert len(list(out.iterdir())) <= 8
     assert steps["bench"]["plots_in_logs"] == ["cross_entropy.png", "linear_cross_entropy.png",
                                                "rotary_embedding.png", "swiglu.png",
+                                               "geglu.png", "add_rms_norm.png",
                                                "attention_decode.png"]
     with tarfile.open(out / "logs.tar.gz") as tar:
         names = tar.getnames()
@@ -120,6 +122,8 @@ def test_bench_step_runs_every_op_attention_decode_after_attention():
     assert set(gpu_check.OP_SHARE) == set(gpu_check.OPS)
     assert sum(gpu_check.OP_SHARE.values()) == pytest.approx(1.0)
     assert all(share > 0 for share in gpu_check.OP_SHARE.values())
+    # geglu's rows are swiglu's at Gemma's widths: a small share, as swiglu's
+    assert gpu_check.OP_SHARE["geglu"] <= gpu_check.OP_SHARE["swiglu"]
     assert gpu_check.OPS.index("attention_decode") > gpu_check.OPS.index("attention")
     assert gpu_check.OPS[-1] == "attention_decode"
 

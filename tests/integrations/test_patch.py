@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -336,7 +337,8 @@ def test_import_does_not_import_transformers():
 
 
 class _GatedMLP(torch.nn.Module):
-    """A model's own SwiGLU MLP, as Llama's is written (``act`` swappable, extra children)."""
+    """A model's own gated MLP, as Llama's (and with a gelu ``act``, Gemma's) is written (``act``
+    swappable, extra children)."""
 
     def __init__(self, hidden=24, width=40, bias=False, act=None, extra=None):
         super().__init__()
@@ -355,58 +357,112 @@ class _GatedMLP(torch.nn.Module):
 
 
 class _UpFirstMLP(_GatedMLP):
-    """The activation on the wrong projection: not SwiGLU as fusedlm.swiglu computes it."""
+    """The activation on the wrong projection: not a GLU as fusedlm computes it."""
 
     def forward(self, x):
         return self.down_proj(self.gate_proj(x) * self.act_fn(self.up_proj(x)))
 
 
+class _Lambda(torch.nn.Module):
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x):
+        return self.fn(x)
+
+
+class _GemmaGeluTanh(torch.nn.Module):
+    """Hugging Face's ``gelu_pytorch_tanh`` written out (its python fallback): the tanh
+    approximation computed another way, which the probe matches to float64 rounding."""
+
+    def forward(self, x):
+        return x * 0.5 * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi)
+                                           * (x + 0.044715 * torch.pow(x, 3.0))))
+
+
+# act module -> (op dispatched, replacement class, report note)
+GATED_ACTIVATIONS = {
+    "silu": (torch.nn.SiLU, "ModelSwiGLUMLP", "silu(gate) * up on fusedlm.swiglu"),
+    "gelu": (torch.nn.GELU, "ModelGeGLUMLP", "gelu(gate) * up on fusedlm.geglu"),
+    "gelu_tanh": (lambda: torch.nn.GELU(approximate="tanh"), "ModelGeGLUMLP",
+                  "gelu(gate, approximate='tanh') * up on fusedlm.geglu"),
+    "gelu_tanh_written_out": (_GemmaGeluTanh, "ModelGeGLUMLP",
+                              "gelu(gate, approximate='tanh') * up on fusedlm.geglu"),
+}
+
+
 @needs_cpu
 @pytest.mark.parametrize("bias", [False, True])
-def test_patch_mlp_swaps_swiglu_mlps_and_matches(bias):
+@pytest.mark.parametrize("act", list(GATED_ACTIVATIONS))
+def test_patch_mlp_swaps_glu_mlps_and_matches(act, bias):
+    make_act, replacement, note = GATED_ACTIVATIONS[act]
     torch.manual_seed(0)
-    model = torch.nn.Sequential(_GatedMLP(bias=bias), torch.nn.ReLU(), _GatedMLP(bias=bias))
+    model = torch.nn.Sequential(_GatedMLP(bias=bias, act=make_act()), torch.nn.ReLU(),
+                                _GatedMLP(bias=bias, act=make_act()))
     same, truth = copy.deepcopy(model), copy.deepcopy(model).double()
+    keys = list(model.state_dict())
     assert not fusedlm.patch(model).swapped  # opt-in for plain models
     report = fusedlm.patch(model, mlp=True)
-    assert [(s.name, s.note) for s in report.swapped] == [
-        ("0", "silu(gate) * up on fusedlm.swiglu"), ("2", "silu(gate) * up on fusedlm.swiglu")]
-    assert type(model[0]).__name__ == "ModelSwiGLUMLP"
-    assert isinstance(model[0], fusedlm.nn.SwiGLUMLP)
-    x = torch.randn(3, 5, 24, dtype=torch.float64)
+    assert [(s.name, s.note) for s in report.swapped] == [("0", note), ("2", note)]
+    assert type(model[0]).__name__ == replacement
+    cls = fusedlm.nn.SwiGLUMLP if act == "silu" else fusedlm.nn.GeGLUMLP
+    assert isinstance(model[0], cls)
+    if act != "silu":
+        assert model[0].approximate == ("none" if act == "gelu" else "tanh")
+    assert list(model.state_dict()) == keys
+    x = 2 * torch.randn(3, 5, 24, dtype=torch.float64)
     OpDispatch.last_choice.clear()
     outs = [m(x.to(dtype)) for m, dtype in ((model, torch.float32), (same, torch.float32),
                                             (truth, torch.float64))]
-    assert OpDispatch.last_choice["swiglu_fwd"] == "cpu"
+    assert OpDispatch.last_choice["glu_fwd"] == "cpu"
     assert_close_rule(outs[0], outs[1], outs[2], name="output")
     for out in outs:
         out.square().sum().backward()
-    assert OpDispatch.last_choice["swiglu_bwd"] == "cpu"
+    assert OpDispatch.last_choice["glu_bwd"] == "cpu"
     truth_params, same_params = dict(truth.named_parameters()), dict(same.named_parameters())
     for name, p in model.named_parameters():
         assert_close_rule(p.grad, same_params[name].grad, truth_params[name].grad, name=name)
     fusedlm.unpatch(model)
     assert type(model[0]) is _GatedMLP and not fusedlm.patch(model).swapped
+    assert not any("approximate" in m.__dict__ or "_fusedlm" in "".join(m.__dict__)
+                   for m in model if isinstance(m, _GatedMLP))
+
+
+def _quick_gelu(x):
+    return x * torch.sigmoid(1.702 * x)
 
 
 @pytest.mark.parametrize(
     "module, reason",
     [
-        (_GatedMLP(act=torch.nn.GELU(approximate="tanh")),
-         "its forward is not down_proj(silu(gate) * up)"),
-        (_UpFirstMLP(), "its forward is not down_proj(silu(gate) * up)"),
+        (_GatedMLP(act=_Lambda(_quick_gelu)), "not down_proj(act(gate) * up) with act silu, gelu"),
+        (_GatedMLP(act=_Lambda(lambda x: F.relu(x).square())), "with act silu, gelu or gelu("),
+        (_GatedMLP(act=torch.nn.GELU(approximate="tanh")).double(), None),
+        (_GatedMLP(act=torch.nn.Tanh()), "probe relative errors silu "),
+        (_UpFirstMLP(), "its forward is not down_proj(act(gate) * up)"),
+        (_UpFirstMLP(act=torch.nn.GELU()), "its forward is not down_proj(act(gate) * up)"),
         (_GatedMLP(extra=torch.nn.Dropout(0.1)), "submodules besides its projections"),
         (_GatedMLP(extra=torch.nn.LayerNorm(40)), "submodules besides its projections"),
         (_GatedMLP(extra=torch.nn.Identity()), "submodules besides its projections"),
     ],
-    ids=["gelu", "activation-on-up", "dropout", "norm-inside", "two-extra-children"],
+    ids=["quick-gelu", "relu-squared", "float64-gelu-tanh-is-taken", "tanh", "activation-on-up",
+         "gelu-on-up", "dropout", "norm-inside", "two-extra-children"],
 )
 def test_patch_mlp_leaves_other_mlps_alone(module, reason):
+    """Activations other than silu, gelu and tanh-gelu (quick-gelu x sigmoid(1.702 x), relu^2,
+    tanh), the activation on the other projection, or more children: left alone with a
+    reason. (A float64 module is probed and swapped all the same.)"""
+    original = type(module)
     report = fusedlm.patch(module, mlp=True)
+    if reason is None:
+        assert [s.name for s in report.swapped] == [""], report
+        assert type(module).__name__ == "ModelGeGLUMLP"
+        return
     assert not [s for s in report.swapped if s.name == ""]
     left = [m for m in report.left if m.name == ""]
     assert len(left) == 1 and reason in left[0].reason, report
-    assert type(module) in (_GatedMLP, _UpFirstMLP)
+    assert type(module) is original
 
 
 def test_patch_mlp_shapes_parameters_and_meta_device():
@@ -422,8 +478,8 @@ def test_patch_mlp_shapes_parameters_and_meta_device():
         report = fusedlm.patch(module, mlp=True)
         assert [m.reason for m in report.left if m.name == ""][0].count(reason) == 1, report
         assert not report.swapped
-    already = fusedlm.nn.SwiGLUMLP(8, 12)
-    assert [m.reason for m in fusedlm.patch(already, mlp=True).left] == [
-        "already a fusedlm module"]
+    for already in (fusedlm.nn.SwiGLUMLP(8, 12), fusedlm.nn.GeGLUMLP(8, 12)):
+        assert [m.reason for m in fusedlm.patch(already, mlp=True).left] == [
+            "already a fusedlm module"]
     with pytest.raises(TypeError, match="argument 'mlp' must be a bool"):
         fusedlm.patch(torch.nn.Linear(2, 2), mlp=1)

@@ -113,15 +113,15 @@ def test_logits_and_grads_match(name):
     assert OpDispatch.last_choice["attention_fwd"] == "cpu"
     norm_op = "layer_norm_fwd" if name in ("gpt2", "bert", "cohere") else "rms_norm_fwd"
     assert OpDispatch.last_choice[norm_op] == "cpu"
-    swiglu_mlps = name in ("llama", "qwen2", "cohere")  # (Gemma's MLP is GeGLU: left alone)
-    assert (OpDispatch.last_choice.get("swiglu_fwd") == "cpu") == swiglu_mlps
+    glu_mlps = name in ("llama", "qwen2", "gemma", "cohere")  # (Gemma's: GeGLU, tanh gelu)
+    assert (OpDispatch.last_choice.get("glu_fwd") == "cpu") == glu_mlps
     assert_close_rule(outs[0], outs[1], outs[2], name=f"{name} output")
 
     weight = torch.randn_like(outs[0])
     for out in outs:
         (out * weight.to(out.dtype)).sum().backward()
     assert OpDispatch.last_choice["attention_bwd"] == "cpu"
-    assert (OpDispatch.last_choice.get("swiglu_bwd") == "cpu") == swiglu_mlps
+    assert (OpDispatch.last_choice.get("glu_bwd") == "cpu") == glu_mlps
     same_params, truth_params = dict(same.named_parameters()), dict(truth.named_parameters())
     checked = 0
     for pname, p in model.named_parameters():
@@ -294,11 +294,13 @@ def test_apply_keeps_parameters_and_reports():
     report = fhf.apply(model)
     for pname, p in model.named_parameters():
         assert p is params[pname], pname
-    assert len(report.swapped) == 5
-    assert all("Gemma-style" in s.note for s in report.swapped)
-    # Gemma's MLP is GeGLU (gelu_pytorch_tanh): the probe leaves it alone.
-    assert {m.name for m in report.left} == {"model.layers.0.mlp", "model.layers.1.mlp"}
-    assert all("not down_proj(silu(gate) * up)" in m.reason for m in report.left)
+    assert len(report.swapped) == 7 and not report.left
+    norms = [s for s in report.swapped if s.name.endswith("norm")]
+    assert len(norms) == 5 and all("Gemma-style" in s.note for s in norms)
+    # Gemma's MLP is GeGLU (gelu_pytorch_tanh): its activation on fusedlm.geglu
+    assert [(s.name, s.note) for s in report.swapped if s not in norms] == [
+        (f"model.layers.{i}.mlp", "gelu(gate, approximate='tanh') * up on fusedlm.geglu")
+        for i in range(2)]
     assert "GemmaRMSNorm" in str(report) and "sdpa_attention_forward" in str(report)
 
     gpt2 = _build("gpt2")
@@ -317,9 +319,10 @@ def test_apply_keeps_parameters_and_reports():
     assert fhf.attention_calls() == {"fused": 2}
 
     restored = fusedlm.unpatch(model)
-    assert len(restored.swapped) == 5
+    assert len(restored.swapped) == 7
     assert model.config._attn_implementation == "sdpa"
-    assert all(type(m).__name__ != "ModelRMSNorm" for m in model.modules())
+    assert all(type(m).__name__ not in ("ModelRMSNorm", "ModelGeGLUMLP")
+               for m in model.modules())
 
 
 # ---- the loss -----------------------------------------------------------------------------------
@@ -441,7 +444,7 @@ def test_phi3_fused_gate_up_projection_matches():
         "silu(gate) * up on fusedlm.swiglu (fused gate_up_proj)"] * 2
     ids = torch.randint(0, VOCAB, (2, 11))
     outs = [m(input_ids=ids).logits for m in (model, same, truth)]
-    assert OpDispatch.last_choice["swiglu_fwd"] == "cpu"
+    assert OpDispatch.last_choice["glu_fwd"] == "cpu"
     assert_close_rule(outs[0], outs[1], outs[2], name="phi3 output")
     weight = torch.randn_like(outs[0])
     for out in outs:
@@ -451,6 +454,68 @@ def test_phi3_fused_gate_up_projection_matches():
     for pname in ("model.layers.0.mlp.gate_up_proj.weight", "model.layers.1.mlp.down_proj.weight"):
         p = dict(model.named_parameters())[pname]
         assert_close_rule(p.grad, same_params[pname].grad, truth_params[pname].grad, name=pname)
+
+
+# Gemma 1, 2 and 3: GeGLU MLPs (hidden activation gelu_pytorch_tanh)
+GEMMAS = {
+    "gemma": ("GemmaForCausalLM", "GemmaConfig", dict(num_key_value_heads=1, head_dim=16)),
+    "gemma2": ("Gemma2ForCausalLM", "Gemma2Config", dict(num_key_value_heads=2, head_dim=16)),
+    "gemma3": ("Gemma3ForCausalLM", "Gemma3TextConfig",
+               dict(num_key_value_heads=2, head_dim=16, sliding_window=6)),
+}
+
+
+@pytest.mark.parametrize("name", list(GEMMAS))
+def test_gemma_geglu_mlps_are_swapped_and_match(name):
+    """A tiny random Gemma (1, 2, 3; each where the installed transformers has it): after
+    apply() every MLP runs on fusedlm.geglu with the tanh approximation (ModelGeGLUMLP, same
+    objects and state_dict keys), and the logits and every parameter's gradient match the
+    unpatched model by the rule; unpatch restores the GemmaMLP classes."""
+    model_name, config_name, kwargs = GEMMAS[name]
+    if not hasattr(transformers, model_name) or not hasattr(transformers, config_name):
+        pytest.skip(f"this transformers has no {model_name}")
+    config = getattr(transformers, config_name)(**COMMON, **kwargs)
+    act = getattr(config, "hidden_activation", None) or config.hidden_act
+    assert act == "gelu_pytorch_tanh"
+    torch.manual_seed(0)
+    model = getattr(transformers, model_name)(config)
+    _randomize_norms(model)
+    model.eval()
+    same, truth = copy.deepcopy(model), copy.deepcopy(model).double()
+    mlps = [layer.mlp for layer in model.model.layers]
+    mlp_class = type(mlps[0]).__name__
+    keys = list(model.state_dict())
+    report = fhf.apply(model)
+    swapped = [s for s in report.swapped if s.name.endswith(".mlp")]
+    assert [(s.name, s.original.rsplit(".", 1)[-1], s.replacement.rsplit(".", 1)[-1], s.note)
+            for s in swapped] == [
+        (f"model.layers.{i}.mlp", mlp_class, "ModelGeGLUMLP",
+         "gelu(gate, approximate='tanh') * up on fusedlm.geglu") for i in range(2)]
+    assert [layer.mlp for layer in model.model.layers] == mlps  # the same objects, in place
+    assert all(isinstance(m, fusedlm.nn.GeGLUMLP) and m.approximate == "tanh" for m in mlps)
+    assert not [m for m in report.left if "mlp" in m.name]
+    assert list(model.state_dict()) == keys
+    ids = torch.randint(0, VOCAB, (2, 13))
+    outs = [m(input_ids=ids).logits for m in (model, same, truth)]
+    assert OpDispatch.last_choice["glu_fwd"] == "cpu"
+    assert_close_rule(outs[0], outs[1], outs[2], name=f"{name} output")
+    weight = torch.randn_like(outs[0])
+    for out in outs:
+        (out * weight.to(out.dtype)).sum().backward()
+    assert OpDispatch.last_choice["glu_bwd"] == "cpu"
+    same_params, truth_params = dict(same.named_parameters()), dict(truth.named_parameters())
+    checked = 0
+    for pname, p in model.named_parameters():
+        if p.grad is None:
+            assert same_params[pname].grad is None, pname
+            continue
+        assert_close_rule(p.grad, same_params[pname].grad, truth_params[pname].grad, name=pname)
+        checked += "mlp" in pname
+    assert checked == 6  # gate_proj, up_proj, down_proj of both layers
+    fusedlm.unpatch(model)
+    assert all(type(m).__name__ == mlp_class for m in mlps)
+    assert not any("_fusedlm" in key or "approximate" in m.__dict__ for m in mlps
+                   for key in m.__dict__)
 
 
 def _qkv(b, hq, hkv, tq, tk, d=16):

@@ -65,13 +65,102 @@ def test_fused_kernels_run_the_fused_ops_and_torch_kernels_none(arch, kernels):
     OpDispatch.last_choice.clear()  # (each op's dispatch records the backend it chose)
     model(idx, idx)[1].backward()
     ours = set(OpDispatch.last_choice)
-    expected = {"gpt2": {"layer_norm_fwd", "layer_norm_bwd", "attention_fwd", "attention_bwd"},
-                "llama": {"rms_norm_fwd", "rms_norm_bwd", "attention_fwd", "attention_bwd",
-                          "rotary_embedding", "swiglu_fwd", "swiglu_bwd"}}[arch]
+    expected = {"gpt2": {"layer_norm_fwd", "layer_norm_bwd", "add_layer_norm_fwd",
+                         "add_layer_norm_bwd", "attention_fwd", "attention_bwd"},
+                "llama": {"rms_norm_fwd", "rms_norm_bwd", "add_rms_norm_fwd", "add_rms_norm_bwd",
+                          "attention_fwd", "attention_bwd", "rotary_embedding", "glu_fwd",
+                          "glu_bwd"}}[arch]
     if kernels == "fused":
         assert expected <= ours, ours
     else:
         assert not ours, ours
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_fused_model_runs_each_residual_add_fused_into_the_next_norm(arch, monkeypatch):
+    """Every residual add runs fused into the norm after it: with L layers, the first block's
+    first norm is a plain one (no residual yet), the other 2 L norms (each block's second, the
+    next block's first, the final one) are add_layer_norm (gpt2) / add_rms_norm (llama), forward
+    and backward, on the cpu kernels where built."""
+    from fusedlm.backends import OpDispatch
+
+    config = GPTConfig(**{**SMALL, "arch": arch, "n_layer": 3})
+    model = GPT(config, kernels="fused")
+    norm = "layer_norm" if arch == "gpt2" else "rms_norm"
+    calls = {f"{norm}_fwd": 0, f"add_{norm}_fwd": 0}
+    for name in calls:  # count the forwards' backend choices
+        dispatch = OpDispatch.registry[name]
+
+        def choose(*args, name=name, original=dispatch.choose):
+            calls[name] += 1
+            return original(*args)
+
+        monkeypatch.setattr(dispatch, "choose", choose)
+    idx = torch.randint(0, config.vocab_size, (2, 9))
+    OpDispatch.last_choice.clear()
+    model(idx, idx)[1].backward()
+    assert calls == {f"{norm}_fwd": 1, f"add_{norm}_fwd": 2 * config.n_layer}, calls
+    backend = "cpu" if fusedlm.backends()["cpu"].available else "torch"
+    for op in (f"add_{norm}_fwd", f"add_{norm}_bwd", f"{norm}_fwd", f"{norm}_bwd"):
+        assert OpDispatch.last_choice.get(op) == backend, (op, OpDispatch.last_choice)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_forced_backend_without_a_kernel_takes_the_torch_path_for_that_op(arch, monkeypatch):
+    """With FUSEDLM_BACKEND naming a backend that has no kernel for the residual-add norms,
+    rotary embeddings or SwiGLU (``cuda``: Triton serves those on CUDA tensors), the model runs
+    its torch code for those ops instead of raising, and still the forced backend for the rest;
+    the loss is the torch-kernels model's. Simulated on the CPU by making the cpu backend
+    refuse those ops."""
+    from fusedlm.backends import OpDispatch
+
+    if not fusedlm.backends()["cpu"].available:
+        pytest.skip("needs the C++ extension")
+    norm = "layer_norm" if arch == "gpt2" else "rms_norm"
+    refused = [f"add_{norm}_fwd"] + (["rotary_embedding", "glu_fwd"] if arch == "llama" else [])
+    for name in refused:
+        impls = OpDispatch.registry[name].impls
+        monkeypatch.setitem(impls, "cpu", (impls["cpu"][0], lambda *args: "refused (test)"))
+    monkeypatch.setenv("FUSEDLM_BACKEND", "cpu")
+    config, fused, reference_model = _pair(arch)
+    idx, targets = torch.randint(0, config.vocab_size, (2, 2, 16))
+    for name in refused:  # a direct call still raises: only the model steps aside
+        with pytest.raises(fusedlm.BackendNotSupportedError, match="refused"):
+            OpDispatch.registry[name].choose("auto", idx.device)
+    OpDispatch.last_choice.clear()
+    loss = fused(idx, targets)[1]
+    loss.backward()
+    assert not set(refused) & set(OpDispatch.last_choice), OpDispatch.last_choice
+    assert {f"{norm}_fwd", f"{norm}_bwd", "attention_fwd"} <= set(OpDispatch.last_choice)
+    assert set(OpDispatch.last_choice.values()) == {"cpu"}, OpDispatch.last_choice
+    monkeypatch.delenv("FUSEDLM_BACKEND")
+    expected = reference_model(idx, targets)[1]
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_activation_checkpointing_with_fused_add_norms(arch):
+    """Activation checkpointing recomputes each block (the residual stream and the branch
+    output handed from block to block, the fused add-norms in between): the same loss and
+    gradients as without it, bit for bit, and the fused add-norm ran in the recomputation."""
+    from fusedlm.backends import OpDispatch
+
+    overrides = {"n_kv_head": 2, "bias": False} if arch == "llama" else {}
+    config, model, _ = _pair(arch, n_layer=3, **overrides)
+    idx, targets = torch.randint(0, config.vocab_size, (2, 2, 16))
+    norm = "layer_norm" if arch == "gpt2" else "rms_norm"
+    results = []
+    for checkpointing in (False, True):
+        model.zero_grad()
+        model.activation_checkpointing = checkpointing
+        OpDispatch.last_choice.clear()
+        loss = model(idx, targets)[1]
+        loss.backward()
+        assert {f"add_{norm}_fwd", f"add_{norm}_bwd"} <= set(OpDispatch.last_choice)
+        results.append([loss.detach()] + [p.grad.clone() for p in model.parameters()])
+    names = ["loss"] + [name for name, _ in model.named_parameters()]
+    for name, a, b in zip(names, *results, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
 
 
 def test_loss_is_cross_entropy_and_ignores_minus_one():

@@ -14,9 +14,11 @@ projections), so that Liger's one call for both is timed against the same work.
 Providers, each only where it can run (the output says why the others did not):
     torch-eager      eager PyTorch (attention written out: k, v repeated for GQA, q k^T, mask,
                      softmax in float32, p v; F.layer_norm / F.rms_norm;
+                     h = x + residual then F.rms_norm(h) for add_rms_norm;
                      F.cross_entropy(logits.float(), target), after F.linear for
                      linear_cross_entropy; Hugging Face Llama's apply_rotary_pos_emb
                      (q * cos + rotate_half(q) * sin, cos and sin (1, T, D)); F.silu(gate) * up;
+                     F.gelu(gate, approximate="tanh") * up;
                      torch.optim.AdamW(foreach=False, fused=False); the GPT with
                      kernels="torch" and torch.optim.AdamW's default)
     torch-compile    torch.compile of the eager version
@@ -24,9 +26,10 @@ Providers, each only where it can run (the output says why the others did not):
                      flash, efficient, cudnn, math that runs on the device (enable_gqa=True
                      when k has fewer heads than q; a backend that refuses a case: unsupported)
     torch-foreach, torch-fused   torch.optim.AdamW(foreach=True) / (fused=True)
-    liger            Liger-Kernel's LayerNorm / RMSNorm functions, LigerCrossEntropyLoss,
+    liger            Liger-Kernel's LayerNorm / RMSNorm functions, LigerFusedAddRMSNorm, LigerCrossEntropyLoss,
                      LigerFusedLinearCrossEntropyLoss, liger_rotary_pos_emb (q and k in one
-                     call, in place), LigerSiLUMulFunction (when installed, GPU)
+                     call, in place), LigerSiLUMulFunction, LigerGELUMulFunction (when
+                     installed, GPU)
     fusedlm-<name>   fusedlm with backend=<name> for cuda, triton, cpu (and torch, the
                      reference, on the CPU); for the GPT, the model with kernels="fused",
                      FUSEDLM_BACKEND=<name> and fusedlm.optim.AdamW(backend=<name>)
@@ -56,8 +59,8 @@ from . import counting
 
 BASELINE = "torch-eager"
 # The ops of ``fusedlm bench`` in run order (its CLI, runner and tests read this one list).
-OPS = ("attention", "attention_decode", "layer_norm", "rms_norm", "cross_entropy",
-       "linear_cross_entropy", "rotary_embedding", "swiglu", "adamw", "gpt")
+OPS = ("attention", "attention_decode", "layer_norm", "rms_norm", "add_rms_norm", "cross_entropy",
+       "linear_cross_entropy", "rotary_embedding", "swiglu", "geglu", "adamw", "gpt")
 NORM_EPS = 1e-5
 SDPA_BACKENDS = ("flash", "efficient", "cudnn", "math")
 
@@ -612,8 +615,9 @@ def _norm_cases(op: str) -> Callable[[Context], list[Case]]:
         else:
             M, widths = (512, [256, 1024]) if ctx.quick else (4096, [256, 1024, 4096])
             dtype = torch.float32
-        count = counting.layer_norm_bytes if op == "layer_norm" else counting.rms_norm_bytes
-        leaves = ("x", "weight", "bias") if op == "layer_norm" else ("x", "weight")
+        count = {"layer_norm": counting.layer_norm_bytes, "rms_norm": counting.rms_norm_bytes,
+                 "add_rms_norm": counting.add_rms_norm_bytes}[op]
+        leaves = _NORM_LEAVES[op]
         out = []
         for pass_ in counting.PASSES:
             for N in widths:
@@ -625,8 +629,13 @@ def _norm_cases(op: str) -> Callable[[Context], list[Case]]:
                     if "bias" in leaves:
                         bias = 0.1 * _randn(N, ctx=ctx, dtype=dtype)
                         inputs["bias"] = bias.requires_grad_(grad)
+                    if "residual" in leaves:
+                        inputs["residual"] = _randn(M, N, ctx=ctx, dtype=dtype,
+                                                    requires_grad=grad)
                     if grad:
                         inputs["grad"] = _randn(M, N, ctx=ctx, dtype=dtype)
+                        if "residual" in leaves:  # (y's and h's: both outputs are read on)
+                            inputs["grad"] = (inputs["grad"], _randn(M, N, ctx=ctx, dtype=dtype))
                     return inputs
 
                 out.append(Case(
@@ -640,15 +649,30 @@ def _norm_cases(op: str) -> Callable[[Context], list[Case]]:
     return cases
 
 
-def _eager_layer_norm(x, w, b):
+_NORM_LEAVES = {"layer_norm": ("x", "weight", "bias"), "rms_norm": ("x", "weight"),
+                "add_rms_norm": ("x", "residual", "weight")}
+
+
+# Each takes (x, weight, bias, residual): the norms ignore residual, add_rms_norm the bias.
+def _eager_layer_norm(x, w, b, r=None):
     return F.layer_norm(x, (x.shape[-1],), w, b, NORM_EPS)
 
 
-def _eager_rms_norm(x, w, b):
+def _eager_rms_norm(x, w, b, r=None):
     return F.rms_norm(x, (x.shape[-1],), w, NORM_EPS)
 
 
-_EAGER_NORMS = {"layer_norm": _eager_layer_norm, "rms_norm": _eager_rms_norm}
+def _eager_add_rms_norm(x, w, b, r):
+    h = x + r  # a pre-norm block's residual add, then the next norm
+    return F.rms_norm(h, (h.shape[-1],), w, NORM_EPS), h
+
+
+_EAGER_NORMS = {"layer_norm": _eager_layer_norm, "rms_norm": _eager_rms_norm,
+                "add_rms_norm": _eager_add_rms_norm}
+_TORCH_NORMS = {"layer_norm": "F.layer_norm", "rms_norm": "F.rms_norm",
+                "add_rms_norm": "h = x + residual; F.rms_norm(h)"}
+_LIGER_NORMS = {"layer_norm": "LigerLayerNormFunction", "rms_norm": "LigerRMSNormFunction",
+                "add_rms_norm": "LigerFusedAddRMSNorm"}
 
 
 def _liger_why_not(ctx: Context) -> str | None:
@@ -660,11 +684,18 @@ def _liger_why_not(ctx: Context) -> str | None:
 
 
 def _liger_norm(op):
-    def call(x, w, b):
+    def call(x, w, b, r=None):
         if op == "layer_norm":
             from liger_kernel.ops.layer_norm import LigerLayerNormFunction
 
             return LigerLayerNormFunction.apply(x, w, b, NORM_EPS)
+        if op == "add_rms_norm":
+            # (the module: its function's positional arguments changed across releases)
+            from liger_kernel.transformers.fused_add_rms_norm import LigerFusedAddRMSNorm
+
+            module = LigerFusedAddRMSNorm(x.shape[-1], eps=NORM_EPS)
+            module.weight = torch.nn.Parameter(w, requires_grad=w.requires_grad)
+            return module(x, r)
         from liger_kernel.ops.rms_norm import LigerRMSNormFunction
 
         return LigerRMSNormFunction.apply(x, w, NORM_EPS)
@@ -673,35 +704,38 @@ def _liger_norm(op):
 
 
 def _fusedlm_norm(op, backend):
-    def call(x, w, b):
+    def call(x, w, b, r=None):
         import fusedlm
 
         if op == "layer_norm":
             return fusedlm.layer_norm(x, (x.shape[-1],), w, b, NORM_EPS, backend=backend)
+        if op == "add_rms_norm":
+            return fusedlm.add_rms_norm(x, r, (x.shape[-1],), w, NORM_EPS, backend=backend)
         return fusedlm.rms_norm(x, (x.shape[-1],), w, NORM_EPS, backend=backend)
 
     return call
 
 
 def _norm_providers(op: str) -> list[Provider]:
-    leaves = ("x", "weight", "bias") if op == "layer_norm" else ("x", "weight")
+    leaves = _NORM_LEAVES[op]
 
     def provider(name, description, fn, why_not=_always, compiles=False, kernel_backend=None):
         def build(case: Case, ctx: Context):
             if kernel_backend is not None and case.pass_ == "fwd+bwd":
                 _needs(ctx, kernel_backend, f"{op}_bwd")
             f = fn() if compiles else fn
-            return _run_pass(case, lambda i: f(i["x"], i["weight"], i.get("bias")), leaves)
+            return _run_pass(
+                case, lambda i: f(i["x"], i["weight"], i.get("bias"), i.get("residual")), leaves)
 
         return Provider(name, description, why_not, build, compiles=compiles)
 
-    torch_fn = "F.layer_norm" if op == "layer_norm" else "F.rms_norm"
+    torch_fn = _TORCH_NORMS[op]
     providers = [provider(BASELINE, torch_fn, _EAGER_NORMS[op])]
     for backend in ("cuda", "triton", "cpu", "torch"):
         providers.append(provider(
             f"fusedlm-{backend}", f"fusedlm.{op}(backend={backend!r})", _fusedlm_norm(op, backend),
             _fusedlm_why_not(backend, (f"{op}_fwd",)), kernel_backend=backend))
-    providers.append(provider("liger", f"Liger-Kernel {op} function", _liger_norm(op),
+    providers.append(provider("liger", f"Liger-Kernel {_LIGER_NORMS[op]}", _liger_norm(op),
                               _liger_why_not))
     providers.append(provider("torch-compile", f"torch.compile({torch_fn})",
                               lambda: compiled(_EAGER_NORMS[op]), _compile_why_not, compiles=True))
@@ -1000,41 +1034,60 @@ def _rotary_providers() -> list[Provider]:
     return providers
 
 
-# ---- swiglu ---------------------------------------------------------------------------------
+# ---- swiglu / geglu -------------------------------------------------------------------------
 
-def _swiglu_cases(ctx: Context) -> list[Case]:
-    """gate and up (N, I), the outputs of a Llama MLP's gate_proj and up_proj (contiguous);
-    x = I. On a GPU, 16k tokens at intermediate sizes up to Llama 2 7B's (11008) and Llama 3
-    8B's (14336), bf16."""
-    if ctx.cuda:
-        N, dtype = 16384, torch.bfloat16
-        widths = [4096, 14336] if ctx.quick else [2048, 4096, 8192, 11008, 14336]
-    else:
-        N, widths = (256, [512, 2048]) if ctx.quick else (1024, [1024, 4096, 11008])
-        dtype = torch.float32
-    out = []
-    for pass_ in counting.PASSES:
-        for width in widths:
-            def make(width=width, pass_=pass_):
-                grad = pass_ == "fwd+bwd"
-                inputs = {name: _randn(N, width, ctx=ctx, dtype=dtype, requires_grad=grad)
-                          for name in ("gate", "up")}
-                if grad:
-                    inputs["grad"] = _randn(N, width, ctx=ctx, dtype=dtype)
-                return inputs
+# Per op: N on a GPU and on the CPU, then the intermediate sizes (quick, full) of each.
+_GLU_SIZES = {
+    # Llama's MLPs: up to Llama 2 7B's (11008) and Llama 3 8B's (14336)
+    "swiglu": {"cuda": (16384, [4096, 14336], [2048, 4096, 8192, 11008, 14336]),
+               "cpu": ((256, [512, 2048]), (1024, [1024, 4096, 11008]))},
+    # Gemma's MLPs: Gemma 3 1B's (6912), Gemma 2 2B's (9216), Gemma 2B's (16384), Gemma 7B's
+    # (24576)
+    "geglu": {"cuda": (16384, [6912, 16384], [2048, 6912, 9216, 16384, 24576]),
+              "cpu": ((256, [512, 2048]), (1024, [1024, 4096, 9216]))},
+}
 
-            out.append(Case(
-                op="swiglu", variant=f"{pass_} {dtype_name(dtype)}", pass_=pass_,
-                dtype=dtype_name(dtype), size_label=f"N={N} I={width}", size=dict(N=N, I=width),
-                x=width, flops=None, bytes=counting.swiglu_bytes(N, width, dtype, pass_),
-                make_inputs=make,
-                check_output=pass_ == "fwd",
-            ))
-    return out
+
+def _glu_cases(op: str) -> Callable[[Context], list[Case]]:
+    """gate and up (N, I), the outputs of a gated MLP's gate_proj and up_proj (contiguous);
+    x = I. On a GPU, 16k tokens at Llama's (swiglu) or Gemma's (geglu) intermediate sizes,
+    bf16."""
+    def cases(ctx: Context) -> list[Case]:
+        if ctx.cuda:
+            N, quick, full = _GLU_SIZES[op]["cuda"]
+            widths, dtype = (quick if ctx.quick else full), torch.bfloat16
+        else:
+            quick, full = _GLU_SIZES[op]["cpu"]
+            (N, widths), dtype = (quick if ctx.quick else full), torch.float32
+        out = []
+        for pass_ in counting.PASSES:
+            for width in widths:
+                def make(width=width, pass_=pass_):
+                    grad = pass_ == "fwd+bwd"
+                    inputs = {name: _randn(N, width, ctx=ctx, dtype=dtype, requires_grad=grad)
+                              for name in ("gate", "up")}
+                    if grad:
+                        inputs["grad"] = _randn(N, width, ctx=ctx, dtype=dtype)
+                    return inputs
+
+                out.append(Case(
+                    op=op, variant=f"{pass_} {dtype_name(dtype)}", pass_=pass_,
+                    dtype=dtype_name(dtype), size_label=f"N={N} I={width}",
+                    size=dict(N=N, I=width), x=width, flops=None,
+                    bytes=counting.glu_bytes(N, width, dtype, pass_), make_inputs=make,
+                    check_output=pass_ == "fwd",
+                ))
+        return out
+
+    return cases
 
 
 def eager_swiglu(gate, up):
     return F.silu(gate) * up
+
+
+def eager_geglu(gate, up):
+    return F.gelu(gate, approximate="tanh") * up
 
 
 def _liger_swiglu(gate, up):
@@ -1043,40 +1096,59 @@ def _liger_swiglu(gate, up):
     return LigerSiLUMulFunction.apply(gate, up)
 
 
-def _fusedlm_swiglu(backend):
+def _liger_geglu(gate, up):
+    from liger_kernel.ops.geglu import LigerGELUMulFunction  # (tanh gelu, Gemma's)
+
+    return LigerGELUMulFunction.apply(gate, up)
+
+
+def _fusedlm_glu(op: str, backend: str):
     def call(gate, up):
         import fusedlm
 
-        return fusedlm.swiglu(gate, up, backend=backend)
+        if op == "swiglu":
+            return fusedlm.swiglu(gate, up, backend=backend)
+        return fusedlm.geglu(gate, up, approximate="tanh", backend=backend)
 
     return call
 
 
-def _swiglu_providers() -> list[Provider]:
+# op: (eager function, its code, fusedlm's call, Liger's function and its name)
+_GLU_PROVIDERS = {
+    "swiglu": (eager_swiglu, "F.silu(gate) * up", "fusedlm.swiglu(gate, up, backend={!r})",
+               _liger_swiglu, "LigerSiLUMulFunction"),
+    "geglu": (eager_geglu, 'F.gelu(gate, approximate="tanh") * up',
+              'fusedlm.geglu(gate, up, approximate="tanh", backend={!r})', _liger_geglu,
+              "LigerGELUMulFunction"),
+}
+
+
+def _glu_providers(op: str) -> list[Provider]:
+    eager, code, fused_call, liger, liger_name = _GLU_PROVIDERS[op]
+
     def provider(name, description, fn, why_not=_always, compiles=False, kernel_backend=None,
                  mutates_inputs=False):
         def build(case: Case, ctx: Context):
             if kernel_backend is not None and case.pass_ == "fwd+bwd":
-                _needs(ctx, kernel_backend, "swiglu_bwd")
+                _needs(ctx, kernel_backend, "glu_bwd")
             f = fn() if compiles else fn
             return _run_pass(case, lambda i: f(i["gate"], i["up"]), ("gate", "up"))
 
         return Provider(name, description, why_not, build, compiles=compiles,
                         mutates_inputs=mutates_inputs)
 
-    providers = [provider(BASELINE, "F.silu(gate) * up (autograd keeps silu(gate))",
-                          eager_swiglu)]
+    act = "silu(gate)" if op == "swiglu" else "gelu(gate)"
+    providers = [provider(BASELINE, f"{code} (autograd keeps {act})", eager)]
     for backend in ("cuda", "triton", "cpu", "torch"):
         providers.append(provider(
-            f"fusedlm-{backend}", f"fusedlm.swiglu(gate, up, backend={backend!r})",
-            _fusedlm_swiglu(backend), _fusedlm_why_not(backend, ("swiglu_fwd",)),
-            kernel_backend=backend))
+            f"fusedlm-{backend}", fused_call.format(backend), _fusedlm_glu(op, backend),
+            _fusedlm_why_not(backend, ("glu_fwd",)), kernel_backend=backend))
     # (last of the first pass: its backward writes over the shared input sets' gate and up)
     providers.append(provider(
-        "liger", "Liger-Kernel LigerSiLUMulFunction.apply(gate, up) (its backward writes dgate "
-        "and dup over gate and up)", _liger_swiglu, _liger_why_not, mutates_inputs=True))
-    providers.append(provider("torch-compile", "torch.compile(F.silu(gate) * up)",
-                              lambda: compiled(eager_swiglu), _compile_why_not, compiles=True))
+        "liger", f"Liger-Kernel {liger_name}.apply(gate, up) (its backward writes dgate "
+        "and dup over gate and up)", liger, _liger_why_not, mutates_inputs=True))
+    providers.append(provider("torch-compile", f"torch.compile({code})",
+                              lambda: compiled(eager), _compile_why_not, compiles=True))
     return providers
 
 
@@ -1352,6 +1424,12 @@ def specs() -> dict[str, OpSpec]:
             "GB/s", "bandwidth", "hidden size N", _norm_cases("rms_norm"),
             _norm_providers("rms_norm"), "not counted (memory-bound)",
             "fwd: (2MN + N) elements; bwd: (3MN + 2N) elements"),
+        "add_rms_norm": OpSpec(
+            "add_rms_norm", "a pre-norm block's residual add and the next RMSNorm: h = x + "
+            "residual, y = RMSNorm(h), both returned; x, residual (M, N), weight",
+            "GB/s", "bandwidth", "hidden size N", _norm_cases("add_rms_norm"),
+            _norm_providers("add_rms_norm"), "not counted (memory-bound)",
+            "fwd: (4MN + N) elements; bwd: (4MN + 2N) elements"),
         "cross_entropy": OpSpec(
             "cross_entropy", "mean cross-entropy of (N, V) logits against (N) int64 targets",
             "GB/s", "bandwidth", "vocabulary size V", _cross_entropy_cases,
@@ -1386,8 +1464,15 @@ def specs() -> dict[str, OpSpec]:
         "swiglu": OpSpec(
             "swiglu", "silu(gate) * up, gate and up (N, I) (the Llama MLP's activation); "
             "forward and forward+backward",
-            "GB/s", "bandwidth", "intermediate size I", _swiglu_cases, _swiglu_providers(),
-            "not counted (memory-bound)",
+            "GB/s", "bandwidth", "intermediate size I", _glu_cases("swiglu"),
+            _glu_providers("swiglu"), "not counted (memory-bound)",
+            "fwd: gate and up read, out written (3 N I elements); bwd: dout, gate, up read, "
+            "dgate, dup written (5 N I elements)"),
+        "geglu": OpSpec(
+            "geglu", "gelu(gate, approximate='tanh') * up, gate and up (N, I) (the Gemma MLP's "
+            "activation); forward and forward+backward",
+            "GB/s", "bandwidth", "intermediate size I", _glu_cases("geglu"),
+            _glu_providers("geglu"), "not counted (memory-bound)",
             "fwd: gate and up read, out written (3 N I elements); bwd: dout, gate, up read, "
             "dgate, dup written (5 N I elements)"),
         "adamw": OpSpec(

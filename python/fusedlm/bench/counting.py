@@ -16,6 +16,9 @@ layer_norm, x (M, N), weight and bias (N):
     backward read dy, x, weight; write dx, dweight, dbias        (3 M N + 3 N elements)
 rms_norm, x (M, N), weight (N):
     forward  (2 M N + N) elements; backward (3 M N + 2 N) elements
+add_rms_norm, x and residual (M, N), weight (N): h = x + residual, y = RMSNorm(h):
+    forward  read x, residual, weight; write y, h                 (4 M N + N elements)
+    backward read dy, dh, h, weight; write dx (= dresidual), dweight (4 M N + 2 N elements)
 cross_entropy, logits (N, V), target (N) int64:
     forward  read logits and targets                      (N V elements + 8 N bytes)
     backward read logits and targets; write dlogits        (2 N V elements + 8 N bytes)
@@ -33,7 +36,7 @@ rotary_embedding, x (B, H, T, D) with its first R features rotated, cos and sin 
     backward the same again (dout rotated the other way: read dout and the tables, write dx)
     The benchmark rotates a layer's q and k together (H = Hq + Hkv heads, one read of the
     tables): what Liger's single call does; fusedlm's two calls read the tables twice.
-swiglu, gate and up (N, I):
+swiglu and geglu (any gated activation act(gate) * up), gate and up (N, I):
     forward  read gate and up; write out                           (3 N I elements)
     backward read dout, gate and up; write dgate and dup             (5 N I elements)
 adamw, per parameter element:
@@ -119,6 +122,13 @@ def rms_norm_bytes(M: int, N: int, dtype: torch.dtype, pass_: str) -> float:
     return float(fwd if pass_ == "fwd" else fwd + (3 * M * N + 2 * N) * e)
 
 
+def add_rms_norm_bytes(M: int, N: int, dtype: torch.dtype, pass_: str) -> float:
+    _check_pass(pass_)
+    e = itemsize(dtype)
+    fwd = (4 * M * N + N) * e
+    return float(fwd if pass_ == "fwd" else fwd + (4 * M * N + 2 * N) * e)
+
+
 def cross_entropy_bytes(N: int, V: int, dtype: torch.dtype, pass_: str) -> float:
     """The logits read once per pass, dlogits written once, the int64 targets read once per
     pass; the per-row statistics and the loss are left out (8-12 bytes a row)."""
@@ -147,13 +157,17 @@ def rotary_embedding_bytes(B: int, H: int, T: int, D: int, dtype: torch.dtype, p
     return float(fwd if pass_ == "fwd" else 2 * fwd)
 
 
-def swiglu_bytes(N: int, width: int, dtype: torch.dtype, pass_: str) -> float:
-    """gate and up (N, I), I = ``width``. Forward: gate and up read, out written (3 N I
-    elements); backward: dout, gate and up read, dgate and dup written (5 N I elements).
-    silu(gate), which eager autograd keeps, is left out: the backward can recompute it."""
+def glu_bytes(N: int, width: int, dtype: torch.dtype, pass_: str) -> float:
+    """A gated activation act(gate) * up (swiglu, geglu), gate and up (N, I), I = ``width``.
+    Forward: gate and up read, out written (3 N I elements); backward: dout, gate and up read,
+    dgate and dup written (5 N I elements). act(gate), which eager autograd keeps, is left
+    out: the backward can recompute it."""
     _check_pass(pass_)
     elements = N * width * itemsize(dtype)
     return float(3 * elements if pass_ == "fwd" else 8 * elements)
+
+
+swiglu_bytes = geglu_bytes = glu_bytes
 
 
 def linear_cross_entropy_flops(N: int, C: int, V: int, pass_: str) -> float:

@@ -21,12 +21,16 @@ Anything else is left alone, and the report says why. ``attention=True`` also ro
 model's attention (``fusedlm.integrations.sdpa_mode``). ``mlp=True`` (also used by ``apply``)
 swaps gated MLPs whose children are ``gate_proj``, ``up_proj`` and ``down_proj`` linears (or
 Phi-3's fused ``gate_up_proj`` and ``down_proj``) and at most one parameter-free activation,
-when a numeric probe shows their ``forward`` to be ``down_proj(silu(gate) * up)``: their
-activation then runs on ``fusedlm.swiglu``.
+when a numeric probe shows their ``forward`` to be ``down_proj(act(gate) * up)`` with act silu
+(SwiGLU: Llama, Qwen, Mistral, ...), exact gelu or tanh-approximated gelu (GeGLU: Gemma 1, 2 and
+3's ``gelu_pytorch_tanh``): their activation then runs on ``fusedlm.swiglu`` /
+``fusedlm.geglu``. Other activations (relu^2, quick-gelu's ``x * sigmoid(1.702 x)``, ...) are
+left alone, and the report says why.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 from dataclasses import dataclass, field
@@ -36,11 +40,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..backends import check_backend_name
-from ..nn.mlp import SwiGLUMLP
+from ..nn.mlp import GeGLUMLP, SwiGLUMLP
 from ..nn.multihead_attention import MultiheadAttention
 from ..nn.norm import LayerNorm, RMSNorm
 from ..ops.norm import layer_norm, rms_norm
-from ..ops.swiglu import swiglu
 from .sdpa_mode import route_attention, unroute_attention
 
 # The __dict__ key under which a swapped module remembers how to undo the swap:
@@ -133,11 +136,11 @@ class ModelLayerNorm(LayerNorm):
                 + (f", offset={self.offset}" if self.offset else ""))
 
 
-class ModelSwiGLUMLP(SwiGLUMLP):
-    """Stands in for a model's own SwiGLU MLP class (``LlamaMLP``, ``Qwen3MLP``, ``Phi3MLP``,
-    ... found by :func:`patch`'s probe): the same submodules, ``state_dict`` keys and
-    attributes, with the activation on ``fusedlm.swiglu``. ``gate_up`` is True for Phi-3's
-    fused ``gate_up_proj`` (gate first, then up, along its output; read in place)."""
+class _ModelGatedMLP:
+    """The forward of a model's own gated MLP class found by :func:`patch`'s probe: the same
+    submodules, ``state_dict`` keys and attributes, with the activation on the fusedlm class's
+    ``_activate``. ``gate_up`` is True for Phi-3's fused ``gate_up_proj`` (gate first, then up,
+    along its output; read in place)."""
 
     gate_up: bool = False
 
@@ -146,7 +149,17 @@ class ModelSwiGLUMLP(SwiGLUMLP):
             gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
         else:
             gate, up = self.gate_proj(x), self.up_proj(x)
-        return self.down_proj(swiglu(gate, up, self.backend))
+        return self.down_proj(self._activate(gate, up))
+
+
+class ModelSwiGLUMLP(_ModelGatedMLP, SwiGLUMLP):
+    """Stands in for a model's own SwiGLU MLP class (``LlamaMLP``, ``Qwen3MLP``, ``Phi3MLP``,
+    ...): its activation on ``fusedlm.swiglu``."""
+
+
+class ModelGeGLUMLP(_ModelGatedMLP, GeGLUMLP):
+    """Stands in for a model's own GeGLU MLP class (``GemmaMLP``, ``Gemma2MLP``, ...): its
+    activation on ``fusedlm.geglu`` with the ``approximate`` the probe found."""
 
 
 def _probed_weight(module: torch.nn.Module, x: Tensor) -> tuple[bool, Tensor | None]:
@@ -466,24 +479,38 @@ def _mlp_layout(module: torch.nn.Module) -> tuple[bool | None, str | None]:
     return gate_up, None
 
 
-def _probe_mlp(module: torch.nn.Module, gate_up: bool) -> str | None:
-    """None if ``module(x)`` is ``down_proj(silu(gate) * up)`` on random inputs and random
-    parameters (put in with ``functional_call``, in float64 where the device has it), else why
-    not."""
+# The gate activations the MLP probe tries, in order: (op activation, formula, fusedlm function,
+# swap attributes, float64 function).
+_MLP_ACTIVATIONS = (
+    ("silu", "silu(gate)", "fusedlm.swiglu", {}, F.silu),
+    ("gelu", "gelu(gate)", "fusedlm.geglu", {"approximate": "none"}, F.gelu),
+    ("gelu_tanh", "gelu(gate, approximate='tanh')", "fusedlm.geglu", {"approximate": "tanh"},
+     functools.partial(F.gelu, approximate="tanh")),
+)
+
+
+def _probe_mlp(module: torch.nn.Module, gate_up: bool) -> tuple[tuple | None, str]:
+    """(the entry of _MLP_ACTIVATIONS whose act makes ``module(x)`` equal
+    ``down_proj(act(gate) * up)`` on random inputs and random parameters (put in with
+    ``functional_call``, in float64 where the device has it), the probe's error), or (None,
+    why not)."""
     device = module.down_proj.weight.device
     if device.type == "meta":
-        return "its parameters are on the meta device (cannot probe)"
+        return None, "its parameters are on the meta device (cannot probe)"
     dtype = torch.float64 if device.type in ("cpu", "cuda") else torch.float32
     gen = torch.Generator().manual_seed(0)
     probe = {name: (torch.randn(p.shape, generator=gen, dtype=torch.float64)
                     / math.sqrt(p.shape[-1])).to(device, dtype)
              for name, p in module.named_parameters()}
     first = module.gate_up_proj if gate_up else module.gate_proj
-    x = torch.randn(2, 3, first.in_features, generator=gen, dtype=torch.float64).to(device, dtype)
+    # gates ~ N(0, 4): the tails where exact and tanh-approximated gelu part (by up to 5e-4)
+    x = 2 * torch.randn(2, 3, first.in_features, generator=gen, dtype=torch.float64)
+    x = x.to(device, dtype)
 
     def linear(name, t):
         return F.linear(t, probe[f"{name}.weight"], probe.get(f"{name}.bias"))
 
+    errors = {}
     try:
         with torch.no_grad():
             y = torch.func.functional_call(module, probe, (x,))
@@ -491,31 +518,38 @@ def _probe_mlp(module: torch.nn.Module, gate_up: bool) -> str | None:
                 gate, up = linear("gate_up_proj", x).chunk(2, dim=-1)
             else:
                 gate, up = linear("gate_proj", x), linear("up_proj", x)
-            want = linear("down_proj", F.silu(gate) * up)
-            if not isinstance(y, Tensor) or y.shape != want.shape:
-                return "its forward does not return a tensor of the input's shape"
-            err = ((y - want).abs().max() / want.abs().max().clamp_min(1e-30)).item()
+            for i, entry in enumerate(_MLP_ACTIVATIONS):
+                want = linear("down_proj", entry[4](gate) * up)
+                if not isinstance(y, Tensor) or y.shape != want.shape:
+                    return None, "its forward does not return a tensor of the input's shape"
+                errors[i] = ((y - want).abs().max() / want.abs().max().clamp_min(1e-30)).item()
     except Exception as exc:  # a forward that needs more arguments, etc.
-        return f"probing its forward raised {type(exc).__name__}: {exc}"
-    if err > _PROBE_TOL[dtype]:
-        return f"its forward is not down_proj(silu(gate) * up) (probe relative error {err:.1e})"
-    return None
+        return None, f"probing its forward raised {type(exc).__name__}: {exc}"
+    best = min(errors, key=errors.get)
+    if errors[best] > _PROBE_TOL[dtype]:
+        return None, ("its forward is not down_proj(act(gate) * up) with act silu, gelu or "
+                      "gelu(approximate='tanh') (probe relative errors "
+                      + ", ".join(f"{_MLP_ACTIVATIONS[i][0]} {err:.1e}"
+                                  for i, err in errors.items()) + ")")
+    return _MLP_ACTIVATIONS[best], f"probe error {errors[best]:.1e}"
 
 
 def _mlp_replacement(module: torch.nn.Module, backend: str):
     """(new module, note) for a gated MLP the probe recognises, (None, why) for one it does not,
     (None, None) for anything else."""
-    if isinstance(module, SwiGLUMLP):
+    if isinstance(module, (SwiGLUMLP, GeGLUMLP)):
         return (None, None) if _RESTORE_KEY in module.__dict__ else (
             None, "already a fusedlm module")
     gate_up, why = _mlp_layout(module)
     if gate_up is None:
         return None, why
-    why = _probe_mlp(module, gate_up)
-    if why is not None:
+    found, why = _probe_mlp(module, gate_up)
+    if found is None:
         return None, why
-    note = "silu(gate) * up on fusedlm.swiglu" + (" (fused gate_up_proj)" if gate_up else "")
-    return _swap_object(module, ModelSwiGLUMLP, {"backend": backend, "gate_up": gate_up}), note
+    activation, formula, function, attrs, _ = found
+    note = f"{formula} * up on {function}" + (" (fused gate_up_proj)" if gate_up else "")
+    cls = ModelSwiGLUMLP if activation == "silu" else ModelGeGLUMLP
+    return _swap_object(module, cls, {"backend": backend, "gate_up": gate_up, **attrs}), note
 
 
 def swap_mlps(model: torch.nn.Module, backend: str = "auto",
@@ -555,8 +589,8 @@ def patch(
     and sends the ``torch.nn.functional.scaled_dot_product_attention`` calls made during the
     model's forward to ``fusedlm.scaled_dot_product_attention`` (a ``TorchFunctionMode``
     activated by forward hooks; see ``fusedlm.integrations.sdpa_mode`` for what it costs).
-    ``mlp=True`` also swaps gated (SwiGLU) MLPs recognised by their children and a numeric
-    probe, so their activation runs on ``fusedlm.swiglu``.
+    ``mlp=True`` also swaps gated MLPs (SwiGLU, GeGLU) recognised by their children and a
+    numeric probe, so their activation runs on ``fusedlm.swiglu`` / ``fusedlm.geglu``.
     Returns a :class:`PatchReport`; ``unpatch`` undoes it."""
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"argument 'model' must be a torch.nn.Module, got {type(model).__name__}")

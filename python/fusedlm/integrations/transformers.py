@@ -28,8 +28,10 @@
   handled) become fusedlm modules holding the same parameter tensors (``state_dict``
   unchanged). See :mod:`fusedlm.integrations.patch`.
 * MLPs: gated MLPs with ``gate_proj`` / ``up_proj`` / ``down_proj`` (or Phi-3's fused
-  ``gate_up_proj``) whose forward a numeric probe shows to be ``down_proj(silu(gate) * up)``
-  run their activation on ``fusedlm.swiglu`` (same submodules, ``state_dict`` unchanged).
+  ``gate_up_proj``) whose forward a numeric probe shows to be ``down_proj(act(gate) * up)``
+  run their activation on ``fusedlm.swiglu`` (act silu: Llama, Qwen, Mistral, ...) or
+  ``fusedlm.geglu`` (exact or tanh gelu: Gemma 1, 2, 3), same submodules, ``state_dict``
+  unchanged.
 
 ``fusedlm.unpatch(model)`` undoes all of it.
 """
@@ -333,9 +335,10 @@ def apply(model: torch.nn.Module, attention: bool = True, norms: bool = True,
     by a numeric probe) for fusedlm modules holding the same parameters. ``loss``: replace a
     ``ForCausalLMLoss`` / ``ForMaskedLMLoss`` ``loss_function`` by :func:`causal_lm_loss` /
     :func:`masked_lm_loss`. ``mlp``: swap gated MLPs (``LlamaMLP``, ``Qwen3MLP``, Phi-3's fused
-    ``gate_up_proj``, ...) whose forward a numeric probe shows to be
-    ``down_proj(silu(gate) * up)``, so their activation runs on ``fusedlm.swiglu`` (GeGLU and
-    other activations are left alone). ``backend``: as in every fusedlm op.
+    ``gate_up_proj``, ``GemmaMLP``, ...) whose forward a numeric probe shows to be
+    ``down_proj(act(gate) * up)``, so their activation runs on ``fusedlm.swiglu`` (silu) or
+    ``fusedlm.geglu`` (exact or tanh gelu; other activations are left alone). ``backend``: as
+    in every fusedlm op.
     Returns a :class:`~fusedlm.integrations.patch.PatchReport`; ``fusedlm.unpatch`` undoes it."""
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"argument 'model' must be a torch.nn.Module, got {type(model).__name__}")

@@ -23,12 +23,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import nn as fused_nn
+from ..backends import OpDispatch
 from ..ops.attention import attention as fused_attention
 from ..ops.attention import key_range_from_document_ids
 from ..ops.cross_entropy import language_model_loss
+from ..ops.glu import swiglu as fused_swiglu
 from ..ops.linear_cross_entropy import language_model_head_loss
 from ..ops.rotary import rotary_embedding as fused_rotary_embedding
-from ..ops.swiglu import swiglu as fused_swiglu
 
 KERNELS = ("fused", "torch")
 ARCHS = ("gpt2", "llama")
@@ -140,6 +141,29 @@ def _norm(config: GPTConfig, kernels: str) -> nn.Module:
         return cls(config.n_embd, eps=config.norm_eps)
     cls = fused_nn.LayerNorm if kernels == "fused" else nn.LayerNorm
     return cls(config.n_embd, eps=config.norm_eps, bias=config.bias)
+
+
+def _fused_op_serves(op: str, device: torch.device) -> bool:
+    """Whether fusedlm's ``op`` serves the model's calls on ``device``: always under
+    ``backend="auto"``; with a backend forced by FUSEDLM_BACKEND that has no kernel for it
+    (``cuda``: the residual-add norms, rotary embeddings and SwiGLU have no CUDA C++ kernel,
+    Triton serves their CUDA tensors) the model takes its torch path for that op instead of
+    raising, so a run with FUSEDLM_BACKEND=cuda still trains (as the loss does)."""
+    return (torch.compiler.is_compiling()  # (the graph records the op; no lookups traced)
+            or OpDispatch.registry[op].serves_requested("auto", device))
+
+
+def _add_norm(norm: nn.Module, x: Tensor, residual: Tensor | None) -> tuple[Tensor, Tensor]:
+    """(norm(h), h) with h = x + residual (h = x when residual is None): a pre-norm block's
+    residual add and its next norm, one fused pass on fusedlm's norms."""
+    if residual is None:
+        return norm(x), x
+    if isinstance(norm, fused_nn.LayerNorm | fused_nn.RMSNorm) and _fused_op_serves(
+            "add_rms_norm_fwd" if isinstance(norm, fused_nn.RMSNorm) else "add_layer_norm_fwd",
+            x.device):
+        return norm(x, residual)
+    h = x + residual
+    return norm(h), h
 
 
 def _rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
@@ -268,7 +292,8 @@ class Attention(nn.Module):
         k = k.view(B, T, Hkv, D).transpose(1, 2)
         v = v.view(B, T, Hkv, D).transpose(1, 2)
         if rotary is not None:
-            rotate = fused_rotary_embedding if self.kernels == "fused" else _rotary
+            fused = self.kernels == "fused" and _fused_op_serves("rotary_embedding", x.device)
+            rotate = fused_rotary_embedding if fused else _rotary
             q, k = rotate(q, *rotary), rotate(k, *rotary)
         if cache is not None:
             k, v = cache.append(self.layer, k, v)
@@ -296,7 +321,8 @@ class MLP(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if self.arch == "llama":
             gate, up = self.gate_proj(x), self.c_fc(x)
-            h = fused_swiglu(gate, up) if self.kernels == "fused" else F.silu(gate) * up
+            fused = self.kernels == "fused" and _fused_op_serves("glu_fwd", x.device)
+            h = fused_swiglu(gate, up) if fused else F.silu(gate) * up
         else:
             h = F.gelu(self.c_fc(x), approximate="tanh")  # GPT-2's "gelu_new"
         return self.dropout(self.c_proj(h))
@@ -310,10 +336,15 @@ class Block(nn.Module):
         self.ln_2 = _norm(config, kernels)
         self.mlp = MLP(config, kernels)
 
-    def forward(self, x: Tensor, rotary=None, cache: KVCache | None = None,
-                documents=None) -> Tensor:
-        x = x + self.attn(self.ln_1(x), rotary, cache, documents)
-        return x + self.mlp(self.ln_2(x))
+    def forward(self, x: Tensor, residual: Tensor | None, rotary=None,
+                cache: KVCache | None = None, documents=None) -> tuple[Tensor, Tensor]:
+        """x: the previous block's MLP output (the embeddings for the first block, with
+        residual None), residual: the stream it has not been added to yet. Returns this
+        block's MLP output and the stream before it, for the next norm to add: each residual
+        add runs fused into the norm after it."""
+        y, residual = _add_norm(self.ln_1, x, residual)
+        y, residual = _add_norm(self.ln_2, self.attn(y, rotary, cache, documents), residual)
+        return self.mlp(y), residual
 
 
 class GPT(nn.Module):
@@ -414,14 +445,14 @@ class GPT(nn.Module):
         else:
             cos, sin = self.rope_cos[positions].to(x.dtype), self.rope_sin[positions].to(x.dtype)
             rotary = (cos, sin)  # (T, D/2), or (B, T, D/2) per row
-        x = self.drop(x)
+        x, residual = self.drop(x), None
         for block in self.h:
             if self.activation_checkpointing and self.training and cache is None:
-                x = torch.utils.checkpoint.checkpoint(block, x, rotary, None, documents,
-                                                      use_reentrant=False)
+                x, residual = torch.utils.checkpoint.checkpoint(
+                    block, x, residual, rotary, None, documents, use_reentrant=False)
             else:
-                x = block(x, rotary, cache, documents)
-        return self.ln_f(x)
+                x, residual = block(x, residual, rotary, cache, documents)
+        return _add_norm(self.ln_f, x, residual)[0]
 
     def forward(self, idx: Tensor, targets: Tensor | None = None,
                 cache: KVCache | None = None,

@@ -1,12 +1,12 @@
 """Drop-in modules: ``LayerNorm``, ``RMSNorm``, ``MultiheadAttention``, ``CrossEntropyLoss``
-(subclasses of torch's), ``CausalSelfAttention``, ``LinearCrossEntropyLoss`` and ``SwiGLUMLP``
-(Llama's MLP)."""
+(subclasses of torch's), ``CausalSelfAttention``, ``LinearCrossEntropyLoss``, ``SwiGLUMLP``
+(Llama's MLP) and ``GeGLUMLP`` (Gemma's)."""
 
 from .attention import CausalSelfAttention
 from .loss import CrossEntropyLoss, LinearCrossEntropyLoss
-from .mlp import SwiGLUMLP
+from .mlp import GeGLUMLP, SwiGLUMLP
 from .multihead_attention import MultiheadAttention
 from .norm import LayerNorm, RMSNorm
 
-__all__ = ["CausalSelfAttention", "CrossEntropyLoss", "LayerNorm", "LinearCrossEntropyLoss",
-           "MultiheadAttention", "RMSNorm", "SwiGLUMLP"]
+__all__ = ["CausalSelfAttention", "CrossEntropyLoss", "GeGLUMLP", "LayerNorm",
+           "LinearCrossEntropyLoss", "MultiheadAttention", "RMSNorm", "SwiGLUMLP"]

@@ -1,13 +1,15 @@
 """Drop-in ``LayerNorm`` and ``RMSNorm`` modules. They subclass torch's, so constructor
 arguments, parameters, ``state_dict`` keys and ``isinstance`` checks are torch's own; only
-``forward`` changes, to run fusedlm's kernels."""
+``forward`` changes, to run fusedlm's kernels, and takes an optional ``residual``: with it the
+module returns ``(norm(x + residual), x + residual)`` from one fused pass (a pre-norm block's
+residual add and its next norm)."""
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
-from ..ops.norm import layer_norm, rms_norm
+from ..ops.norm import add_layer_norm, add_rms_norm, layer_norm, rms_norm
 
 
 def _rebind(cls, module: torch.nn.Module, backend: str):
@@ -29,7 +31,12 @@ class LayerNorm(torch.nn.LayerNorm):
         super().__init__(normalized_shape, eps, elementwise_affine, bias, device, dtype)
         self.backend = backend
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor]:
+        """x (*, *normalized_shape) -> y; with ``residual`` (x's shape) -> (y, h) where
+        h = x + residual and y is the norm of h (``fusedlm.add_layer_norm``)."""
+        if residual is not None:
+            return add_layer_norm(x, residual, self.normalized_shape, self.weight, self.bias,
+                                  self.eps, self.backend)
         return layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps, self.backend)
 
     @classmethod
@@ -46,7 +53,12 @@ class RMSNorm(torch.nn.RMSNorm):
         super().__init__(normalized_shape, eps, elementwise_affine, device, dtype)
         self.backend = backend
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor]:
+        """x (*, *normalized_shape) -> y; with ``residual`` -> (y, x + residual) as
+        :meth:`LayerNorm.forward` (``fusedlm.add_rms_norm``)."""
+        if residual is not None:
+            return add_rms_norm(x, residual, self.normalized_shape, self.weight, self.eps,
+                                self.backend)
         return rms_norm(x, self.normalized_shape, self.weight, self.eps, self.backend)
 
     @classmethod

@@ -11,16 +11,19 @@ from .attention import (
     scaled_dot_product_attention,
 )
 from .cross_entropy import cross_entropy
+from .glu import geglu, swiglu
 from .linear_cross_entropy import linear_cross_entropy
-from .norm import layer_norm, rms_norm
+from .norm import add_layer_norm, add_rms_norm, layer_norm, rms_norm
 from .rotary import rotary_embedding
-from .swiglu import swiglu
 
 __all__ = [
     "adamw_step",
+    "add_layer_norm",
+    "add_rms_norm",
     "attention",
     "attention_varlen",
     "cross_entropy",
+    "geglu",
     "key_range_from_document_ids",
     "key_range_from_padding_mask",
     "layer_norm",

@@ -1,6 +1,8 @@
 """LayerNorm and RMSNorm: custom ops ``fusedlm::layer_norm_fwd/bwd`` and
 ``fusedlm::rms_norm_fwd/bwd`` over 2-D ``(M, N)`` inputs, their autograd, and the public
-``fusedlm.layer_norm`` / ``fusedlm.rms_norm`` (any leading shape, torch's arguments)."""
+``fusedlm.layer_norm`` / ``fusedlm.rms_norm`` (any leading shape, torch's arguments); the same
+with the residual add of a pre-norm block fused in front (``fusedlm::add_layer_norm_fwd/bwd``,
+``fusedlm::add_rms_norm_fwd/bwd``; ``fusedlm.add_layer_norm`` / ``fusedlm.add_rms_norm``)."""
 
 from __future__ import annotations
 
@@ -33,11 +35,17 @@ LAYER_NORM_BWD = OpDispatch("layer_norm_bwd")
 RMS_NORM_FWD = OpDispatch("rms_norm_fwd")
 RMS_NORM_BWD = OpDispatch("rms_norm_bwd")
 
-LAYER_NORM_FWD.register("torch")(reference.layer_norm_fwd)
-LAYER_NORM_BWD.register("torch")(reference.layer_norm_bwd)
-RMS_NORM_FWD.register("torch")(reference.rms_norm_fwd)
-RMS_NORM_BWD.register("torch")(reference.rms_norm_bwd)
-for _dispatch in (LAYER_NORM_FWD, LAYER_NORM_BWD, RMS_NORM_FWD, RMS_NORM_BWD):
+# h = x + residual, then the norm of h. The C++ kernels are CPU only: on CUDA tensors the
+# "cuda" backend steps aside (not in fusedlm._C.cuda_ops()) and auto takes the Triton ones.
+ADD_LAYER_NORM_FWD = OpDispatch("add_layer_norm_fwd")
+ADD_LAYER_NORM_BWD = OpDispatch("add_layer_norm_bwd")
+ADD_RMS_NORM_FWD = OpDispatch("add_rms_norm_fwd")
+ADD_RMS_NORM_BWD = OpDispatch("add_rms_norm_bwd")
+_DISPATCHES = (LAYER_NORM_FWD, LAYER_NORM_BWD, RMS_NORM_FWD, RMS_NORM_BWD, ADD_LAYER_NORM_FWD,
+               ADD_LAYER_NORM_BWD, ADD_RMS_NORM_FWD, ADD_RMS_NORM_BWD)
+
+for _dispatch in _DISPATCHES:
+    _dispatch.register("torch")(getattr(reference, _dispatch.name))
     register_extension_kernels(_dispatch, _dispatch.name)
 
 
@@ -57,7 +65,7 @@ def _triton_impl(name: str):
     return call
 
 
-for _dispatch in (LAYER_NORM_FWD, LAYER_NORM_BWD, RMS_NORM_FWD, RMS_NORM_BWD):
+for _dispatch in _DISPATCHES:
     _dispatch.register("triton", supports=_triton_supports)(_triton_impl(_dispatch.name))
 
 
@@ -106,8 +114,8 @@ def layer_norm_bwd(
     return _layer_norm_bwd(grad_y, x, mean, rstd, weight, has_bias, backend)
 
 
-@layer_norm_bwd.register_fake
-def _(grad_y, x, mean, rstd, weight, has_bias, backend):
+def _norm_grads_fake(x: Tensor, weight: Tensor | None, has_bias: bool) -> list[Tensor]:
+    """The backward outputs' fakes: [dx] + [dweight] if weight + [dbias] if has_bias."""
     grads = [torch.empty_like(x, memory_format=torch.contiguous_format)]
     param_dtype = weight.dtype if weight is not None else stat_dtype(x.dtype)
     if weight is not None:
@@ -115,6 +123,11 @@ def _(grad_y, x, mean, rstd, weight, has_bias, backend):
     if has_bias:
         grads.append(x.new_empty(x.shape[1:], dtype=param_dtype))
     return grads
+
+
+@layer_norm_bwd.register_fake
+def _(grad_y, x, mean, rstd, weight, has_bias, backend):
+    return _norm_grads_fake(x, weight, has_bias)
 
 
 def _layer_norm_setup_context(ctx, inputs, output):
@@ -185,10 +198,7 @@ def rms_norm_bwd(
 
 @rms_norm_bwd.register_fake
 def _(grad_y, x, rstd, weight, backend):
-    grads = [torch.empty_like(x, memory_format=torch.contiguous_format)]
-    if weight is not None:
-        grads.append(x.new_empty(x.shape[1:], dtype=weight.dtype))
-    return grads
+    return _norm_grads_fake(x, weight, False)
 
 
 def _rms_norm_setup_context(ctx, inputs, output):
@@ -209,6 +219,172 @@ def _rms_norm_backward(ctx, grad_y, grad_rstd):
 rms_norm_fwd.register_autograd(_rms_norm_backward, setup_context=_rms_norm_setup_context)
 _RmsNormEager = eager_autograd_function(
     "_RmsNormEager", _rms_norm_fwd, _rms_norm_setup_context, _rms_norm_backward
+)
+
+
+# ---- residual add + LayerNorm / RMSNorm ----------------------------------------------------
+# x (M, N) the branch output in residual's dtype, or 16-bit beside a float32 residual (a bf16
+# autocast branch on a float32 stream); h = x + residual and y in residual's dtype.
+
+
+def _add_layer_norm_fwd(x, residual, weight, bias, eps, backend):
+    impl = ADD_LAYER_NORM_FWD.select(backend, x.device, x, residual, weight, bias)
+    with autocast_off(x.device):
+        return impl(x, residual, weight, bias, eps)
+
+
+def _add_layer_norm_bwd(grad_y, grad_h, h, mean, rstd, weight, has_bias, backend):
+    impl = ADD_LAYER_NORM_BWD.select(backend, h.device, grad_y, grad_h, h, weight)
+    with autocast_off(h.device):
+        return _present(*impl(grad_y, grad_h, h, mean, rstd, weight, has_bias))
+
+
+@torch.library.custom_op("fusedlm::add_layer_norm_fwd", mutates_args=())
+def add_layer_norm_fwd(
+    x: Tensor, residual: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float,
+    backend: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """x, residual (M, N) -> y = LayerNorm(h), h = x + residual (M, N) in residual's dtype,
+    mean, rstd (M) float32 (float64 for float64)."""
+    return _add_layer_norm_fwd(x, residual, weight, bias, eps, backend)
+
+
+@add_layer_norm_fwd.register_fake
+def _(x, residual, weight, bias, eps, backend):
+    stats = residual.new_empty(residual.shape[:1], dtype=stat_dtype(residual.dtype))
+    return (torch.empty_like(residual, memory_format=torch.contiguous_format),
+            torch.empty_like(residual, memory_format=torch.contiguous_format), stats,
+            torch.empty_like(stats))
+
+
+@torch.library.custom_op("fusedlm::add_layer_norm_bwd", mutates_args=())
+def add_layer_norm_bwd(
+    grad_y: Tensor, grad_h: Tensor | None, h: Tensor, mean: Tensor, rstd: Tensor,
+    weight: Tensor | None, has_bias: bool, backend: str,
+) -> list[Tensor]:
+    """Returns [dh (M, N)] (the gradient of x and residual: the norm's plus grad_h) +
+    [dweight (N)] if weight + [dbias (N)] if has_bias, as layer_norm_bwd."""
+    return _add_layer_norm_bwd(grad_y, grad_h, h, mean, rstd, weight, has_bias, backend)
+
+
+@add_layer_norm_bwd.register_fake
+def _(grad_y, grad_h, h, mean, rstd, weight, has_bias, backend):
+    return _norm_grads_fake(h, weight, has_bias)
+
+
+def _no_zero_grads(ctx, x: Tensor) -> None:
+    """An output nothing reads hands the backward None rather than a tensor of zeros: h,
+    which the last norm of a model throws away, then costs the backward no (M, N) read."""
+    ctx.set_materialize_grads(False)
+    ctx.x_dtype = x.dtype
+
+
+def _add_norm_backward_result(ctx, dh: Tensor | None) -> tuple[Tensor | None, Tensor | None]:
+    """(dx, dresidual) from dh: x's in x's dtype (a 16-bit branch beside a float32 stream)."""
+    if dh is None:
+        return None, None
+    return (dh if ctx.x_dtype == dh.dtype else dh.to(ctx.x_dtype)), dh
+
+
+def _add_layer_norm_setup_context(ctx, inputs, output):
+    x, residual, weight, bias, eps, backend = inputs
+    _, h, mean, rstd = output
+    ctx.save_for_backward(h, weight, mean, rstd)
+    _no_zero_grads(ctx, x)
+    ctx.has_bias = bias is not None
+    ctx.bias_dtype = bias.dtype if bias is not None else None
+    ctx.backend = backend
+    ctx.mark_non_differentiable(mean, rstd)
+
+
+def _add_layer_norm_backward(ctx, grad_y, grad_h, grad_mean, grad_rstd):
+    h, weight, mean, rstd = ctx.saved_tensors
+    if grad_y is None:  # only h is read downstream: the norm passes no gradient
+        return (*_add_norm_backward_result(ctx, grad_h), None, None, None, None)
+    bwd = (_add_layer_norm_bwd if getattr(ctx, "eager", False)
+           else torch.ops.fusedlm.add_layer_norm_bwd)
+    grads = iter(bwd(grad_y, grad_h, h, mean, rstd, weight, ctx.has_bias, ctx.backend))
+    dx, dresidual = _add_norm_backward_result(ctx, next(grads))
+    dweight = next(grads) if weight is not None else None
+    dbias = next(grads) if ctx.has_bias else None
+    if dbias is not None and dbias.dtype != ctx.bias_dtype:  # (no weight: dbias came in float32)
+        dbias = dbias.to(ctx.bias_dtype)
+    return dx, dresidual, dweight, dbias, None, None
+
+
+add_layer_norm_fwd.register_autograd(_add_layer_norm_backward,
+                                     setup_context=_add_layer_norm_setup_context)
+_AddLayerNormEager = eager_autograd_function(
+    "_AddLayerNormEager", _add_layer_norm_fwd, _add_layer_norm_setup_context,
+    _add_layer_norm_backward
+)
+
+
+def _add_rms_norm_fwd(x, residual, weight, eps, backend):
+    impl = ADD_RMS_NORM_FWD.select(backend, x.device, x, residual, weight)
+    with autocast_off(x.device):
+        return impl(x, residual, weight, eps)
+
+
+def _add_rms_norm_bwd(grad_y, grad_h, h, rstd, weight, backend):
+    impl = ADD_RMS_NORM_BWD.select(backend, h.device, grad_y, grad_h, h, weight)
+    with autocast_off(h.device):
+        return _present(*impl(grad_y, grad_h, h, rstd, weight))
+
+
+@torch.library.custom_op("fusedlm::add_rms_norm_fwd", mutates_args=())
+def add_rms_norm_fwd(
+    x: Tensor, residual: Tensor, weight: Tensor | None, eps: float, backend: str
+) -> tuple[Tensor, Tensor, Tensor]:
+    """x, residual (M, N) -> y = RMSNorm(h), h = x + residual (M, N) in residual's dtype,
+    rstd (M)."""
+    return _add_rms_norm_fwd(x, residual, weight, eps, backend)
+
+
+@add_rms_norm_fwd.register_fake
+def _(x, residual, weight, eps, backend):
+    return (torch.empty_like(residual, memory_format=torch.contiguous_format),
+            torch.empty_like(residual, memory_format=torch.contiguous_format),
+            residual.new_empty(residual.shape[:1], dtype=stat_dtype(residual.dtype)))
+
+
+@torch.library.custom_op("fusedlm::add_rms_norm_bwd", mutates_args=())
+def add_rms_norm_bwd(
+    grad_y: Tensor, grad_h: Tensor | None, h: Tensor, rstd: Tensor, weight: Tensor | None,
+    backend: str,
+) -> list[Tensor]:
+    """Returns [dh (M, N)] + [dweight (N)] if weight."""
+    return _add_rms_norm_bwd(grad_y, grad_h, h, rstd, weight, backend)
+
+
+@add_rms_norm_bwd.register_fake
+def _(grad_y, grad_h, h, rstd, weight, backend):
+    return _norm_grads_fake(h, weight, False)
+
+
+def _add_rms_norm_setup_context(ctx, inputs, output):
+    x, residual, weight, eps, backend = inputs
+    _, h, rstd = output
+    ctx.save_for_backward(h, weight, rstd)
+    _no_zero_grads(ctx, x)
+    ctx.backend = backend
+    ctx.mark_non_differentiable(rstd)
+
+
+def _add_rms_norm_backward(ctx, grad_y, grad_h, grad_rstd):
+    h, weight, rstd = ctx.saved_tensors
+    if grad_y is None:  # only h is read downstream
+        return (*_add_norm_backward_result(ctx, grad_h), None, None, None)
+    bwd = _add_rms_norm_bwd if getattr(ctx, "eager", False) else torch.ops.fusedlm.add_rms_norm_bwd
+    grads = bwd(grad_y, grad_h, h, rstd, weight, ctx.backend)
+    dx, dresidual = _add_norm_backward_result(ctx, grads[0])
+    return dx, dresidual, (grads[1] if weight is not None else None), None, None
+
+
+add_rms_norm_fwd.register_autograd(_add_rms_norm_backward,
+                                   setup_context=_add_rms_norm_setup_context)
+_AddRmsNormEager = eager_autograd_function(
+    "_AddRmsNormEager", _add_rms_norm_fwd, _add_rms_norm_setup_context, _add_rms_norm_backward
 )
 
 
@@ -242,7 +418,7 @@ def _usual_parameter(param: Tensor | None, x: Tensor, n: int) -> bool:
 
 def _check_norm_args(
     x: Tensor, normalized_shape: int | Sequence[int], weight: Tensor | None,
-    bias: Tensor | None,
+    bias: Tensor | None, x_name: str = "x",
 ) -> tuple[int, ...]:
     """normalized_shape as a tuple, the arguments checked. The usual call (one normalized dim
     given as an int or a 1-tuple, parameters as modules hold them) in ~1 us; anything else
@@ -259,14 +435,15 @@ def _check_norm_args(
             and _usual_parameter(weight, x, shape[0]) and _usual_parameter(bias, x, shape[0])
             and (weight is None or bias is None or weight.dtype == bias.dtype)):
         return shape
-    return _check_norm_args_in_full(x, normalized_shape, weight, bias)
+    return _check_norm_args_in_full(x, normalized_shape, weight, bias, x_name)
 
 
 def _check_norm_args_in_full(
     x: Tensor, normalized_shape: int | Sequence[int], weight: Tensor | None,
-    bias: Tensor | None,
+    bias: Tensor | None, x_name: str = "x",
 ) -> tuple[int, ...]:
-    check_float_tensor(x, "x")
+    """x_name: what the messages call the normalized tensor."""
+    check_float_tensor(x, x_name)
     # (the common spellings, an int or a tuple of ints, skip the general conversion)
     if type(normalized_shape) is int:
         normalized_shape = (normalized_shape,)
@@ -276,13 +453,13 @@ def _check_norm_args_in_full(
     if n == 0 or n > x.dim() or x.shape[x.dim() - n:] != normalized_shape:
         raise ValueError(
             f"argument 'normalized_shape' {list(normalized_shape)} does not match the last "
-            f"dimensions of 'x', which has shape {list(x.shape)}"
+            f"dimensions of '{x_name}', which has shape {list(x.shape)}"
         )
     for name, param in (("weight", weight), ("bias", bias)):
         if param is None:
             continue
         check_float_tensor(param, name)
-        check_same_device(param, name, x, "x")
+        check_same_device(param, name, x, x_name)
         if param.shape != normalized_shape:
             raise ValueError(
                 f"argument '{name}' must have shape normalized_shape = {list(normalized_shape)}, "
@@ -290,7 +467,7 @@ def _check_norm_args_in_full(
             )
         if param.dtype not in (x.dtype, torch.float32):
             raise TypeError(
-                f"argument '{name}' must have the dtype of 'x' ({x.dtype}) or float32, got "
+                f"argument '{name}' must have the dtype of '{x_name}' ({x.dtype}) or float32, got "
                 f"{param.dtype}"
             )
     if weight is not None and bias is not None and weight.dtype != bias.dtype:
@@ -385,3 +562,94 @@ def rms_norm(
             return _like(module.rms_norm_autograd(rows, weight, eps), x)
     y, _ = fwd(rows, weight, eps, backend)
     return _like(y, x)
+
+
+_H = "x + residual"  # what the messages call h
+
+
+def _residual_pair(x: Tensor, residual: Tensor) -> tuple[Tensor, Tensor]:
+    """x and residual checked and, where the kernels do not take the pair, cast so that
+    residual has h's dtype (torch's promotion of the two) and x has it too or is 16-bit beside
+    a float32 residual."""
+    if type(x) is not Tensor or x.dtype not in FLOAT_DTYPES or x.layout != torch.strided:
+        check_float_tensor(x, "x")
+    if (type(residual) is not Tensor or residual.dtype not in FLOAT_DTYPES
+            or residual.layout != torch.strided):
+        check_float_tensor(residual, "residual")
+    check_same_device(residual, "residual", x, "x")
+    if residual.shape != x.shape:
+        raise ValueError(f"argument 'residual' must have the shape of 'x' {list(x.shape)}, got "
+                         f"{list(residual.shape)}")
+    if x.dtype == residual.dtype:
+        return x, residual
+    h_dtype = torch.promote_types(x.dtype, residual.dtype)
+    if residual.dtype != h_dtype:
+        residual = residual.to(h_dtype)
+    if x.dtype != h_dtype and not (h_dtype == torch.float32
+                                   and x.dtype in (torch.float16, torch.bfloat16)):
+        x = x.to(h_dtype)
+    return x, residual
+
+
+def add_layer_norm(
+    x: Tensor,
+    residual: Tensor,
+    normalized_shape: int | Sequence[int],
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    eps: float = 1e-5,
+    backend: str = "auto",
+) -> tuple[Tensor, Tensor]:
+    """The residual add of a pre-norm block and the next LayerNorm in one pass each way:
+    ``h = x + residual; return F.layer_norm(h, normalized_shape, weight, bias, eps), h``.
+
+    x (a block's output) and residual (the stream it adds to): the same shape
+    (*, *normalized_shape), float64/float32/float16/bfloat16, any strides; h and y have
+    torch's promoted dtype of the two (a bfloat16 autocast branch beside a float32 stream is
+    read as it is). weight, bias: normalized_shape in h's dtype or float32. The add is
+    rounded once to h's dtype, as eager code rounds it, and the norm reads the rounded h.
+    Autograd saves h (not x, residual): the gradient of x and residual is the norm's plus h's
+    own, in one pass.
+    """
+    x, residual = _residual_pair(x, residual)
+    normalized_shape = _check_norm_args(residual, normalized_shape, weight, bias, _H)
+    if not (type(eps) is float and 0.0 <= eps < math.inf):
+        eps = check_finite_float(eps, "eps", minimum=0.0)
+    check_backend_name(backend)
+    if x.numel() == 0:
+        h = x + residual
+        return F.layer_norm(h, normalized_shape, _in_dtype(weight, h), _in_dtype(bias, h), eps), h
+    fwd = forward_for_call(ADD_LAYER_NORM_FWD, backend, _AddLayerNormEager, _add_layer_norm_fwd,
+                           reference.add_layer_norm_fwd, x, residual, weight, bias)
+    y, h, _, _ = fwd(_as_rows(x, normalized_shape), _as_rows(residual, normalized_shape),
+                     _flat(weight), _flat(bias), eps, backend)
+    return _like(y, residual), _like(h, residual)
+
+
+def add_rms_norm(
+    x: Tensor,
+    residual: Tensor,
+    normalized_shape: int | Sequence[int],
+    weight: Tensor | None = None,
+    eps: float | None = None,
+    backend: str = "auto",
+) -> tuple[Tensor, Tensor]:
+    """``h = x + residual; return F.rms_norm(h, normalized_shape, weight, eps), h`` in one pass
+    each way; arguments as :func:`add_layer_norm`. ``eps=None`` means
+    ``torch.finfo(h.dtype).eps``, as in torch.
+    """
+    x, residual = _residual_pair(x, residual)
+    normalized_shape = _check_norm_args(residual, normalized_shape, weight, None, _H)
+    if eps is None:
+        eps = torch.finfo(residual.dtype).eps
+    elif not (type(eps) is float and 0.0 <= eps < math.inf):
+        eps = check_finite_float(eps, "eps", minimum=0.0)
+    check_backend_name(backend)
+    if x.numel() == 0:
+        h = x + residual
+        return F.rms_norm(h, normalized_shape, _in_dtype(weight, h), eps), h
+    fwd = forward_for_call(ADD_RMS_NORM_FWD, backend, _AddRmsNormEager, _add_rms_norm_fwd,
+                           reference.add_rms_norm_fwd, x, residual, weight)
+    y, h, _ = fwd(_as_rows(x, normalized_shape), _as_rows(residual, normalized_shape),
+                  _flat(weight), eps, backend)
+    return _like(y, residual), _like(h, residual)

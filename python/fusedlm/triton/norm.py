@@ -8,6 +8,12 @@ conventions and dtypes of the same functions in :mod:`fusedlm.reference`:
 * ``layer_norm_bwd(grad_y, x, mean, rstd, weight, has_bias) -> (dx, dweight | None, dbias | None)``
 * ``rms_norm_fwd(x, weight, eps) -> (y, rstd)``
 * ``rms_norm_bwd(grad_y, x, rstd, weight) -> (dx, dweight | None)``
+* ``add_layer_norm_fwd(x, residual, weight, bias, eps) -> (y, h, mean, rstd)`` and
+  ``add_rms_norm_fwd(x, residual, weight, eps) -> (y, h, rstd)``: the norm of h = x + residual
+  (the residual add of a pre-norm block fused in front), h returned;
+  ``add_layer_norm_bwd(grad_y, grad_h, h, mean, rstd, weight, has_bias)`` /
+  ``add_rms_norm_bwd(grad_y, grad_h, h, rstd, weight)``: dh, the norm's gradient plus
+  grad_h (h's own, or None), with the parameter grads. Same kernels (HAS_BRANCH, HAS_GRAD_H).
 
 x and grad_y are (M, N) with any strides; y and dx come back contiguous in x's dtype. weight and
 bias are (N) in x's dtype or float32. Arithmetic and statistics are float32 (float64 for float64
@@ -74,29 +80,51 @@ if _INTERPRETED:
 
 
 @triton.jit
+def _load_input(x_rows, branch_rows, c, mask, stride_xn, stride_bn, HAS_BRANCH: tl.constexpr,
+                COMPUTE: tl.constexpr):
+    """The norm's input tile for columns c: x, or with HAS_BRANCH h = branch + x computed in
+    COMPUTE and rounded once to x's dtype (eager ``branch + x``). Returns (h in x's dtype, the
+    input in COMPUTE)."""
+    x = tl.load(x_rows + c[None, :] * stride_xn, mask=mask, other=0.0)
+    if HAS_BRANCH:
+        b = tl.load(branch_rows + c[None, :] * stride_bn, mask=mask, other=0.0)
+        x = (b.to(COMPUTE) + x.to(COMPUTE)).to(x.dtype)
+    return x, x.to(COMPUTE)
+
+
+@triton.jit
 def norm_fwd_kernel(
-    X, Y, W, B, Mean, Rstd,
-    M, N, stride_xm, stride_xn, eps: tl.float64,
-    IS_RMS: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, COMPUTE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SINGLE_TILE: tl.constexpr,
+    X, Branch, Y, H, W, B, Mean, Rstd,
+    M, N, stride_xm, stride_xn, stride_bm, stride_bn, eps: tl.float64,
+    IS_RMS: tl.constexpr, HAS_BRANCH: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+    COMPUTE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    SINGLE_TILE: tl.constexpr,
 ):
     """LayerNorm (or RMSNorm when IS_RMS) forward of BLOCK_M rows.
 
     X (M, N) strided, any float dtype; Y (M, N) contiguous in X's dtype; W, B (N) or unused;
     Mean (M) (LayerNorm only), Rstd (M) in COMPUTE (float32, or float64 for float64 X).
+    HAS_BRANCH (the fused residual add): X is the residual, Branch (M, N) strided in X's dtype
+    or 16-bit beside a float32 X, and h = Branch + X, stored to H (M, N) contiguous in X's
+    dtype, is what is normalized.
     SINGLE_TILE: N <= BLOCK_N, rows live in registers; else rows are streamed in BLOCK_N chunks.
     """
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = rows < M
     rows64 = rows.to(tl.int64)  # M * N may pass 2**31
     x_rows = X + rows64[:, None] * stride_xm
+    branch_rows = Branch + rows64[:, None] * stride_bm
     y_rows = Y + rows64[:, None] * N
+    h_rows = H + rows64[:, None] * N
     cols = tl.arange(0, BLOCK_N)
     eps_c = tl.full([], eps, COMPUTE)
     if SINGLE_TILE:
         col_mask = cols < N
         mask = row_mask[:, None] & col_mask[None, :]
-        x = tl.load(x_rows + cols[None, :] * stride_xn, mask=mask, other=0.0).to(COMPUTE)
+        h, x = _load_input(x_rows, branch_rows, cols, mask, stride_xn, stride_bn, HAS_BRANCH,
+                           COMPUTE)
+        if HAS_BRANCH:
+            tl.store(h_rows + cols[None, :], h, mask=mask)
         if IS_RMS:
             rstd = tl.math.rsqrt(tl.sum(x * x, axis=1) / N + eps_c)
             # tl.where keeps padding lanes at 0 even when rstd is inf (eps = 0, zero row).
@@ -120,7 +148,8 @@ def norm_fwd_kernel(
             for start in range(0, N, BLOCK_N):
                 c = start + cols
                 mask = row_mask[:, None] & (c < N)[None, :]
-                x = tl.load(x_rows + c[None, :] * stride_xn, mask=mask, other=0.0).to(COMPUTE)
+                _, x = _load_input(x_rows, branch_rows, c, mask, stride_xn, stride_bn,
+                                   HAS_BRANCH, COMPUTE)
                 sum_sq += tl.sum(x * x, axis=1)
             mean = tl.zeros([BLOCK_M], COMPUTE)
             rstd = tl.math.rsqrt(sum_sq / N + eps_c)
@@ -131,7 +160,8 @@ def norm_fwd_kernel(
             for start in range(0, N, BLOCK_N):
                 c = start + cols
                 mask = row_mask[:, None] & (c < N)[None, :]
-                x = tl.load(x_rows + c[None, :] * stride_xn, mask=mask, other=0.0).to(COMPUTE)
+                _, x = _load_input(x_rows, branch_rows, c, mask, stride_xn, stride_bn,
+                                   HAS_BRANCH, COMPUTE)
                 n_a = tl.cast(start, COMPUTE)
                 n_b = tl.cast(tl.minimum(N - start, BLOCK_N), COMPUTE)
                 n_ab = n_a + n_b
@@ -147,7 +177,11 @@ def norm_fwd_kernel(
             c = start + cols
             col_mask = c < N
             mask = row_mask[:, None] & col_mask[None, :]
-            x = tl.load(x_rows + c[None, :] * stride_xn, mask=mask, other=0.0).to(COMPUTE)
+            # (h is recomputed rather than read back: other threads of the program wrote it)
+            h, x = _load_input(x_rows, branch_rows, c, mask, stride_xn, stride_bn, HAS_BRANCH,
+                               COMPUTE)
+            if HAS_BRANCH:
+                tl.store(h_rows + c[None, :], h, mask=mask)
             if IS_RMS:
                 xhat = tl.where(mask, x * rstd[:, None], 0.0)
             else:
@@ -178,16 +212,19 @@ def _load_rows(DY, X, Mean, Rstd, dy_rows, x_rows, rows, c, mask, row_mask,
 
 @triton.jit
 def norm_bwd_kernel(
-    DY, X, W, Mean, Rstd, DX, Partial, RowSums,
-    M, N, stride_dym, stride_dyn, stride_xm, stride_xn, rows_per_program,
+    DY, X, W, Mean, Rstd, DX, GradH, Partial, RowSums,
+    M, N, stride_dym, stride_dyn, stride_xm, stride_xn, stride_ghm, stride_ghn,
+    rows_per_program,
     IS_RMS: tl.constexpr, HAS_W: tl.constexpr, HAS_DW: tl.constexpr, HAS_DB: tl.constexpr,
-    COMPUTE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    SINGLE_TILE: tl.constexpr,
+    HAS_GRAD_H: tl.constexpr, COMPUTE: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, SINGLE_TILE: tl.constexpr,
 ):
     """LayerNorm (or RMSNorm when IS_RMS) backward of rows [pid * rows_per_program, ...).
 
     DY, X (M, N) strided; DX (M, N) contiguous in X's dtype; W (N) or unused; Mean, Rstd (M).
-    dx = rstd * (g - mean(g) - xhat * mean(g * xhat)) with g = dy * w (RMSNorm: no mean(g)).
+    dx = rstd * (g - mean(g) - xhat * mean(g * xhat)) with g = dy * w (RMSNorm: no mean(g)),
+    plus GradH (M, N) strided in X's dtype when HAS_GRAD_H (the fused residual add's h, whose
+    own gradient joins the norm's before dx's one rounding).
     Partial (num_programs, HAS_DW + HAS_DB, N) in COMPUTE: this program's sums over its rows of
     dy * xhat (dweight) then dy (dbias). RowSums (2, M) COMPUTE scratch for the row sums when
     rows are streamed (not SINGLE_TILE).
@@ -221,6 +258,9 @@ def norm_bwd_kernel(
             else:
                 c1 = tl.sum(g, axis=1) / N
                 dx = (g - c1[:, None] - xhat * c2[:, None]) * rstd[:, None]
+            if HAS_GRAD_H:
+                dx += tl.load(GradH + rows64[:, None] * stride_ghm + cols[None, :] * stride_ghn,
+                              mask=mask, other=0.0).to(COMPUTE)
             tl.store(DX + rows64[:, None] * N + cols[None, :], dx, mask=mask)
             if HAS_DW:
                 dw_acc += dy * xhat
@@ -283,6 +323,9 @@ def norm_bwd_kernel(
                 else:
                     c1 = tl.load(RowSums + rows, mask=row_mask, other=0.0)
                     dx = (g - c1[:, None] - xhat * c2[:, None]) * rstd[:, None]
+                if HAS_GRAD_H:
+                    dx += tl.load(GradH + rows64[:, None] * stride_ghm + c[None, :] * stride_ghn,
+                                  mask=mask, other=0.0).to(COMPUTE)
                 tl.store(DX + rows64[:, None] * N + c[None, :], dx, mask=mask)
                 if HAS_DW:
                     dw_acc += dy * xhat
@@ -386,15 +429,16 @@ def _check_param(p: Tensor | None, name: str, x: Tensor) -> Tensor | None:
     return p.contiguous()
 
 
-def _check_like_x(t: Tensor, name: str, x: Tensor) -> None:
+def _check_like_x(t: Tensor, name: str, x: Tensor, x_name: str = "x") -> None:
     if not isinstance(t, Tensor):
         raise TypeError(f"argument '{name}' must be a torch.Tensor, got {type(t).__name__}")
     if t.shape != x.shape:
-        raise ValueError(f"argument '{name}' has shape {list(t.shape)} but 'x' has {list(x.shape)}")
+        raise ValueError(
+            f"argument '{name}' has shape {list(t.shape)} but '{x_name}' has {list(x.shape)}")
     if t.dtype != x.dtype:
-        raise TypeError(f"argument '{name}' has dtype {t.dtype} but 'x' has {x.dtype}")
+        raise TypeError(f"argument '{name}' has dtype {t.dtype} but '{x_name}' has {x.dtype}")
     if t.device != x.device:
-        raise ValueError(f"argument '{name}' is on {t.device} but 'x' is on {x.device}")
+        raise ValueError(f"argument '{name}' is on {t.device} but '{x_name}' is on {x.device}")
 
 
 def _check_stats(t: Tensor, name: str, x: Tensor) -> Tensor:
@@ -427,28 +471,33 @@ def _strides(t: Tensor) -> tuple[Tensor, int, int]:
 # ---- launchers ------------------------------------------------------------------------------
 
 
-def _norm_fwd(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, is_rms: bool):
+def _norm_fwd(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, is_rms: bool,
+              branch: Tensor | None = None):
+    """y, mean, rstd, and h = branch + x (None without a branch)."""
     M, N = x.shape
     compute = reference.compute_dtype(x.dtype)
     y = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    h = torch.empty((M, N), dtype=x.dtype, device=x.device) if branch is not None else None
     mean = torch.empty(M, dtype=compute, device=x.device)
     rstd = torch.empty(M, dtype=compute, device=x.device)
     if M == 0:
-        return y, mean, rstd
+        return y, mean, rstd, h
     cfg = norm_config(N, backward=False, fp64=x.dtype == torch.float64)
     x, stride_xm, stride_xn = _strides(x)
+    branch, stride_bm, stride_bn = _strides(branch) if branch is not None else (x, 0, 0)
     with device_context(x.device):
         norm_fwd_kernel[(triton.cdiv(M, cfg.block_m),)](
-            x, y, weight if weight is not None else x, bias if bias is not None else x,
-            mean, rstd, M, N, stride_xm, stride_xn, eps,
-            IS_RMS=is_rms, HAS_W=weight is not None, HAS_B=bias is not None,
-            COMPUTE=compute_type(x.dtype), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-            SINGLE_TILE=cfg.single_tile, num_warps=cfg.num_warps,
+            x, branch, y, h if h is not None else y, weight if weight is not None else x,
+            bias if bias is not None else x,
+            mean, rstd, M, N, stride_xm, stride_xn, stride_bm, stride_bn, eps,
+            IS_RMS=is_rms, HAS_BRANCH=h is not None, HAS_W=weight is not None,
+            HAS_B=bias is not None, COMPUTE=compute_type(x.dtype), BLOCK_M=cfg.block_m,
+            BLOCK_N=cfg.block_n, SINGLE_TILE=cfg.single_tile, num_warps=cfg.num_warps,
         )
-    return y, mean, rstd
+    return y, mean, rstd, h
 
 
-def _norm_bwd(grad_y, x, mean, rstd, weight, has_bias: bool, is_rms: bool):
+def _norm_bwd(grad_y, x, mean, rstd, weight, has_bias: bool, is_rms: bool, grad_h=None):
     M, N = x.shape
     compute = reference.compute_dtype(x.dtype)
     param_dtype = weight.dtype if weight is not None else compute
@@ -467,14 +516,18 @@ def _norm_bwd(grad_y, x, mean, rstd, weight, has_bias: bool, is_rms: bool):
         )
         x, stride_xm, stride_xn = _strides(x)
         grad_y, stride_dym, stride_dyn = _strides(grad_y)
+        grad_h, stride_ghm, stride_ghn = _strides(grad_h) if grad_h is not None else (None, 0, 0)
         with device_context(x.device):
             norm_bwd_kernel[(programs,)](
                 grad_y, x, weight if weight is not None else x,
-                mean if mean is not None else rstd, rstd, dx, partial, row_sums,
-                M, N, stride_dym, stride_dyn, stride_xm, stride_xn, rows_per_program,
+                mean if mean is not None else rstd, rstd, dx,
+                grad_h if grad_h is not None else dx, partial, row_sums,
+                M, N, stride_dym, stride_dyn, stride_xm, stride_xn, stride_ghm, stride_ghn,
+                rows_per_program,
                 IS_RMS=is_rms, HAS_W=weight is not None, HAS_DW=weight is not None,
-                HAS_DB=has_bias, COMPUTE=compute_type(x.dtype), BLOCK_M=cfg.block_m,
-                BLOCK_N=cfg.block_n, SINGLE_TILE=cfg.single_tile, num_warps=cfg.num_warps,
+                HAS_DB=has_bias, HAS_GRAD_H=grad_h is not None, COMPUTE=compute_type(x.dtype),
+                BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, SINGLE_TILE=cfg.single_tile,
+                num_warps=cfg.num_warps,
             )
         # One reduction per output: views of one tensor would alias (custom ops forbid that).
         sums = [partial[:, k].sum(dim=0).to(param_dtype) for k in range(num_sums)]
@@ -496,7 +549,8 @@ def layer_norm_fwd(
     bias = _check_param(bias, "bias", x)
     if weight is not None and bias is not None and bias.dtype != weight.dtype:
         raise TypeError(f"argument 'bias' has dtype {bias.dtype} but 'weight' has {weight.dtype}")
-    return _norm_fwd(x, weight, bias, _check_eps(eps), is_rms=False)
+    y, mean, rstd, _ = _norm_fwd(x, weight, bias, _check_eps(eps), is_rms=False)
+    return y, mean, rstd
 
 
 def layer_norm_bwd(
@@ -517,7 +571,7 @@ def rms_norm_fwd(x: Tensor, weight: Tensor | None, eps: float) -> tuple[Tensor, 
     for float64 x)."""
     _check_x(x)
     weight = _check_param(weight, "weight", x)
-    y, _, rstd = _norm_fwd(x, weight, None, _check_eps(eps), is_rms=True)
+    y, _, rstd, _ = _norm_fwd(x, weight, None, _check_eps(eps), is_rms=True)
     return y, rstd
 
 
@@ -531,3 +585,74 @@ def rms_norm_bwd(
     weight = _check_param(weight, "weight", x)
     dx, dweight, _ = _norm_bwd(grad_y, x, None, rstd, weight, False, is_rms=True)
     return dx, dweight
+
+
+def _check_residual_pair(x: Tensor, residual: Tensor) -> None:
+    _check_x(residual, "residual")
+    if not isinstance(x, Tensor):
+        raise TypeError(f"argument 'x' must be a torch.Tensor, got {type(x).__name__}")
+    if x.shape != residual.shape:
+        raise ValueError(f"argument 'x' has shape {list(x.shape)} but 'residual' has "
+                         f"{list(residual.shape)}")
+    if not (x.dtype == residual.dtype or (residual.dtype == torch.float32
+                                          and x.dtype in (torch.float16, torch.bfloat16))):
+        raise TypeError(f"argument 'x' must have the dtype of 'residual' ({residual.dtype}), or "
+                        f"be bfloat16/float16 beside a float32 'residual', got {x.dtype}")
+    if x.device != residual.device:
+        raise ValueError(f"argument 'x' is on {x.device} but 'residual' is on {residual.device}")
+
+
+def add_layer_norm_fwd(
+    x: Tensor, residual: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """h = x + residual (rounded once to residual's dtype) and y = LayerNorm(h) in one pass.
+    x (M, N) in residual's dtype, or 16-bit beside a float32 residual -> y, h (M, N) in
+    residual's dtype, mean, rstd (M)."""
+    _check_residual_pair(x, residual)
+    weight = _check_param(weight, "weight", residual)
+    bias = _check_param(bias, "bias", residual)
+    if weight is not None and bias is not None and bias.dtype != weight.dtype:
+        raise TypeError(f"argument 'bias' has dtype {bias.dtype} but 'weight' has {weight.dtype}")
+    y, mean, rstd, h = _norm_fwd(residual, weight, bias, _check_eps(eps), is_rms=False,
+                                 branch=x)
+    return y, h, mean, rstd
+
+
+def add_layer_norm_bwd(
+    grad_y: Tensor, grad_h: Tensor | None, h: Tensor, mean: Tensor, rstd: Tensor,
+    weight: Tensor | None, has_bias: bool,
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """Returns dh (M, N) in h's dtype (the norm's gradient plus grad_h, or the norm's alone for
+    None: the gradient of both x and residual), dweight, dbias as layer_norm_bwd."""
+    _check_x(h, "h")
+    _check_like_x(grad_y, "grad_y", h, "h")
+    if grad_h is not None:
+        _check_like_x(grad_h, "grad_h", h, "h")
+    mean = _check_stats(mean, "mean", h)
+    rstd = _check_stats(rstd, "rstd", h)
+    weight = _check_param(weight, "weight", h)
+    return _norm_bwd(grad_y, h, mean, rstd, weight, bool(has_bias), is_rms=False, grad_h=grad_h)
+
+
+def add_rms_norm_fwd(
+    x: Tensor, residual: Tensor, weight: Tensor | None, eps: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """h = x + residual and y = RMSNorm(h) in one pass -> y, h (M, N), rstd (M)."""
+    _check_residual_pair(x, residual)
+    weight = _check_param(weight, "weight", residual)
+    y, _, rstd, h = _norm_fwd(residual, weight, None, _check_eps(eps), is_rms=True, branch=x)
+    return y, h, rstd
+
+
+def add_rms_norm_bwd(
+    grad_y: Tensor, grad_h: Tensor | None, h: Tensor, rstd: Tensor, weight: Tensor | None
+) -> tuple[Tensor, Tensor | None]:
+    """Returns dh (M, N) in h's dtype (the norm's gradient plus grad_h) and dweight or None."""
+    _check_x(h, "h")
+    _check_like_x(grad_y, "grad_y", h, "h")
+    if grad_h is not None:
+        _check_like_x(grad_h, "grad_h", h, "h")
+    rstd = _check_stats(rstd, "rstd", h)
+    weight = _check_param(weight, "weight", h)
+    dh, dweight, _ = _norm_bwd(grad_y, h, None, rstd, weight, False, is_rms=True, grad_h=grad_h)
+    return dh, dweight

@@ -1,19 +1,21 @@
-"""SwiGLU, ``silu(gate) * up``, in Triton: the Llama MLP's activation in one pass each way.
+"""Gated linear units, ``act(gate) * up``, in Triton: SwiGLU (act = silu, the Llama MLP's
+activation) and GeGLU (act = exact or tanh-approximated gelu, Gemma's) in one pass each way.
 
-Entry points (the ``"triton"`` backend of ``fusedlm.ops.swiglu``), with the signatures, return
+Entry points (the ``"triton"`` backend of ``fusedlm.ops.glu``), with the signatures, return
 conventions and dtypes of the same functions in :mod:`fusedlm.reference`:
 
-* ``swiglu_fwd(gate, up) -> out``
-* ``swiglu_bwd(grad_out, gate, up) -> (dgate, dup)``
+* ``glu_fwd(gate, up, activation) -> out``
+* ``glu_bwd(grad_out, gate, up, activation) -> (dgate, dup)``
 
+activation: ``"silu"``, ``"gelu"`` or ``"gelu_tanh"``, a constexpr of the one kernel per pass.
 Operands are (N, W) (W: the MLP's intermediate width) with any row and column strides, one
 float dtype; results come back (N, W) contiguous in that dtype, computed in float32 (float64
 for float64 inputs).
 
-Why: eager PyTorch runs ``F.silu(gate) * up`` as two kernels forward and three backward, and
-autograd keeps ``silu(gate)`` alive for the product's backward: one more (N, W) activation per
-layer. Here the forward reads gate and up once and writes the product; the backward reads the
-three operands once, recomputes the sigmoid and writes both gradients.
+Why: eager PyTorch runs ``F.silu(gate) * up`` (or ``F.gelu``) as two kernels forward and three
+backward, and autograd keeps ``act(gate)`` alive for the product's backward: one more (N, W)
+activation per layer. Here the forward reads gate and up once and writes the product; the
+backward reads the three operands once, recomputes the activation and writes both gradients.
 
 Layout: a program takes a (ROWS, BLOCK_W) tile; ROWS > 1 when W is small.
 """
@@ -34,6 +36,7 @@ TILE_ELEMENTS = 4096
 MAX_BLOCK_W = 2048
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+ACTIVATIONS = ("silu", "gelu", "gelu_tanh")
 
 if os.environ.get("TRITON_INTERPRET") == "1":
     patch_interpreter()
@@ -49,29 +52,71 @@ def _tile(pid, N, W, col_blocks, ROWS: tl.constexpr, BLOCK_W: tl.constexpr):
 
 
 @triton.jit
-def swiglu_fwd_kernel(
+def _gelu_tanh_two_u(g):
+    """2u of tanh-gelu, 0.5 g (1 + tanh(u)) = g sigmoid(2u): 2 sqrt(2/pi) g (1 + 0.044715 g^2)."""
+    return 1.5957691216057308 * g * (1.0 + 0.044715 * g * g)
+
+
+@triton.jit
+def _activation(g, ACTIVATION: tl.constexpr):
+    """act(g): silu g sigmoid(g); gelu g Phi(g) (0.5 (1 + erf(g / sqrt(2))), as torch's CUDA
+    kernel); gelu_tanh g sigmoid(2u)."""
+    if ACTIVATION == "silu":
+        act = g / (1.0 + tl.exp(-g))
+    elif ACTIVATION == "gelu":
+        act = 0.5 * g * (1.0 + tl.math.erf(g * 0.7071067811865476))
+    else:
+        act = g / (1.0 + tl.exp(-_gelu_tanh_two_u(g)))
+    return act
+
+
+@triton.jit
+def _activation_and_slope(g, ACTIVATION: tl.constexpr):
+    """(act(g), act'(g)): silu s (1 + g (1 - s)), s = sigmoid(g); gelu Phi(g) + g phi(g);
+    gelu_tanh s + g (2u)' s (1 - s), s = sigmoid(2u), 1 - s = e s with e = exp(-2u) (no
+    cancellation where s is near 1; 1 where s is 0, e having overflowed)."""
+    if ACTIVATION == "silu":
+        s = 1.0 / (1.0 + tl.exp(-g))
+        act = g * s
+        slope = s * (1.0 + g * (1.0 - s))
+    elif ACTIVATION == "gelu":
+        cdf = 0.5 * (1.0 + tl.math.erf(g * 0.7071067811865476))
+        act = g * cdf
+        slope = cdf + g * (0.3989422804014327 * tl.exp(-0.5 * g * g))
+    else:
+        e = tl.exp(-_gelu_tanh_two_u(g))
+        s = 1.0 / (1.0 + e)
+        one_minus_s = tl.where(s > 0.0, e * s, 1.0)
+        two_du = 1.5957691216057308 * (1.0 + 0.134145 * g * g)
+        act = g * s
+        slope = s + g * two_du * (s * one_minus_s)
+    return act, slope
+
+
+@triton.jit
+def glu_fwd_kernel(
     Gate, Up, Out, N, W, col_blocks, stride_gn, stride_gi, stride_un, stride_ui,
-    COMPUTE: tl.constexpr, ROWS: tl.constexpr, BLOCK_W: tl.constexpr,
+    ACTIVATION: tl.constexpr, COMPUTE: tl.constexpr, ROWS: tl.constexpr, BLOCK_W: tl.constexpr,
 ):
-    """Out = silu(Gate) * Up of one tile. Gate, Up (N, W) strided; Out (N, W) contiguous."""
+    """Out = act(Gate) * Up of one tile. Gate, Up (N, W) strided; Out (N, W) contiguous."""
     rows, cols, mask = _tile(tl.program_id(0), N, W, col_blocks, ROWS, BLOCK_W)
     cols64 = cols.to(tl.int64)  # (a column stride other than 1 times W may pass 2**31)
     g = tl.load(Gate + rows[:, None] * stride_gn + cols64[None, :] * stride_gi, mask=mask,
                 other=0.0).to(COMPUTE)
     u = tl.load(Up + rows[:, None] * stride_un + cols64[None, :] * stride_ui, mask=mask,
                 other=0.0).to(COMPUTE)
-    out = g / (1.0 + tl.exp(-g)) * u
+    out = _activation(g, ACTIVATION) * u
     tl.store(Out + rows[:, None] * W + cols[None, :], out.to(Out.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def swiglu_bwd_kernel(
+def glu_bwd_kernel(
     DOut, Gate, Up, DGate, DUp, N, W, col_blocks, stride_dn, stride_di, stride_gn, stride_gi,
     stride_un, stride_ui,
-    COMPUTE: tl.constexpr, ROWS: tl.constexpr, BLOCK_W: tl.constexpr,
+    ACTIVATION: tl.constexpr, COMPUTE: tl.constexpr, ROWS: tl.constexpr, BLOCK_W: tl.constexpr,
 ):
-    """DGate = DOut * Up * s * (1 + Gate * (1 - s)) with s = sigmoid(Gate), DUp = DOut *
-    silu(Gate), of one tile. DOut, Gate, Up (N, W) strided; DGate, DUp (N, W) contiguous."""
+    """DGate = DOut * Up * act'(Gate), DUp = DOut * act(Gate), of one tile. DOut, Gate, Up
+    (N, W) strided; DGate, DUp (N, W) contiguous."""
     rows, cols, mask = _tile(tl.program_id(0), N, W, col_blocks, ROWS, BLOCK_W)
     cols64 = cols.to(tl.int64)  # (a column stride other than 1 times W may pass 2**31)
     dy = tl.load(DOut + rows[:, None] * stride_dn + cols64[None, :] * stride_di, mask=mask,
@@ -80,9 +125,9 @@ def swiglu_bwd_kernel(
                 other=0.0).to(COMPUTE)
     u = tl.load(Up + rows[:, None] * stride_un + cols64[None, :] * stride_ui, mask=mask,
                 other=0.0).to(COMPUTE)
-    s = 1.0 / (1.0 + tl.exp(-g))
-    dgate = dy * u * s * (1.0 + g * (1.0 - s))
-    dup = dy * g * s
+    act, slope = _activation_and_slope(g, ACTIVATION)
+    dgate = dy * u * slope
+    dup = dy * act
     offsets = rows[:, None] * W + cols[None, :]
     tl.store(DGate + offsets, dgate.to(DGate.dtype.element_ty), mask=mask)
     tl.store(DUp + offsets, dup.to(DUp.dtype.element_ty), mask=mask)
@@ -102,8 +147,15 @@ def _launch_shape(N: int, W: int) -> tuple[int, int, int, int]:
     return rows, block_w, col_blocks, triton.cdiv(N, rows) * col_blocks
 
 
-def swiglu_fwd(gate: Tensor, up: Tensor) -> Tensor:
-    """gate, up (N, W) any strides -> silu(gate) * up (N, W) contiguous."""
+def _check_activation(activation: str) -> None:
+    if activation not in ACTIVATIONS:
+        raise ValueError("argument 'activation' must be one of "
+                         f"{', '.join(map(repr, ACTIVATIONS))}; got {activation!r}")
+
+
+def glu_fwd(gate: Tensor, up: Tensor, activation: str) -> Tensor:
+    """gate, up (N, W) any strides -> act(gate) * up (N, W) contiguous."""
+    _check_activation(activation)
     _check("gate", gate, gate)
     _check("up", up, gate)
     N, W = gate.shape
@@ -112,16 +164,17 @@ def swiglu_fwd(gate: Tensor, up: Tensor) -> Tensor:
         return out
     rows, block_w, col_blocks, programs = _launch_shape(N, W)
     with device_context(gate.device):
-        swiglu_fwd_kernel[(programs,)](
+        glu_fwd_kernel[(programs,)](
             gate, up, out, N, W, col_blocks, *gate.stride(), *up.stride(),
-            COMPUTE=compute_type(gate.dtype), ROWS=rows, BLOCK_W=block_w,
+            ACTIVATION=activation, COMPUTE=compute_type(gate.dtype), ROWS=rows, BLOCK_W=block_w,
             num_warps=8 if rows * block_w >= 4096 else 4,
         )
     return out
 
 
-def swiglu_bwd(grad_out: Tensor, gate: Tensor, up: Tensor) -> tuple[Tensor, Tensor]:
+def glu_bwd(grad_out: Tensor, gate: Tensor, up: Tensor, activation: str) -> tuple[Tensor, Tensor]:
     """grad_out, gate, up (N, W) any strides -> (dgate, dup) (N, W) contiguous."""
+    _check_activation(activation)
     _check("gate", gate, gate)
     _check("up", up, gate)
     _check("grad_out", grad_out, gate)
@@ -132,9 +185,9 @@ def swiglu_bwd(grad_out: Tensor, gate: Tensor, up: Tensor) -> tuple[Tensor, Tens
         return dgate, dup
     rows, block_w, col_blocks, programs = _launch_shape(N, W)
     with device_context(gate.device):
-        swiglu_bwd_kernel[(programs,)](
+        glu_bwd_kernel[(programs,)](
             grad_out, gate, up, dgate, dup, N, W, col_blocks, *grad_out.stride(), *gate.stride(),
-            *up.stride(), COMPUTE=compute_type(gate.dtype), ROWS=rows, BLOCK_W=block_w,
-            num_warps=8 if rows * block_w >= 4096 else 4,
+            *up.stride(), ACTIVATION=activation, COMPUTE=compute_type(gate.dtype), ROWS=rows,
+            BLOCK_W=block_w, num_warps=8 if rows * block_w >= 4096 else 4,
         )
     return dgate, dup
