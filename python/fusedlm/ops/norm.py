@@ -272,9 +272,10 @@ def _(grad_y, grad_h, h, mean, rstd, weight, has_bias, backend):
     return _norm_grads_fake(h, weight, has_bias)
 
 
-def _no_zero_grads(ctx, x: Tensor) -> None:
-    """An output nothing reads hands the backward None rather than a tensor of zeros: h,
-    which the last norm of a model throws away, then costs the backward no (M, N) read."""
+def _setup_add_norm_context(ctx, x: Tensor) -> None:
+    """What both residual-add norms keep besides their saved tensors: x's dtype (dx's), and
+    no materialized zero gradients: an output nothing reads hands the backward None, so an h
+    thrown away (a model's last norm) costs the backward no (M, N) read."""
     ctx.set_materialize_grads(False)
     ctx.x_dtype = x.dtype
 
@@ -290,7 +291,7 @@ def _add_layer_norm_setup_context(ctx, inputs, output):
     x, residual, weight, bias, eps, backend = inputs
     _, h, mean, rstd = output
     ctx.save_for_backward(h, weight, mean, rstd)
-    _no_zero_grads(ctx, x)
+    _setup_add_norm_context(ctx, x)
     ctx.has_bias = bias is not None
     ctx.bias_dtype = bias.dtype if bias is not None else None
     ctx.backend = backend
@@ -366,7 +367,7 @@ def _add_rms_norm_setup_context(ctx, inputs, output):
     x, residual, weight, eps, backend = inputs
     _, h, rstd = output
     ctx.save_for_backward(h, weight, rstd)
-    _no_zero_grads(ctx, x)
+    _setup_add_norm_context(ctx, x)
     ctx.backend = backend
     ctx.mark_non_differentiable(rstd)
 

@@ -602,6 +602,13 @@ def _check_residual_pair(x: Tensor, residual: Tensor) -> None:
         raise ValueError(f"argument 'x' is on {x.device} but 'residual' is on {residual.device}")
 
 
+def _check_grads_of_h(grad_y: Tensor, grad_h: Tensor | None, h: Tensor) -> None:
+    _check_x(h, "h")
+    _check_like_x(grad_y, "grad_y", h, "h")
+    if grad_h is not None:
+        _check_like_x(grad_h, "grad_h", h, "h")
+
+
 def add_layer_norm_fwd(
     x: Tensor, residual: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -624,10 +631,7 @@ def add_layer_norm_bwd(
 ) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """Returns dh (M, N) in h's dtype (the norm's gradient plus grad_h, or the norm's alone for
     None: the gradient of both x and residual), dweight, dbias as layer_norm_bwd."""
-    _check_x(h, "h")
-    _check_like_x(grad_y, "grad_y", h, "h")
-    if grad_h is not None:
-        _check_like_x(grad_h, "grad_h", h, "h")
+    _check_grads_of_h(grad_y, grad_h, h)
     mean = _check_stats(mean, "mean", h)
     rstd = _check_stats(rstd, "rstd", h)
     weight = _check_param(weight, "weight", h)
@@ -648,10 +652,7 @@ def add_rms_norm_bwd(
     grad_y: Tensor, grad_h: Tensor | None, h: Tensor, rstd: Tensor, weight: Tensor | None
 ) -> tuple[Tensor, Tensor | None]:
     """Returns dh (M, N) in h's dtype (the norm's gradient plus grad_h) and dweight or None."""
-    _check_x(h, "h")
-    _check_like_x(grad_y, "grad_y", h, "h")
-    if grad_h is not None:
-        _check_like_x(grad_h, "grad_h", h, "h")
+    _check_grads_of_h(grad_y, grad_h, h)
     rstd = _check_stats(rstd, "rstd", h)
     weight = _check_param(weight, "weight", h)
     dh, dweight, _ = _norm_bwd(grad_y, h, None, rstd, weight, False, is_rms=True, grad_h=grad_h)
