@@ -26,10 +26,10 @@ Providers, each only where it can run (the output says why the others did not):
                      flash, efficient, cudnn, math that runs on the device (enable_gqa=True
                      when k has fewer heads than q; a backend that refuses a case: unsupported)
     torch-foreach, torch-fused   torch.optim.AdamW(foreach=True) / (fused=True)
-    liger            Liger-Kernel's LayerNorm / RMSNorm functions, LigerFusedAddRMSNorm, LigerCrossEntropyLoss,
-                     LigerFusedLinearCrossEntropyLoss, liger_rotary_pos_emb (q and k in one
-                     call, in place), LigerSiLUMulFunction, LigerGELUMulFunction (when
-                     installed, GPU)
+    liger            Liger-Kernel's LayerNorm / RMSNorm functions, LigerFusedAddRMSNorm,
+                     LigerCrossEntropyLoss, LigerFusedLinearCrossEntropyLoss,
+                     liger_rotary_pos_emb (q and k in one call, in place),
+                     LigerSiLUMulFunction, LigerGELUMulFunction (when installed, GPU)
     fusedlm-<name>   fusedlm with backend=<name> for cuda, triton, cpu (and torch, the
                      reference, on the CPU); for the GPT, the model with kernels="fused",
                      FUSEDLM_BACKEND=<name> and fusedlm.optim.AdamW(backend=<name>)
