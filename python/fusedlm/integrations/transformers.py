@@ -23,6 +23,8 @@
   (``fusedlm.cross_entropy``'s kernels) instead of from their float32 copy, which for a
   large vocabulary is the biggest tensor of a training step. Models that compute their loss
   inline (``CrossEntropyLoss()(...)`` in their forward) are unaffected.
+  :func:`linear_causal_lm_loss` goes further for causal LMs, called in place of
+  ``model(**batch, labels=labels).loss``: the head fused into the loss, no logits at all.
 * Norms: ``torch.nn.LayerNorm`` / ``torch.nn.RMSNorm`` and the model's own RMSNorm and
   LayerNorm classes (found by parameters, ``eps`` and a numeric probe; Gemma's ``1 + weight``
   handled) become fusedlm modules holding the same parameter tensors (``state_dict``
@@ -40,8 +42,10 @@ from __future__ import annotations
 
 import collections
 import functools
+import inspect
 import logging
 import math
+import weakref
 
 import torch
 from torch import Tensor
@@ -58,6 +62,7 @@ from ..ops.attention import (
     mask_layout,
 )
 from ..ops.cross_entropy import language_model_loss
+from ..ops.linear_cross_entropy import linear_cross_entropy
 from .patch import (
     ATTN_PREVIOUS_KEY,
     LOSS_PREVIOUS_KEY,
@@ -325,6 +330,181 @@ def _swap_loss(model: torch.nn.Module, backend: str, report: PatchReport) -> Non
         "self.loss_function)")
 
 
+# Per causal LM (the transformers model inside any DDP / PEFT wrapper): _UNCHECKED until its
+# first call, then None where its logits were seen to be exactly F.linear(hidden, lm_head), else
+# why linear_causal_lm_loss makes its logits.
+_LINEAR_LOSS_VERDICTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_LINEAR_LOSS_LOGGED: weakref.WeakSet = weakref.WeakSet()
+_UNCHECKED = "not yet checked"
+
+
+def _unwrapped(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers model inside DistributedDataParallel / DataParallel and PEFT wrappers
+    (whose forward the caller still runs: DDP's gradient hooks live there)."""
+    while True:
+        if isinstance(model, (torch.nn.parallel.DistributedDataParallel,
+                              torch.nn.DataParallel)):
+            model = model.module
+        elif callable(getattr(model, "get_base_model", None)) and model.get_base_model() is not (
+                model):
+            model = model.get_base_model()
+        else:
+            return model
+
+
+def _check_causal_lm(model: torch.nn.Module) -> None:
+    """Raise unless ``model``'s loss is transformers' causal-LM loss (what
+    linear_causal_lm_loss computes): not an encoder-decoder, a masked LM or a plain module."""
+    config = getattr(model, "config", None)
+    if config is None or getattr(config, "is_encoder_decoder", False):
+        raise TypeError(
+            f"argument 'model' must be a transformers causal LM (a *ForCausalLM decoder), got "
+            f"{type(model).__name__}" + (" (an encoder-decoder)" if config is not None else ""))
+    current, _ = _current_loss(model)
+    from transformers.loss.loss_utils import ForCausalLMLoss
+    if current not in (ForCausalLMLoss, causal_lm_loss):
+        raise TypeError(f"argument 'model' must be a transformers causal LM: "
+                        f"{type(model).__name__}'s loss_function is "
+                        f"{getattr(current, '__name__', current)}, not ForCausalLMLoss")
+
+
+def _linear_loss_obstacle(model: torch.nn.Module) -> str | None:
+    """Why a causal LM has no head to fuse into the loss, or None."""
+    head = model.get_output_embeddings()
+    if not isinstance(head, torch.nn.Linear) or type(head).forward is not torch.nn.Linear.forward:
+        return (f"its output embeddings are {type(head).__name__}, not a torch.nn.Linear "
+                "(the head must be F.linear(hidden, weight, bias))")
+    if any(type(p).__name__ == "DTensor" for p in (head.weight, head.bias) if p is not None):
+        return "its head's parameters are DTensors (FSDP / tensor parallel), not read here"
+    if "logits_to_keep" not in inspect.signature(model.forward).parameters:
+        return f"{type(model).__name__}.forward takes no logits_to_keep"
+    try:
+        model.get_decoder()
+    except (AttributeError, NotImplementedError, ValueError) as error:
+        return f"no decoder module found ({error})"
+    return None
+
+
+def _with_router_loss(loss: Tensor, outputs, model: torch.nn.Module) -> Tensor:
+    """``loss`` plus a mixture of experts' router loss, as ``MixtralForCausalLM.forward`` (and
+    every transformers MoE causal LM) adds it when given labels."""
+    aux_loss = getattr(outputs, "aux_loss", None)
+    if aux_loss is None:
+        return loss
+    if not hasattr(model, "router_aux_loss_coef"):
+        raise ValueError(f"{type(model).__name__} gave a router loss (aux_loss) but has no "
+                         "router_aux_loss_coef to weigh it by")
+    return loss + model.router_aux_loss_coef * aux_loss.to(loss.device)
+
+
+def linear_causal_lm_loss(model: torch.nn.Module, labels: Tensor | None = None, *,
+                          num_items_in_batch=None, ignore_index: int = -100,
+                          shift_labels: Tensor | None = None, chunk_size: int | None = None,
+                          backend: str = "auto", return_outputs: bool = False, **inputs):
+    """``model(**inputs, labels=labels).loss`` of a transformers causal LM without its (B, T, V)
+    logits: the model runs with ``logits_to_keep=1`` (its head makes the last position's logits
+    only), a forward hook on its decoder keeps the final hidden states (B, T, C), and
+    :func:`fusedlm.linear_cross_entropy` turns them and the head's weight into the loss in row
+    chunks, forward and backward. The loss is transformers' ``ForCausalLMLoss``: labels (B, T)
+    shifted so each position predicts the next (or ``shift_labels`` (B, T) as given),
+    ``ignore_index`` skipped, a mean over the rest or, with ``num_items_in_batch`` (gradient
+    accumulation), their sum divided by it; a mixture of experts' router loss
+    (``output_router_logits=True``) is added as the model's forward adds it. float32 (float64
+    for a float64 model).
+
+    ``model`` may be wrapped in DistributedDataParallel, DataParallel or PEFT: the wrapper's
+    forward runs. The first call per model checks that its last-position logits are exactly
+    ``F.linear(hidden, lm_head.weight, lm_head.bias)``. Where they are not (Gemma 2's final
+    soft-capping, Cohere's or Granite's logit scale, an adapter on the head) or the model has
+    no such head or no ``logits_to_keep``, every call makes the logits and takes the loss from
+    them (:func:`causal_lm_loss`), and the first logs why. ``chunk_size``: rows per chunk, as
+    in ``fusedlm.linear_cross_entropy``. With ``return_outputs=True`` returns ``(loss,
+    outputs)``; on the fused path ``outputs.logits`` are the last position's only."""
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"argument 'model' must be a torch.nn.Module, got {type(model).__name__}")
+    if labels is None and shift_labels is None:
+        raise ValueError("argument 'labels' is required (or 'shift_labels', already shifted)")
+    for name, value in (("labels", labels), ("shift_labels", shift_labels)):
+        if value is not None and (not isinstance(value, Tensor) or value.dim() != 2
+                                  or value.dtype.is_floating_point):
+            raise ValueError(f"argument '{name}' must be a (B, T) integer tensor of token ids, "
+                             f"got {_describe(value)}")
+    for name in ("logits_to_keep", "labels"):
+        if name in inputs:
+            raise ValueError(f"argument '{name}' is set here; do not pass it in the inputs")
+    check_backend_name(backend)
+    inner = _unwrapped(model)
+    if inner not in _LINEAR_LOSS_VERDICTS:
+        _check_causal_lm(inner)
+        _LINEAR_LOSS_VERDICTS[inner] = _linear_loss_obstacle(inner) or _UNCHECKED
+    verdict = _LINEAR_LOSS_VERDICTS[inner]
+    if verdict not in (None, _UNCHECKED):
+        if inner not in _LINEAR_LOSS_LOGGED:
+            _LINEAR_LOSS_LOGGED.add(inner)
+            logger.warning("fusedlm: linear_causal_lm_loss makes %s's logits: %s",
+                           type(inner).__name__, verdict)
+        outputs = model(**inputs)
+        logits = outputs.logits if hasattr(outputs, "logits") else outputs[0]
+        loss = causal_lm_loss(logits, labels, logits.shape[-1], num_items_in_batch,
+                              ignore_index, shift_labels, backend)
+        loss = _with_router_loss(loss, outputs, inner)
+        return (loss, outputs) if return_outputs else loss
+
+    captured = []
+    hook = inner.get_decoder().register_forward_hook(
+        lambda module, args, output: captured.append(output))
+    try:
+        outputs = model(**inputs, logits_to_keep=1)
+    finally:
+        hook.remove()
+    hidden = captured[0] if len(captured) == 1 else None  # (B, T, C)
+    hidden = hidden[0] if isinstance(hidden, tuple) else getattr(hidden, "last_hidden_state",
+                                                                   hidden)
+    head = inner.get_output_embeddings()
+    if verdict is _UNCHECKED:  # the first call: are the logits the head's, exactly?
+        logits = outputs.logits if hasattr(outputs, "logits") else outputs[0]  # (B, 1, V)
+        why = None
+        if not isinstance(hidden, Tensor) or hidden.dim() != 3:
+            why = f"its decoder ran {len(captured)} times or gave no (B, T, C) hidden states"
+        else:
+            with torch.no_grad():
+                expected = torch.nn.functional.linear(hidden[:, -1:], head.weight, head.bias)
+            if expected.shape != logits.shape or not torch.equal(expected, logits):
+                why = ("its logits are not F.linear(final hidden states, lm_head.weight, "
+                       "lm_head.bias) (a final soft-capping or scale, or an adapter on the head)")
+        _LINEAR_LOSS_VERDICTS[inner] = why
+        if why is not None:
+            del outputs, logits, hidden, captured
+            return linear_causal_lm_loss(
+                model, labels, num_items_in_batch=num_items_in_batch, ignore_index=ignore_index,
+                shift_labels=shift_labels, chunk_size=chunk_size, backend=backend,
+                return_outputs=return_outputs, **inputs)
+
+    if shift_labels is None:
+        shift_labels = torch.nn.functional.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+    if shift_labels.shape != hidden.shape[:2]:
+        raise ValueError(f"argument '{'labels' if labels is not None else 'shift_labels'}' "
+                         f"must be (B, T) = {tuple(hidden.shape[:2])}, as the model's tokens, "
+                         f"got {tuple(shift_labels.shape)}")
+    reduction = "sum" if num_items_in_batch is not None else "mean"
+    loss = linear_cross_entropy(
+        hidden.reshape(-1, hidden.shape[-1]), head.weight,
+        shift_labels.reshape(-1).to(hidden.device), head.bias, ignore_index, reduction,
+        chunk_size=chunk_size, backend=backend)
+    if reduction == "sum":
+        if torch.is_tensor(num_items_in_batch):
+            num_items_in_batch = num_items_in_batch.to(loss.device)
+        loss = loss / num_items_in_batch
+    loss = _with_router_loss(loss, outputs, inner)
+    return (loss, outputs) if return_outputs else loss
+
+
+def _describe(value) -> str:
+    if isinstance(value, Tensor):
+        return f"a {value.dtype} tensor of shape {tuple(value.shape)}"
+    return repr(value)
+
+
 def apply(model: torch.nn.Module, attention: bool = True, norms: bool = True,
           backend: str = "auto", loss: bool = True, mlp: bool = True) -> PatchReport:
     """Make a transformers model run fusedlm's kernels, in place.
@@ -392,5 +572,6 @@ def apply(model: torch.nn.Module, attention: bool = True, norms: bool = True,
 
 __all__ = [
     "apply", "attention_calls", "attention_name", "causal_lm_loss", "fusedlm_attention_forward",
-    "masked_lm_loss", "reset_attention_calls", "set_attention_implementation",
+    "linear_causal_lm_loss", "masked_lm_loss", "reset_attention_calls",
+    "set_attention_implementation",
 ]
