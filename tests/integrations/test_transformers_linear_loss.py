@@ -320,3 +320,26 @@ def test_in_a_trainer_as_the_readme_shows(tmp_path):
     torch.testing.assert_close(fused_losses, losses, rtol=1e-5, atol=1e-6)
     for (name, p), q in zip(fused_model.named_parameters(), model.parameters(), strict=True):
         torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-4, msg=name)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["llama", "gpt2", "gemma3", "mixtral"])
+def test_bf16_on_gpu(name, fused_calls):
+    """A bfloat16 model on the GPU after apply (the Triton cross-entropy under the chunks): the
+    fused route is taken (cuBLAS gives the head's logits bit for bit again) and the loss and
+    every gradient pass the rule against the model's own bf16 loss and the float64 model."""
+    model, truth = _build(name)
+    same = copy.deepcopy(model).cuda().bfloat16()
+    model = model.cuda().bfloat16()
+    truth = truth.cuda()
+    fhf.apply(model)
+    ids, mask, labels = (t.cuda() for t in _batch(B=3, T=33))
+    extra = {"output_router_logits": True} if name == "mixtral" else {}
+    loss = fhf.linear_causal_lm_loss(model, labels, input_ids=ids, attention_mask=mask, **extra)
+    own = same(input_ids=ids, attention_mask=mask, labels=labels, **extra).loss
+    true = _truth_loss(truth, input_ids=ids, attention_mask=mask, labels=labels, **extra)
+    assert len(fused_calls) == 1
+    assert_close_rule(loss, own, true, name=f"{name} bf16 loss")
+    for value in (loss, own, true):
+        value.backward()
+    assert _check_grads(model, same, truth) >= 8

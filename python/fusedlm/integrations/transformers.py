@@ -327,7 +327,8 @@ def _swap_loss(model: torch.nn.Module, backend: str, report: PatchReport) -> Non
     report.notes.append(
         f"loss: loss_function {current.__name__} -> fusedlm's {ours.__name__} (the same loss "
         "from the logits as they are, without their float32 copy; used where the model calls "
-        "self.loss_function)")
+        "self.loss_function)" + ("; linear_causal_lm_loss(model, labels, **batch) makes the "
+                                 "loss with no logits at all" if ours is causal_lm_loss else ""))
 
 
 # Per causal LM (the transformers model inside any DDP / PEFT wrapper): _UNCHECKED until its
