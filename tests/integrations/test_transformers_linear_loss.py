@@ -343,3 +343,29 @@ def test_bf16_on_gpu(name, fused_calls):
     for value in (loss, own, true):
         value.backward()
     assert _check_grads(model, same, truth) >= 8
+
+
+@pytest.mark.parametrize("targets", [("q_proj", "v_proj"), ("q_proj", "lm_head")],
+                         ids=["attention", "head"])
+def test_through_peft_lora(targets, fused_calls, caplog):
+    """A PEFT model: looked through to its transformers model. LoRA on the attention keeps the
+    fused route; LoRA on the head (no longer a torch.nn.Linear) takes the logits route."""
+    peft = pytest.importorskip("peft")
+    model, _ = _build("llama")
+    model = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=list(targets),
+                                                       init_lora_weights=False))
+    same = copy.deepcopy(model)
+    ids, mask, labels = _batch()
+    with caplog.at_level(logging.WARNING, logger="fusedlm"):
+        loss = fhf.linear_causal_lm_loss(model, labels, input_ids=ids, attention_mask=mask)
+    own = same(input_ids=ids, attention_mask=mask, labels=labels).loss
+    torch.testing.assert_close(loss, own, rtol=1e-6, atol=1e-6)
+    assert len(fused_calls) == (1 if "lm_head" not in targets else 0)
+    assert ("peft.tuners.lora" in caplog.text) == ("lm_head" in targets)
+    loss.backward()
+    own.backward()
+    trained = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    assert len(trained) >= 6
+    for (name, p), q in zip(trained, (q for q in same.parameters() if q.requires_grad),
+                            strict=True):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-7, msg=name)

@@ -373,8 +373,9 @@ def _linear_loss_obstacle(model: torch.nn.Module) -> str | None:
     """Why a causal LM has no head to fuse into the loss, or None."""
     head = model.get_output_embeddings()
     if not isinstance(head, torch.nn.Linear) or type(head).forward is not torch.nn.Linear.forward:
-        return (f"its output embeddings are {type(head).__name__}, not a torch.nn.Linear "
-                "(the head must be F.linear(hidden, weight, bias))")
+        kind = f"{type(head).__module__}.{type(head).__qualname__}"
+        return (f"its output embeddings are a {kind}, not a torch.nn.Linear (the head must be "
+                "F.linear(hidden, weight, bias))")
     if any(type(p).__name__ == "DTensor" for p in (head.weight, head.bias) if p is not None):
         return "its head's parameters are DTensors (FSDP / tensor parallel), not read here"
     if "logits_to_keep" not in inspect.signature(model.forward).parameters:
