@@ -6,6 +6,7 @@ and the patched float32 model must pass tests/helpers.assert_close_rule against 
 from __future__ import annotations
 
 import copy
+import io
 
 import pytest
 import torch
@@ -516,6 +517,95 @@ def test_gemma_geglu_mlps_are_swapped_and_match(name):
     assert all(type(m).__name__ == mlp_class for m in mlps)
     assert not any("_fusedlm" in key or "approximate" in m.__dict__ for m in mlps
                    for key in m.__dict__)
+
+
+# Mixtures of experts: the experts' gate on fusedlm.swiglu through transformers' _apply_gate
+MOES = {
+    "mixtral": ("MixtralForCausalLM", "MixtralConfig",
+                dict(num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2),
+                "MixtralExperts"),
+    "qwen3_moe": ("Qwen3MoeForCausalLM", "Qwen3MoeConfig",
+                  dict(num_key_value_heads=2, head_dim=16, num_experts=4, num_experts_per_tok=2,
+                       moe_intermediate_size=32), "Qwen3MoeExperts"),
+}
+
+
+@pytest.mark.parametrize("name", list(MOES))
+def test_moe_experts_gate_is_swapped_and_matches(name):
+    """A tiny random mixture of experts: after apply() each layer's experts module computes
+    its gate on fusedlm.swiglu (transformers' grouped_mm implementation calls _apply_gate),
+    and the logits and every parameter's gradient match the unpatched model (grouped_mm,
+    float32) and the float64 one (eager experts) by the rule. The swapped model pickles, and
+    unpatch restores the experts class."""
+    model_name, config_name, kwargs, experts_class = MOES[name]
+    if not hasattr(transformers, model_name):
+        pytest.skip(f"this transformers has no {model_name}")
+    torch.manual_seed(0)
+    model = getattr(transformers, model_name)(getattr(transformers, config_name)(**COMMON,
+                                                                                 **kwargs))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    model.eval()
+    if not hasattr(model, "set_experts_implementation"):
+        pytest.skip("this transformers has no experts implementations")
+    same, truth = copy.deepcopy(model), copy.deepcopy(model).double()
+    truth.set_experts_implementation("eager")  # (grouped_mm takes no float64)
+    experts = [layer.mlp.experts for layer in model.model.layers]
+    keys = list(model.state_dict())
+    report = fhf.apply(model)
+    swapped = [s for s in report.swapped if s.name.endswith(".experts")]
+    assert [(s.name, s.original.rsplit(".", 1)[-1], s.replacement.rsplit(".", 1)[-1])
+            for s in swapped] == [
+        (f"model.layers.{i}.mlp.experts", experts_class, f"ModelExpertsGate[{experts_class}]")
+        for i in range(2)]
+    assert all(s.note.startswith("experts' silu(gate) * up on fusedlm.swiglu") for s in swapped)
+    assert [layer.mlp.experts for layer in model.model.layers] == experts  # in place
+    assert list(model.state_dict()) == keys
+    OpDispatch.last_choice.clear()
+    ids = torch.randint(0, VOCAB, (2, 13))
+    outs = [m(input_ids=ids).logits for m in (model, same, truth)]
+    assert OpDispatch.last_choice["glu_fwd"] == "cpu"
+    assert_close_rule(outs[0], outs[1], outs[2], name=f"{name} output")
+    weight = torch.randn_like(outs[0])
+    for out in outs:
+        (out * weight.to(out.dtype)).sum().backward()
+    assert OpDispatch.last_choice["glu_bwd"] == "cpu"
+    same_params, truth_params = dict(same.named_parameters()), dict(truth.named_parameters())
+    checked = 0
+    for pname, p in model.named_parameters():
+        if p.grad is None:
+            assert same_params[pname].grad is None, pname
+            continue
+        assert_close_rule(p.grad, same_params[pname].grad, truth_params[pname].grad, name=pname)
+        checked += "experts" in pname
+    assert checked == 4  # gate_up_proj and down_proj of both layers' experts
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    assert type(loaded.model.layers[0].mlp.experts) is type(experts[0])
+    torch.testing.assert_close(loaded(input_ids=ids).logits, outs[0], rtol=0, atol=0)
+    fusedlm.unpatch(model)
+    assert all(type(e).__name__ == experts_class for e in experts)
+    assert not any("_fusedlm" in key or "activation" in e.__dict__ for e in experts
+                   for key in e.__dict__)
+
+
+def test_interleaved_experts_are_left_alone():
+    """gpt-oss keeps gate and up interleaved and clamps them in its own _apply_gate: reported,
+    not swapped."""
+    if not hasattr(transformers, "GptOssForCausalLM"):
+        pytest.skip("this transformers has no GptOssForCausalLM")
+    config = transformers.GptOssConfig(**{**COMMON, "intermediate_size": 64},
+                                       num_key_value_heads=2, head_dim=16, num_local_experts=4,
+                                       num_experts_per_tok=2)
+    model = transformers.GptOssForCausalLM(config)
+    report = fhf.apply(model, attention=False, norms=False, loss=False)
+    assert not report.swapped
+    assert [(m.name, m.reason) for m in report.left if m.name.endswith("experts")] == [
+        (f"model.layers.{i}.mlp.experts",
+         "its gate and up projections are interleaved, not [gate, up]") for i in range(2)]
 
 
 def _qkv(b, hq, hkv, tq, tk, d=16):

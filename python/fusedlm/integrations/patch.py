@@ -25,7 +25,11 @@ when a numeric probe shows their ``forward`` to be ``down_proj(act(gate) * up)``
 (SwiGLU: Llama, Qwen, Mistral, ...), exact gelu or tanh-approximated gelu (GeGLU: Gemma 1, 2 and
 3's ``gelu_pytorch_tanh``): their activation then runs on ``fusedlm.swiglu`` /
 ``fusedlm.geglu``. Other activations (relu^2, quick-gelu's ``x * sigmoid(1.702 x)``, ...) are
-left alone, and the report says why.
+left alone, and the report says why. ``mlp=True`` also swaps a mixture of experts' experts
+modules (classes with transformers' ``_apply_gate`` hook: 3-D ``gate_up_proj`` weights, gate
+and up concatenated) whose ``_apply_gate`` a probe shows to be ``act(gate) * up``: the hook,
+which transformers' ``grouped_mm`` and ``batched_mm`` experts implementations call, then runs
+on ``fusedlm.swiglu`` / ``fusedlm.geglu``.
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ from ..backends import check_backend_name
 from ..nn.mlp import GeGLUMLP, SwiGLUMLP
 from ..nn.multihead_attention import MultiheadAttention
 from ..nn.norm import LayerNorm, RMSNorm
+from ..ops.glu import geglu, swiglu
 from ..ops.norm import layer_norm, rms_norm
 from .sdpa_mode import route_attention, unroute_attention
 
@@ -160,6 +165,41 @@ class ModelSwiGLUMLP(_ModelGatedMLP, SwiGLUMLP):
 class ModelGeGLUMLP(_ModelGatedMLP, GeGLUMLP):
     """Stands in for a model's own GeGLU MLP class (``GemmaMLP``, ``Gemma2MLP``, ...): its
     activation on ``fusedlm.geglu`` with the ``approximate`` the probe found."""
+
+
+class _ModelExpertsGate:
+    """Mixed into a mixture of experts' own experts class (transformers' ``MixtralExperts``,
+    ``Qwen3MoeExperts``, ...: 3-D ``gate_up_proj`` weights run by an experts implementation):
+    its ``_apply_gate``, which the ``grouped_mm`` and ``batched_mm`` implementations call on
+    the (S, 2 I) gate-and-up projections of the S routed tokens, on ``fusedlm.swiglu`` /
+    ``fusedlm.geglu``. Its weights, forward and ``state_dict`` are untouched."""
+
+    activation: str = "silu"
+    approximate: str = "none"
+
+    def _apply_gate(self, gate_up_out: Tensor) -> Tensor:
+        gate, up = gate_up_out.chunk(2, dim=-1)  # (S, I) each: gate first, as concatenated
+        if self.activation == "silu":
+            return swiglu(gate, up, self.backend)
+        return geglu(gate, up, self.approximate, self.backend)
+
+    def __reduce_ex__(self, protocol):
+        # The class is made per experts class (below), so pickle cannot find it by name:
+        # rebuild it from the experts class, which it can (torch.save(model), deepcopy).
+        return _new_experts_object, (type(self).__bases__[1],), self.__dict__
+
+
+@functools.cache
+def _experts_class(original: type) -> type:
+    """The swapped class of one experts class (made once, so repeated swaps share it)."""
+    return type(original.__name__, (_ModelExpertsGate, original),
+                {"__module__": __name__, "__qualname__": f"ModelExpertsGate[{original.__name__}]"})
+
+
+def _new_experts_object(original: type) -> torch.nn.Module:
+    """An empty object of _experts_class(original), for pickle to fill with its state."""
+    cls = _experts_class(original)
+    return cls.__new__(cls)
 
 
 def _probed_weight(module: torch.nn.Module, x: Tensor) -> tuple[bool, Tensor | None]:
@@ -534,9 +574,64 @@ def _probe_mlp(module: torch.nn.Module, gate_up: bool) -> tuple[tuple | None, st
     return _MLP_ACTIVATIONS[best], f"probe error {errors[best]:.1e}"
 
 
+def _probe_experts_gate(module: torch.nn.Module) -> tuple[tuple | None, str]:
+    """(the entry of _MLP_ACTIVATIONS whose act makes ``module._apply_gate(x)`` equal
+    ``act(gate) * up`` for x = [gate, up] drawn at random, the probe's error), or (None, why
+    not)."""
+    weight = module._parameters.get("gate_up_proj")
+    if not isinstance(weight, Tensor) or weight.dim() != 3:
+        return None, "it has no 3-D gate_up_proj weight"
+    if weight.device.type == "meta":
+        return None, "its parameters are on the meta device (cannot probe)"
+    width = weight.shape[2 if getattr(module, "is_transposed", False) else 1]  # 2 I
+    dtype = torch.float64 if weight.device.type in ("cpu", "cuda") else torch.float32
+    gen = torch.Generator().manual_seed(0)
+    x = (2 * torch.randn(5, width, generator=gen, dtype=torch.float64)).to(weight.device, dtype)
+    gate, up = x.chunk(2, dim=-1)
+    errors = {}
+    try:
+        with torch.no_grad():
+            y = module._apply_gate(x)
+            for i, entry in enumerate(_MLP_ACTIVATIONS):
+                want = entry[4](gate) * up
+                if not isinstance(y, Tensor) or y.shape != want.shape:
+                    return None, "its _apply_gate does not return (S, I) from (S, 2 I)"
+                errors[i] = ((y - want).abs().max() / want.abs().max().clamp_min(1e-30)).item()
+    except Exception as exc:
+        return None, f"probing its _apply_gate raised {type(exc).__name__}: {exc}"
+    best = min(errors, key=errors.get)
+    if errors[best] > _PROBE_TOL[dtype]:
+        return None, ("its _apply_gate is not act(gate) * up over [gate, up] with act silu, "
+                      "gelu or gelu(approximate='tanh') (probe relative errors "
+                      + ", ".join(f"{_MLP_ACTIVATIONS[i][0]} {err:.1e}"
+                                  for i, err in errors.items()) + ")")
+    return _MLP_ACTIVATIONS[best], f"probe error {errors[best]:.1e}"
+
+
+def _experts_replacement(module: torch.nn.Module, backend: str):
+    """Like _mlp_replacement, for a mixture of experts' experts module (one with transformers'
+    ``_apply_gate`` hook)."""
+    if isinstance(module, _ModelExpertsGate):
+        return None, None
+    if not getattr(module, "has_gate", False):
+        return None, "its experts have no gate (act(up) only)"
+    if getattr(module, "is_concatenated", True) is not True:
+        return None, "its gate and up projections are interleaved, not [gate, up]"
+    found, why = _probe_experts_gate(module)
+    if found is None:
+        return None, why
+    activation, formula, function, attrs, _ = found
+    note = (f"experts' {formula} * up on {function} (under the grouped_mm and batched_mm "
+            "experts implementations, which call _apply_gate; 'eager' runs its own loop)")
+    return _swap_object(module, _experts_class(type(module)),
+                        {"backend": backend, "activation": activation, **attrs}), note
+
+
 def _mlp_replacement(module: torch.nn.Module, backend: str):
     """(new module, note) for a gated MLP the probe recognises, (None, why) for one it does not,
     (None, None) for anything else."""
+    if callable(getattr(type(module), "_apply_gate", None)):
+        return _experts_replacement(module, backend)
     if isinstance(module, (SwiGLUMLP, GeGLUMLP)):
         return (None, None) if _RESTORE_KEY in module.__dict__ else (
             None, "already a fusedlm module")
@@ -590,7 +685,8 @@ def patch(
     model's forward to ``fusedlm.scaled_dot_product_attention`` (a ``TorchFunctionMode``
     activated by forward hooks; see ``fusedlm.integrations.sdpa_mode`` for what it costs).
     ``mlp=True`` also swaps gated MLPs (SwiGLU, GeGLU) recognised by their children and a
-    numeric probe, so their activation runs on ``fusedlm.swiglu`` / ``fusedlm.geglu``.
+    numeric probe, and mixture-of-experts experts modules by their ``_apply_gate``, so their
+    activation runs on ``fusedlm.swiglu`` / ``fusedlm.geglu``.
     Returns a :class:`PatchReport`; ``unpatch`` undoes it."""
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"argument 'model' must be a torch.nn.Module, got {type(model).__name__}")

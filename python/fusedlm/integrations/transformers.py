@@ -33,7 +33,9 @@
   ``gate_up_proj``) whose forward a numeric probe shows to be ``down_proj(act(gate) * up)``
   run their activation on ``fusedlm.swiglu`` (act silu: Llama, Qwen, Mistral, ...) or
   ``fusedlm.geglu`` (exact or tanh gelu: Gemma 1, 2, 3), same submodules, ``state_dict``
-  unchanged.
+  unchanged; so do a mixture of experts' experts modules (Mixtral, Qwen3-MoE, DeepSeek-V3)
+  through their ``_apply_gate``, which transformers' grouped_mm / batched_mm experts
+  implementations call.
 
 ``fusedlm.unpatch(model)`` undoes all of it.
 """
