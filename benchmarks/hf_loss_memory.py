@@ -22,12 +22,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import subprocess
 import sys
-import time
 
-from linear_cross_entropy_memory import _resident_kib
+from linear_cross_entropy_memory import peak_and_time
 
 PROVIDERS = ("transformers", "apply", "linear_causal_lm_loss")
 
@@ -61,19 +59,8 @@ def measure(provider: str, batch: int, tokens: int, hidden: int, vocab: int, lay
         model.zero_grad(set_to_none=True)
         return loss.item()
 
-    step()  # warm-up: one-time allocations (thread pools, the extension) are not the step's
-    with open("/proc/self/clear_refs", "w") as clear:
-        clear.write("5")  # resets VmHWM to the current resident set
-    before = _resident_kib("VmRSS")
-    loss = step()
-    peak = _resident_kib("VmHWM")
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    return {"provider": provider, "peak_bytes": (peak - before) * 1024,
-            "seconds": statistics.median(times), "loss": loss}
+    peak_bytes, seconds, loss = peak_and_time(step, repeats)
+    return {"provider": provider, "peak_bytes": peak_bytes, "seconds": seconds, "loss": loss}
 
 
 def main() -> None:

@@ -57,19 +57,25 @@ def measure(provider: str, tokens: int, hidden: int, vocab: int, repeats: int,
         x.grad = w.grad = None
         return loss
 
+    peak_bytes, seconds, _ = peak_and_time(step, repeats)
+    return {"provider": provider, "peak_bytes": peak_bytes, "seconds": seconds}
+
+
+def peak_and_time(step, repeats: int) -> tuple[int, float, object]:
+    """(peak resident-set growth in bytes during one ``step()`` after a warm-up one, the median
+    seconds of ``repeats`` more, what the measured step returned)."""
     step()  # warm-up: one-time allocations (thread pools, the extension) are not the op's
     with open("/proc/self/clear_refs", "w") as clear:
         clear.write("5")  # resets VmHWM to the current resident set
     before = _resident_kib("VmRSS")
-    step()
+    result = step()
     peak = _resident_kib("VmHWM")
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         step()
         times.append(time.perf_counter() - start)
-    return {"provider": provider, "peak_bytes": (peak - before) * 1024,
-            "seconds": statistics.median(times)}
+    return (peak - before) * 1024, statistics.median(times), result
 
 
 def main() -> None:

@@ -123,15 +123,23 @@ def test_logits_and_grads_match(name):
         (out * weight.to(out.dtype)).sum().backward()
     assert OpDispatch.last_choice["attention_bwd"] == "cpu"
     assert (OpDispatch.last_choice.get("glu_bwd") == "cpu") == glu_mlps
+    assert len(assert_gradients_match(model, same, truth)) >= 10
+
+
+def assert_gradients_match(model, same, truth, label: str = "") -> list[str]:
+    """Every parameter of the patched ``model`` has a gradient exactly where the unpatched
+    ``same`` has one, passing the rule against ``same``'s and the float64 ``truth``'s; returns
+    the names checked."""
     same_params, truth_params = dict(same.named_parameters()), dict(truth.named_parameters())
-    checked = 0
+    checked = []
     for pname, p in model.named_parameters():
         if p.grad is None:
             assert same_params[pname].grad is None, pname
             continue
-        assert_close_rule(p.grad, same_params[pname].grad, truth_params[pname].grad, name=pname)
-        checked += 1
-    assert checked >= 10
+        assert_close_rule(p.grad, same_params[pname].grad, truth_params[pname].grad,
+                          name=f"{pname} ({label})" if label else pname)
+        checked.append(pname)
+    return checked
 
 
 def _check_gradients(outs, weight, model, same, truth, label: str) -> None:
@@ -504,15 +512,8 @@ def test_gemma_geglu_mlps_are_swapped_and_match(name):
     for out in outs:
         (out * weight.to(out.dtype)).sum().backward()
     assert OpDispatch.last_choice["glu_bwd"] == "cpu"
-    same_params, truth_params = dict(same.named_parameters()), dict(truth.named_parameters())
-    checked = 0
-    for pname, p in model.named_parameters():
-        if p.grad is None:
-            assert same_params[pname].grad is None, pname
-            continue
-        assert_close_rule(p.grad, same_params[pname].grad, truth_params[pname].grad, name=pname)
-        checked += "mlp" in pname
-    assert checked == 6  # gate_proj, up_proj, down_proj of both layers
+    checked = assert_gradients_match(model, same, truth)
+    assert sum("mlp" in n for n in checked) == 6  # gate_proj, up_proj, down_proj of both layers
     fusedlm.unpatch(model)
     assert all(type(m).__name__ == mlp_class for m in mlps)
     assert not any("_fusedlm" in key or "approximate" in m.__dict__ for m in mlps
@@ -571,15 +572,8 @@ def test_moe_experts_gate_is_swapped_and_matches(name):
     for out in outs:
         (out * weight.to(out.dtype)).sum().backward()
     assert OpDispatch.last_choice["glu_bwd"] == "cpu"
-    same_params, truth_params = dict(same.named_parameters()), dict(truth.named_parameters())
-    checked = 0
-    for pname, p in model.named_parameters():
-        if p.grad is None:
-            assert same_params[pname].grad is None, pname
-            continue
-        assert_close_rule(p.grad, same_params[pname].grad, truth_params[pname].grad, name=pname)
-        checked += "experts" in pname
-    assert checked == 4  # gate_up_proj and down_proj of both layers' experts
+    checked = assert_gradients_match(model, same, truth)
+    assert sum("experts" in n for n in checked) == 4  # gate_up_proj, down_proj of both layers
     buffer = io.BytesIO()
     torch.save(model, buffer)
     buffer.seek(0)
@@ -729,12 +723,7 @@ def test_bf16_on_gpu(name, inputs):
     weight = torch.randn_like(outs[2]) * real[..., None]
     for out in outs:
         (out * weight.to(out.dtype)).sum().backward()
-    same_params, truth_params = dict(same.named_parameters()), dict(truth.named_parameters())
-    for pname, p in model.named_parameters():
-        if p.grad is None:
-            assert same_params[pname].grad is None, pname
-            continue
-        assert_close_rule(p.grad, same_params[pname].grad, truth_params[pname].grad, name=pname)
+    assert_gradients_match(model, same, truth)
 
 
 @pytest.mark.gpu

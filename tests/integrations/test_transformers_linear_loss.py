@@ -23,7 +23,7 @@ from tests.helpers import (  # noqa: E402
     cpu_backend_available,
     cpu_unavailable_reason,
 )
-from tests.integrations.test_transformers import CAUSAL  # noqa: E402
+from tests.integrations.test_transformers import CAUSAL, assert_gradients_match  # noqa: E402
 from tests.integrations.test_transformers_models import ARCHITECTURES  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not cpu_backend_available(), reason=cpu_unavailable_reason())
@@ -95,18 +95,6 @@ def fused_calls(monkeypatch):
     return calls
 
 
-def _check_grads(model, same, truth) -> int:
-    same_params, truth_params = dict(same.named_parameters()), dict(truth.named_parameters())
-    checked = 0
-    for name, p in model.named_parameters():
-        if p.grad is None:
-            assert same_params[name].grad is None, name
-            continue
-        assert_close_rule(p.grad, same_params[name].grad, truth_params[name].grad, name=name)
-        checked += 1
-    return checked
-
-
 @pytest.mark.parametrize("name", FUSED + LOGITS_ROUTE)
 def test_loss_and_gradients_match_the_models_own(name, fused_calls, caplog):
     model, truth = _build(name)
@@ -130,7 +118,7 @@ def test_loss_and_gradients_match_the_models_own(name, fused_calls, caplog):
         assert caplog.text == ""
     for value in (loss, own, true):
         value.backward()
-    assert _check_grads(model, same, truth) >= 8
+    assert len(assert_gradients_match(model, same, truth)) >= 8
 
     caplog.clear()  # later calls: the same route, nothing logged again
     with caplog.at_level(logging.WARNING, logger="fusedlm"):
@@ -342,7 +330,7 @@ def test_bf16_on_gpu(name, fused_calls):
     assert_close_rule(loss, own, true, name=f"{name} bf16 loss")
     for value in (loss, own, true):
         value.backward()
-    assert _check_grads(model, same, truth) >= 8
+    assert len(assert_gradients_match(model, same, truth)) >= 8
 
 
 @pytest.mark.parametrize("targets", [("q_proj", "v_proj"), ("q_proj", "lm_head")],

@@ -565,12 +565,17 @@ def _probe_mlp(module: torch.nn.Module, gate_up: bool) -> tuple[tuple | None, st
                 errors[i] = ((y - want).abs().max() / want.abs().max().clamp_min(1e-30)).item()
     except Exception as exc:  # a forward that needs more arguments, etc.
         return None, f"probing its forward raised {type(exc).__name__}: {exc}"
+    return _closest_activation(errors, dtype, "its forward is not down_proj(act(gate) * up)")
+
+
+def _closest_activation(errors: dict, dtype: torch.dtype, mismatch: str) -> tuple:
+    """(the _MLP_ACTIVATIONS entry with the smallest probe error, a note), or (None, why not:
+    ``mismatch`` and the errors) when even that one is past the probe's tolerance."""
     best = min(errors, key=errors.get)
     if errors[best] > _PROBE_TOL[dtype]:
-        return None, ("its forward is not down_proj(act(gate) * up) with act silu, gelu or "
-                      "gelu(approximate='tanh') (probe relative errors "
-                      + ", ".join(f"{_MLP_ACTIVATIONS[i][0]} {err:.1e}"
-                                  for i, err in errors.items()) + ")")
+        return None, (f"{mismatch} with act silu, gelu or gelu(approximate='tanh') (probe "
+                      "relative errors " + ", ".join(f"{_MLP_ACTIVATIONS[i][0]} {err:.1e}"
+                                                     for i, err in errors.items()) + ")")
     return _MLP_ACTIVATIONS[best], f"probe error {errors[best]:.1e}"
 
 
@@ -599,13 +604,8 @@ def _probe_experts_gate(module: torch.nn.Module) -> tuple[tuple | None, str]:
                 errors[i] = ((y - want).abs().max() / want.abs().max().clamp_min(1e-30)).item()
     except Exception as exc:
         return None, f"probing its _apply_gate raised {type(exc).__name__}: {exc}"
-    best = min(errors, key=errors.get)
-    if errors[best] > _PROBE_TOL[dtype]:
-        return None, ("its _apply_gate is not act(gate) * up over [gate, up] with act silu, "
-                      "gelu or gelu(approximate='tanh') (probe relative errors "
-                      + ", ".join(f"{_MLP_ACTIVATIONS[i][0]} {err:.1e}"
-                                  for i, err in errors.items()) + ")")
-    return _MLP_ACTIVATIONS[best], f"probe error {errors[best]:.1e}"
+    return _closest_activation(errors, dtype,
+                               "its _apply_gate is not act(gate) * up over [gate, up]")
 
 
 def _experts_replacement(module: torch.nn.Module, backend: str):
