@@ -3,8 +3,9 @@
 For each model the loss and every parameter's gradient must pass DESIGN.md's rule: ours (float32)
 against the model's own ``model(**inputs, labels=labels).loss`` (float32, torch's computation),
 truth being the same loss computed in float64 from the float64 model's logits. Models whose
-logits are not their head's plain linear map (Cohere's logit scale, Gemma 2's final soft-capping)
-must take the logits route and say so once."""
+logits are the head's times a constant (Cohere, Granite) run fused on scaled hidden states;
+those whose logits are neither (Gemma 2's final soft-capping) must take the logits route and
+say so once."""
 
 from __future__ import annotations
 
@@ -24,14 +25,18 @@ from tests.helpers import (  # noqa: E402
     cpu_unavailable_reason,
 )
 from tests.integrations.test_transformers import CAUSAL, assert_gradients_match  # noqa: E402
-from tests.integrations.test_transformers_models import ARCHITECTURES  # noqa: E402
+from tests.integrations.test_transformers_models import ARCHITECTURES, DECODER  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not cpu_backend_available(), reason=cpu_unavailable_reason())
 
 VOCAB = 100
+# Their logits scaled by a constant: Cohere's logit_scale (0.0625), Granite's 1 / logits_scaling.
+SCALED = ["cohere", "granite"]
 FUSED = ["gpt2", "llama", "qwen2", "gemma", "mistral_window", "qwen3", "gemma3", "phi3", "olmo2",
-         "nemotron", "gpt_neox", "opt", "starcoder2_window", "mixtral", "deepseek_v3"]
-LOGITS_ROUTE = ["cohere", "gemma2"]  # a logit scale; a final soft-capping
+         "nemotron", "gpt_neox", "opt", "starcoder2_window", "mixtral", "deepseek_v3", *SCALED]
+LOGITS_ROUTE = ["gemma2"]  # a final soft-capping
+MORE = {"granite": ("GraniteForCausalLM", "GraniteConfig",
+                    dict(DECODER, num_key_value_heads=2, logits_scaling=4.0), "text")}
 
 
 def _build(name: str):
@@ -39,7 +44,7 @@ def _build(name: str):
     if name in CAUSAL:
         model = CAUSAL[name]()
     else:
-        model_name, config_name, kwargs, _ = ARCHITECTURES[name]
+        model_name, config_name, kwargs, _ = {**ARCHITECTURES, **MORE}[name]
         if not hasattr(transformers, model_name):
             pytest.skip(f"this transformers has no {model_name}")
         model = getattr(transformers, model_name)(getattr(transformers, config_name)(**kwargs))
@@ -116,6 +121,8 @@ def test_loss_and_gradients_match_the_models_own(name, fused_calls, caplog):
         assert fused_calls == [torch.Size([2 * 13, model.config.get_text_config().hidden_size])]
         assert outputs.logits.shape == (2, 1, VOCAB)  # the head made one position's logits
         assert caplog.text == ""
+        verdict = fhf._LINEAR_LOSS_VERDICTS[model]
+        assert verdict == ({"cohere": 0.0625, "granite": 0.25}.get(name, 1.0)), verdict
     for value in (loss, own, true):
         value.backward()
     assert len(assert_gradients_match(model, same, truth)) >= 8

@@ -47,6 +47,7 @@ import functools
 import inspect
 import logging
 import math
+import numbers
 import weakref
 
 import torch
@@ -334,8 +335,8 @@ def _swap_loss(model: torch.nn.Module, backend: str, report: PatchReport) -> Non
 
 
 # Per causal LM (the transformers model inside any DDP / PEFT wrapper): _UNCHECKED until its
-# first call, then None where its logits were seen to be exactly F.linear(hidden, lm_head), else
-# why linear_causal_lm_loss makes its logits.
+# first call, then the scale s where its logits were seen to be s * F.linear(hidden, lm_head)
+# (1.0: exactly the head's), else (a str) why linear_causal_lm_loss makes its logits.
 _LINEAR_LOSS_VERDICTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _LINEAR_LOSS_LOGGED: weakref.WeakSet = weakref.WeakSet()
 _UNCHECKED = "not yet checked"
@@ -401,6 +402,39 @@ def _with_router_loss(loss: Tensor, outputs, model: torch.nn.Module) -> Tensor:
     return loss + model.router_aux_loss_coef * aux_loss.to(loss.device)
 
 
+def _logit_scales(model: torch.nn.Module) -> list[float]:
+    """The constant factors a transformers causal LM may put on its head's logits: Cohere's
+    ``logit_scale`` (multiplied), Granite's ``config.logits_scaling`` (divided)."""
+    config = getattr(model, "config", None)
+    scales = [getattr(model, "logit_scale", None), getattr(config, "logit_scale", None)]
+    divisor = getattr(config, "logits_scaling", None)
+    if isinstance(divisor, numbers.Real) and divisor != 0:
+        scales.append(1.0 / divisor)
+    return [float(s) for s in scales
+            if isinstance(s, numbers.Real) and not isinstance(s, bool) and math.isfinite(s)
+            and s not in (0, 1)]
+
+
+def _head_verdict(model, head, hidden, logits: Tensor, decoder_calls: int) -> float | str:
+    """What the first call saw: 1.0 where the last position's logits are exactly
+    F.linear(hidden, weight, bias); a scale s where they are s times that (rounded once more,
+    a head without bias: Cohere, Granite); else why not to fuse."""
+    if not isinstance(hidden, Tensor) or hidden.dim() != 3:
+        return f"its decoder ran {decoder_calls} times or gave no (B, T, C) hidden states"
+    with torch.no_grad():
+        expected = torch.nn.functional.linear(hidden[:, -1:], head.weight, head.bias)
+    if expected.shape == logits.shape and torch.equal(expected, logits):
+        return 1.0
+    if expected.shape == logits.shape and head.bias is None:
+        tol = 4 * torch.finfo(logits.dtype).eps * logits.abs().max().float().item()
+        for scale in _logit_scales(model):
+            error = (logits.float() - scale * expected.float()).abs().max().item()
+            if error <= tol:
+                return scale
+    return ("its logits are not F.linear(final hidden states, lm_head.weight, lm_head.bias), "
+            "nor that times a logit scale (a final soft-capping, or an adapter on the head)")
+
+
 def linear_causal_lm_loss(model: torch.nn.Module, labels: Tensor | None = None, *,
                           num_items_in_batch=None, ignore_index: int = -100,
                           shift_labels: Tensor | None = None, chunk_size: int | None = None,
@@ -418,12 +452,14 @@ def linear_causal_lm_loss(model: torch.nn.Module, labels: Tensor | None = None, 
 
     ``model`` may be wrapped in DistributedDataParallel, DataParallel or PEFT: the wrapper's
     forward runs. The first call per model checks that its last-position logits are exactly
-    ``F.linear(hidden, lm_head.weight, lm_head.bias)``. Where they are not (Gemma 2's final
-    soft-capping, Cohere's or Granite's logit scale, an adapter on the head) or the model has
-    no such head or no ``logits_to_keep``, every call makes the logits and takes the loss from
-    them (:func:`causal_lm_loss`), and the first logs why. ``chunk_size``: rows per chunk, as
-    in ``fusedlm.linear_cross_entropy``. With ``return_outputs=True`` returns ``(loss,
-    outputs)``; on the fused path ``outputs.logits`` are the last position's only."""
+    ``F.linear(hidden, lm_head.weight, lm_head.bias)``, or that times the model's logit scale
+    (Cohere's ``logit_scale``, Granite's ``1 / logits_scaling``: the hidden states are then
+    scaled before the head). Where they are neither (Gemma 2's final soft-capping, an adapter
+    on the head) or the model has no such head or no ``logits_to_keep``, every call makes the
+    logits and takes the loss from them (:func:`causal_lm_loss`), and the first logs why.
+    ``chunk_size``: rows per chunk, as in ``fusedlm.linear_cross_entropy``. With
+    ``return_outputs=True`` returns ``(loss, outputs)``; on the fused path ``outputs.logits``
+    are the last position's only."""
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"argument 'model' must be a torch.nn.Module, got {type(model).__name__}")
     if labels is None and shift_labels is None:
@@ -442,7 +478,7 @@ def linear_causal_lm_loss(model: torch.nn.Module, labels: Tensor | None = None, 
         _check_causal_lm(inner)
         _LINEAR_LOSS_VERDICTS[inner] = _linear_loss_obstacle(inner) or _UNCHECKED
     verdict = _LINEAR_LOSS_VERDICTS[inner]
-    if verdict not in (None, _UNCHECKED):
+    if isinstance(verdict, str) and verdict is not _UNCHECKED:
         if inner not in _LINEAR_LOSS_LOGGED:
             _LINEAR_LOSS_LOGGED.add(inner)
             logger.warning("fusedlm: linear_causal_lm_loss makes %s's logits: %s",
@@ -467,17 +503,9 @@ def linear_causal_lm_loss(model: torch.nn.Module, labels: Tensor | None = None, 
     head = inner.get_output_embeddings()
     if verdict is _UNCHECKED:  # the first call: are the logits the head's, exactly?
         logits = outputs.logits if hasattr(outputs, "logits") else outputs[0]  # (B, 1, V)
-        why = None
-        if not isinstance(hidden, Tensor) or hidden.dim() != 3:
-            why = f"its decoder ran {len(captured)} times or gave no (B, T, C) hidden states"
-        else:
-            with torch.no_grad():
-                expected = torch.nn.functional.linear(hidden[:, -1:], head.weight, head.bias)
-            if expected.shape != logits.shape or not torch.equal(expected, logits):
-                why = ("its logits are not F.linear(final hidden states, lm_head.weight, "
-                       "lm_head.bias) (a final soft-capping or scale, or an adapter on the head)")
-        _LINEAR_LOSS_VERDICTS[inner] = why
-        if why is not None:
+        verdict = _head_verdict(inner, head, hidden, logits, len(captured))
+        _LINEAR_LOSS_VERDICTS[inner] = verdict
+        if isinstance(verdict, str):
             del outputs, logits, hidden, captured
             return linear_causal_lm_loss(
                 model, labels, num_items_in_batch=num_items_in_batch, ignore_index=ignore_index,
@@ -491,6 +519,8 @@ def linear_causal_lm_loss(model: torch.nn.Module, labels: Tensor | None = None, 
                          f"must be (B, T) = {tuple(hidden.shape[:2])}, as the model's tokens, "
                          f"got {tuple(shift_labels.shape)}")
     reduction = "sum" if num_items_in_batch is not None else "mean"
+    if verdict != 1.0:  # logits = scale * head(hidden) = head(scale * hidden) without bias
+        hidden = hidden * verdict
     loss = linear_cross_entropy(
         hidden.reshape(-1, hidden.shape[-1]), head.weight,
         shift_labels.reshape(-1).to(hidden.device), head.bias, ignore_index, reduction,
