@@ -394,10 +394,14 @@ def cross_entropy_bwd(
 
 
 def linear_cross_entropy(input: Tensor, weight: Tensor, bias: Tensor | None, target: Tensor,
-                         ignore_index: int, label_smoothing: float, reduction: str) -> Tensor:
+                         ignore_index: int, label_smoothing: float, reduction: str,
+                         softcap: float = 0.0) -> Tensor:
     """The cross-entropy of ``input @ weight.T + bias`` (N, V) against target (N), reduced by
-    ``reduction`` ("mean" over the rows not ignored, "sum", "none"), in the compute dtype."""
+    ``reduction`` ("mean" over the rows not ignored, "sum", "none"), in the compute dtype; with
+    ``softcap`` > 0 the logits z become ``softcap * tanh(z / softcap)`` first (Gemma 2)."""
     logits = torch.nn.functional.linear(input, weight, bias)
+    if softcap:
+        logits = softcap * torch.tanh(logits / softcap)
     loss = cross_entropy_fwd(logits, target, ignore_index, label_smoothing)[0]
     if reduction == "sum":
         return loss.sum()

@@ -3,9 +3,9 @@
 For each model the loss and every parameter's gradient must pass DESIGN.md's rule: ours (float32)
 against the model's own ``model(**inputs, labels=labels).loss`` (float32, torch's computation),
 truth being the same loss computed in float64 from the float64 model's logits. Models whose
-logits are the head's times a constant (Cohere, Granite) run fused on scaled hidden states;
-those whose logits are neither (Gemma 2's final soft-capping) must take the logits route and
-say so once."""
+logits are the head's times a constant (Cohere, Granite) run fused on scaled hidden states,
+Gemma 2 with its final soft-capping in the fused loss; a head with anything else on it must
+take the logits route and say so once."""
 
 from __future__ import annotations
 
@@ -30,11 +30,11 @@ from tests.integrations.test_transformers_models import ARCHITECTURES, DECODER  
 pytestmark = pytest.mark.skipif(not cpu_backend_available(), reason=cpu_unavailable_reason())
 
 VOCAB = 100
-# Their logits scaled by a constant: Cohere's logit_scale (0.0625), Granite's 1 / logits_scaling.
-SCALED = ["cohere", "granite"]
+# The head's logits scaled by a constant (Cohere's logit_scale 0.0625, Granite's 1 /
+# logits_scaling) or soft-capped (Gemma 2's final_logit_softcapping, 30).
+HEADS = {"cohere": (0.0625, None), "granite": (0.25, None), "gemma2": (1.0, 30.0)}
 FUSED = ["gpt2", "llama", "qwen2", "gemma", "mistral_window", "qwen3", "gemma3", "phi3", "olmo2",
-         "nemotron", "gpt_neox", "opt", "starcoder2_window", "mixtral", "deepseek_v3", *SCALED]
-LOGITS_ROUTE = ["gemma2"]  # a final soft-capping
+         "nemotron", "gpt_neox", "opt", "starcoder2_window", "mixtral", "deepseek_v3", *HEADS]
 MORE = {"granite": ("GraniteForCausalLM", "GraniteConfig",
                     dict(DECODER, num_key_value_heads=2, logits_scaling=4.0), "text")}
 
@@ -100,7 +100,7 @@ def fused_calls(monkeypatch):
     return calls
 
 
-@pytest.mark.parametrize("name", FUSED + LOGITS_ROUTE)
+@pytest.mark.parametrize("name", FUSED)
 def test_loss_and_gradients_match_the_models_own(name, fused_calls, caplog):
     model, truth = _build(name)
     same = copy.deepcopy(model)
@@ -113,16 +113,10 @@ def test_loss_and_gradients_match_the_models_own(name, fused_calls, caplog):
     true = _truth_loss(truth, input_ids=ids, attention_mask=mask, labels=labels, **extra)
     assert loss.dtype == torch.float32
     assert_close_rule(loss, own, true, name=f"{name} loss")
-    if name in LOGITS_ROUTE:
-        assert fused_calls == []
-        assert outputs.logits.shape == (2, 13, VOCAB)
-        assert "makes" in caplog.text and type(model).__name__ in caplog.text
-    else:
-        assert fused_calls == [torch.Size([2 * 13, model.config.get_text_config().hidden_size])]
-        assert outputs.logits.shape == (2, 1, VOCAB)  # the head made one position's logits
-        assert caplog.text == ""
-        verdict = fhf._LINEAR_LOSS_VERDICTS[model]
-        assert verdict == ({"cohere": 0.0625, "granite": 0.25}.get(name, 1.0)), verdict
+    assert fused_calls == [torch.Size([2 * 13, model.config.get_text_config().hidden_size])]
+    assert outputs.logits.shape == (2, 1, VOCAB)  # the head made one position's logits
+    assert caplog.text == ""
+    assert tuple(fhf._LINEAR_LOSS_VERDICTS[model]) == HEADS.get(name, (1.0, None))
     for value in (loss, own, true):
         value.backward()
     assert len(assert_gradients_match(model, same, truth)) >= 8
@@ -132,7 +126,7 @@ def test_loss_and_gradients_match_the_models_own(name, fused_calls, caplog):
         again = fhf.linear_causal_lm_loss(model, labels, input_ids=ids, attention_mask=mask,
                                           **extra)
     assert caplog.text == ""
-    assert len(fused_calls) == (0 if name in LOGITS_ROUTE else 2)
+    assert len(fused_calls) == 2
     torch.testing.assert_close(again, loss, rtol=0, atol=0)
 
 
@@ -318,7 +312,7 @@ def test_in_a_trainer_as_the_readme_shows(tmp_path):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("name", ["llama", "gpt2", "gemma3", "mixtral"])
+@pytest.mark.parametrize("name", ["llama", "gpt2", "gemma3", "mixtral", "cohere", "gemma2"])
 def test_bf16_on_gpu(name, fused_calls):
     """A bfloat16 model on the GPU after apply (the Triton cross-entropy under the chunks): the
     fused route is taken (cuBLAS gives the head's logits bit for bit again) and the loss and

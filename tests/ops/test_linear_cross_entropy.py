@@ -54,11 +54,18 @@ def make_head(N, C, V, dtype, device, bias=False, ignore_every=0, ignore_index=-
     return (*leaves, target)
 
 
+def soft_capped(logits, softcap):
+    """Gemma 2's final soft-capping as its code writes it (each op rounded in the logits'
+    dtype); the logits themselves when ``softcap`` is None."""
+    return logits if softcap is None else torch.tanh(logits / softcap) * softcap
+
+
 def check_linear_cross_entropy(input, weight, bias, target, backend, reduction="mean",
-                               label_smoothing=0.0, ignore_index=-100, chunk_size=None):
+                               label_smoothing=0.0, ignore_index=-100, chunk_size=None,
+                               softcap=None):
     """Loss and the gradients of input, weight, bias against torch's, by the rule. The loss's
     gradient is 0.37 for a reduced loss (a grad-accumulation scale), random per row for
-    "none"."""
+    "none". ``softcap``: the logits soft-capped first, in all three."""
     kwargs = dict(ignore_index=ignore_index, reduction=reduction,
                   label_smoothing=label_smoothing)
     params = [t for t in (input, weight, bias) if t is not None]
@@ -69,12 +76,12 @@ def check_linear_cross_entropy(input, weight, bias, target, backend, reduction="
 
     x, w, b = leaves()
     loss = fusedlm.linear_cross_entropy(x, w, target, b, chunk_size=chunk_size,
-                                        backend=backend, **kwargs)
+                                        backend=backend, softcap=softcap, **kwargs)
     x64, w64, b64 = leaves(torch.float64)
-    truth = F.cross_entropy(F.linear(x64, w64, b64), target, **kwargs)
+    truth = F.cross_entropy(soft_capped(F.linear(x64, w64, b64), softcap), target, **kwargs)
     xt, wt, bt = leaves()
-    baseline = F.cross_entropy(F.linear(xt, wt, bt).to(stat_dtype(input.dtype)), target,
-                               **kwargs)
+    baseline = F.cross_entropy(
+        soft_capped(F.linear(xt, wt, bt), softcap).to(stat_dtype(input.dtype)), target, **kwargs)
     assert loss.dtype == stat_dtype(input.dtype) and loss.shape == truth.shape
     assert_close_rule(loss, baseline, truth, name="loss")
     grad = (torch.randn_like(truth) if reduction == "none"
@@ -111,6 +118,19 @@ def test_label_smoothing(label_smoothing, reduction, backend):
                                             bias=True, ignore_every=4)
     check_linear_cross_entropy(input, weight, bias, target, backend, reduction,
                                label_smoothing, chunk_size=8)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("softcap", [3.0, 30.0])
+def test_softcap(softcap, reduction, dtype, backend):
+    """Gemma 2's final soft-capping (30 in its configs; 3 here saturates the tanh for logits
+    ~ N(0, 9)), the backward through 1 - tanh^2, with a ragged last chunk."""
+    input, weight, bias, target = make_head(29, 12, 300, dtype, device_of(backend), bias=True,
+                                            ignore_every=4)
+    check_linear_cross_entropy(input, weight, bias, target, backend, reduction, chunk_size=8,
+                               softcap=softcap)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -302,6 +322,10 @@ def test_bad_arguments_name_the_argument():
         (dict(label_smoothing=1.5), ValueError, "argument 'label_smoothing'"),
         (dict(chunk_size=0), ValueError, "argument 'chunk_size'"),
         (dict(chunk_size=2.0), ValueError, "argument 'chunk_size'"),
+        (dict(softcap=0.0), ValueError, "argument 'softcap' must be a positive finite"),
+        (dict(softcap=-30.0), ValueError, "argument 'softcap'"),
+        (dict(softcap=float("inf")), ValueError, "argument 'softcap'"),
+        (dict(softcap=True), ValueError, "argument 'softcap'"),
         (dict(backend="fast"), ValueError, "argument 'backend'"),
     ]
     for change, error, message in cases:
@@ -331,11 +355,11 @@ def test_named_backend_that_cannot_serve_raises():
 def test_gradcheck_float64(backend):
     input, weight, bias, target = make_head(7, 3, 6, torch.float64, "cpu", True, ignore_every=3)
     for reduction in REDUCTIONS:
-        for smoothing in (0.0, 0.3):
+        for smoothing, softcap in ((0.0, None), (0.3, None), (0.0, 2.0)):
             torch.autograd.gradcheck(
-                lambda x, w, b, r=reduction, s=smoothing: fusedlm.linear_cross_entropy(
+                lambda x, w, b, r=reduction, s=smoothing, c=softcap: fusedlm.linear_cross_entropy(
                     x, w, target, b, reduction=r, label_smoothing=s, chunk_size=3,
-                    backend=backend),
+                    backend=backend, softcap=c),
                 (input, weight, bias))
 
 
@@ -352,23 +376,28 @@ def test_opcheck(reduction, backend):
     torch.library.opcheck(torch.ops.fusedlm.linear_cross_entropy_bwd,
                           (torch.randn(7), input.detach(), weight.detach(), bias.detach(),
                            target, out[1], out[2], -100, 0.1, 3, True, True, True, backend))
+    torch.library.opcheck(torch.ops.fusedlm.linear_cross_entropy_fwd,  # soft-capped
+                          (input, weight, bias, target, -100, 0.0, reduction, 3, True, True,
+                           True, backend, 2.0))
 
 
+@pytest.mark.parametrize("softcap", [None, 2.0])
 @pytest.mark.parametrize("reduction", REDUCTIONS)
-def test_torch_compile_fullgraph(reduction):
+def test_torch_compile_fullgraph(reduction, softcap):
     input, weight, bias, target = make_head(10, 6, 17, torch.float32, "cpu", True,
                                             ignore_every=4)
 
     @torch.compile(fullgraph=True, backend="aot_eager")
     def loss_fn(x, w, b, t):
         return fusedlm.linear_cross_entropy(x, w, t, b, reduction=reduction,
-                                            label_smoothing=0.1, chunk_size=4, backend="torch")
+                                            label_smoothing=0.1, chunk_size=4, backend="torch",
+                                            softcap=softcap)
 
     loss = loss_fn(input, weight, bias, target)
     grad = torch.randn_like(loss)
     ours = torch.autograd.grad(loss, (input, weight, bias), grad)
-    expected = F.cross_entropy(F.linear(input, weight, bias), target, reduction=reduction,
-                               label_smoothing=0.1)
+    expected = F.cross_entropy(soft_capped(F.linear(input, weight, bias), softcap), target,
+                               reduction=reduction, label_smoothing=0.1)
     torch.testing.assert_close(loss, expected)
     for a, b in zip(ours, torch.autograd.grad(expected, (input, weight, bias), grad),
                     strict=True):

@@ -48,6 +48,7 @@ import inspect
 import logging
 import math
 import numbers
+import typing
 import weakref
 
 import torch
@@ -335,8 +336,8 @@ def _swap_loss(model: torch.nn.Module, backend: str, report: PatchReport) -> Non
 
 
 # Per causal LM (the transformers model inside any DDP / PEFT wrapper): _UNCHECKED until its
-# first call, then the scale s where its logits were seen to be s * F.linear(hidden, lm_head)
-# (1.0: exactly the head's), else (a str) why linear_causal_lm_loss makes its logits.
+# first call, then a _FusedHead where its logits were seen to come from F.linear(hidden,
+# lm_head), else (a str) why linear_causal_lm_loss makes its logits.
 _LINEAR_LOSS_VERDICTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _LINEAR_LOSS_LOGGED: weakref.WeakSet = weakref.WeakSet()
 _UNCHECKED = "not yet checked"
@@ -415,24 +416,43 @@ def _logit_scales(model: torch.nn.Module) -> list[float]:
             and s not in (0, 1)]
 
 
-def _head_verdict(model, head, hidden, logits: Tensor, decoder_calls: int) -> float | str:
-    """What the first call saw: 1.0 where the last position's logits are exactly
-    F.linear(hidden, weight, bias); a scale s where they are s times that (rounded once more,
-    a head without bias: Cohere, Granite); else why not to fuse."""
+class _FusedHead(typing.NamedTuple):
+    """How a model's logits come from its head, as its first call showed: ``scale`` times
+    F.linear(hidden, weight, bias), soft-capped by ``softcap`` (None: not)."""
+    scale: float = 1.0
+    softcap: float | None = None
+
+
+def _head_verdict(model, head, hidden, logits: Tensor, decoder_calls: int) -> _FusedHead | str:
+    """What the first call saw: a _FusedHead where the last position's logits are exactly
+    F.linear(hidden, weight, bias); or that times a logit scale (a head without bias: Cohere,
+    Granite) or soft-capped by the config's ``final_logit_softcapping`` (Gemma 2), each
+    rounded once more, to within 4 ulps; else why not to fuse."""
     if not isinstance(hidden, Tensor) or hidden.dim() != 3:
         return f"its decoder ran {decoder_calls} times or gave no (B, T, C) hidden states"
     with torch.no_grad():
         expected = torch.nn.functional.linear(hidden[:, -1:], head.weight, head.bias)
-    if expected.shape == logits.shape and torch.equal(expected, logits):
-        return 1.0
-    if expected.shape == logits.shape and head.bias is None:
-        tol = 4 * torch.finfo(logits.dtype).eps * logits.abs().max().float().item()
+    if expected.shape != logits.shape:
+        return f"its logits have shape {tuple(logits.shape)}, its head's {tuple(expected.shape)}"
+    if torch.equal(expected, logits):
+        return _FusedHead()
+    tol = 4 * torch.finfo(logits.dtype).eps * logits.abs().max().float().item()
+
+    def close(candidate: Tensor) -> bool:
+        return (logits.float() - candidate.float()).abs().max().item() <= tol
+
+    if head.bias is None:
         for scale in _logit_scales(model):
-            error = (logits.float() - scale * expected.float()).abs().max().item()
-            if error <= tol:
-                return scale
+            if close(scale * expected):
+                return _FusedHead(scale=scale)
+    cap = getattr(getattr(model, "config", None), "final_logit_softcapping", None)
+    if isinstance(cap, numbers.Real) and math.isfinite(cap) and cap > 0:
+        with torch.no_grad():
+            if close(torch.tanh(expected / cap) * cap):
+                return _FusedHead(softcap=float(cap))
     return ("its logits are not F.linear(final hidden states, lm_head.weight, lm_head.bias), "
-            "nor that times a logit scale (a final soft-capping, or an adapter on the head)")
+            "nor that times a logit scale or soft-capped by final_logit_softcapping (an "
+            "adapter on the head?)")
 
 
 def linear_causal_lm_loss(model: torch.nn.Module, labels: Tensor | None = None, *,
@@ -454,9 +474,11 @@ def linear_causal_lm_loss(model: torch.nn.Module, labels: Tensor | None = None, 
     forward runs. The first call per model checks that its last-position logits are exactly
     ``F.linear(hidden, lm_head.weight, lm_head.bias)``, or that times the model's logit scale
     (Cohere's ``logit_scale``, Granite's ``1 / logits_scaling``: the hidden states are then
-    scaled before the head). Where they are neither (Gemma 2's final soft-capping, an adapter
-    on the head) or the model has no such head or no ``logits_to_keep``, every call makes the
-    logits and takes the loss from them (:func:`causal_lm_loss`), and the first logs why.
+    scaled before the head), or that soft-capped by ``config.final_logit_softcapping``
+    (Gemma 2: ``fusedlm.linear_cross_entropy``'s ``softcap``). Where they are none of these
+    (an adapter on the head) or the model has no such head or no ``logits_to_keep``, every
+    call makes the logits and takes the loss from them (:func:`causal_lm_loss`), and the
+    first logs why.
     ``chunk_size``: rows per chunk, as in ``fusedlm.linear_cross_entropy``. With
     ``return_outputs=True`` returns ``(loss, outputs)``; on the fused path ``outputs.logits``
     are the last position's only."""
@@ -519,12 +541,12 @@ def linear_causal_lm_loss(model: torch.nn.Module, labels: Tensor | None = None, 
                          f"must be (B, T) = {tuple(hidden.shape[:2])}, as the model's tokens, "
                          f"got {tuple(shift_labels.shape)}")
     reduction = "sum" if num_items_in_batch is not None else "mean"
-    if verdict != 1.0:  # logits = scale * head(hidden) = head(scale * hidden) without bias
-        hidden = hidden * verdict
+    if verdict.scale != 1.0:  # logits = scale * head(hidden) = head(scale * hidden), no bias
+        hidden = hidden * verdict.scale
     loss = linear_cross_entropy(
         hidden.reshape(-1, hidden.shape[-1]), head.weight,
         shift_labels.reshape(-1).to(hidden.device), head.bias, ignore_index, reduction,
-        chunk_size=chunk_size, backend=backend)
+        chunk_size=chunk_size, backend=backend, softcap=verdict.softcap)
     if reduction == "sum":
         if torch.is_tensor(num_items_in_batch):
             num_items_in_batch = num_items_in_batch.to(loss.device)

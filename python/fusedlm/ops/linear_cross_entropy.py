@@ -22,6 +22,8 @@ for ``fusedlm.cross_entropy`` (its kernels read the chunk's logits at their own 
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -110,10 +112,30 @@ def _gradient_sums(grads: list, input: Tensor, weight: Tensor, bias: Tensor | No
         for grad, need, like in zip(grads, needs, (input, weight, bias), strict=True))
 
 
+def _capped_logits(rows: Tensor, weight: Tensor, bias: Tensor | None,
+                   softcap: float) -> tuple[Tensor, Tensor | None]:
+    """(a chunk's logits (n, V) in the input's dtype, as unfused, soft-capped when ``softcap``:
+    ``softcap * tanh(z / softcap)``, rounded op by op as Gemma 2's code rounds it; and then
+    tanh(z / softcap), whose 1 - tanh^2 the gradient needs, else None)."""
+    logits = F.linear(rows, weight, bias)
+    if not softcap:
+        return logits, None
+    tanh = logits.div_(softcap).tanh_()
+    return tanh * softcap, tanh
+
+
+def _uncap_gradient(dlogits: Tensor, tanh: Tensor | None) -> Tensor:
+    """The gradient with respect to the logits before the soft-capping: times 1 - tanh^2
+    (``tanh``'s buffer is reused)."""
+    if tanh is None:
+        return dlogits
+    return dlogits.mul_(tanh.square_().neg_().add_(1))
+
+
 def _linear_cross_entropy_fwd(
     input: Tensor, weight: Tensor, bias: Tensor | None, target: Tensor, ignore_index: int,
     label_smoothing: float, reduction: str, chunk_size: int, grad_input: bool,
-    grad_weight: bool, grad_bias: bool, backend: str,
+    grad_weight: bool, grad_bias: bool, backend: str, softcap: float = 0.0,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """The op's forward; see ``linear_cross_entropy_fwd``."""
     N = input.shape[0]
@@ -131,7 +153,7 @@ def _linear_cross_entropy_fwd(
         for start in range(0, N, chunk_size):
             rows, rows_target = input[start:start + chunk_size], target[start:start + chunk_size]
             n = rows.shape[0]
-            logits = F.linear(rows, weight, bias)  # (n, V) in the input's dtype, as unfused
+            logits, tanh = _capped_logits(rows, weight, bias, softcap)  # (n, V)
             part = _cross_entropy_fwd(logits, rows_target, ignore_index, label_smoothing, backend)
             for out, value in zip((losses, row_max, log_sum), part, strict=True):
                 out[start:start + n] = value
@@ -139,7 +161,8 @@ def _linear_cross_entropy_fwd(
                 dlogits = _cross_entropy_bwd(row_grad.expand(n), logits, rows_target, part[1],
                                              part[2], ignore_index, label_smoothing, backend,
                                              out=logits)
-                _chunk_gradients(dlogits, rows, weight, grads, start, needs)
+                _chunk_gradients(_uncap_gradient(dlogits, tanh), rows, weight, grads, start,
+                                 needs)
     if reduction == "sum":
         loss = losses.sum()
     elif reduction == "mean":  # 0/0 = NaN when every row is ignored, as torch
@@ -153,6 +176,7 @@ def _linear_cross_entropy_bwd(
     grad_loss: Tensor, input: Tensor, weight: Tensor, bias: Tensor | None, target: Tensor,
     row_max: Tensor, log_sum: Tensor, ignore_index: int, label_smoothing: float,
     chunk_size: int, grad_input: bool, grad_weight: bool, grad_bias: bool, backend: str,
+    softcap: float = 0.0,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """The op's backward for ``reduction="none"``; see ``linear_cross_entropy_bwd``."""
     needs = (grad_input, grad_weight, grad_bias and bias is not None)
@@ -161,11 +185,11 @@ def _linear_cross_entropy_bwd(
         for start in range(0, input.shape[0], chunk_size):
             rows, rows_target = input[start:start + chunk_size], target[start:start + chunk_size]
             stop = start + rows.shape[0]
-            logits = F.linear(rows, weight, bias)
+            logits, tanh = _capped_logits(rows, weight, bias, softcap)
             dlogits = _cross_entropy_bwd(grad_loss[start:stop], logits, rows_target,
                                          row_max[start:stop], log_sum[start:stop], ignore_index,
                                          label_smoothing, backend, out=logits)
-            _chunk_gradients(dlogits, rows, weight, grads, start, needs)
+            _chunk_gradients(_uncap_gradient(dlogits, tanh), rows, weight, grads, start, needs)
     sums = _gradient_sums(grads, input, weight, bias, needs)
     return tuple(s.to(t.dtype) if need else s
                  for s, t, need in zip(sums, (input, weight, bias), needs, strict=True))
@@ -175,7 +199,7 @@ def _linear_cross_entropy_bwd(
 def linear_cross_entropy_fwd(
     input: Tensor, weight: Tensor, bias: Tensor | None, target: Tensor, ignore_index: int,
     label_smoothing: float, reduction: str, chunk_size: int, grad_input: bool,
-    grad_weight: bool, grad_bias: bool, backend: str,
+    grad_weight: bool, grad_bias: bool, backend: str, softcap: float = 0.0,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """input (N, C), weight (V, C), bias (V) or None, all one float dtype; target (N) int64 ->
     (loss, row_max (N), log_sum (N), grad_input (N, C), grad_weight (V, C), grad_bias (V)).
@@ -185,15 +209,16 @@ def linear_cross_entropy_fwd(
     row_max + log_sum is each row's logsumexp. With "mean"/"sum", the gradients of the loss
     that ``grad_input``/``grad_weight``/``grad_bias`` ask for, in float32 (float64), so that
     backward's scaling rounds them to the tensors' dtypes once; every other one, and all
-    three with "none", come back empty (0 elements)."""
+    three with "none", come back empty (0 elements). ``softcap`` > 0: the logits z are
+    ``softcap * tanh(z / softcap)`` (Gemma 2's final soft-capping)."""
     return _linear_cross_entropy_fwd(input, weight, bias, target, ignore_index, label_smoothing,
                                      reduction, chunk_size, grad_input, grad_weight, grad_bias,
-                                     backend)
+                                     backend, softcap)
 
 
 @linear_cross_entropy_fwd.register_fake
 def _(input, weight, bias, target, ignore_index, label_smoothing, reduction, chunk_size,
-      grad_input, grad_weight, grad_bias, backend):
+      grad_input, grad_weight, grad_bias, backend, softcap=0.0):
     dtype = stat_dtype(input.dtype)
     row_max = input.new_empty(input.shape[:1], dtype=dtype)
     loss = torch.empty_like(row_max) if reduction == "none" else row_max.new_empty(())
@@ -210,17 +235,18 @@ def linear_cross_entropy_bwd(
     grad_loss: Tensor, input: Tensor, weight: Tensor, bias: Tensor | None, target: Tensor,
     row_max: Tensor, log_sum: Tensor, ignore_index: int, label_smoothing: float,
     chunk_size: int, grad_input: bool, grad_weight: bool, grad_bias: bool, backend: str,
+    softcap: float = 0.0,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """grad_loss (N) of the unreduced loss -> (grad_input (N, C), grad_weight (V, C),
     grad_bias (V)), each empty where not asked for; recomputes each chunk's logits."""
     return _linear_cross_entropy_bwd(grad_loss, input, weight, bias, target, row_max, log_sum,
                                      ignore_index, label_smoothing, chunk_size, grad_input,
-                                     grad_weight, grad_bias, backend)
+                                     grad_weight, grad_bias, backend, softcap)
 
 
 @linear_cross_entropy_bwd.register_fake
 def _(grad_loss, input, weight, bias, target, row_max, log_sum, ignore_index, label_smoothing,
-      chunk_size, grad_input, grad_weight, grad_bias, backend):
+      chunk_size, grad_input, grad_weight, grad_bias, backend, softcap=0.0):
     empty = input.new_empty(0)
     return (
         torch.empty_like(input) if grad_input else empty,
@@ -231,14 +257,15 @@ def _(grad_loss, input, weight, bias, target, row_max, log_sum, ignore_index, la
 
 def _setup_context(ctx, inputs, output):
     (input, weight, bias, target, ignore_index, label_smoothing, reduction, chunk_size,
-     grad_input, grad_weight, grad_bias, backend) = inputs
+     grad_input, grad_weight, grad_bias, backend, *softcap) = inputs
     _, row_max, log_sum, *grads = output
+    ctx.input_count = len(inputs)  # (softcap may be left to its default)
     ctx.reduction = reduction
     ctx.needs = (grad_input, grad_weight, grad_bias and bias is not None)
     ctx.dtypes = (input.dtype, weight.dtype, None if bias is None else bias.dtype)
     if reduction == "none":  # backward recomputes the logits
         ctx.save_for_backward(input, weight, bias, target, row_max, log_sum)
-        ctx.arguments = (ignore_index, label_smoothing, chunk_size, backend)
+        ctx.arguments = (ignore_index, label_smoothing, chunk_size, backend, *softcap)
     else:
         ctx.save_for_backward(*grads)
     ctx.mark_non_differentiable(row_max, log_sum, *grads)
@@ -248,16 +275,16 @@ def _backward(ctx, grad_loss, *unused_grads):
     needs = ctx.needs
     if ctx.reduction == "none":
         input, weight, bias, target, row_max, log_sum = ctx.saved_tensors
-        ignore_index, label_smoothing, chunk_size, backend = ctx.arguments
+        ignore_index, label_smoothing, chunk_size, backend, *softcap = ctx.arguments
         bwd = (_linear_cross_entropy_bwd if getattr(ctx, "eager", False)
                else torch.ops.fusedlm.linear_cross_entropy_bwd)
         grads = bwd(grad_loss, input, weight, bias, target, row_max, log_sum, ignore_index,
-                    label_smoothing, chunk_size, *needs, backend)
+                    label_smoothing, chunk_size, *needs, backend, *softcap)
     else:  # the forward's gradients are for a loss gradient of 1: scale, round once
         grads = [(g * grad_loss).to(dtype) if need else None
                  for g, need, dtype in zip(ctx.saved_tensors, needs, ctx.dtypes, strict=True)]
     grads = [g if need else None for g, need in zip(grads, needs, strict=True)]
-    return (*grads, None, None, None, None, None, None, None, None, None)
+    return (*grads, *[None] * (ctx.input_count - 3))
 
 
 linear_cross_entropy_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -317,6 +344,7 @@ def linear_cross_entropy(
     label_smoothing: float = 0.0,
     chunk_size: int | None = None,
     backend: str = "auto",
+    softcap: float | None = None,
 ) -> Tensor:
     """``F.cross_entropy(F.linear(input, weight, bias), target, ...)`` without the logits.
 
@@ -333,12 +361,20 @@ def linear_cross_entropy(
     weight's summed over chunks in float32. ``backend`` picks the cross-entropy kernels
     (``fusedlm.cross_entropy``'s); the matmuls are torch's.
 
+    ``softcap``: soft-cap the logits first, z -> ``softcap * tanh(z / softcap)`` (Gemma 2's
+    ``final_logit_softcapping``), computed in the logits' dtype op by op, as its code does.
+
     With "mean"/"sum" and grad mode on, the gradients are computed in the forward (so the
     backward is nearly free): a loss computed for evaluation only should be computed under
     ``torch.no_grad()``, or it pays for two matmuls it never uses.
     """
     check_backend_name(backend)
     _check_arguments(input, weight, target, bias, reduction, label_smoothing, chunk_size)
+    if softcap is not None and (isinstance(softcap, bool) or not isinstance(softcap, (int, float))
+                                or not math.isfinite(softcap) or softcap <= 0):
+        raise ValueError(f"argument 'softcap' must be a positive finite number or None, got "
+                         f"{softcap!r}")
+    softcap = float(softcap or 0.0)
     if bias is None:
         input, weight = autocast_inputs(input, weight)
     else:
@@ -352,14 +388,14 @@ def linear_cross_entropy(
     N, V = input.shape[0], weight.shape[0]
     if under_transform():  # torch.func / forward-mode AD: the composition of reference ops
         loss = reference.linear_cross_entropy(input, weight, bias, target, int(ignore_index),
-                                              float(label_smoothing), reduction)
+                                              float(label_smoothing), reduction, softcap)
         return loss.view(shape) if reduction == "none" else loss
     _check_targets(target, V, int(ignore_index), "fusedlm.linear_cross_entropy")
     chunk = chunk_size if chunk_size is not None else default_chunk_size(N, V)
     needs = [torch.is_grad_enabled() and t is not None and t.requires_grad
              for t in (input, weight, bias)]
     arguments = (input, weight, bias, target, int(ignore_index), float(label_smoothing),
-                 reduction, max(1, chunk), *needs, backend)
+                 reduction, max(1, chunk), *needs, backend, softcap)
     if torch.compiler.is_compiling():
         loss = torch.ops.fusedlm.linear_cross_entropy_fwd(*arguments)[0]
     elif any(needs):
