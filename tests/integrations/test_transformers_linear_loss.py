@@ -358,3 +358,18 @@ def test_through_peft_lora(targets, fused_calls, caplog):
     for (name, p), q in zip(trained, (q for q in same.parameters() if q.requires_grad),
                             strict=True):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_logits_upcast_by_the_model_stay_fused(fused_calls):
+    """A bfloat16 model whose head's output is upcast to float32 (as transformers' causal LMs
+    did before 4.45): an exact upcast of the head's logits, so the route stays fused and the
+    loss is the model's own to bfloat16 accuracy."""
+    model, _ = _build("llama")
+    model = model.bfloat16()
+    model.lm_head.register_forward_hook(lambda module, args, out: out.float())
+    ids, mask, labels = _batch()
+    loss = fhf.linear_causal_lm_loss(model, labels, input_ids=ids, attention_mask=mask)
+    own = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+    assert len(fused_calls) == 1
+    assert tuple(fhf._LINEAR_LOSS_VERDICTS[model]) == (1.0, None)
+    torch.testing.assert_close(loss, own, rtol=2e-3, atol=2e-3)

@@ -434,7 +434,7 @@ def _head_verdict(model, head, hidden, logits: Tensor, decoder_calls: int) -> _F
         expected = torch.nn.functional.linear(hidden[:, -1:], head.weight, head.bias)
     if expected.shape != logits.shape:
         return f"its logits have shape {tuple(logits.shape)}, its head's {tuple(expected.shape)}"
-    if torch.equal(expected, logits):
+    if torch.equal(expected.to(logits.dtype), logits):  # (a model may upcast its logits)
         return _FusedHead()
     tol = 4 * torch.finfo(logits.dtype).eps * logits.abs().max().float().item()
 
