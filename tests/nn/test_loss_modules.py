@@ -72,3 +72,19 @@ def test_linear_cross_entropy_loss_is_the_head_and_torchs_loss(kwargs, backend):
     for ours, theirs in zip(torch.autograd.grad(loss, leaves, grad),
                             torch.autograd.grad(expected, leaves, grad), strict=True):
         torch.testing.assert_close(ours, theirs)
+
+
+def test_linear_cross_entropy_loss_softcap():
+    """softcap=30 (Gemma 2): the loss of 30 * tanh(logits / 30), gradients included."""
+    criterion = fusedlm.nn.LinearCrossEntropyLoss(chunk_size=4, softcap=30.0)
+    assert "softcap=30.0" in repr(criterion)
+    hidden = torch.randn(9, 8, dtype=torch.float64, requires_grad=True)
+    weight = (torch.randn(21, 8, dtype=torch.float64) * 10).requires_grad_(True)
+    target = torch.randint(0, 21, (9,))
+    loss = criterion(hidden, weight, target)
+    logits = torch.nn.functional.linear(hidden, weight)
+    expected = torch.nn.functional.cross_entropy(torch.tanh(logits / 30.0) * 30.0, target)
+    torch.testing.assert_close(loss, expected)
+    for ours, theirs in zip(torch.autograd.grad(loss, (hidden, weight)),
+                            torch.autograd.grad(expected, (hidden, weight)), strict=True):
+        torch.testing.assert_close(ours, theirs)

@@ -36,21 +36,24 @@ class LinearCrossEntropyLoss(torch.nn.Module):
     argument, not a parameter of this module, so a model keeps (and ties) its own.
 
     input (..., C), weight (V, C), bias (V), target (...) int64. The loss is float32 (float64
-    for float64 input)."""
+    for float64 input). ``softcap``: the logits soft-capped first (Gemma 2's
+    ``final_logit_softcapping``)."""
 
     def __init__(self, ignore_index: int = -100, reduction: str = "mean",
                  label_smoothing: float = 0.0, chunk_size: int | None = None, *,
-                 backend: str = "auto") -> None:
+                 backend: str = "auto", softcap: float | None = None) -> None:
         super().__init__()
         self.ignore_index, self.reduction = ignore_index, reduction
         self.label_smoothing, self.chunk_size, self.backend = label_smoothing, chunk_size, backend
+        self.softcap = softcap
 
     def forward(self, input: Tensor, weight: Tensor, target: Tensor,
                 bias: Tensor | None = None) -> Tensor:
         return linear_cross_entropy(input, weight, target, bias, self.ignore_index,
                                     self.reduction, self.label_smoothing, self.chunk_size,
-                                    self.backend)
+                                    self.backend, self.softcap)
 
     def extra_repr(self) -> str:
         return (f"ignore_index={self.ignore_index}, reduction={self.reduction!r}, "
-                f"label_smoothing={self.label_smoothing}, chunk_size={self.chunk_size}")
+                f"label_smoothing={self.label_smoothing}, chunk_size={self.chunk_size}"
+                + (f", softcap={self.softcap}" if self.softcap is not None else ""))
