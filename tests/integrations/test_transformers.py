@@ -142,6 +142,21 @@ def assert_gradients_match(model, same, truth, label: str = "") -> list[str]:
     return checked
 
 
+def _check_glu_model(model, same, truth, ids, name: str):
+    """Logits of the (patched, unpatched, float64) models on ``ids`` pass the rule with our GLU
+    forward having run, and after backward of sum(logits * weight) with our GLU backward, every
+    parameter's gradient does; returns the logits and the parameter names checked."""
+    OpDispatch.last_choice.clear()
+    outs = [m(input_ids=ids).logits for m in (model, same, truth)]
+    assert OpDispatch.last_choice["glu_fwd"] == "cpu"
+    assert_close_rule(outs[0], outs[1], outs[2], name=f"{name} output")
+    weight = torch.randn_like(outs[0])
+    for out in outs:
+        (out * weight.to(out.dtype)).sum().backward()
+    assert OpDispatch.last_choice["glu_bwd"] == "cpu"
+    return outs, assert_gradients_match(model, same, truth)
+
+
 def _check_gradients(outs, weight, model, same, truth, label: str) -> None:
     """Backward of sum(out * weight) through the (patched, unpatched, float64) models' outputs
     ``outs``: our attention backward ran, and every parameter's gradient passes the rule."""
@@ -505,14 +520,7 @@ def test_gemma_geglu_mlps_are_swapped_and_match(name):
     assert not [m for m in report.left if "mlp" in m.name]
     assert list(model.state_dict()) == keys
     ids = torch.randint(0, VOCAB, (2, 13))
-    outs = [m(input_ids=ids).logits for m in (model, same, truth)]
-    assert OpDispatch.last_choice["glu_fwd"] == "cpu"
-    assert_close_rule(outs[0], outs[1], outs[2], name=f"{name} output")
-    weight = torch.randn_like(outs[0])
-    for out in outs:
-        (out * weight.to(out.dtype)).sum().backward()
-    assert OpDispatch.last_choice["glu_bwd"] == "cpu"
-    checked = assert_gradients_match(model, same, truth)
+    outs, checked = _check_glu_model(model, same, truth, ids, name)
     assert sum("mlp" in n for n in checked) == 6  # gate_proj, up_proj, down_proj of both layers
     fusedlm.unpatch(model)
     assert all(type(m).__name__ == mlp_class for m in mlps)
@@ -563,16 +571,8 @@ def test_moe_experts_gate_is_swapped_and_matches(name):
     assert all(s.note.startswith("experts' silu(gate) * up on fusedlm.swiglu") for s in swapped)
     assert [layer.mlp.experts for layer in model.model.layers] == experts  # in place
     assert list(model.state_dict()) == keys
-    OpDispatch.last_choice.clear()
     ids = torch.randint(0, VOCAB, (2, 13))
-    outs = [m(input_ids=ids).logits for m in (model, same, truth)]
-    assert OpDispatch.last_choice["glu_fwd"] == "cpu"
-    assert_close_rule(outs[0], outs[1], outs[2], name=f"{name} output")
-    weight = torch.randn_like(outs[0])
-    for out in outs:
-        (out * weight.to(out.dtype)).sum().backward()
-    assert OpDispatch.last_choice["glu_bwd"] == "cpu"
-    checked = assert_gradients_match(model, same, truth)
+    outs, checked = _check_glu_model(model, same, truth, ids, name)
     assert sum("experts" in n for n in checked) == 4  # gate_up_proj, down_proj of both layers
     buffer = io.BytesIO()
     torch.save(model, buffer)
