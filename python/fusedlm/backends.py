@@ -38,9 +38,16 @@ _ENVIRONMENT_BYTES = getattr(os.environ, "_data", None)  # CPython's: the encode
 _encode_key = getattr(os.environ, "encodekey", None)
 
 
-@functools.cache
+_ENCODED_NAMES: dict[str, bytes] = {}
+
+
 def _encoded(name: str):
-    return _encode_key(name)
+    # A plain dict rather than functools.cache: torch.compile traces the ops' Python wrappers,
+    # which read FUSEDLM_BACKEND through here, and warns on every cache-wrapped call it meets.
+    key = _ENCODED_NAMES.get(name)
+    if key is None:
+        key = _ENCODED_NAMES[name] = _encode_key(name)
+    return key
 
 
 def environment(name: str, default: str | None = None) -> str | None:

@@ -256,6 +256,46 @@ def test_generate_greedy_same_tokens(name, padded):
     assert OpDispatch.last_choice["attention_fwd"] == "cpu"
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # (torch.compile's torch.jit ones)
+@pytest.mark.parametrize("name", ["llama", "gpt2"])
+def test_compiled_applied_model_runs_fused_and_matches(name):
+    """torch.compile(fullgraph=True) of an applied model, loss from labels included: one graph,
+    our attention, norm, GLU and cross-entropy ops opaque in it; the loss, the logits and every
+    gradient match the same applied model run eagerly (and the float64 unpatched one by the
+    rule). With a padding mask, which is not inspected under compile, attention takes
+    transformers' SDPA inside the same single graph, and the output still matches."""
+    model, same, truth, _ = _triple(name)
+    eager = copy.deepcopy(model)
+    ids = torch.randint(0, VOCAB, (2, 13))
+    torch._dynamo.reset()
+    explanation = torch._dynamo.explain(model)(input_ids=ids, labels=ids)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    assert explanation.graph_count == 1
+    code = explanation.graphs[0].code
+    ops = ["attention_fwd", "cross_entropy_fwd",
+           *(["rms_norm_fwd", "glu_fwd"] if name == "llama" else ["layer_norm_fwd"])]
+    for op in ops:
+        assert f"fusedlm.{op}" in code, f"fusedlm.{op} missing from the traced graph"
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    results = [m(input_ids=ids, labels=ids) for m in (compiled, eager, truth)]
+    for result in results:
+        result.loss.backward()
+    torch.testing.assert_close(results[0].logits, results[1].logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(results[0].loss, results[1].loss, rtol=1e-6, atol=1e-6)
+    assert_close_rule(results[0].logits, results[1].logits, results[2].logits, name=name)
+    eager_params = dict(eager.named_parameters())
+    for pname, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, eager_params[pname].grad, rtol=1e-5, atol=1e-6,
+                                   msg=lambda m, n=pname: f"{n}: {m}")
+    mask = torch.ones_like(ids)
+    mask[0, :4] = 0
+    with torch.no_grad():
+        padded = compiled(input_ids=ids, attention_mask=mask).logits
+        expected = same(input_ids=ids, attention_mask=mask).logits
+    torch.testing.assert_close(padded[:, 4:], expected[:, 4:], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(padded[1], expected[1], rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("name", list(ALL))
 def test_state_dict_loads_into_unpatched_model(name):
     model, same, _, _ = _triple(name)
