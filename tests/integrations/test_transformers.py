@@ -309,6 +309,24 @@ def test_state_dict_loads_into_unpatched_model(name):
         torch.testing.assert_close(_out(fresh, name, input_ids=ids), expected)
 
 
+@pytest.mark.parametrize("name", ["llama", "gemma"])
+def test_save_pretrained_reloads_as_the_plain_model(name, tmp_path):
+    """save_pretrained of an applied model writes a checkpoint that nothing of fusedlm's
+    leaks into (config without the "fusedlm" attention, the same tensor names): from_pretrained
+    gives the plain transformers model, on transformers' own attention, with the same logits."""
+    model, same, _, _ = _triple(name)
+    assert [m for m in model.modules() if type(m).__module__.startswith("fusedlm")]
+    model.save_pretrained(tmp_path)
+    assert "fusedlm" not in (tmp_path / "config.json").read_text()
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert loaded.config._attn_implementation != "fusedlm"
+    assert not [m for m in loaded.modules() if type(m).__module__.startswith("fusedlm")]
+    assert list(loaded.state_dict()) == list(same.state_dict())
+    ids = torch.randint(0, VOCAB, (2, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).logits, same(input_ids=ids).logits)
+
+
 def test_sliding_window_shorter_than_the_sequence_matches():
     """Mistral with a 6-token window over 13 tokens: transformers hands the attention function a
     banded mask (or, where the window covers everything, none); our kernels run it as a sliding
