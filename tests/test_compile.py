@@ -190,6 +190,46 @@ def test_compile_gpt_with_packed_documents_fullgraph(reset_positions):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_compiled_gpt_training_forward_records_every_fused_op(arch):
+    """The trainer's call, model(idx, targets, return_logits=False), compiled: one graph that
+    records each of the model's fused ops, the head and loss as the chunked
+    linear_cross_entropy op (a compiled run keeps the no-logits memory saving), and gives
+    eager's loss and gradients."""
+    from fusedlm.models import GPT, GPTConfig
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    config = GPTConfig(n_layer=2, n_head=4, n_embd=32, block_size=16, vocab_size=50, arch=arch,
+                       n_kv_head=2 if arch == "llama" else None, bias=arch == "gpt2")
+    model = GPT(config, kernels="fused")
+    idx = torch.randint(0, 50, (2, 16))
+
+    def loss_of(m):
+        return m(idx, idx.roll(-1, 1), return_logits=False)[1]
+
+    explanation = torch._dynamo.explain(loss_of)(model)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    assert explanation.graph_count == 1
+    code = explanation.graphs[0].code
+    ops = ["linear_cross_entropy_fwd", "attention_fwd",
+           *(["add_rms_norm_fwd", "glu_fwd", "rotary_embedding"] if arch == "llama"
+             else ["add_layer_norm_fwd"])]
+    for op in ops:
+        assert f"fusedlm.{op}" in code, f"fusedlm.{op} missing from the traced graph"
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    losses, grads = [], []
+    for m in (model, compiled):
+        model.zero_grad()
+        loss = loss_of(m)
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append([p.grad.clone() for p in model.parameters()])
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-6)
+    for a, b in zip(grads[0], grads[1], strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
+
+
 def test_compile_multihead_attention_fullgraph():
     """fusedlm.nn.MultiheadAttention's fused path traces to fusedlm's op, forward and backward
     (the causal hint: no mask to inspect, which compile would hand to torch's SDPA)."""

@@ -387,13 +387,18 @@ def test_torch_compile_fullgraph(reduction, softcap):
     input, weight, bias, target = make_head(10, 6, 17, torch.float32, "cpu", True,
                                             ignore_every=4)
 
-    @torch.compile(fullgraph=True, backend="aot_eager")
     def loss_fn(x, w, b, t):
         return fusedlm.linear_cross_entropy(x, w, t, b, reduction=reduction,
                                             label_smoothing=0.1, chunk_size=4, backend="torch",
                                             softcap=softcap)
 
-    loss = loss_fn(input, weight, bias, target)
+    torch._dynamo.reset()
+    explanation = torch._dynamo.explain(loss_fn)(input, weight, bias, target)
+    assert explanation.graph_count == 1 and explanation.graph_break_count == 0
+    code = explanation.graphs[0].code  # the chunked op, never the logits' composition
+    assert "fusedlm.linear_cross_entropy_fwd" in code and "linear(" not in code, code
+    loss = torch.compile(loss_fn, fullgraph=True, backend="aot_eager")(input, weight, bias,
+                                                                       target)
     grad = torch.randn_like(loss)
     ours = torch.autograd.grad(loss, (input, weight, bias), grad)
     expected = F.cross_entropy(soft_capped(F.linear(input, weight, bias), softcap), target,

@@ -147,6 +147,11 @@ def under_transform() -> bool:
     # Should these torch internals move: a dual level is then assumed open (the kernels would
     # silently drop tangents; the reference is slow but right), and no functorch transform
     # active (a kernel handed a batched tensor fails loudly). tests/ops check both in eager mode.
+    # Under torch.compile the answer is False: Dynamo's trace of peek_interpreter_stack is
+    # never None, which sent compiled calls to the reference (the graph records our custom
+    # op, as forward_for_call does, and torch.compile of a transform is torch's to handle).
+    if torch.compiler.is_compiling():
+        return False
     if getattr(torch.autograd.forward_ad, "_current_level", 0) >= 0:
         return True
     peek = getattr(torch._C._functorch, "peek_interpreter_stack", None)
