@@ -7,7 +7,13 @@ import pytest
 import torch
 
 import fusedlm
-from tests.helpers import attention_refusal, available_backends, device_of
+from fusedlm.backends import OpDispatch
+from tests.helpers import (
+    attention_refusal,
+    available_backends,
+    cpu_backend_available,
+    device_of,
+)
 
 BACKENDS = available_backends()
 
@@ -230,13 +236,22 @@ def test_compiled_gpt_training_forward_records_every_fused_op(arch):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
 
 
-def test_compile_multihead_attention_fullgraph():
-    """fusedlm.nn.MultiheadAttention's fused path traces to fusedlm's op, forward and backward
-    (the causal hint: no mask to inspect, which compile would hand to torch's SDPA)."""
+@pytest.mark.parametrize("masks", ["causal-hint", "key-padding"])
+def test_compile_multihead_attention_fullgraph(masks):
+    """fusedlm.nn.MultiheadAttention's fused path traces to fusedlm's op, forward and backward:
+    the causal hint to the plain attention op (no mask to inspect); a key padding mask to the
+    op that reads its merged mask when the graph runs, and takes our kernels then."""
     torch._dynamo.reset()
     torch.manual_seed(0)
     module = fusedlm.nn.MultiheadAttention(24, 4, batch_first=True)
-    hint = torch.ones(7, 7, dtype=torch.bool).triu(1)
+    if masks == "causal-hint":
+        kwargs = dict(attn_mask=torch.ones(7, 7, dtype=torch.bool).triu(1), is_causal=True)
+        op = "fusedlm.attention_fwd"
+    else:
+        padding = torch.zeros(2, 7, dtype=torch.bool)
+        padding[0, 5:] = True
+        kwargs = dict(key_padding_mask=padding)
+        op = "fusedlm.attention_masked_fwd"
     targets = []
 
     def backend(gm, example_inputs):
@@ -246,12 +261,16 @@ def test_compile_multihead_attention_fullgraph():
     compiled = torch.compile(module, backend=backend, fullgraph=True)
     x = torch.randn(2, 7, 24, requires_grad=True)
     xc = x.detach().clone().requires_grad_()
-    out = module(x, x, x, need_weights=False, attn_mask=hint, is_causal=True)[0]
-    out_c = compiled(xc, xc, xc, need_weights=False, attn_mask=hint, is_causal=True)[0]
-    assert "fusedlm.attention_fwd" in targets
+    out = module(x, x, x, need_weights=False, **kwargs)[0]
+    OpDispatch.last_choice.clear()
+    out_c = compiled(xc, xc, xc, need_weights=False, **kwargs)[0]
+    assert op in targets
+    ours = cpu_backend_available()  # (else "auto" gives every call to torch's SDPA)
+    assert (OpDispatch.last_choice.get("attention_fwd") == "cpu") == ours
     torch.testing.assert_close(out_c, out, rtol=1e-5, atol=1e-6)
     out.sum().backward()
     out_c.sum().backward()
+    assert (OpDispatch.last_choice.get("attention_bwd") == "cpu") == ours
     torch.testing.assert_close(xc.grad, x.grad, rtol=1e-4, atol=1e-5)
 
 

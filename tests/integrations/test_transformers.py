@@ -262,8 +262,8 @@ def test_compiled_applied_model_runs_fused_and_matches(name):
     """torch.compile(fullgraph=True) of an applied model, loss from labels included: one graph,
     our attention, norm, GLU and cross-entropy ops opaque in it; the loss, the logits and every
     gradient match the same applied model run eagerly (and the float64 unpatched one by the
-    rule). With a padding mask, which is not inspected under compile, attention takes
-    transformers' SDPA inside the same single graph, and the output still matches."""
+    rule). With a padding mask the graph records the run-time-masked attention op, which
+    reads the mask when it runs and takes our kernels, forward and backward."""
     model, same, truth, _ = _triple(name)
     eager = copy.deepcopy(model)
     ids = torch.randint(0, VOCAB, (2, 13))
@@ -288,12 +288,24 @@ def test_compiled_applied_model_runs_fused_and_matches(name):
         torch.testing.assert_close(p.grad, eager_params[pname].grad, rtol=1e-5, atol=1e-6,
                                    msg=lambda m, n=pname: f"{n}: {m}")
     mask = torch.ones_like(ids)
-    mask[0, :4] = 0
-    with torch.no_grad():
-        padded = compiled(input_ids=ids, attention_mask=mask).logits
-        expected = same(input_ids=ids, attention_mask=mask).logits
-    torch.testing.assert_close(padded[:, 4:], expected[:, 4:], rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(padded[1], expected[1], rtol=1e-4, atol=1e-5)
+    mask[0, :4] = 0  # left padding
+    explanation = torch._dynamo.explain(model)(input_ids=ids, attention_mask=mask)
+    assert explanation.graph_count == 1 and explanation.graph_break_count == 0
+    assert "fusedlm.attention_masked_fwd" in explanation.graphs[0].code
+    OpDispatch.last_choice.clear()
+    padded = compiled(input_ids=ids, attention_mask=mask).logits
+    expected = same(input_ids=ids, attention_mask=mask).logits
+    truth_padded = truth(input_ids=ids, attention_mask=mask).logits
+    assert OpDispatch.last_choice["attention_fwd"] == "cpu"
+    kept = mask.bool()  # (the padded positions' outputs are not compared)
+    assert_close_rule(padded[kept], expected[kept], truth_padded[kept], name=f"{name} padded")
+    for m in (model, same, truth):
+        m.zero_grad()
+    weight = torch.randn_like(padded) * kept[..., None]
+    for out in (padded, expected, truth_padded):
+        (out * weight.to(out.dtype)).sum().backward()
+    assert OpDispatch.last_choice["attention_bwd"] == "cpu"
+    assert_gradients_match(model, same, truth, "padded")
 
 
 @pytest.mark.parametrize("name", list(ALL))

@@ -876,6 +876,74 @@ def test_sdpa_masks_run_the_kernels(q_shape, k_shape, kind, dtype, backend, monk
     _check_sdpa_against_torch(out, q, k, v, {"attn_mask": mask, **gqa})
 
 
+def _compiled_sdpa(q, k, v, mask, gqa):
+    """fusedlm.scaled_dot_product_attention under torch.compile(fullgraph=True), after
+    checking the traced graph records the run-time-masked op (the mask is not read while
+    tracing)."""
+    def fn(q, k, v, mask):
+        return fusedlm.scaled_dot_product_attention(q, k, v, attn_mask=mask, **gqa)
+
+    torch._dynamo.reset()
+    explanation = torch._dynamo.explain(fn)(q, k, v, mask)
+    assert explanation.graph_count == 1 and explanation.graph_break_count == 0
+    assert "fusedlm.attention_masked_fwd" in explanation.graphs[0].code
+    return torch.compile(fn, backend="aot_eager", fullgraph=True)(q, k, v, mask)
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # (torch.compile's torch.jit ones)
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize(("q_shape", "k_shape", "kind"), SDPA_MASK_CASES,
+                         ids=[c[2] for c in SDPA_MASK_CASES])
+def test_compiled_sdpa_masks_run_the_kernels(q_shape, k_shape, kind, dtype, backend,
+                                             monkeypatch):
+    """Under torch.compile the mask is read when the graph runs: the same masks as
+    test_sdpa_masks_run_the_kernels reach our kernels, forward and backward, and give torch's
+    result by the rule."""
+    monkeypatch.setenv("FUSEDLM_BACKEND", backend)
+    device = device_of(backend)
+    q, k, v = (_randn(shape, dtype, device).requires_grad_(True)
+               for shape in (q_shape, k_shape, k_shape))
+    mask = _sdpa_mask(kind, q_shape, k_shape, dtype, device)
+    gqa = {"enable_gqa": True} if q_shape[1] != k_shape[1] and len(q_shape) == 4 else {}
+    for op in ("attention_fwd", "attention_bwd"):
+        OpDispatch.last_choice.pop(op, None)
+    out = _compiled_sdpa(q, k, v, mask, gqa)
+    assert OpDispatch.last_choice.get("attention_fwd") == backend
+    _check_sdpa_against_torch(out, q, k, v, {"attn_mask": mask, **gqa})
+    assert OpDispatch.last_choice.get("attention_bwd") == backend
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+@pytest.mark.parametrize("kind", ["random-bool", "float-bias", "min-row"])
+def test_compiled_sdpa_masks_our_kernels_cannot_take_give_torchs(kind):
+    """Under torch.compile a mask that is not one run of keys per query (found at run time)
+    gives exactly torch's SDPA forward, and gradients (written out in float32) that pass the
+    rule against torch's (float64 as the truth)."""
+    heads = (4, 2) if kind == "random-bool" else (2, 2)  # (grouped-query heads)
+    q, k, v = (t.requires_grad_(True) for t in _qkv((2, *heads, 13, 17, 16), torch.float32,
+                                                     "cpu"))
+    gqa = {"enable_gqa": True} if heads[0] != heads[1] else {}
+    torch.manual_seed(3)
+    if kind == "random-bool":
+        mask = torch.rand(13, 17) > 0.3
+        mask[2] = False  # a query that sees no key: 0 out, no gradient
+    elif kind == "float-bias":
+        mask = torch.randn(2, 1, 13, 17)
+    else:  # a row holding the dtype's min and no 0: torch spreads it over the row
+        mask = torch.zeros(13, 17).masked_fill(torch.ones(13, 17, dtype=torch.bool).triu(5),
+                                               -math.inf)
+        mask[4] = torch.finfo(torch.float32).min
+    OpDispatch.last_choice.pop("attention_fwd", None)
+    ours = _compiled_sdpa(q, k, v, mask, gqa)
+    assert "attention_fwd" not in OpDispatch.last_choice
+    theirs = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, **gqa)
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+    if kind != "min-row":  # (that row's scores round to the mask's value, and each
+        # implementation's backward makes its own gradient of the rounding: no truth to hold)
+        _check_sdpa_against_torch(ours, q, k, v, {"attn_mask": mask, **gqa})
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("hidden", ["-inf", "min", "-inf and min"])
 def test_sdpa_float_mask_row_with_no_visible_key(hidden, backend, monkeypatch):
@@ -1059,6 +1127,28 @@ def test_opcheck_attention(causal, dtype, backend):
         (grad_out, q.detach(), k.detach(), v.detach(), out, lse, scale, causal, offset, backend,
          window_offset, key_range),
     )
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("kind", ["causal-padding", "documents-float", "gaps"])
+def test_opcheck_attention_masked(kind, dtype, backend):
+    """The run-time-masked op (torch.compile's route for masks): its schema, fake and
+    autograd registration hold for a mask our kernels take and one they do not ("gaps")."""
+    device = device_of(backend)
+    q, k, v = (t.requires_grad_(True) for t in _qkv((2, 4, 2, 9, 9, 16), dtype, device))
+    if kind == "gaps":  # (every query sees itself: no row of NaN)
+        mask = ((torch.rand(2, 1, 9, 9) > 0.4) | torch.eye(9, dtype=torch.bool)).to(device)
+    else:
+        mask = _sdpa_mask(kind, q.shape, k.shape, dtype, device)
+    torch.library.opcheck(torch.ops.fusedlm.attention_masked_fwd.default,
+                          (q, k, v, mask, 0.25, backend))
+    with torch.no_grad():
+        out, lse = torch.ops.fusedlm.attention_masked_fwd(q, k, v, mask, 0.25, backend)
+    assert (lse == math.inf).all() == (kind == "gaps")  # torch's SDPA gives no lse
+    torch.library.opcheck(torch.ops.fusedlm.attention_masked_bwd.default,
+                          (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out, lse,
+                           mask, 0.25, backend))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -62,8 +62,10 @@ from ..ops.attention import (
     ATTENTION_FWD,
     MAX_HEAD_DIM,
     _attention,
+    compiled_masked_attention,
     expand_key_range,
     mask_layout,
+    mask_shape_refusal,
 )
 from ..ops.cross_entropy import language_model_loss
 from ..ops.linear_cross_entropy import linear_cross_entropy
@@ -178,6 +180,7 @@ def fusedlm_attention_forward(
     # The kernels' terms: key j visible to query i iff (not causal or j <= i + causal_offset),
     # j >= i + window_offset (None: no limit) and, per batch row, inside key_range.
     causal, causal_offset, window_offset, key_range = False, 0, None, None
+    runtime_mask = None
     if reason is None:
         q_len, kv_len = query.shape[2], key.shape[2]
         if attention_mask is None:
@@ -189,8 +192,11 @@ def fusedlm_attention_forward(
             causal = bool(q_len > 1 and is_causal)
             if causal and kv_len > q_len:
                 key, value = key[:, :, :q_len], value[:, :, :q_len]
-        elif torch.compiler.is_compiling() or not isinstance(attention_mask, Tensor):
-            reason = "an attention mask (not inspected under torch.compile)"
+        elif not isinstance(attention_mask, Tensor):
+            reason = "an attention mask that is not a tensor"
+        elif torch.compiler.is_compiling():  # the mask is read at run time, by the op
+            reason = mask_shape_refusal(attention_mask, query, key)
+            runtime_mask = attention_mask
         else:
             layout = mask_layout(attention_mask, q_len, kv_len)
             if layout is None:
@@ -220,8 +226,11 @@ def fusedlm_attention_forward(
     if not torch.compiler.is_compiling():
         _CALLS["fused"] += 1
     scale = 1.0 / math.sqrt(query.shape[3]) if scaling is None else float(scaling)
-    out = _attention(query, key, value, scale, causal, causal_offset, backend, window_offset,
-                     key_range)
+    if runtime_mask is not None:
+        out = compiled_masked_attention(query, key, value, runtime_mask, scale, backend)
+    else:
+        out = _attention(query, key, value, scale, causal, causal_offset, backend,
+                         window_offset, key_range)
     return out.transpose(1, 2).contiguous(), None
 
 

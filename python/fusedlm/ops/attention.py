@@ -579,6 +579,143 @@ def expand_key_range(key_range: Tensor | None, batch: int) -> Tensor | None:
     return key_range.expand(batch, *key_range.shape[1:])
 
 
+# ---- a mask decided at run time: torch.compile's route --------------------------------------
+# Under torch.compile a mask's values cannot be read while tracing, so the graph records this
+# op with the mask itself; at run time (the op is opaque) it inspects the mask as eager calls
+# do (mask_layout, cached per mask tensor) and runs our kernels on its band and key runs, or
+# torch's SDPA where they cannot serve it. Backward decides the same way.
+
+
+def _masked_route(q: Tensor, k: Tensor, mask: Tensor, backend: str) -> tuple | None:
+    """(causal, causal_offset, window_offset, key_range) for our kernels, or None for torch's
+    SDPA: q (B, Hq, Tq, D), k (B, Hkv, Tk, D), mask (B or 1, 1, Tq or 1, Tk)."""
+    layout = mask_layout(mask, q.shape[2], k.shape[2])
+    if layout is None:
+        return None
+    causal_offset, window_offset, key_range = layout
+    if key_range is not None:
+        key_range = expand_key_range(key_range, q.shape[0]).contiguous()
+    if (requested_backend(backend) == "auto"  # (our reference is no faster than torch's SDPA)
+            and ATTENTION_FWD.auto_choice(q.device, q, k, k, window_offset, key_range)
+            == "torch"):
+        return None
+    return causal_offset is not None, causal_offset or 0, window_offset, key_range
+
+
+def _torch_sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float) -> Tensor:
+    with autocast_off(q.device):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale,
+                                              enable_gqa=q.shape[1] != k.shape[1])
+
+
+@torch.library.custom_op("fusedlm::attention_masked_fwd", mutates_args=())
+def attention_masked_fwd(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float,
+                         backend: str) -> tuple[Tensor, Tensor]:
+    """q (B, Hq, Tq, D), k/v (B, Hkv, Tk, D), mask (B or 1, 1, Tq or 1, Tk) boolean (True =
+    visible) or additive float in q's dtype -> out (B, Hq, Tq, D) contiguous and lse
+    (B, Hq, Tq) float32 (float64 for float64 inputs): our kernels' where the mask is one run
+    of keys per query, else torch's SDPA's output and an lse of +inf, which no real one is
+    (that backward recomputes torch's SDPA instead)."""
+    route = _masked_route(q, k, mask, backend)
+    if route is not None:
+        return _attention_fwd(q, k, v, scale, *route[:2], backend, *route[2:])
+    out = _torch_sdpa(q, k, v, mask, scale).contiguous()
+    return out, q.new_full(q.shape[:3], math.inf, dtype=stat_dtype(q.dtype))
+
+
+@attention_masked_fwd.register_fake
+def _(q, k, v, mask, scale, backend):
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    return out, q.new_empty(q.shape[:3], dtype=stat_dtype(q.dtype))
+
+
+@torch.library.custom_op("fusedlm::attention_masked_bwd", mutates_args=())
+def attention_masked_bwd(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor,
+                         lse: Tensor, mask: Tensor, scale: float,
+                         backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    """dq, dk, dv (shapes and dtypes of q, k, v) of ``attention_masked_fwd``, by the route its
+    forward took (the same mask gives the same route)."""
+    route = _masked_route(q, k, mask, backend)
+    if route is not None:
+        return _attention_bwd(grad_out, q, k, v, out, lse, scale, *route[:2], backend,
+                              *route[2:])
+    return _masked_attention_math_bwd(grad_out, q, k, v, mask, scale)
+
+
+def _masked_attention_math_bwd(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor,
+                               mask: Tensor, scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    """dq, dk, dv of softmax(q k^T * scale + mask) v, written out (in float32 for half inputs):
+    the backward of the masks our kernels cannot take. Autograd is off below a custom op, and
+    torch.func's vjp there breaks under dispatch modes (FlopCounterMode, opcheck), so torch's
+    SDPA backward is not recomputed. Rows that see no key get zero gradients, as in torch."""
+    dtype = torch.promote_types(q.dtype, torch.float32)
+    group = q.shape[1] // k.shape[1]
+    q32, k32, v32, grad32 = (t.to(dtype) for t in (q, k, v, grad_out))
+    k32, v32 = (t.repeat_interleave(group, dim=1) for t in (k32, v32))  # (B, Hq, Tk, D)
+    scores = q32 @ k32.transpose(-1, -2) * scale  # (B, Hq, Tq, Tk)
+    scores = scores.masked_fill(~mask, -math.inf) if mask.dtype == torch.bool else scores + mask
+    probs = torch.softmax(scores, dim=-1).nan_to_num_(0.0)  # (all -inf rows: NaN -> 0)
+    grad_v = probs.transpose(-1, -2) @ grad32
+    grad_probs = grad32 @ v32.transpose(-1, -2)
+    grad_scores = probs * (grad_probs - (grad_probs * probs).sum(-1, keepdim=True)) * scale
+    grad_q = grad_scores @ k32
+    grad_k = grad_scores.transpose(-1, -2) @ q32
+
+    def per_kv_head(t: Tensor) -> Tensor:  # (B, Hq, Tk, D) -> (B, Hkv, Tk, D), GQA's sum
+        return t.unflatten(1, (k.shape[1], group)).sum(2)
+
+    return (grad_q.to(q.dtype), per_kv_head(grad_k).to(k.dtype),
+            per_kv_head(grad_v).to(v.dtype))
+
+
+@attention_masked_bwd.register_fake
+def _(grad_out, q, k, v, out, lse, mask, scale, backend):
+    return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
+
+
+def _attention_masked_setup_context(ctx, inputs, output):
+    q, k, v, mask, scale, backend = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, mask)
+    ctx.scale, ctx.backend = scale, backend
+    ctx.mark_non_differentiable(lse)
+
+
+def _attention_masked_backward(ctx, grad_out, grad_lse):
+    q, k, v, out, lse, mask = ctx.saved_tensors
+    dq, dk, dv = torch.ops.fusedlm.attention_masked_bwd(grad_out, q, k, v, out, lse, mask,
+                                                         ctx.scale, ctx.backend)
+    return dq, dk, dv, None, None, None
+
+
+attention_masked_fwd.register_autograd(_attention_masked_backward,
+                                       setup_context=_attention_masked_setup_context)
+
+
+def compiled_masked_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float,
+                              backend: str) -> Tensor:
+    """For ``torch.compile`` (the caller has checked the mask's shape, dtype and device): q, k, v
+    and a 4-D mask as ``attention_masked_fwd`` takes them -> out (B, Hq, Tq, D); the mask is
+    read at run time."""
+    q, k, v = autocast_inputs(q, k, v)
+    return torch.ops.fusedlm.attention_masked_fwd(q, k, v, mask, float(scale), backend)[0]
+
+
+def mask_shape_refusal(mask: Tensor, query: Tensor, key: Tensor) -> str | None:
+    """Why a 4-D ``mask`` cannot go to ``attention_masked_fwd`` with 4-D query and key, from its
+    static properties only (traceable), or None."""
+    if mask.requires_grad:
+        return "an attention mask that requires grad"
+    if mask.device != query.device:
+        return "an attention mask on another device"
+    if mask.dtype != torch.bool and mask.dtype != query.dtype:
+        return "an attention mask of another dtype"
+    if (mask.dim() != 4 or mask.shape[1] != 1 or mask.shape[0] not in (1, query.shape[0])
+            or mask.shape[2] not in (1, query.shape[2]) or mask.shape[3] != key.shape[2]):
+        return "an attention mask with a per-head or unexpected shape"
+    return None
+
+
 _sdpa_logged: set[str] = set()
 
 
@@ -609,31 +746,26 @@ def _sdpa_unsupported(query, key, value, attn_mask, dropout_p, enable_gqa) -> st
 
 
 def _sdpa_mask_layout(attn_mask: object, query: Tensor, key: Tensor,
-                      is_causal: bool) -> Layout | str:
+                      is_causal: bool) -> Layout | Tensor | str:
     """The layout (see mask_layout) of an SDPA ``attn_mask`` for 3-D or 4-D ``query``, its batch
-    rows expanded to the query's, or why our kernels cannot take it."""
+    rows expanded to the query's; under torch.compile the mask viewed as 4-D, to be read at run
+    time (``compiled_masked_attention``); or why our kernels cannot take it."""
     if not isinstance(attn_mask, Tensor):
         return "a non-tensor attn_mask"
     if is_causal:
         return "attn_mask together with is_causal"  # torch's SDPA raises
-    if torch.compiler.is_compiling():
-        return "an attn_mask (not inspected under torch.compile)"
-    if attn_mask.requires_grad:
-        return "an attn_mask that requires grad"
-    if attn_mask.device != query.device:
-        return "an attn_mask on another device"
-    if attn_mask.dtype != torch.bool and attn_mask.dtype != query.dtype:
-        return "an attn_mask of another dtype"  # torch's SDPA raises
-    L, S = query.shape[-2], key.shape[-2]
     mask = attn_mask
     if query.dim() == 3 and mask.dim() == 3:  # (N, L, S): one head
         mask = mask.unsqueeze(1)
     while mask.dim() < 4:
         mask = mask.unsqueeze(0)
-    if (mask.dim() != 4 or mask.shape[1] != 1 or mask.shape[0] not in (1, query.shape[0])
-            or mask.shape[2] not in (1, L) or mask.shape[3] != S):
-        return "an attn_mask with a per-head or unexpected shape"
-    layout = mask_layout(attn_mask, L, S, as_4d=mask)
+    as_4d = (lambda t: t.unsqueeze(1)) if query.dim() == 3 else (lambda t: t)
+    refusal = mask_shape_refusal(mask, as_4d(query), as_4d(key))
+    if refusal is not None:
+        return refusal.replace("an attention mask", "an attn_mask")
+    if torch.compiler.is_compiling():
+        return mask
+    layout = mask_layout(attn_mask, query.shape[-2], key.shape[-2], as_4d=mask)
     if layout is None:
         return ("an attn_mask that is not one run of keys per query (a bias, padding with "
                 "gaps, a custom pattern)")
@@ -670,11 +802,13 @@ def sdpa_with_route(
     kernels, (out, False) for torch's SDPA. A named ``backend`` (not "auto") runs every call
     our kernels can take on that backend, and raises where that backend cannot."""
     reason = _sdpa_unsupported(query, key, value, attn_mask, dropout_p, enable_gqa)
-    causal_offset = window_offset = key_range = None
+    causal_offset = window_offset = key_range = runtime_mask = None
     if reason is None and attn_mask is not None:
         layout = _sdpa_mask_layout(attn_mask, query, key, is_causal)
         if isinstance(layout, str):
             reason = layout
+        elif isinstance(layout, Tensor):
+            runtime_mask = layout
         else:
             causal_offset, window_offset, key_range = layout
     if reason is None and not torch.compiler.is_compiling():
@@ -696,6 +830,8 @@ def sdpa_with_route(
     scale = 1.0 / math.sqrt(q.shape[3]) if scale is None else float(scale)
     if attn_mask is None:
         out = _attention(q, k, v, scale, bool(is_causal), 0, backend)
+    elif runtime_mask is not None:  # under torch.compile
+        out = compiled_masked_attention(q, k, v, runtime_mask, scale, backend)
     else:  # the mask's band and key runs (is_causal is False here)
         out = _attention(q, k, v, scale, causal_offset is not None, causal_offset or 0, backend,
                          window_offset, _check_key_range(key_range, q, k.shape[2]))
