@@ -23,6 +23,7 @@ from tests.helpers import (
     atol_for,
     attention_refusal,
     available_backends,
+    cpu_backend_available,
     device_of,
     larger_error,
     naive_attention,
@@ -942,6 +943,53 @@ def test_compiled_sdpa_masks_our_kernels_cannot_take_give_torchs(kind):
     if kind != "min-row":  # (that row's scores round to the mask's value, and each
         # implementation's backward makes its own gradient of the rounding: no truth to hold)
         _check_sdpa_against_torch(ours, q, k, v, {"attn_mask": mask, **gqa})
+
+
+@pytest.mark.parametrize("captured", ["forward", "backward"])
+def test_masked_op_across_a_cuda_graph_capture(captured, monkeypatch):
+    """A CUDA graph capture (mode="reduce-overhead") forbids reading the mask on the host:
+    the captured pass takes torch's route. Forward captured, backward not: the backward sees
+    the forward's +inf lse and stays on torch's route; backward captured: its written-out
+    gradients need nothing of the forward. Either way the gradients pass the rule. (Simulated
+    on the CPU; the GPU test below captures for real.)"""
+    attention_ops = sys.modules["fusedlm.ops.attention"]  # (the package exports a function of
+    # that name)
+    q, k, v = _qkv((2, 4, 2, 11, 11, 16), torch.float32, "cpu")
+    mask = _sdpa_mask("causal-padding", q.shape, k.shape, torch.float32, "cpu")
+    backend = "cpu" if cpu_backend_available() else "torch"
+    monkeypatch.setattr(attention_ops, "_capturing", lambda t: captured == "forward")
+    out, lse = torch.ops.fusedlm.attention_masked_fwd(q, k, v, mask, 0.25, backend)
+    assert bool((lse == math.inf).all()) == (captured == "forward")
+    monkeypatch.setattr(attention_ops, "_capturing", lambda t: captured == "backward")
+    grad = torch.randn_like(out)
+    ours = torch.ops.fusedlm.attention_masked_bwd(grad, q, k, v, out, lse, mask, 0.25, backend)
+    leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
+    leaves64 = [t.double().requires_grad_(True) for t in (q, k, v)]
+    theirs = torch.autograd.grad(F.scaled_dot_product_attention(
+        *leaves, attn_mask=mask, scale=0.25, enable_gqa=True), leaves, grad)
+    truth = torch.autograd.grad(F.scaled_dot_product_attention(
+        *leaves64, attn_mask=mask, scale=0.25, enable_gqa=True), leaves64, grad.double())
+    for name, a, b, c in zip("qkv", ours, theirs, truth, strict=True):
+        assert_close_rule(a, b, c, name=f"d{name}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_compiled_sdpa_mask_under_cuda_graphs(dtype):
+    """torch.compile(mode="reduce-overhead") with a padding mask: warm-up, recording and
+    replays run (no host read of the mask inside a capture), forward and backward, and match
+    torch's SDPA by the rule."""
+    q, k, v = (t.requires_grad_(True) for t in _qkv((2, 4, 2, 64, 64, 64), dtype, "cuda"))
+    mask = _sdpa_mask("causal-padding", q.shape, k.shape, dtype, "cuda")
+
+    def fn(q, k, v):
+        return fusedlm.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(fn, mode="reduce-overhead", fullgraph=True)
+    for _ in range(3):  # warm-up, record, replay
+        out = compiled(q, k, v).clone()
+        _check_sdpa_against_torch(out, q, k, v, {"attn_mask": mask, "enable_gqa": True})
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

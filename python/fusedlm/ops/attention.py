@@ -586,9 +586,19 @@ def expand_key_range(key_range: Tensor | None, batch: int) -> Tensor | None:
 # torch's SDPA where they cannot serve it. Backward decides the same way.
 
 
+def _capturing(t: Tensor) -> bool:
+    """Whether a CUDA graph is being captured on ``t``'s device (torch.compile's
+    mode="reduce-overhead", transformers' compiled static-cache generation): reading the mask
+    on the host would then break the capture."""
+    return t.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
 def _masked_route(q: Tensor, k: Tensor, mask: Tensor, backend: str) -> tuple | None:
     """(causal, causal_offset, window_offset, key_range) for our kernels, or None for torch's
-    SDPA: q (B, Hq, Tq, D), k (B, Hkv, Tk, D), mask (B or 1, 1, Tq or 1, Tk)."""
+    SDPA: q (B, Hq, Tq, D), k (B, Hkv, Tk, D), mask (B or 1, 1, Tq or 1, Tk). None while a
+    CUDA graph is captured (no host read of the mask)."""
+    if _capturing(q):
+        return None
     layout = mask_layout(mask, q.shape[2], k.shape[2])
     if layout is None:
         return None
@@ -634,9 +644,11 @@ def attention_masked_bwd(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out:
                          lse: Tensor, mask: Tensor, scale: float,
                          backend: str) -> tuple[Tensor, Tensor, Tensor]:
     """dq, dk, dv (shapes and dtypes of q, k, v) of ``attention_masked_fwd``, by the route its
-    forward took (the same mask gives the same route)."""
+    forward took: the same mask gives the same route, except a forward captured in a CUDA
+    graph, which took torch's (its lse is +inf; checked on the host, as this call is not
+    captured then)."""
     route = _masked_route(q, k, mask, backend)
-    if route is not None:
+    if route is not None and not bool(lse.reshape(-1)[0] == math.inf):
         return _attention_bwd(grad_out, q, k, v, out, lse, scale, *route[:2], backend,
                               *route[2:])
     return _masked_attention_math_bwd(grad_out, q, k, v, mask, scale)
