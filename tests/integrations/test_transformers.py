@@ -321,6 +321,27 @@ def test_state_dict_loads_into_unpatched_model(name):
         torch.testing.assert_close(_out(fresh, name, input_ids=ids), expected)
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # (torch.compile's torch.jit ones)
+def test_compiled_static_cache_generate_same_tokens():
+    """Compiled generation with a static cache (transformers' fast-decoding setup: every step
+    sees a (B, 1, Tq, max_cache_len) mask, the unfilled cache hidden): a left-padded batch
+    gives the unpatched model's tokens, attention on our kernels."""
+    model, same, _, _ = _triple("llama")
+    ids = torch.randint(1, VOCAB, (2, 7))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    ids[1, :3] = 0
+    kwargs = dict(attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0,
+                  cache_implementation="static")
+    torch._dynamo.reset()
+    model.forward = torch.compile(model.forward, backend="aot_eager", fullgraph=True)
+    with torch.no_grad():
+        ours = model.generate(ids, **kwargs)
+        theirs = same.generate(ids, **kwargs)
+    assert torch.equal(ours, theirs), (ours, theirs)
+    assert OpDispatch.last_choice["attention_fwd"] == "cpu"
+
+
 @pytest.mark.parametrize("name", ["llama", "gemma"])
 def test_save_pretrained_reloads_as_the_plain_model(name, tmp_path):
     """save_pretrained of an applied model writes a checkpoint that nothing of fusedlm's
