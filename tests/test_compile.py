@@ -161,6 +161,22 @@ def test_export_keeps_the_custom_ops(strict):
     torch.testing.assert_close(program.module()(idx), model(idx), rtol=1e-5, atol=1e-5)
 
 
+def _check_compiled_loss_matches_eager(model, loss_of) -> None:
+    """``loss_of(model)`` and ``loss_of(compiled model)`` (aot_eager, fullgraph): same loss and
+    same gradient of every parameter."""
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    losses, grads = [], []
+    for m in (model, compiled):
+        model.zero_grad()
+        loss = loss_of(m)
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append([p.grad.clone() for p in model.parameters()])
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-6)
+    for a, b in zip(grads[0], grads[1], strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
+
+
 @pytest.mark.parametrize("reset_positions", [False, True], ids=["window-positions", "reset"])
 def test_compile_gpt_with_packed_documents_fullgraph(reset_positions):
     """The GPT model with document_ids (the key ranges built from the ids inside the graph,
@@ -183,17 +199,7 @@ def test_compile_gpt_with_packed_documents_fullgraph(reset_positions):
         return m(idx[:, :-1], idx[:, 1:], document_ids=documents[:, :-1],
                  reset_positions=reset_positions)[1]
 
-    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
-    losses, grads = [], []
-    for m in (model, compiled):
-        model.zero_grad()
-        loss = loss_of(m)
-        loss.backward()
-        losses.append(loss.detach())
-        grads.append([p.grad.clone() for p in model.parameters()])
-    torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-6)
-    for a, b in zip(grads[0], grads[1], strict=True):
-        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
+    _check_compiled_loss_matches_eager(model, loss_of)
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
@@ -223,17 +229,7 @@ def test_compiled_gpt_training_forward_records_every_fused_op(arch):
              else ["add_layer_norm_fwd"])]
     for op in ops:
         assert f"fusedlm.{op}" in code, f"fusedlm.{op} missing from the traced graph"
-    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
-    losses, grads = [], []
-    for m in (model, compiled):
-        model.zero_grad()
-        loss = loss_of(m)
-        loss.backward()
-        losses.append(loss.detach())
-        grads.append([p.grad.clone() for p in model.parameters()])
-    torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-6)
-    for a, b in zip(grads[0], grads[1], strict=True):
-        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
+    _check_compiled_loss_matches_eager(model, loss_of)
 
 
 @pytest.mark.parametrize("masks", ["causal-hint", "key-padding"])
