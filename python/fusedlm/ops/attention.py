@@ -625,7 +625,7 @@ def attention_masked_fwd(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: f
     visible) or additive float in q's dtype -> out (B, Hq, Tq, D) contiguous and lse
     (B, Hq, Tq) float32 (float64 for float64 inputs): our kernels' where the mask is one run
     of keys per query, else torch's SDPA's output and an lse of +inf, which no real one is
-    (that backward recomputes torch's SDPA instead)."""
+    (the backward then takes its written-out gradients)."""
     route = _masked_route(q, k, mask, backend)
     if route is not None:
         return _attention_fwd(q, k, v, scale, *route[:2], backend, *route[2:])
@@ -646,9 +646,9 @@ def attention_masked_bwd(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out:
     """dq, dk, dv (shapes and dtypes of q, k, v) of ``attention_masked_fwd``, by the route its
     forward took: the same mask gives the same route, except a forward captured in a CUDA
     graph, which took torch's (its lse is +inf; checked on the host, as this call is not
-    captured then)."""
+    captured then: one element, a device sync on a GPU)."""
     route = _masked_route(q, k, mask, backend)
-    if route is not None and not bool(lse.reshape(-1)[0] == math.inf):
+    if route is not None and not (lse.numel() > 0 and bool(lse.reshape(-1)[0] == math.inf)):
         return _attention_bwd(grad_out, q, k, v, out, lse, scale, *route[:2], backend,
                               *route[2:])
     return _masked_attention_math_bwd(grad_out, q, k, v, mask, scale)
