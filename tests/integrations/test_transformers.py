@@ -19,11 +19,18 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward  # n
 
 import fusedlm  # noqa: E402
 from fusedlm.backends import OpDispatch  # noqa: E402
+from fusedlm.integrations import attention_calls  # noqa: E402
 from fusedlm.integrations import transformers as fhf  # noqa: E402
+from fusedlm.integrations.sdpa_mode import ROUTING_KEY  # noqa: E402
 from tests.helpers import (  # noqa: E402
     assert_close_rule,
     cpu_backend_available,
     cpu_unavailable_reason,
+)
+from tests.integrations.test_transformers_models import (  # noqa: E402
+    NOT_ONE_RUN,
+    TRANSFORMERS_4,
+    builds_own_masks,
 )
 from tests.test_fuzz import fuzz  # noqa: E402, F401  (the fixture)
 
@@ -98,6 +105,31 @@ def _out(model, name, **inputs):
     return out.last_hidden_state if name == "bert" else out.logits
 
 
+def _padding_queries_hidden(model, name: str, side: str) -> bool:
+    """Whether a causal model's mask hides every key of its left-padding queries with the
+    dtype's min (builds_own_masks: GPT-2 in transformers 4.53), so those calls fall back."""
+    return side == "left" and name != "bert" and builds_own_masks(model)
+
+
+def _assert_on_our_attention(model):
+    """Switched to our AttentionInterface function, or, for a model whose attention classes call
+    F.sdpa themselves (transformers 4.x's BERT), its SDPA calls routed to ours."""
+    if model.config._attn_implementation != "fusedlm":
+        assert model.config._attn_implementation == "sdpa" and ROUTING_KEY in model.__dict__
+
+
+def _calls(model):
+    """The attention calls of ``model`` by route: our AttentionInterface function's, plus the
+    routed F.sdpa calls' (transformers 4.x's BERT)."""
+    return fhf.attention_calls() + attention_calls(model)
+
+
+def _reset_calls(model):
+    fhf.reset_attention_calls()
+    if ROUTING_KEY in model.__dict__:
+        model.__dict__[ROUTING_KEY].calls.clear()
+
+
 @pytest.fixture(autouse=True)
 def _fresh_counters():
     fhf.reset_attention_calls()
@@ -107,10 +139,10 @@ def _fresh_counters():
 @pytest.mark.parametrize("name", list(ALL))
 def test_logits_and_grads_match(name):
     model, same, truth, report = _triple(name)
-    assert model.config._attn_implementation == "fusedlm"
+    _assert_on_our_attention(model)
     ids = torch.randint(0, VOCAB, (2, 13))
     outs = [_out(m, name, input_ids=ids) for m in (model, same, truth)]
-    assert fhf.attention_calls() == {"fused": 2}  # two layers, no fallback
+    assert _calls(model) == {"fused": 2}  # two layers, no fallback
     assert OpDispatch.last_choice["attention_fwd"] == "cpu"
     norm_op = "layer_norm_fwd" if name in ("gpt2", "bert", "cohere") else "rms_norm_fwd"
     assert OpDispatch.last_choice[norm_op] == "cpu"
@@ -157,12 +189,13 @@ def _check_glu_model(model, same, truth, ids, name: str):
     return outs, assert_gradients_match(model, same, truth)
 
 
-def _check_gradients(outs, weight, model, same, truth, label: str) -> None:
+def _check_gradients(outs, weight, model, same, truth, label: str, fused: bool = True) -> None:
     """Backward of sum(out * weight) through the (patched, unpatched, float64) models' outputs
-    ``outs``: our attention backward ran, and every parameter's gradient passes the rule."""
+    ``outs``: our attention backward ran (if ``fused``), and every parameter's gradient passes
+    the rule."""
     for out in outs:
         (out * weight.to(out.dtype)).sum().backward()
-    assert OpDispatch.last_choice["attention_bwd"] == "cpu"
+    assert OpDispatch.last_choice.get("attention_bwd") == ("cpu" if fused else None)
     same_params, truth_params = dict(same.named_parameters()), dict(truth.named_parameters())
     for pname, p in model.named_parameters():
         if p.grad is not None:
@@ -185,20 +218,24 @@ def test_padding_runs_fused_and_matches(name, side):
         else:
             mask[row, :n] = 1
     outs = [_out(m, name, input_ids=ids, attention_mask=mask) for m in (model, same, truth)]
-    assert fhf.attention_calls() == {"fused": 2}
-    assert OpDispatch.last_choice["attention_fwd"] == "cpu"
+    fused = not _padding_queries_hidden(model, name, side)
+    if not fused:
+        assert _calls(model) == {f"sdpa: {NOT_ONE_RUN}": 2}
+    else:
+        assert _calls(model) == {"fused": 2}
+        assert OpDispatch.last_choice["attention_fwd"] == "cpu"
     real = mask.bool()
     assert_close_rule(outs[0][real], outs[1][real], outs[2][real], name=f"{name} {side} padded")
     weight = torch.randn_like(outs[0]) * real[..., None]  # the loss of the real tokens only
-    _check_gradients(outs, weight, model, same, truth, f"{side} padded")
+    _check_gradients(outs, weight, model, same, truth, f"{side} padded", fused)
     for m in (model, same, truth):
         m.zero_grad(set_to_none=True)
 
     # A batch without padding still runs our kernels, with an all-ones mask passed.
-    fhf.reset_attention_calls()
+    _reset_calls(model)
     full = torch.ones_like(mask)
     outs = [_out(m, name, input_ids=ids, attention_mask=full) for m in (model, same, truth)]
-    assert fhf.attention_calls() == {"fused": 2}
+    assert _calls(model) == {"fused": 2}
     assert_close_rule(outs[0], outs[1], outs[2], name=f"{name} unpadded")
 
 
@@ -252,7 +289,10 @@ def test_generate_greedy_same_tokens(name, padded):
     assert torch.equal(ours, theirs), (ours, theirs)
     # prefill (causal, Tq = Tk) and 7 decode steps (Tq = 1 < Tk), all ours, left padding
     # (a key range per row) included
-    assert fhf.attention_calls() == {"fused": 2 * 8}
+    if padded and _padding_queries_hidden(model, name, "left"):  # its prefill: torch's
+        assert fhf.attention_calls() == {"fused": 2 * 7, f"sdpa: {NOT_ONE_RUN}": 2}
+    else:
+        assert fhf.attention_calls() == {"fused": 2 * 8}
     assert OpDispatch.last_choice["attention_fwd"] == "cpu"
 
 
@@ -272,12 +312,16 @@ def test_compiled_applied_model_runs_fused_and_matches(name):
     assert explanation.graph_break_count == 0, explanation.break_reasons
     assert explanation.graph_count == 1
     code = explanation.graphs[0].code
-    ops = ["attention_fwd", "cross_entropy_fwd",
+    # transformers 4.x makes the causal mask under compile even without padding: the graph
+    # then holds the run-time-masked op, which finds the mask causal and takes our kernels.
+    ops = ["attention_masked_fwd" if TRANSFORMERS_4 else "attention_fwd", "cross_entropy_fwd",
            *(["rms_norm_fwd", "glu_fwd"] if name == "llama" else ["layer_norm_fwd"])]
     for op in ops:
         assert f"fusedlm.{op}" in code, f"fusedlm.{op} missing from the traced graph"
     compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    OpDispatch.last_choice.clear()
     results = [m(input_ids=ids, labels=ids) for m in (compiled, eager, truth)]
+    assert OpDispatch.last_choice["attention_fwd"] == "cpu"
     for result in results:
         result.loss.backward()
     torch.testing.assert_close(results[0].logits, results[1].logits, rtol=1e-5, atol=1e-5)
@@ -296,7 +340,8 @@ def test_compiled_applied_model_runs_fused_and_matches(name):
     padded = compiled(input_ids=ids, attention_mask=mask).logits
     expected = same(input_ids=ids, attention_mask=mask).logits
     truth_padded = truth(input_ids=ids, attention_mask=mask).logits
-    assert OpDispatch.last_choice["attention_fwd"] == "cpu"
+    fused = not _padding_queries_hidden(model, name, "left")
+    assert OpDispatch.last_choice.get("attention_fwd") == ("cpu" if fused else None)
     kept = mask.bool()  # (the padded positions' outputs are not compared)
     assert_close_rule(padded[kept], expected[kept], truth_padded[kept], name=f"{name} padded")
     for m in (model, same, truth):
@@ -304,7 +349,7 @@ def test_compiled_applied_model_runs_fused_and_matches(name):
     weight = torch.randn_like(padded) * kept[..., None]
     for out in (padded, expected, truth_padded):
         (out * weight.to(out.dtype)).sum().backward()
-    assert OpDispatch.last_choice["attention_bwd"] == "cpu"
+    assert OpDispatch.last_choice.get("attention_bwd") == ("cpu" if fused else None)
     assert_gradients_match(model, same, truth, "padded")
 
 
@@ -438,6 +483,89 @@ def test_apply_keeps_parameters_and_reports():
     assert model.config._attn_implementation == "sdpa"
     assert all(type(m).__name__ not in ("ModelRMSNorm", "ModelGeGLUMLP")
                for m in model.modules())
+
+
+class _OwnAttentionConfig(transformers.PretrainedConfig):
+    model_type = "fusedlm_test_own_attention"
+
+    def __init__(self, hidden_size=32, num_heads=4, vocab_size=VOCAB, **kwargs):
+        self.hidden_size, self.num_heads, self.vocab_size = hidden_size, num_heads, vocab_size
+        super().__init__(**kwargs)
+
+
+class _OwnAttentionBlock(torch.nn.Module):
+    """Pre-norm attention that calls F.scaled_dot_product_attention itself, as remote-code
+    models and transformers 4.x's BERT do (no AttentionInterface)."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.heads = config.num_heads
+        self.norm = torch.nn.LayerNorm(config.hidden_size)
+        self.qkv = torch.nn.Linear(config.hidden_size, 3 * config.hidden_size)
+
+    def forward(self, x, mask):
+        B, T, C = x.shape
+        q, k, v = self.qkv(self.norm(x)).view(B, T, 3, self.heads, C // self.heads).permute(
+            2, 0, 3, 1, 4)
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+                                                               is_causal=mask is None)
+        return x + out.transpose(1, 2).reshape(B, T, C)
+
+
+class _OwnAttentionModel(transformers.PreTrainedModel):
+    config_class = _OwnAttentionConfig
+    _supports_sdpa = True
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.embed = torch.nn.Embedding(config.vocab_size, config.hidden_size)
+        self.blocks = torch.nn.ModuleList([_OwnAttentionBlock(config) for _ in range(2)])
+        self.post_init()
+
+    def forward(self, input_ids, attention_mask=None):
+        x = self.embed(input_ids)
+        mask = None
+        if attention_mask is not None:  # causal and the padding, boolean (B, 1, T, T)
+            causal = torch.ones(x.shape[1], x.shape[1], dtype=torch.bool).tril()
+            mask = causal & attention_mask.bool()[:, None, None, :]
+        for block in self.blocks:
+            x = block(x, mask)
+        return x
+
+
+@pytest.mark.parametrize("padded", [False, True], ids=["unpadded", "right_padding"])
+def test_model_calling_sdpa_itself_is_routed(padded):
+    """A transformers model on "sdpa" whose attention calls F.sdpa itself, not through
+    AttentionInterface: apply leaves its implementation, routes those calls to our kernels
+    (outputs and gradients by the rule), and unpatch removes the routing."""
+    torch.manual_seed(0)
+    model = _OwnAttentionModel(_OwnAttentionConfig())
+    same, truth = copy.deepcopy(model), copy.deepcopy(model).double()
+    report = fhf.apply(model)
+    assert model.config._attn_implementation == "sdpa" and not report.left
+    assert any("does not use transformers' AttentionInterface" in note
+               and "go to fusedlm.scaled_dot_product_attention" in note
+               for note in report.notes), str(report)
+    assert [s.name for s in report.swapped] == ["blocks.0.norm", "blocks.1.norm"]
+    ids = torch.randint(0, VOCAB, (2, 11))
+    mask = torch.ones_like(ids)
+    if padded:
+        mask[1, 7:] = 0
+    inputs = {"input_ids": ids, "attention_mask": mask if padded else None}
+    outs = [m(**inputs) for m in (model, same, truth)]
+    assert attention_calls(model) == {"fused": 2}
+    real = mask.bool()
+    assert_close_rule(outs[0][real], outs[1][real], outs[2][real], name="own attention")
+    weight = torch.randn_like(outs[0]) * real[..., None]
+    for out in outs:
+        (out * weight.to(out.dtype)).sum().backward()
+    assert OpDispatch.last_choice["attention_bwd"] == "cpu"
+    assert len(assert_gradients_match(model, same, truth)) == 9
+
+    restored = fusedlm.unpatch(model)
+    assert ROUTING_KEY not in model.__dict__ and len(restored.swapped) == 2
+    model(**inputs)
+    assert attention_calls(model) == {}
 
 
 # ---- the loss -----------------------------------------------------------------------------------
@@ -686,6 +814,8 @@ def test_interleaved_experts_are_left_alone():
                                        num_key_value_heads=2, head_dim=16, num_local_experts=4,
                                        num_experts_per_tok=2)
     model = transformers.GptOssForCausalLM(config)
+    if not hasattr(model.model.layers[0].mlp.experts, "_apply_gate"):
+        pytest.skip("this transformers' gpt-oss experts have no _apply_gate (4.x)")
     report = fhf.apply(model, attention=False, norms=False, loss=False)
     assert not report.swapped
     assert [(m.name, m.reason) for m in report.left if m.name.endswith("experts")] == [
@@ -724,6 +854,9 @@ class _Module(torch.nn.Module):
         ("keys strictly after the query", 9, 9, "fused"),
         ("causal mask, Tq > Tk (bottom-right)", 9, 4, "fused"),
         ("float bias mask", 4, 9, "sdpa"),
+        # transformers 4.53's GPT-2: a column more than there are keys, cut to the keys (as
+        # 4.x's sdpa_attention_forward does)
+        ("float causal mask wider than the keys", 9, 9, "fused"),
     ],
 )
 def test_attention_function_matches_sdpa(case, tq, tk, expect):
@@ -770,8 +903,12 @@ def test_attention_function_matches_sdpa(case, tq, tk, expect):
         mask = (cols <= rows).expand(2, 1, tq, tk)
     elif "bias" in case:
         mask = torch.randn(2, 1, tq, tk)
+    elif "wider" in case:
+        visible = torch.cat([cols <= rows, torch.rand(tq, 1) < 0.5], dim=1)
+        mask = torch.zeros(2, 1, tq, tk + 1).masked_fill(~visible, torch.finfo(torch.float32).min)
     module = _Module(groups=2)
     ours, _ = fhf.fusedlm_attention_forward(module, q, k, v, mask, scaling=0.3)
+    mask = mask[..., :tk] if mask is not None else None
     theirs, _ = sdpa_attention_forward(module, q, k, v, mask, scaling=0.3)
     mask64 = mask.double() if mask is not None and mask.is_floating_point() else mask
     truth, _ = sdpa_attention_forward(module, q.double(), k.double(), v.double(), mask64,

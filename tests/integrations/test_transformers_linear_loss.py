@@ -10,6 +10,7 @@ take the logits route and say so once."""
 from __future__ import annotations
 
 import copy
+import inspect
 import logging
 
 import pytest
@@ -86,6 +87,21 @@ def _truth_loss(model, ignore_index=-100, num_items_in_batch=None, shift_labels=
     return loss
 
 
+def _truth_loss_or_skip(model, **kwargs):
+    """_truth_loss, or a skip where this transformers' float64 forward raises (4.57's
+    DeepSeek-V3 MoE adds float32 routing weights into a float64 buffer)."""
+    try:
+        return _truth_loss(model, **kwargs)
+    except RuntimeError as error:
+        if "same scalar type" not in str(error):
+            raise
+        pytest.skip(f"this transformers' float64 {type(model).__name__} fails: {error}")
+
+
+def _takes_logits_to_keep(model) -> bool:
+    return "logits_to_keep" in inspect.signature(model.forward).parameters
+
+
 def _logged(caplog) -> str:
     """What fusedlm logged (transformers' own warnings, once per process, are not ours)."""
     return "\n".join(r.getMessage() for r in caplog.records if r.name == "fusedlm")
@@ -115,9 +131,13 @@ def test_loss_and_gradients_match_the_models_own(name, fused_calls, caplog):
         loss, outputs = fhf.linear_causal_lm_loss(
             model, labels, input_ids=ids, attention_mask=mask, return_outputs=True, **extra)
     own = same(input_ids=ids, attention_mask=mask, labels=labels, **extra).loss
-    true = _truth_loss(truth, input_ids=ids, attention_mask=mask, labels=labels, **extra)
+    true = _truth_loss_or_skip(truth, input_ids=ids, attention_mask=mask, labels=labels, **extra)
     assert loss.dtype == torch.float32
     assert_close_rule(loss, own, true, name=f"{name} loss")
+    if not _takes_logits_to_keep(model):  # transformers 4.x's OPT: the logits route, said once
+        assert fused_calls == []
+        assert "takes no logits_to_keep" in _logged(caplog)
+        return
     assert fused_calls == [torch.Size([2 * 13, model.config.get_text_config().hidden_size])]
     assert outputs.logits.shape == (2, 1, VOCAB)  # the head made one position's logits
     assert _logged(caplog) == ""

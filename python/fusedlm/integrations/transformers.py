@@ -17,6 +17,11 @@
   dropout, ``position_bias``, paged caches, and inputs the kernels cannot take go, per call, to
   transformers' own ``sdpa_attention_forward``. :func:`attention_calls` counts both.
   Models transformers does not run on SDPA (``_supports_sdpa = False``) keep their attention.
+  A model on ``"sdpa"`` whose attention does not go through ``AttentionInterface`` (BERT,
+  RoBERTa, ModernBERT, ... in transformers 4.x) keeps it, and its
+  ``F.scaled_dot_product_attention`` calls are routed to ``fusedlm.scaled_dot_product_attention``
+  as ``fusedlm.patch(model, attention=True)`` does (counted by
+  ``fusedlm.integrations.attention_calls(model)``).
 * Loss: a model whose ``loss_function`` is transformers' ``ForCausalLMLoss`` or
   ``ForMaskedLMLoss`` gets :func:`causal_lm_loss` / :func:`masked_lm_loss` instead (set
   through ``loss_function``'s own setter): the same loss, from the logits as they are
@@ -48,6 +53,7 @@ import inspect
 import logging
 import math
 import numbers
+import sys
 import typing
 import weakref
 
@@ -77,6 +83,7 @@ from .patch import (
     swap_mlps,
     swap_norms,
 )
+from .sdpa_mode import route_attention
 
 try:  # transformers >= 4.53 builds masks through AttentionMaskInterface
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
@@ -152,6 +159,16 @@ def _terms_sdpa_cannot_take(model: torch.nn.Module, config) -> str | None:
     return None
 
 
+def _reads_attention_interface(model: torch.nn.Module) -> bool:
+    """Whether any module of ``model`` comes from a modeling file that looks attention
+    functions up in transformers' ``ALL_ATTENTION_FUNCTIONS`` (every model in transformers 5;
+    in 4.x not BERT, RoBERTa, ModernBERT, Nemotron, ..., which pick attention classes of their
+    own when built)."""
+    files = {type(module).__module__ for module in model.modules()}
+    return any("ALL_ATTENTION_FUNCTIONS" in vars(sys.modules[name]) for name in files
+               if name in sys.modules)
+
+
 def fusedlm_attention_forward(
     module: torch.nn.Module,
     query: Tensor,
@@ -194,22 +211,27 @@ def fusedlm_attention_forward(
                 key, value = key[:, :, :q_len], value[:, :, :q_len]
         elif not isinstance(attention_mask, Tensor):
             reason = "an attention mask that is not a tensor"
-        elif torch.compiler.is_compiling():  # the mask is read at run time, by the op
-            reason = mask_shape_refusal(attention_mask, query, key)
-            runtime_mask = attention_mask
         else:
-            layout = mask_layout(attention_mask, q_len, kv_len)
-            if layout is None:
-                reason = ("an attention mask that is not one run of keys per query (padding "
-                          "with gaps, a custom pattern)")
-            elif layout[2] is not None and layout[2].shape[0] not in (1, query.shape[0]):
-                reason = "an attention mask whose batch size is not the query's"
+            if attention_mask.dim() == 4 and attention_mask.shape[-1] > kv_len:
+                # transformers 4.x's own models (GPT-2 in 4.53) pass 4-D masks with more key
+                # columns than keys, which its sdpa_attention_forward cuts to the keys.
+                attention_mask = attention_mask[..., :kv_len]
+            if torch.compiler.is_compiling():  # the mask is read at run time, by the op
+                reason = mask_shape_refusal(attention_mask, query, key)
+                runtime_mask = attention_mask
             else:
-                mask_causal_offset, window_offset, key_range = layout
-                if mask_causal_offset is not None:
-                    causal, causal_offset = True, mask_causal_offset
-                if key_range is not None:  # int32 within [0, kv_len] already (mask_layout)
-                    key_range = expand_key_range(key_range, query.shape[0]).contiguous()
+                layout = mask_layout(attention_mask, q_len, kv_len)
+                if layout is None:
+                    reason = ("an attention mask that is not one run of keys per query "
+                              "(padding with gaps, a custom pattern)")
+                elif layout[2] is not None and layout[2].shape[0] not in (1, query.shape[0]):
+                    reason = "an attention mask whose batch size is not the query's"
+                else:
+                    mask_causal_offset, window_offset, key_range = layout
+                    if mask_causal_offset is not None:
+                        causal, causal_offset = True, mask_causal_offset
+                    if key_range is not None:  # int32 within [0, kv_len] (mask_layout)
+                        key_range = expand_key_range(key_range, query.shape[0]).contiguous()
     compiling = torch.compiler.is_compiling()
     if reason is None and requested_backend(backend) == "auto" and not compiling:
         # Our reference is no faster than torch's SDPA: use ours only where a kernel serves.
@@ -394,10 +416,24 @@ def _linear_loss_obstacle(model: torch.nn.Module) -> str | None:
     if "logits_to_keep" not in inspect.signature(model.forward).parameters:
         return f"{type(model).__name__}.forward takes no logits_to_keep"
     try:
-        model.get_decoder()
+        _decoder(model)
     except (AttributeError, NotImplementedError, ValueError) as error:
         return f"no decoder module found ({error})"
     return None
+
+
+def _decoder(model: torch.nn.Module) -> torch.nn.Module:
+    """The module whose output is a causal LM's final hidden states (B, T, C). In transformers
+    4.x GPT-2-style models (decoder ``model.transformer``) have no ``get_decoder()`` (4.53) or
+    one that answers the model itself (4.57); their ``base_model`` is the decoder then."""
+    get_decoder = getattr(model, "get_decoder", None)
+    decoder = get_decoder() if callable(get_decoder) else model
+    if decoder is model:
+        decoder = getattr(model, "base_model", model)
+    if decoder is model:
+        raise ValueError(f"{type(model).__name__} answers itself for both get_decoder() and "
+                         "base_model")
+    return decoder
 
 
 def _with_router_loss(loss: Tensor, outputs, model: torch.nn.Module) -> Tensor:
@@ -522,7 +558,7 @@ def linear_causal_lm_loss(model: torch.nn.Module, labels: Tensor | None = None, 
         return (loss, outputs) if return_outputs else loss
 
     captured = []
-    hook = inner.get_decoder().register_forward_hook(
+    hook = _decoder(inner).register_forward_hook(
         lambda module, args, output: captured.append(output))
     try:
         outputs = model(**inputs, logits_to_keep=1)
@@ -575,7 +611,9 @@ def apply(model: torch.nn.Module, attention: bool = True, norms: bool = True,
     """Make a transformers model run fusedlm's kernels, in place.
 
     ``attention``: switch the model to fusedlm's attention (registered with
-    ``AttentionInterface``; masks it cannot take fall back per call to transformers' SDPA).
+    ``AttentionInterface``; masks it cannot take fall back per call to transformers' SDPA);
+    a model on ``"sdpa"`` that does not use ``AttentionInterface`` (BERT and others in
+    transformers 4.x) gets its ``F.scaled_dot_product_attention`` calls routed instead.
     ``norms``: swap LayerNorm / RMSNorm modules (torch's and the model's own classes, found
     by a numeric probe) for fusedlm modules holding the same parameters. ``loss``: replace a
     ``ForCausalLMLoss`` / ``ForMaskedLMLoss`` ``loss_function`` by :func:`causal_lm_loss` /
@@ -589,6 +627,7 @@ def apply(model: torch.nn.Module, attention: bool = True, norms: bool = True,
         raise TypeError(f"argument 'model' must be a torch.nn.Module, got {type(model).__name__}")
     check_backend_name(backend)
     report = PatchReport()
+    route_sdpa_calls = False
     if attention:
         config = getattr(model, "config", None)
         if config is None or not hasattr(config, "_attn_implementation"):
@@ -607,7 +646,10 @@ def apply(model: torch.nn.Module, attention: bool = True, norms: bool = True,
         else:
             name = attention_name(backend)
             previous = config._attn_implementation
-            if previous != name:
+            # transformers 4.x switches the config of a model whose attention classes never
+            # read AttentionInterface (4.53's ModernBERT then fails with KeyError 'fusedlm';
+            # BERT builds masks for another implementation): only switch one that reads it.
+            if previous != name and _reads_attention_interface(model):
                 set_attention_implementation(model, name)
             if config._attn_implementation == name:
                 if previous != name:
@@ -619,6 +661,12 @@ def apply(model: torch.nn.Module, attention: bool = True, norms: bool = True,
                     "dropout, position_bias, ...) fall back per call to transformers' "
                     "sdpa_attention_forward; see attention_calls()"
                 )
+            elif config._attn_implementation == "sdpa":
+                # Its attention classes call F.scaled_dot_product_attention themselves (BERT,
+                # RoBERTa, ModernBERT, Nemotron, ... before transformers 5): route those calls,
+                # after the swaps below (their probes call modules, which would end the
+                # routing's discovery of where SDPA is called before the model ever ran).
+                route_sdpa_calls = True
             else:
                 report.left.append(LeftAlone(
                     "", type(model).__qualname__,
@@ -630,6 +678,12 @@ def apply(model: torch.nn.Module, attention: bool = True, norms: bool = True,
         swap_norms(model, backend, custom_rmsnorm=True, report=report, custom_layernorm=True)
     if mlp:
         swap_mlps(model, backend, report)
+    if route_sdpa_calls:
+        routed = route_attention(model, backend)[1]
+        report.notes.append(
+            f"attention: {type(model).__name__} does not use transformers' AttentionInterface "
+            f"in this transformers, so its 'sdpa' implementation stays; "
+            f"{routed.removeprefix('attention: ')}")
     if loss:
         _swap_loss(model, backend, report)
     return report
