@@ -96,20 +96,25 @@ def test_gpu_check_runs_end_to_end_on_a_cpu(tmp_path):
                                                  "gpt", "cross_entropy", "linear_cross_entropy",
                                                  "rotary_embedding", "swiglu", "geglu",
                                                  "add_rms_norm", "attention_decode"}
+    assert len(list(out.iterdir())) <= 8
+    assert result.returncode == 1  # the sanitizer step did not run: not all ok
+    with tarfile.open(out / "logs.tar.gz") as tar:
+        names = tar.getnames()
+    assert "logs/pytest-gpu-junit.xml" in names and "logs/pytest.log" in names
+    if importlib.util.find_spec("matplotlib") is None:
+        # (a machine without it, as the GPU machine may be: bench.json stands, and
+        # record_results.py draws the plots from it)
+        assert not list(out.glob("*.png")) and "matplotlib" in steps["bench"]["plots_error"]
+        return
     # $OUT brings back 8 files: the first 5 ops' plots there, the others' in logs.tar.gz
     assert {p.name for p in out.glob("*.png")} == {f"{op}.png" for op in
                                                    ("attention", "layer_norm", "rms_norm",
                                                     "adamw", "gpt")}
-    assert len(list(out.iterdir())) <= 8
     assert steps["bench"]["plots_in_logs"] == ["cross_entropy.png", "linear_cross_entropy.png",
                                                "rotary_embedding.png", "swiglu.png",
                                                "geglu.png", "add_rms_norm.png",
                                                "attention_decode.png"]
-    with tarfile.open(out / "logs.tar.gz") as tar:
-        names = tar.getnames()
-    assert "logs/pytest-gpu-junit.xml" in names and "logs/pytest.log" in names
     assert "logs/plots/attention_decode.png" in names
-    assert result.returncode == 1  # the sanitizer step did not run: not all ok
 
 
 def test_bench_step_runs_every_op_attention_decode_after_attention():
