@@ -217,6 +217,22 @@ def test_discovery_keeps_hooks_on_the_attention_modules_only():
     assert torch._C._len_torch_function_stack() == 0
 
 
+
+def test_a_submodule_called_first_does_not_end_discovery():
+    """A block run alone before the model (an encoder run by itself, a probe, a unit test of one
+    layer) routes its own call but does not end discovery: the model's first call still finds
+    every attention module (before, only the first block's kept the routing)."""
+    model, same, *_ = _triple(TinyLM())
+    x = torch.randn(2, 5, C)
+    routing = model.__dict__[ROUTING_KEY]
+    with torch.no_grad():
+        model.blocks[0](model.embed(x))
+        assert attention_calls(model) == {"fused": 1}
+        for _ in range(3):
+            torch.testing.assert_close(model(x), same(x), rtol=1e-5, atol=1e-6)
+    assert routing.targets == [block.attn for block in model.blocks]
+    assert attention_calls(model) == {"fused": 7}
+
 @pytest.mark.parametrize("checkpointing", ["non-reentrant", "reentrant"])
 def test_activation_checkpointing_recomputes_on_the_same_route(checkpointing):
     """The blocks' recomputation in backward runs outside the root's call: the attention

@@ -93,15 +93,18 @@ class AttentionRouting:
     """One model's routing: forward hooks that activate a :class:`FusedSDPAMode` for the
     outermost hooked call of a thread and deactivate it when that call returns or raises.
 
-    The first complete call (discovery) has hooks on every module of the model and notes the
-    innermost module running at each SDPA call. At the start of the next outermost call, with
-    no other call in flight, the hooks move to those modules only, so the mode's handler runs
-    for the attention modules' own torch calls rather than the whole model's. A module that
-    calls SDPA only in later calls (not in the first) keeps torch's SDPA. ``calls`` is shared
-    by the modes it creates."""
+    The first complete call of the model itself (discovery) has hooks on every module of the
+    model and notes the innermost module running at each SDPA call (calls of a submodule before
+    it, such as an encoder run alone, route and add theirs but do not end discovery: they do not
+    show the whole model). At the start of the next outermost call, with no other call in
+    flight, the hooks move to those modules only, so the mode's handler runs for the attention
+    modules' own torch calls rather than the whole model's. A module that calls SDPA only in
+    later calls (not in the first) keeps torch's SDPA. ``calls`` is shared by the modes it
+    creates."""
 
-    def __init__(self, backend: str, modules: list[torch.nn.Module]) -> None:
+    def __init__(self, backend: str, model: torch.nn.Module) -> None:
         self.backend = backend
+        self._root = model
         self.calls: Counter = Counter()
         self.targets: list[torch.nn.Module] | None = None  # None while discovering
         self._found: dict[int, torch.nn.Module] = {}
@@ -110,7 +113,7 @@ class AttentionRouting:
         self._thread = threading.local()
         self._lock = threading.Lock()
         self._in_flight = 0
-        self._attach(modules)
+        self._attach(list(model.modules()))  # modules() yields each once
 
     def __getstate__(self) -> dict:
         # deepcopy / pickle of a patched model: the copy gets its own lock and per-thread state
@@ -188,7 +191,8 @@ class AttentionRouting:
                     # output is None when the call raised (torch's always_call hooks): a call
                     # that failed early says nothing about where SDPA is called, unless it
                     # already found some.
-                    self._discovered |= output is not None or bool(self._found)
+                    self._discovered |= module is self._root and (
+                        output is not None or bool(self._found))
 
 
 def route_attention(model: torch.nn.Module, backend: str) -> tuple[AttentionRouting, str]:
@@ -197,7 +201,7 @@ def route_attention(model: torch.nn.Module, backend: str) -> tuple[AttentionRout
     routing = model.__dict__.get(ROUTING_KEY)
     if routing is not None:
         return routing, "attention: already routed to fusedlm (an earlier patch)"
-    routing = AttentionRouting(backend, list(model.modules()))  # modules() yields each once
+    routing = AttentionRouting(backend, model)
     model.__dict__[ROUTING_KEY] = routing
     return routing, (
         f"attention: F.scaled_dot_product_attention calls inside the model's forward go to "
