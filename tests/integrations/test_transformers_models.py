@@ -29,7 +29,6 @@ from tests.helpers import (  # noqa: E402
 pytestmark = pytest.mark.skipif(not cpu_backend_available(), reason=cpu_unavailable_reason())
 
 VOCAB = 100
-TRANSFORMERS_4 = int(transformers.__version__.split(".")[0]) < 5
 NOT_ONE_RUN = ("an attention mask that is not one run of keys per query (padding with gaps, a "
                "custom pattern)")
 # How a left-padded batch's attention runs where the model builds float masks itself (see
