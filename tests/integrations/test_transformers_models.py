@@ -39,13 +39,6 @@ OWN_FLOAT_MASK_CALLS = {"opt": {f"sdpa: {NOT_ONE_RUN}"}, "nemotron": {"torch"},
                         "modernbert_local": {"fused", "torch"}}
 
 
-def builds_own_masks(model) -> bool:
-    """Whether ``model``'s modeling file builds its masks itself rather than through
-    transformers' masking_utils (many 4.x models). A causal one's float mask then hides every
-    key of a left-padded query with the dtype's min, where torch's softmax averages all values
-    and our kernels would give 0: those calls must fall back to torch's SDPA."""
-    names = vars(sys.modules[type(model).__module__])
-    return "create_causal_mask" not in names and "create_bidirectional_mask" not in names
 DECODER = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                num_attention_heads=4, max_position_embeddings=64)
 SEQ2SEQ = dict(vocab_size=VOCAB, d_model=64, encoder_layers=2, decoder_layers=2,
@@ -109,6 +102,15 @@ ARCHITECTURES = {
                 dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                      intermediate_size=96), "text"),
 }
+
+
+def builds_own_masks(model) -> bool:
+    """Whether ``model``'s modeling file builds its masks itself rather than through
+    transformers' masking_utils (many 4.x models). A causal one's float mask then hides every
+    key of a left-padded query with the dtype's min, where torch's softmax averages all values
+    and our kernels would give 0: those calls must fall back to torch's SDPA."""
+    names = vars(sys.modules[type(model).__module__])
+    return "create_causal_mask" not in names and "create_bidirectional_mask" not in names
 
 
 def _build(name):
