@@ -664,8 +664,8 @@ def apply(model: torch.nn.Module, attention: bool = True, norms: bool = True,
             elif config._attn_implementation == "sdpa":
                 # Its attention classes call F.scaled_dot_product_attention themselves (BERT,
                 # RoBERTa, ModernBERT, Nemotron, ... before transformers 5): route those calls,
-                # after the swaps below (their probes call modules, which would end the
-                # routing's discovery of where SDPA is called before the model ever ran).
+                # after the swaps below, as patch() does (their probes then call modules with
+                # no routing hooks on them).
                 route_sdpa_calls = True
             else:
                 report.left.append(LeftAlone(
