@@ -34,6 +34,7 @@ import torch.multiprocessing as mp
 
 from fusedlm.cli import main
 from fusedlm.train.checkpoint import load_checkpoint
+from fusedlm.train.distributed import FSDP_GLOO_GRADIENTS_WRONG
 from tests.train.conftest import TINY_MODEL, read_metrics
 
 pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
@@ -50,6 +51,8 @@ CONFIGS = {
     "fsdp": (2, 2, ("--fsdp", "--ckpt-every", str(RESUME_FROM))),
     "fsdp_resume": (2, 2, ("--fsdp", "--ckpt-every", str(RESUME_FROM), "--resume")),
 }
+if FSDP_GLOO_GRADIENTS_WRONG:  # torch < 2.10: the fsdp run is refused, nothing to resume
+    del CONFIGS["fsdp_resume"]
 # name -> (function, args) that rank 0 runs before that run (the other rank waits for it in
 # the process group's rendezvous, before it reads the run directory).
 PREPARE = {"fsdp_resume": ("_interrupted_copy", ("fsdp", "fsdp_resume", RESUME_FROM))}
@@ -207,6 +210,10 @@ def test_fsdp_matches_one_process_with_the_global_batch(runs):
     with the global batch, and a rank-0 checkpoint with the full weights (safetensors, the
     single run's names and shapes) and full AdamW states."""
     result = runs["fsdp"]
+    if FSDP_GLOO_GRADIENTS_WRONG:  # torch < 2.10 would train on wrong gradients
+        for outcome, log in zip(result["outcomes"], result["logs"], strict=True):
+            assert outcome != 0 and "pytorch/pytorch#162338" in log, log[-3000:]
+        return
     assert_succeeded(result)
     assert "world size 2" in result["logs"][0] and "model: " not in result["logs"][1]
     sharded = re.search(r"FSDP2: (\d+) of (\d+) parameter tensors sharded over 2 ranks",
@@ -225,6 +232,7 @@ def test_fsdp_matches_one_process_with_the_global_batch(runs):
                                        msg=lambda m, n=name, k=key: f"{n} {k}: {m}")
 
 
+@pytest.mark.skipif(FSDP_GLOO_GRADIENTS_WRONG, reason="torch < 2.10: FSDP2 over gloo is refused")
 def test_fsdp_resume_continues_with_the_same_losses(runs):
     """A run killed after its step-2 checkpoint and resumed under FSDP2 (weights and sharded
     AdamW states loaded back with set_model_state_dict / set_optimizer_state_dict) logs the
@@ -241,3 +249,20 @@ def test_fsdp_resume_continues_with_the_same_losses(runs):
         str(runs["fsdp"]["out"]))
     for name, tensor in straight["model"].items():
         torch.testing.assert_close(resumed["model"][name], tensor, rtol=0, atol=0, msg=name)
+
+
+def test_fsdp_over_gloo_is_refused_where_torch_sums_the_gradients(monkeypatch, tmp_path):
+    """torch < 2.10's FSDP2 over gloo trains on wrong gradients without a word
+    (pytorch/pytorch#162338 on 2.8): wrap_model refuses it, naming the setting and the fix."""
+    from fusedlm.train import distributed
+    from fusedlm.train.config import ConfigError
+
+    monkeypatch.setattr(distributed, "FSDP_GLOO_GRADIENTS_WRONG", True)
+    store = dist.FileStore(str(tmp_path / "store"), 1)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        with pytest.raises(ConfigError, match=r"'fsdp'.*162338.*torch >= 2\.10"):
+            distributed.wrap_model(torch.nn.Linear(2, 2), distributed.DistInfo(world_size=2),
+                                   torch.device("cpu"), fsdp=True)
+    finally:
+        dist.destroy_process_group()

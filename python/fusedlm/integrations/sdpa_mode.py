@@ -79,8 +79,9 @@ class FusedSDPAMode(TorchFunctionMode):
         if func is not _TORCH_SDPA:
             return func(*args, **kwargs)
         to_torch = self.on_call is not None and self.on_call()
+        # all(...), not _SDPA_KEYWORDS.issuperset(kwargs): torch 2.8's dynamo fails tracing that
         if (to_torch or len(args) > _SDPA_MAX_POSITIONAL
-                or not _SDPA_KEYWORDS.issuperset(kwargs)):
+                or not all(name in _SDPA_KEYWORDS for name in kwargs)):
             out, fused = func(*args, **kwargs), False
         else:
             out, fused = sdpa_with_route(*args, **kwargs, backend=self.backend)

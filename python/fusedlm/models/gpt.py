@@ -158,7 +158,8 @@ def _add_norm(norm: nn.Module, x: Tensor, residual: Tensor | None) -> tuple[Tens
     residual add and its next norm, one fused pass on fusedlm's norms."""
     if residual is None:
         return norm(x), x
-    if isinstance(norm, fused_nn.LayerNorm | fused_nn.RMSNorm) and _fused_op_serves(
+    # A tuple, not `A | B`: torch 2.8's dynamo cannot trace isinstance of a types.UnionType.
+    if isinstance(norm, (fused_nn.LayerNorm, fused_nn.RMSNorm)) and _fused_op_serves(
             "add_rms_norm_fwd" if isinstance(norm, fused_nn.RMSNorm) else "add_layer_norm_fwd",
             x.device):
         return norm(x, residual)

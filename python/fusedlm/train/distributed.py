@@ -10,6 +10,15 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from .config import ConfigError
+
+# FSDP2 over gloo before torch 2.10 trains on wrong gradients without a word. 2.8: its
+# reduce-scatter asks gloo for an average and gets a sum (pytorch/pytorch#162338, fixed in 2.9),
+# so every gradient is world_size times too large. 2.9: tests/train/test_distributed.py still
+# measures a gradient norm unlike one process's (2.17 against 2.80; cause not found), where 2.10
+# matches it. NCCL (CUDA) averages.
+FSDP_GLOO_GRADIENTS_WRONG = torch.torch_version.TorchVersion(torch.__version__) < "2.10"
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -69,6 +78,11 @@ def wrap_model(model: torch.nn.Module, info: DistInfo, device: torch.device, fsd
     if not info.enabled:
         return model
     if fsdp:
+        if FSDP_GLOO_GRADIENTS_WRONG and dist.get_backend() == "gloo":
+            raise ConfigError(
+                f"'fsdp': torch {torch.__version__}'s FSDP2 over gloo (CPU) does not average the "
+                "ranks' gradients right (pytorch/pytorch#162338, and a mismatch on 2.9); use "
+                "torch >= 2.10, DDP (drop --fsdp), or CUDA devices (NCCL)")
         from torch.distributed.fsdp import fully_shard
 
         for block in model.h:

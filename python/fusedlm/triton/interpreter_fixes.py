@@ -1,4 +1,4 @@
-"""Fixes to triton 3.6's interpreter (``TRITON_INTERPRET=1``), which runs the Triton kernels on
+"""Fixes to triton's interpreter (``TRITON_INTERPRET=1``), which runs the Triton kernels on
 the CPU for the tests of machines without a GPU. Each makes the interpreter compute what a GPU
 computes; none changes a kernel. ``patch_interpreter()`` applies them all (idempotent; call it
 only when interpreting: it imports the interpreter).
@@ -42,9 +42,14 @@ def _patch_index(interpreter) -> None:
     if getattr(original, "_fusedlm_fix", False):
         return
 
-    def patched(tensor, scope):
-        original(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.item()))
+    def patched(tensor, *scope):
+        # triton 3.6 patches through a scope it can undo; 3.4 (torch 2.8's) sets attributes.
+        original(tensor, *scope)
+        index = lambda self: int(self.handle.data.item())  # noqa: E731
+        if scope:
+            scope[0].set_attr(tensor, "__index__", index)
+        else:
+            tensor.__index__ = index
 
     patched._fusedlm_fix = True
     interpreter._patch_lang_tensor = patched
