@@ -251,7 +251,7 @@ def test_fsdp_resume_continues_with_the_same_losses(runs):
         torch.testing.assert_close(resumed["model"][name], tensor, rtol=0, atol=0, msg=name)
 
 
-def test_fsdp_over_gloo_is_refused_where_torch_sums_the_gradients(monkeypatch, tmp_path):
+def test_fsdp_over_gloo_is_refused_where_torch_gets_the_gradients_wrong(monkeypatch, tmp_path):
     """torch < 2.10's FSDP2 over gloo trains on wrong gradients without a word
     (pytorch/pytorch#162338 on 2.8): wrap_model refuses it, naming the setting and the fix."""
     from fusedlm.train import distributed
