@@ -45,6 +45,8 @@ NORM_CASES = [
     ("shape_empty", ValueError, "'normalized_shape'", lambda f: f(X(), ())),
     ("shape_none", TypeError, "'normalized_shape'", lambda f: f(X(), None)),
     ("shape_float", TypeError, "'normalized_shape'", lambda f: f(X(), 8.0)),
+    ("shape_float_tensor", TypeError, "'normalized_shape'", lambda f: f(X(), torch.tensor(8.0))),
+    ("shape_tensor_of_two", TypeError, "'normalized_shape'", lambda f: f(X(), torch.tensor([2, 8]))),
     ("weight_shape", ValueError, "'weight'", lambda f: f(X(), 8, W(n=7))),
     ("weight_2d", ValueError, "'weight'", lambda f: f(X(), 8, torch.randn(1, 8))),
     ("weight_int", TypeError, "'weight'", lambda f: f(X(), 8, torch.ones(8, dtype=torch.int32))),
@@ -121,6 +123,72 @@ def test_norm_string_normalized_shape_names_argument(fn):
 )
 def test_norm_float_entries_in_normalized_shape_rejected(fn):
     _raises(TypeError, "'normalized_shape'", fn, torch.randn(3, 2), [2.7])
+
+
+# ---- losses, norm modules, the optimizer's constructor ----------------------------------------
+# Their arguments reached int() / float comparisons / torch.empty unchecked: "int() argument
+# must be ... not 'NoneType'", "'<=' not supported between instances of 'float' and 'str'".
+# (fusedlm.cross_entropy raises F.cross_entropy's exception types: it is a drop-in.)
+
+LOGITS = lambda: torch.randn(4, 7)  # noqa: E731
+TARGET = lambda: torch.randint(0, 7, (4,))  # noqa: E731
+PARAMS = lambda: [torch.nn.Parameter(torch.randn(3))]  # noqa: E731
+CE = fusedlm.cross_entropy
+LCE = lambda **kw: fusedlm.linear_cross_entropy(  # noqa: E731
+    torch.randn(4, 5), torch.randn(7, 5), TARGET(), **kw)
+ADAMW = fusedlm.optim.AdamW
+
+PUBLIC_CASES = [
+    ("ce_ignore_index_none", TypeError, "'ignore_index'",
+     lambda: CE(LOGITS(), TARGET(), ignore_index=None)),
+    ("ce_ignore_index_float", TypeError, "'ignore_index'",
+     lambda: CE(LOGITS(), TARGET(), ignore_index=-100.0)),
+    ("ce_ignore_index_tensor", TypeError, "'ignore_index'",
+     lambda: CE(LOGITS(), TARGET(), ignore_index=torch.tensor([1, 2]))),
+    ("ce_ignore_index_huge", ValueError, "'ignore_index'",
+     lambda: CE(LOGITS(), TARGET(), ignore_index=2**63)),
+    ("ce_reduction_int", ValueError, "'reduction'", lambda: CE(LOGITS(), TARGET(), reduction=1)),
+    ("lce_ignore_index_str", TypeError, "'ignore_index'", lambda: LCE(ignore_index="-100")),
+    ("lce_reduction_list", ValueError, "'reduction'", lambda: LCE(reduction=["mean"])),
+    ("layer_norm_module_negative", ValueError, "'normalized_shape'",
+     lambda: fusedlm.nn.LayerNorm(-1)),
+    ("layer_norm_module_float", TypeError, "'normalized_shape'",
+     lambda: fusedlm.nn.LayerNorm(8.0)),
+    ("rms_norm_module_str", TypeError, "'normalized_shape'", lambda: fusedlm.nn.RMSNorm("8")),
+    ("rms_norm_module_none_entry", TypeError, "'normalized_shape'",
+     lambda: fusedlm.nn.RMSNorm((8, None))),
+    ("adamw_params_none", TypeError, "'params'", lambda: ADAMW(None)),
+    ("adamw_lr_none", TypeError, "'lr'", lambda: ADAMW(PARAMS(), lr=None)),
+    ("adamw_lr_nan", ValueError, "'lr'", lambda: ADAMW(PARAMS(), lr=float("nan"))),
+    ("adamw_lr_two_elements", ValueError, "'lr'", lambda: ADAMW(PARAMS(), lr=torch.ones(2))),
+    ("adamw_betas_scalar", TypeError, "'betas'", lambda: ADAMW(PARAMS(), betas=0.9)),
+    ("adamw_betas_three", TypeError, "'betas'", lambda: ADAMW(PARAMS(), betas=(0.9, 0.99, 0.1))),
+    ("adamw_beta2_one", ValueError, "'betas[1]'", lambda: ADAMW(PARAMS(), betas=(0.9, 1.0))),
+    ("adamw_beta1_str", TypeError, "'betas[0]'", lambda: ADAMW(PARAMS(), betas=("0.9", 0.99))),
+    ("adamw_eps_str", TypeError, "'eps'", lambda: ADAMW(PARAMS(), eps="1e-8")),
+    ("adamw_weight_decay_negative", ValueError, "'weight_decay'",
+     lambda: ADAMW(PARAMS(), weight_decay=-0.1)),
+]
+
+
+@pytest.mark.parametrize(
+    ("exc", "argument", "call"), [c[1:] for c in PUBLIC_CASES], ids=[c[0] for c in PUBLIC_CASES]
+)
+def test_public_bad_input(call, argument, exc):
+    _raises(exc, argument, call)
+
+
+def test_adamw_takes_what_torch_takes():
+    """The constructor's checks reject nothing torch.optim.AdamW accepts: a zero lr, eps and
+    weight decay, numpy and tensor hyperparameters, a list of betas, a generator of params."""
+    import numpy as np
+
+    for kwargs in ({"lr": 0.0, "eps": 0.0, "weight_decay": 0.0}, {"lr": np.float32(1e-3)},
+                   {"lr": torch.tensor(1e-3), "foreach": False}, {"betas": [0.0, 0.5]},
+                   {"betas": (torch.tensor(0.9), torch.tensor(0.999)), "foreach": False}):
+        for cls in (torch.optim.AdamW, ADAMW):
+            cls(PARAMS(), **kwargs)
+    ADAMW(p for p in PARAMS())
 
 
 # ---- attention ---------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import io
+import pickle
 
 import pytest
 import torch
@@ -304,6 +305,10 @@ def test_compiled_applied_model_runs_fused_and_matches(name):
     rule). With a padding mask the graph records the run-time-masked attention op, which
     reads the mask when it runs and takes our kernels, forward and backward."""
     model, same, truth, _ = _triple(name)
+    # A training forward: no KV cache. Transformers 4.54-4.55 build a DynamicCache by calling
+    # inspect.signature, which breaks the graph of the unpatched model too.
+    for m in (model, same, truth):
+        m.config.use_cache = False
     eager = copy.deepcopy(model)
     ids = torch.randint(0, VOCAB, (2, 13))
     torch._dynamo.reset()
@@ -759,6 +764,14 @@ MOES = {
 }
 
 
+def _pickles(model: torch.nn.Module) -> bool:
+    try:
+        torch.save(model, io.BytesIO())
+    except (AttributeError, TypeError, pickle.PicklingError):
+        return False
+    return True
+
+
 @pytest.mark.parametrize("name", list(MOES))
 def test_moe_experts_gate_is_swapped_and_matches(name):
     """A tiny random mixture of experts: after apply() each layer's experts module computes
@@ -794,12 +807,13 @@ def test_moe_experts_gate_is_swapped_and_matches(name):
     ids = torch.randint(0, VOCAB, (2, 13))
     outs, checked = _check_glu_model(model, same, truth, ids, name)
     assert sum("experts" in n for n in checked) == 4  # gate_up_proj, down_proj of both layers
-    buffer = io.BytesIO()
-    torch.save(model, buffer)
-    buffer.seek(0)
-    loaded = torch.load(buffer, weights_only=False)
-    assert type(loaded.model.layers[0].mlp.experts) is type(experts[0])
-    torch.testing.assert_close(loaded(input_ids=ids).logits, outs[0], rtol=0, atol=0)
+    if _pickles(same):  # (5.10's hub-kernel activations cannot be pickled, patched or not)
+        buffer = io.BytesIO()
+        torch.save(model, buffer)
+        buffer.seek(0)
+        loaded = torch.load(buffer, weights_only=False)
+        assert type(loaded.model.layers[0].mlp.experts) is type(experts[0])
+        torch.testing.assert_close(loaded(input_ids=ids).logits, outs[0], rtol=0, atol=0)
     fusedlm.unpatch(model)
     assert all(type(e).__name__ == experts_class for e in experts)
     assert not any("_fusedlm" in key or "activation" in e.__dict__ for e in experts
@@ -819,9 +833,13 @@ def test_interleaved_experts_are_left_alone():
         pytest.skip("this transformers' gpt-oss experts have no _apply_gate (4.x)")
     report = fhf.apply(model, attention=False, norms=False, loss=False)
     assert not report.swapped
-    assert [(m.name, m.reason) for m in report.left if m.name.endswith("experts")] == [
-        (f"model.layers.{i}.mlp.experts",
-         "its gate and up projections are interleaved, not [gate, up]") for i in range(2)]
+    # transformers < 5.3 has no is_concatenated flag: there the probe turns it away.
+    reason = ("its gate and up projections are interleaved, not [gate, up]"
+              if hasattr(model.model.layers[0].mlp.experts, "is_concatenated") else
+              "its _apply_gate is not act(gate) * up over [gate, up]")
+    left = [(m.name, m.reason) for m in report.left if m.name.endswith("experts")]
+    assert [(name, why.split(" with act")[0]) for name, why in left] == [
+        (f"model.layers.{i}.mlp.experts", reason) for i in range(2)], left
 
 
 def _qkv(b, hq, hkv, tq, tk, d=16):

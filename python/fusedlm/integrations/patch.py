@@ -613,7 +613,10 @@ def _experts_replacement(module: torch.nn.Module, backend: str):
     ``_apply_gate`` hook)."""
     if isinstance(module, _ModelExpertsGate):
         return None, None
-    if not getattr(module, "has_gate", False):
+    # transformers < 5.3 has neither flag: every experts class then has a gate and
+    # concatenates [gate, up], except those with an _apply_gate of their own (gpt-oss), which
+    # the probe turns away.
+    if not getattr(module, "has_gate", True):
         return None, "its experts have no gate (act(up) only)"
     if getattr(module, "is_concatenated", True) is not True:
         return None, "its gate and up projections are interleaved, not [gate, up]"

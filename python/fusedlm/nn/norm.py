@@ -9,7 +9,16 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..ops.norm import add_layer_norm, add_rms_norm, layer_norm, rms_norm
+from ..ops.norm import _shape_tuple, add_layer_norm, add_rms_norm, layer_norm, rms_norm
+
+
+def _checked_shape(normalized_shape) -> tuple[int, ...]:
+    """torch's constructors take any iterable and fail inside torch.empty; this names the
+    argument."""
+    shape = _shape_tuple(normalized_shape)
+    if any(size < 0 for size in shape):
+        raise ValueError(f"argument 'normalized_shape' must not have negative sizes, got {shape}")
+    return shape
 
 
 def _rebind(cls, module: torch.nn.Module, backend: str):
@@ -28,7 +37,8 @@ class LayerNorm(torch.nn.LayerNorm):
 
     def __init__(self, normalized_shape, eps: float = 1e-5, elementwise_affine: bool = True,
                  bias: bool = True, device=None, dtype=None, *, backend: str = "auto") -> None:
-        super().__init__(normalized_shape, eps, elementwise_affine, bias, device, dtype)
+        super().__init__(_checked_shape(normalized_shape), eps, elementwise_affine, bias, device,
+                         dtype)
         self.backend = backend
 
     def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor]:
@@ -50,7 +60,7 @@ class RMSNorm(torch.nn.RMSNorm):
 
     def __init__(self, normalized_shape, eps: float | None = None, elementwise_affine: bool = True,
                  device=None, dtype=None, *, backend: str = "auto") -> None:
-        super().__init__(normalized_shape, eps, elementwise_affine, device, dtype)
+        super().__init__(_checked_shape(normalized_shape), eps, elementwise_affine, device, dtype)
         self.backend = backend
 
     def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor]:

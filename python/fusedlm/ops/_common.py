@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import operator
 
 import torch
 from torch import Tensor
@@ -77,6 +78,27 @@ def check_finite_float(value: object, name: str, minimum: float | None = None) -
     if minimum is not None and value < minimum:
         raise ValueError(f"argument '{name}' must be >= {minimum}, got {value}")
     return value
+
+
+def check_int(value: object, name: str) -> int:
+    """An int argument as torch's int arguments take it (a Python or numpy int, a one-element
+    integer tensor), within int64."""
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        value = operator.index(value)
+    except TypeError:
+        raise TypeError(f"argument '{name}' must be an int, got {type(value).__name__}") from None
+    if not -(2**63) <= value < 2**63:
+        raise ValueError(f"argument '{name}' must fit in int64, got {value}")
+    return value
+
+
+def check_reduction(reduction: object, allowed: tuple[str, ...]) -> str:
+    """ValueError for any other value, str or not, as torch's losses raise."""
+    if not isinstance(reduction, str) or reduction not in allowed:
+        raise ValueError(f"argument 'reduction' must be one of {allowed}, got {reduction!r}")
+    return reduction
 
 
 def check_scalar_tensor(t, name: str, params: list[Tensor], numel: int = 1,

@@ -15,6 +15,8 @@ from ..backends import OpDispatch, check_backend_name, requested_backend
 from ._common import (
     FLOAT_DTYPES,
     autocast_off,
+    check_int,
+    check_reduction,
     eager_autograd_function,
     forward_for_call,
     register_extension_kernels,
@@ -212,6 +214,9 @@ def cross_entropy(
     assert, so the check needs no host sync).
     """
     check_backend_name(backend)
+    ignore_index = check_int(ignore_index, "ignore_index")
+    if size_average is None and reduce is None:  # (the deprecated pair overrides reduction)
+        check_reduction(reduction, _REDUCTIONS)
     reason = _why_torchs(backend, input, target, weight, size_average, reduce, reduction,
                          label_smoothing)
     if reason is not None:
@@ -220,7 +225,7 @@ def cross_entropy(
             logger.info("fusedlm.cross_entropy: %s -> torch.nn.functional.cross_entropy", reason)
         return F.cross_entropy(input, target, weight, size_average, ignore_index, reduce,
                                reduction, label_smoothing)
-    loss = _reduced_loss(input, target, int(ignore_index), reduction, float(label_smoothing),
+    loss = _reduced_loss(input, target, ignore_index, reduction, float(label_smoothing),
                          backend)
     return loss.to(_loss_dtype(input))
 
@@ -259,8 +264,8 @@ def language_model_loss(logits: Tensor, target: Tensor, ignore_index: int = -100
     does not raise: the loss then takes torch's path, logged once, so a model run with
     FUSEDLM_BACKEND=cuda still trains."""
     check_backend_name(backend)
-    if reduction not in ("mean", "sum"):
-        raise ValueError(f"argument 'reduction' must be 'mean' or 'sum', got {reduction!r}")
+    check_reduction(reduction, ("mean", "sum"))
+    ignore_index = check_int(ignore_index, "ignore_index")
     reason = _why_torchs(backend, logits, target, None, None, None, reduction, 0.0)
     if reason is None and not torch.compiler.is_compiling():
         requested = requested_backend(backend)
@@ -268,7 +273,7 @@ def language_model_loss(logits: Tensor, target: Tensor, ignore_index: int = -100
             why = CROSS_ENTROPY_FWD._why_not(requested, logits.device, (logits, target))
             reason = None if why is None else f"backend {requested!r} cannot serve it: {why}"
     if reason is None:
-        return _reduced_loss(logits, target, int(ignore_index), reduction, 0.0, backend)
+        return _reduced_loss(logits, target, ignore_index, reduction, 0.0, backend)
     if reason not in _fallback_logged:
         _fallback_logged.add(reason)
         logger.info("fusedlm language-model loss: %s -> torch.nn.functional.cross_entropy on a "

@@ -34,6 +34,8 @@ from ._common import (
     autocast_inputs,
     autocast_off,
     check_float_tensor,
+    check_int,
+    check_reduction,
     check_same_device,
     eager_autograd_function,
     stat_dtype,
@@ -322,8 +324,7 @@ def _check_arguments(input, weight, target, bias, reduction, label_smoothing, ch
         raise ValueError(f"argument 'target' must have shape {list(input.shape[:-1])} (the "
                          f"input's but the last), got {list(target.shape)}")
     check_same_device(target, "target", input, "input")
-    if reduction not in _REDUCTIONS:
-        raise ValueError(f"argument 'reduction' must be one of {_REDUCTIONS}, got {reduction!r}")
+    check_reduction(reduction, _REDUCTIONS)
     if (isinstance(label_smoothing, bool) or not isinstance(label_smoothing, (int, float))
             or not 0.0 <= label_smoothing <= 1.0):
         raise ValueError(f"argument 'label_smoothing' must be a number in [0, 1], got "
@@ -370,6 +371,7 @@ def linear_cross_entropy(
     """
     check_backend_name(backend)
     _check_arguments(input, weight, target, bias, reduction, label_smoothing, chunk_size)
+    ignore_index = check_int(ignore_index, "ignore_index")
     if softcap is not None and (isinstance(softcap, bool) or not isinstance(softcap, (int, float))
                                 or not math.isfinite(softcap) or softcap <= 0):
         raise ValueError(f"argument 'softcap' must be a positive finite number or None, got "
@@ -387,14 +389,14 @@ def linear_cross_entropy(
     input, target = input.reshape(-1, input.shape[-1]), target.reshape(-1)
     N, V = input.shape[0], weight.shape[0]
     if under_transform():  # torch.func / forward-mode AD: the composition of reference ops
-        loss = reference.linear_cross_entropy(input, weight, bias, target, int(ignore_index),
+        loss = reference.linear_cross_entropy(input, weight, bias, target, ignore_index,
                                               float(label_smoothing), reduction, softcap)
         return loss.view(shape) if reduction == "none" else loss
-    _check_targets(target, V, int(ignore_index), "fusedlm.linear_cross_entropy")
+    _check_targets(target, V, ignore_index, "fusedlm.linear_cross_entropy")
     chunk = chunk_size if chunk_size is not None else default_chunk_size(N, V)
     needs = [torch.is_grad_enabled() and t is not None and t.requires_grad
              for t in (input, weight, bias)]
-    arguments = (input, weight, bias, target, int(ignore_index), float(label_smoothing),
+    arguments = (input, weight, bias, target, ignore_index, float(label_smoothing),
                  reduction, max(1, chunk), *needs, backend, softcap)
     if torch.compiler.is_compiling():
         loss = torch.ops.fusedlm.linear_cross_entropy_fwd(*arguments)[0]

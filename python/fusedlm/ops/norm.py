@@ -393,9 +393,11 @@ _AddRmsNormEager = eager_autograd_function(
 
 
 def _shape_tuple(normalized_shape) -> tuple[int, ...]:
-    if not isinstance(normalized_shape, bool) and hasattr(type(normalized_shape), "__index__"):
-        return (operator.index(normalized_shape),)  # an int-like scalar (numpy's too)
     try:  # a tuple of types, not `A | B`: torch 2.8's dynamo cannot trace a types.UnionType
+        if not isinstance(normalized_shape, bool) and hasattr(type(normalized_shape), "__index__"):
+            # An int-like scalar (numpy's too); a tensor's __index__ raises TypeError unless
+            # it holds one integer.
+            return (operator.index(normalized_shape),)
         if isinstance(normalized_shape, (str, bytes, bool)) or any(
             isinstance(s, bool) for s in normalized_shape
         ):

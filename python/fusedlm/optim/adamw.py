@@ -24,6 +24,7 @@ the grads and checks ``found_inf`` on the host first, as its single-tensor code 
 from __future__ import annotations
 
 import itertools
+import numbers
 import sys
 
 import torch
@@ -36,6 +37,32 @@ from ..ops.adamw import adamw_step
 
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
 _STATE_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+
+
+def _check_hyperparameters(params, lr, betas, eps, weight_decay) -> None:
+    """Named errors for what torch's constructor rejects with its own words or a bare
+    TypeError ("'<=' not supported between instances of 'float' and 'NoneType'"). Tensors are
+    range-checked only on the CPU (no device sync); torch's own checks follow."""
+    if isinstance(params, Tensor) or not hasattr(params, "__iter__"):
+        raise TypeError("argument 'params' must be an iterable of parameters or of parameter "
+                        f"groups (dicts), got {type(params).__name__}")
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+        raise TypeError(f"argument 'betas' must be a pair (beta1, beta2), got {betas!r}")
+    for name, value, upper in (("lr", lr, None), ("betas[0]", betas[0], 1.0),
+                               ("betas[1]", betas[1], 1.0), ("eps", eps, None),
+                               ("weight_decay", weight_decay, None)):
+        if isinstance(value, Tensor):
+            if value.numel() != 1:
+                raise ValueError(f"argument '{name}' must be a number or a one-element tensor, "
+                                 f"got shape {list(value.shape)}")
+            if value.device.type != "cpu":
+                continue
+            value = value.item()
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise TypeError(f"argument '{name}' must be a number, got {type(value).__name__}")
+        if not (0.0 <= value and (upper is None or value < upper)):  # (NaN fails too)
+            bounds = "in [0, 1)" if upper is not None else ">= 0"
+            raise ValueError(f"argument '{name}' must be {bounds}, got {value}")
 
 
 class AdamW(torch.optim.AdamW):
@@ -76,6 +103,7 @@ class AdamW(torch.optim.AdamW):
         master_weights: bool = False,
     ) -> None:
         check_backend_name(backend)
+        _check_hyperparameters(params, lr, betas, eps, weight_decay)
         if master_weights and (capturable or differentiable):
             raise ValueError("argument 'master_weights' is not supported with capturable=True or "
                              "differentiable=True (torch's own AdamW runs those)")
