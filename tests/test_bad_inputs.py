@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import fusedlm
+from fusedlm.models.gpt import GPTConfig
 from tests.helpers import cpu_backend_available, cpu_unavailable_reason
 
 
@@ -158,6 +159,21 @@ PUBLIC_CASES = [
     ("rms_norm_module_str", TypeError, "'normalized_shape'", lambda: fusedlm.nn.RMSNorm("8")),
     ("rms_norm_module_none_entry", TypeError, "'normalized_shape'",
      lambda: fusedlm.nn.RMSNorm((8, None))),
+    ("attention_module_n_embd_none", ValueError, "'n_embd'",
+     lambda: fusedlm.nn.CausalSelfAttention(None, 4)),
+    ("attention_module_n_head_zero", ValueError, "'n_head'",
+     lambda: fusedlm.nn.CausalSelfAttention(32, 0)),
+    ("attention_module_n_kv_head_str", ValueError, "'n_kv_head'",
+     lambda: fusedlm.nn.CausalSelfAttention(32, 4, "2")),
+    ("swiglu_module_float_width", ValueError, "'intermediate_size'",
+     lambda: fusedlm.nn.SwiGLUMLP(16, 2.5)),
+    ("geglu_module_str_hidden", ValueError, "'hidden_size'", lambda: fusedlm.nn.GeGLUMLP("16", 8)),
+    ("gpt_config_n_kv_head_str", ValueError, "'n_kv_head'", lambda: GPTConfig(n_kv_head="2")),
+    ("gpt_config_intermediate_negative", ValueError, "'intermediate_size'",
+     lambda: GPTConfig(arch="llama", intermediate_size=-1)),
+    ("gpt_config_dropout_none", ValueError, "'dropout'", lambda: GPTConfig(dropout=None)),
+    ("gpt_config_norm_eps_nan", ValueError, "'norm_eps'", lambda: GPTConfig(norm_eps=float("nan"))),
+    ("gpt_config_rope_theta_zero", ValueError, "'rope_theta'", lambda: GPTConfig(rope_theta=0)),
     ("adamw_params_none", TypeError, "'params'", lambda: ADAMW(None)),
     ("adamw_lr_none", TypeError, "'lr'", lambda: ADAMW(PARAMS(), lr=None)),
     ("adamw_lr_nan", ValueError, "'lr'", lambda: ADAMW(PARAMS(), lr=float("nan"))),

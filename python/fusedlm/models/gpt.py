@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from .. import nn as fused_nn
 from ..backends import OpDispatch
+from ..ops._common import check_positive_int
 from ..ops.attention import attention as fused_attention
 from ..ops.attention import key_range_from_document_ids
 from ..ops.cross_entropy import language_model_loss
@@ -62,25 +63,25 @@ class GPTConfig:
         if self.arch not in ARCHS:
             raise ValueError(f"GPTConfig 'arch' must be one of {ARCHS}, got {self.arch!r}")
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
+            check_positive_int(getattr(self, name), name, "GPTConfig")
+        for name in ("n_kv_head", "intermediate_size", "sliding_window"):
+            check_positive_int(getattr(self, name), name, "GPTConfig", optional=True)
+        for name, within, bounds in (
+                ("dropout", lambda v: 0.0 <= v < 1.0, "in [0, 1)"),
+                ("norm_eps", lambda v: 0.0 <= v < math.inf, "a finite number >= 0"),
+                ("rope_theta", lambda v: 0.0 < v < math.inf, "a positive finite number")):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"GPTConfig '{name}' must be a positive integer, got {value!r}")
-        window = self.sliding_window
-        if window is not None and (not isinstance(window, int) or isinstance(window, bool)
-                                   or window < 1):
-            raise ValueError(
-                f"GPTConfig 'sliding_window' must be None or a positive integer, got {window!r}")
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not within(value):
+                raise ValueError(f"GPTConfig '{name}' must be {bounds}, got {value!r}")
         if self.n_embd % self.n_head != 0:
             raise ValueError(
                 f"GPTConfig 'n_embd' ({self.n_embd}) must be divisible by 'n_head' ({self.n_head})"
             )
-        if self.n_kv_head is not None and (self.n_kv_head < 1 or self.n_head % self.n_kv_head):
+        if self.n_kv_head is not None and self.n_head % self.n_kv_head:
             raise ValueError(
                 f"GPTConfig 'n_head' ({self.n_head}) must be a multiple of 'n_kv_head' "
                 f"({self.n_kv_head})"
             )
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"GPTConfig 'dropout' must be in [0, 1), got {self.dropout}")
         if self.arch == "llama" and (self.n_embd // self.n_head) % 2:
             raise ValueError("GPTConfig: rotary positions need an even head dim (n_embd / n_head)")
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..ops._common import check_positive_int
 from ..ops.attention import attention
 
 
@@ -18,18 +19,16 @@ class CausalSelfAttention(torch.nn.Module):
                  device=None, dtype=None, *, backend: str = "auto",
                  sliding_window: int | None = None) -> None:
         super().__init__()
-        if sliding_window is not None and (not isinstance(sliding_window, int)
-                                           or isinstance(sliding_window, bool)
-                                           or sliding_window < 1):
-            raise ValueError("argument 'sliding_window' must be None or a positive integer, got "
-                             f"{sliding_window!r}")
-        self.sliding_window = sliding_window
+        n_embd = check_positive_int(n_embd, "n_embd")
+        n_head = check_positive_int(n_head, "n_head")
+        n_kv_head = check_positive_int(n_kv_head, "n_kv_head", optional=True)
+        self.sliding_window = check_positive_int(sliding_window, "sliding_window", optional=True)
         n_kv_head = n_head if n_kv_head is None else n_kv_head
         if n_embd % n_head != 0:
             raise ValueError(
                 f"argument 'n_embd' ({n_embd}) must be divisible by 'n_head' ({n_head})"
             )
-        if n_kv_head < 1 or n_head % n_kv_head != 0:
+        if n_head % n_kv_head != 0:
             raise ValueError(
                 f"argument 'n_head' ({n_head}) must be a multiple of 'n_kv_head' ({n_kv_head})"
             )

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from ..backends import check_backend_name
+from ..ops._common import check_positive_int
 from ..ops.glu import geglu, swiglu
 
 
@@ -26,6 +27,8 @@ class _GatedMLP(torch.nn.Module):
         super().__init__()
         check_backend_name(backend)
         factory = {"device": device, "dtype": dtype}
+        hidden_size = check_positive_int(hidden_size, "hidden_size")
+        intermediate_size = check_positive_int(intermediate_size, "intermediate_size")
         self.hidden_size, self.intermediate_size = hidden_size, intermediate_size
         self.gate_proj = torch.nn.Linear(hidden_size, intermediate_size, bias=bias, **factory)
         self.up_proj = torch.nn.Linear(hidden_size, intermediate_size, bias=bias, **factory)

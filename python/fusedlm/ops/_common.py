@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import numbers
 import operator
 
 import torch
@@ -92,6 +93,18 @@ def check_int(value: object, name: str) -> int:
     if not -(2**63) <= value < 2**63:
         raise ValueError(f"argument '{name}' must fit in int64, got {value}")
     return value
+
+
+def check_positive_int(value: object, name: str, owner: str = "argument",
+                       optional: bool = False) -> int | None:
+    """A size or count (a layer's width, a head count): a positive int, or None when
+    ``optional``. ValueError otherwise, naming ``owner`` 'name'."""
+    if optional and value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{owner} '{name}' must be a positive integer"
+                         f"{' or None' if optional else ''}, got {value!r}")
+    return int(value)
 
 
 def check_reduction(reduction: object, allowed: tuple[str, ...]) -> str:
