@@ -295,6 +295,19 @@ def test_generate_sampling_is_seeded_and_respects_top_k():
         model.generate(prompt, 1, temperature=-1)
 
 
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_generate_refuses_non_finite_logits(temperature):
+    """Diverged weights: a clear error, not multinomial's (on a GPU, a device-side assert
+    that ends the CUDA context); the model's training mode is restored."""
+    config, model, _ = _pair("gpt2")
+    model.train()
+    with torch.no_grad():
+        model.lm_head.weight[3].fill_(float("nan"))
+    with pytest.raises(FloatingPointError, match="logits are not finite"):
+        model.generate(torch.zeros(1, 2, dtype=torch.long), 4, temperature=temperature)
+    assert model.training
+
+
 def test_sequence_longer_than_block_size_raises():
     config, model, _ = _pair("gpt2")
     with pytest.raises(ValueError, match="block_size"):

@@ -7,6 +7,7 @@ import itertools
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -213,6 +214,17 @@ def test_nan_policy_stops_after_max_bad_steps(data_dir, tmp_path):
     assert read_metrics(tmp_path / "run2")[-1]["skipped"] is True
 
 
+def test_sample_of_diverged_weights_says_so(data_dir, tmp_path):
+    """A run that ends on non-finite weights (nan_policy "skip" kept going) prints that no
+    sample could be drawn, rather than failing in torch.multinomial after training."""
+    trainer = _trainer(data_dir, tmp_path / "run")
+    assert not trainer.sample(tokens=3).startswith("(no sample")
+    with torch.no_grad():
+        next(trainer.raw_model.parameters()).fill_(float("nan"))
+    assert trainer.sample(tokens=3) == (
+        "(no sample: GPT.generate: the model's logits are not finite (NaN or Inf weights?))")
+
+
 def test_init_from_checkpoint_and_hf_directory(data_dir, tmp_path):
     first = tmp_path / "first"
     assert main(train_flags(data_dir, first, steps=6, ckpt_every=6)) == 0
@@ -259,6 +271,13 @@ def test_embedded_default_corpus_is_prepared_once(tmp_path, monkeypatch):
     (["--document-separator", "-1"], "'document_separator' must be a token id"),
     (["--document-separator", "300"], "'document_separator' 300 is not a token id"),
     (["--reset-positions"], "'reset_positions' needs 'document_separator'"),
+    (["--lr", "inf"], "'lr' must be a finite number > 0"),
+    (["--warmup-steps", "-5"], "'warmup_steps' must be >= 0"),
+    (["--seed", "-1"], "'seed' must be in [0, 2**63)"),
+    (["--device", "tpu"], "'device' must be auto, cpu, cuda or cuda:N, got 'tpu'"),
+    (["--device", "cuda:x"], "'device' must be auto, cpu, cuda or cuda:N, got 'cuda:x'"),
+    (["--model", "[1]"], "'model' must be a table / JSON object, got [1]"),
+    (["--sample-every", "-1"], "'sample_every' must be >= 0"),
 ])
 def test_cli_errors_are_one_line(data_dir, tmp_path, capsys, args, message):
     flags = train_flags(data_dir, tmp_path / "run",
@@ -288,6 +307,19 @@ def test_toml_config_and_flag_precedence(tmp_path):
         make_config(str(path))
     with pytest.raises(ConfigError, match="resume.*init_from"):
         make_config(resume=True, init_from="x")
+    # A TOML file can give a setting any type: each is checked against its annotation.
+    for text, message in (('batch_size = "16"', "'batch_size' must be an integer or unset"),
+                          ("lr = true", "'lr' must be a number or unset"),
+                          ("compile = 1", "'compile' must be true or false"),
+                          ("model = 3", "'model' must be a table"),
+                          ("beta2 = 1.0", "'beta2' must be in [0, 1)"),
+                          ("weight_decay = nan", "'weight_decay' must be a finite number >= 0"),
+                          ("min_lr_ratio = 1.5", "'min_lr_ratio' must be in [0, 1]")):
+        path.write_text(text + "\n")
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            make_config(str(path))
+    path.write_text("lr = 1\ndecay_fraction = 1.0\nmin_lr_ratio = 1\n")  # ints for floats
+    assert make_config(str(path)).lr == 1
 
 
 def test_help_of_every_command(capsys):

@@ -501,26 +501,33 @@ class GPT(nn.Module):
             raise ValueError(f"argument 'top_k' must be >= 1, got {top_k}")
         was_training = self.training
         self.eval()
-        block_size = self.config.block_size
-        cache, pending = KVCache(self.config.n_layer, block_size), idx[:, -block_size:]
-        for _ in range(max_new_tokens):
-            if cache.length + pending.shape[1] > block_size:
-                cache.clear()
-                pending = idx[:, -(block_size // 2):]
-            logits, _ = self(pending, cache=cache)
-            logits = logits[:, -1, :].float()
-            if temperature == 0:
-                next_token = logits.argmax(dim=-1, keepdim=True)
-            else:
-                logits = logits / temperature
-                if top_k is not None:
-                    kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
-                    logits = logits.masked_fill(logits < kth, float("-inf"))
-                probs = F.softmax(logits, dim=-1)
-                next_token = torch.multinomial(probs, 1, generator=generator)
-            idx = torch.cat((idx, next_token), dim=1)
-            pending = next_token
-        self.train(was_training)
+        try:
+            block_size = self.config.block_size
+            cache, pending = KVCache(self.config.n_layer, block_size), idx[:, -block_size:]
+            for _ in range(max_new_tokens):
+                if cache.length + pending.shape[1] > block_size:
+                    cache.clear()
+                    pending = idx[:, -(block_size // 2):]
+                logits, _ = self(pending, cache=cache)
+                logits = logits[:, -1, :].float()
+                # Checked on the host: on a GPU, multinomial over NaN probabilities is a
+                # device-side assert, which ends the process's CUDA context.
+                if not bool(torch.isfinite(logits).all()):
+                    raise FloatingPointError("GPT.generate: the model's logits are not finite "
+                                             "(NaN or Inf weights?)")
+                if temperature == 0:
+                    next_token = logits.argmax(dim=-1, keepdim=True)
+                else:
+                    logits = logits / temperature
+                    if top_k is not None:
+                        kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
+                        logits = logits.masked_fill(logits < kth, float("-inf"))
+                    probs = F.softmax(logits, dim=-1)
+                    next_token = torch.multinomial(probs, 1, generator=generator)
+                idx = torch.cat((idx, next_token), dim=1)
+                pending = next_token
+        finally:
+            self.train(was_training)
         return idx
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:

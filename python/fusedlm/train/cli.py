@@ -95,18 +95,25 @@ def _sample(args: argparse.Namespace) -> int:
     from .trainer import load_pretrained
 
     try:
+        device = torch.device(args.device if args.device != "auto"
+                              else ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError:
+        return _fail("sample", ValueError(f"--device must be auto, cpu, cuda or cuda:N, got "
+                                          f"{args.device!r}"))
+    try:
         model = load_pretrained(args.checkpoint, args.kernels)
         tokenizer = load_tokenizer(args.tokenizer or checkpoint_tokenizer(args.checkpoint))
     except (*_user_errors(), ValueError) as e:
         return _fail("sample", e)
-    device = torch.device(args.device if args.device != "auto"
-                          else ("cuda" if torch.cuda.is_available() else "cpu"))
     model.to(device)
     ids = torch.as_tensor(tokenizer.encode(args.prompt).astype("int64"), device=device)[None]
     generator = torch.Generator(device=device).manual_seed(args.seed)
     for _ in range(args.num_samples):
-        out = model.generate(ids, args.max_new_tokens, temperature=args.temperature,
-                             top_k=args.top_k, generator=generator)
+        try:
+            out = model.generate(ids, args.max_new_tokens, temperature=args.temperature,
+                                 top_k=args.top_k, generator=generator)
+        except (ValueError, FloatingPointError) as e:  # bad temperature / top_k, NaN weights
+            return _fail("sample", e)
         print(tokenizer.decode(out[0].tolist()))
         print("-" * 40)
     return 0

@@ -4,8 +4,11 @@ order of precedence, flags last)."""
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass, field
+
+import torch
 
 try:
     import tomllib
@@ -71,17 +74,63 @@ class TrainConfig:
     max_bad_steps: int = 5
     progress: bool | None = None  # None: when the terminal is a TTY
 
+    def _check_types(self) -> None:
+        """Each setting against its annotation (a TOML file can hold any type): str, int,
+        float (an int is taken), bool, dict, each optionally None."""
+        kinds = {"str": (str,), "int": (int,), "float": (int, float), "bool": (bool,),
+                 "dict": (dict,)}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            kind, _, optional = f.type.partition(" | ")
+            if value is None and optional == "None":
+                continue
+            if (not isinstance(value, kinds[kind])
+                    or (isinstance(value, bool) and kind in ("int", "float"))):
+                wanted = {"str": "a string", "int": "an integer", "float": "a number",
+                          "bool": "true or false", "dict": "a table / JSON object"}[kind]
+                raise ConfigError(f"'{f.name}' must be {wanted}"
+                                  f"{' or unset' if optional else ''}, got {value!r}")
+
     def validate(self) -> TrainConfig:
+        self._check_types()
+        ranges = {  # name: (lowest, highest (excluded), the rule in words); None passes
+            "batch_size": (1, math.inf, "positive"),
+            "max_steps": (1, math.inf, "positive"),
+            "grad_accum": (1, math.inf, ">= 1"),
+            "eval_every": (0, math.inf, ">= 0 (0: no evaluation)"),
+            "ckpt_every": (0, math.inf, ">= 0 (0: no periodic checkpoints)"),
+            "keep_checkpoints": (1, math.inf, ">= 1"),
+            "lr": (math.ulp(0.0), math.inf, "a finite number > 0"),
+            "min_lr_ratio": (0.0, math.nextafter(1.0, 2.0), "in [0, 1]"),
+            "seed": (0, 2**63, "in [0, 2**63)"),
+            "warmup_steps": (0, math.inf, ">= 0"),
+            "sample_every": (0, math.inf, ">= 0 (0: no samples)"),
+            "eval_batches": (1, math.inf, ">= 1"),
+            "sample_tokens": (1, math.inf, ">= 1"),
+            "log_every": (1, math.inf, ">= 1"),
+            "max_bad_steps": (1, math.inf, ">= 1"),
+            "decay_fraction": (0.0, math.nextafter(1.0, 2.0), "in [0, 1]"),
+            "weight_decay": (0.0, math.inf, "a finite number >= 0"),
+            "beta1": (0.0, 1.0, "in [0, 1)"),
+            "beta2": (0.0, 1.0, "in [0, 1)"),
+            "grad_clip": (0.0, math.inf, "a finite number >= 0 (0 disables it)"),
+        }
+        for name, (low, high, rule) in ranges.items():
+            value = getattr(self, name)
+            if value is not None and not low <= value < high:  # (NaN fails too)
+                raise ConfigError(f"'{name}' must be {rule}, got {value}")
+        if self.device != "auto":
+            try:
+                torch.device(self.device)
+            except RuntimeError as e:
+                raise ConfigError(f"'device' must be auto, cpu, cuda or cuda:N, got "
+                                  f"{self.device!r}") from e
         choices = {"kernels": ("fused", "torch"), "schedule": SCHEDULES, "task": TASKS,
                    "nan_policy": NAN_POLICIES, "data_mode": ("random", "sequential")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"'{name}' must be one of {', '.join(allowed)}; "
                                   f"got {getattr(self, name)!r}")
-        for name in ("batch_size", "max_steps", "eval_every", "ckpt_every"):
-            value = getattr(self, name)
-            if value is not None and value < (0 if name in ("eval_every", "ckpt_every") else 1):
-                raise ConfigError(f"'{name}' must be positive, got {value}")
         separator = self.document_separator
         if separator is not None and (isinstance(separator, bool) or not isinstance(separator, int)
                                       or separator < 0):
@@ -89,16 +138,6 @@ class TrainConfig:
         if self.reset_positions and separator is None:
             raise ConfigError("'reset_positions' needs 'document_separator' (where each packed "
                               "document starts)")
-        if self.grad_accum < 1:
-            raise ConfigError(f"'grad_accum' must be >= 1, got {self.grad_accum}")
-        if self.keep_checkpoints < 1:
-            raise ConfigError(f"'keep_checkpoints' must be >= 1, got {self.keep_checkpoints}")
-        if self.lr is not None and not self.lr > 0:
-            raise ConfigError(f"'lr' must be > 0, got {self.lr}")
-        if not 0 <= self.min_lr_ratio <= 1:
-            raise ConfigError(f"'min_lr_ratio' must be in [0, 1], got {self.min_lr_ratio}")
-        if self.grad_clip < 0:
-            raise ConfigError(f"'grad_clip' must be >= 0 (0 disables it), got {self.grad_clip}")
         if self.resume and self.init_from:
             raise ConfigError("'resume' and 'init_from' exclude each other: resume continues a "
                               "run in --out, init_from starts a new one from weights")

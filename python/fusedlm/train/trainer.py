@@ -372,9 +372,12 @@ class Trainer:
         ids = torch.as_tensor(self.tokenizer.encode(prompt).astype(np.int64),
                               device=self.device)[None]
         generator = torch.Generator(device=self.device).manual_seed(self.cfg.seed + self.step)
-        with self._autocast():
-            out = self.raw_model.generate(ids, tokens or self.cfg.sample_tokens, temperature=0.8,
-                                          top_k=40, generator=generator)
+        try:
+            with self._autocast():
+                out = self.raw_model.generate(ids, tokens or self.cfg.sample_tokens,
+                                              temperature=0.8, top_k=40, generator=generator)
+        except FloatingPointError as e:  # diverged weights (nan_policy "skip" kept training)
+            return f"(no sample: {e})"
         return self.tokenizer.decode(out[0].tolist())
 
     def save(self) -> str | None:
