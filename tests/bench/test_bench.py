@@ -753,6 +753,32 @@ def test_tree_hash_equals_gits(tmp_path):
     assert tree_hash(tmp_path / "d") == git("rev-parse", "HEAD:d")
 
 
+@pytest.mark.parametrize(("args", "message"), [
+    (["--warmup-ms", "-1"], "argument --warmup-ms: must be a finite number >= 0, got -1"),
+    (["--rep-ms", "nan"], "argument --rep-ms: must be a finite number > 0, got nan"),
+    (["--threads", "0"], "argument --threads: must be a finite number >= 1, got 0"),
+    (["--budget-s", "x"], "argument --budget-s: expected a number, got 'x'"),
+    (["--ceilings-from", "/nonexistent/bench.json"], "cannot read /nonexistent/bench.json"),
+    (["--ceilings-from", __file__], "is not a bench.json with 'ceilings'"),
+])
+def test_cli_bad_arguments_are_one_line_errors(args, message, capsys, tmp_path):
+    """Each was accepted (a negative warm-up, zero threads) or a traceback (the ceilings
+    file); argparse now names the flag."""
+    from fusedlm.bench.cli import main
+
+    with pytest.raises(SystemExit) as info:
+        main(["--quick", "--ops", "layer_norm", "--out", str(tmp_path), *args])
+    assert info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_cli_unknown_provider_is_refused(tmp_path):
+    """A mistyped provider left only the baseline running, silently."""
+    options = runner.Options(ops=("layer_norm",), quick=True, providers=("fusedlm-cpuu",))
+    with pytest.raises(SystemExit, match="unknown provider.*fusedlm-cpuu.*choose from"):
+        runner.run(options)
+
+
 def test_cli_help_does_not_import_the_heavy_parts():
     code = ("import sys, fusedlm; before = set(sys.modules); "
             "import fusedlm.bench, fusedlm.bench.cli, fusedlm.cli; "

@@ -171,3 +171,11 @@ def test_prepare_cli_and_its_errors(tmp_path, capsys):
     assert main(["prepare", *inputs, "--out", str(tmp_path / "o3"), "--tokenizer",
                  str(tmp_path / "missing.json")]) == 2
     assert "missing.json" in capsys.readouterr().err
+    not_a_tokenizer = tmp_path / "notes.txt"
+    not_a_tokenizer.write_text("plain text\n")
+    assert main(["prepare", *inputs, "--out", str(tmp_path / "o4"), "--tokenizer",
+                 str(not_a_tokenizer)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "not a Hugging Face tokenizer.json" in err
+    assert main(["prepare", *inputs, "--out", str(tmp_path / "o5"), "--shard-tokens", "0"]) == 2
+    assert "argument 'shard_tokens' must be a positive integer" in capsys.readouterr().err

@@ -8,6 +8,7 @@ runner load when the command runs."""
 from __future__ import annotations
 
 import argparse
+import math
 
 from .cases import OPS
 
@@ -32,6 +33,36 @@ def _ops(value: str) -> tuple[str, ...]:
     return items
 
 
+def _number(kind, lowest, inclusive: bool):
+    """An argparse type: a finite ``kind`` >= lowest (> lowest unless ``inclusive``)."""
+    def parse(value: str):
+        try:
+            number = kind(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {value!r}") from None
+        if not math.isfinite(number) or not (number >= lowest if inclusive else number > lowest):
+            raise argparse.ArgumentTypeError(
+                f"must be a finite number {'>=' if inclusive else '>'} {lowest}, got {value}")
+        return number
+    return parse
+
+
+def _ceilings(path: str) -> dict:
+    """The ceilings of an earlier bench.json."""
+    import json
+
+    try:
+        with open(path) as f:
+            ceilings = json.load(f)["ceilings"]
+    except OSError as e:
+        raise argparse.ArgumentTypeError(f"cannot read {path}: {e.strerror}") from None
+    except (ValueError, KeyError, TypeError):
+        raise argparse.ArgumentTypeError(f"{path} is not a bench.json with 'ceilings'") from None
+    if not isinstance(ceilings, dict):
+        raise argparse.ArgumentTypeError(f"{path}: 'ceilings' is not an object")
+    return ceilings
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ops", type=_ops, default=OPS, metavar="LIST",
                         help=f"comma-separated ops to run (default: {','.join(OPS)})")
@@ -45,17 +76,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="run only these providers (torch-eager, the baseline, always runs)")
     parser.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
                         help="torch.compile rows (auto: on, except --quick on a CPU)")
-    parser.add_argument("--warmup-ms", type=float, default=None,
+    parser.add_argument("--warmup-ms", type=_number(float, 0, True), default=None,
                         help="untimed calls per row, in ms (default 25 GPU / 10 CPU; "
                              "less with --quick)")
-    parser.add_argument("--rep-ms", type=float, default=None,
+    parser.add_argument("--rep-ms", type=_number(float, 0, False), default=None,
                         help="timed calls per row, in ms (default 100 GPU / 150 CPU; "
                              "40 with --quick)")
-    parser.add_argument("--threads", type=int, default=None,
+    parser.add_argument("--threads", type=_number(int, 1, True), default=None,
                         help="torch.set_num_threads for the CPU (default: torch's, all cores)")
-    parser.add_argument("--budget-s", type=float, default=None,
+    parser.add_argument("--budget-s", type=_number(float, 0, False), default=None,
                         help="time budget for the whole run; rows past it are recorded as skipped")
-    parser.add_argument("--ceilings-from", default=None, metavar="JSON",
+    parser.add_argument("--ceilings-from", type=_ceilings, default=None, metavar="JSON",
                         help="reuse the ceilings of an earlier bench.json instead of measuring")
     parser.add_argument("--no-plots", action="store_true", help="write no PNGs")
     parser.add_argument("--json-only", action="store_true", help="print no tables")
@@ -79,10 +110,6 @@ def run_command(args: argparse.Namespace, argv: list[str] | None = None) -> int:
 
     from . import report, runner, schema
 
-    ceilings = None
-    if args.ceilings_from:
-        with open(args.ceilings_from) as f:
-            ceilings = json.load(f)["ceilings"]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / "bench.json"
@@ -96,7 +123,7 @@ def run_command(args: argparse.Namespace, argv: list[str] | None = None) -> int:
         ops=tuple(args.ops), quick=args.quick, device=args.device,
         providers=tuple(args.providers) if args.providers else None, compile=args.compile,
         warmup_ms=args.warmup_ms, rep_ms=args.rep_ms, budget_s=args.budget_s, threads=args.threads,
-        ceilings=ceilings, argv=list(sys.argv if argv is None else argv),
+        ceilings=args.ceilings_from, argv=list(sys.argv if argv is None else argv),
         progress=write_partial,
     )
     results = runner.run(opts)

@@ -263,6 +263,11 @@ def run(opts: Options) -> dict:
     if unknown:
         raise SystemExit(f"fusedlm bench: unknown op(s) {', '.join(unknown)}; "
                          f"choose from {', '.join(all_specs)}")
+    known = {p.name for op in opts.ops for p in all_specs[op].providers}
+    unknown = sorted(set(opts.providers or ()) - known)
+    if unknown:  # (a typo would otherwise leave only the baseline, silently)
+        raise SystemExit(f"fusedlm bench: unknown provider(s) {', '.join(unknown)} for "
+                         f"{', '.join(opts.ops)}; choose from {', '.join(sorted(known))}")
 
     rows: list[dict] = []
     ops_out: dict = {}

@@ -43,7 +43,10 @@ class HFTokenizer:
         if not os.path.isfile(path):
             raise DataError(f"{path}: no such tokenizer file")
         self.name = os.path.abspath(path)
-        self._tokenizer = Tokenizer.from_file(path)
+        try:
+            self._tokenizer = Tokenizer.from_file(path)
+        except Exception as e:  # the tokenizers package raises a bare Exception
+            raise DataError(f"{path}: not a Hugging Face tokenizer.json ({e})") from None
         self.vocab_size = self._tokenizer.get_vocab_size()
         if self.vocab_size > 2**16:
             raise DataError(f"{path}: vocab of {self.vocab_size} does not fit uint16 shards")
@@ -109,6 +112,9 @@ def prepare(inputs: Sequence[str], out_dir: str, tokenizer: str = "byte",
     ``val_fraction`` of the tokens. Returns the meta dict."""
     if not 0.0 < val_fraction < 1.0:
         raise ValueError(f"argument 'val_fraction' must be in (0, 1), got {val_fraction}")
+    if isinstance(shard_tokens, bool) or not isinstance(shard_tokens, int) or shard_tokens < 1:
+        raise ValueError(f"argument 'shard_tokens' must be a positive integer, got "
+                         f"{shard_tokens!r}")
     tok = load_tokenizer(tokenizer)
     files = text_files(inputs)
     pieces, total_bytes = [], 0
