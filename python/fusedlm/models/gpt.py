@@ -504,17 +504,19 @@ class GPT(nn.Module):
         try:
             block_size = self.config.block_size
             cache, pending = KVCache(self.config.n_layer, block_size), idx[:, -block_size:]
+            # On a GPU, multinomial over NaN probabilities is a device-side assert, which ends
+            # the process's CUDA context: rows with non-finite logits sample from zeros
+            # instead, and the run raises at the end (one host sync, not one per token).
+            any_not_finite = torch.zeros((), dtype=torch.bool, device=idx.device)
             for _ in range(max_new_tokens):
                 if cache.length + pending.shape[1] > block_size:
                     cache.clear()
                     pending = idx[:, -(block_size // 2):]
                 logits, _ = self(pending, cache=cache)
                 logits = logits[:, -1, :].float()
-                # Checked on the host: on a GPU, multinomial over NaN probabilities is a
-                # device-side assert, which ends the process's CUDA context.
-                if not bool(torch.isfinite(logits).all()):
-                    raise FloatingPointError("GPT.generate: the model's logits are not finite "
-                                             "(NaN or Inf weights?)")
+                finite = torch.isfinite(logits).all(dim=-1, keepdim=True)  # (B, 1)
+                any_not_finite |= ~finite.all()
+                logits = torch.where(finite, logits, 0.0)
                 if temperature == 0:
                     next_token = logits.argmax(dim=-1, keepdim=True)
                 else:
@@ -526,6 +528,9 @@ class GPT(nn.Module):
                     next_token = torch.multinomial(probs, 1, generator=generator)
                 idx = torch.cat((idx, next_token), dim=1)
                 pending = next_token
+            if bool(any_not_finite):
+                raise FloatingPointError("GPT.generate: the model's logits are not finite "
+                                         "(NaN or Inf weights?)")
         finally:
             self.train(was_training)
         return idx
