@@ -1,10 +1,12 @@
-"""Every bad input gets a clear exception that names the offending argument: the public API
-(fusedlm.layer_norm / rms_norm / attention) and the C++ entry points of fusedlm._C."""
+"""Every bad input gets a clear exception that names the offending argument: the public ops
+(norms, attention, the losses), the modules' and the optimizer's constructors, GPTConfig, and
+the C++ entry points of fusedlm._C."""
 
 from __future__ import annotations
 
 import importlib
 
+import numpy as np
 import pytest
 import torch
 
@@ -198,8 +200,6 @@ def test_public_bad_input(call, argument, exc):
 def test_adamw_takes_what_torch_takes():
     """The constructor's checks reject nothing torch.optim.AdamW accepts: a zero lr, eps and
     weight decay, numpy and tensor hyperparameters, a list of betas, a generator of params."""
-    import numpy as np
-
     for kwargs in ({"lr": 0.0, "eps": 0.0, "weight_decay": 0.0}, {"lr": np.float32(1e-3)},
                    {"lr": torch.tensor(1e-3), "foreach": False}, {"betas": [0.0, 0.5]},
                    {"betas": (torch.tensor(0.9), torch.tensor(0.999)), "foreach": False}):
