@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import importlib
+import json
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -341,6 +343,10 @@ def test_every_preset_builds_and_bad_configs_raise():
         GPT(GPTConfig(**SMALL), kernels="cuda")
     with pytest.raises(ValueError, match="no field"):
         GPTConfig.from_dict({"n_layers": 3})
+    # numpy sizes are taken and stored as ints, so the config still saves as JSON
+    config = GPTConfig(n_layer=np.int64(2), n_kv_head=np.int32(4))
+    assert json.loads(json.dumps(config.to_dict()))["n_layer"] == 2
+    assert type(config.n_kv_head) is int
 
 
 def test_flops_per_token_formula():

@@ -62,10 +62,12 @@ class GPTConfig:
     def __post_init__(self) -> None:
         if self.arch not in ARCHS:
             raise ValueError(f"GPTConfig 'arch' must be one of {ARCHS}, got {self.arch!r}")
+        # Stored back as Python ints (a numpy int would not survive json.dumps of the config).
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
-            check_positive_int(getattr(self, name), name, "GPTConfig")
+            setattr(self, name, check_positive_int(getattr(self, name), name, "GPTConfig"))
         for name in ("n_kv_head", "intermediate_size", "sliding_window"):
-            check_positive_int(getattr(self, name), name, "GPTConfig", optional=True)
+            setattr(self, name, check_positive_int(getattr(self, name), name, "GPTConfig",
+                                                   optional=True))
         for name, within, bounds in (
                 ("dropout", lambda v: 0.0 <= v < 1.0, "in [0, 1)"),
                 ("norm_eps", lambda v: 0.0 <= v < math.inf, "a finite number >= 0"),
