@@ -15,12 +15,16 @@ from fusedlm.models.gpt import GPTConfig
 from tests.helpers import cpu_backend_available, cpu_unavailable_reason
 
 
-def _raises(exc, argument, fn, *args, **kwargs):
-    """fn(*args, **kwargs) raises ``exc`` whose message names ``argument`` (in quotes)."""
+def _raises(exc, argument, fn, *args, one_line=True, **kwargs):
+    """fn(*args, **kwargs) raises ``exc`` whose message names ``argument`` (in quotes) and,
+    with ``one_line``, is one short line."""
     with pytest.raises(exc) as info:
         fn(*args, **kwargs)
     message = str(info.value)
     assert argument in message, f"{type(info.value).__name__} does not name {argument!r}: {message}"
+    # One line that says what was passed, not a dump of it (a tensor's repr runs to pages).
+    if one_line:
+        assert "\n" not in message and len(message) <= 400, f"not one short line: {message}"
     return message
 
 
@@ -141,6 +145,7 @@ CE = fusedlm.cross_entropy
 LCE = lambda **kw: fusedlm.linear_cross_entropy(  # noqa: E731
     torch.randn(4, 5), torch.randn(7, 5), TARGET(), **kw)
 ADAMW = fusedlm.optim.AdamW
+BIG = lambda: torch.randn(128)  # noqa: E731
 
 PUBLIC_CASES = [
     ("ce_ignore_index_none", TypeError, "'ignore_index'",
@@ -187,6 +192,31 @@ PUBLIC_CASES = [
     ("adamw_eps_str", TypeError, "'eps'", lambda: ADAMW(PARAMS(), eps="1e-8")),
     ("adamw_weight_decay_negative", ValueError, "'weight_decay'",
      lambda: ADAMW(PARAMS(), weight_decay=-0.1)),
+    # A large tensor where a number or a shape goes: the message says what it is, it does
+    # not print it.
+    ("norm_shape_big_tensor", TypeError, "'normalized_shape'",
+     lambda: fusedlm.layer_norm(torch.randn(3, 128), BIG())),
+    ("adamw_betas_big_tensor", TypeError, "'betas'", lambda: ADAMW(PARAMS(), betas=BIG())),
+    ("adamw_eps_big_tensor", ValueError, "'eps'", lambda: ADAMW(PARAMS(), eps=BIG())),
+    ("lce_chunk_size_big_tensor", ValueError, "'chunk_size'", lambda: LCE(chunk_size=BIG())),
+    ("lce_label_smoothing_big_tensor", ValueError, "'label_smoothing'",
+     lambda: LCE(label_smoothing=BIG())),
+    ("lce_softcap_big_tensor", ValueError, "'softcap'", lambda: LCE(softcap=BIG())),
+    ("lce_reduction_big_tensor", ValueError, "'reduction'", lambda: LCE(reduction=BIG())),
+    ("ce_ignore_index_big_tensor", TypeError, "'ignore_index'",
+     lambda: CE(LOGITS(), TARGET(), ignore_index=BIG())),
+    ("attention_window_big_tensor", TypeError, "'window'",
+     lambda: fusedlm.attention(*[torch.randn(1, 2, 4, 8)] * 3, window=BIG())),
+    ("attention_scale_big_tensor", ValueError, "'scale'",
+     lambda: fusedlm.attention(*[torch.randn(1, 2, 4, 8)] * 3, scale=BIG())),
+    ("geglu_approximate_big_tensor", ValueError, "'approximate'",
+     lambda: fusedlm.geglu(torch.randn(2, 4), torch.randn(2, 4), approximate=BIG())),
+    ("gelu_module_approximate_big_list", ValueError, "'approximate'",
+     lambda: fusedlm.nn.GeGLUMLP(16, 8, approximate=["tanh"] * 200)),
+    ("attention_module_n_head_big_tensor", ValueError, "'n_head'",
+     lambda: fusedlm.nn.CausalSelfAttention(32, BIG())),
+    ("gpt_config_dropout_big_tensor", ValueError, "'dropout'", lambda: GPTConfig(dropout=BIG())),
+    ("gpt_config_n_layer_big_tensor", ValueError, "'n_layer'", lambda: GPTConfig(n_layer=BIG())),
 ]
 
 
@@ -632,7 +662,9 @@ EXT_CASES += [
     ("exc", "argument", "call"), [c[1:] for c in EXT_CASES], ids=[c[0] for c in EXT_CASES]
 )
 def test_extension_entry_point_bad_input(call, argument, exc):
-    _raises(exc, argument, call, _ext())
+    # fusedlm._C is internal: a wrong Python type there gets pybind11's own message (the
+    # signature, then the arguments' reprs), which names the argument but spans lines.
+    _raises(exc, argument, call, _ext(), one_line=False)
 
 
 @needs_ext

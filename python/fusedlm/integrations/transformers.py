@@ -63,7 +63,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from ..backends import check_backend_name, requested_backend
-from ..ops._common import FLOAT_DTYPES
+from ..ops._common import FLOAT_DTYPES, describe
 from ..ops.attention import (
     ATTENTION_FWD,
     MAX_HEAD_DIM,
@@ -535,7 +535,7 @@ def linear_causal_lm_loss(model: torch.nn.Module, labels: Tensor | None = None, 
         if value is not None and (not isinstance(value, Tensor) or value.dim() != 2
                                   or value.dtype.is_floating_point):
             raise ValueError(f"argument '{name}' must be a (B, T) integer tensor of token ids, "
-                             f"got {_describe(value)}")
+                             f"got {describe(value)}")
     for name in ("logits_to_keep", "labels"):
         if name in inputs:
             raise ValueError(f"argument '{name}' is set here; do not pass it in the inputs")
@@ -598,12 +598,6 @@ def linear_causal_lm_loss(model: torch.nn.Module, labels: Tensor | None = None, 
         loss = loss / num_items_in_batch
     loss = _with_router_loss(loss, outputs, inner)
     return (loss, outputs) if return_outputs else loss
-
-
-def _describe(value) -> str:
-    if isinstance(value, Tensor):
-        return f"a {value.dtype} tensor of shape {tuple(value.shape)}"
-    return repr(value)
 
 
 def apply(model: torch.nn.Module, attention: bool = True, norms: bool = True,

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from .. import nn as fused_nn
 from ..backends import OpDispatch
-from ..ops._common import check_positive_int
+from ..ops._common import check_positive_int, describe
 from ..ops.attention import attention as fused_attention
 from ..ops.attention import key_range_from_document_ids
 from ..ops.cross_entropy import language_model_loss
@@ -74,7 +74,7 @@ class GPTConfig:
                 ("rope_theta", lambda v: 0.0 < v < math.inf, "a positive finite number")):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not within(value):
-                raise ValueError(f"GPTConfig '{name}' must be {bounds}, got {value!r}")
+                raise ValueError(f"GPTConfig '{name}' must be {bounds}, got {describe(value)}")
         if self.n_embd % self.n_head != 0:
             raise ValueError(
                 f"GPTConfig 'n_embd' ({self.n_embd}) must be divisible by 'n_head' ({self.n_head})"

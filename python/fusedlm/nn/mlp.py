@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from ..backends import check_backend_name
-from ..ops._common import check_positive_int
+from ..ops._common import check_positive_int, describe
 from ..ops.glu import geglu, swiglu
 
 
@@ -64,7 +64,7 @@ class GeGLUMLP(_GatedMLP):
                  backend: str = "auto") -> None:
         if approximate not in ("none", "tanh"):
             raise ValueError(f"argument 'approximate' must be 'none' or 'tanh' (as F.gelu's), "
-                             f"got {approximate!r}")
+                             f"got {describe(approximate)}")
         super().__init__(hidden_size, intermediate_size, bias, device, dtype, backend=backend)
         self.approximate = approximate
 

@@ -17,6 +17,17 @@ from ..backends import BackendNotSupportedError, OpDispatch, requested_backend
 FLOAT_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 
 
+def describe(value: object) -> str:
+    """What an error message says it got: a tensor by its dtype and shape (its repr runs to
+    pages), anything else by its repr, cut to one short line."""
+    if isinstance(value, Tensor):
+        return f"a {value.dtype} tensor of shape {list(value.shape)}"
+    text = repr(value)
+    if len(text) <= 80 and "\n" not in text:
+        return text
+    return f"{text.splitlines()[0][:60]}... (a {type(value).__name__})"
+
+
 _NO_CONTEXT = contextlib.nullcontext()
 # Whether autocast is on for any device type, in one call (torch 2.4+; else assume it may be).
 _any_autocast = getattr(torch._C, "_is_any_autocast_enabled", lambda: True)
@@ -103,14 +114,15 @@ def check_positive_int(value: object, name: str, owner: str = "argument",
         return None
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
         raise ValueError(f"{owner} '{name}' must be a positive integer"
-                         f"{' or None' if optional else ''}, got {value!r}")
+                         f"{' or None' if optional else ''}, got {describe(value)}")
     return int(value)
 
 
 def check_reduction(reduction: object, allowed: tuple[str, ...]) -> str:
     """ValueError for any other value, str or not, as torch's losses raise."""
     if not isinstance(reduction, str) or reduction not in allowed:
-        raise ValueError(f"argument 'reduction' must be one of {allowed}, got {reduction!r}")
+        raise ValueError(f"argument 'reduction' must be one of {allowed}, "
+                         f"got {describe(reduction)}")
     return reduction
 
 

@@ -23,6 +23,7 @@ from ._common import (
     check_finite_float,
     check_float_tensor,
     check_same_device,
+    describe,
     eager_autograd_function,
     extension_autograd,
     forward_for_call,
@@ -282,7 +283,7 @@ def _window_sides(window: object) -> tuple[int | None, int | None]:
     """``window`` checked: (left, right) key counts, None for no limit."""
     if window is not None and not (isinstance(window, (tuple, list)) and len(window) == 2):
         raise TypeError("argument 'window' must be None or a pair (left, right) of key counts, "
-                        f"got {window!r}")
+                        f"got {describe(window)}")
     if window is None:
         return None, None
     return _window_side(window[0], "left"), _window_side(window[1], "right")

@@ -16,6 +16,7 @@ from ._common import (
     autocast_off,
     check_float_tensor,
     check_same_device,
+    describe,
     eager_autograd_function,
     forward_for_call,
     register_extension_kernels,
@@ -151,5 +152,5 @@ def geglu(gate: Tensor, up: Tensor, approximate: str = "none", backend: str = "a
     activation = _GELU_ACTIVATIONS.get(approximate) if isinstance(approximate, str) else None
     if activation is None:
         raise ValueError(f"argument 'approximate' must be 'none' or 'tanh' (as F.gelu's), got "
-                         f"{approximate!r}")
+                         f"{describe(approximate)}")
     return _glu(gate, up, activation, backend)

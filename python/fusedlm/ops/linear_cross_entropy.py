@@ -37,6 +37,7 @@ from ._common import (
     check_int,
     check_reduction,
     check_same_device,
+    describe,
     eager_autograd_function,
     stat_dtype,
     under_transform,
@@ -328,11 +329,11 @@ def _check_arguments(input, weight, target, bias, reduction, label_smoothing, ch
     if (isinstance(label_smoothing, bool) or not isinstance(label_smoothing, (int, float))
             or not 0.0 <= label_smoothing <= 1.0):
         raise ValueError(f"argument 'label_smoothing' must be a number in [0, 1], got "
-                         f"{label_smoothing!r}")
+                         f"{describe(label_smoothing)}")
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
                                    or chunk_size < 1):
         raise ValueError(f"argument 'chunk_size' must be a positive int (rows per chunk) or "
-                         f"None, got {chunk_size!r}")
+                         f"None, got {describe(chunk_size)}")
 
 
 def linear_cross_entropy(
@@ -375,7 +376,7 @@ def linear_cross_entropy(
     if softcap is not None and (isinstance(softcap, bool) or not isinstance(softcap, (int, float))
                                 or not math.isfinite(softcap) or softcap <= 0):
         raise ValueError(f"argument 'softcap' must be a positive finite number or None, got "
-                         f"{softcap!r}")
+                         f"{describe(softcap)}")
     softcap = float(softcap or 0.0)
     if bias is None:
         input, weight = autocast_inputs(input, weight)

@@ -22,6 +22,7 @@ from ._common import (
     check_finite_float,
     check_float_tensor,
     check_same_device,
+    describe,
     eager_autograd_function,
     extension_autograd,
     forward_for_call,
@@ -406,7 +407,7 @@ def _shape_tuple(normalized_shape) -> tuple[int, ...]:
     except TypeError:
         raise TypeError(
             "argument 'normalized_shape' must be an int or a sequence of ints, got "
-            f"{normalized_shape!r}"
+            f"{describe(normalized_shape)}"
         ) from None
 
 

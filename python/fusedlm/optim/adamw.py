@@ -33,6 +33,7 @@ from torch.optim.adam import adam as torch_adam  # torch.optim does not expose t
 
 from .. import _ext
 from ..backends import check_backend_name
+from ..ops._common import describe
 from ..ops.adamw import adamw_step
 
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
@@ -47,7 +48,7 @@ def _check_hyperparameters(params, lr, betas, eps, weight_decay) -> None:
         raise TypeError("argument 'params' must be an iterable of parameters or of parameter "
                         f"groups (dicts), got {type(params).__name__}")
     if not isinstance(betas, (tuple, list)) or len(betas) != 2:
-        raise TypeError(f"argument 'betas' must be a pair (beta1, beta2), got {betas!r}")
+        raise TypeError(f"argument 'betas' must be a pair (beta1, beta2), got {describe(betas)}")
     for name, value, upper in (("lr", lr, None), ("betas[0]", betas[0], 1.0),
                                ("betas[1]", betas[1], 1.0), ("eps", eps, None),
                                ("weight_decay", weight_decay, None)):

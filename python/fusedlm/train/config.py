@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..ops._common import describe
+
 try:
     import tomllib
 except ModuleNotFoundError:  # Python 3.10: the same parser, packaged as tomli (a dependency there)
@@ -89,7 +91,7 @@ class TrainConfig:
                 wanted = {"str": "a string", "int": "an integer", "float": "a number",
                           "bool": "true or false", "dict": "a table / JSON object"}[kind]
                 raise ConfigError(f"'{f.name}' must be {wanted}"
-                                  f"{' or unset' if optional else ''}, got {value!r}")
+                                  f"{' or unset' if optional else ''}, got {describe(value)}")
 
     def validate(self) -> TrainConfig:
         self._check_types()
