@@ -141,6 +141,25 @@ def _trainer(data_dir, out, **overrides) -> Trainer:
     return Trainer(make_config(**values), log=lambda *a: None)
 
 
+@pytest.mark.parametrize(("warmup", "expected"), [(2, 2), (6, 0), (None, 0)],
+                         ids=["fits", "explicit-too-long", "default-too-long"])
+def test_a_warmup_longer_than_the_run_is_shortened_and_said(data_dir, tmp_path, warmup,
+                                                              expected):
+    """A warmup not below max_steps (explicit, or the device default on a short run) is cut
+    to max_steps // 10, and the log says so; one that fits is left alone, silently."""
+    lines = []
+    values = dict(data=data_dir, out=str(tmp_path / "run"), model=json.loads(TINY_MODEL),
+                  batch_size=4, max_steps=6, eval_every=0, ckpt_every=0, warmup_steps=warmup)
+    trainer = Trainer(make_config(**values), log=lines.append)
+    assert trainer.cfg.warmup_steps == expected
+    said = [line for line in lines if "warmup shortened" in line]
+    if expected == warmup:
+        assert not said
+    else:
+        assert said == [f"warmup_steps={warmup or 30} is not below max_steps=6: warmup "
+                        f"shortened to 0 step(s)"]
+
+
 def _poison(trainer: Trainer, bad_steps: set[int]) -> None:
     """Makes the loss NaN on the given (0-based) steps."""
     step_fn = trainer.train_step

@@ -369,10 +369,11 @@ class ClassifierTrainer:
             if getattr(self.cfg, key) is None:
                 setattr(self.cfg, key, value)
                 chosen.append(f"{key}={value}")
-        if self.cfg.warmup_steps >= self.cfg.max_steps:
-            self.cfg.warmup_steps = max(0, self.cfg.max_steps // 10)
         if chosen:
             self.log(f"defaults for classify on {self.device.type}: {', '.join(chosen)}")
+        shortened = self.cfg.fit_warmup()
+        if shortened:
+            self.log(shortened)
 
     def _split(self, texts: list[str], ids: np.ndarray,
                val: tuple[list[str], np.ndarray] | None) -> tuple[Split, Split]:

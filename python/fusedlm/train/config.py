@@ -93,6 +93,16 @@ class TrainConfig:
                 raise ConfigError(f"'{f.name}' must be {wanted}"
                                   f"{' or unset' if optional else ''}, got {describe(value)}")
 
+    def fit_warmup(self) -> str | None:
+        """A warmup that would not end before ``max_steps`` (a short run with the default
+        warmup, say) is cut to a tenth of the run. Returns the line that says so, None when
+        the warmup fits."""
+        if self.warmup_steps < self.max_steps:
+            return None
+        asked, self.warmup_steps = self.warmup_steps, max(0, self.max_steps // 10)
+        return (f"warmup_steps={asked} is not below max_steps={self.max_steps}: warmup "
+                f"shortened to {self.warmup_steps} step(s)")
+
     def validate(self) -> TrainConfig:
         self._check_types()
         ranges = {  # name: (lowest, highest (excluded), the rule in words); None passes

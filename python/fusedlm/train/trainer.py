@@ -240,10 +240,11 @@ class Trainer:
             if getattr(self.cfg, key) is None:
                 setattr(self.cfg, key, value)
                 chosen.append(f"{key}={value}")
-        if self.cfg.warmup_steps >= self.cfg.max_steps:
-            self.cfg.warmup_steps = max(0, self.cfg.max_steps // 10)
         if chosen:
             self.log(f"defaults for {self.device.type}: {', '.join(chosen)}")
+        shortened = self.cfg.fit_warmup()
+        if shortened:
+            self.log(shortened)
 
     def _model_config(self, resume_state) -> GPTConfig:
         if resume_state is not None:
