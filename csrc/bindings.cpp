@@ -1141,6 +1141,93 @@ struct RmsNormFunction : public torch::autograd::Function<RmsNormFunction> {
   }
 };
 
+// The residual-add norms: outputs y and h, both differentiable; mean/rstd are saved, not
+// returned. As the Python Function: no materialized zero gradients (an h or y nothing reads
+// hands the backward an undefined tensor), dx in x's dtype (a 16-bit branch beside a float32
+// stream), dresidual = dh.
+void save_add_norm_context(AutogradContext* ctx, const at::Tensor& x) {
+  ctx->set_materialize_grads(false);
+  ctx->saved_data["x_dtype"] = static_cast<int64_t>(x.scalar_type());
+}
+
+variable_list add_norm_grads(AutogradContext* ctx, const at::Tensor& dh, at::Tensor dweight,
+                             at::Tensor dbias, const variable_list& received) {
+  const auto x_dtype = static_cast<at::ScalarType>(ctx->saved_data["x_dtype"].toInt());
+  const at::Tensor dx = dh.defined() && dh.scalar_type() != x_dtype ? dh.to(x_dtype) : dh;
+  auto out = once_differentiable({dx, dh, std::move(dweight), std::move(dbias)}, received);
+  out.push_back(at::Tensor());  // eps
+  return out;
+}
+
+struct AddLayerNormFunction : public torch::autograd::Function<AddLayerNormFunction> {
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& x,  // (M, N)
+                               const at::Tensor& residual,                // (M, N)
+                               const std::optional<at::Tensor>& weight,   // (N) or None
+                               const std::optional<at::Tensor>& bias,     // (N) or None
+                               double eps) {
+    auto [y, h, mean, rstd] = add_layer_norm_fwd(x, residual, weight, bias, eps);
+    ctx->save_for_backward({h, weight.value_or(at::Tensor()), mean, rstd});
+    save_add_norm_context(ctx, x);
+    ctx->saved_data["bias_dtype"] =
+        bias.has_value() ? static_cast<int64_t>(bias->scalar_type()) : int64_t{-1};
+    return {y, h};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    if (!grads[0].defined()) {  // only h is read downstream: the norm passes no gradient
+      return add_norm_grads(ctx, grads[1], at::Tensor(), at::Tensor(), grads);
+    }
+    const auto saved = ctx->get_saved_variables();
+    const int64_t bias_dtype = ctx->saved_data["bias_dtype"].toInt();
+    at::Tensor dh, dweight, dbias;
+    {
+      at::NoGradGuard no_grad;
+      auto [dh_, dw, db] = add_layer_norm_bwd(grads[0], optional_tensor(grads[1]), saved[0],
+                                              saved[2], saved[3], optional_tensor(saved[1]),
+                                              bias_dtype >= 0);
+      dh = dh_;
+      dweight = dw.value_or(at::Tensor());
+      dbias = db.value_or(at::Tensor());
+      if (dbias.defined() && dbias.scalar_type() != static_cast<at::ScalarType>(bias_dtype)) {
+        dbias = dbias.to(static_cast<at::ScalarType>(bias_dtype));  // (no weight: float32)
+      }
+    }
+    return add_norm_grads(ctx, dh, dweight, dbias, grads);
+  }
+};
+
+struct AddRmsNormFunction : public torch::autograd::Function<AddRmsNormFunction> {
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& x,  // (M, N)
+                               const at::Tensor& residual,                // (M, N)
+                               const std::optional<at::Tensor>& weight,   // (N) or None
+                               double eps) {
+    auto [y, h, rstd] = add_rms_norm_fwd(x, residual, weight, eps);
+    ctx->save_for_backward({h, weight.value_or(at::Tensor()), rstd});
+    save_add_norm_context(ctx, x);
+    return {y, h};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    if (!grads[0].defined()) {
+      auto out = add_norm_grads(ctx, grads[1], at::Tensor(), at::Tensor(), grads);
+      out.erase(out.begin() + 3);  // (no bias)
+      return out;
+    }
+    const auto saved = ctx->get_saved_variables();
+    at::Tensor dh, dweight;
+    {
+      at::NoGradGuard no_grad;
+      auto [dh_, dw] = add_rms_norm_bwd(grads[0], optional_tensor(grads[1]), saved[0], saved[2],
+                                        optional_tensor(saved[1]));
+      dh = dh_;
+      dweight = dw.value_or(at::Tensor());
+    }
+    auto out = add_norm_grads(ctx, dh, dweight, at::Tensor(), grads);
+    out.erase(out.begin() + 3);  // (no bias)
+    return out;
+  }
+};
+
 struct AttentionFunction : public torch::autograd::Function<AttentionFunction> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& q,  // (B, Hq, Tq, D)
                             const at::Tensor& k,                        // (B, Hkv, Tk, D)
@@ -1194,6 +1281,20 @@ at::Tensor layer_norm_autograd(const at::Tensor& x, const std::optional<at::Tens
 at::Tensor rms_norm_autograd(const at::Tensor& x, const std::optional<at::Tensor>& weight,
                              double eps) {
   return RmsNormFunction::apply(x, weight, eps);
+}
+
+std::tuple<at::Tensor, at::Tensor> add_layer_norm_autograd(
+    const at::Tensor& x, const at::Tensor& residual, const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias, double eps) {
+  auto out = AddLayerNormFunction::apply(x, residual, weight, bias, eps);
+  return {out[0], out[1]};
+}
+
+std::tuple<at::Tensor, at::Tensor> add_rms_norm_autograd(
+    const at::Tensor& x, const at::Tensor& residual, const std::optional<at::Tensor>& weight,
+    double eps) {
+  auto out = AddRmsNormFunction::apply(x, residual, weight, eps);
+  return {out[0], out[1]};
 }
 
 // Adds `amount` to every step count and returns the new values: what torch.optim's
@@ -1342,6 +1443,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rms_norm_autograd", &fusedlm::rms_norm_autograd,
         "rms_norm_fwd's y with a C++ autograd node whose backward runs rms_norm_bwd.",
         py::arg("x"), py::arg("weight"), py::arg("eps"));
+  m.def("add_layer_norm_autograd", &fusedlm::add_layer_norm_autograd,
+        "add_layer_norm_fwd's y and h with a C++ autograd node whose backward runs\n"
+        "add_layer_norm_bwd (eager calls of the cpu backend; no second derivative).",
+        py::arg("x"), py::arg("residual"), py::arg("weight"), py::arg("bias"), py::arg("eps"));
+  m.def("add_rms_norm_autograd", &fusedlm::add_rms_norm_autograd,
+        "add_rms_norm_fwd's y and h with a C++ autograd node whose backward runs\n"
+        "add_rms_norm_bwd.",
+        py::arg("x"), py::arg("residual"), py::arg("weight"), py::arg("eps"));
   m.def("increment_steps", &fusedlm::increment_steps,
         "Adds 'amount' to each one-element step count tensor in place (float32/float64 CPU\n"
         "counts without a dispatcher call) and returns the new values as floats.",

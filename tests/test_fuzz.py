@@ -40,8 +40,9 @@ from hypothesis import strategies as st
 
 import fusedlm
 from fusedlm import reference
-from fusedlm.backends import OpDispatch
+from fusedlm.backends import BackendNotSupportedError, OpDispatch
 from fusedlm.ops.attention import attention_mask_bounds
+from fusedlm.ops.linear_cross_entropy import default_chunk_size
 from tests.helpers import (
     ATOL,
     assert_close_rule,
@@ -1043,11 +1044,37 @@ def test_fuzz_linear_cross_entropy(backend, fuzz):
             F.linear(xi, wi, bi), target, **kwargs))
         base = run_with(dtype, lambda xi, wi, bi: F.cross_entropy(
             F.linear(xi, wi, bi).to(stat), target, **kwargs))
+        # dinput as torch computes it at the op's matmul shapes: eager's logit gradients times
+        # the weight, chunk by chunk. A one-row chunk is a BLAS gemv, which sums the V
+        # products in order: 3e-6 relative error for V = 16650 (5.5e-6 for GPT-2's 50304 x
+        # 768 head) where a 2-row gemm errs 1.6e-8 (1.1e-6); eager's own autograd takes the
+        # accurate form for a (1, 1) input (benchmarks/NOTES.md, thirtieth session).
+        chunked_dinput = None
+        if N:
+            xi, wi = (t.detach().to(dtype) for t in leaves[:2])
+            logits = F.linear(xi, wi, None if b is None else b.detach().to(dtype))
+            logits = logits.detach().requires_grad_()
+            loss = F.cross_entropy(logits.to(stat), target, **kwargs)
+            if loss.requires_grad and loss.numel():
+                (dlogits,) = torch.autograd.grad(loss, logits, grad.to(device, loss.dtype))
+                rows = chunk or default_chunk_size(N, V)
+                chunked_dinput = torch.cat([dlogits[i:i + rows] @ wi for i in range(0, N, rows)])
         assert ours[0].dtype == stat
         names = ["loss", "dinput", "dweight", "dbias"][:len(ours)]
         for name, o, bb, t in zip(names, ours, base, truth, strict=True):
             assert o.dtype == bb.dtype, name
-            assert_close_rule(o, bb, t, name=name)
+            if name == "dinput":
+                bb = larger_error(bb, chunked_dinput, t)
+            atol = None
+            if name != "loss" and dtype in (torch.float16, torch.bfloat16):
+                # Each gradient sums many 16-bit-rounded logit gradients, ours and eager's
+                # alike: two random walks, and one draw of eager's can be lucky. Redrawn 400
+                # times, a case that failed the plain rule (fp16 dbias, V = 2, 26 rows) had
+                # mean errors 2.4e-4 (ours) and 2.8e-4 (eager), and ours over the rule's
+                # bound at most 0.93 of it: 2 atol takes the tail (benchmarks/NOTES.md,
+                # thirtieth session).
+                atol = atol_for(dtype, t, factor=2.0)
+            assert_close_rule(o, bb, t, name=name, atol=atol)
 
     run()
 
@@ -1097,8 +1124,8 @@ def test_fuzz_rotary_embedding(backend, fuzz):
             sin_half = half
         elif invalid == "T":
             table_T = T + data.draw(st.sampled_from([-1, 1]), label="bad_T") if T else 1
-        elif invalid == "B":
-            per_row, table_B = True, B + 1
+        elif invalid == "B":  # (one row is valid for any B: it is shared, B = 0 too)
+            per_row, table_B = True, B + 1 if B else 2
         elif invalid == "sin":
             sin_half = half + 1
         valid = invalid is None and half <= D // 2
@@ -1115,6 +1142,12 @@ def test_fuzz_rotary_embedding(backend, fuzz):
         via_op = data.draw(st.booleans(), label="via_op")
         conjugate = via_op and data.draw(st.booleans(), label="conjugate")
         angles_grad = not via_op and data.draw(st.booleans(), label="angles_grad")
+        if angles_grad and backend not in ("auto", "torch"):
+            # Only the reference differentiates the tables: a kernel backend named refuses.
+            tables = [t.detach().requires_grad_(True) for t in (cos, sin)]
+            with pytest.raises(BackendNotSupportedError, match="angle tables"):
+                fusedlm.rotary_embedding(x, *tables, interleaved, backend=backend)
+            return
 
         def run_with(cast, fn):
             xs = x.detach().to(cast).requires_grad_(True)

@@ -98,6 +98,65 @@ def test_rms_norm_node_matches_the_python_function(x_dtype, param_dtype, affine)
         assert g.dtype == w.dtype and torch.equal(g, w)
 
 
+# (x dtype, residual dtype, affine, the outputs the loss reads)
+ADD_NORM_CASES = [
+    (torch.float32, torch.float32, "weight+bias", "y+h"),
+    (torch.float32, torch.float32, "none", "y+h"),
+    (torch.bfloat16, torch.float32, "weight", "y+h"),  # a 16-bit branch beside a float32 stream
+    (torch.float16, torch.float16, "bias", "y+h"),
+    (torch.float64, torch.float64, "weight+bias", "y+h"),
+    (torch.float32, torch.float32, "weight+bias", "y"),  # h thrown away (a model's last norm)
+    (torch.float32, torch.float32, "weight+bias", "h"),  # only h read: the norm passes nothing
+]
+ADD_NORM_IDS = [f"{str(x).split('.')[1]}-{str(r).split('.')[1]}-{a}-{used}"
+                for x, r, a, used in ADD_NORM_CASES]
+
+
+@pytest.mark.parametrize("kind", ["layer_norm", "rms_norm"])
+@pytest.mark.parametrize(("x_dtype", "residual_dtype", "affine", "used"), ADD_NORM_CASES,
+                         ids=ADD_NORM_IDS)
+def test_add_norm_node_matches_the_python_function(kind, x_dtype, residual_dtype, affine, used):
+    if kind == "rms_norm" and "bias" in affine:
+        affine = affine.replace("+bias", "").replace("bias", "none")
+    x, weight, bias = _norm_inputs(x_dtype, residual_dtype, affine)
+    residual = torch.randn(x.shape, dtype=torch.float64).to(residual_dtype)
+    grads = [torch.randn(x.shape, dtype=torch.float64).to(residual_dtype) for _ in range(2)]
+    if kind == "rms_norm":
+        bias = None
+
+    def loss(y, h):
+        return sum((out.float() * g.float()).sum()
+                   for out, g, name in ((y, grads[0], "y"), (h, grads[1], "h")) if name in used)
+
+    leaves = _leaves(x, residual, weight, bias)
+    present = [t for t in leaves if t is not None]
+    if kind == "layer_norm":
+        y, h = fusedlm.add_layer_norm(leaves[0], leaves[1], (37,), leaves[2], leaves[3], EPS,
+                                      backend="cpu")
+    else:
+        y, h = fusedlm.add_rms_norm(leaves[0], leaves[1], (37,), leaves[2], EPS, backend="cpu")
+    node = "AddLayerNormFunction" if kind == "layer_norm" else "AddRmsNormFunction"
+    assert node in _graph_names(y) and node in _graph_names(h)
+    got = torch.autograd.grad(loss(y, h), present, allow_unused=True)
+
+    python = _leaves(x, residual, weight, bias)
+    rows = [python[0].reshape(-1, 37), python[1].reshape(-1, 37)]
+    if kind == "layer_norm":
+        y_p, h_p, _, _ = norm_ops._AddLayerNormEager.apply(*rows, python[2], python[3], EPS, "cpu")
+    else:
+        y_p, h_p, _ = norm_ops._AddRmsNormEager.apply(*rows, python[2], EPS, "cpu")
+    assert torch.equal(y.detach(), y_p.detach().view(x.shape))
+    assert torch.equal(h.detach(), h_p.detach().view(x.shape))
+    want = torch.autograd.grad(loss(y_p.view(x.shape), h_p.view(x.shape)),
+                               [t for t in python if t is not None], allow_unused=True)
+    for g, w in zip(got, want, strict=True):
+        assert (g is None) == (w is None)
+        if g is not None:
+            assert g.dtype == w.dtype and torch.equal(g, w)
+    if used == "h":  # the norm's parameters get no gradient
+        assert all(g is None for g in got[2:])
+
+
 # (B, Hq, Hkv, Tq, Tk, D, causal, window, key_range kind)
 ATTENTION_CASES = [
     (2, 4, 2, 37, 37, 16, True, None, None),

@@ -625,8 +625,15 @@ def add_layer_norm(
         return F.layer_norm(h, normalized_shape, _in_dtype(weight, h), _in_dtype(bias, h), eps), h
     fwd = forward_for_call(ADD_LAYER_NORM_FWD, backend, _AddLayerNormEager, _add_layer_norm_fwd,
                            reference.add_layer_norm_fwd, x, residual, weight, bias)
-    y, h, _, _ = fwd(_as_rows(x, normalized_shape), _as_rows(residual, normalized_shape),
-                     _flat(weight), _flat(bias), eps, backend)
+    x_rows, rows = _as_rows(x, normalized_shape), _as_rows(residual, normalized_shape)
+    weight, bias = _flat(weight), _flat(bias)
+    if runs_eager_function(fwd, _AddLayerNormEager):  # with autograd: the C++ node if it can
+        module = extension_autograd(ADD_LAYER_NORM_FWD, ADD_LAYER_NORM_BWD, backend, x.device,
+                                    (x_rows, rows, weight, bias), (rows, rows, rows, weight))
+        if module is not None:
+            y, h = module.add_layer_norm_autograd(x_rows, rows, weight, bias, eps)
+            return _like(y, residual), _like(h, residual)
+    y, h, _, _ = fwd(x_rows, rows, weight, bias, eps, backend)
     return _like(y, residual), _like(h, residual)
 
 
@@ -654,6 +661,13 @@ def add_rms_norm(
         return F.rms_norm(h, normalized_shape, _in_dtype(weight, h), eps), h
     fwd = forward_for_call(ADD_RMS_NORM_FWD, backend, _AddRmsNormEager, _add_rms_norm_fwd,
                            reference.add_rms_norm_fwd, x, residual, weight)
-    y, h, _ = fwd(_as_rows(x, normalized_shape), _as_rows(residual, normalized_shape),
-                  _flat(weight), eps, backend)
+    x_rows, rows, weight = (_as_rows(x, normalized_shape), _as_rows(residual, normalized_shape),
+                            _flat(weight))
+    if runs_eager_function(fwd, _AddRmsNormEager):  # with autograd: the C++ node if it can
+        module = extension_autograd(ADD_RMS_NORM_FWD, ADD_RMS_NORM_BWD, backend, x.device,
+                                    (x_rows, rows, weight), (rows, rows, rows, weight))
+        if module is not None:
+            y, h = module.add_rms_norm_autograd(x_rows, rows, weight, eps)
+            return _like(y, residual), _like(h, residual)
+    y, h, _ = fwd(x_rows, rows, weight, eps, backend)
     return _like(y, residual), _like(h, residual)
