@@ -22,8 +22,17 @@ import torch.nn.functional as F
 import fusedlm
 
 
+def _both(pair):
+    return pair[0] + pair[1]
+
+
+def _eager_add_norm(norm, x, residual, *params):
+    h = x + residual
+    return norm(h, (8,), *params), h
+
+
 def _cases(backend: str):
-    x = torch.randn(4, 8)
+    x, residual = torch.randn(4, 8), torch.randn(4, 8)
     weight, bias = torch.ones(8), torch.zeros(8)
     q, k, v = (torch.randn(1, 2, 16, 16) for _ in range(3))
     return {
@@ -36,6 +45,17 @@ def _cases(backend: str):
             (x, weight),
             lambda x, w: fusedlm.rms_norm(x, (8,), w, backend=backend),
             lambda x, w: F.rms_norm(x, (8,), w),
+        ),
+        # y and h both read (y + h), as a pre-norm block reads them
+        "add_layer_norm (4, 8)": (
+            (x, residual, weight, bias),
+            lambda x, r, w, b: _both(fusedlm.add_layer_norm(x, r, (8,), w, b, backend=backend)),
+            lambda x, r, w, b: _both(_eager_add_norm(F.layer_norm, x, r, w, b)),
+        ),
+        "add_rms_norm (4, 8)": (
+            (x, residual, weight),
+            lambda x, r, w: _both(fusedlm.add_rms_norm(x, r, (8,), w, backend=backend)),
+            lambda x, r, w: _both(_eager_add_norm(F.rms_norm, x, r, w)),
         ),
         "attention (1, 2, 16, 16) causal": (
             (q, k, v),
