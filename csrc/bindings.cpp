@@ -327,7 +327,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
     const at::Tensor& out,       // (B, Hq, Tq, D)
     const at::Tensor& lse,       // (B, Hq, Tq) float32
     double scale, bool causal, int64_t causal_offset, std::optional<int64_t> window_offset,
-    const std::optional<at::Tensor>& key_range) {  // (B, 2), (B, Tq, 2) int32, q's device
+    const std::optional<at::Tensor>& key_range,  // (B, 2), (B, Tq, 2) int32, q's device
+    const std::optional<at::Tensor>& grad_lse) {  // (B, Hq, Tq) float32, or none
   const char* op = "attention_bwd";
   check_attention_cuda(q, k, op);
   const c10::cuda::CUDAGuard guard(q.device());
@@ -343,6 +344,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
   const at::Tensor out_r = attention_readable(out, Dp);
   const at::Tensor grad_out_r = attention_readable(grad_out, Dp);
   const at::Tensor lse_c = lse.contiguous();  // (B, Hq, Tq)
+  const at::Tensor grad_lse_c =               // (B, Hq, Tq) or undefined
+      grad_lse.has_value() ? grad_lse->to(at::kFloat).contiguous() : at::Tensor();
   at::Tensor dq = at::empty({q.size(0), q.size(1), q.size(2), Dp}, q.options());  // (B, Hq, Tq, Dp)
   at::Tensor dk = at::empty({k.size(0), k.size(1), k.size(2), Dp}, k.options());  // (B, Hkv, Tk, Dp)
   at::Tensor dv = at::empty({v.size(0), v.size(1), v.size(2), Dp}, v.options());  // (B, Hkv, Tk, Dp)
@@ -355,6 +358,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
   args.out = attention_input(out_r);
   args.grad_out = attention_input(grad_out_r);
   args.lse = lse_c.data_ptr<float>();
+  args.grad_lse = grad_lse_c.defined() ? grad_lse_c.data_ptr<float>() : nullptr;
   args.dq = dq.data_ptr();
   args.dk = dk.data_ptr();
   args.dv = dv.data_ptr();
@@ -505,7 +509,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const at::Tensor& out, const at::Tensor& lse, double scale, bool causal,
     int64_t causal_offset, std::optional<int64_t> window_offset,
-    const std::optional<at::Tensor>& key_range) {
+    const std::optional<at::Tensor>& key_range, const std::optional<at::Tensor>& grad_lse) {
   check_attention_inputs(q, k, v);
   const std::optional<at::Tensor> key_ranges = attention_key_range(key_range, q);
   check_finite(scale, "scale");
@@ -525,15 +529,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
   check_same_device(grad_out, "grad_out", q, "q");
   check_same_device(out, "out", q, "q");
   check_same_device(lse, "lse", q, "q");
+  if (grad_lse.has_value()) {
+    check_defined(*grad_lse, "grad_lse");
+    check_shape(*grad_lse, "grad_lse", q.sizes().slice(0, 3));
+    check_same_dtype(*grad_lse, "grad_lse", lse, "lse");
+    check_same_device(*grad_lse, "grad_lse", q, "q");
+  }
 #ifdef FUSEDLM_WITH_CUDA
   if (q.is_cuda()) {
     return cuda_glue::attention_bwd(grad_out, q, k, v, out, lse, scale, causal, causal_offset,
-                                    window_offset, key_ranges);
+                                    window_offset, key_ranges, grad_lse);
   }
 #endif
   require_cpu_kernel(q, "q", "attention_bwd");
   return cpu::attention_bwd(grad_out, q, k, v, out, lse, scale, causal, causal_offset,
-                            window_offset, key_ranges);
+                            window_offset, key_ranges, grad_lse);
 }
 
 // ---- LayerNorm / RMSNorm --------------------------------------------------------------------
@@ -1257,7 +1267,7 @@ struct AttentionFunction : public torch::autograd::Function<AttentionFunction> {
           ctx->saved_data["scale"].toDouble(), ctx->saved_data["causal"].toBool(),
           ctx->saved_data["causal_offset"].toInt(),
           window.isNone() ? std::nullopt : std::optional<int64_t>(window.toInt()),
-          optional_tensor(saved[5]));
+          optional_tensor(saved[5]), std::nullopt);
     }
     auto out = once_differentiable({dq, dk, dv}, grads);
     out.resize(8);  // scale, causal, causal_offset, window_offset, key_range: no gradient
@@ -1396,10 +1406,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("key_range") = py::none());
   m.def("attention_bwd", &fusedlm::attention_bwd,
         "Flash-attention backward: recomputes the probabilities from lse. Returns dq, dk, dv\n"
-        "in the shapes and dtypes of q, k, v (dk, dv summed over the query heads of a kv head).",
+        "in the shapes and dtypes of q, k, v (dk, dv summed over the query heads of a kv head).\n"
+        "grad_lse (B, Hq, Tq) in lse's dtype, or None: the gradient of lse, when it was used.",
         py::arg("grad_out"), py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"),
         py::arg("lse"), py::arg("scale"), py::arg("causal"), py::arg("causal_offset"),
-        py::arg("window_offset") = py::none(), py::arg("key_range") = py::none());
+        py::arg("window_offset") = py::none(), py::arg("key_range") = py::none(),
+        py::arg("grad_lse") = py::none());
   m.def("layer_norm_fwd", &fusedlm::layer_norm_fwd,
         "LayerNorm over the last dim. x (M, N); weight, bias (N) or None (dtype of x or float32).\n"
         "Returns y (M, N) in x's dtype, mean and rstd (M) in float32 (float64 for float64 x).",

@@ -726,9 +726,12 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
 // Backward
 // ---------------------------------------------------------------------------------------
 
-// Delta (B, Hq, Tq) = rowsum(grad_out * out): the softmax-backward correction term.
+// Delta (B, Hq, Tq) = rowsum(grad_out * out) - grad_lse: the softmax-backward correction term
+// (a gradient of lse adds grad_lse * P to dS, the same as lowering Delta by it).
 template <typename scalar_t>
-void compute_delta(const at::Tensor& grad_out, const at::Tensor& out, compute_t<scalar_t>* delta) {
+void compute_delta(const at::Tensor& grad_out, const at::Tensor& out,
+                   const compute_t<scalar_t>* grad_lse,  // (B, Hq, Tq) contiguous, or nullptr
+                   compute_t<scalar_t>* delta) {         // (B, Hq, Tq)
   using acc_t = compute_t<scalar_t>;
   const int64_t Hq = out.size(1), Tq = out.size(2), D = out.size(3);
   const StridedHeads<scalar_t> grad_view(grad_out), out_view(out);
@@ -742,7 +745,7 @@ void compute_delta(const at::Tensor& grad_out, const at::Tensor& out, compute_t<
       for (int64_t d = 0; d < D; ++d)
         sum += static_cast<acc_t>(g[d * grad_view.stride_dim]) *
                static_cast<acc_t>(o[d * out_view.stride_dim]);
-      delta[row] = sum;
+      delta[row] = grad_lse == nullptr ? sum : sum - grad_lse[row];
     }
   });
 }
@@ -985,7 +988,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const at::Tensor& out, const at::Tensor& lse, double scale, bool causal,
     int64_t causal_offset, std::optional<int64_t> window_offset,
-    const std::optional<at::Tensor>& key_range) {
+    const std::optional<at::Tensor>& key_range, const std::optional<at::Tensor>& grad_lse) {
   const int64_t B = q.size(0), Hq = q.size(1), Tq = q.size(2), D = q.size(3);
   const int64_t Hkv = k.size(1), Tk = k.size(2);
   TORCH_CHECK(Hkv > 0 ? Hq % Hkv == 0 : Hq == 0, "attention_bwd: Hq must be a multiple of Hkv");
@@ -1024,7 +1027,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
     const at::Tensor grad_out_c = grad_out.to(q.scalar_type());  // (B, Hq, Tq, D)
     const at::Tensor out_c = out.to(q.scalar_type());            // (B, Hq, Tq, D)
     at::Tensor delta = at::empty({B, Hq, Tq}, q.options().dtype(acc_dtype));  // (B, Hq, Tq)
-    compute_delta<scalar_t>(grad_out_c, out_c, delta.data_ptr<acc_t>());
+    std::optional<at::Tensor> grad_lse_c;                                        // (B, Hq, Tq)
+    if (grad_lse.has_value()) grad_lse_c = grad_lse->to(acc_dtype).contiguous();
+    compute_delta<scalar_t>(grad_out_c, out_c,
+                            grad_lse_c.has_value() ? grad_lse_c->const_data_ptr<acc_t>() : nullptr,
+                            delta.data_ptr<acc_t>());
     at::Tensor dq_partial =
         at::zeros({splits, B, Hq, D, Tq}, q.options().dtype(acc_dtype));  // (splits, B, Hq, D, Tq)
     backward_kernel<scalar_t>(grad_out_c, q, k, v, lse_c.const_data_ptr<acc_t>(),

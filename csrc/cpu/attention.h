@@ -30,13 +30,15 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q, const at::
                                                  std::optional<int64_t> window_offset,
                                                  const std::optional<at::Tensor>& key_range);
 
-// grad_out: (B, Hq, Tq, D) any strides; out, lse as returned by attention_fwd.
+// grad_out: (B, Hq, Tq, D) any strides; out, lse as returned by attention_fwd; grad_lse:
+// (B, Hq, Tq) the gradient of lse, or none (lse unused).
 // returns dq: (B, Hq, Tq, D), dk: (B, Hkv, Tk, D), dv: (B, Hkv, Tk, D), contiguous,
 //         dtypes of q, k, v. dk/dv sum over the Hq / Hkv query heads sharing a kv head.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const at::Tensor& out, const at::Tensor& lse, double scale, bool causal,
     int64_t causal_offset, std::optional<int64_t> window_offset,
-    const std::optional<at::Tensor>& key_range);
+    const std::optional<at::Tensor>& key_range,
+    const std::optional<at::Tensor>& grad_lse);
 
 }  // namespace fusedlm::cpu

@@ -20,13 +20,15 @@ namespace fusedlm::cuda {
 namespace attention {
 namespace {
 
-// delta[row] = sum_d dO[row, d] * O[row, d] (float32), one warp per (b, h, token) row.
+// delta[row] = sum_d dO[row, d] * O[row, d] - grad_lse[row] (float32), one warp per
+// (b, h, token) row. A gradient of lse adds grad_lse * P to dS, the same as lowering delta.
 // grid (ceil(B Hq Tq / 8)), 256 threads.
 template <typename T>
 __global__ void __launch_bounds__(256)
-    attention_bwd_delta_kernel(const AttentionInput out,       // (B, Hq, Tq, D)
-                               const AttentionInput grad_out,  // (B, Hq, Tq, D)
-                               float* __restrict__ delta,      // (B, Hq, Tq)
+    attention_bwd_delta_kernel(const AttentionInput out,             // (B, Hq, Tq, D)
+                               const AttentionInput grad_out,        // (B, Hq, Tq, D)
+                               const float* __restrict__ grad_lse,   // (B, Hq, Tq) or nullptr
+                               float* __restrict__ delta,            // (B, Hq, Tq)
                                int64_t Hq, int64_t Tq, int D, int64_t rows) {
   const int64_t row = int64_t{blockIdx.x} * (blockDim.x / 32) + threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
@@ -41,7 +43,7 @@ __global__ void __launch_bounds__(256)
   float acc = 0.f;
   for (int d = lane; d < D; d += 32) acc += convert<float>(o[d]) * convert<float>(dout[d]);
   acc = warp_reduce_sum(acc);
-  if (lane == 0) delta[row] = acc;
+  if (lane == 0) delta[row] = grad_lse == nullptr ? acc : acc - grad_lse[row];
 }
 
 // dq = dq_accumulator rounded to T, grid-stride.
@@ -538,7 +540,7 @@ cudaError_t launch_bwd(const AttentionBwdArgs& args, cudaStream_t stream) {
   if (delta == nullptr) return cudaErrorMemoryAllocation;
   auto delta_kernel = attention_bwd_delta_kernel<T>;
   FUSEDLM_LAUNCH(delta_kernel, static_cast<unsigned>(ceil_div(rows, 8)), 256, 0, stream)(
-      args.out, args.grad_out, delta, s.Hq, s.Tq, static_cast<int>(s.D), rows);
+      args.out, args.grad_out, args.grad_lse, delta, s.Hq, s.Tq, static_cast<int>(s.D), rows);
   FUSEDLM_RETURN_IF_LAUNCH_FAILED();
 
   // Per-query key ranges: which query tiles meet each key tile of kBlock keys, in two steps

@@ -149,6 +149,7 @@ struct AttentionBwdArgs {
   AttentionInput out;       // (B, Hq, Tq, D) as returned by attention_fwd
   AttentionInput grad_out;  // (B, Hq, Tq, D)
   const float* lse;         // (B, Hq, Tq) contiguous, as returned by attention_fwd
+  const float* grad_lse;    // (B, Hq, Tq) contiguous: the gradient of lse, or nullptr (unused)
   void* dq;                 // (B, Hq, Tq, D) contiguous, dtype
   void* dk;                 // (B, Hkv, Tk, D) contiguous, dtype; summed over the query heads
   void* dv;                 // (B, Hkv, Tk, D) contiguous, dtype;   that share each kv head

@@ -204,9 +204,10 @@ def attention_fwd(
 def attention_bwd(
     grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
     scale: float, causal: bool, causal_offset: int, window_offset: int | None = None,
-    key_range: Tensor | None = None,
+    key_range: Tensor | None = None, grad_lse: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Returns dq, dk, dv in the shapes and dtypes of q, k, v."""
+    """Returns dq, dk, dv in the shapes and dtypes of q, k, v: the gradients of out, plus
+    those of lse when ``grad_lse`` (B, Hq, Tq) is given."""
     probs, _ = _probabilities(q, k, scale, causal, causal_offset, window_offset, key_range)
     dtype = probs.dtype
     B, Hq, Tq, D = q.shape
@@ -217,6 +218,8 @@ def attention_bwd(
     dv_full = torch.matmul(probs.transpose(-1, -2), dout)  # (B, Hq, Tk, D)
     dprobs = torch.matmul(dout, v_full.transpose(-1, -2))  # (B, Hq, Tq, Tk)
     delta = (dout * out.to(dtype)).sum(dim=-1, keepdim=True)  # (B, Hq, Tq, 1)
+    if grad_lse is not None:  # d lse_i / d s_ij = P_ij: the same as lowering delta
+        delta = delta - grad_lse.to(dtype)[..., None]
     dscores = probs * (dprobs - delta) * scale
     dq = torch.matmul(dscores, k_full)
     dk_full = torch.matmul(dscores.transpose(-1, -2), q.to(dtype))

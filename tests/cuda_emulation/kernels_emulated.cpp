@@ -153,7 +153,7 @@ int emulated_attention_bwd(const int64_t* shape, double scale, int dtype, int de
                            const int64_t* v_strides, const void* out, const int64_t* out_strides,
                            const void* grad_out, const int64_t* grad_out_strides,
                            const float* lse, void* dq, void* dk, void* dv,
-                           const int32_t* key_range) {
+                           const int32_t* key_range, const float* grad_lse) {
   Scratch scratch;
   fusedlm::cuda::AttentionBwdArgs args{};
   args.shape = make_shape(shape, scale, dtype);
@@ -164,6 +164,7 @@ int emulated_attention_bwd(const int64_t* shape, double scale, int dtype, int de
   args.out = input(out, out_strides);
   args.grad_out = input(grad_out, grad_out_strides);
   args.lse = lse;
+  args.grad_lse = grad_lse;
   args.dq = dq;
   args.dk = dk;
   args.dv = dv;

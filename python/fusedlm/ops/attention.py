@@ -83,10 +83,10 @@ def _triton_attention_fwd(*args):
 
 
 @ATTENTION_BWD.register("triton", supports=_triton_supports)
-def _triton_attention_bwd(*args):
+def _triton_attention_bwd(*args, **kwargs):
     from ..triton import attention as kernels
 
-    return kernels.attention_bwd(*args)
+    return kernels.attention_bwd(*args, **kwargs)
 
 
 def _mask_arguments(window_offset, key_range) -> tuple:
@@ -106,11 +106,13 @@ def _attention_fwd(q, k, v, scale, causal, causal_offset, backend, window_offset
 
 
 def _attention_bwd(grad_out, q, k, v, out, lse, scale, causal, causal_offset, backend,
-                   window_offset=None, key_range=None):
+                   window_offset=None, key_range=None, grad_lse=None):
     impl = ATTENTION_BWD.select(backend, q.device, q, k, v, window_offset, key_range)
+    # (grad_lse by keyword and only when there is one: the usual call stays the same)
+    extra = {} if grad_lse is None else {"grad_lse": grad_lse}
     with autocast_off(q.device):
         return impl(grad_out, q, k, v, out, lse, scale, causal, causal_offset,
-                    *_mask_arguments(window_offset, key_range))
+                    *_mask_arguments(window_offset, key_range), **extra)
 
 
 @torch.library.custom_op("fusedlm::attention_fwd", mutates_args=())
@@ -138,17 +140,18 @@ def _(q, k, v, scale, causal, causal_offset, backend, window_offset=None, key_ra
 def attention_bwd(
     grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, scale: float,
     causal: bool, causal_offset: int, backend: str, window_offset: int | None = None,
-    key_range: Tensor | None = None,
+    key_range: Tensor | None = None, grad_lse: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Returns dq, dk, dv in the shapes and dtypes of q, k, v; dk and dv are summed over the
-    query heads that share a kv head (GQA/MQA)."""
+    query heads that share a kv head (GQA/MQA). ``grad_lse`` (B, Hq, Tq) in lse's dtype: the
+    gradient of lse too (None: lse was not used)."""
     return _attention_bwd(grad_out, q, k, v, out, lse, scale, causal, causal_offset, backend,
-                          window_offset, key_range)
+                          window_offset, key_range, grad_lse)
 
 
 @attention_bwd.register_fake
 def _(grad_out, q, k, v, out, lse, scale, causal, causal_offset, backend, window_offset=None,
-      key_range=None):
+      key_range=None, grad_lse=None):
     return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
 
 
@@ -159,14 +162,19 @@ def _attention_setup_context(ctx, inputs, output):
     ctx.save_for_backward(q, k, v, out, lse, key_range)
     ctx.scale, ctx.causal, ctx.causal_offset, ctx.backend = scale, causal, causal_offset, backend
     ctx.window_offset = window_offset
-    ctx.mark_non_differentiable(lse)
+    if getattr(ctx, "eager", False):
+        # lse is differentiable (return_lse, sinks) but most calls never use it: its gradient
+        # then stays None instead of a zero tensor the backward would read.
+        ctx.set_materialize_grads(False)
 
 
 def _attention_backward(ctx, grad_out, grad_lse):
     q, k, v, out, lse, key_range = ctx.saved_tensors
+    if grad_out is None:  # only lse was used
+        grad_out = torch.zeros_like(out)
     bwd = _attention_bwd if getattr(ctx, "eager", False) else torch.ops.fusedlm.attention_bwd
     dq, dk, dv = bwd(grad_out, q, k, v, out, lse, ctx.scale, ctx.causal, ctx.causal_offset,
-                     ctx.backend, ctx.window_offset, key_range)
+                     ctx.backend, ctx.window_offset, key_range, grad_lse)
     return dq, dk, dv, None, None, None, None, None, None
 
 
@@ -230,22 +238,57 @@ def _check_qkv_in_full(q: Tensor, k: Tensor, v: Tensor) -> None:
 
 
 def _attention(q, k, v, scale, causal, causal_offset, backend, window_offset=None,
-               key_range=None):
+               key_range=None, sinks=None, return_lse=False):
+    """out, or (out, lse) with ``return_lse``; with ``sinks`` (Hq,) both include the sinks."""
     # Under autocast, the inputs in autocast's dtype, as torch's SDPA takes them.
     q, k, v = autocast_inputs(q, k, v)
+    want_lse = return_lse or sinks is not None
     if q.numel() == 0 or k.numel() == 0:  # empty results; the reference's torch ops give autograd
-        return reference.attention_fwd(q, k, v, scale, causal, causal_offset, window_offset,
-                                       key_range)[0]
-    fwd = forward_for_call(ATTENTION_FWD, backend, _AttentionEager, _attention_fwd,
-                           reference.attention_fwd, q, k, v, backend_index=6)
-    if runs_eager_function(fwd, _AttentionEager):  # eager, with autograd: the C++ node if it can
-        args = (q, k, v, window_offset, key_range)
-        module = extension_autograd(ATTENTION_FWD, ATTENTION_BWD, backend, q.device, args, args)
-        if module is not None:
-            return module.attention_autograd(q, k, v, scale, causal, causal_offset, window_offset,
-                                             key_range)
-    out, _ = fwd(q, k, v, scale, causal, causal_offset, backend, window_offset, key_range)
-    return out
+        out, lse = reference.attention_fwd(q, k, v, scale, causal, causal_offset, window_offset,
+                                           key_range)
+    else:
+        fwd = forward_for_call(ATTENTION_FWD, backend, _AttentionEager, _attention_fwd,
+                               reference.attention_fwd, q, k, v, backend_index=6)
+        if not want_lse and runs_eager_function(fwd, _AttentionEager):
+            # eager, with autograd: the C++ node if it can (it returns out alone)
+            args = (q, k, v, window_offset, key_range)
+            module = extension_autograd(ATTENTION_FWD, ATTENTION_BWD, backend, q.device, args,
+                                        args)
+            if module is not None:
+                return module.attention_autograd(q, k, v, scale, causal, causal_offset,
+                                                 window_offset, key_range)
+        out, lse = fwd(q, k, v, scale, causal, causal_offset, backend, window_offset, key_range)
+    if sinks is not None:
+        out, lse = _apply_sinks(out, lse, sinks)
+    return (out, lse) if return_lse else out
+
+
+def _apply_sinks(out: Tensor, lse: Tensor, sinks: Tensor) -> tuple[Tensor, Tensor]:
+    """Attention sinks (GPT-OSS; StreamingLLM's learned sink): one more logit per head,
+    sinks[h], in each row's softmax, with no value. Row i's probabilities shrink by
+    exp(lse_i) / (exp(lse_i) + exp(sinks[h])) = sigmoid(lse_i - sinks[h]), so out scales by
+    that and lse becomes logaddexp(lse_i, sinks[h]); autograd carries the gradients through
+    lse into the kernels' backward (grad_lse). A row that sees no key gives 0 either way."""
+    sink = sinks.to(lse.dtype)[None, :, None]  # (1, Hq, 1)
+    weight = torch.sigmoid(lse - sink)  # (B, Hq, Tq); 0 where lse is -inf
+    return (out * weight[..., None]).to(out.dtype), torch.logaddexp(lse, sink)
+
+
+def _check_sinks(sinks: object, q: Tensor) -> Tensor | None:
+    if sinks is None:
+        return None
+    check_float_tensor(sinks, "sinks")
+    check_same_device(sinks, "sinks", q, "q")
+    if tuple(sinks.shape) != (q.shape[1],):
+        raise ValueError(f"argument 'sinks' must have shape (Hq,) = ({q.shape[1]},), one logit "
+                         f"per query head, got {describe(sinks)}")
+    return sinks
+
+
+def _check_return_lse(return_lse: object) -> bool:
+    if not isinstance(return_lse, bool):
+        raise TypeError(f"argument 'return_lse' must be a bool, got {describe(return_lse)}")
+    return return_lse
 
 
 def _check_key_range(key_range: object, q: Tensor, Tk: int) -> Tensor | None:
@@ -310,8 +353,8 @@ def attention_mask_bounds(
 def attention(
     q: Tensor, k: Tensor, v: Tensor, causal: bool = False, scale: float | None = None,
     backend: str = "auto", window: tuple[int | None, int | None] | None = None,
-    key_range: Tensor | None = None,
-) -> Tensor:
+    key_range: Tensor | None = None, sinks: Tensor | None = None, return_lse: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
     """Fused (flash) attention: softmax(q k^T * scale) v.
 
     q: (B, Hq, Tq, D); k, v: (B, Hkv, Tk, D) with Hq % Hkv == 0 (GQA/MQA); any T; D <= 256;
@@ -329,7 +372,13 @@ def attention(
     attends only to keys key_range[b, i, 0] <= j < key_range[b, i, 1] (see
     ``key_range_from_document_ids``; with ``causal=True``, each document's causal attention).
     Positions and the causal / window alignment stay those of all Tk keys. Rows left with no
-    key give 0. Returns (B, Hq, Tq, D) in q's dtype.
+    key give 0. ``sinks`` (Hq,) float (attention sinks, GPT-OSS's ``sinks`` parameter): one
+    learned logit per query head joins every row's softmax with no value, which lowers the
+    row's weights (differentiable; an op on the output and lse, not yet inside the kernels).
+    Returns (B, Hq, Tq, D) in q's dtype; with ``return_lse=True`` (out, lse), lse (B, Hq, Tq)
+    float32 (float64 for float64 inputs), each row's log-sum-exp of its scaled scores (sink
+    included), -inf for a row that sees no key; gradients flow through both (as to combine
+    partial attentions, ring attention's way).
     """
     _check_qkv(q, k, v)
     if not isinstance(causal, bool):
@@ -339,7 +388,10 @@ def attention(
     causal, causal_offset, window_offset = attention_mask_bounds(
         q.shape[2], k.shape[2], causal, window)
     key_range = _check_key_range(key_range, q, k.shape[2])
-    return _attention(q, k, v, scale, causal, causal_offset, backend, window_offset, key_range)
+    sinks = _check_sinks(sinks, q)
+    return_lse = _check_return_lse(return_lse)
+    return _attention(q, k, v, scale, causal, causal_offset, backend, window_offset, key_range,
+                      sinks, return_lse)
 
 
 def _check_cu_seqlens(cu_seqlens: object, name: str, total: int, device) -> Tensor:
@@ -363,8 +415,8 @@ def attention_varlen(
     q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
     max_seqlen_q: int | None = None, max_seqlen_k: int | None = None, causal: bool = False,
     scale: float | None = None, window: tuple[int | None, int | None] | None = None,
-    backend: str = "auto",
-) -> Tensor:
+    backend: str = "auto", sinks: Tensor | None = None, return_lse: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
     """Attention over variable-length sequences packed without padding, as FlashAttention's
     ``flash_attn_varlen_func``: q (total_q, Hq, D), k/v (total_k, Hkv, D); sequence s holds
     queries cu_seqlens_q[s]:cu_seqlens_q[s + 1] and keys cu_seqlens_k[s]:cu_seqlens_k[s + 1]
@@ -372,7 +424,9 @@ def attention_varlen(
     ``causal`` and ``window`` aligned bottom-right within the sequence (as
     ``fusedlm.attention``). ``max_seqlen_*`` are accepted for compatibility and not needed.
     Runs ``fusedlm.attention`` on the (1, H, total, D) views with per-query key ranges (no copy
-    of q, k, v). Returns (total_q, Hq, D)."""
+    of q, k, v). ``sinks`` (Hq,): attention sinks, as in ``fusedlm.attention``. Returns
+    (total_q, Hq, D); with ``return_lse=True`` (out, lse), lse (Hq, total_q) float32 (float64
+    for float64 inputs), FlashAttention's varlen layout."""
     del max_seqlen_q, max_seqlen_k  # the offsets say everything
     for name, t in (("q", q), ("k", k), ("v", v)):
         check_float_tensor(t, name)
@@ -390,6 +444,8 @@ def attention_varlen(
     _check_qkv(q4, k4, v4)
     scale = 1.0 / math.sqrt(q.shape[2]) if scale is None else check_finite_float(scale, "scale")
     check_backend_name(backend)
+    sinks = _check_sinks(sinks, q4)
+    return_lse = _check_return_lse(return_lse)
     # Each query's keys: its sequence's, cut by the causal / window limits around its position
     # p = (i - q_start) + (len_k - len_q) (bottom-right), as attention_mask_bounds aligns them.
     total_q = q.shape[0]
@@ -406,9 +462,11 @@ def attention_varlen(
     if right is not None:
         hi = torch.minimum(hi, k_start + position + right + 1)
     key_range = torch.stack([lo, torch.maximum(hi, lo)], dim=1)
-    out = _attention(q4, k4, v4, scale, False, 0, backend, None,
-                     key_range.to(torch.int32)[None])
-    return out[0].transpose(0, 1)
+    result = _attention(q4, k4, v4, scale, False, 0, backend, None,
+                        key_range.to(torch.int32)[None], sinks, return_lse)
+    if return_lse:
+        return result[0][0].transpose(0, 1), result[1][0]
+    return result[0].transpose(0, 1)
 
 
 def key_range_from_padding_mask(attention_mask: Tensor) -> Tensor:

@@ -319,14 +319,17 @@ def _split_key_range(split, n_splits, start_m, kv_lo, kv_hi, causal_offset, wind
 
 @triton.jit
 def attention_bwd_preprocess_kernel(
-    Out, DO, Delta,
+    Out, DO, GradLse, Delta,
     stride_ob, stride_oh, stride_om, stride_od,
     stride_dob, stride_doh, stride_dom, stride_dod,
     n_heads, seqlen_q, head_dim,
     BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_M: tl.constexpr,
+    HAS_GRAD_LSE: tl.constexpr,
 ):
     """Delta (B, Hq, Tq) float32 (contiguous) = rowsum(DO * Out), the softmax-backward term
-    sum_j P_ij dP_ij. Grid (cdiv(Tq, BLOCK_M) * B * Hq,)."""
+    sum_j P_ij dP_ij, minus GradLse (B, Hq, Tq) float32 (contiguous) with HAS_GRAD_LSE: a
+    gradient of lse adds GradLse * P to dS, the same as lowering Delta by it.
+    Grid (cdiv(Tq, BLOCK_M) * B * Hq,)."""
     num_m = tl.cdiv(seqlen_q, BLOCK_M)
     pid = tl.program_id(0)
     start_m = (pid % num_m) * BLOCK_M
@@ -342,6 +345,9 @@ def attention_bwd_preprocess_kernel(
                     + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod,
                     offs_m, seqlen_q, offs_d, head_dim, True, EVEN_D)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    if HAS_GRAD_LSE:
+        delta -= tl.load(GradLse + bh.to(tl.int64) * seqlen_q + offs_m, mask=offs_m < seqlen_q,
+                         other=0.0)
     tl.store(Delta + bh.to(tl.int64) * seqlen_q + offs_m, delta, mask=offs_m < seqlen_q)
 
 
@@ -1040,13 +1046,14 @@ def attention_fwd(
 def attention_bwd(
     grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
     scale: float, causal: bool, causal_offset: int, window_offset: int | None = None,
-    key_range: Tensor | None = None,
+    key_range: Tensor | None = None, grad_lse: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Gradients of attention_fwd's out: dq, dk, dv (contiguous) in the shapes and dtypes of
-    q, k, v; dk, dv summed over the query heads sharing a kv head. lse is attention_fwd's."""
+    """Gradients of attention_fwd's out (and, given grad_lse (B, Hq, Tq), of its lse): dq, dk,
+    dv (contiguous) in the shapes and dtypes of q, k, v; dk, dv summed over the query heads
+    sharing a kv head. lse is attention_fwd's."""
     if q.numel() == 0 or k.numel() == 0:
         return reference.attention_bwd(grad_out, q, k, v, out, lse, scale, causal, causal_offset,
-                                       window_offset, key_range)
+                                       window_offset, key_range, grad_lse)
     _check(q, k, v)
     B, Hq, Tq, D = q.shape
     Hkv, Tk = k.shape[1], k.shape[2]
@@ -1063,18 +1070,22 @@ def attention_bwd(
     bucket = _seq_bucket(Tq, Tk)
     qk_scale = float(scale) * LOG2E
 
-    pre_args = (out, grad_out, delta, *out.stride(), *grad_out.stride(), Hq, Tq, D)
+    if grad_lse is not None:
+        grad_lse = grad_lse.to(torch.float32).contiguous()
+    pre_args = (out, grad_out, delta if grad_lse is None else grad_lse, delta,
+                *out.stride(), *grad_out.stride(), Hq, Tq, D)
+    pre_constexprs = {"BLOCK_D": block_d, "EVEN_D": even_d, "HAS_GRAD_LSE": grad_lse is not None}
     if triton_interpreted():
         _interpreter_ready(attention_bwd_preprocess_kernel)
         block_m = INTERPRETER_CONFIGS["bwd_preprocess"]["BLOCK_M"]
         attention_bwd_preprocess_kernel[(triton.cdiv(Tq, block_m) * B * Hq,)](
-            *pre_args, BLOCK_D=block_d, EVEN_D=even_d, BLOCK_M=block_m
+            *pre_args, **pre_constexprs, BLOCK_M=block_m
         )
     else:
         block_m = _PREPROCESS_BLOCK_M
         with torch.cuda.device(q.device):
             attention_bwd_preprocess_kernel[(triton.cdiv(Tq, block_m) * B * Hq,)](
-                *pre_args, BLOCK_D=block_d, EVEN_D=even_d, BLOCK_M=block_m,
+                *pre_args, **pre_constexprs, BLOCK_M=block_m,
                 num_warps=4 if block_d <= 64 else 8,
             )
 
