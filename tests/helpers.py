@@ -197,7 +197,7 @@ def larger_error(a, b, truth):
 
 
 def naive_attention(q, k, v, scale=None, causal=False, causal_offset=None, window=None,
-                    window_offset=None, key_range=None):
+                    window_offset=None, key_range=None, sinks=None, return_lse=False):
     """softmax(q k^T * scale) v written out with torch ops in q's dtype (autograd-able).
 
     q (B, Hq, Tq, D), k/v (B, Hkv, Tk, D). Key j is visible to query i iff not causal or
@@ -206,7 +206,9 @@ def naive_attention(q, k, v, scale=None, causal=False, causal_offset=None, windo
     with ``window_offset`` (the custom op's form) j >= i + window_offset, and with
     ``key_range`` ((B, 2) integers) key_range[b, 0] <= j < key_range[b, 1] in batch row b, or
     ((B, Tq, 2) integers) key_range[b, i, 0] <= j < key_range[b, i, 1]. Rows that see no key
-    give 0."""
+    give 0. ``sinks`` (Hq,): one more logit per head in each row's softmax, with no value
+    (GPT-OSS's eager attention: the scores with the sink as a last column, softmaxed, the
+    column dropped). With ``return_lse``, (out, lse), lse each row's logsumexp (sink included)."""
     B, Hq, Tq, D = q.shape
     Tk = k.shape[2]
     if scale is None:
@@ -217,6 +219,7 @@ def naive_attention(q, k, v, scale=None, causal=False, causal_offset=None, windo
     k = k.repeat_interleave(group, dim=1)
     v = v.repeat_interleave(group, dim=1)
     scores = (q @ k.transpose(-1, -2)) * scale
+    no_key = None
     if causal or window is not None or window_offset is not None or key_range is not None:
         rows = torch.arange(Tq, device=q.device)[:, None]
         cols = torch.arange(Tk, device=q.device)[None, :]
@@ -232,11 +235,17 @@ def naive_attention(q, k, v, scale=None, causal=False, causal_offset=None, windo
             start, end = (per_row[:, None, :, i, None] for i in (0, 1))
             visible = visible & (cols >= start) & (cols < end)
         scores = scores.masked_fill(~visible, float("-inf"))
-        probs = torch.softmax(scores, dim=-1)
-        probs = probs.masked_fill(~visible.any(dim=-1)[..., None], 0.0)
+        no_key = ~visible.any(dim=-1)[..., None]
+    if sinks is not None:
+        column = sinks.to(scores.dtype).reshape(1, Hq, 1, 1).expand(B, Hq, Tq, 1)
+        scores = torch.cat([scores, column], dim=-1)
+        probs = torch.softmax(scores, dim=-1)[..., :Tk]  # a row with no key: all on the sink
     else:
         probs = torch.softmax(scores, dim=-1)
-    return probs @ v
+        if no_key is not None:  # a softmax of -inf alone is NaN; such rows give 0
+            probs = probs.masked_fill(no_key, 0.0)
+    out = probs @ v
+    return (out, torch.logsumexp(scores, dim=-1)) if return_lse else out
 
 
 def sdpa_truth_and_torch(q, k, v, **kwargs):

@@ -86,13 +86,14 @@ def _key_range_arg(key_range):
 
 def _run(lib, q, k, v, grad_out, causal, offset, late, deterministic, schedule=WARPS_FORWARD,
          shared_bytes=H100_SHARED_BYTES, hopper=False, window_offset=None, key_range=None,
-         backward=True):
+         backward=True, grad_lse=None):
     """Forward and backward through the emulated launchers; with ``hopper``, on an emulated
     sm_90 device under FUSEDLM_ATTENTION_SM90=require: the forward on the sm_90a kernel alone
     (no sm_80 fallback), the backward through the launcher, which must take the sm_90a kernel;
     with ``hopper="auto"``, on an emulated sm_90 device through the launchers' own choices.
-    ``key_range``: (B, 2) or (B, Tq, 2) int32. Returns out, lse, dq, dk, dv (the gradients None
-    without ``backward``)."""
+    ``key_range``: (B, 2) or (B, Tq, 2) int32; ``grad_lse``: (B, Hq, Tq) float32, a gradient
+    of lse for the backward. Returns out, lse, dq, dk, dv (the gradients None without
+    ``backward``)."""
     lib.emulated_configure(int(late), schedule, shared_bytes)
     lib.emulated_set_compute_capability(90 if hopper else 80)
     # Hopper: the backward must take the sm_90a kernel too (it fails rather than fall back).
@@ -122,7 +123,8 @@ def _run(lib, q, k, v, grad_out, causal, offset, late, deterministic, schedule=W
         shape, ctypes.c_double(scale), dtype_code, int(deterministic), _ptr(q),
         _strides(q), _ptr(k), _strides(k), _ptr(v), _strides(v), _ptr(out), _strides(out),
         _ptr(grad_out), _strides(grad_out), ctypes.cast(_ptr(lse), ctypes.POINTER(ctypes.c_float)),
-        *[_ptr(g) for g, _ in grads], _key_range_arg(key_range))
+        *[_ptr(g) for g, _ in grads], _key_range_arg(key_range),
+        None if grad_lse is None else ctypes.cast(_ptr(grad_lse), ctypes.POINTER(ctypes.c_float)))
     assert status == 0, f"attention_bwd: cudaError {status}: {lib.emulated_fault().decode()}"
     for name, (g, buffer) in zip(("dq", "dk", "dv"), grads, strict=True):
         _check_guard(buffer, g.numel(), name)
@@ -131,10 +133,12 @@ def _run(lib, q, k, v, grad_out, causal, offset, late, deterministic, schedule=W
 
 def _check(lib, shape, causal, dtype, layout="contiguous", late=True, deterministic=False,
            offset=None, schedule=WARPS_FORWARD, shared_bytes=H100_SHARED_BYTES, hopper=False,
-           window_offset=None, key_range=None, backward=True):
+           window_offset=None, key_range=None, backward=True, with_grad_lse=False):
     """Forward (and with ``backward`` the backward from the kernel's own out and lse) of seeded
     inputs of ``shape`` = (B, Hq, Hkv, Tq, Tk, D) against the float64 truth by DESIGN.md's rule;
-    lse against the float64 logsumexp, -inf exactly where a row sees no key."""
+    lse against the float64 logsumexp, -inf exactly where a row sees no key. With
+    ``with_grad_lse`` the backward also takes a random gradient of lse (every row must see a
+    key)."""
     B, Hq, Hkv, Tq, Tk, D = shape
     offset = Tk - Tq if offset is None else offset
     # crc32, not hash(): str hashes are salted per process, which drew new inputs every run.
@@ -145,16 +149,17 @@ def _check(lib, shape, causal, dtype, layout="contiguous", late=True, determinis
     q, k, v, grad_out = (_guarded(t.to(dtype), layout)[0] for t in (q64, k64, v64, do64))
     if key_range is not None and not isinstance(key_range, torch.Tensor):
         key_range = torch.tensor(key_range, dtype=torch.int32).reshape(B, 2)
+    grad_lse = torch.randn((B, Hq, Tq), generator=gen).contiguous() if with_grad_lse else None
     out, lse, dq, dk, dv = _run(lib, q, k, v, grad_out, causal, offset, late, deterministic,
                                 schedule, shared_bytes, hopper, window_offset, key_range,
-                                backward)
+                                backward, grad_lse)
 
+    masks = {"causal": causal, "causal_offset": offset, "window_offset": window_offset,
+             "key_range": key_range}
     leaves64 = [t.clone().requires_grad_(backward) for t in (q64, k64, v64)]
-    truth = naive_attention(*leaves64, causal=causal, causal_offset=offset,
-                            window_offset=window_offset, key_range=key_range)
+    truth, lse64 = naive_attention(*leaves64, **masks, return_lse=True)
     leaves = [t.to(dtype).requires_grad_(backward) for t in (q64, k64, v64)]
-    baseline = naive_attention(*leaves, causal=causal, causal_offset=offset,
-                               window_offset=window_offset, key_range=key_range)
+    baseline, lse_baseline = naive_attention(*leaves, **masks, return_lse=True)
 
     assert_close_rule(out, baseline, truth, name="out")
     scores = (q64 @ k64.repeat_interleave(Hq // Hkv, 1).transpose(-1, -2)) / math.sqrt(D)
@@ -174,8 +179,13 @@ def _check(lib, shape, causal, dtype, layout="contiguous", late=True, determinis
     torch.testing.assert_close(lse[seen].double(), lse_truth[seen], rtol=0, atol=2e-3)
     if not backward:
         return
-    truth_grads = torch.autograd.grad(truth, leaves64, do64)
-    baseline_grads = torch.autograd.grad(baseline, leaves, do64.to(dtype))
+    if grad_lse is None:
+        truth_grads = torch.autograd.grad(truth, leaves64, do64)
+        baseline_grads = torch.autograd.grad(baseline, leaves, do64.to(dtype))
+    else:
+        truth_grads = torch.autograd.grad((truth, lse64), leaves64, (do64, grad_lse.double()))
+        baseline_grads = torch.autograd.grad((baseline, lse_baseline), leaves,
+                                             (do64.to(dtype), grad_lse.to(dtype)))
     for name, g, g_base, g_truth in zip(("dq", "dk", "dv"), (dq, dk, dv), baseline_grads,
                                         truth_grads, strict=True):
         assert_close_rule(g, g_base, g_truth, name=name)
@@ -222,6 +232,15 @@ def test_copy_timing_and_schedules(library, timing, deterministic):
     late, schedule = timing
     _check(library, (1, 2, 1, 150, 130, 64), True, torch.float16, late=late,
            deterministic=deterministic, schedule=schedule)
+
+
+@pytest.mark.parametrize("hopper", [False, "auto"], ids=["sm80", "sm90"])
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic_dq", "deterministic"])
+def test_gradient_of_lse(library, deterministic, hopper):
+    """A gradient of lse (return_lse, attention sinks) lowers the delta kernel's rows by it:
+    dq and dk against the truth's, both dQ paths, the launchers' own choice of kernels."""
+    _check(library, (2, 4, 2, 70, 90, 64), True, torch.float16, deterministic=deterministic,
+           hopper=hopper, with_grad_lse=True)
 
 
 def test_strided_layout(library):
