@@ -435,23 +435,108 @@ def test_sliding_window_shorter_than_the_sequence_matches():
     assert_close_rule(outs[0], outs[1], outs[2], name="mistral inside the window")
 
 
-@pytest.mark.parametrize("argument", ["s_aux", "softcap"])
-def test_attention_function_refuses_what_sdpa_cannot_take(argument):
-    """Attention sinks (gpt-oss's s_aux) and logit soft-capping (Gemma 2's softcap) change the
-    result and neither our kernels nor the SDPA fallback take them: a call that passes one
-    fails rather than drop it. (apply() leaves such models' attention alone:
-    test_transformers_models.py.)"""
+def test_attention_function_refuses_what_sdpa_cannot_take():
+    """Logit soft-capping (Gemma 2's softcap) changes the result and neither our kernels nor the
+    SDPA fallback take it: a call that passes it fails rather than drop it. (apply() leaves
+    such models' attention alone: test_transformers_models.py.)"""
     model = _build("llama")
     q = torch.randn(1, 4, 5, 16)
     kv = torch.randn(1, 2, 5, 16)
-    value = torch.zeros(4) if argument == "s_aux" else 50.0
-    with pytest.raises(NotImplementedError, match=f"'{argument}'"):
+    with pytest.raises(NotImplementedError, match="'softcap'"):
         fhf.fusedlm_attention_forward(model.model.layers[0].self_attn, q, kv, kv, None,
-                                      **{argument: value})
-    kwargs = {argument: None}  # what models without the feature pass: no effect
-    out, _ = fhf.fusedlm_attention_forward(model.model.layers[0].self_attn, q, kv, kv, None,
-                                           **kwargs)
-    assert out.shape == (1, 5, 4, 16)
+                                      softcap=50.0)
+    for argument in ("softcap", "s_aux"):  # what models without the feature pass: no effect
+        out, _ = fhf.fusedlm_attention_forward(model.model.layers[0].self_attn, q, kv, kv, None,
+                                               **{argument: None})
+        assert out.shape == (1, 5, 4, 16)
+
+
+def _gpt_oss(sliding_window=None):
+    if not hasattr(transformers, "GptOssForCausalLM"):
+        pytest.skip("this transformers has no GptOssForCausalLM")
+    torch.manual_seed(0)
+    config = transformers.GptOssConfig(**{**COMMON, "intermediate_size": 64},
+                                       num_key_value_heads=2, head_dim=16, num_local_experts=4,
+                                       num_experts_per_tok=2, sliding_window=sliding_window)
+    model = transformers.GptOssForCausalLM(config)
+    _randomize_norms(model)
+    with torch.no_grad():  # sinks that matter: about as large as the scores
+        for layer in model.model.layers:
+            layer.self_attn.sinks.copy_(torch.randn_like(layer.self_attn.sinks))
+    return model.eval()
+
+
+@pytest.mark.parametrize("padded", [False, True], ids=["unpadded", "left_padded"])
+def test_gpt_oss_attention_sinks_logits_and_grads(padded):
+    """gpt-oss's attention sinks (s_aux) run on fusedlm.attention(sinks=...): its full causal
+    and sliding-window layers all fused, the logits and every gradient (the sinks' included)
+    those of its own eager attention. (Its MoE takes no float64: the unpatched float32 model
+    is the reference.)"""
+    model = _gpt_oss(sliding_window=4)
+    same = copy.deepcopy(model)
+    report = fhf.apply(model)
+    assert model.config._attn_implementation == "fusedlm", str(report)
+    ids = torch.randint(0, VOCAB, (2, 13))
+    mask = torch.ones_like(ids)
+    if padded:
+        mask[1, :5] = 0
+    outs = [m(input_ids=ids, attention_mask=mask).logits for m in (model, same)]
+    assert _calls(model) == {"fused": 2}
+    real = mask.bool()
+    torch.testing.assert_close(outs[0][real], outs[1][real], rtol=1e-4, atol=1e-5)
+    weight = torch.randn_like(outs[0]) * real[..., None]
+    for out in outs:
+        (out * weight).sum().backward()
+    same_params = dict(same.named_parameters())
+    sinks_checked = 0
+    for pname, p in model.named_parameters():
+        expected = same_params[pname].grad
+        assert (p.grad is None) == (expected is None), pname
+        if p.grad is not None:
+            torch.testing.assert_close(p.grad, expected, rtol=1e-4, atol=1e-5, msg=pname)
+            sinks_checked += pname.endswith("sinks")
+    assert sinks_checked == 2
+
+
+def test_gpt_oss_sinks_calls_our_kernels_cannot_serve_run_its_math():
+    """A mask with gaps (no band of keys per query) or dropout: the sinks cannot go to SDPA,
+    so the call runs gpt-oss's own sink math in torch, as its eager attention_forward does."""
+    model = _gpt_oss()
+    from transformers.models.gpt_oss import modeling_gpt_oss
+
+    module = model.model.layers[0].self_attn
+    q, k, v = torch.randn(2, 4, 7, 16), torch.randn(2, 2, 7, 16), torch.randn(2, 2, 7, 16)
+    causal = torch.ones(2, 1, 7, 7, dtype=torch.bool).tril()
+    visible = causal.clone()
+    visible[1, :, 5, 2] = False  # a gap
+    additive = torch.zeros(visible.shape).masked_fill(~visible, torch.finfo(torch.float32).min)
+    for mask, expect in ((visible, "torch: an attention mask that is not one run of keys per "
+                          "query (padding with gaps, a custom pattern)"),
+                         (causal, "fused"), (None, "fused")):
+        fhf.reset_attention_calls()
+        ours, _ = fhf.fusedlm_attention_forward(module, q, k, v, mask, scaling=0.25,
+                                                s_aux=module.sinks)
+        assert fhf.attention_calls() == {expect: 1}
+        eager_mask = additive if mask is visible else (
+            None if mask is None else torch.zeros(mask.shape).masked_fill(~mask, -1e30))
+        if eager_mask is None:  # gpt-oss's eager attention takes the causal mask explicitly
+            eager_mask = torch.zeros(1, 1, 7, 7).masked_fill(
+                ~torch.ones(7, 7, dtype=torch.bool).tril(), -1e30)
+        theirs, _ = modeling_gpt_oss.eager_attention_forward(module, q, k, v, eager_mask,
+                                                             scaling=0.25)
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+    fhf.reset_attention_calls()
+    module.train()
+    fhf.fusedlm_attention_forward(module, q, k, v, None, dropout=0.5, s_aux=module.sinks)
+    assert fhf.attention_calls() == {"torch: dropout > 0": 1}
+
+
+def test_s_aux_of_the_wrong_shape_is_refused():
+    model = _build("llama")
+    q, kv = torch.randn(1, 4, 5, 16), torch.randn(1, 2, 5, 16)
+    with pytest.raises(ValueError, match="'s_aux'.*shape"):
+        fhf.fusedlm_attention_forward(model.model.layers[0].self_attn, q, kv, kv, None,
+                                      s_aux=torch.zeros(2))
 
 
 def test_apply_keeps_parameters_and_reports():

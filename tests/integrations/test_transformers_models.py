@@ -4,8 +4,9 @@ test_transformers.py checks six models in depth (gradients, generation, state_di
 checks breadth: for each architecture, a tiny random model gives the unpatched model's output
 after ``apply`` (DESIGN.md's rule against the unpatched model in float64), with and without a
 padding mask, and the report and the call counts say what ran. Architectures whose attention
-SDPA cannot express (gpt-oss's sinks, Gemma 2's soft-capping, DeBERTa's relative positions) must
-be left on their own attention. A class missing from the installed transformers skips its case.
+SDPA cannot express (Gemma 2's soft-capping, DeBERTa's relative positions) must be left on their
+own attention; gpt-oss's sinks are taken (fusedlm.attention's sinks). A class missing from the
+installed transformers skips its case.
 """
 
 from __future__ import annotations
@@ -129,7 +130,8 @@ def _build(name):
                 p.add_(torch.randn_like(p) * 0.05)
     # apply switches the attention to fusedlm unless the class says it does not run on SDPA
     # (Gemma 2: True in transformers 5.20, False in 5.25) or it soft-caps attention logits.
-    switched = (getattr(model, "_supports_sdpa", True) is not False
+    # gpt-oss says _supports_sdpa = False for its attention sinks, which fusedlm takes.
+    switched = ((getattr(model, "_supports_sdpa", True) is not False or name == "gpt_oss")
                 and getattr(model.config, "attn_logit_softcapping", None) is None)
     return model.eval(), kind, switched
 
@@ -192,7 +194,7 @@ def test_apply_gives_the_unpatched_output(name, padded):
         assert not calls
     elif name in ("qwen3", "phi3", "olmo2", "olmo", "nemotron", "gpt_neox", "opt", "mixtral",
                   "deepseek_v3", "roberta", "modernbert", "bart", "vit", "mistral_window",
-                  "gemma3", "starcoder2_window", "modernbert_local"):
+                  "gemma3", "starcoder2_window", "modernbert_local", "gpt_oss"):
         # No mask our kernels cannot take (sliding windows and left padding included): all
         # fused, except in models that build their own float masks (builds_own_masks).
         if padded and name in OWN_FLOAT_MASK_CALLS and builds_own_masks(model):

@@ -585,7 +585,7 @@ _SM90_TYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.floa
 
 
 def _sm90_launch(name, dtype, head_dim, causal, window=False, seqlen=2048, key_range=0,
-                 split_keys=False):
+                 split_keys=False, grad_lse=False):
     """The launch of kernel ``name`` ("preprocess" or a key of _KERNELS) on an H100 with the
     fixed config, on contiguous (B, H, T, D) tensors: unit head-dim strides, row strides D, the
     others T * D, 16-byte aligned pointers; lengths and head counts 17 (Triton specializes ints
@@ -595,8 +595,8 @@ def _sm90_launch(name, dtype, head_dim, causal, window=False, seqlen=2048, key_r
     fn = kernels._KERNELS.get(name, kernels.attention_bwd_preprocess_kernel)
     block_d = kernels._block_d(head_dim)
     meta = {"BLOCK_D": block_d, "EVEN_D": block_d == head_dim}
-    if name == "preprocess":
-        meta.update(BLOCK_M=64, num_warps=8, num_stages=1)
+    if name == "preprocess":  # (with grad_lse: the gradient of lse, return_lse / sinks)
+        meta.update(BLOCK_M=64, num_warps=8, num_stages=1, HAS_GRAD_LSE=grad_lse)
     else:
         cfg = kernels._fixed_config(name, block_d, _SM90_TYPES[dtype], H100_SHARED)
         meta.update(CAUSAL=causal, WINDOW=window, KEY_RANGE=key_range,
@@ -611,7 +611,8 @@ def _sm90_launch(name, dtype, head_dim, causal, window=False, seqlen=2048, key_r
         elif arg in ("KeyRange", "QueryExtent"):
             meta[arg] = {"ptr": "i32", "aligned": True}
         elif arg[0].isupper():
-            meta[arg] = {"ptr": "fp32" if arg in ("Lse", "Delta") else dtype, "aligned": True}
+            meta[arg] = {"ptr": "fp32" if arg in ("Lse", "Delta", "GradLse") else dtype,
+                         "aligned": True}
         else:
             meta[arg] = 0.5 if arg.endswith("scale") else 17
     return sm90_build.launch(f"{kernels.__name__}:{fn.fn.__name__}", **meta)
@@ -647,6 +648,7 @@ def test_kernels_build_for_sm90():
         ["bwd_dkdv", "fp16", 96, True],
         ["bwd_dq", "fp32", 40, False],
         ["preprocess", "fp16", 72, False],
+        ["preprocess", "bf16", 128, False, False, 2048, 0, False, True],
     ]
     launches = [_sm90_launch(*case) for case in tuned + odd]
     results = sm90_build.build_for_sm90(launches)

@@ -113,7 +113,13 @@ def reset_attention_calls() -> None:
 # Attention-function arguments that change the result and that neither our kernels nor the
 # SDPA fallback take (transformers marks such models _supports_sdpa = False): dropping one would
 # be silently wrong, so a call that passes one fails instead.
-_NO_FALLBACK = {"s_aux": "attention sinks", "softcap": "logit soft-capping"}
+_NO_FALLBACK = {"softcap": "logit soft-capping"}
+
+# Model types whose attention SDPA cannot express only because of attention sinks (``s_aux``,
+# one learned logit per head), which fusedlm takes (``fusedlm.attention(sinks=...)``; calls
+# our kernels cannot serve run the sinks' math in torch): apply() switches them although their
+# classes say ``_supports_sdpa = False``.
+_SINKS_ONLY_MODEL_TYPES = frozenset({"gpt_oss"})
 
 
 def _unsupported(query, key, value, dropout, kwargs) -> str | None:
@@ -150,7 +156,8 @@ def _terms_sdpa_cannot_take(model: torch.nn.Module, config) -> str | None:
     """Why the model's attention has terms neither our kernels nor SDPA take, or None. The
     class's own ``_supports_sdpa`` says so for most; logit soft-capping is also read from the
     config, as transformers releases have marked Gemma 2 SDPA-capable (5.20) and not (5.25)."""
-    if getattr(model, "_supports_sdpa", True) is False:
+    if (getattr(model, "_supports_sdpa", True) is False
+            and getattr(config, "model_type", None) not in _SINKS_ONLY_MODEL_TYPES):
         return "_supports_sdpa is False"
     for part in (config, getattr(config, "text_config", None)):
         softcap = getattr(part, "attn_logit_softcapping", None)
@@ -193,6 +200,9 @@ def fusedlm_attention_forward(
                 f"{type(module).__name__}) is not supported; keep this model on its 'eager' or "
                 "flash attention implementation (fusedlm.integrations.transformers.apply "
                 "leaves the attention of models without SDPA support alone)")
+    sinks = kwargs.pop("s_aux", None)  # gpt-oss's attention sinks: (Hq,) logits
+    if sinks is not None:
+        _check_s_aux(sinks, query)
     reason = _unsupported(query, key, value, dropout, kwargs)
     # The kernels' terms: key j visible to query i iff (not causal or j <= i + causal_offset),
     # j >= i + window_offset (None: no limit) and, per batch row, inside key_range.
@@ -238,6 +248,12 @@ def fusedlm_attention_forward(
         if ATTENTION_FWD.auto_choice(query.device, query, key, value, window_offset,
                                      key_range) == "torch":
             reason = "no fusedlm kernel backend for these inputs"
+    if sinks is not None and (reason is not None or runtime_mask is not None):
+        # SDPA has no sinks (nor the compiled masked op): the model's own math, in torch.
+        if not torch.compiler.is_compiling():
+            _CALLS[f"torch: {reason}"] += 1
+        return _attention_with_sinks_math(module, query, key, value, attention_mask, dropout,
+                                          scaling, is_causal, sinks)
     if reason is not None:
         if not torch.compiler.is_compiling():
             _CALLS[f"sdpa: {reason}"] += 1
@@ -252,8 +268,47 @@ def fusedlm_attention_forward(
         out = compiled_masked_attention(query, key, value, runtime_mask, scale, backend)
     else:
         out = _attention(query, key, value, scale, causal, causal_offset, backend,
-                         window_offset, key_range)
+                         window_offset, key_range, sinks)
     return out.transpose(1, 2).contiguous(), None
+
+
+def _check_s_aux(sinks: object, query: Tensor) -> None:
+    if (not isinstance(sinks, Tensor) or not sinks.dtype.is_floating_point
+            or tuple(sinks.shape) != (query.shape[1],) or sinks.device != query.device):
+        raise ValueError(
+            f"fusedlm attention: argument 's_aux' (attention sinks) must be a float tensor of "
+            f"shape (Hq,) = ({query.shape[1]},) on the query's device {query.device}, got "
+            f"{describe(sinks)}")
+
+
+def _attention_with_sinks_math(module: torch.nn.Module, query: Tensor, key: Tensor,
+                               value: Tensor, attention_mask: Tensor | None, dropout: float,
+                               scaling: float | None, is_causal: bool | None,
+                               sinks: Tensor) -> tuple[Tensor, None]:
+    """gpt-oss's eager attention with sinks (the scores and one sink column per head,
+    softmaxed, the column dropped), in float32 or wider, for the calls our kernels cannot
+    serve: query (B, Hq, Tq, D), key/value (B, Hkv, Tk, D), attention_mask None (causal as
+    sdpa_attention_forward takes it: top-left, for Tq > 1), boolean (True: visible) or additive
+    float, (B or 1, 1 or Hq, Tq, >= Tk). Returns (attn_output (B, Tq, Hq, D), None)."""
+    groups = query.shape[1] // key.shape[1]
+    compute = torch.promote_types(query.dtype, torch.float32)
+    q = query.to(compute)
+    k = key.repeat_interleave(groups, dim=1).to(compute)
+    v = value.repeat_interleave(groups, dim=1).to(compute)
+    scale = 1.0 / math.sqrt(query.shape[3]) if scaling is None else float(scaling)
+    scores = (q @ k.transpose(-1, -2)) * scale  # (B, Hq, Tq, Tk)
+    q_len, kv_len = scores.shape[-2:]
+    if attention_mask is not None:
+        mask = attention_mask[..., :kv_len]
+        scores = (scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool
+                  else scores + mask.to(compute))
+    elif q_len > 1 and (getattr(module, "is_causal", True) if is_causal is None else is_causal):
+        visible = torch.ones(q_len, kv_len, dtype=torch.bool, device=q.device).tril()
+        scores = scores.masked_fill(~visible, float("-inf"))
+    column = sinks.to(compute).reshape(1, -1, 1, 1).expand(*scores.shape[:3], 1)
+    probs = torch.softmax(torch.cat([scores, column], dim=-1), dim=-1)[..., :-1]
+    probs = torch.nn.functional.dropout(probs, p=dropout, training=module.training)
+    return (probs @ v).to(query.dtype).transpose(1, 2).contiguous(), None
 
 
 def attention_name(backend: str = "auto") -> str:
@@ -628,8 +683,9 @@ def apply(model: torch.nn.Module, attention: bool = True, norms: bool = True,
             report.left.append(LeftAlone("", type(model).__qualname__,
                                          "attention: not a transformers model (no config)"))
         elif (why := _terms_sdpa_cannot_take(model, config)) is not None:
-            # Its attention takes inputs SDPA has no place for (gpt-oss: per-head sink logits;
-            # Gemma 2: logit soft-capping): our kernels and the SDPA fallback would drop them.
+            # Its attention takes inputs SDPA has no place for (Gemma 2: logit soft-capping;
+            # DeBERTa: relative positions): our kernels and the SDPA fallback would drop them.
+            # (gpt-oss's attention sinks are taken: _SINKS_ONLY_MODEL_TYPES.)
             report.left.append(LeftAlone(
                 "", type(model).__qualname__,
                 f"attention: {type(model).__name__} does not support SDPA-style attention "
