@@ -239,13 +239,22 @@ def naive_attention(q, k, v, scale=None, causal=False, causal_offset=None, windo
     if sinks is not None:
         column = sinks.to(scores.dtype).reshape(1, Hq, 1, 1).expand(B, Hq, Tq, 1)
         scores = torch.cat([scores, column], dim=-1)
-        probs = torch.softmax(scores, dim=-1)[..., :Tk]  # a row with no key: all on the sink
+        # A row with no key puts all its weight on the sink; with a sink of -inf too it gives
+        # 0 (a softmax of -inf alone is NaN, its gradient too: it takes stand-in scores).
+        hidden = torch.isneginf(scores).all(dim=-1, keepdim=True)
+        probs = torch.softmax(scores.masked_fill(hidden, 0.0), dim=-1)[..., :Tk]
+        probs = probs.masked_fill(hidden, 0.0)
     else:
         probs = torch.softmax(scores, dim=-1)
         if no_key is not None:  # a softmax of -inf alone is NaN; such rows give 0
             probs = probs.masked_fill(no_key, 0.0)
     out = probs @ v
-    return (out, torch.logsumexp(scores, dim=-1)) if return_lse else out
+    if not return_lse:
+        return out
+    # A row of -inf alone has lse -inf and no gradient (logsumexp's own would be NaN there).
+    hidden = torch.isneginf(scores).all(dim=-1, keepdim=True)
+    lse = torch.logsumexp(scores.masked_fill(hidden, 0.0), dim=-1)
+    return out, lse.masked_fill(hidden[..., 0], float("-inf"))
 
 
 def sdpa_truth_and_torch(q, k, v, **kwargs):

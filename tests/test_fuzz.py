@@ -318,6 +318,80 @@ def test_fuzz_attention(backend, fuzz):
     run()
 
 
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b.values[0] != "torch"])
+def test_fuzz_attention_sinks_and_lse(backend, fuzz):
+    """fusedlm.attention with ``sinks`` (any logits: large, tiny, -inf) and/or
+    ``return_lse=True``, drawn layouts, masks and a gradient on lse (the kernels' grad_lse),
+    out, lse and the gradients of q, k, v and the sinks against the naive float64 truth by the
+    rule; the baseline is the larger error of the naive math and of torch running the same
+    FlashAttention formula at the input's dtype (the torch backend, as in _attention_truths)."""
+
+    @fuzz(20)
+    @given(data=st.data())
+    def run(data):
+        B, Hq, Hkv, Tq, Tk, D, dtype = _attention_case(data, backend)
+        if dtype == torch.bfloat16:  # (forward-only there; the op is the same in float16)
+            dtype = torch.float16
+        causal = data.draw(st.booleans(), label="causal")
+        side = st.one_of(st.none(), st.integers(0, 300))
+        window = data.draw(st.one_of(st.none(), st.tuples(side, side)), label="window")
+        use_sinks = data.draw(st.booleans(), label="sinks")
+        use_out = data.draw(st.booleans(), label="out_in_loss")
+        device = device_of(backend)
+        q = make_tensor(data, (B, Hq, Tq, D), dtype, device=device)
+        k = make_tensor(data, (B, Hkv, Tk, D), dtype, device=device)
+        v = make_tensor(data, (B, Hkv, Tk, D), dtype, device=device)
+        grad = make_tensor(data, (B, Hq, Tq, D), dtype, device=device)
+        sink_values = st.one_of(st.floats(-30, 30), st.sampled_from([float("-inf"), 0.0]))
+        sinks = torch.tensor(data.draw(st.lists(sink_values, min_size=Hq, max_size=Hq),
+                                       label="sink_values"), dtype=torch.float64)
+        grad_lse = torch.randn(B, Hq, Tq, dtype=torch.float64)
+
+        def run_one(name, cast):
+            leaves = [t.detach().to(cast).requires_grad_() for t in (q, k, v)]
+            leaves.append(sinks.to(device, cast).requires_grad_())
+            sink = leaves[3] if use_sinks else None
+            if name == "naive":
+                if Hkv == 0:
+                    return None
+                out, lse = naive_attention(*leaves[:3], causal=causal, window=window,
+                                           sinks=sink, return_lse=True)
+            else:
+                out, lse = fusedlm.attention(*leaves[:3], causal=causal, window=window,
+                                             sinks=sink, return_lse=True, backend=name)
+            # (-inf rows, no key and no sink, get no lse gradient: their lse is constant)
+            loss = torch.where(torch.isfinite(lse), lse * grad_lse.to(device, lse.dtype),
+                               0.0).sum()
+            if use_out:
+                loss = loss + (out * grad.to(out.dtype)).sum()
+            wrt = leaves if use_sinks else leaves[:3]
+            grads = (torch.autograd.grad(loss, wrt, allow_unused=True) if loss.requires_grad
+                     else [None] * len(wrt))
+            return out, lse, [torch.zeros_like(t) if g is None else g
+                              for g, t in zip(grads, wrt, strict=True)]
+
+        ours = run_one(backend, dtype)
+        truth = run_one("naive", torch.float64)
+        if truth is None:  # no heads at all: nothing to compare beyond the shapes
+            assert ours[0].shape == q.shape and ours[1].shape == q.shape[:3]
+            return
+        naive_base, flash_base = run_one("naive", dtype), run_one("torch", dtype)
+        assert ours[0].dtype == dtype and ours[1].shape == (B, Hq, Tq)
+        # rows that see no key and have no sink: lse -inf (the rule wants it where the truth
+        # has it), out 0
+        assert_close_rule(ours[0], larger_error(naive_base[0], flash_base[0], truth[0]),
+                          truth[0], name="out")
+        assert_close_rule(ours[1], larger_error(naive_base[1].to(ours[1].dtype),
+                                                flash_base[1], truth[1]), truth[1], name="lse")
+        for i, name in enumerate(("dq", "dk", "dv", "dsinks")[:len(ours[2])]):
+            g_truth = truth[2][i]
+            g_base = larger_error(naive_base[2][i], flash_base[2][i], g_truth)
+            g_atol = 2 * atol_for(dtype, g_truth) if dtype == torch.float16 else None
+            assert_close_rule(ours[2][i], g_base, g_truth, atol=g_atol, name=name)
+
+    run()
+
+
 # ---- fusedlm.attention_varlen ------------------------------------------------------------------
 
 

@@ -90,8 +90,8 @@ def _check(shape, dtype, backend, use_sinks, use_out=True, **masks):
     assert lse.shape == q.shape[:3]
     assert_close_rule(out, out_base, out_truth, name="out")
     assert_close_rule(lse, lse_base, lse_truth, name="lse")
-    for name, g, g_base, g_truth in zip(("dq", "dk", "dv", "dsinks"), grads, grads_base,
-                                        grads_truth):
+    names = ("dq", "dk", "dv", "dsinks")[:len(grads)]
+    for name, g, g_base, g_truth in zip(names, grads, grads_base, grads_truth, strict=True):
         assert g.dtype == dtype, f"{name}: {g.dtype}"
         assert_close_rule(g, g_base, g_truth, atol=atol_for(dtype, g_truth), name=name)
 
@@ -202,15 +202,15 @@ def test_varlen_sinks_and_lse_are_each_sequences(backend):
     for s in range(3):
         rows_q = slice(cu_q[s].item(), cu_q[s + 1].item())
         rows_k = slice(cu_k[s].item(), cu_k[s + 1].item())
-        one = [t[rows].transpose(0, 1)[None] for t, rows in zip(leaves[:3],
-                                                                 (rows_q, rows_k, rows_k))]
+        one = [t[rows].transpose(0, 1)[None]
+               for t, rows in zip(leaves[:3], (rows_q, rows_k, rows_k), strict=True)]
         out_s, lse_s = fusedlm.attention(*one, causal=True, sinks=leaves[3], return_lse=True,
                                          backend=backend)
         torch.testing.assert_close(out[rows_q], out_s[0].transpose(0, 1))
         torch.testing.assert_close(lse[:, rows_q], lse_s[0])
         loss = loss + out_s.square().sum() + lse_s.sum()
     loss.backward()
-    for name, g, leaf in zip(("dq", "dk", "dv", "dsinks"), grads, leaves):
+    for name, g, leaf in zip(("dq", "dk", "dv", "dsinks"), grads, leaves, strict=True):
         torch.testing.assert_close(g, leaf.grad, msg=name)
 
 
@@ -235,5 +235,5 @@ def test_sinks_and_lse_compile_fullgraph(backend):
         leaves = [t.clone().requires_grad_() for t in (q, k, v, sinks)]
         loss = fn(*leaves)
         results.append([loss.detach(), *torch.autograd.grad(loss, leaves)])
-    for name, eager, traced in zip(("loss", "dq", "dk", "dv", "dsinks"), *results):
+    for name, eager, traced in zip(("loss", "dq", "dk", "dv", "dsinks"), *results, strict=True):
         torch.testing.assert_close(traced, eager, msg=name)

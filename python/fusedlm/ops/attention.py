@@ -270,8 +270,13 @@ def _apply_sinks(out: Tensor, lse: Tensor, sinks: Tensor) -> tuple[Tensor, Tenso
     that and lse becomes logaddexp(lse_i, sinks[h]); autograd carries the gradients through
     lse into the kernels' backward (grad_lse). A row that sees no key gives 0 either way."""
     sink = sinks.to(lse.dtype)[None, :, None]  # (1, Hq, 1)
-    weight = torch.sigmoid(lse - sink)  # (B, Hq, Tq); 0 where lse is -inf
-    return (out * weight[..., None]).to(out.dtype), torch.logaddexp(lse, sink)
+    # A row that sees no key in a head whose sink is -inf: lse - sink and logaddexp's gradient
+    # would be NaN there, so those terms get finite stand-ins and the row keeps lse = -inf.
+    empty = torch.isneginf(lse) & torch.isneginf(sink)  # (B, Hq, Tq)
+    lse_safe, sink_safe = (torch.where(empty, 0.0, t) for t in (lse, sink))
+    weight = torch.where(empty, 0.0, torch.sigmoid(lse_safe - sink_safe))  # 0 where lse is -inf
+    combined = torch.where(empty, float("-inf"), torch.logaddexp(lse_safe, sink_safe))
+    return (out * weight[..., None]).to(out.dtype), combined
 
 
 def _check_sinks(sinks: object, q: Tensor) -> Tensor | None:
