@@ -137,8 +137,7 @@ def _check(lib, shape, causal, dtype, layout="contiguous", late=True, determinis
     """Forward (and with ``backward`` the backward from the kernel's own out and lse) of seeded
     inputs of ``shape`` = (B, Hq, Hkv, Tq, Tk, D) against the float64 truth by DESIGN.md's rule;
     lse against the float64 logsumexp, -inf exactly where a row sees no key. With
-    ``with_grad_lse`` the backward also takes a random gradient of lse (every row must see a
-    key)."""
+    ``with_grad_lse`` the backward also takes a random gradient of lse."""
     B, Hq, Hkv, Tq, Tk, D = shape
     offset = Tk - Tq if offset is None else offset
     # crc32, not hash(): str hashes are salted per process, which drew new inputs every run.

@@ -70,7 +70,8 @@ def _draw_key_range(data, B, Tq, Tk):
 def _fuzz_attention(library, data, seq_lens, max_head_dim, schedules, hopper):
     """One drawn case through _check: shape, causal offset, dtype, layout, timing, schedule,
     dQ path, a sliding window, key ranges (a padded batch, packed documents, scattered per
-    query), and (sm_80 kernels) the device's shared memory."""
+    query), a gradient of lse (return_lse, sinks), and (sm_80 kernels) the device's shared
+    memory."""
     B = data.draw(st.integers(1, 2), label="B")
     Hkv = data.draw(st.integers(1, 2), label="Hkv")
     group = data.draw(st.integers(1, 3), label="group")
@@ -90,13 +91,15 @@ def _fuzz_attention(library, data, seq_lens, max_head_dim, schedules, hopper):
     late = data.draw(st.booleans(), label="copies (cp.async, TMA, wgmma) land late")
     schedule = data.draw(st.sampled_from(schedules), label="schedule")
     deterministic = data.draw(st.booleans(), label="deterministic")
+    with_grad_lse = data.draw(st.booleans(), label="gradient of lse")
     shared = H100_SHARED_BYTES
     if not hopper:
         shared = data.draw(st.sampled_from([H100_SHARED_BYTES, SM86_SHARED_BYTES]),
                            label="shared bytes")
     _check(library, (B, Hkv * group, Hkv, Tq, Tk, D), causal, dtype, layout=layout, late=late,
            deterministic=deterministic, offset=offset, schedule=schedule, shared_bytes=shared,
-           hopper=hopper, window_offset=window_offset, key_range=key_range)
+           hopper=hopper, window_offset=window_offset, key_range=key_range,
+           with_grad_lse=with_grad_lse)
 
 
 def test_fuzz_attention(library, fuzz):  # noqa: F811
