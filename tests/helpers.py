@@ -196,6 +196,36 @@ def larger_error(a, b, truth):
     return b if errors[1] > errors[0] else a
 
 
+def _masked_scores(q, k, scale=None, causal=False, causal_offset=None, window=None,
+                   window_offset=None, key_range=None):
+    """(scores (B, Hq, Tq, Tk) = q k^T * scale with -inf where a key is hidden, no_key
+    (B or 1, 1, Tq, 1) bool or None when nothing is hidden): naive_attention's terms."""
+    Tq, D = q.shape[2], q.shape[3]
+    Tk = k.shape[2]
+    if scale is None:
+        scale = 1.0 / math.sqrt(D)
+    if causal_offset is None:
+        causal_offset = Tk - Tq
+    k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+    scores = (q @ k.transpose(-1, -2)) * scale
+    if not (causal or window is not None or window_offset is not None or key_range is not None):
+        return scores, None
+    rows = torch.arange(Tq, device=q.device)[:, None]
+    cols = torch.arange(Tk, device=q.device)[None, :]
+    visible = cols <= rows + causal_offset if causal else torch.ones_like(cols == rows)
+    for side, limit in zip((-1, 1), window or (None, None), strict=True):
+        if limit is not None and limit != -1:  # side -1: j >= p - left; 1: j <= p + right
+            visible = visible & (side * (cols - rows - (Tk - Tq)) <= limit)
+    if window_offset is not None:
+        visible = visible & (cols >= rows + window_offset)
+    if key_range is not None:  # (Tq, Tk) -> (B, 1, Tq, Tk)
+        per_row = key_range.to(q.device)  # (B, 1 or Tq, 2)
+        per_row = per_row if per_row.dim() == 3 else per_row[:, None]
+        start, end = (per_row[:, None, :, i, None] for i in (0, 1))
+        visible = visible & (cols >= start) & (cols < end)
+    return scores.masked_fill(~visible, float("-inf")), ~visible.any(dim=-1)[..., None]
+
+
 def naive_attention(q, k, v, scale=None, causal=False, causal_offset=None, window=None,
                     window_offset=None, key_range=None, sinks=None, return_lse=False):
     """softmax(q k^T * scale) v written out with torch ops in q's dtype (autograd-able).
@@ -211,31 +241,10 @@ def naive_attention(q, k, v, scale=None, causal=False, causal_offset=None, windo
     column dropped). With ``return_lse``, (out, lse), lse each row's logsumexp (sink included)."""
     B, Hq, Tq, D = q.shape
     Tk = k.shape[2]
-    if scale is None:
-        scale = 1.0 / math.sqrt(D)
-    if causal_offset is None:
-        causal_offset = Tk - Tq
     group = Hq // k.shape[1]
-    k = k.repeat_interleave(group, dim=1)
     v = v.repeat_interleave(group, dim=1)
-    scores = (q @ k.transpose(-1, -2)) * scale
-    no_key = None
-    if causal or window is not None or window_offset is not None or key_range is not None:
-        rows = torch.arange(Tq, device=q.device)[:, None]
-        cols = torch.arange(Tk, device=q.device)[None, :]
-        visible = cols <= rows + causal_offset if causal else torch.ones_like(cols == rows)
-        for side, limit in zip((-1, 1), window or (None, None), strict=True):
-            if limit is not None and limit != -1:  # side -1: j >= p - left; 1: j <= p + right
-                visible = visible & (side * (cols - rows - (Tk - Tq)) <= limit)
-        if window_offset is not None:
-            visible = visible & (cols >= rows + window_offset)
-        if key_range is not None:  # (Tq, Tk) -> (B, 1, Tq, Tk)
-            per_row = key_range.to(q.device)  # (B, 1 or Tq, 2)
-            per_row = per_row if per_row.dim() == 3 else per_row[:, None]
-            start, end = (per_row[:, None, :, i, None] for i in (0, 1))
-            visible = visible & (cols >= start) & (cols < end)
-        scores = scores.masked_fill(~visible, float("-inf"))
-        no_key = ~visible.any(dim=-1)[..., None]
+    scores, no_key = _masked_scores(q, k, scale, causal, causal_offset, window, window_offset,
+                                    key_range)
     if sinks is not None:
         column = sinks.to(scores.dtype).reshape(1, Hq, 1, 1).expand(B, Hq, Tq, 1)
         scores = torch.cat([scores, column], dim=-1)
@@ -255,6 +264,67 @@ def naive_attention(q, k, v, scale=None, causal=False, causal_offset=None, windo
     hidden = torch.isneginf(scores).all(dim=-1, keepdim=True)
     lse = torch.logsumexp(scores.masked_fill(hidden, 0.0), dim=-1)
     return out, lse.masked_fill(hidden[..., 0], float("-inf"))
+
+
+class _FlashFormula(torch.autograd.Function):
+    """q, k, v -> (out, lse) of naive_attention computed in float32 or wider (out in q's
+    dtype), whose backward is FlashAttention's formula in that precision: P = exp(S - lse)
+    from the stored lse, Delta = rowsum(dO * O) - grad_lse, dS = P (dP - Delta)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, masks):
+        compute = torch.promote_types(q.dtype, torch.float32)
+        out, lse = naive_attention(q.to(compute), k.to(compute), v.to(compute), **masks,
+                                   return_lse=True)
+        out = out.to(q.dtype)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.masks = masks
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_lse):
+        q, k, v, out, lse = ctx.saved_tensors
+        compute = lse.dtype
+        group = q.shape[1] // k.shape[1]
+        qc, kc, vc = (t.to(compute) for t in (q, k, v))
+        scores, _ = _masked_scores(qc, kc, **ctx.masks)
+        probs = torch.exp(scores - lse[..., None]).nan_to_num(0.0)  # rows of -inf: 0
+        grad_out = torch.zeros_like(out) if grad_out is None else grad_out
+        dout = grad_out.to(compute)
+        k_full, v_full = (t.repeat_interleave(group, dim=1) for t in (kc, vc))
+        delta = (dout * out.to(compute)).sum(-1, keepdim=True)
+        if grad_lse is not None:
+            delta = delta - torch.where(torch.isfinite(lse), grad_lse, 0.0)[..., None]
+        dscores = probs * (dout @ v_full.transpose(-1, -2) - delta)
+        scale = ctx.masks.get("scale") or 1.0 / math.sqrt(q.shape[3])
+        dq = (dscores @ k_full) * scale
+        B, Hkv, Tk, D = k.shape
+
+        def per_kv_head(t):  # (B, Hq, Tk, D) -> (B, Hkv, Tk, D): GQA's sum
+            return t.reshape(B, Hkv, group, Tk, D).sum(dim=2)
+
+        dk = per_kv_head(dscores.transpose(-1, -2) @ qc) * scale
+        dv = per_kv_head(probs.transpose(-1, -2) @ dout)
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None
+
+
+def flash_formula_attention(q, k, v, sinks=None, return_lse=True, **masks):
+    """(out, lse) as ``naive_attention(q, k, v, sinks=sinks, return_lse=True, **masks)`` gives
+    them, with gradients by FlashAttention's formula in float32 or wider: torch's own error for
+    a flash backward, whose probabilities come from a rounded lse (relative error about
+    |lse| * eps where scores are large, which a softmax over S - max does not have). The sinks
+    are folded in afterwards: out * sigmoid(lse - sink), lse = logaddexp(lse, sink).
+    (``return_lse`` must be True: naive_attention's signature.)"""
+    assert return_lse, "flash_formula_attention returns (out, lse)"
+    out, lse = _FlashFormula.apply(q, k, v, masks)
+    if sinks is None:
+        return out, lse
+    sink = sinks.to(lse.dtype)[None, :, None].expand_as(lse)
+    both_hidden = torch.isneginf(lse) & torch.isneginf(sink)
+    lse_, sink_ = (torch.where(both_hidden, 0.0, t) for t in (lse, sink))
+    weight = torch.where(both_hidden, 0.0, torch.sigmoid(lse_ - sink_))
+    combined = torch.where(both_hidden, float("-inf"), torch.logaddexp(lse_, sink_))
+    return (out * weight[..., None]).to(out.dtype), combined
 
 
 def sdpa_truth_and_torch(q, k, v, **kwargs):

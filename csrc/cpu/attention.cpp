@@ -830,6 +830,11 @@ void backward_kernel(const at::Tensor& grad_out, const at::Tensor& q, const at::
             const acc_t* query_rows =  // (rows, D), leading dimension query_ld
                 rows_view(query, batch, head, query_start, rows, D, query_block.data(), &query_ld);
             transpose(query_rows, query_ld, rows, D, query_block_t.data(), rows);
+            // (scale * Q)^T: the scores rounded as the forward's (scale * Q) @ K^T rounds them,
+            // so that exp(S - lse) meets the lse they made. Scaling S afterwards instead differs
+            // by a few ulps of S, which moved dq by ~1e-5 (relative) where |S| ~ 50 and only lse
+            // had a gradient (found by tests/test_fuzz.py's sinks/lse fuzzing).
+            for (int64_t i = 0; i < D * rows; ++i) query_block_t[i] *= scale_value;
             const acc_t* grad_rows =  // (rows, D), leading dimension grad_ld
                 rows_view(grad_view, batch, head, query_start, rows, D, grad_block.data(),
                           &grad_ld);
@@ -842,12 +847,12 @@ void backward_kernel(const at::Tensor& grad_out, const at::Tensor& q, const at::
               delta_block[r] = delta[head_index * Tq + query_start + r];
             }
 
-            // S^T (cols, rows) = K (cols, D) @ Q^T (D, rows)
+            // S^T (cols, rows) = K (cols, D) @ (scale * Q)^T (D, rows)
             matmul(cols, rows, D, key_rows, key_ld, query_block_t.data(), rows,
                    probs_t.data(), rows, /*accumulate=*/false);
             for (int64_t c = 0; c < cols; ++c) {
               acc_t* p = probs_t.data() + c * rows;
-              exp_scale_shift(p, rows, scale_value, lse_shift.data());
+              exp_scale_shift(p, rows, acc_t(1), lse_shift.data());
               // Only queries [query_begin(key), query_end(key)) see this key.
               const int64_t key = key_start + c;
               const int64_t hidden_end =

@@ -154,6 +154,7 @@ _FEEDS_DTYPE = {
         "test_attention_key_range_keys_split_across_threads",
         "test_attention_query_key_range_keys_split_across_threads",
         "test_attention_key_range_bad_inputs", "test_attention_long_sequence",
+        "test_attention_backward_recomputes_the_forward_scores",
         "test_attention_fully_masked_rows_have_zero_grads", "test_sdpa_falls_back_to_torch",
         "test_sdpa_float_mask_row_with_no_visible_key",
         "test_attention_empty_inputs", "test_attention_without_autograd_skips_the_function",
@@ -647,6 +648,37 @@ def test_attention_large_logits(dtype, backend):
         backward=dtype == torch.float32,
         grad_atol_factor=10.0,
     )
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("lse_gradient", [False, True], ids=["out", "lse"])
+def test_attention_backward_recomputes_the_forward_scores(lse_gradient, backend):
+    """The backward's P = exp(S - lse) holds only if it recomputes the scores S exactly as the
+    forward rounded them into lse. Scores of magnitude ~50 (q and k constant along D: large,
+    same-sign products) make a few ulps of S ~1e-5 relative in P: the cpu kernels once scaled
+    q before the product in the forward and the scores after it in the backward, which erred
+    1.1e-4 relative in dq here against torch's 3.5e-6 (4.5e-5 with only lse's gradient)."""
+    device = device_of(backend)
+    B, H, Tq, Tk, D = 2, 2, 33, 63, 72
+    gen = torch.Generator().manual_seed(3)
+    q, k = (torch.randn(B, H, T, 1, generator=gen).expand(B, H, T, D).contiguous().to(device)
+            for T in (Tq, Tk))
+    v = torch.randn(B, H, Tk, D, generator=gen).to(device)
+    grad_out = torch.randn(B, H, Tq, D, generator=gen).to(device)
+    grad_lse = torch.randn(B, H, Tq, generator=gen).to(device)
+    results = []
+    for dtype, attend in ((None, fusedlm.attention), (torch.float32, naive_attention),
+                          (torch.float64, naive_attention)):
+        leaves = [t.to(dtype or t.dtype).requires_grad_() for t in (q, k, v)]
+        if attend is fusedlm.attention:
+            out, lse = attend(*leaves, causal=True, return_lse=True, backend=backend)
+        else:
+            out, lse = attend(*leaves, causal=True, return_lse=True)
+        loss = ((lse * grad_lse.to(lse.dtype)).sum() if lse_gradient
+                else (out * grad_out.to(out.dtype)).sum())
+        results.append(torch.autograd.grad(loss, leaves[:2]))
+    for name, ours, theirs, truth in zip(("dq", "dk"), *results, strict=True):
+        assert_close_rule(ours, theirs, truth, name=name)
 
 
 def strided_layout(layout: str, dtype, device):
