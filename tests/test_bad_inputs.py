@@ -607,6 +607,28 @@ EXT_CASES = [
         "'grad_out'",
         lambda e: e.attention_bwd(_q().to(META), *(_q(),) * 4, torch.zeros(1, 2, 3), 0.5, False, 0),
     ),
+    # ... window_offset, key_range, grad_lse (B, Hq, Tq) in lse's dtype
+    (
+        "att_bwd_grad_lse_shape",
+        ValueError,
+        "'grad_lse'",
+        lambda e: e.attention_bwd(*(_q(),) * 5, torch.zeros(1, 2, 3), 0.5, False, 0,
+                                  grad_lse=torch.zeros(1, 2, 4)),
+    ),
+    (
+        "att_bwd_grad_lse_dtype",
+        TypeError,
+        "'grad_lse'",
+        lambda e: e.attention_bwd(*(_q(),) * 5, torch.zeros(1, 2, 3), 0.5, False, 0,
+                                  grad_lse=torch.zeros(1, 2, 3, dtype=torch.float64)),
+    ),
+    (
+        "att_bwd_grad_lse_meta",
+        ValueError,
+        "'grad_lse'",
+        lambda e: e.attention_bwd(*(_q(),) * 5, torch.zeros(1, 2, 3), 0.5, False, 0,
+                                  grad_lse=torch.zeros(1, 2, 3, device=META)),
+    ),
 ]
 
 

@@ -22,7 +22,8 @@ from fusedlm.bench.env import tree_hash
 
 ROOT = Path(__file__).resolve().parents[2]
 OPS = ("attention", "attention_decode", "layer_norm", "rms_norm", "add_rms_norm", "cross_entropy",
-       "linear_cross_entropy", "rotary_embedding", "swiglu", "geglu", "adamw", "gpt")
+       "linear_cross_entropy", "rotary_embedding", "swiglu", "geglu", "adamw", "gpt",
+       "attention_sinks")
 
 
 # ---- counting -------------------------------------------------------------------------------
@@ -105,6 +106,120 @@ def test_attention_decode_cases_are_one_query_row_against_a_gqa_cache(device, qu
         assert [tuple(inputs[n].shape) for n in ("q", "k", "v")] == \
             [(B, Hq, 1, D), (B, Hkv, Tk, D), (B, Hkv, Tk, D)]
         assert all(t.dtype == dtype and not t.requires_grad for t in inputs.values())
+
+
+@pytest.mark.parametrize(("device", "quick"), [("cpu", True), ("cpu", False), ("cuda", True),
+                                             ("cuda", False)])
+def test_attention_sinks_cases_are_gpt_oss_attention(device, quick):
+    """Causal GQA attention with sinks: gpt-oss-120b's heads (64:8, D = 64, bf16) at 16k tokens
+    on a GPU, small float32 on the CPU; forward and forward+backward, full causal then the
+    sliding window (128 keys on a GPU, 64 on the CPU: last, as attention's windows) at the
+    same T; attention's FLOPs (the window's pairs exactly) and GQA bytes; x = T."""
+    ctx = C.Context(device=torch.device(device), quick=quick, backends={})
+    spec = C.specs()["attention_sinks"]
+    assert (spec.metric, spec.ceiling) == ("TFLOP/s", "matmul")
+    cases = spec.cases(ctx)
+    Hq, Hkv, D, dtype, tokens, window, seqs = {
+        ("cpu", True): (8, 2, 64, torch.float32, 512, 64, [128, 256]),
+        ("cpu", False): (8, 2, 64, torch.float32, 2048, 64, [128, 256, 512]),
+        ("cuda", True): (64, 8, 64, torch.bfloat16, 8192, 128, [1024, 4096]),
+        ("cuda", False): (64, 8, 64, torch.bfloat16, 8192, 128, [1024, 2048, 4096]),
+    }[(device, quick)]
+    assert [(c.size.get("window"), c.pass_, c.size["T"]) for c in cases] == \
+        [(win, pass_, T) for win in (None, window) for pass_ in counting.PASSES for T in seqs]
+    for case in cases:
+        B, T, win = case.size["B"], case.size["T"], case.size.get("window")
+        assert B * T == tokens
+        assert case.size == dict(B=B, Hq=Hq, Hkv=Hkv, T=T, D=D, **({} if win is None else
+                                                                    {"window": win}))
+        mask = "causal" if win is None else f"window {win}"
+        assert case.variant == f"{case.pass_} {C.dtype_name(dtype)} {mask} sinks gqa {Hq // Hkv}:1"
+        assert (case.causal, case.x, case.check_output) == (True, T, case.pass_ == "fwd")
+        assert case.flops == counting.attention_flops(B, Hq, T, T, D, True, case.pass_,
+                                                      window=win)
+        assert case.bytes == counting.attention_bytes(B, Hq, T, T, D, dtype, case.pass_, Hkv=Hkv)
+    if device == "cpu":
+        for case in (cases[0], cases[-1]):  # forward causal; forward+backward windowed
+            inputs = case.make_inputs()
+            B, T, grad = case.size["B"], case.size["T"], case.pass_ == "fwd+bwd"
+            assert [tuple(inputs[n].shape) for n in ("q", "k", "v", "sinks")] == \
+                [(B, Hq, T, D), (B, Hkv, T, D), (B, Hkv, T, D), (Hq,)]
+            # sinks: a leaf of the backward, as q, k and v
+            assert all(inputs[n].dtype == dtype and inputs[n].is_leaf
+                       and inputs[n].requires_grad == grad for n in ("q", "k", "v", "sinks"))
+            assert ("grad" in inputs) == grad
+
+
+def test_ops_run_in_order_attention_sinks_last():
+    """fusedlm bench's ops in run order, attention_sinks (the newest) last: with --budget-s
+    each op gets its share of what is left, so the last one absorbs the others' overruns and
+    is the one cut short, never an older op's rows."""
+    assert C.OPS == OPS and C.OPS[-1] == "attention_sinks"
+    assert set(C.specs()) == set(OPS)  # one spec per op
+
+
+def test_eager_sink_attention_is_attention_scaled_by_the_sinks_share():
+    """gpt-oss's cat'ed sink column against the closed form: softmax over the keys and the sink
+    scales attention without sinks by sigmoid(lse_h - sinks[h]) per row (float64, GQA, causal
+    window). The bench's sinks change its outputs (a provider ignoring them fails its check)."""
+    torch.manual_seed(0)
+    B, Hq, Hkv, T, D, window = 2, 6, 2, 40, 16, 9
+    q = torch.randn(B, Hq, T, D, dtype=torch.float64)
+    k, v = (torch.randn(B, Hkv, T, D, dtype=torch.float64) for _ in range(2))
+    sinks = 3 + 2 * torch.randn(Hq, dtype=torch.float64)
+    mask = C._window_mask(T, T, window, "cpu")
+    scores, _ = C._eager_scores(q, k, v, mask)
+    share = torch.sigmoid(torch.logsumexp(scores, -1) - sinks[None, :, None])
+    plain = C.eager_attention(q, k, v, mask)
+    got = C.eager_sink_attention(q, k, v, sinks, mask)
+    torch.testing.assert_close(got, plain * share[..., None])
+    assert (got - plain).norm() > 0.05 * plain.norm()  # the sinks' share is not negligible
+    # (bench inputs: the same draw, on every quick CPU case)
+    ctx = C.Context(device=torch.device("cpu"), quick=True, backends={})
+    case = C.specs()["attention_sinks"].cases(ctx)[-1]
+    inputs = case.make_inputs()
+    mask = C._window_mask(case.size["T"], case.size["T"], case.size["window"], "cpu")
+    with torch.no_grad():
+        plain = C.eager_attention(inputs["q"], inputs["k"], inputs["v"], mask)
+        got = C.eager_sink_attention(inputs["q"], inputs["k"], inputs["v"], inputs["sinks"], mask)
+    assert (got - plain).norm() > 0.05 * plain.norm()
+
+
+def test_attention_sinks_providers_compute_the_eager_outputs_and_gradients(monkeypatch):
+    """Every attention_sinks provider that runs on the CPU gives gpt-oss eager's output and
+    the gradients of q, k, v and the sinks (the forward+backward pass computes the sinks'),
+    causal and windowed; torch-compile's wiring too, compiled() stubbed out (compiling takes
+    many seconds here). No SDPA provider: SDPA takes no sinks."""
+    spec = C.specs()["attention_sinks"]
+    names = [p.name for p in spec.providers]
+    assert names == ["torch-eager", "fusedlm-cuda", "fusedlm-triton", "fusedlm-cpu",
+                     "fusedlm-torch", "torch-compile"]
+    assert "No SDPA rows" in spec.description
+    ctx, runnable, _, _, _ = _cpu_providers_and_cases("attention_sinks")
+    monkeypatch.setattr(C, "compiled", lambda fn: fn)
+    compile_provider = next(p for p in spec.providers if p.name == "torch-compile")
+    assert compile_provider.compiles
+    runnable.append(compile_provider)
+    leaves = ("q", "k", "v", "sinks")
+    for mask in ("causal", "window"):
+        fwd, fwd_bwd = (next(c for c in spec.cases(ctx) if c.pass_ == pass_
+                             and ("window" in c.size) == (mask == "window"))
+                        for pass_ in counting.PASSES)
+        torch.manual_seed(0)
+        inputs = fwd_bwd.make_inputs()
+        results = {}
+        for provider in runnable:
+            out = provider.build(fwd, ctx)(inputs)
+            assert not out.requires_grad and out.shape == inputs["q"].shape
+            provider.build(fwd_bwd, ctx)(inputs)
+            assert inputs["sinks"].grad is not None and inputs["sinks"].grad.abs().sum() > 0
+            # (copies: a gradient left to accumulate would change in place)
+            results[provider.name] = (out, *(inputs[name].grad.clone() for name in leaves))
+        eager = results.pop("torch-eager")
+        assert set(results) >= {"fusedlm-torch", "torch-compile"}
+        for name, got in results.items():
+            for a, b in zip(got, eager, strict=True):
+                torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=f"{name} {mask}")
 
 
 def test_sdpa_providers_take_gqa_and_call_a_refusal_unsupported(monkeypatch):
@@ -565,7 +680,7 @@ def test_quick_run_ratios_come_from_measured_rows(quick_run):
     # CPU competitors: eager PyTorch and fusedlm's cpu backend measured for every op
     for op in ("attention", "attention_decode", "layer_norm", "rms_norm", "add_rms_norm",
                "cross_entropy", "linear_cross_entropy", "rotary_embedding", "swiglu", "geglu",
-               "adamw"):
+               "adamw", "attention_sinks"):
         measured = {r["provider"] for r in rows if r["op"] == op and r["status"] == "ok"}
         assert "torch-eager" in measured
         if results["environment"]["backends"]["cpu"]["available"]:
@@ -600,6 +715,35 @@ def test_quick_run_measures_decoding_against_sdpa(quick_run):
         assert "torch-eager" in ok and "sdpa-math" in ok and set(sdpa) <= {
             r["provider"] for r in rows if r["size_label"] == label
             and r["status"] in ("ok", "unsupported")}
+
+
+def test_quick_run_measures_attention_sinks(quick_run):
+    """attention_sinks' rows: every quick CPU case measured by eager PyTorch (gpt-oss's eager
+    attention) and the fusedlm backends that run here, forward outputs matching eager's; no
+    SDPA provider (SDPA takes no sinks), no errors."""
+    _, _, results, _ = quick_run
+    rows = [r for r in results["rows"] if r["op"] == "attention_sinks"]
+    info = results["ops"]["attention_sinks"]
+    assert (info["metric"], info["ceiling"]) == ("TFLOP/s", "matmul")
+    assert not [p for p in info["providers"] if p.startswith("sdpa-")]
+    ctx = C.Context(device=torch.device("cpu"), quick=True, backends={})
+    cases = C.specs()["attention_sinks"].cases(ctx)
+    assert sorted({(r["variant"], r["size_label"]) for r in rows}) == \
+        sorted((c.variant, c.size_label) for c in cases)
+    assert {r["causal"] for r in rows} == {True}
+    expected = {"torch-eager", "fusedlm-torch"}
+    if results["environment"]["backends"]["cpu"]["available"]:
+        expected.add("fusedlm-cpu")
+    for case in cases:
+        here = [r for r in rows if (r["variant"], r["size_label"]) == (case.variant,
+                                                                        case.size_label)]
+        assert {r["provider"] for r in here if r["status"] == "ok"} >= expected, case.size_label
+        for r in here:
+            assert r["status"] != "error", r
+            if r["status"] == "ok":
+                assert r["value"] == r["tflops"] > 0 and r["ratio_to_eager"] > 0
+                if r["pass"] == "fwd" and r["provider"] != "torch-eager":
+                    assert r["rel_err_vs_eager"] < 1e-4, r
 
 
 def test_schema_catches_a_ratio_not_computed_from_the_rows(quick_run):

@@ -95,7 +95,8 @@ def test_gpu_check_runs_end_to_end_on_a_cpu(tmp_path):
     assert {r["op"] for r in bench["rows"]} == {"attention", "layer_norm", "rms_norm", "adamw",
                                                  "gpt", "cross_entropy", "linear_cross_entropy",
                                                  "rotary_embedding", "swiglu", "geglu",
-                                                 "add_rms_norm", "attention_decode"}
+                                                 "add_rms_norm", "attention_decode",
+                                                 "attention_sinks"}
     assert len(list(out.iterdir())) <= 8
     assert result.returncode == 1  # the sanitizer step did not run: not all ok
     with tarfile.open(out / "logs.tar.gz") as tar:
@@ -113,13 +114,15 @@ def test_gpu_check_runs_end_to_end_on_a_cpu(tmp_path):
     assert steps["bench"]["plots_in_logs"] == ["cross_entropy.png", "linear_cross_entropy.png",
                                                "rotary_embedding.png", "swiglu.png",
                                                "geglu.png", "add_rms_norm.png",
-                                               "attention_decode.png"]
+                                               "attention_decode.png", "attention_sinks.png"]
     assert "logs/plots/attention_decode.png" in names
+    assert "logs/plots/attention_sinks.png" in names
 
 
-def test_bench_step_runs_every_op_attention_decode_after_attention():
+def test_bench_step_runs_every_op_attention_decode_and_sinks_last():
     """The bench step's ops are fusedlm bench's, each with a share of its time; the decoding
-    rows come last, after the main attention rows (a step short of time skips them first)."""
+    rows and then the attention-sinks rows come last, after the main attention rows (a step
+    short of time skips them first; the last op runs on what the others left)."""
     from fusedlm.bench import cases
 
     gpu_check = _gpu_check()
@@ -130,7 +133,7 @@ def test_bench_step_runs_every_op_attention_decode_after_attention():
     # geglu's rows are swiglu's at Gemma's widths: a small share, as swiglu's
     assert gpu_check.OP_SHARE["geglu"] <= gpu_check.OP_SHARE["swiglu"]
     assert gpu_check.OPS.index("attention_decode") > gpu_check.OPS.index("attention")
-    assert gpu_check.OPS[-1] == "attention_decode"
+    assert gpu_check.OPS[-2:] == ("attention_decode", "attention_sinks")
 
 
 def test_bench_step_keeps_out_to_eight_files(tmp_path):

@@ -144,7 +144,7 @@ _FEEDS_DTYPE = {
     **dict.fromkeys((
         "test_attention_key_range_is_padding", "test_attention_documents_are_independent",
         "test_attention_causal_is_bottom_right", "test_sdpa_is_causal_is_top_left",
-        "test_attention_gradcheck",
+        "test_attention_gradcheck", "test_attention_gradcheck_through_lse_and_sinks",
     ), torch.float64),
     **dict.fromkeys((
         "test_attention_grouped_query_heads_short_sequence",
@@ -1207,6 +1207,27 @@ def test_opcheck_attention(causal, dtype, backend):
         (grad_out, q.detach(), k.detach(), v.detach(), out, lse, scale, causal, offset, backend,
          window_offset, key_range),
     )
+    # A gradient of lse (return_lse, sinks): the last optional argument.
+    torch.library.opcheck(
+        torch.ops.fusedlm.attention_bwd.default,
+        (grad_out, q.detach(), k.detach(), v.detach(), out, lse, scale, causal, offset, backend,
+         window_offset, key_range, torch.randn_like(lse)),
+    )
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_attention_gradcheck_through_lse_and_sinks(causal, backend):
+    """Numerical gradients of (out, lse) with sinks, float64: q, k, v and the sinks."""
+    q, k, v = (t.requires_grad_(True)
+               for t in _qkv((1, 4, 2, 4, 6, 3), torch.float64, device_of(backend)))
+    sinks = torch.randn(4, dtype=torch.float64, device=q.device, requires_grad=True)
+    assert torch.autograd.gradcheck(
+        lambda a, b, c, s: fusedlm.attention(a, b, c, causal=causal, sinks=s, return_lse=True,
+                                             backend=backend), (q, k, v, sinks))
+    assert torch.autograd.gradcheck(
+        lambda a, b, c: fusedlm.attention(a, b, c, causal=causal, return_lse=True,
+                                          backend=backend)[1], (q, k, v))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -6,14 +6,20 @@ ctx)`` returns ``fn(inputs)`` that runs the case once on one input set (forward,
 backward, or an optimizer / training step). ``torch-eager`` is every op's baseline.
 
 attention_decode (one query row per sequence against a KV cache, GQA, forward) has
-attention's providers. linear_cross_entropy (the LM head and its loss, forward and
-forward+backward) records each provider's peak GPU memory too. rotary_embedding rotates one
-attention layer's q and k together (Hugging Face Llama's layout: views of the (B, T, H, D)
-projections), so that Liger's one call for both is timed against the same work.
+attention's providers. attention_sinks (gpt-oss's attention sinks: sinks (Hq,), one logit per
+query head in every row's softmax, no value; causal, GQA, full and a 128-key sliding window,
+forward and forward+backward, the sinks' gradient included) has torch-eager (gpt-oss's eager
+attention), fusedlm-<name> (sinks=) and torch-compile, and no SDPA rows: SDPA takes no sinks.
+linear_cross_entropy (the LM head and its loss, forward and forward+backward) records each
+provider's peak GPU memory too. rotary_embedding rotates one attention layer's q and k together
+(Hugging Face Llama's layout: views of the (B, T, H, D) projections), so that Liger's one call
+for both is timed against the same work.
 
 Providers, each only where it can run (the output says why the others did not):
     torch-eager      eager PyTorch (attention written out: k, v repeated for GQA, q k^T, mask,
-                     softmax in float32, p v; F.layer_norm / F.rms_norm;
+                     softmax in float32, p v; for attention_sinks gpt-oss's: a sink column
+                     cat'ed to the scores per head before the softmax, dropped after it;
+                     F.layer_norm / F.rms_norm;
                      h = x + residual then F.rms_norm(h) for add_rms_norm;
                      F.cross_entropy(logits.float(), target), after F.linear for
                      linear_cross_entropy; Hugging Face Llama's apply_rotary_pos_emb
@@ -24,14 +30,16 @@ Providers, each only where it can run (the output says why the others did not):
     torch-compile    torch.compile of the eager version
     sdpa-<backend>   F.scaled_dot_product_attention under sdpa_kernel(<backend>) for each of
                      flash, efficient, cudnn, math that runs on the device (enable_gqa=True
-                     when k has fewer heads than q; a backend that refuses a case: unsupported)
+                     when k has fewer heads than q; a backend that refuses a case: unsupported);
+                     attention and attention_decode only (SDPA takes no sinks)
     torch-foreach, torch-fused   torch.optim.AdamW(foreach=True) / (fused=True)
     liger            Liger-Kernel's LayerNorm / RMSNorm functions, LigerFusedAddRMSNorm,
                      LigerCrossEntropyLoss, LigerFusedLinearCrossEntropyLoss,
                      liger_rotary_pos_emb (q and k in one call, in place),
                      LigerSiLUMulFunction, LigerGELUMulFunction (when installed, GPU)
     fusedlm-<name>   fusedlm with backend=<name> for cuda, triton, cpu (and torch, the
-                     reference, on the CPU); for the GPT, the model with kernels="fused",
+                     reference, on the CPU) (attention_sinks: fusedlm.attention(sinks=...));
+                     for the GPT, the model with kernels="fused",
                      FUSEDLM_BACKEND=<name> and fusedlm.optim.AdamW(backend=<name>)
     fusedlm-patch    the GPT only: GPT(kernels="torch") after fusedlm.patch(model,
                      attention=True), torch.optim.AdamW (any model's drop-in path, host time
@@ -59,8 +67,12 @@ from . import counting
 
 BASELINE = "torch-eager"
 # The ops of ``fusedlm bench`` in run order (its CLI, runner and tests read this one list).
+# attention_sinks, the newest, last: a run with --budget-s gives each op its share of what is
+# left, so the last op absorbs the earlier ones' overruns (first calls, compiles); this way the
+# new op is the one cut short, never an older op's rows.
 OPS = ("attention", "attention_decode", "layer_norm", "rms_norm", "add_rms_norm", "cross_entropy",
-       "linear_cross_entropy", "rotary_embedding", "swiglu", "geglu", "adamw", "gpt")
+       "linear_cross_entropy", "rotary_embedding", "swiglu", "geglu", "adamw", "gpt",
+       "attention_sinks")
 NORM_EPS = 1e-5
 SDPA_BACKENDS = ("flash", "efficient", "cudnn", "math")
 
@@ -308,8 +320,9 @@ def _document_inputs(B: int, T: int, device) -> dict:
     return {"key_range": key_range_from_document_ids(ids), "hidden": hidden, "visible": ~hidden}
 
 
-def eager_attention(q, k, v, mask: torch.Tensor | None):
-    """Attention written out in PyTorch ops: the eager baseline (scores in float32)."""
+def _eager_scores(q, k, v, mask: torch.Tensor | None):
+    """The eager baselines' first half: k and v repeated for GQA, the scores q k^T / sqrt(D)
+    in float32 with the hidden entries (``mask`` True) at -inf. Returns (scores, v)."""
     scale = 1.0 / math.sqrt(q.shape[-1])
     if k.shape[1] != q.shape[1]:
         rep = q.shape[1] // k.shape[1]
@@ -317,9 +330,27 @@ def eager_attention(q, k, v, mask: torch.Tensor | None):
     s = torch.matmul(q, k.transpose(-2, -1)).float() * scale
     if mask is not None:
         s = s.masked_fill(mask, float("-inf"))
+    return s, v
+
+
+def eager_attention(q, k, v, mask: torch.Tensor | None):
+    """Attention written out in PyTorch ops: the eager baseline (scores in float32)."""
+    s, v = _eager_scores(q, k, v, mask)
     p = torch.softmax(s, dim=-1)
     if mask is not None and mask.dim() == 4:  # padded batch: rows that see no key give 0
         p = p.nan_to_num(0.0)
+    return torch.matmul(p.to(q.dtype), v)
+
+
+def eager_sink_attention(q, k, v, sinks, mask: torch.Tensor | None):
+    """gpt-oss's eager attention with attention sinks, written out in PyTorch ops (Hugging
+    Face's GptOssAttention eager path, softmax in float32): k and v repeated for GQA, scores
+    q k^T / sqrt(D) with the mask, one sink logit per query head cat'ed as a last column of
+    every row, the softmax, the sink column dropped, p v. The sinks' baseline."""
+    s, v = _eager_scores(q, k, v, mask)
+    B, _, Tq, _ = s.shape
+    sink = sinks.to(s.dtype).reshape(1, -1, 1, 1).expand(B, -1, Tq, 1)
+    p = torch.softmax(torch.cat([s, sink], dim=-1), dim=-1)[..., :-1]
     return torch.matmul(p.to(q.dtype), v)
 
 
@@ -387,14 +418,21 @@ def _attention_cases(ctx: Context) -> list[Case]:
 
 
 _QKV = ("q", "k", "v")
+_QKV_SINKS = (*_QKV, "sinks")
 
 
 def _attention_provider(name, description, forward, why_not=_always, compiles=False,
-                        kernel_backend=None):
+                        kernel_backend=None, sinks=False):
+    """``forward(q, k, v, causal, ctx, window, packed)``; with ``sinks`` (attention_sinks)
+    also ``sinks=inputs["sinks"]``, a leaf whose gradient the forward+backward pass computes."""
     def build(case: Case, ctx: Context):
         if kernel_backend is not None and case.pass_ == "fwd+bwd":
             _needs(ctx, kernel_backend, "attention_bwd")
         causal, window = case.causal, case.size.get("window")
+        if sinks:
+            return _run_pass(case, lambda i: forward(i["q"], i["k"], i["v"], causal, ctx, window,
+                                                     i.get("packed"), sinks=i["sinks"]),
+                             _QKV_SINKS)
         return _run_pass(
             case, lambda i: forward(i["q"], i["k"], i["v"], causal, ctx, window, i.get("packed")),
             _QKV)
@@ -410,6 +448,16 @@ def _eager_attention_call(q, k, v, causal, ctx, window=None, packed=None):
 def _compiled_attention_call(q, k, v, causal, ctx, window=None, packed=None):
     mask = _hidden_mask(q.shape[2], k.shape[2], causal, window, q.device, packed)
     return compiled(eager_attention)(q, k, v, mask)
+
+
+def _eager_sink_attention_call(q, k, v, causal, ctx, window=None, packed=None, *, sinks):
+    return eager_sink_attention(q, k, v, sinks, _hidden_mask(q.shape[2], k.shape[2], causal,
+                                                             window, q.device, packed))
+
+
+def _compiled_sink_attention_call(q, k, v, causal, ctx, window=None, packed=None, *, sinks):
+    mask = _hidden_mask(q.shape[2], k.shape[2], causal, window, q.device, packed)
+    return compiled(eager_sink_attention)(q, k, v, sinks, mask)
 
 
 def _sdpa_backend(name: str):
@@ -472,13 +520,14 @@ def _sdpa_call(name: str):
 
 
 def _fusedlm_attention_call(backend: str):
-    def call(q, k, v, causal, ctx, window=None, packed=None):
+    def call(q, k, v, causal, ctx, window=None, packed=None, sinks=None):
         import fusedlm
 
         try:
             return fusedlm.attention(q, k, v, causal=causal, backend=backend,
                                      window=None if window is None else (window - 1, 0),
-                                     key_range=None if packed is None else packed["key_range"])
+                                     key_range=None if packed is None else packed["key_range"],
+                                     sinks=sinks)
         except fusedlm.BackendNotSupportedError as why:  # e.g. triton: head dim over its maximum
             raise Unsupported(str(why).split(": ", 1)[-1]) from why
 
@@ -550,14 +599,20 @@ def _decode_providers() -> list[Provider]:
         "FUSEDLM_ATTENTION_DECODE", "0", _fusedlm_why_not("cuda", ("attention_fwd",)))]
 
 
+def _fusedlm_attention_providers(sinks: bool = False) -> list[Provider]:
+    """fusedlm-<backend>: fusedlm.attention(backend=...) (with ``sinks``: sinks=inputs["sinks"])
+    for cuda, triton, cpu and torch, each where it runs."""
+    arguments = "sinks=sinks, " if sinks else ""
+    return [_attention_provider(
+        f"fusedlm-{backend}", f"fusedlm.attention({arguments}backend={backend!r})",
+        _fusedlm_attention_call(backend), _fusedlm_why_not(backend, ("attention_fwd",)),
+        kernel_backend=backend, sinks=sinks) for backend in ("cuda", "triton", "cpu", "torch")]
+
+
 def _attention_providers() -> list[Provider]:
     providers = [_attention_provider(
         BASELINE, "PyTorch ops: q k^T, mask, softmax (float32), p v", _eager_attention_call)]
-    for backend in ("cuda", "triton", "cpu", "torch"):
-        providers.append(_attention_provider(
-            f"fusedlm-{backend}", f"fusedlm.attention(backend={backend!r})",
-            _fusedlm_attention_call(backend), _fusedlm_why_not(backend, ("attention_fwd",)),
-            kernel_backend=backend))
+    providers += _fusedlm_attention_providers()
     providers.append(_sm80_attention_provider())
     for name in SDPA_BACKENDS:
         providers.append(_attention_provider(
@@ -603,6 +658,76 @@ def _attention_decode_cases(ctx: Context) -> list[Case]:
                 make_inputs=make, check_output=True,
             ))
     return cases
+
+
+# ---- attention_sinks ------------------------------------------------------------------------
+
+def _attention_sinks_cases(ctx: Context) -> list[Case]:
+    """Attention with attention sinks as gpt-oss runs it: causal, GQA, sinks (Hq,) (one learned
+    logit per query head in every row's softmax, no value; a leaf whose gradient the
+    forward+backward pass computes), on the full causal layers and on gpt-oss's sliding-window
+    layers (a causal window of 128 keys: fusedlm's window=(127, 0)). On a GPU, gpt-oss-120b's
+    attention (Hq = 64, Hkv = 8, D = 64, bf16) at 8k tokens per call, T up to 4096: the eager
+    baseline holds (B, 64, T, T) float32 scores (8.6 GB at B = 2, T = 4096; its backward a few
+    of those, which at T = 8192 would not fit an 80 GB GPU); on the CPU, small."""
+    if ctx.cuda:
+        Hq, Hkv, D, dtype, tokens, window = 64, 8, 64, torch.bfloat16, 8192, 128
+        seqs = (1024, 4096) if ctx.quick else (1024, 2048, 4096)
+    else:
+        Hq, Hkv, D, dtype, window = 8, 2, 64, torch.float32, 64
+        tokens = 512 if ctx.quick else 2048
+        seqs = (128, 256) if ctx.quick else (128, 256, 512)
+    cases = []
+    # The sliding-window cases last (as attention's): a run out of time skips them first.
+    for win in (None, window):
+        for pass_ in counting.PASSES:
+            for T in seqs:
+                B = max(tokens // T, 1)
+
+                def make(B=B, T=T, pass_=pass_):
+                    grad = pass_ == "fwd+bwd"
+                    inputs = {"q": _randn(B, Hq, T, D, ctx=ctx, dtype=dtype, requires_grad=grad),
+                              "k": _randn(B, Hkv, T, D, ctx=ctx, dtype=dtype, requires_grad=grad),
+                              "v": _randn(B, Hkv, T, D, ctx=ctx, dtype=dtype, requires_grad=grad)}
+                    # Logits near the rows' log-sum-exps (3 +- 2 against about log(keys seen)
+                    # + 0.5): the sinks take a share of every row that the output check sees.
+                    sinks = 3 + 2 * _randn(Hq, ctx=ctx, dtype=dtype)
+                    inputs["sinks"] = sinks.requires_grad_(grad)
+                    if grad:
+                        inputs["grad"] = _randn(B, Hq, T, D, ctx=ctx, dtype=dtype)
+                    return inputs
+
+                size = dict(B=B, Hq=Hq, Hkv=Hkv, T=T, D=D)
+                if win is not None:
+                    size["window"] = win
+                mask = "causal" if win is None else f"window {win}"
+                cases.append(Case(
+                    op="attention_sinks",
+                    variant=f"{pass_} {dtype_name(dtype)} {mask} sinks gqa {Hq // Hkv}:1",
+                    pass_=pass_, dtype=dtype_name(dtype), causal=True,
+                    size_label=" ".join(f"{k}={v}" for k, v in size.items()), size=size, x=T,
+                    # (the sinks add O(B Hq T) work and Hq values read: not counted)
+                    flops=counting.attention_flops(B, Hq, T, T, D, True, pass_, window=win),
+                    bytes=counting.attention_bytes(B, Hq, T, T, D, dtype, pass_, Hkv=Hkv),
+                    make_inputs=make, check_output=pass_ == "fwd",
+                ))
+    return cases
+
+
+def _attention_sinks_providers() -> list[Provider]:
+    """gpt-oss's eager attention (the baseline), fusedlm.attention(sinks=...) on each backend,
+    torch.compile of the eager version. No SDPA rows: F.scaled_dot_product_attention takes no
+    sinks (a sink column needs the scores, which SDPA never returns)."""
+    return [
+        _attention_provider(
+            BASELINE, "gpt-oss's eager attention: k, v repeated for GQA, q k^T, mask, a sink "
+            "column cat'ed per head, softmax (float32), the sink column dropped, p v",
+            _eager_sink_attention_call, sinks=True),
+        *_fusedlm_attention_providers(sinks=True),
+        _attention_provider(
+            "torch-compile", "torch.compile of the torch-eager (gpt-oss) attention with sinks",
+            _compiled_sink_attention_call, _compile_why_not, compiles=True, sinks=True),
+    ]
 
 
 # ---- layer_norm / rms_norm ------------------------------------------------------------------
@@ -1414,6 +1539,19 @@ def specs() -> dict[str, OpSpec]:
             "GB/s", "bandwidth", "cached keys Tk", _attention_decode_cases,
             _decode_providers(), "4*B*Hq*Tk*D (one query row)",
             "q read, k and v read once (Hkv heads, not once per query head), out written"),
+        "attention_sinks": OpSpec(
+            "attention_sinks",
+            "attention with attention sinks (gpt-oss): causal, q (B, Hq, T, D), k/v (B, Hkv, T, "
+            "D), GQA, sinks (Hq,) (one learned logit per query head in every row's softmax, no "
+            "value; its gradient part of the backward), full causal and gpt-oss's 128-key "
+            "sliding window; forward and forward+backward. No SDPA rows: "
+            "F.scaled_dot_product_attention takes no sinks",
+            "TFLOP/s", "matmul", "sequence length T (B*T fixed)", _attention_sinks_cases,
+            _attention_sinks_providers(),
+            attn_flops + " (the window's visible pairs counted exactly; the sinks' O(B*Hq*T) "
+            "not counted)",
+            "attention's with k and v of Hkv heads (the Hq sinks and their gradient not "
+            "counted)"),
         "layer_norm": OpSpec(
             "layer_norm", "LayerNorm over the last dim of (M, N), weight and bias",
             "GB/s", "bandwidth", "hidden size N", _norm_cases("layer_norm"),

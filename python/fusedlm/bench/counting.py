@@ -11,6 +11,8 @@ attention, q (B, H, Tq, D), k/v (B, Hkv, Tk, D):
     bytes    forward: q, k, v read, out written; backward: q, k, v, out, dout read,
              logsumexp (B, H, Tq) float32 read, dq, dk, dv written (forward+backward adds the
              forward's logsumexp write)
+    attention_sinks (gpt-oss) is counted as attention (causal, its window's pairs exactly, k
+    and v with Hkv heads): the sinks' O(B * H * Tq) work and H values read are left out
 layer_norm, x (M, N), weight and bias (N):
     forward  read x, weight, bias; write y                      (2 M N + 2 N elements)
     backward read dy, x, weight; write dx, dweight, dbias        (3 M N + 3 N elements)
