@@ -111,10 +111,10 @@ def test_attention_decode_cases_are_one_query_row_against_a_gqa_cache(device, qu
 @pytest.mark.parametrize(("device", "quick"), [("cpu", True), ("cpu", False), ("cuda", True),
                                              ("cuda", False)])
 def test_attention_sinks_cases_are_gpt_oss_attention(device, quick):
-    """Causal GQA attention with sinks: gpt-oss-120b's heads (64:8, D = 64, bf16) at 16k tokens
-    on a GPU, small float32 on the CPU; forward and forward+backward, full causal then the
-    sliding window (128 keys on a GPU, 64 on the CPU: last, as attention's windows) at the
-    same T; attention's FLOPs (the window's pairs exactly) and GQA bytes; x = T."""
+    """Causal GQA attention with sinks: gpt-oss-120b's heads (64:8, D = 64, bf16) at 8k tokens,
+    T up to 4096, on a GPU, small float32 on the CPU; forward and forward+backward, full causal
+    then the sliding window (128 keys on a GPU, 64 on the CPU: last, as attention's windows)
+    at the same T; attention's FLOPs (the window's pairs exactly) and GQA bytes; x = T."""
     ctx = C.Context(device=torch.device(device), quick=quick, backends={})
     spec = C.specs()["attention_sinks"]
     assert (spec.metric, spec.ceiling) == ("TFLOP/s", "matmul")
