@@ -487,13 +487,26 @@ std::optional<at::Tensor> attention_key_range(const std::optional<at::Tensor>& k
   return range.clamp(0, std::numeric_limits<int32_t>::max()).to(at::kInt).contiguous();
 }
 
+// softcap: 0 (no capping) or a finite positive cap; the CUDA kernels have no capping (the
+// Triton ones do: the Python dispatch sends capped calls on a GPU there).
+void check_softcap(double softcap, const at::Tensor& q) {
+  check_finite(softcap, "softcap");
+  FUSEDLM_CHECK_VALUE(softcap >= 0, "argument 'softcap' must be >= 0 (0: no capping), got ",
+                      softcap);
+  FUSEDLM_CHECK_VALUE(softcap == 0 || !q.is_cuda(),
+                      "argument 'softcap': the CUDA attention kernels do not cap scores "
+                      "(backend='triton' does), got softcap = ", softcap);
+}
+
 std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q, const at::Tensor& k,
                                                  const at::Tensor& v, double scale, bool causal,
                                                  int64_t causal_offset,
                                                  std::optional<int64_t> window_offset,
-                                                 const std::optional<at::Tensor>& key_range) {
+                                                 const std::optional<at::Tensor>& key_range,
+                                                 double softcap) {
   check_attention_inputs(q, k, v);
   check_finite(scale, "scale");
+  check_softcap(softcap, q);
   const std::optional<at::Tensor> key_ranges = attention_key_range(key_range, q);
 #ifdef FUSEDLM_WITH_CUDA
   if (q.is_cuda()) {
@@ -502,17 +515,20 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q, const at::
   }
 #endif
   require_cpu_kernel(q, "q", "attention_fwd");
-  return cpu::attention_fwd(q, k, v, scale, causal, causal_offset, window_offset, key_ranges);
+  return cpu::attention_fwd(q, k, v, scale, causal, causal_offset, window_offset, key_ranges,
+                            softcap);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const at::Tensor& out, const at::Tensor& lse, double scale, bool causal,
     int64_t causal_offset, std::optional<int64_t> window_offset,
-    const std::optional<at::Tensor>& key_range, const std::optional<at::Tensor>& grad_lse) {
+    const std::optional<at::Tensor>& key_range, const std::optional<at::Tensor>& grad_lse,
+    double softcap) {
   check_attention_inputs(q, k, v);
   const std::optional<at::Tensor> key_ranges = attention_key_range(key_range, q);
   check_finite(scale, "scale");
+  check_softcap(softcap, q);
   check_defined(grad_out, "grad_out");
   check_defined(out, "out");
   check_defined(lse, "lse");
@@ -543,7 +559,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
 #endif
   require_cpu_kernel(q, "q", "attention_bwd");
   return cpu::attention_bwd(grad_out, q, k, v, out, lse, scale, causal, causal_offset,
-                            window_offset, key_ranges, grad_lse);
+                            window_offset, key_ranges, grad_lse, softcap);
 }
 
 // ---- LayerNorm / RMSNorm --------------------------------------------------------------------
@@ -1246,7 +1262,7 @@ struct AttentionFunction : public torch::autograd::Function<AttentionFunction> {
                             std::optional<int64_t> window_offset,
                             const std::optional<at::Tensor>& key_range) {  // (B, 2), (B, Tq, 2)
     auto [out, lse] = attention_fwd(q, k, v, scale, causal, causal_offset, window_offset,
-                                    key_range);
+                                    key_range, /*softcap=*/0.0);
     ctx->save_for_backward({q, k, v, out, lse, key_range.value_or(at::Tensor())});
     ctx->saved_data["scale"] = scale;
     ctx->saved_data["causal"] = causal;
@@ -1267,7 +1283,7 @@ struct AttentionFunction : public torch::autograd::Function<AttentionFunction> {
           ctx->saved_data["scale"].toDouble(), ctx->saved_data["causal"].toBool(),
           ctx->saved_data["causal_offset"].toInt(),
           window.isNone() ? std::nullopt : std::optional<int64_t>(window.toInt()),
-          optional_tensor(saved[5]), std::nullopt);
+          optional_tensor(saved[5]), std::nullopt, /*softcap=*/0.0);
     }
     auto out = once_differentiable({dq, dk, dv}, grads);
     out.resize(8);  // scale, causal, causal_offset, window_offset, key_range: no gradient
@@ -1400,10 +1416,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "j >= i + window_offset) and, given key_range (B, 2) integers on q's device,\n"
         "key_range[b, 0] <= j < key_range[b, 1] in batch row b (with key_range (B, Tq, 2):\n"
         "key_range[b, i, 0] <= j < key_range[b, i, 1]). Returns out (B, Hq, Tq, D) in\n"
-        "q's dtype and lse (B, Hq, Tq) float32 (float64 for float64 inputs).",
+        "q's dtype and lse (B, Hq, Tq) float32 (float64 for float64 inputs). softcap > 0\n"
+        "caps each score s = scale * q.k at softcap * tanh(s / softcap) first (Gemma 2).",
         py::arg("q"), py::arg("k"), py::arg("v"), py::arg("scale"), py::arg("causal"),
         py::arg("causal_offset"), py::arg("window_offset") = py::none(),
-        py::arg("key_range") = py::none());
+        py::arg("key_range") = py::none(), py::arg("softcap") = 0.0);
   m.def("attention_bwd", &fusedlm::attention_bwd,
         "Flash-attention backward: recomputes the probabilities from lse. Returns dq, dk, dv\n"
         "in the shapes and dtypes of q, k, v (dk, dv summed over the query heads of a kv head).\n"
@@ -1411,7 +1428,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("grad_out"), py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"),
         py::arg("lse"), py::arg("scale"), py::arg("causal"), py::arg("causal_offset"),
         py::arg("window_offset") = py::none(), py::arg("key_range") = py::none(),
-        py::arg("grad_lse") = py::none());
+        py::arg("grad_lse") = py::none(), py::arg("softcap") = 0.0);
   m.def("layer_norm_fwd", &fusedlm::layer_norm_fwd,
         "LayerNorm over the last dim. x (M, N); weight, bias (N) or None (dtype of x or float32).\n"
         "Returns y (M, N) in x's dtype, mean and rstd (M) in float32 (float64 for float64 x).",

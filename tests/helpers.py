@@ -197,9 +197,10 @@ def larger_error(a, b, truth):
 
 
 def _masked_scores(q, k, scale=None, causal=False, causal_offset=None, window=None,
-                   window_offset=None, key_range=None):
-    """(scores (B, Hq, Tq, Tk) = q k^T * scale with -inf where a key is hidden, no_key
-    (B or 1, 1, Tq, 1) bool or None when nothing is hidden): naive_attention's terms."""
+                   window_offset=None, key_range=None, softcap=None):
+    """(scores (B, Hq, Tq, Tk) = q k^T * scale (with ``softcap``: softcap * tanh(that /
+    softcap), Gemma 2's code) with -inf where a key is hidden, no_key (B or 1, 1, Tq, 1) bool
+    or None when nothing is hidden): naive_attention's terms."""
     Tq, D = q.shape[2], q.shape[3]
     Tk = k.shape[2]
     if scale is None:
@@ -208,6 +209,8 @@ def _masked_scores(q, k, scale=None, causal=False, causal_offset=None, window=No
         causal_offset = Tk - Tq
     k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
     scores = (q @ k.transpose(-1, -2)) * scale
+    if softcap:
+        scores = torch.tanh(scores / softcap) * softcap
     if not (causal or window is not None or window_offset is not None or key_range is not None):
         return scores, None
     rows = torch.arange(Tq, device=q.device)[:, None]
@@ -227,7 +230,8 @@ def _masked_scores(q, k, scale=None, causal=False, causal_offset=None, window=No
 
 
 def naive_attention(q, k, v, scale=None, causal=False, causal_offset=None, window=None,
-                    window_offset=None, key_range=None, sinks=None, return_lse=False):
+                    window_offset=None, key_range=None, sinks=None, return_lse=False,
+                    softcap=None):
     """softmax(q k^T * scale) v written out with torch ops in q's dtype (autograd-able).
 
     q (B, Hq, Tq, D), k/v (B, Hkv, Tk, D). Key j is visible to query i iff not causal or
@@ -238,13 +242,14 @@ def naive_attention(q, k, v, scale=None, causal=False, causal_offset=None, windo
     ((B, Tq, 2) integers) key_range[b, i, 0] <= j < key_range[b, i, 1]. Rows that see no key
     give 0. ``sinks`` (Hq,): one more logit per head in each row's softmax, with no value
     (GPT-OSS's eager attention: the scores with the sink as a last column, softmaxed, the
-    column dropped). With ``return_lse``, (out, lse), lse each row's logsumexp (sink included)."""
+    column dropped). ``softcap``: the scores soft-capped, softcap * tanh(s / softcap), before
+    the masks. With ``return_lse``, (out, lse), lse each row's logsumexp (sink included)."""
     B, Hq, Tq, D = q.shape
     Tk = k.shape[2]
     group = Hq // k.shape[1]
     v = v.repeat_interleave(group, dim=1)
     scores, no_key = _masked_scores(q, k, scale, causal, causal_offset, window, window_offset,
-                                    key_range)
+                                    key_range, softcap)
     if sinks is not None:
         column = sinks.to(scores.dtype).reshape(1, Hq, 1, 1).expand(B, Hq, Tq, 1)
         scores = torch.cat([scores, column], dim=-1)
@@ -269,7 +274,8 @@ def naive_attention(q, k, v, scale=None, causal=False, causal_offset=None, windo
 class _FlashFormula(torch.autograd.Function):
     """q, k, v -> (out, lse) of naive_attention computed in float32 or wider (out in q's
     dtype), whose backward is FlashAttention's formula in that precision: P = exp(S - lse)
-    from the stored lse, Delta = rowsum(dO * O) - grad_lse, dS = P (dP - Delta)."""
+    from the stored lse, Delta = rowsum(dO * O) - grad_lse, dS = P (dP - Delta) (times
+    1 - tanh^2 of the scores with ``softcap`` among the masks)."""
 
     @staticmethod
     def forward(ctx, q, k, v, masks):
@@ -297,6 +303,9 @@ class _FlashFormula(torch.autograd.Function):
             delta = delta - torch.where(torch.isfinite(lse), grad_lse, 0.0)[..., None]
         dscores = probs * (dout @ v_full.transpose(-1, -2) - delta)
         scale = ctx.masks.get("scale") or 1.0 / math.sqrt(q.shape[3])
+        if ctx.masks.get("softcap"):
+            tanh = torch.tanh(qc @ k_full.transpose(-1, -2) * scale / ctx.masks["softcap"])
+            dscores = dscores * (1 - tanh * tanh)
         dq = (dscores @ k_full) * scale
         B, Hkv, Tk, D = k.shape
 

@@ -322,7 +322,8 @@ def test_fuzz_attention(backend, fuzz):
 @pytest.mark.parametrize("backend", [b for b in BACKENDS if b.values[0] != "torch"])
 def test_fuzz_attention_sinks_and_lse(backend, fuzz):
     """fusedlm.attention with ``sinks`` (any logits: large, tiny, -inf) and/or
-    ``return_lse=True``, drawn layouts, masks and a gradient on lse (the kernels' grad_lse),
+    ``return_lse=True``, drawn layouts, masks, a ``softcap`` or none and a gradient on lse (the
+    kernels' grad_lse),
     out, lse and the gradients of q, k, v and the sinks against the naive float64 truth by the
     rule; the baseline is the larger error of the naive math at the input's dtype and of torch
     running FlashAttention's formula (tests/helpers.flash_formula_attention: probabilities from
@@ -340,6 +341,7 @@ def test_fuzz_attention_sinks_and_lse(backend, fuzz):
         window = data.draw(st.one_of(st.none(), st.tuples(side, side)), label="window")
         use_sinks = data.draw(st.booleans(), label="sinks")
         use_out = data.draw(st.booleans(), label="out_in_loss")
+        softcap = data.draw(st.one_of(st.none(), st.floats(0.25, 60.0)), label="softcap")
         device = device_of(backend)
         q = make_tensor(data, (B, Hq, Tq, D), dtype, device=device)
         k = make_tensor(data, (B, Hkv, Tk, D), dtype, device=device)
@@ -359,10 +361,11 @@ def test_fuzz_attention_sinks_and_lse(backend, fuzz):
                     return None
                 attend = naive_attention if name == "naive" else flash_formula_attention
                 out, lse = attend(*leaves[:3], causal=causal, window=window, sinks=sink,
-                                  return_lse=True)
+                                  return_lse=True, softcap=softcap)
             else:
                 out, lse = fusedlm.attention(*leaves[:3], causal=causal, window=window,
-                                             sinks=sink, return_lse=True, backend=name)
+                                             sinks=sink, return_lse=True, backend=name,
+                                             softcap=softcap)
             # (-inf rows, no key and no sink, get no lse gradient: their lse is constant)
             loss = torch.where(torch.isfinite(lse), lse * grad_lse.to(device, lse.dtype),
                                0.0).sum()

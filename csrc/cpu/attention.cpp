@@ -251,6 +251,17 @@ void scores_by_dots_generic(const acc_t* q, int64_t rows, const acc_t* k, int64_
   }
 }
 
+// x[i] = softcap * tanh(x[i] / softcap): Gemma 2's logit soft-capping of the scores. With
+// tanh_out, tanh(x[i] / softcap) too, whose 1 - tanh^2 the backward needs (stride 1).
+template <typename acc_t>
+void cap_scores(acc_t* x, int64_t n, acc_t softcap, acc_t* tanh_out = nullptr) {
+  for (int64_t i = 0; i < n; ++i) {
+    const acc_t t = std::tanh(x[i] / softcap);
+    if (tanh_out != nullptr) tanh_out[i] = t;
+    x[i] = softcap * t;
+  }
+}
+
 template <typename acc_t>
 void softmax_grad_generic(const acc_t* probs, acc_t* grad, int64_t n, const acc_t* delta) {
   for (int64_t i = 0; i < n; ++i) grad[i] = probs[i] * (grad[i] - delta[i]);
@@ -540,8 +551,8 @@ int64_t key_splits(int64_t tiles, int64_t query_blocks, int64_t Tk) {
 // lse: (B, Hq, Tq) contiguous; key_ranges: see KeyRanges. Requires Tq, Tk, D >= 1.
 template <typename scalar_t>
 void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                    at::Tensor& out, at::Tensor& lse, double scale, const Visibility& full_mask,
-                    const KeyRanges& key_ranges) {
+                    at::Tensor& out, at::Tensor& lse, double scale, double softcap,
+                    const Visibility& full_mask, const KeyRanges& key_ranges) {
   using acc_t = compute_t<scalar_t>;
   const int64_t B = q.size(0), Hq = q.size(1), Tq = q.size(2), D = q.size(3);
   const int64_t Hkv = k.size(1), Tk = k.size(2);
@@ -558,6 +569,7 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
   const int64_t splits = key_splits(tiles, query_blocks, Tk);
   const int64_t split_keys = ceil_div(ceil_div(Tk, kBlockKey), splits) * kBlockKey;
   const acc_t scale_value = static_cast<acc_t>(scale);
+  const acc_t softcap_value = static_cast<acc_t>(softcap);  // 0: no capping
   const acc_t neg_inf = static_cast<acc_t>(kNegInf);
   // Each split's unnormalised output rows and their running max and sum, for the merge:
   // (tiles * splits, BQ, D) and (tiles * splits, BQ); empty without splits.
@@ -655,6 +667,7 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
           std::fill(s + hi, s + cols, acc_t(0));
           const int64_t visible = hi - lo;
           if (visible == 0) continue;
+          if (softcap_value != 0) cap_scores(s + lo, visible, softcap_value);
           const acc_t old_max = running_max[r];
           const acc_t new_max = std::max(old_max, row_max(s + lo, visible));
           const acc_t block_sum = exp_shift_sum(s + lo, visible, new_max);
@@ -759,7 +772,7 @@ void backward_kernel(const at::Tensor& grad_out, const at::Tensor& q, const at::
                      const at::Tensor& v, const compute_t<scalar_t>* lse,
                      const compute_t<scalar_t>* delta, compute_t<scalar_t>* dq_partial,
                      int64_t splits, at::Tensor& dk, at::Tensor& dv, double scale,
-                     const Visibility& full_mask, const KeyRanges& key_ranges) {
+                     double softcap, const Visibility& full_mask, const KeyRanges& key_ranges) {
   using acc_t = compute_t<scalar_t>;
   const int64_t B = q.size(0), Hq = q.size(1), Tq = q.size(2), D = q.size(3);
   const int64_t Hkv = k.size(1), Tk = k.size(2);
@@ -769,6 +782,7 @@ void backward_kernel(const at::Tensor& grad_out, const at::Tensor& q, const at::
   scalar_t* dv_data = dv.data_ptr<scalar_t>();  // (B, Hkv, Tk, D)
   const int64_t key_blocks = ceil_div(Tk, kBwdBlockKey);
   const acc_t scale_value = static_cast<acc_t>(scale);
+  const acc_t softcap_value = static_cast<acc_t>(softcap);  // 0: no capping
   const acc_t pos_inf = std::numeric_limits<acc_t>::infinity();
 
   at::parallel_for(0, B * Hkv * splits, 1, [&](int64_t begin, int64_t end) {
@@ -781,6 +795,8 @@ void backward_kernel(const at::Tensor& grad_out, const at::Tensor& q, const at::
     std::vector<acc_t> grad_block_t(D * kBwdBlockQuery);        // (D, BQ): dO^T
     std::vector<acc_t> probs_t(kBwdBlockKey * kBwdBlockQuery);     // (BK, BQ): P^T
     std::vector<acc_t> grad_scores_t(kBwdBlockKey * kBwdBlockQuery);  // (BK, BQ): dP^T, then dS^T
+    // (BK, BQ): tanh(S^T / softcap) of the capped scores; empty without capping
+    std::vector<acc_t> tanh_t(softcap_value != 0 ? kBwdBlockKey * kBwdBlockQuery : 0);
     std::vector<acc_t> lse_shift(kBwdBlockQuery);               // (BQ)
     std::vector<acc_t> delta_block(kBwdBlockQuery);             // (BQ)
     std::vector<acc_t> dk_acc(kBwdBlockKey * D);                // (BK, D), unscaled
@@ -852,6 +868,7 @@ void backward_kernel(const at::Tensor& grad_out, const at::Tensor& q, const at::
                    probs_t.data(), rows, /*accumulate=*/false);
             for (int64_t c = 0; c < cols; ++c) {
               acc_t* p = probs_t.data() + c * rows;
+              if (softcap_value != 0) cap_scores(p, rows, softcap_value, tanh_t.data() + c * rows);
               exp_scale_shift(p, rows, acc_t(1), lse_shift.data());
               // Only queries [query_begin(key), query_end(key)) see this key.
               const int64_t key = key_start + c;
@@ -883,6 +900,12 @@ void backward_kernel(const at::Tensor& grad_out, const at::Tensor& q, const at::
             for (int64_t c = 0; c < cols; ++c) {
               softmax_grad(probs_t.data() + c * rows, grad_scores_t.data() + c * rows, rows,
                            delta_block.data());
+            }
+            if (softcap_value != 0) {
+              // Through the cap: d(softcap * tanh(s / softcap)) / ds = 1 - tanh^2.
+              for (int64_t i = 0; i < cols * rows; ++i) {
+                grad_scores_t[i] *= acc_t(1) - tanh_t[i] * tanh_t[i];
+              }
             }
             // dK (cols, D) += dS^T (cols, rows) @ Q (rows, D)
             matmul(cols, D, rows, grad_scores_t.data(), rows, query_rows, query_ld,
@@ -955,7 +978,8 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q, const at::
                                                  const at::Tensor& v, double scale, bool causal,
                                                  int64_t causal_offset,
                                                  std::optional<int64_t> window_offset,
-                                                 const std::optional<at::Tensor>& key_range) {
+                                                 const std::optional<at::Tensor>& key_range,
+                                                 double softcap) {
   const int64_t B = q.size(0), Hq = q.size(1), Tq = q.size(2), D = q.size(3);
   const int64_t Hkv = k.size(1), Tk = k.size(2);
   TORCH_CHECK(Hkv > 0 ? Hq % Hkv == 0 : Hq == 0, "attention_fwd: Hq must be a multiple of Hkv");
@@ -984,7 +1008,7 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q, const at::
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(),
                                   "fusedlm_attention_fwd", [&] {
-    forward_kernel<scalar_t>(q, k, v, out, lse, scale, mask, key_ranges);
+    forward_kernel<scalar_t>(q, k, v, out, lse, scale, softcap, mask, key_ranges);
   });
   return {out, lse};
 }
@@ -993,7 +1017,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const at::Tensor& out, const at::Tensor& lse, double scale, bool causal,
     int64_t causal_offset, std::optional<int64_t> window_offset,
-    const std::optional<at::Tensor>& key_range, const std::optional<at::Tensor>& grad_lse) {
+    const std::optional<at::Tensor>& key_range, const std::optional<at::Tensor>& grad_lse,
+    double softcap) {
   const int64_t B = q.size(0), Hq = q.size(1), Tq = q.size(2), D = q.size(3);
   const int64_t Hkv = k.size(1), Tk = k.size(2);
   TORCH_CHECK(Hkv > 0 ? Hq % Hkv == 0 : Hq == 0, "attention_bwd: Hq must be a multiple of Hkv");
@@ -1041,7 +1066,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
         at::zeros({splits, B, Hq, D, Tq}, q.options().dtype(acc_dtype));  // (splits, B, Hq, D, Tq)
     backward_kernel<scalar_t>(grad_out_c, q, k, v, lse_c.const_data_ptr<acc_t>(),
                               delta.const_data_ptr<acc_t>(), dq_partial.data_ptr<acc_t>(),
-                              splits, dk, dv, scale, mask, key_ranges);
+                              splits, dk, dv, scale, softcap, mask, key_ranges);
     reduce_dq<scalar_t>(dq_partial.const_data_ptr<acc_t>(), splits, scale, dq);
   });
   return {dq, dk, dv};

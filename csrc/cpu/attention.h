@@ -17,6 +17,8 @@ namespace fusedlm::cpu {
 //   causal_offset = 0        -> top-left alignment (torch SDPA is_causal)
 //   window_offset = Tk - Tq - (W - 1) with causal -> each query sees its last W keys
 // A query row that sees no key gets out = 0 and lse = -inf.
+// softcap > 0 caps each score s = scale * q.k at softcap * tanh(s / softcap) before the mask
+// and the softmax (Gemma 2's attn_logit_softcapping); 0: no capping.
 //
 // q:   (B, Hq, Tq, D)   any strides
 // k:   (B, Hkv, Tk, D)  any strides, Hq % Hkv == 0
@@ -28,7 +30,8 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q, const at::
                                                  const at::Tensor& v, double scale, bool causal,
                                                  int64_t causal_offset,
                                                  std::optional<int64_t> window_offset,
-                                                 const std::optional<at::Tensor>& key_range);
+                                                 const std::optional<at::Tensor>& key_range,
+                                                 double softcap = 0.0);
 
 // grad_out: (B, Hq, Tq, D) any strides; out, lse as returned by attention_fwd; grad_lse:
 // (B, Hq, Tq) the gradient of lse, or none (lse unused).
@@ -39,6 +42,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
     const at::Tensor& out, const at::Tensor& lse, double scale, bool causal,
     int64_t causal_offset, std::optional<int64_t> window_offset,
     const std::optional<at::Tensor>& key_range,
-    const std::optional<at::Tensor>& grad_lse);
+    const std::optional<at::Tensor>& grad_lse, double softcap = 0.0);
 
 }  // namespace fusedlm::cpu

@@ -171,11 +171,18 @@ def _expand_kv(t: Tensor, Hq: int) -> Tensor:
     return t.repeat_interleave(Hq // t.shape[1], dim=1) if t.shape[1] != Hq else t
 
 
-def _probabilities(q, k, scale, causal, causal_offset, window_offset, key_range=None):
-    """Scores and log-sum-exp in the compute dtype; fully masked rows get lse = -inf."""
+def _probabilities(q, k, scale, causal, causal_offset, window_offset, key_range=None,
+                   softcap=0.0):
+    """Probabilities and log-sum-exp in the compute dtype (fully masked rows get lse = -inf)
+    and, with ``softcap`` > 0, tanh(scale * q.k / softcap) (else None), whose 1 - tanh^2 the
+    backward needs: the scores are then ``softcap * tanh(scale * q.k / softcap)`` (Gemma 2)."""
     dtype = compute_dtype(q.dtype)
     k_full = _expand_kv(k, q.shape[1]).to(dtype)
     scores = torch.matmul(q.to(dtype), k_full.transpose(-1, -2)) * scale  # (B, Hq, Tq, Tk)
+    tanh = None
+    if softcap:
+        tanh = torch.tanh(scores / softcap)
+        scores = tanh * softcap
     mask = _visible(q.shape[2], k.shape[2], causal, causal_offset, window_offset, q.device,
                     key_range)
     if mask is not None:
@@ -183,20 +190,22 @@ def _probabilities(q, k, scale, causal, causal_offset, window_offset, key_range=
     lse = torch.logsumexp(scores, dim=-1)  # (B, Hq, Tq); -inf where no key is visible
     safe_lse = torch.where(torch.isinf(lse) & (lse < 0), torch.zeros_like(lse), lse)
     probs = torch.exp(scores - safe_lse[..., None])  # exp(-inf) = 0 on masked entries
-    return probs, lse
+    return probs, lse, tanh
 
 
 def attention_fwd(
     q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool, causal_offset: int,
-    window_offset: int | None = None, key_range: Tensor | None = None,
+    window_offset: int | None = None, key_range: Tensor | None = None, softcap: float = 0.0,
 ) -> tuple[Tensor, Tensor]:
     """Returns out (B, Hq, Tq, D) in q's dtype and lse (B, Hq, Tq) in the compute dtype. Key j
     is visible to query i iff (not causal or j <= i + causal_offset) and (window_offset is None
     or j >= i + window_offset) and, with ``key_range`` (B, 2) integers, key_range[b, 0] <= j <
     key_range[b, 1] in batch row b (padding keys outside it), or with (B, Tq, 2) integers,
     key_range[b, i, 0] <= j < key_range[b, i, 1] (packed documents); rows that see no key give
-    0 and lse -inf."""
-    probs, lse = _probabilities(q, k, scale, causal, causal_offset, window_offset, key_range)
+    0 and lse -inf. ``softcap`` > 0 caps the scores s = scale * q.k at softcap * tanh(s /
+    softcap) before the masks and the softmax (Gemma 2's attn_logit_softcapping)."""
+    probs, lse, _ = _probabilities(q, k, scale, causal, causal_offset, window_offset, key_range,
+                                   softcap)
     v_full = _expand_kv(v, q.shape[1]).to(probs.dtype)
     return torch.matmul(probs, v_full).to(q.dtype).contiguous(), lse.contiguous()
 
@@ -204,11 +213,12 @@ def attention_fwd(
 def attention_bwd(
     grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
     scale: float, causal: bool, causal_offset: int, window_offset: int | None = None,
-    key_range: Tensor | None = None, grad_lse: Tensor | None = None,
+    key_range: Tensor | None = None, grad_lse: Tensor | None = None, softcap: float = 0.0,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Returns dq, dk, dv in the shapes and dtypes of q, k, v: the gradients of out, plus
     those of lse when ``grad_lse`` (B, Hq, Tq) is given."""
-    probs, _ = _probabilities(q, k, scale, causal, causal_offset, window_offset, key_range)
+    probs, _, tanh = _probabilities(q, k, scale, causal, causal_offset, window_offset,
+                                    key_range, softcap)
     dtype = probs.dtype
     B, Hq, Tq, D = q.shape
     Hkv = k.shape[1]
@@ -221,6 +231,8 @@ def attention_bwd(
     if grad_lse is not None:  # d lse_i / d s_ij = P_ij: the same as lowering delta
         delta = delta - grad_lse.to(dtype)[..., None]
     dscores = probs * (dprobs - delta) * scale
+    if tanh is not None:  # d(softcap * tanh(s / softcap)) / ds = 1 - tanh^2
+        dscores = dscores * (1 - tanh * tanh)
     dq = torch.matmul(dscores, k_full)
     dk_full = torch.matmul(dscores.transpose(-1, -2), q.to(dtype))
     group, Tk = (Hq // Hkv if Hkv else 1), k.shape[2]

@@ -435,20 +435,120 @@ def test_sliding_window_shorter_than_the_sequence_matches():
     assert_close_rule(outs[0], outs[1], outs[2], name="mistral inside the window")
 
 
-def test_attention_function_refuses_what_sdpa_cannot_take():
-    """Logit soft-capping (Gemma 2's softcap) changes the result and neither our kernels nor the
-    SDPA fallback take it: a call that passes it fails rather than drop it. (apply() leaves
-    such models' attention alone: test_transformers_models.py.)"""
+def test_attention_function_takes_absent_terms_as_none():
+    """What models without sinks or soft-capping pass (s_aux=None, softcap=None): no effect."""
     model = _build("llama")
     q = torch.randn(1, 4, 5, 16)
     kv = torch.randn(1, 2, 5, 16)
-    with pytest.raises(NotImplementedError, match="'softcap'"):
-        fhf.fusedlm_attention_forward(model.model.layers[0].self_attn, q, kv, kv, None,
-                                      softcap=50.0)
-    for argument in ("softcap", "s_aux"):  # what models without the feature pass: no effect
+    plain, _ = fhf.fusedlm_attention_forward(model.model.layers[0].self_attn, q, kv, kv, None)
+    for argument in ("softcap", "s_aux"):
         out, _ = fhf.fusedlm_attention_forward(model.model.layers[0].self_attn, q, kv, kv, None,
                                                **{argument: None})
-        assert out.shape == (1, 5, 4, 16)
+        assert torch.equal(out, plain)
+
+
+def _gemma2(sliding_window=None, softcap=50.0):
+    if not hasattr(transformers, "Gemma2ForCausalLM"):
+        pytest.skip("this transformers has no Gemma2ForCausalLM")
+    torch.manual_seed(0)
+    config = transformers.Gemma2Config(**COMMON, num_key_value_heads=2, head_dim=16,
+                                       attn_logit_softcapping=softcap,
+                                       sliding_window=sliding_window or 4096)
+    model = transformers.Gemma2ForCausalLM(config)
+    _randomize_norms(model)
+    with torch.no_grad():  # scores that reach the cap: larger query and key projections
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.weight.mul_(8.0)
+            layer.self_attn.k_proj.weight.mul_(8.0)
+    return model.eval()
+
+
+@pytest.mark.parametrize("padded", [False, True], ids=["unpadded", "left_padded"])
+def test_gemma2_soft_capped_attention_logits_and_grads(padded):
+    """Gemma 2's logit soft-capping (softcap) runs on fusedlm.attention(softcap=...): its global
+    and sliding-window layers all fused, the logits and every gradient those of its own eager
+    attention in float64 (within the rule) and float32. (Left-padded, the float64 eager model
+    makes NaN: its additive mask meets -inf there; the float32 one is then the reference.)"""
+    model = _gemma2(sliding_window=4, softcap=2.0)
+    same, truth = copy.deepcopy(model), copy.deepcopy(model).double()
+    for m in (same, truth):
+        m.config._attn_implementation = "eager"
+    report = fhf.apply(model)
+    assert model.config._attn_implementation == "fusedlm", str(report)
+    ids = torch.randint(0, VOCAB, (2, 13))
+    mask = torch.ones_like(ids)
+    if padded:
+        mask[1, :5] = 0
+    outs = [m(input_ids=ids, attention_mask=mask).logits for m in (model, same, truth)]
+    assert _calls(model) == {"fused": 2}
+    real = mask.bool()
+    has_truth = not outs[2].isnan().any()
+
+    def check(ours, theirs, truth, name):
+        if has_truth:
+            assert_close_rule(ours, theirs, truth, name=name)
+        else:
+            # (float32 against float32: the absolute term scales with the values, up to ~70)
+            torch.testing.assert_close(ours, theirs, rtol=1e-4, msg=name,
+                                       atol=1e-5 * max(1.0, theirs.abs().max().item()))
+
+    assert has_truth or padded
+    check(outs[0][real], outs[1][real], outs[2][real], "gemma2 logits")
+    capless = _gemma2(sliding_window=4, softcap=None)
+    capless.load_state_dict(same.state_dict())
+    capless.config._attn_implementation = "eager"
+    uncapped = capless(input_ids=ids, attention_mask=mask).logits
+    assert (uncapped[real] - outs[1][real]).abs().max() > 1e-2  # the cap matters here
+    weight = torch.randn_like(outs[0]) * real[..., None]
+    for out in outs[:3 if has_truth else 2]:
+        (out * weight.to(out.dtype)).sum().backward()
+    same_params, truth_params = dict(same.named_parameters()), dict(truth.named_parameters())
+    checked = 0
+    for pname, p in model.named_parameters():
+        expected = same_params[pname].grad
+        assert (p.grad is None) == (expected is None), pname
+        if p.grad is not None:
+            check(p.grad, expected, truth_params[pname].grad, pname)
+            checked += "self_attn" in pname
+    assert checked == 8  # q, k, v, o of both layers
+
+
+def test_gemma2_calls_our_kernels_cannot_serve_run_its_math():
+    """A mask with gaps (no band of keys per query) or dropout: SDPA has no cap, so the call
+    runs Gemma 2's own soft-capped math in torch, as its eager attention does."""
+    model = _gemma2()
+    from transformers.models.gemma2 import modeling_gemma2
+
+    module = model.model.layers[0].self_attn
+    q, k, v = (3 * torch.randn(2, h, 7, 16) for h in (4, 2, 2))
+    causal = torch.ones(2, 1, 7, 7, dtype=torch.bool).tril()
+    visible = causal.clone()
+    visible[1, :, 5, 2] = False  # a gap
+    for mask, expect in ((visible, "torch: an attention mask that is not one run of keys per "
+                          "query (padding with gaps, a custom pattern)"),
+                         (causal, "fused"), (None, "fused")):
+        fhf.reset_attention_calls()
+        ours, _ = fhf.fusedlm_attention_forward(module, q, k, v, mask, scaling=0.25,
+                                                softcap=2.0)
+        assert fhf.attention_calls() == {expect: 1}
+        eager_mask = torch.zeros(2, 1, 7, 7).masked_fill(~(causal if mask is None else mask),
+                                                          torch.finfo(torch.float32).min)
+        theirs, _ = modeling_gemma2.eager_attention_forward(module, q, k, v, eager_mask,
+                                                            scaling=0.25, softcap=2.0)
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+    fhf.reset_attention_calls()
+    module.train()
+    fhf.fusedlm_attention_forward(module, q, k, v, None, dropout=0.5, softcap=2.0)
+    assert fhf.attention_calls() == {"torch: dropout > 0": 1}
+
+
+@pytest.mark.parametrize("softcap", [0.0, -1.0, float("inf"), "50", True])
+def test_bad_softcap_is_refused(softcap):
+    model = _build("llama")
+    q, kv = torch.randn(1, 4, 5, 16), torch.randn(1, 2, 5, 16)
+    with pytest.raises(ValueError, match="'softcap'"):
+        fhf.fusedlm_attention_forward(model.model.layers[0].self_attn, q, kv, kv, None,
+                                      softcap=softcap)
 
 
 def _gpt_oss(sliding_window=None):

@@ -99,6 +99,8 @@ ARCHITECTURES = {
                      num_local_experts=4, num_experts_per_tok=2, sliding_window=8), "text"),
     "gemma2": ("Gemma2ForCausalLM", "Gemma2Config",
                dict(DECODER, num_key_value_heads=2, head_dim=16), "text"),
+    "vaultgemma": ("VaultGemmaForCausalLM", "VaultGemmaConfig",
+                   dict(DECODER, num_key_value_heads=2, head_dim=16, sliding_window=8), "text"),
     "deberta": ("DebertaModel", "DebertaConfig",
                 dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                      intermediate_size=96), "text"),
@@ -129,10 +131,11 @@ def _build(name):
             if p.dim() > 0:
                 p.add_(torch.randn_like(p) * 0.05)
     # apply switches the attention to fusedlm unless the class says it does not run on SDPA
-    # (Gemma 2: True in transformers 5.20, False in 5.25) or it soft-caps attention logits.
-    # gpt-oss says _supports_sdpa = False for its attention sinks, which fusedlm takes.
-    switched = ((getattr(model, "_supports_sdpa", True) is not False or name == "gpt_oss")
-                and getattr(model.config, "attn_logit_softcapping", None) is None)
+    # or it soft-caps attention logits, except where fusedlm takes what SDPA lacks: gpt-oss's
+    # attention sinks and Gemma 2's logit soft-capping (_supports_sdpa = False in both).
+    switched = name in ("gpt_oss", "gemma2", "vaultgemma") or (
+        getattr(model, "_supports_sdpa", True) is not False
+        and getattr(model.config, "attn_logit_softcapping", None) is None)
     return model.eval(), kind, switched
 
 
@@ -194,7 +197,8 @@ def test_apply_gives_the_unpatched_output(name, padded):
         assert not calls
     elif name in ("qwen3", "phi3", "olmo2", "olmo", "nemotron", "gpt_neox", "opt", "mixtral",
                   "deepseek_v3", "roberta", "modernbert", "bart", "vit", "mistral_window",
-                  "gemma3", "starcoder2_window", "modernbert_local", "gpt_oss"):
+                  "gemma3", "starcoder2_window", "modernbert_local", "gpt_oss", "gemma2",
+                  "vaultgemma"):
         # No mask our kernels cannot take (sliding windows and left padding included): all
         # fused, except in models that build their own float masks (builds_own_masks).
         if padded and name in OWN_FLOAT_MASK_CALLS and builds_own_masks(model):

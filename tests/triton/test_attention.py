@@ -585,7 +585,7 @@ _SM90_TYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.floa
 
 
 def _sm90_launch(name, dtype, head_dim, causal, window=False, seqlen=2048, key_range=0,
-                 split_keys=False, grad_lse=False):
+                 split_keys=False, grad_lse=False, softcap=0.0):
     """The launch of kernel ``name`` ("preprocess" or a key of _KERNELS) on an H100 with the
     fixed config, on contiguous (B, H, T, D) tensors: unit head-dim strides, row strides D, the
     others T * D, 16-byte aligned pointers; lengths and head counts 17 (Triton specializes ints
@@ -600,7 +600,8 @@ def _sm90_launch(name, dtype, head_dim, causal, window=False, seqlen=2048, key_r
     else:
         cfg = kernels._fixed_config(name, block_d, _SM90_TYPES[dtype], H100_SHARED)
         meta.update(CAUSAL=causal, WINDOW=window, KEY_RANGE=key_range,
-                    DOT_PRECISION="ieee" if dtype == "fp32" else "tf32", **cfg)
+                    DOT_PRECISION="ieee" if dtype == "fp32" else "tf32", SOFTCAP=softcap > 0,
+                    softcap=float(softcap), **cfg)
         if name == "fwd":
             meta["SPLIT_KEYS"] = split_keys
     for arg in fn.arg_names:

@@ -110,16 +110,13 @@ def reset_attention_calls() -> None:
 # ---- the attention function -----------------------------------------------------------------
 
 
-# Attention-function arguments that change the result and that neither our kernels nor the
-# SDPA fallback take (transformers marks such models _supports_sdpa = False): dropping one would
-# be silently wrong, so a call that passes one fails instead.
-_NO_FALLBACK = {"softcap": "logit soft-capping"}
-
-# Model types whose attention SDPA cannot express only because of attention sinks (``s_aux``,
-# one learned logit per head), which fusedlm takes (``fusedlm.attention(sinks=...)``; calls
-# our kernels cannot serve run the sinks' math in torch): apply() switches them although their
-# classes say ``_supports_sdpa = False``.
-_SINKS_ONLY_MODEL_TYPES = frozenset({"gpt_oss"})
+# Model types whose attention SDPA cannot express only because of terms fusedlm takes:
+# attention sinks (gpt-oss's ``s_aux``, one learned logit per head: ``fusedlm.attention(
+# sinks=...)``) or logit soft-capping (Gemma 2's and VaultGemma's ``softcap``: ``fusedlm.
+# attention(softcap=...)``); calls our kernels cannot serve run the models' math in torch
+# (_attention_math). apply() switches them although their classes say _supports_sdpa = False.
+_SDPA_GAPS_FUSEDLM_TAKES = {"gpt_oss": "attention sinks", "gemma2": "logit soft-capping",
+                            "vaultgemma": "logit soft-capping"}
 
 
 def _unsupported(query, key, value, dropout, kwargs) -> str | None:
@@ -155,9 +152,12 @@ def _unsupported(query, key, value, dropout, kwargs) -> str | None:
 def _terms_sdpa_cannot_take(model: torch.nn.Module, config) -> str | None:
     """Why the model's attention has terms neither our kernels nor SDPA take, or None. The
     class's own ``_supports_sdpa`` says so for most; logit soft-capping is also read from the
-    config, as transformers releases have marked Gemma 2 SDPA-capable (5.20) and not (5.25)."""
-    if (getattr(model, "_supports_sdpa", True) is False
-            and getattr(config, "model_type", None) not in _SINKS_ONLY_MODEL_TYPES):
+    config (transformers releases have marked Gemma 2 SDPA-capable (5.20) and not (5.25)):
+    outside _SDPA_GAPS_FUSEDLM_TAKES, a model's attention is not known to hand its cap to the
+    attention function (Gemma 3 keeps one in its config and never applies it)."""
+    if getattr(config, "model_type", None) in _SDPA_GAPS_FUSEDLM_TAKES:
+        return None
+    if getattr(model, "_supports_sdpa", True) is False:
         return "_supports_sdpa is False"
     for part in (config, getattr(config, "text_config", None)):
         softcap = getattr(part, "attn_logit_softcapping", None)
@@ -192,17 +192,14 @@ def fusedlm_attention_forward(
     """transformers attention function (``AttentionInterface``): query (B, Hq, Tq, D),
     key/value (B, Hkv, Tk, D) -> (attn_output (B, Tq, Hq, D), None), with the semantics of
     ``transformers.integrations.sdpa_attention.sdpa_attention_forward``, which serves every call
-    our kernels cannot."""
-    for argument, what in _NO_FALLBACK.items():
-        if kwargs.get(argument) is not None:
-            raise NotImplementedError(
-                f"fusedlm attention: argument {argument!r} ({what}, from "
-                f"{type(module).__name__}) is not supported; keep this model on its 'eager' or "
-                "flash attention implementation (fusedlm.integrations.transformers.apply "
-                "leaves the attention of models without SDPA support alone)")
+    our kernels cannot, except for the terms SDPA has no place for (attention sinks ``s_aux``,
+    logit soft-capping ``softcap``): those calls run the models' own math in torch."""
     sinks = kwargs.pop("s_aux", None)  # gpt-oss's attention sinks: (Hq,) logits
     if sinks is not None:
         _check_s_aux(sinks, query)
+    softcap = kwargs.pop("softcap", None)  # Gemma 2's attn_logit_softcapping
+    if softcap is not None:
+        softcap = _check_softcap_argument(softcap)
     reason = _unsupported(query, key, value, dropout, kwargs)
     # The kernels' terms: key j visible to query i iff (not causal or j <= i + causal_offset),
     # j >= i + window_offset (None: no limit) and, per batch row, inside key_range.
@@ -246,14 +243,15 @@ def fusedlm_attention_forward(
     if reason is None and requested_backend(backend) == "auto" and not compiling:
         # Our reference is no faster than torch's SDPA: use ours only where a kernel serves.
         if ATTENTION_FWD.auto_choice(query.device, query, key, value, window_offset,
-                                     key_range) == "torch":
+                                     key_range, softcap or 0.0) == "torch":
             reason = "no fusedlm kernel backend for these inputs"
-    if sinks is not None and (reason is not None or runtime_mask is not None):
-        # SDPA has no sinks (nor the compiled masked op): the model's own math, in torch.
+    if ((sinks is not None or softcap is not None)
+            and (reason is not None or runtime_mask is not None)):
+        # SDPA has no sinks or cap (nor the compiled masked op): the model's math, in torch.
         if not torch.compiler.is_compiling():
-            _CALLS[f"torch: {reason}"] += 1
-        return _attention_with_sinks_math(module, query, key, value, attention_mask, dropout,
-                                          scaling, is_causal, sinks)
+            _CALLS[f"torch: {reason or 'a mask read at run time under torch.compile'}"] += 1
+        return _attention_math(module, query, key, value, attention_mask, dropout, scaling,
+                               is_causal, sinks, softcap)
     if reason is not None:
         if not torch.compiler.is_compiling():
             _CALLS[f"sdpa: {reason}"] += 1
@@ -268,7 +266,7 @@ def fusedlm_attention_forward(
         out = compiled_masked_attention(query, key, value, runtime_mask, scale, backend)
     else:
         out = _attention(query, key, value, scale, causal, causal_offset, backend,
-                         window_offset, key_range, sinks)
+                         window_offset, key_range, sinks, softcap=softcap or 0.0)
     return out.transpose(1, 2).contiguous(), None
 
 
@@ -281,13 +279,22 @@ def _check_s_aux(sinks: object, query: Tensor) -> None:
             f"{describe(sinks)}")
 
 
-def _attention_with_sinks_math(module: torch.nn.Module, query: Tensor, key: Tensor,
-                               value: Tensor, attention_mask: Tensor | None, dropout: float,
-                               scaling: float | None, is_causal: bool | None,
-                               sinks: Tensor) -> tuple[Tensor, None]:
-    """gpt-oss's eager attention with sinks (the scores and one sink column per head,
-    softmaxed, the column dropped), in float32 or wider, for the calls our kernels cannot
-    serve: query (B, Hq, Tq, D), key/value (B, Hkv, Tk, D), attention_mask None (causal as
+def _check_softcap_argument(softcap: object) -> float:
+    if (isinstance(softcap, bool) or not isinstance(softcap, numbers.Real)
+            or not math.isfinite(softcap) or softcap <= 0):
+        raise ValueError(f"fusedlm attention: argument 'softcap' (logit soft-capping) must be a "
+                         f"finite number > 0 or None, got {describe(softcap)}")
+    return float(softcap)
+
+
+def _attention_math(module: torch.nn.Module, query: Tensor, key: Tensor, value: Tensor,
+                    attention_mask: Tensor | None, dropout: float, scaling: float | None,
+                    is_causal: bool | None, sinks: Tensor | None,
+                    softcap: float | None) -> tuple[Tensor, None]:
+    """The models' eager attention with what SDPA lacks, in float32 or wider, for the calls our
+    kernels cannot serve: the scores soft-capped (Gemma 2: softcap * tanh(s / softcap), before
+    the mask) and with sinks (gpt-oss: one sink column per head, softmaxed, the column
+    dropped). query (B, Hq, Tq, D), key/value (B, Hkv, Tk, D), attention_mask None (causal as
     sdpa_attention_forward takes it: top-left, for Tq > 1), boolean (True: visible) or additive
     float, (B or 1, 1 or Hq, Tq, >= Tk). Returns (attn_output (B, Tq, Hq, D), None)."""
     groups = query.shape[1] // key.shape[1]
@@ -297,6 +304,8 @@ def _attention_with_sinks_math(module: torch.nn.Module, query: Tensor, key: Tens
     v = value.repeat_interleave(groups, dim=1).to(compute)
     scale = 1.0 / math.sqrt(query.shape[3]) if scaling is None else float(scaling)
     scores = (q @ k.transpose(-1, -2)) * scale  # (B, Hq, Tq, Tk)
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
     q_len, kv_len = scores.shape[-2:]
     if attention_mask is not None:
         mask = attention_mask[..., :kv_len]
@@ -305,8 +314,11 @@ def _attention_with_sinks_math(module: torch.nn.Module, query: Tensor, key: Tens
     elif q_len > 1 and (getattr(module, "is_causal", True) if is_causal is None else is_causal):
         visible = torch.ones(q_len, kv_len, dtype=torch.bool, device=q.device).tril()
         scores = scores.masked_fill(~visible, float("-inf"))
-    column = sinks.to(compute).reshape(1, -1, 1, 1).expand(*scores.shape[:3], 1)
-    probs = torch.softmax(torch.cat([scores, column], dim=-1), dim=-1)[..., :-1]
+    if sinks is not None:
+        column = sinks.to(compute).reshape(1, -1, 1, 1).expand(*scores.shape[:3], 1)
+        probs = torch.softmax(torch.cat([scores, column], dim=-1), dim=-1)[..., :-1]
+    else:
+        probs = torch.softmax(scores, dim=-1)
     probs = torch.nn.functional.dropout(probs, p=dropout, training=module.training)
     return (probs @ v).to(query.dtype).transpose(1, 2).contiguous(), None
 
@@ -683,9 +695,9 @@ def apply(model: torch.nn.Module, attention: bool = True, norms: bool = True,
             report.left.append(LeftAlone("", type(model).__qualname__,
                                          "attention: not a transformers model (no config)"))
         elif (why := _terms_sdpa_cannot_take(model, config)) is not None:
-            # Its attention takes inputs SDPA has no place for (Gemma 2: logit soft-capping;
-            # DeBERTa: relative positions): our kernels and the SDPA fallback would drop them.
-            # (gpt-oss's attention sinks are taken: _SINKS_ONLY_MODEL_TYPES.)
+            # Its attention takes inputs SDPA has no place for (DeBERTa: relative positions):
+            # our kernels and the SDPA fallback would drop them. (gpt-oss's attention sinks and
+            # Gemma 2's logit soft-capping are taken: _SDPA_GAPS_FUSEDLM_TAKES.)
             report.left.append(LeftAlone(
                 "", type(model).__qualname__,
                 f"attention: {type(model).__name__} does not support SDPA-style attention "

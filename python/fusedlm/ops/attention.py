@@ -48,11 +48,13 @@ def _capability(device: torch.device) -> tuple[int, int]:
 
 
 def _extension_supports(q: Tensor, k: Tensor, v: Tensor, window_offset: int | None = None,
-                        key_range: Tensor | None = None) -> str | None:
+                        key_range: Tensor | None = None, softcap: float = 0.0) -> str | None:
     """The CPU kernels take every case; the CUDA ones (tensor-core mma.sync) fp16/bf16 on sm_80+
-    (sliding windows and key ranges, per batch row or per query, included)."""
+    (sliding windows and key ranges, per batch row or per query, included), without softcap."""
     if q.device.type != "cuda":
         return None
+    if softcap:
+        return "the CUDA attention kernels do not soft-cap scores (softcap); the Triton ones do"
     if q.dtype not in (torch.float16, torch.bfloat16):
         return f"the CUDA attention kernels take float16 or bfloat16, not {q.dtype}"
     major, minor = _capability(q.device)
@@ -67,7 +69,7 @@ register_extension_kernels(ATTENTION_BWD, "attention_bwd", supports=_extension_s
 
 
 def _triton_supports(q: Tensor, k: Tensor, v: Tensor, window_offset: int | None = None,
-                     key_range: Tensor | None = None) -> str | None:
+                     key_range: Tensor | None = None, softcap: float = 0.0) -> str | None:
     if q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         return f"the Triton kernels take float32, float16 or bfloat16, not {q.dtype}"
     if q.shape[-1] > MAX_HEAD_DIM:
@@ -76,10 +78,10 @@ def _triton_supports(q: Tensor, k: Tensor, v: Tensor, window_offset: int | None 
 
 
 @ATTENTION_FWD.register("triton", supports=_triton_supports)
-def _triton_attention_fwd(*args):
+def _triton_attention_fwd(*args, **kwargs):
     from ..triton import attention as kernels  # imports triton: only on first use
 
-    return kernels.attention_fwd(*args)
+    return kernels.attention_fwd(*args, **kwargs)
 
 
 @ATTENTION_BWD.register("triton", supports=_triton_supports)
@@ -98,18 +100,22 @@ def _mask_arguments(window_offset, key_range) -> tuple:
 
 
 def _attention_fwd(q, k, v, scale, causal, causal_offset, backend, window_offset=None,
-                   key_range=None):
-    impl = ATTENTION_FWD.select(backend, q.device, q, k, v, window_offset, key_range)
+                   key_range=None, softcap=0.0):
+    impl = ATTENTION_FWD.select(backend, q.device, q, k, v, window_offset, key_range, softcap)
+    # (softcap by keyword and only when there is one: the usual call stays the same)
+    extra = {"softcap": softcap} if softcap else {}
     with autocast_off(q.device):
         return impl(q, k, v, scale, causal, causal_offset,
-                    *_mask_arguments(window_offset, key_range))
+                    *_mask_arguments(window_offset, key_range), **extra)
 
 
 def _attention_bwd(grad_out, q, k, v, out, lse, scale, causal, causal_offset, backend,
-                   window_offset=None, key_range=None, grad_lse=None):
-    impl = ATTENTION_BWD.select(backend, q.device, q, k, v, window_offset, key_range)
-    # (grad_lse by keyword and only when there is one: the usual call stays the same)
+                   window_offset=None, key_range=None, grad_lse=None, softcap=0.0):
+    impl = ATTENTION_BWD.select(backend, q.device, q, k, v, window_offset, key_range, softcap)
+    # (grad_lse and softcap by keyword and only when there are: the usual call stays the same)
     extra = {} if grad_lse is None else {"grad_lse": grad_lse}
+    if softcap:
+        extra["softcap"] = softcap
     with autocast_off(q.device):
         return impl(grad_out, q, k, v, out, lse, scale, causal, causal_offset,
                     *_mask_arguments(window_offset, key_range), **extra)
@@ -119,19 +125,22 @@ def _attention_bwd(grad_out, q, k, v, out, lse, scale, causal, causal_offset, ba
 def attention_fwd(
     q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool, causal_offset: int,
     backend: str, window_offset: int | None = None, key_range: Tensor | None = None,
+    softcap: float = 0.0,
 ) -> tuple[Tensor, Tensor]:
     """q (B, Hq, Tq, D), k/v (B, Hkv, Tk, D), any strides. Key j is visible to query i iff
     (not causal or j <= i + causal_offset) and (window_offset is None or j >= i +
     window_offset) and, with key_range (B, 2) int32, key_range[b, 0] <= j < key_range[b, 1]
     in batch row b, or with key_range (B, Tq, 2) int32, key_range[b, i, 0] <= j <
     key_range[b, i, 1]. Returns out (B, Hq, Tq, D) in q's dtype and lse (B, Hq, Tq) float32
-    (float64 for float64 inputs); rows that see no key get 0 and -inf."""
+    (float64 for float64 inputs); rows that see no key get 0 and -inf. softcap > 0 caps each
+    score s = scale * q.k at softcap * tanh(s / softcap) first (Gemma 2); 0: no capping."""
     return _attention_fwd(q, k, v, scale, causal, causal_offset, backend, window_offset,
-                          key_range)
+                          key_range, softcap)
 
 
 @attention_fwd.register_fake
-def _(q, k, v, scale, causal, causal_offset, backend, window_offset=None, key_range=None):
+def _(q, k, v, scale, causal, causal_offset, backend, window_offset=None, key_range=None,
+      softcap=0.0):
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     return out, q.new_empty(q.shape[:3], dtype=stat_dtype(q.dtype))
 
@@ -140,28 +149,28 @@ def _(q, k, v, scale, causal, causal_offset, backend, window_offset=None, key_ra
 def attention_bwd(
     grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, scale: float,
     causal: bool, causal_offset: int, backend: str, window_offset: int | None = None,
-    key_range: Tensor | None = None, grad_lse: Tensor | None = None,
+    key_range: Tensor | None = None, grad_lse: Tensor | None = None, softcap: float = 0.0,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Returns dq, dk, dv in the shapes and dtypes of q, k, v; dk and dv are summed over the
     query heads that share a kv head (GQA/MQA). ``grad_lse`` (B, Hq, Tq) in lse's dtype: the
     gradient of lse too (None: lse was not used)."""
     return _attention_bwd(grad_out, q, k, v, out, lse, scale, causal, causal_offset, backend,
-                          window_offset, key_range, grad_lse)
+                          window_offset, key_range, grad_lse, softcap)
 
 
 @attention_bwd.register_fake
 def _(grad_out, q, k, v, out, lse, scale, causal, causal_offset, backend, window_offset=None,
-      key_range=None, grad_lse=None):
+      key_range=None, grad_lse=None, softcap=0.0):
     return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
 
 
 def _attention_setup_context(ctx, inputs, output):
-    q, k, v, scale, causal, causal_offset, backend, *masks = inputs
-    window_offset, key_range = (list(masks) + [None, None])[:2]
+    q, k, v, scale, causal, causal_offset, backend, *optional = inputs
+    window_offset, key_range, softcap = (list(optional) + [None, None, 0.0])[:3]
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, key_range)
     ctx.scale, ctx.causal, ctx.causal_offset, ctx.backend = scale, causal, causal_offset, backend
-    ctx.window_offset = window_offset
+    ctx.window_offset, ctx.softcap = window_offset, softcap
     if getattr(ctx, "eager", False):
         # lse is differentiable (return_lse, sinks) but most calls never use it: its gradient
         # then stays None instead of a zero tensor the backward would read.
@@ -174,8 +183,8 @@ def _attention_backward(ctx, grad_out, grad_lse):
         grad_out = torch.zeros_like(out)
     bwd = _attention_bwd if getattr(ctx, "eager", False) else torch.ops.fusedlm.attention_bwd
     dq, dk, dv = bwd(grad_out, q, k, v, out, lse, ctx.scale, ctx.causal, ctx.causal_offset,
-                     ctx.backend, ctx.window_offset, key_range, grad_lse)
-    return dq, dk, dv, None, None, None, None, None, None
+                     ctx.backend, ctx.window_offset, key_range, grad_lse, ctx.softcap)
+    return dq, dk, dv, None, None, None, None, None, None, None
 
 
 attention_fwd.register_autograd(_attention_backward, setup_context=_attention_setup_context)
@@ -238,18 +247,18 @@ def _check_qkv_in_full(q: Tensor, k: Tensor, v: Tensor) -> None:
 
 
 def _attention(q, k, v, scale, causal, causal_offset, backend, window_offset=None,
-               key_range=None, sinks=None, return_lse=False):
+               key_range=None, sinks=None, return_lse=False, softcap=0.0):
     """out, or (out, lse) with ``return_lse``; with ``sinks`` (Hq,) both include the sinks."""
     # Under autocast, the inputs in autocast's dtype, as torch's SDPA takes them.
     q, k, v = autocast_inputs(q, k, v)
     want_lse = return_lse or sinks is not None
     if q.numel() == 0 or k.numel() == 0:  # empty results; the reference's torch ops give autograd
         out, lse = reference.attention_fwd(q, k, v, scale, causal, causal_offset, window_offset,
-                                           key_range)
+                                           key_range, softcap)
     else:
         fwd = forward_for_call(ATTENTION_FWD, backend, _AttentionEager, _attention_fwd,
                                reference.attention_fwd, q, k, v, backend_index=6)
-        if not want_lse and runs_eager_function(fwd, _AttentionEager):
+        if not want_lse and not softcap and runs_eager_function(fwd, _AttentionEager):
             # eager, with autograd: the C++ node if it can (it returns out alone)
             args = (q, k, v, window_offset, key_range)
             module = extension_autograd(ATTENTION_FWD, ATTENTION_BWD, backend, q.device, args,
@@ -257,7 +266,12 @@ def _attention(q, k, v, scale, causal, causal_offset, backend, window_offset=Non
             if module is not None:
                 return module.attention_autograd(q, k, v, scale, causal, causal_offset,
                                                  window_offset, key_range)
-        out, lse = fwd(q, k, v, scale, causal, causal_offset, backend, window_offset, key_range)
+        if softcap:
+            out, lse = fwd(q, k, v, scale, causal, causal_offset, backend, window_offset,
+                           key_range, softcap)
+        else:
+            out, lse = fwd(q, k, v, scale, causal, causal_offset, backend, window_offset,
+                           key_range)
     if sinks is not None:
         out, lse = _apply_sinks(out, lse, sinks)
     return (out, lse) if return_lse else out
@@ -288,6 +302,16 @@ def _check_sinks(sinks: object, q: Tensor) -> Tensor | None:
         raise ValueError(f"argument 'sinks' must have shape (Hq,) = ({q.shape[1]},), one logit "
                          f"per query head, got {describe(sinks)}")
     return sinks
+
+
+def _check_softcap(softcap: object) -> float:
+    """``softcap`` as the kernels take it: 0.0 for none (None or 0), else a finite float > 0."""
+    if softcap is None:
+        return 0.0
+    value = check_finite_float(softcap, "softcap")
+    if value < 0:
+        raise ValueError(f"argument 'softcap' must be > 0 (None or 0: no capping), got {value}")
+    return value
 
 
 def _check_return_lse(return_lse: object) -> bool:
@@ -359,6 +383,7 @@ def attention(
     q: Tensor, k: Tensor, v: Tensor, causal: bool = False, scale: float | None = None,
     backend: str = "auto", window: tuple[int | None, int | None] | None = None,
     key_range: Tensor | None = None, sinks: Tensor | None = None, return_lse: bool = False,
+    softcap: float | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Fused (flash) attention: softmax(q k^T * scale) v.
 
@@ -383,7 +408,10 @@ def attention(
     Returns (B, Hq, Tq, D) in q's dtype; with ``return_lse=True`` (out, lse), lse (B, Hq, Tq)
     float32 (float64 for float64 inputs), each row's log-sum-exp of its scaled scores (sink
     included), -inf for a row that sees no key; gradients flow through both (as to combine
-    partial attentions, ring attention's way).
+    partial attentions, ring attention's way). ``softcap`` > 0 (logit soft-capping, Gemma 2's
+    ``attn_logit_softcapping``, FlashAttention's ``softcap``) caps each score s = scale *
+    q.k at softcap * tanh(s / softcap) before the masks and the softmax (the cpu, triton and
+    torch backends; the cuda kernels have none, so a capped call on a GPU runs Triton's).
     """
     _check_qkv(q, k, v)
     if not isinstance(causal, bool):
@@ -395,8 +423,9 @@ def attention(
     key_range = _check_key_range(key_range, q, k.shape[2])
     sinks = _check_sinks(sinks, q)
     return_lse = _check_return_lse(return_lse)
+    softcap = _check_softcap(softcap)
     return _attention(q, k, v, scale, causal, causal_offset, backend, window_offset, key_range,
-                      sinks, return_lse)
+                      sinks, return_lse, softcap)
 
 
 def _check_cu_seqlens(cu_seqlens: object, name: str, total: int, device) -> Tensor:
@@ -421,6 +450,7 @@ def attention_varlen(
     max_seqlen_q: int | None = None, max_seqlen_k: int | None = None, causal: bool = False,
     scale: float | None = None, window: tuple[int | None, int | None] | None = None,
     backend: str = "auto", sinks: Tensor | None = None, return_lse: bool = False,
+    softcap: float | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Attention over variable-length sequences packed without padding, as FlashAttention's
     ``flash_attn_varlen_func``: q (total_q, Hq, D), k/v (total_k, Hkv, D); sequence s holds
@@ -429,7 +459,8 @@ def attention_varlen(
     ``causal`` and ``window`` aligned bottom-right within the sequence (as
     ``fusedlm.attention``). ``max_seqlen_*`` are accepted for compatibility and not needed.
     Runs ``fusedlm.attention`` on the (1, H, total, D) views with per-query key ranges (no copy
-    of q, k, v). ``sinks`` (Hq,): attention sinks, as in ``fusedlm.attention``. Returns
+    of q, k, v). ``sinks`` (Hq,) and ``softcap``: attention sinks and logit soft-capping, as
+    in ``fusedlm.attention``. Returns
     (total_q, Hq, D); with ``return_lse=True`` (out, lse), lse (Hq, total_q) float32 (float64
     for float64 inputs), FlashAttention's varlen layout."""
     del max_seqlen_q, max_seqlen_k  # the offsets say everything
@@ -451,6 +482,7 @@ def attention_varlen(
     check_backend_name(backend)
     sinks = _check_sinks(sinks, q4)
     return_lse = _check_return_lse(return_lse)
+    softcap = _check_softcap(softcap)
     # Each query's keys: its sequence's, cut by the causal / window limits around its position
     # p = (i - q_start) + (len_k - len_q) (bottom-right), as attention_mask_bounds aligns them.
     total_q = q.shape[0]
@@ -468,7 +500,7 @@ def attention_varlen(
         hi = torch.minimum(hi, k_start + position + right + 1)
     key_range = torch.stack([lo, torch.maximum(hi, lo)], dim=1)
     result = _attention(q4, k4, v4, scale, False, 0, backend, None,
-                        key_range.to(torch.int32)[None], sinks, return_lse)
+                        key_range.to(torch.int32)[None], sinks, return_lse, softcap)
     if return_lse:
         return result[0][0].transpose(0, 1), result[1][0]
     return result[0].transpose(0, 1)

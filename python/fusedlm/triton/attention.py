@@ -13,6 +13,11 @@ Numerics: scores are kept in float32 and pre-multiplied by scale * log2(e) so th
 exp2 (FlashAttention-2's trick); accumulators are float32; p and ds are rounded to the input
 dtype for the tensor-core dots, as FlashAttention does; float32 inputs use IEEE dots.
 
+Soft-capping (``softcap`` > 0, Gemma 2's ``attn_logit_softcapping``): each score s = scale *
+q.k becomes softcap * tanh(s / softcap) before the masks and the softmax; the backward scales
+dS by 1 - tanh^2. It is a constexpr (SOFTCAP) of every kernel: softcap 0 builds the uncapped
+kernels unchanged.
+
 Launch configs: on a GPU, 16-bit inputs with sequences of at least ``AUTOTUNE_MIN_SEQLEN`` are
 autotuned (``triton.autotune`` over ``HOPPER_CONFIGS``, keyed on the padded head dim, causal,
 a power-of-two sequence-length bucket and the dtypes; configs over the device's shared memory
@@ -24,6 +29,7 @@ that fits. Under ``TRITON_INTERPRET=1`` (tests without a GPU) one small config p
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
 import triton
@@ -146,12 +152,37 @@ def _kv_window_range(start_m, kv_lo, kv_hi, inner_lo, inner_hi, causal_offset, w
 
 
 @triton.jit
+def _softcap_tanh(dots, qk_scale, softcap):
+    """tanh(scale * dots / softcap) (qk_scale = scale * log2(e)): the soft-capped score over
+    softcap, to a few float32 ulps relative (2.7e-7 at most against float64, torch's tanh 6e-8:
+    benchmarks/NOTES.md), so the capped score errs like a rounded one at any cap, large caps
+    included. triton.language has no tanh and libdevice's does not run under TRITON_INTERPRET=1:
+    for |x| >= 0.3, 1 - 2 / (e^(2|x|) + 1) with the sign put back (the exponent capped at 64,
+    past which tanh is 1.0 in float32, so e never overflows; NaN stays NaN); below 0.3, where
+    that form would lose the digits of a small tanh to the 1 -, the odd Taylor series to x^11
+    (the next term is under 2e-9 relative there)."""
+    x = dots * (qk_scale / (softcap * _LOG2E))
+    magnitude = tl.abs(x)
+    e = tl.exp2(tl.minimum(magnitude * (2.0 * _LOG2E), 64.0, propagate_nan=tl.PropagateNan.ALL))
+    large = 1.0 - 2.0 / (e + 1.0)
+    x_small = tl.where(magnitude < 0.3, x, 0.0)  # (large |x| would overflow the unused series)
+    x2 = x_small * x_small
+    series = -1382.0 / 155925.0
+    series = 62.0 / 2835.0 + x2 * series
+    series = -17.0 / 315.0 + x2 * series
+    series = 2.0 / 15.0 + x2 * series
+    series = -1.0 / 3.0 + x2 * series
+    small = x_small + x_small * x2 * series
+    return tl.where(magnitude < 0.3, small, tl.where(x < 0.0, -large, large))
+
+
+@triton.jit
 def _attention_fwd_block(
     acc, m_i, l_i, q, K_head, V_head, start_n, offs_m, offs_n, offs_d,
     stride_kn, stride_kd, stride_vn, stride_vd, kv_lo, row_lo, row_hi, seqlen_k, head_dim,
-    causal_offset, window_offset, qk_scale, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
-    WINDOW: tl.constexpr, KEY_RANGE: tl.constexpr, EVEN_D: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    causal_offset, window_offset, qk_scale, softcap, MASKED: tl.constexpr,
+    CAUSAL: tl.constexpr, WINDOW: tl.constexpr, KEY_RANGE: tl.constexpr, EVEN_D: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, SOFTCAP: tl.constexpr,
 ):
     """One key block of the online softmax; m_i is the running max in the log2 domain.
     seqlen_k is the rows' last key end (loads stop there), kv_lo their start (KEY_RANGE 1),
@@ -161,7 +192,11 @@ def _attention_fwd_block(
                    cols, seqlen_k, offs_d, head_dim, MASKED, EVEN_D)
     v = _load_tile(V_head + cols[:, None] * stride_vn + offs_d[None, :] * stride_vd,
                    cols, seqlen_k, offs_d, head_dim, MASKED, EVEN_D)
-    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+    if SOFTCAP:  # capped before the masks, as the reference does
+        s = _softcap_tanh(s, qk_scale, softcap) * (softcap * _LOG2E)
+    else:
+        s = s * qk_scale
     if MASKED:
         visible = cols[None, :] < seqlen_k
         if CAUSAL:
@@ -196,16 +231,17 @@ def attention_fwd_kernel(
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_ob, stride_oh, stride_om, stride_od,
     n_heads, group, seqlen_q, seqlen_k, head_dim, causal_offset, window_offset, qk_scale,
-    n_splits, split_stride_o, split_stride_lse,
+    softcap, n_splits, split_stride_o, split_stride_lse,
     seq_bucket,  # autotuning key only
     CAUSAL: tl.constexpr, WINDOW: tl.constexpr, KEY_RANGE: tl.constexpr, BLOCK_D: tl.constexpr,
     EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr, SPLIT_KEYS: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    SOFTCAP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Out (B, Hq, Tq, D) in Q's dtype and Lse (B, Hq, Tq) float32 (contiguous) from Q
     (B, Hq, Tq, D), K/V (B, Hkv, Tk, D) and, with KEY_RANGE, KeyRange (see _key_bounds). One
     program per BLOCK_M query rows of one head; grid (cdiv(Tq, BLOCK_M) * B * Hq,).
-    qk_scale = scale * log2(e).
+    qk_scale = scale * log2(e). SOFTCAP: the scores are softcap * tanh(scale * q.k / softcap)
+    (softcap > 0; without SOFTCAP the argument is not read).
     SPLIT_KEYS (decoding: few query rows, many keys): grid (n_splits * cdiv(Tq, BLOCK_M) * B
     * Hq,); program `split` of a query block takes the split-th share of its key blocks and
     writes Out (n_splits, B, Hq, Tq, D) float32 (normalized by its own softmax sum) and Lse
@@ -258,29 +294,29 @@ def attention_fwd_kernel(
             acc, m_i, l_i = _attention_fwd_block(
                 acc, m_i, l_i, q, K_head, V_head, start_n, offs_m, offs_n, offs_d,
                 stride_kn, stride_kd, stride_vn, stride_vd, kv_lo, row_lo, row_hi, kv_hi,
-                head_dim, causal_offset, window_offset, qk_scale, False, CAUSAL, WINDOW,
-                KEY_RANGE, EVEN_D, DOT_PRECISION)
+                head_dim, causal_offset, window_offset, qk_scale, softcap, False, CAUSAL, WINDOW,
+                KEY_RANGE, EVEN_D, DOT_PRECISION, SOFTCAP)
         for i in range(0, n_low + tl.cdiv(end - high, BLOCK_N)):
             start_n = tl.where(i < n_low, start + i * BLOCK_N, high + (i - n_low) * BLOCK_N)
             acc, m_i, l_i = _attention_fwd_block(
                 acc, m_i, l_i, q, K_head, V_head, start_n, offs_m, offs_n, offs_d,
                 stride_kn, stride_kd, stride_vn, stride_vd, kv_lo, row_lo, row_hi, kv_hi,
-                head_dim, causal_offset, window_offset, qk_scale, True, CAUSAL, WINDOW,
-                KEY_RANGE, EVEN_D, DOT_PRECISION)
+                head_dim, causal_offset, window_offset, qk_scale, softcap, True, CAUSAL, WINDOW,
+                KEY_RANGE, EVEN_D, DOT_PRECISION, SOFTCAP)
     else:
         full_end, end = _kv_range(start_m, seqlen_k, causal_offset, CAUSAL, BLOCK_M, BLOCK_N)
         for start_n in range(0, full_end, BLOCK_N):
             acc, m_i, l_i = _attention_fwd_block(
                 acc, m_i, l_i, q, K_head, V_head, start_n, offs_m, offs_n, offs_d,
                 stride_kn, stride_kd, stride_vn, stride_vd, kv_lo, row_lo, row_hi, seqlen_k,
-                head_dim, causal_offset, window_offset, qk_scale, False, CAUSAL, WINDOW,
-                KEY_RANGE, EVEN_D, DOT_PRECISION)
+                head_dim, causal_offset, window_offset, qk_scale, softcap, False, CAUSAL, WINDOW,
+                KEY_RANGE, EVEN_D, DOT_PRECISION, SOFTCAP)
         for start_n in range(full_end, end, BLOCK_N):
             acc, m_i, l_i = _attention_fwd_block(
                 acc, m_i, l_i, q, K_head, V_head, start_n, offs_m, offs_n, offs_d,
                 stride_kn, stride_kd, stride_vn, stride_vd, kv_lo, row_lo, row_hi, seqlen_k,
-                head_dim, causal_offset, window_offset, qk_scale, True, CAUSAL, WINDOW,
-                KEY_RANGE, EVEN_D, DOT_PRECISION)
+                head_dim, causal_offset, window_offset, qk_scale, softcap, True, CAUSAL, WINDOW,
+                KEY_RANGE, EVEN_D, DOT_PRECISION, SOFTCAP)
 
     # l_i is 0 exactly for rows that see no key (the max term alone contributes 1).
     empty = l_i == 0.0
@@ -355,9 +391,9 @@ def attention_bwd_preprocess_kernel(
 def _attention_bwd_dkdv_block(
     dk, dv, k, v, Q_head, DO_head, Lse_row, Delta_row, start_m, offs_m, offs_n, offs_d,
     stride_qm, stride_qd, stride_dom, stride_dod, row_lo, row_hi, seqlen_q, head_dim,
-    causal_offset, window_offset, qk_scale, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
-    WINDOW: tl.constexpr, KEY_RANGE: tl.constexpr, EVEN_D: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    causal_offset, window_offset, qk_scale, softcap, MASKED: tl.constexpr,
+    CAUSAL: tl.constexpr, WINDOW: tl.constexpr, KEY_RANGE: tl.constexpr, EVEN_D: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, SOFTCAP: tl.constexpr,
 ):
     """One query block's contribution to dk (unscaled) and dv of a key block, transposed
     (keys along rows) so no accumulator needs a transpose. row_lo / row_hi: the block's
@@ -379,7 +415,11 @@ def _attention_bwd_dkdv_block(
         # which no mask here hides: p = 0 for them, not inf (those keys' dk, dv are dropped).
         lse = tl.where(lse == float("-inf"), float("inf"), lse)
     s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)  # (BLOCK_N, BLOCK_M)
-    p_t = tl.exp2(s_t * qk_scale - lse[None, :] * _LOG2E)
+    if SOFTCAP:
+        tanh_t = _softcap_tanh(s_t, qk_scale, softcap)
+        p_t = tl.exp2(tanh_t * (softcap * _LOG2E) - lse[None, :] * _LOG2E)
+    else:
+        p_t = tl.exp2(s_t * qk_scale - lse[None, :] * _LOG2E)
     if MASKED:
         # Also zeroes rows with lse = -inf (they see no key, so only masked blocks have them).
         visible = rows[None, :] < seqlen_q
@@ -394,6 +434,8 @@ def _attention_bwd_dkdv_block(
     dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
     dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
     ds_t = p_t * (dp_t - delta[None, :])
+    if SOFTCAP:  # dS of the capped scores to dS of the raw ones: d(c tanh(x / c)) = 1 - tanh^2
+        ds_t = ds_t * (1.0 - tanh_t * tanh_t)
     dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=DOT_PRECISION)
     return dk, dv
 
@@ -408,16 +450,17 @@ def attention_bwd_dkdv_kernel(
     stride_dkb, stride_dkh, stride_dkn, stride_dkd,
     stride_dvb, stride_dvh, stride_dvn, stride_dvd,
     n_kv_heads, group, seqlen_q, seqlen_k, head_dim, causal_offset, window_offset, sm_scale,
-    qk_scale,
+    qk_scale, softcap,
     seq_bucket,  # autotuning key only
     CAUSAL: tl.constexpr, WINDOW: tl.constexpr, KEY_RANGE: tl.constexpr, BLOCK_D: tl.constexpr,
-    EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr, SOFTCAP: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """DK, DV (B, Hkv, Tk, D) in K's/V's dtype from Q, DO (B, Hq, Tq, D), K, V, Lse and Delta
-    (B, Hq, Tq) float32 contiguous (KeyRange with KEY_RANGE: see _key_bounds). One program per
-    BLOCK_N keys of one kv head; it loops over the Hq / Hkv query heads of its group and their
-    query blocks, so the GQA sum happens in registers (deterministic, no atomics).
+    (B, Hq, Tq) float32 contiguous (KeyRange with KEY_RANGE: see _key_bounds; softcap with
+    SOFTCAP: see attention_fwd_kernel). One program per BLOCK_N keys of one kv head; it loops
+    over the Hq / Hkv query heads of its group and their query blocks, so the GQA sum happens in
+    registers (deterministic, no atomics).
     Grid (cdiv(Tk, BLOCK_N) * B * Hkv,)."""
     num_n = tl.cdiv(seqlen_k, BLOCK_N)
     pid = tl.program_id(0)
@@ -494,8 +537,8 @@ def attention_bwd_dkdv_kernel(
             dk, dv = _attention_bwd_dkdv_block(
                 dk, dv, k, v, Q_head, DO_head, Lse_row, Delta_row, start_m, offs_m, offs_n,
                 offs_d, stride_qm, stride_qd, stride_dom, stride_dod, kv_lo, kv_hi, seqlen_q,
-                head_dim, causal_offset, window_offset, qk_scale, False, CAUSAL, WINDOW,
-                KEY_RANGE, EVEN_D, DOT_PRECISION)
+                head_dim, causal_offset, window_offset, qk_scale, softcap, False, CAUSAL, WINDOW,
+                KEY_RANGE, EVEN_D, DOT_PRECISION, SOFTCAP)
         for i in range(0, n_masked):
             if WINDOW:  # the window's edge can leave several masked blocks from tail on
                 start_m = tl.where(i < n_diag, lo + i * BLOCK_M, tail + (i - n_diag) * BLOCK_M)
@@ -509,14 +552,14 @@ def attention_bwd_dkdv_kernel(
                     dk, dv = _attention_bwd_dkdv_block(
                         dk, dv, k, v, Q_head, DO_head, Lse_row, Delta_row, start_m, offs_m,
                         offs_n, offs_d, stride_qm, stride_qd, stride_dom, stride_dod, row_lo,
-                        row_hi, seqlen_q, head_dim, causal_offset, window_offset, qk_scale,
-                        True, CAUSAL, WINDOW, KEY_RANGE, EVEN_D, DOT_PRECISION)
+                        row_hi, seqlen_q, head_dim, causal_offset, window_offset, qk_scale, softcap,
+                        True, CAUSAL, WINDOW, KEY_RANGE, EVEN_D, DOT_PRECISION, SOFTCAP)
             else:
                 dk, dv = _attention_bwd_dkdv_block(
                     dk, dv, k, v, Q_head, DO_head, Lse_row, Delta_row, start_m, offs_m, offs_n,
                     offs_d, stride_qm, stride_qd, stride_dom, stride_dod, kv_lo, kv_hi, seqlen_q,
-                    head_dim, causal_offset, window_offset, qk_scale, True, CAUSAL, WINDOW,
-                    KEY_RANGE, EVEN_D, DOT_PRECISION)
+                    head_dim, causal_offset, window_offset, qk_scale, softcap, True, CAUSAL, WINDOW,
+                    KEY_RANGE, EVEN_D, DOT_PRECISION, SOFTCAP)
 
     dk = dk * sm_scale
     if KEY_RANGE == 1:  # (where, not a multiply: a padding key's rows may hold inf or NaN)
@@ -540,9 +583,9 @@ def attention_bwd_dkdv_kernel(
 def _attention_bwd_dq_block(
     dq, q, do, lse2, delta, K_head, V_head, start_n, offs_m, offs_n, offs_d,
     stride_kn, stride_kd, stride_vn, stride_vd, kv_lo, row_lo, row_hi, seqlen_k, head_dim,
-    causal_offset, window_offset, qk_scale, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
-    WINDOW: tl.constexpr, KEY_RANGE: tl.constexpr, EVEN_D: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    causal_offset, window_offset, qk_scale, softcap, MASKED: tl.constexpr,
+    CAUSAL: tl.constexpr, WINDOW: tl.constexpr, KEY_RANGE: tl.constexpr, EVEN_D: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, SOFTCAP: tl.constexpr,
 ):
     """One key block's contribution to dq (unscaled); lse2 = lse * log2(e). seqlen_k, kv_lo,
     row_lo, row_hi: as in _attention_fwd_block."""
@@ -552,7 +595,11 @@ def _attention_bwd_dq_block(
     v = _load_tile(V_head + cols[:, None] * stride_vn + offs_d[None, :] * stride_vd,
                    cols, seqlen_k, offs_d, head_dim, MASKED, EVEN_D)
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-    p = tl.exp2(s * qk_scale - lse2[:, None])
+    if SOFTCAP:
+        tanh = _softcap_tanh(s, qk_scale, softcap)
+        p = tl.exp2(tanh * (softcap * _LOG2E) - lse2[:, None])
+    else:
+        p = tl.exp2(s * qk_scale - lse2[:, None])
     if MASKED:
         visible = cols[None, :] < seqlen_k
         if CAUSAL:
@@ -567,6 +614,8 @@ def _attention_bwd_dq_block(
         p = tl.where(visible, p, 0.0)
     dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
     ds = p * (dp - delta[:, None])
+    if SOFTCAP:  # as in _attention_bwd_dkdv_block
+        ds = ds * (1.0 - tanh * tanh)
     dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
     return dq
 
@@ -580,15 +629,16 @@ def attention_bwd_dq_kernel(
     stride_dob, stride_doh, stride_dom, stride_dod,
     stride_dqb, stride_dqh, stride_dqm, stride_dqd,
     n_heads, group, seqlen_q, seqlen_k, head_dim, causal_offset, window_offset, sm_scale,
-    qk_scale,
+    qk_scale, softcap,
     seq_bucket,  # autotuning key only
     CAUSAL: tl.constexpr, WINDOW: tl.constexpr, KEY_RANGE: tl.constexpr, BLOCK_D: tl.constexpr,
-    EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr, SOFTCAP: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """DQ (B, Hq, Tq, D) in Q's dtype from Q, DO, K, V, Lse and Delta (B, Hq, Tq) float32
-    contiguous (KeyRange with KEY_RANGE: see _key_bounds). One program per BLOCK_M query rows of
-    one head, looping over key blocks. Grid (cdiv(Tq, BLOCK_M) * B * Hq,)."""
+    contiguous (KeyRange with KEY_RANGE: see _key_bounds; softcap with SOFTCAP: see
+    attention_fwd_kernel). One program per BLOCK_M query rows of one head, looping over key
+    blocks. Grid (cdiv(Tq, BLOCK_M) * B * Hq,)."""
     num_m = tl.cdiv(seqlen_q, BLOCK_M)
     pid = tl.program_id(0)
     start_m = (num_m - 1 - pid % num_m) * BLOCK_M
@@ -625,29 +675,29 @@ def attention_bwd_dq_kernel(
             dq = _attention_bwd_dq_block(
                 dq, q, do, lse2, delta, K_head, V_head, start_n, offs_m, offs_n, offs_d,
                 stride_kn, stride_kd, stride_vn, stride_vd, kv_lo, row_lo, row_hi, kv_hi,
-                head_dim, causal_offset, window_offset, qk_scale, False, CAUSAL, WINDOW,
-                KEY_RANGE, EVEN_D, DOT_PRECISION)
+                head_dim, causal_offset, window_offset, qk_scale, softcap, False, CAUSAL, WINDOW,
+                KEY_RANGE, EVEN_D, DOT_PRECISION, SOFTCAP)
         for i in range(0, n_low + tl.cdiv(end - high, BLOCK_N)):
             start_n = tl.where(i < n_low, start + i * BLOCK_N, high + (i - n_low) * BLOCK_N)
             dq = _attention_bwd_dq_block(
                 dq, q, do, lse2, delta, K_head, V_head, start_n, offs_m, offs_n, offs_d,
                 stride_kn, stride_kd, stride_vn, stride_vd, kv_lo, row_lo, row_hi, kv_hi,
-                head_dim, causal_offset, window_offset, qk_scale, True, CAUSAL, WINDOW,
-                KEY_RANGE, EVEN_D, DOT_PRECISION)
+                head_dim, causal_offset, window_offset, qk_scale, softcap, True, CAUSAL, WINDOW,
+                KEY_RANGE, EVEN_D, DOT_PRECISION, SOFTCAP)
     else:
         full_end, end = _kv_range(start_m, seqlen_k, causal_offset, CAUSAL, BLOCK_M, BLOCK_N)
         for start_n in range(0, full_end, BLOCK_N):
             dq = _attention_bwd_dq_block(
                 dq, q, do, lse2, delta, K_head, V_head, start_n, offs_m, offs_n, offs_d,
                 stride_kn, stride_kd, stride_vn, stride_vd, kv_lo, row_lo, row_hi, seqlen_k,
-                head_dim, causal_offset, window_offset, qk_scale, False, CAUSAL, WINDOW,
-                KEY_RANGE, EVEN_D, DOT_PRECISION)
+                head_dim, causal_offset, window_offset, qk_scale, softcap, False, CAUSAL, WINDOW,
+                KEY_RANGE, EVEN_D, DOT_PRECISION, SOFTCAP)
         for start_n in range(full_end, end, BLOCK_N):
             dq = _attention_bwd_dq_block(
                 dq, q, do, lse2, delta, K_head, V_head, start_n, offs_m, offs_n, offs_d,
                 stride_kn, stride_kd, stride_vn, stride_vd, kv_lo, row_lo, row_hi, seqlen_k,
-                head_dim, causal_offset, window_offset, qk_scale, True, CAUSAL, WINDOW,
-                KEY_RANGE, EVEN_D, DOT_PRECISION)
+                head_dim, causal_offset, window_offset, qk_scale, softcap, True, CAUSAL, WINDOW,
+                KEY_RANGE, EVEN_D, DOT_PRECISION, SOFTCAP)
 
     dq = dq * sm_scale
     if EVEN_D:
@@ -791,7 +841,7 @@ def _autotuned(kernel: str, size: int):
     return triton.autotune(
         configs=configs,
         # the autotuner adds the dtypes
-        key=["BLOCK_D", "CAUSAL", "WINDOW", "KEY_RANGE", "SPLIT_KEYS", "seq_bucket"],
+        key=["BLOCK_D", "CAUSAL", "WINDOW", "KEY_RANGE", "SPLIT_KEYS", "SOFTCAP", "seq_bucket"],
         prune_configs_by={"early_config_prune": _prune_configs(kernel)},
         cache_results=True,  # timings kept in Triton's disk cache: later processes skip them
     )(_KERNELS[kernel])
@@ -852,11 +902,13 @@ def _block_d(head_dim: int) -> int:
 
 
 def _common_constexprs(q: Tensor, causal: bool, window_offset: int | None,
-                       key_range: Tensor | None) -> dict:
+                       key_range: Tensor | None, softcap: float) -> dict:
     head_dim = q.shape[3]
     block_d = _block_d(head_dim)
     return {
         "CAUSAL": bool(causal),
+        # softcap 0: the uncapped kernels, as built before soft-capping existed
+        "SOFTCAP": softcap != 0.0,
         "WINDOW": window_offset is not None,
         # 0: none; 1: (B, 2) per batch row; 2: (B, Tq, 2) per query
         "KEY_RANGE": 0 if key_range is None else key_range.dim() - 1,
@@ -866,6 +918,16 @@ def _common_constexprs(q: Tensor, causal: bool, window_offset: int | None,
         # torch's float32 matmul on large logits; IEEE it is. 16-bit dots ignore the setting.
         "DOT_PRECISION": "ieee" if q.dtype == torch.float32 else "tf32",
     }
+
+
+def _check_softcap(softcap) -> float:
+    """softcap as a float: finite and >= 0 (a negative cap would be the same as its absolute
+    value, a sign of a mix-up: refused)."""
+    softcap = float(softcap)
+    if not (math.isfinite(softcap) and softcap >= 0.0):
+        raise ValueError(f"fusedlm.triton.attention: softcap must be a finite number >= 0 "
+                         f"(0: no capping), got {softcap}")
+    return softcap
 
 
 def _check(q: Tensor, k: Tensor, v: Tensor) -> None:
@@ -993,18 +1055,20 @@ def _combine_splits(part_out: Tensor, part_lse: Tensor, out: Tensor, lse: Tensor
 
 def attention_fwd(
     q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool, causal_offset: int,
-    window_offset: int | None = None, key_range: Tensor | None = None,
+    window_offset: int | None = None, key_range: Tensor | None = None, softcap: float = 0.0,
 ) -> tuple[Tensor, Tensor]:
     """q (B, Hq, Tq, D), k/v (B, Hkv, Tk, D), any strides; key_range (B, 2) or (B, Tq, 2)
-    integers, or None.
+    integers, or None. softcap > 0 caps each score s = scale * q.k at softcap * tanh(s /
+    softcap) before the masks and the softmax (Gemma 2's attn_logit_softcapping); 0: none.
     Returns out (B, Hq, Tq, D) contiguous in q's dtype and lse (B, Hq, Tq) float32 (natural
     log; -inf for rows that see no key, whose out is 0).
     Decoding steps (few query rows, many keys) take the plan of csrc/cuda/attention_fwd.cu:
     one query row packs its GQA group's heads into rows, and the keys of each query block split
     over several programs whose partial results are combined (_combine_splits)."""
+    softcap = _check_softcap(softcap)
     if q.numel() == 0 or k.numel() == 0:  # nothing to launch; the reference's empty results
         return reference.attention_fwd(q, k, v, scale, causal, causal_offset, window_offset,
-                                       key_range)
+                                       key_range, softcap=softcap)
     _check(q, k, v)
     B, Hq, Tq, D = q.shape
     Hkv, Tk = k.shape[1], k.shape[2]
@@ -1021,7 +1085,7 @@ def attention_fwd(
         if key_range is not None:
             key_range = key_range.view(B, 2)
     splits = _key_splits(q.device, B, Hq, Tq, Tk, causal, causal_offset, window_offset)
-    constexprs = _common_constexprs(q, causal, window_offset, key_range)
+    constexprs = _common_constexprs(q, causal, window_offset, key_range, softcap)
     constexprs["SPLIT_KEYS"] = splits > 1
     if splits > 1:
         part_out = torch.empty((splits, B, Hq, Tq, D), dtype=torch.float32, device=q.device)
@@ -1033,7 +1097,8 @@ def attention_fwd(
     args = (
         q, k, v, *target, key_range if key_range is not None else lse,
         *q.stride(), *k.stride(), *v.stride(), *target[0].stride()[-4:],
-        Hq, Hq // Hkv, Tq, Tk, D, *offsets, float(scale) * LOG2E, splits, *split_strides,
+        Hq, Hq // Hkv, Tq, Tk, D, *offsets, float(scale) * LOG2E, softcap, splits,
+        *split_strides,
         _seq_bucket(Tq, Tk),
     )
     grid_size = lambda bm, bn: splits * triton.cdiv(Tq, bm) * B * Hq  # noqa: E731
@@ -1046,14 +1111,16 @@ def attention_fwd(
 def attention_bwd(
     grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
     scale: float, causal: bool, causal_offset: int, window_offset: int | None = None,
-    key_range: Tensor | None = None, grad_lse: Tensor | None = None,
+    key_range: Tensor | None = None, grad_lse: Tensor | None = None, softcap: float = 0.0,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients of attention_fwd's out (and, given grad_lse (B, Hq, Tq), of its lse): dq, dk,
     dv (contiguous) in the shapes and dtypes of q, k, v; dk, dv summed over the query heads
-    sharing a kv head. lse is attention_fwd's."""
+    sharing a kv head. lse is attention_fwd's, with the same softcap (the scores' gradient
+    then carries the cap's factor 1 - tanh^2)."""
+    softcap = _check_softcap(softcap)
     if q.numel() == 0 or k.numel() == 0:
         return reference.attention_bwd(grad_out, q, k, v, out, lse, scale, causal, causal_offset,
-                                       window_offset, key_range, grad_lse)
+                                       window_offset, key_range, grad_lse, softcap=softcap)
     _check(q, k, v)
     B, Hq, Tq, D = q.shape
     Hkv, Tk = k.shape[1], k.shape[2]
@@ -1063,7 +1130,7 @@ def attention_bwd(
     dq = torch.empty((B, Hq, Tq, D), dtype=q.dtype, device=q.device)
     dk = torch.empty((B, Hkv, Tk, D), dtype=k.dtype, device=q.device)
     dv = torch.empty((B, Hkv, Tk, D), dtype=v.dtype, device=q.device)
-    constexprs = _common_constexprs(q, causal, window_offset, key_range)
+    constexprs = _common_constexprs(q, causal, window_offset, key_range, softcap)
     offsets = _clamped_offsets(causal_offset, window_offset, Tq, Tk)
     key_range_arg = _key_range_argument(key_range, q, lse)
     block_d, even_d = constexprs["BLOCK_D"], constexprs["EVEN_D"]
@@ -1094,14 +1161,14 @@ def attention_bwd(
     dkdv_args = (
         q, k, v, grad_out, lse, delta, dk, dv, key_range_arg, extent_arg,
         *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dk.stride(), *dv.stride(),
-        Hkv, group, Tq, Tk, D, *offsets, float(scale), qk_scale, bucket,
+        Hkv, group, Tq, Tk, D, *offsets, float(scale), qk_scale, softcap, bucket,
     )
     grid_size = lambda bm, bn: triton.cdiv(Tk, bn) * B * Hkv  # noqa: E731
     _launch("bwd_dkdv", grid_size, dkdv_args, constexprs, q, bucket)
     dq_args = (
         q, k, v, grad_out, lse, delta, dq, key_range_arg,
         *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dq.stride(),
-        Hq, group, Tq, Tk, D, *offsets, float(scale), qk_scale, bucket,
+        Hq, group, Tq, Tk, D, *offsets, float(scale), qk_scale, softcap, bucket,
     )
     grid_size = lambda bm, bn: triton.cdiv(Tq, bm) * B * Hq  # noqa: E731
     _launch("bwd_dq", grid_size, dq_args, constexprs, q, bucket)
