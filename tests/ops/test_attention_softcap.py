@@ -166,6 +166,29 @@ def test_a_cap_far_above_the_scores_changes_little(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_the_cap_is_accurate_to_a_few_ulps(backend):
+    """With one key, lse is the capped score itself: softcap * tanh(s / softcap) for s over
+    1e-12..12 times the cap, both signs, against float64, relative. The cpu kernels compute
+    tanh from exp and a series on AVX2 / AVX-512 (tests/test_cpu_isa.py reruns this per
+    instruction set): at most 4e-7 (torch's float32 tanh: 6e-8); an absolute error in tanh
+    would be multiplied by the cap."""
+    _skip_if_refused(backend, torch.float32)
+    device = device_of(backend)
+    softcap = 50.0
+    magnitudes = torch.cat([torch.logspace(-12, 0, 2001, dtype=torch.float64),
+                            torch.linspace(0.25, 0.35, 501, dtype=torch.float64),
+                            torch.linspace(1, 12, 501, dtype=torch.float64)])
+    scores = softcap * torch.cat([magnitudes, -magnitudes, torch.zeros(1, dtype=torch.float64)])
+    q = scores.float().reshape(1, 1, -1, 1).to(device)  # D = 1, k = 1, scale 1: s = q
+    k, v = torch.ones(1, 1, 1, 1, device=device), torch.ones(1, 1, 1, 1, device=device)
+    _, lse = fusedlm.attention(q, k, v, scale=1.0, softcap=softcap, return_lse=True,
+                               backend=backend)
+    truth = softcap * torch.tanh(q.double().cpu().flatten() / softcap)
+    relative = (lse.double().cpu().flatten() - truth).abs() / truth.abs().clamp_min(1e-300)
+    assert relative.max() < 4e-7, (relative.max().item(), q.flatten()[relative.argmax()].item())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_varlen_softcap_is_each_sequences(backend):
     """attention_varlen with softcap: each sequence's own capped attention."""
     _skip_if_refused(backend, torch.float32)
