@@ -296,6 +296,12 @@ ATTENTION_CASES = [
      lambda: fusedlm.attention(*_qkv(), sinks=torch.zeros(2, device=META))),
     ("return_lse_int", TypeError, "'return_lse'",
      lambda: fusedlm.attention(*_qkv(), return_lse=1)),
+    ("softcap_negative", ValueError, "'softcap'", lambda: fusedlm.attention(*_qkv(), softcap=-5.0)),
+    ("softcap_nan", ValueError, "'softcap'",
+     lambda: fusedlm.attention(*_qkv(), softcap=float("nan"))),
+    ("softcap_str", TypeError, "'softcap'", lambda: fusedlm.attention(*_qkv(), softcap="50")),
+    ("softcap_big_tensor", ValueError, "'softcap'",
+     lambda: fusedlm.attention(*_qkv(), softcap=BIG())),
     (
         "backend_unknown",
         ValueError,
