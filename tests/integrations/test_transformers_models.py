@@ -42,6 +42,7 @@ OWN_FLOAT_MASK_CALLS = {"opt": {f"sdpa: {NOT_ONE_RUN}"}, "nemotron": {"torch"},
 
 DECODER = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                num_attention_heads=4, max_position_embeddings=64)
+T5GEMMA_STACK = dict(DECODER, num_key_value_heads=2, head_dim=16, sliding_window=8)
 SEQ2SEQ = dict(vocab_size=VOCAB, d_model=64, encoder_layers=2, decoder_layers=2,
                encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=96,
                decoder_ffn_dim=96)
@@ -101,6 +102,10 @@ ARCHITECTURES = {
                dict(DECODER, num_key_value_heads=2, head_dim=16), "text"),
     "vaultgemma": ("VaultGemmaForCausalLM", "VaultGemmaConfig",
                    dict(DECODER, num_key_value_heads=2, head_dim=16, sliding_window=8), "text"),
+    # (encoder, decoder and cross attention soft-capped; the cap made to matter in
+    # test_transformers.py's Gemma 2 test)
+    "t5gemma": ("T5GemmaForConditionalGeneration", "T5GemmaConfig",
+                dict(vocab_size=VOCAB, encoder=T5GEMMA_STACK, decoder=T5GEMMA_STACK), "seq2seq"),
     "deberta": ("DebertaModel", "DebertaConfig",
                 dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                      intermediate_size=96), "text"),
@@ -133,7 +138,7 @@ def _build(name):
     # apply switches the attention to fusedlm unless the class says it does not run on SDPA
     # or it soft-caps attention logits, except where fusedlm takes what SDPA lacks: gpt-oss's
     # attention sinks and Gemma 2's logit soft-capping (_supports_sdpa = False in both).
-    switched = name in ("gpt_oss", "gemma2", "vaultgemma") or (
+    switched = name in ("gpt_oss", "gemma2", "vaultgemma", "t5gemma") or (
         getattr(model, "_supports_sdpa", True) is not False
         and getattr(model.config, "attn_logit_softcapping", None) is None)
     return model.eval(), kind, switched
@@ -198,7 +203,7 @@ def test_apply_gives_the_unpatched_output(name, padded):
     elif name in ("qwen3", "phi3", "olmo2", "olmo", "nemotron", "gpt_neox", "opt", "mixtral",
                   "deepseek_v3", "roberta", "modernbert", "bart", "vit", "mistral_window",
                   "gemma3", "starcoder2_window", "modernbert_local", "gpt_oss", "gemma2",
-                  "vaultgemma"):
+                  "vaultgemma", "t5gemma"):
         # No mask our kernels cannot take (sliding windows and left padding included): all
         # fused, except in models that build their own float masks (builds_own_masks).
         if padded and name in OWN_FLOAT_MASK_CALLS and builds_own_masks(model):

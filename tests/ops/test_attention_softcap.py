@@ -20,12 +20,13 @@ import fusedlm
 from tests.helpers import (
     assert_close_rule,
     atol_for,
-    attention_refusal,
     available_backends,
     device_of,
     kernel_backends,
     naive_attention,
 )
+from tests.ops.test_attention_lse_and_sinks import _inputs as unit_inputs
+from tests.ops.test_attention_lse_and_sinks import _skip_if_refused
 
 BACKENDS = available_backends()
 attention_ops = importlib.import_module("fusedlm.ops.attention")  # (the package exports a function
@@ -45,22 +46,10 @@ SHAPE_IDS = ["B{}-Hq{}-Hkv{}-Tq{}-Tk{}-D{}".format(*s) for s in SHAPES]
 DTYPES = [torch.float64, torch.float32, torch.float16]
 
 
-def _skip_if_refused(backend, dtype):
-    reason = attention_refusal(backend, dtype)
-    if reason is not None:
-        pytest.skip(reason)
-
-
 def _inputs(shape, dtype, device, spread=3.0, seed=0):
     """q, k (scores of ~spread^2 standard deviations), v, sinks, grad_out, grad_lse."""
-    B, Hq, Hkv, Tq, Tk, D = shape
-    gen = torch.Generator().manual_seed(seed)
-    q, k, v = (torch.randn(s, generator=gen, dtype=torch.float64)
-               for s in ((B, Hq, Tq, D), (B, Hkv, Tk, D), (B, Hkv, Tk, D)))
-    sinks = 2 * torch.randn(Hq, generator=gen, dtype=torch.float64)
-    grad_out = torch.randn(B, Hq, Tq, D, generator=gen, dtype=torch.float64)
-    grad_lse = torch.randn(B, Hq, Tq, generator=gen, dtype=torch.float64)
-    return [t.to(device, dtype) for t in (q * spread, k * spread, v, sinks, grad_out, grad_lse)]
+    q, k, *rest = unit_inputs(shape, dtype, device, seed)
+    return [q * spread, k * spread, *rest]
 
 
 def _check(shape, dtype, backend, softcap, use_sinks=False, use_lse=False, **masks):

@@ -112,11 +112,12 @@ def reset_attention_calls() -> None:
 
 # Model types whose attention SDPA cannot express only because of terms fusedlm takes:
 # attention sinks (gpt-oss's ``s_aux``, one learned logit per head: ``fusedlm.attention(
-# sinks=...)``) or logit soft-capping (Gemma 2's and VaultGemma's ``softcap``: ``fusedlm.
-# attention(softcap=...)``); calls our kernels cannot serve run the models' math in torch
-# (_attention_math). apply() switches them although their classes say _supports_sdpa = False.
+# sinks=...)``) or logit soft-capping (Gemma 2's, VaultGemma's and T5Gemma's ``softcap``, the
+# last in its encoder, decoder and cross attention: ``fusedlm.attention(softcap=...)``); calls
+# our kernels cannot serve run the models' math in torch (_attention_math). apply() switches
+# them although their classes say _supports_sdpa = False.
 _SDPA_GAPS_FUSEDLM_TAKES = {"gpt_oss": "attention sinks", "gemma2": "logit soft-capping",
-                            "vaultgemma": "logit soft-capping"}
+                            "vaultgemma": "logit soft-capping", "t5gemma": "logit soft-capping"}
 
 
 def _unsupported(query, key, value, dropout, kwargs) -> str | None:
