@@ -4,7 +4,7 @@ flash-attention kernels: fusedlm.triton.attention.attention_fwd / attention_bwd 
 masks and the softmax.
 
 Truth: ``fusedlm.reference.attention_fwd/attention_bwd(..., softcap)`` on float64 copies;
-baseline: the same capped attention written out with torch ops in the input dtype (autograd),
+baseline: tests/helpers.naive_attention(softcap=) in the input dtype (autograd),
 torch's own error at that precision (the numerics rule of DESIGN.md, tests/helpers.py's
 assert_close_rule). The launchers are called directly (tests/ops/test_attention_softcap.py
 goes through fusedlm.attention on every backend).
@@ -25,7 +25,7 @@ pytest.importorskip("triton")
 
 import fusedlm  # noqa: E402
 from fusedlm import reference  # noqa: E402
-from tests.helpers import assert_close_rule  # noqa: E402
+from tests.helpers import assert_close_rule, naive_attention  # noqa: E402
 from tests.ops.test_attention import query_key_ranges  # noqa: E402
 from tests.triton import sm90_build  # noqa: E402
 
@@ -69,42 +69,6 @@ def _inputs(shape, dtype, softcap):
     return draw(B, Hq, Tq, D, s=spread), draw(B, Hkv, Tk, D, s=spread), draw(B, Hkv, Tk, D)
 
 
-def _visible(B, Tq, Tk, causal, causal_offset, window_offset, key_range, device):
-    """(B, 1, Tq, Tk) bool: key j visible to query i (the reference's rule, written anew)."""
-    i = torch.arange(Tq, device=device)[:, None]
-    j = torch.arange(Tk, device=device)[None, :]
-    visible = torch.ones(Tq, Tk, dtype=torch.bool, device=device)
-    if causal:
-        visible = visible & (j <= i + causal_offset)
-    if window_offset is not None:
-        visible = visible & (j >= i + window_offset)
-    visible = visible.expand(B, Tq, Tk)
-    if key_range is not None:
-        ranges = key_range.to(device)
-        if ranges.dim() == 2:
-            ranges = ranges[:, None, :].expand(B, Tq, 2)
-        visible = visible & (j >= ranges[..., :1]) & (j < ranges[..., 1:])
-    return visible[:, None]
-
-
-def _capped_attention(q, k, v, scale, causal, causal_offset, window_offset, key_range, softcap):
-    """(out, lse) of soft-capped attention with torch ops in q's dtype (autograd-able); rows
-    that see no key give 0 and -inf."""
-    B, Hq, Tq, _ = q.shape
-    Hkv, Tk = k.shape[1], k.shape[2]
-    k = k.repeat_interleave(Hq // Hkv, dim=1)
-    v = v.repeat_interleave(Hq // Hkv, dim=1)
-    scores = softcap * torch.tanh((q @ k.transpose(-1, -2)) * scale / softcap)
-    visible = _visible(B, Tq, Tk, causal, causal_offset, window_offset, key_range, q.device)
-    no_key = ~visible.any(dim=-1, keepdim=True)
-    # (masked after the cap: tanh(-inf) would unmask; rows with no key take stand-in scores,
-    # a softmax of -inf alone being NaN)
-    scores = scores.masked_fill(~visible, -math.inf).masked_fill(no_key, 0.0)
-    out = torch.softmax(scores, dim=-1).masked_fill(no_key, 0.0) @ v
-    lse = torch.logsumexp(scores, dim=-1).masked_fill(no_key[..., 0], -math.inf)
-    return out, lse
-
-
 def _check_softcap(q, k, v, causal, softcap, causal_offset=None, window_offset=None,
                    key_range=None, grad_lse=False, scale=None):
     """Our out, lse, dq, dk, dv (the kernels) against the float64 reference and the torch
@@ -119,7 +83,9 @@ def _check_softcap(q, k, v, causal, softcap, causal_offset=None, window_offset=N
     leaves64 = [t.double() for t in (q, k, v)]
     out64, lse64 = reference.attention_fwd(*leaves64, *masks, softcap=softcap)
     base_leaves = [t.detach().clone().requires_grad_(True) for t in (q, k, v)]
-    out_base, lse_base = _capped_attention(*base_leaves, *masks, softcap)
+    out_base, lse_base = naive_attention(
+        *base_leaves, scale=scale, causal=causal, causal_offset=causal_offset,
+        window_offset=window_offset, key_range=key_range, softcap=softcap, return_lse=True)
     assert out.dtype == q.dtype and out.shape == q.shape
     assert lse.dtype == torch.float32 and lse.shape == q.shape[:3]
     assert_close_rule(out, out_base, out64, name="out")
