@@ -17,6 +17,7 @@ import pytest
 import torch
 
 import fusedlm
+from fusedlm.backends import BackendNotSupportedError, OpDispatch
 from tests.helpers import (
     assert_close_rule,
     atol_for,
@@ -28,7 +29,9 @@ from tests.helpers import (
 from tests.ops.test_attention_lse_and_sinks import _inputs as unit_inputs
 from tests.ops.test_attention_lse_and_sinks import _skip_if_refused
 
-BACKENDS = available_backends()
+# The cuda kernels have no cap (auto takes Triton's on a GPU): test_cuda_backend_refuses_softcap.
+BACKENDS = [param for param in available_backends() if param.id != "cuda"]
+CUDA = [param for param in available_backends("cuda") if param.id == "cuda"]
 attention_ops = importlib.import_module("fusedlm.ops.attention")  # (the package exports a function
 # of that name)
 
@@ -88,6 +91,21 @@ def _check(shape, dtype, backend, softcap, use_sinks=False, use_lse=False, **mas
 @pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
 def test_softcap(shape, causal, dtype, backend):
     _check(shape, dtype, backend, 5.0, causal=causal)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("shape", SHAPES[1:4], ids=SHAPE_IDS[1:4])
+def test_softcap_bfloat16_forward(shape, causal, backend):
+    """bfloat16, forward only (as tests/ops/test_attention.py's bfloat16 case): the absolute
+    term 1e-2 * max|out|, its 8-bit mantissa dominating."""
+    q, k, v, *_ = _inputs(shape, torch.bfloat16, device_of(backend))
+    out = fusedlm.attention(q, k, v, causal=causal, softcap=5.0, backend=backend)
+    out_base = naive_attention(q, k, v, causal=causal, softcap=5.0)
+    truth = naive_attention(q.double(), k.double(), v.double(), causal=causal, softcap=5.0)
+    assert out.dtype == torch.bfloat16
+    assert_close_rule(out, out_base, truth, atol=1e-2 * max(1.0, truth.abs().max().item()),
+                      name="out")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -278,6 +296,19 @@ def test_extension_entry_points_check_softcap(backend):
             C.attention_fwd(q, k, v, 0.5, False, 0, softcap=bad)
         with pytest.raises(ValueError, match="softcap"):
             C.attention_bwd(grad_out, q, k, v, out, lse, 0.5, False, 0, softcap=bad)
+
+
+@pytest.mark.parametrize("backend", CUDA)
+def test_cuda_backend_refuses_softcap(backend):
+    """backend="cuda" with a cap raises, naming softcap and Triton; auto runs Triton's kernels
+    (on a GPU with Triton) or the reference."""
+    q, k, v, *_ = _inputs((1, 4, 2, 17, 23, 64), torch.float16, "cuda")
+    with pytest.raises(BackendNotSupportedError, match="softcap.*Triton"):
+        fusedlm.attention(q, k, v, causal=True, softcap=5.0, backend="cuda")
+    out = fusedlm.attention(q, k, v, causal=True, softcap=5.0)
+    torch.testing.assert_close(out, naive_attention(q, k, v, causal=True, softcap=5.0),
+                               rtol=2e-3, atol=2e-3)
+    assert OpDispatch.last_choice["attention_fwd"] != "cuda"
 
 
 def test_cuda_kernels_hand_capped_calls_to_triton():
