@@ -102,11 +102,11 @@ def _mask_arguments(window_offset, key_range) -> tuple:
 def _attention_fwd(q, k, v, scale, causal, causal_offset, backend, window_offset=None,
                    key_range=None, softcap=0.0):
     impl = ATTENTION_FWD.select(backend, q.device, q, k, v, window_offset, key_range, softcap)
-    # (softcap by keyword and only when there is one: the usual call stays the same)
-    extra = {"softcap": softcap} if softcap else {}
+    masks = _mask_arguments(window_offset, key_range)
     with autocast_off(q.device):
-        return impl(q, k, v, scale, causal, causal_offset,
-                    *_mask_arguments(window_offset, key_range), **extra)
+        if softcap:  # (by keyword and only when there is one: the usual call stays the same)
+            return impl(q, k, v, scale, causal, causal_offset, *masks, softcap=softcap)
+        return impl(q, k, v, scale, causal, causal_offset, *masks)
 
 
 def _attention_bwd(grad_out, q, k, v, out, lse, scale, causal, causal_offset, backend,
