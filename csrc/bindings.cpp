@@ -498,15 +498,29 @@ void check_softcap(double softcap, const at::Tensor& q) {
                       "(backend='triton' does), got softcap = ", softcap);
 }
 
+// dropout_p in [0, 1) (0: none) and dropout_seed >= 0; the CUDA kernels have no dropout (the
+// Triton ones do: the Python dispatch sends such calls on a GPU there).
+void check_dropout(double dropout_p, int64_t dropout_seed, const at::Tensor& q) {
+  FUSEDLM_CHECK_VALUE(dropout_p >= 0 && dropout_p < 1,
+                      "argument 'dropout_p' must be in [0, 1), got ", dropout_p);
+  FUSEDLM_CHECK_VALUE(dropout_seed >= 0, "argument 'dropout_seed' must be >= 0, got ",
+                      dropout_seed);
+  FUSEDLM_CHECK_VALUE(dropout_p == 0 || !q.is_cuda(),
+                      "argument 'dropout_p': the CUDA attention kernels have no dropout "
+                      "(backend='triton' does), got dropout_p = ", dropout_p);
+}
+
 std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q, const at::Tensor& k,
                                                  const at::Tensor& v, double scale, bool causal,
                                                  int64_t causal_offset,
                                                  std::optional<int64_t> window_offset,
                                                  const std::optional<at::Tensor>& key_range,
-                                                 double softcap) {
+                                                 double softcap, double dropout_p,
+                                                 int64_t dropout_seed) {
   check_attention_inputs(q, k, v);
   check_finite(scale, "scale");
   check_softcap(softcap, q);
+  check_dropout(dropout_p, dropout_seed, q);
   const std::optional<at::Tensor> key_ranges = attention_key_range(key_range, q);
 #ifdef FUSEDLM_WITH_CUDA
   if (q.is_cuda()) {
@@ -516,7 +530,7 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q, const at::
 #endif
   require_cpu_kernel(q, "q", "attention_fwd");
   return cpu::attention_fwd(q, k, v, scale, causal, causal_offset, window_offset, key_ranges,
-                            softcap);
+                            softcap, dropout_p, dropout_seed);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
@@ -524,11 +538,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
     const at::Tensor& out, const at::Tensor& lse, double scale, bool causal,
     int64_t causal_offset, std::optional<int64_t> window_offset,
     const std::optional<at::Tensor>& key_range, const std::optional<at::Tensor>& grad_lse,
-    double softcap) {
+    double softcap, double dropout_p, int64_t dropout_seed) {
   check_attention_inputs(q, k, v);
   const std::optional<at::Tensor> key_ranges = attention_key_range(key_range, q);
   check_finite(scale, "scale");
   check_softcap(softcap, q);
+  check_dropout(dropout_p, dropout_seed, q);
   check_defined(grad_out, "grad_out");
   check_defined(out, "out");
   check_defined(lse, "lse");
@@ -559,7 +574,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
 #endif
   require_cpu_kernel(q, "q", "attention_bwd");
   return cpu::attention_bwd(grad_out, q, k, v, out, lse, scale, causal, causal_offset,
-                            window_offset, key_ranges, grad_lse, softcap);
+                            window_offset, key_ranges, grad_lse, softcap, dropout_p,
+                            dropout_seed);
 }
 
 // ---- LayerNorm / RMSNorm --------------------------------------------------------------------
@@ -1262,7 +1278,8 @@ struct AttentionFunction : public torch::autograd::Function<AttentionFunction> {
                             std::optional<int64_t> window_offset,
                             const std::optional<at::Tensor>& key_range) {  // (B, 2), (B, Tq, 2)
     auto [out, lse] = attention_fwd(q, k, v, scale, causal, causal_offset, window_offset,
-                                    key_range, /*softcap=*/0.0);
+                                    key_range, /*softcap=*/0.0, /*dropout_p=*/0.0,
+                                    /*dropout_seed=*/0);
     ctx->save_for_backward({q, k, v, out, lse, key_range.value_or(at::Tensor())});
     ctx->saved_data["scale"] = scale;
     ctx->saved_data["causal"] = causal;
@@ -1283,7 +1300,8 @@ struct AttentionFunction : public torch::autograd::Function<AttentionFunction> {
           ctx->saved_data["scale"].toDouble(), ctx->saved_data["causal"].toBool(),
           ctx->saved_data["causal_offset"].toInt(),
           window.isNone() ? std::nullopt : std::optional<int64_t>(window.toInt()),
-          optional_tensor(saved[5]), std::nullopt, /*softcap=*/0.0);
+          optional_tensor(saved[5]), std::nullopt, /*softcap=*/0.0, /*dropout_p=*/0.0,
+          /*dropout_seed=*/0);
     }
     auto out = once_differentiable({dq, dk, dv}, grads);
     out.resize(8);  // scale, causal, causal_offset, window_offset, key_range: no gradient
@@ -1417,10 +1435,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "key_range[b, 0] <= j < key_range[b, 1] in batch row b (with key_range (B, Tq, 2):\n"
         "key_range[b, i, 0] <= j < key_range[b, i, 1]). Returns out (B, Hq, Tq, D) in\n"
         "q's dtype and lse (B, Hq, Tq) float32 (float64 for float64 inputs). softcap > 0\n"
-        "caps each score s = scale * q.k at softcap * tanh(s / softcap) first (Gemma 2).",
+        "caps each score s = scale * q.k at softcap * tanh(s / softcap) first (Gemma 2).\n"
+        "dropout_p in [0, 1) drops probabilities after the softmax by the Philox stream of\n"
+        "dropout_seed (fusedlm.reference.attention_dropout_keep), scaling the rest by\n"
+        "1 / (1 - dropout_p); CPU only.",
         py::arg("q"), py::arg("k"), py::arg("v"), py::arg("scale"), py::arg("causal"),
         py::arg("causal_offset"), py::arg("window_offset") = py::none(),
-        py::arg("key_range") = py::none(), py::arg("softcap") = 0.0);
+        py::arg("key_range") = py::none(), py::arg("softcap") = 0.0,
+        py::arg("dropout_p") = 0.0, py::arg("dropout_seed") = 0);
   m.def("attention_bwd", &fusedlm::attention_bwd,
         "Flash-attention backward: recomputes the probabilities from lse. Returns dq, dk, dv\n"
         "in the shapes and dtypes of q, k, v (dk, dv summed over the query heads of a kv head).\n"
@@ -1428,7 +1450,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("grad_out"), py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"),
         py::arg("lse"), py::arg("scale"), py::arg("causal"), py::arg("causal_offset"),
         py::arg("window_offset") = py::none(), py::arg("key_range") = py::none(),
-        py::arg("grad_lse") = py::none(), py::arg("softcap") = 0.0);
+        py::arg("grad_lse") = py::none(), py::arg("softcap") = 0.0,
+        py::arg("dropout_p") = 0.0, py::arg("dropout_seed") = 0);
   m.def("layer_norm_fwd", &fusedlm::layer_norm_fwd,
         "LayerNorm over the last dim. x (M, N); weight, bias (N) or None (dtype of x or float32).\n"
         "Returns y (M, N) in x's dtype, mean and rstd (M) in float32 (float64 for float64 x).",

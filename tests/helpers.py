@@ -231,7 +231,7 @@ def _masked_scores(q, k, scale=None, causal=False, causal_offset=None, window=No
 
 def naive_attention(q, k, v, scale=None, causal=False, causal_offset=None, window=None,
                     window_offset=None, key_range=None, sinks=None, return_lse=False,
-                    softcap=None):
+                    softcap=None, dropout_keep=None, dropout_p=0.0):
     """softmax(q k^T * scale) v written out with torch ops in q's dtype (autograd-able).
 
     q (B, Hq, Tq, D), k/v (B, Hkv, Tk, D). Key j is visible to query i iff not causal or
@@ -243,7 +243,10 @@ def naive_attention(q, k, v, scale=None, causal=False, causal_offset=None, windo
     give 0. ``sinks`` (Hq,): one more logit per head in each row's softmax, with no value
     (GPT-OSS's eager attention: the scores with the sink as a last column, softmaxed, the
     column dropped). ``softcap``: the scores soft-capped, softcap * tanh(s / softcap), before
-    the masks. With ``return_lse``, (out, lse), lse each row's logsumexp (sink included)."""
+    the masks. ``dropout_keep`` (B, Hq, Tq, Tk) bool with ``dropout_p``: attention dropout,
+    the probabilities outside the mask zeroed and the rest scaled by 1 / (1 - dropout_p)
+    before the product with v (lse is the softmax's). With ``return_lse``, (out, lse), lse
+    each row's logsumexp (sink included)."""
     B, Hq, Tq, D = q.shape
     Tk = k.shape[2]
     group = Hq // k.shape[1]
@@ -262,6 +265,8 @@ def naive_attention(q, k, v, scale=None, causal=False, causal_offset=None, windo
         probs = torch.softmax(scores, dim=-1)
         if no_key is not None:  # a softmax of -inf alone is NaN; such rows give 0
             probs = probs.masked_fill(no_key, 0.0)
+    if dropout_keep is not None:
+        probs = probs.masked_fill(~dropout_keep, 0.0) / (1 - dropout_p)
     out = probs @ v
     if not return_lse:
         return out

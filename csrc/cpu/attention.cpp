@@ -15,6 +15,7 @@
 //   at runtime.
 
 #include "cpu/attention.h"
+#include "cpu/philox.h"
 #include "cpu/simd.h"
 #include "cpu/softmax_rows.h"
 
@@ -71,6 +72,15 @@ using compute_t = typename ComputeTypeOf<scalar_t>::type;
 constexpr double kNegInf = -std::numeric_limits<double>::infinity();
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Attention dropout as the kernels apply it (cpu/philox.h): off when p is 0.
+struct Dropout {
+  double p = 0.0;
+  uint64_t seed = 0;
+  bool active() const { return p > 0; }
+  uint32_t threshold() const { return dropout_threshold(p); }
+  double kept_scale() const { return 1.0 / (1.0 - p); }
+};
 
 // Maps 0, 1, 2, 3, ... to 0, n-1, 1, n-2, ...: under causal masking block
 // costs grow (or shrink) with the index, and at::parallel_for hands each thread
@@ -646,7 +656,8 @@ int64_t key_splits(int64_t tiles, int64_t query_blocks, int64_t Tk) {
 template <typename scalar_t>
 void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                     at::Tensor& out, at::Tensor& lse, double scale, double softcap,
-                    const Visibility& full_mask, const KeyRanges& key_ranges) {
+                    const Dropout& dropout, const Visibility& full_mask,
+                    const KeyRanges& key_ranges) {
   using acc_t = compute_t<scalar_t>;
   const int64_t B = q.size(0), Hq = q.size(1), Tq = q.size(2), D = q.size(3);
   const int64_t Hkv = k.size(1), Tk = k.size(2);
@@ -665,6 +676,9 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
   const acc_t scale_value = static_cast<acc_t>(scale);
   const acc_t softcap_value = static_cast<acc_t>(softcap);  // 0: no capping
   const acc_t neg_inf = static_cast<acc_t>(kNegInf);
+  const uint32_t dropout_threshold_value = dropout.threshold();
+  const acc_t dropout_scale = static_cast<acc_t>(dropout.kept_scale());
+  const int64_t key_groups = ceil_div(Tk, 4);  // Philox counters per query row
   // Each split's unnormalised output rows and their running max and sum, for the merge:
   // (tiles * splits, BQ, D) and (tiles * splits, BQ); empty without splits.
   const int64_t partials = splits > 1 ? tiles * splits : 0;
@@ -703,6 +717,7 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
     std::vector<acc_t> out_acc(kBlockQuery * D);          // (BQ, D): unnormalised output
     std::vector<acc_t> running_max(kBlockQuery);          // (BQ)
     std::vector<acc_t> running_sum(kBlockQuery);          // (BQ)
+    std::vector<uint32_t> dropout_words(dropout.active() ? kBlockKey + 8 : 0);  // Philox words
 
     for (int64_t item = begin; item < end; ++item) {
       const int64_t tile = item / splits;
@@ -777,6 +792,13 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
             running_sum[r] += block_sum;
           }
           running_max[r] = new_max;
+          if (dropout.active()) {
+            // After the row sum (the softmax is that of every key), before P @ V.
+            const int64_t flat_row = (batch * Hq + first_head + r / head_rows) * Tq + time;
+            apply_dropout(s + lo, 1, visible, dropout.seed, static_cast<uint64_t>(flat_row),
+                          key_groups, key_start + lo, dropout_threshold_value, dropout_scale,
+                          dropout_words.data());
+          }
         }
         // O (rows, D) += P (rows, cols) @ V (cols, D)
         matmul(rows, D, cols, scores.data(), cols, value_rows, value_ld, out_acc.data(), D,
@@ -866,7 +888,8 @@ void backward_kernel(const at::Tensor& grad_out, const at::Tensor& q, const at::
                      const at::Tensor& v, const compute_t<scalar_t>* lse,
                      const compute_t<scalar_t>* delta, compute_t<scalar_t>* dq_partial,
                      int64_t splits, at::Tensor& dk, at::Tensor& dv, double scale,
-                     double softcap, const Visibility& full_mask, const KeyRanges& key_ranges) {
+                     double softcap, const Dropout& dropout, const Visibility& full_mask,
+                     const KeyRanges& key_ranges) {
   using acc_t = compute_t<scalar_t>;
   const int64_t B = q.size(0), Hq = q.size(1), Tq = q.size(2), D = q.size(3);
   const int64_t Hkv = k.size(1), Tk = k.size(2);
@@ -878,6 +901,9 @@ void backward_kernel(const at::Tensor& grad_out, const at::Tensor& q, const at::
   const acc_t scale_value = static_cast<acc_t>(scale);
   const acc_t softcap_value = static_cast<acc_t>(softcap);  // 0: no capping
   const acc_t pos_inf = std::numeric_limits<acc_t>::infinity();
+  const uint32_t dropout_threshold_value = dropout.threshold();
+  const acc_t dropout_scale = static_cast<acc_t>(dropout.kept_scale());
+  const int64_t key_groups = ceil_div(Tk, 4);  // Philox counters per query row
 
   at::parallel_for(0, B * Hkv * splits, 1, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> key_block(kBwdBlockKey * D);             // (BK, D)
@@ -891,6 +917,12 @@ void backward_kernel(const at::Tensor& grad_out, const at::Tensor& q, const at::
     std::vector<acc_t> grad_scores_t(kBwdBlockKey * kBwdBlockQuery);  // (BK, BQ): dP^T, then dS^T
     // (BK, BQ): tanh(S^T / softcap) of the capped scores; empty without capping
     std::vector<acc_t> tanh_t(softcap_value != 0 ? kBwdBlockKey * kBwdBlockQuery : 0);
+    // (BK, BQ): the dropout multipliers M^T (1 / (1 - p) kept, 0 dropped), then P^T * M^T; and
+    // the Philox words of one query row. Empty without dropout.
+    const int64_t dropout_tile = dropout.active() ? kBwdBlockKey * kBwdBlockQuery : 0;
+    std::vector<acc_t> dropout_t(dropout_tile);
+    std::vector<acc_t> dropped_probs_t(dropout_tile);
+    std::vector<uint32_t> dropout_words(dropout.active() ? kBwdBlockKey + 8 : 0);
     std::vector<acc_t> lse_shift(kBwdBlockQuery);               // (BQ)
     std::vector<acc_t> delta_block(kBwdBlockQuery);             // (BQ)
     std::vector<acc_t> dk_acc(kBwdBlockKey * D);                // (BK, D), unscaled
@@ -984,12 +1016,31 @@ void backward_kernel(const at::Tensor& grad_out, const at::Tensor& q, const at::
                 for (int64_t c = hidden_from; c < cols; ++c) probs_t[c * rows + r] = acc_t(0);
               }
             }
-            // dV (cols, D) += P^T (cols, rows) @ dO (rows, D)
-            matmul(cols, D, rows, probs_t.data(), rows, grad_rows, grad_ld, dv_acc.data(), D,
+            const acc_t* kept_probs_t = probs_t.data();  // (cols, rows): P^T, or (P * M)^T
+            if (dropout.active()) {
+              std::fill_n(dropout_t.data(), cols * rows, acc_t(1));
+              for (int64_t r = 0; r < rows; ++r) {
+                apply_dropout(dropout_t.data() + r, rows, cols, dropout.seed,
+                              static_cast<uint64_t>(head_index * Tq + query_start + r),
+                              key_groups, key_start, dropout_threshold_value, dropout_scale,
+                              dropout_words.data());
+              }
+              for (int64_t i = 0; i < cols * rows; ++i) {
+                dropped_probs_t[i] = probs_t[i] * dropout_t[i];
+              }
+              kept_probs_t = dropped_probs_t.data();
+            }
+            // dV (cols, D) += (P * M)^T (cols, rows) @ dO (rows, D)
+            matmul(cols, D, rows, kept_probs_t, rows, grad_rows, grad_ld, dv_acc.data(), D,
                    /*accumulate=*/true);
-            // dP^T (cols, rows) = V (cols, D) @ dO^T (D, rows)
+            // dP^T (cols, rows) = V (cols, D) @ dO^T (D, rows), times M^T with dropout: out
+            // = (P * M) V, so the gradient reaching P is M * (dO V^T), and Delta = rowsum(dO *
+            // out) is still rowsum(P * dP).
             matmul(cols, rows, D, value_rows, value_ld, grad_block_t.data(), rows,
                    grad_scores_t.data(), rows, /*accumulate=*/false);
+            if (dropout.active()) {
+              for (int64_t i = 0; i < cols * rows; ++i) grad_scores_t[i] *= dropout_t[i];
+            }
             // dS^T = P^T * (dP^T - Delta), the scale is applied to dk / dq at the end.
             for (int64_t c = 0; c < cols; ++c) {
               softmax_grad(probs_t.data() + c * rows, grad_scores_t.data() + c * rows, rows,
@@ -1062,6 +1113,13 @@ KeyRanges key_range_data(const std::optional<at::Tensor>& key_range, int64_t B, 
   return {range.const_data_ptr<int32_t>(), per_query};
 }
 
+// The bindings check the values; checked again here, since the kernels index by them.
+Dropout attention_dropout(double dropout_p, int64_t dropout_seed) {
+  TORCH_CHECK(dropout_p >= 0 && dropout_p < 1 && dropout_seed >= 0,
+              "attention: dropout_p must be in [0, 1) and dropout_seed >= 0");
+  return {dropout_p, static_cast<uint64_t>(dropout_seed)};
+}
+
 at::ScalarType lse_dtype(const at::Tensor& q) {
   return q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
@@ -1073,7 +1131,8 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q, const at::
                                                  int64_t causal_offset,
                                                  std::optional<int64_t> window_offset,
                                                  const std::optional<at::Tensor>& key_range,
-                                                 double softcap) {
+                                                 double softcap, double dropout_p,
+                                                 int64_t dropout_seed) {
   const int64_t B = q.size(0), Hq = q.size(1), Tq = q.size(2), D = q.size(3);
   const int64_t Hkv = k.size(1), Tk = k.size(2);
   TORCH_CHECK(Hkv > 0 ? Hq % Hkv == 0 : Hq == 0, "attention_fwd: Hq must be a multiple of Hkv");
@@ -1102,7 +1161,8 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q, const at::
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(),
                                   "fusedlm_attention_fwd", [&] {
-    forward_kernel<scalar_t>(q, k, v, out, lse, scale, softcap, mask, key_ranges);
+    forward_kernel<scalar_t>(q, k, v, out, lse, scale, softcap,
+                             attention_dropout(dropout_p, dropout_seed), mask, key_ranges);
   });
   return {out, lse};
 }
@@ -1112,7 +1172,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
     const at::Tensor& out, const at::Tensor& lse, double scale, bool causal,
     int64_t causal_offset, std::optional<int64_t> window_offset,
     const std::optional<at::Tensor>& key_range, const std::optional<at::Tensor>& grad_lse,
-    double softcap) {
+    double softcap, double dropout_p, int64_t dropout_seed) {
   const int64_t B = q.size(0), Hq = q.size(1), Tq = q.size(2), D = q.size(3);
   const int64_t Hkv = k.size(1), Tk = k.size(2);
   TORCH_CHECK(Hkv > 0 ? Hq % Hkv == 0 : Hq == 0, "attention_bwd: Hq must be a multiple of Hkv");
@@ -1160,7 +1220,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
         at::zeros({splits, B, Hq, D, Tq}, q.options().dtype(acc_dtype));  // (splits, B, Hq, D, Tq)
     backward_kernel<scalar_t>(grad_out_c, q, k, v, lse_c.const_data_ptr<acc_t>(),
                               delta.const_data_ptr<acc_t>(), dq_partial.data_ptr<acc_t>(),
-                              splits, dk, dv, scale, softcap, mask, key_ranges);
+                              splits, dk, dv, scale, softcap,
+                              attention_dropout(dropout_p, dropout_seed), mask, key_ranges);
     reduce_dq<scalar_t>(dq_partial.const_data_ptr<acc_t>(), splits, scale, dq);
   });
   return {dq, dk, dv};

@@ -19,6 +19,9 @@ namespace fusedlm::cpu {
 // A query row that sees no key gets out = 0 and lse = -inf.
 // softcap > 0 caps each score s = scale * q.k at softcap * tanh(s / softcap) before the mask
 // and the softmax (Gemma 2's attn_logit_softcapping); 0: no capping.
+// dropout_p in [0, 1) drops each probability after the softmax with probability dropout_p and
+// scales the rest by 1 / (1 - dropout_p), by the Philox stream of dropout_seed (cpu/philox.h:
+// the same elements as the reference and the Triton kernels); lse stays the softmax's.
 //
 // q:   (B, Hq, Tq, D)   any strides
 // k:   (B, Hkv, Tk, D)  any strides, Hq % Hkv == 0
@@ -31,10 +34,11 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q, const at::
                                                  int64_t causal_offset,
                                                  std::optional<int64_t> window_offset,
                                                  const std::optional<at::Tensor>& key_range,
-                                                 double softcap = 0.0);
+                                                 double softcap = 0.0, double dropout_p = 0.0,
+                                                 int64_t dropout_seed = 0);
 
 // grad_out: (B, Hq, Tq, D) any strides; out, lse as returned by attention_fwd; grad_lse:
-// (B, Hq, Tq) the gradient of lse, or none (lse unused).
+// (B, Hq, Tq) the gradient of lse, or none (lse unused); softcap and dropout as the forward's.
 // returns dq: (B, Hq, Tq, D), dk: (B, Hkv, Tk, D), dv: (B, Hkv, Tk, D), contiguous,
 //         dtypes of q, k, v. dk/dv sum over the Hq / Hkv query heads sharing a kv head.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
@@ -42,6 +46,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
     const at::Tensor& out, const at::Tensor& lse, double scale, bool causal,
     int64_t causal_offset, std::optional<int64_t> window_offset,
     const std::optional<at::Tensor>& key_range,
-    const std::optional<at::Tensor>& grad_lse, double softcap = 0.0);
+    const std::optional<at::Tensor>& grad_lse, double softcap = 0.0, double dropout_p = 0.0,
+    int64_t dropout_seed = 0);
 
 }  // namespace fusedlm::cpu

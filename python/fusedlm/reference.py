@@ -166,6 +166,67 @@ def _visible(Tq: int, Tk: int, causal: bool, causal_offset: int, window_offset: 
     return visible
 
 
+# Attention dropout's random numbers, the same on every backend: Philox4x32-10 (Salmon et al.,
+# Random123; the generator of Triton's tl.randint4x and of curand), key (seed & 0xffffffff,
+# seed >> 32), counter (n & 0xffffffff, n >> 32, 0, 0) for the element (b, h, i, j) of the
+# (B, Hq, Tq, Tk) probabilities with n = ((b * Hq + h) * Tq + i) * ceil(Tk / 4) + j // 4, which
+# takes output word j % 4: one generator call serves four neighbouring keys. The element is kept
+# iff its word >= dropout_threshold(p), and kept ones are scaled by 1 / (1 - p).
+PHILOX_ROUND_A = 0xD2511F53
+PHILOX_ROUND_B = 0xCD9E8D57
+PHILOX_KEY_A = 0x9E3779B9
+PHILOX_KEY_B = 0xBB67AE85
+_MASK32 = 0xFFFFFFFF
+
+
+def _mul_hi_lo(a: Tensor, m: int) -> tuple[Tensor, Tensor]:
+    """High and low 32 bits of a * m, for uint32 values ``a`` held in int64 and a 32-bit
+    constant m, in 16-bit halves of m so that no product overflows int64."""
+    low = a * (m & 0xFFFF)  # < 2^48
+    middle = a * (m >> 16) + (low >> 16)  # (a * m) >> 16, < 2^49
+    return middle >> 16, ((middle & 0xFFFF) << 16) | (low & 0xFFFF)
+
+
+def philox4x32(seed: int, counter: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Philox4x32-10 of the counters (n & 0xffffffff, n >> 32, 0, 0), n = ``counter`` (any
+    shape, int64 >= 0), under the key (seed & 0xffffffff, seed >> 32): four int64 tensors of
+    uint32 words."""
+    c0, c1 = counter & _MASK32, counter >> 32
+    c2 = c3 = torch.zeros_like(counter)
+    k0, k1 = seed & _MASK32, (seed >> 32) & _MASK32
+    for _ in range(10):
+        hi_b, lo_b = _mul_hi_lo(c2, PHILOX_ROUND_B)
+        hi_a, lo_a = _mul_hi_lo(c0, PHILOX_ROUND_A)
+        c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
+        k0, k1 = (k0 + PHILOX_KEY_A) & _MASK32, (k1 + PHILOX_KEY_B) & _MASK32
+    return c0, c1, c2, c3
+
+
+def dropout_threshold(dropout_p: float) -> int:
+    """The uint32 a random word must reach for its element to be kept: floor(p * 2^32)."""
+    return int(dropout_p * 4294967296.0)
+
+
+def attention_dropout_keep(B: int, Hq: int, Tq: int, Tk: int, dropout_p: float, seed: int,
+                           device=None) -> Tensor:
+    """(B, Hq, Tq, Tk) bool: which probabilities attention dropout keeps (see above)."""
+    groups = (Tk + 3) // 4
+    rows = torch.arange(B * Hq * Tq, dtype=torch.int64, device=device)[:, None]
+    counter = rows * groups + torch.arange(groups, dtype=torch.int64, device=device)[None, :]
+    words = torch.stack(philox4x32(seed, counter), dim=-1).reshape(B * Hq * Tq, groups * 4)
+    return (words[:, :Tk] >= dropout_threshold(dropout_p)).reshape(B, Hq, Tq, Tk)
+
+
+def _dropped(probs: Tensor, dropout_p: float, dropout_seed: int | Tensor) -> Tensor:
+    """The probabilities attention dropout leaves, scaled by 1 / (1 - p). (The seed may come
+    as the one-element tensor the custom ops pass.)"""
+    if not dropout_p:
+        return probs
+    B, Hq, Tq, Tk = probs.shape
+    keep = attention_dropout_keep(B, Hq, Tq, Tk, dropout_p, int(dropout_seed), probs.device)
+    return torch.where(keep, probs / (1 - dropout_p), 0.0)
+
+
 def _expand_kv(t: Tensor, Hq: int) -> Tensor:
     """(B, Hkv, T, D) -> (B, Hq, T, D): query head h reads kv head h // (Hq // Hkv)."""
     return t.repeat_interleave(Hq // t.shape[1], dim=1) if t.shape[1] != Hq else t
@@ -196,6 +257,7 @@ def _probabilities(q, k, scale, causal, causal_offset, window_offset, key_range=
 def attention_fwd(
     q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool, causal_offset: int,
     window_offset: int | None = None, key_range: Tensor | None = None, softcap: float = 0.0,
+    dropout_p: float = 0.0, dropout_seed: int = 0,
 ) -> tuple[Tensor, Tensor]:
     """Returns out (B, Hq, Tq, D) in q's dtype and lse (B, Hq, Tq) in the compute dtype. Key j
     is visible to query i iff (not causal or j <= i + causal_offset) and (window_offset is None
@@ -203,20 +265,27 @@ def attention_fwd(
     key_range[b, 1] in batch row b (padding keys outside it), or with (B, Tq, 2) integers,
     key_range[b, i, 0] <= j < key_range[b, i, 1] (packed documents); rows that see no key give
     0 and lse -inf. ``softcap`` > 0 caps the scores s = scale * q.k at softcap * tanh(s /
-    softcap) before the masks and the softmax (Gemma 2's attn_logit_softcapping)."""
+    softcap) before the masks and the softmax (Gemma 2's attn_logit_softcapping).
+    ``dropout_p`` > 0 drops probabilities after the softmax (lse is that of the softmax) by the
+    Philox stream of ``dropout_seed`` (see attention_dropout_keep), scaling the rest by
+    1 / (1 - dropout_p)."""
     probs, lse, _ = _probabilities(q, k, scale, causal, causal_offset, window_offset, key_range,
                                    softcap)
     v_full = _expand_kv(v, q.shape[1]).to(probs.dtype)
-    return torch.matmul(probs, v_full).to(q.dtype).contiguous(), lse.contiguous()
+    out = torch.matmul(_dropped(probs, dropout_p, dropout_seed), v_full)
+    return out.to(q.dtype).contiguous(), lse.contiguous()
 
 
 def attention_bwd(
     grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
     scale: float, causal: bool, causal_offset: int, window_offset: int | None = None,
     key_range: Tensor | None = None, grad_lse: Tensor | None = None, softcap: float = 0.0,
+    dropout_p: float = 0.0, dropout_seed: int = 0,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Returns dq, dk, dv in the shapes and dtypes of q, k, v: the gradients of out, plus
-    those of lse when ``grad_lse`` (B, Hq, Tq) is given."""
+    those of lse when ``grad_lse`` (B, Hq, Tq) is given. With dropout, out = (P * M) v, M the
+    kept mask over 1 - p, so dv = (P * M)^T dO, dP = (dO v^T) * M, and the softmax term
+    rowsum(dP * P) is still rowsum(dO * out)."""
     probs, _, tanh = _probabilities(q, k, scale, causal, causal_offset, window_offset,
                                     key_range, softcap)
     dtype = probs.dtype
@@ -225,8 +294,11 @@ def attention_bwd(
     dout = grad_out.to(dtype)
     v_full = _expand_kv(v, Hq).to(dtype)
     k_full = _expand_kv(k, Hq).to(dtype)
-    dv_full = torch.matmul(probs.transpose(-1, -2), dout)  # (B, Hq, Tk, D)
+    kept = _dropped(probs, dropout_p, dropout_seed)
+    dv_full = torch.matmul(kept.transpose(-1, -2), dout)  # (B, Hq, Tk, D)
     dprobs = torch.matmul(dout, v_full.transpose(-1, -2))  # (B, Hq, Tq, Tk)
+    if dropout_p:
+        dprobs = _dropped(dprobs, dropout_p, dropout_seed)
     delta = (dout * out.to(dtype)).sum(dim=-1, keepdim=True)  # (B, Hq, Tq, 1)
     if grad_lse is not None:  # d lse_i / d s_ij = P_ij: the same as lowering delta
         delta = delta - grad_lse.to(dtype)[..., None]

@@ -514,8 +514,8 @@ def test_gemma2_soft_capped_attention_logits_and_grads(padded):
 
 
 def test_gemma2_calls_our_kernels_cannot_serve_run_its_math():
-    """A mask with gaps (no band of keys per query) or dropout: SDPA has no cap, so the call
-    runs Gemma 2's own soft-capped math in torch, as its eager attention does."""
+    """A mask with gaps (no band of keys per query): SDPA has no cap, so the call runs Gemma 2's
+    own soft-capped math in torch, as its eager attention does. Dropout runs in our kernels."""
     model = _gemma2()
     from transformers.models.gemma2 import modeling_gemma2
 
@@ -539,7 +539,58 @@ def test_gemma2_calls_our_kernels_cannot_serve_run_its_math():
     fhf.reset_attention_calls()
     module.train()
     fhf.fusedlm_attention_forward(module, q, k, v, None, dropout=0.5, softcap=2.0)
-    assert fhf.attention_calls() == {"torch: dropout > 0": 1}
+    assert fhf.attention_calls() == {"fused": 1}
+
+
+@pytest.mark.parametrize("name", ["gpt2", "bert"])
+def test_attention_dropout_in_training_runs_fused(name):
+    """A model training with attention dropout (GPT-2's attn_pdrop, BERT's
+    attention_probs_dropout_prob) runs it inside our kernels, padded batches included: every
+    call fused, and with the generator seeded alike the cpu kernels give the torch reference
+    backend's loss and gradients (the same Philox mask); eval mode drops nothing."""
+    def build():
+        torch.manual_seed(0)
+        if name == "gpt2":
+            cfg = transformers.GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4,
+                                          n_positions=64, resid_pdrop=0.0, embd_pdrop=0.0,
+                                          attn_pdrop=0.3)
+            return transformers.GPT2LMHeadModel(cfg)
+        cfg = transformers.BertConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, intermediate_size=96,
+                                      hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.3,
+                                      max_position_embeddings=64)
+        return transformers.BertModel(cfg, add_pooling_layer=False)
+
+    ids = torch.randint(0, VOCAB, (2, 11), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones(2, 11, dtype=torch.long)
+    mask[1, 8:] = 0  # right padding
+    results = []
+    for backend in ("cpu", "torch"):
+        model = build()
+        fhf.apply(model, backend=backend)
+        model.train()
+        _reset_calls(model)
+        torch.manual_seed(42)
+        out = _out(model, name, input_ids=ids, attention_mask=mask)
+        loss = out[mask.bool()].square().mean()
+        loss.backward()
+        assert set(_calls(model)) == {"fused"}, _calls(model)
+        grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+        results.append((loss.detach(), grads, model))
+    (loss, grads, model), (loss_ref, grads_ref, _) = results
+    torch.testing.assert_close(loss, loss_ref)
+    assert grads.keys() == grads_ref.keys()
+    for n in grads:
+        torch.testing.assert_close(grads[n], grads_ref[n], msg=n)
+    model.eval()
+    with torch.no_grad():
+        first, second = (_out(model, name, input_ids=ids, attention_mask=mask) for _ in range(2))
+    assert torch.equal(first, second)
+    model.train()
+    with torch.no_grad():
+        torch.manual_seed(1)
+        dropped = _out(model, name, input_ids=ids, attention_mask=mask)
+    assert not torch.allclose(dropped, first)
 
 
 @pytest.mark.parametrize("softcap", [0.0, -1.0, float("inf"), "50", True])
@@ -599,8 +650,9 @@ def test_gpt_oss_attention_sinks_logits_and_grads(padded):
 
 
 def test_gpt_oss_sinks_calls_our_kernels_cannot_serve_run_its_math():
-    """A mask with gaps (no band of keys per query) or dropout: the sinks cannot go to SDPA,
-    so the call runs gpt-oss's own sink math in torch, as its eager attention_forward does."""
+    """A mask with gaps (no band of keys per query): the sinks cannot go to SDPA, so the call
+    runs gpt-oss's own sink math in torch, as its eager attention_forward does. Dropout runs
+    in our kernels."""
     model = _gpt_oss()
     from transformers.models.gpt_oss import modeling_gpt_oss
 
@@ -628,7 +680,7 @@ def test_gpt_oss_sinks_calls_our_kernels_cannot_serve_run_its_math():
     fhf.reset_attention_calls()
     module.train()
     fhf.fusedlm_attention_forward(module, q, k, v, None, dropout=0.5, s_aux=module.sinks)
-    assert fhf.attention_calls() == {"torch: dropout > 0": 1}
+    assert fhf.attention_calls() == {"fused": 1}
 
 
 def test_s_aux_of_the_wrong_shape_is_refused():

@@ -13,9 +13,10 @@
   contiguous run of keys (a tokenizer's left or right padding: ``fusedlm.attention``'s
   ``key_range``), or shows each query one run of keys (packed sequences, whose position_ids
   restart per document: a block-diagonal causal mask, per-query ``key_range``), our fused
-  kernels run; any other mask (padding with gaps, custom patterns),
-  dropout, ``position_bias``, paged caches, and inputs the kernels cannot take go, per call, to
-  transformers' own ``sdpa_attention_forward``. :func:`attention_calls` counts both.
+  kernels run (attention dropout in training included: ``fusedlm.attention``'s ``dropout_p``);
+  any other mask (padding with gaps, custom patterns), ``position_bias``, paged caches, and
+  inputs the kernels cannot take go, per call, to transformers' own
+  ``sdpa_attention_forward``. :func:`attention_calls` counts both.
   Models transformers does not run on SDPA (``_supports_sdpa = False``) keep their attention.
   A model on ``"sdpa"`` whose attention does not go through ``AttentionInterface`` (BERT,
   RoBERTa, ModernBERT, ... in transformers 4.x) keeps it, and its
@@ -125,8 +126,9 @@ def _unsupported(query, key, value, dropout, kwargs) -> str | None:
         return "position_bias"
     if kwargs.get("cache") is not None:
         return "paged cache"
-    if dropout:
-        return "dropout > 0"
+    if isinstance(dropout, bool) or not isinstance(dropout, numbers.Real) or not (
+            0.0 <= dropout < 1.0):
+        return "dropout outside [0, 1)"
     if torch.jit.is_tracing():
         return "torch.jit tracing"
     tensors = (query, key, value)
@@ -226,6 +228,8 @@ def fusedlm_attention_forward(
                 attention_mask = attention_mask[..., :kv_len]
             if torch.compiler.is_compiling():  # the mask is read at run time, by the op
                 reason = mask_shape_refusal(attention_mask, query, key)
+                if reason is None and dropout:
+                    reason = "dropout with a mask read at run time (torch.compile)"
                 runtime_mask = attention_mask
             else:
                 layout = mask_layout(attention_mask, q_len, kv_len)
@@ -244,7 +248,7 @@ def fusedlm_attention_forward(
     if reason is None and requested_backend(backend) == "auto" and not compiling:
         # Our reference is no faster than torch's SDPA: use ours only where a kernel serves.
         if ATTENTION_FWD.auto_choice(query.device, query, key, value, window_offset,
-                                     key_range, softcap or 0.0) == "torch":
+                                     key_range, softcap or 0.0, float(dropout)) == "torch":
             reason = "no fusedlm kernel backend for these inputs"
     if ((sinks is not None or softcap is not None)
             and (reason is not None or runtime_mask is not None)):
@@ -267,7 +271,8 @@ def fusedlm_attention_forward(
         out = compiled_masked_attention(query, key, value, runtime_mask, scale, backend)
     else:
         out = _attention(query, key, value, scale, causal, causal_offset, backend,
-                         window_offset, key_range, sinks, softcap=softcap or 0.0)
+                         window_offset, key_range, sinks, softcap=softcap or 0.0,
+                         dropout_p=float(dropout))
     return out.transpose(1, 2).contiguous(), None
 
 
@@ -720,8 +725,8 @@ def apply(model: torch.nn.Module, attention: bool = True, norms: bool = True,
                 report.notes.append(
                     f"attention: implementation {previous!r} -> {name!r}; calls with no mask or "
                     "a causal / sliding-window / all-visible one, with left or right padding, "
-                    "run fusedlm's kernels, others (masks with gaps or custom patterns, "
-                    "dropout, position_bias, ...) fall back per call to transformers' "
+                    "run fusedlm's kernels (dropout included), others (masks with gaps or "
+                    "custom patterns, position_bias, ...) fall back per call to transformers' "
                     "sdpa_attention_forward; see attention_calls()"
                 )
             elif config._attn_implementation == "sdpa":

@@ -48,13 +48,17 @@ def _capability(device: torch.device) -> tuple[int, int]:
 
 
 def _extension_supports(q: Tensor, k: Tensor, v: Tensor, window_offset: int | None = None,
-                        key_range: Tensor | None = None, softcap: float = 0.0) -> str | None:
+                        key_range: Tensor | None = None, softcap: float = 0.0,
+                        dropout_p: float = 0.0) -> str | None:
     """The CPU kernels take every case; the CUDA ones (tensor-core mma.sync) fp16/bf16 on sm_80+
-    (sliding windows and key ranges, per batch row or per query, included), without softcap."""
+    (sliding windows and key ranges, per batch row or per query, included), without softcap or
+    dropout."""
     if q.device.type != "cuda":
         return None
     if softcap:
         return "the CUDA attention kernels do not soft-cap scores (softcap); the Triton ones do"
+    if dropout_p:
+        return "the CUDA attention kernels have no dropout (dropout_p); the Triton ones do"
     if q.dtype not in (torch.float16, torch.bfloat16):
         return f"the CUDA attention kernels take float16 or bfloat16, not {q.dtype}"
     major, minor = _capability(q.device)
@@ -69,7 +73,8 @@ register_extension_kernels(ATTENTION_BWD, "attention_bwd", supports=_extension_s
 
 
 def _triton_supports(q: Tensor, k: Tensor, v: Tensor, window_offset: int | None = None,
-                     key_range: Tensor | None = None, softcap: float = 0.0) -> str | None:
+                     key_range: Tensor | None = None, softcap: float = 0.0,
+                     dropout_p: float = 0.0) -> str | None:
     if q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         return f"the Triton kernels take float32, float16 or bfloat16, not {q.dtype}"
     if q.shape[-1] > MAX_HEAD_DIM:
@@ -99,23 +104,41 @@ def _mask_arguments(window_offset, key_range) -> tuple:
     return () if window_offset is None else (window_offset,)
 
 
+def _score_options(softcap, dropout_p, dropout_seed) -> dict:
+    """The keyword arguments for a kernel's softcap and dropout, only those in use: the usual
+    call stays the kernels' original one. dropout_seed: the (,) int64 CPU tensor the public
+    functions draw (a tensor, so that torch.compile records the draw)."""
+    if not softcap and not dropout_p:
+        return {}
+    options = {"softcap": softcap} if softcap else {}
+    if dropout_p:
+        options["dropout_p"] = dropout_p
+        options["dropout_seed"] = int(dropout_seed)
+    return options
+
+
 def _attention_fwd(q, k, v, scale, causal, causal_offset, backend, window_offset=None,
-                   key_range=None, softcap=0.0):
-    impl = ATTENTION_FWD.select(backend, q.device, q, k, v, window_offset, key_range, softcap)
+                   key_range=None, softcap=0.0, dropout_p=0.0, dropout_seed=None):
+    impl = ATTENTION_FWD.select(backend, q.device, q, k, v, window_offset, key_range, softcap,
+                                dropout_p)
     masks = _mask_arguments(window_offset, key_range)
     with autocast_off(q.device):
-        if softcap:  # (by keyword and only when there is one: the usual call stays the same)
-            return impl(q, k, v, scale, causal, causal_offset, *masks, softcap=softcap)
+        if softcap or dropout_p:
+            return impl(q, k, v, scale, causal, causal_offset, *masks,
+                        **_score_options(softcap, dropout_p, dropout_seed))
         return impl(q, k, v, scale, causal, causal_offset, *masks)
 
 
 def _attention_bwd(grad_out, q, k, v, out, lse, scale, causal, causal_offset, backend,
-                   window_offset=None, key_range=None, grad_lse=None, softcap=0.0):
-    impl = ATTENTION_BWD.select(backend, q.device, q, k, v, window_offset, key_range, softcap)
-    # (grad_lse and softcap by keyword and only when there are: the usual call stays the same)
-    extra = {} if grad_lse is None else {"grad_lse": grad_lse}
-    if softcap:
-        extra["softcap"] = softcap
+                   window_offset=None, key_range=None, grad_lse=None, softcap=0.0,
+                   dropout_p=0.0, dropout_seed=None):
+    impl = ATTENTION_BWD.select(backend, q.device, q, k, v, window_offset, key_range, softcap,
+                                dropout_p)
+    # (grad_lse, softcap and dropout by keyword and only when in use: the usual call stays the
+    # same)
+    extra = _score_options(softcap, dropout_p, dropout_seed)
+    if grad_lse is not None:
+        extra["grad_lse"] = grad_lse
     with autocast_off(q.device):
         return impl(grad_out, q, k, v, out, lse, scale, causal, causal_offset,
                     *_mask_arguments(window_offset, key_range), **extra)
@@ -125,7 +148,7 @@ def _attention_bwd(grad_out, q, k, v, out, lse, scale, causal, causal_offset, ba
 def attention_fwd(
     q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool, causal_offset: int,
     backend: str, window_offset: int | None = None, key_range: Tensor | None = None,
-    softcap: float = 0.0,
+    softcap: float = 0.0, dropout_p: float = 0.0, dropout_seed: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """q (B, Hq, Tq, D), k/v (B, Hkv, Tk, D), any strides. Key j is visible to query i iff
     (not causal or j <= i + causal_offset) and (window_offset is None or j >= i +
@@ -133,14 +156,16 @@ def attention_fwd(
     in batch row b, or with key_range (B, Tq, 2) int32, key_range[b, i, 0] <= j <
     key_range[b, i, 1]. Returns out (B, Hq, Tq, D) in q's dtype and lse (B, Hq, Tq) float32
     (float64 for float64 inputs); rows that see no key get 0 and -inf. softcap > 0 caps each
-    score s = scale * q.k at softcap * tanh(s / softcap) first (Gemma 2); 0: no capping."""
+    score s = scale * q.k at softcap * tanh(s / softcap) first (Gemma 2); 0: no capping.
+    dropout_p in [0, 1) drops probabilities after the softmax by the Philox stream of
+    dropout_seed, a (,) int64 CPU tensor (see fusedlm.reference.attention_dropout_keep)."""
     return _attention_fwd(q, k, v, scale, causal, causal_offset, backend, window_offset,
-                          key_range, softcap)
+                          key_range, softcap, dropout_p, dropout_seed)
 
 
 @attention_fwd.register_fake
 def _(q, k, v, scale, causal, causal_offset, backend, window_offset=None, key_range=None,
-      softcap=0.0):
+      softcap=0.0, dropout_p=0.0, dropout_seed=None):
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     return out, q.new_empty(q.shape[:3], dtype=stat_dtype(q.dtype))
 
@@ -150,27 +175,30 @@ def attention_bwd(
     grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, scale: float,
     causal: bool, causal_offset: int, backend: str, window_offset: int | None = None,
     key_range: Tensor | None = None, grad_lse: Tensor | None = None, softcap: float = 0.0,
+    dropout_p: float = 0.0, dropout_seed: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Returns dq, dk, dv in the shapes and dtypes of q, k, v; dk and dv are summed over the
     query heads that share a kv head (GQA/MQA). ``grad_lse`` (B, Hq, Tq) in lse's dtype: the
-    gradient of lse too (None: lse was not used)."""
+    gradient of lse too (None: lse was not used). softcap and dropout: the forward's."""
     return _attention_bwd(grad_out, q, k, v, out, lse, scale, causal, causal_offset, backend,
-                          window_offset, key_range, grad_lse, softcap)
+                          window_offset, key_range, grad_lse, softcap, dropout_p, dropout_seed)
 
 
 @attention_bwd.register_fake
 def _(grad_out, q, k, v, out, lse, scale, causal, causal_offset, backend, window_offset=None,
-      key_range=None, grad_lse=None, softcap=0.0):
+      key_range=None, grad_lse=None, softcap=0.0, dropout_p=0.0, dropout_seed=None):
     return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
 
 
 def _attention_setup_context(ctx, inputs, output):
     q, k, v, scale, causal, causal_offset, backend, *optional = inputs
-    window_offset, key_range, softcap = (list(optional) + [None, None, 0.0])[:3]
+    defaults = (None, None, 0.0, 0.0, None)  # the trailing arguments a call may leave out
+    window_offset, key_range, softcap, dropout_p, dropout_seed = (
+        *optional, *defaults[len(optional):])
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, key_range)
+    ctx.save_for_backward(q, k, v, out, lse, key_range, dropout_seed)
     ctx.scale, ctx.causal, ctx.causal_offset, ctx.backend = scale, causal, causal_offset, backend
-    ctx.window_offset, ctx.softcap = window_offset, softcap
+    ctx.window_offset, ctx.softcap, ctx.dropout_p = window_offset, softcap, dropout_p
     if getattr(ctx, "eager", False):
         # lse is differentiable (return_lse, sinks) but most calls never use it: its gradient
         # then stays None instead of a zero tensor the backward would read.
@@ -178,13 +206,14 @@ def _attention_setup_context(ctx, inputs, output):
 
 
 def _attention_backward(ctx, grad_out, grad_lse):
-    q, k, v, out, lse, key_range = ctx.saved_tensors
+    q, k, v, out, lse, key_range, dropout_seed = ctx.saved_tensors
     if grad_out is None:  # only lse was used
         grad_out = torch.zeros_like(out)
     bwd = _attention_bwd if getattr(ctx, "eager", False) else torch.ops.fusedlm.attention_bwd
     dq, dk, dv = bwd(grad_out, q, k, v, out, lse, ctx.scale, ctx.causal, ctx.causal_offset,
-                     ctx.backend, ctx.window_offset, key_range, grad_lse, ctx.softcap)
-    return dq, dk, dv, None, None, None, None, None, None, None
+                     ctx.backend, ctx.window_offset, key_range, grad_lse, ctx.softcap,
+                     ctx.dropout_p, dropout_seed)
+    return dq, dk, dv, None, None, None, None, None, None, None, None, None
 
 
 attention_fwd.register_autograd(_attention_backward, setup_context=_attention_setup_context)
@@ -247,7 +276,7 @@ def _check_qkv_in_full(q: Tensor, k: Tensor, v: Tensor) -> None:
 
 
 def _attention(q, k, v, scale, causal, causal_offset, backend, window_offset=None,
-               key_range=None, sinks=None, return_lse=False, softcap=0.0):
+               key_range=None, sinks=None, return_lse=False, softcap=0.0, dropout_p=0.0):
     """out, or (out, lse) with ``return_lse``; with ``sinks`` (Hq,) both include the sinks."""
     # Under autocast, the inputs in autocast's dtype, as torch's SDPA takes them.
     q, k, v = autocast_inputs(q, k, v)
@@ -258,7 +287,8 @@ def _attention(q, k, v, scale, causal, causal_offset, backend, window_offset=Non
     else:
         fwd = forward_for_call(ATTENTION_FWD, backend, _AttentionEager, _attention_fwd,
                                reference.attention_fwd, q, k, v, backend_index=6)
-        if not want_lse and not softcap and runs_eager_function(fwd, _AttentionEager):
+        if (not want_lse and not softcap and not dropout_p
+                and runs_eager_function(fwd, _AttentionEager)):
             # eager, with autograd: the C++ node if it can (it returns out alone)
             args = (q, k, v, window_offset, key_range)
             module = extension_autograd(ATTENTION_FWD, ATTENTION_BWD, backend, q.device, args,
@@ -266,7 +296,10 @@ def _attention(q, k, v, scale, causal, causal_offset, backend, window_offset=Non
             if module is not None:
                 return module.attention_autograd(q, k, v, scale, causal, causal_offset,
                                                  window_offset, key_range)
-        if softcap:
+        if dropout_p:
+            out, lse = fwd(q, k, v, scale, causal, causal_offset, backend, window_offset,
+                           key_range, softcap, dropout_p, _dropout_seed())
+        elif softcap:
             out, lse = fwd(q, k, v, scale, causal, causal_offset, backend, window_offset,
                            key_range, softcap)
         else:
@@ -312,6 +345,22 @@ def _check_softcap(softcap: object) -> float:
     if value < 0:
         raise ValueError(f"argument 'softcap' must be > 0 (None or 0: no capping), got {value}")
     return value
+
+
+def _check_dropout_p(dropout_p: object) -> float:
+    """``dropout_p`` as the kernels take it: a float in [0, 1) (0: no dropout)."""
+    value = check_finite_float(dropout_p, "dropout_p")
+    if not 0.0 <= value < 1.0:
+        raise ValueError(f"argument 'dropout_p' must be in [0, 1), got {value}")
+    return value
+
+
+def _dropout_seed() -> Tensor:
+    """A seed for one call's dropout: a (,) int64 CPU tensor in [0, 2^63) drawn from torch's
+    default generator (so ``torch.manual_seed`` makes runs repeat, and activation
+    checkpointing, which restores that generator, recomputes the same mask). A tensor, not an
+    int, so that torch.compile records the draw instead of baking one seed into the graph."""
+    return torch.randint(0, 2**63 - 1, (), dtype=torch.int64)
 
 
 def _check_return_lse(return_lse: object) -> bool:
@@ -383,7 +432,7 @@ def attention(
     q: Tensor, k: Tensor, v: Tensor, causal: bool = False, scale: float | None = None,
     backend: str = "auto", window: tuple[int | None, int | None] | None = None,
     key_range: Tensor | None = None, sinks: Tensor | None = None, return_lse: bool = False,
-    softcap: float | None = None,
+    softcap: float | None = None, dropout_p: float = 0.0,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Fused (flash) attention: softmax(q k^T * scale) v.
 
@@ -412,6 +461,12 @@ def attention(
     ``attn_logit_softcapping``, FlashAttention's ``softcap``) caps each score s = scale *
     q.k at softcap * tanh(s / softcap) before the masks and the softmax (the cpu, triton and
     torch backends; the cuda kernels have none, so a capped call on a GPU runs Triton's).
+    ``dropout_p`` in [0, 1) (attention dropout, SDPA's ``dropout_p``; pass 0 when not
+    training) drops each probability with that chance after the softmax, inside the kernels,
+    and scales the rest by 1 / (1 - dropout_p); lse stays the softmax's. The mask comes from a
+    Philox stream seeded by a draw from torch's default generator (``torch.manual_seed``
+    repeats it; every backend drops the same elements for the same seed, torch's own SDPA
+    others) and the backward regenerates it (cpu, triton and torch backends; on a GPU, Triton's).
     """
     _check_qkv(q, k, v)
     if not isinstance(causal, bool):
@@ -424,8 +479,9 @@ def attention(
     sinks = _check_sinks(sinks, q)
     return_lse = _check_return_lse(return_lse)
     softcap = _check_softcap(softcap)
+    dropout_p = _check_dropout_p(dropout_p)
     return _attention(q, k, v, scale, causal, causal_offset, backend, window_offset, key_range,
-                      sinks, return_lse, softcap)
+                      sinks, return_lse, softcap, dropout_p)
 
 
 def _check_cu_seqlens(cu_seqlens: object, name: str, total: int, device) -> Tensor:
@@ -450,7 +506,7 @@ def attention_varlen(
     max_seqlen_q: int | None = None, max_seqlen_k: int | None = None, causal: bool = False,
     scale: float | None = None, window: tuple[int | None, int | None] | None = None,
     backend: str = "auto", sinks: Tensor | None = None, return_lse: bool = False,
-    softcap: float | None = None,
+    softcap: float | None = None, dropout_p: float = 0.0,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Attention over variable-length sequences packed without padding, as FlashAttention's
     ``flash_attn_varlen_func``: q (total_q, Hq, D), k/v (total_k, Hkv, D); sequence s holds
@@ -459,8 +515,8 @@ def attention_varlen(
     ``causal`` and ``window`` aligned bottom-right within the sequence (as
     ``fusedlm.attention``). ``max_seqlen_*`` are accepted for compatibility and not needed.
     Runs ``fusedlm.attention`` on the (1, H, total, D) views with per-query key ranges (no copy
-    of q, k, v). ``sinks`` (Hq,) and ``softcap``: attention sinks and logit soft-capping, as
-    in ``fusedlm.attention``. Returns
+    of q, k, v). ``sinks`` (Hq,), ``softcap`` and ``dropout_p``: attention sinks, logit
+    soft-capping and attention dropout, as in ``fusedlm.attention``. Returns
     (total_q, Hq, D); with ``return_lse=True`` (out, lse), lse (Hq, total_q) float32 (float64
     for float64 inputs), FlashAttention's varlen layout."""
     del max_seqlen_q, max_seqlen_k  # the offsets say everything
@@ -483,6 +539,7 @@ def attention_varlen(
     sinks = _check_sinks(sinks, q4)
     return_lse = _check_return_lse(return_lse)
     softcap = _check_softcap(softcap)
+    dropout_p = _check_dropout_p(dropout_p)
     # Each query's keys: its sequence's, cut by the causal / window limits around its position
     # p = (i - q_start) + (len_k - len_q) (bottom-right), as attention_mask_bounds aligns them.
     total_q = q.shape[0]
@@ -500,7 +557,7 @@ def attention_varlen(
         hi = torch.minimum(hi, k_start + position + right + 1)
     key_range = torch.stack([lo, torch.maximum(hi, lo)], dim=1)
     result = _attention(q4, k4, v4, scale, False, 0, backend, None,
-                        key_range.to(torch.int32)[None], sinks, return_lse, softcap)
+                        key_range.to(torch.int32)[None], sinks, return_lse, softcap, dropout_p)
     if return_lse:
         return result[0][0].transpose(0, 1), result[1][0]
     return result[0].transpose(0, 1)
@@ -830,8 +887,10 @@ _sdpa_logged: set[str] = set()
 def _sdpa_unsupported(query, key, value, attn_mask, dropout_p, enable_gqa) -> str | None:
     """Why our kernels cannot take this SDPA call (it then goes to torch's), or None. (An
     ``attn_mask`` is looked at by _sdpa_mask_layout.)"""
-    if dropout_p != 0.0:
-        return "dropout_p > 0"
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)):
+        return "a dropout_p that is not a number"
+    if not 0.0 <= dropout_p < 1.0:
+        return "dropout_p outside [0, 1)"
     tensors = (query, key, value)
     if not all(isinstance(t, Tensor) and t.dtype in FLOAT_DTYPES for t in tensors):
         return "non-floating or non-tensor inputs"
@@ -894,9 +953,11 @@ def scaled_dot_product_attention(
     float with 0 and -inf / the dtype's min) that shows each query one run of keys (causal,
     sliding window, all-visible, padding, packed documents' block-diagonal masks), shared by
     the heads. Other masks (biases, gaps, per-head patterns; a float mask's row holding the
-    dtype's min but no 0, which torch's softmax spreads over the row), dropout, or anything
-    else they cannot do go to torch's SDPA (logged once per reason). A mask is inspected on the host
-    once per mask tensor (a device sync), then cached while the tensor lives."""
+    dtype's min but no 0, which torch's softmax spreads over the row), or anything else they
+    cannot do go to torch's SDPA (logged once per reason). ``dropout_p`` runs in our kernels
+    (see ``fusedlm.attention``: a Philox mask, not the one torch's SDPA would draw). A mask is
+    inspected on the host once per mask tensor (a device sync), then cached while the tensor
+    lives."""
     return sdpa_with_route(query, key, value, attn_mask, dropout_p, is_causal, scale,
                            enable_gqa)[0]
 
@@ -917,13 +978,15 @@ def sdpa_with_route(
             reason = layout
         elif isinstance(layout, Tensor):
             runtime_mask = layout
+            if dropout_p:
+                reason = "dropout_p with an attn_mask read at run time (torch.compile)"
         else:
             causal_offset, window_offset, key_range = layout
     if reason is None and not torch.compiler.is_compiling():
         # Our reference is no faster than torch's SDPA: use ours only where a kernel serves.
         auto = requested_backend(backend) == "auto"
         if auto and ATTENTION_FWD.auto_choice(query.device, query, key, value, window_offset,
-                                              key_range) == "torch":
+                                              key_range, 0.0, dropout_p) == "torch":
             reason = "no fusedlm kernel backend for these inputs"
     if reason is not None:
         if reason not in _sdpa_logged and not torch.compiler.is_compiling():
@@ -936,11 +999,13 @@ def sdpa_with_route(
     three_d = query.dim() == 3
     q, k, v = (t.unsqueeze(1) for t in (query, key, value)) if three_d else (query, key, value)
     scale = 1.0 / math.sqrt(q.shape[3]) if scale is None else float(scale)
+    dropout_p = float(dropout_p)
     if attn_mask is None:
-        out = _attention(q, k, v, scale, bool(is_causal), 0, backend)
+        out = _attention(q, k, v, scale, bool(is_causal), 0, backend, dropout_p=dropout_p)
     elif runtime_mask is not None:  # under torch.compile
         out = compiled_masked_attention(q, k, v, runtime_mask, scale, backend)
     else:  # the mask's band and key runs (is_causal is False here)
         out = _attention(q, k, v, scale, causal_offset is not None, causal_offset or 0, backend,
-                         window_offset, _check_key_range(key_range, q, k.shape[2]))
+                         window_offset, _check_key_range(key_range, q, k.shape[2]),
+                         dropout_p=dropout_p)
     return (out.squeeze(1) if three_d else out), True

@@ -1,0 +1,123 @@
+// Attention dropout's random numbers on the CPU: Philox4x32-10 (Salmon et al., "Parallel random
+// numbers: as easy as 1, 2, 3", the generator of Random123, curand and Triton's tl.randint4x),
+// laid out exactly as fusedlm.reference.attention_dropout_keep and the Triton kernels lay it out,
+// so every backend drops the same probabilities for the same seed:
+//   key (seed & 0xffffffff, seed >> 32); counter (n & 0xffffffff, n >> 32, 0, 0) with
+//   n = row * ceil(Tk / 4) + j / 4 for key j of flat query row row = (b * Hq + h) * Tq + i;
+//   the element takes output word j % 4 and is kept iff that word >= floor(p * 2^32).
+#pragma once
+
+#include "cpu/simd.h"
+
+#include <algorithm>
+#include <cstdint>
+
+namespace fusedlm::cpu {
+
+constexpr uint32_t kPhiloxRoundA = 0xD2511F53u;
+constexpr uint32_t kPhiloxRoundB = 0xCD9E8D57u;
+constexpr uint32_t kPhiloxKeyA = 0x9E3779B9u;
+constexpr uint32_t kPhiloxKeyB = 0xBB67AE85u;
+
+// floor(p * 2^32) for p in [0, 1): the word a kept element must reach.
+inline uint32_t dropout_threshold(double p) { return static_cast<uint32_t>(p * 4294967296.0); }
+
+// The four words of counter (n lo, n hi, 0, 0) under key seed, into words[0..3].
+inline void philox4x32(uint64_t seed, uint64_t n, uint32_t* words) {
+  uint32_t c0 = static_cast<uint32_t>(n), c1 = static_cast<uint32_t>(n >> 32), c2 = 0, c3 = 0;
+  uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
+  for (int round = 0; round < 10; ++round) {
+    const uint64_t product_b = uint64_t(kPhiloxRoundB) * c2;
+    const uint64_t product_a = uint64_t(kPhiloxRoundA) * c0;
+    c0 = static_cast<uint32_t>(product_b >> 32) ^ c1 ^ k0;
+    c2 = static_cast<uint32_t>(product_a >> 32) ^ c3 ^ k1;
+    c1 = static_cast<uint32_t>(product_b);
+    c3 = static_cast<uint32_t>(product_a);
+    k0 += kPhiloxKeyA;
+    k1 += kPhiloxKeyB;
+  }
+  words[0] = c0;
+  words[1] = c1;
+  words[2] = c2;
+  words[3] = c3;
+}
+
+#if FUSEDLM_X86
+namespace avx2 {
+
+// High and low 32 bits of a * m in each of 8 lanes.
+FUSEDLM_TARGET_AVX2 C10_ALWAYS_INLINE void multiply_high_low(__m256i a, __m256i m, __m256i* high,
+                                                             __m256i* low) {
+  const __m256i even = _mm256_mul_epu32(a, m);                         // lanes 0, 2, 4, 6
+  const __m256i odd = _mm256_mul_epu32(_mm256_srli_epi64(a, 32), m);  // lanes 1, 3, 5, 7
+  *low = _mm256_blend_epi32(even, _mm256_slli_epi64(odd, 32), 0xAA);
+  *high = _mm256_blend_epi32(_mm256_srli_epi64(even, 32), odd, 0xAA);
+}
+
+// Eight counters n0 .. n0 + 7 at once: words[4 * g + w] is word w of counter n0 + g.
+FUSEDLM_TARGET_AVX2 inline void philox4x32_x8(uint64_t seed, uint64_t n0, uint32_t* words) {
+  alignas(32) uint32_t lo[8], hi[8];
+  for (int g = 0; g < 8; ++g) {
+    lo[g] = static_cast<uint32_t>(n0 + g);
+    hi[g] = static_cast<uint32_t>((n0 + g) >> 32);
+  }
+  __m256i c0 = _mm256_load_si256(reinterpret_cast<const __m256i*>(lo));
+  __m256i c1 = _mm256_load_si256(reinterpret_cast<const __m256i*>(hi));
+  __m256i c2 = _mm256_setzero_si256(), c3 = _mm256_setzero_si256();
+  uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
+  const __m256i round_a = _mm256_set1_epi32(static_cast<int>(kPhiloxRoundA));
+  const __m256i round_b = _mm256_set1_epi32(static_cast<int>(kPhiloxRoundB));
+  for (int round = 0; round < 10; ++round) {
+    __m256i high_b, low_b, high_a, low_a;
+    multiply_high_low(c2, round_b, &high_b, &low_b);
+    multiply_high_low(c0, round_a, &high_a, &low_a);
+    c0 = _mm256_xor_si256(_mm256_xor_si256(high_b, c1), _mm256_set1_epi32(static_cast<int>(k0)));
+    c2 = _mm256_xor_si256(_mm256_xor_si256(high_a, c3), _mm256_set1_epi32(static_cast<int>(k1)));
+    c1 = low_b;
+    c3 = low_a;
+    k0 += kPhiloxKeyA;
+    k1 += kPhiloxKeyB;
+  }
+  // Interleave (c0, c1, c2, c3) of each lane: transpose 4 x 8 words into 8 x 4.
+  const __m256i t01_lo = _mm256_unpacklo_epi32(c0, c1), t01_hi = _mm256_unpackhi_epi32(c0, c1);
+  const __m256i t23_lo = _mm256_unpacklo_epi32(c2, c3), t23_hi = _mm256_unpackhi_epi32(c2, c3);
+  const __m256i g0 = _mm256_unpacklo_epi64(t01_lo, t23_lo);  // counters 0, 4
+  const __m256i g1 = _mm256_unpackhi_epi64(t01_lo, t23_lo);  // counters 1, 5
+  const __m256i g2 = _mm256_unpacklo_epi64(t01_hi, t23_hi);  // counters 2, 6
+  const __m256i g3 = _mm256_unpackhi_epi64(t01_hi, t23_hi);  // counters 3, 7
+  __m256i* out = reinterpret_cast<__m256i*>(words);
+  _mm256_storeu_si256(out + 0, _mm256_permute2x128_si256(g0, g1, 0x20));  // counters 0, 1
+  _mm256_storeu_si256(out + 1, _mm256_permute2x128_si256(g2, g3, 0x20));  // counters 2, 3
+  _mm256_storeu_si256(out + 2, _mm256_permute2x128_si256(g0, g1, 0x31));  // counters 4, 5
+  _mm256_storeu_si256(out + 3, _mm256_permute2x128_si256(g2, g3, 0x31));  // counters 6, 7
+}
+
+}  // namespace avx2
+#endif
+
+// Attention dropout of one query row's keys [key_begin, key_begin + n): x[c * stride] (key
+// key_begin + c) becomes x * kept_scale where kept and 0 where dropped. row: the flat query
+// row (b * Hq + h) * Tq + i; groups = ceil(Tk / 4). words: scratch of at least n + 8 words.
+template <typename acc_t>
+void apply_dropout(acc_t* x, int64_t stride, int64_t n, uint64_t seed, uint64_t row,
+                   int64_t groups, int64_t key_begin, uint32_t threshold, acc_t kept_scale,
+                   uint32_t* words) {
+  if (n <= 0) return;
+  const int64_t first_group = key_begin / 4;
+  const int64_t group_count = (key_begin + n - 1) / 4 - first_group + 1;
+  const uint64_t n0 = row * static_cast<uint64_t>(groups) + static_cast<uint64_t>(first_group);
+  int64_t g = 0;
+#if FUSEDLM_X86
+  if (cpu_has_avx2()) {
+    for (; g + 8 <= group_count; g += 8) avx2::philox4x32_x8(seed, n0 + g, words + 4 * g);
+  }
+#endif
+  for (; g < group_count; ++g) philox4x32(seed, n0 + g, words + 4 * g);
+  const uint32_t* row_words = words + (key_begin - 4 * first_group);
+  for (int64_t c = 0; c < n; ++c) {
+    acc_t& value = x[c * stride];
+    value = row_words[c] >= threshold ? value * kept_scale : acc_t(0);
+  }
+}
+
+}  // namespace fusedlm::cpu

@@ -1,0 +1,412 @@
+"""fusedlm.attention's ``dropout_p`` (attention dropout inside the kernels: probabilities
+dropped after the softmax by a Philox4x32-10 stream, the rest scaled by 1 / (1 - p)) on every
+backend, with the masks, softcap, sinks and lse, through attention_varlen,
+scaled_dot_product_attention, torch.compile, activation checkpointing and the custom ops'
+opcheck.
+
+Truth: tests/helpers.naive_attention in float64 with the keep mask of
+``fusedlm.reference.attention_dropout_keep`` (whose Philox is checked here against the
+generator's published known answer and a plain-Python Philox); baseline: the same naive math at
+the input's dtype. The seed each call draws is pinned by patching ``_dropout_seed``."""
+
+from __future__ import annotations
+
+import importlib
+import math
+import types
+
+import pytest
+import torch
+
+import fusedlm
+from fusedlm import reference
+from fusedlm.backends import BackendNotSupportedError, OpDispatch
+from tests.helpers import (
+    assert_close_rule,
+    atol_for,
+    available_backends,
+    device_of,
+    kernel_backends,
+    naive_attention,
+)
+from tests.ops.test_attention_lse_and_sinks import _inputs, _skip_if_refused
+
+# The cuda kernels have no dropout (auto takes Triton's on a GPU): test_cuda_backend_refuses_*.
+BACKENDS = [param for param in available_backends() if param.id != "cuda"]
+CUDA = [param for param in available_backends("cuda") if param.id == "cuda"]
+attention_ops = importlib.import_module("fusedlm.ops.attention")
+
+SEED = 2**40 + 977  # above 2^32: both halves of the Philox key matter
+# (B, Hq, Hkv, Tq, Tk, D): one element; odd sizes (Tk not a multiple of 4: a row's last Philox
+# word group is partial); GQA; Tq > Tk; several partial tiles (the cpu kernels' 128-key tiles,
+# the AVX2 Philox's 8-counter runs and their remainders); decoding (key splits).
+SHAPES = [
+    (1, 1, 1, 1, 1, 8),
+    (2, 4, 2, 17, 23, 40),
+    (1, 2, 2, 70, 17, 64),
+    (1, 2, 1, 150, 270, 40),
+    (1, 8, 2, 1, 700, 64),
+]
+SHAPE_IDS = ["B{}-Hq{}-Hkv{}-Tq{}-Tk{}-D{}".format(*s) for s in SHAPES]
+DTYPES = [torch.float64, torch.float32, torch.float16]
+
+
+@pytest.fixture
+def pinned_seed(monkeypatch):
+    """Every call draws SEED."""
+    monkeypatch.setattr(attention_ops, "_dropout_seed", lambda: torch.tensor(SEED))
+    return SEED
+
+
+# ---- the random numbers -------------------------------------------------------------------
+
+
+def _philox_python(seed: int, n: int) -> list[int]:
+    """Philox4x32-10 written out on Python ints (Salmon et al. 2011): counter (n lo, n hi, 0,
+    0), key (seed lo, seed hi)."""
+    mask = 0xFFFFFFFF
+    c = [n & mask, n >> 32, 0, 0]
+    key = [seed & mask, seed >> 32]
+    for _ in range(10):
+        product_a, product_b = 0xD2511F53 * c[0], 0xCD9E8D57 * c[2]
+        c = [(product_b >> 32) ^ c[1] ^ key[0], product_b & mask,
+             (product_a >> 32) ^ c[3] ^ key[1], product_a & mask]
+        key = [(key[0] + 0x9E3779B9) & mask, (key[1] + 0xBB67AE85) & mask]
+    return c
+
+
+def test_philox_known_answer():
+    """Random123's known answer for Philox4x32-10 with counter 0 and key 0."""
+    words = reference.philox4x32(0, torch.zeros(1, dtype=torch.int64))
+    assert [int(w) for w in words] == [0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8]
+    assert _philox_python(0, 0) == [0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8]
+
+
+def test_reference_philox_is_the_plain_one():
+    """The reference's int64-tensor Philox (16-bit halves of the multipliers) against Python
+    ints, for counters and seeds of every size up to 2^63 - 1."""
+    gen = torch.Generator().manual_seed(0)
+    counters = [0, 1, 2**32 - 1, 2**32, 2**63 - 1] + [
+        int(x) for x in torch.randint(0, 2**63 - 1, (20,), generator=gen)]
+    for seed in (0, 1, 2**32 - 1, 2**32 + 5, SEED, 2**63 - 1):
+        words = reference.philox4x32(seed, torch.tensor(counters, dtype=torch.int64))
+        for i, n in enumerate(counters):
+            assert [int(w[i]) for w in words] == _philox_python(seed, n), (seed, n)
+
+
+def test_keep_mask_layout():
+    """Element (b, h, i, j) takes word j % 4 of counter ((b Hq + h) Tq + i) ceil(Tk / 4) + j // 4
+    and is kept iff it reaches floor(p 2^32)."""
+    B, Hq, Tq, Tk, p = 2, 3, 5, 7, 0.4
+    keep = reference.attention_dropout_keep(B, Hq, Tq, Tk, p, SEED)
+    threshold = reference.dropout_threshold(p)
+    assert threshold == int(0.4 * 2**32)
+    for b, h, i, j in [(0, 0, 0, 0), (1, 2, 4, 6), (0, 1, 3, 5), (1, 0, 2, 3)]:
+        n = ((b * Hq + h) * Tq + i) * 2 + j // 4
+        assert bool(keep[b, h, i, j]) == (_philox_python(SEED, n)[j % 4] >= threshold)
+
+
+# ---- values and gradients -----------------------------------------------------------------
+
+
+def _check(shape, dtype, backend, dropout_p, use_sinks=False, use_lse=False, softcap=None,
+           **masks):
+    """out (and lse) and the gradients of q, k, v (and sinks) against truth and baseline, all
+    three with the keep mask of SEED."""
+    _skip_if_refused(backend, dtype)
+    q, k, v, sinks, grad_out, grad_lse = _inputs(shape, dtype, device_of(backend))
+    B, Hq, Tq = q.shape[:3]
+    keep = reference.attention_dropout_keep(B, Hq, Tq, k.shape[2], dropout_p, SEED, q.device)
+    results = {}
+    for name in ("ours", "baseline", "truth"):
+        cast = torch.float64 if name == "truth" else dtype
+        lq, lk, lv, ls = (t.to(cast).clone().requires_grad_() for t in (q, k, v, sinks))
+        s = ls if use_sinks else None
+        if name == "ours":
+            out, lse = fusedlm.attention(lq, lk, lv, sinks=s, return_lse=True, softcap=softcap,
+                                         dropout_p=dropout_p, backend=backend, **masks)
+        else:
+            out, lse = naive_attention(lq, lk, lv, sinks=s, return_lse=True, softcap=softcap,
+                                       dropout_keep=keep, dropout_p=dropout_p, **masks)
+        loss = (out * grad_out.to(cast)).sum()
+        if use_lse:
+            loss = loss + (lse * grad_lse.to(lse.dtype)).sum()
+        wrt = [lq, lk, lv] + ([ls] if use_sinks else [])
+        results[name] = out, lse, torch.autograd.grad(loss, wrt)
+
+    (out, lse, grads), (out_base, lse_base, grads_base), (out_truth, lse_truth, grads_truth) = (
+        results["ours"], results["baseline"], results["truth"])
+    assert out.dtype == dtype and out.shape == q.shape
+    assert_close_rule(out, out_base, out_truth, name="out")
+    assert_close_rule(lse, lse_base, lse_truth, name="lse")
+    names = ("dq", "dk", "dv", "dsinks")[:len(grads)]
+    for name, g, g_base, g_truth in zip(names, grads, grads_base, grads_truth, strict=True):
+        assert g.dtype == dtype, f"{name}: {g.dtype}"
+        assert_close_rule(g, g_base, g_truth, atol=atol_for(dtype, g_truth), name=name)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
+def test_dropout(shape, causal, dtype, backend, pinned_seed):
+    _check(shape, dtype, backend, 0.3, causal=causal)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dropout_p", [1e-6, 0.1, 0.5, 0.9])
+def test_dropout_rates(dropout_p, backend, pinned_seed):
+    _check((2, 4, 2, 33, 45, 16), torch.float32, backend, dropout_p, causal=True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("masks", ["window", "key_range", "documents"])
+def test_dropout_with_windows_and_key_ranges(masks, dtype, backend, pinned_seed):
+    shape = (2, 4, 2, 40, 52, 16)
+    if masks == "window":
+        kwargs = {"causal": True, "window": (9, 0)}
+    elif masks == "key_range":
+        kwargs = {"key_range": torch.tensor([[3, 50], [0, 17]], device=device_of(backend))}
+    else:
+        bounds = torch.tensor([0, 11, 30, 52])
+        starts = torch.repeat_interleave(bounds[:-1], bounds.diff())[:40]
+        ends = torch.repeat_interleave(bounds[1:], bounds.diff())[:40]
+        per_query = torch.stack([starts, ends], dim=1)[None].expand(2, 40, 2)
+        kwargs = {"key_range": per_query.to(device_of(backend))}
+    _check(shape, dtype, backend, 0.25, **kwargs)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("use_sinks", [False, True], ids=["lse", "sinks_and_lse"])
+def test_dropout_with_softcap_lse_gradient_and_sinks(use_sinks, backend, pinned_seed):
+    """lse is the softmax's (no dropout in it) and carries its gradient; sinks scale the
+    dropped output; the cap comes before the softmax, the dropout after it."""
+    _check((2, 4, 2, 19, 37, 16), torch.float32, backend, 0.2, use_sinks=use_sinks,
+           use_lse=True, softcap=2.0, causal=True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_no_dropout_is_plain_attention_bit_for_bit(backend):
+    """dropout_p=0 takes the kernels' plain call: the same bits as leaving it out."""
+    _skip_if_refused(backend, torch.float32)
+    q, k, v, *_ = _inputs((2, 4, 2, 19, 37, 16), torch.float32, device_of(backend))
+    plain = fusedlm.attention(q, k, v, causal=True, backend=backend)
+    assert torch.equal(fusedlm.attention(q, k, v, causal=True, dropout_p=0.0, backend=backend),
+                       plain)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_the_default_generator_seeds_the_mask(backend):
+    """torch.manual_seed repeats a call's mask; successive calls draw new masks; every backend
+    drops the same elements for the same seed."""
+    _skip_if_refused(backend, torch.float32)
+    q, k, v, *_ = _inputs((1, 2, 2, 16, 24, 8), torch.float32, device_of(backend))
+    torch.manual_seed(7)
+    first = fusedlm.attention(q, k, v, dropout_p=0.5, backend=backend)
+    second = fusedlm.attention(q, k, v, dropout_p=0.5, backend=backend)
+    torch.manual_seed(7)
+    again = fusedlm.attention(q, k, v, dropout_p=0.5, backend=backend)
+    torch.manual_seed(7)
+    reference_backend = fusedlm.attention(q, k, v, dropout_p=0.5, backend="torch")
+    assert torch.equal(first, again)
+    assert not torch.equal(first, second)
+    torch.testing.assert_close(first, reference_backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_dropout_keeps_the_expected_share_unbiased(backend):
+    """With equal scores (q = 0), one-hot values and 256 keys (D = 256), out[i, d] is row i's
+    kept share of key d's probability times 1 / (1 - p): the kept fraction is 1 - p within
+    binomial noise and the mean output that of no dropout (inverted dropout is unbiased)."""
+    _skip_if_refused(backend, torch.float32)
+    device = device_of(backend)
+    p, Tq, Tk = 0.3, 200, 256
+    q = torch.zeros(1, 1, Tq, Tk, device=device)
+    k = torch.randn(1, 1, Tk, Tk, device=device)
+    v = torch.eye(Tk, device=device)[None, None]  # (1, 1, Tk, Tk): out = P * M / (1 - p)
+    torch.manual_seed(3)
+    out = fusedlm.attention(q, k, v, dropout_p=p, backend=backend)
+    kept = out != 0
+    n = kept.numel()
+    assert abs(kept.float().mean().item() - (1 - p)) < 5 * math.sqrt(p * (1 - p) / n)
+    torch.testing.assert_close(out[kept], torch.full_like(out[kept], 1 / Tk / (1 - p)))
+    assert abs(out.sum(-1).mean().item() - 1.0) < 5 * math.sqrt(p / (1 - p) / Tq / Tk) + 1e-6
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_varlen_dropout_is_attention_on_the_packed_view(backend, pinned_seed):
+    """attention_varlen with dropout: fusedlm.attention on the (1, H, total, D) view with each
+    query's sequence as its key range, mask included (the counters are the packed rows')."""
+    _skip_if_refused(backend, torch.float32)
+    device = device_of(backend)
+    lengths_q, lengths_k = [5, 1, 12], [7, 3, 12]
+    Hq, Hkv, D = 4, 2, 16
+    gen = torch.Generator().manual_seed(1)
+    q = torch.randn(sum(lengths_q), Hq, D, generator=gen).to(device).requires_grad_()
+    k = torch.randn(sum(lengths_k), Hkv, D, generator=gen).to(device).requires_grad_()
+    v = torch.randn(sum(lengths_k), Hkv, D, generator=gen).to(device).requires_grad_()
+    cu_q = torch.tensor([0, 5, 6, 18], dtype=torch.int32, device=device)
+    cu_k = torch.tensor([0, 7, 10, 22], dtype=torch.int32, device=device)
+    out = fusedlm.attention_varlen(q, k, v, cu_q, cu_k, dropout_p=0.4, backend=backend)
+    out.square().sum().backward()
+
+    sequence_of_query = torch.repeat_interleave(torch.arange(3), torch.tensor(lengths_q))
+    key_range = torch.stack([cu_k[:-1].cpu()[sequence_of_query],
+                             cu_k[1:].cpu()[sequence_of_query]], dim=1)[None]
+    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    views = [t.transpose(0, 1)[None] for t in leaves]
+    keep = reference.attention_dropout_keep(1, Hq, 18, 22, 0.4, SEED, device)
+    expected = naive_attention(*views, key_range=key_range.to(device), dropout_keep=keep,
+                               dropout_p=0.4)
+    torch.testing.assert_close(out, expected[0].transpose(0, 1))
+    expected.square().sum().backward()
+    for name, leaf, ours in zip(("dq", "dk", "dv"), leaves, (q, k, v), strict=True):
+        torch.testing.assert_close(ours.grad, leaf.grad, msg=name)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sdpa_drop_in_runs_dropout_in_our_kernels(backend, pinned_seed):
+    """fusedlm.scaled_dot_product_attention(dropout_p=...) is served by our kernels (no longer
+    handed to torch's SDPA) with the mask of the seed; dropout_p >= 1 still goes to torch's."""
+    _skip_if_refused(backend, torch.float32)
+    q, k, v, *_ = _inputs((2, 4, 4, 13, 13, 16), torch.float32, device_of(backend))
+    out, ours = attention_ops.sdpa_with_route(q, k, v, dropout_p=0.3, is_causal=True,
+                                              backend=backend)
+    assert ours
+    keep = reference.attention_dropout_keep(2, 4, 13, 13, 0.3, SEED, q.device)
+    torch.testing.assert_close(
+        out, naive_attention(q, k, v, causal=True, causal_offset=0, dropout_keep=keep,
+                             dropout_p=0.3))
+    out, ours = attention_ops.sdpa_with_route(q, k, v, dropout_p=1.0)
+    assert not ours and torch.equal(out, torch.zeros_like(out))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_activation_checkpointing_recomputes_the_same_mask(backend):
+    """torch.utils.checkpoint restores the default generator for the recomputation, so the
+    recomputed forward draws the same seed: the gradients of an uncheckpointed run."""
+    _skip_if_refused(backend, torch.float32)
+    q, k, v, *_ = _inputs((1, 4, 2, 21, 21, 16), torch.float32, device_of(backend))
+
+    def block(q, k, v):
+        return fusedlm.attention(q, k, v, causal=True, dropout_p=0.3, backend=backend)
+
+    grads = []
+    for checkpointed in (False, True):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        torch.manual_seed(11)
+        if checkpointed:
+            out = torch.utils.checkpoint.checkpoint(block, *leaves, use_reentrant=False)
+        else:
+            out = block(*leaves)
+        grads.append(torch.autograd.grad(out.square().sum(), leaves))
+    for name, plain, recomputed in zip(("dq", "dk", "dv"), *grads, strict=True):
+        torch.testing.assert_close(recomputed, plain, msg=name)
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_dropout_compile_fullgraph(backend):
+    """Under torch.compile the seed's draw is in the graph (a tensor, not a constant): each
+    call of the compiled function drops anew, and with the generator seeded alike it drops what
+    eager drops, forward and backward."""
+    _skip_if_refused(backend, torch.float32)
+    torch._dynamo.reset()
+    q, k, v, _, grad_out, _ = _inputs((2, 4, 2, 13, 21, 16), torch.float32, device_of(backend))
+
+    def step(q, k, v):
+        return (fusedlm.attention(q, k, v, causal=True, dropout_p=0.3, backend=backend)
+                * grad_out).sum()
+
+    compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
+    results = []
+    for fn in (step, compiled):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        torch.manual_seed(5)
+        loss = fn(*leaves)
+        results.append([loss.detach(), *torch.autograd.grad(loss, leaves)])
+    for name, eager, traced in zip(("loss", "dq", "dk", "dv"), *results, strict=True):
+        torch.testing.assert_close(traced, eager, msg=name)
+    assert not torch.equal(compiled(q, k, v), compiled(q, k, v))
+
+
+@pytest.mark.parametrize("backend", kernel_backends())
+def test_opcheck_with_dropout(backend):
+    """torch.library.opcheck of fusedlm::attention_fwd/bwd with dropout (schema, fake tensors,
+    autograd registration)."""
+    q, k, v, _, grad_out, grad_lse = _inputs((1, 4, 2, 9, 11, 8), torch.float32, "cpu")
+    seed = torch.tensor(SEED)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    torch.library.opcheck(torch.ops.fusedlm.attention_fwd.default,
+                          (*leaves, 0.35, True, 2, backend, None, None, 0.0, 0.3, seed))
+    out, lse = torch.ops.fusedlm.attention_fwd(q, k, v, 0.35, True, 2, backend, None, None, 0.0,
+                                               0.3, seed)
+    torch.library.opcheck(torch.ops.fusedlm.attention_bwd.default,
+                          (grad_out, q, k, v, out, lse, 0.35, True, 2, backend, None, None,
+                           grad_lse.float(), 0.0, 0.3, seed))
+
+
+# ---- bad inputs and the cuda backend ------------------------------------------------------
+
+
+@pytest.mark.parametrize("dropout_p, error, match", [
+    (-0.1, ValueError, r"argument 'dropout_p' must be in \[0, 1\)"),
+    (1.0, ValueError, r"argument 'dropout_p' must be in \[0, 1\)"),
+    (math.nan, ValueError, "dropout_p"),
+    ("0.1", TypeError, "dropout_p"),
+    (True, TypeError, "dropout_p"),
+])
+def test_bad_dropout_p_is_named(dropout_p, error, match):
+    q, k, v, *_ = _inputs((1, 2, 2, 4, 4, 8), torch.float32, "cpu")
+    with pytest.raises(error, match=match):
+        fusedlm.attention(q, k, v, dropout_p=dropout_p)
+    cu = torch.tensor([0, 4], dtype=torch.int32)
+    with pytest.raises(error, match=match):
+        fusedlm.attention_varlen(q[0].transpose(0, 1), k[0].transpose(0, 1),
+                                 v[0].transpose(0, 1), cu, cu, dropout_p=dropout_p)
+
+
+@pytest.mark.parametrize("backend", kernel_backends())
+def test_extension_entry_points_check_dropout(backend):
+    """fusedlm._C.attention_fwd/bwd name a dropout_p outside [0, 1) and a negative seed."""
+    from fusedlm import _ext
+
+    C = _ext.load()
+    q, k, v, _, grad_out, _ = _inputs((1, 2, 2, 4, 4, 8), torch.float32, "cpu")
+    out, lse = C.attention_fwd(q, k, v, 0.5, False, 0, dropout_p=0.5, dropout_seed=3)
+    for bad, name in (({"dropout_p": 1.0}, "dropout_p"), ({"dropout_p": -0.5}, "dropout_p"),
+                      ({"dropout_p": 0.5, "dropout_seed": -1}, "dropout_seed")):
+        with pytest.raises(ValueError, match=name):
+            C.attention_fwd(q, k, v, 0.5, False, 0, **bad)
+        with pytest.raises(ValueError, match=name):
+            C.attention_bwd(grad_out, q, k, v, out, lse, 0.5, False, 0, **bad)
+
+
+@pytest.mark.parametrize("backend", CUDA)
+def test_cuda_backend_refuses_dropout(backend):
+    """backend="cuda" with dropout raises, naming dropout_p and Triton; auto runs Triton's
+    kernels (on a GPU with Triton) or the reference, with the mask of the seed."""
+    q, k, v, *_ = _inputs((1, 4, 2, 17, 23, 64), torch.float16, "cuda")
+    with pytest.raises(BackendNotSupportedError, match="dropout_p.*Triton"):
+        fusedlm.attention(q, k, v, causal=True, dropout_p=0.2, backend="cuda")
+    torch.manual_seed(0)
+    out = fusedlm.attention(q, k, v, causal=True, dropout_p=0.2)
+    assert OpDispatch.last_choice["attention_fwd"] != "cuda"
+    torch.manual_seed(0)
+    seed = int(attention_ops._dropout_seed())
+    keep = reference.attention_dropout_keep(1, 4, 17, 23, 0.2, seed, "cuda")
+    truth = naive_attention(q.double(), k.double(), v.double(), causal=True, dropout_keep=keep,
+                            dropout_p=0.2)
+    baseline = naive_attention(q, k, v, causal=True, dropout_keep=keep, dropout_p=0.2)
+    assert_close_rule(out, baseline, truth, name="out")
+
+
+def test_cuda_kernels_hand_dropout_calls_to_triton():
+    """The CUDA kernels have no dropout: their support check says so (auto then picks Triton
+    on a GPU, and backend='cuda' raises with this reason)."""
+    q = types.SimpleNamespace(device=torch.device("cuda"), dtype=torch.float16,
+                              shape=(1, 4, 17, 64))
+    reason = attention_ops._extension_supports(q, q, q, None, None, 0.0, 0.1)
+    assert reason is not None and "dropout_p" in reason and "Triton" in reason
+    assert attention_ops._triton_supports(q, q, q, None, None, 0.0, 0.1) is None
