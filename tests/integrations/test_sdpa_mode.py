@@ -430,13 +430,16 @@ def test_mode_as_a_context_manager():
     OpDispatch.last_choice.clear()
     with mode:
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        dropped = F.scaled_dot_product_attention(q, k, v, dropout_p=0.5)  # torch's
+        dropped = F.scaled_dot_product_attention(q, k, v, dropout_p=0.5)  # ours too
+        gaps = torch.ones(9, 9, dtype=torch.bool)
+        gaps[4, 2] = False  # no run of keys: torch's
+        masked = F.scaled_dot_product_attention(q, k, v, attn_mask=gaps)
         added = q + k  # any other call passes through
-    assert mode.calls == {"fused": 1, "torch": 1}
+    assert mode.calls == {"fused": 2, "torch": 1}
     assert OpDispatch.last_choice["attention_fwd"] == "cpu"
     torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v, is_causal=True),
                                rtol=1e-5, atol=1e-6)
-    assert dropped.shape == out.shape
+    assert dropped.shape == masked.shape == out.shape
     torch.testing.assert_close(added, q + k, rtol=0, atol=0)
     assert torch._C._len_torch_function_stack() == 0
 

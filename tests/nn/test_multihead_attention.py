@@ -1,6 +1,7 @@
 """fusedlm.nn.MultiheadAttention against torch.nn.MultiheadAttention holding the same
 parameters: outputs and gradients by DESIGN.md's rule (truth: torch's module in float64), and
-the calls it hands back to torch's forward (need_weights, dropout, bias_k, unbatched)."""
+the calls it hands back to torch's forward (need_weights, bias_k, unbatched), and attention
+dropout in training, which runs in our kernels."""
 
 from __future__ import annotations
 
@@ -139,12 +140,10 @@ def test_separate_projection_weights(bias):
     assert OpDispatch.last_choice["attention_fwd"] == "cpu"
 
 
-@pytest.mark.parametrize("case", ["need_weights", "dropout", "bias_kv", "zero_attn",
-                                  "unbatched", "per_head_mask"])
+@pytest.mark.parametrize("case", ["need_weights", "bias_kv", "zero_attn", "unbatched",
+                                  "per_head_mask"])
 def test_calls_the_fused_path_cannot_take_run_torchs_forward(case):
     kwargs = {"batch_first": True}
-    if case == "dropout":
-        kwargs["dropout"] = 0.5
     if case == "bias_kv":
         kwargs["add_bias_kv"] = True
     if case == "zero_attn":
@@ -158,8 +157,6 @@ def test_calls_the_fused_path_cannot_take_run_torchs_forward(case):
         call["attn_mask"] = torch.rand(2 * HEADS, 6, 6) > 0.3
         call["attn_mask"][..., 0] = False  # every query sees key 0
     OpDispatch.last_choice.clear()
-    for m in (fused, same):
-        m.train(case == "dropout")
     torch.manual_seed(1)
     out, weights = fused(x, x, x, **call)
     torch.manual_seed(1)
@@ -168,6 +165,42 @@ def test_calls_the_fused_path_cannot_take_run_torchs_forward(case):
     torch.testing.assert_close(out, want, rtol=0, atol=0)
     if case == "need_weights":
         torch.testing.assert_close(weights, want_weights, rtol=0, atol=0)
+
+
+@needs_cpu_backend
+@pytest.mark.parametrize("masks", ["none", "padding"])
+def test_attention_dropout_in_training_runs_our_kernels(masks):
+    """In train() with dropout > 0 (nn.TransformerEncoderLayer's default 0.1) the call stays on
+    our kernels, dropping by the Philox mask: with the generator seeded alike, backend "cpu"
+    gives the torch reference backend's output and gradients, eval() drops nothing, and
+    successive training calls drop differently."""
+    x = torch.randn(2, 6, E)
+    padding = torch.zeros(2, 6, dtype=torch.bool)
+    padding[1, 4:] = True
+    call = {"need_weights": False,
+            "key_padding_mask": padding if masks == "padding" else None}
+    results = []
+    for backend in ("cpu", "torch"):
+        fused, _, _ = _modules(backend, torch.float32, "cpu", batch_first=True, dropout=0.3)
+        fused.train()
+        OpDispatch.last_choice.clear()
+        torch.manual_seed(1)
+        out = fused(x, x, x, **call)[0]
+        assert OpDispatch.last_choice["attention_fwd"] == backend
+        grads = torch.autograd.grad(out.square().sum(), list(fused.parameters()))
+        results.append((out, grads, fused))
+    (out, grads, fused), (out_ref, grads_ref, _) = results
+    torch.testing.assert_close(out, out_ref)
+    for g, g_ref in zip(grads, grads_ref, strict=True):
+        torch.testing.assert_close(g, g_ref)
+    with torch.no_grad():
+        again = fused(x, x, x, **call)[0]
+        fused.eval()
+        plain = fused(x, x, x, **call)[0]
+    assert not torch.equal(again, out.detach())
+    assert not torch.allclose(plain, out.detach())
+    torch.testing.assert_close(plain, torch.nn.MultiheadAttention.forward(fused, x, x, x,
+                                                                          **call)[0])
 
 
 @needs_cpu_backend

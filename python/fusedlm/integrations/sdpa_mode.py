@@ -62,7 +62,7 @@ class FusedSDPAMode(TorchFunctionMode):
 
     ``backend``: "auto" (fusedlm's kernels where one serves the inputs, torch's SDPA otherwise)
     or a backend name. ``calls`` counts the eager calls by where they ran: ``"fused"`` (our
-    kernels) and ``"torch"`` (torch's SDPA: masks, dropout or inputs our kernels cannot take).
+    kernels) and ``"torch"`` (torch's SDPA: masks or inputs our kernels cannot take).
     Calls traced by ``torch.compile`` are not counted."""
 
     def __init__(self, backend: str = "auto", calls: Counter | None = None,

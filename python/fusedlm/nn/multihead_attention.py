@@ -34,7 +34,8 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
 
     - ``need_weights=False`` (weights need the full score matrix: torch computes them);
     - batched inputs (N, L, E) with ``batch_first`` or (L, N, E), not nested tensors;
-    - no ``bias_k`` / ``bias_v`` / ``add_zero_attn``, and dropout off (``eval()`` or p = 0);
+    - no ``bias_k`` / ``bias_v`` / ``add_zero_attn`` (attention dropout in training runs in
+      our kernels: ``fusedlm.attention``'s ``dropout_p``, a Philox mask, not torch's draw);
     - ``attn_mask`` None or (L, S) and ``key_padding_mask`` None or (N, S), each boolean (True:
       hidden) or of the query's dtype (added to the scores).
 
@@ -63,7 +64,7 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
     def _fused_call(self, query: Tensor, key: Tensor, value: Tensor,
                     key_padding_mask: Tensor | None, need_weights: bool,
                     attn_mask: Tensor | None, is_causal: bool) -> bool:
-        if need_weights or (self.training and self.dropout > 0.0):
+        if need_weights:
             return False
         if self.bias_k is not None or self.bias_v is not None or self.add_zero_attn:
             return False
@@ -115,7 +116,8 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
             is_causal = False
         if attn_mask is not None or key_padding_mask is not None:
             mask = _cached_merged_mask(attn_mask, key_padding_mask, N, L, S, q.dtype)
-        out = sdpa_with_route(q, k, v, mask, 0.0, is_causal, backend=self.backend)[0]
+        dropout_p = self.dropout if self.training else 0.0
+        out = sdpa_with_route(q, k, v, mask, dropout_p, is_causal, backend=self.backend)[0]
         out = self.out_proj(out.transpose(1, 2).reshape(N, L, E))
         return (out if self.batch_first else out.transpose(0, 1)), None
 
