@@ -141,6 +141,44 @@ def test_forced_backend_without_a_kernel_takes_the_torch_path_for_that_op(arch, 
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_attention_dropout_runs_in_the_attention_kernels(arch, monkeypatch):
+    """With ``dropout`` > 0 in training the fused model drops attention probabilities inside
+    fusedlm.attention (its Philox mask, the same on every backend): the cpu kernels and the
+    torch reference backend give one loss and gradients for one generator seed; a second
+    step drops differently; eval() drops nothing (the fused and torch models agree)."""
+    if not fusedlm.backends()["cpu"].available:
+        pytest.skip("needs the C++ extension")
+    config, fused, reference_model = _pair(arch, dropout=0.2)
+    idx, targets = torch.randint(0, config.vocab_size, (2, 2, 16))
+    results = []
+    for backend in ("cpu", "torch"):
+        monkeypatch.setenv("FUSEDLM_BACKEND", backend)
+        fused.zero_grad()
+        torch.manual_seed(3)
+        loss = fused(idx, targets)[1]
+        loss.backward()
+        results.append((loss.detach(), [p.grad.clone() for p in fused.parameters()]))
+    monkeypatch.delenv("FUSEDLM_BACKEND")
+    (loss, grads), (loss_ref, grads_ref) = results
+    torch.testing.assert_close(loss, loss_ref, rtol=1e-5, atol=1e-5)
+    for g, g_ref in zip(grads, grads_ref, strict=True):
+        torch.testing.assert_close(g, g_ref, rtol=1e-4, atol=1e-5)
+    calls = []
+    attention = fusedlm.models.gpt.fused_attention
+    monkeypatch.setattr(fusedlm.models.gpt, "fused_attention",
+                        lambda *a, **kw: calls.append(kw["dropout_p"]) or attention(*a, **kw))
+    with torch.no_grad():
+        assert fused(idx, targets)[1] != loss
+    assert calls == [0.2] * config.n_layer
+    fused.eval()
+    reference_model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(fused(idx, targets)[1], reference_model(idx, targets)[1],
+                                   rtol=1e-5, atol=1e-5)
+    assert calls[config.n_layer:] == [0.0] * config.n_layer
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
 def test_activation_checkpointing_with_fused_add_norms(arch):
     """Activation checkpointing recomputes each block (the residual stream and the branch
     output handed from block to block, the fused add-norms in between): the same loss and

@@ -42,7 +42,10 @@ class GPTConfig:
     ``4 * n_embd``; ``arch="llama"``: RMSNorm, rotary positions, SwiGLU MLP of width
     ``intermediate_size`` (default ~8/3 n_embd rounded up to 64), ``n_kv_head`` kv heads.
     ``sliding_window`` W (either arch): each position attends to at most the last W positions,
-    itself included (Mistral's sliding window); None: every earlier position."""
+    itself included (Mistral's sliding window); None: every earlier position. ``dropout`` (in
+    training) applies, as nanoGPT's, to the embeddings, each residual branch and the attention
+    probabilities (the latter inside the attention kernels with ``kernels="fused"``, by their
+    Philox mask, torch's SDPA's own with ``kernels="torch"``: the two then drop differently)."""
 
     vocab_size: int = 50304
     block_size: int = 1024
@@ -188,22 +191,23 @@ def document_ids(idx: Tensor, separator: int) -> Tensor:
 
 
 def _torch_attention(q: Tensor, k: Tensor, v: Tensor, sliding_window: int | None,
-                     documents: Tensor | None = None) -> Tensor:
+                     documents: Tensor | None = None, dropout_p: float = 0.0) -> Tensor:
     """Causal attention, bottom-right aligned (so a query block at the end of a kv cache sees
     every earlier key), within the last ``sliding_window`` keys if set and within each
-    query's document (``documents`` (B, T) ids, Tq = Tk) if given, on torch's SDPA."""
+    query's document (``documents`` (B, T) ids, Tq = Tk) if given, with attention dropout
+    ``dropout_p``, on torch's SDPA."""
     Tq, Tk = q.shape[2], k.shape[2]
     if q.shape[1] != k.shape[1]:
         repeat = q.shape[1] // k.shape[1]
         k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
     if Tq == Tk and (sliding_window is None or sliding_window >= Tk) and documents is None:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p)
     visible = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device).tril(Tk - Tq)
     if sliding_window is not None:
         visible = visible.triu(Tk - Tq - sliding_window + 1)
     if documents is not None:  # (B, 1, T, T)
         visible = visible & (documents[:, None, :, None] == documents[:, None, None, :])
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=visible)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=visible, dropout_p=dropout_p)
 
 
 class KVCache:
@@ -302,12 +306,15 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.append(self.layer, k, v)
         window = self.config.sliding_window
+        dropout_p = self.config.dropout if self.training else 0.0
         if self.kernels == "fused":
             y = fused_attention(q, k, v, causal=True,
                                 window=None if window is None else (window - 1, 0),
-                                key_range=None if documents is None else documents[1])
+                                key_range=None if documents is None else documents[1],
+                                dropout_p=dropout_p)
         else:
-            y = _torch_attention(q, k, v, window, None if documents is None else documents[0])
+            y = _torch_attention(q, k, v, window, None if documents is None else documents[0],
+                                 dropout_p)
         return self.dropout(self.c_proj(y.transpose(1, 2).reshape(B, T, C)))
 
 
