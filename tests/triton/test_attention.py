@@ -601,6 +601,7 @@ def _sm90_launch(name, dtype, head_dim, causal, window=False, seqlen=2048, key_r
         cfg = kernels._fixed_config(name, block_d, _SM90_TYPES[dtype], H100_SHARED)
         meta.update(CAUSAL=causal, WINDOW=window, KEY_RANGE=key_range,
                     DOT_PRECISION="ieee" if dtype == "fp32" else "tf32", SOFTCAP=softcap > 0,
+                    DROPOUT=False,
                     softcap=float(softcap), **cfg)
         if name == "fwd":
             meta["SPLIT_KEYS"] = split_keys

@@ -18,6 +18,15 @@ q.k becomes softcap * tanh(s / softcap) before the masks and the softmax; the ba
 dS by 1 - tanh^2. It is a constexpr (SOFTCAP) of every kernel: softcap 0 builds the uncapped
 kernels unchanged.
 
+Dropout (``dropout_p`` > 0, attention dropout as in FlashAttention-2): the probabilities (after
+the softmax, whose row sums and lse stay those of the undropped P) are multiplied by M / (1 -
+p) before P @ V, M the keep mask of ``fusedlm.reference.attention_dropout_keep``: element (b,
+h, i, j) of the (B, Hq, Tq, Tk) probabilities is kept iff word j % 4 of Philox4x32-10
+(``tl.randint4x``) of the counter ((b * Hq + h) * Tq + i) * ceil(Tk / 4) + j // 4 under
+``dropout_seed`` is >= floor(p * 2^32), so every backend drops the same elements. The
+backward regenerates the mask (dV = (P M / (1 - p))^T dO, dP = (dO V^T) M / (1 - p)). It is
+a constexpr (DROPOUT) of every kernel: dropout_p 0 builds the kernels without it, unchanged.
+
 Launch configs: on a GPU, 16-bit inputs with sequences of at least ``AUTOTUNE_MIN_SEQLEN`` are
 autotuned (``triton.autotune`` over ``HOPPER_CONFIGS``, keyed on the padded head dim, causal,
 a power-of-two sequence-length bucket and the dtypes; configs over the device's shared memory
@@ -30,6 +39,7 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
 
 import torch
 import triton
@@ -47,6 +57,8 @@ _LN2 = tl.constexpr(0.6931471805599453)
 MAX_HEAD_DIM = 256
 AUTOTUNE_MIN_SEQLEN = 512  # shorter sequences: a fixed config (tuning them is not worth it)
 _SEQ_BUCKET_MAX = 16384
+# Dropout's seed and threshold: not specialized (a new seed each step must not recompile).
+_DROPOUT_ARGS = ["dropout_seed_lo", "dropout_seed_hi", "dropout_threshold"]
 
 
 # ---- kernels --------------------------------------------------------------------------------
@@ -177,16 +189,39 @@ def _softcap_tanh(dots, qk_scale, softcap):
 
 
 @triton.jit
+def _dropout_keep(seed_lo, seed_hi, threshold, rows, n_quads, start_n, BLOCK_M: tl.constexpr,
+                  BLOCK_N: tl.constexpr):
+    """(BLOCK_M, BLOCK_N) bool: which probabilities attention dropout keeps, of the rows
+    `rows` (BLOCK_M int64: (b * Hq + h) * Tq + i, the row of the (B, Hq, Tq, Tk) probabilities)
+    and the keys [start_n, start_n + BLOCK_N), start_n a multiple of 4; n_quads = cdiv(Tk, 4).
+    Key j takes word j % 4 of Philox4x32-10 (tl.randint4x) of the counter rows * n_quads + j //
+    4 under the key (seed & 0xffffffff, seed >> 32), kept iff that word >= threshold (unsigned):
+    fusedlm.reference.attention_dropout_keep. One generator call per four keys, its words
+    interleaved: join(join(r0, r2), join(r1, r3)) holds r[2x + y] at [.., c, x, y], which the
+    reshape puts at key start_n + 4c + 2x + y, so key j gets word j % 4. seed_lo, seed_hi,
+    threshold: int32 bit patterns of the seed's low and high words and of the uint32 threshold
+    (always i32 arguments, not specialized: no recompile per seed)."""
+    seed = (seed_hi.to(tl.int64) << 32) | seed_lo.to(tl.uint32, bitcast=True).to(tl.int64)
+    quads = start_n // 4 + tl.arange(0, BLOCK_N // 4)
+    r0, r1, r2, r3 = tl.randint4x(seed, rows[:, None] * n_quads + quads[None, :])
+    words = tl.reshape(tl.join(tl.join(r0, r2), tl.join(r1, r3)), (BLOCK_M, BLOCK_N))
+    return words >= threshold.to(tl.uint32, bitcast=True)
+
+
+@triton.jit
 def _attention_fwd_block(
     acc, m_i, l_i, q, K_head, V_head, start_n, offs_m, offs_n, offs_d,
     stride_kn, stride_kd, stride_vn, stride_vd, kv_lo, row_lo, row_hi, seqlen_k, head_dim,
-    causal_offset, window_offset, qk_scale, softcap, MASKED: tl.constexpr,
-    CAUSAL: tl.constexpr, WINDOW: tl.constexpr, KEY_RANGE: tl.constexpr, EVEN_D: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, SOFTCAP: tl.constexpr,
+    causal_offset, window_offset, qk_scale, softcap, drop_rows, n_quads, seed_lo, seed_hi,
+    threshold, MASKED: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
+    KEY_RANGE: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """One key block of the online softmax; m_i is the running max in the log2 domain.
     seqlen_k is the rows' last key end (loads stop there), kv_lo their start (KEY_RANGE 1),
-    row_lo / row_hi each row's range (KEY_RANGE 2)."""
+    row_lo / row_hi each row's range (KEY_RANGE 2). DROPOUT: the rows' P @ V drops what
+    _dropout_keep(seed_lo, seed_hi, threshold, drop_rows, n_quads, start_n) does not keep (the
+    row sums l_i keep it; the kernel scales by 1 / (1 - p) at the end)."""
     cols = start_n + offs_n
     k = _load_tile(K_head + cols[:, None] * stride_kn + offs_d[None, :] * stride_kd,
                    cols, seqlen_k, offs_d, head_dim, MASKED, EVEN_D)
@@ -219,11 +254,15 @@ def _attention_fwd_block(
     alpha = tl.exp2(m_i - m_sub)
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None]
+    if DROPOUT:  # (after the row sums: the softmax is that of every visible key)
+        keep = _dropout_keep(seed_lo, seed_hi, threshold, drop_rows, n_quads, start_n, BLOCK_M,
+                             BLOCK_N)
+        p = tl.where(keep, p, 0.0)
     acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
     return acc, m_new, l_i
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_DROPOUT_ARGS)
 def attention_fwd_kernel(
     Q, K, V, Out, Lse, KeyRange,
     stride_qb, stride_qh, stride_qm, stride_qd,
@@ -231,17 +270,24 @@ def attention_fwd_kernel(
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_ob, stride_oh, stride_om, stride_od,
     n_heads, group, seqlen_q, seqlen_k, head_dim, causal_offset, window_offset, qk_scale,
-    softcap, n_splits, split_stride_o, split_stride_lse,
+    softcap, dropout_seed_lo, dropout_seed_hi, dropout_threshold, dropout_scale,
+    n_splits, split_stride_o, split_stride_lse,
     seq_bucket,  # autotuning key only
     CAUSAL: tl.constexpr, WINDOW: tl.constexpr, KEY_RANGE: tl.constexpr, BLOCK_D: tl.constexpr,
     EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr, SPLIT_KEYS: tl.constexpr,
-    SOFTCAP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Out (B, Hq, Tq, D) in Q's dtype and Lse (B, Hq, Tq) float32 (contiguous) from Q
     (B, Hq, Tq, D), K/V (B, Hkv, Tk, D) and, with KEY_RANGE, KeyRange (see _key_bounds). One
     program per BLOCK_M query rows of one head; grid (cdiv(Tq, BLOCK_M) * B * Hq,).
     qk_scale = scale * log2(e). SOFTCAP: the scores are softcap * tanh(scale * q.k / softcap)
     (softcap > 0; without SOFTCAP the argument is not read).
+    DROPOUT: P @ V takes the probabilities _dropout_keep keeps (dropout_seed_lo / _hi: the
+    seed's words, dropout_threshold: floor(p * 2^32), as int32 bit patterns) times
+    dropout_scale = 1 / (1 - p); Lse stays that of the undropped softmax. The rows of the
+    counter are bh * seqlen_q + row in this launch's view, which is the true (b * Hq + h) *
+    Tq + i also where a GQA group's heads are packed into the rows (Tq = 1: see
+    _packs_query_heads). Without DROPOUT those four arguments are not read.
     SPLIT_KEYS (decoding: few query rows, many keys): grid (n_splits * cdiv(Tq, BLOCK_M) * B
     * Hq,); program `split` of a query block takes the split-th share of its key blocks and
     writes Out (n_splits, B, Hq, Tq, D) float32 (normalized by its own softmax sum) and Lse
@@ -276,6 +322,12 @@ def attention_fwd_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     kv_lo, kv_hi, inner_lo, inner_hi, row_lo, row_hi = _key_bounds(
         KeyRange, b, offs_m, seqlen_q, seqlen_k, KEY_RANGE)
+    if DROPOUT:  # the rows of the (B, Hq, Tq, Tk) probabilities, for _dropout_keep
+        drop_rows = bh.to(tl.int64) * seqlen_q + offs_m
+        n_quads = tl.cdiv(seqlen_k, 4)
+    else:  # (not read)
+        drop_rows = offs_m
+        n_quads = seqlen_k
     if SPLIT_KEYS:
         # This program's share of the key blocks the query block can see, as the keys' outer
         # bounds: the loops below start at a block edge >= split_lo, and loads and masks stop at
@@ -294,34 +346,40 @@ def attention_fwd_kernel(
             acc, m_i, l_i = _attention_fwd_block(
                 acc, m_i, l_i, q, K_head, V_head, start_n, offs_m, offs_n, offs_d,
                 stride_kn, stride_kd, stride_vn, stride_vd, kv_lo, row_lo, row_hi, kv_hi,
-                head_dim, causal_offset, window_offset, qk_scale, softcap, False, CAUSAL, WINDOW,
-                KEY_RANGE, EVEN_D, DOT_PRECISION, SOFTCAP)
+                head_dim, causal_offset, window_offset, qk_scale, softcap, drop_rows, n_quads,
+                dropout_seed_lo, dropout_seed_hi, dropout_threshold, False, CAUSAL, WINDOW,
+                KEY_RANGE, EVEN_D, DOT_PRECISION, SOFTCAP, DROPOUT, BLOCK_M, BLOCK_N)
         for i in range(0, n_low + tl.cdiv(end - high, BLOCK_N)):
             start_n = tl.where(i < n_low, start + i * BLOCK_N, high + (i - n_low) * BLOCK_N)
             acc, m_i, l_i = _attention_fwd_block(
                 acc, m_i, l_i, q, K_head, V_head, start_n, offs_m, offs_n, offs_d,
                 stride_kn, stride_kd, stride_vn, stride_vd, kv_lo, row_lo, row_hi, kv_hi,
-                head_dim, causal_offset, window_offset, qk_scale, softcap, True, CAUSAL, WINDOW,
-                KEY_RANGE, EVEN_D, DOT_PRECISION, SOFTCAP)
+                head_dim, causal_offset, window_offset, qk_scale, softcap, drop_rows, n_quads,
+                dropout_seed_lo, dropout_seed_hi, dropout_threshold, True, CAUSAL, WINDOW,
+                KEY_RANGE, EVEN_D, DOT_PRECISION, SOFTCAP, DROPOUT, BLOCK_M, BLOCK_N)
     else:
         full_end, end = _kv_range(start_m, seqlen_k, causal_offset, CAUSAL, BLOCK_M, BLOCK_N)
         for start_n in range(0, full_end, BLOCK_N):
             acc, m_i, l_i = _attention_fwd_block(
                 acc, m_i, l_i, q, K_head, V_head, start_n, offs_m, offs_n, offs_d,
                 stride_kn, stride_kd, stride_vn, stride_vd, kv_lo, row_lo, row_hi, seqlen_k,
-                head_dim, causal_offset, window_offset, qk_scale, softcap, False, CAUSAL, WINDOW,
-                KEY_RANGE, EVEN_D, DOT_PRECISION, SOFTCAP)
+                head_dim, causal_offset, window_offset, qk_scale, softcap, drop_rows, n_quads,
+                dropout_seed_lo, dropout_seed_hi, dropout_threshold, False, CAUSAL, WINDOW,
+                KEY_RANGE, EVEN_D, DOT_PRECISION, SOFTCAP, DROPOUT, BLOCK_M, BLOCK_N)
         for start_n in range(full_end, end, BLOCK_N):
             acc, m_i, l_i = _attention_fwd_block(
                 acc, m_i, l_i, q, K_head, V_head, start_n, offs_m, offs_n, offs_d,
                 stride_kn, stride_kd, stride_vn, stride_vd, kv_lo, row_lo, row_hi, seqlen_k,
-                head_dim, causal_offset, window_offset, qk_scale, softcap, True, CAUSAL, WINDOW,
-                KEY_RANGE, EVEN_D, DOT_PRECISION, SOFTCAP)
+                head_dim, causal_offset, window_offset, qk_scale, softcap, drop_rows, n_quads,
+                dropout_seed_lo, dropout_seed_hi, dropout_threshold, True, CAUSAL, WINDOW,
+                KEY_RANGE, EVEN_D, DOT_PRECISION, SOFTCAP, DROPOUT, BLOCK_M, BLOCK_N)
 
     # l_i is 0 exactly for rows that see no key (the max term alone contributes 1).
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
     out = acc / l_safe[:, None]
+    if DROPOUT:
+        out = out * dropout_scale
     lse = tl.where(empty, float("-inf"), (m_i + tl.log2(l_safe)) * _LN2)
     row_ok = offs_m < seqlen_q
     tl.store(Lse + bh.to(tl.int64) * seqlen_q + offs_m, lse, mask=row_ok)
@@ -391,13 +449,18 @@ def attention_bwd_preprocess_kernel(
 def _attention_bwd_dkdv_block(
     dk, dv, k, v, Q_head, DO_head, Lse_row, Delta_row, start_m, offs_m, offs_n, offs_d,
     stride_qm, stride_qd, stride_dom, stride_dod, row_lo, row_hi, seqlen_q, head_dim,
-    causal_offset, window_offset, qk_scale, softcap, MASKED: tl.constexpr,
-    CAUSAL: tl.constexpr, WINDOW: tl.constexpr, KEY_RANGE: tl.constexpr, EVEN_D: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, SOFTCAP: tl.constexpr,
+    causal_offset, window_offset, qk_scale, softcap, start_n, drop_row0, n_quads, seed_lo,
+    seed_hi, threshold, dropout_scale, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
+    WINDOW: tl.constexpr, KEY_RANGE: tl.constexpr, EVEN_D: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """One query block's contribution to dk (unscaled) and dv of a key block, transposed
     (keys along rows) so no accumulator needs a transpose. row_lo / row_hi: the block's
-    per-query key ranges (KEY_RANGE 2)."""
+    per-query key ranges (KEY_RANGE 2). DROPOUT: the keys [start_n, start_n + BLOCK_N) and the
+    query rows drop_row0 + start_m + offs_m of the (B, Hq, Tq, Tk) probabilities go through
+    _dropout_keep's mask M: dv gets (P * M)^T dO (unscaled: the kernel scales dv by
+    1 / (1 - p) at the end), dP = (dO V^T) * M / (1 - p)."""
     rows = start_m + offs_m
     q = _load_tile(Q_head + rows[:, None] * stride_qm + offs_d[None, :] * stride_qd,
                    rows, seqlen_q, offs_d, head_dim, MASKED, EVEN_D)
@@ -431,8 +494,16 @@ def _attention_bwd_dkdv_block(
             visible = visible & ((offs_n[:, None] >= row_lo[None, :])
                                  & (offs_n[:, None] < row_hi[None, :]))
         p_t = tl.where(visible, p_t, 0.0)
-    dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
+    if DROPOUT:
+        keep_t = tl.trans(_dropout_keep(seed_lo, seed_hi, threshold, drop_row0 + rows, n_quads,
+                                        start_n, BLOCK_M, BLOCK_N))
+        dv = tl.dot(tl.where(keep_t, p_t, 0.0).to(do.dtype), do, dv,
+                    input_precision=DOT_PRECISION)
+    else:
+        dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
     dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+    if DROPOUT:
+        dp_t = tl.where(keep_t, dp_t * dropout_scale, 0.0)
     ds_t = p_t * (dp_t - delta[None, :])
     if SOFTCAP:  # dS of the capped scores to dS of the raw ones: d(c tanh(x / c)) = 1 - tanh^2
         ds_t = ds_t * (1.0 - tanh_t * tanh_t)
@@ -440,7 +511,7 @@ def _attention_bwd_dkdv_block(
     return dk, dv
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_DROPOUT_ARGS)
 def attention_bwd_dkdv_kernel(
     Q, K, V, DO, Lse, Delta, DK, DV, KeyRange, QueryExtent,
     stride_qb, stride_qh, stride_qm, stride_qd,
@@ -450,15 +521,16 @@ def attention_bwd_dkdv_kernel(
     stride_dkb, stride_dkh, stride_dkn, stride_dkd,
     stride_dvb, stride_dvh, stride_dvn, stride_dvd,
     n_kv_heads, group, seqlen_q, seqlen_k, head_dim, causal_offset, window_offset, sm_scale,
-    qk_scale, softcap,
+    qk_scale, softcap, dropout_seed_lo, dropout_seed_hi, dropout_threshold, dropout_scale,
     seq_bucket,  # autotuning key only
     CAUSAL: tl.constexpr, WINDOW: tl.constexpr, KEY_RANGE: tl.constexpr, BLOCK_D: tl.constexpr,
     EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr, SOFTCAP: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """DK, DV (B, Hkv, Tk, D) in K's/V's dtype from Q, DO (B, Hq, Tq, D), K, V, Lse and Delta
     (B, Hq, Tq) float32 contiguous (KeyRange with KEY_RANGE: see _key_bounds; softcap with
-    SOFTCAP: see attention_fwd_kernel). One program per BLOCK_N keys of one kv head; it loops
+    SOFTCAP, the dropout arguments with DROPOUT: see attention_fwd_kernel; each query head's
+    own mask, regenerated). One program per BLOCK_N keys of one kv head; it loops
     over the Hq / Hkv query heads of its group and their query blocks, so the GQA sum happens in
     registers (deterministic, no atomics).
     Grid (cdiv(Tk, BLOCK_N) * B * Hkv,)."""
@@ -533,12 +605,20 @@ def attention_bwd_dkdv_kernel(
         DO_head = DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
         Lse_row = Lse + bhq.to(tl.int64) * seqlen_q
         Delta_row = Delta + bhq.to(tl.int64) * seqlen_q
+        if DROPOUT:  # query head h's first row of the (B, Hq, Tq, Tk) probabilities
+            drop_row0 = bhq.to(tl.int64) * seqlen_q
+            n_quads = tl.cdiv(seqlen_k, 4)
+        else:  # (not read)
+            drop_row0 = bhq
+            n_quads = seqlen_k
         for start_m in range(full, even_end, BLOCK_M):
             dk, dv = _attention_bwd_dkdv_block(
                 dk, dv, k, v, Q_head, DO_head, Lse_row, Delta_row, start_m, offs_m, offs_n,
                 offs_d, stride_qm, stride_qd, stride_dom, stride_dod, kv_lo, kv_hi, seqlen_q,
-                head_dim, causal_offset, window_offset, qk_scale, softcap, False, CAUSAL, WINDOW,
-                KEY_RANGE, EVEN_D, DOT_PRECISION, SOFTCAP)
+                head_dim, causal_offset, window_offset, qk_scale, softcap, start_n, drop_row0,
+                n_quads, dropout_seed_lo, dropout_seed_hi, dropout_threshold, dropout_scale,
+                False, CAUSAL, WINDOW, KEY_RANGE, EVEN_D, DOT_PRECISION, SOFTCAP, DROPOUT,
+                BLOCK_M, BLOCK_N)
         for i in range(0, n_masked):
             if WINDOW:  # the window's edge can leave several masked blocks from tail on
                 start_m = tl.where(i < n_diag, lo + i * BLOCK_M, tail + (i - n_diag) * BLOCK_M)
@@ -553,15 +633,21 @@ def attention_bwd_dkdv_kernel(
                         dk, dv, k, v, Q_head, DO_head, Lse_row, Delta_row, start_m, offs_m,
                         offs_n, offs_d, stride_qm, stride_qd, stride_dom, stride_dod, row_lo,
                         row_hi, seqlen_q, head_dim, causal_offset, window_offset, qk_scale, softcap,
-                        True, CAUSAL, WINDOW, KEY_RANGE, EVEN_D, DOT_PRECISION, SOFTCAP)
+                        start_n, drop_row0, n_quads, dropout_seed_lo, dropout_seed_hi,
+                        dropout_threshold, dropout_scale, True, CAUSAL, WINDOW, KEY_RANGE, EVEN_D,
+                        DOT_PRECISION, SOFTCAP, DROPOUT, BLOCK_M, BLOCK_N)
             else:
                 dk, dv = _attention_bwd_dkdv_block(
                     dk, dv, k, v, Q_head, DO_head, Lse_row, Delta_row, start_m, offs_m, offs_n,
                     offs_d, stride_qm, stride_qd, stride_dom, stride_dod, kv_lo, kv_hi, seqlen_q,
-                    head_dim, causal_offset, window_offset, qk_scale, softcap, True, CAUSAL, WINDOW,
-                    KEY_RANGE, EVEN_D, DOT_PRECISION, SOFTCAP)
+                    head_dim, causal_offset, window_offset, qk_scale, softcap, start_n, drop_row0,
+                    n_quads, dropout_seed_lo, dropout_seed_hi, dropout_threshold, dropout_scale,
+                    True, CAUSAL, WINDOW, KEY_RANGE, EVEN_D, DOT_PRECISION, SOFTCAP, DROPOUT,
+                    BLOCK_M, BLOCK_N)
 
     dk = dk * sm_scale
+    if DROPOUT:
+        dv = dv * dropout_scale
     if KEY_RANGE == 1:  # (where, not a multiply: a padding key's rows may hold inf or NaN)
         key_ok = (offs_n[:, None] >= kv_lo) & (offs_n[:, None] < kv_hi)
         dk = tl.where(key_ok, dk, 0.0)
@@ -583,12 +669,14 @@ def attention_bwd_dkdv_kernel(
 def _attention_bwd_dq_block(
     dq, q, do, lse2, delta, K_head, V_head, start_n, offs_m, offs_n, offs_d,
     stride_kn, stride_kd, stride_vn, stride_vd, kv_lo, row_lo, row_hi, seqlen_k, head_dim,
-    causal_offset, window_offset, qk_scale, softcap, MASKED: tl.constexpr,
-    CAUSAL: tl.constexpr, WINDOW: tl.constexpr, KEY_RANGE: tl.constexpr, EVEN_D: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, SOFTCAP: tl.constexpr,
+    causal_offset, window_offset, qk_scale, softcap, drop_rows, n_quads, seed_lo, seed_hi,
+    threshold, dropout_scale, MASKED: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
+    KEY_RANGE: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """One key block's contribution to dq (unscaled); lse2 = lse * log2(e). seqlen_k, kv_lo,
-    row_lo, row_hi: as in _attention_fwd_block."""
+    row_lo, row_hi, the dropout arguments: as in _attention_fwd_block; with DROPOUT, dP =
+    (dO V^T) * M / (1 - p), M the same keep mask."""
     cols = start_n + offs_n
     k = _load_tile(K_head + cols[:, None] * stride_kn + offs_d[None, :] * stride_kd,
                    cols, seqlen_k, offs_d, head_dim, MASKED, EVEN_D)
@@ -613,6 +701,10 @@ def _attention_bwd_dq_block(
             visible = visible & (cols[None, :] >= kv_lo)
         p = tl.where(visible, p, 0.0)
     dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+    if DROPOUT:
+        keep = _dropout_keep(seed_lo, seed_hi, threshold, drop_rows, n_quads, start_n, BLOCK_M,
+                             BLOCK_N)
+        dp = tl.where(keep, dp * dropout_scale, 0.0)
     ds = p * (dp - delta[:, None])
     if SOFTCAP:  # as in _attention_bwd_dkdv_block
         ds = ds * (1.0 - tanh * tanh)
@@ -620,7 +712,7 @@ def _attention_bwd_dq_block(
     return dq
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_DROPOUT_ARGS)
 def attention_bwd_dq_kernel(
     Q, K, V, DO, Lse, Delta, DQ, KeyRange,
     stride_qb, stride_qh, stride_qm, stride_qd,
@@ -629,15 +721,16 @@ def attention_bwd_dq_kernel(
     stride_dob, stride_doh, stride_dom, stride_dod,
     stride_dqb, stride_dqh, stride_dqm, stride_dqd,
     n_heads, group, seqlen_q, seqlen_k, head_dim, causal_offset, window_offset, sm_scale,
-    qk_scale, softcap,
+    qk_scale, softcap, dropout_seed_lo, dropout_seed_hi, dropout_threshold, dropout_scale,
     seq_bucket,  # autotuning key only
     CAUSAL: tl.constexpr, WINDOW: tl.constexpr, KEY_RANGE: tl.constexpr, BLOCK_D: tl.constexpr,
     EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr, SOFTCAP: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """DQ (B, Hq, Tq, D) in Q's dtype from Q, DO, K, V, Lse and Delta (B, Hq, Tq) float32
-    contiguous (KeyRange with KEY_RANGE: see _key_bounds; softcap with SOFTCAP: see
-    attention_fwd_kernel). One program per BLOCK_M query rows of one head, looping over key
+    contiguous (KeyRange with KEY_RANGE: see _key_bounds; softcap with SOFTCAP, the dropout
+    arguments with DROPOUT: see attention_fwd_kernel; Delta is rowsum(dO * Out) of the dropped
+    Out, as without dropout). One program per BLOCK_M query rows of one head, looping over key
     blocks. Grid (cdiv(Tq, BLOCK_M) * B * Hq,)."""
     num_m = tl.cdiv(seqlen_q, BLOCK_M)
     pid = tl.program_id(0)
@@ -667,6 +760,12 @@ def attention_bwd_dq_kernel(
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     kv_lo, kv_hi, inner_lo, inner_hi, row_lo, row_hi = _key_bounds(
         KeyRange, b, offs_m, seqlen_q, seqlen_k, KEY_RANGE)
+    if DROPOUT:  # as in attention_fwd_kernel
+        drop_rows = bh.to(tl.int64) * seqlen_q + offs_m
+        n_quads = tl.cdiv(seqlen_k, 4)
+    else:  # (not read)
+        drop_rows = offs_m
+        n_quads = seqlen_k
     if WINDOW or KEY_RANGE:
         start, n_low, full_start, high, end = _kv_window_range(
             start_m, kv_lo, kv_hi, inner_lo, inner_hi, causal_offset, window_offset, CAUSAL,
@@ -675,29 +774,33 @@ def attention_bwd_dq_kernel(
             dq = _attention_bwd_dq_block(
                 dq, q, do, lse2, delta, K_head, V_head, start_n, offs_m, offs_n, offs_d,
                 stride_kn, stride_kd, stride_vn, stride_vd, kv_lo, row_lo, row_hi, kv_hi,
-                head_dim, causal_offset, window_offset, qk_scale, softcap, False, CAUSAL, WINDOW,
-                KEY_RANGE, EVEN_D, DOT_PRECISION, SOFTCAP)
+                head_dim, causal_offset, window_offset, qk_scale, softcap, drop_rows, n_quads,
+                dropout_seed_lo, dropout_seed_hi, dropout_threshold, dropout_scale, False, CAUSAL,
+                WINDOW, KEY_RANGE, EVEN_D, DOT_PRECISION, SOFTCAP, DROPOUT, BLOCK_M, BLOCK_N)
         for i in range(0, n_low + tl.cdiv(end - high, BLOCK_N)):
             start_n = tl.where(i < n_low, start + i * BLOCK_N, high + (i - n_low) * BLOCK_N)
             dq = _attention_bwd_dq_block(
                 dq, q, do, lse2, delta, K_head, V_head, start_n, offs_m, offs_n, offs_d,
                 stride_kn, stride_kd, stride_vn, stride_vd, kv_lo, row_lo, row_hi, kv_hi,
-                head_dim, causal_offset, window_offset, qk_scale, softcap, True, CAUSAL, WINDOW,
-                KEY_RANGE, EVEN_D, DOT_PRECISION, SOFTCAP)
+                head_dim, causal_offset, window_offset, qk_scale, softcap, drop_rows, n_quads,
+                dropout_seed_lo, dropout_seed_hi, dropout_threshold, dropout_scale, True, CAUSAL,
+                WINDOW, KEY_RANGE, EVEN_D, DOT_PRECISION, SOFTCAP, DROPOUT, BLOCK_M, BLOCK_N)
     else:
         full_end, end = _kv_range(start_m, seqlen_k, causal_offset, CAUSAL, BLOCK_M, BLOCK_N)
         for start_n in range(0, full_end, BLOCK_N):
             dq = _attention_bwd_dq_block(
                 dq, q, do, lse2, delta, K_head, V_head, start_n, offs_m, offs_n, offs_d,
                 stride_kn, stride_kd, stride_vn, stride_vd, kv_lo, row_lo, row_hi, seqlen_k,
-                head_dim, causal_offset, window_offset, qk_scale, softcap, False, CAUSAL, WINDOW,
-                KEY_RANGE, EVEN_D, DOT_PRECISION, SOFTCAP)
+                head_dim, causal_offset, window_offset, qk_scale, softcap, drop_rows, n_quads,
+                dropout_seed_lo, dropout_seed_hi, dropout_threshold, dropout_scale, False, CAUSAL,
+                WINDOW, KEY_RANGE, EVEN_D, DOT_PRECISION, SOFTCAP, DROPOUT, BLOCK_M, BLOCK_N)
         for start_n in range(full_end, end, BLOCK_N):
             dq = _attention_bwd_dq_block(
                 dq, q, do, lse2, delta, K_head, V_head, start_n, offs_m, offs_n, offs_d,
                 stride_kn, stride_kd, stride_vn, stride_vd, kv_lo, row_lo, row_hi, seqlen_k,
-                head_dim, causal_offset, window_offset, qk_scale, softcap, True, CAUSAL, WINDOW,
-                KEY_RANGE, EVEN_D, DOT_PRECISION, SOFTCAP)
+                head_dim, causal_offset, window_offset, qk_scale, softcap, drop_rows, n_quads,
+                dropout_seed_lo, dropout_seed_hi, dropout_threshold, dropout_scale, True, CAUSAL,
+                WINDOW, KEY_RANGE, EVEN_D, DOT_PRECISION, SOFTCAP, DROPOUT, BLOCK_M, BLOCK_N)
 
     dq = dq * sm_scale
     if EVEN_D:
@@ -841,7 +944,8 @@ def _autotuned(kernel: str, size: int):
     return triton.autotune(
         configs=configs,
         # the autotuner adds the dtypes
-        key=["BLOCK_D", "CAUSAL", "WINDOW", "KEY_RANGE", "SPLIT_KEYS", "SOFTCAP", "seq_bucket"],
+        key=["BLOCK_D", "CAUSAL", "WINDOW", "KEY_RANGE", "SPLIT_KEYS", "SOFTCAP", "DROPOUT",
+             "seq_bucket"],
         prune_configs_by={"early_config_prune": _prune_configs(kernel)},
         cache_results=True,  # timings kept in Triton's disk cache: later processes skip them
     )(_KERNELS[kernel])
@@ -902,13 +1006,15 @@ def _block_d(head_dim: int) -> int:
 
 
 def _common_constexprs(q: Tensor, causal: bool, window_offset: int | None,
-                       key_range: Tensor | None, softcap: float) -> dict:
+                       key_range: Tensor | None, softcap: float, dropout_p: float = 0.0) -> dict:
     head_dim = q.shape[3]
     block_d = _block_d(head_dim)
     return {
         "CAUSAL": bool(causal),
         # softcap 0: the uncapped kernels, as built before soft-capping existed
         "SOFTCAP": softcap != 0.0,
+        # dropout_p 0: the kernels without dropout, as built before it existed
+        "DROPOUT": dropout_p != 0.0,
         "WINDOW": window_offset is not None,
         # 0: none; 1: (B, 2) per batch row; 2: (B, Tq, 2) per query
         "KEY_RANGE": 0 if key_range is None else key_range.dim() - 1,
@@ -928,6 +1034,36 @@ def _check_softcap(softcap) -> float:
         raise ValueError(f"fusedlm.triton.attention: softcap must be a finite number >= 0 "
                          f"(0: no capping), got {softcap}")
     return softcap
+
+
+def _check_dropout(dropout_p, dropout_seed) -> tuple[float, int]:
+    """dropout_p as a float in [0, 1) and dropout_seed as an int in [0, 2^63) (the seed of
+    Philox's 64-bit key; below 2^63 so that it is an int64 everywhere)."""
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real):
+        raise ValueError(f"fusedlm.triton.attention: dropout_p must be a float in [0, 1), got "
+                         f"{dropout_p!r}")
+    dropout_p = float(dropout_p)
+    if not 0.0 <= dropout_p < 1.0:  # (NaN fails too)
+        raise ValueError(f"fusedlm.triton.attention: dropout_p must be in [0, 1), got "
+                         f"{dropout_p}")
+    if (isinstance(dropout_seed, bool) or not isinstance(dropout_seed, numbers.Integral)
+            or not 0 <= int(dropout_seed) < 2**63):
+        raise ValueError(f"fusedlm.triton.attention: dropout_seed must be an int in [0, 2**63), "
+                         f"got {dropout_seed!r}")
+    return dropout_p, int(dropout_seed)
+
+
+def _int32_bits(x: int) -> int:
+    """The low 32 bits of x as a signed int32 value (how the kernels take uint32 words: always
+    an i32 argument)."""
+    x &= 0xFFFFFFFF
+    return x - (1 << 32) if x >= (1 << 31) else x
+
+
+def _dropout_args(dropout_p: float, dropout_seed: int) -> tuple[int, int, int, float]:
+    """The kernels' (dropout_seed_lo, dropout_seed_hi, dropout_threshold, dropout_scale)."""
+    return (_int32_bits(dropout_seed), dropout_seed >> 32,
+            _int32_bits(reference.dropout_threshold(dropout_p)), 1.0 / (1.0 - dropout_p))
 
 
 def _check(q: Tensor, k: Tensor, v: Tensor) -> None:
@@ -1011,7 +1147,9 @@ def _packs_query_heads(Hq: int, Hkv: int, Tq: int, Tk: int, causal: bool, causal
     """Whether a GQA group's query heads become the rows of one kv head's query block: one query
     row, and every packed row sees what it saw (causal hiding nothing: bottom-right, the row
     sees every key; no window that hides keys; a key range per batch row, or per query, which
-    for one row is the same array)."""
+    for one row is the same array). Dropout packs too: with one query row, packed row r of kv
+    head hk is query head hk * group + r, so the packed launch's dropout counters are the true
+    ones (see attention_fwd_kernel)."""
     return (decode_plan_enabled() and Tq == 1 and Hq != Hkv
             and (not causal or causal_offset >= Tk - 1)
             and (window_offset is None or window_offset <= 0))
@@ -1056,19 +1194,25 @@ def _combine_splits(part_out: Tensor, part_lse: Tensor, out: Tensor, lse: Tensor
 def attention_fwd(
     q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool, causal_offset: int,
     window_offset: int | None = None, key_range: Tensor | None = None, softcap: float = 0.0,
+    dropout_p: float = 0.0, dropout_seed: int = 0,
 ) -> tuple[Tensor, Tensor]:
     """q (B, Hq, Tq, D), k/v (B, Hkv, Tk, D), any strides; key_range (B, 2) or (B, Tq, 2)
     integers, or None. softcap > 0 caps each score s = scale * q.k at softcap * tanh(s /
     softcap) before the masks and the softmax (Gemma 2's attn_logit_softcapping); 0: none.
+    dropout_p in [0, 1) drops probabilities after the softmax (the elements
+    fusedlm.reference.attention_dropout_keep(..., dropout_p, dropout_seed) does not keep) and
+    scales the others by 1 / (1 - dropout_p); lse is that of the undropped softmax.
     Returns out (B, Hq, Tq, D) contiguous in q's dtype and lse (B, Hq, Tq) float32 (natural
     log; -inf for rows that see no key, whose out is 0).
     Decoding steps (few query rows, many keys) take the plan of csrc/cuda/attention_fwd.cu:
     one query row packs its GQA group's heads into rows, and the keys of each query block split
     over several programs whose partial results are combined (_combine_splits)."""
     softcap = _check_softcap(softcap)
+    dropout_p, dropout_seed = _check_dropout(dropout_p, dropout_seed)
     if q.numel() == 0 or k.numel() == 0:  # nothing to launch; the reference's empty results
         return reference.attention_fwd(q, k, v, scale, causal, causal_offset, window_offset,
-                                       key_range, softcap=softcap)
+                                       key_range, softcap=softcap, dropout_p=dropout_p,
+                                       dropout_seed=dropout_seed)
     _check(q, k, v)
     B, Hq, Tq, D = q.shape
     Hkv, Tk = k.shape[1], k.shape[2]
@@ -1077,6 +1221,8 @@ def attention_fwd(
     key_range = None if key_range is None else _key_range_argument(key_range, q, lse)
     kernel_out, kernel_lse = out, lse
     if _packs_query_heads(Hq, Hkv, Tq, Tk, causal, causal_offset, window_offset):
+        # (With dropout too: for Tq = 1 the packed view's rows b * Hkv * group + hk * group + r
+        # are the true b * Hq + h, so the kernel's dropout counters are the true ones.)
         group = Hq // Hkv  # query head h = kv head * group + row: rows read through q's head stride
         q = q.as_strided((B, Hkv, group, D), (q.stride(0), q.stride(1) * group, q.stride(1),
                                               q.stride(3)))
@@ -1085,7 +1231,7 @@ def attention_fwd(
         if key_range is not None:
             key_range = key_range.view(B, 2)
     splits = _key_splits(q.device, B, Hq, Tq, Tk, causal, causal_offset, window_offset)
-    constexprs = _common_constexprs(q, causal, window_offset, key_range, softcap)
+    constexprs = _common_constexprs(q, causal, window_offset, key_range, softcap, dropout_p)
     constexprs["SPLIT_KEYS"] = splits > 1
     if splits > 1:
         part_out = torch.empty((splits, B, Hq, Tq, D), dtype=torch.float32, device=q.device)
@@ -1097,7 +1243,8 @@ def attention_fwd(
     args = (
         q, k, v, *target, key_range if key_range is not None else lse,
         *q.stride(), *k.stride(), *v.stride(), *target[0].stride()[-4:],
-        Hq, Hq // Hkv, Tq, Tk, D, *offsets, float(scale) * LOG2E, softcap, splits,
+        Hq, Hq // Hkv, Tq, Tk, D, *offsets, float(scale) * LOG2E, softcap,
+        *_dropout_args(dropout_p, dropout_seed), splits,
         *split_strides,
         _seq_bucket(Tq, Tk),
     )
@@ -1112,15 +1259,19 @@ def attention_bwd(
     grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
     scale: float, causal: bool, causal_offset: int, window_offset: int | None = None,
     key_range: Tensor | None = None, grad_lse: Tensor | None = None, softcap: float = 0.0,
+    dropout_p: float = 0.0, dropout_seed: int = 0,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients of attention_fwd's out (and, given grad_lse (B, Hq, Tq), of its lse): dq, dk,
     dv (contiguous) in the shapes and dtypes of q, k, v; dk, dv summed over the query heads
-    sharing a kv head. lse is attention_fwd's, with the same softcap (the scores' gradient
-    then carries the cap's factor 1 - tanh^2)."""
+    sharing a kv head. out and lse are attention_fwd's, with the same softcap (the scores'
+    gradient then carries the cap's factor 1 - tanh^2) and the same dropout_p and dropout_seed
+    (the kernels regenerate its mask M: dv = (P M / (1 - p))^T dO, dP = (dO v^T) M / (1 - p))."""
     softcap = _check_softcap(softcap)
+    dropout_p, dropout_seed = _check_dropout(dropout_p, dropout_seed)
     if q.numel() == 0 or k.numel() == 0:
         return reference.attention_bwd(grad_out, q, k, v, out, lse, scale, causal, causal_offset,
-                                       window_offset, key_range, grad_lse, softcap=softcap)
+                                       window_offset, key_range, grad_lse, softcap=softcap,
+                                       dropout_p=dropout_p, dropout_seed=dropout_seed)
     _check(q, k, v)
     B, Hq, Tq, D = q.shape
     Hkv, Tk = k.shape[1], k.shape[2]
@@ -1130,12 +1281,13 @@ def attention_bwd(
     dq = torch.empty((B, Hq, Tq, D), dtype=q.dtype, device=q.device)
     dk = torch.empty((B, Hkv, Tk, D), dtype=k.dtype, device=q.device)
     dv = torch.empty((B, Hkv, Tk, D), dtype=v.dtype, device=q.device)
-    constexprs = _common_constexprs(q, causal, window_offset, key_range, softcap)
+    constexprs = _common_constexprs(q, causal, window_offset, key_range, softcap, dropout_p)
     offsets = _clamped_offsets(causal_offset, window_offset, Tq, Tk)
     key_range_arg = _key_range_argument(key_range, q, lse)
     block_d, even_d = constexprs["BLOCK_D"], constexprs["EVEN_D"]
     bucket = _seq_bucket(Tq, Tk)
     qk_scale = float(scale) * LOG2E
+    dropout = _dropout_args(dropout_p, dropout_seed)
 
     if grad_lse is not None:
         grad_lse = grad_lse.to(torch.float32).contiguous()
@@ -1161,14 +1313,14 @@ def attention_bwd(
     dkdv_args = (
         q, k, v, grad_out, lse, delta, dk, dv, key_range_arg, extent_arg,
         *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dk.stride(), *dv.stride(),
-        Hkv, group, Tq, Tk, D, *offsets, float(scale), qk_scale, softcap, bucket,
+        Hkv, group, Tq, Tk, D, *offsets, float(scale), qk_scale, softcap, *dropout, bucket,
     )
     grid_size = lambda bm, bn: triton.cdiv(Tk, bn) * B * Hkv  # noqa: E731
     _launch("bwd_dkdv", grid_size, dkdv_args, constexprs, q, bucket)
     dq_args = (
         q, k, v, grad_out, lse, delta, dq, key_range_arg,
         *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dq.stride(),
-        Hq, group, Tq, Tk, D, *offsets, float(scale), qk_scale, softcap, bucket,
+        Hq, group, Tq, Tk, D, *offsets, float(scale), qk_scale, softcap, *dropout, bucket,
     )
     grid_size = lambda bm, bn: triton.cdiv(Tq, bm) * B * Hq  # noqa: E731
     _launch("bwd_dq", grid_size, dq_args, constexprs, q, bucket)
