@@ -917,9 +917,10 @@ void backward_kernel(const at::Tensor& grad_out, const at::Tensor& q, const at::
     std::vector<acc_t> grad_scores_t(kBwdBlockKey * kBwdBlockQuery);  // (BK, BQ): dP^T, then dS^T
     // (BK, BQ): tanh(S^T / softcap) of the capped scores; empty without capping
     std::vector<acc_t> tanh_t(softcap_value != 0 ? kBwdBlockKey * kBwdBlockQuery : 0);
-    // (BK, BQ): the dropout multipliers M^T (1 / (1 - p) kept, 0 dropped), then P^T * M^T; and
-    // the Philox words of one query row. Empty without dropout.
+    // The dropout multipliers (1 / (1 - p) kept, 0 dropped), (BQ, BK) as generated and (BK, BQ)
+    // transposed: M^T; P^T * M^T; the Philox words of one query row. Empty without dropout.
     const int64_t dropout_tile = dropout.active() ? kBwdBlockKey * kBwdBlockQuery : 0;
+    std::vector<acc_t> dropout_rows(dropout_tile);
     std::vector<acc_t> dropout_t(dropout_tile);
     std::vector<acc_t> dropped_probs_t(dropout_tile);
     std::vector<uint32_t> dropout_words(dropout.active() ? kBwdBlockKey + 8 : 0);
@@ -1018,13 +1019,15 @@ void backward_kernel(const at::Tensor& grad_out, const at::Tensor& q, const at::
             }
             const acc_t* kept_probs_t = probs_t.data();  // (cols, rows): P^T, or (P * M)^T
             if (dropout.active()) {
-              std::fill_n(dropout_t.data(), cols * rows, acc_t(1));
+              // Row by row (the generator's order, unit stride), then transposed.
+              std::fill_n(dropout_rows.data(), rows * cols, acc_t(1));
               for (int64_t r = 0; r < rows; ++r) {
-                apply_dropout(dropout_t.data() + r, rows, cols, dropout.seed,
+                apply_dropout(dropout_rows.data() + r * cols, 1, cols, dropout.seed,
                               static_cast<uint64_t>(head_index * Tq + query_start + r),
                               key_groups, key_start, dropout_threshold_value, dropout_scale,
                               dropout_words.data());
               }
+              transpose(dropout_rows.data(), cols, rows, cols, dropout_t.data(), rows);
               for (int64_t i = 0; i < cols * rows; ++i) {
                 dropped_probs_t[i] = probs_t[i] * dropout_t[i];
               }

@@ -11,6 +11,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 
 namespace fusedlm::cpu {
 
@@ -92,6 +93,25 @@ FUSEDLM_TARGET_AVX2 inline void philox4x32_x8(uint64_t seed, uint64_t n0, uint32
   _mm256_storeu_si256(out + 3, _mm256_permute2x128_si256(g2, g3, 0x31));  // counters 6, 7
 }
 
+// x[c] = words[c] >= threshold ? x[c] * scale : 0 for c < n, 8 lanes at a time (unsigned
+// compare: both sides biased by 2^31 for the signed one AVX2 has).
+FUSEDLM_TARGET_AVX2 inline void scale_kept(float* x, const uint32_t* words, int64_t n,
+                                           uint32_t threshold, float scale) {
+  const __m256i bias = _mm256_set1_epi32(static_cast<int>(0x80000000u));
+  const __m256i biased_threshold =
+      _mm256_xor_si256(_mm256_set1_epi32(static_cast<int>(threshold)), bias);
+  const __m256 scale8 = _mm256_set1_ps(scale);
+  int64_t c = 0;
+  for (; c + 8 <= n; c += 8) {
+    const __m256i biased = _mm256_xor_si256(
+        _mm256_loadu_si256(reinterpret_cast<const __m256i*>(words + c)), bias);
+    const __m256 dropped = _mm256_castsi256_ps(_mm256_cmpgt_epi32(biased_threshold, biased));
+    _mm256_storeu_ps(x + c, _mm256_andnot_ps(dropped, _mm256_mul_ps(_mm256_loadu_ps(x + c),
+                                                                    scale8)));
+  }
+  for (; c < n; ++c) x[c] = words[c] >= threshold ? x[c] * scale : 0.0f;
+}
+
 }  // namespace avx2
 #endif
 
@@ -114,6 +134,13 @@ void apply_dropout(acc_t* x, int64_t stride, int64_t n, uint64_t seed, uint64_t 
 #endif
   for (; g < group_count; ++g) philox4x32(seed, n0 + g, words + 4 * g);
   const uint32_t* row_words = words + (key_begin - 4 * first_group);
+#if FUSEDLM_X86
+  if constexpr (std::is_same_v<acc_t, float>) {
+    if (stride == 1 && cpu_has_avx2()) {
+      return avx2::scale_kept(x, row_words, n, threshold, kept_scale);
+    }
+  }
+#endif
   for (int64_t c = 0; c < n; ++c) {
     acc_t& value = x[c * stride];
     value = row_words[c] >= threshold ? value * kept_scale : acc_t(0);
