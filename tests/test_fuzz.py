@@ -319,6 +319,78 @@ def test_fuzz_attention(backend, fuzz):
     run()
 
 
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b.values[0] not in ("torch", "cuda")])
+def test_fuzz_attention_dropout(backend, fuzz):
+    """fusedlm.attention with ``dropout_p`` (any rate in (0, 1), any seed below 2^63: the
+    draw is pinned to a drawn seed), drawn layouts, masks and a ``softcap`` or none: out and
+    the gradients of q, k, v against the naive float64 truth with the keep mask of
+    ``reference.attention_dropout_keep`` by the rule; the baseline is the larger error of the
+    naive math at the input's dtype and of FlashAttention's formula with the same mask
+    (``reference.attention_bwd`` at that dtype, from the kernels' out and lse). The cuda kernels
+    have no dropout (tests/ops/test_attention_dropout.py)."""
+    import importlib
+
+    attention_ops = importlib.import_module("fusedlm.ops.attention")
+    draw_seed = attention_ops._dropout_seed
+
+    @fuzz(20)
+    @given(data=st.data())
+    def run(data):
+        B, Hq, Hkv, Tq, Tk, D, dtype = _attention_case(data, backend)
+        if dtype == torch.bfloat16:  # (the op is the same in float16)
+            dtype = torch.float16
+        causal = data.draw(st.booleans(), label="causal")
+        side = st.one_of(st.none(), st.integers(0, 300))
+        window = data.draw(st.one_of(st.none(), st.tuples(side, side)), label="window")
+        softcap = data.draw(st.one_of(st.none(), st.floats(0.25, 60.0)), label="softcap")
+        dropout_p = data.draw(st.floats(1e-6, 0.95), label="dropout_p")
+        seed = data.draw(st.integers(0, 2**63 - 1), label="seed")
+        device = device_of(backend)
+        q = make_tensor(data, (B, Hq, Tq, D), dtype, device=device)
+        k = make_tensor(data, (B, Hkv, Tk, D), dtype, device=device)
+        v = make_tensor(data, (B, Hkv, Tk, D), dtype, device=device)
+        grad = make_tensor(data, (B, Hq, Tq, D), dtype, device=device)
+        keep = reference.attention_dropout_keep(B, Hq, Tq, Tk, dropout_p, seed, device)
+
+        def run_one(name, cast):
+            leaves = [t.detach().to(cast).requires_grad_() for t in (q, k, v)]
+            if name == "naive":
+                out = naive_attention(*leaves, causal=causal, window=window, softcap=softcap,
+                                      dropout_keep=keep, dropout_p=dropout_p)
+            else:
+                attention_ops._dropout_seed = lambda: torch.tensor(seed)
+                try:
+                    out = fusedlm.attention(*leaves, causal=causal, window=window,
+                                            softcap=softcap, dropout_p=dropout_p, backend=name)
+                finally:
+                    attention_ops._dropout_seed = draw_seed
+            loss = (out * grad.to(out.dtype)).sum()
+            grads = (torch.autograd.grad(loss, leaves, allow_unused=True)
+                     if loss.requires_grad else [None] * 3)
+            return out, [torch.zeros_like(t) if g is None else g
+                         for g, t in zip(grads, leaves, strict=True)]
+
+        ours = run_one(backend, dtype)
+        assert ours[0].dtype == dtype and ours[0].shape == q.shape
+        if Hkv == 0 or q.numel() == 0 or k.numel() == 0:
+            return
+        truth, naive_base = run_one("naive", torch.float64), run_one("naive", dtype)
+        assert_close_rule(ours[0], naive_base[0], truth[0], name="out")
+        # FlashAttention's formula with the mask, at the input's dtype, from the kernels' out
+        offsets = attention_mask_bounds(Tq, Tk, causal, window)
+        _, lse = reference.attention_fwd(q, k, v, 1 / math.sqrt(D), *offsets, None,
+                                         softcap or 0.0, dropout_p, seed)
+        flash = reference.attention_bwd(grad, q, k, v, ours[0].detach(), lse, 1 / math.sqrt(D),
+                                        *offsets, None, None, softcap or 0.0, dropout_p, seed)
+        for name, g, g_naive, g_flash, g_truth in zip(
+                ("dq", "dk", "dv"), ours[1], naive_base[1], flash, truth[1], strict=True):
+            g_atol = 2 * atol_for(dtype, g_truth) if dtype == torch.float16 else None
+            assert_close_rule(g, larger_error(g_naive, g_flash, g_truth), g_truth, atol=g_atol,
+                              name=name)
+
+    run()
+
+
 @pytest.mark.parametrize("backend", [b for b in BACKENDS if b.values[0] != "torch"])
 def test_fuzz_attention_sinks_and_lse(backend, fuzz):
     """fusedlm.attention with ``sinks`` (any logits: large, tiny, -inf) and/or

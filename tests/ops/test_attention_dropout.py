@@ -154,6 +154,14 @@ def test_dropout(shape, causal, dtype, backend, pinned_seed):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("shape", SHAPES[1:4], ids=SHAPE_IDS[1:4])
+def test_dropout_bfloat16(shape, causal, backend, pinned_seed):
+    """bfloat16 (the Triton case runs on a GPU: the interpreter's bfloat16 dot is not one)."""
+    _check(shape, torch.bfloat16, backend, 0.3, causal=causal)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dropout_p", [1e-6, 0.1, 0.5, 0.9])
 def test_dropout_rates(dropout_p, backend, pinned_seed):
     _check((2, 4, 2, 33, 45, 16), torch.float32, backend, dropout_p, causal=True)
