@@ -28,6 +28,7 @@ from tests.helpers import (
     device_of,
     kernel_backends,
     naive_attention,
+    needs_cpu_backend,
 )
 from tests.ops.test_attention_lse_and_sinks import _inputs, _skip_if_refused
 
@@ -337,6 +338,30 @@ def test_dropout_compile_fullgraph(backend):
     for name, eager, traced in zip(("loss", "dq", "dk", "dv"), *results, strict=True):
         torch.testing.assert_close(traced, eager, msg=name)
     assert not torch.equal(compiled(q, k, v), compiled(q, k, v))
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+@needs_cpu_backend
+def test_dropout_compile_inductor_draws_a_mask_per_call():
+    """Under torch.compile's default backend (inductor, which runs the seed's draw with its own
+    random numbers, as it does torch's dropout): each call drops anew, torch.manual_seed
+    repeats a call, and the backward runs."""
+    torch._dynamo.reset()
+    q, k, v = (t.requires_grad_() for t in _inputs((2, 4, 2, 13, 21, 16), torch.float32,
+                                                    "cpu")[:3])
+
+    def loss(q, k, v):
+        return fusedlm.attention(q, k, v, causal=True, dropout_p=0.3, backend="cpu").square().sum()
+
+    compiled = torch.compile(loss, fullgraph=True)
+    torch.manual_seed(0)
+    first = compiled(q, k, v)
+    torch.manual_seed(0)
+    again = compiled(q, k, v)
+    later = compiled(q, k, v)
+    assert torch.equal(first, again) and not torch.equal(again, later)
+    grads = torch.autograd.grad(first, (q, k, v))
+    assert all(torch.isfinite(g).all() and g.abs().sum() > 0 for g in grads)
 
 
 @pytest.mark.parametrize("backend", kernel_backends())
