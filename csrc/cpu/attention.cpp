@@ -1116,7 +1116,7 @@ KeyRanges key_range_data(const std::optional<at::Tensor>& key_range, int64_t B, 
   return {range.const_data_ptr<int32_t>(), per_query};
 }
 
-// The bindings check the values; checked again here, since the kernels index by them.
+// The bindings check the values; checked again here for C++ callers of cpu::attention_*.
 Dropout attention_dropout(double dropout_p, int64_t dropout_seed) {
   TORCH_CHECK(dropout_p >= 0 && dropout_p < 1 && dropout_seed >= 0,
               "attention: dropout_p must be in [0, 1) and dropout_seed >= 0");
