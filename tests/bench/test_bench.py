@@ -23,7 +23,7 @@ from fusedlm.bench.env import tree_hash
 ROOT = Path(__file__).resolve().parents[2]
 OPS = ("attention", "attention_decode", "layer_norm", "rms_norm", "add_rms_norm", "cross_entropy",
        "linear_cross_entropy", "rotary_embedding", "swiglu", "geglu", "adamw", "gpt",
-       "attention_sinks")
+       "attention_sinks", "attention_dropout")
 
 
 # ---- counting -------------------------------------------------------------------------------
@@ -150,11 +150,11 @@ def test_attention_sinks_cases_are_gpt_oss_attention(device, quick):
             assert ("grad" in inputs) == grad
 
 
-def test_ops_run_in_order_attention_sinks_last():
-    """fusedlm bench's ops in run order, attention_sinks (the newest) last: with --budget-s
-    each op gets its share of what is left, so the last one absorbs the others' overruns and
-    is the one cut short, never an older op's rows."""
-    assert C.OPS == OPS and C.OPS[-1] == "attention_sinks"
+def test_ops_run_in_order_the_newest_last():
+    """fusedlm bench's ops in run order, attention_sinks and then attention_dropout (the
+    newest) last: with --budget-s each op gets its share of what is left, so the last one
+    absorbs the others' overruns and is the one cut short, never an older op's rows."""
+    assert C.OPS == OPS and C.OPS[-2:] == ("attention_sinks", "attention_dropout")
     assert set(C.specs()) == set(OPS)  # one spec per op
 
 
@@ -220,6 +220,94 @@ def test_attention_sinks_providers_compute_the_eager_outputs_and_gradients(monke
         for name, got in results.items():
             for a, b in zip(got, eager, strict=True):
                 torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=f"{name} {mask}")
+
+
+@pytest.mark.parametrize(("device", "quick"), [("cpu", True), ("cpu", False), ("cuda", True),
+                                             ("cuda", False)])
+def test_attention_dropout_cases_are_attentions_causal_cases(device, quick):
+    """attention_dropout: attention's plain causal cases (sizes, dtype, passes, FLOPs, bytes,
+    x = T: dropout adds no matmul FLOPs), with dropout 0.1 in the variant, and no output
+    check (random masks: no two providers' outputs compare)."""
+    ctx = C.Context(device=torch.device(device), quick=quick, backends={})
+    spec = C.specs()["attention_dropout"]
+    assert (spec.metric, spec.ceiling) == ("TFLOP/s", "matmul")
+    assert C.ATTENTION_DROPOUT_P == 0.1
+    causal = [c for c in C.specs()["attention"].cases(ctx) if c.variant.endswith(" causal")]
+    cases = spec.cases(ctx)
+    assert [(c.pass_, c.dtype, c.size, c.x, c.flops, c.bytes) for c in cases] == \
+        [(c.pass_, c.dtype, c.size, c.x, c.flops, c.bytes) for c in causal]
+    assert {c.size["T"] for c in cases} == ({1024, 4096} if (device, quick) == ("cuda", True)
+                                            else {c.size["T"] for c in causal})
+    for case in cases:
+        assert case.variant == f"{case.pass_} {case.dtype} causal dropout 0.1"
+        assert case.causal is True and case.check_output is False
+    if device == "cpu":
+        for case in (cases[0], cases[-1]):
+            inputs = case.make_inputs()
+            grad = case.pass_ == "fwd+bwd"
+            shape = tuple(case.size[n] for n in ("B", "H", "T", "D"))
+            assert all(inputs[n].shape == shape and inputs[n].requires_grad == grad
+                       for n in ("q", "k", "v"))
+            assert ("grad" in inputs) == grad
+
+
+def test_attention_dropout_providers_drop_probabilities(monkeypatch):
+    """Every attention_dropout provider that runs on the CPU drops attention probabilities
+    (its output is not plain attention's, and a second call with another mask differs from the
+    first), runs forward+backward, and fusedlm's passes dropout_p=0.1 (the same seed repeats
+    fusedlm-cpu's mask). Providers that cannot take dropout say why: fusedlm-cuda refuses
+    (unsupported, never an error); an SDPA backend that runs plain attention here but no
+    dropout (the CPU's flash) is left out with torch's reason. torch-compile's wiring with
+    compiled() stubbed out (compiling takes many seconds here)."""
+    import fusedlm
+
+    spec = C.specs()["attention_dropout"]
+    assert [p.name for p in spec.providers] == [
+        "torch-eager", "fusedlm-cuda", "fusedlm-triton", "fusedlm-cpu", "fusedlm-torch",
+        "sdpa-flash", "sdpa-efficient", "sdpa-cudnn", "sdpa-math", "torch-compile"]
+    ctx, runnable, fwd, fwd_bwd, inputs = _cpu_providers_and_cases("attention_dropout")
+    assert "sdpa-math" in {p.name for p in runnable}
+    names = {p.name for p in runnable}
+    plain_sdpa = {p.name for p in C.specs()["attention"].providers
+                  if p.name.startswith("sdpa-") and p.why_not(ctx) is None}
+    for p in spec.providers:
+        assert p.name in names or p.why_not(ctx), p.name
+        if p.name in plain_sdpa - names:  # (sdpa-flash on the CPU: torch's says why)
+            assert "with dropout_p=0.1" in p.why_not(ctx), p.name
+    monkeypatch.setattr(C, "compiled", lambda fn: fn)
+    runnable.append(next(p for p in spec.providers if p.name == "torch-compile"))
+    with torch.no_grad():
+        plain = C.eager_attention(inputs["q"], inputs["k"], inputs["v"],
+                                  C._causal_mask(fwd.size["T"], fwd.size["T"], "cpu"))
+    calls = []
+    real_attention = fusedlm.attention
+
+    def recorded(*args, **kwargs):
+        calls.append(kwargs)
+        return real_attention(*args, **kwargs)
+
+    monkeypatch.setattr(fusedlm, "attention", recorded)
+    for provider in runnable:
+        run = provider.build(fwd, ctx)
+        first, second = run(inputs), run(inputs)
+        assert first.shape == plain.shape and not first.requires_grad
+        assert not torch.allclose(first, plain), provider.name
+        assert not torch.equal(first, second), provider.name
+        provider.build(fwd_bwd, ctx)(inputs)
+        assert all(inputs[n].grad is not None and inputs[n].grad.isfinite().all()
+                   for n in ("q", "k", "v")), provider.name
+    assert calls and all(c["dropout_p"] == 0.1 for c in calls)
+    fusedlm_cpu = next(p for p in runnable if p.name == "fusedlm-cpu")
+    run = fusedlm_cpu.build(fwd, ctx)
+    torch.manual_seed(5)
+    first = run(inputs)
+    torch.manual_seed(5)
+    torch.testing.assert_close(run(inputs), first, rtol=0, atol=0)
+    # fusedlm-cuda on a CPU tensor: fusedlm's refusal becomes an unsupported row, with its
+    # reason (on a GPU: "the CUDA attention kernels have no dropout")
+    cuda = next(p for p in spec.providers if p.name == "fusedlm-cuda")
+    with pytest.raises(C.Unsupported, match="backend 'cuda'"):
+        cuda.build(fwd, ctx)(inputs)
 
 
 def test_sdpa_providers_take_gqa_and_call_a_refusal_unsupported(monkeypatch):
@@ -680,7 +768,7 @@ def test_quick_run_ratios_come_from_measured_rows(quick_run):
     # CPU competitors: eager PyTorch and fusedlm's cpu backend measured for every op
     for op in ("attention", "attention_decode", "layer_norm", "rms_norm", "add_rms_norm",
                "cross_entropy", "linear_cross_entropy", "rotary_embedding", "swiglu", "geglu",
-               "adamw", "attention_sinks"):
+               "adamw", "attention_sinks", "attention_dropout"):
         measured = {r["provider"] for r in rows if r["op"] == op and r["status"] == "ok"}
         assert "torch-eager" in measured
         if results["environment"]["backends"]["cpu"]["available"]:
@@ -744,6 +832,38 @@ def test_quick_run_measures_attention_sinks(quick_run):
                 assert r["value"] == r["tflops"] > 0 and r["ratio_to_eager"] > 0
                 if r["pass"] == "fwd" and r["provider"] != "torch-eager":
                     assert r["rel_err_vs_eager"] < 1e-4, r
+
+
+def test_quick_run_measures_attention_dropout(quick_run):
+    """attention_dropout's rows: every quick CPU case measured by eager PyTorch (F.dropout),
+    fusedlm's backends that run here and sdpa-math, none compared with eager's output (random
+    masks), ratios taken as everywhere; the providers that cannot run say why (as rows, or up
+    front); no errors."""
+    _, _, results, _ = quick_run
+    rows = [r for r in results["rows"] if r["op"] == "attention_dropout"]
+    info = results["ops"]["attention_dropout"]
+    assert (info["metric"], info["ceiling"]) == ("TFLOP/s", "matmul")
+    ctx = C.Context(device=torch.device("cpu"), quick=True, backends={})
+    cases = C.specs()["attention_dropout"].cases(ctx)
+    assert sorted({(r["variant"], r["size_label"]) for r in rows}) == \
+        sorted((c.variant, c.size_label) for c in cases)
+    assert {r["causal"] for r in rows} == {True}
+    expected = {"torch-eager", "fusedlm-torch", "sdpa-math"}
+    if results["environment"]["backends"]["cpu"]["available"]:
+        expected.add("fusedlm-cpu")
+    assert not info["providers"]["fusedlm-cuda"]["available"]
+    assert info["providers"]["fusedlm-cuda"]["reason"]
+    for case in cases:
+        here = [r for r in rows if (r["variant"], r["size_label"]) == (case.variant,
+                                                                        case.size_label)]
+        assert {r["provider"] for r in here if r["status"] == "ok"} >= expected, case.size_label
+        for r in here:
+            assert r["status"] in ("ok", "unsupported"), r
+            assert r["rel_err_vs_eager"] is None, r
+            if r["status"] == "ok":
+                assert r["value"] == r["tflops"] > 0 and r["ratio_to_eager"] > 0
+            else:
+                assert r["reason"] and r["ratio_to_eager"] is None
 
 
 def test_schema_catches_a_ratio_not_computed_from_the_rows(quick_run):

@@ -10,6 +10,11 @@ attention's providers. attention_sinks (gpt-oss's attention sinks: sinks (Hq,), 
 query head in every row's softmax, no value; causal, GQA, full and a 128-key sliding window,
 forward and forward+backward, the sinks' gradient included) has torch-eager (gpt-oss's eager
 attention), fusedlm-<name> (sinks=) and torch-compile, and no SDPA rows: SDPA takes no sinks.
+attention_dropout (training-time attention with dropout_p = 0.1 after the softmax: causal
+self-attention at attention's plain causal sizes, forward and forward+backward) has attention's
+providers with dropout_p=0.1 (torch-eager with F.dropout on the probabilities, fusedlm-<name>,
+sdpa-<backend>, torch-compile) but fusedlm-cuda-sm80; its outputs are not checked against
+eager's: each provider draws its own random mask.
 linear_cross_entropy (the LM head and its loss, forward and forward+backward) records each
 provider's peak GPU memory too. rotary_embedding rotates one attention layer's q and k together
 (Hugging Face Llama's layout: views of the (B, T, H, D) projections), so that Liger's one call
@@ -18,7 +23,9 @@ for both is timed against the same work.
 Providers, each only where it can run (the output says why the others did not):
     torch-eager      eager PyTorch (attention written out: k, v repeated for GQA, q k^T, mask,
                      softmax in float32, p v; for attention_sinks gpt-oss's: a sink column
-                     cat'ed to the scores per head before the softmax, dropped after it;
+                     cat'ed to the scores per head before the softmax, dropped after it; for
+                     attention_dropout F.dropout(p, 0.1, training=True) on the probabilities
+                     in q's dtype, as Hugging Face's eager attention;
                      F.layer_norm / F.rms_norm;
                      h = x + residual then F.rms_norm(h) for add_rms_norm;
                      F.cross_entropy(logits.float(), target), after F.linear for
@@ -31,14 +38,17 @@ Providers, each only where it can run (the output says why the others did not):
     sdpa-<backend>   F.scaled_dot_product_attention under sdpa_kernel(<backend>) for each of
                      flash, efficient, cudnn, math that runs on the device (enable_gqa=True
                      when k has fewer heads than q; a backend that refuses a case: unsupported);
-                     attention and attention_decode only (SDPA takes no sinks)
+                     attention, attention_decode and attention_dropout (dropout_p=0.1) only
+                     (SDPA takes no sinks)
     torch-foreach, torch-fused   torch.optim.AdamW(foreach=True) / (fused=True)
     liger            Liger-Kernel's LayerNorm / RMSNorm functions, LigerFusedAddRMSNorm,
                      LigerCrossEntropyLoss, LigerFusedLinearCrossEntropyLoss,
                      liger_rotary_pos_emb (q and k in one call, in place),
                      LigerSiLUMulFunction, LigerGELUMulFunction (when installed, GPU)
     fusedlm-<name>   fusedlm with backend=<name> for cuda, triton, cpu (and torch, the
-                     reference, on the CPU) (attention_sinks: fusedlm.attention(sinks=...));
+                     reference, on the CPU) (attention_sinks: fusedlm.attention(sinks=...);
+                     attention_dropout: fusedlm.attention(dropout_p=0.1), which the cuda
+                     backend refuses: its rows say so);
                      for the GPT, the model with kernels="fused",
                      FUSEDLM_BACKEND=<name> and fusedlm.optim.AdamW(backend=<name>)
     fusedlm-patch    the GPT only: GPT(kernels="torch") after fusedlm.patch(model,
@@ -57,6 +67,7 @@ import contextlib
 import importlib.util
 import math
 import os
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -67,14 +78,16 @@ from . import counting
 
 BASELINE = "torch-eager"
 # The ops of ``fusedlm bench`` in run order (its CLI, runner and tests read this one list).
-# attention_sinks, the newest, last: a run with --budget-s gives each op its share of what is
-# left, so the last op absorbs the earlier ones' overruns (first calls, compiles); this way the
-# new op is the one cut short, never an older op's rows.
+# The newest ops last (attention_sinks, then attention_dropout): a run with --budget-s gives each
+# op its share of what is left, so the last op absorbs the earlier ones' overruns (first calls,
+# compiles); this way the new op is the one cut short, never an older op's rows.
 OPS = ("attention", "attention_decode", "layer_norm", "rms_norm", "add_rms_norm", "cross_entropy",
        "linear_cross_entropy", "rotary_embedding", "swiglu", "geglu", "adamw", "gpt",
-       "attention_sinks")
+       "attention_sinks", "attention_dropout")
 NORM_EPS = 1e-5
 SDPA_BACKENDS = ("flash", "efficient", "cudnn", "math")
+# attention_dropout's rate (GPT-2's attn_pdrop)
+ATTENTION_DROPOUT_P = 0.1
 
 
 class Unsupported(Exception):
@@ -333,13 +346,18 @@ def _eager_scores(q, k, v, mask: torch.Tensor | None):
     return s, v
 
 
-def eager_attention(q, k, v, mask: torch.Tensor | None):
-    """Attention written out in PyTorch ops: the eager baseline (scores in float32)."""
+def eager_attention(q, k, v, mask: torch.Tensor | None, dropout_p: float = 0.0):
+    """Attention written out in PyTorch ops: the eager baseline (scores in float32). With
+    ``dropout_p``, F.dropout(p, dropout_p, training=True) on the probabilities after the softmax,
+    cast to q's dtype first (Hugging Face's eager attention with attention dropout)."""
     s, v = _eager_scores(q, k, v, mask)
     p = torch.softmax(s, dim=-1)
     if mask is not None and mask.dim() == 4:  # padded batch: rows that see no key give 0
         p = p.nan_to_num(0.0)
-    return torch.matmul(p.to(q.dtype), v)
+    p = p.to(q.dtype)
+    if dropout_p:
+        p = F.dropout(p, dropout_p, training=True)
+    return torch.matmul(p, v)
 
 
 def eager_sink_attention(q, k, v, sinks, mask: torch.Tensor | None):
@@ -354,7 +372,8 @@ def eager_sink_attention(q, k, v, sinks, mask: torch.Tensor | None):
     return torch.matmul(p.to(q.dtype), v)
 
 
-def _attention_cases(ctx: Context) -> list[Case]:
+def _attention_sizes(ctx: Context) -> tuple[int, int, int, list[int], torch.dtype]:
+    """attention's (H, D, tokens per call, sequence lengths T, dtype); B = tokens // T."""
     if ctx.cuda:
         H, D, tokens = 16, 128, 16384
         seqs = [1024, 4096] if ctx.quick else [512, 1024, 2048, 4096, 8192]
@@ -362,7 +381,11 @@ def _attention_cases(ctx: Context) -> list[Case]:
         H, D = (4, 64) if ctx.quick else (8, 64)
         tokens = 512 if ctx.quick else 2048
         seqs = [128, 256] if ctx.quick else [128, 256, 512, 1024]
-    dtype = torch.bfloat16 if ctx.cuda else torch.float32
+    return H, D, tokens, seqs, torch.bfloat16 if ctx.cuda else torch.float32
+
+
+def _attention_cases(ctx: Context) -> list[Case]:
+    H, D, tokens, seqs, dtype = _attention_sizes(ctx)
     # Causal sliding windows (Mistral's) of `window` keys, on sequences at least twice as long;
     # causal padded batches (left padding, rows of T down to T / 2 tokens, Hugging Face style);
     # packed documents (about four per sequence, causal within each: pretraining on packed
@@ -470,28 +493,46 @@ def _sdpa_backend(name: str):
 _sdpa_probe: dict = {}
 
 
-def _sdpa_why_not(name: str) -> Callable[[Context], str | None]:
+def _sdpa_why_not(name: str, dropout_p: float = 0.0) -> Callable[[Context], str | None]:
+    """Why SDPA's ``name`` backend cannot run here: a small causal forward+backward in the
+    bench dtype (with ``dropout_p``, as attention_dropout calls it; torch says why a backend
+    takes no dropout only in warnings, which the reason then quotes)."""
     def why_not(ctx: Context) -> str | None:
-        key = (name, str(ctx.device))
-        if key not in _sdpa_probe:  # a small forward+backward, causal, in the bench dtype
-            try:
-                from torch.nn.attention import sdpa_kernel
+        key = (name, str(ctx.device), dropout_p)
+        if key not in _sdpa_probe:
+            # (the plain probe as before: its warnings, if any, shown as they come)
+            recorder = warnings.catch_warnings(record=True) if dropout_p else \
+                contextlib.nullcontext([])
+            with recorder as warned:
+                if dropout_p:
+                    warnings.simplefilter("always")
+                try:
+                    from torch.nn.attention import sdpa_kernel
 
-                dtype = torch.bfloat16 if ctx.cuda else torch.float32
-                q, k, v = (_randn(1, 2, 64, 64, ctx=ctx, dtype=dtype, requires_grad=True)
-                           for _ in range(3))
-                with sdpa_kernel([_sdpa_backend(name)]):
-                    F.scaled_dot_product_attention(q, k, v, is_causal=True).sum().backward()
-                _sdpa_probe[key] = None
-            except Exception as error:  # noqa: BLE001 - any failure means "not on this device"
-                first = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
-                _sdpa_probe[key] = f"torch's SDPA {name} backend does not run here: {first[:200]}"
+                    dtype = torch.bfloat16 if ctx.cuda else torch.float32
+                    q, k, v = (_randn(1, 2, 64, 64, ctx=ctx, dtype=dtype, requires_grad=True)
+                               for _ in range(3))
+                    dropout = {"dropout_p": dropout_p} if dropout_p else {}
+                    with sdpa_kernel([_sdpa_backend(name)]):
+                        F.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                                       **dropout).sum().backward()
+                    _sdpa_probe[key] = None
+                except Exception as error:  # noqa: BLE001 - any failure: "not on this device"
+                    text = str(error).strip()
+                    first = text.splitlines()[0] if text else repr(error)
+                    reason = f"torch's SDPA {name} backend does not run here"
+                    if dropout_p:
+                        said = "; ".join(dict.fromkeys(
+                            str(w.message).split(" (Triggered internally")[0].strip()
+                            for w in warned if "dropout" in str(w.message)))
+                        reason += f" with dropout_p={dropout_p}" + (f" ({said})" if said else "")
+                    _sdpa_probe[key] = f"{reason}: {first[:200]}"
         return _sdpa_probe[key]
 
     return why_not
 
 
-def _sdpa_call(name: str):
+def _sdpa_call(name: str, dropout_p: float = 0.0):
     def call(q, k, v, causal, ctx, window=None, packed=None):
         from torch.nn.attention import sdpa_kernel
 
@@ -507,19 +548,22 @@ def _sdpa_call(name: str):
         else:  # is_causal is top-left aligned: right for attention's Tq == Tk cases (the
             # decoding cases, Tq = 1, are not causal)
             mask = {"is_causal": causal}
+        dropout = {"dropout_p": dropout_p} if dropout_p else {}
         try:
             with sdpa_kernel([_sdpa_backend(name)]):
-                return F.scaled_dot_product_attention(q, k, v, **mask, **gqa)
+                return F.scaled_dot_product_attention(q, k, v, **mask, **gqa, **dropout)
         except RuntimeError as error:  # the one allowed backend refuses this mask or shape
+            # (or dropout: the CPU's flash kernel has none)
             if "No available kernel" in str(error) or "No viable backend" in str(error):
-                raise Unsupported(f"torch's SDPA {name} backend refuses it: "
+                what = f" (dropout_p={dropout_p})" if dropout_p else ""
+                raise Unsupported(f"torch's SDPA {name} backend refuses it{what}: "
                                   f"{str(error).strip().splitlines()[0][:200]}") from None
             raise
 
     return call
 
 
-def _fusedlm_attention_call(backend: str):
+def _fusedlm_attention_call(backend: str, dropout_p: float = 0.0):
     def call(q, k, v, causal, ctx, window=None, packed=None, sinks=None):
         import fusedlm
 
@@ -527,8 +571,9 @@ def _fusedlm_attention_call(backend: str):
             return fusedlm.attention(q, k, v, causal=causal, backend=backend,
                                      window=None if window is None else (window - 1, 0),
                                      key_range=None if packed is None else packed["key_range"],
-                                     sinks=sinks)
-        except fusedlm.BackendNotSupportedError as why:  # e.g. triton: head dim over its maximum
+                                     sinks=sinks, dropout_p=dropout_p)
+        except fusedlm.BackendNotSupportedError as why:  # e.g. triton: head dim over its maximum;
+            # cuda: no dropout in its kernels
             raise Unsupported(str(why).split(": ", 1)[-1]) from why
 
     return call
@@ -599,13 +644,17 @@ def _decode_providers() -> list[Provider]:
         "FUSEDLM_ATTENTION_DECODE", "0", _fusedlm_why_not("cuda", ("attention_fwd",)))]
 
 
-def _fusedlm_attention_providers(sinks: bool = False) -> list[Provider]:
-    """fusedlm-<backend>: fusedlm.attention(backend=...) (with ``sinks``: sinks=inputs["sinks"])
-    for cuda, triton, cpu and torch, each where it runs."""
-    arguments = "sinks=sinks, " if sinks else ""
+def _fusedlm_attention_providers(sinks: bool = False,
+                                 dropout_p: float = 0.0) -> list[Provider]:
+    """fusedlm-<backend>: fusedlm.attention(backend=...) (with ``sinks``: sinks=inputs["sinks"];
+    with ``dropout_p``: dropout_p=dropout_p) for cuda, triton, cpu and torch, each where it runs
+    (a backend that refuses a call, e.g. cuda a dropout one, makes its rows unsupported, with
+    fusedlm's reason)."""
+    arguments = ("sinks=sinks, " if sinks else "") + \
+        (f"dropout_p={dropout_p}, " if dropout_p else "")
     return [_attention_provider(
         f"fusedlm-{backend}", f"fusedlm.attention({arguments}backend={backend!r})",
-        _fusedlm_attention_call(backend), _fusedlm_why_not(backend, ("attention_fwd",)),
+        _fusedlm_attention_call(backend, dropout_p), _fusedlm_why_not(backend, ("attention_fwd",)),
         kernel_backend=backend, sinks=sinks) for backend in ("cuda", "triton", "cpu", "torch")]
 
 
@@ -728,6 +777,79 @@ def _attention_sinks_providers() -> list[Provider]:
             "torch-compile", "torch.compile of the torch-eager (gpt-oss) attention with sinks",
             _compiled_sink_attention_call, _compile_why_not, compiles=True, sinks=True),
     ]
+
+
+# ---- attention_dropout ----------------------------------------------------------------------
+
+def _attention_dropout_cases(ctx: Context) -> list[Case]:
+    """Training-time attention with attention dropout (ATTENTION_DROPOUT_P after the softmax):
+    causal self-attention at attention's plain causal sizes (bf16, H = 16, D = 128, 16k tokens
+    on a GPU; small float32 on the CPU), forward and forward+backward. No output check: the
+    masks are random and each provider draws its own (fusedlm's Philox stream is not torch's),
+    so no two providers' outputs can be compared."""
+    H, D, tokens, seqs, dtype = _attention_sizes(ctx)
+    cases = []
+    for pass_ in counting.PASSES:
+        for T in seqs:
+            B = max(tokens // T, 1)
+
+            def make(B=B, T=T, pass_=pass_):
+                grad = pass_ == "fwd+bwd"
+                inputs = {n: _randn(B, H, T, D, ctx=ctx, dtype=dtype, requires_grad=grad)
+                          for n in _QKV}
+                if grad:
+                    inputs["grad"] = _randn(B, H, T, D, ctx=ctx, dtype=dtype)
+                return inputs
+
+            size = dict(B=B, H=H, T=T, D=D)
+            cases.append(Case(
+                op="attention_dropout",
+                variant=f"{pass_} {dtype_name(dtype)} causal dropout {ATTENTION_DROPOUT_P}",
+                pass_=pass_, dtype=dtype_name(dtype), causal=True,
+                size_label=" ".join(f"{k}={v}" for k, v in size.items()), size=size, x=T,
+                # attention's causal counts: dropout adds no matmul FLOPs (its O(B H T^2)
+                # mask and scaling are elementwise, not counted), and the fewest bytes hold no
+                # mask (fusedlm's kernels regenerate it from a seed; eager and SDPA's math
+                # store one, their cost)
+                flops=counting.attention_flops(B, H, T, T, D, True, pass_),
+                bytes=counting.attention_bytes(B, H, T, T, D, dtype, pass_),
+                make_inputs=make, check_output=False,
+            ))
+    return cases
+
+
+def _eager_dropout_attention_call(q, k, v, causal, ctx, window=None, packed=None):
+    return eager_attention(q, k, v, _hidden_mask(q.shape[2], k.shape[2], causal, window,
+                                                 q.device, packed),
+                           dropout_p=ATTENTION_DROPOUT_P)
+
+
+def _compiled_dropout_attention_call(q, k, v, causal, ctx, window=None, packed=None):
+    mask = _hidden_mask(q.shape[2], k.shape[2], causal, window, q.device, packed)
+    return compiled(eager_attention)(q, k, v, mask, dropout_p=ATTENTION_DROPOUT_P)
+
+
+def _attention_dropout_providers() -> list[Provider]:
+    """attention's providers with dropout_p = ATTENTION_DROPOUT_P: the eager attention with
+    F.dropout on the probabilities (the baseline), fusedlm.attention(dropout_p=...) on each
+    backend (cuda's kernels have none: its rows say so), SDPA's backends with dropout_p (flash
+    and efficient take it on a GPU; a backend whose probe with dropout fails is left out with
+    torch's reason, one that refuses a case is unsupported), torch.compile of the eager
+    version. No fusedlm-cuda-sm80 (the cuda backend runs no dropout)."""
+    p = ATTENTION_DROPOUT_P
+    providers = [_attention_provider(
+        BASELINE, f"PyTorch ops: q k^T, mask, softmax (float32), F.dropout(p, {p}), p v",
+        _eager_dropout_attention_call)]
+    providers += _fusedlm_attention_providers(dropout_p=p)
+    for name in SDPA_BACKENDS:
+        providers.append(_attention_provider(
+            f"sdpa-{name}",
+            f"F.scaled_dot_product_attention(dropout_p={p}) under sdpa_kernel({name})",
+            _sdpa_call(name, dropout_p=p), _sdpa_why_not(name, dropout_p=p)))
+    providers.append(_attention_provider(
+        "torch-compile", "torch.compile of the torch-eager attention with dropout",
+        _compiled_dropout_attention_call, _compile_why_not, compiles=True))
+    return providers
 
 
 # ---- layer_norm / rms_norm ------------------------------------------------------------------
@@ -1552,6 +1674,17 @@ def specs() -> dict[str, OpSpec]:
             "not counted)",
             "attention's with k and v of Hkv heads (the Hq sinks and their gradient not "
             "counted)"),
+        "attention_dropout": OpSpec(
+            "attention_dropout",
+            f"training-time attention with attention dropout (dropout_p = {ATTENTION_DROPOUT_P} "
+            "after the softmax): causal self-attention, (B, H, T, D), attention's causal sizes; "
+            "forward and forward+backward. Outputs not checked against eager's: each provider "
+            "draws its own random mask",
+            "TFLOP/s", "matmul", "sequence length T (B*T fixed)", _attention_dropout_cases,
+            _attention_dropout_providers(),
+            attn_flops + " (causal; dropout adds no matmul FLOPs, its elementwise work not "
+            "counted)",
+            "attention's (no mask counted: fusedlm's kernels regenerate it from a seed)"),
         "layer_norm": OpSpec(
             "layer_norm", "LayerNorm over the last dim of (M, N), weight and bias",
             "GB/s", "bandwidth", "hidden size N", _norm_cases("layer_norm"),
