@@ -9,13 +9,12 @@ dropout through its math path); one thread, interleaved, best of --reps rounds.
 from __future__ import annotations
 
 import argparse
-import math
-import time
 
 import torch
 import torch.nn.functional as F
 
 import fusedlm
+from interleaved_timing import best_of, forward_and_backward  # (benchmarks/)
 
 DROPOUT_P = 0.1
 
@@ -23,33 +22,15 @@ DROPOUT_P = 0.1
 def _timings(shape, reps):
     B, H, T, D = shape
     q, k, v = (torch.randn(B, H, T, D, requires_grad=True) for _ in range(3))
-    calls = {}
-    for name, fn in (
-        ("fusedlm plain", lambda: fusedlm.attention(q, k, v, causal=True, backend="cpu")),
-        ("fusedlm dropout", lambda: fusedlm.attention(q, k, v, causal=True, backend="cpu",
-                                                      dropout_p=DROPOUT_P)),
-        ("torch sdpa plain", lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True)),
-        ("torch sdpa dropout", lambda: F.scaled_dot_product_attention(
-            q, k, v, is_causal=True, dropout_p=DROPOUT_P)),
-    ):
-        def forward(fn=fn):
-            with torch.no_grad():
-                fn()
-
-        def forward_backward(fn=fn):
-            fn().sum().backward()
-
-        calls[f"fwd     {name}"] = forward
-        calls[f"fwd+bwd {name}"] = forward_backward
-    for fn in calls.values():
-        fn()
-    best = dict.fromkeys(calls, math.inf)
-    for _ in range(reps):
-        for name, fn in calls.items():
-            start = time.perf_counter()
-            fn()
-            best[name] = min(best[name], time.perf_counter() - start)
-    return best
+    calls = forward_and_backward({
+        "fusedlm plain": lambda: fusedlm.attention(q, k, v, causal=True, backend="cpu"),
+        "fusedlm dropout": lambda: fusedlm.attention(q, k, v, causal=True, backend="cpu",
+                                                     dropout_p=DROPOUT_P),
+        "torch sdpa plain": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True),
+        "torch sdpa dropout": lambda: F.scaled_dot_product_attention(
+            q, k, v, is_causal=True, dropout_p=DROPOUT_P),
+    })
+    return best_of(calls, reps)
 
 
 def main() -> None:

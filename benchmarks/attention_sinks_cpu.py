@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import argparse
 import math
-import time
 
 import torch
 
 import fusedlm
+from interleaved_timing import best_of  # (benchmarks/)
 
 
 def _timings(shape, reps):
@@ -37,16 +37,7 @@ def _timings(shape, reps):
     def with_sinks():
         fusedlm.attention(q, k, v, causal=True, backend="cpu", sinks=sinks).sum().backward()
 
-    calls = {"plain": plain, "return_lse": with_lse, "sinks": with_sinks}
-    for fn in calls.values():
-        fn()
-    best = dict.fromkeys(calls, math.inf)
-    for _ in range(reps):
-        for name, fn in calls.items():
-            start = time.perf_counter()
-            fn()
-            best[name] = min(best[name], time.perf_counter() - start)
-    return best
+    return best_of({"plain": plain, "return_lse": with_lse, "sinks": with_sinks}, reps)
 
 
 def _naive(q, k, v):

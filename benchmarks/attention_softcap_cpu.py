@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import argparse
 import math
-import time
 
 import torch
 
 import fusedlm
+from interleaved_timing import best_of, forward_and_backward  # (benchmarks/)
 
 SOFTCAP = 50.0
 
@@ -31,31 +31,13 @@ def _eager(q, k, v, softcap):
 def _timings(shape, reps):
     B, H, T, D = shape
     q, k, v = (torch.randn(B, H, T, D, requires_grad=True) for _ in range(3))
-    calls = {}
-    for name, fn in (
-        ("fusedlm plain", lambda: fusedlm.attention(q, k, v, causal=True, backend="cpu")),
-        ("fusedlm softcap", lambda: fusedlm.attention(q, k, v, causal=True, backend="cpu",
-                                                      softcap=SOFTCAP)),
-        ("eager softcap", lambda: _eager(q, k, v, SOFTCAP)),
-    ):
-        def forward(fn=fn):
-            with torch.no_grad():
-                fn()
-
-        def forward_backward(fn=fn):
-            fn().sum().backward()
-
-        calls[f"fwd     {name}"] = forward
-        calls[f"fwd+bwd {name}"] = forward_backward
-    for fn in calls.values():
-        fn()
-    best = dict.fromkeys(calls, math.inf)
-    for _ in range(reps):
-        for name, fn in calls.items():
-            start = time.perf_counter()
-            fn()
-            best[name] = min(best[name], time.perf_counter() - start)
-    return best
+    calls = forward_and_backward({
+        "fusedlm plain": lambda: fusedlm.attention(q, k, v, causal=True, backend="cpu"),
+        "fusedlm softcap": lambda: fusedlm.attention(q, k, v, causal=True, backend="cpu",
+                                                     softcap=SOFTCAP),
+        "eager softcap": lambda: _eager(q, k, v, SOFTCAP),
+    })
+    return best_of(calls, reps)
 
 
 def main() -> None:
