@@ -23,7 +23,6 @@ from fusedlm import reference
 from fusedlm.backends import BackendNotSupportedError, OpDispatch
 from tests.helpers import (
     assert_close_rule,
-    atol_for,
     available_backends,
     device_of,
     kernel_backends,
@@ -31,6 +30,7 @@ from tests.helpers import (
     needs_cpu_backend,
 )
 from tests.ops.test_attention_lse_and_sinks import _inputs, _skip_if_refused
+from tests.ops.test_attention_softcap import _check as check_attention
 
 # The cuda kernels have no dropout (auto takes Triton's on a GPU): test_cuda_backend_refuses_*.
 BACKENDS = [param for param in available_backends() if param.id != "cuda"]
@@ -110,40 +110,12 @@ def test_keep_mask_layout():
 # ---- values and gradients -----------------------------------------------------------------
 
 
-def _check(shape, dtype, backend, dropout_p, use_sinks=False, use_lse=False, softcap=None,
-           **masks):
+def _check(shape, dtype, backend, dropout_p, softcap=None, **options):
     """out (and lse) and the gradients of q, k, v (and sinks) against truth and baseline, all
-    three with the keep mask of SEED."""
-    _skip_if_refused(backend, dtype)
-    q, k, v, sinks, grad_out, grad_lse = _inputs(shape, dtype, device_of(backend))
-    B, Hq, Tq = q.shape[:3]
-    keep = reference.attention_dropout_keep(B, Hq, Tq, k.shape[2], dropout_p, SEED, q.device)
-    results = {}
-    for name in ("ours", "baseline", "truth"):
-        cast = torch.float64 if name == "truth" else dtype
-        lq, lk, lv, ls = (t.to(cast).clone().requires_grad_() for t in (q, k, v, sinks))
-        s = ls if use_sinks else None
-        if name == "ours":
-            out, lse = fusedlm.attention(lq, lk, lv, sinks=s, return_lse=True, softcap=softcap,
-                                         dropout_p=dropout_p, backend=backend, **masks)
-        else:
-            out, lse = naive_attention(lq, lk, lv, sinks=s, return_lse=True, softcap=softcap,
-                                       dropout_keep=keep, dropout_p=dropout_p, **masks)
-        loss = (out * grad_out.to(cast)).sum()
-        if use_lse:
-            loss = loss + (lse * grad_lse.to(lse.dtype)).sum()
-        wrt = [lq, lk, lv] + ([ls] if use_sinks else [])
-        results[name] = out, lse, torch.autograd.grad(loss, wrt)
-
-    (out, lse, grads), (out_base, lse_base, grads_base), (out_truth, lse_truth, grads_truth) = (
-        results["ours"], results["baseline"], results["truth"])
-    assert out.dtype == dtype and out.shape == q.shape
-    assert_close_rule(out, out_base, out_truth, name="out")
-    assert_close_rule(lse, lse_base, lse_truth, name="lse")
-    names = ("dq", "dk", "dv", "dsinks")[:len(grads)]
-    for name, g, g_base, g_truth in zip(names, grads, grads_base, grads_truth, strict=True):
-        assert g.dtype == dtype, f"{name}: {g.dtype}"
-        assert_close_rule(g, g_base, g_truth, atol=atol_for(dtype, g_truth), name=name)
+    three with the keep mask of SEED (tests/ops/test_attention_softcap.py's check, unit-scale
+    inputs)."""
+    check_attention(shape, dtype, backend, softcap, spread=1.0, dropout_p=dropout_p,
+                    dropout_seed=SEED, **options)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

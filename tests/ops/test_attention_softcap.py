@@ -17,6 +17,7 @@ import pytest
 import torch
 
 import fusedlm
+from fusedlm import reference
 from fusedlm.backends import BackendNotSupportedError, OpDispatch
 from tests.helpers import (
     assert_close_rule,
@@ -55,19 +56,29 @@ def _inputs(shape, dtype, device, spread=3.0, seed=0):
     return [q * spread, k * spread, *rest]
 
 
-def _check(shape, dtype, backend, softcap, use_sinks=False, use_lse=False, **masks):
-    """out (and lse) and the gradients of q, k, v (and sinks) against truth and baseline."""
+def _check(shape, dtype, backend, softcap, use_sinks=False, use_lse=False, spread=3.0,
+           dropout_p=0.0, dropout_seed=0, **masks):
+    """out (and lse) and the gradients of q, k, v (and sinks) against truth and baseline. With
+    ``dropout_p`` (tests/ops/test_attention_dropout.py), truth and baseline take the keep mask
+    of ``dropout_seed``, the seed the caller has pinned fusedlm.attention's draw to."""
     _skip_if_refused(backend, dtype)
-    q, k, v, sinks, grad_out, grad_lse = _inputs(shape, dtype, device_of(backend))
+    q, k, v, sinks, grad_out, grad_lse = _inputs(shape, dtype, device_of(backend), spread)
+    terms = {"softcap": softcap, **masks}
+    if dropout_p:
+        B, Hq, Tq = q.shape[:3]
+        keep = reference.attention_dropout_keep(B, Hq, Tq, k.shape[2], dropout_p, dropout_seed,
+                                                q.device)
     results = {}
     for name in ("ours", "baseline", "truth"):
         cast = torch.float64 if name == "truth" else dtype
         lq, lk, lv, ls = (t.to(cast).clone().requires_grad_() for t in (q, k, v, sinks))
         s = ls if use_sinks else None
-        attend = fusedlm.attention if name == "ours" else naive_attention
-        extra = {"backend": backend} if name == "ours" else {}
-        out, lse = attend(lq, lk, lv, sinks=s, return_lse=True, softcap=softcap, **masks,
-                          **extra)
+        if name == "ours":
+            out, lse = fusedlm.attention(lq, lk, lv, sinks=s, return_lse=True, backend=backend,
+                                         dropout_p=dropout_p, **terms)
+        else:
+            dropout = {"dropout_keep": keep, "dropout_p": dropout_p} if dropout_p else {}
+            out, lse = naive_attention(lq, lk, lv, sinks=s, return_lse=True, **terms, **dropout)
         loss = (out * grad_out.to(cast)).sum()
         if use_lse:
             loss = loss + (lse * grad_lse.to(lse.dtype)).sum()
