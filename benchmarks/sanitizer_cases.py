@@ -4,7 +4,8 @@
     compute-sanitizer --tool racecheck python benchmarks/sanitizer_cases.py --backend triton
 
 Each case (attention forward + backward for each dtype, causal and not, GQA, odd lengths and
-head dims, rows that see no key, strided and misaligned inputs, the deterministic backward;
+head dims, rows that see no key, strided and misaligned inputs, the deterministic backward,
+windows, key ranges, packed documents, decoding, soft-capping and dropout;
 LayerNorm and RMSNorm forward + backward, with and without affine parameters, odd widths;
 cross-entropy forward + backward on strided logits and linear_cross_entropy in chunks whose
 gradient is written over their logits (Triton); rotary embeddings forward + backward on
@@ -164,10 +165,27 @@ def _cases(backend: str, dev: str = "cuda"):
                 fusedlm.attention(q, k, v, causal=True, key_range=ranges, backend=backend)
                 fusedlm.attention(q[:, :2], k, v, causal=False, backend=backend)
 
+        def attention_score_mods(dtype=dtype):
+            # soft-capping and dropout (the cuda kernels' kScoreMods instances), GQA, odd
+            # lengths, then with packed documents (their per-query instances) and decoding
+            q = torch.randn(2, 4, 150, 64, device=dev, dtype=dtype, requires_grad=True)
+            k, v = (torch.randn(2, 2, 170, 64, device=dev, dtype=dtype, requires_grad=True)
+                    for _ in range(2))
+            _both_dq_paths(lambda: fusedlm.attention(q, k, v, causal=True, softcap=5.0,
+                                                     dropout_p=0.2, backend=backend))
+            ids = torch.tensor([[0] * 50 + [1] * 100, [0] * 150], device=dev)
+            ranges = fusedlm.key_range_from_document_ids(ids)
+            _both_dq_paths(lambda: fusedlm.attention(q, k[:, :, :150], v[:, :, :150],
+                                                     causal=True, key_range=ranges, softcap=5.0,
+                                                     dropout_p=0.2, backend=backend))
+            with torch.no_grad():
+                fusedlm.attention(q[:, :, :1], k, v, softcap=5.0, dropout_p=0.2, backend=backend)
+
         yield f"attention fwd {dn} decoding (heads packed, keys split)", attention_decode
         for name, case in (("sliding window (100, 0)", attention_sliding_window),
                            ("key range (padded batch)", attention_key_range),
-                           ("packed documents", attention_documents)):
+                           ("packed documents", attention_documents),
+                           ("softcap and dropout", attention_score_mods)):
             yield f"attention fwd+bwd {dn} {name}", case
             if backend == "cuda":
                 # on an sm_90 GPU the above runs the sm_90a kernels: the sm_80 bounded ones too

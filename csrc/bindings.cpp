@@ -255,7 +255,8 @@ void check_attention_cuda(const at::Tensor& q, const at::Tensor& k, const char* 
 cuda::AttentionShape attention_shape(const at::Tensor& q, const at::Tensor& k, int64_t padded_dim,
                                      double scale, bool causal, int64_t causal_offset,
                                      std::optional<int64_t> window_offset,
-                                     const std::optional<at::Tensor>& key_range) {
+                                     const std::optional<at::Tensor>& key_range, double softcap,
+                                     double dropout_p, int64_t dropout_seed) {
   cuda::AttentionShape shape{};
   shape.B = q.size(0);
   shape.Hq = q.size(1);
@@ -274,6 +275,9 @@ cuda::AttentionShape attention_shape(const at::Tensor& q, const at::Tensor& k, i
   shape.key_range = key_range.has_value() ? key_range->const_data_ptr<int32_t>() : nullptr;
   shape.key_range_per_query = key_range.has_value() && key_range->dim() == 3;
   shape.dtype = dtype_of(q.scalar_type());
+  shape.softcap = softcap;      // (checked: 0 or finite and positive)
+  shape.dropout_p = dropout_p;  // (checked: in [0, 1)) and its seed (>= 0)
+  shape.dropout_seed = static_cast<uint64_t>(dropout_seed);
   return shape;
 }
 
@@ -290,7 +294,9 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q,  // (B, Hq
                                                  std::optional<int64_t> window_offset,
                                                  // (B, 2) or (B, Tq, 2) int32 contiguous,
                                                  // q's device
-                                                 const std::optional<at::Tensor>& key_range) {
+                                                 const std::optional<at::Tensor>& key_range,
+                                                 double softcap, double dropout_p,
+                                                 int64_t dropout_seed) {
   const char* op = "attention_fwd";
   check_attention_cuda(q, k, op);
   const c10::cuda::CUDAGuard guard(q.device());
@@ -306,7 +312,8 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q,  // (B, Hq
   const at::Tensor v_r = attention_readable(v, Dp);
   at::Tensor out = at::empty({q.size(0), q.size(1), q.size(2), Dp}, q.options());  // (B, Hq, Tq, Dp)
   cuda::AttentionFwdArgs args{};
-  args.shape = attention_shape(q, k, Dp, scale, causal, causal_offset, window_offset, key_range);
+  args.shape = attention_shape(q, k, Dp, scale, causal, causal_offset, window_offset, key_range,
+                               softcap, dropout_p, dropout_seed);
   args.q = attention_input(q_r);
   args.k = attention_input(k_r);
   args.v = attention_input(v_r);
@@ -328,7 +335,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
     const at::Tensor& lse,       // (B, Hq, Tq) float32
     double scale, bool causal, int64_t causal_offset, std::optional<int64_t> window_offset,
     const std::optional<at::Tensor>& key_range,  // (B, 2), (B, Tq, 2) int32, q's device
-    const std::optional<at::Tensor>& grad_lse) {  // (B, Hq, Tq) float32, or none
+    const std::optional<at::Tensor>& grad_lse,  // (B, Hq, Tq) float32, or none
+    double softcap, double dropout_p, int64_t dropout_seed) {
   const char* op = "attention_bwd";
   check_attention_cuda(q, k, op);
   const c10::cuda::CUDAGuard guard(q.device());
@@ -351,7 +359,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
   at::Tensor dv = at::empty({v.size(0), v.size(1), v.size(2), Dp}, v.options());  // (B, Hkv, Tk, Dp)
   Workspace workspace{q.options(), {}};
   cuda::AttentionBwdArgs args{};
-  args.shape = attention_shape(q, k, Dp, scale, causal, causal_offset, window_offset, key_range);
+  args.shape = attention_shape(q, k, Dp, scale, causal, causal_offset, window_offset, key_range,
+                               softcap, dropout_p, dropout_seed);
   args.q = attention_input(q_r);
   args.k = attention_input(k_r);
   args.v = attention_input(v_r);
@@ -487,27 +496,19 @@ std::optional<at::Tensor> attention_key_range(const std::optional<at::Tensor>& k
   return range.clamp(0, std::numeric_limits<int32_t>::max()).to(at::kInt).contiguous();
 }
 
-// softcap: 0 (no capping) or a finite positive cap; the CUDA kernels have no capping (the
-// Triton ones do: the Python dispatch sends capped calls on a GPU there).
-void check_softcap(double softcap, const at::Tensor& q) {
+// softcap: 0 (no capping) or a finite positive cap.
+void check_softcap(double softcap) {
   check_finite(softcap, "softcap");
   FUSEDLM_CHECK_VALUE(softcap >= 0, "argument 'softcap' must be >= 0 (0: no capping), got ",
                       softcap);
-  FUSEDLM_CHECK_VALUE(softcap == 0 || !q.is_cuda(),
-                      "argument 'softcap': the CUDA attention kernels do not cap scores "
-                      "(backend='triton' does), got softcap = ", softcap);
 }
 
-// dropout_p in [0, 1) (0: none) and dropout_seed >= 0; the CUDA kernels have no dropout (the
-// Triton ones do: the Python dispatch sends such calls on a GPU there).
-void check_dropout(double dropout_p, int64_t dropout_seed, const at::Tensor& q) {
+// dropout_p in [0, 1) (0: none) and dropout_seed >= 0.
+void check_dropout(double dropout_p, int64_t dropout_seed) {
   FUSEDLM_CHECK_VALUE(dropout_p >= 0 && dropout_p < 1,
                       "argument 'dropout_p' must be in [0, 1), got ", dropout_p);
   FUSEDLM_CHECK_VALUE(dropout_seed >= 0, "argument 'dropout_seed' must be >= 0, got ",
                       dropout_seed);
-  FUSEDLM_CHECK_VALUE(dropout_p == 0 || !q.is_cuda(),
-                      "argument 'dropout_p': the CUDA attention kernels have no dropout "
-                      "(backend='triton' does), got dropout_p = ", dropout_p);
 }
 
 std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q, const at::Tensor& k,
@@ -519,13 +520,13 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q, const at::
                                                  int64_t dropout_seed) {
   check_attention_inputs(q, k, v);
   check_finite(scale, "scale");
-  check_softcap(softcap, q);
-  check_dropout(dropout_p, dropout_seed, q);
+  check_softcap(softcap);
+  check_dropout(dropout_p, dropout_seed);
   const std::optional<at::Tensor> key_ranges = attention_key_range(key_range, q);
 #ifdef FUSEDLM_WITH_CUDA
   if (q.is_cuda()) {
     return cuda_glue::attention_fwd(q, k, v, scale, causal, causal_offset, window_offset,
-                                    key_ranges);
+                                    key_ranges, softcap, dropout_p, dropout_seed);
   }
 #endif
   require_cpu_kernel(q, "q", "attention_fwd");
@@ -542,8 +543,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
   check_attention_inputs(q, k, v);
   const std::optional<at::Tensor> key_ranges = attention_key_range(key_range, q);
   check_finite(scale, "scale");
-  check_softcap(softcap, q);
-  check_dropout(dropout_p, dropout_seed, q);
+  check_softcap(softcap);
+  check_dropout(dropout_p, dropout_seed);
   check_defined(grad_out, "grad_out");
   check_defined(out, "out");
   check_defined(lse, "lse");
@@ -569,7 +570,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
 #ifdef FUSEDLM_WITH_CUDA
   if (q.is_cuda()) {
     return cuda_glue::attention_bwd(grad_out, q, k, v, out, lse, scale, causal, causal_offset,
-                                    window_offset, key_ranges, grad_lse);
+                                    window_offset, key_ranges, grad_lse, softcap, dropout_p,
+                                    dropout_seed);
   }
 #endif
   require_cpu_kernel(q, "q", "attention_bwd");
@@ -1438,7 +1440,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "caps each score s = scale * q.k at softcap * tanh(s / softcap) first (Gemma 2).\n"
         "dropout_p in [0, 1) drops probabilities after the softmax by the Philox stream of\n"
         "dropout_seed (fusedlm.reference.attention_dropout_keep), scaling the rest by\n"
-        "1 / (1 - dropout_p); CPU only.",
+        "1 / (1 - dropout_p).",
         py::arg("q"), py::arg("k"), py::arg("v"), py::arg("scale"), py::arg("causal"),
         py::arg("causal_offset"), py::arg("window_offset") = py::none(),
         py::arg("key_range") = py::none(), py::arg("softcap") = 0.0,

@@ -319,15 +319,14 @@ def test_fuzz_attention(backend, fuzz):
     run()
 
 
-@pytest.mark.parametrize("backend", [b for b in BACKENDS if b.values[0] not in ("torch", "cuda")])
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b.values[0] != "torch"])
 def test_fuzz_attention_dropout(backend, fuzz):
     """fusedlm.attention with ``dropout_p`` (any rate in (0, 1), any seed below 2^63: the
     draw is pinned to a drawn seed), drawn layouts, masks and a ``softcap`` or none: out and
     the gradients of q, k, v against the naive float64 truth with the keep mask of
     ``reference.attention_dropout_keep`` by the rule; the baseline is the larger error of the
     naive math at the input's dtype and of FlashAttention's formula with the same mask
-    (``reference.attention_bwd`` at that dtype, from the kernels' out and lse). The cuda kernels
-    have no dropout (tests/ops/test_attention_dropout.py)."""
+    (``reference.attention_bwd`` at that dtype, from the kernels' out and lse)."""
     import importlib
 
     attention_ops = importlib.import_module("fusedlm.ops.attention")
@@ -413,9 +412,7 @@ def test_fuzz_attention_sinks_and_lse(backend, fuzz):
         window = data.draw(st.one_of(st.none(), st.tuples(side, side)), label="window")
         use_sinks = data.draw(st.booleans(), label="sinks")
         use_out = data.draw(st.booleans(), label="out_in_loss")
-        # (the cuda kernels have no cap: tests/ops/test_attention_softcap.py)
-        softcap = (None if backend == "cuda" else
-                   data.draw(st.one_of(st.none(), st.floats(0.25, 60.0)), label="softcap"))
+        softcap = data.draw(st.one_of(st.none(), st.floats(0.25, 60.0)), label="softcap")
         device = device_of(backend)
         q = make_tensor(data, (B, Hq, Tq, D), dtype, device=device)
         k = make_tensor(data, (B, Hkv, Tk, D), dtype, device=device)

@@ -138,11 +138,15 @@ __device__ __forceinline__ RowStats load_row_stats(const float* lse, const float
 // tests each
 // element against Tq, Tk and the causal limit as before windows existed (the per-row bounds
 // cost the plain sm_80 D = 128 dK/dV kernel 16 bytes of spills).
-template <int kNBlocks, bool kWindowed, bool kPerQuery>
+// kScoreMods (bounded): scores soft-capped (dS then times 1 - tanh^2, the cap's derivative) and
+// probabilities dropped: scores <- P * M, dp <- P * (M * dP / (1 - p) - delta), M the keep mask
+// of flat query row flat_row0 ((b * Hq + h) * Tq + row0) and the 8 below it; dV's 1 / (1 - p)
+// is the caller's.
+template <int kNBlocks, bool kWindowed, bool kPerQuery, bool kScoreMods>
 __device__ __forceinline__ void probabilities_and_score_grads(
     float (&scores)[kNBlocks][4], float (&dp)[kNBlocks][4], const RowStats& stats,
     float scale_log2, int64_t row0, int64_t n0, int t, bool need_mask, const AttentionShape& s,
-    const KeyBounds& keys, int64_t b) {
+    const KeyBounds& keys, int64_t b, const ScoreMods& mods, int64_t flat_row0) {
   if constexpr (!kWindowed) {
 #pragma unroll
     for (int nb = 0; nb < kNBlocks; ++nb) {
@@ -169,16 +173,29 @@ __device__ __forceinline__ void probabilities_and_score_grads(
                         &lo, &hi);
         if (row >= s.Tq) hi = 0;
       }
+      uint32_t keep = ~0u;  // bit 2 nb + j: element (nb, 2 r + j) kept
+      if constexpr (kScoreMods) {
+        if (mods.dropout) keep = dropout_row_mask<kNBlocks>(mods, flat_row0 + 8 * r, n0 + 2 * t);
+      }
 #pragma unroll
       for (int nb = 0; nb < kNBlocks; ++nb) {
 #pragma unroll
         for (int j = 0; j < 2; ++j) {
           const int i = 2 * r + j;
-          float p = fast_exp2(scores[nb][i] * scale_log2 - stats.lse_log2[r]);
+          const bool kept = (keep >> (2 * nb + j) & 1u) != 0;
+          float tanh_qk;  // (0 without a cap)
+          float p = fast_exp2(score_log2<kScoreMods>(scores[nb][i], scale_log2, mods, &tanh_qk) -
+                              stats.lse_log2[r]);
           const int col = nb * 8 + 2 * t + j;
           if (need_mask && (col < lo || col >= hi)) p = 0.f;
-          scores[nb][i] = p;
-          dp[nb][i] = p * (dp[nb][i] - stats.delta[r]);
+          if constexpr (kScoreMods) {
+            const float dp_kept = kept ? dp[nb][i] * mods.keep_scale : 0.f;
+            dp[nb][i] = p * (dp_kept - stats.delta[r]) * (1.f - tanh_qk * tanh_qk);
+            scores[nb][i] = kept ? p : 0.f;
+          } else {
+            scores[nb][i] = p;
+            dp[nb][i] = p * (dp[nb][i] - stats.delta[r]);
+          }
         }
       }
     }
@@ -229,9 +246,9 @@ constexpr size_t dkdv_shared_bytes() {
 // grid (ceil(Tk / kBlock) * Hkv * kHeadDim / kOutDim * B), kWarps * 32 threads, kBlock = 16 kWarps
 // keys and queries per tile. The "head" coordinate is kv head * splits + split; the split owns
 // output columns [split * kOutDim, (split + 1) * kOutDim).
-// kWindowed, kPerQuery: as for attention_fwd_kernel.
+// kWindowed, kPerQuery, kScoreMods: as for attention_fwd_kernel.
 template <typename T, int kHeadDim, int kWarps, int kOutDim, bool kAtomicDq, bool kWindowed,
-          bool kPerQuery>
+          bool kPerQuery, bool kScoreMods>
 __global__ void __launch_bounds__(kWarps * 32)
     attention_bwd_dkdv_kernel(const AttentionBwdArgs args,
                               const float* __restrict__ delta,   // (B, Hq, Tq)
@@ -247,7 +264,7 @@ __global__ void __launch_bounds__(kWarps * 32)
   constexpr int kOBlocks = kOutDim / 8;  // 8-column output blocks
   constexpr int kDqCols = 32;            // dQ columns per atomic pass (bounds registers)
   static_assert(kHeadDim % kOutDim == 0 && kOutDim % kDqCols == 0);
-  static_assert(kWindowed || !kPerQuery);
+  static_assert(kWindowed || (!kPerQuery && !kScoreMods));
 
   T* sK = reinterpret_cast<T*>(dynamic_shared_memory());  // (kBlock, kStride)
   T* sV = sK + kBlock * kStride;             // (kBlock, kStride)
@@ -274,6 +291,7 @@ __global__ void __launch_bounds__(kWarps * 32)
   const int t = lane % 4;
   const float scale = static_cast<float>(s.scale);
   const float scale_log2 = scale * kLog2e;
+  const ScoreMods mods = kScoreMods ? score_mods_of(s) : ScoreMods{};
 
   const T* k = head_pointer<T>(args.k, b, h_kv);
   const T* v = head_pointer<T>(args.v, b, h_kv);
@@ -357,8 +375,9 @@ __global__ void __launch_bounds__(kWarps * 32)
                                             delta + (b * s.Hq + h) * Tq, row0, Tq);
       const bool need_mask =
           tile_needs_mask<kWindowed>(s, inner_keys, m0, kBlock, n0, kBlock);
-      probabilities_and_score_grads<kNBlocks, kWindowed, kPerQuery>(
-          scores[0], dp[0], stats, scale_log2, row0, n0, t, need_mask, s, keys, b);
+      probabilities_and_score_grads<kNBlocks, kWindowed, kPerQuery, kScoreMods>(
+          scores[0], dp[0], stats, scale_log2, row0, n0, t, need_mask, s, keys, b, mods,
+          (b * s.Hq + h) * Tq + row0);
       store_accumulators<T, kNBlocks>(sP, kPStride, warp * 16, scores[0], g, t);
       store_accumulators<T, kNBlocks>(sdS, kPStride, warp * 16, dp[0], g, t);
 
@@ -403,8 +422,9 @@ __global__ void __launch_bounds__(kWarps * 32)
   const int64_t kv_offset = (b * s.Hkv + h_kv) * Tk * D;
   write_rows<T, kOBlocks>(static_cast<T*>(args.dk) + kv_offset, n0 + warp * 16, Tk, col0, D, dk,
                           scale, g, t);
+  // (dropout: dV = (P * M)^T dO / (1 - p))
   write_rows<T, kOBlocks>(static_cast<T*>(args.dv) + kv_offset, n0 + warp * 16, Tk, col0, D, dv,
-                          1.f, g, t);
+                          kScoreMods ? mods.keep_scale : 1.f, g, t);
 }
 
 template <int kHeadDim, int kBlockN, int kWarps>
@@ -415,7 +435,8 @@ constexpr size_t dq_shared_bytes() {
 
 // Deterministic dQ: grid (ceil(Tq / (16 kWarps)) * Hq * B). Each warp owns 16 query rows, streams
 // the key tiles its rows see, recomputes S, P, dP and dS, and accumulates dQ = dS K * scale.
-template <typename T, int kHeadDim, int kBlockN, int kWarps, bool kWindowed, bool kPerQuery>
+template <typename T, int kHeadDim, int kBlockN, int kWarps, bool kWindowed, bool kPerQuery,
+          bool kScoreMods>
 __global__ void __launch_bounds__(kWarps * 32)
     attention_bwd_dq_kernel(const AttentionBwdArgs args,
                             const float* __restrict__ delta) {  // (B, Hq, Tq)
@@ -459,6 +480,7 @@ __global__ void __launch_bounds__(kWarps * 32)
   const int64_t n_blocks = key_tile_end<kWindowed>(s, tile_keys.outer, m0, kBlockM, kBlockN);
   const int64_t n_first = kWindowed ? first_key_tile(s, tile_keys.outer, m0, kBlockN) : 0;
   const int64_t row0 = m0 + warp * 16 + g;
+  const ScoreMods mods = kScoreMods ? score_mods_of(s) : ScoreMods{};
 
   float dq[1][kDBlocks][4] = {};
   if (n_blocks > n_first) {
@@ -501,8 +523,9 @@ __global__ void __launch_bounds__(kWarps * 32)
                                                     lane);
       const bool need_mask =
           tile_needs_mask<kWindowed>(s, tile_keys.inner, m0, kBlockM, n0, kBlockN);
-      probabilities_and_score_grads<kNBlocks, kWindowed, kPerQuery>(
-          scores[0], dp[0], stats, scale_log2, row0, n0, t, need_mask, s, keys, b);
+      probabilities_and_score_grads<kNBlocks, kWindowed, kPerQuery, kScoreMods>(
+          scores[0], dp[0], stats, scale_log2, row0, n0, t, need_mask, s, keys, b, mods,
+          (b * s.Hq + h) * Tq + row0);
       uint32_t ds_frag[1][kBlockN / 16][4];
       accumulators_to_a_fragments<T, kBlockN / 16>(dp[0], ds_frag[0]);
       warp_gemm_regs_rows<T, 1, kDBlocks, kBlockN / 16>(dq, ds_frag, sKb, kStride, 0, 0, lane);
@@ -513,14 +536,14 @@ __global__ void __launch_bounds__(kWarps * 32)
                           0, D, dq[0], scale, g, t);
 }
 
-// The dK/dV kernel instance for the call's masks: plain, bounded, or per-query ranges.
+// The dK/dV kernel instance for the call's masks and score modifiers (pick_instance).
 template <typename T, int kHeadDim, int kWarps, int kOutDim, bool kAtomicDq>
 auto dkdv_kernel_for(const AttentionShape& s) {
-  return per_query(s)
-             ? attention_bwd_dkdv_kernel<T, kHeadDim, kWarps, kOutDim, kAtomicDq, true, true>
-         : bounded(s)
-             ? attention_bwd_dkdv_kernel<T, kHeadDim, kWarps, kOutDim, kAtomicDq, true, false>
-             : attention_bwd_dkdv_kernel<T, kHeadDim, kWarps, kOutDim, kAtomicDq, false, false>;
+  return pick_instance(s, [](auto windowed, auto per_query, auto mods) {
+    return attention_bwd_dkdv_kernel<T, kHeadDim, kWarps, kOutDim, kAtomicDq,
+                                     decltype(windowed)::value, decltype(per_query)::value,
+                                     decltype(mods)::value>;
+  });
 }
 
 // One backward with the dK/dV kernel of (kHeadDim, kWarps, kOutDim) and the deterministic dQ
@@ -580,10 +603,10 @@ cudaError_t launch_bwd(const AttentionBwdArgs& args, cudaStream_t stream) {
       FUSEDLM_RETURN_IF_LAUNCH_FAILED();
     }
 
-    auto dq = per_query(s) ? attention_bwd_dq_kernel<T, kHeadDim, kDqBlockN, kDqWarps, true, true>
-              : bounded(s)
-                  ? attention_bwd_dq_kernel<T, kHeadDim, kDqBlockN, kDqWarps, true, false>
-                  : attention_bwd_dq_kernel<T, kHeadDim, kDqBlockN, kDqWarps, false, false>;
+    auto dq = pick_instance(s, [](auto windowed, auto per_query, auto mods) {
+      return attention_bwd_dq_kernel<T, kHeadDim, kDqBlockN, kDqWarps, decltype(windowed)::value,
+                                     decltype(per_query)::value, decltype(mods)::value>;
+    });
     constexpr size_t dq_bytes = dq_shared_bytes<kHeadDim, kDqBlockN, kDqWarps>();
     FUSEDLM_RETURN_IF_ERROR(prepare_shared_memory(dq, dq_bytes));
     FUSEDLM_LAUNCH(dq, static_cast<unsigned>(dq_blocks), kDqWarps * 32, dq_bytes, stream)(args,

@@ -115,8 +115,8 @@ template <bool kWindowed, bool kPerQuery>
 // kDq: also dQ (into the accumulator); without, dK and dV only (the deterministic backward,
 // whose dQ is attention_bwd.cu's atomic-free kernel). kWindowed: the bounded instance (a
 // sliding window or key ranges; the plain one keeps their code out); kPerQuery (with kWindowed):
-// per-query key ranges.
-template <typename T, int kHeadDim, bool kDq, bool kWindowed, bool kPerQuery>
+// per-query key ranges; kScoreMods (with kWindowed): soft-capping and dropout (score_mods).
+template <typename T, int kHeadDim, bool kDq, bool kWindowed, bool kPerQuery, bool kScoreMods>
 __global__ void __launch_bounds__(kThreads, 1)
     attention_bwd_sm90_kernel(const __grid_constant__ BwdParams params) {
 #ifdef FUSEDLM_SM90A_DEVICE
@@ -212,6 +212,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int key_row0 = consumer * 64 + warp * 16;  // key of g = 0 in the tile
   const float scale = static_cast<float>(s.scale);
   const float scale_log2 = scale * kLog2e;
+  const ScoreMods mods = kScoreMods ? score_mods_of(s) : ScoreMods{};
 
   float dk[kHeadDim / 2] = {};  // (64 keys, kHeadDim) per warpgroup, accumulator layout
   float dv[kHeadDim / 2] = {};
@@ -286,7 +287,9 @@ __global__ void __launch_bounds__(kThreads, 1)
         // exp2f, not fast_exp2: with the bare ex2 ptxas schedules more exponentials in flight
         // and the D = 128 consumer, already at its 240-register cap, spills 16-24 bytes more
         // (ptxas, sm_90a); here the GEMMs, not the exponentials, bound the loop.
-        st[4 * qb + i] = l == -INFINITY ? 0.f : exp2f(st[4 * qb + i] * scale_log2 - l);
+        st[4 * qb + i] =
+            l == -INFINITY ? 0.f
+                           : exp2f(score_log2<kScoreMods>(st[4 * qb + i], scale_log2, mods) - l);
       }
     }
     if (need_mask) {
@@ -314,11 +317,51 @@ __global__ void __launch_bounds__(kThreads, 1)
     }
     warpgroup_wait<0>();  // dP^T has landed
     fence_accumulators(dpt);
+    if constexpr (kScoreMods) {
+      // Dropout: P^T * M (dV's 1 / (1 - p) is the epilogue's), dS^T = P^T * (M * dP^T / (1 - p)
+      // - delta); a cap: dS^T times 1 - tanh^2, the tanh recovered from P (S^T is gone):
+      // capped score (log2 units) = log2(P) + lse.
+      static_assert(kBlockM / 2 <= 32);
+      uint32_t keep = ~0u;  // bit i: element i of st kept
+      if (mods.dropout) {
+        // (a loop not unrolled: one Philox state live at a time, as dropout_row_mask)
+        keep = 0;
+        const int64_t flat_row0 = (b * s.Hq + h) * Tq + m0 + 2 * t;
+#pragma unroll 1
+        for (int i = 0; i < kBlockM / 2; ++i) {  // i = 4 qb + 2 r + e
+          const int qb = i / 4, r = (i / 2) % 2, e = i % 2;
+          keep |= static_cast<uint32_t>(dropout_keep(mods, flat_row0 + qb * 8 + e,
+                                                     warp_key0 + g + 8 * r))
+                  << i;
+        }
+      }
 #pragma unroll
-    for (int qb = 0; qb < kQBlocks; ++qb) {
+      for (int qb = 0; qb < kQBlocks; ++qb) {
 #pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        dpt[4 * qb + i] = st[4 * qb + i] * (dpt[4 * qb + i] - delta[qb][i & 1]);
+        for (int e = 0; e < 2; ++e) {
+#pragma unroll
+          for (int r = 0; r < 2; ++r) {
+            const int i = 4 * qb + 2 * r + e;
+            const float p = st[i];
+            const bool kept = (keep >> i & 1u) != 0;
+            float cap_slope = 1.f;  // d(capped score) / d(scale q.k)
+            if (mods.tanh_per_score != 0.f && p > 0.f) {
+              const float tanh_qk = (log2f(p) + lse_log2[qb][e]) / mods.softcap_log2;
+              cap_slope = fmaxf(1.f - tanh_qk * tanh_qk, 0.f);
+            }
+            const float dp_kept = kept ? dpt[i] * mods.keep_scale : 0.f;
+            dpt[i] = p * (dp_kept - delta[qb][e]) * cap_slope;
+            st[i] = kept ? p : 0.f;
+          }
+        }
+      }
+    } else {
+#pragma unroll
+      for (int qb = 0; qb < kQBlocks; ++qb) {
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          dpt[4 * qb + i] = st[4 * qb + i] * (dpt[4 * qb + i] - delta[qb][i & 1]);
+        }
       }
     }
 #pragma unroll
@@ -422,8 +465,10 @@ __global__ void __launch_bounds__(kThreads, 1)
     }
   }
 
-  // dK = scale * dS^T Q, dV = P^T dO, summed over the group's query heads: written once.
+  // dK = scale * dS^T Q, dV = P^T dO (dropout: / (1 - p)), summed over the group's query heads:
+  // written once.
   const int D = static_cast<int>(s.D);
+  const float dv_factor = kScoreMods ? mods.keep_scale : 1.f;
   T* dk_out = static_cast<T*>(args.dk) + (b * s.Hkv + h_kv) * Tk * D;
   T* dv_out = static_cast<T*>(args.dv) + (b * s.Hkv + h_kv) * Tk * D;
 #pragma unroll
@@ -437,7 +482,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         *reinterpret_cast<uint32_t*>(dk_out + key * D + col) =
             pack2<T>(scale * dk[4 * db + 2 * r], scale * dk[4 * db + 2 * r + 1]);
         *reinterpret_cast<uint32_t*>(dv_out + key * D + col) =
-            pack2<T>(dv[4 * db + 2 * r], dv[4 * db + 2 * r + 1]);
+            pack2<T>(dv_factor * dv[4 * db + 2 * r], dv_factor * dv[4 * db + 2 * r + 1]);
       }
     }
   }
@@ -462,9 +507,10 @@ cudaError_t launch_bwd_sm90(const AttentionBwdArgs& args, const float* delta,
     return cudaErrorNotSupported;
   }
   constexpr size_t bytes = BwdLayout<kHeadDim>::kBytes;
-  auto kernel = per_query(s) ? attention_bwd_sm90_kernel<T, kHeadDim, kDq, true, true>
-                : bounded(s) ? attention_bwd_sm90_kernel<T, kHeadDim, kDq, true, false>
-                             : attention_bwd_sm90_kernel<T, kHeadDim, kDq, false, false>;
+  auto kernel = pick_instance(s, [](auto windowed, auto per_query, auto mods) {
+    return attention_bwd_sm90_kernel<T, kHeadDim, kDq, decltype(windowed)::value,
+                                     decltype(per_query)::value, decltype(mods)::value>;
+  });
   FUSEDLM_RETURN_IF_ERROR(prepare_shared_memory(kernel, bytes));
   const int64_t blocks = ceil_div(s.Tk, kBlockN) * s.Hkv * s.B;
   if (!fits_grid(s, blocks)) return cudaErrorInvalidValue;

@@ -36,10 +36,11 @@ constexpr size_t fwd_shared_bytes() {
 // keeps their code out (its per-row bounds cost the 128-row D = 128 tile 32-80 bytes of spills).
 // kPerQuery (with kWindowed): per-query key ranges, whose per-row loads and CTA-wide tile bounds
 // (a shared-memory hand-over and a barrier) the other bounded calls do without.
+// kScoreMods (with kWindowed): soft-capping and dropout (score_mods).
 // kSplitKeys: grid (ceil(Tq / kBlockM) * split.count * Hq * B); CTA `key_split` of a query tile
 // takes the key_split-th share of its key tiles and writes to `split` instead of out and lse.
 template <typename T, int kHeadDim, int kBlockM, int kBlockN, int kWarps, bool kWindowed,
-          bool kPerQuery, bool kSplitKeys>
+          bool kPerQuery, bool kScoreMods, bool kSplitKeys>
 __global__ void __launch_bounds__(kWarps * 32)
     attention_fwd_kernel(const AttentionFwdArgs args, const KeySplit split) {
   constexpr int kThreads = kWarps * 32;
@@ -49,7 +50,7 @@ __global__ void __launch_bounds__(kWarps * 32)
   constexpr int kStride = kHeadDim + kPad;           // shared-memory row stride (elements)
   static_assert(kMTiles >= 1 && kBlockM == 16 * kWarps * kMTiles);
   static_assert(kBlockN % 16 == 0 && kHeadDim % 16 == 0);
-  static_assert(kWindowed || !kPerQuery);
+  static_assert(kWindowed || (!kPerQuery && !kScoreMods));
   static_assert(!(kPerQuery && kSplitKeys));
 
   T* sQ = reinterpret_cast<T*>(dynamic_shared_memory());  // (kBlockM, kStride)
@@ -100,6 +101,8 @@ __global__ void __launch_bounds__(kWarps * 32)
 #pragma unroll
   for (int mt = 0; mt < kMTiles; ++mt) row_max[mt][0] = row_max[mt][1] = -INFINITY;
   const float scale_log2 = static_cast<float>(s.scale) * kLog2e;
+  const ScoreMods mods = kScoreMods ? score_mods_of(s) : ScoreMods{};
+  const int64_t flat_row0 = (b * s.Hq + h) * Tq + m0 + warp * 16 * kMTiles + g;  // dropout's
 
   if (n_blocks > n_first) {
     const int64_t first0 = n_first * kBlockN;
@@ -158,15 +161,17 @@ __global__ void __launch_bounds__(kWarps * 32)
           }
         }
       } else {
-        // Scale, then (a loop of its own, as in the sm_90a backward) mask each row outside its
-        // visible columns: with the test inside the scaling loop the 128-row D = 128 tile
-        // spilled 72 bytes, none this way (ptxas, sm_80).
+        // Scale (kScoreMods: or soft-cap), then (a loop of its own, as in the sm_90a backward)
+        // mask each row outside its visible columns: with the test inside the scaling loop the
+        // 128-row D = 128 tile spilled 72 bytes, none this way (ptxas, sm_80).
 #pragma unroll
         for (int mt = 0; mt < kMTiles; ++mt) {
 #pragma unroll
           for (int nb = 0; nb < kNBlocks; ++nb) {
 #pragma unroll
-            for (int i = 0; i < 4; ++i) scores[mt][nb][i] *= scale_log2;
+            for (int i = 0; i < 4; ++i) {
+              scores[mt][nb][i] = score_log2<kScoreMods>(scores[mt][nb][i], scale_log2, mods);
+            }
           }
         }
         if (need_mask) {
@@ -222,6 +227,19 @@ __global__ void __launch_bounds__(kWarps * 32)
             o[mt][db][2 * r] *= alpha;
             o[mt][db][2 * r + 1] *= alpha;
           }
+          if constexpr (kScoreMods) {
+            // Dropout: after the sum (the softmax's denominator and lse are the undropped
+            // ones); the kept ones' 1 / (1 - p) is the epilogue's.
+            if (mods.dropout) {
+              const uint32_t keep =
+                  dropout_row_mask<kNBlocks>(mods, flat_row0 + mt * 16 + 8 * r, n0 + 2 * t);
+#pragma unroll
+              for (int nb = 0; nb < kNBlocks; ++nb) {
+                if (!(keep >> (2 * nb) & 1u)) scores[mt][nb][2 * r] = 0.f;
+                if (!(keep >> (2 * nb + 1) & 1u)) scores[mt][nb][2 * r + 1] = 0.f;
+              }
+            }
+          }
         }
       }
 
@@ -252,7 +270,8 @@ __global__ void __launch_bounds__(kWarps * 32)
       l += __shfl_xor_sync(0xffffffffu, l, 2);
       const int64_t row = m0 + warp * 16 * kMTiles + mt * 16 + g + 8 * r;
       if (row >= Tq) continue;
-      const float inv = l > 0.f ? 1.f / l : 0.f;
+      // (kScoreMods: dropout's 1 / (1 - p) on the kept probabilities, 1 without dropout)
+      const float inv = l > 0.f ? (kScoreMods ? mods.keep_scale : 1.f) / l : 0.f;
 #pragma unroll
       for (int db = 0; db < kDBlocks; ++db) {
         const int col = db * 8 + 2 * t;
@@ -316,9 +335,11 @@ cudaError_t launch_fwd_split(const AttentionFwdArgs& args, int splits, cudaStrea
   constexpr int kBlockM = 64;
   const AttentionShape& s = args.shape;
   constexpr size_t bytes = fwd_shared_bytes<kHeadDim, kBlockM, kBlockN>();
-  auto kernel =
-      bounded(s) ? attention_fwd_kernel<T, kHeadDim, kBlockM, kBlockN, kWarps, true, false, true>
-                 : attention_fwd_kernel<T, kHeadDim, kBlockM, kBlockN, kWarps, false, false, true>;
+  // (never per query: attention_fwd_plan splits no per-query call)
+  auto kernel = pick_instance(s, [](auto windowed, auto, auto mods) {
+    return attention_fwd_kernel<T, kHeadDim, kBlockM, kBlockN, kWarps,
+                                decltype(windowed)::value, false, decltype(mods)::value, true>;
+  });
   FUSEDLM_RETURN_IF_ERROR(prepare_shared_memory(kernel, bytes));
   const int64_t blocks = ceil_div(s.Tq, kBlockM) * splits * s.Hq * s.B;
   if (!fits_grid(s, blocks)) return cudaErrorInvalidValue;
@@ -349,12 +370,11 @@ cudaError_t launch_fwd(const AttentionFwdArgs& args, int key_splits, cudaStream_
   }
   const AttentionShape& s = args.shape;
   constexpr size_t bytes = fwd_shared_bytes<kHeadDim, kBlockM, kBlockN>();
-  auto kernel =
-      per_query(s)
-          ? attention_fwd_kernel<T, kHeadDim, kBlockM, kBlockN, kWarps, true, true, false>
-      : bounded(s)
-          ? attention_fwd_kernel<T, kHeadDim, kBlockM, kBlockN, kWarps, true, false, false>
-          : attention_fwd_kernel<T, kHeadDim, kBlockM, kBlockN, kWarps, false, false, false>;
+  auto kernel = pick_instance(s, [](auto windowed, auto per_query, auto mods) {
+    return attention_fwd_kernel<T, kHeadDim, kBlockM, kBlockN, kWarps,
+                                decltype(windowed)::value, decltype(per_query)::value,
+                                decltype(mods)::value, false>;
+  });
   FUSEDLM_RETURN_IF_ERROR(prepare_shared_memory(kernel, bytes));
   const int64_t blocks = ceil_div(s.Tq, kBlockM) * s.Hq * s.B;
   if (!fits_grid(s, blocks)) return cudaErrorInvalidValue;

@@ -66,8 +66,9 @@ struct FwdParams {
 // grid (ceil(Tq / kBlockM) * Hq * B), kThreads threads. kWindowed: the bounded instance (a
 // sliding window or key ranges: its key tiles start at the first one a row sees; the plain
 // instance is the kernel without it); kPerQuery (with kWindowed): key ranges per query row
-// (packed documents), each row masked by its own range.
-template <typename T, int kHeadDim, bool kWindowed, bool kPerQuery>
+// (packed documents), each row masked by its own range; kScoreMods (with kWindowed): soft-capping
+// and dropout (score_mods).
+template <typename T, int kHeadDim, bool kWindowed, bool kPerQuery, bool kScoreMods>
 __global__ void __launch_bounds__(kThreads, 1)
     attention_fwd_sm90_kernel(const __grid_constant__ FwdParams params) {
 #ifdef FUSEDLM_SM90A_DEVICE
@@ -177,6 +178,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   float scores[kBlockN / 2];                  // S, then P, of the current key tile (float32)
   uint32_t p[kKeyChunks][4];                  // P of the previous key tile, T, A layout
   const float scale_log2 = static_cast<float>(s.scale) * kLog2e;
+  const ScoreMods mods = kScoreMods ? score_mods_of(s) : ScoreMods{};
 
   // Waits until key tile n's K (or V) has landed. Before the fence of the GEMMs that read it:
   // a wait loop between two wgmmas is a divergent path, over which ptxas serializes them.
@@ -259,7 +261,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         for (int nb = 0; nb < kNBlocks; ++nb) {
 #pragma unroll
           for (int j = 0; j < 2; ++j) {
-            float x = scores[4 * nb + 2 * r + j] * scale_log2;
+            float x = score_log2<kScoreMods>(scores[4 * nb + 2 * r + j], scale_log2, mods);
             const int col = nb * 8 + 2 * t + j;
             if (need_mask && (col < lo || col >= hi)) x = -INFINITY;
             scores[4 * nb + 2 * r + j] = x;
@@ -290,6 +292,19 @@ __global__ void __launch_bounds__(kThreads, 1)
         sum += p0 + p1;
       }
       row_sum[r] = row_sum[r] * alpha[r] + sum;
+      if constexpr (kScoreMods) {
+        // Dropout: after the sum (the softmax's denominator and lse are the undropped ones);
+        // the kept ones' 1 / (1 - p) is the epilogue's.
+        if (mods.dropout) {
+          const int64_t flat_row = (b * s.Hq + h) * Tq + m0 + warp_row0 + g + 8 * r;
+          const uint32_t keep = dropout_row_mask<kNBlocks>(mods, flat_row, n0 + 2 * t);
+#pragma unroll
+          for (int nb = 0; nb < kNBlocks; ++nb) {
+            if (!(keep >> (2 * nb) & 1u)) scores[4 * nb + 2 * r] = 0.f;
+            if (!(keep >> (2 * nb + 1) & 1u)) scores[4 * nb + 2 * r + 1] = 0.f;
+          }
+        }
+      }
     }
   };
 
@@ -383,7 +398,8 @@ __global__ void __launch_bounds__(kThreads, 1)
     l += __shfl_xor_sync(0xffffffffu, l, 2);
     const int64_t row = m0 + warp_row0 + g + 8 * r;
     if (row >= Tq) continue;
-    const float inv = l > 0.f ? 1.f / l : 0.f;
+    // (kScoreMods: dropout's 1 / (1 - p) on the kept probabilities, 1 without dropout)
+    const float inv = l > 0.f ? (kScoreMods ? mods.keep_scale : 1.f) / l : 0.f;
 #pragma unroll
     for (int db = 0; db < kDBlocks; ++db) {
       const int col = db * 8 + 2 * t;
@@ -410,9 +426,10 @@ cudaError_t launch_fwd_sm90(const AttentionFwdArgs& args, cudaStream_t stream) {
     return cudaErrorNotSupported;
   }
   constexpr size_t bytes = SharedLayout<kHeadDim>::kBytes;
-  auto kernel = per_query(s) ? attention_fwd_sm90_kernel<T, kHeadDim, true, true>
-                : bounded(s) ? attention_fwd_sm90_kernel<T, kHeadDim, true, false>
-                             : attention_fwd_sm90_kernel<T, kHeadDim, false, false>;
+  auto kernel = pick_instance(s, [](auto windowed, auto per_query, auto mods) {
+    return attention_fwd_sm90_kernel<T, kHeadDim, decltype(windowed)::value,
+                                     decltype(per_query)::value, decltype(mods)::value>;
+  });
   FUSEDLM_RETURN_IF_ERROR(prepare_shared_memory(kernel, bytes));
   const int64_t blocks = ceil_div(s.Tq, kBlockM) * s.Hq * s.B;
   if (!fits_grid(s, blocks)) return cudaErrorInvalidValue;

@@ -20,6 +20,7 @@
 #include <type_traits>
 
 #include "cuda/common.cuh"
+#include "philox4x32.h"
 
 namespace fusedlm::cuda::attention {
 
@@ -292,11 +293,115 @@ inline bool valid_shape(const AttentionShape& s) {
          (!s.windowed || (s.window_offset >= -s.Tq && s.window_offset <= s.Tk));
 }
 
-// Whether a call takes the bounded kernel instances (kWindowed): a sliding window or a key range
-// (per-query ranges: the kPerQuery instances, which are bounded ones too).
-inline bool bounded(const AttentionShape& s) { return s.windowed || s.key_range != nullptr; }
+// Whether a call has score modifiers (soft-capping, dropout): the kScoreMods instances, bounded
+// ones (kWindowed) with the per-score code of both, which every other instance keeps out.
+inline bool score_mods(const AttentionShape& s) { return s.softcap > 0 || s.dropout_p > 0; }
+
+// Whether a call takes the bounded kernel instances (kWindowed): a sliding window, a key range
+// (per-query ranges: the kPerQuery instances, which are bounded ones too) or score modifiers.
+inline bool bounded(const AttentionShape& s) {
+  return s.windowed || s.key_range != nullptr || score_mods(s);
+}
 inline bool per_query(const AttentionShape& s) {
   return s.key_range != nullptr && s.key_range_per_query;
+}
+
+// The kernel instance a call takes: `pick(windowed, per_query, score_mods)`, each flag a
+// std::bool_constant, returns it (plain, bounded, per-query; the bounded and per-query ones
+// with or without score modifiers).
+template <typename Pick>
+auto pick_instance(const AttentionShape& s, Pick&& pick) {
+  using Yes = std::true_type;
+  using No = std::false_type;
+  if (per_query(s)) return score_mods(s) ? pick(Yes{}, Yes{}, Yes{}) : pick(Yes{}, Yes{}, No{});
+  if (bounded(s)) return score_mods(s) ? pick(Yes{}, No{}, Yes{}) : pick(Yes{}, No{}, No{});
+  return pick(No{}, No{}, No{});
+}
+
+// The score modifiers' constants, worked out once per thread in the kScoreMods instances. (Handed
+// to the kernels as a parameter instead, read from the constant bank, ptxas's spills of the
+// D = 128 instances moved both ways and summed a little more: benchmarks/NOTES.md,
+// thirty-fourth session.)
+struct ScoreMods {
+  float softcap_log2;         // softcap * log2(e): a capped score in log2 units is this * tanh
+  float tanh_per_score;       // scale / softcap: tanh's argument per unit of q.k (0: no cap)
+  bool dropout;
+  uint32_t keep_threshold;    // a probability is kept iff its Philox word >= this
+  float keep_scale;           // 1 / (1 - dropout_p) (1 without dropout)
+  uint64_t seed;
+  uint64_t counters_per_row;  // ceil(Tk / 4): Philox counters per query row
+};
+
+__device__ __forceinline__ ScoreMods score_mods_of(const AttentionShape& s) {
+  ScoreMods m;
+  const bool capped = s.softcap > 0;
+  m.softcap_log2 = capped ? static_cast<float>(s.softcap) * kLog2e : 0.f;
+  m.tanh_per_score = capped ? static_cast<float>(s.scale / s.softcap) : 0.f;
+  m.dropout = s.dropout_p > 0;
+  m.keep_threshold = dropout_threshold(s.dropout_p);
+  m.keep_scale = static_cast<float>(1.0 / (1.0 - s.dropout_p));
+  m.seed = s.dropout_seed;
+  m.counters_per_row = static_cast<uint64_t>((s.Tk + 3) / 4);
+  return m;
+}
+
+// A score q.k in log2 units: times scale * log2(e) or, kScoreMods with a cap, soft-capped:
+// softcap * tanh(scale * q.k / softcap) * log2(e). With a cap, *tanh_value gets the tanh (the
+// backward's 1 - tanh^2), else 0.
+template <bool kScoreMods>
+__device__ __forceinline__ float score_log2(float qk, float scale_log2, const ScoreMods& mods,
+                                            float* tanh_value = nullptr) {
+  if constexpr (kScoreMods) {
+    if (mods.tanh_per_score != 0.f) {
+      const float tanh_qk = tanhf(qk * mods.tanh_per_score);
+      if (tanh_value != nullptr) *tanh_value = tanh_qk;
+      return mods.softcap_log2 * tanh_qk;
+    }
+  }
+  if (tanh_value != nullptr) *tanh_value = 0.f;
+  return qk * scale_log2;
+}
+
+// Whether the probabilities of keys col and col + 1 (col even: one Philox counter holds both)
+// of flat query row `row` ((b * Hq + h) * Tq + i) are kept.
+__device__ __forceinline__ void dropout_keep_pair(const ScoreMods& mods, int64_t row, int64_t col,
+                                                  bool* keep0, bool* keep1) {
+  uint32_t words[4];
+  philox4x32(mods.seed,
+             static_cast<uint64_t>(row) * mods.counters_per_row + static_cast<uint64_t>(col) / 4,
+             words);
+  const bool upper = (col & 2) != 0;  // col % 4 is 0 or 2
+  *keep0 = (upper ? words[2] : words[0]) >= mods.keep_threshold;
+  *keep1 = (upper ? words[3] : words[1]) >= mods.keep_threshold;
+}
+
+// The keep mask of one thread's elements of a C-layout row (keys col0 + 8 nb + j, j = 0, 1,
+// col0 even) of flat query row `row`: bit 2 nb + j. A loop not unrolled, so that one Philox
+// state is live at a time: unrolled, the generator's calls interleave and the kernels spill.
+template <int kNBlocks>
+__device__ __forceinline__ uint32_t dropout_row_mask(const ScoreMods& mods, int64_t row,
+                                                     int64_t col0) {
+  static_assert(kNBlocks <= 16);
+  uint32_t mask = 0;
+#pragma unroll 1
+  for (int nb = 0; nb < kNBlocks; ++nb) {
+    bool keep0, keep1;
+    dropout_keep_pair(mods, row, col0 + 8 * nb, &keep0, &keep1);
+    mask |= (static_cast<uint32_t>(keep0) | static_cast<uint32_t>(keep1) << 1) << (2 * nb);
+  }
+  return mask;
+}
+
+// Whether the probability of key col of flat query row `row` is kept.
+__device__ __forceinline__ bool dropout_keep(const ScoreMods& mods, int64_t row, int64_t col) {
+  uint32_t words[4];
+  philox4x32(mods.seed,
+             static_cast<uint64_t>(row) * mods.counters_per_row + static_cast<uint64_t>(col) / 4,
+             words);
+  const int word = static_cast<int>(col & 3);
+  const uint32_t value = word == 0 ? words[0] : word == 1 ? words[1] : word == 2 ? words[2]
+                                                                                 : words[3];
+  return value >= mods.keep_threshold;
 }
 
 // Batch row b's keys [lo, hi): its key range clamped to the sequence, or all Tk keys. Not for

@@ -78,8 +78,10 @@ cudaError_t norm_bwd(const NormBwdArgs& args, cudaStream_t stream);
 // (!causal || j <= i + causal_offset) && (!windowed || j >= i + window_offset) and, with a key
 // range, key_range[b][0] <= j < key_range[b][1] in batch row b (padded batches) or, per query,
 // key_range[b][i][0] <= j < key_range[b][i][1] (packed documents). A query row that sees no key
-// gets out = 0, lse = -inf. On Hopper (sm_90a kernels) D <= 128 runs the wgmma/TMA kernels, with
-// every mask, D > 128 the sm_80 ones.
+// gets out = 0, lse = -inf. Soft-capping and dropout (AttentionShape) as
+// fusedlm.reference.attention_fwd / attention_bwd define them. On Hopper (sm_90a kernels)
+// D <= 128 runs the wgmma/TMA kernels, with every mask and score modifier, D > 128 the sm_80
+// ones.
 //
 // Inputs are read in place through their batch, head and token strides (in elements): the
 // head dim must be contiguous, D a multiple of 8 (1..256), every stride a multiple of 8 and the
@@ -112,6 +114,11 @@ struct AttentionShape {
   const int32_t* key_range;
   bool key_range_per_query;
   DType dtype;            // kFloat16 or kBFloat16
+  // Score modifiers (score_mods: the kScoreMods kernel instances), both 0 for none:
+  double softcap;         // > 0: each score s = scale * q.k becomes softcap * tanh(s / softcap)
+  double dropout_p;       // in [0, 1): probabilities dropped after the softmax (lse keeps
+  uint64_t dropout_seed;  // them), the rest scaled by 1 / (1 - dropout_p); the Philox
+                          // stream of csrc/philox4x32.h keyed by dropout_seed decides which
 };
 
 struct AttentionFwdArgs {

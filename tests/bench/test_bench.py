@@ -304,7 +304,7 @@ def test_attention_dropout_providers_drop_probabilities(monkeypatch):
     torch.manual_seed(5)
     torch.testing.assert_close(run(inputs), first, rtol=0, atol=0)
     # fusedlm-cuda on a CPU tensor: fusedlm's refusal becomes an unsupported row, with its
-    # reason (on a GPU: "the CUDA attention kernels have no dropout")
+    # reason
     cuda = next(p for p in spec.providers if p.name == "fusedlm-cuda")
     with pytest.raises(C.Unsupported, match="backend 'cuda'"):
         cuda.build(fwd, ctx)(inputs)

@@ -212,13 +212,19 @@ def test_ptxas_keeps_the_hopper_wgmmas_asynchronous(tmp_path):
         assert result["registers"], (source, result)
         assert result["performance_loss"] == {}, (source, result)
         assert result["wgmma_serialized"] == 0, (source, result)
-    # Spills, as benchmarks/NOTES.md records them: none in the forward; in the backward only the
-    # per-query (packed documents) D = 128 instances, 28 and 52 bytes. More is a regression to
-    # decide on, not to find on a GPU.
-    spilled = {source: max(int(line.split()[0]) for line in result["spill_lines"])
-               for source, result in report.items()}
-    assert spilled["attention_fwd_sm90.cu"] == 0, report
-    assert spilled["attention_bwd_sm90.cu"] <= 52, report
+    # Spills, as benchmarks/NOTES.md records them: in the instances without score modifiers,
+    # none in the forward and in the backward only the per-query (packed documents) D = 128
+    # ones, 28 and 52 bytes; the kScoreMods instances (soft-capping, dropout: the last template
+    # argument) at most 100 bytes in the forward and 400 in the backward. More is a regression
+    # to decide on, not to find on a GPU.
+    if shutil.which("c++filt") is None:
+        pytest.skip("c++filt not found (the spill limits go by demangled kernel names)")
+    limits = {("attention_fwd_sm90.cu", False): 0, ("attention_bwd_sm90.cu", False): 52,
+              ("attention_fwd_sm90.cu", True): 100, ("attention_bwd_sm90.cu", True): 400}
+    for source, result in report.items():
+        for kernel, spilled in result["spills_by_kernel"].items():
+            assert kernel.endswith(("true>", "false>")), kernel
+            assert spilled <= limits[source, kernel.endswith("true>")], (source, kernel, spilled)
 
 
 @pytest.mark.parametrize("output, expected", [

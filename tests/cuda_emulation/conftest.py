@@ -23,6 +23,7 @@ SOURCES = [
     HERE / "kernels_emulated.cpp",
     *sorted((REPO / "csrc" / "cuda").glob("*.cuh")),
     REPO / "csrc" / "cuda" / "launchers.h",
+    REPO / "csrc" / "philox4x32.h",
     *sorted((REPO / "csrc" / "cuda").glob("*.cu")),
 ]
 # The Hopper primitives' test kernels (test_sm90_primitives_emulated.py).
@@ -32,6 +33,7 @@ SM90_SOURCES = [
     HERE / "sm90_primitives_emulated.cpp",
     *sorted((REPO / "csrc" / "cuda").glob("*.cuh")),
     REPO / "csrc" / "cuda" / "launchers.h",
+    REPO / "csrc" / "philox4x32.h",
 ]
 # The kernels' layouts against CUTLASS's CuTe (test_layouts_cute.py).
 LAYOUT_SOURCES = [
@@ -40,6 +42,7 @@ LAYOUT_SOURCES = [
     HERE / "layouts_cute.cpp",
     *sorted((REPO / "csrc" / "cuda").glob("*.cuh")),
     REPO / "csrc" / "cuda" / "launchers.h",
+    REPO / "csrc" / "philox4x32.h",
 ]
 GUARD = 64  # elements of NaN before and after every tensor
 # Opt-in shared memory per block the emulated device reports (the launchers pick tiles by it).
@@ -96,6 +99,7 @@ def library():
                  "emulated_norm_bwd", "emulated_adamw_step"):
         getattr(lib, name).restype = ctypes.c_int
     lib.emulated_fault.restype = ctypes.c_char_p
+    lib.emulated_set_score_mods.argtypes = [ctypes.c_double, ctypes.c_double, ctypes.c_uint64]
     lib.emulated_configure(1, 1, H100_SHARED_BYTES)  # copies at the wait, warps drifting apart
     return lib
 

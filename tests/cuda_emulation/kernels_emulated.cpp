@@ -18,6 +18,10 @@ static int emulated_max_shared_bytes = 232448;
 // Compute capability 10 * major + minor: 80 runs the sm_80 kernels everywhere; 90 lets the
 // launchers take the Hopper (sm_90a) forward where it applies.
 static int emulated_compute_capability = 80;
+// The score modifiers (soft-capping, dropout) of the attention calls: emulated_set_score_mods.
+static double emulated_softcap = 0.0;
+static double emulated_dropout_p = 0.0;
+static uint64_t emulated_dropout_seed = 0;
 
 extern "C" {
 cudaError_t cudaGetLastError(void) {
@@ -71,6 +75,9 @@ fusedlm::cuda::AttentionShape make_shape(const int64_t* shape, double scale, int
   s.key_range_per_query = shape[10] != 0;
   s.scale = scale;
   s.dtype = dtype == 0 ? fusedlm::cuda::DType::kFloat16 : fusedlm::cuda::DType::kBFloat16;
+  s.softcap = emulated_softcap;
+  s.dropout_p = emulated_dropout_p;
+  s.dropout_seed = emulated_dropout_seed;
   return s;
 }
 
@@ -92,12 +99,23 @@ extern "C" {
 
 // late_copies: cp.async lands at the wait (1) or at issue (0); schedule: 0 lockstep, 1 warps
 // first to last, 2 warps last to first (warp_emulation.h); max_shared_bytes: the device's opt-in
-// shared memory per block (232448 H100, 166912 A100, 101376 sm_86/sm_89). For the calls after.
+// shared memory per block (232448 H100, 166912 A100, 101376 sm_86/sm_89). For the calls after,
+// which have no score modifiers until emulated_set_score_mods.
 void emulated_configure(int late_copies, int schedule, int max_shared_bytes) {
   emulated_max_shared_bytes = max_shared_bytes;
+  emulated_softcap = emulated_dropout_p = 0.0;
+  emulated_dropout_seed = 0;
   emu::fault().clear();
   emu::late_copies() = late_copies != 0;
   emu::schedule() = static_cast<emu::Schedule>(schedule);
+}
+
+// The attention calls' soft-capping and dropout (AttentionShape's softcap, dropout_p,
+// dropout_seed), for the calls after; all 0: none.
+void emulated_set_score_mods(double softcap, double dropout_p, uint64_t dropout_seed) {
+  emulated_softcap = softcap;
+  emulated_dropout_p = dropout_p;
+  emulated_dropout_seed = dropout_seed;
 }
 
 // 80 (sm_80 kernels, the default) or 90 (Hopper forward where it applies), for the calls after.

@@ -25,7 +25,8 @@ import zlib
 import pytest
 import torch
 
-from tests.helpers import assert_close_rule, naive_attention
+from fusedlm import reference
+from tests.helpers import assert_close_rule, larger_error, naive_attention
 
 from .conftest import (
     GUARD,
@@ -86,15 +87,25 @@ def _key_range_arg(key_range):
 
 def _run(lib, q, k, v, grad_out, causal, offset, late, deterministic, schedule=WARPS_FORWARD,
          shared_bytes=H100_SHARED_BYTES, hopper=False, window_offset=None, key_range=None,
-         backward=True, grad_lse=None):
+         backward=True, grad_lse=None, softcap=0.0, dropout_p=0.0, dropout_seed=0):
     """Forward and backward through the emulated launchers; with ``hopper``, on an emulated
     sm_90 device under FUSEDLM_ATTENTION_SM90=require: the forward on the sm_90a kernel alone
     (no sm_80 fallback), the backward through the launcher, which must take the sm_90a kernel;
     with ``hopper="auto"``, on an emulated sm_90 device through the launchers' own choices.
     ``key_range``: (B, 2) or (B, Tq, 2) int32; ``grad_lse``: (B, Hq, Tq) float32, a gradient
-    of lse for the backward. Returns out, lse, dq, dk, dv (the gradients None without
-    ``backward``)."""
+    of lse for the backward; ``softcap``, ``dropout_p``, ``dropout_seed``: the score modifiers.
+    Returns out, lse, dq, dk, dv (the gradients None without ``backward``)."""
     lib.emulated_configure(int(late), schedule, shared_bytes)
+    lib.emulated_set_score_mods(softcap, dropout_p, dropout_seed)
+    try:
+        return _run_launchers(lib, q, k, v, grad_out, causal, offset, deterministic, hopper,
+                              window_offset, key_range, backward, grad_lse)
+    finally:
+        lib.emulated_set_score_mods(0.0, 0.0, 0)
+
+
+def _run_launchers(lib, q, k, v, grad_out, causal, offset, deterministic, hopper, window_offset,
+                   key_range, backward, grad_lse):
     lib.emulated_set_compute_capability(90 if hopper else 80)
     # Hopper: the backward must take the sm_90a kernel too (it fails rather than fall back).
     if hopper is True:
@@ -133,11 +144,14 @@ def _run(lib, q, k, v, grad_out, causal, offset, late, deterministic, schedule=W
 
 def _check(lib, shape, causal, dtype, layout="contiguous", late=True, deterministic=False,
            offset=None, schedule=WARPS_FORWARD, shared_bytes=H100_SHARED_BYTES, hopper=False,
-           window_offset=None, key_range=None, backward=True, with_grad_lse=False):
+           window_offset=None, key_range=None, backward=True, with_grad_lse=False, softcap=0.0,
+           dropout_p=0.0, dropout_seed=0):
     """Forward (and with ``backward`` the backward from the kernel's own out and lse) of seeded
     inputs of ``shape`` = (B, Hq, Hkv, Tq, Tk, D) against the float64 truth by DESIGN.md's rule;
     lse against the float64 logsumexp, -inf exactly where a row sees no key. With
-    ``with_grad_lse`` the backward also takes a random gradient of lse."""
+    ``with_grad_lse`` the backward also takes a random gradient of lse. ``softcap`` and
+    ``dropout_p`` (with ``dropout_seed``): truth and baseline soft-cap the scores and take
+    fusedlm.reference.attention_dropout_keep's mask, the stream every backend shares."""
     B, Hq, Hkv, Tq, Tk, D = shape
     offset = Tk - Tq if offset is None else offset
     # crc32, not hash(): str hashes are salted per process, which drew new inputs every run.
@@ -151,10 +165,14 @@ def _check(lib, shape, causal, dtype, layout="contiguous", late=True, determinis
     grad_lse = torch.randn((B, Hq, Tq), generator=gen).contiguous() if with_grad_lse else None
     out, lse, dq, dk, dv = _run(lib, q, k, v, grad_out, causal, offset, late, deterministic,
                                 schedule, shared_bytes, hopper, window_offset, key_range,
-                                backward, grad_lse)
+                                backward, grad_lse, softcap, dropout_p, dropout_seed)
 
     masks = {"causal": causal, "causal_offset": offset, "window_offset": window_offset,
-             "key_range": key_range}
+             "key_range": key_range, "softcap": softcap or None}
+    if dropout_p:
+        masks["dropout_p"] = dropout_p
+        masks["dropout_keep"] = reference.attention_dropout_keep(B, Hq, Tq, Tk, dropout_p,
+                                                                 dropout_seed, "cpu")
     leaves64 = [t.clone().requires_grad_(backward) for t in (q64, k64, v64)]
     truth, lse64 = naive_attention(*leaves64, **masks, return_lse=True)
     leaves = [t.to(dtype).requires_grad_(backward) for t in (q64, k64, v64)]
@@ -162,6 +180,8 @@ def _check(lib, shape, causal, dtype, layout="contiguous", late=True, determinis
 
     assert_close_rule(out, baseline, truth, name="out")
     scores = (q64 @ k64.repeat_interleave(Hq // Hkv, 1).transpose(-1, -2)) / math.sqrt(D)
+    if softcap:
+        scores = softcap * torch.tanh(scores / softcap)
     rows, cols = torch.arange(Tq)[:, None], torch.arange(Tk)[None, :]
     if causal:
         scores = scores.masked_fill(cols > rows + offset, float("-inf"))
@@ -185,6 +205,16 @@ def _check(lib, shape, causal, dtype, layout="contiguous", late=True, determinis
         truth_grads = torch.autograd.grad((truth, lse64), leaves64, (do64, grad_lse.double()))
         baseline_grads = torch.autograd.grad((baseline, lse_baseline), leaves,
                                              (do64.to(dtype), grad_lse.to(dtype)))
+    if softcap or dropout_p:
+        # The baseline is also FlashAttention's formula at the input's dtype from the kernels'
+        # out (as tests/test_fuzz.py's): its Delta = rowsum(dO * O) takes O as stored and
+        # cancels in peaked rows (capped scores) and in rows whose dq is 0 (one key), with
+        # dropout's 1 / (1 - p) amplifying the rounding.
+        flash = reference.attention_bwd(
+            do64.to(dtype), *(t.to(dtype) for t in (q64, k64, v64)), out, lse, 1 / math.sqrt(D),
+            causal, offset, window_offset, key_range, grad_lse, softcap, dropout_p, dropout_seed)
+        baseline_grads = [larger_error(g_base, g_flash, g_truth) for g_base, g_flash, g_truth
+                          in zip(baseline_grads, flash, truth_grads, strict=True)]
     for name, g, g_base, g_truth in zip(("dq", "dk", "dv"), (dq, dk, dv), baseline_grads,
                                         truth_grads, strict=True):
         assert_close_rule(g, g_base, g_truth, name=name)

@@ -2,9 +2,9 @@
 the backend CI cannot otherwise run): attention over sequence lengths around every tile size the
 launchers use (16, 32, 64, 128), head dims 8..256 in steps of 8 (every template and the padded
 ones between), GQA/MQA, arbitrary causal offsets, both memory layouts, both dQ paths, both
-shared-memory sizes; the Hopper kernels over lengths around their tiles and head dims up to
-128; LayerNorm/RMSNorm over hidden sizes 1..70000 around every launch-path
-boundary, every dtype, with and without weight/bias, aligned or not.
+shared-memory sizes, soft-capping and dropout; the Hopper kernels over lengths around their
+tiles and head dims up to 128; LayerNorm/RMSNorm over hidden sizes 1..70000 around every
+launch-path boundary, every dtype, with and without weight/bias, aligned or not.
 
 Derandomized with a few examples by default (CI); ``--fuzz-long[=N]`` as for tests/test_fuzz.py.
 """
@@ -70,8 +70,8 @@ def _draw_key_range(data, B, Tq, Tk):
 def _fuzz_attention(library, data, seq_lens, max_head_dim, schedules, hopper):
     """One drawn case through _check: shape, causal offset, dtype, layout, timing, schedule,
     dQ path, a sliding window, key ranges (a padded batch, packed documents, scattered per
-    query), a gradient of lse (return_lse, sinks), and (sm_80 kernels) the device's shared
-    memory."""
+    query), a gradient of lse (return_lse, sinks), (sm_80 kernels) the device's shared memory,
+    and soft-capping and dropout (the kScoreMods instances) or neither."""
     B = data.draw(st.integers(1, 2), label="B")
     Hkv = data.draw(st.integers(1, 2), label="Hkv")
     group = data.draw(st.integers(1, 3), label="group")
@@ -96,10 +96,14 @@ def _fuzz_attention(library, data, seq_lens, max_head_dim, schedules, hopper):
     if not hopper:
         shared = data.draw(st.sampled_from([H100_SHARED_BYTES, SM86_SHARED_BYTES]),
                            label="shared bytes")
+    softcap = data.draw(st.one_of(st.just(0.0), st.floats(0.25, 30.0)), label="softcap")
+    dropout_p = data.draw(st.one_of(st.just(0.0), st.floats(0.01, 0.9)), label="dropout_p")
+    dropout_seed = data.draw(st.integers(0, 2**63 - 1), label="dropout seed")
     _check(library, (B, Hkv * group, Hkv, Tq, Tk, D), causal, dtype, layout=layout, late=late,
            deterministic=deterministic, offset=offset, schedule=schedule, shared_bytes=shared,
            hopper=hopper, window_offset=window_offset, key_range=key_range,
-           with_grad_lse=with_grad_lse)
+           with_grad_lse=with_grad_lse, softcap=softcap, dropout_p=dropout_p,
+           dropout_seed=dropout_seed)
 
 
 def test_fuzz_attention(library, fuzz):  # noqa: F811

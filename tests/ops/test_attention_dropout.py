@@ -20,7 +20,7 @@ import torch
 
 import fusedlm
 from fusedlm import reference
-from fusedlm.backends import BackendNotSupportedError, OpDispatch
+from fusedlm.backends import OpDispatch
 from tests.helpers import (
     assert_close_rule,
     available_backends,
@@ -32,8 +32,7 @@ from tests.helpers import (
 from tests.ops.test_attention_lse_and_sinks import _inputs, _skip_if_refused
 from tests.ops.test_attention_softcap import _check as check_attention
 
-# The cuda kernels have no dropout (auto takes Triton's on a GPU): test_cuda_backend_refuses_*.
-BACKENDS = [param for param in available_backends() if param.id != "cuda"]
+BACKENDS = available_backends()
 CUDA = [param for param in available_backends("cuda") if param.id == "cuda"]
 attention_ops = importlib.import_module("fusedlm.ops.attention")
 
@@ -389,15 +388,16 @@ def test_extension_entry_points_check_dropout(backend):
 
 
 @pytest.mark.parametrize("backend", CUDA)
-def test_cuda_backend_refuses_dropout(backend):
-    """backend="cuda" with dropout raises, naming dropout_p and Triton; auto runs Triton's
-    kernels (on a GPU with Triton) or the reference, with the mask of the seed."""
-    q, k, v, *_ = _inputs((1, 4, 2, 17, 23, 64), torch.float16, "cuda")
-    with pytest.raises(BackendNotSupportedError, match="dropout_p.*Triton"):
-        fusedlm.attention(q, k, v, causal=True, dropout_p=0.2, backend="cuda")
+def test_auto_takes_the_cuda_kernels(backend):
+    """On a GPU an fp16 dropout call with backend auto runs the CUDA kernels, forward and
+    backward, with the mask of the seed it drew."""
+    q, k, v, _, grad_out, _ = _inputs((1, 4, 2, 17, 23, 64), torch.float16, "cuda")
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
     torch.manual_seed(0)
-    out = fusedlm.attention(q, k, v, causal=True, dropout_p=0.2)
-    assert OpDispatch.last_choice["attention_fwd"] != "cuda"
+    out = fusedlm.attention(*leaves, causal=True, dropout_p=0.2)
+    assert OpDispatch.last_choice["attention_fwd"] == "cuda"
+    out.backward(grad_out)
+    assert OpDispatch.last_choice["attention_bwd"] == "cuda"
     torch.manual_seed(0)
     seed = int(attention_ops._dropout_seed())
     keep = reference.attention_dropout_keep(1, 4, 17, 23, 0.2, seed, "cuda")
@@ -407,11 +407,11 @@ def test_cuda_backend_refuses_dropout(backend):
     assert_close_rule(out, baseline, truth, name="out")
 
 
-def test_cuda_kernels_hand_dropout_calls_to_triton():
-    """The CUDA kernels have no dropout: their support check says so (auto then picks Triton
-    on a GPU, and backend='cuda' raises with this reason)."""
+def test_cuda_kernels_take_dropout_calls(monkeypatch):
+    """The CUDA kernels' support check takes dropout (fp16 on sm_80+), so auto prefers them on
+    a GPU; their numerics are tests/cuda_emulation/test_attention_score_mods_emulated.py's."""
+    monkeypatch.setattr(attention_ops, "_capability", lambda device: (8, 0))
     q = types.SimpleNamespace(device=torch.device("cuda"), dtype=torch.float16,
                               shape=(1, 4, 17, 64))
-    reason = attention_ops._extension_supports(q, q, q, None, None, 0.0, 0.1)
-    assert reason is not None and "dropout_p" in reason and "Triton" in reason
+    assert attention_ops._extension_supports(q, q, q, None, None, 0.0, 0.1) is None
     assert attention_ops._triton_supports(q, q, q, None, None, 0.0, 0.1) is None

@@ -18,7 +18,7 @@ import torch
 
 import fusedlm
 from fusedlm import reference
-from fusedlm.backends import BackendNotSupportedError, OpDispatch
+from fusedlm.backends import OpDispatch
 from tests.helpers import (
     assert_close_rule,
     atol_for,
@@ -30,8 +30,7 @@ from tests.helpers import (
 from tests.ops.test_attention_lse_and_sinks import _inputs as unit_inputs
 from tests.ops.test_attention_lse_and_sinks import _skip_if_refused
 
-# The cuda kernels have no cap (auto takes Triton's on a GPU): test_cuda_backend_refuses_softcap.
-BACKENDS = [param for param in available_backends() if param.id != "cuda"]
+BACKENDS = available_backends()
 CUDA = [param for param in available_backends("cuda") if param.id == "cuda"]
 attention_ops = importlib.import_module("fusedlm.ops.attention")  # (the package exports a function
 # of that name)
@@ -310,24 +309,23 @@ def test_extension_entry_points_check_softcap(backend):
 
 
 @pytest.mark.parametrize("backend", CUDA)
-def test_cuda_backend_refuses_softcap(backend):
-    """backend="cuda" with a cap raises, naming softcap and Triton; auto runs Triton's kernels
-    (on a GPU with Triton) or the reference."""
-    q, k, v, *_ = _inputs((1, 4, 2, 17, 23, 64), torch.float16, "cuda")
-    with pytest.raises(BackendNotSupportedError, match="softcap.*Triton"):
-        fusedlm.attention(q, k, v, causal=True, softcap=5.0, backend="cuda")
-    out = fusedlm.attention(q, k, v, causal=True, softcap=5.0)
-    assert OpDispatch.last_choice["attention_fwd"] != "cuda"
+def test_auto_takes_the_cuda_kernels(backend):
+    """On a GPU a capped fp16 call with backend auto runs the CUDA kernels (which soft-cap in
+    their kScoreMods instances), forward and backward."""
+    q, k, v, _, grad_out, _ = _inputs((1, 4, 2, 17, 23, 64), torch.float16, "cuda")
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    out = fusedlm.attention(*leaves, causal=True, softcap=5.0)
+    assert OpDispatch.last_choice["attention_fwd"] == "cuda"
+    out.backward(grad_out)
+    assert OpDispatch.last_choice["attention_bwd"] == "cuda"
     truth = naive_attention(q.double(), k.double(), v.double(), causal=True, softcap=5.0)
     assert_close_rule(out, naive_attention(q, k, v, causal=True, softcap=5.0), truth, name="out")
 
 
-def test_cuda_kernels_hand_capped_calls_to_triton():
-    """The CUDA kernels have no cap: their support check says so (auto then picks Triton on a
-    GPU, and backend='cuda' raises with this reason)."""
-    q = types.SimpleNamespace(device=torch.device("cuda"), dtype=torch.float16)
-    reason = attention_ops._extension_supports(q, q, q, None, None, 5.0)
-    assert reason is not None and "softcap" in reason and "Triton" in reason
-    assert attention_ops._triton_supports(
-        types.SimpleNamespace(dtype=torch.float16, shape=(1, 1, 1, 64)), None, None, None, None,
-        5.0) is None
+def test_cuda_kernels_take_capped_calls(monkeypatch):
+    """The CUDA kernels' support check takes a cap (fp16 on sm_80+), so auto prefers them on a
+    GPU; their numerics are tests/cuda_emulation/test_attention_score_mods_emulated.py's."""
+    monkeypatch.setattr(attention_ops, "_capability", lambda device: (9, 0))
+    q = types.SimpleNamespace(device=torch.device("cuda"), dtype=torch.float16,
+                              shape=(1, 4, 17, 64))
+    assert attention_ops._extension_supports(q, q, q, None, None, 5.0) is None

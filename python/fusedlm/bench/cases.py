@@ -572,8 +572,7 @@ def _fusedlm_attention_call(backend: str, dropout_p: float = 0.0):
                                      window=None if window is None else (window - 1, 0),
                                      key_range=None if packed is None else packed["key_range"],
                                      sinks=sinks, dropout_p=dropout_p)
-        except fusedlm.BackendNotSupportedError as why:  # e.g. triton: head dim over its maximum;
-            # cuda: no dropout in its kernels
+        except fusedlm.BackendNotSupportedError as why:  # e.g. triton: head dim over its maximum
             raise Unsupported(str(why).split(": ", 1)[-1]) from why
 
     return call
@@ -648,7 +647,7 @@ def _fusedlm_attention_providers(sinks: bool = False,
                                  dropout_p: float = 0.0) -> list[Provider]:
     """fusedlm-<backend>: fusedlm.attention(backend=...) (with ``sinks``: sinks=inputs["sinks"];
     with ``dropout_p``: dropout_p=dropout_p) for cuda, triton, cpu and torch, each where it runs
-    (a backend that refuses a call, e.g. cuda a dropout one, makes its rows unsupported, with
+    (a backend that refuses a call, e.g. cuda a float32 one, makes its rows unsupported, with
     fusedlm's reason)."""
     arguments = ("sinks=sinks, " if sinks else "") + \
         (f"dropout_p={dropout_p}, " if dropout_p else "")
@@ -832,10 +831,10 @@ def _compiled_dropout_attention_call(q, k, v, causal, ctx, window=None, packed=N
 def _attention_dropout_providers() -> list[Provider]:
     """attention's providers with dropout_p = ATTENTION_DROPOUT_P: the eager attention with
     F.dropout on the probabilities (the baseline), fusedlm.attention(dropout_p=...) on each
-    backend (cuda's kernels have none: its rows say so), SDPA's backends with dropout_p (flash
+    backend, SDPA's backends with dropout_p (flash
     and efficient take it on a GPU; a backend whose probe with dropout fails is left out with
     torch's reason, one that refuses a case is unsupported), torch.compile of the eager
-    version. No fusedlm-cuda-sm80 (the cuda backend runs no dropout)."""
+    version. No fusedlm-cuda-sm80 (attention's table has the sm_80 kernels' speed)."""
     p = ATTENTION_DROPOUT_P
     providers = [_attention_provider(
         BASELINE, f"PyTorch ops: q k^T, mask, softmax (float32), F.dropout(p, {p}), p v",

@@ -50,15 +50,11 @@ def _capability(device: torch.device) -> tuple[int, int]:
 def _extension_supports(q: Tensor, k: Tensor, v: Tensor, window_offset: int | None = None,
                         key_range: Tensor | None = None, softcap: float = 0.0,
                         dropout_p: float = 0.0) -> str | None:
-    """The CPU kernels take every case; the CUDA ones (tensor-core mma.sync) fp16/bf16 on sm_80+
-    (sliding windows and key ranges, per batch row or per query, included), without softcap or
-    dropout."""
+    """The CPU kernels take every case; the CUDA ones (tensor-core mma.sync, wgmma on Hopper)
+    fp16/bf16 on sm_80+, with every mask (sliding windows, key ranges per batch row or per
+    query), softcap and dropout."""
     if q.device.type != "cuda":
         return None
-    if softcap:
-        return "the CUDA attention kernels do not soft-cap scores (softcap); the Triton ones do"
-    if dropout_p:
-        return "the CUDA attention kernels have no dropout (dropout_p); the Triton ones do"
     if q.dtype not in (torch.float16, torch.bfloat16):
         return f"the CUDA attention kernels take float16 or bfloat16, not {q.dtype}"
     major, minor = _capability(q.device)
@@ -459,14 +455,13 @@ def attention(
     included), -inf for a row that sees no key; gradients flow through both (as to combine
     partial attentions, ring attention's way). ``softcap`` > 0 (logit soft-capping, Gemma 2's
     ``attn_logit_softcapping``, FlashAttention's ``softcap``) caps each score s = scale *
-    q.k at softcap * tanh(s / softcap) before the masks and the softmax (the cpu, triton and
-    torch backends; the cuda kernels have none, so a capped call on a GPU runs Triton's).
+    q.k at softcap * tanh(s / softcap) before the masks and the softmax (every backend).
     ``dropout_p`` in [0, 1) (attention dropout, SDPA's ``dropout_p``; pass 0 when not
     training) drops each probability with that chance after the softmax, inside the kernels,
     and scales the rest by 1 / (1 - dropout_p); lse stays the softmax's. The mask comes from a
     Philox stream seeded by a draw from torch's default generator (``torch.manual_seed``
     repeats it; every backend drops the same elements for the same seed, torch's own SDPA
-    others) and the backward regenerates it (cpu, triton and torch backends; on a GPU, Triton's).
+    others) and the backward regenerates it (every backend).
     """
     _check_qkv(q, k, v)
     if not isinstance(causal, bool):
