@@ -31,6 +31,14 @@ def _eager_add_norm(norm, x, residual, *params):
     return norm(h, (8,), *params), h
 
 
+def _eager_softcap_attention(q, k, v, cap=30.0):
+    """Gemma 2's eager attention: scaled scores soft-capped, causal, softmax, @ v."""
+    scores = torch.tanh(q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5 / cap) * cap
+    T = q.shape[-2]
+    hidden = torch.ones(T, T, dtype=torch.bool).triu(1)
+    return torch.softmax(scores.masked_fill(hidden, float("-inf")), dim=-1) @ v
+
+
 def _cases(backend: str):
     x, residual = torch.randn(4, 8), torch.randn(4, 8)
     weight, bias = torch.ones(8), torch.zeros(8)
@@ -61,6 +69,19 @@ def _cases(backend: str):
             (q, k, v),
             lambda q, k, v: fusedlm.attention(q, k, v, causal=True, backend=backend),
             lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True),
+        ),
+        "attention softcap 30 (torch: eager)": (
+            (q, k, v),
+            lambda q, k, v: fusedlm.attention(q, k, v, causal=True, softcap=30.0,
+                                              backend=backend),
+            _eager_softcap_attention,
+        ),
+        "attention dropout 0.1": (
+            (q, k, v),
+            lambda q, k, v: fusedlm.attention(q, k, v, causal=True, dropout_p=0.1,
+                                              backend=backend),
+            lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                                           dropout_p=0.1),
         ),
     }
 

@@ -1278,16 +1278,19 @@ struct AttentionFunction : public torch::autograd::Function<AttentionFunction> {
                             const at::Tensor& v,                        // (B, Hkv, Tk, D)
                             double scale, bool causal, int64_t causal_offset,
                             std::optional<int64_t> window_offset,
-                            const std::optional<at::Tensor>& key_range) {  // (B, 2), (B, Tq, 2)
+                            const std::optional<at::Tensor>& key_range,  // (B, 2), (B, Tq, 2)
+                            double softcap, double dropout_p, int64_t dropout_seed) {
     auto [out, lse] = attention_fwd(q, k, v, scale, causal, causal_offset, window_offset,
-                                    key_range, /*softcap=*/0.0, /*dropout_p=*/0.0,
-                                    /*dropout_seed=*/0);
+                                    key_range, softcap, dropout_p, dropout_seed);
     ctx->save_for_backward({q, k, v, out, lse, key_range.value_or(at::Tensor())});
     ctx->saved_data["scale"] = scale;
     ctx->saved_data["causal"] = causal;
     ctx->saved_data["causal_offset"] = causal_offset;
     ctx->saved_data["window_offset"] =
         window_offset.has_value() ? c10::IValue(*window_offset) : c10::IValue();
+    ctx->saved_data["softcap"] = softcap;
+    ctx->saved_data["dropout_p"] = dropout_p;
+    ctx->saved_data["dropout_seed"] = dropout_seed;  // the backward regenerates the same mask
     return out;
   }
 
@@ -1302,11 +1305,13 @@ struct AttentionFunction : public torch::autograd::Function<AttentionFunction> {
           ctx->saved_data["scale"].toDouble(), ctx->saved_data["causal"].toBool(),
           ctx->saved_data["causal_offset"].toInt(),
           window.isNone() ? std::nullopt : std::optional<int64_t>(window.toInt()),
-          optional_tensor(saved[5]), std::nullopt, /*softcap=*/0.0, /*dropout_p=*/0.0,
-          /*dropout_seed=*/0);
+          optional_tensor(saved[5]), std::nullopt, ctx->saved_data["softcap"].toDouble(),
+          ctx->saved_data["dropout_p"].toDouble(), ctx->saved_data["dropout_seed"].toInt());
     }
     auto out = once_differentiable({dq, dk, dv}, grads);
-    out.resize(8);  // scale, causal, causal_offset, window_offset, key_range: no gradient
+    // scale, causal, causal_offset, window_offset, key_range, softcap, dropout_p, dropout_seed:
+    // no gradient
+    out.resize(11);
     return out;
   }
 };
@@ -1314,9 +1319,10 @@ struct AttentionFunction : public torch::autograd::Function<AttentionFunction> {
 at::Tensor attention_autograd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                               double scale, bool causal, int64_t causal_offset,
                               std::optional<int64_t> window_offset,
-                              const std::optional<at::Tensor>& key_range) {
+                              const std::optional<at::Tensor>& key_range, double softcap,
+                              double dropout_p, int64_t dropout_seed) {
   return AttentionFunction::apply(q, k, v, scale, causal, causal_offset, window_offset,
-                                  key_range);
+                                  key_range, softcap, dropout_p, dropout_seed);
 }
 
 at::Tensor layer_norm_autograd(const at::Tensor& x, const std::optional<at::Tensor>& weight,
@@ -1486,10 +1492,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("grad_y"), py::arg("grad_h"), py::arg("h"), py::arg("rstd"), py::arg("weight"));
   m.def("attention_autograd", &fusedlm::attention_autograd,
         "attention_fwd's out with a C++ autograd node whose backward runs attention_bwd (eager\n"
-        "calls of the cpu and cuda backends; no second derivative).",
+        "calls of the cpu and cuda backends; no second derivative). softcap, dropout_p and\n"
+        "dropout_seed as attention_fwd's; the backward regenerates the dropout mask.",
         py::arg("q"), py::arg("k"), py::arg("v"), py::arg("scale"), py::arg("causal"),
         py::arg("causal_offset"), py::arg("window_offset") = py::none(),
-        py::arg("key_range") = py::none());
+        py::arg("key_range") = py::none(), py::arg("softcap") = 0.0,
+        py::arg("dropout_p") = 0.0, py::arg("dropout_seed") = 0);
   m.def("layer_norm_autograd", &fusedlm::layer_norm_autograd,
         "layer_norm_fwd's y with a C++ autograd node whose backward runs layer_norm_bwd (eager\n"
         "calls of the cpu and cuda backends; no second derivative).",

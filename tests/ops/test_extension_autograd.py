@@ -157,20 +157,24 @@ def test_add_norm_node_matches_the_python_function(kind, x_dtype, residual_dtype
         assert all(g is None for g in got[2:])
 
 
-# (B, Hq, Hkv, Tq, Tk, D, causal, window, key_range kind)
+# (B, Hq, Hkv, Tq, Tk, D, causal, window, key_range kind, softcap, dropout_p)
 ATTENTION_CASES = [
-    (2, 4, 2, 37, 37, 16, True, None, None),
-    (1, 2, 1, 5, 41, 24, False, None, None),
-    (2, 2, 2, 33, 33, 16, True, (7, 0), None),
-    (2, 2, 1, 29, 29, 8, True, None, "batch"),
-    (2, 2, 2, 31, 31, 16, True, None, "query"),
+    (2, 4, 2, 37, 37, 16, True, None, None, 0.0, 0.0),
+    (1, 2, 1, 5, 41, 24, False, None, None, 0.0, 0.0),
+    (2, 2, 2, 33, 33, 16, True, (7, 0), None, 0.0, 0.0),
+    (2, 2, 1, 29, 29, 8, True, None, "batch", 0.0, 0.0),
+    (2, 2, 2, 31, 31, 16, True, None, "query", 0.0, 0.0),
+    (2, 4, 2, 37, 37, 16, True, None, None, 1.5, 0.0),
+    (2, 4, 2, 37, 41, 16, True, None, None, 0.0, 0.3),
+    (2, 2, 2, 31, 31, 16, True, (9, 0), "query", 1.5, 0.3),
 ]
 
 
 @pytest.mark.parametrize("case", ATTENTION_CASES,
-                         ids=["gqa-causal", "mqa-cross", "window", "padded", "documents"])
+                         ids=["gqa-causal", "mqa-cross", "window", "padded", "documents",
+                              "softcap", "dropout", "documents-window-softcap-dropout"])
 def test_attention_node_matches_the_python_function(case):
-    B, Hq, Hkv, Tq, Tk, D, causal, window, kind = case
+    B, Hq, Hkv, Tq, Tk, D, causal, window, kind, softcap, dropout_p = case
     q = torch.randn(B, Hq, Tq, D)
     k, v = torch.randn(B, Hkv, Tk, D), torch.randn(B, Hkv, Tk, D)
     key_range = None
@@ -181,16 +185,19 @@ def test_attention_node_matches_the_python_function(case):
             torch.arange(Tq).div(9, rounding_mode="floor").repeat(B, 1))
     grad = torch.randn(B, Hq, Tq, D)
     leaves = _leaves(q, k, v)
+    torch.manual_seed(0)  # (the dropout seed's draw)
     out = fusedlm.attention(*leaves, causal=causal, window=window, key_range=key_range,
-                            backend="cpu")
+                            softcap=softcap, dropout_p=dropout_p, backend="cpu")
     assert "AttentionFunction" in _graph_names(out)
     got = _grads(out, grad, leaves)
 
     python = _leaves(q, k, v)
     causal_k, offset, window_offset = attention_ops.attention_mask_bounds(Tq, Tk, causal, window)
     key_range_k = attention_ops._check_key_range(key_range, q, Tk)
+    torch.manual_seed(0)
     out_python, _ = attention_ops._AttentionEager.apply(
-        *python, D ** -0.5, causal_k, offset, "cpu", window_offset, key_range_k)
+        *python, D ** -0.5, causal_k, offset, "cpu", window_offset, key_range_k, softcap,
+        dropout_p, attention_ops._dropout_seed() if dropout_p else None)
     want = _grads(out_python, grad, python)
     assert torch.equal(out.detach(), out_python.detach())
     for g, w in zip(got, want, strict=True):

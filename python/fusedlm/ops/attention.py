@@ -283,15 +283,19 @@ def _attention(q, k, v, scale, causal, causal_offset, backend, window_offset=Non
     else:
         fwd = forward_for_call(ATTENTION_FWD, backend, _AttentionEager, _attention_fwd,
                                reference.attention_fwd, q, k, v, backend_index=6)
-        if (not want_lse and not softcap and not dropout_p
-                and runs_eager_function(fwd, _AttentionEager)):
+        if not want_lse and runs_eager_function(fwd, _AttentionEager):
             # eager, with autograd: the C++ node if it can (it returns out alone)
-            args = (q, k, v, window_offset, key_range)
+            args = (q, k, v, window_offset, key_range, softcap, dropout_p)
             module = extension_autograd(ATTENTION_FWD, ATTENTION_BWD, backend, q.device, args,
                                         args)
             if module is not None:
-                return module.attention_autograd(q, k, v, scale, causal, causal_offset,
-                                                 window_offset, key_range)
+                if not softcap and not dropout_p:  # (the usual call: the original signature)
+                    return module.attention_autograd(q, k, v, scale, causal, causal_offset,
+                                                     window_offset, key_range)
+                return module.attention_autograd(
+                    q, k, v, scale, causal, causal_offset, window_offset, key_range,
+                    softcap=softcap, dropout_p=dropout_p,
+                    dropout_seed=int(_dropout_seed()) if dropout_p else 0)
         if dropout_p:
             out, lse = fwd(q, k, v, scale, causal, causal_offset, backend, window_offset,
                            key_range, softcap, dropout_p, _dropout_seed())
