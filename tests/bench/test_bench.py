@@ -23,7 +23,7 @@ from fusedlm.bench.env import tree_hash
 ROOT = Path(__file__).resolve().parents[2]
 OPS = ("attention", "attention_decode", "layer_norm", "rms_norm", "add_rms_norm", "cross_entropy",
        "linear_cross_entropy", "rotary_embedding", "swiglu", "geglu", "adamw", "gpt",
-       "attention_sinks", "attention_dropout")
+       "attention_sinks", "attention_dropout", "attention_softcap")
 
 
 # ---- counting -------------------------------------------------------------------------------
@@ -151,10 +151,12 @@ def test_attention_sinks_cases_are_gpt_oss_attention(device, quick):
 
 
 def test_ops_run_in_order_the_newest_last():
-    """fusedlm bench's ops in run order, attention_sinks and then attention_dropout (the
-    newest) last: with --budget-s each op gets its share of what is left, so the last one
-    absorbs the others' overruns and is the one cut short, never an older op's rows."""
-    assert C.OPS == OPS and C.OPS[-2:] == ("attention_sinks", "attention_dropout")
+    """fusedlm bench's ops in run order, attention_sinks, attention_dropout and then
+    attention_softcap (the newest) last: with --budget-s each op gets its share of what is
+    left, so the last one absorbs the others' overruns and is the one cut short, never an older
+    op's rows."""
+    assert C.OPS == OPS and C.OPS[-3:] == ("attention_sinks", "attention_dropout",
+                                           "attention_softcap")
     assert set(C.specs()) == set(OPS)  # one spec per op
 
 
@@ -308,6 +310,164 @@ def test_attention_dropout_providers_drop_probabilities(monkeypatch):
     cuda = next(p for p in spec.providers if p.name == "fusedlm-cuda")
     with pytest.raises(C.Unsupported, match="backend 'cuda'"):
         cuda.build(fwd, ctx)(inputs)
+
+
+@pytest.mark.parametrize(("device", "quick"), [("cpu", True), ("cpu", False), ("cuda", True),
+                                             ("cuda", False)])
+def test_attention_softcap_cases_are_attentions_causal_cases(device, quick):
+    """attention_softcap: attention's plain causal cases (sizes, dtype, passes, FLOPs, bytes,
+    x = T: the cap's tanh is elementwise), with softcap 50 (Gemma 2's) in the variant, and the
+    forward outputs checked against eager's (capping is deterministic)."""
+    ctx = C.Context(device=torch.device(device), quick=quick, backends={})
+    spec = C.specs()["attention_softcap"]
+    assert (spec.metric, spec.ceiling) == ("TFLOP/s", "matmul")
+    assert C.ATTENTION_SOFTCAP == 50.0
+    causal = [c for c in C.specs()["attention"].cases(ctx) if c.variant.endswith(" causal")]
+    cases = spec.cases(ctx)
+    assert [(c.pass_, c.dtype, c.size, c.x, c.flops, c.bytes) for c in cases] == \
+        [(c.pass_, c.dtype, c.size, c.x, c.flops, c.bytes) for c in causal]
+    for case in cases:
+        assert case.variant == f"{case.pass_} {case.dtype} causal softcap 50"
+        assert case.causal is True and case.check_output == (case.pass_ == "fwd")
+    if device == "cpu":
+        for case in (cases[0], cases[-1]):
+            inputs = case.make_inputs()
+            grad = case.pass_ == "fwd+bwd"
+            shape = tuple(case.size[n] for n in ("B", "H", "T", "D"))
+            assert all(inputs[n].shape == shape and inputs[n].requires_grad == grad
+                       for n in ("q", "k", "v"))
+            assert ("grad" in inputs) == grad
+
+
+def test_eager_softcap_attention_is_gemma2s():
+    """The baseline against Gemma 2's eager attention written out (float64): scores q k^T *
+    scale, then tanh(scores / cap) * cap, the causal mask, softmax, p v (the baseline's scores
+    are float32: float32's tolerance); scores beyond the cap change the output (a provider
+    ignoring the cap fails its check)."""
+    torch.manual_seed(0)
+    B, H, T, D, cap = 2, 3, 24, 16, C.ATTENTION_SOFTCAP
+    q, k = (8 * torch.randn(B, H, T, D, dtype=torch.float64) for _ in range(2))
+    v = torch.randn(B, H, T, D, dtype=torch.float64)
+    mask = C._causal_mask(T, T, "cpu")
+    scores = q @ k.transpose(-1, -2) / D ** 0.5
+    assert scores.abs().max() > 2 * cap
+    capped = (torch.tanh(scores / cap) * cap).masked_fill(mask, float("-inf"))
+    expected = torch.softmax(capped, dim=-1) @ v
+    got = C.eager_attention(q, k, v, mask, softcap=cap)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+    plain = C.eager_attention(q, k, v, mask)
+    assert (got - plain).norm() > 0.05 * plain.norm()
+
+
+def test_attention_softcap_providers_cap_the_scores(monkeypatch):
+    """Every attention_softcap provider that runs on the CPU gives Gemma 2 eager's capped
+    output, and forward+backward its gradients, on inputs whose scores go well past the cap
+    (uncapped attention differs; float32 scores up to ~150 round at ~1e-5, hence the absolute
+    tolerance); fusedlm's pass softcap=50.0. torch-compile's and
+    flex-attention's wiring with compiled() stubbed out (compiling takes many seconds here;
+    uncompiled FlexAttention runs its unfused forward): FlexAttention has no backward on the
+    CPU, so its forward+backward rows are unsupported with torch's reason. No SDPA rows."""
+    import fusedlm
+
+    spec = C.specs()["attention_softcap"]
+    assert [p.name for p in spec.providers] == [
+        "torch-eager", "fusedlm-cuda", "fusedlm-triton", "fusedlm-cpu", "fusedlm-torch",
+        "torch-compile", "flex-attention"]
+    assert "No SDPA rows" in spec.description
+    ctx, runnable, fwd, fwd_bwd, inputs = _cpu_providers_and_cases("attention_softcap")
+    for name in ("torch-compile", "flex-attention"):  # compile=False: left out, saying why
+        provider = next(p for p in spec.providers if p.name == name)
+        assert provider.compiles and "torch.compile" in provider.why_not(ctx)
+        runnable.append(provider)
+    monkeypatch.setattr(C, "compiled", lambda fn: fn)
+    with torch.no_grad():  # scores up to ~6x the cap: capping changes every row's weights
+        for name, factor in (("q", 6), ("k", 6), ("v", 1)):
+            inputs[name].mul_(factor)
+    T = fwd.size["T"]
+    with torch.no_grad():
+        q, k, v = (inputs[n] for n in ("q", "k", "v"))
+        assert (q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5).abs().max() > 3 * 50
+        plain = C.eager_attention(q, k, v, C._causal_mask(T, T, "cpu"))
+    # (FlexAttention on the CPU refuses inputs that require grad, even under no_grad)
+    detached = {n: inputs[n].detach() for n in ("q", "k", "v")}
+    calls = []
+    real_attention = fusedlm.attention
+
+    def recorded(*args, **kwargs):
+        calls.append(kwargs)
+        return real_attention(*args, **kwargs)
+
+    monkeypatch.setattr(fusedlm, "attention", recorded)
+    results = {}
+    for provider in runnable:
+        out = provider.build(fwd, ctx)(detached)
+        assert out.shape == plain.shape and not out.requires_grad, provider.name
+        assert not torch.allclose(out, plain, rtol=1e-2, atol=1e-2), provider.name
+        if provider.name == "flex-attention":
+            with pytest.raises(C.Unsupported, match="backward on CPU"):
+                provider.build(fwd_bwd, ctx)(inputs)
+            results[provider.name] = (out,)
+            continue
+        provider.build(fwd_bwd, ctx)(inputs)
+        # (copies: a gradient left to accumulate would change in place)
+        results[provider.name] = (out, *(inputs[n].grad.clone() for n in ("q", "k", "v")))
+    assert calls and all(c["softcap"] == 50.0 for c in calls)
+    eager = results.pop("torch-eager")
+    assert set(results) >= {"fusedlm-torch", "torch-compile", "flex-attention"}
+    for name, got in results.items():
+        for a, b in zip(got, eager[:len(got)], strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4, msg=name)
+
+
+def test_flex_attention_says_why_it_cannot_run(monkeypatch):
+    """flex-attention's why_not: torch.compile's note when compiling is off; else a probe (a
+    compiled forward at the first case's shape, here with a FlexAttention that fails as one
+    without a C++ compiler would) whose failure is the reason, torch's first line quoted, and
+    asked once per device and shape."""
+    import torch.nn.attention.flex_attention as flex
+
+    provider = next(p for p in C.specs()["attention_softcap"].providers
+                    if p.name == "flex-attention")
+    off = C.Context(device=torch.device("cpu"), quick=True, compile=False, compile_note="off!")
+    assert provider.why_not(off) == "off!"
+    tried = []
+
+    def failing(*args, **kwargs):
+        tried.append(args[0].shape)
+        raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found\nmore")
+
+    monkeypatch.setattr(C, "_flex_probe", {})
+    monkeypatch.setattr(C, "compiled", lambda fn: fn)
+    monkeypatch.setattr(flex, "flex_attention", failing)
+    on = C.Context(device=torch.device("cpu"), quick=True, compile=True)
+    for _ in range(2):
+        assert provider.why_not(on) == ("FlexAttention does not run here: InvalidCxxCompiler: "
+                                        "No working C++ compiler found")
+    first = C.specs()["attention_softcap"].cases(on)[0]
+    assert tried == [tuple(first.size[n] for n in ("B", "H", "T", "D"))]
+
+
+@pytest.mark.slow
+def test_flex_attention_compiles_its_forward_on_this_cpu(monkeypatch):
+    """FlexAttention for real (torch.compile, inductor's C++ on the CPU): the probe passes, its
+    forward gives eager's capped output, and forward+backward is unsupported (torch 2.13 has
+    no FlexAttention backward on the CPU)."""
+    import fusedlm
+
+    monkeypatch.setattr(C, "_flex_probe", {})
+    ctx = C.Context(device=torch.device("cpu"), quick=True, compile=True,
+                    backends=dict(fusedlm.backends()))
+    spec = C.specs()["attention_softcap"]
+    provider = next(p for p in spec.providers if p.name == "flex-attention")
+    assert provider.why_not(ctx) is None
+    fwd, fwd_bwd = (next(c for c in spec.cases(ctx) if c.pass_ == pass_)
+                    for pass_ in counting.PASSES)
+    torch.manual_seed(0)
+    inputs = fwd.make_inputs()
+    eager = next(p for p in spec.providers if p.name == "torch-eager").build(fwd, ctx)(inputs)
+    torch.testing.assert_close(provider.build(fwd, ctx)(inputs), eager, rtol=1e-4, atol=1e-5)
+    with pytest.raises(C.Unsupported, match="backward on CPU"):
+        provider.build(fwd_bwd, ctx)(fwd_bwd.make_inputs())
 
 
 def test_sdpa_providers_take_gqa_and_call_a_refusal_unsupported(monkeypatch):
@@ -768,7 +928,7 @@ def test_quick_run_ratios_come_from_measured_rows(quick_run):
     # CPU competitors: eager PyTorch and fusedlm's cpu backend measured for every op
     for op in ("attention", "attention_decode", "layer_norm", "rms_norm", "add_rms_norm",
                "cross_entropy", "linear_cross_entropy", "rotary_embedding", "swiglu", "geglu",
-               "adamw", "attention_sinks", "attention_dropout"):
+               "adamw", "attention_sinks", "attention_dropout", "attention_softcap"):
         measured = {r["provider"] for r in rows if r["op"] == op and r["status"] == "ok"}
         assert "torch-eager" in measured
         if results["environment"]["backends"]["cpu"]["available"]:
@@ -864,6 +1024,39 @@ def test_quick_run_measures_attention_dropout(quick_run):
                 assert r["value"] == r["tflops"] > 0 and r["ratio_to_eager"] > 0
             else:
                 assert r["reason"] and r["ratio_to_eager"] is None
+
+
+def test_quick_run_measures_attention_softcap(quick_run):
+    """attention_softcap's rows: every quick CPU case measured by eager PyTorch (Gemma 2's
+    eager attention with the cap) and the fusedlm backends that run here, forward outputs
+    matching eager's; torch-compile and flex-attention left out with the reason (no compiling
+    in a quick CPU run); no SDPA provider (SDPA has no soft-capping), no errors."""
+    _, _, results, _ = quick_run
+    rows = [r for r in results["rows"] if r["op"] == "attention_softcap"]
+    info = results["ops"]["attention_softcap"]
+    assert (info["metric"], info["ceiling"]) == ("TFLOP/s", "matmul")
+    assert not [p for p in info["providers"] if p.startswith("sdpa-")]
+    for name in ("torch-compile", "flex-attention"):
+        assert not info["providers"][name]["available"]
+        assert "torch.compile left out" in info["providers"][name]["reason"]
+    ctx = C.Context(device=torch.device("cpu"), quick=True, backends={})
+    cases = C.specs()["attention_softcap"].cases(ctx)
+    assert sorted({(r["variant"], r["size_label"]) for r in rows}) == \
+        sorted((c.variant, c.size_label) for c in cases)
+    assert {r["causal"] for r in rows} == {True}
+    expected = {"torch-eager", "fusedlm-torch"}
+    if results["environment"]["backends"]["cpu"]["available"]:
+        expected.add("fusedlm-cpu")
+    for case in cases:
+        here = [r for r in rows if (r["variant"], r["size_label"]) == (case.variant,
+                                                                        case.size_label)]
+        assert {r["provider"] for r in here if r["status"] == "ok"} >= expected, case.size_label
+        for r in here:
+            assert r["status"] != "error", r
+            if r["status"] == "ok":
+                assert r["value"] == r["tflops"] > 0 and r["ratio_to_eager"] > 0
+                if r["pass"] == "fwd" and r["provider"] != "torch-eager":
+                    assert r["rel_err_vs_eager"] < 1e-4, r
 
 
 def test_schema_catches_a_ratio_not_computed_from_the_rows(quick_run):

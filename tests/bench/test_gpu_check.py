@@ -96,7 +96,8 @@ def test_gpu_check_runs_end_to_end_on_a_cpu(tmp_path):
                                                  "gpt", "cross_entropy", "linear_cross_entropy",
                                                  "rotary_embedding", "swiglu", "geglu",
                                                  "add_rms_norm", "attention_decode",
-                                                 "attention_sinks", "attention_dropout"}
+                                                 "attention_sinks", "attention_dropout",
+                                                 "attention_softcap"}
     assert len(list(out.iterdir())) <= 8
     assert result.returncode == 1  # the sanitizer step did not run: not all ok
     with tarfile.open(out / "logs.tar.gz") as tar:
@@ -115,17 +116,18 @@ def test_gpu_check_runs_end_to_end_on_a_cpu(tmp_path):
                                                "rotary_embedding.png", "swiglu.png",
                                                "geglu.png", "add_rms_norm.png",
                                                "attention_decode.png", "attention_sinks.png",
-                                               "attention_dropout.png"]
+                                               "attention_dropout.png", "attention_softcap.png"]
     assert "logs/plots/attention_decode.png" in names
     assert "logs/plots/attention_sinks.png" in names
     assert "logs/plots/attention_dropout.png" in names
+    assert "logs/plots/attention_softcap.png" in names
 
 
-def test_bench_step_runs_every_op_attention_decode_sinks_and_dropout_last():
+def test_bench_step_runs_every_op_attention_decode_sinks_dropout_and_softcap_last():
     """The bench step's ops are fusedlm bench's, each with a share of its time; the decoding
-    rows, then the attention-sinks and the attention-dropout rows come last, after the main
-    attention rows (a step short of time skips them first; the last op runs on what the
-    others left)."""
+    rows, then the attention-sinks, the attention-dropout and the attention-softcap rows come
+    last, after the main attention rows (a step short of time skips them first; the last op
+    runs on what the others left)."""
     from fusedlm.bench import cases
 
     gpu_check = _gpu_check()
@@ -136,7 +138,8 @@ def test_bench_step_runs_every_op_attention_decode_sinks_and_dropout_last():
     # geglu's rows are swiglu's at Gemma's widths: a small share, as swiglu's
     assert gpu_check.OP_SHARE["geglu"] <= gpu_check.OP_SHARE["swiglu"]
     assert gpu_check.OPS.index("attention_decode") > gpu_check.OPS.index("attention")
-    assert gpu_check.OPS[-3:] == ("attention_decode", "attention_sinks", "attention_dropout")
+    assert gpu_check.OPS[-4:] == ("attention_decode", "attention_sinks", "attention_dropout",
+                                  "attention_softcap")
 
 
 def test_bench_step_keeps_out_to_eight_files(tmp_path):

@@ -14,7 +14,11 @@ attention_dropout (training-time attention with dropout_p = 0.1 after the softma
 self-attention at attention's plain causal sizes, forward and forward+backward) has attention's
 providers with dropout_p=0.1 (torch-eager with F.dropout on the probabilities, fusedlm-<name>,
 sdpa-<backend>, torch-compile) but fusedlm-cuda-sm80; its outputs are not checked against
-eager's: each provider draws its own random mask.
+eager's: each provider draws its own random mask. attention_softcap (logit soft-capping, Gemma
+2's attn_logit_softcapping = 50: each score s = scale q.k becomes 50 tanh(s / 50) before the
+mask and the softmax; causal self-attention at attention's plain causal sizes, forward and
+forward+backward) has torch-eager (Gemma 2's eager attention), fusedlm-<name> (softcap=50.0),
+torch-compile and flex-attention, and no SDPA rows: SDPA has no soft-capping.
 linear_cross_entropy (the LM head and its loss, forward and forward+backward) records each
 provider's peak GPU memory too. rotary_embedding rotates one attention layer's q and k together
 (Hugging Face Llama's layout: views of the (B, T, H, D) projections), so that Liger's one call
@@ -25,7 +29,8 @@ Providers, each only where it can run (the output says why the others did not):
                      softmax in float32, p v; for attention_sinks gpt-oss's: a sink column
                      cat'ed to the scores per head before the softmax, dropped after it; for
                      attention_dropout F.dropout(p, 0.1, training=True) on the probabilities
-                     in q's dtype, as Hugging Face's eager attention;
+                     in q's dtype, as Hugging Face's eager attention; for attention_softcap
+                     Gemma 2's: the scores capped at 50 tanh(s / 50) before the mask;
                      F.layer_norm / F.rms_norm;
                      h = x + residual then F.rms_norm(h) for add_rms_norm;
                      F.cross_entropy(logits.float(), target), after F.linear for
@@ -47,8 +52,8 @@ Providers, each only where it can run (the output says why the others did not):
                      LigerSiLUMulFunction, LigerGELUMulFunction (when installed, GPU)
     fusedlm-<name>   fusedlm with backend=<name> for cuda, triton, cpu (and torch, the
                      reference, on the CPU) (attention_sinks: fusedlm.attention(sinks=...);
-                     attention_dropout: fusedlm.attention(dropout_p=0.1), which the cuda
-                     backend refuses: its rows say so);
+                     attention_dropout: fusedlm.attention(dropout_p=0.1); attention_softcap:
+                     fusedlm.attention(softcap=50.0));
                      for the GPT, the model with kernels="fused",
                      FUSEDLM_BACKEND=<name> and fusedlm.optim.AdamW(backend=<name>)
     fusedlm-patch    the GPT only: GPT(kernels="torch") after fusedlm.patch(model,
@@ -59,6 +64,9 @@ Providers, each only where it can run (the output says why the others did not):
                      gain over sm_80's
     fusedlm-cuda-no-decode-plan  attention_decode: fusedlm-cuda with its decoding plan off
                      (FUSEDLM_ATTENTION_DECODE=0: no packed query heads, no key split)
+    flex-attention   attention_softcap: torch.compile'd FlexAttention with a soft-capping
+                     score_mod and a causal block mask (where it compiles: torch's reason
+                     otherwise; no backward on the CPU in torch 2.13: those rows unsupported)
 """
 
 from __future__ import annotations
@@ -78,16 +86,19 @@ from . import counting
 
 BASELINE = "torch-eager"
 # The ops of ``fusedlm bench`` in run order (its CLI, runner and tests read this one list).
-# The newest ops last (attention_sinks, then attention_dropout): a run with --budget-s gives each
-# op its share of what is left, so the last op absorbs the earlier ones' overruns (first calls,
-# compiles); this way the new op is the one cut short, never an older op's rows.
+# The newest ops last (attention_sinks, attention_dropout, then attention_softcap): a run with
+# --budget-s gives each op its share of what is left, so the last op absorbs the earlier ones'
+# overruns (first calls, compiles); this way the new op is the one cut short, never an older
+# op's rows.
 OPS = ("attention", "attention_decode", "layer_norm", "rms_norm", "add_rms_norm", "cross_entropy",
        "linear_cross_entropy", "rotary_embedding", "swiglu", "geglu", "adamw", "gpt",
-       "attention_sinks", "attention_dropout")
+       "attention_sinks", "attention_dropout", "attention_softcap")
 NORM_EPS = 1e-5
 SDPA_BACKENDS = ("flash", "efficient", "cudnn", "math")
 # attention_dropout's rate (GPT-2's attn_pdrop)
 ATTENTION_DROPOUT_P = 0.1
+# attention_softcap's cap (Gemma 2's attn_logit_softcapping)
+ATTENTION_SOFTCAP = 50.0
 
 
 class Unsupported(Exception):
@@ -333,24 +344,30 @@ def _document_inputs(B: int, T: int, device) -> dict:
     return {"key_range": key_range_from_document_ids(ids), "hidden": hidden, "visible": ~hidden}
 
 
-def _eager_scores(q, k, v, mask: torch.Tensor | None):
+def _eager_scores(q, k, v, mask: torch.Tensor | None, softcap: float = 0.0):
     """The eager baselines' first half: k and v repeated for GQA, the scores q k^T / sqrt(D)
-    in float32 with the hidden entries (``mask`` True) at -inf. Returns (scores, v)."""
+    in float32 (with ``softcap``, capped at softcap * tanh(s / softcap) first, as Gemma 2's
+    eager attention) with the hidden entries (``mask`` True) at -inf. Returns (scores, v)."""
     scale = 1.0 / math.sqrt(q.shape[-1])
     if k.shape[1] != q.shape[1]:
         rep = q.shape[1] // k.shape[1]
         k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
     s = torch.matmul(q, k.transpose(-2, -1)).float() * scale
+    if softcap:
+        s = torch.tanh(s / softcap) * softcap
     if mask is not None:
         s = s.masked_fill(mask, float("-inf"))
     return s, v
 
 
-def eager_attention(q, k, v, mask: torch.Tensor | None, dropout_p: float = 0.0):
+def eager_attention(q, k, v, mask: torch.Tensor | None, dropout_p: float = 0.0,
+                    softcap: float = 0.0):
     """Attention written out in PyTorch ops: the eager baseline (scores in float32). With
     ``dropout_p``, F.dropout(p, dropout_p, training=True) on the probabilities after the softmax,
-    cast to q's dtype first (Hugging Face's eager attention with attention dropout)."""
-    s, v = _eager_scores(q, k, v, mask)
+    cast to q's dtype first (Hugging Face's eager attention with attention dropout). With
+    ``softcap``, the scores capped at softcap * tanh(s / softcap) before the mask (Gemma 2's
+    eager attention with attn_logit_softcapping)."""
+    s, v = _eager_scores(q, k, v, mask, softcap)
     p = torch.softmax(s, dim=-1)
     if mask is not None and mask.dim() == 4:  # padded batch: rows that see no key give 0
         p = p.nan_to_num(0.0)
@@ -563,7 +580,7 @@ def _sdpa_call(name: str, dropout_p: float = 0.0):
     return call
 
 
-def _fusedlm_attention_call(backend: str, dropout_p: float = 0.0):
+def _fusedlm_attention_call(backend: str, dropout_p: float = 0.0, softcap: float = 0.0):
     def call(q, k, v, causal, ctx, window=None, packed=None, sinks=None):
         import fusedlm
 
@@ -571,7 +588,7 @@ def _fusedlm_attention_call(backend: str, dropout_p: float = 0.0):
             return fusedlm.attention(q, k, v, causal=causal, backend=backend,
                                      window=None if window is None else (window - 1, 0),
                                      key_range=None if packed is None else packed["key_range"],
-                                     sinks=sinks, dropout_p=dropout_p)
+                                     sinks=sinks, dropout_p=dropout_p, softcap=softcap or None)
         except fusedlm.BackendNotSupportedError as why:  # e.g. triton: head dim over its maximum
             raise Unsupported(str(why).split(": ", 1)[-1]) from why
 
@@ -643,17 +660,19 @@ def _decode_providers() -> list[Provider]:
         "FUSEDLM_ATTENTION_DECODE", "0", _fusedlm_why_not("cuda", ("attention_fwd",)))]
 
 
-def _fusedlm_attention_providers(sinks: bool = False,
-                                 dropout_p: float = 0.0) -> list[Provider]:
+def _fusedlm_attention_providers(sinks: bool = False, dropout_p: float = 0.0,
+                                 softcap: float = 0.0) -> list[Provider]:
     """fusedlm-<backend>: fusedlm.attention(backend=...) (with ``sinks``: sinks=inputs["sinks"];
-    with ``dropout_p``: dropout_p=dropout_p) for cuda, triton, cpu and torch, each where it runs
-    (a backend that refuses a call, e.g. cuda a float32 one, makes its rows unsupported, with
-    fusedlm's reason)."""
+    with ``dropout_p``: dropout_p=dropout_p; with ``softcap``: softcap=softcap) for cuda,
+    triton, cpu and torch, each where it runs (a backend that refuses a call, e.g. cuda a
+    float32 one, makes its rows unsupported, with fusedlm's reason)."""
     arguments = ("sinks=sinks, " if sinks else "") + \
-        (f"dropout_p={dropout_p}, " if dropout_p else "")
+        (f"dropout_p={dropout_p}, " if dropout_p else "") + \
+        (f"softcap={softcap}, " if softcap else "")
     return [_attention_provider(
         f"fusedlm-{backend}", f"fusedlm.attention({arguments}backend={backend!r})",
-        _fusedlm_attention_call(backend, dropout_p), _fusedlm_why_not(backend, ("attention_fwd",)),
+        _fusedlm_attention_call(backend, dropout_p, softcap),
+        _fusedlm_why_not(backend, ("attention_fwd",)),
         kernel_backend=backend, sinks=sinks) for backend in ("cuda", "triton", "cpu", "torch")]
 
 
@@ -849,6 +868,146 @@ def _attention_dropout_providers() -> list[Provider]:
         "torch-compile", "torch.compile of the torch-eager attention with dropout",
         _compiled_dropout_attention_call, _compile_why_not, compiles=True))
     return providers
+
+
+# ---- attention_softcap ----------------------------------------------------------------------
+
+def _attention_softcap_cases(ctx: Context) -> list[Case]:
+    """Attention with logit soft-capping (Gemma 2's attn_logit_softcapping, ATTENTION_SOFTCAP:
+    each score s = scale q.k becomes softcap * tanh(s / softcap) before the mask and the
+    softmax): causal self-attention at attention's plain causal sizes (bf16, H = 16, D = 128,
+    16k tokens on a GPU; small float32 on the CPU), forward and forward+backward. Capping is
+    deterministic: the forward outputs are checked against eager's."""
+    H, D, tokens, seqs, dtype = _attention_sizes(ctx)
+    cases = []
+    for pass_ in counting.PASSES:
+        for T in seqs:
+            B = max(tokens // T, 1)
+
+            def make(B=B, T=T, pass_=pass_):
+                grad = pass_ == "fwd+bwd"
+                inputs = {n: _randn(B, H, T, D, ctx=ctx, dtype=dtype, requires_grad=grad)
+                          for n in _QKV}
+                if grad:
+                    inputs["grad"] = _randn(B, H, T, D, ctx=ctx, dtype=dtype)
+                return inputs
+
+            size = dict(B=B, H=H, T=T, D=D)
+            cases.append(Case(
+                op="attention_softcap",
+                variant=f"{pass_} {dtype_name(dtype)} causal softcap {ATTENTION_SOFTCAP:g}",
+                pass_=pass_, dtype=dtype_name(dtype), causal=True,
+                size_label=" ".join(f"{k}={v}" for k, v in size.items()), size=size, x=T,
+                # attention's causal counts: the cap's tanh per score is elementwise (not
+                # counted, as the softmax's exp is not) and reads or writes nothing more
+                flops=counting.attention_flops(B, H, T, T, D, True, pass_),
+                bytes=counting.attention_bytes(B, H, T, T, D, dtype, pass_),
+                make_inputs=make, check_output=pass_ == "fwd",
+            ))
+    return cases
+
+
+def _eager_softcap_attention_call(q, k, v, causal, ctx, window=None, packed=None):
+    return eager_attention(q, k, v, _hidden_mask(q.shape[2], k.shape[2], causal, window,
+                                                 q.device, packed),
+                           softcap=ATTENTION_SOFTCAP)
+
+
+def _compiled_softcap_attention_call(q, k, v, causal, ctx, window=None, packed=None):
+    mask = _hidden_mask(q.shape[2], k.shape[2], causal, window, q.device, packed)
+    return compiled(eager_attention)(q, k, v, mask, softcap=ATTENTION_SOFTCAP)
+
+
+def _softcap_score_mod(score, b, h, q_idx, kv_idx):
+    """FlexAttention's score_mod for soft-capping: each scaled score s to cap * tanh(s / cap)
+    (applied before the block mask's hidden entries are dropped, as the cap comes before the
+    mask)."""
+    return ATTENTION_SOFTCAP * torch.tanh(score / ATTENTION_SOFTCAP)
+
+
+def _causal_mask_mod(b, h, q_idx, kv_idx):
+    return q_idx >= kv_idx
+
+
+_block_masks: dict = {}
+
+
+def _flex_causal_block_mask(T: int, device):
+    """FlexAttention's causal BlockMask for (T, T) self-attention, made once per length,
+    outside the timed calls (its first call)."""
+    key = (T, str(device))
+    if key not in _block_masks:
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        _block_masks[key] = create_block_mask(_causal_mask_mod, None, None, T, T, device=device)
+    return _block_masks[key]
+
+
+def _flex_softcap_attention_call(q, k, v, causal, ctx, window=None, packed=None):
+    """torch.compile(flex_attention) with the soft-capping score_mod and a causal block mask
+    (the blocks above the diagonal skipped), as FlexAttention is meant to run: uncompiled it
+    materialises the scores. torch's refusals (no backward on the CPU) are unsupported rows."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    # (self-attention only: with Tq == Tk, q_idx >= kv_idx is fusedlm's bottom-right causal)
+    if window is not None or packed is not None or q.shape[2] != k.shape[2]:
+        raise Unsupported("the flex-attention provider covers plain self-attention only")
+    block_mask = _flex_causal_block_mask(q.shape[2], q.device) if causal else None
+    try:
+        return compiled(flex_attention)(q, k, v, score_mod=_softcap_score_mod,
+                                        block_mask=block_mask)
+    except NotImplementedError as why:  # "FlexAttention does not support backward on CPU. ..."
+        raise Unsupported(str(why).strip().splitlines()[0][:200]) from None
+
+
+_flex_probe: dict = {}
+
+
+def _flex_why_not(ctx: Context) -> str | None:
+    """Why FlexAttention cannot run here: torch.compile off, or a compiled forward at
+    attention_softcap's first case (its shape, dtype and block mask, under no_grad as the
+    forward pass runs: the first case then reuses this compile, none is wasted) fails (no
+    FlexAttention in this torch, no C++ compiler for inductor on the CPU, no Triton on the
+    GPU, ...; torch's first line quoted)."""
+    why = _compile_why_not(ctx)
+    if why is not None:
+        return why
+    H, D, tokens, seqs, dtype = _attention_sizes(ctx)
+    B = max(tokens // seqs[0], 1)
+    key = (str(ctx.device), B, H, seqs[0], D, dtype)
+    if key not in _flex_probe:
+        try:
+            q, k, v = (_randn(B, H, seqs[0], D, ctx=ctx, dtype=dtype) for _ in range(3))
+            with torch.no_grad():
+                _flex_softcap_attention_call(q, k, v, True, ctx)
+            _flex_probe[key] = None
+        except Exception as error:  # noqa: BLE001 - any failure: "not on this device"
+            text = str(error).strip()
+            first = text.splitlines()[0] if text else repr(error)
+            _flex_probe[key] = f"FlexAttention does not run here: {first[:200]}"
+    return _flex_probe[key]
+
+
+def _attention_softcap_providers() -> list[Provider]:
+    """Gemma 2's eager attention with the cap (the baseline), fusedlm.attention(softcap=...)
+    on each backend, torch.compile of the eager version, and FlexAttention with a soft-capping
+    score_mod (compiled). No SDPA rows: F.scaled_dot_product_attention has no soft-capping
+    (the cap needs the scores, which SDPA never returns), nor fusedlm-cuda-sm80 (attention's
+    table has the sm_80 kernels' speed)."""
+    cap = ATTENTION_SOFTCAP
+    return [
+        _attention_provider(
+            BASELINE, f"Gemma 2's eager attention: q k^T, {cap:g} tanh(s / {cap:g}) (float32), "
+            "mask, softmax (float32), p v", _eager_softcap_attention_call),
+        *_fusedlm_attention_providers(softcap=cap),
+        _attention_provider(
+            "torch-compile", "torch.compile of the torch-eager (Gemma 2) attention with the cap",
+            _compiled_softcap_attention_call, _compile_why_not, compiles=True),
+        _attention_provider(
+            "flex-attention", f"torch.compile(flex_attention) with score_mod {cap:g} "
+            f"tanh(score / {cap:g}) and a causal create_block_mask", _flex_softcap_attention_call,
+            _flex_why_not, compiles=True),
+    ]
 
 
 # ---- layer_norm / rms_norm ------------------------------------------------------------------
@@ -1684,6 +1843,18 @@ def specs() -> dict[str, OpSpec]:
             attn_flops + " (causal; dropout adds no matmul FLOPs, its elementwise work not "
             "counted)",
             "attention's (no mask counted: fusedlm's kernels regenerate it from a seed)"),
+        "attention_softcap": OpSpec(
+            "attention_softcap",
+            f"attention with logit soft-capping (Gemma 2's attn_logit_softcapping = "
+            f"{ATTENTION_SOFTCAP:g}: each score s = scale q.k becomes {ATTENTION_SOFTCAP:g} "
+            f"tanh(s / {ATTENTION_SOFTCAP:g}) before the mask and the softmax): causal "
+            "self-attention, (B, H, T, D), attention's causal sizes; forward and "
+            "forward+backward. No SDPA rows: F.scaled_dot_product_attention has no "
+            "soft-capping",
+            "TFLOP/s", "matmul", "sequence length T (B*T fixed)", _attention_softcap_cases,
+            _attention_softcap_providers(),
+            attn_flops + " (causal; the cap's tanh per score is elementwise, not counted)",
+            "attention's (the cap reads and writes nothing more)"),
         "layer_norm": OpSpec(
             "layer_norm", "LayerNorm over the last dim of (M, N), weight and bias",
             "GB/s", "bandwidth", "hidden size N", _norm_cases("layer_norm"),
