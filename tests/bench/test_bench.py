@@ -965,17 +965,12 @@ def test_quick_run_measures_decoding_against_sdpa(quick_run):
             and r["status"] in ("ok", "unsupported")}
 
 
-def test_quick_run_measures_attention_sinks(quick_run):
-    """attention_sinks' rows: every quick CPU case measured by eager PyTorch (gpt-oss's eager
-    attention) and the fusedlm backends that run here, forward outputs matching eager's; no
-    SDPA provider (SDPA takes no sinks), no errors."""
-    _, _, results, _ = quick_run
-    rows = [r for r in results["rows"] if r["op"] == "attention_sinks"]
-    info = results["ops"]["attention_sinks"]
-    assert (info["metric"], info["ceiling"]) == ("TFLOP/s", "matmul")
-    assert not [p for p in info["providers"] if p.startswith("sdpa-")]
+def _check_causal_attention_rows(results, rows, op):
+    """``op``'s quick CPU rows: one per case of its spec, all causal, measured by eager, the
+    torch reference and (where it runs) the cpu backend, no errors, forward outputs matching
+    eager's."""
     ctx = C.Context(device=torch.device("cpu"), quick=True, backends={})
-    cases = C.specs()["attention_sinks"].cases(ctx)
+    cases = C.specs()[op].cases(ctx)
     assert sorted({(r["variant"], r["size_label"]) for r in rows}) == \
         sorted((c.variant, c.size_label) for c in cases)
     assert {r["causal"] for r in rows} == {True}
@@ -992,6 +987,18 @@ def test_quick_run_measures_attention_sinks(quick_run):
                 assert r["value"] == r["tflops"] > 0 and r["ratio_to_eager"] > 0
                 if r["pass"] == "fwd" and r["provider"] != "torch-eager":
                     assert r["rel_err_vs_eager"] < 1e-4, r
+
+
+def test_quick_run_measures_attention_sinks(quick_run):
+    """attention_sinks' rows: every quick CPU case measured by eager PyTorch (gpt-oss's eager
+    attention) and the fusedlm backends that run here, forward outputs matching eager's; no
+    SDPA provider (SDPA takes no sinks), no errors."""
+    _, _, results, _ = quick_run
+    rows = [r for r in results["rows"] if r["op"] == "attention_sinks"]
+    info = results["ops"]["attention_sinks"]
+    assert (info["metric"], info["ceiling"]) == ("TFLOP/s", "matmul")
+    assert not [p for p in info["providers"] if p.startswith("sdpa-")]
+    _check_causal_attention_rows(results, rows, "attention_sinks")
 
 
 def test_quick_run_measures_attention_dropout(quick_run):
@@ -1039,24 +1046,7 @@ def test_quick_run_measures_attention_softcap(quick_run):
     for name in ("torch-compile", "flex-attention"):
         assert not info["providers"][name]["available"]
         assert "torch.compile left out" in info["providers"][name]["reason"]
-    ctx = C.Context(device=torch.device("cpu"), quick=True, backends={})
-    cases = C.specs()["attention_softcap"].cases(ctx)
-    assert sorted({(r["variant"], r["size_label"]) for r in rows}) == \
-        sorted((c.variant, c.size_label) for c in cases)
-    assert {r["causal"] for r in rows} == {True}
-    expected = {"torch-eager", "fusedlm-torch"}
-    if results["environment"]["backends"]["cpu"]["available"]:
-        expected.add("fusedlm-cpu")
-    for case in cases:
-        here = [r for r in rows if (r["variant"], r["size_label"]) == (case.variant,
-                                                                        case.size_label)]
-        assert {r["provider"] for r in here if r["status"] == "ok"} >= expected, case.size_label
-        for r in here:
-            assert r["status"] != "error", r
-            if r["status"] == "ok":
-                assert r["value"] == r["tflops"] > 0 and r["ratio_to_eager"] > 0
-                if r["pass"] == "fwd" and r["provider"] != "torch-eager":
-                    assert r["rel_err_vs_eager"] < 1e-4, r
+    _check_causal_attention_rows(results, rows, "attention_softcap")
 
 
 def test_schema_catches_a_ratio_not_computed_from_the_rows(quick_run):

@@ -799,12 +799,12 @@ def _attention_sinks_providers() -> list[Provider]:
 
 # ---- attention_dropout ----------------------------------------------------------------------
 
-def _attention_dropout_cases(ctx: Context) -> list[Case]:
-    """Training-time attention with attention dropout (ATTENTION_DROPOUT_P after the softmax):
-    causal self-attention at attention's plain causal sizes (bf16, H = 16, D = 128, 16k tokens
-    on a GPU; small float32 on the CPU), forward and forward+backward. No output check: the
-    masks are random and each provider draws its own (fusedlm's Philox stream is not torch's),
-    so no two providers' outputs can be compared."""
+def _causal_attention_cases(ctx: Context, op: str, variant: str,
+                            check_output: bool) -> list[Case]:
+    """``op``'s cases: attention's plain causal sizes (bf16, H = 16, D = 128, 16k tokens on a
+    GPU; small float32 on the CPU), forward and forward+backward, named "<pass> <dtype> causal
+    <variant>", with attention's causal FLOP and byte counts; ``check_output``: the forward
+    outputs are checked against eager's."""
     H, D, tokens, seqs, dtype = _attention_sizes(ctx)
     cases = []
     for pass_ in counting.PASSES:
@@ -821,19 +821,25 @@ def _attention_dropout_cases(ctx: Context) -> list[Case]:
 
             size = dict(B=B, H=H, T=T, D=D)
             cases.append(Case(
-                op="attention_dropout",
-                variant=f"{pass_} {dtype_name(dtype)} causal dropout {ATTENTION_DROPOUT_P}",
+                op=op, variant=f"{pass_} {dtype_name(dtype)} causal {variant}",
                 pass_=pass_, dtype=dtype_name(dtype), causal=True,
                 size_label=" ".join(f"{k}={v}" for k, v in size.items()), size=size, x=T,
-                # attention's causal counts: dropout adds no matmul FLOPs (its O(B H T^2)
-                # mask and scaling are elementwise, not counted), and the fewest bytes hold no
-                # mask (fusedlm's kernels regenerate it from a seed; eager and SDPA's math
-                # store one, their cost)
                 flops=counting.attention_flops(B, H, T, T, D, True, pass_),
                 bytes=counting.attention_bytes(B, H, T, T, D, dtype, pass_),
-                make_inputs=make, check_output=False,
+                make_inputs=make, check_output=check_output and pass_ == "fwd",
             ))
     return cases
+
+
+def _attention_dropout_cases(ctx: Context) -> list[Case]:
+    """Training-time attention with attention dropout (ATTENTION_DROPOUT_P after the softmax):
+    attention's plain causal cases. Attention's causal counts: dropout adds no matmul FLOPs
+    (its O(B H T^2) mask and scaling are elementwise, not counted), and the fewest bytes hold no
+    mask (fusedlm's kernels regenerate it from a seed; eager and SDPA's math store one, their
+    cost). No output check: the masks are random and each provider draws its own (fusedlm's
+    Philox stream is not torch's), so no two providers' outputs can be compared."""
+    return _causal_attention_cases(ctx, "attention_dropout", f"dropout {ATTENTION_DROPOUT_P}",
+                                   check_output=False)
 
 
 def _eager_dropout_attention_call(q, k, v, causal, ctx, window=None, packed=None):
@@ -875,36 +881,11 @@ def _attention_dropout_providers() -> list[Provider]:
 def _attention_softcap_cases(ctx: Context) -> list[Case]:
     """Attention with logit soft-capping (Gemma 2's attn_logit_softcapping, ATTENTION_SOFTCAP:
     each score s = scale q.k becomes softcap * tanh(s / softcap) before the mask and the
-    softmax): causal self-attention at attention's plain causal sizes (bf16, H = 16, D = 128,
-    16k tokens on a GPU; small float32 on the CPU), forward and forward+backward. Capping is
-    deterministic: the forward outputs are checked against eager's."""
-    H, D, tokens, seqs, dtype = _attention_sizes(ctx)
-    cases = []
-    for pass_ in counting.PASSES:
-        for T in seqs:
-            B = max(tokens // T, 1)
-
-            def make(B=B, T=T, pass_=pass_):
-                grad = pass_ == "fwd+bwd"
-                inputs = {n: _randn(B, H, T, D, ctx=ctx, dtype=dtype, requires_grad=grad)
-                          for n in _QKV}
-                if grad:
-                    inputs["grad"] = _randn(B, H, T, D, ctx=ctx, dtype=dtype)
-                return inputs
-
-            size = dict(B=B, H=H, T=T, D=D)
-            cases.append(Case(
-                op="attention_softcap",
-                variant=f"{pass_} {dtype_name(dtype)} causal softcap {ATTENTION_SOFTCAP:g}",
-                pass_=pass_, dtype=dtype_name(dtype), causal=True,
-                size_label=" ".join(f"{k}={v}" for k, v in size.items()), size=size, x=T,
-                # attention's causal counts: the cap's tanh per score is elementwise (not
-                # counted, as the softmax's exp is not) and reads or writes nothing more
-                flops=counting.attention_flops(B, H, T, T, D, True, pass_),
-                bytes=counting.attention_bytes(B, H, T, T, D, dtype, pass_),
-                make_inputs=make, check_output=pass_ == "fwd",
-            ))
-    return cases
+    softmax): attention's plain causal cases and counts (the cap's tanh per score is
+    elementwise, not counted, as the softmax's exp is not, and reads or writes nothing more).
+    Capping is deterministic: the forward outputs are checked against eager's."""
+    return _causal_attention_cases(ctx, "attention_softcap", f"softcap {ATTENTION_SOFTCAP:g}",
+                                   check_output=True)
 
 
 def _eager_softcap_attention_call(q, k, v, causal, ctx, window=None, packed=None):
