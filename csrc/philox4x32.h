@@ -33,7 +33,7 @@ FUSEDLM_HOST_DEVICE uint32_t dropout_threshold(double p) {
 FUSEDLM_HOST_DEVICE void philox4x32(uint64_t seed, uint64_t n, uint32_t* words) {
   uint32_t c0 = static_cast<uint32_t>(n), c1 = static_cast<uint32_t>(n >> 32), c2 = 0, c3 = 0;
   uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
-#if defined(__CUDACC__)
+#if defined(__CUDA_ARCH__)  // (device code only: the host compiler knows no such pragma)
 #pragma unroll
 #endif
   for (int round = 0; round < 10; ++round) {
