@@ -256,7 +256,8 @@ cuda::AttentionShape attention_shape(const at::Tensor& q, const at::Tensor& k, i
                                      double scale, bool causal, int64_t causal_offset,
                                      std::optional<int64_t> window_offset,
                                      const std::optional<at::Tensor>& key_range, double softcap,
-                                     double dropout_p, int64_t dropout_seed) {
+                                     double dropout_p,
+                                     const std::optional<at::Tensor>& dropout_seed) {
   cuda::AttentionShape shape{};
   shape.B = q.size(0);
   shape.Hq = q.size(1);
@@ -276,8 +277,9 @@ cuda::AttentionShape attention_shape(const at::Tensor& q, const at::Tensor& k, i
   shape.key_range_per_query = key_range.has_value() && key_range->dim() == 3;
   shape.dtype = dtype_of(q.scalar_type());
   shape.softcap = softcap;      // (checked: 0 or finite and positive)
-  shape.dropout_p = dropout_p;  // (checked: in [0, 1)) and its seed (>= 0)
-  shape.dropout_seed = static_cast<uint64_t>(dropout_seed);
+  shape.dropout_p = dropout_p;  // (checked: in [0, 1)) and its seed (checked: one int64 on
+                                // q's device), which the kernels read
+  shape.dropout_seed = dropout_p > 0 ? dropout_seed->const_data_ptr<int64_t>() : nullptr;
   return shape;
 }
 
@@ -296,7 +298,8 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q,  // (B, Hq
                                                  // q's device
                                                  const std::optional<at::Tensor>& key_range,
                                                  double softcap, double dropout_p,
-                                                 int64_t dropout_seed) {
+                                                 // (1) int64, q's device; with dropout only
+                                                 const std::optional<at::Tensor>& dropout_seed) {
   const char* op = "attention_fwd";
   check_attention_cuda(q, k, op);
   const c10::cuda::CUDAGuard guard(q.device());
@@ -336,7 +339,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
     double scale, bool causal, int64_t causal_offset, std::optional<int64_t> window_offset,
     const std::optional<at::Tensor>& key_range,  // (B, 2), (B, Tq, 2) int32, q's device
     const std::optional<at::Tensor>& grad_lse,  // (B, Hq, Tq) float32, or none
-    double softcap, double dropout_p, int64_t dropout_seed) {
+    double softcap, double dropout_p,
+    const std::optional<at::Tensor>& dropout_seed) {  // (1) int64, q's device; dropout only
   const char* op = "attention_bwd";
   check_attention_cuda(q, k, op);
   const c10::cuda::CUDAGuard guard(q.device());
@@ -503,12 +507,28 @@ void check_softcap(double softcap) {
                       softcap);
 }
 
-// dropout_p in [0, 1) (0: none) and dropout_seed >= 0.
-void check_dropout(double dropout_p, int64_t dropout_seed) {
+// dropout_p in [0, 1) (0: none) and, with dropout, its seed: one int64 element on q's device
+// (any value: its 64 bits key the Philox stream). The CUDA kernels read it from device memory,
+// so that a seed drawn on the device inside a captured CUDA graph gives each replay a new mask.
+void check_dropout(double dropout_p, const std::optional<at::Tensor>& dropout_seed,
+                   const at::Tensor& q) {
   FUSEDLM_CHECK_VALUE(dropout_p >= 0 && dropout_p < 1,
                       "argument 'dropout_p' must be in [0, 1), got ", dropout_p);
-  FUSEDLM_CHECK_VALUE(dropout_seed >= 0, "argument 'dropout_seed' must be >= 0, got ",
-                      dropout_seed);
+  if (dropout_p == 0) return;  // (the seed is not read)
+  FUSEDLM_CHECK_VALUE(dropout_seed.has_value() && dropout_seed->defined(),
+                      "argument 'dropout_seed' must be a one-element int64 tensor when "
+                      "dropout_p > 0, got None");
+  FUSEDLM_CHECK_TYPE(dropout_seed->scalar_type() == at::kLong,
+                     "argument 'dropout_seed' must be int64, got ", dropout_seed->scalar_type());
+  FUSEDLM_CHECK_VALUE(dropout_seed->numel() == 1,
+                      "argument 'dropout_seed' must have one element, got shape ",
+                      dropout_seed->sizes());
+  check_same_device(*dropout_seed, "dropout_seed", q, "q");
+}
+
+// The seed the CPU kernels take (0 without dropout).
+int64_t cpu_dropout_seed(double dropout_p, const std::optional<at::Tensor>& dropout_seed) {
+  return dropout_p > 0 ? dropout_seed->item<int64_t>() : 0;
 }
 
 std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q, const at::Tensor& k,
@@ -517,11 +537,12 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q, const at::
                                                  std::optional<int64_t> window_offset,
                                                  const std::optional<at::Tensor>& key_range,
                                                  double softcap, double dropout_p,
-                                                 int64_t dropout_seed) {
+                                                 // (1) int64, q's device; dropout only
+                                                 const std::optional<at::Tensor>& dropout_seed) {
   check_attention_inputs(q, k, v);
   check_finite(scale, "scale");
   check_softcap(softcap);
-  check_dropout(dropout_p, dropout_seed);
+  check_dropout(dropout_p, dropout_seed, q);
   const std::optional<at::Tensor> key_ranges = attention_key_range(key_range, q);
 #ifdef FUSEDLM_WITH_CUDA
   if (q.is_cuda()) {
@@ -531,7 +552,7 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q, const at::
 #endif
   require_cpu_kernel(q, "q", "attention_fwd");
   return cpu::attention_fwd(q, k, v, scale, causal, causal_offset, window_offset, key_ranges,
-                            softcap, dropout_p, dropout_seed);
+                            softcap, dropout_p, cpu_dropout_seed(dropout_p, dropout_seed));
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
@@ -539,12 +560,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
     const at::Tensor& out, const at::Tensor& lse, double scale, bool causal,
     int64_t causal_offset, std::optional<int64_t> window_offset,
     const std::optional<at::Tensor>& key_range, const std::optional<at::Tensor>& grad_lse,
-    double softcap, double dropout_p, int64_t dropout_seed) {
+    double softcap, double dropout_p,
+    const std::optional<at::Tensor>& dropout_seed) {  // (1) int64, q's device; dropout only
   check_attention_inputs(q, k, v);
   const std::optional<at::Tensor> key_ranges = attention_key_range(key_range, q);
   check_finite(scale, "scale");
   check_softcap(softcap);
-  check_dropout(dropout_p, dropout_seed);
+  check_dropout(dropout_p, dropout_seed, q);
   check_defined(grad_out, "grad_out");
   check_defined(out, "out");
   check_defined(lse, "lse");
@@ -577,7 +599,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
   require_cpu_kernel(q, "q", "attention_bwd");
   return cpu::attention_bwd(grad_out, q, k, v, out, lse, scale, causal, causal_offset,
                             window_offset, key_ranges, grad_lse, softcap, dropout_p,
-                            dropout_seed);
+                            cpu_dropout_seed(dropout_p, dropout_seed));
 }
 
 // ---- LayerNorm / RMSNorm --------------------------------------------------------------------
@@ -1279,10 +1301,13 @@ struct AttentionFunction : public torch::autograd::Function<AttentionFunction> {
                             double scale, bool causal, int64_t causal_offset,
                             std::optional<int64_t> window_offset,
                             const std::optional<at::Tensor>& key_range,  // (B, 2), (B, Tq, 2)
-                            double softcap, double dropout_p, int64_t dropout_seed) {
+                            double softcap, double dropout_p,
+                            const std::optional<at::Tensor>& dropout_seed) {  // (1) int64
     auto [out, lse] = attention_fwd(q, k, v, scale, causal, causal_offset, window_offset,
                                     key_range, softcap, dropout_p, dropout_seed);
-    ctx->save_for_backward({q, k, v, out, lse, key_range.value_or(at::Tensor())});
+    // (the seed too: the backward regenerates the same dropout mask)
+    ctx->save_for_backward({q, k, v, out, lse, key_range.value_or(at::Tensor()),
+                            dropout_seed.value_or(at::Tensor())});
     ctx->saved_data["scale"] = scale;
     ctx->saved_data["causal"] = causal;
     ctx->saved_data["causal_offset"] = causal_offset;
@@ -1290,7 +1315,6 @@ struct AttentionFunction : public torch::autograd::Function<AttentionFunction> {
         window_offset.has_value() ? c10::IValue(*window_offset) : c10::IValue();
     ctx->saved_data["softcap"] = softcap;
     ctx->saved_data["dropout_p"] = dropout_p;
-    ctx->saved_data["dropout_seed"] = dropout_seed;  // the backward regenerates the same mask
     return out;
   }
 
@@ -1306,7 +1330,7 @@ struct AttentionFunction : public torch::autograd::Function<AttentionFunction> {
           ctx->saved_data["causal_offset"].toInt(),
           window.isNone() ? std::nullopt : std::optional<int64_t>(window.toInt()),
           optional_tensor(saved[5]), std::nullopt, ctx->saved_data["softcap"].toDouble(),
-          ctx->saved_data["dropout_p"].toDouble(), ctx->saved_data["dropout_seed"].toInt());
+          ctx->saved_data["dropout_p"].toDouble(), optional_tensor(saved[6]));
     }
     auto out = once_differentiable({dq, dk, dv}, grads);
     // scale, causal, causal_offset, window_offset, key_range, softcap, dropout_p, dropout_seed:
@@ -1320,7 +1344,7 @@ at::Tensor attention_autograd(const at::Tensor& q, const at::Tensor& k, const at
                               double scale, bool causal, int64_t causal_offset,
                               std::optional<int64_t> window_offset,
                               const std::optional<at::Tensor>& key_range, double softcap,
-                              double dropout_p, int64_t dropout_seed) {
+                              double dropout_p, const std::optional<at::Tensor>& dropout_seed) {
   return AttentionFunction::apply(q, k, v, scale, causal, causal_offset, window_offset,
                                   key_range, softcap, dropout_p, dropout_seed);
 }
@@ -1445,12 +1469,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "q's dtype and lse (B, Hq, Tq) float32 (float64 for float64 inputs). softcap > 0\n"
         "caps each score s = scale * q.k at softcap * tanh(s / softcap) first (Gemma 2).\n"
         "dropout_p in [0, 1) drops probabilities after the softmax by the Philox stream of\n"
-        "dropout_seed (fusedlm.reference.attention_dropout_keep), scaling the rest by\n"
-        "1 / (1 - dropout_p).",
+        "dropout_seed (fusedlm.reference.attention_dropout_keep), a one-element int64 tensor\n"
+        "on q's device (read by the kernels: a CUDA graph's replays may draw it anew), scaling\n"
+        "the rest by 1 / (1 - dropout_p).",
         py::arg("q"), py::arg("k"), py::arg("v"), py::arg("scale"), py::arg("causal"),
         py::arg("causal_offset"), py::arg("window_offset") = py::none(),
         py::arg("key_range") = py::none(), py::arg("softcap") = 0.0,
-        py::arg("dropout_p") = 0.0, py::arg("dropout_seed") = 0);
+        py::arg("dropout_p") = 0.0, py::arg("dropout_seed") = py::none());
   m.def("attention_bwd", &fusedlm::attention_bwd,
         "Flash-attention backward: recomputes the probabilities from lse. Returns dq, dk, dv\n"
         "in the shapes and dtypes of q, k, v (dk, dv summed over the query heads of a kv head).\n"
@@ -1459,7 +1484,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("lse"), py::arg("scale"), py::arg("causal"), py::arg("causal_offset"),
         py::arg("window_offset") = py::none(), py::arg("key_range") = py::none(),
         py::arg("grad_lse") = py::none(), py::arg("softcap") = 0.0,
-        py::arg("dropout_p") = 0.0, py::arg("dropout_seed") = 0);
+        py::arg("dropout_p") = 0.0, py::arg("dropout_seed") = py::none());
   m.def("layer_norm_fwd", &fusedlm::layer_norm_fwd,
         "LayerNorm over the last dim. x (M, N); weight, bias (N) or None (dtype of x or float32).\n"
         "Returns y (M, N) in x's dtype, mean and rstd (M) in float32 (float64 for float64 x).",
@@ -1497,7 +1522,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("q"), py::arg("k"), py::arg("v"), py::arg("scale"), py::arg("causal"),
         py::arg("causal_offset"), py::arg("window_offset") = py::none(),
         py::arg("key_range") = py::none(), py::arg("softcap") = 0.0,
-        py::arg("dropout_p") = 0.0, py::arg("dropout_seed") = 0);
+        py::arg("dropout_p") = 0.0, py::arg("dropout_seed") = py::none());
   m.def("layer_norm_autograd", &fusedlm::layer_norm_autograd,
         "layer_norm_fwd's y with a C++ autograd node whose backward runs layer_norm_bwd (eager\n"
         "calls of the cpu and cuda backends; no second derivative).",

@@ -343,7 +343,7 @@ def test_fuzz_attention_dropout(backend, fuzz):
         window = data.draw(st.one_of(st.none(), st.tuples(side, side)), label="window")
         softcap = data.draw(st.one_of(st.none(), st.floats(0.25, 60.0)), label="softcap")
         dropout_p = data.draw(st.floats(1e-6, 0.95), label="dropout_p")
-        seed = data.draw(st.integers(0, 2**63 - 1), label="seed")
+        seed = data.draw(st.integers(-2**63, 2**63 - 1), label="seed")  # (any int64: its bits)
         device = device_of(backend)
         q = make_tensor(data, (B, Hq, Tq, D), dtype, device=device)
         k = make_tensor(data, (B, Hkv, Tk, D), dtype, device=device)
@@ -357,7 +357,7 @@ def test_fuzz_attention_dropout(backend, fuzz):
                 out = naive_attention(*leaves, causal=causal, window=window, softcap=softcap,
                                       dropout_keep=keep, dropout_p=dropout_p)
             else:
-                attention_ops._dropout_seed = lambda: torch.tensor(seed)
+                attention_ops._dropout_seed = lambda device: torch.tensor(seed, device=device)
                 try:
                     out = fusedlm.attention(*leaves, causal=causal, window=window,
                                             softcap=softcap, dropout_p=dropout_p, backend=name)

@@ -1120,9 +1120,9 @@ KeyRanges key_range_data(const std::optional<at::Tensor>& key_range, int64_t B, 
 }
 
 // The bindings check the values; checked again here for C++ callers of cpu::attention_*.
+// (Any seed: its 64 bits are Philox's key.)
 Dropout attention_dropout(double dropout_p, int64_t dropout_seed) {
-  TORCH_CHECK(dropout_p >= 0 && dropout_p < 1 && dropout_seed >= 0,
-              "attention: dropout_p must be in [0, 1) and dropout_seed >= 0");
+  TORCH_CHECK(dropout_p >= 0 && dropout_p < 1, "attention: dropout_p must be in [0, 1)");
   return {dropout_p, static_cast<uint64_t>(dropout_seed)};
 }
 

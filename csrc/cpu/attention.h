@@ -20,8 +20,9 @@ namespace fusedlm::cpu {
 // softcap > 0 caps each score s = scale * q.k at softcap * tanh(s / softcap) before the mask
 // and the softmax (Gemma 2's attn_logit_softcapping); 0: no capping.
 // dropout_p in [0, 1) drops each probability after the softmax with probability dropout_p and
-// scales the rest by 1 / (1 - dropout_p), by the Philox stream of dropout_seed (cpu/philox.h:
-// the same elements as the reference and the Triton kernels); lse stays the softmax's.
+// scales the rest by 1 / (1 - dropout_p), by the Philox stream keyed by dropout_seed's 64 bits
+// (cpu/philox.h: the same elements as the reference and the Triton kernels); lse stays the
+// softmax's.
 //
 // q:   (B, Hq, Tq, D)   any strides
 // k:   (B, Hkv, Tk, D)  any strides, Hq % Hkv == 0

@@ -328,7 +328,7 @@ struct ScoreMods {
   bool dropout;
   uint32_t keep_threshold;    // a probability is kept iff its Philox word >= this
   float keep_scale;           // 1 / (1 - dropout_p) (1 without dropout)
-  uint64_t seed;
+  const int64_t* seed;         // AttentionShape::dropout_seed: read at each use (dropout_seed)
   uint64_t counters_per_row;  // ceil(Tk / 4): Philox counters per query row
 };
 
@@ -362,12 +362,25 @@ __device__ __forceinline__ float score_log2(float qk, float scale_log2, const Sc
   return qk * scale_log2;
 }
 
+// The dropout seed, loaded where it is used: a copy of the kernel parameter's pointer costs no
+// register (ptxas reads it from the parameter bank again), a loaded seed held across the key
+// loop would cost two, and the sm_80 dK/dV kernels' spills grew by 80-90 bytes when it did.
+__device__ __forceinline__ uint64_t dropout_seed(const ScoreMods& mods) {
+#ifdef __CUDA_ARCH__
+  uint64_t seed;
+  asm volatile("ld.global.nc.u64 %0, [%1];" : "=l"(seed) : "l"(mods.seed));
+  return seed;
+#else
+  return static_cast<uint64_t>(*mods.seed);
+#endif
+}
+
 // Whether the probabilities of keys col and col + 1 (col even: one Philox counter holds both)
 // of flat query row `row` ((b * Hq + h) * Tq + i) are kept.
 __device__ __forceinline__ void dropout_keep_pair(const ScoreMods& mods, int64_t row, int64_t col,
                                                   bool* keep0, bool* keep1) {
   uint32_t words[4];
-  philox4x32(mods.seed,
+  philox4x32(dropout_seed(mods),
              static_cast<uint64_t>(row) * mods.counters_per_row + static_cast<uint64_t>(col) / 4,
              words);
   const bool upper = (col & 2) != 0;  // col % 4 is 0 or 2
@@ -395,7 +408,7 @@ __device__ __forceinline__ uint32_t dropout_row_mask(const ScoreMods& mods, int6
 // Whether the probability of key col of flat query row `row` is kept.
 __device__ __forceinline__ bool dropout_keep(const ScoreMods& mods, int64_t row, int64_t col) {
   uint32_t words[4];
-  philox4x32(mods.seed,
+  philox4x32(dropout_seed(mods),
              static_cast<uint64_t>(row) * mods.counters_per_row + static_cast<uint64_t>(col) / 4,
              words);
   const int word = static_cast<int>(col & 3);

@@ -116,9 +116,12 @@ struct AttentionShape {
   DType dtype;            // kFloat16 or kBFloat16
   // Score modifiers (score_mods: the kScoreMods kernel instances), both 0 for none:
   double softcap;         // > 0: each score s = scale * q.k becomes softcap * tanh(s / softcap)
-  double dropout_p;       // in [0, 1): probabilities dropped after the softmax (lse keeps
-  uint64_t dropout_seed;  // them), the rest scaled by 1 / (1 - dropout_p); the Philox
-                          // stream of csrc/philox4x32.h keyed by dropout_seed decides which
+  double dropout_p;  // in [0, 1): probabilities dropped after the softmax (lse keeps them),
+                     // the rest scaled by 1 / (1 - dropout_p); the Philox stream of
+                     // csrc/philox4x32.h keyed by the 64 bits of *dropout_seed decides which.
+  // (1) int64 in device memory, read by the kernels (nullptr without dropout): a seed drawn on
+  // the device, so that a captured CUDA graph draws a new one, and so a new mask, each replay.
+  const int64_t* dropout_seed;
 };
 
 struct AttentionFwdArgs {

@@ -187,10 +187,11 @@ def _mul_hi_lo(a: Tensor, m: int) -> tuple[Tensor, Tensor]:
     return middle >> 16, ((middle & 0xFFFF) << 16) | (low & 0xFFFF)
 
 
-def philox4x32(seed: int, counter: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def philox4x32(seed: int | Tensor, counter: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Philox4x32-10 of the counters (n & 0xffffffff, n >> 32, 0, 0), n = ``counter`` (any
-    shape, int64 >= 0), under the key (seed & 0xffffffff, seed >> 32): four int64 tensors of
-    uint32 words."""
+    shape, int64 >= 0), under the key (the low and the high 32 bits of ``seed``, an int64 as an
+    int or a one-element tensor, whose bits are taken as they are, negative ones too): four
+    int64 tensors of uint32 words."""
     c0, c1 = counter & _MASK32, counter >> 32
     c2 = c3 = torch.zeros_like(counter)
     k0, k1 = seed & _MASK32, (seed >> 32) & _MASK32
@@ -207,9 +208,13 @@ def dropout_threshold(dropout_p: float) -> int:
     return int(dropout_p * 4294967296.0)
 
 
-def attention_dropout_keep(B: int, Hq: int, Tq: int, Tk: int, dropout_p: float, seed: int,
-                           device=None) -> Tensor:
-    """(B, Hq, Tq, Tk) bool: which probabilities attention dropout keeps (see above)."""
+def attention_dropout_keep(B: int, Hq: int, Tq: int, Tk: int, dropout_p: float,
+                           seed: int | Tensor, device=None) -> Tensor:
+    """(B, Hq, Tq, Tk) bool: which probabilities attention dropout keeps (see above). ``seed``:
+    an int64 as an int or a one-element int64 tensor (the kernels' seed, read where it lies:
+    no host sync)."""
+    if isinstance(seed, Tensor):
+        seed = seed.reshape(())
     groups = (Tk + 3) // 4
     rows = torch.arange(B * Hq * Tq, dtype=torch.int64, device=device)[:, None]
     counter = rows * groups + torch.arange(groups, dtype=torch.int64, device=device)[None, :]
@@ -219,11 +224,11 @@ def attention_dropout_keep(B: int, Hq: int, Tq: int, Tk: int, dropout_p: float, 
 
 def _dropped(probs: Tensor, dropout_p: float, dropout_seed: int | Tensor) -> Tensor:
     """The probabilities attention dropout leaves, scaled by 1 / (1 - p). (The seed may come
-    as the one-element tensor the custom ops pass.)"""
+    as the one-element tensor the custom ops pass, on the probabilities' device.)"""
     if not dropout_p:
         return probs
     B, Hq, Tq, Tk = probs.shape
-    keep = attention_dropout_keep(B, Hq, Tq, Tk, dropout_p, int(dropout_seed), probs.device)
+    keep = attention_dropout_keep(B, Hq, Tq, Tk, dropout_p, dropout_seed, probs.device)
     return torch.where(keep, probs / (1 - dropout_p), 0.0)
 
 
@@ -257,7 +262,7 @@ def _probabilities(q, k, scale, causal, causal_offset, window_offset, key_range=
 def attention_fwd(
     q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool, causal_offset: int,
     window_offset: int | None = None, key_range: Tensor | None = None, softcap: float = 0.0,
-    dropout_p: float = 0.0, dropout_seed: int = 0,
+    dropout_p: float = 0.0, dropout_seed: int | Tensor = 0,
 ) -> tuple[Tensor, Tensor]:
     """Returns out (B, Hq, Tq, D) in q's dtype and lse (B, Hq, Tq) in the compute dtype. Key j
     is visible to query i iff (not causal or j <= i + causal_offset) and (window_offset is None
@@ -280,7 +285,7 @@ def attention_bwd(
     grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
     scale: float, causal: bool, causal_offset: int, window_offset: int | None = None,
     key_range: Tensor | None = None, grad_lse: Tensor | None = None, softcap: float = 0.0,
-    dropout_p: float = 0.0, dropout_seed: int = 0,
+    dropout_p: float = 0.0, dropout_seed: int | Tensor = 0,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Returns dq, dk, dv in the shapes and dtypes of q, k, v: the gradients of out, plus
     those of lse when ``grad_lse`` (B, Hq, Tq) is given. With dropout, out = (P * M) v, M the

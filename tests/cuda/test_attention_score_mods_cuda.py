@@ -64,7 +64,7 @@ def _check(shape, dtype, causal, softcap, dropout_p, seed=1, window=None, key_ra
     terms = {"causal": causal, "softcap": softcap or None, "window": window,
              "key_range": key_range}
     torch.manual_seed(seed)
-    draw = int(attention_ops._dropout_seed()) if dropout_p else 0
+    draw = attention_ops._dropout_seed(q.device) if dropout_p else 0
     if dropout_p:
         terms["dropout_keep"] = reference.attention_dropout_keep(B, Hq, Tq, Tk, dropout_p, draw,
                                                                  "cuda")

@@ -99,7 +99,7 @@ def library():
                  "emulated_norm_bwd", "emulated_adamw_step"):
         getattr(lib, name).restype = ctypes.c_int
     lib.emulated_fault.restype = ctypes.c_char_p
-    lib.emulated_set_score_mods.argtypes = [ctypes.c_double, ctypes.c_double, ctypes.c_uint64]
+    lib.emulated_set_score_mods.argtypes = [ctypes.c_double, ctypes.c_double, ctypes.c_int64]
     lib.emulated_configure(1, 1, H100_SHARED_BYTES)  # copies at the wait, warps drifting apart
     return lib
 

@@ -21,7 +21,8 @@ static int emulated_compute_capability = 80;
 // The score modifiers (soft-capping, dropout) of the attention calls: emulated_set_score_mods.
 static double emulated_softcap = 0.0;
 static double emulated_dropout_p = 0.0;
-static uint64_t emulated_dropout_seed = 0;
+// The seed the kernels read from "device" memory (AttentionShape::dropout_seed).
+static int64_t emulated_dropout_seed = 0;
 
 extern "C" {
 cudaError_t cudaGetLastError(void) {
@@ -77,7 +78,8 @@ fusedlm::cuda::AttentionShape make_shape(const int64_t* shape, double scale, int
   s.dtype = dtype == 0 ? fusedlm::cuda::DType::kFloat16 : fusedlm::cuda::DType::kBFloat16;
   s.softcap = emulated_softcap;
   s.dropout_p = emulated_dropout_p;
-  s.dropout_seed = emulated_dropout_seed;
+  // (nullptr without dropout: a kernel reading it then faults)
+  s.dropout_seed = emulated_dropout_p > 0 ? &emulated_dropout_seed : nullptr;
   return s;
 }
 
@@ -112,7 +114,7 @@ void emulated_configure(int late_copies, int schedule, int max_shared_bytes) {
 
 // The attention calls' soft-capping and dropout (AttentionShape's softcap, dropout_p,
 // dropout_seed), for the calls after; all 0: none.
-void emulated_set_score_mods(double softcap, double dropout_p, uint64_t dropout_seed) {
+void emulated_set_score_mods(double softcap, double dropout_p, int64_t dropout_seed) {
   emulated_softcap = softcap;
   emulated_dropout_p = dropout_p;
   emulated_dropout_seed = dropout_seed;

@@ -34,6 +34,7 @@ from tests.ops.test_attention_softcap import _check as check_attention
 
 BACKENDS = available_backends()
 CUDA = [param for param in available_backends("cuda") if param.id == "cuda"]
+GPU_KERNELS = [param for param in available_backends("cuda") if param.id in ("cuda", "triton")]
 attention_ops = importlib.import_module("fusedlm.ops.attention")
 
 SEED = 2**40 + 977  # above 2^32: both halves of the Philox key matter
@@ -53,8 +54,9 @@ DTYPES = [torch.float64, torch.float32, torch.float16]
 
 @pytest.fixture
 def pinned_seed(monkeypatch):
-    """Every call draws SEED."""
-    monkeypatch.setattr(attention_ops, "_dropout_seed", lambda: torch.tensor(SEED))
+    """Every call draws SEED (on the inputs' device, as the real draw)."""
+    monkeypatch.setattr(attention_ops, "_dropout_seed",
+                        lambda device: torch.tensor(SEED, device=device))
     return SEED
 
 
@@ -92,6 +94,40 @@ def test_reference_philox_is_the_plain_one():
         words = reference.philox4x32(seed, torch.tensor(counters, dtype=torch.int64))
         for i, n in enumerate(counters):
             assert [int(w[i]) for w in words] == _philox_python(seed, n), (seed, n)
+
+
+def test_reference_philox_takes_any_int64_seed_as_int_or_tensor():
+    """A seed is an int64's 64 bits: negative ones key Philox with their two's complement, and
+    the one-element tensor the kernels read gives the words of the int."""
+    counters = torch.tensor([0, 1, 2**32 + 3, 2**62 + 11], dtype=torch.int64)
+    for seed in (5, SEED, -1, -(2**40) - 7, -(2**63)):
+        want = [_philox_python(seed % 2**64, int(n)) for n in counters]
+        for form in (seed, torch.tensor(seed), torch.tensor([seed])):
+            words = reference.philox4x32(form if isinstance(form, int) else form.reshape(()),
+                                         counters)
+            assert [[int(w[i]) for w in words] for i in range(4)] == want, (seed, form)
+        keep_int = reference.attention_dropout_keep(1, 2, 3, 9, 0.5, seed)
+        keep_tensor = reference.attention_dropout_keep(1, 2, 3, 9, 0.5, torch.tensor([seed]))
+        assert torch.equal(keep_int, keep_tensor)
+
+
+def test_the_seed_is_drawn_on_the_inputs_device_and_never_read_by_the_host():
+    """The draw is a (,) int64 tensor on q's device from that device's generator, and the ops
+    layer and the reference only pass it on or compute with it: on the meta device (no data,
+    so any host read would raise) a dropout call runs forward and backward. On a GPU this is
+    what lets a captured CUDA graph draw a new mask each replay (test below)."""
+    seed = attention_ops._dropout_seed(torch.device("meta"))
+    assert (seed.device.type, seed.dtype, seed.shape) == ("meta", torch.int64, ())
+    torch.manual_seed(3)
+    first = attention_ops._dropout_seed(torch.device("cpu"))
+    torch.manual_seed(3)
+    assert int(first) == int(attention_ops._dropout_seed(torch.device("cpu")))
+    assert 0 <= int(first) < 2**63
+    q = torch.empty((1, 2, 5, 8), device="meta", requires_grad=True)
+    k, v = (torch.empty((1, 1, 7, 8), device="meta") for _ in range(2))
+    out = fusedlm.attention(q, k, v, causal=True, dropout_p=0.3, softcap=5.0, backend="torch")
+    out.sum().backward()
+    assert out.device.type == q.grad.device.type == "meta"
 
 
 def test_keep_mask_layout():
@@ -373,17 +409,30 @@ def test_bad_dropout_p_is_named(dropout_p, error, match):
 
 @pytest.mark.parametrize("backend", kernel_backends())
 def test_extension_entry_points_check_dropout(backend):
-    """fusedlm._C.attention_fwd/bwd name a dropout_p outside [0, 1) and a negative seed."""
+    """fusedlm._C.attention_fwd/bwd name a dropout_p outside [0, 1) and a seed that is not one
+    int64 element on q's device (none at all with dropout, int32, two elements, another
+    device); any int64 value is a seed (its 64 bits), negative ones too."""
     from fusedlm import _ext
 
     C = _ext.load()
     q, k, v, _, grad_out, _ = _inputs((1, 2, 2, 4, 4, 8), torch.float32, "cpu")
-    out, lse = C.attention_fwd(q, k, v, 0.5, False, 0, dropout_p=0.5, dropout_seed=3)
+    seed = torch.tensor(-3)
+    out, lse = C.attention_fwd(q, k, v, 0.5, False, 0, dropout_p=0.5, dropout_seed=seed)
+    keep = reference.attention_dropout_keep(1, 2, 4, 4, 0.5, -3)
+    truth = naive_attention(q.double(), k.double(), v.double(), scale=0.5, dropout_keep=keep,
+                            dropout_p=0.5)
+    torch.testing.assert_close(out.double(), truth, atol=1e-5, rtol=1e-5)
+    C.attention_bwd(grad_out, q, k, v, out, lse, 0.5, False, 0, dropout_p=0.5,
+                    dropout_seed=seed)
     for bad, name in (({"dropout_p": 1.0}, "dropout_p"), ({"dropout_p": -0.5}, "dropout_p"),
-                      ({"dropout_p": 0.5, "dropout_seed": -1}, "dropout_seed")):
-        with pytest.raises(ValueError, match=name):
+                      ({"dropout_p": 0.5}, "dropout_seed"),
+                      ({"dropout_p": 0.5, "dropout_seed": seed.int()}, "dropout_seed"),
+                      ({"dropout_p": 0.5, "dropout_seed": torch.tensor([3, 4])}, "dropout_seed"),
+                      ({"dropout_p": 0.5, "dropout_seed": seed.to("meta")}, "dropout_seed")):
+        error = TypeError if bad.get("dropout_seed", seed).dtype != torch.int64 else ValueError
+        with pytest.raises(error, match=name):
             C.attention_fwd(q, k, v, 0.5, False, 0, **bad)
-        with pytest.raises(ValueError, match=name):
+        with pytest.raises(error, match=name):
             C.attention_bwd(grad_out, q, k, v, out, lse, 0.5, False, 0, **bad)
 
 
@@ -399,12 +448,57 @@ def test_auto_takes_the_cuda_kernels(backend):
     out.backward(grad_out)
     assert OpDispatch.last_choice["attention_bwd"] == "cuda"
     torch.manual_seed(0)
-    seed = int(attention_ops._dropout_seed())
+    seed = attention_ops._dropout_seed(q.device)  # (on the GPU: read there, no host copy)
+    assert seed.device == q.device
     keep = reference.attention_dropout_keep(1, 4, 17, 23, 0.2, seed, "cuda")
     truth = naive_attention(q.double(), k.double(), v.double(), causal=True, dropout_keep=keep,
                             dropout_p=0.2)
     baseline = naive_attention(q, k, v, causal=True, dropout_keep=keep, dropout_p=0.2)
     assert_close_rule(out, baseline, truth, name="out")
+
+
+@pytest.mark.parametrize("backend", GPU_KERNELS)
+def test_dropout_in_a_captured_cuda_graph_draws_each_replay(backend, monkeypatch):
+    """A forward and backward captured by hand in a CUDA graph (torch.cuda.graph, as
+    make_graphed_callables does): the seed's draw is one of the graph's kernels and the
+    attention kernels read it from device memory, so each replay drops another mask, and its
+    out and gradients are those of an eager call with the seed that replay drew. (A seed handed
+    to the kernels as a host int would be frozen into the graph: one mask for every replay.)"""
+    drawn = []
+    draw = attention_ops._dropout_seed
+    monkeypatch.setattr(attention_ops, "_dropout_seed",
+                        lambda device: drawn.append(draw(device)) or drawn[-1])
+    q, k, v, _, grad_out, _ = _inputs((2, 4, 2, 97, 97, 64), torch.float16, "cuda")
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+
+    def step():
+        out = fusedlm.attention(*leaves, causal=True, dropout_p=0.25, backend=backend)
+        return [out, *torch.autograd.grad(out, leaves, grad_out)]
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up outside the capture (Triton compiles here)
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = step()
+    seed = drawn[-1]  # the graph's seed tensor: each replay's draw lands in it
+    replays = []
+    for _ in range(2):
+        graph.replay()
+        torch.cuda.synchronize()
+        replays.append((seed.clone(), [t.clone() for t in captured]))
+    assert int(replays[0][0]) != int(replays[1][0])
+    assert not torch.equal(replays[0][1][0], replays[1][1][0])
+    for replay_seed, got in replays:
+        monkeypatch.setattr(attention_ops, "_dropout_seed", lambda device, s=replay_seed: s)
+        want = step()
+        assert torch.equal(got[0], want[0]), "out"
+        for name, g, w in zip(("dq", "dk", "dv"), got[1:], want[1:], strict=True):
+            # (equal but for the atomic dq sums of the cuda backend's default mode)
+            torch.testing.assert_close(g, w, rtol=1e-2, atol=1e-2 * w.abs().max().item(),
+                                       msg=name)
 
 
 def test_cuda_kernels_take_dropout_calls(monkeypatch):

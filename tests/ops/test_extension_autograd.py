@@ -197,7 +197,7 @@ def test_attention_node_matches_the_python_function(case):
     torch.manual_seed(0)
     out_python, _ = attention_ops._AttentionEager.apply(
         *python, D ** -0.5, causal_k, offset, "cpu", window_offset, key_range_k, softcap,
-        dropout_p, attention_ops._dropout_seed() if dropout_p else None)
+        dropout_p, attention_ops._dropout_seed(q.device) if dropout_p else None)
     want = _grads(out_python, grad, python)
     assert torch.equal(out.detach(), out_python.detach())
     for g, w in zip(got, want, strict=True):

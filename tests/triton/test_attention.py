@@ -612,6 +612,8 @@ def _sm90_launch(name, dtype, head_dim, causal, window=False, seqlen=2048, key_r
             meta[arg] = {"d": 1, "m": head_dim, "n": head_dim}.get(arg[-1], seqlen * head_dim)
         elif arg in ("KeyRange", "QueryExtent"):
             meta[arg] = {"ptr": "i32", "aligned": True}
+        elif arg == "DropoutSeed":
+            meta[arg] = {"ptr": "i64", "aligned": True}
         elif arg[0].isupper():
             meta[arg] = {"ptr": "fp32" if arg in ("Lse", "Delta", "GradLse") else dtype,
                          "aligned": True}

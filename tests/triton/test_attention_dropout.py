@@ -51,14 +51,15 @@ from fusedlm.triton.attention import _dropout_keep, _int32_bits  # noqa: E402
 
 
 @triton.jit
-def _keep_kernel(Rows, Keep, seed_lo, seed_hi, threshold, n_quads, start_n,
+def _keep_kernel(Rows, Keep, Seed, threshold, n_quads, start_n,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Keep (BLOCK_M, BLOCK_N) int8 = the kernels' _dropout_keep of the rows Rows (BLOCK_M
-    int64) and the keys [start_n, start_n + BLOCK_N)."""
+    int64) and the keys [start_n, start_n + BLOCK_N), the seed loaded from Seed as the
+    kernels load it."""
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     rows = tl.load(Rows + offs_m)
-    keep = _dropout_keep(seed_lo, seed_hi, threshold, rows, n_quads, start_n, BLOCK_M, BLOCK_N)
+    keep = _dropout_keep(tl.load(Seed), threshold, rows, n_quads, start_n, BLOCK_M, BLOCK_N)
     tl.store(Keep + offs_m[:, None] * BLOCK_N + offs_n[None, :], keep.to(tl.int8))
 
 
@@ -258,10 +259,11 @@ def _revealed_mask(shape, dropout_p, seed, causal=False):
     return (out[..., :Tk] * seen * (1 - dropout_p)).round(), out
 
 
-@pytest.mark.parametrize("seed", [0, 77, 2**31 + 3, 2**32 + 1, 2**63 - 1])
+@pytest.mark.parametrize("seed", [0, 77, 2**31 + 3, 2**32 + 1, 2**63 - 1, -3])
 def test_dropout_mask_is_the_reference_mask(seed):
     """The elements the forward drops are exactly attention_dropout_keep's, at seeds on both
-    sides of 2^31 and 2^32 (the key's high word), over GQA heads and batch rows."""
+    sides of 2^31 and 2^32 (the key's high word) and a negative one, over GQA heads and batch
+    rows."""
     shape = (2, 4, 2, 19, 37, 40)
     dropout_p = 0.5
     mask, _ = _revealed_mask(shape, dropout_p, seed)
@@ -279,10 +281,11 @@ def test_dropout_mask_is_the_reference_mask_causal():
     assert torch.equal(mask, (keep & visible).to(mask.dtype))
 
 
-@pytest.mark.parametrize("seed", [3, 2**32 + 9, 2**62 + 2**31])
+@pytest.mark.parametrize("seed", [3, 2**32 + 9, 2**62 + 2**31, -1, -2**63, -2**40 - 7])
 def test_dropout_keep_helper_large_counters(seed):
     """The kernels' mask helper against the reference's Philox at counters past 2^32 (large B *
-    Hq * Tq, given as row numbers, not tensors) and key blocks past the first."""
+    Hq * Tq, given as row numbers, not tensors) and key blocks past the first; negative seeds
+    key the stream with their two's-complement bits, as in the reference."""
     block_m, block_n = 16, 32
     rows = torch.tensor([0, 1, 7, 2**20 + 3, 2**31 - 1, 2**31, 2**32 + 5, 3 * 2**32 + 17,
                          2**40 + 1, 2**45 - 1, 123456789012, 5, 6, 2**33, 2**34 + 1, 99],
@@ -291,8 +294,9 @@ def test_dropout_keep_helper_large_counters(seed):
     for start_n, dropout_p in [(0, 0.1), (96, 0.5), (992, 0.9)]:
         threshold = reference.dropout_threshold(dropout_p)
         keep = torch.empty((block_m, block_n), dtype=torch.int8, device=DEVICE)
-        _keep_kernel[(1,)](rows, keep, _int32_bits(seed), seed >> 32, _int32_bits(threshold),
-                           n_quads, start_n, BLOCK_M=block_m, BLOCK_N=block_n)
+        seed_tensor = torch.tensor(seed, dtype=torch.int64, device=DEVICE)
+        _keep_kernel[(1,)](rows, keep, seed_tensor, _int32_bits(threshold), n_quads, start_n,
+                           BLOCK_M=block_m, BLOCK_N=block_n)
         cols = torch.arange(start_n, start_n + block_n, device=DEVICE)
         counter = rows[:, None] * n_quads + (cols // 4)[None, :]
         words = torch.stack(reference.philox4x32(seed, counter), dim=-1)  # (M, N, 4)
@@ -315,9 +319,13 @@ def test_dropout_seeds():
 
     first = run(dropout_p=0.3, dropout_seed=42)
     again = run(dropout_p=0.3, dropout_seed=42)
+    # (the seed as the ops layer hands it: a tensor on the device, read by the kernels)
+    as_tensor = run(dropout_p=0.3, dropout_seed=torch.tensor(42, device=DEVICE))
     other = run(dropout_p=0.3, dropout_seed=43)
-    for name, a, b, c in zip(("out", "lse", "dq", "dk", "dv"), first, again, other, strict=True):
+    for name, a, b, t, c in zip(("out", "lse", "dq", "dk", "dv"), first, again, as_tensor, other,
+                                strict=True):
         assert torch.equal(a, b), name
+        assert torch.equal(a, t), name
         if name != "lse":  # (lse is the undropped softmax's: the same)
             assert not torch.equal(a, c), name
     assert torch.equal(first[1], other[1])
@@ -345,12 +353,16 @@ def test_dropout_fraction(dropout_p):
     [({"dropout_p": -0.1}, "dropout_p"), ({"dropout_p": 1.0}, "dropout_p"),
      ({"dropout_p": 1.5}, "dropout_p"), ({"dropout_p": math.nan}, "dropout_p"),
      ({"dropout_p": "0.1"}, "dropout_p"), ({"dropout_p": True}, "dropout_p"),
-     ({"dropout_p": 0.1, "dropout_seed": -1}, "dropout_seed"),
+     ({"dropout_p": 0.1, "dropout_seed": -2**63 - 1}, "dropout_seed"),
      ({"dropout_p": 0.1, "dropout_seed": 2**63}, "dropout_seed"),
      ({"dropout_p": 0.1, "dropout_seed": 1.5}, "dropout_seed"),
-     ({"dropout_p": 0.1, "dropout_seed": "7"}, "dropout_seed")],
-    ids=["p-negative", "p-one", "p-over-one", "p-nan", "p-str", "p-bool", "seed-negative",
-         "seed-2^63", "seed-float", "seed-str"],
+     ({"dropout_p": 0.1, "dropout_seed": "7"}, "dropout_seed"),
+     ({"dropout_p": 0.1, "dropout_seed": torch.tensor(7, dtype=torch.int32)}, "dropout_seed"),
+     ({"dropout_p": 0.1, "dropout_seed": torch.tensor([7, 8])}, "dropout_seed"),
+     ({"dropout_p": 0.1, "dropout_seed": torch.tensor(7, device="meta")}, "dropout_seed")],
+    ids=["p-negative", "p-one", "p-over-one", "p-nan", "p-str", "p-bool", "seed-below-int64",
+         "seed-2^63", "seed-float", "seed-str", "seed-int32-tensor", "seed-two-elements",
+         "seed-other-device"],
 )
 def test_dropout_bad_values(kwargs, name):
     kernels = _kernels()
@@ -396,8 +408,7 @@ def test_dropout_kernels_build_for_sm90():
     launches = []
     for case in cases:
         spec = _sm90_launch(*case)
-        spec["kwargs"].update(DROPOUT=True, dropout_seed_lo=-5, dropout_seed_hi=3,
-                              dropout_threshold=-2**31, dropout_scale=2.0)
+        spec["kwargs"].update(DROPOUT=True, dropout_threshold=-2**31, dropout_scale=2.0)
         launches.append(spec)
     results = sm90_build.build_for_sm90(launches)
     failures = sm90_build.problems(launches, results, max_spill_bytes=64)

@@ -102,14 +102,14 @@ def _mask_arguments(window_offset, key_range) -> tuple:
 
 def _score_options(softcap, dropout_p, dropout_seed) -> dict:
     """The keyword arguments for a kernel's softcap and dropout, only those in use: the usual
-    call stays the kernels' original one. dropout_seed: the (,) int64 CPU tensor the public
-    functions draw (a tensor, so that torch.compile records the draw)."""
+    call stays the kernels' original one. dropout_seed: the (,) int64 tensor on q's device the
+    public functions draw (_dropout_seed), which the kernels read."""
     if not softcap and not dropout_p:
         return {}
     options = {"softcap": softcap} if softcap else {}
     if dropout_p:
         options["dropout_p"] = dropout_p
-        options["dropout_seed"] = int(dropout_seed)
+        options["dropout_seed"] = dropout_seed
     return options
 
 
@@ -154,7 +154,8 @@ def attention_fwd(
     (float64 for float64 inputs); rows that see no key get 0 and -inf. softcap > 0 caps each
     score s = scale * q.k at softcap * tanh(s / softcap) first (Gemma 2); 0: no capping.
     dropout_p in [0, 1) drops probabilities after the softmax by the Philox stream of
-    dropout_seed, a (,) int64 CPU tensor (see fusedlm.reference.attention_dropout_keep)."""
+    dropout_seed, a (,) int64 tensor on q's device (see fusedlm.reference.attention_dropout_keep
+    and _dropout_seed)."""
     return _attention_fwd(q, k, v, scale, causal, causal_offset, backend, window_offset,
                           key_range, softcap, dropout_p, dropout_seed)
 
@@ -295,10 +296,10 @@ def _attention(q, k, v, scale, causal, causal_offset, backend, window_offset=Non
                 return module.attention_autograd(
                     q, k, v, scale, causal, causal_offset, window_offset, key_range,
                     softcap=softcap, dropout_p=dropout_p,
-                    dropout_seed=int(_dropout_seed()) if dropout_p else 0)
+                    dropout_seed=_dropout_seed(q.device) if dropout_p else None)
         if dropout_p:
             out, lse = fwd(q, k, v, scale, causal, causal_offset, backend, window_offset,
-                           key_range, softcap, dropout_p, _dropout_seed())
+                           key_range, softcap, dropout_p, _dropout_seed(q.device))
         elif softcap:
             out, lse = fwd(q, k, v, scale, causal, causal_offset, backend, window_offset,
                            key_range, softcap)
@@ -355,12 +356,15 @@ def _check_dropout_p(dropout_p: object) -> float:
     return value
 
 
-def _dropout_seed() -> Tensor:
-    """A seed for one call's dropout: a (,) int64 CPU tensor in [0, 2^63) drawn from torch's
-    default generator (so ``torch.manual_seed`` makes runs repeat, and activation
-    checkpointing, which restores that generator, recomputes the same mask). A tensor, not an
-    int, so that torch.compile records the draw instead of baking one seed into the graph."""
-    return torch.randint(0, 2**63 - 1, (), dtype=torch.int64)
+def _dropout_seed(device: torch.device) -> Tensor:
+    """A seed for one call's dropout: a (,) int64 tensor in [0, 2^63) drawn on the inputs'
+    device from its default generator (so ``torch.manual_seed`` makes runs repeat, and
+    activation checkpointing, which restores the generators of the inputs' devices, recomputes
+    the same mask). On the device, never read by the host: the kernels load it, so inside a
+    captured CUDA graph the draw is one of the graph's kernels and each replay drops a new
+    mask (a host int would be baked into the graph: one mask for every replay). A tensor, not
+    an int, so that torch.compile records the draw instead of baking one seed into its graph."""
+    return torch.randint(0, 2**63 - 1, (), dtype=torch.int64, device=device)
 
 
 def _check_return_lse(return_lse: object) -> bool:
@@ -463,9 +467,10 @@ def attention(
     ``dropout_p`` in [0, 1) (attention dropout, SDPA's ``dropout_p``; pass 0 when not
     training) drops each probability with that chance after the softmax, inside the kernels,
     and scales the rest by 1 / (1 - dropout_p); lse stays the softmax's. The mask comes from a
-    Philox stream seeded by a draw from torch's default generator (``torch.manual_seed``
-    repeats it; every backend drops the same elements for the same seed, torch's own SDPA
-    others) and the backward regenerates it (every backend).
+    Philox stream seeded by a draw from the default generator of q's device, made on the
+    device (``torch.manual_seed`` repeats it; a captured CUDA graph draws anew each replay;
+    every backend drops the same elements for the same seed, torch's own SDPA others) and the
+    backward regenerates it (every backend).
     """
     _check_qkv(q, k, v)
     if not isinstance(causal, bool):

@@ -26,6 +26,8 @@ h, i, j) of the (B, Hq, Tq, Tk) probabilities is kept iff word j % 4 of Philox4x
 ``dropout_seed`` is >= floor(p * 2^32), so every backend drops the same elements. The
 backward regenerates the mask (dV = (P M / (1 - p))^T dO, dP = (dO V^T) M / (1 - p)). It is
 a constexpr (DROPOUT) of every kernel: dropout_p 0 builds the kernels without it, unchanged.
+The seed is a one-element int64 tensor the kernels load (the ops layer draws it on the device:
+inside a captured CUDA graph each replay then draws, and drops, anew).
 
 Launch configs: on a GPU, 16-bit inputs with sequences of at least ``AUTOTUNE_MIN_SEQLEN`` are
 autotuned (``triton.autotune`` over ``HOPPER_CONFIGS``, keyed on the padded head dim, causal,
@@ -57,8 +59,9 @@ _LN2 = tl.constexpr(0.6931471805599453)
 MAX_HEAD_DIM = 256
 AUTOTUNE_MIN_SEQLEN = 512  # shorter sequences: a fixed config (tuning them is not worth it)
 _SEQ_BUCKET_MAX = 16384
-# Dropout's seed and threshold: not specialized (a new seed each step must not recompile).
-_DROPOUT_ARGS = ["dropout_seed_lo", "dropout_seed_hi", "dropout_threshold"]
+# Dropout's threshold: not specialized (a new p must not recompile); the seed is read from device
+# memory (DropoutSeed), so that a CUDA graph's replays can draw a new one each time.
+_DROPOUT_ARGS = ["dropout_threshold"]
 
 
 # ---- kernels --------------------------------------------------------------------------------
@@ -189,7 +192,7 @@ def _softcap_tanh(dots, qk_scale, softcap):
 
 
 @triton.jit
-def _dropout_keep(seed_lo, seed_hi, threshold, rows, n_quads, start_n, BLOCK_M: tl.constexpr,
+def _dropout_keep(seed, threshold, rows, n_quads, start_n, BLOCK_M: tl.constexpr,
                   BLOCK_N: tl.constexpr):
     """(BLOCK_M, BLOCK_N) bool: which probabilities attention dropout keeps, of the rows
     `rows` (BLOCK_M int64: (b * Hq + h) * Tq + i, the row of the (B, Hq, Tq, Tk) probabilities)
@@ -198,10 +201,9 @@ def _dropout_keep(seed_lo, seed_hi, threshold, rows, n_quads, start_n, BLOCK_M: 
     4 under the key (seed & 0xffffffff, seed >> 32), kept iff that word >= threshold (unsigned):
     fusedlm.reference.attention_dropout_keep. One generator call per four keys, its words
     interleaved: join(join(r0, r2), join(r1, r3)) holds r[2x + y] at [.., c, x, y], which the
-    reshape puts at key start_n + 4c + 2x + y, so key j gets word j % 4. seed_lo, seed_hi,
-    threshold: int32 bit patterns of the seed's low and high words and of the uint32 threshold
-    (always i32 arguments, not specialized: no recompile per seed)."""
-    seed = (seed_hi.to(tl.int64) << 32) | seed_lo.to(tl.uint32, bitcast=True).to(tl.int64)
+    reshape puts at key start_n + 4c + 2x + y, so key j gets word j % 4. seed: the int64 the
+    kernel loaded from DropoutSeed; threshold: the int32 bit pattern of the uint32 threshold
+    (an i32 argument, not specialized)."""
     quads = start_n // 4 + tl.arange(0, BLOCK_N // 4)
     r0, r1, r2, r3 = tl.randint4x(seed, rows[:, None] * n_quads + quads[None, :])
     words = tl.reshape(tl.join(tl.join(r0, r2), tl.join(r1, r3)), (BLOCK_M, BLOCK_N))
@@ -212,7 +214,7 @@ def _dropout_keep(seed_lo, seed_hi, threshold, rows, n_quads, start_n, BLOCK_M: 
 def _attention_fwd_block(
     acc, m_i, l_i, q, K_head, V_head, start_n, offs_m, offs_n, offs_d,
     stride_kn, stride_kd, stride_vn, stride_vd, kv_lo, row_lo, row_hi, seqlen_k, head_dim,
-    causal_offset, window_offset, qk_scale, softcap, drop_rows, n_quads, seed_lo, seed_hi,
+    causal_offset, window_offset, qk_scale, softcap, drop_rows, n_quads, seed,
     threshold, MASKED: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
     KEY_RANGE: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
     SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -220,7 +222,7 @@ def _attention_fwd_block(
     """One key block of the online softmax; m_i is the running max in the log2 domain.
     seqlen_k is the rows' last key end (loads stop there), kv_lo their start (KEY_RANGE 1),
     row_lo / row_hi each row's range (KEY_RANGE 2). DROPOUT: the rows' P @ V drops what
-    _dropout_keep(seed_lo, seed_hi, threshold, drop_rows, n_quads, start_n) does not keep (the
+    _dropout_keep(seed, threshold, drop_rows, n_quads, start_n) does not keep (the
     row sums l_i keep it; the kernel scales by 1 / (1 - p) at the end)."""
     cols = start_n + offs_n
     k = _load_tile(K_head + cols[:, None] * stride_kn + offs_d[None, :] * stride_kd,
@@ -255,7 +257,7 @@ def _attention_fwd_block(
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None]
     if DROPOUT:  # (after the row sums: the softmax is that of every visible key)
-        keep = _dropout_keep(seed_lo, seed_hi, threshold, drop_rows, n_quads, start_n, BLOCK_M,
+        keep = _dropout_keep(seed, threshold, drop_rows, n_quads, start_n, BLOCK_M,
                              BLOCK_N)
         p = tl.where(keep, p, 0.0)
     acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
@@ -270,7 +272,7 @@ def attention_fwd_kernel(
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_ob, stride_oh, stride_om, stride_od,
     n_heads, group, seqlen_q, seqlen_k, head_dim, causal_offset, window_offset, qk_scale,
-    softcap, dropout_seed_lo, dropout_seed_hi, dropout_threshold, dropout_scale,
+    softcap, DropoutSeed, dropout_threshold, dropout_scale,
     n_splits, split_stride_o, split_stride_lse,
     seq_bucket,  # autotuning key only
     CAUSAL: tl.constexpr, WINDOW: tl.constexpr, KEY_RANGE: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -282,8 +284,8 @@ def attention_fwd_kernel(
     program per BLOCK_M query rows of one head; grid (cdiv(Tq, BLOCK_M) * B * Hq,).
     qk_scale = scale * log2(e). SOFTCAP: the scores are softcap * tanh(scale * q.k / softcap)
     (softcap > 0; without SOFTCAP the argument is not read).
-    DROPOUT: P @ V takes the probabilities _dropout_keep keeps (dropout_seed_lo / _hi: the
-    seed's words, dropout_threshold: floor(p * 2^32), as int32 bit patterns) times
+    DROPOUT: P @ V takes the probabilities _dropout_keep keeps (DropoutSeed: a pointer to
+    the int64 seed, read here; dropout_threshold: floor(p * 2^32) as an int32 bit pattern) times
     dropout_scale = 1 / (1 - p); Lse stays that of the undropped softmax. The rows of the
     counter are bh * seqlen_q + row in this launch's view, which is the true (b * Hq + h) *
     Tq + i also where a GQA group's heads are packed into the rows (Tq = 1: see
@@ -325,9 +327,11 @@ def attention_fwd_kernel(
     if DROPOUT:  # the rows of the (B, Hq, Tq, Tk) probabilities, for _dropout_keep
         drop_rows = bh.to(tl.int64) * seqlen_q + offs_m
         n_quads = tl.cdiv(seqlen_k, 4)
+        dropout_seed = tl.load(DropoutSeed)  # (device memory: CUDA graph replays draw anew)
     else:  # (not read)
         drop_rows = offs_m
         n_quads = seqlen_k
+        dropout_seed = 0
     if SPLIT_KEYS:
         # This program's share of the key blocks the query block can see, as the keys' outer
         # bounds: the loops below start at a block edge >= split_lo, and loads and masks stop at
@@ -347,7 +351,7 @@ def attention_fwd_kernel(
                 acc, m_i, l_i, q, K_head, V_head, start_n, offs_m, offs_n, offs_d,
                 stride_kn, stride_kd, stride_vn, stride_vd, kv_lo, row_lo, row_hi, kv_hi,
                 head_dim, causal_offset, window_offset, qk_scale, softcap, drop_rows, n_quads,
-                dropout_seed_lo, dropout_seed_hi, dropout_threshold, False, CAUSAL, WINDOW,
+                dropout_seed, dropout_threshold, False, CAUSAL, WINDOW,
                 KEY_RANGE, EVEN_D, DOT_PRECISION, SOFTCAP, DROPOUT, BLOCK_M, BLOCK_N)
         for i in range(0, n_low + tl.cdiv(end - high, BLOCK_N)):
             start_n = tl.where(i < n_low, start + i * BLOCK_N, high + (i - n_low) * BLOCK_N)
@@ -355,7 +359,7 @@ def attention_fwd_kernel(
                 acc, m_i, l_i, q, K_head, V_head, start_n, offs_m, offs_n, offs_d,
                 stride_kn, stride_kd, stride_vn, stride_vd, kv_lo, row_lo, row_hi, kv_hi,
                 head_dim, causal_offset, window_offset, qk_scale, softcap, drop_rows, n_quads,
-                dropout_seed_lo, dropout_seed_hi, dropout_threshold, True, CAUSAL, WINDOW,
+                dropout_seed, dropout_threshold, True, CAUSAL, WINDOW,
                 KEY_RANGE, EVEN_D, DOT_PRECISION, SOFTCAP, DROPOUT, BLOCK_M, BLOCK_N)
     else:
         full_end, end = _kv_range(start_m, seqlen_k, causal_offset, CAUSAL, BLOCK_M, BLOCK_N)
@@ -364,14 +368,14 @@ def attention_fwd_kernel(
                 acc, m_i, l_i, q, K_head, V_head, start_n, offs_m, offs_n, offs_d,
                 stride_kn, stride_kd, stride_vn, stride_vd, kv_lo, row_lo, row_hi, seqlen_k,
                 head_dim, causal_offset, window_offset, qk_scale, softcap, drop_rows, n_quads,
-                dropout_seed_lo, dropout_seed_hi, dropout_threshold, False, CAUSAL, WINDOW,
+                dropout_seed, dropout_threshold, False, CAUSAL, WINDOW,
                 KEY_RANGE, EVEN_D, DOT_PRECISION, SOFTCAP, DROPOUT, BLOCK_M, BLOCK_N)
         for start_n in range(full_end, end, BLOCK_N):
             acc, m_i, l_i = _attention_fwd_block(
                 acc, m_i, l_i, q, K_head, V_head, start_n, offs_m, offs_n, offs_d,
                 stride_kn, stride_kd, stride_vn, stride_vd, kv_lo, row_lo, row_hi, seqlen_k,
                 head_dim, causal_offset, window_offset, qk_scale, softcap, drop_rows, n_quads,
-                dropout_seed_lo, dropout_seed_hi, dropout_threshold, True, CAUSAL, WINDOW,
+                dropout_seed, dropout_threshold, True, CAUSAL, WINDOW,
                 KEY_RANGE, EVEN_D, DOT_PRECISION, SOFTCAP, DROPOUT, BLOCK_M, BLOCK_N)
 
     # l_i is 0 exactly for rows that see no key (the max term alone contributes 1).
@@ -449,8 +453,8 @@ def attention_bwd_preprocess_kernel(
 def _attention_bwd_dkdv_block(
     dk, dv, k, v, Q_head, DO_head, Lse_row, Delta_row, start_m, offs_m, offs_n, offs_d,
     stride_qm, stride_qd, stride_dom, stride_dod, row_lo, row_hi, seqlen_q, head_dim,
-    causal_offset, window_offset, qk_scale, softcap, start_n, drop_row0, n_quads, seed_lo,
-    seed_hi, threshold, dropout_scale, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
+    causal_offset, window_offset, qk_scale, softcap, start_n, drop_row0, n_quads, seed,
+    threshold, dropout_scale, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
     WINDOW: tl.constexpr, KEY_RANGE: tl.constexpr, EVEN_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr, SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -495,7 +499,7 @@ def _attention_bwd_dkdv_block(
                                  & (offs_n[:, None] < row_hi[None, :]))
         p_t = tl.where(visible, p_t, 0.0)
     if DROPOUT:
-        keep_t = tl.trans(_dropout_keep(seed_lo, seed_hi, threshold, drop_row0 + rows, n_quads,
+        keep_t = tl.trans(_dropout_keep(seed, threshold, drop_row0 + rows, n_quads,
                                         start_n, BLOCK_M, BLOCK_N))
         dv = tl.dot(tl.where(keep_t, p_t, 0.0).to(do.dtype), do, dv,
                     input_precision=DOT_PRECISION)
@@ -521,7 +525,7 @@ def attention_bwd_dkdv_kernel(
     stride_dkb, stride_dkh, stride_dkn, stride_dkd,
     stride_dvb, stride_dvh, stride_dvn, stride_dvd,
     n_kv_heads, group, seqlen_q, seqlen_k, head_dim, causal_offset, window_offset, sm_scale,
-    qk_scale, softcap, dropout_seed_lo, dropout_seed_hi, dropout_threshold, dropout_scale,
+    qk_scale, softcap, DropoutSeed, dropout_threshold, dropout_scale,
     seq_bucket,  # autotuning key only
     CAUSAL: tl.constexpr, WINDOW: tl.constexpr, KEY_RANGE: tl.constexpr, BLOCK_D: tl.constexpr,
     EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr, SOFTCAP: tl.constexpr,
@@ -597,6 +601,10 @@ def attention_bwd_dkdv_kernel(
     tail = tl.maximum(full, even_end)
     n_diag = tl.maximum(tl.minimum(full, end) - lo, 0) // BLOCK_M
     n_masked = n_diag + tl.maximum(end - tail, 0) // BLOCK_M
+    if DROPOUT:  # as in attention_fwd_kernel
+        dropout_seed = tl.load(DropoutSeed)
+    else:  # (not read)
+        dropout_seed = 0
 
     for g in range(group):
         h = hk * group + g
@@ -616,7 +624,7 @@ def attention_bwd_dkdv_kernel(
                 dk, dv, k, v, Q_head, DO_head, Lse_row, Delta_row, start_m, offs_m, offs_n,
                 offs_d, stride_qm, stride_qd, stride_dom, stride_dod, kv_lo, kv_hi, seqlen_q,
                 head_dim, causal_offset, window_offset, qk_scale, softcap, start_n, drop_row0,
-                n_quads, dropout_seed_lo, dropout_seed_hi, dropout_threshold, dropout_scale,
+                n_quads, dropout_seed, dropout_threshold, dropout_scale,
                 False, CAUSAL, WINDOW, KEY_RANGE, EVEN_D, DOT_PRECISION, SOFTCAP, DROPOUT,
                 BLOCK_M, BLOCK_N)
         for i in range(0, n_masked):
@@ -633,7 +641,7 @@ def attention_bwd_dkdv_kernel(
                         dk, dv, k, v, Q_head, DO_head, Lse_row, Delta_row, start_m, offs_m,
                         offs_n, offs_d, stride_qm, stride_qd, stride_dom, stride_dod, row_lo,
                         row_hi, seqlen_q, head_dim, causal_offset, window_offset, qk_scale, softcap,
-                        start_n, drop_row0, n_quads, dropout_seed_lo, dropout_seed_hi,
+                        start_n, drop_row0, n_quads, dropout_seed,
                         dropout_threshold, dropout_scale, True, CAUSAL, WINDOW, KEY_RANGE, EVEN_D,
                         DOT_PRECISION, SOFTCAP, DROPOUT, BLOCK_M, BLOCK_N)
             else:
@@ -641,7 +649,7 @@ def attention_bwd_dkdv_kernel(
                     dk, dv, k, v, Q_head, DO_head, Lse_row, Delta_row, start_m, offs_m, offs_n,
                     offs_d, stride_qm, stride_qd, stride_dom, stride_dod, kv_lo, kv_hi, seqlen_q,
                     head_dim, causal_offset, window_offset, qk_scale, softcap, start_n, drop_row0,
-                    n_quads, dropout_seed_lo, dropout_seed_hi, dropout_threshold, dropout_scale,
+                    n_quads, dropout_seed, dropout_threshold, dropout_scale,
                     True, CAUSAL, WINDOW, KEY_RANGE, EVEN_D, DOT_PRECISION, SOFTCAP, DROPOUT,
                     BLOCK_M, BLOCK_N)
 
@@ -669,7 +677,7 @@ def attention_bwd_dkdv_kernel(
 def _attention_bwd_dq_block(
     dq, q, do, lse2, delta, K_head, V_head, start_n, offs_m, offs_n, offs_d,
     stride_kn, stride_kd, stride_vn, stride_vd, kv_lo, row_lo, row_hi, seqlen_k, head_dim,
-    causal_offset, window_offset, qk_scale, softcap, drop_rows, n_quads, seed_lo, seed_hi,
+    causal_offset, window_offset, qk_scale, softcap, drop_rows, n_quads, seed,
     threshold, dropout_scale, MASKED: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
     KEY_RANGE: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
     SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -702,7 +710,7 @@ def _attention_bwd_dq_block(
         p = tl.where(visible, p, 0.0)
     dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
     if DROPOUT:
-        keep = _dropout_keep(seed_lo, seed_hi, threshold, drop_rows, n_quads, start_n, BLOCK_M,
+        keep = _dropout_keep(seed, threshold, drop_rows, n_quads, start_n, BLOCK_M,
                              BLOCK_N)
         dp = tl.where(keep, dp * dropout_scale, 0.0)
     ds = p * (dp - delta[:, None])
@@ -721,7 +729,7 @@ def attention_bwd_dq_kernel(
     stride_dob, stride_doh, stride_dom, stride_dod,
     stride_dqb, stride_dqh, stride_dqm, stride_dqd,
     n_heads, group, seqlen_q, seqlen_k, head_dim, causal_offset, window_offset, sm_scale,
-    qk_scale, softcap, dropout_seed_lo, dropout_seed_hi, dropout_threshold, dropout_scale,
+    qk_scale, softcap, DropoutSeed, dropout_threshold, dropout_scale,
     seq_bucket,  # autotuning key only
     CAUSAL: tl.constexpr, WINDOW: tl.constexpr, KEY_RANGE: tl.constexpr, BLOCK_D: tl.constexpr,
     EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr, SOFTCAP: tl.constexpr,
@@ -763,9 +771,11 @@ def attention_bwd_dq_kernel(
     if DROPOUT:  # as in attention_fwd_kernel
         drop_rows = bh.to(tl.int64) * seqlen_q + offs_m
         n_quads = tl.cdiv(seqlen_k, 4)
+        dropout_seed = tl.load(DropoutSeed)
     else:  # (not read)
         drop_rows = offs_m
         n_quads = seqlen_k
+        dropout_seed = 0
     if WINDOW or KEY_RANGE:
         start, n_low, full_start, high, end = _kv_window_range(
             start_m, kv_lo, kv_hi, inner_lo, inner_hi, causal_offset, window_offset, CAUSAL,
@@ -775,7 +785,7 @@ def attention_bwd_dq_kernel(
                 dq, q, do, lse2, delta, K_head, V_head, start_n, offs_m, offs_n, offs_d,
                 stride_kn, stride_kd, stride_vn, stride_vd, kv_lo, row_lo, row_hi, kv_hi,
                 head_dim, causal_offset, window_offset, qk_scale, softcap, drop_rows, n_quads,
-                dropout_seed_lo, dropout_seed_hi, dropout_threshold, dropout_scale, False, CAUSAL,
+                dropout_seed, dropout_threshold, dropout_scale, False, CAUSAL,
                 WINDOW, KEY_RANGE, EVEN_D, DOT_PRECISION, SOFTCAP, DROPOUT, BLOCK_M, BLOCK_N)
         for i in range(0, n_low + tl.cdiv(end - high, BLOCK_N)):
             start_n = tl.where(i < n_low, start + i * BLOCK_N, high + (i - n_low) * BLOCK_N)
@@ -783,7 +793,7 @@ def attention_bwd_dq_kernel(
                 dq, q, do, lse2, delta, K_head, V_head, start_n, offs_m, offs_n, offs_d,
                 stride_kn, stride_kd, stride_vn, stride_vd, kv_lo, row_lo, row_hi, kv_hi,
                 head_dim, causal_offset, window_offset, qk_scale, softcap, drop_rows, n_quads,
-                dropout_seed_lo, dropout_seed_hi, dropout_threshold, dropout_scale, True, CAUSAL,
+                dropout_seed, dropout_threshold, dropout_scale, True, CAUSAL,
                 WINDOW, KEY_RANGE, EVEN_D, DOT_PRECISION, SOFTCAP, DROPOUT, BLOCK_M, BLOCK_N)
     else:
         full_end, end = _kv_range(start_m, seqlen_k, causal_offset, CAUSAL, BLOCK_M, BLOCK_N)
@@ -792,14 +802,14 @@ def attention_bwd_dq_kernel(
                 dq, q, do, lse2, delta, K_head, V_head, start_n, offs_m, offs_n, offs_d,
                 stride_kn, stride_kd, stride_vn, stride_vd, kv_lo, row_lo, row_hi, seqlen_k,
                 head_dim, causal_offset, window_offset, qk_scale, softcap, drop_rows, n_quads,
-                dropout_seed_lo, dropout_seed_hi, dropout_threshold, dropout_scale, False, CAUSAL,
+                dropout_seed, dropout_threshold, dropout_scale, False, CAUSAL,
                 WINDOW, KEY_RANGE, EVEN_D, DOT_PRECISION, SOFTCAP, DROPOUT, BLOCK_M, BLOCK_N)
         for start_n in range(full_end, end, BLOCK_N):
             dq = _attention_bwd_dq_block(
                 dq, q, do, lse2, delta, K_head, V_head, start_n, offs_m, offs_n, offs_d,
                 stride_kn, stride_kd, stride_vn, stride_vd, kv_lo, row_lo, row_hi, seqlen_k,
                 head_dim, causal_offset, window_offset, qk_scale, softcap, drop_rows, n_quads,
-                dropout_seed_lo, dropout_seed_hi, dropout_threshold, dropout_scale, True, CAUSAL,
+                dropout_seed, dropout_threshold, dropout_scale, True, CAUSAL,
                 WINDOW, KEY_RANGE, EVEN_D, DOT_PRECISION, SOFTCAP, DROPOUT, BLOCK_M, BLOCK_N)
 
     dq = dq * sm_scale
@@ -1036,9 +1046,11 @@ def _check_softcap(softcap) -> float:
     return softcap
 
 
-def _check_dropout(dropout_p, dropout_seed) -> tuple[float, int]:
-    """dropout_p as a float in [0, 1) and dropout_seed as an int in [0, 2^63) (the seed of
-    Philox's 64-bit key; below 2^63 so that it is an int64 everywhere)."""
+def _check_dropout(dropout_p, dropout_seed, q: Tensor) -> tuple[float, Tensor | None]:
+    """dropout_p as a float in [0, 1) and, with dropout, dropout_seed as the one-element int64
+    tensor on q's device the kernels read (its 64 bits are Philox's key): given as such a
+    tensor (the ops layer's draw: no host copy, so CUDA graphs can capture it) or as an int in
+    [-2^63, 2^63), copied to the device here. None without dropout."""
     if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real):
         raise ValueError(f"fusedlm.triton.attention: dropout_p must be a float in [0, 1), got "
                          f"{dropout_p!r}")
@@ -1046,11 +1058,22 @@ def _check_dropout(dropout_p, dropout_seed) -> tuple[float, int]:
     if not 0.0 <= dropout_p < 1.0:  # (NaN fails too)
         raise ValueError(f"fusedlm.triton.attention: dropout_p must be in [0, 1), got "
                          f"{dropout_p}")
+    if not dropout_p:
+        return dropout_p, None
+    if isinstance(dropout_seed, Tensor):
+        if (dropout_seed.dtype != torch.int64 or dropout_seed.numel() != 1
+                or dropout_seed.device != q.device):
+            raise ValueError(f"fusedlm.triton.attention: dropout_seed must be a one-element "
+                             f"int64 tensor on q's device ({q.device}), got "
+                             f"{list(dropout_seed.shape)} {dropout_seed.dtype} on "
+                             f"{dropout_seed.device}")
+        return dropout_p, dropout_seed
     if (isinstance(dropout_seed, bool) or not isinstance(dropout_seed, numbers.Integral)
-            or not 0 <= int(dropout_seed) < 2**63):
-        raise ValueError(f"fusedlm.triton.attention: dropout_seed must be an int in [0, 2**63), "
-                         f"got {dropout_seed!r}")
-    return dropout_p, int(dropout_seed)
+            or not -2**63 <= int(dropout_seed) < 2**63):
+        raise ValueError(f"fusedlm.triton.attention: dropout_seed must be an int64 (an int in "
+                         f"[-2**63, 2**63) or a one-element int64 tensor), got "
+                         f"{dropout_seed!r}")
+    return dropout_p, torch.tensor(int(dropout_seed), dtype=torch.int64, device=q.device)
 
 
 def _int32_bits(x: int) -> int:
@@ -1060,9 +1083,11 @@ def _int32_bits(x: int) -> int:
     return x - (1 << 32) if x >= (1 << 31) else x
 
 
-def _dropout_args(dropout_p: float, dropout_seed: int) -> tuple[int, int, int, float]:
-    """The kernels' (dropout_seed_lo, dropout_seed_hi, dropout_threshold, dropout_scale)."""
-    return (_int32_bits(dropout_seed), dropout_seed >> 32,
+def _dropout_args(dropout_p: float, dropout_seed: Tensor | None,
+                  stand_in: Tensor) -> tuple[Tensor, int, float]:
+    """The kernels' (DropoutSeed, dropout_threshold, dropout_scale); ``stand_in`` (never read)
+    for DropoutSeed without dropout."""
+    return (stand_in if dropout_seed is None else dropout_seed,
             _int32_bits(reference.dropout_threshold(dropout_p)), 1.0 / (1.0 - dropout_p))
 
 
@@ -1194,7 +1219,7 @@ def _combine_splits(part_out: Tensor, part_lse: Tensor, out: Tensor, lse: Tensor
 def attention_fwd(
     q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool, causal_offset: int,
     window_offset: int | None = None, key_range: Tensor | None = None, softcap: float = 0.0,
-    dropout_p: float = 0.0, dropout_seed: int = 0,
+    dropout_p: float = 0.0, dropout_seed: int | Tensor = 0,
 ) -> tuple[Tensor, Tensor]:
     """q (B, Hq, Tq, D), k/v (B, Hkv, Tk, D), any strides; key_range (B, 2) or (B, Tq, 2)
     integers, or None. softcap > 0 caps each score s = scale * q.k at softcap * tanh(s /
@@ -1208,7 +1233,7 @@ def attention_fwd(
     one query row packs its GQA group's heads into rows, and the keys of each query block split
     over several programs whose partial results are combined (_combine_splits)."""
     softcap = _check_softcap(softcap)
-    dropout_p, dropout_seed = _check_dropout(dropout_p, dropout_seed)
+    dropout_p, dropout_seed = _check_dropout(dropout_p, dropout_seed, q)
     if q.numel() == 0 or k.numel() == 0:  # nothing to launch; the reference's empty results
         return reference.attention_fwd(q, k, v, scale, causal, causal_offset, window_offset,
                                        key_range, softcap=softcap, dropout_p=dropout_p,
@@ -1244,7 +1269,7 @@ def attention_fwd(
         q, k, v, *target, key_range if key_range is not None else lse,
         *q.stride(), *k.stride(), *v.stride(), *target[0].stride()[-4:],
         Hq, Hq // Hkv, Tq, Tk, D, *offsets, float(scale) * LOG2E, softcap,
-        *_dropout_args(dropout_p, dropout_seed), splits,
+        *_dropout_args(dropout_p, dropout_seed, lse), splits,
         *split_strides,
         _seq_bucket(Tq, Tk),
     )
@@ -1259,7 +1284,7 @@ def attention_bwd(
     grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
     scale: float, causal: bool, causal_offset: int, window_offset: int | None = None,
     key_range: Tensor | None = None, grad_lse: Tensor | None = None, softcap: float = 0.0,
-    dropout_p: float = 0.0, dropout_seed: int = 0,
+    dropout_p: float = 0.0, dropout_seed: int | Tensor = 0,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients of attention_fwd's out (and, given grad_lse (B, Hq, Tq), of its lse): dq, dk,
     dv (contiguous) in the shapes and dtypes of q, k, v; dk, dv summed over the query heads
@@ -1267,7 +1292,7 @@ def attention_bwd(
     gradient then carries the cap's factor 1 - tanh^2) and the same dropout_p and dropout_seed
     (the kernels regenerate its mask M: dv = (P M / (1 - p))^T dO, dP = (dO v^T) M / (1 - p))."""
     softcap = _check_softcap(softcap)
-    dropout_p, dropout_seed = _check_dropout(dropout_p, dropout_seed)
+    dropout_p, dropout_seed = _check_dropout(dropout_p, dropout_seed, q)
     if q.numel() == 0 or k.numel() == 0:
         return reference.attention_bwd(grad_out, q, k, v, out, lse, scale, causal, causal_offset,
                                        window_offset, key_range, grad_lse, softcap=softcap,
@@ -1287,7 +1312,7 @@ def attention_bwd(
     block_d, even_d = constexprs["BLOCK_D"], constexprs["EVEN_D"]
     bucket = _seq_bucket(Tq, Tk)
     qk_scale = float(scale) * LOG2E
-    dropout = _dropout_args(dropout_p, dropout_seed)
+    dropout = _dropout_args(dropout_p, dropout_seed, lse)
 
     if grad_lse is not None:
         grad_lse = grad_lse.to(torch.float32).contiguous()
