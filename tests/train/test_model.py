@@ -33,6 +33,8 @@ def _pair(arch: str, **overrides):
     ("llama", {"n_kv_head": 2, "bias": False}),
     ("llama", {"n_kv_head": 1, "bias": False, "tie_embeddings": False}),
     ("llama", {"n_kv_head": 2, "bias": False, "sliding_window": 8}),
+    ("gpt2", {"attn_softcap": 0.05, "logit_softcap": 0.3}),
+    ("llama", {"n_kv_head": 2, "bias": False, "attn_softcap": 0.05, "logit_softcap": 0.3}),
 ])
 def test_fused_and_torch_kernels_train_to_matching_losses(arch, overrides):
     """20 AdamW steps: the fused model's losses track plain PyTorch's step for step."""
@@ -245,11 +247,60 @@ def test_return_logits_false_gives_the_same_loss_and_gradients(kernels, arch, au
         torch.testing.assert_close(a, b, **tolerance)
 
 
+@pytest.mark.parametrize("arch", ARCHS)
+def test_soft_caps_bound_scores_and_logits_and_the_kernels_agree(arch):
+    """attn_softcap and logit_softcap with weights scaled so that both caps bite (scores and
+    logits well past them): the logits stay within logit_softcap, each cap changes the output,
+    and the fused model (the attention kernels' cap, the chunked head's) passes DESIGN.md's
+    rule against the same model on torch kernels (baseline) and in float64 (truth): logits,
+    loss and every parameter's gradient, with and without the logits made."""
+    from tests.helpers import assert_close_rule
+
+    shape = {"n_kv_head": 2, "bias": False} if arch == "llama" else {}
+    caps = {"attn_softcap": 2.0, "logit_softcap": 1.5}
+    config, fused, _ = _pair(arch, **shape, **caps)
+    with torch.no_grad():  # scores of ~10 and logits of ~5 standard deviations
+        for name, p in fused.named_parameters():
+            if "c_attn" in name or name == "wte.weight":
+                p.mul_(25)
+    models = {"fused": fused}
+    for name, kernels, overrides in (("baseline", "torch", caps), ("truth", "torch", caps),
+                                     ("no attention cap", "torch", {"logit_softcap": 1.5}),
+                                     ("no caps", "torch", {})):
+        models[name] = GPT(GPTConfig(**{**SMALL, "arch": arch, **shape, **overrides}),
+                           kernels=kernels)
+        models[name].load_state_dict(fused.state_dict())
+    models["truth"].double()
+    idx = torch.randint(0, config.vocab_size, (2, 33))
+    targets = torch.randint(0, config.vocab_size, (2, 33))
+    outs = {name: model(idx, targets) for name, model in models.items()}
+    logits = outs["fused"][0]
+    assert logits.abs().max() <= 1.5 and logits.abs().max() > 1.4
+    assert outs["no caps"][0].abs().max() > 3.0
+    assert (outs["no attention cap"][0] - outs["baseline"][0]).abs().max() > 0.1
+    assert_close_rule(logits, outs["baseline"][0], outs["truth"][0], name="logits")
+    for return_logits in (True, False):
+        losses = [models[name](idx, targets, return_logits=return_logits)[1]
+                  for name in ("fused", "baseline", "truth")]
+        assert_close_rule(*losses, name=f"loss (return_logits={return_logits})")
+        for model, loss in zip((models["fused"], models["baseline"], models["truth"]), losses,
+                               strict=True):
+            model.zero_grad()
+            loss.backward()
+        theirs = dict(models["baseline"].named_parameters())
+        truths = dict(models["truth"].named_parameters())
+        for name, p in fused.named_parameters():
+            assert_close_rule(p.grad, theirs[name].grad, truths[name].grad, name=name)
+
+
 @pytest.mark.parametrize("window", [None, 6], ids=["full", "window6"])
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
 @pytest.mark.parametrize("kernels", ["fused", "torch"])
-def test_generate_with_kv_cache_matches_full_recompute(arch, kernels, window):
-    config = GPTConfig(**{**SMALL, "arch": arch, "block_size": 24, "sliding_window": window})
+@pytest.mark.parametrize("caps", [{}, {"attn_softcap": 0.02, "logit_softcap": 0.2}],
+                         ids=["uncapped", "capped"])
+def test_generate_with_kv_cache_matches_full_recompute(arch, kernels, window, caps):
+    config = GPTConfig(**{**SMALL, "arch": arch, "block_size": 24, "sliding_window": window,
+                          **caps})
     model = GPT(config, kernels=kernels).eval()
     prompt = torch.randint(0, config.vocab_size, (2, 5))
     out = model.generate(prompt, 30, temperature=0)  # passes block_size: the cache restarts
@@ -377,14 +428,18 @@ def test_every_preset_builds_and_bad_configs_raise():
         GPTConfig(arch="mamba")
     with pytest.raises(ValueError, match="sliding_window"):
         GPTConfig(sliding_window=0)
+    for name in ("attn_softcap", "logit_softcap"):
+        for bad in (0.0, -1.0, math.inf, math.nan, True, "30"):
+            with pytest.raises(ValueError, match=name):
+                GPTConfig(**{name: bad})
     with pytest.raises(ValueError, match="kernels"):
         GPT(GPTConfig(**SMALL), kernels="cuda")
     with pytest.raises(ValueError, match="no field"):
         GPTConfig.from_dict({"n_layers": 3})
     # numpy sizes are taken and stored as ints, so the config still saves as JSON
-    config = GPTConfig(n_layer=np.int64(2), n_kv_head=np.int32(4))
+    config = GPTConfig(n_layer=np.int64(2), n_kv_head=np.int32(4), logit_softcap=np.float32(30))
     assert json.loads(json.dumps(config.to_dict()))["n_layer"] == 2
-    assert type(config.n_kv_head) is int
+    assert type(config.n_kv_head) is int and type(config.logit_softcap) is float
 
 
 def test_flops_per_token_formula():
@@ -589,7 +644,12 @@ def test_fuzz_fused_and_torch_models_agree(fuzz):  # noqa: F811
             bias=data.draw(st.booleans(), label="bias"),
             tie_embeddings=data.draw(st.booleans(), label="tied"),
             sliding_window=data.draw(st.one_of(st.none(), st.integers(1, block_size + 2)),
-                                     label="window"))
+                                     label="window"),
+            # (caps near the initial scores' and logits' sizes, where they bite)
+            attn_softcap=data.draw(st.one_of(st.none(), st.floats(0.005, 1.0)),
+                                   label="attn_softcap"),
+            logit_softcap=data.draw(st.one_of(st.none(), st.floats(0.02, 2.0)),
+                                    label="logit_softcap"))
         torch.manual_seed(data.draw(st.integers(0, 100), label="init seed"))
         fused = GPT(config, kernels="fused")
         reference = GPT(config, kernels="torch")

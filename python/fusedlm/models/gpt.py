@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import numbers
 import os
 from dataclasses import dataclass
 
@@ -45,7 +46,12 @@ class GPTConfig:
     itself included (Mistral's sliding window); None: every earlier position. ``dropout`` (in
     training) applies, as nanoGPT's, to the embeddings, each residual branch and the attention
     probabilities (the latter inside the attention kernels with ``kernels="fused"``, by their
-    Philox mask, torch's SDPA's own with ``kernels="torch"``: the two then drop differently)."""
+    Philox mask, torch's SDPA's own with ``kernels="torch"``: the two then drop differently).
+    ``attn_softcap`` c (Gemma 2's ``attn_logit_softcapping``): each attention score s becomes
+    c * tanh(s / c) before the mask and the softmax (inside the attention kernels with
+    ``kernels="fused"``); ``logit_softcap`` c (Gemma 2's ``final_logit_softcapping``, the
+    modded-nanoGPT speedruns' logit cap): the output logits z become c * tanh(z / c) (inside
+    the chunked head-and-loss op when the logits are not returned); None: no cap."""
 
     vocab_size: int = 50304
     block_size: int = 1024
@@ -61,6 +67,8 @@ class GPTConfig:
     intermediate_size: int | None = None
     tie_embeddings: bool = True
     sliding_window: int | None = None
+    attn_softcap: float | None = None
+    logit_softcap: float | None = None
 
     def __post_init__(self) -> None:
         if self.arch not in ARCHS:
@@ -78,6 +86,15 @@ class GPTConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not within(value):
                 raise ValueError(f"GPTConfig '{name}' must be {bounds}, got {describe(value)}")
+        for name in ("attn_softcap", "logit_softcap"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if (isinstance(value, bool) or not isinstance(value, numbers.Real)
+                    or not 0.0 < value < math.inf):
+                raise ValueError(f"GPTConfig '{name}' must be None (no cap) or a positive "
+                                 f"finite number, got {describe(value)}")
+            setattr(self, name, float(value))  # (a numpy float would not survive json.dumps)
         if self.n_embd % self.n_head != 0:
             raise ValueError(
                 f"GPTConfig 'n_embd' ({self.n_embd}) must be divisible by 'n_head' ({self.n_head})"
@@ -190,24 +207,37 @@ def document_ids(idx: Tensor, separator: int) -> Tensor:
     return (idx == separator).cumsum(dim=1)
 
 
+def _soft_cap(x: Tensor, cap: float | None) -> Tensor:
+    """cap * tanh(x / cap) (Gemma 2's soft-capping), or x when cap is None."""
+    return x if cap is None else cap * torch.tanh(x / cap)
+
+
 def _torch_attention(q: Tensor, k: Tensor, v: Tensor, sliding_window: int | None,
-                     documents: Tensor | None = None, dropout_p: float = 0.0) -> Tensor:
+                     documents: Tensor | None = None, dropout_p: float = 0.0,
+                     softcap: float | None = None) -> Tensor:
     """Causal attention, bottom-right aligned (so a query block at the end of a kv cache sees
     every earlier key), within the last ``sliding_window`` keys if set and within each
     query's document (``documents`` (B, T) ids, Tq = Tk) if given, with attention dropout
-    ``dropout_p``, on torch's SDPA."""
+    ``dropout_p``, on torch's SDPA; with ``softcap`` (which SDPA cannot do), written out as
+    Gemma 2's eager attention is: scores in q's dtype, capped, softmax in float32."""
     Tq, Tk = q.shape[2], k.shape[2]
     if q.shape[1] != k.shape[1]:
         repeat = q.shape[1] // k.shape[1]
         k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
-    if Tq == Tk and (sliding_window is None or sliding_window >= Tk) and documents is None:
+    if (Tq == Tk and (sliding_window is None or sliding_window >= Tk) and documents is None
+            and softcap is None):
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p)
     visible = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device).tril(Tk - Tq)
     if sliding_window is not None:
         visible = visible.triu(Tk - Tq - sliding_window + 1)
     if documents is not None:  # (B, 1, T, T)
         visible = visible & (documents[:, None, :, None] == documents[:, None, None, :])
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=visible, dropout_p=dropout_p)
+    if softcap is None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=visible, dropout_p=dropout_p)
+    scores = _soft_cap(torch.matmul(q, k.transpose(-1, -2)) * q.shape[-1] ** -0.5, softcap)
+    probs = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1,
+                          dtype=torch.float32).to(q.dtype)
+    return torch.matmul(F.dropout(probs, dropout_p) if dropout_p else probs, v)
 
 
 class KVCache:
@@ -311,10 +341,10 @@ class Attention(nn.Module):
             y = fused_attention(q, k, v, causal=True,
                                 window=None if window is None else (window - 1, 0),
                                 key_range=None if documents is None else documents[1],
-                                dropout_p=dropout_p)
+                                dropout_p=dropout_p, softcap=self.config.attn_softcap or 0.0)
         else:
             y = _torch_attention(q, k, v, window, None if documents is None else documents[0],
-                                 dropout_p)
+                                 dropout_p, self.config.attn_softcap)
         return self.dropout(self.c_proj(y.transpose(1, 2).reshape(B, T, C)))
 
 
@@ -481,12 +511,13 @@ class GPT(nn.Module):
         (``fusedlm.linear_cross_entropy``), so the (B, T, V) logits and their gradient never
         exist: 3.3 GB less at 16k tokens and GPT-2's vocabulary in bfloat16."""
         hidden = self.hidden_states(idx, cache, document_ids, reset_positions)
+        cap = self.config.logit_softcap
         if targets is not None and not return_logits and self.kernels == "fused":
             loss = language_model_head_loss(hidden.reshape(-1, hidden.shape[-1]),
                                             self.lm_head.weight, targets.reshape(-1),
-                                            ignore_index=-1)
+                                            ignore_index=-1, softcap=cap)
             return None, loss
-        logits = self.lm_head(hidden)
+        logits = _soft_cap(self.lm_head(hidden), cap)
         loss = None
         if targets is not None and self.kernels == "fused":
             # in float32 from the logits, without a float32 copy

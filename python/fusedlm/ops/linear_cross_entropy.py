@@ -409,19 +409,22 @@ def linear_cross_entropy(
 
 
 def language_model_head_loss(hidden: Tensor, weight: Tensor, target: Tensor,
-                             ignore_index: int = -100, backend: str = "auto") -> Tensor:
+                             ignore_index: int = -100, backend: str = "auto",
+                             softcap: float | None = None) -> Tensor:
     """The mean cross-entropy of a language model's head, ``hidden @ weight.T`` (hidden (N, C),
     weight (V, C)), against target (N), as a float32 (float64) scalar, for training loops:
-    ``linear_cross_entropy`` (no logits). A backend named here or by FUSEDLM_BACKEND whose
-    cross-entropy kernels cannot serve the call (``cuda``: there is no CUDA C++
-    cross-entropy) does not raise: the head then makes the logits and takes
-    ``language_model_loss``'s path (torch's, logged once), so a model run with
-    FUSEDLM_BACKEND=cuda still trains."""
+    ``linear_cross_entropy`` (no logits; ``softcap`` as its: the logits soft-capped first). A
+    backend named here or by FUSEDLM_BACKEND whose cross-entropy kernels cannot serve the
+    call (``cuda``: there is no CUDA C++ cross-entropy) does not raise: the head then makes
+    the (capped) logits and takes ``language_model_loss``'s path (torch's, logged once), so a
+    model run with FUSEDLM_BACKEND=cuda still trains."""
     check_backend_name(backend)
     requested = requested_backend(backend)
     if (requested != "auto" and not torch.compiler.is_compiling()
             and CROSS_ENTROPY_FWD._why_not(requested, hidden.device, ()) is not None):
-        return language_model_loss(F.linear(hidden, weight), target, ignore_index,
-                                   backend=backend)
+        logits = F.linear(hidden, weight)
+        if softcap:
+            logits = softcap * torch.tanh(logits / softcap)
+        return language_model_loss(logits, target, ignore_index, backend=backend)
     return linear_cross_entropy(hidden, weight, target, ignore_index=ignore_index,
-                                backend=backend)
+                                backend=backend, softcap=softcap)
