@@ -211,6 +211,38 @@ def _dropout_keep(seed, threshold, rows, n_quads, start_n, BLOCK_M: tl.constexpr
 
 
 @triton.jit
+def _load_key_block(K_head, V_head, cols, stride_kn, stride_kd, stride_vn, stride_vd, seqlen_k,
+                    offs_d, head_dim, MASKED: tl.constexpr, EVEN_D: tl.constexpr):
+    """The (BLOCK_N, BLOCK_D) k and v tiles of keys ``cols`` (rows past seqlen_k read 0 when
+    MASKED), for the forward and dQ blocks."""
+    k = _load_tile(K_head + cols[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+                   cols, seqlen_k, offs_d, head_dim, MASKED, EVEN_D)
+    v = _load_tile(V_head + cols[:, None] * stride_vn + offs_d[None, :] * stride_vd,
+                   cols, seqlen_k, offs_d, head_dim, MASKED, EVEN_D)
+    return k, v
+
+
+@triton.jit
+def _visible_keys(cols, offs_m, seqlen_k, kv_lo, row_lo, row_hi, causal_offset, window_offset,
+                  CAUSAL: tl.constexpr, WINDOW: tl.constexpr, KEY_RANGE: tl.constexpr):
+    """(BLOCK_M, BLOCK_N) bool: whether query row offs_m sees key cols, by the forward and dQ
+    blocks' masks (keys past seqlen_k, the causal and window bands, kv_lo for KEY_RANGE 1,
+    each row's [row_lo, row_hi) for KEY_RANGE 2). The dK/dV block's transposed tile has its
+    own (query rows past Tq hidden instead of keys)."""
+    visible = cols[None, :] < seqlen_k
+    if CAUSAL:
+        visible = visible & (cols[None, :] <= offs_m[:, None] + causal_offset)
+    if WINDOW:
+        visible = visible & (cols[None, :] >= offs_m[:, None] + window_offset)
+    if KEY_RANGE == 2:
+        visible = visible & ((cols[None, :] >= row_lo[:, None])
+                             & (cols[None, :] < row_hi[:, None]))
+    elif KEY_RANGE:
+        visible = visible & (cols[None, :] >= kv_lo)
+    return visible
+
+
+@triton.jit
 def _attention_fwd_block(
     acc, m_i, l_i, q, K_head, V_head, start_n, offs_m, offs_n, offs_d,
     stride_kn, stride_kd, stride_vn, stride_vd, kv_lo, row_lo, row_hi, seqlen_k, head_dim,
@@ -225,26 +257,16 @@ def _attention_fwd_block(
     _dropout_keep(seed, threshold, drop_rows, n_quads, start_n) does not keep (the
     row sums l_i keep it; the kernel scales by 1 / (1 - p) at the end)."""
     cols = start_n + offs_n
-    k = _load_tile(K_head + cols[:, None] * stride_kn + offs_d[None, :] * stride_kd,
-                   cols, seqlen_k, offs_d, head_dim, MASKED, EVEN_D)
-    v = _load_tile(V_head + cols[:, None] * stride_vn + offs_d[None, :] * stride_vd,
-                   cols, seqlen_k, offs_d, head_dim, MASKED, EVEN_D)
+    k, v = _load_key_block(K_head, V_head, cols, stride_kn, stride_kd, stride_vn, stride_vd,
+                           seqlen_k, offs_d, head_dim, MASKED, EVEN_D)
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
     if SOFTCAP:  # capped before the masks, as the reference does
         s = _softcap_tanh(s, qk_scale, softcap) * (softcap * _LOG2E)
     else:
         s = s * qk_scale
     if MASKED:
-        visible = cols[None, :] < seqlen_k
-        if CAUSAL:
-            visible = visible & (cols[None, :] <= offs_m[:, None] + causal_offset)
-        if WINDOW:
-            visible = visible & (cols[None, :] >= offs_m[:, None] + window_offset)
-        if KEY_RANGE == 2:
-            visible = visible & ((cols[None, :] >= row_lo[:, None])
-                                 & (cols[None, :] < row_hi[:, None]))
-        elif KEY_RANGE:
-            visible = visible & (cols[None, :] >= kv_lo)
+        visible = _visible_keys(cols, offs_m, seqlen_k, kv_lo, row_lo, row_hi, causal_offset,
+                                window_offset, CAUSAL, WINDOW, KEY_RANGE)
         s = tl.where(visible, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
     if MASKED:
@@ -686,10 +708,8 @@ def _attention_bwd_dq_block(
     row_lo, row_hi, the dropout arguments: as in _attention_fwd_block; with DROPOUT, dP =
     (dO V^T) * M / (1 - p), M the same keep mask."""
     cols = start_n + offs_n
-    k = _load_tile(K_head + cols[:, None] * stride_kn + offs_d[None, :] * stride_kd,
-                   cols, seqlen_k, offs_d, head_dim, MASKED, EVEN_D)
-    v = _load_tile(V_head + cols[:, None] * stride_vn + offs_d[None, :] * stride_vd,
-                   cols, seqlen_k, offs_d, head_dim, MASKED, EVEN_D)
+    k, v = _load_key_block(K_head, V_head, cols, stride_kn, stride_kd, stride_vn, stride_vd,
+                           seqlen_k, offs_d, head_dim, MASKED, EVEN_D)
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
     if SOFTCAP:
         tanh = _softcap_tanh(s, qk_scale, softcap)
@@ -697,16 +717,8 @@ def _attention_bwd_dq_block(
     else:
         p = tl.exp2(s * qk_scale - lse2[:, None])
     if MASKED:
-        visible = cols[None, :] < seqlen_k
-        if CAUSAL:
-            visible = visible & (cols[None, :] <= offs_m[:, None] + causal_offset)
-        if WINDOW:
-            visible = visible & (cols[None, :] >= offs_m[:, None] + window_offset)
-        if KEY_RANGE == 2:
-            visible = visible & ((cols[None, :] >= row_lo[:, None])
-                                 & (cols[None, :] < row_hi[:, None]))
-        elif KEY_RANGE:
-            visible = visible & (cols[None, :] >= kv_lo)
+        visible = _visible_keys(cols, offs_m, seqlen_k, kv_lo, row_lo, row_hi, causal_offset,
+                                window_offset, CAUSAL, WINDOW, KEY_RANGE)
         p = tl.where(visible, p, 0.0)
     dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
     if DROPOUT:
