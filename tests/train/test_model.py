@@ -35,6 +35,8 @@ def _pair(arch: str, **overrides):
     ("llama", {"n_kv_head": 2, "bias": False, "sliding_window": 8}),
     ("gpt2", {"attn_softcap": 0.05, "logit_softcap": 0.3}),
     ("llama", {"n_kv_head": 2, "bias": False, "attn_softcap": 0.05, "logit_softcap": 0.3}),
+    ("gpt2", {"qk_norm": True}),
+    ("llama", {"n_kv_head": 2, "bias": False, "qk_norm": True}),
 ])
 def test_fused_and_torch_kernels_train_to_matching_losses(arch, overrides):
     """20 AdamW steps: the fused model's losses track plain PyTorch's step for step."""
@@ -293,6 +295,35 @@ def test_soft_caps_bound_scores_and_logits_and_the_kernels_agree(arch):
             assert_close_rule(p.grad, theirs[name].grad, truths[name].grad, name=name)
 
 
+@pytest.mark.parametrize("kernels", ["fused", "torch"])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_qk_norm_makes_attention_blind_to_the_scale_of_queries_and_keys(arch, kernels):
+    """With qk_norm each head's queries and keys are RMS-normalized (weights attn.q_norm,
+    attn.k_norm of the head dim): scaling the query and key rows of c_attn (no bias) by 10 and
+    3 leaves the logits as they were, which without qk_norm it does not."""
+    shape = {"n_kv_head": 2} if arch == "llama" else {}
+    outputs = {}
+    for qk_norm in (True, False):
+        config = GPTConfig(**{**SMALL, "arch": arch, "bias": False, "qk_norm": qk_norm,
+                              "norm_eps": 0.0, **shape})
+        torch.manual_seed(0)
+        model = GPT(config, kernels=kernels)
+        names = [name for name, _ in model.named_parameters() if "_norm" in name]
+        assert names == ([f"h.{i}.attn.{w}_norm.weight" for i in range(2) for w in "qk"]
+                         if qk_norm else [])
+        idx = torch.randint(0, config.vocab_size, (2, 21))
+        before = model(idx)[0]
+        q_rows = config.n_head * (config.n_embd // config.n_head)
+        with torch.no_grad():
+            for block in model.h:
+                weight = block.attn.c_attn.weight  # (q, k, v rows, n_embd)
+                weight[:q_rows] *= 10.0
+                weight[q_rows:q_rows + (weight.shape[0] - q_rows) // 2] *= 3.0
+        outputs[qk_norm] = (before, model(idx)[0])
+    torch.testing.assert_close(outputs[True][1], outputs[True][0], rtol=1e-4, atol=1e-5)
+    assert (outputs[False][1] - outputs[False][0]).abs().max() > 1e-3
+
+
 @pytest.mark.parametrize("window", [None, 6], ids=["full", "window6"])
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
 @pytest.mark.parametrize("kernels", ["fused", "torch"])
@@ -430,6 +461,10 @@ def test_every_preset_builds_and_bad_configs_raise():
         GPTConfig(sliding_window=0)
     for name in ("attn_softcap", "logit_softcap"):
         for bad in (0.0, -1.0, math.inf, math.nan, True, "30"):
+            with pytest.raises(ValueError, match=name):
+                GPTConfig(**{name: bad})
+    for name in ("qk_norm", "bias", "tie_embeddings"):
+        for bad in (1, "false", None):
             with pytest.raises(ValueError, match=name):
                 GPTConfig(**{name: bad})
     with pytest.raises(ValueError, match="kernels"):
@@ -649,7 +684,8 @@ def test_fuzz_fused_and_torch_models_agree(fuzz):  # noqa: F811
             attn_softcap=data.draw(st.one_of(st.none(), st.floats(0.005, 1.0)),
                                    label="attn_softcap"),
             logit_softcap=data.draw(st.one_of(st.none(), st.floats(0.02, 2.0)),
-                                    label="logit_softcap"))
+                                    label="logit_softcap"),
+            qk_norm=data.draw(st.booleans(), label="qk_norm"))
         torch.manual_seed(data.draw(st.integers(0, 100), label="init seed"))
         fused = GPT(config, kernels="fused")
         reference = GPT(config, kernels="torch")

@@ -51,7 +51,10 @@ class GPTConfig:
     c * tanh(s / c) before the mask and the softmax (inside the attention kernels with
     ``kernels="fused"``); ``logit_softcap`` c (Gemma 2's ``final_logit_softcapping``, the
     modded-nanoGPT speedruns' logit cap): the output logits z become c * tanh(z / c) (inside
-    the chunked head-and-loss op when the logits are not returned); None: no cap."""
+    the chunked head-and-loss op when the logits are not returned); None: no cap.
+    ``qk_norm`` (Qwen3's, OLMo 2's and Gemma 3's QK-norm): each head's queries and keys are
+    RMS-normalized over the head dim, with a learned (head dim) weight shared by the heads
+    (``attn.q_norm`` / ``attn.k_norm``), before the rotary positions."""
 
     vocab_size: int = 50304
     block_size: int = 1024
@@ -69,6 +72,7 @@ class GPTConfig:
     sliding_window: int | None = None
     attn_softcap: float | None = None
     logit_softcap: float | None = None
+    qk_norm: bool = False
 
     def __post_init__(self) -> None:
         if self.arch not in ARCHS:
@@ -86,6 +90,10 @@ class GPTConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not within(value):
                 raise ValueError(f"GPTConfig '{name}' must be {bounds}, got {describe(value)}")
+        for name in ("tie_embeddings", "bias", "qk_norm"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"GPTConfig '{name}' must be a bool, got "
+                                 f"{describe(getattr(self, name))}")
         for name in ("attn_softcap", "logit_softcap"):
             value = getattr(self, name)
             if value is None:
@@ -158,10 +166,12 @@ def _check_kernels(kernels: str) -> str:
     return kernels
 
 
-def _norm(config: GPTConfig, kernels: str) -> nn.Module:
-    if config.arch == "llama":
+def _norm(config: GPTConfig, kernels: str, width: int | None = None) -> nn.Module:
+    """The block's norm over ``width`` features (default n_embd); RMSNorm for the llama arch
+    and for a head's queries and keys (``width`` = the head dim, QK-norm)."""
+    if config.arch == "llama" or width is not None:
         cls = fused_nn.RMSNorm if kernels == "fused" else nn.RMSNorm
-        return cls(config.n_embd, eps=config.norm_eps)
+        return cls(config.n_embd if width is None else width, eps=config.norm_eps)
     cls = fused_nn.LayerNorm if kernels == "fused" else nn.LayerNorm
     return cls(config.n_embd, eps=config.norm_eps, bias=config.bias)
 
@@ -317,6 +327,9 @@ class Attention(nn.Module):
         self.c_attn = nn.Linear(config.n_embd, qkv, bias=config.bias)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
+        if config.qk_norm:
+            self.q_norm = _norm(config, kernels, self.head_dim)
+            self.k_norm = _norm(config, kernels, self.head_dim)
 
     def forward(self, x: Tensor, rotary: tuple[Tensor, Tensor] | None,
                 cache: KVCache | None, documents: tuple[Tensor, Tensor] | None = None) -> Tensor:
@@ -325,10 +338,11 @@ class Attention(nn.Module):
         B, T, C = x.shape
         H, Hkv, D = self.config.n_head, self.config.kv_heads, self.head_dim
         q, k, v = self.c_attn(x).split([H * D, Hkv * D, Hkv * D], dim=-1)
+        q, k, v = q.view(B, T, H, D), k.view(B, T, Hkv, D), v.view(B, T, Hkv, D)
+        if self.config.qk_norm:  # (each (token, head) row over D)
+            q, k = self.q_norm(q), self.k_norm(k)
         # (B, T, H, D) -> (B, H, T, D) views: fusedlm.attention takes any strides.
-        q = q.view(B, T, H, D).transpose(1, 2)
-        k = k.view(B, T, Hkv, D).transpose(1, 2)
-        v = v.view(B, T, Hkv, D).transpose(1, 2)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if rotary is not None:
             fused = self.kernels == "fused" and _fused_op_serves("rotary_embedding", x.device)
             rotate = fused_rotary_embedding if fused else _rotary
