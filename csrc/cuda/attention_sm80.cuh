@@ -362,9 +362,11 @@ __device__ __forceinline__ float score_log2(float qk, float scale_log2, const Sc
   return qk * scale_log2;
 }
 
-// The dropout seed, loaded where it is used: a copy of the kernel parameter's pointer costs no
-// register (ptxas reads it from the parameter bank again), a loaded seed held across the key
-// loop would cost two, and the sm_80 dK/dV kernels' spills grew by 80-90 bytes when it did.
+// The dropout seed (device memory: a CUDA graph's replays may draw it anew), loaded where it is
+// used. A copy of the kernel parameter's pointer costs no register (ptxas reads it from the
+// parameter bank again); a seed loaded once and held across the key loop costs two, and the
+// sm_80 dK/dV kernels' spills grew by 80-90 bytes when it was. The load is volatile so that it
+// is not hoisted into that register either (one L1 hit beside Philox's ten rounds).
 __device__ __forceinline__ uint64_t dropout_seed(const ScoreMods& mods) {
 #ifdef __CUDA_ARCH__
   uint64_t seed;
