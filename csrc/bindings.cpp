@@ -817,26 +817,33 @@ void check_row_stat(const at::Tensor& stat, const char* name, const at::Tensor& 
                      "' must be float32 (float64 for float64 logits), got ", stat.scalar_type());
 }
 
+void check_loss_weights(double label_smoothing, double z_loss) {
+  FUSEDLM_CHECK_VALUE(label_smoothing >= 0 && label_smoothing <= 1,
+                      "argument 'label_smoothing' must be in [0, 1], got ", label_smoothing);
+  FUSEDLM_CHECK_VALUE(std::isfinite(z_loss) && z_loss >= 0,
+                      "argument 'z_loss' must be a finite number >= 0, got ", z_loss);
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_fwd(const at::Tensor& logits,
                                                                  const at::Tensor& target,
                                                                  int64_t ignore_index,
-                                                                 double label_smoothing) {
+                                                                 double label_smoothing,
+                                                                 double z_loss) {
   check_cross_entropy_inputs(logits, target, "cross_entropy_fwd");
-  FUSEDLM_CHECK_VALUE(label_smoothing >= 0 && label_smoothing <= 1,
-                      "argument 'label_smoothing' must be in [0, 1], got ", label_smoothing);
-  return cpu::cross_entropy_fwd(logits, target, ignore_index, label_smoothing);
+  check_loss_weights(label_smoothing, z_loss);
+  return cpu::cross_entropy_fwd(logits, target, ignore_index, label_smoothing, z_loss);
 }
 
 at::Tensor cross_entropy_bwd(const at::Tensor& grad_loss, const at::Tensor& logits,
                              const at::Tensor& target, const at::Tensor& row_max,
                              const at::Tensor& log_sum, int64_t ignore_index,
-                             double label_smoothing, const std::optional<at::Tensor>& out) {
+                             double label_smoothing, const std::optional<at::Tensor>& out,
+                             double z_loss) {
   check_cross_entropy_inputs(logits, target, "cross_entropy_bwd");
   check_row_stat(grad_loss, "grad_loss", logits);  // (any stride: 0 for a reduced loss)
   check_row_stat(row_max, "row_max", logits);
   check_row_stat(log_sum, "log_sum", logits);
-  FUSEDLM_CHECK_VALUE(label_smoothing >= 0 && label_smoothing <= 1,
-                      "argument 'label_smoothing' must be in [0, 1], got ", label_smoothing);
+  check_loss_weights(label_smoothing, z_loss);
   if (out.has_value()) {  // (N, V) contiguous; the logits themselves, or apart from them
     check_dim(*out, "out", 2);
     check_shape(*out, "out", {logits.size(0), logits.size(1)});
@@ -848,7 +855,7 @@ at::Tensor cross_entropy_bwd(const at::Tensor& grad_loss, const at::Tensor& logi
                         "argument 'out' must be the logits themselves or not overlap them");
   }
   return cpu::cross_entropy_bwd(grad_loss, logits, target, row_max, log_sum, ignore_index,
-                                label_smoothing, out);
+                                label_smoothing, out, z_loss);
 }
 
 // ---- rotary embeddings and GLUs (CPU kernels only: CUDA tensors take the Triton ones) --------
@@ -1545,16 +1552,17 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cross_entropy_fwd", &fusedlm::cross_entropy_fwd,
         "Cross-entropy of each row. logits (N, V) any strides, float; target (N) int64.\n"
         "Returns loss, row_max, log_sum (N) in float32 (float64 for float64 logits); loss 0\n"
-        "where target == ignore_index, NaN where it is outside [0, V).",
+        "where target == ignore_index, NaN where it is outside [0, V); z_loss adds\n"
+        "z_loss * logsumexp^2 to each row's loss.",
         py::arg("logits"), py::arg("target"), py::arg("ignore_index"),
-        py::arg("label_smoothing"));
+        py::arg("label_smoothing"), py::arg("z_loss") = 0.0);
   m.def("cross_entropy_bwd", &fusedlm::cross_entropy_bwd,
         "Cross-entropy backward. grad_loss (N) any stride -> dlogits (N, V) in the logits'\n"
         "dtype, written into 'out' when given: an (N, V) contiguous tensor that is the logits\n"
         "themselves (the gradient replaces them) or does not overlap them.",
         py::arg("grad_loss"), py::arg("logits"), py::arg("target"), py::arg("row_max"),
         py::arg("log_sum"), py::arg("ignore_index"), py::arg("label_smoothing"),
-        py::arg("out") = py::none());
+        py::arg("out") = py::none(), py::arg("z_loss") = 0.0);
   m.def("rotary_embedding", &fusedlm::rotary_embedding,
         "Rotary position embeddings. x (B, H, T, D) any strides; cos, sin (T, R/2) or\n"
         "(B or 1, T, R/2), R <= D. Returns (B, H, T, D) contiguous in x's dtype: the first R features\n"

@@ -202,6 +202,8 @@ PUBLIC_CASES = [
     ("lce_label_smoothing_big_tensor", ValueError, "'label_smoothing'",
      lambda: LCE(label_smoothing=BIG())),
     ("lce_softcap_big_tensor", ValueError, "'softcap'", lambda: LCE(softcap=BIG())),
+    ("lce_z_loss_big_tensor", ValueError, "'z_loss'", lambda: LCE(z_loss=BIG())),
+    ("ce_z_loss_big_tensor", ValueError, "'z_loss'", lambda: CE(LOGITS(), TARGET(), z_loss=BIG())),
     ("lce_reduction_big_tensor", ValueError, "'reduction'", lambda: LCE(reduction=BIG())),
     ("ce_ignore_index_big_tensor", TypeError, "'ignore_index'",
      lambda: CE(LOGITS(), TARGET(), ignore_index=BIG())),

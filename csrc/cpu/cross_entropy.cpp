@@ -63,7 +63,7 @@ double wide_sum(const acc_t* buf, int64_t V) {
 
 template <typename scalar_t, typename acc_t>
 void forward(const at::Tensor& logits, const int64_t* target, int64_t ignore_index,
-             acc_t smoothing, acc_t* loss, acc_t* row_max, acc_t* log_sum) {
+             acc_t smoothing, acc_t z_loss, acc_t* loss, acc_t* row_max, acc_t* log_sum) {
   const int64_t N = logits.size(0), V = logits.size(1);
   const int64_t stride_n = logits.stride(0), stride_v = logits.stride(1);
   const scalar_t* x = logits.const_data_ptr<scalar_t>();
@@ -88,6 +88,7 @@ void forward(const at::Tensor& logits, const int64_t* target, int64_t ignore_ind
       // Each term is small next to the logits: the loss keeps digits the logsumexp would round.
       acc_t value = (1 - smoothing) * (shift - x_target) + ls;
       if (smoothing != 0) value += smoothing * static_cast<acc_t>(shift - x_mean);
+      if (z_loss != 0) value += z_loss * (shift + ls) * (shift + ls);
       if (valid && !in_range) {
         int64_t seen = first_bad.load();
         while (n < seen && !first_bad.compare_exchange_weak(seen, n)) {
@@ -107,7 +108,7 @@ void forward(const at::Tensor& logits, const int64_t* target, int64_t ignore_ind
 template <typename scalar_t, typename acc_t>
 void backward(const at::Tensor& grad_loss, const at::Tensor& logits, const int64_t* target,
               const acc_t* row_max, const acc_t* log_sum, int64_t ignore_index, acc_t smoothing,
-              scalar_t* dx) {
+              acc_t z_loss, scalar_t* dx) {
   const int64_t N = logits.size(0), V = logits.size(1);
   const int64_t stride_n = logits.stride(0), stride_v = logits.stride(1);
   const int64_t stride_g = grad_loss.stride(0);
@@ -130,8 +131,15 @@ void backward(const at::Tensor& grad_loss, const at::Tensor& logits, const int64
       const acc_t max = row_max[n];
       for (int64_t i = 0; i < V; ++i) buf[i] -= max;
       rows::exp_shift_sum(buf, V, log_sum[n]);  // buf = softmax, exp((x - max) - log_sum)
-      for (int64_t i = 0; i < V; ++i) out[i] = static_cast<scalar_t>(grad * (buf[i] - uniform));
-      if (in_range) out[t] = static_cast<scalar_t>(grad * (buf[t] - uniform - (1 - smoothing)));
+      // d(z * lse^2)/dx = 2 z lse softmax: the z-loss scales the softmax (exactly 1 without
+      // it, even where lse is infinite)
+      const acc_t scale = z_loss != 0 ? 1 + 2 * z_loss * (max + log_sum[n]) : acc_t(1);
+      for (int64_t i = 0; i < V; ++i) {
+        out[i] = static_cast<scalar_t>(grad * (buf[i] * scale - uniform));
+      }
+      if (in_range) {
+        out[t] = static_cast<scalar_t>(grad * (buf[t] * scale - uniform - (1 - smoothing)));
+      }
     }
   });
 }
@@ -141,7 +149,8 @@ void backward(const at::Tensor& grad_loss, const at::Tensor& logits, const int64
 std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_fwd(const at::Tensor& logits,
                                                                  const at::Tensor& target,
                                                                  int64_t ignore_index,
-                                                                 double label_smoothing) {
+                                                                 double label_smoothing,
+                                                                 double z_loss) {
   const auto stat_type = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const auto options = logits.options().dtype(stat_type);
   at::Tensor loss = at::empty({logits.size(0)}, options);
@@ -152,7 +161,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_fwd(const at::Tenso
       at::kBFloat16, at::kHalf, logits.scalar_type(), "cross_entropy_fwd", [&] {
         using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
         forward<scalar_t, acc_t>(logits, targets.const_data_ptr<int64_t>(), ignore_index,
-                                 static_cast<acc_t>(label_smoothing), loss.data_ptr<acc_t>(),
+                                 static_cast<acc_t>(label_smoothing), static_cast<acc_t>(z_loss),
+                                 loss.data_ptr<acc_t>(),
                                  row_max.data_ptr<acc_t>(), log_sum.data_ptr<acc_t>());
       });
   return {loss, row_max, log_sum};
@@ -161,7 +171,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_fwd(const at::Tenso
 at::Tensor cross_entropy_bwd(const at::Tensor& grad_loss, const at::Tensor& logits,
                              const at::Tensor& target, const at::Tensor& row_max,
                              const at::Tensor& log_sum, int64_t ignore_index,
-                             double label_smoothing, const std::optional<at::Tensor>& out) {
+                             double label_smoothing, const std::optional<at::Tensor>& out,
+                             double z_loss) {
   at::Tensor dlogits = out.has_value() ? *out : at::empty(logits.sizes(), logits.options());
   const at::Tensor targets = target.contiguous();
   const at::Tensor maxes = row_max.contiguous(), sums = log_sum.contiguous();
@@ -171,7 +182,7 @@ at::Tensor cross_entropy_bwd(const at::Tensor& grad_loss, const at::Tensor& logi
         backward<scalar_t, acc_t>(grad_loss, logits, targets.const_data_ptr<int64_t>(),
                                   maxes.const_data_ptr<acc_t>(), sums.const_data_ptr<acc_t>(),
                                   ignore_index, static_cast<acc_t>(label_smoothing),
-                                  dlogits.data_ptr<scalar_t>());
+                                  static_cast<acc_t>(z_loss), dlogits.data_ptr<scalar_t>());
       });
   return dlogits;
 }

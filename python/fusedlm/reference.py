@@ -414,7 +414,8 @@ def _target_rows(target: Tensor, V: int, ignore_index: int) -> tuple[Tensor, Ten
 
 
 def cross_entropy_fwd(
-    logits: Tensor, target: Tensor, ignore_index: int, label_smoothing: float
+    logits: Tensor, target: Tensor, ignore_index: int, label_smoothing: float,
+    z_loss: float = 0.0,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Returns the loss of each row (N), the row's max (N; 0 for a row of -inf) and log_sum,
     the log of the sum of exp(x - max) (N), in the compute dtype: logsumexp = max + log_sum,
@@ -422,7 +423,8 @@ def cross_entropy_fwd(
     logits are large.
 
     loss = lse - (1 - label_smoothing) * x[target] - label_smoothing / V * sum(x), which is
-    torch's ``(1 - s) * nll + s * mean over classes of -log_softmax``. A row whose target is
+    torch's ``(1 - s) * nll + s * mean over classes of -log_softmax``, plus ``z_loss * lse**2``
+    (PaLM's auxiliary z-loss, which keeps the logsumexp near 0). A row whose target is
     ``ignore_index`` has loss 0; one whose target is outside [0, V) otherwise has loss NaN; a
     row holding +inf or NaN has NaN, as torch's log_softmax gives."""
     x = logits.to(compute_dtype(logits.dtype))
@@ -435,6 +437,8 @@ def cross_entropy_fwd(
     loss = (1.0 - label_smoothing) * (shift - x.gather(1, safe[:, None]).squeeze(1)) + log_sum
     if label_smoothing != 0.0:
         loss = loss + label_smoothing * (shift - x.mean(dim=1))
+    if z_loss != 0.0:
+        loss = loss + z_loss * (shift + log_sum).square()
     loss = torch.where(in_range, loss, torch.nan)
     return torch.where(valid, loss, 0.0), shift, log_sum
 
@@ -461,22 +465,25 @@ def check_gradient_out(out: Tensor, logits: Tensor) -> None:
 
 def cross_entropy_bwd(
     grad_loss: Tensor, logits: Tensor, target: Tensor, row_max: Tensor, log_sum: Tensor,
-    ignore_index: int, label_smoothing: float, out: Tensor | None = None,
+    ignore_index: int, label_smoothing: float, out: Tensor | None = None, z_loss: float = 0.0,
 ) -> Tensor:
     """grad_loss (N), the gradient of each row's loss (any strides: an expanded scalar for a
     reduced loss), and the forward's row_max, log_sum (N) -> dlogits (N, V) in the logits'
-    dtype: grad_loss * (softmax(x) - (1 - label_smoothing) * onehot(target) -
-    label_smoothing / V); 0 on ignored rows, NaN on rows whose target is outside [0, V).
-    Written into ``out`` when given (see ``check_gradient_out``; it may be the logits)."""
+    dtype: grad_loss * ((1 + 2 * z_loss * lse) * softmax(x) - (1 - label_smoothing) *
+    onehot(target) - label_smoothing / V), lse = row_max + log_sum; 0 on ignored rows, NaN on
+    rows whose target is outside [0, V). Written into ``out`` when given (see
+    ``check_gradient_out``; it may be the logits)."""
     if out is not None:
         check_gradient_out(out, logits)
         return out.copy_(cross_entropy_bwd(grad_loss, logits, target, row_max, log_sum,
-                                           ignore_index, label_smoothing))
+                                           ignore_index, label_smoothing, z_loss=z_loss))
     dtype = compute_dtype(logits.dtype)
     x = logits.to(dtype)
     V = x.shape[1]
     valid, in_range, safe = _target_rows(target, V, ignore_index)
     probs = torch.exp((x - row_max.to(dtype)[:, None]) - log_sum.to(dtype)[:, None])
+    if z_loss != 0.0:  # d(z * lse**2)/dx = 2 * z * lse * softmax(x)
+        probs = probs * (1.0 + 2.0 * z_loss * (row_max.to(dtype) + log_sum.to(dtype)))[:, None]
     if label_smoothing != 0.0:
         probs = probs - label_smoothing / V
     onehot = torch.zeros_like(probs).scatter_(1, safe[:, None], 1.0 - label_smoothing)
@@ -487,14 +494,15 @@ def cross_entropy_bwd(
 
 def linear_cross_entropy(input: Tensor, weight: Tensor, bias: Tensor | None, target: Tensor,
                          ignore_index: int, label_smoothing: float, reduction: str,
-                         softcap: float = 0.0) -> Tensor:
-    """The cross-entropy of ``input @ weight.T + bias`` (N, V) against target (N), reduced by
-    ``reduction`` ("mean" over the rows not ignored, "sum", "none"), in the compute dtype; with
-    ``softcap`` > 0 the logits z become ``softcap * tanh(z / softcap)`` first (Gemma 2)."""
+                         softcap: float = 0.0, z_loss: float = 0.0) -> Tensor:
+    """The cross-entropy of ``input @ weight.T + bias`` (N, V) against target (N) (plus
+    ``z_loss * logsumexp**2`` a row), reduced by ``reduction`` ("mean" over the rows not
+    ignored, "sum", "none"), in the compute dtype; with ``softcap`` > 0 the logits z become
+    ``softcap * tanh(z / softcap)`` first (Gemma 2)."""
     logits = torch.nn.functional.linear(input, weight, bias)
     if softcap:
         logits = softcap * torch.tanh(logits / softcap)
-    loss = cross_entropy_fwd(logits, target, ignore_index, label_smoothing)[0]
+    loss = cross_entropy_fwd(logits, target, ignore_index, label_smoothing, z_loss)[0]
     if reduction == "sum":
         return loss.sum()
     if reduction == "mean":

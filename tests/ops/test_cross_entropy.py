@@ -35,17 +35,33 @@ def make_inputs(N, V, dtype, device, ignore_every=0, ignore_index=-100, scale=3.
     return logits.requires_grad_(True), target
 
 
+def torch_cross_entropy(x, target, reduction="mean", label_smoothing=0.0, ignore_index=-100,
+                        z_loss=0.0):
+    """torch's cross_entropy of x, plus ``z_loss * logsumexp**2`` on each row not ignored (in
+    x's dtype, reduced as the loss), written out in torch ops: the z-loss tests' truth."""
+    loss = F.cross_entropy(x, target, reduction=reduction, label_smoothing=label_smoothing,
+                           ignore_index=ignore_index)
+    if not z_loss:
+        return loss
+    valid = target != ignore_index
+    part = torch.where(valid, z_loss * torch.logsumexp(x, dim=1).square(), 0.0)
+    if reduction == "none":
+        return loss + part
+    return loss + (part.sum() if reduction == "sum" else part.sum() / valid.sum())
+
+
 def check_cross_entropy(logits, target, backend, reduction="mean", label_smoothing=0.0,
-                        ignore_index=-100, backward=True):
+                        ignore_index=-100, backward=True, z_loss=0.0):
     """Loss and (optionally) dlogits of fusedlm.cross_entropy vs torch's, by the rule."""
     kwargs = dict(reduction=reduction, label_smoothing=label_smoothing,
                   ignore_index=ignore_index)
     x = logits.detach().clone().requires_grad_(True)
-    loss = fusedlm.cross_entropy(x, target, backend=backend, **kwargs)
+    extra = {"z_loss": z_loss} if z_loss else {}
+    loss = fusedlm.cross_entropy(x, target, backend=backend, **kwargs, **extra)
     x64 = logits.detach().double().requires_grad_(True)
-    truth = F.cross_entropy(x64, target, **kwargs)
+    truth = torch_cross_entropy(x64, target, **kwargs, z_loss=z_loss)
     xt = logits.detach().clone().requires_grad_(True)
-    baseline = F.cross_entropy(xt, target, **kwargs)
+    baseline = torch_cross_entropy(xt, target, **kwargs, z_loss=z_loss)
     assert loss.dtype == baseline.dtype and loss.shape == baseline.shape
     assert_close_rule(loss, baseline, truth, name="loss")
     if not backward:
@@ -74,6 +90,39 @@ def test_cross_entropy(N, V, reduction, dtype, backend):
 def test_label_smoothing(label_smoothing, reduction, dtype, backend):
     logits, target = make_inputs(29, 300, dtype, device_of(backend), ignore_every=4)
     check_cross_entropy(logits, target, backend, reduction, label_smoothing)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
+@pytest.mark.parametrize("z_loss", [1e-4, 0.25])
+@pytest.mark.parametrize(("N", "V"), [(29, 300), (5, 4099)], ids=["29x300", "5x4099"])
+def test_z_loss(N, V, z_loss, label_smoothing, reduction, dtype, backend):
+    """PaLM's z-loss inside the kernels: the usual weight, and one large enough that a wrong
+    gradient scale cannot hide under the tolerance; logits offset so logsumexp is far from 0."""
+    logits, target = make_inputs(N, V, dtype, device_of(backend), ignore_every=4)
+    logits = (logits.detach() + 4.0).requires_grad_(True)
+    check_cross_entropy(logits, target, backend, reduction, label_smoothing, z_loss=z_loss)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_return_z_loss_gives_the_term_the_loss_holds(reduction, backend):
+    logits, target = make_inputs(23, 50, torch.float32, device_of(backend), ignore_every=3)
+    loss, part = fusedlm.cross_entropy(logits, target, reduction=reduction, backend=backend,
+                                       z_loss=0.01, return_z_loss=True)
+    assert loss.requires_grad and not part.requires_grad and part.shape == loss.shape
+    plain = fusedlm.cross_entropy(logits, target, reduction=reduction, backend=backend)
+    torch.testing.assert_close(loss - part, plain)
+    expected = torch_cross_entropy(logits.detach().double(), target, reduction, z_loss=0.01)
+    torch.testing.assert_close(part.double(), expected - torch_cross_entropy(
+        logits.detach().double(), target, reduction))
+    if reduction == "none":
+        assert torch.equal(part[::3], torch.zeros_like(part[::3]))  # ignored rows
+    loss, part = fusedlm.cross_entropy(logits, target, reduction=reduction, backend=backend,
+                                       return_z_loss=True)  # (z_loss 0: the part is 0)
+    assert torch.equal(loss, plain) and torch.equal(part, torch.zeros_like(part))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -304,10 +353,10 @@ def test_autocast_gives_a_float32_loss_like_torch(dtype):
 def test_gradcheck_float64(backend):
     logits, target = make_inputs(7, 6, torch.float64, "cpu", ignore_every=3)
     for reduction in REDUCTIONS:
-        for smoothing in (0.0, 0.3):
+        for smoothing, z_loss in ((0.0, 0.0), (0.3, 0.0), (0.0, 0.2), (0.3, 0.2)):
             torch.autograd.gradcheck(
-                lambda x, r=reduction, s=smoothing: fusedlm.cross_entropy(
-                    x, target, reduction=r, label_smoothing=s, backend=backend),
+                lambda x, r=reduction, s=smoothing, z=z_loss: fusedlm.cross_entropy(
+                    x, target, reduction=r, label_smoothing=s, backend=backend, z_loss=z),
                 (logits,))
 
 
@@ -322,23 +371,32 @@ def test_opcheck(backend):
     torch.library.opcheck(torch.ops.fusedlm.cross_entropy_bwd,
                           (torch.ones(7), logits.detach(), target, row_max, log_sum, -100, 0.1,
                            backend))
+    torch.library.opcheck(torch.ops.fusedlm.cross_entropy_fwd,
+                          (logits, target, -100, 0.1, backend, 1e-3))
+    torch.library.opcheck(torch.ops.fusedlm.cross_entropy_bwd,
+                          (torch.ones(7), logits.detach(), target, row_max, log_sum, -100, 0.1,
+                           backend, 1e-3))
 
 
-def test_torch_compile_fullgraph():
+@pytest.mark.parametrize("z_loss", [0.0, 0.05])
+def test_torch_compile_fullgraph(z_loss):
     logits, target = make_inputs(10, 17, torch.float32, "cpu", ignore_every=4)
 
     @torch.compile(fullgraph=True, backend="aot_eager")
     def loss_fn(x, t):
-        return fusedlm.cross_entropy(x, t, label_smoothing=0.1, backend="torch")
+        return fusedlm.cross_entropy(x, t, label_smoothing=0.1, backend="torch", z_loss=z_loss,
+                                     return_z_loss=True)
 
     x = logits.detach().clone().requires_grad_(True)
-    loss = loss_fn(x, target)
+    loss, part = loss_fn(x, target)
     loss.backward()
     xr = logits.detach().clone().requires_grad_(True)
-    expected = F.cross_entropy(xr, target, label_smoothing=0.1)
+    expected = torch_cross_entropy(xr, target, label_smoothing=0.1, z_loss=z_loss)
     expected.backward()
     torch.testing.assert_close(loss, expected)
     torch.testing.assert_close(x.grad, xr.grad)
+    torch.testing.assert_close(part, expected.detach() - F.cross_entropy(
+        logits.detach(), target, label_smoothing=0.1))
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
@@ -390,3 +448,83 @@ def test_language_model_loss_takes_torchs_path_where_the_forced_backend_has_no_k
     assert "backend 'cuda' cannot serve it" in caplog.text
     with pytest.raises(BackendNotSupportedError):
         fusedlm.cross_entropy(logits, target)
+
+
+# ---- the z-loss's arguments and paths -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("z_loss", [-1e-4, float("nan"), float("inf"), True, "1e-4", None])
+def test_bad_z_loss_raises_naming_it(z_loss):
+    logits, target = make_inputs(4, 10, torch.float32, "cpu")
+    with pytest.raises(ValueError, match="argument 'z_loss' must be a finite number >= 0"):
+        fusedlm.cross_entropy(logits, target, z_loss=z_loss)
+    with pytest.raises(ValueError, match="argument 'z_loss'"):
+        ce_ops.language_model_loss(logits, target, z_loss=z_loss)
+
+
+def test_bad_return_z_loss_raises_naming_it():
+    logits, target = make_inputs(4, 10, torch.float32, "cpu")
+    with pytest.raises(TypeError, match="argument 'return_z_loss' must be a bool"):
+        fusedlm.cross_entropy(logits, target, z_loss=0.1, return_z_loss=1)
+
+
+@pytest.mark.parametrize("case", ["class weights", "probability targets", "(N, C, d) input",
+                                  "deprecated reduce"])
+def test_z_loss_where_the_kernels_cannot_take_the_call_raises(case):
+    """torch's function has no z-loss: a call only it could serve says so rather than
+    silently dropping the term."""
+    x = torch.randn(12, 5, requires_grad=True)
+    t = torch.randint(0, 5, (12,))
+    with pytest.raises(ValueError, match=r"argument 'z_loss' .* this call has"):
+        fusedlm.cross_entropy(**FALLBACKS[case](x, t), z_loss=1e-4)
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_z_loss_of_an_empty_batch_is_torchs(reduction):
+    """No rows: torch's function (the kernels take no empty call) and a z part of the same
+    shape: NaN for "mean" (0/0, as torch), 0 for "sum", empty for "none"."""
+    logits = torch.randn(0, 7, requires_grad=True)
+    target = torch.zeros(0, dtype=torch.int64)
+    loss, part = fusedlm.cross_entropy(logits, target, reduction=reduction, z_loss=0.1,
+                                       return_z_loss=True)
+    expected = F.cross_entropy(logits, target, reduction=reduction)
+    torch.testing.assert_close(loss, expected, equal_nan=True)
+    assert part.shape == loss.shape and not part.requires_grad
+    torch.testing.assert_close(part, expected.detach(), equal_nan=True)  # (0, NaN or empty)
+
+
+def test_z_loss_where_auto_would_pick_torchs_function_runs_the_op(monkeypatch):
+    """Where "auto" finds no kernel, a z-loss call runs the op on the torch reference (which
+    has the term) instead of F.cross_entropy (which has not)."""
+    monkeypatch.setattr(ce_ops.CROSS_ENTROPY_FWD, "auto_choice", lambda *args: "torch")
+    logits, target = make_inputs(8, 10, torch.float64, "cpu", ignore_every=3)
+    loss = fusedlm.cross_entropy(logits, target, z_loss=0.1)
+    torch.testing.assert_close(loss, torch_cross_entropy(logits, target, z_loss=0.1))
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_language_model_loss_z_loss_on_both_paths(monkeypatch, reduction):
+    """The kernels' path and torch's float32 path (a forced backend without a kernel) give the
+    same loss, z part and gradient."""
+    logits, target = make_inputs(30, 64, torch.bfloat16, "cpu", ignore_every=5)
+    results = []
+    for backend in ("torch", "cuda"):  # (cuda: no kernel for CPU tensors -> torch's path)
+        monkeypatch.setenv("FUSEDLM_BACKEND", backend)
+        x = logits.detach().clone().requires_grad_(True)
+        loss, part = ce_ops.language_model_loss(x, target, reduction=reduction, z_loss=0.02,
+                                                return_z_loss=True)
+        assert loss.dtype == part.dtype == torch.float32 and not part.requires_grad
+        (dx,) = torch.autograd.grad(loss, x)
+        results.append((loss, part, dx.float()))
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    expected = torch_cross_entropy(logits.detach().double(), target, reduction, z_loss=0.02)
+    torch.testing.assert_close(results[0][0].double(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_z_loss_modules():
+    logits, target = make_inputs(9, 21, torch.float32, "cpu", ignore_every=4)
+    module = fusedlm.nn.CrossEntropyLoss(z_loss=0.1, return_z_loss=True)
+    loss, part = module(logits, target)
+    torch.testing.assert_close(loss, torch_cross_entropy(logits, target, z_loss=0.1))
+    torch.testing.assert_close(loss - part, F.cross_entropy(logits, target))

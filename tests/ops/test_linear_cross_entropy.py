@@ -60,12 +60,28 @@ def soft_capped(logits, softcap):
     return logits if softcap is None else torch.tanh(logits / softcap) * softcap
 
 
+def torch_head_loss(logits, target, ignore_index=-100, reduction="mean", label_smoothing=0.0,
+                    z_loss=0.0):
+    """F.cross_entropy of the logits, plus ``z_loss * logsumexp**2`` on each row not ignored,
+    reduced as the loss, in torch ops."""
+    kwargs = dict(ignore_index=ignore_index, label_smoothing=label_smoothing)
+    loss = F.cross_entropy(logits, target, reduction=reduction, **kwargs)
+    if not z_loss:
+        return loss
+    valid = target != ignore_index
+    part = torch.where(valid, z_loss * torch.logsumexp(logits, dim=-1).square(), 0.0)
+    if reduction == "none":
+        return loss + part
+    return loss + (part.sum() if reduction == "sum" else part.sum() / valid.sum())
+
+
 def check_linear_cross_entropy(input, weight, bias, target, backend, reduction="mean",
                                label_smoothing=0.0, ignore_index=-100, chunk_size=None,
-                               softcap=None):
+                               softcap=None, z_loss=0.0):
     """Loss and the gradients of input, weight, bias against torch's, by the rule. The loss's
     gradient is 0.37 for a reduced loss (a grad-accumulation scale), random per row for
-    "none". ``softcap``: the logits soft-capped first, in all three."""
+    "none". ``softcap``: the logits soft-capped first, in all three; ``z_loss``: the z-loss
+    added to each row's loss."""
     kwargs = dict(ignore_index=ignore_index, reduction=reduction,
                   label_smoothing=label_smoothing)
     params = [t for t in (input, weight, bias) if t is not None]
@@ -76,12 +92,14 @@ def check_linear_cross_entropy(input, weight, bias, target, backend, reduction="
 
     x, w, b = leaves()
     loss = fusedlm.linear_cross_entropy(x, w, target, b, chunk_size=chunk_size,
-                                        backend=backend, softcap=softcap, **kwargs)
+                                        backend=backend, softcap=softcap, z_loss=z_loss, **kwargs)
     x64, w64, b64 = leaves(torch.float64)
-    truth = F.cross_entropy(soft_capped(F.linear(x64, w64, b64), softcap), target, **kwargs)
+    truth = torch_head_loss(soft_capped(F.linear(x64, w64, b64), softcap), target, **kwargs,
+                            z_loss=z_loss)
     xt, wt, bt = leaves()
-    baseline = F.cross_entropy(
-        soft_capped(F.linear(xt, wt, bt), softcap).to(stat_dtype(input.dtype)), target, **kwargs)
+    baseline = torch_head_loss(
+        soft_capped(F.linear(xt, wt, bt), softcap).to(stat_dtype(input.dtype)), target, **kwargs,
+        z_loss=z_loss)
     assert loss.dtype == stat_dtype(input.dtype) and loss.shape == truth.shape
     assert_close_rule(loss, baseline, truth, name="loss")
     grad = (torch.randn_like(truth) if reduction == "none"
@@ -131,6 +149,42 @@ def test_softcap(softcap, reduction, dtype, backend):
                                             ignore_every=4)
     check_linear_cross_entropy(input, weight, bias, target, backend, reduction, chunk_size=8,
                                softcap=softcap)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize(("z_loss", "softcap"), [(1e-4, None), (0.25, None), (0.25, 3.0)])
+def test_z_loss(z_loss, softcap, reduction, dtype, backend):
+    """PaLM's z-loss through the chunks (ragged last chunk, bias, label smoothing), alone and
+    with the soft-cap; the bias offsets the logits so logsumexp is far from 0."""
+    input, weight, bias, target = make_head(29, 12, 300, dtype, device_of(backend), bias=True,
+                                            ignore_every=4)
+    bias = (bias.detach() + 2.0).requires_grad_(True)
+    check_linear_cross_entropy(input, weight, bias, target, backend, reduction, 0.1,
+                               chunk_size=8, softcap=softcap, z_loss=z_loss)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_return_z_loss(reduction, backend):
+    input, weight, _, target = make_head(21, 6, 40, torch.float32, device_of(backend),
+                                         ignore_every=3)
+    call = dict(reduction=reduction, chunk_size=4, backend=backend)
+    loss, part = fusedlm.linear_cross_entropy(input, weight, target, **call, z_loss=0.01,
+                                              return_z_loss=True)
+    assert loss.requires_grad and not part.requires_grad and part.shape == loss.shape
+    plain = fusedlm.linear_cross_entropy(input, weight, target, **call)
+    torch.testing.assert_close(loss - part, plain)
+    logits = F.linear(input.detach(), weight.detach()).double()
+    torch.testing.assert_close(part.double(), torch_head_loss(logits, target, reduction=reduction,
+                                                              z_loss=0.01)
+                               - torch_head_loss(logits, target, reduction=reduction))
+    with torch.no_grad():  # (the op without autograd returns the same pair)
+        again = fusedlm.linear_cross_entropy(input, weight, target, **call, z_loss=0.01,
+                                             return_z_loss=True)
+    for a, b in zip(again, (loss, part), strict=True):
+        torch.testing.assert_close(a, b)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -326,6 +380,10 @@ def test_bad_arguments_name_the_argument():
         (dict(softcap=-30.0), ValueError, "argument 'softcap'"),
         (dict(softcap=float("inf")), ValueError, "argument 'softcap'"),
         (dict(softcap=True), ValueError, "argument 'softcap'"),
+        (dict(z_loss=-0.1), ValueError, "argument 'z_loss' must be a finite number >= 0"),
+        (dict(z_loss=float("nan")), ValueError, "argument 'z_loss'"),
+        (dict(z_loss="0.1"), ValueError, "argument 'z_loss'"),
+        (dict(return_z_loss=None), TypeError, "argument 'return_z_loss' must be a bool"),
         (dict(backend="fast"), ValueError, "argument 'backend'"),
     ]
     for change, error, message in cases:
@@ -355,11 +413,13 @@ def test_named_backend_that_cannot_serve_raises():
 def test_gradcheck_float64(backend):
     input, weight, bias, target = make_head(7, 3, 6, torch.float64, "cpu", True, ignore_every=3)
     for reduction in REDUCTIONS:
-        for smoothing, softcap in ((0.0, None), (0.3, None), (0.0, 2.0)):
+        for smoothing, softcap, z_loss in ((0.0, None, 0.0), (0.3, None, 0.0), (0.0, 2.0, 0.0),
+                                           (0.3, 2.0, 0.2)):
             torch.autograd.gradcheck(
-                lambda x, w, b, r=reduction, s=smoothing, c=softcap: fusedlm.linear_cross_entropy(
-                    x, w, target, b, reduction=r, label_smoothing=s, chunk_size=3,
-                    backend=backend, softcap=c),
+                lambda x, w, b, r=reduction, s=smoothing, c=softcap, z=z_loss:
+                    fusedlm.linear_cross_entropy(x, w, target, b, reduction=r, label_smoothing=s,
+                                                 chunk_size=3, backend=backend, softcap=c,
+                                                 z_loss=z),
                 (input, weight, bias))
 
 
@@ -379,18 +439,25 @@ def test_opcheck(reduction, backend):
     torch.library.opcheck(torch.ops.fusedlm.linear_cross_entropy_fwd,  # soft-capped
                           (input, weight, bias, target, -100, 0.0, reduction, 3, True, True,
                            True, backend, 2.0))
+    torch.library.opcheck(torch.ops.fusedlm.linear_cross_entropy_fwd,  # and the z-loss
+                          (input, weight, bias, target, -100, 0.0, reduction, 3, True, True,
+                           True, backend, 2.0, 0.1))
+    torch.library.opcheck(torch.ops.fusedlm.linear_cross_entropy_bwd,
+                          (torch.randn(7), input.detach(), weight.detach(), bias.detach(),
+                           target, out[1], out[2], -100, 0.1, 3, True, True, True, backend, 0.0,
+                           0.1))
 
 
-@pytest.mark.parametrize("softcap", [None, 2.0])
+@pytest.mark.parametrize(("softcap", "z_loss"), [(None, 0.0), (2.0, 0.0), (2.0, 0.1)])
 @pytest.mark.parametrize("reduction", REDUCTIONS)
-def test_torch_compile_fullgraph(reduction, softcap):
+def test_torch_compile_fullgraph(reduction, softcap, z_loss):
     input, weight, bias, target = make_head(10, 6, 17, torch.float32, "cpu", True,
                                             ignore_every=4)
 
     def loss_fn(x, w, b, t):
         return fusedlm.linear_cross_entropy(x, w, t, b, reduction=reduction,
                                             label_smoothing=0.1, chunk_size=4, backend="torch",
-                                            softcap=softcap)
+                                            softcap=softcap, z_loss=z_loss)
 
     torch._dynamo.reset()
     explanation = torch._dynamo.explain(loss_fn)(input, weight, bias, target)
@@ -401,8 +468,8 @@ def test_torch_compile_fullgraph(reduction, softcap):
                                                                        target)
     grad = torch.randn_like(loss)
     ours = torch.autograd.grad(loss, (input, weight, bias), grad)
-    expected = F.cross_entropy(soft_capped(F.linear(input, weight, bias), softcap), target,
-                               reduction=reduction, label_smoothing=0.1)
+    expected = torch_head_loss(soft_capped(F.linear(input, weight, bias), softcap), target,
+                               reduction=reduction, label_smoothing=0.1, z_loss=z_loss)
     torch.testing.assert_close(loss, expected)
     for a, b in zip(ours, torch.autograd.grad(expected, (input, weight, bias), grad),
                     strict=True):
@@ -411,10 +478,12 @@ def test_torch_compile_fullgraph(reduction, softcap):
 
 def test_torch_func_grad_runs_the_reference():
     input, weight, _, target = make_head(6, 4, 9, torch.float64, "cpu", ignore_every=4)
-    grad = torch.func.grad(lambda w: fusedlm.linear_cross_entropy(input.detach(), w, target))(
-        weight.detach())
-    expected = torch.autograd.grad(F.cross_entropy(F.linear(input, weight), target), weight)[0]
-    torch.testing.assert_close(grad, expected)
+    for z_loss in (0.0, 0.3):
+        grad = torch.func.grad(lambda w, z=z_loss: fusedlm.linear_cross_entropy(
+            input.detach(), w, target, z_loss=z))(weight.detach())
+        expected = torch.autograd.grad(
+            torch_head_loss(F.linear(input, weight), target, z_loss=z_loss), weight)[0]
+        torch.testing.assert_close(grad, expected)
 
 
 @pytest.mark.parametrize("backend", ["auto", "torch"])
@@ -439,6 +508,11 @@ def test_language_model_head_loss_takes_torchs_path_where_the_forced_backend_has
     assert "backend 'cuda' cannot serve it" in caplog.text
     with pytest.raises(BackendNotSupportedError):
         fusedlm.linear_cross_entropy(input, weight, target)
+    loss, part = lce_ops.language_model_head_loss(input, weight, target, z_loss=0.01,
+                                                  return_z_loss=True)
+    logits = F.linear(input, weight).float()
+    torch.testing.assert_close(loss, torch_head_loss(logits, target, z_loss=0.01))
+    torch.testing.assert_close(loss - part, F.cross_entropy(logits, target))
 
 
 @pytest.mark.gpu

@@ -220,6 +220,47 @@ def test_loss_is_cross_entropy_and_ignores_minus_one():
     assert model(idx)[1] is None
 
 
+@pytest.mark.parametrize("arch", ARCHS)
+def test_z_loss_adds_the_logsumexp_term_and_the_kernels_agree(arch):
+    """z_loss adds z * logsumexp(logits)**2 averaged over the targets not ignored; the fused
+    model (its cross-entropy kernels, with and without the logits made) and the torch one
+    agree on loss, z part and every gradient; the logit soft-cap applies before it."""
+    shape = {"n_kv_head": 2, "bias": False} if arch == "llama" else {}
+    config, fused, reference = _pair(arch, **shape, logit_softcap=4.0)
+    with torch.no_grad():  # logits of several units: logsumexp well away from log(V)
+        fused.lm_head.weight.mul_(20)
+        reference.lm_head.weight.mul_(20)
+    idx = torch.randint(0, config.vocab_size, (2, 21))
+    targets = torch.randint(0, config.vocab_size, (2, 21))
+    targets[1, :4] = -1
+    logits, plain = reference(idx, targets)
+    valid = targets.reshape(-1) != -1
+    lse = torch.logsumexp(logits.reshape(-1, config.vocab_size).double(), dim=-1)[valid]
+    term = 0.05 * lse.square().mean()
+    results = []
+    for model, return_logits in ((reference, True), (fused, True), (fused, False)):
+        model.zero_grad()
+        out_logits, loss, part = model(idx, targets, return_logits=return_logits, z_loss=0.05,
+                                       return_z_loss=True)
+        assert (out_logits is not None) == return_logits and not part.requires_grad
+        loss.backward()
+        torch.testing.assert_close(part.double(), term, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(loss.double(), plain.detach().double() + term, rtol=1e-5,
+                                   atol=1e-5)
+        results.append([p.grad.clone() for p in model.parameters()])
+    for grads in results[1:]:
+        for a, b in zip(grads, results[0], strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    fused.zero_grad()
+    fused(idx, targets)[1].backward()  # (the z-loss moves the gradients)
+    assert max((p.grad - g).abs().max() for p, g in zip(fused.parameters(), results[1],
+                                                        strict=True)) > 1e-3
+    assert fused(idx, targets, z_loss=0.05)[1].shape == ()
+    assert fused(idx, z_loss=0.05, return_z_loss=True)[1:] == (None, None)
+    with pytest.raises(ValueError, match="argument 'z_loss'"):
+        fused(idx, targets, z_loss=-1.0)
+
+
 @pytest.mark.parametrize("autocast", [False, True], ids=["float32", "autocast-bf16"])
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
 @pytest.mark.parametrize("kernels", ["fused", "torch"])

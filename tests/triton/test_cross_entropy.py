@@ -50,6 +50,18 @@ def test_chunked_rows(V, dtype, monkeypatch):
         logits[::2, -1] = 20.0
     check_cross_entropy(logits, target, B, "mean")
     check_cross_entropy(logits, target, B, "sum", label_smoothing=0.2)
+    check_cross_entropy(logits, target, B, "none", label_smoothing=0.2, z_loss=0.05)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize(("N", "V"), [(17, 127), (5, 4099)], ids=["17x127", "5x4099"])
+def test_z_loss(N, V, dtype):
+    """The z-loss term in the forward and the softmax's scale in the backward, with rows per
+    program and with two chunks a row; logits offset so logsumexp is far from 0."""
+    logits, target = make_inputs(N, V, dtype, DEVICE, ignore_every=4)
+    logits = (logits.detach() + 3.0).requires_grad_(True)
+    for reduction, z_loss in (("mean", 1e-4), ("none", 0.3)):
+        check_cross_entropy(logits, target, B, reduction, label_smoothing=0.1, z_loss=z_loss)
 
 
 def test_chunked_row_with_masked_leading_chunks(monkeypatch):
@@ -130,17 +142,18 @@ def test_kernels_build_for_sm90(monkeypatch):
     launches = record_launches(monkeypatch, triton_ce, "cross_entropy_fwd_kernel",
                                "cross_entropy_bwd_kernel")
     target = torch.zeros(4096, dtype=torch.int64)
-    for dtype, V, smoothing, strided in [(torch.bfloat16, 50304, 0.0, False),
-                                         (torch.float16, 127, 0.1, False),
-                                         (torch.float32, 50257, 0.1, True),
-                                         (torch.float64, 4099, 0.0, False)]:
+    for dtype, V, smoothing, strided, z_loss in [(torch.bfloat16, 50304, 0.0, False, 0.0),
+                                                 (torch.float16, 127, 0.1, False, 0.0),
+                                                 (torch.float32, 50257, 0.1, True, 0.0),
+                                                 (torch.float64, 4099, 0.0, False, 0.0),
+                                                 (torch.bfloat16, 128256, 0.1, False, 1e-4)]:
         x = torch.empty(4096, 2 * V, dtype=dtype)[:, ::2] if strided else torch.empty(4096, V,
                                                                                       dtype=dtype)
         stats = torch.empty(4096, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
-        triton_ce.cross_entropy_fwd(x, target, -100, smoothing)
+        triton_ce.cross_entropy_fwd(x, target, -100, smoothing, z_loss)
         triton_ce.cross_entropy_bwd(stats[:1].expand(4096) if strided else stats, x, target,
-                                    stats, stats, -100, smoothing)
-    assert len(launches) == 8
+                                    stats, stats, -100, smoothing, z_loss=z_loss)
+    assert len(launches) == 10
     failures = problems(launches, build_for_sm90(launches), max_spill_bytes=0)
     assert not failures, "\n".join(failures)
 
@@ -156,6 +169,7 @@ def test_gpu_language_model_vocabularies(V, dtype):
     logits, target = make_inputs(N, V, dtype, "cuda", ignore_every=7)
     check_cross_entropy(logits, target, B, "mean")
     check_cross_entropy(logits, target, B, "sum", label_smoothing=0.1)
+    check_cross_entropy(logits, target, B, "mean", z_loss=1e-4)
 
 
 @pytest.mark.gpu

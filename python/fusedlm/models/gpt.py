@@ -28,7 +28,7 @@ from ..backends import OpDispatch
 from ..ops._common import check_positive_int, describe
 from ..ops.attention import attention as fused_attention
 from ..ops.attention import key_range_from_document_ids
-from ..ops.cross_entropy import language_model_loss
+from ..ops.cross_entropy import check_z_loss, language_model_loss, torch_z_loss
 from ..ops.glu import swiglu as fused_swiglu
 from ..ops.linear_cross_entropy import language_model_head_loss
 from ..ops.rotary import rotary_embedding as fused_rotary_embedding
@@ -513,7 +513,8 @@ class GPT(nn.Module):
                 cache: KVCache | None = None,
                 document_ids: Tensor | None = None,
                 reset_positions: bool = False,
-                return_logits: bool = True) -> tuple[Tensor | None, Tensor | None]:
+                return_logits: bool = True, z_loss: float = 0.0,
+                return_z_loss: bool = False) -> tuple[Tensor | None, ...]:
         """idx (B, T) int64 token ids -> logits (B, T, vocab_size) and the mean cross-entropy
         against ``targets`` (B, T) (ignoring -1), float32, or None without targets. With
         ``cache`` (``generate``), idx continues the cached positions; with ``document_ids``
@@ -523,25 +524,39 @@ class GPT(nn.Module):
         ``return_logits=False`` (what the trainer passes) returns None for the logits; with
         targets and ``kernels="fused"`` the head and loss then run as one chunked op
         (``fusedlm.linear_cross_entropy``), so the (B, T, V) logits and their gradient never
-        exist: 3.3 GB less at 16k tokens and GPT-2's vocabulary in bfloat16."""
+        exist: 3.3 GB less at 16k tokens and GPT-2's vocabulary in bfloat16.
+
+        ``z_loss``: the loss adds ``z_loss * logsumexp**2`` of each position's logits, averaged
+        like the cross-entropy (PaLM's z-loss; 1e-4 is usual), inside the fused kernels.
+        ``return_z_loss=True`` returns ``(logits, loss, z_part)``, z_part being that term,
+        detached (None without targets), so a trainer can log the cross-entropy alone."""
+        z_loss = check_z_loss(z_loss, return_z_loss)
         hidden = self.hidden_states(idx, cache, document_ids, reset_positions)
         cap = self.config.logit_softcap
-        if targets is not None and not return_logits and self.kernels == "fused":
+        if targets is None:
+            logits = _soft_cap(self.lm_head(hidden), cap)
+            return (logits, None, None) if return_z_loss else (logits, None)
+        targets = targets.reshape(-1)
+        z_args = {"z_loss": z_loss, "return_z_loss": return_z_loss}
+        logits = None
+        if not return_logits and self.kernels == "fused":
             loss = language_model_head_loss(hidden.reshape(-1, hidden.shape[-1]),
-                                            self.lm_head.weight, targets.reshape(-1),
-                                            ignore_index=-1, softcap=cap)
-            return None, loss
-        logits = _soft_cap(self.lm_head(hidden), cap)
-        loss = None
-        if targets is not None and self.kernels == "fused":
-            # in float32 from the logits, without a float32 copy
-            loss = language_model_loss(logits.view(-1, logits.shape[-1]), targets.reshape(-1),
-                                       ignore_index=-1)
-        elif targets is not None:
-            loss = F.cross_entropy(
-                logits.view(-1, logits.shape[-1]).float(), targets.reshape(-1), ignore_index=-1
-            )
-        return (logits if return_logits else None), loss
+                                            self.lm_head.weight, targets, ignore_index=-1,
+                                            softcap=cap, **z_args)
+        else:
+            logits = _soft_cap(self.lm_head(hidden), cap)
+            flat = logits.view(-1, logits.shape[-1])
+            if self.kernels == "fused":  # in float32 from the logits, without a float32 copy
+                loss = language_model_loss(flat, targets, ignore_index=-1, **z_args)
+            else:
+                flat = flat.float()
+                loss = F.cross_entropy(flat, targets, ignore_index=-1)
+                if z_loss or return_z_loss:
+                    part = torch_z_loss(flat, targets, -1, z_loss, "mean")
+                    loss = (loss + part, part.detach()) if return_z_loss else loss + part
+        # (with return_z_loss, loss is the pair (loss, z_part))
+        logits = logits if return_logits else None
+        return (logits, *loss) if return_z_loss else (logits, loss)
 
     @torch.no_grad()
     def generate(self, idx: Tensor, max_new_tokens: int, temperature: float = 1.0,

@@ -15,18 +15,20 @@ from ..ops.linear_cross_entropy import linear_cross_entropy
 class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
     """``torch.nn.CrossEntropyLoss`` on fused kernels (for (N, C) logits and int64 class
     targets; anything else runs torch's function, see ``fusedlm.cross_entropy``). Extra
-    argument: ``backend``."""
+    arguments: ``backend``, and ``z_loss``/``return_z_loss`` (the z-loss added to each row's
+    loss; with ``return_z_loss`` the call returns ``(loss, z_part)``)."""
 
     def __init__(self, weight: Tensor | None = None, size_average=None, ignore_index: int = -100,
                  reduce=None, reduction: str = "mean", label_smoothing: float = 0.0, *,
-                 backend: str = "auto") -> None:
+                 backend: str = "auto", z_loss: float = 0.0, return_z_loss: bool = False) -> None:
         super().__init__(weight, size_average, ignore_index, reduce, reduction, label_smoothing)
-        self.backend = backend
+        self.backend, self.z_loss, self.return_z_loss = backend, z_loss, return_z_loss
 
-    def forward(self, input: Tensor, target: Tensor) -> Tensor:
+    def forward(self, input: Tensor, target: Tensor) -> Tensor | tuple[Tensor, Tensor]:
         return cross_entropy(input, target, self.weight, ignore_index=self.ignore_index,
                              reduction=self.reduction, label_smoothing=self.label_smoothing,
-                             backend=self.backend)
+                             backend=self.backend, z_loss=self.z_loss,
+                             return_z_loss=self.return_z_loss)
 
 
 class LinearCrossEntropyLoss(torch.nn.Module):
@@ -37,23 +39,25 @@ class LinearCrossEntropyLoss(torch.nn.Module):
 
     input (..., C), weight (V, C), bias (V), target (...) int64. The loss is float32 (float64
     for float64 input). ``softcap``: the logits soft-capped first (Gemma 2's
-    ``final_logit_softcapping``)."""
+    ``final_logit_softcapping``). ``z_loss``/``return_z_loss``: as ``CrossEntropyLoss``'s."""
 
     def __init__(self, ignore_index: int = -100, reduction: str = "mean",
                  label_smoothing: float = 0.0, chunk_size: int | None = None, *,
-                 backend: str = "auto", softcap: float | None = None) -> None:
+                 backend: str = "auto", softcap: float | None = None, z_loss: float = 0.0,
+                 return_z_loss: bool = False) -> None:
         super().__init__()
         self.ignore_index, self.reduction = ignore_index, reduction
         self.label_smoothing, self.chunk_size, self.backend = label_smoothing, chunk_size, backend
-        self.softcap = softcap
+        self.softcap, self.z_loss, self.return_z_loss = softcap, z_loss, return_z_loss
 
     def forward(self, input: Tensor, weight: Tensor, target: Tensor,
-                bias: Tensor | None = None) -> Tensor:
+                bias: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor]:
         return linear_cross_entropy(input, weight, target, bias, self.ignore_index,
                                     self.reduction, self.label_smoothing, self.chunk_size,
-                                    self.backend, self.softcap)
+                                    self.backend, self.softcap, self.z_loss, self.return_z_loss)
 
     def extra_repr(self) -> str:
         return (f"ignore_index={self.ignore_index}, reduction={self.reduction!r}, "
                 f"label_smoothing={self.label_smoothing}, chunk_size={self.chunk_size}"
-                + (f", softcap={self.softcap}" if self.softcap is not None else ""))
+                + (f", softcap={self.softcap}" if self.softcap is not None else "")
+                + (f", z_loss={self.z_loss}" if self.z_loss else ""))

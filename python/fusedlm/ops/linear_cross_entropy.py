@@ -47,7 +47,9 @@ from .cross_entropy import (
     _check_targets,
     _cross_entropy_bwd,
     _cross_entropy_fwd,
+    check_z_loss,
     language_model_loss,
+    z_loss_part,
 )
 
 # Logits per chunk by default: 2**28 elements, 512 MiB in bfloat16 (their gradient is written
@@ -138,7 +140,7 @@ def _uncap_gradient(dlogits: Tensor, tanh: Tensor | None) -> Tensor:
 def _linear_cross_entropy_fwd(
     input: Tensor, weight: Tensor, bias: Tensor | None, target: Tensor, ignore_index: int,
     label_smoothing: float, reduction: str, chunk_size: int, grad_input: bool,
-    grad_weight: bool, grad_bias: bool, backend: str, softcap: float = 0.0,
+    grad_weight: bool, grad_bias: bool, backend: str, softcap: float = 0.0, z_loss: float = 0.0,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """The op's forward; see ``linear_cross_entropy_fwd``."""
     N = input.shape[0]
@@ -157,13 +159,14 @@ def _linear_cross_entropy_fwd(
             rows, rows_target = input[start:start + chunk_size], target[start:start + chunk_size]
             n = rows.shape[0]
             logits, tanh = _capped_logits(rows, weight, bias, softcap)  # (n, V)
-            part = _cross_entropy_fwd(logits, rows_target, ignore_index, label_smoothing, backend)
+            part = _cross_entropy_fwd(logits, rows_target, ignore_index, label_smoothing, backend,
+                                      z_loss)
             for out, value in zip((losses, row_max, log_sum), part, strict=True):
                 out[start:start + n] = value
             if any(needs):  # the gradient replaces the logits: one (n, V) buffer a chunk
                 dlogits = _cross_entropy_bwd(row_grad.expand(n), logits, rows_target, part[1],
                                              part[2], ignore_index, label_smoothing, backend,
-                                             out=logits)
+                                             out=logits, z_loss=z_loss)
                 _chunk_gradients(_uncap_gradient(dlogits, tanh), rows, weight, grads, start,
                                  needs)
     if reduction == "sum":
@@ -179,7 +182,7 @@ def _linear_cross_entropy_bwd(
     grad_loss: Tensor, input: Tensor, weight: Tensor, bias: Tensor | None, target: Tensor,
     row_max: Tensor, log_sum: Tensor, ignore_index: int, label_smoothing: float,
     chunk_size: int, grad_input: bool, grad_weight: bool, grad_bias: bool, backend: str,
-    softcap: float = 0.0,
+    softcap: float = 0.0, z_loss: float = 0.0,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """The op's backward for ``reduction="none"``; see ``linear_cross_entropy_bwd``."""
     needs = (grad_input, grad_weight, grad_bias and bias is not None)
@@ -191,7 +194,7 @@ def _linear_cross_entropy_bwd(
             logits, tanh = _capped_logits(rows, weight, bias, softcap)
             dlogits = _cross_entropy_bwd(grad_loss[start:stop], logits, rows_target,
                                          row_max[start:stop], log_sum[start:stop], ignore_index,
-                                         label_smoothing, backend, out=logits)
+                                         label_smoothing, backend, out=logits, z_loss=z_loss)
             _chunk_gradients(_uncap_gradient(dlogits, tanh), rows, weight, grads, start, needs)
     sums = _gradient_sums(grads, input, weight, bias, needs)
     return tuple(s.to(t.dtype) if need else s
@@ -202,7 +205,7 @@ def _linear_cross_entropy_bwd(
 def linear_cross_entropy_fwd(
     input: Tensor, weight: Tensor, bias: Tensor | None, target: Tensor, ignore_index: int,
     label_smoothing: float, reduction: str, chunk_size: int, grad_input: bool,
-    grad_weight: bool, grad_bias: bool, backend: str, softcap: float = 0.0,
+    grad_weight: bool, grad_bias: bool, backend: str, softcap: float = 0.0, z_loss: float = 0.0,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """input (N, C), weight (V, C), bias (V) or None, all one float dtype; target (N) int64 ->
     (loss, row_max (N), log_sum (N), grad_input (N, C), grad_weight (V, C), grad_bias (V)).
@@ -213,15 +216,16 @@ def linear_cross_entropy_fwd(
     that ``grad_input``/``grad_weight``/``grad_bias`` ask for, in float32 (float64), so that
     backward's scaling rounds them to the tensors' dtypes once; every other one, and all
     three with "none", come back empty (0 elements). ``softcap`` > 0: the logits z are
-    ``softcap * tanh(z / softcap)`` (Gemma 2's final soft-capping)."""
+    ``softcap * tanh(z / softcap)`` (Gemma 2's final soft-capping). ``z_loss``: each row's
+    loss includes ``z_loss * logsumexp**2``."""
     return _linear_cross_entropy_fwd(input, weight, bias, target, ignore_index, label_smoothing,
                                      reduction, chunk_size, grad_input, grad_weight, grad_bias,
-                                     backend, softcap)
+                                     backend, softcap, z_loss)
 
 
 @linear_cross_entropy_fwd.register_fake
 def _(input, weight, bias, target, ignore_index, label_smoothing, reduction, chunk_size,
-      grad_input, grad_weight, grad_bias, backend, softcap=0.0):
+      grad_input, grad_weight, grad_bias, backend, softcap=0.0, z_loss=0.0):
     dtype = stat_dtype(input.dtype)
     row_max = input.new_empty(input.shape[:1], dtype=dtype)
     loss = torch.empty_like(row_max) if reduction == "none" else row_max.new_empty(())
@@ -238,18 +242,18 @@ def linear_cross_entropy_bwd(
     grad_loss: Tensor, input: Tensor, weight: Tensor, bias: Tensor | None, target: Tensor,
     row_max: Tensor, log_sum: Tensor, ignore_index: int, label_smoothing: float,
     chunk_size: int, grad_input: bool, grad_weight: bool, grad_bias: bool, backend: str,
-    softcap: float = 0.0,
+    softcap: float = 0.0, z_loss: float = 0.0,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """grad_loss (N) of the unreduced loss -> (grad_input (N, C), grad_weight (V, C),
     grad_bias (V)), each empty where not asked for; recomputes each chunk's logits."""
     return _linear_cross_entropy_bwd(grad_loss, input, weight, bias, target, row_max, log_sum,
                                      ignore_index, label_smoothing, chunk_size, grad_input,
-                                     grad_weight, grad_bias, backend, softcap)
+                                     grad_weight, grad_bias, backend, softcap, z_loss)
 
 
 @linear_cross_entropy_bwd.register_fake
 def _(grad_loss, input, weight, bias, target, row_max, log_sum, ignore_index, label_smoothing,
-      chunk_size, grad_input, grad_weight, grad_bias, backend, softcap=0.0):
+      chunk_size, grad_input, grad_weight, grad_bias, backend, softcap=0.0, z_loss=0.0):
     empty = input.new_empty(0)
     return (
         torch.empty_like(input) if grad_input else empty,
@@ -260,15 +264,15 @@ def _(grad_loss, input, weight, bias, target, row_max, log_sum, ignore_index, la
 
 def _setup_context(ctx, inputs, output):
     (input, weight, bias, target, ignore_index, label_smoothing, reduction, chunk_size,
-     grad_input, grad_weight, grad_bias, backend, *softcap) = inputs
+     grad_input, grad_weight, grad_bias, backend, *softcap_z_loss) = inputs
     _, row_max, log_sum, *grads = output
-    ctx.input_count = len(inputs)  # (softcap may be left to its default)
+    ctx.input_count = len(inputs)  # (softcap and z_loss may be left to their defaults)
     ctx.reduction = reduction
     ctx.needs = (grad_input, grad_weight, grad_bias and bias is not None)
     ctx.dtypes = (input.dtype, weight.dtype, None if bias is None else bias.dtype)
     if reduction == "none":  # backward recomputes the logits
         ctx.save_for_backward(input, weight, bias, target, row_max, log_sum)
-        ctx.arguments = (ignore_index, label_smoothing, chunk_size, backend, *softcap)
+        ctx.arguments = (ignore_index, label_smoothing, chunk_size, backend, *softcap_z_loss)
     else:
         ctx.save_for_backward(*grads)
     ctx.mark_non_differentiable(row_max, log_sum, *grads)
@@ -278,11 +282,11 @@ def _backward(ctx, grad_loss, *unused_grads):
     needs = ctx.needs
     if ctx.reduction == "none":
         input, weight, bias, target, row_max, log_sum = ctx.saved_tensors
-        ignore_index, label_smoothing, chunk_size, backend, *softcap = ctx.arguments
+        ignore_index, label_smoothing, chunk_size, backend, *softcap_z_loss = ctx.arguments
         bwd = (_linear_cross_entropy_bwd if getattr(ctx, "eager", False)
                else torch.ops.fusedlm.linear_cross_entropy_bwd)
         grads = bwd(grad_loss, input, weight, bias, target, row_max, log_sum, ignore_index,
-                    label_smoothing, chunk_size, *needs, backend, *softcap)
+                    label_smoothing, chunk_size, *needs, backend, *softcap_z_loss)
     else:  # the forward's gradients are for a loss gradient of 1: scale, round once
         grads = [(g * grad_loss).to(dtype) if need else None
                  for g, need, dtype in zip(ctx.saved_tensors, needs, ctx.dtypes, strict=True)]
@@ -347,7 +351,9 @@ def linear_cross_entropy(
     chunk_size: int | None = None,
     backend: str = "auto",
     softcap: float | None = None,
-) -> Tensor:
+    z_loss: float = 0.0,
+    return_z_loss: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
     """``F.cross_entropy(F.linear(input, weight, bias), target, ...)`` without the logits.
 
     input (..., C) and weight (V, C) (and bias (V)) in one float dtype, or any under autocast,
@@ -366,6 +372,10 @@ def linear_cross_entropy(
     ``softcap``: soft-cap the logits first, z -> ``softcap * tanh(z / softcap)`` (Gemma 2's
     ``final_logit_softcapping``), computed in the logits' dtype op by op, as its code does.
 
+    ``z_loss``: each row's loss includes ``z_loss * logsumexp**2`` (PaLM's z-loss), in the
+    cross-entropy kernels; ``return_z_loss=True`` returns ``(loss, z_part)``, z_part being that
+    term reduced as the loss is and detached, for logging (see ``fusedlm.cross_entropy``).
+
     With "mean"/"sum" and grad mode on, the gradients are computed in the forward (so the
     backward is nearly free): a loss computed for evaluation only should be computed under
     ``torch.no_grad()``, or it pays for two matmuls it never uses.
@@ -378,6 +388,7 @@ def linear_cross_entropy(
         raise ValueError(f"argument 'softcap' must be a positive finite number or None, got "
                          f"{describe(softcap)}")
     softcap = float(softcap or 0.0)
+    z_loss = check_z_loss(z_loss, return_z_loss)
     if bias is None:
         input, weight = autocast_inputs(input, weight)
     else:
@@ -390,30 +401,38 @@ def linear_cross_entropy(
     input, target = input.reshape(-1, input.shape[-1]), target.reshape(-1)
     N, V = input.shape[0], weight.shape[0]
     if under_transform():  # torch.func / forward-mode AD: the composition of reference ops
+        if return_z_loss:
+            raise ValueError("fusedlm.linear_cross_entropy: return_z_loss=True is not "
+                             "supported under torch.func transforms and forward-mode AD")
         loss = reference.linear_cross_entropy(input, weight, bias, target, ignore_index,
-                                              float(label_smoothing), reduction, softcap)
+                                              float(label_smoothing), reduction, softcap, z_loss)
         return loss.view(shape) if reduction == "none" else loss
     _check_targets(target, V, ignore_index, "fusedlm.linear_cross_entropy")
     chunk = chunk_size if chunk_size is not None else default_chunk_size(N, V)
     needs = [torch.is_grad_enabled() and t is not None and t.requires_grad
              for t in (input, weight, bias)]
     arguments = (input, weight, bias, target, ignore_index, float(label_smoothing),
-                 reduction, max(1, chunk), *needs, backend, softcap)
+                 reduction, max(1, chunk), *needs, backend, softcap, z_loss)
     if torch.compiler.is_compiling():
-        loss = torch.ops.fusedlm.linear_cross_entropy_fwd(*arguments)[0]
+        loss, row_max, log_sum, *_ = torch.ops.fusedlm.linear_cross_entropy_fwd(*arguments)
     elif any(needs):
-        loss = _LinearCrossEntropyEager.apply(*arguments)[0]
+        loss, row_max, log_sum, *_ = _LinearCrossEntropyEager.apply(*arguments)
     else:
-        loss = _linear_cross_entropy_fwd(*arguments)[0]
+        loss, row_max, log_sum, *_ = _linear_cross_entropy_fwd(*arguments)
+    if return_z_loss:
+        part = z_loss_part(row_max, log_sum, target, ignore_index, z_loss, reduction)
+        return (loss.view(shape), part.view(shape)) if reduction == "none" else (loss, part)
     return loss.view(shape) if reduction == "none" else loss
 
 
 def language_model_head_loss(hidden: Tensor, weight: Tensor, target: Tensor,
                              ignore_index: int = -100, backend: str = "auto",
-                             softcap: float | None = None) -> Tensor:
+                             softcap: float | None = None, z_loss: float = 0.0,
+                             return_z_loss: bool = False) -> Tensor | tuple[Tensor, Tensor]:
     """The mean cross-entropy of a language model's head, ``hidden @ weight.T`` (hidden (N, C),
     weight (V, C)), against target (N), as a float32 (float64) scalar, for training loops:
-    ``linear_cross_entropy`` (no logits; ``softcap`` as its: the logits soft-capped first). A
+    ``linear_cross_entropy`` (no logits; ``softcap``, ``z_loss`` and ``return_z_loss`` as its:
+    the logits soft-capped first, the z-loss added to each row's loss). A
     backend named here or by FUSEDLM_BACKEND whose cross-entropy kernels cannot serve the
     call (``cuda``: there is no CUDA C++ cross-entropy) does not raise: the head then makes
     the (capped) logits and takes ``language_model_loss``'s path (torch's, logged once), so a
@@ -425,6 +444,8 @@ def language_model_head_loss(hidden: Tensor, weight: Tensor, target: Tensor,
         logits = F.linear(hidden, weight)
         if softcap:
             logits = softcap * torch.tanh(logits / softcap)
-        return language_model_loss(logits, target, ignore_index, backend=backend)
+        return language_model_loss(logits, target, ignore_index, backend=backend, z_loss=z_loss,
+                                   return_z_loss=return_z_loss)
     return linear_cross_entropy(hidden, weight, target, ignore_index=ignore_index,
-                                backend=backend, softcap=softcap)
+                                backend=backend, softcap=softcap, z_loss=z_loss,
+                                return_z_loss=return_z_loss)

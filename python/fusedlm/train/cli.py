@@ -46,7 +46,7 @@ def _train(args: argparse.Namespace) -> int:
             "out", "data", "val_data", "preset", "kernels", "device", "task", "init_from",
             "seed", "batch_size", "grad_accum", "max_steps", "lr", "warmup_steps", "schedule",
             "eval_every", "ckpt_every", "sample_every", "compile", "activation_checkpointing",
-            "fsdp", "nan_policy", "document_separator", "reset_positions")}
+            "fsdp", "nan_policy", "document_separator", "reset_positions", "z_loss")}
         flags["resume"] = args.resume or None
         if args.model:
             flags["model"] = json.loads(args.model)
@@ -157,6 +157,9 @@ def add_commands(commands) -> None:
     train.add_argument("--lr", type=float)
     train.add_argument("--warmup-steps", type=int)
     train.add_argument("--schedule", choices=("cosine", "wsd", "constant"))
+    train.add_argument("--z-loss", type=float, metavar="WEIGHT",
+                       help="PaLM's z-loss: add WEIGHT * logsumexp(logits)^2 per token to the "
+                       "training loss (1e-4 is usual; default 0: none); logged apart as z_loss")
     train.add_argument("--eval-every", type=int)
     train.add_argument("--ckpt-every", type=int)
     train.add_argument("--sample-every", type=int)

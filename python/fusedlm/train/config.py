@@ -60,6 +60,9 @@ class TrainConfig:
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0
+    # PaLM's z-loss: adds z_loss * logsumexp(logits)**2 per token to the training loss (1e-4 is
+    # usual), keeping the softmax normalizer near 1; 0: none. Validation loss never includes it.
+    z_loss: float = 0.0
     # what runs around the step
     eval_every: int | None = None
     eval_batches: int = 20
@@ -126,6 +129,7 @@ class TrainConfig:
             "beta1": (0.0, 1.0, "in [0, 1)"),
             "beta2": (0.0, 1.0, "in [0, 1)"),
             "grad_clip": (0.0, math.inf, "a finite number >= 0 (0 disables it)"),
+            "z_loss": (0.0, math.inf, "a finite number >= 0 (0: no z-loss)"),
         }
         for name, (low, high, rule) in ranges.items():
             value = getattr(self, name)
@@ -153,6 +157,8 @@ class TrainConfig:
         if self.resume and self.init_from:
             raise ConfigError("'resume' and 'init_from' exclude each other: resume continues a "
                               "run in --out, init_from starts a new one from weights")
+        if self.task == "classify" and self.z_loss:
+            raise ConfigError("'z_loss' applies to language-model training (task = lm) only")
         if self.task == "classify" and not self.data:
             raise ConfigError("'task = classify' needs 'data': a CSV or JSONL of (text, label)")
         return self

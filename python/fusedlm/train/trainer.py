@@ -8,6 +8,9 @@ AdamW step (``fusedlm.optim.AdamW``; torch's with ``kernels="torch"``; weight de
 embeddings only), the learning rate
 from warmup + cosine, WSD or constant. Every step is logged to ``OUT/metrics.jsonl``; validation,
 samples and checkpoints come every ``eval_every``/``sample_every``/``ckpt_every`` steps.
+With ``z_loss`` > 0 the training loss adds PaLM's z-loss (``z_loss * logsumexp**2`` a token);
+the log's ``loss`` stays the cross-entropy alone, comparable with ``val_loss``, and ``z_loss``
+is the term added.
 
 NaN policy: a step whose loss or gradient norm is not finite is never applied. With
 ``nan_policy="skip"`` the step's gradients are dropped (logged with ``"skipped": true``) and the
@@ -312,6 +315,8 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         total_loss = torch.zeros((), device=self.device)
+        total_z_loss = torch.zeros((), device=self.device)
+        z_args = {"z_loss": cfg.z_loss, "return_z_loss": True} if cfg.z_loss else {}
         for micro in range(cfg.grad_accum):
             x, y = self.train_batches.next_batch(self.device)
             last = micro == cfg.grad_accum - 1
@@ -322,11 +327,16 @@ class Trainer:
                 # FSDP2: accumulate unsharded gradients, reduce-scatter on the last micro-step
                 self.raw_model.set_requires_gradient_sync(last)
             with sync, self._autocast():
-                _, loss = self.model(x, y, return_logits=False, **self._packing(x))
+                _, loss, *z_part = self.model(x, y, return_logits=False, **self._packing(x),
+                                              **z_args)
                 loss = loss * (self.loss_multiplier / cfg.grad_accum)
             loss.backward()
             total_loss += loss.detach()
-        loss_value = mean_across_ranks(total_loss, self.dist)
+            if z_part:
+                total_z_loss += z_part[0] / cfg.grad_accum
+        # (one all-reduce for both)
+        loss_value, z_value = mean_across_ranks(torch.stack((total_loss, total_z_loss)),
+                                                self.dist).unbind()
         # max_norm=inf measures the norm without clipping.
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(),
                                                    cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
@@ -334,8 +344,11 @@ class Trainer:
         if finite:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return {"loss": float(loss_value), "lr": lr, "grad_norm": float(grad_norm),
-                "finite": finite}
+        result = {"loss": float(loss_value), "lr": lr, "grad_norm": float(grad_norm),
+                  "finite": finite}
+        if cfg.z_loss:  # loss: the cross-entropy alone (as val_loss); z_loss: the term added
+            result.update(loss=float(loss_value - z_value), z_loss=float(z_value))
+        return result
 
     def _packing(self, x: torch.Tensor) -> dict:
         """The model's packing arguments for the windows x (B, T): their document ids when
@@ -446,6 +459,8 @@ class Trainer:
                           "grad_norm": result["grad_norm"], "tokens_per_s": tokens_per_s,
                           "mfu": (self.flops_per_token * tokens_per_s / self.dist.world_size /
                                   self.peak_flops) if self.peak_flops else None}
+                if "z_loss" in result:
+                    record["z_loss"] = result["z_loss"]
                 if self.step == first_step:
                     # Which backend served each fusedlm op ("auto" may pass a case to another
                     # backend, or to the torch reference), on which device and peak: a

@@ -3,9 +3,10 @@
 Entry points (the ``"triton"`` backend of ``fusedlm.ops.cross_entropy``) have the signatures,
 return conventions and dtypes of the same functions in :mod:`fusedlm.reference`:
 
-* ``cross_entropy_fwd(logits, target, ignore_index, label_smoothing) -> (loss, row_max, log_sum)``
+* ``cross_entropy_fwd(logits, target, ignore_index, label_smoothing, z_loss=0.0)
+  -> (loss, row_max, log_sum)``
 * ``cross_entropy_bwd(grad_loss, logits, target, row_max, log_sum, ignore_index,
-  label_smoothing) -> dlogits``
+  label_smoothing, out=None, z_loss=0.0) -> dlogits``
 
 logits are (N, V) with any strides, in float16/bfloat16/float32/float64; target (N) int64;
 loss, row_max and log_sum come back (N) in float32 (float64 for float64 logits), dlogits (N, V)
@@ -51,10 +52,12 @@ if os.environ.get("TRITON_INTERPRET") == "1":
 @triton.jit
 def cross_entropy_fwd_kernel(
     X, Target, Loss, RowMax, LogSum,
-    N, V, stride_xn, stride_xv, ignore_index, label_smoothing: tl.float64,
-    COMPUTE: tl.constexpr, SMOOTHING: tl.constexpr, ROWS: tl.constexpr, BLOCK_V: tl.constexpr,
+    N, V, stride_xn, stride_xv, ignore_index, label_smoothing: tl.float64, z_loss: tl.float64,
+    COMPUTE: tl.constexpr, SMOOTHING: tl.constexpr, Z_LOSS: tl.constexpr, ROWS: tl.constexpr,
+    BLOCK_V: tl.constexpr,
 ):
-    """Loss, max and log of the sum of exp(x - max) of ROWS rows.
+    """Loss (plus z_loss * logsumexp**2 when Z_LOSS), max and log of the sum of exp(x - max)
+    of ROWS rows.
 
     X (N, V) strided, any float dtype; Target (N) int64; Loss, RowMax, LogSum (N) in COMPUTE.
     """
@@ -92,6 +95,9 @@ def cross_entropy_fwd_kernel(
     loss = (1.0 - smoothing) * (shift - x_target) + log_sum
     if SMOOTHING:
         loss += smoothing * (shift - x_sum / V)
+    if Z_LOSS:
+        lse = shift + log_sum
+        loss += tl.full([], z_loss, COMPUTE) * lse * lse
     loss = tl.where(in_range, loss, float("nan"))
     tl.store(Loss + rows, tl.where(valid, loss, 0.0), mask=row_mask)
     tl.store(RowMax + rows, shift, mask=row_mask)
@@ -102,10 +108,13 @@ def cross_entropy_fwd_kernel(
 def cross_entropy_bwd_kernel(
     DLoss, X, Target, RowMax, LogSum, DX,
     N, V, stride_dloss, stride_xn, stride_xv, ignore_index, label_smoothing: tl.float64,
-    COMPUTE: tl.constexpr, SMOOTHING: tl.constexpr, ROWS: tl.constexpr, BLOCK_V: tl.constexpr,
+    z_loss: tl.float64,
+    COMPUTE: tl.constexpr, SMOOTHING: tl.constexpr, Z_LOSS: tl.constexpr, ROWS: tl.constexpr,
+    BLOCK_V: tl.constexpr,
 ):
-    """dX = dLoss * (softmax(X) - (1 - s) * onehot(Target) - s / V) of ROWS rows; 0 on ignored
-    rows, NaN on rows whose target is outside [0, V).
+    """dX = dLoss * (scale * softmax(X) - (1 - s) * onehot(Target) - s / V) of ROWS rows, with
+    scale = 1 + 2 * z_loss * logsumexp when Z_LOSS, else 1; 0 on ignored rows, NaN on rows
+    whose target is outside [0, V).
 
     DLoss (N) strided (stride 0: one value for every row); X (N, V) strided; Target (N) int64;
     RowMax, LogSum (N) in COMPUTE; DX (N, V) contiguous in X's dtype.
@@ -123,6 +132,8 @@ def cross_entropy_bwd_kernel(
     grad = tl.where(valid, tl.where(in_range, grad, float("nan")), 0.0)
     row_max = tl.load(RowMax + rows, mask=row_mask, other=0.0)
     log_sum = tl.load(LogSum + rows, mask=row_mask, other=0.0)
+    if Z_LOSS:  # d(z * lse**2)/dx = 2 * z * lse * softmax(x)
+        scale = 1.0 + 2.0 * tl.full([], z_loss, COMPUTE) * (row_max + log_sum)
     cols = tl.arange(0, BLOCK_V)
     for start in range(0, V, BLOCK_V):
         c = start + cols
@@ -130,6 +141,8 @@ def cross_entropy_bwd_kernel(
         x = tl.load(x_rows + c.to(tl.int64)[None, :] * stride_xv, mask=mask,
                     other=0.0).to(COMPUTE)
         probs = tl.exp((x - row_max[:, None]) - log_sum[:, None])
+        if Z_LOSS:
+            probs *= scale[:, None]
         if SMOOTHING:
             probs -= smoothing / V
         probs = tl.where(c[None, :] == target[:, None], probs - (1.0 - smoothing), probs)
@@ -156,7 +169,8 @@ def _check(logits: Tensor, target: Tensor) -> None:
 
 
 def cross_entropy_fwd(
-    logits: Tensor, target: Tensor, ignore_index: int, label_smoothing: float
+    logits: Tensor, target: Tensor, ignore_index: int, label_smoothing: float,
+    z_loss: float = 0.0,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """logits (N, V) any strides, target (N) int64 -> loss, row_max, log_sum (N) in the compute
     dtype."""
@@ -169,16 +183,16 @@ def cross_entropy_fwd(
     with device_context(logits.device):
         cross_entropy_fwd_kernel[(programs,)](
             logits, target, loss, row_max, log_sum, N, V, logits.stride(0), logits.stride(1),
-            ignore_index, label_smoothing,
-            COMPUTE=compute_type(logits.dtype), SMOOTHING=label_smoothing != 0.0, ROWS=rows,
-            BLOCK_V=block_v, num_warps=num_warps,
+            ignore_index, label_smoothing, z_loss,
+            COMPUTE=compute_type(logits.dtype), SMOOTHING=label_smoothing != 0.0,
+            Z_LOSS=z_loss != 0.0, ROWS=rows, BLOCK_V=block_v, num_warps=num_warps,
         )
     return loss, row_max, log_sum
 
 
 def cross_entropy_bwd(
     grad_loss: Tensor, logits: Tensor, target: Tensor, row_max: Tensor, log_sum: Tensor,
-    ignore_index: int, label_smoothing: float, out: Tensor | None = None,
+    ignore_index: int, label_smoothing: float, out: Tensor | None = None, z_loss: float = 0.0,
 ) -> Tensor:
     """grad_loss (N) any stride, logits (N, V) any strides, target (N) int64, row_max and
     log_sum (N) from the forward -> dlogits (N, V) contiguous in the logits' dtype: ``out``
@@ -196,8 +210,8 @@ def cross_entropy_bwd(
     with device_context(logits.device):
         cross_entropy_bwd_kernel[(programs,)](
             grad_loss, logits, target, row_max, log_sum, dlogits, N, V, grad_loss.stride(0),
-            logits.stride(0), logits.stride(1), ignore_index, label_smoothing,
-            COMPUTE=compute_type(logits.dtype), SMOOTHING=label_smoothing != 0.0, ROWS=rows,
-            BLOCK_V=block_v, num_warps=num_warps,
+            logits.stride(0), logits.stride(1), ignore_index, label_smoothing, z_loss,
+            COMPUTE=compute_type(logits.dtype), SMOOTHING=label_smoothing != 0.0,
+            Z_LOSS=z_loss != 0.0, ROWS=rows, BLOCK_V=block_v, num_warps=num_warps,
         )
     return dlogits
