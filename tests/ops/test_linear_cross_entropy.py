@@ -16,6 +16,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import fusedlm
 from fusedlm.backends import BackendNotSupportedError
 from tests.helpers import DTYPES, assert_close_rule, device_of, kernel_backends
+from tests.ops.test_cross_entropy import torch_cross_entropy
 
 lce_ops = importlib.import_module("fusedlm.ops.linear_cross_entropy")
 
@@ -60,21 +61,6 @@ def soft_capped(logits, softcap):
     return logits if softcap is None else torch.tanh(logits / softcap) * softcap
 
 
-def torch_head_loss(logits, target, ignore_index=-100, reduction="mean", label_smoothing=0.0,
-                    z_loss=0.0):
-    """F.cross_entropy of the logits, plus ``z_loss * logsumexp**2`` on each row not ignored,
-    reduced as the loss, in torch ops."""
-    kwargs = dict(ignore_index=ignore_index, label_smoothing=label_smoothing)
-    loss = F.cross_entropy(logits, target, reduction=reduction, **kwargs)
-    if not z_loss:
-        return loss
-    valid = target != ignore_index
-    part = torch.where(valid, z_loss * torch.logsumexp(logits, dim=-1).square(), 0.0)
-    if reduction == "none":
-        return loss + part
-    return loss + (part.sum() if reduction == "sum" else part.sum() / valid.sum())
-
-
 def check_linear_cross_entropy(input, weight, bias, target, backend, reduction="mean",
                                label_smoothing=0.0, ignore_index=-100, chunk_size=None,
                                softcap=None, z_loss=0.0):
@@ -94,10 +80,10 @@ def check_linear_cross_entropy(input, weight, bias, target, backend, reduction="
     loss = fusedlm.linear_cross_entropy(x, w, target, b, chunk_size=chunk_size,
                                         backend=backend, softcap=softcap, z_loss=z_loss, **kwargs)
     x64, w64, b64 = leaves(torch.float64)
-    truth = torch_head_loss(soft_capped(F.linear(x64, w64, b64), softcap), target, **kwargs,
+    truth = torch_cross_entropy(soft_capped(F.linear(x64, w64, b64), softcap), target, **kwargs,
                             z_loss=z_loss)
     xt, wt, bt = leaves()
-    baseline = torch_head_loss(
+    baseline = torch_cross_entropy(
         soft_capped(F.linear(xt, wt, bt), softcap).to(stat_dtype(input.dtype)), target, **kwargs,
         z_loss=z_loss)
     assert loss.dtype == stat_dtype(input.dtype) and loss.shape == truth.shape
@@ -177,9 +163,9 @@ def test_return_z_loss(reduction, backend):
     plain = fusedlm.linear_cross_entropy(input, weight, target, **call)
     torch.testing.assert_close(loss - part, plain)
     logits = F.linear(input.detach(), weight.detach()).double()
-    torch.testing.assert_close(part.double(), torch_head_loss(logits, target, reduction=reduction,
-                                                              z_loss=0.01)
-                               - torch_head_loss(logits, target, reduction=reduction))
+    expected = (torch_cross_entropy(logits, target, reduction=reduction, z_loss=0.01)
+                - torch_cross_entropy(logits, target, reduction=reduction))
+    torch.testing.assert_close(part.double(), expected)
     with torch.no_grad():  # (the op without autograd returns the same pair)
         again = fusedlm.linear_cross_entropy(input, weight, target, **call, z_loss=0.01,
                                              return_z_loss=True)
@@ -468,7 +454,7 @@ def test_torch_compile_fullgraph(reduction, softcap, z_loss):
                                                                        target)
     grad = torch.randn_like(loss)
     ours = torch.autograd.grad(loss, (input, weight, bias), grad)
-    expected = torch_head_loss(soft_capped(F.linear(input, weight, bias), softcap), target,
+    expected = torch_cross_entropy(soft_capped(F.linear(input, weight, bias), softcap), target,
                                reduction=reduction, label_smoothing=0.1, z_loss=z_loss)
     torch.testing.assert_close(loss, expected)
     for a, b in zip(ours, torch.autograd.grad(expected, (input, weight, bias), grad),
@@ -482,7 +468,7 @@ def test_torch_func_grad_runs_the_reference():
         grad = torch.func.grad(lambda w, z=z_loss: fusedlm.linear_cross_entropy(
             input.detach(), w, target, z_loss=z))(weight.detach())
         expected = torch.autograd.grad(
-            torch_head_loss(F.linear(input, weight), target, z_loss=z_loss), weight)[0]
+            torch_cross_entropy(F.linear(input, weight), target, z_loss=z_loss), weight)[0]
         torch.testing.assert_close(grad, expected)
 
 
@@ -511,7 +497,7 @@ def test_language_model_head_loss_takes_torchs_path_where_the_forced_backend_has
     loss, part = lce_ops.language_model_head_loss(input, weight, target, z_loss=0.01,
                                                   return_z_loss=True)
     logits = F.linear(input, weight).float()
-    torch.testing.assert_close(loss, torch_head_loss(logits, target, z_loss=0.01))
+    torch.testing.assert_close(loss, torch_cross_entropy(logits, target, z_loss=0.01))
     torch.testing.assert_close(loss - part, F.cross_entropy(logits, target))
 
 
