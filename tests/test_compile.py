@@ -202,12 +202,13 @@ def test_compile_gpt_with_packed_documents_fullgraph(reset_positions):
     _check_compiled_loss_matches_eager(model, loss_of)
 
 
+@pytest.mark.parametrize("z_loss", [0.0, 1e-2], ids=["plain", "z-loss"])
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
-def test_compiled_gpt_training_forward_records_every_fused_op(arch):
+def test_compiled_gpt_training_forward_records_every_fused_op(arch, z_loss):
     """The trainer's call, model(idx, targets, return_logits=False), compiled: one graph that
     records each of the model's fused ops, the head and loss as the chunked
     linear_cross_entropy op (a compiled run keeps the no-logits memory saving), and gives
-    eager's loss and gradients."""
+    eager's loss and gradients; with ``--z-loss`` the trainer's call also returns the z part."""
     from fusedlm.models import GPT, GPTConfig
 
     torch._dynamo.reset()
@@ -217,8 +218,10 @@ def test_compiled_gpt_training_forward_records_every_fused_op(arch):
     model = GPT(config, kernels="fused")
     idx = torch.randint(0, 50, (2, 16))
 
+    z_args = {"z_loss": z_loss, "return_z_loss": True} if z_loss else {}
+
     def loss_of(m):
-        return m(idx, idx.roll(-1, 1), return_logits=False)[1]
+        return m(idx, idx.roll(-1, 1), return_logits=False, **z_args)[1]
 
     explanation = torch._dynamo.explain(loss_of)(model)
     assert explanation.graph_break_count == 0, explanation.break_reasons
