@@ -65,6 +65,11 @@ def _cases(backend: str):
             lambda x, r, w: _both(fusedlm.add_rms_norm(x, r, (8,), w, backend=backend)),
             lambda x, r, w: _both(_eager_add_norm(F.rms_norm, x, r, w)),
         ),
+        "swiglu (4, 8)": (
+            (x, residual),
+            lambda g, u: fusedlm.swiglu(g, u, backend=backend),
+            lambda g, u: F.silu(g) * u,
+        ),
         "attention (1, 2, 16, 16) causal": (
             (q, k, v),
             lambda q, k, v: fusedlm.attention(q, k, v, causal=True, backend=backend),
@@ -104,7 +109,7 @@ def _forward_backward(fn, inputs):
 def _python_function(fn):
     """``fn`` with the C++ autograd nodes turned off: the ops' Python autograd.Function runs, as
     it did for every backend before those nodes existed (the "before" column of a change)."""
-    modules = [importlib.import_module(f"fusedlm.ops.{m}") for m in ("norm", "attention")]
+    modules = [importlib.import_module(f"fusedlm.ops.{m}") for m in ("norm", "attention", "glu")]
 
     def run(*args):
         saved = [m.extension_autograd for m in modules]

@@ -1347,6 +1347,37 @@ struct AttentionFunction : public torch::autograd::Function<AttentionFunction> {
   }
 };
 
+// act(gate) * up; the backward recomputes the activation from the saved gate (as the Python
+// Function: the output is not saved).
+struct GluFunction : public torch::autograd::Function<GluFunction> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& gate,  // (N, I)
+                            const at::Tensor& up,                         // (N, I)
+                            const std::string& activation) {
+    at::Tensor out = glu_fwd(gate, up, activation);
+    ctx->save_for_backward({gate, up});
+    ctx->saved_data["activation"] = activation;
+    return out;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    at::Tensor dgate, dup;
+    {
+      at::NoGradGuard no_grad;
+      std::tie(dgate, dup) =
+          glu_bwd(grads[0], saved[0], saved[1], ctx->saved_data["activation"].toStringRef());
+    }
+    auto out = once_differentiable({dgate, dup}, grads);
+    out.push_back(at::Tensor());  // activation
+    return out;
+  }
+};
+
+at::Tensor glu_autograd(const at::Tensor& gate, const at::Tensor& up,
+                        const std::string& activation) {
+  return GluFunction::apply(gate, up, activation);
+}
+
 at::Tensor attention_autograd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                               double scale, bool causal, int64_t causal_offset,
                               std::optional<int64_t> window_offset,
@@ -1530,6 +1561,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("causal_offset"), py::arg("window_offset") = py::none(),
         py::arg("key_range") = py::none(), py::arg("softcap") = 0.0,
         py::arg("dropout_p") = 0.0, py::arg("dropout_seed") = py::none());
+  m.def("glu_autograd", &fusedlm::glu_autograd,
+        "glu_fwd's out with a C++ autograd node whose backward runs glu_bwd (eager calls of\n"
+        "the cpu backend; no second derivative).",
+        py::arg("gate"), py::arg("up"), py::arg("activation"));
   m.def("layer_norm_autograd", &fusedlm::layer_norm_autograd,
         "layer_norm_fwd's y with a C++ autograd node whose backward runs layer_norm_bwd (eager\n"
         "calls of the cpu and cuda backends; no second derivative).",

@@ -18,6 +18,7 @@ pytestmark = pytest.mark.skipif(not cpu_backend_available(), reason=cpu_unavaila
 EPS = 1e-5
 # (fusedlm.ops re-exports the functions under the modules' names)
 attention_ops = importlib.import_module("fusedlm.ops.attention")
+glu_ops = importlib.import_module("fusedlm.ops.glu")
 norm_ops = importlib.import_module("fusedlm.ops.norm")
 
 
@@ -202,6 +203,37 @@ def test_attention_node_matches_the_python_function(case):
     assert torch.equal(out.detach(), out_python.detach())
     for g, w in zip(got, want, strict=True):
         assert torch.equal(g, w)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64],
+                         ids=str)
+@pytest.mark.parametrize("activation", ["silu", "gelu", "gelu_tanh"])
+def test_glu_node_matches_the_python_function(activation, dtype):
+    """swiglu / geglu: a (2, 5, 33) gate and a transposed up (the node takes the op's (N, I)
+    rows as the Python Function does), each gradient bit for bit."""
+    gate = torch.randn(2, 5, 33, dtype=torch.float64).to(dtype)
+    up = torch.randn(2, 33, 5, dtype=torch.float64).to(dtype).transpose(1, 2)
+    grad = torch.randn(gate.shape, dtype=torch.float64).to(dtype)
+
+    def call(g, u):
+        if activation == "silu":
+            return fusedlm.swiglu(g, u, backend="cpu")
+        return fusedlm.geglu(g, u, "none" if activation == "gelu" else "tanh", backend="cpu")
+
+    leaves = _leaves(gate, up)
+    out = call(*leaves)
+    assert "GluFunction" in _graph_names(out)
+    got = _grads(out, grad, leaves)
+    python = _leaves(gate, up)
+    out_python = glu_ops._GluEager.apply(python[0].reshape(10, 33), python[1].reshape(10, 33),
+                                         activation, "cpu")
+    want = _grads(out_python.view(gate.shape), grad, python)
+    assert torch.equal(out.detach(), out_python.detach().view(gate.shape))
+    for g, w in zip(got, want, strict=True):
+        assert g.dtype == w.dtype == dtype and torch.equal(g, w)
+    only_up = fusedlm.swiglu(gate, leaves[1], backend="cpu")  # (the gate needs no gradient)
+    (dup,) = torch.autograd.grad(only_up, leaves[1], grad)
+    torch.testing.assert_close(dup, torch.nn.functional.silu(gate) * grad)
 
 
 def test_node_takes_non_contiguous_gradients_and_retained_graphs():

@@ -18,8 +18,10 @@ from ._common import (
     check_same_device,
     describe,
     eager_autograd_function,
+    extension_autograd,
     forward_for_call,
     register_extension_kernels,
+    runs_eager_function,
 )
 
 GLU_FWD = OpDispatch("glu_fwd")
@@ -123,7 +125,15 @@ def _glu(gate: Tensor, up: Tensor, activation: str, backend: str) -> Tensor:
     rows_gate = gate if gate.dim() == 2 else gate.reshape(rows)
     rows_up = up if up.dim() == 2 else up.reshape(rows)
     fwd = forward_for_call(GLU_FWD, backend, _GluEager, _glu_fwd, reference.glu_fwd, gate, up)
-    out = fwd(rows_gate, rows_up, activation, backend)
+    out = None
+    if runs_eager_function(fwd, _GluEager):  # eager, with autograd: the C++ node if it can
+        module = extension_autograd(GLU_FWD, GLU_BWD, backend, gate.device,
+                                    (rows_gate, rows_up, activation),
+                                    (rows_gate, rows_gate, rows_up, activation))
+        if module is not None:  # (the entry point checks the activation's name)
+            out = module.glu_autograd(rows_gate, rows_up, activation)
+    if out is None:
+        out = fwd(rows_gate, rows_up, activation, backend)
     return out if out.shape == gate.shape else out.view(gate.shape)
 
 
