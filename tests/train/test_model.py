@@ -695,10 +695,10 @@ def test_document_ids_fused_and_torch_kernels_agree(reset_positions):
 def test_fuzz_fused_and_torch_models_agree(fuzz):  # noqa: F811
     """Drawn model shapes (either arch, 1-2 layers, head dims 2..16, GQA/MQA, biases, tied or
     not, sliding windows shorter and longer than the batch) and batches (one token, packed
-    documents with and without position resets, ignored targets): the fused model's logits,
-    loss and every parameter gradient pass DESIGN.md's rule against the same model on plain
-    PyTorch kernels (baseline) and in float64 (truth); and a prefill in drawn chunks through a
-    KV cache gives the one-forward logits."""
+    documents with and without position resets, ignored targets), a z-loss or none: the fused
+    model's logits, loss and every parameter gradient pass DESIGN.md's rule against the same
+    model on plain PyTorch kernels (baseline) and in float64 (truth); and a prefill in drawn
+    chunks through a KV cache gives the one-forward logits."""
     from hypothesis import given
     from hypothesis import strategies as st
 
@@ -744,7 +744,8 @@ def test_fuzz_fused_and_torch_models_agree(fuzz):  # noqa: F811
             idx[torch.rand(B, T) < 0.25] = 0  # separators
             kwargs = {"document_ids": document_ids(idx, 0),
                       "reset_positions": data.draw(st.booleans(), label="reset positions")}
-        outs = [m(idx, targets, **kwargs) for m in (fused, reference, truth)]
+        z_loss = data.draw(st.sampled_from([0.0, 0.0, 1e-4, 0.3]), label="z_loss")
+        outs = [m(idx, targets, **kwargs, z_loss=z_loss) for m in (fused, reference, truth)]
         assert_close_rule(outs[0][0], outs[1][0], outs[2][0], name="logits")
         assert_close_rule(outs[0][1], outs[1][1], outs[2][1], name="loss")
         for _, loss in outs:
