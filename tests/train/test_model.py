@@ -257,6 +257,7 @@ def test_z_loss_adds_the_logsumexp_term_and_the_kernels_agree(arch):
                                                         strict=True)) > 1e-3
     assert fused(idx, targets, z_loss=0.05)[1].shape == ()
     assert fused(idx, z_loss=0.05, return_z_loss=True)[1:] == (None, None)
+    assert fused(idx, return_logits=False) == (None, None)  # (no targets, no logits asked)
     with pytest.raises(ValueError, match="argument 'z_loss'"):
         fused(idx, targets, z_loss=-1.0)
 

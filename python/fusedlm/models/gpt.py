@@ -534,7 +534,7 @@ class GPT(nn.Module):
         hidden = self.hidden_states(idx, cache, document_ids, reset_positions)
         cap = self.config.logit_softcap
         if targets is None:
-            logits = _soft_cap(self.lm_head(hidden), cap)
+            logits = _soft_cap(self.lm_head(hidden), cap) if return_logits else None
             return (logits, None, None) if return_z_loss else (logits, None)
         targets = targets.reshape(-1)
         z_args = {"z_loss": z_loss, "return_z_loss": return_z_loss}
