@@ -59,11 +59,14 @@ PREPARE = {"fsdp_resume": ("_interrupted_copy", ("fsdp", "fsdp_resume", RESUME_F
 
 
 def flags(toml: str, data_dir: str, out, batch_size: int, grad_accum: int, *extra) -> list[str]:
-    """A 5-step run that evaluates and checkpoints at its last step."""
+    """A 5-step run that evaluates and checkpoints at its last step. The runs with gradient
+    accumulation also train with a z-loss (its term accumulated over micro-steps and averaged
+    across ranks beside the loss); the others without."""
+    z_loss = ["--z-loss", "0.001"] if grad_accum > 1 else []
     return ["train", toml, "--data", data_dir, "--out", str(out), "--model", TINY_MODEL,
             "--device", "cpu", "--batch-size", str(batch_size), "--grad-accum", str(grad_accum),
             "--max-steps", str(STEPS), "--warmup-steps", "2", "--seed", "3",
-            "--eval-every", str(STEPS), "--ckpt-every", str(STEPS), *extra]
+            "--eval-every", str(STEPS), "--ckpt-every", str(STEPS), *z_loss, *extra]
 
 
 def _interrupted_copy(root: str, src: str, dst: str, step: int) -> None:
@@ -176,7 +179,8 @@ def assert_same_run(parallel, single) -> None:
     assert [r["step"] for r in got_metrics] == [r["step"] for r in expected_metrics]
     assert [r["step"] for r in got_metrics] == list(range(STEPS + 1))
     for got, expected in zip(got_metrics, expected_metrics, strict=True):
-        for key in ("loss", "grad_norm", "val_loss"):
+        assert ("z_loss" in got) == ("z_loss" in expected), got["step"]
+        for key in ("loss", "grad_norm", "val_loss", "z_loss"):
             if key in expected:
                 assert got[key] == pytest.approx(expected[key], rel=1e-5), (got["step"], key)
         assert got.get("lr") == expected.get("lr")
@@ -202,6 +206,8 @@ def test_ddp_matches_one_process_with_the_global_batch(name, runs):
     assert rank0.count("model: ") == 1 and "world size 2" in rank0
     assert f"step {STEPS}/{STEPS} " in rank0
     assert "model: " not in rank1 and "step " not in rank1, "only rank 0 reports"
+    if name == "ddp_grad_accum":  # (the z-loss run: see flags)
+        assert all("z_loss" in r for r in read_metrics(result["out"]) if "loss" in r)
     assert_same_run(result["out"], result["single"])
 
 
