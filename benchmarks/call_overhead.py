@@ -39,10 +39,19 @@ def _eager_softcap_attention(q, k, v, cap=30.0):
     return torch.softmax(scores.masked_fill(hidden, float("-inf")), dim=-1) @ v
 
 
+def _eager_rotary(x, cos, sin):
+    """Hugging Face Llama's apply_rotary_pos_emb for one tensor: rotate_half, two multiplies."""
+    x1, x2 = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2:]
+    cos, sin = torch.cat((cos, cos), -1), torch.cat((sin, sin), -1)
+    return x * cos + torch.cat((-x2, x1), -1) * sin
+
+
 def _cases(backend: str):
     x, residual = torch.randn(4, 8), torch.randn(4, 8)
     weight, bias = torch.ones(8), torch.zeros(8)
     q, k, v = (torch.randn(1, 2, 16, 16) for _ in range(3))
+    angles = torch.randn(16, 8)
+    cos, sin = angles.cos(), angles.sin()
     return {
         "layer_norm (4, 8)": (
             (x, weight, bias),
@@ -64,6 +73,11 @@ def _cases(backend: str):
             (x, residual, weight),
             lambda x, r, w: _both(fusedlm.add_rms_norm(x, r, (8,), w, backend=backend)),
             lambda x, r, w: _both(_eager_add_norm(F.rms_norm, x, r, w)),
+        ),
+        "rotary_embedding (1, 2, 16, 16)": (  # (the tables take no gradient)
+            (q,),
+            lambda x: fusedlm.rotary_embedding(x, cos, sin, backend=backend),
+            lambda x: _eager_rotary(x, cos, sin),
         ),
         "swiglu (4, 8)": (
             (x, residual),
@@ -109,7 +123,8 @@ def _forward_backward(fn, inputs):
 def _python_function(fn):
     """``fn`` with the C++ autograd nodes turned off: the ops' Python autograd.Function runs, as
     it did for every backend before those nodes existed (the "before" column of a change)."""
-    modules = [importlib.import_module(f"fusedlm.ops.{m}") for m in ("norm", "attention", "glu")]
+    modules = [importlib.import_module(f"fusedlm.ops.{m}") for m in ("norm", "attention", "glu",
+                                                                         "rotary")]
 
     def run(*args):
         saved = [m.extension_autograd for m in modules]

@@ -1373,6 +1373,39 @@ struct GluFunction : public torch::autograd::Function<GluFunction> {
   }
 };
 
+// The rotation of x; its backward rotates the gradient the other way (a rotation's transpose).
+// cos and sin take no gradient here: calls whose tables require grad run the torch reference.
+struct RotaryEmbeddingFunction : public torch::autograd::Function<RotaryEmbeddingFunction> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x,  // (B, H, T, D)
+                            const at::Tensor& cos,  // (T, R/2) or (B or 1, T, R/2)
+                            const at::Tensor& sin,  // as cos
+                            bool interleaved, bool conjugate) {
+    at::Tensor out = rotary_embedding(x, cos, sin, interleaved, conjugate);
+    ctx->save_for_backward({cos, sin});
+    ctx->saved_data["interleaved"] = interleaved;
+    ctx->saved_data["conjugate"] = conjugate;
+    return out;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    at::Tensor dx;
+    {
+      at::NoGradGuard no_grad;
+      dx = rotary_embedding(grads[0], saved[0], saved[1], ctx->saved_data["interleaved"].toBool(),
+                            !ctx->saved_data["conjugate"].toBool());
+    }
+    auto out = once_differentiable({dx}, grads);
+    out.insert(out.end(), 4, at::Tensor());  // cos, sin, interleaved, conjugate
+    return out;
+  }
+};
+
+at::Tensor rotary_embedding_autograd(const at::Tensor& x, const at::Tensor& cos,
+                                     const at::Tensor& sin, bool interleaved) {
+  return RotaryEmbeddingFunction::apply(x, cos, sin, interleaved, false);
+}
+
 at::Tensor glu_autograd(const at::Tensor& gate, const at::Tensor& up,
                         const std::string& activation) {
   return GluFunction::apply(gate, up, activation);
@@ -1561,6 +1594,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("causal_offset"), py::arg("window_offset") = py::none(),
         py::arg("key_range") = py::none(), py::arg("softcap") = 0.0,
         py::arg("dropout_p") = 0.0, py::arg("dropout_seed") = py::none());
+  m.def("rotary_embedding_autograd", &fusedlm::rotary_embedding_autograd,
+        "rotary_embedding's out (conjugate false) with a C++ autograd node whose backward\n"
+        "rotates the gradient back (eager calls of the cpu backend; no gradient for cos and\n"
+        "sin; no second derivative).",
+        py::arg("x"), py::arg("cos"), py::arg("sin"), py::arg("interleaved"));
   m.def("glu_autograd", &fusedlm::glu_autograd,
         "glu_fwd's out with a C++ autograd node whose backward runs glu_bwd (eager calls of\n"
         "the cpu backend; no second derivative).",

@@ -20,6 +20,7 @@ EPS = 1e-5
 attention_ops = importlib.import_module("fusedlm.ops.attention")
 glu_ops = importlib.import_module("fusedlm.ops.glu")
 norm_ops = importlib.import_module("fusedlm.ops.norm")
+rotary_ops = importlib.import_module("fusedlm.ops.rotary")
 
 
 def _leaves(*tensors):
@@ -234,6 +235,36 @@ def test_glu_node_matches_the_python_function(activation, dtype):
     only_up = fusedlm.swiglu(gate, leaves[1], backend="cpu")  # (the gate needs no gradient)
     (dup,) = torch.autograd.grad(only_up, leaves[1], grad)
     torch.testing.assert_close(dup, torch.nn.functional.silu(gate) * grad)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64],
+                         ids=str)
+@pytest.mark.parametrize(("interleaved", "table"), [(False, "shared"), (True, "per-row"),
+                                                    (False, "partial")])
+def test_rotary_node_matches_the_python_function(table, interleaved, dtype):
+    """fusedlm.rotary_embedding: x as a (B, T, H, D) projection's transposed view, (T, R/2)
+    tables, (B, T, R/2) ones and partial rotary (R < D): out and dx bit for bit; cos and sin
+    that require grad still take the reference (their gradients are right)."""
+    B, H, T, D = 2, 3, 5, 8
+    x = torch.randn(B, T, H, D, dtype=torch.float64).to(dtype).transpose(1, 2)
+    half = 2 if table == "partial" else D // 2
+    angles = torch.randn((B, T, half) if table == "per-row" else (T, half), dtype=torch.float64)
+    cos, sin = angles.cos().float(), angles.sin().float()
+    grad = torch.randn(B, H, T, D, dtype=torch.float64).to(dtype)
+    (leaf,) = _leaves(x)
+    out = fusedlm.rotary_embedding(leaf, cos, sin, interleaved, backend="cpu")
+    assert "RotaryEmbeddingFunction" in _graph_names(out)
+    (got,) = _grads(out, grad, [leaf])
+    (python,) = _leaves(x)
+    out_python = rotary_ops._RotaryEmbeddingEager.apply(python, cos, sin, interleaved, False,
+                                                        "cpu")
+    (want,) = _grads(out_python, grad, [python])
+    assert torch.equal(out.detach(), out_python.detach())
+    assert got.dtype == want.dtype == dtype and torch.equal(got, want)
+    tables = [t.clone().requires_grad_(True) for t in (cos, sin)]
+    out_ref = fusedlm.rotary_embedding(leaf, *tables, interleaved)
+    assert "RotaryEmbeddingFunction" not in _graph_names(out_ref)
+    assert all(g is not None for g in torch.autograd.grad(out_ref, [leaf, *tables], grad))
 
 
 def test_node_takes_non_contiguous_gradients_and_retained_graphs():

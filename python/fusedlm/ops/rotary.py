@@ -14,9 +14,11 @@ from ._common import (
     check_float_tensor,
     check_same_device,
     eager_autograd_function,
+    extension_autograd,
     forward_for_call,
     reference_only,
     register_extension_kernels,
+    runs_eager_function,
 )
 
 ROTARY_EMBEDDING = OpDispatch("rotary_embedding")
@@ -124,4 +126,10 @@ def rotary_embedding(x: Tensor, cos: Tensor, sin: Tensor, interleaved: bool = Fa
         return reference.rotary_embedding(x, cos, sin, interleaved, False)
     fwd = forward_for_call(ROTARY_EMBEDDING, backend, _RotaryEmbeddingEager, _rotary_embedding,
                            reference.rotary_embedding, x)
+    if runs_eager_function(fwd, _RotaryEmbeddingEager):  # eager, with autograd: the C++ node
+        # (the backward is the same op the other way round: its dispatch serves both passes)
+        module = extension_autograd(ROTARY_EMBEDDING, ROTARY_EMBEDDING, backend, x.device,
+                                    (x, cos, sin), (x, cos, sin))
+        if module is not None:
+            return module.rotary_embedding_autograd(x, cos, sin, interleaved)
     return fwd(x, cos, sin, interleaved, False, backend)
