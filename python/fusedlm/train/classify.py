@@ -35,7 +35,6 @@ Output, written when training ends (``load_classifier`` reads it back)::
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import json
 import math
@@ -54,6 +53,7 @@ from torch import Tensor, nn
 from ..models.gpt import GPT, GPTConfig, weights_for_saving
 from .config import ConfigError, TrainConfig
 from .data import DataError
+from .precision import Precision
 from .prepare import ByteTokenizer, load_tokenizer
 from .trainer import (
     NanPolicy,
@@ -62,6 +62,7 @@ from .trainer import (
     TrainingDiverged,
     learning_rate,
     load_pretrained,
+    log_loss_scale,
     make_optimizer,
 )
 
@@ -350,7 +351,7 @@ class ClassifierTrainer:
         self.raw_model = GPTClassifier(backbone, len(self.labels)).to(self.device)
         self.model = torch.compile(self.raw_model) if cfg.compile else self.raw_model
         self.optimizer = make_optimizer(self.raw_model, cfg)
-        self.autocast_dtype = torch.bfloat16 if self.device.type == "cuda" else None
+        self.precision = Precision.for_run(cfg, self.device, self.log)
         self._rng = np.random.default_rng(cfg.seed)
         self._order, self._cursor = np.zeros(0, dtype=np.int64), 0
         self.step = 0
@@ -387,9 +388,7 @@ class ClassifierTrainer:
         return full.subset(np.sort(order[n_val:])), full.subset(np.sort(order[:n_val]))
 
     def _autocast(self):
-        if self.autocast_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+        return self.precision.autocast()
 
     def _next_indices(self) -> np.ndarray:
         """batch_size example indices: epochs of seeded permutations of the training set."""
@@ -416,19 +415,19 @@ class ClassifierTrainer:
             with self._autocast():
                 logits = self.model(idx, last)
             loss = F.cross_entropy(logits, target) * (self.loss_multiplier / cfg.grad_accum)
-            loss.backward()
+            self.precision.backward(loss)
             total_loss += loss.detach()
             correct += int((logits.argmax(-1) == target).sum())
             tokens += int(last.sum()) + len(rows)
+        self.precision.unscale(self.optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(
             self.raw_model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
-        finite = bool(torch.isfinite(total_loss).item() and torch.isfinite(grad_norm).item())
-        if finite:
-            self.optimizer.step()
+        loss_scale = self.precision.loss_scale
+        finite, overflow = self.precision.step(self.optimizer, total_loss, grad_norm)
         self.optimizer.zero_grad(set_to_none=True)
         return {"loss": float(total_loss), "lr": lr, "grad_norm": float(grad_norm),
                 "accuracy": correct / (cfg.batch_size * cfg.grad_accum), "tokens": tokens,
-                "finite": finite}
+                "finite": finite, "overflow": overflow, "loss_scale": loss_scale}
 
     @torch.no_grad()
     def evaluate(self, split: Split | None = None) -> dict:
@@ -475,6 +474,7 @@ class ClassifierTrainer:
                 record = {"step": self.step, "loss": result["loss"],
                           "accuracy": result["accuracy"], "lr": result["lr"],
                           "grad_norm": result["grad_norm"], "tokens_per_s": result["tokens"] / dt}
+                log_loss_scale(result, record, self.step, progress)
                 try:
                     nan_guard.check(self.step, result, record, progress)
                 except TrainingDiverged:

@@ -46,7 +46,8 @@ def _train(args: argparse.Namespace) -> int:
             "out", "data", "val_data", "preset", "kernels", "device", "task", "init_from",
             "seed", "batch_size", "grad_accum", "max_steps", "lr", "warmup_steps", "schedule",
             "eval_every", "ckpt_every", "sample_every", "compile", "activation_checkpointing",
-            "fsdp", "nan_policy", "document_separator", "reset_positions", "z_loss")}
+            "fsdp", "nan_policy", "document_separator", "reset_positions", "z_loss",
+            "precision")}
         flags["resume"] = args.resume or None
         if args.model:
             flags["model"] = json.loads(args.model)
@@ -160,6 +161,10 @@ def add_commands(commands) -> None:
     train.add_argument("--z-loss", type=float, metavar="WEIGHT",
                        help="PaLM's z-loss: add WEIGHT * logsumexp(logits)^2 per token to the "
                        "training loss (1e-4 is usual; default 0: none); logged apart as z_loss")
+    train.add_argument("--precision", choices=("auto", "bf16", "fp16", "fp32"),
+                       help="autocast dtype: bf16; fp16 with dynamic loss scaling; fp32 (none); "
+                       "auto (default): bf16 on GPUs that run it natively, fp16 on older ones, "
+                       "fp32 on CPU")
     train.add_argument("--eval-every", type=int)
     train.add_argument("--ckpt-every", type=int)
     train.add_argument("--sample-every", type=int)

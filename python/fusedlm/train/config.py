@@ -20,6 +20,7 @@ except ModuleNotFoundError:  # Python 3.10: the same parser, packaged as tomli (
 SCHEDULES = ("cosine", "wsd", "constant")
 NAN_POLICIES = ("skip", "stop")
 TASKS = ("lm", "classify")
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")  # (train/precision.py says what each does)
 
 
 class ConfigError(ValueError):
@@ -63,6 +64,10 @@ class TrainConfig:
     # PaLM's z-loss: adds z_loss * logsumexp(logits)**2 per token to the training loss (1e-4 is
     # usual), keeping the softmax normalizer near 1; 0: none. Validation loss never includes it.
     z_loss: float = 0.0
+    # autocast dtype: bf16, fp16 (with dynamic loss scaling) or fp32 (none); auto: bf16 on a
+    # CUDA device that runs it natively, fp16 on an older one, fp32 on a CPU
+    precision: str = "auto"
+    initial_loss_scale: float = 65536.0  # fp16: the dynamic loss scale's start (GradScaler's)
     # what runs around the step
     eval_every: int | None = None
     eval_batches: int = 20
@@ -130,6 +135,7 @@ class TrainConfig:
             "beta2": (0.0, 1.0, "in [0, 1)"),
             "grad_clip": (0.0, math.inf, "a finite number >= 0 (0 disables it)"),
             "z_loss": (0.0, math.inf, "a finite number >= 0 (0: no z-loss)"),
+            "initial_loss_scale": (1.0, math.inf, "a finite number >= 1"),
         }
         for name, (low, high, rule) in ranges.items():
             value = getattr(self, name)
@@ -142,7 +148,8 @@ class TrainConfig:
                 raise ConfigError(f"'device' must be auto, cpu, cuda or cuda:N, got "
                                   f"{self.device!r}") from e
         choices = {"kernels": ("fused", "torch"), "schedule": SCHEDULES, "task": TASKS,
-                   "nan_policy": NAN_POLICIES, "data_mode": ("random", "sequential")}
+                   "nan_policy": NAN_POLICIES, "data_mode": ("random", "sequential"),
+                   "precision": PRECISIONS}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"'{name}' must be one of {', '.join(allowed)}; "

@@ -1,13 +1,13 @@
 """The training loop behind ``fusedlm train``: language-model pretraining or continued training
 of ``fusedlm.models.GPT`` on token shards.
 
-Per step: ``grad_accum`` micro-batches (bf16 autocast on GPU; under DDP the gradient all-reduce,
-under FSDP2 (``--fsdp``) the reduce-scatter, runs on the last micro-step only), the NaN/Inf
-check, global-norm clipping, one
+Per step: ``grad_accum`` micro-batches (autocast by ``precision``, see train/precision.py: bf16
+on GPU by default; under DDP the gradient all-reduce, under FSDP2 (``--fsdp``) the
+reduce-scatter, runs on the last micro-step only), the NaN/Inf check, global-norm clipping, one
 AdamW step (``fusedlm.optim.AdamW``; torch's with ``kernels="torch"``; weight decay on matrices and
-embeddings only), the learning rate
-from warmup + cosine, WSD or constant. Every step is logged to ``OUT/metrics.jsonl``; validation,
-samples and checkpoints come every ``eval_every``/``sample_every``/``ckpt_every`` steps.
+embeddings only), the learning rate from warmup + cosine, WSD or constant. Every step is logged
+to ``OUT/metrics.jsonl``; validation, samples and checkpoints come every
+``eval_every``/``sample_every``/``ckpt_every`` steps.
 With ``z_loss`` > 0 the training loss adds PaLM's z-loss (``z_loss * logsumexp**2`` a token);
 the log's ``loss`` stays the cross-entropy alone, comparable with ``val_loss``, and ``z_loss``
 is the term added.
@@ -15,6 +15,9 @@ is the term added.
 NaN policy: a step whose loss or gradient norm is not finite is never applied. With
 ``nan_policy="skip"`` the step's gradients are dropped (logged with ``"skipped": true``) and the
 run stops after ``max_bad_steps`` consecutive bad steps; with ``"stop"`` it stops at the first.
+Under ``precision="fp16"`` a finite loss with overflowing gradients is the loss scaler's
+business, not a bad step: the scaler skips it and lowers the scale (logged with ``"skipped"``
+and ``"overflow": true``; every record holds the ``loss_scale`` its step used).
 """
 
 from __future__ import annotations
@@ -48,6 +51,7 @@ from .distributed import (
     wrap_model,
 )
 from .hardware import peak_flops
+from .precision import Precision
 from .prepare import stdlib_corpus_dir, tokenizer_for_data
 
 
@@ -126,6 +130,18 @@ class NanPolicy:
         progress.message(f"{reason}: step skipped (nan_policy='skip')")
 
 
+def log_loss_scale(result: dict, record: dict, step: int, progress: Progress) -> None:
+    """fp16: the loss scale the step used goes in its record, and a step the scaler skipped
+    for an overflow is marked skipped (with ``overflow``) and said."""
+    if result["loss_scale"] is None:
+        return
+    record["loss_scale"] = result["loss_scale"]
+    if result["overflow"]:
+        record.update(skipped=True, overflow=True)
+        progress.message(f"step {step}: float16 gradients overflowed at loss scale "
+                         f"{result['loss_scale']:g}: step skipped, scale lowered")
+
+
 class Progress:
     """One terminal line redrawn in place (a TTY), or a log line every ``log_every`` steps;
     nothing at all when ``quiet`` (the ranks other than 0)."""
@@ -184,7 +200,8 @@ class Trainer:
             barrier(self.dist)
             self.data_dir = stdlib_corpus_dir(log=self.log)
         self.tokenizer = tokenizer_for_data(self.data_dir)
-        self.autocast_dtype = torch.bfloat16 if self.device.type == "cuda" else None
+        self.precision = Precision.for_run(cfg, self.device, self.log,
+                                           sharded=cfg.fsdp and self.dist.enabled)
 
         resume_state = None
         if not cfg.resume and ckpt.latest_checkpoint(cfg.out) is not None:
@@ -223,6 +240,10 @@ class Trainer:
         if cfg.compile:
             self.model = torch.compile(self.model)
         self.peak_flops, self.device_name = peak_flops(self.device)
+        if self.peak_flops and self.precision.name == "fp32":
+            self.peak_flops = None  # the table holds 16-bit tensor-core peaks only
+            self.log("mfu: not reported for precision=fp32 (the peak table holds bf16/fp16 "
+                     "tensor-core peaks)")
         self.flops_per_token = self.raw_model.flops_per_token()
 
     # ---- setup ----------------------------------------------------------------------------
@@ -298,6 +319,7 @@ class Trainer:
         _set_rng_state(trainer["rng"][min(self.dist.rank, len(trainer["rng"]) - 1)],
                        self.device)
         self.best_val_loss = trainer.get("best_val_loss")
+        self.precision.load_state_dict(trainer.get("loss_scaler"))
         self.log(f"resumed from {state['path']} at step {self.step}")
         if self.is_main:  # only rank 0 writes the file: two ranks rewriting it race
             _truncate_metrics(os.path.join(self.cfg.out, "metrics.jsonl"), self.step)
@@ -305,9 +327,7 @@ class Trainer:
     # ---- the loop -------------------------------------------------------------------------
 
     def _autocast(self):
-        if self.autocast_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+        return self.precision.autocast()
 
     def train_step(self, step: int) -> dict:
         cfg = self.cfg
@@ -330,22 +350,22 @@ class Trainer:
                 _, loss, *z_part = self.model(x, y, return_logits=False, **self._packing(x),
                                               **z_args)
                 loss = loss * (self.loss_multiplier / cfg.grad_accum)
-            loss.backward()
+            self.precision.backward(loss)
             total_loss += loss.detach()
             if z_part:
                 total_z_loss += z_part[0] / cfg.grad_accum
         # (one all-reduce for both)
         loss_value, z_value = mean_across_ranks(torch.stack((total_loss, total_z_loss)),
                                                 self.dist).unbind()
+        self.precision.unscale(self.optimizer)  # (fp16) the norm and the clipping see true grads
         # max_norm=inf measures the norm without clipping.
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(),
                                                    cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
-        finite = bool(torch.isfinite(loss_value).item() and torch.isfinite(grad_norm).item())
-        if finite:
-            self.optimizer.step()
+        loss_scale = self.precision.loss_scale  # (fp16) the scale this step's backward used
+        finite, overflow = self.precision.step(self.optimizer, loss_value, grad_norm)
         self.optimizer.zero_grad(set_to_none=True)
         result = {"loss": float(loss_value), "lr": lr, "grad_norm": float(grad_norm),
-                  "finite": finite}
+                  "finite": finite, "overflow": overflow, "loss_scale": loss_scale}
         if cfg.z_loss:  # loss: the cross-entropy alone (as val_loss); z_loss: the term added
             result.update(loss=float(loss_value - z_value), z_loss=float(z_value))
         return result
@@ -407,6 +427,7 @@ class Trainer:
         trainer_state = {
             "step": self.step, "data": self.train_batches.state_dict(),
             "rng": rng_states, "best_val_loss": self.best_val_loss,
+            "loss_scaler": self.precision.state_dict(),
         }
         config = {"model": self.model_config.to_dict(), "train": self.cfg.to_dict(),
                   "tokenizer": self.tokenizer.name}
@@ -461,6 +482,7 @@ class Trainer:
                                   self.peak_flops) if self.peak_flops else None}
                 if "z_loss" in result:
                     record["z_loss"] = result["z_loss"]
+                log_loss_scale(result, record, self.step, progress)
                 if self.step == first_step:
                     # Which backend served each fusedlm op ("auto" may pass a case to another
                     # backend, or to the torch reference), on which device and peak: a
