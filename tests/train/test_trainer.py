@@ -242,6 +242,14 @@ def test_nan_policy_skip_drops_the_step_and_goes_on(data_dir, tmp_path):
     records = read_metrics(tmp_path / "run")
     assert [r.get("skipped", False) for r in records] == [False, False, True, False, False, False]
     assert all(math.isfinite(r["loss"]) for i, r in enumerate(records) if i != 2)
+    # strict JSON: the skipped step's NaN loss and gradient norm are nulls, not NaN tokens
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    strict = [json.loads(line, parse_constant=_refuse_constant) for line in lines]
+    assert strict[2]["loss"] is None and strict[2]["grad_norm"] is None
+
+
+def _refuse_constant(name: str):
+    raise AssertionError(f"metrics.jsonl holds {name}, which strict JSON readers refuse")
 
 
 def test_nan_policy_stops_after_max_bad_steps(data_dir, tmp_path):

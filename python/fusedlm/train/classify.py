@@ -60,6 +60,7 @@ from .trainer import (
     Progress,
     Trainer,
     TrainingDiverged,
+    append_metrics,
     learning_rate,
     load_pretrained,
     log_loss_scale,
@@ -460,7 +461,7 @@ class ClassifierTrainer:
             first = self.evaluate()
             progress.message(f"step 0: val_loss {first['val_loss']:.4f} "
                              f"val_accuracy {first['val_accuracy']:.3f}")
-            _append(metrics_path, {"step": 0, **first})
+            append_metrics(metrics_path, {"step": 0, **first})
         self.model.train()
         nan_guard, record = NanPolicy(cfg), {}
         try:
@@ -478,14 +479,14 @@ class ClassifierTrainer:
                 try:
                     nan_guard.check(self.step, result, record, progress)
                 except TrainingDiverged:
-                    _append(metrics_path, record)
+                    append_metrics(metrics_path, record)
                     raise
                 if self.step == cfg.max_steps or (cfg.eval_every and
                                                   self.step % cfg.eval_every == 0):
                     record.update(self.evaluate())
                     progress.message(f"step {self.step}: val_loss {record['val_loss']:.4f} "
                                      f"val_accuracy {record['val_accuracy']:.3f}")
-                _append(metrics_path, record)
+                append_metrics(metrics_path, record)
                 progress.update(self.step - 1, f"loss {result['loss']:.4f} "
                                 f"acc {result['accuracy']:.2f}")
         finally:
@@ -516,11 +517,6 @@ class ClassifierTrainer:
             json.dump(meta, f, indent=2)
         os.replace(f"{config_path}.tmp-{os.getpid()}", config_path)
         return weights_path
-
-
-def _append(path: str, record: dict) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
 
 
 def train_classifier(cfg: TrainConfig, log=print) -> dict:

@@ -530,8 +530,7 @@ class Trainer:
     def _write(self, path: str, record: dict, writer) -> None:
         if not self.is_main:
             return
-        with open(path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        append_metrics(path, record)
         if writer is not None:
             for key, value in record.items():
                 if key != "step" and isinstance(value, (int, float)) and value is not None:
@@ -544,6 +543,17 @@ class Trainer:
         # at the end of a CPU run (torch 2.13). destroy_process_group frees it without the GIL.
         self.model = self.raw_model
         shutdown_distributed()
+
+
+def append_metrics(path: str, record: dict) -> None:
+    """Appends ``record`` to the metrics file as one line of strict JSON: a non-finite number
+    (the loss or gradient norm of a skipped step) is written as null, which every JSON reader
+    takes (Python's default NaN/Infinity tokens stop jq, JavaScript and most others); the
+    record's ``skipped`` / ``overflow`` flags say why it is missing."""
+    clean = {key: None if isinstance(value, float) and not math.isfinite(value) else value
+             for key, value in record.items()}
+    with open(path, "a") as f:
+        f.write(json.dumps(clean, allow_nan=False) + "\n")
 
 
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
