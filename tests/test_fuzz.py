@@ -20,8 +20,9 @@ Run length:
   * default: derandomized (a fixed seed, the same examples every run) with a small
     ``max_examples`` per test, about a minute in all (CI; tests/run_sanitized runs it under ASan).
   * ``pytest tests/test_fuzz.py --fuzz-long`` draws 5000 examples per test,
-    ``--fuzz-long=N`` draws N; long runs are randomized (hypothesis prints the seed of a failure,
-    rerun it with ``--hypothesis-seed=SEED``). Roughly 0.05-0.5 s per example on 2 cores, so
+    ``--fuzz-long=N`` draws N; long runs are randomized. A failure prints its draws and a
+    ``@reproduce_failure(...)`` blob that replays it exactly (each example seeds torch from a
+    draw: ``seed_torch``). Roughly 0.05-0.5 s per example on 2 cores, so
     ``--fuzz-long=N`` runs for about N * 0.2 s per test.
   Combine with tests/run_sanitized (``tests/run_sanitized tests/test_fuzz.py --fuzz-long``) to
   fuzz under AddressSanitizer.
@@ -87,6 +88,15 @@ def fuzz(request):
         return settings(max_examples=n, derandomize=True, **common)
 
     return make
+
+
+def seed_torch(data) -> None:
+    """Seeds torch's global RNG from a drawn integer, first thing in every example, so the
+    values torch draws (make_tensor's, the gradients') are a function of the example's draws
+    and a failure found by ``--fuzz-long`` reproduces from the blob hypothesis prints.
+    Hypothesis seeds ``random`` and numpy for each example, not torch: torch's state carried
+    over from the examples before, and such failures did not reproduce."""
+    torch.manual_seed(data.draw(st.integers(0, 2**32 - 1), label="torch_seed"))
 
 
 # ---- layouts -----------------------------------------------------------------------------------
@@ -228,6 +238,7 @@ def test_fuzz_attention(backend, fuzz):
     @fuzz(30)
     @given(data=st.data())
     def run(data):
+        seed_torch(data)
         B, Hq, Hkv, Tq, Tk, D, dtype = _attention_case(data, backend)
         causal = data.draw(st.booleans(), label="causal")
         scale = data.draw(st.one_of(st.none(), st.floats(-2, 2, allow_nan=False)), label="scale")
@@ -336,6 +347,7 @@ def test_fuzz_attention_dropout(backend, fuzz):
     @fuzz(20)
     @given(data=st.data())
     def run(data):
+        seed_torch(data)
         B, Hq, Hkv, Tq, Tk, D, dtype = _attention_case(data, backend)
         if dtype == torch.bfloat16:  # (the op is the same in float16)
             dtype = torch.float16
@@ -405,6 +417,7 @@ def test_fuzz_attention_sinks_and_lse(backend, fuzz):
     @fuzz(20)
     @given(data=st.data())
     def run(data):
+        seed_torch(data)
         B, Hq, Hkv, Tq, Tk, D, dtype = _attention_case(data, backend)
         if dtype == torch.bfloat16:  # (forward-only there; the op is the same in float16)
             dtype = torch.float16
@@ -487,6 +500,7 @@ def test_fuzz_attention_varlen(backend, fuzz):
     @fuzz(25)
     @given(data=st.data())
     def run(data):
+        seed_torch(data)
         count = data.draw(st.integers(1, 5), label="sequences")
         length = st.one_of(st.sampled_from([0, 1, 63, 64, 65, 129]), st.integers(0, 40))
         lens_q = data.draw(st.lists(length, min_size=count, max_size=count), label="query lens")
@@ -585,6 +599,7 @@ def test_fuzz_key_range_builders(fuzz):
     @fuzz(200)
     @given(data=st.data())
     def run(data):
+        seed_torch(data)
         B, T = data.draw(st.integers(0, 4), label="B"), data.draw(st.integers(0, 40), label="T")
         rows = data.draw(st.lists(st.lists(st.integers(-3, 3), min_size=T, max_size=T),
                                   min_size=B, max_size=B), label="values")
@@ -733,6 +748,7 @@ def test_fuzz_sdpa_masks(backend, fuzz, monkeypatch):
     @fuzz(120 if backend in ("cpu", "torch") else 30)
     @given(data=st.data())
     def run(data):
+        seed_torch(data)
         N = data.draw(st.integers(1, 3), label="N")
         three_d = data.draw(st.booleans(), label="3-D inputs")
         H = 1 if three_d else data.draw(st.integers(1, 3), label="H")
@@ -832,6 +848,7 @@ def test_fuzz_norm(op, backend, fuzz):
     @fuzz(25)
     @given(data=st.data())
     def run(data):
+        seed_torch(data)
         x_shape, norm_shape = _norm_case(data)
         dtype = data.draw(st.sampled_from(DTYPES), label="dtype")
         lead = len(x_shape) - len(norm_shape)
@@ -902,6 +919,7 @@ def test_fuzz_norm_ops_direct(op, backend, fuzz):
     @fuzz(15)
     @given(data=st.data())
     def run(data):
+        seed_torch(data)
         N = data.draw(st.one_of(st.sampled_from(HIDDEN), st.integers(1, 70000)), label="hidden")
         M = data.draw(st.integers(0, max(1, min(24, 40_000 // N))), label="rows")
         dtype = data.draw(st.sampled_from(DTYPES), label="dtype")
@@ -967,6 +985,7 @@ def test_fuzz_add_norm(op, backend, fuzz):
     @fuzz(25)
     @given(data=st.data())
     def run(data):
+        seed_torch(data)
         x_shape, norm_shape = _norm_case(data)
         x_dtype, r_dtype = data.draw(st.sampled_from(ADD_NORM_PAIRS), label="dtypes")
         h_dtype = torch.promote_types(x_dtype, r_dtype)
@@ -1038,6 +1057,7 @@ def test_fuzz_add_norm_ops_direct(op, backend, fuzz):
     @fuzz(15)
     @given(data=st.data())
     def run(data):
+        seed_torch(data)
         N = data.draw(st.one_of(st.sampled_from(HIDDEN), st.integers(1, 70000)), label="hidden")
         M = data.draw(st.integers(0, max(1, min(24, 40_000 // N))), label="rows")
         x_dtype, dtype = data.draw(st.sampled_from(ADD_NORM_KERNEL_PAIRS), label="dtypes")
@@ -1120,6 +1140,7 @@ def test_fuzz_cross_entropy(backend, fuzz):
     @fuzz(20)
     @given(data=st.data())
     def run(data):
+        seed_torch(data)
         V = data.draw(st.one_of(st.sampled_from(CLASSES), st.integers(1, 60000)), label="classes")
         N = data.draw(st.integers(0, max(1, min(40, 120_000 // V))), label="rows")
         dtype = data.draw(st.sampled_from(DTYPES), label="dtype")
@@ -1174,6 +1195,7 @@ def test_fuzz_linear_cross_entropy(backend, fuzz):
     @fuzz(20)
     @given(data=st.data())
     def run(data):
+        seed_torch(data)
         V = data.draw(st.one_of(st.sampled_from(CLASSES[:-3]), st.integers(1, 20000)),
                       label="classes")
         C = data.draw(st.one_of(st.sampled_from([1, 2, 7, 8, 9, 31, 64]), st.integers(1, 200)),
@@ -1277,6 +1299,7 @@ def test_fuzz_rotary_embedding(backend, fuzz):
     @fuzz(30)
     @given(data=st.data())
     def run(data):
+        seed_torch(data)
         B = data.draw(st.integers(0, 3), label="B")
         H = data.draw(st.integers(0, 4), label="H")
         D = data.draw(st.one_of(st.sampled_from(HEAD_DIMS), st.integers(1, 256)), label="D")
@@ -1380,6 +1403,7 @@ def test_fuzz_glu(backend, fuzz):
     @fuzz(40)
     @given(data=st.data())
     def run(data):
+        seed_torch(data)
         activation = data.draw(st.sampled_from(["silu", "gelu", "gelu_tanh"]), label="activation")
         function = _glu_function(activation)
         W = data.draw(st.one_of(st.sampled_from(HIDDEN), st.integers(1, 70000)), label="width")
@@ -1445,6 +1469,7 @@ def test_fuzz_adamw(backend, fuzz):
     @fuzz(20)
     @given(data=st.data())
     def run(data):
+        seed_torch(data)
         count = data.draw(st.integers(0, 4), label="count")
         param_dtype = data.draw(st.sampled_from(DTYPES), label="param_dtype")
         state_dtype = data.draw(st.sampled_from([param_dtype, torch.float32]), label="state_dtype")
@@ -1510,6 +1535,7 @@ def test_fuzz_adamw_optimizer_layouts(backend, fuzz):
     @fuzz(15)
     @given(data=st.data())
     def run(data):
+        seed_torch(data)
         dtype = data.draw(st.sampled_from([torch.float64, torch.float32]), label="dtype")
         count = data.draw(st.integers(1, 3), label="count")
         base = []
@@ -1564,6 +1590,7 @@ def test_fuzz_adamw_trajectory(backend, fuzz):
     @fuzz(25)
     @given(data=st.data())
     def run(data):
+        seed_torch(data)
         device = device_of(backend)
         dtype = data.draw(st.sampled_from([torch.float64, torch.float32]), label="dtype")
         tol = 1e-12 if dtype == torch.float64 else 1e-5

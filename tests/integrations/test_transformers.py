@@ -32,7 +32,7 @@ from tests.integrations.test_transformers_models import (  # noqa: E402
     NOT_ONE_RUN,
     builds_own_masks,
 )
-from tests.test_fuzz import fuzz  # noqa: E402, F401  (the fixture)
+from tests.test_fuzz import fuzz, seed_torch  # noqa: E402, F401  (fuzz: the fixture)
 
 pytestmark = pytest.mark.skipif(not cpu_backend_available(), reason=cpu_unavailable_reason())
 
@@ -1266,6 +1266,7 @@ def test_fuzz_attention_masks_match_the_unpatched_model(fuzz):  # noqa: F811
         model, same, truth = _fuzz_triple(name)
         B = data.draw(st.integers(1, 3), label="B")
         T = data.draw(st.integers(1, 20), label="T")
+        seed_torch(data)
         ids = torch.randint(1, VOCAB, (B, T))
         inputs = {"input_ids": ids}
         real = torch.ones(B, T, dtype=torch.bool)
