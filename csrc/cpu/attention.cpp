@@ -235,24 +235,6 @@ void matmul(int64_t M, int64_t N, int64_t K, const double* A, int64_t ld_a, cons
   }
 }
 
-// matmul with the K sum cut into chunks of at most kSumChunk, each its own GEMM accumulated
-// into C: a GEMM sums K in one sequential chain, whose rounding grows with K where the terms
-// are alike, and dP = dO V^T cancels against Delta in dS, which carries that error into dq and
-// dk whole. With a constant dO and V (stride-0 expanded; a tests/test_fuzz.py draw) and
-// D = 218, dk reached 24x the float32 reference's error in one chain; chunks of 64, 32 and 16
-// brought the worst of 40 draws to 4.8x, 2.3x and 1.3x (test_attention.py's
-// ..._constant_values_and_grad). No slowdown this VM resolves (fwd+bwd D = 64 and 128).
-constexpr int64_t kSumChunk = 16;
-
-template <typename acc_t>
-void matmul_chunked_sum(int64_t M, int64_t N, int64_t K, const acc_t* A, int64_t ld_a,
-                        const acc_t* B, int64_t ld_b, acc_t* C, int64_t ld_c) {
-  for (int64_t k = 0; k < K; k += kSumChunk) {
-    matmul(M, N, std::min(kSumChunk, K - k), A + k, ld_a, B + k * ld_b, ld_b, C, ld_c,
-           /*accumulate=*/k > 0);
-  }
-}
-
 // ---- row helpers: portable versions (used for double and as the fallback) ----
 
 // (softmax_rows.h: the row max and exp(x - shift) with its sum, shared with cross-entropy)
@@ -1060,8 +1042,8 @@ void backward_kernel(const at::Tensor& grad_out, const at::Tensor& q, const at::
             // dP^T (cols, rows) = V (cols, D) @ dO^T (D, rows), times M^T with dropout: out
             // = (P * M) V, so the gradient reaching P is M * (dO V^T), and Delta = rowsum(dO *
             // out) is still rowsum(P * dP).
-            matmul_chunked_sum(cols, rows, D, value_rows, value_ld, grad_block_t.data(), rows,
-                               grad_scores_t.data(), rows);
+            matmul(cols, rows, D, value_rows, value_ld, grad_block_t.data(), rows,
+                   grad_scores_t.data(), rows, /*accumulate=*/false);
             if (dropout.active()) {
               for (int64_t i = 0; i < cols * rows; ++i) grad_scores_t[i] *= dropout_t[i];
             }
