@@ -20,6 +20,14 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# Under pytest-xdist (the README's `-n logical`), the workers share the machine's cores: each
+# takes its share of torch's threads, since two workers of two OpenMP threads each on two cores
+# stall on each other's barriers. (A run without xdist keeps torch's default threads: CI's
+# sanitized run, tests/run_sanitized, exercises the CPU kernels' multi-threaded paths.)
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    workers = int(os.environ["PYTEST_XDIST_WORKER_COUNT"])
+    torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // workers))
+
 from tests.cuda_context_guard import (  # noqa: F401  (pytest hooks, see its docstring)
     pytest_configure,
     pytest_runtest_setup,
