@@ -22,9 +22,12 @@ if not torch.cuda.is_available():
 
 # Under pytest-xdist (the README's `-n logical`), the workers share the machine's cores: each
 # takes its share of torch's threads, since two workers of two OpenMP threads each on two cores
-# stall on each other's barriers. (A run without xdist keeps torch's default threads: CI's
-# sanitized run, tests/run_sanitized, exercises the CPU kernels' multi-threaded paths.)
-if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+# stall on each other's barriers. FUSEDLM_TEST_THREADS=N sets N instead: CI's sanitized run
+# (tests/run_sanitized under xdist) keeps 2 per worker, so the CPU kernels' multi-threaded
+# partitions run under the sanitizers too. A run without xdist keeps torch's default.
+if os.environ.get("FUSEDLM_TEST_THREADS"):
+    torch.set_num_threads(int(os.environ["FUSEDLM_TEST_THREADS"]))
+elif os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
     workers = int(os.environ["PYTEST_XDIST_WORKER_COUNT"])
     torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // workers))
 
