@@ -1149,7 +1149,9 @@ def test_table_shows_peak_memory_where_rows_have_it(quick_run):
 
 def test_quick_run_is_quick(quick_run):
     *_, elapsed = quick_run
-    assert elapsed < 90, f"fusedlm bench --quick took {elapsed:.0f} s of CPU time"
+    # 61 s of CPU time alone on CI's 2-core machine; beside another xdist worker the same run
+    # took 1.4x the CPU time (the two vCPUs share a core), so 120 s flags a doubling.
+    assert elapsed < 120, f"fusedlm bench --quick took {elapsed:.0f} s of CPU time"
 
 
 def test_merge_recomputes_ratios(quick_run):
