@@ -22,9 +22,10 @@ if not torch.cuda.is_available():
 
 # Under pytest-xdist (the README's `-n logical`), the workers share the machine's cores: each
 # takes its share of torch's threads, since two workers of two OpenMP threads each on two cores
-# stall on each other's barriers. FUSEDLM_TEST_THREADS=N sets N instead (for a sanitized run
-# under xdist that still exercises the CPU kernels' multi-threaded partitions:
-# `FUSEDLM_TEST_THREADS=2 tests/run_sanitized -n logical`). Without xdist: torch's default.
+# stall on each other's barriers. FUSEDLM_TEST_THREADS=N sets N instead (CI's sanitized run
+# under xdist, which still exercises the CPU kernels' multi-threaded partitions, with
+# OMP_WAIT_POLICY=passive so that the idle threads sleep at a barrier rather than spin against
+# the other worker's: see .ci/run). Without xdist: torch's default.
 if os.environ.get("FUSEDLM_TEST_THREADS"):
     torch.set_num_threads(int(os.environ["FUSEDLM_TEST_THREADS"]))
 elif os.environ.get("PYTEST_XDIST_WORKER_COUNT"):

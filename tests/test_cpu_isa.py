@@ -24,6 +24,16 @@ ROOT = Path(__file__).resolve().parent.parent
 LEVELS = ("generic", "avx2", "avx512")
 # The suites that run the cpu backend's kernels against the reference (their -k cpu cases).
 CPU_KERNEL_SUITES = ("tests/ops", "tests/optim", "tests/nn", "tests/test_fuzz.py")
+# Their files in three parts of similar time (~35 s each at -k cpu, unsanitized), run as
+# separate tests so that pytest-xdist workers take them side by side: as one subprocess they
+# were the sanitized run's last 260 s, with the other worker idle. "rest" is every other file.
+CPU_KERNEL_PARTS = {
+    "attention": ("tests/ops/test_attention.py",),
+    "adamw-norm-glu-linear_cross_entropy": ("tests/ops/test_adamw.py", "tests/ops/test_add_norm.py",
+                                            "tests/ops/test_glu.py",
+                                            "tests/ops/test_linear_cross_entropy.py"),
+    "rest": (),
+}
 
 
 def _detected() -> str:
@@ -32,6 +42,18 @@ def _detected() -> str:
 
 def _lower_levels() -> list:
     return list(LEVELS[: LEVELS.index(_detected())])
+
+
+def _part_files(part: str) -> list:
+    if CPU_KERNEL_PARTS[part]:
+        return list(CPU_KERNEL_PARTS[part])
+    named = {f for files in CPU_KERNEL_PARTS.values() for f in files}
+    files = []
+    for suite in CPU_KERNEL_SUITES:
+        path = ROOT / suite
+        found = sorted(path.rglob("test_*.py")) if path.is_dir() else [path]
+        files += [f for f in (p.relative_to(ROOT).as_posix() for p in found) if f not in named]
+    return files
 
 
 def _env(isa: str) -> dict:
@@ -88,14 +110,16 @@ def test_environment_variable_with_a_bad_value_names_it():
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("part", CPU_KERNEL_PARTS)
 @pytest.mark.parametrize("isa", ["generic", "avx2"])
-def test_cpu_kernel_suites_pass_on_the_lower_paths(isa):
-    """The CPU kernel tests again, capped at `isa` (each path below the one this CPU uses)."""
+def test_cpu_kernel_suites_pass_on_the_lower_paths(isa, part):
+    """The CPU kernel tests again, capped at `isa` (each path below the one this CPU uses),
+    one part of their files at a time."""
     if isa not in _lower_levels():
         pytest.skip(f"this CPU's best path is {_detected()}: the main run already tests {isa}")
     result = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-k", "cpu",
-         *CPU_KERNEL_SUITES],
+         *_part_files(part)],
         capture_output=True, text=True, env=_env(isa), cwd=ROOT, timeout=900,
     )
     tail = "\n".join(result.stdout.splitlines()[-30:])
