@@ -596,6 +596,34 @@ def test_fused_path_reads_no_tensor_on_the_host(backend, monkeypatch):
 
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("fused", [None, True], ids=["steps_on_host", "steps_on_device"])
+@pytest.mark.parametrize("skip", [False, True], ids=["finite", "found-inf"])
+def test_one_element_grad_scale_and_found_inf(skip, fused, backend):
+    """grad_scale and found_inf of shape (1,) (as FSDP2's ShardedGradScaler makes them) act as
+    the 0-dim ones GradScaler makes: the same params and step counts after the step, a skipped
+    step leaving both as they were. (A (1,) found_inf against 0-dim step counts on the device
+    once raised a broadcast error.)"""
+    device = device_of(backend)
+    models = [_mlp(device) for _ in range(2)]
+    opts = [fusedlm.optim.AdamW(m.parameters(), lr=1e-2, fused=fused, backend=backend)
+            for m in models]
+    first = [p.detach().clone() for p in models[0].parameters()]
+    x, y = _batches(1, device)[0]
+    for opt, model, shape in zip(opts, models, [(), (1,)], strict=True):
+        torch.nn.functional.mse_loss(model(x), y).mul(4.0).backward()
+        opt.grad_scale = torch.full(shape, 4.0, device=device)
+        opt.found_inf = torch.full(shape, float(skip), device=device)
+        opt.step()
+    _assert_same_params(*models, rtol=0, atol=0)
+    steps = [float(opt.state[model[0].weight]["step"]) for opt, model in zip(opts, models,
+                                                                              strict=True)]
+    assert steps == [0.0 if skip else 1.0] * 2
+    moved = any(not torch.equal(p, q) for p, q in zip(models[1].parameters(), first,
+                                                       strict=True))
+    assert moved is not skip
+
+
 # ---- step counts on the host: one extension call per step, not one torch op per count --------
 
 

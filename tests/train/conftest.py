@@ -8,6 +8,7 @@ import os
 import sysconfig
 
 import pytest
+import torch
 
 from fusedlm.train.prepare import prepare
 
@@ -39,3 +40,13 @@ def train_flags(data_dir: str, out, steps: int = 6, model: str | None = TINY_MOD
 def read_metrics(out) -> list[dict]:
     with open(os.path.join(out, "metrics.jsonl")) as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+def refuse_host_reads(patch) -> None:
+    """Makes every way of turning a tensor into a Python value raise (``patch``: a monkeypatch
+    context): on a GPU each is a wait for the device."""
+    def refuse(self, *args, **kwargs):
+        raise AssertionError("a tensor was read on the host")
+
+    for name in ("item", "__float__", "__bool__", "__int__", "__index__", "tolist", "numpy"):
+        patch.setattr(torch.Tensor, name, refuse)

@@ -17,9 +17,11 @@ from fusedlm.cli import main
 from fusedlm.models.gpt import GPT, GPTConfig
 from fusedlm.train import classify
 from fusedlm.train.checkpoint import load_checkpoint
+from fusedlm.train.config import make_config
 from fusedlm.train.data import DataError
 from fusedlm.train.prepare import ByteTokenizer
-from tests.train.conftest import read_metrics, train_flags
+from fusedlm.train.trainer import read_step
+from tests.train.conftest import read_metrics, refuse_host_reads, train_flags
 
 MODEL = json.dumps({"n_layer": 2, "n_embd": 64, "n_head": 2, "block_size": 64})
 POSITIVE, NEGATIVE = ("good", "great", "fine"), ("bad", "awful", "poor")
@@ -175,6 +177,25 @@ def test_nan_policy_stop(tmp_path, monkeypatch, capsys):
     records = read_metrics(out)
     assert len(records) == 1 and records[0]["skipped"] is True
     assert not os.path.exists(out / "classifier.safetensors")
+
+
+
+def test_a_step_never_reads_a_tensor_on_the_host(tmp_path, monkeypatch):
+    """A classifier step (two micro-batches) queues its loss, accuracy and gradient norm as
+    tensors, read once afterwards (read_step), never during the step."""
+    data = write_jsonl(tmp_path / "train.jsonl", reviews(40, seed=4))
+    cfg = make_config(task="classify", data=data, out=str(tmp_path / "run"),
+                      model=json.loads(MODEL), batch_size=8, grad_accum=2, max_steps=2,
+                      warmup_steps=0, seed=5)
+    trainer = classify.ClassifierTrainer(cfg, log=lambda *a: None)
+    with monkeypatch.context() as patch:
+        refuse_host_reads(patch)
+        results = [trainer.train_step(step) for step in range(2)]
+    for result in map(read_step, results):
+        assert result["finite"] is True and math.isfinite(result["loss"])
+        assert 0.0 <= result["accuracy"] <= 1.0 and result["accuracy"] * 16 == round(
+            result["accuracy"] * 16)
+        assert result["tokens"] > 16
 
 
 # ---- errors -------------------------------------------------------------------------------

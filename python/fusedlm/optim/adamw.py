@@ -272,7 +272,9 @@ class AdamW(torch.optim.AdamW):
                         g.copy_(c)
         if found_inf is not None:
             # A skipped step does not count: subtract found_inf != 0 where the counts live.
-            skipped = (found_inf != 0).to(torch.float32)
+            # (ShardedGradScaler's found_inf has shape (1,), GradScaler's (): either must
+            # subtract from the 0-dim counts)
+            skipped = (found_inf != 0).to(torch.float32).reshape(())
             if cpu_steps and bool(_on(skipped, torch.device("cpu"))):  # host read: CPU counts
                 _increment_steps([steps[i] for i in cpu_steps], -1.0)
             by_step_device: dict[torch.device, list[Tensor]] = {}

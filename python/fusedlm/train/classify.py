@@ -65,6 +65,7 @@ from .trainer import (
     load_pretrained,
     log_loss_scale,
     make_optimizer,
+    read_step,
 )
 
 FORMAT, VERSION = "fusedlm-classifier", 1
@@ -238,7 +239,9 @@ class GPTClassifier(nn.Module):
     """A GPT backbone and a linear head on the final-norm hidden state of the last real token.
 
     ``forward(idx, last)``: idx (B, T) int64 token ids, right-padded; last (B,) int64 positions
-    of the last real tokens -> logits (B, num_classes) float32."""
+    of the last real tokens -> logits (B, num_classes) float32. ``check_last=False`` skips
+    the range check of ``last`` (a host read: on a GPU, a wait for the device), for callers
+    whose positions are valid by construction (``collate``'s)."""
 
     def __init__(self, backbone: GPT, num_classes: int) -> None:
         super().__init__()
@@ -249,11 +252,12 @@ class GPTClassifier(nn.Module):
         nn.init.normal_(self.head.weight, 0.0, 0.02)
         nn.init.zeros_(self.head.bias)
 
-    def forward(self, idx: Tensor, last: Tensor) -> Tensor:
+    def forward(self, idx: Tensor, last: Tensor, check_last: bool = True) -> Tensor:
         if last.shape != idx.shape[:1]:
             raise ValueError(f"argument 'last' must have shape ({idx.shape[0]},), got "
                              f"{list(last.shape)}")
-        if last.numel() and not 0 <= int(last.min()) <= int(last.max()) < idx.shape[1]:
+        if (check_last and last.numel()
+                and not 0 <= int(last.min()) <= int(last.max()) < idx.shape[1]):
             raise ValueError(f"argument 'last' must hold positions in [0, {idx.shape[1]}), got "
                              f"values in [{int(last.min())}, {int(last.max())}]")
         hidden = self.backbone.hidden_states(idx)  # (B, T, C)
@@ -407,26 +411,29 @@ class ClassifierTrainer:
         lr = learning_rate(step, cfg)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        total_loss, correct, tokens = torch.zeros((), device=self.device), 0, 0
+        # Counted on the device (and the tokens on the host): nothing here waits for the GPU.
+        total_loss, tokens = torch.zeros((), device=self.device), 0
+        correct = torch.zeros((), dtype=torch.int64, device=self.device)
         for _ in range(cfg.grad_accum):
             batch = self._next_indices()
             rows = [self.train_split.tokens[i] for i in batch]
             idx, last = collate(rows, self.device)
             target = torch.from_numpy(self.train_split.labels[batch]).to(self.device)
             with self._autocast():
-                logits = self.model(idx, last)
+                logits = self.model(idx, last, check_last=False)  # (collate's positions)
             loss = F.cross_entropy(logits, target) * (self.loss_multiplier / cfg.grad_accum)
             self.precision.backward(loss)
             total_loss += loss.detach()
-            correct += int((logits.argmax(-1) == target).sum())
-            tokens += int(last.sum()) + len(rows)
+            correct += (logits.argmax(-1) == target).sum()
+            tokens += sum(len(row) for row in rows)
         self.precision.unscale(self.optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(
             self.raw_model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
         loss_scale = self.precision.loss_scale
         finite, overflow = self.precision.step(self.optimizer, total_loss, grad_norm)
         self.optimizer.zero_grad(set_to_none=True)
-        return {"loss": float(total_loss), "lr": lr, "grad_norm": float(grad_norm),
+        # Tensors not read yet: the loop reads them all in one copy (read_step).
+        return {"loss": total_loss, "lr": lr, "grad_norm": grad_norm,
                 "accuracy": correct / (cfg.batch_size * cfg.grad_accum), "tokens": tokens,
                 "finite": finite, "overflow": overflow, "loss_scale": loss_scale}
 
@@ -467,9 +474,7 @@ class ClassifierTrainer:
         try:
             while self.step < cfg.max_steps:
                 t0 = time.perf_counter()
-                result = self.train_step(self.step)
-                if self.device.type == "cuda":
-                    torch.cuda.synchronize(self.device)
+                result = read_step(self.train_step(self.step))  # (waits for the step)
                 dt = time.perf_counter() - t0
                 self.step += 1
                 record = {"step": self.step, "loss": result["loss"],

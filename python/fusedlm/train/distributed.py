@@ -70,6 +70,17 @@ def mean_across_ranks(value: torch.Tensor, info: DistInfo) -> torch.Tensor:
     return value
 
 
+def full_tensor(value: torch.Tensor) -> torch.Tensor:
+    """``value`` as a plain tensor: a DTensor (under FSDP2 the gradient norm is one, partial
+    over the ranks) reduced to the full value every rank holds (a collective, not a host
+    read); any other tensor as it is."""
+    if not dist.is_available():
+        return value
+    from torch.distributed.tensor import DTensor
+
+    return value.full_tensor() if isinstance(value, DTensor) else value
+
+
 def wrap_model(model: torch.nn.Module, info: DistInfo, device: torch.device, fsdp: bool):
     """DDP (gradients all-reduced during backward) or FSDP2 (torch's ``fully_shard``: each
     transformer block, then the root for the rest - embeddings, final norm, head - so their

@@ -83,19 +83,35 @@ class Precision:
             self.scaler.unscale_(optimizer)
 
     def step(self, optimizer: torch.optim.Optimizer, loss: torch.Tensor,
-             grad_norm: torch.Tensor) -> tuple[bool, bool]:
+             grad_norm: torch.Tensor) -> tuple[torch.Tensor | bool, bool]:
         """Steps ``optimizer`` (its gradients unscaled and clipped) unless the step is bad.
         Returns (finite, overflow). finite: the loss (and, without loss scaling, the gradient
         norm) is finite; a step that is not is skipped and left to the run's NaN policy.
         overflow (fp16 only): the loss was finite but the scaled gradients overflowed, so the
         scaler skipped the step and lowered the scale, the scaler's own business, which the NaN
-        policy does not count."""
-        loss_finite = bool(torch.isfinite(loss).item())
+        policy does not count.
+
+        Without loss scaling, an optimizer that takes GradScaler's ``found_inf`` in its kernels
+        (``_step_supports_amp_scaling``: fusedlm's AdamW, torch's fused one) skips a bad step on
+        the device, and ``finite`` is returned as a 0-dim bool tensor nobody has read: the step
+        never waits for the GPU, so the host can queue the next one while this one runs. With
+        any other optimizer, and under fp16 (whose scaler reads its scale on the host), the
+        check is a host read."""
         if self.scaler is None:
-            finite = loss_finite and bool(torch.isfinite(grad_norm).item())
-            if finite:
+            finite = torch.isfinite(loss) & torch.isfinite(grad_norm)
+            if getattr(optimizer, "_step_supports_amp_scaling", False):
+                # What GradScaler.step hands such an optimizer: nothing to unscale, and a flag
+                # that makes the kernels leave every parameter and state as they were.
+                optimizer.grad_scale, optimizer.found_inf = None, (~finite).to(torch.float32)
+                try:
+                    optimizer.step()
+                finally:
+                    del optimizer.grad_scale, optimizer.found_inf
+                return finite, False
+            if bool(finite):
                 optimizer.step()
-            return finite, False
+            return bool(finite), False
+        loss_finite = bool(torch.isfinite(loss).item())
         scale = self.scaler.get_scale()
         if loss_finite:
             self.scaler.step(optimizer)  # (skips the update itself when it found an inf)

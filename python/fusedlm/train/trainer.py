@@ -18,6 +18,9 @@ run stops after ``max_bad_steps`` consecutive bad steps; with ``"stop"`` it stop
 Under ``precision="fp16"`` a finite loss with overflowing gradients is the loss scaler's
 business, not a bad step: the scaler skips it and lowers the scale (logged with ``"skipped"``
 and ``"overflow": true``; every record holds the ``loss_scale`` its step used).
+
+No step waits for the device: a bad step is skipped inside AdamW's kernels (``found_inf``), and
+step n's numbers are read (``read_step``, one copy) after step n + 1 is queued; see ``train``.
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ from .distributed import (
     DistInfo,
     barrier,
     full_state_dicts,
+    full_tensor,
     init_distributed,
     load_full_state_dicts,
     mean_across_ranks,
@@ -330,6 +334,10 @@ class Trainer:
         return self.precision.autocast()
 
     def train_step(self, step: int) -> dict:
+        """Queues step ``step`` (0-based): its micro-batches, the clipping and the optimizer
+        step. Returns its numbers (loss, grad_norm, finite, ...) as tensors not read yet, so
+        the host can queue the next step while the device runs this one; ``read_step`` reads
+        them, all in one copy. (Under fp16 the loss scaler reads its scale on the host.)"""
         cfg = self.cfg
         lr = learning_rate(step, cfg)
         for group in self.optimizer.param_groups:
@@ -359,15 +367,15 @@ class Trainer:
                                                 self.dist).unbind()
         self.precision.unscale(self.optimizer)  # (fp16) the norm and the clipping see true grads
         # max_norm=inf measures the norm without clipping.
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(),
-                                                   cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+        grad_norm = full_tensor(torch.nn.utils.clip_grad_norm_(
+            self.model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf))
         loss_scale = self.precision.loss_scale  # (fp16) the scale this step's backward used
         finite, overflow = self.precision.step(self.optimizer, loss_value, grad_norm)
         self.optimizer.zero_grad(set_to_none=True)
-        result = {"loss": float(loss_value), "lr": lr, "grad_norm": float(grad_norm),
-                  "finite": finite, "overflow": overflow, "loss_scale": loss_scale}
+        result = {"loss": loss_value, "lr": lr, "grad_norm": grad_norm, "finite": finite,
+                  "overflow": overflow, "loss_scale": loss_scale}
         if cfg.z_loss:  # loss: the cross-entropy alone (as val_loss); z_loss: the term added
-            result.update(loss=float(loss_value - z_value), z_loss=float(z_value))
+            result.update(loss=loss_value - z_value, z_loss=z_value)
         return result
 
     def _packing(self, x: torch.Tensor) -> dict:
@@ -467,52 +475,74 @@ class Trainer:
         summary = {}
         first_step = self.step + 1
         OpDispatch.last_choice.clear()  # what the first step runs, reported below
+        last_read = None  # when the previous step's numbers were read (the device done with it)
+
+        def finish(step: int, result: dict, queued: float) -> dict:
+            """Reads step ``step``'s numbers (waiting for the device to finish it, not the
+            steps queued after it), then logs it and runs what is due after it."""
+            nonlocal last_read
+            result = read_step(result)
+            now = time.perf_counter()
+            # The step's time: from when the device could start it (queued, and the step
+            # before it done) until it was done, so queueing ahead is not counted twice.
+            dt = now - (queued if last_read is None else max(queued, last_read))
+            last_read = now
+            tokens_per_s = tokens_per_step / dt
+            record = {"step": step, "loss": result["loss"], "lr": result["lr"],
+                      "grad_norm": result["grad_norm"], "tokens_per_s": tokens_per_s,
+                      "mfu": (self.flops_per_token * tokens_per_s / self.dist.world_size /
+                              self.peak_flops) if self.peak_flops else None}
+            if "z_loss" in result:
+                record["z_loss"] = result["z_loss"]
+            log_loss_scale(result, record, step, progress)
+            if "backends" in result:
+                # Which backend served each fusedlm op ("auto" may pass a case to another
+                # backend, or to the torch reference), on which device and peak: a tokens/s or
+                # MFU figure is only read with these.
+                record.update(backends=result["backends"], device=self.device_name,
+                              peak_flops=self.peak_flops)
+                ops = ", ".join(f"{k}={v}" for k, v in record["backends"].items())
+                self.log(f"step {step} ran on {self.device_name}: {ops or 'no fusedlm op'}"
+                         f"; peak {self.peak_flops or 'unknown'} FLOP/s")
+            try:
+                nan_guard.check(step, result, record, progress)
+            except TrainingDiverged:
+                self._write(metrics_path, record, writer)
+                raise
+            if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.max_steps):
+                record["val_loss"] = self.evaluate()
+                self.best_val_loss = min(record["val_loss"], self.best_val_loss or math.inf)
+                progress.message(f"step {step}: val_loss {record['val_loss']:.4f}")
+            self._write(metrics_path, record, writer)
+            mfu = f" mfu {record['mfu']:.1%}" if record["mfu"] is not None else ""
+            progress.update(step - 1, f"loss {result['loss']:.4f} "
+                            f"{tokens_per_s / 1e3:.1f}k tok/s{mfu}")
+            if (cfg.sample_every and step % cfg.sample_every == 0 and self.is_main
+                    and not cfg.fsdp):  # FSDP would need every rank in the forward
+                progress.message(f"sample at step {step}: {self.sample()!r}")
+            if cfg.ckpt_every and (step % cfg.ckpt_every == 0 or step == cfg.max_steps):
+                self.save()
+            return record
+
+        # Step n's numbers are read after step n + 1 is queued, so the device never waits for
+        # the host between steps (a read waits for the device). A step followed by validation,
+        # a sample or a checkpoint, and the last one, are read at once: those must see the
+        # weights of that step, not of the next. The NaN policy therefore stops a run one step
+        # after the bad one (whose update the optimizer skipped on the device, see
+        # Precision.step); that next step is not logged.
+        pending = None  # (step, result, queued) of the step queued and not yet read
         try:
             while self.step < cfg.max_steps:
-                t0 = time.perf_counter()
+                queued = time.perf_counter()
                 result = self.train_step(self.step)
-                if self.device.type == "cuda":
-                    torch.cuda.synchronize(self.device)
-                dt = time.perf_counter() - t0
                 self.step += 1
-                tokens_per_s = tokens_per_step / dt
-                record = {"step": self.step, "loss": result["loss"], "lr": result["lr"],
-                          "grad_norm": result["grad_norm"], "tokens_per_s": tokens_per_s,
-                          "mfu": (self.flops_per_token * tokens_per_s / self.dist.world_size /
-                                  self.peak_flops) if self.peak_flops else None}
-                if "z_loss" in result:
-                    record["z_loss"] = result["z_loss"]
-                log_loss_scale(result, record, self.step, progress)
                 if self.step == first_step:
-                    # Which backend served each fusedlm op ("auto" may pass a case to another
-                    # backend, or to the torch reference), on which device and peak: a
-                    # tokens/s or MFU figure is only read with these.
-                    record.update(backends=dict(sorted(OpDispatch.last_choice.items())),
-                                  device=self.device_name, peak_flops=self.peak_flops)
-                    ops = ", ".join(f"{k}={v}" for k, v in record["backends"].items())
-                    self.log(f"step {self.step} ran on {self.device_name}: {ops or 'no fusedlm op'}"
-                             f"; peak {self.peak_flops or 'unknown'} FLOP/s")
-                try:
-                    nan_guard.check(self.step, result, record, progress)
-                except TrainingDiverged:
-                    self._write(metrics_path, record, writer)
-                    raise
-                if cfg.eval_every and (self.step % cfg.eval_every == 0
-                                       or self.step == cfg.max_steps):
-                    record["val_loss"] = self.evaluate()
-                    self.best_val_loss = min(record["val_loss"], self.best_val_loss or math.inf)
-                    progress.message(f"step {self.step}: val_loss {record['val_loss']:.4f}")
-                self._write(metrics_path, record, writer)
-                mfu = f" mfu {record['mfu']:.1%}" if record["mfu"] is not None else ""
-                progress.update(self.step - 1, f"loss {result['loss']:.4f} "
-                                f"{tokens_per_s / 1e3:.1f}k tok/s{mfu}")
-                if (cfg.sample_every and self.step % cfg.sample_every == 0 and self.is_main
-                        and not cfg.fsdp):  # FSDP would need every rank in the forward
-                    progress.message(f"sample at step {self.step}: {self.sample()!r}")
-                if cfg.ckpt_every and (self.step % cfg.ckpt_every == 0
-                                       or self.step == cfg.max_steps):
-                    self.save()
-                summary = record
+                    result["backends"] = dict(sorted(OpDispatch.last_choice.items()))
+                if pending is not None:
+                    summary = finish(*pending)
+                pending = (self.step, result, queued)
+                if not self._may_read_later(self.step):
+                    summary, pending = finish(*pending), None
         finally:
             progress.close()
             if writer is not None:
@@ -521,6 +551,13 @@ class Trainer:
         summary["first_val_loss"] = first_val
         summary["best_val_loss"] = self.best_val_loss
         return summary
+
+    def _may_read_later(self, step: int) -> bool:
+        """Whether nothing after step ``step`` needs its weights before step + 1 is queued (the
+        same answer on every rank: validation and checkpoints are collectives)."""
+        cfg = self.cfg
+        due = [cfg.eval_every, cfg.sample_every, cfg.ckpt_every]
+        return step < cfg.max_steps and not any(every and step % every == 0 for every in due)
 
     def _progress_enabled(self) -> bool:
         if self.cfg.progress is not None:
@@ -543,6 +580,20 @@ class Trainer:
         # at the end of a CPU run (torch 2.13). destroy_process_group frees it without the GIL.
         self.model = self.raw_model
         shutdown_distributed()
+
+
+def read_step(result: dict) -> dict:
+    """``result`` (a ``train_step``'s) with its tensors read to Python numbers (bool tensors to
+    bools), all in one device-to-host copy: the one wait for the device a step has."""
+    keys = [key for key, value in result.items() if isinstance(value, torch.Tensor)]
+    if not keys:
+        return dict(result)
+    values = torch.stack([result[key].detach().reshape(()).to(torch.float64)
+                          for key in keys]).tolist()
+    read = dict(result)
+    for key, value in zip(keys, values, strict=True):
+        read[key] = bool(value) if result[key].dtype == torch.bool else value
+    return read
 
 
 def append_metrics(path: str, record: dict) -> None:
@@ -570,7 +621,9 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Opti
     if cfg.kernels == "torch":
         on_cuda = all(p.device.type == "cuda" for group in groups for p in group["params"])
         return torch.optim.AdamW(groups, **hyper, **({"fused": True} if on_cuda else {}))
-    return AdamW(groups, **hyper)
+    # fused=True keeps the step counts on the parameters' device (torch's fused layout), so a
+    # step skipped on the device (Precision.step's found_inf) is never read on the host.
+    return AdamW(groups, **hyper, fused=True)
 
 
 def _with_tied(weights: dict, model: GPT) -> dict:
