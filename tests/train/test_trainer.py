@@ -22,7 +22,13 @@ from fusedlm.train import checkpoint as ckpt
 from fusedlm.train import trainer as trainer_module
 from fusedlm.train.config import ConfigError, TrainConfig, make_config
 from fusedlm.train.hardware import peak_flops_of
-from fusedlm.train.trainer import Trainer, TrainingDiverged, learning_rate, read_step
+from fusedlm.train.trainer import (
+    Trainer,
+    TrainingDiverged,
+    learning_rate,
+    make_optimizer,
+    read_step,
+)
 
 from .conftest import TINY_MODEL, read_metrics, refuse_host_reads, train_flags
 
@@ -341,6 +347,30 @@ def test_gpu_steps_queue_without_a_sync_and_match_torch_kernels(data_dir, tmp_pa
         assert all(read_step(r)["finite"] for r in results)
     for got, want in zip(losses["fused"], losses["torch"], strict=True):
         assert got == pytest.approx(want, rel=2e-2), (losses["fused"], losses["torch"])
+
+
+
+def test_why_a_sharded_loss_scaler_gets_torch_default_adamw():
+    """make_optimizer(kernels="torch") under FSDP2 + fp16 avoids torch's fused AdamW: it
+    raises on ShardedGradScaler's (1,)-shaped found_inf (on a CPU as on a GPU), which
+    fusedlm's AdamW takes. Skips once torch takes it, so the workaround can go."""
+    found_inf = torch.zeros(1)  # ShardedGradScaler's shape (GradScaler's is 0-dim)
+    linear = torch.nn.Linear(4, 4)
+    linear(torch.ones(2, 4)).sum().backward()
+    torch_fused = torch.optim.AdamW(linear.parameters(), fused=True)
+    torch_fused.grad_scale, torch_fused.found_inf = None, found_inf
+    try:
+        torch_fused.step()
+    except RuntimeError as e:
+        assert "broadcast" in str(e)
+    else:
+        pytest.skip("torch's fused AdamW takes a (1,) found_inf now: make_optimizer's "
+                    "sharded_scaler workaround is no longer needed")
+    ours = make_optimizer(linear, make_config(kernels="fused", lr=1e-3),
+                          sharded_scaler=True)
+    ours.grad_scale, ours.found_inf = None, found_inf
+    ours.step()
+    assert all(float(state["step"]) == 1.0 for state in ours.state.values())
 
 
 def _refuse_constant(name: str):

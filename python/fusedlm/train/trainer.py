@@ -311,7 +311,9 @@ class Trainer:
         return model
 
     def _build_optimizer(self) -> torch.optim.Optimizer:
-        return make_optimizer(self.model, self.cfg)
+        sharded_scaler = self.precision.scaler is not None and self.cfg.fsdp and \
+            self.dist.enabled
+        return make_optimizer(self.model, self.cfg, sharded_scaler=sharded_scaler)
 
     def _restore(self, state: dict) -> None:
         # Every rank holds the full state; under FSDP2 each keeps its shard.
@@ -607,12 +609,18 @@ def append_metrics(path: str, record: dict) -> None:
         f.write(json.dumps(clean, allow_nan=False) + "\n")
 
 
-def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig,
+                   sharded_scaler: bool = False) -> torch.optim.Optimizer:
     """AdamW with weight decay on matrices and embeddings only (not on biases and norm
     weights): fusedlm's with ``kernels="fused"``; with ``kernels="torch"`` torch's own
     (``fused=True`` where every parameter is on a CUDA device, else its default), so a "torch"
     run is plain PyTorch throughout and compares against a "fused" one step for step. Both
-    keep the same state_dict format: a checkpoint resumes under either."""
+    keep the same state_dict format: a checkpoint resumes under either.
+
+    ``sharded_scaler``: the run's loss scaler is FSDP2's ShardedGradScaler, whose ``found_inf``
+    has shape (1,); torch's fused AdamW subtracts it from its 0-dim step counts and raises a
+    broadcast error (torch 2.10-2.13), so that run gets torch's default AdamW instead (the
+    scaler then unscales and skips on its own)."""
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay},
@@ -620,7 +628,8 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Opti
     hyper = {"lr": cfg.lr, "betas": (cfg.beta1, cfg.beta2), "eps": 1e-8}
     if cfg.kernels == "torch":
         on_cuda = all(p.device.type == "cuda" for group in groups for p in group["params"])
-        return torch.optim.AdamW(groups, **hyper, **({"fused": True} if on_cuda else {}))
+        fused = on_cuda and not sharded_scaler
+        return torch.optim.AdamW(groups, **hyper, **({"fused": True} if fused else {}))
     # fused=True keeps the step counts on the parameters' device (torch's fused layout), so a
     # step skipped on the device (Precision.step's found_inf) is never read on the host.
     return AdamW(groups, **hyper, fused=True)
