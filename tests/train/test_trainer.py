@@ -321,8 +321,10 @@ def test_step_n_is_read_after_step_n_plus_1_is_queued(data_dir, tmp_path, monkey
 
 
 @pytest.mark.gpu
-def test_gpu_steps_queue_without_a_sync_and_match_torch_kernels(data_dir, tmp_path):
-    """On a GPU in bf16 (llama: RMSNorm, rotary, SwiGLU, GQA): once the kernels are compiled,
+@pytest.mark.parametrize("packing", [{}, {"document_separator": 10}], ids=["plain", "documents"])
+def test_gpu_steps_queue_without_a_sync_and_match_torch_kernels(data_dir, tmp_path, packing):
+    """On a GPU in bf16 (llama: RMSNorm, rotary, SwiGLU, GQA; and with packed documents, whose
+    per-query key ranges are worked out on the device): once the kernels are compiled,
     queueing a fused-kernel step calls nothing synchronizing (torch's sync debug mode raises on
     any, in torch's ops and in ours), and eight steps log losses within 2% of those of
     kernels="torch" (torch's SDPA, norms and fused AdamW)."""
@@ -331,7 +333,7 @@ def test_gpu_steps_queue_without_a_sync_and_match_torch_kernels(data_dir, tmp_pa
     for kernels in ("fused", "torch"):
         out = tmp_path / kernels
         trainer = _trainer(data_dir, out, model=model, device="cuda", precision="bf16",
-                           kernels=kernels, max_steps=8, grad_accum=2)
+                           kernels=kernels, max_steps=8, grad_accum=2, **packing)
         for step in range(2):  # compiles and autotunes (which synchronize)
             read_step(trainer.train_step(step))
         results = []
