@@ -619,8 +619,8 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig,
 
     ``sharded_scaler``: the run's loss scaler is FSDP2's ShardedGradScaler, whose ``found_inf``
     has shape (1,); torch's fused AdamW subtracts it from its 0-dim step counts and raises a
-    broadcast error (torch 2.10-2.13), so that run gets torch's default AdamW instead (the
-    scaler then unscales and skips on its own)."""
+    broadcast error (seen on torch 2.13; tests/train/test_trainer.py shows it), so that run
+    gets torch's default AdamW instead (the scaler then unscales and skips on its own)."""
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay},
