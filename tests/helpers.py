@@ -61,6 +61,16 @@ def attention_refusal(backend: str, dtype: torch.dtype) -> str | None:
     return None
 
 
+def refuse_host_reads(patch) -> None:
+    """Makes every way of turning a tensor into a Python value raise (``patch``: a monkeypatch
+    context): on a GPU each is a wait for the device."""
+    def refuse(self, *args, **kwargs):
+        raise AssertionError("a tensor was read on the host")
+
+    for name in ("item", "__float__", "__bool__", "__int__", "__index__", "tolist", "numpy"):
+        patch.setattr(torch.Tensor, name, refuse)
+
+
 def available_backends(device: str = "cpu") -> list:
     """``pytest.param`` per backend to test: "cpu" (skipped with fusedlm.backends()'s reason when
     the extension is not usable) and "torch" always; "triton"/"cuda" only when available (they

@@ -8,7 +8,6 @@ import os
 import sysconfig
 
 import pytest
-import torch
 
 from fusedlm.train.prepare import prepare
 
@@ -41,12 +40,3 @@ def read_metrics(out) -> list[dict]:
     with open(os.path.join(out, "metrics.jsonl")) as f:
         return [json.loads(line) for line in f if line.strip()]
 
-
-def refuse_host_reads(patch) -> None:
-    """Makes every way of turning a tensor into a Python value raise (``patch``: a monkeypatch
-    context): on a GPU each is a wait for the device."""
-    def refuse(self, *args, **kwargs):
-        raise AssertionError("a tensor was read on the host")
-
-    for name in ("item", "__float__", "__bool__", "__int__", "__index__", "tolist", "numpy"):
-        patch.setattr(torch.Tensor, name, refuse)

@@ -21,7 +21,8 @@ from fusedlm.train.config import make_config
 from fusedlm.train.data import DataError
 from fusedlm.train.prepare import ByteTokenizer
 from fusedlm.train.trainer import read_step
-from tests.train.conftest import read_metrics, refuse_host_reads, train_flags
+from tests.helpers import refuse_host_reads
+from tests.train.conftest import read_metrics, train_flags
 
 MODEL = json.dumps({"n_layer": 2, "n_embd": 64, "n_head": 2, "block_size": 64})
 POSITIVE, NEGATIVE = ("good", "great", "fine"), ("bad", "awful", "poor")

@@ -29,8 +29,9 @@ from fusedlm.train.trainer import (
     make_optimizer,
     read_step,
 )
+from tests.helpers import refuse_host_reads
 
-from .conftest import TINY_MODEL, read_metrics, refuse_host_reads, train_flags
+from .conftest import TINY_MODEL, read_metrics, train_flags
 
 
 def test_metrics_record_every_step(data_dir, tmp_path):
