@@ -87,7 +87,11 @@ import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+try:  # the ptxas triton itself runs for sm_90: bin/ptxas-blackwell (CUDA 13) from triton 3.9 on
+    from triton.backends.nvidia.compiler import get_ptxas
+    PTXAS = get_ptxas(90).path
+except (ImportError, AttributeError, RuntimeError):
+    PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
 DIVISIBLE = [["tt.divisibility", 16]]
 
 def build(spec):
@@ -129,8 +133,11 @@ def build(spec):
         with tempfile.NamedTemporaryFile("w", suffix=".ptx") as ptx:
             ptx.write(compiled.asm["ptx"])
             ptx.flush()
-            log = subprocess.run([PTXAS, "-arch=sm_90a", "-v", ptx.name, "-o", os.devnull],
-                                 capture_output=True, text=True, check=True).stderr
+            run = subprocess.run([PTXAS, "-arch=sm_90a", "-v", ptx.name, "-o", os.devnull],
+                                 capture_output=True, text=True)
+        if run.returncode != 0:
+            return {"error": f"ptxas exit {run.returncode}: {run.stderr}"[-3000:]}
+        log = run.stderr
         result["registers"] = max(int(r) for r in re.findall(r"Used (\d+) registers", log))
         for kind in ("stores", "loads"):
             found = re.findall(rf"(\d+) bytes spill {kind}", log)

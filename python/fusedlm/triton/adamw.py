@@ -38,7 +38,7 @@ from torch import Tensor
 
 from ..ops._common import check_scalar_tensor
 from .interpreter_fixes import patch_interpreter
-from .launch import compute_type, device_context
+from .launch import LAUNCH_OPTIONS, compute_type, device_context
 from .norm import _INTERPRETED
 
 # Elements per program (one chunk of one tensor), walked BLOCK at a time. 2048 elements over 4
@@ -450,7 +450,7 @@ def adamw_step(
                 AMSGRAD=amsgrad, MAXIMIZE=maximize, STEPS=step_source,
                 HAS_LR=lr_tensor is not None, HAS_GRAD_SCALE=grad_scale is not None,
                 HAS_FOUND_INF=found_inf is not None,
-                ALIGNED=aligned, CHUNK=CHUNK, BLOCK=BLOCK, num_warps=NUM_WARPS,
+                ALIGNED=aligned, CHUNK=CHUNK, BLOCK=BLOCK, num_warps=NUM_WARPS, **LAUNCH_OPTIONS,
             )
         for original, stand_in in write_back:
             original.copy_(stand_in)

@@ -51,6 +51,7 @@ from torch import Tensor
 from .. import reference
 from ..backends import environment, triton_interpreted
 from .interpreter_fixes import patch_interpreter
+from .launch import LAUNCH_OPTIONS
 
 LOG2E = 1.4426950408889634
 _LOG2E = tl.constexpr(LOG2E)
@@ -1002,6 +1003,7 @@ def _launch(
     """Run `kernel` on `grid_size(BLOCK_M, BLOCK_N)` programs with the config the situation
     calls for: the interpreter's, autotuned (16-bit inputs, long sequences) or fixed."""
     fn = _KERNELS[kernel]
+    constexprs = {**constexprs, **LAUNCH_OPTIONS}
     if triton_interpreted():
         _interpreter_ready(fn)
         cfg = INTERPRETER_CONFIGS[kernel]
@@ -1335,14 +1337,14 @@ def attention_bwd(
         _interpreter_ready(attention_bwd_preprocess_kernel)
         block_m = INTERPRETER_CONFIGS["bwd_preprocess"]["BLOCK_M"]
         attention_bwd_preprocess_kernel[(triton.cdiv(Tq, block_m) * B * Hq,)](
-            *pre_args, **pre_constexprs, BLOCK_M=block_m
+            *pre_args, **pre_constexprs, BLOCK_M=block_m, **LAUNCH_OPTIONS
         )
     else:
         block_m = _PREPROCESS_BLOCK_M
         with torch.cuda.device(q.device):
             attention_bwd_preprocess_kernel[(triton.cdiv(Tq, block_m) * B * Hq,)](
                 *pre_args, **pre_constexprs, BLOCK_M=block_m,
-                num_warps=4 if block_d <= 64 else 8,
+                num_warps=4 if block_d <= 64 else 8, **LAUNCH_OPTIONS,
             )
 
     extent_arg = lse if key_range is None or key_range.dim() != 3 else _query_extents(

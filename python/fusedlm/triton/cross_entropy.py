@@ -36,7 +36,7 @@ from torch import Tensor
 
 from .. import reference
 from .interpreter_fixes import patch_interpreter
-from .launch import compute_type, device_context
+from .launch import LAUNCH_OPTIONS, compute_type, device_context
 
 # Columns per chunk; a program holds (ROWS, BLOCK_V) values at once.
 MAX_BLOCK_V = 4096
@@ -186,6 +186,7 @@ def cross_entropy_fwd(
             ignore_index, label_smoothing, z_loss,
             COMPUTE=compute_type(logits.dtype), SMOOTHING=label_smoothing != 0.0,
             Z_LOSS=z_loss != 0.0, ROWS=rows, BLOCK_V=block_v, num_warps=num_warps,
+            **LAUNCH_OPTIONS,
         )
     return loss, row_max, log_sum
 
@@ -213,5 +214,6 @@ def cross_entropy_bwd(
             logits.stride(0), logits.stride(1), ignore_index, label_smoothing, z_loss,
             COMPUTE=compute_type(logits.dtype), SMOOTHING=label_smoothing != 0.0,
             Z_LOSS=z_loss != 0.0, ROWS=rows, BLOCK_V=block_v, num_warps=num_warps,
+            **LAUNCH_OPTIONS,
         )
     return dlogits

@@ -30,7 +30,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .interpreter_fixes import patch_interpreter
-from .launch import compute_type, device_context
+from .launch import LAUNCH_OPTIONS, compute_type, device_context
 
 TILE_ELEMENTS = 4096
 MAX_BLOCK_W = 2048
@@ -167,7 +167,7 @@ def glu_fwd(gate: Tensor, up: Tensor, activation: str) -> Tensor:
         glu_fwd_kernel[(programs,)](
             gate, up, out, N, W, col_blocks, *gate.stride(), *up.stride(),
             ACTIVATION=activation, COMPUTE=compute_type(gate.dtype), ROWS=rows, BLOCK_W=block_w,
-            num_warps=8 if rows * block_w >= 4096 else 4,
+            num_warps=8 if rows * block_w >= 4096 else 4, **LAUNCH_OPTIONS,
         )
     return out
 
@@ -188,6 +188,6 @@ def glu_bwd(grad_out: Tensor, gate: Tensor, up: Tensor, activation: str) -> tupl
         glu_bwd_kernel[(programs,)](
             grad_out, gate, up, dgate, dup, N, W, col_blocks, *grad_out.stride(), *gate.stride(),
             *up.stride(), ACTIVATION=activation, COMPUTE=compute_type(gate.dtype), ROWS=rows,
-            BLOCK_W=block_w, num_warps=8 if rows * block_w >= 4096 else 4,
+            BLOCK_W=block_w, num_warps=8 if rows * block_w >= 4096 else 4, **LAUNCH_OPTIONS,
         )
     return dgate, dup

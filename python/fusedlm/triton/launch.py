@@ -7,6 +7,12 @@ import contextlib
 import torch
 import triton.language as tl
 
+# Options every launch passes. enable_fp_fusion: contract a * b + c into one FMA (one rounding,
+# one instruction). It was Triton's default through 3.9, which warns that 3.10 turns it off; the
+# kernels were written, and their tolerances set, with it, so it is asked for rather than left
+# to the installed Triton.
+LAUNCH_OPTIONS = {"enable_fp_fusion": True}
+
 
 def device_context(device: torch.device):
     """Triton launches on the current CUDA device; make it the tensors' one."""

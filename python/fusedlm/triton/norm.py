@@ -49,7 +49,7 @@ from torch import Tensor
 
 from .. import reference
 from .interpreter_fixes import patch_interpreter
-from .launch import compute_type, device_context
+from .launch import LAUNCH_OPTIONS, compute_type, device_context
 
 # Hidden sizes up to which a whole row is held in registers. Backward keeps about three times
 # as many live values per element (x, dy, weight, xhat, partial sums), hence the lower limit.
@@ -493,6 +493,7 @@ def _norm_fwd(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float,
             IS_RMS=is_rms, HAS_BRANCH=h is not None, HAS_W=weight is not None,
             HAS_B=bias is not None, COMPUTE=compute_type(x.dtype), BLOCK_M=cfg.block_m,
             BLOCK_N=cfg.block_n, SINGLE_TILE=cfg.single_tile, num_warps=cfg.num_warps,
+            **LAUNCH_OPTIONS,
         )
     return y, mean, rstd, h
 
@@ -527,7 +528,7 @@ def _norm_bwd(grad_y, x, mean, rstd, weight, has_bias: bool, is_rms: bool, grad_
                 IS_RMS=is_rms, HAS_W=weight is not None, HAS_DW=weight is not None,
                 HAS_DB=has_bias, HAS_GRAD_H=grad_h is not None, COMPUTE=compute_type(x.dtype),
                 BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, SINGLE_TILE=cfg.single_tile,
-                num_warps=cfg.num_warps,
+                num_warps=cfg.num_warps, **LAUNCH_OPTIONS,
             )
         # One reduction per output: views of one tensor would alias (custom ops forbid that).
         sums = [partial[:, k].sum(dim=0).to(param_dtype) for k in range(num_sums)]

@@ -27,7 +27,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .interpreter_fixes import patch_interpreter
-from .launch import compute_type, device_context
+from .launch import LAUNCH_OPTIONS, compute_type, device_context
 
 # Elements (pairs x 2) a program holds at once.
 TILE_ELEMENTS = 4096
@@ -118,7 +118,7 @@ def rotary_embedding(x: Tensor, cos: Tensor, sin: Tensor, interleaved: bool,
             COMPUTE=compute, INTERLEAVED=interleaved, CONJUGATE=conjugate,
             PASS_THROUGH=rest > 0, BLOCK_T=block_t, BLOCK_HALF=block_half,
             BLOCK_REST=triton.next_power_of_2(max(rest, 1)),
-            num_warps=4 if block_t * block_half >= 1024 else 2,
+            num_warps=4 if block_t * block_half >= 1024 else 2, **LAUNCH_OPTIONS,
         )
     return out
 
